@@ -1,0 +1,82 @@
+"""Wire protocols around one internal representation (``ir.py``). Pure code.
+
+Each protocol module (``openai_chat``, ``anthropic``, ``openai_responses``) offers
+the same face, so a client format and a provider format combine freely::
+
+    NAME                                   the api_format recorded for its clients
+    parse_request(body) -> ir request      validate a client body (InvalidRequest
+                                           naming the field) and convert it
+    build_request(ir, model, stream_usage) -> body   for an upstream of this protocol
+    parse_response(body) -> ir response    an upstream's non-streaming answer
+    render_response(resp, request) -> body the answer as this protocol's client expects
+    StreamParser().feed(sse.Event) -> [ir events]; .finish() -> [ir events]
+    StreamRenderer(request).feed(ir event) -> [bytes]; .finish() -> [bytes]
+
+This module maps provider types to protocols and builds upstream endpoints.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from urllib.parse import quote, urlencode
+
+from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+
+from . import anthropic, openai_chat, openai_responses
+
+PROTOCOLS: dict[str, ModuleType] = {
+    OPENAI_CHAT: openai_chat,
+    ANTHROPIC: anthropic,
+    OPENAI_RESPONSES: openai_responses,
+}
+
+# Provider type -> the protocol its upstream speaks.
+PROVIDER_PROTOCOLS = {
+    "openai": OPENAI_CHAT,
+    "azure": OPENAI_CHAT,
+    "ollama": OPENAI_CHAT,
+    "anthropic": ANTHROPIC,
+    "openai-responses": OPENAI_RESPONSES,
+}
+PROVIDER_TYPES = tuple(PROVIDER_PROTOCOLS)
+
+ANTHROPIC_VERSION = "2023-06-01"
+AZURE_API_VERSION = "2024-10-21"
+
+_PATHS = {OPENAI_CHAT: "chat/completions", ANTHROPIC: "messages", OPENAI_RESPONSES: "responses"}
+
+
+def endpoint(
+    provider_type: str,
+    base_url: str,
+    api_key: str | None,
+    api_version: str | None,
+    remote_model: str,
+    operation: str = "chat",
+) -> tuple[str, dict[str, str]]:
+    """URL and auth headers for one call; ``operation`` is ``chat`` or ``embeddings``."""
+    base = base_url.rstrip("/")
+    protocol = PROVIDER_PROTOCOLS[provider_type]
+    path = "embeddings" if operation == "embeddings" else _PATHS[protocol]
+    headers: dict[str, str] = {}
+    if provider_type == "azure":
+        # Deployment URL: {resource}/openai/deployments/{deployment}/{path}?api-version=
+        if "/deployments/" not in base:
+            if not base.endswith("/openai"):
+                base += "/openai"
+            base += "/deployments/" + quote(remote_model, safe="")
+        query = urlencode({"api-version": api_version or AZURE_API_VERSION})
+        if api_key:
+            headers["api-key"] = api_key
+        return f"{base}/{path}?{query}", headers
+    if provider_type == "anthropic":
+        # Accept a base URL given with or without its trailing /v1.
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        if api_key:
+            headers["x-api-key"] = api_key
+        headers["anthropic-version"] = api_version or ANTHROPIC_VERSION
+        return f"{base}/v1/{path}", headers
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return f"{base}/{path}", headers

@@ -1,0 +1,155 @@
+"""Errors the gateway answers with, and how each protocol spells them.
+
+Raise from any depth before the first byte of a response; one handler renders the
+error in the caller's protocol. After the first byte nothing is raised: failures
+become a stream error event and are recorded. Pure code: no Flask here.
+
+    GatewayError                  500  api_error
+    ├── InvalidRequest            400  invalid_request_error   (names the field)
+    │   └── MalformedJSON         400  invalid_request_error
+    ├── AuthenticationFailed      401  authentication_error
+    ├── NotFound                  404  not_found_error          (unknown model)
+    ├── RequestInFlight           409  conflict                 (Retry-After)
+    ├── PayloadTooLarge           413  request_too_large
+    ├── RateLimited               429  rate_limit_error         (Retry-After)
+    ├── UpstreamFailed            502  upstream_error           (every candidate failed)
+    │   └── UpstreamTimeout       504  upstream_error
+    ├── ServiceUnavailable        503  overloaded_error         (gateway shutting down)
+    └── UpstreamRejected          4xx  the upstream's own status and body, as sent
+"""
+
+from __future__ import annotations
+
+import json
+
+OPENAI_CHAT = "openai-chat"
+ANTHROPIC = "anthropic"
+OPENAI_RESPONSES = "openai-responses"
+
+
+class GatewayError(Exception):
+    """Base: an HTTP status, a message for the client, an error kind and code."""
+
+    status = 500
+    kind = "api_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (Retry-After)."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+
+    def body(self, protocol: str) -> bytes:
+        """The JSON error body in the caller's protocol."""
+        return json.dumps(error_body(protocol, self.kind, self.message, self.code, self.param)).encode()
+
+
+class InvalidRequest(GatewayError):
+    status, kind, code = 400, "invalid_request_error", "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+
+
+class MalformedJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class AuthenticationFailed(GatewayError):
+    status, kind, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status, kind, code = 404, "not_found_error", "model_not_found"
+
+
+class RequestInFlight(GatewayError):
+    status, kind, code = 409, "conflict", "request_in_flight"
+
+
+class PayloadTooLarge(GatewayError):
+    status, kind, code = 413, "request_too_large", "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status, kind, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UpstreamFailed(GatewayError):
+    status, kind, code = 502, "upstream_error", "all_providers_failed"
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status, code = 504, "upstream_timeout"
+
+
+class ServiceUnavailable(GatewayError):
+    status, kind, code = 503, "overloaded_error", "shutting_down"
+
+
+class UpstreamRejected(GatewayError):
+    """A non-retriable upstream answer (a 4xx other than 429), passed on as sent."""
+
+    kind, code = "upstream_error", "upstream_rejected"
+
+    def __init__(self, status: int, content: bytes, content_type: str | None) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.content = content
+        self.content_type = content_type
+
+    def body(self, protocol: str) -> bytes:
+        """The upstream's body if it is JSON; otherwise a JSON error that quotes it."""
+        if self.content_type and "json" in self.content_type:
+            return self.content
+        text = self.content.decode("utf-8", errors="replace")[:2000]
+        message = f"upstream answered {self.status}: {text}"
+        return json.dumps(error_body(protocol, "upstream_error", message, "unparseable_error")).encode()
+
+
+# Anthropic's error types; every other kind is spelled as OpenAI spells it.
+_ANTHROPIC_KINDS = {
+    "invalid_request_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "not_found_error": "not_found_error",
+    "request_too_large": "request_too_large",
+    "rate_limit_error": "rate_limit_error",
+    "overloaded_error": "overloaded_error",
+    "conflict": "conflict",
+}
+_OPENAI_KINDS = {
+    "not_found_error": "invalid_request_error",
+    "request_too_large": "invalid_request_error",
+    "overloaded_error": "server_error",
+    "api_error": "server_error",
+}
+
+
+def error_body(
+    protocol: str, kind: str, message: str, code: str | None = None, param: str | None = None
+) -> dict:
+    """An error object as the protocol's own SDK expects to parse it."""
+    if protocol == ANTHROPIC:
+        return {"type": "error", "error": {"type": _ANTHROPIC_KINDS.get(kind, "api_error"), "message": message}}
+    return {
+        "error": {
+            "message": message,
+            "type": _OPENAI_KINDS.get(kind, kind),
+            "param": param,
+            "code": code,
+        }
+    }
