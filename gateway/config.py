@@ -1,0 +1,49 @@
+"""Defaults for every knob, and where the project lives.
+
+``create_app`` loads these, then ``GATEWAY_*`` environment variables (with the prefix
+removed: ``GATEWAY_DRAIN_TIMEOUT=60`` sets ``DRAIN_TIMEOUT``; values are parsed as
+JSON where they can be), then ``DATABASE_URL``, ``REDIS_URL`` and
+``ADMIN_SUPER_SECRET``, then the mapping a test passes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE = Path(os.environ.get("GATEWAY_INSTANCE_PATH", ROOT / "instance"))
+
+
+def default_database_url() -> str:
+    """The embedded default: an SQLite file in the instance folder."""
+    return f"sqlite:///{INSTANCE / 'gateway.db'}"
+
+
+DEFAULTS: dict[str, object] = {
+    "DATABASE_URL": None,  # None: default_database_url()
+    "REDIS_URL": None,  # None: limits live in process memory
+    "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
+    # Client disconnects mid-stream: "drain" reads the upstream to its end and records
+    # the whole answer; "cancel" closes the upstream at once (saves provider cost).
+    "ON_DISCONNECT": "drain",
+    "DRAIN_TIMEOUT": 300.0,  # seconds a drain may run after the client left
+    "MAX_DRAINS": 200,  # concurrent drains per worker; past it, cancel
+    "CALL_TIMEOUT": 900.0,  # hard bound on one upstream call, drains included
+    "CONNECT_TIMEOUT": 10.0,
+    "READ_TIMEOUT": 120.0,  # longest silence from an upstream before it counts as stalled
+    "CLIENT_WRITE_TIMEOUT": 60.0,  # a client that stops reading is dropped after this
+    "HEARTBEAT_INTERVAL": 15.0,  # SSE comment to keep idle client connections open
+    "UPSTREAM_POOL_SIZE": 200,  # pooled connections per upstream host, per worker
+    "TRIES_PER_PROVIDER": 2,
+    "BACKOFF_MIN": 0.1,
+    "BACKOFF_MAX": 5.0,
+    "MAX_BODY_BYTES": 32 * 1024 * 1024,
+    "CACHE_TTL": 5.0,  # seconds keys and the model catalog are cached per worker
+    "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
+    "RECORDER_BATCH": 100,
+    "JOURNAL_DIR": None,  # None: instance/journal
+    "SWEEP_INTERVAL": 60.0,
+    "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
+    "LOG_LEVEL": "INFO",
+}

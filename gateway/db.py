@@ -1,0 +1,115 @@
+"""The database handle: one proxy, opened from ``DATABASE_URL``, and its migrations.
+
+SQLite (the embedded default) runs in WAL mode with a modest busy timeout; every
+write is one short transaction with no cooperative I/O inside, because SQLite's busy
+handler sleeps in C and would freeze the whole gevent worker. PostgreSQL goes
+through psycopg 3, which cooperates with gevent, from a small per-worker pool.
+Connections belong to greenlets: peewee must be imported after gevent patched
+``threading`` (gunicorn's gevent worker does that before it loads the app);
+``init_app`` refuses to run otherwise, because greenlets would then share one
+connection and silently mix their transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import peewee
+from flask import Flask
+from playhouse.migrations import Runner
+from playhouse.pool import PooledPostgresqlDatabase
+
+from gateway.config import ROOT, default_database_url
+
+log = logging.getLogger(__name__)
+
+database = peewee.DatabaseProxy()
+MIGRATIONS = ROOT / "migrations"
+_MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "normal",
+    "busy_timeout": 5000,
+    "foreign_keys": 1,
+    "cache_size": -16_000,
+}
+
+
+def open_database(url: str | None) -> peewee.Database:
+    """A peewee database for ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+    url = url or default_database_url()
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        # As SQLAlchemy and peewee read it: sqlite:///relative.db, sqlite:////abs.db
+        path = unquote(parsed.path)[1:] or ":memory:"
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, autoconnect=False)
+    if parsed.scheme in ("postgres", "postgresql"):
+        return PooledPostgresqlDatabase(
+            unquote(parsed.path.lstrip("/")) or "postgres",
+            user=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            host=parsed.hostname,
+            port=parsed.port,
+            prefer_psycopg3=True,
+            max_connections=64,
+            stale_timeout=300,
+            timeout=10,
+            autoconnect=False,
+        )
+    raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
+
+
+def is_postgres() -> bool:
+    """True when the proxy points at PostgreSQL."""
+    return isinstance(database.obj, peewee.PostgresqlDatabase)
+
+
+def init_app(app: Flask) -> None:
+    """Open the configured database and give each request a connection."""
+    _check_greenlet_connections()
+    database.initialize(open_database(app.config["DATABASE_URL"]))
+
+    @app.before_request
+    def _connect() -> None:
+        database.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close(exc: BaseException | None) -> None:
+        if not database.is_closed():
+            database.close()
+
+
+def migrate(db: peewee.Database | None = None) -> list[str]:
+    """Apply pending migrations; return the names applied."""
+    db = db or database
+    with db.connection_context():
+        if isinstance(db, peewee.PostgresqlDatabase):
+            db.execute_sql("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            return Runner(db, directory=str(MIGRATIONS)).up()
+        finally:
+            if isinstance(db, peewee.PostgresqlDatabase):
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _check_greenlet_connections() -> None:
+    """Refuse to run with peewee bound to real threads under a patched gevent."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a hard dependency
+        return
+    if (
+        monkey.is_module_patched("threading")
+        and threading.local not in peewee._ConnectionLocal.__mro__
+    ):
+        raise RuntimeError(
+            "peewee was imported before gevent patched threading: greenlets would share "
+            "one database connection. Do not use preload_app or import the gateway in "
+            "gunicorn.conf.py."
+        )

@@ -1,0 +1,136 @@
+"""One call, as a record: every fact about it, filled in stage by stage.
+
+Like a mitmproxy flow: the view creates it, the relay fills in attempts, tokens and
+timings, and ``finish`` closes it exactly once. Whoever finishes it hands it to the
+recorder; a second ``finish`` is refused, so a record can never get two final
+states. Pure code: no I/O, no gevent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+COMPLETION, EMBEDDING = "completion", "embedding"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(eq=False)
+class Exchange:
+    """Every fact about one call through the gateway."""
+
+    api_key_id: int
+    model: str  # as the client asked, ``name@provider`` included
+    api_format: str
+    stream: bool = False
+    prompt: Any = None
+    kind: str = COMPLETION
+    req_id: str | None = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: datetime = field(default_factory=_utcnow)
+    started: float = field(default_factory=time.monotonic)
+    model_id: int | None = None
+    provider_id: int | None = None
+    status: str = "pending"
+    output: Any = None  # completion messages, or embedding vectors
+    usage: dict | None = None
+    dimensions: int | None = None
+    ttft_ms: int | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+    attempts: list[dict] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def elapsed_ms(self) -> int:
+        """Milliseconds since the call arrived."""
+        return int((time.monotonic() - self.started) * 1000)
+
+    def first_token(self) -> None:
+        """Note the time to first token, once."""
+        if self.ttft_ms is None:
+            self.ttft_ms = self.elapsed_ms
+
+    def serving(self, model_id: int, provider_id: int) -> None:
+        """Note which candidate is being tried."""
+        self.model_id, self.provider_id = model_id, provider_id
+
+    def attempt(self, provider: str, model: str, outcome: str, ms: int, **detail: Any) -> None:
+        """Record one try at an upstream: ``ok`` or what went wrong."""
+        self.attempts.append(
+            {"provider": provider, "model": model, "outcome": outcome, "ms": ms, **detail}
+        )
+
+    def finish(
+        self,
+        status: str,
+        *,
+        output: Any = None,
+        usage: dict | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Close the record with its final status; False if it was already closed."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.status = status
+        if output is not None:
+            self.output = output
+        if usage is not None:
+            self.usage = usage
+        if error is not None:
+            self.error = error
+        self.duration_ms = self.elapsed_ms
+        return True
+
+    @property
+    def input_tokens(self) -> int | None:
+        """Prompt tokens as the upstream reported them (None: unknown)."""
+        return (self.usage or {}).get("input_tokens")
+
+    @property
+    def output_tokens(self) -> int | None:
+        """Completion tokens as the upstream reported them (None: unknown)."""
+        return (self.usage or {}).get("output_tokens")
+
+    def row(self) -> dict[str, Any]:
+        """The columns of this call's row, as they stand now."""
+        common = {
+            "uid": self.uid,
+            "api_key": self.api_key_id,
+            "model_id": self.model_id,
+            "provider_id": self.provider_id,
+            "model": self.model,
+            "status": self.status,
+            "duration": self.duration_ms,
+            "error": self.error,
+            "attempts": self.attempts or None,
+            "created_at": self.created_at,
+            "updated_at": _utcnow(),
+        }
+        if self.kind == EMBEDDING:
+            return {
+                **common,
+                "input": self.prompt,
+                "input_tokens": self.input_tokens,
+                "embedding": self.output,
+                "dimensions": self.dimensions,
+            }
+        return {
+            **common,
+            "api_format": self.api_format,
+            "stream": self.stream,
+            "prompt": self.prompt,
+            "completion": self.output,
+            "prompt_tokens": self.input_tokens,
+            "completion_tokens": self.output_tokens,
+            "usage": self.usage,
+            "ttft": self.ttft_ms,
+            "req_id": self.req_id,
+        }

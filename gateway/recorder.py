@@ -1,0 +1,289 @@
+"""The only writer of call records: background writers, a journal, a sweeper.
+
+``record(exchange)`` never blocks and never touches the database: it marks the call
+dirty and wakes a writer. A writer takes a batch of dirty calls, snapshots each
+(``Exchange.row()``) and upserts the batch by ``uid`` in one short transaction, so a
+call that ended before its pending row was written is inserted once, final. A call
+is never in two batches at once, so its writes land in order. The upsert only
+overwrites a row that is still ``pending`` (or was swept), so a stale pending
+snapshot can never undo a final one, whatever order they arrive in.
+
+If the database is unreachable, snapshots go to a journal file (one per process,
+fsynced) and a replayer writes them back once it answers (SPEC rule 8). The sweeper
+finalises rows left ``pending`` by a process that died (rule 7). ``drain()`` waits
+for the queue at shutdown and journals whatever it could not write in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+import peewee
+from flask import Flask
+from gevent import monkey
+
+from gateway.config import INSTANCE
+from gateway.db import database, is_postgres
+from gateway.exchange import COMPLETION, EMBEDDING, Exchange
+from gateway.models import ApiKey, Completion, Embedding, utcnow
+
+log = logging.getLogger(__name__)
+
+SWEPT_ERROR = "orphaned: the gateway process handling this call ended before it finished"
+_DATETIME_COLUMNS = ("created_at", "updated_at")
+
+
+class Recorder:
+    """Writes exchanges in the background; one per worker process."""
+
+    def __init__(self) -> None:
+        self._dirty: dict[str, Exchange] = {}
+        self._writing: set[str] = set()
+        self._wake = gevent.event.Event()
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self._group = gevent.pool.Group()
+        self._journaling = False
+        self._started = False
+        self.writes = 0  # rows written, for tests and metrics
+        self.journaled = 0
+
+    def init_app(self, app: Flask) -> None:
+        """Read settings; start writers, the replayer and the sweeper."""
+        cfg = app.config
+        self.batch_size = int(cfg["RECORDER_BATCH"])
+        writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
+        self.journal_dir = Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal")
+        self.sweep_interval = float(cfg["SWEEP_INTERVAL"])
+        # The longest a live call can keep its row pending, plus slack for shutdown.
+        self.orphan_after = timedelta(seconds=float(cfg["CALL_TIMEOUT"]) + 120)
+        # Only a gevent server (a worker, or the test process) writes in the
+        # background; a CLI command builds the app without needing the greenlets.
+        if self._started or not monkey.is_module_patched("socket"):
+            return
+        self._started = True
+        for _ in range(int(writers)):
+            self._spawn(self._write_loop)
+        self._spawn(self._replay_loop)
+        if self.sweep_interval > 0:
+            self._spawn(self._sweep_loop)
+
+    # -- the public face ------------------------------------------------------
+
+    def record(self, exchange: Exchange) -> None:
+        """Queue the exchange's current state to be written."""
+        self._dirty[exchange.uid] = exchange
+        self._idle.clear()
+        self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for everything queued to be written."""
+        return self._idle.wait(timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is written; journal the rest. True if written."""
+        if self._idle.wait(timeout):
+            return True
+        left = [uid for uid in self._dirty if uid not in self._writing]
+        if left:
+            self._journal([snapshot(self._dirty.pop(uid)) for uid in left])
+        log.warning("recorder: journaled %d records not written in time", len(left))
+        if not self._dirty and not self._writing:
+            self._idle.set()
+        return False
+
+    # -- writing --------------------------------------------------------------
+
+    def _spawn(self, fn: Any) -> None:
+        greenlet = self._group.spawn(fn)
+        greenlet.link_exception(lambda g: log.error("recorder greenlet died", exc_info=g.exc_info))
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            batch = self._take_batch()
+            if not batch:
+                self._wake.clear()
+                if not self._writing and not self._dirty:
+                    self._idle.set()
+                continue
+            try:
+                rows = [snapshot(ex) for ex in batch]
+                if self._journaling:
+                    self._journal(rows)
+                else:
+                    self._write_or_journal(rows)
+            finally:
+                for ex in batch:
+                    self._writing.discard(ex.uid)
+                if not self._dirty and not self._writing:
+                    self._idle.set()
+
+    def _take_batch(self) -> list[Exchange]:
+        batch = []
+        for uid in list(self._dirty):
+            if uid in self._writing:
+                continue  # its earlier snapshot is being written; keep order
+            batch.append(self._dirty.pop(uid))
+            self._writing.add(uid)
+            if len(batch) >= self.batch_size:
+                break
+        return batch
+
+    def _write_or_journal(self, rows: list[dict]) -> None:
+        try:
+            write_rows(rows)
+            self.writes += len(rows)
+        except (peewee.DatabaseError, peewee.InterfaceError, OSError):
+            log.exception("recorder: database write failed; journaling %d records", len(rows))
+            self._journaling = True
+            self._journal(rows)
+
+    # -- the journal ----------------------------------------------------------
+
+    def _journal_path(self) -> Path:
+        return self.journal_dir / f"journal-{os.getpid()}.jsonl"
+
+    def _journal(self, rows: list[dict]) -> None:
+        """Append rows to this process's journal and make them durable."""
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in rows)
+        with open(self._journal_path(), "a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.journaled += len(rows)
+
+    def _replay_loop(self) -> None:
+        while True:
+            try:
+                self._replay_once()
+            except Exception:
+                log.exception("recorder: journal replay failed")
+            gevent.sleep(5.0 if self._journaling else 30.0)
+
+    def _replay_once(self) -> None:
+        """Write back this process's journal and any left by dead processes."""
+        if not self.journal_dir.is_dir():
+            return
+        for path in sorted(self.journal_dir.glob("journal-*.jsonl")):
+            pid = int(path.stem.split("-", 1)[1])
+            if pid != os.getpid() and _alive(pid):
+                continue
+            claimed = path.with_name(f"replaying-{os.getpid()}-{path.name}")
+            try:
+                path.rename(claimed)  # atomic: exactly one replayer owns it
+            except FileNotFoundError:
+                continue
+            rows = [
+                _from_json(json.loads(line)) for line in claimed.read_text().splitlines() if line
+            ]
+            try:
+                for start in range(0, len(rows), self.batch_size):
+                    write_rows(rows[start : start + self.batch_size])
+            except Exception:
+                claimed.rename(path)  # give it back; try again later
+                raise
+            claimed.unlink()
+            log.info("recorder: replayed %d journaled records from %s", len(rows), path.name)
+        # Writers that journaled while we replayed left a new file: keep journaling.
+        self._journaling = self._journal_path().exists()
+
+    # -- the sweeper ----------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("recorder: sweep failed")
+            gevent.sleep(self.sweep_interval)
+
+    def sweep(self, now: datetime | None = None) -> int:
+        """Finalise rows left pending by a dead process; return how many."""
+        cutoff = (now or utcnow()) - self.orphan_after
+        count = 0
+        with database.connection_context():
+            for table in (Completion, Embedding):
+                count += (
+                    table.update(
+                        status="failed", error=SWEPT_ERROR, swept=True, updated_at=utcnow()
+                    )
+                    .where((table.status == "pending") & (table.updated_at < cutoff))
+                    .execute()
+                )
+        if count:
+            log.warning("recorder: swept %d orphaned pending records", count)
+        return count
+
+
+TABLES: dict[str, type[peewee.Model]] = {COMPLETION: Completion, EMBEDDING: Embedding}
+
+
+def snapshot(exchange: Exchange) -> dict[str, Any]:
+    """The exchange's row as it stands now, tagged with its table."""
+    return {"kind": exchange.kind, **exchange.row()}
+
+
+def write_rows(rows: list[dict]) -> None:
+    """Upsert snapshots by uid in one transaction; a final row is never overwritten."""
+    # One snapshot per call: a replayed journal may hold a call's pending and final
+    # snapshots, and an upsert statement may not touch one row twice.
+    latest: dict[str, dict] = {}
+    for row in rows:
+        held = latest.get(row["uid"])
+        if held is None or row["status"] != "pending" or held["status"] == "pending":
+            latest[row["uid"]] = row
+    by_table: dict[type[peewee.Model], list[dict]] = {}
+    for row in latest.values():
+        row = dict(row)
+        by_table.setdefault(TABLES[row.pop("kind")], []).append(row)
+    key_ids = sorted({row["api_key"] for row in rows})
+    with database.connection_context(), database.atomic():
+        for table, table_rows in by_table.items():
+            fields = [
+                table._meta.fields[c] for c in table_rows[0] if c not in ("uid", "created_at")
+            ]
+            (
+                table.insert_many(table_rows)
+                .on_conflict(
+                    conflict_target=[table.uid],
+                    update={f: peewee.EXCLUDED[f.column_name] for f in fields},
+                    where=(table.status == "pending") | (table.swept == True),  # noqa: E712
+                )
+                .execute()
+            )
+        # Keys in use: ordered ids, so concurrent writers lock rows in the same order.
+        ApiKey.update(last_seen=utcnow()).where(ApiKey.id.in_(key_ids)).execute()
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+def _from_json(row: dict) -> dict:
+    for column in _DATETIME_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = datetime.fromisoformat(row[column])
+    return row
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+recorder = Recorder()

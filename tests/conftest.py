@@ -1,0 +1,144 @@
+"""Fixtures: databases on SQLite and PostgreSQL, the app, the fake upstream, real servers.
+
+Patch first, as gunicorn's gevent worker does before it loads the app: peewee must
+be imported after ``threading`` is patched (see gateway/db.py).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import urlparse, urlunparse  # noqa: E402
+
+import peewee  # noqa: E402
+import pytest  # noqa: E402
+
+from gateway import create_app  # noqa: E402
+from gateway.db import database, migrate, open_database  # noqa: E402
+from gateway.recorder import recorder  # noqa: E402
+from tests.servers import ADMIN_SECRET, FakeUpstream, Gateway  # noqa: E402
+
+PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL")
+BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlparse(url)
+    return urlunparse(parts._replace(path=f"/{name}"))
+
+
+def _pg_admin() -> peewee.Database:
+    return open_database(PG_URL)
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A migrated database per backend, copied for every test (faster than migrating)."""
+    out = {}
+    sqlite_path = tmp_path_factory.mktemp("template") / "gateway.db"
+    db = open_database(f"sqlite:///{sqlite_path}")
+    migrate(db)
+    db.close()
+    out["sqlite"] = str(sqlite_path)
+    if PG_URL:
+        name = f"gw_tpl_{uuid.uuid4().hex[:10]}"
+        admin = _pg_admin()
+        with admin.connection_context():
+            admin.execute_sql(f'CREATE DATABASE "{name}"')
+        db = open_database(_with_database(PG_URL, name))
+        migrate(db)
+        db.close_all()
+        out["postgres"] = name
+    yield out
+    if PG_URL:
+        with admin.connection_context():
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{out["postgres"]}" WITH (FORCE)')
+        admin.close_all()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for one test, on each backend in turn."""
+    if request.param == "sqlite":
+        path = tmp_path / "gateway.db"
+        shutil.copy(templates["sqlite"], path)
+        yield f"sqlite:///{path}"
+        return
+    name = f"gw_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connection_context():
+        admin.execute_sql(f'CREATE DATABASE "{name}" TEMPLATE "{templates["postgres"]}"')
+    yield _with_database(PG_URL, name)
+    with admin.connection_context():
+        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close_all()
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator:
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url,
+            "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+            "JOURNAL_DIR": str(tmp_path / "journal"),
+            "SWEEP_INTERVAL": 0,
+            "BACKOFF_MIN": 0.01,
+            "BACKOFF_MAX": 0.05,
+            "CACHE_TTL": 0,
+        }
+    )
+    yield app
+    assert recorder.flush(10), "recorder did not finish writing"
+    if isinstance(database.obj, peewee.PostgresqlDatabase):
+        database.obj.close_all()
+
+
+@pytest.fixture
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):  # type: ignore[no-untyped-def]
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def db(app) -> Iterator[peewee.Database]:  # type: ignore[no-untyped-def]
+    """A connection for a test that reads or writes rows directly."""
+    with database.connection_context():
+        yield database
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def gateway_factory(database_url: str, tmp_path: Path) -> Iterator:
+    """Start real gunicorn gateways on this test's database; stopped at teardown."""
+    started: list[Gateway] = []
+
+    def start(**env: str) -> Gateway:
+        gw = Gateway(database_url, tmp_path / f"instance{len(started)}", **env)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory) -> Gateway:  # type: ignore[no-untyped-def]
+    return gateway_factory()
