@@ -1,0 +1,171 @@
+"""Which upstreams may serve a model, in what order, and the failover loop.
+
+The catalog of live providers and models is small and read on every call, so each
+worker keeps it in memory and reloads it after ``CACHE_TTL`` seconds (admin writes
+in this worker reload it at once). Candidates of a system name are put in weighted
+random order (Efraimidis-Spirakis: every candidate takes part, whatever their
+number); ``failover`` then tries each one ``TRIES_PER_PROVIDER`` times with
+exponential backoff and jitter, moving on for connection errors, timeouts, 429 and
+5xx, and stopping at any other 4xx.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.errors import NotFound, UpstreamFailed, UpstreamRejected, UpstreamTimeout
+from gateway.upstream import UpstreamError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One model row of a system name, with its provider's connection facts."""
+
+    model_id: int
+    system_name: str
+    remote_id: str
+    model_type: str
+    weight: float
+    provider_id: int
+    provider_name: str
+    provider_type: str
+    base_url: str
+    api_key: str | None
+    api_version: str | None
+    stream_usage: bool
+
+
+class Catalog:
+    """System name -> candidates, cached per worker."""
+
+    def __init__(self, load: Callable[[], list[Candidate]], ttl: float = 5.0) -> None:
+        self._load = load
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str], list[Candidate]] = {}
+        self._loaded_at = float("-inf")
+
+    def invalidate(self) -> None:
+        """Forget the cache; the next lookup reloads."""
+        self._loaded_at = float("-inf")
+
+    def lookup(
+        self, model: str, model_type: str = "chat", provider: str | None = None
+    ) -> list[Candidate]:
+        """Candidates for ``model`` (``name`` or ``name@provider``); NotFound if none."""
+        if time.monotonic() - self._loaded_at > self.ttl:
+            self._refresh()
+        name = model
+        if (model_type, model) not in self._entries and "@" in model:
+            name, _, suffix = model.rpartition("@")
+            provider = provider or suffix
+        candidates = self._entries.get((model_type, name), [])
+        if provider:
+            candidates = [c for c in candidates if c.provider_name == provider]
+            if not candidates:
+                raise NotFound(f"Model '{name}' not found on provider '{provider}'")
+        if not candidates:
+            raise NotFound(f"Model '{model}' not found")
+        return candidates
+
+    def system_names(self) -> list[tuple[str, str, str]]:
+        """(model_type, system_name, first provider name) of every live model."""
+        if time.monotonic() - self._loaded_at > self.ttl:
+            self._refresh()
+        return sorted((t, n, cs[0].provider_name) for (t, n), cs in self._entries.items())
+
+    def _refresh(self) -> None:
+        entries: dict[tuple[str, str], list[Candidate]] = {}
+        for candidate in self._load():
+            entries.setdefault((candidate.model_type, candidate.system_name), []).append(candidate)
+        self._entries = entries
+        self._loaded_at = time.monotonic()
+
+
+def weighted_order(
+    candidates: list[Candidate], rng: random.Random | None = None
+) -> list[Candidate]:
+    """Weighted random permutation; weight 0 sorts last (used only if all else fails)."""
+    rng = rng or random
+
+    def key(c: Candidate) -> float:
+        if c.weight <= 0:
+            return -1.0 - rng.random()
+        return rng.random() ** (1.0 / c.weight)
+
+    return sorted(candidates, key=key, reverse=True)
+
+
+def backoff(attempt: int, low: float, high: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait before try number ``attempt`` (0-based): 0 for the first."""
+    if attempt == 0:
+        return 0.0
+    delay = min(low * 2 ** (attempt - 1), high)
+    return delay + delay * 0.1 * (rng or random).random()
+
+
+def failover(
+    candidates: list[Candidate],
+    try_one: Callable[[Candidate], T],
+    *,
+    tries_per_provider: int,
+    backoff_range: tuple[float, float],
+    sleep: Callable[[float], object],
+    on_failure: Callable[[Candidate, UpstreamError], None],
+) -> tuple[Candidate, T]:
+    """Try candidates in order until one answers; raise the right GatewayError if none."""
+    attempt = 0
+    last: UpstreamError | None = None
+    for candidate in candidates:
+        for _ in range(tries_per_provider):
+            sleep(backoff(attempt, *backoff_range))
+            attempt += 1
+            try:
+                return candidate, try_one(candidate)
+            except UpstreamError as exc:
+                on_failure(candidate, exc)
+                last = exc
+                if exc.kind == "http" and not exc.retriable:
+                    raise UpstreamRejected(
+                        exc.status or 502, exc.content, exc.content_type
+                    ) from exc
+                if not exc.retriable:
+                    raise UpstreamFailed(f"Upstream call failed: {exc.describe()}") from exc
+    if last is not None and last.kind == "timeout":
+        raise UpstreamTimeout(
+            f"All upstream providers failed ({attempt} attempts); last: {last.describe()}"
+        )
+    raise UpstreamFailed(
+        f"All upstream providers failed ({attempt} attempts); last: {last.describe() if last else 'none'}"
+    )
+
+
+def load_candidates() -> list[Candidate]:
+    """Every live model row with its provider, from the database."""
+    from gateway.models import Model  # after gevent patched threading (see db.py)
+
+    return [
+        Candidate(
+            model_id=m.id,
+            system_name=m.system_name,
+            remote_id=m.remote_id or m.system_name,
+            model_type=m.model_type,
+            weight=m.weight,
+            provider_id=m.provider.id,
+            provider_name=m.provider.name,
+            provider_type=m.provider.type,
+            base_url=m.provider.base_url,
+            api_key=m.provider.api_key,
+            api_version=m.provider.api_version,
+            stream_usage=m.provider.stream_usage,
+        )
+        for m in Model.active().order_by(Model.id)
+    ]
+
+
+catalog = Catalog(load_candidates)

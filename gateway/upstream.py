@@ -1,0 +1,200 @@
+"""Talking to providers over HTTP: the only importer of requests.
+
+One ``requests.Session`` per worker with a pool big enough for many concurrent
+streams, no automatic retries (failover is ``routing``'s job), no cookies (one
+session serves every user). Bodies are read with ``raw.read1`` so bytes arrive as
+the upstream sends them, chunked or close-delimited. Every failure becomes an
+``UpstreamError`` that says whether another try could help.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import requests
+import urllib3.exceptions
+from flask import Flask
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_BODY = 256 * 1024
+MAX_BODY = 256 * 1024 * 1024  # a non-streaming answer bigger than this is a lie
+READ_SIZE = 64 * 1024
+RETRIABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+class UpstreamError(Exception):
+    """One failed try at an upstream.
+
+    ``kind`` is ``connect``, ``timeout``, ``reset``, ``http``, ``protocol`` (the
+    upstream answered 2xx with something unusable) or ``invalid`` (we could not
+    even send it); ``retriable`` says whether failing over may help.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        content: bytes = b"",
+        content_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.content = content
+        self.content_type = content_type
+
+    @property
+    def retriable(self) -> bool:
+        """Connection trouble, timeouts, 429 and 5xx are worth another try."""
+        if self.kind == "http":
+            return self.status in RETRIABLE_STATUSES
+        return self.kind in ("connect", "timeout", "reset", "protocol")
+
+    def describe(self) -> str:
+        """A one-line account for records and logs."""
+        if self.kind == "http":
+            text = self.content[:500].decode("utf-8", errors="replace")
+            return f"HTTP {self.status}: {text}"
+        return f"{self.kind}: {self.message}"
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    def set_ok(self, cookie, request):  # type: ignore[no-untyped-def]
+        return False
+
+
+@dataclass
+class Timeouts:
+    connect: float
+    read: float
+
+
+class Upstream:
+    """The worker's HTTP client for providers."""
+
+    def __init__(self) -> None:
+        self.session: requests.Session | None = None
+        self.timeouts = Timeouts(10.0, 120.0)
+
+    def init_app(self, app: Flask) -> None:
+        """Build the session from the app's settings."""
+        self.timeouts = Timeouts(
+            float(app.config["CONNECT_TIMEOUT"]), float(app.config["READ_TIMEOUT"])
+        )
+        pool = int(app.config["UPSTREAM_POOL_SIZE"])
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=pool, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.cookies.set_policy(_NoCookies())
+        self.session = session
+
+    def post(self, url: str, headers: dict[str, str], body: bytes, *, stream: bool) -> Response:
+        """Send a request; return once the status line and headers are in."""
+        headers = {"Content-Type": "application/json", **headers}
+        if stream:
+            # Compression would make the upstream (or us) buffer tokens.
+            headers["Accept-Encoding"] = "identity"
+        return self._send("POST", url, headers, body)
+
+    def get(self, url: str, headers: dict[str, str]) -> Response:
+        """A GET (provider tests, remote model lists)."""
+        return self._send("GET", url, headers, None)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+        assert self.session is not None, "upstream.init_app was not called"
+        try:
+            resp = self.session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                stream=True,
+                timeout=(self.timeouts.connect, self.timeouts.read),
+                allow_redirects=False,
+            )
+        except requests.ConnectTimeout as exc:
+            raise UpstreamError("timeout", f"connect timed out: {exc}") from exc
+        except requests.ReadTimeout as exc:
+            raise UpstreamError("timeout", "no response headers before the read timeout") from exc
+        except requests.ConnectionError as exc:
+            raise UpstreamError(_connection_kind(exc), str(exc)) from exc
+        except requests.RequestException as exc:
+            raise UpstreamError("invalid", str(exc)) from exc
+        response = Response(resp)
+        if resp.status_code >= 400:
+            content = response.read(MAX_ERROR_BODY, truncate=True)
+            response.close()
+            raise UpstreamError(
+                "http",
+                f"upstream answered {resp.status_code}",
+                status=resp.status_code,
+                content=content,
+                content_type=resp.headers.get("Content-Type"),
+            )
+        return response
+
+
+class Response:
+    """An upstream answer whose body has not been read yet."""
+
+    def __init__(self, resp: requests.Response) -> None:
+        self._resp = resp
+        self.status = resp.status_code
+        self.headers = resp.headers
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "")
+
+    def chunks(self) -> Iterator[bytes]:
+        """Body bytes as they arrive; raises UpstreamError if the read fails."""
+        raw = self._resp.raw
+        while True:
+            try:
+                data = raw.read1(READ_SIZE, decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise UpstreamError(
+                    "timeout", "upstream went silent past the read timeout"
+                ) from exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise UpstreamError("reset", f"upstream connection broke: {exc}") from exc
+            if not data:
+                return
+            yield data
+
+    def read(self, limit: int = MAX_BODY, *, truncate: bool = False) -> bytes:
+        """The whole body; past ``limit`` bytes, cut it short or refuse it."""
+        parts, size = [], 0
+        for chunk in self.chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                if truncate:
+                    return b"".join(parts)[:limit]
+                raise UpstreamError("protocol", f"upstream body larger than {limit} bytes")
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Drop the connection (it cannot be reused mid-body)."""
+        self._resp.close()
+
+
+def _connection_kind(exc: requests.ConnectionError) -> str:
+    text = str(exc)
+    if "Read timed out" in text:
+        return "timeout"
+    if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ProtocolError):
+        return "reset"
+    return "connect"
+
+
+upstream = Upstream()

@@ -1,0 +1,689 @@
+"""A fake LLM provider for tests and benchmarks: a standalone gevent WSGI server.
+
+Speaks OpenAI Chat Completions (also at Azure's deployment paths), OpenAI Responses,
+Anthropic Messages, embeddings and model lists, streaming and not, with its own
+renderers (never the gateway's, so a bug cannot cancel itself out).
+
+Each call is scripted by its model name: ``name;key=value;...`` e.g.
+``fake;chunks=10;delay=0.05;stall_at=3;stall_for=2``. Keys:
+
+  id=S          names the call in the log (default: a counter)
+  chunks=N      text pieces in the answer (default 5), "tok0 tok1 ..."
+  delay=F       seconds between pieces; first_delay=F before the first one
+  header_delay=F  seconds before the status line (a stall before any byte)
+  stall_at=K;stall_for=F  go silent for F seconds before stream event K
+  drop_at=K     break the connection after K stream events (no terminal event)
+  status=N      answer with HTTP status N and an error body
+  fail_times=N  answer status (default 500) to the first N calls with this id
+  reasoning=N   N reasoning pieces first;  tools=N  N tool calls after the text
+  garbage=1     a 200 with a body that is not JSON (or not SSE)
+  error_event=1 a stream that ends in an error event instead of its terminal event
+
+Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
+pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
+``cache=N``. ``GET /_log`` returns every call (path, body, headers, usage it
+reported, and ``outcome``: ``complete`` when its whole response was written,
+``client_gone`` when the gateway hung up first, ``dropped`` for drop_at).
+``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
+it prints ``PORT <n>`` once it listens.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+LOG: list[dict] = []
+_COUNTER = itertools.count(1)
+_FAILURES: dict[str, int] = defaultdict(int)
+
+
+class Dropped(Exception):
+    """Raised inside a body generator: pywsgi then cuts the connection mid-body."""
+
+
+def parse_script(model: str) -> tuple[str, dict[str, str]]:
+    name, *pairs = model.split(";")
+    script = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    return name, script
+
+
+def prompt_words(body: dict) -> int:
+    """Words in every text of the request: the fake's own 'tokenizer'."""
+    texts: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, str):
+            texts.append(node)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for key in ("text", "content", "input", "instructions", "system", "output"):
+                if key in node:
+                    walk(node[key])
+
+    for key in ("messages", "input", "system", "instructions"):
+        if key in body:
+            walk(body[key])
+    return sum(len(t.split()) for t in texts)
+
+
+class Plan:
+    """What one call will answer."""
+
+    def __init__(self, body: dict, script: dict[str, str]) -> None:
+        self.script = script
+        self.chunks = int(script.get("chunks", 5))
+        self.reasoning = int(script.get("reasoning", 0))
+        self.tools = int(script.get("tools", 0))
+        self.delay = float(script.get("delay", 0))
+        self.first_delay = float(script.get("first_delay", 0))
+        self.stall_at = int(script.get("stall_at", -1))
+        self.stall_for = float(script.get("stall_for", 0))
+        self.drop_at = int(script.get("drop_at", -1))
+        self.cache = int(script.get("cache", 0))
+        self.input_tokens = prompt_words(body) + 3
+        self.text_pieces = [f"tok{i} " for i in range(self.chunks)]
+        self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
+        # Each tool call's arguments arrive in two pieces.
+        self.tool_calls = [
+            {"id": f"call_{i}", "name": f"tool_{i}", "pieces": ['{"n": ', f"{i}}}"]}
+            for i in range(self.tools)
+        ]
+        self.output_tokens = self.chunks + self.reasoning + 2 * self.tools
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_pieces)
+
+    def pace(self, index: int) -> None:
+        """Sleep before piece ``index``; drop the connection if told to."""
+        if index == self.drop_at:
+            raise Dropped
+        if index == 0 and self.first_delay:
+            gevent.sleep(self.first_delay)
+        elif index and self.delay:
+            gevent.sleep(self.delay)
+        if index == self.stall_at:
+            gevent.sleep(self.stall_for)
+
+    def usage_openai(self) -> dict:
+        return {
+            "prompt_tokens": self.input_tokens,
+            "completion_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cache},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning},
+        }
+
+
+# -- OpenAI Chat Completions ---------------------------------------------------
+
+
+def chat_stream(plan: Plan, body: dict) -> list:
+    base = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": body["model"],
+    }
+    with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if with_usage:
+            data["usage"] = None
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    events: list = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"reasoning_content": piece}) for piece in plan.reasoning_pieces]
+    events += [chunk({"content": piece}) for piece in plan.text_pieces]
+    for i, call in enumerate(plan.tool_calls):
+        first = {
+            "index": i,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
+        events.append(chunk({"tool_calls": [first]}))
+        events += [
+            chunk({"tool_calls": [{"index": i, "function": {"arguments": p}}]})
+            for p in call["pieces"]
+        ]
+    if plan.script.get("error_event"):
+        events.append(
+            b'data: {"error": {"message": "fake upstream failure", "type": "server_error"}}\n\n'
+        )
+        return events
+    events.append(chunk({}, "tool_calls" if plan.tools else "stop"))
+    if with_usage:
+        events.append(
+            b"data: "
+            + json.dumps({**base, "choices": [], "usage": plan.usage_openai()}).encode()
+            + b"\n\n"
+        )
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def chat_answer(plan: Plan, body: dict) -> dict:
+    message: dict = {"role": "assistant", "content": plan.text}
+    if plan.reasoning:
+        message["reasoning_content"] = "".join(plan.reasoning_pieces)
+    if plan.tools:
+        message["tool_calls"] = [
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": "".join(c["pieces"])},
+            }
+            for c in plan.tool_calls
+        ]
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": "tool_calls" if plan.tools else "stop",
+            }
+        ],
+        "usage": plan.usage_openai(),
+    }
+
+
+# -- Anthropic Messages ----------------------------------------------------------
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def anthropic_usage(plan: Plan) -> dict:
+    return {
+        "input_tokens": plan.input_tokens - plan.cache,
+        "cache_read_input_tokens": plan.cache,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": plan.output_tokens,
+    }
+
+
+def anthropic_stream(plan: Plan, body: dict) -> list:
+    start_usage = {**anthropic_usage(plan), "output_tokens": 1}
+    message = {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "model": body["model"],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    events: list = [
+        _sse("message_start", {"type": "message_start", "message": message}),
+        _sse("ping", {"type": "ping"}),
+    ]
+    index = 0
+
+    def block(content: dict, deltas: list[dict]) -> None:
+        nonlocal index
+        events.append(
+            _sse(
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": content},
+            )
+        )
+        events.extend(
+            _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+            for d in deltas
+        )
+        events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+
+    if plan.reasoning:
+        deltas = [{"type": "thinking_delta", "thinking": p} for p in plan.reasoning_pieces]
+        block(
+            {"type": "thinking", "thinking": "", "signature": ""},
+            [*deltas, {"type": "signature_delta", "signature": "sig-fake"}],
+        )
+    block(
+        {"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in plan.text_pieces]
+    )
+    for call in plan.tool_calls:
+        block(
+            {"type": "tool_use", "id": call["id"], "name": call["name"], "input": {}},
+            [{"type": "input_json_delta", "partial_json": p} for p in call["pieces"]],
+        )
+    if plan.script.get("error_event"):
+        events.append(
+            _sse(
+                "error",
+                {
+                    "type": "error",
+                    "error": {"type": "overloaded_error", "message": "fake upstream failure"},
+                },
+            )
+        )
+        return events
+    events.append(
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {
+                    "stop_reason": "tool_use" if plan.tools else "end_turn",
+                    "stop_sequence": None,
+                },
+                "usage": {"output_tokens": plan.output_tokens},
+            },
+        )
+    )
+    events.append(_sse("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def anthropic_answer(plan: Plan, body: dict) -> dict:
+    content: list[dict] = []
+    if plan.reasoning:
+        content.append(
+            {
+                "type": "thinking",
+                "thinking": "".join(plan.reasoning_pieces),
+                "signature": "sig-fake",
+            }
+        )
+    content.append({"type": "text", "text": plan.text})
+    content += [
+        {
+            "type": "tool_use",
+            "id": c["id"],
+            "name": c["name"],
+            "input": json.loads("".join(c["pieces"])),
+        }
+        for c in plan.tool_calls
+    ]
+    return {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "content": content,
+        "model": body["model"],
+        "stop_reason": "tool_use" if plan.tools else "end_turn",
+        "stop_sequence": None,
+        "usage": anthropic_usage(plan),
+    }
+
+
+# -- OpenAI Responses ------------------------------------------------------------
+
+
+def responses_output(plan: Plan) -> list[dict]:
+    output: list[dict] = []
+    if plan.reasoning:
+        output.append(
+            {
+                "type": "reasoning",
+                "id": "rs_fake",
+                "summary": [{"type": "summary_text", "text": "".join(plan.reasoning_pieces)}],
+            }
+        )
+    output.append(
+        {
+            "type": "message",
+            "id": "msg_fake",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": plan.text, "annotations": []}],
+        }
+    )
+    output += [
+        {
+            "type": "function_call",
+            "id": f"fc_{c['id']}",
+            "call_id": c["id"],
+            "name": c["name"],
+            "arguments": "".join(c["pieces"]),
+            "status": "completed",
+        }
+        for c in plan.tool_calls
+    ]
+    return output
+
+
+def responses_usage(plan: Plan) -> dict:
+    return {
+        "input_tokens": plan.input_tokens,
+        "input_tokens_details": {"cached_tokens": plan.cache},
+        "output_tokens": plan.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": plan.reasoning},
+        "total_tokens": plan.input_tokens + plan.output_tokens,
+    }
+
+
+def responses_answer(plan: Plan, body: dict, status: str = "completed") -> dict:
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "model": body["model"],
+        "output": responses_output(plan) if status == "completed" else [],
+        "usage": responses_usage(plan) if status == "completed" else None,
+    }
+
+
+def responses_stream(plan: Plan, body: dict) -> list:
+    seq = itertools.count()
+    events: list = []
+
+    def emit(kind: str, **data: object) -> None:
+        events.append(_sse(kind, {"type": kind, "sequence_number": next(seq), **data}))
+
+    emit("response.created", response=responses_answer(plan, body, "in_progress"))
+    emit("response.in_progress", response=responses_answer(plan, body, "in_progress"))
+    index = 0
+    if plan.reasoning:
+        item = {"type": "reasoning", "id": "rs_fake", "summary": []}
+        emit("response.output_item.added", output_index=index, item=item)
+        emit(
+            "response.reasoning_summary_part.added",
+            item_id="rs_fake",
+            output_index=index,
+            summary_index=0,
+            part={"type": "summary_text", "text": ""},
+        )
+        for piece in plan.reasoning_pieces:
+            emit(
+                "response.reasoning_summary_text.delta",
+                item_id="rs_fake",
+                output_index=index,
+                summary_index=0,
+                delta=piece,
+            )
+        text = "".join(plan.reasoning_pieces)
+        emit(
+            "response.reasoning_summary_text.done",
+            item_id="rs_fake",
+            output_index=index,
+            summary_index=0,
+            text=text,
+        )
+        emit(
+            "response.output_item.done",
+            output_index=index,
+            item={**item, "summary": [{"type": "summary_text", "text": text}]},
+        )
+        index += 1
+    message = {
+        "type": "message",
+        "id": "msg_fake",
+        "status": "in_progress",
+        "role": "assistant",
+        "content": [],
+    }
+    emit("response.output_item.added", output_index=index, item=message)
+    emit(
+        "response.content_part.added",
+        item_id="msg_fake",
+        output_index=index,
+        content_index=0,
+        part={"type": "output_text", "text": "", "annotations": []},
+    )
+    for piece in plan.text_pieces:
+        emit(
+            "response.output_text.delta",
+            item_id="msg_fake",
+            output_index=index,
+            content_index=0,
+            delta=piece,
+        )
+    emit(
+        "response.output_text.done",
+        item_id="msg_fake",
+        output_index=index,
+        content_index=0,
+        text=plan.text,
+    )
+    part = {"type": "output_text", "text": plan.text, "annotations": []}
+    emit(
+        "response.content_part.done",
+        item_id="msg_fake",
+        output_index=index,
+        content_index=0,
+        part=part,
+    )
+    emit(
+        "response.output_item.done",
+        output_index=index,
+        item={**message, "status": "completed", "content": [part]},
+    )
+    for call in plan.tool_calls:
+        index += 1
+        item = {
+            "type": "function_call",
+            "id": f"fc_{call['id']}",
+            "call_id": call["id"],
+            "name": call["name"],
+            "arguments": "",
+            "status": "in_progress",
+        }
+        emit("response.output_item.added", output_index=index, item=item)
+        for piece in call["pieces"]:
+            emit(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=index,
+                delta=piece,
+            )
+        args = "".join(call["pieces"])
+        emit(
+            "response.function_call_arguments.done",
+            item_id=item["id"],
+            output_index=index,
+            arguments=args,
+        )
+        emit(
+            "response.output_item.done",
+            output_index=index,
+            item={**item, "arguments": args, "status": "completed"},
+        )
+    if plan.script.get("error_event"):
+        emit("error", code="server_error", message="fake upstream failure", param=None)
+        return events
+    emit("response.completed", response=responses_answer(plan, body))
+    return events
+
+
+# -- the server ------------------------------------------------------------------
+
+STREAMS = {"chat": chat_stream, "anthropic": anthropic_stream, "responses": responses_stream}
+ANSWERS = {"chat": chat_answer, "anthropic": anthropic_answer, "responses": responses_answer}
+ERRORS = {
+    "chat": lambda status: {
+        "error": {"message": f"fake error {status}", "type": "server_error", "code": str(status)}
+    },
+    "responses": lambda status: {
+        "error": {"message": f"fake error {status}", "type": "server_error", "code": str(status)}
+    },
+    "anthropic": lambda status: {
+        "type": "error",
+        "error": {"type": "api_error", "message": f"fake error {status}"},
+    },
+}
+
+
+def protocol_of(path: str) -> str | None:
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/messages"):
+        return "anthropic"
+    if path.endswith("/responses"):
+        return "responses"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    return None
+
+
+def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untyped-def]
+    path = environ["PATH_INFO"]
+    method = environ["REQUEST_METHOD"]
+    if path == "/_log":
+        return _json(start_response, 200, LOG)
+    if path == "/_reset" and method == "POST":
+        LOG.clear()
+        _FAILURES.clear()
+        return _json(start_response, 200, {"ok": True})
+    if method == "GET" and path.endswith("/models"):
+        return _json(
+            start_response,
+            200,
+            {
+                "object": "list",
+                "data": [{"id": "fake-model", "object": "model", "owned_by": "fake", "created": 1}],
+            },
+        )
+    protocol = protocol_of(path)
+    if method != "POST" or protocol is None:
+        return _json(start_response, 404, {"error": {"message": f"no route {method} {path}"}})
+    raw = environ["wsgi.input"].read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _json(start_response, 400, {"error": {"message": "fake: body is not JSON"}})
+    if "/deployments/" in path:  # Azure: the deployment names the model
+        body.setdefault("model", path.split("/deployments/", 1)[1].split("/", 1)[0])
+    name, script = parse_script(str(body.get("model", "")))
+    entry = {
+        "n": next(_COUNTER),
+        "id": script.get("id"),
+        "path": path,
+        "query": environ.get("QUERY_STRING", ""),
+        "protocol": protocol,
+        "body": body,
+        "headers": {
+            k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")
+        },
+        "outcome": "started",
+        "started": time.time(),
+    }
+    LOG.append(entry)
+    if float(script.get("header_delay", 0)):
+        gevent.sleep(float(script["header_delay"]))
+    status = int(script.get("status", 0))
+    fail_times = int(script.get("fail_times", 0))
+    if fail_times and _FAILURES[script.get("id", name)] < fail_times:
+        _FAILURES[script.get("id", name)] += 1
+        status = status or 500
+    if status:
+        entry["outcome"] = "complete"
+        return _json(start_response, status, ERRORS.get(protocol, ERRORS["chat"])(status))
+    if protocol == "embeddings":
+        return embeddings(start_response, body, script, entry)
+    plan = Plan(body, script)
+    entry["usage"] = {"input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens}
+    if script.get("garbage"):
+        entry["outcome"] = "complete"
+        ctype = "text/event-stream" if body.get("stream") else "application/json"
+        start_response("200 OK", [("Content-Type", ctype)])
+        return [b"this is not what you asked for\n\n"]
+    if not body.get("stream"):
+        plan.pace(0)
+        entry["outcome"] = "complete"
+        return _json(start_response, 200, ANSWERS[protocol](plan, body))
+    events = STREAMS[protocol](plan, body)
+    start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+    return stream_body(plan, events, entry)
+
+
+def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[no-untyped-def]
+    """Write events with the plan's pacing; log how far the reader got."""
+    entry["outcome"] = "client_gone"
+    sent = 0
+    try:
+        for index, event in enumerate(events):
+            plan.pace(index)
+            yield event
+            sent += 1
+            entry["sent"] = sent
+        entry["outcome"] = "complete"
+    except Dropped:
+        entry["outcome"] = "dropped"
+        raise
+    finally:
+        entry["finished"] = time.time()
+
+
+def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[bytes]:  # type: ignore[no-untyped-def]
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    dims = int(body.get("dimensions") or script.get("dims", 4))
+    data = []
+    for i in range(len(items)):
+        vector = [round((i + 1) * 0.1 + d * 0.01, 4) for d in range(dims)]
+        if body.get("encoding_format") == "base64":
+            import base64
+            import struct
+
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode(),
+                }
+            )
+        else:
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(len(str(item).split()) for item in items)
+    entry["usage"] = {"input_tokens": tokens}
+    entry["outcome"] = "complete"
+    return _json(
+        start_response,
+        200,
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+    )
+
+
+def _json(start_response, status: int, data: object) -> list[bytes]:  # type: ignore[no-untyped-def]
+    payload = json.dumps(data).encode()
+    start_response(
+        f"{status} {'OK' if status < 400 else 'ERROR'}",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+    )
+    return [payload]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    server = WSGIServer((args.host, args.port), app, log=None, error_log=None)
+    server.init_socket()
+    print(f"PORT {server.server_port}", flush=True)
+    sys.stdout.flush()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Real processes for tests and benchmarks: the fake upstream and gunicorn with the gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_SECRET = "test-admin-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class FakeUpstream:
+    """tests/fake_upstream.py in its own process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"fake upstream did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def log(self, call_id: str | None = None) -> list[dict]:
+        entries = requests.get(f"{self.url}/_log", timeout=5).json()
+        return [e for e in entries if call_id is None or e.get("id") == call_id]
+
+    def reset(self) -> None:
+        requests.post(f"{self.url}/_reset", timeout=5)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Gateway:
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` with gevent workers, in its own process."""
+
+    def __init__(self, database_url: str, instance: Path, workers: int = 1, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = instance / "gunicorn.log"
+        instance.mkdir(parents=True, exist_ok=True)
+        environ = {
+            **os.environ,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "DATABASE_URL": database_url,
+            "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+            "GATEWAY_INSTANCE_PATH": str(instance),
+            "GATEWAY_WORKERS": str(workers),
+            "GATEWAY_ACCESS_LOG": "",
+            "GATEWAY_BACKOFF_MIN": "0.01",
+            "GATEWAY_BACKOFF_MAX": "0.05",
+            **env,
+        }
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=environ,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._healthy, timeout=30)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"gateway did not start:\n{self.log()}") from None
+        self.admin = requests.Session()
+        self.admin.headers["Authorization"] = f"Bearer {ADMIN_SECRET}"
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text()
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        """An admin API call that must succeed; returns the JSON."""
+        resp = self.admin.request(method, f"{self.url}/api/admin{path}", timeout=10, **kwargs)
+        assert resp.status_code < 300, f"{method} {path}: {resp.status_code} {resp.text}"
+        return resp.json()
+
+    def setup_route(
+        self,
+        upstream_url: str,
+        provider_type: str = "openai",
+        system_name: str = "fake",
+        remote_id: str = "fake",
+        **provider: Any,
+    ) -> dict:
+        """A provider, a model and a key; returns {"key", "provider", "model"}."""
+        base = upstream_url + ("" if provider_type in ("anthropic", "azure") else "/v1")
+        prov = self.api(
+            "POST",
+            "/providers",
+            json={
+                "name": f"{provider_type}-{free_port()}",
+                "type": provider_type,
+                "baseUrl": base,
+                "apiKey": "upstream-secret",
+                **provider,
+            },
+        )
+        model = self.api(
+            "POST",
+            "/models",
+            json={"providerId": prov["id"], "systemName": system_name, "remoteId": remote_id},
+        )
+        key = self.api("POST", "/apiKey", json={"comment": "test"})["key"]
+        return {"key": key, "provider": prov, "model": model}
+
+    def completions(self, **params: Any) -> list[dict]:
+        return self.api("GET", "/completions", params={"limit": 1000, **params})["data"]
+
+    def wait_final(self, count: int, timeout: float = 20.0, **params: Any) -> list[dict]:
+        """Wait until ``count`` records exist and none is pending; return them."""
+
+        def done() -> list[dict] | None:
+            rows = self.completions(**params)
+            if len(rows) >= count and all(r["status"] != "pending" for r in rows):
+                return rows
+            return None
+
+        return wait_until(done, timeout=timeout, interval=0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
