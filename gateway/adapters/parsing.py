@@ -1,0 +1,135 @@
+"""What every ``parse_request`` shares: the empty IR request and typed field readers.
+
+Each reader returns the value, or ``None`` when the field is absent or null, and raises
+``InvalidRequest`` naming the field path (``messages[2].content``) when the value has the
+wrong type. Pure code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import InvalidRequest
+
+# JSON type name -> check; bool is an int in Python but never a number in JSON bodies.
+_KINDS = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "a boolean": lambda v: isinstance(v, bool),
+    "an object": lambda v: isinstance(v, dict),
+    "an array": lambda v: isinstance(v, list),
+}
+
+
+def new_request(model: str) -> dict[str, Any]:
+    """An IR request with every field at its default."""
+    return {
+        "model": model,
+        "system": [],
+        "messages": [],
+        "tools": [],
+        "tool_choice": None,
+        "max_tokens": None,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "stop": None,
+        "stream": False,
+        "stream_usage": False,
+        "reasoning": None,
+        "parallel_tool_calls": None,
+        "extra": {},
+    }
+
+
+def start(body: Any, known: frozenset[str]) -> dict[str, Any]:
+    """Check the body and ``model``; return a new IR request holding the unknown fields."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("model is required", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("model must be a non-empty string", param="model")
+    ir = new_request(model)
+    ir["extra"] = {k: v for k, v in body.items() if k not in known}
+    ir["stream"] = bool(field(body, "stream", "a boolean"))
+    return ir
+
+
+def field(obj: dict, key: str, kind: str, path: str | None = None) -> Any:
+    """``obj[key]`` checked to be of ``kind`` (e.g. ``"a string"``), or None if absent."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    return expect(value, kind, path or key)
+
+
+def required(obj: dict, key: str, kind: str, path: str) -> Any:
+    """Like ``field`` but the value must be present."""
+    value = obj.get(key)
+    if value is None:
+        raise InvalidRequest(f"{path} is required", param=path)
+    return expect(value, kind, path)
+
+
+def expect(value: Any, kind: str, path: str) -> Any:
+    """Return ``value`` if it is of ``kind``, else raise naming ``path``."""
+    if not _KINDS[kind](value):
+        raise InvalidRequest(f"{path} must be {kind}", param=path)
+    return value
+
+
+def non_empty_list(obj: dict, key: str) -> list:
+    """A required, non-empty array field (``messages``, ``input``)."""
+    value = required(obj, key, "an array", key)
+    if not value:
+        raise InvalidRequest(f"{key} must not be empty", param=key)
+    return value
+
+
+def stop_list(obj: dict, key: str) -> list[str] | None:
+    """A stop field given as a string or an array of strings, as a list."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise InvalidRequest(f"{key} must be a string or an array of strings", param=key)
+
+
+def one_of(value: Any, choices: tuple[str, ...], path: str) -> str:
+    """Return ``value`` if it is one of the allowed strings, else raise naming ``path``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise InvalidRequest(f"{path} must be one of {allowed}", param=path)
+    return value
+
+
+def tool(name: Any, description: Any, parameters: Any, strict: Any, path: str) -> dict:
+    """An IR tool from the three fields every protocol spells its own way.
+
+    ``strict`` is kept (when given) because all three protocols have it; it is an
+    optional key beyond the IR docstring's Tool.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(f"{path}.name must be a non-empty string", param=f"{path}.name")
+    if description is not None and not isinstance(description, str):
+        raise InvalidRequest(f"{path}.description must be a string", param=f"{path}.description")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidRequest(f"{path} parameters must be an object", param=path)
+    result = {"name": name, "description": description, "parameters": parameters}
+    if strict is not None:
+        result["strict"] = expect(strict, "a boolean", f"{path}.strict")
+    return result
+
+
+def append_block(messages: list[dict], role: str, block: dict) -> None:
+    """Add a block to the last message if it has ``role``, else start a new message."""
+    if messages and messages[-1]["role"] == role:
+        messages[-1]["content"].append(block)
+    else:
+        messages.append({"role": role, "content": [block]})

@@ -1,0 +1,43 @@
+"""Small pieces every wire-format module shares: ids, compact JSON, counts, event data.
+
+Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from gateway import sse
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id in the style the protocol uses (``chatcmpl-``, ``msg_``, ``resp_``...)."""
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON, UTF-8 left as is, as the providers send it."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def frame(data: Any, event: str | None = None) -> bytes:
+    """One SSE frame holding ``data`` as compact JSON."""
+    return sse.encode(dumps(data), event=event)
+
+
+def count(value: Any) -> int | None:
+    """A token count, or None when the value is not an integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def event_data(event: sse.Event) -> dict | None:
+    """The JSON object an SSE event carries, or None (no data, not JSON, not an object)."""
+    if not event.data:
+        return None
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
