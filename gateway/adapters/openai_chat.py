@@ -272,28 +272,16 @@ def _parse_content(content: Any, path: str, images: bool = True) -> list[dict]:
         parsing.expect(part, "an object", part_path)
         kind = part.get("type")
         if kind == "text":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "text", "a string", f"{part_path}.text"),
-                }
-            )
+            blocks.append(parsing.text_block(part, "text", part_path))
         elif kind == "refusal":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "refusal", "a string", f"{part_path}.refusal"),
-                }
-            )
+            blocks.append(parsing.text_block(part, "refusal", part_path))
         elif kind == "image_url" and images:
             image = parsing.required(part, "image_url", "an object", f"{part_path}.image_url")
             url = parsing.required(image, "url", "a string", f"{part_path}.image_url.url")
             detail = parsing.field(image, "detail", "a string", f"{part_path}.image_url.detail")
             blocks.append(image_block(url, detail))
         else:
-            raise InvalidRequest(
-                f"{part_path}.type {kind!r} is not supported here", param=f"{part_path}.type"
-            )
+            raise parsing.unsupported(kind, part_path)
     return blocks
 
 

@@ -171,7 +171,7 @@ def _parse_item(ir: dict, item: Any, path: str) -> None:
         }
         parsing.append_block(ir["messages"], "assistant", block)
     else:
-        raise InvalidRequest(f"{path}.type {kind!r} is not supported here", param=f"{path}.type")
+        raise parsing.unsupported(kind, path)
 
 
 def _parse_content(content: Any, path: str, images: bool) -> list[dict]:
@@ -185,19 +185,9 @@ def _parse_content(content: Any, path: str, images: bool) -> list[dict]:
         parsing.expect(part, "an object", part_path)
         kind = part.get("type")
         if kind in ("input_text", "output_text", "text"):
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "text", "a string", f"{part_path}.text"),
-                }
-            )
+            blocks.append(parsing.text_block(part, "text", part_path))
         elif kind == "refusal":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "refusal", "a string", f"{part_path}.refusal"),
-                }
-            )
+            blocks.append(parsing.text_block(part, "refusal", part_path))
         elif kind == "input_image" and images:
             url = part.get("image_url")
             if isinstance(url, dict):  # {url} as some clients send it (NexusGate issue #62)
@@ -209,9 +199,7 @@ def _parse_content(content: Any, path: str, images: bool) -> list[dict]:
             detail = parsing.field(part, "detail", "a string", f"{part_path}.detail")
             blocks.append(image_block(url, detail))
         else:
-            raise InvalidRequest(
-                f"{part_path}.type {kind!r} is not supported here", param=f"{part_path}.type"
-            )
+            raise parsing.unsupported(kind, part_path)
     return blocks
 
 

@@ -101,6 +101,16 @@ def stop_list(obj: dict, key: str) -> list[str] | None:
     raise InvalidRequest(f"{key} must be a string or an array of strings", param=key)
 
 
+def text_block(part: dict, key: str, path: str) -> dict:
+    """An IR text block from ``part[key]``, which must be a string (``text``, ``refusal``)."""
+    return {"type": "text", "text": required(part, key, "a string", f"{path}.{key}")}
+
+
+def unsupported(kind: Any, path: str) -> InvalidRequest:
+    """The error for a ``type`` the IR has no place for, naming ``{path}.type``."""
+    return InvalidRequest(f"{path}.type {kind!r} is not supported here", param=f"{path}.type")
+
+
 def one_of(value: Any, choices: tuple[str, ...], path: str) -> str:
     """Return ``value`` if it is one of the allowed strings, else raise naming ``path``."""
     if value not in choices:
