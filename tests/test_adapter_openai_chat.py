@@ -815,3 +815,22 @@ def test_stream_error_frames():
         b'data: {"error":{"message":"bad","type":"rate_limit_error","param":null,"code":null}}\n\n'
         b"data: [DONE]\n\n"
     )
+
+
+def test_tool_settings_go_upstream_only_with_tools():
+    # OpenAI rejects parallel_tool_calls (and tool_choice) when no tools are given.
+    built = chat.build_request(
+        chat.parse_request(body(tool_choice="none", parallel_tool_calls=False)), "up"
+    )
+    assert "tool_choice" not in built and "parallel_tool_calls" not in built
+    built = chat.build_request(
+        chat.parse_request(body(tools=[WEATHER], parallel_tool_calls=False)), "up"
+    )
+    assert built["parallel_tool_calls"] is False
+
+
+def test_an_empty_user_message_survives():
+    built = chat.build_request(
+        chat.parse_request(body(messages=[{"role": "user", "content": ""}])), "up"
+    )
+    assert built["messages"] == [{"role": "user", "content": ""}]

@@ -658,3 +658,14 @@ def test_stream_error_frame():
         b'event: error\ndata: {"type":"error","code":"rate_limit_error","message":"slow",'
         b'"param":null,"sequence_number":9}\n\n'
     )
+
+
+def test_tool_settings_go_upstream_only_with_tools():
+    built = responses.build_request(
+        responses.parse_request(body(tool_choice="none", parallel_tool_calls=False)), "up"
+    )
+    assert "tool_choice" not in built and "parallel_tool_calls" not in built
+    built = responses.build_request(
+        responses.parse_request(body(tools=[WEATHER], parallel_tool_calls=False)), "up"
+    )
+    assert built["parallel_tool_calls"] is False

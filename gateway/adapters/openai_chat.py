@@ -49,6 +49,7 @@ _KNOWN = frozenset(
         "reasoning_effort", "functions", "function_call",
     }
 )  # fmt: skip
+_CHOICE_FORMS = """'auto', 'none', 'required' or {"type": "function", "function": {"name": ...}}"""
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 # OpenAI's reasoning models reject max_tokens; other OpenAI-compatible servers (Ollama)
@@ -109,7 +110,7 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     if ir.get("max_tokens") is not None:
         reasoning_model = ir.get("reasoning") or _COMPLETION_TOKENS_MODELS.match(model)
         body["max_completion_tokens" if reasoning_model else "max_tokens"] = ir["max_tokens"]
-    for key in ("temperature", "top_p", "top_k", "stop", "parallel_tool_calls"):
+    for key in ("temperature", "top_p", "top_k", "stop"):
         if ir.get(key) is not None:
             body[key] = ir[key]
     reasoning = ir.get("reasoning")
@@ -117,10 +118,12 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
         effort = reasoning.get("effort") or effort_for_budget(reasoning.get("budget_tokens"))
         if effort:
             body["reasoning_effort"] = effort
-    if ir.get("tools"):
+    if ir.get("tools"):  # OpenAI rejects tool_choice and parallel_tool_calls without tools
         body["tools"] = tools_to_chat(ir["tools"])
-    if ir.get("tool_choice"):
-        body["tool_choice"] = tool_choice_to_chat(ir["tool_choice"])
+        if ir.get("tool_choice"):
+            body["tool_choice"] = tool_choice_to_chat(ir["tool_choice"])
+        if ir.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
     return body
 
 
@@ -310,10 +313,7 @@ def _parse_tool_choice(choice: Any, path: str) -> dict:
             and function["name"]
         ):
             return {"type": "tool", "name": function["name"]}
-    raise InvalidRequest(
-        f'{path} must be \'auto\', \'none\', \'required\' or {{"type": "function", "function": {{"name": ...}}}}',
-        param=path,
-    )
+    raise InvalidRequest(f"{path} must be {_CHOICE_FORMS}", param=path)
 
 
 def _assistant_to_chat(blocks: list[dict]) -> dict:
@@ -341,14 +341,14 @@ def _user_to_chat(blocks: list[dict]) -> list[dict]:
             rest.extend(b for b in content if b["type"] == "image")
         else:
             rest.append(block)
-    if rest:
+    if rest or not messages:
         messages.append({"role": "user", "content": _content_to_chat(rest)})
     return messages
 
 
 def _content_to_chat(blocks: list[dict]) -> str | list[dict]:
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
-        return blocks[0]["text"]
+    if not blocks or (len(blocks) == 1 and blocks[0]["type"] == "text"):
+        return blocks[0]["text"] if blocks else ""
     parts = []
     for block in blocks:
         if block["type"] == "text":

@@ -92,20 +92,21 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     body["input"] = [item for message in ir.get("messages") or [] for item in _items_of(message)]
     if ir.get("max_tokens") is not None:
         body["max_output_tokens"] = ir["max_tokens"]
-    for key in ("temperature", "top_p", "parallel_tool_calls"):
+    for key in ("temperature", "top_p"):
         if ir.get(key) is not None:
             body[key] = ir[key]
     if ir.get("stream"):
         body["stream"] = True
-    if ir.get("tools"):
+    if ir.get("tools"):  # tool settings without tools are noise at best
         body["tools"] = [_tool_to_responses(t) for t in ir["tools"]]
-    choice = ir.get("tool_choice")
-    if choice:
-        body["tool_choice"] = (
-            {"type": "function", "name": choice["name"]}
-            if choice["type"] == "tool"
-            else choice["type"]
-        )
+        choice = ir.get("tool_choice")
+        if choice:
+            tool = choice["type"] == "tool"
+            body["tool_choice"] = (
+                {"type": "function", "name": choice["name"]} if tool else choice["type"]
+            )
+        if ir.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
     reasoning = ir.get("reasoning")
     if reasoning:
         effort = reasoning.get("effort") or effort_for_budget(reasoning.get("budget_tokens"))
@@ -221,10 +222,8 @@ def _parse_tool_choice(choice: Any) -> dict:
         and isinstance(choice.get("name"), str)
     ):
         return {"type": "tool", "name": choice["name"]}
-    raise InvalidRequest(
-        "tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}",
-        param="tool_choice",
-    )
+    forms = """'auto', 'none', 'required' or {"type": "function", "name": ...}"""
+    raise InvalidRequest(f"tool_choice must be {forms}", param="tool_choice")
 
 
 def _items_of(message: dict) -> list[dict]:
