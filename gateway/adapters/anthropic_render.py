@@ -18,6 +18,7 @@ from gateway.errors import ANTHROPIC, error_body
 from . import ir, wire
 from .rendering import StreamRendererBase
 
+# IR stop reasons Anthropic lacks, and the nearest it has.
 _IR_TO_STOP = {"content_filter": "refusal"}
 
 
@@ -29,9 +30,7 @@ def render_response(resp: dict, request: dict) -> dict:
         "role": "assistant",
         "model": resp.get("model") or request.get("model"),
         "content": [block_to_anthropic(b) for b in resp.get("content") or []],
-        "stop_reason": _IR_TO_STOP.get(
-            resp.get("stop_reason"), resp.get("stop_reason") or "end_turn"
-        ),
+        "stop_reason": _stop_reason(resp.get("stop_reason")),
         "stop_sequence": resp.get("stop_sequence"),
         "usage": usage_to_anthropic(resp.get("usage")),
     }
@@ -68,7 +67,7 @@ def block_to_anthropic(block: dict) -> dict:
         result["content"] = content[0]["text"] if only_text else content
         if block.get("is_error"):
             result["is_error"] = True
-    if block.get("cache_control") and kind not in ("reasoning",):
+    if block.get("cache_control") and kind != "reasoning":  # thinking blocks cannot be cached
         result["cache_control"] = block["cache_control"]
     return result
 
@@ -160,9 +159,8 @@ class StreamRenderer(StreamRendererBase):
     def _end(self) -> list[bytes]:
         frames = [f for i in sorted(self._open) for f in self._block_stop(i)]  # left open upstream
         finish = self.finish_event or {}
-        reason = finish.get("stop_reason")
         delta = {
-            "stop_reason": _IR_TO_STOP.get(reason, reason or "end_turn"),
+            "stop_reason": _stop_reason(finish.get("stop_reason")),
             "stop_sequence": finish.get("stop_sequence"),
         }
         usage = usage_to_anthropic(self.usage)
@@ -174,6 +172,10 @@ class StreamRenderer(StreamRendererBase):
 
     def _error(self, message: str, kind: str) -> list[bytes]:
         return [stream_error(message, kind)]
+
+
+def _stop_reason(reason: str | None) -> str:
+    return _IR_TO_STOP.get(reason or "", reason or "end_turn")
 
 
 def _emit(kind: str, **fields: Any) -> bytes:

@@ -130,7 +130,7 @@ def tool(name: Any, description: Any, parameters: Any, strict: Any, path: str) -
     if description is not None and not isinstance(description, str):
         raise InvalidRequest(f"{path}.description must be a string", param=f"{path}.description")
     if parameters is not None and not isinstance(parameters, dict):
-        raise InvalidRequest(f"{path} parameters must be an object", param=path)
+        raise InvalidRequest(f"{path}.parameters must be an object", param=f"{path}.parameters")
     result = {"name": name, "description": description, "parameters": parameters}
     if strict is not None:
         result["strict"] = expect(strict, "a boolean", f"{path}.strict")
