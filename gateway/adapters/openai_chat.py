@@ -265,27 +265,19 @@ def _last_legacy_call(ir: dict) -> str | None:
 
 
 def _parse_content(content: Any, path: str, images: bool = True) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
-    blocks = []
-    for i, part in enumerate(content):
-        part_path = f"{path}[{i}]"
-        parsing.expect(part, "an object", part_path)
-        kind = part.get("type")
-        if kind == "text":
-            blocks.append(parsing.text_block(part, "text", part_path))
-        elif kind == "refusal":
-            blocks.append(parsing.text_block(part, "refusal", part_path))
-        elif kind == "image_url" and images:
-            image = parsing.required(part, "image_url", "an object", f"{part_path}.image_url")
-            url = parsing.required(image, "url", "a string", f"{part_path}.image_url.url")
-            detail = parsing.field(image, "detail", "a string", f"{part_path}.image_url.detail")
-            blocks.append(image_block(url, detail))
-        else:
-            raise parsing.unsupported(kind, part_path)
-    return blocks
+    return parsing.content_blocks(content, path, lambda part, at: _read_part(part, at, images))
+
+
+def _read_part(part: dict, path: str, images: bool) -> dict | None:
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        return parsing.text_block(part, kind, path)
+    if kind == "image_url" and images:
+        image = parsing.required(part, "image_url", "an object", f"{path}.image_url")
+        url = parsing.required(image, "url", "a string", f"{path}.image_url.url")
+        detail = parsing.field(image, "detail", "a string", f"{path}.image_url.detail")
+        return image_block(url, detail)
+    return None
 
 
 def _parse_tool(tool: Any, path: str) -> dict:

@@ -176,32 +176,25 @@ def _parse_item(ir: dict, item: Any, path: str) -> None:
 
 
 def _parse_content(content: Any, path: str, images: bool) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
-    blocks = []
-    for i, part in enumerate(content):
-        part_path = f"{path}[{i}]"
-        parsing.expect(part, "an object", part_path)
-        kind = part.get("type")
-        if kind in ("input_text", "output_text", "text"):
-            blocks.append(parsing.text_block(part, "text", part_path))
-        elif kind == "refusal":
-            blocks.append(parsing.text_block(part, "refusal", part_path))
-        elif kind == "input_image" and images:
-            url = part.get("image_url")
-            if isinstance(url, dict):  # {url} as some clients send it (NexusGate issue #62)
-                url = url.get("url")
-            if not isinstance(url, str) or not url:
-                raise InvalidRequest(
-                    f"{part_path}.image_url must be a URL string", param=f"{part_path}.image_url"
-                )
-            detail = parsing.field(part, "detail", "a string", f"{part_path}.detail")
-            blocks.append(image_block(url, detail))
-        else:
-            raise parsing.unsupported(kind, part_path)
-    return blocks
+    return parsing.content_blocks(content, path, lambda part, at: _read_part(part, at, images))
+
+
+def _read_part(part: dict, path: str, images: bool) -> dict | None:
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        return parsing.text_block(part, "text", path)
+    if kind == "refusal":
+        return parsing.text_block(part, "refusal", path)
+    if kind == "input_image" and images:
+        url = part.get("image_url")
+        if isinstance(url, dict):  # {url} as some clients send it (NexusGate issue #62)
+            url = url.get("url")
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest(
+                f"{path}.image_url must be a URL string", param=f"{path}.image_url"
+            )
+        return image_block(url, parsing.field(part, "detail", "a string", f"{path}.detail"))
+    return None
 
 
 def _parse_tool(tool: Any, path: str) -> dict:

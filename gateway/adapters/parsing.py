@@ -7,6 +7,7 @@ wrong type. Pure code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import InvalidRequest
@@ -99,6 +100,25 @@ def stop_list(obj: dict, key: str) -> list[str] | None:
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return value
     raise InvalidRequest(f"{key} must be a string or an array of strings", param=key)
+
+
+def content_blocks(
+    content: Any, path: str, read_part: Callable[[dict, str], dict | None]
+) -> list[dict]:
+    """A string or an array of parts as IR blocks; ``read_part`` gives None for a part
+    type the caller does not take, which is then refused naming ``{path}[i].type``."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
+    blocks = []
+    for i, part in enumerate(content):
+        part_path = f"{path}[{i}]"
+        block = read_part(expect(part, "an object", part_path), part_path)
+        if block is None:
+            raise unsupported(part.get("type"), part_path)
+        blocks.append(block)
+    return blocks
 
 
 def text_block(part: dict, key: str, path: str) -> dict:
