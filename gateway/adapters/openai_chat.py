@@ -210,21 +210,9 @@ def _parse_message(ir: dict, message: Any, path: str) -> None:
         call_id = message.get("tool_call_id") if role == "tool" else _last_legacy_call(ir)
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequest(f"{path}.tool_call_id is required", param=f"{path}.tool_call_id")
-        result = {
-            "type": "tool_result",
-            "tool_call_id": call_id,
-            "content": _parse_content(content or "", f"{path}.content"),
-            "is_error": False,
-        }
-        last = ir["messages"][-1] if ir["messages"] else None
-        if (
-            last
-            and last["role"] == "user"
-            and all(b["type"] == "tool_result" for b in last["content"])
-        ):
-            last["content"].append(result)  # parallel calls' results form one user turn
-        else:
-            ir["messages"].append({"role": "user", "content": [result]})
+        parsing.append_tool_result(
+            ir["messages"], call_id, _parse_content(content or "", f"{path}.content")
+        )
 
 
 def _parse_assistant(message: dict, path: str, legacy_id: str) -> list[dict]:

@@ -142,21 +142,7 @@ def _parse_item(ir: dict, item: Any, path: str) -> None:
         output = item.get("output")
         content = _parse_content("" if output is None else output, f"{path}.output", images=True)
         call_id = parsing.required(item, "call_id", "a string", f"{path}.call_id")
-        result = {
-            "type": "tool_result",
-            "tool_call_id": call_id,
-            "content": content,
-            "is_error": False,
-        }
-        last = ir["messages"][-1] if ir["messages"] else None
-        if (
-            last
-            and last["role"] == "user"
-            and all(b["type"] == "tool_result" for b in last["content"])
-        ):
-            last["content"].append(result)
-        else:
-            ir["messages"].append({"role": "user", "content": [result]})
+        parsing.append_tool_result(ir["messages"], call_id, content)
     elif kind == "reasoning":
         summary = parsing.field(item, "summary", "an array", f"{path}.summary") or []
         content = parsing.field(item, "content", "an array", f"{path}.content") or []

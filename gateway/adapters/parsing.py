@@ -157,6 +157,16 @@ def tool(name: Any, description: Any, parameters: Any, strict: Any, path: str) -
     return result
 
 
+def append_tool_result(messages: list[dict], call_id: str, content: list[dict]) -> None:
+    """Add a tool result; results of one turn's parallel calls share one user message."""
+    result = {"type": "tool_result", "tool_call_id": call_id, "content": content, "is_error": False}
+    last = messages[-1] if messages else None
+    if last and last["role"] == "user" and all(b["type"] == "tool_result" for b in last["content"]):
+        last["content"].append(result)
+    else:
+        messages.append({"role": "user", "content": [result]})
+
+
 def append_block(messages: list[dict], role: str, block: dict) -> None:
     """Add a block to the last message if it has ``role``, else start a new message."""
     if messages and messages[-1]["role"] == role:
