@@ -118,15 +118,7 @@ def _parse_system(system: Any) -> list[dict]:
         parsing.expect(block, "an object", path)
         if block.get("type") != "text":
             raise InvalidRequest(f"{path}.type must be 'text'", param=f"{path}.type")
-        blocks.append(
-            _with_cache_control(
-                {
-                    "type": "text",
-                    "text": parsing.required(block, "text", "a string", f"{path}.text"),
-                },
-                block,
-            )
-        )
+        blocks.append(_with_cache_control(parsing.text_block(block, "text", path), block))
     return blocks
 
 
@@ -150,10 +142,7 @@ def _parse_block(block: Any, path: str, nested: bool = False) -> dict:
     parsing.expect(block, "an object", path)
     kind = block.get("type")
     if kind == "text":
-        result = {
-            "type": "text",
-            "text": parsing.required(block, "text", "a string", f"{path}.text"),
-        }
+        result = parsing.text_block(block, "text", path)
     elif kind == "image":
         result = {
             "type": "image",
@@ -201,7 +190,7 @@ def _parse_block(block: Any, path: str, nested: bool = False) -> dict:
         data = parsing.required(block, "data", "a string", f"{path}.data")
         result = {"type": "reasoning", "text": "", "signature": None, "redacted": data}
     else:
-        raise InvalidRequest(f"{path}.type {kind!r} is not supported here", param=f"{path}.type")
+        raise parsing.unsupported(kind, path)
     return _with_cache_control(result, block)
 
 

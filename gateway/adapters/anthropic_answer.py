@@ -21,14 +21,12 @@ from . import ir, wire
 # Anthropic stop reasons the IR spells differently; the rest are the same word.
 _STOP_TO_IR = {"model_context_window_exceeded": "max_tokens"}
 
-
 # IR block type -> the field its content_block_start may hold, and the delta that adds to it.
 _START_FIELDS = {
     "text": ("text", "text"),
     "reasoning": ("text", "reasoning"),
     "tool_call": ("arguments", "arguments"),
 }
-
 
 _WIRE_USAGE = (
     "input_tokens",
@@ -83,10 +81,8 @@ def usage_from_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return ir.usage()
     counts = {name: wire.count(usage.get(name)) for name in _WIRE_USAGE}
-    cache_write, cache_read = (
-        counts["cache_creation_input_tokens"],
-        counts["cache_read_input_tokens"],
-    )
+    cache_write = counts["cache_creation_input_tokens"]
+    cache_read = counts["cache_read_input_tokens"]
     details = usage.get("output_tokens_details")
     thinking = wire.count(details.get("thinking_tokens")) if isinstance(details, dict) else None
     input_tokens = counts["input_tokens"]

@@ -16,7 +16,9 @@ from typing import Any
 from gateway.errors import ANTHROPIC, error_body
 
 from . import ir, wire
+from .rendering import StreamRendererBase
 
+# IR stop reasons Anthropic lacks, and the nearest it has.
 _IR_TO_STOP = {"content_filter": "refusal"}
 
 
@@ -28,9 +30,7 @@ def render_response(resp: dict, request: dict) -> dict:
         "role": "assistant",
         "model": resp.get("model") or request.get("model"),
         "content": [block_to_anthropic(b) for b in resp.get("content") or []],
-        "stop_reason": _IR_TO_STOP.get(
-            resp.get("stop_reason"), resp.get("stop_reason") or "end_turn"
-        ),
+        "stop_reason": _stop_reason(resp.get("stop_reason")),
         "stop_sequence": resp.get("stop_sequence"),
         "usage": usage_to_anthropic(resp.get("usage")),
     }
@@ -67,7 +67,7 @@ def block_to_anthropic(block: dict) -> dict:
         result["content"] = content[0]["text"] if only_text else content
         if block.get("is_error"):
             result["is_error"] = True
-    if block.get("cache_control") and kind not in ("reasoning",):
+    if block.get("cache_control") and kind != "reasoning":  # thinking blocks cannot be cached
         result["cache_control"] = block["cache_control"]
     return result
 
@@ -102,84 +102,44 @@ def stream_error(message: str, kind: str = "api_error") -> bytes:
     return wire.frame(error_body(ANTHROPIC, kind, message), event="error")
 
 
-class StreamRenderer:
+class StreamRenderer(StreamRendererBase):
     """IR stream events -> Messages stream frames for an Anthropic client.
 
-    ``finish`` is held until ``stop`` (or ``finish()``) because OpenAI upstreams send
-    usage after the finish reason, and ``message_delta`` must carry the final counts.
+    ``finish`` is only remembered: ``message_delta`` goes out at the end, with the final
+    counts, because OpenAI upstreams send usage after the finish reason.
     """
 
     def __init__(self, request: dict) -> None:
-        self._model = request.get("model")
-        self._usage: dict | None = None
-        self._started = False
-        self._done = False
+        super().__init__(request)
         self._index: dict[int, int] = {}  # IR block index -> Anthropic block index
-        self._open: set[int] = set()
-        self._finish: dict | None = None
+        self._open: set[int] = set()  # IR indexes of started, unstopped blocks
 
-    def feed(self, event: dict) -> list[bytes]:
-        """Render one IR event."""
-        kind = event["type"]
-        if self._done:
-            return []
-        if kind == "error":
-            self._done = True
-            return [
-                stream_error(
-                    event.get("message") or "upstream error", event.get("error_type") or "api_error"
-                )
-            ]
-        self._usage = ir.merge_usage(self._usage, event.get("usage"))
-        frames = [] if self._started else [self._message_start(event)]
-        if kind == "block_start":
-            frames.append(self._block_start(event["index"], event["block"]))
-        elif kind == "block_delta":
-            frames.extend(self._block_delta(event["index"], event["delta"]))
-        elif kind == "block_stop" and self._index.get(event["index"]) in self._open:
-            frames.append(self._block_stop(self._index[event["index"]]))
-        elif kind == "finish":
-            self._finish = event
-        elif kind == "stop":
-            frames.extend(self._end())
-        return frames
-
-    def finish(self) -> list[bytes]:
-        """End of stream: close cleanly after a finish, else tell the client it broke off."""
-        if self._done:
-            return []
-        if self._finish is not None:
-            return self._end()
-        self._done = True
-        return [stream_error("upstream stream ended before the answer was complete")]
-
-    def _message_start(self, event: dict) -> bytes:
-        self._started = True
+    def _start(self, event: dict) -> list[bytes]:
         message_id = event.get("id") if event["type"] == "start" else None
         if event["type"] == "start" and event.get("model"):
-            self._model = event["model"]
+            self.model = event["model"]
         message = {
             "id": message_id or wire.new_id("msg_"),
             "type": "message",
             "role": "assistant",
-            "model": self._model or "",
+            "model": self.model or "",
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": usage_to_anthropic(_input_side(self._usage)),
+            "usage": usage_to_anthropic(_input_side(self.usage)),
         }
-        return _emit("message_start", message=message)
+        return [_emit("message_start", message=message)]
 
-    def _block_start(self, ir_index: int, block: dict) -> bytes:
+    def _block_start(self, ir_index: int, block: dict) -> list[bytes]:
         index = self._index[ir_index] = len(self._index)
-        self._open.add(index)
+        self._open.add(ir_index)
         empty = block_to_anthropic({**block, "arguments": "", "text": "", "signature": None})
-        return _emit("content_block_start", index=index, content_block=empty)
+        return [_emit("content_block_start", index=index, content_block=empty)]
 
     def _block_delta(self, ir_index: int, delta: dict) -> list[bytes]:
         frames = []
         if ir_index not in self._index:  # a delta for a block that never started
-            frames.append(self._block_start(ir_index, _stray_block(delta)))
+            frames = self._block_start(ir_index, _stray_block(delta))
         if "text" in delta:
             change = {"type": "text_delta", "text": delta["text"]}
         elif "reasoning" in delta:
@@ -190,25 +150,32 @@ class StreamRenderer:
             change = {"type": "input_json_delta", "partial_json": delta.get("arguments") or ""}
         return [*frames, _emit("content_block_delta", index=self._index[ir_index], delta=change)]
 
-    def _block_stop(self, index: int) -> bytes:
-        self._open.discard(index)
-        return _emit("content_block_stop", index=index)
+    def _block_stop(self, ir_index: int) -> list[bytes]:
+        if ir_index not in self._open:
+            return []
+        self._open.discard(ir_index)
+        return [_emit("content_block_stop", index=self._index[ir_index])]
 
     def _end(self) -> list[bytes]:
-        self._done = True
-        frames = [self._block_stop(i) for i in sorted(self._open)]
-        finish = self._finish or {}
-        reason = finish.get("stop_reason")
+        frames = [f for i in sorted(self._open) for f in self._block_stop(i)]  # left open upstream
+        finish = self.finish_event or {}
         delta = {
-            "stop_reason": _IR_TO_STOP.get(reason, reason or "end_turn"),
+            "stop_reason": _stop_reason(finish.get("stop_reason")),
             "stop_sequence": finish.get("stop_sequence"),
         }
-        usage = usage_to_anthropic(self._usage)
-        if (self._usage or {}).get("input_tokens") is None:
+        usage = usage_to_anthropic(self.usage)
+        if (self.usage or {}).get("input_tokens") is None:
             del usage["input_tokens"]  # the SDK keeps message_start's count when this is absent
         frames.append(_emit("message_delta", delta=delta, usage=usage))
         frames.append(_emit("message_stop"))
         return frames
+
+    def _error(self, message: str, kind: str) -> list[bytes]:
+        return [stream_error(message, kind)]
+
+
+def _stop_reason(reason: str | None) -> str:
+    return _IR_TO_STOP.get(reason or "", reason or "end_turn")
 
 
 def _emit(kind: str, **fields: Any) -> bytes:

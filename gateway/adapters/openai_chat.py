@@ -49,6 +49,7 @@ _KNOWN = frozenset(
         "reasoning_effort", "functions", "function_call",
     }
 )  # fmt: skip
+_CHOICE_FORMS = """'auto', 'none', 'required' or {"type": "function", "function": {"name": ...}}"""
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 # OpenAI's reasoning models reject max_tokens; other OpenAI-compatible servers (Ollama)
@@ -109,7 +110,7 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     if ir.get("max_tokens") is not None:
         reasoning_model = ir.get("reasoning") or _COMPLETION_TOKENS_MODELS.match(model)
         body["max_completion_tokens" if reasoning_model else "max_tokens"] = ir["max_tokens"]
-    for key in ("temperature", "top_p", "top_k", "stop", "parallel_tool_calls"):
+    for key in ("temperature", "top_p", "top_k", "stop"):
         if ir.get(key) is not None:
             body[key] = ir[key]
     reasoning = ir.get("reasoning")
@@ -117,10 +118,12 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
         effort = reasoning.get("effort") or effort_for_budget(reasoning.get("budget_tokens"))
         if effort:
             body["reasoning_effort"] = effort
-    if ir.get("tools"):
+    if ir.get("tools"):  # OpenAI rejects tool_choice and parallel_tool_calls without tools
         body["tools"] = tools_to_chat(ir["tools"])
-    if ir.get("tool_choice"):
-        body["tool_choice"] = tool_choice_to_chat(ir["tool_choice"])
+        if ir.get("tool_choice"):
+            body["tool_choice"] = tool_choice_to_chat(ir["tool_choice"])
+        if ir.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
     return body
 
 
@@ -207,21 +210,9 @@ def _parse_message(ir: dict, message: Any, path: str) -> None:
         call_id = message.get("tool_call_id") if role == "tool" else _last_legacy_call(ir)
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequest(f"{path}.tool_call_id is required", param=f"{path}.tool_call_id")
-        result = {
-            "type": "tool_result",
-            "tool_call_id": call_id,
-            "content": _parse_content(content or "", f"{path}.content"),
-            "is_error": False,
-        }
-        last = ir["messages"][-1] if ir["messages"] else None
-        if (
-            last
-            and last["role"] == "user"
-            and all(b["type"] == "tool_result" for b in last["content"])
-        ):
-            last["content"].append(result)  # parallel calls' results form one user turn
-        else:
-            ir["messages"].append({"role": "user", "content": [result]})
+        parsing.append_tool_result(
+            ir["messages"], call_id, _parse_content(content or "", f"{path}.content")
+        )
 
 
 def _parse_assistant(message: dict, path: str, legacy_id: str) -> list[dict]:
@@ -262,39 +253,19 @@ def _last_legacy_call(ir: dict) -> str | None:
 
 
 def _parse_content(content: Any, path: str, images: bool = True) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
-    blocks = []
-    for i, part in enumerate(content):
-        part_path = f"{path}[{i}]"
-        parsing.expect(part, "an object", part_path)
-        kind = part.get("type")
-        if kind == "text":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "text", "a string", f"{part_path}.text"),
-                }
-            )
-        elif kind == "refusal":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "refusal", "a string", f"{part_path}.refusal"),
-                }
-            )
-        elif kind == "image_url" and images:
-            image = parsing.required(part, "image_url", "an object", f"{part_path}.image_url")
-            url = parsing.required(image, "url", "a string", f"{part_path}.image_url.url")
-            detail = parsing.field(image, "detail", "a string", f"{part_path}.image_url.detail")
-            blocks.append(image_block(url, detail))
-        else:
-            raise InvalidRequest(
-                f"{part_path}.type {kind!r} is not supported here", param=f"{part_path}.type"
-            )
-    return blocks
+    return parsing.content_blocks(content, path, lambda part, at: _read_part(part, at, images))
+
+
+def _read_part(part: dict, path: str, images: bool) -> dict | None:
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        return parsing.text_block(part, kind, path)
+    if kind == "image_url" and images:
+        image = parsing.required(part, "image_url", "an object", f"{path}.image_url")
+        url = parsing.required(image, "url", "a string", f"{path}.image_url.url")
+        detail = parsing.field(image, "detail", "a string", f"{path}.image_url.detail")
+        return image_block(url, detail)
+    return None
 
 
 def _parse_tool(tool: Any, path: str) -> dict:
@@ -322,10 +293,7 @@ def _parse_tool_choice(choice: Any, path: str) -> dict:
             and function["name"]
         ):
             return {"type": "tool", "name": function["name"]}
-    raise InvalidRequest(
-        f'{path} must be \'auto\', \'none\', \'required\' or {{"type": "function", "function": {{"name": ...}}}}',
-        param=path,
-    )
+    raise InvalidRequest(f"{path} must be {_CHOICE_FORMS}", param=path)
 
 
 def _assistant_to_chat(blocks: list[dict]) -> dict:
@@ -353,14 +321,14 @@ def _user_to_chat(blocks: list[dict]) -> list[dict]:
             rest.extend(b for b in content if b["type"] == "image")
         else:
             rest.append(block)
-    if rest:
+    if rest or not messages:
         messages.append({"role": "user", "content": _content_to_chat(rest)})
     return messages
 
 
 def _content_to_chat(blocks: list[dict]) -> str | list[dict]:
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
-        return blocks[0]["text"]
+    if not blocks or (len(blocks) == 1 and blocks[0]["type"] == "text"):
+        return blocks[0]["text"] if blocks else ""
     parts = []
     for block in blocks:
         if block["type"] == "text":

@@ -17,6 +17,7 @@ from gateway import sse
 from gateway.errors import OPENAI_CHAT, error_body
 
 from . import ir, wire
+from .rendering import StreamRendererBase
 
 IR_TO_FINISH = {
     "end_turn": "stop",
@@ -103,58 +104,50 @@ def stream_error(message: str, kind: str = "api_error") -> bytes:
     return wire.frame(body) + sse.encode("[DONE]")
 
 
-class StreamRenderer:
+class StreamRenderer(StreamRendererBase):
     """IR stream events -> ``chat.completion.chunk`` frames for an OpenAI client."""
 
     def __init__(self, request: dict) -> None:
+        super().__init__(request)
         self._want_usage = bool(request.get("stream_usage"))
-        self._model = request.get("model")
         self._id: str | None = None
         self._created = int(time.time())
-        self._started = False
-        self._finished = False
-        self._done = False
         self._tools: dict[int, int] = {}  # IR block index -> chat tool-call index
-        self._usage: dict | None = None
-
-    def feed(self, event: dict) -> list[bytes]:
-        """Render one IR event."""
-        kind = event["type"]
-        if self._done:
-            return []
-        if kind == "error":
-            self._done = True
-            message = event.get("message") or "upstream error"
-            return [stream_error(message, event.get("error_type") or "api_error")]
-        self._usage = ir.merge_usage(self._usage, event.get("usage"))
-        frames = [] if self._started else self._start(event)
-        if kind == "block_start" and event["block"]["type"] == "tool_call":
-            frames.append(self._tool_start(event["index"], event["block"]))
-        elif kind == "block_delta":
-            frames.extend(self._delta(event["index"], event["delta"]))
-        elif kind == "finish" and not self._finished:
-            self._finished = True
-            frames.append(self._chunk({}, IR_TO_FINISH.get(event.get("stop_reason"), "stop")))
-        elif kind == "stop":
-            frames.extend(self._end())
-        return frames
-
-    def finish(self) -> list[bytes]:
-        """End of stream: close cleanly after a finish, else tell the client it broke off."""
-        if self._done:
-            return []
-        if self._finished:
-            return self._end()
-        self._done = True
-        return [stream_error("upstream stream ended before the answer was complete")]
 
     def _start(self, event: dict) -> list[bytes]:
-        self._started = True
         if event["type"] == "start":
             self._id = event.get("id")
-            self._model = event.get("model") or self._model
+            self.model = event.get("model") or self.model
         self._id = self._id or wire.new_id("chatcmpl-")
         return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _block_start(self, index: int, block: dict) -> list[bytes]:
+        return [self._tool_start(index, block)] if block["type"] == "tool_call" else []
+
+    def _block_delta(self, index: int, delta: dict) -> list[bytes]:
+        if "text" in delta:
+            return [self._chunk({"content": delta["text"]})]
+        if "reasoning" in delta:
+            return [self._chunk({"reasoning_content": delta["reasoning"]})]
+        if "arguments" in delta:
+            frames = [] if index in self._tools else [self._tool_start(index, {})]
+            call = {"index": self._tools[index], "function": {"arguments": delta["arguments"]}}
+            return [*frames, self._chunk({"tool_calls": [call]})]
+        return []  # signatures have no place in chat
+
+    def _finish(self, event: dict) -> list[bytes]:
+        return [self._chunk({}, IR_TO_FINISH.get(event.get("stop_reason"), "stop"))]
+
+    def _end(self) -> list[bytes]:
+        frames = [] if self.finish_event else [self._chunk({}, "stop")]
+        usage = usage_to_chat(self.usage)
+        if self._want_usage and usage:
+            frames.append(self._frame([], usage))
+        frames.append(sse.encode("[DONE]"))
+        return frames
+
+    def _error(self, message: str, kind: str) -> list[bytes]:
+        return [stream_error(message, kind)]
 
     def _tool_start(self, index: int, block: dict) -> bytes:
         self._tools[index] = number = len(self._tools)
@@ -166,26 +159,6 @@ class StreamRenderer:
         }
         return self._chunk({"tool_calls": [call]})
 
-    def _delta(self, index: int, delta: dict) -> list[bytes]:
-        if "text" in delta:
-            return [self._chunk({"content": delta["text"]})]
-        if "reasoning" in delta:
-            return [self._chunk({"reasoning_content": delta["reasoning"]})]
-        if "arguments" in delta:
-            frames = [] if index in self._tools else [self._tool_start(index, {})]
-            call = {"index": self._tools[index], "function": {"arguments": delta["arguments"]}}
-            return [*frames, self._chunk({"tool_calls": [call]})]
-        return []  # signatures have no place in chat
-
-    def _end(self) -> list[bytes]:
-        self._done = True
-        frames = [] if self._finished else [self._chunk({}, "stop")]
-        usage = usage_to_chat(self._usage)
-        if self._want_usage and usage:
-            frames.append(self._frame([], usage))
-        frames.append(sse.encode("[DONE]"))
-        return frames
-
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._frame([choice])
@@ -195,7 +168,7 @@ class StreamRenderer:
             "id": self._id,
             "object": "chat.completion.chunk",
             "created": self._created,
-            "model": self._model or "",
+            "model": self.model or "",
             "choices": choices,
         }
         if usage is not None:

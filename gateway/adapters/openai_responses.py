@@ -92,20 +92,21 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     body["input"] = [item for message in ir.get("messages") or [] for item in _items_of(message)]
     if ir.get("max_tokens") is not None:
         body["max_output_tokens"] = ir["max_tokens"]
-    for key in ("temperature", "top_p", "parallel_tool_calls"):
+    for key in ("temperature", "top_p"):
         if ir.get(key) is not None:
             body[key] = ir[key]
     if ir.get("stream"):
         body["stream"] = True
-    if ir.get("tools"):
+    if ir.get("tools"):  # tool settings without tools are noise at best
         body["tools"] = [_tool_to_responses(t) for t in ir["tools"]]
-    choice = ir.get("tool_choice")
-    if choice:
-        body["tool_choice"] = (
-            {"type": "function", "name": choice["name"]}
-            if choice["type"] == "tool"
-            else choice["type"]
-        )
+        choice = ir.get("tool_choice")
+        if choice:
+            tool = choice["type"] == "tool"
+            body["tool_choice"] = (
+                {"type": "function", "name": choice["name"]} if tool else choice["type"]
+            )
+        if ir.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
     reasoning = ir.get("reasoning")
     if reasoning:
         effort = reasoning.get("effort") or effort_for_budget(reasoning.get("budget_tokens"))
@@ -141,21 +142,7 @@ def _parse_item(ir: dict, item: Any, path: str) -> None:
         output = item.get("output")
         content = _parse_content("" if output is None else output, f"{path}.output", images=True)
         call_id = parsing.required(item, "call_id", "a string", f"{path}.call_id")
-        result = {
-            "type": "tool_result",
-            "tool_call_id": call_id,
-            "content": content,
-            "is_error": False,
-        }
-        last = ir["messages"][-1] if ir["messages"] else None
-        if (
-            last
-            and last["role"] == "user"
-            and all(b["type"] == "tool_result" for b in last["content"])
-        ):
-            last["content"].append(result)
-        else:
-            ir["messages"].append({"role": "user", "content": [result]})
+        parsing.append_tool_result(ir["messages"], call_id, content)
     elif kind == "reasoning":
         summary = parsing.field(item, "summary", "an array", f"{path}.summary") or []
         content = parsing.field(item, "content", "an array", f"{path}.content") or []
@@ -171,48 +158,29 @@ def _parse_item(ir: dict, item: Any, path: str) -> None:
         }
         parsing.append_block(ir["messages"], "assistant", block)
     else:
-        raise InvalidRequest(f"{path}.type {kind!r} is not supported here", param=f"{path}.type")
+        raise parsing.unsupported(kind, path)
 
 
 def _parse_content(content: Any, path: str, images: bool) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
-    blocks = []
-    for i, part in enumerate(content):
-        part_path = f"{path}[{i}]"
-        parsing.expect(part, "an object", part_path)
-        kind = part.get("type")
-        if kind in ("input_text", "output_text", "text"):
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "text", "a string", f"{part_path}.text"),
-                }
-            )
-        elif kind == "refusal":
-            blocks.append(
-                {
-                    "type": "text",
-                    "text": parsing.required(part, "refusal", "a string", f"{part_path}.refusal"),
-                }
-            )
-        elif kind == "input_image" and images:
-            url = part.get("image_url")
-            if isinstance(url, dict):  # {url} as some clients send it (NexusGate issue #62)
-                url = url.get("url")
-            if not isinstance(url, str) or not url:
-                raise InvalidRequest(
-                    f"{part_path}.image_url must be a URL string", param=f"{part_path}.image_url"
-                )
-            detail = parsing.field(part, "detail", "a string", f"{part_path}.detail")
-            blocks.append(image_block(url, detail))
-        else:
+    return parsing.content_blocks(content, path, lambda part, at: _read_part(part, at, images))
+
+
+def _read_part(part: dict, path: str, images: bool) -> dict | None:
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        return parsing.text_block(part, "text", path)
+    if kind == "refusal":
+        return parsing.text_block(part, "refusal", path)
+    if kind == "input_image" and images:
+        url = part.get("image_url")
+        if isinstance(url, dict):  # {url} as some clients send it (NexusGate issue #62)
+            url = url.get("url")
+        if not isinstance(url, str) or not url:
             raise InvalidRequest(
-                f"{part_path}.type {kind!r} is not supported here", param=f"{part_path}.type"
+                f"{path}.image_url must be a URL string", param=f"{path}.image_url"
             )
-    return blocks
+        return image_block(url, parsing.field(part, "detail", "a string", f"{path}.detail"))
+    return None
 
 
 def _parse_tool(tool: Any, path: str) -> dict:
@@ -233,10 +201,8 @@ def _parse_tool_choice(choice: Any) -> dict:
         and isinstance(choice.get("name"), str)
     ):
         return {"type": "tool", "name": choice["name"]}
-    raise InvalidRequest(
-        "tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}",
-        param="tool_choice",
-    )
+    forms = """'auto', 'none', 'required' or {"type": "function", "name": ...}"""
+    raise InvalidRequest(f"tool_choice must be {forms}", param="tool_choice")
 
 
 def _items_of(message: dict) -> list[dict]:

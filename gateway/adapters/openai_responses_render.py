@@ -17,6 +17,7 @@ from typing import Any
 from gateway.errors import OPENAI_RESPONSES, error_body
 
 from . import ir, wire
+from .rendering import StreamRendererBase
 
 # IR stop reasons that end a response as incomplete, and the reason Responses gives.
 _INCOMPLETE = {"max_tokens": "max_output_tokens", "content_filter": "content_filter"}
@@ -106,65 +107,27 @@ def stream_error(message: str, kind: str = "api_error", sequence_number: int = 0
     return wire.frame(data, "error")
 
 
-class StreamRenderer:
+class StreamRenderer(StreamRendererBase):
     """IR stream events -> Responses stream events for an OpenAI Responses client."""
 
     def __init__(self, request: dict) -> None:
-        self._request = request
-        self._model = request.get("model")
+        super().__init__(request)
         self._id = wire.new_id("resp_")
         self._seq = 0
-        self._started = False
-        self._done = False
         self._output: list[dict] = []  # items in output order, updated as they grow
         self._live: dict[int, dict] = {}  # IR block index -> {"item", "output_index", "text", ...}
-        self._finish: dict | None = None
-        self._usage: dict | None = None
-
-    def feed(self, event: dict) -> list[bytes]:
-        """Render one IR event."""
-        kind = event["type"]
-        if self._done:
-            return []
-        self._usage = ir.merge_usage(self._usage, event.get("usage"))
-        frames = [] if self._started else self._start(event)
-        if kind == "error":
-            return frames + self._fail(
-                event.get("message") or "upstream error", event.get("error_type")
-            )
-        if kind == "block_start":
-            frames.extend(self._open(event["index"], event["block"]))
-        elif kind == "block_delta":
-            frames.extend(self._delta(event["index"], event["delta"]))
-        elif kind == "block_stop":
-            frames.extend(self._close(event["index"]))
-        elif kind == "finish":
-            self._finish = event
-        elif kind == "stop":
-            frames.extend(self._end())
-        return frames
-
-    def finish(self) -> list[bytes]:
-        """End of stream: close cleanly after a finish, else fail the response."""
-        if self._done:
-            return []
-        if self._finish is not None:
-            return self._end()
-        frames = [] if self._started else self._start({"type": "start"})
-        return frames + self._fail("upstream stream ended before the answer was complete", None)
 
     def _start(self, event: dict) -> list[bytes]:
-        self._started = True
         if event["type"] == "start":
             self._id = event.get("id") or self._id
-            self._model = event.get("model") or self._model
+            self.model = event.get("model") or self.model
         response = self._response(status="in_progress", usage=None)
         return [
             self._emit("response.created", response=response),
             self._emit("response.in_progress", response=response),
         ]
 
-    def _open(self, index: int, block: dict) -> list[bytes]:
+    def _block_start(self, index: int, block: dict) -> list[bytes]:
         item = _item_for(block)
         if item is None:
             return []
@@ -191,11 +154,11 @@ class StreamRenderer:
             )
         return frames
 
-    def _delta(self, index: int, delta: dict) -> list[bytes]:
+    def _block_delta(self, index: int, delta: dict) -> list[bytes]:
         live = self._live.get(index)
         frames: list[bytes] = []
         if live is None:  # a delta for a block that never started
-            frames = self._open(index, ir._block_for_delta(delta))
+            frames = self._block_start(index, ir._block_for_delta(delta))
             live = self._live[index]
         if "signature" in delta:
             live["block"] = {
@@ -241,7 +204,7 @@ class StreamRenderer:
             )
         return frames
 
-    def _close(self, index: int) -> list[bytes]:
+    def _block_stop(self, index: int) -> list[bytes]:
         live = self._live.pop(index, None)
         if live is None:
             return []
@@ -278,26 +241,25 @@ class StreamRenderer:
         return frames
 
     def _end(self) -> list[bytes]:
-        frames = [frame for index in list(self._live) for frame in self._close(index)]
-        self._done = True
-        stop_reason = (self._finish or {}).get("stop_reason")
-        response = self._response(stop_reason=stop_reason, usage=self._usage)
-        terminal = (
-            "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        )
+        frames = [frame for index in list(self._live) for frame in self._block_stop(index)]
+        stop_reason = (self.finish_event or {}).get("stop_reason")
+        response = self._response(stop_reason=stop_reason, usage=self.usage)
+        incomplete = response["status"] == "incomplete"
+        terminal = "response.incomplete" if incomplete else "response.completed"
         return [*frames, self._emit(terminal, response=response)]
 
-    def _fail(self, message: str, error_type: str | None) -> list[bytes]:
-        self._done = True
-        frame = stream_error(message, error_type or "api_error", self._seq)
+    def _error(self, message: str, kind: str) -> list[bytes]:
+        # The SDK wants response.created first and the same id on response.failed.
+        frames = [] if self.started else self._begin({"type": "start"})
+        frames.append(stream_error(message, kind, self._seq))
         self._seq += 1
         error = {"code": "server_error", "message": message}
-        response = self._response(status="failed", usage=self._usage, error=error)
-        return [frame, self._emit("response.failed", response=response)]
+        response = self._response(status="failed", usage=self.usage, error=error)
+        return [*frames, self._emit("response.failed", response=response)]
 
     def _response(self, **fields: Any) -> dict:
         return response_object(
-            self._id, self._model, self._request, output=list(self._output), **fields
+            self._id, self.model, self.request, output=list(self._output), **fields
         )
 
     def _at(self, live: dict) -> dict:

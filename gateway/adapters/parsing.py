@@ -7,6 +7,7 @@ wrong type. Pure code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import InvalidRequest
@@ -101,6 +102,35 @@ def stop_list(obj: dict, key: str) -> list[str] | None:
     raise InvalidRequest(f"{key} must be a string or an array of strings", param=key)
 
 
+def content_blocks(
+    content: Any, path: str, read_part: Callable[[dict, str], dict | None]
+) -> list[dict]:
+    """A string or an array of parts as IR blocks; ``read_part`` gives None for a part
+    type the caller does not take, which is then refused naming ``{path}[i].type``."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{path} must be a string or an array of content parts", param=path)
+    blocks = []
+    for i, part in enumerate(content):
+        part_path = f"{path}[{i}]"
+        block = read_part(expect(part, "an object", part_path), part_path)
+        if block is None:
+            raise unsupported(part.get("type"), part_path)
+        blocks.append(block)
+    return blocks
+
+
+def text_block(part: dict, key: str, path: str) -> dict:
+    """An IR text block from ``part[key]``, which must be a string (``text``, ``refusal``)."""
+    return {"type": "text", "text": required(part, key, "a string", f"{path}.{key}")}
+
+
+def unsupported(kind: Any, path: str) -> InvalidRequest:
+    """The error for a ``type`` the IR has no place for, naming ``{path}.type``."""
+    return InvalidRequest(f"{path}.type {kind!r} is not supported here", param=f"{path}.type")
+
+
 def one_of(value: Any, choices: tuple[str, ...], path: str) -> str:
     """Return ``value`` if it is one of the allowed strings, else raise naming ``path``."""
     if value not in choices:
@@ -120,11 +150,21 @@ def tool(name: Any, description: Any, parameters: Any, strict: Any, path: str) -
     if description is not None and not isinstance(description, str):
         raise InvalidRequest(f"{path}.description must be a string", param=f"{path}.description")
     if parameters is not None and not isinstance(parameters, dict):
-        raise InvalidRequest(f"{path} parameters must be an object", param=path)
+        raise InvalidRequest(f"{path}.parameters must be an object", param=f"{path}.parameters")
     result = {"name": name, "description": description, "parameters": parameters}
     if strict is not None:
         result["strict"] = expect(strict, "a boolean", f"{path}.strict")
     return result
+
+
+def append_tool_result(messages: list[dict], call_id: str, content: list[dict]) -> None:
+    """Add a tool result; results of one turn's parallel calls share one user message."""
+    result = {"type": "tool_result", "tool_call_id": call_id, "content": content, "is_error": False}
+    last = messages[-1] if messages else None
+    if last and last["role"] == "user" and all(b["type"] == "tool_result" for b in last["content"]):
+        last["content"].append(result)
+    else:
+        messages.append({"role": "user", "content": [result]})
 
 
 def append_block(messages: list[dict], role: str, block: dict) -> None:
