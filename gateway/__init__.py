@@ -1,0 +1,57 @@
+"""An LLM API gateway that records every call exactly once, truthfully.
+
+Only ``wsgi.py`` builds an app at import time. Nothing here imports peewee at module
+level: gunicorn imports this package (for the worker class) in its master, before
+gevent patches threading, and peewee must be imported after that (see ``db.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from gateway.config import DEFAULTS, INSTANCE, ROOT
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: defaults, then GATEWAY_* and the unprefixed names, then ``config``."""
+    app = Flask(
+        __name__,
+        instance_path=str(INSTANCE),
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(ROOT / "static"),
+    )
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("GATEWAY")
+    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET"):
+        if os.environ.get(name):
+            app.config[name] = os.environ[name]
+    if config:
+        app.config.update(config)
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+    logging.basicConfig(
+        level=app.config["LOG_LEVEL"],
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+
+    from werkzeug.exceptions import HTTPException
+
+    from gateway import admin_api, auth, cli, db, proxy, recorder, relay, routing, upstream
+    from gateway.errors import GatewayError
+
+    db.init_app(app)
+    upstream.upstream.init_app(app)
+    recorder.recorder.init_app(app)
+    relay.init_app(app)
+    routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
+    cli.init_app(app)
+
+    app.register_blueprint(proxy.bp)
+    app.register_blueprint(admin_api.bp)
+    app.register_error_handler(GatewayError, proxy.render_error)
+    app.register_error_handler(HTTPException, proxy.render_http_error)
+    return app

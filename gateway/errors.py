@@ -55,7 +55,9 @@ class GatewayError(Exception):
 
     def body(self, protocol: str) -> bytes:
         """The JSON error body in the caller's protocol."""
-        return json.dumps(error_body(protocol, self.kind, self.message, self.code, self.param)).encode()
+        return json.dumps(
+            error_body(protocol, self.kind, self.message, self.code, self.param)
+        ).encode()
 
 
 class InvalidRequest(GatewayError):
@@ -118,7 +120,9 @@ class UpstreamRejected(GatewayError):
             return self.content
         text = self.content.decode("utf-8", errors="replace")[:2000]
         message = f"upstream answered {self.status}: {text}"
-        return json.dumps(error_body(protocol, "upstream_error", message, "unparseable_error")).encode()
+        return json.dumps(
+            error_body(protocol, "upstream_error", message, "unparseable_error")
+        ).encode()
 
 
 # Anthropic's error types; every other kind is spelled as OpenAI spells it.
@@ -144,7 +148,10 @@ def error_body(
 ) -> dict:
     """An error object as the protocol's own SDK expects to parse it."""
     if protocol == ANTHROPIC:
-        return {"type": "error", "error": {"type": _ANTHROPIC_KINDS.get(kind, "api_error"), "message": message}}
+        return {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_KINDS.get(kind, "api_error"), "message": message},
+        }
     return {
         "error": {
             "message": message,

@@ -96,8 +96,7 @@ class Recorder:
         if left:
             self._journal([snapshot(self._dirty.pop(uid)) for uid in left])
         log.warning("recorder: journaled %d records not written in time", len(left))
-        if not self._dirty and not self._writing:
-            self._idle.set()
+        self._settle()
         return False
 
     # -- writing --------------------------------------------------------------
@@ -111,9 +110,10 @@ class Recorder:
             self._wake.wait()
             batch = self._take_batch()
             if not batch:
+                # Whatever is still dirty is being written by another writer, which
+                # wakes us again when it is done (below).
                 self._wake.clear()
-                if not self._writing and not self._dirty:
-                    self._idle.set()
+                self._settle()
                 continue
             try:
                 rows = [snapshot(ex) for ex in batch]
@@ -124,8 +124,13 @@ class Recorder:
             finally:
                 for ex in batch:
                     self._writing.discard(ex.uid)
-                if not self._dirty and not self._writing:
-                    self._idle.set()
+                if self._dirty:
+                    self._wake.set()  # newer states queued while we wrote
+                self._settle()
+
+    def _settle(self) -> None:
+        if not self._dirty and not self._writing:
+            self._idle.set()
 
     def _take_batch(self) -> list[Exchange]:
         batch = []

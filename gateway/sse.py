@@ -121,9 +121,8 @@ class Decoder:
         elif name == "id":
             if "\0" not in value:
                 self._event.id = value
-        elif name == "retry":
-            if value.isdigit():
-                self._event.retry = int(value)
+        elif name == "retry" and value.isdigit():
+            self._event.retry = int(value)
         return False
 
     def _take(self, raw: bytes) -> Event:

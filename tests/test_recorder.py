@@ -185,3 +185,40 @@ def test_sweeper_finalises_orphans_and_a_late_final_still_lands(rec: Recorder, k
     orphan.finish("completed", usage={"input_tokens": 1, "output_tokens": 1})
     write_rows([snapshot(orphan)])
     assert {r.uid: r.status for r in rows()}[orphan.uid] == "completed"
+
+
+def test_a_final_state_queued_while_its_pending_write_is_in_flight_is_written(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several writers: one is mid-write with the pending snapshot when the final arrives."""
+    import gevent
+
+    from gateway import recorder as recorder_module
+
+    real_write = recorder_module.write_rows
+
+    def slow_write(rows: list[dict]) -> None:
+        gevent.sleep(0.05)  # a PostgreSQL round trip: other writers run meanwhile
+        real_write(rows)
+
+    monkeypatch.setattr(recorder_module, "write_rows", slow_write)
+    database.initialize(open_database(database_url))
+    app = Flask("recorder-test")
+    app.config.update(DEFAULTS)
+    app.config.update(JOURNAL_DIR=str(tmp_path / "journal"), SWEEP_INTERVAL=0, RECORDER_WRITERS=4)
+    rec = Recorder()
+    rec.init_app(app)
+    try:
+        with database.connection_context():
+            key = ApiKey.create(key_hash="k" * 64, key_hint="sk-…k").id
+        ex = exchange(key)
+        rec.record(ex)
+        gevent.sleep(0.01)  # a writer is now inside slow_write with the pending snapshot
+        ex.finish("completed")
+        rec.record(ex)
+        assert rec.flush(2), "the final snapshot was never written"
+        assert [r.status for r in rows()] == ["completed"]
+    finally:
+        rec._group.kill()
+        if isinstance(database.obj, peewee.PostgresqlDatabase):
+            database.obj.close_all()

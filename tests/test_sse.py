@@ -42,7 +42,7 @@ ANTHROPIC = (
 # a field with no space after the colon, and an unterminated last event.
 ODD = (
     b": keep-alive\r\r"
-    b"event:response.output_text.delta\rdata:{\"delta\":\"a\"}\r\r"
+    b'event:response.output_text.delta\rdata:{"delta":"a"}\r\r'
     b"id: 7\nretry: 1500\ndata: line one\ndata: line two\n\n"
     b"data:  leading space kept\n\n"
     b"data: [DONE]"
@@ -138,7 +138,7 @@ def test_random_streams_and_random_splits() -> None:
 
     rng = random.Random(20261124)
     eols = [b"\n", b"\r", b"\r\n"]
-    lines = [b"data: x", b"data: {\"k\": \"v\"}", b"event: e", b": c", b"id: 1", b"retry: 5", b"data"]
+    lines = [b"data: x", b'data: {"k": "v"}', b"event: e", b": c", b"id: 1", b"retry: 5", b"data"]
     for _ in range(300):
         stream = b"".join(
             rng.choice(lines) + rng.choice(eols) + (rng.choice(eols) if rng.random() < 0.4 else b"")

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 
-from . import anthropic, openai_chat, openai_responses
+from . import anthropic, openai_chat, openai_responses, record
 
 PROTOCOLS: dict[str, ModuleType] = {
     OPENAI_CHAT: openai_chat,
@@ -54,25 +54,25 @@ def endpoint(
     remote_model: str,
     operation: str = "chat",
 ) -> tuple[str, dict[str, str]]:
-    """URL and auth headers for one call; ``operation`` is ``chat`` or ``embeddings``."""
+    """URL and auth headers for ``operation``: ``chat``, ``embeddings`` or ``models``."""
     base = base_url.rstrip("/")
     protocol = PROVIDER_PROTOCOLS[provider_type]
-    path = "embeddings" if operation == "embeddings" else _PATHS[protocol]
+    path = _PATHS[protocol] if operation == "chat" else operation
     headers: dict[str, str] = {}
     if provider_type == "azure":
-        # Deployment URL: {resource}/openai/deployments/{deployment}/{path}?api-version=
-        if "/deployments/" not in base:
-            if not base.endswith("/openai"):
-                base += "/openai"
-            base += "/deployments/" + quote(remote_model, safe="")
-        query = urlencode({"api-version": api_version or AZURE_API_VERSION})
         if api_key:
             headers["api-key"] = api_key
+        query = urlencode({"api-version": api_version or AZURE_API_VERSION})
+        resource = base.split("/openai", 1)[0]
+        if operation == "models":
+            return f"{resource}/openai/models?{query}", headers
+        # Deployment URL: {resource}/openai/deployments/{deployment}/{path}?api-version=
+        if "/deployments/" not in base:
+            base = f"{resource}/openai/deployments/{quote(remote_model, safe='')}"
         return f"{base}/{path}?{query}", headers
     if provider_type == "anthropic":
         # Accept a base URL given with or without its trailing /v1.
-        if base.endswith("/v1"):
-            base = base[: -len("/v1")]
+        base = base.removesuffix("/v1")
         if api_key:
             headers["x-api-key"] = api_key
         headers["anthropic-version"] = api_version or ANTHROPIC_VERSION
@@ -80,3 +80,26 @@ def endpoint(
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return f"{base}/{path}", headers
+
+
+def upstream_body(
+    client_format: str,
+    upstream_format: str,
+    body: dict,
+    request: dict,
+    remote_model: str,
+    *,
+    stream_usage: bool = True,
+) -> dict:
+    """The JSON to send upstream: the client's own body when the formats match."""
+    if client_format != upstream_format:
+        return PROTOCOLS[upstream_format].build_request(request, remote_model, stream_usage)
+    out = {**body, "model": remote_model}
+    if request["stream"]:
+        out["stream"] = True  # also when the client asked by Accept: text/event-stream
+        if upstream_format == OPENAI_CHAT and stream_usage:
+            out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return out
+
+
+__all__ = ["PROTOCOLS", "PROVIDER_PROTOCOLS", "endpoint", "record", "upstream_body"]

@@ -33,6 +33,10 @@ Blocks (message content, system, tool results, response content)::
 Tool results travel inside ``user`` messages (as Anthropic does); adapters for
 protocols with a ``tool`` role or ``function_call_output`` items split them out.
 
+Optional keys that some blocks carry: ``cache_control`` (on blocks and tools, so an
+Anthropic-to-Anthropic call keeps prompt caching), ``strict`` (on tools), and ``id``
+(on reasoning blocks: a Responses reasoning item's id, needed to replay it).
+
 Response::
 
     {"id": str, "model": str, "content": [Block], "stop_reason": StopReason | None,
@@ -185,8 +189,12 @@ class Accumulator:
 
 
 # Which block field each delta key appends to.
-_DELTA_FIELD = {"text": "text", "reasoning": "text", "signature": "signature",
-                "arguments": "arguments"}
+_DELTA_FIELD = {
+    "text": "text",
+    "reasoning": "text",
+    "signature": "signature",
+    "arguments": "arguments",
+}
 
 
 def _block_for_delta(delta: dict) -> dict:

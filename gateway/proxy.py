@@ -1,0 +1,182 @@
+"""The public API: ``/v1/*``, ``/healthz``. Parse, authenticate, route, adapt, open, return.
+
+Every view looks the same; the work is in ``adapters`` (formats), ``routing``
+(candidates), ``relay`` (the call) and ``recorder`` (the record). Errors raised here
+are rendered in the caller's protocol by ``render_error``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from gateway import auth
+from gateway.adapters import PROTOCOLS, record
+from gateway.errors import (
+    ANTHROPIC,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    GatewayError,
+    InvalidRequest,
+    MalformedJSON,
+    PayloadTooLarge,
+    error_body,
+)
+from gateway.exchange import Exchange
+from gateway.relay import Plan, relay
+from gateway.routing import catalog, weighted_order
+
+bp = Blueprint("proxy", __name__)
+
+FORMAT_BY_PATH = {
+    "/v1/chat/completions": OPENAI_CHAT,
+    "/v1/messages": ANTHROPIC,
+    "/v1/responses": OPENAI_RESPONSES,
+}
+# Client headers never forwarded upstream: ours, hop-by-hop, credentials, and ones
+# the upstream request sets itself (as NexusGate, which forwards the rest).
+_NOT_FORWARDED = frozenset(
+    {
+        "host", "connection", "content-length", "content-type", "authorization", "x-api-key",
+        "anthropic-version", "accept", "accept-encoding", "accept-language", "origin",
+        "referer", "cookie", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-authorization", "proxy-connection", "x-forwarded-for", "x-forwarded-proto",
+        "x-forwarded-host", "x-real-ip", "forwarded", "priority",
+    }
+)  # fmt: skip
+_NOT_FORWARDED_PREFIXES = ("x-nexusgate-", "sec-fetch-", "sec-ch-ua")
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return _complete(OPENAI_CHAT)
+
+
+@bp.post("/v1/messages")
+def messages() -> Response:
+    return _complete(ANTHROPIC)
+
+
+@bp.post("/v1/responses")
+def responses() -> Response:
+    return _complete(OPENAI_RESPONSES)
+
+
+@bp.get("/v1/models")
+def list_models() -> Response:
+    """Every live system name, in OpenAI's list format (no key needed, as NexusGate)."""
+    seen: set[str] = set()
+    data = []
+    for _type, name, provider in catalog.system_names():
+        if name not in seen:
+            seen.add(name)
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": provider})
+    return _json({"object": "list", "data": data})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return _json({"status": "ok", "calls": relay.active})
+
+
+def _complete(api_format: str) -> Response:
+    caller = auth.authenticate(request.headers)
+    body = _json_body()
+    if "stream" not in body and _accepts_event_stream():
+        body["stream"] = True
+    ir = PROTOCOLS[api_format].parse_request(body)
+    provider = request.headers.get("X-NexusGate-Provider")
+    candidates = weighted_order(
+        catalog.lookup(ir["model"], "chat", unquote(provider) if provider else None)
+    )
+    headers = forwarded_headers(request.headers)
+    exchange = Exchange(
+        api_key_id=caller.id,
+        model=ir["model"],
+        api_format=api_format,
+        stream=ir["stream"],
+        prompt=record.prompt(ir, headers),
+    )
+    plan = Plan(exchange, candidates, api_format, ir, body, headers)
+    call = relay.open(plan, _client_socket())
+    if call.abandoned:
+        return Response(status=499)  # nobody is listening; the call is still recorded
+    if call.stream:
+        return Response(
+            call.body(),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return Response(call.content, mimetype="application/json")
+
+
+def _json_body() -> dict[str, Any]:
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        raise _too_large() from exc
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedJSON(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    return body
+
+
+def _too_large() -> PayloadTooLarge:
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    return PayloadTooLarge(f"Request body is larger than the gateway's limit of {limit} bytes")
+
+
+def _accepts_event_stream() -> bool:
+    """``Accept: text/event-stream`` with q > 0, the exact media type (not */*)."""
+    return any(value == "text/event-stream" and q > 0 for value, q in request.accept_mimetypes)
+
+
+def _client_socket() -> Any:
+    # gunicorn's gevent worker calls it gunicorn.socket; gevent_pywsgi gunicorn.sock.
+    return request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+
+
+def forwarded_headers(headers: Any) -> dict[str, str]:
+    """The client headers passed on to the upstream (and kept in the record)."""
+    out = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _NOT_FORWARDED or lower.startswith(_NOT_FORWARDED_PREFIXES):
+            continue
+        out[lower] = value
+    return out
+
+
+def render_error(exc: GatewayError) -> Response:
+    """A GatewayError in the caller's protocol."""
+    protocol = FORMAT_BY_PATH.get(request.path.rstrip("/"), OPENAI_CHAT)
+    return Response(
+        exc.body(protocol), status=exc.status, headers=exc.headers(), mimetype="application/json"
+    )
+
+
+def render_http_error(exc: HTTPException) -> Response | HTTPException:
+    """Werkzeug's HTTP errors as JSON on API paths (protocol-shaped on /v1)."""
+    if isinstance(exc, RequestEntityTooLarge):
+        return render_error(_too_large())
+    if request.path.startswith("/api/"):
+        return _json({"error": exc.description or exc.name}, exc.code or 500)
+    if not request.path.startswith("/v1/"):
+        return exc
+    protocol = FORMAT_BY_PATH.get(request.path.rstrip("/"), OPENAI_CHAT)
+    kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
+    body = error_body(
+        protocol, kind, exc.description or exc.name, code=exc.name.lower().replace(" ", "_")
+    )
+    return _json(body, exc.code or 500)
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")

@@ -1,0 +1,138 @@
+"""Rows -> admin JSON, field by field, so no secret can leak by accident.
+
+camelCase as NexusGate's admin API. Token counts and timings the upstream did not
+report are stored as NULL and shown as -1, NexusGate's "unknown". Gateway keys
+appear only as a hint; provider keys are masked.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from gateway.models import ApiKey, Completion, Embedding, Model, Provider
+
+UNKNOWN = -1
+
+
+def iso(value: datetime | None) -> str | None:
+    """Naive UTC -> ISO 8601 with a Z, as JavaScript prints it."""
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+def _known(value: int | None) -> int:
+    return UNKNOWN if value is None else value
+
+
+def mask(secret: str | None) -> str | None:
+    """Enough of a provider key to recognise it, not to use it."""
+    if not secret:
+        return None
+    if len(secret) <= 8:
+        return "****"
+    return f"{secret[:3]}…{secret[-4:]}"
+
+
+def api_key(row: ApiKey) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "key": row.key_hint,
+        "comment": row.comment,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "expiresAt": iso(row.expires_at),
+        "lastSeen": iso(row.last_seen),
+        "revoked": row.revoked,
+        "rpmLimit": row.rpm_limit,
+        "tpmLimit": row.tpm_limit,
+        "externalId": row.external_id,
+        "source": row.source,
+    }
+
+
+def provider(row: Provider) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "type": row.type,
+        "baseUrl": row.base_url,
+        "apiKey": mask(row.api_key),
+        "apiVersion": row.api_version,
+        "comment": row.comment,
+        "streamUsage": row.stream_usage,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deleted": row.deleted,
+    }
+
+
+def model(row: Model) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "providerId": row.provider_id,
+        "systemName": row.system_name,
+        "remoteId": row.remote_id,
+        "modelType": row.model_type,
+        "contextLength": row.context_length,
+        "inputPrice": row.input_price,
+        "outputPrice": row.output_price,
+        "weight": row.weight,
+        "comment": row.comment,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deleted": row.deleted,
+    }
+
+
+def completion(row: Completion, provider_name: str | None = None) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "uid": row.uid,
+        "apiKeyId": row.api_key_id,
+        "upstreamId": None,
+        "modelId": row.model_id,
+        "providerId": row.provider_id,
+        "providerName": provider_name,
+        "model": row.model,
+        "apiFormat": row.api_format,
+        "stream": row.stream,
+        "prompt": row.prompt,
+        "promptTokens": _known(row.prompt_tokens),
+        "completion": row.completion or [],
+        "completionTokens": _known(row.completion_tokens),
+        "usage": row.usage,
+        "status": row.status,
+        "ttft": _known(row.ttft),
+        "duration": _known(row.duration),
+        "error": row.error,
+        "attempts": row.attempts or [],
+        "reqId": row.req_id,
+        "sourceCompletionId": row.source_completion_id,
+        "rating": row.rating,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deleted": row.deleted,
+    }
+
+
+def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "uid": row.uid,
+        "apiKeyId": row.api_key_id,
+        "modelId": row.model_id,
+        "providerId": row.provider_id,
+        "providerName": provider_name,
+        "model": row.model,
+        "input": row.input,
+        "inputTokens": _known(row.input_tokens),
+        "embedding": row.embedding,
+        "dimensions": row.dimensions,
+        "status": row.status,
+        "duration": _known(row.duration),
+        "error": row.error,
+        "attempts": row.attempts or [],
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deleted": row.deleted,
+    }

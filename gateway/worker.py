@@ -1,0 +1,106 @@
+"""gunicorn's gevent worker, taught to finish calls and records before it exits.
+
+gunicorn waits only for its own handler greenlets; a producer that is draining an
+upstream after its client left has no handler, and the recorder writes in the
+background. This worker, once told to stop (SIGTERM, SIGHUP reload, ``max_requests``)
+keeps heart-beating while calls finish, and at ``graceful_timeout`` minus a margin
+stops whatever is still running (recorded ``failed``, "gateway shutdown") and
+flushes the recorder, all before the arbiter's SIGKILL.
+
+It also closes idle keep-alive connections as soon as it is told to stop: stock
+gunicorn waits for them as if they were requests, so one idle SDK client would hold
+every shutdown for the whole graceful_timeout.
+
+Imported by gunicorn's master, before gevent patches anything: so nothing from the
+gateway is imported at module level here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gevent
+import gevent.pool
+from gunicorn.workers.ggevent import GeventWorker
+
+# Seconds kept back at the end of graceful_timeout to record stopped calls.
+FINALISE_MARGIN = 3.0
+
+
+class GatewayWorker(GeventWorker):
+    """A gevent worker that drains calls and the recorder within graceful_timeout."""
+
+    _stop_at: float | None = None
+
+    def init_process(self) -> None:
+        self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        super().init_process()
+
+    @contextmanager
+    def timeout_ctx(self) -> Iterator[None]:
+        """gunicorn's wait for the next request on a kept-alive connection."""
+        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else 0, False)
+        me = gevent.getcurrent()
+        self._idle[me] = timeout
+        try:
+            with timeout:  # expiry ends the wait quietly: gunicorn closes the connection
+                yield
+        finally:
+            self._idle.pop(me, None)
+
+    def _close_idle_connections(self) -> None:
+        for greenlet, timeout in list(self._idle.items()):
+            greenlet.kill(timeout, block=False)  # as if keep-alive had run out
+
+    def handle_exit(self, sig, frame):  # type: ignore[no-untyped-def]
+        # SIGTERM: the arbiter's SIGKILL clock starts now.
+        self._stop_at = time.monotonic()
+        super().handle_exit(sig, frame)
+
+    def run(self) -> None:
+        guards = gevent.pool.Group()
+        guards.spawn(self._stop_calls_in_time)
+        try:
+            super().run()  # returns once gunicorn's own handlers are done
+            self._finish_background()
+        finally:
+            guards.kill(block=False)
+
+    def _deadline(self) -> float:
+        start = self._stop_at if self._stop_at is not None else time.monotonic()
+        margin = min(FINALISE_MARGIN, self.cfg.graceful_timeout / 3)
+        return start + self.cfg.graceful_timeout - margin
+
+    def _stop_calls_in_time(self) -> None:
+        """Once stopping, give calls until the deadline, then stop the rest."""
+        from gateway.relay import relay
+
+        while self.alive:
+            gevent.sleep(0.1)
+        relay.closing = True
+        self._close_idle_connections()
+        deadline = self._deadline()
+        if not relay.wait(timeout=max(0.0, deadline - time.monotonic())):
+            stopped = relay.stop_all()
+            self.log.warning("gateway: stopped %d calls still running at graceful_timeout", stopped)
+
+    def _finish_background(self) -> None:
+        """After the handlers: wait for drains, then flush the recorder, heart-beating."""
+        from gateway.recorder import recorder
+        from gateway.relay import relay
+
+        deadline = self._deadline()
+        while relay.active and time.monotonic() < deadline:
+            self.notify()  # keep the arbiter's timeout watchdog quiet
+            relay.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if relay.active:
+            relay.stop_all()
+            relay.wait(timeout=1.0)
+        hard_deadline = deadline + FINALISE_MARGIN - 0.5
+        while not recorder.flush(timeout=min(1.0, max(0.0, hard_deadline - time.monotonic()))):
+            self.notify()
+            if time.monotonic() >= hard_deadline:
+                break
+        recorder.drain(timeout=0.2)  # whatever is left goes to the journal

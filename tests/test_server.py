@@ -1,0 +1,326 @@
+"""The real thing: gunicorn with gevent workers, the fake upstream, the official SDKs.
+
+Every test runs on SQLite and, when GATEWAY_TEST_DATABASE_URL is set, on PostgreSQL.
+The records are read back through the admin API (or straight from the database once
+the gateway has exited).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import anthropic
+import gevent
+import gevent.pool
+import openai
+import pytest
+
+from gateway.db import database, open_database
+from gateway.models import Completion
+from tests.servers import Gateway, wait_until
+
+pytestmark = pytest.mark.server
+
+PROMPT = [{"role": "user", "content": "tell me a story"}]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
+    fake.reset()
+
+
+def words(n: int, stem: str = "tok") -> str:
+    return "".join(f"{stem}{i} " for i in range(n))
+
+
+def chat_client(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+
+def test_streaming_call_completes_with_exact_tokens(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=s1;chunks=8;delay=0.01;reasoning=2")
+    stream = chat_client(gateway, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == words(8)
+    assert all(c.usage is None for c in chunks), "the client did not ask for usage"
+
+    (row,) = gateway.wait_final(1)
+    (sent,) = fake.log("s1")
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+    assert sent["outcome"] == "complete"
+    assert row["status"] == "completed"
+    assert row["promptTokens"] == sent["usage"]["input_tokens"]
+    assert row["completionTokens"] == sent["usage"]["output_tokens"] == 10
+    assert row["completion"][0]["content"] == text
+    assert row["completion"][0]["reasoning_content"] == words(2, "think")
+    assert 0 <= row["ttft"] <= row["duration"]
+    assert row["prompt"]["messages"] == PROMPT
+    assert row["apiFormat"] == "openai-chat" and row["stream"] is True
+
+
+def test_client_that_asked_for_usage_gets_it(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=u1;chunks=3")
+    stream = chat_client(gateway, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [c.usage for c in stream if c.usage]
+    (sent,) = fake.log("u1")
+    assert [(u.prompt_tokens, u.completion_tokens) for u in usage] == [
+        (sent["usage"]["input_tokens"], 3)
+    ]
+
+
+def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
+    gateway: Gateway, fake
+) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=a1;chunks=20;delay=0.05")
+    stream = chat_client(gateway, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    seen = ""
+    for chunk in stream:
+        seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        if seen.count("tok") == 3:
+            break
+    stream.close()
+    assert seen == words(3)
+
+    (row,) = gateway.wait_final(1, timeout=30)
+    (sent,) = fake.log("a1")
+    assert sent["outcome"] == "complete", "the gateway must read the upstream to its end"
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == words(20)
+    assert row["promptTokens"] == sent["usage"]["input_tokens"]
+    assert row["completionTokens"] == 20
+    assert "client disconnected" in row["error"]
+
+
+def test_client_hangs_up_during_a_non_streaming_call(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=n1;chunks=4;first_delay=1.5")
+    client = chat_client(gateway, route["key"], timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="fake", messages=PROMPT)
+    assert time.monotonic() - started < 1.4
+
+    (row,) = gateway.wait_final(1, timeout=20)
+    (sent,) = fake.log("n1")
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == words(4)
+    assert (row["promptTokens"], row["completionTokens"]) == (sent["usage"]["input_tokens"], 4)
+    assert row["stream"] is False
+
+
+def test_upstream_500_fails_over_then_fails_with_attempts(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=e1;status=500")
+    with pytest.raises(openai.APIStatusError) as info:
+        chat_client(gateway, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
+    assert info.value.status_code == 502
+    assert "All upstream providers failed" in info.value.message
+
+    (row,) = gateway.wait_final(1)
+    assert row["status"] == "failed"
+    assert [a["status"] for a in row["attempts"]] == [500, 500]  # two tries per provider
+    assert len(fake.log("e1")) == 2
+    assert row["completion"] == [] and row["promptTokens"] == -1
+
+
+def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    bad = gateway.setup_route(fake.url, remote_id="fake;id=f1;status=503")
+    good_provider = gateway.api(
+        "POST", "/providers", json={"name": "good", "type": "openai", "baseUrl": fake.url + "/v1"}
+    )
+    good = gateway.api(
+        "POST",
+        "/models",
+        json={
+            "providerId": good_provider["id"],
+            "systemName": "fake",
+            "remoteId": "fake;id=f2;chunks=2",
+        },
+    )
+    # The bad one first, for sure: weight 0 sorts last, so give the good one weight 0.
+    gateway.api(
+        "PUT",
+        "/models/by-system-name/fake/weights",
+        json={
+            "weights": [
+                {"modelId": bad["model"]["id"], "weight": 1},
+                {"modelId": good["id"], "weight": 0},
+            ]
+        },
+    )
+    stream = chat_client(gateway, bad["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == words(2)
+    (row,) = gateway.wait_final(1)
+    assert row["status"] == "completed"
+    assert [(a["provider"], a["outcome"]) for a in row["attempts"]] == [
+        (bad["provider"]["name"], "http"),
+        (bad["provider"]["name"], "http"),
+        ("good", "ok"),
+    ]
+    assert row["providerId"] == good_provider["id"]
+
+
+def test_upstream_drops_mid_stream(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=d1;chunks=10;delay=0.01;drop_at=5")
+    stream = chat_client(gateway, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    seen = ""
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert "mid-stream" in str(info.value)
+    assert seen == words(4)  # the role chunk, then four pieces, then the drop
+
+    (row,) = gateway.wait_final(1)
+    assert row["status"] == "failed"
+    assert row["completion"][0]["content"] == words(4)
+    assert "upstream failed mid-stream" in row["error"]
+    assert row["completionTokens"] == -1  # the usage never came: unknown, not 0
+
+
+def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(fake.url, remote_id="fake;id=c50;chunks=10;delay=0.05")
+    client = chat_client(gateway, route["key"])
+
+    def one(i: int) -> str:
+        stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+        seen = ""
+        for chunk in stream:
+            seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            if i % 2 and seen.count("tok") == 2:
+                stream.close()
+                return "aborted"
+        return "completed"
+
+    pool = gevent.pool.Pool(50)
+    outcomes = pool.map(one, range(50))
+    rows = gateway.wait_final(50, timeout=60)
+    assert len(rows) == 50
+    assert sorted(r["status"] for r in rows) == sorted(outcomes)
+    assert outcomes.count("aborted") == 25
+    assert all(
+        r["completion"][0]["content"] == words(10) and r["completionTokens"] == 10 for r in rows
+    )
+    assert len(fake.log("c50")) == 50
+    assert all(e["outcome"] == "complete" for e in fake.log("c50"))
+
+
+def test_anthropic_sdk_stream_records_prompt_tokens_from_message_start(
+    gateway: Gateway, fake
+) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(
+        fake.url, provider_type="anthropic", remote_id="fake;id=m1;chunks=6;cache=2"
+    )
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=route["key"], max_retries=0)
+    with client.messages.stream(model="fake", max_tokens=100, messages=PROMPT) as stream:
+        message = stream.get_final_message()
+    assert message.content[0].text == words(6)
+    (sent,) = fake.log("m1")
+    (row,) = gateway.wait_final(1)
+    assert row["status"] == "completed" and row["apiFormat"] == "anthropic"
+    assert row["promptTokens"] == sent["usage"]["input_tokens"]  # cache reads included
+    assert row["usage"]["cache_read_tokens"] == 2
+    assert row["completionTokens"] == 6
+    assert message.usage.output_tokens == 6
+
+
+def test_responses_sdk_stream_ends_in_response_completed(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    route = gateway.setup_route(
+        fake.url, provider_type="openai-responses", remote_id="fake;id=r1;chunks=4"
+    )
+    client = chat_client(gateway, route["key"])
+    events = list(client.responses.create(model="fake", input="tell me a story", stream=True))
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == words(4)
+    (sent,) = fake.log("r1")
+    (row,) = gateway.wait_final(1)
+    assert row["status"] == "completed" and row["apiFormat"] == "openai-responses"
+    assert (row["promptTokens"], row["completionTokens"]) == (sent["usage"]["input_tokens"], 4)
+
+
+def _rows_in(database_url: str) -> list[Completion]:
+    """Rows read straight from the database (the gateway has exited)."""
+    db = open_database(database_url)
+    database.initialize(db)
+    with db.connection_context():
+        rows = list(Completion.select().order_by(Completion.id))
+    db.close()
+    return rows
+
+
+def test_sigterm_lets_streams_finish_and_leaves_nothing_pending(
+    gateway_factory, fake, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="10")
+    route = gw.setup_route(fake.url, remote_id="fake;id=t1;chunks=30;delay=0.05")  # 1.5 s each
+    client = chat_client(gw, route["key"])
+    results: list[str] = []
+
+    def one(abort: bool) -> None:
+        stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+        text = ""
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            if abort and text:
+                stream.close()
+                break
+        results.append(text)
+
+    readers = [gevent.spawn(one, i % 2 == 1) for i in range(4)]
+    wait_until(lambda: len(fake.log("t1")) == 4)
+    gevent.sleep(0.2)
+    gw.proc.send_signal(signal.SIGTERM)
+    gevent.joinall(readers, timeout=15)
+    assert gw.proc.wait(timeout=15) == 0
+    assert (
+        sorted(len(t) for t in results)[2:] == [len(words(30))] * 2
+    )  # connected readers got it all
+    rows = _rows_in(database_url)
+    assert len(rows) == 4
+    assert sorted(r.status for r in rows) == ["aborted", "aborted", "completed", "completed"]
+    assert all(r.completion[0]["content"] == words(30) and r.completion_tokens == 30 for r in rows)
+
+
+def test_sigterm_stops_calls_past_graceful_timeout_as_failed(
+    gateway_factory, fake, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="4")
+    route = gw.setup_route(fake.url, remote_id="fake;id=t2;chunks=400;delay=0.05")  # 20 s each
+    client = chat_client(gw, route["key"])
+    errors: list[Exception] = []
+
+    def one(abort: bool) -> None:
+        stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+        try:
+            for _ in stream:
+                if abort:
+                    stream.close()
+                    return
+        except openai.APIError as exc:
+            errors.append(exc)
+
+    readers = [gevent.spawn(one, i % 2 == 1) for i in range(4)]
+    wait_until(lambda: len(fake.log("t2")) == 4)
+    gevent.sleep(0.3)
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 4.5  # before gunicorn's SIGKILL
+    gevent.joinall(readers, timeout=5)
+    assert len(errors) == 2 and all("gateway shutdown" in str(e) for e in errors)
+    rows = _rows_in(database_url)
+    assert len(rows) == 4
+    assert [r.status for r in rows] == ["failed"] * 4
+    assert all(
+        r.error == "gateway shutdown" and r.completion[0]["content"].startswith("tok0 ")
+        for r in rows
+    )
