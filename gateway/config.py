@@ -42,6 +42,7 @@ DEFAULTS: dict[str, object] = {
     "CACHE_TTL": 5.0,  # seconds keys and the model catalog are cached per worker
     "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
     "RECORDER_BATCH": 100,
+    "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
     "JOURNAL_DIR": None,  # None: instance/journal
     "SWEEP_INTERVAL": 60.0,
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often

@@ -8,6 +8,12 @@ is never in two batches at once, so its writes land in order. The upsert only
 overwrites a row that is still ``pending`` (or was swept), so a stale pending
 snapshot can never undo a final one, whatever order they arrive in.
 
+Writing is kept cheap because it shares the worker with the calls: each table's
+upsert statement is built once and run with ``executemany``, writers keep their
+connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that
+ends by then is written once, final), and ``api_keys.last_seen`` is touched at
+most every 30 s per key.
+
 If the database is unreachable, snapshots go to a journal file (one per process,
 fsynced) and a replayer writes them back once it answers (SPEC rule 8). The sweeper
 finalises rows left ``pending`` by a process that died (rule 7). ``drain()`` waits
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,11 +62,14 @@ class Recorder:
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
+        self.linger = 0.25
+        self._key_touched: dict[int, float] = {}
 
     def init_app(self, app: Flask) -> None:
         """Read settings; start writers, the replayer and the sweeper."""
         cfg = app.config
         self.batch_size = int(cfg["RECORDER_BATCH"])
+        self.linger = float(cfg["RECORDER_LINGER"])
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
         self.journal_dir = Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal")
         self.sweep_interval = float(cfg["SWEEP_INTERVAL"])
@@ -107,13 +117,14 @@ class Recorder:
 
     def _write_loop(self) -> None:
         while True:
-            self._wake.wait()
-            batch = self._take_batch()
+            batch, due = self._take_batch()
             if not batch:
-                # Whatever is still dirty is being written by another writer, which
-                # wakes us again when it is done (below).
+                # Nothing to write now: what is dirty is lingering or being written by
+                # another writer (which rescans before it sleeps). No switch happens
+                # between the scan and the clear, so no wake-up is lost.
                 self._wake.clear()
                 self._settle()
+                self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
                 continue
             try:
                 rows = [snapshot(ex) for ex in batch]
@@ -124,48 +135,79 @@ class Recorder:
             finally:
                 for ex in batch:
                     self._writing.discard(ex.uid)
-                if self._dirty:
-                    self._wake.set()  # newer states queued while we wrote
                 self._settle()
 
     def _settle(self) -> None:
         if not self._dirty and not self._writing:
             self._idle.set()
 
-    def _take_batch(self) -> list[Exchange]:
-        batch = []
-        for uid in list(self._dirty):
+    def _take_batch(self) -> tuple[list[Exchange], float | None]:
+        """Calls ready to write, and when the next lingering one falls due."""
+        batch: list[Exchange] = []
+        due: float | None = None
+        now = time.monotonic()
+        for uid, ex in list(self._dirty.items()):
             if uid in self._writing:
                 continue  # its earlier snapshot is being written; keep order
+            if not ex.finished and ex.started + self.linger > now:
+                due = min(due or float("inf"), ex.started + self.linger)
+                continue
             batch.append(self._dirty.pop(uid))
             self._writing.add(uid)
             if len(batch) >= self.batch_size:
                 break
-        return batch
+        return batch, due
 
     def _write_or_journal(self, rows: list[dict]) -> None:
+        now = time.monotonic()
+        keys = {r["api_key"] for r in rows if now - self._key_touched.get(r["api_key"], -1e9) > 30}
         try:
-            write_rows(rows)
-            self.writes += len(rows)
-        except (peewee.DatabaseError, peewee.InterfaceError, OSError):
+            write_rows(rows, touch_keys=keys)
+        except _UNREACHABLE:
             log.exception("recorder: database write failed; journaling %d records", len(rows))
+            _reset_connection()
             self._journaling = True
             self._journal(rows)
+            return
+        except peewee.DatabaseError:
+            # The database refused something in the batch: find it, keep the rest.
+            _reset_connection()
+            self._write_each(rows)
+            return
+        self.writes += len(rows)
+        self._key_touched.update(dict.fromkeys(keys, now))
+
+    def _write_each(self, rows: list[dict]) -> None:
+        """Write rows one by one; journal them if the database goes away, set aside refusals."""
+        for row in rows:
+            try:
+                write_rows([row])
+                self.writes += 1
+            except _UNREACHABLE:
+                _reset_connection()
+                self._journaling = True
+                self._journal([row])
+            except peewee.DatabaseError:
+                _reset_connection()
+                log.exception("recorder: the database refused record %s; set aside", row["uid"])
+                self._journal([row], prefix="refused")
 
     # -- the journal ----------------------------------------------------------
 
     def _journal_path(self) -> Path:
         return self.journal_dir / f"journal-{os.getpid()}.jsonl"
 
-    def _journal(self, rows: list[dict]) -> None:
-        """Append rows to this process's journal and make them durable."""
+    def _journal(self, rows: list[dict], prefix: str = "journal") -> None:
+        """Append rows to this process's journal (or its refused file), durably."""
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in rows)
-        with open(self._journal_path(), "a", encoding="utf-8") as fh:
+        path = self.journal_dir / f"{prefix}-{os.getpid()}.jsonl"
+        with open(path, "a", encoding="utf-8") as fh:
             fh.write(lines)
             fh.flush()
             os.fsync(fh.fileno())
-        self.journaled += len(rows)
+        if prefix == "journal":
+            self.journaled += len(rows)
 
     def _replay_loop(self) -> None:
         while True:
@@ -195,6 +237,7 @@ class Recorder:
                 for start in range(0, len(rows), self.batch_size):
                     write_rows(rows[start : start + self.batch_size])
             except Exception:
+                _reset_connection()
                 claimed.rename(path)  # give it back; try again later
                 raise
             claimed.unlink()
@@ -231,6 +274,8 @@ class Recorder:
 
 
 TABLES: dict[str, type[peewee.Model]] = {COMPLETION: Completion, EMBEDDING: Embedding}
+# Errors that mean "the database is not there", as opposed to "it refused this row".
+_UNREACHABLE = (peewee.OperationalError, peewee.InterfaceError, OSError)
 
 
 def snapshot(exchange: Exchange) -> dict[str, Any]:
@@ -238,8 +283,11 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
     return {"kind": exchange.kind, **exchange.row()}
 
 
-def write_rows(rows: list[dict]) -> None:
-    """Upsert snapshots by uid in one transaction; a final row is never overwritten."""
+def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
+    """Upsert snapshots by uid in one transaction; a final row is never overwritten.
+
+    ``touch_keys``: key ids whose ``last_seen`` to update (default: every row's key).
+    """
     # One snapshot per call: a replayed journal may hold a call's pending and final
     # snapshots, and an upsert statement may not touch one row twice.
     latest: dict[str, dict] = {}
@@ -249,25 +297,86 @@ def write_rows(rows: list[dict]) -> None:
             latest[row["uid"]] = row
     by_table: dict[type[peewee.Model], list[dict]] = {}
     for row in latest.values():
-        row = dict(row)
-        by_table.setdefault(TABLES[row.pop("kind")], []).append(row)
-    key_ids = sorted({row["api_key"] for row in rows})
-    with database.connection_context(), database.atomic():
+        by_table.setdefault(TABLES[row["kind"]], []).append(row)
+    keys = sorted({row["api_key"] for row in rows} if touch_keys is None else touch_keys)
+    if database.is_closed():
+        database.connect()  # the writer's own connection, kept between batches
+    with database.atomic():
         for table, table_rows in by_table.items():
-            fields = [
-                table._meta.fields[c] for c in table_rows[0] if c not in ("uid", "created_at")
-            ]
-            (
-                table.insert_many(table_rows)
-                .on_conflict(
-                    conflict_target=[table.uid],
-                    update={f: peewee.EXCLUDED[f.column_name] for f in fields},
-                    where=(table.status == "pending") | (table.swept == True),  # noqa: E712
+            statement = _upsert(table, tuple(c for c in table_rows[0] if c != "kind"))
+            with peewee.__exception_wrapper__:  # driver errors -> peewee's classes
+                database.cursor().executemany(
+                    statement.sql, [statement.params(r) for r in table_rows]
                 )
-                .execute()
-            )
-        # Keys in use: ordered ids, so concurrent writers lock rows in the same order.
-        ApiKey.update(last_seen=utcnow()).where(ApiKey.id.in_(key_ids)).execute()
+        if keys:
+            ApiKey.update(last_seen=utcnow()).where(ApiKey.id.in_(keys)).execute()
+
+
+class _Upsert:
+    """A table's upsert statement, built once per database and column set."""
+
+    def __init__(self, table: type[peewee.Model], columns: tuple[str, ...]) -> None:
+        db = database.obj
+        meta = table._meta
+        # Every column: peewee's defaults live in Python, not in the schema.
+        self.fields = [f for f in meta.sorted_fields if not isinstance(f, peewee.AutoField)]
+        self._given = set(columns)
+        quote = db.quote[0]
+
+        def name(field: peewee.Field) -> str:
+            return f"{quote}{field.column_name}{quote}"
+
+        updated = [
+            f
+            for f in self.fields
+            if (f.name in columns and f.name not in ("uid", "created_at")) or f.name == "swept"
+        ]
+        table_name = f"{quote}{meta.table_name}{quote}"
+        self.sql = (
+            f"INSERT INTO {table_name} ({', '.join(name(f) for f in self.fields)}) "
+            f"VALUES ({', '.join([db.param] * len(self.fields))}) "
+            f"ON CONFLICT ({name(meta.fields['uid'])}) DO UPDATE SET "
+            + ", ".join(f"{name(f)} = EXCLUDED.{name(f)}" for f in updated)
+            + f" WHERE {table_name}.{quote}status{quote} = {db.param}"
+            f" OR {table_name}.{quote}swept{quote} = {db.param}"
+        )
+        self._json_text = not isinstance(db, peewee.PostgresqlDatabase)
+        self._constants = ("pending", True)
+
+    def params(self, row: dict) -> list[Any]:
+        values = []
+        for field in self.fields:
+            if field.name in self._given:
+                value = row[field.name]
+            else:
+                value = field.default() if callable(field.default) else field.default
+            if value is not None:
+                if isinstance(field, peewee.JSONField) and self._json_text:
+                    value = json.dumps(value)  # SQLite keeps JSON as text
+                else:
+                    value = field.db_value(value)
+            values.append(value)
+        return [*values, *self._constants]
+
+
+_UPSERTS: dict[tuple, _Upsert] = {}
+
+
+def _upsert(table: type[peewee.Model], columns: tuple[str, ...]) -> _Upsert:
+    key = (id(database.obj), table, columns)
+    statement = _UPSERTS.get(key)
+    if statement is None:
+        statement = _UPSERTS[key] = _Upsert(table, columns)
+    return statement
+
+
+def _reset_connection() -> None:
+    """After a failed write, drop this greenlet's connection; the next write reconnects."""
+    try:
+        if not database.is_closed():
+            database.close()
+    except peewee.PeeweeException:
+        pass
 
 
 def _jsonable(row: dict) -> dict:

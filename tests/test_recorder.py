@@ -152,6 +152,29 @@ def test_database_down_journals_then_replays_everything(
     assert rec.writes == 1 and len(rows()) == 3
 
 
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
+    rec: Recorder, key_id: int
+) -> None:
+    good, poison, also_good = (
+        exchange(key_id),
+        exchange(key_id + 999),
+        exchange(key_id),
+    )  # no such key
+    for ex in (good, poison, also_good):
+        ex.finish("completed")
+        rec.record(ex)
+    assert rec.flush(5)
+    assert sorted(r.uid for r in rows()) == sorted([good.uid, also_good.uid])
+    (refused,) = rec.journal_dir.glob("refused-*.jsonl")
+    assert poison.uid in refused.read_text()
+    assert not rec._journaling, "one bad row must not divert every later write to the journal"
+    later = exchange(key_id)
+    later.finish("completed")
+    rec.record(later)
+    assert rec.flush(5)
+    assert later.uid in {r.uid for r in rows()}
+
+
 def test_drain_journals_what_it_could_not_write_in_time(
     rec: Recorder, key_id: int, database_url: str
 ) -> None:
@@ -197,9 +220,9 @@ def test_a_final_state_queued_while_its_pending_write_is_in_flight_is_written(
 
     real_write = recorder_module.write_rows
 
-    def slow_write(rows: list[dict]) -> None:
+    def slow_write(rows: list[dict], **kwargs: object) -> None:
         gevent.sleep(0.05)  # a PostgreSQL round trip: other writers run meanwhile
-        real_write(rows)
+        real_write(rows, **kwargs)
 
     monkeypatch.setattr(recorder_module, "write_rows", slow_write)
     database.initialize(open_database(database_url))
