@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import peewee as pw
 from flask import Blueprint, Response, current_app, request
 
-from gateway import auth, serializers
+from gateway import auth, db, serializers
 from gateway.adapters import PROVIDER_TYPES, endpoint
 from gateway.models import (
     MODEL_TYPES,
@@ -46,6 +46,7 @@ def _admin_error(exc: AdminError) -> Response:
 
 @bp.before_request
 def _require_admin() -> Response | None:
+    db.connect()
     if not auth.is_admin(request.headers, auth.admin_secret(current_app)):
         return _json({"error": "Invalid admin secret"}, 401)
     return None

@@ -16,6 +16,7 @@ from datetime import datetime
 
 from flask import Flask
 
+from gateway.db import connection
 from gateway.errors import AuthenticationFailed
 from gateway.models import ApiKey, Setting, utcnow
 
@@ -47,7 +48,8 @@ class KeyCache:
         now = time.monotonic()
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        row = ApiKey.get_or_none(ApiKey.key_hash == digest)
+        with connection():
+            row = ApiKey.get_or_none(ApiKey.key_hash == digest)
         caller = (
             None
             if row is None

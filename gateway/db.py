@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -71,17 +73,35 @@ def is_postgres() -> bool:
 
 
 def init_app(app: Flask) -> None:
-    """Open the configured database and give each request a connection."""
+    """Open the configured database; close a request's connection when it ends.
+
+    Requests connect only when they need to: the public API normally answers from
+    per-worker caches without touching the database at all (see ``connection``).
+    """
     _check_greenlet_connections()
     database.initialize(open_database(app.config["DATABASE_URL"]))
-
-    @app.before_request
-    def _connect() -> None:
-        database.connect(reuse_if_open=True)
 
     @app.teardown_request
     def _close(exc: BaseException | None) -> None:
         if not database.is_closed():
+            database.close()
+
+
+def connect() -> None:
+    """Give the current greenlet (a request) a connection, closed at teardown."""
+    database.connect(reuse_if_open=True)
+
+
+@contextmanager
+def connection() -> Iterator[None]:
+    """A connection for the block: the greenlet's own if open, else one closed after."""
+    opened = database.is_closed()
+    if opened:
+        database.connect()
+    try:
+        yield
+    finally:
+        if opened and not database.is_closed():
             database.close()
 
 

@@ -147,8 +147,11 @@ def failover(
 
 def load_candidates() -> list[Candidate]:
     """Every live model row with its provider, from the database."""
-    from gateway.models import Model  # after gevent patched threading (see db.py)
+    from gateway.db import connection  # after gevent patched threading (see db.py)
+    from gateway.models import Model
 
+    with connection():
+        rows = list(Model.active().order_by(Model.id))
     return [
         Candidate(
             model_id=m.id,
@@ -164,7 +167,7 @@ def load_candidates() -> list[Candidate]:
             api_version=m.provider.api_version,
             stream_usage=m.provider.stream_usage,
         )
-        for m in Model.active().order_by(Model.id)
+        for m in rows
     ]
 
 

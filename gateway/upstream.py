@@ -9,10 +9,12 @@ the upstream sends them, chunked or close-delimited. Every failure becomes an
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
@@ -95,6 +97,9 @@ class Upstream:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.cookies.set_policy(_NoCookies())
+        # Proxy settings come from the environment (HTTPS_PROXY, NO_PROXY...) as usual,
+        # but are resolved once per upstream host, not re-read on every call.
+        session.trust_env = False
         self.session = session
 
     def post(self, url: str, headers: dict[str, str], body: bytes, *, stream: bool) -> Response:
@@ -120,6 +125,7 @@ class Upstream:
                 stream=True,
                 timeout=(self.timeouts.connect, self.timeouts.read),
                 allow_redirects=False,
+                proxies=_proxies_for(*_origin(url)),
             )
         except requests.ConnectTimeout as exc:
             raise UpstreamError("timeout", f"connect timed out: {exc}") from exc
@@ -186,6 +192,17 @@ class Response:
     def close(self) -> None:
         """Drop the connection (it cannot be reused mid-body)."""
         self._resp.close()
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+@functools.lru_cache(maxsize=512)
+def _proxies_for(scheme: str, netloc: str) -> dict[str, str]:
+    """The environment's proxy for this origin (honouring NO_PROXY), looked up once."""
+    return requests.utils.get_environ_proxies(f"{scheme}://{netloc}/")
 
 
 def _connection_kind(exc: requests.ConnectionError) -> str:
