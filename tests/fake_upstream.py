@@ -37,12 +37,13 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import gevent  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
+from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 LOG: list[dict] = []
 _COUNTER = itertools.count(1)
@@ -167,14 +168,12 @@ def chat_stream(plan: Plan, body: dict) -> list:
             b'data: {"error": {"message": "fake upstream failure", "type": "server_error"}}\n\n'
         )
         return events
-    events.append(chunk({}, "tool_calls" if plan.tools else "stop"))
+    # As OpenAI does, the usage chunk and [DONE] follow the finish chunk at once.
+    tail = b"data: [DONE]\n\n"
     if with_usage:
-        events.append(
-            b"data: "
-            + json.dumps({**base, "choices": [], "usage": plan.usage_openai()}).encode()
-            + b"\n\n"
-        )
-    events.append(b"data: [DONE]\n\n")
+        usage = {**base, "choices": [], "usage": plan.usage_openai()}
+        tail = b"data: " + json.dumps(usage).encode() + b"\n\n" + tail
+    events.append(chunk({}, "tool_calls" if plan.tools else "stop") + tail)
     return events
 
 
@@ -293,8 +292,9 @@ def anthropic_stream(plan: Plan, body: dict) -> list:
                 "usage": {"output_tokens": plan.output_tokens},
             },
         )
+        # message_delta and message_stop arrive together, as Anthropic sends them.
+        + _sse("message_stop", {"type": "message_stop"})
     )
-    events.append(_sse("message_stop", {"type": "message_stop"}))
     return events
 
 
@@ -673,12 +673,23 @@ def _json(start_response, status: int, data: object) -> list[bytes]:  # type: ig
     return [payload]
 
 
+class NoDelayHandler(WSGIHandler):
+    """pywsgi writes headers and body in separate sends: without TCP_NODELAY, Nagle
+    holds the body for the client's delayed ACK (40 ms) on every kept-alive request."""
+
+    def __init__(self, sock, address, server, rfile=None):  # type: ignore[no-untyped-def]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, address, server, rfile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = WSGIServer((args.host, args.port), app, log=None, error_log=None)
+    server = WSGIServer(
+        (args.host, args.port), app, log=None, error_log=None, handler_class=NoDelayHandler
+    )
     server.init_socket()
     print(f"PORT {server.server_port}", flush=True)
     sys.stdout.flush()
