@@ -2,7 +2,7 @@
 
 Environment: PORT (8080), HOST (0.0.0.0), GATEWAY_WORKERS (2), GATEWAY_GRACEFUL_TIMEOUT
 (30 s: in-flight calls and drains get this long after SIGTERM), GATEWAY_MAX_REQUESTS
-(0 = never recycle workers). Nothing from the gateway is imported here at module level:
+(0 = never recycle workers), GATEWAY_WORKER_TIMEOUT (30 s heartbeat watchdog). Nothing from the gateway is imported here at module level:
 this file runs in the master, before gevent patches threading (see gateway/db.py).
 """
 
@@ -15,7 +15,9 @@ workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
 worker_class = "gateway.worker.GatewayWorker"
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000"))
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-timeout = 30  # heartbeat watchdog; the worker keeps beating while it drains
+timeout = int(
+    os.environ.get("GATEWAY_WORKER_TIMEOUT", "30")
+)  # heartbeat watchdog; kept beating while draining
 keepalive = 75  # longer than typical load balancer idle timeouts
 max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "0"))
 max_requests_jitter = max_requests // 10

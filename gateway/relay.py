@@ -143,6 +143,8 @@ class Call:
         except Exception as exc:  # a bug here must not cost the record
             log.exception("relay: producer failed")
             status, error = "failed", f"gateway error: {exc!r}"
+            if self.ready.ready() and self.stream:
+                self._put(self.client.stream_error("Internal gateway error"))
             self._fail_before_answer(GatewayError("Internal gateway error"))
         finally:
             self._reading = False
@@ -459,7 +461,6 @@ class Relay:
         self.watchers = gevent.pool.Group()  # killed, never waited for
         self._active: set[Call] = set()
         self.drains = 0
-        self.closing = False
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> gevent.Greenlet:
         """Run ``fn`` in the call group, logging if it dies of an exception."""
@@ -469,8 +470,6 @@ class Relay:
 
     def open(self, plan: Plan, sock: socket.socket | None) -> Call:
         """Start a call; wait for its first byte (or whole answer); raise its error."""
-        if self.closing:
-            raise ServiceUnavailable("The gateway is shutting down")
         call = Call(self, plan, sock)
         self._active.add(call)
         call._producer = self.spawn(self._run, call)
@@ -533,7 +532,6 @@ def init_app(app: Any) -> None:
         tries_per_provider=int(cfg["TRIES_PER_PROVIDER"]),
         backoff=(float(cfg["BACKOFF_MIN"]), float(cfg["BACKOFF_MAX"])),
     )
-    relay.closing = False
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:

@@ -18,6 +18,7 @@ gateway is imported at module level here.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,14 +37,27 @@ class GatewayWorker(GeventWorker):
 
     def init_process(self) -> None:
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        self._served: weakref.WeakSet[gevent.Greenlet] = weakref.WeakSet()
         super().init_process()
+
+    def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
+        self._served.add(gevent.getcurrent())  # this connection is now a kept-alive one
+        return super().handle_request(listener_name, req, sock, addr)
 
     @contextmanager
     def timeout_ctx(self) -> Iterator[None]:
-        """gunicorn's wait for the next request on a kept-alive connection."""
-        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else 0, False)
+        """gunicorn's wait for a connection's next request.
+
+        A connection that already served a request is idle: once stopping, it gets
+        no wait at all. A fresh one (gevent may still accept for a moment after the
+        worker stops) is waited for as usual, so its first request is served.
+        """
         me = gevent.getcurrent()
-        self._idle[me] = timeout
+        kept_alive = me in self._served
+        wait = 0 if kept_alive and not self.alive else self.cfg.keepalive
+        timeout = gevent.Timeout(wait, False)
+        if kept_alive:
+            self._idle[me] = timeout
         try:
             with timeout:  # expiry ends the wait quietly: gunicorn closes the connection
                 yield
@@ -79,7 +93,6 @@ class GatewayWorker(GeventWorker):
 
         while self.alive:
             gevent.sleep(0.1)
-        relay.closing = True
         self._close_idle_connections()
         deadline = self._deadline()
         if not relay.wait(timeout=max(0.0, deadline - time.monotonic())):

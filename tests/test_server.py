@@ -324,3 +324,46 @@ def test_sigterm_stops_calls_past_graceful_timeout_as_failed(
         r.error == "gateway shutdown" and r.completion[0]["content"].startswith("tok0 ")
         for r in rows
     )
+
+
+def test_worker_recycling_keeps_beating_while_a_drain_outlives_the_worker_timeout(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # Every request recycles the worker; the drain (4 s) is longer than the 2 s watchdog.
+    gw = gateway_factory(
+        GATEWAY_MAX_REQUESTS="1", GATEWAY_WORKER_TIMEOUT="2", GATEWAY_GRACEFUL_TIMEOUT="20"
+    )
+    route = gw.setup_route(fake.url, remote_id="fake;id=mr;chunks=80;delay=0.05")
+    stream = chat_client(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    (row,) = gw.wait_final(1, timeout=30)
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == words(80) and row["completionTokens"] == 80
+    assert fake.log("mr")[0]["outcome"] == "complete"
+    assert "WORKER TIMEOUT" not in gw.log()
+    # The replacement worker serves.
+    answer = chat_client(gw, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
+    assert answer.choices[0].message.content == words(80)
+
+
+def test_reload_lets_an_inflight_stream_finish(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="20")
+    route = gw.setup_route(fake.url, remote_id="fake;id=hup;chunks=40;delay=0.05")  # 2 s
+    stream = chat_client(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    text = ""
+    for chunk in stream:
+        text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        if text == words(2):
+            gw.proc.send_signal(signal.SIGHUP)  # new workers start; this one drains
+    assert text == words(40)
+    (row,) = gw.wait_final(1, timeout=30)
+    assert row["status"] == "completed" and row["completionTokens"] == 40
+    answer = chat_client(gw, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
+    assert answer.choices[0].message.content == words(40)
