@@ -191,17 +191,22 @@ class Call:
         return resp, opened
 
     @staticmethod
-    def _read_first(resp: Response) -> tuple[bytes, Iterator[bytes]]:
+    def _read_first(resp: Response) -> tuple[sse.Decoder, list[sse.Event], Iterator[bytes]]:
+        """Read up to the first event with data: before it, nothing is answered yet
+        (and a 200 carrying garbage or only comments can still be failed over)."""
         if "json" in resp.content_type:  # asked for a stream, got a verdict instead
             text = resp.read(4096, truncate=True).decode("utf-8", "replace")
             raise UpstreamError(
                 "protocol", f"upstream answered JSON to a streaming request: {text}"
             )
+        decoder = sse.Decoder()
+        events: list[sse.Event] = []
         chunks = resp.chunks()
-        first = next(chunks, None)
-        if first is None:
-            raise UpstreamError("protocol", "upstream ended the stream before its first byte")
-        return first, chunks
+        for chunk in chunks:
+            events.extend(decoder.feed(chunk))
+            if any(event.data is not None for event in events):
+                return decoder, events, chunks
+        raise UpstreamError("protocol", "upstream ended the stream before its first event")
 
     @staticmethod
     def _read_answer(resp: Response, upstream_format: str) -> tuple[bytes, dict]:
@@ -219,10 +224,10 @@ class Call:
         self,
         candidate: Candidate,
         resp: Response,
-        opened: tuple[bytes, Iterator[bytes]],
+        opened: tuple[sse.Decoder, list[sse.Event], Iterator[bytes]],
         acc: Accumulator,
     ) -> tuple[str, str | None]:
-        first, chunks = opened
+        decoder, first, chunks = opened
         upstream_format = PROVIDER_PROTOCOLS[candidate.provider_type]
         parser = PROTOCOLS[upstream_format].StreamParser()
         renderer = None
@@ -231,7 +236,6 @@ class Call:
         # We asked an OpenAI-format upstream for usage; a client that did not ask
         # must not see the extra chunk.
         hide_usage = renderer is None and not self.plan.request.get("stream_usage")
-        decoder = sse.Decoder()
         self.ready.set(True)
 
         def take(events: list[sse.Event]) -> None:
@@ -246,7 +250,7 @@ class Call:
                     self._put(event.raw)
 
         try:
-            take(decoder.feed(first))
+            take(first)
             for chunk in chunks:
                 take(decoder.feed(chunk))
             take(decoder.flush())

@@ -1,0 +1,166 @@
+"""Hang-ups, stalls and lying upstreams, through real gunicorn and the openai SDK.
+
+Each test starts its own gateway with the settings it is about (drain bound, drain
+cap, cancel mode, read timeout) and checks both the record and what the fake
+upstream saw of its own response.
+"""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from tests.servers import Gateway, wait_until
+
+pytestmark = pytest.mark.server
+
+PROMPT = [{"role": "user", "content": "tell me a story"}]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
+    fake.reset()
+
+
+def words(n: int) -> str:
+    return "".join(f"tok{i} " for i in range(n))
+
+
+def client_for(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+
+def read_then_hang_up(gw: Gateway, key: str, pieces: int) -> str:
+    """Stream, read ``pieces`` text pieces, then close the connection."""
+    stream = client_for(gw, key).chat.completions.create(model="fake", messages=PROMPT, stream=True)
+    seen = ""
+    for chunk in stream:
+        seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        if seen.count("tok") == pieces:
+            break
+    stream.close()
+    return seen
+
+
+def test_cancel_mode_closes_the_upstream_and_records_the_partial_answer(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x1;chunks=40;delay=0.05")
+    read_then_hang_up(gw, route["key"], 3)
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "aborted"
+    assert "ON_DISCONNECT=cancel" in row["error"]
+    assert row["completion"][0]["content"].startswith(words(3))
+    assert len(row["completion"][0]["content"]) < len(words(40))
+    assert wait_until(lambda: fake.log("x1")[0]["outcome"] == "client_gone")
+
+
+def test_a_drain_is_bounded_by_drain_timeout(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_DRAIN_TIMEOUT="0.5")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x2;chunks=100;delay=0.05")  # 5 s
+    started = time.monotonic()
+    read_then_hang_up(gw, route["key"], 2)
+    (row,) = gw.wait_final(1)
+    assert time.monotonic() - started < 3
+    assert row["status"] == "aborted" and "DRAIN_TIMEOUT" in row["error"]
+    assert words(2) in row["completion"][0]["content"]
+    assert row["completionTokens"] == -1  # the usage never came
+    assert wait_until(lambda: fake.log("x2")[0]["outcome"] == "client_gone")
+
+
+def test_past_the_drain_cap_a_hang_up_cancels(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_MAX_DRAINS="0")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x3;chunks=40;delay=0.05")
+    read_then_hang_up(gw, route["key"], 2)
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "aborted" and "MAX_DRAINS" in row["error"]
+    assert wait_until(lambda: fake.log("x3")[0]["outcome"] == "client_gone")
+
+
+def test_a_hang_up_during_an_upstream_stall_is_noticed_without_a_write(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # The upstream goes silent for 20 s after 3 events; in cancel mode the gateway
+    # must notice the hang-up from the socket and close the upstream long before.
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel", GATEWAY_HEARTBEAT_INTERVAL="30")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x4;chunks=10;stall_at=3;stall_for=20")
+    read_then_hang_up(gw, route["key"], 2)
+    left = time.monotonic()
+    (row,) = gw.wait_final(1, timeout=10)
+    assert time.monotonic() - left < 3
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == words(2)
+
+
+def test_a_non_streaming_hang_up_in_cancel_mode_is_noticed_at_once(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x5;first_delay=10")
+    with pytest.raises(openai.APITimeoutError):
+        client_for(gw, route["key"], timeout=0.3).chat.completions.create(
+            model="fake", messages=PROMPT
+        )
+    left = time.monotonic()
+    (row,) = gw.wait_final(1)
+    assert time.monotonic() - left < 2
+    assert row["status"] == "aborted" and row["completion"] == []
+
+
+def test_upstream_silent_before_answering_is_a_504(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_READ_TIMEOUT="0.5")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x6;header_delay=3")
+    with pytest.raises(openai.APIStatusError) as info:
+        client_for(gw, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
+    assert info.value.status_code == 504
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "failed"
+    assert [a["outcome"] for a in row["attempts"]] == ["timeout", "timeout"]
+
+
+def test_upstream_stalling_mid_stream_fails_with_the_partial_answer(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_READ_TIMEOUT="0.5")
+    route = gw.setup_route(fake.url, remote_id="fake;id=x7;chunks=10;stall_at=4;stall_for=3")
+    stream = client_for(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    seen = ""
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert seen == words(3)
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "failed" and "timeout" in row["error"]
+    assert row["completion"][0]["content"] == words(3)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_upstream_answering_garbage_is_failed_over_then_502(
+    gateway_factory, fake, stream: bool
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=x8;garbage=1")
+    with pytest.raises(openai.APIStatusError) as info:
+        result = client_for(gw, route["key"]).chat.completions.create(
+            model="fake", messages=PROMPT, stream=stream
+        )
+        list(result) if stream else None
+    assert info.value.status_code == 502
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "failed" and len(row["attempts"]) == 2
+    assert all(a["outcome"] == "protocol" for a in row["attempts"])
+
+
+def test_an_upstream_error_event_fails_the_call(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=x9;chunks=3;error_event=1")
+    stream = client_for(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "fake upstream failure" in str(info.value)
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "failed" and "fake upstream failure" in row["error"]
+    assert row["completion"][0]["content"] == words(3)
