@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import peewee
-from flask import Flask
+from flask import Flask, g
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
@@ -83,13 +83,15 @@ def init_app(app: Flask) -> None:
 
     @app.teardown_request
     def _close(exc: BaseException | None) -> None:
-        if not database.is_closed():
+        if g.pop("gateway_db_opened", False) and not database.is_closed():
             database.close()
 
 
 def connect() -> None:
-    """Give the current greenlet (a request) a connection, closed at teardown."""
-    database.connect(reuse_if_open=True)
+    """Give the current request a connection, closed at teardown if it opened one."""
+    if database.is_closed():
+        database.connect()
+        g.gateway_db_opened = True
 
 
 @contextmanager

@@ -18,7 +18,6 @@ from gateway.db import database
 
 STATUSES = ("pending", "completed", "failed", "aborted", "cache_hit")
 FINAL_STATUSES = ("completed", "failed", "aborted", "cache_hit")
-PROVIDER_TYPES = ("openai", "openai-responses", "anthropic", "azure", "ollama")
 MODEL_TYPES = ("chat", "embedding")
 KEY_SOURCES = ("manual", "operator", "init")
 LOG_LEVELS = ("unspecific", "info", "warn", "error")

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 MAX_ERROR_BODY = 256 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a non-streaming answer bigger than this is a lie
 READ_SIZE = 64 * 1024
-RETRIABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 
 
 class UpstreamError(Exception):
@@ -55,9 +54,9 @@ class UpstreamError(Exception):
 
     @property
     def retriable(self) -> bool:
-        """Connection trouble, timeouts, 429 and 5xx are worth another try."""
+        """Connection trouble, timeouts, 429 and 5xx are worth another try (SPEC)."""
         if self.kind == "http":
-            return self.status in RETRIABLE_STATUSES
+            return self.status is not None and (self.status == 429 or self.status >= 500)
         return self.kind in ("connect", "timeout", "reset", "protocol")
 
     def describe(self) -> str:

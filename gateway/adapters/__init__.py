@@ -33,10 +33,10 @@ PROTOCOLS: dict[str, ModuleType] = {
 # Provider type -> the protocol its upstream speaks.
 PROVIDER_PROTOCOLS = {
     "openai": OPENAI_CHAT,
+    "openai-responses": OPENAI_RESPONSES,
+    "anthropic": ANTHROPIC,
     "azure": OPENAI_CHAT,
     "ollama": OPENAI_CHAT,
-    "anthropic": ANTHROPIC,
-    "openai-responses": OPENAI_RESPONSES,
 }
 PROVIDER_TYPES = tuple(PROVIDER_PROTOCOLS)
 
