@@ -422,54 +422,32 @@ def _model_row(model_id: int) -> Model:
 
 @bp.get("/completions")
 def list_completions() -> Response:
-    query = Completion.select().where(Completion.deleted == False)  # noqa: E712
-    if request.args.get("apiKeyId"):
-        query = query.where(Completion.api_key == _int_arg("apiKeyId"))
-    if request.args.get("model"):
-        query = query.where(Completion.model.startswith(request.args["model"]))
-    if request.args.get("status"):
-        query = query.where(Completion.status == request.args["status"])
-    return _page(query, Completion, serializers.completion, default_limit=100)
+    return _list_records(Completion, serializers.completion, default_limit=100)
 
 
-@bp.get("/completions/<int:completion_id>")
-def get_completion(completion_id: int) -> Response:
-    row = _record_row(Completion, completion_id)
-    return _json(serializers.completion(row, _provider_name(row.provider_id)))
+@bp.get("/completions/<int:record_id>")
+def get_completion(record_id: int) -> Response:
+    return _one_record(Completion, serializers.completion, record_id)
 
 
-@bp.delete("/completions/<int:completion_id>")
-def delete_completion(completion_id: int) -> Response:
-    row = _record_row(Completion, completion_id)
-    Completion.update(deleted=True, updated_at=utcnow()).where(Completion.id == row.id).execute()
-    return _json(serializers.completion(_record_row(Completion, completion_id, deleted=True)))
+@bp.delete("/completions/<int:record_id>")
+def delete_completion(record_id: int) -> Response:
+    return _delete_record(Completion, serializers.completion, record_id)
 
 
 @bp.get("/embeddings")
 def list_embeddings() -> Response:
-    query = Embedding.select().where(Embedding.deleted == False)  # noqa: E712
-    if request.args.get("apiKeyId"):
-        query = query.where(Embedding.api_key == _int_arg("apiKeyId"))
-    if request.args.get("modelId"):
-        query = query.where(Embedding.model_id == _int_arg("modelId"))
-    if request.args.get("model"):
-        query = query.where(Embedding.model.startswith(request.args["model"]))
-    if request.args.get("status"):
-        query = query.where(Embedding.status == request.args["status"])
-    return _page(query, Embedding, serializers.embedding, default_limit=20)
+    return _list_records(Embedding, serializers.embedding, default_limit=20)
 
 
-@bp.get("/embeddings/<int:embedding_id>")
-def get_embedding(embedding_id: int) -> Response:
-    row = _record_row(Embedding, embedding_id)
-    return _json(serializers.embedding(row, _provider_name(row.provider_id)))
+@bp.get("/embeddings/<int:record_id>")
+def get_embedding(record_id: int) -> Response:
+    return _one_record(Embedding, serializers.embedding, record_id)
 
 
-@bp.delete("/embeddings/<int:embedding_id>")
-def delete_embedding(embedding_id: int) -> Response:
-    row = _record_row(Embedding, embedding_id)
-    Embedding.update(deleted=True, updated_at=utcnow()).where(Embedding.id == row.id).execute()
-    return _json(serializers.embedding(_record_row(Embedding, embedding_id, deleted=True)))
+@bp.delete("/embeddings/<int:record_id>")
+def delete_embedding(record_id: int) -> Response:
+    return _delete_record(Embedding, serializers.embedding, record_id)
 
 
 @bp.get("/usage")
@@ -485,21 +463,36 @@ def usage() -> Response:
     return _json({"total_prompt_tokens": int(prompt), "total_completion_tokens": int(completion)})
 
 
-def _page(
-    query: pw.ModelSelect, table: type[pw.Model], serialize: Any, default_limit: int
-) -> Response:
+def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
+    """A page of records, newest first, filtered by apiKeyId, modelId, model (prefix), status."""
+    query = table.select().where(table.deleted == False)  # noqa: E712
+    if request.args.get("apiKeyId"):
+        query = query.where(table.api_key == _int_arg("apiKeyId"))
+    if request.args.get("modelId"):
+        query = query.where(table.model_id == _int_arg("modelId"))
+    if request.args.get("model"):
+        query = query.where(table.model.startswith(request.args["model"]))
+    if request.args.get("status"):
+        query = query.where(table.status == request.args["status"])
     offset = _int_arg("offset", 0)
     limit = min(_int_arg("limit", default_limit), 1000)
     total = query.count()  # the filters apply to the total too (NexusGate's did not)
     rows = list(query.order_by(table.id.desc()).offset(offset).limit(limit))
     names = _provider_names({r.provider_id for r in rows})
-    return _json(
-        {
-            "data": [serialize(r, names.get(r.provider_id)) for r in rows],
-            "total": total,
-            "from": offset,
-        }
-    )
+    data = [serialize(r, names.get(r.provider_id)) for r in rows]
+    return _json({"data": data, "total": total, "from": offset})
+
+
+def _one_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:
+    row = _record_row(table, record_id)
+    return _json(serialize(row, _provider_name(row.provider_id)))
+
+
+def _delete_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:
+    """Soft delete; answer with the row as it now is."""
+    row = _record_row(table, record_id)
+    table.update(deleted=True, updated_at=utcnow()).where(table.id == row.id).execute()
+    return _json(serialize(_record_row(table, record_id, deleted=True)))
 
 
 def _record_row(table: type[pw.Model], row_id: int, deleted: bool = False) -> Any:

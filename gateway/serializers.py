@@ -84,16 +84,30 @@ def model(row: Model) -> dict[str, Any]:
     }
 
 
-def completion(row: Completion, provider_name: str | None = None) -> dict[str, Any]:
+def _record(row: Completion | Embedding, provider_name: str | None) -> dict[str, Any]:
+    """The fields every call record has."""
     return {
         "id": row.id,
         "uid": row.uid,
         "apiKeyId": row.api_key_id,
-        "upstreamId": None,
         "modelId": row.model_id,
         "providerId": row.provider_id,
         "providerName": provider_name,
         "model": row.model,
+        "status": row.status,
+        "duration": _known(row.duration),
+        "error": row.error,
+        "attempts": row.attempts or [],
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deleted": row.deleted,
+    }
+
+
+def completion(row: Completion, provider_name: str | None = None) -> dict[str, Any]:
+    return {
+        **_record(row, provider_name),
+        "upstreamId": None,
         "apiFormat": row.api_format,
         "stream": row.stream,
         "prompt": row.prompt,
@@ -101,38 +115,18 @@ def completion(row: Completion, provider_name: str | None = None) -> dict[str, A
         "completion": row.completion or [],
         "completionTokens": _known(row.completion_tokens),
         "usage": row.usage,
-        "status": row.status,
         "ttft": _known(row.ttft),
-        "duration": _known(row.duration),
-        "error": row.error,
-        "attempts": row.attempts or [],
         "reqId": row.req_id,
         "sourceCompletionId": row.source_completion_id,
         "rating": row.rating,
-        "createdAt": iso(row.created_at),
-        "updatedAt": iso(row.updated_at),
-        "deleted": row.deleted,
     }
 
 
 def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "uid": row.uid,
-        "apiKeyId": row.api_key_id,
-        "modelId": row.model_id,
-        "providerId": row.provider_id,
-        "providerName": provider_name,
-        "model": row.model,
+        **_record(row, provider_name),
         "input": row.input,
         "inputTokens": _known(row.input_tokens),
         "embedding": row.embedding,
         "dimensions": row.dimensions,
-        "status": row.status,
-        "duration": _known(row.duration),
-        "error": row.error,
-        "attempts": row.attempts or [],
-        "createdAt": iso(row.created_at),
-        "updatedAt": iso(row.updated_at),
-        "deleted": row.deleted,
     }
