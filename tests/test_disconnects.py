@@ -7,6 +7,9 @@ upstream saw of its own response.
 
 from __future__ import annotations
 
+import json
+import socket
+import struct
 import time
 
 import openai
@@ -164,3 +167,71 @@ def test_an_upstream_error_event_fails_the_call(gateway_factory, fake) -> None: 
     (row,) = gw.wait_final(1)
     assert row["status"] == "failed" and "fake upstream failure" in row["error"]
     assert row["completion"][0]["content"] == words(3)
+
+
+def _raw_stream_request(gw: Gateway, key: str) -> socket.socket:
+    body = json.dumps({"model": "fake", "messages": PROMPT, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def test_a_half_closing_client_still_gets_the_whole_stream(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    # It sends its request, then shuts its side (FIN), and keeps reading: that is
+    # not a hang-up. The gateway probes instead of cutting it off.
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=h1;chunks=10;delay=0.1")
+    sock = _raw_stream_request(gw, route["key"])
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    sock.settimeout(10)
+    while b"[DONE]" not in received:
+        data = sock.recv(65536)
+        assert data, f"connection closed early after {received[-200:]!r}"
+        received += data
+    sock.close()
+    assert all(f"tok{i} ".encode() in received for i in range(10))
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "completed"
+
+
+def test_a_reset_connection_is_a_hang_up(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=h2;chunks=20;delay=0.05")
+    sock = _raw_stream_request(gw, route["key"])
+    sock.settimeout(10)
+    received = b""
+    while b"tok1 " not in received:
+        received += sock.recv(65536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == words(20)
+    assert fake.log("h2")[0]["outcome"] == "complete"
+
+
+def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # The watcher of each call must be gone before the connection's next request.
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=k1;chunks=3")
+    client = client_for(gw, route["key"])
+    for i in range(6):
+        if i % 2:
+            text = (
+                client.chat.completions.create(model="fake", messages=PROMPT)
+                .choices[0]
+                .message.content
+            )
+        else:
+            stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == words(3)
+    rows = gw.wait_final(6)
+    assert [r["status"] for r in rows] == ["completed"] * 6
