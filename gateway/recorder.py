@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,12 +39,12 @@ from gevent import monkey
 from gateway.config import INSTANCE
 from gateway.db import database, is_postgres
 from gateway.exchange import COMPLETION, EMBEDDING, Exchange
+from gateway.journal import Journal
 from gateway.models import ApiKey, Completion, Embedding, utcnow
 
 log = logging.getLogger(__name__)
 
 SWEPT_ERROR = "orphaned: the gateway process handling this call ended before it finished"
-_DATETIME_COLUMNS = ("created_at", "updated_at")
 
 
 class Recorder:
@@ -71,7 +70,7 @@ class Recorder:
         self.batch_size = int(cfg["RECORDER_BATCH"])
         self.linger = float(cfg["RECORDER_LINGER"])
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
-        self.journal_dir = Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal")
+        self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
         self.sweep_interval = float(cfg["SWEEP_INTERVAL"])
         # The longest a live call can keep its row pending, plus slack for shutdown.
         self.orphan_after = timedelta(seconds=float(cfg["CALL_TIMEOUT"]) + 120)
@@ -190,24 +189,13 @@ class Recorder:
             except peewee.DatabaseError:
                 _reset_connection()
                 log.exception("recorder: the database refused record %s; set aside", row["uid"])
-                self._journal([row], prefix="refused")
+                self.journal.append([row], prefix="refused")
 
     # -- the journal ----------------------------------------------------------
 
-    def _journal_path(self) -> Path:
-        return self.journal_dir / f"journal-{os.getpid()}.jsonl"
-
-    def _journal(self, rows: list[dict], prefix: str = "journal") -> None:
-        """Append rows to this process's journal (or its refused file), durably."""
-        self.journal_dir.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in rows)
-        path = self.journal_dir / f"{prefix}-{os.getpid()}.jsonl"
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if prefix == "journal":
-            self.journaled += len(rows)
+    def _journal(self, rows: list[dict]) -> None:
+        self.journal.append(rows)
+        self.journaled += len(rows)
 
     def _replay_loop(self) -> None:
         while True:
@@ -219,31 +207,24 @@ class Recorder:
 
     def _replay_once(self) -> None:
         """Write back this process's journal and any left by dead processes."""
-        if not self.journal_dir.is_dir():
-            return
-        for path in sorted(self.journal_dir.glob("journal-*.jsonl")):
-            pid = int(path.stem.split("-", 1)[1])
-            if pid != os.getpid() and _alive(pid):
-                continue
-            claimed = path.with_name(f"replaying-{os.getpid()}-{path.name}")
-            try:
-                path.rename(claimed)  # atomic: exactly one replayer owns it
-            except FileNotFoundError:
-                continue
-            rows = [
-                _from_json(json.loads(line)) for line in claimed.read_text().splitlines() if line
-            ]
-            try:
-                for start in range(0, len(rows), self.batch_size):
-                    write_rows(rows[start : start + self.batch_size])
-            except Exception:
-                _reset_connection()
-                claimed.rename(path)  # give it back; try again later
-                raise
-            claimed.unlink()
-            log.info("recorder: replayed %d journaled records from %s", len(rows), path.name)
+        try:
+            self.journal.replay(self._write_replayed)
+        except Exception:
+            _reset_connection()
+            raise
         # Writers that journaled while we replayed left a new file: keep journaling.
-        self._journaling = self._journal_path().exists()
+        self._journaling = self.journal.has_own()
+
+    def _write_replayed(self, rows: list[dict]) -> None:
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            try:
+                write_rows(batch)
+            except _UNREACHABLE:
+                raise  # still away: the journal file is given back
+            except peewee.DatabaseError:
+                _reset_connection()
+                self._write_each(batch)  # a refused row must not block the rest
 
     # -- the sweeper ----------------------------------------------------------
 
@@ -377,27 +358,6 @@ def _reset_connection() -> None:
             database.close()
     except peewee.PeeweeException:
         pass
-
-
-def _jsonable(row: dict) -> dict:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
-
-
-def _from_json(row: dict) -> dict:
-    for column in _DATETIME_COLUMNS:
-        if isinstance(row.get(column), str):
-            row[column] = datetime.fromisoformat(row[column])
-    return row
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 recorder = Recorder()

@@ -134,7 +134,7 @@ def test_database_down_journals_then_replays_everything(
         rec.record(second)
         assert rec.flush(5)
         assert rec.journaled == 3 and rec.writes == 0
-        journal = list(rec.journal_dir.glob("journal-*.jsonl"))
+        journal = list(rec.journal.directory.glob("journal-*.jsonl"))
         assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 3
     finally:
         database.initialize(real)
@@ -142,7 +142,7 @@ def test_database_down_journals_then_replays_everything(
     got = {r.uid: r for r in rows()}
     assert got[first.uid].status == "completed" and got[first.uid].completion_tokens == 4
     assert got[second.uid].status == "failed" and got[second.uid].error == "upstream 500"
-    assert not list(rec.journal_dir.glob("*.jsonl"))
+    assert not list(rec.journal.directory.glob("*.jsonl"))
     assert not rec._journaling
     # Back to direct writes.
     third = exchange(key_id)
@@ -165,7 +165,7 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
         rec.record(ex)
     assert rec.flush(5)
     assert sorted(r.uid for r in rows()) == sorted([good.uid, also_good.uid])
-    (refused,) = rec.journal_dir.glob("refused-*.jsonl")
+    (refused,) = rec.journal.directory.glob("refused-*.jsonl")
     assert poison.uid in refused.read_text()
     assert not rec._journaling, "one bad row must not divert every later write to the journal"
     later = exchange(key_id)
@@ -183,7 +183,7 @@ def test_drain_journals_what_it_could_not_write_in_time(
     ex.finish("completed")
     rec.record(ex)
     assert not rec.drain(0.05)
-    (path,) = rec.journal_dir.glob("journal-*.jsonl")
+    (path,) = rec.journal.directory.glob("journal-*.jsonl")
     assert ex.uid in path.read_text()
     rec._replay_once()
     assert [r.status for r in rows()] == ["completed"]

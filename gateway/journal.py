@@ -1,0 +1,108 @@
+"""Records the database could not take yet, kept durably on local disk (SPEC rule 8).
+
+File I/O only, no database: ``append`` writes rows to this process's
+``journal-<pid>.jsonl`` and fsyncs; ``replay`` hands whole files to a writer: this
+process's own, and those left by processes that have died. A file is claimed by an
+atomic rename, so exactly one replayer owns it; it is deleted once written and given
+back if the write fails. A claim left by a replayer that died is given back too.
+Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``
+for an operator to look at; they are never replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_DATETIME_COLUMNS = ("created_at", "updated_at")
+
+
+class Journal:
+    """One directory of journal files, shared by the processes of one host."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def own_path(self, prefix: str = "journal") -> Path:
+        return self.directory / f"{prefix}-{os.getpid()}.jsonl"
+
+    def append(self, rows: list[dict], prefix: str = "journal") -> None:
+        """Append rows to this process's file and make them durable."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in rows)
+        with open(self.own_path(prefix), "a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def has_own(self) -> bool:
+        """True while this process has rows waiting in its journal."""
+        return self.own_path().exists()
+
+    def replay(self, write: Callable[[list[dict]], None]) -> int:
+        """Give each claimable file's rows to ``write``; return how many were written."""
+        if not self.directory.is_dir():
+            return 0
+        self._reclaim_orphans()
+        written = 0
+        for path in sorted(self.directory.glob("journal-*.jsonl")):
+            if _pid_in(path.stem) != os.getpid() and _alive(_pid_in(path.stem)):
+                continue  # a live process replays its own journal
+            claimed = path.with_name(f"replaying-{os.getpid()}-{path.name}")
+            try:
+                path.rename(claimed)
+            except FileNotFoundError:
+                continue  # another replayer took it
+            rows = [
+                _from_json(json.loads(line)) for line in claimed.read_text().splitlines() if line
+            ]
+            try:
+                write(rows)
+            except BaseException:
+                claimed.rename(path)  # give it back; try again later
+                raise
+            claimed.unlink()
+            written += len(rows)
+            log.info("journal: replayed %d records from %s", len(rows), path.name)
+        return written
+
+    def _reclaim_orphans(self) -> None:
+        """Give back files claimed by a replayer that died before finishing."""
+        for claimed in self.directory.glob("replaying-*-journal-*.jsonl"):
+            replayer = int(claimed.name.split("-", 2)[1])
+            if replayer != os.getpid() and not _alive(replayer):
+                original = claimed.with_name(claimed.name.split("-", 2)[2])
+                with contextlib.suppress(FileNotFoundError):
+                    claimed.rename(original)
+
+
+def _pid_in(stem: str) -> int:
+    return int(stem.rsplit("-", 1)[1])
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+def _from_json(row: dict) -> dict:
+    for column in _DATETIME_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = datetime.fromisoformat(row[column])
+    return row
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it is someone else's
+    return True

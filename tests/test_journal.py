@@ -1,0 +1,82 @@
+"""The journal: durable appends, and replay that never loses or doubles a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.journal import Journal
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def rows(n: int) -> list[dict]:
+    return [
+        {"uid": f"u{i}", "status": "completed", "created_at": datetime(2026, 1, 1, 0, 0, i)}
+        for i in range(n)
+    ]
+
+
+def test_append_then_replay_round_trips_rows_and_datetimes(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(rows(2))
+    journal.append(rows(3)[2:])
+    assert journal.has_own()
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 3
+    assert got == rows(3)
+    assert not journal.has_own() and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_gives_the_file_back(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(rows(2))
+
+    def refuse(_: list[dict]) -> None:
+        raise ConnectionError("database still away")
+
+    with pytest.raises(ConnectionError):
+        journal.replay(refuse)
+    assert journal.has_own()
+    got: list[dict] = []
+    journal.replay(got.extend)
+    assert [r["uid"] for r in got] == ["u0", "u1"]
+
+
+def test_a_dead_process_journal_is_replayed_and_a_live_one_is_left_alone(tmp_path: Path) -> None:
+    dead, alive = dead_pid(), os.getppid()
+    for pid, uid in ((dead, "from-dead"), (alive, "from-live")):
+        (tmp_path / f"journal-{pid}.jsonl").write_text(json.dumps({"uid": uid}) + "\n")
+    got: list[dict] = []
+    Journal(tmp_path).replay(got.extend)
+    assert got == [{"uid": "from-dead"}]
+    assert (tmp_path / f"journal-{alive}.jsonl").exists()
+
+
+def test_a_claim_left_by_a_dead_replayer_is_given_back(tmp_path: Path) -> None:
+    dead = dead_pid()
+    (tmp_path / f"replaying-{dead}-journal-{dead}.jsonl").write_text(
+        json.dumps({"uid": "stranded"}) + "\n"
+    )
+    got: list[dict] = []
+    Journal(tmp_path).replay(got.extend)
+    assert got == [{"uid": "stranded"}]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_rows_are_kept_apart_and_never_replayed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(rows(1), prefix="refused")
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 0 and got == []
+    assert journal.own_path("refused").exists() and not journal.has_own()
