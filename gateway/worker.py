@@ -75,7 +75,10 @@ class GatewayWorker(GeventWorker):
 
     def run(self) -> None:
         guards = gevent.pool.Group()
-        guards.spawn(self._stop_calls_in_time)
+        guard = guards.spawn(self._stop_calls_in_time)
+        guard.link_exception(
+            lambda g: self.log.error("gateway: shutdown guard died", exc_info=g.exc_info)
+        )
         try:
             super().run()  # returns once gunicorn's own handlers are done
             self._finish_background()
