@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import peewee as pw
 from flask import Blueprint, Response, current_app, request
 
-from gateway import auth, serializers
+from gateway import auth, serializers, stats
 from gateway.adapters import PROVIDER_TYPES, endpoint
 from gateway.models import (
     MODEL_TYPES,
@@ -517,6 +517,14 @@ def usage() -> Response:
         query = query.where(Completion.api_key == _key_row(request.args["apiKey"]).id)
     prompt, completion = query.tuples().get()
     return _json({"total_prompt_tokens": int(prompt), "total_completion_tokens": int(completion)})
+
+
+@bp.get("/stats/overview")
+def stats_overview() -> Response:
+    range_key = request.args.get("range") or stats.DEFAULT_RANGE
+    if range_key not in stats.RANGES:
+        raise AdminError(400, f"range must be one of {', '.join(stats.RANGES)}")
+    return _json(serializers.overview(stats.overview(range_key)))
 
 
 def _page(
