@@ -45,7 +45,11 @@ class Seeded:
 def png(width: int = 64, height: int = 40) -> str:
     """A small gradient PNG as a data URL (an image a user might send)."""
     rows = b"".join(
-        b"\x00" + b"".join(bytes((40 + x * 3, 90 + y * 3, 200 - x)) for x in range(width))
+        b"\x00"
+        + b"".join(
+            bytes((40 + 180 * x // width, 90 + 120 * y // height, 200 - 120 * x // width))
+            for x in range(width)
+        )
         for y in range(height)
     )
 
@@ -160,35 +164,8 @@ def _traffic(out: Seeded, now: datetime) -> None:
 
 
 def _showcase(out: Seeded, now: datetime) -> None:
-    """The calls a person opens: aborted, pending, failed, reasoning, tools, image, replay."""
+    """The calls a person opens, oldest first, as the recorder would have numbered them."""
     story = "Once upon a time, a lighthouse keeper counted the ships. " * 6
-    _call(
-        out,
-        "aborted",
-        "gpt-4o",
-        "support",
-        created_at=now - timedelta(minutes=4),
-        status="aborted",
-        stream=True,
-        prompt={"messages": [{"role": "user", "content": "Tell me a long story about the sea."}]},
-        completion=[{"role": "assistant", "content": story.strip()}],
-        prompt_tokens=14,
-        completion_tokens=412,
-        usage={"input_tokens": 14, "output_tokens": 412},
-        ttft=388,
-        duration=7_912,
-    )
-    _call(
-        out,
-        "pending",
-        "claude-sonnet-4",
-        "pipeline",
-        created_at=now - timedelta(seconds=20),
-        status="pending",
-        stream=True,
-        api_format="anthropic",
-        prompt={"messages": [{"role": "user", "content": "Draft the quarterly report outline."}]},
-    )
     _call(
         out,
         "failed",
@@ -250,6 +227,22 @@ def _showcase(out: Seeded, now: datetime) -> None:
         ttft=912,
         duration=4_204,
     )
+    _call(
+        out,
+        "aborted",
+        "gpt-4o",
+        "support",
+        created_at=now - timedelta(minutes=4),
+        status="aborted",
+        stream=True,
+        prompt={"messages": [{"role": "user", "content": "Tell me a long story about the sea."}]},
+        completion=[{"role": "assistant", "content": story.strip()}],
+        prompt_tokens=14,
+        completion_tokens=412,
+        usage={"input_tokens": 14, "output_tokens": 412},
+        ttft=388,
+        duration=7_912,
+    )
     weather = {
         "type": "function",
         "function": {
@@ -270,7 +263,14 @@ def _showcase(out: Seeded, now: datetime) -> None:
         status="completed",
         prompt={
             "messages": [
-                {"role": "user", "content": "What's the weather in Hangzhou and in Oslo?"},
+                {"role": "system", "content": "You plan trips. Use the tools for live data."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Here is my route. Weather in Hangzhou and Oslo?"},
+                        {"type": "image_url", "image_url": {"url": png(96, 48), "detail": "low"}},
+                    ],
+                },
                 {
                     "role": "assistant",
                     "content": None,
@@ -297,7 +297,9 @@ def _showcase(out: Seeded, now: datetime) -> None:
         completion=[
             {
                 "role": "assistant",
-                "content": None,
+                "content": "Hangzhou: 24 °C and rain. Checking Oslo next.",
+                "reasoning_content": "Hangzhou is answered; Oslo is still unknown, so call "
+                "get_weather again before planning the route.",
                 "tool_calls": [
                     {
                         "id": "call_2",
@@ -352,6 +354,18 @@ def _showcase(out: Seeded, now: datetime) -> None:
         req_id="req-7f3a",
         source_completion_id=source.id,
         duration=3,
+    )
+
+    _call(
+        out,
+        "pending",
+        "claude-sonnet-4",
+        "pipeline",
+        created_at=now - timedelta(seconds=20),
+        status="pending",
+        stream=True,
+        api_format="anthropic",
+        prompt={"messages": [{"role": "user", "content": "Draft the quarterly report outline."}]},
     )
 
 

@@ -518,3 +518,24 @@ def test_models_add_edit_delete_and_weights(client, seeded: Seeded) -> None:  # 
     post(client, f"/models/{added.id}/delete")
     with database.connection_context():
         assert Model.get_by_id(added.id).deleted
+
+
+def test_times_are_shown_in_the_configured_zone(
+    database_url: str, tmp_path, seeded: Seeded
+) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url,
+            "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+            "JOURNAL_DIR": str(tmp_path / "journal"),
+            "BABEL_DEFAULT_TIMEZONE": "Asia/Shanghai",
+        }
+    )
+    client = app.test_client()
+    login(client)
+    row = seeded.calls["aborted"]
+    page = text(client.get(f"/requests/{row.id}"))
+    assert "Times in Asia/Shanghai" in page
+    local = row.created_at.hour + 8
+    assert f"{(local - 1) % 12 + 1}:{row.created_at:%M:%S}" in page  # UTC+8, 12-hour clock
