@@ -148,10 +148,7 @@ def overview():
 
 @bp.get("/requests")
 def requests_list():
-    listing = records.listing(Completion, request.args)
-    return render_template(
-        "dashboard/requests.html", listing=listing, **records.names(listing.rows)
-    )
+    return _table(Completion, "dashboard/requests.html")
 
 
 @bp.get("/requests/<int:record_id>")
@@ -161,15 +158,17 @@ def request_detail(record_id: int):
 
 @bp.get("/embeddings")
 def embeddings_list():
-    listing = records.listing(Embedding, request.args)
-    return render_template(
-        "dashboard/embeddings.html", listing=listing, **records.names(listing.rows)
-    )
+    return _table(Embedding, "dashboard/embeddings.html")
 
 
 @bp.get("/embeddings/<int:record_id>")
 def embedding_detail(record_id: int):
     return render_template("dashboard/embedding.html", **records.detail(Embedding, record_id))
+
+
+def _table(table: Any, template: str) -> str:
+    listing = records.listing(table, request.args)
+    return render_template(template, listing=listing, **records.names(listing.rows))
 
 
 # -- API keys -------------------------------------------------------------------
