@@ -39,7 +39,7 @@ bp = Blueprint("dashboard", __name__)
 
 LANGUAGE_COOKIE = "lang"
 EXPIRY_DAYS = (7, 30, 90, 180, 365)
-OPEN = ("dashboard.login", "dashboard.language", "static")  # no session needed
+OPEN = ("dashboard.login", "dashboard.language")  # the pages a visitor without a session sees
 SECURITY_HEADERS = {
     # Scripts only from our own static folder: a prompt that smuggles markup in can't run.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: http: https:; "
@@ -183,7 +183,7 @@ def keys():
 def create_key():
     body = _form_body({"comment": str, "rpmLimit": int, "tpmLimit": int})
     days = request.form.get("expires", type=int)
-    if days:
+    if days in EXPIRY_DAYS:
         body["expiresAt"] = (datetime.now(UTC) + timedelta(days=days)).isoformat()
     row, key = ApiKey.issue(**admin_api.key_fields(body))
     # Shown in this answer only: not flashed (that would put it in the cookie), not stored.
