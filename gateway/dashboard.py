@@ -323,10 +323,9 @@ def edit_model(model_id: int):
     row = _live(Model, model_id)
     if request.method == "POST":
         clear = ("remoteId", "contextLength", "inputPrice", "outputPrice", "comment")
-        admin_api.edit_model(
-            row, admin_api.model_fields(_form_body(MODEL_FORM, clear), required=False)
-        )
-        flash(_("Model %(name)s saved.", name=row.system_name), "ok")
+        body = _form_body(MODEL_FORM, clear)
+        admin_api.edit_model(row, admin_api.model_fields(body, required=False))
+        flash(_("Model %(name)s saved.", name=body.get("systemName", row.system_name)), "ok")
         return redirect(url_for("dashboard.providers"))
     return render_template("dashboard/model_form.html", row=row)
 
