@@ -1,11 +1,17 @@
-# make run   set up and start the gateway on SQLite (PORT, DATABASE_URL, ADMIN_SUPER_SECRET honoured)
-# make test  set up and run the whole test suite
+# make run           set up and start the gateway on SQLite (PORT, DATABASE_URL, ADMIN_SUPER_SECRET honoured)
+# make test          set up and run the whole test suite
+# make translations  extract the dashboard's messages, update the catalogs, compile them
+# make screenshots   photograph every dashboard page in both languages into docs/screenshots/
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
+# Compiled catalogs are built here, never committed (.gitignore has *.mo).
+MO := translations/zh_CN/LC_MESSAGES/messages.mo
+PYBABEL_EXTRACT := $(BIN)/pybabel extract -F babel.cfg -k _l --no-wrap --project=gateway \
+	-o translations/messages.pot .
 
-.PHONY: run test lint format migrate bench clean
+.PHONY: run test lint format migrate bench clean translations browser screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +25,34 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.runtime
+$(MO): translations/zh_CN/LC_MESSAGES/messages.po | $(VENV)/.runtime
+	$(BIN)/pybabel compile -d translations
+
+translations: $(VENV)/.runtime
+	$(PYBABEL_EXTRACT)
+	$(BIN)/pybabel update -i translations/messages.pot -d translations --no-wrap
+	$(BIN)/pybabel compile -d translations
+
+# The browser tests drive Debian's Chromium and need a CJK font (apt, as root). When they
+# cannot be installed this says so and the tests fail with the same advice.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei) \
+		|| echo "make: could not install chromium and fonts-wqy-zenhei; the browser tests will fail"; \
+	fi
+
+run: $(VENV)/.runtime $(MO)
 	PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 migrate: $(VENV)/.runtime
 	$(BIN)/flask --app wsgi migrate
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(MO) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+screenshots: $(VENV)/.dev $(MO) browser
+	GATEWAY_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_browser.py \
+		-k without_javascript -p no:cacheprovider
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

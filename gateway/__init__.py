@@ -32,6 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             app.config[name] = os.environ[name]
     if config:
         app.config.update(config)
+    app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", str(ROOT / "translations"))
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
     logging.basicConfig(
         level=app.config["LOG_LEVEL"],
@@ -40,7 +41,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from werkzeug.exceptions import HTTPException
 
-    from gateway import admin_api, auth, cli, db, proxy, recorder, relay, routing, upstream
+    from gateway import (
+        admin_api,
+        auth,
+        cli,
+        dashboard,
+        db,
+        proxy,
+        recorder,
+        relay,
+        routing,
+        upstream,
+    )
     from gateway.errors import GatewayError
 
     db.init_app(app)
@@ -49,9 +61,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     relay.init_app(app)
     routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
     cli.init_app(app)
+    dashboard.init_app(app)
 
     app.register_blueprint(proxy.bp)
     app.register_blueprint(admin_api.bp)
+    app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)
     return app

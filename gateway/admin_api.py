@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import peewee as pw
 from flask import Blueprint, Response, current_app, request
 
-from gateway import auth, db, serializers
+from gateway import auth, db, serializers, stats
 from gateway.adapters import PROVIDER_TYPES, endpoint
 from gateway.models import (
     MODEL_TYPES,
@@ -78,15 +78,7 @@ def list_managed_keys() -> Response:
 
 @bp.post("/apiKey")
 def create_key() -> Response:
-    data = _fields(
-        _body(),
-        comment=(str, False),
-        expiresAt=(datetime, False),
-        rpmLimit=(int, False, 1),
-        tpmLimit=(int, False, 1),
-    )
-    key = ApiKey.generate()
-    row = ApiKey.create(key_hash=ApiKey.hash(key), key_hint=ApiKey.hint(key), **data)
+    row, key = ApiKey.issue(**key_fields(_body()))
     return _json({**serializers.api_key(row), "key": key}, 201)
 
 
@@ -98,9 +90,7 @@ def get_key(key: str) -> Response:
 @bp.delete("/apiKey/<key>")
 def revoke_key(key: str) -> Response:
     row = _key_row(key)
-    row.revoked, row.updated_at = True, utcnow()
-    row.save()
-    auth.keys.forget(row.key_hash)
+    revoke(row)
     return _json({"id": row.id, "key": row.key_hint, "revoked": True})
 
 
@@ -108,8 +98,7 @@ def revoke_key(key: str) -> Response:
 def set_key_limits(key: str) -> Response:
     data = _fields(_body(), rpmLimit=(int, True, 1), tpmLimit=(int, True, 1))
     row = _key_row(key)
-    ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    auth.keys.forget(row.key_hash)
+    set_limits(row, data)
     return _json(
         {"key": row.key_hint, "rpmLimit": data["rpm_limit"], "tpmLimit": data["tpm_limit"]}
     )
@@ -139,22 +128,38 @@ def ensure_key_by_external_id(external_id: str) -> Response:
         return _json(
             {"id": row.id, "key": row.key_hint, "created": False, "externalId": external_id}
         )
-    key = ApiKey.generate()
     try:
         with database.atomic():
-            row = ApiKey.create(
-                key_hash=ApiKey.hash(key),
-                key_hint=ApiKey.hint(key),
-                external_id=external_id,
-                source="operator",
-                **data,
-            )
+            row, key = ApiKey.issue(external_id=external_id, source="operator", **data)
     except pw.IntegrityError:  # another instance created it first
         row = ApiKey.get(ApiKey.external_id == external_id)
         return _json(
             {"id": row.id, "key": row.key_hint, "created": False, "externalId": external_id}
         )
     return _json({"id": row.id, "key": key, "created": True, "externalId": external_id}, 201)
+
+
+def key_fields(body: dict) -> dict[str, Any]:
+    """Check the fields of a new key (camelCase in, column names out)."""
+    return _fields(
+        body,
+        comment=(str, False),
+        expiresAt=(datetime, False),
+        rpmLimit=(int, False, 1),
+        tpmLimit=(int, False, 1),
+    )
+
+
+def revoke(row: ApiKey) -> None:
+    """Revoke a key; this worker stops accepting it at once."""
+    ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
+    auth.keys.forget(row.key_hash)
+
+
+def set_limits(row: ApiKey, data: dict[str, Any]) -> None:
+    """Change a key's RPM and TPM limits (column names in ``data``)."""
+    ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
+    auth.keys.forget(row.key_hash)
 
 
 def _key_row(key: str) -> ApiKey:
@@ -175,10 +180,7 @@ def list_providers() -> Response:
 
 @bp.post("/providers")
 def create_provider() -> Response:
-    data = _provider_fields(_body(), required=True)
-    _unique_provider_name(data["name"])
-    row = Provider.create(**data)
-    catalog.invalidate()
+    row = add_provider(provider_fields(_body(), required=True))
     return _json(serializers.provider(row), 201)
 
 
@@ -189,20 +191,13 @@ def get_provider(provider_id: int) -> Response:
 
 @bp.put("/providers/<int:provider_id>")
 def update_provider(provider_id: int) -> Response:
-    row = _provider_row(provider_id)
-    data = _provider_fields(_body(), required=False)
-    if "name" in data and data["name"] != row.name:
-        _unique_provider_name(data["name"])
-    Provider.update(**data, updated_at=utcnow()).where(Provider.id == row.id).execute()
-    catalog.invalidate()
+    edit_provider(_provider_row(provider_id), provider_fields(_body(), required=False))
     return _json(serializers.provider(_provider_row(provider_id)))
 
 
 @bp.delete("/providers/<int:provider_id>")
 def delete_provider(provider_id: int) -> Response:
-    row = _provider_row(provider_id)
-    Provider.update(deleted=True, updated_at=utcnow()).where(Provider.id == row.id).execute()
-    catalog.invalidate()
+    remove_provider(_provider_row(provider_id))
     return _json({"success": True})
 
 
@@ -217,7 +212,7 @@ def provider_models(provider_id: int) -> Response:
 def provider_remote_models(provider_id: int) -> Response:
     row = _provider_row(provider_id)
     try:
-        models = _remote_models(row)
+        models = remote_models(row)
     except UpstreamError as exc:
         return _json({"error": exc.describe()}, 502)
     return _json({"models": models})
@@ -228,13 +223,14 @@ def test_provider(provider_id: int) -> Response:
     """Ask the provider for its model list: proves the URL and the key work."""
     row = _provider_row(provider_id)
     try:
-        models = _remote_models(row)
+        models = remote_models(row)
     except UpstreamError as exc:
         return _json({"success": False, "error": exc.describe()}, 502)
     return _json({"success": True, "message": f"{len(models)} models found", "models": models})
 
 
-def _remote_models(row: Provider) -> list[dict]:
+def remote_models(row: Provider) -> list[dict]:
+    """The provider's own model list: proves its URL and key work (UpstreamError if not)."""
     url, headers = endpoint(row.type, row.base_url, row.api_key, row.api_version, "", "models")
     resp = upstream.get(url, headers)
     try:
@@ -251,7 +247,8 @@ def _remote_models(row: Provider) -> list[dict]:
     ]
 
 
-def _provider_fields(body: dict, *, required: bool) -> dict[str, Any]:
+def provider_fields(body: dict, *, required: bool) -> dict[str, Any]:
+    """Check a provider's fields (camelCase in, column names out)."""
     data = _fields(
         body,
         name=(str, required),
@@ -273,6 +270,28 @@ def _provider_fields(body: dict, *, required: bool) -> dict[str, Any]:
     if data.get("api_version") and len(data["api_version"]) > 31:
         raise AdminError(400, "apiVersion must be at most 31 characters")
     return data
+
+
+def add_provider(data: dict[str, Any]) -> Provider:
+    """Create a provider from checked fields; 409 if a live one has that name."""
+    _unique_provider_name(data["name"])
+    row = Provider.create(**data)
+    catalog.invalidate()
+    return row
+
+
+def edit_provider(row: Provider, data: dict[str, Any]) -> None:
+    """Change a provider's checked fields."""
+    if "name" in data and data["name"] != row.name:
+        _unique_provider_name(data["name"])
+    Provider.update(**data, updated_at=utcnow()).where(Provider.id == row.id).execute()
+    catalog.invalidate()
+
+
+def remove_provider(row: Provider) -> None:
+    """Soft-delete a provider; its models stop serving."""
+    Provider.update(deleted=True, updated_at=utcnow()).where(Provider.id == row.id).execute()
+    catalog.invalidate()
 
 
 def _unique_provider_name(name: str) -> None:
@@ -300,22 +319,7 @@ def list_models() -> Response:
 
 @bp.post("/models")
 def create_model() -> Response:
-    data = _model_fields(_body(), required=True)
-    provider = _provider_row(data.pop("provider_id"))
-    existing = Model.get_or_none(
-        (Model.provider == provider) & (Model.system_name == data["system_name"])
-    )
-    if existing is not None and not existing.deleted:
-        raise AdminError(409, f"Model '{data['system_name']}' already exists on this provider")
-    if existing is not None:  # bring a deleted model back rather than fail on the unique index
-        Model.update(**data, deleted=False, updated_at=utcnow()).where(
-            Model.id == existing.id
-        ).execute()
-        row = Model.get_by_id(existing.id)
-    else:
-        row = Model.create(provider=provider, **data)
-    catalog.invalidate()
-    return _json(serializers.model(row), 201)
+    return _json(serializers.model(add_model(model_fields(_body(), required=True))), 201)
 
 
 @bp.get("/models/system-names")
@@ -341,7 +345,12 @@ def models_by_system_name(system_name: str) -> Response:
 
 @bp.put("/models/by-system-name/<path:system_name>/weights")
 def set_weights(system_name: str) -> Response:
-    weights = _body().get("weights")
+    apply_weights(unquote(system_name), _body().get("weights"))
+    return models_by_system_name(system_name)
+
+
+def apply_weights(system_name: str, weights: Any) -> None:
+    """Set the load-balancing weights ``[{modelId, weight}]`` of one system name's models."""
     if not isinstance(weights, list) or not all(
         isinstance(w, dict)
         and isinstance(w.get("modelId"), int)
@@ -350,17 +359,16 @@ def set_weights(system_name: str) -> Response:
         for w in weights
     ):
         raise AdminError(400, "weights must be a list of {modelId, weight >= 0}")
-    ids = {m.id for m in Model.active().where(Model.system_name == unquote(system_name))}
+    ids = {m.id for m in Model.active().where(Model.system_name == system_name)}
     foreign = [w["modelId"] for w in weights if w["modelId"] not in ids]
     if foreign:
-        raise AdminError(400, f"models {foreign} do not serve '{unquote(system_name)}'")
+        raise AdminError(400, f"models {foreign} do not serve '{system_name}'")
     with database.atomic():
         for w in weights:
             Model.update(weight=float(w["weight"]), updated_at=utcnow()).where(
                 Model.id == w["modelId"]
             ).execute()
     catalog.invalidate()
-    return models_by_system_name(system_name)
 
 
 @bp.get("/models/<int:model_id>")
@@ -370,8 +378,37 @@ def get_model(model_id: int) -> Response:
 
 @bp.put("/models/<int:model_id>")
 def update_model(model_id: int) -> Response:
-    row = _model_row(model_id)
-    data = _model_fields(_body(), required=False)
+    edit_model(_model_row(model_id), model_fields(_body(), required=False))
+    return _json(serializers.model(_model_row(model_id)))
+
+
+@bp.delete("/models/<int:model_id>")
+def delete_model(model_id: int) -> Response:
+    remove_model(_model_row(model_id))
+    return _json({"success": True})
+
+
+def add_model(data: dict[str, Any]) -> Model:
+    """Create a model from checked fields (or bring back a deleted one of that name)."""
+    provider = _provider_row(data.pop("provider_id"))
+    existing = Model.get_or_none(
+        (Model.provider == provider) & (Model.system_name == data["system_name"])
+    )
+    if existing is not None and not existing.deleted:
+        raise AdminError(409, f"Model '{data['system_name']}' already exists on this provider")
+    if existing is not None:  # bring a deleted model back rather than fail on the unique index
+        Model.update(**data, deleted=False, updated_at=utcnow()).where(
+            Model.id == existing.id
+        ).execute()
+        row = Model.get_by_id(existing.id)
+    else:
+        row = Model.create(provider=provider, **data)
+    catalog.invalidate()
+    return row
+
+
+def edit_model(row: Model, data: dict[str, Any]) -> None:
+    """Change a model's checked fields; its provider stays."""
     if data.pop("provider_id", row.provider_id) != row.provider_id:
         raise AdminError(400, "providerId cannot be changed; create a model on the other provider")
     try:
@@ -379,18 +416,16 @@ def update_model(model_id: int) -> Response:
     except pw.IntegrityError as exc:
         raise AdminError(409, "Another model of this provider has that system name") from exc
     catalog.invalidate()
-    return _json(serializers.model(_model_row(model_id)))
 
 
-@bp.delete("/models/<int:model_id>")
-def delete_model(model_id: int) -> Response:
-    row = _model_row(model_id)
+def remove_model(row: Model) -> None:
+    """Soft-delete a model; it stops serving."""
     Model.update(deleted=True, updated_at=utcnow()).where(Model.id == row.id).execute()
     catalog.invalidate()
-    return _json({"success": True})
 
 
-def _model_fields(body: dict, *, required: bool) -> dict[str, Any]:
+def model_fields(body: dict, *, required: bool) -> dict[str, Any]:
+    """Check a model's fields (camelCase in, column names out)."""
     data = _fields(
         body,
         providerId=(int, required),
@@ -463,6 +498,14 @@ def usage() -> Response:
     return _json({"total_prompt_tokens": int(prompt), "total_completion_tokens": int(completion)})
 
 
+@bp.get("/stats/overview")
+def stats_overview() -> Response:
+    range_key = request.args.get("range") or stats.DEFAULT_RANGE
+    if range_key not in stats.RANGES:
+        raise AdminError(400, f"range must be one of {', '.join(stats.RANGES)}")
+    return _json(serializers.overview(stats.overview(range_key)))
+
+
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
     """A page of records, newest first, filtered by apiKeyId, modelId, model (prefix), status."""
     query = table.select().where(table.deleted == False)  # noqa: E712
@@ -478,7 +521,7 @@ def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> 
     limit = min(_int_arg("limit", default_limit), 1000)
     total = query.count()  # the filters apply to the total too (NexusGate's did not)
     rows = list(query.order_by(table.id.desc()).offset(offset).limit(limit))
-    names = _provider_names({r.provider_id for r in rows})
+    names = provider_names({r.provider_id for r in rows})
     data = [serialize(r, names.get(r.provider_id)) for r in rows]
     return _json({"data": data, "total": total, "from": offset})
 
@@ -506,10 +549,11 @@ def _record_row(table: type[pw.Model], row_id: int, deleted: bool = False) -> An
 
 
 def _provider_name(provider_id: int | None) -> str | None:
-    return _provider_names({provider_id}).get(provider_id)
+    return provider_names({provider_id}).get(provider_id)
 
 
-def _provider_names(ids: set[int | None]) -> dict[int, str]:
+def provider_names(ids: set[int | None]) -> dict[int, str]:
+    """Provider id -> name, deleted providers included (old records name them)."""
     ids = {i for i in ids if i is not None}
     if not ids:
         return {}

@@ -46,9 +46,8 @@ def prepare_command(url: str | None) -> None:
 @click.option("--comment", default=None)
 def create_key_command(comment: str | None) -> None:
     """Create a gateway API key and print it (shown only this once)."""
-    key = ApiKey.generate()
     with db.database.connection_context():
-        ApiKey.create(key_hash=ApiKey.hash(key), key_hint=ApiKey.hint(key), comment=comment)
+        _, key = ApiKey.issue(comment=comment)
     click.echo(key)
 
 

@@ -67,6 +67,12 @@ class ApiKey(BaseModel):
         return f"{key[:7]}…{key[-4:]}"
 
     @classmethod
+    def issue(cls, **fields: object) -> tuple[ApiKey, str]:
+        """Create a key row; return it and the key, whose plaintext is not kept."""
+        key = cls.generate()
+        return cls.create(key_hash=cls.hash(key), key_hint=cls.hint(key), **fields), key
+
+    @classmethod
     def by_key(cls, key: str) -> ApiKey | None:
         """The row for a plaintext key, revoked or not."""
         return cls.get_or_none(cls.key_hash == cls.hash(key))

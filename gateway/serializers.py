@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
+from gateway.stats import Overview, success_rate
 
 UNKNOWN = -1
 
@@ -129,4 +130,56 @@ def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any
         "inputTokens": _known(row.input_tokens),
         "embedding": row.embedding,
         "dimensions": row.dimensions,
+    }
+
+
+def overview(stats: Overview) -> dict[str, Any]:
+    """``GET /stats/overview`` in NexusGate's fields."""
+    # As NexusGate: rates in percent (100 when nothing finished), whole milliseconds,
+    # 0 for an average of nothing. Extra fields: byStatus and per-bucket tokens.
+
+    def percent(rate: float | None) -> float:
+        return 100.0 if rate is None else round(rate * 100, 2)
+
+    def ms(value: float | None) -> int:
+        return 0 if value is None else round(value)
+
+    return {
+        "range": stats.range,
+        "bucketSeconds": stats.bucket_seconds,
+        "summary": {
+            "totalRequests": stats.requests,
+            "completionsCount": stats.completions.total(),
+            "embeddingsCount": stats.embeddings.total(),
+            "completionsSuccessRate": percent(success_rate(stats.completions)),
+            "embeddingsSuccessRate": percent(success_rate(stats.embeddings)),
+            "avgDuration": ms(stats.avg_duration),
+            "avgTTFT": ms(stats.avg_ttft),
+            "byStatus": dict(stats.completions + stats.embeddings),
+        },
+        "tokenUsage": {
+            "promptTokens": stats.prompt_tokens,
+            "completionTokens": stats.completion_tokens,
+            "embeddingTokens": stats.embedding_tokens,
+            "totalTokens": stats.tokens,
+        },
+        "modelDistribution": [
+            {"model": model, "count": count, "type": kind} for model, count, kind in stats.models
+        ],
+        "timeSeries": [
+            {
+                "timestamp": iso(b.start),
+                "completionsCount": b.completions.total(),
+                "embeddingsCount": b.embeddings.total(),
+                "completionsFailed": b.completions["failed"],
+                "embeddingsFailed": b.embeddings["failed"],
+                "avgDuration": ms(b.duration.value),
+                "avgTTFT": ms(b.ttft.value),
+                "byStatus": dict(b.statuses),
+                "promptTokens": b.prompt_tokens,
+                "completionTokens": b.completion_tokens,
+                "embeddingTokens": b.embedding_tokens,
+            }
+            for b in stats.buckets
+        ],
     }

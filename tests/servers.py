@@ -106,7 +106,7 @@ class Gateway:
             raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
         try:
             return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # listening, worker not up yet
             return False
 
     def log(self) -> str:

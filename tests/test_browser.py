@@ -1,0 +1,196 @@
+"""The dashboard in a real browser: Debian's Chromium, driven by Playwright, against gunicorn.
+
+A person's path: log in, switch to Chinese, find the aborted request by its amber
+已中止 badge, open it, create a key and revoke it. Then every page, in both
+languages with JavaScript off, photographed (``GATEWAY_SCREENSHOTS`` chooses where;
+``make screenshots`` refreshes docs/screenshots/).
+
+Needs ``/usr/bin/chromium`` and a CJK font (``apt-get install chromium
+fonts-wqy-zenhei``; ``make test`` installs them). Without them these tests fail: a
+skip would pass for a check that never ran. Playwright's own browser downloads are
+not used (they cannot be fetched here).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from gateway.db import database
+from gateway.models import ApiKey
+from tests.dashboard_seed import Seeded, seed
+from tests.servers import ADMIN_SECRET, ROOT, Gateway
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking switches Chromium dials out at start, and a closed
+# network refuses it slowly.
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = Path(os.environ.get("GATEWAY_SCREENSHOTS") or ROOT / "tests" / ".artifacts" / "shots")
+AMBER = "rgb(245, 158, 11)"  # --aborted in static/dashboard.css
+LANGUAGES = {"en": "en-US,en;q=0.9", "zh_CN": "zh-CN,zh;q=0.9"}
+
+
+def _missing() -> list[str]:
+    missing = [] if CHROMIUM.exists() else ["chromium"]
+    fonts = (
+        shutil.which("fc-list")
+        and subprocess.run(
+            ["fc-list", ":lang=zh"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
+    return missing if fonts else [*missing, "fonts-wqy-zenhei"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    missing = _missing()
+    if missing:
+        pytest.fail(
+            f"the browser tests need Debian's {' and '.join(missing)}: "
+            f"apt-get install -y chromium fonts-wqy-zenhei (make test does it as root)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def dashboard(app, gateway_factory) -> tuple[Gateway, Seeded]:  # type: ignore[no-untyped-def]
+    with database.connection_context():
+        seeded = seed()
+    return gateway_factory(), seeded
+
+
+def open_page(browser: Browser, lang: str = "en", **options: object) -> Page:
+    context = browser.new_context(
+        viewport={"width": 1366, "height": 900},
+        locale=LANGUAGES[lang].split(",")[0],
+        extra_http_headers={"Accept-Language": LANGUAGES[lang]},
+        **options,
+    )
+    context.set_default_timeout(15_000)
+    return context.new_page()
+
+
+def log_in(page: Page, gw: Gateway) -> None:
+    page.goto(f"{gw.url}/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    page.fill("input[name=secret]", ADMIN_SECRET)
+    page.locator("form.signin button[type=submit]").click()
+    expect(page).to_have_url(f"{gw.url}/")
+
+
+def chat_status(gw: Gateway, key: str) -> int:
+    """A chat call with ``key`` for a model nobody serves: 404 if the key works, else 401."""
+    body = {"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}
+    return requests.post(
+        f"{gw.url}/v1/chat/completions", json=body, headers={"x-api-key": key}, timeout=10
+    ).status_code
+
+
+def test_a_person_finds_an_aborted_call_in_chinese_and_manages_a_key(
+    browser: Browser, dashboard: tuple[Gateway, Seeded]
+) -> None:
+    gw, seeded = dashboard
+    page = open_page(browser, "en")
+    log_in(page, gw)
+    expect(page.locator("h1")).to_have_text("Overview")
+    expect(page.locator("svg.chart").first).to_be_visible()
+
+    page.locator("button[name=lang][value=zh_CN]").click()
+    expect(page.locator("h1")).to_have_text("概览")
+    page.locator("nav.side").get_by_text("请求", exact=True).click()
+
+    badge = page.locator("tr.row-link .badge.aborted")
+    expect(badge).to_have_count(1)
+    expect(badge).to_have_text("已中止")
+    assert badge.evaluate("e => getComputedStyle(e).backgroundColor") == AMBER
+    assert "客户端已断开连接" in badge.get_attribute("title")
+    page.locator("tr.row-link", has=page.locator(".badge.aborted")).locator("a").click()
+
+    expect(page).to_have_url(f"{gw.url}/requests/{seeded.calls['aborted'].id}")
+    expect(page.locator("h1")).to_contain_text("请求")
+    expect(page.locator("h1 .badge")).to_have_text("已中止")
+    answer = page.locator(".msg.assistant .text")
+    expect(answer).to_contain_text("Once upon a time, a lighthouse keeper")
+    expect(page.get_by_text("完整的回答仍已记录")).to_be_visible()
+
+    page.locator("nav.side").get_by_text("API 密钥", exact=True).click()
+    page.get_by_text("新建 API 密钥", exact=True).click()
+    page.fill("input[name=comment]", "浏览器测试")
+    page.select_option("select[name=expires]", "7")
+    page.get_by_role("button", name="创建密钥").click()
+    key = page.input_value("#new-key")
+    assert re.fullmatch(r"sk-[0-9a-f]{32}", key)
+    copy = page.locator("button[data-copy=new-key]")
+    expect(copy).to_be_visible()  # JavaScript on: the copy button is offered
+    assert chat_status(gw, key) == 404  # the key works
+
+    hint = f"{key[:7]}…{key[-4:]}"
+    row = page.locator("tr", has_text=hint)
+    row.locator("summary", has_text="撤销").click()
+    row.get_by_role("button", name="是").click()
+    expect(page.locator(".flash.ok")).to_have_text(f"密钥 {hint} 已撤销。")
+    expect(page.locator("tr", has_text=hint)).to_have_count(0)
+    assert chat_status(gw, key) == 401
+    with database.connection_context():
+        assert ApiKey.by_key(key).revoked
+
+
+PAGES = [
+    ("overview", "/"),
+    ("requests", "/requests"),
+    ("request-aborted", "/requests/{aborted}"),
+    ("request-tools", "/requests/{tools}"),
+    ("request-failed", "/requests/{failed}"),
+    ("embeddings", "/embeddings"),
+    ("embedding", "/embeddings/{e1}"),
+    ("keys", "/keys"),
+    ("providers", "/providers"),
+]
+
+
+@pytest.mark.parametrize("lang", list(LANGUAGES))
+def test_every_page_works_without_javascript(
+    browser: Browser, dashboard: tuple[Gateway, Seeded], lang: str
+) -> None:
+    gw, seeded = dashboard
+    ids = {name: row.id for name, row in {**seeded.calls, **seeded.embeddings}.items()}
+    page = open_page(browser, lang, java_script_enabled=False)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{gw.url}/login")
+    page.screenshot(path=SHOTS / f"login.{lang}.png")
+    log_in(page, gw)
+    for name, path in PAGES:
+        response = page.goto(gw.url + path.format(**ids))
+        assert response.status == 200, path
+        expect(page.locator("h1")).not_to_be_empty()
+        page.screenshot(path=SHOTS / f"{name}.{lang}.png", full_page=True)
+    # A form round trip with no script: create a key, shown once without a copy button.
+    page.goto(f"{gw.url}/keys")
+    page.locator("details.add > summary").click()
+    page.fill("input[name=comment]", "no-js")
+    page.locator("details.add button[type=submit]").click()
+    assert re.fullmatch(r"sk-[0-9a-f]{32}", page.input_value("#new-key"))
+    expect(page.locator("button[data-copy=new-key]")).to_be_hidden()
