@@ -2,14 +2,16 @@
 # make test          set up and run the whole test suite
 # make translations  extract the dashboard's messages, update the catalogs, compile them
 # make screenshots   photograph every dashboard page in both languages into docs/screenshots/
+SHELL := /bin/bash  # translations compares with process substitution
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 # Compiled catalogs are built here, never committed (.gitignore has *.mo).
 MO := translations/zh_CN/LC_MESSAGES/messages.mo
+POT := translations/messages.pot
 PYBABEL_EXTRACT := $(BIN)/pybabel extract -F babel.cfg -k _l --no-wrap --project=gateway \
-	-o translations/messages.pot .
+	-o $(POT).new .
 
 .PHONY: run test lint format migrate bench clean translations browser screenshots
 
@@ -28,9 +30,13 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
 $(MO): translations/zh_CN/LC_MESSAGES/messages.po | $(VENV)/.runtime
 	$(BIN)/pybabel compile -d translations
 
+# A fresh extraction that differs only in its creation date leaves the catalogs as they
+# are, so running this twice changes nothing.
 translations: $(VENV)/.runtime
 	$(PYBABEL_EXTRACT)
-	$(BIN)/pybabel update -i translations/messages.pot -d translations --no-wrap
+	@if diff -q <(grep -v '^"POT-Creation-Date' $(POT)) <(grep -v '^"POT-Creation-Date' $(POT).new) >/dev/null; \
+		then rm $(POT).new; else mv $(POT).new $(POT); fi
+	$(BIN)/pybabel update -i $(POT) -d translations --no-wrap --ignore-pot-creation-date
 	$(BIN)/pybabel compile -d translations
 
 # The browser tests drive Debian's Chromium and need a CJK font (apt, as root). When they

@@ -31,7 +31,18 @@ from flask_babel import gettext as _
 from flask_babel import ngettext
 from werkzeug.exceptions import HTTPException
 
-from gateway import admin_api, auth, charts, i18n, records, serializers, sessions, stats, transcript
+from gateway import (
+    admin_api,
+    auth,
+    charts,
+    db,
+    i18n,
+    records,
+    serializers,
+    sessions,
+    stats,
+    transcript,
+)
 from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
 
@@ -56,6 +67,7 @@ SECURITY_HEADERS = {
 
 @bp.before_request
 def _guard() -> Response | None:
+    db.connect()  # every page reads the database; /v1 requests do not connect at all
     if request.method == "POST" and not sessions.csrf_valid(request.form.get("csrf_token")):
         abort(400, _("The form expired. Reload the page and try again."))
     if request.endpoint not in OPEN and not sessions.logged_in():
