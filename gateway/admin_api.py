@@ -520,7 +520,9 @@ def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> 
     offset = _int_arg("offset", 0)
     limit = min(_int_arg("limit", default_limit), 1000)
     total = query.count()  # the filters apply to the total too (NexusGate's did not)
-    rows = list(query.order_by(table.id.desc()).offset(offset).limit(limit))
+    rows = list(
+        query.order_by(table.created_at.desc(), table.id.desc()).offset(offset).limit(limit)
+    )
     names = provider_names({r.provider_id for r in rows})
     data = [serialize(r, names.get(r.provider_id)) for r in rows]
     return _json({"data": data, "total": total, "from": offset})

@@ -117,7 +117,10 @@ def listing(table: Any, args: Mapping[str, str]) -> Listing:
         query = query.where(table.created_at >= utcnow() - timedelta(seconds=RANGES[found.range]))
     found.total = query.count()
     found.page = min(max(1, _int(args.get("page")) or 1), found.pages)
-    found.rows = list(query.order_by(table.id.desc()).paginate(found.page, found.size))
+    # By when the call arrived: ids follow write order, which the recorder may batch.
+    found.rows = list(
+        query.order_by(table.created_at.desc(), table.id.desc()).paginate(found.page, found.size)
+    )
     return found
 
 

@@ -223,7 +223,9 @@ def test_completions_list_filters_and_its_total_honours_them(admin, db) -> None:
 
     status, page = admin("GET", "/completions")
     assert status == 200 and page["total"] == 6 and page["from"] == 0
-    assert [r["id"] for r in page["data"]] == sorted((r["id"] for r in page["data"]), reverse=True)
+    assert [r["createdAt"] for r in page["data"]] == sorted(
+        (r["createdAt"] for r in page["data"]), reverse=True
+    )
     assert admin("GET", f"/completions?apiKeyId={key.id}")[1]["total"] == 5
     assert admin("GET", "/completions?status=completed")[1]["total"] == 3
     assert admin("GET", f"/completions?apiKeyId={key.id}&model=m1")[1]["total"] == 2
