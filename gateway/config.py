@@ -45,6 +45,7 @@ DEFAULTS: dict[str, object] = {
     "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
     "JOURNAL_DIR": None,  # None: instance/journal
     "SWEEP_INTERVAL": 60.0,
+    "SWEEP_AFTER": None,  # seconds a row may stay pending; None: CALL_TIMEOUT + 120
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
     "LOG_LEVEL": "INFO",
 }

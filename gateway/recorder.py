@@ -73,7 +73,10 @@ class Recorder:
         self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
         self.sweep_interval = float(cfg["SWEEP_INTERVAL"])
         # The longest a live call can keep its row pending, plus slack for shutdown.
-        self.orphan_after = timedelta(seconds=float(cfg["CALL_TIMEOUT"]) + 120)
+        after = cfg["SWEEP_AFTER"]
+        self.orphan_after = timedelta(
+            seconds=float(after if after is not None else cfg["CALL_TIMEOUT"] + 120)
+        )
         # Only a gevent server (a worker, or the test process) writes in the
         # background; a CLI command builds the app without needing the greenlets.
         if self._started or not monkey.is_module_patched("socket"):
