@@ -5,7 +5,9 @@ Anthropic Messages, embeddings and model lists, streaming and not, with its own
 renderers (never the gateway's, so a bug cannot cancel itself out).
 
 Each call is scripted by its model name: ``name;key=value;...`` e.g.
-``fake;chunks=10;delay=0.05;stall_at=3;stall_for=2``. Keys:
+``fake;chunks=10;delay=0.05;stall_at=3;stall_for=2``, and by an ``X-Fake-Script:
+key=value;...`` request header whose keys win (so one model can serve calls scripted
+apart; the gateway forwards client headers). Keys:
 
   id=S          names the call in the log (default: a counter)
   chunks=N      text pieces in the answer (default 5), "tok0 tok1 ..."
@@ -16,6 +18,8 @@ Each call is scripted by its model name: ``name;key=value;...`` e.g.
   status=N      answer with HTTP status N and an error body
   fail_times=N  answer status (default 500) to the first N calls with this id
   reasoning=N   N reasoning pieces first;  tools=N  N tool calls after the text
+  finish=length the answer was cut at its token limit (length, max_tokens, incomplete)
+  usage=0       embeddings: answer without usage
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
 
@@ -35,8 +39,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -94,6 +100,7 @@ class Plan:
         self.stall_for = float(script.get("stall_for", 0))
         self.drop_at = int(script.get("drop_at", -1))
         self.cache = int(script.get("cache", 0))
+        self.cut = script.get("finish") == "length"
         self.input_tokens = prompt_words(body) + 3
         self.text_pieces = [f"tok{i} " for i in range(self.chunks)]
         self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
@@ -107,6 +114,14 @@ class Plan:
     @property
     def text(self) -> str:
         return "".join(self.text_pieces)
+
+    @property
+    def chat_finish(self) -> str:
+        return "length" if self.cut else "tool_calls" if self.tools else "stop"
+
+    @property
+    def anthropic_stop(self) -> str:
+        return "max_tokens" if self.cut else "tool_use" if self.tools else "end_turn"
 
     def pace(self, index: int) -> None:
         """Sleep before piece ``index``; drop the connection if told to."""
@@ -167,7 +182,7 @@ def chat_stream(plan: Plan, body: dict) -> list:
             b'data: {"error": {"message": "fake upstream failure", "type": "server_error"}}\n\n'
         )
         return events
-    events.append(chunk({}, "tool_calls" if plan.tools else "stop"))
+    events.append(chunk({}, plan.chat_finish))
     if with_usage:
         events.append(
             b"data: "
@@ -200,7 +215,7 @@ def chat_answer(plan: Plan, body: dict) -> dict:
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": "tool_calls" if plan.tools else "stop",
+                "finish_reason": plan.chat_finish,
             }
         ],
         "usage": plan.usage_openai(),
@@ -287,7 +302,7 @@ def anthropic_stream(plan: Plan, body: dict) -> list:
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": "tool_use" if plan.tools else "end_turn",
+                    "stop_reason": plan.anthropic_stop,
                     "stop_sequence": None,
                 },
                 "usage": {"output_tokens": plan.output_tokens},
@@ -324,7 +339,7 @@ def anthropic_answer(plan: Plan, body: dict) -> dict:
         "role": "assistant",
         "content": content,
         "model": body["model"],
-        "stop_reason": "tool_use" if plan.tools else "end_turn",
+        "stop_reason": plan.anthropic_stop,
         "stop_sequence": None,
         "usage": anthropic_usage(plan),
     }
@@ -376,15 +391,17 @@ def responses_usage(plan: Plan) -> dict:
     }
 
 
-def responses_answer(plan: Plan, body: dict, status: str = "completed") -> dict:
+def responses_answer(plan: Plan, body: dict, done: bool = True) -> dict:
+    status = ("incomplete" if plan.cut else "completed") if done else "in_progress"
     return {
         "id": "resp_fake",
         "object": "response",
         "created_at": 1,
         "status": status,
+        "incomplete_details": {"reason": "max_output_tokens"} if plan.cut and done else None,
         "model": body["model"],
-        "output": responses_output(plan) if status == "completed" else [],
-        "usage": responses_usage(plan) if status == "completed" else None,
+        "output": responses_output(plan) if done else [],
+        "usage": responses_usage(plan) if done else None,
     }
 
 
@@ -395,8 +412,8 @@ def responses_stream(plan: Plan, body: dict) -> list:
     def emit(kind: str, **data: object) -> None:
         events.append(_sse(kind, {"type": kind, "sequence_number": next(seq), **data}))
 
-    emit("response.created", response=responses_answer(plan, body, "in_progress"))
-    emit("response.in_progress", response=responses_answer(plan, body, "in_progress"))
+    emit("response.created", response=responses_answer(plan, body, done=False))
+    emit("response.in_progress", response=responses_answer(plan, body, done=False))
     index = 0
     if plan.reasoning:
         item = {"type": "reasoning", "id": "rs_fake", "summary": []}
@@ -506,7 +523,8 @@ def responses_stream(plan: Plan, body: dict) -> list:
     if plan.script.get("error_event"):
         emit("error", code="server_error", message="fake upstream failure", param=None)
         return events
-    emit("response.completed", response=responses_answer(plan, body))
+    terminal = "response.incomplete" if plan.cut else "response.completed"
+    emit(terminal, response=responses_answer(plan, body))
     return events
 
 
@@ -569,6 +587,7 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if "/deployments/" in path:  # Azure: the deployment names the model
         body.setdefault("model", path.split("/deployments/", 1)[1].split("/", 1)[0])
     name, script = parse_script(str(body.get("model", "")))
+    script.update(parse_script(";" + environ.get("HTTP_X_FAKE_SCRIPT", ""))[1])
     entry = {
         "n": next(_COUNTER),
         "id": script.get("id"),
@@ -637,9 +656,6 @@ def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[by
     for i in range(len(items)):
         vector = [round((i + 1) * 0.1 + d * 0.01, 4) for d in range(dims)]
         if body.get("encoding_format") == "base64":
-            import base64
-            import struct
-
             data.append(
                 {
                     "object": "embedding",
@@ -650,18 +666,12 @@ def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[by
         else:
             data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = sum(len(str(item).split()) for item in items)
-    entry["usage"] = {"input_tokens": tokens}
+    answer = {"object": "list", "data": data, "model": body.get("model")}
+    if script.get("usage") != "0":
+        answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        entry["usage"] = {"input_tokens": tokens}
     entry["outcome"] = "complete"
-    return _json(
-        start_response,
-        200,
-        {
-            "object": "list",
-            "data": data,
-            "model": body.get("model"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        },
-    )
+    return _json(start_response, 200, answer)
 
 
 def _json(start_response, status: int, data: object) -> list[bytes]:  # type: ignore[no-untyped-def]
