@@ -154,7 +154,7 @@ class Gateway:
         key = self.api("POST", "/apiKey", json={"comment": "test"})["key"]
         return {"key": key, "provider": prov, "model": model}
 
-    def completions(self, table: str = "completions", **params: Any) -> list[dict]:
+    def records(self, table: str = "completions", **params: Any) -> list[dict]:
         """Records of ``table`` (``completions`` or ``embeddings``), newest first."""
         return self.api("GET", f"/{table}", params={"limit": 1000, **params})["data"]
 
@@ -164,7 +164,7 @@ class Gateway:
         """Wait until ``count`` records exist and none is pending; return them."""
 
         def done() -> list[dict] | None:
-            rows = self.completions(table, **params)
+            rows = self.records(table, **params)
             if len(rows) >= count and all(r["status"] != "pending" for r in rows):
                 return rows
             return None
