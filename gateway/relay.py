@@ -285,6 +285,7 @@ class Call:
         content, response = opened
         self.content = self._reply(candidate, content, response)
         self._response = response
+        self.exchange.first_token()  # a JSON answer's first token comes with all the rest
         self._terminal_at = time.monotonic()
         self.ready.set(True)
         return self._ended("completed", None)
