@@ -19,9 +19,14 @@ apart; the gateway forwards client headers). Keys:
   fail_times=N  answer status (default 500) to the first N calls with this id
   reasoning=N   N reasoning pieces first;  tools=N  N tool calls after the text
   finish=length the answer was cut at its token limit (length, max_tokens, incomplete)
+  finish=stop_sequence  it stopped at the stop sequence "###" (Anthropic's stop_reason,
+                vLLM's ``stop_reason`` beside finish_reason "stop"; Responses cannot say)
   usage=0       embeddings: answer without usage
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
+
+Like Anthropic's API, its Messages endpoint refuses top-level fields that API does not
+know (400 ``invalid_request_error``: "seed: Extra inputs are not permitted").
 
 Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
 pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
@@ -101,6 +106,7 @@ class Plan:
         self.drop_at = int(script.get("drop_at", -1))
         self.cache = int(script.get("cache", 0))
         self.cut = script.get("finish") == "length"
+        self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
         self.input_tokens = prompt_words(body) + 3
         self.text_pieces = [f"tok{i} " for i in range(self.chunks)]
         self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
@@ -121,7 +127,16 @@ class Plan:
 
     @property
     def anthropic_stop(self) -> str:
+        if self.stop_sequence:
+            return "stop_sequence"
         return "max_tokens" if self.cut else "tool_use" if self.tools else "end_turn"
+
+    def chat_choice(self, **choice: object) -> dict:
+        """A choice that ends the answer: finish_reason, and vLLM's matched stop string."""
+        choice["finish_reason"] = self.chat_finish
+        if self.stop_sequence:
+            choice["stop_reason"] = self.stop_sequence
+        return choice
 
     def pace(self, index: int) -> None:
         """Sleep before piece ``index``; drop the connection if told to."""
@@ -156,8 +171,9 @@ def chat_stream(plan: Plan, body: dict) -> list:
     }
     with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-    def chunk(delta: dict, finish: str | None = None) -> bytes:
-        data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(delta: dict, finish: dict | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": None, **(finish or {})}
+        data = {**base, "choices": [choice]}
         if with_usage:
             data["usage"] = None
         return b"data: " + json.dumps(data).encode() + b"\n\n"
@@ -182,7 +198,7 @@ def chat_stream(plan: Plan, body: dict) -> list:
             b'data: {"error": {"message": "fake upstream failure", "type": "server_error"}}\n\n'
         )
         return events
-    events.append(chunk({}, plan.chat_finish))
+    events.append(chunk({}, plan.chat_choice()))
     if with_usage:
         events.append(
             b"data: "
@@ -211,13 +227,7 @@ def chat_answer(plan: Plan, body: dict) -> dict:
         "object": "chat.completion",
         "created": 1,
         "model": body["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": plan.chat_finish,
-            }
-        ],
+        "choices": [plan.chat_choice(index=0, message=message)],
         "usage": plan.usage_openai(),
     }
 
@@ -303,7 +313,7 @@ def anthropic_stream(plan: Plan, body: dict) -> list:
                 "type": "message_delta",
                 "delta": {
                     "stop_reason": plan.anthropic_stop,
-                    "stop_sequence": None,
+                    "stop_sequence": plan.stop_sequence,
                 },
                 "usage": {"output_tokens": plan.output_tokens},
             },
@@ -340,7 +350,7 @@ def anthropic_answer(plan: Plan, body: dict) -> dict:
         "content": content,
         "model": body["model"],
         "stop_reason": plan.anthropic_stop,
-        "stop_sequence": None,
+        "stop_sequence": plan.stop_sequence,
         "usage": anthropic_usage(plan),
     }
 
@@ -530,6 +540,15 @@ def responses_stream(plan: Plan, body: dict) -> list:
 
 # -- the server ------------------------------------------------------------------
 
+# Anthropic's Messages API refuses any other top-level field.
+ANTHROPIC_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature",
+        "top_p", "top_k", "tools", "tool_choice", "thinking", "metadata", "service_tier",
+        "container", "mcp_servers", "context_management",
+    }
+)  # fmt: skip
+
 STREAMS = {"chat": chat_stream, "anthropic": anthropic_stream, "responses": responses_stream}
 ANSWERS = {"chat": chat_answer, "anthropic": anthropic_answer, "responses": responses_answer}
 ERRORS = {
@@ -612,6 +631,12 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if status:
         entry["outcome"] = "complete"
         return _json(start_response, status, ERRORS.get(protocol, ERRORS["chat"])(status))
+    unknown = sorted(set(body) - ANTHROPIC_FIELDS) if protocol == "anthropic" else []
+    if unknown:
+        entry["outcome"] = "complete"
+        message = f"{unknown[0]}: Extra inputs are not permitted"
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return _json(start_response, 400, error)
     if protocol == "embeddings":
         return embeddings(start_response, body, script, entry)
     plan = Plan(body, script)

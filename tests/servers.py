@@ -169,7 +169,7 @@ class Gateway:
                 return rows
             return None
 
-        return wait_until(done, timeout=timeout, interval=0.1)
+        return wait_until(done, timeout=timeout, interval=0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
