@@ -20,6 +20,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+import requests
 
 from tests import pairs_support as p
 from tests.pairs_support import ANTHROPIC, CHAT, CLIENTS, PROVIDERS, RESPONSES, UPSTREAM
@@ -141,6 +142,7 @@ class Caller:
 
     gw: Gateway
     fake: Any
+    key: str
     key_id: int
     sdks: dict[str, Any]
     call_id: str = ""
@@ -181,7 +183,7 @@ def caller(module_gateway: Gateway, fake) -> Caller:  # type: ignore[no-untyped-
         ANTHROPIC: anthropic.Anthropic(base_url=url, api_key=key["key"], max_retries=0),
     }
     sdks[RESPONSES] = sdks[CHAT]
-    return Caller(module_gateway, fake, key["id"], sdks)
+    return Caller(module_gateway, fake, key["key"], key["id"], sdks)
 
 
 # -- a full tool cycle: image, tools and reasoning asked; reasoning, text, calls answered
@@ -441,6 +443,64 @@ def test_anthropic_gets_a_max_tokens_the_client_left_out(
         body.pop(name, None)  # a thinking budget would raise the default
     _, sent = caller.ask(client, body, script="chunks=1")
     assert sent["body"]["max_tokens"] == 4096
+
+
+PATHS = {CHAT: "/v1/chat/completions", ANTHROPIC: "/v1/messages", RESPONSES: "/v1/responses"}
+
+
+def sse_events(data: bytes) -> list[tuple[str | None, str]]:
+    """(event name, data) of each SSE event, read strictly: LF-separated, one data line."""
+    events = []
+    for chunk in data.decode().split("\n\n"):
+        if not chunk or chunk.startswith(":"):  # the end, or a keep-alive comment
+            continue
+        fields = dict(line.split(": ", 1) for line in chunk.split("\n"))
+        assert set(fields) <= {"event", "data"}, chunk
+        events.append((fields.get("event"), fields["data"]))
+    return events
+
+
+@covers("streaming", "usage")
+def test_each_stream_is_framed_as_its_protocol_says(
+    caller: Caller, models: dict, client: str, provider: str
+) -> None:
+    call_id = uuid.uuid4().hex
+    resp = requests.post(
+        caller.gw.url + PATHS[client],
+        json={**p.request(client, models[provider]), "stream": True},
+        headers={
+            "Authorization": f"Bearer {caller.key}",
+            "X-Fake-Script": f"id={call_id};reasoning=1;chunks=2;tools=1",
+        },
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(resp.content)
+    (sent,) = caller.fake.log(call_id)
+    input_tokens, output_tokens = sent["usage"]["input_tokens"], 5
+    if client == CHAT:  # data lines only, one id, no usage chunk unless asked, then [DONE]
+        assert {name for name, _ in events} == {None} and events[-1][1] == "[DONE]"
+        chunks = [json.loads(data) for _, data in events[:-1]]
+        assert len({c["id"] for c in chunks}) == 1
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all(c["choices"] and c.get("usage") is None for c in chunks)
+        return
+    bodies = [json.loads(data) for _, data in events]
+    assert [name for name, _ in events] == [b["type"] for b in bodies]  # event: matches type
+    if client == ANTHROPIC:
+        assert (bodies[0]["type"], bodies[-1]["type"]) == ("message_start", "message_stop")
+        late = lossy("late-input-tokens", client, provider)
+        start = bodies[0]["message"]["usage"]["input_tokens"]
+        assert start == (0 if late else input_tokens)
+        (delta,) = [b for b in bodies if b["type"] == "message_delta"]
+        assert delta["usage"]["output_tokens"] == output_tokens
+        assert delta["usage"].get("input_tokens", start) == input_tokens
+    else:
+        assert [b["sequence_number"] for b in bodies] == list(range(len(bodies)))
+        assert (bodies[0]["type"], bodies[-1]["type"]) == ("response.created", "response.completed")
+        usage = bodies[-1]["response"]["usage"]
+        assert (usage["input_tokens"], usage["output_tokens"]) == (input_tokens, output_tokens)
 
 
 IMAGE_URL = "https://images.test/paris.png"
