@@ -30,9 +30,9 @@ know (400 ``invalid_request_error``: "seed: Extra inputs are not permitted").
 
 Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
 pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
-``cache=N``. ``GET /_log`` returns every call (path, body, headers, usage it
-reported, and ``outcome``: ``complete`` when its whole response was written,
-``client_gone`` when the gateway hung up first, ``dropped`` for drop_at).
+``cache=N``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
+body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
+was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at.
 ``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
 it prints ``PORT <n>`` once it listens.
 """
@@ -51,6 +51,7 @@ import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
@@ -580,8 +581,9 @@ def protocol_of(path: str) -> str | None:
 def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untyped-def]
     path = environ["PATH_INFO"]
     method = environ["REQUEST_METHOD"]
-    if path == "/_log":
-        return _json(start_response, 200, LOG)
+    if path == "/_log":  # ?id=S: only that call's entries
+        call_id = parse_qs(environ.get("QUERY_STRING", "")).get("id", [None])[0]
+        return _json(start_response, 200, [e for e in LOG if call_id in (None, e["id"])])
     if path == "/_reset" and method == "POST":
         LOG.clear()
         _FAILURES.clear()

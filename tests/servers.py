@@ -53,8 +53,8 @@ class FakeUpstream:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def log(self, call_id: str | None = None) -> list[dict]:
-        entries = requests.get(f"{self.url}/_log", timeout=5).json()
-        return [e for e in entries if call_id is None or e.get("id") == call_id]
+        params = {} if call_id is None else {"id": call_id}
+        return requests.get(f"{self.url}/_log", params=params, timeout=5).json()
 
     def reset(self) -> None:
         requests.post(f"{self.url}/_reset", timeout=5)
