@@ -39,6 +39,9 @@ DEFAULTS: dict[str, object] = {
     "BACKOFF_MIN": 0.1,
     "BACKOFF_MAX": 5.0,
     "MAX_BODY_BYTES": 32 * 1024 * 1024,
+    # Numbers of embedding vectors kept per record (whole vectors, in input order);
+    # the default keeps 5 vectors of 3,072 dimensions, about 330 KB of JSON. 0: none.
+    "EMBEDDING_RECORD_VALUES": 16384,
     "CACHE_TTL": 5.0,  # seconds keys and the model catalog are cached per worker
     "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
     "RECORDER_BATCH": 100,

@@ -15,7 +15,7 @@ become a stream error event and are recorded. Pure code: no Flask here.
     ├── UpstreamFailed            502  upstream_error           (every candidate failed)
     │   └── UpstreamTimeout       504  upstream_error
     ├── ServiceUnavailable        503  overloaded_error         (gateway shutting down)
-    └── UpstreamRejected          4xx  the upstream's own status and body, as sent
+    └── UpstreamRejected          4xx  the upstream's own status and message
 """
 
 from __future__ import annotations
@@ -104,7 +104,13 @@ class ServiceUnavailable(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """A non-retriable upstream answer (a 4xx other than 429), passed on as sent."""
+    """A non-retriable upstream answer (a 4xx other than 429), passed on with its status.
+
+    Its body goes to the client as sent when it is already in the client's protocol
+    shape; otherwise (an OpenAI-format provider refusing an Anthropic client, or the
+    other way round) its message is put in the client's shape, so the client's SDK can
+    read it.
+    """
 
     kind, code = "upstream_error", "upstream_rejected"
 
@@ -115,20 +121,50 @@ class UpstreamRejected(GatewayError):
         self.content_type = content_type
 
     def body(self, protocol: str) -> bytes:
-        """The upstream's body if it is JSON; otherwise a JSON error that quotes it."""
-        if self.content_type and "json" in self.content_type:
+        """The upstream's body if the client can read it as is; else its message, reshaped."""
+        error = self._json()
+        if error is None:
+            text = self.content.decode("utf-8", errors="replace")[:2000]
+            message = f"upstream answered {self.status}: {text}"
+            return json.dumps(
+                error_body(protocol, "upstream_error", message, "unparseable_error")
+            ).encode()
+        # Anthropic's bodies say "type": "error" beside the error object; OpenAI's do not.
+        anthropic_shaped = error.get("type") == "error"
+        if isinstance(error.get("error"), dict) and anthropic_shaped == (protocol == ANTHROPIC):
             return self.content
-        text = self.content.decode("utf-8", errors="replace")[:2000]
-        message = f"upstream answered {self.status}: {text}"
-        return json.dumps(
-            error_body(protocol, "upstream_error", message, "unparseable_error")
-        ).encode()
+        detail = error.get("error") if isinstance(error.get("error"), dict) else error
+        message = detail.get("message") or error.get("error")
+        if not isinstance(message, str) or not message:
+            text = self.content.decode("utf-8", errors="replace")[:2000]
+            message = f"upstream answered {self.status}: {text}"
+        code = detail.get("code") or detail.get("type")
+        kind = _KINDS_BY_STATUS.get(self.status, "invalid_request_error")
+        return json.dumps(error_body(protocol, kind, message, code=code)).encode()
+
+    def _json(self) -> dict | None:
+        if not self.content_type or "json" not in self.content_type:
+            return None
+        try:
+            data = json.loads(self.content)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+
+_KINDS_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+}
 
 
 # Anthropic's error types; every other kind is spelled as OpenAI spells it.
 _ANTHROPIC_KINDS = {
     "invalid_request_error": "invalid_request_error",
     "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
     "not_found_error": "not_found_error",
     "request_too_large": "request_too_large",
     "rate_limit_error": "rate_limit_error",

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import auth
-from gateway.adapters import PROTOCOLS, record
+from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
@@ -26,9 +26,9 @@ from gateway.errors import (
     PayloadTooLarge,
     error_body,
 )
-from gateway.exchange import Exchange
-from gateway.relay import Plan, relay
-from gateway.routing import catalog, weighted_order
+from gateway.exchange import EMBEDDING, Exchange
+from gateway.relay import Call, Plan, relay
+from gateway.routing import Candidate, catalog, weighted_order
 
 bp = Blueprint("proxy", __name__)
 
@@ -66,6 +66,24 @@ def responses() -> Response:
     return _complete(OPENAI_RESPONSES)
 
 
+@bp.post("/v1/embeddings", strict_slashes=False)
+def create_embeddings() -> Response:
+    caller = auth.authenticate(request.headers)
+    body = _json_body()
+    parsed = embeddings.parse_request(body)
+    candidates = _candidates(parsed["model"], "embedding")
+    headers = forwarded_headers(request.headers)
+    exchange = Exchange(
+        api_key_id=caller.id,
+        model=parsed["model"],
+        api_format=embeddings.NAME,
+        prompt=parsed["input"],
+        kind=EMBEDDING,
+    )
+    plan = Plan(exchange, candidates, embeddings.NAME, parsed, body, headers)
+    return _answer(relay.open(plan, _client_socket()))
+
+
 @bp.get("/v1/models")
 def list_models() -> Response:
     """Every live system name, in OpenAI's list format (no key needed, as NexusGate)."""
@@ -89,10 +107,7 @@ def _complete(api_format: str) -> Response:
     if "stream" not in body and _accepts_event_stream():
         body["stream"] = True
     ir = PROTOCOLS[api_format].parse_request(body)
-    provider = request.headers.get("X-NexusGate-Provider")
-    candidates = weighted_order(
-        catalog.lookup(ir["model"], "chat", unquote(provider) if provider else None)
-    )
+    candidates = _candidates(ir["model"], "chat")
     headers = forwarded_headers(request.headers)
     exchange = Exchange(
         api_key_id=caller.id,
@@ -102,7 +117,19 @@ def _complete(api_format: str) -> Response:
         prompt=record.prompt(ir, headers),
     )
     plan = Plan(exchange, candidates, api_format, ir, body, headers)
-    call = relay.open(plan, _client_socket())
+    return _answer(relay.open(plan, _client_socket()))
+
+
+def _candidates(model: str, model_type: str) -> list[Candidate]:
+    """Who may serve ``model``, in the order to try them (NotFound if nobody)."""
+    provider = request.headers.get("X-NexusGate-Provider")
+    return weighted_order(
+        catalog.lookup(model, model_type, unquote(provider) if provider else None)
+    )
+
+
+def _answer(call: Call) -> Response:
+    """The response for an opened call: its stream, its JSON, or nothing if nobody waits."""
     if call.abandoned:
         return Response(status=499)  # nobody is listening; the call is still recorded
     if call.stream:

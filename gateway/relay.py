@@ -6,7 +6,8 @@ record, and queues the client's bytes. The response body is a *consumer* generat
 that only relays the queue; a *watcher* greenlet notices a client that hangs up
 while nothing is being written. Whatever happens (completion, upstream error,
 client disconnect, timeout, shutdown) the producer alone finishes the Exchange and
-hands it to the recorder, exactly once (SPEC rules 1-7).
+hands it to the recorder, exactly once (SPEC rules 1-7). An embeddings call is a
+``Call`` too, never streamed, whose hooks send, read, answer and record its own way.
 
 Client disconnects: with ``ON_DISCONNECT=drain`` (default) the producer keeps
 reading, bounded by ``DRAIN_TIMEOUT`` and ``MAX_DRAINS``; with ``cancel`` it closes
@@ -24,6 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import gevent
@@ -33,10 +35,17 @@ import gevent.queue
 import gevent.socket
 
 from gateway import sse
-from gateway.adapters import PROTOCOLS, PROVIDER_PROTOCOLS, endpoint, record, upstream_body
+from gateway.adapters import (
+    PROTOCOLS,
+    PROVIDER_PROTOCOLS,
+    embeddings,
+    endpoint,
+    record,
+    upstream_body,
+)
 from gateway.adapters.ir import Accumulator
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.exchange import Exchange
+from gateway.exchange import EMBEDDING, Exchange
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
 from gateway.upstream import Response, UpstreamError, upstream
@@ -70,6 +79,7 @@ class Settings:
     probe_interval: float = 0.25
     tries_per_provider: int = 2
     backoff: tuple[float, float] = (0.1, 5.0)
+    embedding_record_values: int = 16384
 
 
 @dataclass
@@ -79,7 +89,7 @@ class Plan:
     exchange: Exchange
     candidates: list[Candidate]
     client_format: str
-    request: dict  # the IR request
+    request: dict  # the parsed request: IR for chat formats
     body: dict  # the client's JSON, for same-format passthrough
     headers: dict[str, str] = field(default_factory=dict)  # client headers to forward
 
@@ -92,12 +102,11 @@ class Call:
         self.settings = relay.settings
         self.exchange = plan.exchange
         self.stream = plan.exchange.stream
-        self.client = PROTOCOLS[plan.client_format]
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.ready = gevent.event.AsyncResult()  # first byte (stream) or whole answer
         self.gone = gevent.event.Event()  # the client hung up
         self.content = b""  # the non-streaming answer, in the client's format
-        self._response: dict | None = None  # the non-streaming answer, as IR
+        self._response: dict | None = None  # the non-streaming answer, parsed (IR for chat)
         self._gone_at: float | None = None
         self._terminal_at: float | None = None
         self._reading = False
@@ -106,6 +115,11 @@ class Call:
         self._producer: gevent.Greenlet | None = None
         self._watcher: gevent.Greenlet | None = None
         self._timer: gevent.Greenlet | None = None
+
+    @property
+    def client(self) -> ModuleType:
+        """The client's protocol module (chat formats only)."""
+        return PROTOCOLS[self.plan.client_format]
 
     @property
     def abandoned(self) -> bool:
@@ -153,31 +167,14 @@ class Call:
     def _open(self, candidate: Candidate) -> tuple[Response, Any]:
         """One try: send, then read to the first byte (stream) or the whole answer."""
         self.exchange.serving(candidate.model_id, candidate.provider_id)
-        upstream_format = PROVIDER_PROTOCOLS[candidate.provider_type]
-        url, auth = endpoint(
-            candidate.provider_type,
-            candidate.base_url,
-            candidate.api_key,
-            candidate.api_version,
-            candidate.remote_id,
-        )
-        body = upstream_body(
-            self.plan.client_format,
-            upstream_format,
-            self.plan.body,
-            self.plan.request,
-            candidate.remote_id,
-            stream_usage=candidate.stream_usage,
-        )
+        url, auth, body = self._request(candidate)
         started = time.monotonic()
         resp = None
         try:
             resp = upstream.post(
                 url, {**self.plan.headers, **auth}, json.dumps(body).encode(), stream=self.stream
             )
-            opened = (
-                self._read_first(resp) if self.stream else self._read_answer(resp, upstream_format)
-            )
+            opened = self._read_first(resp) if self.stream else self._read_answer(resp, candidate)
         except UpstreamError as exc:
             if resp is not None:
                 resp.close()
@@ -189,6 +186,19 @@ class Call:
             raise
         self._attempt(candidate, started, "ok", status=resp.status)
         return resp, opened
+
+    def _request(self, candidate: Candidate) -> tuple[str, dict[str, str], dict]:
+        """URL, auth headers and body for one try at ``candidate``."""
+        url, auth = _endpoint(candidate, "chat")
+        body = upstream_body(
+            self.plan.client_format,
+            PROVIDER_PROTOCOLS[candidate.provider_type],
+            self.plan.body,
+            self.plan.request,
+            candidate.remote_id,
+            stream_usage=candidate.stream_usage,
+        )
+        return url, auth, body
 
     @staticmethod
     def _read_first(resp: Response) -> tuple[sse.Decoder, list[sse.Event], Iterator[bytes]]:
@@ -208,13 +218,16 @@ class Call:
                 return decoder, events, chunks
         raise UpstreamError("protocol", "upstream ended the stream before its first event")
 
-    @staticmethod
-    def _read_answer(resp: Response, upstream_format: str) -> tuple[bytes, dict]:
+    def _read_answer(self, resp: Response, candidate: Candidate) -> tuple[bytes, dict]:
         content = resp.read()
         try:
-            return content, PROTOCOLS[upstream_format].parse_response(json.loads(content))
+            return content, self._parse(candidate, json.loads(content))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
+
+    def _parse(self, candidate: Candidate, data: Any) -> dict:
+        """A non-streaming upstream answer, parsed (ValueError and kin if unusable)."""
+        return PROTOCOLS[PROVIDER_PROTOCOLS[candidate.provider_type]].parse_response(data)
 
     def _attempt(self, candidate: Candidate, started: float, outcome: str, **detail: Any) -> None:
         ms = int((time.monotonic() - started) * 1000)
@@ -276,16 +289,18 @@ class Call:
 
     def _answer(self, candidate: Candidate, opened: tuple[bytes, dict]) -> tuple[str, str | None]:
         content, response = opened
-        if PROVIDER_PROTOCOLS[candidate.provider_type] == self.plan.client_format:
-            self.content = content
-        else:
-            self.content = json.dumps(
-                self.client.render_response(response, self.plan.request)
-            ).encode()
+        self.content = self._reply(candidate, content, response)
         self._response = response
+        self.exchange.first_token()  # a JSON answer's first token comes with all the rest
         self._terminal_at = time.monotonic()
         self.ready.set(True)
         return self._ended("completed", None)
+
+    def _reply(self, candidate: Candidate, content: bytes, response: dict) -> bytes:
+        """The client's body for a non-streaming answer: the upstream's own if it fits."""
+        if PROVIDER_PROTOCOLS[candidate.provider_type] == self.plan.client_format:
+            return content
+        return json.dumps(self.client.render_response(response, self.plan.request)).encode()
 
     def _observe(self, ir_events: list[dict], acc: Accumulator) -> None:
         for event in ir_events:
@@ -327,14 +342,7 @@ class Call:
             self.ready.set_exception(exc)
 
     def _finish(self, acc: Accumulator, status: str, error: str | None) -> None:
-        response = self._response or acc.result()
-        answered = self._response is not None or acc.events > 0
-        self.exchange.finish(
-            status,
-            output=record.completion(response) if answered else None,
-            usage=response["usage"] if answered else None,
-            error=error,
-        )
+        self.exchange.finish(status, error=error, **self._outcome(acc))
         recorder.record(self.exchange)
         self.queue.put(_END)
         if self._timer is not None:
@@ -342,6 +350,13 @@ class Call:
         if self._draining:
             self._draining = False
             self.relay.drains -= 1
+
+    def _outcome(self, acc: Accumulator) -> dict[str, Any]:
+        """What the upstream answered, for the record: ``output`` and ``usage`` if anything."""
+        if self._response is None and not acc.events:
+            return {}
+        response = self._response or acc.result()
+        return {"output": record.completion(response), "usage": response["usage"]}
 
     def _with_attempts(self, message: str) -> str:
         tries = "; ".join(
@@ -447,6 +462,40 @@ class Call:
             self._watcher = None
 
 
+class EmbeddingCall(Call):
+    """An embeddings call: never streamed; every provider type speaks OpenAI's format,
+    so the upstream's answer is the client's, and only the record needs reading it."""
+
+    def _request(self, candidate: Candidate) -> tuple[str, dict[str, str], dict]:
+        url, auth = _endpoint(candidate, "embeddings")
+        return url, auth, embeddings.build_request(self.plan.body, candidate.remote_id)
+
+    def _parse(self, candidate: Candidate, data: Any) -> dict:
+        return embeddings.parse_response(data)
+
+    def _reply(self, candidate: Candidate, content: bytes, response: dict) -> bytes:
+        return content
+
+    def _outcome(self, acc: Accumulator) -> dict[str, Any]:
+        if self._response is None:
+            return {}
+        self.exchange.dimensions = self._response["dimensions"]  # a column only embeddings have
+        budget = self.settings.embedding_record_values
+        vectors = embeddings.record_vectors(self._response["vectors"], budget)
+        return {"output": vectors, "usage": self._response["usage"]}
+
+
+def _endpoint(candidate: Candidate, operation: str) -> tuple[str, dict[str, str]]:
+    return endpoint(
+        candidate.provider_type,
+        candidate.base_url,
+        candidate.api_key,
+        candidate.api_version,
+        candidate.remote_id,
+        operation,
+    )
+
+
 def _log_failure(candidate: Candidate, exc: UpstreamError) -> None:
     log.warning(
         "relay: %s via %s failed: %s",
@@ -474,7 +523,7 @@ class Relay:
 
     def open(self, plan: Plan, sock: socket.socket | None) -> Call:
         """Start a call; wait for its first byte (or whole answer); raise its error."""
-        call = Call(self, plan, sock)
+        call = (EmbeddingCall if plan.exchange.kind == EMBEDDING else Call)(self, plan, sock)
         self._active.add(call)
         call._producer = self.spawn(self._run, call)
         if sock is not None:
@@ -535,6 +584,7 @@ def init_app(app: Any) -> None:
         probe_interval=float(cfg["PROBE_INTERVAL"]),
         tries_per_provider=int(cfg["TRIES_PER_PROVIDER"]),
         backoff=(float(cfg["BACKOFF_MIN"]), float(cfg["BACKOFF_MAX"])),
+        embedding_record_values=int(cfg["EMBEDDING_RECORD_VALUES"]),
     )
 
 

@@ -12,6 +12,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import urlparse, urlunparse  # noqa: E402
 
@@ -62,11 +63,11 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         admin.close_all()
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database for one test, on each backend in turn."""
-    if request.param == "sqlite":
-        path = tmp_path / "gateway.db"
+@contextmanager
+def _fresh_database(backend: str, templates: dict, directory: Path) -> Iterator[str]:
+    """A migrated database copied from the template; dropped afterwards (PostgreSQL)."""
+    if backend == "sqlite":
+        path = directory / "gateway.db"
         shutil.copy(templates["sqlite"], path)
         yield f"sqlite:///{path}"
         return
@@ -78,6 +79,13 @@ def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path
     with admin.connection_context():
         admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close_all()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for one test, on each backend in turn."""
+    with _fresh_database(request.param, templates, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
@@ -142,3 +150,19 @@ def gateway_factory(database_url: str, tmp_path: Path) -> Iterator:
 @pytest.fixture
 def gateway(gateway_factory) -> Gateway:  # type: ignore[no-untyped-def]
     return gateway_factory()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_gateway(
+    request: pytest.FixtureRequest, templates: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One real gateway for a whole test module, on each backend in turn.
+
+    For tests that keep apart by their own keys, models and call ids; the module's
+    ``GATEWAY_ENV`` (a dict) adds environment variables.
+    """
+    directory = tmp_path_factory.mktemp("module")
+    with _fresh_database(request.param, templates, directory) as url:
+        gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
+        yield gw
+        gw.stop()

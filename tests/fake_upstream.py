@@ -5,7 +5,9 @@ Anthropic Messages, embeddings and model lists, streaming and not, with its own
 renderers (never the gateway's, so a bug cannot cancel itself out).
 
 Each call is scripted by its model name: ``name;key=value;...`` e.g.
-``fake;chunks=10;delay=0.05;stall_at=3;stall_for=2``. Keys:
+``fake;chunks=10;delay=0.05;stall_at=3;stall_for=2``, and by an ``X-Fake-Script:
+key=value;...`` request header whose keys win (so one model can serve calls scripted
+apart; the gateway forwards client headers). Keys:
 
   id=S          names the call in the log (default: a counter)
   chunks=N      text pieces in the answer (default 5), "tok0 tok1 ..."
@@ -16,14 +18,21 @@ Each call is scripted by its model name: ``name;key=value;...`` e.g.
   status=N      answer with HTTP status N and an error body
   fail_times=N  answer status (default 500) to the first N calls with this id
   reasoning=N   N reasoning pieces first;  tools=N  N tool calls after the text
+  finish=length the answer was cut at its token limit (length, max_tokens, incomplete)
+  finish=stop_sequence  it stopped at the stop sequence "###" (Anthropic's stop_reason,
+                vLLM's ``stop_reason`` beside finish_reason "stop"; Responses cannot say)
+  usage=0       embeddings: answer without usage
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
 
+Like Anthropic's API, its Messages endpoint refuses top-level fields that API does not
+know (400 ``invalid_request_error``: "seed: Extra inputs are not permitted").
+
 Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
 pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
-``cache=N``. ``GET /_log`` returns every call (path, body, headers, usage it
-reported, and ``outcome``: ``complete`` when its whole response was written,
-``client_gone`` when the gateway hung up first, ``dropped`` for drop_at).
+``cache=N``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
+body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
+was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at.
 ``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
 it prints ``PORT <n>`` once it listens.
 """
@@ -35,12 +44,15 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
@@ -95,6 +107,8 @@ class Plan:
         self.stall_for = float(script.get("stall_for", 0))
         self.drop_at = int(script.get("drop_at", -1))
         self.cache = int(script.get("cache", 0))
+        self.cut = script.get("finish") == "length"
+        self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
         self.input_tokens = prompt_words(body) + 3
         self.text_pieces = [f"tok{i} " for i in range(self.chunks)]
         self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
@@ -108,6 +122,23 @@ class Plan:
     @property
     def text(self) -> str:
         return "".join(self.text_pieces)
+
+    @property
+    def chat_finish(self) -> str:
+        return "length" if self.cut else "tool_calls" if self.tools else "stop"
+
+    @property
+    def anthropic_stop(self) -> str:
+        if self.stop_sequence:
+            return "stop_sequence"
+        return "max_tokens" if self.cut else "tool_use" if self.tools else "end_turn"
+
+    def chat_choice(self, **choice: object) -> dict:
+        """A choice that ends the answer: finish_reason, and vLLM's matched stop string."""
+        choice["finish_reason"] = self.chat_finish
+        if self.stop_sequence:
+            choice["stop_reason"] = self.stop_sequence
+        return choice
 
     def pace(self, index: int) -> None:
         """Sleep before piece ``index``; drop the connection if told to."""
@@ -142,8 +173,9 @@ def chat_stream(plan: Plan, body: dict) -> list:
     }
     with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-    def chunk(delta: dict, finish: str | None = None) -> bytes:
-        data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(delta: dict, finish: dict | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": None, **(finish or {})}
+        data = {**base, "choices": [choice]}
         if with_usage:
             data["usage"] = None
         return b"data: " + json.dumps(data).encode() + b"\n\n"
@@ -173,7 +205,7 @@ def chat_stream(plan: Plan, body: dict) -> list:
     if with_usage:
         usage = {**base, "choices": [], "usage": plan.usage_openai()}
         tail = b"data: " + json.dumps(usage).encode() + b"\n\n" + tail
-    events.append(chunk({}, "tool_calls" if plan.tools else "stop") + tail)
+    events.append(chunk({}, plan.chat_choice()) + tail)
     return events
 
 
@@ -195,13 +227,7 @@ def chat_answer(plan: Plan, body: dict) -> dict:
         "object": "chat.completion",
         "created": 1,
         "model": body["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": "tool_calls" if plan.tools else "stop",
-            }
-        ],
+        "choices": [plan.chat_choice(index=0, message=message)],
         "usage": plan.usage_openai(),
     }
 
@@ -286,8 +312,8 @@ def anthropic_stream(plan: Plan, body: dict) -> list:
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": "tool_use" if plan.tools else "end_turn",
-                    "stop_sequence": None,
+                    "stop_reason": plan.anthropic_stop,
+                    "stop_sequence": plan.stop_sequence,
                 },
                 "usage": {"output_tokens": plan.output_tokens},
             },
@@ -324,8 +350,8 @@ def anthropic_answer(plan: Plan, body: dict) -> dict:
         "role": "assistant",
         "content": content,
         "model": body["model"],
-        "stop_reason": "tool_use" if plan.tools else "end_turn",
-        "stop_sequence": None,
+        "stop_reason": plan.anthropic_stop,
+        "stop_sequence": plan.stop_sequence,
         "usage": anthropic_usage(plan),
     }
 
@@ -376,15 +402,17 @@ def responses_usage(plan: Plan) -> dict:
     }
 
 
-def responses_answer(plan: Plan, body: dict, status: str = "completed") -> dict:
+def responses_answer(plan: Plan, body: dict, done: bool = True) -> dict:
+    status = ("incomplete" if plan.cut else "completed") if done else "in_progress"
     return {
         "id": "resp_fake",
         "object": "response",
         "created_at": 1,
         "status": status,
+        "incomplete_details": {"reason": "max_output_tokens"} if plan.cut and done else None,
         "model": body["model"],
-        "output": responses_output(plan) if status == "completed" else [],
-        "usage": responses_usage(plan) if status == "completed" else None,
+        "output": responses_output(plan) if done else [],
+        "usage": responses_usage(plan) if done else None,
     }
 
 
@@ -395,8 +423,8 @@ def responses_stream(plan: Plan, body: dict) -> list:
     def emit(kind: str, **data: object) -> None:
         events.append(_sse(kind, {"type": kind, "sequence_number": next(seq), **data}))
 
-    emit("response.created", response=responses_answer(plan, body, "in_progress"))
-    emit("response.in_progress", response=responses_answer(plan, body, "in_progress"))
+    emit("response.created", response=responses_answer(plan, body, done=False))
+    emit("response.in_progress", response=responses_answer(plan, body, done=False))
     index = 0
     if plan.reasoning:
         item = {"type": "reasoning", "id": "rs_fake", "summary": []}
@@ -506,11 +534,21 @@ def responses_stream(plan: Plan, body: dict) -> list:
     if plan.script.get("error_event"):
         emit("error", code="server_error", message="fake upstream failure", param=None)
         return events
-    emit("response.completed", response=responses_answer(plan, body))
+    terminal = "response.incomplete" if plan.cut else "response.completed"
+    emit(terminal, response=responses_answer(plan, body))
     return events
 
 
 # -- the server ------------------------------------------------------------------
+
+# Anthropic's Messages API refuses any other top-level field.
+ANTHROPIC_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature",
+        "top_p", "top_k", "tools", "tool_choice", "thinking", "metadata", "service_tier",
+        "container", "mcp_servers", "context_management",
+    }
+)  # fmt: skip
 
 STREAMS = {"chat": chat_stream, "anthropic": anthropic_stream, "responses": responses_stream}
 ANSWERS = {"chat": chat_answer, "anthropic": anthropic_answer, "responses": responses_answer}
@@ -543,8 +581,9 @@ def protocol_of(path: str) -> str | None:
 def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untyped-def]
     path = environ["PATH_INFO"]
     method = environ["REQUEST_METHOD"]
-    if path == "/_log":
-        return _json(start_response, 200, LOG)
+    if path == "/_log":  # ?id=S: only that call's entries
+        call_id = parse_qs(environ.get("QUERY_STRING", "")).get("id", [None])[0]
+        return _json(start_response, 200, [e for e in LOG if call_id in (None, e["id"])])
     if path == "/_reset" and method == "POST":
         LOG.clear()
         _FAILURES.clear()
@@ -569,6 +608,7 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if "/deployments/" in path:  # Azure: the deployment names the model
         body.setdefault("model", path.split("/deployments/", 1)[1].split("/", 1)[0])
     name, script = parse_script(str(body.get("model", "")))
+    script.update(parse_script(";" + environ.get("HTTP_X_FAKE_SCRIPT", ""))[1])
     entry = {
         "n": next(_COUNTER),
         "id": script.get("id"),
@@ -593,6 +633,12 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if status:
         entry["outcome"] = "complete"
         return _json(start_response, status, ERRORS.get(protocol, ERRORS["chat"])(status))
+    unknown = sorted(set(body) - ANTHROPIC_FIELDS) if protocol == "anthropic" else []
+    if unknown:
+        entry["outcome"] = "complete"
+        message = f"{unknown[0]}: Extra inputs are not permitted"
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return _json(start_response, 400, error)
     if protocol == "embeddings":
         return embeddings(start_response, body, script, entry)
     plan = Plan(body, script)
@@ -637,9 +683,6 @@ def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[by
     for i in range(len(items)):
         vector = [round((i + 1) * 0.1 + d * 0.01, 4) for d in range(dims)]
         if body.get("encoding_format") == "base64":
-            import base64
-            import struct
-
             data.append(
                 {
                     "object": "embedding",
@@ -650,18 +693,12 @@ def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[by
         else:
             data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = sum(len(str(item).split()) for item in items)
-    entry["usage"] = {"input_tokens": tokens}
+    answer = {"object": "list", "data": data, "model": body.get("model")}
+    if script.get("usage") != "0":
+        answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        entry["usage"] = {"input_tokens": tokens}
     entry["outcome"] = "complete"
-    return _json(
-        start_response,
-        200,
-        {
-            "object": "list",
-            "data": data,
-            "model": body.get("model"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        },
-    )
+    return _json(start_response, 200, answer)
 
 
 def _json(start_response, status: int, data: object) -> list[bytes]:  # type: ignore[no-untyped-def]

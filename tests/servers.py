@@ -53,8 +53,8 @@ class FakeUpstream:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def log(self, call_id: str | None = None) -> list[dict]:
-        entries = requests.get(f"{self.url}/_log", timeout=5).json()
-        return [e for e in entries if call_id is None or e.get("id") == call_id]
+        params = {} if call_id is None else {"id": call_id}
+        return requests.get(f"{self.url}/_log", params=params, timeout=5).json()
 
     def reset(self) -> None:
         requests.post(f"{self.url}/_reset", timeout=5)
@@ -125,6 +125,7 @@ class Gateway:
         provider_type: str = "openai",
         system_name: str = "fake",
         remote_id: str = "fake",
+        model_type: str = "chat",
         **provider: Any,
     ) -> dict:
         """A provider, a model and a key; returns {"key", "provider", "model"}."""
@@ -143,24 +144,32 @@ class Gateway:
         model = self.api(
             "POST",
             "/models",
-            json={"providerId": prov["id"], "systemName": system_name, "remoteId": remote_id},
+            json={
+                "providerId": prov["id"],
+                "systemName": system_name,
+                "remoteId": remote_id,
+                "modelType": model_type,
+            },
         )
         key = self.api("POST", "/apiKey", json={"comment": "test"})["key"]
         return {"key": key, "provider": prov, "model": model}
 
-    def completions(self, **params: Any) -> list[dict]:
-        return self.api("GET", "/completions", params={"limit": 1000, **params})["data"]
+    def records(self, table: str = "completions", **params: Any) -> list[dict]:
+        """Records of ``table`` (``completions`` or ``embeddings``), newest first."""
+        return self.api("GET", f"/{table}", params={"limit": 1000, **params})["data"]
 
-    def wait_final(self, count: int, timeout: float = 20.0, **params: Any) -> list[dict]:
+    def wait_final(
+        self, count: int, timeout: float = 20.0, table: str = "completions", **params: Any
+    ) -> list[dict]:
         """Wait until ``count`` records exist and none is pending; return them."""
 
         def done() -> list[dict] | None:
-            rows = self.completions(**params)
+            rows = self.records(table, **params)
             if len(rows) >= count and all(r["status"] != "pending" for r in rows):
                 return rows
             return None
 
-        return wait_until(done, timeout=timeout, interval=0.1)
+        return wait_until(done, timeout=timeout, interval=0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

@@ -198,7 +198,7 @@ def test_fields_reasoning_and_extras():
         ({"model": "m"}, "input", "input is required"),
         (body(input=""), "input", "input must not be empty"),
         (body(input=[]), "input", "input must not be empty"),
-        (body(input=5), "input", "input must be an array"),
+        (body(input=5), "input", "input must be a string or an array of items"),
         (body(instructions=["x"]), "instructions", "must be a string"),
         (body(max_output_tokens="9"), "max_output_tokens", "must be an integer"),
         (body(stream="true"), "stream", "must be a boolean"),

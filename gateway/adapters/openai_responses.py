@@ -56,6 +56,8 @@ def parse_request(body: Any) -> dict:
         ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": items}]}]
     elif isinstance(items, str):
         raise InvalidRequest("input must not be empty", param="input")
+    elif items is not None and not isinstance(items, list):
+        raise InvalidRequest("input must be a string or an array of items", param="input")
     else:
         for i, item in enumerate(parsing.non_empty_list(body, "input")):
             _parse_item(ir, item, f"input[{i}]")

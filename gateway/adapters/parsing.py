@@ -46,6 +46,14 @@ def new_request(model: str) -> dict[str, Any]:
 
 def start(body: Any, known: frozenset[str]) -> dict[str, Any]:
     """Check the body and ``model``; return a new IR request holding the unknown fields."""
+    ir = new_request(model_of(body))
+    ir["extra"] = {k: v for k, v in body.items() if k not in known}
+    ir["stream"] = bool(field(body, "stream", "a boolean"))
+    return ir
+
+
+def model_of(body: Any) -> str:
+    """The ``model`` of a request body, which must be a JSON object."""
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     model = body.get("model")
@@ -53,10 +61,7 @@ def start(body: Any, known: frozenset[str]) -> dict[str, Any]:
         raise InvalidRequest("model is required", param="model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("model must be a non-empty string", param="model")
-    ir = new_request(model)
-    ir["extra"] = {k: v for k, v in body.items() if k not in known}
-    ir["stream"] = bool(field(body, "stream", "a boolean"))
-    return ir
+    return model
 
 
 def field(obj: dict, key: str, kind: str, path: str | None = None) -> Any:

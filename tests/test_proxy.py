@@ -1,0 +1,202 @@
+"""The public views over HTTP (Flask's test client, the fake upstream behind it).
+
+Every refusal comes back in the caller's protocol shape naming what is wrong, and a
+refused call is neither sent upstream nor recorded. The first test shows that the same
+setup does reach the upstream and the tables, so "nothing happened" can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from gateway.db import database
+from gateway.models import Completion, Embedding
+from gateway.recorder import recorder
+from tests.servers import ADMIN_SECRET
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+CHAT, MESSAGES, RESPONSES, EMBEDDINGS = (
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/embeddings",
+)
+VALID = {
+    CHAT: {"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+    MESSAGES: {"model": "fake", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]},
+    RESPONSES: {"model": "fake", "input": "hi"},
+    EMBEDDINGS: {"model": "emb", "input": "hi"},
+}
+
+
+@pytest.fixture
+def route(client, fake) -> dict:  # type: ignore[no-untyped-def]
+    """Chat model ``fake`` and embedding model ``emb`` on the fake upstream, and a key."""
+    call_id = uuid.uuid4().hex
+    provider = client.post(
+        "/api/admin/providers",
+        json={"name": "fake", "type": "openai", "baseUrl": f"{fake.url}/v1"},
+        headers=ADMIN,
+    ).get_json()
+    for name, model_type in (("fake", "chat"), ("emb", "embedding")):
+        model = {"systemName": name, "remoteId": f"{name};id={call_id}", "modelType": model_type}
+        client.post(
+            "/api/admin/models", json={"providerId": provider["id"], **model}, headers=ADMIN
+        )
+    key = client.post("/api/admin/apiKey", json={}, headers=ADMIN).get_json()["key"]
+    return {"key": key, "id": call_id}
+
+
+def post(client, path: str, body: object, key: str | None, **headers: str):  # type: ignore[no-untyped-def]
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return client.post(path, data=data, headers=headers, content_type="application/json")
+
+
+def recorded() -> int:
+    assert recorder.flush(5)
+    with database.connection_context():
+        return Completion.select().count() + Embedding.select().count()
+
+
+def error_of(resp, path: str) -> tuple[str, str, str | None]:  # type: ignore[no-untyped-def]
+    """(type, message, param) of an error body, checking its protocol shape on the way."""
+    assert resp.mimetype == "application/json"
+    body = resp.get_json()
+    if path == MESSAGES:
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+        return body["error"]["type"], body["error"]["message"], None
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code", "param"}
+    return body["error"]["type"], body["error"]["message"], body["error"]["param"]
+
+
+@pytest.mark.parametrize("path", VALID)
+def test_the_same_setup_reaches_the_upstream_and_is_recorded(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    resp = post(client, path, VALID[path], route["key"])
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    assert len(fake.log(route["id"])) == 1
+    assert recorded() == 1
+
+
+def _cases() -> list:
+    def case(path: str, body: object, param: str | None, message: str, name: str):
+        return pytest.param(path, body, param, message, id=f"{path.rsplit('/', 1)[1]}-{name}")
+
+    cases = []
+    for path, valid in VALID.items():
+        without_model = {k: v for k, v in valid.items() if k != "model"}
+        cases += [
+            case(path, b'{"model": "fake", ', None, "not valid JSON", "malformed-json"),
+            case(path, b"\xff\xfe", None, "not valid JSON", "not-utf8"),
+            case(path, [valid], None, "must be a JSON object", "array-body"),
+            case(path, "hi", None, "must be a JSON object", "string-body"),
+            case(path, without_model, "model", "model is required", "no-model"),
+            case(path, {**valid, "model": ["fake"]}, "model", "model must be", "model-not-string"),
+        ]
+    cases += [
+        case(CHAT, {"model": "fake"}, "messages", "messages is required", "no-messages"),
+        case(CHAT, {**VALID[CHAT], "messages": []}, "messages", "must not be empty", "empty"),
+        case(CHAT, {**VALID[CHAT], "messages": "hi"}, "messages", "an array", "messages-str"),
+        case(CHAT, {**VALID[CHAT], "messages": [{"role": "boss", "content": "x"}]},
+             "messages[0].role", "messages[0].role must be one of", "bad-role"),
+        case(CHAT, {**VALID[CHAT], "messages": [{"role": "user"}]},
+             "messages[0].content", "messages[0].content is required", "no-content"),
+        case(CHAT, {**VALID[CHAT], "temperature": "hot"}, "temperature", "a number", "temp"),
+        case(CHAT, {**VALID[CHAT], "stream": "yes"}, "stream", "a boolean", "stream-str"),
+        case(CHAT, {**VALID[CHAT], "tools": [{"type": "function"}]},
+             "tools[0].function", "tools[0].function is required", "tool-no-function"),
+        case(MESSAGES, {"model": "fake", "max_tokens": 9}, "messages", "is required", "no-msgs"),
+        case(MESSAGES, {**VALID[MESSAGES], "messages": []}, "messages", "not be empty", "empty"),
+        case(MESSAGES, {**VALID[MESSAGES], "max_tokens": None}, "max_tokens", "max_tokens is required", "no-max-tokens"),
+        case(MESSAGES, {**VALID[MESSAGES], "max_tokens": "9"}, "max_tokens", "an integer", "max-str"),
+        case(MESSAGES, {**VALID[MESSAGES], "messages": [{"role": "user", "content": 5}]},
+             "messages[0].content", "messages[0].content must be", "content-int"),
+        case(MESSAGES, {**VALID[MESSAGES], "system": 5}, "system", "system must be", "system-int"),
+        case(RESPONSES, {"model": "fake"}, "input", "input is required", "no-input"),
+        case(RESPONSES, {"model": "fake", "input": ""}, "input", "must not be empty", "empty-str"),
+        case(RESPONSES, {"model": "fake", "input": []}, "input", "must not be empty", "empty-list"),
+        case(RESPONSES, {"model": "fake", "input": 5}, "input", "a string or an array", "input-int"),
+        case(RESPONSES, {"model": "fake", "input": ["hi"]}, "input[0]", "an object", "item-str"),
+        case(RESPONSES, {**VALID[RESPONSES], "max_output_tokens": 1.5},
+             "max_output_tokens", "an integer", "max-float"),
+        case(EMBEDDINGS, {"model": "emb"}, "input", "input is required", "no-input"),
+        case(EMBEDDINGS, {"model": "emb", "input": ""}, "input", "non-empty", "empty-str"),
+        case(EMBEDDINGS, {"model": "emb", "input": []}, "input", "non-empty", "empty-list"),
+        case(EMBEDDINGS, {"model": "emb", "input": {"text": "hi"}}, "input", "input must be", "input-obj"),
+        case(EMBEDDINGS, {**VALID[EMBEDDINGS], "dimensions": "8"}, "dimensions", "an integer", "dims-str"),
+        case(EMBEDDINGS, {**VALID[EMBEDDINGS], "encoding_format": "hex"},
+             "encoding_format", "encoding_format must be one of", "encoding"),
+    ]  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize(("path", "body", "param", "message"), _cases())
+def test_invalid_requests_get_400_naming_the_field(
+    client, fake, route, path, body, param, message
+) -> None:  # type: ignore[no-untyped-def]
+    resp = post(client, path, body, route["key"])
+    assert resp.status_code == 400
+    kind, text, named = error_of(resp, path)
+    assert kind == "invalid_request_error"
+    assert message in text
+    if path != MESSAGES:  # Anthropic's error shape has no param; the message names it
+        assert named == param
+    assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+@pytest.mark.parametrize("path", VALID)
+def test_unknown_model_gets_404(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    for model in ("nope", "fake@elsewhere" if path != EMBEDDINGS else "emb@elsewhere"):
+        resp = post(client, path, {**VALID[path], "model": model}, route["key"])
+        assert resp.status_code == 404, model
+        kind, text, _ = error_of(resp, path)
+        assert kind == ("not_found_error" if path == MESSAGES else "invalid_request_error")
+        assert "not found" in text
+    # A chat name is not an embedding model, and the other way round.
+    other = "emb" if path != EMBEDDINGS else "fake"
+    assert post(client, path, {**VALID[path], "model": other}, route["key"]).status_code == 404
+    assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+@pytest.mark.parametrize("path", VALID)
+def test_missing_bad_and_revoked_keys_get_401(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    revoked = client.post("/api/admin/apiKey", json={}, headers=ADMIN).get_json()["key"]
+    assert client.delete(f"/api/admin/apiKey/{revoked}", headers=ADMIN).status_code == 200
+    for key in (None, "sk-" + "0" * 32, revoked):
+        resp = post(client, path, VALID[path], key)
+        assert resp.status_code == 401, key
+        kind, text, _ = error_of(resp, path)
+        assert kind == "authentication_error" and "API key" in text
+    # x-api-key is the other way to send a key, and a bad one there is refused too.
+    resp = post(client, path, VALID[path], None, **{"x-api-key": "sk-bad"})
+    assert resp.status_code == 401
+    assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+@pytest.mark.parametrize("path", VALID)
+def test_body_over_the_limit_gets_413(app, client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    app.config["MAX_CONTENT_LENGTH"] = 512
+    body = {**VALID[path], "padding": "x" * 600}
+    resp = post(client, path, body, route["key"])
+    assert resp.status_code == 413
+    kind, text, _ = error_of(resp, path)
+    assert kind == ("request_too_large" if path == MESSAGES else "invalid_request_error")
+    assert "512 bytes" in text
+    assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+def test_embeddings_answer_is_the_upstreams_json_and_the_trailing_slash_works(
+    client, fake, route
+) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": "emb", "input": ["a b", "c"], "dimensions": 3, "user": "u-1", "custom": 1}
+    resp = post(client, EMBEDDINGS + "/", body, route["key"])
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    (sent,) = fake.log(route["id"])
+    assert sent["body"] == {**body, "model": f"emb;id={route['id']}"}  # unknown fields too
+    answer = resp.get_json()
+    assert [len(item["embedding"]) for item in answer["data"]] == [3, 3]
+    assert answer["usage"]["prompt_tokens"] == 3
