@@ -380,7 +380,7 @@ def test_a_killed_gateway_leaves_a_pending_row_that_the_next_one_sweeps(
         model="fake", messages=PROMPT, stream=True
     )
     next(iter(stream))
-    wait_until(lambda: [r["status"] for r in first.completions()] == ["pending"])
+    wait_until(lambda: [r["status"] for r in first.records()] == ["pending"])
     # A crash: the worker and the master die at once. (Killing only the master is
     # survivable: the orphaned worker notices and records the call itself.)
     workers = Path(f"/proc/{first.proc.pid}/task/{first.proc.pid}/children").read_text().split()
