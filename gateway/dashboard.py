@@ -32,12 +32,12 @@ from flask_babel import ngettext
 from werkzeug.exceptions import HTTPException
 
 from gateway import (
-    admin_api,
     auth,
     charts,
     db,
     i18n,
     records,
+    registry,
     serializers,
     sessions,
     stats,
@@ -86,8 +86,8 @@ def _http_error(exc: HTTPException) -> tuple[str, int]:
     return render_template("dashboard/error.html", error=exc), exc.code or 500
 
 
-@bp.errorhandler(admin_api.AdminError)
-def _rejected(exc: admin_api.AdminError) -> Response:
+@bp.errorhandler(registry.Refused)
+def _rejected(exc: registry.Refused) -> Response:
     # The admin API's checks speak English (they are the API's error messages).
     flash(_("Not saved: %(reason)s", reason=exc.message), "error")
     return redirect(_next(request.form.get("next")))
@@ -197,7 +197,7 @@ def create_key():
     days = request.form.get("expires", type=int)
     if days in EXPIRY_DAYS:
         body["expiresAt"] = (datetime.now(UTC) + timedelta(days=days)).isoformat()
-    row, key = ApiKey.issue(**admin_api.key_fields(body))
+    row, key = ApiKey.issue(**registry.key_fields(body))
     # Shown in this answer only: not flashed (that would put it in the cookie), not stored.
     return _keys_page(new_key=key, new_row=row)
 
@@ -205,7 +205,7 @@ def create_key():
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
-    admin_api.revoke(row)
+    registry.revoke(row)
     flash(_("Key %(hint)s revoked.", hint=row.key_hint), "ok")
     return redirect(url_for("dashboard.keys"))
 
@@ -213,7 +213,7 @@ def revoke_key(key_id: int):
 @bp.post("/keys/<int:key_id>/limits")
 def key_limits(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
-    admin_api.set_limits(row, admin_api.key_fields(_form_body({"rpmLimit": int, "tpmLimit": int})))
+    registry.set_limits(row, registry.key_fields(_form_body({"rpmLimit": int, "tpmLimit": int})))
     flash(_("Limits of %(hint)s saved.", hint=row.key_hint), "ok")
     return redirect(url_for("dashboard.keys"))
 
@@ -275,9 +275,7 @@ def providers():
 
 @bp.post("/providers")
 def create_provider():
-    row = admin_api.add_provider(
-        admin_api.provider_fields(_form_body(PROVIDER_FORM), required=True)
-    )
+    row = registry.add_provider(registry.provider_fields(_form_body(PROVIDER_FORM), required=True))
     flash(_("Provider %(name)s added.", name=row.name), "ok")
     return redirect(url_for("dashboard.providers"))
 
@@ -288,7 +286,7 @@ def edit_provider(provider_id: int):
     if request.method == "POST":
         # A blank key field keeps the stored key: the page never holds it to send back.
         body = _form_body(PROVIDER_FORM, clear=("apiVersion", "comment"))
-        admin_api.edit_provider(row, admin_api.provider_fields(body, required=False))
+        registry.edit_provider(row, registry.provider_fields(body, required=False))
         flash(_("Provider %(name)s saved.", name=body.get("name", row.name)), "ok")
         return redirect(url_for("dashboard.providers"))
     return render_template("dashboard/provider_form.html", row=row, mask=serializers.mask)
@@ -297,7 +295,7 @@ def edit_provider(provider_id: int):
 @bp.post("/providers/<int:provider_id>/delete")
 def delete_provider(provider_id: int):
     row = _live(Provider, provider_id)
-    admin_api.remove_provider(row)
+    registry.remove_provider(row)
     flash(_("Provider %(name)s deleted.", name=row.name), "ok")
     return redirect(url_for("dashboard.providers"))
 
@@ -306,7 +304,7 @@ def delete_provider(provider_id: int):
 def test_provider(provider_id: int):
     row = _live(Provider, provider_id)
     try:
-        found = admin_api.remote_models(row)
+        found = registry.remote_models(row)
     except UpstreamError as exc:
         flash(_("%(name)s did not answer: %(error)s", name=row.name, error=exc.describe()), "error")
     else:
@@ -325,7 +323,7 @@ def test_provider(provider_id: int):
 @bp.post("/providers/<int:provider_id>/models")
 def create_model(provider_id: int):
     body = {**_form_body(MODEL_FORM), "providerId": _live(Provider, provider_id).id}
-    row = admin_api.add_model(admin_api.model_fields(body, required=True))
+    row = registry.add_model(registry.model_fields(body, required=True))
     flash(_("Model %(name)s added.", name=row.system_name), "ok")
     return redirect(url_for("dashboard.providers"))
 
@@ -336,7 +334,7 @@ def edit_model(model_id: int):
     if request.method == "POST":
         clear = ("remoteId", "contextLength", "inputPrice", "outputPrice", "comment")
         body = _form_body(MODEL_FORM, clear)
-        admin_api.edit_model(row, admin_api.model_fields(body, required=False))
+        registry.edit_model(row, registry.model_fields(body, required=False))
         flash(_("Model %(name)s saved.", name=body.get("systemName", row.system_name)), "ok")
         return redirect(url_for("dashboard.providers"))
     return render_template("dashboard/model_form.html", row=row)
@@ -345,7 +343,7 @@ def edit_model(model_id: int):
 @bp.post("/models/<int:model_id>/delete")
 def delete_model(model_id: int):
     row = _live(Model, model_id)
-    admin_api.remove_model(row)
+    registry.remove_model(row)
     flash(_("Model %(name)s deleted.", name=row.system_name), "ok")
     return redirect(url_for("dashboard.providers"))
 
@@ -357,7 +355,7 @@ def weights(system_name: str):
         for name, value in request.form.items()
         if name.startswith("weight-") and name.removeprefix("weight-").isdigit()
     ]
-    admin_api.apply_weights(system_name, posted)
+    registry.apply_weights(system_name, posted)
     flash(_("Weights of %(name)s saved.", name=system_name), "ok")
     return redirect(url_for("dashboard.providers") + "#balance")
 

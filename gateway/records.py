@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 from flask import abort, url_for
 
-from gateway import admin_api
+from gateway import registry
 from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, utcnow
 
 RANGES = {"1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000}
@@ -127,7 +127,7 @@ def listing(table: Any, args: Mapping[str, str]) -> Listing:
 def names(rows: list) -> dict[str, Any]:
     """What a record table shows beside its rows: provider names, keys, model names."""
     return {
-        "providers": admin_api.provider_names({r.provider_id for r in rows}),
+        "providers": registry.provider_names({r.provider_id for r in rows}),
         "keys": {k.id: k for k in ApiKey.select().order_by(ApiKey.id)},
         "models": sorted({m.system_name for m in Model.active()}),
     }
@@ -141,7 +141,7 @@ def detail(table: Any, record_id: int) -> dict[str, Any]:
     return {
         "row": row,
         "key": ApiKey.get_or_none(ApiKey.id == row.api_key_id),
-        "provider": admin_api.provider_names({row.provider_id}).get(row.provider_id),
+        "provider": registry.provider_names({row.provider_id}).get(row.provider_id),
     }
 
 
