@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import auth
 from gateway.adapters import PROTOCOLS, embeddings, record
+from gateway.call import Call, Plan
 from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
@@ -27,7 +28,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
-from gateway.relay import Call, Plan, relay
+from gateway.relay import relay
 from gateway.routing import Candidate, catalog, weighted_order
 
 bp = Blueprint("proxy", __name__)

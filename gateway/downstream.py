@@ -1,0 +1,128 @@
+"""The client's side of a call: the queue of its bytes, the response body, the watcher.
+
+The producer (``call.py``) puts the client's bytes here and never touches the socket.
+The response body is a generator gunicorn iterates: it only relays the queue, with
+a heartbeat comment when the queue is idle, and a failed write ends it. The watcher
+greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
+stream a FIN may be a half-close from a client that still reads, so the watcher
+probes instead (SSE comments: a dead peer fails the second write, a live one skips
+them). Either way the call is told once, through ``on_gone``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.queue
+import gevent.socket
+
+from gateway import sse
+
+log = logging.getLogger(__name__)
+
+_END, _GONE, _PROBE = object(), object(), object()
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How the client side keeps time."""
+
+    heartbeat: float = 15.0  # idle seconds before a keep-alive comment
+    probe_interval: float = 0.25  # after a FIN on a stream
+    write_timeout: float = 60.0  # a client that stops reading is dropped after this
+
+
+class Downstream:
+    """One call's client: what it still has to be sent, and whether it is still there."""
+
+    def __init__(
+        self, sock: socket.socket | None, stream: bool, pace: Pace, on_gone: Callable[[str], None]
+    ) -> None:
+        self.sock, self.stream, self.pace = sock, stream, pace
+        self.queue: gevent.queue.Queue = gevent.queue.Queue()
+        self.gone = gevent.event.Event()
+        self.gone_at: float | None = None
+        self._on_gone = on_gone
+        self._watcher: gevent.Greenlet | None = None
+
+    def put(self, data: bytes) -> None:
+        """Queue bytes for the client; dropped once it has left."""
+        if data and not self.gone.is_set():
+            self.queue.put(data)
+
+    def end(self) -> None:
+        """Nothing more will come: the body finishes once the queue is sent."""
+        self.queue.put(_END)
+
+    def left(self, how: str) -> None:
+        """The client is gone: stop sending, and tell the call (once)."""
+        if self.gone.is_set():
+            return
+        self.gone_at = time.monotonic()
+        self.gone.set()
+        self.queue.put(_GONE)
+        self._on_gone(how)
+
+    def start_watching(self, group: gevent.pool.Group) -> None:
+        """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
+        if self.sock is not None:
+            self._watcher = group.spawn(self._watch)
+            self._watcher.link_exception(_log_death)
+
+    def stop_watching(self) -> None:
+        """Kill the watcher: with keep-alive, the socket's next bytes are gunicorn's."""
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+            self._watcher = None
+
+    def _watch(self) -> None:
+        sock = self.sock
+        try:
+            gevent.socket.wait_read(sock.fileno())
+            if sock.recv(1, socket.MSG_PEEK):
+                return  # the client sent more (pipelining): nothing to learn here
+            reset = False
+        except OSError:
+            reset = True
+        if self.stream and not reset:
+            while not self.gone.is_set():
+                self.queue.put(_PROBE)
+                gevent.sleep(self.pace.probe_interval)
+            return
+        self.left("connection reset" if reset else "connection closed")
+
+    def body(self) -> Iterator[bytes]:
+        """The streaming response body; a failed write means the client left."""
+        if self.sock is not None:
+            self.sock.settimeout(self.pace.write_timeout)
+        delivered = False
+        try:
+            while True:
+                try:
+                    item = self.queue.get(timeout=self.pace.heartbeat)
+                except gevent.queue.Empty:
+                    yield sse.comment("keep-alive")
+                    continue
+                if item is _END or item is _GONE:
+                    delivered = item is _END
+                    return
+                yield sse.comment("probe") if item is _PROBE else item
+        finally:
+            self.stop_watching()
+            if self.sock is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(None)
+            if not delivered:
+                self.left("write failed")
+
+
+def _log_death(greenlet: gevent.Greenlet) -> None:
+    log.error("downstream: watcher died", exc_info=greenlet.exc_info)
