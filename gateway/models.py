@@ -17,10 +17,8 @@ import peewee as pw
 from gateway.db import database
 
 STATUSES = ("pending", "completed", "failed", "aborted", "cache_hit")
-FINAL_STATUSES = ("completed", "failed", "aborted", "cache_hit")
 MODEL_TYPES = ("chat", "embedding")
 KEY_SOURCES = ("manual", "operator", "init")
-LOG_LEVELS = ("unspecific", "info", "warn", "error")
 
 
 def utcnow() -> datetime:
