@@ -60,12 +60,9 @@ class KeyCache:
         self._entries[digest] = (now, caller)
         return caller
 
-    def forget(self, key_hash: str | None = None) -> None:
-        """Drop one cached key (by hash), or all of them."""
-        if key_hash is None:
-            self._entries.clear()
-        else:
-            self._entries.pop(key_hash, None)
+    def forget(self, key_hash: str) -> None:
+        """Drop one cached key (by hash): a change to it applies at once in this worker."""
+        self._entries.pop(key_hash, None)
 
 
 keys = KeyCache()

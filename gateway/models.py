@@ -18,7 +18,6 @@ from gateway.db import database
 
 STATUSES = ("pending", "completed", "failed", "aborted", "cache_hit")
 MODEL_TYPES = ("chat", "embedding")
-KEY_SOURCES = ("manual", "operator", "init")
 
 
 def utcnow() -> datetime:
