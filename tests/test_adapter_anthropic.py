@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gateway.adapters import anthropic, ir
+from gateway.adapters.anthropic.request import DEFAULT_MAX_TOKENS
 from gateway.errors import InvalidRequest
 from tests.adapter_support import accumulate, frames, json_frames, parse_stream, stream_bytes
 
@@ -303,7 +304,7 @@ def test_defaults_and_merging_for_an_ir_from_another_protocol():
         {"role": "user", "content": [text("more")]},
     ]
     built = anthropic.build_request(ir_req, "up")
-    assert built["max_tokens"] == anthropic.DEFAULT_MAX_TOKENS
+    assert built["max_tokens"] == DEFAULT_MAX_TOKENS
     assert built["system"] == "a\nb"
     assert built["messages"] == [
         {"role": "user", "content": [text("hi")]},

@@ -1,7 +1,8 @@
 """Wire protocols around one internal representation (``ir.py``). Pure code.
 
-Each protocol module (``openai_chat``, ``anthropic``, ``openai_responses``) offers
-the same face, so a client format and a provider format combine freely::
+Each protocol is a package (``openai_chat``, ``anthropic``, ``openai_responses``) of
+``request.py``, ``response.py`` and ``stream.py``, and offers the same face in its
+``__init__``, so a client format and a provider format combine freely::
 
     NAME                                   the api_format recorded for its clients
     parse_request(body) -> ir request      validate a client body (InvalidRequest
@@ -11,8 +12,12 @@ the same face, so a client format and a provider format combine freely::
     render_response(resp, request) -> body the answer as this protocol's client expects
     StreamParser().feed(sse.Event) -> [ir events]; .finish() -> [ir events]
     StreamRenderer(request).feed(ir event) -> [bytes]; .finish() -> [bytes]
+    stream_error(message) -> bytes         error frames that end a client's stream
 
-This module maps provider types to protocols and builds upstream endpoints.
+No protocol imports another: what they share is in ``ir``, ``parsing``, ``wire`` and
+``rendering``. ``embeddings`` (OpenAI's, served by every provider type) and ``record``
+(the stored shapes) sit beside them. This module maps provider types to protocols and
+builds upstream endpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from urllib.parse import quote, urlencode
 
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 
-from . import anthropic, openai_chat, openai_responses, record
+from . import anthropic, openai_chat, openai_responses
 
 PROTOCOLS: dict[str, ModuleType] = {
     OPENAI_CHAT: openai_chat,
@@ -100,6 +105,3 @@ def upstream_body(
         if upstream_format == OPENAI_CHAT and stream_usage:
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return out
-
-
-__all__ = ["PROTOCOLS", "PROVIDER_PROTOCOLS", "endpoint", "record", "upstream_body"]

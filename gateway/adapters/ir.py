@@ -95,6 +95,12 @@ STOP_REASONS = frozenset(
 )
 
 
+# Reasoning effort (OpenAI) <-> thinking budget in tokens (Anthropic): the IR keeps what the
+# client said; a protocol that has only the other spelling converts with these.
+_BUDGET_FOR_EFFORT = {"low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768, "max": 32768}
+_EFFORT_FOR_BUDGET = ((2048, "low"), (8192, "medium"))  # by upper bound; above: "high"
+
+
 def usage(**counts: int | None) -> dict[str, int | None]:
     """A usage dict with every field present; unknown fields are None."""
     unknown = set(counts) - set(USAGE_FIELDS)
@@ -151,7 +157,7 @@ class Accumulator:
         if kind == "block_delta":
             parts = self._by_index.get(event["index"])
             if parts is None:
-                parts = self._start(event["index"], _block_for_delta(event["delta"]))
+                parts = self._start(event["index"], block_for_delta(event["delta"]))
             for name, value in event["delta"].items():
                 parts.setdefault(_DELTA_FIELD.get(name, name), []).append(value)
         elif kind == "block_start":
@@ -188,6 +194,18 @@ class Accumulator:
         return parts
 
 
+def budget_for_effort(effort: str | None) -> int | None:
+    """The thinking budget for a reasoning effort; None for efforts that turn it off."""
+    return _BUDGET_FOR_EFFORT.get(effort or "")
+
+
+def effort_for_budget(budget: int | None) -> str | None:
+    """The reasoning effort closest to a thinking budget."""
+    if budget is None:
+        return None
+    return next((effort for bound, effort in _EFFORT_FOR_BUDGET if budget <= bound), "high")
+
+
 # Which block field each delta key appends to.
 _DELTA_FIELD = {
     "text": "text",
@@ -197,7 +215,8 @@ _DELTA_FIELD = {
 }
 
 
-def _block_for_delta(delta: dict) -> dict:
+def block_for_delta(delta: dict) -> dict:
+    """An empty block of the kind a delta adds to (for a delta whose block never started)."""
     if "arguments" in delta:
         return {"type": "tool_call", "id": "", "name": "", "arguments": ""}
     if "reasoning" in delta or "signature" in delta:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .openai_chat import messages_to_chat, tool_choice_to_chat, tools_to_chat
-from .openai_chat_render import assistant_message
+from .openai_chat.request import messages_to_chat, tool_choice_to_chat, tools_to_chat
+from .openai_chat.response import assistant_message
 
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "reasoning")
 

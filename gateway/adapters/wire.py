@@ -1,15 +1,18 @@
-"""Small pieces every wire-format module shares: ids, compact JSON, counts, event data.
+"""Small pieces every wire-format module shares: ids, compact JSON, counts, event data, image URLs.
 
-Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own module.
+Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own package.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 from gateway import sse
+
+_DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 
 
 def new_id(prefix: str) -> str:
@@ -41,3 +44,22 @@ def event_data(event: sse.Event) -> dict | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def image_block(url: str, detail: str | None = None) -> dict:
+    """An IR image block from an image URL (a data URL becomes a base64 source)."""
+    match = _DATA_URL.fullmatch(url)
+    if match:
+        media = match["media"] or "image/jpeg"
+        source = {"type": "base64", "media_type": media, "data": match["data"]}
+    else:
+        source = {"type": "url", "url": url}
+    return {"type": "image", "source": source, "detail": detail}
+
+
+def image_url(block: dict) -> str:
+    """The URL of an IR image block (base64 sources become data URLs)."""
+    source = block["source"]
+    if source["type"] == "base64":
+        return f"data:{source['media_type']};base64,{source['data']}"
+    return source["url"]

@@ -1,8 +1,4 @@
-"""Anthropic Messages: client requests to the IR and the IR to upstream requests.
-
-Answers are read from upstreams in ``anthropic_answer`` and rendered for clients in
-``anthropic_render``; both are re-exported here, so this module has the full protocol face
-(see ``gateway/adapters/__init__.py``).
+"""Anthropic Messages requests: client bodies to the IR, and the IR to upstream bodies.
 
 Beyond the IR docstring, two optional keys ride along so that Anthropic-to-Anthropic
 calls lose nothing that costs money or breaks replays: ``cache_control`` on blocks, system
@@ -16,29 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import ANTHROPIC, InvalidRequest
+from gateway.errors import InvalidRequest
 
-from . import parsing
-from .anthropic_answer import StreamParser, arguments_json, parse_response
-from .anthropic_render import StreamRenderer, block_to_anthropic, render_response, stream_error
+from .. import parsing
+from ..ir import budget_for_effort
+from .response import arguments_json, block_to_anthropic
 
-__all__ = [
-    "DEFAULT_MAX_TOKENS",
-    "NAME",
-    "StreamParser",
-    "StreamRenderer",
-    "build_request",
-    "parse_request",
-    "parse_response",
-    "render_response",
-    "stream_error",
-]
-
-NAME = ANTHROPIC
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; other formats may leave it out
+
 MIN_THINKING_BUDGET = 1024  # the API's floor for thinking.budget_tokens
-# OpenAI reasoning effort -> thinking budget; "none" and "minimal" turn thinking off.
-EFFORT_BUDGETS = {"low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768, "max": 32768}
 
 _KNOWN = frozenset(
     {
@@ -46,6 +28,7 @@ _KNOWN = frozenset(
         "stop_sequences", "tools", "tool_choice", "thinking",
     }
 )  # fmt: skip
+
 _TOOL_CHOICES = ("auto", "any", "none", "tool")
 
 
@@ -248,7 +231,7 @@ def _thinking_budget(reasoning: dict | None) -> int | None:
         return None
     if reasoning.get("budget_tokens") is not None:
         return reasoning["budget_tokens"]
-    return EFFORT_BUDGETS.get(reasoning.get("effort") or "")
+    return budget_for_effort(reasoning.get("effort"))
 
 
 def _system_to_anthropic(blocks: list[dict]) -> str | list[dict]:

@@ -1,13 +1,17 @@
-"""OpenAI Responses answers: upstream ``response`` bodies and event streams to the IR.
+"""OpenAI Responses streams, both ways: upstream events to IR events, IR events to events.
 
-Output items map to IR blocks: ``message`` parts (``output_text``, ``refusal``) to text,
-``reasoning`` items to reasoning blocks (summary text, or ``reasoning_text`` content for
-open models; ``encrypted_content`` as the signature; the item ``id`` kept), and
-``function_call`` items to tool calls (``call_id`` is the IR id). ``status`` gives the
-stop reason: ``completed`` is ``tool_use`` when the output has function calls,
-``incomplete`` is ``max_tokens`` (or ``content_filter``). The stream parser also copes
-with servers that send text or arguments only in the ``.done`` events. Data that is not
-JSON is skipped (counted in ``skipped``).
+Reading copes with servers that send text or arguments only in the ``.done`` events; data
+that is not JSON is skipped (counted in ``skipped``).
+
+Writing follows the sequence OpenAI sends and the ``openai`` SDK's ``ResponseStream``
+checks (``lib/streaming/responses/_responses.py``): ``event:`` lines, a ``sequence_number``
+on every event, ``response.created`` first and the same response ``id`` on every lifecycle
+event, every ``output_item.added`` matched by an ``output_item.done``, content deltas only
+inside their item, and a terminal ``response.completed`` (or ``response.incomplete`` /
+``response.failed``) carrying the full output and usage.
+
+One module for both directions although it passes 300 lines: it is one event vocabulary,
+and the parser and the renderer are each one class.
 """
 
 from __future__ import annotations
@@ -16,50 +20,19 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from gateway import sse
+from gateway.errors import OPENAI_RESPONSES, error_body
 
-from . import ir, wire
-
-
-def parse_response(body: dict) -> dict:
-    """Convert a Responses ``response`` body to an IR response."""
-    resp = ir.empty_response()
-    resp["id"], resp["model"] = body.get("id"), body.get("model")
-    for item in body.get("output") or []:
-        if isinstance(item, dict):
-            resp["content"].extend(_blocks_of(item))
-    resp["stop_reason"] = stop_of(body)
-    resp["usage"] = usage_from_responses(body.get("usage"))
-    return resp
-
-
-def stop_of(response: dict, saw_calls: bool = False) -> str | None:
-    """The IR stop reason of a Responses ``response`` object."""
-    status = response.get("status")
-    if status == "incomplete":
-        reason = (response.get("incomplete_details") or {}).get("reason")
-        return "content_filter" if reason == "content_filter" else "max_tokens"
-    if status == "completed":
-        calls = saw_calls or any(
-            isinstance(i, dict) and i.get("type") == "function_call"
-            for i in response.get("output") or []
-        )
-        return "tool_use" if calls else "end_turn"
-    return None
-
-
-def usage_from_responses(usage: Any) -> dict:
-    """Responses usage as IR usage."""
-    if not isinstance(usage, dict):
-        return ir.usage()
-    details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
-    return ir.usage(
-        input_tokens=wire.count(usage.get("input_tokens")),
-        output_tokens=wire.count(usage.get("output_tokens")),
-        cache_read_tokens=wire.count(details.get("cached_tokens")),
-        cache_write_tokens=wire.count(details.get("cache_write_tokens")),
-        reasoning_tokens=wire.count(output_details.get("reasoning_tokens")),
-    )
+from .. import ir, wire
+from ..rendering import StreamRendererBase
+from .response import (
+    blocks_of,
+    finished,
+    item_for,
+    response_object,
+    stop_of,
+    text_part,
+    usage_from_responses,
+)
 
 
 class StreamParser:
@@ -178,7 +151,7 @@ class StreamParser:
         if item.get("type") == "message":
             parts = [s for key, s in self._parts.items() if key[0] == output_index]
             if not parts:  # a server that sends the text only here
-                for block in _blocks_of(item):
+                for block in blocks_of(item):
                     part, started = self._start({"type": "text", "text": ""})
                     events += started + self._add(part, "text", block["text"])
                     parts.append(part)
@@ -187,7 +160,7 @@ class StreamParser:
             return []
         if item.get("type") == "reasoning":
             if not state["got"]:
-                events += self._add(state, "reasoning", _blocks_of(item)[0]["text"])
+                events += self._add(state, "reasoning", blocks_of(item)[0]["text"])
             if item.get("encrypted_content"):
                 events += self._add(state, "signature", item["encrypted_content"])
         elif item.get("type") == "function_call" and not state["got"]:
@@ -303,32 +276,178 @@ class StreamParser:
     }
 
 
-def _blocks_of(item: dict) -> list[dict]:
-    kind = item.get("type")
-    if kind == "message":
-        parts = [p for p in item.get("content") or [] if isinstance(p, dict)]
-        texts = [
-            p.get("text") if p.get("type") == "output_text" else p.get("refusal") for p in parts
-        ]
-        return [{"type": "text", "text": t} for t in texts if isinstance(t, str) and t]
-    if kind == "reasoning":
-        parts = item.get("summary") or item.get("content") or []
-        text = "\n\n".join(p.get("text") or "" for p in parts if isinstance(p, dict))
-        block = {
-            "type": "reasoning",
-            "text": text,
-            "signature": item.get("encrypted_content"),
-            "redacted": None,
-        }
-        return [{**block, "id": item.get("id")}]
-    if kind == "function_call":
-        call_id = item.get("call_id") or item.get("id") or ""
+def stream_error(message: str, kind: str = "api_error", sequence_number: int = 0) -> bytes:
+    """An ``error`` event, as OpenAI sends when a stream fails (the SDK yields it)."""
+    code = error_body(OPENAI_RESPONSES, kind, message)["error"]["type"]
+    data = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": sequence_number,
+    }
+    return wire.frame(data, "error")
+
+
+class StreamRenderer(StreamRendererBase):
+    """IR stream events -> Responses stream events for an OpenAI Responses client."""
+
+    def __init__(self, request: dict) -> None:
+        super().__init__(request)
+        self._id = wire.new_id("resp_")
+        self._seq = 0
+        self._output: list[dict] = []  # items in output order, updated as they grow
+        self._live: dict[int, dict] = {}  # IR block index -> {"item", "output_index", "text", ...}
+
+    def _start(self, event: dict) -> list[bytes]:
+        if event["type"] == "start":
+            self._id = event.get("id") or self._id
+            self.model = event.get("model") or self.model
+        response = self._response(status="in_progress", usage=None)
         return [
-            {
-                "type": "tool_call",
-                "id": call_id,
-                "name": item.get("name") or "",
-                "arguments": item.get("arguments") or "",
-            }
+            self._emit("response.created", response=response),
+            self._emit("response.in_progress", response=response),
         ]
-    return []
+
+    def _block_start(self, index: int, block: dict) -> list[bytes]:
+        item = item_for(block)
+        if item is None:
+            return []
+        live = self._live[index] = {
+            "item": item,
+            "output_index": len(self._output),
+            "text": [],
+            "block": block,
+        }
+        self._output.append(item)
+        frames = [
+            self._emit(
+                "response.output_item.added", output_index=live["output_index"], item=dict(item)
+            )
+        ]
+        if item["type"] == "message":
+            frames.append(
+                self._emit(
+                    "response.content_part.added",
+                    **self._at(live),
+                    content_index=0,
+                    part=text_part(""),
+                )
+            )
+        return frames
+
+    def _block_delta(self, index: int, delta: dict) -> list[bytes]:
+        live = self._live.get(index)
+        frames: list[bytes] = []
+        if live is None:  # a delta for a block that never started
+            frames = self._block_start(index, ir.block_for_delta(delta))
+            live = self._live[index]
+        if "signature" in delta:
+            live["block"] = {
+                **live["block"],
+                "signature": (live["block"].get("signature") or "") + delta["signature"],
+            }
+            return frames
+        value = next(iter(delta.values()))
+        kind = live["item"]["type"]
+        if kind == "reasoning" and not live["text"]:
+            part = {"type": "summary_text", "text": ""}
+            frames.append(
+                self._emit(
+                    "response.reasoning_summary_part.added",
+                    **self._at(live),
+                    summary_index=0,
+                    part=part,
+                )
+            )
+        live["text"].append(value)
+        if kind == "message":
+            frames.append(
+                self._emit(
+                    "response.output_text.delta",
+                    **self._at(live),
+                    content_index=0,
+                    delta=value,
+                    logprobs=[],
+                )
+            )
+        elif kind == "reasoning":
+            frames.append(
+                self._emit(
+                    "response.reasoning_summary_text.delta",
+                    **self._at(live),
+                    summary_index=0,
+                    delta=value,
+                )
+            )
+        else:
+            frames.append(
+                self._emit("response.function_call_arguments.delta", **self._at(live), delta=value)
+            )
+        return frames
+
+    def _block_stop(self, index: int) -> list[bytes]:
+        live = self._live.pop(index, None)
+        if live is None:
+            return []
+        text = "".join(live["text"])
+        kind = live["item"]["type"]
+        at = self._at(live)
+        frames = []
+        if kind == "message":
+            frames.append(
+                self._emit(
+                    "response.output_text.done", **at, content_index=0, text=text, logprobs=[]
+                )
+            )
+            frames.append(
+                self._emit(
+                    "response.content_part.done", **at, content_index=0, part=text_part(text)
+                )
+            )
+        elif kind == "reasoning" and text:
+            part = {"type": "summary_text", "text": text}
+            frames.append(
+                self._emit("response.reasoning_summary_text.done", **at, summary_index=0, text=text)
+            )
+            frames.append(
+                self._emit("response.reasoning_summary_part.done", **at, summary_index=0, part=part)
+            )
+        elif kind == "function_call":
+            frames.append(self._emit("response.function_call_arguments.done", **at, arguments=text))
+        item = finished(live["item"], {**live["block"], "text": text, "arguments": text})
+        self._output[live["output_index"]] = item
+        frames.append(
+            self._emit("response.output_item.done", output_index=live["output_index"], item=item)
+        )
+        return frames
+
+    def _end(self) -> list[bytes]:
+        frames = [frame for index in list(self._live) for frame in self._block_stop(index)]
+        stop_reason = (self.finish_event or {}).get("stop_reason")
+        response = self._response(stop_reason=stop_reason, usage=self.usage)
+        incomplete = response["status"] == "incomplete"
+        terminal = "response.incomplete" if incomplete else "response.completed"
+        return [*frames, self._emit(terminal, response=response)]
+
+    def _error(self, message: str, kind: str) -> list[bytes]:
+        # The SDK wants response.created first and the same id on response.failed.
+        frames = [] if self.started else self._begin({"type": "start"})
+        frames.append(stream_error(message, kind, self._seq))
+        self._seq += 1
+        error = {"code": "server_error", "message": message}
+        response = self._response(status="failed", usage=self.usage, error=error)
+        return [*frames, self._emit("response.failed", response=response)]
+
+    def _response(self, **fields: Any) -> dict:
+        return response_object(
+            self._id, self.model, self.request, output=list(self._output), **fields
+        )
+
+    def _at(self, live: dict) -> dict:
+        return {"item_id": live["item"]["id"], "output_index": live["output_index"]}
+
+    def _emit(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return wire.frame(data, kind)

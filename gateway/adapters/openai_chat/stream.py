@@ -1,77 +1,38 @@
-"""OpenAI Chat Completions answers read from an upstream: bodies and chunk streams to the IR.
+"""Chat Completions streams, both ways: upstream chunks to IR events, IR events to chunks.
 
-Accepts what OpenAI-compatible servers send beyond OpenAI: ``reasoning_content``
-(DeepSeek) and ``reasoning`` (vLLM), vLLM's ``stop_reason`` (the matched stop string),
-DeepSeek's ``prompt_cache_hit_tokens``, error chunks spelled ``{"error": {...}}`` or
-``{"object": "error", ...}``. Stream data that is not JSON (keep-alive noise) is skipped
-and counted in ``StreamParser.skipped``; it never fails the stream. A usage-only chunk
-(``choices: []``) yields a ``usage`` event and nothing else, so a relay can hide it from
-clients that did not ask for usage.
+Reading: stream data that is not JSON (keep-alive noise) is skipped and counted in
+``StreamParser.skipped``; it never fails the stream. Error chunks are spelled
+``{"error": {...}}`` or ``{"object": "error", ...}``. A usage-only chunk (``choices: []``)
+yields a ``usage`` event and nothing else, so a relay can hide it from clients that did
+not ask for usage.
+
+Writing follows what the ``openai`` SDK parses (``_streaming.py``, ``lib/streaming/chat``):
+every chunk of one stream has the same ``id``; the first carries ``delta.role``; tool calls
+are numbered from 0 among tool calls (the SDK inserts them into a list by ``index``); usage
+is sent once, in a last chunk with ``choices: []``, only when the client asked for it
+(``stream_options.include_usage``); ``data: [DONE]`` ends the stream; the SDK raises
+``APIError`` on a chunk that has an ``error`` key.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from gateway import sse
+from gateway.errors import OPENAI_CHAT, error_body
 
-from . import ir, wire
-
-FINISH_TO_IR = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "content_filter",
-}
-
-
-def parse_response(body: dict) -> dict:
-    """Convert a ``chat.completion`` body to an IR response (first choice only)."""
-    resp = ir.empty_response()
-    resp["id"], resp["model"] = body.get("id"), body.get("model")
-    choice = _first_choice(body) or {}
-    message = choice.get("message") or {}
-    reasoning = _reasoning_of(message)
-    if reasoning:
-        resp["content"].append(_reasoning_block(reasoning))
-    text = message.get("content")
-    if isinstance(text, list):  # some servers answer with content parts
-        text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
-    text = text or message.get("refusal")
-    if isinstance(text, str) and text:
-        resp["content"].append({"type": "text", "text": text})
-    for call in _calls_of(message):
-        function = call.get("function") or {}
-        resp["content"].append(
-            {
-                "type": "tool_call",
-                "id": call.get("id") or wire.new_id("call_"),
-                "name": function.get("name") or "",
-                "arguments": function.get("arguments") or "",
-            }
-        )
-    resp["stop_reason"], resp["stop_sequence"] = _stop_of(choice)
-    resp["usage"] = usage_from_chat(body.get("usage")) or ir.usage()
-    return resp
-
-
-def usage_from_chat(usage: Any) -> dict | None:
-    """An OpenAI ``usage`` object as IR usage (None when there is none)."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens_details") or {}
-    completion = usage.get("completion_tokens_details") or {}
-    cache_read = prompt.get("cached_tokens")
-    if cache_read is None:
-        cache_read = usage.get("prompt_cache_hit_tokens")  # DeepSeek
-    return ir.usage(
-        input_tokens=wire.count(usage.get("prompt_tokens")),
-        output_tokens=wire.count(usage.get("completion_tokens")),
-        cache_read_tokens=wire.count(cache_read),
-        cache_write_tokens=wire.count(prompt.get("cache_write_tokens")),
-        reasoning_tokens=wire.count(completion.get("reasoning_tokens")),
-    )
+from .. import wire
+from ..rendering import StreamRendererBase
+from .response import (
+    IR_TO_FINISH,
+    calls_of,
+    first_choice,
+    reasoning_of,
+    stop_of,
+    usage_from_chat,
+    usage_to_chat,
+)
 
 
 class StreamParser:
@@ -105,7 +66,7 @@ class StreamParser:
         if chunk.get("error") or chunk.get("object") == "error":
             return [_error_event(chunk)]
         events: list[dict] = []
-        choice = _first_choice(chunk)
+        choice = first_choice(chunk)
         usage = usage_from_chat(chunk.get("usage"))
         if choice is not None:
             if not self._started:
@@ -121,7 +82,7 @@ class StreamParser:
             events.extend(self._delta(choice.get("delta") or {}))
             if choice.get("finish_reason") and not self._finished:
                 self._finished = True
-                stop_reason, stop_sequence = _stop_of(choice)
+                stop_reason, stop_sequence = stop_of(choice)
                 events.extend(self._close())
                 events.append(
                     {
@@ -157,7 +118,7 @@ class StreamParser:
 
     def _delta(self, delta: dict) -> list[dict]:
         events: list[dict] = []
-        reasoning = _reasoning_of(delta)
+        reasoning = reasoning_of(delta)
         if reasoning:
             events.extend(self._ensure("reasoning"))
             events.append(
@@ -167,7 +128,7 @@ class StreamParser:
         if isinstance(content, str) and content:
             events.extend(self._ensure("text"))
             events.append({"type": "block_delta", "index": self._open, "delta": {"text": content}})
-        for call in _calls_of(delta):
+        for call in calls_of(delta):
             events.extend(self._tool_delta(call))
         return events
 
@@ -217,43 +178,6 @@ class StreamParser:
         return [{"type": "block_stop", "index": index}]
 
 
-def _first_choice(body: dict) -> dict | None:
-    for choice in body.get("choices") or []:
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            return choice
-    return None
-
-
-def _reasoning_of(message: dict) -> str | None:
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def _calls_of(message: dict) -> list[dict]:
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        return [c for c in calls if isinstance(c, dict)]
-    legacy = message.get("function_call")
-    return [{"index": 0, "function": legacy}] if isinstance(legacy, dict) else []
-
-
-def _stop_of(choice: dict) -> tuple[str | None, str | None]:
-    finish = choice.get("finish_reason")
-    matched = choice.get("stop_reason")  # vLLM: the stop string that ended the answer
-    if finish == "stop" and isinstance(matched, str):
-        return "stop_sequence", matched
-    if not finish:
-        return None, None
-    return FINISH_TO_IR.get(finish, "end_turn"), None
-
-
-def _reasoning_block(text: str) -> dict:
-    return {"type": "reasoning", "text": text, "signature": None, "redacted": None}
-
-
 def _error_event(chunk: dict) -> dict:
     error = chunk.get("error")
     if not isinstance(error, dict):
@@ -263,3 +187,81 @@ def _error_event(chunk: dict) -> dict:
         "message": str(error.get("message") or "upstream error"),
         "error_type": error.get("type") or chunk.get("type"),
     }
+
+
+def stream_error(message: str, kind: str = "api_error") -> bytes:
+    """An error chunk (the openai SDK raises ``APIError`` on it), then ``[DONE]``."""
+    body = error_body(OPENAI_CHAT, kind, message)
+    return wire.frame(body) + sse.encode("[DONE]")
+
+
+class StreamRenderer(StreamRendererBase):
+    """IR stream events -> ``chat.completion.chunk`` frames for an OpenAI client."""
+
+    def __init__(self, request: dict) -> None:
+        super().__init__(request)
+        self._want_usage = bool(request.get("stream_usage"))
+        self._id: str | None = None
+        self._created = int(time.time())
+        self._tools: dict[int, int] = {}  # IR block index -> chat tool-call index
+
+    def _start(self, event: dict) -> list[bytes]:
+        if event["type"] == "start":
+            self._id = event.get("id")
+            self.model = event.get("model") or self.model
+        self._id = self._id or wire.new_id("chatcmpl-")
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _block_start(self, index: int, block: dict) -> list[bytes]:
+        return [self._tool_start(index, block)] if block["type"] == "tool_call" else []
+
+    def _block_delta(self, index: int, delta: dict) -> list[bytes]:
+        if "text" in delta:
+            return [self._chunk({"content": delta["text"]})]
+        if "reasoning" in delta:
+            return [self._chunk({"reasoning_content": delta["reasoning"]})]
+        if "arguments" in delta:
+            frames = [] if index in self._tools else [self._tool_start(index, {})]
+            call = {"index": self._tools[index], "function": {"arguments": delta["arguments"]}}
+            return [*frames, self._chunk({"tool_calls": [call]})]
+        return []  # signatures have no place in chat
+
+    def _finish(self, event: dict) -> list[bytes]:
+        return [self._chunk({}, IR_TO_FINISH.get(event.get("stop_reason"), "stop"))]
+
+    def _end(self) -> list[bytes]:
+        frames = [] if self.finish_event else [self._chunk({}, "stop")]
+        usage = usage_to_chat(self.usage)
+        if self._want_usage and usage:
+            frames.append(self._frame([], usage))
+        frames.append(sse.encode("[DONE]"))
+        return frames
+
+    def _error(self, message: str, kind: str) -> list[bytes]:
+        return [stream_error(message, kind)]
+
+    def _tool_start(self, index: int, block: dict) -> bytes:
+        self._tools[index] = number = len(self._tools)
+        call = {
+            "index": number,
+            "id": block.get("id") or wire.new_id("call_"),
+            "type": "function",
+            "function": {"name": block.get("name") or "", "arguments": ""},
+        }
+        return self._chunk({"tool_calls": [call]})
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._frame([choice])
+
+    def _frame(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self.model or "",
+            "choices": choices,
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return wire.frame(chunk)

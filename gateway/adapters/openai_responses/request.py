@@ -1,8 +1,4 @@
-"""OpenAI Responses: client requests to the IR and the IR to upstream requests.
-
-Answers are read from upstreams in ``openai_responses_answer`` and rendered for clients in
-``openai_responses_render``; both are re-exported here, so this module has the full
-protocol face (see ``gateway/adapters/__init__.py``).
+"""OpenAI Responses requests: client bodies to the IR, and the IR to upstream bodies.
 
 ``input`` items map to IR messages: ``message`` items by role (system/developer to the
 IR system), ``function_call`` and ``reasoning`` items join the assistant turn they belong
@@ -18,25 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import OPENAI_RESPONSES, InvalidRequest
+from gateway.errors import InvalidRequest
 
-from . import parsing
-from .openai_chat import effort_for_budget, image_block, image_url
-from .openai_responses_answer import StreamParser, parse_response
-from .openai_responses_render import StreamRenderer, render_response, stream_error
-
-__all__ = [
-    "NAME",
-    "StreamParser",
-    "StreamRenderer",
-    "build_request",
-    "parse_request",
-    "parse_response",
-    "render_response",
-    "stream_error",
-]
-
-NAME = OPENAI_RESPONSES
+from .. import parsing
+from ..ir import effort_for_budget
+from ..wire import image_block, image_url
 
 _KNOWN = frozenset(
     {
@@ -44,6 +26,7 @@ _KNOWN = frozenset(
         "tools", "tool_choice", "parallel_tool_calls", "reasoning",
     }
 )  # fmt: skip
+
 _ROLES = ("user", "assistant", "system", "developer")
 
 

@@ -1,9 +1,7 @@
-"""OpenAI Chat Completions: client requests to the IR and the IR to upstream requests.
+"""Chat Completions requests: client bodies to the IR, and the IR to upstream bodies.
 
-Answers are read from upstreams in ``openai_chat_answer`` and rendered for clients in
-``openai_chat_render``; both are re-exported here, so this module has the full protocol
-face (see ``gateway/adapters/__init__.py``). The IR-to-messages conversion here is also the
-stored record's shape (``record.py``), as NexusGate stores prompts in chat form.
+The IR-to-messages conversion here is also the stored record's shape (``record.py``), as
+NexusGate stores prompts in chat form.
 
 Mapping notes: ``system``/``developer`` messages go to the IR system; ``tool`` and legacy
 ``function`` messages become ``tool_result`` blocks in a user message; ``reasoning_content``
@@ -17,30 +15,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.errors import OPENAI_CHAT, InvalidRequest
+from gateway.errors import InvalidRequest
 
-from . import parsing
-from .openai_chat_answer import StreamParser, parse_response
-from .openai_chat_render import StreamRenderer, assistant_message, render_response, stream_error
-
-__all__ = [
-    "NAME",
-    "StreamParser",
-    "StreamRenderer",
-    "build_request",
-    "effort_for_budget",
-    "image_block",
-    "image_url",
-    "messages_to_chat",
-    "parse_request",
-    "parse_response",
-    "render_response",
-    "stream_error",
-    "tool_choice_to_chat",
-    "tools_to_chat",
-]
-
-NAME = OPENAI_CHAT
+from .. import parsing
+from ..ir import effort_for_budget
+from ..wire import image_block, image_url
+from .response import assistant_message
 
 _KNOWN = frozenset(
     {
@@ -51,12 +31,9 @@ _KNOWN = frozenset(
 )  # fmt: skip
 _CHOICE_FORMS = """'auto', 'none', 'required' or {"type": "function", "function": {"name": ...}}"""
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 # OpenAI's reasoning models reject max_tokens; other OpenAI-compatible servers (Ollama)
 # only know max_tokens. The IR does not keep the client's spelling, so choose by model.
 _COMPLETION_TOKENS_MODELS = re.compile(r"^(o\d|gpt-5)", re.I)
-# Reasoning budget (Anthropic's thinking tokens) -> OpenAI effort, by upper bound.
-_EFFORT_BUDGETS = ((2048, "low"), (8192, "medium"))
 
 
 def parse_request(body: Any) -> dict:
@@ -161,32 +138,6 @@ def tool_choice_to_chat(choice: dict) -> str | dict:
     if choice["type"] == "tool":
         return {"type": "function", "function": {"name": choice["name"]}}
     return choice["type"]
-
-
-def image_block(url: str, detail: str | None = None) -> dict:
-    """An IR image block from an OpenAI image URL (a data URL becomes a base64 source)."""
-    match = _DATA_URL.fullmatch(url)
-    if match:
-        media = match["media"] or "image/jpeg"
-        source = {"type": "base64", "media_type": media, "data": match["data"]}
-    else:
-        source = {"type": "url", "url": url}
-    return {"type": "image", "source": source, "detail": detail}
-
-
-def image_url(block: dict) -> str:
-    """The OpenAI image URL of an IR image block (base64 sources become data URLs)."""
-    source = block["source"]
-    if source["type"] == "base64":
-        return f"data:{source['media_type']};base64,{source['data']}"
-    return source["url"]
-
-
-def effort_for_budget(budget: int | None) -> str | None:
-    """The OpenAI reasoning effort closest to an Anthropic thinking budget."""
-    if budget is None:
-        return None
-    return next((effort for bound, effort in _EFFORT_BUDGETS if budget <= bound), "high")
 
 
 def _parse_message(ir: dict, message: Any, path: str) -> None:
