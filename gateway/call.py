@@ -29,21 +29,14 @@ import gevent
 import gevent.event
 
 from gateway import sse
-from gateway.adapters import (
-    PROTOCOLS,
-    PROVIDER_PROTOCOLS,
-    embeddings,
-    endpoint,
-    record,
-    upstream_body,
-)
+from gateway.adapters import PROTOCOLS, PROVIDER_PROTOCOLS, embeddings, record, upstream_body
 from gateway.adapters.ir import Accumulator
 from gateway.downstream import Downstream, Pace
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.exchange import Exchange
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
-from gateway.upstream import Response, UpstreamError, upstream
+from gateway.upstream import Response, UpstreamError, endpoint, upstream
 
 if TYPE_CHECKING:
     from gateway.relay import Relay
@@ -170,7 +163,10 @@ class Call:
             resp = upstream.post(
                 url, {**self.plan.headers, **auth}, json.dumps(body).encode(), stream=self.stream
             )
-            opened = self._read_first(resp) if self.stream else self._read_answer(resp, candidate)
+            if self.stream:
+                opened = resp.events(lambda content_type: "json" not in content_type)
+            else:
+                opened = resp.answer(lambda data: self._parse(candidate, data))
         except UpstreamError as exc:
             if resp is not None:
                 resp.close()
@@ -196,31 +192,6 @@ class Call:
         )
         return url, auth, body
 
-    @staticmethod
-    def _read_first(resp: Response) -> tuple[sse.Decoder, list[sse.Event], Iterator[bytes]]:
-        """Read up to the first event with data: before it, nothing is answered yet
-        (and a 200 carrying garbage or only comments can still be failed over)."""
-        if "json" in resp.content_type:  # asked for a stream, got a verdict instead
-            text = resp.read(4096, truncate=True).decode("utf-8", "replace")
-            raise UpstreamError(
-                "protocol", f"upstream answered JSON to a streaming request: {text}"
-            )
-        decoder = sse.Decoder()
-        events: list[sse.Event] = []
-        chunks = resp.chunks()
-        for chunk in chunks:
-            events.extend(decoder.feed(chunk))
-            if any(event.data is not None for event in events):
-                return decoder, events, chunks
-        raise UpstreamError("protocol", "upstream ended the stream before its first event")
-
-    def _read_answer(self, resp: Response, candidate: Candidate) -> tuple[bytes, dict]:
-        content = resp.read()
-        try:
-            return content, self._parse(candidate, json.loads(content))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
-
     def _parse(self, candidate: Candidate, data: Any) -> dict:
         """A non-streaming upstream answer, parsed (ValueError and kin if unusable)."""
         return PROTOCOLS[PROVIDER_PROTOCOLS[candidate.provider_type]].parse_response(data)
@@ -233,10 +204,9 @@ class Call:
         self,
         candidate: Candidate,
         resp: Response,
-        opened: tuple[sse.Decoder, list[sse.Event], Iterator[bytes]],
+        events: Iterator[sse.Event],
         acc: Accumulator,
     ) -> tuple[str, str | None]:
-        decoder, first, chunks = opened
         upstream_format = PROVIDER_PROTOCOLS[candidate.provider_type]
         parser = PROTOCOLS[upstream_format].StreamParser()
         renderer = None
@@ -247,7 +217,7 @@ class Call:
         hide_usage = renderer is None and not self.plan.request.get("stream_usage")
         self.ready.set(True)
 
-        def take(events: list[sse.Event]) -> None:
+        def take(events: Iterator[sse.Event]) -> None:
             for event in events:
                 ir_events = parser.feed(event)
                 self._observe(ir_events, acc)
@@ -259,10 +229,7 @@ class Call:
                     self.down.put(event.raw)
 
         try:
-            take(first)
-            for chunk in chunks:
-                take(decoder.feed(chunk))
-            take(decoder.flush())
+            take(events)
             tail = parser.finish()
             self._observe(tail, acc)
             if renderer is not None:

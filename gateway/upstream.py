@@ -1,31 +1,80 @@
-"""Talking to providers over HTTP: the only importer of requests.
+"""The wire to providers: where to send, how to authenticate, how to read. The only importer of requests.
 
-One ``requests.Session`` per worker with a pool big enough for many concurrent
-streams, no automatic retries (failover is ``routing``'s job), no cookies (one
-session serves every user). Bodies are read with ``raw.read1`` so bytes arrive as
-the upstream sends them, chunked or close-delimited. Every failure becomes an
-``UpstreamError`` that says whether another try could help.
+``endpoint`` gives the URL and auth headers of an operation per provider type. One
+``requests.Session`` per worker with a pool big enough for many concurrent streams, no
+automatic retries (failover is ``routing``'s job), no cookies (one session serves every
+user). Bodies are read with ``raw.read1`` so bytes arrive as the upstream sends them,
+chunked or close-delimited; a ``Response`` reads them as SSE events (up to the first one
+before it answers) or as one JSON answer. Every failure becomes an ``UpstreamError`` that
+says whether another try could help.
 """
 
 from __future__ import annotations
 
 import functools
 import http.cookiejar
+import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 import urllib3.exceptions
 from flask import Flask
 from requests.adapters import HTTPAdapter
 
+from gateway import sse
+from gateway.adapters import PROVIDER_PROTOCOLS
+from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_ERROR_BODY = 256 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a non-streaming answer bigger than this is a lie
 READ_SIZE = 64 * 1024
+# API versions sent when a provider row names none: the versions the adapters speak.
+ANTHROPIC_VERSION = "2023-06-01"
+AZURE_API_VERSION = "2024-10-21"
+
+_PATHS = {OPENAI_CHAT: "chat/completions", ANTHROPIC: "messages", OPENAI_RESPONSES: "responses"}
+
+
+def endpoint(
+    provider_type: str,
+    base_url: str,
+    api_key: str | None,
+    api_version: str | None,
+    remote_model: str,
+    operation: str,
+) -> tuple[str, dict[str, str]]:
+    """URL and auth headers for ``operation``: ``chat``, ``embeddings`` or ``models``."""
+    base = base_url.rstrip("/")
+    protocol = PROVIDER_PROTOCOLS[provider_type]
+    path = _PATHS[protocol] if operation == "chat" else operation
+    headers: dict[str, str] = {}
+    if provider_type == "azure":
+        if api_key:
+            headers["api-key"] = api_key
+        query = urlencode({"api-version": api_version or AZURE_API_VERSION})
+        resource = base.split("/openai", 1)[0]
+        if operation == "models":
+            return f"{resource}/openai/models?{query}", headers
+        # Deployment URL: {resource}/openai/deployments/{deployment}/{path}?api-version=
+        if "/deployments/" not in base:
+            base = f"{resource}/openai/deployments/{quote(remote_model, safe='')}"
+        return f"{base}/{path}?{query}", headers
+    if provider_type == "anthropic":
+        # Accept a base URL given with or without its trailing /v1.
+        base = base.removesuffix("/v1")
+        if api_key:
+            headers["x-api-key"] = api_key
+        headers["anthropic-version"] = api_version or ANTHROPIC_VERSION
+        return f"{base}/v1/{path}", headers
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return f"{base}/{path}", headers
 
 
 class UpstreamError(Exception):
@@ -72,24 +121,16 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
-@dataclass
-class Timeouts:
-    connect: float
-    read: float
-
-
 class Upstream:
     """The worker's HTTP client for providers."""
 
     def __init__(self) -> None:
         self.session: requests.Session | None = None
-        self.timeouts = Timeouts(10.0, 120.0)
+        self._timeout: tuple[float, float] | None = None  # connect, read
 
     def init_app(self, app: Flask) -> None:
         """Build the session from the app's settings."""
-        self.timeouts = Timeouts(
-            float(app.config["CONNECT_TIMEOUT"]), float(app.config["READ_TIMEOUT"])
-        )
+        self._timeout = (float(app.config["CONNECT_TIMEOUT"]), float(app.config["READ_TIMEOUT"]))
         pool = int(app.config["UPSTREAM_POOL_SIZE"])
         session = requests.Session()
         adapter = HTTPAdapter(pool_connections=32, pool_maxsize=pool, max_retries=0)
@@ -122,7 +163,7 @@ class Upstream:
                 data=body,
                 headers=headers,
                 stream=True,
-                timeout=(self.timeouts.connect, self.timeouts.read),
+                timeout=self._timeout,
                 allow_redirects=False,
                 proxies=_proxies_for(*_origin(url)),
             )
@@ -176,6 +217,36 @@ class Response:
                 return
             yield data
 
+    def events(self, accepts: Callable[[str], bool]) -> Iterator[sse.Event]:
+        """The body as SSE events, read up to the first one with data before returning.
+
+        Before that event nothing is answered yet, so a body of the wrong type (``accepts``
+        says no: an upstream answering JSON to a streaming request), or one that carries
+        garbage or only comments, fails here as ``protocol`` and can be failed over.
+        """
+        if not accepts(self.content_type):
+            text = self.read(4096, truncate=True).decode("utf-8", "replace")
+            raise UpstreamError(
+                "protocol",
+                f"upstream answered {self.content_type} to a streaming request: {text}",
+            )
+        decoder = sse.Decoder()
+        first: list[sse.Event] = []
+        chunks = self.chunks()
+        for chunk in chunks:
+            first.extend(decoder.feed(chunk))
+            if any(event.data is not None for event in first):
+                return _events(first, decoder, chunks)
+        raise UpstreamError("protocol", "upstream ended the stream before its first event")
+
+    def answer(self, parse: Callable[[Any], T]) -> tuple[bytes, T]:
+        """The whole body and ``parse`` of its JSON; ``protocol`` if either fails."""
+        content = self.read()
+        try:
+            return content, parse(json.loads(content))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
+
     def read(self, limit: int = MAX_BODY, *, truncate: bool = False) -> bytes:
         """The whole body; past ``limit`` bytes, cut it short or refuse it."""
         parts, size = [], 0
@@ -191,6 +262,15 @@ class Response:
     def close(self) -> None:
         """Drop the connection (it cannot be reused mid-body)."""
         self._resp.close()
+
+
+def _events(
+    first: list[sse.Event], decoder: sse.Decoder, chunks: Iterator[bytes]
+) -> Iterator[sse.Event]:
+    yield from first
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    yield from decoder.flush()
 
 
 def _origin(url: str) -> tuple[str, str]:

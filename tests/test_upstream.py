@@ -1,10 +1,14 @@
-"""The upstream client: proxy settings from the environment, failure classification."""
+"""The wire: endpoints per provider type, proxy settings, failure classification, reading."""
 
 from __future__ import annotations
 
-import pytest
+import io
 
-from gateway.upstream import UpstreamError, _proxies_for
+import pytest
+import requests
+import urllib3
+
+from gateway.upstream import Response, UpstreamError, _proxies_for, endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +67,88 @@ def test_which_failures_are_worth_another_try(error: UpstreamError, retriable: b
 def test_http_failures_describe_the_upstream_body() -> None:
     error = UpstreamError("http", "x", status=500, content=b'{"error": "boom"}')
     assert error.describe() == 'HTTP 500: {"error": "boom"}'
+
+
+@pytest.mark.parametrize(
+    ("provider_type", "base_url", "operation", "url", "headers"),
+    [
+        ("openai", "https://api.openai.com/v1/", "chat", "https://api.openai.com/v1/chat/completions", {"Authorization": "Bearer k"}),
+        ("openai-responses", "https://api.openai.com/v1", "chat", "https://api.openai.com/v1/responses", {"Authorization": "Bearer k"}),
+        ("ollama", "http://localhost:11434/v1", "embeddings", "http://localhost:11434/v1/embeddings", {"Authorization": "Bearer k"}),
+        ("anthropic", "https://api.anthropic.com", "chat", "https://api.anthropic.com/v1/messages", {"x-api-key": "k", "anthropic-version": "2023-06-01"}),
+        ("anthropic", "https://api.anthropic.com/v1", "models", "https://api.anthropic.com/v1/models", {"x-api-key": "k", "anthropic-version": "2023-06-01"}),
+        ("azure", "https://r.openai.azure.com", "chat", "https://r.openai.azure.com/openai/deployments/gpt%2F4o/chat/completions?api-version=2024-10-21", {"api-key": "k"}),
+        ("azure", "https://r.openai.azure.com/openai/deployments/mine", "embeddings", "https://r.openai.azure.com/openai/deployments/mine/embeddings?api-version=2024-10-21", {"api-key": "k"}),
+        ("azure", "https://r.openai.azure.com/openai", "models", "https://r.openai.azure.com/openai/models?api-version=2024-10-21", {"api-key": "k"}),
+    ],
+)  # fmt: skip
+def test_endpoints_per_provider_type(
+    provider_type: str, base_url: str, operation: str, url: str, headers: dict
+) -> None:
+    assert endpoint(provider_type, base_url, "k", None, "gpt/4o", operation) == (url, headers)
+
+
+def test_an_api_version_on_the_provider_wins_and_no_key_sends_no_auth() -> None:
+    assert endpoint("anthropic", "https://a", None, "2099-01-01", "m", "chat") == (
+        "https://a/v1/messages",
+        {"anthropic-version": "2099-01-01"},
+    )
+    assert endpoint("ollama", "http://o/v1", None, None, "m", "chat") == (
+        "http://o/v1/chat/completions",
+        {},
+    )
+
+
+def answer(body: bytes, content_type: str = "text/event-stream") -> Response:
+    """An upstream answer whose body is ``body``, read as the wire reads one."""
+    resp = requests.Response()
+    resp.status_code = 200
+    resp.headers["Content-Type"] = content_type
+    resp.raw = urllib3.HTTPResponse(body=io.BytesIO(body), status=200, preload_content=False)
+    return Response(resp)
+
+
+def test_events_are_read_up_to_the_first_one_with_data_then_to_the_end() -> None:
+    events = answer(b": hi\n\ndata: 1\n\nevent: x\ndata: 2\n\ndata: 3").events(lambda _: True)
+    assert [(e.comments, e.data) for e in events] == [
+        (["hi"], None),
+        ([], "1"),
+        ([], "2"),
+        ([], "3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (
+            b'{"error": "no"}',
+            "application/json",
+            "upstream answered application/json to a streaming request",
+        ),
+        (b": keep-alive\n\n: keep-alive\n\n", "text/event-stream", "before its first event"),
+        (b"", "text/event-stream", "before its first event"),
+    ],
+)
+def test_a_stream_with_no_first_event_fails_as_protocol_before_answering(
+    body: bytes, content_type: str, message: str
+) -> None:
+    with pytest.raises(UpstreamError) as info:
+        answer(body, content_type).events(lambda kind: "json" not in kind)
+    assert info.value.kind == "protocol" and info.value.retriable
+    assert message in info.value.message
+
+
+def test_a_json_answer_is_read_whole_and_parsed() -> None:
+    assert answer(b'{"a": 1}', "application/json").answer(lambda data: data["a"]) == (
+        b'{"a": 1}',
+        1,
+    )
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"b": 1}', b"[1]"])
+def test_an_unusable_json_answer_fails_as_protocol(body: bytes) -> None:
+    with pytest.raises(UpstreamError) as info:
+        answer(body, "application/json").answer(lambda data: data["a"] + 1)
+    assert info.value.kind == "protocol"
+    assert info.value.message.startswith("upstream sent an unusable answer: ")

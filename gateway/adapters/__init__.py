@@ -17,13 +17,12 @@ Each protocol is a package (``openai_chat``, ``anthropic``, ``openai_responses``
 No protocol imports another: what they share is in ``ir``, ``parsing``, ``wire`` and
 ``rendering``. ``embeddings`` (OpenAI's, served by every provider type) and ``record``
 (the stored shapes) sit beside them. This module maps provider types to protocols and
-builds upstream endpoints.
+shapes the body sent upstream; where it goes is the wire's business (``upstream.endpoint``).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from urllib.parse import quote, urlencode
 
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 
@@ -45,47 +44,6 @@ PROVIDER_PROTOCOLS = {
 }
 PROVIDER_TYPES = tuple(PROVIDER_PROTOCOLS)
 
-ANTHROPIC_VERSION = "2023-06-01"
-AZURE_API_VERSION = "2024-10-21"
-
-_PATHS = {OPENAI_CHAT: "chat/completions", ANTHROPIC: "messages", OPENAI_RESPONSES: "responses"}
-
-
-def endpoint(
-    provider_type: str,
-    base_url: str,
-    api_key: str | None,
-    api_version: str | None,
-    remote_model: str,
-    operation: str = "chat",
-) -> tuple[str, dict[str, str]]:
-    """URL and auth headers for ``operation``: ``chat``, ``embeddings`` or ``models``."""
-    base = base_url.rstrip("/")
-    protocol = PROVIDER_PROTOCOLS[provider_type]
-    path = _PATHS[protocol] if operation == "chat" else operation
-    headers: dict[str, str] = {}
-    if provider_type == "azure":
-        if api_key:
-            headers["api-key"] = api_key
-        query = urlencode({"api-version": api_version or AZURE_API_VERSION})
-        resource = base.split("/openai", 1)[0]
-        if operation == "models":
-            return f"{resource}/openai/models?{query}", headers
-        # Deployment URL: {resource}/openai/deployments/{deployment}/{path}?api-version=
-        if "/deployments/" not in base:
-            base = f"{resource}/openai/deployments/{quote(remote_model, safe='')}"
-        return f"{base}/{path}?{query}", headers
-    if provider_type == "anthropic":
-        # Accept a base URL given with or without its trailing /v1.
-        base = base.removesuffix("/v1")
-        if api_key:
-            headers["x-api-key"] = api_key
-        headers["anthropic-version"] = api_version or ANTHROPIC_VERSION
-        return f"{base}/v1/{path}", headers
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return f"{base}/{path}", headers
-
 
 def upstream_body(
     client_format: str,
@@ -105,3 +63,14 @@ def upstream_body(
         if upstream_format == OPENAI_CHAT and stream_usage:
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return out
+
+
+def __getattr__(name: str) -> object:
+    # registry.py still imports ``endpoint`` from here; it moved to gateway.upstream (URLs
+    # and auth are the wire's). Looked up lazily so this package stays free of requests.
+    # Delete once registry imports it from gateway.upstream.
+    if name == "endpoint":
+        from gateway.upstream import endpoint
+
+        return endpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
