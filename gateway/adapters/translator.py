@@ -1,0 +1,121 @@
+"""One stream through the gateway: upstream SSE events in, the client's bytes out. Pure code.
+
+``feed`` takes each SSE event the upstream sent and returns a ``Piece``: bytes for the
+client and what they carry. When the client's format is the upstream's, the upstream's
+own bytes go on unchanged, except a usage-only chunk the client did not ask for (the
+gateway asks OpenAI-format upstreams for usage, SPEC rule 9); otherwise the events are
+rendered in the client's format through the IR. Either way every event is parsed for the
+record: ``response()`` is the answer so far, as an IR response (its ``id`` is the
+upstream's). ``finish`` ends the client's stream when the upstream's bytes end;
+``fail`` ends it with the client protocol's error frames.
+
+A piece says what its caller keeps time on (the first token, the terminal event) and
+what counting deliveries to the client needs (SSE events, answer text). Replaying a
+stored answer as a stream is ``_translate`` of its IR events with a renderer and no
+parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway import sse
+
+from . import PROTOCOLS, ir
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Bytes for the client, and what they carry."""
+
+    data: bytes = b""
+    events: int = 0  # SSE events in ``data``
+    text: str = ""  # answer text in ``data`` (text deltas: not reasoning, not tool arguments)
+    first_token: bool = False  # the call's first text, reasoning or tool-argument delta
+    terminal: bool = False  # the upstream's terminal event: the answer is whole
+
+    def __add__(self, other: Piece) -> Piece:
+        return Piece(
+            self.data + other.data,
+            self.events + other.events,
+            self.text + other.text,
+            self.first_token or other.first_token,
+            self.terminal or other.terminal,
+        )
+
+
+class StreamTranslator:
+    """An upstream stream in one protocol, for a client of the same one or another."""
+
+    def __init__(self, client_format: str, upstream_format: str, request: dict) -> None:
+        client = PROTOCOLS[client_format]
+        same = client_format == upstream_format
+        self._stream_error = client.stream_error
+        self._parser = PROTOCOLS[upstream_format].StreamParser()
+        self._renderer = None if same else client.StreamRenderer(request)
+        self._hide_usage = same and not request.get("stream_usage")
+        self._acc = ir.Accumulator()
+        self._tokens = False
+        self._ended = False  # the client's stream is over: its end or an error went out
+
+    @staticmethod
+    def accepts(content_type: str) -> bool:
+        """Whether an upstream answer of this type is a stream: JSON is a verdict instead."""
+        return "json" not in content_type
+
+    @property
+    def terminal(self) -> bool:
+        """The upstream's terminal event arrived: its answer is whole."""
+        return self._acc.terminal
+
+    @property
+    def error(self) -> dict | None:
+        """The upstream's error event (``message``, ``type``), if it sent one."""
+        return self._acc.error
+
+    def feed(self, event: sse.Event) -> Piece:
+        """One upstream event: what the client gets of it."""
+        return self._translate(self._parser.feed(event), event)
+
+    def finish(self) -> Piece:
+        """The upstream's bytes ended: the rest, and an error if its stream was cut short."""
+        piece = self._translate(self._parser.finish(), None)
+        if self._ended:
+            return piece
+        return piece + self.fail("Upstream ended the stream before its end")
+
+    def fail(self, message: str) -> Piece:
+        """The client protocol's error frames, ending its stream (nothing once it ended)."""
+        if self._ended:
+            return Piece()
+        self._ended = True
+        data = self._stream_error(message)
+        return Piece(data, data.count(b"\n\n"))
+
+    def response(self) -> dict | None:
+        """The answer so far as an IR response; None while the upstream has said nothing."""
+        return self._acc.result() if self._acc.events else None
+
+    def _translate(self, events: list[dict], source: sse.Event | None) -> Piece:
+        first_token = terminal = False
+        text: list[str] = []
+        for event in events:
+            self._acc.feed(event)
+            if event["type"] == "block_delta":
+                if not self._tokens:
+                    first_token = self._tokens = True
+                if "text" in event["delta"]:
+                    text.append(event["delta"]["text"])
+            elif event["type"] == "stop":
+                terminal = True
+        if self._renderer is not None:
+            data = b"".join(frame for event in events for frame in self._renderer.feed(event))
+            count = data.count(b"\n\n")  # our frames end in one blank line, with none inside
+        elif source is None or (
+            self._hide_usage and events and all(e["type"] == "usage" for e in events)
+        ):
+            data, count = b"", 0
+        else:
+            data, count = source.raw, int(source.data is not None)
+        self._ended = self._ended or terminal or self._acc.error is not None
+        return Piece(data, count, "".join(text) if data else "", first_token, terminal)

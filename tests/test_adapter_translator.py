@@ -1,0 +1,190 @@
+"""The stream translator, fed literal upstream events: what the client gets, what the call learns.
+
+Covers what the server tests never reach: a usage-only chunk after the finish, an error
+event, a stream without its terminal event, CRLF framing relayed byte for byte, an
+upstream that keeps talking after its end, and what each piece carries.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import sse
+from gateway.adapters import ir
+from gateway.adapters.translator import Piece, StreamTranslator
+from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.adapter_support import frames, json_frames, stream_bytes
+
+REQUEST = {"model": "m", "stream": True, "stream_usage": False}
+
+
+def chunk(delta: dict | None = None, finish: str | None = None, **extra: object) -> bytes:
+    """One Chat Completions chunk as an upstream frames it."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return sse.encode(json.dumps({"id": "chatcmpl-up", "model": "m", "choices": choices, **extra}))
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+CHAT_STREAM = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"reasoning_content": "hm"}),
+    chunk({"content": "Hel"}),
+    chunk({"content": "lo"}),
+    chunk({}, "stop"),
+    chunk(None, usage=USAGE),  # the usage-only chunk, after the finish
+    sse.encode("[DONE]"),
+]
+
+
+def run(translator: StreamTranslator, raw: bytes) -> list[Piece]:
+    """Decode ``raw`` and feed every event; the finish last."""
+    decoder = sse.Decoder()
+    events = decoder.feed(raw) + decoder.flush()
+    return [translator.feed(event) for event in events] + [translator.finish()]
+
+
+def test_same_format_relays_the_upstream_bytes_and_hides_the_usage_chunk() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST)
+    pieces = run(translator, b"".join(CHAT_STREAM))
+    sent = b"".join(p.data for p in pieces)
+    assert sent == b"".join(c for c in CHAT_STREAM if b'"choices": []' not in c)
+    # ...and the record still has the usage it carried.
+    response = translator.response()
+    assert response["usage"] == ir.usage(input_tokens=7, output_tokens=2)
+    assert response["id"] == "chatcmpl-up"  # the upstream's id reaches the record
+    assert ir.text_of(response["content"]) == "Hello"
+
+
+def test_a_client_that_asked_for_usage_gets_the_usage_chunk() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, {**REQUEST, "stream_usage": True})
+    assert b"".join(p.data for p in run(translator, b"".join(CHAT_STREAM))) == b"".join(CHAT_STREAM)
+
+
+def test_pieces_say_what_they_carry_and_when_the_first_token_and_the_end_came() -> None:
+    pieces = run(StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST), b"".join(CHAT_STREAM))
+    assert [p.events for p in pieces] == [1, 1, 1, 1, 1, 0, 1, 0]
+    assert [p.text for p in pieces] == ["", "", "Hel", "lo", "", "", "", ""]
+    assert [p.first_token for p in pieces] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert [p.terminal for p in pieces] == [False] * 6 + [True, False]
+
+
+def test_crlf_framed_events_are_relayed_byte_for_byte() -> None:
+    raw = b"".join(CHAT_STREAM).replace(b"\n", b"\r\n")
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, {**REQUEST, "stream_usage": True})
+    decoder = sse.Decoder()
+    # Split mid-CRLF on purpose: a CR ends one piece and its LF starts the next.
+    cut = raw.index(b"\r\n\r\n") + 3
+    events = decoder.feed(raw[:cut]) + decoder.feed(raw[cut:]) + decoder.flush()
+    assert b"".join(translator.feed(e).data for e in events) + translator.finish().data == raw
+    assert translator.terminal
+
+
+def test_comments_and_pings_go_through_but_are_not_events() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST)
+    (comment,) = frames(b": keep-alive\n\n")
+    piece = translator.feed(comment)
+    assert piece == Piece(b": keep-alive\n\n", events=0)
+    assert translator.response() is None  # the upstream has said nothing yet
+
+
+def test_different_formats_are_rendered_for_the_client() -> None:
+    translator = StreamTranslator(ANTHROPIC, OPENAI_CHAT, REQUEST)
+    pieces = run(translator, b"".join(CHAT_STREAM))
+    sent = b"".join(p.data for p in pieces)
+    kinds = [e.event for e in frames(sent)]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert sum(p.events for p in pieces) == len(kinds)
+    assert "".join(p.text for p in pieces) == "Hello"
+    # The usage told after the finish reaches the client in message_delta, not a chunk of its own.
+    assert json_frames(sent)[-2]["usage"]["output_tokens"] == 2
+    assert pieces[-2].terminal and translator.terminal
+
+
+def test_an_error_event_ends_the_client_stream_once() -> None:
+    translator = StreamTranslator(OPENAI_RESPONSES, OPENAI_CHAT, REQUEST)
+    error = sse.encode(json.dumps({"error": {"message": "overloaded", "type": "server_error"}}))
+    pieces = run(translator, chunk({"content": "Hi"}) + error)
+    assert translator.error == {"message": "overloaded", "type": "server_error"}
+    assert not translator.terminal
+    kinds = [e.event for e in frames(b"".join(p.data for p in pieces))]
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert pieces[-1] == Piece()  # the finish adds nothing: the client's stream has ended
+    assert translator.fail("Upstream failed mid-stream: reset") == Piece()
+
+
+def test_a_stream_without_its_terminal_event_ends_with_an_error_for_the_client() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST)
+    *_, last = run(translator, chunk({"content": "Hi"}))
+    assert not translator.terminal and translator.error is None
+    assert last.events == 2  # the error chunk, then [DONE]
+    (error,) = json_frames(last.data)
+    assert error["error"]["message"] == "Upstream ended the stream before its end"
+    assert last.data.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_failure_after_the_terminal_event_sends_nothing_more() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST)
+    run(translator, b"".join(CHAT_STREAM))
+    assert translator.fail("The gateway ended the call: gateway shutdown") == Piece()
+
+
+def test_a_failure_mid_stream_sends_the_client_protocols_error_frames() -> None:
+    translator = StreamTranslator(ANTHROPIC, ANTHROPIC, REQUEST)
+    piece = translator.fail("Upstream failed mid-stream: reset")
+    assert [e.event for e in frames(piece.data)] == ["error"] and piece.events == 1
+    assert translator.fail("again") == Piece()
+
+
+def test_whatever_an_upstream_sends_after_its_end_is_not_rendered() -> None:
+    translator = StreamTranslator(ANTHROPIC, OPENAI_CHAT, REQUEST)
+    run(translator, b"".join(CHAT_STREAM))
+    late = sse.Event(data=json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}}]}))
+    assert translator.feed(late) == Piece()
+
+
+@pytest.mark.parametrize(
+    ("stream", "protocol", "text", "terminal"),
+    [
+        ("anthropic_thinking.sse", ANTHROPIC, True, True),
+        ("responses_reasoning.sse", OPENAI_RESPONSES, True, True),
+        ("openai_chat_vllm_length.sse", OPENAI_CHAT, True, True),
+    ],
+)
+def test_recorded_streams_relay_unchanged_and_parse_whole(
+    stream: str, protocol: str, text: bool, terminal: bool
+) -> None:
+    raw = stream_bytes(stream)
+    translator = StreamTranslator(protocol, protocol, {**REQUEST, "stream_usage": True})
+    pieces = run(translator, raw)
+    assert b"".join(p.data for p in pieces) == raw
+    assert sum(p.first_token for p in pieces) == 1
+    assert translator.terminal is terminal
+    assert bool("".join(p.text for p in pieces)) is text
+    assert "".join(p.text for p in pieces) == ir.text_of(translator.response()["content"])
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("text/event-stream", True),
+        ("text/event-stream; charset=utf-8", True),
+        ("", True),
+        ("application/json", False),
+        ("application/problem+json", False),
+    ],
+)
+def test_a_json_answer_to_a_streaming_request_is_not_a_stream(
+    content_type: str, accepted: bool
+) -> None:
+    assert StreamTranslator.accepts(content_type) is accepted
