@@ -50,10 +50,10 @@ def on_starting(server):
 
 def worker_exit(server, worker):
     """Whatever way the worker ends, nothing it was handling is left pending."""
+    from gateway.calls import calls
     from gateway.recorder import recorder
-    from gateway.relay import relay
 
-    if relay.active:
-        relay.stop_all()
-        relay.wait(timeout=2.0)
+    if calls.active:
+        calls.stop_all()
+        calls.wait(timeout=2.0)
     recorder.drain(timeout=2.0)

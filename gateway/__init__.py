@@ -44,12 +44,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from gateway import (
         admin_api,
         auth,
+        calls,
         cli,
         dashboard,
         db,
         proxy,
         recorder,
-        relay,
         routing,
         upstream,
     )
@@ -58,7 +58,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     db.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
-    relay.init_app(app)
+    calls.calls.init_app(app)
     routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
     cli.init_app(app)
     dashboard.init_app(app)

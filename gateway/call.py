@@ -1,17 +1,17 @@
 """One call in flight: the producer greenlet that owns it until it is recorded.
 
-The producer fails over until an upstream answers, reads it to its end, parses it on
-the side into the record (text, reasoning, tool calls, usage, timings) and puts the
-client's bytes on its ``Downstream``. Whatever happens (completion, upstream error,
-client disconnect, timeout, shutdown) the producer alone finishes the Exchange and
-hands it to the recorder, exactly once (SPEC rules 1-7).
+The producer fails over until an upstream answers (``routing.failover``), reads the
+answer to its end through the plan's operation (a stream through its
+``StreamTranslator``, or a JSON answer whole), puts the client's pieces on its
+``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
+what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's end or
+failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
+producer alone turns that into the final status (``ending.verdict``), finishes the
+Exchange and hands it to the recorder, exactly once (SPEC rules 1-7).
 
-When the client leaves: with ``ON_DISCONNECT=drain`` (default) the producer keeps
-reading, bounded by ``DRAIN_TIMEOUT`` and ``MAX_DRAINS``; with ``cancel`` it closes
-the upstream at once. The record is ``aborted`` unless the upstream's terminal event
-arrived before the client left; then it is ``completed``. An embeddings call is a
-``Call`` too, never streamed, whose hooks send, read, answer and record its own way.
-Nothing here reads Flask's request: the view passes everything in.
+Nothing here reads Flask's request (the view passes everything in) and nothing here
+knows the other calls: the worker's ``calls`` hears of a client leaving through the
+callback it gave, and stops a call through ``stop``.
 """
 
 from __future__ import annotations
@@ -20,113 +20,101 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import gevent
 import gevent.event
+import gevent.pool
 
 from gateway import sse
-from gateway.adapters import PROTOCOLS, PROVIDER_PROTOCOLS, embeddings, record, upstream_body
-from gateway.adapters.ir import Accumulator
-from gateway.downstream import Downstream, Pace
+from gateway.adapters.translator import Piece, StreamTranslator
+from gateway.downstream import Downstream
+from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.exchange import Exchange
+from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
 from gateway.upstream import Response, UpstreamError, endpoint, upstream
 
-if TYPE_CHECKING:
-    from gateway.relay import Relay
-
 log = logging.getLogger(__name__)
 
-SHUTDOWN = "gateway shutdown"
+Opened = tuple[Response, StreamTranslator, Iterator[sse.Event]] | tuple[bytes, Any]
 
 
-class _Stop(BaseException):
+class _Stopped(BaseException):
     """Thrown into a producer to end its work: cancel, drain bound, deadline, shutdown.
 
     A BaseException, like gevent.Timeout, so no ``except Exception`` on the way
     swallows it.
     """
 
-    def __init__(self, reason: str, status: str) -> None:
-        super().__init__(reason)
-        self.reason, self.status = reason, status
-
-
-@dataclass
-class Settings:
-    on_disconnect: str = "drain"
-    drain_timeout: float = 300.0
-    max_drains: int = 200
-    call_timeout: float = 900.0
-    pace: Pace = field(default_factory=Pace)
-    tries_per_provider: int = 2
-    backoff: tuple[float, float] = (0.1, 5.0)
-    embedding_record_values: int = 16384
-
-
-@dataclass
-class Plan:
-    """Everything the producer needs, decided by the view."""
-
-    exchange: Exchange
-    candidates: list[Candidate]
-    client_format: str
-    request: dict  # the parsed request: IR for chat formats
-    body: dict  # the client's JSON, for same-format passthrough
-    headers: dict[str, str] = field(default_factory=dict)  # client headers to forward
+    def __init__(self, end: End) -> None:
+        super().__init__(end.reason)
+        self.end = end
 
 
 class Call:
     """One call in flight: its producer, its client, and how it ended."""
 
-    def __init__(self, relay: Relay, plan: Plan, sock: socket.socket | None) -> None:
-        self.relay, self.plan = relay, plan
-        self.settings = relay.settings
+    def __init__(
+        self,
+        plan: Plan,
+        settings: Settings,
+        sock: socket.socket | None,
+        on_client_left: Callable[[Call, str], None],
+    ) -> None:
+        self.plan, self.settings = plan, settings
         self.exchange = plan.exchange
         self.stream = plan.exchange.stream
-        self.down = Downstream(sock, self.stream, self.settings.pace, self._client_left)
+        self.down = Downstream(sock, self.stream, settings.pace, self._client_left)
         self.ready = gevent.event.AsyncResult()  # first byte (stream) or whole answer
         self.content = b""  # the non-streaming answer, in the client's format
-        self._response: dict | None = None  # the non-streaming answer, parsed (IR for chat)
-        self._terminal_at: float | None = None
+        self.ending = Ending()
+        self._on_client_left = on_client_left
+        self._translator: StreamTranslator | None = None  # once streaming to the client
+        self._response: dict | None = None  # the non-streaming answer, parsed
+        self._producer: gevent.Greenlet | None = None
         self._reading = False
-        self._stop: _Stop | None = None
-        self._draining = False
-        self._timer: gevent.Greenlet | None = None
-        self.producer: gevent.Greenlet | None = None
+        self._stopping = False
 
-    @property
-    def client(self) -> ModuleType:
-        """The client's protocol module (chat formats only)."""
-        return PROTOCOLS[self.plan.client_format]
+    # -- the view's side --------------------------------------------------------
 
     @property
     def abandoned(self) -> bool:
         """The client left before there was anything to answer."""
         return self.down.gone.is_set() and not self.ready.ready()
 
+    def wait(self, watchers: gevent.pool.Group) -> None:
+        """Watch the client from ``watchers``; return once there is an answer to start
+        (or nobody waits for one); raise the call's GatewayError if it has none."""
+        self.down.start_watching(watchers)
+        gevent.wait([self.ready, self.down.gone], count=1)
+        if self.abandoned:
+            self.down.stop_watching()
+            return
+        try:
+            self.ready.get()
+        except BaseException:
+            self.down.stop_watching()
+            raise
+        if not self.stream:
+            self.down.stop_watching()
+
     def body(self) -> Iterator[bytes]:
         """The streaming response body."""
         return self.down.body()
 
-    # -- the producer: the only place a call is finished ----------------------
+    # -- the producer: the only place a call is finished ------------------------
 
     def produce(self) -> None:
         """Fail over, read the upstream to its end, then record the call."""
-        acc = Accumulator()
-        status, error = "failed", None
+        self._producer = gevent.getcurrent()
         recorder.record(self.exchange)  # pending: an upstream is about to be contacted
         self._reading = True
-        deadline = _Stop("call exceeded CALL_TIMEOUT", "failed")
         try:
-            with gevent.Timeout(self.settings.call_timeout, deadline):
-                candidate, (resp, opened) = failover(
+            with gevent.Timeout(self.settings.call_timeout, _Stopped(End.deadline())):
+                candidate, opened = failover(
                     self.plan.candidates,
                     self._open,
                     tries_per_provider=self.settings.tries_per_provider,
@@ -135,38 +123,45 @@ class Call:
                     on_failure=_log_failure,
                 )
                 if self.stream:
-                    status, error = self._relay_stream(candidate, resp, opened, acc)
+                    self._relay(*opened)
                 else:
-                    status, error = self._answer(candidate, opened)
+                    self._answer(candidate, *opened)
         except GatewayError as exc:  # every candidate failed, or one refused
-            error = self._with_attempts(exc.message)
-            self._fail_before_answer(exc)
-        except _Stop as stop:
-            status, error = self._stopped(stop)
+            self.ending.close(End(UNANSWERED, self.exchange.with_attempts(exc.message)))
+            self._refuse(exc)
+        except _Stopped as stopped:
+            self.ending.close(stopped.end)
+            self._tell_client(ServiceUnavailable(f"The gateway ended the call: {stopped}"))
         except Exception as exc:  # a bug here must not cost the record
-            log.exception("relay: producer failed")
-            status, error = "failed", f"gateway error: {exc!r}"
-            if self.ready.ready() and self.stream:
-                self.down.put(self.client.stream_error("Internal gateway error"))
-            self._fail_before_answer(GatewayError("Internal gateway error"))
+            log.exception("call: producer failed")
+            self.ending.close(End(GATEWAY_ERROR, f"gateway error: {exc!r}"))
+            self._tell_client(GatewayError("Internal gateway error"))
         finally:
             self._reading = False
-            self._finish(acc, status, error)
+            self._finalise()
 
-    def _open(self, candidate: Candidate) -> tuple[Response, Any]:
-        """One try: send, then read to the first byte (stream) or the whole answer."""
+    def _open(self, candidate: Candidate) -> Opened:
+        """One try: send, then read to the first event (stream) or the whole answer."""
         self.exchange.serving(candidate.model_id, candidate.provider_id)
-        url, auth, body = self._request(candidate)
+        operation = self.plan.operation
+        url, auth = endpoint(
+            candidate.provider_type,
+            candidate.base_url,
+            candidate.api_key,
+            candidate.api_version,
+            candidate.remote_id,
+            operation.endpoint,
+        )
+        body = json.dumps(operation.body(self.plan, candidate)).encode()
         started = time.monotonic()
         resp = None
         try:
-            resp = upstream.post(
-                url, {**self.plan.headers, **auth}, json.dumps(body).encode(), stream=self.stream
-            )
+            resp = upstream.post(url, {**self.plan.headers, **auth}, body, stream=self.stream)
             if self.stream:
-                opened = resp.events(lambda content_type: "json" not in content_type)
+                translator = operation.translator(self.plan, candidate)
+                opened: Opened = (resp, translator, resp.events(translator.accepts))
             else:
-                opened = resp.answer(lambda data: self._parse(candidate, data))
+                opened = resp.answer(lambda data: operation.read(self.plan, candidate, data))
         except UpstreamError as exc:
             if resp is not None:
                 resp.close()
@@ -177,234 +172,93 @@ class Call:
                 resp.close()
             raise
         self._attempt(candidate, started, "ok", status=resp.status)
-        return resp, opened
-
-    def _request(self, candidate: Candidate) -> tuple[str, dict[str, str], dict]:
-        """URL, auth headers and body for one try at ``candidate``."""
-        url, auth = _endpoint(candidate, "chat")
-        body = upstream_body(
-            self.plan.client_format,
-            PROVIDER_PROTOCOLS[candidate.provider_type],
-            self.plan.body,
-            self.plan.request,
-            candidate.remote_id,
-            stream_usage=candidate.stream_usage,
-        )
-        return url, auth, body
-
-    def _parse(self, candidate: Candidate, data: Any) -> dict:
-        """A non-streaming upstream answer, parsed (ValueError and kin if unusable)."""
-        return PROTOCOLS[PROVIDER_PROTOCOLS[candidate.provider_type]].parse_response(data)
+        return opened
 
     def _attempt(self, candidate: Candidate, started: float, outcome: str, **detail: Any) -> None:
         ms = int((time.monotonic() - started) * 1000)
         self.exchange.attempt(candidate.provider_name, candidate.remote_id, outcome, ms, **detail)
 
-    def _relay_stream(
-        self,
-        candidate: Candidate,
-        resp: Response,
-        events: Iterator[sse.Event],
-        acc: Accumulator,
-    ) -> tuple[str, str | None]:
-        upstream_format = PROVIDER_PROTOCOLS[candidate.provider_type]
-        parser = PROTOCOLS[upstream_format].StreamParser()
-        renderer = None
-        if upstream_format != self.plan.client_format:
-            renderer = self.client.StreamRenderer(self.plan.request)
-        # We asked an OpenAI-format upstream for usage; a client that did not ask
-        # must not see the extra chunk.
-        hide_usage = renderer is None and not self.plan.request.get("stream_usage")
+    def _relay(
+        self, resp: Response, translator: StreamTranslator, events: Iterator[sse.Event]
+    ) -> None:
+        """Stream the upstream to the client, to the upstream's end."""
+        self._translator = translator
         self.ready.set(True)
-
-        def take(events: Iterator[sse.Event]) -> None:
-            for event in events:
-                ir_events = parser.feed(event)
-                self._observe(ir_events, acc)
-                if renderer is not None:
-                    self.down.put(b"".join(out for e in ir_events for out in renderer.feed(e)))
-                elif not (
-                    hide_usage and ir_events and all(e["type"] == "usage" for e in ir_events)
-                ):
-                    self.down.put(event.raw)
-
         try:
-            take(events)
-            tail = parser.finish()
-            self._observe(tail, acc)
-            if renderer is not None:
-                self.down.put(b"".join(out for e in tail for out in renderer.feed(e)))
+            for event in events:
+                self._send(translator.feed(event))
+            self._send(translator.finish())
         except UpstreamError as exc:
-            self.down.put(self.client.stream_error(f"Upstream failed mid-stream: {exc.describe()}"))
-            return self._ended("failed", f"upstream failed mid-stream: {exc.describe()}")
+            self._send(translator.fail(f"Upstream failed mid-stream: {exc.describe()}"))
+            self.ending.close(End(BROKE, f"upstream failed mid-stream: {exc.describe()}"))
+            return
         finally:
             resp.close()
-        if acc.error:
-            return self._ended(
-                "failed", f"upstream sent an error event: {acc.error.get('message')}"
-            )
-        if not acc.terminal:
-            self.down.put(self.client.stream_error("Upstream ended the stream before its end"))
-            return self._ended("failed", "upstream ended the stream without its terminal event")
-        if renderer is not None:
-            self.down.put(b"".join(renderer.finish()))
-        return self._ended("completed", None)
+        if translator.error:
+            message = translator.error.get("message")
+            self.ending.close(End(BROKE, f"upstream sent an error event: {message}"))
+        self.ending.close(End(UPSTREAM_END))
 
-    def _answer(self, candidate: Candidate, opened: tuple[bytes, dict]) -> tuple[str, str | None]:
-        content, response = opened
-        self.content = self._reply(candidate, content, response)
+    def _send(self, piece: Piece) -> None:
+        if piece.first_token:
+            self.exchange.first_token()
+        if piece.terminal:
+            self.ending.answer()
+        self.down.put(piece)
+
+    def _answer(self, candidate: Candidate, content: bytes, response: dict) -> None:
+        """A whole JSON answer: the client's, ready to send."""
+        self.content = self.plan.operation.reply(self.plan, candidate, content, response)
         self._response = response
         self.exchange.first_token()  # a JSON answer's first token comes with all the rest
-        self._terminal_at = time.monotonic()
+        self.ending.answer()
         self.ready.set(True)
-        return self._ended("completed", None)
+        self.ending.close(End(UPSTREAM_END))
 
-    def _reply(self, candidate: Candidate, content: bytes, response: dict) -> bytes:
-        """The client's body for a non-streaming answer: the upstream's own if it fits."""
-        if PROVIDER_PROTOCOLS[candidate.provider_type] == self.plan.client_format:
-            return content
-        return json.dumps(self.client.render_response(response, self.plan.request)).encode()
-
-    def _observe(self, ir_events: list[dict], acc: Accumulator) -> None:
-        for event in ir_events:
-            acc.feed(event)
-            if event["type"] == "block_delta":
-                self.exchange.first_token()
-            elif event["type"] == "stop":
-                self._terminal_at = time.monotonic()
-
-    def _ended(self, status: str, error: str | None) -> tuple[str, str | None]:
-        """The final status, given how the upstream ended and whether the client left first."""
-        gone_at = self.down.gone_at
-        gone_first = gone_at is not None and (
-            self._terminal_at is None or gone_at < self._terminal_at
-        )
-        if not gone_first:
-            return status, error
-        if status == "completed":
-            return "aborted", "client disconnected; the upstream was read to its end"
-        return "aborted", f"client disconnected; then {error}"
-
-    def _stopped(self, stop: _Stop) -> tuple[str, str | None]:
-        if stop.reason == SHUTDOWN:  # rule 7: always failed, whoever was connected
-            status, error = "failed", SHUTDOWN
-        elif stop.status == "aborted":  # cancel or drain bound: the client had left
-            status, error = "aborted", stop.reason
+    def _tell_client(self, exc: GatewayError) -> None:
+        """The call ended early: end the client's stream, or refuse it if nothing started."""
+        if self._translator is not None:
+            self._send(self._translator.fail(exc.message))
         else:
-            status, error = self._ended("failed", stop.reason)
-        if self.ready.ready():
-            if self.stream:
-                self.down.put(
-                    self.client.stream_error(f"The gateway ended the call: {stop.reason}")
-                )
-        else:
-            self._fail_before_answer(
-                ServiceUnavailable(f"The gateway ended the call: {stop.reason}")
-            )
-        return status, error
+            self._refuse(exc)
 
-    def _fail_before_answer(self, exc: GatewayError) -> None:
+    def _refuse(self, exc: GatewayError) -> None:
         if not self.ready.ready():
             self.ready.set_exception(exc)
 
-    def _finish(self, acc: Accumulator, status: str, error: str | None) -> None:
-        self.exchange.finish(status, error=error, **self._outcome(acc))
+    def _finalise(self) -> None:
+        """The one place a call ends: its final status, its record, its client's end.
+
+        This is the hook for what must happen once per finished call (TPM charging,
+        metrics): the Exchange is final here, and nothing after it can change it.
+        """
+        status, error = verdict(self.ending)
+        response = self._response
+        if response is None and self._translator is not None:
+            response = self._translator.response()
+        outcome = self.plan.operation.outcome(response, self.settings) if response else {}
+        self.exchange.finish(status, error=error, **outcome)
         recorder.record(self.exchange)
         self.down.end()
-        if self._timer is not None:
-            self._timer.kill(block=False)
-        if self._draining:
-            self._draining = False
-            self.relay.drains -= 1
 
-    def _outcome(self, acc: Accumulator) -> dict[str, Any]:
-        """What the upstream answered, for the record: ``output`` and ``usage`` if anything."""
-        if self._response is None and not acc.events:
-            return {}
-        response = self._response or acc.result()
-        return {"output": record.completion(response), "usage": response["usage"]}
+    # -- stopping ---------------------------------------------------------------
 
-    def _with_attempts(self, message: str) -> str:
-        tries = "; ".join(
-            f"{a['provider']}: {a.get('error') or a['outcome']}"
-            for a in self.exchange.attempts
-            if a["outcome"] != "ok"
-        )
-        return f"{message} [{tries}]" if tries else message
-
-    # -- stopping -------------------------------------------------------------
-
-    def stop(self, reason: str, status: str) -> None:
-        """End the upstream work now; the producer records ``status`` and ``reason``."""
-        if self._reading and self.producer is not None and self._stop is None:
-            self._stop = _Stop(reason, status)
-            self.producer.kill(self._stop, block=False)
+    def stop(self, end: End) -> None:
+        """End the upstream work now; the producer records how (once; not while finishing)."""
+        if self._reading and self._producer is not None and not self._stopping:
+            self._stopping = True
+            self._producer.kill(_Stopped(end), block=False)
 
     def _client_left(self, how: str) -> None:
-        """The client is gone (``Downstream`` says so once): drain or cancel the upstream."""
-        if not self._reading:
-            return
-        if self.settings.on_disconnect == "cancel":
-            self.stop(
-                f"client disconnected ({how}); upstream cancelled (ON_DISCONNECT=cancel)", "aborted"
-            )
-        elif self.relay.drains >= self.settings.max_drains:
-            self.stop(
-                f"client disconnected ({how}); {self.settings.max_drains} drains already "
-                "running (MAX_DRAINS), upstream closed",
-                "aborted",
-            )
-        else:
-            self.relay.drains += 1
-            self._draining = True
-            self._timer = self.relay.spawn(self._drain_deadline, how)
-
-    def _drain_deadline(self, how: str) -> None:
-        gevent.sleep(self.settings.drain_timeout)
-        self.stop(
-            f"client disconnected ({how}); drain exceeded DRAIN_TIMEOUT "
-            f"({self.settings.drain_timeout:g} s), upstream closed",
-            "aborted",
-        )
-
-
-class EmbeddingCall(Call):
-    """An embeddings call: never streamed; every provider type speaks OpenAI's format,
-    so the upstream's answer is the client's, and only the record needs reading it."""
-
-    def _request(self, candidate: Candidate) -> tuple[str, dict[str, str], dict]:
-        url, auth = _endpoint(candidate, "embeddings")
-        return url, auth, embeddings.build_request(self.plan.body, candidate.remote_id)
-
-    def _parse(self, candidate: Candidate, data: Any) -> dict:
-        return embeddings.parse_response(data)
-
-    def _reply(self, candidate: Candidate, content: bytes, response: dict) -> bytes:
-        return content
-
-    def _outcome(self, acc: Accumulator) -> dict[str, Any]:
-        if self._response is None:
-            return {}
-        self.exchange.dimensions = self._response["dimensions"]  # a column only embeddings have
-        budget = self.settings.embedding_record_values
-        vectors = embeddings.record_vectors(self._response["vectors"], budget)
-        return {"output": vectors, "usage": self._response["usage"]}
-
-
-def _endpoint(candidate: Candidate, operation: str) -> tuple[str, dict[str, str]]:
-    return endpoint(
-        candidate.provider_type,
-        candidate.base_url,
-        candidate.api_key,
-        candidate.api_version,
-        candidate.remote_id,
-        operation,
-    )
+        """The client is gone (``Downstream`` says so once); the worker decides what next."""
+        self.ending.leave()
+        if self._reading:
+            self._on_client_left(self, how)
 
 
 def _log_failure(candidate: Candidate, exc: UpstreamError) -> None:
     log.warning(
-        "relay: %s via %s failed: %s",
+        "call: %s via %s failed: %s",
         candidate.system_name,
         candidate.provider_name,
         exc.describe(),

@@ -1,8 +1,10 @@
 """The client's side of a call: the queue of its bytes, the response body, the watcher.
 
-The producer (``call.py``) puts the client's bytes here and never touches the socket.
+The producer (``call.py``) puts the client's pieces here and never touches the socket.
 The response body is a generator gunicorn iterates: it only relays the queue, with
-a heartbeat comment when the queue is idle, and a failed write ends it. The watcher
+a heartbeat comment when the queue is idle, and a failed write ends it. (A piece
+written is a piece delivered: counting what the client got would go where the body
+yields.) The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
 probes instead (SSE comments: a dead peer fails the second write, a live one skips
@@ -14,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
@@ -26,6 +28,9 @@ import gevent.socket
 
 from gateway import sse
 
+if TYPE_CHECKING:
+    from gateway.adapters.translator import Piece
+
 log = logging.getLogger(__name__)
 
 _END, _GONE, _PROBE = object(), object(), object()
@@ -33,11 +38,11 @@ _END, _GONE, _PROBE = object(), object(), object()
 
 @dataclass(frozen=True)
 class Pace:
-    """How the client side keeps time."""
+    """How the client side keeps time (HEARTBEAT_INTERVAL, PROBE_INTERVAL, CLIENT_WRITE_TIMEOUT)."""
 
-    heartbeat: float = 15.0  # idle seconds before a keep-alive comment
-    probe_interval: float = 0.25  # after a FIN on a stream
-    write_timeout: float = 60.0  # a client that stops reading is dropped after this
+    heartbeat: float  # idle seconds before a keep-alive comment
+    probe_interval: float  # after a FIN on a stream
+    write_timeout: float  # a client that stops reading is dropped after this
 
 
 class Downstream:
@@ -49,14 +54,13 @@ class Downstream:
         self.sock, self.stream, self.pace = sock, stream, pace
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.gone = gevent.event.Event()
-        self.gone_at: float | None = None
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
-    def put(self, data: bytes) -> None:
-        """Queue bytes for the client; dropped once it has left."""
-        if data and not self.gone.is_set():
-            self.queue.put(data)
+    def put(self, piece: Piece) -> None:
+        """Queue a piece for the client; dropped once it has left."""
+        if piece.data and not self.gone.is_set():
+            self.queue.put(piece)
 
     def end(self) -> None:
         """Nothing more will come: the body finishes once the queue is sent."""
@@ -66,7 +70,6 @@ class Downstream:
         """The client is gone: stop sending, and tell the call (once)."""
         if self.gone.is_set():
             return
-        self.gone_at = time.monotonic()
         self.gone.set()
         self.queue.put(_GONE)
         self._on_gone(how)
@@ -114,7 +117,7 @@ class Downstream:
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
-                yield sse.comment("probe") if item is _PROBE else item
+                yield sse.comment("probe") if item is _PROBE else item.data
         finally:
             self.stop_watching()
             if self.sock is not None:

@@ -1,9 +1,10 @@
 """One call, as a record: every fact about it, filled in stage by stage.
 
-Like a mitmproxy flow: the view creates it, the relay fills in attempts, tokens and
+Like a mitmproxy flow: the view creates it, the call fills in attempts, tokens and
 timings, and ``finish`` closes it exactly once. Whoever finishes it hands it to the
 recorder; a second ``finish`` is refused, so a record can never get two final
-states. Pure code: no I/O, no gevent.
+states. How a call ended becomes its status in ``ending.py``. Pure code: no I/O, no
+gevent.
 """
 
 from __future__ import annotations
@@ -67,12 +68,22 @@ class Exchange:
             {"provider": provider, "model": model, "outcome": outcome, "ms": ms, **detail}
         )
 
+    def with_attempts(self, message: str) -> str:
+        """``message``, followed by what went wrong with each failed try."""
+        tries = "; ".join(
+            f"{a['provider']}: {a.get('error') or a['outcome']}"
+            for a in self.attempts
+            if a["outcome"] != "ok"
+        )
+        return f"{message} [{tries}]" if tries else message
+
     def finish(
         self,
         status: str,
         *,
         output: Any = None,
         usage: dict | None = None,
+        dimensions: int | None = None,
         error: str | None = None,
     ) -> bool:
         """Close the record with its final status; False if it was already closed."""
@@ -84,6 +95,8 @@ class Exchange:
             self.output = output
         if usage is not None:
             self.usage = usage
+        if dimensions is not None:
+            self.dimensions = dimensions
         if error is not None:
             self.error = error
         self.duration_ms = self.elapsed_ms

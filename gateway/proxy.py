@@ -1,7 +1,7 @@
 """The public API: ``/v1/*``, ``/healthz``. Parse, authenticate, route, adapt, open, return.
 
 Every view looks the same; the work is in ``adapters`` (formats), ``routing``
-(candidates), ``relay`` (the call) and ``recorder`` (the record). Errors raised here
+(candidates), ``calls`` (the call) and ``recorder`` (the record). Errors raised here
 are rendered in the caller's protocol by ``render_error``.
 """
 
@@ -16,7 +16,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import auth
 from gateway.adapters import PROTOCOLS, embeddings, record
-from gateway.call import Call, Plan
+from gateway.call import Call
+from gateway.calls import calls
 from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
@@ -28,7 +29,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
-from gateway.relay import relay
+from gateway.plan import CHAT, EMBEDDINGS, Plan
 from gateway.routing import Candidate, catalog, weighted_order
 
 bp = Blueprint("proxy", __name__)
@@ -81,8 +82,8 @@ def create_embeddings() -> Response:
         prompt=parsed["input"],
         kind=EMBEDDING,
     )
-    plan = Plan(exchange, candidates, embeddings.NAME, parsed, body, headers)
-    return _answer(relay.open(plan, _client_socket()))
+    plan = Plan(exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS)
+    return _answer(calls.open(plan, _client_socket()))
 
 
 @bp.get("/v1/models")
@@ -99,7 +100,7 @@ def list_models() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    return _json({"status": "ok", "calls": relay.active})
+    return _json({"status": "ok", "calls": calls.active})
 
 
 def _complete(api_format: str) -> Response:
@@ -117,8 +118,8 @@ def _complete(api_format: str) -> Response:
         stream=ir["stream"],
         prompt=record.prompt(ir, headers),
     )
-    plan = Plan(exchange, candidates, api_format, ir, body, headers)
-    return _answer(relay.open(plan, _client_socket()))
+    plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT)
+    return _answer(calls.open(plan, _client_socket()))
 
 
 def _candidates(model: str, model_type: str) -> list[Candidate]:

@@ -92,28 +92,28 @@ class GatewayWorker(GeventWorker):
 
     def _stop_calls_in_time(self) -> None:
         """Once stopping, give calls until the deadline, then stop the rest."""
-        from gateway.relay import relay
+        from gateway.calls import calls
 
         while self.alive:
             gevent.sleep(0.1)
         self._close_idle_connections()
         deadline = self._deadline()
-        if not relay.wait(timeout=max(0.0, deadline - time.monotonic())):
-            stopped = relay.stop_all()
+        if not calls.wait(timeout=max(0.0, deadline - time.monotonic())):
+            stopped = calls.stop_all()
             self.log.warning("gateway: stopped %d calls still running at graceful_timeout", stopped)
 
     def _finish_background(self) -> None:
         """After the handlers: wait for drains, then flush the recorder, heart-beating."""
+        from gateway.calls import calls
         from gateway.recorder import recorder
-        from gateway.relay import relay
 
         deadline = self._deadline()
-        while relay.active and time.monotonic() < deadline:
+        while calls.active and time.monotonic() < deadline:
             self.notify()  # keep the arbiter's timeout watchdog quiet
-            relay.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-        if relay.active:
-            relay.stop_all()
-            relay.wait(timeout=1.0)
+            calls.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if calls.active:
+            calls.stop_all()
+            calls.wait(timeout=1.0)
         hard_deadline = deadline + FINALISE_MARGIN - 0.5
         while not recorder.flush(timeout=min(1.0, max(0.0, hard_deadline - time.monotonic()))):
             self.notify()

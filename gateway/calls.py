@@ -1,0 +1,111 @@
+"""The calls of one worker: opened here, bounded here when their client leaves, stopped here.
+
+``calls.open`` starts a call (``call.py``): its producer greenlet in the group that
+shutdown waits for, its socket watcher in a group that is killed, never waited for,
+and returns once the call has something to answer with. When a client leaves, the
+drain policy is applied here (SPEC rule 3): ``ON_DISCONNECT=cancel`` stops the call at
+once; otherwise it drains, bounded by ``DRAIN_TIMEOUT`` and by a semaphore of
+``MAX_DRAINS`` slots this module owns. ``stop_all`` ends whatever still runs at
+shutdown; each call records itself. Nothing imports this module back: a call knows it
+only through the callback it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.lock
+import gevent.pool
+
+from gateway.call import Call
+from gateway.ending import End
+from gateway.plan import Plan, Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger(__name__)
+
+
+class Calls:
+    """Opens calls and owns their greenlets; bounds drains; stops them all at shutdown."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None  # from init_app
+        self._group = gevent.pool.Group()  # producers and drain timers
+        self._watchers = gevent.pool.Group()  # killed, never waited for
+        self._active: set[Call] = set()
+        # A draining call -> its timer and the semaphore it took its slot from.
+        self._draining: dict[Call, tuple[gevent.Greenlet, gevent.lock.BoundedSemaphore]] = {}
+        self._drains = gevent.lock.BoundedSemaphore(0)
+
+    def init_app(self, app: Flask) -> None:
+        """Take the calls' settings from the app's config."""
+        self.settings = Settings.from_config(app.config)
+        self._drains = gevent.lock.BoundedSemaphore(self.settings.max_drains)
+
+    def open(self, plan: Plan, sock: socket.socket | None) -> Call:
+        """Start a call; wait for its first byte (or whole answer); raise its error."""
+        assert self.settings is not None, "calls.init_app was not called"
+        call = Call(plan, self.settings, sock, self._client_left)
+        self._active.add(call)
+        self._spawn(self._run, call)
+        call.wait(self._watchers)
+        return call
+
+    def stop_all(self) -> int:
+        """Stop every call in flight (shutdown); each records itself. Return how many."""
+        calls = list(self._active)
+        for call in calls:
+            call.stop(End.shutdown())
+        return len(calls)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for every call to end; True if they all did."""
+        return self._group.join(timeout=timeout)
+
+    @property
+    def active(self) -> int:
+        """Calls in flight in this worker."""
+        return len(self._active)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> gevent.Greenlet:
+        greenlet = self._group.spawn(fn, *args)
+        greenlet.link_exception(_log_death)
+        return greenlet
+
+    def _run(self, call: Call) -> None:
+        try:
+            call.produce()
+        finally:
+            self._active.discard(call)
+            drain = self._draining.pop(call, None)
+            if drain is not None:
+                timer, slots = drain
+                timer.kill(block=False)
+                slots.release()
+
+    def _client_left(self, call: Call, how: str) -> None:
+        """A call's client left while its upstream is read: cancel, or drain within bounds."""
+        settings = self.settings
+        if settings.on_disconnect == "cancel":
+            call.stop(End.cancel(how))
+        elif not self._drains.acquire(blocking=False):
+            call.stop(End.max_drains(how, settings.max_drains))
+        else:
+            self._draining[call] = (self._spawn(self._drain_deadline, call, how), self._drains)
+
+    def _drain_deadline(self, call: Call, how: str) -> None:
+        gevent.sleep(self.settings.drain_timeout)
+        call.stop(End.drain_timeout(how, self.settings.drain_timeout))
+
+
+calls = Calls()
+
+
+def _log_death(greenlet: gevent.Greenlet) -> None:
+    log.error("calls: greenlet died", exc_info=greenlet.exc_info)
