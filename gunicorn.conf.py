@@ -2,8 +2,11 @@
 
 Environment: PORT (8080), HOST (0.0.0.0), GATEWAY_WORKERS (2), GATEWAY_GRACEFUL_TIMEOUT
 (30 s: in-flight calls and drains get this long after SIGTERM), GATEWAY_MAX_REQUESTS
-(0 = never recycle workers), GATEWAY_WORKER_TIMEOUT (30 s heartbeat watchdog). Nothing from the gateway is imported here at module level:
-this file runs in the master, before gevent patches threading (see gateway/db.py).
+(0 = never recycle workers), GATEWAY_WORKER_TIMEOUT (30 s heartbeat watchdog). Nothing
+from the gateway is imported here, at module level or in a hook: this file runs in the
+master, before gevent patches threading (see gateway/db.py), and the master's imports
+are inherited by every worker it forks. Finishing calls and records at exit is the
+worker class's job (gateway/worker.py).
 """
 
 import os
@@ -46,14 +49,3 @@ def on_starting(server):
         check=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
-
-
-def worker_exit(server, worker):
-    """Whatever way the worker ends, nothing it was handling is left pending."""
-    from gateway.calls import calls
-    from gateway.recorder import recorder
-
-    if calls.active:
-        calls.stop_all()
-        calls.wait(timeout=2.0)
-    recorder.drain(timeout=2.0)

@@ -5,7 +5,9 @@ upstream after its client left has no handler, and the recorder writes in the
 background. This worker, once told to stop (SIGTERM, SIGHUP reload, ``max_requests``)
 keeps heart-beating while calls finish, and at ``graceful_timeout`` minus a margin
 stops whatever is still running (recorded ``failed``, "gateway shutdown") and
-flushes the recorder, all before the arbiter's SIGKILL.
+flushes the recorder, all before the arbiter's SIGKILL. Told to quit at once (SIGQUIT,
+SIGINT), or orphaned by a dead master, it stops every call at once and writes what it
+can in a few seconds: whatever way it ends, nothing it handled is left pending.
 
 It also closes idle keep-alive connections as soon as it is told to stop: stock
 gunicorn waits for them as if they were requests, so one idle SDK client would hold
@@ -82,6 +84,11 @@ class GatewayWorker(GeventWorker):
         try:
             super().run()  # returns once gunicorn's own handlers are done
             self._finish_background()
+        except BaseException:
+            # A quick exit or an orphaned worker leaves run() by SystemExit: no time to
+            # wait for calls, yet none may be left pending.
+            self._finish_now()
+            raise
         finally:
             guards.kill(block=False)
 
@@ -120,3 +127,13 @@ class GatewayWorker(GeventWorker):
             if time.monotonic() >= hard_deadline:
                 break
         recorder.drain(timeout=0.2)  # whatever is left goes to the journal
+
+    def _finish_now(self) -> None:
+        """Stop every call now, and write (or journal) the records within seconds."""
+        from gateway.calls import calls
+        from gateway.recorder import recorder
+
+        if calls.active:
+            calls.stop_all()
+            calls.wait(timeout=2.0)
+        recorder.drain(timeout=2.0)

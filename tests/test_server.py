@@ -328,6 +328,42 @@ def test_sigterm_stops_calls_past_graceful_timeout_as_failed(
     )
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["sigquit", "orphaned"])
+def test_a_quick_exit_or_a_dead_master_leaves_no_call_pending(
+    gateway_factory, fake, database_url: str, how: str
+) -> None:  # type: ignore[no-untyped-def]
+    # SIGQUIT asks for a quick exit; a worker whose master was killed notices within a
+    # second and exits too. Neither waits graceful_timeout, neither leaves a row pending.
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="30")
+    route = gw.setup_route(fake.url, remote_id=f"fake;id=q-{how};chunks=400;delay=0.05")  # 20 s
+    stream = chat_client(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    next(iter(stream))
+    wait_until(lambda: [r["status"] for r in gw.records()] == ["pending"])
+    (worker,) = map(
+        int, Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
+    )
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGQUIT if how == "sigquit" else signal.SIGKILL)
+    try:
+        wait_until(lambda: not _running(worker), timeout=15)
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+    assert time.monotonic() - started < 10
+    (row,) = _rows_in(database_url)
+    assert (row.status, row.error) == ("failed", "gateway shutdown")
+    assert row.completion[0]["content"].startswith("tok0 ")
+
+
 def test_worker_recycling_keeps_beating_while_a_drain_outlives_the_worker_timeout(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]
