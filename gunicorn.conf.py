@@ -1,34 +1,42 @@
 """gunicorn settings for the gateway: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
-Environment: PORT (8080), HOST (0.0.0.0), GATEWAY_WORKERS (2), GATEWAY_GRACEFUL_TIMEOUT
-(30 s: in-flight calls and drains get this long after SIGTERM), GATEWAY_MAX_REQUESTS
-(0 = never recycle workers), GATEWAY_WORKER_TIMEOUT (30 s heartbeat watchdog). Nothing
-from the gateway is imported here, at module level or in a hook: this file runs in the
-master, before gevent patches threading (see gateway/db.py), and the master's imports
-are inherited by every worker it forks. Finishing calls and records at exit is the
-worker class's job (gateway/worker.py).
+Environment: PORT, HOST, GATEWAY_WORKERS, GATEWAY_WORKER_CONNECTIONS,
+GATEWAY_GRACEFUL_TIMEOUT (in-flight calls and drains get this long after SIGTERM),
+GATEWAY_WORKER_TIMEOUT (heartbeat watchdog), GATEWAY_MAX_REQUESTS (0: never recycle),
+GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL; their defaults are in gateway/config.py, read
+here as a file. Nothing from the gateway is imported here, at module level or in a hook:
+this file runs in the master, before gevent patches threading (see gateway/db.py), and
+the master's imports are inherited by every worker it forks. Finishing calls and records
+at exit is the worker class's job (gateway/worker.py).
 """
 
 import os
+import runpy
 import subprocess
 import sys
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
-workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))["DEFAULTS"]
+
+
+def _env(name: str, prefix: str = "GATEWAY_") -> str:
+    return str(os.environ.get(prefix + name, DEFAULTS[name]))
+
+
+bind = f"{_env('HOST', '')}:{_env('PORT', '')}"
+workers = int(_env("WORKERS"))
 worker_class = "gateway.worker.GatewayWorker"
-worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000"))
-graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-timeout = int(
-    os.environ.get("GATEWAY_WORKER_TIMEOUT", "30")
-)  # heartbeat watchdog; kept beating while draining
+worker_connections = int(_env("WORKER_CONNECTIONS"))
+graceful_timeout = int(_env("GRACEFUL_TIMEOUT"))
+timeout = int(_env("WORKER_TIMEOUT"))  # heartbeat watchdog; kept beating while draining
 keepalive = 75  # longer than typical load balancer idle timeouts
-max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "0"))
+max_requests = int(_env("MAX_REQUESTS"))
 max_requests_jitter = max_requests // 10
 preload_app = False  # peewee must be imported after the worker patches threading
 control_socket_disable = True  # several instances per user must not share one
-accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-") or None
+accesslog = _env("ACCESS_LOG") or None
 errorlog = "-"
-loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower()
+loglevel = _env("LOG_LEVEL").lower()
 
 
 def on_starting(server):
@@ -47,5 +55,5 @@ def on_starting(server):
             f"http://{shown}:{port}",
         ],
         check=True,
-        cwd=os.path.dirname(os.path.abspath(__file__)),
+        cwd=HERE,
     )

@@ -51,4 +51,13 @@ DEFAULTS: dict[str, object] = {
     "SWEEP_AFTER": None,  # seconds a row may stay pending; None: CALL_TIMEOUT + 120
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
     "LOG_LEVEL": "INFO",
+    # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
+    "PORT": 8080,
+    "HOST": "0.0.0.0",
+    "WORKERS": 2,
+    "WORKER_CONNECTIONS": 2000,
+    "GRACEFUL_TIMEOUT": 30,  # seconds in-flight calls and drains get after SIGTERM
+    "WORKER_TIMEOUT": 30,  # gunicorn's heartbeat watchdog
+    "MAX_REQUESTS": 0,  # recycle a worker after this many requests; 0: never
+    "ACCESS_LOG": "-",  # "-": stdout; empty: none
 }
