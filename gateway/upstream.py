@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import http.cookiejar
 import json
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
@@ -28,7 +27,6 @@ from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ERROR_BODY = 256 * 1024
