@@ -86,8 +86,7 @@ class Call:
         return self.down.gone.is_set() and not self.ready.ready()
 
     def wait(self, watchers: gevent.pool.Group) -> None:
-        """Watch the client from ``watchers``; return once there is an answer to start
-        (or nobody waits for one); raise the call's GatewayError if it has none."""
+        """Watch the client; return once there is an answer to start or nobody waits; raise."""
         self.down.start_watching(watchers)
         gevent.wait([self.ready, self.down.gone], count=1)
         if self.abandoned:

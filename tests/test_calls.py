@@ -1,0 +1,96 @@
+"""A worker's calls: the drain policy when a client leaves, and stopping them all.
+
+Stand-in calls (a producer that runs until stopped) take the place of real ones, so
+what is checked is the policy itself: cancel at once, or drain bounded by
+DRAIN_TIMEOUT and by MAX_DRAINS slots that come back when a call ends. The same rules
+through gunicorn are in tests/test_disconnects.py.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gevent
+import gevent.event
+
+from gateway.calls import Calls
+from gateway.config import DEFAULTS
+from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End
+
+
+class StandIn:
+    """A call whose producer runs until it is stopped, and remembers how."""
+
+    def __init__(self) -> None:
+        self.ended: End | None = None
+        self._stopped = gevent.event.Event()
+
+    def produce(self) -> None:
+        self._stopped.wait()
+
+    def stop(self, end: End) -> None:
+        if self.ended is None:
+            self.ended = end
+            self._stopped.set()
+
+
+def calls_with(**settings: object) -> Calls:
+    calls = Calls()
+    calls.init_app(SimpleNamespace(config={**DEFAULTS, **settings}))
+    return calls
+
+
+def start(calls: Calls) -> StandIn:
+    call = StandIn()
+    calls._active.add(call)  # as open() does, without a real upstream
+    calls._spawn(calls._run, call)
+    gevent.sleep(0)
+    return call
+
+
+def test_cancel_mode_stops_a_call_as_soon_as_its_client_leaves() -> None:
+    calls = calls_with(ON_DISCONNECT="cancel")
+    call = start(calls)
+    calls._client_left(call, "connection reset")
+    assert call.ended.kind == CANCEL
+    assert calls.wait(timeout=1) and calls.active == 0
+
+
+def test_drains_are_bounded_by_time_and_by_slots_that_come_back() -> None:
+    calls = calls_with(MAX_DRAINS=1, DRAIN_TIMEOUT=0.2)
+    first, second = start(calls), start(calls)
+    calls._client_left(first, "connection closed")
+    calls._client_left(second, "connection closed")
+    assert first.ended is None  # draining, in the one slot
+    assert second.ended.kind == MAX_DRAINS  # no slot left: closed at once
+    assert calls.wait(timeout=2)
+    assert first.ended.kind == DRAIN_TIMEOUT
+    # The slot came back with the first call's end: the next departure drains again.
+    third = start(calls)
+    calls._client_left(third, "connection closed")
+    gevent.sleep(0.05)
+    assert third.ended is None
+    third.stop(End.shutdown())
+    assert calls.wait(timeout=1)
+
+
+def test_a_call_that_ends_while_draining_gives_its_slot_back_and_its_timer_is_gone() -> None:
+    calls = calls_with(MAX_DRAINS=1, DRAIN_TIMEOUT=60)
+    call = start(calls)
+    calls._client_left(call, "connection closed")
+    call.stop(End.shutdown())  # the upstream ended by itself, say
+    assert calls.wait(timeout=1), "the drain timer outlived its call"
+    other = start(calls)
+    calls._client_left(other, "connection closed")
+    assert other.ended is None
+    other.stop(End.shutdown())
+    assert calls.wait(timeout=1)
+
+
+def test_stop_all_stops_every_call_for_shutdown() -> None:
+    calls = calls_with()
+    started = [start(calls) for _ in range(3)]
+    assert calls.active == 3
+    assert calls.stop_all() == 3
+    assert calls.wait(timeout=1) and calls.active == 0
+    assert {call.ended.kind for call in started} == {SHUTDOWN}
