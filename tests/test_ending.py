@@ -169,8 +169,10 @@ def test_every_ordering_gets_the_status_its_spec_rule_gives() -> None:
 
 
 def _unreachable() -> set[tuple[str, bool, bool]]:
-    # A drain bound with no answer implies the client left first; so does nothing else.
-    return {(bound, False, False) for bound in BOUNDS} | {(UNANSWERED, True, x) for x in (False, True)}
+    # A drain bound follows the client's departure, so with no answer the client left
+    # first; and there is no answer when no upstream answered.
+    bounds = {(bound, False, False) for bound in BOUNDS}
+    return bounds | {(UNANSWERED, True, left) for left in (False, True)}
 
 
 @pytest.mark.parametrize(
