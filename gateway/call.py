@@ -39,6 +39,7 @@ from gateway.upstream import Response, UpstreamError, endpoint, upstream
 
 log = logging.getLogger(__name__)
 
+# What one try opens: a stream (response, translator, events) or a JSON answer (bytes, parsed).
 Opened = tuple[Response, StreamTranslator, Iterator[sse.Event]] | tuple[bytes, Any]
 
 
