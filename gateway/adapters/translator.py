@@ -24,9 +24,9 @@ from gateway import sse
 from . import PROTOCOLS, ir
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per upstream event, and frozen is slower
 class Piece:
-    """Bytes for the client, and what they carry."""
+    """Bytes for the client, and what they carry (not to be changed once made)."""
 
     data: bytes = b""
     events: int = 0  # SSE events in ``data``
@@ -97,6 +97,8 @@ class StreamTranslator:
         return self._acc.result() if self._acc.events else None
 
     def _translate(self, events: list[dict], source: sse.Event | None) -> Piece:
+        if not events and source is None:
+            return Piece()
         first_token = terminal = False
         text: list[str] = []
         for event in events:
