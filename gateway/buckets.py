@@ -248,7 +248,7 @@ class LocalStore:
 
     def _purge(self, now: float) -> None:
         self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
-        self._claims = {k: v for k, v in self._claims.items() if v[2] > now}
+        self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
         for key in list(self._slots):
             if not self._live_slots(key, now):
                 del self._slots[key]
