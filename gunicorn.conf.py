@@ -6,9 +6,12 @@ Environment: PORT (8080), HOST (0.0.0.0), GATEWAY_WORKERS (2), GATEWAY_GRACEFUL_
 this file runs in the master, before gevent patches threading (see gateway/db.py).
 """
 
+import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
@@ -27,9 +30,17 @@ accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower()
 
+# Every worker writes its Prometheus values to files in one directory per instance,
+# which must be named before a worker imports prometheus_client (gateway/metrics.py).
+METRICS_DIR_PREFIX = "gateway-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+
 
 def on_starting(server):
     """Migrate and make sure there is an admin secret, in a separate process."""
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)  # a previous run's metrics
     host, _, port = bind.rpartition(":")
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "[::]") else host
     subprocess.run(
@@ -57,3 +68,17 @@ def worker_exit(server, worker):
         relay.stop_all()
         relay.wait(timeout=2.0)
     recorder.drain(timeout=2.0)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its in-flight gauges leave the metrics (its counters stay)."""
+    from gateway.metrics import worker_exited
+
+    worker_exited(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this instance made."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if os.path.basename(path).startswith(METRICS_DIR_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)

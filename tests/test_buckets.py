@@ -90,7 +90,9 @@ def test_store_matches_the_reference(rpm: int, tpm: int, per_second: int, script
             can = [
                 e >= b.cost if b.cost > 0 else e > 0 for e, b in zip(expected, buckets, strict=True)
             ]
-            near_tie = any(abs(float(e) - b.cost) < TIE for e, b in zip(expected, buckets, strict=True))
+            near_tie = any(
+                abs(float(e) - b.cost) < TIE for e, b in zip(expected, buckets, strict=True)
+            )
             if not near_tie:
                 assert verdict.allowed == all(can)
             if verdict.allowed:
@@ -102,7 +104,9 @@ def test_store_matches_the_reference(rpm: int, tpm: int, per_second: int, script
                     for e, b, ok in zip(expected, buckets, can, strict=True)
                     if not ok
                 ]
-                assert not waits or math.isclose(verdict.wait, max(waits), rel_tol=1e-6, abs_tol=1e-6)
+                assert not waits or math.isclose(
+                    verdict.wait, max(waits), rel_tol=1e-6, abs_tol=1e-6
+                )
 
 
 @settings(max_examples=200, deadline=None)
