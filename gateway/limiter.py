@@ -27,6 +27,7 @@ from gevent import monkey
 
 from gateway import metrics
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
+from gateway.config import DEFAULTS
 from gateway.ratelimit import StoreDown, open_store
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,12 @@ class Limiter:
     """Traffic-control decisions for one worker process; fails open when the store is away."""
 
     def __init__(self) -> None:
+        self._group = gevent.pool.Group()
+        self._listeners: list[Callable[[str | None], None]] = []
         self.configure({})
 
     def configure(self, config: Mapping[str, Any], clock: Callable[[], float] = time.time) -> None:
         """Take settings (REDIS_URL and the limiter's keys); connect lazily to the store."""
-        from gateway.config import DEFAULTS
-
         cfg = {**DEFAULTS, **config}
         self.store: Any = open_store(cfg) or LocalStore(clock)
         self.shared = not isinstance(self.store, LocalStore)
@@ -102,8 +103,6 @@ class Limiter:
         self._unwarned = 0
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         self._claims: set[tuple[str, str]] = set()
-        self._listeners: list[Callable[[str | None], None]] = []
-        self._group = getattr(self, "_group", None) or gevent.pool.Group()
 
     def init_app(self, app: Any) -> None:
         """Configure from the app; start the keeper and listener in a gevent worker."""
