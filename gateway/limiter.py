@@ -308,7 +308,7 @@ class Limiter:
                 log.exception("limiter: key-change callback failed")
 
     def _listen(self) -> None:
-        missed = False
+        missed, warned_at = False, -math.inf
         while True:
             try:
                 next_message = self.store.subscribe(self.channel)
@@ -321,9 +321,9 @@ class Limiter:
             except StoreDown as exc:
                 missed = True
                 now = time.monotonic()
-                if now - self._warned_at >= WARN_EVERY:
+                if now - warned_at >= WARN_EVERY:
                     log.warning("limiter: key-change listener lost Redis (%s); retrying", exc)
-                    self._warned_at = now
+                    warned_at = now
                 gevent.sleep(self.retry_after)
 
 

@@ -107,9 +107,11 @@ class RedisStore:
     def __init__(self, client: Any, clock: Callable[[], float] | None = None) -> None:
         self.client = client
         self.clock = clock
-        self._buckets = client.register_script((SCRIPTS / "buckets.lua").read_text())
-        self._slots = client.register_script((SCRIPTS / "slots.lua").read_text())
-        self._claims = client.register_script((SCRIPTS / "claims.lua").read_text())
+        prelude = (SCRIPTS / "prelude.lua").read_text()
+        self._buckets, self._slots, self._claims = (
+            client.register_script(prelude + (SCRIPTS / f"{name}.lua").read_text())
+            for name in ("buckets", "slots", "claims")
+        )
 
     def _now(self) -> str | float:
         return "" if self.clock is None else self.clock()

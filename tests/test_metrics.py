@@ -63,21 +63,18 @@ def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     directory = tmp_path / "metrics"
     directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    procs = [
-        subprocess.Popen(
+    pids = []
+    for n in (1, 2, 3):  # one after the other: worker 3 sets the gauges last
+        done = subprocess.run(
             [sys.executable, "-c", WORKER, json.dumps(n)],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            capture_output=True,
             text=True,
+            timeout=60,
+            check=True,
         )
-        for n in (1, 2, 3)
-    ]
-    pids = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0
-        pids.append(int(out))
+        pids.append(int(done.stdout))
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
     return pids
 

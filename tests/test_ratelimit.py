@@ -138,6 +138,8 @@ def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) 
         "yes",
         "--cluster-config-file",
         str(tmp_path / "cluster" / "nodes.conf"),
+        "--cluster-port",  # the bus port, else port + 10000: maybe taken, or over 65535
+        str(free_port()),
     )
     try:
         server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")

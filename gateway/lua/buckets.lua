@@ -1,6 +1,7 @@
 -- Token buckets: one decision over one or more buckets, atomically, on the server's clock.
 -- The arithmetic mirrors gateway/buckets.py step by step; tests compare the two.
 --
+-- (After prelude.lua: clock, num, MARGIN.)
 -- KEYS: one hash per bucket (l = level, t = time of that level, in seconds), all sharing
 --       one hash tag so that the script runs unchanged on Redis Cluster.
 -- ARGV: mode ("admit" | "charge" | "peek"), now ("" = the server's TIME; tests pass a
@@ -10,16 +11,7 @@
 --   admit: {allowed (1|0), refused bucket (1-based, 0 if none), wait seconds, levels...}
 --   charge: {level}   peek: {levels...}
 local mode = ARGV[1]
-local now = tonumber(ARGV[2])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local MARGIN = 60  -- buckets.EXPIRY_MARGIN
-
-local function num(x)
-  return string.format('%.17g', x)
-end
+local now = clock(ARGV[2])
 
 -- buckets.refill: a missing bucket is full; time never runs back.
 local levels, stamps, caps, rates, amounts = {}, {}, {}, {}, {}

@@ -1,5 +1,6 @@
 -- Request-id claims (X-NexusGate-ReqId dedup), atomically, on the server's clock.
 -- Mirrors LocalStore.claim/keep_claim/unclaim in gateway/buckets.py.
+-- (After prelude.lua: clock, num, MARGIN.)
 --
 -- KEYS[1]: a hash {uid, started, expires} for one request id of one key. The holding
 --          call keeps moving ``expires`` forward; a worker killed mid-call stops, and
@@ -8,15 +9,7 @@
 -- Returns: claim: {} when claimed, else {holder uid, started, now};
 --          keep / release: 1 if uid was the (live) holder, else 0.
 local key, mode, uid, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local MARGIN = 60  -- buckets.EXPIRY_MARGIN
-local function num(x)
-  return string.format('%.17g', x)
-end
+local now = clock(ARGV[4])
 local holder = redis.call('HMGET', key, 'uid', 'started', 'expires')
 local live = holder[1] and tonumber(holder[3]) > now
 

@@ -1,5 +1,6 @@
 -- In-flight slots (a key's maxConcurrent), atomically, on the server's clock.
 -- Mirrors LocalStore.acquire/refresh/release in gateway/buckets.py.
+-- (After prelude.lua: clock, num, MARGIN.)
 --
 -- KEYS[1]: a sorted set of call ids scored by when their slot expires (seconds). A call
 --          keeps its slot by refreshing it; a worker killed mid-call stops refreshing,
@@ -9,14 +10,9 @@
 -- Returns {1|0 (held / refreshed / released), slots in use}.
 local key, mode, member = KEYS[1], ARGV[1], ARGV[2]
 local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local now = tonumber(ARGV[5])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local MARGIN = 60  -- buckets.EXPIRY_MARGIN
+local now = clock(ARGV[5])
 
-redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.17g', now))
+redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now))
 local held = redis.call('ZSCORE', key, member)
 
 if mode == 'release' then
@@ -29,6 +25,6 @@ end
 if mode == 'acquire' and not held and redis.call('ZCARD', key) >= limit then
   return {0, redis.call('ZCARD', key)}
 end
-redis.call('ZADD', key, string.format('%.17g', now + ttl), member)
+redis.call('ZADD', key, num(now + ttl), member)
 redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
 return {1, redis.call('ZCARD', key)}
