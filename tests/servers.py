@@ -79,6 +79,8 @@ class Gateway:
             "DATABASE_URL": database_url,
             "ADMIN_SUPER_SECRET": ADMIN_SECRET,
             "GATEWAY_INSTANCE_PATH": str(instance),
+            # Not a temporary directory of its own: a gateway killed in a test leaves it.
+            "PROMETHEUS_MULTIPROC_DIR": str(instance / "metrics"),
             "GATEWAY_WORKERS": str(workers),
             "GATEWAY_ACCESS_LOG": "",
             "GATEWAY_BACKOFF_MIN": "0.01",
