@@ -10,10 +10,13 @@ the master's imports are inherited by every worker it forks. Finishing calls and
 at exit is the worker class's job (gateway/worker.py).
 """
 
+import glob
 import os
 import runpy
+import shutil
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))["DEFAULTS"]
@@ -38,9 +41,19 @@ accesslog = _env("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = _env("LOG_LEVEL").lower()
 
+# Every worker writes its Prometheus values to files in one directory per instance,
+# which must be named before a worker imports prometheus_client (gateway/metrics.py).
+METRICS_DIR_PREFIX = "gateway-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+
 
 def on_starting(server):
     """Migrate and make sure there is an admin secret, in a separate process."""
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(metrics_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(stale)  # a previous run's metrics
     host, _, port = bind.rpartition(":")
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "[::]") else host
     subprocess.run(
@@ -57,3 +70,21 @@ def on_starting(server):
         check=True,
         cwd=HERE,
     )
+
+
+def child_exit(server, worker):
+    """A worker is gone: its in-flight gauges leave the metrics (its counters stay).
+
+    What prometheus_client's ``mark_process_dead`` does, without importing it (or the
+    gateway) into the master, whose imports every later worker inherits.
+    """
+    pattern = f"gauge_live*_{worker.pid}.db"
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], pattern)):
+        os.remove(path)
+
+
+def on_exit(server):
+    """Remove the metrics directory this instance made."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if os.path.basename(path).startswith(METRICS_DIR_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)

@@ -24,6 +24,19 @@ DEFAULTS: dict[str, object] = {
     "DATABASE_URL": None,  # None: default_database_url()
     "REDIS_URL": None,  # None: limits live in process memory
     "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
+    # -- Traffic control and metrics (limiter.py, ratelimit.py, metrics.py) --
+    # Redis (REDIS_URL) is away when a command takes longer than REDIS_TIMEOUT:
+    # limits then fail open, and Redis is tried again REDIS_RETRY_AFTER seconds later.
+    "REDIS_TIMEOUT": 0.05,
+    "REDIS_CONNECT_TIMEOUT": 0.2,
+    "REDIS_RETRY_AFTER": 1.0,
+    "REDIS_PREFIX": "gw",  # of every Redis key and channel: several gateways, one Redis
+    # A call's concurrency slot and request-id claim live this long unless refreshed
+    # (every third of it), so a killed worker's are freed within it.
+    "INFLIGHT_TTL": 30.0,
+    "LOGIN_ATTEMPTS": 10,  # wrong secrets per client address (sign-in, admin bearer) ...
+    "LOGIN_WINDOW": 60.0,  # ... per this many seconds, refilled continuously
+    "METRICS_TOKEN": None,  # set: GET /metrics requires Authorization: Bearer <token>
     # Client disconnects mid-stream: "drain" reads the upstream to its end and records
     # the whole answer; "cancel" closes the upstream at once (saves provider cost).
     "ON_DISCONNECT": "drain",

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
-from tests.servers import ADMIN_SECRET, FakeUpstream, Gateway  # noqa: E402
+from tests.servers import ADMIN_SECRET, FakeUpstream, Gateway, RedisServer  # noqa: E402
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL")
@@ -166,3 +166,29 @@ def module_gateway(
         gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
         yield gw
         gw.stop()
+
+
+def _need_redis_server() -> None:
+    """Tests of shared state start their own redis-server; CI must have it."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """This test's own redis-server (it may stop and restart it); killed at teardown."""
+    _need_redis_server()
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the tests that only need one (each uses its own key prefix)."""
+    _need_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

@@ -79,6 +79,8 @@ class Gateway:
             "DATABASE_URL": database_url,
             "ADMIN_SUPER_SECRET": ADMIN_SECRET,
             "GATEWAY_INSTANCE_PATH": str(instance),
+            # Not a temporary directory of its own: a gateway killed in a test leaves it.
+            "PROMETHEUS_MULTIPROC_DIR": str(instance / "metrics"),
             "GATEWAY_WORKERS": str(workers),
             "GATEWAY_ACCESS_LOG": "",
             "GATEWAY_BACKOFF_MIN": "0.01",
@@ -181,3 +183,53 @@ class Gateway:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+class RedisServer:
+    """``redis-server`` on a free port in its own process, stoppable and restartable.
+
+    ``extra`` arguments go to redis-server as they are (``--requirepass``, cluster or
+    sentinel options); ``directory`` holds its files.
+    """
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, on the same port and with empty data)."""
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        no_persistence = ["--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", *where, *no_persistence, *self.extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self.answers, timeout=10)
+
+    def answers(self) -> bool:
+        """True when it answers PING (or asks for a password)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """Send one command with redis-cli; return its output."""
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, check=True, timeout=10
+        ).stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

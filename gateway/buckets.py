@@ -1,0 +1,254 @@
+"""Token buckets, in-flight slots and request claims: the arithmetic, and an in-memory store.
+
+This is the reference for the Lua scripts in ``gateway/lua/``: each step here has its
+line there, in the same order, on the same IEEE doubles, so the in-process store
+(``LocalStore``, one worker process, no Redis) and the shared one (``ratelimit.RedisStore``)
+decide alike. Tests run the same scenarios against both and compare.
+
+A bucket holds up to ``capacity`` tokens and refills continuously at ``rate`` per second
+(``capacity = limit``, ``rate = limit / 60`` for a per-minute limit: no burst multiplier).
+It may go below zero: a call charged more tokens than were left leaves a debt that later
+calls wait out, so over any long window a key uses no more than its limit allows.
+Pure code: the clock is passed in; no I/O, no gevent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# Seconds a bucket's state outlives the moment it would be full again (it is full from
+# then on whether stored or not), and a slot set outlives its newest slot.
+EXPIRY_MARGIN = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One bucket to decide on: its name under an owner, its size, refill rate and cost.
+
+    ``cost`` is what ``admit`` takes: 1 for a request; 0 means "take nothing, only
+    require the level above 0" (the TPM check before a call whose size is unknown).
+    """
+
+    name: str
+    capacity: float
+    rate: float  # tokens per second
+    cost: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.capacity > 0 and self.rate > 0 and self.cost >= 0):
+            raise ValueError(f"bucket {self.name!r}: capacity and rate must be > 0, cost >= 0")
+
+
+def per_minute(name: str, limit: float, cost: float = 1.0) -> Bucket:
+    """A bucket for ``limit`` per minute: capacity ``limit``, refilled at limit/60 per second."""
+    return Bucket(name, float(limit), float(limit) / 60.0, cost)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An admission decision over several buckets, taken or refused as one."""
+
+    allowed: bool
+    levels: tuple[float, ...]  # each bucket's level after the decision
+    wait: float = 0.0  # seconds until the refusing bucket would allow (0 when allowed)
+    refused: int | None = None  # index of that bucket (the longest wait)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for a Retry-After header: at least 1."""
+        return max(1, math.ceil(self.wait))
+
+
+State = tuple[float, float]  # (level, time of that level)
+
+
+def refill(state: State | None, now: float, capacity: float, rate: float) -> State:
+    """The bucket's level at ``now``: a missing bucket is full; time never runs back."""
+    if state is None:
+        return capacity, now
+    level, stamp = state
+    if now > stamp:
+        level = level + (now - stamp) * rate
+        stamp = now
+    if level > capacity:
+        level = capacity
+    return level, stamp
+
+
+def allows(level: float, cost: float) -> bool:
+    """True when a bucket at ``level`` can pay ``cost`` (cost 0: the level is above 0)."""
+    return level >= cost if cost > 0 else level > 0
+
+
+def admit(levels: Sequence[float], buckets: Sequence[Bucket]) -> Verdict:
+    """Take every bucket's cost if all can pay it, else refuse saying how long to wait."""
+    allowed, wait, refused = True, 0.0, None
+    for i, (level, bucket) in enumerate(zip(levels, buckets, strict=True)):
+        if not allows(level, bucket.cost):
+            allowed = False
+            needed = (bucket.cost - level) / bucket.rate
+            if refused is None or needed > wait:
+                wait, refused = needed, i
+    if not allowed:
+        return Verdict(False, tuple(levels), wait, refused)
+    return Verdict(True, tuple(lv - b.cost for lv, b in zip(levels, buckets, strict=True)))
+
+
+def charge(level: float, amount: float, capacity: float) -> float:
+    """The level after taking ``amount`` (negative: a refund, never above capacity)."""
+    level = level - amount
+    if level > capacity:
+        level = capacity
+    return level
+
+
+def lifetime(level: float, capacity: float, rate: float) -> float:
+    """Seconds a stored bucket must be kept: until it would be full, plus a margin."""
+    return (capacity - level) / rate + EXPIRY_MARGIN
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who holds a request id: the holding call's uid and when (store clock) it started."""
+
+    uid: str
+    started: float
+    now: float  # the store's clock when this was read
+
+    @property
+    def age(self) -> float:
+        """Seconds since the holder started."""
+        return max(0.0, self.now - self.started)
+
+
+class LocalStore:
+    """The store operations in this process's memory, on the clock it is given.
+
+    Same operations and results as ``ratelimit.RedisStore``; state lives in dicts that
+    forget expired entries as they are touched (and all of them every 10,000 writes).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> level, stamp, expiry
+        self._slots: dict[str, dict[str, float]] = {}  # key -> member -> expiry
+        self._claims: dict[str, tuple[str, float, float]] = {}  # key -> uid, started, expiry
+        self._writes = 0
+
+    # -- buckets ---------------------------------------------------------------
+
+    def _state(self, key: str, now: float) -> State | None:
+        held = self._buckets.get(key)
+        if held is None or held[2] <= now:
+            return None
+        return held[0], held[1]
+
+    def _store(self, key: str, level: float, stamp: float, bucket: Bucket) -> None:
+        expiry = stamp + lifetime(level, bucket.capacity, bucket.rate)
+        self._buckets[key] = (level, stamp, expiry)
+        self._writes += 1
+        if self._writes % 10_000 == 0:
+            self._purge(stamp)
+
+    def admit(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> Verdict:
+        """Take each bucket's cost, all or none."""
+        now = self.clock()
+        states = [
+            refill(self._state(k, now), now, b.capacity, b.rate)
+            for k, b in zip(keys, buckets, strict=True)
+        ]
+        verdict = admit([s[0] for s in states], buckets)
+        if verdict.allowed:
+            for key, (_, stamp), level, bucket in zip(
+                keys, states, verdict.levels, buckets, strict=True
+            ):
+                self._store(key, level, stamp, bucket)
+        return verdict
+
+    def charge(self, key: str, bucket: Bucket, amount: float) -> float:
+        """Take ``amount`` tokens (a debt if there are fewer); return the level."""
+        now = self.clock()
+        level, stamp = refill(self._state(key, now), now, bucket.capacity, bucket.rate)
+        level = charge(level, amount, bucket.capacity)
+        self._store(key, level, stamp, bucket)
+        return level
+
+    def peek(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> tuple[float, ...]:
+        """Each bucket's level now, changing nothing."""
+        now = self.clock()
+        return tuple(
+            refill(self._state(k, now), now, b.capacity, b.rate)[0]
+            for k, b in zip(keys, buckets, strict=True)
+        )
+
+    # -- in-flight slots -------------------------------------------------------
+
+    def _live_slots(self, key: str, now: float) -> dict[str, float]:
+        slots = self._slots.get(key, {})
+        for member in [m for m, expiry in slots.items() if expiry <= now]:
+            del slots[member]
+        return slots
+
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> tuple[bool, int]:
+        """Hold one of ``limit`` slots for ``ttl`` seconds; return (held, slots in use)."""
+        now = self.clock()
+        slots = self._live_slots(key, now)
+        if member not in slots and len(slots) >= limit:
+            return False, len(slots)
+        slots[member] = now + ttl
+        self._slots[key] = slots
+        return True, len(slots)
+
+    def refresh(self, key: str, member: str, ttl: float) -> bool:
+        """Extend a held slot by ``ttl`` from now; False if it had expired."""
+        now = self.clock()
+        slots = self._live_slots(key, now)
+        if member not in slots:
+            return False
+        slots[member] = now + ttl
+        return True
+
+    def release(self, key: str, member: str) -> int:
+        """Give a slot back; return the slots still in use."""
+        slots = self._live_slots(key, self.clock())
+        slots.pop(member, None)
+        if not slots:
+            self._slots.pop(key, None)
+        return len(slots)
+
+    # -- request claims --------------------------------------------------------
+
+    def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
+        """Claim a request id for call ``uid``; None if claimed, else the current holder."""
+        now = self.clock()
+        held = self._claims.get(key)
+        if held is not None and held[2] > now:
+            return Claim(held[0], held[1], now)
+        self._claims[key] = (uid, now, now + ttl)
+        return None
+
+    def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
+        """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
+        now = self.clock()
+        held = self._claims.get(key)
+        if held is None or held[2] <= now or held[0] != uid:
+            return False
+        self._claims[key] = (uid, held[1], now + ttl)
+        return True
+
+    def unclaim(self, key: str, uid: str) -> bool:
+        """Release ``uid``'s claim; False if it was not the holder."""
+        held = self._claims.get(key)
+        if held is None or held[0] != uid:
+            return False
+        del self._claims[key]
+        return True
+
+    def _purge(self, now: float) -> None:
+        self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
+        self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
+        for key in list(self._slots):
+            if not self._live_slots(key, now):
+                del self._slots[key]

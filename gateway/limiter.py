@@ -1,0 +1,330 @@
+"""A worker's limiter: what the call path, sign-in and key changes ask of shared state.
+
+One ``Limiter`` per worker process (``limiter``), on the shared store (``ratelimit``,
+with ``REDIS_URL``) or on this process's memory (``buckets.LocalStore``, and a warning at
+start that limits then hold per process). It names the state (``gw:{key:42}:rpm``: all of a
+key's state under one hash tag), turns a key's limits into buckets, keeps the slots and
+request claims of calls in flight alive (a killed worker's expire within
+``INFLIGHT_TTL``), and fails open: when the store is away an operation allows, is
+counted in /metrics, and a warning is logged at most once a minute.
+
+Greenlets (slot keeper, key-change listener) run only in a gevent process, in one group,
+each linked to a logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import gevent
+import gevent.pool
+from gevent import monkey
+
+from gateway import metrics
+from gateway.buckets import Bucket, Claim, LocalStore, per_minute
+from gateway.config import DEFAULTS
+from gateway.ratelimit import StoreDown, open_store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WARN_EVERY = 60.0  # seconds between two warnings that the store is away
+
+
+def _whole(x: float) -> float:
+    return round(x, 6)  # refill arithmetic leaves 19.999999999999996 where 20 is meant
+
+
+def remaining(level: float) -> int:
+    """Whole tokens left in a bucket at ``level`` (0 when in debt)."""
+    return max(0, math.floor(_whole(level)))
+
+
+def model_bucket(identifier: str, limit: float, refill: float) -> Bucket:
+    """A per-model limit as ``/ratelimits`` configures it: ``limit`` burst, ``refill``/s."""
+    return Bucket(f"model:{identifier}", float(limit), float(refill))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer to "may this key make a call now", with what its headers report."""
+
+    allowed: bool
+    rpm_limit: int | None
+    rpm_remaining: int | None
+    tpm_limit: int | None
+    tpm_remaining: int | None
+    limit_type: str | None = None  # what refused: "rpm", "tpm" or "model:<identifier>"
+    retry_after: int = 0  # whole seconds until the refusing bucket allows
+    failed_open: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """The X-RateLimit-* headers every /v1 answer carries (for the limits a key has)."""
+        out = {}
+        for kind, limit, left in (
+            ("RPM", self.rpm_limit, self.rpm_remaining),
+            ("TPM", self.tpm_limit, self.tpm_remaining),
+        ):
+            if limit is not None:
+                out[f"X-RateLimit-Limit-{kind}"] = str(limit)
+                out[f"X-RateLimit-Remaining-{kind}"] = str(left)
+        return out
+
+
+class Limiter:
+    """Traffic-control decisions for one worker process; fails open when the store is away."""
+
+    def __init__(self) -> None:
+        self._group = gevent.pool.Group()
+        self._listeners: list[Callable[[str | None], None]] = []
+        self.configure({})
+
+    def configure(self, config: Mapping[str, Any], clock: Callable[[], float] = time.time) -> None:
+        """Take settings (REDIS_URL and the limiter's keys); connect lazily to the store."""
+        cfg = {**DEFAULTS, **config}
+        self.store: Any = open_store(cfg) or LocalStore(clock)
+        self.shared = not isinstance(self.store, LocalStore)
+        self.prefix = str(cfg["REDIS_PREFIX"])
+        self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
+        self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
+        self.login = Bucket(
+            "auth",
+            float(cfg["LOGIN_ATTEMPTS"]),
+            float(cfg["LOGIN_ATTEMPTS"]) / float(cfg["LOGIN_WINDOW"]),
+        )
+        self.fail_opens = 0
+        self._down_until = 0.0
+        self._warned_at = -math.inf
+        self._unwarned = 0
+        self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
+        self._claims: set[tuple[str, str]] = set()
+
+    def init_app(self, app: Any) -> None:
+        """Configure from the app; start the keeper and listener in a gevent worker."""
+        self.configure(app.config)
+        if not self.shared:
+            log.warning(
+                "REDIS_URL is not set: rate limits, concurrency limits, request dedup and "
+                "sign-in throttling hold per worker process, not across workers or instances"
+            )
+        if monkey.is_module_patched("socket"):
+            self.start()
+
+    def start(self) -> None:
+        """Run the slot keeper (and the key-change listener, with Redis) in the background."""
+        self.stop()
+        self._spawn(self._keep_in_flight)
+        if self.shared:
+            self._spawn(self._listen)
+
+    def stop(self) -> None:
+        """Stop the background greenlets."""
+        self._group.kill(block=True)
+
+    def _spawn(self, fn: Callable[[], None]) -> None:
+        greenlet = self._group.spawn(fn)
+        greenlet.link_exception(lambda g: log.error("limiter greenlet died", exc_info=g.exc_info))
+
+    def key(self, owner: str, name: str) -> str:
+        """The store key of ``name`` under ``owner``'s hash tag (one Cluster slot per owner)."""
+        return f"{self.prefix}:{{{owner.replace('{', '(').replace('}', ')')}}}:{name}"
+
+    # -- failing open ----------------------------------------------------------
+
+    def _guarded(self, operation: str, fallback: T, fn: Callable[..., T], *args: Any) -> T:
+        if self._down_until > time.monotonic():
+            self._failed_open(operation, None)
+            return fallback
+        try:
+            result = fn(*args)
+        except StoreDown as exc:
+            self._down_until = time.monotonic() + self.retry_after
+            self._failed_open(operation, exc)
+            return fallback
+        if self._down_until:
+            self._down_until = 0.0
+            log.warning("limiter: Redis answers again; limits hold again")
+        return result
+
+    def _failed_open(self, operation: str, exc: Exception | None) -> None:
+        self.fail_opens += 1
+        self._unwarned += 1
+        metrics.limiter_failed_open(operation)
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            log.warning(
+                "limiter: Redis unavailable (%s): %d operation(s) allowed without limits "
+                "since the last warning; trying again every %.1f s",
+                exc or "still failing",
+                self._unwarned,
+                self.retry_after,
+            )
+            self._warned_at, self._unwarned = now, 0
+
+    # -- per-key limits --------------------------------------------------------
+
+    def admit(
+        self, key_id: int, rpm: int | None, tpm: int | None, extra: Sequence[Bucket] = ()
+    ) -> Admission:
+        """Take one request from the key's RPM bucket if its TPM bucket is above 0 (atomic)."""
+        named: list[tuple[str, Bucket]] = []
+        if rpm and rpm > 0:
+            named.append(("rpm", per_minute("rpm", rpm)))
+        if tpm and tpm > 0:
+            named.append(("tpm", per_minute("tpm", tpm, cost=0)))
+        named += [(b.name, b) for b in extra]
+        rpm, tpm = (rpm if rpm and rpm > 0 else None), (tpm if tpm and tpm > 0 else None)
+        if not named:
+            return Admission(True, None, None, None, None)
+        keys = [self.key(f"key:{key_id}", name) for name, _ in named]
+        verdict = self._guarded("admit", None, self.store.admit, keys, [b for _, b in named])
+        if verdict is None:
+            return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
+        left = {
+            name: remaining(level) for (name, _), level in zip(named, verdict.levels, strict=True)
+        }
+        return Admission(
+            verdict.allowed,
+            rpm,
+            left.get("rpm"),
+            tpm,
+            left.get("tpm"),
+            None if verdict.refused is None else named[verdict.refused][0],
+            0 if verdict.allowed else verdict.retry_after,
+        )
+
+    def charge(self, key_id: int, tpm: int | None, tokens: int | None) -> None:
+        """Charge a finished call's real tokens to the key's TPM bucket (a debt if over)."""
+        if not tpm or tpm <= 0 or not tokens or tokens <= 0:
+            return
+        bucket = per_minute("tpm", tpm)
+        self._guarded(
+            "charge", None, self.store.charge, self.key(f"key:{key_id}", "tpm"), bucket, tokens
+        )
+
+    def usage(self, key_id: int, rpm: int, tpm: int) -> dict[str, dict[str, int]]:
+        """``{rpm: {current, limit, remaining}, tpm: {...}}`` from the shared buckets."""
+        buckets = [per_minute("rpm", rpm), per_minute("tpm", tpm)]
+        keys = [self.key(f"key:{key_id}", b.name) for b in buckets]
+        levels = self._guarded("usage", (float(rpm), float(tpm)), self.store.peek, keys, buckets)
+        return {
+            b.name: {
+                "current": math.ceil(_whole(b.capacity - level)),
+                "limit": int(b.capacity),
+                "remaining": remaining(level),
+            }
+            for b, level in zip(buckets, levels, strict=True)
+        }
+
+    # -- calls in flight: maxConcurrent slots, request-id claims ----------------
+
+    def enter(self, key_id: int, uid: str, max_concurrent: int | None) -> bool:
+        """Take one of the key's in-flight slots for call ``uid``; False if all are taken."""
+        if not max_concurrent or max_concurrent <= 0:
+            return True
+        key = self.key(f"key:{key_id}", "inflight")
+        held, _ = self._guarded(
+            "enter", (True, 0), self.store.acquire, key, uid, max_concurrent, self.inflight_ttl
+        )
+        if held:
+            self._slots.add((key, uid))
+        return held
+
+    def leave(self, key_id: int, uid: str) -> None:
+        """Give back call ``uid``'s slot (when its upstream is done, drains included)."""
+        key = self.key(f"key:{key_id}", "inflight")
+        if (key, uid) in self._slots:
+            self._slots.discard((key, uid))
+            self._guarded("leave", 0, self.store.release, key, uid)
+
+    def claim(self, key_id: int, req_id: str, uid: str) -> Claim | None:
+        """Claim a request id for call ``uid``: None if claimed, else who holds it."""
+        key = self.key(f"key:{key_id}", f"req:{req_id}")
+        holder = self._guarded("claim", None, self.store.claim, key, uid, self.inflight_ttl)
+        if holder is None:
+            self._claims.add((key, uid))
+        return holder
+
+    def unclaim(self, key_id: int, req_id: str, uid: str) -> None:
+        """Release call ``uid``'s claim on a request id (its record is final)."""
+        key = self.key(f"key:{key_id}", f"req:{req_id}")
+        if (key, uid) in self._claims:
+            self._claims.discard((key, uid))
+            self._guarded("unclaim", False, self.store.unclaim, key, uid)
+
+    def _keep_in_flight(self) -> None:
+        """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
+        while True:
+            gevent.sleep(self.inflight_ttl / 3)
+            for key, uid in list(self._slots):
+                self._guarded("keep", False, self.store.refresh, key, uid, self.inflight_ttl)
+            for key, uid in list(self._claims):
+                self._guarded("keep", False, self.store.keep_claim, key, uid, self.inflight_ttl)
+
+    # -- sign-in and admin-bearer throttling ------------------------------------
+
+    def attempt(self, address: str) -> int:
+        """Take one try at a secret for ``address``: 0 to go ahead, else seconds to wait."""
+        key = self.key(f"addr:{address}", self.login.name)
+        verdict = self._guarded("attempt", None, self.store.admit, [key], [self.login])
+        return 0 if verdict is None or verdict.allowed else verdict.retry_after
+
+    def succeeded(self, address: str) -> None:
+        """Give back the try of a right secret: only failures count against an address."""
+        key = self.key(f"addr:{address}", self.login.name)
+        self._guarded("attempt", None, self.store.charge, key, self.login, -1.0)
+
+    # -- key changes ------------------------------------------------------------
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:keys"
+
+    def on_key_change(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(key_hash)`` when any worker announces a change to that key.
+
+        ``callback(None)`` means announcements may have been missed (the store was away):
+        forget every cached key. Without Redis only this worker hears its own announcements;
+        the others' caches expire after CACHE_TTL.
+        """
+        self._listeners.append(callback)
+
+    def announce(self, key_hash: str) -> None:
+        """Tell every worker of every instance that this key changed (revoked, new limits)."""
+        self._notify(key_hash)
+        if self.shared:
+            self._guarded("announce", None, self.store.publish, self.channel, key_hash)
+
+    def _notify(self, key_hash: str | None) -> None:
+        for callback in self._listeners:
+            try:
+                callback(key_hash)
+            except Exception:
+                log.exception("limiter: key-change callback failed")
+
+    def _listen(self) -> None:
+        missed, warned_at = False, -math.inf
+        while True:
+            try:
+                next_message = self.store.subscribe(self.channel)
+                if missed:
+                    self._notify(None)
+                while True:
+                    message = next_message(1.0)
+                    if message is not None:
+                        self._notify(message)
+            except StoreDown as exc:
+                missed = True
+                now = time.monotonic()
+                if now - warned_at >= WARN_EVERY:
+                    log.warning("limiter: key-change listener lost Redis (%s); retrying", exc)
+                    warned_at = now
+                gevent.sleep(self.retry_after)
+
+
+limiter = Limiter()

@@ -1,0 +1,88 @@
+-- Token buckets: one decision over one or more buckets, atomically, on the server's clock.
+-- The arithmetic mirrors gateway/buckets.py step by step; tests compare the two.
+--
+-- (After prelude.lua: clock, num, MARGIN.)
+-- KEYS: one hash per bucket (l = level, t = time of that level, in seconds), all sharing
+--       one hash tag so that the script runs unchanged on Redis Cluster.
+-- ARGV: mode ("admit" | "charge" | "peek"), now ("" = the server's TIME; tests pass a
+--       clock), then per bucket: capacity, rate (tokens per second), amount (admit: the
+--       cost, 0 meaning "only require the level above 0"; charge: tokens to take).
+-- Returns strings (doubles survive as "%.17g"):
+--   admit: {allowed (1|0), refused bucket (1-based, 0 if none), wait seconds, levels...}
+--   charge: {level}   peek: {levels...}
+local mode = ARGV[1]
+local now = clock(ARGV[2])
+
+-- buckets.refill: a missing bucket is full; time never runs back.
+local levels, stamps, caps, rates, amounts = {}, {}, {}, {}, {}
+for i = 1, #KEYS do
+  local cap, rate = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  caps[i], rates[i], amounts[i] = cap, rate, tonumber(ARGV[3 * i + 2])
+  local held = redis.call('HMGET', KEYS[i], 'l', 't')
+  local level, stamp = tonumber(held[1]), tonumber(held[2])
+  if level == nil or stamp == nil then
+    level, stamp = cap, now
+  end
+  if now > stamp then
+    level = level + (now - stamp) * rate
+    stamp = now
+  end
+  if level > cap then
+    level = cap
+  end
+  levels[i], stamps[i] = level, stamp
+end
+
+-- buckets.lifetime: keep a bucket until it would be full again, plus a margin.
+local function store(i)
+  redis.call('HSET', KEYS[i], 'l', num(levels[i]), 't', num(stamps[i]))
+  local ms = math.ceil(((caps[i] - levels[i]) / rates[i] + MARGIN) * 1000)
+  redis.call('PEXPIRE', KEYS[i], ms)
+end
+
+if mode == 'peek' then
+  local out = {}
+  for i = 1, #KEYS do
+    out[i] = num(levels[i])
+  end
+  return out
+end
+
+if mode == 'charge' then
+  -- buckets.charge: a debt is kept; a refund never fills past capacity.
+  levels[1] = levels[1] - amounts[1]
+  if levels[1] > caps[1] then
+    levels[1] = caps[1]
+  end
+  store(1)
+  return {num(levels[1])}
+end
+
+-- buckets.admit: take every cost, or refuse naming the bucket with the longest wait.
+local allowed, wait, refused = 1, 0, 0
+for i = 1, #KEYS do
+  local ok
+  if amounts[i] > 0 then
+    ok = levels[i] >= amounts[i]
+  else
+    ok = levels[i] > 0
+  end
+  if not ok then
+    allowed = 0
+    local needed = (amounts[i] - levels[i]) / rates[i]
+    if refused == 0 or needed > wait then
+      wait, refused = needed, i
+    end
+  end
+end
+if allowed == 1 then
+  for i = 1, #KEYS do
+    levels[i] = levels[i] - amounts[i]
+    store(i)
+  end
+end
+local out = {tostring(allowed), tostring(refused), num(wait)}
+for i = 1, #KEYS do
+  out[3 + i] = num(levels[i])
+end
+return out

@@ -1,0 +1,36 @@
+-- Request-id claims (X-NexusGate-ReqId dedup), atomically, on the server's clock.
+-- Mirrors LocalStore.claim/keep_claim/unclaim in gateway/buckets.py.
+-- (After prelude.lua: clock, num, MARGIN.)
+--
+-- KEYS[1]: a hash {uid, started, expires} for one request id of one key. The holding
+--          call keeps moving ``expires`` forward; a worker killed mid-call stops, and
+--          its claim lapses. The key itself expires a margin later (garbage collection).
+-- ARGV: mode ("claim" | "keep" | "release"), uid, ttl seconds, now ("" = the server's TIME).
+-- Returns: claim: {} when claimed, else {holder uid, started, now};
+--          keep / release: 1 if uid was the (live) holder, else 0.
+local key, mode, uid, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = clock(ARGV[4])
+local holder = redis.call('HMGET', key, 'uid', 'started', 'expires')
+local live = holder[1] and tonumber(holder[3]) > now
+
+if mode == 'claim' then
+  if live then
+    return {holder[1], holder[2], num(now)}
+  end
+  redis.call('HSET', key, 'uid', uid, 'started', num(now), 'expires', num(now + ttl))
+  redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
+  return {}
+end
+if mode == 'keep' then
+  if not live or holder[1] ~= uid then
+    return 0
+  end
+  redis.call('HSET', key, 'expires', num(now + ttl))
+  redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
+  return 1
+end
+if holder[1] ~= uid then
+  return 0
+end
+redis.call('DEL', key)
+return 1

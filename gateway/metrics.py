@@ -1,0 +1,237 @@
+"""Prometheus metrics for ``GET /metrics``, merged over every gunicorn worker of an instance.
+
+Names and labels are NexusGate's, so its Grafana dashboard and alert rules work
+unchanged; keys are labelled ``api_key_comment`` as there (the key's comment, "unknown"
+without one) plus ``api_key_id`` (unique: two keys may share a comment). Never the key.
+NexusGate recomputes its counters from the database at each scrape; ours count from the
+process start, as Prometheus counters do (``rate``/``increase`` read them alike).
+Ours are ``gateway_*``: calls and drains in flight, how aborted calls ended, journal depth,
+limiter fail-opens, recorder write latency.
+
+Across workers: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
+before any worker imports prometheus_client; each worker writes its values there,
+``render()`` merges them, and gunicorn's ``child_exit`` removes a dead worker's live
+gauge files so its in-flight gauges drop out. Without that variable (tests, the CLI) the
+metrics are this process's alone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tomllib
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from gateway.config import ROOT
+from gateway.exchange import EMBEDDING, Exchange
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)  # NexusGate's, in seconds
+KEY = ("api_key_id", "api_key_comment")
+
+_registry = CollectorRegistry()
+
+
+def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+    return Counter(name, doc, labels, registry=_registry)
+
+
+def _gauge(name: str, doc: str, mode: str, labels: tuple[str, ...] = ()) -> Gauge:
+    return Gauge(name, doc, labels, registry=_registry, multiprocess_mode=mode)
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+    return Histogram(name, doc, ("model",), registry=_registry, buckets=buckets)
+
+
+# NexusGate's (prometheus_client adds the _total suffix to counters).
+COMPLETIONS = _counter(
+    "nexusgate_completions", "Completion requests", ("model", "status", "api_format", *KEY)
+)
+EMBEDDINGS = _counter("nexusgate_embeddings", "Embedding requests", ("model", "status", *KEY))
+TOKENS = {
+    kind: _counter(f"nexusgate_tokens_{kind}", f"{kind.capitalize()} tokens", ("model",))
+    for kind in ("prompt", "completion", "embedding")
+}
+COST = {
+    kind: _counter(f"nexusgate_cost_{kind}_usd", f"Cost of {kind} tokens in USD", ("model",))
+    for kind in ("prompt", "completion", "total")
+}
+COMPLETION_SECONDS = _histogram("nexusgate_completion_duration_seconds", "Completion duration")
+TTFT_SECONDS = _histogram("nexusgate_completion_ttft_seconds", "Time to first token")
+EMBEDDING_SECONDS = _histogram("nexusgate_embedding_duration_seconds", "Embedding duration")
+REJECTIONS = _counter(
+    "nexusgate_rate_limit_rejections", "Calls refused with 429", (*KEY, "limit_type")
+)
+KEY_LIMITS = {
+    (kind, what): _gauge(
+        f"nexusgate_api_key_{kind}_{what}", f"{kind.upper()} {what} per key", "mostrecent", KEY
+    )
+    for kind in ("rpm", "tpm")
+    for what in ("usage", "limit")
+}
+ACTIVE_KEYS = _gauge("nexusgate_active_api_keys", "Usable API keys", "mostrecent")
+ACTIVE_PROVIDERS = _gauge("nexusgate_active_providers", "Providers", "mostrecent")
+ACTIVE_MODELS = _gauge("nexusgate_active_models", "Models by type", "mostrecent", ("type",))
+INFO = _gauge("nexusgate_info", "Build information", "max", ("version",))
+
+# Ours.
+CALLS_IN_FLIGHT = _gauge("gateway_calls_in_flight", "Calls in flight", "livesum")
+DRAINS_IN_FLIGHT = _gauge(
+    "gateway_drains_in_flight", "Upstreams read on after their client left", "livesum"
+)
+ABORTED = _counter(
+    "gateway_aborted_calls", "Calls whose client left, by how they ended", ("ending",)
+)
+JOURNAL_DEPTH = _gauge(
+    "gateway_journal_depth", "Records in the journal waiting for the database", "livesum"
+)
+FAIL_OPENS = _counter(
+    "gateway_limiter_fail_open", "Limiter decisions allowed because Redis was away", ("operation",)
+)
+RECORDER_WRITE_SECONDS = Histogram(
+    "gateway_recorder_write_seconds",
+    "One batch write of call records",
+    registry=_registry,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
+    return str(key_id), (comment or "unknown")[:100]
+
+
+def call_finished(
+    exchange: Exchange,
+    key_comment: str | None = None,
+    *,
+    prompt_cost: float | None = None,
+    completion_cost: float | None = None,
+) -> None:
+    """Count a call whose record is final: status, tokens, cost, duration, TTFT."""
+    model = exchange.model
+    key = _key_labels(exchange.api_key_id, key_comment)
+    answered = exchange.status in ("completed", "aborted")  # the upstream answered in full
+    if exchange.kind == EMBEDDING:
+        EMBEDDINGS.labels(model, exchange.status, *key).inc()
+        if exchange.input_tokens:
+            TOKENS["embedding"].labels(model).inc(exchange.input_tokens)
+        if answered and exchange.duration_ms is not None:
+            EMBEDDING_SECONDS.labels(model).observe(exchange.duration_ms / 1000)
+        return
+    COMPLETIONS.labels(model, exchange.status, exchange.api_format, *key).inc()
+    if exchange.input_tokens:
+        TOKENS["prompt"].labels(model).inc(exchange.input_tokens)
+    if exchange.output_tokens:
+        TOKENS["completion"].labels(model).inc(exchange.output_tokens)
+    costs = {"prompt": prompt_cost, "completion": completion_cost}
+    for kind, usd in costs.items():
+        if usd:
+            COST[kind].labels(model).inc(usd)
+    if any(costs.values()):
+        COST["total"].labels(model).inc(sum(usd or 0.0 for usd in costs.values()))
+    if answered and exchange.duration_ms is not None:
+        COMPLETION_SECONDS.labels(model).observe(exchange.duration_ms / 1000)
+    if answered and exchange.ttft_ms is not None:
+        TTFT_SECONDS.labels(model).observe(exchange.ttft_ms / 1000)
+
+
+def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
+    """Count a call refused by a limit: ``rpm``, ``tpm``, ``model`` or ``concurrency``."""
+    REJECTIONS.labels(*_key_labels(key_id, key_comment), limit_type).inc()
+
+
+def key_usage(key_id: int, key_comment: str | None, usage: dict[str, dict[str, int]]) -> None:
+    """Set a key's RPM/TPM use and limits (``Limiter.usage``'s answer)."""
+    key = _key_labels(key_id, key_comment)
+    for kind in ("rpm", "tpm"):
+        KEY_LIMITS[kind, "usage"].labels(*key).set(usage[kind]["current"])
+        KEY_LIMITS[kind, "limit"].labels(*key).set(usage[kind]["limit"])
+
+
+def catalog(api_keys: int, providers: int, models: dict[str, int]) -> None:
+    """Set the counts of usable keys, providers and models (``{"chat": n, "embedding": n}``)."""
+    ACTIVE_KEYS.set(api_keys)
+    ACTIVE_PROVIDERS.set(providers)
+    for kind, count in models.items():
+        ACTIVE_MODELS.labels(kind).set(count)
+
+
+def call_opened() -> None:
+    """A call started (its upstream is being contacted)."""
+    CALLS_IN_FLIGHT.inc()
+
+
+def call_closed() -> None:
+    """A call's record is final."""
+    CALLS_IN_FLIGHT.dec()
+
+
+def drain_started() -> None:
+    """A client left and its upstream is read on."""
+    DRAINS_IN_FLIGHT.inc()
+
+
+def drain_ended() -> None:
+    """A drain is over (read to its end, cut at its bound, or stopped)."""
+    DRAINS_IN_FLIGHT.dec()
+
+
+def aborted(ending: str) -> None:
+    """Count a call whose client left: ``drained``, ``cancelled``, ``timed_out``..."""
+    ABORTED.labels(ending).inc()
+
+
+def journal_depth(records: int) -> None:
+    """Set how many of this worker's records wait in the journal."""
+    JOURNAL_DEPTH.set(records)
+
+
+def recorder_wrote(seconds: float) -> None:
+    """Observe one batch write of the recorder."""
+    RECORDER_WRITE_SECONDS.observe(seconds)
+
+
+def limiter_failed_open(operation: str) -> None:
+    """Count a limiter decision allowed because Redis was away."""
+    FAIL_OPENS.labels(operation).inc()
+
+
+def authorized(authorization: str | None, token: str | None) -> bool:
+    """True when no METRICS_TOKEN is set, or the Authorization header bears it."""
+    if not token:
+        return True
+    scheme, _, value = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every worker of this instance (or this process)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return generate_latest(_registry)
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=path)
+    return generate_latest(merged)
+
+
+def _version() -> str:
+    try:
+        with open(ROOT / "pyproject.toml", "rb") as fh:
+            return str(tomllib.load(fh)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+INFO.labels(_version()).set(1)

@@ -1,0 +1,209 @@
+"""State shared by every worker and instance for traffic control: the only redis importer.
+
+``Limiter`` (one per worker process, ``limiter``) answers the call path's questions: may
+this key make a call now (RPM, TPM, per-model buckets), may it start one more call
+(``maxConcurrent`` slots), may it run this request id (dedup claims), may this address
+try a secret again (login/admin throttling); and it announces key changes so that every
+worker forgets a revoked key at once.
+
+With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
+``RedisStore`` on the Redis server's clock, every key of a script under one hash tag
+(``gw:{key:42}:rpm``) so the scripts run unchanged on Redis Cluster. Without it, the same
+operations run in this process (``buckets.LocalStore``, same arithmetic) and a warning
+says at start that limits hold per process. Redis down, slower than ``REDIS_TIMEOUT`` or
+restarting: every operation fails open (allows), is counted (``metrics``), and logs a
+warning at most once a minute; Redis is tried again ``REDIS_RETRY_AFTER`` seconds later,
+so limits hold again as soon as it answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from gateway.buckets import Bucket, Claim, Verdict
+
+SCRIPTS = Path(__file__).resolve().parent / "lua"
+# What a command may raise when Redis is away, slow, restarting or misconfigured.
+_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+
+class StoreDown(Exception):
+    """Redis did not answer in time, or answered with an error."""
+
+
+def connect(url: str, timeout: float, connect_timeout: float) -> Any:
+    """A client for ``url``: redis://, rediss://, unix://, redis+sentinel://, redis+cluster://.
+
+    ``redis[s]+sentinel://[user:password@]host:26379[,host:26379...]/<service>[/<db>]``
+    asks the sentinels for the service's master (``?sentinel_password=`` if the sentinels
+    have their own); ``redis[s]+cluster://[user:password@]host:port`` discovers the cluster
+    from one node. Query options of redis-py's URLs (``ssl_ca_certs``, ...) apply too.
+    Commands are never retried: a failure is reported at once, and the caller fails open.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _sentinel_master(scheme.startswith("rediss"), rest, options)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return RedisCluster.from_url(f"{scheme.split('+')[0]}://{rest}", **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _sentinel_master(tls: bool, rest: str, options: dict[str, Any]) -> redis.Redis:
+    parts = urlsplit(f"sentinel://{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = []
+    for host in hosts.split(","):
+        if host.startswith("["):  # [IPv6 address]:port
+            name, _, port = host[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            name, _, port = host.partition(":")
+        nodes.append((name, int(port or 26379)))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("REDIS_URL: redis+sentinel:// needs the service name as its path")
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    sentinel_options = {
+        **options,
+        "ssl": tls,
+        "username": query.get("sentinel_username"),
+        "password": query.get("sentinel_password"),
+    }
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, ssl=tls, **options)
+    return sentinel.master_for(
+        path[0],
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        db=int(path[1]) if len(path) > 1 else 0,
+    )
+
+
+def _floats(values: Sequence[bytes]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+class RedisStore:
+    """The store operations as Lua scripts on one Redis (or Cluster, or Sentinel master).
+
+    ``clock`` is for tests only: it replaces the server's ``TIME`` so that a scenario can
+    be replayed against ``LocalStore`` step for step. Key expiry stays on Redis's clock.
+    """
+
+    def __init__(self, client: Any, clock: Callable[[], float] | None = None) -> None:
+        self.client = client
+        self.clock = clock
+        prelude = (SCRIPTS / "prelude.lua").read_text()
+        self._buckets, self._slots, self._claims = (
+            client.register_script(prelude + (SCRIPTS / f"{name}.lua").read_text())
+            for name in ("buckets", "slots", "claims")
+        )
+
+    def _now(self) -> str | float:
+        return "" if self.clock is None else self.clock()
+
+    def _run(self, script: Any, keys: Sequence[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=list(keys), args=args)
+        except _FAILURES as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+    def _bucket_args(self, mode: str, buckets: Sequence[Bucket], amount: float | None) -> list:
+        args: list[Any] = [mode, self._now()]
+        for bucket in buckets:
+            args += [bucket.capacity, bucket.rate, bucket.cost if amount is None else amount]
+        return args
+
+    def admit(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> Verdict:
+        """Take each bucket's cost, all or none."""
+        out = self._run(self._buckets, keys, self._bucket_args("admit", buckets, None))
+        refused = int(out[1])
+        return Verdict(
+            out[0] == b"1", _floats(out[3:]), float(out[2]), refused - 1 if refused else None
+        )
+
+    def charge(self, key: str, bucket: Bucket, amount: float) -> float:
+        """Take ``amount`` tokens (a debt if there are fewer); return the level."""
+        return float(
+            self._run(self._buckets, [key], self._bucket_args("charge", [bucket], amount))[0]
+        )
+
+    def peek(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> tuple[float, ...]:
+        """Each bucket's level now, changing nothing."""
+        return _floats(self._run(self._buckets, keys, self._bucket_args("peek", buckets, None)))
+
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> tuple[bool, int]:
+        """Hold one of ``limit`` slots for ``ttl`` seconds; return (held, slots in use)."""
+        held, used = self._run(self._slots, [key], ["acquire", member, limit, ttl, self._now()])
+        return held == 1, int(used)
+
+    def refresh(self, key: str, member: str, ttl: float) -> bool:
+        """Extend a held slot by ``ttl`` from now; False if it had expired."""
+        return self._run(self._slots, [key], ["refresh", member, 0, ttl, self._now()])[0] == 1
+
+    def release(self, key: str, member: str) -> int:
+        """Give a slot back; return the slots still in use."""
+        return int(self._run(self._slots, [key], ["release", member, 0, 0, self._now()])[1])
+
+    def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
+        """Claim a request id for call ``uid``; None if claimed, else the current holder."""
+        out = self._run(self._claims, [key], ["claim", uid, ttl, self._now()])
+        return Claim(out[0].decode(), float(out[1]), float(out[2])) if out else None
+
+    def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
+        """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
+        return self._run(self._claims, [key], ["keep", uid, ttl, self._now()]) == 1
+
+    def unclaim(self, key: str, uid: str) -> bool:
+        """Release ``uid``'s claim; False if it was not the holder."""
+        return self._run(self._claims, [key], ["release", uid, 0, self._now()]) == 1
+
+    def publish(self, channel: str, message: str) -> None:
+        """Send ``message`` to every subscriber of ``channel``."""
+        try:
+            self.client.publish(channel, message)
+        except _FAILURES as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+    def subscribe(self, channel: str) -> Callable[[float], str | None]:
+        """Subscribe; return a function waiting up to N seconds for the next message."""
+        try:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(channel)
+        except _FAILURES as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+        def next_message(timeout: float) -> str | None:
+            try:
+                message = pubsub.get_message(timeout=timeout)
+            except _FAILURES as exc:
+                pubsub.close()
+                raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+            if message is None or message.get("type") != "message":
+                return None
+            return message["data"].decode()
+
+        return next_message
+
+
+def open_store(config: Mapping[str, Any]) -> RedisStore | None:
+    """The shared store named by REDIS_URL, or None when limits stay in process."""
+    url = config.get("REDIS_URL")
+    if not url:
+        return None
+    timeout = float(config["REDIS_TIMEOUT"])
+    return RedisStore(connect(str(url), timeout, float(config["REDIS_CONNECT_TIMEOUT"])))

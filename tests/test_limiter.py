@@ -1,0 +1,221 @@
+"""The worker's limiter: decisions, calls in flight, throttling, announcements, failing open.
+
+Two ``Limiter`` objects on one redis-server stand for two workers (or two instances):
+whatever one takes, the other sees. The test's own redis-server is stopped, paused and
+restarted to show that every operation fails open, is counted and warned about once a
+minute, and that limits hold again as soon as Redis answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import uuid
+from types import SimpleNamespace
+
+import gevent
+import pytest
+
+from gateway import metrics
+from gateway.limiter import Limiter, model_bucket
+from tests.servers import RedisServer, wait_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _on(url: str | None, prefix: str, **config: object) -> Limiter:
+    limiter = Limiter()
+    limiter.configure({"REDIS_URL": url, "REDIS_PREFIX": prefix, "REDIS_TIMEOUT": 0.05, **config})
+    return limiter
+
+
+@pytest.fixture
+def pair(shared_redis: RedisServer):  # type: ignore[no-untyped-def]
+    """Two workers' limiters on one Redis, under a prefix of their own."""
+    prefix = uuid.uuid4().hex[:8]
+    a, b = _on(shared_redis.url, prefix), _on(shared_redis.url, prefix)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_in_process_admission_headers_and_retry_after() -> None:
+    clock = Clock()
+    limiter = Limiter()
+    limiter.configure({}, clock=clock)
+    answers = [limiter.admit(1, rpm=20, tpm=50_000) for _ in range(40)]
+    assert sum(a.allowed for a in answers) == 20
+    refused = answers[-1]
+    assert (refused.limit_type, refused.retry_after) == ("rpm", 3)
+    assert refused.headers() == {
+        "X-RateLimit-Limit-RPM": "20",
+        "X-RateLimit-Remaining-RPM": "0",
+        "X-RateLimit-Limit-TPM": "50000",
+        "X-RateLimit-Remaining-TPM": "50000",
+    }
+    clock.now += 3
+    assert limiter.admit(1, rpm=20, tpm=50_000).allowed
+    assert limiter.admit(2, rpm=None, tpm=0).headers() == {}  # no limits, no headers
+
+
+def test_a_global_rpm_limit_holds_across_workers(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    answers = [(a if i % 2 else b).admit(7, rpm=20, tpm=50_000) for i in range(40)]
+    assert 20 <= sum(x.allowed for x in answers) <= 21  # 21 at most: refill during the burst
+    assert not answers[-1].allowed and answers[-1].retry_after >= 1
+
+
+def test_tpm_charged_by_one_worker_refuses_in_the_other(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    assert a.admit(8, rpm=50, tpm=1000).allowed
+    a.charge(8, tpm=1000, tokens=5000)  # a huge call: a debt of 4000
+    refused = b.admit(8, rpm=50, tpm=1000)
+    assert (refused.allowed, refused.limit_type) == (False, "tpm")
+    assert 239 <= refused.retry_after <= 241
+    usage = b.usage(8, rpm=50, tpm=1000)
+    assert usage["rpm"] == {"current": 1, "limit": 50, "remaining": 49}
+    assert usage["tpm"]["remaining"] == 0 and 4999 <= usage["tpm"]["current"] <= 5000
+
+
+def test_a_per_model_limit_applies_beside_the_key_limits(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    per_model = [model_bucket("gpt-4o@openai", 2, 0.5)]
+    answers = [x.admit(9, 100, 10_000, per_model) for x in (a, b, a)]
+    assert [x.allowed for x in answers] == [True, True, False]
+    assert answers[-1].limit_type == "model:gpt-4o@openai"
+    assert answers[-1].rpm_remaining == 98  # the refused call took nothing
+
+
+def test_slots_of_a_live_worker_stay_and_of_a_killed_one_lapse(shared_redis: RedisServer) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    a = _on(shared_redis.url, prefix, INFLIGHT_TTL=0.6)
+    b = _on(shared_redis.url, prefix, INFLIGHT_TTL=0.6)
+    a.start()  # its keeper refreshes every 0.2 s
+    try:
+        assert a.enter(3, "call-a", max_concurrent=1)
+        assert not b.enter(3, "call-b", max_concurrent=1)
+        gevent.sleep(1.2)  # twice the TTL: kept alive by a's keeper
+        assert not b.enter(3, "call-b", max_concurrent=1)
+        a.leave(3, "call-a")
+        assert b.enter(3, "call-b", max_concurrent=1)
+        b.leave(3, "call-b")
+        assert a.enter(3, "call-c", max_concurrent=1)
+        a.stop()  # killed mid-call: nobody refreshes or releases call-c
+        assert not b.enter(3, "call-d", max_concurrent=1)
+        wait_until(lambda: b.enter(3, "call-d", max_concurrent=1), timeout=2)
+    finally:
+        a.stop()
+
+
+def test_request_claims_are_exclusive_and_lapse_with_their_worker(
+    shared_redis: RedisServer,
+) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    a = _on(shared_redis.url, prefix, INFLIGHT_TTL=0.6)
+    b = _on(shared_redis.url, prefix, INFLIGHT_TTL=0.6)
+    a.start()
+    try:
+        assert a.claim(4, "req-1", "uid-a") is None
+        gevent.sleep(1.0)
+        holder = b.claim(4, "req-1", "uid-b")
+        assert holder.uid == "uid-a" and holder.age >= 0.9  # for Retry-After and started_at
+        assert b.claim(5, "req-1", "uid-b") is None  # scoped per key
+        a.unclaim(4, "req-1", "uid-a")
+        assert b.claim(4, "req-1", "uid-b") is None
+        b.unclaim(4, "req-1", "uid-b")
+        assert a.claim(4, "req-2", "uid-c") is None
+        a.stop()  # killed: the claim lapses
+        wait_until(lambda: b.claim(4, "req-2", "uid-d") is None, timeout=2)
+    finally:
+        a.stop()
+
+
+def test_wrong_secrets_are_throttled_per_address_and_right_ones_are_not(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    for _ in range(50):  # right secrets give their try back
+        assert a.attempt("10.0.0.1") == 0
+        a.succeeded("10.0.0.1")
+    waits = [(a if i % 2 else b).attempt("10.0.0.1") for i in range(12)]
+    assert waits[:10] == [0] * 10
+    assert 5 <= waits[10] <= 6  # 10 per minute: one back every 6 s
+    assert a.attempt("10.0.0.2") == 0  # another address
+    assert a.attempt("::1") == 0
+    assert a.key("addr:{x}", "auth") == f"{a.prefix}:{{addr:(x)}}:auth"  # one hash tag only
+
+
+def test_a_key_change_reaches_every_worker_at_once(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    heard: list[str | None] = []
+    b.on_key_change(heard.append)
+    b.start()
+    wait_until(lambda: (a.announce("warm-up"), heard)[1], timeout=5)  # subscribed
+    heard.clear()
+    started = time.monotonic()
+    a.announce("hash-of-a-revoked-key")
+    wait_until(lambda: "hash-of-a-revoked-key" in heard, timeout=2, interval=0.005)
+    assert time.monotonic() - started < 0.5
+
+
+def test_without_redis_only_this_worker_hears_its_announcements() -> None:
+    limiter = Limiter()
+    heard: list[str | None] = []
+    limiter.on_key_change(heard.append)
+    limiter.announce("h")
+    assert heard == ["h"] and not limiter.shared
+
+
+def test_redis_away_fails_open_counted_warned_once_and_limits_come_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = _on(redis_server.url, "fo", REDIS_RETRY_AFTER=0.3)
+    heard: list[str | None] = []
+    limiter.on_key_change(heard.append)
+    limiter.start()
+    assert sum(limiter.admit(1, rpm=3, tpm=100).allowed for _ in range(5)) == 3
+    counted = _fail_opens("admit")
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="gateway.limiter"):
+        answers = [limiter.admit(1, rpm=3, tpm=100) for _ in range(20)]
+    assert all(a.allowed and a.failed_open for a in answers)
+    assert answers[0].headers()["X-RateLimit-Remaining-RPM"] == "3"
+    assert limiter.fail_opens == 20 and _fail_opens("admit") == counted + 20
+    assert len([r for r in caplog.records if "Redis unavailable" in r.message]) == 1
+    limiter.charge(1, 100, 50)  # lost, not raised
+    assert limiter.enter(1, "c", 1) and limiter.claim(1, "r", "u") is None
+    redis_server.start()  # restarted empty
+    wait_until(lambda: not limiter.admit(2, rpm=1, tpm=100).failed_open, timeout=5)
+    assert not limiter.admit(2, rpm=1, tpm=100).allowed  # the limit holds again
+    wait_until(lambda: None in heard, timeout=5)  # the listener reconnected: forget all
+
+
+def test_a_slow_redis_fails_open_within_the_timeout(redis_server: RedisServer) -> None:
+    limiter = _on(redis_server.url, "slow")
+    assert limiter.admit(1, rpm=5, tpm=100).allowed
+    pause = subprocess.Popen(["redis-cli", "-p", str(redis_server.port), "CLIENT", "PAUSE", "700"])
+    pause.wait()
+    started = time.monotonic()
+    answer = limiter.admit(1, rpm=5, tpm=100)
+    assert answer.allowed and answer.failed_open
+    assert time.monotonic() - started < 0.4  # REDIS_TIMEOUT is 0.05 s
+    started = time.monotonic()  # for REDIS_RETRY_AFTER, calls do not wait on Redis at all
+    assert all(limiter.admit(1, rpm=5, tpm=100).failed_open for _ in range(20))
+    assert time.monotonic() - started < 0.2
+
+
+def test_a_warning_at_start_when_limits_are_per_process(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = Limiter()
+    with caplog.at_level(logging.WARNING, logger="gateway.limiter"):
+        limiter.init_app(SimpleNamespace(config={"REDIS_URL": None}))
+    limiter.stop()
+    assert "REDIS_URL is not set" in caplog.text
+
+
+def _fail_opens(operation: str) -> float:
+    return metrics.FAIL_OPENS.labels(operation)._value.get()

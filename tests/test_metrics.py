@@ -1,0 +1,173 @@
+"""/metrics: NexusGate's names and labels, merged over several worker processes.
+
+Three subprocesses stand for three gunicorn workers of one instance: each imports
+``gateway.metrics`` with PROMETHEUS_MULTIPROC_DIR set (as gunicorn.conf.py sets it),
+records calls and exits; the exposition read from the directory must hold all three's
+counts, and a dead worker's in-flight gauge must leave it once gunicorn.conf.py's
+``child_exit`` ran for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from tests.servers import ROOT
+
+WORKER = """
+import json, sys
+from gateway import metrics
+from gateway.exchange import EMBEDDING, Exchange
+
+n = json.loads(sys.argv[1])
+for status in ("completed", "completed", "aborted", "failed"):
+    ex = Exchange(api_key_id=1, model="m1", api_format="openai-chat", stream=True)
+    ex.ttft_ms = 300
+    ex.finish(status, usage={"input_tokens": 10, "output_tokens": 5} if status != "failed" else None)
+    ex.duration_ms = 1500
+    metrics.call_finished(ex, "team-a", prompt_cost=0.25, completion_cost=0.5)
+emb = Exchange(api_key_id=2, model="e1", api_format="openai-embeddings", kind=EMBEDDING)
+emb.finish("completed", usage={"input_tokens": 7})
+metrics.call_finished(emb, None)
+metrics.rejected(1, "team-a", "rpm")
+metrics.call_opened()  # still in flight when the worker dies
+metrics.key_usage(1, "team-a", {"rpm": {"current": n, "limit": 20}, "tpm": {"current": 0, "limit": 9}})
+metrics.catalog(api_keys=n, providers=2, models={"chat": n, "embedding": 1})
+metrics.limiter_failed_open("admit")
+metrics.recorder_wrote(0.003)
+print(__import__("os").getpid())
+"""
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+@pytest.fixture
+def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Three worker processes that recorded calls into one directory and exited."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    pids = []
+    for n in (1, 2, 3):  # one after the other: worker 3 sets the gauges last
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER, json.dumps(n)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        pids.append(int(done.stdout))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    return pids
+
+
+def test_counts_of_every_worker_are_merged_under_nexusgate_names(workers: list[int]) -> None:
+    samples = _samples(metrics.render().decode())
+    key = {"api_key_id": "1", "api_key_comment": "team-a"}
+    completed = {"model": "m1", "status": "completed", "api_format": "openai-chat", **key}
+    assert _value(samples, "nexusgate_completions_total", **completed) == 6
+    assert _value(samples, "nexusgate_completions_total", **{**completed, "status": "failed"}) == 3
+    assert (
+        _value(
+            samples,
+            "nexusgate_embeddings_total",
+            model="e1",
+            status="completed",
+            api_key_id="2",
+            api_key_comment="unknown",
+        )
+        == 3
+    )
+    assert _value(samples, "nexusgate_tokens_prompt_total", model="m1") == 90  # 3 workers x 3 x 10
+    assert _value(samples, "nexusgate_tokens_completion_total", model="m1") == 45
+    assert _value(samples, "nexusgate_tokens_embedding_total", model="e1") == 21
+    assert _value(samples, "nexusgate_cost_total_usd_total", model="m1") == 9.0  # 12 x 0.75
+    # Durations and TTFT of calls the upstream answered (completed, aborted): NexusGate's buckets.
+    assert _value(samples, "nexusgate_completion_duration_seconds_count", model="m1") == 9
+    assert (
+        _value(samples, "nexusgate_completion_duration_seconds_bucket", model="m1", le="1.0") == 0
+    )
+    assert (
+        _value(samples, "nexusgate_completion_duration_seconds_bucket", model="m1", le="2.5") == 9
+    )
+    assert _value(samples, "nexusgate_completion_ttft_seconds_sum", model="m1") == pytest.approx(
+        2.7
+    )
+    les = sorted(
+        float(dict(labels)["le"])
+        for name, labels in samples
+        if name == "nexusgate_completion_ttft_seconds_bucket"
+    )
+    assert les == [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf")]
+    assert _value(samples, "nexusgate_rate_limit_rejections_total", **key, limit_type="rpm") == 3
+    assert _value(samples, "gateway_limiter_fail_open_total", operation="admit") == 3
+    assert _value(samples, "gateway_recorder_write_seconds_count") == 3
+    assert _value(samples, "nexusgate_info", version="0.1.0") == 1
+    # Set by every worker: the latest value, not a sum.
+    assert _value(samples, "nexusgate_active_models", type="chat") == 3
+    assert _value(samples, "nexusgate_api_key_rpm_usage", **key) == 3
+    assert _value(samples, "nexusgate_api_key_tpm_limit", **key) == 9
+
+
+def test_a_dead_workers_calls_leave_the_in_flight_gauge(workers: list[int]) -> None:
+    assert _value(_samples(metrics.render().decode()), "gateway_calls_in_flight") == 3
+    child_exit = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["child_exit"]
+    child_exit(None, SimpleNamespace(pid=workers[0]))
+    child_exit(None, SimpleNamespace(pid=workers[1]))
+    samples = _samples(metrics.render().decode())
+    assert _value(samples, "gateway_calls_in_flight") == 1
+    assert (
+        _value(
+            samples,
+            "nexusgate_rate_limit_rejections_total",  # counters stay
+            api_key_id="1",
+            api_key_comment="team-a",
+            limit_type="rpm",
+        )
+        == 3
+    )
+
+
+def test_one_process_alone_renders_its_own_metrics() -> None:
+    metrics.rejected(5, "solo", "tpm")
+    samples = _samples(metrics.render().decode())
+    assert (
+        _value(
+            samples,
+            "nexusgate_rate_limit_rejections_total",
+            api_key_id="5",
+            api_key_comment="solo",
+            limit_type="tpm",
+        )
+        >= 1
+    )
+    assert metrics.CONTENT_TYPE.startswith("text/plain; version=")
+
+
+def test_a_token_can_be_required() -> None:
+    assert metrics.authorized(None, None)
+    assert metrics.authorized("Bearer t0k", "t0k")
+    assert not metrics.authorized(None, "t0k")
+    assert not metrics.authorized("Bearer nope", "t0k")
+    assert not metrics.authorized("Basic t0k", "t0k")

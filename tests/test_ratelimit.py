@@ -1,0 +1,191 @@
+"""The Redis store: the Lua scripts decide exactly as the in-process store does.
+
+Each scenario runs step for step against ``RedisStore`` (the Lua scripts on this test
+session's own redis-server, with the clock passed in instead of ``TIME``) and
+``LocalStore``, and every answer must be equal, to the last bit of every float. Then the
+parts only Redis has: its own clock, the hash tags on a Redis Cluster, Sentinel, a
+password, and errors surfacing as ``StoreDown``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from gateway.buckets import Bucket, LocalStore, per_minute
+from gateway.ratelimit import RedisStore, StoreDown, connect
+from tests.servers import RedisServer, free_port, wait_until
+
+TIMEOUT = 0.5  # generous: the machine is shared; timeouts are tested in test_limiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+BUCKETS = [
+    per_minute("rpm", 7),
+    per_minute("tpm", 900, cost=0),
+    Bucket("model:x@y", 4, 0.7),
+    Bucket("second", 2, 1.0),  # whole seconds land exactly on a boundary
+]
+step = st.one_of(
+    st.tuples(st.just("admit"), st.sets(st.integers(0, 3), min_size=1)),
+    st.tuples(st.just("charge"), st.integers(0, 3), st.integers(-3, 2000)),
+    st.tuples(st.just("peek"), st.sets(st.integers(0, 3), min_size=1)),
+    st.tuples(st.just("acquire"), st.sampled_from("abcd"), st.integers(1, 3)),
+    st.tuples(st.just("refresh"), st.sampled_from("abcd")),
+    st.tuples(st.just("release"), st.sampled_from("abcd")),
+    st.tuples(st.just("claim"), st.sampled_from("uvw")),
+    st.tuples(st.just("keep"), st.sampled_from("uvw")),
+    st.tuples(st.just("unclaim"), st.sampled_from("uvw")),
+)
+scenario = st.lists(
+    st.tuples(
+        st.one_of(st.floats(min_value=0, max_value=20, allow_nan=False), st.integers(0, 3)), step
+    ),
+    max_size=40,
+)
+
+
+def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
+    kind = op[0]
+    if kind in ("admit", "peek"):
+        chosen = sorted(op[1])
+        keys = [f"{prefix}:{{k}}:{BUCKETS[i].name}" for i in chosen]
+        return getattr(store, kind)(keys, [BUCKETS[i] for i in chosen])
+    if kind == "charge":
+        bucket = BUCKETS[op[1]]
+        return store.charge(f"{prefix}:{{k}}:{bucket.name}", bucket, op[2])
+    slots, claims = f"{prefix}:{{k}}:inflight", f"{prefix}:{{k}}:req:r1"
+    if kind == "acquire":
+        return store.acquire(slots, op[1], op[2], 9.0)
+    if kind == "refresh":
+        return store.refresh(slots, op[1], 9.0)
+    if kind == "release":
+        return store.release(slots, op[1])
+    if kind == "claim":
+        return store.claim(claims, op[1], 12.0)
+    if kind == "keep":
+        return store.keep_claim(claims, op[1], 12.0)
+    return store.unclaim(claims, op[1])
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=scenario)
+@example(steps=[(0, ("admit", {3})), (0, ("admit", {3})), (1, ("admit", {3}))])  # exactly 1 left
+@example(steps=[(0, ("charge", 1, 900)), (0, ("peek", {1})), (0, ("admit", {1}))])  # TPM at 0
+def test_lua_and_in_process_stores_answer_alike(shared_redis: RedisServer, steps: list) -> None:
+    clock = Clock()
+    redis_store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT), clock)
+    local = LocalStore(clock)
+    prefix = uuid.uuid4().hex
+    for dt, op in steps:
+        clock.now += dt
+        assert _apply(redis_store, prefix, op) == _apply(local, prefix, op), op
+
+
+def test_without_a_clock_the_server_time_refills(shared_redis: RedisServer) -> None:
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    bucket, key = Bucket("b", 5, 20.0), f"{uuid.uuid4().hex}:{{k}}:b"  # 20 tokens a second
+    assert sum(store.admit([key], [bucket]).allowed for _ in range(10)) == 5
+    time.sleep(0.2)  # about 4 tokens back, on Redis's clock
+    assert 2 <= sum(store.admit([key], [bucket]).allowed for _ in range(10)) <= 5
+    assert 0 < shared_redis_pttl(shared_redis, key) <= 61_000  # kept until full + margin
+
+
+def shared_redis_pttl(server: RedisServer, key: str) -> int:
+    return int(server.command("PTTL", key))
+
+
+def test_errors_surface_as_store_down(redis_server: RedisServer) -> None:
+    store = RedisStore(connect(redis_server.url, TIMEOUT, TIMEOUT))
+    store.charge("x:{k}:b", Bucket("b", 5, 1), 1)
+    redis_server.stop()
+    with pytest.raises(StoreDown):
+        store.charge("x:{k}:b", Bucket("b", 5, 1), 1)
+
+
+def test_a_password_in_the_url(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", "--requirepass", "s3cret")
+    try:
+        store = RedisStore(connect(f"redis://:s3cret@127.0.0.1:{server.port}/0", TIMEOUT, TIMEOUT))
+        assert store.admit(["p:{k}:b"], [Bucket("b", 1, 1)]).allowed
+        wrong = RedisStore(connect(f"redis://:nope@127.0.0.1:{server.port}/0", TIMEOUT, TIMEOUT))
+        with pytest.raises(StoreDown):
+            wrong.admit(["p:{k}:b"], [Bucket("b", 1, 1)])
+    finally:
+        server.stop()
+
+
+def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) -> None:
+    """A one-node Redis Cluster refuses a script whose keys span slots (CROSSSLOT)."""
+    server = RedisServer(
+        tmp_path / "cluster",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(tmp_path / "cluster" / "nodes.conf"),
+        "--cluster-port",  # the bus port, else port + 10000: maybe taken, or over 65535
+        str(free_port()),
+    )
+    try:
+        server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        wait_until(lambda: b"cluster_state:ok" in server.command("CLUSTER", "INFO"), timeout=10)
+        store = RedisStore(connect(f"redis+cluster://127.0.0.1:{server.port}", TIMEOUT, TIMEOUT))
+        tagged = [f"gw:{{key:7}}:{b.name}" for b in BUCKETS]
+        assert store.admit(tagged, BUCKETS).allowed
+        assert store.acquire("gw:{key:7}:inflight", "call", 1, 5) == (True, 1)
+        assert store.claim("gw:{key:7}:req:r", "call", 5) is None
+        with pytest.raises(StoreDown, match="same key slot"):  # without one tag: refused
+            store.admit([f"gw:key:7:{b.name}" for b in BUCKETS], BUCKETS)
+    finally:
+        server.stop()
+
+
+def test_sentinel_finds_the_master(tmp_path: Path) -> None:
+    master = RedisServer(tmp_path / "master")
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor gwmaster 127.0.0.1 {master.port} 1\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"redis+sentinel://127.0.0.1:{port},127.0.0.1:{free_port()}/gwmaster/0"
+        store = RedisStore(connect(url, TIMEOUT, TIMEOUT))
+
+        def answers() -> bool:
+            try:
+                return store.admit(["s:{k}:b"], [Bucket("b", 3, 1)]).allowed
+            except StoreDown:
+                return False
+
+        wait_until(answers, timeout=10, interval=0.1)
+        assert master.command("EXISTS", "s:{k}:b").strip() == b"1"  # it is the master's
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        master.stop()
+
+
+def test_a_sentinel_url_needs_a_service_name() -> None:
+    with pytest.raises(ValueError, match="service name"):
+        connect("redis+sentinel://127.0.0.1:26379", TIMEOUT, TIMEOUT)
