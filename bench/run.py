@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -213,9 +214,13 @@ def main() -> None:
     try:
         with database(args.postgres, tmp) as url:
             results = run(url, tmp, fake, floor, args)
+    except BaseException:
+        print(f"bench: failed; the logs are in {tmp}", file=sys.stderr)
+        raise
     finally:
         floor.stop()
         fake.stop()
+    shutil.rmtree(tmp)
     results.update(
         when=time.strftime("%Y-%m-%d %H:%M %Z"),
         machine=machine(),
