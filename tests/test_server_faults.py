@@ -105,6 +105,8 @@ MID = [
         "tok0 tok1 ",
     ),
     MidFault("truncated stream", "truncate_at=-1", "without its terminal event", TEXT),
+    # The words of its reason are the fix's to choose.
+    MidFault("invalid JSON mid-stream", "bad_json_at={cut}", None, "tok0 tok1 "),
 ]
 
 
@@ -390,6 +392,9 @@ def check_anthropic_frames(frames: list[tuple[str, str]]) -> str:
 def check_responses_frames(frames: list[tuple[str, str]]) -> str:
     bodies = [json.loads(data) for _, data in frames]
     assert [kind for kind, _ in frames] == [b["type"] for b in bodies]
+    # In order, the gateway's own error event too: the SDK's ``starting_after`` (resuming
+    # a stream) drops every event numbered at or below the one it resumes after.
+    assert [b["sequence_number"] for b in bodies] == list(range(len(bodies)))
     types = [b["type"] for b in bodies]
     assert types[0] == "response.created" and types.count("error") == 1, types
     assert types[-1] in ("error", "response.failed"), types
