@@ -2,6 +2,7 @@
 # make test          set up and run the whole test suite
 # make translations  extract the dashboard's messages, update the catalogs, compile them
 # make screenshots   photograph every dashboard page in both languages into docs/screenshots/
+# make bench         the gateway against a bare gevent proxy and the upstream (BENCH_ARGS: bench/README.md)
 SHELL := /bin/bash  # translations compares with process substitution
 PYTHON ?= python3
 VENV := .venv
@@ -68,6 +69,7 @@ format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# BENCH_ARGS="--streams 5000" adds the open streams figure; --postgres URL uses PostgreSQL.
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

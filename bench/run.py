@@ -1,16 +1,21 @@
-"""Benchmark: the gateway against calling the fake upstream directly, in one run.
+"""Benchmark: the gateway against the floor (a bare gevent proxy) and the upstream itself.
 
-Starts tests/fake_upstream.py and a real gunicorn gateway (gevent workers, SQLite by
-default), then measures with the same minimal client both ways:
+Starts the fake upstream (``tests/fake_upstream.py``), the floor (``bench/floor.py``) and
+the gateway (real gunicorn with ``gunicorn.conf.py``: 2 workers, SQLite; ``--postgres
+URL`` for a fresh PostgreSQL database on that server), then measures the three targets
+in one run, alternating target by target so that the machine's noise falls on all alike:
 
-- non-streaming latency (p50/p99) at 1 and 50 concurrent clients, and throughput;
-- streaming time to first token (first content byte) and total time, at 1 and 50;
-- memory per open stream: gateway worker RSS with N slow streams open vs idle;
-- gateway CPU per request (worker utime+stime over the run).
+- added latency (p50, p99), non-streaming, 1 client: a target's minus direct's;
+- added time to first byte, streaming, 1 client;
+- throughput at 50 clients, as a share of calling the upstream directly;
+- worker CPU per call, non-streaming and a 20-chunk stream, 10 clients: utime + stime
+  from ``/proc/<pid>/stat`` of the gunicorn workers and of the floor's process;
+- with ``--streams N``: N open streams on one worker (a 1-worker gateway, and the
+  floor): RSS per open stream, and the time to first byte of a new call meanwhile.
 
-Prints a table of absolute figures, added milliseconds and ratios (gateway/direct);
-writes the same as JSON to bench/results/latest.json. Run: ``make bench`` or
-``python bench/run.py [--requests 400] [--database-url postgresql://...]``.
+Every target gets the same request bytes. Prints a Markdown table (gateway, floor,
+ratio) and writes every figure to ``bench/results/latest.json``. Run: ``make bench``,
+``make bench BENCH_ARGS="--streams 5000"`` or ``python bench/run.py --help``.
 """
 
 from __future__ import annotations
@@ -20,14 +25,19 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from urllib.parse import urlparse  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
@@ -35,235 +45,308 @@ import gevent.pool  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import FakeUpstream, Gateway  # noqa: E402
+from bench.client import Connection, request  # noqa: E402
+from bench.report import load_average, machine, table  # noqa: E402
+from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
 
-PROMPT = [{"role": "user", "content": "Say something short about latency budgets."}]
-NON_STREAM_MODEL = "fake;chunks=20"
-STREAM_MODEL = "fake;chunks=20;delay=0.01"
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection; measures first content byte and total time."""
-
-    def __init__(self, base_url: str, key: str) -> None:
-        parsed = urlparse(base_url)
-        self.host, self.port, self.prefix = parsed.hostname, parsed.port, parsed.path.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-
-    def call(self, model: str, stream: bool) -> tuple[float, float]:
-        body = json.dumps({"model": model, "messages": PROMPT, "stream": stream})
-        started = time.perf_counter()
-        self.conn.request(
-            "POST", f"{self.prefix}/chat/completions", body=body, headers=self.headers
-        )
-        resp = self.conn.getresponse()
-        first = None
-        data = b""
-        while True:
-            chunk = resp.read1(65536)
-            if not chunk:
-                break
-            data += chunk
-            if first is None and b"tok0" in data:
-                first = time.perf_counter()
-        resp.read()  # read1 leaves a Content-Length response open at its end
-        done = time.perf_counter()
-        if resp.status != 200 or b"tok19" not in data:
-            raise RuntimeError(f"bad answer {resp.status}: {data[:200]!r}")
-        return ((first or done) - started) * 1000, (done - started) * 1000
-
-    def close(self) -> None:
-        self.conn.close()
+ANSWER = "fake;chunks=20"  # a JSON answer of 20 pieces
+FIRST_BYTE = "fake;chunks=20;stall_at=1;stall_for=0.005"  # first event, a pause, the rest
+PACED = "fake;chunks=20;delay=0.002"  # 20 chunks, each its own read
+OPEN = "fake;chunks=100;delay=10"  # open for minutes, nearly quiet
+CLIENTS_LOAD, CLIENTS_CPU = 50, 10
 
 
-def run_load(
-    base_url: str, key: str, model: str, stream: bool, concurrency: int, requests: int
-) -> dict:
-    """``requests`` calls over ``concurrency`` connections; latency percentiles and rate."""
-    firsts: list[float] = []
-    totals: list[float] = []
-    per_client = max(1, requests // concurrency)
-
-    def worker() -> None:
-        client = Client(base_url, key)
-        try:
-            for _ in range(per_client):
-                first, total = client.call(model, stream)
-                firsts.append(first)
-                totals.append(total)
-        finally:
-            client.close()
-
-    warm = Client(base_url, key)
-    for _ in range(5):
-        warm.call(model, stream)
-    warm.close()
-    started = time.perf_counter()
-    pool = gevent.pool.Pool(concurrency)
-    for _ in range(concurrency):
-        pool.spawn(worker)
-    pool.join(raise_error=True)
-    elapsed = time.perf_counter() - started
-    return {
-        "requests": len(totals),
-        "rps": len(totals) / elapsed,
-        "ttft_p50": pct(firsts, 50),
-        "ttft_p99": pct(firsts, 99),
-        "p50": pct(totals, 50),
-        "p99": pct(totals, 99),
-    }
+@dataclass
+class Target:
+    name: str
+    port: int
+    pids: list[int] = field(default_factory=list)  # processes whose CPU and RSS count
 
 
-def pct(values: list[float], p: int) -> float:
+def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    if not ordered:
-        return float("nan")
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def worker_pid(master: int) -> int:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return int(children[0])
+def rotated(targets: list[Target], i: int) -> list[Target]:
+    """The targets in turn, starting one further each round: nobody always goes first."""
+    i %= len(targets)
+    return targets[i:] + targets[:i]
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+# -- the figures ---------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def serial(targets: list[Target], req: bytes, calls: int) -> dict[str, list[tuple[float, float]]]:
+    """``calls`` calls per target from one client each, interleaved call by call."""
+    conns = {t.name: Connection(t.port) for t in targets}
+    for t in targets:
+        for _ in range(20):  # warm: pools, caches, allocators
+            conns[t.name].call(req)
+    times: dict[str, list[tuple[float, float]]] = {t.name: [] for t in targets}
+    for i in range(calls):
+        for t in rotated(targets, i):
+            times[t.name].append(conns[t.name].call(req))
+    for conn in conns.values():
+        conn.close()
+    return times
 
 
-def memory_per_stream(gateway_url: str, key: str, pid: int, streams: int) -> dict:
-    """Open ``streams`` slow streams at once; RSS growth per open stream."""
-    gevent.sleep(0.5)
-    idle = rss_kb(pid)
-    opened: list[http.client.HTTPResponse] = []
-    conns = []
-    body = json.dumps({"model": "fake;chunks=60;delay=0.25", "messages": PROMPT, "stream": True})
-    parsed = urlparse(gateway_url)
+def load(target: Target, req: bytes, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Calls per second from ``clients`` kept-alive clients calling for ``seconds``, and
+    each call's duration."""
+    deadline = time.perf_counter() + seconds
+    durations: list[float] = []
+
+    def client() -> None:
+        conn = Connection(target.port)
+        while time.perf_counter() < deadline:
+            durations.append(conn.call(req)[1])
+        conn.close()
+
+    started = time.perf_counter()
+    gevent.joinall([gevent.spawn(client) for _ in range(clients)], raise_error=True)
+    return len(durations) / (time.perf_counter() - started), durations
+
+
+def calls(target: Target, req: bytes, count: int, clients: int) -> None:
+    """Exactly ``count`` calls over ``clients`` kept-alive clients."""
+    left = count
+
+    def client() -> None:
+        nonlocal left
+        conn = Connection(target.port)
+        while left > 0:
+            left -= 1
+            conn.call(req)
+        conn.close()
+
+    gevent.joinall([gevent.spawn(client) for _ in range(clients)], raise_error=True)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def cpu_per_call(targets: list[Target], req: bytes, count: int, rounds: int) -> dict[str, float]:
+    """Milliseconds of the targets' own CPU per call, in alternating blocks of ``count``."""
+    used = {t.name: 0.0 for t in targets}
+    for r in range(rounds):
+        for t in rotated(targets, r):
+            before = cpu_seconds(t.pids)
+            calls(t, req, count, CLIENTS_CPU)
+            gevent.sleep(1.0)  # the recorder's last writes (RECORDER_LINGER is 0.25 s)
+            used[t.name] += cpu_seconds(t.pids) - before
+    return {name: seconds * 1000 / (count * rounds) for name, seconds in used.items()}
+
+
+def open_streams(target: Target, key: str, count: int) -> dict:
+    """RSS per open stream, and a new call's time to first byte while they are open."""
+    probe = request(FIRST_BYTE, True, key)
+
+    def ttfb(n: int = 30) -> float:
+        conn = Connection(target.port)
+        samples = [conn.call(probe)[0] * 1000 for _ in range(n)]
+        conn.close()
+        return statistics.median(samples)
+
+    ttfb()  # warm
+    gevent.sleep(1.0)
+    idle_rss, idle_ttfb = rss_kb(target.pids), ttfb()
+    opened: list[Connection] = []
+    req = request(OPEN, True, key)
 
     def open_one() -> None:
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-        conn.request(
-            "POST",
-            "/v1/chat/completions",
-            body=body,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        )
-        resp = conn.getresponse()
-        resp.read1(65536)  # the stream is open and flowing
-        conns.append(conn)
-        opened.append(resp)
+        conn = Connection(target.port)
+        conn.call(req, whole=False)  # the stream flows; it stays open, unread
+        opened.append(conn)
 
     pool = gevent.pool.Pool(100)
-    for _ in range(streams):
+    for _ in range(count):
         pool.spawn(open_one)
     pool.join(raise_error=True)
-    gevent.sleep(2.0)  # several chunks into every stream
-    busy = rss_kb(pid)
-    for conn in conns:
+    gevent.sleep(2.0)
+    busy_rss, busy_ttfb = rss_kb(target.pids), ttfb()
+    for conn in opened:
         conn.close()
     return {
         "streams": len(opened),
-        "idle_rss_kb": idle,
-        "busy_rss_kb": busy,
-        "kb_per_stream": (busy - idle) / max(1, len(opened)),
+        "idle_rss_kb": idle_rss,
+        "busy_rss_kb": busy_rss,
+        "kb_per_stream": (busy_rss - idle_rss) / len(opened),
+        "ttfb_idle_ms": idle_ttfb,
+        "ttfb_busy_ms": busy_ttfb,
     }
+
+
+# -- running it ----------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--requests", type=int, default=400, help="calls per scenario at concurrency 50"
-    )
-    parser.add_argument(
-        "--serial", type=int, default=100, help="calls per scenario at concurrency 1"
-    )
-    parser.add_argument(
-        "--streams", type=int, default=300, help="open streams for the memory figure"
-    )
-    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--calls", type=int, default=500, help="1-client calls per target")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per target per load round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the load and CPU figures")
+    parser.add_argument("--cpu-calls", type=int, default=300, help="calls per CPU block")
+    parser.add_argument("--workers", type=int, default=2, help="gateway workers")
+    parser.add_argument("--streams", type=int, default=0, help="open streams figure (0: skip)")
+    parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
     args = parser.parse_args()
+    _enough_files(2 * args.streams + 1000)  # a proxy holds a client and an upstream socket
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     fake = FakeUpstream()
-    gw = Gateway(
-        args.database_url or f"sqlite:///{tmp}/bench.db",
-        tmp / "instance",
-        workers=1,
-        GATEWAY_LOG_LEVEL="WARNING",
+    floor = Floor(fake.url + "/v1", tmp / "floor.log")
+    try:
+        with database(args.postgres, tmp) as url:
+            results = run(url, tmp, fake, floor, args)
+    except BaseException:
+        print(f"bench: failed; the logs are in {tmp}", file=sys.stderr)
+        raise
+    finally:
+        floor.stop()
+        fake.stop()
+    shutil.rmtree(tmp)
+    results.update(
+        when=time.strftime("%Y-%m-%d %H:%M %Z"),
+        machine=machine(),
+        database="postgresql" if args.postgres else "sqlite",
+        workers=args.workers,
+        load_after=load_average(),
     )
+    print(table(results))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+
+
+def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Namespace) -> dict:
+    """Start the gateway, measure, stop it; then the open streams figure if asked."""
+    gw = Gateway(url, tmp / "instance", workers=args.workers, GATEWAY_LOG_LEVEL="WARNING")
     try:
         route = gw.setup_route(fake.url, remote_id="fake")
-        # One model per scenario script, so the gateway path names it as the client does.
-        for script in (NON_STREAM_MODEL, STREAM_MODEL):
-            gw.api(
-                "POST",
-                "/models",
-                json={
-                    "providerId": route["provider"]["id"],
-                    "systemName": script,
-                    "remoteId": script,
-                },
-            )
-        pid = worker_pid(gw.proc.pid)
-        results: dict[str, dict] = {}
-        cpu_before, calls_before = cpu_seconds(pid), 0
-        for label, model, stream in (
-            ("non-stream", NON_STREAM_MODEL, False),
-            ("stream", STREAM_MODEL, True),
-        ):
-            for concurrency, count in ((1, args.serial), (50, args.requests)):
-                name = f"{label} c={concurrency}"
-                direct = run_load(f"{fake.url}/v1", "unused", model, stream, concurrency, count)
-                via = run_load(f"{gw.url}/v1", route["key"], model, stream, concurrency, count)
-                calls_before += via["requests"] + 5
-                results[name] = {"direct": direct, "gateway": via}
-        cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / calls_before
-        memory = memory_per_stream(gw.url, route["key"], pid, args.streams)
-        report(results, cpu_ms, memory)
-        out = ROOT / "bench" / "results"
-        out.mkdir(exist_ok=True)
-        (out / "latest.json").write_text(
-            json.dumps(
-                {
-                    "scenarios": results,
-                    "gateway_cpu_ms_per_call": cpu_ms,
-                    "memory": memory,
-                    "database": "postgresql" if args.database_url else "sqlite",
-                    "when": time.strftime("%F %T"),
-                },
-                indent=2,
-            )
-        )
+        for script in (ANSWER, FIRST_BYTE, PACED, OPEN):  # the model names the fake's script
+            model = {
+                "providerId": route["provider"]["id"],
+                "systemName": script,
+                "remoteId": script,
+            }
+            gw.api("POST", "/models", json=model)
+        targets = [
+            Target("direct", fake.port, [fake.proc.pid]),
+            Target("floor", floor.port, [floor.proc.pid]),
+            Target("gateway", gw.port, gw.worker_pids()),
+        ]
+        results = measure(targets, route["key"], args)
     finally:
         gw.stop()
-        fake.stop()
+    if args.streams:
+        results["open_streams"] = streams_figure(url, tmp, floor, route["key"], args.streams)
+    return results
 
 
-def report(results: dict, cpu_ms: float, memory: dict) -> None:
-    print(
-        f"{'scenario':<16} {'metric':<9} {'direct ms':>10} {'gateway ms':>11} {'added ms':>9} {'ratio':>6}"
+def measure(targets: list[Target], key: str, args: argparse.Namespace) -> dict:
+    """Every default figure, each one alternating over the targets."""
+    answer, first_byte = request(ANSWER, False, key), request(FIRST_BYTE, True, key)
+    out: dict = {
+        "load_start": load_average(),
+        "clients": {"load": CLIENTS_LOAD, "cpu": CLIENTS_CPU},
+    }
+    times = serial(targets, answer, args.calls)
+    out["latency_ms"] = {
+        name: {p: pct([total for _, total in ts], p) * 1000 for p in (50, 99)}
+        for name, ts in times.items()
+    }
+    times = serial(targets, first_byte, args.calls)
+    out["first_byte_ms"] = {
+        name: {p: pct([first for first, _ in ts], p) * 1000 for p in (50, 99)}
+        for name, ts in times.items()
+    }
+    out["stream_ms"] = {
+        name: {p: pct([total for _, total in ts], p) * 1000 for p in (50, 99)}
+        for name, ts in times.items()
+    }
+    rps: dict[str, list[float]] = {t.name: [] for t in targets}
+    loaded: dict[str, list[float]] = {t.name: [] for t in targets}
+    for r in range(args.rounds):
+        for t in rotated(targets, r):
+            rate, durations = load(t, answer, CLIENTS_LOAD, args.seconds)
+            rps[t.name].append(rate)
+            loaded[t.name] += durations
+    out["rps"] = rps
+    out["latency_ms_at_load"] = {
+        name: {p: pct(durations, p) * 1000 for p in (50, 99)} for name, durations in loaded.items()
+    }
+    out["share_of_direct"] = {
+        name: statistics.median(v / d for v, d in zip(values, rps["direct"], strict=True))
+        for name, values in rps.items()
+    }
+    proxies = [t for t in targets if t.name != "direct"]
+    out["cpu_ms_per_call"] = {
+        "json": cpu_per_call(proxies, answer, args.cpu_calls, args.rounds),
+        "stream": cpu_per_call(proxies, request(PACED, True, key), args.cpu_calls, args.rounds),
+    }
+    return out
+
+
+def streams_figure(database_url: str, tmp: Path, floor: Floor, key: str, count: int) -> dict:
+    """The open streams figure: a gateway with one worker, then the floor."""
+    gw = Gateway(
+        database_url,
+        tmp / "instance-streams",
+        workers=1,
+        GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_WORKER_CONNECTIONS=str(count + 1000),
+        GATEWAY_ON_DISCONNECT="cancel",  # at the end, close the upstreams at once
     )
-    for name, pair in results.items():
-        metrics = ["p50", "p99"] + (["ttft_p50", "ttft_p99"] if name.startswith("stream") else [])
-        for metric in metrics:
-            d, g = pair["direct"][metric], pair["gateway"][metric]
-            print(f"{name:<16} {metric:<9} {d:>10.2f} {g:>11.2f} {g - d:>9.2f} {g / d:>6.2f}")
-        d, g = pair["direct"]["rps"], pair["gateway"]["rps"]
-        print(f"{name:<16} {'req/s':<9} {d:>10.1f} {g:>11.1f} {'':>9} {g / d:>6.2f}")
-    print(f"gateway worker CPU per call: {cpu_ms:.2f} ms")
-    print(
-        f"memory: {memory['streams']} open streams, worker RSS {memory['idle_rss_kb'] / 1024:.1f} MB idle -> "
-        f"{memory['busy_rss_kb'] / 1024:.1f} MB; {memory['kb_per_stream']:.1f} KB per open stream"
-    )
-    print("(one gateway worker; client, gateway and fake upstream share this machine's cores)")
+    try:
+        result = {"gateway": open_streams(Target("gateway", gw.port, gw.worker_pids()), key, count)}
+    finally:
+        gw.stop()
+    result["floor"] = open_streams(Target("floor", floor.port, [floor.proc.pid]), key, count)
+    return result
+
+
+@contextmanager
+def database(server: str | None, tmp: Path) -> Iterator[str]:
+    """SQLite in the run's folder, or a fresh database on a PostgreSQL server (dropped after)."""
+    if not server:
+        yield f"sqlite:///{tmp}/bench.db"
+        return
+    from gateway.db import open_database  # after monkey-patching, as the gateway's workers
+
+    admin, name = open_database(server), f"gw_bench_{uuid.uuid4().hex[:10]}"
+    with admin.connection_context():
+        admin.execute_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connection_context():
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close_all()
+
+
+def _enough_files(needed: int) -> None:
+    """Raise this process's open-file limit (children inherit it) if it is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            sys.exit(f"bench: needs {needed} open files; the hard limit is {hard} (ulimit -Hn)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 if __name__ == "__main__":

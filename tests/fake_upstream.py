@@ -24,6 +24,22 @@ apart; the gateway forwards client headers). Keys:
   usage=0       embeddings: answer without usage
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
+  reset_before_headers=1  read the request, then reset the connection (RST): no answer
+  reset_at=K    reset the connection (RST) before stream event K; a JSON answer: after
+                its headers and its first K bytes
+  truncate_at=K only the first K stream events (negative: all but the last -K), then a
+                clean end of the body without the terminal event; a JSON answer: its
+                first K bytes (Content-Length says K)
+  body_stall=F  a JSON answer: its headers and the first half of its body, then F
+                seconds of silence before the rest
+  bad_json_at=K stream event K carries data that is not JSON (the event cut in half)
+  content_type=T  a 200 with Content-Type T: ``text/html`` an HTML page,
+                ``application/json`` the JSON answer (even to a stream request),
+                ``text/event-stream`` the event stream (even to a JSON request), any
+                other type the usual body
+  heal_after=N  the first N calls with this id get the knobs of a fault (status,
+                fail_times, delays, stalls, drops, resets, garbage, truncation, content
+                type...); later ones answer normally, as a failover's next try expects
 
 Like Anthropic's API, its Messages endpoint refuses top-level fields that API does not
 know (400 ``invalid_request_error``: "seed: Extra inputs are not permitted").
@@ -32,7 +48,8 @@ Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
 pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
 ``cache=N``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
 body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
-was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at.
+was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at,
+``reset`` for the reset knobs.
 ``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
 it prints ``PORT <n>`` once it listens.
 """
@@ -60,10 +77,25 @@ from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 LOG: list[dict] = []
 _COUNTER = itertools.count(1)
 _FAILURES: dict[str, int] = defaultdict(int)
+_CALLS: dict[str, int] = defaultdict(int)  # calls per id, for heal_after
+# The knobs that make a call fail or misbehave (heal_after drops them).
+FAULTS = frozenset(
+    {
+        "status", "fail_times", "header_delay", "first_delay", "stall_at", "stall_for",
+        "drop_at", "garbage", "error_event", "reset_before_headers", "reset_at",
+        "truncate_at", "body_stall", "bad_json_at", "content_type",
+    }
+)  # fmt: skip
+HTML_PAGE = b"<!doctype html><html><head><title>Sign in</title></head><body>Sign in</body></html>"
 
 
 class Dropped(Exception):
     """Raised inside a body generator: pywsgi then cuts the connection mid-body."""
+
+
+class Reset(Dropped):
+    """Like Dropped, but the connection ends with a TCP reset (RST), not a FIN; raised
+    before the status line, nothing at all is answered."""
 
 
 def parse_script(model: str) -> tuple[str, dict[str, str]]:
@@ -106,6 +138,7 @@ class Plan:
         self.stall_at = int(script.get("stall_at", -1))
         self.stall_for = float(script.get("stall_for", 0))
         self.drop_at = int(script.get("drop_at", -1))
+        self.reset_at = int(script.get("reset_at", -1))
         self.cache = int(script.get("cache", 0))
         self.cut = script.get("finish") == "length"
         self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
@@ -587,6 +620,7 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if path == "/_reset" and method == "POST":
         LOG.clear()
         _FAILURES.clear()
+        _CALLS.clear()
         return _json(start_response, 200, {"ok": True})
     if method == "GET" and path.endswith("/models"):
         return _json(
@@ -609,6 +643,7 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
         body.setdefault("model", path.split("/deployments/", 1)[1].split("/", 1)[0])
     name, script = parse_script(str(body.get("model", "")))
     script.update(parse_script(";" + environ.get("HTTP_X_FAKE_SCRIPT", ""))[1])
+    script = healed(script, name)
     entry = {
         "n": next(_COUNTER),
         "id": script.get("id"),
@@ -625,6 +660,9 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     LOG.append(entry)
     if float(script.get("header_delay", 0)):
         gevent.sleep(float(script["header_delay"]))
+    if script.get("reset_before_headers"):
+        entry["outcome"] = "reset"
+        raise Reset
     status = int(script.get("status", 0))
     fail_times = int(script.get("fail_times", 0))
     if fail_times and _FAILURES[script.get("id", name)] < fail_times:
@@ -648,13 +686,41 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
         ctype = "text/event-stream" if body.get("stream") else "application/json"
         start_response("200 OK", [("Content-Type", ctype)])
         return [b"this is not what you asked for\n\n"]
-    if not body.get("stream"):
-        plan.pace(0)
+    ctype = script.get("content_type")
+    streamed = bool(body.get("stream"))
+    if ctype and "html" in ctype:
         entry["outcome"] = "complete"
-        return _json(start_response, 200, ANSWERS[protocol](plan, body))
+        start_response("200 OK", [("Content-Type", ctype)])
+        return [HTML_PAGE]
+    if ctype and "json" in ctype:
+        streamed = False
+    elif ctype and "event-stream" in ctype:
+        streamed = True
+    if not streamed:
+        plan.pace(0)
+        payload = json.dumps(ANSWERS[protocol](plan, body)).encode()
+        return json_body(start_response, script, payload, ctype or "application/json", entry)
     events = STREAMS[protocol](plan, body)
-    start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+    if "truncate_at" in script:
+        events = events[: int(script["truncate_at"])]
+    if "bad_json_at" in script:
+        index = int(script["bad_json_at"])
+        events[index] = events[index][: len(events[index]) // 2].rstrip(b"\n") + b"\n\n"
+    start_response(
+        "200 OK", [("Content-Type", ctype or "text/event-stream"), ("Cache-Control", "no-cache")]
+    )
     return stream_body(plan, events, entry)
+
+
+def healed(script: dict[str, str], name: str) -> dict[str, str]:
+    """The script without its fault knobs once heal_after calls with its id were made."""
+    if "heal_after" not in script:
+        return script
+    call_id = script.get("id", name)
+    _CALLS[call_id] += 1
+    if _CALLS[call_id] <= int(script["heal_after"]):
+        return script
+    return {k: v for k, v in script.items() if k not in FAULTS}
 
 
 def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[no-untyped-def]
@@ -663,14 +729,44 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
     sent = 0
     try:
         for index, event in enumerate(events):
+            if index == plan.reset_at:
+                raise Reset
             plan.pace(index)
             yield event
             sent += 1
             entry["sent"] = sent
         entry["outcome"] = "complete"
-    except Dropped:
-        entry["outcome"] = "dropped"
+    except Dropped as exc:
+        entry["outcome"] = "reset" if isinstance(exc, Reset) else "dropped"
         raise
+    finally:
+        entry["finished"] = time.time()
+
+
+def json_body(start_response, script: dict, payload: bytes, ctype: str, entry: dict):  # type: ignore[no-untyped-def]
+    """A JSON answer, cut, stalled or reset halfway as the script says."""
+    if "truncate_at" in script:
+        payload = payload[: int(script["truncate_at"])]
+    start_response("200 OK", [("Content-Type", ctype), ("Content-Length", str(len(payload)))])
+    if "reset_at" in script:
+        return _json_pieces(payload, int(script["reset_at"]), None, entry)
+    if "body_stall" in script:
+        return _json_pieces(payload, len(payload) // 2, float(script["body_stall"]), entry)
+    entry["outcome"] = "complete"
+    return [payload]
+
+
+def _json_pieces(payload: bytes, cut: int, stall: float | None, entry: dict):  # type: ignore[no-untyped-def]
+    """The first ``cut`` bytes, then a reset (no ``stall``) or a silence and the rest."""
+    entry["outcome"] = "client_gone"
+    try:
+        yield payload[:cut]
+        if stall is None:
+            entry["outcome"] = "reset"
+            raise Reset
+        gevent.sleep(stall)
+        yield payload[cut:]
+        entry["outcome"] = "complete"
     finally:
         entry["finished"] = time.time()
 
@@ -712,11 +808,22 @@ def _json(start_response, status: int, data: object) -> list[bytes]:  # type: ig
 
 class NoDelayHandler(WSGIHandler):
     """pywsgi writes headers and body in separate sends: without TCP_NODELAY, Nagle
-    holds the body for the client's delayed ACK (40 ms) on every kept-alive request."""
+    holds the body for the client's delayed ACK (40 ms) on every kept-alive request.
+    It also ends a connection with an RST when the app raises ``Reset``."""
 
     def __init__(self, sock, address, server, rfile=None):  # type: ignore[no-untyped-def]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(sock, address, server, rfile)
+
+    def handle_error(self, t, v, tb):  # type: ignore[no-untyped-def]
+        """A Reset ends the connection with an RST (SO_LINGER 0), with no 500 before it;
+        a drop mid-body just closes it. Both are scripted: no traceback."""
+        if isinstance(v, Reset):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if isinstance(v, Reset) or (isinstance(v, Dropped) and self.response_length):
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
 
 
 def main() -> None:

@@ -64,6 +64,30 @@ class FakeUpstream:
         self.proc.wait()
 
 
+class Floor:
+    """bench/floor.py in its own process: the bare gevent proxy the gateway is weighed against."""
+
+    def __init__(self, upstream_url: str, log_path: Path) -> None:
+        self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "floor.py"), "--upstream", upstream_url],
+            stdout=subprocess.PIPE,
+            stderr=self.log_file,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"floor did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log_file.close()
+
+
 class Gateway:
     """``gunicorn -c gunicorn.conf.py wsgi:app`` with gevent workers, in its own process."""
 
@@ -114,6 +138,11 @@ class Gateway:
     def log(self) -> str:
         self.log_file.flush()
         return self.log_path.read_text()
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn worker processes (children of the master)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         """An admin API call that must succeed; returns the JSON."""
