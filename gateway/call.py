@@ -28,7 +28,7 @@ import gevent.event
 import gevent.pool
 
 from gateway import sse
-from gateway.adapters.translator import Piece, StreamTranslator
+from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
 from gateway.errors import GatewayError, ServiceUnavailable
@@ -188,9 +188,10 @@ class Call:
             for event in events:
                 self._send(translator.feed(event))
             self._send(translator.finish())
-        except UpstreamError as exc:
-            self._send(translator.fail(f"Upstream failed mid-stream: {exc.describe()}"))
-            self.ending.close(End(BROKE, f"upstream failed mid-stream: {exc.describe()}"))
+        except (UpstreamError, BrokenStream) as exc:
+            what = exc.describe() if isinstance(exc, UpstreamError) else f"protocol: {exc}"
+            self._send(translator.fail(f"Upstream failed mid-stream: {what}"))
+            self.ending.close(End(BROKE, f"upstream failed mid-stream: {what}"))
             return
         finally:
             resp.close()

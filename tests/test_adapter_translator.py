@@ -13,7 +13,7 @@ import pytest
 
 from gateway import sse
 from gateway.adapters import ir
-from gateway.adapters.translator import Piece, StreamTranslator
+from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.adapter_support import frames, json_frames, stream_bytes
 
@@ -144,6 +144,40 @@ def test_a_failure_mid_stream_sends_the_client_protocols_error_frames() -> None:
     piece = translator.fail("Upstream failed mid-stream: reset")
     assert [e.event for e in frames(piece.data)] == ["error"] and piece.events == 1
     assert translator.fail("again") == Piece()
+
+
+def test_a_failure_of_a_rendered_stream_ends_it_as_the_renderer_numbered_it() -> None:
+    translator = StreamTranslator(OPENAI_RESPONSES, OPENAI_CHAT, REQUEST)
+    sent = b"".join(p.data for p in [translator.feed(e) for e in _events(chunk({"content": "Hi"}))])
+    piece = translator.fail("Upstream failed mid-stream: reset")
+    numbers = [json.loads(e.data)["sequence_number"] for e in frames(sent + piece.data)]
+    assert numbers == list(range(len(numbers)))  # the error numbers on; the SDK resumes by them
+    assert [e.event for e in frames(piece.data)] == ["error", "response.failed"]
+
+
+def test_a_failure_of_a_relayed_responses_stream_numbers_on_from_the_upstream() -> None:
+    translator = StreamTranslator(OPENAI_RESPONSES, OPENAI_RESPONSES, REQUEST)
+    created = {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_1"}}
+    progress = {**created, "type": "response.in_progress", "sequence_number": 1}
+    for data in (created, progress):
+        translator.feed(sse.Event(event=data["type"], data=json.dumps(data)))
+    (error,) = json_frames(translator.fail("Upstream failed mid-stream: reset").data)
+    assert error["type"] == "error" and error["sequence_number"] == 2
+
+
+@pytest.mark.parametrize("protocol", [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES])
+def test_an_event_that_is_not_json_breaks_the_stream_before_it_reaches_the_client(
+    protocol: str,
+) -> None:
+    translator = StreamTranslator(protocol, protocol, REQUEST)
+    with pytest.raises(BrokenStream, match="not JSON"):
+        translator.feed(sse.Event(event="message", data='{"choices": [{"delta": {"cont'))
+    assert translator.response() is None  # nothing of it was taken for the answer
+
+
+def _events(raw: bytes) -> list[sse.Event]:
+    decoder = sse.Decoder()
+    return decoder.feed(raw) + decoder.flush()
 
 
 def test_whatever_an_upstream_sends_after_its_end_is_not_rendered() -> None:

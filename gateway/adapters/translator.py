@@ -7,7 +7,11 @@ gateway asks OpenAI-format upstreams for usage, SPEC rule 9); otherwise the even
 rendered in the client's format through the IR. Either way every event is parsed for the
 record: ``response()`` is the answer so far, as an IR response (its ``id`` is the
 upstream's). ``finish`` ends the client's stream when the upstream's bytes end;
-``fail`` ends it with the client protocol's error frames.
+``fail`` ends it with the client protocol's error frames (numbered on from the relayed
+events where the protocol numbers them). An event whose data is not JSON raises
+``BrokenStream`` before any of it reaches the client: relaying it would hand the client
+bytes its SDK cannot parse, and skipping it would record a completed call that lost part
+of its answer.
 
 A piece says what its caller keeps time on (the first token, the terminal event) and
 what counting deliveries to the client needs (SSE events, answer text). Replaying a
@@ -22,6 +26,10 @@ from dataclasses import dataclass
 from gateway import sse
 
 from . import PROTOCOLS, ir
+
+
+class BrokenStream(ValueError):
+    """The upstream sent an event its protocol cannot carry: data that is not JSON."""
 
 
 @dataclass(slots=True)  # not frozen: one is made per upstream event, and frozen is slower
@@ -74,8 +82,12 @@ class StreamTranslator:
         return self._acc.error
 
     def feed(self, event: sse.Event) -> Piece:
-        """One upstream event: what the client gets of it."""
-        return self._translate(self._parser.feed(event), event)
+        """One upstream event: what the client gets of it (BrokenStream if it is not JSON)."""
+        skipped = self._parser.skipped
+        events = self._parser.feed(event)
+        if self._parser.skipped > skipped:
+            raise BrokenStream(f"upstream sent an event that is not JSON: {event.data[:200]!r}")
+        return self._translate(events, event)
 
     def finish(self) -> Piece:
         """The upstream's bytes ended: the rest, and an error if its stream was cut short."""
@@ -89,7 +101,13 @@ class StreamTranslator:
         if self._ended:
             return Piece()
         self._ended = True
-        data = self._stream_error(message)
+        if self._renderer is not None:  # it numbers and closes the stream it rendered
+            error = {"type": "error", "message": message, "error_type": "api_error"}
+            data = b"".join(self._renderer.feed(error))
+        elif (sequence := getattr(self._parser, "sequence", None)) is not None:
+            data = self._stream_error(message, sequence_number=sequence + 1)  # Responses
+        else:
+            data = self._stream_error(message)
         return Piece(data, data.count(b"\n\n"))
 
     def response(self) -> dict | None:

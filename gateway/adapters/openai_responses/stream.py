@@ -1,7 +1,8 @@
 """OpenAI Responses streams, both ways: upstream events to IR events, IR events to events.
 
 Reading copes with servers that send text or arguments only in the ``.done`` events; data
-that is not JSON is skipped (counted in ``skipped``).
+that is not JSON is skipped (counted in ``skipped``). ``sequence`` is the last event number
+the upstream sent, so an error the gateway appends to a relayed stream numbers on from it.
 
 Writing follows the sequence OpenAI sends and the ``openai`` SDK's ``ResponseStream``
 checks (``lib/streaming/responses/_responses.py``): ``event:`` lines, a ``sequence_number``
@@ -40,6 +41,7 @@ class StreamParser:
 
     def __init__(self) -> None:
         self.skipped = 0
+        self.sequence: int | None = None
         self._next = 0
         self._items: dict[int, dict] = {}  # output_index -> {"kind", "index", "got", "parts"}
         self._parts: dict[tuple[int, int], dict] = {}  # (output_index, content_index) -> same
@@ -52,6 +54,8 @@ class StreamParser:
         if data is None:
             self.skipped += event.data is not None
             return []
+        if wire.count(data.get("sequence_number")) is not None:
+            self.sequence = data["sequence_number"]
         handler = self._HANDLERS.get(data.get("type") or event.event)
         return handler(self, data) if handler else []
 
