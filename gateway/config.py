@@ -24,6 +24,9 @@ DEFAULTS: dict[str, object] = {
     "DATABASE_URL": None,  # None: default_database_url()
     "REDIS_URL": None,  # None: limits live in process memory
     "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
+    # Fernet keys for provider API keys at rest, comma-separated, newest first (vault.py).
+    # None: one generated into instance/encryption.key (every instance needs the same).
+    "ENCRYPTION_KEYS": None,
     # Client disconnects mid-stream: "drain" reads the upstream to its end and records
     # the whole answer; "cancel" closes the upstream at once (saves provider cost).
     "ON_DISCONNECT": "drain",

@@ -26,6 +26,7 @@ from gateway.models import MODEL_TYPES, ApiKey, Model, Provider, database, utcno
 from gateway.routing import catalog
 from gateway.upstream import UpstreamError, upstream
 from gateway.urlargs import MAX_ID
+from gateway.vault import vault
 
 MAX_NUMBER = 1e6  # prices (USD per million tokens) and weights
 TEXT = 4096  # comments and provider keys: text columns, bounded to keep pages sane
@@ -198,6 +199,30 @@ def remote_models(row: Provider) -> list[dict]:
         for m in items
         if isinstance(m, dict) and m.get("id")
     ]
+
+
+def reseal_provider_keys() -> tuple[int, list[int]]:
+    """Encrypt every provider key with the newest key: (how many, ids none could open)."""
+    sealed, unreadable = 0, []
+    for provider_id, stored in _stored_provider_keys():
+        secret = vault.open(stored)
+        if secret is None:
+            unreadable.append(provider_id)
+            continue
+        Provider.update(api_key=secret).where(Provider.id == provider_id).execute()
+        sealed += 1
+    return sealed, unreadable
+
+
+def unreadable_provider_keys() -> list[int]:
+    """Ids of providers whose stored key no configured encryption key opens."""
+    return [i for i, stored in _stored_provider_keys() if vault.open(stored) is None]
+
+
+def _stored_provider_keys() -> list[tuple[int, str]]:
+    """(id, stored value) of every provider with a key, deleted ones too, as stored."""
+    query = Provider.select(Provider.id, Provider.api_key).where(Provider.api_key.is_null(False))
+    return list(database.execute(query))  # a raw cursor: the values as the table holds them
 
 
 def provider_names(ids: set[int | None]) -> dict[int, str]:
