@@ -80,6 +80,13 @@ def pretty(value: Any) -> str:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value  # streamed tool arguments can be cut short: show them as they are
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    # An upstream's answer can nest deeper than indenting can recurse: then show it flat,
+    # and if even that is too deep, show that something is there.
+    for indent in (2, None):
+        try:
+            return json.dumps(value, indent=indent, ensure_ascii=False)
+        except RecursionError:
+            continue
+    return "…"

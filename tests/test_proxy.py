@@ -8,6 +8,7 @@ setup does reach the upstream and the tables, so "nothing happened" can fail.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 
 import pytest
@@ -304,3 +305,46 @@ def test_credential_headers_are_neither_forwarded_nor_recorded(client, fake, rou
     # The upstream's own auth is the provider's, set by the gateway; never the client's key.
     assert route["key"] not in json.dumps(sent["headers"])
 
+
+MALFORMED_CHUNKS = {
+    "bad-size": b"zz\r\nabc\r\n0\r\n\r\n",
+    "no-terminator": b"5\r\nabcdeXX0\r\n\r\n",
+    "cut-short": b'40\r\n{"model": ',
+}
+
+
+def raw_post(gw, path: str, headers: dict[str, str], chunks: bytes) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    """POST a chunked body exactly as given over a raw socket; (status, body)."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n{head}\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(request + chunks)
+        sock.shutdown(socket.SHUT_WR)  # the body ends here, whatever its framing says
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.server
+def test_a_malformed_chunked_body_gets_400_in_the_callers_shape(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    key = gateway.setup_route(fake.url)["key"]
+    bearer = {"Authorization": f"Bearer {key}"}
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    for name, chunks in MALFORMED_CHUNKS.items():
+        status, body = raw_post(gateway, CHAT, bearer, chunks)
+        assert status == 400, (name, body)
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        status, body = raw_post(gateway, MESSAGES, bearer, chunks)
+        assert status == 400 and json.loads(body)["type"] == "error", (name, body)
+        status, body = raw_post(gateway, "/api/admin/apiKey", admin, chunks)
+        assert status == 400 and json.loads(body)["error"], (name, body)
+        status, _ = raw_post(gateway, "/login", {}, chunks)
+        assert status == 400, name
+    assert gateway.records() == []
+    assert "Error handling request" not in gateway.log()
+    assert "Traceback" not in gateway.log()
