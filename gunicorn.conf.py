@@ -24,6 +24,7 @@ max_requests_jitter = max_requests // 10
 preload_app = False  # peewee must be imported after the worker patches threading
 control_socket_disable = True  # several instances per user must not share one
 accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-") or None
+logger_class = "gateway.accesslog.RedactingLogger"  # gateway keys cut to their hint
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-GATEWAY_KEY = re.compile(r"sk-[0-9a-fA-F]{32}")
+GATEWAY_KEY = re.compile(r"sk-[0-9a-f]{32}", re.IGNORECASE)
 # Credential-like header names, by the words they contain, and values that carry an
 # HTTP auth scheme whatever the header is called.
 _CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "password", "credential", "session")
@@ -27,7 +27,7 @@ def hint(key: str) -> str:
 
 def keys_in(text: str) -> str:
     """``text`` with every gateway key in it cut down to its hint."""
-    return GATEWAY_KEY.sub(lambda m: hint(m.group()), text) if "sk-" in text else text
+    return GATEWAY_KEY.sub(lambda m: hint(m.group()), text)
 
 
 def mask(secret: str | None) -> str | None:

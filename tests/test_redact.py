@@ -17,6 +17,7 @@ def test_a_gateway_key_anywhere_in_text_is_cut_to_its_hint() -> None:
         "GET /api/admin/apiKey/sk-0123…CDEF/usage?apiKey=sk-0123…CDEF&x=sk-short HTTP/1.1"
     )
     assert KEY not in redact.keys_in(KEY + "ff")  # a longer run of hex is cut too
+    assert redact.keys_in(KEY.upper()) == "SK-0123…CDEF"
 
 
 @pytest.mark.parametrize(
