@@ -74,7 +74,8 @@ SECURITY_HEADERS = {
 def _guard() -> Response | None:
     db.connect()  # every page reads the database; /v1 requests do not connect at all
     if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
-        abort(400)  # PostgreSQL refuses NUL in text: keep it away from every query
+        # PostgreSQL refuses NUL in text: keep it away from every query.
+        abort(400, _("The request could not be read."))
     if request.method == "POST" and not sessions.csrf_valid(_posted("csrf_token")):
         abort(400, _("The form expired. Reload the page and try again."))
     if request.endpoint not in OPEN and not sessions.logged_in():
@@ -150,7 +151,7 @@ def _posted(name: str) -> str | None:
     except HTTPException:
         raise
     except Exception:  # gunicorn's ParseException kinds, a socket cut mid-body
-        abort(400)
+        abort(400, _("The request could not be read."))
 
 
 # -- overview -------------------------------------------------------------------

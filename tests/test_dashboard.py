@@ -678,7 +678,10 @@ def test_ids_and_arguments_out_of_range_are_not_errors(client, seeded: Seeded) -
     for page in ("/requests?key=99999999999999999999999", "/requests?page=99999999999999999999999",
                  "/embeddings?size=\u0661\u0660&key=\u0661", "/requests?key=-1&page=-5"):  # fmt: skip
         assert client.get(page).status_code == 200, page
-    assert client.get("/requests?model=a%00b").status_code == 400
+    refused = client.get("/requests?model=a%00b")
+    assert refused.status_code == 400 and "The request could not be read." in text(refused)
+    client.set_cookie("lang", "zh_CN")
+    assert "无法读取该请求。" in text(client.get("/requests?model=a%00b"))
     big = post(client, "/keys/9223372036854775808/revoke")
     assert big.status_code == 404
 
