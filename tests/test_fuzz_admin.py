@@ -3,7 +3,8 @@
 Hypothesis (fixed seed) picks a route, fills its path with real ids and hostile
 segments (ids past 2^63, other digits, NUL), its query with hostile values, and its
 body with plausible and hostile field values (``tests/fuzz_support.py``). The
-property: never a 5xx, and every answer is JSON (a refusal says why). The two routes
+property: never a 5xx, and every answer is JSON (a refusal says why); through real
+gunicorn, no worker restarts either. The two routes
 that call the provider (``/test``, ``/remote-models``) are left out: the fuzzer
 could point a provider anywhere, and only loopback may be dialled here.
 """
@@ -14,11 +15,13 @@ import json
 from collections import Counter
 from typing import Any
 
+import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import fuzz_support as f
-from tests.servers import ADMIN_SECRET
+from tests.servers import ADMIN_SECRET, Gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 small_ints = st.one_of(st.integers(min_value=-2, max_value=2**31 + 1), f.numbers)
@@ -150,3 +153,23 @@ def test_fuzz_every_admin_route(client) -> None:  # type: ignore[no-untyped-def]
     # Both the happy paths and the refusals were reached.
     assert statuses[200] + statuses[201] > f.EXAMPLES_FAST // 5, statuses
     assert statuses[400] > f.EXAMPLES_FAST // 10 and statuses[404] > 0, statuses
+
+
+@pytest.mark.server
+def test_fuzz_every_admin_route_through_gunicorn(gateway: Gateway) -> None:
+    session = requests.Session()
+    session.headers.update({**ADMIN, "Content-Type": "application/json"})
+    statuses: Counter = Counter()
+
+    @given(admin_requests())
+    def one(case: tuple[str, str, bytes | None]) -> None:
+        method, path, body = case
+        resp = session.request(method, f"{gateway.url}/api/admin{path}", data=body, timeout=30)
+        assert resp.status_code < 500, (resp.status_code, resp.text[:300])
+        assert resp.headers["Content-Type"] == "application/json", resp.text[:300]
+        statuses[resp.status_code] += 1
+
+    f.run(one, f.EXAMPLES_SERVER)
+    assert statuses[400] > 0 and statuses[200] + statuses[201] > 0, statuses
+    assert gateway.log().count("Booting worker") == 1, "a worker restarted"
+    assert "Traceback" not in gateway.log()
