@@ -30,7 +30,6 @@ from flask import (
 )
 from flask_babel import gettext as _
 from flask_babel import ngettext
-from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
 from gateway import (
@@ -38,7 +37,6 @@ from gateway import (
     charts,
     db,
     i18n,
-    jsonio,
     records,
     redact,
     registry,
@@ -418,13 +416,4 @@ def init_app(app: Flask) -> None:
         current_language=_locale,
     )
     app.jinja_env.filters["pretty"] = transcript.pretty
-    app.jinja_env.finalize = _renderable
-
-
-def _renderable(value: Any) -> Any:
-    """Every value a template prints, with lone surrogates made U+FFFD (else: a 500)."""
-    if isinstance(value, Markup):
-        return Markup(jsonio.renderable(value))
-    if isinstance(value, str):
-        return jsonio.renderable(value)
-    return value
+    app.jinja_env.finalize = transcript.printable  # a lone surrogate must not make a 500
