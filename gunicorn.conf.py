@@ -38,6 +38,7 @@ max_requests_jitter = max_requests // 10
 preload_app = False  # peewee must be imported after the worker patches threading
 control_socket_disable = True  # several instances per user must not share one
 accesslog = _env("ACCESS_LOG") or None
+logger_class = "gateway.accesslog.RedactingLogger"  # gateway keys cut to their hint
 errorlog = "-"
 loglevel = _env("LOG_LEVEL").lower()
 

@@ -52,10 +52,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         recorder,
         routing,
         upstream,
+        vault,
     )
     from gateway.errors import GatewayError
 
     db.init_app(app)
+    vault.vault.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
     calls.calls.init_app(app)

@@ -2,50 +2,53 @@
 
 Guarded by ``Authorization: Bearer $ADMIN_SUPER_SECRET`` (or ``x-api-key``). The
 views are thin: the checked changes to keys, providers and models live in
-``registry`` (the dashboard makes them too), JSON shapes in ``serializers``. Gateway
-keys leave in full only once, at creation.
+``registry`` (the dashboard makes them too), record lists in ``records``, JSON
+shapes in ``serializers``. Gateway keys leave in full only once, at creation. No
+input gets a 5xx: bodies are strict JSON (``jsonio``), ids in paths are 1 to 2^63-1
+(else 404), query integers are ASCII digits within bounds, and NUL is refused.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import unquote
 
 import peewee as pw
 from flask import Blueprint, Response, current_app, request
 
-from gateway import auth, db, registry, serializers, stats
-from gateway.models import (
-    ApiKey,
-    Completion,
-    Embedding,
-    Model,
-    Provider,
-    database,
-    utcnow,
-)
+from gateway import auth, db, jsonio, records, registry, serializers, stats, urlargs
+from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
+bp.record_once(urlargs.register)
+
+MAX_PAGE = 1000
 
 
 @bp.errorhandler(registry.Refused)
 def _admin_error(exc: registry.Refused) -> Response:
-    return _json({"error": exc.message}, exc.status)
+    return jsonio.response({"error": exc.message}, exc.status)
 
 
 @bp.before_request
 def _require_admin() -> Response | None:
     db.connect()
     if not auth.is_admin(request.headers, auth.admin_secret(current_app)):
-        return _json({"error": "Invalid admin secret"}, 401)
+        return jsonio.response({"error": "Invalid admin secret"}, 401)
     return None
+
+
+@bp.before_request
+def _refuse_nul() -> None:
+    # PostgreSQL refuses NUL in text: it must not reach a query from a path or an argument.
+    if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+        raise registry.Refused(400, "The URL must not contain NUL characters")
 
 
 @bp.get("/")
 def index() -> Response:
-    return _json(True)
+    return jsonio.response(True)
 
 
 # -- API keys -----------------------------------------------------------------
@@ -56,7 +59,7 @@ def list_keys() -> Response:
     query = ApiKey.select().order_by(ApiKey.id)
     if not _flag("includeRevoked"):
         query = query.where(ApiKey.revoked == False)  # noqa: E712
-    return _json([serializers.api_key(k) for k in query])
+    return jsonio.response([serializers.api_key(k) for k in query])
 
 
 @bp.get("/apiKey/managed")
@@ -64,70 +67,67 @@ def list_managed_keys() -> Response:
     query = ApiKey.select().where(ApiKey.source == "operator").order_by(ApiKey.id)
     if not _flag("includeRevoked"):
         query = query.where(ApiKey.revoked == False)  # noqa: E712
-    return _json([serializers.api_key(k) for k in query])
+    return jsonio.response([serializers.api_key(k) for k in query])
 
 
 @bp.post("/apiKey")
 def create_key() -> Response:
-    row, key = ApiKey.issue(**registry.key_fields(_body()))
-    return _json({**serializers.api_key(row), "key": key}, 201)
+    row, key = registry.issue_key(registry.key_fields(_body()))
+    return jsonio.response({**serializers.api_key(row), "key": key}, 201)
 
 
 @bp.get("/apiKey/<key>")
 def get_key(key: str) -> Response:
-    return _json(serializers.api_key(registry.key_row(key)))
+    return jsonio.response(serializers.api_key(registry.key_row(key)))
 
 
 @bp.delete("/apiKey/<key>")
 def revoke_key(key: str) -> Response:
     row = registry.key_row(key)
     registry.revoke(row)
-    return _json({"id": row.id, "key": row.key_hint, "revoked": True})
+    return jsonio.response({"id": row.id, "key": row.key_hint, "revoked": True})
 
 
 @bp.put("/apiKey/<key>/ratelimit")
 def set_key_limits(key: str) -> Response:
-    data = registry.fields(_body(), rpmLimit=(int, True, 1), tpmLimit=(int, True, 1))
+    data = registry.fields(_body(), registry.LIMITS)
     row = registry.key_row(key)
     registry.set_limits(row, data)
-    return _json(
+    return jsonio.response(
         {"key": row.key_hint, "rpmLimit": data["rpm_limit"], "tpmLimit": data["tpm_limit"]}
     )
 
 
 @bp.get("/apiKey/by-external-id/<path:external_id>")
 def get_key_by_external_id(external_id: str) -> Response:
-    row = ApiKey.get_or_none(ApiKey.external_id == unquote(external_id))
+    row = ApiKey.get_or_none(ApiKey.external_id == _external_id(external_id))
     if row is None:
         raise registry.Refused(404, "Key not found")
-    return _json(serializers.api_key(row))
+    return jsonio.response(serializers.api_key(row))
 
 
 @bp.put("/apiKey/by-external-id/<path:external_id>")
 def ensure_key_by_external_id(external_id: str) -> Response:
     """Idempotent ensure for the Kubernetes operator; the key is returned only when created."""
-    external_id = unquote(external_id)
-    data = registry.fields(
-        _body(), comment=(str, False), rpmLimit=(int, False, 1), tpmLimit=(int, False, 1)
+    external_id = _external_id(external_id)
+    data = registry.fields(_body(), registry.OPERATOR_KEY)
+    row, key = registry.ensure_operator_key(external_id, data)
+    return jsonio.response(
+        {
+            "id": row.id,
+            "key": key or row.key_hint,
+            "created": key is not None,
+            "externalId": external_id,
+        },
+        201 if key else 200,
     )
-    row = ApiKey.get_or_none(ApiKey.external_id == external_id)
-    if row is not None:
-        ApiKey.update(**data, revoked=False, updated_at=utcnow()).where(
-            ApiKey.id == row.id
-        ).execute()
-        auth.keys.forget(row.key_hash)
-        return _json(
-            {"id": row.id, "key": row.key_hint, "created": False, "externalId": external_id}
-        )
-    try:
-        with database.atomic():
-            row, key = ApiKey.issue(external_id=external_id, source="operator", **data)
-    except pw.IntegrityError:  # another instance created it first
-        row = ApiKey.get(ApiKey.external_id == external_id)
-        return _json(
-            {"id": row.id, "key": row.key_hint, "created": False, "externalId": external_id}
-        )
-    return _json({"id": row.id, "key": key, "created": True, "externalId": external_id}, 201)
+
+
+def _external_id(raw: str) -> str:
+    external_id = unquote(raw)
+    if not 1 <= len(external_id) <= 127 or "\x00" in external_id:
+        raise registry.Refused(400, "externalId must be 1 to 127 characters")
+    return external_id
 
 
 # -- providers ----------------------------------------------------------------
@@ -135,60 +135,62 @@ def ensure_key_by_external_id(external_id: str) -> Response:
 
 @bp.get("/providers")
 def list_providers() -> Response:
-    return _json([serializers.provider(p) for p in Provider.active().order_by(Provider.id)])
+    rows = Provider.active().order_by(Provider.id)
+    return jsonio.response([serializers.provider(p) for p in rows])
 
 
 @bp.post("/providers")
 def create_provider() -> Response:
     row = registry.add_provider(registry.provider_fields(_body(), required=True))
-    return _json(serializers.provider(row), 201)
+    return jsonio.response(serializers.provider(row), 201)
 
 
-@bp.get("/providers/<int:provider_id>")
+@bp.get("/providers/<id:provider_id>")
 def get_provider(provider_id: int) -> Response:
-    return _json(serializers.provider(registry.provider_row(provider_id)))
+    return jsonio.response(serializers.provider(registry.provider_row(provider_id)))
 
 
-@bp.put("/providers/<int:provider_id>")
+@bp.put("/providers/<id:provider_id>")
 def update_provider(provider_id: int) -> Response:
-    registry.edit_provider(
-        registry.provider_row(provider_id), registry.provider_fields(_body(), required=False)
-    )
-    return _json(serializers.provider(registry.provider_row(provider_id)))
+    row = registry.provider_row(provider_id)
+    registry.edit_provider(row, registry.provider_fields(_body(), required=False))
+    return jsonio.response(serializers.provider(registry.provider_row(provider_id)))
 
 
-@bp.delete("/providers/<int:provider_id>")
+@bp.delete("/providers/<id:provider_id>")
 def delete_provider(provider_id: int) -> Response:
     registry.remove_provider(registry.provider_row(provider_id))
-    return _json({"success": True})
+    return jsonio.response({"success": True})
 
 
-@bp.get("/providers/<int:provider_id>/models")
+@bp.get("/providers/<id:provider_id>/models")
 def provider_models(provider_id: int) -> Response:
     row = registry.provider_row(provider_id)
     query = Model.select().where((Model.provider == row) & (Model.deleted == False))  # noqa: E712
-    return _json([serializers.model(m) for m in query.order_by(Model.id)])
+    return jsonio.response([serializers.model(m) for m in query.order_by(Model.id)])
 
 
-@bp.get("/providers/<int:provider_id>/remote-models")
+@bp.get("/providers/<id:provider_id>/remote-models")
 def provider_remote_models(provider_id: int) -> Response:
     row = registry.provider_row(provider_id)
     try:
         models = registry.remote_models(row)
     except UpstreamError as exc:
-        return _json({"error": exc.describe()}, 502)
-    return _json({"models": models})
+        return jsonio.response({"error": exc.describe()}, 502)
+    return jsonio.response({"models": models})
 
 
-@bp.post("/providers/<int:provider_id>/test")
+@bp.post("/providers/<id:provider_id>/test")
 def test_provider(provider_id: int) -> Response:
     """Ask the provider for its model list: proves the URL and the key work."""
     row = registry.provider_row(provider_id)
     try:
         models = registry.remote_models(row)
     except UpstreamError as exc:
-        return _json({"success": False, "error": exc.describe()}, 502)
-    return _json({"success": True, "message": f"{len(models)} models found", "models": models})
+        return jsonio.response({"success": False, "error": exc.describe()}, 502)
+    return jsonio.response(
+        {"success": True, "message": f"{len(models)} models found", "models": models}
+    )
 
 
 # -- models -------------------------------------------------------------------
@@ -199,14 +201,13 @@ def list_models() -> Response:
     query = Model.active().order_by(Model.id)
     if request.args.get("modelType"):
         query = query.where(Model.model_type == request.args["modelType"])
-    return _json([serializers.model(m) for m in query])
+    return jsonio.response([serializers.model(m) for m in query])
 
 
 @bp.post("/models")
 def create_model() -> Response:
-    return _json(
-        serializers.model(registry.add_model(registry.model_fields(_body(), required=True))), 201
-    )
+    row = registry.add_model(registry.model_fields(_body(), required=True))
+    return jsonio.response(serializers.model(row), 201)
 
 
 @bp.get("/models/system-names")
@@ -214,7 +215,7 @@ def system_names() -> Response:
     query = Model.active().select(Model.system_name).distinct().order_by(Model.system_name)
     if request.args.get("modelType"):
         query = query.where(Model.model_type == request.args["modelType"])
-    return _json([m.system_name for m in query])
+    return jsonio.response([m.system_name for m in query])
 
 
 @bp.get("/models/by-system-name/<path:system_name>")
@@ -222,7 +223,7 @@ def models_by_system_name(system_name: str) -> Response:
     query = Model.active().where(Model.system_name == unquote(system_name)).order_by(Model.id)
     if request.args.get("modelType"):
         query = query.where(Model.model_type == request.args["modelType"])
-    return _json(
+    return jsonio.response(
         [
             {"model": serializers.model(m), "provider": serializers.provider(m.provider)}
             for m in query
@@ -236,23 +237,22 @@ def set_weights(system_name: str) -> Response:
     return models_by_system_name(system_name)
 
 
-@bp.get("/models/<int:model_id>")
+@bp.get("/models/<id:model_id>")
 def get_model(model_id: int) -> Response:
-    return _json(serializers.model(registry.model_row(model_id)))
+    return jsonio.response(serializers.model(registry.model_row(model_id)))
 
 
-@bp.put("/models/<int:model_id>")
+@bp.put("/models/<id:model_id>")
 def update_model(model_id: int) -> Response:
-    registry.edit_model(
-        registry.model_row(model_id), registry.model_fields(_body(), required=False)
-    )
-    return _json(serializers.model(registry.model_row(model_id)))
+    row = registry.model_row(model_id)
+    registry.edit_model(row, registry.model_fields(_body(), required=False))
+    return jsonio.response(serializers.model(registry.model_row(model_id)))
 
 
-@bp.delete("/models/<int:model_id>")
+@bp.delete("/models/<id:model_id>")
 def delete_model(model_id: int) -> Response:
     registry.remove_model(registry.model_row(model_id))
-    return _json({"success": True})
+    return jsonio.response({"success": True})
 
 
 # -- records ------------------------------------------------------------------
@@ -263,12 +263,12 @@ def list_completions() -> Response:
     return _list_records(Completion, serializers.completion, default_limit=100)
 
 
-@bp.get("/completions/<int:record_id>")
+@bp.get("/completions/<id:record_id>")
 def get_completion(record_id: int) -> Response:
     return _one_record(Completion, serializers.completion, record_id)
 
 
-@bp.delete("/completions/<int:record_id>")
+@bp.delete("/completions/<id:record_id>")
 def delete_completion(record_id: int) -> Response:
     return _delete_record(Completion, serializers.completion, record_id)
 
@@ -278,27 +278,27 @@ def list_embeddings() -> Response:
     return _list_records(Embedding, serializers.embedding, default_limit=20)
 
 
-@bp.get("/embeddings/<int:record_id>")
+@bp.get("/embeddings/<id:record_id>")
 def get_embedding(record_id: int) -> Response:
     return _one_record(Embedding, serializers.embedding, record_id)
 
 
-@bp.delete("/embeddings/<int:record_id>")
+@bp.delete("/embeddings/<id:record_id>")
 def delete_embedding(record_id: int) -> Response:
     return _delete_record(Embedding, serializers.embedding, record_id)
 
 
 @bp.get("/usage")
 def usage() -> Response:
-    """Token sums over completed and aborted calls (unknown counts are left out)."""
-    query = Completion.select(
-        pw.fn.COALESCE(pw.fn.SUM(Completion.prompt_tokens), 0),
-        pw.fn.COALESCE(pw.fn.SUM(Completion.completion_tokens), 0),
-    ).where(Completion.status.in_(("completed", "aborted")))
-    if request.args.get("apiKey"):
-        query = query.where(Completion.api_key == registry.key_row(request.args["apiKey"]).id)
-    prompt, completion = query.tuples().get()
-    return _json({"total_prompt_tokens": int(prompt), "total_completion_tokens": int(completion)})
+    """Token sums of every live record (one key's with ``apiKey``), as the overview counts."""
+    key = registry.key_row(request.args["apiKey"]).id if request.args.get("apiKey") else None
+    totals = stats.total(stats.usage_by_key(key=key).values())
+    return jsonio.response(
+        {
+            "total_prompt_tokens": totals.prompt_tokens,
+            "total_completion_tokens": totals.completion_tokens,
+        }
+    )
 
 
 @bp.get("/stats/overview")
@@ -306,65 +306,59 @@ def stats_overview() -> Response:
     range_key = request.args.get("range") or stats.DEFAULT_RANGE
     if range_key not in stats.RANGES:
         raise registry.Refused(400, f"range must be one of {', '.join(stats.RANGES)}")
-    return _json(serializers.overview(stats.overview(range_key)))
+    return jsonio.response(serializers.overview(stats.overview(range_key)))
 
 
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
-    """A page of records, newest first, filtered by apiKeyId, modelId, model (prefix), status."""
-    query = table.select().where(table.deleted == False)  # noqa: E712
-    if request.args.get("apiKeyId"):
-        query = query.where(table.api_key == _int_arg("apiKeyId"))
-    if request.args.get("modelId"):
-        query = query.where(table.model_id == _int_arg("modelId"))
-    if request.args.get("model"):
-        query = query.where(table.model.startswith(request.args["model"]))
-    if request.args.get("status"):
-        query = query.where(table.status == request.args["status"])
-    offset = _int_arg("offset", 0)
-    limit = min(_int_arg("limit", default_limit), 1000)
-    total = query.count()  # the filters apply to the total too (NexusGate's did not)
-    rows = list(
-        query.order_by(table.created_at.desc(), table.id.desc()).offset(offset).limit(limit)
+    """A page of records, newest first, filtered as ``records.select`` filters them."""
+    status = request.args.get("status", "")
+    if status and status not in STATUSES:
+        raise registry.Refused(400, f"status must be one of {', '.join(STATUSES)}")
+    query = records.select(
+        table,
+        status=status,
+        model=request.args.get("model", ""),
+        key=_int_arg("apiKeyId", None, 1, urlargs.MAX_ID),
+        model_id=_int_arg("modelId", None, 1, urlargs.MAX_ID),
     )
+    offset = _int_arg("offset", 0, 0, urlargs.MAX_ID)
+    limit = _int_arg("limit", default_limit, 1, MAX_PAGE)
+    total = query.count()  # the filters apply to the total too (NexusGate's did not)
+    rows = list(records.newest_first(query, table).offset(offset).limit(limit))
     names = registry.provider_names({r.provider_id for r in rows})
     data = [serialize(r, names.get(r.provider_id)) for r in rows]
-    return _json({"data": data, "total": total, "from": offset})
+    return jsonio.response({"data": data, "total": total, "from": offset})
 
 
 def _one_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:
     row = _record_row(table, record_id)
-    return _json(serialize(row, _provider_name(row.provider_id)))
+    name = registry.provider_names({row.provider_id}).get(row.provider_id)
+    return jsonio.response(serialize(row, name))
 
 
 def _delete_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:
     """Soft delete; answer with the row as it now is."""
     row = _record_row(table, record_id)
     table.update(deleted=True, updated_at=utcnow()).where(table.id == row.id).execute()
-    return _json(serialize(_record_row(table, record_id, deleted=True)))
+    return jsonio.response(serialize(table.get_by_id(row.id)))
 
 
-def _record_row(table: type[pw.Model], row_id: int, deleted: bool = False) -> Any:
-    query = table.select().where(table.id == row_id)
-    if not deleted:
-        query = query.where(table.deleted == False)  # noqa: E712
-    row = query.first()
+def _record_row(table: type[pw.Model], row_id: int) -> Any:
+    row = records.live(table, row_id)
     if row is None:
         raise registry.Refused(404, f"{table.__name__} not found")
     return row
-
-
-def _provider_name(provider_id: int | None) -> str | None:
-    return registry.provider_names({provider_id}).get(provider_id)
 
 
 # -- request helpers ----------------------------------------------------------
 
 
 def _body() -> dict[str, Any]:
+    """The body as a JSON object (an empty body is ``{}``), strictly parsed."""
     try:
-        body = json.loads(request.get_data(cache=False) or b"{}")
-    except ValueError as exc:
-        raise registry.Refused(400, f"Request body is not valid JSON: {exc}") from exc
+        body = jsonio.loads(jsonio.read(request) or b"{}")
+    except jsonio.Unreadable as exc:
+        raise registry.Refused(400, str(exc)) from exc
     if not isinstance(body, dict):
         raise registry.Refused(400, "Request body must be a JSON object")
     return body
@@ -374,17 +368,12 @@ def _flag(name: str) -> bool:
     return request.args.get(name, "").lower() in ("1", "true", "yes")
 
 
-def _int_arg(name: str, default: int | None = None) -> int:
-    value = request.args.get(name)
-    if value is None or value == "":
-        if default is None:
-            raise registry.Refused(400, f"{name} is required")
+def _int_arg(name: str, default: int | None, low: int, high: int) -> Any:
+    """A query argument as an integer within ``low..high``; ``default`` when absent."""
+    text = request.args.get(name)
+    if text is None or text == "":
         return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise registry.Refused(400, f"{name} must be an integer") from exc
-
-
-def _json(data: object, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, mimetype="application/json")
+    value = urlargs.integer(text, low, high)
+    if value is None:
+        raise registry.Refused(400, f"{name} must be an integer from {low} to {high}")
+    return value

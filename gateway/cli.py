@@ -10,8 +10,9 @@ from __future__ import annotations
 import click
 from flask import Flask, current_app
 
-from gateway import auth, db
+from gateway import auth, db, registry
 from gateway.models import ApiKey
+from gateway.vault import vault
 
 
 @click.command("migrate")
@@ -31,6 +32,7 @@ def prepare_command(url: str | None) -> None:
     configured = bool(current_app.config.get("ADMIN_SUPER_SECRET"))
     with db.database.connection_context():
         secret = auth.admin_secret(current_app)
+        unreadable = registry.unreadable_provider_keys()
     if url:
         click.echo(f"gateway: public API   {url}/v1  (OpenAI and Anthropic formats)")
         click.echo(f"gateway: admin API    {url}/api/admin  (Authorization: Bearer <admin secret>)")
@@ -40,6 +42,37 @@ def prepare_command(url: str | None) -> None:
     else:
         click.echo(f"gateway: admin secret (generated, kept in the settings table): {secret}")
         click.echo("gateway: set ADMIN_SUPER_SECRET to choose your own")
+    _encryption_banner(unreadable)
+
+
+def _encryption_banner(unreadable: list[int]) -> None:
+    """Say where the encryption keys come from, and warn where they will not do."""
+    if vault.source == "GATEWAY_ENCRYPTION_KEYS":
+        click.echo("gateway: provider keys encrypted with GATEWAY_ENCRYPTION_KEYS")
+    else:
+        made = "generated now, " if vault.generated else ""
+        click.echo(
+            f"gateway: provider keys encrypted with the key in {vault.source} ({made}mode 0600)"
+        )
+        click.echo(
+            "gateway: WARNING: every instance sharing this database needs that same key: "
+            "set GATEWAY_ENCRYPTION_KEYS (see README, Security)"
+        )
+    if unreadable:
+        click.echo(
+            f"gateway: WARNING: the keys of providers {unreadable} cannot be decrypted with "
+            "these encryption keys; those providers are called without a key"
+        )
+
+
+@click.command("rotate-keys")
+def rotate_keys_command() -> None:
+    """Encrypt every provider API key with the newest key in GATEWAY_ENCRYPTION_KEYS."""
+    with db.database.connection_context():
+        sealed, unreadable = registry.reseal_provider_keys()
+    click.echo(f"sealed {sealed} provider keys with the newest encryption key")
+    if unreadable:
+        raise click.ClickException(f"cannot decrypt the keys of providers {unreadable}")
 
 
 @click.command("create-key")
@@ -53,5 +86,5 @@ def create_key_command(comment: str | None) -> None:
 
 def init_app(app: Flask) -> None:
     """Register the commands."""
-    for command in (migrate_command, prepare_command, create_key_command):
+    for command in (migrate_command, prepare_command, create_key_command, rotate_keys_command):
         app.cli.add_command(command)

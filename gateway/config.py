@@ -37,6 +37,9 @@ DEFAULTS: dict[str, object] = {
     "LOGIN_ATTEMPTS": 10,  # wrong secrets per client address (sign-in, admin bearer) ...
     "LOGIN_WINDOW": 60.0,  # ... per this many seconds, refilled continuously
     "METRICS_TOKEN": None,  # set: GET /metrics requires Authorization: Bearer <token>
+    # Fernet keys for provider API keys at rest, comma-separated, newest first (vault.py).
+    # None: one generated into instance/encryption.key (every instance needs the same).
+    "ENCRYPTION_KEYS": None,
     # Client disconnects mid-stream: "drain" reads the upstream to its end and records
     # the whole answer; "cancel" closes the upstream at once (saves provider cost).
     "ON_DISCONNECT": "drain",

@@ -5,8 +5,9 @@ POST must carry the session's CSRF token; every page but the login form needs th
 session. Pages: Overview, Requests and Embeddings (tables and details), API keys,
 Providers and models. Writes go through the admin API's own functions, so a form and
 the JSON API change things the same way and check the same rules. Pages work with
-JavaScript off; prompts and answers are untrusted text (autoescaped, never ``|safe``),
-and no page shows a secret in full but the new key, once, in the answer that made it.
+JavaScript off; prompts and answers are untrusted text (autoescaped, never ``|safe``,
+and a lone surrogate in them shows as U+FFFD instead of breaking the page), and no
+page shows a secret in full but the new key, once, in the answer that made it.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ from gateway import (
     db,
     i18n,
     records,
+    redact,
     registry,
-    serializers,
     sessions,
     stats,
     transcript,
+    urlargs,
 )
 from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
 
 bp = Blueprint("dashboard", __name__)
+bp.record_once(urlargs.register)
 
 LANGUAGE_COOKIE = "lang"
 EXPIRY_DAYS = (7, 30, 90, 180, 365)
@@ -68,7 +71,10 @@ SECURITY_HEADERS = {
 @bp.before_request
 def _guard() -> Response | None:
     db.connect()  # every page reads the database; /v1 requests do not connect at all
-    if request.method == "POST" and not sessions.csrf_valid(request.form.get("csrf_token")):
+    if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+        # PostgreSQL refuses NUL in text: keep it away from every query.
+        abort(400, _("The request could not be read."))
+    if request.method == "POST" and not sessions.csrf_valid(_posted("csrf_token")):
         abort(400, _("The form expired. Reload the page and try again."))
     if request.endpoint not in OPEN and not sessions.logged_in():
         return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
@@ -132,10 +138,18 @@ def _locale() -> str:
 
 
 def _next(target: str | None) -> str:
-    """A local path to go back to; anything else (another site) means the overview."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return url_for("dashboard.overview")
+    """A path on this site to go back to; anything else (another site) means the overview."""
+    return urlargs.local_path(target) or url_for("dashboard.overview")
+
+
+def _posted(name: str) -> str | None:
+    """A posted form field; a body that cannot be read (broken chunked framing) is a 400."""
+    try:
+        return request.form.get(name)
+    except HTTPException:
+        raise
+    except Exception:  # gunicorn's ParseException kinds, a socket cut mid-body
+        abort(400, _("The request could not be read."))
 
 
 # -- overview -------------------------------------------------------------------
@@ -163,7 +177,7 @@ def requests_list():
     return _table(Completion, "dashboard/requests.html")
 
 
-@bp.get("/requests/<int:record_id>")
+@bp.get("/requests/<id:record_id>")
 def request_detail(record_id: int):
     return render_template("dashboard/request.html", **records.detail(Completion, record_id))
 
@@ -173,7 +187,7 @@ def embeddings_list():
     return _table(Embedding, "dashboard/embeddings.html")
 
 
-@bp.get("/embeddings/<int:record_id>")
+@bp.get("/embeddings/<id:record_id>")
 def embedding_detail(record_id: int):
     return render_template("dashboard/embedding.html", **records.detail(Embedding, record_id))
 
@@ -197,12 +211,12 @@ def create_key():
     days = request.form.get("expires", type=int)
     if days in EXPIRY_DAYS:
         body["expiresAt"] = (datetime.now(UTC) + timedelta(days=days)).isoformat()
-    row, key = ApiKey.issue(**registry.key_fields(body))
+    row, key = registry.issue_key(registry.key_fields(body))
     # Shown in this answer only: not flashed (that would put it in the cookie), not stored.
     return _keys_page(new_key=key, new_row=row)
 
 
-@bp.post("/keys/<int:key_id>/revoke")
+@bp.post("/keys/<id:key_id>/revoke")
 def revoke_key(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
     registry.revoke(row)
@@ -210,7 +224,7 @@ def revoke_key(key_id: int):
     return redirect(url_for("dashboard.keys"))
 
 
-@bp.post("/keys/<int:key_id>/limits")
+@bp.post("/keys/<id:key_id>/limits")
 def key_limits(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
     registry.set_limits(row, registry.key_fields(_form_body({"rpmLimit": int, "tpmLimit": int})))
@@ -269,7 +283,7 @@ def providers():
         providers=list(Provider.active().order_by(Provider.name)),
         models=models,
         by_system=by_system,
-        mask=serializers.mask,
+        mask=redact.mask,
     )
 
 
@@ -280,7 +294,7 @@ def create_provider():
     return redirect(url_for("dashboard.providers"))
 
 
-@bp.route("/providers/<int:provider_id>", methods=["GET", "POST"])
+@bp.route("/providers/<id:provider_id>", methods=["GET", "POST"])
 def edit_provider(provider_id: int):
     row = _live(Provider, provider_id)
     if request.method == "POST":
@@ -289,10 +303,10 @@ def edit_provider(provider_id: int):
         registry.edit_provider(row, registry.provider_fields(body, required=False))
         flash(_("Provider %(name)s saved.", name=body.get("name", row.name)), "ok")
         return redirect(url_for("dashboard.providers"))
-    return render_template("dashboard/provider_form.html", row=row, mask=serializers.mask)
+    return render_template("dashboard/provider_form.html", row=row, mask=redact.mask)
 
 
-@bp.post("/providers/<int:provider_id>/delete")
+@bp.post("/providers/<id:provider_id>/delete")
 def delete_provider(provider_id: int):
     row = _live(Provider, provider_id)
     registry.remove_provider(row)
@@ -300,7 +314,7 @@ def delete_provider(provider_id: int):
     return redirect(url_for("dashboard.providers"))
 
 
-@bp.post("/providers/<int:provider_id>/test")
+@bp.post("/providers/<id:provider_id>/test")
 def test_provider(provider_id: int):
     row = _live(Provider, provider_id)
     try:
@@ -320,7 +334,7 @@ def test_provider(provider_id: int):
     return redirect(url_for("dashboard.providers"))
 
 
-@bp.post("/providers/<int:provider_id>/models")
+@bp.post("/providers/<id:provider_id>/models")
 def create_model(provider_id: int):
     body = {**_form_body(MODEL_FORM), "providerId": _live(Provider, provider_id).id}
     row = registry.add_model(registry.model_fields(body, required=True))
@@ -328,7 +342,7 @@ def create_model(provider_id: int):
     return redirect(url_for("dashboard.providers"))
 
 
-@bp.route("/models/<int:model_id>", methods=["GET", "POST"])
+@bp.route("/models/<id:model_id>", methods=["GET", "POST"])
 def edit_model(model_id: int):
     row = _live(Model, model_id)
     if request.method == "POST":
@@ -340,7 +354,7 @@ def edit_model(model_id: int):
     return render_template("dashboard/model_form.html", row=row)
 
 
-@bp.post("/models/<int:model_id>/delete")
+@bp.post("/models/<id:model_id>/delete")
 def delete_model(model_id: int):
     row = _live(Model, model_id)
     registry.remove_model(row)
@@ -351,9 +365,9 @@ def delete_model(model_id: int):
 @bp.post("/weights/<path:system_name>")
 def weights(system_name: str):
     posted = [
-        {"modelId": int(name.removeprefix("weight-")), "weight": _number(value, float)}
+        {"modelId": model_id, "weight": _number(value, float)}
         for name, value in request.form.items()
-        if name.startswith("weight-") and name.removeprefix("weight-").isdigit()
+        if (model_id := urlargs.integer(name.removeprefix("weight-"), 1, urlargs.MAX_ID))
     ]
     registry.apply_weights(system_name, posted)
     flash(_("Weights of %(name)s saved.", name=system_name), "ok")
@@ -383,10 +397,11 @@ def _form_body(fields: dict[str, type], clear: tuple[str, ...] = ()) -> dict[str
 
 
 def _number(raw: str, kind: type) -> Any:
-    try:
-        return kind(raw)
-    except ValueError:
-        return raw  # left as text: the admin API's check names the field
+    """ASCII digits as a number of ``kind``; anything else is left as text for the check."""
+    value = urlargs.integer(raw, -urlargs.MAX_ID, urlargs.MAX_ID) if kind is int else None
+    if kind is float and urlargs.DECIMAL.fullmatch(raw):
+        value = float(raw)
+    return raw if value is None else value  # text: the admin API's check names the field
 
 
 def init_app(app: Flask) -> None:
@@ -401,3 +416,4 @@ def init_app(app: Flask) -> None:
         current_language=_locale,
     )
     app.jinja_env.filters["pretty"] = transcript.pretty
+    app.jinja_env.finalize = transcript.printable  # a lone surrogate must not make a 500

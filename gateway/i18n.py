@@ -10,6 +10,7 @@ the tables) is shown as a dash, never as 0. Timestamps are naive UTC and are sho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime
 
@@ -173,7 +174,9 @@ def duration(ms: float | None) -> str:
 
 
 def _unknown(value: object) -> bool:
-    """NULL in the table, or a field the stored JSON does not have."""
+    """NULL in the table, a field the stored JSON does not have, or not a finite number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return True  # an Infinity stored before the admin API refused it: a dash, not a 500
     return value is None or isinstance(value, Undefined)
 
 

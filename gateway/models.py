@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import peewee as pw
 
 from gateway.db import database
+from gateway.vault import vault
 
 STATUSES = ("pending", "completed", "failed", "aborted", "cache_hit")
 MODEL_TYPES = ("chat", "embedding")
@@ -23,6 +24,16 @@ MODEL_TYPES = ("chat", "embedding")
 def utcnow() -> datetime:
     """Naive UTC now, the one clock every row uses."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+class SealedField(pw.TextField):
+    """Text encrypted at rest (``vault``): sealed on the way in, opened on the way out."""
+
+    def db_value(self, value: str | None) -> str | None:
+        return None if value is None else vault.seal(value)
+
+    def python_value(self, value: str | None) -> str | None:
+        return None if value is None else vault.open(value)
 
 
 class BaseModel(pw.Model):
@@ -84,7 +95,7 @@ class Provider(BaseModel):
     name = pw.CharField(max_length=63)
     type = pw.CharField(max_length=31, default="openai")
     base_url = pw.CharField(max_length=255)
-    api_key = pw.CharField(max_length=255, null=True)
+    api_key = SealedField(null=True)  # text since migration 0003: a sealed key is longer
     api_version = pw.CharField(max_length=31, null=True)
     comment = pw.TextField(null=True)
     # Ask OpenAI-format upstreams for stream usage; some old servers reject the field.
@@ -230,6 +241,40 @@ class Setting(BaseModel):
             )
             .execute()
         )
+
+
+class DashboardSession(BaseModel):
+    """A signed-in dashboard session: the cookie holds its token, the table its hash."""
+
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "dashboard_sessions"
+
+    @classmethod
+    def open(cls, lifetime: timedelta) -> str:
+        """Start a session; return its token. Sessions older than ``lifetime`` go."""
+        cls.delete().where(cls.created_at < utcnow() - lifetime).execute()
+        token = secrets.token_urlsafe(32)
+        cls.create(token_hash=hashlib.sha256(token.encode()).hexdigest())
+        return token
+
+    @classmethod
+    def alive(cls, token: object, lifetime: timedelta) -> bool:
+        """True while the session of ``token`` is open and younger than ``lifetime``."""
+        if not isinstance(token, str):
+            return False
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        since = utcnow() - lifetime
+        return cls.select().where((cls.token_hash == digest) & (cls.created_at > since)).exists()
+
+    @classmethod
+    def close(cls, token: object) -> None:
+        """End the session of ``token``: its cookie is worthless from now on."""
+        if isinstance(token, str):
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            cls.delete().where(cls.token_hash == digest).execute()
 
 
 # Partial indexes (as in migrations/0001): live provider names are unique; a request

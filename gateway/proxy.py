@@ -7,14 +7,13 @@ are rendered in the caller's protocol by ``render_error``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import unquote
 
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import auth
+from gateway import auth, jsonio, redact
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -39,18 +38,19 @@ FORMAT_BY_PATH = {
     "/v1/messages": ANTHROPIC,
     "/v1/responses": OPENAI_RESPONSES,
 }
-# Client headers never forwarded upstream: ours, hop-by-hop, credentials, and ones
-# the upstream request sets itself (as NexusGate, which forwards the rest).
+# Client headers never forwarded upstream, besides credentials (``redact``): ours,
+# hop-by-hop, and ones the upstream request sets itself. The rest is forwarded, as
+# NexusGate does: providers add headers (``anthropic-beta``) faster than an
+# allow-list could follow them.
 _NOT_FORWARDED = frozenset(
     {
-        "host", "connection", "content-length", "content-type", "authorization", "x-api-key",
-        "anthropic-version", "accept", "accept-encoding", "accept-language", "origin",
-        "referer", "cookie", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-authorization", "proxy-connection", "x-forwarded-for", "x-forwarded-proto",
-        "x-forwarded-host", "x-real-ip", "forwarded", "priority",
+        "host", "connection", "content-length", "content-type", "cookie", "anthropic-version",
+        "accept", "accept-encoding", "accept-language", "origin", "referer", "keep-alive",
+        "te", "trailer", "transfer-encoding", "upgrade", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "priority", "expect",
     }
 )  # fmt: skip
-_NOT_FORWARDED_PREFIXES = ("x-nexusgate-", "sec-fetch-", "sec-ch-ua")
+_NOT_FORWARDED_PREFIXES = ("x-nexusgate-", "sec-fetch-", "sec-ch-ua", "proxy-")
 
 
 @bp.post("/v1/chat/completions")
@@ -95,12 +95,12 @@ def list_models() -> Response:
         if name not in seen:
             seen.add(name)
             data.append({"id": name, "object": "model", "created": 0, "owned_by": provider})
-    return _json({"object": "list", "data": data})
+    return jsonio.response({"object": "list", "data": data})
 
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    return _json({"status": "ok", "calls": calls.active})
+    return jsonio.response({"status": "ok", "calls": calls.active})
 
 
 def _complete(api_format: str) -> Response:
@@ -144,14 +144,13 @@ def _answer(call: Call) -> Response:
 
 
 def _json_body() -> dict[str, Any]:
+    """The body as a JSON object, strictly parsed (``jsonio``): MalformedJSON if not."""
     try:
-        raw = request.get_data(cache=False)
+        body = jsonio.loads(jsonio.read(request))
     except RequestEntityTooLarge as exc:
         raise _too_large() from exc
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise MalformedJSON(f"Request body is not valid JSON: {exc}") from exc
+    except jsonio.Unreadable as exc:
+        raise MalformedJSON(str(exc)) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object")
     return body
@@ -173,11 +172,15 @@ def _client_socket() -> Any:
 
 
 def forwarded_headers(headers: Any) -> dict[str, str]:
-    """The client headers passed on to the upstream (and kept in the record)."""
+    """The client headers passed on to the upstream and kept in the record, lower-cased."""
     out = {}
     for name, value in headers.items():
         lower = name.lower()
-        if lower in _NOT_FORWARDED or lower.startswith(_NOT_FORWARDED_PREFIXES):
+        if (
+            lower in _NOT_FORWARDED
+            or lower.startswith(_NOT_FORWARDED_PREFIXES)
+            or redact.credential_header(lower, value)
+        ):
             continue
         out[lower] = value
     return out
@@ -196,7 +199,7 @@ def render_http_error(exc: HTTPException) -> Response | HTTPException:
     if isinstance(exc, RequestEntityTooLarge):
         return render_error(_too_large())
     if request.path.startswith("/api/"):
-        return _json({"error": exc.description or exc.name}, exc.code or 500)
+        return jsonio.response({"error": exc.description or exc.name}, exc.code or 500)
     if not request.path.startswith("/v1/"):
         return exc
     protocol = FORMAT_BY_PATH.get(request.path.rstrip("/"), OPENAI_CHAT)
@@ -204,8 +207,4 @@ def render_http_error(exc: HTTPException) -> Response | HTTPException:
     body = error_body(
         protocol, kind, exc.description or exc.name, code=exc.name.lower().replace(" ", "_")
     )
-    return _json(body, exc.code or 500)
-
-
-def _json(data: object, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, mimetype="application/json")
+    return jsonio.response(body, exc.code or 500)

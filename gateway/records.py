@@ -1,16 +1,20 @@
-"""Call records for the dashboard's tables: filters, one page of rows, the names beside them.
+"""Call records as lists: the one filtered query, and the dashboard's pages of it.
 
-A listing reads its filters from a query-string mapping (status, model, key, time range,
-page, page size), ignores values it does not know rather than failing, and selects only
-the columns a table shows: prompts, answers and vectors can be megabytes per row.
-Soft-deleted records are never shown. Totals honour the filters.
+``select`` is the query the admin API and the dashboard share: live (not soft-deleted)
+records, filtered by status, model, key, model id and time. One model rule for both:
+a system name matches its calls whether or not the caller pinned a provider
+(``gpt-4o`` finds ``gpt-4o`` and ``gpt-4o@azure``, never ``gpt-4o-mini``, which a
+prefix match would). A dashboard listing reads its filters from a query-string
+mapping, ignores values it does not know rather than failing, and selects only the
+columns a table shows: prompts, answers and vectors can be megabytes per row. Totals
+honour the filters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,6 +22,7 @@ from flask import abort, url_for
 
 from gateway import registry
 from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, utcnow
+from gateway.urlargs import MAX_ID, integer
 
 RANGES = {"1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000}
 PAGE_SIZES = (10, 20, 50, 100)
@@ -95,32 +100,62 @@ class Listing:
         return url_for(endpoint) + (f"?{query}" if query else "")
 
 
+def select(
+    table: Any,
+    *columns: Any,
+    status: str = "",
+    model: str = "",
+    key: int | None = None,
+    model_id: int | None = None,
+    since: datetime | None = None,
+) -> Any:
+    """Live records of ``table`` that match every filter given (all columns by default)."""
+    query = table.select(*columns).where(table.deleted == False)  # noqa: E712
+    if status:
+        query = query.where(table.status == status)
+    if model:
+        query = query.where((table.model == model) | table.model.startswith(model + "@"))
+    if key is not None:
+        query = query.where(table.api_key == key)
+    if model_id is not None:
+        query = query.where(table.model_id == model_id)
+    if since is not None:
+        query = query.where(table.created_at >= since)
+    return query
+
+
+def newest_first(query: Any, table: Any) -> Any:
+    """``query`` ordered by when the call arrived, newest first."""
+    # Not by id: ids follow write order, which the recorder may batch.
+    return query.order_by(table.created_at.desc(), table.id.desc())
+
+
+def live(table: Any, record_id: int) -> Any:
+    """One live record by id, or None."""
+    return table.get_or_none((table.id == record_id) & (table.deleted == False))  # noqa: E712
+
+
 def listing(table: Any, args: Mapping[str, str]) -> Listing:
     """One page of ``table``'s records, newest first, filtered as ``args`` ask."""
     found = Listing(
         status=args.get("status", "") if args.get("status") in STATUSES else "",
         model=args.get("model", "").strip(),
-        key=_int(args.get("key")),
+        key=integer(args.get("key"), 1, MAX_ID),
         range=args.get("range", "") if args.get("range") in RANGES else "",
-        size=size if (size := _int(args.get("size"))) in PAGE_SIZES else DEFAULT_SIZE,
+        size=size if (size := integer(args.get("size"), 1, 100)) in PAGE_SIZES else DEFAULT_SIZE,
     )
-    query = table.select(*COLUMNS[table]).where(table.deleted == False)  # noqa: E712
-    if found.status:
-        query = query.where(table.status == found.status)
-    if found.model:  # a system name, whether or not the caller pinned a provider
-        query = query.where(
-            (table.model == found.model) | table.model.startswith(found.model + "@")
-        )
-    if found.key is not None:
-        query = query.where(table.api_key == found.key)
-    if found.range:
-        query = query.where(table.created_at >= utcnow() - timedelta(seconds=RANGES[found.range]))
+    since = utcnow() - timedelta(seconds=RANGES[found.range]) if found.range else None
+    query = select(
+        table,
+        *COLUMNS[table],
+        status=found.status,
+        model=found.model,
+        key=found.key,
+        since=since,
+    )
     found.total = query.count()
-    found.page = min(max(1, _int(args.get("page")) or 1), found.pages)
-    # By when the call arrived: ids follow write order, which the recorder may batch.
-    found.rows = list(
-        query.order_by(table.created_at.desc(), table.id.desc()).paginate(found.page, found.size)
-    )
+    found.page = min(max(1, integer(args.get("page"), 1, MAX_ID) or 1), found.pages)
+    found.rows = list(newest_first(query, table).paginate(found.page, found.size))
     return found
 
 
@@ -135,7 +170,7 @@ def names(rows: list) -> dict[str, Any]:
 
 def detail(table: Any, record_id: int) -> dict[str, Any]:
     """One live record with its key and provider name, or a 404."""
-    row = table.get_or_none((table.id == record_id) & (table.deleted == False))  # noqa: E712
+    row = live(table, record_id)
     if row is None:
         abort(404)
     return {
@@ -143,10 +178,3 @@ def detail(table: Any, record_id: int) -> dict[str, Any]:
         "key": ApiKey.get_or_none(ApiKey.id == row.api_key_id),
         "provider": registry.provider_names({row.provider_id}).get(row.provider_id),
     }
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None

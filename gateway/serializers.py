@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
+from gateway.redact import mask
 from gateway.stats import Overview, success_rate
 
 UNKNOWN = -1
@@ -23,15 +24,6 @@ def iso(value: datetime | None) -> str | None:
 
 def _known(value: int | None) -> int:
     return UNKNOWN if value is None else value
-
-
-def mask(secret: str | None) -> str | None:
-    """Enough of a provider key to recognise it, not to use it."""
-    if not secret:
-        return None
-    if len(secret) <= 8:
-        return "****"
-    return f"{secret[:3]}…{secret[-4:]}"
 
 
 def api_key(row: ApiKey) -> dict[str, Any]:

@@ -8,7 +8,8 @@ because a generated admin secret lives in the database.
 
 The CSRF token is random per session; every form posts it back and a POST without the
 matching token is refused. Logging in starts a fresh session (new token), so a token
-planted before login is worth nothing after it.
+planted before login is worth nothing after it. A signed-in session is also a row in
+``dashboard_sessions``: logging out deletes it, so a saved cookie is worthless after.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import logging
 import secrets
 from typing import Any
 
-from flask import Flask, session
+from flask import Flask, current_app, session
 from flask.sessions import SecureCookieSessionInterface
 
 from gateway import auth
 from gateway.db import database
+from gateway.models import DashboardSession
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +57,19 @@ class DerivedKeySessions(SecureCookieSessionInterface):
 def log_in() -> None:
     """Start a fresh, signed-in session."""
     session.clear()
-    session["admin"] = True
+    session["admin"] = DashboardSession.open(current_app.permanent_session_lifetime)
     session["csrf"] = secrets.token_urlsafe(32)
 
 
 def log_out() -> None:
-    """Forget everything about this visitor but the language cookie."""
+    """End this session for good and forget everything but the language cookie."""
+    DashboardSession.close(session.get("admin"))
     session.clear()
 
 
 def logged_in() -> bool:
-    """True when this session signed in with the admin secret."""
-    return session.get("admin") is True
+    """True when this session signed in with the admin secret and has not logged out."""
+    return DashboardSession.alive(session.get("admin"), current_app.permanent_session_lifetime)
 
 
 def csrf_token() -> str:

@@ -15,6 +15,7 @@ not grow with the rows in the range. The semantics, for the dashboard and for
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -264,8 +265,12 @@ class KeyUsage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def usage_by_key(since: datetime) -> dict[int, KeyUsage]:
-    """Calls and tokens per key id since ``since`` (replays count as calls, not tokens)."""
+def usage_by_key(since: datetime | None = None, key: int | None = None) -> dict[int, KeyUsage]:
+    """Calls and tokens per key id, since ``since`` and of one key if given.
+
+    Live records of every status, as the overview counts them: every token count an
+    upstream reported, except a replay's (it counts as a call, not as tokens).
+    """
     tokens = pw.Case(None, [(Completion.status == "cache_hit", 0)], Completion.prompt_tokens)
     answer = pw.Case(None, [(Completion.status == "cache_hit", 0)], Completion.completion_tokens)
     query = (
@@ -275,7 +280,21 @@ def usage_by_key(since: datetime) -> dict[int, KeyUsage]:
             pw.fn.COALESCE(pw.fn.SUM(tokens), 0),
             pw.fn.COALESCE(pw.fn.SUM(answer), 0),
         )
-        .where((Completion.created_at >= since) & (Completion.deleted == False))  # noqa: E712
+        .where(Completion.deleted == False)  # noqa: E712
         .group_by(Completion.api_key)
     )
+    if since is not None:
+        query = query.where(Completion.created_at >= since)
+    if key is not None:
+        query = query.where(Completion.api_key == key)
     return {key: KeyUsage(calls, int(p), int(c)) for key, calls, p, c in query.tuples()}
+
+
+def total(usages: Iterable[KeyUsage]) -> KeyUsage:
+    """Several keys' usage added up."""
+    out = KeyUsage()
+    for usage in usages:
+        out.calls += usage.calls
+        out.prompt_tokens += usage.prompt_tokens
+        out.completion_tokens += usage.completion_tokens
+    return out

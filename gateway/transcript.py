@@ -4,8 +4,9 @@ Prompts and answers are stored in Chat Completions form (``adapters/record.py``)
 messages with a role, content as a string or a list of parts (``text``,
 ``image_url``, others kept as JSON), an assistant's ``tool_calls`` and
 ``reasoning_content``. Everything here is untrusted text: templates autoescape it,
-and an image is shown only from a ``data:image/...`` or ``http(s)`` URL, never from
-``javascript:`` or an SVG that could carry script.
+an image is shown only from a ``data:image/...`` or ``http(s)`` URL, never from
+``javascript:`` or an SVG that could carry script, and a lone surrogate (SQLite keeps
+old records and upstream answers holding them) prints as U+FFFD.
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ import json
 import re
 from typing import Any
 
+from markupsafe import Markup
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, only a lone one can be left
 _IMAGE_DATA = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*")
 PREVIEW = 120  # characters of a prompt or input shown in a table cell
+
+
+def printable(value: Any) -> Any:
+    """A value a template prints, with lone surrogates made U+FFFD so the page encodes."""
+    if not isinstance(value, str) or value.isascii():
+        return value
+    cleaned = _SURROGATE.sub("\ufffd", value)
+    return Markup(cleaned) if isinstance(value, Markup) else cleaned
 
 
 def image_src(url: Any) -> str | None:
@@ -80,6 +92,13 @@ def pretty(value: Any) -> str:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value  # streamed tool arguments can be cut short: show them as they are
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    # An upstream's answer can nest deeper than indenting can recurse: then show it flat,
+    # and if even that is too deep, show that something is there.
+    for indent in (2, None):
+        try:
+            return json.dumps(value, indent=indent, ensure_ascii=False)
+        except RecursionError:
+            continue
+    return "…"

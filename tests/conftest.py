@@ -22,7 +22,13 @@ import pytest  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
-from tests.servers import ADMIN_SECRET, FakeUpstream, Gateway, RedisServer  # noqa: E402
+from tests.servers import (  # noqa: E402
+    ADMIN_SECRET,
+    ENCRYPTION_KEY,
+    FakeUpstream,
+    Gateway,
+    RedisServer,
+)
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL")
@@ -95,6 +101,7 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
             "TESTING": True,
             "DATABASE_URL": database_url,
             "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+            "ENCRYPTION_KEYS": ENCRYPTION_KEY,
             "JOURNAL_DIR": str(tmp_path / "journal"),
             "SWEEP_INTERVAL": 0,
             "BACKOFF_MIN": 0.01,

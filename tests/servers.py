@@ -16,6 +16,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_SECRET = "test-admin-secret"
+# One encryption key for every gateway and app a test starts: they share databases.
+ENCRYPTION_KEY = "Wy4JyfkS3HBJbOI5FAlGrtd1wppwbiz3g8uvCo3DvUA="
 
 
 def free_port() -> int:
@@ -102,6 +104,7 @@ class Gateway:
             "HOST": "127.0.0.1",
             "DATABASE_URL": database_url,
             "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+            "GATEWAY_ENCRYPTION_KEYS": ENCRYPTION_KEY,
             "GATEWAY_INSTANCE_PATH": str(instance),
             # Not a temporary directory of its own: a gateway killed in a test leaves it.
             "PROMETHEUS_MULTIPROC_DIR": str(instance / "metrics"),

@@ -84,7 +84,7 @@ def test_revoking_an_unknown_key_is_404_and_inserts_nothing(admin, db) -> None: 
         ({"rpmLimit": 0}, "rpmLimit must be at least 1"),
         ({"tpmLimit": "many"}, "tpmLimit must be an integer"),
         ({"expiresAt": "tomorrow"}, "expiresAt must be an ISO 8601 date-time"),
-        ({"comment": 3}, "comment must be a str"),
+        ({"comment": 3}, "comment must be a string"),
     ],
 )
 def test_key_fields_are_validated(admin, body: dict, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -249,3 +249,203 @@ def test_usage_sums_known_tokens_of_completed_and_aborted_calls(admin, db) -> No
     key = ApiKey.create(key_hash="c" * 64, key_hint="sk-c…cccc")
     _records(db, key.id, ["completed", "aborted", "failed", "pending"])
     assert admin("GET", "/usage")[1] == {"total_prompt_tokens": 20, "total_completion_tokens": 1}
+
+
+# -- hostile input: never a 5xx, always a message ----------------------------------------
+
+BIG = 2**63
+NAN_BODY = b'{"name": "p", "baseUrl": "https://x.example", "comment": NaN}'
+
+
+def test_ids_in_paths_beyond_the_column_or_not_ascii_are_not_found(admin) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/providers/{}", "/models/{}", "/completions/{}", "/embeddings/{}"):
+        for bad in (BIG, 2**64 + 1, 10**30, 0, "\u0661\u0662", "\uff11", "-1", "1.5"):
+            for method in ("GET", "DELETE"):
+                status, body = admin(method, path.format(bad))
+                assert status in (404, 405), (method, path, bad, status, body)
+    for bad in (str(BIG - 1), str(BIG), "9" * 40, "\u0661", "\u00b2"):  # by id, or by key
+        assert admin("GET", f"/apiKey/{bad}")[0] == 404
+        assert (
+            admin("PUT", f"/apiKey/{bad}/ratelimit", json={"rpmLimit": 1, "tpmLimit": 1})[0] == 404
+        )
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("limit=-1", "limit must be an integer from 1 to 1000"),
+        ("limit=0", "limit must be an integer from 1 to 1000"),
+        ("limit=1001", "limit must be an integer from 1 to 1000"),
+        ("limit=x", "limit must be an integer from 1 to 1000"),
+        ("offset=-1", "offset must be an integer from 0"),
+        (f"offset={BIG}", "offset must be an integer from 0"),
+        ("offset=%D9%A1", "offset must be an integer from 0"),  # Arabic-Indic one
+        ("offset=1_0", "offset must be an integer from 0"),
+        (f"apiKeyId={BIG}", "apiKeyId must be an integer from 1"),
+        ("apiKeyId=%EF%BC%91", "apiKeyId must be an integer from 1"),  # fullwidth one
+        ("modelId=0", "modelId must be an integer from 1"),
+        ("status=done", "status must be one of pending, completed"),
+        ("model=%00", "must not contain NUL"),
+    ],
+)
+def test_paging_and_filters_are_checked(admin, query: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    for table in ("completions", "embeddings"):
+        status, body = admin("GET", f"/{table}?{query}")
+        assert status == 400 and message in body["error"], (table, body)
+
+
+def test_paging_within_bounds_is_served(admin) -> None:  # type: ignore[no-untyped-def]
+    assert admin("GET", f"/completions?limit=1000&offset={BIG - 1}")[1]["data"] == []
+    assert admin("GET", "/embeddings?limit=1&offset=0")[1] == {"data": [], "total": 0, "from": 0}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        ("POST", "/apiKey", {"rpmLimit": None}, "rpmLimit must not be null"),
+        ("POST", "/apiKey", {"rpmLimit": 2**31}, "rpmLimit must be at most 2147483647"),
+        ("POST", "/apiKey", {"tpmLimit": 10**30}, "tpmLimit must be at most 2147483647"),
+        ("POST", "/apiKey", {"tpmLimit": 5.5}, "tpmLimit must be an integer"),
+        ("POST", "/apiKey", {"expiresAt": "10000-01-01T00:00:00Z"}, "ISO 8601"),
+        ("POST", "/apiKey", {"expiresAt": "0001-01-01T00:00:00+01:00"}, "ISO 8601"),
+        ("POST", "/apiKey", {"expiresAt": "1969-12-31T23:59:59Z"}, "1970 and 9999"),
+        ("POST", "/apiKey", {"expiresAt": "\u0662\u0660\u0663\u0660-01-01"}, "ISO 8601"),
+        ("POST", "/apiKey", {"comment": "x" * 4097}, "comment must be 0 to 4096 characters"),
+        ("PUT", "/apiKey/by-external-id/ns%2Fa", {"rpmLimit": None}, "rpmLimit must not be null"),
+        ("PUT", "/apiKey/by-external-id/" + "e" * 128, {}, "externalId must be 1 to 127"),
+        ("PUT", "/apiKey/by-external-id/a%2500b", {}, "externalId must be 1 to 127"),
+        ("POST", "/providers", {"name": "p", "baseUrl": None}, "baseUrl is required"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://x", "type": None}, "type must not be null"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://x", "streamUsage": None}, "streamUsage must not be null"),
+        ("POST", "/providers", {"name": "p" * 64, "baseUrl": "https://x"}, "name must be 1 to 63"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://" + "x" * 250}, "baseUrl must be 1 to 255"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://"}, "baseUrl must be an http(s) URL"),
+        ("POST", "/providers", {"name": "p\u0000", "baseUrl": "https://x"}, None),  # U+FFFD: stored
+        ("POST", "/providers", {"name": "p\n", "baseUrl": "https://x"}, "name must not contain control"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://x", "apiVersion": "v" * 32}, "apiVersion must be 0 to 31"),
+        ("POST", "/providers", {"name": "p", "baseUrl": "https://x", "apiKey": 5}, "apiKey must be a string"),
+        ("POST", "/models", {"providerId": BIG, "systemName": "m"}, f"providerId must be at most {BIG - 1}"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "weight": None}, "weight must not be null"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "weight": 1e300}, "weight must be at most 1000000"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "inputPrice": -1}, "inputPrice must be at least 0"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "contextLength": 2**31}, "contextLength must be at most"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "remoteId": "r" * 128}, "remoteId must be 0 to 127"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "modelType": "image"}, "modelType must be one of chat, embedding"),
+        ("PUT", "/models/by-system-name/m/weights", {"weights": [{"modelId": BIG, "weight": 1}]}, "weights must be a list"),
+        ("PUT", "/models/by-system-name/m/weights", {"weights": [{"modelId": 1, "weight": 1e300}]}, "weights must be a list"),
+        ("PUT", "/models/by-system-name/m/weights", {"weights": [{"modelId": 1, "weight": True}]}, "weights must be a list"),
+        ("PUT", "/apiKey/1/ratelimit", {"rpmLimit": 1, "tpmLimit": None}, "tpmLimit is required"),
+    ],
+)  # fmt: skip
+def test_every_admin_field_is_checked_against_its_column(
+    admin, db, method: str, path: str, body: dict, message: str | None
+) -> None:  # type: ignore[no-untyped-def]
+    ApiKey.issue()  # key 1, for the ratelimit case
+    status, answer = admin(method, path, json=body)
+    if message is None:
+        assert status == 201, answer
+        return
+    assert status == 400, answer
+    assert message in answer["error"], answer
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"name": "p", "baseUrl": "https://x.example", "comment": NaN}',
+        b'{"name": "p", "baseUrl": "https://x.example", "comment": Infinity}',
+        b'{"weights": [{"modelId": 1, "weight": Infinity}]}',
+        b'{"weights": [{"modelId": 1, "weight": 1e999}]}',
+        b'{"name": "\xed\xa0\x80", "baseUrl": "https://x.example"}',
+        b'{"name": "p", "baseUrl": "https://x.example", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+)
+def test_admin_bodies_are_strict_json(client, raw: bytes) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/providers", "/models/by-system-name/m/weights"):
+        method = "POST" if path == "/providers" else "PUT"
+        resp = client.open(
+            f"/api/admin{path}",
+            method=method,
+            data=raw,
+            headers={**ADMIN, "Content-Type": "application/json"},
+        )
+        assert resp.status_code == 400, resp.text
+        assert "not valid JSON" in resp.get_json()["error"]
+
+
+def test_infinite_prices_and_weights_never_reach_the_table_or_break_a_page(
+    admin, client, db
+) -> None:  # type: ignore[no-untyped-def]
+    p = provider(admin)
+    model = admin("POST", "/models", json={"providerId": p["id"], "systemName": "m"})[1]
+    assert admin("PUT", f"/models/{model['id']}", json={"inputPrice": 1e308 * 10})[0] == 400  # inf
+    # A row written before these checks existed still shows.
+    from gateway.models import Model
+
+    Model.update(weight=float("inf"), input_price=float("inf")).where(
+        Model.id == model["id"]
+    ).execute()
+    assert admin("GET", "/models")[0] == 200
+    with client.session_transaction() as session:
+        session.clear()
+    client.post("/login", data={"secret": ADMIN_SECRET, "csrf_token": _csrf(client)})
+    assert client.get("/providers").status_code == 200
+
+
+def _csrf(client) -> str:  # type: ignore[no-untyped-def]
+    client.get("/login")
+    with client.session_transaction() as session:
+        return session["csrf"]
+
+
+def test_concurrent_creates_of_one_name_one_wins_the_other_gets_409(admin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Both requests passed the "is the name free?" check before either inserted: the
+    # partial unique index decides, and the loser is told so, not given a 500.
+    from gateway import registry
+
+    monkeypatch.setattr(registry, "_unique_provider_name", lambda name: None)
+    assert admin("POST", "/providers", json={"name": "p", "baseUrl": "https://x.example"})[0] == 201
+    status, body = admin("POST", "/providers", json={"name": "p", "baseUrl": "https://y.example"})
+    assert (status, body) == (409, {"error": "Provider 'p' already exists"})
+    other = admin("POST", "/providers", json={"name": "q", "baseUrl": "https://x.example"})[1]
+    status, body = admin("PUT", f"/providers/{other['id']}", json={"name": "p"})
+    assert (status, body) == (409, {"error": "Provider 'p' already exists"})
+    model = {"providerId": other["id"], "systemName": "m"}
+    assert admin("POST", "/models", json=model)[0] == 201
+    monkeypatch.setattr(registry.Model, "get_or_none", classmethod(lambda cls, *a: None))
+    status, body = admin("POST", "/models", json=model)
+    assert (status, body) == (409, {"error": "Model 'm' already exists on this provider"})
+
+
+def test_many_concurrent_creates_of_one_name(app, admin) -> None:  # type: ignore[no-untyped-def]
+    import gevent
+
+    def create(i: int) -> int:
+        with app.test_client() as client:
+            body = {"name": "race", "baseUrl": f"https://{i}.example"}
+            return client.post("/api/admin/providers", json=body, headers=ADMIN).status_code
+
+    statuses = sorted(g.value for g in gevent.joinall([gevent.spawn(create, i) for i in range(12)]))
+    assert statuses == [201] + [409] * 11
+
+
+def test_the_model_filter_is_one_rule_for_the_api_and_the_dashboard(admin, db) -> None:  # type: ignore[no-untyped-def]
+    key = ApiKey.create(key_hash="d" * 64, key_hint="sk-d…dddd")
+    for model in ("gpt-4o", "gpt-4o@azure", "gpt-4o-mini", "GPT-4O"):
+        ex = Exchange(api_key_id=key.id, model=model, api_format="openai-chat")
+        ex.finish("completed")
+        write_rows([snapshot(ex)])
+    listed = admin("GET", "/completions?model=gpt-4o")[1]
+    assert sorted(r["model"] for r in listed["data"]) == ["gpt-4o", "gpt-4o@azure"]
+    assert listed["total"] == 2
+    assert admin("GET", "/completions?model=gpt")[1]["total"] == 0  # not a prefix match
+
+
+def test_nul_anywhere_in_a_url_is_400(admin) -> None:  # type: ignore[no-untyped-def]
+    for path in (
+        "/models/by-system-name/a%00b",
+        "/apiKey/by-external-id/a%00b",
+        "/models?modelType=%00",
+    ):
+        status, body = admin("GET", path)
+        assert status == 400 and "NUL" in body["error"], path

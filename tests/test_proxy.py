@@ -8,6 +8,7 @@ setup does reach the upstream and the tables, so "nothing happened" can fail.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 
 import pytest
@@ -200,3 +201,150 @@ def test_embeddings_answer_is_the_upstreams_json_and_the_trailing_slash_works(
     answer = resp.get_json()
     assert [len(item["embedding"]) for item in answer["data"]] == [3, 3]
     assert answer["usage"]["prompt_tokens"] == 3
+
+
+# -- hostile input: not JSON text, too deep, text the database cannot store ------------
+
+
+def _hostile() -> list:
+    def field(path: str, literal: bytes) -> bytes:
+        """The valid body with ``literal`` (raw bytes) as the value of a field it has."""
+        body = json.dumps({**VALID[path], "zz": "@@"}).encode()
+        return body.replace(b'"@@"', literal)
+
+    deep = b'{"a": [' * 500 + b"1" + b"]}" * 500
+    cases = []
+    for path in VALID:
+        name = path.rsplit("/", 1)[1]
+        for label, literal, message in (
+            ("nan", b"NaN", "NaN is not a JSON number"),
+            ("infinity", b"Infinity", "Infinity is not a JSON number"),
+            ("minus-infinity", b"-Infinity", "-Infinity is not a JSON number"),
+            ("overflow", b"1e999", "out of range"),
+            ("cesu8", b'"\xed\xa0\x80"', "not UTF-8"),
+            ("overlong", b'"\xc0\xaf"', "not UTF-8"),
+            ("deep", deep, "nested more than 100 levels deep"),
+        ):
+            cases.append(pytest.param(path, field(path, literal), message, id=f"{name}-{label}"))
+    return cases
+
+
+@pytest.mark.parametrize(("path", "body", "message"), _hostile())
+def test_what_is_not_json_text_gets_400_and_goes_nowhere(
+    client, fake, route, path, body, message
+) -> None:  # type: ignore[no-untyped-def]
+    resp = post(client, path, body, route["key"])
+    assert resp.status_code == 400
+    kind, text, _ = error_of(resp, path)
+    assert kind == "invalid_request_error" and message in text
+    assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_nesting_at_the_bound_is_served(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    schema: object = {"type": "string"}
+    for _ in range(40):  # 2 levels each, inside tools[0]...: about 85 deep in all
+        schema = {"type": "object", "properties": {"p": schema}}
+    body = {**VALID[path], "metadata_extra": schema}
+    assert post(client, path, body, route["key"]).status_code == 200
+    assert recorded() == 1
+
+
+@pytest.mark.parametrize("path", [CHAT, RESPONSES, EMBEDDINGS])
+def test_text_the_database_cannot_store_is_replaced_in_what_is_sent_and_recorded(
+    client, fake, route, path
+) -> None:  # type: ignore[no-untyped-def]
+    # Escaped lone surrogates and NUL are valid JSON; PostgreSQL refuses both and a
+    # page holding a surrogate cannot be encoded. They become U+FFFD, sent and kept alike.
+    hostile = "a\\ud800b\\udfffc\\u0000d"
+    cleaned = "a\ufffdb\ufffdc\ufffdd"
+    if path == CHAT:
+        raw = b'{"model": "fake", "messages": [{"role": "user", "content": "%s"}]}'
+    elif path == RESPONSES:
+        raw = b'{"model": "fake", "input": "%s"}'
+    else:
+        raw = b'{"model": "emb", "input": ["%s"]}'
+    resp = post(client, path, raw.replace(b"%s", hostile.encode()), route["key"])
+    assert resp.status_code == 200
+    (sent,) = fake.log(route["id"])
+    assert cleaned in json.dumps(sent["body"], ensure_ascii=False)
+    assert recorded() == 1
+    with database.connection_context():
+        row = Completion.get_or_none() if path != EMBEDDINGS else Embedding.get()
+        stored = row.prompt if path != EMBEDDINGS else row.input
+    assert cleaned in json.dumps(stored, ensure_ascii=False)
+    assert "\\ud800" not in json.dumps(stored)
+
+
+def test_credential_headers_are_neither_forwarded_nor_recorded(client, fake, route) -> None:  # type: ignore[no-untyped-def]
+    credentials = {
+        "api-key": "azure-secret-1",
+        "x-goog-api-key": "google-secret-2",
+        "X-Custom-Token": "token-secret-3",
+        "x-my-secret": "secret-4",
+        "X-Session-Id": "session-secret-5",
+        "x-password": "password-6",
+        "x-upstream-credential": "credential-7",
+        "X-Forward-Auth": "auth-8",
+        "x-innocent-name": "Bearer bearer-secret-9",
+        "Cookie": "sid=cookie-secret-10",
+        "Proxy-Authorization": "Basic proxy-secret-11",
+    }
+    kept = {"anthropic-beta": "tools-2024", "x-request-id": "r-1", "x-stainless-os": "Linux"}
+    resp = post(client, CHAT, VALID[CHAT], route["key"], **credentials, **kept)
+    assert resp.status_code == 200
+    (sent,) = fake.log(route["id"])
+    assert recorded() == 1
+    with database.connection_context():
+        extra = Completion.get().prompt.get("extraHeaders", {})
+    for where in (sent["headers"], extra):
+        for name, value in kept.items():
+            assert where.get(name) == value
+        text = json.dumps(where)
+        assert not any(secret in text for secret in credentials.values()), where
+    # The upstream's own auth is the provider's, set by the gateway; never the client's key.
+    assert route["key"] not in json.dumps(sent["headers"])
+
+
+MALFORMED_CHUNKS = {
+    "bad-size": b"zz\r\nabc\r\n0\r\n\r\n",
+    "no-terminator": b"5\r\nabcdeXX0\r\n\r\n",
+    "cut-short": b'40\r\n{"model": ',
+}
+
+
+def raw_post(gw, path: str, headers: dict[str, str], chunks: bytes) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    """POST a chunked body exactly as given over a raw socket; (status, body)."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n{head}\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(request + chunks)
+        sock.shutdown(socket.SHUT_WR)  # the body ends here, whatever its framing says
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.server
+def test_a_malformed_chunked_body_gets_400_in_the_callers_shape(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    key = gateway.setup_route(fake.url)["key"]
+    bearer = {"Authorization": f"Bearer {key}"}
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    for name, chunks in MALFORMED_CHUNKS.items():
+        status, body = raw_post(gateway, CHAT, bearer, chunks)
+        assert status == 400, (name, body)
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        status, body = raw_post(gateway, MESSAGES, bearer, chunks)
+        assert status == 400 and json.loads(body)["type"] == "error", (name, body)
+        status, body = raw_post(gateway, "/api/admin/apiKey", admin, chunks)
+        assert status == 400 and json.loads(body)["error"], (name, body)
+        status, _ = raw_post(gateway, "/login", {}, chunks)
+        assert status == 400, name
+    assert gateway.records() == []
+    assert "Error handling request" not in gateway.log()
+    assert "Traceback" not in gateway.log()

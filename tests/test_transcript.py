@@ -61,3 +61,23 @@ def test_tool_calls_with_pretty_or_raw_arguments() -> None:
 def test_preview_is_one_short_line() -> None:
     assert transcript.preview(["", "first\n\nline  two"]) == "first line two"
     assert transcript.preview("x" * 300, 10) == "x" * 9 + "…"
+
+
+def test_what_a_page_prints_always_encodes() -> None:
+    from markupsafe import Markup
+
+    assert transcript.printable("a\ud800b\udfff") == "a\ufffdb\ufffd"
+    assert transcript.printable("\U0001f600 中") == "\U0001f600 中"
+    marked = transcript.printable(Markup("<b>\udc80</b>"))
+    assert (
+        isinstance(marked, Markup) and marked == "<b>\ufffd</b>"
+    )  # still markup: not escaped twice
+    assert transcript.printable(7) == 7
+    deep: list = []
+    for _ in range(5000):  # an answer nested deeper than indenting can recurse
+        deep = [deep]
+    assert (
+        transcript.pretty(deep) in ("…", "[" * 5001 + "]" * 5001)
+        or len(transcript.pretty(deep)) > 0
+    )
+    transcript.pretty("a\ud800").encode("utf-8", "surrogatepass")  # shown as text, no crash

@@ -63,14 +63,3 @@ def upstream_body(
         if upstream_format == OPENAI_CHAT and stream_usage:
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return out
-
-
-def __getattr__(name: str) -> object:
-    # registry.py still imports ``endpoint`` from here; it moved to gateway.upstream (URLs
-    # and auth are the wire's). Looked up lazily so this package stays free of requests.
-    # Delete once registry imports it from gateway.upstream.
-    if name == "endpoint":
-        from gateway.upstream import endpoint
-
-        return endpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,104 @@
+"""Strict JSON bodies and responses that always encode: pure units, no app."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from gateway import jsonio
+from tests import pairs_support
+
+REPLACEMENT = "\ufffd"
+
+
+def nested(levels: int, inner: bytes = b"1") -> bytes:
+    """``levels`` objects and arrays inside each other, in a field as a client would."""
+    return (
+        b'{"model": "m", "x": '
+        + b'[{"a": ' * (levels // 2)
+        + b"[" * (levels % 2)
+        + inner
+        + (b"]" * (levels % 2) + b"}]" * (levels // 2) + b"}")
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"temperature": NaN}', "NaN is not a JSON number"),
+        (b'{"temperature": Infinity}', "Infinity is not a JSON number"),
+        (b'{"temperature": -Infinity}', "-Infinity is not a JSON number"),
+        (b'{"temperature": 1e999}', "out of range"),
+        (b'{"temperature": -1e400}', "out of range"),
+        (b'{"text": "\xed\xa0\x80"}', "not UTF-8"),  # CESU-8: a surrogate in bytes
+        (b'{"text": "\xc0\xaf"}', "not UTF-8"),  # an overlong "/"
+        (b'{"text": "\xe0\x80\xaf"}', "not UTF-8"),  # another overlong "/"
+        (b'{"text": "\xff"}', "not UTF-8"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "digits"),
+        (b'{"model": "m", ', "not valid JSON"),
+        (nested(jsonio.MAX_DEPTH), "nested more than 100 levels"),  # the top object makes 101
+        (nested(1000), "nested more than 100 levels"),
+        (nested(100_000), "nested more than 100 levels"),  # past the recursion limit
+    ],
+)
+def test_what_is_not_json_text_is_refused(raw: bytes, reason: str) -> None:
+    with pytest.raises(jsonio.Unreadable, match=reason):
+        jsonio.loads(raw)
+
+
+def test_nesting_up_to_the_bound_is_accepted_and_strings_do_not_count() -> None:
+    assert jsonio.depth(nested(jsonio.MAX_DEPTH - 1)) == jsonio.MAX_DEPTH
+    assert jsonio.loads(nested(jsonio.MAX_DEPTH - 1))["model"] == "m"
+    text = "[{" * 500 + '\\"]}'  # brackets and an escaped quote inside one string
+    raw = b'["' + text.encode() + b'"]'
+    assert jsonio.depth(raw) == 1
+    assert jsonio.loads(raw) == ["[{" * 500 + '"]}']
+    for raw, levels in ((b"1", 0), (b"[]", 1), (b"[[],[[]]]", 3), (b'{"k": {"k": {}}}', 3)):
+        assert jsonio.depth(raw) == levels
+
+
+def test_what_real_clients_send_nests_far_less_than_the_bound() -> None:
+    # The three SDK-shaped requests with tools and an image nest 6 or 7 deep; a tool with
+    # a deep JSON schema (arrays of objects of objects) about 17.
+    for fmt in pairs_support.CLIENTS:
+        assert jsonio.depth(json.dumps(pairs_support.request(fmt, "m")).encode()) <= 8
+    schema: dict = {"type": "integer"}
+    for _ in range(7):
+        schema = {"type": "object", "properties": {"p": {"type": "array", "items": schema}}}
+    body = {"tools": [{"type": "function", "function": {"name": "t", "parameters": schema}}]}
+    assert 20 <= jsonio.depth(json.dumps(body).encode()) <= 40 < jsonio.MAX_DEPTH
+
+
+def test_refusing_costs_time_in_proportion_to_the_body() -> None:
+    # An unterminated string full of escaped quotes: a string regex restarted at every
+    # quote would take quadratic time (seconds for this); the parser refuses it first.
+    started = time.monotonic()
+    for raw in (b'["' + b'\\"' * 200_000, b"[" * 2_000_000, nested(400_000)):
+        with pytest.raises(jsonio.Unreadable):
+            jsonio.loads(raw)
+    assert time.monotonic() - started < 5
+
+
+def test_lone_surrogates_and_nul_become_replacement_characters_keys_too() -> None:
+    raw = b'{"a\\ud800": ["x\\udfffy", {"n": "\\u0000"}], "ok": "\\ud83d\\ude00", "b": 1.5}'
+    assert jsonio.loads(raw) == {
+        f"a{REPLACEMENT}": [f"x{REPLACEMENT}y", {"n": REPLACEMENT}],
+        "ok": "\U0001f600",  # a valid pair is a character, kept
+        "b": 1.5,
+    }
+    assert jsonio.loads(b'"\\\\ud800"') == "\\ud800"  # an escaped backslash: not a surrogate
+    assert jsonio.loads(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 byte order mark
+
+
+def test_responses_always_encode() -> None:
+    data = {"prompt": "a\ud800b", "ok": "\U0001f600\u4e2d", "n": [1, None, True]}
+    out = jsonio.dumps(data)
+    assert json.loads(out) == {
+        "prompt": f"a{REPLACEMENT}b",
+        "ok": "\U0001f600\u4e2d",
+        "n": [1, None, True],
+    }
+    assert jsonio.renderable("fine") == "fine"
+    assert jsonio.renderable("\udc80\U0001f600") == f"{REPLACEMENT}\U0001f600"
