@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import peewee as pw
@@ -53,6 +54,7 @@ class ApiKey(BaseModel):
     revoked = pw.BooleanField(default=False)
     rpm_limit = pw.IntegerField(default=50)
     tpm_limit = pw.IntegerField(default=50000)
+    max_concurrent = pw.IntegerField(null=True)  # calls in flight at once; None: unlimited
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
 
@@ -161,6 +163,7 @@ class Completion(BaseModel):
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
     source_completion_id = pw.IntegerField(null=True)
+    source_uid = pw.CharField(max_length=32, null=True)  # a cache_hit's source (link_replays)
     cached_response = pw.JSONField(null=True)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
     rating = pw.FloatField(null=True)
@@ -277,11 +280,50 @@ class DashboardSession(BaseModel):
             cls.delete().where(cls.token_hash == digest).execute()
 
 
-# Partial indexes (as in migrations/0001): live provider names are unique; a request
-# id is unique per key.
-Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
-Completion.add_index(
-    Completion.api_key, Completion.req_id, unique=True, where=Completion.req_id.is_null(False)
-)
+class RateLimit(BaseModel):
+    """A per-model limit (``/api/admin/ratelimits``): a bucket of ``limit`` calls per key,
+    refilled at ``refill`` per second, for calls naming ``identifier`` (model_limits.py)."""
 
-ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting)
+    identifier = pw.CharField(max_length=255, unique=True)
+    limit = pw.IntegerField()
+    refill = pw.FloatField()
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "rate_limits"
+
+
+def link_replays(rows: Iterable[dict]) -> None:
+    """Point cache_hit rows at their source's id, whichever of the two was written first.
+
+    The recorder writes a replay and its source in any order (two workers, or a journal
+    replayed later): the replay names its source by uid, and this fills in the id once
+    both rows exist. Run inside the recorder's write, after the rows of ``rows``.
+    """
+    rows = list(rows)
+    replays = [r["uid"] for r in rows if r.get("source_uid")]
+    sources = [r["uid"] for r in rows if r.get("req_id") and not r.get("source_uid")]
+    if not replays and not sources:
+        return
+    source = Completion.alias()
+    (
+        Completion.update(
+            source_completion_id=source.select(source.id).where(source.uid == Completion.source_uid)
+        )
+        .where(
+            Completion.source_completion_id.is_null()
+            & (Completion.uid.in_(replays) | Completion.source_uid.in_(sources))
+        )
+        .execute()
+    )
+
+
+# Partial indexes (as in migrations/0001 and 0004): live provider names are unique; a
+# request id is looked up per key (not unique: a failed call's id is retried, and without
+# Redis two workers may run one id at once); replays are found by their source's uid.
+Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
+Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
+Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
+
+ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, RateLimit)

@@ -36,11 +36,12 @@ import peewee
 from flask import Flask
 from gevent import monkey
 
+from gateway import metrics
 from gateway.config import INSTANCE
 from gateway.db import database, is_postgres
 from gateway.exchange import COMPLETION, EMBEDDING, Exchange
 from gateway.journal import Journal
-from gateway.models import ApiKey, Completion, Embedding, utcnow
+from gateway.models import ApiKey, Completion, Embedding, link_replays, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class Recorder:
     def _write_or_journal(self, rows: list[dict]) -> None:
         now = time.monotonic()
         keys = {r["api_key"] for r in rows if now - self._key_touched.get(r["api_key"], -1e9) > 30}
+        started = time.perf_counter()
         try:
             write_rows(rows, touch_keys=keys)
         except _UNREACHABLE:
@@ -176,6 +178,7 @@ class Recorder:
             _reset_connection()
             self._write_each(rows)
             return
+        metrics.recorder_wrote(time.perf_counter() - started)
         self.writes += len(rows)
         self._key_touched.update(dict.fromkeys(keys, now))
 
@@ -292,6 +295,7 @@ def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
                 database.cursor().executemany(
                     statement.sql, [statement.params(r) for r in table_rows]
                 )
+        link_replays(latest.values())
         if keys:
             ApiKey.update(last_seen=utcnow()).where(ApiKey.id.in_(keys)).execute()
 
