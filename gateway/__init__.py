@@ -48,6 +48,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         cli,
         dashboard,
         db,
+        limiter,
+        model_limits,
         proxy,
         recorder,
         routing,
@@ -62,6 +64,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     recorder.recorder.init_app(app)
     calls.calls.init_app(app)
     routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
+    limiter.limiter.init_app(app)
+    model_limits.model_limits.init_app(app)
+    # A key or per-model limit changed in another worker or instance: forget it here.
+    limiter.limiter.on_key_change(auth.keys.changed)
+    limiter.limiter.on_key_change(model_limits.model_limits.changed)
     cli.init_app(app)
     dashboard.init_app(app)
 

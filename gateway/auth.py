@@ -30,6 +30,21 @@ class Caller:
     tpm_limit: int
     revoked: bool
     expires_at: datetime | None
+    max_concurrent: int | None = None
+    comment: str | None = None  # for the metrics' api_key_comment label
+
+    @classmethod
+    def of(cls, row: ApiKey) -> Caller:
+        """The Caller of a key row."""
+        return cls(
+            row.id,
+            row.rpm_limit,
+            row.tpm_limit,
+            row.revoked,
+            row.expires_at,
+            row.max_concurrent,
+            row.comment,
+        )
 
     def usable(self, now: datetime) -> bool:
         return not self.revoked and (self.expires_at is None or self.expires_at > now)
@@ -50,11 +65,7 @@ class KeyCache:
             return hit[1]
         with connection():
             row = ApiKey.get_or_none(ApiKey.key_hash == digest)
-        caller = (
-            None
-            if row is None
-            else Caller(row.id, row.rpm_limit, row.tpm_limit, row.revoked, row.expires_at)
-        )
+        caller = None if row is None else Caller.of(row)
         if len(self._entries) > 10_000:  # bad keys must not grow this without bound
             self._entries.clear()
         self._entries[digest] = (now, caller)
@@ -63,6 +74,17 @@ class KeyCache:
     def forget(self, key_hash: str) -> None:
         """Drop one cached key (by hash): a change to it applies at once in this worker."""
         self._entries.pop(key_hash, None)
+
+    def forget_all(self) -> None:
+        """Drop every cached key: changes may have been missed (the limiter lost Redis)."""
+        self._entries.clear()
+
+    def changed(self, key_hash: str | None) -> None:
+        """A key changed somewhere (``limiter.on_key_change``); None: any may have."""
+        if key_hash is None:
+            self.forget_all()
+        else:
+            self.forget(key_hash)
 
 
 keys = KeyCache()

@@ -230,8 +230,9 @@ class Call:
     def _finalise(self) -> None:
         """The one place a call ends: its final status, its record, its client's end.
 
-        This is the hook for what must happen once per finished call (TPM charging,
-        metrics): the Exchange is final here, and nothing after it can change it.
+        This is the hook for what must happen once per finished call: the Exchange is
+        final here. Its permit is settled first (the answer kept for repeats of its
+        request id, the slot given back, TPM charged, metrics), then it is recorded.
         """
         status, error = verdict(self.ending)
         response = self._response
@@ -239,6 +240,7 @@ class Call:
             response = self._translator.response()
         outcome = self.plan.operation.outcome(response, self.settings) if response else {}
         self.exchange.finish(status, error=error, **outcome)
+        self.plan.settle(response if self.ending.answered else None)
         recorder.record(self.exchange)
         self.down.end()
 

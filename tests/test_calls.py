@@ -15,7 +15,7 @@ import gevent.event
 
 from gateway.calls import Calls
 from gateway.config import DEFAULTS
-from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End
+from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End, Ending
 
 
 class StandIn:
@@ -24,6 +24,8 @@ class StandIn:
     def __init__(self) -> None:
         self.ended: End | None = None
         self._stopped = gevent.event.Event()
+        self.exchange = SimpleNamespace(status="aborted")  # what calls counts in /metrics
+        self.ending = Ending()
 
     def produce(self) -> None:
         self._stopped.wait()

@@ -245,3 +245,25 @@ def test_a_final_state_queued_while_its_pending_write_is_in_flight_is_written(
         rec._group.kill()
         if isinstance(database.obj, peewee.PostgresqlDatabase):
             database.obj.close_all()
+
+
+@pytest.mark.parametrize("order", ["source first", "replay first", "one batch"])
+def test_a_replay_is_linked_to_its_source_whichever_is_written_first(
+    rec: Recorder, key_id: int, order: str
+) -> None:
+    source = exchange(key_id, req_id="job-1")
+    source.finish("completed", output=[{"role": "assistant", "content": "hi"}])
+    source.answer = {"content": [{"type": "text", "text": "hi"}]}
+    hit = exchange(key_id, source_uid=source.uid)
+    hit.finish("cache_hit")
+    with database.connection_context():
+        if order == "one batch":
+            write_rows([snapshot(hit), snapshot(source)])
+        else:
+            first, second = (source, hit) if order == "source first" else (hit, source)
+            write_rows([snapshot(first)])
+            write_rows([snapshot(second)])
+    by_uid = {r.uid: r for r in rows()}
+    assert by_uid[hit.uid].source_completion_id == by_uid[source.uid].id
+    assert by_uid[source.uid].source_completion_id is None
+    assert by_uid[source.uid].cached_response == source.answer
