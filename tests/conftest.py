@@ -160,19 +160,26 @@ def gateway(gateway_factory) -> Gateway:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def module_gateway(
+def module_database(
     request: pytest.FixtureRequest, templates: dict, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[tuple[str, Path]]:
+    """One database (URL) and directory for a whole test module, on each backend in turn."""
+    directory = tmp_path_factory.mktemp("module")
+    with _fresh_database(request.param, templates, directory) as url:
+        yield url, directory
+
+
+@pytest.fixture(scope="module")
+def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> Iterator[Gateway]:
     """One real gateway for a whole test module, on each backend in turn.
 
     For tests that keep apart by their own keys, models and call ids; the module's
     ``GATEWAY_ENV`` (a dict) adds environment variables.
     """
-    directory = tmp_path_factory.mktemp("module")
-    with _fresh_database(request.param, templates, directory) as url:
-        gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
-        yield gw
-        gw.stop()
+    url, directory = module_database
+    gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
+    yield gw
+    gw.stop()
 
 
 def _need_redis_server() -> None:
