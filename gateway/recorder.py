@@ -62,6 +62,7 @@ class Recorder:
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
+        self._waiting = 0  # this worker's records in the journal, for /metrics
         self.linger = 0.25
         self._key_touched: dict[int, float] = {}
 
@@ -202,6 +203,8 @@ class Recorder:
     def _journal(self, rows: list[dict]) -> None:
         self.journal.append(rows)
         self.journaled += len(rows)
+        self._waiting += len(rows)
+        metrics.journal_depth(self._waiting)
 
     def _replay_loop(self) -> None:
         while True:
@@ -220,6 +223,9 @@ class Recorder:
             raise
         # Writers that journaled while we replayed left a new file: keep journaling.
         self._journaling = self.journal.has_own()
+        if not self._journaling and self._waiting:
+            self._waiting = 0
+            metrics.journal_depth(0)
 
     def _write_replayed(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):

@@ -9,6 +9,7 @@ import peewee
 import pytest
 from flask import Flask
 
+from gateway import metrics
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
@@ -134,6 +135,7 @@ def test_database_down_journals_then_replays_everything(
         rec.record(second)
         assert rec.flush(5)
         assert rec.journaled == 3 and rec.writes == 0
+        assert metrics.JOURNAL_DEPTH._value.get() == 3  # gateway_journal_depth
         journal = list(rec.journal.directory.glob("journal-*.jsonl"))
         assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 3
     finally:
@@ -143,7 +145,7 @@ def test_database_down_journals_then_replays_everything(
     assert got[first.uid].status == "completed" and got[first.uid].completion_tokens == 4
     assert got[second.uid].status == "failed" and got[second.uid].error == "upstream 500"
     assert not list(rec.journal.directory.glob("*.jsonl"))
-    assert not rec._journaling
+    assert not rec._journaling and metrics.JOURNAL_DEPTH._value.get() == 0
     # Back to direct writes.
     third = exchange(key_id)
     third.finish("completed")
