@@ -90,7 +90,7 @@ def answer(
         data = StreamTranslator.replay(client_format, request, response).data
     else:
         data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
-    exchange.source_uid = stored.uid
+    exchange.source_uid, exchange.req_id = stored.uid, None  # the id is its source's
     exchange.model_id, exchange.provider_id = stored.model_id, stored.provider_id
     exchange.first_token()
     exchange.finish(

@@ -17,6 +17,7 @@ import gevent
 import pytest
 
 from gateway import metrics
+from tests import test_proxy
 from tests.test_proxy import ADMIN, CHAT, EMBEDDINGS, MESSAGES, RESPONSES, VALID, error_of, post
 from tests.test_proxy import recorded as recorded_calls
 
@@ -28,21 +29,7 @@ HEADERS = (
 )
 
 
-@pytest.fixture
-def setup(client, fake) -> dict:  # type: ignore[no-untyped-def]
-    """Chat model ``fake`` and embedding model ``emb`` on provider ``fp``; a call id."""
-    call_id = uuid.uuid4().hex
-    provider = client.post(
-        "/api/admin/providers",
-        json={"name": "fp", "type": "openai", "baseUrl": f"{fake.url}/v1"},
-        headers=ADMIN,
-    ).get_json()
-    for name, model_type in (("fake", "chat"), ("emb", "embedding")):
-        model = {"systemName": name, "remoteId": f"{name};id={call_id}", "modelType": model_type}
-        client.post(
-            "/api/admin/models", json={"providerId": provider["id"], **model}, headers=ADMIN
-        )
-    return {"id": call_id}
+setup = test_proxy.route  # the fixture: models fake and emb on provider "fake", a call id
 
 
 def new_key(client, **limits: object) -> tuple[str, int]:  # type: ignore[no-untyped-def]
@@ -156,7 +143,7 @@ def test_a_per_model_limit_applies_to_its_model_and_names_it(client, fake, setup
     assert error_of(answers[-1], CHAT)[1] == "Rate limit exceeded for model 'fake'"
     assert answers[-1].headers["Retry-After"] == "10"  # one call back every 10 s
     # Pinning a provider does not escape the model's limit; other models are not limited.
-    assert post(client, CHAT, {**VALID[CHAT], "model": "fake@fp"}, key).status_code == 429
+    assert post(client, CHAT, {**VALID[CHAT], "model": "fake@fake"}, key).status_code == 429
     assert post(client, EMBEDDINGS, VALID[EMBEDDINGS], key).status_code == 200
     # Per key: another key has its own bucket.
     assert post(client, CHAT, VALID[CHAT], new_key(client)[0]).status_code == 200
@@ -165,12 +152,12 @@ def test_a_per_model_limit_applies_to_its_model_and_names_it(client, fake, setup
 
 def test_a_limit_on_a_pinned_provider_adds_to_the_models(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
     key, _ = new_key(client)
-    for identifier, limit in (("fake@fp", 1), ("fake", 3)):
+    for identifier, limit in (("fake@fake", 1), ("fake", 3)):
         body = {"identifier": identifier, "limit": limit, "refill": 0.1}
         client.post("/api/admin/ratelimits", json=body, headers=ADMIN)
-    pinned = [post(client, CHAT, {**VALID[CHAT], "model": "fake@fp"}, key) for _ in range(2)]
+    pinned = [post(client, CHAT, {**VALID[CHAT], "model": "fake@fake"}, key) for _ in range(2)]
     assert [a.status_code for a in pinned] == [200, 429]
-    assert "fake@fp" in error_of(pinned[1], CHAT)[1]
+    assert "fake@fake" in error_of(pinned[1], CHAT)[1]
     # The system name's bucket was taken by the pinned call too: 2 of its 3 are left.
     assert [post(client, CHAT, VALID[CHAT], key).status_code for _ in range(3)] == [200, 200, 429]
 

@@ -174,6 +174,7 @@ def test_an_older_answer_comes_from_the_record(app, client, fake, setup, monkeyp
     assert sent(fake, setup) == 1
     source, hit = rows()
     assert hit.status == "cache_hit" and hit.source_completion_id == source.id
+    assert (source.req_id, hit.req_id) == ("old-1", None)
     # The answer read from the record is kept in the claim again: later repeats do not
     # need the database.
     monkeypatch.setattr(replay, "connection", None)  # any use of it would fail
