@@ -139,6 +139,17 @@ def test_a_failed_first_call_is_retried_not_replayed(client, fake, setup) -> Non
     assert rows()[-1].source_uid == rows()[1].uid  # the retry's answer, not the failure
 
 
+def test_a_stream_cut_off_midway_is_retried_not_replayed(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
+    key, _ = new_key(client)
+    body = {**VALID[CHAT], "stream": True}
+    broken = post(client, CHAT, body, key, **{REQ: "cut-1", "X-Fake-Script": "drop_at=3"})
+    assert b'"error"' in broken.get_data()  # the client was told it broke off
+    assert rows()[0].status == "failed" and rows()[0].completion  # the partial answer
+    whole = post(client, CHAT, body, key, **{REQ: "cut-1"})
+    assert text_of_stream(CHAT, whole.get_data()) == ("tok0 tok1 tok2 tok3 tok4 ", True)
+    assert sent(fake, setup) == 2 and [r.status for r in rows()] == ["failed", "completed"]
+
+
 def test_request_ids_are_per_key_and_not_kept_for_embeddings(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
     (key_a, _), (key_b, _) = new_key(client), new_key(client)
     post(client, CHAT, VALID[CHAT], key_a, **{REQ: "shared"})
