@@ -1,5 +1,5 @@
 """Several instances: two gunicorn gateways (2 gevent workers each) sharing one database
-and one Redis (this module's own redis-server), behind no balancer but the test itself.
+and one Redis, behind no balancer but the test itself.
 
 What must hold across all of them at once: a key's RPM limit (within one token), TPM
 charged by a stream whose client hung up (seen from the other instance), one upstream
@@ -7,8 +7,9 @@ call for one request id sent to both at once, maxConcurrent counting a drain, a 
 key refused everywhere at once, sign-in throttling per address; and with Redis stopped
 mid-test, calls go on (recorded, fail-opens counted) and limits come back with it.
 
-Redis commands get 1 s here (production: 50 ms) so that a loaded test machine does not
-fail the limits open; the Redis-away test shows what happens when Redis is really away.
+The pair shares the test session's redis-server under a prefix of its own; the
+Redis-away test stops a redis-server of its own. Redis commands get 1 s here
+(production: 50 ms) so that a loaded test machine does not fail the limits open.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ ENV = {
 
 
 @pytest.fixture(scope="module")
-def pair(module_database: tuple, fake, tmp_path_factory) -> Any:  # type: ignore[no-untyped-def]
+def pair(module_database: tuple, fake, shared_redis: RedisServer) -> Any:  # type: ignore[no-untyped-def]
     """Gateways a and b on one database and one Redis, and model ``fake`` on the fake."""
     url, directory = module_database
-    redis = RedisServer(tmp_path_factory.mktemp("redis"))
-    env = {**ENV, "REDIS_URL": redis.url}
+    prefix = f"pair{uuid.uuid4().hex[:8]}"  # this pair's keys and channel on the shared Redis
+    env = {**ENV, "REDIS_URL": shared_redis.url, "GATEWAY_REDIS_PREFIX": prefix}
     started = []
     try:
         for name in ("a", "b"):
@@ -53,7 +54,6 @@ def pair(module_database: tuple, fake, tmp_path_factory) -> Any:  # type: ignore
     finally:
         for gw in started:
             gw.stop()
-        redis.stop()
 
 
 def new_key(gw: Gateway, **fields: Any) -> tuple[str, int]:
@@ -184,32 +184,29 @@ def test_wrong_secrets_are_throttled_across_instances(pair) -> None:  # type: ig
 
 
 def test_redis_away_leaves_calls_working_and_counted_and_limits_come_back(
-    gateway_factory, fake, tmp_path
+    gateway_factory, fake, redis_server: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
-    redis = RedisServer(tmp_path / "redis")
-    try:
-        env = {**ENV, "REDIS_URL": redis.url, "GATEWAY_REDIS_RETRY_AFTER": "0.5"}
-        a, b = gateway_factory(**env), gateway_factory(**env)
-        a.setup_route(fake.url, remote_id="fake")
-        key, key_id = new_key(a, rpmLimit=3)
-        assert [call(a, key).status_code for _ in range(4)] == [200, 200, 200, 429]
+    redis = redis_server  # this test's own: it stops it
+    env = {**ENV, "REDIS_URL": redis.url, "GATEWAY_REDIS_RETRY_AFTER": "0.5"}
+    a, b = gateway_factory(**env), gateway_factory(**env)
+    a.setup_route(fake.url, remote_id="fake")
+    key, key_id = new_key(a, rpmLimit=3)
+    assert [call(a, key).status_code for _ in range(4)] == [200, 200, 200, 429]
 
-        redis.stop()
-        answers = [call((a, b)[i % 2], key).status_code for i in range(6)]
-        assert answers == [200] * 6, "Redis away: every call goes on"
-        rows = a.wait_final(9, apiKeyId=key_id)
-        assert len(rows) == 9, "and every one is recorded"
-        opened = sum(
-            _metric(gw, "gateway_limiter_fail_open_total", 'operation="admit"') for gw in (a, b)
-        )
-        assert opened >= 6
-        assert "limiter: Redis unavailable" in a.log()
+    redis.stop()
+    answers = [call((a, b)[i % 2], key).status_code for i in range(6)]
+    assert answers == [200] * 6, "Redis away: every call goes on"
+    rows = a.wait_final(9, apiKeyId=key_id)
+    assert len(rows) == 9, "and every one is recorded"
+    opened = sum(
+        _metric(gw, "gateway_limiter_fail_open_total", 'operation="admit"') for gw in (a, b)
+    )
+    assert opened >= 6
+    assert "limiter: Redis unavailable" in a.log()
 
-        redis.start()  # empty: every bucket full again
-        wait_until(lambda: call(a, key).status_code == 429, timeout=15, interval=0.2)
-        assert call(b, key).status_code == 429, "the limit holds again on every instance"
-    finally:
-        redis.stop()
+    redis.start()  # empty: every bucket full again
+    wait_until(lambda: call(a, key).status_code == 429, timeout=15, interval=0.2)
+    assert call(b, key).status_code == 429, "the limit holds again on every instance"
 
 
 def _metric(gw: Gateway, name: str, labels: str) -> float:
