@@ -14,6 +14,8 @@ Redis-away test stops a redis-server of its own. Redis commands get 1 s here
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -49,7 +51,9 @@ def pair(module_database: tuple, fake, shared_redis: RedisServer) -> Any:  # typ
         for name in ("a", "b"):
             started.append(Gateway(url, directory / name, workers=2, **env))
         a, b = started
-        a.setup_route(fake.url, remote_id="fake")  # before any worker loads the catalog
+        route = a.setup_route(fake.url, remote_id="fake")  # before a worker loads the catalog
+        model = {"providerId": route["provider"]["id"], "systemName": "limited"}
+        a.api("POST", "/models", json={**model, "remoteId": "fake"})
         yield a, b
     finally:
         for gw in started:
@@ -156,6 +160,24 @@ def test_max_concurrent_holds_across_instances_and_a_drain_counts(pair, fake) ->
     assert call(b, key).status_code == 200  # the drain is over: its slot came back
 
 
+def test_a_per_model_limit_made_on_one_instance_applies_on_the_other(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    key, _ = new_key(a)
+    limited = {**BODY, "model": "limited"}
+
+    def on_b() -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        return requests.post(b.url + CHAT, json=limited, headers=headers, timeout=30).status_code
+
+    assert [on_b() for _ in range(3)] == [200] * 3  # nothing limits it yet
+    a.api("POST", "/ratelimits", json={"identifier": "limited", "limit": 1, "refill": 0.1})
+    try:
+        wait_until(lambda: on_b() == 429, timeout=2, interval=0.05)
+        assert [on_b() for _ in range(4)] == [429] * 4
+    finally:
+        a.admin.delete(f"{a.url}/api/admin/ratelimits/limited", timeout=10)
+
+
 def test_a_revoked_key_is_refused_by_every_worker_of_every_instance_at_once(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     key, key_id = new_key(a)
@@ -216,3 +238,19 @@ def _metric(gw: Gateway, name: str, labels: str) -> float:
         if line.startswith((name + "{", name + " ")) and labels in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_a_killed_workers_slots_lapse_within_inflight_ttl(
+    gateway_factory, fake, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(**ENV, REDIS_URL=redis_server.url, GATEWAY_INFLIGHT_TTL="2")
+    gw.setup_route(fake.url, remote_id="fake")
+    key, _ = new_key(gw, maxConcurrent=1)
+    slow = gevent.spawn(call, gw, key, "first_delay=30")
+    wait_until(lambda: call(gw, key).status_code == 429, timeout=5)  # the slot is held
+    (worker,) = gw.worker_pids()
+    os.kill(worker, signal.SIGKILL)  # mid-call: nothing gives the slot back
+    slow.join(timeout=10)
+    killed = time.monotonic()
+    wait_until(lambda: call(gw, key).status_code == 200, timeout=10, interval=0.2)
+    assert time.monotonic() - killed < 5  # INFLIGHT_TTL (2 s), then the next try
