@@ -81,6 +81,10 @@ class ModelLimits:
                 lambda g: log.error("model limits: reload died", exc_info=g.exc_info)
             )
 
+    def wait(self, timeout: float) -> bool:
+        """Wait for a reload in the background to end; True if none is left running."""
+        return self._group.join(timeout=timeout)
+
     def changed(self, message: str | None) -> None:
         """A limiter announcement: reload if it was about these limits (None: maybe)."""
         if message is None or message == CHANGED:

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from gateway import create_app  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
+from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
 from tests.servers import (  # noqa: E402
     ADMIN_SECRET,
@@ -111,6 +112,8 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
     )
     yield app
     assert recorder.flush(10), "recorder did not finish writing"
+    # A query still running when its connection is closed makes libev abort the process.
+    assert model_limits.wait(10), "per-model limits did not finish reloading"
     if isinstance(database.obj, peewee.PostgresqlDatabase):
         database.obj.close_all()
 

@@ -66,6 +66,7 @@ def test_a_change_announced_elsewhere_is_reloaded_in_the_background(db, app) -> 
         wait_until(lambda: not limits.buckets("m"), timeout=5)
     finally:
         limiter._listeners.remove(limits.changed)
+        assert limits.wait(5)
 
 
 def test_a_reload_that_fails_keeps_the_limits_last_read(db, app, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -82,3 +83,4 @@ def test_a_reload_that_fails_keeps_the_limits_last_read(db, app, monkeypatch, ca
     assert len(limits.buckets("m")) == 1  # asks for a reload, answers from memory
     wait_until(lambda: "keeping the last ones" in caplog.text, timeout=5)
     assert len(limits.buckets("m")) == 1
+    assert limits.wait(5)
