@@ -51,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         recorder,
         relay,
         routing,
+        sweeper,
         upstream,
     )
     from gateway.errors import GatewayError
@@ -58,6 +59,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     db.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
+    sweeper.sweeper.init_app(app)
     relay.init_app(app)
     routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
     cli.init_app(app)
