@@ -43,14 +43,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
-        auth,
         cli,
         dashboard,
         db,
         proxy,
         recorder,
         relay,
-        routing,
+        snapshot,
         sweeper,
         upstream,
     )
@@ -61,7 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     recorder.recorder.init_app(app)
     sweeper.sweeper.init_app(app)
     relay.init_app(app)
-    routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
+    snapshot.refresher.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)
 
