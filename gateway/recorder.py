@@ -175,8 +175,10 @@ class Recorder:
         }
         try:
             self._bounded_write(rows, touch=due)
-        except UNREACHABLE:
-            log.exception("recorder: database write failed; journaling %d records", len(rows))
+        except UNREACHABLE as exc:
+            log.warning(
+                "recorder: database unreachable (%s); journaling %d records", exc, len(rows)
+            )
             self._journaling = True
             self._journal(rows)
             return
@@ -229,10 +231,16 @@ class Recorder:
             log.exception("recorder: LOST %d records: %s", len(rows), [r["uid"] for r in rows])
 
     def _replay_loop(self) -> None:
+        away = False
         while True:
             try:
                 if self._journaling or self.journal.waiting():
                     self._replay_once()
+                away = False
+            except UNREACHABLE as exc:
+                if not away:  # once per outage, not every 5 s
+                    log.warning("recorder: the journal waits for the database (%s)", exc)
+                away = True
             except Exception:
                 log.exception("recorder: journal replay failed")
             gevent.sleep(5.0)

@@ -96,6 +96,8 @@ class Sweeper:
             if every() > 0:  # a later init_app (tests) may turn it off or on
                 try:
                     job()
+                except UNREACHABLE:
+                    pass  # the heartbeat says so, once
                 except Exception:  # never let the heartbeat stop: others would sweep us
                     log.exception("sweeper: %s failed", getattr(job, "__name__", job))
             gevent.sleep(every() if every() > 0 else 1.0)
