@@ -104,7 +104,7 @@ class Recorder:
         # call's newer snapshot may be queued behind them: journal both, older first.
         # Replaying a row that did land changes nothing.
         rows = [row for batch in self._inflight.values() for row in batch]
-        rows += [snapshot(ex) for ex in self._dirty.values()]
+        rows += _snapshots(list(self._dirty.values()))
         self._dirty.clear()
         if rows:
             self._journal_or_log(rows)

@@ -57,24 +57,23 @@ class Catalog:
         self.confirm: Callable[[float], bool] = self.read_through
         self._entries: dict[tuple[str, str], list[Candidate]] = {}
         self._rows: list[Candidate] = []
-        self._loaded_at = float("-inf")
-        self._stale = True
+        self._loaded_at = float("-inf")  # when the last load from the database started
+        self._invalidated = float("-inf")
 
     def invalidate(self) -> None:
         """Mark the catalog out of date; the next lookup reloads it."""
-        self._stale = True
+        self._invalidated = time.monotonic()  # a load in flight may predate the change
 
     def lookup(
         self, model: str, model_type: str = "chat", provider: str | None = None
     ) -> list[Candidate]:
         """Candidates for ``model`` (``name`` or ``name@provider``); NotFound if none."""
         asked = time.monotonic()
-        if self._out_of_date(asked):
-            self.confirm(asked)
+        confirmed = self._out_of_date(asked) and self.confirm(asked)
         try:
             return self._find(model, model_type, provider)
         except NotFound:
-            if not self.confirm(asked):  # added a moment ago elsewhere?
+            if confirmed or not self.confirm(asked):  # added a moment ago elsewhere?
                 raise
             return self._find(model, model_type, provider)
 
@@ -104,7 +103,6 @@ class Catalog:
         started = time.monotonic()
         rows = self._load()
         self._loaded_at = started
-        self._stale = False
         if rows == self._rows:
             return False
         self._use(rows)
@@ -125,7 +123,9 @@ class Catalog:
         self._rows, self._entries = rows, entries
 
     def _out_of_date(self, now: float) -> bool:
-        return self._stale or (not self.background and now - self._loaded_at > self.ttl)
+        if self._invalidated >= self._loaded_at:
+            return True
+        return not self.background and now - self._loaded_at > self.ttl
 
     def read_through(self, _asked: float = 0.0) -> bool:
         """Reload now, in this greenlet; False (keeping the last state) if that fails."""
