@@ -43,14 +43,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
-        auth,
         calls,
         cli,
         dashboard,
         db,
         proxy,
         recorder,
-        routing,
+        snapshot,
+        sweeper,
         upstream,
         vault,
     )
@@ -60,8 +60,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     vault.vault.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
+    sweeper.sweeper.init_app(app)
     calls.calls.init_app(app)
-    routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
+    snapshot.refresher.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)
 

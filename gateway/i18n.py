@@ -63,7 +63,7 @@ ROLE_LABELS = {
     "assistant": _l("Assistant"),
     "tool": _l("Tool"),
 }
-OUTCOME_LABELS = {  # how one try at an upstream went (relay.py, upstream.py)
+OUTCOME_LABELS = {  # how one try at an upstream went (call.py, upstream.py)
     "ok": _l("Answered"),
     "connect": _l("Could not connect"),
     "timeout": _l("Timed out"),
