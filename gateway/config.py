@@ -51,4 +51,10 @@ DEFAULTS: dict[str, object] = {
     "SWEEP_AFTER": None,  # seconds a row may stay pending; None: CALL_TIMEOUT + 120
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
     "LOG_LEVEL": "INFO",
+    # OpenTelemetry: every finished call as an OTLP span (README "OpenTelemetry"); the
+    # standard OTEL_* variables configure the exporter. None: on when an OTLP endpoint is
+    # configured; true/false force it. Content needs OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT.
+    "OTEL_EXPORT": None,
+    "OTEL_DEFAULT_SERVICE_NAME": "llm-gateway",  # unless OTEL_SERVICE_NAME names one
+    "OTEL_CONTENT_MAX_CHARS": 8192,  # per message part, when content is captured; 0: no cut
 }
