@@ -41,7 +41,7 @@ CREATED_NS = 1773480413589793000
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
-# What the lead's wiring adds to each row (see README "OpenTelemetry").
+# What the telemetry wiring adds to each row (see gateway/spans.py).
 OPENAI = {"provider_type": "openai", "base_url": "https://api.openai.com/v1"}
 
 
@@ -829,7 +829,7 @@ WIRED = "trace_parent" in Exchange.__dataclass_fields__
 
 
 @pytest.mark.server
-@pytest.mark.skipif(not WIRED, reason="runs once the recorder is wired (README OpenTelemetry)")
+@pytest.mark.skipif(not WIRED, reason="runs once the recorder hands its rows to telemetry.export")
 def test_the_gateway_exports_every_final_record(gateway_factory, fake, receiver) -> None:  # type: ignore[no-untyped-def]
     import openai
 
