@@ -91,4 +91,10 @@ DEFAULTS: dict[str, object] = {
     "WORKER_TIMEOUT": 30,  # gunicorn's heartbeat watchdog
     "MAX_REQUESTS": 0,  # recycle a worker after this many requests; 0: never
     "ACCESS_LOG": "-",  # "-": stdout; empty: none
+    # OpenTelemetry: every finished call as an OTLP span (README "OpenTelemetry"); the
+    # standard OTEL_* variables configure the exporter. None: on when an OTLP endpoint is
+    # configured; true/false force it. Content needs OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT.
+    "OTEL_EXPORT": None,
+    "OTEL_DEFAULT_SERVICE_NAME": "llm-gateway",  # unless OTEL_SERVICE_NAME names one
+    "OTEL_CONTENT_MAX_CHARS": 8192,  # per message part, when content is captured; 0: no cut
 }
