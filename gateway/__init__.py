@@ -51,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         recorder,
         snapshot,
         sweeper,
+        telemetry,
         upstream,
         vault,
     )
@@ -60,6 +61,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     vault.vault.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
+    telemetry.telemetry.init_app(app)
     sweeper.sweeper.init_app(app)
     calls.calls.init_app(app)
     snapshot.refresher.init_app(app)

@@ -142,7 +142,9 @@ class Call:
 
     def _open(self, candidate: Candidate) -> Opened:
         """One try: send, then read to the first event (stream) or the whole answer."""
-        self.exchange.serving(candidate.model_id, candidate.provider_id)
+        self.exchange.serving(
+            candidate.model_id, candidate.provider_id, candidate.provider_type, candidate.base_url
+        )
         operation = self.plan.operation
         url, auth = endpoint(
             candidate.provider_type,

@@ -47,6 +47,12 @@ class Exchange:
     error: str | None = None
     attempts: list[dict] = field(default_factory=list)
     finished: bool = False
+    # For telemetry only (not columns): the caller's W3C trace context, and how the
+    # serving provider is reached.
+    trace_parent: str | None = None
+    trace_state: str | None = None
+    provider_type: str | None = None
+    base_url: str | None = None
 
     @property
     def elapsed_ms(self) -> int:
@@ -58,9 +64,16 @@ class Exchange:
         if self.ttft_ms is None:
             self.ttft_ms = self.elapsed_ms
 
-    def serving(self, model_id: int, provider_id: int) -> None:
+    def serving(
+        self,
+        model_id: int,
+        provider_id: int,
+        provider_type: str | None = None,
+        base_url: str | None = None,
+    ) -> None:
         """Note which candidate is being tried."""
         self.model_id, self.provider_id = model_id, provider_id
+        self.provider_type, self.base_url = provider_type, base_url
 
     def attempt(self, provider: str, model: str, outcome: str, ms: int, **detail: Any) -> None:
         """Record one try at an upstream: ``ok`` or what went wrong."""
@@ -126,6 +139,10 @@ class Exchange:
             "attempts": self.attempts or None,
             "created_at": self.created_at,
             "updated_at": _utcnow(),
+            "trace_parent": self.trace_parent,
+            "trace_state": self.trace_state,
+            "provider_type": self.provider_type,
+            "base_url": self.base_url,
         }
         if self.kind == EMBEDDING:
             return {

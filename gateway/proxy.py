@@ -81,6 +81,8 @@ def create_embeddings() -> Response:
         api_format=embeddings.NAME,
         prompt=parsed["input"],
         kind=EMBEDDING,
+        trace_parent=request.headers.get("traceparent"),
+        trace_state=request.headers.get("tracestate"),
     )
     plan = Plan(exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS)
     return _answer(calls.open(plan, _client_socket()))
@@ -117,6 +119,8 @@ def _complete(api_format: str) -> Response:
         api_format=api_format,
         stream=ir["stream"],
         prompt=record.prompt(ir, headers),
+        trace_parent=request.headers.get("traceparent"),
+        trace_state=request.headers.get("tracestate"),
     )
     plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT)
     return _answer(calls.open(plan, _client_socket()))

@@ -40,6 +40,7 @@ from gateway.exchange import Exchange
 from gateway.journal import Journal
 from gateway.models import touch_last_seen, upsert_records
 from gateway.sweeper import identity
+from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
     with database.atomic():
         upsert_records(rows)
         touch_last_seen(seen)
+    telemetry.export(rows)  # committed: the spans agree with the rows
 
 
 recorder = Recorder()
