@@ -30,6 +30,7 @@ class Caller:
     tpm_limit: int
     revoked: bool
     expires_at: datetime | None
+    budget_usd: float | None = None  # per calendar month (UTC)
 
     def usable(self, now: datetime) -> bool:
         return not self.revoked and (self.expires_at is None or self.expires_at > now)
@@ -53,7 +54,9 @@ class KeyCache:
         caller = (
             None
             if row is None
-            else Caller(row.id, row.rpm_limit, row.tpm_limit, row.revoked, row.expires_at)
+            else Caller(
+                row.id, row.rpm_limit, row.tpm_limit, row.revoked, row.expires_at, row.budget_usd
+            )
         )
         if len(self._entries) > 10_000:  # bad keys must not grow this without bound
             self._entries.clear()

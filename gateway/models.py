@@ -55,6 +55,7 @@ class ApiKey(BaseModel):
     tpm_limit = pw.IntegerField(default=50000)
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
+    budget_usd = pw.FloatField(null=True)  # spend allowed per calendar month (UTC)
 
     class Meta:
         table_name = "api_keys"
@@ -121,6 +122,8 @@ class Model(BaseModel):
     context_length = pw.IntegerField(null=True)
     input_price = pw.FloatField(null=True)  # USD per million tokens
     output_price = pw.FloatField(null=True)
+    cache_read_price = pw.FloatField(null=True)  # None: the input price (pricing.py)
+    cache_write_price = pw.FloatField(null=True)
     weight = pw.FloatField(default=1.0)
     comment = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -160,6 +163,10 @@ class Completion(BaseModel):
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
+    upstream_id = pw.CharField(max_length=255, null=True)  # the provider's response id
+    cost = pw.JSONField(null=True)  # pricing.cost at finalisation, never recomputed
+    cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
+    delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
     source_completion_id = pw.IntegerField(null=True)
     cached_response = pw.JSONField(null=True)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
@@ -191,6 +198,8 @@ class Embedding(BaseModel):
     duration = pw.IntegerField(null=True)
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
+    cost = pw.JSONField(null=True)
+    cost_nanos = pw.BigIntegerField(null=True)
     swept = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)

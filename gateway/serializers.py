@@ -40,6 +40,7 @@ def api_key(row: ApiKey) -> dict[str, Any]:
         "tpmLimit": row.tpm_limit,
         "externalId": row.external_id,
         "source": row.source,
+        "budgetUsd": row.budget_usd,
     }
 
 
@@ -69,6 +70,8 @@ def model(row: Model) -> dict[str, Any]:
         "contextLength": row.context_length,
         "inputPrice": row.input_price,
         "outputPrice": row.output_price,
+        "cacheReadPrice": row.cache_read_price,
+        "cacheWritePrice": row.cache_write_price,
         "weight": row.weight,
         "comment": row.comment,
         "createdAt": iso(row.created_at),
@@ -90,17 +93,34 @@ def _record(row: Completion | Embedding, provider_name: str | None) -> dict[str,
         "status": row.status,
         "duration": _known(row.duration),
         "error": row.error,
-        "attempts": row.attempts or [],
+        # Each try with the provider's request id (None in rows older than that field).
+        "attempts": [{**a, "requestId": a.get("requestId")} for a in row.attempts or []],
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
         "deleted": row.deleted,
     }
 
 
+def tokens(usage: dict | None) -> dict[str, int | None]:
+    """A record's token classes: ``input`` includes the cached ones; None where unknown."""
+    usage = usage or {}
+    return {name: usage.get(field) for name, field in TOKEN_CLASSES}
+
+
+TOKEN_CLASSES = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cacheRead", "cache_read_tokens"),
+    ("cacheWrite", "cache_write_tokens"),
+    ("cacheWrite1h", "cache_write_1h_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
+
+
 def completion(row: Completion, provider_name: str | None = None) -> dict[str, Any]:
     return {
         **_record(row, provider_name),
-        "upstreamId": None,
+        "upstreamId": row.upstream_id,
         "apiFormat": row.api_format,
         "stream": row.stream,
         "prompt": row.prompt,
@@ -108,6 +128,9 @@ def completion(row: Completion, provider_name: str | None = None) -> dict[str, A
         "completion": row.completion or [],
         "completionTokens": _known(row.completion_tokens),
         "usage": row.usage,
+        "tokens": tokens(row.usage),
+        "cost": row.cost,
+        "delivered": row.delivered,
         "ttft": _known(row.ttft),
         "reqId": row.req_id,
         "sourceCompletionId": row.source_completion_id,
@@ -120,6 +143,8 @@ def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any
         **_record(row, provider_name),
         "input": row.input,
         "inputTokens": _known(row.input_tokens),
+        "tokens": {"input": row.input_tokens},
+        "cost": row.cost,
         "embedding": row.embedding,
         "dimensions": row.dimensions,
     }
