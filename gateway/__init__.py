@@ -48,6 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         cli,
         dashboard,
         db,
+        limiter,
         proxy,
         recorder,
         routing,
@@ -61,6 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
     calls.calls.init_app(app)
+    limiter.limiter.init_app(app)
     routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
     cli.init_app(app)
     dashboard.init_app(app)

@@ -98,6 +98,15 @@ def set_key_limits(key: str) -> Response:
     )
 
 
+@bp.put("/apiKey/<key>/budget")
+def set_key_budget(key: str) -> Response:
+    """A key's spend budget per calendar month (UTC), in USD; null removes it."""
+    data = registry.fields(_body(), registry.BUDGET)
+    row = registry.key_row(key)
+    registry.set_limits(row, data)
+    return jsonio.response({"key": row.key_hint, "budgetUsd": data["budget_usd"]})
+
+
 @bp.get("/apiKey/by-external-id/<path:external_id>")
 def get_key_by_external_id(external_id: str) -> Response:
     row = ApiKey.get_or_none(ApiKey.external_id == _external_id(external_id))

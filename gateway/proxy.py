@@ -28,6 +28,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
+from gateway.limiter import limiter
 from gateway.plan import CHAT, EMBEDDINGS, Plan
 from gateway.routing import Candidate, catalog, weighted_order
 
@@ -74,6 +75,7 @@ def create_embeddings() -> Response:
     body = _json_body()
     parsed = embeddings.parse_request(body)
     candidates = _candidates(parsed["model"], "embedding")
+    limiter.check_budget(caller.id, caller.budget_usd)
     headers = forwarded_headers(request.headers)
     exchange = Exchange(
         api_key_id=caller.id,
@@ -110,6 +112,7 @@ def _complete(api_format: str) -> Response:
         body["stream"] = True
     ir = PROTOCOLS[api_format].parse_request(body)
     candidates = _candidates(ir["model"], "chat")
+    limiter.check_budget(caller.id, caller.budget_usd)
     headers = forwarded_headers(request.headers)
     exchange = Exchange(
         api_key_id=caller.id,

@@ -377,3 +377,53 @@ def test_delivered_counts_what_was_written_not_what_was_queued(
     assert row["completion"][0]["content"] == whole
     assert 0 < len(got) < len(whole) / 2
     assert row["delivered"]["text"] == got
+
+
+# -- the monthly budget, across instances ----------------------------------------------
+
+
+def test_a_budget_spent_through_one_instance_refuses_in_the_other(
+    gateway_factory, redis_server, fake
+) -> None:  # type: ignore[no-untyped-def]
+    a = gateway_factory(REDIS_URL=redis_server.url)
+    b = gateway_factory(REDIS_URL=redis_server.url)
+    route = a.setup_route(fake.url, system_name="budgeted")
+    a.api("PUT", f"/models/{route['model']['id']}", json={"inputPrice": 1000, "outputPrice": 1000})
+    key = a.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": 0.005})
+    assert key["budgetUsd"] == 0.005
+    chat = [{"role": "user", "content": "one two"}]
+    sdk(a, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+    (first,) = a.wait_final(1, apiKeyId=key["id"])
+    assert first["cost"]["total"] == 0.01  # (5 + 5 tokens) x $0.001: over the budget
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(b, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+    error = refused.value.response.json()["error"]
+    assert refused.value.status_code == 402
+    assert (error["type"], error["code"]) == ("insufficient_quota", "budget_exceeded")
+    assert "spent $0.010000 of its $0.005 budget" in error["message"]
+    assert int(refused.value.response.headers["Retry-After"]) > 0  # the next month
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        sdk(b, ANTHROPIC, key["key"]).messages.create(
+            model="budgeted", max_tokens=10, messages=chat
+        )
+    assert refused.value.status_code == 402
+    assert refused.value.body["error"]["type"] == "billing_error"
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(b, RESPONSES, key["key"]).responses.create(model="budgeted", input="one two")
+    assert refused.value.status_code == 402
+    assert len(a.records(apiKeyId=key["id"])) == 1  # refused calls are not recorded
+
+    # A larger budget lets the key through again, at once.
+    a.api("PUT", f"/apiKey/{key['id']}/budget", json={"budgetUsd": 1})
+    wait_until(lambda: _try(b, key["key"], chat), timeout=10)
+    assert len(b.wait_final(2, apiKeyId=key["id"])) == 2
+
+
+def _try(gw: Gateway, key: str, messages: list) -> bool:
+    """One call; False while refused (a key's change reaches a worker within CACHE_TTL)."""
+    try:
+        sdk(gw, CHAT, key).chat.completions.create(model="budgeted", messages=messages)
+    except openai.APIStatusError:
+        return False
+    return True
