@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import auth, jsonio, redact
+from gateway import auth, jsonio, redact, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -37,6 +37,7 @@ bp = Blueprint("proxy", __name__)
 FORMAT_BY_PATH = {
     "/v1/chat/completions": OPENAI_CHAT,
     "/v1/messages": ANTHROPIC,
+    "/v1/messages/count_tokens": ANTHROPIC,
     "/v1/responses": OPENAI_RESPONSES,
 }
 # Client headers never forwarded upstream, besides credentials (``redact``): ours,
@@ -67,6 +68,24 @@ def messages() -> Response:
 @bp.post("/v1/responses")
 def responses() -> Response:
     return _complete(OPENAI_RESPONSES)
+
+
+@bp.post("/v1/messages/count_tokens")
+def count_tokens() -> Response:
+    """Anthropic's token count: the provider's own, or an estimate; never recorded."""
+    auth.authenticate(request.headers)
+    body = _json_body()
+    ir = token_count.parse(body)
+    tokens, source = token_count.count(
+        _candidates(ir["model"], "chat"),
+        body,
+        ir,
+        forwarded_headers(request.headers),
+        float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+    )
+    answer = jsonio.response({"input_tokens": tokens})
+    answer.headers[token_count.SOURCE_HEADER] = source
+    return answer
 
 
 @bp.post("/v1/embeddings", strict_slashes=False)
