@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from gateway.ledger import Ledger, Total
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
 from gateway.redact import mask
 from gateway.stats import Overview, success_rate
@@ -150,8 +151,8 @@ def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any
     }
 
 
-def overview(stats: Overview) -> dict[str, Any]:
-    """``GET /stats/overview`` in NexusGate's fields."""
+def overview(stats: Overview, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``GET /stats/overview`` in NexusGate's fields (and ``cost``, the range's ledger)."""
     # As NexusGate: rates in percent (100 when nothing finished), whole milliseconds,
     # 0 for an average of nothing. Extra fields: byStatus and per-bucket tokens.
 
@@ -198,5 +199,41 @@ def overview(stats: Overview) -> dict[str, Any]:
                 "embeddingTokens": b.embedding_tokens,
             }
             for b in stats.buckets
+        ],
+        "cost": cost,
+    }
+
+
+def _total(total: Total) -> dict[str, Any]:
+    return {
+        "calls": total.calls,
+        "costUsd": total.usd,
+        "unpricedCalls": total.unpriced,
+        "inputTokens": total.prompt_tokens,
+        "outputTokens": total.completion_tokens,
+    }
+
+
+def ledger(
+    book: Ledger, keys: dict[int, ApiKey], providers: dict[int, str], since: datetime | None
+) -> dict[str, Any]:
+    """Cost totals over a range, and by key, model and provider (costliest first)."""
+    return {
+        "since": iso(since),
+        "currency": "USD",
+        **_total(book.total),
+        "byKey": [
+            {
+                "apiKeyId": key_id,
+                "key": keys[key_id].key_hint if key_id in keys else None,
+                "comment": keys[key_id].comment if key_id in keys else None,
+                **_total(total),
+            }
+            for key_id, total in book.ranked(book.by_key)
+        ],
+        "byModel": [{"model": name, **_total(total)} for name, total in book.ranked(book.by_model)],
+        "byProvider": [
+            {"providerId": pid, "providerName": providers.get(pid), **_total(total)}
+            for pid, total in book.ranked(book.by_provider)
         ],
     }

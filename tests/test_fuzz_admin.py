@@ -116,7 +116,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/embeddings", {}, LIST_ARGS),
     ("GET", "/embeddings/{id}", {}, ()),
     ("DELETE", "/embeddings/{id}", {}, ()),
-    ("GET", "/usage", {}, ("apiKey",)),
+    ("GET", "/usage", {}, ("apiKey", "range")),
     ("GET", "/stats/overview", {}, ("range",)),
 ]  # fmt: skip
 ids = st.one_of(st.integers(min_value=1, max_value=4).map(str), f.segments)
