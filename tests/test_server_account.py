@@ -252,13 +252,8 @@ def test_a_client_that_hangs_up_was_delivered_what_it_read_and_the_record_is_who
     assert wait_until(lambda: fake.log(call)[0]["outcome"] == "complete")
 
 
-def events_in(raw: bytes) -> int:
-    """SSE events (frames with data) in a client's raw stream; comments are not events."""
-    frames = raw.replace(b"\r\n", b"\n").split(b"\n\n")
-    return sum(1 for f in frames if any(line.startswith(b"data:") for line in f.split(b"\n")))
-
-
-@pytest.mark.parametrize(
+# Each client format's route and a body for it, for calls made without an SDK.
+EACH_FORMAT_RAW = pytest.mark.parametrize(
     ("client", "path", "body"),
     [
         (CHAT, "/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}]}),
@@ -270,6 +265,15 @@ def events_in(raw: bytes) -> int:
         (RESPONSES, "/v1/responses", {"input": "go"}),
     ],
 )
+
+
+def events_in(raw: bytes) -> int:
+    """SSE events (frames with data) in a client's raw stream; comments are not events."""
+    frames = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+    return sum(1 for f in frames if any(line.startswith(b"data:") for line in f.split(b"\n")))
+
+
+@EACH_FORMAT_RAW
 def test_a_whole_stream_was_delivered_event_for_event(
     module_gateway: Gateway, fake, routes, client: str, path: str, body: dict
 ) -> None:  # type: ignore[no-untyped-def]
@@ -345,18 +349,7 @@ def _unchunk(data: bytes) -> bytes:
     return out
 
 
-@pytest.mark.parametrize(
-    ("client", "path", "body"),
-    [
-        (CHAT, "/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}]}),
-        (
-            ANTHROPIC,
-            "/v1/messages",
-            {"max_tokens": 50, "messages": [{"role": "user", "content": "go"}]},
-        ),
-        (RESPONSES, "/v1/responses", {"input": "go"}),
-    ],
-)
+@EACH_FORMAT_RAW
 def test_delivered_counts_what_was_written_not_what_was_queued(
     module_gateway: Gateway, fake, routes, client: str, path: str, body: dict
 ) -> None:  # type: ignore[no-untyped-def]
