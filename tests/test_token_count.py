@@ -2,7 +2,8 @@
 
 The estimate first, on prompts whose count is worked out by hand; then the route over
 HTTP (Flask's test client, the fake upstream behind it), which counts the prompt's
-words + 3 as Anthropic's endpoint would; then the anthropic SDK through gunicorn.
+words + 3 as Anthropic's endpoint would, and hostile bodies thrown at it (no 5xx,
+nothing recorded); then the anthropic SDK through gunicorn.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import json
 
 import anthropic
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import token_count
 from gateway.db import database
 from gateway.errors import InvalidRequest
 from gateway.models import Completion
 from gateway.recorder import recorder
+from tests import fuzz_support as f
 from tests.servers import ADMIN_SECRET, Gateway
+from tests.test_fuzz_public import FIELDS, MESSAGES
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 PATH = "/v1/messages/count_tokens"
@@ -186,3 +191,28 @@ def test_the_anthropic_sdk_counts_through_gunicorn(gateway: Gateway, fake) -> No
     assert raw.headers["X-Token-Count-Source"] == "estimate"
     assert raw.parse().input_tokens == 12
     assert gateway.records() == []
+
+
+def test_fuzz_count_tokens_never_fails_and_never_records(client, fake, routes) -> None:  # type: ignore[no-untyped-def]
+    fields = {k: v for k, v in FIELDS[MESSAGES].items() if k not in ("max_tokens", "stream")}
+    fields["model"] = st.sampled_from(["claude", "gpt", "both", "nobody"])
+    statuses: list[int] = []
+
+    @given(f.body_bytes({"model": "claude", **ASK}, fields), f.headers)
+    def one(raw: bytes, headers: dict[str, str]) -> None:
+        resp = client.post(
+            PATH,
+            data=raw,
+            headers={**headers, "x-api-key": routes["key"]},
+            content_type="application/json",
+        )
+        assert resp.status_code < 500, (resp.status_code, resp.get_data()[:300])
+        if resp.status_code == 200:
+            assert isinstance(resp.get_json()["input_tokens"], int)
+        statuses.append(resp.status_code)
+
+    f.run(one, f.EXAMPLES_SERVER)
+    assert 200 in statuses and 400 in statuses
+    assert recorder.flush(5)
+    with database.connection_context():
+        assert Completion.select().count() == 0
