@@ -57,8 +57,7 @@ class Downstream:
         self.gone = gevent.event.Event()
         self.events = 0  # SSE events written to the client
         self.chars = 0  # characters of answer text written to the client
-        self._written = gevent.event.Event()  # the body has ended
-        self._hurry = gevent.event.Event()  # stop waiting for it (shutdown)
+        self._settled = gevent.event.Event()  # the body has ended, or nobody may wait for it
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
@@ -87,16 +86,16 @@ class Downstream:
         iterates): whichever comes first.
         """
         patience = self.pace.write_timeout + self.pace.heartbeat
-        while not (self._written.is_set() or self.gone.is_set() or self._hurry.is_set()):
+        while not (self._settled.is_set() or self.gone.is_set()):
             before = (self.events, self.chars)
-            gevent.wait([self._written, self.gone, self._hurry], timeout=patience, count=1)
+            gevent.wait([self._settled, self.gone], timeout=patience, count=1)
             if (self.events, self.chars) == before:
                 break
         return self.events, self.chars
 
     def hurry(self) -> None:
         """Stop any wait in ``delivery`` now (shutdown): the record says what got there."""
-        self._hurry.set()
+        self._settled.set()
 
     def start_watching(self, group: gevent.pool.Group) -> None:
         """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
@@ -149,7 +148,7 @@ class Downstream:
                 self.events += item.events
                 self.chars += len(item.text)
         finally:
-            self._written.set()
+            self._settled.set()
             self.stop_watching()
             if self.sock is not None:
                 with contextlib.suppress(OSError):

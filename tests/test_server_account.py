@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import time
 import uuid
@@ -420,3 +421,38 @@ def _try(gw: Gateway, key: str, messages: list) -> bool:
     except openai.APIStatusError:
         return False
     return True
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # The answer is whole and the call is finishing, waiting for its client's copy to be
+    # written; the client reads nothing, and its write would block for a minute. At
+    # shutdown the worker stops calls graceful_timeout - 3 s after SIGTERM: the record
+    # must be written then, saying what the client got, not when gunicorn kills the
+    # handler at graceful_timeout (nor never, if the arbiter's SIGKILL comes first).
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="10")
+    reader = gateway_factory()  # another instance on the same database, to watch it
+    route = gw.setup_route(fake.url, system_name="stalled")
+    body = {"model": "stalled", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    call = uuid.uuid4().hex
+    script = f"id={call};chunks=4000;pad=4000"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        payload = json.dumps(body).encode()
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Fake-Script: {script}\r\n"
+            f"Authorization: Bearer {route['key']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        wait_until(lambda: fake.log(call) and fake.log(call)[0]["outcome"] == "complete")
+        time.sleep(0.5)  # the producer is in its last step now
+        assert reader.records()[0]["status"] == "pending"
+        stopping = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        (row,) = reader.wait_final(1, timeout=9)
+        assert time.monotonic() - stopping < 8.5  # at the worker's deadline (7 s), not later
+    assert row["status"] == "completed"
+    assert 0 < len(row["delivered"]["text"]) < len(row["completion"][0]["content"])
