@@ -167,7 +167,8 @@ def test_a_price_change_leaves_old_records_as_they_were(
     client.chat.completions.create(
         model="acct-reprice", messages=[{"role": "user", "content": "a b"}]
     )
-    rows = sorted(gw.wait_final(2, apiKeyId=key["id"]), key=lambda r: r["id"])
+    # In the order the calls came: ids follow the order the recorder wrote them in.
+    rows = sorted(gw.wait_final(2, apiKeyId=key["id"]), key=lambda r: r["createdAt"])
     assert rows[0] == {**first, "updatedAt": rows[0]["updatedAt"]}  # not one field moved
     assert rows[0]["cost"]["prices"]["input"] == 1.0
     assert rows[1]["cost"]["prices"]["input"] == 100.0
