@@ -47,6 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         cli,
         dashboard,
         db,
+        limiter,
         proxy,
         recorder,
         snapshot,
@@ -64,6 +65,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     telemetry.telemetry.init_app(app)
     sweeper.sweeper.init_app(app)
     calls.calls.init_app(app)
+    limiter.limiter.init_app(app)
     snapshot.refresher.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)

@@ -42,6 +42,7 @@ class Caller:
     tpm_limit: int
     revoked: bool
     expires_at: datetime | None
+    budget_usd: float | None = None  # per calendar month (UTC)
 
     def usable(self, now: datetime) -> bool:
         return not self.revoked and (self.expires_at is None or self.expires_at > now)
@@ -105,7 +106,9 @@ class KeyCache:
             if row.revoked:
                 changed |= callers.pop(row.key_hash, None) is not None
                 continue
-            caller = Caller(row.id, row.rpm_limit, row.tpm_limit, False, row.expires_at)
+            caller = Caller(
+                row.id, row.rpm_limit, row.tpm_limit, False, row.expires_at, row.budget_usd
+            )
             if callers.get(row.key_hash) != caller:
                 callers[row.key_hash] = caller
                 changed = True
@@ -119,15 +122,22 @@ class KeyCache:
     def dump(self) -> list[list]:
         """The cache as JSON-able rows, for the snapshot file."""
         return [
-            [h, c.id, c.rpm_limit, c.tpm_limit, c.expires_at and c.expires_at.isoformat()]
+            [
+                h,
+                c.id,
+                c.rpm_limit,
+                c.tpm_limit,
+                c.expires_at and c.expires_at.isoformat(),
+                c.budget_usd,
+            ]
             for h, c in sorted(self._callers.items())
         ]
 
     def load(self, rows: list[list]) -> None:
         """Replace the cache with rows from ``dump``; the next refresh reads every key."""
         self._callers = {
-            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None)
-            for h, i, rpm, tpm, exp in rows
+            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *budget)
+            for h, i, rpm, tpm, exp, *budget in rows  # a file from before budgets has none
         }
         self._since = None
 

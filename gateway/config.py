@@ -51,6 +51,7 @@ DEFAULTS: dict[str, object] = {
     "CLIENT_WRITE_TIMEOUT": 60.0,  # a client that stops reading is dropped after this
     "HEARTBEAT_INTERVAL": 15.0,  # SSE comment to keep idle client connections open
     "UPSTREAM_POOL_SIZE": 200,  # pooled connections per upstream host, per worker
+    "COUNT_TOKENS_TIMEOUT": 10.0,  # a provider's count_tokens answer; past it, estimate
     "TRIES_PER_PROVIDER": 2,
     "BACKOFF_MIN": 0.1,
     "BACKOFF_MAX": 5.0,

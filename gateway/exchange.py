@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import pricing
+
 COMPLETION, EMBEDDING = "completion", "embedding"
 
 
@@ -46,6 +48,9 @@ class Exchange:
     duration_ms: int | None = None
     error: str | None = None
     attempts: list[dict] = field(default_factory=list)
+    upstream_id: str | None = None  # the provider's id of its answer
+    cost: dict | None = None  # pricing.cost, fixed when the call is finished
+    delivered: dict | None = None  # streams: {"events", "text"} the client was sent
     finished: bool = False
     # For telemetry only (not columns): the caller's W3C trace context, and how the
     # serving provider is reached.
@@ -75,10 +80,25 @@ class Exchange:
         self.model_id, self.provider_id = model_id, provider_id
         self.provider_type, self.base_url = provider_type, base_url
 
-    def attempt(self, provider: str, model: str, outcome: str, ms: int, **detail: Any) -> None:
-        """Record one try at an upstream: ``ok`` or what went wrong."""
+    def attempt(
+        self,
+        provider: str,
+        model: str,
+        outcome: str,
+        ms: int,
+        request_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Record one try at an upstream: ``ok`` or what went wrong, and its request id."""
         self.attempts.append(
-            {"provider": provider, "model": model, "outcome": outcome, "ms": ms, **detail}
+            {
+                "provider": provider,
+                "model": model,
+                "outcome": outcome,
+                "ms": ms,
+                "requestId": request_id,
+                **detail,
+            }
         )
 
     def with_attempts(self, message: str) -> str:
@@ -98,8 +118,15 @@ class Exchange:
         usage: dict | None = None,
         dimensions: int | None = None,
         error: str | None = None,
+        upstream_id: str | None = None,
+        cost: dict | None = None,
+        delivered: dict | None = None,
+        duration_ms: int | None = None,
     ) -> bool:
-        """Close the record with its final status; False if it was already closed."""
+        """Close the record with its final status; False if it was already closed.
+
+        ``duration_ms`` is when the upstream's part ended (default: now).
+        """
         if self.finished:
             return False
         self.finished = True
@@ -112,7 +139,8 @@ class Exchange:
             self.dimensions = dimensions
         if error is not None:
             self.error = error
-        self.duration_ms = self.elapsed_ms
+        self.upstream_id, self.cost, self.delivered = upstream_id, cost, delivered
+        self.duration_ms = self.elapsed_ms if duration_ms is None else duration_ms
         return True
 
     @property
@@ -137,6 +165,8 @@ class Exchange:
             "duration": self.duration_ms,
             "error": self.error,
             "attempts": self.attempts or None,
+            "cost": self.cost,
+            "cost_nanos": pricing.nanos(self.cost),
             "created_at": self.created_at,
             "updated_at": _utcnow(),
             "trace_parent": self.trace_parent,
@@ -163,4 +193,6 @@ class Exchange:
             "usage": self.usage,
             "ttft": self.ttft_ms,
             "req_id": self.req_id,
+            "upstream_id": self.upstream_id,
+            "delivered": self.delivered,
         }

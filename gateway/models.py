@@ -62,6 +62,7 @@ class ApiKey(BaseModel):
     tpm_limit = pw.IntegerField(default=50000)
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
+    budget_usd = pw.FloatField(null=True)  # spend allowed per calendar month (UTC)
 
     class Meta:
         table_name = "api_keys"
@@ -103,6 +104,7 @@ class ApiKey(BaseModel):
             cls.tpm_limit,
             cls.revoked,
             cls.expires_at,
+            cls.budget_usd,
             cls.updated_at,
         )
         if since is None:
@@ -145,6 +147,8 @@ class Model(BaseModel):
     context_length = pw.IntegerField(null=True)
     input_price = pw.FloatField(null=True)  # USD per million tokens
     output_price = pw.FloatField(null=True)
+    cache_read_price = pw.FloatField(null=True)  # None: the input price (pricing.py)
+    cache_write_price = pw.FloatField(null=True)
     weight = pw.FloatField(default=1.0)
     comment = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -184,6 +188,10 @@ class Completion(BaseModel):
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
+    upstream_id = pw.CharField(max_length=255, null=True)  # the provider's response id
+    cost = pw.JSONField(null=True)  # pricing.cost at finalisation, never recomputed
+    cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
+    delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
     source_completion_id = pw.IntegerField(null=True)
     cached_response = pw.JSONField(null=True)
     owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
@@ -216,6 +224,8 @@ class Embedding(BaseModel):
     duration = pw.IntegerField(null=True)
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
+    cost = pw.JSONField(null=True)
+    cost_nanos = pw.BigIntegerField(null=True)
     owner = pw.CharField(max_length=96, null=True)
     swept = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow, index=True)

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import auth, jsonio, redact
+from gateway import auth, jsonio, redact, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -28,6 +28,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
+from gateway.limiter import limiter
 from gateway.plan import CHAT, EMBEDDINGS, Plan
 from gateway.routing import Candidate, catalog, weighted_order
 
@@ -36,6 +37,7 @@ bp = Blueprint("proxy", __name__)
 FORMAT_BY_PATH = {
     "/v1/chat/completions": OPENAI_CHAT,
     "/v1/messages": ANTHROPIC,
+    "/v1/messages/count_tokens": ANTHROPIC,
     "/v1/responses": OPENAI_RESPONSES,
 }
 # Client headers never forwarded upstream, besides credentials (``redact``): ours,
@@ -68,12 +70,31 @@ def responses() -> Response:
     return _complete(OPENAI_RESPONSES)
 
 
+@bp.post("/v1/messages/count_tokens")
+def count_tokens() -> Response:
+    """Anthropic's token count: the provider's own, or an estimate; never recorded."""
+    auth.authenticate(request.headers)
+    body = _json_body()
+    ir = token_count.parse(body)
+    tokens, source = token_count.count(
+        _candidates(ir["model"], "chat"),
+        body,
+        ir,
+        forwarded_headers(request.headers),
+        float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+    )
+    answer = jsonio.response({"input_tokens": tokens})
+    answer.headers[token_count.SOURCE_HEADER] = source
+    return answer
+
+
 @bp.post("/v1/embeddings", strict_slashes=False)
 def create_embeddings() -> Response:
     caller = auth.authenticate(request.headers)
     body = _json_body()
     parsed = embeddings.parse_request(body)
     candidates = _candidates(parsed["model"], "embedding")
+    limiter.check_budget(caller.id, caller.budget_usd)
     headers = forwarded_headers(request.headers)
     exchange = Exchange(
         api_key_id=caller.id,
@@ -112,6 +133,7 @@ def _complete(api_format: str) -> Response:
         body["stream"] = True
     ir = PROTOCOLS[api_format].parse_request(body)
     candidates = _candidates(ir["model"], "chat")
+    limiter.check_budget(caller.id, caller.budget_usd)
     headers = forwarded_headers(request.headers)
     exchange = Exchange(
         api_key_id=caller.id,

@@ -43,6 +43,11 @@ class Candidate:
     api_key: str | None
     api_version: str | None
     stream_usage: bool
+    # USD per million tokens, as the catalog knew them when the call was routed.
+    input_price: float | None = None
+    output_price: float | None = None
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
 
 
 class Catalog:
@@ -216,6 +221,10 @@ def load_candidates() -> list[Candidate]:
             api_key=m.provider.api_key,
             api_version=m.provider.api_version,
             stream_usage=m.provider.stream_usage,
+            input_price=m.input_price,
+            output_price=m.output_price,
+            cache_read_price=m.cache_read_price,
+            cache_write_price=m.cache_write_price,
         )
         for m in rows
     ]

@@ -49,6 +49,7 @@ KEY = {
     "expiresAt": plausible(dates),
     "rpmLimit": plausible(small_ints),
     "tpmLimit": plausible(small_ints),
+    "budgetUsd": plausible(f.numbers),
 }
 PROVIDER = {
     "name": plausible(names),
@@ -67,6 +68,8 @@ MODEL = {
     "contextLength": plausible(small_ints),
     "inputPrice": plausible(f.numbers),
     "outputPrice": plausible(f.numbers),
+    "cacheReadPrice": plausible(f.numbers),
+    "cacheWritePrice": plausible(f.numbers),
     "weight": plausible(f.numbers),
     "comment": plausible(f.text),
 }
@@ -90,6 +93,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/apiKey/{key}", {}, ()),
     ("DELETE", "/apiKey/{key}", {}, ()),
     ("PUT", "/apiKey/{key}/ratelimit", KEY, ()),
+    ("PUT", "/apiKey/{key}/budget", KEY, ()),
     ("GET", "/apiKey/by-external-id/{name}", {}, ()),
     ("PUT", "/apiKey/by-external-id/{name}", KEY, ()),
     ("GET", "/providers", {}, ()),
@@ -112,7 +116,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/embeddings", {}, LIST_ARGS),
     ("GET", "/embeddings/{id}", {}, ()),
     ("DELETE", "/embeddings/{id}", {}, ()),
-    ("GET", "/usage", {}, ("apiKey",)),
+    ("GET", "/usage", {}, ("apiKey", "range")),
     ("GET", "/stats/overview", {}, ("range",)),
 ]  # fmt: skip
 ids = st.one_of(st.integers(min_value=1, max_value=4).map(str), f.segments)

@@ -163,7 +163,8 @@ class Caller:
 
     def records(self, count: int) -> list[dict]:
         rows = self.gw.wait_final(count, apiKeyId=self.key_id)
-        # In call order: ids follow write order, which several writers may shuffle.
+        # In the order the calls came: ids follow the order the recorder wrote them in,
+        # and a stream's record is written once its client's copy has ended.
         return sorted(rows, key=lambda r: (r["createdAt"], r["id"]))
 
 
