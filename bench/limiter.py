@@ -66,7 +66,7 @@ def one_call(store: Limiter, key_id: int, timings: dict[str, list[float]]) -> No
 
 def wired_call(key_id: int, slots: int | None, into: list[float]) -> None:
     """What the call path does, as it does it: admit before routing, settle at the end."""
-    caller = Caller(key_id, BIG, BIG, False, None, slots, "bench")
+    caller = Caller(key_id, BIG, BIG, False, None, max_concurrent=slots, comment="bench")
     exchange = Exchange(api_key_id=key_id, model="gpt-4o", api_format="openai-chat")
     exchange.finish("completed", usage={"input_tokens": 1000, "output_tokens": 234})
     started = time.perf_counter()

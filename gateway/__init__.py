@@ -52,7 +52,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         model_limits,
         proxy,
         recorder,
-        routing,
+        snapshot,
+        sweeper,
+        telemetry,
         upstream,
         vault,
     )
@@ -62,9 +64,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     vault.vault.init_app(app)
     upstream.upstream.init_app(app)
     recorder.recorder.init_app(app)
+    telemetry.telemetry.init_app(app)
+    sweeper.sweeper.init_app(app)
     calls.calls.init_app(app)
-    routing.catalog.ttl = auth.keys.ttl = float(app.config["CACHE_TTL"])
     limiter.limiter.init_app(app)
+    snapshot.refresher.init_app(app)
     model_limits.model_limits.init_app(app)
     # A key or per-model limit changed in another worker or instance: forget it here.
     limiter.limiter.on_key_change(auth.keys.changed)

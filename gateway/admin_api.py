@@ -13,13 +13,25 @@ to 2^63-1 (else 404), query integers are ASCII digits within bounds, and NUL is 
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
 
 import peewee as pw
 from flask import Blueprint, Response, current_app, request
 
-from gateway import auth, db, forwarded, jsonio, records, registry, serializers, stats, urlargs
+from gateway import (
+    auth,
+    db,
+    forwarded,
+    jsonio,
+    ledger,
+    records,
+    registry,
+    serializers,
+    stats,
+    urlargs,
+)
 from gateway.limiter import limiter
 from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
@@ -128,6 +140,15 @@ def key_limit_usage(key: str) -> Response:
             "usage": limiter.usage(row.id, row.rpm_limit, row.tpm_limit),
         }
     )
+
+
+@bp.put("/apiKey/<key>/budget")
+def set_key_budget(key: str) -> Response:
+    """A key's spend budget per calendar month (UTC), in USD; null removes it."""
+    data = registry.fields(_body(), registry.BUDGET)
+    row = registry.key_row(key)
+    registry.set_limits(row, data)
+    return jsonio.response({"key": row.key_hint, "budgetUsd": data["budget_usd"]})
 
 
 @bp.get("/apiKey/by-external-id/<path:external_id>")
@@ -345,13 +366,23 @@ def delete_embedding(record_id: int) -> Response:
 
 @bp.get("/usage")
 def usage() -> Response:
-    """Token sums of every live record (one key's with ``apiKey``), as the overview counts."""
+    """Token sums (NexusGate's two fields) and what calls cost, by key, model and provider.
+
+    ``apiKey``: one key's; ``range``: the overview's ranges, or ``month`` (this calendar
+    month, UTC, a budget's month); all time without.
+    """
     key = registry.key_row(request.args["apiKey"]).id if request.args.get("apiKey") else None
-    totals = stats.total(stats.usage_by_key(key=key).values())
+    range_key = request.args.get("range") or None
+    if range_key is not None and range_key not in (*stats.RANGES, "month"):
+        raise registry.Refused(400, f"range must be one of {', '.join(stats.RANGES)}, month")
+    since = _since(range_key)
+    totals = stats.total(stats.usage_by_key(since=since, key=key).values())
     return jsonio.response(
         {
             "total_prompt_tokens": totals.prompt_tokens,
             "total_completion_tokens": totals.completion_tokens,
+            "range": range_key,
+            **_ledger(since, key),
         }
     )
 
@@ -361,7 +392,21 @@ def stats_overview() -> Response:
     range_key = request.args.get("range") or stats.DEFAULT_RANGE
     if range_key not in stats.RANGES:
         raise registry.Refused(400, f"range must be one of {', '.join(stats.RANGES)}")
-    return jsonio.response(serializers.overview(stats.overview(range_key)))
+    data = stats.overview(range_key)
+    return jsonio.response(serializers.overview(data, _ledger(data.since)))
+
+
+def _since(range_key: str | None) -> datetime | None:
+    if range_key == "month":
+        return ledger.month_start(utcnow())
+    return utcnow() - timedelta(seconds=stats.RANGES[range_key][0]) if range_key else None
+
+
+def _ledger(since: datetime | None, key: int | None = None) -> dict[str, Any]:
+    book = ledger.ledger(since, key)
+    keys = {k.id: k for k in ApiKey.select().where(ApiKey.id.in_(list(book.by_key) or [0]))}
+    providers = registry.provider_names(set(book.by_provider))
+    return serializers.ledger(book, keys, providers, since)
 
 
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:

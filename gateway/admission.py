@@ -1,7 +1,8 @@
 """A call's admission: the limits it must pass before it is routed, and what it owes after.
 
 ``admit`` is asked once per /v1 call, after authentication and validation and before
-routing. It takes one of the key's ``maxConcurrent`` slots (if it has such a limit), then
+routing. It refuses a key over its monthly budget (402), takes one of the key's
+``maxConcurrent`` slots (if it has such a limit), then
 one request from its RPM bucket and from any per-model buckets (``model_limits``) while
 its TPM bucket is above zero, all or nothing in one atomic step (``Limiter.admit``).
 A refusal is a 429 in the caller's shape with Retry-After and the X-RateLimit-* headers,
@@ -44,7 +45,12 @@ MESSAGES = {
 
 
 def admit(caller: Caller, model: str, stream: bool) -> Permit:
-    """Admit a call of ``caller`` naming ``model`` now, or raise RateLimited (429)."""
+    """Admit a call of ``caller`` naming ``model`` now, or raise RateLimited (429).
+
+    A key that spent its monthly budget is refused first (BudgetExceeded, 402), taking
+    nothing from its other limits.
+    """
+    limiter.check_budget(caller.id, caller.budget_usd)
     uid = uuid.uuid4().hex
     slot = bool(caller.max_concurrent)
     if slot and not limiter.enter(caller.id, uid, caller.max_concurrent):

@@ -1,24 +1,37 @@
 """Who is calling: gateway keys for /v1, the admin secret for /api/admin.
 
 A key comes as ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (current
-Anthropic SDKs send Bearer). Keys are looked up by their SHA-256 hash and cached
-per worker for ``CACHE_TTL`` seconds, so a call costs no database round trip; a
-revocation reaches every worker within that time.
+Anthropic SDKs send Bearer). Each worker holds every live key in memory, by its
+SHA-256 hash (``KeyCache``), loaded at start and re-read in the background
+(``snapshot.py``): a call never waits on the database for a key the worker knows,
+and keeps working while the database is away. A key the worker does not know yet
+(made a moment ago elsewhere) waits, briefly and never during an outage, for one
+fresh read. Changes made in another worker apply within ``CACHE_TTL``, or at once when
+they are announced (``changed``, through the limiter's Redis channel); ``forget`` applies
+one at once in this worker.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import Flask
 
 from gateway.db import connection
 from gateway.errors import AuthenticationFailed
 from gateway.models import ApiKey, Setting, utcnow
+
+log = logging.getLogger(__name__)
+
+# Re-read keys changed this long before the newest change seen: a change committed
+# late, or stamped by a host whose clock is a little behind, is still picked up.
+OVERLAP = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +43,8 @@ class Caller:
     tpm_limit: int
     revoked: bool
     expires_at: datetime | None
-    max_concurrent: int | None = None
+    budget_usd: float | None = None  # per calendar month (UTC)
+    max_concurrent: int | None = None  # calls in flight at once; None: unlimited
     comment: str | None = None  # for the metrics' api_key_comment label
 
     @classmethod
@@ -42,6 +56,7 @@ class Caller:
             row.tpm_limit,
             row.revoked,
             row.expires_at,
+            row.budget_usd,
             row.max_concurrent,
             row.comment,
         )
@@ -51,33 +66,116 @@ class Caller:
 
 
 class KeyCache:
-    """Key hash -> Caller (or None for unknown keys), for ``ttl`` seconds."""
+    """Key hash -> Caller for every live key, as last read from the database."""
 
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._entries: dict[str, tuple[float, Caller | None]] = {}
+    def __init__(self) -> None:
+        self.ttl = 0.0  # without a background refresher: re-read after this long
+        self.background = False  # True once a refresher keeps the cache fresh
+        # Make the cache reflect the database as of a time (monotonic); False if it
+        # cannot. The refresher replaces it; alone, the cache reads inline.
+        self.confirm: Callable[[float], bool] = self.read_through
+        self._callers: dict[str, Caller] = {}
+        self._since: datetime | None = None  # the newest updated_at read
+        self._read_at = float("-inf")
+        self._misses: dict[str, float] = {}  # hash -> when it was last found unknown
+        self._forgotten: dict[str, float] = {}  # hash -> when forget() was called
 
     def get(self, key: str) -> Caller | None:
+        """The key's Caller as last known; None if it is unknown or revoked."""
         digest = ApiKey.hash(key)
-        hit = self._entries.get(digest)
         now = time.monotonic()
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
-        with connection():
-            row = ApiKey.get_or_none(ApiKey.key_hash == digest)
-        caller = None if row is None else Caller.of(row)
-        if len(self._entries) > 10_000:  # bad keys must not grow this without bound
-            self._entries.clear()
-        self._entries[digest] = (now, caller)
+        caller = self._callers.get(digest)
+        if caller is not None and (self.background or now - self._read_at <= self.ttl):
+            return caller
+        missed = self._misses.get(digest)
+        if caller is None and missed is not None and now - missed < self.ttl:
+            return None  # looked for a moment ago: bad keys cost one read per CACHE_TTL
+        self.confirm(now)
+        caller = self._callers.get(digest)
+        if caller is None:
+            if len(self._misses) > 10_000:  # bad keys must not grow this without bound
+                self._misses.clear()
+            self._misses[digest] = now
         return caller
 
     def forget(self, key_hash: str) -> None:
-        """Drop one cached key (by hash): a change to it applies at once in this worker."""
-        self._entries.pop(key_hash, None)
+        """Drop one key (by hash): its next use re-reads it, so a change applies at once."""
+        self._callers.pop(key_hash, None)
+        self._misses.pop(key_hash, None)
+        self._forgotten[key_hash] = time.monotonic()
+
+    def refresh(self, full: bool = False) -> bool:
+        """Read the keys changed since the last read (all if ``full``); True if any did."""
+        started = time.monotonic()
+        since = None if full or self._since is None else self._since - OVERLAP
+        rows = list(ApiKey.changed_since(since))
+        if since is None:
+            self._since = None  # the newest of what this read finds
+            self._misses.clear()
+        # No switch from here on: requests never see a half-applied read.
+        callers = {} if since is None else self._callers
+        changed = False
+        for row in rows:
+            if self._since is None or row.updated_at > self._since:
+                self._since = row.updated_at
+            if self._forgotten.get(row.key_hash, float("-inf")) > started:
+                continue  # changed while we read: the next read has its new state
+            if row.revoked:
+                changed |= callers.pop(row.key_hash, None) is not None
+                continue
+            caller = Caller.of(row)
+            if callers.get(row.key_hash) != caller:
+                callers[row.key_hash] = caller
+                changed = True
+        if since is None:
+            changed = callers != self._callers
+            self._callers = callers
+        self._read_at = started
+        self._forgotten = {h: t for h, t in self._forgotten.items() if t > started}
+        return changed
+
+    def dump(self) -> list[list]:
+        """The cache as JSON-able rows, for the snapshot file."""
+        return [
+            [
+                h,
+                c.id,
+                c.rpm_limit,
+                c.tpm_limit,
+                c.expires_at and c.expires_at.isoformat(),
+                c.budget_usd,
+                c.max_concurrent,
+                c.comment,
+            ]
+            for h, c in sorted(self._callers.items())
+        ]
+
+    def load(self, rows: list[list]) -> None:
+        """Replace the cache with rows from ``dump``; the next refresh reads every key."""
+        self._callers = {
+            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *rest)
+            for h, i, rpm, tpm, exp, *rest in rows  # older files lack the later fields
+        }
+        self._since = None
+
+    def read_through(self, _asked: float = 0.0) -> bool:
+        """Reload now, in this greenlet; False (keeping the last state) if that fails."""
+        try:
+            with connection():
+                self.refresh()
+        except Exception:  # the database is away: keep serving what we have
+            log.exception("auth: cannot read the keys")
+            return False
+        return True
 
     def forget_all(self) -> None:
-        """Drop every cached key: changes may have been missed (the limiter lost Redis)."""
-        self._entries.clear()
+        """Changes may have been missed (the limiter lost Redis): read every key again.
+
+        The keys stay usable meanwhile; the next read (within CACHE_TTL, or the next
+        unknown key's) is a full one, which drops every key revoked since.
+        """
+        self._since = None
+        self._read_at = float("-inf")
 
     def changed(self, key_hash: str | None) -> None:
         """A key changed somewhere (``limiter.on_key_change``); None: any may have."""

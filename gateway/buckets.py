@@ -1,4 +1,4 @@
-"""Token buckets, in-flight slots and request claims: the arithmetic, and an in-memory store.
+"""Token buckets, in-flight slots, request claims, totals: the arithmetic, an in-memory store.
 
 This is the reference for the Lua scripts in ``gateway/lua/``: each step here has its
 line there, in the same order, on the same IEEE doubles, so the in-process store
@@ -141,6 +141,7 @@ class LocalStore:
         self._slots: dict[str, dict[str, float]] = {}  # key -> member -> expiry
         # key -> uid, started, expiry, answer (None while the call is in flight)
         self._claims: dict[str, tuple[str, float, float, str | None]] = {}
+        self._totals: dict[str, tuple[int, float]] = {}  # key -> total, expiry
         self._writes = 0
 
     # -- buckets ---------------------------------------------------------------
@@ -261,9 +262,23 @@ class LocalStore:
         del self._claims[key]
         return True
 
+    # -- running totals (spend per month) ----------------------------------------
+
+    def add(self, key: str, amount: int, ttl: float) -> int:
+        """Add ``amount`` to a total kept ``ttl`` seconds from now; return the total."""
+        total = self.total(key) + amount
+        self._totals[key] = (total, self.clock() + ttl)
+        return total
+
+    def total(self, key: str) -> int:
+        """A total (0 when there is none)."""
+        held = self._totals.get(key)
+        return 0 if held is None or held[1] <= self.clock() else held[0]
+
     def _purge(self, now: float) -> None:
         self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
         self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
+        self._totals = {k: v for k, v in self._totals.items() if v[1] > now}
         for key in list(self._slots):
             if not self._live_slots(key, now):
                 del self._slots[key]

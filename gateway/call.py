@@ -27,11 +27,13 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import sse
+from gateway import pricing, sse
+from gateway.adapters import ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
 from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.limiter import limiter
 from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
@@ -75,6 +77,7 @@ class Call:
         self._on_client_left = on_client_left
         self._translator: StreamTranslator | None = None  # once streaming to the client
         self._response: dict | None = None  # the non-streaming answer, parsed
+        self._candidate: Candidate | None = None  # the latest tried: its prices cost the call
         self._producer: gevent.Greenlet | None = None
         self._reading = False
         self._stopping = False
@@ -142,7 +145,10 @@ class Call:
 
     def _open(self, candidate: Candidate) -> Opened:
         """One try: send, then read to the first event (stream) or the whole answer."""
-        self.exchange.serving(candidate.model_id, candidate.provider_id)
+        self.exchange.serving(
+            candidate.model_id, candidate.provider_id, candidate.provider_type, candidate.base_url
+        )
+        self._candidate = candidate
         operation = self.plan.operation
         url, auth = endpoint(
             candidate.provider_type,
@@ -165,18 +171,30 @@ class Call:
         except UpstreamError as exc:
             if resp is not None:
                 resp.close()
-            self._attempt(candidate, started, exc.kind, status=exc.status, error=exc.describe())
+            request_id = exc.request_id or (resp.request_id if resp is not None else None)
+            self._attempt(
+                candidate, started, exc.kind, request_id, status=exc.status, error=exc.describe()
+            )
             raise
         except BaseException:
             if resp is not None:
                 resp.close()
             raise
-        self._attempt(candidate, started, "ok", status=resp.status)
+        self._attempt(candidate, started, "ok", resp.request_id, status=resp.status)
         return opened
 
-    def _attempt(self, candidate: Candidate, started: float, outcome: str, **detail: Any) -> None:
+    def _attempt(
+        self,
+        candidate: Candidate,
+        started: float,
+        outcome: str,
+        request_id: str | None,
+        **detail: Any,
+    ) -> None:
         ms = int((time.monotonic() - started) * 1000)
-        self.exchange.attempt(candidate.provider_name, candidate.remote_id, outcome, ms, **detail)
+        self.exchange.attempt(
+            candidate.provider_name, candidate.remote_id, outcome, ms, _id(request_id), **detail
+        )
 
     def _relay(
         self, resp: Response, translator: StreamTranslator, events: Iterator[sse.Event]
@@ -231,32 +249,73 @@ class Call:
         """The one place a call ends: its final status, its record, its client's end.
 
         This is the hook for what must happen once per finished call: the Exchange is
-        final here. Its permit is settled first (the answer kept for repeats of its
-        request id, the slot given back, TPM charged, metrics), then it is recorded.
+        final here. Its permit is settled before it is recorded (the answer kept for
+        repeats of its request id, the slot given back, TPM charged, metrics), and its
+        cost is added to its key's monthly spend.
         """
         status, error = verdict(self.ending)
+        upstream_ended = self.exchange.elapsed_ms
         response = self._response
         if response is None and self._translator is not None:
             response = self._translator.response()
         outcome = self.plan.operation.outcome(response, self.settings) if response else {}
-        self.exchange.finish(status, error=error, **outcome)
+        self.down.end()
+        account = self._account(response, outcome.get("usage"))
+        self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
         self.plan.settle(response if self.ending.answered else None)
         recorder.record(self.exchange)
-        self.down.end()
+        limiter.spend(self.exchange.api_key_id, pricing.nanos(self.exchange.cost))
+
+    def _account(self, response: dict | None, usage: dict | None) -> dict[str, Any]:
+        """The record's account: its cost, the provider's id, what its client was sent.
+
+        The cost is priced once, here, at the prices the catalog gave this worker for
+        the candidate that answered. A stream waits here until its client's copy has
+        ended (its last write, or its client gone) to say what the client got.
+        """
+        candidate = self._candidate
+        prices = None
+        if candidate is not None:
+            prices = pricing.Prices(
+                candidate.input_price,
+                candidate.output_price,
+                candidate.cache_read_price,
+                candidate.cache_write_price,
+            )
+        account: dict[str, Any] = {
+            "cost": pricing.cost(usage, prices),
+            "upstream_id": _id((response or {}).get("id")),
+        }
+        if self.stream:
+            # No stream started (refused, or nobody waited): the client got none of it.
+            events, chars = self.down.delivery() if self._translator else (0, 0)
+            text = ir.text_of(response["content"]) if response else ""
+            account["delivered"] = {"events": events, "text": text[:chars]}
+        return account
 
     # -- stopping ---------------------------------------------------------------
 
     def stop(self, end: End) -> None:
-        """End the upstream work now; the producer records how (once; not while finishing)."""
+        """End the upstream work now; the producer records how (once; not while finishing).
+
+        A call already finishing waits no longer for its client's copy to be written.
+        """
         if self._reading and self._producer is not None and not self._stopping:
             self._stopping = True
             self._producer.kill(_Stopped(end), block=False)
+        elif not self._reading:
+            self.down.hurry()
 
     def _client_left(self, how: str) -> None:
         """The client is gone (``Downstream`` says so once); the worker decides what next."""
         self.ending.leave()
         if self._reading:
             self._on_client_left(self, how)
+
+
+def _id(value: Any) -> str | None:
+    """A provider's id as the record can keep it: printable text, at most 255 characters."""
+    return value[:255] if isinstance(value, str) and value.isprintable() and value else None
 
 
 def _log_failure(candidate: Candidate, exc: UpstreamError) -> None:

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, object] = {
     "CLIENT_WRITE_TIMEOUT": 60.0,  # a client that stops reading is dropped after this
     "HEARTBEAT_INTERVAL": 15.0,  # SSE comment to keep idle client connections open
     "UPSTREAM_POOL_SIZE": 200,  # pooled connections per upstream host, per worker
+    "COUNT_TOKENS_TIMEOUT": 10.0,  # a provider's count_tokens answer; past it, estimate
     "TRIES_PER_PROVIDER": 2,
     "BACKOFF_MIN": 0.1,
     "BACKOFF_MAX": 5.0,
@@ -64,13 +65,28 @@ DEFAULTS: dict[str, object] = {
     # Numbers of embedding vectors kept per record (whole vectors, in input order);
     # the default keeps 5 vectors of 3,072 dimensions, about 330 KB of JSON. 0: none.
     "EMBEDDING_RECORD_VALUES": 16384,
-    "CACHE_TTL": 5.0,  # seconds keys and the model catalog are cached per worker
+    # Each worker holds every live key and the model catalog in memory and re-reads what
+    # changed this often (0: read through on every call, for tests). Revocations made in
+    # another worker or instance apply within this time.
+    "CACHE_TTL": 5.0,
+    # Longest a call with a key (or model) this worker does not know yet waits for the
+    # database to confirm it: one made a moment ago in another worker. Never waited for
+    # while the database is known to be down.
+    "KEY_LOOKUP_WAIT": 1.0,
+    "SNAPSHOT_FILE": None,  # None: instance/snapshot.json (last known keys and catalog)
+    "DB_CONNECT_TIMEOUT": 3.0,  # seconds to open a PostgreSQL connection
+    "DB_TIMEOUT": 10.0,  # longest a background database job may take before it counts as down
     "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
     "RECORDER_BATCH": 100,
     "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
     "JOURNAL_DIR": None,  # None: instance/journal
-    "SWEEP_INTERVAL": 60.0,
-    "SWEEP_AFTER": None,  # seconds a row may stay pending; None: CALL_TIMEOUT + 120
+    # Crash recovery: every process writes a heartbeat row this often; a process finalises
+    # another's pending rows once it has watched that heartbeat stand still this long.
+    "PROCESS_HEARTBEAT": 10.0,
+    "PROCESS_DEAD_AFTER": 45.0,
+    "SWEEP_INTERVAL": 10.0,  # seconds between looks for dead processes' rows (0: never)
+    # Rows written before heartbeats existed (no owner): pending this long means orphaned.
+    "SWEEP_AFTER": None,  # None: CALL_TIMEOUT + 120
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
@@ -82,4 +98,10 @@ DEFAULTS: dict[str, object] = {
     "WORKER_TIMEOUT": 30,  # gunicorn's heartbeat watchdog
     "MAX_REQUESTS": 0,  # recycle a worker after this many requests; 0: never
     "ACCESS_LOG": "-",  # "-": stdout; empty: none
+    # OpenTelemetry: every finished call as an OTLP span (README "OpenTelemetry"); the
+    # standard OTEL_* variables configure the exporter. None: on when an OTLP endpoint is
+    # configured; true/false force it. Content needs OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT.
+    "OTEL_EXPORT": None,
+    "OTEL_DEFAULT_SERVICE_NAME": "llm-gateway",  # unless OTEL_SERVICE_NAME names one
+    "OTEL_CONTENT_MAX_CHARS": 8192,  # per message part, when content is captured; 0: no cut
 }

@@ -38,9 +38,12 @@ from gateway import (
     db,
     forwarded,
     i18n,
+    ledger,
+    pricing,
     records,
     redact,
     registry,
+    serializers,
     sessions,
     stats,
     transcript,
@@ -176,11 +179,15 @@ def overview():
     if range_key not in stats.RANGES:
         range_key = stats.DEFAULT_RANGE
     data = stats.overview(range_key)
+    spend = ledger.ledger(data.since)
     return render_template(
         "dashboard/overview.html",
         data=data,
         ranges=stats.RANGES,
         charts=charts.overview(data, STATUSES),
+        spend=spend,
+        keys={k.id: k for k in ApiKey.select()},
+        providers=registry.provider_names(set(spend.by_provider)),
     )
 
 
@@ -194,7 +201,9 @@ def requests_list():
 
 @bp.get("/requests/<id:record_id>")
 def request_detail(record_id: int):
-    return render_template("dashboard/request.html", **records.detail(Completion, record_id))
+    found = records.detail(Completion, record_id)
+    tokens = serializers.tokens(found["row"].usage)
+    return render_template("dashboard/request.html", tokens=tokens, **found)
 
 
 @bp.get("/embeddings")
@@ -242,15 +251,20 @@ def revoke_key(key_id: int):
 @bp.post("/keys/<id:key_id>/limits")
 def key_limits(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
-    limits = _form_body(
-        {"rpmLimit": int, "tpmLimit": int, "maxConcurrent": int}, ("maxConcurrent",)
-    )
-    registry.set_limits(row, registry.key_fields(limits))
+    limits = {"rpmLimit": int, "tpmLimit": int, "maxConcurrent": int, "budgetUsd": float}
+    clear = ("maxConcurrent", "budgetUsd")
+    registry.set_limits(row, registry.key_fields(_form_body(limits, clear=clear)))
     flash(_("Limits of %(hint)s saved.", hint=row.key_hint), "ok")
     return redirect(url_for("dashboard.keys"))
 
 
-KEY_FORM = {"comment": str, "rpmLimit": int, "tpmLimit": int, "maxConcurrent": int}
+KEY_FORM = {
+    "comment": str,
+    "rpmLimit": int,
+    "tpmLimit": int,
+    "maxConcurrent": int,
+    "budgetUsd": float,
+}
 
 
 def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str:
@@ -265,6 +279,7 @@ def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str
         # What each usable key has used of its limits right now, as every instance sees it.
         live={k.id: limiter.usage(k.id, k.rpm_limit, k.tpm_limit) for k in keys if k.is_usable()},
         usage=stats.usage_by_key(utcnow() - timedelta(days=1)),
+        spend=ledger.spend_by_key(ledger.month_start(utcnow())),
         now=utcnow(),
         show_revoked=show_revoked,
         new_key=new_key,
@@ -291,6 +306,8 @@ MODEL_FORM = {
     "contextLength": int,
     "inputPrice": float,
     "outputPrice": float,
+    "cacheReadPrice": float,
+    "cacheWritePrice": float,
     "weight": float,
     "comment": str,
 }
@@ -371,6 +388,7 @@ def edit_model(model_id: int):
     row = _live(Model, model_id)
     if request.method == "POST":
         clear = ("remoteId", "contextLength", "inputPrice", "outputPrice", "comment")
+        clear += ("cacheReadPrice", "cacheWritePrice")
         body = _form_body(MODEL_FORM, clear)
         registry.edit_model(row, registry.model_fields(body, required=False))
         flash(_("Model %(name)s saved.", name=body.get("systemName", row.system_name)), "ok")
@@ -440,4 +458,5 @@ def init_app(app: Flask) -> None:
         current_language=_locale,
     )
     app.jinja_env.filters["pretty"] = transcript.pretty
+    app.jinja_env.filters["nano_usd"] = pricing.usd  # then |usd: a cost as the ledger sums it
     app.jinja_env.finalize = transcript.printable  # a lone surrogate must not make a 500

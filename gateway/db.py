@@ -8,6 +8,11 @@ Connections belong to greenlets: peewee must be imported after gevent patched
 ``threading`` (gunicorn's gevent worker does that before it loads the app);
 ``init_app`` refuses to run otherwise, because greenlets would then share one
 connection and silently mix their transactions.
+
+Background jobs (cache refresh, heartbeats, record writes) run in ``background()``:
+their own connection, a short connect timeout and a bound on the whole job, so a
+database that is down or black-holed stalls no one; each outcome updates
+``reachable()``, which lets the request path skip waiting on a database known down.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import gevent
 import peewee
 from flask import Flask, g
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
-from gateway.config import ROOT, default_database_url
+from gateway.config import DEFAULTS, ROOT, default_database_url
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,11 @@ SQLITE_PRAGMAS = {
 }
 
 
-def open_database(url: str | None) -> peewee.Database:
+def open_database(url: str | None, connect_timeout: float | None = None) -> peewee.Database:
     """A peewee database for ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
     url = url or default_database_url()
+    if connect_timeout is None:
+        connect_timeout = float(DEFAULTS["DB_CONNECT_TIMEOUT"])  # type: ignore[arg-type]
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         # As SQLAlchemy and peewee read it: sqlite:///relative.db, sqlite:////abs.db
@@ -63,6 +71,8 @@ def open_database(url: str | None) -> peewee.Database:
             stale_timeout=300,
             timeout=10,
             autoconnect=False,
+            # libpq counts whole seconds and treats less than 2 as 2.
+            connect_timeout=max(2, round(connect_timeout)),
         )
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
 
@@ -79,7 +89,9 @@ def init_app(app: Flask) -> None:
     per-worker caches without touching the database at all (see ``connection``).
     """
     _check_greenlet_connections()
-    database.initialize(open_database(app.config["DATABASE_URL"]))
+    database.initialize(
+        open_database(app.config["DATABASE_URL"], float(app.config["DB_CONNECT_TIMEOUT"]))
+    )
 
     @app.teardown_request
     def _close(exc: BaseException | None) -> None:
@@ -105,6 +117,62 @@ def connection() -> Iterator[None]:
     finally:
         if opened and not database.is_closed():
             database.close()
+
+
+class DatabaseTimeout(peewee.OperationalError):
+    """The database did not answer within a background job's bound."""
+
+
+# Errors that mean "the database is not there", as opposed to "it refused this".
+UNREACHABLE = (peewee.OperationalError, peewee.InterfaceError, OSError)
+_reachable = True
+
+
+def reachable() -> bool:
+    """False while the last background job found the database down."""
+    return _reachable
+
+
+def mark_reachable(ok: bool) -> None:
+    """Note what the last attempt to use the database found."""
+    global _reachable
+    _reachable = ok
+
+
+@contextmanager
+def background(timeout: float) -> Iterator[None]:
+    """This greenlet's own connection for one job, given up after ``timeout`` seconds.
+
+    Raises ``DatabaseTimeout`` (an ``OperationalError``) when the bound is hit.
+    """
+    timer = gevent.Timeout(timeout, DatabaseTimeout(f"no answer within {timeout:g} s"))
+    timer.start()
+    opened = database.is_closed()  # else it is the caller's, left open for it
+    try:
+        if opened:
+            database.connect()
+        yield
+    except UNREACHABLE:
+        discard_connection()
+        mark_reachable(False)
+        raise
+    else:
+        mark_reachable(True)
+    finally:
+        timer.close()
+        if opened and not database.is_closed():
+            database.close()
+
+
+def discard_connection() -> None:
+    """Drop this greenlet's connection after a failure; the next use reconnects."""
+    try:
+        if isinstance(database.obj, PooledPostgresqlDatabase):
+            database.obj.manual_close()  # never back to the pool: it may be mid-query
+        elif not database.is_closed():
+            database.close()
+    except Exception:  # a broken connection may fail even to close; it is gone either way
+        log.debug("closing a failed connection", exc_info=True)
 
 
 def migrate(db: peewee.Database | None = None) -> list[str]:

@@ -2,9 +2,10 @@
 
 The producer (``call.py``) puts the client's pieces here and never touches the socket.
 The response body is a generator gunicorn iterates: it only relays the queue, with
-a heartbeat comment when the queue is idle, and a failed write ends it. (A piece
-written is a piece delivered: counting what the client got would go where the body
-yields.) The watcher
+a heartbeat comment when the queue is idle, and a failed write ends it. A piece is
+counted as delivered (its SSE events and answer text) once gunicorn comes back for the
+next one, that is once its write succeeded; ``delivery`` waits for the client's copy to
+end and says how much it got (SPEC rule 11). The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
 probes instead (SSE comments: a dead peer fails the second write, a live one skips
@@ -54,6 +55,9 @@ class Downstream:
         self.sock, self.stream, self.pace = sock, stream, pace
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.gone = gevent.event.Event()
+        self.events = 0  # SSE events written to the client
+        self.chars = 0  # characters of answer text written to the client
+        self._settled = gevent.event.Event()  # the body has ended, or nobody may wait for it
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
@@ -73,6 +77,25 @@ class Downstream:
         self.gone.set()
         self.queue.put(_GONE)
         self._on_gone(how)
+
+    def delivery(self) -> tuple[int, int]:
+        """Wait while the client's copy is being written; (events, characters) it got.
+
+        Ends when the body has written everything, the client left, ``hurry`` was
+        called, or a whole write timeout passed with nothing written (a body nobody
+        iterates): whichever comes first.
+        """
+        patience = self.pace.write_timeout + self.pace.heartbeat
+        while not (self._settled.is_set() or self.gone.is_set()):
+            before = (self.events, self.chars)
+            gevent.wait([self._settled, self.gone], timeout=patience, count=1)
+            if (self.events, self.chars) == before:
+                break
+        return self.events, self.chars
+
+    def hurry(self) -> None:
+        """Stop any wait in ``delivery`` now (shutdown): the record says what got there."""
+        self._settled.set()
 
     def start_watching(self, group: gevent.pool.Group) -> None:
         """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
@@ -117,8 +140,15 @@ class Downstream:
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
-                yield sse.comment("probe") if item is _PROBE else item.data
+                if item is _PROBE:
+                    yield sse.comment("probe")
+                    continue
+                yield item.data
+                # Back here: gunicorn wrote it (a failed write closes this generator).
+                self.events += item.events
+                self.chars += len(item.text)
         finally:
+            self._settled.set()
             self.stop_watching()
             if self.sock is not None:
                 with contextlib.suppress(OSError):

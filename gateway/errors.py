@@ -8,6 +8,7 @@ become a stream error event and are recorded. Pure code: no Flask here.
     ├── InvalidRequest            400  invalid_request_error   (names the field)
     │   └── MalformedJSON         400  invalid_request_error
     ├── AuthenticationFailed      401  authentication_error
+    ├── BudgetExceeded            402  billing_error            (Retry-After: next month)
     ├── NotFound                  404  not_found_error          (unknown model)
     ├── RequestInFlight           409  conflict                 (Retry-After)
     ├── PayloadTooLarge           413  request_too_large
@@ -73,6 +74,12 @@ class MalformedJSON(InvalidRequest):
 
 class AuthenticationFailed(GatewayError):
     status, kind, code = 401, "authentication_error", "invalid_api_key"
+
+
+class BudgetExceeded(GatewayError):
+    """The key spent its monthly budget: 402, which SDKs do not retry (a 429 they would)."""
+
+    status, kind, code = 402, "billing_error", "budget_exceeded"
 
 
 class NotFound(GatewayError):
@@ -178,12 +185,14 @@ _ANTHROPIC_KINDS = {
     "rate_limit_error": "rate_limit_error",
     "overloaded_error": "overloaded_error",
     "conflict": "conflict",
+    "billing_error": "billing_error",
 }
 _OPENAI_KINDS = {
     "not_found_error": "invalid_request_error",
     "request_too_large": "invalid_request_error",
     "overloaded_error": "server_error",
     "api_error": "server_error",
+    "billing_error": "insufficient_quota",  # OpenAI's type for a spent quota
 }
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import pricing
+
 COMPLETION, EMBEDDING = "completion", "embedding"
 
 
@@ -48,7 +50,16 @@ class Exchange:
     error: str | None = None
     attempts: list[dict] = field(default_factory=list)
     answer: dict | None = None  # a req_id call's whole answer (IR), kept for its repeats
+    upstream_id: str | None = None  # the provider's id of its answer
+    cost: dict | None = None  # pricing.cost, fixed when the call is finished
+    delivered: dict | None = None  # streams: {"events", "text"} the client was sent
     finished: bool = False
+    # For telemetry only (not columns): the caller's W3C trace context, and how the
+    # serving provider is reached.
+    trace_parent: str | None = None
+    trace_state: str | None = None
+    provider_type: str | None = None
+    base_url: str | None = None
 
     @property
     def elapsed_ms(self) -> int:
@@ -60,14 +71,36 @@ class Exchange:
         if self.ttft_ms is None:
             self.ttft_ms = self.elapsed_ms
 
-    def serving(self, model_id: int, provider_id: int) -> None:
+    def serving(
+        self,
+        model_id: int,
+        provider_id: int,
+        provider_type: str | None = None,
+        base_url: str | None = None,
+    ) -> None:
         """Note which candidate is being tried."""
         self.model_id, self.provider_id = model_id, provider_id
+        self.provider_type, self.base_url = provider_type, base_url
 
-    def attempt(self, provider: str, model: str, outcome: str, ms: int, **detail: Any) -> None:
-        """Record one try at an upstream: ``ok`` or what went wrong."""
+    def attempt(
+        self,
+        provider: str,
+        model: str,
+        outcome: str,
+        ms: int,
+        request_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Record one try at an upstream: ``ok`` or what went wrong, and its request id."""
         self.attempts.append(
-            {"provider": provider, "model": model, "outcome": outcome, "ms": ms, **detail}
+            {
+                "provider": provider,
+                "model": model,
+                "outcome": outcome,
+                "ms": ms,
+                "requestId": request_id,
+                **detail,
+            }
         )
 
     def with_attempts(self, message: str) -> str:
@@ -87,8 +120,15 @@ class Exchange:
         usage: dict | None = None,
         dimensions: int | None = None,
         error: str | None = None,
+        upstream_id: str | None = None,
+        cost: dict | None = None,
+        delivered: dict | None = None,
+        duration_ms: int | None = None,
     ) -> bool:
-        """Close the record with its final status; False if it was already closed."""
+        """Close the record with its final status; False if it was already closed.
+
+        ``duration_ms`` is when the upstream's part ended (default: now).
+        """
         if self.finished:
             return False
         self.finished = True
@@ -101,7 +141,8 @@ class Exchange:
             self.dimensions = dimensions
         if error is not None:
             self.error = error
-        self.duration_ms = self.elapsed_ms
+        self.upstream_id, self.cost, self.delivered = upstream_id, cost, delivered
+        self.duration_ms = self.elapsed_ms if duration_ms is None else duration_ms
         return True
 
     @property
@@ -126,8 +167,14 @@ class Exchange:
             "duration": self.duration_ms,
             "error": self.error,
             "attempts": self.attempts or None,
+            "cost": self.cost,
+            "cost_nanos": pricing.nanos(self.cost),
             "created_at": self.created_at,
             "updated_at": _utcnow(),
+            "trace_parent": self.trace_parent,
+            "trace_state": self.trace_state,
+            "provider_type": self.provider_type,
+            "base_url": self.base_url,
         }
         if self.kind == EMBEDDING:
             return {
@@ -150,4 +197,6 @@ class Exchange:
             "req_id": self.req_id,
             "source_uid": self.source_uid,
             "cached_response": self.answer,
+            "upstream_id": self.upstream_id,
+            "delivered": self.delivered,
         }

@@ -4,7 +4,7 @@ English and Simplified Chinese. Labels used from several templates (statuses and
 tooltips, provider types) live here as lazy strings, so they are translated when shown,
 in the visitor's language. The Jinja filters render dates, relative times, numbers,
 durations and percentages with Babel for the current locale; an unknown value (NULL in
-the tables) is shown as a dash, never as 0. Timestamps are naive UTC and are shown in
+the tables) is shown as a dash, never as 0. Costs are US dollars to the nano-dollar. Timestamps are naive UTC and are shown in
 ``BABEL_DEFAULT_TIMEZONE`` (UTC unless configured).
 """
 
@@ -63,7 +63,7 @@ ROLE_LABELS = {
     "assistant": _l("Assistant"),
     "tool": _l("Tool"),
 }
-OUTCOME_LABELS = {  # how one try at an upstream went (relay.py, upstream.py)
+OUTCOME_LABELS = {  # how one try at an upstream went (call.py, upstream.py)
     "ok": _l("Answered"),
     "connect": _l("Could not connect"),
     "timeout": _l("Timed out"),
@@ -150,6 +150,16 @@ def number(value: float | None, digits: int = 0) -> str:
     return numbers.format_decimal(value, pattern, locale=get_locale())
 
 
+def usd(value: float | None, places: int = 9) -> str:
+    """US dollars, to the nano-dollar a cost is exact to by default: "$0.0000405", "US$0.30"."""
+    if _unknown(value):
+        return UNKNOWN
+    pattern = "¤#,##0.00" + "#" * (places - 2)
+    return numbers.format_currency(
+        value, "USD", pattern, locale=get_locale(), currency_digits=False
+    )
+
+
 def compact(value: float | None) -> str:
     """A short number for axes and cards: 12K, 1.2万."""
     if _unknown(value):
@@ -188,6 +198,7 @@ def init_app(app: Flask, choose: Callable[[], str]) -> None:
         ("ago", ago),
         ("tick", tick),
         ("number", number),
+        ("usd", usd),
         ("compact", compact),
         ("percent", percent),
         ("duration", duration),

@@ -6,7 +6,9 @@ process's own, and those left by processes that have died. A file is claimed by 
 atomic rename, so exactly one replayer owns it; it is deleted once written and given
 back if the write fails. A claim left by a replayer that died is given back too.
 Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``
-for an operator to look at; they are never replayed.
+for an operator to look at; they are never replayed. A line that is not a whole row
+(the process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the
+rest of its file is replayed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class Journal:
     def append(self, rows: list[dict], prefix: str = "journal") -> None:
         """Append rows to this process's file and make them durable."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in rows)
+        # default=str: a value JSON cannot hold must not cost the whole batch its record.
+        lines = "".join(json.dumps(_jsonable(row), default=str) + "\n" for row in rows)
         with open(self.own_path(prefix), "a", encoding="utf-8") as fh:
             fh.write(lines)
             fh.flush()
@@ -46,32 +49,46 @@ class Journal:
         """True while this process has rows waiting in its journal."""
         return self.own_path().exists()
 
+    def waiting(self) -> bool:
+        """True when this process would find something to replay."""
+        return bool(self._claimable()) or any(self.directory.glob("replaying-*"))
+
     def replay(self, write: Callable[[list[dict]], None]) -> int:
         """Give each claimable file's rows to ``write``; return how many were written."""
         if not self.directory.is_dir():
             return 0
         self._reclaim_orphans()
         written = 0
-        for path in sorted(self.directory.glob("journal-*.jsonl")):
-            if _pid_in(path.stem) != os.getpid() and _alive(_pid_in(path.stem)):
-                continue  # a live process replays its own journal
+        for path in self._claimable():
             claimed = path.with_name(f"replaying-{os.getpid()}-{path.name}")
             try:
                 path.rename(claimed)
             except FileNotFoundError:
                 continue  # another replayer took it
-            rows = [
-                _from_json(json.loads(line)) for line in claimed.read_text().splitlines() if line
-            ]
+            rows, torn = _read(claimed)
             try:
                 write(rows)
             except BaseException:
                 claimed.rename(path)  # give it back; try again later
                 raise
+            if torn:
+                log.error("journal: %d torn lines in %s kept aside", len(torn), path.name)
+                with open(self.own_path("torn"), "ab") as fh:
+                    fh.writelines(line + b"\n" for line in torn)
             claimed.unlink()
             written += len(rows)
             log.info("journal: replayed %d records from %s", len(rows), path.name)
         return written
+
+    def _claimable(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return [
+            path
+            for path in sorted(self.directory.glob("journal-*.jsonl"))
+            # a live process replays its own journal
+            if _pid_in(path.stem) == os.getpid() or not _alive(_pid_in(path.stem))
+        ]
 
     def _reclaim_orphans(self) -> None:
         """Give back files claimed by a replayer that died before finishing."""
@@ -81,6 +98,24 @@ class Journal:
                 original = claimed.with_name(claimed.name.split("-", 2)[2])
                 with contextlib.suppress(FileNotFoundError):
                     claimed.rename(original)
+
+
+def _read(path: Path) -> tuple[list[dict], list[bytes]]:
+    """The rows of a journal file, and the lines that are not whole rows."""
+    rows, torn = [], []
+    for line in path.read_bytes().split(b"\n"):
+        if not line:
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:  # JSON and UTF-8 errors alike: an append cut short
+            torn.append(line)
+            continue
+        if isinstance(row, dict):
+            rows.append(_from_json(row))
+        else:
+            torn.append(line)
+    return rows, torn
 
 
 def _pid_in(stem: str) -> int:

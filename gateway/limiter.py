@@ -5,8 +5,9 @@ with ``REDIS_URL``) or on this process's memory (``buckets.LocalStore``, and a w
 start that limits then hold per process). It names the state (``gw:{key:42}:rpm``: all of a
 key's state under one hash tag), turns a key's limits into buckets, keeps the slots and
 request claims of calls in flight alive (a killed worker's expire within
-``INFLIGHT_TTL``), and fails open: when the store is away an operation allows, is
-counted in /metrics, and a warning is logged at most once a minute.
+``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget, and
+fails open: when the store is away an operation allows, is counted in /metrics, and a
+warning is logged at most once a minute.
 
 Greenlets (slot keeper, key-change listener) run only in a gevent process, in one group,
 each linked to a logger.
@@ -19,21 +20,24 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import gevent
 import gevent.pool
 from gevent import monkey
 
-from gateway import metrics
+from gateway import metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
+from gateway.errors import BudgetExceeded
 from gateway.ratelimit import StoreDown, open_store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WARN_EVERY = 60.0  # seconds between two warnings that the store is away
+SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it started
 
 
 def _whole(x: float) -> float:
@@ -229,6 +233,43 @@ class Limiter:
             }
             for b, level in zip(buckets, levels, strict=True)
         }
+
+    # -- monthly budgets: spend per key and calendar month (UTC) -----------------
+
+    def check_budget(
+        self, key_id: int, budget_usd: float | None, now: datetime | None = None
+    ) -> None:
+        """Refuse a call (BudgetExceeded) once the key spent its budget this month."""
+        if budget_usd is None:
+            return
+        now = now or datetime.now(UTC)
+        spent = self._guarded("budget", 0, self.store.total, self._spend_key(key_id, now))
+        if spent < budget_usd * 1e9:
+            return
+        month_end = (now.replace(day=1) + timedelta(days=32)).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        raise BudgetExceeded(
+            f"Budget exceeded: this key has spent ${pricing.usd(spent):.6f} of its"
+            f" ${budget_usd:g} budget for {now:%B %Y} (UTC); calls are refused until"
+            f" {month_end:%Y-%m-%d} 00:00 UTC or a larger budget",
+            retry_after=math.ceil((month_end - now).total_seconds()),
+        )
+
+    def spend(self, key_id: int, nanos: int | None, now: datetime | None = None) -> None:
+        """Add a finished call's cost (nano-USD) to its key's spend this month."""
+        if not nanos or nanos <= 0:
+            return
+        key = self._spend_key(key_id, now or datetime.now(UTC))
+        self._guarded("spend", 0, self.store.add, key, nanos, SPEND_TTL)
+
+    def spent(self, key_id: int, now: datetime | None = None) -> int:
+        """Nano-USD the key spent this month as the store has it (0 when it is away)."""
+        key = self._spend_key(key_id, now or datetime.now(UTC))
+        return self._guarded("spent", 0, self.store.total, key)
+
+    def _spend_key(self, key_id: int, now: datetime) -> str:
+        return self.key(f"key:{key_id}", f"spend:{now:%Y-%m}")
 
     # -- calls in flight: maxConcurrent slots, request-id claims ----------------
 

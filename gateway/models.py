@@ -1,17 +1,23 @@
-"""The tables, as NexusGate names them, and small query helpers.
+"""The tables, as NexusGate names them, small query helpers, and the record writes.
 
 Timestamps are naive UTC. Token counts the upstream did not report are NULL
 (unknown), never 0. Gateway keys are stored only as a SHA-256 hash plus a short
-hint for display. Schema changes go through numbered files in ``migrations/``;
-these classes describe the current schema and must match the latest migration.
+hint for display; every change to a key row must bump its ``updated_at`` (each
+worker re-reads changed keys by it). Call records are written only by
+``upsert_records`` (the recorder's one statement) and ``finalise_orphans`` (the
+sweeper's). Schema changes go through numbered files in ``migrations/``; these
+classes describe the current schema and must match the latest migration.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import peewee as pw
 
@@ -57,9 +63,11 @@ class ApiKey(BaseModel):
     max_concurrent = pw.IntegerField(null=True)  # calls in flight at once; None: unlimited
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
+    budget_usd = pw.FloatField(null=True)  # spend allowed per calendar month (UTC)
 
     class Meta:
         table_name = "api_keys"
+        indexes = ((("updated_at",), False),)
 
     @staticmethod
     def generate() -> str:
@@ -86,6 +94,25 @@ class ApiKey(BaseModel):
     def by_key(cls, key: str) -> ApiKey | None:
         """The row for a plaintext key, revoked or not."""
         return cls.get_or_none(cls.key_hash == cls.hash(key))
+
+    @classmethod
+    def changed_since(cls, since: datetime | None) -> pw.ModelSelect:
+        """Keys changed after ``since`` (revoked ones included); every live key if None."""
+        query = cls.select(
+            cls.id,
+            cls.key_hash,
+            cls.rpm_limit,
+            cls.tpm_limit,
+            cls.revoked,
+            cls.expires_at,
+            cls.budget_usd,
+            cls.max_concurrent,
+            cls.comment,
+            cls.updated_at,
+        )
+        if since is None:
+            return query.where(cls.revoked == False)  # noqa: E712
+        return query.where(cls.updated_at > since)
 
     def is_usable(self, now: datetime | None = None) -> bool:
         """Not revoked and not expired."""
@@ -123,6 +150,8 @@ class Model(BaseModel):
     context_length = pw.IntegerField(null=True)
     input_price = pw.FloatField(null=True)  # USD per million tokens
     output_price = pw.FloatField(null=True)
+    cache_read_price = pw.FloatField(null=True)  # None: the input price (pricing.py)
+    cache_write_price = pw.FloatField(null=True)
     weight = pw.FloatField(default=1.0)
     comment = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -162,9 +191,14 @@ class Completion(BaseModel):
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
+    upstream_id = pw.CharField(max_length=255, null=True)  # the provider's response id
+    cost = pw.JSONField(null=True)  # pricing.cost at finalisation, never recomputed
+    cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
+    delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
     source_completion_id = pw.IntegerField(null=True)
     source_uid = pw.CharField(max_length=32, null=True)  # a cache_hit's source (link_replays)
     cached_response = pw.JSONField(null=True)
+    owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
     rating = pw.FloatField(null=True)
     created_at = pw.DateTimeField(default=utcnow, index=True)
@@ -194,6 +228,9 @@ class Embedding(BaseModel):
     duration = pw.IntegerField(null=True)
     error = pw.TextField(null=True)
     attempts = pw.JSONField(null=True)
+    cost = pw.JSONField(null=True)
+    cost_nanos = pw.BigIntegerField(null=True)
+    owner = pw.CharField(max_length=96, null=True)
     swept = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)
@@ -280,6 +317,27 @@ class DashboardSession(BaseModel):
             cls.delete().where(cls.token_hash == digest).execute()
 
 
+class Heartbeat(BaseModel):
+    """One row per running gateway process, rewritten every ``PROCESS_HEARTBEAT`` s."""
+
+    owner = pw.CharField(max_length=96, unique=True)
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    started_at = pw.DateTimeField(default=utcnow)
+    beat_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "heartbeats"
+
+    @classmethod
+    def beat(cls, owner: str, host: str, pid: int) -> None:
+        """Insert or refresh this process's row."""
+        now = utcnow()
+        cls.insert(owner=owner, host=host, pid=pid, started_at=now, beat_at=now).on_conflict(
+            conflict_target=[cls.owner], update={cls.beat_at: now}
+        ).execute()
+
+
 class RateLimit(BaseModel):
     """A per-model limit (``/api/admin/ratelimits``): a bucket of ``limit`` calls per key,
     refilled at ``refill`` per second, for calls naming ``identifier`` (model_limits.py)."""
@@ -292,6 +350,47 @@ class RateLimit(BaseModel):
 
     class Meta:
         table_name = "rate_limits"
+
+
+# Partial indexes (as in migrations/0001 and 0004): live provider names are unique; a
+# request id is looked up per key (not unique: a failed call's id is retried, and without
+# Redis two workers may run one id at once); replays are found by their source's uid.
+Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
+Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
+Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
+
+ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, Heartbeat, RateLimit)
+RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embedding": Embedding}
+
+
+# -- the writes of call records ---------------------------------------------------
+
+
+def upsert_records(rows: list[dict]) -> None:
+    """Upsert snapshots by uid in one transaction (the caller's connection).
+
+    Each row names its table (``kind``: completion or embedding). A pending snapshot
+    never overwrites a final row; a final one overwrites only a pending row or one
+    the sweeper finalised (the process was alive after all), so stale and repeated
+    snapshots, in any order, change nothing.
+    """
+    # One snapshot per call: a replayed journal may hold a call's pending and final
+    # snapshots, and an upsert statement may not touch one row twice.
+    latest: dict[str, dict] = {}
+    for row in rows:
+        held = latest.get(row["uid"])
+        if held is None or row["status"] != "pending" or held["status"] == "pending":
+            latest[row["uid"]] = row
+    groups: dict[tuple, list[dict]] = {}
+    for row in latest.values():
+        columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
+        groups.setdefault((RECORD_TABLES[row["kind"]], columns), []).append(row)
+    with database.atomic():
+        for (table, columns), group in groups.items():
+            statement = _upsert(table, columns)
+            with pw.__exception_wrapper__:  # driver errors -> peewee's classes
+                database.cursor().executemany(statement.sql, [statement.params(r) for r in group])
+        link_replays(latest.values())
 
 
 def link_replays(rows: Iterable[dict]) -> None:
@@ -319,11 +418,98 @@ def link_replays(rows: Iterable[dict]) -> None:
     )
 
 
-# Partial indexes (as in migrations/0001 and 0004): live provider names are unique; a
-# request id is looked up per key (not unique: a failed call's id is retried, and without
-# Redis two workers may run one id at once); replays are found by their source's uid.
-Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
-Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
-Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
+def touch_last_seen(seen: dict[int, datetime]) -> None:
+    """Move each key's ``last_seen`` forward to the time given (never back)."""
+    for key_id, when in sorted(seen.items()):
+        ApiKey.update(last_seen=when).where(
+            (ApiKey.id == key_id) & (ApiKey.last_seen.is_null() | (ApiKey.last_seen < when))
+        ).execute()
 
-ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, RateLimit)
+
+def pending_owners() -> set[str]:
+    """Owners of rows still pending."""
+    owners: set[str] = set()
+    for table in RECORD_TABLES.values():
+        query = table.select(table.owner).distinct().where(table.status == "pending")
+        owners.update(owner for (owner,) in query.tuples() if owner)
+    return owners
+
+
+def finalise_orphans(owners: Iterable[str], before: datetime | None, error: str) -> int:
+    """Fail the pending rows of dead ``owners`` and ownerless ones older than ``before``."""
+    owners = list(owners)
+    count = 0
+    for table in RECORD_TABLES.values():
+        orphaned = table.owner.in_(owners) if owners else None
+        if before is not None:
+            old = table.owner.is_null() & (table.updated_at < before)
+            orphaned = old if orphaned is None else orphaned | old
+        if orphaned is None:
+            continue
+        count += (
+            table.update(status="failed", error=error, swept=True, updated_at=utcnow())
+            .where((table.status == "pending") & orphaned)
+            .execute()
+        )
+    return count
+
+
+class _Upsert:
+    """A table's upsert statement, built once per database and column set."""
+
+    def __init__(self, table: type[BaseModel], columns: tuple[str, ...]) -> None:
+        db = database.obj
+        meta = table._meta
+        # Every column: peewee's defaults live in Python, not in the schema.
+        self.fields = [f for f in meta.sorted_fields if not isinstance(f, pw.AutoField)]
+        self._given = set(columns)
+        quote = db.quote[0]
+
+        def name(field: pw.Field | str) -> str:
+            return f"{quote}{field if isinstance(field, str) else field.column_name}{quote}"
+
+        updated = [
+            f
+            for f in self.fields
+            if (f.name in columns and f.name not in ("uid", "created_at")) or f.name == "swept"
+        ]
+        table_name = name(meta.table_name)
+        self.sql = (
+            f"INSERT INTO {table_name} ({', '.join(name(f) for f in self.fields)}) "
+            f"VALUES ({', '.join([db.param] * len(self.fields))}) "
+            f"ON CONFLICT ({name(meta.fields['uid'])}) DO UPDATE SET "
+            + ", ".join(f"{name(f)} = EXCLUDED.{name(f)}" for f in updated)
+            + f" WHERE {table_name}.{name('status')} = {db.param}"
+            f" OR ({table_name}.{name('swept')} = {db.param}"
+            f" AND EXCLUDED.{name('status')} <> {db.param})"
+        )
+        self._json_text = not isinstance(db, pw.PostgresqlDatabase)
+        self._constants = ("pending", True, "pending")
+
+    def params(self, row: dict) -> list[Any]:
+        values = []
+        for field in self.fields:
+            if field.name in self._given:
+                value = row[field.name]
+            else:
+                value = field.default() if callable(field.default) else field.default
+            if value is not None:
+                if isinstance(field, pw.JSONField) and self._json_text:
+                    value = json.dumps(value)  # SQLite keeps JSON as text
+                else:
+                    value = field.db_value(value)
+            values.append(value)
+        return [*values, *self._constants]
+
+
+# Per database object (not its id(): a new one may reuse a dead one's), then per table
+# and column set.
+_UPSERTS: weakref.WeakKeyDictionary[pw.Database, dict[tuple, _Upsert]] = weakref.WeakKeyDictionary()
+
+
+def _upsert(table: type[BaseModel], columns: tuple[str, ...]) -> _Upsert:
+    statements = _UPSERTS.setdefault(database.obj, {})
+    statement = statements.get((table, columns))
+    if statement is None:
+        statement = statements[(table, columns)] = _Upsert(table, columns)
+    return statement

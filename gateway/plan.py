@@ -122,7 +122,8 @@ class Embeddings:
     def outcome(self, response: dict, settings: Settings) -> dict[str, Any]:
         """The vectors the record keeps (EMBEDDING_RECORD_VALUES), tokens and dimensions."""
         vectors = embeddings.record_vectors(response["vectors"], settings.embedding_record_values)
-        return {"output": vectors, "usage": response["usage"], "dimensions": response["dimensions"]}
+        usage = {**response["usage"], "output_tokens": 0}  # an embedding answers no tokens
+        return {"output": vectors, "usage": usage, "dimensions": response["dimensions"]}
 
 
 CHAT, EMBEDDINGS = Chat(), Embeddings()

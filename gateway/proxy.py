@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import admission, auth, dedup, jsonio, metrics, redact, replay, stats
+from gateway import admission, auth, dedup, jsonio, metrics, redact, replay, stats, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -46,6 +46,7 @@ bp = Blueprint("proxy", __name__)
 FORMAT_BY_PATH = {
     "/v1/chat/completions": OPENAI_CHAT,
     "/v1/messages": ANTHROPIC,
+    "/v1/messages/count_tokens": ANTHROPIC,
     "/v1/responses": OPENAI_RESPONSES,
 }
 # Client headers never forwarded upstream, besides credentials (``redact``): ours,
@@ -78,6 +79,24 @@ def responses() -> Response:
     return _complete(OPENAI_RESPONSES)
 
 
+@bp.post("/v1/messages/count_tokens")
+def count_tokens() -> Response:
+    """Anthropic's token count: the provider's own, or an estimate; never recorded."""
+    auth.authenticate(request.headers)
+    body = _json_body()
+    ir = token_count.parse(body)
+    tokens, source = token_count.count(
+        _candidates(ir["model"], "chat"),
+        body,
+        ir,
+        forwarded_headers(request.headers),
+        float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+    )
+    answer = jsonio.response({"input_tokens": tokens})
+    answer.headers[token_count.SOURCE_HEADER] = source
+    return answer
+
+
 @bp.post("/v1/embeddings", strict_slashes=False)
 def create_embeddings() -> Response:
     caller = _authenticate()
@@ -94,6 +113,8 @@ def create_embeddings() -> Response:
             prompt=parsed["input"],
             kind=EMBEDDING,
             uid=permit.uid,
+            trace_parent=request.headers.get("traceparent"),
+            trace_state=request.headers.get("tracestate"),
         )
         plan = Plan(
             exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS, permit
@@ -175,6 +196,8 @@ def _complete(api_format: str) -> Response:
             prompt=record.prompt(ir, headers),
             req_id=permit.req_id,
             uid=permit.uid,
+            trace_parent=request.headers.get("traceparent"),
+            trace_state=request.headers.get("tracestate"),
         )
         if stored is not None:
             return _replayed(replay.answer(permit, exchange, stored, api_format, ir), ir["stream"])

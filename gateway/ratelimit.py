@@ -2,9 +2,10 @@
 
 ``Limiter`` (one per worker process, ``limiter``) answers the call path's questions: may
 this key make a call now (RPM, TPM, per-model buckets), may it start one more call
-(``maxConcurrent`` slots), may it run this request id (dedup claims), may this address
-try a secret again (login/admin throttling); and it announces key changes so that every
-worker forgets a revoked key at once.
+(``maxConcurrent`` slots), may it run this request id (dedup claims), has it spent its
+monthly budget (running totals), may this address try a secret again (login/admin
+throttling); and it announces key changes so that every worker forgets a revoked key at
+once.
 
 With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
 ``RedisStore`` on the Redis server's clock, every key of a script under one hash tag
@@ -112,6 +113,7 @@ class RedisStore:
             client.register_script(prelude + (SCRIPTS / f"{name}.lua").read_text())
             for name in ("buckets", "slots", "claims")
         )
+        self._totals = client.register_script((SCRIPTS / "totals.lua").read_text())
 
     def _now(self) -> str | float:
         return "" if self.clock is None else self.clock()
@@ -177,6 +179,14 @@ class RedisStore:
     def unclaim(self, key: str, uid: str) -> bool:
         """Release ``uid``'s claim (not a settled one); False if it was not the holder."""
         return self._run(self._claims, [key], ["release", uid, 0, self._now()]) == 1
+
+    def add(self, key: str, amount: int, ttl: float) -> int:
+        """Add ``amount`` to a total kept ``ttl`` seconds from now; return the total."""
+        return int(self._run(self._totals, [key], ["add", amount, ttl]))
+
+    def total(self, key: str) -> int:
+        """A total (0 when there is none)."""
+        return int(self._run(self._totals, [key], ["peek", 0, 0]))
 
     def publish(self, channel: str, message: str) -> None:
         """Send ``message`` to every subscriber of ``channel``."""

@@ -1,51 +1,50 @@
-"""The only writer of call records: background writers, a journal, a sweeper.
+"""The only writer of call records: a queue, background writers, and the journal.
 
 ``record(exchange)`` never blocks and never touches the database: it marks the call
 dirty and wakes a writer. A writer takes a batch of dirty calls, snapshots each
-(``Exchange.row()``) and upserts the batch by ``uid`` in one short transaction, so a
-call that ended before its pending row was written is inserted once, final. A call
-is never in two batches at once, so its writes land in order. The upsert only
-overwrites a row that is still ``pending`` (or was swept), so a stale pending
-snapshot can never undo a final one, whatever order they arrive in.
+(``Exchange.row()``, stamped with this process's ``owner``) and hands the batch to
+``models.upsert_records`` in one short transaction, so a call that ended before its
+pending row was written is inserted once, final. A call is never in two batches at
+once, so its writes land in order; a snapshot queued while the previous one is being
+written waits for it. A pending row never overwrites a final one, so stale snapshots
+are harmless, whatever order they arrive in.
 
-Writing is kept cheap because it shares the worker with the calls: each table's
-upsert statement is built once and run with ``executemany``, writers keep their
-connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that
-ends by then is written once, final), and ``api_keys.last_seen`` is touched at
-most every 30 s per key.
-
-If the database is unreachable, snapshots go to a journal file (one per process,
-fsynced) and a replayer writes them back once it answers (SPEC rule 8). The sweeper
-finalises rows left ``pending`` by a process that died (rule 7). ``drain()`` waits
-for the queue at shutdown and journals whatever it could not write in time.
+Writing shares the worker with the calls, so it is kept cheap: writers keep their
+connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that ends
+by then is written once, final), and ``api_keys.last_seen`` is moved at most every
+30 s per key. A writer survives anything: a batch the database cannot take goes to
+the journal (``journal.py``) and is replayed through the same ``write_rows`` once the
+database answers (SPEC rule 8); a row it refuses is set aside. ``drain()`` journals
+whatever is still queued or in flight at shutdown. Dead processes' pending rows are
+the sweeper's (``sweeper.py``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.pool
-import peewee
 from flask import Flask
 from gevent import monkey
 
-from gateway import metrics
+from gateway import db, metrics
 from gateway.config import INSTANCE
-from gateway.db import database, is_postgres
-from gateway.exchange import COMPLETION, EMBEDDING, Exchange
+from gateway.db import UNREACHABLE, database, is_postgres
+from gateway.exchange import Exchange
 from gateway.journal import Journal
-from gateway.models import ApiKey, Completion, Embedding, link_replays, utcnow
+from gateway.models import touch_last_seen, upsert_records
+from gateway.sweeper import identity
+from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
 
-SWEPT_ERROR = "orphaned: the gateway process handling this call ended before it finished"
+TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 
 
 class Recorder:
@@ -54,6 +53,7 @@ class Recorder:
     def __init__(self) -> None:
         self._dirty: dict[str, Exchange] = {}
         self._writing: set[str] = set()
+        self._inflight: dict[int, list[dict]] = {}  # writer -> the rows it is writing
         self._wake = gevent.event.Event()
         self._idle = gevent.event.Event()
         self._idle.set()
@@ -63,22 +63,20 @@ class Recorder:
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
         self._waiting = 0  # this worker's records in the journal, for /metrics
+        self.replayed = 0
+        self.batch_size = 100
         self.linger = 0.25
+        self.timeout = 10.0
         self._key_touched: dict[int, float] = {}
 
     def init_app(self, app: Flask) -> None:
-        """Read settings; start writers, the replayer and the sweeper."""
+        """Read settings; start the writers and the replayer."""
         cfg = app.config
         self.batch_size = int(cfg["RECORDER_BATCH"])
         self.linger = float(cfg["RECORDER_LINGER"])
+        self.timeout = float(cfg["DB_TIMEOUT"])
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
         self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
-        self.sweep_interval = float(cfg["SWEEP_INTERVAL"])
-        # The longest a live call can keep its row pending, plus slack for shutdown.
-        after = cfg["SWEEP_AFTER"]
-        self.orphan_after = timedelta(
-            seconds=float(after if after is not None else cfg["CALL_TIMEOUT"] + 120)
-        )
         # Only a gevent server (a worker, or the test process) writes in the
         # background; a CLI command builds the app without needing the greenlets.
         if self._started or not monkey.is_module_patched("socket"):
@@ -87,8 +85,6 @@ class Recorder:
         for _ in range(int(writers)):
             self._spawn(self._write_loop)
         self._spawn(self._replay_loop)
-        if self.sweep_interval > 0:
-            self._spawn(self._sweep_loop)
 
     # -- the public face ------------------------------------------------------
 
@@ -106,10 +102,15 @@ class Recorder:
         """Wait until everything queued is written; journal the rest. True if written."""
         if self._idle.wait(timeout):
             return True
-        left = [uid for uid in self._dirty if uid not in self._writing]
-        if left:
-            self._journal([snapshot(self._dirty.pop(uid)) for uid in left])
-        log.warning("recorder: journaled %d records not written in time", len(left))
+        # Rows being written may never land (the process is about to exit), and a
+        # call's newer snapshot may be queued behind them: journal both, older first.
+        # Replaying a row that did land changes nothing.
+        rows = [row for batch in self._inflight.values() for row in batch]
+        rows += _snapshots(list(self._dirty.values()))
+        self._dirty.clear()
+        if rows:
+            self._journal_or_log(rows)
+        log.warning("recorder: journaled %d records not written in time", len(rows))
         self._settle()
         return False
 
@@ -120,6 +121,7 @@ class Recorder:
         greenlet.link_exception(lambda g: log.error("recorder greenlet died", exc_info=g.exc_info))
 
     def _write_loop(self) -> None:
+        me = id(gevent.getcurrent())
         while True:
             batch, due = self._take_batch()
             if not batch:
@@ -130,13 +132,17 @@ class Recorder:
                 self._settle()
                 self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
                 continue
+            rows = self._inflight[me] = _snapshots(batch)
             try:
-                rows = [snapshot(ex) for ex in batch]
                 if self._journaling:
                     self._journal(rows)
                 else:
                     self._write_or_journal(rows)
+            except Exception:
+                log.exception("recorder: could not write %d records; journaling them", len(rows))
+                self._journal_or_log(rows)
             finally:
+                self._inflight.pop(me, None)
                 for ex in batch:
                     self._writing.discard(ex.uid)
                 self._settle()
@@ -164,39 +170,57 @@ class Recorder:
 
     def _write_or_journal(self, rows: list[dict]) -> None:
         now = time.monotonic()
-        keys = {r["api_key"] for r in rows if now - self._key_touched.get(r["api_key"], -1e9) > 30}
+        due = {
+            r["api_key"]
+            for r in rows
+            if now - self._key_touched.get(r["api_key"], -1e9) > TOUCH_EVERY
+        }
         started = time.perf_counter()
         try:
-            write_rows(rows, touch_keys=keys)
-        except _UNREACHABLE:
-            log.exception("recorder: database write failed; journaling %d records", len(rows))
-            _reset_connection()
+            self._bounded_write(rows, touch=due)
+        except UNREACHABLE as exc:
+            log.warning(
+                "recorder: database unreachable (%s); journaling %d records", exc, len(rows)
+            )
             self._journaling = True
             self._journal(rows)
             return
-        except peewee.DatabaseError:
-            # The database refused something in the batch: find it, keep the rest.
-            _reset_connection()
+        except Exception:
+            # The database (or our own code) refused something in the batch: find it,
+            # keep the rest.
             self._write_each(rows)
             return
         metrics.recorder_wrote(time.perf_counter() - started)
         self.writes += len(rows)
-        self._key_touched.update(dict.fromkeys(keys, now))
+        self._key_touched.update(dict.fromkeys(due, now))
 
     def _write_each(self, rows: list[dict]) -> None:
         """Write rows one by one; journal them if the database goes away, set aside refusals."""
-        for row in rows:
+        for i, row in enumerate(rows):
             try:
-                write_rows([row])
+                self._bounded_write([row])
                 self.writes += 1
-            except _UNREACHABLE:
-                _reset_connection()
+            except UNREACHABLE:
                 self._journaling = True
-                self._journal([row])
-            except peewee.DatabaseError:
-                _reset_connection()
-                log.exception("recorder: the database refused record %s; set aside", row["uid"])
+                self._journal(rows[i:])  # the rest would only wait for the same timeout
+                return
+            except Exception:
+                log.exception("recorder: record %s refused; set aside", row.get("uid"))
                 self.journal.append([row], prefix="refused")
+
+    def _bounded_write(self, rows: list[dict], touch: set[int] | None = None) -> None:
+        """``write_rows`` on this greenlet's kept connection, within ``DB_TIMEOUT``."""
+        try:
+            with gevent.Timeout(self.timeout, db.DatabaseTimeout("record write timed out")):
+                write_rows(rows, touch)
+            db.mark_reachable(True)
+        except UNREACHABLE:
+            db.discard_connection()
+            db.mark_reachable(False)
+            raise
+        except Exception:
+            db.discard_connection()  # a failed statement may leave the connection unusable
+            raise
 
     # -- the journal ----------------------------------------------------------
 
@@ -206,21 +230,30 @@ class Recorder:
         self._waiting += len(rows)
         metrics.journal_depth(self._waiting)
 
+    def _journal_or_log(self, rows: list[dict]) -> None:
+        try:
+            self._journal(rows)
+        except Exception:  # a full or broken disk: nothing left to keep them in
+            log.exception("recorder: LOST %d records: %s", len(rows), [r["uid"] for r in rows])
+
     def _replay_loop(self) -> None:
+        away = False
         while True:
             try:
-                self._replay_once()
+                if self._journaling or self.journal.waiting():
+                    self._replay_once()
+                away = False
+            except UNREACHABLE as exc:
+                if not away:  # once per outage, not every 5 s
+                    log.warning("recorder: the journal waits for the database (%s)", exc)
+                away = True
             except Exception:
                 log.exception("recorder: journal replay failed")
-            gevent.sleep(5.0 if self._journaling else 30.0)
+            gevent.sleep(5.0)
 
     def _replay_once(self) -> None:
         """Write back this process's journal and any left by dead processes."""
-        try:
-            self.journal.replay(self._write_replayed)
-        except Exception:
-            _reset_connection()
-            raise
+        self.journal.replay(self._write_replayed)
         # Writers that journaled while we replayed left a new file: keep journaling.
         self._journaling = self.journal.has_own()
         if not self._journaling and self._waiting:
@@ -231,146 +264,46 @@ class Recorder:
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
             try:
-                write_rows(batch)
-            except _UNREACHABLE:
+                self._bounded_write(batch)
+            except UNREACHABLE:
                 raise  # still away: the journal file is given back
-            except peewee.DatabaseError:
-                _reset_connection()
-                self._write_each(batch)  # a refused row must not block the rest
-
-    # -- the sweeper ----------------------------------------------------------
-
-    def _sweep_loop(self) -> None:
-        while True:
-            try:
-                self.sweep()
             except Exception:
-                log.exception("recorder: sweep failed")
-            gevent.sleep(self.sweep_interval)
-
-    def sweep(self, now: datetime | None = None) -> int:
-        """Finalise rows left pending by a dead process; return how many."""
-        cutoff = (now or utcnow()) - self.orphan_after
-        count = 0
-        with database.connection_context():
-            for table in (Completion, Embedding):
-                count += (
-                    table.update(
-                        status="failed", error=SWEPT_ERROR, swept=True, updated_at=utcnow()
-                    )
-                    .where((table.status == "pending") & (table.updated_at < cutoff))
-                    .execute()
-                )
-        if count:
-            log.warning("recorder: swept %d orphaned pending records", count)
-        return count
+                self._write_each(batch)  # a refused row must not block the rest
+            else:
+                self.replayed += len(batch)
 
 
-TABLES: dict[str, type[peewee.Model]] = {COMPLETION: Completion, EMBEDDING: Embedding}
-# Errors that mean "the database is not there", as opposed to "it refused this row".
-_UNREACHABLE = (peewee.OperationalError, peewee.InterfaceError, OSError)
+def _snapshots(batch: list[Exchange]) -> list[dict]:
+    rows = []
+    for ex in batch:
+        try:
+            rows.append(snapshot(ex))
+        except Exception:  # a bug in one call's facts must not cost the others theirs
+            log.exception("recorder: LOST record %s: cannot take its snapshot", ex.uid)
+    return rows
 
 
 def snapshot(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's row as it stands now, tagged with its table."""
-    return {"kind": exchange.kind, **exchange.row()}
+    """The exchange's row as it stands now, tagged with its table and this process."""
+    return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
 
 
 def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
-    """Upsert snapshots by uid in one transaction; a final row is never overwritten.
+    """Upsert snapshots and move their keys' ``last_seen`` to the calls' time.
 
-    ``touch_keys``: key ids whose ``last_seen`` to update (default: every row's key).
+    ``touch_keys``: the key ids whose ``last_seen`` to move (default: every row's key).
     """
-    # One snapshot per call: a replayed journal may hold a call's pending and final
-    # snapshots, and an upsert statement may not touch one row twice.
-    latest: dict[str, dict] = {}
+    seen: dict[int, datetime] = {}
     for row in rows:
-        held = latest.get(row["uid"])
-        if held is None or row["status"] != "pending" or held["status"] == "pending":
-            latest[row["uid"]] = row
-    by_table: dict[type[peewee.Model], list[dict]] = {}
-    for row in latest.values():
-        by_table.setdefault(TABLES[row["kind"]], []).append(row)
-    keys = sorted({row["api_key"] for row in rows} if touch_keys is None else touch_keys)
+        key = row["api_key"]
+        if touch_keys is None or key in touch_keys:
+            seen[key] = max(seen.get(key, row["created_at"]), row["created_at"])
     if database.is_closed():
         database.connect()  # the writer's own connection, kept between batches
     with database.atomic():
-        for table, table_rows in by_table.items():
-            statement = _upsert(table, tuple(c for c in table_rows[0] if c != "kind"))
-            with peewee.__exception_wrapper__:  # driver errors -> peewee's classes
-                database.cursor().executemany(
-                    statement.sql, [statement.params(r) for r in table_rows]
-                )
-        link_replays(latest.values())
-        if keys:
-            ApiKey.update(last_seen=utcnow()).where(ApiKey.id.in_(keys)).execute()
-
-
-class _Upsert:
-    """A table's upsert statement, built once per database and column set."""
-
-    def __init__(self, table: type[peewee.Model], columns: tuple[str, ...]) -> None:
-        db = database.obj
-        meta = table._meta
-        # Every column: peewee's defaults live in Python, not in the schema.
-        self.fields = [f for f in meta.sorted_fields if not isinstance(f, peewee.AutoField)]
-        self._given = set(columns)
-        quote = db.quote[0]
-
-        def name(field: peewee.Field) -> str:
-            return f"{quote}{field.column_name}{quote}"
-
-        updated = [
-            f
-            for f in self.fields
-            if (f.name in columns and f.name not in ("uid", "created_at")) or f.name == "swept"
-        ]
-        table_name = f"{quote}{meta.table_name}{quote}"
-        self.sql = (
-            f"INSERT INTO {table_name} ({', '.join(name(f) for f in self.fields)}) "
-            f"VALUES ({', '.join([db.param] * len(self.fields))}) "
-            f"ON CONFLICT ({name(meta.fields['uid'])}) DO UPDATE SET "
-            + ", ".join(f"{name(f)} = EXCLUDED.{name(f)}" for f in updated)
-            + f" WHERE {table_name}.{quote}status{quote} = {db.param}"
-            f" OR {table_name}.{quote}swept{quote} = {db.param}"
-        )
-        self._json_text = not isinstance(db, peewee.PostgresqlDatabase)
-        self._constants = ("pending", True)
-
-    def params(self, row: dict) -> list[Any]:
-        values = []
-        for field in self.fields:
-            if field.name in self._given:
-                value = row[field.name]
-            else:
-                value = field.default() if callable(field.default) else field.default
-            if value is not None:
-                if isinstance(field, peewee.JSONField) and self._json_text:
-                    value = json.dumps(value)  # SQLite keeps JSON as text
-                else:
-                    value = field.db_value(value)
-            values.append(value)
-        return [*values, *self._constants]
-
-
-_UPSERTS: dict[tuple, _Upsert] = {}
-
-
-def _upsert(table: type[peewee.Model], columns: tuple[str, ...]) -> _Upsert:
-    key = (id(database.obj), table, columns)
-    statement = _UPSERTS.get(key)
-    if statement is None:
-        statement = _UPSERTS[key] = _Upsert(table, columns)
-    return statement
-
-
-def _reset_connection() -> None:
-    """After a failed write, drop this greenlet's connection; the next write reconnects."""
-    try:
-        if not database.is_closed():
-            database.close()
-    except peewee.PeeweeException:
-        pass
+        upsert_records(rows)
+        touch_last_seen(seen)
+    telemetry.export(rows)  # committed: the spans agree with the rows
 
 
 recorder = Recorder()

@@ -40,6 +40,7 @@ COLUMNS = {
         Completion.ttft,
         Completion.duration,
         Completion.stream,
+        Completion.cost_nanos,
     ),
     Embedding: (
         Embedding.id,
@@ -52,6 +53,7 @@ COLUMNS = {
         Embedding.input_tokens,
         Embedding.dimensions,
         Embedding.duration,
+        Embedding.cost_nanos,
     ),
 }
 

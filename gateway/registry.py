@@ -31,6 +31,7 @@ from gateway.urlargs import MAX_ID
 from gateway.vault import vault
 
 MAX_NUMBER = 1e6  # prices (USD per million tokens) and weights
+MAX_BUDGET = 1e9  # USD a month: nano-USD sums stay far inside 64 bits
 TEXT = 4096  # comments and provider keys: text columns, bounded to keep pages sane
 
 
@@ -48,8 +49,12 @@ KEY = {
     "rpmLimit": Spec(int, null=False, low=1),
     "tpmLimit": Spec(int, null=False, low=1),
     "maxConcurrent": Spec(int, low=1),  # calls in flight at once; null: unlimited
+    "budgetUsd": Spec(float, high=MAX_BUDGET),  # per calendar month (UTC); null: none
 }
-OPERATOR_KEY = {name: KEY[name] for name in ("comment", "rpmLimit", "tpmLimit", "maxConcurrent")}
+OPERATOR_KEY = {
+    name: KEY[name] for name in ("comment", "rpmLimit", "tpmLimit", "maxConcurrent", "budgetUsd")
+}
+BUDGET = {"budgetUsd": Spec(float, required=True, high=MAX_BUDGET)}
 LIMITS = {
     "rpmLimit": Spec(int, required=True, null=False, low=1),
     "tpmLimit": Spec(int, required=True, null=False, low=1),
@@ -77,6 +82,8 @@ MODEL = {
     "contextLength": Spec(int, low=1),
     "inputPrice": Spec(float, high=MAX_NUMBER),
     "outputPrice": Spec(float, high=MAX_NUMBER),
+    "cacheReadPrice": Spec(float, high=MAX_NUMBER),
+    "cacheWritePrice": Spec(float, high=MAX_NUMBER),
     "weight": Spec(float, null=False, high=MAX_NUMBER),
     "comment": Spec(str, high=TEXT, line=False),
 }
@@ -124,7 +131,7 @@ def revoke(row: ApiKey) -> None:
 
 
 def set_limits(row: ApiKey, data: dict[str, Any]) -> None:
-    """Change a key's limits (column names in ``data``); they apply everywhere at once."""
+    """Change a key's limits or budget (column names in ``data``); everywhere at once."""
     ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
     limiter.announce(row.key_hash)
 

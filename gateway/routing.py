@@ -1,8 +1,10 @@
 """Which upstreams may serve a model, in what order, and the failover loop.
 
 The catalog of live providers and models is small and read on every call, so each
-worker keeps it in memory and reloads it after ``CACHE_TTL`` seconds (admin writes
-in this worker reload it at once). Candidates of a system name are put in weighted
+worker keeps it in memory, reloaded in the background every ``CACHE_TTL`` seconds
+(``snapshot.py``) and kept while the database is away; admin writes in this worker
+reload it at once, and a model it does not know yet waits briefly for one reload (it
+may have been added a moment ago in another worker). Candidates of a system name are put in weighted
 random order (Efraimidis-Spirakis: every candidate takes part, whatever their
 number); ``failover`` then tries each one ``TRIES_PER_PROVIDER`` times with
 exponential backoff and jitter, moving on for connection errors, timeouts, 429 and
@@ -11,16 +13,18 @@ exponential backoff and jitter, moving on for connection errors, timeouts, 429 a
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 from gateway.errors import NotFound, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from gateway.upstream import UpstreamError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,27 +43,46 @@ class Candidate:
     api_key: str | None
     api_version: str | None
     stream_usage: bool
+    # USD per million tokens, as the catalog knew them when the call was routed.
+    input_price: float | None = None
+    output_price: float | None = None
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
 
 
 class Catalog:
-    """System name -> candidates, cached per worker."""
+    """System name -> candidates, held per worker as last loaded."""
 
-    def __init__(self, load: Callable[[], list[Candidate]], ttl: float = 5.0) -> None:
+    def __init__(self, load: Callable[[], list[Candidate]], ttl: float = 0.0) -> None:
         self._load = load
-        self.ttl = ttl
+        self.ttl = ttl  # without a background refresher: reload after this long
+        self.background = False  # True once a refresher keeps it fresh
+        # Make the catalog reflect the database as of a time (monotonic); False if it
+        # cannot. The refresher replaces it; alone, the catalog reloads inline.
+        self.confirm: Callable[[float], bool] = self.read_through
         self._entries: dict[tuple[str, str], list[Candidate]] = {}
-        self._loaded_at = float("-inf")
+        self._rows: list[Candidate] = []
+        self._loaded_at = float("-inf")  # when the last load from the database started
+        self._invalidated = float("-inf")
 
     def invalidate(self) -> None:
-        """Forget the cache; the next lookup reloads."""
-        self._loaded_at = float("-inf")
+        """Mark the catalog out of date; the next lookup reloads it."""
+        self._invalidated = time.monotonic()  # a load in flight may predate the change
 
     def lookup(
         self, model: str, model_type: str = "chat", provider: str | None = None
     ) -> list[Candidate]:
         """Candidates for ``model`` (``name`` or ``name@provider``); NotFound if none."""
-        if time.monotonic() - self._loaded_at > self.ttl:
-            self._refresh()
+        asked = time.monotonic()
+        confirmed = self._out_of_date(asked) and self.confirm(asked)
+        try:
+            return self._find(model, model_type, provider)
+        except NotFound:
+            if confirmed or not self.confirm(asked):  # added a moment ago elsewhere?
+                raise
+            return self._find(model, model_type, provider)
+
+    def _find(self, model: str, model_type: str, provider: str | None) -> list[Candidate]:
         name = model
         if (model_type, model) not in self._entries and "@" in model:
             name, _, suffix = model.rpartition("@")
@@ -75,16 +98,48 @@ class Catalog:
 
     def system_names(self) -> list[tuple[str, str, str]]:
         """(model_type, system_name, first provider name) of every live model."""
-        if time.monotonic() - self._loaded_at > self.ttl:
-            self._refresh()
+        asked = time.monotonic()
+        if self._out_of_date(asked):
+            self.confirm(asked)
         return sorted((t, n, cs[0].provider_name) for (t, n), cs in self._entries.items())
 
-    def _refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Reload every candidate from the database; True if anything changed."""
+        started = time.monotonic()
+        rows = self._load()
+        self._loaded_at = started
+        if rows == self._rows:
+            return False
+        self._use(rows)
+        return True
+
+    def dump(self) -> list[dict]:
+        """The catalog as JSON-able rows, for the snapshot file."""
+        return [asdict(c) for c in self._rows]
+
+    def load(self, rows: list[dict]) -> None:
+        """Replace the catalog with rows from ``dump``."""
+        self._use([Candidate(**row) for row in rows])
+
+    def _use(self, rows: list[Candidate]) -> None:
         entries: dict[tuple[str, str], list[Candidate]] = {}
-        for candidate in self._load():
+        for candidate in rows:
             entries.setdefault((candidate.model_type, candidate.system_name), []).append(candidate)
-        self._entries = entries
-        self._loaded_at = time.monotonic()
+        self._rows, self._entries = rows, entries
+
+    def _out_of_date(self, now: float) -> bool:
+        if self._invalidated >= self._loaded_at:
+            return True
+        return not self.background and now - self._loaded_at > self.ttl
+
+    def read_through(self, _asked: float = 0.0) -> bool:
+        """Reload now, in this greenlet; False (keeping the last state) if that fails."""
+        try:
+            self.refresh()
+        except Exception:  # the database is away: keep serving what we have
+            log.exception("routing: cannot reload the model catalog")
+            return False
+        return True
 
 
 def weighted_order(
@@ -150,7 +205,7 @@ def load_candidates() -> list[Candidate]:
     from gateway.db import connection  # after gevent patched threading (see db.py)
     from gateway.models import Model
 
-    with connection():
+    with connection():  # the refresher's own, when it runs in the background
         rows = list(Model.active().order_by(Model.id))
     return [
         Candidate(
@@ -166,6 +221,10 @@ def load_candidates() -> list[Candidate]:
             api_key=m.provider.api_key,
             api_version=m.provider.api_version,
             stream_usage=m.provider.stream_usage,
+            input_price=m.input_price,
+            output_price=m.output_price,
+            cache_read_price=m.cache_read_price,
+            cache_write_price=m.cache_write_price,
         )
         for m in rows
     ]

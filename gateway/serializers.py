@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from gateway.ledger import Ledger, Total
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
 from gateway.redact import mask
 from gateway.stats import Overview, success_rate
@@ -41,6 +42,7 @@ def api_key(row: ApiKey) -> dict[str, Any]:
         "maxConcurrent": row.max_concurrent,
         "externalId": row.external_id,
         "source": row.source,
+        "budgetUsd": row.budget_usd,
     }
 
 
@@ -70,6 +72,8 @@ def model(row: Model) -> dict[str, Any]:
         "contextLength": row.context_length,
         "inputPrice": row.input_price,
         "outputPrice": row.output_price,
+        "cacheReadPrice": row.cache_read_price,
+        "cacheWritePrice": row.cache_write_price,
         "weight": row.weight,
         "comment": row.comment,
         "createdAt": iso(row.created_at),
@@ -91,17 +95,34 @@ def _record(row: Completion | Embedding, provider_name: str | None) -> dict[str,
         "status": row.status,
         "duration": _known(row.duration),
         "error": row.error,
-        "attempts": row.attempts or [],
+        # Each try with the provider's request id (None in rows older than that field).
+        "attempts": [{**a, "requestId": a.get("requestId")} for a in row.attempts or []],
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
         "deleted": row.deleted,
     }
 
 
+def tokens(usage: dict | None) -> dict[str, int | None]:
+    """A record's token classes: ``input`` includes the cached ones; None where unknown."""
+    usage = usage or {}
+    return {name: usage.get(field) for name, field in TOKEN_CLASSES}
+
+
+TOKEN_CLASSES = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cacheRead", "cache_read_tokens"),
+    ("cacheWrite", "cache_write_tokens"),
+    ("cacheWrite1h", "cache_write_1h_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
+
+
 def completion(row: Completion, provider_name: str | None = None) -> dict[str, Any]:
     return {
         **_record(row, provider_name),
-        "upstreamId": None,
+        "upstreamId": row.upstream_id,
         "apiFormat": row.api_format,
         "stream": row.stream,
         "prompt": row.prompt,
@@ -109,6 +130,9 @@ def completion(row: Completion, provider_name: str | None = None) -> dict[str, A
         "completion": row.completion or [],
         "completionTokens": _known(row.completion_tokens),
         "usage": row.usage,
+        "tokens": tokens(row.usage),
+        "cost": row.cost,
+        "delivered": row.delivered,
         "ttft": _known(row.ttft),
         "reqId": row.req_id,
         "sourceCompletionId": row.source_completion_id,
@@ -121,13 +145,15 @@ def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any
         **_record(row, provider_name),
         "input": row.input,
         "inputTokens": _known(row.input_tokens),
+        "tokens": {"input": row.input_tokens},
+        "cost": row.cost,
         "embedding": row.embedding,
         "dimensions": row.dimensions,
     }
 
 
-def overview(stats: Overview) -> dict[str, Any]:
-    """``GET /stats/overview`` in NexusGate's fields."""
+def overview(stats: Overview, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``GET /stats/overview`` in NexusGate's fields (and ``cost``, the range's ledger)."""
     # As NexusGate: rates in percent (100 when nothing finished), whole milliseconds,
     # 0 for an average of nothing. Extra fields: byStatus and per-bucket tokens.
 
@@ -174,5 +200,41 @@ def overview(stats: Overview) -> dict[str, Any]:
                 "embeddingTokens": b.embedding_tokens,
             }
             for b in stats.buckets
+        ],
+        "cost": cost,
+    }
+
+
+def _total(total: Total) -> dict[str, Any]:
+    return {
+        "calls": total.calls,
+        "costUsd": total.usd,
+        "unpricedCalls": total.unpriced,
+        "inputTokens": total.prompt_tokens,
+        "outputTokens": total.completion_tokens,
+    }
+
+
+def ledger(
+    book: Ledger, keys: dict[int, ApiKey], providers: dict[int, str], since: datetime | None
+) -> dict[str, Any]:
+    """Cost totals over a range, and by key, model and provider (costliest first)."""
+    return {
+        "since": iso(since),
+        "currency": "USD",
+        **_total(book.total),
+        "byKey": [
+            {
+                "apiKeyId": key_id,
+                "key": keys[key_id].key_hint if key_id in keys else None,
+                "comment": keys[key_id].comment if key_id in keys else None,
+                **_total(total),
+            }
+            for key_id, total in book.ranked(book.by_key)
+        ],
+        "byModel": [{"model": name, **_total(total)} for name, total in book.ranked(book.by_model)],
+        "byProvider": [
+            {"providerId": pid, "providerName": providers.get(pid), **_total(total)}
+            for pid, total in book.ranked(book.by_provider)
         ],
     }

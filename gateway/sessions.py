@@ -6,7 +6,8 @@ HMAC of the admin secret, which they all share. Changing the admin secret theref
 signs everyone out. The key is derived when a session is first opened, not at start,
 because a generated admin secret lives in the database.
 
-The CSRF token is random per session; every form posts it back and a POST without the
+API paths (``/v1``, ``/api``, ``/healthz``, ``/metrics``) never open a session, so the
+public API never reaches the database for the key. The CSRF token is random per session; every form posts it back and a POST without the
 matching token is refused. Logging in starts a fresh session (new token), so a token
 planted before login is worth nothing after it. A signed-in session is also a row in
 ``dashboard_sessions``: logging out deletes it, so a saved cookie is worthless after.
@@ -41,10 +42,22 @@ def signing_key(app: Flask) -> str:
     return hmac.new(secret.encode(), _PURPOSE, hashlib.sha256).hexdigest()
 
 
+# Paths that never have a session: the public API must not touch the database (the
+# key may need it), and the admin API authenticates by bearer.
+SESSIONLESS = ("/v1", "/healthz", "/metrics", "/api", "/static")
+
+
+def sessionless(path: str) -> bool:
+    """True for paths served without a session."""
+    return any(path == p or path.startswith(p + "/") for p in SESSIONLESS)
+
+
 class DerivedKeySessions(SecureCookieSessionInterface):
     """Flask's signed cookie sessions, keyed by ``signing_key`` on first use."""
 
     def open_session(self, app: Flask, request: Any) -> Any:
+        if sessionless(request.path):
+            return None  # Flask gives these requests a null session
         if not app.secret_key:
             try:
                 app.secret_key = signing_key(app)

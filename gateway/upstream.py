@@ -37,6 +37,15 @@ ANTHROPIC_VERSION = "2023-06-01"
 AZURE_API_VERSION = "2024-10-21"
 
 _PATHS = {OPENAI_CHAT: "chat/completions", ANTHROPIC: "messages", OPENAI_RESPONSES: "responses"}
+# Where providers put the id their support desk and usage exports know a request by:
+# OpenAI (and most compatible servers), Anthropic, Azure, Azure's other services, Bedrock.
+REQUEST_ID_HEADERS = (
+    "x-request-id",
+    "request-id",
+    "apim-request-id",
+    "x-ms-request-id",
+    "x-amzn-requestid",
+)
 
 
 def endpoint(
@@ -91,6 +100,7 @@ class UpstreamError(Exception):
         status: int | None = None,
         content: bytes = b"",
         content_type: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -98,6 +108,7 @@ class UpstreamError(Exception):
         self.status = status
         self.content = content
         self.content_type = content_type
+        self.request_id = request_id  # the provider's, when it answered at all
 
     @property
     def retriable(self) -> bool:
@@ -183,6 +194,7 @@ class Upstream:
                 status=resp.status_code,
                 content=content,
                 content_type=resp.headers.get("Content-Type"),
+                request_id=response.request_id,
             )
         return response
 
@@ -198,6 +210,11 @@ class Response:
     @property
     def content_type(self) -> str:
         return self.headers.get("Content-Type", "")
+
+    @property
+    def request_id(self) -> str | None:
+        """The provider's id of this request (``REQUEST_ID_HEADERS``), if it sent one."""
+        return next(filter(None, map(self.headers.get, REQUEST_ID_HEADERS)), None)
 
     def chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive; raises UpstreamError if the read fails."""

@@ -113,6 +113,7 @@ class GatewayWorker(GeventWorker):
         """After the handlers: wait for drains, then flush the recorder, heart-beating."""
         from gateway.calls import calls
         from gateway.recorder import recorder
+        from gateway.telemetry import telemetry
 
         deadline = self._deadline()
         while calls.active and time.monotonic() < deadline:
@@ -127,13 +128,16 @@ class GatewayWorker(GeventWorker):
             if time.monotonic() >= hard_deadline:
                 break
         recorder.drain(timeout=0.2)  # whatever is left goes to the journal
+        telemetry.shutdown(timeout=0.4)  # the spans of what was written
 
     def _finish_now(self) -> None:
         """Stop every call now, and write (or journal) the records within seconds."""
         from gateway.calls import calls
         from gateway.recorder import recorder
+        from gateway.telemetry import telemetry
 
         if calls.active:
             calls.stop_all()
             calls.wait(timeout=2.0)
         recorder.drain(timeout=2.0)
+        telemetry.shutdown(timeout=0.4)

@@ -1,10 +1,11 @@
 """Realistic records for the dashboard's tests and screenshots.
 
 An hour of traffic over three providers: every status (an aborted call with its full
-answer, a pending one, failures with their attempts, a replay), reasoning, tool calls
-and their results, an image, embeddings. Deterministic, relative to ``now``. Call it
-with a database connection open; it returns the rows and the plaintext secrets a
-test must never find in a page.
+answer and the part its client got, a pending one, failures with their attempts, a
+replay), reasoning, tool calls and their results, an image, embeddings; costs priced as
+the gateway prices them, the providers' ids, a key with a budget. Deterministic,
+relative to ``now``. Call it with a database connection open; it returns the rows and
+the plaintext secrets a test must never find in a page.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from gateway import pricing
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider, utcnow
 
 PROVIDER_SECRETS = {
@@ -67,7 +69,7 @@ def seed(now: datetime | None = None) -> Seeded:
     now = now or utcnow()
     out = Seeded()
     for name, comment, extra in (
-        ("support", "support-bot", {"last_seen": now - timedelta(minutes=1)}),
+        ("support", "support-bot", {"last_seen": now - timedelta(minutes=1), "budget_usd": 50.0}),
         (
             "pipeline",
             "data-pipeline",
@@ -90,13 +92,16 @@ def seed(now: datetime | None = None) -> Seeded:
         out.providers[name] = Provider.create(
             name=name, type=kind, base_url=url, api_key=PROVIDER_SECRETS[name], api_version=version
         )
-    for label, provider, system, remote, kind, weight in (
-        ("gpt", "openai", "gpt-4o", "gpt-4o-2024-11-20", "chat", 3.0),
-        ("gpt-azure", "azure-east", "gpt-4o", "gpt4o-prod", "chat", 1.0),
-        ("claude", "anthropic", "claude-sonnet-4", "claude-sonnet-4-20250514", "chat", 1.0),
-        ("reasoner", "deepseek", "deepseek-reasoner", "deepseek-reasoner", "chat", 1.0),
-        ("embed", "openai", "text-embedding-3-small", "text-embedding-3-small", "embedding", 1.0),
-    ):
+    for label, provider, system, remote, kind, weight, prices in (
+        ("gpt", "openai", "gpt-4o", "gpt-4o-2024-11-20", "chat", 3.0, (2.5, 10, 1.25, None)),
+        ("gpt-azure", "azure-east", "gpt-4o", "gpt4o-prod", "chat", 1.0, (2.5, 10, None, None)),
+        ("claude", "anthropic", "claude-sonnet-4", "claude-sonnet-4-20250514", "chat", 1.0,
+         (3, 15, 0.3, 3.75)),
+        ("reasoner", "deepseek", "deepseek-reasoner", "deepseek-reasoner", "chat", 1.0,
+         (0.28, 0.42, 0.028, None)),
+        ("embed", "openai", "text-embedding-3-small", "text-embedding-3-small", "embedding", 1.0,
+         (0.02, 0, None, None)),
+    ):  # fmt: skip
         out.models[label] = Model.create(
             provider=out.providers[provider],
             system_name=system,
@@ -104,8 +109,10 @@ def seed(now: datetime | None = None) -> Seeded:
             model_type=kind,
             weight=weight,
             context_length=128_000,
-            input_price=2.5,
-            output_price=10.0,
+            input_price=prices[0],
+            output_price=prices[1],
+            cache_read_price=prices[2],
+            cache_write_price=prices[3],
         )
     _traffic(out, now)
     _showcase(out, now)
@@ -115,8 +122,11 @@ def seed(now: datetime | None = None) -> Seeded:
 
 def _call(out: Seeded, name: str | None, model: str, key: str, **fields: object) -> Completion:
     served = out.models[{"gpt-4o": "gpt", "claude-sonnet-4": "claude"}.get(model, "reasoner")]
+    uid = uuid.uuid4().hex
+    if fields.get("status") not in ("pending", "cache_hit"):
+        _account(served, uid, fields)
     row = Completion.create(
-        uid=uuid.uuid4().hex,
+        uid=uid,
         api_key=out.keys[key][0].id,
         model_id=served.id,
         provider_id=served.provider_id,
@@ -127,6 +137,37 @@ def _call(out: Seeded, name: str | None, model: str, key: str, **fields: object)
     if name:
         out.calls[name] = row
     return row
+
+
+def _account(served: Model, uid: str, fields: dict) -> None:
+    """What the gateway adds to a final record: its cost, the provider's ids, delivery."""
+    usage = fields.get("usage") or {
+        "input_tokens": fields.get("prompt_tokens"),
+        "output_tokens": fields.get("completion_tokens"),
+    }
+    prices = pricing.Prices(
+        served.input_price, served.output_price, served.cache_read_price, served.cache_write_price
+    )
+    fields["cost"] = pricing.cost(usage, prices)
+    fields["cost_nanos"] = pricing.nanos(fields["cost"])
+    if fields.get("completion"):
+        fields.setdefault("upstream_id", f"chatcmpl-{uid[:20]}")
+        fields.setdefault(
+            "attempts",
+            [
+                {
+                    "provider": served.provider.name,
+                    "model": served.remote_id,
+                    "outcome": "ok",
+                    "ms": 180,
+                    "requestId": f"req_{uid[12:32]}",
+                    "status": 200,
+                }
+            ],
+        )
+        if fields.get("stream"):
+            text = fields["completion"][0].get("content") or ""
+            fields.setdefault("delivered", {"events": 2 + len(text) // 5, "text": text})
 
 
 def _traffic(out: Seeded, now: datetime) -> None:
@@ -240,6 +281,7 @@ def _showcase(out: Seeded, now: datetime) -> None:
         prompt_tokens=14,
         completion_tokens=412,
         usage={"input_tokens": 14, "output_tokens": 412},
+        delivered={"events": 24, "text": story[:120]},  # the client left two lines in
         ttft=388,
         duration=7_912,
     )
@@ -337,7 +379,13 @@ def _showcase(out: Seeded, now: datetime) -> None:
         completion=[{"role": "assistant", "content": "A smooth gradient from teal to violet."}],
         prompt_tokens=1_210,
         completion_tokens=12,
-        usage={"input_tokens": 1_210, "output_tokens": 12, "cache_write_tokens": 1_024},
+        usage={
+            "input_tokens": 1_210,
+            "output_tokens": 12,
+            "cache_read_tokens": 0,
+            "cache_write_tokens": 1_024,
+            "cache_write_1h_tokens": 512,
+        },
         ttft=700,
         duration=1_930,
     )
@@ -380,6 +428,9 @@ def _embeddings(out: Seeded, now: datetime) -> None:
         ]
     ):
         rows = 1 if isinstance(text, str) else len(text)
+        usage = {"input_tokens": 7 * rows, "output_tokens": 0}
+        prices = pricing.Prices(model.input_price, model.output_price)
+        cost = None if status == "failed" else pricing.cost(usage, prices)
         out.embeddings[f"e{i}"] = Embedding.create(
             uid=uuid.uuid4().hex,
             api_key=out.keys["pipeline"][0].id,
@@ -392,6 +443,8 @@ def _embeddings(out: Seeded, now: datetime) -> None:
             dimensions=None if status == "failed" else 12,
             status=status,
             duration=120 + 40 * i,
+            cost=cost,
+            cost_nanos=pricing.nanos(cost),
             error="HTTP 429: rate limited by the upstream" if status == "failed" else None,
             created_at=now - timedelta(minutes=40 - i * 9),
         )

@@ -11,6 +11,7 @@ apart; the gateway forwards client headers). Keys:
 
   id=S          names the call in the log (default: a counter)
   chunks=N      text pieces in the answer (default 5), "tok0 tok1 ..."
+  pad=N         N dots in each text piece ("tok0... tok1... "): big answers
   delay=F       seconds between pieces; first_delay=F before the first one
   header_delay=F  seconds before the status line (a stall before any byte)
   stall_at=K;stall_for=F  go silent for F seconds before stream event K
@@ -44,9 +45,24 @@ apart; the gateway forwards client headers). Keys:
 Like Anthropic's API, its Messages endpoint refuses top-level fields that API does not
 know (400 ``invalid_request_error``: "seed: Extra inputs are not permitted").
 
-Usage it reports: input tokens = words in the prompt's text + 3, output tokens =
-pieces (text + reasoning + tool argument pieces); Anthropic cache tokens with
-``cache=N``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
+Usage it reports: input tokens = words in the prompt's text + 3 (cached ones
+included), output tokens = pieces (text + reasoning + tool argument pieces), reasoning
+tokens = reasoning pieces; the usage shape is each protocol's own. Knobs for the account:
+
+  cache=N       N prompt tokens read from the cache (OpenAI ``cached_tokens``,
+                Anthropic ``cache_read_input_tokens``, Responses ``cached_tokens``)
+  cache_write=N N prompt tokens written to it (Anthropic ``cache_creation_input_tokens``;
+                ``cache_write_tokens`` in OpenAI's and Responses' details, as some
+                compatible servers say it)
+  cache_1h=N    of those, N written for an hour (Anthropic ``cache_creation``)
+  usage_style=deepseek  OpenAI usage as DeepSeek sends it: ``prompt_cache_hit_tokens``
+                and ``prompt_cache_miss_tokens``, no ``prompt_tokens_details``
+  response_id=S the answer's id (default ``chatcmpl-fake``, ``msg_fake``, ``resp_fake``)
+  request_id=S  the request-id header's value (default ``req_fake_<n>``); the header is
+                ``x-request-id`` (OpenAI, Responses), ``request-id`` (Anthropic),
+                ``apim-request-id`` (Azure deployment paths)
+
+``POST .../messages/count_tokens`` answers ``{"input_tokens": words + 3}``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
 body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
 was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at,
 ``reset`` for the reset knobs.
@@ -140,10 +156,15 @@ class Plan:
         self.drop_at = int(script.get("drop_at", -1))
         self.reset_at = int(script.get("reset_at", -1))
         self.cache = int(script.get("cache", 0))
+        self.cache_write = int(script.get("cache_write", 0))
+        self.cache_1h = int(script.get("cache_1h", 0))
+        self.deepseek = script.get("usage_style") == "deepseek"
+        self.response_id = script.get("response_id")
         self.cut = script.get("finish") == "length"
         self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
         self.input_tokens = prompt_words(body) + 3
-        self.text_pieces = [f"tok{i} " for i in range(self.chunks)]
+        pad = "." * int(script.get("pad", 0))
+        self.text_pieces = [f"tok{i}{pad} " for i in range(self.chunks)]
         self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
         # Each tool call's arguments arrive in two pieces.
         self.tool_calls = [
@@ -185,13 +206,23 @@ class Plan:
             gevent.sleep(self.stall_for)
 
     def usage_openai(self) -> dict:
-        return {
+        usage = {
             "prompt_tokens": self.input_tokens,
             "completion_tokens": self.output_tokens,
             "total_tokens": self.input_tokens + self.output_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cache},
             "completion_tokens_details": {"reasoning_tokens": self.reasoning},
         }
+        if self.cache_write:
+            usage["prompt_tokens_details"]["cache_write_tokens"] = self.cache_write
+        if self.deepseek:
+            del usage["prompt_tokens_details"]
+            usage["prompt_cache_hit_tokens"] = self.cache
+            usage["prompt_cache_miss_tokens"] = self.input_tokens - self.cache
+        return usage
+
+    def id(self, default: str) -> str:
+        return self.response_id or default
 
 
 # -- OpenAI Chat Completions ---------------------------------------------------
@@ -199,7 +230,7 @@ class Plan:
 
 def chat_stream(plan: Plan, body: dict) -> list:
     base = {
-        "id": "chatcmpl-fake",
+        "id": plan.id("chatcmpl-fake"),
         "object": "chat.completion.chunk",
         "created": 1,
         "model": body["model"],
@@ -256,7 +287,7 @@ def chat_answer(plan: Plan, body: dict) -> dict:
             for c in plan.tool_calls
         ]
     return {
-        "id": "chatcmpl-fake",
+        "id": plan.id("chatcmpl-fake"),
         "object": "chat.completion",
         "created": 1,
         "model": body["model"],
@@ -273,18 +304,24 @@ def _sse(event: str, data: dict) -> bytes:
 
 
 def anthropic_usage(plan: Plan) -> dict:
-    return {
-        "input_tokens": plan.input_tokens - plan.cache,
+    usage = {
+        "input_tokens": plan.input_tokens - plan.cache - plan.cache_write,
         "cache_read_input_tokens": plan.cache,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": plan.cache_write,
         "output_tokens": plan.output_tokens,
     }
+    if plan.cache_1h:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": plan.cache_write - plan.cache_1h,
+            "ephemeral_1h_input_tokens": plan.cache_1h,
+        }
+    return usage
 
 
 def anthropic_stream(plan: Plan, body: dict) -> list:
     start_usage = {**anthropic_usage(plan), "output_tokens": 1}
     message = {
-        "id": "msg_fake",
+        "id": plan.id("msg_fake"),
         "type": "message",
         "role": "assistant",
         "content": [],
@@ -378,7 +415,7 @@ def anthropic_answer(plan: Plan, body: dict) -> dict:
         for c in plan.tool_calls
     ]
     return {
-        "id": "msg_fake",
+        "id": plan.id("msg_fake"),
         "type": "message",
         "role": "assistant",
         "content": content,
@@ -428,7 +465,8 @@ def responses_output(plan: Plan) -> list[dict]:
 def responses_usage(plan: Plan) -> dict:
     return {
         "input_tokens": plan.input_tokens,
-        "input_tokens_details": {"cached_tokens": plan.cache},
+        "input_tokens_details": {"cached_tokens": plan.cache}
+        | ({"cache_write_tokens": plan.cache_write} if plan.cache_write else {}),
         "output_tokens": plan.output_tokens,
         "output_tokens_details": {"reasoning_tokens": plan.reasoning},
         "total_tokens": plan.input_tokens + plan.output_tokens,
@@ -438,7 +476,7 @@ def responses_usage(plan: Plan) -> dict:
 def responses_answer(plan: Plan, body: dict, done: bool = True) -> dict:
     status = ("incomplete" if plan.cut else "completed") if done else "in_progress"
     return {
-        "id": "resp_fake",
+        "id": plan.id("resp_fake"),
         "object": "response",
         "created_at": 1,
         "status": status,
@@ -583,6 +621,26 @@ ANTHROPIC_FIELDS = frozenset(
     }
 )  # fmt: skip
 
+# Anthropic's count_tokens takes these (no max_tokens, no stream).
+COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"}
+)
+DEFAULT_IDS = {"chat": "chatcmpl-fake", "anthropic": "msg_fake", "responses": "resp_fake"}
+
+
+def request_id_header(path: str) -> str:
+    if "/deployments/" in path:
+        return "apim-request-id"  # Azure
+    return "request-id" if "/messages" in path else "x-request-id"
+
+
+def _with_header(start_response, name: str, value: str):  # type: ignore[no-untyped-def]
+    def start(status: str, headers: list, *args):  # type: ignore[no-untyped-def]
+        return start_response(status, [*headers, (name, value)], *args)
+
+    return start
+
+
 STREAMS = {"chat": chat_stream, "anthropic": anthropic_stream, "responses": responses_stream}
 ANSWERS = {"chat": chat_answer, "anthropic": anthropic_answer, "responses": responses_answer}
 ERRORS = {
@@ -602,6 +660,8 @@ ERRORS = {
 def protocol_of(path: str) -> str | None:
     if path.endswith("/chat/completions"):
         return "chat"
+    if path.endswith("/messages/count_tokens"):
+        return "count_tokens"
     if path.endswith("/messages"):
         return "anthropic"
     if path.endswith("/responses"):
@@ -658,6 +718,9 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
         "started": time.time(),
     }
     LOG.append(entry)
+    # Every answer carries a request id, in the header the provider type uses.
+    entry["request_id"] = script.get("request_id") or f"req_fake_{entry['n']}"
+    start_response = _with_header(start_response, request_id_header(path), entry["request_id"])
     if float(script.get("header_delay", 0)):
         gevent.sleep(float(script["header_delay"]))
     if script.get("reset_before_headers"):
@@ -671,7 +734,8 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if status:
         entry["outcome"] = "complete"
         return _json(start_response, status, ERRORS.get(protocol, ERRORS["chat"])(status))
-    unknown = sorted(set(body) - ANTHROPIC_FIELDS) if protocol == "anthropic" else []
+    known = {"anthropic": ANTHROPIC_FIELDS, "count_tokens": COUNT_FIELDS}.get(protocol)
+    unknown = sorted(set(body) - known) if known else []
     if unknown:
         entry["outcome"] = "complete"
         message = f"{unknown[0]}: Extra inputs are not permitted"
@@ -680,7 +744,11 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if protocol == "embeddings":
         return embeddings(start_response, body, script, entry)
     plan = Plan(body, script)
+    if protocol == "count_tokens":
+        entry["outcome"] = "complete"
+        return _json(start_response, 200, {"input_tokens": plan.input_tokens})
     entry["usage"] = {"input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens}
+    entry["response_id"] = plan.id(DEFAULT_IDS[protocol])
     if script.get("garbage"):
         entry["outcome"] = "complete"
         ctype = "text/event-stream" if body.get("stream") else "application/json"

@@ -63,6 +63,11 @@ def test_key_lifecycle_and_the_key_is_shown_once(admin, client) -> None:  # type
 
     assert admin("PUT", f"/apiKey/{key}/ratelimit", json={"rpmLimit": 5, "tpmLimit": 100})[0] == 200
     assert admin("GET", f"/apiKey/{key}")[1]["tpmLimit"] == 100
+    assert admin("GET", f"/apiKey/{key}")[1]["budgetUsd"] is None
+    assert admin("PUT", f"/apiKey/{key}/budget", json={"budgetUsd": 12.5})[1]["budgetUsd"] == 12.5
+    assert admin("GET", f"/apiKey/{key}")[1]["budgetUsd"] == 12.5
+    assert admin("PUT", f"/apiKey/{key}/budget", json={"budgetUsd": None})[0] == 200
+    assert admin("GET", f"/apiKey/{key}")[1]["budgetUsd"] is None
 
     # The key works until it is revoked.
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -248,7 +253,8 @@ def test_completions_list_filters_and_its_total_honours_them(admin, db) -> None:
 def test_usage_sums_known_tokens_of_completed_and_aborted_calls(admin, db) -> None:  # type: ignore[no-untyped-def]
     key = ApiKey.create(key_hash="c" * 64, key_hint="sk-c…cccc")
     _records(db, key.id, ["completed", "aborted", "failed", "pending"])
-    assert admin("GET", "/usage")[1] == {"total_prompt_tokens": 20, "total_completion_tokens": 1}
+    usage = admin("GET", "/usage")[1]  # NexusGate's two fields, and the costs beside them
+    assert (usage["total_prompt_tokens"], usage["total_completion_tokens"]) == (20, 1)
 
 
 # -- hostile input: never a 5xx, always a message ----------------------------------------
@@ -335,6 +341,13 @@ def test_paging_within_bounds_is_served(admin) -> None:  # type: ignore[no-untyp
         ("PUT", "/models/by-system-name/m/weights", {"weights": [{"modelId": 1, "weight": 1e300}]}, "weights must be a list"),
         ("PUT", "/models/by-system-name/m/weights", {"weights": [{"modelId": 1, "weight": True}]}, "weights must be a list"),
         ("PUT", "/apiKey/1/ratelimit", {"rpmLimit": 1, "tpmLimit": None}, "tpmLimit is required"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "cacheReadPrice": -0.1}, "cacheReadPrice must be at least 0"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "cacheWritePrice": "1"}, "cacheWritePrice must be a number"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "cacheWritePrice": 1e7}, "cacheWritePrice must be at most 1000000"),
+        ("POST", "/apiKey", {"budgetUsd": -1}, "budgetUsd must be at least 0"),
+        ("POST", "/apiKey", {"budgetUsd": 1e10}, "budgetUsd must be at most 1000000000"),
+        ("PUT", "/apiKey/1/budget", {}, "budgetUsd is required"),
+        ("PUT", "/apiKey/1/budget", {"budgetUsd": True}, "budgetUsd must be a number"),
     ],
 )  # fmt: skip
 def test_every_admin_field_is_checked_against_its_column(

@@ -158,6 +158,44 @@ def test_a_person_finds_an_aborted_call_in_chinese_and_manages_a_key(
         assert ApiKey.by_key(key).revoked
 
 
+@pytest.mark.parametrize(
+    ("lang", "cost", "cut", "told"),
+    [
+        ("en", "Cost", "The client’s copy ended here", "The client was sent 24 events"),  # noqa: RUF001
+        ("zh_CN", "费用", "客户端收到的内容到此为止", "客户端离开前收到了 24 个事件"),
+    ],
+)
+def test_the_cost_and_where_the_clients_copy_ended_are_shown(
+    browser: Browser, dashboard: tuple[Gateway, Seeded], lang: str, cost: str, cut: str, told: str
+) -> None:
+    gw, seeded = dashboard
+    page = open_page(browser, lang)
+    log_in(page, gw)
+    aborted = seeded.calls["aborted"]
+    page.goto(f"{gw.url}/requests/{aborted.id}")
+    panel = page.locator("section#cost")
+    expect(panel.locator("h2")).to_have_text(cost)
+    expect(panel.locator("td.total")).to_have_text(
+        ("$" if lang == "en" else "US$") + f"{aborted.cost['total']:.9f}".rstrip("0")
+    )
+    expect(page.locator("p.delivery.short")).to_contain_text(told)
+    mark = page.locator(".msg.assistant mark.cut")
+    expect(mark).to_be_visible()
+    expect(mark).to_contain_text(cut)
+    # The mark sits where the client's copy ended: what it got before, the rest after.
+    before = page.locator(".msg.assistant .delivered").inner_text()
+    after = page.locator(".msg.assistant .undelivered").inner_text()
+    assert (
+        before == aborted.delivered["text"] and before + after == aborted.completion[0]["content"]
+    )
+    assert mark.evaluate("e => getComputedStyle(e).borderStyle") == "dashed"
+    box, rest = mark.bounding_box(), page.locator(".msg.assistant .undelivered").bounding_box()
+    assert box["y"] <= rest["y"] + rest["height"]  # drawn in the text, not off somewhere
+    page.goto(f"{gw.url}/")
+    expect(page.locator(".card#cost .label")).to_have_text(cost)
+    expect(page.locator(".card#cost .value")).not_to_have_text("—")
+
+
 PAGES = [
     ("overview", "/"),
     ("requests", "/requests"),

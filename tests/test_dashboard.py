@@ -745,3 +745,124 @@ def test_form_numbers_are_ascii_and_finite(client, seeded: Seeded) -> None:  # t
     post(client, "/weights/gpt-4o", **{"weight-\u0661": "5", f"weight-{gpt.id}": "2.5"})
     with database.connection_context():
         assert Model.get_by_id(gpt.id).weight == 2.5
+
+
+# -- the account ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lang", "words"),
+    [
+        (
+            "en",
+            ["Cost", "Prompt, not cached", "Read from the cache", "Written to the cache",
+             "(512 for an hour, at $6.00)", "Total", "$0.00573", "Provider’s answer ID",  # noqa: RUF001
+             "Provider request ID"],
+        ),
+        (
+            "zh_CN",
+            ["费用", "提示（未缓存）", "从缓存读取", "写入缓存", "（其中 512 个缓存一小时，单价 US$6.00）",  # noqa: RUF001
+             "合计", "US$0.00573", "提供商回答 ID", "提供商请求 ID"],
+        ),
+    ],
+)  # fmt: skip
+def test_request_detail_shows_tokens_by_class_the_cost_and_the_ids(
+    client, seeded: Seeded, lang: str, words: list[str]
+) -> None:  # type: ignore[no-untyped-def]
+    client.set_cookie("lang", lang)
+    login(client)
+    image = seeded.calls["image"]  # Claude: 1,024 written to the cache, 512 for an hour
+    resp = client.get(f"/requests/{image.id}")
+    page = text(resp)
+    for word in words:
+        assert word in page, word
+    # 186 uncached at $3, 512 + 512 written at $3.75 and $6, 12 out at $15, per million.
+    assert image.cost["total"] == 0.00573
+    assert image.upstream_id in page and image.attempts[0]["requestId"] in page
+    assert 'class="tag off fallback"' not in resp.text  # Claude has both cache prices
+    tools = client.get(f"/requests/{seeded.calls['tools'].id}")  # gpt-4o: no write price
+    assert tools.text.count('class="tag off fallback"') == 1
+    assert ("input price" if lang == "en" else "输入价格") in text(tools)
+
+
+@pytest.mark.parametrize(
+    ("lang", "said", "mark"),
+    [
+        ("en", "The client was sent 24 events and 120 of the answer’s 341 characters",  # noqa: RUF001
+         "The client’s copy ended here"),  # noqa: RUF001
+        ("zh_CN", "客户端离开前收到了 24 个事件，以及回答 341 个字符中的 120 个",  # noqa: RUF001
+         "客户端收到的内容到此为止"),
+    ],
+)  # fmt: skip
+def test_the_detail_marks_where_the_clients_copy_ended(
+    client, seeded: Seeded, lang: str, said: str, mark: str
+) -> None:  # type: ignore[no-untyped-def]
+    client.set_cookie("lang", lang)
+    login(client)
+    aborted = seeded.calls["aborted"]
+    resp = client.get(f"/requests/{aborted.id}")
+    assert said in text(resp)
+    whole = aborted.completion[0]["content"]
+    got, rest = whole[:120], whole[120:]
+    html = unescape(resp.text)
+    assert f'<span class="delivered">{got}</span><mark class="cut"' in html
+    assert f'✂ {mark}</mark><span class="undelivered">{rest}</span>' in html
+    # A stream the client got whole says so, with no mark.
+    whole_stream = client.get(f"/requests/{seeded.calls['reasoning'].id}")
+    assert 'class="delivery whole"' in whole_stream.text and "mark class" not in whole_stream.text
+
+
+def test_the_overview_and_the_keys_page_show_spend(client, seeded: Seeded) -> None:  # type: ignore[no-untyped-def]
+    login(client)
+    with database.connection_context():
+        total = sum(r.cost_nanos or 0 for r in Completion.select()) + sum(
+            r.cost_nanos or 0 for r in Embedding.select()
+        )
+        support = seeded.keys["support"][0]
+        spent = sum(
+            r.cost_nanos or 0 for r in Completion.select().where(Completion.api_key == support.id)
+        )
+    overview = client.get("/?range=24h")
+    card = re.search(r'<div class="card" id="cost">.*?</div>\s*</div>', overview.text, re.S)
+    assert f'title="${total / 1e9:.9f}'.rstrip("0") in card.group(0)
+    assert "Every call priced" in text(overview)
+    assert "By API key" in text(overview) and "support-bot" in text(overview)
+
+    keys = client.get("/keys")
+    cell = re.search(rf'data-key="{support.id}">(.*?)</td>', keys.text, re.S).group(1)
+    assert f"${spent / 1e9:.9f}".rstrip("0") in unescape(cell) and "of $50.00" in unescape(cell)
+    assert "<progress" in cell
+    assert "Budget $50.00 a month" in text(keys)
+
+
+def test_a_budget_set_and_cleared_on_the_keys_page_and_cache_prices_on_a_model(
+    client, seeded: Seeded
+) -> None:  # type: ignore[no-untyped-def]
+    login(client)
+    key = seeded.keys["eval"][0]
+    post(client, f"/keys/{key.id}/limits", rpmLimit="50", tpmLimit="50000", budgetUsd="12.5")
+    with database.connection_context():
+        assert ApiKey.get_by_id(key.id).budget_usd == 12.5
+    refused = post(client, f"/keys/{key.id}/limits", rpmLimit="50", tpmLimit="50", budgetUsd="-1")
+    assert "budgetUsd must be at least 0" in text(client.get(refused.headers["Location"]))
+    post(client, f"/keys/{key.id}/limits", rpmLimit="50", tpmLimit="50000", budgetUsd="")
+    with database.connection_context():
+        assert ApiKey.get_by_id(key.id).budget_usd is None  # a blank budget removes it
+    created = post(client, "/keys", comment="capped", rpmLimit="5", tpmLimit="5", budgetUsd="3")
+    new = re.search(r'id="new-key" value="(sk-[0-9a-f]{32})"', created.text).group(1)
+    with database.connection_context():
+        assert ApiKey.by_key(new).budget_usd == 3.0
+
+    model = seeded.models["gpt"]
+    form = {"systemName": "gpt-4o", "modelType": "chat", "weight": "3", "inputPrice": "2.5"}
+    post(client, f"/models/{model.id}", **form, cacheReadPrice="1.25", cacheWritePrice="3.125")
+    with database.connection_context():
+        row = Model.get_by_id(model.id)
+        assert (row.cache_read_price, row.cache_write_price) == (1.25, 3.125)
+    assert (
+        'name="cacheWritePrice" type="number" min="0" step="any" value="3.125"'
+        in client.get(f"/models/{model.id}").text
+    )
+    post(client, f"/models/{model.id}", **form, cacheReadPrice="")
+    with database.connection_context():
+        assert Model.get_by_id(model.id).cache_read_price is None  # blank: the input price again

@@ -50,6 +50,7 @@ KEY = {
     "rpmLimit": plausible(small_ints),
     "tpmLimit": plausible(small_ints),
     "maxConcurrent": plausible(small_ints),
+    "budgetUsd": plausible(f.numbers),
 }
 RATE_LIMIT = {
     "identifier": plausible(names),
@@ -73,6 +74,8 @@ MODEL = {
     "contextLength": plausible(small_ints),
     "inputPrice": plausible(f.numbers),
     "outputPrice": plausible(f.numbers),
+    "cacheReadPrice": plausible(f.numbers),
+    "cacheWritePrice": plausible(f.numbers),
     "weight": plausible(f.numbers),
     "comment": plausible(f.text),
 }
@@ -96,6 +99,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/apiKey/{key}", {}, ()),
     ("DELETE", "/apiKey/{key}", {}, ()),
     ("PUT", "/apiKey/{key}/ratelimit", KEY, ()),
+    ("PUT", "/apiKey/{key}/budget", KEY, ()),
     ("GET", "/apiKey/{key}/usage", {}, ()),
     ("GET", "/ratelimits", {}, ()),
     ("POST", "/ratelimits", RATE_LIMIT, ()),
@@ -123,7 +127,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/embeddings", {}, LIST_ARGS),
     ("GET", "/embeddings/{id}", {}, ()),
     ("DELETE", "/embeddings/{id}", {}, ()),
-    ("GET", "/usage", {}, ("apiKey",)),
+    ("GET", "/usage", {}, ("apiKey", "range")),
     ("GET", "/stats/overview", {}, ("range",)),
 ]  # fmt: skip
 ids = st.one_of(st.integers(min_value=1, max_value=4).map(str), f.segments)

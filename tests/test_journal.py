@@ -80,3 +80,38 @@ def test_refused_rows_are_kept_apart_and_never_replayed(tmp_path: Path) -> None:
     got: list[dict] = []
     assert journal.replay(got.extend) == 0 and got == []
     assert journal.own_path("refused").exists() and not journal.has_own()
+
+
+def test_a_torn_line_is_kept_aside_and_the_rest_of_the_file_replayed(tmp_path: Path) -> None:
+    """A worker killed mid-append leaves half a line (even half a UTF-8 character)."""
+    dead = dead_pid()
+    good = [json.dumps({"uid": "before"}), json.dumps({"uid": "after"})]
+    torn = ['{"uid": "half', '"a string, not a row"']
+    body = (
+        f"{good[0]}\n{torn[0]}\n{torn[1]}\n".encode()
+        + b'{"uid": "\xe4\xb8\n'
+        + f"{good[1]}\n".encode()
+    )
+    (tmp_path / f"journal-{dead}.jsonl").write_bytes(body)
+    got: list[dict] = []
+    assert Journal(tmp_path).replay(got.extend) == 2
+    assert [r["uid"] for r in got] == ["before", "after"]
+    (aside,) = tmp_path.glob("torn-*.jsonl")
+    assert aside.read_bytes().splitlines() == [t.encode() for t in torn] + [b'{"uid": "\xe4\xb8']
+    assert [p.name for p in tmp_path.iterdir()] == [aside.name]  # nothing left claimed
+
+
+def test_torn_lines_are_kept_aside_once_even_if_the_write_is_retried(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(rows(1))
+    with open(journal.own_path(), "a") as fh:
+        fh.write('{"uid": "ha')
+
+    def refuse(_: list[dict]) -> None:
+        raise ConnectionError("database still away")
+
+    with pytest.raises(ConnectionError):
+        journal.replay(refuse)
+    assert not list(tmp_path.glob("torn-*"))
+    journal.replay(lambda _: None)
+    assert journal.own_path("torn").read_text() == '{"uid": "ha\n'

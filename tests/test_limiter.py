@@ -12,12 +12,14 @@ import logging
 import subprocess
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import gevent
 import pytest
 
 from gateway import metrics
+from gateway.errors import BudgetExceeded
 from gateway.limiter import Limiter, model_bucket
 from tests.servers import RedisServer, wait_until
 
@@ -219,3 +221,50 @@ def test_a_warning_at_start_when_limits_are_per_process(caplog: pytest.LogCaptur
 
 def _fail_opens(operation: str) -> float:
     return metrics.FAIL_OPENS.labels(operation)._value.get()
+
+
+# -- monthly budgets -------------------------------------------------------------------
+
+JUNE_END = datetime(2026, 6, 30, 23, 59, tzinfo=UTC)
+
+
+def _budget_holds_then_resets(a: Limiter, b: Limiter) -> None:
+    b.check_budget(9, 1.0, JUNE_END)  # nothing spent yet
+    a.spend(9, 600_000_000, JUNE_END)
+    b.spend(9, 400_000_000, JUNE_END)  # $1.00 in all, from two workers
+    with pytest.raises(BudgetExceeded) as info:
+        a.check_budget(9, 1.0, JUNE_END)
+    assert (info.value.status, info.value.retry_after) == (402, 60)  # until July
+    assert "spent $1.000000 of its $1 budget for June 2026 (UTC)" in info.value.message
+    b.check_budget(9, 1.5, JUNE_END)  # a larger budget lets it through
+    b.check_budget(9, None, JUNE_END)  # and so does none
+    a.check_budget(9, 1.0, JUNE_END + timedelta(minutes=1))  # July: nothing spent
+    a.spend(9, None, JUNE_END)  # an unpriced call changes nothing
+    assert a.spent(9, JUNE_END) == b.spent(9, JUNE_END) == 1_000_000_000
+
+
+def test_a_budget_spent_through_one_worker_refuses_in_the_other(pair) -> None:  # type: ignore[no-untyped-def]
+    _budget_holds_then_resets(*pair)
+
+
+def test_a_budget_in_process_memory() -> None:
+    limiter = Limiter()
+    _budget_holds_then_resets(limiter, limiter)
+
+
+def test_spend_totals_stay_exact_past_what_a_lua_number_holds(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+    a.spend(10, 2**60, JUNE_END)
+    a.spend(10, 1, JUNE_END)
+    assert a.spent(10, JUNE_END) == 2**60 + 1  # a double would say 2**60
+
+
+def test_a_budget_fails_open_when_redis_is_away(redis_server: RedisServer) -> None:
+    limiter = _on(redis_server.url, "fob", REDIS_RETRY_AFTER=0.3)
+    limiter.spend(11, 5_000_000_000, JUNE_END)
+    with pytest.raises(BudgetExceeded):
+        limiter.check_budget(11, 1.0, JUNE_END)
+    redis_server.stop()
+    limiter.check_budget(11, 1.0, JUNE_END)  # allowed, counted, warned
+    limiter.spend(11, 1, JUNE_END)  # lost, not raised
+    assert _fail_opens("budget") >= 1

@@ -85,4 +85,6 @@ def test_an_embeddings_record_keeps_the_vectors_its_budget_allows_and_the_dimens
     outcome = EMBEDDINGS.outcome(
         response, Settings.from_config({**DEFAULTS, "EMBEDDING_RECORD_VALUES": 3})
     )
-    assert outcome == {"output": [[1.0, 2.0]], "usage": ir.usage(input_tokens=2), "dimensions": 2}
+    # An embedding answers no tokens: 0 output is known, and the call can be priced.
+    usage = ir.usage(input_tokens=2, output_tokens=0)
+    assert outcome == {"output": [[1.0, 2.0]], "usage": usage, "dimensions": 2}

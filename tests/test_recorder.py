@@ -1,30 +1,42 @@
-"""The recorder: ordering, coalescing, finals never undone, the journal, the sweeper."""
+"""The recorder: ordering, coalescing, finals never undone, the journal, surviving anything."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import gevent
+import gevent.event
 import peewee
 import pytest
 from flask import Flask
 
 from gateway import metrics
+from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, utcnow
-from gateway.recorder import SWEPT_ERROR, Recorder, snapshot, write_rows
+from gateway.recorder import Recorder, snapshot, write_rows
+from gateway.sweeper import identity
+
+
+def make_recorder(tmp_path: Path, **config: object) -> Recorder:
+    app = Flask("recorder-test")
+    app.config.update(DEFAULTS)
+    app.config.update(JOURNAL_DIR=str(tmp_path / "journal"), **config)
+    recorder = Recorder()
+    recorder.init_app(app)
+    return recorder
 
 
 @pytest.fixture
-def rec(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+def rec(database_url: str, tmp_path: Path) -> Iterator[Recorder]:
     database.initialize(open_database(database_url))
-    app = Flask("recorder-test")
-    app.config.update(DEFAULTS)
-    app.config.update(JOURNAL_DIR=str(tmp_path / "journal"), SWEEP_INTERVAL=0, CALL_TIMEOUT=60)
-    recorder = Recorder()
-    recorder.init_app(app)
+    recorder = make_recorder(tmp_path)
     yield recorder
     recorder.flush(5)
     recorder._group.kill()
@@ -191,62 +203,139 @@ def test_drain_journals_what_it_could_not_write_in_time(
     assert [r.status for r in rows()] == ["completed"]
 
 
-def test_sweeper_finalises_orphans_and_a_late_final_still_lands(rec: Recorder, key_id: int) -> None:
-    orphan, live = exchange(key_id), exchange(key_id)
-    write_rows([snapshot(orphan), snapshot(live)])
+class Gate:
+    """Holds the first write of ``uid`` in flight until released (a slow database)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, uid: str) -> None:
+        self.entered, self.release = gevent.event.Event(), gevent.event.Event()
+        real = recorder_module.write_rows
+
+        def write(rows: list[dict], *args: object) -> None:
+            if any(r["uid"] == uid for r in rows) and not self.entered.is_set():
+                self.entered.set()
+                self.release.wait(10)
+            real(rows, *args)
+
+        monkeypatch.setattr(recorder_module, "write_rows", write)
+
+
+@pytest.mark.parametrize("writers", [1, 4])
+def test_a_final_snapshot_queued_while_the_pending_one_is_being_written_is_written(
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch, writers: int, tmp_path: Path
+) -> None:
+    """Defect 2: the write of the pending snapshot is held in flight, for sure, while
+    the final one arrives; then it is let go."""
+    rec._group.kill()
+    rec = make_recorder(tmp_path, RECORDER_WRITERS=writers, RECORDER_LINGER=0)
+    ex = exchange(key_id)
+    gate = Gate(monkeypatch, ex.uid)
+    rec.record(ex)
+    assert gate.entered.wait(5), "the pending write never started"
+    ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 2})
+    rec.record(ex)  # queued while the pending snapshot is in flight
+    gevent.sleep(0.1)  # every other writer gets its chance to take it out of order
+    gate.release.set()
+    assert rec.flush(5), "the final snapshot was never written"
+    assert [(r.status, r.completion_tokens) for r in rows()] == [("completed", 2)]
+    rec._group.kill()
+
+
+def test_drain_journals_a_final_snapshot_queued_behind_a_write_in_flight(
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 1: at shutdown the database is slow; the call's final state must not be lost."""
+    ex = exchange(key_id)
+    gate = Gate(monkeypatch, ex.uid)
+    rec.linger = 0
+    rec.record(ex)
+    assert gate.entered.wait(5)
+    ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 2})
+    rec.record(ex)
+    assert not rec.drain(0.05)
+    (path,) = rec.journal.directory.glob("journal-*.jsonl")
+    journaled = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["status"] for r in journaled if r["uid"] == ex.uid][-1] == "completed"
+    gate.release.set()  # the slow pending write lands after all...
+    gevent.sleep(0.2)
+    rec._replay_once()  # ...and the journal's final state still wins
+    assert [(r.status, r.completion_tokens) for r in rows()] == [("completed", 2)]
+
+
+def test_a_stale_pending_snapshot_never_overwrites_a_swept_row(rec: Recorder, key_id: int) -> None:
+    """Defect 3: a swept row is final too; only the call's own final state replaces it."""
+    ex = exchange(key_id)
+    write_rows([snapshot(ex)])
     with database.connection_context():
-        Completion.update(updated_at=utcnow() - timedelta(hours=1)).where(
-            Completion.uid == orphan.uid
-        ).execute()
-    assert rec.sweep() == 1
-    got = {r.uid: r for r in rows()}
-    assert (got[orphan.uid].status, got[orphan.uid].error, got[orphan.uid].swept) == (
-        "failed",
-        SWEPT_ERROR,
-        True,
-    )
-    assert got[live.uid].status == "pending"
-    # The process was alive after all (its database was away): its final write wins.
-    orphan.finish("completed", usage={"input_tokens": 1, "output_tokens": 1})
-    write_rows([snapshot(orphan)])
-    assert {r.uid: r.status for r in rows()}[orphan.uid] == "completed"
+        Completion.update(status="failed", error="orphaned", swept=True).execute()
+    write_rows([snapshot(ex)])  # a stale pending snapshot, replayed late
+    (row,) = rows()
+    assert (row.status, row.error, row.swept) == ("failed", "orphaned", True)
+    ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 1})
+    write_rows([snapshot(ex)])  # its process was alive after all: the truth wins
+    (row,) = rows()
+    assert (row.status, row.error, row.swept) == ("completed", None, False)
 
 
-def test_a_final_state_queued_while_its_pending_write_is_in_flight_is_written(
+def test_a_writer_survives_an_unexpected_error_and_sets_the_row_aside(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Several writers: one is mid-write with the pending snapshot when the final arrives."""
-    import gevent
-
-    from gateway import recorder as recorder_module
-
-    real_write = recorder_module.write_rows
-
-    def slow_write(rows: list[dict], **kwargs: object) -> None:
-        gevent.sleep(0.05)  # a PostgreSQL round trip: other writers run meanwhile
-        real_write(rows, **kwargs)
-
-    monkeypatch.setattr(recorder_module, "write_rows", slow_write)
+    """Defect 6: anything but a DatabaseError used to kill the (only, on SQLite) writer."""
     database.initialize(open_database(database_url))
-    app = Flask("recorder-test")
-    app.config.update(DEFAULTS)
-    app.config.update(JOURNAL_DIR=str(tmp_path / "journal"), SWEEP_INTERVAL=0, RECORDER_WRITERS=4)
-    rec = Recorder()
-    rec.init_app(app)
+    rec = make_recorder(tmp_path, RECORDER_WRITERS=1)
+    real = recorder_module.upsert_records
+    poison: set[str] = set()
+
+    def upsert(rows: list[dict]) -> None:
+        if poison & {r["uid"] for r in rows}:
+            raise TypeError("a bug, not a database error")
+        real(rows)
+
+    monkeypatch.setattr(recorder_module, "upsert_records", upsert)
     try:
         with database.connection_context():
-            key = ApiKey.create(key_hash="k" * 64, key_hint="sk-…k").id
-        ex = exchange(key)
-        rec.record(ex)
-        gevent.sleep(0.01)  # a writer is now inside slow_write with the pending snapshot
-        ex.finish("completed")
-        rec.record(ex)
-        assert rec.flush(2), "the final snapshot was never written"
-        assert [r.status for r in rows()] == ["completed"]
+            key = ApiKey.create(key_hash="w" * 64, key_hint="sk-…w").id
+        good, bad = exchange(key), exchange(key)
+        poison.add(bad.uid)
+        for ex in (good, bad):
+            ex.finish("completed")
+            rec.record(ex)
+        assert rec.flush(5), "the writer died"
+        assert [r.uid for r in rows()] == [good.uid]
+        (refused,) = rec.journal.directory.glob("refused-*.jsonl")
+        assert bad.uid in refused.read_text()
+        later = exchange(key)
+        later.finish("completed")
+        rec.record(later)
+        assert rec.flush(5) and later.uid in {r.uid for r in rows()}
     finally:
         rec._group.kill()
         if isinstance(database.obj, peewee.PostgresqlDatabase):
             database.obj.close_all()
+
+
+def test_replay_sets_last_seen_to_when_the_calls_were_made(
+    rec: Recorder, key_id: int, database_url: str
+) -> None:
+    """Defect 7: a replay an hour after an outage must not say the key was used just now."""
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    ex = exchange(key_id, created_at=an_hour_ago)
+    ex.finish("completed")
+    rec.journal.append([snapshot(ex)])
+    rec._replay_once()
+    with database.connection_context():
+        assert ApiKey.get_by_id(key_id).last_seen == an_hour_ago
+        # An older call replayed later never moves it back.
+        older = exchange(key_id, created_at=an_hour_ago - timedelta(hours=1))
+        older.finish("completed")
+        write_rows([snapshot(older)])
+        assert ApiKey.get_by_id(key_id).last_seen == an_hour_ago
+
+
+def test_every_row_names_the_process_that_recorded_it(rec: Recorder, key_id: int) -> None:
+    rec.record(exchange(key_id))
+    assert rec.flush(5)
+    (row,) = rows()
+    assert row.owner == identity() and row.owner.endswith(f":{os.getpid()}")
 
 
 @pytest.mark.parametrize("order", ["source first", "replay first", "one batch"])

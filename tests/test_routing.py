@@ -53,6 +53,23 @@ def test_catalog_caches_until_ttl_or_invalidate() -> None:
     assert len(loads) == 2
 
 
+def test_a_change_made_while_the_catalog_loads_is_not_lost() -> None:
+    """An admin write lands (and invalidates) while a load is reading: reload again."""
+    loads: list[int] = []
+
+    def load() -> list[Candidate]:
+        loads.append(1)
+        if len(loads) == 1:
+            catalog.invalidate()  # the load already read the rows as they were before
+        return ROWS
+
+    catalog = Catalog(load, ttl=60)
+    catalog.lookup("gpt")
+    catalog.lookup("gpt")
+    catalog.lookup("gpt")
+    assert len(loads) == 2
+
+
 def test_weighted_order_follows_weights_even_with_two_candidates() -> None:
     rng = random.Random(7)
     heavy, light = candidate(1, "heavy", weight=3), candidate(2, "light", weight=1)

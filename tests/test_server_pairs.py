@@ -163,7 +163,9 @@ class Caller:
 
     def records(self, count: int) -> list[dict]:
         rows = self.gw.wait_final(count, apiKeyId=self.key_id)
-        return sorted(rows, key=lambda r: r["id"])
+        # In the order the calls came: ids follow the order the recorder wrote them in,
+        # and a stream's record is written once its client's copy has ended.
+        return sorted(rows, key=lambda r: (r["createdAt"], r["id"]))
 
 
 @pytest.fixture(scope="module")

@@ -152,3 +152,19 @@ def test_an_unusable_json_answer_fails_as_protocol(body: bytes) -> None:
         answer(body, "application/json").answer(lambda data: data["a"] + 1)
     assert info.value.kind == "protocol"
     assert info.value.message.startswith("upstream sent an unusable answer: ")
+
+
+@pytest.mark.parametrize(
+    ("header", "provider"),
+    [
+        ("x-request-id", "OpenAI"),
+        ("request-id", "Anthropic"),
+        ("apim-request-id", "Azure OpenAI"),
+        ("x-amzn-RequestId", "Bedrock"),
+    ],
+)
+def test_the_providers_request_id_is_read_from_its_own_header(header: str, provider: str) -> None:
+    resp = answer(b"{}", "application/json")
+    assert resp.request_id is None
+    resp.headers[header] = f"req_{provider}"
+    assert resp.request_id == f"req_{provider}"

@@ -48,6 +48,8 @@ Response::
              "output_tokens": int | None,  # reasoning tokens included
              "cache_read_tokens": int | None,   # part of input_tokens
              "cache_write_tokens": int | None,  # part of input_tokens
+             "cache_write_1h_tokens": int | None,  # part of cache_write_tokens:
+                                                   # Anthropic's 1-hour cache writes
              "reasoning_tokens": int | None}    # part of output_tokens
 
 ``None`` means the upstream did not say: unknown is never written as 0.
@@ -80,6 +82,7 @@ USAGE_FIELDS = (
     "output_tokens",
     "cache_read_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "reasoning_tokens",
 )
 STOP_REASONS = frozenset(

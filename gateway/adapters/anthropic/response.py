@@ -2,7 +2,7 @@
 
 Anthropic's ``input_tokens`` excludes cache reads and writes, the IR's includes them, so
 reading adds ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` and rendering
-splits them back out. Content blocks, stop reasons and usage are mapped here both ways,
+splits them back out (with ``cache_creation``'s 1-hour writes, which cost more). Content blocks, stop reasons and usage are mapped here both ways,
 for requests, bodies and streams.
 """
 
@@ -131,6 +131,13 @@ def usage_from_anthropic(usage: Any) -> dict:
     cache_read = counts["cache_read_input_tokens"]
     details = usage.get("output_tokens_details")
     thinking = wire.count(details.get("thinking_tokens")) if isinstance(details, dict) else None
+    # cache_creation splits the writes by lifetime; 1-hour writes are priced apart.
+    lifetimes = usage.get("cache_creation")
+    hour = (
+        wire.count(lifetimes.get("ephemeral_1h_input_tokens"))
+        if isinstance(lifetimes, dict)
+        else None
+    )
     input_tokens = counts["input_tokens"]
     if input_tokens is not None:
         input_tokens += (cache_write or 0) + (cache_read or 0)
@@ -139,6 +146,7 @@ def usage_from_anthropic(usage: Any) -> dict:
         output_tokens=counts["output_tokens"],
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
+        cache_write_1h_tokens=hour,
         reasoning_tokens=thinking,
     )
 
@@ -151,6 +159,12 @@ def usage_to_anthropic(usage: dict | None) -> dict:
     result: dict[str, Any] = {"input_tokens": max(uncached, 0)}
     if cache_write is not None:
         result["cache_creation_input_tokens"] = cache_write
+        hour = usage.get("cache_write_1h_tokens")
+        if hour is not None:
+            result["cache_creation"] = {
+                "ephemeral_5m_input_tokens": max(cache_write - hour, 0),
+                "ephemeral_1h_input_tokens": hour,
+            }
     if cache_read is not None:
         result["cache_read_input_tokens"] = cache_read
     result["output_tokens"] = usage.get("output_tokens") or 0

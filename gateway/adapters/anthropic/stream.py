@@ -103,7 +103,7 @@ class StreamParser:
         return []
 
     def _usage(self, usage: dict) -> dict:
-        for name in (*WIRE_USAGE, "output_tokens_details"):
+        for name in (*WIRE_USAGE, "output_tokens_details", "cache_creation"):
             if usage.get(name) is not None:
                 self._counts[name] = usage[name]
         return usage_from_anthropic(self._counts)

@@ -1,0 +1,195 @@
+"""The last known keys and model catalog: kept fresh in the background, kept on disk.
+
+The public API answers from memory (``auth.keys``, ``routing.catalog``), so it never
+needs the database on its path (SPEC rule 8). Each worker loads both at start and
+re-reads them every ``CACHE_TTL`` seconds in one greenlet, within ``DB_TIMEOUT``;
+while the database is away it keeps the last state and tries again. A call about
+a key or model the worker does not know yet asks for one fresh read (``fresh``),
+shared by every call asking meanwhile and never waited for while the database is
+known down.
+
+After each read that changed something, the state is written to ``SNAPSHOT_FILE``
+(instance/snapshot.json, mode 0600, replaced atomically). A worker that starts while
+the database is away (a recycled one, say) serves from that file. It holds secrets:
+every live gateway key's SHA-256 hash and limits, and every provider's base URL and
+API key, the keys sealed by the vault as the database holds them. ``CACHE_TTL`` 0
+turns all this off: each call reads through (tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import gevent
+import gevent.event
+import gevent.pool
+from flask import Flask
+from gevent import monkey
+
+from gateway import db
+from gateway.auth import keys
+from gateway.config import INSTANCE
+from gateway.models import utcnow
+from gateway.routing import catalog
+from gateway.vault import vault
+
+log = logging.getLogger(__name__)
+
+FULL_EVERY = 300.0  # seconds between reads of every key, whatever the incremental reads saw
+MIN_GAP = 0.25  # seconds between two reads: a flood of unknown keys costs 4 reads a second
+
+
+class Refresher:
+    """Keeps ``keys`` and ``catalog`` fresh; writes and reads the snapshot file."""
+
+    def __init__(self) -> None:
+        self.path = INSTANCE / "snapshot.json"
+        self.ttl = 0.0
+        self.wait = 1.0
+        self.timeout = 10.0
+        self._fresh_as_of = float("-inf")  # when the last successful read started
+        self._started_at = float("-inf")  # when the last read started
+        self._full_at = float("-inf")
+        self._full_due = True
+        self._written: str | None = None  # digest of what this process last wrote
+        self._kick = gevent.event.Event()
+        self._done = gevent.event.Event()  # replaced after every read
+        self._group = gevent.pool.Group()
+        self._running = False
+
+    def init_app(self, app: Flask) -> None:
+        """Load keys and catalog (from the file if the database is away); refresh them."""
+        cfg = app.config
+        self.ttl = float(cfg["CACHE_TTL"])
+        self.wait = float(cfg["KEY_LOOKUP_WAIT"])
+        self.timeout = float(cfg["DB_TIMEOUT"])
+        self.path = Path(cfg["SNAPSHOT_FILE"] or Path(app.instance_path) / "snapshot.json")
+        background = self.ttl > 0 and monkey.is_module_patched("socket")
+        for cache in (keys, catalog):
+            cache.ttl = self.ttl
+            cache.background = background
+            cache.confirm = self.fresh if background else cache.read_through
+        if not background:
+            return  # CLI commands and read-through tests: each lookup reads inline
+        self._written, self._full_due = None, True
+        if not self.refresh():
+            self.load_file()
+        if not self._running:
+            self._running = True
+            greenlet = self._group.spawn(self._loop)
+            greenlet.link_exception(
+                lambda g: log.error("snapshot: refresher died", exc_info=g.exc_info)
+            )
+        self._kick.set()
+
+    def fresh(self, asked: float) -> bool:
+        """Make the caches reflect the database as of ``asked``; False if they cannot."""
+        deadline = asked + self.wait
+        while self._fresh_as_of < asked:
+            if not db.reachable():
+                return False  # known down: answer from what we have, at once
+            done = self._done
+            self._kick.set()
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def refresh(self) -> bool:
+        """Read what changed (everything after an outage); True if the read succeeded."""
+        started = self._started_at = time.monotonic()
+        full = self._full_due or started - self._full_at > FULL_EVERY
+        try:
+            with db.background(self.timeout):
+                changed = keys.refresh(full=full)
+                changed = catalog.refresh() or changed
+        except Exception as exc:
+            if not self._full_due:
+                log.warning("snapshot: cannot read keys and catalog (%s); serving the last", exc)
+            self._full_due = True  # what changed meanwhile is read in full
+            self._finished()
+            return False
+        if full:
+            self._full_at, self._full_due = started, False
+        self._fresh_as_of = started
+        self._finished()
+        if changed or self._written is None:
+            self._write()
+        return True
+
+    def _finished(self) -> None:
+        done, self._done = self._done, gevent.event.Event()
+        done.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._kick.wait(self.ttl if self.ttl > 0 else None)
+            self._kick.clear()
+            if self.ttl <= 0:
+                continue  # a later init_app turned it off (tests)
+            gevent.sleep(max(0.0, self._started_at + MIN_GAP - time.monotonic()))
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("snapshot: refresh failed")
+
+    # -- the file -------------------------------------------------------------
+
+    def _write(self) -> None:
+        state = {"keys": keys.dump(), "catalog": catalog.dump()}
+        text = json.dumps(state, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self._written:
+            return
+        state["catalog"] = [_sealed(row) for row in state["catalog"]]  # sealing is random
+        body = json.dumps({"written_at": utcnow().isoformat(), **state})
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
+                fh.write(body)
+                fh.flush()
+                os.fsync(fd)
+            os.replace(tmp, self.path)  # readers see the old file or the new, never half
+        except OSError:
+            log.exception("snapshot: cannot write %s", self.path)
+            return
+        self._written = digest
+
+    def load_file(self) -> bool:
+        """Serve the keys and catalog of the snapshot file; False if there is none."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            keys.load(data["keys"])
+            catalog.load([_opened(row) for row in data["catalog"]])
+        except FileNotFoundError:
+            log.error("snapshot: database unreachable and no %s: no keys known yet", self.path)
+            return False
+        except (OSError, ValueError, KeyError, TypeError):
+            log.exception("snapshot: database unreachable and %s unreadable", self.path)
+            return False
+        log.warning(
+            "snapshot: database unreachable: serving %d keys and %d models from %s (written %s)",
+            len(data["keys"]),
+            len(data["catalog"]),
+            self.path,
+            data.get("written_at"),
+        )
+        return True
+
+
+def _sealed(row: dict) -> dict:
+    return {**row, "api_key": row["api_key"] and vault.seal(row["api_key"])}
+
+
+def _opened(row: dict) -> dict:
+    return {**row, "api_key": row["api_key"] and vault.open(row["api_key"])}
+
+
+refresher = Refresher()

@@ -1,0 +1,156 @@
+"""Rows left pending by a dead process are finalised by a living one (SPEC rule 7).
+
+Every process has an identity (random id, host, pid), stamped on each row it records
+(``owner``), and a heartbeat row it rewrites every ``PROCESS_HEARTBEAT`` seconds. A
+process finalises an owner's pending rows (``failed``, ``swept``) once it has itself
+watched that owner's heartbeat stand still, or stay absent, for ``PROCESS_DEAD_AFTER``
+seconds of its own clock, and deletes the dead heartbeat row. No clock of another host
+enters into it; and a process watches only while its own heartbeats succeed: when one
+fails (the database is away, so nobody could beat), it forgets what it saw and starts
+watching afresh, so an outage never makes a live process look dead. A live owner's
+row is never swept, however long its call runs. If one is (its own link to the
+database broke), its final write still wins over the swept row. Rows without an owner
+(written before heartbeats existed) keep the age rule: pending for ``SWEEP_AFTER``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import gevent
+import gevent.pool
+from flask import Flask
+from gevent import monkey
+
+from gateway import db
+from gateway.db import UNREACHABLE
+from gateway.models import Heartbeat, finalise_orphans, pending_owners, utcnow
+
+log = logging.getLogger(__name__)
+
+SWEPT_ERROR = "orphaned: the gateway process handling this call stopped before it finished"
+_identity: tuple[int, str] | None = None
+
+
+def identity() -> str:
+    """This process's name in ``owner`` columns: ``<random>@<host>:<pid>``."""
+    global _identity
+    if _identity is None or _identity[0] != os.getpid():  # a fork is a new process
+        name = f"{secrets.token_hex(4)}@{socket.gethostname()[:64]}:{os.getpid()}"
+        _identity = (os.getpid(), name)
+    return _identity[1]
+
+
+class Sweeper:
+    """This process's heartbeat, and its watch over everyone else's."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, name: str | None = None
+    ) -> None:
+        self.clock = clock
+        self._name = name  # tests play several processes in one
+        self.heartbeat = 10.0
+        self.dead_after = 45.0
+        self.interval = 10.0
+        self.timeout = 10.0
+        self.orphan_after: timedelta | None = None
+        self._seen: dict[str, tuple[datetime | None, float]] = {}  # owner -> (beat, since)
+        self._beat_ok: float | None = None  # when our last heartbeat landed; None: failing
+        self._looked: float | None = None  # when we last looked at everyone's
+        self._group = gevent.pool.Group()
+        self._started = False
+
+    def init_app(self, app: Flask) -> None:
+        """Read the timings; start beating and sweeping in this process."""
+        cfg = app.config
+        self.heartbeat = float(cfg["PROCESS_HEARTBEAT"])
+        self.dead_after = float(cfg["PROCESS_DEAD_AFTER"])
+        self.interval = float(cfg["SWEEP_INTERVAL"])
+        self.timeout = float(cfg["DB_TIMEOUT"])
+        after = cfg["SWEEP_AFTER"]
+        self.orphan_after = timedelta(
+            seconds=float(after if after is not None else cfg["CALL_TIMEOUT"] + 120)
+        )
+        if self._started or not monkey.is_module_patched("socket"):
+            return  # a CLI command: no process to keep alive
+        self._started = True
+        self._spawn(self._loop, self.beat, lambda: self.heartbeat)
+        self._spawn(self._loop, self.sweep, lambda: self.interval)
+
+    def _spawn(self, *args: object) -> None:
+        greenlet = self._group.spawn(*args)
+        greenlet.link_exception(lambda g: log.error("sweeper greenlet died", exc_info=g.exc_info))
+
+    @property
+    def name(self) -> str:
+        return self._name or identity()
+
+    def _loop(self, job: Callable[[], object], every: Callable[[], float]) -> None:
+        while True:
+            if every() > 0:  # a later init_app (tests) may turn it off or on
+                try:
+                    job()
+                except UNREACHABLE:
+                    pass  # the heartbeat says so, once
+                except Exception:  # never let the heartbeat stop: others would sweep us
+                    log.exception("sweeper: %s failed", getattr(job, "__name__", job))
+            gevent.sleep(every() if every() > 0 else 1.0)
+
+    def beat(self) -> bool:
+        """Write this process's heartbeat; True if it landed."""
+        try:
+            with db.background(self.timeout):
+                Heartbeat.beat(self.name, socket.gethostname()[:255], os.getpid())
+        except UNREACHABLE as exc:
+            if self._beat_ok is not None:
+                log.warning("sweeper: heartbeat failed (%s); not sweeping until it lands", exc)
+            self._beat_ok = None
+            self._seen.clear()  # nobody could beat meanwhile: what we saw proves nothing
+            return False
+        self._beat_ok = self.clock()
+        return True
+
+    def sweep(self) -> int:
+        """Finalise the pending rows of processes seen dead; return how many."""
+        now = self.clock()
+        gap, self._looked = now - (self._looked or now), now
+        healthy = self._beat_ok is not None and now - self._beat_ok <= 2 * self.heartbeat + 1
+        if not healthy or gap > 2 * self.interval + 1:
+            self._seen.clear()  # we were not watching all along
+            if not healthy:
+                return 0
+        try:
+            with db.background(self.timeout):
+                return self._sweep(now)
+        except UNREACHABLE:
+            self._seen.clear()
+            raise
+
+    def _sweep(self, now: float) -> int:
+        beats = dict(Heartbeat.select(Heartbeat.owner, Heartbeat.beat_at).tuples())
+        watched = (beats.keys() | pending_owners()) - {self.name}
+        for owner in watched:
+            held = self._seen.get(owner)
+            if held is None or held[0] != beats.get(owner):
+                self._seen[owner] = (beats.get(owner), now)
+        for owner in self._seen.keys() - watched:
+            del self._seen[owner]
+        dead = [owner for owner, (_, since) in self._seen.items() if now - since >= self.dead_after]
+        before = utcnow() - self.orphan_after if self.orphan_after is not None else None
+        count = finalise_orphans(dead, before, SWEPT_ERROR)
+        if dead:
+            Heartbeat.delete().where(Heartbeat.owner.in_(dead)).execute()
+            for owner in dead:
+                del self._seen[owner]
+        if count:
+            log.warning("sweeper: finalised %d pending records of dead processes %s", count, dead)
+        return count
+
+
+sweeper = Sweeper()

@@ -1,0 +1,459 @@
+"""The account through gunicorn and the official SDKs: tokens, cost, ids, what was delivered.
+
+Each client format calls each provider format while the fake upstream reports cache
+reads, cache writes (1-hour ones too, for Anthropic), reasoning tokens, its own response
+id and request id; the record must hold exactly those tokens, a cost worked out here
+in exact fractions, and those ids. A price changed afterwards leaves the records as
+they were; an unpriced model costs null. A client that hangs up after k text pieces
+has ``delivered.text`` within one event of what its SDK gave it, while the record keeps
+the whole answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import time
+import uuid
+from fractions import Fraction
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import requests
+
+from tests import pairs_support as p
+from tests.pairs_support import ANTHROPIC, CHAT, CLIENTS, RESPONSES
+from tests.servers import Gateway, wait_until
+
+pytestmark = pytest.mark.server
+
+GATEWAY_ENV = {"GATEWAY_CLIENT_WRITE_TIMEOUT": "1"}  # a client that stops reading: dropped
+EXACT = Fraction(1, 10**12)
+CACHE = "cache=3;cache_write=2;cache_1h=1;reasoning=2;chunks=4"
+# Usage shapes: (provider type, fake script, its prices).
+SHAPES = {
+    "openai": ("openai", "", {"inputPrice": 2.5, "outputPrice": 10, "cacheReadPrice": 1.25}),
+    "deepseek": (
+        "openai",
+        "usage_style=deepseek",
+        {"inputPrice": 0.28, "outputPrice": 0.42, "cacheReadPrice": 0.028},
+    ),
+    "anthropic": (
+        "anthropic",
+        "",
+        {"inputPrice": 3, "outputPrice": 15, "cacheReadPrice": 0.3, "cacheWritePrice": 3.75},
+    ),
+    "responses": (
+        "openai-responses",
+        "",
+        {"inputPrice": 1.1, "outputPrice": 4.4, "cacheReadPrice": 0.275},
+    ),
+    "azure": ("azure", "", {"inputPrice": 2, "outputPrice": 8}),
+}
+
+
+@pytest.fixture(scope="module")
+def routes(module_gateway: Gateway, fake) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """A priced model per usage shape, on the fake upstream."""
+    out = {}
+    for shape, (provider_type, _, prices) in SHAPES.items():
+        route = module_gateway.setup_route(
+            fake.url, provider_type=provider_type, system_name=f"acct-{shape}"
+        )
+        module_gateway.api("PUT", f"/models/{route['model']['id']}", json=prices)
+        out[shape] = route
+    return out
+
+
+def sdk(gw: Gateway, client: str, key: str) -> Any:
+    if client == ANTHROPIC:
+        return anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+
+
+def record(gw: Gateway, key_id: int) -> dict:
+    (row,) = gw.wait_final(1, apiKeyId=key_id)
+    assert row == gw.api("GET", f"/completions/{row['id']}")  # the listing carries it all
+    return row
+
+
+def expected_tokens(shape: str, sent: dict) -> dict:
+    """What the fake reported, in the record's token classes (None: it did not say)."""
+    return {
+        "input": sent["usage"]["input_tokens"],  # the fake's count includes the cache
+        "output": sent["usage"]["output_tokens"],
+        "cacheRead": 3,
+        "cacheWrite": None if shape == "deepseek" else 2,  # DeepSeek does not report writes
+        "cacheWrite1h": 1 if shape == "anthropic" else None,
+        "reasoning": None if shape == "anthropic" else 2,  # Anthropic does not split it out
+    }
+
+
+def expected_cost(tokens: dict, prices: dict) -> dict[str, Fraction]:
+    """The cost, worked out by hand: per million tokens, cache prices falling back to input."""
+
+    def price(name: str) -> Fraction:
+        return Fraction(str(prices.get(name, prices["inputPrice"])))
+
+    write, hour = tokens["cacheWrite"] or 0, tokens["cacheWrite1h"] or 0
+    uncached = tokens["input"] - tokens["cacheRead"] - write
+    parts = {
+        "input": uncached * price("inputPrice"),
+        "cacheRead": tokens["cacheRead"] * price("cacheReadPrice"),
+        "cacheWrite": (write - hour) * price("cacheWritePrice") + hour * 2 * price("inputPrice"),
+        "output": tokens["output"] * price("outputPrice"),
+    }
+    parts = {k: v / 1_000_000 for k, v in parts.items()}
+    return {**parts, "total": sum(parts.values())}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("client", CLIENTS)
+def test_tokens_cost_and_ids_are_exactly_what_the_provider_reported(
+    module_gateway: Gateway, fake, routes, client: str, shape: str, stream: bool
+) -> None:  # type: ignore[no-untyped-def]
+    gw = module_gateway
+    _, style, prices = SHAPES[shape]
+    key = gw.api("POST", "/apiKey", json={"comment": "account"})
+    call, answer_id = uuid.uuid4().hex, f"up-{uuid.uuid4().hex[:8]}"
+    script = f"id={call};{CACHE};{style};response_id={answer_id};request_id=rq-{call}"
+    body = p.request(client, f"acct-{shape}", tools=False)
+    answer = p.call(client, sdk(gw, client, key["key"]), body, stream, {"X-Fake-Script": script})
+    (sent,) = fake.log(call)
+    row = record(gw, key["id"])
+
+    assert row["status"] == "completed"
+    tokens = expected_tokens(shape, sent)
+    assert row["tokens"] == tokens
+    assert answer.usage[:2] == (tokens["input"], tokens["output"])  # the client saw the same
+    cost, exact = row["cost"], expected_cost(tokens, prices)
+    for name, value in exact.items():
+        assert abs(Fraction(cost[name]) - value) <= EXACT, (name, cost[name], float(value))
+    missing = [n for n in ("cacheRead", "cacheWrite") if f"{n}Price" not in prices]
+    assert cost["prices"]["fallbacks"] == missing
+    assert cost["currency"] == "USD"
+
+    assert row["upstreamId"] == answer_id == sent["response_id"]
+    (attempt,) = row["attempts"]
+    # The fake sends it under the provider type's own header (request-id for Anthropic,
+    # apim-request-id for Azure, x-request-id for OpenAI's): each was read.
+    assert attempt["requestId"] == sent["request_id"] == f"rq-{call}"
+    if stream:
+        assert row["delivered"]["text"] == answer.text == row["completion"][0]["content"]
+        assert row["delivered"]["events"] > 0
+    else:
+        assert row["delivered"] is None
+
+
+def test_a_price_change_leaves_old_records_as_they_were(
+    module_gateway: Gateway, fake, routes
+) -> None:  # type: ignore[no-untyped-def]
+    gw = module_gateway
+    route = gw.setup_route(fake.url, system_name="acct-reprice")
+    model = route["model"]["id"]
+    gw.api("PUT", f"/models/{model}", json={"inputPrice": 1, "outputPrice": 2})
+    key = gw.api("POST", "/apiKey", json={"comment": "reprice"})
+    client = sdk(gw, CHAT, key["key"])
+    client.chat.completions.create(
+        model="acct-reprice", messages=[{"role": "user", "content": "a b"}]
+    )
+    (first,) = gw.wait_final(1, apiKeyId=key["id"])
+    gw.api("PUT", f"/models/{model}", json={"inputPrice": 100, "outputPrice": 200})
+    client.chat.completions.create(
+        model="acct-reprice", messages=[{"role": "user", "content": "a b"}]
+    )
+    # In the order the calls came: ids follow the order the recorder wrote them in.
+    rows = sorted(gw.wait_final(2, apiKeyId=key["id"]), key=lambda r: r["createdAt"])
+    assert rows[0] == {**first, "updatedAt": rows[0]["updatedAt"]}  # not one field moved
+    assert rows[0]["cost"]["prices"]["input"] == 1.0
+    assert rows[1]["cost"]["prices"]["input"] == 100.0
+    assert rows[1]["cost"]["total"] == pytest.approx(rows[0]["cost"]["total"] * 100)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_an_unpriced_model_costs_null_never_zero(
+    module_gateway: Gateway, fake, client: str
+) -> None:  # type: ignore[no-untyped-def]
+    gw = module_gateway
+    route = gw.setup_route(fake.url, system_name=f"acct-free-{client}")
+    body = p.request(client, f"acct-free-{client}", tools=False)
+    p.call(client, sdk(gw, client, route["key"]), body, False, {})
+    key_id = gw.api("GET", "/apiKey")[-1]["id"]
+    row = record(gw, key_id)
+    assert row["status"] == "completed" and row["tokens"]["input"] > 0
+    assert row["cost"] is None
+
+
+# -- what the client was sent --------------------------------------------------------
+
+
+def read_then_hang_up(client: str, sdk_: Any, model: str, pieces: int, script: str) -> str:
+    """Stream, read ``pieces`` text pieces as the SDK gives them, then close the connection."""
+    headers = {"X-Fake-Script": script}
+    seen: list[str] = []
+    if client == CHAT:
+        stream = sdk_.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "go"}],
+            stream=True,
+            extra_headers=headers,
+        )
+        texts = (c.choices[0].delta.content for c in stream if c.choices)
+    elif client == ANTHROPIC:
+        stream = sdk_.messages.create(
+            model=model,
+            max_tokens=100,
+            messages=[{"role": "user", "content": "go"}],
+            stream=True,
+            extra_headers=headers,
+        )
+        texts = (
+            e.delta.text
+            for e in stream
+            if e.type == "content_block_delta" and e.delta.type == "text_delta"
+        )
+    else:
+        stream = sdk_.responses.create(model=model, input="go", stream=True, extra_headers=headers)
+        texts = (e.delta for e in stream if e.type == "response.output_text.delta")
+    for text in texts:
+        if text:
+            seen.append(text)
+        if len(seen) == pieces:
+            break
+    stream.close()
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "openai-responses"])
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_client_that_hangs_up_was_delivered_what_it_read_and_the_record_is_whole(
+    module_gateway: Gateway, fake, client: str, provider: str
+) -> None:  # type: ignore[no-untyped-def]
+    gw = module_gateway
+    name = f"acct-hangup-{provider}"
+    if name not in {m["systemName"] for m in gw.api("GET", "/models")}:
+        gw.setup_route(fake.url, provider_type=provider, system_name=name)
+    key = gw.api("POST", "/apiKey", json={"comment": "hang-up"})
+    call = uuid.uuid4().hex
+    received = read_then_hang_up(
+        client, sdk(gw, client, key["key"]), name, 3, f"id={call};chunks=30;delay=0.05"
+    )
+    assert received == "tok0 tok1 tok2 "
+    row = record(gw, key["id"])
+    whole = "".join(f"tok{i} " for i in range(30))
+    assert row["status"] == "aborted"
+    assert row["completion"][0]["content"] == whole  # the drain read the upstream to its end
+    delivered = row["delivered"]["text"]
+    # Written before the hang-up was noticed: what was read, and at most one piece more.
+    assert delivered in (received, received + "tok3 "), delivered
+    assert wait_until(lambda: fake.log(call)[0]["outcome"] == "complete")
+
+
+# Each client format's route and a body for it, for calls made without an SDK.
+EACH_FORMAT_RAW = pytest.mark.parametrize(
+    ("client", "path", "body"),
+    [
+        (CHAT, "/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}]}),
+        (
+            ANTHROPIC,
+            "/v1/messages",
+            {"max_tokens": 50, "messages": [{"role": "user", "content": "go"}]},
+        ),
+        (RESPONSES, "/v1/responses", {"input": "go"}),
+    ],
+)
+
+
+def events_in(raw: bytes) -> int:
+    """SSE events (frames with data) in a client's raw stream; comments are not events."""
+    frames = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+    return sum(1 for f in frames if any(line.startswith(b"data:") for line in f.split(b"\n")))
+
+
+@EACH_FORMAT_RAW
+def test_a_whole_stream_was_delivered_event_for_event(
+    module_gateway: Gateway, fake, routes, client: str, path: str, body: dict
+) -> None:  # type: ignore[no-untyped-def]
+    gw = module_gateway
+    key = gw.api("POST", "/apiKey", json={"comment": "whole"})
+    resp = requests.post(
+        gw.url + path,
+        json={"model": "acct-anthropic", "stream": True, **body},
+        headers={"Authorization": f"Bearer {key['key']}", "X-Fake-Script": "chunks=7"},
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    row = record(gw, key["id"])
+    assert row["status"] == "completed"
+    assert row["delivered"] == {
+        "events": events_in(resp.content),
+        "text": row["completion"][0]["content"],
+    }
+    assert row["delivered"]["text"] == "".join(f"tok{i} " for i in range(7))
+
+
+def stalled_read(gw: Gateway, path: str, body: dict, key: str, script: str, stall: float) -> bytes:
+    """Send a streaming call, read nothing for ``stall`` seconds, then read what is there.
+
+    A tiny receive buffer makes the gateway's writes block; past its write timeout it
+    drops the client, and whatever it had written is still in the kernels' buffers.
+    """
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n"
+        f"X-Fake-Script: {script}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(head + payload)
+        time.sleep(stall)
+        sock.settimeout(10)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    return data
+
+
+def text_of_stream(client: str, raw: bytes) -> str:
+    """The answer text in the complete SSE events of a raw chunked HTTP response."""
+    body, text = _unchunk(raw.split(b"\r\n\r\n", 1)[1]), ""
+    for frame in body.split(b"\n\n")[:-1]:  # the last one is cut short, or empty
+        data = b"".join(line[5:].strip() for line in frame.split(b"\n") if line[:5] == b"data:")
+        if not data or data == b"[DONE]":
+            continue
+        event = json.loads(data)
+        if client == CHAT and event.get("choices"):
+            text += event["choices"][0]["delta"].get("content") or ""
+        elif client == ANTHROPIC and event["type"] == "content_block_delta":
+            text += event["delta"].get("text", "")
+        elif client == RESPONSES and event["type"] == "response.output_text.delta":
+            text += event["delta"]
+    return text
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while b"\r\n" in data:
+        size, _, rest = data.partition(b"\r\n")
+        length = int(size.split(b";")[0] or b"0", 16)
+        out, data = out + rest[:length], rest[length + 2 :]
+        if length == 0 or len(rest) < length:
+            break
+    return out
+
+
+@EACH_FORMAT_RAW
+def test_delivered_counts_what_was_written_not_what_was_queued(
+    module_gateway: Gateway, fake, routes, client: str, path: str, body: dict
+) -> None:  # type: ignore[no-untyped-def]
+    # The upstream answers 16 MB at once: all of it is queued for the client within a
+    # second, while the client reads none. Only what the gateway managed to write before
+    # its write timeout (GATEWAY_CLIENT_WRITE_TIMEOUT=1) reached the client: the kernels'
+    # buffers' worth, a few MB on loopback.
+    gw = module_gateway
+    key = gw.api("POST", "/apiKey", json={"comment": "stalled"})
+    body = {"model": "acct-openai", "stream": True, **body}
+    raw = stalled_read(gw, path, body, key["key"], "chunks=4000;pad=4000", 2.5)
+    got = text_of_stream(client, raw)
+    row = record(gw, key["id"])
+    # The whole answer had arrived before the client was dropped: completed, as the
+    # status rule has it; delivered tells the rest.
+    assert row["status"] == "completed"
+    whole = "".join(f"tok{i}{'.' * 4000} " for i in range(4000))
+    assert row["completion"][0]["content"] == whole
+    assert 0 < len(got) < len(whole) / 2
+    assert row["delivered"]["text"] == got
+
+
+# -- the monthly budget, across instances ----------------------------------------------
+
+
+def test_a_budget_spent_through_one_instance_refuses_in_the_other(
+    gateway_factory, redis_server, fake
+) -> None:  # type: ignore[no-untyped-def]
+    a = gateway_factory(REDIS_URL=redis_server.url)
+    b = gateway_factory(REDIS_URL=redis_server.url)
+    route = a.setup_route(fake.url, system_name="budgeted")
+    a.api("PUT", f"/models/{route['model']['id']}", json={"inputPrice": 1000, "outputPrice": 1000})
+    key = a.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": 0.005})
+    assert key["budgetUsd"] == 0.005
+    chat = [{"role": "user", "content": "one two"}]
+    sdk(a, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+    (first,) = a.wait_final(1, apiKeyId=key["id"])
+    assert first["cost"]["total"] == 0.01  # (5 + 5 tokens) x $0.001: over the budget
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(b, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+    error = refused.value.response.json()["error"]
+    assert refused.value.status_code == 402
+    assert (error["type"], error["code"]) == ("insufficient_quota", "budget_exceeded")
+    assert "spent $0.010000 of its $0.005 budget" in error["message"]
+    assert int(refused.value.response.headers["Retry-After"]) > 0  # the next month
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        sdk(b, ANTHROPIC, key["key"]).messages.create(
+            model="budgeted", max_tokens=10, messages=chat
+        )
+    assert refused.value.status_code == 402
+    assert refused.value.body["error"]["type"] == "billing_error"
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(b, RESPONSES, key["key"]).responses.create(model="budgeted", input="one two")
+    assert refused.value.status_code == 402
+    assert len(a.records(apiKeyId=key["id"])) == 1  # refused calls are not recorded
+
+    # A larger budget lets the key through again, at once.
+    a.api("PUT", f"/apiKey/{key['id']}/budget", json={"budgetUsd": 1})
+    wait_until(lambda: _try(b, key["key"], chat), timeout=10)
+    assert len(b.wait_final(2, apiKeyId=key["id"])) == 2
+
+
+def _try(gw: Gateway, key: str, messages: list) -> bool:
+    """One call; False while refused (a key's change reaches a worker within CACHE_TTL)."""
+    try:
+        sdk(gw, CHAT, key).chat.completions.create(model="budgeted", messages=messages)
+    except openai.APIStatusError:
+        return False
+    return True
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # The answer is whole and the call is finishing, waiting for its client's copy to be
+    # written; the client reads nothing, and its write would block for a minute. At
+    # shutdown the worker stops calls at 2/3 of graceful_timeout (here 4 s after SIGTERM):
+    # the record must be written then, saying what the client got, not when gunicorn
+    # kills the handler at graceful_timeout (nor never, if the arbiter's SIGKILL wins).
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="6")
+    reader = gateway_factory()  # another instance on the same database, to watch it
+    route = gw.setup_route(fake.url, system_name="stalled")
+    body = {"model": "stalled", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    call = uuid.uuid4().hex
+    script = f"id={call};chunks=4000;pad=4000"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        payload = json.dumps(body).encode()
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Fake-Script: {script}\r\n"
+            f"Authorization: Bearer {route['key']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        wait_until(lambda: fake.log(call) and fake.log(call)[0]["outcome"] == "complete")
+        time.sleep(0.5)  # the producer is in its last step now
+        assert reader.records()[0]["status"] == "pending"
+        stopping = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        (row,) = reader.wait_final(1, timeout=5.5)
+        assert time.monotonic() - stopping < 5.5  # at the worker's deadline (4 s), not at 6
+    assert row["status"] == "completed"
+    assert 0 < len(row["delivered"]["text"]) < len(row["completion"][0]["content"])

@@ -1,0 +1,155 @@
+"""Crash recovery through real gunicorn: ``kill -9`` of a worker, and of a whole instance.
+
+A killed process's pending rows are finalised by a surviving one once its heartbeat has
+stood still for PROCESS_DEAD_AFTER (shortened here so the tests run fast; the defaults,
+10 s beats and 45 s, give "within about a minute"); a live process's call is never swept,
+however long it runs. On SQLite (two instances share the file) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import gevent
+import openai
+import peewee
+import pytest
+
+from gateway.db import open_database
+from gateway.sweeper import SWEPT_ERROR
+from tests.servers import Gateway, children, wait_until
+
+pytestmark = pytest.mark.server
+
+FAST = {
+    "GATEWAY_PROCESS_HEARTBEAT": "0.5",
+    "GATEWAY_PROCESS_DEAD_AFTER": "3",
+    "GATEWAY_SWEEP_INTERVAL": "0.5",
+}
+PROMPT = [{"role": "user", "content": "tell me a story"}]
+DOOMED = "fake;chunks=400;delay=0.05"  # 20 s: still running when its process dies
+LONG = "fake;chunks=50;delay=0.16"  # 8 s: well past PROCESS_DEAD_AFTER, on a live process
+
+
+class Rows:
+    """The completions table, read straight from the database the gateways share."""
+
+    def __init__(self, url: str) -> None:
+        self.db = open_database(url)
+
+    def all(self) -> list[dict]:
+        with self.db.connection_context():
+            cursor = self.db.execute_sql(
+                "SELECT uid, owner, status, error, swept, completion_tokens, model "
+                "FROM completions ORDER BY id"
+            )
+            columns = [c[0] for c in cursor.description]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def of(self, model: str) -> dict | None:
+        return next((r for r in self.all() if r["model"] == model), None)
+
+    def heartbeats(self) -> set[str]:
+        with self.db.connection_context():
+            return {owner for (owner,) in self.db.execute_sql("SELECT owner FROM heartbeats")}
+
+    def close(self) -> None:
+        if isinstance(self.db, peewee.PostgresqlDatabase):
+            self.db.close_all()
+
+
+@pytest.fixture
+def rows(database_url: str) -> Iterator[Rows]:
+    handle = Rows(database_url)
+    yield handle
+    handle.close()
+
+
+def stream(gw: Gateway, key: str, model: str) -> gevent.Greenlet:
+    """Read a whole stream in the background; the greenlet's value is the text (or error)."""
+
+    def read() -> str | openai.APIError:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+        try:
+            chunks = client.chat.completions.create(model=model, messages=PROMPT, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        except openai.APIError as exc:  # the doomed call's process is killed under it
+            return exc
+
+    return gevent.spawn(read)
+
+
+def pending_row(rows: Rows, model: str) -> dict:
+    return wait_until(lambda: (r := rows.of(model)) and r["status"] == "pending" and r, 10)
+
+
+def watch(rows: Rows, doomed: str, live: str, reader: gevent.Greenlet) -> float:
+    """Seconds until the doomed row is finalised. The live row must stay pending all
+    along, until its call has ended (a swept row would be overwritten by its final one)."""
+    started, took = time.monotonic(), None
+    while not reader.ready() or took is None:
+        now = {r["model"]: r for r in rows.all()}
+        assert not now[live]["swept"] and now[live]["status"] in ("pending", "completed"), now[live]
+        if took is None and now[doomed]["status"] != "pending":
+            took = time.monotonic() - started
+        assert time.monotonic() - started < 30, "the dead process's row was not finalised"
+        time.sleep(0.1)
+    return took
+
+
+def assert_swept(row: dict) -> None:
+    assert (row["status"], row["error"], bool(row["swept"])) == ("failed", SWEPT_ERROR, True)
+
+
+def assert_completed(reader: gevent.Greenlet, rows: Rows, model: str) -> None:
+    text = reader.get(timeout=30)
+    assert text == "".join(f"tok{i} " for i in range(50))
+    row = wait_until(lambda: (r := rows.of(model)) and r["status"] != "pending" and r, 10)
+    assert (row["status"], bool(row["swept"]), row["completion_tokens"]) == ("completed", False, 50)
+
+
+def test_a_killed_worker_is_swept_and_a_live_long_call_is_not(
+    gateway_factory, fake, rows: Rows
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_WORKERS="2", **FAST)
+    doomed = gw.setup_route(fake.url, system_name="doomed", remote_id=DOOMED)
+    live = gw.setup_route(fake.url, system_name="live", remote_id=LONG)
+    stream(gw, doomed["key"], "doomed")
+    victim = pending_row(rows, "doomed")["owner"]
+    pid = int(victim.rsplit(":", 1)[1])
+    assert pid in children(gw.proc.pid)
+    os.kill(pid, signal.SIGKILL)
+    reader = stream(gw, live["key"], "live")  # lands on the other worker, or the new one
+    pending_row(rows, "live")
+    took = watch(rows, "doomed", "live", reader)
+    print(f"\nkill -9 of a worker: its row finalised {took:.1f} s later")
+    assert took < 15
+    assert_swept(rows.of("doomed"))
+    assert victim not in rows.heartbeats()  # the dead heartbeat row is cleaned up
+    assert_completed(reader, rows, "live")
+
+
+def test_a_killed_instance_is_swept_by_another_sharing_the_database(
+    gateway_factory, fake, rows: Rows
+) -> None:  # type: ignore[no-untyped-def]
+    first, second = gateway_factory(**FAST), gateway_factory(**FAST)
+    doomed = first.setup_route(fake.url, system_name="doomed", remote_id=DOOMED)
+    live = second.setup_route(fake.url, system_name="live", remote_id=LONG)
+    stream(first, doomed["key"], "doomed")
+    pending_row(rows, "doomed")
+    reader = stream(second, live["key"], "live")
+    pending_row(rows, "live")
+    # A crash: the workers and the master die at once. (Killing only the master is
+    # survivable: the orphaned worker notices and records the call itself.)
+    for pid in children(first.proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    took = watch(rows, "doomed", "live", reader)
+    print(f"\nkill -9 of an instance: its row finalised {took:.1f} s later by the other")
+    assert took < 15
+    assert_swept(rows.of("doomed"))
+    assert_completed(reader, rows, "live")

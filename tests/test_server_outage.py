@@ -1,0 +1,220 @@
+"""The database goes down under load: clients never notice, and nothing is lost (SPEC rule 8).
+
+The test's own PostgreSQL cluster is stopped for ``GATEWAY_TEST_OUTAGE`` seconds (12 in
+the suite; the proof in the closing note of issue 7 used 30) while streaming and
+non-streaming calls, through the openai and anthropic SDKs, same-format and converted,
+run through a real gunicorn with 2 workers; some clients hang up. Workers recycle
+every few requests, so some start during the outage and serve from the snapshot file.
+A key revoked before the outage stays refused. Then: every call recorded exactly once,
+with the right status and the fake upstream's own token counts, within a minute of
+the database's return, and keys are refreshed again (a new key works at once, a
+revocation applies within CACHE_TTL). PostgreSQL only (SQLite cannot go away); it
+runs when GATEWAY_TEST_DATABASE_URL is set, as in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import gevent
+import gevent.pool
+import openai
+import pytest
+
+from gateway.db import migrate, open_database
+from tests.conftest import PG_URL
+from tests.servers import Gateway, PostgresCluster, wait_until
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(not PG_URL, reason="PostgreSQL tests run with GATEWAY_TEST_DATABASE_URL"),
+]
+
+OUTAGE = float(os.environ.get("GATEWAY_TEST_OUTAGE", "12"))
+SCRIPT = "fake;chunks=12;delay=0.1;first_delay=0.6"  # a stream takes 1.7 s, an answer 0.6 s
+TEXT = "".join(f"tok{i} " for i in range(12))
+# (client SDK, system name, stream, hang up): same format and converted, both ways.
+KINDS = [
+    (sdk, model, stream, hang_up)
+    for sdk in ("openai", "anthropic")
+    for model in ("gpt", "claude")
+    for stream in (True, False)
+    for hang_up in (False, True)
+]
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    pg = PostgresCluster()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
+    fake.reset()
+
+
+def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
+    """One call as a client makes it; what it got: ``full``, ``hung up`` or an error."""
+    sdk, model, stream, hang_up = kind
+    prompt = f"{marker} tell me a story"
+    timeout = 0.3 if hang_up and not stream else 30.0  # a client that gives up waiting
+    try:
+        if sdk == "openai":
+            client = openai.OpenAI(
+                base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=timeout
+            )
+            messages = [{"role": "user", "content": prompt}]
+            if not stream:
+                answer = client.chat.completions.create(model=model, messages=messages)
+                return "full" if answer.choices[0].message.content == TEXT else "short"
+            pieces = client.chat.completions.create(model=model, messages=messages, stream=True)
+            texts = (c.choices[0].delta.content or "" for c in pieces if c.choices)
+        else:
+            client = anthropic.Anthropic(
+                base_url=gw.url, api_key=key, max_retries=0, timeout=timeout
+            )
+            messages = [{"role": "user", "content": prompt}]
+            if not stream:
+                answer = client.messages.create(model=model, max_tokens=100, messages=messages)
+                return "full" if answer.content[0].text == TEXT else "short"
+            pieces = client.messages.create(
+                model=model, max_tokens=100, messages=messages, stream=True
+            )
+            texts = (e.delta.text for e in pieces if e.type == "content_block_delta")
+        text = ""
+        for piece in texts:
+            text += piece
+            if hang_up and text.count("tok") == 3:
+                pieces.close()
+                return "hung up"
+        return "full" if text == TEXT else "short"
+    except (openai.APITimeoutError, anthropic.APITimeoutError):
+        return "hung up" if hang_up else "timeout"
+    except (openai.APIStatusError, anthropic.APIStatusError) as exc:
+        return f"HTTP {exc.status_code}"
+    except (openai.APIError, anthropic.APIError) as exc:
+        return f"error {type(exc).__name__}: {exc}"
+
+
+def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    admin = open_database(cluster.url())
+    with admin.connection_context():
+        admin.execute_sql("CREATE DATABASE gateway")
+    admin.close_all()
+    url = cluster.url("gateway")
+    migrate(handle := open_database(url))
+    handle.close_all()
+    gw = Gateway(
+        url,
+        tmp_path / "instance",
+        workers=2,
+        GATEWAY_MAX_REQUESTS="14",
+        GATEWAY_CACHE_TTL="1",
+        GATEWAY_PROCESS_HEARTBEAT="0.5",
+        GATEWAY_PROCESS_DEAD_AFTER="4",
+        GATEWAY_SWEEP_INTERVAL="0.5",
+        GATEWAY_DB_CONNECT_TIMEOUT="2",
+        GATEWAY_DB_TIMEOUT="5",
+    )
+    try:
+        run_the_outage(gw, cluster, fake)
+    finally:
+        gw.stop()
+
+
+def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type: ignore[no-untyped-def]
+    key = gw.setup_route(fake.url, system_name="gpt", remote_id=SCRIPT)["key"]
+    gw.setup_route(fake.url, provider_type="anthropic", system_name="claude", remote_id=SCRIPT)
+    revoked = gw.api("POST", "/apiKey", json={"comment": "revoked before the outage"})["key"]
+    gw.api("DELETE", f"/apiKey/{revoked}")
+    time.sleep(1.5)  # CACHE_TTL: every worker has read the revocation
+
+    results: dict[str, tuple[tuple, str]] = {}
+    refused: list[str] = []
+    pool = gevent.pool.Pool()
+
+    def client(i: int, delay: float) -> None:
+        gevent.sleep(delay)
+        kind = KINDS[i % len(KINDS)]
+        marker = f"call-{i:03d}"
+        results[marker] = (kind, call(gw, key, marker, kind))
+
+    # 8 calls in the 2 s before the outage (some in flight when it starts), 4 a second
+    # during it, 8 after it.
+    during = int(OUTAGE * 4)
+    schedule = [i * 0.25 for i in range(8)]
+    schedule += [2.0 + i * 0.25 for i in range(during)]
+    schedule += [2.0 + OUTAGE + 0.5 + i * 0.25 for i in range(8)]
+    for i, delay in enumerate(schedule):
+        pool.spawn(client, i, delay)
+    for i in range(4):  # the revoked key, during the outage
+        pool.spawn(
+            lambda i=i: (
+                gevent.sleep(3.0 + i),
+                refused.append(call(gw, revoked, f"revoked-{i}", KINDS[0])),
+            )
+        )
+    gevent.sleep(2.0)
+    cluster.stop()
+    down_at = time.monotonic()
+    gevent.sleep(OUTAGE)
+    cluster.start()
+    back_at = time.monotonic()
+    print(f"\noutage: {back_at - down_at:.1f} s")
+    pool.join(timeout=60)
+
+    # Clients: nothing failed because of the outage.
+    outcomes = {m: got for m, (_, got) in results.items()}
+    errors = {m: got for m, got in outcomes.items() if got not in ("full", "hung up")}
+    assert len(results) == len(schedule) and not errors, errors
+    assert refused == ["HTTP 401"] * 4
+
+    # Records: each call exactly once, final, within a minute of the database's return.
+    def all_final() -> list[dict] | None:
+        rows = gw.records(limit=1000)
+        if len(rows) >= len(results) and all(r["status"] != "pending" for r in rows):
+            return rows
+        return None
+
+    rows = wait_until(all_final, timeout=60, interval=0.5)
+    recovered = time.monotonic() - back_at
+    print(f"all {len(rows)} records final {recovered:.1f} s after the database returned")
+    by_marker: dict[str, list[dict]] = {}
+    for row in rows:
+        marker = json.dumps(row["prompt"]["messages"]).split("call-", 1)[1][:3]
+        by_marker.setdefault(f"call-{marker}", []).append(row)
+    assert sorted(by_marker) == sorted(results)
+    assert all(len(found) == 1 for found in by_marker.values()), "a call recorded twice"
+    sent = {}
+    for entry in fake.log():
+        marker = json.dumps(entry["body"]).split("call-", 1)[1][:3]
+        assert f"call-{marker}" not in sent, "a call reached the upstream twice"
+        sent[f"call-{marker}"] = entry
+    for marker, ((_sdk, _model, _stream, _hang_up), got) in results.items():
+        (row,) = by_marker[marker]
+        assert row["status"] == ("aborted" if got == "hung up" else "completed"), (marker, row)
+        usage = sent[marker]["usage"]
+        assert (row["promptTokens"], row["completionTokens"]) == (
+            usage["input_tokens"],
+            usage["output_tokens"],
+        ), (marker, row)
+    from_snapshot = gw.log().count("snapshot: database unreachable: serving")
+    print(f"{len(results)} calls, {from_snapshot} workers started from the snapshot file")
+    assert from_snapshot, "no worker was recycled during the outage"
+
+    # Keys are read again: a new key works at once on every worker; a revocation
+    # applies within CACHE_TTL.
+    late = gw.api("POST", "/apiKey", json={"comment": "after the outage"})["key"]
+    assert [call(gw, late, "late", KINDS[2]) for _ in range(4)] == ["full"] * 4
+    gw.api("DELETE", f"/apiKey/{late}")
+    time.sleep(1.5)
+    assert [call(gw, late, "late", KINDS[2]) for _ in range(4)] == ["HTTP 401"] * 4

@@ -1,0 +1,238 @@
+"""The last known keys and catalog: served while the database is away, refreshed when back.
+
+These drive the process-wide ``refresher`` with ``auth.keys`` and ``routing.catalog``
+in the background mode a worker runs (a long ``CACHE_TTL``, so only the test decides
+when a read happens), then put them back in read-through mode for the other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import gevent
+import peewee
+import pytest
+from flask import Flask
+
+from gateway import db
+from gateway.auth import keys
+from gateway.config import DEFAULTS
+from gateway.db import database, open_database
+from gateway.errors import NotFound
+from gateway.models import ApiKey, Model, Provider, utcnow
+from gateway.routing import catalog
+from gateway.snapshot import refresher
+from gateway.vault import vault
+from tests.servers import ENCRYPTION_KEY
+
+
+def configure(tmp_path: Path, **config: object) -> None:
+    refresher.init_app(_app(tmp_path, **config))
+
+
+def _app(tmp_path: Path, **config: object) -> Flask:
+    app = Flask("snapshot-test", instance_path=str(tmp_path))
+    app.config.update(DEFAULTS)
+    app.config.update(CACHE_TTL=3600, SNAPSHOT_FILE=str(tmp_path / "snapshot.json"))
+    app.config.update(ENCRYPTION_KEYS=ENCRYPTION_KEY, **config)
+    return app
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path) -> Iterator[dict]:
+    """A key, a revoked key and a model in the database; the caches loaded from it."""
+    database.initialize(open_database(database_url))
+    vault.init_app(_app(tmp_path))  # provider keys are sealed in the database
+    with database.connection_context():
+        live, live_key = ApiKey.issue(rpm_limit=7)
+        _, revoked_key = ApiKey.issue(revoked=True)
+        provider = Provider.create(name="p", base_url="http://up", api_key="provider-secret")
+        Model.create(provider=provider, system_name="m", remote_id="m-remote")
+    configure(tmp_path)
+    # The refresher's own first read must be over. (A read of the previous test's
+    # database, dropped meanwhile, may still fail and mark the database down once.)
+    for _ in range(3):
+        db.mark_reachable(True)
+        if refresher.fresh(time.monotonic()):
+            break
+    else:
+        raise AssertionError("the refresher cannot read the test database")
+    yield {"key": live_key, "id": live.id, "revoked": revoked_key, "provider": provider}
+    db.mark_reachable(True)
+    configure(tmp_path, CACHE_TTL=0)  # read through again, as the other tests expect
+    if isinstance(database.obj, peewee.PostgresqlDatabase):
+        database.obj.close_all()
+
+
+def unreachable(database_url: str) -> peewee.Database:
+    if database_url.startswith("sqlite"):
+        return peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
+    return open_database("postgresql://postgres@127.0.0.1:1/nowhere")
+
+
+class Away:
+    """The database is unreachable inside the block."""
+
+    def __init__(self, replacement: peewee.Database) -> None:
+        self.replacement = replacement
+
+    def __enter__(self) -> None:
+        self.real = database.obj
+        database.initialize(self.replacement)
+
+    def __exit__(self, *exc: object) -> None:
+        database.initialize(self.real)
+
+
+def timed(fn, *args):  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    try:
+        return fn(*args), time.monotonic() - started
+    except NotFound as exc:
+        return exc, time.monotonic() - started
+
+
+def test_keys_and_the_catalog_are_served_while_the_database_is_away(
+    world: dict, database_url: str
+) -> None:
+    with Away(unreachable(database_url)):
+        assert not refresher.refresh() and not db.reachable()
+        caller, took = timed(keys.get, world["key"])
+        assert caller.id == world["id"] and caller.rpm_limit == 7 and took < 0.05
+        assert [c.remote_id for c in catalog.lookup("m")] == ["m-remote"]
+        # Unknown keys and models are refused at once: no wait on a database known down.
+        assert timed(keys.get, world["revoked"]) < (None, 0.05)
+        assert timed(keys.get, "sk-" + "0" * 32) < (None, 0.05)
+        missing, took = timed(catalog.lookup, "nope")
+        assert isinstance(missing, NotFound) and took < 0.05
+    # Back. Changes made meanwhile are read in full, whatever their stamps say (here:
+    # a host whose clock is a day behind).
+    with database.connection_context():
+        ApiKey.update(revoked=True, updated_at=utcnow() - timedelta(days=1)).execute()
+    assert refresher.refresh() and db.reachable()
+    assert keys.get(world["key"]) is None
+
+
+def test_a_worker_started_during_an_outage_serves_the_snapshot_file(
+    world: dict, database_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "snapshot.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert ApiKey.hash(world["key"]) in text and world["key"] not in text
+    assert ApiKey.hash(world["revoked"]) not in text
+    assert "provider-secret" not in text  # sealed as the database keeps it
+    assert vault.open(json.loads(text)["catalog"][0]["api_key"]) == "provider-secret"
+    keys.load([]), catalog.load([])  # a new process knows nothing
+    with Away(unreachable(database_url)):
+        configure(tmp_path)
+        assert keys.get(world["key"]).rpm_limit == 7
+        assert [c.remote_id for c in catalog.lookup("m")] == ["m-remote"]
+        assert catalog.lookup("m")[0].api_key == "provider-secret"
+        assert keys.get(world["revoked"]) is None
+    # Back: the first read is a full one, so a revocation made meanwhile is seen.
+    with database.connection_context():
+        ApiKey.update(revoked=True, updated_at=utcnow() - timedelta(days=1)).execute()
+    assert refresher.refresh()
+    assert keys.get(world["key"]) is None
+
+
+def test_changes_made_elsewhere_apply_at_the_next_read(world: dict, tmp_path: Path) -> None:
+    """Another worker or instance changes things: this one sees them within CACHE_TTL."""
+    with database.connection_context():
+        ApiKey.update(rpm_limit=99, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+        expiring, expiring_key = ApiKey.issue()
+        Model.create(provider=world["provider"], system_name="new", remote_id="n")
+    assert keys.get(world["key"]).rpm_limit == 7  # until the next read
+    assert refresher.refresh()
+    assert keys.get(world["key"]).rpm_limit == 99
+    assert catalog.lookup("new")
+    with database.connection_context():
+        ApiKey.update(expires_at=utcnow() - timedelta(seconds=1), updated_at=utcnow()).where(
+            ApiKey.id == expiring.id
+        ).execute()
+        ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+        Model.update(deleted=True).where(Model.system_name == "new").execute()
+    assert refresher.refresh()
+    assert keys.get(world["key"]) is None
+    assert not keys.get(expiring_key).usable(utcnow())
+    with pytest.raises(NotFound):
+        catalog.lookup("new")
+    saved = json.loads((tmp_path / "snapshot.json").read_text())
+    assert ApiKey.hash(world["key"]) not in {row[0] for row in saved["keys"]}
+
+
+def test_a_key_or_model_made_a_moment_ago_elsewhere_waits_for_one_read(world: dict) -> None:
+    reads = []
+    real = ApiKey.changed_since
+
+    def counted(since):  # type: ignore[no-untyped-def]
+        reads.append(since)
+        return real(since)
+
+    with database.connection_context():
+        _, new_key = ApiKey.issue()
+        Model.create(provider=world["provider"], system_name="fresh", remote_id="f")
+    ApiKey.changed_since = counted  # type: ignore[method-assign]
+    try:
+        assert keys.get(new_key) is not None
+        assert catalog.lookup("fresh")
+        assert len(reads) <= 2 and all(since is not None for since in reads), "not incremental"
+        bad = "sk-" + "f" * 32
+        assert keys.get(bad) is None
+        count = len(reads)
+        assert keys.get(bad) is None  # asked a moment ago: no second read
+        assert len(reads) == count
+    finally:
+        ApiKey.changed_since = real  # type: ignore[method-assign]
+
+
+def test_forget_wins_over_a_read_in_flight(world: dict) -> None:
+    """A revocation in this worker lands while a refresh is reading: never undone."""
+    real = ApiKey.changed_since
+
+    def revoke_midway(since):  # type: ignore[no-untyped-def]
+        rows = list(real(since))  # read before the revocation committed
+        ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+        keys.forget(ApiKey.hash(world["key"]))
+        return rows
+
+    ApiKey.changed_since = revoke_midway  # type: ignore[method-assign]
+    try:
+        with database.connection_context():
+            ApiKey.update(rpm_limit=8, updated_at=utcnow()).where(
+                ApiKey.id == world["id"]
+            ).execute()
+        refresher.refresh()
+    finally:
+        ApiKey.changed_since = real  # type: ignore[method-assign]
+    assert keys.get(world["key"]) is None
+
+
+def test_a_black_holed_database_stalls_no_request(world: dict) -> None:
+    """A database that accepts connections and never answers (a dropped route, a hung
+    server): the refresh gives up in DB_CONNECT_TIMEOUT, and no call waits longer
+    than KEY_LOOKUP_WAIT even before that is known."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # the kernel completes connections; nobody ever answers
+    try:
+        black = open_database(f"postgresql://u@127.0.0.1:{hole.getsockname()[1]}/db", 2.0)
+        with Away(black):
+            known, took = timed(keys.get, world["key"])
+            assert known is not None and took < 0.05
+            unknown, took = timed(keys.get, "sk-" + "1" * 32)
+            assert unknown is None and 0.9 < took < 1.5  # KEY_LOOKUP_WAIT, then refused
+            started = time.monotonic()
+            while db.reachable() and time.monotonic() - started < 5:
+                gevent.sleep(0.05)
+            assert not db.reachable() and time.monotonic() - started < 3
+            assert timed(keys.get, "sk-" + "2" * 32) < (None, 0.05)
+    finally:
+        hole.close()
