@@ -3,8 +3,9 @@
 The stored answer comes from the request id's claim (``admission.Permit.claim``: Redis,
 or this worker's memory without it, for ``DEDUP_TTL`` after the first call ended) or,
 for an older call, from its record (``cached_response``). That read is bounded and
-skipped for a while after the database failed to answer: when neither has the answer,
-the call is made anew (fail open), never refused. The answer is rendered in the repeat's
+skipped while the database is known to be down (``db.reachable``, until a background
+job finds it again): when neither has the answer, the call is made anew (fail open),
+never refused. The answer is rendered in the repeat's
 own format, as JSON or as a whole stream, whatever format the first call came in, and
 recorded once as ``cache_hit`` (0 tokens: the provider did no work) through the recorder,
 linked to its source. The upstream is not called.
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
-import gevent
-
+from gateway import db
 from gateway.adapters import PROTOCOLS, ir, record
 from gateway.adapters.translator import StreamTranslator
 from gateway.admission import Permit
-from gateway.db import connection
 from gateway.dedup import Stored
 from gateway.exchange import Exchange
 from gateway.models import Completion
@@ -31,10 +29,7 @@ log = logging.getLogger(__name__)
 
 CACHE_HIT = "cache_hit"
 READ_TIMEOUT = 1.0  # seconds a repeat may wait for the database's answer
-SKIP_AFTER_FAILURE = 10.0  # seconds repeats do not ask a database that just failed
 REPLAYED = ("completed", "aborted")  # records whose whole answer is kept (cached_response)
-
-_skip_until = 0.0
 
 
 def lookup(permit: Permit, req_id: str) -> Stored | None:
@@ -50,11 +45,10 @@ def lookup(permit: Permit, req_id: str) -> Stored | None:
 
 def _from_record(key_id: int, req_id: str) -> Stored | None:
     """The newest whole answer recorded for this key's request id, if the database says."""
-    global _skip_until
-    if time.monotonic() < _skip_until:
+    if not db.reachable():  # known down: make the call rather than wait
         return None
     try:
-        with gevent.Timeout(READ_TIMEOUT), connection():
+        with db.background(READ_TIMEOUT):
             row = (
                 Completion.select(
                     Completion.uid,
@@ -72,8 +66,8 @@ def _from_record(key_id: int, req_id: str) -> Stored | None:
                 .order_by(Completion.id.desc())
                 .first()
             )
-    except (Exception, gevent.Timeout) as exc:  # away or slow: make the call instead
-        _skip_until = time.monotonic() + SKIP_AFTER_FAILURE
+    except Exception as exc:  # away or slow: make the call instead
+        db.mark_reachable(False)  # until a background job finds it again
         log.warning("replay: cannot read stored answers (%s); repeats run anew for now", exc)
         return None
     if row is None or not isinstance(row.cached_response, dict):

@@ -10,6 +10,9 @@ new call. Across instances (atomic claims): tests/test_server_instances.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import gevent
 import pytest
 
@@ -188,23 +191,33 @@ def test_an_older_answer_comes_from_the_record(app, client, fake, setup, monkeyp
     assert (source.req_id, hit.req_id) == ("old-1", None)
     # The answer read from the record is kept in the claim again: later repeats do not
     # need the database.
-    monkeypatch.setattr(replay, "connection", None)  # any use of it would fail
+    from gateway import db as db_module
+
+    monkeypatch.setattr(db_module, "background", None)  # any use of it would fail
     assert post(client, CHAT, VALID[CHAT], key, **{REQ: "old-1"}).status_code == 200
     assert sent(fake, setup) == 1 and [r.status for r in rows()].count("cache_hit") == 2
 
 
 def test_no_stored_answer_anywhere_makes_a_new_call(app, client, fake, setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gateway import db as db_module
+
     key, _ = new_key(client)
     post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-1"})
     rows()
     limiter.configure(app.config)
+    asked = []
 
-    def database_away(*args: object, **kwargs: object) -> None:
+    @contextmanager
+    def database_away(timeout: float) -> Iterator[None]:
+        asked.append(timeout)
         raise OSError("connection refused")
+        yield
 
-    monkeypatch.setattr(replay, "connection", database_away)
-    monkeypatch.setattr(replay, "_skip_until", 0.0)
-    assert post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-1"}).status_code == 200
-    assert post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-2"}).status_code == 200
-    assert sent(fake, setup) == 3  # both made anew: the claim had nothing, the database away
-    assert replay._skip_until > 0  # and the database is not asked again for a while
+    monkeypatch.setattr(db_module, "background", database_away)
+    try:
+        assert post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-1"}).status_code == 200
+        assert post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-2"}).status_code == 200
+        assert sent(fake, setup) == 3  # both made anew: the claim had nothing, the database away
+        assert asked == [replay.READ_TIMEOUT]  # and the database is not asked again meanwhile
+    finally:
+        db_module.mark_reachable(True)
