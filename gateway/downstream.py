@@ -7,8 +7,14 @@ written is a piece delivered: counting what the client got would go where the bo
 yields.) The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
-probes instead (SSE comments: a dead peer fails the second write, a live one skips
-them). Either way the call is told once, through ``on_gone``.
+notes when it saw the FIN (``fin_at``) and probes (SSE comments every PROBE_INTERVAL):
+a dead peer answers the first write with a reset (the connection's state shows it, or a
+later write fails); a peer still taking writes ``TRUST_AFTER`` probe intervals after
+the first is only half-closed.
+Either way the call is told once, through ``on_gone``, with the moment the FIN or
+reset was seen: that, not the confirmation, is when the client left. A busy worker may
+wake the watcher late, so the call also ``look``s at the connection's state itself at
+the moment that decides its status: when the upstream's answer is whole.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _END, _GONE, _PROBE = object(), object(), object()
+# Probe intervals after the first write following a FIN: a peer still taking writes
+# then would have reset by now if it were gone (its round trip is shorter).
+TRUST_AFTER = 5
+# Longest a call waits to learn whether a FIN was a departure (``settle``); a client
+# that neither takes writes nor fails them by then is taken at its word.
+SETTLE_WAIT = 5.0
+# The connection's state, the first byte of TCP_INFO (Linux): the peer's FIN is in, or
+# its reset (or our own close).
+_TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7
 
 
 @dataclass(frozen=True)
@@ -44,16 +60,27 @@ class Pace:
     probe_interval: float  # after a FIN on a stream
     write_timeout: float  # a client that stops reading is dropped after this
 
+    @property
+    def trust_after(self) -> float:
+        """Seconds of writes taken after a FIN that show a half-close, not a departure."""
+        return TRUST_AFTER * self.probe_interval
+
 
 class Downstream:
     """One call's client: what it still has to be sent, and whether it is still there."""
 
     def __init__(
-        self, sock: socket.socket | None, stream: bool, pace: Pace, on_gone: Callable[[str], None]
+        self,
+        sock: socket.socket | None,
+        stream: bool,
+        pace: Pace,
+        on_gone: Callable[[str, float], None],
     ) -> None:
         self.sock, self.stream, self.pace = sock, stream, pace
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.gone = gevent.event.Event()
+        self.fin_at: float | None = None  # a FIN seen on a stream, not yet told apart
+        self._settled = gevent.event.Event()  # ... and now told: gone, or half-closed
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
@@ -66,13 +93,37 @@ class Downstream:
         """Nothing more will come: the body finishes once the queue is sent."""
         self.queue.put(_END)
 
-    def left(self, how: str) -> None:
-        """The client is gone: stop sending, and tell the call (once)."""
+    def left(self, how: str, at: float | None = None) -> None:
+        """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
         self.queue.put(_GONE)
-        self._on_gone(how)
+        self._on_gone(how, time.monotonic() if at is None else at)
+        self._settled.set()
+
+    def settle(self) -> None:
+        """Wait until a FIN seen is known to be a departure or a half-close (SETTLE_WAIT)."""
+        if self.fin_at is not None and not self._settled.wait(SETTLE_WAIT):
+            log.warning("downstream: a client that sent a FIN neither reads nor left; gone")
+            self.left("connection closed", self.fin_at)
+
+    def look(self) -> None:
+        """See a FIN or reset that has arrived, even if the watcher has not woken to it yet."""
+        if self.sock is None or self.fin_at is not None or self.gone.is_set():
+            return
+        state = self._state()
+        if state == _TCP_CLOSE:
+            self.left("connection reset")
+        elif state == _TCP_CLOSE_WAIT:
+            self._fin(time.monotonic())
+
+    def _state(self) -> int | None:
+        """The connection's TCP state, where the system tells it (Linux)."""
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (OSError, AttributeError):  # not Linux, or no connection left to ask about
+            return None
 
     def start_watching(self, group: gevent.pool.Group) -> None:
         """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
@@ -90,41 +141,65 @@ class Downstream:
         sock = self.sock
         try:
             gevent.socket.wait_read(sock.fileno())
+            seen = time.monotonic()
             if sock.recv(1, socket.MSG_PEEK):
                 return  # the client sent more (pipelining): nothing to learn here
-            reset = False
         except OSError:
-            reset = True
-        if self.stream and not reset:
-            while not self.gone.is_set():
-                self.queue.put(_PROBE)
-                gevent.sleep(self.pace.probe_interval)
+            self.left("connection reset")
             return
-        self.left("connection reset" if reset else "connection closed")
+        self._fin(seen)
+        while self.fin_at is not None and not self._settled.is_set():
+            self.queue.put(_PROBE)
+            gevent.sleep(self.pace.probe_interval)
+
+    def _fin(self, seen: float) -> None:
+        """A FIN seen at ``seen``: gone; on a stream, gone or half-closed (the probes tell)."""
+        if not self.stream:
+            self.left("connection closed", seen)
+        elif self.fin_at is None:
+            self.fin_at = seen
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body; a failed write means the client left."""
         if self.sock is not None:
             self.sock.settimeout(self.pace.write_timeout)
         delivered = False
+        first: float | None = None  # the first write issued since the FIN was seen
         try:
             while True:
                 try:
                     item = self.queue.get(timeout=self.pace.heartbeat)
                 except gevent.queue.Empty:
-                    yield sse.comment("keep-alive")
-                    continue
+                    item = None
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
-                yield sse.comment("probe") if item is _PROBE else item.data
+                issued = time.monotonic()
+                if item is None or item is _PROBE:
+                    yield sse.comment("keep-alive" if item is None else "probe")
+                else:
+                    yield item.data
+                # The write went through: no reset had come back when it was issued.
+                fin = self.fin_at
+                if fin is not None and issued >= fin and not self._settled.is_set():
+                    if self._state() == _TCP_CLOSE:
+                        return  # ... but it drew one (at once, nearby): the FIN was a departure
+                    first = issued if first is None else first
+                    if issued - first >= self.pace.trust_after:
+                        self._half_closed()
         finally:
             self.stop_watching()
             if self.sock is not None:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(None)
-            if not delivered:
-                self.left("write failed")
+            if not delivered:  # a failed write; after a FIN, it confirms that departure
+                fin = self.fin_at
+                self.left("write failed" if fin is None else "connection closed", fin)
+
+    def _half_closed(self) -> None:
+        """The FIN was a half-close: the client still reads, and has not left."""
+        self.fin_at = None
+        self._settled.set()
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:
