@@ -7,10 +7,10 @@ written is a piece delivered: counting what the client got would go where the bo
 yields.) The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
-notes when it saw the FIN (``fin_at``) and probes (SSE comments every PROBE_INTERVAL):
-a dead peer answers the first write with a reset (the connection's state shows it, or a
-later write fails); a peer still taking writes ``TRUST_AFTER`` probe intervals after
-the first is only half-closed.
+notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment) unless
+data is: a dead peer answers the first write with a reset, which the connection's TCP
+state shows (or, where it cannot be read, a later write fails); a peer that has drawn
+none ``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
 Either way the call is told once, through ``on_gone``, with the moment the FIN or
 reset was seen: that, not the confirmation, is when the client left. A busy worker may
 wake the watcher late, so the call also ``look``s at the connection's state itself at
@@ -41,12 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _END, _GONE, _PROBE = object(), object(), object()
-# Probe intervals after the first write following a FIN: a peer still taking writes
-# then would have reset by now if it were gone (its round trip is shorter).
+# Probe intervals after the first write following a FIN: a peer that has not reset
+# by then is not gone (its round trip is shorter).
 TRUST_AFTER = 5
-# Longest a call waits to learn whether a FIN was a departure (``settle``); a client
-# that neither takes writes nor fails them by then is taken at its word.
-SETTLE_WAIT = 5.0
+# Longest a call waits to learn whether a FIN was a departure (``settle``): a client
+# that nothing could be written to by then is taken at its word.
+SETTLE_WAIT = 30.0
 # The connection's state, the first byte of TCP_INFO (Linux): the peer's FIN is in, or
 # its reset (or our own close).
 _TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7
@@ -81,6 +81,8 @@ class Downstream:
         self.gone = gevent.event.Event()
         self.fin_at: float | None = None  # a FIN seen on a stream, not yet told apart
         self._settled = gevent.event.Event()  # ... and now told: gone, or half-closed
+        self._wrote: float | None = None  # the first write since the FIN went through
+        self._probing = False  # a probe waits in the queue
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
@@ -148,9 +150,32 @@ class Downstream:
             self.left("connection reset")
             return
         self._fin(seen)
+        # Timers wake this greenlet on time however busy the worker is; the body's
+        # writes may come late, and after the first the connection's state tells.
         while self.fin_at is not None and not self._settled.is_set():
-            self.queue.put(_PROBE)
+            if not self._probing and (self._wrote is None or self._state() is None):
+                self._probing = True
+                self.queue.put(_PROBE)
             gevent.sleep(self.pace.probe_interval)
+            self._tell()
+
+    def _tell(self, wrote: float | None = None) -> None:
+        """Settle a FIN seen if the writes since tell: one drew a reset (gone), or none
+        had a trusted while after the first (half-closed). ``wrote``: a write issued
+        then has just gone through."""
+        fin = self.fin_at
+        if fin is None or self._settled.is_set():
+            return
+        if self._wrote is None and wrote is not None and wrote >= fin:
+            self._wrote = wrote
+        state = self._state()
+        if state == _TCP_CLOSE:
+            self.left("connection closed", fin)
+        elif self._wrote is not None:
+            # Without the state, only a later write that went through shows no reset came.
+            last = time.monotonic() if state is not None else wrote
+            if last is not None and last - self._wrote >= self.pace.trust_after:
+                self._half_closed()
 
     def _fin(self, seen: float) -> None:
         """A FIN seen at ``seen``: gone; on a stream, gone or half-closed (the probes tell)."""
@@ -164,7 +189,6 @@ class Downstream:
         if self.sock is not None:
             self.sock.settimeout(self.pace.write_timeout)
         delivered = False
-        first: float | None = None  # the first write issued since the FIN was seen
         try:
             while True:
                 try:
@@ -175,18 +199,17 @@ class Downstream:
                     delivered = item is _END
                     return
                 issued = time.monotonic()
+                if item is _PROBE:
+                    self._probing = False
                 if item is None or item is _PROBE:
                     yield sse.comment("keep-alive" if item is None else "probe")
                 else:
                     yield item.data
                 # The write went through: no reset had come back when it was issued.
-                fin = self.fin_at
-                if fin is not None and issued >= fin and not self._settled.is_set():
-                    if self._state() == _TCP_CLOSE:
-                        return  # ... but it drew one (at once, nearby): the FIN was a departure
-                    first = issued if first is None else first
-                    if issued - first >= self.pace.trust_after:
-                        self._half_closed()
+                # One may have come since (at once, nearby): then the client is gone.
+                self._tell(issued)
+                if self.gone.is_set():
+                    return
         finally:
             self.stop_watching()
             if self.sock is not None:
