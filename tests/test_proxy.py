@@ -276,6 +276,46 @@ def test_text_the_database_cannot_store_is_replaced_in_what_is_sent_and_recorded
     assert "\\ud800" not in json.dumps(stored)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_an_answer_the_database_cannot_store_reaches_the_client_whole_and_is_recorded(
+    client, fake, route, path, stream
+) -> None:  # type: ignore[no-untyped-def]
+    # The upstream's text carries a lone surrogate and NUL (escaped, as JSON allows):
+    # the client gets them as sent (relayed, or converted); the record has U+FFFD.
+    resp = post(
+        client,
+        path,
+        {**VALID[path], "stream": stream},
+        route["key"],
+        **{"X-Fake-Script": "unstorable=1"},
+    )
+    assert resp.status_code == 200
+    body = resp.get_data()
+    if stream:
+        events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+        texts = [d.get("content") or "" for d in deltas] + [
+            e["delta"].get("text", "") for e in events if e.get("type") == "content_block_delta"
+        ]
+        text = "".join(texts)
+    else:
+        answer = json.loads(body)
+        text = (
+            answer["choices"][0]["message"]["content"]
+            if path == CHAT
+            else answer["content"][0]["text"]
+        )
+    assert text == "".join(f"tok{i}\ud800\x00 " for i in range(5))
+    assert recorded() == 1
+    with database.connection_context():
+        row = Completion.get()
+    assert (row.status, row.completion[0]["content"]) == (
+        "completed",
+        "".join(f"tok{i}\ufffd\ufffd " for i in range(5)),
+    )
+
+
 def test_credential_headers_are_neither_forwarded_nor_recorded(client, fake, route) -> None:  # type: ignore[no-untyped-def]
     credentials = {
         "api-key": "azure-secret-1",
