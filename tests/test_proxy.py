@@ -124,6 +124,23 @@ def _cases() -> list:
         case(RESPONSES, {"model": "fake", "input": ["hi"]}, "input[0]", "an object", "item-str"),
         case(RESPONSES, {**VALID[RESPONSES], "max_output_tokens": 1.5},
              "max_output_tokens", "an integer", "max-float"),
+        # Known fields with a wrong type or out of range (issue 7, defect 11): each
+        # passed validation and was forwarded with a 200.
+        case(CHAT, {**VALID[CHAT], "max_tokens": -5}, "max_tokens", "from 0 to", "max-negative"),
+        case(CHAT, b'{"model": "fake", "max_tokens": 1000000000000000000000000000000, '
+             b'"messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "from 0 to", "max-huge"),
+        case(CHAT, {**VALID[CHAT], "n": "2"}, "n", "n must be an integer", "n-str"),
+        case(CHAT, {**VALID[CHAT], "response_format": 7}, "response_format", "an object", "format-int"),
+        case(CHAT, {**VALID[CHAT], "messages": [{"role": "user", "content": "hi", "name": 7}]},
+             "messages[0].name", "messages[0].name must be a string", "name-int"),
+        case(MESSAGES, {**VALID[MESSAGES], "thinking": {"type": 7}}, "thinking.type", "thinking.type must be a string", "thinking-type"),
+        case(MESSAGES, {**VALID[MESSAGES], "stop_sequences": "x"}, "stop_sequences", "must be an array", "stop-str"),
+        case(MESSAGES, {**VALID[MESSAGES], "metadata": "x"}, "metadata", "metadata must be an object", "metadata-str"),
+        case(MESSAGES, {**VALID[MESSAGES], "max_tokens": -1}, "max_tokens", "from 0 to", "max-negative"),
+        case(MESSAGES, b'{"model": "fake", "max_tokens": 1000000000000000000000000000000, '
+             b'"messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "from 0 to", "max-huge"),
+        case(RESPONSES, {**VALID[RESPONSES], "text": "x"}, "text", "text must be an object", "text-str"),
+        case(RESPONSES, {**VALID[RESPONSES], "max_output_tokens": -1}, "max_output_tokens", "from 0 to", "max-negative"),
         case(EMBEDDINGS, {"model": "emb"}, "input", "input is required", "no-input"),
         case(EMBEDDINGS, {"model": "emb", "input": ""}, "input", "non-empty", "empty-str"),
         case(EMBEDDINGS, {"model": "emb", "input": []}, "input", "non-empty", "empty-list"),
