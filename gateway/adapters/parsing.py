@@ -93,6 +93,12 @@ def expect(value: Any, kind: str, path: str) -> Any:
     return value
 
 
+def typed(obj: dict, kind: str, *keys: str) -> None:
+    """Check that each of ``keys`` in ``obj`` is of ``kind`` where present."""
+    for key in keys:
+        field(obj, key, kind)
+
+
 def integer(
     obj: dict, key: str, low: int, high: int, path: str | None = None, *, optional: bool = True
 ) -> int | None:

@@ -88,10 +88,16 @@ def _check_passed_on(body: dict) -> None:
     bias = parsing.field(body, "logit_bias", "an object") or {}
     for token in bias:
         parsing.number(bias, token, -100, 100, f"logit_bias.{token}")
-    for key in ("logprobs", "store"):
-        parsing.field(body, key, "a boolean")
-    for key in ("user", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity"):
-        parsing.field(body, key, "a string")
+    parsing.typed(body, "a boolean", "logprobs", "store")
+    parsing.typed(
+        body,
+        "a string",
+        "user",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "verbosity",
+    )
     parsing.string_map(body, "metadata")
     parsing.strings(body, "modalities")
 

@@ -78,10 +78,11 @@ def _check_passed_on(body: dict) -> None:
         parsing.field(text, "verbosity", "a string", "text.verbosity")
     parsing.count(body, "max_tool_calls")
     parsing.integer(body, "top_logprobs", 0, 20)
-    for key in ("store", "background"):
-        parsing.field(body, key, "a boolean")
-    for key in ("previous_response_id", "user", "truncation", "service_tier", "prompt_cache_key"):
-        parsing.field(body, key, "a string")
+    parsing.typed(body, "a boolean", "store", "background")
+    parsing.typed(
+        body, "a string", "previous_response_id", "user", "truncation", "service_tier",
+        "prompt_cache_key",
+    )  # fmt: skip
     parsing.string_map(body, "metadata")
     parsing.strings(body, "include")
 
