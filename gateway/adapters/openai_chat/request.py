@@ -89,15 +89,8 @@ def _check_passed_on(body: dict) -> None:
     for token in bias:
         parsing.number(bias, token, -100, 100, f"logit_bias.{token}")
     parsing.typed(body, "a boolean", "logprobs", "store")
-    parsing.typed(
-        body,
-        "a string",
-        "user",
-        "service_tier",
-        "prompt_cache_key",
-        "safety_identifier",
-        "verbosity",
-    )
+    strings = ("user", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity")
+    parsing.typed(body, "a string", *strings)
     parsing.string_map(body, "metadata")
     parsing.strings(body, "modalities")
 

@@ -79,10 +79,8 @@ def _check_passed_on(body: dict) -> None:
     parsing.count(body, "max_tool_calls")
     parsing.integer(body, "top_logprobs", 0, 20)
     parsing.typed(body, "a boolean", "store", "background")
-    parsing.typed(
-        body, "a string", "previous_response_id", "user", "truncation", "service_tier",
-        "prompt_cache_key",
-    )  # fmt: skip
+    strings = ("previous_response_id", "user", "truncation", "service_tier", "prompt_cache_key")
+    parsing.typed(body, "a string", *strings)
     parsing.string_map(body, "metadata")
     parsing.strings(body, "include")
 
