@@ -112,8 +112,8 @@ class Downstream:
 
     def look(self) -> None:
         """See a FIN or reset that has arrived, even if the watcher has not woken to it yet."""
-        if self.sock is None or self.fin_at is not None or self.gone.is_set():
-            return
+        if self.sock is None or self.fin_at is not None or self._settled.is_set():
+            return  # nothing to look at, a FIN seen already, or one told apart (or gone)
         state = self._state()
         if state == _TCP_CLOSE:
             self.left("connection reset")

@@ -129,6 +129,8 @@ def test_a_half_closing_client_that_reads_is_not_gone(pair, evidence) -> None:  
     gevent.sleep(PACE.trust_after + 0.2)  # probes taken all along
     assert down.fin_at is None and not down.gone.is_set()
     down.settle()  # nothing left to wait for
+    down.look()  # the FIN is still there, but told apart already
+    assert down.fin_at is None
     down.put(Piece(b"data: 2\n\n"))
     down.end()
     received = b""
