@@ -50,11 +50,9 @@ def parse_request(body: Any) -> dict:
     if body.get("tool_choice") is not None:
         _parse_tool_choice(ir, parsing.field(body, "tool_choice", "an object"))
     thinking = parsing.field(body, "thinking", "an object")
-    kind = (
-        None
-        if thinking is None
-        else parsing.required(thinking, "type", "a string", "thinking.type")
-    )
+    kind = None
+    if thinking is not None:
+        kind = parsing.required(thinking, "type", "a string", "thinking.type")
     if kind == "enabled":
         budget = parsing.count(thinking, "budget_tokens", "thinking.budget_tokens", optional=False)
         ir["reasoning"] = {"effort": None, "budget_tokens": budget, "summary": None}
