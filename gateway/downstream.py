@@ -7,10 +7,10 @@ written is a piece delivered: counting what the client got would go where the bo
 yields.) The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
-notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment) unless
-data is: a dead peer answers the first write with a reset, which the connection's TCP
-state shows (or, where it cannot be read, a later write fails); a peer that has drawn
-none ``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
+notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment): a
+dead peer answers the first write since with a reset, which the connection's TCP state
+shows (or, where it cannot be read, a later write fails); a peer that has drawn none
+``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
 Either way the call is told once, through ``on_gone``, with the moment the FIN or
 reset was seen: that, not the confirmation, is when the client left. A busy worker may
 wake the watcher late, so the call also ``look``s at the connection's state itself at
