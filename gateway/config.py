@@ -81,7 +81,10 @@ DEFAULTS: dict[str, object] = {
     "SWEEP_INTERVAL": 10.0,  # seconds between looks for dead processes' rows (0: never)
     # Rows written before heartbeats existed (no owner): pending this long means orphaned.
     "SWEEP_AFTER": None,  # None: CALL_TIMEOUT + 120
-    "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
+    # After a FIN on a stream, a probe is written and the connection looked at this often:
+    # a gone client resets; one that has not after 5 intervals (longer than any client's
+    # round trip) is only half-closed and keeps its stream.
+    "PROBE_INTERVAL": 0.1,
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
     "PORT": 8080,
