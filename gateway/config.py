@@ -81,6 +81,10 @@ DEFAULTS: dict[str, object] = {
     # Rows written before heartbeats existed (no owner): pending this long means orphaned.
     "SWEEP_AFTER": None,  # None: CALL_TIMEOUT + 120
     "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
+    # -- Search, server logs (records.py, srvlog.py) --
+    # A listing's total counts this many matching rows exactly; past it, PostgreSQL's
+    # planner estimates (counting a million rows takes longer than the page).
+    "SEARCH_COUNT_CAP": 10000,
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
     "PORT": 8080,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from flask import (
     Blueprint,
@@ -28,18 +29,20 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import get_timezone, ngettext
 from flask_babel import gettext as _
-from flask_babel import ngettext
 from werkzeug.exceptions import HTTPException
 
 from gateway import (
     auth,
     charts,
     db,
+    export,
     i18n,
     records,
     redact,
     registry,
+    serializers,
     sessions,
     stats,
     transcript,
@@ -192,9 +195,35 @@ def embedding_detail(record_id: int):
     return render_template("dashboard/embedding.html", **records.detail(Embedding, record_id))
 
 
+@bp.get("/requests/export")
+def requests_export():
+    return _download(Completion, serializers.completion)
+
+
+@bp.get("/embeddings/export")
+def embeddings_export():
+    return _download(Embedding, serializers.embedding)
+
+
 def _table(table: Any, template: str) -> str:
-    listing = records.listing(table, request.args)
-    return render_template(template, listing=listing, **records.names(listing.rows))
+    listing = records.listing(table, request.args, _zone())
+    return render_template(
+        template, listing=listing, bounds=records.bounds(table), **records.names(listing.rows)
+    )
+
+
+def _download(table: Any, serialize: Any) -> Response:
+    """What the table shows, every page of it, as a file (the same query string)."""
+    fmt = request.args.get("format", "csv")
+    if fmt not in export.FORMATS:
+        abort(404)
+    found = records.parse(table, request.args, strict=False, zone=_zone())
+    return records.attachment(table, found, serialize, fmt)
+
+
+def _zone() -> ZoneInfo:
+    """The time zone the dashboard shows times in: times typed in filters are in it too."""
+    return ZoneInfo(str(get_timezone()))
 
 
 # -- API keys -------------------------------------------------------------------
