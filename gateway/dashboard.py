@@ -44,6 +44,7 @@ from gateway import (
     registry,
     serializers,
     sessions,
+    settings,
     stats,
     transcript,
     urlargs,
@@ -160,9 +161,9 @@ def _posted(name: str) -> str | None:
 
 @bp.get("/")
 def overview():
-    range_key = request.args.get("range", stats.DEFAULT_RANGE)
+    range_key = request.args.get("range") or settings.overview_range()
     if range_key not in stats.RANGES:
-        range_key = stats.DEFAULT_RANGE
+        range_key = settings.overview_range()
     data = stats.overview(range_key)
     return render_template(
         "dashboard/overview.html",
@@ -435,7 +436,7 @@ def _number(raw: str, kind: type) -> Any:
 
 def init_app(app: Flask) -> None:
     """Languages, sessions, formats and the transcript helpers for the dashboard."""
-    i18n.init_app(app, _locale)
+    i18n.init_app(app, _locale, settings.timezone)
     sessions.init_app(app)
     app.jinja_env.globals.update(
         parts=transcript.parts,

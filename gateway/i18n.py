@@ -194,9 +194,11 @@ def _unknown(value: object) -> bool:
     return value is None or isinstance(value, Undefined)
 
 
-def init_app(app: Flask, choose: Callable[[], str]) -> None:
-    """Set up flask-babel (``choose`` picks the language), the filters and the labels."""
-    Babel(app, locale_selector=choose).domain_instance = Catalogs()
+def init_app(
+    app: Flask, choose: Callable[[], str], zone: Callable[[], str | None] | None = None
+) -> None:
+    """Set up flask-babel (``choose`` picks the language, ``zone`` the time zone), filters, labels."""
+    Babel(app, locale_selector=choose, timezone_selector=zone).domain_instance = Catalogs()
     for name, func in (
         ("when", when),
         ("ago", ago),
