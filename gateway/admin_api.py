@@ -333,11 +333,12 @@ def stats_overview() -> Response:
 
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
     """A page of records, newest first, filtered as ``records.select`` filters them."""
-    query = records.select(table, found=_search(table))
+    found = _search(table)
+    query = records.select(table, found=found)
     offset = _int_arg("offset", 0, 0, urlargs.MAX_ID)
     limit = _int_arg("limit", default_limit, 1, MAX_PAGE)
     total, exact = records.total(query)  # the filters apply to the total too (NexusGate's did not)
-    rows = list(records.newest_first(query, table).offset(offset).limit(limit))
+    rows = records.page(query, table, offset, limit, found, exact)
     names = registry.provider_names({r.provider_id for r in rows})
     data = [serialize(r, names.get(r.provider_id)) for r in rows]
     page = {"data": data, "total": total, "from": offset}

@@ -84,7 +84,15 @@ DEFAULTS: dict[str, object] = {
     # -- Search, server logs (records.py, srvlog.py) --
     # A listing's total counts this many matching rows exactly; past it, PostgreSQL's
     # planner estimates (counting a million rows takes longer than the page).
-    "SEARCH_COUNT_CAP": 10000,
+    "SEARCH_COUNT_CAP": 1000,
+    # The gateway's own records at this level and above go to srv_logs ("OFF": none),
+    # written every SRV_LOG_INTERVAL s; at most SRV_LOG_QUEUE wait (more are counted and
+    # dropped); one message is kept SRV_LOG_BURST times per SRV_LOG_WINDOW s, then counted.
+    "SRV_LOG_LEVEL": "WARNING",
+    "SRV_LOG_INTERVAL": 1.0,
+    "SRV_LOG_QUEUE": 1000,
+    "SRV_LOG_BURST": 5,
+    "SRV_LOG_WINDOW": 10.0,
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
     "PORT": 8080,

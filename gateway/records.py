@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
@@ -75,6 +76,7 @@ class Listing:
     size: int = DEFAULT_SIZE
     total: int = 0
     exact: bool = True  # False: ``total`` is an estimate past the count cap
+    cap: int = 0  # SEARCH_COUNT_CAP
     rows: list = field(default_factory=list)
 
     @property
@@ -166,14 +168,28 @@ def total(query: Any) -> tuple[int, bool]:
     if not is_postgres():
         return query.count(), True
     cap = int(current_app.config["SEARCH_COUNT_CAP"])
-    counted = query.order_by().limit(cap + 1).count()
-    if counted <= cap:
-        return counted, True
-    sql, params = query.order_by().sql()
-    plan = database.execute_sql(f"EXPLAIN (FORMAT JSON) {sql}", params).fetchone()[0]
+    with _planned():
+        counted = query.order_by().limit(cap + 1).count()
+        if counted <= cap:
+            return counted, True
+        sql, params = query.order_by().sql()
+        plan = database.execute_sql(f"EXPLAIN (FORMAT JSON) {sql}", params).fetchone()[0]
     if isinstance(plan, str):
         plan = json.loads(plan)
     return max(cap + 1, int(plan[0]["Plan"]["Plan Rows"])), False
+
+
+@contextmanager
+def _planned(*off: str) -> Iterator[None]:
+    """A transaction whose queries are planned without ``off`` (PostgreSQL's enable_*).
+
+    JIT is always off: compiling a plan the planner thinks costly (a full-table walk
+    it will stop after twenty rows) takes longer than running it.
+    """
+    with database.atomic():
+        for setting in ("jit", *off):
+            database.execute_sql(f"SET LOCAL {setting} = off")
+        yield
 
 
 def newest_first(query: Any, table: Any) -> Any:
@@ -182,7 +198,34 @@ def newest_first(query: Any, table: Any) -> Any:
     return query.order_by(table.created_at.desc(), table.id.desc())
 
 
-def batches(table: Any, found: Search, size: int = 200) -> Iterator[list]:
+def page(query: Any, table: Any, offset: int, limit: int, found: Search, exact: bool) -> list:
+    """A page of ``query``'s rows, newest first; ``exact``: what ``total`` said of it."""
+    return _rows(newest_first(query, table).offset(offset).limit(limit), found, exact)
+
+
+def _rows(query: Any, found: Search, exact: bool) -> list:
+    """The rows of an ordered query, planned for as many matches as the count found.
+
+    PostgreSQL's planner cannot tell how many records a text search matches, and
+    guesses wrong both ways: walking the whole table newest first, row by row, for a
+    word that is nowhere (seconds), or gathering a hundred thousand matches to keep
+    twenty. The count already knows: up to the cap (``exact``), gather the matches
+    from the full-text index and sort them; past it, walk newest first and stop at
+    the page (which finds it soon: one row in ``cap`` or more matches).
+    """
+    if not is_postgres():
+        return list(query)
+    if not found.terms():
+        off: tuple[str, ...] = ()
+    elif exact:
+        off = ("enable_indexscan",)
+    else:
+        off = ("enable_bitmapscan", "enable_seqscan")
+    with _planned(*off):
+        return list(query)
+
+
+def batches(table: Any, found: Search, exact: bool, size: int = 200) -> Iterator[list]:
     """Every matching record, newest first, ``size`` at a time (keyset pages)."""
     after = None
     while True:
@@ -192,20 +235,20 @@ def batches(table: Any, found: Search, size: int = 200) -> Iterator[list]:
             query = query.where(
                 (table.created_at < created) | ((table.created_at == created) & (table.id < row_id))
             )
-        rows = list(query.limit(size))  # read whole before the caller yields: no open cursor
+        rows = _rows(query.limit(size), found, exact)  # whole, before the caller yields
         if not rows:
             return
         yield rows
         after = (rows[-1].created_at, rows[-1].id)
 
 
-def download(table: Any, found: Search, serialize: Any) -> Iterator[list[dict]]:
+def download(table: Any, found: Search, serialize: Any, exact: bool) -> Iterator[list[dict]]:
     """Every matching record as the admin API's JSON, a batch at a time, on its own connection.
 
     For a streamed response: it runs after the request's connection is gone.
     """
     with connection():
-        for rows in batches(table, found):
+        for rows in batches(table, found, exact):
             names = registry.provider_names({r.provider_id for r in rows})
             yield [serialize(r, names.get(r.provider_id)) for r in rows]
 
@@ -213,7 +256,8 @@ def download(table: Any, found: Search, serialize: Any) -> Iterator[list[dict]]:
 def attachment(table: Any, found: Search, serialize: Any, fmt: str) -> Response:
     """The matching records as a streamed download (``export.FORMATS``)."""
     header = list(serialize(table()))  # the fields of every record, known before the first
-    body = export.chunks(fmt, header, download(table, found, serialize))
+    exact = total(select(table, found=found))[1]  # how to plan the batches (see _rows)
+    body = export.chunks(fmt, header, download(table, found, serialize, exact))
     name = f"{table._meta.table_name}-{utcnow():%Y%m%d-%H%M%S}.{fmt}"
     return Response(
         body,
@@ -236,8 +280,10 @@ def listing(table: Any, args: Mapping[str, str], zone: tzinfo = UTC) -> Listing:
     )
     query = select(table, *COLUMNS[table], found=found.search)
     found.total, found.exact = total(query)
+    found.cap = int(current_app.config["SEARCH_COUNT_CAP"])
     found.page = min(max(1, integer(args.get("page"), 1, MAX_ID) or 1), found.pages)
-    found.rows = list(newest_first(query, table).paginate(found.page, found.size))
+    offset = (found.page - 1) * found.size
+    found.rows = page(query, table, offset, found.size, found.search, found.exact)
     return found
 
 
