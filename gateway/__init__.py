@@ -43,6 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
+        admin_ops,  # noqa: F401 - nests its routes in admin_api.bp when imported
         calls,
         cli,
         dashboard,
@@ -50,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         proxy,
         recorder,
         snapshot,
+        srvlog,
         sweeper,
         upstream,
         vault,
@@ -63,11 +65,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     sweeper.sweeper.init_app(app)
     calls.calls.init_app(app)
     snapshot.refresher.init_app(app)
+    srvlog.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)
 
     app.register_blueprint(proxy.bp)
-    app.register_blueprint(admin_api.bp)
+    app.register_blueprint(admin_api.bp)  # admin_ops.bp nested in it
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)

@@ -25,7 +25,6 @@ from gateway import (
     registry,
     search,
     serializers,
-    settings,
     stats,
     urlargs,
 )
@@ -380,29 +379,6 @@ def _record_row(table: type[pw.Model], row_id: int) -> Any:
     if row is None:
         raise registry.Refused(404, f"{table.__name__} not found")
     return row
-
-
-# -- settings -----------------------------------------------------------------
-
-
-@bp.get("/settings")
-def list_settings() -> Response:
-    return jsonio.response([serializers.setting(s) for s in settings.visible()])
-
-
-@bp.get("/settings/<key>")
-def get_setting(key: str) -> Response:
-    return jsonio.response(serializers.setting(settings.get(key)))
-
-
-@bp.put("/settings/<key>")
-def put_setting(key: str) -> Response:
-    return jsonio.response(serializers.setting(settings.put(key, _body())))
-
-
-@bp.delete("/settings/<key>")
-def delete_setting(key: str) -> Response:
-    return jsonio.response(serializers.setting(settings.delete(key)))
 
 
 # -- request helpers ----------------------------------------------------------

@@ -45,11 +45,21 @@ from gateway import (
     serializers,
     sessions,
     settings,
+    srvlog,
     stats,
     transcript,
     urlargs,
 )
-from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
+from gateway.models import (
+    STATUSES,
+    ApiKey,
+    Completion,
+    Embedding,
+    Model,
+    Provider,
+    SrvLog,
+    utcnow,
+)
 from gateway.upstream import UpstreamError
 
 bp = Blueprint("dashboard", __name__)
@@ -225,6 +235,27 @@ def _download(table: Any, serialize: Any) -> Response:
 def _zone() -> ZoneInfo:
     """The time zone the dashboard shows times in: times typed in filters are in it too."""
     return ZoneInfo(str(get_timezone()))
+
+
+# -- server logs ------------------------------------------------------------------
+
+
+@bp.get("/logs")
+def logs():
+    return render_template("dashboard/logs.html", logs=srvlog.page(request.args))
+
+
+@bp.post("/logs/ack")
+def acknowledge_logs():
+    """Acknowledge one log (``id``), or every one the page's level filter shows."""
+    log_id = urlargs.integer(_posted("id"), 1, urlargs.MAX_ID)
+    level = _posted("level")
+    query = srvlog.select(level if level in srvlog.LEVEL_NAMES else "", acknowledged=False)
+    if log_id is not None:
+        query = query.where(SrvLog.id == log_id)
+    count = srvlog.acknowledge(query)
+    flash(ngettext("%(num)d log acknowledged.", "%(num)d logs acknowledged.", count), "ok")
+    return redirect(_next(request.form.get("next")))
 
 
 # -- API keys -------------------------------------------------------------------

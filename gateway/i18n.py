@@ -92,6 +92,12 @@ API_FORMATS = {  # the protocol a client called in
     "anthropic": _l("Anthropic Messages"),
     "openai-responses": _l("OpenAI Responses"),
 }
+LOG_LEVELS = {  # srv_logs.level, NexusGate's names
+    "error": _l("Error"),
+    "warn": _l("Warning"),
+    "info": _l("Info"),
+    "unspecific": _l("Unspecified"),
+}
 BOUND_LABELS = {  # search.BOUNDS
     "Duration": _l("Duration (ms)"),
     "Ttft": _l("TTFT (ms)"),
@@ -221,5 +227,6 @@ def init_app(
         KEY_SOURCES=KEY_SOURCES,
         API_FORMATS=API_FORMATS,
         BOUND_LABELS=BOUND_LABELS,
+        LOG_LEVELS=LOG_LEVELS,
         time_zone=lambda: str(get_timezone()),
     )
