@@ -219,6 +219,7 @@ def test_the_dashboard_search_is_a_url_and_its_download(client, calls) -> None: 
     page = client.get(url).text
     assert page.count('<tr class="row-link">') == 1  # the 40-day-old one is out of range
     assert 'value="ships"' in page and '<option value="30d" selected' in page
+    assert 'placeholder="Words or “a phrase” in prompts and answers"' in page  # whole
     assert 'name="minDuration" value="0"' in page
     csv_link = "/requests/export?q=ships&amp;status=completed&amp;range=30d&amp;minDuration=0&amp;format=csv"
     assert csv_link in page
