@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 
 from gateway.models import STATUSES
@@ -93,9 +93,6 @@ class Search:
         for name, (low, high) in self.bounds.items():
             out[f"min{name}"], out[f"max{name}"] = _text(low), _text(high)
         return {k: v for k, v in out.items() if v}
-
-    def changed(self, **changes: object) -> Search:
-        return replace(self, **changes)
 
 
 def parse(

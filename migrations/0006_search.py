@@ -15,7 +15,9 @@ the same way and matches it as a phrase, which finds any substring. The column i
 not in the peewee model: the recorder's upsert never names it.
 
 SQLite: ``completions_fts`` (the same text, trigram tokenizer: case-insensitive
-substrings of any language) is kept in step with ``completions`` by triggers.
+substrings of any language) is kept in step with ``completions`` by triggers, which
+index a call once it has ended (trigrams are costly: a call in flight is not found by
+its text until then).
 """
 
 from peewee import PostgresqlDatabase
@@ -85,11 +87,16 @@ def _sqlite() -> list[str]:
     return [
         "CREATE VIRTUAL TABLE completions_fts USING fts5(body, tokenize = 'trigram')",
         # The recorder upserts: a new row fires the insert trigger, a rewritten one the
-        # update trigger (only when its prompt or answer is set, which every upsert does).
-        f"""CREATE TRIGGER completions_fts_insert AFTER INSERT ON completions BEGIN
+        # update trigger. Trigram indexing is the costliest part of a write on SQLite, so
+        # a call is indexed once, when it ends (a pending row is not searchable yet), and
+        # again only if its text changes.
+        f"""CREATE TRIGGER completions_fts_insert AFTER INSERT ON completions
+WHEN new.status <> 'pending' BEGIN
   INSERT INTO completions_fts (rowid, body) VALUES (new.id, {_sqlite_body("new")});
 END""",
-        f"""CREATE TRIGGER completions_fts_update AFTER UPDATE OF prompt, completion ON completions
+        f"""CREATE TRIGGER completions_fts_update AFTER UPDATE OF status, prompt, completion ON completions
+WHEN new.status <> 'pending' AND (old.status = 'pending' OR old.prompt IS NOT new.prompt
+  OR old.completion IS NOT new.completion)
 BEGIN
   DELETE FROM completions_fts WHERE rowid = old.id;
   INSERT INTO completions_fts (rowid, body) VALUES (new.id, {_sqlite_body("new")});

@@ -17,7 +17,7 @@ import pytest
 from gateway import records
 from gateway.db import database, is_postgres
 from gateway.exchange import Exchange
-from gateway.models import ApiKey, Completion, utcnow
+from gateway.models import ApiKey, Completion, finalise_orphans, utcnow
 from gateway.recorder import snapshot, write_rows
 from gateway.search import Search
 from tests.servers import ADMIN_SECRET
@@ -122,6 +122,30 @@ def test_the_index_follows_every_write(client, calls, db) -> None:  # type: igno
             "SELECT count(*) FROM completions_fts WHERE rowid = ?", (row.id,)
         )
         assert left.fetchone()[0] == 0
+
+
+def test_a_call_swept_from_pending_is_found_by_its_text(client, db) -> None:  # type: ignore[no-untyped-def]
+    key = ApiKey.create(key_hash="7" * 64, key_hint="sk-7…7777").id
+    ex = Exchange(api_key_id=key, model="m", api_format="openai-chat")
+    ex.prompt = {"messages": [{"role": "user", "content": "orphaned question"}]}
+    write_rows([snapshot(ex)])  # pending, then its process dies: the sweeper finalises it
+    finalise_orphans([snapshot(ex)["owner"]], None, "orphaned")
+    assert found(client, "q=orphaned") == {ex.uid}
+
+
+def test_the_index_is_in_place_after_every_migration(db) -> None:  # type: ignore[no-untyped-def]
+    # A later migration that rebuilds completions on SQLite (playhouse copies the table
+    # to change a column) drops its triggers: the index would go stale without a word.
+    if is_postgres():
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename = 'completions'"
+        assert "completions_search" in {name for (name,) in database.execute_sql(sql)}
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'completions'"
+        assert {name for (name,) in database.execute_sql(sql)} >= {
+            "completions_fts_insert",
+            "completions_fts_update",
+            "completions_fts_delete",
+        }
 
 
 def test_every_filter_of_the_query(client, calls) -> None:  # type: ignore[no-untyped-def]
