@@ -159,6 +159,7 @@ def test_prepare_applies_the_file_and_stops_the_start_on_an_error(
 
 @pytest.mark.server
 def test_gunicorn_applies_the_file_before_it_serves(gateway_factory, fake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    call_id = f"init-{tmp_path.name}"  # the fake upstream outlives this test
     seed = tmp_path / "seed.yaml"
     seed.write_text(
         f"""
@@ -166,7 +167,7 @@ providers:
   - name: fake
     baseUrl: {fake.url}/v1
     apiKey: ${{FAKE_KEY}}
-    models: [{{systemName: fake, remoteId: "fake;id=init1;chunks=2"}}]
+    models: [{{systemName: fake, remoteId: "fake;id={call_id};chunks=2"}}]
 keys:
   - {{key: "{FORCED}", comment: from-file}}
 """
@@ -177,6 +178,6 @@ keys:
         model="fake", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.choices[0].message.content
-    (sent,) = fake.log("init1")
+    (sent,) = fake.log(call_id)
     assert sent["headers"]["authorization"] == "Bearer upstream-secret"
     assert "init file" in gw.log() and "3 created, 0 updated" in gw.log()
