@@ -211,7 +211,7 @@ def _rows(query: Any, found: Search, exact: bool) -> list:
     word that is nowhere (seconds), or gathering a hundred thousand matches to keep
     twenty. The count already knows: up to the cap (``exact``), gather the matches
     from the full-text index and sort them; past it, walk newest first and stop at
-    the page (which finds it soon: one row in ``cap`` or more matches).
+    the page (soon found: more than ``cap`` records match).
     """
     if not is_postgres():
         return list(query)
