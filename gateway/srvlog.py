@@ -65,6 +65,7 @@ class Handler(logging.Handler):
         self._writer: gevent.Greenlet | None = None
         self._group = gevent.pool.Group()
         self._away = False
+        self._busy = False  # a batch is being written
 
     def configure(self, cfg: dict) -> None:
         """Read the SRV_LOG_* settings."""
@@ -175,6 +176,7 @@ class Handler(logging.Handler):
             )
         if not batch:
             return 0
+        self._busy = True
         try:
             with db.background(self.timeout):
                 SrvLog.insert_many(batch).execute()
@@ -189,10 +191,21 @@ class Handler(logging.Handler):
                 log.warning("srvlog: cannot write server logs (%s); keeping them", exc)
             self._away = True
             return 0
+        finally:
+            self._busy = False
         self._away = False
         self.dropped -= dropped
         self.written += len(batch)
         return len(batch)
+
+    def written_within(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the queue to be written; True if it was."""
+        deadline = time.monotonic() + timeout
+        while self.queue or self._busy:
+            if time.monotonic() > deadline:
+                return False
+            gevent.sleep(0.01)
+        return True
 
 
 handler = Handler()
