@@ -128,7 +128,7 @@ class GatewayWorker(GeventWorker):
             if time.monotonic() >= hard_deadline:
                 break
         recorder.drain(timeout=0.2)  # whatever is left goes to the journal
-        srvlog.handler.written_within(1.0)  # the last warnings, if the database answers
+        srvlog.handler.write()  # the last warnings, if the database answers
 
     def _finish_now(self) -> None:
         """Stop every call now, and write (or journal) the records within seconds."""
