@@ -156,7 +156,7 @@ class Handler(logging.Handler):
             except Exception:  # never let the writer stop; say so on stderr only
                 log.exception("srvlog: write failed")
 
-    def write(self) -> int:
+    def write(self, timeout: float | None = None) -> int:
         """Write what waits (and the count of what was dropped); return rows written."""
         now = time.monotonic()
         for key in [k for k, f in self._floods.items() if now - f[0] >= self.window]:
@@ -178,7 +178,7 @@ class Handler(logging.Handler):
             return 0
         self._busy = True
         try:
-            with db.background(self.timeout):
+            with db.background(timeout or self.timeout):
                 SrvLog.insert_many(batch).execute()
         except Exception as exc:
             # Keep them for the next try, oldest first; past the bound they are counted.
