@@ -163,7 +163,9 @@ class Caller:
 
     def records(self, count: int) -> list[dict]:
         rows = self.gw.wait_final(count, apiKeyId=self.key_id)
-        return sorted(rows, key=lambda r: r["id"])
+        # In call order: ids follow write order, and the recorder's writers may insert
+        # a later call's row first.
+        return sorted(rows, key=lambda r: (r["createdAt"], r["id"]))
 
 
 @pytest.fixture(scope="module")
