@@ -15,9 +15,10 @@ the same way and matches it as a phrase, which finds any substring. The column i
 not in the peewee model: the recorder's upsert never names it.
 
 SQLite: ``completions_fts`` (the same text, trigram tokenizer: case-insensitive
-substrings of any language) is kept in step with ``completions`` by triggers, which
-index a call once it has ended (trigrams are costly: a call in flight is not found by
-its text until then).
+substrings of any language) is kept in step with ``completions`` by triggers.
+
+Both index a call once it has ended (a call in flight is not found by its text
+yet): indexing is most of what a record's write costs, and a call is written twice.
 """
 
 from peewee import PostgresqlDatabase
@@ -50,9 +51,10 @@ $fn$
 """,
     f"""
 ALTER TABLE completions ADD COLUMN search tsvector GENERATED ALWAYS AS (
-  to_tsvector('simple'::regconfig, gateway_search_spaced(
+  CASE WHEN status <> 'pending' THEN to_tsvector('simple'::regconfig, gateway_search_spaced(
     right(gateway_messages_text(prompt -> 'messages'), {CHARS}) || ' ' ||
     left(gateway_messages_text(completion), {CHARS})))
+  END
 ) STORED
 """,
     "CREATE INDEX completions_search ON completions USING gin (search)",
@@ -87,9 +89,8 @@ def _sqlite() -> list[str]:
     return [
         "CREATE VIRTUAL TABLE completions_fts USING fts5(body, tokenize = 'trigram')",
         # The recorder upserts: a new row fires the insert trigger, a rewritten one the
-        # update trigger. Trigram indexing is the costliest part of a write on SQLite, so
-        # a call is indexed once, when it ends (a pending row is not searchable yet), and
-        # again only if its text changes.
+        # update trigger. A call is indexed once, when it ends, and again only if its
+        # text changes.
         f"""CREATE TRIGGER completions_fts_insert AFTER INSERT ON completions
 WHEN new.status <> 'pending' BEGIN
   INSERT INTO completions_fts (rowid, body) VALUES (new.id, {_sqlite_body("new")});

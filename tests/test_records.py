@@ -124,6 +124,18 @@ def test_the_index_follows_every_write(client, calls, db) -> None:  # type: igno
         assert left.fetchone()[0] == 0
 
 
+def test_a_call_is_found_by_its_text_once_it_has_ended(client, db) -> None:  # type: ignore[no-untyped-def]
+    key = ApiKey.create(key_hash="6" * 64, key_hint="sk-6…6666").id
+    ex = Exchange(api_key_id=key, model="m", api_format="openai-chat")
+    ex.prompt = {"messages": [{"role": "user", "content": "inflight question"}]}
+    write_rows([snapshot(ex)])
+    assert found(client, "q=inflight") == set()  # indexing is a write's main cost: once
+    assert found(client, "status=pending") == {ex.uid}
+    ex.finish("completed", output=[{"role": "assistant", "content": "done"}])
+    write_rows([snapshot(ex)])
+    assert found(client, "q=inflight") == {ex.uid}
+
+
 def test_a_call_swept_from_pending_is_found_by_its_text(client, db) -> None:  # type: ignore[no-untyped-def]
     key = ApiKey.create(key_hash="7" * 64, key_hint="sk-7…7777").id
     ex = Exchange(api_key_id=key, model="m", api_format="openai-chat")
