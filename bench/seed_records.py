@@ -1,7 +1,8 @@
 """Fill a PostgreSQL database with call records, fast: ``python bench/seed_records.py URL``.
 
 Migrates the database (a fresh one is best), adds four providers, models and keys,
-then COPYs ``--rows`` completions (1,000,000 by default) spread over 30 days:
+then COPYs ``--rows`` completions (1,000,000 by default) spread over 30 days, oldest
+first as the recorder writes them (so a time range is a run of the table):
 realistic traffic (mostly completed, some failed, aborted and pending; streamed and
 not; three API formats) with prompts and answers of a few sentences to a few
 paragraphs, about one in ten in Chinese and a few with tool calls. The GIN index of
@@ -86,7 +87,7 @@ def text(rng: random.Random, chinese: bool, sentences: int) -> str:
     return ("" if chinese else " ").join(rng.choice(pool) for _ in range(sentences)).strip()
 
 
-def record(rng: random.Random, now: datetime, keys: list[int], models: list[tuple]) -> tuple:
+def record(rng: random.Random, created: datetime, keys: list[int], models: list[tuple]) -> tuple:
     """One completion row, in COLUMNS order."""
     name, model_id, provider_id = rng.choice(models)
     chinese = rng.random() < 0.1
@@ -116,7 +117,6 @@ def record(rng: random.Random, now: datetime, keys: list[int], models: list[tupl
     known = answer is not None
     prompt_tokens = rng.randint(40, 4000) if known else None
     answer_tokens = rng.randint(10, 1200) if known else None
-    created = now - timedelta(seconds=rng.uniform(0, 30 * 86400))
     ttft = rng.randint(120, 3000) if known else None
     duration = (ttft or 0) + rng.randint(200, 40000) if status != "pending" else None
     usage = {"input_tokens": prompt_tokens, "output_tokens": answer_tokens} if known else None
@@ -162,8 +162,10 @@ def main() -> None:
         keys, models = _catalog(conn, now)
         conn.execute("DROP INDEX IF EXISTS completions_search")
         with conn.cursor().copy(f"COPY completions ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            step = 30 * 86400 / args.rows  # oldest first, as the recorder inserts them
             for i in range(args.rows):
-                copy.write_row(record(rng, now, keys, models))
+                created = now - timedelta(seconds=(args.rows - i) * step + rng.uniform(0, 60))
+                copy.write_row(record(rng, created, keys, models))
                 if i and i % 100_000 == 0:
                     print(f"seed: {i:,} rows ({time.monotonic() - started:.0f} s)", flush=True)
         conn.commit()
