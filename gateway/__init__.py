@@ -43,6 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
+        admin_ops,  # noqa: F401 - nests its routes in admin_api.bp when imported
         calls,
         cli,
         dashboard,
@@ -51,6 +52,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         proxy,
         recorder,
         snapshot,
+        srvlog,
         sweeper,
         telemetry,
         upstream,
@@ -67,11 +69,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     calls.calls.init_app(app)
     limiter.limiter.init_app(app)
     snapshot.refresher.init_app(app)
+    srvlog.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)
 
     app.register_blueprint(proxy.bp)
-    app.register_blueprint(admin_api.bp)
+    app.register_blueprint(admin_api.bp)  # admin_ops.bp nested in it
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)
