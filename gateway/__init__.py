@@ -43,6 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
+        admin_ops,  # noqa: F401 - nests its routes in admin_api.bp when imported
         auth,
         calls,
         cli,
@@ -53,6 +54,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         proxy,
         recorder,
         snapshot,
+        srvlog,
         sweeper,
         telemetry,
         upstream,
@@ -73,11 +75,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # A key or per-model limit changed in another worker or instance: forget it here.
     limiter.limiter.on_key_change(auth.keys.changed)
     limiter.limiter.on_key_change(model_limits.model_limits.changed)
+    srvlog.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)
 
     app.register_blueprint(proxy.bp)
-    app.register_blueprint(admin_api.bp)
+    app.register_blueprint(admin_api.bp)  # admin_ops.bp nested in it
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)

@@ -23,17 +23,19 @@ from flask import Blueprint, Response, current_app, request
 from gateway import (
     auth,
     db,
+    export,
     forwarded,
     jsonio,
     ledger,
     records,
     registry,
+    search,
     serializers,
     stats,
     urlargs,
 )
 from gateway.limiter import limiter
-from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
+from gateway.models import ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
@@ -117,7 +119,7 @@ def revoke_key(key: str) -> Response:
 def set_key_limits(key: str) -> Response:
     data = registry.fields(_body(), registry.LIMITS)
     row = registry.key_row(key)
-    registry.set_limits(row, data)
+    registry.edit_key(row, data)
     row = registry.key_row(key)
     return jsonio.response(
         {
@@ -147,7 +149,7 @@ def set_key_budget(key: str) -> Response:
     """A key's spend budget per calendar month (UTC), in USD; null removes it."""
     data = registry.fields(_body(), registry.BUDGET)
     row = registry.key_row(key)
-    registry.set_limits(row, data)
+    registry.edit_key(row, data)
     return jsonio.response({"key": row.key_hint, "budgetUsd": data["budget_usd"]})
 
 
@@ -339,6 +341,11 @@ def list_completions() -> Response:
     return _list_records(Completion, serializers.completion, default_limit=100)
 
 
+@bp.get("/completions/export")
+def export_completions() -> Response:
+    return _export(Completion, serializers.completion)
+
+
 @bp.get("/completions/<id:record_id>")
 def get_completion(record_id: int) -> Response:
     return _one_record(Completion, serializers.completion, record_id)
@@ -352,6 +359,11 @@ def delete_completion(record_id: int) -> Response:
 @bp.get("/embeddings")
 def list_embeddings() -> Response:
     return _list_records(Embedding, serializers.embedding, default_limit=20)
+
+
+@bp.get("/embeddings/export")
+def export_embeddings() -> Response:
+    return _export(Embedding, serializers.embedding)
 
 
 @bp.get("/embeddings/<id:record_id>")
@@ -411,23 +423,33 @@ def _ledger(since: datetime | None, key: int | None = None) -> dict[str, Any]:
 
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
     """A page of records, newest first, filtered as ``records.select`` filters them."""
-    status = request.args.get("status", "")
-    if status and status not in STATUSES:
-        raise registry.Refused(400, f"status must be one of {', '.join(STATUSES)}")
-    query = records.select(
-        table,
-        status=status,
-        model=request.args.get("model", ""),
-        key=_int_arg("apiKeyId", None, 1, urlargs.MAX_ID),
-        model_id=_int_arg("modelId", None, 1, urlargs.MAX_ID),
-    )
+    found = _search(table)
+    query = records.select(table, found=found)
     offset = _int_arg("offset", 0, 0, urlargs.MAX_ID)
     limit = _int_arg("limit", default_limit, 1, MAX_PAGE)
-    total = query.count()  # the filters apply to the total too (NexusGate's did not)
-    rows = list(records.newest_first(query, table).offset(offset).limit(limit))
+    total, exact = records.total(query)  # the filters apply to the total too (NexusGate's did not)
+    rows = records.page(query, table, offset, limit, found, exact)
     names = registry.provider_names({r.provider_id for r in rows})
     data = [serialize(r, names.get(r.provider_id)) for r in rows]
-    return jsonio.response({"data": data, "total": total, "from": offset})
+    page = {"data": data, "total": total, "from": offset}
+    if not exact:
+        page["totalExact"] = False  # past SEARCH_COUNT_CAP: the planner's estimate
+    return jsonio.response(page)
+
+
+def _export(table: type[pw.Model], serialize: Any) -> Response:
+    """Every record the filters match, streamed as CSV or JSON Lines (``format``)."""
+    fmt = request.args.get("format", "jsonl")
+    if fmt not in export.FORMATS:
+        raise registry.Refused(400, f"format must be one of {', '.join(export.FORMATS)}")
+    return records.attachment(table, _search(table), serialize, fmt)
+
+
+def _search(table: type[pw.Model]) -> search.Search:
+    try:
+        return records.parse(table, request.args, strict=True)
+    except search.Invalid as exc:
+        raise registry.Refused(400, str(exc)) from exc
 
 
 def _one_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:

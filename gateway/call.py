@@ -16,6 +16,7 @@ callback it gave, and stops a call through ``stop``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -73,7 +74,7 @@ class Call:
         self.down = Downstream(sock, self.stream, settings.pace, self._client_left)
         self.ready = gevent.event.AsyncResult()  # first byte (stream) or whole answer
         self.content = b""  # the non-streaming answer, in the client's format
-        self.ending = Ending()
+        self.ending = Ending(time.monotonic)
         self._on_client_left = on_client_left
         self._translator: StreamTranslator | None = None  # once streaming to the client
         self._response: dict | None = None  # the non-streaming answer, parsed
@@ -222,6 +223,7 @@ class Call:
         if piece.first_token:
             self.exchange.first_token()
         if piece.terminal:
+            self.down.look()  # a client that left first, seen before the answer is noted
             self.ending.answer()
         self.down.put(piece)
 
@@ -230,6 +232,7 @@ class Call:
         self.content = self.plan.operation.reply(self.plan, candidate, content, response)
         self._response = response
         self.exchange.first_token()  # a JSON answer's first token comes with all the rest
+        self.down.look()
         self.ending.answer()
         self.ready.set(True)
         self.ending.close(End(UPSTREAM_END))
@@ -253,6 +256,11 @@ class Call:
         repeats of its request id, the slot given back, TPM charged, metrics), and its
         cost is added to its key's monthly spend.
         """
+        if self.down.fin_at is not None and self.ending.hinges_on(self.down.fin_at):
+            # Was that FIN a departure? The status depends on it. A stop asked for
+            # meanwhile (shutdown) finds the call over: it must not cost the record.
+            with contextlib.suppress(_Stopped):
+                self.down.settle()
         status, error = verdict(self.ending)
         upstream_ended = self.exchange.elapsed_ms
         response = self._response
@@ -306,9 +314,10 @@ class Call:
         elif not self._reading:
             self.down.hurry()
 
-    def _client_left(self, how: str) -> None:
-        """The client is gone (``Downstream`` says so once); the worker decides what next."""
-        self.ending.leave()
+    def _client_left(self, how: str, at: float) -> None:
+        """The client is gone since ``at`` (``Downstream`` says so once); the worker decides
+        what next."""
+        self.ending.leave(at)
         if self._reading:
             self._on_client_left(self, how)
 

@@ -1,16 +1,18 @@
 """Command-line tasks: ``flask --app wsgi <command>``.
 
 ``prepare`` is what gunicorn's master runs (in a subprocess, so that peewee is never
-imported in the master) before it forks workers: apply migrations, make sure an
-admin secret exists, and say where things are.
+imported in the master) before it forks workers: apply migrations, apply the init
+file (``GATEWAY_INIT_FILE``), make sure an admin secret exists, and say where things are.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from flask import Flask, current_app
 
-from gateway import auth, db, registry
+from gateway import auth, db, initfile, registry
 from gateway.models import ApiKey
 from gateway.vault import vault
 
@@ -31,6 +33,8 @@ def prepare_command(url: str | None) -> None:
         click.echo(f"gateway: applied migrations {', '.join(applied)}")
     configured = bool(current_app.config.get("ADMIN_SUPER_SECRET"))
     with db.database.connection_context():
+        if current_app.config.get("INIT_FILE"):
+            _apply_init_file(Path(current_app.config["INIT_FILE"]))
         secret = auth.admin_secret(current_app)
         unreadable = registry.unreadable_provider_keys()
     if url:
@@ -43,6 +47,25 @@ def prepare_command(url: str | None) -> None:
         click.echo(f"gateway: admin secret (generated, kept in the settings table): {secret}")
         click.echo("gateway: set ADMIN_SUPER_SECRET to choose your own")
     _encryption_banner(unreadable)
+
+
+@click.command("init-file")
+@click.argument("path", type=click.Path(path_type=Path))
+def init_file_command(path: Path) -> None:
+    """Apply an init file (providers, models, keys) now, as GATEWAY_INIT_FILE at start."""
+    with db.database.connection_context():
+        _apply_init_file(path)
+
+
+def _apply_init_file(path: Path) -> None:
+    """Apply the file; an error stops the start (and applies nothing)."""
+    try:
+        outcome = initfile.apply(initfile.load(path))
+    except initfile.InitFileError as exc:
+        raise click.ClickException(f"init file: {exc}") from exc
+    click.echo(f"gateway: init file {path}: {outcome.summary()}")
+    for comment, key in outcome.new_keys.items():
+        click.echo(f"gateway: init file: key '{comment}' created (shown only now): {key}")
 
 
 def _encryption_banner(unreadable: list[int]) -> None:
@@ -86,5 +109,11 @@ def create_key_command(comment: str | None) -> None:
 
 def init_app(app: Flask) -> None:
     """Register the commands."""
-    for command in (migrate_command, prepare_command, create_key_command, rotate_keys_command):
+    for command in (
+        migrate_command,
+        prepare_command,
+        create_key_command,
+        rotate_keys_command,
+        init_file_command,
+    ):
         app.cli.add_command(command)

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, object] = {
     "DATABASE_URL": None,  # None: default_database_url()
     "REDIS_URL": None,  # None: limits live in process memory
     "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
+    "INIT_FILE": None,  # a YAML or JSON file of providers, models and keys applied at start
     # -- Traffic control and metrics (limiter.py, ratelimit.py, metrics.py) --
     # Redis (REDIS_URL) is away when a command takes longer than REDIS_TIMEOUT:
     # limits then fail open, and Redis is tried again REDIS_RETRY_AFTER seconds later.
@@ -87,7 +88,22 @@ DEFAULTS: dict[str, object] = {
     "SWEEP_INTERVAL": 10.0,  # seconds between looks for dead processes' rows (0: never)
     # Rows written before heartbeats existed (no owner): pending this long means orphaned.
     "SWEEP_AFTER": None,  # None: CALL_TIMEOUT + 120
-    "PROBE_INTERVAL": 0.25,  # after a client FIN, probe writes this often
+    # After a FIN on a stream, a probe is written and the connection looked at this often:
+    # a gone client resets; one that has not after 5 intervals (longer than any client's
+    # round trip) is only half-closed and keeps its stream.
+    "PROBE_INTERVAL": 0.1,
+    # -- Search, server logs (records.py, srvlog.py) --
+    # A listing's total counts this many matching rows exactly; past it, PostgreSQL's
+    # planner estimates (counting a million rows takes longer than the page).
+    "SEARCH_COUNT_CAP": 1000,
+    # The gateway's own records at this level and above go to srv_logs ("OFF": none),
+    # written every SRV_LOG_INTERVAL s; at most SRV_LOG_QUEUE wait (more are counted and
+    # dropped); one message is kept SRV_LOG_BURST times per SRV_LOG_WINDOW s, then counted.
+    "SRV_LOG_LEVEL": "WARNING",
+    "SRV_LOG_INTERVAL": 1.0,
+    "SRV_LOG_QUEUE": 1000,
+    "SRV_LOG_BURST": 5,
+    "SRV_LOG_WINDOW": 10.0,
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
     "PORT": 8080,

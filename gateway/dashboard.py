@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from flask import (
     Blueprint,
@@ -28,14 +29,15 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import get_timezone, ngettext
 from flask_babel import gettext as _
-from flask_babel import ngettext
 from werkzeug.exceptions import HTTPException
 
 from gateway import (
     auth,
     charts,
     db,
+    export,
     forwarded,
     i18n,
     ledger,
@@ -45,12 +47,23 @@ from gateway import (
     registry,
     serializers,
     sessions,
+    settings,
+    srvlog,
     stats,
     transcript,
     urlargs,
 )
 from gateway.limiter import limiter
-from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, Provider, utcnow
+from gateway.models import (
+    STATUSES,
+    ApiKey,
+    Completion,
+    Embedding,
+    Model,
+    Provider,
+    SrvLog,
+    utcnow,
+)
 from gateway.upstream import UpstreamError
 
 bp = Blueprint("dashboard", __name__)
@@ -175,9 +188,9 @@ def _posted(name: str) -> str | None:
 
 @bp.get("/")
 def overview():
-    range_key = request.args.get("range", stats.DEFAULT_RANGE)
+    range_key = request.args.get("range") or settings.overview_range()
     if range_key not in stats.RANGES:
-        range_key = stats.DEFAULT_RANGE
+        range_key = settings.overview_range()
     data = stats.overview(range_key)
     spend = ledger.ledger(data.since)
     return render_template(
@@ -216,9 +229,56 @@ def embedding_detail(record_id: int):
     return render_template("dashboard/embedding.html", **records.detail(Embedding, record_id))
 
 
+@bp.get("/requests/export")
+def requests_export():
+    return _download(Completion, serializers.completion)
+
+
+@bp.get("/embeddings/export")
+def embeddings_export():
+    return _download(Embedding, serializers.embedding)
+
+
 def _table(table: Any, template: str) -> str:
-    listing = records.listing(table, request.args)
-    return render_template(template, listing=listing, **records.names(listing.rows))
+    listing = records.listing(table, request.args, _zone())
+    return render_template(
+        template, listing=listing, bounds=records.bounds(table), **records.names(listing.rows)
+    )
+
+
+def _download(table: Any, serialize: Any) -> Response:
+    """What the table shows, every page of it, as a file (the same query string)."""
+    fmt = request.args.get("format", "csv")
+    if fmt not in export.FORMATS:
+        abort(404)
+    found = records.parse(table, request.args, strict=False, zone=_zone())
+    return records.attachment(table, found, serialize, fmt)
+
+
+def _zone() -> ZoneInfo:
+    """The time zone the dashboard shows times in: times typed in filters are in it too."""
+    return ZoneInfo(str(get_timezone()))
+
+
+# -- server logs ------------------------------------------------------------------
+
+
+@bp.get("/logs")
+def logs():
+    return render_template("dashboard/logs.html", logs=srvlog.page(request.args))
+
+
+@bp.post("/logs/ack")
+def acknowledge_logs():
+    """Acknowledge one log (``id``), or every one the page's level filter shows."""
+    log_id = urlargs.integer(_posted("id"), 1, urlargs.MAX_ID)
+    level = _posted("level")
+    query = srvlog.select(level if level in srvlog.LEVEL_NAMES else "", acknowledged=False)
+    if log_id is not None:
+        query = query.where(SrvLog.id == log_id)
+    count = srvlog.acknowledge(query)
+    flash(ngettext("%(num)d log acknowledged.", "%(num)d logs acknowledged.", count), "ok")
+    return redirect(_next(request.form.get("next")))
 
 
 # -- API keys -------------------------------------------------------------------
@@ -253,7 +313,7 @@ def key_limits(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
     limits = {"rpmLimit": int, "tpmLimit": int, "maxConcurrent": int, "budgetUsd": float}
     clear = ("maxConcurrent", "budgetUsd")
-    registry.set_limits(row, registry.key_fields(_form_body(limits, clear=clear)))
+    registry.edit_key(row, registry.key_fields(_form_body(limits, clear=clear)))
     flash(_("Limits of %(hint)s saved.", hint=row.key_hint), "ok")
     return redirect(url_for("dashboard.keys"))
 
@@ -448,7 +508,7 @@ def _number(raw: str, kind: type) -> Any:
 
 def init_app(app: Flask) -> None:
     """Languages, sessions, formats and the transcript helpers for the dashboard."""
-    i18n.init_app(app, _locale)
+    i18n.init_app(app, _locale, settings.timezone)
     sessions.init_app(app)
     app.jinja_env.globals.update(
         parts=transcript.parts,

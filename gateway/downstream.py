@@ -8,8 +8,14 @@ next one, that is once its write succeeded; ``delivery`` waits for the client's 
 end and says how much it got (SPEC rule 11). The watcher
 greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
-probes instead (SSE comments: a dead peer fails the second write, a live one skips
-them). Either way the call is told once, through ``on_gone``.
+notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment): a
+dead peer answers the first write since with a reset, which the connection's TCP state
+shows (or, where it cannot be read, a later write fails); a peer that has drawn none
+``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
+Either way the call is told once, through ``on_gone``, with the moment the FIN or
+reset was seen: that, not the confirmation, is when the client left. A busy worker may
+wake the watcher late, so the call also ``look``s at the connection's state itself at
+the moment that decides its status: when the upstream's answer is whole.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _END, _GONE, _PROBE = object(), object(), object()
+# Probe intervals after the first write following a FIN: a peer that has not reset
+# by then is not gone (its round trip is shorter).
+TRUST_AFTER = 5
+# Longest a call waits to learn whether a FIN was a departure (``settle``): a client
+# that nothing could be written to by then is taken at its word.
+SETTLE_WAIT = 30.0
+# The connection's state, the first byte of TCP_INFO (Linux): the peer's FIN is in, or
+# its reset (or our own close).
+_TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7
 
 
 @dataclass(frozen=True)
@@ -45,19 +61,32 @@ class Pace:
     probe_interval: float  # after a FIN on a stream
     write_timeout: float  # a client that stops reading is dropped after this
 
+    @property
+    def trust_after(self) -> float:
+        """Seconds of writes taken after a FIN that show a half-close, not a departure."""
+        return TRUST_AFTER * self.probe_interval
+
 
 class Downstream:
     """One call's client: what it still has to be sent, and whether it is still there."""
 
     def __init__(
-        self, sock: socket.socket | None, stream: bool, pace: Pace, on_gone: Callable[[str], None]
+        self,
+        sock: socket.socket | None,
+        stream: bool,
+        pace: Pace,
+        on_gone: Callable[[str, float], None],
     ) -> None:
         self.sock, self.stream, self.pace = sock, stream, pace
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.gone = gevent.event.Event()
         self.events = 0  # SSE events written to the client
         self.chars = 0  # characters of answer text written to the client
-        self._settled = gevent.event.Event()  # the body has ended, or nobody may wait for it
+        self._body_done = gevent.event.Event()  # the body has ended, or nobody may wait for it
+        self.fin_at: float | None = None  # a FIN seen on a stream, not yet told apart
+        self._settled = gevent.event.Event()  # ... and now told: gone, or half-closed
+        self._wrote: float | None = None  # the first write since the FIN went through
+        self._probing = False  # a probe waits in the queue
         self._on_gone = on_gone
         self._watcher: gevent.Greenlet | None = None
 
@@ -70,13 +99,37 @@ class Downstream:
         """Nothing more will come: the body finishes once the queue is sent."""
         self.queue.put(_END)
 
-    def left(self, how: str) -> None:
-        """The client is gone: stop sending, and tell the call (once)."""
+    def left(self, how: str, at: float | None = None) -> None:
+        """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
         self.queue.put(_GONE)
-        self._on_gone(how)
+        self._on_gone(how, time.monotonic() if at is None else at)
+        self._settled.set()
+
+    def settle(self) -> None:
+        """Wait until a FIN seen is known to be a departure or a half-close (SETTLE_WAIT)."""
+        if self.fin_at is not None and not self._settled.wait(SETTLE_WAIT):
+            log.warning("downstream: a client that sent a FIN neither reads nor left; gone")
+            self.left("connection closed", self.fin_at)
+
+    def look(self) -> None:
+        """See a FIN or reset that has arrived, even if the watcher has not woken to it yet."""
+        if self.sock is None or self.fin_at is not None or self._settled.is_set():
+            return  # nothing to look at, a FIN seen already, or one told apart (or gone)
+        state = self._state()
+        if state == _TCP_CLOSE:
+            self.left("connection reset")
+        elif state == _TCP_CLOSE_WAIT:
+            self._fin(time.monotonic())
+
+    def _state(self) -> int | None:
+        """The connection's TCP state, where the system tells it (Linux)."""
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (OSError, AttributeError):  # not Linux, or no connection left to ask about
+            return None
 
     def delivery(self) -> tuple[int, int]:
         """Wait while the client's copy is being written; (events, characters) it got.
@@ -86,16 +139,19 @@ class Downstream:
         iterates): whichever comes first.
         """
         patience = self.pace.write_timeout + self.pace.heartbeat
-        while not (self._settled.is_set() or self.gone.is_set()):
+        while not (self._body_done.is_set() or self.gone.is_set()):
             before = (self.events, self.chars)
-            gevent.wait([self._settled, self.gone], timeout=patience, count=1)
+            gevent.wait([self._body_done, self.gone], timeout=patience, count=1)
             if (self.events, self.chars) == before:
                 break
         return self.events, self.chars
 
     def hurry(self) -> None:
-        """Stop any wait in ``delivery`` now (shutdown): the record says what got there."""
-        self._settled.set()
+        """End any wait in ``delivery`` or ``settle`` now (shutdown): the record says what
+        got there, and a FIN not yet told apart counts as the departure it most likely is."""
+        self._body_done.set()
+        if self.fin_at is not None and not self._settled.is_set():
+            self.left("connection closed", self.fin_at)
 
     def start_watching(self, group: gevent.pool.Group) -> None:
         """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
@@ -113,17 +169,46 @@ class Downstream:
         sock = self.sock
         try:
             gevent.socket.wait_read(sock.fileno())
+            seen = time.monotonic()
             if sock.recv(1, socket.MSG_PEEK):
                 return  # the client sent more (pipelining): nothing to learn here
-            reset = False
         except OSError:
-            reset = True
-        if self.stream and not reset:
-            while not self.gone.is_set():
-                self.queue.put(_PROBE)
-                gevent.sleep(self.pace.probe_interval)
+            self.left("connection reset")
             return
-        self.left("connection reset" if reset else "connection closed")
+        self._fin(seen)
+        # Timers wake this greenlet on time however busy the worker is; the body's
+        # writes may come late, and after the first the connection's state tells.
+        while self.fin_at is not None and not self._settled.is_set():
+            if not self._probing and (self._wrote is None or self._state() is None):
+                self._probing = True
+                self.queue.put(_PROBE)
+            gevent.sleep(self.pace.probe_interval)
+            self._tell()
+
+    def _tell(self, wrote: float | None = None) -> None:
+        """Settle a FIN seen if the writes since tell: one drew a reset (gone), or none
+        had a trusted while after the first (half-closed). ``wrote``: a write issued
+        then has just gone through."""
+        fin = self.fin_at
+        if fin is None or self._settled.is_set():
+            return
+        if self._wrote is None and wrote is not None and wrote >= fin:
+            self._wrote = wrote
+        state = self._state()
+        if state == _TCP_CLOSE:
+            self.left("connection closed", fin)
+        elif self._wrote is not None:
+            # Without the state, only a later write that went through shows no reset came.
+            last = time.monotonic() if state is not None else wrote
+            if last is not None and last - self._wrote >= self.pace.trust_after:
+                self._half_closed()
+
+    def _fin(self, seen: float) -> None:
+        """A FIN seen at ``seen``: gone; on a stream, gone or half-closed (the probes tell)."""
+        if not self.stream:
+            self.left("connection closed", seen)
+        elif self.fin_at is None:
+            self.fin_at = seen
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body; a failed write means the client left."""
@@ -135,26 +220,39 @@ class Downstream:
                 try:
                     item = self.queue.get(timeout=self.pace.heartbeat)
                 except gevent.queue.Empty:
-                    yield sse.comment("keep-alive")
-                    continue
+                    item = None
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
+                issued = time.monotonic()
                 if item is _PROBE:
-                    yield sse.comment("probe")
-                    continue
-                yield item.data
-                # Back here: gunicorn wrote it (a failed write closes this generator).
-                self.events += item.events
-                self.chars += len(item.text)
+                    self._probing = False
+                if item is None or item is _PROBE:
+                    yield sse.comment("keep-alive" if item is None else "probe")
+                else:
+                    yield item.data
+                    # Back here: gunicorn wrote it (a failed write closes this generator).
+                    self.events += item.events
+                    self.chars += len(item.text)
+                # The write went through: no reset had come back when it was issued.
+                # One may have come since (at once, nearby): then the client is gone.
+                self._tell(issued)
+                if self.gone.is_set():
+                    return
         finally:
-            self._settled.set()
+            self._body_done.set()
             self.stop_watching()
             if self.sock is not None:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(None)
-            if not delivered:
-                self.left("write failed")
+            if not delivered:  # a failed write; after a FIN, it confirms that departure
+                fin = self.fin_at
+                self.left("write failed" if fin is None else "connection closed", fin)
+
+    def _half_closed(self) -> None:
+        """The FIN was a half-close: the client still reads, and has not left."""
+        self.fin_at = None
+        self._settled.set()
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:

@@ -1,16 +1,20 @@
 """How a call ended, and the one rule that turns that into its final status (SPEC rules 3-7).
 
-A call notes what happened in the order it saw it, in an ``Ending``: the upstream's answer
-came whole (its terminal event, or the whole JSON body), the client left, and what ended
-the call (an ``End``): the upstream's own end, no upstream answering at all, the upstream
-failing mid-answer, a stop by the gateway (cancel or a drain bound once the client left,
-the call deadline, shutdown), or a bug. The first end counts, and nothing noted after it
-changes anything. ``verdict`` turns an ``Ending`` into the status and error the record
-gets. Pure code: no clock, no I/O.
+A call notes what happened, and when, in an ``Ending``: the upstream's answer came whole
+(its terminal event, or the whole JSON body), the client left, and what ended the call
+(an ``End``): the upstream's own end, no upstream answering at all, the upstream failing
+mid-answer, a stop by the gateway (cancel or a drain bound once the client left, the
+call deadline, shutdown), or a bug. The first end counts, and nothing that happened
+after it changes anything. A departure is known only once probes confirm it, later than
+it happened: it is noted with the time the FIN or reset was seen, and ordered by that
+time. ``verdict`` turns an ``Ending`` into the status and error the record gets. Pure
+code: no I/O, and the clock is the caller's.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 COMPLETED, FAILED, ABORTED = "completed", "failed", "aborted"
@@ -71,27 +75,48 @@ class End:
 
 
 class Ending:
-    """The facts of one call's end, noted in the order the call saw them."""
+    """The facts of one call's end, each with the time it happened (``clock``)."""
 
-    def __init__(self) -> None:
-        self.answered = False  # the upstream's answer came whole
-        self.left_first = False  # the client left before that
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.answered_at: float | None = None  # the upstream's answer came whole
+        self.left_at: float | None = None  # the client left
         self.end: End | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def answered(self) -> bool:
+        """The upstream's answer came whole before the call ended."""
+        return self.answered_at is not None
+
+    @property
+    def left_first(self) -> bool:
+        """The client left before the answer was whole (and before the end)."""
+        return self.left_at is not None and (
+            self.answered_at is None or self.left_at < self.answered_at
+        )
 
     def answer(self) -> None:
         """The upstream's terminal event (or whole JSON answer) arrived."""
-        if self.end is None:
-            self.answered = True
+        if self.end is None and self.answered_at is None:
+            self.answered_at = self._clock()
 
-    def leave(self) -> None:
-        """The client left."""
-        if self.end is None and not self.answered:
-            self.left_first = True
+    def leave(self, at: float | None = None) -> None:
+        """The client left, at ``at`` (when its FIN or reset was seen; default now)."""
+        at = self._clock() if at is None else at
+        if self.left_at is None and (self.ended_at is None or at < self.ended_at):
+            self.left_at = at
 
     def close(self, end: End) -> None:
         """The call ended; the first end counts."""
         if self.end is None:
-            self.end = end
+            self.end, self.ended_at = end, self._clock()
+
+    def hinges_on(self, at: float) -> bool:
+        """Whether a departure at ``at``, not known yet, would change the verdict."""
+        left = copy.copy(self)
+        left.leave(at)
+        return verdict(left) != verdict(self)
 
 
 def verdict(ending: Ending) -> tuple[str, str | None]:

@@ -74,6 +74,7 @@ OUTCOME_LABELS = {  # how one try at an upstream went (call.py, upstream.py)
 }
 RANGE_LABELS = {
     "1m": _l("Last minute"),
+    "15m": _l("Last 15 minutes"),
     "5m": _l("Last 5 minutes"),
     "10m": _l("Last 10 minutes"),
     "30m": _l("Last 30 minutes"),
@@ -83,6 +84,25 @@ RANGE_LABELS = {
     "24h": _l("Last 24 hours"),
     "7d": _l("Last 7 days"),
     "30d": _l("Last 30 days"),
+}
+
+
+API_FORMATS = {  # the protocol a client called in
+    "openai-chat": _l("OpenAI Chat Completions"),
+    "anthropic": _l("Anthropic Messages"),
+    "openai-responses": _l("OpenAI Responses"),
+}
+LOG_LEVELS = {  # srv_logs.level, NexusGate's names
+    "error": _l("Error"),
+    "warn": _l("Warning"),
+    "info": _l("Info"),
+    "unspecific": _l("Unspecified"),
+}
+BOUND_LABELS = {  # search.BOUNDS
+    "Duration": _l("Duration (ms)"),
+    "Ttft": _l("TTFT (ms)"),
+    "Tokens": _l("Tokens"),
+    "Cost": _l("Cost (USD)"),
 }
 
 
@@ -190,9 +210,11 @@ def _unknown(value: object) -> bool:
     return value is None or isinstance(value, Undefined)
 
 
-def init_app(app: Flask, choose: Callable[[], str]) -> None:
-    """Set up flask-babel (``choose`` picks the language), the filters and the labels."""
-    Babel(app, locale_selector=choose).domain_instance = Catalogs()
+def init_app(
+    app: Flask, choose: Callable[[], str], zone: Callable[[], str | None] | None = None
+) -> None:
+    """Set up flask-babel (``choose`` picks the language, ``zone`` the time zone), filters, labels."""
+    Babel(app, locale_selector=choose, timezone_selector=zone).domain_instance = Catalogs()
     for name, func in (
         ("when", when),
         ("ago", ago),
@@ -214,5 +236,8 @@ def init_app(app: Flask, choose: Callable[[], str]) -> None:
         OUTCOME_LABELS=OUTCOME_LABELS,
         ROLE_LABELS=ROLE_LABELS,
         KEY_SOURCES=KEY_SOURCES,
+        API_FORMATS=API_FORMATS,
+        BOUND_LABELS=BOUND_LABELS,
+        LOG_LEVELS=LOG_LEVELS,
         time_zone=lambda: str(get_timezone()),
     )

@@ -8,7 +8,8 @@ back if the write fails. A claim left by a replayer that died is given back too.
 Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``
 for an operator to look at; they are never replayed. A line that is not a whole row
 (the process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the
-rest of its file is replayed.
+rest of its file is replayed. Journals hold prompts: every file is its owner's alone
+(0600), in a directory of its owner's (0700).
 """
 
 from __future__ import annotations
@@ -37,13 +38,9 @@ class Journal:
 
     def append(self, rows: list[dict], prefix: str = "journal") -> None:
         """Append rows to this process's file and make them durable."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         # default=str: a value JSON cannot hold must not cost the whole batch its record.
         lines = "".join(json.dumps(_jsonable(row), default=str) + "\n" for row in rows)
-        with open(self.own_path(prefix), "a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._append(self.own_path(prefix), lines.encode())
 
     def has_own(self) -> bool:
         """True while this process has rows waiting in its journal."""
@@ -73,12 +70,23 @@ class Journal:
                 raise
             if torn:
                 log.error("journal: %d torn lines in %s kept aside", len(torn), path.name)
-                with open(self.own_path("torn"), "ab") as fh:
-                    fh.writelines(line + b"\n" for line in torn)
+                self._append(self.own_path("torn"), b"".join(line + b"\n" for line in torn))
             claimed.unlink()
             written += len(rows)
             log.info("journal: replayed %d records from %s", len(rows), path.name)
         return written
+
+    def _append(self, path: Path, data: bytes) -> None:
+        """Append ``data`` to ``path`` durably, both readable by this user only."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as fh:
+            with contextlib.suppress(OSError):  # someone else's file, made by hand: as it is
+                os.fchmod(fd, 0o600)  # one an older version made as the umask had it
+                os.chmod(self.directory, 0o700)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fd)
 
     def _claimable(self) -> list[Path]:
         if not self.directory.is_dir():

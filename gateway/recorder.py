@@ -33,7 +33,7 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, metrics
+from gateway import db, jsonio, metrics
 from gateway.config import INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import Exchange
@@ -284,8 +284,13 @@ def _snapshots(batch: list[Exchange]) -> list[dict]:
 
 
 def snapshot(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's row as it stands now, tagged with its table and this process."""
-    return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
+    """The exchange's row as it stands now, tagged with its table and this process.
+
+    An upstream may answer with a lone surrogate or a NUL (valid JSON escapes): they
+    become U+FFFD here, the one place rows are taken, as PostgreSQL refuses both (the
+    row would be lost) and a page cannot show a surrogate. The client got them as sent.
+    """
+    return jsonio.clean({"kind": exchange.kind, "owner": identity(), **exchange.row()})
 
 
 def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:

@@ -1,30 +1,39 @@
-"""Call records as lists: the one filtered query, and the dashboard's pages of it.
+"""Call records as lists: the one filtered query, its total, its pages and its batches.
 
 ``select`` is the query the admin API and the dashboard share: live (not soft-deleted)
-records, filtered by status, model, key, model id and time. One model rule for both:
-a system name matches its calls whether or not the caller pinned a provider
-(``gpt-4o`` finds ``gpt-4o`` and ``gpt-4o@azure``, never ``gpt-4o-mini``, which a
-prefix match would). A dashboard listing reads its filters from a query-string
-mapping, ignores values it does not know rather than failing, and selects only the
-columns a table shows: prompts, answers and vectors can be megabytes per row. Totals
-honour the filters.
+records matching a ``search.Search`` (status, model, key, provider, API format, time,
+bounds on duration, TTFT, tokens and cost, full text). One model rule for both: a
+system name matches its calls whether or not the caller pinned a provider (``gpt-4o``
+finds ``gpt-4o`` and ``gpt-4o@azure``, never ``gpt-4o-mini``, which a prefix match
+would). A dashboard listing reads its filters from a query-string mapping, ignores
+values it does not know rather than failing, and selects only the columns a table
+shows: prompts, answers and vectors can be megabytes per row.
+
+Totals honour the filters, within a bound: counting a million matching rows takes
+longer than the page itself, so ``total`` counts up to ``SEARCH_COUNT_CAP`` rows
+exactly and, past that, on PostgreSQL says what the planner estimates (never less
+than the cap), marked as not exact; SQLite counts exactly. Downloads read in
+``batches``: keyset pages (created_at, id), never the whole table at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, tzinfo
 from typing import Any
 from urllib.parse import urlencode
 
-from flask import abort, url_for
+from flask import Response, abort, current_app, url_for
 
-from gateway import registry
-from gateway.models import STATUSES, ApiKey, Completion, Embedding, Model, utcnow
+from gateway import export, fulltext, registry, search
+from gateway.db import connection, database, is_postgres
+from gateway.models import ApiKey, Completion, Embedding, Model, Provider, utcnow
+from gateway.search import Search
 from gateway.urlargs import MAX_ID, integer
 
-RANGES = {"1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000}
 PAGE_SIZES = (10, 20, 50, 100)
 DEFAULT_SIZE = 20
 COLUMNS = {
@@ -35,6 +44,7 @@ COLUMNS = {
         Completion.model,
         Completion.provider_id,
         Completion.api_key,
+        Completion.api_format,
         Completion.prompt_tokens,
         Completion.completion_tokens,
         Completion.ttft,
@@ -60,15 +70,15 @@ COLUMNS = {
 
 @dataclass
 class Listing:
-    """A filtered, paginated table: the filters as understood, the rows, the counts."""
+    """A filtered, paginated table: the search as understood, the rows, the counts."""
 
-    status: str = ""
-    model: str = ""
-    key: int | None = None
-    range: str = ""
+    search: Search = field(default_factory=Search)
+    zone: tzinfo = UTC  # the dashboard's: times in its URLs are local
     page: int = 1
     size: int = DEFAULT_SIZE
     total: int = 0
+    exact: bool = True  # False: ``total`` is an estimate past the count cap
+    cap: int = 0  # SEARCH_COUNT_CAP
     rows: list = field(default_factory=list)
 
     @property
@@ -85,15 +95,12 @@ class Listing:
 
     @property
     def filtered(self) -> bool:
-        return bool(self.status or self.model or self.key is not None or self.range)
+        return self.search.filtered
 
     def url(self, endpoint: str, **changes: Any) -> str:
         """This listing's URL with some parameters changed (blank and default ones dropped)."""
         params = {
-            "status": self.status,
-            "model": self.model,
-            "key": self.key,
-            "range": self.range,
+            **self.search.params(self.zone),
             "size": self.size if self.size != DEFAULT_SIZE else None,
             "page": self.page if self.page != 1 else None,
             **changes,
@@ -102,28 +109,90 @@ class Listing:
         return url_for(endpoint) + (f"?{query}" if query else "")
 
 
-def select(
-    table: Any,
-    *columns: Any,
-    status: str = "",
-    model: str = "",
-    key: int | None = None,
-    model_id: int | None = None,
-    since: datetime | None = None,
-) -> Any:
-    """Live records of ``table`` that match every filter given (all columns by default)."""
+def bounds(table: Any) -> tuple[str, ...]:
+    """The numeric bounds ``table`` offers: those whose columns it has."""
+    fields = table._meta.fields
+    return tuple(n for n, cols in search.BOUNDS.items() if all(c in fields for c in cols))
+
+
+def parse(table: Any, args: Mapping[str, str], *, strict: bool, zone: tzinfo = UTC) -> Search:
+    """The search ``args`` ask of ``table`` (``search.Invalid`` if strict and unreadable)."""
+    return search.parse(
+        args, strict=strict, bounds=bounds(table), text=table is Completion, zone=zone
+    )
+
+
+def select(table: Any, *columns: Any, found: Search | None = None) -> Any:
+    """Live records of ``table`` that match the search (all columns by default)."""
+    found = found or Search()
     query = table.select(*columns).where(table.deleted == False)  # noqa: E712
-    if status:
-        query = query.where(table.status == status)
-    if model:
+    if found.status:
+        query = query.where(table.status.in_(found.status))
+    if found.model:
+        model = found.model
         query = query.where((table.model == model) | table.model.startswith(model + "@"))
-    if key is not None:
-        query = query.where(table.api_key == key)
-    if model_id is not None:
-        query = query.where(table.model_id == model_id)
+    if found.api_key is not None:
+        query = query.where(table.api_key == found.api_key)
+    if found.model_id is not None:
+        query = query.where(table.model_id == found.model_id)
+    if found.provider is not None:
+        query = query.where(table.provider_id == found.provider)
+    if found.api_format and "api_format" in table._meta.fields:
+        query = query.where(table.api_format == found.api_format)
+    since, until = found.window(utcnow())
     if since is not None:
         query = query.where(table.created_at >= since)
+    if until is not None:
+        query = query.where(table.created_at < until)
+    for name, (low, high) in found.bounds.items():
+        value = sum_of(table, search.BOUNDS[name])
+        scale = search.SCALES.get(name, 1)
+        if low is not None:
+            query = query.where(value >= low * scale)
+        if high is not None:
+            query = query.where(value <= high * scale)
+    terms = found.terms() if table is Completion else []
+    if terms:
+        query = query.where(fulltext.condition(table, terms))
     return query
+
+
+def sum_of(table: Any, columns: tuple[str, ...]) -> Any:
+    """The columns added up (unknown if any is unknown)."""
+    fields = [table._meta.fields[c] for c in columns]
+    value = fields[0]
+    for more in fields[1:]:
+        value = value + more
+    return value
+
+
+def total(query: Any) -> tuple[int, bool]:
+    """How many rows ``query`` matches, and whether that is exact (see the docstring)."""
+    if not is_postgres():
+        return query.count(), True
+    cap = int(current_app.config["SEARCH_COUNT_CAP"])
+    with _planned():
+        counted = query.order_by().limit(cap + 1).count()
+        if counted <= cap:
+            return counted, True
+        sql, params = query.order_by().sql()
+        plan = database.execute_sql(f"EXPLAIN (FORMAT JSON) {sql}", params).fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return max(cap + 1, int(plan[0]["Plan"]["Plan Rows"])), False
+
+
+@contextmanager
+def _planned(*off: str) -> Iterator[None]:
+    """A transaction whose queries are planned without ``off`` (PostgreSQL's enable_*).
+
+    JIT is always off: compiling a plan the planner thinks costly (a full-table walk
+    it will stop after twenty rows) takes longer than running it.
+    """
+    with database.atomic():
+        for setting in ("jit", *off):
+            database.execute_sql(f"SET LOCAL {setting} = off")
+        yield
 
 
 def newest_first(query: Any, table: Any) -> Any:
@@ -132,41 +201,102 @@ def newest_first(query: Any, table: Any) -> Any:
     return query.order_by(table.created_at.desc(), table.id.desc())
 
 
+def page(query: Any, table: Any, offset: int, limit: int, found: Search, exact: bool) -> list:
+    """A page of ``query``'s rows, newest first; ``exact``: what ``total`` said of it."""
+    return _rows(newest_first(query, table).offset(offset).limit(limit), found, exact)
+
+
+def _rows(query: Any, found: Search, exact: bool) -> list:
+    """The rows of an ordered query, planned for as many matches as the count found.
+
+    PostgreSQL's planner cannot tell how many records a text search matches, and
+    guesses wrong both ways: walking the whole table newest first, row by row, for a
+    word that is nowhere (seconds), or gathering a hundred thousand matches to keep
+    twenty. The count already knows: up to the cap (``exact``), gather the matches
+    from the full-text index and sort them; past it, walk newest first and stop at
+    the page (soon found: more than ``cap`` records match).
+    """
+    if not is_postgres():
+        return list(query)
+    if not found.terms():
+        off: tuple[str, ...] = ()
+    elif exact:
+        off = ("enable_indexscan",)
+    else:
+        off = ("enable_bitmapscan", "enable_seqscan")
+    with _planned(*off):
+        return list(query)
+
+
+def batches(table: Any, found: Search, exact: bool, size: int = 200) -> Iterator[list]:
+    """Every matching record, newest first, ``size`` at a time (keyset pages)."""
+    after = None
+    while True:
+        query = newest_first(select(table, found=found), table)
+        if after is not None:
+            created, row_id = after
+            query = query.where(
+                (table.created_at < created) | ((table.created_at == created) & (table.id < row_id))
+            )
+        rows = _rows(query.limit(size), found, exact)  # whole, before the caller yields
+        if not rows:
+            return
+        yield rows
+        after = (rows[-1].created_at, rows[-1].id)
+
+
+def download(table: Any, found: Search, serialize: Any, exact: bool) -> Iterator[list[dict]]:
+    """Every matching record as the admin API's JSON, a batch at a time, on its own connection.
+
+    For a streamed response: it runs after the request's connection is gone.
+    """
+    with connection():
+        for rows in batches(table, found, exact):
+            names = registry.provider_names({r.provider_id for r in rows})
+            yield [serialize(r, names.get(r.provider_id)) for r in rows]
+
+
+def attachment(table: Any, found: Search, serialize: Any, fmt: str) -> Response:
+    """The matching records as a streamed download (``export.FORMATS``)."""
+    header = list(serialize(table()))  # the fields of every record, known before the first
+    exact = total(select(table, found=found))[1]  # how to plan the batches (see _rows)
+    body = export.chunks(fmt, header, download(table, found, serialize, exact))
+    name = f"{table._meta.table_name}-{utcnow():%Y%m%d-%H%M%S}.{fmt}"
+    return Response(
+        body,
+        content_type=export.FORMATS[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
 def live(table: Any, record_id: int) -> Any:
     """One live record by id, or None."""
     return table.get_or_none((table.id == record_id) & (table.deleted == False))  # noqa: E712
 
 
-def listing(table: Any, args: Mapping[str, str]) -> Listing:
+def listing(table: Any, args: Mapping[str, str], zone: tzinfo = UTC) -> Listing:
     """One page of ``table``'s records, newest first, filtered as ``args`` ask."""
     found = Listing(
-        status=args.get("status", "") if args.get("status") in STATUSES else "",
-        model=args.get("model", "").strip(),
-        key=integer(args.get("key"), 1, MAX_ID),
-        range=args.get("range", "") if args.get("range") in RANGES else "",
+        search=parse(table, args, strict=False, zone=zone),
+        zone=zone,
         size=size if (size := integer(args.get("size"), 1, 100)) in PAGE_SIZES else DEFAULT_SIZE,
     )
-    since = utcnow() - timedelta(seconds=RANGES[found.range]) if found.range else None
-    query = select(
-        table,
-        *COLUMNS[table],
-        status=found.status,
-        model=found.model,
-        key=found.key,
-        since=since,
-    )
-    found.total = query.count()
+    query = select(table, *COLUMNS[table], found=found.search)
+    found.total, found.exact = total(query)
+    found.cap = int(current_app.config["SEARCH_COUNT_CAP"])
     found.page = min(max(1, integer(args.get("page"), 1, MAX_ID) or 1), found.pages)
-    found.rows = list(newest_first(query, table).paginate(found.page, found.size))
+    offset = (found.page - 1) * found.size
+    found.rows = page(query, table, offset, found.size, found.search, found.exact)
     return found
 
 
 def names(rows: list) -> dict[str, Any]:
-    """What a record table shows beside its rows: provider names, keys, model names."""
+    """What a record table shows beside its rows: provider names, keys, models, providers."""
     return {
         "providers": registry.provider_names({r.provider_id for r in rows}),
         "keys": {k.id: k for k in ApiKey.select().order_by(ApiKey.id)},
         "models": sorted({m.system_name for m in Model.active()}),
+        "all_providers": list(Provider.select(Provider.id, Provider.name).order_by(Provider.name)),
     }
 
 

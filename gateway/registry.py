@@ -14,6 +14,7 @@ every instance (``limiter.announce``: at once with Redis, else within ``CACHE_TT
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -32,6 +33,7 @@ from gateway.vault import vault
 
 MAX_NUMBER = 1e6  # prices (USD per million tokens) and weights
 MAX_BUDGET = 1e9  # USD a month: nano-USD sums stay far inside 64 bits
+FORCED_KEY = re.compile(r"sk-[0-9a-f]{32}")  # a key value given, as NexusGate's forced keys
 TEXT = 4096  # comments and provider keys: text columns, bounded to keep pages sane
 
 
@@ -110,6 +112,25 @@ def issue_key(data: dict[str, Any], **extra: Any) -> tuple[ApiKey, str]:
     return ApiKey.issue(**data, **extra)
 
 
+def adopt_key(key: str, data: dict[str, Any], **extra: Any) -> ApiKey:
+    """Create a key row for a key value given (an init file's); 409 if it exists."""
+    if not FORCED_KEY.fullmatch(key):
+        raise Refused(400, "key must be sk- and 32 lowercase hex digits")
+    try:
+        with database.atomic():
+            return ApiKey.create(
+                key_hash=ApiKey.hash(key), key_hint=ApiKey.hint(key), **data, **extra
+            )
+    except pw.IntegrityError as exc:
+        raise Refused(409, "That key exists already") from exc
+
+
+def edit_key(row: ApiKey, data: dict[str, Any]) -> None:
+    """Change a key's checked fields (column names); every worker applies them at once."""
+    ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
+    limiter.announce(row.key_hash)
+
+
 def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey, str | None]:
     """The operator's key for ``external_id``, created or brought back; the key if new."""
     row = ApiKey.get_or_none(ApiKey.external_id == external_id)
@@ -127,12 +148,6 @@ def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey,
 def revoke(row: ApiKey) -> None:
     """Revoke a key; every worker of every instance stops accepting it (``announce``)."""
     ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    limiter.announce(row.key_hash)
-
-
-def set_limits(row: ApiKey, data: dict[str, Any]) -> None:
-    """Change a key's limits or budget (column names in ``data``); everywhere at once."""
-    ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
     limiter.announce(row.key_hash)
 
 

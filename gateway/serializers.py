@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.ledger import Ledger, Total
-from gateway.models import ApiKey, Completion, Embedding, Model, Provider
+from gateway.models import ApiKey, Completion, Embedding, Model, Provider, Setting, SrvLog
 from gateway.redact import mask
 from gateway.stats import Overview, success_rate
 
@@ -149,6 +149,25 @@ def embedding(row: Embedding, provider_name: str | None = None) -> dict[str, Any
         "cost": row.cost,
         "embedding": row.embedding,
         "dimensions": row.dimensions,
+    }
+
+
+def setting(row: Setting) -> dict[str, Any]:
+    return {"id": row.id, "key": row.key, "value": row.value, "updatedAt": iso(row.updated_at)}
+
+
+def srv_log(row: SrvLog) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "relatedApiKeyId": row.related_api_key_id,
+        "relatedUpstreamId": row.related_upstream_id,
+        "relatedCompletionId": row.related_completion_id,
+        "message": row.message,
+        "level": row.level,
+        "details": row.details,
+        "createdAt": iso(row.created_at),
+        "acknowledged": row.acknowledged,
+        "ackAt": iso(row.ack_at),
     }
 
 

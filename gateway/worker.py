@@ -111,6 +111,7 @@ class GatewayWorker(GeventWorker):
 
     def _finish_background(self) -> None:
         """After the handlers: wait for drains, then flush the recorder, heart-beating."""
+        from gateway import db, srvlog
         from gateway.calls import calls
         from gateway.recorder import recorder
         from gateway.telemetry import telemetry
@@ -129,6 +130,8 @@ class GatewayWorker(GeventWorker):
                 break
         recorder.drain(timeout=0.2)  # whatever is left goes to the journal
         telemetry.shutdown(timeout=0.4)  # the spans of what was written
+        if db.reachable():  # the last warnings, briefly: the arbiter's SIGKILL is near
+            srvlog.handler.write(timeout=1.0)
 
     def _finish_now(self) -> None:
         """Stop every call now, and write (or journal) the records within seconds."""

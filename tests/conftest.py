@@ -19,7 +19,7 @@ from urllib.parse import urlparse, urlunparse  # noqa: E402
 import peewee  # noqa: E402
 import pytest  # noqa: E402
 
-from gateway import create_app  # noqa: E402
+from gateway import create_app, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
@@ -112,6 +112,7 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
     )
     yield app
     assert recorder.flush(10), "recorder did not finish writing"
+    srvlog.handler.written_within(5)  # no server log write may be under way when the pool closes
     # A query still running when its connection is closed makes libev abort the process.
     assert model_limits.wait(10), "per-model limits did not finish reloading"
     if isinstance(database.obj, peewee.PostgresqlDatabase):

@@ -15,6 +15,7 @@ apart; the gateway forwards client headers). Keys:
   delay=F       seconds between pieces; first_delay=F before the first one
   header_delay=F  seconds before the status line (a stall before any byte)
   stall_at=K;stall_for=F  go silent for F seconds before stream event K
+  end_delay=F   seconds of silence before the last stream event (the terminal one)
   drop_at=K     break the connection after K stream events (no terminal event)
   status=N      answer with HTTP status N and an error body
   fail_times=N  answer status (default 500) to the first N calls with this id
@@ -23,6 +24,8 @@ apart; the gateway forwards client headers). Keys:
   finish=stop_sequence  it stopped at the stop sequence "###" (Anthropic's stop_reason,
                 vLLM's ``stop_reason`` beside finish_reason "stop"; Responses cannot say)
   usage=0       embeddings: answer without usage
+  unstorable=1  every text and reasoning piece carries a lone surrogate and a NUL
+                (escaped, as JSON allows: ``"tok0\\ud800\\u0000 "``)
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
   reset_before_headers=1  read the request, then reset the connection (RST): no answer
@@ -65,7 +68,8 @@ tokens = reasoning pieces; the usage shape is each protocol's own. Knobs for the
 ``POST .../messages/count_tokens`` answers ``{"input_tokens": words + 3}``. ``GET /_log`` returns every call (``?id=S``: only those with that id): path,
 body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
 was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at,
-``reset`` for the reset knobs.
+``reset`` for the reset knobs; a stream's ``terminal_at``: ``time.monotonic()`` (one
+clock for every process of the machine) just before its last event was written.
 ``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
 it prints ``PORT <n>`` once it listens.
 """
@@ -153,6 +157,7 @@ class Plan:
         self.first_delay = float(script.get("first_delay", 0))
         self.stall_at = int(script.get("stall_at", -1))
         self.stall_for = float(script.get("stall_for", 0))
+        self.end_delay = float(script.get("end_delay", 0))
         self.drop_at = int(script.get("drop_at", -1))
         self.reset_at = int(script.get("reset_at", -1))
         self.cache = int(script.get("cache", 0))
@@ -164,8 +169,9 @@ class Plan:
         self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
         self.input_tokens = prompt_words(body) + 3
         pad = "." * int(script.get("pad", 0))
-        self.text_pieces = [f"tok{i}{pad} " for i in range(self.chunks)]
-        self.reasoning_pieces = [f"think{i} " for i in range(self.reasoning)]
+        odd = "\ud800\x00" if script.get("unstorable") else ""
+        self.text_pieces = [f"tok{i}{odd}{pad} " for i in range(self.chunks)]
+        self.reasoning_pieces = [f"think{i}{odd} " for i in range(self.reasoning)]
         # Each tool call's arguments arrive in two pieces.
         self.tool_calls = [
             {"id": f"call_{i}", "name": f"tool_{i}", "pieces": ['{"n": ', f"{i}}}"]}
@@ -800,6 +806,9 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
             if index == plan.reset_at:
                 raise Reset
             plan.pace(index)
+            if index == len(events) - 1:
+                gevent.sleep(plan.end_delay)
+                entry["terminal_at"] = time.monotonic()
             yield event
             sent += 1
             entry["sent"] = sent

@@ -172,6 +172,23 @@ def test_thinking_config_and_fields():
     assert adaptive["reasoning"] is None and adaptive["extra"] == {"thinking": {"type": "adaptive"}}
 
 
+def test_the_edges_of_every_range_are_accepted():
+    ir_req = anthropic.parse_request(
+        body(max_tokens=2**31 - 1, temperature=1, top_p=0, top_k=0, metadata={"user_id": "u"})
+    )
+    assert (ir_req["max_tokens"], ir_req["temperature"], ir_req["top_p"], ir_req["top_k"]) == (
+        2**31 - 1,
+        1,
+        0,
+        0,
+    )
+    assert ir_req["extra"] == {"metadata": {"user_id": "u"}}
+    budget = {"type": "enabled", "budget_tokens": 2**31 - 1}
+    assert anthropic.parse_request(body(thinking=budget))["reasoning"]["budget_tokens"] == 2**31 - 1
+    adaptive = {"type": "adaptive"}
+    assert anthropic.parse_request(body(thinking=adaptive))["extra"] == {"thinking": adaptive}
+
+
 @pytest.mark.parametrize(
     ("request_body", "param", "message"),
     [
@@ -184,8 +201,29 @@ def test_thinking_config_and_fields():
         (body(stream=1), "stream", "stream must be a boolean"),
         (body(temperature=[1]), "temperature", "must be a number"),
         (body(top_k=0.5), "top_k", "must be an integer"),
-        (body(stop_sequences="###"), "stop_sequences", None),  # a string is accepted
-        (body(stop_sequences=[1]), "stop_sequences", "string or an array of strings"),
+        (body(stop_sequences="###"), "stop_sequences", "stop_sequences must be an array"),
+        (body(stop_sequences="x"), "stop_sequences", "stop_sequences must be an array"),
+        (body(stop_sequences=[1]), "stop_sequences[0]", "stop_sequences[0] must be a string"),
+        (body(max_tokens=-1), "max_tokens", "max_tokens must be an integer from 0 to 2147483647"),
+        (body(max_tokens=10**30), "max_tokens", "from 0 to 2147483647"),
+        (body(max_tokens=2**53 + 1), "max_tokens", "from 0 to 2147483647"),
+        (body(max_tokens=1e30), "max_tokens", "max_tokens must be an integer"),
+        (body(temperature=1.5), "temperature", "temperature must be a number from 0 to 1"),
+        (body(temperature=1e308), "temperature", "from 0 to 1"),
+        (body(top_p=-0.1), "top_p", "top_p must be a number from 0 to 1"),
+        (body(top_k=-1), "top_k", "top_k must be an integer from 0"),
+        (body(thinking={"type": 7}), "thinking.type", "thinking.type must be a string"),
+        (body(thinking={}), "thinking.type", "thinking.type is required"),
+        (body(thinking="on"), "thinking", "thinking must be an object"),
+        (body(thinking={"type": "enabled", "budget_tokens": -1}), "thinking.budget_tokens", "from 0"),
+        (body(thinking={"type": "enabled", "budget_tokens": "2048"}), "thinking.budget_tokens", "an integer"),
+        (body(metadata="x"), "metadata", "metadata must be an object"),
+        (body(metadata={"user_id": 5}), "metadata.user_id", "metadata.user_id must be a string"),
+        (body(system=[{"type": "text", "text": "s", "cache_control": "ephemeral"}]),
+         "system[0].cache_control", "must be an object"),
+        (body(tools=[{"name": "f", "input_schema": {}, "cache_control": 1}]), "tools[0].cache_control", "an object"),
+        (body(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": []}]}]),
+         "messages[0].content[0].cache_control", "must be an object"),
         (body(system=5), "system", "string or an array of text blocks"),
         (body(system=[{"type": "image", "source": B64}]), "system[0].type", "must be 'text'"),
         (body(tools="x"), "tools", "tools must be an array"),

@@ -218,6 +218,25 @@ def test_sampling_limits_reasoning_and_stream_fields():
     assert ir_req["extra"] == {"stream_options": {"include_obfuscation": False}}
 
 
+def test_the_edges_of_every_range_are_accepted():
+    passed_on = {
+        "n": 128,
+        "seed": -(2**63),
+        "top_logprobs": 20,
+        "presence_penalty": -2,
+        "frequency_penalty": 2.0,
+        "logit_bias": {"1": -100, "2": 100},
+        "metadata": {"k": "v"},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+    }
+    ir_req = chat.parse_request(
+        body(max_tokens=2**31 - 1, temperature=2, top_p=0, top_k=-1, **passed_on)
+    )
+    assert (ir_req["max_tokens"], ir_req["temperature"], ir_req["top_p"]) == (2**31 - 1, 2, 0)
+    assert ir_req["top_k"] == -1 and ir_req["extra"] == passed_on
+    assert chat.parse_request(body(max_completion_tokens=0))["max_tokens"] == 0
+
+
 def test_unmapped_fields_are_forwarded_unchanged():
     extra = {
         "n": 1,
@@ -322,6 +341,66 @@ def test_unmapped_fields_are_forwarded_unchanged():
             ),
             "messages[1].tool_calls[0].function.name",
             "is required",
+        ),
+        # Counts a 32-bit column holds, the ranges OpenAI documents, and the types of the
+        # fields sent on as they are.
+        (body(max_tokens=-5), "max_tokens", "max_tokens must be an integer from 0 to 2147483647"),
+        (body(max_tokens=10**30), "max_tokens", "from 0 to 2147483647"),
+        (body(max_tokens=2**53 + 1), "max_tokens", "from 0 to 2147483647"),
+        (body(max_completion_tokens=-1), "max_completion_tokens", "from 0"),
+        (body(temperature=1e308), "temperature", "temperature must be a number from 0 to 2"),
+        (body(temperature=-0.5), "temperature", "from 0 to 2"),
+        (body(top_p=1.5), "top_p", "top_p must be a number from 0 to 1"),
+        (body(top_k=-2), "top_k", "top_k must be an integer from -1"),
+        (body(n="2"), "n", "n must be an integer"),
+        (body(n=0), "n", "n must be an integer from 1 to 128"),
+        (body(n=10**20), "n", "from 1 to 128"),
+        (body(response_format=7), "response_format", "response_format must be an object"),
+        (body(response_format={}), "response_format.type", "response_format.type is required"),
+        (body(response_format={"type": 1}), "response_format.type", "must be a string"),
+        (body(seed=2**63), "seed", "seed must be an integer from"),
+        (body(seed="7"), "seed", "seed must be an integer"),
+        (body(presence_penalty=3), "presence_penalty", "from -2 to 2"),
+        (body(frequency_penalty="x"), "frequency_penalty", "must be a number"),
+        (body(logit_bias=[1]), "logit_bias", "logit_bias must be an object"),
+        (body(logit_bias={"50256": 101}), "logit_bias.50256", "from -100 to 100"),
+        (body(logprobs="yes"), "logprobs", "must be a boolean"),
+        (body(top_logprobs=21), "top_logprobs", "from 0 to 20"),
+        (body(user=5), "user", "user must be a string"),
+        (body(metadata="x"), "metadata", "metadata must be an object"),
+        (body(metadata={"k": 1}), "metadata.k", "metadata.k must be a string"),
+        (body(store=1), "store", "must be a boolean"),
+        (body(modalities="text"), "modalities", "must be an array"),
+        # A falsy value of the wrong type is no absent one.
+        (
+            body(messages=[USER, {"role": "tool", "tool_call_id": "c", "content": 0}]),
+            "messages[1].content",
+            "string or an array",
+        ),
+        (
+            body(tools=[WEATHER], tool_choice={"type": 0, "function": {"name": "get_weather"}}),
+            "tool_choice.type",
+            "tool_choice.type must be 'function'",
+        ),
+        (
+            body(messages=[{"role": "user", "content": "hi", "name": 7}]),
+            "messages[0].name",
+            "messages[0].name must be a string",
+        ),
+        (
+            body(messages=[USER, {"role": "assistant", "content": "x", "reasoning_content": 5}]),
+            "messages[1].reasoning_content",
+            "must be a string",
+        ),
+        (
+            body(
+                messages=[
+                    USER,
+                    {"role": "assistant", "tool_calls": [{"id": "c", "type": 1, "function": {}}]},
+                ]
+            ),
+            "messages[1].tool_calls[0].type",
+            "must be a string",
         ),
     ],
 )

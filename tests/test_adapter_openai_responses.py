@@ -189,6 +189,23 @@ def test_fields_reasoning_and_extras():
     assert ir_req["extra"] == extra
 
 
+def test_the_edges_of_every_range_are_accepted():
+    passed_on = {
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}, "verbosity": "low"},
+        "max_tool_calls": 0,
+        "top_logprobs": 20,
+        "metadata": {"k": "v"},
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "previous_response_id": "resp_1",
+    }
+    ir_req = responses.parse_request(
+        body(max_output_tokens=2**31 - 1, temperature=2, top_p=1, **passed_on)
+    )
+    assert (ir_req["max_tokens"], ir_req["temperature"], ir_req["top_p"]) == (2**31 - 1, 2, 1)
+    assert ir_req["extra"] == passed_on
+
+
 @pytest.mark.parametrize(
     ("request_body", "param", "message"),
     [
@@ -222,6 +239,23 @@ def test_fields_reasoning_and_extras():
         (body(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]), "input[0].call_id", "is required"),
         (body(input=[{"type": "function_call_output", "output": "x"}]), "input[0].call_id", "is required"),
         (body(input=[{"type": "reasoning", "summary": []}]), "input[0].id", "is required"),
+        (body(input=[{"type": 0, "role": "user", "content": "x"}]), "input[0].type", "must be a string"),
+        (body(text="x"), "text", "text must be an object"),
+        (body(text={"format": "json"}), "text.format", "text.format must be an object"),
+        (body(text={"format": {"type": 1}}), "text.format.type", "must be a string"),
+        (body(text={"verbosity": 2}), "text.verbosity", "must be a string"),
+        (body(max_output_tokens=-1), "max_output_tokens", "from 0 to 2147483647"),
+        (body(max_output_tokens=10**30), "max_output_tokens", "from 0 to 2147483647"),
+        (body(temperature=2.5), "temperature", "temperature must be a number from 0 to 2"),
+        (body(top_p=1e300), "top_p", "from 0 to 1"),
+        (body(max_tool_calls=-3), "max_tool_calls", "from 0"),
+        (body(top_logprobs=21), "top_logprobs", "from 0 to 20"),
+        (body(metadata=["x"]), "metadata", "metadata must be an object"),
+        (body(metadata={"k": 1}), "metadata.k", "must be a string"),
+        (body(store="yes"), "store", "must be a boolean"),
+        (body(previous_response_id=7), "previous_response_id", "must be a string"),
+        (body(include="reasoning.encrypted_content"), "include", "include must be an array"),
+        (body(include=[1]), "include[0]", "must be a string"),
     ],
 )  # fmt: skip
 def test_validation_errors_name_the_field(request_body, param, message):

@@ -111,6 +111,29 @@ def test_different_formats_are_rendered_for_the_client() -> None:
     assert pieces[-2].terminal and translator.terminal
 
 
+@pytest.mark.parametrize("client", [ANTHROPIC, OPENAI_RESPONSES])
+def test_text_with_a_lone_surrogate_or_nul_is_rendered_as_it_came(client: str) -> None:
+    # Valid JSON escapes an upstream may send; a lone surrogate has no UTF-8, so the
+    # client's frames keep it escaped rather than failing the call.
+    odd = "a\ud800b\x00c\U0001f600"
+    stream = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": odd}),
+        *CHAT_STREAM[4:],
+    ]
+    pieces = run(StreamTranslator(client, OPENAI_CHAT, REQUEST), b"".join(stream))
+    assert "".join(p.text for p in pieces) == odd
+    sent = b"".join(p.data for p in pieces)
+    assert odd in _strings(json_frames(sent))  # decodes back to the very same text
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [text for item in items for text in _strings(item)]
+
+
 def test_an_error_event_ends_the_client_stream_once() -> None:
     translator = StreamTranslator(OPENAI_RESPONSES, OPENAI_CHAT, REQUEST)
     error = sse.encode(json.dumps({"error": {"message": "overloaded", "type": "server_error"}}))

@@ -25,7 +25,7 @@ import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.db import database
-from gateway.models import ApiKey
+from gateway.models import ApiKey, SrvLog
 from tests.dashboard_seed import Seeded, seed
 from tests.servers import ADMIN_SECRET, ROOT, Gateway
 
@@ -206,6 +206,7 @@ PAGES = [
     ("embedding", "/embeddings/{e1}"),
     ("keys", "/keys"),
     ("providers", "/providers"),
+    ("logs", "/logs"),
 ]
 
 
@@ -232,3 +233,55 @@ def test_every_page_works_without_javascript(
     page.locator("details.add button[type=submit]").click()
     assert re.fullmatch(r"sk-[0-9a-f]{32}", page.input_value("#new-key"))
     expect(page.locator("button[data-copy=new-key]")).to_be_hidden()
+
+
+def test_a_search_is_a_url_that_another_person_opens_in_chinese(
+    browser: Browser, dashboard: tuple[Gateway, Seeded]
+) -> None:
+    gw, seeded = dashboard
+    page = open_page(browser, "en")
+    log_in(page, gw)
+    page.goto(f"{gw.url}/requests")
+    page.fill("input[name=q]", "lighthouse")
+    page.select_option("select[name=status]", "aborted")
+    page.locator("form.filters button[type=submit]").click()
+    expect(page).to_have_url(re.compile(r"/requests\?.*q=lighthouse.*status=aborted"))
+    expect(page.locator("tr.row-link")).to_have_count(1)
+    shared = page.url
+    csv_link = page.get_by_role("link", name="Download CSV")
+    assert "q=lighthouse" in csv_link.get_attribute("href")
+
+    other = open_page(browser, "zh_CN")
+    log_in(other, gw)
+    other.goto(shared)
+    expect(other.locator("input[name=q]")).to_have_value("lighthouse")
+    expect(other.locator("tr.row-link")).to_have_count(1)
+    expect(other.locator("tr.row-link .badge")).to_have_text("已中止")
+    other.locator("tr.row-link a").click()
+    expect(other).to_have_url(f"{gw.url}/requests/{seeded.calls['aborted'].id}")
+
+
+@pytest.mark.parametrize(
+    ("lang", "title", "acknowledged"),
+    [("en", "Server logs", "1 log acknowledged."), ("zh_CN", "服务器日志", "已确认 1 条日志。")],
+)
+def test_the_logs_page_in_both_languages(
+    browser: Browser, dashboard: tuple[Gateway, Seeded], lang: str, title: str, acknowledged: str
+) -> None:
+    gw, _ = dashboard
+    with database.connection_context():
+        for level in ("error", "warn"):
+            SrvLog.create(message=f"call: gpt-4o via openai failed ({level})", level=level,
+                          details={"logger": "gateway.call", "process": "a1@host:1"})  # fmt: skip
+    page = open_page(browser, lang)
+    log_in(page, gw)
+    page.locator("nav.side a[href='/logs']").click()
+    expect(page.locator("h1")).to_have_text(title)
+    ours = page.locator("tr.log-row", has_text="via openai failed")  # the gateway may log too
+    expect(ours).to_have_count(2)
+    page.select_option("select[name=level]", "error")
+    page.locator("form.filters button[type=submit]").click()
+    expect(ours).to_have_count(1)
+    ours.locator("button[type=submit]").click()
+    expect(page.locator(".flash.ok")).to_have_text(acknowledged)
+    expect(ours).to_have_count(0)

@@ -199,14 +199,36 @@ def test_a_half_closing_client_still_gets_the_whole_stream(gateway_factory, fake
     assert row["status"] == "completed"
 
 
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    sock.settimeout(10)
+    received = b""
+    while marker not in received:
+        received += sock.recv(65536)
+    return received
+
+
+def test_a_fin_just_before_the_terminal_event_is_a_hang_up(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    # The client closes (FIN) after the last piece; the terminal event follows 0.15 s
+    # later, before the probes can have confirmed that FIN. The client left first: the
+    # status is decided by when the FIN was seen, not by when it was confirmed.
+    gw = gateway_factory()
+    route = gw.setup_route(fake.url, remote_id="fake;id=h3;chunks=5;end_delay=0.15")
+    sock = _raw_stream_request(gw, route["key"])
+    received = _read_until(sock, b"tok4 ")
+    sock.close()
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "aborted", row["error"]
+    assert row["error"] == "client disconnected; the upstream was read to its end"
+    assert row["completion"][0]["content"] == words(5)
+    assert fake.log("h3")[0]["outcome"] == "complete"
+    assert b"[DONE]" not in received
+
+
 def test_a_reset_connection_is_a_hang_up(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
     gw = gateway_factory()
     route = gw.setup_route(fake.url, remote_id="fake;id=h2;chunks=20;delay=0.05")
     sock = _raw_stream_request(gw, route["key"])
-    sock.settimeout(10)
-    received = b""
-    while b"tok1 " not in received:
-        received += sock.recv(65536)
+    _read_until(sock, b"tok1 ")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
     (row,) = gw.wait_final(1)

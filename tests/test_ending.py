@@ -142,16 +142,29 @@ def row_of(order: tuple[str, ...]) -> tuple[str, bool, bool]:
     return events[end_at], answered, left_first
 
 
-def replay(order: tuple[str, ...]) -> Ending:
-    """Feed an ordering to an Ending as a call would; the upstream's end if nothing ended it."""
-    ending = Ending()
-    for event in order:
+def replay(order: tuple[str, ...], late: int = 0) -> Ending:
+    """Feed an ordering to an Ending as a call would, event ``i`` happening at time ``i``;
+    the upstream's end if nothing ended it.
+
+    The client's leaving is noted ``late`` events after it happened, with the time it
+    happened: a departure is confirmed by later probes (``downstream.py``).
+    """
+    clock = [0.0]
+    ending = Ending(lambda: clock[0])
+    notes = list(enumerate(order))
+    if LEAVE in order:
+        left = order.index(LEAVE)
+        notes.insert(left + late, notes.pop(left))
+    for at, event in notes:
+        if event == LEAVE:
+            ending.leave(at)
+            continue
+        clock[0] = at
         if event == ANSWER:
             ending.answer()
-        elif event == LEAVE:
-            ending.leave()
         else:
             ending.close(ENDS[event])
+    clock[0] = len(order)
     ending.close(ENDS[UPSTREAM_END])  # every call ends; only a first end counts
     return ending
 
@@ -166,6 +179,37 @@ def test_every_ordering_gets_the_status_its_spec_rule_gives() -> None:
         count += 1
     assert count > 10_000  # the generator really is exhaustive, not a handful
     assert seen == set(TABLE) - _unreachable(), "a TABLE row no ordering reaches"
+
+
+def test_a_departure_counts_from_when_it_was_seen_however_late_it_is_confirmed() -> None:
+    # A FIN seen before the terminal event is confirmed only by a later probe, after the
+    # answer (or the end) was noted: the status is still the one of the order they
+    # happened in. A drain bound follows the confirmation, so it is noted after it.
+    count = 0
+    for order in orderings():
+        if LEAVE not in order:
+            continue
+        left = order.index(LEAVE)
+        bound = next((i for i, e in enumerate(order) if e in BOUNDS), len(order) + 1)
+        for late in range(1, bound - left):
+            assert verdict(replay(order, late)) == TABLE[row_of(order)], f"{order} late {late}"
+            count += 1
+    assert count > 10_000
+
+
+def test_whether_an_unconfirmed_departure_would_change_the_verdict() -> None:
+    clock = [1.0]
+    ending = Ending(lambda: clock[0])
+    ending.answer()
+    ending.close(ENDS[UPSTREAM_END])
+    assert ending.hinges_on(0.5)  # a FIN seen before the answer: aborted, if it was one
+    assert not ending.hinges_on(1.0) and not ending.hinges_on(2.0)
+    assert verdict(ending) == (COMPLETED, None)  # asking changed nothing
+    ending.leave(0.5)
+    assert verdict(ending) == READ_TO_END
+    unanswered = Ending(lambda: clock[0])
+    unanswered.close(ENDS[UNANSWERED])
+    assert not unanswered.hinges_on(0.5)  # failed whoever was there
 
 
 def _unreachable() -> set[tuple[str, bool, bool]]:
@@ -194,4 +238,7 @@ def test_examples(order: tuple[str, ...], expected: tuple[str, str | None]) -> N
 
 
 def test_a_call_that_never_noted_its_end_is_failed_not_left_pending() -> None:
-    assert verdict(Ending()) == (FAILED, "gateway error: the call ended without a reason")
+    assert verdict(Ending(lambda: 0.0)) == (
+        FAILED,
+        "gateway error: the call ended without a reason",
+    )

@@ -115,3 +115,27 @@ def test_torn_lines_are_kept_aside_once_even_if_the_write_is_retried(tmp_path: P
     assert not list(tmp_path.glob("torn-*"))
     journal.replay(lambda _: None)
     assert journal.own_path("torn").read_text() == '{"uid": "ha\n'
+
+
+def test_journal_files_are_their_owners_alone(tmp_path: Path) -> None:
+    # They hold prompts: 0600 files in a 0700 directory, whatever the umask, also where
+    # an older version left them readable.
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    journal = Journal(directory)
+    old = journal.own_path("refused")
+    old.write_text("")
+    old.chmod(0o644)
+    journal.append(rows(1))
+    journal.append(rows(1), prefix="refused")
+    assert journal.own_path().stat().st_mode & 0o777 == 0o600
+    (directory / f"journal-{dead_pid()}.jsonl").write_bytes(b'{"uid": "ha\n')
+    journal.replay(lambda rows: None)  # keeps the torn line aside
+    for path in (old, journal.own_path("torn")):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert directory.stat().st_mode & 0o777 == 0o700
+    fresh = Journal(tmp_path / "fresh" / "journal")
+    fresh.append(rows(1))
+    assert fresh.directory.stat().st_mode & 0o777 == 0o700
+    assert fresh.own_path().stat().st_mode & 0o777 == 0o600

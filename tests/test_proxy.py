@@ -126,6 +126,23 @@ def _cases() -> list:
         case(RESPONSES, {"model": "fake", "input": ["hi"]}, "input[0]", "an object", "item-str"),
         case(RESPONSES, {**VALID[RESPONSES], "max_output_tokens": 1.5},
              "max_output_tokens", "an integer", "max-float"),
+        # Known fields with a wrong type or out of range (issue 7, defect 11): each
+        # passed validation and was forwarded with a 200.
+        case(CHAT, {**VALID[CHAT], "max_tokens": -5}, "max_tokens", "from 0 to", "max-negative"),
+        case(CHAT, b'{"model": "fake", "max_tokens": 1000000000000000000000000000000, '
+             b'"messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "from 0 to", "max-huge"),
+        case(CHAT, {**VALID[CHAT], "n": "2"}, "n", "n must be an integer", "n-str"),
+        case(CHAT, {**VALID[CHAT], "response_format": 7}, "response_format", "an object", "format-int"),
+        case(CHAT, {**VALID[CHAT], "messages": [{"role": "user", "content": "hi", "name": 7}]},
+             "messages[0].name", "messages[0].name must be a string", "name-int"),
+        case(MESSAGES, {**VALID[MESSAGES], "thinking": {"type": 7}}, "thinking.type", "thinking.type must be a string", "thinking-type"),
+        case(MESSAGES, {**VALID[MESSAGES], "stop_sequences": "x"}, "stop_sequences", "must be an array", "stop-str"),
+        case(MESSAGES, {**VALID[MESSAGES], "metadata": "x"}, "metadata", "metadata must be an object", "metadata-str"),
+        case(MESSAGES, {**VALID[MESSAGES], "max_tokens": -1}, "max_tokens", "from 0 to", "max-negative"),
+        case(MESSAGES, b'{"model": "fake", "max_tokens": 1000000000000000000000000000000, '
+             b'"messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "from 0 to", "max-huge"),
+        case(RESPONSES, {**VALID[RESPONSES], "text": "x"}, "text", "text must be an object", "text-str"),
+        case(RESPONSES, {**VALID[RESPONSES], "max_output_tokens": -1}, "max_output_tokens", "from 0 to", "max-negative"),
         case(EMBEDDINGS, {"model": "emb"}, "input", "input is required", "no-input"),
         case(EMBEDDINGS, {"model": "emb", "input": ""}, "input", "non-empty", "empty-str"),
         case(EMBEDDINGS, {"model": "emb", "input": []}, "input", "non-empty", "empty-list"),
@@ -276,6 +293,46 @@ def test_text_the_database_cannot_store_is_replaced_in_what_is_sent_and_recorded
         stored = row.prompt if path != EMBEDDINGS else row.input
     assert cleaned in json.dumps(stored, ensure_ascii=False)
     assert "\\ud800" not in json.dumps(stored)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_an_answer_the_database_cannot_store_reaches_the_client_whole_and_is_recorded(
+    client, fake, route, path, stream
+) -> None:  # type: ignore[no-untyped-def]
+    # The upstream's text carries a lone surrogate and NUL (escaped, as JSON allows):
+    # the client gets them as sent (relayed, or converted); the record has U+FFFD.
+    resp = post(
+        client,
+        path,
+        {**VALID[path], "stream": stream},
+        route["key"],
+        **{"X-Fake-Script": "unstorable=1"},
+    )
+    assert resp.status_code == 200
+    body = resp.get_data()
+    if stream:
+        events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+        texts = [d.get("content") or "" for d in deltas] + [
+            e["delta"].get("text", "") for e in events if e.get("type") == "content_block_delta"
+        ]
+        text = "".join(texts)
+    else:
+        answer = json.loads(body)
+        text = (
+            answer["choices"][0]["message"]["content"]
+            if path == CHAT
+            else answer["content"][0]["text"]
+        )
+    assert text == "".join(f"tok{i}\ud800\x00 " for i in range(5))
+    assert recorded() == 1
+    with database.connection_context():
+        row = Completion.get()
+    assert (row.status, row.completion[0]["content"]) == (
+        "completed",
+        "".join(f"tok{i}\ufffd\ufffd " for i in range(5)),
+    )
 
 
 def test_credential_headers_are_neither_forwarded_nor_recorded(client, fake, route) -> None:  # type: ignore[no-untyped-def]

@@ -338,6 +338,33 @@ def test_every_row_names_the_process_that_recorded_it(rec: Recorder, key_id: int
     assert row.owner == identity() and row.owner.endswith(f":{os.getpid()}")
 
 
+def test_text_the_database_cannot_store_is_replaced_where_rows_are_taken(
+    rec: Recorder, key_id: int
+) -> None:
+    # An upstream's answer and error may hold a lone surrogate or NUL (valid JSON
+    # escapes). PostgreSQL refuses both: the row would be refused and lost.
+    ex = exchange(key_id, stream=True)
+    ex.attempt("p\x00", "m", "http", 5, error="HTTP 500: \ud800 \x00")
+    ex.finish(
+        "failed",
+        output=[{"role": "assistant", "content": "a\ud800b\x00c", "tool_calls": [{"\x00": 1}]}],
+        usage={"input_tokens": 1, "output_tokens": 2},
+        error="upstream said \udfff\x00",
+    )
+    row = snapshot(ex)
+    assert row["completion"][0]["content"] == "a\ufffdb\ufffdc"
+    assert row["completion"][0]["tool_calls"] == [{"\ufffd": 1}]
+    assert row["error"] == "upstream said \ufffd\ufffd"
+    assert row["attempts"][0]["provider"] == "p\ufffd"
+    assert row["created_at"] == ex.created_at  # only text is touched
+    rec.record(ex)
+    assert rec.flush(5)
+    (stored,) = rows()
+    assert (stored.status, stored.error) == ("failed", "upstream said \ufffd\ufffd")
+    assert stored.completion[0]["content"] == "a\ufffdb\ufffdc"
+    assert ex.output[0]["content"] == "a\ud800b\x00c"  # the call's own facts are left as they are
+
+
 @pytest.mark.parametrize("order", ["source first", "replay first", "one batch"])
 def test_a_replay_is_linked_to_its_source_whichever_is_written_first(
     rec: Recorder, key_id: int, order: str

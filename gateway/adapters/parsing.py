@@ -2,7 +2,10 @@
 
 Each reader returns the value, or ``None`` when the field is absent or null, and raises
 ``InvalidRequest`` naming the field path (``messages[2].content``) when the value has the
-wrong type. Pure code.
+wrong type or is out of its range. Numbers are bounded by what providers take: a count
+of tokens (or choices, or tool calls) fits a 32-bit column, a seed 64 bits, sampling
+parameters their documented ranges; whatever goes upstream as sent is checked too, as
+a provider may answer a 5xx (and be failed over) where it should refuse. Pure code.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import InvalidRequest
+
+MAX_COUNT = 2**31 - 1  # tokens, choices, tool calls: a 32-bit column holds them
+SEED = (-(2**63), 2**63 - 1)
 
 # JSON type name -> check; bool is an int in Python but never a number in JSON bodies.
 _KINDS = {
@@ -84,6 +90,55 @@ def expect(value: Any, kind: str, path: str) -> Any:
     """Return ``value`` if it is of ``kind``, else raise naming ``path``."""
     if not _KINDS[kind](value):
         raise InvalidRequest(f"{path} must be {kind}", param=path)
+    return value
+
+
+def typed(obj: dict, kind: str, *keys: str) -> None:
+    """Check that each of ``keys`` in ``obj`` is of ``kind`` where present."""
+    for key in keys:
+        field(obj, key, kind)
+
+
+def integer(
+    obj: dict, key: str, low: int, high: int, path: str | None = None, *, optional: bool = True
+) -> int | None:
+    """``obj[key]`` checked to be an integer from ``low`` to ``high``, or None if absent."""
+    path = path or key
+    value = (field if optional else required)(obj, key, "an integer", path)
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"{path} must be an integer from {low} to {high}", param=path)
+    return value
+
+
+def count(obj: dict, key: str, path: str | None = None, *, optional: bool = True) -> int | None:
+    """A number of tokens, choices or calls: an integer from 0 to MAX_COUNT."""
+    return integer(obj, key, 0, MAX_COUNT, path, optional=optional)
+
+
+def number(obj: dict, key: str, low: float, high: float, path: str | None = None) -> Any:
+    """``obj[key]`` checked to be a number from ``low`` to ``high``, or None if absent."""
+    path = path or key
+    value = field(obj, key, "a number", path)
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"{path} must be a number from {low:g} to {high:g}", param=path)
+    return value
+
+
+def strings(obj: dict, key: str, path: str | None = None) -> list[str] | None:
+    """An array of strings, or None if absent."""
+    path = path or key
+    value = field(obj, key, "an array", path)
+    for i, item in enumerate(value or []):
+        expect(item, "a string", f"{path}[{i}]")
+    return value
+
+
+def string_map(obj: dict, key: str, path: str | None = None) -> dict | None:
+    """An object whose values are strings (``metadata``), or None if absent."""
+    path = path or key
+    value = field(obj, key, "an object", path)
+    for name, item in (value or {}).items():
+        expect(item, "a string", f"{path}.{name}")
     return value
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway import sse
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 
 
@@ -22,7 +23,12 @@ def new_id(prefix: str) -> str:
 
 def dumps(data: Any) -> str:
     """Compact JSON, UTF-8 left as is, as the providers send it."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    # A lone surrogate (an upstream may send one, escaped) has no UTF-8: it stays escaped,
+    # the same JSON text as it came. Outside strings JSON has no such characters.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
 def frame(data: Any, event: str | None = None) -> bytes:

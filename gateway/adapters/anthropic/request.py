@@ -37,23 +37,30 @@ def parse_request(body: Any) -> dict:
     ir = parsing.start(body, _KNOWN)
     ir["stream_usage"] = True  # Anthropic streams always carry usage
     messages = parsing.non_empty_list(body, "messages")
-    ir["max_tokens"] = parsing.required(body, "max_tokens", "an integer", "max_tokens")
+    ir["max_tokens"] = parsing.count(body, "max_tokens", optional=False)
     if body.get("system") is not None:
         ir["system"] = _parse_system(body["system"])
     ir["messages"] = [_parse_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
-    for key, kind in (("temperature", "a number"), ("top_p", "a number"), ("top_k", "an integer")):
-        ir[key] = parsing.field(body, key, kind)
-    ir["stop"] = parsing.stop_list(body, "stop_sequences")
+    ir["temperature"] = parsing.number(body, "temperature", 0, 1)
+    ir["top_p"] = parsing.number(body, "top_p", 0, 1)
+    ir["top_k"] = parsing.count(body, "top_k")
+    ir["stop"] = parsing.strings(body, "stop_sequences")
     tools = parsing.field(body, "tools", "an array") or []
     ir["tools"] = [_parse_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
     if body.get("tool_choice") is not None:
         _parse_tool_choice(ir, parsing.field(body, "tool_choice", "an object"))
     thinking = parsing.field(body, "thinking", "an object")
-    if thinking and thinking.get("type") == "enabled":
-        budget = parsing.required(thinking, "budget_tokens", "an integer", "thinking.budget_tokens")
+    kind = None
+    if thinking is not None:
+        kind = parsing.required(thinking, "type", "a string", "thinking.type")
+    if kind == "enabled":
+        budget = parsing.count(thinking, "budget_tokens", "thinking.budget_tokens", optional=False)
         ir["reasoning"] = {"effort": None, "budget_tokens": budget, "summary": None}
-    elif thinking and thinking.get("type") != "disabled":
+    elif kind not in (None, "disabled"):
         ir["extra"]["thinking"] = thinking  # adaptive and newer modes: passed on as sent
+    metadata = parsing.field(body, "metadata", "an object")  # passed on as sent
+    if metadata is not None:
+        parsing.field(metadata, "user_id", "a string", "metadata.user_id")
     return ir
 
 
@@ -101,7 +108,7 @@ def _parse_system(system: Any) -> list[dict]:
         parsing.expect(block, "an object", path)
         if block.get("type") != "text":
             raise InvalidRequest(f"{path}.type must be 'text'", param=f"{path}.type")
-        blocks.append(_with_cache_control(parsing.text_block(block, "text", path), block))
+        blocks.append(_with_cache_control(parsing.text_block(block, "text", path), block, path))
     return blocks
 
 
@@ -174,7 +181,7 @@ def _parse_block(block: Any, path: str, nested: bool = False) -> dict:
         result = {"type": "reasoning", "text": "", "signature": None, "redacted": data}
     else:
         raise parsing.unsupported(kind, path)
-    return _with_cache_control(result, block)
+    return _with_cache_control(result, block, path)
 
 
 def _parse_source(source: Any, path: str) -> dict:
@@ -201,7 +208,7 @@ def _parse_tool(tool: Any, path: str) -> dict:
     result = parsing.tool(
         tool.get("name"), tool.get("description"), tool["input_schema"], tool.get("strict"), path
     )
-    return _with_cache_control(result, tool)
+    return _with_cache_control(result, tool, path)
 
 
 def _parse_tool_choice(ir: dict, choice: dict) -> None:
@@ -220,9 +227,10 @@ def _parse_tool_choice(ir: dict, choice: dict) -> None:
         ir["parallel_tool_calls"] = not disable
 
 
-def _with_cache_control(result: dict, wire: dict) -> dict:
-    if isinstance(wire.get("cache_control"), dict):
-        result["cache_control"] = wire["cache_control"]
+def _with_cache_control(result: dict, wire: dict, path: str) -> dict:
+    cache_control = parsing.field(wire, "cache_control", "an object", f"{path}.cache_control")
+    if cache_control is not None:
+        result["cache_control"] = cache_control
     return result
 
 

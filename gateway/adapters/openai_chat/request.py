@@ -49,12 +49,14 @@ def parse_request(body: Any) -> dict:
         rest = {k: v for k, v in options.items() if k != "include_usage"}
         if rest:
             ir["extra"]["stream_options"] = rest
-    max_tokens = parsing.field(body, "max_tokens", "an integer")
-    completion_tokens = parsing.field(body, "max_completion_tokens", "an integer")
+    max_tokens = parsing.count(body, "max_tokens")
+    completion_tokens = parsing.count(body, "max_completion_tokens")
     ir["max_tokens"] = max_tokens if completion_tokens is None else completion_tokens
-    for key, kind in (("temperature", "a number"), ("top_p", "a number"), ("top_k", "an integer")):
-        ir[key] = parsing.field(body, key, kind)
+    ir["temperature"] = parsing.number(body, "temperature", 0, 2)
+    ir["top_p"] = parsing.number(body, "top_p", 0, 1)
+    ir["top_k"] = parsing.integer(body, "top_k", -1, parsing.MAX_COUNT)  # vLLM's -1: no limit
     ir["stop"] = parsing.stop_list(body, "stop")
+    _check_passed_on(body)
     ir["parallel_tool_calls"] = parsing.field(body, "parallel_tool_calls", "a boolean")
     effort = parsing.field(body, "reasoning_effort", "a string")
     if effort is not None:
@@ -71,6 +73,26 @@ def parse_request(body: Any) -> dict:
     elif body.get("function_call") is not None:
         ir["tool_choice"] = _parse_tool_choice(body["function_call"], "function_call")
     return ir
+
+
+def _check_passed_on(body: dict) -> None:
+    """Fields the IR has no place for, sent on as they are: of the types OpenAI documents."""
+    parsing.integer(body, "n", 1, 128)
+    response_format = parsing.field(body, "response_format", "an object")
+    if response_format is not None:
+        parsing.required(response_format, "type", "a string", "response_format.type")
+    parsing.integer(body, "seed", *parsing.SEED)
+    parsing.integer(body, "top_logprobs", 0, 20)
+    for key in ("presence_penalty", "frequency_penalty"):
+        parsing.number(body, key, -2, 2)
+    bias = parsing.field(body, "logit_bias", "an object") or {}
+    for token in bias:
+        parsing.number(bias, token, -100, 100, f"logit_bias.{token}")
+    parsing.typed(body, "a boolean", "logprobs", "store")
+    strings = ("user", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity")
+    parsing.typed(body, "a string", *strings)
+    parsing.string_map(body, "metadata")
+    parsing.strings(body, "modalities")
 
 
 def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
@@ -143,6 +165,7 @@ def tool_choice_to_chat(choice: dict) -> str | dict:
 def _parse_message(ir: dict, message: Any, path: str) -> None:
     parsing.expect(message, "an object", path)
     role = parsing.one_of(message.get("role"), _ROLES, f"{path}.role")
+    parsing.field(message, "name", "a string", f"{path}.name")  # dropped, or sent on as is
     content = message.get("content")
     if role in ("system", "developer"):
         ir["system"].extend(_parse_content(content, f"{path}.content", images=False))
@@ -161,16 +184,15 @@ def _parse_message(ir: dict, message: Any, path: str) -> None:
         call_id = message.get("tool_call_id") if role == "tool" else _last_legacy_call(ir)
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequest(f"{path}.tool_call_id is required", param=f"{path}.tool_call_id")
-        parsing.append_tool_result(
-            ir["messages"], call_id, _parse_content(content or "", f"{path}.content")
-        )
+        text = "" if content is None else content
+        parsing.append_tool_result(ir["messages"], call_id, _parse_content(text, f"{path}.content"))
 
 
 def _parse_assistant(message: dict, path: str, legacy_id: str) -> list[dict]:
     blocks: list[dict] = []
     for key in ("reasoning_content", "reasoning"):
-        reasoning = message.get(key)
-        if isinstance(reasoning, str) and reasoning:
+        reasoning = parsing.field(message, key, "a string", f"{path}.{key}")
+        if reasoning:
             blocks.append(
                 {"type": "reasoning", "text": reasoning, "signature": None, "redacted": None}
             )
@@ -182,6 +204,7 @@ def _parse_assistant(message: dict, path: str, legacy_id: str) -> list[dict]:
         call_path = f"{path}.tool_calls[{i}]"
         parsing.expect(call, "an object", call_path)
         call_id = parsing.required(call, "id", "a string", f"{call_path}.id")
+        parsing.field(call, "type", "a string", f"{call_path}.type")
         blocks.append(_parse_call(call.get("function"), call_id, f"{call_path}.function"))
     if message.get("function_call") is not None:
         blocks.append(_parse_call(message["function_call"], legacy_id, f"{path}.function_call"))
@@ -237,6 +260,8 @@ def _parse_tool_choice(choice: Any, path: str) -> dict:
     if isinstance(choice, str):
         return {"type": parsing.one_of(choice, ("auto", "none", "required"), path)}
     if isinstance(choice, dict):
+        if "function" in choice and choice.get("type", "function") != "function":
+            raise InvalidRequest(f"{path}.type must be 'function'", param=f"{path}.type")
         function = choice.get("function") if "function" in choice else choice  # legacy: {name}
         if (
             isinstance(function, dict)

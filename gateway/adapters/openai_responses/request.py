@@ -47,9 +47,9 @@ def parse_request(body: Any) -> dict:
     instructions = parsing.field(body, "instructions", "a string")
     if instructions:
         ir["system"].insert(0, {"type": "text", "text": instructions})
-    ir["max_tokens"] = parsing.field(body, "max_output_tokens", "an integer")
-    for key in ("temperature", "top_p"):
-        ir[key] = parsing.field(body, key, "a number")
+    ir["max_tokens"] = parsing.count(body, "max_output_tokens")
+    ir["temperature"] = parsing.number(body, "temperature", 0, 2)
+    ir["top_p"] = parsing.number(body, "top_p", 0, 1)
     ir["parallel_tool_calls"] = parsing.field(body, "parallel_tool_calls", "a boolean")
     tools = parsing.field(body, "tools", "an array") or []
     ir["tools"] = [_parse_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
@@ -64,7 +64,25 @@ def parse_request(body: Any) -> dict:
         )
         if effort or summary:
             ir["reasoning"] = {"effort": effort, "budget_tokens": None, "summary": summary}
+    _check_passed_on(body)
     return ir
+
+
+def _check_passed_on(body: dict) -> None:
+    """Fields the IR has no place for, sent on as they are: of the types OpenAI documents."""
+    text = parsing.field(body, "text", "an object")
+    if text is not None:
+        form = parsing.field(text, "format", "an object", "text.format")
+        if form is not None:
+            parsing.required(form, "type", "a string", "text.format.type")
+        parsing.field(text, "verbosity", "a string", "text.verbosity")
+    parsing.count(body, "max_tool_calls")
+    parsing.integer(body, "top_logprobs", 0, 20)
+    parsing.typed(body, "a boolean", "store", "background")
+    strings = ("previous_response_id", "user", "truncation", "service_tier", "prompt_cache_key")
+    parsing.typed(body, "a string", *strings)
+    parsing.string_map(body, "metadata")
+    parsing.strings(body, "include")
 
 
 def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
@@ -104,7 +122,8 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
 
 def _parse_item(ir: dict, item: Any, path: str) -> None:
     parsing.expect(item, "an object", path)
-    kind = item.get("type") or ("message" if "role" in item else None)
+    kind = parsing.field(item, "type", "a string", f"{path}.type")
+    kind = kind or ("message" if "role" in item else None)
     if kind == "message":
         role = parsing.one_of(item.get("role"), _ROLES, f"{path}.role")
         blocks = _parse_content(item.get("content"), f"{path}.content", images=role == "user")

@@ -1,0 +1,183 @@
+"""Seeding from a file: created once, unchanged the second time, updated where it changed.
+
+Through the admin API's own checks (a bad entry is refused with its place named and
+nothing is applied), secrets from environment variables, keys with given values,
+entries the file does not name left alone. Then the real start: gunicorn's master
+applies ``GATEWAY_INIT_FILE`` before its workers serve, and a forced key calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway import initfile
+from gateway.models import ApiKey, Model, Provider
+from tests.servers import Gateway
+
+FORCED = "sk-" + "0123456789abcdef" * 2
+YAML = """
+providers:
+  - name: openai
+    type: openai
+    baseUrl: https://api.openai.com/v1
+    apiKey: ${OPENAI_KEY}
+    models:
+      - systemName: gpt-4o
+        remoteId: gpt-4o-2024-11-20
+        inputPrice: 2.5
+        outputPrice: 10
+        weight: 3
+      - systemName: text-embedding-3-small
+        modelType: embedding
+  - name: claude
+    type: anthropic
+    baseUrl: https://api.anthropic.com
+    apiKey: ${ANTHROPIC_KEY}
+    models:
+      - systemName: claude-sonnet-4
+keys:
+  - key: ${SUPPORT_KEY}
+    comment: support-bot
+    rpmLimit: 100
+    tpmLimit: 200000
+  - comment: eval-harness
+"""
+ENV = {"OPENAI_KEY": "sk-openai-1234567890", "ANTHROPIC_KEY": "sk-ant-1", "SUPPORT_KEY": FORCED}
+
+
+def apply(tmp_path: Path, text: str, env: dict | None = None, name: str = "seed.yaml"):  # type: ignore[no-untyped-def]
+    path = tmp_path / name
+    path.write_text(text)
+    return initfile.apply(initfile.load(path, ENV if env is None else env))
+
+
+def state() -> list:
+    """Every row the file can touch, with its updated_at: a change shows."""
+    return [
+        *Provider.select().order_by(Provider.id).dicts(),
+        *Model.select().order_by(Model.id).dicts(),
+        *ApiKey.select().order_by(ApiKey.id).dicts(),
+    ]
+
+
+def test_applying_twice_changes_nothing_and_a_change_is_an_update(db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    first = apply(tmp_path, YAML)
+    assert len(first.created) == 7 and not first.updated  # 2 providers, 3 models, 2 keys
+    openai_row = Provider.get(Provider.name == "openai")
+    assert openai_row.api_key == "sk-openai-1234567890"  # from the environment, sealed at rest
+    gpt = Model.get(Model.system_name == "gpt-4o")
+    assert (gpt.input_price, gpt.output_price, gpt.weight) == (2.5, 10.0, 3.0)
+    support = ApiKey.by_key(FORCED)
+    assert (support.comment, support.rpm_limit, support.source) == ("support-bot", 100, "init")
+    (generated,) = first.new_keys.items()
+    assert generated[0] == "eval-harness" and ApiKey.by_key(generated[1]).source == "init"
+
+    before = state()
+    second = apply(tmp_path, YAML)
+    assert (second.created, second.updated, second.unchanged) == ([], [], 7)
+    assert not second.new_keys and state() == before  # not even an updated_at moved
+
+    changed = YAML.replace("weight: 3", "weight: 5").replace("rpmLimit: 100", "rpmLimit: 7")
+    third = apply(tmp_path, changed)
+    assert sorted(third.updated) == ["key sk-0123…cdef", "model openai/gpt-4o"]
+    assert Model.get_by_id(gpt.id).weight == 5 and ApiKey.by_key(FORCED).rpm_limit == 7
+
+
+def test_what_the_file_does_not_name_is_left_alone(db, tmp_path, client) -> None:  # type: ignore[no-untyped-def]
+    apply(tmp_path, YAML)
+    other = Provider.create(name="mine", base_url="https://mine.example/v1")
+    revoked = ApiKey.by_key(FORCED)
+    ApiKey.update(revoked=True, comment="edited by hand").where(ApiKey.id == revoked.id).execute()
+    outcome = apply(tmp_path, YAML)
+    assert Provider.get_by_id(other.id).deleted is False
+    row = ApiKey.by_key(FORCED)
+    assert row.revoked is True  # an operator's revocation stays
+    assert row.comment == "support-bot" and outcome.updated == ["key sk-0123…cdef"]
+    apply(
+        tmp_path,
+        YAML.replace("    comment: support-bot", "    comment: support-bot\n    revoked: false"),
+    )
+    assert ApiKey.by_key(FORCED).revoked is False
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (YAML, {"OPENAI_KEY": "x", "SUPPORT_KEY": FORCED}, "providers[1].apiKey: environment variable ANTHROPIC_KEY is not set"),
+        (YAML.replace("https://api.anthropic.com", "ftp://nope"), None, "providers[1]: baseUrl must be an http(s) URL"),
+        (YAML.replace("weight: 3", "weight: -1"), None, "providers[0].models[0]: weight must be at least 0"),
+        (YAML.replace("tpmLimit: 200000", "tpmLimit: many"), None, "keys[0]: tpmLimit must be an integer"),
+        (YAML, {**ENV, "SUPPORT_KEY": "sk-short"}, "keys[0]: key must be sk- and 32 lowercase hex digits"),
+        ("providers: {name: x}", None, "providers must be a list of mappings"),
+        ("upstreams: []", None, "must be a mapping of providers and keys"),
+        ("providers: [\n  - name: [", None, "is not valid YAML"),
+    ],
+)  # fmt: skip
+def test_a_bad_file_names_the_place_and_applies_nothing(db, tmp_path, text, env, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(initfile.InitFileError, match=re.escape(message)):
+        apply(tmp_path, text, env)
+    assert state() == []
+
+
+def test_json_files_and_literal_dollar_braces(db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = {
+        "providers": [{"name": "p", "baseUrl": "https://x.example/v1", "comment": "cost $${HIGH}"}]
+    }
+    apply(tmp_path, json.dumps(data), name="seed.json")
+    assert Provider.get(Provider.name == "p").comment == "cost ${HIGH}"
+    with pytest.raises(initfile.InitFileError, match="is not valid JSON"):
+        apply(tmp_path, "{", name="seed.json")
+
+
+def test_prepare_applies_the_file_and_stops_the_start_on_an_error(
+    app, runner, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "seed.yaml"
+    path.write_text(YAML)
+    app.config["INIT_FILE"] = str(path)
+
+    def prepare():  # type: ignore[no-untyped-def]
+        with app.app_context():  # as `flask --app wsgi prepare` runs it
+            return runner.invoke(args=["prepare"])
+
+    result = prepare()
+    assert result.exit_code == 0, result.output
+    assert "init file" in result.output and "7 created, 0 updated, 0 unchanged" in result.output
+    assert "key 'eval-harness' created (shown only now): sk-" in result.output
+    assert "7 unchanged" in prepare().output
+    monkeypatch.delenv("OPENAI_KEY")
+    failed = prepare()
+    assert failed.exit_code != 0 and "environment variable OPENAI_KEY is not set" in failed.output
+
+
+@pytest.mark.server
+def test_gunicorn_applies_the_file_before_it_serves(gateway_factory, fake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    call_id = f"init-{tmp_path.name}"  # the fake upstream outlives this test
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(
+        f"""
+providers:
+  - name: fake
+    baseUrl: {fake.url}/v1
+    apiKey: ${{FAKE_KEY}}
+    models: [{{systemName: fake, remoteId: "fake;id={call_id};chunks=2"}}]
+keys:
+  - {{key: "{FORCED}", comment: from-file}}
+"""
+    )
+    gw: Gateway = gateway_factory(GATEWAY_INIT_FILE=str(seed), FAKE_KEY="upstream-secret")
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=FORCED, max_retries=0)
+    answer = client.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content
+    (sent,) = fake.log(call_id)
+    assert sent["headers"]["authorization"] == "Bearer upstream-secret"
+    assert "init file" in gw.log() and "3 created, 0 updated" in gw.log()

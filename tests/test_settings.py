@@ -1,0 +1,78 @@
+"""The settings API (NexusGate HEAD's shape), its reserved keys, and the dashboard's reads of it."""
+
+from __future__ import annotations
+
+import re
+
+from gateway import auth
+from gateway.db import database
+from gateway.models import Setting
+from tests.dashboard_seed import seed
+from tests.servers import ADMIN_SECRET
+from tests.test_dashboard import login, text
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+
+
+def call(client, method: str, path: str, **kwargs: object) -> tuple[int, object]:  # type: ignore[no-untyped-def]
+    resp = client.open(f"/api/admin/settings{path}", method=method, headers=ADMIN, **kwargs)
+    return resp.status_code, resp.get_json()
+
+
+def test_settings_crud_with_json_values(client) -> None:  # type: ignore[no-untyped-def]
+    assert call(client, "GET", "") == (200, [])
+    for value in ({"a": [1, 2.5, None]}, "text", 7, True, None):
+        status, row = call(client, "PUT", "/my.flag", json={"value": value})
+        assert status == 200 and row["key"] == "my.flag" and row["value"] == value
+        assert row["updatedAt"].endswith("Z")
+    call(client, "PUT", "/alpha", json={"value": 1})
+    status, rows = call(client, "GET", "")
+    assert status == 200 and [r["key"] for r in rows] == ["alpha", "my.flag"]
+    assert call(client, "GET", "/alpha")[1]["value"] == 1
+    assert call(client, "DELETE", "/alpha")[1]["key"] == "alpha"
+    assert call(client, "GET", "/alpha") == (404, {"error": "Setting not found"})
+    assert call(client, "DELETE", "/alpha")[0] == 404
+
+
+def test_bad_settings_are_400(client) -> None:  # type: ignore[no-untyped-def]
+    assert call(client, "PUT", "/x", json={"nothing": 1}) == (400, {"error": "value is required"})
+    assert call(client, "PUT", "/x", data=b"{bad", content_type="application/json")[0] == 400
+    assert call(client, "PUT", "/" + "k" * 64, json={"value": 1})[0] == 400
+    status, body = call(client, "PUT", "/x", json={"value": "v" * 70_000})
+    assert status == 400 and "at most" in body["error"]
+    assert call(client, "PUT", "/timezone", json={"value": "Mars/Olympus"})[0] == 400
+    assert call(client, "PUT", "/timezone", json={"value": 8})[0] == 400
+    assert call(client, "PUT", "/overviewRange", json={"value": "3h"})[0] == 400
+    assert call(client, "GET", "")[1] == []
+
+
+def test_the_generated_admin_secret_is_never_readable_or_writable(app, client) -> None:  # type: ignore[no-untyped-def]
+    with database.connection_context():
+        secret = auth.ensure_generated_secret()
+    key = auth.GENERATED_SECRET
+    assert call(client, "GET", "")[1] == []
+    assert call(client, "GET", f"/{key}")[0] == 404
+    assert call(client, "PUT", f"/{key}", json={"value": "mine"})[0] == 403
+    assert call(client, "DELETE", f"/{key}")[0] == 403
+    everything = client.get("/api/admin/settings", headers=ADMIN).text
+    assert secret not in everything
+    with database.connection_context():
+        assert Setting.read(key) == secret
+
+
+def test_the_dashboard_uses_the_time_zone_and_overview_range_settings(client) -> None:  # type: ignore[no-untyped-def]
+    with database.connection_context():
+        seeded = seed()
+    login(client)
+    row = seeded.calls["aborted"]
+    assert "Times in UTC" in text(client.get(f"/requests/{row.id}"))
+    assert call(client, "PUT", "/timezone", json={"value": "Asia/Shanghai"})[0] == 200
+    page = text(client.get(f"/requests/{row.id}"))
+    assert "Times in Asia/Shanghai" in page
+    local = row.created_at.hour + 8
+    assert f"{(local - 1) % 12 + 1}:{row.created_at:%M:%S}" in page
+
+    assert re.search(r'<option value="1h"\s+selected', client.get("/").text)
+    assert call(client, "PUT", "/overviewRange", json={"value": "24h"})[0] == 200
+    assert re.search(r'<option value="24h"\s+selected', client.get("/").text)
+    assert re.search(r'<option value="5m"\s+selected', client.get("/?range=5m").text)
