@@ -8,6 +8,7 @@ through gunicorn are in tests/test_disconnects.py.
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import gevent
@@ -25,7 +26,7 @@ class StandIn:
         self.ended: End | None = None
         self._stopped = gevent.event.Event()
         self.exchange = SimpleNamespace(status="aborted")  # what calls counts in /metrics
-        self.ending = Ending()
+        self.ending = Ending(time.monotonic)
 
     def produce(self) -> None:
         self._stopped.wait()
