@@ -44,11 +44,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from gateway import (
         admin_api,
         admin_ops,  # noqa: F401 - nests its routes in admin_api.bp when imported
+        auth,
         calls,
         cli,
         dashboard,
         db,
         limiter,
+        model_limits,
         proxy,
         recorder,
         snapshot,
@@ -69,6 +71,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     calls.calls.init_app(app)
     limiter.limiter.init_app(app)
     snapshot.refresher.init_app(app)
+    model_limits.model_limits.init_app(app)
+    # A key or per-model limit changed in another worker or instance: forget it here.
+    limiter.limiter.on_key_change(auth.keys.changed)
+    limiter.limiter.on_key_change(model_limits.model_limits.changed)
     srvlog.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)

@@ -1,11 +1,14 @@
 """The admin JSON API under ``/api/admin``, as NexusGate's (paths, camelCase fields).
 
-Guarded by ``Authorization: Bearer $ADMIN_SUPER_SECRET`` (or ``x-api-key``). The
-views are thin: the checked changes to keys, providers and models live in
-``registry`` (the dashboard makes them too), record lists in ``records``, JSON
-shapes in ``serializers``. Gateway keys leave in full only once, at creation. No
-input gets a 5xx: bodies are strict JSON (``jsonio``), ids in paths are 1 to 2^63-1
-(else 404), query integers are ASCII digits within bounds, and NUL is refused.
+Guarded by ``Authorization: Bearer $ADMIN_SUPER_SECRET`` (or ``x-api-key``); wrong
+secrets are throttled per client address (``LOGIN_ATTEMPTS`` per ``LOGIN_WINDOW``,
+shared by every instance through the limiter): past that, 429 with Retry-After, right
+secret or not. The views are thin: the checked changes to keys, providers, models and
+per-model limits live in ``registry`` (the dashboard makes them too), record lists in
+``records``, JSON shapes in ``serializers``. Creates answer 200 with the object, as
+NexusGate's do (its scripts check for 200). Gateway keys leave in full only once, at
+creation. No input gets a 5xx: bodies are strict JSON (``jsonio``), ids in paths are 1
+to 2^63-1 (else 404), query integers are ASCII digits within bounds, and NUL is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from gateway import (
     auth,
     db,
     export,
+    forwarded,
     jsonio,
     ledger,
     records,
@@ -30,6 +34,7 @@ from gateway import (
     stats,
     urlargs,
 )
+from gateway.limiter import limiter
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.upstream import UpstreamError
 
@@ -47,8 +52,17 @@ def _admin_error(exc: registry.Refused) -> Response:
 @bp.before_request
 def _require_admin() -> Response | None:
     db.connect()
+    address = forwarded.address_of(request, current_app.config["TRUSTED_PROXIES"])
+    wait = limiter.attempt(address)
+    if wait:
+        answer = jsonio.response(
+            {"error": f"Too many wrong admin secrets from {address}: retry in {wait} s"}, 429
+        )
+        answer.headers["Retry-After"] = str(wait)
+        return answer
     if not auth.is_admin(request.headers, auth.admin_secret(current_app)):
         return jsonio.response({"error": "Invalid admin secret"}, 401)
+    limiter.succeeded(address)  # only wrong secrets count against an address
     return None
 
 
@@ -86,7 +100,7 @@ def list_managed_keys() -> Response:
 @bp.post("/apiKey")
 def create_key() -> Response:
     row, key = registry.issue_key(registry.key_fields(_body()))
-    return jsonio.response({**serializers.api_key(row), "key": key}, 201)
+    return jsonio.response({**serializers.api_key(row), "key": key})
 
 
 @bp.get("/apiKey/<key>")
@@ -106,8 +120,27 @@ def set_key_limits(key: str) -> Response:
     data = registry.fields(_body(), registry.LIMITS)
     row = registry.key_row(key)
     registry.edit_key(row, data)
+    row = registry.key_row(key)
     return jsonio.response(
-        {"key": row.key_hint, "rpmLimit": data["rpm_limit"], "tpmLimit": data["tpm_limit"]}
+        {
+            "key": row.key_hint,
+            "rpmLimit": row.rpm_limit,
+            "tpmLimit": row.tpm_limit,
+            "maxConcurrent": row.max_concurrent,
+        }
+    )
+
+
+@bp.get("/apiKey/<key>/usage")
+def key_limit_usage(key: str) -> Response:
+    """What the key has used of its limits now, from the buckets every instance shares."""
+    row = registry.key_row(key)
+    return jsonio.response(
+        {
+            "key": row.key_hint,
+            "limits": {"rpm": row.rpm_limit, "tpm": row.tpm_limit},
+            "usage": limiter.usage(row.id, row.rpm_limit, row.tpm_limit),
+        }
     )
 
 
@@ -140,8 +173,7 @@ def ensure_key_by_external_id(external_id: str) -> Response:
             "key": key or row.key_hint,
             "created": key is not None,
             "externalId": external_id,
-        },
-        201 if key else 200,
+        }
     )
 
 
@@ -164,7 +196,7 @@ def list_providers() -> Response:
 @bp.post("/providers")
 def create_provider() -> Response:
     row = registry.add_provider(registry.provider_fields(_body(), required=True))
-    return jsonio.response(serializers.provider(row), 201)
+    return jsonio.response(serializers.provider(row))
 
 
 @bp.get("/providers/<id:provider_id>")
@@ -229,7 +261,7 @@ def list_models() -> Response:
 @bp.post("/models")
 def create_model() -> Response:
     row = registry.add_model(registry.model_fields(_body(), required=True))
-    return jsonio.response(serializers.model(row), 201)
+    return jsonio.response(serializers.model(row))
 
 
 @bp.get("/models/system-names")
@@ -275,6 +307,30 @@ def update_model(model_id: int) -> Response:
 def delete_model(model_id: int) -> Response:
     registry.remove_model(registry.model_row(model_id))
     return jsonio.response({"success": True})
+
+
+# -- per-model limits -----------------------------------------------------------
+
+
+@bp.get("/ratelimits")
+def list_rate_limits() -> Response:
+    return jsonio.response(registry.rate_limits())
+
+
+@bp.post("/ratelimits")
+def create_rate_limit() -> Response:
+    return jsonio.response(registry.add_rate_limit(_body()), 201)
+
+
+@bp.get("/ratelimits/<path:identifier>")
+def get_rate_limit(identifier: str) -> Response:
+    return jsonio.response(registry.rate_limit(unquote(identifier)))
+
+
+@bp.delete("/ratelimits/<path:identifier>")
+def delete_rate_limit(identifier: str) -> Response:
+    registry.remove_rate_limit(unquote(identifier))
+    return Response(status=204, mimetype="application/json")
 
 
 # -- records ------------------------------------------------------------------

@@ -6,8 +6,9 @@ SHA-256 hash (``KeyCache``), loaded at start and re-read in the background
 (``snapshot.py``): a call never waits on the database for a key the worker knows,
 and keeps working while the database is away. A key the worker does not know yet
 (made a moment ago elsewhere) waits, briefly and never during an outage, for one
-fresh read. Changes made in another worker apply within ``CACHE_TTL``; ``forget``
-applies one at once in this worker.
+fresh read. Changes made in another worker apply within ``CACHE_TTL``, or at once when
+they are announced (``changed``, through the limiter's Redis channel); ``forget`` applies
+one at once in this worker.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class Caller:
     revoked: bool
     expires_at: datetime | None
     budget_usd: float | None = None  # per calendar month (UTC)
+    max_concurrent: int | None = None  # calls in flight at once; None: unlimited
+    comment: str | None = None  # for the metrics' api_key_comment label
+
+    @classmethod
+    def of(cls, row: ApiKey) -> Caller:
+        """The Caller of a key row."""
+        return cls(
+            row.id,
+            row.rpm_limit,
+            row.tpm_limit,
+            row.revoked,
+            row.expires_at,
+            row.budget_usd,
+            row.max_concurrent,
+            row.comment,
+        )
 
     def usable(self, now: datetime) -> bool:
         return not self.revoked and (self.expires_at is None or self.expires_at > now)
@@ -106,9 +123,7 @@ class KeyCache:
             if row.revoked:
                 changed |= callers.pop(row.key_hash, None) is not None
                 continue
-            caller = Caller(
-                row.id, row.rpm_limit, row.tpm_limit, False, row.expires_at, row.budget_usd
-            )
+            caller = Caller.of(row)
             if callers.get(row.key_hash) != caller:
                 callers[row.key_hash] = caller
                 changed = True
@@ -129,6 +144,8 @@ class KeyCache:
                 c.tpm_limit,
                 c.expires_at and c.expires_at.isoformat(),
                 c.budget_usd,
+                c.max_concurrent,
+                c.comment,
             ]
             for h, c in sorted(self._callers.items())
         ]
@@ -136,8 +153,8 @@ class KeyCache:
     def load(self, rows: list[list]) -> None:
         """Replace the cache with rows from ``dump``; the next refresh reads every key."""
         self._callers = {
-            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *budget)
-            for h, i, rpm, tpm, exp, *budget in rows  # a file from before budgets has none
+            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *rest)
+            for h, i, rpm, tpm, exp, *rest in rows  # older files lack the later fields
         }
         self._since = None
 
@@ -150,6 +167,22 @@ class KeyCache:
             log.exception("auth: cannot read the keys")
             return False
         return True
+
+    def forget_all(self) -> None:
+        """Changes may have been missed (the limiter lost Redis): read every key again.
+
+        The keys stay usable meanwhile; the next read (within CACHE_TTL, or the next
+        unknown key's) is a full one, which drops every key revoked since.
+        """
+        self._since = None
+        self._read_at = float("-inf")
+
+    def changed(self, key_hash: str | None) -> None:
+        """A key changed somewhere (``limiter.on_key_change``); None: any may have."""
+        if key_hash is None:
+            self.forget_all()
+        else:
+            self.forget(key_hash)
 
 
 keys = KeyCache()

@@ -111,11 +111,16 @@ def lifetime(level: float, capacity: float, rate: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Who holds a request id: the holding call's uid and when (store clock) it started."""
+    """Who holds a request id: the holding call's uid and when (store clock) it started.
+
+    ``answer`` is what the holder settled the claim with once its call was over (the
+    stored answer a repeat replays); None while the call is still in flight.
+    """
 
     uid: str
     started: float
     now: float  # the store's clock when this was read
+    answer: str | None = None
 
     @property
     def age(self) -> float:
@@ -134,7 +139,8 @@ class LocalStore:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> level, stamp, expiry
         self._slots: dict[str, dict[str, float]] = {}  # key -> member -> expiry
-        self._claims: dict[str, tuple[str, float, float]] = {}  # key -> uid, started, expiry
+        # key -> uid, started, expiry, answer (None while the call is in flight)
+        self._claims: dict[str, tuple[str, float, float, str | None]] = {}
         self._totals: dict[str, tuple[int, float]] = {}  # key -> total, expiry
         self._writes = 0
 
@@ -226,23 +232,32 @@ class LocalStore:
         now = self.clock()
         held = self._claims.get(key)
         if held is not None and held[2] > now:
-            return Claim(held[0], held[1], now)
-        self._claims[key] = (uid, now, now + ttl)
+            return Claim(held[0], held[1], now, held[3])
+        self._claims[key] = (uid, now, now + ttl, None)
         return None
 
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
         """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
         now = self.clock()
         held = self._claims.get(key)
-        if held is None or held[2] <= now or held[0] != uid:
+        if held is None or held[2] <= now or held[0] != uid or held[3] is not None:
             return False
-        self._claims[key] = (uid, held[1], now + ttl)
+        self._claims[key] = (uid, held[1], now + ttl, None)
+        return True
+
+    def settle(self, key: str, uid: str, answer: str, ttl: float) -> bool:
+        """Keep ``answer`` under ``uid``'s claim for ``ttl`` from now; False if not the holder."""
+        now = self.clock()
+        held = self._claims.get(key)
+        if held is None or held[2] <= now or held[0] != uid or held[3] is not None:
+            return False
+        self._claims[key] = (uid, held[1], now + ttl, answer)
         return True
 
     def unclaim(self, key: str, uid: str) -> bool:
-        """Release ``uid``'s claim; False if it was not the holder."""
+        """Release ``uid``'s claim (not a settled one); False if it was not the holder."""
         held = self._claims.get(key)
-        if held is None or held[0] != uid:
+        if held is None or held[0] != uid or held[3] is not None:
             return False
         del self._claims[key]
         return True

@@ -251,8 +251,10 @@ class Call:
     def _finalise(self) -> None:
         """The one place a call ends: its final status, its record, its client's end.
 
-        This is the hook for what must happen once per finished call (TPM charging,
-        metrics): the Exchange is final here, and nothing after it can change it.
+        This is the hook for what must happen once per finished call: the Exchange is
+        final here. Its permit is settled before it is recorded (the answer kept for
+        repeats of its request id, the slot given back, TPM charged, metrics), and its
+        cost is added to its key's monthly spend.
         """
         if self.down.fin_at is not None and self.ending.hinges_on(self.down.fin_at):
             # Was that FIN a departure? The status depends on it. A stop asked for
@@ -268,6 +270,7 @@ class Call:
         self.down.end()
         account = self._account(response, outcome.get("usage"))
         self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
+        self.plan.settle(response if self.ending.answered else None)
         recorder.record(self.exchange)
         limiter.spend(self.exchange.api_key_id, pricing.nanos(self.exchange.cost))
 

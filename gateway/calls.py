@@ -21,8 +21,9 @@ import gevent
 import gevent.lock
 import gevent.pool
 
+from gateway import metrics
 from gateway.call import Call
-from gateway.ending import End
+from gateway.ending import ABORTED, End
 from gateway.plan import Plan, Settings
 
 if TYPE_CHECKING:
@@ -79,15 +80,20 @@ class Calls:
         return greenlet
 
     def _run(self, call: Call) -> None:
+        metrics.call_opened()
         try:
             call.produce()
         finally:
             self._active.discard(call)
+            metrics.call_closed()
             drain = self._draining.pop(call, None)
             if drain is not None:
                 timer, slots = drain
                 timer.kill(block=False)
                 slots.release()
+                metrics.drain_ended()
+            if call.exchange.status == ABORTED:
+                metrics.aborted(_how_it_ended(call))
 
     def _client_left(self, call: Call, how: str) -> None:
         """A call's client left while its upstream is read: cancel, or drain within bounds."""
@@ -98,6 +104,7 @@ class Calls:
             call.stop(End.max_drains(how, settings.max_drains))
         else:
             self._draining[call] = (self._spawn(self._drain_deadline, call, how), self._drains)
+            metrics.drain_started()
 
     def _drain_deadline(self, call: Call, how: str) -> None:
         gevent.sleep(self.settings.drain_timeout)
@@ -105,6 +112,12 @@ class Calls:
 
 
 calls = Calls()
+
+
+def _how_it_ended(call: Call) -> str:
+    """An aborted call's ending, for /metrics: ``drained`` when it was read to its end."""
+    end = call.ending.end
+    return "drained" if call.ending.answered or end is None else end.kind
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:

@@ -35,8 +35,14 @@ DEFAULTS: dict[str, object] = {
     # A call's concurrency slot and request-id claim live this long unless refreshed
     # (every third of it), so a killed worker's are freed within it.
     "INFLIGHT_TTL": 30.0,
+    # A finished call's answer is kept this long in its request-id claim (Redis, or the
+    # worker's memory) for repeats; older ones are read from the database.
+    "DEDUP_TTL": 600.0,
     "LOGIN_ATTEMPTS": 10,  # wrong secrets per client address (sign-in, admin bearer) ...
     "LOGIN_WINDOW": 60.0,  # ... per this many seconds, refilled continuously
+    # Proxies whose X-Forwarded-For is believed (addresses or CIDRs, comma-separated):
+    # the client address that sign-in throttling counts. None: the peer is the client.
+    "TRUSTED_PROXIES": None,
     "METRICS_TOKEN": None,  # set: GET /metrics requires Authorization: Bearer <token>
     # Fernet keys for provider API keys at rest, comma-separated, newest first (vault.py).
     # None: one generated into instance/encryption.key (every instance needs the same).

@@ -38,6 +38,7 @@ from gateway import (
     charts,
     db,
     export,
+    forwarded,
     i18n,
     ledger,
     pricing,
@@ -52,6 +53,7 @@ from gateway import (
     transcript,
     urlargs,
 )
+from gateway.limiter import limiter
 from gateway.models import (
     STATUSES,
     ApiKey,
@@ -118,9 +120,22 @@ def _rejected(exc: registry.Refused) -> Response:
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     if request.method == "POST":
+        # Wrong secrets are throttled per address, shared by every instance (limiter).
+        address = forwarded.address_of(request, current_app.config["TRUSTED_PROXIES"])
+        wait = limiter.attempt(address)
+        if wait:
+            message = ngettext(
+                "Too many wrong secrets from your address. Try again in %(num)d second.",
+                "Too many wrong secrets from your address. Try again in %(num)d seconds.",
+                wait,
+            )
+            flash(message, "error")
+            page = render_template("dashboard/login.html", next=request.form.get("next"))
+            return page, 429, {"Retry-After": str(wait)}
         secret = request.form.get("secret", "")
         expected = auth.admin_secret(current_app)
         if hmac.compare_digest(secret.encode(), expected.encode()):
+            limiter.succeeded(address)
             sessions.log_in()
             return redirect(_next(request.form.get("next")))
         flash(_("That is not the admin secret."), "error")
@@ -276,7 +291,7 @@ def keys():
 
 @bp.post("/keys")
 def create_key():
-    body = _form_body({"comment": str, "rpmLimit": int, "tpmLimit": int, "budgetUsd": float})
+    body = _form_body(KEY_FORM)
     days = request.form.get("expires", type=int)
     if days in EXPIRY_DAYS:
         body["expiresAt"] = (datetime.now(UTC) + timedelta(days=days)).isoformat()
@@ -296,10 +311,20 @@ def revoke_key(key_id: int):
 @bp.post("/keys/<id:key_id>/limits")
 def key_limits(key_id: int):
     row = ApiKey.get_or_none(ApiKey.id == key_id) or abort(404)
-    limits = {"rpmLimit": int, "tpmLimit": int, "budgetUsd": float}
-    registry.edit_key(row, registry.key_fields(_form_body(limits, clear=("budgetUsd",))))
+    limits = {"rpmLimit": int, "tpmLimit": int, "maxConcurrent": int, "budgetUsd": float}
+    clear = ("maxConcurrent", "budgetUsd")
+    registry.edit_key(row, registry.key_fields(_form_body(limits, clear=clear)))
     flash(_("Limits of %(hint)s saved.", hint=row.key_hint), "ok")
     return redirect(url_for("dashboard.keys"))
+
+
+KEY_FORM = {
+    "comment": str,
+    "rpmLimit": int,
+    "tpmLimit": int,
+    "maxConcurrent": int,
+    "budgetUsd": float,
+}
 
 
 def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str:
@@ -307,9 +332,12 @@ def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str
     query = ApiKey.select().order_by(ApiKey.id.desc())
     if not show_revoked:
         query = query.where(ApiKey.revoked == False)  # noqa: E712
+    keys = list(query)
     return render_template(
         "dashboard/keys.html",
-        keys=list(query),
+        keys=keys,
+        # What each usable key has used of its limits right now, as every instance sees it.
+        live={k.id: limiter.usage(k.id, k.rpm_limit, k.tpm_limit) for k in keys if k.is_usable()},
         usage=stats.usage_by_key(utcnow() - timedelta(days=1)),
         spend=ledger.spend_by_key(ledger.month_start(utcnow())),
         now=utcnow(),

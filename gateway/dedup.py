@@ -2,21 +2,24 @@
 
 A client names a request with ``X-NexusGate-ReqId``; a repeat by the same key of a
 finished call gets the stored answer, a repeat while the first still runs gets 409 with
-Retry-After. This module validates the header and estimates the wait; the atomic claim
-is ``Limiter.claim`` and the stored answer is the database's. Pure code.
+Retry-After. This module validates the header, estimates the wait and shapes the stored
+answer (``Stored``); the atomic claim is ``Limiter.claim`` (``admission.Permit``), and
+answering a repeat is ``replay``. Pure code.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import asdict, dataclass
 
 from gateway.errors import InvalidRequest, RequestInFlight
 
 HEADER = "X-NexusGate-ReqId"
 MAX_LENGTH = 127
 # NexusGate's pattern in JavaScript, where \w is ASCII only.
-_ALLOWED = re.compile(r"^[\w\-.:/]+$", re.ASCII)
+_ALLOWED = re.compile(r"[\w\-.:/]+", re.ASCII)
 # How long NexusGate expects a call to take when it estimates the wait for a repeat.
 EXPECTED_SECONDS = {True: 60.0, False: 30.0}  # streaming, not streaming
 
@@ -30,7 +33,7 @@ def request_id(value: str | None) -> str | None:
         raise InvalidRequest(
             f"{HEADER} is longer than {MAX_LENGTH} characters", param=HEADER, code="reqid_too_long"
         )
-    if not _ALLOWED.match(value):
+    if not _ALLOWED.fullmatch(value):  # anything else: spaces, NUL, controls, non-ASCII
         raise InvalidRequest(
             f"{HEADER} may contain only letters, digits and _ - . : /",
             param=HEADER,
@@ -50,3 +53,33 @@ def in_flight(req_id: str, stream: bool, age: float) -> RequestInFlight:
         f"A request with {HEADER} {req_id!r} is still in flight; retry when it has finished",
         retry_after=retry_after(stream, age),
     )
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A finished call's answer, kept for its repeats: whose it is and what it said.
+
+    ``response`` is the whole answer as an IR response (``adapters.ir``), so a repeat
+    gets it in its own format, streamed or not, whatever the first call's was.
+    """
+
+    uid: str  # the source call's record
+    response: dict
+    model_id: int | None = None
+    provider_id: int | None = None
+
+    def dumps(self) -> str:
+        """As kept in the claim (Redis, or this process's store)."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> Stored | None:
+        """Back from ``dumps``; None for anything else (an older gateway's, a torn value)."""
+        try:
+            data = json.loads(text)
+            return cls(
+                str(data["uid"]), dict(data["response"]), data.get("model_id"),
+                data.get("provider_id"),
+            )  # fmt: skip
+        except (ValueError, TypeError, KeyError):
+            return None

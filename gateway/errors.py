@@ -97,6 +97,14 @@ class PayloadTooLarge(GatewayError):
 class RateLimited(GatewayError):
     status, kind, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
+    def __init__(self, message: str, *, retry_after: int, limits: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limits = limits  # the X-RateLimit-* headers of the refusal
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After, and what is left of the key's limits."""
+        return {**super().headers(), **self.limits}
+
 
 class UpstreamFailed(GatewayError):
     status, kind, code = 502, "upstream_error", "all_providers_failed"

@@ -34,7 +34,8 @@ class Exchange:
     stream: bool = False
     prompt: Any = None
     kind: str = COMPLETION
-    req_id: str | None = None
+    req_id: str | None = None  # X-NexusGate-ReqId: repeats replay this call's answer
+    source_uid: str | None = None  # a cache_hit: the call whose answer it replayed
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: datetime = field(default_factory=_utcnow)
     started: float = field(default_factory=time.monotonic)
@@ -48,6 +49,7 @@ class Exchange:
     duration_ms: int | None = None
     error: str | None = None
     attempts: list[dict] = field(default_factory=list)
+    answer: dict | None = None  # a req_id call's whole answer (IR), kept for its repeats
     upstream_id: str | None = None  # the provider's id of its answer
     cost: dict | None = None  # pricing.cost, fixed when the call is finished
     delivered: dict | None = None  # streams: {"events", "text"} the client was sent
@@ -193,6 +195,8 @@ class Exchange:
             "usage": self.usage,
             "ttft": self.ttft_ms,
             "req_id": self.req_id,
+            "source_uid": self.source_uid,
+            "cached_response": self.answer,
             "upstream_id": self.upstream_id,
             "delivered": self.delivered,
         }

@@ -96,6 +96,7 @@ class Limiter:
         self.prefix = str(cfg["REDIS_PREFIX"])
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
+        self.dedup_ttl = float(cfg["DEDUP_TTL"])
         self.login = Bucket(
             "auth",
             float(cfg["LOGIN_ATTEMPTS"]),
@@ -211,6 +212,14 @@ class Limiter:
             "charge", None, self.store.charge, self.key(f"key:{key_id}", "tpm"), bucket, tokens
         )
 
+    def standing(self, key_id: int, rpm: int | None, tpm: int | None) -> Admission:
+        """The key's limits and what is left of them, taking nothing (for the headers)."""
+        rpm, tpm = (rpm if rpm and rpm > 0 else None), (tpm if tpm and tpm > 0 else None)
+        if rpm is None or tpm is None:
+            return Admission(True, rpm, rpm, tpm, tpm)
+        usage = self.usage(key_id, rpm, tpm)
+        return Admission(True, rpm, usage["rpm"]["remaining"], tpm, usage["tpm"]["remaining"])
+
     def usage(self, key_id: int, rpm: int, tpm: int) -> dict[str, dict[str, int]]:
         """``{rpm: {current, limit, remaining}, tpm: {...}}`` from the shared buckets."""
         buckets = [per_minute("rpm", rpm), per_minute("tpm", tpm)]
@@ -292,11 +301,19 @@ class Limiter:
         return holder
 
     def unclaim(self, key_id: int, req_id: str, uid: str) -> None:
-        """Release call ``uid``'s claim on a request id (its record is final)."""
+        """Release call ``uid``'s claim on a request id: a repeat will run anew."""
+        self.settle(key_id, req_id, uid, None)
+
+    def settle(self, key_id: int, req_id: str, uid: str, answer: str | None) -> None:
+        """Call ``uid`` is over: keep ``answer`` for repeats DEDUP_TTL seconds (None: release)."""
         key = self.key(f"key:{key_id}", f"req:{req_id}")
-        if (key, uid) in self._claims:
-            self._claims.discard((key, uid))
+        if (key, uid) not in self._claims:
+            return
+        self._claims.discard((key, uid))
+        if answer is None:
             self._guarded("unclaim", False, self.store.unclaim, key, uid)
+        else:
+            self._guarded("settle", False, self.store.settle, key, uid, answer, self.dedup_ttl)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
@@ -331,12 +348,17 @@ class Limiter:
 
         ``callback(None)`` means announcements may have been missed (the store was away):
         forget every cached key. Without Redis only this worker hears its own announcements;
-        the others' caches expire after CACHE_TTL.
+        the others' caches expire after CACHE_TTL. A listener added twice is called once.
         """
-        self._listeners.append(callback)
+        if callback not in self._listeners:
+            self._listeners.append(callback)
 
     def announce(self, key_hash: str) -> None:
-        """Tell every worker of every instance that this key changed (revoked, new limits)."""
+        """Tell every worker of every instance that this key changed (revoked, new limits).
+
+        Other announcements share the channel under names that are no key hash
+        (``model_limits.CHANGED``); each listener picks out its own.
+        """
         self._notify(key_hash)
         if self.shared:
             self._guarded("announce", None, self.store.publish, self.channel, key_hash)

@@ -62,6 +62,7 @@ class ApiKey(BaseModel):
     revoked = pw.BooleanField(default=False)
     rpm_limit = pw.IntegerField(default=50)
     tpm_limit = pw.IntegerField(default=50000)
+    max_concurrent = pw.IntegerField(null=True)  # calls in flight at once; None: unlimited
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
     budget_usd = pw.FloatField(null=True)  # spend allowed per calendar month (UTC)
@@ -107,6 +108,8 @@ class ApiKey(BaseModel):
             cls.revoked,
             cls.expires_at,
             cls.budget_usd,
+            cls.max_concurrent,
+            cls.comment,
             cls.updated_at,
         )
         if since is None:
@@ -195,6 +198,7 @@ class Completion(BaseModel):
     cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
     delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
     source_completion_id = pw.IntegerField(null=True)
+    source_uid = pw.CharField(max_length=32, null=True)  # a cache_hit's source (link_replays)
     cached_response = pw.JSONField(null=True)
     owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
@@ -336,14 +340,28 @@ class Heartbeat(BaseModel):
         ).execute()
 
 
-# Partial indexes (as in migrations/0001): live provider names are unique; a request
-# id is unique per key.
-Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
-Completion.add_index(
-    Completion.api_key, Completion.req_id, unique=True, where=Completion.req_id.is_null(False)
-)
+class RateLimit(BaseModel):
+    """A per-model limit (``/api/admin/ratelimits``): a bucket of ``limit`` calls per key,
+    refilled at ``refill`` per second, for calls naming ``identifier`` (model_limits.py)."""
 
-ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, Heartbeat)
+    identifier = pw.CharField(max_length=255, unique=True)
+    limit = pw.IntegerField()
+    refill = pw.FloatField()
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "rate_limits"
+
+
+# Partial indexes (as in migrations/0001 and 0004): live provider names are unique; a
+# request id is looked up per key (not unique: a failed call's id is retried, and without
+# Redis two workers may run one id at once); replays are found by their source's uid.
+Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
+Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
+Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
+
+ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, Heartbeat, RateLimit)
 RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embedding": Embedding}
 
 
@@ -374,6 +392,32 @@ def upsert_records(rows: list[dict]) -> None:
             statement = _upsert(table, columns)
             with pw.__exception_wrapper__:  # driver errors -> peewee's classes
                 database.cursor().executemany(statement.sql, [statement.params(r) for r in group])
+        link_replays(latest.values())
+
+
+def link_replays(rows: Iterable[dict]) -> None:
+    """Point cache_hit rows at their source's id, whichever of the two was written first.
+
+    The recorder writes a replay and its source in any order (two workers, or a journal
+    replayed later): the replay names its source by uid, and this fills in the id once
+    both rows exist. Run inside the recorder's write, after the rows of ``rows``.
+    """
+    rows = list(rows)
+    replays = [r["uid"] for r in rows if r.get("source_uid")]
+    sources = [r["uid"] for r in rows if r.get("req_id") and not r.get("source_uid")]
+    if not replays and not sources:
+        return
+    source = Completion.alias()
+    (
+        Completion.update(
+            source_completion_id=source.select(source.id).where(source.uid == Completion.source_uid)
+        )
+        .where(
+            Completion.source_completion_id.is_null()
+            & (Completion.uid.in_(replays) | Completion.source_uid.in_(sources))
+        )
+        .execute()
+    )
 
 
 def touch_last_seen(seen: dict[int, datetime]) -> None:

@@ -21,6 +21,7 @@ from gateway.downstream import Pace
 from gateway.exchange import Exchange
 
 if TYPE_CHECKING:
+    from gateway.admission import Permit
     from gateway.routing import Candidate
 
 DISCONNECT_MODES = ("drain", "cancel")
@@ -139,3 +140,9 @@ class Plan:
     body: dict  # the client's JSON, for same-format passthrough
     headers: dict[str, str]  # client headers to forward
     operation: Chat | Embeddings
+    permit: Permit | None = None  # what admission granted (None: a call without limits)
+
+    def settle(self, answer: dict | None) -> None:
+        """The call's Exchange is final: settle its permit (``admission``), once."""
+        if self.permit is not None:
+            self.permit.finished(self.exchange, answer)

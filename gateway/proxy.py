@@ -1,19 +1,24 @@
-"""The public API: ``/v1/*``, ``/healthz``. Parse, authenticate, route, adapt, open, return.
+"""The public API: ``/v1/*``, ``/api/usage``, ``/metrics``, ``/healthz``.
 
-Every view looks the same; the work is in ``adapters`` (formats), ``routing``
-(candidates), ``calls`` (the call) and ``recorder`` (the record). Errors raised here
-are rendered in the caller's protocol by ``render_error``.
+Every call view looks the same: authenticate, validate, limit, route, adapt, open,
+return. The work is in ``adapters`` (formats), ``admission`` (limits, request ids),
+``replay`` (repeats), ``routing`` (candidates), ``calls`` (the call) and ``recorder``
+(the record). Errors raised here are rendered in the caller's protocol by
+``render_error``; every /v1 answer to a known key carries its X-RateLimit-* headers.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import auth, jsonio, redact, token_count
+from gateway import admission, auth, dedup, jsonio, metrics, redact, replay, stats, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -21,16 +26,20 @@ from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
     OPENAI_RESPONSES,
+    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     MalformedJSON,
     PayloadTooLarge,
+    ServiceUnavailable,
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
 from gateway.limiter import limiter
 from gateway.plan import CHAT, EMBEDDINGS, Plan
 from gateway.routing import Candidate, catalog, weighted_order
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("proxy", __name__)
 
@@ -90,22 +99,26 @@ def count_tokens() -> Response:
 
 @bp.post("/v1/embeddings", strict_slashes=False)
 def create_embeddings() -> Response:
-    caller = auth.authenticate(request.headers)
+    caller = _authenticate()
     body = _json_body()
     parsed = embeddings.parse_request(body)
-    candidates = _candidates(parsed["model"], "embedding")
-    limiter.check_budget(caller.id, caller.budget_usd)
-    headers = forwarded_headers(request.headers)
-    exchange = Exchange(
-        api_key_id=caller.id,
-        model=parsed["model"],
-        api_format=embeddings.NAME,
-        prompt=parsed["input"],
-        kind=EMBEDDING,
-        trace_parent=request.headers.get("traceparent"),
-        trace_state=request.headers.get("tracestate"),
-    )
-    plan = Plan(exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS)
+    permit = _admit(caller, parsed["model"], stream=False)
+    with _until_opened(permit):
+        candidates = _candidates(parsed["model"], "embedding")
+        headers = forwarded_headers(request.headers)
+        exchange = Exchange(
+            api_key_id=caller.id,
+            model=parsed["model"],
+            api_format=embeddings.NAME,
+            prompt=parsed["input"],
+            kind=EMBEDDING,
+            uid=permit.uid,
+            trace_parent=request.headers.get("traceparent"),
+            trace_state=request.headers.get("tracestate"),
+        )
+        plan = Plan(
+            exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS, permit
+        )
     return _answer(calls.open(plan, _client_socket()))
 
 
@@ -121,31 +134,115 @@ def list_models() -> Response:
     return jsonio.response({"object": "list", "data": data})
 
 
+@bp.get("/api/usage")
+def key_usage() -> Response:
+    """The calling key's lifetime token sums, as NexusGate (from the records: needs the DB)."""
+    caller = auth.authenticate(request.headers)
+    try:
+        totals = stats.key_totals(caller.id)
+    except Exception as exc:  # the database is away: say so, in the API's own shape
+        log.warning("usage: cannot read the records (%s)", exc)
+        raise ServiceUnavailable(
+            "Usage is read from the records, and the database does not answer; try again later",
+            code="database_unavailable",
+        ) from exc
+    return jsonio.response(
+        {
+            "total_prompt_tokens": totals.prompt_tokens,
+            "total_completion_tokens": totals.completion_tokens,
+        }
+    )
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    """Prometheus metrics of every worker of this instance (METRICS_TOKEN: bearer required)."""
+    if not metrics.authorized(
+        request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]
+    ):
+        raise AuthenticationFailed("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
+    _count_catalog()
+    return Response(metrics.render(), content_type=metrics.CONTENT_TYPE)
+
+
+def _count_catalog() -> None:
+    try:
+        metrics.catalog(*stats.catalog_counts())
+    except Exception as exc:  # the database is away: the gauges keep their last values
+        log.warning("metrics: cannot count keys, providers and models (%s)", exc)
+
+
 @bp.get("/healthz")
 def healthz() -> Response:
     return jsonio.response({"status": "ok", "calls": calls.active})
 
 
 def _complete(api_format: str) -> Response:
-    caller = auth.authenticate(request.headers)
+    caller = _authenticate()
     body = _json_body()
     if "stream" not in body and _accepts_event_stream():
         body["stream"] = True
     ir = PROTOCOLS[api_format].parse_request(body)
-    candidates = _candidates(ir["model"], "chat")
-    limiter.check_budget(caller.id, caller.budget_usd)
-    headers = forwarded_headers(request.headers)
-    exchange = Exchange(
-        api_key_id=caller.id,
-        model=ir["model"],
-        api_format=api_format,
-        stream=ir["stream"],
-        prompt=record.prompt(ir, headers),
-        trace_parent=request.headers.get("traceparent"),
-        trace_state=request.headers.get("tracestate"),
-    )
-    plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT)
+    req_id = dedup.request_id(request.headers.get(dedup.HEADER))
+    permit = _admit(caller, ir["model"], ir["stream"])
+    with _until_opened(permit):
+        stored = replay.lookup(permit, req_id) if req_id else None
+        headers = forwarded_headers(request.headers)
+        exchange = Exchange(
+            api_key_id=caller.id,
+            model=ir["model"],
+            api_format=api_format,
+            stream=ir["stream"],
+            prompt=record.prompt(ir, headers),
+            req_id=permit.req_id,
+            uid=permit.uid,
+            trace_parent=request.headers.get("traceparent"),
+            trace_state=request.headers.get("tracestate"),
+        )
+        if stored is not None:
+            return _replayed(replay.answer(permit, exchange, stored, api_format, ir), ir["stream"])
+        candidates = _candidates(ir["model"], "chat")
+        plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT, permit)
     return _answer(calls.open(plan, _client_socket()))
+
+
+def _authenticate() -> auth.Caller:
+    """The calling key (AuthenticationFailed if none); its limits go on every answer."""
+    g.caller = auth.authenticate(request.headers)
+    return g.caller
+
+
+def _admit(caller: auth.Caller, model: str, stream: bool) -> admission.Permit:
+    """Admit the call now (RateLimited, 429, if a limit refuses it)."""
+    g.permit = admission.admit(caller, model, stream)
+    return g.permit
+
+
+@contextmanager
+def _until_opened(permit: admission.Permit) -> Iterator[None]:
+    """Give the permit back if the call is refused before it opens (unknown model, 409...)."""
+    try:
+        yield
+    except BaseException:
+        permit.cancel()
+        raise
+
+
+@bp.after_request
+def _limit_headers(response: Response) -> Response:
+    """X-RateLimit-* on every /v1 answer once the key is known (errors included)."""
+    caller = g.get("caller")
+    if caller is None or "X-RateLimit-Limit-RPM" in response.headers:
+        return response
+    if request.path.startswith("/v1/"):
+        permit = g.get("permit")
+        standing = (
+            permit.admission
+            if permit is not None
+            else limiter.standing(caller.id, caller.rpm_limit, caller.tpm_limit)
+        )
+        response.headers.update(standing.headers())
+    return response
 
 
 def _candidates(model: str, model_type: str) -> list[Candidate]:
@@ -154,6 +251,13 @@ def _candidates(model: str, model_type: str) -> list[Candidate]:
     return weighted_order(
         catalog.lookup(model, model_type, unquote(provider) if provider else None)
     )
+
+
+def _replayed(data: bytes, stream: bool) -> Response:
+    """A stored answer for a repeat: a whole stream, or JSON."""
+    if stream:
+        return Response(data, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return Response(data, mimetype="application/json")
 
 
 def _answer(call: Call) -> Response:

@@ -164,14 +164,20 @@ class RedisStore:
     def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
         """Claim a request id for call ``uid``; None if claimed, else the current holder."""
         out = self._run(self._claims, [key], ["claim", uid, ttl, self._now()])
-        return Claim(out[0].decode(), float(out[1]), float(out[2])) if out else None
+        if not out:
+            return None
+        return Claim(out[0].decode(), float(out[1]), float(out[2]), out[3].decode() or None)
 
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
         """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
         return self._run(self._claims, [key], ["keep", uid, ttl, self._now()]) == 1
 
+    def settle(self, key: str, uid: str, answer: str, ttl: float) -> bool:
+        """Keep ``answer`` under ``uid``'s claim for ``ttl`` from now; False if not the holder."""
+        return self._run(self._claims, [key], ["settle", uid, ttl, self._now(), answer]) == 1
+
     def unclaim(self, key: str, uid: str) -> bool:
-        """Release ``uid``'s claim; False if it was not the holder."""
+        """Release ``uid``'s claim (not a settled one); False if it was not the holder."""
         return self._run(self._claims, [key], ["release", uid, 0, self._now()]) == 1
 
     def add(self, key: str, amount: int, ttl: float) -> int:

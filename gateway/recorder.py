@@ -33,7 +33,7 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, jsonio
+from gateway import db, jsonio, metrics
 from gateway.config import INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import Exchange
@@ -62,6 +62,7 @@ class Recorder:
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
+        self._waiting = 0  # this worker's records in the journal, for /metrics
         self.replayed = 0
         self.batch_size = 100
         self.linger = 0.25
@@ -174,6 +175,7 @@ class Recorder:
             for r in rows
             if now - self._key_touched.get(r["api_key"], -1e9) > TOUCH_EVERY
         }
+        started = time.perf_counter()
         try:
             self._bounded_write(rows, touch=due)
         except UNREACHABLE as exc:
@@ -188,6 +190,7 @@ class Recorder:
             # keep the rest.
             self._write_each(rows)
             return
+        metrics.recorder_wrote(time.perf_counter() - started)
         self.writes += len(rows)
         self._key_touched.update(dict.fromkeys(due, now))
 
@@ -224,6 +227,8 @@ class Recorder:
     def _journal(self, rows: list[dict]) -> None:
         self.journal.append(rows)
         self.journaled += len(rows)
+        self._waiting += len(rows)
+        metrics.journal_depth(self._waiting)
 
     def _journal_or_log(self, rows: list[dict]) -> None:
         try:
@@ -251,6 +256,9 @@ class Recorder:
         self.journal.replay(self._write_replayed)
         # Writers that journaled while we replayed left a new file: keep journaling.
         self._journaling = self.journal.has_own()
+        if not self._journaling and self._waiting:
+            self._waiting = 0
+            metrics.journal_depth(0)
 
     def _write_replayed(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):

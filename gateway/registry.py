@@ -5,9 +5,10 @@ names, checked against what the columns hold on PostgreSQL (32-bit integers, var
 lengths, finite numbers, no NUL): input the database would refuse is refused here with
 a 400 naming the field, never a 500. A change the rules forbid raises ``Refused`` with
 an HTTP status and a reason (in English: the API's own words). Two concurrent creates
-of one name are settled by the unique indexes: the loser gets 409. Changes that affect
-routing or keys clear this worker's caches at once; other workers see them within
-``CACHE_TTL``.
+of one name are settled by the unique indexes: the loser gets 409. Changes to routing
+clear this worker's catalog at once (other workers reload within ``CACHE_TTL``); changes
+to a key (revoked, new limits) and to per-model limits are announced to every worker of
+every instance (``limiter.announce``: at once with Redis, else within ``CACHE_TTL``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from urllib.parse import urlparse
 
 import peewee as pw
 
-from gateway import auth
 from gateway.adapters import PROVIDER_TYPES
 from gateway.fields import Invalid, Spec, check, in_range
-from gateway.models import MODEL_TYPES, ApiKey, Model, Provider, database, utcnow
+from gateway.limiter import limiter
+from gateway.model_limits import CHANGED, DEFAULT, model_limits
+from gateway.models import MODEL_TYPES, ApiKey, Model, Provider, RateLimit, database, utcnow
 from gateway.routing import catalog
 from gateway.upstream import UpstreamError, endpoint, upstream
 from gateway.urlargs import MAX_ID
@@ -48,13 +50,22 @@ KEY = {
     "expiresAt": Spec(datetime),
     "rpmLimit": Spec(int, null=False, low=1),
     "tpmLimit": Spec(int, null=False, low=1),
+    "maxConcurrent": Spec(int, low=1),  # calls in flight at once; null: unlimited
     "budgetUsd": Spec(float, high=MAX_BUDGET),  # per calendar month (UTC); null: none
 }
-OPERATOR_KEY = {name: KEY[name] for name in ("comment", "rpmLimit", "tpmLimit", "budgetUsd")}
+OPERATOR_KEY = {
+    name: KEY[name] for name in ("comment", "rpmLimit", "tpmLimit", "maxConcurrent", "budgetUsd")
+}
 BUDGET = {"budgetUsd": Spec(float, required=True, high=MAX_BUDGET)}
 LIMITS = {
     "rpmLimit": Spec(int, required=True, null=False, low=1),
     "tpmLimit": Spec(int, required=True, null=False, low=1),
+    "maxConcurrent": Spec(int, low=1),
+}
+RATE_LIMIT = {
+    "identifier": Spec(str, required=True, null=False, low=1, high=255),
+    "limit": Spec(int, required=True, null=False, low=1),
+    "refill": Spec(float, required=True, null=False, low=0.1, high=MAX_NUMBER),
 }
 PROVIDER = {
     "name": Spec(str, required=True, null=False, low=1, high=63),
@@ -115,9 +126,9 @@ def adopt_key(key: str, data: dict[str, Any], **extra: Any) -> ApiKey:
 
 
 def edit_key(row: ApiKey, data: dict[str, Any]) -> None:
-    """Change a key's checked fields (column names); this worker applies them at once."""
+    """Change a key's checked fields (column names); every worker applies them at once."""
     ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    auth.keys.forget(row.key_hash)
+    limiter.announce(row.key_hash)
 
 
 def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey, str | None]:
@@ -130,14 +141,14 @@ def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey,
         except pw.IntegrityError:  # another instance created it first
             row = ApiKey.get(ApiKey.external_id == external_id)
     ApiKey.update(**data, revoked=False, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    auth.keys.forget(row.key_hash)
+    limiter.announce(row.key_hash)
     return ApiKey.get_by_id(row.id), None
 
 
 def revoke(row: ApiKey) -> None:
-    """Revoke a key; this worker stops accepting it at once."""
+    """Revoke a key; every worker of every instance stops accepting it (``announce``)."""
     ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    auth.keys.forget(row.key_hash)
+    limiter.announce(row.key_hash)
 
 
 def key_row(key: str) -> ApiKey:
@@ -342,3 +353,46 @@ def model_row(model_id: int) -> Model:
     if row is None:
         raise Refused(404, "Model not found")
     return row
+
+
+# -- per-model limits (model_limits.py applies them) ----------------------------------
+
+
+def rate_limits() -> dict[str, Any]:
+    """``{default: {limit, refill} | None, <identifier>: {limit, refill}, ...}``."""
+    out: dict[str, Any] = {DEFAULT: None}
+    for row in RateLimit.select().order_by(RateLimit.identifier):
+        out[row.identifier] = {"limit": row.limit, "refill": row.refill}
+    return out
+
+
+def rate_limit(identifier: str) -> dict[str, Any]:
+    """One per-model limit as ``{identifier, limit, refill}``; 404 if there is none."""
+    row = RateLimit.get_or_none(RateLimit.identifier == identifier)
+    if row is None:
+        raise Refused(404, f"No rate limit for '{identifier}'")
+    return {"identifier": row.identifier, "limit": row.limit, "refill": row.refill}
+
+
+def add_rate_limit(body: dict) -> dict[str, Any]:
+    """Create a per-model limit from checked fields; 409 if the identifier has one."""
+    data = fields(body, RATE_LIMIT)
+    try:
+        with database.atomic():
+            RateLimit.create(**data)
+    except pw.IntegrityError as exc:
+        raise Refused(409, f"A rate limit for '{data['identifier']}' already exists") from exc
+    _limits_changed()
+    return data
+
+
+def remove_rate_limit(identifier: str) -> None:
+    """Delete a per-model limit; 404 if there is none."""
+    if not RateLimit.delete().where(RateLimit.identifier == identifier).execute():
+        raise Refused(404, f"No rate limit for '{identifier}'")
+    _limits_changed()
+
+
+def _limits_changed() -> None:
+    model_limits.reload()  # this worker: before the answer
+    limiter.announce(CHANGED)

@@ -39,6 +39,7 @@ def api_key(row: ApiKey) -> dict[str, Any]:
         "revoked": row.revoked,
         "rpmLimit": row.rpm_limit,
         "tpmLimit": row.tpm_limit,
+        "maxConcurrent": row.max_concurrent,
         "externalId": row.external_id,
         "source": row.source,
         "budgetUsd": row.budget_usd,

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from gateway import create_app, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
+from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
 from tests.servers import (  # noqa: E402
     ADMIN_SECRET,
@@ -112,6 +113,8 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
     yield app
     assert recorder.flush(10), "recorder did not finish writing"
     srvlog.handler.written_within(5)  # no server log write may be under way when the pool closes
+    # A query still running when its connection is closed makes libev abort the process.
+    assert model_limits.wait(10), "per-model limits did not finish reloading"
     if isinstance(database.obj, peewee.PostgresqlDatabase):
         database.obj.close_all()
 
@@ -161,19 +164,26 @@ def gateway(gateway_factory) -> Gateway:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def module_gateway(
+def module_database(
     request: pytest.FixtureRequest, templates: dict, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[tuple[str, Path]]:
+    """One database (URL) and directory for a whole test module, on each backend in turn."""
+    directory = tmp_path_factory.mktemp("module")
+    with _fresh_database(request.param, templates, directory) as url:
+        yield url, directory
+
+
+@pytest.fixture(scope="module")
+def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> Iterator[Gateway]:
     """One real gateway for a whole test module, on each backend in turn.
 
     For tests that keep apart by their own keys, models and call ids; the module's
     ``GATEWAY_ENV`` (a dict) adds environment variables.
     """
-    directory = tmp_path_factory.mktemp("module")
-    with _fresh_database(request.param, templates, directory) as url:
-        gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
-        yield gw
-        gw.stop()
+    url, directory = module_database
+    gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
+    yield gw
+    gw.stop()
 
 
 def _need_redis_server() -> None:

@@ -164,9 +164,11 @@ class Gateway:
         system_name: str = "fake",
         remote_id: str = "fake",
         model_type: str = "chat",
+        key: dict | None = None,
         **provider: Any,
     ) -> dict:
-        """A provider, a model and a key; returns {"key", "provider", "model"}."""
+        """A provider, a model and a key (``key``: its fields); returns {"key", "provider",
+        "model"}."""
         base = upstream_url + ("" if provider_type in ("anthropic", "azure") else "/v1")
         prov = self.api(
             "POST",
@@ -189,8 +191,8 @@ class Gateway:
                 "modelType": model_type,
             },
         )
-        key = self.api("POST", "/apiKey", json={"comment": "test"})["key"]
-        return {"key": key, "provider": prov, "model": model}
+        made = self.api("POST", "/apiKey", json={"comment": "test", **(key or {})})
+        return {"key": made["key"], "key_id": made["id"], "provider": prov, "model": model}
 
     def records(self, table: str = "completions", **params: Any) -> list[dict]:
         """Records of ``table`` (``completions`` or ``embeddings``), newest first."""

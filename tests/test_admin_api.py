@@ -18,7 +18,7 @@ def admin(client):  # type: ignore[no-untyped-def]
 
     def call(method: str, path: str, **kwargs: object) -> tuple[int, object]:
         resp = client.open(f"/api/admin{path}", method=method, headers=ADMIN, **kwargs)
-        return resp.status_code, resp.get_json()
+        return resp.status_code, None if resp.status_code == 204 else resp.get_json()
 
     return call
 
@@ -32,7 +32,7 @@ def provider(admin, **fields: object) -> dict:  # type: ignore[no-untyped-def]
         **fields,
     }
     status, data = admin("POST", "/providers", json=body)
-    assert status == 201, data
+    assert status == 200, data
     return data
 
 
@@ -49,7 +49,7 @@ def test_key_lifecycle_and_the_key_is_shown_once(admin, client) -> None:  # type
         "/apiKey",
         json={"comment": "app", "rpmLimit": 10, "expiresAt": "2099-01-01T00:00:00Z"},
     )
-    assert status == 201
+    assert status == 200
     key = created["key"]
     assert key.startswith("sk-") and len(key) == 35
     assert (created["rpmLimit"], created["tpmLimit"], created["comment"]) == (10, 50000, "app")
@@ -105,7 +105,7 @@ def test_malformed_admin_json_is_400(client) -> None:  # type: ignore[no-untyped
 
 def test_operator_ensure_by_external_id_is_idempotent(admin) -> None:  # type: ignore[no-untyped-def]
     status, first = admin("PUT", "/apiKey/by-external-id/ns%2Fapp", json={"comment": "from k8s"})
-    assert status == 201 and first["created"] is True and first["key"].startswith("sk-")
+    assert status == 200 and first["created"] is True and first["key"].startswith("sk-")
     status, again = admin("PUT", "/apiKey/by-external-id/ns%2Fapp", json={"rpmLimit": 7})
     assert status == 200 and again["created"] is False and again["id"] == first["id"]
     assert first["key"] not in str(again)
@@ -164,7 +164,7 @@ def test_models_weights_and_routing_cache(admin, client) -> None:  # type: ignor
         "/models",
         json={"providerId": p1["id"], "systemName": "gpt", "remoteId": "gpt-remote"},
     )
-    assert status == 201 and m1["weight"] == 1.0 and m1["modelType"] == "chat"
+    assert status == 200 and m1["weight"] == 1.0 and m1["modelType"] == "chat"
     m2 = admin("POST", "/models", json={"providerId": p2["id"], "systemName": "gpt", "weight": 3})[
         1
     ]
@@ -356,7 +356,7 @@ def test_every_admin_field_is_checked_against_its_column(
     ApiKey.issue()  # key 1, for the ratelimit case
     status, answer = admin(method, path, json=body)
     if message is None:
-        assert status == 201, answer
+        assert status == 200, answer
         return
     assert status == 400, answer
     assert message in answer["error"], answer
@@ -417,14 +417,14 @@ def test_concurrent_creates_of_one_name_one_wins_the_other_gets_409(admin, monke
     from gateway import registry
 
     monkeypatch.setattr(registry, "_unique_provider_name", lambda name: None)
-    assert admin("POST", "/providers", json={"name": "p", "baseUrl": "https://x.example"})[0] == 201
+    assert admin("POST", "/providers", json={"name": "p", "baseUrl": "https://x.example"})[0] == 200
     status, body = admin("POST", "/providers", json={"name": "p", "baseUrl": "https://y.example"})
     assert (status, body) == (409, {"error": "Provider 'p' already exists"})
     other = admin("POST", "/providers", json={"name": "q", "baseUrl": "https://x.example"})[1]
     status, body = admin("PUT", f"/providers/{other['id']}", json={"name": "p"})
     assert (status, body) == (409, {"error": "Provider 'p' already exists"})
     model = {"providerId": other["id"], "systemName": "m"}
-    assert admin("POST", "/models", json=model)[0] == 201
+    assert admin("POST", "/models", json=model)[0] == 200
     monkeypatch.setattr(registry.Model, "get_or_none", classmethod(lambda cls, *a: None))
     status, body = admin("POST", "/models", json=model)
     assert (status, body) == (409, {"error": "Model 'm' already exists on this provider"})
@@ -439,7 +439,7 @@ def test_many_concurrent_creates_of_one_name(app, admin) -> None:  # type: ignor
             return client.post("/api/admin/providers", json=body, headers=ADMIN).status_code
 
     statuses = sorted(g.value for g in gevent.joinall([gevent.spawn(create, i) for i in range(12)]))
-    assert statuses == [201] + [409] * 11
+    assert statuses == [200] + [409] * 11
 
 
 def test_the_model_filter_is_one_rule_for_the_api_and_the_dashboard(admin, db) -> None:  # type: ignore[no-untyped-def]
@@ -462,3 +462,107 @@ def test_nul_anywhere_in_a_url_is_400(admin) -> None:  # type: ignore[no-untyped
     ):
         status, body = admin("GET", path)
         assert status == 400 and "NUL" in body["error"], path
+
+
+# -- traffic control: usage, limits, per-model limits, throttling --------------------
+
+
+def test_key_usage_is_read_from_the_shared_buckets(admin) -> None:  # type: ignore[no-untyped-def]
+    from gateway.limiter import limiter
+
+    created = admin("POST", "/apiKey", json={"rpmLimit": 6, "tpmLimit": 600})[1]
+    limiter.admit(created["id"], 6, 600)
+    limiter.admit(created["id"], 6, 600)
+    limiter.charge(created["id"], 600, 250)
+    status, usage = admin("GET", f"/apiKey/{created['key']}/usage")
+    assert status == 200
+    assert usage == {
+        "key": created["key"][:7] + "…" + created["key"][-4:],
+        "limits": {"rpm": 6, "tpm": 600},
+        "usage": {
+            "rpm": {"current": 2, "limit": 6, "remaining": 4},
+            "tpm": {"current": 250, "limit": 600, "remaining": 350},
+        },
+    }
+    assert admin("GET", f"/apiKey/{created['id']}/usage")[1] == usage  # by id too
+    assert admin("GET", "/apiKey/sk-" + "0" * 32 + "/usage")[0] == 404
+
+
+def test_new_limits_apply_at_once_even_to_a_cached_key(admin, client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gateway import auth
+
+    monkeypatch.setattr(auth.keys, "ttl", 3600.0)  # only an announcement can refresh it
+    created = admin("POST", "/apiKey", json={"rpmLimit": 50})[1]
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    body = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    first = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.headers["X-RateLimit-Limit-RPM"] == "50"
+    status, answer = admin(
+        "PUT",
+        f"/apiKey/{created['id']}/ratelimit",
+        json={"rpmLimit": 1, "tpmLimit": 9, "maxConcurrent": 2},
+    )
+    assert status == 200 and (answer["rpmLimit"], answer["maxConcurrent"]) == (1, 2)
+    second = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert second.headers["X-RateLimit-Limit-RPM"] == "1"
+    assert admin("GET", f"/apiKey/{created['id']}")[1]["maxConcurrent"] == 2
+    admin(
+        "PUT",
+        f"/apiKey/{created['id']}/ratelimit",
+        json={"rpmLimit": 1, "tpmLimit": 9, "maxConcurrent": None},
+    )
+    assert admin("GET", f"/apiKey/{created['id']}")[1]["maxConcurrent"] is None
+    admin("DELETE", f"/apiKey/{created['id']}")
+    assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 401
+
+
+def test_per_model_limits_crud_as_nexusgate(admin) -> None:  # type: ignore[no-untyped-def]
+    assert admin("GET", "/ratelimits") == (200, {"default": None})  # no hidden default
+    limit = {"identifier": "gpt-4o@openai", "limit": 5, "refill": 0.5, "idleTime": 9}
+    assert admin("POST", "/ratelimits", json=limit) == (
+        201,
+        {"identifier": "gpt-4o@openai", "limit": 5, "refill": 0.5},
+    )
+    assert admin("POST", "/ratelimits", json=limit)[0] == 409
+    assert (
+        admin("POST", "/ratelimits", json={"identifier": "a/b", "limit": 1, "refill": 1})[0] == 201
+    )
+    assert admin("GET", "/ratelimits")[1] == {
+        "default": None,
+        "a/b": {"limit": 1, "refill": 1.0},
+        "gpt-4o@openai": {"limit": 5, "refill": 0.5},
+    }
+    assert admin("GET", "/ratelimits/gpt-4o%40openai")[1]["limit"] == 5
+    assert admin("GET", "/ratelimits/a%2Fb")[1]["identifier"] == "a/b"
+    for bad in ({"identifier": "x", "limit": 0, "refill": 1}, {"identifier": "x", "limit": 1, "refill": 0.01},
+                {"identifier": "", "limit": 1, "refill": 1}, {"limit": 1, "refill": 1}):  # fmt: skip
+        assert admin("POST", "/ratelimits", json=bad)[0] == 400, bad
+    assert admin("DELETE", "/ratelimits/gpt-4o@openai")[0] == 204
+    assert admin("DELETE", "/ratelimits/gpt-4o@openai")[0] == 404
+    assert admin("GET", "/ratelimits/gpt-4o@openai")[0] == 404
+    default = {"identifier": "default", "limit": 10, "refill": 1}
+    admin("POST", "/ratelimits", json=default)
+    assert admin("GET", "/ratelimits")[1]["default"] == {"limit": 10, "refill": 1.0}
+
+
+def test_wrong_admin_secrets_are_throttled_per_client_address(app, client) -> None:  # type: ignore[no-untyped-def]
+    def ask(secret: str, address: str = "198.51.100.1", **headers: str):  # type: ignore[no-untyped-def]
+        return client.get(
+            "/api/admin/",
+            headers={"Authorization": f"Bearer {secret}", **headers},
+            environ_base={"REMOTE_ADDR": address},
+        )
+
+    for _ in range(30):  # right secrets do not count
+        assert ask(ADMIN_SECRET).status_code == 200
+    assert [ask("guess").status_code for _ in range(10)] == [401] * 10
+    throttled = ask("guess")
+    assert throttled.status_code == 429 and 5 <= int(throttled.headers["Retry-After"]) <= 6
+    assert "Too many wrong admin secrets" in throttled.get_json()["error"]
+    assert ask(ADMIN_SECRET).status_code == 429  # not even checked: a guess cannot be confirmed
+    assert ask("guess", "198.51.100.2").status_code == 401  # another address
+    # X-Forwarded-For is not believed from an untrusted peer: a client cannot escape by it...
+    assert ask("guess", **{"X-Forwarded-For": "203.0.113.50"}).status_code == 429
+    # ... and is from a proxy named in TRUSTED_PROXIES.
+    app.config["TRUSTED_PROXIES"] = "198.51.100.0/24"
+    assert ask(ADMIN_SECRET, **{"X-Forwarded-For": "203.0.113.50"}).status_code == 200

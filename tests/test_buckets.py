@@ -245,3 +245,19 @@ def test_claims_are_exclusive_kept_and_released_by_their_holder_only() -> None:
     assert store.claim("r", "u2", ttl=10) is None
     clock.now += 11  # u2 never kept it: it lapsed
     assert store.claim("r", "u3", ttl=10) is None
+
+
+def test_a_settled_claim_answers_repeats_until_it_expires() -> None:
+    clock = Clock()
+    store = LocalStore(clock)
+    assert store.claim("r", "u1", ttl=10) is None
+    assert not store.settle("r", "u2", "{}", ttl=600)  # only the holder settles
+    assert store.settle("r", "u1", '{"answer": 1}', ttl=600)
+    clock.now += 300  # far past the in-flight TTL: a settled claim is not kept alive
+    repeat = store.claim("r", "u2", ttl=10)
+    assert (repeat.uid, repeat.answer, repeat.age) == ("u1", '{"answer": 1}', 300)
+    assert not store.keep_claim("r", "u1", ttl=10) and not store.unclaim("r", "u1")
+    assert not store.settle("r", "u1", "{}", ttl=600)  # settled once
+    clock.now += 301
+    assert store.claim("r", "u3", ttl=10) is None  # expired: the next call runs anew
+    assert store.claim("r", "u4", ttl=10).answer is None

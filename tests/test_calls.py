@@ -8,6 +8,7 @@ through gunicorn are in tests/test_disconnects.py.
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import gevent
@@ -15,7 +16,7 @@ import gevent.event
 
 from gateway.calls import Calls
 from gateway.config import DEFAULTS
-from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End
+from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End, Ending
 
 
 class StandIn:
@@ -24,6 +25,8 @@ class StandIn:
     def __init__(self) -> None:
         self.ended: End | None = None
         self._stopped = gevent.event.Event()
+        self.exchange = SimpleNamespace(status="aborted")  # what calls counts in /metrics
+        self.ending = Ending(time.monotonic)
 
     def produce(self) -> None:
         self._stopped.wait()

@@ -95,6 +95,30 @@ def test_login_with_the_admin_secret_and_logout(client) -> None:  # type: ignore
     assert client.get("/").status_code == 302
 
 
+def test_wrong_secrets_are_throttled_per_address_with_a_clear_message(client) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(15):  # right secrets do not count against an address
+        login(client)
+        post(client, "/logout")
+    assert [post(client, "/login", secret="guess").status_code for _ in range(10)] == [401] * 10
+    throttled = post(client, "/login", secret="guess")
+    assert throttled.status_code == 429 and 5 <= int(throttled.headers["Retry-After"]) <= 6
+    assert "Too many wrong secrets from your address. Try again in" in text(throttled)
+    # While throttled the secret is not even checked: a guess cannot be confirmed.
+    assert post(client, "/login", secret=ADMIN_SECRET).status_code == 429
+    chinese = client.post(
+        "/login",
+        data={"csrf_token": token(client), "secret": "guess"},
+        headers={"Accept-Language": "zh-CN"},
+    )
+    assert chinese.status_code == 429 and "来自您地址的错误密钥过多" in text(chinese)
+    elsewhere = client.post(
+        "/login",
+        data={"csrf_token": token(client), "secret": ADMIN_SECRET},
+        environ_base={"REMOTE_ADDR": "192.0.2.77"},
+    )
+    assert elsewhere.status_code == 302  # another address signs in
+
+
 def test_login_starts_a_fresh_session_and_stays_on_this_site(client) -> None:  # type: ignore[no-untyped-def]
     before = token(client)
     resp = post(client, "/login", secret=ADMIN_SECRET, next="//evil.example/")
@@ -416,6 +440,27 @@ def test_create_a_key_see_it_once_then_revoke_it(client) -> None:  # type: ignor
     assert call(client, key) == 401
     assert row.key_hint not in client.get("/keys").text
     assert row.key_hint in client.get("/keys?revoked=1").text
+
+
+def test_the_keys_page_shows_live_use_against_the_limits(client) -> None:  # type: ignore[no-untyped-def]
+    from gateway.limiter import limiter
+
+    login(client)
+    post(client, "/keys", comment="live", rpmLimit="7", tpmLimit="700", maxConcurrent="4")
+    with database.connection_context():
+        row = ApiKey.get(ApiKey.comment == "live")
+    assert row.max_concurrent == 4
+    for _ in range(3):
+        limiter.admit(row.id, 7, 700)
+    limiter.charge(row.id, 700, 120)
+    page = text(client.get("/keys"))
+    assert "3 / 7 RPM" in page and "120 / 700 TPM" in page and "4 calls at once" in page
+    chinese = text(client.get("/keys", headers={"Accept-Language": "zh-CN"}))
+    assert "当前用量" in chinese and "同时最多 4 个调用" in chinese
+    post(client, f"/keys/{row.id}/limits", rpmLimit="7", tpmLimit="700", maxConcurrent="")
+    with database.connection_context():
+        assert ApiKey.get_by_id(row.id).max_concurrent is None  # cleared: unlimited
+    assert "calls at once" not in text(client.get("/keys"))
 
 
 def test_providers_add_edit_test_delete(client, fake) -> None:  # type: ignore[no-untyped-def]

@@ -47,7 +47,9 @@ def route(client, fake) -> dict:  # type: ignore[no-untyped-def]
         client.post(
             "/api/admin/models", json={"providerId": provider["id"], **model}, headers=ADMIN
         )
-    key = client.post("/api/admin/apiKey", json={}, headers=ADMIN).get_json()["key"]
+    # Limits no test reaches (the public fuzzer makes thousands of calls with this key).
+    limits = {"rpmLimit": 10**9, "tpmLimit": 10**9}
+    key = client.post("/api/admin/apiKey", json=limits, headers=ADMIN).get_json()["key"]
     return {"key": key, "id": call_id}
 
 
@@ -405,3 +407,39 @@ def test_a_malformed_chunked_body_gets_400_in_the_callers_shape(gateway, fake) -
     assert gateway.records() == []
     assert "Error handling request" not in gateway.log()
     assert "Traceback" not in gateway.log()
+
+
+def test_api_usage_sums_the_calling_keys_tokens(client, fake, route, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/api/usage").status_code == 401
+    auth = {"Authorization": f"Bearer {route['key']}"}
+    assert client.get("/api/usage", headers=auth).get_json() == {
+        "total_prompt_tokens": 0,
+        "total_completion_tokens": 0,
+    }
+    post(client, CHAT, VALID[CHAT], route["key"])
+    post(client, MESSAGES, VALID[MESSAGES], route["key"])
+    recorded()
+    sent = fake.log(route["id"])
+    usage = client.get("/api/usage", headers={"x-api-key": route["key"]}).get_json()
+    assert usage == {
+        "total_prompt_tokens": sum(c["usage"]["input_tokens"] for c in sent),
+        "total_completion_tokens": sum(c["usage"]["output_tokens"] for c in sent),
+    }
+    from gateway import stats
+
+    def away(key: int) -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(stats, "key_totals", away)
+    down = client.get("/api/usage", headers=auth)
+    assert down.status_code == 503 and down.get_json()["error"]["code"] == "database_unavailable"
+
+
+def test_metrics_are_open_unless_a_token_is_set(app, client) -> None:  # type: ignore[no-untyped-def]
+    open_ = client.get("/metrics")
+    assert open_.status_code == 200 and open_.content_type.startswith("text/plain; version=")
+    assert "nexusgate_active_providers" in open_.get_data(as_text=True)
+    app.config["METRICS_TOKEN"] = "s3cret"
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200

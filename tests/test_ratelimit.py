@@ -49,6 +49,7 @@ step = st.one_of(
     st.tuples(st.just("claim"), st.sampled_from("uvw")),
     st.tuples(st.just("keep"), st.sampled_from("uvw")),
     st.tuples(st.just("unclaim"), st.sampled_from("uvw")),
+    st.tuples(st.just("settle"), st.sampled_from("uvw"), st.sampled_from(['{"a": 1}', "答"])),
 )
 scenario = st.lists(
     st.tuples(
@@ -78,6 +79,8 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
         return store.claim(claims, op[1], 12.0)
     if kind == "keep":
         return store.keep_claim(claims, op[1], 12.0)
+    if kind == "settle":
+        return store.settle(claims, op[1], op[2], 30.0)
     return store.unclaim(claims, op[1])
 
 
@@ -87,6 +90,10 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
 @given(steps=scenario)
 @example(steps=[(0, ("admit", {3})), (0, ("admit", {3})), (1, ("admit", {3}))])  # exactly 1 left
 @example(steps=[(0, ("charge", 1, 900)), (0, ("peek", {1})), (0, ("admit", {1}))])  # TPM at 0
+@example(  # a settled claim answers repeats until its own expiry, then is claimed afresh
+    steps=[(0, ("claim", "u")), (1, ("settle", "u", "答")), (20, ("claim", "v")),
+           (0, ("keep", "u")), (0, ("unclaim", "u")), (11, ("claim", "w"))]
+)  # fmt: skip
 def test_lua_and_in_process_stores_answer_alike(shared_redis: RedisServer, steps: list) -> None:
     clock = Clock()
     redis_store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT), clock)

@@ -14,6 +14,7 @@ import peewee
 import pytest
 from flask import Flask
 
+from gateway import metrics
 from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
@@ -146,6 +147,7 @@ def test_database_down_journals_then_replays_everything(
         rec.record(second)
         assert rec.flush(5)
         assert rec.journaled == 3 and rec.writes == 0
+        assert metrics.JOURNAL_DEPTH._value.get() == 3  # gateway_journal_depth
         journal = list(rec.journal.directory.glob("journal-*.jsonl"))
         assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 3
     finally:
@@ -155,7 +157,7 @@ def test_database_down_journals_then_replays_everything(
     assert got[first.uid].status == "completed" and got[first.uid].completion_tokens == 4
     assert got[second.uid].status == "failed" and got[second.uid].error == "upstream 500"
     assert not list(rec.journal.directory.glob("*.jsonl"))
-    assert not rec._journaling
+    assert not rec._journaling and metrics.JOURNAL_DEPTH._value.get() == 0
     # Back to direct writes.
     third = exchange(key_id)
     third.finish("completed")
@@ -361,3 +363,25 @@ def test_text_the_database_cannot_store_is_replaced_where_rows_are_taken(
     assert (stored.status, stored.error) == ("failed", "upstream said \ufffd\ufffd")
     assert stored.completion[0]["content"] == "a\ufffdb\ufffdc"
     assert ex.output[0]["content"] == "a\ud800b\x00c"  # the call's own facts are left as they are
+
+
+@pytest.mark.parametrize("order", ["source first", "replay first", "one batch"])
+def test_a_replay_is_linked_to_its_source_whichever_is_written_first(
+    rec: Recorder, key_id: int, order: str
+) -> None:
+    source = exchange(key_id, req_id="job-1")
+    source.finish("completed", output=[{"role": "assistant", "content": "hi"}])
+    source.answer = {"content": [{"type": "text", "text": "hi"}]}
+    hit = exchange(key_id, source_uid=source.uid)
+    hit.finish("cache_hit")
+    with database.connection_context():
+        if order == "one batch":
+            write_rows([snapshot(hit), snapshot(source)])
+        else:
+            first, second = (source, hit) if order == "source first" else (hit, source)
+            write_rows([snapshot(first)])
+            write_rows([snapshot(second)])
+    by_uid = {r.uid: r for r in rows()}
+    assert by_uid[hit.uid].source_completion_id == by_uid[source.uid].id
+    assert by_uid[source.uid].source_completion_id is None
+    assert by_uid[source.uid].cached_response == source.answer

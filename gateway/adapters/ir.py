@@ -197,6 +197,53 @@ class Accumulator:
         return parts
 
 
+def stream_events(response: dict) -> list[dict]:
+    """A whole IR response as the stream events that carry it (what ``Accumulator`` reads).
+
+    For answering a stream from a stored answer (request dedup): ``start`` with the
+    usage, each block as start, one delta per field, stop; ``finish``; ``stop``.
+    """
+    events: list[dict] = [
+        {
+            "type": "start",
+            "id": response.get("id"),
+            "model": response.get("model"),
+            "usage": response.get("usage"),
+        }
+    ]
+    index = 0
+    for block in response.get("content") or []:
+        kind = block.get("type")
+        if kind == "text":
+            opened, deltas = {"type": "text", "text": ""}, [("text", block.get("text"))]
+        elif kind == "reasoning":
+            opened = {**block, "text": "", "signature": None}
+            deltas = [("reasoning", block.get("text")), ("signature", block.get("signature"))]
+        elif kind == "tool_call":
+            opened = {**block, "arguments": ""}
+            deltas = [("arguments", block.get("arguments"))]
+        else:
+            continue  # an answer holds text, reasoning and tool calls only
+        events.append({"type": "block_start", "index": index, "block": opened})
+        events += [
+            {"type": "block_delta", "index": index, "delta": {name: value}}
+            for name, value in deltas
+            if value
+        ]
+        events.append({"type": "block_stop", "index": index})
+        index += 1
+    events.append(
+        {
+            "type": "finish",
+            "stop_reason": response.get("stop_reason"),
+            "stop_sequence": response.get("stop_sequence"),
+            "usage": response.get("usage"),
+        }
+    )
+    events.append({"type": "stop"})
+    return events
+
+
 def budget_for_effort(effort: str | None) -> int | None:
     """The thinking budget for a reasoning effort; None for efforts that turn it off."""
     return _BUDGET_FOR_EFFORT.get(effort or "")

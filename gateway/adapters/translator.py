@@ -14,9 +14,9 @@ bytes its SDK cannot parse, and skipping it would record a completed call that l
 of its answer.
 
 A piece says what its caller keeps time on (the first token, the terminal event) and
-what counting deliveries to the client needs (SSE events, answer text). Replaying a
-stored answer as a stream is ``_translate`` of its IR events with a renderer and no
-parser.
+what counting deliveries to the client needs (SSE events, answer text). ``replay`` is
+the same translation with a renderer and no parser: a stored answer (request dedup),
+rendered as a whole stream in the client's format whatever format it first came in.
 """
 
 from __future__ import annotations
@@ -65,6 +65,13 @@ class StreamTranslator:
         self._acc = ir.Accumulator()
         self._tokens = False
         self._ended = False  # the client's stream is over: its end or an error went out
+
+    @classmethod
+    def replay(cls, client_format: str, request: dict, response: dict) -> Piece:
+        """A stored answer (an IR response) as the client's whole stream, always rendered."""
+        translator = cls(client_format, client_format, request)
+        translator._renderer = PROTOCOLS[client_format].StreamRenderer(request)
+        return translator._translate(ir.stream_events(response), None)
 
     @staticmethod
     def accepts(content_type: str) -> bool:

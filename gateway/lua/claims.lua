@@ -1,35 +1,43 @@
 -- Request-id claims (X-NexusGate-ReqId dedup), atomically, on the server's clock.
--- Mirrors LocalStore.claim/keep_claim/unclaim in gateway/buckets.py.
+-- Mirrors LocalStore.claim/keep_claim/settle/unclaim in gateway/buckets.py.
 -- (After prelude.lua: clock, num, MARGIN.)
 --
--- KEYS[1]: a hash {uid, started, expires} for one request id of one key. The holding
---          call keeps moving ``expires`` forward; a worker killed mid-call stops, and
---          its claim lapses. The key itself expires a margin later (garbage collection).
--- ARGV: mode ("claim" | "keep" | "release"), uid, ttl seconds, now ("" = the server's TIME).
--- Returns: claim: {} when claimed, else {holder uid, started, now};
---          keep / release: 1 if uid was the (live) holder, else 0.
+-- KEYS[1]: a hash {uid, started, expires, answer} for one request id of one key. The
+--          holding call keeps moving ``expires`` forward; a worker killed mid-call stops,
+--          and its claim lapses. Once the call is over its holder settles the claim with
+--          the answer to replay (``answer``), kept ``ttl`` more seconds. The key itself
+--          expires a margin later (garbage collection).
+-- ARGV: mode ("claim" | "keep" | "settle" | "release"), uid, ttl seconds, now ("" = the
+--       server's TIME), answer (settle only).
+-- Returns: claim: {} when claimed, else {holder uid, started, now, answer or ""};
+--          keep / settle / release: 1 if uid was the (live, unsettled) holder, else 0.
 local key, mode, uid, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = clock(ARGV[4])
-local holder = redis.call('HMGET', key, 'uid', 'started', 'expires')
+local holder = redis.call('HMGET', key, 'uid', 'started', 'expires', 'answer')
 local live = holder[1] and tonumber(holder[3]) > now
+local settled = holder[4] and true or false
 
 if mode == 'claim' then
   if live then
-    return {holder[1], holder[2], num(now)}
+    return {holder[1], holder[2], num(now), holder[4] or ''}
   end
+  redis.call('DEL', key)
   redis.call('HSET', key, 'uid', uid, 'started', num(now), 'expires', num(now + ttl))
   redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
   return {}
 end
-if mode == 'keep' then
-  if not live or holder[1] ~= uid then
+if mode == 'keep' or mode == 'settle' then
+  if not live or holder[1] ~= uid or settled then
     return 0
   end
   redis.call('HSET', key, 'expires', num(now + ttl))
+  if mode == 'settle' then
+    redis.call('HSET', key, 'answer', ARGV[5])
+  end
   redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
   return 1
 end
-if holder[1] ~= uid then
+if holder[1] ~= uid or settled then
   return 0
 end
 redis.call('DEL', key)

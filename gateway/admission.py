@@ -1,0 +1,172 @@
+"""A call's admission: the limits it must pass before it is routed, and what it owes after.
+
+``admit`` is asked once per /v1 call, after authentication and validation and before
+routing. It refuses a key over its monthly budget (402), takes one of the key's
+``maxConcurrent`` slots (if it has such a limit), then
+one request from its RPM bucket and from any per-model buckets (``model_limits``) while
+its TPM bucket is above zero, all or nothing in one atomic step (``Limiter.admit``).
+A refusal is a 429 in the caller's shape with Retry-After and the X-RateLimit-* headers,
+counted in /metrics; the call goes nowhere and is not recorded.
+
+What was admitted is a ``Permit``. It carries the headers, claims the call's request id
+(``X-NexusGate-ReqId``: a repeat gets the stored answer, or 409 while the first runs),
+and is settled exactly once: ``finished`` when the call's record is final (its answer
+kept for repeats or its request id released, the slot given back, its real tokens
+charged to TPM, the call counted), or ``cancel`` when it never opened. Nothing is
+reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker killed
+mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import gevent
+
+from gateway import dedup, metrics
+from gateway.auth import Caller
+from gateway.dedup import Stored
+from gateway.errors import RateLimited
+from gateway.exchange import Exchange
+from gateway.limiter import Admission, limiter
+from gateway.model_limits import model_limits
+
+log = logging.getLogger(__name__)
+
+# A repeat that finds its first call in flight looks again this much later before it
+# answers 409: a first call whose answer just went out is settling its claim right then.
+RECHECK = 0.05
+MESSAGES = {
+    "rpm": "Rate limit exceeded: too many requests per minute",
+    "tpm": "Rate limit exceeded: token quota exhausted",
+}
+
+
+def admit(caller: Caller, model: str, stream: bool) -> Permit:
+    """Admit a call of ``caller`` naming ``model`` now, or raise RateLimited (429).
+
+    A key that spent its monthly budget is refused first (BudgetExceeded, 402), taking
+    nothing from its other limits.
+    """
+    limiter.check_budget(caller.id, caller.budget_usd)
+    uid = uuid.uuid4().hex
+    slot = bool(caller.max_concurrent)
+    if slot and not limiter.enter(caller.id, uid, caller.max_concurrent):
+        standing = limiter.standing(caller.id, caller.rpm_limit, caller.tpm_limit)
+        message = f"Too many requests in flight: this key allows {caller.max_concurrent} at once"
+        raise _refused(caller, "concurrency", message, 1, standing)
+    admission = limiter.admit(
+        caller.id, caller.rpm_limit, caller.tpm_limit, model_limits.buckets(model)
+    )
+    if not admission.allowed:
+        if slot:
+            limiter.leave(caller.id, uid)
+        kind = admission.limit_type or "rpm"
+        if kind.startswith("model:"):
+            message = f"Rate limit exceeded for model '{kind.removeprefix('model:')}'"
+            kind = "model"
+        else:
+            message = MESSAGES.get(kind, "Rate limit exceeded")
+        raise _refused(caller, kind, message, admission.retry_after, admission)
+    _gauge(caller, admission)
+    return Permit(caller, uid, admission, stream, slot)
+
+
+def _refused(
+    caller: Caller, kind: str, message: str, retry_after: int, admission: Admission
+) -> RateLimited:
+    metrics.rejected(caller.id, caller.comment, kind)
+    return RateLimited(message, retry_after=retry_after, limits=admission.headers())
+
+
+def _gauge(caller: Caller, admission: Admission) -> None:
+    """What this admission left of the key's limits, for nexusgate_api_key_*_{usage,limit}."""
+    if admission.failed_open or admission.rpm_limit is None or admission.tpm_limit is None:
+        return
+    metrics.key_usage(
+        caller.id,
+        caller.comment,
+        {
+            "rpm": {
+                "current": admission.rpm_limit - admission.rpm_remaining,
+                "limit": admission.rpm_limit,
+            },
+            "tpm": {
+                "current": admission.tpm_limit - admission.tpm_remaining,
+                "limit": admission.tpm_limit,
+            },
+        },
+    )
+
+
+@dataclass(eq=False)
+class Permit:
+    """What an admitted call holds until it is settled, once."""
+
+    caller: Caller
+    uid: str  # the call's, and its record's
+    admission: Admission
+    stream: bool
+    slot: bool = False  # holds one of the key's maxConcurrent slots
+    req_id: str | None = None  # a claimed request id: repeats get this call's answer
+    settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """The X-RateLimit-* headers of this call's answer."""
+        return self.admission.headers()
+
+    def claim(self, req_id: str) -> Stored | None:
+        """Claim ``req_id``: None to make the call, a stored answer to replay; 409 in flight."""
+        holder = limiter.claim(self.caller.id, req_id, self.uid)
+        if holder is not None and holder.answer is None:
+            gevent.sleep(RECHECK)
+            holder = limiter.claim(self.caller.id, req_id, self.uid)
+        if holder is None:
+            self.req_id = req_id
+            return None
+        if holder.answer is None:
+            raise dedup.in_flight(req_id, self.stream, holder.age)
+        stored = Stored.loads(holder.answer)
+        if stored is None:  # unreadable (another version's): make the call, unclaimed
+            log.warning("admission: the stored answer of a request id is unreadable")
+        return stored
+
+    def cancel(self) -> None:
+        """The call never opened: give its slot back and release its request id."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.req_id is not None:
+            limiter.unclaim(self.caller.id, self.req_id, self.uid)
+        if self.slot:
+            limiter.leave(self.caller.id, self.uid)
+
+    def finished(self, exchange: Exchange, answer: dict | None) -> None:
+        """The call's record is final: settle its request id, slot, tokens and metrics.
+
+        ``answer`` is the whole answer (an IR response), or None when there is none (the
+        upstream failed or was cut off): then a repeat makes the call anew, because a
+        client retrying after a failure wants an answer, not the failure again.
+        """
+        if self.settled:
+            return
+        self.settled = True
+        key = self.caller.id
+        try:
+            if self.req_id is not None:  # first: a repeat sent right after must find it
+                kept = None
+                if answer is not None:
+                    if exchange.source_uid is None:  # kept in the record too (older repeats)
+                        exchange.answer = answer
+                    source = exchange.source_uid or exchange.uid
+                    kept = Stored(source, answer, exchange.model_id, exchange.provider_id)
+                limiter.settle(key, self.req_id, self.uid, kept and kept.dumps())
+            if self.slot:
+                limiter.leave(key, self.uid)
+            tokens = (exchange.input_tokens or 0) + (exchange.output_tokens or 0)
+            limiter.charge(key, self.caller.tpm_limit, tokens)
+            metrics.call_finished(exchange, self.caller.comment)
+        except Exception:  # the record must still be written
+            log.exception("admission: settling a finished call failed")

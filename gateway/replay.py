@@ -1,0 +1,97 @@
+"""Answering a repeat (``X-NexusGate-ReqId``) from the stored answer of the call it repeats.
+
+The stored answer comes from the request id's claim (``admission.Permit.claim``: Redis,
+or this worker's memory without it, for ``DEDUP_TTL`` after the first call ended) or,
+for an older call, from its record (``cached_response``). That read is bounded and
+skipped while the database is known to be down (``db.reachable``, until a background
+job finds it again): when neither has the answer, the call is made anew (fail open),
+never refused. The answer is rendered in the repeat's
+own format, as JSON or as a whole stream, whatever format the first call came in, and
+recorded once as ``cache_hit`` (0 tokens: the provider did no work) through the recorder,
+linked to its source. The upstream is not called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from gateway import db
+from gateway.adapters import PROTOCOLS, ir, record
+from gateway.adapters.translator import StreamTranslator
+from gateway.admission import Permit
+from gateway.dedup import Stored
+from gateway.exchange import Exchange
+from gateway.models import Completion
+from gateway.recorder import recorder
+
+log = logging.getLogger(__name__)
+
+CACHE_HIT = "cache_hit"
+READ_TIMEOUT = 1.0  # seconds a repeat may wait for the database's answer
+REPLAYED = ("completed", "aborted")  # records whose whole answer is kept (cached_response)
+
+
+def lookup(permit: Permit, req_id: str) -> Stored | None:
+    """The stored answer a repeat gets, or None: make the call (its id now claimed).
+
+    Raises RequestInFlight (409) while the first call with this id is running.
+    """
+    stored = permit.claim(req_id)
+    if stored is None and permit.req_id is not None:
+        stored = _from_record(permit.caller.id, req_id)
+    return stored
+
+
+def _from_record(key_id: int, req_id: str) -> Stored | None:
+    """The newest whole answer recorded for this key's request id, if the database says."""
+    if not db.reachable():  # known down: make the call rather than wait
+        return None
+    try:
+        with db.background(READ_TIMEOUT):
+            row = (
+                Completion.select(
+                    Completion.uid,
+                    Completion.cached_response,
+                    Completion.model_id,
+                    Completion.provider_id,
+                )
+                .where(
+                    (Completion.api_key == key_id)
+                    & (Completion.req_id == req_id)
+                    & Completion.status.in_(REPLAYED)
+                    & Completion.cached_response.is_null(False)
+                    & (Completion.deleted == False)  # noqa: E712
+                )
+                .order_by(Completion.id.desc())
+                .first()
+            )
+    except Exception as exc:  # away or slow: make the call instead
+        db.mark_reachable(False)  # until a background job finds it again
+        log.warning("replay: cannot read stored answers (%s); repeats run anew for now", exc)
+        return None
+    if row is None or not isinstance(row.cached_response, dict):
+        return None
+    return Stored(row.uid, row.cached_response, row.model_id, row.provider_id)
+
+
+def answer(
+    permit: Permit, exchange: Exchange, stored: Stored, client_format: str, request: dict
+) -> bytes:
+    """The repeat's answer in its format (JSON, or a whole stream), recorded as a cache hit."""
+    response = stored.response
+    if exchange.stream:
+        data = StreamTranslator.replay(client_format, request, response).data
+    else:
+        data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
+    exchange.source_uid, exchange.req_id = stored.uid, None  # the id is its source's
+    exchange.model_id, exchange.provider_id = stored.model_id, stored.provider_id
+    exchange.first_token()
+    exchange.finish(
+        CACHE_HIT,
+        output=record.completion(response),
+        usage=ir.usage(input_tokens=0, output_tokens=0),
+    )
+    permit.finished(exchange, response)
+    recorder.record(exchange)
+    return data
