@@ -110,14 +110,13 @@ def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
     return str(key_id), (comment or "unknown")[:100]
 
 
-def call_finished(
-    exchange: Exchange,
-    key_comment: str | None = None,
-    *,
-    prompt_cost: float | None = None,
-    completion_cost: float | None = None,
-) -> None:
-    """Count a call whose record is final: status, tokens, cost, duration, TTFT."""
+def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
+    """Count a call whose record is final: status, tokens, cost, duration, TTFT.
+
+    The cost is the record's own (``exchange.cost``, fixed when the call finished): the
+    prompt's share is its uncached, cache-read and cache-write input, the completion's its
+    output (reasoning included).
+    """
     model = exchange.model
     key = _key_labels(exchange.api_key_id, key_comment)
     answered = exchange.status in ("completed", "aborted")  # the upstream answered in full
@@ -133,12 +132,14 @@ def call_finished(
         TOKENS["prompt"].labels(model).inc(exchange.input_tokens)
     if exchange.output_tokens:
         TOKENS["completion"].labels(model).inc(exchange.output_tokens)
-    costs = {"prompt": prompt_cost, "completion": completion_cost}
-    for kind, usd in costs.items():
-        if usd:
-            COST[kind].labels(model).inc(usd)
-    if any(costs.values()):
-        COST["total"].labels(model).inc(sum(usd or 0.0 for usd in costs.values()))
+    cost = exchange.cost
+    if cost:
+        prompt = cost["input"] + cost["cacheRead"] + cost["cacheWrite"]
+        for kind, usd in (("prompt", prompt), ("completion", cost["output"])):
+            if usd:
+                COST[kind].labels(model).inc(usd)
+        if cost["total"]:
+            COST["total"].labels(model).inc(cost["total"])
     if answered and exchange.duration_ms is not None:
         COMPLETION_SECONDS.labels(model).observe(exchange.duration_ms / 1000)
     if answered and exchange.ttft_ms is not None:

@@ -27,14 +27,16 @@ WORKER = """
 import json, sys
 from gateway import metrics
 from gateway.exchange import EMBEDDING, Exchange
+from gateway.pricing import Prices, cost
 
 n = json.loads(sys.argv[1])
 for status in ("completed", "completed", "aborted", "failed"):
     ex = Exchange(api_key_id=1, model="m1", api_format="openai-chat", stream=True)
     ex.ttft_ms = 300
-    ex.finish(status, usage={"input_tokens": 10, "output_tokens": 5} if status != "failed" else None)
+    usage = {"input_tokens": 10, "output_tokens": 5} if status != "failed" else None
+    ex.finish(status, usage=usage, cost=cost(usage, Prices(input=25_000, output=100_000)))
     ex.duration_ms = 1500
-    metrics.call_finished(ex, "team-a", prompt_cost=0.25, completion_cost=0.5)
+    metrics.call_finished(ex, "team-a")
 emb = Exchange(api_key_id=2, model="e1", api_format="openai-embeddings", kind=EMBEDDING)
 emb.finish("completed", usage={"input_tokens": 7})
 metrics.call_finished(emb, None)
@@ -102,7 +104,10 @@ def test_counts_of_every_worker_are_merged_under_nexusgate_names(workers: list[i
     assert _value(samples, "nexusgate_tokens_prompt_total", model="m1") == 90  # 3 workers x 3 x 10
     assert _value(samples, "nexusgate_tokens_completion_total", model="m1") == 45
     assert _value(samples, "nexusgate_tokens_embedding_total", model="e1") == 21
-    assert _value(samples, "nexusgate_cost_total_usd_total", model="m1") == 9.0  # 12 x 0.75
+    # 9 priced calls (a failed call without usage has no cost): 10 and 5 tokens each
+    assert _value(samples, "nexusgate_cost_prompt_usd_total", model="m1") == 2.25
+    assert _value(samples, "nexusgate_cost_completion_usd_total", model="m1") == 4.5
+    assert _value(samples, "nexusgate_cost_total_usd_total", model="m1") == 6.75
     # Durations and TTFT of calls the upstream answered (completed, aborted): NexusGate's buckets.
     assert _value(samples, "nexusgate_completion_duration_seconds_count", model="m1") == 9
     assert (

@@ -24,6 +24,7 @@ import anthropic
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pairs_support as p
 from tests.pairs_support import ANTHROPIC, CHAT, CLIENTS, RESPONSES
@@ -173,6 +174,16 @@ def test_a_price_change_leaves_old_records_as_they_were(
     assert rows[0]["cost"]["prices"]["input"] == 1.0
     assert rows[1]["cost"]["prices"]["input"] == 100.0
     assert rows[1]["cost"]["total"] == pytest.approx(rows[0]["cost"]["total"] * 100)
+    # /metrics counts what the records say each call cost (worker processes' counters merged).
+    spent = {
+        (s.name, s.labels.get("model")): s.value
+        for family in text_string_to_metric_families(requests.get(f"{gw.url}/metrics").text)
+        for s in family.samples
+    }
+    total = sum(row["cost"]["total"] for row in rows)
+    assert spent["nexusgate_cost_total_usd_total", "acct-reprice"] == pytest.approx(total)
+    output = sum(row["cost"]["output"] for row in rows)
+    assert spent["nexusgate_cost_completion_usd_total", "acct-reprice"] == pytest.approx(output)
 
 
 @pytest.mark.parametrize("client", CLIENTS)
