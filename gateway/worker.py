@@ -90,6 +90,10 @@ class GatewayWorker(GeventWorker):
         # gunicorn builds each response from this name (wsgi.create); set after the
         # fork, so only workers of this class are concerned.
         wsgi.Response = OneSend
+        # gevent records every greenlet's spawning stack and parent, for debugging
+        # dumps nobody takes here: a walk of the stack and about 20 objects held per
+        # greenlet, and a call spawns two (its handler, its producer).
+        gevent.config.track_greenlet_tree = False
         super().init_process()
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
