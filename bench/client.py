@@ -2,7 +2,8 @@
 
 Lean on purpose, so that the client's own cost (it shares the machine) is small and the
 same for every target. It reads ``Content-Length`` and chunked bodies (the end of a
-chunked body is its ``0\r\n\r\n``; no trailers), and checks that each answer is whole.
+chunked body is its ``0\r\n\r\n``; no trailers). Every answer must be a whole 2xx: anything else
+stops the run (``BadAnswer``), since a figure made of 429s or errors measures nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def request(model: str, stream: bool, key: str) -> bytes:
     return head.encode() + body
 
 
+class BadAnswer(RuntimeError):
+    """An answer that is not a whole 2xx: the run stops, it measures nothing."""
+
+
 class Connection:
     """One kept-alive connection; times the first body byte and the end of each answer."""
 
@@ -41,8 +46,8 @@ class Connection:
         while (end := data.find(b"\r\n\r\n")) < 0:
             data += self._recv()
         head, body = data[:end], data[end + 4 :]
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"bad answer: {data[:300]!r}")
+        if not head.startswith(b"HTTP/1.1 2"):  # a 429 or a 5xx must not pass for a figure
+            raise BadAnswer(f"not a 2xx answer, the run is void: {data[:300]!r}")
         length = _content_length(head)
         while not body:
             body += self._recv()
@@ -52,7 +57,7 @@ class Connection:
         while not (len(body) >= length if length is not None else body.endswith(b"0\r\n\r\n")):
             body += self._recv()
         if LAST_PIECE not in body:
-            raise RuntimeError(f"incomplete answer: {body[-300:]!r}")
+            raise BadAnswer(f"incomplete answer: {body[-300:]!r}")
         return first - started, time.perf_counter() - started
 
     def _recv(self) -> bytes:

@@ -1,4 +1,9 @@
-"""One call in flight: the producer greenlet that owns it until it is recorded.
+"""One call in flight: the producer that owns it until it is recorded.
+
+A stream's producer is a greenlet of its own, reading the upstream whatever its client
+does; a JSON answer's is the view's greenlet (``answer_here``), which sends nothing
+until the answer is whole anyway, so a client that leaves meanwhile changes nothing
+but the record, as for a stream.
 
 The producer fails over until an upstream answers (``routing.failover``), reads the
 answer to its end through the plan's operation (a stream through its
@@ -82,13 +87,14 @@ class Call:
         self._producer: gevent.Greenlet | None = None
         self._reading = False
         self._stopping = False
+        self._left_unanswered = False  # a JSON answer's client left while it was produced
 
     # -- the view's side --------------------------------------------------------
 
     @property
     def abandoned(self) -> bool:
         """The client left before there was anything to answer."""
-        return self.down.gone.is_set() and not self.ready.ready()
+        return self._left_unanswered or (self.down.gone.is_set() and not self.ready.ready())
 
     def wait(self, watchers: gevent.pool.Group) -> None:
         """Watch the client; return once there is an answer to start or nobody waits; raise."""
@@ -104,6 +110,19 @@ class Call:
             raise
         if not self.stream:
             self.down.stop_watching()
+
+    def answer_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
+        """Produce a JSON answer in this greenlet, watching the client meanwhile; raise
+        its error (nothing is raised for a client that left: the call is ``abandoned``)."""
+        self.down.start_watching(watchers)
+        try:
+            produce()
+        finally:
+            self.down.stop_watching()
+        if self.down.gone.is_set():
+            self._left_unanswered = True  # the call is recorded; nobody takes the answer
+            return
+        self.ready.get()
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body."""

@@ -1,8 +1,9 @@
 """The calls of one worker: opened here, bounded here when their client leaves, stopped here.
 
-``calls.open`` starts a call (``call.py``): its producer greenlet in the group that
-shutdown waits for, its socket watcher in a group that is killed, never waited for,
-and returns once the call has something to answer with. When a client leaves, the
+``calls.open`` starts a call (``call.py``): a stream's producer greenlet in the group
+that shutdown waits for (a JSON answer is produced in the view's own greenlet, and
+shutdown waits for it among the calls in flight), its socket watcher in a group that
+is killed, never waited for, and returns once the call has something to answer with. When a client leaves, the
 drain policy is applied here (SPEC rule 3): ``ON_DISCONNECT=cancel`` stops the call at
 once; otherwise it drains, bounded by ``DRAIN_TIMEOUT`` and by a semaphore of
 ``MAX_DRAINS`` slots this module owns. ``stop_all`` ends whatever still runs at
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.event
 import gevent.lock
 import gevent.pool
 
@@ -40,6 +43,8 @@ class Calls:
         self._group = gevent.pool.Group()  # producers and drain timers
         self._watchers = gevent.pool.Group()  # killed, never waited for
         self._active: set[Call] = set()
+        self._idle = gevent.event.Event()  # no call in flight
+        self._idle.set()
         # A draining call -> its timer and the semaphore it took its slot from.
         self._draining: dict[Call, tuple[gevent.Greenlet, gevent.lock.BoundedSemaphore]] = {}
         self._drains = gevent.lock.BoundedSemaphore(0)
@@ -54,8 +59,13 @@ class Calls:
         assert self.settings is not None, "calls.init_app was not called"
         call = Call(plan, self.settings, sock, self._client_left)
         self._active.add(call)
-        self._spawn(self._run, call)
-        call.wait(self._watchers)
+        if call.stream:
+            self._spawn(self._run, call)
+            call.wait(self._watchers)
+        else:
+            # A JSON answer is read whole before a byte is sent, so the view's own
+            # greenlet can produce it: no greenlet to spawn, no switches to it and back.
+            call.answer_here(self._watchers, lambda: self._run(call))
         return call
 
     def stop_all(self) -> int:
@@ -66,8 +76,12 @@ class Calls:
         return len(calls)
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait for every call to end; True if they all did."""
-        return self._group.join(timeout=timeout)
+        """Wait for every call (and drain timer) to end; True if they all did."""
+        started = time.monotonic()
+        if not self._idle.wait(timeout):  # JSON answers produced in their views' greenlets
+            return False
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self._group.join(timeout=left)
 
     @property
     def active(self) -> int:
@@ -80,11 +94,14 @@ class Calls:
         return greenlet
 
     def _run(self, call: Call) -> None:
+        self._idle.clear()
         metrics.call_opened()
         try:
             call.produce()
         finally:
             self._active.discard(call)
+            if not self._active:
+                self._idle.set()
             metrics.call_closed()
             drain = self._draining.pop(call, None)
             if drain is not None:

@@ -5,8 +5,9 @@ The response body is a generator gunicorn iterates: it only relays the queue, wi
 a heartbeat comment when the queue is idle, and a failed write ends it. A piece is
 counted as delivered (its SSE events and answer text) once gunicorn comes back for the
 next one, that is once its write succeeded; ``delivery`` waits for the client's copy to
-end and says how much it got (SPEC rule 11). The watcher
-greenlet notices a hang-up while nothing is being written: a reset, or a FIN. For a
+end and says how much it got (SPEC rule 11). The watcher notices a hang-up while
+nothing is being written: a reset, or a FIN (the hub watches the socket, and a greenlet
+is spawned only once something arrives). For a
 stream a FIN may be a half-close from a client that still reads, so the watcher
 notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment): a
 dead peer answers the first write since with a reset, which the connection's TCP state
@@ -26,18 +27,15 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import gevent
 import gevent.event
 import gevent.pool
 import gevent.queue
-import gevent.socket
 
 from gateway import sse
-
-if TYPE_CHECKING:
-    from gateway.adapters.translator import Piece
+from gateway.adapters.translator import Piece
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,9 @@ class Downstream:
         self._wrote: float | None = None  # the first write since the FIN went through
         self._probing = False  # a probe waits in the queue
         self._on_gone = on_gone
-        self._watcher: gevent.Greenlet | None = None
+        self._readable: Any = None  # the hub's watch on the socket (a libev io watcher)
+        self._watchers: gevent.pool.Group | None = None
+        self._watcher: gevent.Greenlet | None = None  # once it was readable: tells what came
 
     def put(self, piece: Piece) -> None:
         """Queue a piece for the client; dropped once it has left."""
@@ -154,22 +154,37 @@ class Downstream:
             self.left("connection closed", self.fin_at)
 
     def start_watching(self, group: gevent.pool.Group) -> None:
-        """Watch the socket from a greenlet of ``group`` (no socket: nothing to watch)."""
+        """Watch the socket (no socket: nothing to watch).
+
+        Nothing runs until the client sends something: the hub watches the socket for
+        reading, and only then does a greenlet of ``group`` look at what came (a FIN, a
+        reset, or more bytes). Most calls end with nothing sent, and cost no greenlet.
+        """
         if self.sock is not None:
-            self._watcher = group.spawn(self._watch)
-            self._watcher.link_exception(_log_death)
+            self._watchers = group
+            self._readable = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+            self._readable.start(self._woken)
 
     def stop_watching(self) -> None:
-        """Kill the watcher: with keep-alive, the socket's next bytes are gunicorn's."""
+        """Stop watching: with keep-alive, the socket's next bytes are gunicorn's."""
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
         if self._watcher is not None:
             self._watcher.kill(block=False)
             self._watcher = None
 
-    def _watch(self) -> None:
+    def _woken(self) -> None:
+        # In the hub, which must not wait: a greenlet reads what came.
+        seen = time.monotonic()
+        self._readable.close()
+        self._readable = None
+        self._watcher = self._watchers.spawn(self._watch, seen)
+        self._watcher.link_exception(_log_death)
+
+    def _watch(self, seen: float) -> None:
         sock = self.sock
         try:
-            gevent.socket.wait_read(sock.fileno())
-            seen = time.monotonic()
             if sock.recv(1, socket.MSG_PEEK):
                 return  # the client sent more (pipelining): nothing to learn here
         except OSError:
@@ -230,10 +245,12 @@ class Downstream:
                 if item is None or item is _PROBE:
                     yield sse.comment("keep-alive" if item is None else "probe")
                 else:
-                    yield item.data
+                    pieces = self._queued(item)
+                    yield item.data if len(pieces) == 1 else b"".join(p.data for p in pieces)
                     # Back here: gunicorn wrote it (a failed write closes this generator).
-                    self.events += item.events
-                    self.chars += len(item.text)
+                    for piece in pieces:
+                        self.events += piece.events
+                        self.chars += len(piece.text)
                 # The write went through: no reset had come back when it was issued.
                 # One may have come since (at once, nearby): then the client is gone.
                 self._tell(issued)
@@ -248,6 +265,15 @@ class Downstream:
             if not delivered:  # a failed write; after a FIN, it confirms that departure
                 fin = self.fin_at
                 self.left("write failed" if fin is None else "connection closed", fin)
+
+    def _queued(self, first: Piece) -> list[Piece]:
+        """``first`` and the pieces queued behind it, up to the next marker: one write for
+        all that is ready, not a write and two switches each."""
+        pieces = [first]
+        queue = self.queue
+        while queue.qsize() and isinstance(queue.peek_nowait(), Piece):
+            pieces.append(queue.get_nowait())
+        return pieces
 
     def _half_closed(self) -> None:
         """The FIN was a half-close: the client still reads, and has not left."""

@@ -178,7 +178,8 @@ def failover(
     last: UpstreamError | None = None
     for candidate in candidates:
         for _ in range(tries_per_provider):
-            sleep(backoff(attempt, *backoff_range))
+            if attempt:  # the first try goes at once: no yield to the hub before it
+                sleep(backoff(attempt, *backoff_range))
             attempt += 1
             try:
                 return candidate, try_one(candidate)

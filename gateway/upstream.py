@@ -1,27 +1,32 @@
-"""The wire to providers: where to send, how to authenticate, how to read. The only importer of requests.
+"""The wire to providers: where to send, how to authenticate, how to read; the only owner
+of upstream HTTP.
 
 ``endpoint`` gives the URL and auth headers of an operation per provider type. One
-``requests.Session`` per worker with a pool big enough for many concurrent streams, no
-automatic retries (failover is ``routing``'s job), no cookies (one session serves every
-user). Bodies are read with ``raw.read1`` so bytes arrive as the upstream sends them,
-chunked or close-delimited; a ``Response`` reads them as SSE events (up to the first one
-before it answers) or as one JSON answer. Every failure becomes an ``UpstreamError`` that
-says whether another try could help.
+urllib3 ``PoolManager`` per worker (and one ``ProxyManager`` per proxy the environment
+names) with a pool big enough for many concurrent streams, no automatic retries
+(failover is ``routing``'s job), no redirects, TLS verified against certifi's CA bundle
+as requests would, and no cookies. urllib3 directly, not a ``requests.Session``: the
+Session's per-call preparing, settings merging and response building cost more CPU
+than the rest of the wire (issue 11); requests is kept for what it does once per
+upstream host, reading the proxy settings. Bodies are read with ``read1`` so bytes
+arrive as the upstream sends them, chunked or close-delimited; a ``Response`` reads
+them as SSE events (up to the first one before it answers) or as one JSON answer.
+Every failure becomes an ``UpstreamError`` that says whether another try could help.
 """
 
 from __future__ import annotations
 
 import functools
-import http.cookiejar
 import json
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
-import requests
+import certifi
+import requests.utils
+import urllib3
 import urllib3.exceptions
 from flask import Flask
-from requests.adapters import HTTPAdapter
 
 from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
@@ -125,86 +130,105 @@ class UpstreamError(Exception):
         return f"{self.kind}: {self.message}"
 
 
-class _NoCookies(http.cookiejar.DefaultCookiePolicy):
-    def set_ok(self, cookie, request):  # type: ignore[no-untyped-def]
-        return False
-
-
 class Upstream:
     """The worker's HTTP client for providers."""
 
     def __init__(self) -> None:
-        self.session: requests.Session | None = None
-        self._timeout: tuple[float, float] | None = None  # connect, read
+        self._direct: urllib3.PoolManager | None = None
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._options: dict[str, Any] = {}
 
     def init_app(self, app: Flask) -> None:
-        """Build the session from the app's settings."""
-        self._timeout = (float(app.config["CONNECT_TIMEOUT"]), float(app.config["READ_TIMEOUT"]))
-        pool = int(app.config["UPSTREAM_POOL_SIZE"])
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=pool, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.cookies.set_policy(_NoCookies())
-        # Proxy settings come from the environment (HTTPS_PROXY, NO_PROXY...) as usual,
-        # but are resolved once per upstream host, not re-read on every call.
-        session.trust_env = False
-        self.session = session
+        """Build the connection pools from the app's settings."""
+        self._options = {
+            "num_pools": 32,  # upstream hosts kept open at once
+            "maxsize": int(app.config["UPSTREAM_POOL_SIZE"]),
+            "block": False,  # past maxsize, open more and close them after
+            "retries": False,  # failover is routing's, and sees every error as it is
+            "timeout": urllib3.Timeout(
+                connect=float(app.config["CONNECT_TIMEOUT"]), read=float(app.config["READ_TIMEOUT"])
+            ),
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": certifi.where(),
+        }
+        self._direct = urllib3.PoolManager(**self._options)
+        self._proxied = {}
 
     def post(self, url: str, headers: dict[str, str], body: bytes, *, stream: bool) -> Response:
         """Send a request; return once the status line and headers are in."""
-        headers = {"Content-Type": "application/json", **headers}
-        if stream:
-            # Compression would make the upstream (or us) buffer tokens.
-            headers["Accept-Encoding"] = "identity"
+        # Compression would make the upstream (or us) buffer tokens.
+        encoding = "identity" if stream else "gzip, deflate"
+        headers = {"Content-Type": "application/json", "Accept-Encoding": encoding, **headers}
         return self._send("POST", url, headers, body)
 
     def get(self, url: str, headers: dict[str, str]) -> Response:
         """A GET (provider tests, remote model lists)."""
-        return self._send("GET", url, headers, None)
+        return self._send("GET", url, {"Accept-Encoding": "gzip, deflate", **headers}, None)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
-        assert self.session is not None, "upstream.init_app was not called"
+        headers = {"Accept": "*/*", **headers}
         try:
-            resp = self.session.request(
+            resp = self._manager(url).urlopen(
                 method,
                 url,
-                data=body,
+                body=body,
                 headers=headers,
-                stream=True,
-                timeout=self._timeout,
-                allow_redirects=False,
-                proxies=_proxies_for(*_origin(url)),
+                redirect=False,
+                preload_content=False,
+                decode_content=True,
             )
-        except requests.ConnectTimeout as exc:
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, unknown host
+            raise UpstreamError("connect", str(exc)) from exc
+        except urllib3.exceptions.ConnectTimeoutError as exc:
             raise UpstreamError("timeout", f"connect timed out: {exc}") from exc
-        except requests.ReadTimeout as exc:
+        except urllib3.exceptions.ReadTimeoutError as exc:
             raise UpstreamError("timeout", "no response headers before the read timeout") from exc
-        except requests.ConnectionError as exc:
-            raise UpstreamError(_connection_kind(exc), str(exc)) from exc
-        except requests.RequestException as exc:
+        except urllib3.exceptions.ProtocolError as exc:  # dropped before or in its headers
+            raise UpstreamError("reset", str(exc)) from exc
+        except ValueError as exc:  # a URL or header that cannot be sent (LocationValueError)
             raise UpstreamError("invalid", str(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # TLS, the proxy, the pool
+            raise UpstreamError("connect", str(exc)) from exc
         response = Response(resp)
-        if resp.status_code >= 400:
+        if resp.status >= 400:
             content = response.read(MAX_ERROR_BODY, truncate=True)
             response.close()
             raise UpstreamError(
                 "http",
-                f"upstream answered {resp.status_code}",
-                status=resp.status_code,
+                f"upstream answered {resp.status}",
+                status=resp.status,
                 content=content,
                 content_type=resp.headers.get("Content-Type"),
                 request_id=response.request_id,
             )
         return response
 
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        """The pools for ``url``: direct, or through the proxy the environment names."""
+        assert self._direct is not None, "upstream.init_app was not called"
+        scheme, netloc = _origin(url)
+        proxies = _proxies_for(scheme, netloc)
+        proxy = proxies.get(scheme) or proxies.get("all")
+        if not proxy:
+            return self._direct
+        manager = self._proxied.get(proxy)
+        if manager is None:
+            auth = urlsplit(proxy)
+            headers = {}
+            if auth.username:  # requests' way: credentials in the proxy's URL
+                basic = f"{unquote(auth.username)}:{unquote(auth.password or '')}"
+                headers = urllib3.make_headers(proxy_basic_auth=basic)
+            manager = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._options)
+            self._proxied[proxy] = manager
+        return manager
+
 
 class Response:
     """An upstream answer whose body has not been read yet."""
 
-    def __init__(self, resp: requests.Response) -> None:
+    def __init__(self, resp: urllib3.BaseHTTPResponse) -> None:
         self._resp = resp
-        self.status = resp.status_code
+        self.status = resp.status
         self.headers = resp.headers
 
     @property
@@ -218,7 +242,7 @@ class Response:
 
     def chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive; raises UpstreamError if the read fails."""
-        raw = self._resp.raw
+        raw = self._resp
         while True:
             try:
                 data = raw.read1(READ_SIZE, decode_content=True)
@@ -275,8 +299,10 @@ class Response:
         return b"".join(parts)
 
     def close(self) -> None:
-        """Drop the connection (it cannot be reused mid-body)."""
+        """Drop the connection if it is mid-body (a body read to its end went back to the
+        pool already), and give its pool slot back."""
         self._resp.close()
+        self._resp.release_conn()
 
 
 def _events(
@@ -297,15 +323,6 @@ def _origin(url: str) -> tuple[str, str]:
 def _proxies_for(scheme: str, netloc: str) -> dict[str, str]:
     """The environment's proxy for this origin (honouring NO_PROXY), looked up once."""
     return requests.utils.get_environ_proxies(f"{scheme}://{netloc}/")
-
-
-def _connection_kind(exc: requests.ConnectionError) -> str:
-    text = str(exc)
-    if "Read timed out" in text:
-        return "timeout"
-    if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ProtocolError):
-        return "reset"
-    return "connect"
 
 
 upstream = Upstream()

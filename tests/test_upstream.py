@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import requests
 import urllib3
 
 from gateway.upstream import Response, UpstreamError, _proxies_for, endpoint
@@ -101,10 +100,12 @@ def test_an_api_version_on_the_provider_wins_and_no_key_sends_no_auth() -> None:
 
 def answer(body: bytes, content_type: str = "text/event-stream") -> Response:
     """An upstream answer whose body is ``body``, read as the wire reads one."""
-    resp = requests.Response()
-    resp.status_code = 200
-    resp.headers["Content-Type"] = content_type
-    resp.raw = urllib3.HTTPResponse(body=io.BytesIO(body), status=200, preload_content=False)
+    resp = urllib3.HTTPResponse(
+        body=io.BytesIO(body),
+        status=200,
+        headers={"Content-Type": content_type},
+        preload_content=False,
+    )
     return Response(resp)
 
 

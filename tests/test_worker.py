@@ -1,0 +1,65 @@
+"""The worker's responses: headers go out with the first body bytes, in one send."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from gunicorn.config import Config
+
+from gateway.worker import OneSend
+
+
+class Wire:
+    """A socket that keeps each sendall apart."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+
+def response(method: str = "POST") -> tuple[OneSend, Wire]:
+    req = SimpleNamespace(version=(1, 1), method=method, should_close=lambda: False)
+    wire = Wire()
+    return OneSend(req, wire, Config()), wire
+
+
+def test_a_json_answer_is_one_send() -> None:
+    resp, wire = response()
+    resp.start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    resp.write(b"{}")
+    resp.close()
+    assert len(wire.sends) == 1
+    head, body = wire.sends[0].split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
+    assert body == b"{}"
+
+
+def test_a_stream_sends_its_headers_with_the_first_chunk_then_each_chunk() -> None:
+    resp, wire = response()
+    resp.start_response("200 OK", [("Content-Type", "text/event-stream")])
+    resp.write(b"data: 1\n\n")
+    resp.write(b"data: 2\n\n")
+    resp.close()
+    assert len(wire.sends) == 3
+    assert wire.sends[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    assert b"Transfer-Encoding: chunked" in wire.sends[0]
+    assert wire.sends[1:] == [b"9\r\ndata: 2\n\n\r\n", b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD"])
+def test_headers_with_no_body_to_carry_them_still_go(method: str) -> None:
+    resp, wire = response(method)
+    resp.start_response("200 OK", [("Content-Type", "text/event-stream")])
+    resp.write(b"" if method == "POST" else b"dropped")  # an empty chunk; a HEAD's body
+    assert len(wire.sends) == 1 and wire.sends[0].endswith(b"\r\n\r\n")
+    assert b"dropped" not in wire.sends[0]
+
+
+def test_a_response_closed_unwritten_sends_its_headers() -> None:
+    resp, wire = response()
+    resp.start_response("204 No Content", [])
+    resp.close()
+    assert len(wire.sends) == 1 and wire.sends[0].startswith(b"HTTP/1.1 204 No Content\r\n")
