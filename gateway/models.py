@@ -8,7 +8,9 @@ worker re-reads changed keys by it). Call records are written only by
 sweeper's). Schema changes go through numbered files in ``migrations/``; these
 classes describe the current schema and must match the latest migration, except for
 the full-text index (``0006_search``), which the database keeps and the upsert never
-names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite).
+names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite), and the
+monthly partitions of ``completions`` on PostgreSQL (``0007_partitions``), whose
+unique indexes include ``created_at``.
 """
 
 from __future__ import annotations
@@ -479,7 +481,7 @@ class _Upsert:
         self.sql = (
             f"INSERT INTO {table_name} ({', '.join(name(f) for f in self.fields)}) "
             f"VALUES ({', '.join([db.param] * len(self.fields))}) "
-            f"ON CONFLICT ({name(meta.fields['uid'])}) DO UPDATE SET "
+            f"ON CONFLICT ({', '.join(name(f) for f in _conflict_target(table))}) DO UPDATE SET "
             + ", ".join(f"{name(f)} = EXCLUDED.{name(f)}" for f in updated)
             + f" WHERE {table_name}.{name('status')} = {db.param}"
             f" OR ({table_name}.{name('swept')} = {db.param}"
@@ -502,6 +504,20 @@ class _Upsert:
                     value = field.db_value(value)
             values.append(value)
         return [*values, *self._constants]
+
+
+def _conflict_target(table: type[BaseModel]) -> list[pw.Field]:
+    """The columns of the unique index a snapshot's upsert lands on.
+
+    On PostgreSQL the completions table is partitioned by ``created_at``
+    (``migrations/0007``), and a partitioned table's unique indexes include the
+    partition key: ``(uid, created_at)``, which is one call's too, since a call's
+    ``created_at`` never changes between its snapshots.
+    """
+    fields = table._meta.fields
+    if table is Completion and isinstance(database.obj, pw.PostgresqlDatabase):
+        return [fields["uid"], fields["created_at"]]
+    return [fields["uid"]]
 
 
 # Per database object (not its id(): a new one may reuse a dead one's), then per table
