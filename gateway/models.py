@@ -196,6 +196,8 @@ class Completion(BaseModel):
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
     upstream_id = pw.CharField(max_length=255, null=True)  # the provider's response id
+    response_model = pw.CharField(max_length=255, null=True)  # the model the provider named
+    stop_reason = pw.CharField(max_length=31, null=True)  # the answer's, in IR terms (0008)
     cost = pw.JSONField(null=True)  # pricing.cost at finalisation, never recomputed
     cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
     delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
@@ -441,21 +443,29 @@ def pending_owners() -> set[str]:
 
 def finalise_orphans(owners: Iterable[str], before: datetime | None, error: str) -> int:
     """Fail the pending rows of dead ``owners`` and ownerless ones older than ``before``."""
+    return len(finalise_orphan_rows(owners, before, error))
+
+
+def finalise_orphan_rows(owners: Iterable[str], before: datetime | None, error: str) -> list[dict]:
+    """``finalise_orphans``, returning the rows it finalised (with their ``kind``) as
+    they now stand: exactly those this statement changed, for their spans (telemetry)."""
     owners = list(owners)
-    count = 0
-    for table in RECORD_TABLES.values():
+    finalised: list[dict] = []
+    for kind, table in RECORD_TABLES.items():
         orphaned = table.owner.in_(owners) if owners else None
         if before is not None:
             old = table.owner.is_null() & (table.updated_at < before)
             orphaned = old if orphaned is None else orphaned | old
         if orphaned is None:
             continue
-        count += (
+        query = (
             table.update(status="failed", error=error, swept=True, updated_at=utcnow())
             .where((table.status == "pending") & orphaned)
-            .execute()
+            .returning(*table._meta.sorted_fields)
+            .dicts()
         )
-    return count
+        finalised.extend({"kind": kind, **row} for row in query.execute())
+    return finalised
 
 
 class _Upsert:
