@@ -260,7 +260,7 @@ class SrvLog(BaseModel):
 
     class Meta:
         table_name = "srv_logs"
-        indexes = ((("related_completion_id",), False),)
+        indexes = ((("related_completion_id",), False), (("created_at",), False))
 
 
 class Setting(BaseModel):

@@ -16,6 +16,10 @@ becomes ``(id, created_at)`` and the uid's index ``(uid, created_at)`` (a call's
 or uid alone use these indexes' leading column in each partition.
 
 SQLite: nothing changes (one file on one machine; retention deletes in small batches).
+Both: ``srv_logs`` gets an index on ``created_at``, for retention.
+
+Old code cannot write to the new table (its upsert names ``ON CONFLICT (uid)``, which
+no longer has a unique index of its own): every instance must run the new version.
 """
 
 import re
@@ -42,6 +46,9 @@ def _with_partition_key(definition: str) -> str:
 
 
 def up(migrator, db):
+    # Both backends: retention deletes server logs oldest first (and the log pages list
+    # them newest first); without an index every batch would read the whole table.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS srv_logs_created_at ON srv_logs (created_at)")
     if not isinstance(db, PostgresqlDatabase):
         return
     now = datetime.now(UTC).replace(tzinfo=None)
