@@ -285,3 +285,41 @@ def _partition_of(uid: str) -> str:
         "SELECT tableoid::regclass::text FROM completions WHERE uid = %s", (uid,)
     )
     return cursor.fetchone()[0]
+
+
+def test_a_pruner_in_another_process_makes_this_one_skip(
+    key_id: int, tmp_path: Path, database_url: str
+) -> None:
+    """Another process holds the lock (the advisory lock, or the flock): no work here."""
+    import subprocess
+    import sys
+
+    from gateway.retention import _ADVISORY_LOCK
+
+    old = add_call(key_id, NOW - timedelta(days=90))
+    if is_postgres():
+        hold = (
+            "import psycopg, sys, time\n"
+            f"c = psycopg.connect({database_url!r})\n"
+            f"c.execute('SELECT pg_advisory_lock({_ADVISORY_LOCK})')\n"
+            "print('held', flush=True); time.sleep(30)\n"
+        )
+    else:
+        hold = (
+            "import fcntl, os, time\n"
+            f"fd = os.open({str(tmp_path / 'r.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(30)\n"
+        )
+    other = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        job = make_retention(tmp_path, RETENTION_DAYS=30)
+        assert job.run() is None
+        assert old.uid in uids()
+    finally:
+        other.kill()
+        other.wait()
+    # Its holder gone (killed: it never unlocked), the lock is free.
+    assert make_retention(tmp_path, RETENTION_DAYS=30).run() is not None
+    assert old.uid not in uids()
