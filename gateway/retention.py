@@ -98,7 +98,7 @@ class Retention:
 
     def _loop(self) -> None:
         # Workers start together: spread their first tries (only one gets the lock anyway).
-        gevent.sleep(random.uniform(1.0, 30.0))
+        gevent.sleep(random.uniform(0.0, min(30.0, self.interval if self.interval > 0 else 30.0)))
         while True:
             if self.wanted():
                 try:

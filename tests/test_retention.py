@@ -323,3 +323,66 @@ def test_a_pruner_in_another_process_makes_this_one_skip(
     # Its holder gone (killed: it never unlocked), the lock is free.
     assert make_retention(tmp_path, RETENTION_DAYS=30).run() is not None
     assert old.uid not in uids()
+
+
+@pytest.mark.server
+def test_the_gateway_prunes_while_it_records_and_loses_no_call(  # type: ignore[no-untyped-def]
+    database_url: str, gateway_factory, fake
+) -> None:
+    """Two gunicorn workers, each running the job every second, prune while calls flow."""
+    import gevent.pool
+    import requests
+
+    database.initialize(open_database(database_url))
+    try:
+        with database.connection_context():
+            owner = ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…old").id
+            old = utcnow() - timedelta(days=40)
+            rows = [
+                {
+                    "uid": uuid.uuid4().hex,
+                    "api_key": owner,
+                    "model": "m",
+                    "api_format": "openai-chat",
+                    "status": "completed",
+                    "created_at": old + timedelta(seconds=n),
+                    "updated_at": old,
+                }
+                for n in range(2000)
+            ]
+            for start in range(0, len(rows), 500):
+                Completion.insert_many(rows[start : start + 500]).execute()
+    finally:
+        if isinstance(database.obj, peewee.PostgresqlDatabase):
+            database.obj.close_all()
+    gw = gateway_factory(
+        GATEWAY_WORKERS="2",
+        GATEWAY_RETENTION_DAYS="30",
+        GATEWAY_RETENTION_INTERVAL="1",
+        GATEWAY_RETENTION_BATCH="50",
+        GATEWAY_RETENTION_PAUSE="0.2",  # 40 batches: the prune runs for seconds
+    )
+    unlimited = {"rpmLimit": 100_000, "tpmLimit": 100_000_000}
+    route = gw.setup_route(fake.url, system_name="kept", remote_id="fake;chunks=3", key=unlimited)
+
+    def call(_: int) -> int:
+        return requests.post(
+            f"{gw.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {route['key']}"},
+            json={"model": "kept", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        ).status_code
+
+    assert gw.api("GET", "/completions?limit=1")["total"] > 200  # still pruning
+    statuses = list(gevent.pool.Pool(8).imap_unordered(call, range(200)))
+    assert statuses == [200] * 200
+    records = gw.wait_final(200, timeout=60, apiKeyId=route["key_id"])
+    assert len(records) == 200 and all(r["status"] == "completed" for r in records)
+
+    def pruned() -> bool:
+        return gw.api("GET", "/completions?limit=1")["total"] == 200
+
+    from tests.servers import wait_until
+
+    wait_until(pruned, timeout=60)
+    assert "retention: a run failed" not in gw.log()
