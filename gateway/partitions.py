@@ -180,6 +180,8 @@ def _lock_timeout() -> None:
 
 
 def _lock_busy(exc: Exception) -> bool:
-    """True for PostgreSQL's lock_not_available (peewee keeps the driver's error first)."""
-    original = exc.args[0] if exc.args else None
-    return getattr(original, "sqlstate", None) == "55P03"
+    """True for PostgreSQL's lock_not_available, wherever peewee kept the driver's error."""
+    for error in (exc, *exc.args[:1], exc.__cause__, exc.__context__):
+        if getattr(error, "sqlstate", None) == "55P03":
+            return True
+    return False

@@ -386,3 +386,30 @@ def test_the_gateway_prunes_while_it_records_and_loses_no_call(  # type: ignore[
 
     wait_until(pruned, timeout=60)
     assert "retention: a run failed" not in gw.log()
+
+
+def test_a_busy_table_delays_partition_ddl_and_never_waits_on_it(
+    key_id: int, tmp_path: Path, database_url: str
+) -> None:
+    """A long reader holds completions: DDL gives up after lock_timeout, rows still go."""
+    import psycopg
+
+    with database.connection_context():
+        if not partitions.partitioned():
+            pytest.skip("PostgreSQL only: SQLite is not partitioned")
+    today = utcnow()
+    old = add_call(key_id, today - timedelta(days=1))  # in the first partition
+    clock = partitions.month(today, 3) + timedelta(days=9)  # it is wholly past 30 days
+    reader = psycopg.connect(database_url)
+    try:
+        reader.execute("SELECT count(*) FROM completions")  # its transaction stays open
+        started = time.monotonic()
+        done = make_retention(tmp_path, clock=clock, RETENTION_DAYS=30).run()
+        took = time.monotonic() - started
+        assert done["partitions_made"] == [] and done["partitions_dropped"] == []
+        assert done["completions"] == 1 and old.uid not in uids()  # deleted row by row instead
+        assert took < 3 * 5 * partitions.LOCK_TIMEOUT_MS / 1000  # five DDL tries, none waited
+    finally:
+        reader.close()
+    done = make_retention(tmp_path, clock=clock, RETENTION_DAYS=30).run()
+    assert "completions_legacy" in done["partitions_dropped"] and len(done["partitions_made"]) == 3
