@@ -5,8 +5,9 @@ Timestamps are naive UTC. Token counts the upstream did not report are NULL
 hint for display; every change to a key row must bump its ``updated_at`` (each
 worker re-reads changed keys by it). Call records are written only by
 ``upsert_records`` (the recorder's one statement) and ``finalise_orphans`` (the
-sweeper's); old ones are deleted, or their bodies emptied, only by ``retention.py``,
-which never touches a row younger than its retention. Schema changes go through numbered files in ``migrations/``; these
+sweeper's); old ones are deleted, or their bodies emptied, only by ``retention.py``
+(which otherwise only moves rows the DEFAULT partition caught into their month's
+partition, ``partitions.py``). Schema changes go through numbered files in ``migrations/``; these
 classes describe the current schema and must match the latest migration, except for
 the full-text index (``0006_search``), which the database keeps and the upsert never
 names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite), and the

@@ -150,6 +150,9 @@ def _create(start: datetime, end: datetime) -> None:
         moving = stray.fetchone()[0]
         columns = ", ".join(_columns())
         if moving:  # the default partition may not keep rows the new partition covers
+            # Everyone waits (lock_timeout bounds our wait): no write may land on a row
+            # between its copy and its move, nor hold a lock the DDL below would need.
+            database.execute_sql("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE")
             database.execute_sql(
                 f"CREATE TEMPORARY TABLE gateway_moving ON COMMIT DROP AS"
                 f" SELECT {columns} FROM {DEFAULT} WHERE {bounds}"
