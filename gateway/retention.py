@@ -50,6 +50,7 @@ from gateway.models import Completion, Embedding, SrvLog, utcnow
 log = logging.getLogger(__name__)
 
 _ADVISORY_LOCK = 7_351_912  # pg_try_advisory_lock key (db.py's migration lock is 7_351_911)
+STRIP_WINDOW = timedelta(hours=6)  # of creation times, per body-stripping query
 # What a body is: the text of a call; everything else on the row is kept.
 BODIES: dict[Any, tuple[str, ...]] = {
     Completion: ("prompt", "completion", "cached_response", "delivered"),
@@ -172,35 +173,54 @@ class Retention:
             gevent.sleep(self.pause)
 
     def _strip_older(self, table: Any, cutoff: datetime) -> int:
-        """Empty the bodies of ``table``'s finished rows created before ``cutoff``."""
+        """Empty the bodies of ``table``'s finished rows created before ``cutoff``.
+
+        Walks time in windows of ``STRIP_WINDOW`` from where the last run stopped (this
+        process's memory; after a restart, the oldest row): stripped rows stay in the
+        table, so a query for "the oldest rows with a body" would read through all of
+        them every time; a window's query reads at most that window's rows.
+        """
         fields = [table._meta.fields[name] for name in BODIES[table]]
         has_body = reduce(or_, [field.is_null(False) for field in fields])
-        total = 0
-        while True:
-            where = (table.created_at < cutoff) & (table.status != "pending") & has_body
-            since = self._stripped_to.get(table)  # rows before it were done in an earlier batch
-            if since is not None:
-                where &= table.created_at >= since
+        since = self._stripped_to.get(table)
+        if since is None:
             with db.background(self.timeout):
-                rows = list(
-                    table.select(table.id, table.created_at)
-                    .where(where)
-                    .order_by(table.created_at)
-                    .limit(self.batch)
-                    .tuples()
-                )
-                if not rows:
-                    return total
-                ids = [id_ for id_, _ in rows]
-                total += (
-                    table.update({field: None for field in fields})
-                    .where(table.id.in_(ids) & table.created_at.between(rows[0][1], rows[-1][1]))
-                    .execute()
-                )
-                if table is Completion and not is_postgres():
-                    _forget_text(ids)
-            self._stripped_to[table] = rows[-1][1]
-            gevent.sleep(self.pause)
+                oldest = table.select(table.created_at).order_by(table.created_at).first()
+            if oldest is None:
+                return 0
+            since = oldest.created_at
+        total = 0
+        while since < cutoff:
+            until = min(since + STRIP_WINDOW, cutoff)
+            window = (table.created_at >= since) & (table.created_at < until)
+            while True:
+                with db.background(self.timeout):
+                    rows = list(
+                        table.select(table.id, table.created_at)
+                        .where(window & (table.status != "pending") & has_body)
+                        .order_by(table.created_at)
+                        .limit(self.batch)
+                        .tuples()
+                    )
+                    if not rows:
+                        break
+                    ids = [id_ for id_, _ in rows]
+                    total += (
+                        table.update({field: None for field in fields})
+                        .where(
+                            table.id.in_(ids) & table.created_at.between(rows[0][1], rows[-1][1])
+                        )
+                        .execute()
+                    )
+                    if table is Completion and not is_postgres():
+                        _forget_text(ids)
+                gevent.sleep(self.pause)
+            self._stripped_to[table] = since  # every row before ``since`` is done
+            if until == cutoff:
+                break  # the cut-off moves on: this window is looked at again next run
+            since = until
+            gevent.sleep(0)
+        return total
 
     # -- one instance at a time ----------------------------------------------------
 
