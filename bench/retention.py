@@ -107,6 +107,7 @@ def pruner(url: str, mode: str, done: Path, batch: int) -> None:
     app.config.update(DEFAULTS)
     app.config["RETENTION_DAYS" if mode == "delete" else "RETENTION_BODY_DAYS"] = 30
     app.config["RETENTION_BATCH"] = batch
+    app.config["RETENTION_INTERVAL"] = 0  # one run, by hand
     app.config["RETENTION_LOCK_FILE"] = str(done.with_suffix(".lock"))
     job = Retention()
     job.init_app(app)

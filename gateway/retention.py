@@ -85,8 +85,8 @@ class Retention:
         self.timeout = float(cfg["DB_TIMEOUT"])
         self.lock_file = Path(cfg["RETENTION_LOCK_FILE"]) if cfg["RETENTION_LOCK_FILE"] else None
         self._stripped_to.clear()
-        if self._started or not monkey.is_module_patched("socket"):
-            return  # a CLI command
+        if self._started or self.interval <= 0 or not monkey.is_module_patched("socket"):
+            return  # a CLI command, or the job turned off (tests run it by hand)
         self._started = True
         greenlet = self._group.spawn(self._loop)
         greenlet.link_exception(lambda g: log.error("retention greenlet died", exc_info=g.exc_info))

@@ -33,9 +33,11 @@ def make_retention(tmp_path: Path, clock: datetime = NOW, **config: object) -> R
     app = Flask("retention-test")
     app.config.update(DEFAULTS)
     app.config.update(RETENTION_PAUSE=0, RETENTION_LOCK_FILE=str(tmp_path / "r.lock"))
+    # No background loop: it would run later, with this clock, on another test's database.
+    app.config.update(RETENTION_INTERVAL=0)
     app.config.update(config)
     job = Retention(clock=lambda: clock)
-    job.init_app(app)  # a Retention made here never starts its loop (_started stays ours)
+    job.init_app(app)
     return job
 
 
