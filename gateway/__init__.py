@@ -53,6 +53,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         model_limits,
         proxy,
         recorder,
+        retention,
         snapshot,
         srvlog,
         sweeper,
@@ -68,6 +69,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     recorder.recorder.init_app(app)
     telemetry.telemetry.init_app(app)
     sweeper.sweeper.init_app(app)
+    retention.retention.init_app(app)
     calls.calls.init_app(app)
     limiter.limiter.init_app(app)
     snapshot.refresher.init_app(app)

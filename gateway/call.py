@@ -43,6 +43,7 @@ from gateway.limiter import limiter
 from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
+from gateway.telemetry import telemetry
 from gateway.upstream import Response, UpstreamError, endpoint, upstream
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,8 @@ class Call:
         started = time.monotonic()
         resp = None
         try:
-            resp = upstream.post(url, {**self.plan.headers, **auth}, body, stream=self.stream)
+            headers = {**self.plan.headers, **telemetry.upstream_headers(self.exchange), **auth}
+            resp = upstream.post(url, headers, body, stream=self.stream)
             if self.stream:
                 translator = operation.translator(self.plan, candidate)
                 opened: Opened = (resp, translator, resp.events(translator.accepts))

@@ -104,6 +104,18 @@ DEFAULTS: dict[str, object] = {
     "SRV_LOG_QUEUE": 1000,
     "SRV_LOG_BURST": 5,
     "SRV_LOG_WINDOW": 10.0,
+    # -- Retention (retention.py, partitions.py) --
+    # Records (completions, embeddings) and server logs older than RETENTION_DAYS are
+    # deleted; records older than RETENTION_BODY_DAYS keep their numbers but lose their
+    # prompt and answer. None: kept for ever. One instance at a time prunes, every
+    # RETENTION_INTERVAL s, RETENTION_BATCH rows per statement, pausing RETENTION_PAUSE s
+    # between statements. The SQLite lock file: None, beside the database file.
+    "RETENTION_DAYS": None,
+    "RETENTION_BODY_DAYS": None,
+    "RETENTION_INTERVAL": 3600.0,
+    "RETENTION_BATCH": 500,
+    "RETENTION_PAUSE": 0.05,
+    "RETENTION_LOCK_FILE": None,
     "LOG_LEVEL": "INFO",
     # The server, read by gunicorn.conf.py (PORT and HOST without the GATEWAY_ prefix).
     "PORT": 8080,

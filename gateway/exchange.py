@@ -51,6 +51,8 @@ class Exchange:
     attempts: list[dict] = field(default_factory=list)
     answer: dict | None = None  # a req_id call's whole answer (IR), kept for its repeats
     upstream_id: str | None = None  # the provider's id of its answer
+    response_model: str | None = None  # the model the provider says answered
+    stop_reason: str | None = None  # why the answer ended (IR stop reason)
     cost: dict | None = None  # pricing.cost, fixed when the call is finished
     delivered: dict | None = None  # streams: {"events", "text"} the client was sent
     finished: bool = False
@@ -60,6 +62,10 @@ class Exchange:
     trace_state: str | None = None
     provider_type: str | None = None
     base_url: str | None = None
+    # The gateway's own span of this call, once the upstream was told of it (telemetry).
+    trace_id: str | None = None
+    span_id: str | None = None
+    upstream_traceparent: str | None = None
 
     @property
     def elapsed_ms(self) -> int:
@@ -124,6 +130,8 @@ class Exchange:
         cost: dict | None = None,
         delivered: dict | None = None,
         duration_ms: int | None = None,
+        response_model: str | None = None,
+        stop_reason: str | None = None,
     ) -> bool:
         """Close the record with its final status; False if it was already closed.
 
@@ -142,6 +150,7 @@ class Exchange:
         if error is not None:
             self.error = error
         self.upstream_id, self.cost, self.delivered = upstream_id, cost, delivered
+        self.response_model, self.stop_reason = response_model, stop_reason
         self.duration_ms = self.elapsed_ms if duration_ms is None else duration_ms
         return True
 
@@ -173,6 +182,8 @@ class Exchange:
             "updated_at": _utcnow(),
             "trace_parent": self.trace_parent,
             "trace_state": self.trace_state,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
             "provider_type": self.provider_type,
             "base_url": self.base_url,
         }
@@ -198,5 +209,7 @@ class Exchange:
             "source_uid": self.source_uid,
             "cached_response": self.answer,
             "upstream_id": self.upstream_id,
+            "response_model": self.response_model,
+            "stop_reason": self.stop_reason,
             "delivered": self.delivered,
         }

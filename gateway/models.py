@@ -5,10 +5,14 @@ Timestamps are naive UTC. Token counts the upstream did not report are NULL
 hint for display; every change to a key row must bump its ``updated_at`` (each
 worker re-reads changed keys by it). Call records are written only by
 ``upsert_records`` (the recorder's one statement) and ``finalise_orphans`` (the
-sweeper's). Schema changes go through numbered files in ``migrations/``; these
+sweeper's); old ones are deleted, or their bodies emptied, only by ``retention.py``
+(which otherwise only moves rows the DEFAULT partition caught into their month's
+partition, ``partitions.py``). Schema changes go through numbered files in ``migrations/``; these
 classes describe the current schema and must match the latest migration, except for
 the full-text index (``0006_search``), which the database keeps and the upsert never
-names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite).
+names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite), and the
+monthly partitions of ``completions`` on PostgreSQL (``0007_partitions``), whose
+unique indexes include ``created_at``.
 """
 
 from __future__ import annotations
@@ -194,6 +198,8 @@ class Completion(BaseModel):
     attempts = pw.JSONField(null=True)
     req_id = pw.CharField(max_length=127, null=True)
     upstream_id = pw.CharField(max_length=255, null=True)  # the provider's response id
+    response_model = pw.CharField(max_length=255, null=True)  # the model the provider named
+    stop_reason = pw.CharField(max_length=31, null=True)  # the answer's, in IR terms (0008)
     cost = pw.JSONField(null=True)  # pricing.cost at finalisation, never recomputed
     cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
     delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
@@ -256,7 +262,7 @@ class SrvLog(BaseModel):
 
     class Meta:
         table_name = "srv_logs"
-        indexes = ((("related_completion_id",), False),)
+        indexes = ((("related_completion_id",), False), (("created_at",), False))
 
 
 class Setting(BaseModel):
@@ -439,21 +445,29 @@ def pending_owners() -> set[str]:
 
 def finalise_orphans(owners: Iterable[str], before: datetime | None, error: str) -> int:
     """Fail the pending rows of dead ``owners`` and ownerless ones older than ``before``."""
+    return len(finalise_orphan_rows(owners, before, error))
+
+
+def finalise_orphan_rows(owners: Iterable[str], before: datetime | None, error: str) -> list[dict]:
+    """``finalise_orphans``, returning the rows it finalised (with their ``kind``) as
+    they now stand: exactly those this statement changed, for their spans (telemetry)."""
     owners = list(owners)
-    count = 0
-    for table in RECORD_TABLES.values():
+    finalised: list[dict] = []
+    for kind, table in RECORD_TABLES.items():
         orphaned = table.owner.in_(owners) if owners else None
         if before is not None:
             old = table.owner.is_null() & (table.updated_at < before)
             orphaned = old if orphaned is None else orphaned | old
         if orphaned is None:
             continue
-        count += (
+        query = (
             table.update(status="failed", error=error, swept=True, updated_at=utcnow())
             .where((table.status == "pending") & orphaned)
-            .execute()
+            .returning(*table._meta.sorted_fields)
+            .dicts()
         )
-    return count
+        finalised.extend({"kind": kind, **row} for row in query.execute())
+    return finalised
 
 
 class _Upsert:
@@ -479,7 +493,7 @@ class _Upsert:
         self.sql = (
             f"INSERT INTO {table_name} ({', '.join(name(f) for f in self.fields)}) "
             f"VALUES ({', '.join([db.param] * len(self.fields))}) "
-            f"ON CONFLICT ({name(meta.fields['uid'])}) DO UPDATE SET "
+            f"ON CONFLICT ({', '.join(name(f) for f in _conflict_target(table))}) DO UPDATE SET "
             + ", ".join(f"{name(f)} = EXCLUDED.{name(f)}" for f in updated)
             + f" WHERE {table_name}.{name('status')} = {db.param}"
             f" OR ({table_name}.{name('swept')} = {db.param}"
@@ -502,6 +516,20 @@ class _Upsert:
                     value = field.db_value(value)
             values.append(value)
         return [*values, *self._constants]
+
+
+def _conflict_target(table: type[BaseModel]) -> list[pw.Field]:
+    """The columns of the unique index a snapshot's upsert lands on.
+
+    On PostgreSQL the completions table is partitioned by ``created_at``
+    (``migrations/0007``), and a partitioned table's unique indexes include the
+    partition key: ``(uid, created_at)``, which is one call's too, since a call's
+    ``created_at`` never changes between its snapshots.
+    """
+    fields = table._meta.fields
+    if table is Completion and isinstance(database.obj, pw.PostgresqlDatabase):
+        return [fields["uid"], fields["created_at"]]
+    return [fields["uid"]]
 
 
 # Per database object (not its id(): a new one may reuse a dead one's), then per table

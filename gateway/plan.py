@@ -98,7 +98,12 @@ class Chat:
 
     def outcome(self, response: dict, settings: Settings) -> dict[str, Any]:
         """What the record keeps of an IR response."""
-        return {"output": record.completion(response), "usage": response["usage"]}
+        return {
+            "output": record.completion(response),
+            "usage": response["usage"],
+            "response_model": response.get("model"),
+            "stop_reason": response.get("stop_reason"),
+        }
 
 
 class Embeddings:

@@ -123,6 +123,8 @@ def completion(row: Completion, provider_name: str | None = None) -> dict[str, A
     return {
         **_record(row, provider_name),
         "upstreamId": row.upstream_id,
+        "responseModel": row.response_model,
+        "stopReason": row.stop_reason,
         "apiFormat": row.api_format,
         "stream": row.stream,
         "prompt": row.prompt,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,11 @@ _REQUEST_PARAMS = {  # record params -> attribute, type
     "presence_penalty": ("gen_ai.request.presence_penalty", float),
     "seed": ("gen_ai.request.seed", int),
 }
+# W3C Trace Context, as the SDK's propagator reads it (a later version may add fields).
+_TRACEPARENT = re.compile(
+    r"^\s*(?P<version>[0-9a-f]{2})-(?P<trace>[0-9a-f]{32})-(?P<span>[0-9a-f]{16})"
+    r"-(?P<flags>[0-9a-f]{2})(?P<rest>-.*)?\s*$"
+)
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?:;[^,]*)?,(?P<data>.*)", re.DOTALL)
 _EPOCH = datetime(1970, 1, 1)
 _STATUS_TEXT_LIMIT = 1024
@@ -147,6 +153,30 @@ def build(
         trace_parent=trace_parent,
         trace_state=trace_state,
     )
+
+
+def child_context(trace_parent: str | None, span_id: str) -> tuple[str, str]:
+    """The gateway span's trace id, and the ``traceparent`` that names it as the parent.
+
+    Sent upstream, it makes the provider's spans children of the gateway's span
+    (``span_id``), itself a child of the caller's (``trace_parent``, when valid by the
+    W3C rules: the gateway's span then joins the caller's trace and keeps its sampling
+    flag). Without a valid one, the gateway's span starts a new, sampled trace.
+    """
+    found = _TRACEPARENT.match(trace_parent or "")
+    valid = (
+        found is not None
+        and found["version"] != "ff"
+        and not (found["version"] == "00" and found["rest"])
+        and found["trace"] != "0" * 32
+        and found["span"] != "0" * 16
+    )
+    if valid:
+        assert found is not None
+        trace_id, flags = found["trace"], found["flags"]
+    else:
+        trace_id, flags = secrets.token_hex(16), "01"
+    return trace_id, f"00-{trace_id}-{span_id}-{flags}"
 
 
 def provider_name(provider_type: str | None, base_url: str | None) -> str:
@@ -254,6 +284,7 @@ def _gateway(
         "gateway.attempts": len(attempts),
         "gateway.ttft_ms": row.get("ttft"),
         "gateway.req_id": row.get("req_id"),
+        "gateway.source.uid": row.get("source_uid"),  # a cache_hit: the record it replayed
         "gateway.upstream.request_id": last.get("requestId"),
         "gateway.cost.total": float(cost["total"]) if cost.get("total") is not None else None,
         "gateway.cost.currency": cost.get("currency") if cost.get("total") is not None else None,

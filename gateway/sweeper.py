@@ -30,7 +30,8 @@ from gevent import monkey
 
 from gateway import db
 from gateway.db import UNREACHABLE
-from gateway.models import Heartbeat, finalise_orphans, pending_owners, utcnow
+from gateway.models import Heartbeat, finalise_orphan_rows, pending_owners, utcnow
+from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,9 @@ class Sweeper:
             del self._seen[owner]
         dead = [owner for owner, (_, since) in self._seen.items() if now - since >= self.dead_after]
         before = utcnow() - self.orphan_after if self.orphan_after is not None else None
-        count = finalise_orphans(dead, before, SWEPT_ERROR)
+        swept = finalise_orphan_rows(dead, before, SWEPT_ERROR)
+        count = len(swept)
+        telemetry.export(swept)  # committed: these calls' spans, as their rows now say
         if dead:
             Heartbeat.delete().where(Heartbeat.owner.in_(dead)).execute()
             for owner in dead:

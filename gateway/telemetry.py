@@ -20,7 +20,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CONTENT_ON_SPANS = frozenset({"true", "span_only", "span_and_event"})
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+_REMEMBERED = 20_000  # final rows remembered against exporting one twice
 _AT_EXIT_TIMEOUT = 2.0  # seconds, when nobody called shutdown() before the process exits
 
 
@@ -69,6 +72,8 @@ class Telemetry:
         self._propagator: Any = None
         self._root: Any = None  # the empty context: a span without a caller's parent
         self._lock = threading.Lock()
+        self._ids: Any = None
+        self._exported: OrderedDict[tuple, None] = OrderedDict()  # (uid, status), newest last
 
     def init_app(self, app: Any) -> None:
         """Read the switch and limits; start the pipeline now if this is a gevent worker."""
@@ -129,7 +134,8 @@ class Telemetry:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: self.service_name}))
         # Our own shutdown(timeout) flushes at exit: the SDK's would wait up to 30 s.
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self._ids = _preset_ids()
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False, id_generator=self._ids)
         self._exporter = OTLPSpanExporter()
         self._processor = BatchSpanProcessor(self._exporter)
         provider.add_span_processor(self._processor)
@@ -146,7 +152,7 @@ class Telemetry:
             if self._tracer is None:
                 return
         for row in rows:
-            if row.get("status") == "pending":
+            if row.get("status") == "pending" or self._seen(row):
                 continue
             try:
                 self._emit(row)
@@ -154,6 +160,37 @@ class Telemetry:
                 self.errors += 1
                 if self.errors == 1 or self.errors % 1000 == 0:
                     log.exception("telemetry: record %s not exported as a span", row.get("uid"))
+
+    def _seen(self, row: Mapping[str, Any]) -> bool:
+        """True for a final row this process already exported as it stands.
+
+        A row can be written twice: a batch journaled at shutdown or after a timeout
+        may have landed, and replaying it changes nothing in the database; it must
+        not make a second span either. (A swept row that its live owner finalises
+        after all changes status: that one is exported again, as its row changed.)
+        """
+        key = (row.get("uid"), row.get("status"))
+        if key in self._exported:
+            return True
+        self._exported[key] = None
+        if len(self._exported) > _REMEMBERED:
+            self._exported.popitem(last=False)
+        return False
+
+    def upstream_headers(self, exchange: Any) -> dict[str, str]:
+        """The ``traceparent`` naming this call's span, for its upstream; {} while off.
+
+        The span's ids are fixed here, once per call (every attempt is the same span),
+        and kept on the Exchange: the span emitted once the row is written takes them.
+        """
+        if not self.enabled:
+            return {}  # the caller's traceparent, if any, goes upstream unchanged
+        if exchange.span_id is None:
+            exchange.span_id = secrets.token_hex(8)
+            exchange.trace_id, exchange.upstream_traceparent = spans.child_context(
+                exchange.trace_parent, exchange.span_id
+            )
+        return {"traceparent": exchange.upstream_traceparent}
 
     def _emit(self, row: Mapping[str, Any]) -> None:
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -165,13 +202,19 @@ class Telemetry:
             capture_content=self.capture_content,
             content_limit=self.content_limit,
         )
-        otel = self._tracer.start_span(
-            span.name,
-            context=self._parent(span.trace_parent, span.trace_state),
-            kind=SpanKind.CLIENT,
-            attributes=span.attributes,
-            start_time=span.start_ns,
-        )
+        # The ids the upstream was told of (upstream_headers), if it was: no greenlet
+        # switch can come between setting them and the SDK taking them.
+        self._ids.preset(row.get("trace_id"), row.get("span_id"))
+        try:
+            otel = self._tracer.start_span(
+                span.name,
+                context=self._parent(span.trace_parent, span.trace_state),
+                kind=SpanKind.CLIENT,
+                attributes=span.attributes,
+                start_time=span.start_ns,
+            )
+        finally:
+            self._ids.preset(None, None)
         if span.error:
             otel.set_status(Status(StatusCode.ERROR, span.description))
         otel.end(end_time=span.end_ns)
@@ -202,6 +245,29 @@ class Telemetry:
             return False
         self._processor.shutdown()  # the queue is empty: stops the worker and the exporter
         return True
+
+
+def _preset_ids() -> Any:
+    """The SDK's random id generator, which hands out preset ids once when given some."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        _trace: int | None = None
+        _span: int | None = None
+
+        def preset(self, trace_id: str | None, span_id: str | None) -> None:
+            self._trace = int(trace_id, 16) if trace_id else None
+            self._span = int(span_id, 16) if span_id else None
+
+        def generate_trace_id(self) -> int:
+            preset, self._trace = self._trace, None
+            return preset or super().generate_trace_id()
+
+        def generate_span_id(self) -> int:
+            preset, self._span = self._span, None
+            return preset or super().generate_span_id()
+
+    return PresetIds()
 
 
 telemetry = Telemetry()

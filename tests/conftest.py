@@ -105,6 +105,7 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
             "ENCRYPTION_KEYS": ENCRYPTION_KEY,
             "JOURNAL_DIR": str(tmp_path / "journal"),
             "SWEEP_INTERVAL": 0,
+            "RETENTION_INTERVAL": 0,
             "BACKOFF_MIN": 0.01,
             "BACKOFF_MAX": 0.05,
             "CACHE_TTL": 0,

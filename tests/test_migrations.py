@@ -88,3 +88,73 @@ def test_the_account_migration_keeps_every_row_and_adds_nullable_columns(
         assert db.execute_sql(
             "SELECT cost_nanos, upstream_id FROM completions WHERE uid = 'u0'"
         ).fetchall() == [(9_000_000_000_000_000_000, "chatcmpl-1")]
+
+
+def test_the_partitioning_migration_keeps_every_row_and_the_upsert_by_uid(
+    empty_database: peewee.Database,
+) -> None:
+    """0007 on a table with rows: PostgreSQL partitions it by month, SQLite keeps it."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0006_search")
+        db.execute_sql(
+            "INSERT INTO api_keys (key_hash, key_hint, created_at, updated_at, revoked,"
+            " rpm_limit, tpm_limit, source) VALUES ('h', 'sk-…1', '2026-01-01', '2026-01-01',"
+            " false, 50, 50000, 'manual')"
+        )
+        # Old rows, this month's, and one far ahead (a clock gone wrong).
+        dates = ["2024-02-29 23:59:59", "2025-07-01 00:00:00", "2026-11-30 12:00:00"]
+        dates += ["2031-05-05 05:05:05"]
+        for n, when in enumerate(dates):
+            db.execute_sql(
+                "INSERT INTO completions (uid, api_key_id, model, api_format, stream, status,"
+                " prompt, completion, prompt_tokens, created_at, updated_at, swept, deleted)"
+                f" VALUES ('u{n}', 1, 'm', 'openai-chat', false,"
+                f" '{'pending' if n == 2 else 'completed'}',"
+                f""" '{{"messages": [{{"role": "user", "content": "word{n}"}}]}}', '[]',"""
+                f" {n}, '{when}', '{when}', false, false)"
+            )
+        assert "0007_partitions" in runner.up()
+        rows = db.execute_sql(
+            "SELECT id, uid, prompt_tokens FROM completions ORDER BY id"
+        ).fetchall()
+        assert rows == [(n + 1, f"u{n}", n) for n in range(len(dates))]
+
+    from gateway import fulltext
+    from gateway.db import database
+    from gateway.models import Completion, upsert_records
+
+    database.initialize(db)
+    with db.connection_context():
+        # Found by their text, as before.
+        hits = Completion.select(Completion.uid).where(fulltext.condition(Completion, ["word1"]))
+        assert [r.uid for r in hits] == ["u1"]
+        # The recorder's upsert still lands on the row of its uid, and new ids follow on.
+        when = Completion.get(Completion.uid == "u2").created_at
+        base = {"kind": "completion", "api_key": 1, "model": "m", "api_format": "openai-chat"}
+        upsert_records(
+            [
+                {**base, "uid": "u2", "status": "failed", "created_at": when},
+                {**base, "uid": "new", "status": "completed", "created_at": when},
+            ]
+        )
+        got = dict(Completion.select(Completion.uid, Completion.status).tuples())
+        assert got == {"u0": "completed", "u1": "completed", "u2": "failed", "u3": "completed"} | {
+            "new": "completed"
+        }
+        assert Completion.get(Completion.uid == "new").id > len(dates)
+        if isinstance(db, peewee.PostgresqlDatabase):
+            parts = {
+                name: bound
+                for name, bound in db.execute_sql(
+                    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+                    " JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'completions'::regclass"
+                ).fetchall()
+            }
+            # The old table, holding every row until the month after the newest, then
+            # partitions ahead of that only if it ends before them, and the DEFAULT.
+            assert "MINVALUE" in parts["completions_legacy"]
+            assert "2031-06-01" in parts["completions_legacy"]
+            assert parts["completions_default"] == "DEFAULT"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +81,15 @@ def completed_row() -> dict:
     ex.ttft_ms = 350
     answer = record.completion({"content": [{"type": "text", "text": "Hello!"}]})
     usage = ir.usage(input_tokens=12, output_tokens=5, cache_read_tokens=4, reasoning_tokens=0)
-    return _finish(ex, "completed", 1500, output=answer, usage=usage)
+    return _finish(
+        ex,
+        "completed",
+        1500,
+        output=answer,
+        usage=usage,
+        response_model="gpt-4o-2024-08-06",
+        stop_reason="end_turn",
+    )
 
 
 def aborted_row() -> dict:
@@ -95,6 +104,8 @@ def aborted_row() -> dict:
         output=answer,
         usage=ir.usage(input_tokens=12, output_tokens=300),
         error="client disconnected; the upstream was read to its end",
+        response_model="gpt-4o-2024-08-06",
+        stop_reason="max_tokens",
     )
 
 
@@ -147,6 +158,8 @@ COMPLETED = {
     "gen_ai.usage.output_tokens": 5,
     "gen_ai.usage.cache_read.input_tokens": 4,
     "gen_ai.usage.reasoning.output_tokens": 0,
+    "gen_ai.response.model": "gpt-4o-2024-08-06",
+    "gen_ai.response.finish_reasons": ["stop"],
     **GATEWAY_COMMON,
     "gateway.record.uid": "uid-completed",
     "gateway.status": "completed",
@@ -159,6 +172,8 @@ ABORTED = {
     "gen_ai.response.time_to_first_chunk": 0.3,
     "gen_ai.usage.input_tokens": 12,
     "gen_ai.usage.output_tokens": 300,
+    "gen_ai.response.model": "gpt-4o-2024-08-06",
+    "gen_ai.response.finish_reasons": ["length"],
     "error.type": "client_disconnected",
     **GATEWAY_COMMON,
     "gateway.record.uid": "uid-aborted",
@@ -269,7 +284,8 @@ def test_issue_10_fields_are_taken_when_the_record_has_them() -> None:
     }
     row["attempts"][-1]["requestId"] = "req_123"
     attrs = spans.build(row).attributes
-    assert {k: v for k, v in attrs.items() if k not in COMPLETED} == {
+    answered = ("gen_ai.response.model", "gen_ai.response.finish_reasons")
+    assert {k: v for k, v in attrs.items() if k not in COMPLETED or k in answered} == {
         "gateway.record.id": 41,
         "gen_ai.response.id": "chatcmpl-abc",
         "gen_ai.response.model": "gpt-4o-2024-08-06",
@@ -434,6 +450,7 @@ def test_content_follows_the_message_schemas() -> None:
 
 def test_content_parts_are_cut_at_the_limit() -> None:
     row = {**completed_row(), "completion": [{"role": "assistant", "content": "x" * 100}]}
+    row["stop_reason"] = None
     attrs = spans.build(row, capture_content=True, content_limit=10).attributes
     (message,) = json.loads(attrs["gen_ai.output.messages"])
     assert message["parts"] == [{"type": "text", "content": "x" * 10 + "…[90 more characters]"}]
@@ -635,6 +652,113 @@ def test_a_malformed_traceparent_is_ignored(pipeline, receiver, traceparent: str
     assert pipe.errors == 0
 
 
+MALFORMED = [
+    "garbage",
+    f"00-{CALLER_TRACE}-{CALLER_SPAN}",
+    f"00-{'0' * 32}-{CALLER_SPAN}-01",
+    f"00-{CALLER_TRACE}-{'0' * 16}-01",
+    f"ff-{CALLER_TRACE}-{CALLER_SPAN}-01",
+    f"00-{CALLER_TRACE.upper()}-{CALLER_SPAN}-01",
+    f"00-{CALLER_TRACE}-{CALLER_SPAN}-01-extra",
+    "x" * 8000,
+]
+
+
+@pytest.mark.parametrize("traceparent", [None, *MALFORMED])
+def test_the_upstream_is_told_of_a_new_trace_without_a_valid_caller(traceparent) -> None:  # type: ignore[no-untyped-def]
+    trace_id, header = spans.child_context(traceparent, "1234567890abcdef")
+    assert len(trace_id) == 32 and trace_id not in (CALLER_TRACE, "0" * 32)
+    assert header == f"00-{trace_id}-1234567890abcdef-01"
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_the_upstream_is_told_of_the_callers_trace_and_the_gateways_span(flags: str) -> None:
+    caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-{flags}"
+    assert spans.child_context(caller, "1234567890abcdef") == (
+        CALLER_TRACE,
+        f"00-{CALLER_TRACE}-1234567890abcdef-{flags}",  # the caller's sampling decision
+    )
+    # A later version may carry more fields: read as version 00, as the SDK does.
+    assert spans.child_context(f"cc-{CALLER_TRACE}-{CALLER_SPAN}-01-what", "ab" * 8)[0] == (
+        CALLER_TRACE
+    )
+
+
+@pytest.mark.parametrize("caller", [TRACEPARENT, None])
+def test_the_span_has_the_id_the_upstream_was_given(pipeline, receiver, caller) -> None:  # type: ignore[no-untyped-def]
+    pipe = pipeline(receiver)
+    ex = Exchange(api_key_id=7, model="gpt-4o", api_format="openai-chat", trace_parent=caller)
+    sent = pipe.upstream_headers(ex)["traceparent"]
+    assert pipe.upstream_headers(ex)["traceparent"] == sent  # every attempt: the same span
+    ids = {"trace_parent": caller, "trace_id": ex.trace_id, "span_id": ex.span_id}
+    pipe.export([{**completed_row(), **OPENAI, **ids}])
+    (span,) = _received(receiver, 1)
+    assert sent == f"00-{span['trace_id']}-{span['span_id']}-01"
+    if caller:
+        assert (span["trace_id"], span["parent_span_id"]) == (CALLER_TRACE, CALLER_SPAN)
+    else:
+        assert span["parent_span_id"] is None
+
+
+def test_no_traceparent_of_ours_goes_upstream_while_export_is_off() -> None:
+    off = telemetry.Telemetry()
+    ex = Exchange(api_key_id=7, model="gpt-4o", api_format="openai-chat", trace_parent=TRACEPARENT)
+    assert off.upstream_headers(ex) == {} and ex.span_id is None  # the caller's goes as sent
+
+
+def test_a_row_written_twice_is_one_span(pipeline, receiver) -> None:  # type: ignore[no-untyped-def]
+    """A journaled batch that had landed after all is replayed: no second span."""
+    pipe = pipeline(receiver)
+    row = {**completed_row(), **OPENAI}
+    pipe.export([row])
+    pipe.export([row, {**aborted_row(), **OPENAI}])
+    got = _received(receiver, 2)
+    assert sorted(s["attributes"]["gateway.record.uid"] for s in got) == [
+        "uid-aborted",
+        "uid-completed",
+    ]
+
+
+def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyped-def]
+    pipeline, receiver, database_url, monkeypatch
+) -> None:
+    import peewee
+
+    from gateway import sweeper as sweeper_module
+    from gateway.db import database, open_database
+    from gateway.sweeper import Sweeper
+
+    database.initialize(open_database(database_url))
+    pipe = pipeline(receiver)
+    monkeypatch.setattr(sweeper_module, "telemetry", pipe)
+    try:
+        with database.connection_context():
+            key = _api_key()
+        ex = Exchange(api_key_id=key, model="gpt-4o", api_format="openai-chat", prompt=_prompt())
+        ex.attempt("openai-main", "gpt-4o-2024-08-06", "ok", 10, status=200)
+        row = {**snapshot(ex), "owner": "dead@elsewhere:1"}
+        write_rows([row])  # the pending row of a process that then died
+        clock = SimpleNamespace(now=1000.0)
+        watcher = Sweeper(lambda: clock.now, "watcher")
+        watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
+        swept = 0
+        for _ in range(6):
+            clock.now += 1.0
+            assert watcher.beat()
+            swept += watcher.sweep()
+        assert swept == 1
+        (span,) = _received(receiver, 1)
+        attrs = span["attributes"]
+        assert attrs["gateway.record.uid"] == ex.uid and attrs["gateway.status"] == "failed"
+        assert attrs["error.type"] == "orphaned" and span["status"] == "ERROR"
+        assert (
+            attrs["gateway.record.id"] > 0 and attrs["gen_ai.request.model"] == "gpt-4o-2024-08-06"
+        )
+    finally:
+        if isinstance(database.obj, peewee.PostgresqlDatabase):
+            database.obj.close_all()
+
+
 def test_a_caller_that_does_not_sample_gets_no_span(pipeline, receiver) -> None:  # type: ignore[no-untyped-def]
     """The default sampler (parentbased_always_on) honours the caller's sampled flag."""
     pipe = pipeline(receiver)
@@ -662,7 +786,7 @@ def test_content_only_when_opted_in(pipeline, receiver, switch: str | None) -> N
         {
             "role": "assistant",
             "parts": [{"type": "text", "content": "Hello!"}],
-            "finish_reason": "unknown",
+            "finish_reason": "stop",
         }
     ]
 
@@ -837,17 +961,20 @@ def test_the_gateway_exports_every_final_record(gateway_factory, fake, receiver)
         route = gw.setup_route(fake.url, system_name=system_name, remote_id=remote_id)
         return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=route["key"], max_retries=0)
 
-    done = client("ok", "fake;chunks=4").chat.completions.create(
+    tag = uuid.uuid4().hex[:8]  # this test's calls in the fake upstream's log
+    done = client("ok", f"fake;chunks=4;id=ok-{tag}").chat.completions.create(
         model="ok", messages=prompt, stream=True, extra_headers={"traceparent": TRACEPARENT}
     )
     assert len(list(done)) >= 4
-    stream = client("slow", "fake;chunks=20;delay=0.05").chat.completions.create(
+    stream = client("slow", f"fake;chunks=20;delay=0.05;id=slow-{tag}").chat.completions.create(
         model="slow", messages=prompt, stream=True
     )
     next(iter(stream))
     stream.close()  # hangs up: recorded aborted once the upstream is read to its end
     with pytest.raises(openai.APIStatusError):
-        client("bad", "fake;status=500").chat.completions.create(model="bad", messages=prompt)
+        client("bad", f"fake;status=500;id=bad-{tag}").chat.completions.create(
+            model="bad", messages=prompt
+        )
     rows = gw.wait_final(3, timeout=30)
     got = {s["attributes"]["gateway.record.uid"]: s for s in _received(receiver, 3)}
     for row in rows:  # the span says what the record says
@@ -857,7 +984,51 @@ def test_the_gateway_exports_every_final_record(gateway_factory, fake, receiver)
         assert attrs.get("gen_ai.usage.output_tokens", -1) == row["completionTokens"]
         assert (span["end"] - span["start"]) // 1_000_000 == row["duration"]
         assert attrs["server.address"] == "127.0.0.1" and attrs["gen_ai.provider.name"] == "openai"
+        assert attrs.get("gen_ai.response.model") == row["responseModel"]
+        finish = attrs.get("gen_ai.response.finish_reasons")
+        assert finish == (["stop"] if row["stopReason"] == "end_turn" else None)
+        # Every try at the upstream named this span as its parent.
+        name = {"completed": "ok", "aborted": "slow", "failed": "bad"}[row["status"]]
+        tries = fake.log(f"{name}-{tag}")
+        assert tries and all(
+            t["headers"]["traceparent"] == f"00-{span['trace_id']}-{span['span_id']}-01"
+            for t in tries
+        )
+        print(f"\n{row['status']} span, as the receiver decoded it:")
+        print(json.dumps({k: v for k, v in span.items() if k != "resource"}, indent=1))
+    completed = next(r for r in rows if r["status"] == "completed")
+    assert completed["responseModel"] and completed["stopReason"] == "end_turn"
     by_status = {s["attributes"]["gateway.status"]: s for s in got.values()}
     assert by_status["completed"]["parent_span_id"] == CALLER_SPAN
     assert by_status["aborted"]["attributes"]["error.type"] == "client_disconnected"
     assert by_status["failed"]["attributes"]["error.type"] == "500"
+
+
+@pytest.mark.server
+def test_a_replayed_answer_is_one_span_of_its_own_and_none_more_for_its_source(  # type: ignore[no-untyped-def]
+    gateway_factory, fake, receiver
+) -> None:
+    import openai
+
+    gw = gateway_factory(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="50")
+    tag = uuid.uuid4().hex[:8]
+    route = gw.setup_route(fake.url, system_name="dedup", remote_id=f"fake;chunks=3;id=dd-{tag}")
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=route["key"], max_retries=0)
+    ask = {"model": "dedup", "messages": [{"role": "user", "content": "once"}]}
+    headers = {"X-NexusGate-ReqId": f"req-{tag}"}
+    first = client.chat.completions.create(**ask, extra_headers=headers)
+    gw.wait_final(1, timeout=30)
+    again = client.chat.completions.create(**ask, extra_headers=headers)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    rows = gw.wait_final(2, timeout=30)
+    assert sorted(r["status"] for r in rows) == ["cache_hit", "completed"]
+    assert len(fake.log(f"dd-{tag}")) == 1  # the repeat never reached the upstream
+    time.sleep(0.5)  # a second span of the source would have arrived by now
+    got = {s["attributes"]["gateway.record.uid"]: s for s in _received(receiver, 2)}
+    source = next(r for r in rows if r["status"] == "completed")
+    replay = next(r for r in rows if r["status"] == "cache_hit")
+    assert set(got) == {source["uid"], replay["uid"]}  # one span per record
+    assert got[replay["uid"]]["attributes"]["gateway.source.uid"] == source["uid"]
+    assert "gen_ai.usage.output_tokens" not in got[replay["uid"]]["attributes"] or (
+        got[replay["uid"]]["attributes"]["gen_ai.usage.output_tokens"] == 0
+    )

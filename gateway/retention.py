@@ -1,0 +1,297 @@
+"""Old records go: whole rows after ``RETENTION_DAYS``, prompt and answer after ``RETENTION_BODY_DAYS``.
+
+Every process runs the job every ``RETENTION_INTERVAL`` seconds and one instance at a
+time does the work: on PostgreSQL the one holding an advisory lock (its session's:
+a killed holder's lock goes with its connection), on SQLite the one holding an
+exclusive ``flock`` on a file beside the database file (every process using that
+file is on that machine; the kernel frees the lock when its holder dies, where a
+lock row would have to expire). The others find it taken and skip the round.
+
+The work, in this order:
+
+- PostgreSQL: the month partitions of ``completions`` are made ahead and those
+  wholly older than the retention dropped (``partitions.py``); this runs even with
+  retention off, so that rows keep landing in their month's partition.
+- Rows of ``completions``, ``embeddings`` and ``srv_logs`` older than
+  ``RETENTION_DAYS`` are deleted, oldest first.
+- Rows older than ``RETENTION_BODY_DAYS`` keep their numbers (tokens, cost, times,
+  status, error) and lose their bodies: prompt, answer, stored replay and what was
+  delivered (embeddings: input and vectors), and with them their full-text entries.
+
+Rows go ``RETENTION_BATCH`` at a time, one short statement each, with a pause of
+``RETENTION_PAUSE`` seconds between: the recorder's writes (and on SQLite, whose one
+writer lock every write shares, everyone's) wait at most one batch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from functools import reduce
+from operator import or_
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.pool
+from flask import Flask
+from gevent import monkey
+
+from gateway import db, partitions
+from gateway.config import INSTANCE
+from gateway.db import UNREACHABLE, database, is_postgres
+from gateway.models import Completion, Embedding, SrvLog, utcnow
+
+log = logging.getLogger(__name__)
+
+_ADVISORY_LOCK = 7_351_912  # pg_try_advisory_lock key (db.py's migration lock is 7_351_911)
+STRIP_WINDOW = timedelta(hours=6)  # of creation times, per body-stripping query
+# What a body is: the text of a call; everything else on the row is kept.
+BODIES: dict[Any, tuple[str, ...]] = {
+    Completion: ("prompt", "completion", "cached_response", "delivered"),
+    Embedding: ("input", "embedding"),
+}
+
+
+class Retention:
+    """The retention job of this process."""
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self.clock = clock
+        self.days: float | None = None
+        self.body_days: float | None = None
+        self.interval = 3600.0
+        self.batch = 500
+        self.pause = 0.05
+        self.timeout = 10.0
+        self.lock_file: Path | None = None  # None: beside the SQLite file
+        self._stripped_to: dict[Any, datetime] = {}  # bodies gone up to here, per table
+        self._group = gevent.pool.Group()
+        self._started = False
+
+    def init_app(self, app: Flask) -> None:
+        """Read the RETENTION_* settings; start the job in a server process."""
+        cfg = app.config
+        self.days = _days(cfg["RETENTION_DAYS"])
+        self.body_days = _days(cfg["RETENTION_BODY_DAYS"])
+        self.interval = float(cfg["RETENTION_INTERVAL"])
+        self.batch = int(cfg["RETENTION_BATCH"])
+        self.pause = float(cfg["RETENTION_PAUSE"])
+        self.timeout = float(cfg["DB_TIMEOUT"])
+        self.lock_file = Path(cfg["RETENTION_LOCK_FILE"]) if cfg["RETENTION_LOCK_FILE"] else None
+        self._stripped_to.clear()
+        if self._started or self.interval <= 0 or not monkey.is_module_patched("socket"):
+            return  # a CLI command, or the job turned off (tests run it by hand)
+        self._started = True
+        greenlet = self._group.spawn(self._loop)
+        greenlet.link_exception(lambda g: log.error("retention greenlet died", exc_info=g.exc_info))
+
+    def wanted(self) -> bool:
+        """True when there is work: retention set, or partitions to keep (PostgreSQL)."""
+        return self.interval > 0 and (
+            self.days is not None or self.body_days is not None or is_postgres()
+        )
+
+    def _loop(self) -> None:
+        # Workers start together: spread their first tries (only one gets the lock anyway).
+        gevent.sleep(random.uniform(0.0, min(30.0, self.interval if self.interval > 0 else 30.0)))
+        while True:
+            if self.wanted():
+                try:
+                    self.run()
+                except UNREACHABLE:
+                    pass  # the heartbeat and the recorder say so; the next round retries
+                except Exception:
+                    log.exception("retention: a run failed")
+            gevent.sleep(self.interval if self.interval > 0 else 60.0)
+
+    # -- one run -----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any] | None:
+        """Do one round; return what was done, or None if another instance holds the lock."""
+        opened = database.is_closed()
+        if opened:
+            database.connect()
+        try:
+            with self._lock() as held:
+                if not held:
+                    return None
+                return self._work(self.clock())
+        finally:
+            if opened and not database.is_closed():
+                database.close()
+
+    def _work(self, now: datetime) -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        with db.background(self.timeout):
+            is_partitioned = partitions.partitioned()
+            if is_partitioned:
+                done["partitions_made"] = partitions.create_ahead(now)
+        if self.days is not None:
+            cutoff = now - timedelta(days=self.days)
+            if is_partitioned:
+                with db.background(self.timeout):
+                    done["partitions_dropped"] = partitions.drop_before(cutoff)
+            for table in (Completion, Embedding, SrvLog):
+                done[table._meta.table_name] = self._delete_older(table, cutoff)
+        if self.body_days is not None:
+            cutoff = now - timedelta(days=self.body_days)
+            for table in BODIES:
+                done[f"{table._meta.table_name}_bodies"] = self._strip_older(table, cutoff)
+        if any(done.values()):
+            log.info("retention: %s", done)
+        return done
+
+    def _delete_older(self, table: Any, cutoff: datetime) -> int:
+        """Delete ``table``'s rows created before ``cutoff``, a batch at a time."""
+        total = 0
+        while True:
+            with db.background(self.timeout):
+                rows = list(
+                    table.select(table.id, table.created_at)
+                    .where(table.created_at < cutoff)
+                    .order_by(table.created_at)
+                    .limit(self.batch)
+                    .tuples()
+                )
+                if not rows:
+                    return total
+                # The time range lets PostgreSQL look in the partitions concerned only.
+                total += (
+                    table.delete()
+                    .where(
+                        table.id.in_([id_ for id_, _ in rows])
+                        & table.created_at.between(rows[0][1], rows[-1][1])
+                    )
+                    .execute()
+                )
+            gevent.sleep(self.pause)
+
+    def _strip_older(self, table: Any, cutoff: datetime) -> int:
+        """Empty the bodies of ``table``'s finished rows created before ``cutoff``.
+
+        Walks time in windows of ``STRIP_WINDOW`` from where the last run stopped (this
+        process's memory; after a restart, the oldest row): stripped rows stay in the
+        table, so a query for "the oldest rows with a body" would read through all of
+        them every time; a window's query reads at most that window's rows.
+        """
+        fields = [table._meta.fields[name] for name in BODIES[table]]
+        has_body = reduce(or_, [field.is_null(False) for field in fields])
+        since = self._stripped_to.get(table)
+        if since is None:
+            with db.background(self.timeout):
+                oldest = table.select(table.created_at).order_by(table.created_at).first()
+            if oldest is None:
+                return 0
+            since = oldest.created_at
+        total = 0
+        while since < cutoff:
+            until = min(since + STRIP_WINDOW, cutoff)
+            window = (table.created_at >= since) & (table.created_at < until)
+            while True:
+                with db.background(self.timeout):
+                    rows = list(
+                        table.select(table.id, table.created_at)
+                        .where(window & (table.status != "pending") & has_body)
+                        .order_by(table.created_at)
+                        .limit(self.batch)
+                        .tuples()
+                    )
+                    if not rows:
+                        break
+                    ids = [id_ for id_, _ in rows]
+                    total += (
+                        table.update({field: None for field in fields})
+                        .where(
+                            table.id.in_(ids) & table.created_at.between(rows[0][1], rows[-1][1])
+                        )
+                        .execute()
+                    )
+                    if table is Completion and not is_postgres():
+                        _forget_text(ids)
+                gevent.sleep(self.pause)
+            self._stripped_to[table] = since  # every row before ``since`` is done
+            if until == cutoff:
+                break  # the cut-off moves on: this window is looked at again next run
+            since = until
+            gevent.sleep(0)
+        return total
+
+    # -- one instance at a time ----------------------------------------------------
+
+    @contextmanager
+    def _lock(self) -> Iterator[bool]:
+        """Hold the retention lock for the block; yields False if someone else holds it."""
+        if is_postgres():
+            with self._advisory_lock() as held:
+                yield held
+        else:
+            with self._file_lock() as held:
+                yield held
+
+    @contextmanager
+    def _advisory_lock(self) -> Iterator[bool]:
+        with db.background(self.timeout):
+            cursor = database.execute_sql("SELECT pg_try_advisory_lock(%s)", (_ADVISORY_LOCK,))
+            held = bool(cursor.fetchone()[0])
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    with db.background(self.timeout):
+                        database.execute_sql("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK,))
+                except Exception:
+                    # A pooled connection must not go back still holding the lock.
+                    db.discard_connection()
+                    log.warning("retention: could not release the lock; connection dropped")
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[bool]:
+        path = self.lock_file or _beside_database()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _days(value: object) -> float | None:
+    """A retention in days; None (or 0, or empty) is off."""
+    if value in (None, "", 0, "0"):
+        return None
+    days = float(value)  # type: ignore[arg-type]
+    if days <= 0:
+        raise ValueError(f"a retention must be a positive number of days, not {value!r}")
+    return days
+
+
+def _beside_database() -> Path:
+    """The SQLite lock file: ``<database file>-retention.lock`` (instance/ for :memory:)."""
+    path = database.obj.database
+    if path == ":memory:":
+        return INSTANCE / "retention.lock"
+    return Path(f"{path}-retention.lock")
+
+
+def _forget_text(ids: list[int]) -> None:
+    """Drop rows' full-text entries (SQLite's FTS5 table; 0006_search)."""
+    marks = ", ".join(["?"] * len(ids))
+    database.execute_sql(f"DELETE FROM completions_fts WHERE rowid IN ({marks})", ids)
+
+
+retention = Retention()
