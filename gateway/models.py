@@ -23,6 +23,7 @@ from typing import Any
 
 import peewee as pw
 
+from gateway import redact
 from gateway.db import database
 from gateway.vault import vault
 
@@ -81,16 +82,11 @@ class ApiKey(BaseModel):
         """The stored form of a key."""
         return hashlib.sha256(key.encode()).hexdigest()
 
-    @staticmethod
-    def hint(key: str) -> str:
-        """What may be shown of a key: its start and its last four characters."""
-        return f"{key[:7]}…{key[-4:]}"
-
     @classmethod
     def issue(cls, **fields: object) -> tuple[ApiKey, str]:
         """Create a key row; return it and the key, whose plaintext is not kept."""
         key = cls.generate()
-        return cls.create(key_hash=cls.hash(key), key_hint=cls.hint(key), **fields), key
+        return cls.create(key_hash=cls.hash(key), key_hint=redact.hint(key), **fields), key
 
     @classmethod
     def by_key(cls, key: str) -> ApiKey | None:
