@@ -70,7 +70,9 @@ COMPLETION_SECONDS = _histogram("nexusgate_completion_duration_seconds", "Comple
 TTFT_SECONDS = _histogram("nexusgate_completion_ttft_seconds", "Time to first token")
 EMBEDDING_SECONDS = _histogram("nexusgate_embedding_duration_seconds", "Embedding duration")
 REJECTIONS = _counter(
-    "nexusgate_rate_limit_rejections", "Calls refused with 429", (*KEY, "limit_type")
+    "nexusgate_rate_limit_rejections",
+    "Calls refused by a limit (429, or 402 for a spent budget)",
+    (*KEY, "limit_type"),
 )
 KEY_LIMITS = {
     (kind, what): _gauge(
@@ -146,7 +148,7 @@ def call_finished(
 
 
 def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
-    """Count a call refused by a limit: ``rpm``, ``tpm``, ``model`` or ``concurrency``."""
+    """Count a call refused by a limit: ``rpm``, ``tpm``, ``model``, ``concurrency``, ``budget``."""
     REJECTIONS.labels(*_key_labels(key_id, key_comment), limit_type).inc()
 
 
