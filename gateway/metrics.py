@@ -5,8 +5,10 @@ unchanged; keys are labelled ``api_key_comment`` as there (the key's comment, "u
 without one) plus ``api_key_id`` (unique: two keys may share a comment). Never the key.
 NexusGate recomputes its counters from the database at each scrape; ours count from the
 process start, as Prometheus counters do (``rate``/``increase`` read them alike).
-Ours are ``gateway_*``: calls and drains in flight, how aborted calls ended, journal depth,
-limiter fail-opens, recorder write latency.
+The catalog gauges (usable keys, providers, models) are counted at each scrape from the
+keys and catalog the worker holds in memory for calls, so a scrape works while the
+database is down. Ours are ``gateway_*``: calls and drains in flight, how aborted calls
+ended, journal depth, limiter fail-opens, recorder write latency.
 
 Across workers: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 before any worker imports prometheus_client; each worker writes its values there,
