@@ -82,16 +82,22 @@ def responses() -> Response:
 @bp.post("/v1/messages/count_tokens")
 def count_tokens() -> Response:
     """Anthropic's token count: the provider's own, or an estimate; never recorded."""
-    auth.authenticate(request.headers)
+    caller = _authenticate()
     body = _json_body()
     ir = token_count.parse(body)
-    tokens, source = token_count.count(
-        _candidates(ir["model"], "chat"),
-        body,
-        ir,
-        forwarded_headers(request.headers),
-        float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
-    )
+    # Admitted as every call is (it may reach the provider, as Anthropic limits it by
+    # RPM too), then given back: a count is neither recorded nor charged to TPM.
+    permit = _admit(caller, ir["model"], stream=False)
+    try:
+        tokens, source = token_count.count(
+            _candidates(ir["model"], "chat"),
+            body,
+            ir,
+            forwarded_headers(request.headers),
+            float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+        )
+    finally:
+        permit.cancel()
     answer = jsonio.response({"input_tokens": tokens})
     answer.headers[token_count.SOURCE_HEADER] = source
     return answer
