@@ -333,14 +333,19 @@ def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str
     if not show_revoked:
         query = query.where(ApiKey.revoked == False)  # noqa: E712
     keys = list(query)
+    now = utcnow()
     return render_template(
         "dashboard/keys.html",
         keys=keys,
         # What each usable key has used of its limits right now, as every instance sees it.
-        live={k.id: limiter.usage(k.id, k.rpm_limit, k.tpm_limit) for k in keys if k.is_usable()},
-        usage=stats.usage_by_key(utcnow() - timedelta(days=1)),
-        spend=ledger.spend_by_key(ledger.month_start(utcnow())),
-        now=utcnow(),
+        live={
+            k.id: limiter.usage(k.id, k.rpm_limit, k.tpm_limit)
+            for k in keys
+            if auth.Caller.of(k).usable(now)
+        },
+        usage=stats.usage_by_key(now - timedelta(days=1)),
+        spend=ledger.spend_by_key(ledger.month_start(now)),
+        now=now,
         show_revoked=show_revoked,
         new_key=new_key,
         new_row=new_row,

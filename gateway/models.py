@@ -112,11 +112,6 @@ class ApiKey(BaseModel):
             return query.where(cls.revoked == False)  # noqa: E712
         return query.where(cls.updated_at > since)
 
-    def is_usable(self, now: datetime | None = None) -> bool:
-        """Not revoked and not expired."""
-        now = now or utcnow()
-        return not self.revoked and (self.expires_at is None or self.expires_at > now)
-
 
 class Provider(BaseModel):
     name = pw.CharField(max_length=63)
@@ -357,7 +352,6 @@ Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
 Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
 Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
 
-ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, Heartbeat, RateLimit)
 RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embedding": Embedding}
 
 
