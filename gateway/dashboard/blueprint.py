@@ -123,6 +123,7 @@ def language():
 
 
 def locale() -> str:
+    """The visitor's language: the switcher's cookie, else Accept-Language."""
     return i18n.language_of(
         request.cookies.get(LANGUAGE_COOKIE), [tag for tag, _q in request.accept_languages]
     )

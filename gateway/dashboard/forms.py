@@ -10,6 +10,7 @@ from gateway import urlargs
 
 
 def live(table: Any, row_id: int) -> Any:
+    """The live (not deleted) row of ``table`` a form is about; 404 if there is none."""
     row = table.active().where(table.id == row_id).first()
     if row is None:
         abort(404)
