@@ -43,7 +43,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from gateway import (
         admin_api,
-        admin_ops,  # noqa: F401 - nests its routes in admin_api.bp when imported
         auth,
         calls,
         cli,
@@ -82,7 +81,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     dashboard.init_app(app)
 
     app.register_blueprint(proxy.bp)
-    app.register_blueprint(admin_api.bp)  # admin_ops.bp nested in it
+    app.register_blueprint(admin_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)

@@ -5,8 +5,9 @@ routing. It refuses a key over its monthly budget (402), takes one of the key's
 ``maxConcurrent`` slots (if it has such a limit), then
 one request from its RPM bucket and from any per-model buckets (``model_limits``) while
 its TPM bucket is above zero, all or nothing in one atomic step (``Limiter.admit``).
-A refusal is a 429 in the caller's shape with Retry-After and the X-RateLimit-* headers,
-counted in /metrics; the call goes nowhere and is not recorded.
+A refusal is a 429 (402 for the budget) in the caller's shape with Retry-After and the
+X-RateLimit-* headers, counted in /metrics by what refused it; the call goes nowhere and is
+not recorded.
 
 What was admitted is a ``Permit``. It carries the headers, claims the call's request id
 (``X-NexusGate-ReqId``: a repeat gets the stored answer, or 409 while the first runs),
@@ -28,7 +29,7 @@ import gevent
 from gateway import dedup, metrics
 from gateway.auth import Caller
 from gateway.dedup import Stored
-from gateway.errors import RateLimited
+from gateway.errors import BudgetExceeded, RateLimited
 from gateway.exchange import Exchange
 from gateway.limiter import Admission, limiter
 from gateway.model_limits import model_limits
@@ -50,7 +51,11 @@ def admit(caller: Caller, model: str, stream: bool) -> Permit:
     A key that spent its monthly budget is refused first (BudgetExceeded, 402), taking
     nothing from its other limits.
     """
-    limiter.check_budget(caller.id, caller.budget_usd)
+    try:
+        limiter.check_budget(caller.id, caller.budget_usd)
+    except BudgetExceeded:
+        metrics.rejected(caller.id, caller.comment, "budget")  # counted as the 429s are
+        raise
     uid = uuid.uuid4().hex
     slot = bool(caller.max_concurrent)
     if slot and not limiter.enter(caller.id, uid, caller.max_concurrent):

@@ -98,6 +98,14 @@ class KeyCache:
             self._misses[digest] = now
         return caller
 
+    def count_usable(self) -> int:
+        """How many known keys are usable now, for /metrics (kept fresh: no database read)."""
+        asked = time.monotonic()
+        if not self.background and asked - self._read_at > self.ttl:
+            self.confirm(asked)
+        now = utcnow()
+        return sum(caller.usable(now) for caller in self._callers.values())
+
     def forget(self, key_hash: str) -> None:
         """Drop one key (by hash): its next use re-reads it, so a change applies at once."""
         self._callers.pop(key_hash, None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import registry
+from gateway import redact, registry
 from gateway.models import ApiKey, Model, Provider, database
 
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -177,7 +177,7 @@ def _key(entry: dict, where: str, outcome: Outcome) -> None:
         if not isinstance(value, str) or not registry.FORCED_KEY.fullmatch(value):
             raise InitFileError(f"{where}: key must be sk- and 32 lowercase hex digits")
         row = ApiKey.by_key(value)
-        label = f"key {ApiKey.hint(value)}"
+        label = f"key {redact.hint(value)}"
     else:
         if not data.get("comment"):
             raise InitFileError(f"{where}: a key without a value needs a comment to be found by")

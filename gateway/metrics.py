@@ -5,8 +5,10 @@ unchanged; keys are labelled ``api_key_comment`` as there (the key's comment, "u
 without one) plus ``api_key_id`` (unique: two keys may share a comment). Never the key.
 NexusGate recomputes its counters from the database at each scrape; ours count from the
 process start, as Prometheus counters do (``rate``/``increase`` read them alike).
-Ours are ``gateway_*``: calls and drains in flight, how aborted calls ended, journal depth,
-limiter fail-opens, recorder write latency.
+The catalog gauges (usable keys, providers, models) are counted at each scrape from the
+keys and catalog the worker holds in memory for calls, so a scrape works while the
+database is down. Ours are ``gateway_*``: calls and drains in flight, how aborted calls
+ended, journal depth, limiter fail-opens, recorder write latency.
 
 Across workers: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 before any worker imports prometheus_client; each worker writes its values there,
@@ -70,7 +72,9 @@ COMPLETION_SECONDS = _histogram("nexusgate_completion_duration_seconds", "Comple
 TTFT_SECONDS = _histogram("nexusgate_completion_ttft_seconds", "Time to first token")
 EMBEDDING_SECONDS = _histogram("nexusgate_embedding_duration_seconds", "Embedding duration")
 REJECTIONS = _counter(
-    "nexusgate_rate_limit_rejections", "Calls refused with 429", (*KEY, "limit_type")
+    "nexusgate_rate_limit_rejections",
+    "Calls refused by a limit (429, or 402 for a spent budget)",
+    (*KEY, "limit_type"),
 )
 KEY_LIMITS = {
     (kind, what): _gauge(
@@ -147,7 +151,7 @@ def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
 
 
 def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
-    """Count a call refused by a limit: ``rpm``, ``tpm``, ``model`` or ``concurrency``."""
+    """Count a call refused by a limit: ``rpm``, ``tpm``, ``model``, ``concurrency``, ``budget``."""
     REJECTIONS.labels(*_key_labels(key_id, key_comment), limit_type).inc()
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import peewee as pw
 
+from gateway import redact
 from gateway.db import database
 from gateway.vault import vault
 
@@ -85,16 +86,11 @@ class ApiKey(BaseModel):
         """The stored form of a key."""
         return hashlib.sha256(key.encode()).hexdigest()
 
-    @staticmethod
-    def hint(key: str) -> str:
-        """What may be shown of a key: its start and its last four characters."""
-        return f"{key[:7]}…{key[-4:]}"
-
     @classmethod
     def issue(cls, **fields: object) -> tuple[ApiKey, str]:
         """Create a key row; return it and the key, whose plaintext is not kept."""
         key = cls.generate()
-        return cls.create(key_hash=cls.hash(key), key_hint=cls.hint(key), **fields), key
+        return cls.create(key_hash=cls.hash(key), key_hint=redact.hint(key), **fields), key
 
     @classmethod
     def by_key(cls, key: str) -> ApiKey | None:
@@ -119,11 +115,6 @@ class ApiKey(BaseModel):
         if since is None:
             return query.where(cls.revoked == False)  # noqa: E712
         return query.where(cls.updated_at > since)
-
-    def is_usable(self, now: datetime | None = None) -> bool:
-        """Not revoked and not expired."""
-        now = now or utcnow()
-        return not self.revoked and (self.expires_at is None or self.expires_at > now)
 
 
 class Provider(BaseModel):
@@ -367,7 +358,6 @@ Provider.add_index(Provider.name, unique=True, where=pw.SQL("NOT deleted"))
 Completion.add_index(Completion.api_key, Completion.req_id, where=Completion.req_id.is_null(False))
 Completion.add_index(Completion.source_uid, where=Completion.source_uid.is_null(False))
 
-ALL_MODELS = (ApiKey, Provider, Model, Completion, Embedding, SrvLog, Setting, Heartbeat, RateLimit)
 RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embedding": Embedding}
 
 

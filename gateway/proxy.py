@@ -82,16 +82,22 @@ def responses() -> Response:
 @bp.post("/v1/messages/count_tokens")
 def count_tokens() -> Response:
     """Anthropic's token count: the provider's own, or an estimate; never recorded."""
-    auth.authenticate(request.headers)
+    caller = _authenticate()
     body = _json_body()
     ir = token_count.parse(body)
-    tokens, source = token_count.count(
-        _candidates(ir["model"], "chat"),
-        body,
-        ir,
-        forwarded_headers(request.headers),
-        float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
-    )
+    # Admitted as every call is (it may reach the provider, as Anthropic limits it by
+    # RPM too), then given back: a count is neither recorded nor charged to TPM.
+    permit = _admit(caller, ir["model"], stream=False)
+    try:
+        tokens, source = token_count.count(
+            _candidates(ir["model"], "chat"),
+            body,
+            ir,
+            forwarded_headers(request.headers),
+            float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+        )
+    finally:
+        permit.cancel()
     answer = jsonio.response({"input_tokens": tokens})
     answer.headers[token_count.SOURCE_HEADER] = source
     return answer
@@ -161,15 +167,10 @@ def prometheus() -> Response:
         request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]
     ):
         raise AuthenticationFailed("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
-    _count_catalog()
+    # Counted from this worker's keys and catalog, as calls see them: a scrape works,
+    # and says the same, while the database is away.
+    metrics.catalog(auth.keys.count_usable(), *catalog.counts())
     return Response(metrics.render(), content_type=metrics.CONTENT_TYPE)
-
-
-def _count_catalog() -> None:
-    try:
-        metrics.catalog(*stats.catalog_counts())
-    except Exception as exc:  # the database is away: the gauges keep their last values
-        log.warning("metrics: cannot count keys, providers and models (%s)", exc)
 
 
 @bp.get("/healthz")

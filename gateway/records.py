@@ -32,7 +32,7 @@ from gateway import export, fulltext, registry, search
 from gateway.db import connection, database, is_postgres
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider, utcnow
 from gateway.search import Search
-from gateway.urlargs import MAX_ID, integer
+from gateway.urlargs import Pages, integer
 
 PAGE_SIZES = (10, 20, 50, 100)
 DEFAULT_SIZE = 20
@@ -69,7 +69,7 @@ COLUMNS = {
 
 
 @dataclass
-class Listing:
+class Listing(Pages):
     """A filtered, paginated table: the search as understood, the rows, the counts."""
 
     search: Search = field(default_factory=Search)
@@ -80,18 +80,6 @@ class Listing:
     exact: bool = True  # False: ``total`` is an estimate past the count cap
     cap: int = 0  # SEARCH_COUNT_CAP
     rows: list = field(default_factory=list)
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.size))
-
-    @property
-    def first(self) -> int:
-        return min(self.total, (self.page - 1) * self.size + 1)
-
-    @property
-    def last(self) -> int:
-        return min(self.total, self.page * self.size)
 
     @property
     def filtered(self) -> bool:
@@ -284,7 +272,7 @@ def listing(table: Any, args: Mapping[str, str], zone: tzinfo = UTC) -> Listing:
     query = select(table, *COLUMNS[table], found=found.search)
     found.total, found.exact = total(query)
     found.cap = int(current_app.config["SEARCH_COUNT_CAP"])
-    found.page = min(max(1, integer(args.get("page"), 1, MAX_ID) or 1), found.pages)
+    found.turn_to(args.get("page"))
     offset = (found.page - 1) * found.size
     found.rows = page(query, table, offset, found.size, found.search, found.exact)
     return found

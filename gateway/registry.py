@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import peewee as pw
 
+from gateway import redact
 from gateway.adapters import PROVIDER_TYPES
 from gateway.fields import Invalid, Spec, check, in_range
 from gateway.limiter import limiter
@@ -119,7 +120,7 @@ def adopt_key(key: str, data: dict[str, Any], **extra: Any) -> ApiKey:
     try:
         with database.atomic():
             return ApiKey.create(
-                key_hash=ApiKey.hash(key), key_hint=ApiKey.hint(key), **data, **extra
+                key_hash=ApiKey.hash(key), key_hint=redact.hint(key), **data, **extra
             )
     except pw.IntegrityError as exc:
         raise Refused(409, "That key exists already") from exc

@@ -103,6 +103,17 @@ class Catalog:
             self.confirm(asked)
         return sorted((t, n, cs[0].provider_name) for (t, n), cs in self._entries.items())
 
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """Providers serving a live model, and live models by type, for /metrics."""
+        from gateway.models import MODEL_TYPES  # after gevent patched threading (see db.py)
+
+        asked = time.monotonic()
+        if self._out_of_date(asked):
+            self.confirm(asked)
+        rows = self._rows
+        models = {kind: sum(c.model_type == kind for c in rows) for kind in MODEL_TYPES}
+        return len({c.provider_id for c in rows}), models
+
     def refresh(self) -> bool:
         """Reload every candidate from the database; True if anything changed."""
         started = time.monotonic()

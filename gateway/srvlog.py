@@ -37,7 +37,7 @@ from gevent import monkey
 from gateway import db
 from gateway.models import SrvLog, utcnow
 from gateway.sweeper import identity
-from gateway.urlargs import MAX_ID, integer
+from gateway.urlargs import Pages
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ PAGE_SIZE = 50
 
 
 @dataclass
-class Page:
+class Page(Pages):
     """A page of server logs, newest first, and the filters that chose it."""
 
     level: str = ""
@@ -238,18 +238,6 @@ class Page:
     total: int = 0
     rows: list = field(default_factory=list)
     size: int = PAGE_SIZE
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.size))
-
-    @property
-    def first(self) -> int:
-        return min(self.total, (self.page - 1) * self.size + 1)
-
-    @property
-    def last(self) -> int:
-        return min(self.total, self.page * self.size)
 
     exact = True
     cap = 0
@@ -292,7 +280,7 @@ def page(args: Mapping[str, str]) -> Page:
     )
     query = select(found.level, None if found.state == "all" else False)
     found.total = query.count()
-    found.page = min(max(1, integer(args.get("page"), 1, MAX_ID) or 1), found.pages)
+    found.turn_to(args.get("page"))
     found.rows = list(query.paginate(found.page, found.size))
     return found
 

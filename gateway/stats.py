@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import peewee as pw
 
 from gateway.db import connection, is_postgres
-from gateway.models import MODEL_TYPES, ApiKey, Completion, Embedding, Model, Provider, utcnow
+from gateway.models import Completion, Embedding, utcnow
 
 # range -> (seconds covered, bucket seconds); NexusGate's ranges, plus a day and a week.
 RANGES: dict[str, tuple[int, int]] = {
@@ -304,25 +304,3 @@ def key_totals(key: int) -> KeyUsage:
     """One key's lifetime usage (``GET /api/usage``), on a connection of its own."""
     with connection():
         return total(usage_by_key(key=key).values())
-
-
-def catalog_counts() -> tuple[int, int, dict[str, int]]:
-    """Usable keys, live providers and live models by type, for /metrics."""
-    now = utcnow()
-    with connection():
-        keys = (
-            ApiKey.select()
-            .where(
-                (ApiKey.revoked == False)  # noqa: E712
-                & (ApiKey.expires_at.is_null() | (ApiKey.expires_at > now))
-            )
-            .count()
-        )
-        providers = Provider.active().count()
-        models = dict(
-            Model.active()
-            .select(Model.model_type, pw.fn.COUNT(Model.id))
-            .group_by(Model.model_type)
-            .tuples()
-        )
-    return keys, providers, {kind: models.get(kind, 0) for kind in MODEL_TYPES}

@@ -1,4 +1,4 @@
-"""Values that arrive in URLs and forms: row ids, integers, places to go back to.
+"""Values that arrive in URLs and forms: row ids, integers, pages, places to go back to.
 
 Nothing here trusts its input. A row id is 1 to 2^63-1 in ASCII digits (Werkzeug's
 ``int`` converter takes any Unicode digit and any size, and SQLite cannot even bind
@@ -56,3 +56,31 @@ def local_path(target: str | None) -> str | None:
 def register(state: object) -> None:
     """Make ``<id:...>`` known to the app (``bp.record_once(urlargs.register)``)."""
     state.app.url_map.converters.setdefault("id", IdConverter)  # type: ignore[attr-defined]
+
+
+class Pages:
+    """Where one page of a table stands: ``page`` of ``pages``, rows ``first`` to ``last``.
+
+    Mixed into the dataclasses behind the dashboard's pager, which hold ``page``,
+    ``size`` and ``total``.
+    """
+
+    page: int
+    size: int
+    total: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+    @property
+    def first(self) -> int:
+        return min(self.total, (self.page - 1) * self.size + 1)
+
+    @property
+    def last(self) -> int:
+        return min(self.total, self.page * self.size)
+
+    def turn_to(self, asked: str | None) -> None:
+        """Go to the page a URL asks for, kept within 1..pages."""
+        self.page = min(max(1, integer(asked, 1, MAX_ID) or 1), self.pages)

@@ -32,7 +32,6 @@ from tests.servers import (  # noqa: E402
 )
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL")
 BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
 
 

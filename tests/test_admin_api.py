@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import redact
 from gateway.exchange import Exchange
 from gateway.models import ApiKey
 from gateway.recorder import snapshot, write_rows
@@ -57,7 +58,7 @@ def test_key_lifecycle_and_the_key_is_shown_once(admin, client) -> None:  # type
 
     status, listed = admin("GET", "/apiKey")
     assert [k["id"] for k in listed] == [created["id"]]
-    assert key not in str(listed) and listed[0]["key"] == ApiKey.hint(key)
+    assert key not in str(listed) and listed[0]["key"] == redact.hint(key)
     assert admin("GET", f"/apiKey/{key}")[1]["id"] == created["id"]
     assert admin("GET", f"/apiKey/{created['id']}")[1]["comment"] == "app"
 

@@ -193,3 +193,20 @@ def test_rejections_are_counted_in_metrics(client, fake, setup) -> None:  # type
     assert wanted in text
     assert 'nexusgate_completions_total{api_format="openai-chat"' in text
     assert json.dumps(key) not in text  # keys are labelled by id and comment, never by value
+
+
+def test_budget_refusals_are_counted_in_metrics_as_the_429s_are(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
+    comment = f"team-{uuid.uuid4().hex[:6]}"  # labels of this test's own
+    key, key_id = new_key(client, budgetUsd=0, comment=comment)  # nothing to spend
+    labels = (str(key_id), comment, "budget")
+    assert metrics.REJECTIONS.labels(*labels)._value.get() == 0
+    answers = [post(client, path, VALID[path], key) for path in (CHAT, MESSAGES)]
+    assert [a.status_code for a in answers] == [402, 402]
+    assert error_of(answers[1], MESSAGES)[0] == "billing_error"
+    assert sent(fake, setup) == 0
+    text = client.get("/metrics").get_data(as_text=True)
+    wanted = (
+        f'nexusgate_rate_limit_rejections_total{{api_key_comment="{comment}",api_key_id="{key_id}",'
+        'limit_type="budget"} 2.0'
+    )
+    assert wanted in text

@@ -11,8 +11,10 @@ import json
 import socket
 import uuid
 
+import peewee
 import pytest
 
+from gateway import auth
 from gateway.db import database
 from gateway.models import Completion, Embedding
 from gateway.recorder import recorder
@@ -443,3 +445,27 @@ def test_metrics_are_open_unless_a_token_is_set(app, client) -> None:  # type: i
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_metrics_count_the_catalog_from_memory_and_need_no_database(
+    client, route, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    revoked = client.post("/api/admin/apiKey", json={}, headers=ADMIN).get_json()["key"]
+    client.delete(f"/api/admin/apiKey/{revoked}", headers=ADMIN)
+    past = {"expiresAt": "2001-01-01T00:00:00Z"}
+    client.post("/api/admin/apiKey", json=past, headers=ADMIN)
+    auth.keys.forget_all()  # the cache is the process's: drop keys of another test's database
+    assert post(client, CHAT, VALID[CHAT], route["key"]).status_code == 200  # keys, catalog read
+
+    def away() -> None:
+        raise peewee.OperationalError("connection refused")
+
+    monkeypatch.setattr(database.obj, "connect", away)  # the database is gone from here on
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    text = scraped.get_data(as_text=True)
+    # One usable key (not the revoked or the expired one), one provider, a model of each type.
+    assert "\nnexusgate_active_api_keys 1.0\n" in text
+    assert "\nnexusgate_active_providers 1.0\n" in text
+    assert '\nnexusgate_active_models{type="chat"} 1.0\n' in text
+    assert '\nnexusgate_active_models{type="embedding"} 1.0\n' in text

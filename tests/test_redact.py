@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from gateway import redact
-from gateway.models import ApiKey
 
 KEY = "sk-0123456789abcdef0123456789ABCDEF"
 
 
 def test_a_gateway_key_anywhere_in_text_is_cut_to_its_hint() -> None:
-    assert redact.hint(KEY) == ApiKey.hint(KEY) == "sk-0123…CDEF"
+    assert redact.hint(KEY) == "sk-0123…CDEF"
     line = f"GET /api/admin/apiKey/{KEY}/usage?apiKey={KEY}&x=sk-short HTTP/1.1"
     assert redact.keys_in(line) == (
         "GET /api/admin/apiKey/sk-0123…CDEF/usage?apiKey=sk-0123…CDEF&x=sk-short HTTP/1.1"

@@ -25,6 +25,8 @@ import gevent
 import gevent.pool
 import openai
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import migrate, open_database
 from tests.conftest import PG_URL
@@ -103,6 +105,19 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
         return f"error {type(exc).__name__}: {exc}"
 
 
+def catalog_gauges(gw: Gateway) -> tuple[float, ...]:
+    """/metrics' usable keys, providers and chat models (a 200 answer, within 5 s)."""
+    answer = requests.get(f"{gw.url}/metrics", timeout=5)
+    assert answer.status_code == 200
+    found = {
+        (s.name, s.labels.get("type")): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+    names = ("nexusgate_active_api_keys", None), ("nexusgate_active_providers", None)
+    return tuple(found.get(n) for n in (*names, ("nexusgate_active_models", "chat")))
+
+
 def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
     cluster: PostgresCluster, fake, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -166,7 +181,10 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     gevent.sleep(2.0)
     cluster.stop()
     down_at = time.monotonic()
-    gevent.sleep(OUTAGE)
+    gevent.sleep(1.0)
+    # The first scrapes ever, with the database away: counted from the workers' memory.
+    catalogs = [catalog_gauges(gw) for _ in range(4)]
+    gevent.sleep(OUTAGE - 1.0)
     cluster.start()
     back_at = time.monotonic()
     print(f"\noutage: {back_at - down_at:.1f} s")
@@ -177,6 +195,8 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     errors = {m: got for m, got in outcomes.items() if got not in ("full", "hung up")}
     assert len(results) == len(schedule) and not errors, errors
     assert refused == ["HTTP 401"] * 4
+    # Two usable keys (the revoked one is not), two providers, two chat models.
+    assert catalogs == [(2, 2, 2)] * 4, catalogs
 
     # Records: each call exactly once, final, within a minute of the database's return.
     def all_final() -> list[dict] | None:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import token_count
+from gateway import metrics, token_count
 from gateway.db import database
 from gateway.errors import InvalidRequest
 from gateway.models import Completion
@@ -107,7 +107,9 @@ def routes(client, fake) -> dict:  # type: ignore[no-untyped-def]
             json={"providerId": ids[provider], "systemName": system, "weight": weight},
             headers=ADMIN,
         )
-    key = client.post("/api/admin/apiKey", json={}, headers=ADMIN).get_json()["key"]
+    # Limits no test reaches (the fuzzer counts hundreds of times with this key).
+    limits = {"rpmLimit": 10**9, "tpmLimit": 10**9}
+    key = client.post("/api/admin/apiKey", json=limits, headers=ADMIN).get_json()["key"]
     return {"key": key}
 
 
@@ -177,6 +179,23 @@ def test_refusals_in_anthropics_shape(
     assert resp.status_code == status
     assert resp.get_json()["type"] == "error" and resp.get_json()["error"]["type"] == kind
     assert fake.log() == []
+
+
+def test_counts_take_from_the_keys_rpm_and_nothing_from_its_tpm(client, fake, routes) -> None:  # type: ignore[no-untyped-def]
+    made = client.post("/api/admin/apiKey", json={"rpmLimit": 2}, headers=ADMIN).get_json()
+    key, key_id = made["key"], made["id"]
+    counted = metrics.REJECTIONS.labels(str(key_id), "unknown", "rpm")._value.get()
+    answers = [count(client, key, {"model": "claude", **ASK}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert [a.headers["X-RateLimit-Remaining-RPM"] for a in answers] == ["1", "0", "0"]
+    assert {a.headers["X-RateLimit-Remaining-TPM"] for a in answers} == {"50000"}
+    refused = answers[-1]
+    assert refused.get_json()["error"]["type"] == "rate_limit_error"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert metrics.REJECTIONS.labels(str(key_id), "unknown", "rpm")._value.get() == counted + 1
+    assert recorder.flush(5)
+    with database.connection_context():
+        assert Completion.select().count() == 0
 
 
 @pytest.mark.server

@@ -1,24 +1,18 @@
-"""The admin API's operations routes: server logs and settings, under ``/api/admin``.
+"""``/api/admin/logs`` and ``/settings``: the gateway's own logs, and its settings.
 
-A blueprint nested in ``admin_api.bp``, so the admin secret guards it and refusals
-render as there. ``GET /logs`` pages as ``/completions`` do (``{data, total, from}``,
-newest first; NexusGate wrote the table but never served it) and ``GET /logs/<id>``
-answers NexusGate's ``getLog`` shape; ``POST /logs/<id>/ack`` marks one seen. The
-settings routes are NexusGate HEAD's (``settings.py`` keeps its rules).
+``GET /logs`` pages as ``/completions`` do (``{data, total, from}``, newest first;
+NexusGate wrote the table but never served it) and ``GET /logs/<id>`` answers
+NexusGate's ``getLog`` shape; ``POST /logs/<id>/ack`` marks one seen. The settings
+routes are NexusGate HEAD's (``settings.py`` keeps its rules).
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Response, request
 
-from gateway import admin_api, jsonio, records, registry, serializers, settings, srvlog, urlargs
-from gateway.admin_api import MAX_PAGE, _body, _int_arg
+from gateway import jsonio, records, registry, serializers, settings, srvlog, urlargs
+from gateway.admin_api.blueprint import MAX_PAGE, body, bp, int_arg
 from gateway.models import ApiKey, Completion, SrvLog
-
-bp = Blueprint("admin_ops", __name__)
-bp.record_once(urlargs.register)
-admin_api.bp.register_blueprint(bp)  # once, at import: before any app registers admin_api.bp
-
 
 # -- server logs --------------------------------------------------------------
 
@@ -35,12 +29,12 @@ def list_logs() -> Response:
     query = srvlog.select(
         level,
         None if not acknowledged else acknowledged == "true",
-        api_key=_int_arg("apiKeyId", None, 1, urlargs.MAX_ID),
-        completion=_int_arg("completionId", None, 1, urlargs.MAX_ID),
-        upstream=_int_arg("upstreamId", None, 1, urlargs.MAX_ID),
+        api_key=int_arg("apiKeyId", None, 1, urlargs.MAX_ID),
+        completion=int_arg("completionId", None, 1, urlargs.MAX_ID),
+        upstream=int_arg("upstreamId", None, 1, urlargs.MAX_ID),
     )
-    offset = _int_arg("offset", 0, 0, urlargs.MAX_ID)
-    limit = _int_arg("limit", 100, 1, MAX_PAGE)
+    offset = int_arg("offset", 0, 0, urlargs.MAX_ID)
+    limit = int_arg("limit", 100, 1, MAX_PAGE)
     rows = [serializers.srv_log(r) for r in query.offset(offset).limit(limit)]
     return jsonio.response({"data": rows, "total": query.count(), "from": offset})
 
@@ -89,7 +83,7 @@ def get_setting(key: str) -> Response:
 
 @bp.put("/settings/<key>")
 def put_setting(key: str) -> Response:
-    return jsonio.response(serializers.setting(settings.put(key, _body())))
+    return jsonio.response(serializers.setting(settings.put(key, body())))
 
 
 @bp.delete("/settings/<key>")

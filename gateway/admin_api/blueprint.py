@@ -1,0 +1,84 @@
+"""The admin API's blueprint: its guard, its refusals, and what every view reads.
+
+``Authorization: Bearer $ADMIN_SUPER_SECRET`` (or ``x-api-key``) is checked before any
+view runs; wrong secrets are throttled per client address (``LOGIN_ATTEMPTS`` per
+``LOGIN_WINDOW``, shared by every instance through the limiter): past that, 429 with
+Retry-After, right secret or not. A ``registry.Refused`` raised by any view is its
+JSON error. Bodies are strict JSON objects (``jsonio``), query integers ASCII digits
+within bounds, and NUL in a path or an argument is refused before any query.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway import auth, db, forwarded, jsonio, registry, urlargs
+from gateway.limiter import limiter
+
+bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
+bp.record_once(urlargs.register)
+
+MAX_PAGE = 1000
+
+
+@bp.errorhandler(registry.Refused)
+def _admin_error(exc: registry.Refused) -> Response:
+    return jsonio.response({"error": exc.message}, exc.status)
+
+
+@bp.before_request
+def _require_admin() -> Response | None:
+    db.connect()
+    address = forwarded.address_of(request, current_app.config["TRUSTED_PROXIES"])
+    wait = limiter.attempt(address)
+    if wait:
+        answer = jsonio.response(
+            {"error": f"Too many wrong admin secrets from {address}: retry in {wait} s"}, 429
+        )
+        answer.headers["Retry-After"] = str(wait)
+        return answer
+    if not auth.is_admin(request.headers, auth.admin_secret(current_app)):
+        return jsonio.response({"error": "Invalid admin secret"}, 401)
+    limiter.succeeded(address)  # only wrong secrets count against an address
+    return None
+
+
+@bp.before_request
+def _refuse_nul() -> None:
+    # PostgreSQL refuses NUL in text: it must not reach a query from a path or an argument.
+    if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+        raise registry.Refused(400, "The URL must not contain NUL characters")
+
+
+@bp.get("/")
+def index() -> Response:
+    return jsonio.response(True)
+
+
+def body() -> dict[str, Any]:
+    """The body as a JSON object (an empty body is ``{}``), strictly parsed."""
+    try:
+        found = jsonio.loads(jsonio.read(request) or b"{}")
+    except jsonio.Unreadable as exc:
+        raise registry.Refused(400, str(exc)) from exc
+    if not isinstance(found, dict):
+        raise registry.Refused(400, "Request body must be a JSON object")
+    return found
+
+
+def flag(name: str) -> bool:
+    """A query argument read as a yes/no flag (``1``, ``true``, ``yes``)."""
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def int_arg(name: str, default: int | None, low: int, high: int) -> Any:
+    """A query argument as an integer within ``low..high``; ``default`` when absent."""
+    text = request.args.get(name)
+    if text is None or text == "":
+        return default
+    value = urlargs.integer(text, low, high)
+    if value is None:
+        raise registry.Refused(400, f"{name} must be an integer from {low} to {high}")
+    return value
