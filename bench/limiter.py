@@ -36,6 +36,7 @@ import gevent.pool  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway import pricing  # noqa: E402
 from gateway.admission import admit  # noqa: E402
 from gateway.auth import Caller  # noqa: E402
 from gateway.exchange import Exchange  # noqa: E402
@@ -66,14 +67,15 @@ def one_call(store: Limiter, key_id: int, timings: dict[str, list[float]]) -> No
         timings[name].append((time.perf_counter() - started) * 1e6)
 
 
-COST = {"total": 0.0123}  # a priced call: its cost goes to the month's spend
+USAGE = {"input_tokens": 1000, "output_tokens": 234}
+COST = pricing.cost(USAGE, pricing.Prices(2.5, 10.0))  # a priced call: the month's spend
 
 
 def wired_call(key_id: int, slots: int | None, into: dict[str, list[float]]) -> None:
     """What the call path does, as it does it: admit before routing, settle at the end."""
     caller = Caller(key_id, BIG, BIG, False, None, max_concurrent=slots, comment="bench")
     exchange = Exchange(api_key_id=key_id, model="gpt-4o", api_format="openai-chat")
-    exchange.finish("completed", usage={"input_tokens": 1000, "output_tokens": 234}, cost=COST)
+    exchange.finish("completed", usage=USAGE, cost=COST)
     started = time.perf_counter()
     permit = admit(caller, "gpt-4o", stream=False)
     admitted = time.perf_counter()

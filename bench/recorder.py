@@ -13,8 +13,10 @@ standing for the call path sleeps 1 ms over and over, and the lateness of each w
 (p50 / p99 / max) is how long it waited to run again: with the recorder idle, then
 saturated. A call's latency grows by that lateness at each of its switches. On a busy
 machine part of it is the OS giving the CPU to other processes (PostgreSQL, the other
-instances), so the CPU time this process spent meanwhile is reported too ("held"): that
-part is the worker's own greenlets (the recorder, the feeder) holding it.
+instances), so the CPU time this process spent meanwhile is reported too ("held": with
+the process busier, the sleep fills with more of its own work). Plainest of all: how
+long the recorder's writers run each time they have the worker (CPU time between two
+switches, "writer slices"): a call waits at most one such slice per writer.
 Run: ``python bench/recorder.py --postgres postgresql://postgres@127.0.0.1:5432/test``.
 """
 
@@ -35,6 +37,7 @@ import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+import greenlet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -102,6 +105,15 @@ def instance(args: argparse.Namespace) -> None:
     idle: list[tuple[float, float]] = []
     _lateness(start + args.idle, idle)
 
+    # How long a writer runs each time it has the worker (CPU ms between two switches).
+    writers, slices, last = set(recorder._group), [], [time.thread_time()]
+
+    def trace(event: str, switch: tuple) -> None:
+        now = time.thread_time()
+        if switch[0] in writers:
+            slices.append((now - last[0]) * 1000)
+        last[0] = now
+
     busy: list[tuple[float, float]] = []
     feeding = start + args.idle
     window = (feeding + args.warmup, feeding + args.warmup + args.seconds)
@@ -110,16 +122,18 @@ def instance(args: argparse.Namespace) -> None:
     while time.time() < window[1]:
         if "from" not in counted and time.time() >= window[0]:
             counted["from"], busy[:] = recorder.writes, []
+            greenlet.settrace(trace)
         while recorder.backlog() >= args.backlog:
             gevent.sleep(0.0005)
         recorder.record(_call(args.key))
         gevent.sleep(0)  # the feeder is not the thing measured: let others run
     rows = recorder.writes - counted.get("from", 0)
+    greenlet.settrace(None)
     probe.join()
     recorder.flush(30)
     print(
         json.dumps(
-            {"rows": rows, "seconds": args.seconds, "idle": idle, "busy": busy},
+            {"rows": rows, "seconds": args.seconds, "idle": idle, "busy": busy, "slices": slices},
         )
     )
 
@@ -135,6 +149,14 @@ def _figures(samples: list[list[float]]) -> dict[str, float]:
         out[f"{name} p99"] = statistics.quantiles(values, n=100)[98]
         out[f"{name} max"] = max(values)
     return out
+
+
+def _slices(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": statistics.median(values),
+        "p99": statistics.quantiles(values, n=100)[98],
+        "max": max(values),
+    }
 
 
 def run(url: str, instances: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -167,6 +189,7 @@ def run(url: str, instances: int, args: argparse.Namespace, tmp: Path) -> dict:
         "rows/s per instance": per,
         "1 ms sleep, recorder idle": _figures([x for o in outs for x in o["idle"]]),
         "1 ms sleep, recorder saturated": _figures([x for o in outs for x in o["busy"]]),
+        "writer slices ms": _slices([x for o in outs for x in o["slices"]]),
     }
 
 
@@ -223,6 +246,8 @@ def main() -> None:
                 f" max {f['late max']:.1f} ms; held p50 {f['held p50']:.3f}"
                 f" p99 {f['held p99']:.3f} max {f['held max']:.1f} ms"
             )
+        f = r["writer slices ms"]
+        print(f"  writer slices: p50 {f['p50']:.3f} p99 {f['p99']:.3f} max {f['max']:.2f} ms")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "recorder.json").write_text(json.dumps(results, indent=2))
