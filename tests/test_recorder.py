@@ -209,7 +209,7 @@ def test_calls_that_end_close_together_share_one_write(
 ) -> None:
     """A record does not wake a writer for itself: finals of one interval share a write."""
     rec._group.kill()
-    rec = make_recorder(tmp_path, RECORDER_WRITERS=4, RECORDER_INTERVAL=0.2)
+    rec = make_recorder(tmp_path, RECORDER_WRITERS=4, RECORDER_INTERVAL=0.5)
     writes: list[int] = []
     real = recorder_module.write_rows
     monkeypatch.setattr(
@@ -219,7 +219,7 @@ def test_calls_that_end_close_together_share_one_write(
         ex = exchange(key_id)
         ex.finish("completed")
         rec.record(ex)
-        gevent.sleep(0.001)  # calls ending one after the other, the writers free to run
+        gevent.sleep(0)  # calls ending one after the other, the writers free to run
     assert rec.flush(5)
     rec._group.kill()
     assert writes == [30] and len(rows()) == 30
