@@ -1,15 +1,16 @@
 """Benchmark: what traffic control adds to one call, with Redis and in process.
 
 Wired in, a call is admitted once before it is routed (``admission.admit``: a
-maxConcurrent slot if the key has one, then RPM, TPM and a per-model bucket in one
-script) and settled once when its record is final (``Permit.finished``: the slot given
-back, its tokens charged, the call counted in the metrics). Those two are timed per call
-("wired" rows: the target is under 0.2 ms), for a key without and with ``maxConcurrent``,
-then each limiter operation alone. Only ``admit`` delays the client's answer;
-``finished`` runs after it. Measured in a gevent-patched process like a gunicorn
-worker, one caller at a time and 50 concurrent greenlets, against this benchmark's own
-redis-server (or ``--redis-url``) and the in-process store. Prints a table
-(microseconds) and writes bench/results/limiter.json.
+maxConcurrent slot if the key has one, RPM, TPM and a per-model bucket, in one script)
+and settled once when its record is final (``Permit.finished``: the slot given back,
+its tokens charged, its cost added to the month's spend, in one round trip; the call
+counted in the metrics). Those are timed per call, for a key without and with
+``maxConcurrent`` ("wired" rows): ``admit`` is what a call's client waits for (the
+target: under 0.2 ms), ``finished`` runs after the answer has gone, and their sum is
+the worker's time per call. Then each limiter operation alone. Measured in a
+gevent-patched process like a gunicorn worker, one caller at a time and 50 concurrent
+greenlets, against this benchmark's own redis-server (or ``--redis-url``) and the
+in-process store. Prints a table (microseconds) and writes bench/results/limiter.json.
 Run: ``python bench/limiter.py [--calls 5000]``.
 """
 
@@ -35,6 +36,7 @@ import gevent.pool  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway import pricing  # noqa: E402
 from gateway.admission import admit  # noqa: E402
 from gateway.auth import Caller  # noqa: E402
 from gateway.exchange import Exchange  # noqa: E402
@@ -45,7 +47,8 @@ from tests.servers import RedisServer  # noqa: E402
 PER_MODEL = [model_bucket("gpt-4o", 10**9, 10**6)]
 BIG = 10**9  # limits no call reaches: every decision is an allow, as in steady traffic
 OPERATIONS = ("admit", "admit+model", "enter", "leave", "charge")
-WIRED = ("wired: admit + finished", "wired, maxConcurrent: admit + finished")
+WIRED = ("wired", "wired, maxConcurrent")
+PARTS = ("admit", "finished", "admit + finished")
 
 
 def one_call(store: Limiter, key_id: int, timings: dict[str, list[float]]) -> None:
@@ -64,15 +67,24 @@ def one_call(store: Limiter, key_id: int, timings: dict[str, list[float]]) -> No
         timings[name].append((time.perf_counter() - started) * 1e6)
 
 
-def wired_call(key_id: int, slots: int | None, into: list[float]) -> None:
+USAGE = {"input_tokens": 1000, "output_tokens": 234}
+COST = pricing.cost(USAGE, pricing.Prices(2.5, 10.0))  # a priced call: the month's spend
+
+
+def wired_call(key_id: int, slots: int | None, into: dict[str, list[float]]) -> None:
     """What the call path does, as it does it: admit before routing, settle at the end."""
     caller = Caller(key_id, BIG, BIG, False, None, max_concurrent=slots, comment="bench")
     exchange = Exchange(api_key_id=key_id, model="gpt-4o", api_format="openai-chat")
-    exchange.finish("completed", usage={"input_tokens": 1000, "output_tokens": 234})
+    exchange.finish("completed", usage=USAGE, cost=COST)
     started = time.perf_counter()
     permit = admit(caller, "gpt-4o", stream=False)
+    admitted = time.perf_counter()
     permit.finished(exchange, None)
-    into.append((time.perf_counter() - started) * 1e6)
+    ended = time.perf_counter()
+    for part, seconds in zip(
+        PARTS, (admitted - started, ended - admitted, ended - started), strict=True
+    ):
+        into.setdefault(part, []).append(seconds * 1e6)
 
 
 def measure(
@@ -105,9 +117,11 @@ def scenario(calls: int, concurrency: int) -> dict[str, dict[str, float]]:
     """Every row of one store at one concurrency."""
     out: dict[str, dict[str, float]] = {}
     for name, slots in zip(WIRED, (None, BIG), strict=True):
-        timed: list[float] = []
+        timed: dict[str, list[float]] = {}
         wall = measure(calls, concurrency, lambda i, t, s=slots: wired_call(i % 50, s, t), timed)
-        out[name] = {**figures(timed), **wall}
+        for part in PARTS:
+            out[f"{name}: {part}"] = figures(timed[part])
+        out[f"{name}: admit + finished"].update(wall)
     timings: dict[str, list[float]] = {k: [] for k in OPERATIONS}
 
     def operations(i: int, into: dict[str, list[float]]) -> None:

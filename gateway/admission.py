@@ -1,10 +1,10 @@
 """A call's admission: the limits it must pass before it is routed, and what it owes after.
 
 ``admit`` is asked once per /v1 call, after authentication and validation and before
-routing. It refuses a key over its monthly budget (402), takes one of the key's
-``maxConcurrent`` slots (if it has such a limit), then
-one request from its RPM bucket and from any per-model buckets (``model_limits``) while
-its TPM bucket is above zero, all or nothing in one atomic step (``Limiter.admit``).
+routing. It refuses a key over its monthly budget (402), then takes one of the key's
+``maxConcurrent`` slots (if it has such a limit) and one request from its RPM bucket and
+from any per-model buckets (``model_limits``) while its TPM bucket is above zero, all or
+nothing in one atomic step, one round trip to Redis (``Limiter.admit``).
 A refusal is a 429 (402 for the budget) in the caller's shape with Retry-After and the
 X-RateLimit-* headers, counted in /metrics by what refused it; the call goes nowhere and is
 not recorded.
@@ -13,7 +13,8 @@ What was admitted is a ``Permit``. It carries the headers, claims the call's req
 (``X-NexusGate-ReqId``: a repeat gets the stored answer, or 409 while the first runs),
 and is settled exactly once: ``finished`` when the call's record is final (its answer
 kept for repeats or its request id released, the slot given back, its real tokens
-charged to TPM, the call counted), or ``cancel`` when it never opened. Nothing is
+charged to TPM, its cost added to the month's spend, all in one round trip; the call
+counted), or ``cancel`` when it never opened. Nothing is
 reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker killed
 mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import gevent
 
-from gateway import dedup, metrics
+from gateway import dedup, metrics, pricing
 from gateway.auth import Caller
 from gateway.dedup import Stored
 from gateway.errors import BudgetExceeded, RateLimited
@@ -57,18 +58,21 @@ def admit(caller: Caller, model: str, stream: bool) -> Permit:
         metrics.rejected(caller.id, caller.comment, "budget")  # counted as the 429s are
         raise
     uid = uuid.uuid4().hex
-    slot = bool(caller.max_concurrent)
-    if slot and not limiter.enter(caller.id, uid, caller.max_concurrent):
-        standing = limiter.standing(caller.id, caller.rpm_limit, caller.tpm_limit)
-        message = f"Too many requests in flight: this key allows {caller.max_concurrent} at once"
-        raise _refused(caller, "concurrency", message, 1, standing)
+    slot = bool(caller.max_concurrent and caller.max_concurrent > 0)
     admission = limiter.admit(
-        caller.id, caller.rpm_limit, caller.tpm_limit, model_limits.buckets(model)
+        caller.id,
+        caller.rpm_limit,
+        caller.tpm_limit,
+        model_limits.buckets(model),
+        slot=(uid, caller.max_concurrent) if slot else None,
     )
     if not admission.allowed:
-        if slot:
-            limiter.leave(caller.id, uid)
         kind = admission.limit_type or "rpm"
+        if kind == "concurrency":
+            message = (
+                f"Too many requests in flight: this key allows {caller.max_concurrent} at once"
+            )
+            raise _refused(caller, kind, message, 1, admission)
         if kind.startswith("model:"):
             message = f"Rate limit exceeded for model '{kind.removeprefix('model:')}'"
             kind = "model"
@@ -149,7 +153,7 @@ class Permit:
             limiter.leave(self.caller.id, self.uid)
 
     def finished(self, exchange: Exchange, answer: dict | None) -> None:
-        """The call's record is final: settle its request id, slot, tokens and metrics.
+        """The call's record is final: settle its request id, slot, tokens, spend, metrics.
 
         ``answer`` is the whole answer (an IR response), or None when there is none (the
         upstream failed or was cut off): then a repeat makes the call anew, because a
@@ -158,20 +162,23 @@ class Permit:
         if self.settled:
             return
         self.settled = True
-        key = self.caller.id
         try:
-            if self.req_id is not None:  # first: a repeat sent right after must find it
-                kept = None
-                if answer is not None:
-                    if exchange.source_uid is None:  # kept in the record too (older repeats)
-                        exchange.answer = answer
-                    source = exchange.source_uid or exchange.uid
-                    kept = Stored(source, answer, exchange.model_id, exchange.provider_id)
-                limiter.settle(key, self.req_id, self.uid, kept and kept.dumps())
-            if self.slot:
-                limiter.leave(key, self.uid)
-            tokens = (exchange.input_tokens or 0) + (exchange.output_tokens or 0)
-            limiter.charge(key, self.caller.tpm_limit, tokens)
+            kept = None
+            if self.req_id is not None and answer is not None:
+                if exchange.source_uid is None:  # kept in the record too (older repeats)
+                    exchange.answer = answer
+                source = exchange.source_uid or exchange.uid
+                kept = Stored(source, answer, exchange.model_id, exchange.provider_id).dumps()
+            # One round trip, the request id first: a repeat sent right after must find it.
+            limiter.finish(
+                self.caller.id,
+                self.uid,
+                req_id=self.req_id,
+                answer=kept,
+                tpm=self.caller.tpm_limit,
+                tokens=(exchange.input_tokens or 0) + (exchange.output_tokens or 0),
+                nanos=pricing.nanos(exchange.cost),
+            )
             metrics.call_finished(exchange, self.caller.comment)
         except Exception:  # the record must still be written
             log.exception("admission: settling a finished call failed")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Seconds a bucket's state outlives the moment it would be full again (it is full from
 # then on whether stored or not), and a slot set outlives its newest slot.
@@ -46,6 +47,10 @@ def per_minute(name: str, limit: float, cost: float = 1.0) -> Bucket:
     return Bucket(name, float(limit), float(limit) / 60.0, cost)
 
 
+# An in-flight slot to take with an admission: slot set key, member, limit, ttl seconds.
+Slot = tuple[str, str, int, float]
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """An admission decision over several buckets, taken or refused as one."""
@@ -53,7 +58,7 @@ class Verdict:
     allowed: bool
     levels: tuple[float, ...]  # each bucket's level after the decision
     wait: float = 0.0  # seconds until the refusing bucket would allow (0 when allowed)
-    refused: int | None = None  # index of that bucket (the longest wait)
+    refused: int | None = None  # index of that bucket (the longest wait); len(buckets): the slot
 
     @property
     def retry_after(self) -> int:
@@ -159,19 +164,34 @@ class LocalStore:
         if self._writes % 10_000 == 0:
             self._purge(stamp)
 
-    def admit(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> Verdict:
-        """Take each bucket's cost, all or none."""
+    def admit(
+        self, keys: Sequence[str], buckets: Sequence[Bucket], slot: Slot | None = None
+    ) -> Verdict:
+        """Take each bucket's cost and the slot, all or none.
+
+        ``slot`` (key, member, limit, ttl): also hold one of ``limit`` in-flight slots
+        (``acquire``). A full slot set refuses first, as ``refused == len(buckets)``,
+        taking nothing.
+        """
         now = self.clock()
         states = [
             refill(self._state(k, now), now, b.capacity, b.rate)
             for k, b in zip(keys, buckets, strict=True)
         ]
+        slots = None
+        if slot is not None:
+            slots = self._live_slots(slot[0], now)
+            if slot[1] not in slots and len(slots) >= slot[2]:
+                return Verdict(False, tuple(s[0] for s in states), 0.0, len(buckets))
         verdict = admit([s[0] for s in states], buckets)
         if verdict.allowed:
             for key, (_, stamp), level, bucket in zip(
                 keys, states, verdict.levels, buckets, strict=True
             ):
                 self._store(key, level, stamp, bucket)
+            if slot is not None and slots is not None:
+                slots[slot[1]] = now + slot[3]
+                self._slots[slot[0]] = slots
         return verdict
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:
@@ -261,6 +281,10 @@ class LocalStore:
             return False
         del self._claims[key]
         return True
+
+    def run_all(self, operations: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Several operations (``(method name, args)``) in turn; their results."""
+        return [getattr(self, name)(*args) for name, args in operations]
 
     # -- running totals (spend per month) ----------------------------------------
 

@@ -39,7 +39,6 @@ from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.limiter import limiter
 from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
@@ -293,7 +292,6 @@ class Call:
         self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
         self.plan.settle(response if self.ending.answered else None)
         recorder.record(self.exchange)
-        limiter.spend(self.exchange.api_key_id, pricing.nanos(self.exchange.cost))
 
     def _account(self, response: dict | None, usage: dict | None) -> dict[str, Any]:
         """The record's account: its cost, the provider's id, what its client was sent.

@@ -79,6 +79,7 @@ DEFAULTS: dict[str, object] = {
     "DB_TIMEOUT": 10.0,  # longest a background database job may take before it counts as down
     "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
     "RECORDER_BATCH": 100,
+    "RECORDER_INTERVAL": 0.05,  # seconds a final snapshot waits to share its write with others
     "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
     "JOURNAL_DIR": None,  # None: instance/journal
     # Crash recovery: every process writes a heartbeat row this often; a process finalises

@@ -63,7 +63,7 @@ class Admission:
     rpm_remaining: int | None
     tpm_limit: int | None
     tpm_remaining: int | None
-    limit_type: str | None = None  # what refused: "rpm", "tpm" or "model:<identifier>"
+    limit_type: str | None = None  # what refused: "rpm", "tpm", "model:<id>", "concurrency"
     retry_after: int = 0  # whole seconds until the refusing bucket allows
     failed_open: bool = False
 
@@ -174,9 +174,18 @@ class Limiter:
     # -- per-key limits --------------------------------------------------------
 
     def admit(
-        self, key_id: int, rpm: int | None, tpm: int | None, extra: Sequence[Bucket] = ()
+        self,
+        key_id: int,
+        rpm: int | None,
+        tpm: int | None,
+        extra: Sequence[Bucket] = (),
+        slot: tuple[str, int] | None = None,
     ) -> Admission:
-        """Take one request from the key's RPM bucket if its TPM bucket is above 0 (atomic)."""
+        """Take one request from the key's RPM bucket if its TPM bucket is above 0 (atomic).
+
+        ``slot`` (call uid, the key's maxConcurrent): take one of the key's in-flight slots
+        in the same step (one round trip); a full set refuses as ``"concurrency"``.
+        """
         named: list[tuple[str, Bucket]] = []
         if rpm and rpm > 0:
             named.append(("rpm", per_minute("rpm", rpm)))
@@ -184,12 +193,22 @@ class Limiter:
             named.append(("tpm", per_minute("tpm", tpm, cost=0)))
         named += [(b.name, b) for b in extra]
         rpm, tpm = (rpm if rpm and rpm > 0 else None), (tpm if tpm and tpm > 0 else None)
-        if not named:
+        held = None
+        if slot is not None and slot[1] and slot[1] > 0:
+            held = (self.key(f"key:{key_id}", "inflight"), slot[0], slot[1], self.inflight_ttl)
+        if not named and held is None:
             return Admission(True, None, None, None, None)
         keys = [self.key(f"key:{key_id}", name) for name, _ in named]
-        verdict = self._guarded("admit", None, self.store.admit, keys, [b for _, b in named])
+        buckets = [b for _, b in named]
+        verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held)
         if verdict is None:
             return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
+        if held is not None and verdict.allowed:
+            self._slots.add((held[0], held[1]))
+        refused_by = None
+        if verdict.refused is not None:
+            at = verdict.refused
+            refused_by = "concurrency" if at == len(named) else named[at][0]
         left = {
             name: remaining(level) for (name, _), level in zip(named, verdict.levels, strict=True)
         }
@@ -199,7 +218,7 @@ class Limiter:
             left.get("rpm"),
             tpm,
             left.get("tpm"),
-            None if verdict.refused is None else named[verdict.refused][0],
+            refused_by,
             0 if verdict.allowed else verdict.retry_after,
         )
 
@@ -314,6 +333,48 @@ class Limiter:
             self._guarded("unclaim", False, self.store.unclaim, key, uid)
         else:
             self._guarded("settle", False, self.store.settle, key, uid, answer, self.dedup_ttl)
+
+    # -- a finished call ----------------------------------------------------------
+
+    def finish(
+        self,
+        key_id: int,
+        uid: str,
+        *,
+        req_id: str | None = None,
+        answer: str | None = None,
+        tpm: int | None = None,
+        tokens: int | None = None,
+        nanos: int | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """What call ``uid`` owes once it is over, in one round trip, in this order.
+
+        Its request id settled with ``answer`` (``settle``; None releases it), its slot
+        given back (``leave``), its real tokens charged to TPM (``charge``), its cost in
+        nano-USD added to this month's spend (``spend``): each only if it applies.
+        """
+        owner = f"key:{key_id}"
+        operations: list[tuple[str, tuple]] = []
+        if req_id is not None:
+            key = self.key(owner, f"req:{req_id}")
+            if (key, uid) in self._claims:
+                self._claims.discard((key, uid))
+                if answer is None:
+                    operations.append(("unclaim", (key, uid)))
+                else:
+                    operations.append(("settle", (key, uid, answer, self.dedup_ttl)))
+        key = self.key(owner, "inflight")
+        if (key, uid) in self._slots:
+            self._slots.discard((key, uid))
+            operations.append(("release", (key, uid)))
+        if tpm and tpm > 0 and tokens and tokens > 0:
+            operations.append(("charge", (self.key(owner, "tpm"), per_minute("tpm", tpm), tokens)))
+        if nanos and nanos > 0:
+            key = self._spend_key(key_id, now or datetime.now(UTC))
+            operations.append(("add", (key, nanos, SPEND_TTL)))
+        if operations:
+            self._guarded("finish", None, self.store.run_all, operations)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""

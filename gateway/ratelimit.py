@@ -30,7 +30,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from gateway.buckets import Bucket, Claim, Verdict
+from gateway.buckets import Bucket, Claim, Slot, Verdict
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
 # What a command may raise when Redis is away, slow, restarting or misconfigured.
@@ -98,6 +98,18 @@ def _floats(values: Sequence[bytes]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def _one(answer: Any) -> bool:
+    return answer == 1
+
+
+def _first(answer: Sequence[bytes]) -> float:
+    return float(answer[0])
+
+
+def _second_int(answer: Sequence[Any]) -> int:
+    return int(answer[1])
+
+
 class RedisStore:
     """The store operations as Lua scripts on one Redis (or Cluster, or Sentinel master).
 
@@ -124,15 +136,68 @@ class RedisStore:
         except _FAILURES as exc:
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
+    def run_all(self, operations: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Several operations (``(method name, args)``) in one round trip; their results.
+
+        A pipeline of EVALSHA: the scripts' SHAs are known, so nothing asks Redis whether
+        it has them (as redis-py's script pipelines do, a round trip more); a script it
+        lost (a restart) is loaded and its operations are run again, one by one. Redis
+        Cluster refuses scripts in pipelines: there they run one by one.
+        """
+        calls = [self._operation(name, *args) for name, args in operations]
+        if isinstance(self.client, RedisCluster):
+            return [convert(self._run(script, keys, args)) for script, keys, args, convert in calls]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args, _ in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            out = pipe.execute(raise_on_error=False)
+        except _FAILURES as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+        results = []
+        for (script, keys, args, convert), answer in zip(calls, out, strict=True):
+            if isinstance(answer, redis.exceptions.NoScriptError):
+                answer = self._run(script, keys, args)  # loads it, then runs it
+            elif isinstance(answer, Exception):
+                raise StoreDown(f"{type(answer).__name__}: {answer}")
+            results.append(convert(answer))
+        return results
+
+    def _operation(self, name: str, *args: Any) -> tuple[Any, list[str], list[Any], Any]:
+        """What ``run_all`` sends for one operation: script, keys, args, result reader."""
+        if name == "settle":
+            key, uid, answer, ttl = args
+            return self._claims, [key], ["settle", uid, ttl, self._now(), answer], _one
+        if name == "unclaim":
+            key, uid = args
+            return self._claims, [key], ["release", uid, 0, self._now()], _one
+        if name == "release":
+            key, member = args
+            return self._slots, [key], ["release", member, 0, 0, self._now()], _second_int
+        if name == "charge":
+            key, bucket, amount = args
+            return self._buckets, [key], self._bucket_args("charge", [bucket], amount), _first
+        if name == "add":
+            key, amount, ttl = args
+            return self._totals, [key], ["add", amount, ttl], int
+        raise ValueError(f"run_all: no operation {name!r}")
+
     def _bucket_args(self, mode: str, buckets: Sequence[Bucket], amount: float | None) -> list:
         args: list[Any] = [mode, self._now()]
         for bucket in buckets:
             args += [bucket.capacity, bucket.rate, bucket.cost if amount is None else amount]
         return args
 
-    def admit(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> Verdict:
-        """Take each bucket's cost, all or none."""
-        out = self._run(self._buckets, keys, self._bucket_args("admit", buckets, None))
+    def admit(
+        self, keys: Sequence[str], buckets: Sequence[Bucket], slot: Slot | None = None
+    ) -> Verdict:
+        """Take each bucket's cost and the slot, all or none (see ``LocalStore.admit``)."""
+        if slot is None:
+            out = self._run(self._buckets, keys, self._bucket_args("admit", buckets, None))
+        else:
+            key, member, limit, ttl = slot
+            args = [*self._bucket_args("admit+slot", buckets, None), member, limit, ttl]
+            out = self._run(self._buckets, [*keys, key], args)
         refused = int(out[1])
         return Verdict(
             out[0] == b"1", _floats(out[3:]), float(out[2]), refused - 1 if refused else None

@@ -1,7 +1,10 @@
 """The only writer of call records: a queue, background writers, and the journal.
 
 ``record(exchange)`` never blocks and never touches the database: it marks the call
-dirty and wakes a writer. A writer takes a batch of dirty calls, snapshots each
+dirty and wakes the writers. Unless a whole batch is waiting, a writer lets
+``RECORDER_INTERVAL`` pass before it takes one, so the calls of that interval share one
+write and a worker is not switched to its writers on every call. A writer takes a
+batch of dirty calls, snapshots each
 (``Exchange.row()``, stamped with this process's ``owner``) and hands the batch to
 ``models.upsert_records`` in one short transaction, so a call that ended before its
 pending row was written is inserted once, final. A call is never in two batches at
@@ -9,10 +12,11 @@ once, so its writes land in order; a snapshot queued while the previous one is b
 written waits for it. A pending row never overwrites a final one, so stale snapshots
 are harmless, whatever order they arrive in.
 
-Writing shares the worker with the calls, so it is kept cheap: writers keep their
-connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that ends
-by then is written once, final), and ``api_keys.last_seen`` is moved at most every
-30 s per key. A writer survives anything: a batch the database cannot take goes to
+Writing shares the worker with the calls, so it is kept cheap and short: writers keep
+their connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that
+ends by then is written once, final), ``api_keys.last_seen`` is moved at most every
+30 s per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
+(snapshots, statements), so no call waits long behind a batch. A writer survives anything: a batch the database cannot take goes to
 the journal (``journal.py``) and is replayed through the same ``write_rows`` once the
 database answers (SPEC rule 8); a row it refuses is set aside. ``drain()`` journals
 whatever is still queued or in flight at shutdown. Dead processes' pending rows are
@@ -45,6 +49,7 @@ from gateway.telemetry import telemetry
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
+SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
 
 
 class Recorder:
@@ -52,7 +57,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self._dirty: dict[str, Exchange] = {}
-        self._writing: set[str] = set()
+        self._writing: dict[str, Exchange] = {}  # taken by a writer, not written yet
         self._inflight: dict[int, list[dict]] = {}  # writer -> the rows it is writing
         self._wake = gevent.event.Event()
         self._idle = gevent.event.Event()
@@ -66,6 +71,7 @@ class Recorder:
         self.replayed = 0
         self.batch_size = 100
         self.linger = 0.25
+        self.interval = 0.05
         self.timeout = 10.0
         self._key_touched: dict[int, float] = {}
 
@@ -74,6 +80,7 @@ class Recorder:
         cfg = app.config
         self.batch_size = int(cfg["RECORDER_BATCH"])
         self.linger = float(cfg["RECORDER_LINGER"])
+        self.interval = float(cfg["RECORDER_INTERVAL"])
         self.timeout = float(cfg["DB_TIMEOUT"])
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
         self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
@@ -92,7 +99,11 @@ class Recorder:
         """Queue the exchange's current state to be written."""
         self._dirty[exchange.uid] = exchange
         self._idle.clear()
-        self._wake.set()
+        self._wake.set()  # while the writers are busy or gathering: nobody to switch to
+
+    def backlog(self) -> int:
+        """Calls queued or being written."""
+        return len(self._dirty) + len(self._writing)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for everything queued to be written."""
@@ -105,8 +116,9 @@ class Recorder:
         # Rows being written may never land (the process is about to exit), and a
         # call's newer snapshot may be queued behind them: journal both, older first.
         # Replaying a row that did land changes nothing.
+        # A writer may still be taking its batch's snapshots: take them all again, now.
         rows = [row for batch in self._inflight.values() for row in batch]
-        rows += _snapshots(list(self._dirty.values()))
+        rows += _snapshots([*self._writing.values(), *self._dirty.values()])
         self._dirty.clear()
         if rows:
             self._journal_or_log(rows)
@@ -123,6 +135,8 @@ class Recorder:
     def _write_loop(self) -> None:
         me = id(gevent.getcurrent())
         while True:
+            if len(self._dirty) < self.batch_size:
+                gevent.sleep(self.interval)  # let the calls ending meanwhile join the batch
             batch, due = self._take_batch()
             if not batch:
                 # Nothing to write now: what is dirty is lingering or being written by
@@ -132,8 +146,11 @@ class Recorder:
                 self._settle()
                 self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
                 continue
-            rows = self._inflight[me] = _snapshots(batch)
+            rows = self._inflight[me] = []
             try:
+                for start in range(0, len(batch), SLICE):
+                    rows += _snapshots(batch[start : start + SLICE])
+                    gevent.sleep(0)  # the calls go first; drain() sees the batch in _writing
                 if self._journaling:
                     self._journal(rows)
                 else:
@@ -144,7 +161,7 @@ class Recorder:
             finally:
                 self._inflight.pop(me, None)
                 for ex in batch:
-                    self._writing.discard(ex.uid)
+                    self._writing.pop(ex.uid, None)
                 self._settle()
 
     def _settle(self) -> None:
@@ -163,7 +180,7 @@ class Recorder:
                 due = min(due or float("inf"), ex.started + self.linger)
                 continue
             batch.append(self._dirty.pop(uid))
-            self._writing.add(uid)
+            self._writing[uid] = ex
             if len(batch) >= self.batch_size:
                 break
         return batch, due

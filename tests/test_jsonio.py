@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 
 import pytest
 
@@ -90,6 +91,20 @@ def test_lone_surrogates_and_nul_become_replacement_characters_keys_too() -> Non
     }
     assert jsonio.loads(b'"\\\\ud800"') == "\\ud800"  # an escaped backslash: not a surrogate
     assert jsonio.loads(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 byte order mark
+
+
+def test_clean_finds_what_cannot_be_stored_anywhere_in_a_row_and_keeps_the_rest() -> None:
+    """The recorder's rows: mostly clean (kept as they are), with datetimes and numbers."""
+    when = datetime(2026, 12, 1, 12, 0)
+    row = {"created_at": when, "n": 3, "prompt": {"messages": [{"content": "ok \U0001f600"}]}}
+    assert jsonio.clean(row) is row  # nothing to replace: not copied
+    dirty = {"created_at": when, "prompt": [{"k\x00": ["a", "b\ud800"]}], "s": "\\u0000"}
+    assert jsonio.clean(dirty) == {
+        "created_at": when,
+        "prompt": [{f"k{REPLACEMENT}": ["a", f"b{REPLACEMENT}"]}],
+        "s": "\\u0000",  # a backslash and "u0000": text, kept
+    }
+    assert jsonio.clean({1: "x\x00"}) == {1: f"x{REPLACEMENT}"}
 
 
 def test_responses_always_encode() -> None:

@@ -173,6 +173,26 @@ def test_without_redis_only_this_worker_hears_its_announcements() -> None:
     assert heard == ["h"] and not limiter.shared
 
 
+def test_a_slot_and_the_buckets_are_taken_together_or_not_at_all(
+    shared_redis: RedisServer,
+) -> None:
+    """Ten calls of one key at once through two workers: maxConcurrent 2, RPM 3. Two get
+    in; the eight refused for their slot take no request from RPM."""
+    prefix = uuid.uuid4().hex[:8]
+    a, b = (_on(shared_redis.url, prefix, REDIS_TIMEOUT=2.0) for _ in range(2))  # no fail-open
+    calls = [gevent.spawn((a, b)[i % 2].admit, 5, 3, 1000, (), (f"call-{i}", 2)) for i in range(10)]
+    gevent.joinall(calls, raise_error=True)
+    answers = [c.value for c in calls]
+    assert sum(x.allowed for x in answers) == 2
+    assert {x.limit_type for x in answers if not x.allowed} == {"concurrency"}
+    assert a.usage(5, 3, 1000)["rpm"]["remaining"] == 1
+    for i, answer in enumerate(answers):
+        if answer.allowed:
+            (a, b)[i % 2].finish(5, f"call-{i}")  # the slots come back in one round trip each
+    assert a.admit(5, 3, 1000, slot=("next", 2)).allowed  # the last request of the minute
+    assert b.admit(5, 3, 1000, slot=("late", 2)).limit_type == "rpm"
+
+
 def test_redis_away_fails_open_counted_warned_once_and_limits_come_back(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -191,6 +211,10 @@ def test_redis_away_fails_open_counted_warned_once_and_limits_come_back(
     assert len([r for r in caplog.records if "Redis unavailable" in r.message]) == 1
     limiter.charge(1, 100, 50)  # lost, not raised
     assert limiter.enter(1, "c", 1) and limiter.claim(1, "r", "u") is None
+    assert limiter.admit(1, rpm=3, tpm=100, slot=("d", 1)).failed_open
+    finished = _fail_opens("finish")
+    limiter.finish(1, "c", req_id="r", answer="{}", tpm=100, tokens=50, nanos=10)  # lost too
+    assert _fail_opens("finish") == finished + 1
     redis_server.start()  # restarted empty
     wait_until(lambda: not limiter.admit(2, rpm=1, tpm=100).failed_open, timeout=5)
     assert not limiter.admit(2, rpm=1, tpm=100).allowed  # the limit holds again

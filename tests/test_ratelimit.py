@@ -50,6 +50,21 @@ step = st.one_of(
     st.tuples(st.just("keep"), st.sampled_from("uvw")),
     st.tuples(st.just("unclaim"), st.sampled_from("uvw")),
     st.tuples(st.just("settle"), st.sampled_from("uvw"), st.sampled_from(['{"a": 1}', "答"])),
+    # admit with a slot (one step): any buckets, a member, the slots' limit
+    st.tuples(
+        st.just("admit+slot"),
+        st.sets(st.integers(0, 3)),
+        st.sampled_from("abcd"),
+        st.integers(1, 3),
+    ),
+    # a finished call's operations in one round trip: its claim, slot, tokens and spend
+    st.tuples(
+        st.just("run_all"),
+        st.sampled_from("uvw"),
+        st.sampled_from("abcd"),
+        st.integers(0, 3),
+        st.integers(-3, 2000),
+    ),
 )
 scenario = st.lists(
     st.tuples(
@@ -61,14 +76,27 @@ scenario = st.lists(
 
 def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
     kind = op[0]
-    if kind in ("admit", "peek"):
+    slots, claims = f"{prefix}:{{k}}:inflight", f"{prefix}:{{k}}:req:r1"
+    if kind in ("admit", "peek", "admit+slot"):
         chosen = sorted(op[1])
         keys = [f"{prefix}:{{k}}:{BUCKETS[i].name}" for i in chosen]
+        if kind == "admit+slot":
+            return store.admit(keys, [BUCKETS[i] for i in chosen], (slots, op[2], op[3], 9.0))
         return getattr(store, kind)(keys, [BUCKETS[i] for i in chosen])
     if kind == "charge":
         bucket = BUCKETS[op[1]]
         return store.charge(f"{prefix}:{{k}}:{bucket.name}", bucket, op[2])
-    slots, claims = f"{prefix}:{{k}}:inflight", f"{prefix}:{{k}}:req:r1"
+    if kind == "run_all":
+        bucket = BUCKETS[op[3]]
+        return store.run_all(
+            [
+                ("settle", (claims, op[1], '{"a": 2}', 30.0)),
+                ("unclaim", (claims, op[1])),
+                ("release", (slots, op[2])),
+                ("charge", (f"{prefix}:{{k}}:{bucket.name}", bucket, op[4])),
+                ("add", (f"{prefix}:{{k}}:spend", op[4], 1e6)),
+            ]
+        )
     if kind == "acquire":
         return store.acquire(slots, op[1], op[2], 9.0)
     if kind == "refresh":
@@ -111,6 +139,23 @@ def test_without_a_clock_the_server_time_refills(shared_redis: RedisServer) -> N
     time.sleep(0.2)  # about 4 tokens back, on Redis's clock
     assert 2 <= sum(store.admit([key], [bucket]).allowed for _ in range(10)) <= 5
     assert 0 < shared_redis_pttl(shared_redis, key) <= 61_000  # kept until full + margin
+
+
+def test_finishing_operations_survive_a_redis_that_lost_its_scripts(
+    shared_redis: RedisServer,
+) -> None:
+    """A restarted Redis has no scripts: run_all loads them and runs what it refused."""
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    prefix, bucket = uuid.uuid4().hex, Bucket("tpm", 100, 1.0)
+    assert store.acquire(f"{prefix}:{{k}}:inflight", "a", 2, 9.0) == (True, 1)
+    shared_redis.command("SCRIPT", "FLUSH")
+    operations = [
+        ("release", (f"{prefix}:{{k}}:inflight", "a")),
+        ("charge", (f"{prefix}:{{k}}:tpm", bucket, 30)),
+        ("add", (f"{prefix}:{{k}}:spend", 5, 60.0)),
+    ]
+    assert store.run_all(operations) == [0, pytest.approx(70, abs=1), 5]  # refills meanwhile
+    assert store.run_all(operations)[1:] == [pytest.approx(40, abs=1), 10]
 
 
 def shared_redis_pttl(server: RedisServer, key: str) -> int:
@@ -156,6 +201,9 @@ def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) 
         assert store.admit(tagged, BUCKETS).allowed
         assert store.acquire("gw:{key:7}:inflight", "call", 1, 5) == (True, 1)
         assert store.claim("gw:{key:7}:req:r", "call", 5) is None
+        slot = ("gw:{key:7}:inflight", "next", 2, 5)
+        assert store.admit(tagged, BUCKETS, slot).allowed  # the second of 2 slots
+        assert store.run_all([("release", ("gw:{key:7}:inflight", "next"))]) == [1]
         with pytest.raises(StoreDown, match="same key slot"):  # without one tag: refused
             store.admit([f"gw:key:7:{b.name}" for b in BUCKETS], BUCKETS)
     finally:

@@ -22,6 +22,7 @@ from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
+from tests.servers import wait_until
 
 
 def make_recorder(tmp_path: Path, **config: object) -> Recorder:
@@ -201,6 +202,59 @@ def test_drain_journals_what_it_could_not_write_in_time(
     assert ex.uid in path.read_text()
     rec._replay_once()
     assert [r.status for r in rows()] == ["completed"]
+
+
+def test_calls_that_end_close_together_share_one_write(
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A record does not wake a writer for itself: finals of one interval share a write."""
+    rec._group.kill()
+    rec = make_recorder(tmp_path, RECORDER_WRITERS=4, RECORDER_INTERVAL=0.5)
+    writes: list[int] = []
+    real = recorder_module.write_rows
+    monkeypatch.setattr(
+        recorder_module, "write_rows", lambda rows, *a: (writes.append(len(rows)), real(rows, *a))
+    )
+    for _ in range(30):
+        ex = exchange(key_id)
+        ex.finish("completed")
+        rec.record(ex)
+        gevent.sleep(0)  # calls ending one after the other, the writers free to run
+    assert rec.flush(5)
+    rec._group.kill()
+    assert writes == [30] and len(rows()) == 30
+
+
+def test_drain_journals_a_batch_whose_snapshots_are_being_taken(
+    rec: Recorder, key_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer hands the worker back between slices of a big batch's snapshots: a drain
+    then must journal the whole batch, the snapshots not taken yet too."""
+    rec._group.kill()
+    rec = make_recorder(tmp_path, RECORDER_WRITERS=1, RECORDER_INTERVAL=0)
+    taken, go_on = [], gevent.event.Event()
+    real = recorder_module._snapshots
+
+    def snapshots(batch: list[Exchange]) -> list[dict]:
+        taken.append(len(batch))
+        if len(taken) == 2:
+            go_on.wait(10)  # the second slice: the writer is held between two slices
+        return real(batch)
+
+    monkeypatch.setattr(recorder_module, "_snapshots", snapshots)
+    calls = [exchange(key_id) for _ in range(3 * recorder_module.SLICE)]
+    for ex in calls:
+        ex.finish("completed")
+        rec.record(ex)
+    wait_until(lambda: len(taken) == 2, timeout=5)
+    assert not rec.drain(0)  # the process exits: what the writer holds must not be lost
+    # Killed while still held: let go first, it could be mid-query when the fixture
+    # closes the pool, and libev aborts the process.
+    rec._group.kill()
+    go_on.set()
+    (path,) = rec.journal.directory.glob("journal-*.jsonl")
+    journaled = {json.loads(line)["uid"] for line in path.read_text().splitlines()}
+    assert journaled == {ex.uid for ex in calls}
 
 
 class Gate:

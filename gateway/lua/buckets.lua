@@ -4,18 +4,27 @@
 -- (After prelude.lua: clock, num, MARGIN.)
 -- KEYS: one hash per bucket (l = level, t = time of that level, in seconds), all sharing
 --       one hash tag so that the script runs unchanged on Redis Cluster.
--- ARGV: mode ("admit" | "charge" | "peek"), now ("" = the server's TIME; tests pass a
---       clock), then per bucket: capacity, rate (tokens per second), amount (admit: the
---       cost, 0 meaning "only require the level above 0"; charge: tokens to take).
+-- ARGV: mode ("admit" | "admit+slot" | "charge" | "peek"), now ("" = the server's TIME;
+--       tests pass a clock), then per bucket: capacity, rate (tokens per second), amount
+--       (admit: the cost, 0 meaning "only require the level above 0"; charge: tokens to
+--       take).
+-- "admit+slot" also takes one in-flight slot (slots.lua's "acquire", in the same step):
+--       its KEYS end with the slot set, its ARGV with member, limit, ttl seconds. The
+--       call is admitted only if both have room; a full slot set refuses first.
 -- Returns strings (doubles survive as "%.17g"):
---   admit: {allowed (1|0), refused bucket (1-based, 0 if none), wait seconds, levels...}
+--   admit: {allowed (1|0), refused (1-based bucket, #buckets + 1 for the slots, 0 if
+--           none), wait seconds, levels...}
 --   charge: {level}   peek: {levels...}
 local mode = ARGV[1]
 local now = clock(ARGV[2])
+local n = #KEYS
+if mode == 'admit+slot' then
+  n = n - 1
+end
 
 -- buckets.refill: a missing bucket is full; time never runs back.
 local levels, stamps, caps, rates, amounts = {}, {}, {}, {}, {}
-for i = 1, #KEYS do
+for i = 1, n do
   local cap, rate = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
   caps[i], rates[i], amounts[i] = cap, rate, tonumber(ARGV[3 * i + 2])
   local held = redis.call('HMGET', KEYS[i], 'l', 't')
@@ -42,7 +51,7 @@ end
 
 if mode == 'peek' then
   local out = {}
-  for i = 1, #KEYS do
+  for i = 1, n do
     out[i] = num(levels[i])
   end
   return out
@@ -58,9 +67,23 @@ if mode == 'charge' then
   return {num(levels[1])}
 end
 
--- buckets.admit: take every cost, or refuse naming the bucket with the longest wait.
+-- LocalStore.admit: a full slot set refuses before any bucket is looked at.
 local allowed, wait, refused = 1, 0, 0
-for i = 1, #KEYS do
+local slots, member, limit, ttl
+if mode == 'admit+slot' then
+  slots, member = KEYS[n + 1], ARGV[3 * n + 3]
+  limit, ttl = tonumber(ARGV[3 * n + 4]), tonumber(ARGV[3 * n + 5])
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', num(now))
+  if not redis.call('ZSCORE', slots, member) and redis.call('ZCARD', slots) >= limit then
+    allowed, refused = 0, n + 1
+  end
+end
+
+-- buckets.admit: take every cost, or refuse naming the bucket with the longest wait.
+for i = 1, n do
+  if refused > n then
+    break
+  end
   local ok
   if amounts[i] > 0 then
     ok = levels[i] >= amounts[i]
@@ -76,13 +99,17 @@ for i = 1, #KEYS do
   end
 end
 if allowed == 1 then
-  for i = 1, #KEYS do
+  for i = 1, n do
     levels[i] = levels[i] - amounts[i]
     store(i)
   end
+  if slots then
+    redis.call('ZADD', slots, num(now + ttl), member)
+    redis.call('PEXPIRE', slots, math.ceil((ttl + MARGIN) * 1000))
+  end
 end
 local out = {tostring(allowed), tostring(refused), num(wait)}
-for i = 1, #KEYS do
+for i = 1, n do
   out[3 + i] = num(levels[i])
 end
 return out
