@@ -163,7 +163,20 @@ def gateway(gateway_factory) -> Gateway:  # type: ignore[no-untyped-def]
     return gateway_factory()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """module_database on each backend; on one only in a module with ``ONE_BACKEND = True``.
+
+    One backend is for server modules whose behaviour does not depend on the database:
+    PostgreSQL when there is one (what production runs). What the recorder writes is
+    proven on both backends by the tests of the recorder and the records.
+    """
+    if "module_database" in metafunc.fixturenames:
+        one = getattr(metafunc.module, "ONE_BACKEND", False)
+        backends = BACKENDS[-1:] if one else BACKENDS
+        metafunc.parametrize("module_database", backends, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def module_database(
     request: pytest.FixtureRequest, templates: dict, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:

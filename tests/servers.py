@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,33 @@ ADMIN_SECRET = "test-admin-secret"
 ENCRYPTION_KEY = "Wy4JyfkS3HBJbOI5FAlGrtd1wppwbiz3g8uvCo3DvUA="
 
 
+# Ports handed out for servers that bind them later (gunicorn, redis-server, PostgreSQL):
+# below the kernel's ephemeral range, so no outgoing connection takes one meanwhile (a
+# port the kernel picked could be taken by a client socket before the server binds it),
+# and a slice of its own for each pytest-xdist worker if the suite is ever run with it.
+PORTS = range(15000, 32768)
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, and that this process has not handed out lately."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = len(PORTS) // count
+    # A worker that replaces a crashed one (gw2 for gw0 of 2) takes the slice it left.
+    first = PORTS.start + size * (int(worker) % count if worker.isdigit() else 0)
+    if not _next_port:  # a random start: runs one after another do not reuse the same ports
+        _next_port.append(first + random.randrange(size))
+    for _ in range(size):
+        port = _next_port[0]
+        _next_port[0] = first + (port + 1 - first) % size
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or lingering in TIME_WAIT
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}..{first + size - 1}")
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

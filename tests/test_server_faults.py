@@ -1,8 +1,10 @@
 """The upstream fault catalogue: every way a provider can fail, seen by every client format.
 
 Each fault is a script for the fake upstream (``tests/fake_upstream.py``), sent in the
-``X-Fake-Script`` header, so one gateway serves the module. Every system name has two
-providers of one type, so "2 tries per provider, then the next" shows in the attempts.
+``X-Fake-Script`` header, so one gateway serves the module, on one backend
+(``ONE_BACKEND``: how a fault is met does not depend on the database). Every system
+name has two providers of one type, so "2 tries per provider, then the next" shows in
+the attempts.
 
 - Before the first byte (``BEFORE``): the client gets 502 (504 after a timeout), or the
   upstream's own 4xx, in its protocol's error shape, and exactly one ``failed`` record
@@ -34,6 +36,7 @@ import requests
 from tests.servers import Gateway
 
 pytestmark = pytest.mark.server
+ONE_BACKEND = True  # see tests/conftest.py
 
 # Short, so a stall costs little; the fake answers in milliseconds otherwise.
 GATEWAY_ENV = {"GATEWAY_READ_TIMEOUT": "0.5"}

@@ -1,8 +1,9 @@
 """Every client format with every provider type, through gunicorn, the official SDKs and
 the fake upstream: what the SDK parsed, what the upstream received, what was recorded.
 
-One gateway per backend serves the module; each test has its own key (its records)
-and call ids (the fake's log). The README's compatibility matrix is built from this
+One gateway serves the module, on one backend (``ONE_BACKEND``: conversions do not
+depend on the database); each test has its own key (its records) and call ids (the
+fake's log). The README's compatibility matrix is built from this
 module: ``covers`` ties each test to the features it checks and the pairs it runs for,
 and ``LOSSY`` lists what a pair loses; tests branch on ``lossy(...)`` and assert the
 loss itself, so a note cannot outlive the behaviour, and ``test_readme_matrix`` keeps
@@ -27,6 +28,7 @@ from tests.pairs_support import ANTHROPIC, CHAT, CLIENTS, PROVIDERS, RESPONSES, 
 from tests.servers import ROOT, Gateway
 
 pytestmark = pytest.mark.server
+ONE_BACKEND = True  # see tests/conftest.py
 
 PAIRS = [(client, provider) for client in CLIENTS for provider in PROVIDERS]
 FEATURES = (
