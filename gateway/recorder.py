@@ -38,7 +38,7 @@ from flask import Flask
 from gevent import monkey
 
 from gateway import db, jsonio, metrics
-from gateway.config import INSTANCE
+from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import Exchange
 from gateway.journal import Journal
@@ -69,19 +69,13 @@ class Recorder:
         self.journaled = 0
         self._waiting = 0  # this worker's records in the journal, for /metrics
         self.replayed = 0
-        self.batch_size = 100
-        self.linger = 0.25
-        self.interval = 0.05
-        self.timeout = 10.0
+        self._configure(DEFAULTS)  # until init_app reads the app's settings
         self._key_touched: dict[int, float] = {}
 
     def init_app(self, app: Flask) -> None:
         """Read settings; start the writers and the replayer."""
         cfg = app.config
-        self.batch_size = int(cfg["RECORDER_BATCH"])
-        self.linger = float(cfg["RECORDER_LINGER"])
-        self.interval = float(cfg["RECORDER_INTERVAL"])
-        self.timeout = float(cfg["DB_TIMEOUT"])
+        self._configure(cfg)
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
         self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
         # Only a gevent server (a worker, or the test process) writes in the
@@ -92,6 +86,12 @@ class Recorder:
         for _ in range(int(writers)):
             self._spawn(self._write_loop)
         self._spawn(self._replay_loop)
+
+    def _configure(self, cfg: Any) -> None:
+        self.batch_size = int(cfg["RECORDER_BATCH"])
+        self.linger = float(cfg["RECORDER_LINGER"])
+        self.interval = float(cfg["RECORDER_INTERVAL"])
+        self.timeout = float(cfg["DB_TIMEOUT"])
 
     # -- the public face ------------------------------------------------------
 
