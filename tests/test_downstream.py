@@ -195,15 +195,3 @@ def test_hurry_at_shutdown_ends_a_settle_and_takes_the_fin_as_the_departure(pair
     settling.join(timeout=1)
     assert settling.dead  # it returned long before SETTLE_WAIT
     assert down.gone.is_set() and told.how == "connection closed" and told.at == down.fin_at
-
-
-def test_what_is_queued_goes_in_one_write_and_counts_once_written() -> None:
-    down = Downstream(None, True, PACE, Told())
-    for n in range(3):
-        down.put(Piece(f"data: {n}\n\n".encode(), events=1, text=str(n)))
-    down.end()
-    body = down.body()
-    assert next(body) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
-    assert (down.events, down.chars) == (0, 0)  # not written yet
-    assert list(body) == []
-    assert (down.events, down.chars) == (3, 3)
