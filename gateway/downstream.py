@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -35,7 +35,9 @@ import gevent.pool
 import gevent.queue
 
 from gateway import sse
-from gateway.adapters.translator import Piece
+
+if TYPE_CHECKING:
+    from gateway.adapters.translator import Piece
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +247,10 @@ class Downstream:
                 if item is None or item is _PROBE:
                     yield sse.comment("keep-alive" if item is None else "probe")
                 else:
-                    pieces = self._queued(item)
-                    yield item.data if len(pieces) == 1 else b"".join(p.data for p in pieces)
+                    yield item.data
                     # Back here: gunicorn wrote it (a failed write closes this generator).
-                    for piece in pieces:
-                        self.events += piece.events
-                        self.chars += len(piece.text)
+                    self.events += item.events
+                    self.chars += len(item.text)
                 # The write went through: no reset had come back when it was issued.
                 # One may have come since (at once, nearby): then the client is gone.
                 self._tell(issued)
@@ -265,15 +265,6 @@ class Downstream:
             if not delivered:  # a failed write; after a FIN, it confirms that departure
                 fin = self.fin_at
                 self.left("write failed" if fin is None else "connection closed", fin)
-
-    def _queued(self, first: Piece) -> list[Piece]:
-        """``first`` and the pieces queued behind it, up to the next marker: one write for
-        all that is ready, not a write and two switches each."""
-        pieces = [first]
-        queue = self.queue
-        while queue.qsize() and isinstance(queue.peek_nowait(), Piece):
-            pieces.append(queue.get_nowait())
-        return pieces
 
     def _half_closed(self) -> None:
         """The FIN was a half-close: the client still reads, and has not left."""
