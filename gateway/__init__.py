@@ -80,6 +80,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     cli.init_app(app)
     dashboard.init_app(app)
 
+    # A path with "//" is a 404 like any unknown path, never a redirect: werkzeug's
+    # merge_slashes would answer /api/admin/apiKey//usage with an HTML 308 to a
+    # different route (an API answers JSON, and a client must not be sent elsewhere).
+    app.url_map.merge_slashes = False
     app.register_blueprint(proxy.bp)
     app.register_blueprint(admin_api.bp)
     app.register_blueprint(dashboard.bp)
