@@ -43,7 +43,7 @@ from flask import Flask
 from gevent import monkey
 
 from gateway import db, partitions
-from gateway.config import INSTANCE
+from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.models import Completion, Embedding, SrvLog, utcnow
 
@@ -65,18 +65,23 @@ class Retention:
         self.clock = clock
         self.days: float | None = None
         self.body_days: float | None = None
-        self.interval = 3600.0
-        self.batch = 500
-        self.pause = 0.05
-        self.timeout = 10.0
         self.lock_file: Path | None = None  # None: beside the SQLite file
+        self._configure(DEFAULTS)  # until init_app reads the app's settings
         self._stripped_to: dict[Any, datetime] = {}  # bodies gone up to here, per table
         self._group = gevent.pool.Group()
         self._started = False
 
     def init_app(self, app: Flask) -> None:
         """Read the RETENTION_* settings; start the job in a server process."""
-        cfg = app.config
+        self._configure(app.config)
+        self._stripped_to.clear()
+        if self._started or self.interval <= 0 or not monkey.is_module_patched("socket"):
+            return  # a CLI command, or the job turned off (tests run it by hand)
+        self._started = True
+        greenlet = self._group.spawn(self._loop)
+        greenlet.link_exception(lambda g: log.error("retention greenlet died", exc_info=g.exc_info))
+
+    def _configure(self, cfg: Any) -> None:
         self.days = _days(cfg["RETENTION_DAYS"])
         self.body_days = _days(cfg["RETENTION_BODY_DAYS"])
         self.interval = float(cfg["RETENTION_INTERVAL"])
@@ -84,12 +89,6 @@ class Retention:
         self.pause = float(cfg["RETENTION_PAUSE"])
         self.timeout = float(cfg["DB_TIMEOUT"])
         self.lock_file = Path(cfg["RETENTION_LOCK_FILE"]) if cfg["RETENTION_LOCK_FILE"] else None
-        self._stripped_to.clear()
-        if self._started or self.interval <= 0 or not monkey.is_module_patched("socket"):
-            return  # a CLI command, or the job turned off (tests run it by hand)
-        self._started = True
-        greenlet = self._group.spawn(self._loop)
-        greenlet.link_exception(lambda g: log.error("retention greenlet died", exc_info=g.exc_info))
 
     def wanted(self) -> bool:
         """True when there is work: retention set, or partitions to keep (PostgreSQL)."""
