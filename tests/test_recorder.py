@@ -22,6 +22,7 @@ from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
+from tests import pools
 from tests.servers import wait_until
 
 
@@ -41,8 +42,7 @@ def rec(database_url: str, tmp_path: Path) -> Iterator[Recorder]:
     yield recorder
     recorder.flush(5)
     recorder._group.kill()
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        database.obj.close_all()
+    pools.release(database.obj)
 
 
 @pytest.fixture
@@ -363,8 +363,7 @@ def test_a_writer_survives_an_unexpected_error_and_sets_the_row_aside(
         assert rec.flush(5) and later.uid in {r.uid for r in rows()}
     finally:
         rec._group.kill()
-        if isinstance(database.obj, peewee.PostgresqlDatabase):
-            database.obj.close_all()
+        pools.release(database.obj)
 
 
 def test_replay_sets_last_seen_to_when_the_calls_were_made(

@@ -25,6 +25,7 @@ from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Embedding, SrvLog, utcnow
 from gateway.recorder import Recorder
 from gateway.retention import Retention
+from tests import pools
 
 NOW = datetime(2027, 3, 10, 12, 0)
 
@@ -45,8 +46,7 @@ def make_retention(tmp_path: Path, clock: datetime = NOW, **config: object) -> R
 def dbase(database_url: str) -> Iterator[peewee.Database]:
     database.initialize(open_database(database_url))
     yield database
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        database.obj.close_all()
+    pools.release(database.obj)
 
 
 @pytest.fixture
@@ -355,8 +355,7 @@ def test_the_gateway_prunes_while_it_records_and_loses_no_call(  # type: ignore[
             for start in range(0, len(rows), 500):
                 Completion.insert_many(rows[start : start + 500]).execute()
     finally:
-        if isinstance(database.obj, peewee.PostgresqlDatabase):
-            database.obj.close_all()
+        pools.release(database.obj)
     gw = gateway_factory(
         GATEWAY_WORKERS="2",
         GATEWAY_RETENTION_DAYS="30",

@@ -29,6 +29,7 @@ from gateway.models import ApiKey, Model, Provider, utcnow
 from gateway.routing import catalog
 from gateway.snapshot import refresher
 from gateway.vault import vault
+from tests import pools
 from tests.servers import ENCRYPTION_KEY
 
 
@@ -66,8 +67,7 @@ def world(database_url: str, tmp_path: Path) -> Iterator[dict]:
     yield {"key": live_key, "id": live.id, "revoked": revoked_key, "provider": provider}
     db.mark_reachable(True)
     configure(tmp_path, CACHE_TTL=0)  # read through again, as the other tests expect
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        database.obj.close_all()
+    pools.release(database.obj)
 
 
 def unreachable(database_url: str) -> peewee.Database:

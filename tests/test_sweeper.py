@@ -20,6 +20,7 @@ from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Heartbeat, utcnow
 from gateway.recorder import snapshot, write_rows
 from gateway.sweeper import SWEPT_ERROR, Sweeper, identity
+from tests import pools
 
 DEAD_AFTER = 5.0
 
@@ -42,8 +43,7 @@ def key_id(database_url: str) -> Iterator[int]:
     database.initialize(open_database(database_url))
     with database.connection_context():
         yield ApiKey.create(key_hash="s" * 64, key_hint="sk-…s").id
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        database.obj.close_all()
+    pools.release(database.obj)
 
 
 def process(clock: Clock, name: str) -> Sweeper:

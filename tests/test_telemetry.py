@@ -34,6 +34,7 @@ from gateway.adapters import ir, record
 from gateway.config import DEFAULTS
 from gateway.exchange import EMBEDDING, Exchange
 from gateway.recorder import snapshot, write_rows
+from tests import pools
 from tests.otlp_receiver import Receiver
 from tests.servers import ROOT, free_port, wait_until
 
@@ -722,8 +723,6 @@ def test_a_row_written_twice_is_one_span(pipeline, receiver) -> None:  # type: i
 def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyped-def]
     pipeline, receiver, database_url, monkeypatch
 ) -> None:
-    import peewee
-
     from gateway import sweeper as sweeper_module
     from gateway.db import database, open_database
     from gateway.sweeper import Sweeper
@@ -755,8 +754,7 @@ def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyp
             attrs["gateway.record.id"] > 0 and attrs["gen_ai.request.model"] == "gpt-4o-2024-08-06"
         )
     finally:
-        if isinstance(database.obj, peewee.PostgresqlDatabase):
-            database.obj.close_all()
+        pools.release(database.obj)
 
 
 def test_a_caller_that_does_not_sample_gets_no_span(pipeline, receiver) -> None:  # type: ignore[no-untyped-def]
