@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import gevent
 import gevent.pool
@@ -29,6 +30,7 @@ from flask import Flask
 from gevent import monkey
 
 from gateway import db
+from gateway.config import DEFAULTS
 from gateway.db import UNREACHABLE
 from gateway.models import Heartbeat, finalise_orphan_rows, pending_owners, utcnow
 from gateway.telemetry import telemetry
@@ -56,20 +58,25 @@ class Sweeper:
     ) -> None:
         self.clock = clock
         self._name = name  # tests play several processes in one
-        self.heartbeat = 10.0
-        self.dead_after = 45.0
-        self.interval = 10.0
-        self.timeout = 10.0
-        self.orphan_after: timedelta | None = None
+        self.heartbeat = self.dead_after = self.interval = self.timeout = 0.0
+        self.orphan_after = timedelta(0)
         self._seen: dict[str, tuple[datetime | None, float]] = {}  # owner -> (beat, since)
         self._beat_ok: float | None = None  # when our last heartbeat landed; None: failing
         self._looked: float | None = None  # when we last looked at everyone's
         self._group = gevent.pool.Group()
         self._started = False
+        self._configure(DEFAULTS)  # until init_app reads the app's settings
 
     def init_app(self, app: Flask) -> None:
         """Read the timings; start beating and sweeping in this process."""
-        cfg = app.config
+        self._configure(app.config)
+        if self._started or not monkey.is_module_patched("socket"):
+            return  # a CLI command: no process to keep alive
+        self._started = True
+        self._spawn(self._loop, self.beat, lambda: self.heartbeat)
+        self._spawn(self._loop, self.sweep, lambda: self.interval)
+
+    def _configure(self, cfg: Any) -> None:
         self.heartbeat = float(cfg["PROCESS_HEARTBEAT"])
         self.dead_after = float(cfg["PROCESS_DEAD_AFTER"])
         self.interval = float(cfg["SWEEP_INTERVAL"])
@@ -78,11 +85,6 @@ class Sweeper:
         self.orphan_after = timedelta(
             seconds=float(after if after is not None else cfg["CALL_TIMEOUT"] + 120)
         )
-        if self._started or not monkey.is_module_patched("socket"):
-            return  # a CLI command: no process to keep alive
-        self._started = True
-        self._spawn(self._loop, self.beat, lambda: self.heartbeat)
-        self._spawn(self._loop, self.sweep, lambda: self.interval)
 
     def _spawn(self, *args: object) -> None:
         greenlet = self._group.spawn(*args)
@@ -143,7 +145,7 @@ class Sweeper:
         for owner in self._seen.keys() - watched:
             del self._seen[owner]
         dead = [owner for owner, (_, since) in self._seen.items() if now - since >= self.dead_after]
-        before = utcnow() - self.orphan_after if self.orphan_after is not None else None
+        before = utcnow() - self.orphan_after
         swept = finalise_orphan_rows(dead, before, SWEPT_ERROR)
         count = len(swept)
         telemetry.export(swept)  # committed: these calls' spans, as their rows now say
