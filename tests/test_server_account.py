@@ -12,11 +12,13 @@ the whole answer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -308,11 +310,15 @@ def test_a_whole_stream_was_delivered_event_for_event(
     assert row["delivered"]["text"] == "".join(f"tok{i} " for i in range(7))
 
 
-def stalled_read(gw: Gateway, path: str, body: dict, key: str, script: str, stall: float) -> bytes:
-    """Send a streaming call, read nothing for ``stall`` seconds, then read what is there.
+def stalled_read(
+    gw: Gateway, path: str, body: dict, key: str, script: str, settled: Callable[[], object]
+) -> bytes:
+    """Send a streaming call, read nothing until ``settled()`` returns, then read what is there.
 
     A tiny receive buffer makes the gateway's writes block; past its write timeout it
     drops the client, and whatever it had written is still in the kernels' buffers.
+    Waiting for the record to be final, not for a fixed time, is what makes sure the
+    gateway gave up on this client before it reads anything, however loaded the machine.
     """
     payload = json.dumps(body).encode()
     head = (
@@ -325,7 +331,7 @@ def stalled_read(gw: Gateway, path: str, body: dict, key: str, script: str, stal
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", gw.port))
         sock.sendall(head + payload)
-        time.sleep(stall)
+        settled()
         sock.settimeout(10)
         data = b""
         with contextlib.suppress(ConnectionResetError):
@@ -373,7 +379,8 @@ def test_delivered_counts_what_was_written_not_what_was_queued(
     gw = module_gateway
     key = gw.api("POST", "/apiKey", json={"comment": "stalled"})
     body = {"model": "acct-openai", "stream": True, **body}
-    raw = stalled_read(gw, path, body, key["key"], "chunks=4000;pad=4000", 2.5)
+    settled = functools.partial(gw.wait_final, 1, apiKeyId=key["id"], timeout=30)
+    raw = stalled_read(gw, path, body, key["key"], "chunks=4000;pad=4000", settled)
     got = text_of_stream(client, raw)
     row = record(gw, key["id"])
     # The whole answer had arrived before the client was dropped: completed, as the
@@ -440,10 +447,11 @@ def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
 ) -> None:  # type: ignore[no-untyped-def]
     # The answer is whole and the call is finishing, waiting for its client's copy to be
     # written; the client reads nothing, and its write would block for a minute. At
-    # shutdown the worker stops calls at 2/3 of graceful_timeout (here 4 s after SIGTERM):
+    # shutdown the worker stops calls at 2/3 of graceful_timeout (here 6 s after SIGTERM):
     # the record must be written then, saying what the client got, not when gunicorn
     # kills the handler at graceful_timeout (nor never, if the arbiter's SIGKILL wins).
-    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="6")
+    # The 3 s between the two leave room for a loaded machine's slower polling.
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="9")
     reader = gateway_factory()  # another instance on the same database, to watch it
     route = gw.setup_route(fake.url, system_name="stalled")
     body = {"model": "stalled", "stream": True, "messages": [{"role": "user", "content": "go"}]}
@@ -464,7 +472,7 @@ def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
         assert reader.records()[0]["status"] == "pending"
         stopping = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
-        (row,) = reader.wait_final(1, timeout=5.5)
-        assert time.monotonic() - stopping < 5.5  # at the worker's deadline (4 s), not at 6
+        (row,) = reader.wait_final(1, timeout=8)
+        assert time.monotonic() - stopping < 8  # at the worker's deadline (6 s), not at 9
     assert row["status"] == "completed"
     assert 0 < len(row["delivered"]["text"]) < len(row["completion"][0]["content"])
