@@ -8,10 +8,11 @@ kind (``error.type=client_disconnected``): whoever waited for the answer never g
 whole, so it must not count as a success, and the type keeps it apart from provider
 failures. The gateway's own facts ride along under ``gateway.``.
 
-Input is the row the recorder committed (``Exchange.row()`` plus ``kind``), so a span
-says exactly what the database says. Keys that later records may carry are used when
-present: ``id``, ``tokens``, ``cost``, ``upstream_id``, ``response_model``,
-``stop_reason``, ``provider_type``, ``base_url``, ``delivered``. Pure code: no I/O.
+Input is the row the recorder committed (``Exchange.row()`` plus ``kind``, and the
+``id`` the write read back), so a span says exactly what the database says. Keys that
+later records may carry are used when present: ``tokens``, ``cost``, ``upstream_id``,
+``response_model``, ``stop_reason``, ``provider_type``, ``base_url``, ``delivered``.
+Pure code: no I/O.
 """
 
 from __future__ import annotations
