@@ -199,6 +199,7 @@ class Completion(BaseModel):
     cached_response = pw.JSONField(null=True)
     owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
+    swept_at = pw.DateTimeField(null=True)  # when it was swept (kept after the call's own state)
     rating = pw.FloatField(null=True)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)
@@ -231,6 +232,7 @@ class Embedding(BaseModel):
     cost_nanos = pw.BigIntegerField(null=True)
     owner = pw.CharField(max_length=96, null=True)
     swept = pw.BooleanField(default=False)
+    swept_at = pw.DateTimeField(null=True)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)
     deleted = pw.BooleanField(default=False)
@@ -376,8 +378,9 @@ def upsert_records(rows: list[dict]) -> list[dict]:
     snapshots, in any order, change nothing.
 
     Returns the snapshots the database took, as the statement itself reports them
-    (``RETURNING``), each with its row's ``id``. A snapshot the rules above refused
-    is not among them.
+    (``RETURNING``): each with its row's ``id`` and ``swept_at``, which is set only on
+    a final row that replaced the sweeper's (the sweeper's own rows keep ``swept``).
+    A snapshot the rules above refused is not among them.
     """
     # One snapshot per call: a replayed journal may hold a call's pending and final
     # snapshots, and an upsert statement may not touch one row twice.
@@ -396,8 +399,10 @@ def upsert_records(rows: list[dict]) -> list[dict]:
             statement = _upsert(table, columns)
             # In lots: while one is with the database, the worker's calls run (gevent).
             for start in range(0, len(group), ROWS_PER_STATEMENT):
-                for uid, row_id in statement.execute(group[start : start + ROWS_PER_STATEMENT]):
-                    written.append({**latest[uid], "id": row_id})
+                for uid, row_id, swept_at in statement.execute(
+                    group[start : start + ROWS_PER_STATEMENT]
+                ):
+                    written.append({**latest[uid], "id": row_id, "swept_at": swept_at})
         link_replays(latest.values())
     return written
 
@@ -461,8 +466,9 @@ def finalise_orphan_rows(owners: Iterable[str], before: datetime | None, error: 
             orphaned = old if orphaned is None else orphaned | old
         if orphaned is None:
             continue
+        now = utcnow()
         query = (
-            table.update(status="failed", error=error, swept=True, updated_at=utcnow())
+            table.update(status="failed", error=error, swept=True, swept_at=now, updated_at=now)
             .where((table.status == "pending") & orphaned)
             .returning(*table._meta.sorted_fields)
             .dicts()
@@ -508,7 +514,8 @@ class _Upsert:
             f" AND EXCLUDED.{name('status')} <> {db.param})"
         )
         # What the row is now, for its span: read back in the same statement.
-        upsert += f" RETURNING {name('uid')}, {name('id')}"
+        upsert += f" RETURNING {name('uid')}, {name('id')}, {name('swept_at')}"
+        self._swept_at = meta.fields["swept_at"]
         self._constants = ("pending", True, "pending")
         self._lots = isinstance(db, pw.PostgresqlDatabase)
         if self._lots:
@@ -521,9 +528,9 @@ class _Upsert:
             self._row = f"({', '.join([db.param] * len(self.fields))})"
             self._by_size: dict[int, str] = {}
 
-    def execute(self, rows: list[dict]) -> list[tuple[str, int]]:
-        """Upsert ``rows`` (one per uid) on the current connection; (uid, id) of each row
-        written."""
+    def execute(self, rows: list[dict]) -> list[tuple[str, int, datetime | None]]:
+        """Upsert ``rows`` (one per uid) on the current connection; (uid, id, swept_at) of
+        each row written."""
         cursor = database.cursor()
         with pw.__exception_wrapper__:  # driver errors -> peewee's classes
             if self._lots:
@@ -540,7 +547,7 @@ class _Upsert:
                 values = [value for row in rows for value in self._values(row)]
                 cursor.execute(sql, [*values, *self._constants])
                 written = cursor.fetchall()
-        return written
+        return [(uid, row_id, self._swept_at.python_value(at)) for uid, row_id, at in written]
 
     def _value(self, field: pw.Field, row: dict) -> Any:
         if field.name in self._given:

@@ -814,6 +814,49 @@ def test_recorder_spans_carry_the_record_id(recorded, receiver) -> None:  # type
     assert len(receiver.spans) == 31
 
 
+@pytest.mark.parametrize("truth", ["completed", "failed"])
+def test_the_truth_after_a_sweep_is_a_second_span_marked_as_superseding(  # type: ignore[no-untyped-def]
+    recorded, receiver, truth: str
+) -> None:
+    """A process thought dead finishes its call after the sweeper failed it: the trace
+    backend gets the true outcome as a second span of the same record, marked."""
+    from gateway.models import Completion
+    from gateway.sweeper import Sweeper
+
+    ex = _call(recorded.key)
+    write_rows([{**snapshot(ex), "owner": "slow@elsewhere:1"}])  # its heartbeat then stops
+    clock = SimpleNamespace(now=1000.0)
+    watcher = Sweeper(lambda: clock.now, "watcher")
+    watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
+    swept = 0
+    for _ in range(6):
+        clock.now += 1.0
+        assert watcher.beat()
+        swept += watcher.sweep()
+    assert swept == 1
+    (orphaned,) = _received(receiver, 1)
+    record_id = Completion.get(Completion.uid == ex.uid).id
+    assert orphaned["attributes"]["gateway.record.id"] == record_id
+    assert orphaned["attributes"]["error.type"] == "orphaned"
+    assert "gateway.record.supersedes_swept" not in orphaned["attributes"]
+
+    error = "gateway shutdown" if truth == "failed" else None
+    ex.finish(truth, usage={"input_tokens": 3, "output_tokens": 4}, error=error)
+    final = {**snapshot(ex), "owner": "slow@elsewhere:1"}
+    write_rows([snapshot(ex)])  # a stale pending snapshot, replayed late: nothing
+    write_rows([final])  # the process was alive after all: its own final state
+    write_rows([final])  # and replayed once more from its journal: nothing more
+    spans_ = _received(receiver, 2)
+    later = next(s for s in spans_ if s is not orphaned)
+    attrs = later["attributes"]
+    assert attrs["gateway.record.id"] == record_id and attrs["gateway.record.uid"] == ex.uid
+    assert attrs["gateway.record.supersedes_swept"] is True
+    assert attrs["gateway.status"] == truth and attrs["gen_ai.usage.output_tokens"] == 4
+    assert later["start"] == orphaned["start"]  # one call: both spans start when it did
+    row = Completion.get(Completion.uid == ex.uid)
+    assert (row.status, row.swept, row.swept_at is not None) == (truth, False, True)
+
+
 def test_a_caller_that_does_not_sample_gets_no_span(pipeline, receiver) -> None:  # type: ignore[no-untyped-def]
     """The default sampler (parentbased_always_on) honours the caller's sampled flag."""
     pipe = pipeline(receiver)
