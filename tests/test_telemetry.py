@@ -824,7 +824,8 @@ def test_the_truth_after_a_sweep_is_a_second_span_marked_as_superseding(  # type
     from gateway.sweeper import Sweeper
 
     ex = _call(recorded.key)
-    write_rows([{**snapshot(ex), "owner": "slow@elsewhere:1"}])  # its heartbeat then stops
+    pending = {**snapshot(ex), "owner": "slow@elsewhere:1"}
+    write_rows([pending])  # then its process's heartbeat stops
     clock = SimpleNamespace(now=1000.0)
     watcher = Sweeper(lambda: clock.now, "watcher")
     watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
@@ -843,9 +844,9 @@ def test_the_truth_after_a_sweep_is_a_second_span_marked_as_superseding(  # type
     error = "gateway shutdown" if truth == "failed" else None
     ex.finish(truth, usage={"input_tokens": 3, "output_tokens": 4}, error=error)
     final = {**snapshot(ex), "owner": "slow@elsewhere:1"}
-    write_rows([snapshot(ex)])  # a stale pending snapshot, replayed late: nothing
-    write_rows([final])  # the process was alive after all: its own final state
-    write_rows([final])  # and replayed once more from its journal: nothing more
+    assert write_rows([pending]) == []  # a stale pending snapshot, replayed late: nothing
+    assert [r["uid"] for r in write_rows([final])] == [ex.uid]  # alive after all: the truth
+    assert write_rows([final]) == []  # replayed once more from its journal: nothing more
     spans_ = _received(receiver, 2)
     later = next(s for s in spans_ if s is not orphaned)
     attrs = later["attributes"]
