@@ -136,7 +136,7 @@ class Permit:
             self.req_id = req_id
             return None
         if holder.answer is None:
-            raise dedup.in_flight(req_id, self.stream, holder.age)
+            raise dedup.in_flight(req_id, self.stream, holder.age, holder.started)
         stored = Stored.loads(holder.answer)
         if stored is None:  # unreadable (another version's): make the call, unclaimed
             log.warning("admission: the stored answer of a request id is unreadable")

@@ -13,6 +13,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 from gateway.errors import InvalidRequest, RequestInFlight
 
@@ -47,12 +48,20 @@ def retry_after(stream: bool, age: float) -> int:
     return max(1, math.ceil(EXPECTED_SECONDS[stream] - age))
 
 
-def in_flight(req_id: str, stream: bool, age: float) -> RequestInFlight:
-    """The 409 for a repeat of a request that is still running."""
+def in_flight(req_id: str, stream: bool, age: float, started: float) -> RequestInFlight:
+    """The 409 for a repeat of a request that is still running, since ``started`` (epoch s)."""
     return RequestInFlight(
         f"A request with {HEADER} {req_id!r} is still in flight; retry when it has finished",
+        req_id=req_id,
         retry_after=retry_after(stream, age),
+        started_at=iso_utc(started),
     )
+
+
+def iso_utc(epoch: float) -> str:
+    """Epoch seconds as JavaScript's ``toISOString`` prints them: 2026-03-14T09:26:53.589Z."""
+    moment = datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ become a stream error event and are recorded. Pure code: no Flask here.
     ├── AuthenticationFailed      401  authentication_error
     ├── BudgetExceeded            402  billing_error            (Retry-After: next month)
     ├── NotFound                  404  not_found_error          (unknown model)
-    ├── RequestInFlight           409  conflict                 (Retry-After)
+    ├── RequestInFlight           409  conflict                 (Retry-After; req_id, started_at)
     ├── PayloadTooLarge           413  request_too_large
     ├── RateLimited               429  rate_limit_error         (Retry-After)
     ├── UpstreamFailed            502  upstream_error           (every candidate failed)
@@ -22,6 +22,8 @@ become a stream error event and are recorded. Pure code: no Flask here.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 OPENAI_CHAT = "openai-chat"
 ANTHROPIC = "anthropic"
@@ -54,10 +56,14 @@ class GatewayError(Exception):
         """Extra response headers (Retry-After)."""
         return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
+    def details(self) -> dict[str, Any]:
+        """Fields of the error object beyond its type, message and code (every protocol)."""
+        return {}
+
     def body(self, protocol: str) -> bytes:
         """The JSON error body in the caller's protocol."""
         return json.dumps(
-            error_body(protocol, self.kind, self.message, self.code, self.param)
+            error_body(protocol, self.kind, self.message, self.code, self.param, self.details())
         ).encode()
 
 
@@ -87,7 +93,26 @@ class NotFound(GatewayError):
 
 
 class RequestInFlight(GatewayError):
+    """A repeat of a request id whose first call still runs: which id, and since when.
+
+    ``req_id``, ``retry_after`` and ``started_at`` (ISO 8601 UTC) ride in the error
+    object as NexusGate's do, so clients written against it read them unchanged.
+    """
+
     status, kind, code = 409, "conflict", "request_in_flight"
+
+    def __init__(self, message: str, *, req_id: str, retry_after: int, started_at: str) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.req_id = req_id
+        self.started_at = started_at
+
+    def details(self) -> dict[str, Any]:
+        """NexusGate's fields of a request in flight."""
+        return {
+            "req_id": self.req_id,
+            "retry_after": self.retry_after,
+            "started_at": self.started_at,
+        }
 
 
 class PayloadTooLarge(GatewayError):
@@ -197,19 +222,28 @@ _OPENAI_KINDS = {
 
 
 def error_body(
-    protocol: str, kind: str, message: str, code: str | None = None, param: str | None = None
+    protocol: str,
+    kind: str,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> dict:
-    """An error object as the protocol's own SDK expects to parse it."""
+    """An error object as the protocol's own SDK expects to parse it.
+
+    ``details`` are further fields of the error object, after the protocol's own (which
+    they never replace); SDKs keep fields they do not know.
+    """
+    error: dict[str, Any]
     if protocol == ANTHROPIC:
-        return {
-            "type": "error",
-            "error": {"type": _ANTHROPIC_KINDS.get(kind, "api_error"), "message": message},
-        }
-    return {
-        "error": {
+        error = {"type": _ANTHROPIC_KINDS.get(kind, "api_error"), "message": message}
+    else:
+        error = {
             "message": message,
             "type": _OPENAI_KINDS.get(kind, kind),
             "param": param,
             "code": code,
         }
-    }
+    for name, value in (details or {}).items():
+        error.setdefault(name, value)
+    return {"type": "error", "error": error} if protocol == ANTHROPIC else {"error": error}

@@ -199,6 +199,7 @@ class Completion(BaseModel):
     cached_response = pw.JSONField(null=True)
     owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
+    swept_at = pw.DateTimeField(null=True)  # when it was swept (kept after the call's own state)
     rating = pw.FloatField(null=True)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)
@@ -231,6 +232,7 @@ class Embedding(BaseModel):
     cost_nanos = pw.BigIntegerField(null=True)
     owner = pw.CharField(max_length=96, null=True)
     swept = pw.BooleanField(default=False)
+    swept_at = pw.DateTimeField(null=True)
     created_at = pw.DateTimeField(default=utcnow, index=True)
     updated_at = pw.DateTimeField(default=utcnow)
     deleted = pw.BooleanField(default=False)
@@ -367,13 +369,18 @@ RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embeddin
 ROWS_PER_STATEMENT = 25  # rows encoded and sent at once: well under 1 ms of a worker's CPU
 
 
-def upsert_records(rows: list[dict]) -> None:
+def upsert_records(rows: list[dict]) -> list[dict]:
     """Upsert snapshots by uid in one transaction (the caller's connection).
 
     Each row names its table (``kind``: completion or embedding). A pending snapshot
     never overwrites a final row; a final one overwrites only a pending row or one
     the sweeper finalised (the process was alive after all), so stale and repeated
     snapshots, in any order, change nothing.
+
+    Returns the snapshots the database took, as the statement itself reports them
+    (``RETURNING``): each with its row's ``id`` and ``swept_at``, which is set only on
+    a final row that replaced the sweeper's (the sweeper's own rows keep ``swept``).
+    A snapshot the rules above refused is not among them.
     """
     # One snapshot per call: a replayed journal may hold a call's pending and final
     # snapshots, and an upsert statement may not touch one row twice.
@@ -386,13 +393,18 @@ def upsert_records(rows: list[dict]) -> None:
     for row in latest.values():
         columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
         groups.setdefault((RECORD_TABLES[row["kind"]], columns), []).append(row)
+    written: list[dict] = []
     with database.atomic():
         for (table, columns), group in groups.items():
             statement = _upsert(table, columns)
             # In lots: while one is with the database, the worker's calls run (gevent).
             for start in range(0, len(group), ROWS_PER_STATEMENT):
-                statement.execute(group[start : start + ROWS_PER_STATEMENT])
+                for uid, row_id, swept_at in statement.execute(
+                    group[start : start + ROWS_PER_STATEMENT]
+                ):
+                    written.append({**latest[uid], "id": row_id, "swept_at": swept_at})
         link_replays(latest.values())
+    return written
 
 
 def link_replays(rows: Iterable[dict]) -> None:
@@ -454,8 +466,9 @@ def finalise_orphan_rows(owners: Iterable[str], before: datetime | None, error: 
             orphaned = old if orphaned is None else orphaned | old
         if orphaned is None:
             continue
+        now = utcnow()
         query = (
-            table.update(status="failed", error=error, swept=True, updated_at=utcnow())
+            table.update(status="failed", error=error, swept=True, swept_at=now, updated_at=now)
             .where((table.status == "pending") & orphaned)
             .returning(*table._meta.sorted_fields)
             .dicts()
@@ -470,8 +483,9 @@ class _Upsert:
     On PostgreSQL a lot of rows is one statement with one parameter, the rows as a JSON
     array that the server reads as the table's row type (``jsonb_populate_recordset``):
     the statement is the same whatever the lot's size, so it is parsed and planned once
-    per connection, and the worker encodes one JSON text. A statement per row (the
-    SQLite way) costs the database and the worker several times more per row.
+    per connection, and the worker encodes one JSON text. A statement per row costs the
+    database and the worker several times more per row. SQLite takes a lot as one
+    statement of as many ``VALUES`` rows (one text per lot size, kept).
     """
 
     def __init__(self, table: type[BaseModel], columns: tuple[str, ...]) -> None:
@@ -499,6 +513,9 @@ class _Upsert:
             f" OR ({table_name}.{name('swept')} = {db.param}"
             f" AND EXCLUDED.{name('status')} <> {db.param})"
         )
+        # What the row is now, for its span: read back in the same statement.
+        upsert += f" RETURNING {name('uid')}, {name('id')}, {name('swept_at')}"
+        self._swept_at = meta.fields["swept_at"]
         self._constants = ("pending", True, "pending")
         self._lots = isinstance(db, pw.PostgresqlDatabase)
         if self._lots:
@@ -507,20 +524,30 @@ class _Upsert:
                 f" FROM jsonb_populate_recordset(NULL::{table_name}, {db.param}::jsonb)" + upsert
             )
         else:
-            self.sql = (
-                f"INSERT INTO {table_name} ({names}) "
-                f"VALUES ({', '.join([db.param] * len(self.fields))})" + upsert
-            )
+            self.sql = f"INSERT INTO {table_name} ({names}) VALUES {{rows}}" + upsert
+            self._row = f"({', '.join([db.param] * len(self.fields))})"
+            self._by_size: dict[int, str] = {}
 
-    def execute(self, rows: list[dict]) -> None:
-        """Upsert ``rows`` (one per uid) on the current connection."""
+    def execute(self, rows: list[dict]) -> list[tuple[str, int, datetime | None]]:
+        """Upsert ``rows`` (one per uid) on the current connection; (uid, id, swept_at) of
+        each row written."""
         cursor = database.cursor()
         with pw.__exception_wrapper__:  # driver errors -> peewee's classes
             if self._lots:
                 lot = json.dumps([self._json(row) for row in rows], default=_isoformat)
                 cursor.execute(self.sql, [lot, *self._constants])
+                written = cursor.fetchall()
             else:
-                cursor.executemany(self.sql, [[*self._values(r), *self._constants] for r in rows])
+                # One statement, not executemany: sqlite3's drops what RETURNING gives.
+                sql = self._by_size.get(len(rows))
+                if sql is None:
+                    sql = self._by_size[len(rows)] = self.sql.format(
+                        rows=", ".join([self._row] * len(rows))
+                    )
+                values = [value for row in rows for value in self._values(row)]
+                cursor.execute(sql, [*values, *self._constants])
+                written = cursor.fetchall()
+        return [(uid, row_id, self._swept_at.python_value(at)) for uid, row_id, at in written]
 
     def _value(self, field: pw.Field, row: dict) -> Any:
         if field.name in self._given:

@@ -310,10 +310,11 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
     return jsonio.clean({"kind": exchange.kind, "owner": identity(), **exchange.row()})
 
 
-def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
+def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> list[dict]:
     """Upsert snapshots and move their keys' ``last_seen`` to the calls' time.
 
     ``touch_keys``: the key ids whose ``last_seen`` to move (default: every row's key).
+    Returns the snapshots the database took, with their row ids (``upsert_records``).
     """
     seen: dict[int, datetime] = {}
     for row in rows:
@@ -323,9 +324,12 @@ def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> None:
     if database.is_closed():
         database.connect()  # the writer's own connection, kept between batches
     with database.atomic():
-        upsert_records(rows)
+        written = upsert_records(rows)
         touch_last_seen(seen)
-    telemetry.export(rows)  # committed: the spans agree with the rows
+    # Committed: the spans agree with the rows. Only what the database took: a
+    # snapshot it refused (a replay of one already written) makes no second span.
+    telemetry.export(written)
+    return written
 
 
 recorder = Recorder()

@@ -8,10 +8,14 @@ kind (``error.type=client_disconnected``): whoever waited for the answer never g
 whole, so it must not count as a success, and the type keeps it apart from provider
 failures. The gateway's own facts ride along under ``gateway.``.
 
-Input is the row the recorder committed (``Exchange.row()`` plus ``kind``), so a span
-says exactly what the database says. Keys that later records may carry are used when
-present: ``id``, ``tokens``, ``cost``, ``upstream_id``, ``response_model``,
-``stop_reason``, ``provider_type``, ``base_url``, ``delivered``. Pure code: no I/O.
+Input is the row the recorder committed (``Exchange.row()`` plus ``kind``, and the
+``id`` and ``swept_at`` the write read back), so a span says exactly what the database
+says. A call the sweeper finalised (``failed``, ``error.type=orphaned``) whose own final
+state arrives later is a second span of the same record, marked
+``gateway.record.supersedes_swept``: an ended span cannot be changed, so the truth can
+only follow it, recognisably. Keys that later records may carry are used when present:
+``tokens``, ``cost``, ``upstream_id``, ``response_model``, ``stop_reason``,
+``provider_type``, ``base_url``, ``delivered``. Pure code: no I/O.
 """
 
 from __future__ import annotations
@@ -209,6 +213,11 @@ def error_type(row: Mapping[str, Any]) -> str | None:
     return "_OTHER"
 
 
+def supersedes_swept(row: Mapping[str, Any]) -> bool:
+    """True for a call's own final row that replaced the one the sweeper wrote for it."""
+    return row.get("swept_at") is not None and not row.get("swept")
+
+
 def _server(base_url: str | None) -> dict[str, Any]:
     if not base_url:
         return {}
@@ -274,6 +283,7 @@ def _gateway(
     return {
         "gateway.record.id": record_id if record_id is not None else row.get("id"),
         "gateway.record.uid": row.get("uid"),
+        "gateway.record.supersedes_swept": True if supersedes_swept(row) else None,
         "gateway.status": row.get("status"),
         "gateway.api_format": row.get("api_format"),
         "gateway.api_key.id": row.get("api_key"),

@@ -165,11 +165,13 @@ class Telemetry:
         """True for a final row this process already exported as it stands.
 
         A row can be written twice: a batch journaled at shutdown or after a timeout
-        may have landed, and replaying it changes nothing in the database; it must
-        not make a second span either. (A swept row that its live owner finalises
-        after all changes status: that one is exported again, as its row changed.)
+        may have landed, and replaying it changes nothing in the database. The write
+        itself says so (the recorder exports only the snapshots the database took);
+        this memory is the second guard. A swept row that its live owner finalises
+        after all did change, even when both say ``failed``: that one is exported
+        again, marked (``spans.supersedes_swept``).
         """
-        key = (row.get("uid"), row.get("status"))
+        key = (row.get("uid"), row.get("status"), spans.supersedes_swept(row))
         if key in self._exported:
             return True
         self._exported[key] = None

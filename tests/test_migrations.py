@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import peewee
@@ -158,3 +159,57 @@ def test_the_partitioning_migration_keeps_every_row_and_the_upsert_by_uid(
             assert "MINVALUE" in parts["completions_legacy"]
             assert "2031-06-01" in parts["completions_legacy"]
             assert parts["completions_default"] == "DEFAULT"
+
+
+def test_swept_at_marks_the_rows_swept_before_it_and_survives_the_calls_own_final_state(
+    empty_database: peewee.Database,
+) -> None:
+    """0009 on tables with rows: the swept ones (failed, waiting for their call's own
+    state) get the sweep's time; the call's own final state later keeps it."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0008_response_facts")
+        db.execute_sql(
+            "INSERT INTO api_keys (key_hash, key_hint, created_at, updated_at, revoked,"
+            " rpm_limit, tpm_limit, source) VALUES ('h', 'sk-…1', '2026-01-01', '2026-01-01',"
+            " false, 50, 50000, 'manual')"
+        )
+        swept_on = "2026-02-02 02:02:02"
+        rows = [("done", "completed", False), ("fail", "failed", False), ("orphan", "failed", True)]
+        for uid, status, swept in rows:
+            db.execute_sql(
+                "INSERT INTO completions (uid, api_key_id, model, api_format, stream, status,"
+                " created_at, updated_at, swept, deleted) VALUES"
+                f" ('{uid}', 1, 'm', 'openai-chat', false, '{status}', '2026-02-01',"
+                f" '{swept_on}', {str(swept).lower()}, false)"
+            )
+        db.execute_sql(
+            "INSERT INTO embeddings (uid, api_key_id, model, status, created_at, updated_at,"
+            f" swept, deleted) VALUES ('e-orphan', 1, 'e', 'failed', '2026-02-01', '{swept_on}',"
+            " true, false)"
+        )
+        assert "0009_swept_at" in runner.up()
+        from gateway.db import database
+        from gateway.models import Completion, Embedding, upsert_records
+
+        database.initialize(db)
+        swept_at = dict(Completion.select(Completion.uid, Completion.swept_at).tuples())
+        when = datetime(2026, 2, 2, 2, 2, 2)
+        assert swept_at == {"done": None, "fail": None, "orphan": when}
+        assert Embedding.get(Embedding.uid == "e-orphan").swept_at == when
+        # Its process was alive after all: its own final state replaces the swept row,
+        # which remembers the sweep, and the write says so.
+        base = {"kind": "completion", "api_key": 1, "model": "m", "api_format": "openai-chat"}
+        created = datetime(2026, 2, 1)
+        written = upsert_records(
+            [
+                {**base, "uid": "orphan", "status": "completed", "created_at": created},
+                {**base, "uid": "fail", "status": "completed", "created_at": created},  # refused
+            ]
+        )
+        orphan = Completion.get(Completion.uid == "orphan")
+        assert [(r["uid"], r["id"], r["swept_at"]) for r in written] == [
+            ("orphan", orphan.id, when)
+        ]
+        assert (orphan.status, orphan.swept, orphan.swept_at) == ("completed", False, when)

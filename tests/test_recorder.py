@@ -339,10 +339,10 @@ def test_a_writer_survives_an_unexpected_error_and_sets_the_row_aside(
     real = recorder_module.upsert_records
     poison: set[str] = set()
 
-    def upsert(rows: list[dict]) -> None:
+    def upsert(rows: list[dict]) -> list[dict]:
         if poison & {r["uid"] for r in rows}:
             raise TypeError("a bug, not a database error")
-        real(rows)
+        return real(rows)
 
     monkeypatch.setattr(recorder_module, "upsert_records", upsert)
     try:

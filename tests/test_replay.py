@@ -10,8 +10,10 @@ new call. Across instances (atomic claims): tests/test_server_instances.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
@@ -24,7 +26,7 @@ from gateway.models import Completion
 from gateway.recorder import recorder
 from tests import test_admission
 from tests.test_admission import new_key, sent
-from tests.test_proxy import ADMIN, CHAT, EMBEDDINGS, MESSAGES, RESPONSES, VALID, error_of, post
+from tests.test_proxy import ADMIN, CHAT, EMBEDDINGS, MESSAGES, RESPONSES, VALID, post
 
 REQ = "X-NexusGate-ReqId"
 FORMAT = {CHAT: "openai-chat", MESSAGES: "anthropic", RESPONSES: "openai-responses"}
@@ -110,12 +112,21 @@ def test_a_repeat_while_the_first_runs_is_409_in_its_shape(client, fake, setup, 
     first = gevent.spawn(post, client, CHAT, VALID[CHAT], key, **slow)
     gevent.sleep(0.3)
     busy = post(client, path, VALID[path], key, **{REQ: "busy-1"})
-    assert busy.status_code == 409
-    kind, message, _ = error_of(busy, path)
-    assert kind == "conflict" and "busy-1" in message and "still in flight" in message
-    if path == CHAT:
-        assert busy.get_json()["error"]["code"] == "request_in_flight"
+    assert busy.status_code == 409 and busy.mimetype == "application/json"
+    body = busy.get_json()
+    if path == MESSAGES:
+        assert body["type"] == "error" and "code" not in body["error"]
+    else:
+        assert set(body) == {"error"} and body["error"]["code"] == "request_in_flight"
+    error = body["error"]
+    assert error["type"] == "conflict" and "busy-1" in error["message"]
+    assert "still in flight" in error["message"]
     assert 28 <= int(busy.headers["Retry-After"]) <= 30  # NexusGate's 30 s guess, less the age
+    # NexusGate's fields, in either shape: its clients read them unchanged.
+    assert (error["req_id"], error["retry_after"]) == ("busy-1", int(busy.headers["Retry-After"]))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", error["started_at"])
+    started = datetime.fromisoformat(error["started_at"].replace("Z", "+00:00"))
+    assert timedelta(0) <= datetime.now(UTC) - started < timedelta(seconds=5)
     assert first.get().status_code == 200
     assert sent(fake, setup) == 1 and [r.status for r in rows()] == ["completed"]
     assert post(client, path, VALID[path], key, **{REQ: "busy-1"}).status_code == 200  # replayed

@@ -205,10 +205,11 @@ def test_a_prune_during_heavy_recording_loses_no_new_row(
     writes: list[float] = []
     real = recorder_module.upsert_records
 
-    def timed(batch: list[dict]) -> None:
+    def timed(batch: list[dict]) -> list[dict]:
         start = time.perf_counter()
-        real(batch)
+        written = real(batch)
         writes.append(time.perf_counter() - start)
+        return written
 
     monkeypatch.setattr(recorder_module, "upsert_records", timed)
     app = Flask("recorder-test")

@@ -19,6 +19,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import gevent
@@ -126,6 +127,11 @@ def test_one_request_id_sent_to_both_at_once_reaches_the_upstream_once(pair, fak
     assert [r.status_code for r in answers] == [200, 409]
     busy = answers[1]
     assert busy.json()["error"]["type"] == "conflict" and int(busy.headers["Retry-After"]) >= 1
+    # NexusGate's fields; started_at is when the other instance claimed the id (Redis's clock).
+    error = busy.json()["error"]
+    assert (error["req_id"], error["retry_after"]) == (req_id, int(busy.headers["Retry-After"]))
+    started = datetime.fromisoformat(error["started_at"].replace("Z", "+00:00"))
+    assert abs(datetime.now(UTC) - started) < timedelta(seconds=10)
     assert len(fake.log(call_id)) == 1
     a.wait_final(1, apiKeyId=key_id)
     for gw in (b, a):  # later repeats, on either instance: the stored answer

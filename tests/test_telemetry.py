@@ -757,6 +757,107 @@ def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyp
         pools.release(database.obj)
 
 
+@pytest.fixture
+def recorded(pipeline, receiver, database_url, monkeypatch):  # type: ignore[no-untyped-def]
+    """A fresh database and a key; the recorder's and the sweeper's spans go to ``receiver``."""
+    from gateway import recorder as recorder_module
+    from gateway import sweeper as sweeper_module
+    from gateway.db import database, open_database
+
+    database.initialize(open_database(database_url))
+    pipe = pipeline(receiver)
+    monkeypatch.setattr(recorder_module, "telemetry", pipe)
+    monkeypatch.setattr(sweeper_module, "telemetry", pipe)
+    try:
+        with database.connection_context():
+            yield SimpleNamespace(pipe=pipe, key=_api_key())
+    finally:
+        pools.release(database.obj)
+
+
+def _call(key: int, kind: str = "completion") -> Exchange:
+    if kind == EMBEDDING:
+        ex = Exchange(api_key_id=key, model="embed", api_format="openai-embeddings", kind=kind)
+        ex.attempt("openai-main", "text-embedding-3-small", "ok", 10, status=200)
+        return ex
+    ex = Exchange(api_key_id=key, model="gpt-4o", api_format="openai-chat", prompt=_prompt())
+    ex.attempt("openai-main", "gpt-4o-2024-08-06", "ok", 10, status=200)
+    return ex
+
+
+def _ids(uids: list[str]) -> dict[str, int]:
+    from gateway.models import Completion, Embedding
+
+    found = {}
+    for table in (Completion, Embedding):
+        found.update(table.select(table.uid, table.id).where(table.uid.in_(uids)).tuples())
+    return found
+
+
+def test_recorder_spans_carry_the_record_id(recorded, receiver) -> None:  # type: ignore[no-untyped-def]
+    """The id the admin API and the dashboard show, read back by the write itself."""
+    calls = [_call(recorded.key) for _ in range(30)] + [_call(recorded.key, EMBEDDING)]
+    write_rows([snapshot(ex) for ex in calls[:10]])  # some were pending first
+    for ex in calls:
+        ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 2})
+    finals = [snapshot(ex) for ex in calls]  # 30 completions: more than one lot
+    written = write_rows(finals)
+    ids = _ids([ex.uid for ex in calls])
+    assert len(ids) == len(calls)  # (ids are per table: the embedding may share one)
+    assert {r["uid"]: r["id"] for r in written} == ids
+    got = {s["attributes"]["gateway.record.uid"]: s["attributes"] for s in _received(receiver, 31)}
+    assert {uid: attrs["gateway.record.id"] for uid, attrs in got.items()} == ids
+    assert not any("gateway.record.supersedes_swept" in attrs for attrs in got.values())
+    # A batch that had landed, replayed from the journal: the database refuses it, no span.
+    assert write_rows(finals) == []
+    time.sleep(0.3)
+    assert len(receiver.spans) == 31
+
+
+@pytest.mark.parametrize("truth", ["completed", "failed"])
+def test_the_truth_after_a_sweep_is_a_second_span_marked_as_superseding(  # type: ignore[no-untyped-def]
+    recorded, receiver, truth: str
+) -> None:
+    """A process thought dead finishes its call after the sweeper failed it: the trace
+    backend gets the true outcome as a second span of the same record, marked."""
+    from gateway.models import Completion
+    from gateway.sweeper import Sweeper
+
+    ex = _call(recorded.key)
+    pending = {**snapshot(ex), "owner": "slow@elsewhere:1"}
+    write_rows([pending])  # then its process's heartbeat stops
+    clock = SimpleNamespace(now=1000.0)
+    watcher = Sweeper(lambda: clock.now, "watcher")
+    watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
+    swept = 0
+    for _ in range(6):
+        clock.now += 1.0
+        assert watcher.beat()
+        swept += watcher.sweep()
+    assert swept == 1
+    (orphaned,) = _received(receiver, 1)
+    record_id = Completion.get(Completion.uid == ex.uid).id
+    assert orphaned["attributes"]["gateway.record.id"] == record_id
+    assert orphaned["attributes"]["error.type"] == "orphaned"
+    assert "gateway.record.supersedes_swept" not in orphaned["attributes"]
+
+    error = "gateway shutdown" if truth == "failed" else None
+    ex.finish(truth, usage={"input_tokens": 3, "output_tokens": 4}, error=error)
+    final = {**snapshot(ex), "owner": "slow@elsewhere:1"}
+    assert write_rows([pending]) == []  # a stale pending snapshot, replayed late: nothing
+    assert [r["uid"] for r in write_rows([final])] == [ex.uid]  # alive after all: the truth
+    assert write_rows([final]) == []  # replayed once more from its journal: nothing more
+    spans_ = _received(receiver, 2)
+    later = next(s for s in spans_ if s is not orphaned)
+    attrs = later["attributes"]
+    assert attrs["gateway.record.id"] == record_id and attrs["gateway.record.uid"] == ex.uid
+    assert attrs["gateway.record.supersedes_swept"] is True
+    assert attrs["gateway.status"] == truth and attrs["gen_ai.usage.output_tokens"] == 4
+    assert later["start"] == orphaned["start"]  # one call: both spans start when it did
+    row = Completion.get(Completion.uid == ex.uid)
+    assert (row.status, row.swept, row.swept_at is not None) == (truth, False, True)
+
+
 def test_a_caller_that_does_not_sample_gets_no_span(pipeline, receiver) -> None:  # type: ignore[no-untyped-def]
     """The default sampler (parentbased_always_on) honours the caller's sampled flag."""
     pipe = pipeline(receiver)
@@ -983,6 +1084,7 @@ def test_the_gateway_exports_every_final_record(gateway_factory, fake, receiver)
         span = got[row["uid"]]
         attrs = span["attributes"]
         assert attrs["gateway.status"] == row["status"]
+        assert attrs["gateway.record.id"] == row["id"]  # as the admin API names the record
         assert attrs.get("gen_ai.usage.output_tokens", -1) == row["completionTokens"]
         assert (span["end"] - span["start"]) // 1_000_000 == row["duration"]
         assert attrs["server.address"] == "127.0.0.1" and attrs["gen_ai.provider.name"] == "openai"
@@ -1030,6 +1132,10 @@ def test_a_replayed_answer_is_one_span_of_its_own_and_none_more_for_its_source( 
     source = next(r for r in rows if r["status"] == "completed")
     replay = next(r for r in rows if r["status"] == "cache_hit")
     assert set(got) == {source["uid"], replay["uid"]}  # one span per record
+    assert {got[r["uid"]]["attributes"]["gateway.record.id"] for r in rows} == {
+        source["id"],
+        replay["id"],
+    }
     assert got[replay["uid"]]["attributes"]["gateway.source.uid"] == source["uid"]
     assert "gen_ai.usage.output_tokens" not in got[replay["uid"]]["attributes"] or (
         got[replay["uid"]]["attributes"]["gen_ai.usage.output_tokens"] == 0
