@@ -2,11 +2,12 @@
 
 SQLite (the embedded default) runs in WAL mode with a modest busy timeout; every
 write is one short transaction with no cooperative I/O inside, because SQLite's busy
-handler sleeps in C and would freeze the whole gevent worker. PostgreSQL goes
-through psycopg 3, which cooperates with gevent, from a small per-worker pool.
-Connections belong to greenlets: peewee must be imported after gevent patched
-``threading`` (gunicorn's gevent worker does that before it loads the app);
-``init_app`` refuses to run otherwise, because greenlets would then share one
+handler sleeps in C and would freeze the whole gevent worker (the recorder, which
+writes all the time, waits for the lock in gevent instead: ``write_transaction``).
+PostgreSQL goes through psycopg 3, which cooperates with gevent, from a small
+per-worker pool. Connections belong to greenlets: peewee must be imported after
+gevent patched ``threading`` (gunicorn's gevent worker does that before it loads the
+app); ``init_app`` refuses to run otherwise, because greenlets would then share one
 connection and silently mix their transactions.
 
 Background jobs (cache refresh, heartbeats, record writes) run in ``background()``:
@@ -17,6 +18,7 @@ database that is down or black-holed stalls no one; each outcome updates
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -38,6 +40,9 @@ database = peewee.DatabaseProxy()
 MIGRATIONS = ROOT / "migrations"
 _MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
 
+# How often a writer looks again for SQLite's write lock another process holds
+# (``write_transaction``), in seconds: from the first retry to at most.
+LOCK_POLL_MIN, LOCK_POLL_MAX = 0.001, 0.02
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",
@@ -117,6 +122,38 @@ def connection() -> Iterator[None]:
     finally:
         if opened and not database.is_closed():
             database.close()
+
+
+@contextmanager
+def write_transaction() -> Iterator[None]:
+    """A transaction for a background writer; on SQLite its lock is waited for in gevent.
+
+    SQLite's busy handler sleeps in C: a worker whose writer finds the write lock taken
+    (the other worker's recorder, writing a batch for 10-20 ms) would freeze with every
+    call in it for as long. Here the lock is taken first (``BEGIN IMMEDIATE``) with no
+    busy handler, and a refusal waits in gevent, so the worker's calls run meanwhile.
+    Once the lock is held nothing inside waits for another writer. The caller bounds
+    the wait (``background``, or the recorder's own timeout).
+    """
+    if not isinstance(database.obj, peewee.SqliteDatabase):
+        with database.atomic():
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        delay = LOCK_POLL_MIN
+        while True:
+            database.execute_sql("PRAGMA busy_timeout = 0")
+            try:
+                stack.enter_context(database.atomic(lock_type="IMMEDIATE"))
+                break
+            except peewee.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            finally:
+                database.execute_sql(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
+            gevent.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)
+        yield
 
 
 class DatabaseTimeout(peewee.OperationalError):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import os
 import tomllib
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -114,6 +115,19 @@ def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
     return str(key_id), (comment or "unknown")[:100]
 
 
+# Each metric's child per label values, as ``labels()`` returns it: looked up here in one
+# dict, without ``labels()``'s checks, conversions and lock on every call (issue 11).
+_children: dict[tuple, Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered."""
+    child = _children.get((metric, labels))
+    if child is None:
+        child = _children[metric, labels] = metric.labels(*labels)
+    return child
+
+
 def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
     """Count a call whose record is final: status, tokens, cost, duration, TTFT.
 
@@ -125,29 +139,29 @@ def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
     key = _key_labels(exchange.api_key_id, key_comment)
     answered = exchange.status in ("completed", "aborted")  # the upstream answered in full
     if exchange.kind == EMBEDDING:
-        EMBEDDINGS.labels(model, exchange.status, *key).inc()
+        _child(EMBEDDINGS, model, exchange.status, *key).inc()
         if exchange.input_tokens:
-            TOKENS["embedding"].labels(model).inc(exchange.input_tokens)
+            _child(TOKENS["embedding"], model).inc(exchange.input_tokens)
         if answered and exchange.duration_ms is not None:
-            EMBEDDING_SECONDS.labels(model).observe(exchange.duration_ms / 1000)
+            _child(EMBEDDING_SECONDS, model).observe(exchange.duration_ms / 1000)
         return
-    COMPLETIONS.labels(model, exchange.status, exchange.api_format, *key).inc()
+    _child(COMPLETIONS, model, exchange.status, exchange.api_format, *key).inc()
     if exchange.input_tokens:
-        TOKENS["prompt"].labels(model).inc(exchange.input_tokens)
+        _child(TOKENS["prompt"], model).inc(exchange.input_tokens)
     if exchange.output_tokens:
-        TOKENS["completion"].labels(model).inc(exchange.output_tokens)
+        _child(TOKENS["completion"], model).inc(exchange.output_tokens)
     cost = exchange.cost
     if cost:
         prompt = cost["input"] + cost["cacheRead"] + cost["cacheWrite"]
         for kind, usd in (("prompt", prompt), ("completion", cost["output"])):
             if usd:
-                COST[kind].labels(model).inc(usd)
+                _child(COST[kind], model).inc(usd)
         if cost["total"]:
-            COST["total"].labels(model).inc(cost["total"])
+            _child(COST["total"], model).inc(cost["total"])
     if answered and exchange.duration_ms is not None:
-        COMPLETION_SECONDS.labels(model).observe(exchange.duration_ms / 1000)
+        _child(COMPLETION_SECONDS, model).observe(exchange.duration_ms / 1000)
     if answered and exchange.ttft_ms is not None:
-        TTFT_SECONDS.labels(model).observe(exchange.ttft_ms / 1000)
+        _child(TTFT_SECONDS, model).observe(exchange.ttft_ms / 1000)
 
 
 def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
@@ -159,8 +173,8 @@ def key_usage(key_id: int, key_comment: str | None, usage: dict[str, dict[str, i
     """Set a key's RPM/TPM use and limits (``Limiter.usage``'s answer)."""
     key = _key_labels(key_id, key_comment)
     for kind in ("rpm", "tpm"):
-        KEY_LIMITS[kind, "usage"].labels(*key).set(usage[kind]["current"])
-        KEY_LIMITS[kind, "limit"].labels(*key).set(usage[kind]["limit"])
+        _child(KEY_LIMITS[kind, "usage"], *key).set(usage[kind]["current"])
+        _child(KEY_LIMITS[kind, "limit"], *key).set(usage[kind]["limit"])
 
 
 def catalog(api_keys: int, providers: int, models: dict[str, int]) -> None:

@@ -323,7 +323,7 @@ def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> list[dic
             seen[key] = max(seen.get(key, row["created_at"]), row["created_at"])
     if database.is_closed():
         database.connect()  # the writer's own connection, kept between batches
-    with database.atomic():
+    with db.write_transaction():  # on SQLite, waits for the lock without freezing the worker
         written = upsert_records(rows)
         touch_last_seen(seen)
     # Committed: the spans agree with the rows. Only what the database took: a

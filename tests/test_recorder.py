@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -438,3 +442,47 @@ def test_a_replay_is_linked_to_its_source_whichever_is_written_first(
     assert by_uid[hit.uid].source_completion_id == by_uid[source.uid].id
     assert by_uid[source.uid].source_completion_id is None
     assert by_uid[source.uid].cached_response == source.answer
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_sqlite_write_waits_for_another_process_lock_without_freezing_the_worker(
+    rec: Recorder, key_id: int, database_url: str
+) -> None:
+    """SQLite's own busy handler sleeps in C: the worker's calls would stop meanwhile."""
+    holder = subprocess.Popen(  # another worker's recorder, writing a batch for 0.5 s
+        [sys.executable, "-c", _HOLD_LOCK, database_url.removeprefix("sqlite:///")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    ticks: list[float] = []
+
+    def call() -> None:  # a call in this worker, meanwhile
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.005)
+
+    ex = exchange(key_id)
+    ex.finish("completed")
+    ticker = gevent.spawn(call)
+    started = time.monotonic()
+    write_rows([snapshot(ex)])
+    waited = time.monotonic() - started
+    ticker.kill()
+    assert holder.wait(5) == 0
+    holder.stdout.close()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert waited > 0.3, "the lock was not held: the test tests nothing"
+    assert max(gaps) < 0.1, f"the worker froze for {max(gaps):.3f} s"
+    ((status, uid),) = [(r.status, r.uid) for r in rows()]
+    assert (status, uid) == ("completed", ex.uid)
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(0.5)
+db.execute("COMMIT")
+"""
