@@ -10,6 +10,7 @@ monkey.patch_all()
 
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -35,6 +36,10 @@ from tests.servers import (  # noqa: E402
 )
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
+# How the fixtures stop a gateway once its test is over: gunicorn's quick shutdown, in
+# well under a second. A graceful stop (SIGTERM) takes 1.5-2 s, mostly gunicorn's 1 s
+# polls, and the tests of shutdown send their own signals and check what it does.
+QUICK = signal.SIGQUIT
 BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
 
 
@@ -158,7 +163,7 @@ def gateway_factory(database_url: str, tmp_path: Path) -> Iterator:
 
     yield start
     for gw in started:
-        gw.stop()
+        gw.stop(QUICK)
 
 
 @pytest.fixture
@@ -199,7 +204,7 @@ def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> It
     url, directory = module_database
     gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
     yield gw
-    gw.stop()
+    gw.stop(QUICK)
 
 
 def _need_redis_server() -> None:
