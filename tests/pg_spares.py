@@ -6,11 +6,11 @@ in its setup and teardown. Here a process of its own makes the copies ahead and 
 them behind, while the tests run: a test takes a copy that is ready and hands it back.
 
 The process (``python tests/pg_spares.py ADMIN_URL TEMPLATE COUNT``) keeps COUNT copies
-made and not yet handed back, two made at a time; it names each on stdout once it is
-ready. Each name it reads on stdin is a copy a test is done with: another is made, and
-that one is dropped (``WITH (FORCE)``) on a connection of its own, so that a slow drop
-never holds up a copy. At the end of its input (the tests ended, or died) it drops
-every copy it made that is left, and exits.
+ready, two made at a time, and names each on stdout once it is made. On stdin it reads
+``took`` (a copy was taken: make another) and ``drop NAME`` (a test is done with it:
+dropped ``WITH (FORCE)`` on a connection of its own, so that a slow drop never holds
+up a copy). At the end of its input (the tests ended, or died) it drops every copy it
+made that is left, and exits.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ class Spares:
         line = self.proc.stdout.readline()
         if not line.startswith("ready "):
             raise RuntimeError(f"pg_spares stopped (exit {self.proc.poll()}): {line!r}")
+        self._say("took")
         return line.split()[1]
 
     def give_back(self, name: str) -> None:
         """This test is done with ``name``: it is dropped, out of the test's time."""
-        self.proc.stdin.write(f"{name}\n")
+        self._say(f"drop {name}")
+
+    def _say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
@@ -58,7 +62,7 @@ class Spares:
 
 def main(admin_url: str, template: str, count: int) -> None:
     made: set[str] = set()  # made and not dropped yet, taken or not
-    room = threading.Semaphore(count)  # a copy to make for each release
+    room = threading.Semaphore(count)  # a copy to make for each release: one per "took"
     stopping = threading.Event()
     done: queue.Queue[str | None] = queue.Queue()  # handed back, to drop
 
@@ -95,8 +99,11 @@ def main(admin_url: str, template: str, count: int) -> None:
         thread.start()
     try:
         for line in sys.stdin:
-            done.put(line.strip())
-            room.release()
+            word, _, name = line.strip().partition(" ")
+            if word == "took":
+                room.release()
+            elif word == "drop":
+                done.put(name)
     finally:
         stopping.set()
         room.release(MAKERS)  # wake the makers to see it
