@@ -10,10 +10,12 @@ monkey.patch_all()
 
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 from urllib.parse import urlparse, urlunparse  # noqa: E402
 
 import peewee  # noqa: E402
@@ -24,6 +26,7 @@ from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
 from tests import pools  # noqa: E402
+from tests.pg_spares import Spares  # noqa: E402
 from tests.servers import (  # noqa: E402
     ADMIN_SECRET,
     ENCRYPTION_KEY,
@@ -33,6 +36,10 @@ from tests.servers import (  # noqa: E402
 )
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
+# How the fixtures stop a gateway once its test is over: gunicorn's quick shutdown, in
+# well under a second. A graceful stop (SIGTERM) takes 1.5-2 s, mostly gunicorn's 1 s
+# polls, and the tests of shutdown send their own signals and check what it does.
+QUICK = signal.SIGQUIT
 BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
 
 
@@ -46,9 +53,12 @@ def _pg_admin() -> peewee.Database:
 
 
 @pytest.fixture(scope="session")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A migrated database per backend, copied for every test (faster than migrating)."""
-    out = {}
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A migrated database per backend, copied for every test (faster than migrating).
+
+    On PostgreSQL the copies are made ahead and dropped behind by ``pg_spares``.
+    """
+    out: dict[str, Any] = {}
     sqlite_path = tmp_path_factory.mktemp("template") / "gateway.db"
     db = open_database(f"sqlite:///{sqlite_path}")
     migrate(db)
@@ -62,11 +72,12 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         db = open_database(_with_database(PG_URL, name))
         migrate(db)
         db.close_all()
-        out["postgres"] = name
+        out["postgres"] = Spares(PG_URL, name)
     yield out
     if PG_URL:
+        out["postgres"].close()  # its copies first: they are made from the template
         with admin.connection_context():
-            admin.execute_sql(f'DROP DATABASE IF EXISTS "{out["postgres"]}" WITH (FORCE)')
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close_all()
 
 
@@ -78,14 +89,10 @@ def _fresh_database(backend: str, templates: dict, directory: Path) -> Iterator[
         shutil.copy(templates["sqlite"], path)
         yield f"sqlite:///{path}"
         return
-    name = f"gw_t_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    with admin.connection_context():
-        admin.execute_sql(f'CREATE DATABASE "{name}" TEMPLATE "{templates["postgres"]}"')
+    spares = templates["postgres"]
+    name = spares.take()
     yield _with_database(PG_URL, name)
-    with admin.connection_context():
-        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close_all()
+    spares.give_back(name)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -156,7 +163,7 @@ def gateway_factory(database_url: str, tmp_path: Path) -> Iterator:
 
     yield start
     for gw in started:
-        gw.stop()
+        gw.stop(QUICK)
 
 
 @pytest.fixture
@@ -197,7 +204,7 @@ def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> It
     url, directory = module_database
     gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
     yield gw
-    gw.stop()
+    gw.stop(QUICK)
 
 
 def _need_redis_server() -> None:

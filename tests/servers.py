@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,17 @@ class Gateway:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+def own_route(gw: Gateway, upstream_url: str, remote_id: str, **kwargs: Any) -> dict:
+    """``setup_route`` with a model name no other test uses (``route["name"]``).
+
+    For tests that share one gateway (``module_gateway``): each calls its own model
+    with its own key, and reads back the records of that key.
+    """
+    name = f"own-{uuid.uuid4().hex[:10]}"
+    route = gw.setup_route(upstream_url, system_name=name, remote_id=remote_id, **kwargs)
+    return {**route, "name": name}
 
 
 class RedisServer:

@@ -1,8 +1,8 @@
 """Hang-ups, stalls and lying upstreams, through real gunicorn and the openai SDK.
 
-Each test starts its own gateway with the settings it is about (drain bound, drain
-cap, cancel mode, read timeout) and checks both the record and what the fake
-upstream saw of its own response.
+Each test of a setting (drain bound, drain cap, cancel mode, read timeout) starts its
+own gateway with it; the others share the module's. Each checks both the record and
+what the fake upstream saw of its own response.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import openai
 import pytest
 
-from tests.servers import Gateway, wait_until
+from tests.servers import Gateway, own_route, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -29,6 +29,16 @@ def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
 
 def words(n: int) -> str:
     return "".join(f"tok{i} " for i in range(n))
+
+
+@pytest.fixture
+def gateway(module_gateway: Gateway) -> Gateway:
+    """The module's gateway, for the tests that need no settings of their own.
+
+    They keep apart by their own model name and key (``own_route``): a gateway starts
+    and stops in 3-4 s, longer than most of these tests take.
+    """
+    return module_gateway
 
 
 def client_for(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
@@ -139,53 +149,51 @@ def test_upstream_stalling_mid_stream_fails_with_the_partial_answer(gateway_fact
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_an_upstream_answering_garbage_is_failed_over_then_502(
-    gateway_factory, fake, stream: bool
-) -> None:  # type: ignore[no-untyped-def]
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=x8;garbage=1")
+def test_an_upstream_answering_garbage_is_failed_over_then_502(gateway, fake, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=x8;garbage=1")
     with pytest.raises(openai.APIStatusError) as info:
         result = client_for(gw, route["key"]).chat.completions.create(
-            model="fake", messages=PROMPT, stream=stream
+            model=route["name"], messages=PROMPT, stream=stream
         )
         list(result) if stream else None
     assert info.value.status_code == 502
-    (row,) = gw.wait_final(1)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "failed" and len(row["attempts"]) == 2
     assert all(a["outcome"] == "protocol" for a in row["attempts"])
 
 
-def test_an_upstream_error_event_fails_the_call(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=x9;chunks=3;error_event=1")
+def test_an_upstream_error_event_fails_the_call(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=x9;chunks=3;error_event=1")
     stream = client_for(gw, route["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True
+        model=route["name"], messages=PROMPT, stream=True
     )
     with pytest.raises(openai.APIError) as info:
         list(stream)
     assert "fake upstream failure" in str(info.value)
-    (row,) = gw.wait_final(1)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "failed" and "fake upstream failure" in row["error"]
     assert row["completion"][0]["content"] == words(3)
 
 
-def _raw_stream_request(gw: Gateway, key: str) -> socket.socket:
-    body = json.dumps({"model": "fake", "messages": PROMPT, "stream": True}).encode()
+def _raw_stream_request(gw: Gateway, route: dict) -> socket.socket:
+    body = json.dumps({"model": route["name"], "messages": PROMPT, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + f"Authorization: Bearer {route['key']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
     return sock
 
 
-def test_a_half_closing_client_still_gets_the_whole_stream(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+def test_a_half_closing_client_still_gets_the_whole_stream(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     # It sends its request, then shuts its side (FIN), and keeps reading: that is
     # not a hang-up. The gateway probes instead of cutting it off.
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=h1;chunks=10;delay=0.1")
-    sock = _raw_stream_request(gw, route["key"])
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=h1;chunks=10;delay=0.1")
+    sock = _raw_stream_request(gw, route)
     sock.shutdown(socket.SHUT_WR)
     received = b""
     sock.settimeout(10)
@@ -195,7 +203,7 @@ def test_a_half_closing_client_still_gets_the_whole_stream(gateway_factory, fake
         received += data
     sock.close()
     assert all(f"tok{i} ".encode() in received for i in range(10))
-    (row,) = gw.wait_final(1)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "completed"
 
 
@@ -207,16 +215,16 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
     return received
 
 
-def test_a_fin_just_before_the_terminal_event_is_a_hang_up(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+def test_a_fin_just_before_the_terminal_event_is_a_hang_up(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     # The client closes (FIN) after the last piece; the terminal event follows 0.15 s
     # later, before the probes can have confirmed that FIN. The client left first: the
     # status is decided by when the FIN was seen, not by when it was confirmed.
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=h3;chunks=5;end_delay=0.15")
-    sock = _raw_stream_request(gw, route["key"])
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=h3;chunks=5;end_delay=0.15")
+    sock = _raw_stream_request(gw, route)
     received = _read_until(sock, b"tok4 ")
     sock.close()
-    (row,) = gw.wait_final(1)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "aborted", row["error"]
     assert row["error"] == "client disconnected; the upstream was read to its end"
     assert row["completion"][0]["content"] == words(5)
@@ -224,36 +232,36 @@ def test_a_fin_just_before_the_terminal_event_is_a_hang_up(gateway_factory, fake
     assert b"[DONE]" not in received
 
 
-def test_a_reset_connection_is_a_hang_up(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=h2;chunks=20;delay=0.05")
-    sock = _raw_stream_request(gw, route["key"])
+def test_a_reset_connection_is_a_hang_up(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=h2;chunks=20;delay=0.05")
+    sock = _raw_stream_request(gw, route)
     _read_until(sock, b"tok1 ")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
-    (row,) = gw.wait_final(1)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "aborted"
     assert row["completion"][0]["content"] == words(20)
     assert fake.log("h2")[0]["outcome"] == "complete"
 
 
-def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(
-    gateway_factory, fake
-) -> None:  # type: ignore[no-untyped-def]
+def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     # The watcher of each call must be gone before the connection's next request.
-    gw = gateway_factory()
-    route = gw.setup_route(fake.url, remote_id="fake;id=k1;chunks=3")
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=k1;chunks=3")
     client = client_for(gw, route["key"])
     for i in range(6):
         if i % 2:
             text = (
-                client.chat.completions.create(model="fake", messages=PROMPT)
+                client.chat.completions.create(model=route["name"], messages=PROMPT)
                 .choices[0]
                 .message.content
             )
         else:
-            stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+            stream = client.chat.completions.create(
+                model=route["name"], messages=PROMPT, stream=True
+            )
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == words(3)
-    rows = gw.wait_final(6)
+    rows = gw.wait_final(6, apiKeyId=route["key_id"])
     assert [r["status"] for r in rows] == ["completed"] * 6

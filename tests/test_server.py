@@ -20,7 +20,7 @@ import pytest
 
 from gateway.db import database, open_database
 from gateway.models import Completion
-from tests.servers import Gateway, wait_until
+from tests.servers import Gateway, own_route, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -40,17 +40,28 @@ def chat_client(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, **kwargs)
 
 
+@pytest.fixture
+def gateway(module_gateway: Gateway) -> Gateway:
+    """The module's gateway, for the tests that need no settings of their own.
+
+    They keep apart by their own model name and key (``own_route``): a gateway starts
+    and stops in 3-4 s, longer than most of these tests take. The tests of shutdown,
+    reload and recycling start their own (``gateway_factory``).
+    """
+    return module_gateway
+
+
 def test_streaming_call_completes_with_exact_tokens(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=s1;chunks=8;delay=0.01;reasoning=2")
+    route = own_route(gateway, fake.url, remote_id="fake;id=s1;chunks=8;delay=0.01;reasoning=2")
     stream = chat_client(gateway, route["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True
+        model=route["name"], messages=PROMPT, stream=True
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == words(8)
     assert all(c.usage is None for c in chunks), "the client did not ask for usage"
 
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=route["key_id"])
     (sent,) = fake.log("s1")
     assert sent["body"]["stream_options"] == {"include_usage": True}
     assert sent["outcome"] == "complete"
@@ -65,9 +76,9 @@ def test_streaming_call_completes_with_exact_tokens(gateway: Gateway, fake) -> N
 
 
 def test_client_that_asked_for_usage_gets_it(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=u1;chunks=3")
+    route = own_route(gateway, fake.url, remote_id="fake;id=u1;chunks=3")
     stream = chat_client(gateway, route["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True, stream_options={"include_usage": True}
+        model=route["name"], messages=PROMPT, stream=True, stream_options={"include_usage": True}
     )
     usage = [c.usage for c in stream if c.usage]
     (sent,) = fake.log("u1")
@@ -79,9 +90,9 @@ def test_client_that_asked_for_usage_gets_it(gateway: Gateway, fake) -> None:  #
 def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
     gateway: Gateway, fake
 ) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=a1;chunks=20;delay=0.05")
+    route = own_route(gateway, fake.url, remote_id="fake;id=a1;chunks=20;delay=0.05")
     stream = chat_client(gateway, route["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True
+        model=route["name"], messages=PROMPT, stream=True
     )
     seen = ""
     for chunk in stream:
@@ -91,7 +102,7 @@ def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
     stream.close()
     assert seen == words(3)
 
-    (row,) = gateway.wait_final(1, timeout=30)
+    (row,) = gateway.wait_final(1, timeout=30, apiKeyId=route["key_id"])
     (sent,) = fake.log("a1")
     assert sent["outcome"] == "complete", "the gateway must read the upstream to its end"
     assert row["status"] == "aborted"
@@ -102,14 +113,14 @@ def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
 
 
 def test_client_hangs_up_during_a_non_streaming_call(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=n1;chunks=4;first_delay=1.5")
+    route = own_route(gateway, fake.url, remote_id="fake;id=n1;chunks=4;first_delay=1.5")
     client = chat_client(gateway, route["key"], timeout=0.5)
     started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
-        client.chat.completions.create(model="fake", messages=PROMPT)
+        client.chat.completions.create(model=route["name"], messages=PROMPT)
     assert time.monotonic() - started < 1.4
 
-    (row,) = gateway.wait_final(1, timeout=20)
+    (row,) = gateway.wait_final(1, timeout=20, apiKeyId=route["key_id"])
     (sent,) = fake.log("n1")
     assert row["status"] == "aborted"
     assert row["completion"][0]["content"] == words(4)
@@ -118,13 +129,15 @@ def test_client_hangs_up_during_a_non_streaming_call(gateway: Gateway, fake) -> 
 
 
 def test_upstream_500_fails_over_then_fails_with_attempts(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=e1;status=500")
+    route = own_route(gateway, fake.url, remote_id="fake;id=e1;status=500")
     with pytest.raises(openai.APIStatusError) as info:
-        chat_client(gateway, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
+        chat_client(gateway, route["key"]).chat.completions.create(
+            model=route["name"], messages=PROMPT
+        )
     assert info.value.status_code == 502
     assert "All upstream providers failed" in info.value.message
 
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "failed"
     assert [a["status"] for a in row["attempts"]] == [500, 500]  # two tries per provider
     assert len(fake.log("e1")) == 2
@@ -132,7 +145,7 @@ def test_upstream_500_fails_over_then_fails_with_attempts(gateway: Gateway, fake
 
 
 def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    bad = gateway.setup_route(fake.url, remote_id="fake;id=f1;status=503")
+    bad = own_route(gateway, fake.url, remote_id="fake;id=f1;status=503")
     good_provider = gateway.api(
         "POST", "/providers", json={"name": "good", "type": "openai", "baseUrl": fake.url + "/v1"}
     )
@@ -141,14 +154,14 @@ def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, f
         "/models",
         json={
             "providerId": good_provider["id"],
-            "systemName": "fake",
+            "systemName": bad["name"],
             "remoteId": "fake;id=f2;chunks=2",
         },
     )
     # The bad one first, for sure: weight 0 sorts last, so give the good one weight 0.
     gateway.api(
         "PUT",
-        "/models/by-system-name/fake/weights",
+        f"/models/by-system-name/{bad['name']}/weights",
         json={
             "weights": [
                 {"modelId": bad["model"]["id"], "weight": 1},
@@ -157,10 +170,10 @@ def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, f
         },
     )
     stream = chat_client(gateway, bad["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True
+        model=bad["name"], messages=PROMPT, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == words(2)
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=bad["key_id"])
     assert row["status"] == "completed"
     assert [(a["provider"], a["outcome"]) for a in row["attempts"]] == [
         (bad["provider"]["name"], "http"),
@@ -171,9 +184,9 @@ def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, f
 
 
 def test_upstream_drops_mid_stream(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=d1;chunks=10;delay=0.01;drop_at=5")
+    route = own_route(gateway, fake.url, remote_id="fake;id=d1;chunks=10;delay=0.01;drop_at=5")
     stream = chat_client(gateway, route["key"]).chat.completions.create(
-        model="fake", messages=PROMPT, stream=True
+        model=route["name"], messages=PROMPT, stream=True
     )
     seen = ""
     with pytest.raises(openai.APIError) as info:
@@ -182,7 +195,7 @@ def test_upstream_drops_mid_stream(gateway: Gateway, fake) -> None:  # type: ign
     assert "mid-stream" in str(info.value)
     assert seen == words(4)  # the role chunk, then four pieces, then the drop
 
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "failed"
     assert row["completion"][0]["content"] == words(4)
     assert "upstream failed mid-stream" in row["error"]
@@ -190,11 +203,11 @@ def test_upstream_drops_mid_stream(gateway: Gateway, fake) -> None:  # type: ign
 
 
 def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(fake.url, remote_id="fake;id=c50;chunks=10;delay=0.05")
+    route = own_route(gateway, fake.url, remote_id="fake;id=c50;chunks=10;delay=0.05")
     client = chat_client(gateway, route["key"])
 
     def one(i: int) -> str:
-        stream = client.chat.completions.create(model="fake", messages=PROMPT, stream=True)
+        stream = client.chat.completions.create(model=route["name"], messages=PROMPT, stream=True)
         seen = ""
         for chunk in stream:
             seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
@@ -205,7 +218,7 @@ def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None: 
 
     pool = gevent.pool.Pool(50)
     outcomes = pool.map(one, range(50))
-    rows = gateway.wait_final(50, timeout=60)
+    rows = gateway.wait_final(50, timeout=60, apiKeyId=route["key_id"])
     assert len(rows) == 50
     assert sorted(r["status"] for r in rows) == sorted(outcomes)
     assert outcomes.count("aborted") == 25
@@ -219,15 +232,15 @@ def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None: 
 def test_anthropic_sdk_stream_records_prompt_tokens_from_message_start(
     gateway: Gateway, fake
 ) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(
-        fake.url, provider_type="anthropic", remote_id="fake;id=m1;chunks=6;cache=2"
+    route = own_route(
+        gateway, fake.url, provider_type="anthropic", remote_id="fake;id=m1;chunks=6;cache=2"
     )
     client = anthropic.Anthropic(base_url=gateway.url, api_key=route["key"], max_retries=0)
-    with client.messages.stream(model="fake", max_tokens=100, messages=PROMPT) as stream:
+    with client.messages.stream(model=route["name"], max_tokens=100, messages=PROMPT) as stream:
         message = stream.get_final_message()
     assert message.content[0].text == words(6)
     (sent,) = fake.log("m1")
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "completed" and row["apiFormat"] == "anthropic"
     assert row["promptTokens"] == sent["usage"]["input_tokens"]  # cache reads included
     assert row["usage"]["cache_read_tokens"] == 2
@@ -236,15 +249,17 @@ def test_anthropic_sdk_stream_records_prompt_tokens_from_message_start(
 
 
 def test_responses_sdk_stream_ends_in_response_completed(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = gateway.setup_route(
-        fake.url, provider_type="openai-responses", remote_id="fake;id=r1;chunks=4"
+    route = own_route(
+        gateway, fake.url, provider_type="openai-responses", remote_id="fake;id=r1;chunks=4"
     )
     client = chat_client(gateway, route["key"])
-    events = list(client.responses.create(model="fake", input="tell me a story", stream=True))
+    events = list(
+        client.responses.create(model=route["name"], input="tell me a story", stream=True)
+    )
     assert events[-1].type == "response.completed"
     assert events[-1].response.output_text == words(4)
     (sent,) = fake.log("r1")
-    (row,) = gateway.wait_final(1)
+    (row,) = gateway.wait_final(1, apiKeyId=route["key_id"])
     assert row["status"] == "completed" and row["apiFormat"] == "openai-responses"
     assert (row["promptTokens"], row["completionTokens"]) == (sent["usage"]["input_tokens"], 4)
 
