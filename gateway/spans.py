@@ -106,7 +106,6 @@ class GenAISpan:
 def build(
     row: Mapping[str, Any],
     *,
-    record_id: int | None = None,
     trace_parent: str | None = None,
     trace_state: str | None = None,
     capture_content: bool = False,
@@ -139,7 +138,7 @@ def build(
     attrs.update(_usage(row))
     kind = error_type(row)
     attrs["error.type"] = kind
-    attrs.update(_gateway(row, record_id, attempts, last))
+    attrs.update(_gateway(row, attempts, last))
     if capture_content and not embedding:
         attrs.update(content(row, finish, content_limit))
     start = _nanoseconds(row["created_at"])
@@ -275,13 +274,11 @@ def _usage(row: Mapping[str, Any]) -> dict[str, Any]:
     return {name: int(n) for name, n in zip(names, counts, strict=True) if n is not None}
 
 
-def _gateway(
-    row: Mapping[str, Any], record_id: int | None, attempts: list[dict], last: Mapping
-) -> dict[str, Any]:
+def _gateway(row: Mapping[str, Any], attempts: list[dict], last: Mapping) -> dict[str, Any]:
     cost = row.get("cost") if isinstance(row.get("cost"), Mapping) else {}
     delivered = row.get("delivered") if isinstance(row.get("delivered"), Mapping) else {}
     return {
-        "gateway.record.id": record_id if record_id is not None else row.get("id"),
+        "gateway.record.id": row.get("id"),
         "gateway.record.uid": row.get("uid"),
         "gateway.record.supersedes_swept": True if supersedes_swept(row) else None,
         "gateway.status": row.get("status"),
