@@ -65,7 +65,7 @@ class Handler(logging.Handler):
         self._writer: gevent.Greenlet | None = None
         self._group = gevent.pool.Group()
         self._away = False
-        self._busy = False  # a batch is being written
+        self._busy = 0  # batches being written now (the writer, and a flush at shutdown)
 
     def configure(self, cfg: dict) -> None:
         """Read the SRV_LOG_* settings."""
@@ -176,7 +176,7 @@ class Handler(logging.Handler):
             )
         if not batch:
             return 0
-        self._busy = True
+        self._busy += 1
         try:
             with db.background(timeout or self.timeout):
                 SrvLog.insert_many(batch).execute()
@@ -192,7 +192,7 @@ class Handler(logging.Handler):
             self._away = True
             return 0
         finally:
-            self._busy = False
+            self._busy -= 1
         self._away = False
         self.dropped -= dropped
         self.written += len(batch)
