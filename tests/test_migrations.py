@@ -17,6 +17,7 @@ import pytest
 from playhouse.migrations import Runner
 
 from gateway.db import MIGRATIONS, open_database
+from tests import pools
 from tests.conftest import BACKENDS, PG_URL, _pg_admin, _with_database
 
 BEFORE = "0003_sealed_keys_and_sessions"  # the latest migration before the account's
@@ -36,7 +37,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[p
         admin.execute_sql(f'CREATE DATABASE "{name}"')
     db = open_database(_with_database(PG_URL, name))
     yield db
-    db.close_all()
+    pools.release(db)  # the tests below lend it to the proxy that background writers use
     with admin.connection_context():
         admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close_all()
