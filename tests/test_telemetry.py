@@ -725,7 +725,6 @@ def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyp
 ) -> None:
     from gateway import sweeper as sweeper_module
     from gateway.db import database, open_database
-    from gateway.sweeper import Sweeper
 
     database.initialize(open_database(database_url))
     pipe = pipeline(receiver)
@@ -737,15 +736,7 @@ def test_a_call_finalised_by_the_sweeper_gets_its_span(  # type: ignore[no-untyp
         ex.attempt("openai-main", "gpt-4o-2024-08-06", "ok", 10, status=200)
         row = {**snapshot(ex), "owner": "dead@elsewhere:1"}
         write_rows([row])  # the pending row of a process that then died
-        clock = SimpleNamespace(now=1000.0)
-        watcher = Sweeper(lambda: clock.now, "watcher")
-        watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
-        swept = 0
-        for _ in range(6):
-            clock.now += 1.0
-            assert watcher.beat()
-            swept += watcher.sweep()
-        assert swept == 1
+        assert _sweep_dead_owners() == 1
         (span,) = _received(receiver, 1)
         attrs = span["attributes"]
         assert attrs["gateway.record.uid"] == ex.uid and attrs["gateway.status"] == "failed"
@@ -821,20 +812,11 @@ def test_the_truth_after_a_sweep_is_a_second_span_marked_as_superseding(  # type
     """A process thought dead finishes its call after the sweeper failed it: the trace
     backend gets the true outcome as a second span of the same record, marked."""
     from gateway.models import Completion
-    from gateway.sweeper import Sweeper
 
     ex = _call(recorded.key)
     pending = {**snapshot(ex), "owner": "slow@elsewhere:1"}
     write_rows([pending])  # then its process's heartbeat stops
-    clock = SimpleNamespace(now=1000.0)
-    watcher = Sweeper(lambda: clock.now, "watcher")
-    watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
-    swept = 0
-    for _ in range(6):
-        clock.now += 1.0
-        assert watcher.beat()
-        swept += watcher.sweep()
-    assert swept == 1
+    assert _sweep_dead_owners() == 1
     (orphaned,) = _received(receiver, 1)
     record_id = Completion.get(Completion.uid == ex.uid).id
     assert orphaned["attributes"]["gateway.record.id"] == record_id
@@ -977,6 +959,21 @@ def test_collector_down_leaves_recording_alone(app, pipeline) -> None:  # type: 
     started = time.monotonic()
     assert pipe.shutdown(timeout=1.0) in (True, False)
     assert time.monotonic() - started < 2.5
+
+
+def _sweep_dead_owners() -> int:
+    """A watching process's sweeps over 6 s of a fake clock; how many rows it finalised."""
+    from gateway.sweeper import Sweeper
+
+    clock = SimpleNamespace(now=1000.0)
+    watcher = Sweeper(lambda: clock.now, "watcher")
+    watcher.heartbeat, watcher.interval, watcher.dead_after = 1.0, 1.0, 3.0
+    swept = 0
+    for _ in range(6):
+        clock.now += 1.0
+        assert watcher.beat()
+        swept += watcher.sweep()
+    return swept
 
 
 def _api_key() -> int:
