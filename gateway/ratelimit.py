@@ -98,7 +98,7 @@ def _floats(values: Sequence[bytes]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _one(answer: Any) -> bool:
+def _is_one(answer: Any) -> bool:
     return answer == 1
 
 
@@ -144,9 +144,9 @@ class RedisStore:
         lost (a restart) is loaded and its operations are run again, one by one. Redis
         Cluster refuses scripts in pipelines: there they run one by one.
         """
-        calls = [self._operation(name, *args) for name, args in operations]
         if isinstance(self.client, RedisCluster):
-            return [convert(self._run(script, keys, args)) for script, keys, args, convert in calls]
+            return [self._one(name, *args) for name, args in operations]
+        calls = [self._operation(name, *args) for name, args in operations]
         try:
             pipe = self.client.pipeline(transaction=False)
             for script, keys, args, _ in calls:
@@ -163,14 +163,20 @@ class RedisStore:
             results.append(convert(answer))
         return results
 
+    def _one(self, name: str, *args: Any) -> Any:
+        """One of ``run_all``'s operations on its own."""
+        script, keys, argv, convert = self._operation(name, *args)
+        return convert(self._run(script, keys, argv))
+
     def _operation(self, name: str, *args: Any) -> tuple[Any, list[str], list[Any], Any]:
-        """What ``run_all`` sends for one operation: script, keys, args, result reader."""
+        """What one operation sends (script, keys, args) and its result reader: the
+        single methods below and ``run_all`` alike."""
         if name == "settle":
             key, uid, answer, ttl = args
-            return self._claims, [key], ["settle", uid, ttl, self._now(), answer], _one
+            return self._claims, [key], ["settle", uid, ttl, self._now(), answer], _is_one
         if name == "unclaim":
             key, uid = args
-            return self._claims, [key], ["release", uid, 0, self._now()], _one
+            return self._claims, [key], ["release", uid, 0, self._now()], _is_one
         if name == "release":
             key, member = args
             return self._slots, [key], ["release", member, 0, 0, self._now()], _second_int
@@ -205,9 +211,7 @@ class RedisStore:
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:
         """Take ``amount`` tokens (a debt if there are fewer); return the level."""
-        return float(
-            self._run(self._buckets, [key], self._bucket_args("charge", [bucket], amount))[0]
-        )
+        return self._one("charge", key, bucket, amount)
 
     def peek(self, keys: Sequence[str], buckets: Sequence[Bucket]) -> tuple[float, ...]:
         """Each bucket's level now, changing nothing."""
@@ -224,7 +228,7 @@ class RedisStore:
 
     def release(self, key: str, member: str) -> int:
         """Give a slot back; return the slots still in use."""
-        return int(self._run(self._slots, [key], ["release", member, 0, 0, self._now()])[1])
+        return self._one("release", key, member)
 
     def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
         """Claim a request id for call ``uid``; None if claimed, else the current holder."""
@@ -239,15 +243,15 @@ class RedisStore:
 
     def settle(self, key: str, uid: str, answer: str, ttl: float) -> bool:
         """Keep ``answer`` under ``uid``'s claim for ``ttl`` from now; False if not the holder."""
-        return self._run(self._claims, [key], ["settle", uid, ttl, self._now(), answer]) == 1
+        return self._one("settle", key, uid, answer, ttl)
 
     def unclaim(self, key: str, uid: str) -> bool:
         """Release ``uid``'s claim (not a settled one); False if it was not the holder."""
-        return self._run(self._claims, [key], ["release", uid, 0, self._now()]) == 1
+        return self._one("unclaim", key, uid)
 
     def add(self, key: str, amount: int, ttl: float) -> int:
         """Add ``amount`` to a total kept ``ttl`` seconds from now; return the total."""
-        return int(self._run(self._totals, [key], ["add", amount, ttl]))
+        return self._one("add", key, amount, ttl)
 
     def total(self, key: str) -> int:
         """A total (0 when there is none)."""
