@@ -536,7 +536,6 @@ class _Upsert:
             if self._lots:
                 lot = json.dumps([self._json(row) for row in rows], default=_isoformat)
                 cursor.execute(self.sql, [lot, *self._constants])
-                written = cursor.fetchall()
             else:
                 # One statement, not executemany: sqlite3's drops what RETURNING gives.
                 sql = self._by_size.get(len(rows))
@@ -546,7 +545,7 @@ class _Upsert:
                     )
                 values = [value for row in rows for value in self._values(row)]
                 cursor.execute(sql, [*values, *self._constants])
-                written = cursor.fetchall()
+            written = cursor.fetchall()
         return [(uid, row_id, self._swept_at.python_value(at)) for uid, row_id, at in written]
 
     def _value(self, field: pw.Field, row: dict) -> Any:

@@ -3,24 +3,23 @@
 ``record(exchange)`` never blocks and never touches the database: it marks the call
 dirty and wakes the writers. Unless a whole batch is waiting, a writer lets
 ``RECORDER_INTERVAL`` pass before it takes one, so the calls of that interval share one
-write and a worker is not switched to its writers on every call. A writer takes a
-batch of dirty calls, snapshots each
-(``Exchange.row()``, stamped with this process's ``owner``) and hands the batch to
-``models.upsert_records`` in one short transaction, so a call that ended before its
-pending row was written is inserted once, final. A call is never in two batches at
-once, so its writes land in order; a snapshot queued while the previous one is being
-written waits for it. A pending row never overwrites a final one, so stale snapshots
-are harmless, whatever order they arrive in.
+write and a worker is not switched to its writers on every call. A writer takes a batch
+of dirty calls, snapshots each (``Exchange.row()``, stamped with this process's
+``owner``) and hands the batch to ``models.upsert_records`` in one short transaction, so
+a call that ended before its pending row was written is inserted once, final. A call is
+never in two batches at once, so its writes land in order; a snapshot queued while the
+previous one is being written waits for it. A pending row never overwrites a final one,
+so stale snapshots are harmless, whatever order they arrive in.
 
 Writing shares the worker with the calls, so it is kept cheap and short: writers keep
 their connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that
-ends by then is written once, final), ``api_keys.last_seen`` is moved at most every
-30 s per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
-(snapshots, statements), so no call waits long behind a batch. A writer survives anything: a batch the database cannot take goes to
-the journal (``journal.py``) and is replayed through the same ``write_rows`` once the
-database answers (SPEC rule 8); a row it refuses is set aside. ``drain()`` journals
-whatever is still queued or in flight at shutdown. Dead processes' pending rows are
-the sweeper's (``sweeper.py``).
+ends by then is written once, final), ``api_keys.last_seen`` is moved at most every 30 s
+per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
+(snapshots, statements), so no call waits long behind a batch. A writer survives
+anything: a batch the database cannot take goes to the journal (``journal.py``) and is
+replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
+it refuses is set aside. ``drain()`` journals whatever is still queued or in flight at
+shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 """
 
 from __future__ import annotations
