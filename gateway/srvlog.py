@@ -164,7 +164,9 @@ class Handler(logging.Handler):
         if len(self._floods) > 10_000:  # distinct messages must not grow this for ever
             self._floods.clear()
         batch = [self.queue.popleft() for _ in range(min(len(self.queue), BATCH))]
-        dropped = self.dropped
+        # Taken now, not once written: a write overlapping this one (the writer's turn
+        # and a flush) must not report the same drops a second time.
+        dropped, self.dropped = self.dropped, 0
         if dropped:
             batch.append(
                 {
@@ -183,6 +185,7 @@ class Handler(logging.Handler):
         except Exception as exc:
             # Keep them for the next try, oldest first; past the bound they are counted.
             kept = batch[:-1] if dropped else batch
+            self.dropped += dropped
             self.queue.extendleft(reversed(kept))
             while len(self.queue) > self.limit:
                 self.queue.pop()
@@ -194,7 +197,6 @@ class Handler(logging.Handler):
         finally:
             self._busy -= 1
         self._away = False
-        self.dropped -= dropped
         self.written += len(batch)
         return len(batch)
 

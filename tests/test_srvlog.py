@@ -12,11 +12,13 @@ import logging
 import time
 import uuid
 
+import gevent
 import pytest
 
 from gateway import srvlog
 from gateway.db import database, open_database
 from gateway.models import ApiKey, SrvLog
+from tests.conftest import BACKENDS
 from tests.servers import ADMIN_SECRET, free_port, wait_until
 from tests.test_dashboard import login, post, text
 
@@ -113,6 +115,34 @@ def test_a_database_outage_costs_bounded_memory_and_never_recurses(handler, app)
         note = SrvLog.select().where(SrvLog.message.contains("were dropped")).get()
     assert note.details["dropped"] == 250 and note.level == "warn"
     assert handler.dropped == 0
+
+
+# Only PostgreSQL lets two writes of one process overlap: SQLite's lock is waited for in C.
+@pytest.mark.parametrize("database_url", [b for b in BACKENDS if b == "postgres"], indirect=True)
+def test_overlapping_writes_report_the_dropped_count_once(handler, database_url) -> None:  # type: ignore[no-untyped-def]
+    """The writer's turn and a flush (shutdown, a test) may write at once: the count of
+    dropped records is reported by one of them, and nothing is counted twice."""
+    handler.interval = 3600  # the two writes below are the only ones
+    gevent.sleep(0.1)  # the writer's current wait (50 ms) ends and it takes the new one
+    marker = uuid.uuid4().hex
+    handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 1, marker, (), None))
+    handler.dropped = 7
+    holder = open_database(database_url, 2)
+    holder.connect()
+    holder.execute_sql("BEGIN")
+    holder.execute_sql("LOCK TABLE srv_logs IN EXCLUSIVE MODE")  # inserts wait behind it
+    try:
+        writes = [gevent.spawn(handler.write, 10), gevent.spawn(handler.write, 10)]
+        gevent.sleep(0.3)
+        assert not writes[0].ready()  # under way, waiting on the lock, when the second starts
+    finally:
+        holder.execute_sql("COMMIT")
+        holder.close()
+    gevent.joinall(writes, raise_error=True)
+    with database.connection_context():
+        notes = list(SrvLog.select().where(SrvLog.message.contains("were dropped")))
+    assert [n.details["dropped"] for n in notes] == [7]
+    assert len(rows(marker)) == 1 and handler.dropped == 0
 
 
 # -- reading them: the admin API and the dashboard --------------------------------------
