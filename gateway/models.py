@@ -493,7 +493,18 @@ class _Upsert:
         meta = table._meta
         # Every column: peewee's defaults live in Python, not in the schema.
         self.fields = [f for f in meta.sorted_fields if not isinstance(f, pw.AutoField)]
-        self._given = set(columns)
+        # Per column, looked up once: where a row's value comes from, how it is stored.
+        self._plan = [
+            (
+                f.name,
+                f.column_name,
+                f.name in columns,
+                f.default,
+                isinstance(f, pw.JSONField),
+                f.db_value,
+            )
+            for f in self.fields
+        ]
         quote = db.quote[0]
 
         def name(field: pw.Field | str) -> str:
@@ -548,30 +559,22 @@ class _Upsert:
             written = cursor.fetchall()
         return [(uid, row_id, self._swept_at.python_value(at)) for uid, row_id, at in written]
 
-    def _value(self, field: pw.Field, row: dict) -> Any:
-        if field.name in self._given:
-            return row[field.name]
-        return field.default() if callable(field.default) else field.default
-
     def _json(self, row: dict) -> dict[str, Any]:
         """The row as the JSON object ``jsonb_populate_recordset`` reads (by column name)."""
         out = {}
-        for field in self.fields:
-            value = self._value(field, row)
-            if value is not None and not isinstance(field, pw.JSONField):
-                value = field.db_value(value)  # a JSON column's value goes in as it is
-            out[field.column_name] = value
+        for name, column, given, default, is_json, db_value in self._plan:
+            value = row[name] if given else default() if callable(default) else default
+            if value is not None and not is_json:
+                value = db_value(value)  # a JSON column's value goes in as it is
+            out[column] = value
         return out
 
     def _values(self, row: dict) -> list[Any]:
         values = []
-        for field in self.fields:
-            value = self._value(field, row)
+        for name, _, given, default, is_json, db_value in self._plan:
+            value = row[name] if given else default() if callable(default) else default
             if value is not None:
-                if isinstance(field, pw.JSONField):
-                    value = json.dumps(value)  # SQLite keeps JSON as text
-                else:
-                    value = field.db_value(value)
+                value = json.dumps(value) if is_json else db_value(value)  # SQLite: JSON as text
             values.append(value)
         return values
 
