@@ -99,12 +99,11 @@ def clean(value: Any) -> Any:
 def _storable(value: list | dict) -> bool:
     """True when ``value`` surely holds no lone surrogate and no NUL (keys included)."""
     try:
-        # Unescaped, a lone surrogate stays one code point; a NUL is always escaped.
-        # Anything else (a datetime...) is left as it is by the walk, so str() will do.
-        text = json.dumps(value, ensure_ascii=False, default=str)
+        text = _CHECKED(value)
     except (TypeError, ValueError, RecursionError):
         return False  # keys JSON cannot have, or too deep: walk it
-    return "\\u0000" not in text and _SURROGATE.search(text) is None
+    # A surrogate is not ASCII: most text is, and isascii() costs next to nothing.
+    return "\\u0000" not in text and (text.isascii() or _SURROGATE.search(text) is None)
 
 
 def renderable(text: str) -> str:
@@ -113,6 +112,10 @@ def renderable(text: str) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Unescaped, a lone surrogate stays one code point; a NUL is always escaped. Anything
+# else (a datetime...) is left as it is by the walk, so str() will do. Built once:
+# json.dumps builds an encoder per call when given options.
+_CHECKED = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 def dumps(data: object) -> bytes:
