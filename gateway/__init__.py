@@ -89,4 +89,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)
+    # The /v1 call routes are served in front of Flask's per-request machinery (issue 11).
+    app.wsgi_app = proxy.CallRoutes(app)  # type: ignore[method-assign]
     return app

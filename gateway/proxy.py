@@ -3,20 +3,27 @@
 Every call view looks the same: authenticate, validate, limit, route, adapt, open,
 return. The work is in ``adapters`` (formats), ``admission`` (limits, request ids),
 ``replay`` (repeats), ``routing`` (candidates), ``calls`` (the call) and ``recorder``
-(the record). Errors raised here are rendered in the caller's protocol by
-``render_error``; every /v1 answer to a known key carries its X-RateLimit-* headers.
+(the record). Errors raised here are rendered in the caller's protocol; every /v1
+answer to a known key carries its X-RateLimit-* headers.
+
+The call views (``CALLS``) take their ``CallRequest`` as an argument and touch no Flask
+context. ``CallRoutes``, in front of the Flask app, serves a POST to one of their exact
+paths itself, without Flask's per-request machinery (contexts, URL matching, hooks:
+about a tenth of a call's CPU, issue 11). Everything else goes to Flask, where the
+same views are registered: other methods (405, OPTIONS), ``/v1/embeddings/``, a ``//``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, has_request_context, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wrappers import Request
 
 from gateway import admission, auth, dedup, jsonio, metrics, redact, replay, stats, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
@@ -64,37 +71,45 @@ _NOT_FORWARDED = frozenset(
 _NOT_FORWARDED_PREFIXES = ("x-nexusgate-", "sec-fetch-", "sec-ch-ua", "proxy-")
 
 
-@bp.post("/v1/chat/completions")
-def chat_completions() -> Response:
-    return _complete(OPENAI_CHAT)
+class CallRequest(Request):
+    """A /v1 call's request: Werkzeug's, limited to the app's MAX_CONTENT_LENGTH, and what
+    its answer's headers need (the caller once known, its permit once admitted)."""
+
+    def __init__(self, environ: dict[str, Any], app: Flask) -> None:
+        super().__init__(environ)
+        self.app = app
+        self.max_content_length = app.config["MAX_CONTENT_LENGTH"]
+        self.caller: auth.Caller | None = None
+        self.permit: admission.Permit | None = None
 
 
-@bp.post("/v1/messages")
-def messages() -> Response:
-    return _complete(ANTHROPIC)
+def chat_completions(req: CallRequest) -> Response:
+    return _complete(req, OPENAI_CHAT)
 
 
-@bp.post("/v1/responses")
-def responses() -> Response:
-    return _complete(OPENAI_RESPONSES)
+def messages(req: CallRequest) -> Response:
+    return _complete(req, ANTHROPIC)
 
 
-@bp.post("/v1/messages/count_tokens")
-def count_tokens() -> Response:
+def responses(req: CallRequest) -> Response:
+    return _complete(req, OPENAI_RESPONSES)
+
+
+def count_tokens(req: CallRequest) -> Response:
     """Anthropic's token count: the provider's own, or an estimate; never recorded."""
-    caller = _authenticate()
-    body = _json_body()
+    caller = _authenticate(req)
+    body = _json_body(req)
     ir = token_count.parse(body)
     # Admitted as every call is (it may reach the provider, as Anthropic limits it by
     # RPM too), then given back: a count is neither recorded nor charged to TPM.
-    permit = _admit(caller, ir["model"], stream=False)
+    permit = _admit(req, caller, ir["model"], stream=False)
     try:
         tokens, source = token_count.count(
-            _candidates(ir["model"], "chat"),
+            _candidates(req, ir["model"], "chat"),
             body,
             ir,
-            forwarded_headers(request.headers),
-            float(current_app.config["COUNT_TOKENS_TIMEOUT"]),
+            forwarded_headers(req.headers),
+            float(req.app.config["COUNT_TOKENS_TIMEOUT"]),
         )
     finally:
         permit.cancel()
@@ -103,15 +118,14 @@ def count_tokens() -> Response:
     return answer
 
 
-@bp.post("/v1/embeddings", strict_slashes=False)
-def create_embeddings() -> Response:
-    caller = _authenticate()
-    body = _json_body()
+def create_embeddings(req: CallRequest) -> Response:
+    caller = _authenticate(req)
+    body = _json_body(req)
     parsed = embeddings.parse_request(body)
-    permit = _admit(caller, parsed["model"], stream=False)
+    permit = _admit(req, caller, parsed["model"], stream=False)
     with _until_opened(permit):
-        candidates = _candidates(parsed["model"], "embedding")
-        headers = forwarded_headers(request.headers)
+        candidates = _candidates(req, parsed["model"], "embedding")
+        headers = forwarded_headers(req.headers)
         exchange = Exchange(
             api_key_id=caller.id,
             model=parsed["model"],
@@ -119,13 +133,87 @@ def create_embeddings() -> Response:
             prompt=parsed["input"],
             kind=EMBEDDING,
             uid=permit.uid,
-            trace_parent=request.headers.get("traceparent"),
-            trace_state=request.headers.get("tracestate"),
+            trace_parent=req.headers.get("traceparent"),
+            trace_state=req.headers.get("tracestate"),
         )
         plan = Plan(
             exchange, candidates, embeddings.NAME, parsed, body, headers, EMBEDDINGS, permit
         )
-    return _answer(calls.open(plan, _client_socket()))
+    return _answer(calls.open(plan, _client_socket(req)))
+
+
+View = Callable[[CallRequest], Response]
+# The call routes: each takes POST only; /v1/embeddings/ is one too (strict_slashes).
+CALLS: dict[str, View] = {
+    "/v1/chat/completions": chat_completions,
+    "/v1/messages": messages,
+    "/v1/responses": responses,
+    "/v1/messages/count_tokens": count_tokens,
+    "/v1/embeddings": create_embeddings,
+}
+_LOOSE_SLASH = "/v1/embeddings"
+
+
+def _through_flask(view: View) -> Callable[[], Response]:
+    def serve() -> Response:
+        return _serve(view, CallRequest(request.environ, current_app._get_current_object()))
+
+    serve.__name__ = serve.__qualname__ = view.__name__
+    serve.__doc__ = view.__doc__
+    return serve
+
+
+for _path, _view in CALLS.items():
+    bp.add_url_rule(
+        _path,
+        view_func=_through_flask(_view),
+        methods=["POST"],
+        strict_slashes=_path != _LOOSE_SLASH,
+    )
+
+
+class CallRoutes:
+    """WSGI middleware serving a POST to an exact call path itself; the rest goes to Flask.
+
+    Only what Flask would do for such a request is left out (no session, hook or URL
+    converter concerns it); errors render alike (``_serve``), and an unhandled one is
+    handed to Flask's ``handle_exception``, in a request context made for it.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.flask = app.wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        view = (
+            CALLS.get(environ.get("PATH_INFO", "")) if environ["REQUEST_METHOD"] == "POST" else None
+        )
+        if view is None:
+            return self.flask(environ, start_response)
+        return _serve(view, CallRequest(environ, self.app))(environ, start_response)
+
+
+def _serve(view: View, req: CallRequest) -> Response:
+    """``view``'s answer, its errors rendered in the caller's protocol, with its limits."""
+    try:
+        response = view(req)
+    except GatewayError as exc:
+        response = _error(exc, req.path)
+    except HTTPException as exc:
+        response = _http_error(exc, req.path, req.max_content_length)
+    except Exception as exc:
+        response = _crashed(req, exc)
+    _limit_headers(req, response)
+    return response
+
+
+def _crashed(req: CallRequest, exc: Exception) -> Response:
+    """Flask's own answer to an unhandled error: its log line (to ``srvlog`` too), its
+    PROPAGATE_EXCEPTIONS, its 500 rendered by ``render_http_error``."""
+    if has_request_context():
+        return req.app.handle_exception(exc)
+    with req.app.request_context(req.environ):
+        return req.app.handle_exception(exc)
 
 
 @bp.get("/v1/models")
@@ -178,17 +266,17 @@ def healthz() -> Response:
     return jsonio.response({"status": "ok", "calls": calls.active})
 
 
-def _complete(api_format: str) -> Response:
-    caller = _authenticate()
-    body = _json_body()
-    if "stream" not in body and _accepts_event_stream():
+def _complete(req: CallRequest, api_format: str) -> Response:
+    caller = _authenticate(req)
+    body = _json_body(req)
+    if "stream" not in body and _accepts_event_stream(req):
         body["stream"] = True
     ir = PROTOCOLS[api_format].parse_request(body)
-    req_id = dedup.request_id(request.headers.get(dedup.HEADER))
-    permit = _admit(caller, ir["model"], ir["stream"])
+    req_id = dedup.request_id(req.headers.get(dedup.HEADER))
+    permit = _admit(req, caller, ir["model"], ir["stream"])
     with _until_opened(permit):
         stored = replay.lookup(permit, req_id) if req_id else None
-        headers = forwarded_headers(request.headers)
+        headers = forwarded_headers(req.headers)
         exchange = Exchange(
             api_key_id=caller.id,
             model=ir["model"],
@@ -197,26 +285,26 @@ def _complete(api_format: str) -> Response:
             prompt=record.prompt(ir, headers),
             req_id=permit.req_id,
             uid=permit.uid,
-            trace_parent=request.headers.get("traceparent"),
-            trace_state=request.headers.get("tracestate"),
+            trace_parent=req.headers.get("traceparent"),
+            trace_state=req.headers.get("tracestate"),
         )
         if stored is not None:
             return _replayed(replay.answer(permit, exchange, stored, api_format, ir), ir["stream"])
-        candidates = _candidates(ir["model"], "chat")
+        candidates = _candidates(req, ir["model"], "chat")
         plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT, permit)
-    return _answer(calls.open(plan, _client_socket()))
+    return _answer(calls.open(plan, _client_socket(req)))
 
 
-def _authenticate() -> auth.Caller:
+def _authenticate(req: CallRequest) -> auth.Caller:
     """The calling key (AuthenticationFailed if none); its limits go on every answer."""
-    g.caller = auth.authenticate(request.headers)
-    return g.caller
+    req.caller = auth.authenticate(req.headers)
+    return req.caller
 
 
-def _admit(caller: auth.Caller, model: str, stream: bool) -> admission.Permit:
+def _admit(req: CallRequest, caller: auth.Caller, model: str, stream: bool) -> admission.Permit:
     """Admit the call now (RateLimited, 429, if a limit refuses it)."""
-    g.permit = admission.admit(caller, model, stream)
-    return g.permit
+    req.permit = admission.admit(caller, model, stream)
+    return req.permit
 
 
 @contextmanager
@@ -229,26 +317,23 @@ def _until_opened(permit: admission.Permit) -> Iterator[None]:
         raise
 
 
-@bp.after_request
-def _limit_headers(response: Response) -> Response:
+def _limit_headers(req: CallRequest, response: Response) -> None:
     """X-RateLimit-* on every /v1 answer once the key is known (errors included)."""
-    caller = g.get("caller")
+    caller = req.caller
     if caller is None or "X-RateLimit-Limit-RPM" in response.headers:
-        return response
-    if request.path.startswith("/v1/"):
-        permit = g.get("permit")
-        standing = (
-            permit.admission
-            if permit is not None
-            else limiter.standing(caller.id, caller.rpm_limit, caller.tpm_limit)
-        )
-        response.headers.update(standing.headers())
-    return response
+        return
+    permit = req.permit
+    standing = (
+        permit.admission
+        if permit is not None
+        else limiter.standing(caller.id, caller.rpm_limit, caller.tpm_limit)
+    )
+    response.headers.update(standing.headers())
 
 
-def _candidates(model: str, model_type: str) -> list[Candidate]:
+def _candidates(req: CallRequest, model: str, model_type: str) -> list[Candidate]:
     """Who may serve ``model``, in the order to try them (NotFound if nobody)."""
-    provider = request.headers.get("X-NexusGate-Provider")
+    provider = req.headers.get("X-NexusGate-Provider")
     return weighted_order(
         catalog.lookup(model, model_type, unquote(provider) if provider else None)
     )
@@ -274,12 +359,12 @@ def _answer(call: Call) -> Response:
     return Response(call.content, mimetype="application/json")
 
 
-def _json_body() -> dict[str, Any]:
+def _json_body(req: CallRequest) -> dict[str, Any]:
     """The body as a JSON object, strictly parsed (``jsonio``): MalformedJSON if not."""
     try:
-        body = jsonio.loads(jsonio.read(request))
+        body = jsonio.loads(jsonio.read(req))
     except RequestEntityTooLarge as exc:
-        raise _too_large() from exc
+        raise _too_large(req.max_content_length) from exc
     except jsonio.Unreadable as exc:
         raise MalformedJSON(str(exc)) from exc
     if not isinstance(body, dict):
@@ -287,19 +372,18 @@ def _json_body() -> dict[str, Any]:
     return body
 
 
-def _too_large() -> PayloadTooLarge:
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+def _too_large(limit: int | None) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body is larger than the gateway's limit of {limit} bytes")
 
 
-def _accepts_event_stream() -> bool:
+def _accepts_event_stream(req: CallRequest) -> bool:
     """``Accept: text/event-stream`` with q > 0, the exact media type (not */*)."""
-    return any(value == "text/event-stream" and q > 0 for value, q in request.accept_mimetypes)
+    return any(value == "text/event-stream" and q > 0 for value, q in req.accept_mimetypes)
 
 
-def _client_socket() -> Any:
+def _client_socket(req: CallRequest) -> Any:
     # gunicorn's gevent worker calls it gunicorn.socket; gevent_pywsgi gunicorn.sock.
-    return request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+    return req.environ.get("gunicorn.socket") or req.environ.get("gunicorn.sock")
 
 
 def forwarded_headers(headers: Any) -> dict[str, str]:
@@ -319,21 +403,29 @@ def forwarded_headers(headers: Any) -> dict[str, str]:
 
 def render_error(exc: GatewayError) -> Response:
     """A GatewayError in the caller's protocol."""
-    protocol = FORMAT_BY_PATH.get(request.path.rstrip("/"), OPENAI_CHAT)
+    return _error(exc, request.path)
+
+
+def render_http_error(exc: HTTPException) -> Response | HTTPException:
+    """Werkzeug's HTTP errors as JSON on API paths (protocol-shaped on /v1)."""
+    return _http_error(exc, request.path, current_app.config["MAX_CONTENT_LENGTH"])
+
+
+def _error(exc: GatewayError, path: str) -> Response:
+    protocol = FORMAT_BY_PATH.get(path.rstrip("/"), OPENAI_CHAT)
     return Response(
         exc.body(protocol), status=exc.status, headers=exc.headers(), mimetype="application/json"
     )
 
 
-def render_http_error(exc: HTTPException) -> Response | HTTPException:
-    """Werkzeug's HTTP errors as JSON on API paths (protocol-shaped on /v1)."""
+def _http_error(exc: HTTPException, path: str, limit: int | None) -> Response | HTTPException:
     if isinstance(exc, RequestEntityTooLarge):
-        return render_error(_too_large())
-    if request.path.startswith("/api/"):
+        return _error(_too_large(limit), path)
+    if path.startswith("/api/"):
         return jsonio.response({"error": exc.description or exc.name}, exc.code or 500)
-    if not request.path.startswith("/v1/"):
+    if not path.startswith("/v1/"):
         return exc
-    protocol = FORMAT_BY_PATH.get(request.path.rstrip("/"), OPENAI_CHAT)
+    protocol = FORMAT_BY_PATH.get(path.rstrip("/"), OPENAI_CHAT)
     kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
     body = error_body(
         protocol, kind, exc.description or exc.name, code=exc.name.lower().replace(" ", "_")

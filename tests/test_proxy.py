@@ -14,7 +14,7 @@ import uuid
 import peewee
 import pytest
 
-from gateway import auth
+from gateway import auth, proxy
 from gateway.db import database
 from gateway.models import Completion, Embedding
 from gateway.recorder import recorder
@@ -222,6 +222,45 @@ def test_embeddings_answer_is_the_upstreams_json_and_the_trailing_slash_works(
     answer = resp.get_json()
     assert [len(item["embedding"]) for item in answer["data"]] == [3, 3]
     assert answer["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("path", VALID)
+def test_call_paths_take_post_only_and_exactly(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
+    bearer = {"Authorization": f"Bearer {route['key']}"}
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        resp = client.open(path, method=method, headers=bearer)
+        assert resp.status_code == 405, method
+        assert error_of(resp, path)[0] == "invalid_request_error"
+    assert client.head(path, headers=bearer).status_code == 405
+    resp = client.options(path)
+    assert resp.status_code == 200 and set(resp.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    # Only /v1/embeddings takes a trailing slash; a "//" inside is no path of ours.
+    slashed = post(client, path + "/", VALID[path], route["key"])
+    assert slashed.status_code == (200 if path == EMBEDDINGS else 404)
+    inner = post(client, path.replace("/v1/", "/v1//"), VALID[path], route["key"])
+    assert inner.status_code == 404 and error_of(inner, CHAT)[0] == "invalid_request_error"
+    assert len(fake.log(route["id"])) == (1 if path == EMBEDDINGS else 0)
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, EMBEDDINGS, EMBEDDINGS + "/"])
+def test_a_bug_in_a_call_view_is_a_500_in_the_callers_shape_and_logged(
+    app, client, fake, route, path, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as served: TESTING lets it through
+
+    def broken(headers: object) -> dict:
+        raise RuntimeError("a bug in the view")
+
+    monkeypatch.setattr(proxy, "forwarded_headers", broken)
+    resp = post(client, path, VALID[path.rstrip("/")], route["key"])
+    assert resp.status_code == 500
+    # render_http_error's kind for any status but 404, as before the call routes moved.
+    assert error_of(resp, path.rstrip("/"))[0] == "invalid_request_error"
+    assert resp.headers["X-RateLimit-Limit-RPM"] == str(10**9)  # the key is known
+    (logged,) = [r for r in caplog.records if r.name == "gateway" and r.levelname == "ERROR"]
+    assert logged.getMessage() == f"Exception on {path} [POST]"
+    assert "a bug in the view" in str(logged.exc_info[1])
+    assert fake.log(route["id"]) == [] and recorded() == 0
 
 
 # -- hostile input: not JSON text, too deep, text the database cannot store ------------

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 
+import gevent
 import pytest
 import urllib3
+from flask import Flask
+from gevent.server import StreamServer
 
-from gateway.upstream import Response, UpstreamError, _proxies_for, endpoint
+from gateway.config import DEFAULTS
+from gateway.upstream import Response, Upstream, UpstreamError, _proxies_for, endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +173,34 @@ def test_the_providers_request_id_is_read_from_its_own_header(header: str, provi
     assert resp.request_id is None
     resp.headers[header] = f"req_{provider}"
     assert resp.request_id == f"req_{provider}"
+
+
+def test_a_kept_alive_connection_the_upstream_closed_is_not_reused() -> None:
+    served = []
+
+    def serve_once(sock, address) -> None:  # type: ignore[no-untyped-def]
+        data = b""
+        while not data.endswith(b"{}"):  # the whole request: its body is "{}"
+            data += sock.recv(65536)
+        body = b'{"n": %d}' % len(served)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        sock.sendall(head % len(body) + b"\r\n" + body)
+        served.append(address)
+        gevent.sleep(0.05)
+        sock.close()  # what a server does to a connection idle past its keep-alive
+
+    server = StreamServer(("127.0.0.1", 0), serve_once)
+    server.start()
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    wire = Upstream()
+    wire.init_app(app)
+    try:
+        for n in range(3):
+            url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+            _, answer = wire.post(url, {}, b"{}", stream=False).answer(lambda data: data)
+            assert answer == {"n": n}
+            gevent.sleep(0.2)  # the connection went back to the pool; the server closes it
+    finally:
+        server.stop()
+    assert len({port for _, port in served}) == 3  # a new connection each time
