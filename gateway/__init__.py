@@ -53,6 +53,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         proxy,
         recorder,
         retention,
+        service,
         snapshot,
         srvlog,
         sweeper,
@@ -85,6 +86,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # different route (an API answers JSON, and a client must not be sent elsewhere).
     app.url_map.merge_slashes = False
     app.register_blueprint(proxy.bp)
+    app.register_blueprint(service.bp)
     app.register_blueprint(admin_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)

@@ -1,4 +1,5 @@
-"""The public API: ``/v1/*``, ``/api/usage``, ``/metrics``, ``/healthz``.
+"""The public API's calls: ``/v1`` chat completions, messages, responses, embeddings and
+token counts (the rest of the public API is ``service.py``).
 
 Every call view looks the same: authenticate, validate, limit, route, adapt, open,
 return. The work is in ``adapters`` (formats), ``admission`` (limits, request ids),
@@ -25,7 +26,7 @@ from flask import Blueprint, Flask, Response, current_app, has_request_context, 
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 
-from gateway import admission, auth, dedup, jsonio, metrics, redact, replay, stats, token_count
+from gateway import admission, auth, dedup, jsonio, redact, replay, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -33,12 +34,10 @@ from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
     OPENAI_RESPONSES,
-    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     MalformedJSON,
     PayloadTooLarge,
-    ServiceUnavailable,
     error_body,
 )
 from gateway.exchange import EMBEDDING, Exchange
@@ -214,56 +213,6 @@ def _crashed(req: CallRequest, exc: Exception) -> Response:
         return req.app.handle_exception(exc)
     with req.app.request_context(req.environ):
         return req.app.handle_exception(exc)
-
-
-@bp.get("/v1/models")
-def list_models() -> Response:
-    """Every live system name, in OpenAI's list format (no key needed, as NexusGate)."""
-    seen: set[str] = set()
-    data = []
-    for _type, name, provider in catalog.system_names():
-        if name not in seen:
-            seen.add(name)
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": provider})
-    return jsonio.response({"object": "list", "data": data})
-
-
-@bp.get("/api/usage")
-def key_usage() -> Response:
-    """The calling key's lifetime token sums, as NexusGate (from the records: needs the DB)."""
-    caller = auth.authenticate(request.headers)
-    try:
-        totals = stats.key_totals(caller.id)
-    except Exception as exc:  # the database is away: say so, in the API's own shape
-        log.warning("usage: cannot read the records (%s)", exc)
-        raise ServiceUnavailable(
-            "Usage is read from the records, and the database does not answer; try again later",
-            code="database_unavailable",
-        ) from exc
-    return jsonio.response(
-        {
-            "total_prompt_tokens": totals.prompt_tokens,
-            "total_completion_tokens": totals.completion_tokens,
-        }
-    )
-
-
-@bp.get("/metrics")
-def prometheus() -> Response:
-    """Prometheus metrics of every worker of this instance (METRICS_TOKEN: bearer required)."""
-    if not metrics.authorized(
-        request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]
-    ):
-        raise AuthenticationFailed("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
-    # Counted from this worker's keys and catalog, as calls see them: a scrape works,
-    # and says the same, while the database is away.
-    metrics.catalog(auth.keys.count_usable(), *catalog.counts())
-    return Response(metrics.render(), content_type=metrics.CONTENT_TYPE)
-
-
-@bp.get("/healthz")
-def healthz() -> Response:
-    return jsonio.response({"status": "ok", "calls": calls.active})
 
 
 def _complete(req: CallRequest, api_format: str) -> Response:
