@@ -1,5 +1,5 @@
 # make run           set up and start the gateway on SQLite (PORT, DATABASE_URL, ADMIN_SUPER_SECRET honoured)
-# make test          set up and run the whole test suite
+# make test          set up and run the whole test suite (TEST_WORKERS: 2 processes)
 # make translations  extract the dashboard's messages, update the catalogs, compile them
 # make screenshots   photograph every dashboard page in both languages into docs/screenshots/
 # make bench         the gateway against a bare gevent proxy and the upstream (BENCH_ARGS: bench/README.md)
@@ -54,8 +54,12 @@ run: $(VENV)/.runtime $(MO)
 migrate: $(VENV)/.runtime
 	$(BIN)/flask --app wsgi migrate
 
+# Two pytest-xdist workers, each given whole files (a module's gateway starts once);
+# in file order, so that no long module is left to run alone at the end. TEST_WORKERS=0
+# runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev $(MO) browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 screenshots: $(VENV)/.dev $(MO) browser
 	GATEWAY_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_browser.py \

@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlparse, urlunparse  # noqa: E402
 
+import gevent  # noqa: E402
 import peewee  # noqa: E402
 import pytest  # noqa: E402
 
@@ -34,6 +35,14 @@ from tests.servers import (  # noqa: E402
     Gateway,
     RedisServer,
 )
+
+# A pytest-xdist worker (``make test`` runs two) waits for its next test on a
+# threading.Event, gevent's once patched, that execnet's receiver thread sets. With
+# nothing scheduled, gevent's loop would give up at once ("LoopExit: This operation
+# would block forever") instead of waiting for that: a timer that never fires keeps it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _KEEP_LOOP = gevent.get_hub().loop.timer(3600, 3600)
+    _KEEP_LOOP.start(lambda: None)
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
 # How the fixtures stop a gateway once its test is over: gunicorn's quick shutdown, in
