@@ -111,15 +111,16 @@ def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path
         yield url
 
 
-@pytest.fixture
-def app(database_url: str, tmp_path: Path) -> Iterator:
+@contextmanager
+def _test_app(database_url: str, directory: Path) -> Iterator:
+    """The app on this database; at the end, everything it wrote is written."""
     app = create_app(
         {
             "TESTING": True,
             "DATABASE_URL": database_url,
             "ADMIN_SUPER_SECRET": ADMIN_SECRET,
             "ENCRYPTION_KEYS": ENCRYPTION_KEY,
-            "JOURNAL_DIR": str(tmp_path / "journal"),
+            "JOURNAL_DIR": str(directory / "journal"),
             "SWEEP_INTERVAL": 0,
             "RETENTION_INTERVAL": 0,
             "BACKOFF_MIN": 0.01,
@@ -135,6 +136,12 @@ def app(database_url: str, tmp_path: Path) -> Iterator:
     srvlog.handler.write(timeout=5)  # now, not at the writer's next turn (up to 1 s on)
     srvlog.handler.written_within(5)
     pools.release(database.obj)
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator:
+    with _test_app(database_url, tmp_path) as app:
+        yield app
 
 
 @pytest.fixture
@@ -202,6 +209,14 @@ def module_database(
     directory = tmp_path_factory.mktemp("module")
     with _fresh_database(request.param, templates, directory) as url:
         yield url, directory
+
+
+@pytest.fixture(scope="module")
+def module_app(module_database: tuple) -> Iterator:
+    """The app on the module's database, for a module whose tests share one gateway."""
+    url, directory = module_database
+    with _test_app(url, directory) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,11 +77,19 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-@pytest.fixture
-def dashboard(app, gateway_factory) -> tuple[Gateway, Seeded]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def dashboard(module_app, module_database: tuple) -> Iterator[tuple[Gateway, Seeded]]:  # type: ignore[no-untyped-def]
+    """One seeded database and one gateway for the module, on each backend in turn.
+
+    Starting a gateway and seeding took longer than most of these tests. They keep
+    apart: each makes keys and logs of its own, and removes the key it only shows.
+    """
+    url, directory = module_database
     with database.connection_context():
         seeded = seed()
-    return gateway_factory(), seeded
+    gw = Gateway(url, directory / "instance")  # after the seed: it loads keys at start
+    yield gw, seeded
+    gw.stop(signal.SIGQUIT)
 
 
 def open_page(browser: Browser, lang: str = "en", **options: object) -> Page:
@@ -240,6 +250,8 @@ def test_every_page_works_without_javascript(
     page.locator("details.add button[type=submit]").click()
     assert re.fullmatch(r"sk-[0-9a-f]{32}", page.input_value("#new-key"))
     expect(page.locator("button[data-copy=new-key]")).to_be_hidden()
+    with database.connection_context():  # the next language's photographs as they were
+        ApiKey.delete().where(ApiKey.comment == "no-js").execute()
 
 
 def test_a_search_is_a_url_that_another_person_opens_in_chinese(
@@ -276,15 +288,16 @@ def test_the_logs_page_in_both_languages(
     browser: Browser, dashboard: tuple[Gateway, Seeded], lang: str, title: str, acknowledged: str
 ) -> None:
     gw, _ = dashboard
+    failed = f"via openai failed #{uuid.uuid4().hex[:8]}"  # not the other language's
     with database.connection_context():
         for level in ("error", "warn"):
-            SrvLog.create(message=f"call: gpt-4o via openai failed ({level})", level=level,
+            SrvLog.create(message=f"call: gpt-4o {failed} ({level})", level=level,
                           details={"logger": "gateway.call", "process": "a1@host:1"})  # fmt: skip
     page = open_page(browser, lang)
     log_in(page, gw)
     page.locator("nav.side a[href='/logs']").click()
     expect(page.locator("h1")).to_have_text(title)
-    ours = page.locator("tr.log-row", has_text="via openai failed")  # the gateway may log too
+    ours = page.locator("tr.log-row", has_text=failed)  # the gateway may log too
     expect(ours).to_have_count(2)
     page.select_option("select[name=level]", "error")
     page.locator("form.filters button[type=submit]").click()
