@@ -213,7 +213,11 @@ def module_database(
 
 @pytest.fixture(scope="module")
 def module_app(module_database: tuple) -> Iterator:
-    """The app on the module's database, for a module whose tests share one gateway."""
+    """The app on the module's database, for a module whose tests share one gateway.
+
+    The models are bound to one database at a time: a module that uses this fixture
+    does not also use ``app``.
+    """
     url, directory = module_database
     with _test_app(url, directory) as app:
         yield app
