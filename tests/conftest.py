@@ -34,6 +34,7 @@ from tests.servers import (  # noqa: E402
     FakeUpstream,
     Gateway,
     RedisServer,
+    reap,
 )
 
 # A pytest-xdist worker (``make test`` runs two) waits for its next test on a
@@ -46,8 +47,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
 # How the fixtures stop a gateway once its test is over: gunicorn's quick shutdown, in
-# well under a second. A graceful stop (SIGTERM) takes 1.5-2 s, mostly gunicorn's 1 s
-# polls, and the tests of shutdown send their own signals and check what it does.
+# well under a second, and not waited for (``stop_behind``). A graceful stop (SIGTERM)
+# takes 1.5-2 s, mostly gunicorn's 1 s polls, and the tests of shutdown send their own
+# signals and check what it does.
 QUICK = signal.SIGQUIT
 BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
 
@@ -180,7 +182,7 @@ def gateway_factory(database_url: str, tmp_path: Path) -> Iterator:
 
     yield start
     for gw in started:
-        gw.stop(QUICK)
+        gw.stop_behind(QUICK)
 
 
 @pytest.fixture
@@ -233,7 +235,14 @@ def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> It
     url, directory = module_database
     gw = Gateway(url, directory / "instance", **getattr(request.module, "GATEWAY_ENV", {}))
     yield gw
-    gw.stop(QUICK)
+    gw.stop_behind(QUICK)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_gateways() -> Iterator[None]:
+    """At the end, wait for the gateways that fixtures left stopping."""
+    yield
+    reap()
 
 
 def _need_redis_server() -> None:

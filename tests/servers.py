@@ -239,13 +239,41 @@ class Gateway:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self._wait(timeout)
         self.log_file.close()
         return self.proc.returncode
+
+    def stop_behind(self, sig: int = signal.SIGQUIT) -> None:
+        """Tell it to stop and go on: ``reap()`` waits for it later.
+
+        For fixtures done with a gateway: its quick shutdown (about half a second,
+        mostly gunicorn's polls) runs while the next test starts.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        for gone in [gw for gw in _stopping if gw.proc.poll() is not None]:
+            _stopping.remove(gone)  # stopped meanwhile: only its log is left to close
+            gone.log_file.close()
+        _stopping.append(self)
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# Gateways told to stop by stop_behind() and not waited for yet.
+_stopping: list[Gateway] = []
+
+
+def reap(timeout: float = 60.0) -> None:
+    """Wait for every gateway that stop_behind() left stopping."""
+    while _stopping:
+        gw = _stopping.pop()
+        gw._wait(timeout)
+        gw.log_file.close()
 
 
 def own_route(gw: Gateway, upstream_url: str, remote_id: str, **kwargs: Any) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -89,7 +88,7 @@ def dashboard(module_app, module_database: tuple) -> Iterator[tuple[Gateway, See
         seeded = seed()
     gw = Gateway(url, directory / "instance")  # after the seed: it loads keys at start
     yield gw, seeded
-    gw.stop(signal.SIGQUIT)
+    gw.stop_behind()
 
 
 def open_page(browser: Browser, lang: str = "en", **options: object) -> Page:
