@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 import gevent.pool
-import gevent.queue
 
 from gateway import sse
 from gateway.worker import framing
@@ -94,7 +93,10 @@ class Downstream:
         on_gone: Callable[[str, float], None],
     ) -> None:
         self.sock, self.stream, self.pace = sock, stream, pace
-        self.queue: gevent.queue.Queue = gevent.queue.Queue()
+        # What the body is to write, in order (a list and an Event: a Queue costs an open
+        # stream 2 KB more, and the producer writes most pieces itself).
+        self._queue: list[Any] = []
+        self._queued = gevent.event.Event()
         self.gone = gevent.event.Event()
         self.events = 0  # SSE events written to the client
         self.chars = 0  # characters of answer text written to the client
@@ -110,16 +112,19 @@ class Downstream:
         self._frame: Callable[[bytes], bytes] | None = None  # once writes may skip gunicorn
         self._parked = False  # the body waits on an empty queue: the producer may write
         self._wrote_at = 0.0  # the latest write: heartbeats are for an idle connection
-        self._held: Any = None  # taken from the queue while joining pieces; next to write
 
     def put(self, piece: Piece) -> None:
         """Write a piece to the client, or queue it; never waits. Dropped once it left."""
         if not piece.data or self.gone.is_set():
             return
-        if self._parked and not self.queue.qsize():
+        if self._parked and not self._queue:
             self._write_now(piece)
         else:
-            self.queue.put(piece)
+            self._enqueue(piece)
+
+    def _enqueue(self, item: Any) -> None:
+        self._queue.append(item)
+        self._queued.set()
 
     def _write_now(self, piece: Piece) -> None:
         """Write a piece from the producer: the body waits, so the socket is free. What
@@ -135,7 +140,7 @@ class Downstream:
             self.left("write failed" if fin is None else "connection closed", fin)
             return
         if sent < len(data):
-            self.queue.put(_Rest(data[sent:], piece.events, len(piece.text)))
+            self._enqueue(_Rest(data[sent:], piece.events, len(piece.text)))
             return
         self.events += piece.events
         self.chars += len(piece.text)
@@ -144,14 +149,14 @@ class Downstream:
 
     def end(self) -> None:
         """Nothing more will come: the body finishes once the queue is sent."""
-        self.queue.put(_END)
+        self._enqueue(_END)
 
     def left(self, how: str, at: float | None = None) -> None:
         """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
-        self.queue.put(_GONE)
+        self._enqueue(_GONE)
         self._on_gone(how, time.monotonic() if at is None else at)
         self._settled.set()
 
@@ -243,7 +248,7 @@ class Downstream:
         while self.fin_at is not None and not self._settled.is_set():
             if not self._probing and (self._wrote is None or self._state() is None):
                 self._probing = True
-                self.queue.put(_PROBE)
+                self._enqueue(_PROBE)
             gevent.sleep(self.pace.probe_interval)
             self._tell()
 
@@ -319,15 +324,14 @@ class Downstream:
 
         While this waits on an empty queue, the producer writes its pieces itself.
         """
-        if self._held is not None:
-            item, self._held = self._held, None
-            return item
         self._parked = self._frame is not None
         try:
-            while (wait := self._wrote_at + self.pace.heartbeat - time.monotonic()) > 0:
-                with contextlib.suppress(gevent.queue.Empty):
-                    return self.queue.get(timeout=wait)
-            return None
+            while not self._queue:
+                self._queued.clear()
+                wait = self._wrote_at + self.pace.heartbeat - time.monotonic()
+                if wait <= 0 or not self._queued.wait(wait):
+                    return None
+            return self._queue.pop(0)
         finally:
             self._parked = False
 
@@ -351,12 +355,12 @@ class Downstream:
             else:
                 parts.append((self._frame(item.data), item.events, len(item.text)))
             size += len(parts[-1][0])
-            if size >= JOIN_SIZE or not self.queue.qsize():
+            if size >= JOIN_SIZE or not self._queue:
                 return parts
-            item = self.queue.get_nowait()
+            item = self._queue[0]
             if item is _END or item is _GONE or item is _PROBE:
-                self._held = item
                 return parts
+            self._queue.pop(0)
 
     def _write(self, parts: list[tuple[bytes, int, int]]) -> None:
         """Write framed parts at once, each counted as soon as it is written whole; raise
