@@ -44,11 +44,12 @@ def framing() -> Callable[[bytes], bytes] | None:
     """How the response this handler greenlet is sending frames body bytes that its app
     writes to the socket itself.
 
-    Only once its headers are out, and only for a chunked body (HTTP/1.1, no length);
-    None otherwise, or outside this worker: the body's bytes then go through gunicorn.
+    Only once its headers are out, and only for a body of no stated length: chunked
+    (HTTP/1.1), or ended by the close (HTTP/1.0, as nginx proxies by default). None
+    otherwise, or outside this worker: the body's bytes then go through gunicorn.
     """
     resp = _responses.get(gevent.getcurrent())
-    if resp is None or not resp.headers_sent or not resp.chunked:
+    if resp is None or not resp.headers_sent or resp.response_length is not None:
         return None
     return resp.frame
 
@@ -71,9 +72,9 @@ class OneSend(wsgi.Response):
         _responses[gevent.getcurrent()] = self
 
     def frame(self, data: bytes) -> bytes:
-        """``data`` as one chunk of this body, counted as sent (the access log's size)."""
+        """``data`` as this body puts it on the wire, counted as sent (the access log's size)."""
         self.sent += len(data)
-        return b"%X\r\n%s\r\n" % (len(data), data)
+        return b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data
 
     def send_headers(self) -> None:
         if self.headers_sent:
