@@ -7,16 +7,16 @@ headers are out (with the first piece), a piece put while the body waits on an e
 queue is written at once by the producer, without blocking (``worker.framing``: a
 greenlet switch and gunicorn's loop fewer per piece); what the socket does not take
 at once is queued, and the body writes the queue itself, several pieces in one send.
-A piece is counted as delivered (its SSE events and answer text) once its write
-succeeded; ``delivery`` waits for the client's copy to end and says how much it got
-(SPEC rule 11). The watcher notices a hang-up while
-nothing is being written: a reset, or a FIN (the hub watches the socket, and a greenlet
-is spawned only once something arrives). For a
-stream a FIN may be a half-close from a client that still reads, so the watcher
-notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment): a
-dead peer answers the first write since with a reset, which the connection's TCP state
-shows (or, where it cannot be read, a later write fails); a peer that has drawn none
-``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
+A piece is counted as delivered (its SSE events and answer text) once the socket took
+it whole; ``delivery`` waits for the client's copy to end and says how much it got
+(SPEC rule 11). The watcher notices a hang-up while nothing is being written: a reset,
+or a FIN (the hub watches the socket, and a greenlet is spawned only once something
+arrives). For a stream a FIN may be a half-close from a client that still reads, so
+the watcher notes when it saw the FIN (``fin_at``) and has a probe written (an SSE
+comment): a dead peer answers the first write since with a reset, which the
+connection's TCP state shows (or, where it cannot be read, a later write fails); a
+peer that has drawn none ``TRUST_AFTER`` probe intervals later is only half-closed,
+and keeps its stream.
 Either way the call is told once, through ``on_gone``, with the moment the FIN or
 reset was seen: that, not the confirmation, is when the client left. A busy worker may
 wake the watcher late, so the call also ``look``s at the connection's state itself at

@@ -21,6 +21,7 @@ gateway is imported at module level here.
 
 from __future__ import annotations
 
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -46,10 +47,13 @@ def framing() -> Callable[[bytes], bytes] | None:
 
     Only once its headers are out, and only for a body of no stated length: chunked
     (HTTP/1.1), or ended by the close (HTTP/1.0, as nginx proxies by default). None
-    otherwise, or outside this worker: the body's bytes then go through gunicorn.
+    otherwise, over TLS (a write that would block there is no plain EAGAIN), or outside
+    this worker: the body's bytes then go through gunicorn.
     """
     resp = _responses.get(gevent.getcurrent())
     if resp is None or not resp.headers_sent or resp.response_length is not None:
+        return None
+    if isinstance(resp.sock, ssl.SSLSocket):  # gevent's, once the worker has patched
         return None
     return resp.frame
 
