@@ -1,18 +1,22 @@
 """The client's side of a call: the queue of its bytes, the response body, the watcher.
 
-The producer (``call.py``) puts the client's pieces here and never touches the socket.
-The response body is a generator gunicorn iterates: it only relays the queue, with
-a heartbeat comment when the queue is idle, and a failed write ends it. A piece is
-counted as delivered (its SSE events and answer text) once gunicorn comes back for the
-next one, that is once its write succeeded; ``delivery`` waits for the client's copy to
-end and says how much it got (SPEC rule 11). The watcher notices a hang-up while
-nothing is being written: a reset, or a FIN (the hub watches the socket, and a greenlet
-is spawned only once something arrives). For a
-stream a FIN may be a half-close from a client that still reads, so the watcher
-notes when it saw the FIN (``fin_at``) and has a probe written (an SSE comment): a
-dead peer answers the first write since with a reset, which the connection's TCP state
-shows (or, where it cannot be read, a later write fails); a peer that has drawn none
-``TRUST_AFTER`` probe intervals later is only half-closed, and keeps its stream.
+The producer (``call.py``) puts the client's pieces here, and never waits for the
+client. The response body is a generator gunicorn iterates: it relays the queue, with
+a heartbeat comment when the connection is idle, and a failed write ends it. Once the
+headers are out (with the first piece), a piece put while the body waits on an empty
+queue is written at once by the producer, without blocking (``worker.framing``: a
+greenlet switch and gunicorn's loop fewer per piece); what the socket does not take
+at once is queued, and the body writes the queue itself, several pieces in one send.
+A piece is counted as delivered (its SSE events and answer text) once the socket took
+it whole; ``delivery`` waits for the client's copy to end and says how much it got
+(SPEC rule 11). The watcher notices a hang-up while nothing is being written: a reset,
+or a FIN (the hub watches the socket, and a greenlet is spawned only once something
+arrives). For a stream a FIN may be a half-close from a client that still reads, so
+the watcher notes when it saw the FIN (``fin_at``) and has a probe written (an SSE
+comment): a dead peer answers the first write since with a reset, which the
+connection's TCP state shows (or, where it cannot be read, a later write fails); a
+peer that has drawn none ``TRUST_AFTER`` probe intervals later is only half-closed,
+and keeps its stream.
 Either way the call is told once, through ``on_gone``, with the moment the FIN or
 reset was seen: that, not the confirmation, is when the client left. A busy worker may
 wake the watcher late, so the call also ``look``s at the connection's state itself at
@@ -32,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 import gevent.pool
-import gevent.queue
 
 from gateway import sse
+from gateway.worker import framing
 
 if TYPE_CHECKING:
     from gateway.adapters.translator import Piece
@@ -48,9 +52,20 @@ TRUST_AFTER = 5
 # Longest a call waits to learn whether a FIN was a departure (``settle``): a client
 # that nothing could be written to by then is taken at its word.
 SETTLE_WAIT = 30.0
+# Most bytes of queued pieces the body joins into one write.
+JOIN_SIZE = 65536
 # The connection's state, the first byte of TCP_INFO (Linux): the peer's FIN is in, or
 # its reset (or our own close).
 _TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7
+
+
+@dataclass(slots=True)
+class _Rest:
+    """What a write of the producer's left unsent (framed already), for the body to finish."""
+
+    data: bytes
+    events: int
+    chars: int
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,10 @@ class Downstream:
         on_gone: Callable[[str, float], None],
     ) -> None:
         self.sock, self.stream, self.pace = sock, stream, pace
-        self.queue: gevent.queue.Queue = gevent.queue.Queue()
+        # What the body is to write, in order (a list and an Event: a Queue costs an open
+        # stream 2 KB more, and the producer writes most pieces itself).
+        self._queue: list[Any] = []
+        self._queued = gevent.event.Event()
         self.gone = gevent.event.Event()
         self.events = 0  # SSE events written to the client
         self.chars = 0  # characters of answer text written to the client
@@ -91,22 +109,54 @@ class Downstream:
         self._readable: Any = None  # the hub's watch on the socket (a libev io watcher)
         self._watchers: gevent.pool.Group | None = None
         self._watcher: gevent.Greenlet | None = None  # once it was readable: tells what came
+        self._frame: Callable[[bytes], bytes] | None = None  # once writes may skip gunicorn
+        self._parked = False  # the body waits on an empty queue: the producer may write
+        self._wrote_at = 0.0  # the latest write: heartbeats are for an idle connection
 
     def put(self, piece: Piece) -> None:
-        """Queue a piece for the client; dropped once it has left."""
-        if piece.data and not self.gone.is_set():
-            self.queue.put(piece)
+        """Write a piece to the client, or queue it; never waits. Dropped once it left."""
+        if not piece.data or self.gone.is_set():
+            return
+        if self._parked and not self._queue:
+            self._write_now(piece)
+        else:
+            self._enqueue(piece)
+
+    def _enqueue(self, item: Any) -> None:
+        self._queue.append(item)
+        self._queued.set()
+
+    def _write_now(self, piece: Piece) -> None:
+        """Write a piece from the producer: the body waits, so the socket is free. What
+        the socket does not take at once is queued, for the body to finish."""
+        data = self._frame(piece.data)
+        issued = time.monotonic()
+        try:
+            sent = self.sock.send(data, 0, 0.0)  # timeout 0: raises rather than waits
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # a reset (after a FIN, it confirms that departure)
+            fin = self.fin_at
+            self.left("write failed" if fin is None else "connection closed", fin)
+            return
+        if sent < len(data):
+            self._enqueue(_Rest(data[sent:], piece.events, len(piece.text)))
+            return
+        self.events += piece.events
+        self.chars += len(piece.text)
+        self._wrote_at = issued
+        self._tell(issued)
 
     def end(self) -> None:
         """Nothing more will come: the body finishes once the queue is sent."""
-        self.queue.put(_END)
+        self._enqueue(_END)
 
     def left(self, how: str, at: float | None = None) -> None:
         """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
-        self.queue.put(_GONE)
+        self._enqueue(_GONE)
         self._on_gone(how, time.monotonic() if at is None else at)
         self._settled.set()
 
@@ -198,7 +248,7 @@ class Downstream:
         while self.fin_at is not None and not self._settled.is_set():
             if not self._probing and (self._wrote is None or self._state() is None):
                 self._probing = True
-                self.queue.put(_PROBE)
+                self._enqueue(_PROBE)
             gevent.sleep(self.pace.probe_interval)
             self._tell()
 
@@ -232,31 +282,34 @@ class Downstream:
         if self.sock is not None:
             self.sock.settimeout(self.pace.write_timeout)
         delivered = False
+        self._wrote_at = time.monotonic()  # the first heartbeat is due one interval from now
         try:
             while True:
-                try:
-                    item = self.queue.get(timeout=self.pace.heartbeat)
-                except gevent.queue.Empty:
-                    item = None
+                item = self._next()
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
                 issued = time.monotonic()
                 if item is _PROBE:
                     self._probing = False
-                if item is None or item is _PROBE:
-                    yield sse.comment("keep-alive" if item is None else "probe")
+                if self._frame is None:
+                    data, events, chars = self._unframed(item)
+                    yield data
+                    # Back here: gunicorn wrote it (a failed write closes this generator),
+                    # and the headers with it: from now on the body may write for itself.
+                    self.events += events
+                    self.chars += chars
+                    self._frame = framing() if self.sock is not None else None
                 else:
-                    yield item.data
-                    # Back here: gunicorn wrote it (a failed write closes this generator).
-                    self.events += item.events
-                    self.chars += len(item.text)
+                    self._write(self._framed(item))
+                self._wrote_at = issued
                 # The write went through: no reset had come back when it was issued.
                 # One may have come since (at once, nearby): then the client is gone.
                 self._tell(issued)
                 if self.gone.is_set():
                     return
         finally:
+            self._parked = False
             self._body_done.set()
             self.stop_watching()
             if self.sock is not None:
@@ -265,6 +318,62 @@ class Downstream:
             if not delivered:  # a failed write; after a FIN, it confirms that departure
                 fin = self.fin_at
                 self.left("write failed" if fin is None else "connection closed", fin)
+
+    def _next(self) -> Any:
+        """What to write next: a queued item, or None once the connection idled a heartbeat.
+
+        While this waits on an empty queue, the producer writes its pieces itself.
+        """
+        self._parked = self._frame is not None
+        try:
+            while not self._queue:
+                self._queued.clear()
+                wait = self._wrote_at + self.pace.heartbeat - time.monotonic()
+                if wait <= 0 or not self._queued.wait(wait):
+                    return None
+            return self._queue.pop(0)
+        finally:
+            self._parked = False
+
+    @staticmethod
+    def _unframed(item: Any) -> tuple[bytes, int, int]:
+        """What to write for ``item`` (a piece, a probe, None for a heartbeat): its bytes,
+        its SSE events and its answer characters."""
+        if item is None or item is _PROBE:
+            return sse.comment("keep-alive" if item is None else "probe"), 0, 0
+        return item.data, item.events, len(item.text)
+
+    def _framed(self, item: Any) -> list[tuple[bytes, int, int]]:
+        """What the body writes for ``item``, framed, with the pieces queued behind it."""
+        if item is None or item is _PROBE:
+            data, _, _ = self._unframed(item)
+            return [(self._frame(data), 0, 0)]
+        parts, size = [], 0
+        while True:
+            if isinstance(item, _Rest):
+                parts.append((item.data, item.events, item.chars))
+            else:
+                parts.append((self._frame(item.data), item.events, len(item.text)))
+            size += len(parts[-1][0])
+            if size >= JOIN_SIZE or not self._queue:
+                return parts
+            item = self._queue[0]
+            if item is _END or item is _GONE or item is _PROBE:
+                return parts
+            self._queue.pop(0)
+
+    def _write(self, parts: list[tuple[bytes, int, int]]) -> None:
+        """Write framed parts at once, each counted as soon as it is written whole; raise
+        if the client reads nothing for a write timeout, or is gone."""
+        data = memoryview(parts[0][0] if len(parts) == 1 else b"".join(p[0] for p in parts))
+        sent = counted = i = 0  # bytes written; bytes of the parts counted; the next part
+        while sent < len(data):
+            sent += self.sock.send(data[sent:])  # waits for room, up to the write timeout
+            while i < len(parts) and counted + len(parts[i][0]) <= sent:
+                chunk, events, chars = parts[i]
+                counted, i = counted + len(chunk), i + 1
+                self.events += events
+                self.chars += chars
 
     def _half_closed(self) -> None:
         """The FIN was a half-close: the client still reads, and has not left."""

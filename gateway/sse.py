@@ -67,6 +67,13 @@ class Decoder:
         if self._held is not None:
             events.append(self._held)
             self._held = None
+        if not self._buf and _whole_events(chunk):
+            # The common chunk: whole LF-framed events, nothing before them held.
+            for block in chunk[:-2].split(b"\n\n"):
+                for line in block.split(b"\n"):
+                    self._line(line)
+                events.append(self._take(block + b"\n\n"))
+            return events
         buf = self._buf
         scan_from = len(buf)
         buf += chunk
@@ -132,6 +139,17 @@ class Decoder:
         ev.raw = raw
         self._event, self._data = Event(), None
         return ev
+
+
+def _whole_events(chunk: bytes) -> bool:
+    """Whether ``chunk`` is whole events framed by LF alone, with no blank line but the
+    one ending each: split on blank lines, it gives the decoder's events and bytes."""
+    return (
+        chunk.endswith(b"\n\n")
+        and chunk[0] != _LF
+        and b"\r" not in chunk
+        and b"\n\n\n" not in chunk
+    )
 
 
 def encode(data: str, event: str | None = None) -> bytes:

@@ -12,7 +12,8 @@ can in a few seconds: whatever way it ends, nothing it handled is left pending.
 It also closes idle keep-alive connections as soon as it is told to stop: stock
 gunicorn waits for them as if they were requests, so one idle SDK client would hold
 every shutdown for the whole graceful_timeout. And its responses send their headers
-with the first body bytes, in one send where stock gunicorn makes two (``OneSend``).
+with the first body bytes, in one send where stock gunicorn makes two (``OneSend``), and
+a stream's later bytes may skip its loop (``framing``: see gateway/downstream.py).
 
 Imported by gunicorn's master, before gevent patches anything: so nothing from the
 gateway is imported at module level here.
@@ -20,9 +21,10 @@ gateway is imported at module level here.
 
 from __future__ import annotations
 
+import ssl
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import gevent
@@ -33,6 +35,27 @@ from gunicorn.workers.ggevent import GeventWorker
 
 # Seconds kept back at the end of graceful_timeout to record stopped calls.
 FINALISE_MARGIN = 3.0
+
+# Each handler greenlet's current response, for ``framing`` (keyed by the greenlet: a
+# response holds its socket, and a value that holds its key would keep it forever).
+_responses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def framing() -> Callable[[bytes], bytes] | None:
+    """How the response this handler greenlet is sending frames body bytes that its app
+    writes to the socket itself.
+
+    Only once its headers are out, and only for a body of no stated length: chunked
+    (HTTP/1.1), or ended by the close (HTTP/1.0, as nginx proxies by default). None
+    otherwise, over TLS (a write that would block there is no plain EAGAIN), or outside
+    this worker: the body's bytes then go through gunicorn.
+    """
+    resp = _responses.get(gevent.getcurrent())
+    if resp is None or not resp.headers_sent or resp.response_length is not None:
+        return None
+    if isinstance(resp.sock, ssl.SSLSocket):  # gevent's, once the worker has patched
+        return None
+    return resp.frame
 
 
 class OneSend(wsgi.Response):
@@ -47,6 +70,15 @@ class OneSend(wsgi.Response):
 
     _head = b""
     _holding = False
+
+    def __init__(self, req, sock, cfg):  # type: ignore[no-untyped-def]
+        super().__init__(req, sock, cfg)
+        _responses[gevent.getcurrent()] = self
+
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as this body puts it on the wire, counted as sent (the access log's size)."""
+        self.sent += len(data)
+        return b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data
 
     def send_headers(self) -> None:
         if self.headers_sent:

@@ -310,6 +310,38 @@ def test_a_whole_stream_was_delivered_event_for_event(
     assert row["delivered"]["text"] == "".join(f"tok{i} " for i in range(7))
 
 
+def test_an_http_1_0_client_gets_the_whole_stream_unchunked(
+    module_gateway: Gateway, fake, routes
+) -> None:  # type: ignore[no-untyped-def]
+    # HTTP/1.0 (as nginx proxies by default): no chunked framing, the body ends with the
+    # connection. The pieces written straight from the producer (paced, so the body
+    # waits for each) must carry no chunk framing either, and all count as delivered.
+    gw = module_gateway
+    key = gw.api("POST", "/apiKey", json={"comment": "http/1.0"})
+    payload = json.dumps(
+        {"model": "acct-openai", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.0\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {key['key']}\r\nX-Fake-Script: chunks=7;delay=0.02\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(head + payload)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status, body = raw.split(b"\r\n\r\n", 1)
+    assert status.startswith(b"HTTP/1.0 200") and b"chunked" not in status.lower()
+    assert body.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(frame[6:]) for frame in body.split(b"\n\n")[:-2]]  # not [DONE]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "".join(f"tok{i} " for i in range(7))
+    row = record(gw, key["id"])
+    assert row["status"] == "completed"
+    assert row["delivered"] == {"events": events_in(body), "text": text}
+
+
 def stalled_read(
     gw: Gateway, path: str, body: dict, key: str, script: str, settled: Callable[[], object]
 ) -> bytes:
