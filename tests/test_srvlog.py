@@ -122,23 +122,23 @@ def test_a_database_outage_costs_bounded_memory_and_never_recurses(handler, app)
 def test_overlapping_writes_report_the_dropped_count_once(handler, database_url) -> None:  # type: ignore[no-untyped-def]
     """The writer's turn and a flush (shutdown, a test) may write at once: the count of
     dropped records is reported by one of them, and nothing is counted twice."""
-    handler.interval = 3600  # the two writes below are the only ones
-    gevent.sleep(0.1)  # the writer's current wait (50 ms) ends and it takes the new one
-    marker = uuid.uuid4().hex
-    handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 1, marker, (), None))
-    handler.dropped = 7
     holder = open_database(database_url, 2)
     holder.connect()
     holder.execute_sql("BEGIN")
     holder.execute_sql("LOCK TABLE srv_logs IN EXCLUSIVE MODE")  # inserts wait behind it
     try:
+        # With no switch in between, so that the writer (every 50 ms) is one of the
+        # writers at most: it, or the first of these, takes the batch and waits.
+        marker = uuid.uuid4().hex
+        handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 1, marker, (), None))
+        handler.dropped = 7
         writes = [gevent.spawn(handler.write, 10), gevent.spawn(handler.write, 10)]
-        gevent.sleep(0.3)
-        assert not writes[0].ready()  # under way, waiting on the lock, when the second starts
+        gevent.sleep(0.3)  # every write has started, and waits on the lock or is done
     finally:
         holder.execute_sql("COMMIT")
         holder.close()
     gevent.joinall(writes, raise_error=True)
+    assert handler.written_within(5)  # the writer's own turn too, if it took part
     with database.connection_context():
         notes = list(SrvLog.select().where(SrvLog.message.contains("were dropped")))
     assert [n.details["dropped"] for n in notes] == [7]
