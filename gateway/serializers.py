@@ -100,6 +100,10 @@ def _record(row: Completion | Embedding, provider_name: str | None) -> dict[str,
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
         "deleted": row.deleted,
+        # Finalised by the sweeper (its process died with the call in flight); sweptAt
+        # stays when the call's own process, alive after all, wrote its true end later.
+        "swept": row.swept,
+        "sweptAt": iso(row.swept_at),
     }
 
 

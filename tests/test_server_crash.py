@@ -130,6 +130,10 @@ def test_a_killed_worker_is_swept_and_a_live_long_call_is_not(
     assert_swept(rows.of("doomed"))
     assert victim not in rows.heartbeats()  # the dead heartbeat row is cleaned up
     assert_completed(reader, rows, "live")
+    # The admin API says which record the sweeper closed, and when.
+    shown = {r["model"]: r for r in gw.records()}
+    assert shown["doomed"]["swept"] is True and shown["doomed"]["sweptAt"].endswith("Z")
+    assert (shown["live"]["swept"], shown["live"]["sweptAt"]) == (False, None)
 
 
 def test_a_killed_instance_is_swept_by_another_sharing_the_database(
