@@ -135,9 +135,8 @@ class Downstream:
             sent = self.sock.send(data, 0, 0.0)  # timeout 0: raises rather than waits
         except BlockingIOError:
             sent = 0
-        except OSError:  # a reset (after a FIN, it confirms that departure)
-            fin = self.fin_at
-            self.left("write failed" if fin is None else "connection closed", fin)
+        except OSError:  # a reset
+            self._write_failed()
             return
         if sent < len(data):
             self._enqueue(_Rest(data[sent:], piece.events, len(piece.text)))
@@ -309,15 +308,18 @@ class Downstream:
                 if self.gone.is_set():
                     return
         finally:
-            self._parked = False
             self._body_done.set()
             self.stop_watching()
             if self.sock is not None:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(None)
-            if not delivered:  # a failed write; after a FIN, it confirms that departure
-                fin = self.fin_at
-                self.left("write failed" if fin is None else "connection closed", fin)
+            if not delivered:
+                self._write_failed()
+
+    def _write_failed(self) -> None:
+        """A write failed: the client is gone (after a FIN, this confirms that departure)."""
+        fin = self.fin_at
+        self.left("write failed" if fin is None else "connection closed", fin)
 
     def _next(self) -> Any:
         """What to write next: a queued item, or None once the connection idled a heartbeat.
