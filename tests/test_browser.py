@@ -134,7 +134,8 @@ def test_a_person_finds_an_aborted_call_in_chinese_and_manages_a_key(
     badge = page.locator("tr.row-link .badge.aborted")
     expect(badge).to_have_count(1)
     expect(badge).to_have_text("已中止")
-    assert badge.evaluate("e => getComputedStyle(e).backgroundColor") == AMBER
+    # The stylesheet may still be on its way when the row is in the DOM: wait for the colour.
+    expect(badge).to_have_css("background-color", AMBER)
     assert "客户端已断开连接" in badge.get_attribute("title")
     page.locator("tr.row-link", has=page.locator(".badge.aborted")).locator("a").click()
 
@@ -197,7 +198,7 @@ def test_the_cost_and_where_the_clients_copy_ended_are_shown(
     assert (
         before == aborted.delivered["text"] and before + after == aborted.completion[0]["content"]
     )
-    assert mark.evaluate("e => getComputedStyle(e).borderStyle") == "dashed"
+    expect(mark).to_have_css("border-style", "dashed")
     box, rest = mark.bounding_box(), page.locator(".msg.assistant .undelivered").bounding_box()
     assert box["y"] <= rest["y"] + rest["height"]  # drawn in the text, not off somewhere
     page.goto(f"{gw.url}/")
