@@ -3,7 +3,9 @@
 SQLite (the embedded default) runs in WAL mode with a modest busy timeout; every
 write is one short transaction with no cooperative I/O inside, because SQLite's busy
 handler sleeps in C and would freeze the whole gevent worker (the recorder, which
-writes all the time, waits for the lock in gevent instead: ``write_transaction``).
+writes all the time, waits for the lock in gevent instead, and does its SQLite work
+beside the loop, in the hub's thread pool, where sqlite3 lets go of the GIL:
+``sqlite_write``).
 PostgreSQL goes through psycopg 3, which cooperates with gevent, from a small
 per-worker pool. Connections belong to greenlets: peewee must be imported after
 gevent patched ``threading`` (gunicorn's gevent worker does that before it loads the
@@ -18,30 +20,35 @@ database that is down or black-holed stalls no one; each outcome updates
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import gevent
 import peewee
 from flask import Flask, g
+from gevent import monkey
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
 from gateway.config import DEFAULTS, ROOT, default_database_url
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_native_ident = monkey.get_original("_thread", "get_ident")
+_MAIN_IDENT = _native_ident()  # the thread that imported this: a worker's, the tests'
 
 database = peewee.DatabaseProxy()
 MIGRATIONS = ROOT / "migrations"
 _MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
 
 # How often a writer looks again for SQLite's write lock another process holds
-# (``write_transaction``), in seconds: from the first retry to at most.
+# (``sqlite_write``), in seconds: from the first retry to at most.
 LOCK_POLL_MIN, LOCK_POLL_MAX = 0.001, 0.02
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -63,7 +70,11 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
         path = unquote(parsed.path)[1:] or ":memory:"
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, autoconnect=False)
+        # Not tied to the thread that opened it: ``beside_loop`` hands it to a pool
+        # thread while the greenlet that owns it waits.
+        return peewee.SqliteDatabase(
+            path, pragmas=SQLITE_PRAGMAS, autoconnect=False, check_same_thread=False
+        )
     if parsed.scheme in ("postgres", "postgresql"):
         return PooledPostgresqlDatabase(
             unquote(parsed.path.lstrip("/")) or "postgres",
@@ -80,6 +91,33 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
             connect_timeout=max(2, round(connect_timeout)),
         )
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
+
+
+def beside_loop(conn: Any, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, a call into SQLite on ``conn``, run in the hub's thread pool.
+
+    sqlite3 lets go of the GIL while SQLite works, so the worker's other greenlets run
+    meanwhile; this greenlet waits for the answer. If it is interrupted while it waits
+    (a ``Timeout``, a kill), the statement is interrupted too, and waited for, before
+    the exception goes on: nothing else may use ``conn`` while the thread does.
+    Outside a gevent worker's main thread (a script, a test without patching), it
+    simply calls ``work``.
+    """
+    if not isinstance(conn, sqlite3.Connection) or not _pooled_here():
+        return work(*args)
+    result = gevent.get_hub().threadpool.spawn(work, *args)
+    try:
+        return result.get()
+    except BaseException:
+        if not result.ready():
+            conn.interrupt()
+            result.wait()
+        raise
+
+
+def _pooled_here() -> bool:
+    """True on the patched process's own thread, where a pool thread can take work."""
+    return monkey.is_module_patched("threading") and _native_ident() == _MAIN_IDENT
 
 
 def is_postgres() -> bool:
@@ -124,36 +162,51 @@ def connection() -> Iterator[None]:
             database.close()
 
 
-@contextmanager
-def write_transaction() -> Iterator[None]:
-    """A transaction for a background writer; on SQLite its lock is waited for in gevent.
+def sqlite_write(statements: list[tuple[str, list[Any]]]) -> list[list[tuple]]:
+    """Run ``statements`` as one SQLite write transaction without stalling the worker;
+    returns each statement's rows (``RETURNING``).
 
     SQLite's busy handler sleeps in C: a worker whose writer finds the write lock taken
-    (the other worker's recorder, writing a batch for 10-20 ms) would freeze with every
-    call in it for as long. Here the lock is taken first (``BEGIN IMMEDIATE``) with no
-    busy handler, and a refusal waits in gevent, so the worker's calls run meanwhile.
-    Once the lock is held nothing inside waits for another writer. The caller bounds
-    the wait (``background``, or the recorder's own timeout).
+    (the other worker's recorder, writing a batch) would freeze with every call in it
+    for as long. So the lock is asked for with no busy handler, and a refusal waits in
+    gevent. Once it is held, the statements and the COMMIT (where FTS5 flushes and
+    merges its index) run in one call beside the loop (``beside_loop``): a batch of
+    calls with long prompts is a few hundred milliseconds of SQLite's own work, and
+    the worker's calls go on meanwhile. Nothing between BEGIN and COMMIT needs the
+    loop, so a greenlet of this worker that waits for the lock meanwhile (in C, on the
+    loop) cannot keep the transaction from ending. The caller bounds the whole
+    (the recorder's timeout): cut short, the statement is interrupted and rolled back.
     """
-    if not isinstance(database.obj, peewee.SqliteDatabase):
-        with database.atomic():
-            yield
-        return
-    with contextlib.ExitStack() as stack:
-        delay = LOCK_POLL_MIN
-        while True:
-            database.execute_sql("PRAGMA busy_timeout = 0")
-            try:
-                stack.enter_context(database.atomic(lock_type="IMMEDIATE"))
-                break
-            except peewee.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-            finally:
-                database.execute_sql(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
+    conn = database.connection()
+    delay = LOCK_POLL_MIN
+    with peewee.__exception_wrapper__:  # driver errors -> peewee's classes
+        while (results := beside_loop(conn, _transaction, conn, statements)) is None:
             gevent.sleep(delay)
             delay = min(delay * 2, LOCK_POLL_MAX)
-        yield
+    return results
+
+
+def _transaction(
+    conn: sqlite3.Connection, statements: list[tuple[str, list[Any]]]
+) -> list[list[tuple]] | None:
+    """BEGIN IMMEDIATE if the lock is free now (else None), the statements, COMMIT."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return None
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
+    try:
+        results = [conn.execute(sql, params).fetchall() for sql, params in statements]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # an interrupted write has rolled back already
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
 
 class DatabaseTimeout(peewee.OperationalError):
@@ -227,10 +280,6 @@ def migrate(db: peewee.Database | None = None) -> list[str]:
 
 def _check_greenlet_connections() -> None:
     """Refuse to run with peewee bound to real threads under a patched gevent."""
-    try:
-        from gevent import monkey
-    except ImportError:  # pragma: no cover - gevent is a hard dependency
-        return
     if (
         monkey.is_module_patched("threading")
         and threading.local not in peewee._ConnectionLocal.__mro__

@@ -28,7 +28,7 @@ from typing import Any
 import peewee as pw
 
 from gateway import redact
-from gateway.db import database
+from gateway.db import database, is_postgres, sqlite_write
 from gateway.vault import vault
 
 STATUSES = ("pending", "completed", "failed", "aborted", "cache_hit")
@@ -195,7 +195,7 @@ class Completion(BaseModel):
     cost_nanos = pw.BigIntegerField(null=True)  # its total in nano-USD, for sums
     delivered = pw.JSONField(null=True)  # streams: {events, text} the client was sent
     source_completion_id = pw.IntegerField(null=True)
-    source_uid = pw.CharField(max_length=32, null=True)  # a cache_hit's source (link_replays)
+    source_uid = pw.CharField(max_length=32, null=True)  # a cache_hit's source (_replay_links)
     cached_response = pw.JSONField(null=True)
     owner = pw.CharField(max_length=96, null=True)  # the process that recorded it (sweeper.py)
     swept = pw.BooleanField(default=False)  # finalised by the sweeper, not the call
@@ -369,8 +369,11 @@ RECORD_TABLES: dict[str, type[BaseModel]] = {"completion": Completion, "embeddin
 ROWS_PER_STATEMENT = 25  # rows encoded and sent at once: well under 1 ms of a worker's CPU
 
 
-def upsert_records(rows: list[dict]) -> list[dict]:
-    """Upsert snapshots by uid in one transaction (the caller's connection).
+def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -> list[dict]:
+    """Upsert snapshots by uid, link replays to their sources and move keys' ``last_seen``
+    forward (``touch``: key id -> its calls' latest time), in one transaction on the
+    caller's connection; on SQLite, ``sqlite_write``'s (the lock waited for in gevent,
+    SQLite's work beside the loop).
 
     Each row names its table (``kind``: completion or embedding). A pending snapshot
     never overwrites a final row; a final one overwrites only a pending row or one
@@ -393,22 +396,33 @@ def upsert_records(rows: list[dict]) -> list[dict]:
     for row in latest.values():
         columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
         groups.setdefault((RECORD_TABLES[row["kind"]], columns), []).append(row)
-    written: list[dict] = []
-    with database.atomic():
-        for (table, columns), group in groups.items():
-            statement = _upsert(table, columns)
-            # In lots: while one is with the database, the worker's calls run (gevent).
-            for start in range(0, len(group), ROWS_PER_STATEMENT):
-                for uid, row_id, swept_at in statement.execute(
-                    group[start : start + ROWS_PER_STATEMENT]
-                ):
-                    written.append({**latest[uid], "id": row_id, "swept_at": swept_at})
-        link_replays(latest.values())
-    return written
+    # In lots: on PostgreSQL, while one is with the database, the worker's calls run.
+    lots = [
+        (_upsert(table, columns), group[start : start + ROWS_PER_STATEMENT])
+        for (table, columns), group in groups.items()
+        for start in range(0, len(group), ROWS_PER_STATEMENT)
+    ]
+    later = [*_replay_links(latest.values()), *_last_seen_updates(touch or {})]
+    if is_postgres():
+        with database.atomic():
+            returned = [statement.execute(lot) for statement, lot in lots]
+            for query in later:
+                query.execute()
+    else:
+        results = sqlite_write(
+            [statement.sqlite(lot) for statement, lot in lots] + [q.sql() for q in later]
+        )
+        returned = [s.read_back(r) for (s, _), r in zip(lots, results[: len(lots)], strict=True)]
+    return [
+        {**latest[uid], "id": row_id, "swept_at": swept_at}
+        for lot in returned
+        for uid, row_id, swept_at in lot
+    ]
 
 
-def link_replays(rows: Iterable[dict]) -> None:
-    """Point cache_hit rows at their source's id, whichever of the two was written first.
+def _replay_links(rows: Iterable[dict]) -> list[pw.Query]:
+    """The update that points cache_hit rows at their source's id, whichever of the two
+    was written first, if ``rows`` hold either.
 
     The recorder writes a replay and its source in any order (two workers, or a journal
     replayed later): the replay names its source by uid, and this fills in the id once
@@ -418,26 +432,26 @@ def link_replays(rows: Iterable[dict]) -> None:
     replays = [r["uid"] for r in rows if r.get("source_uid")]
     sources = [r["uid"] for r in rows if r.get("req_id") and not r.get("source_uid")]
     if not replays and not sources:
-        return
+        return []
     source = Completion.alias()
-    (
+    return [
         Completion.update(
             source_completion_id=source.select(source.id).where(source.uid == Completion.source_uid)
-        )
-        .where(
+        ).where(
             Completion.source_completion_id.is_null()
             & (Completion.uid.in_(replays) | Completion.source_uid.in_(sources))
         )
-        .execute()
-    )
+    ]
 
 
-def touch_last_seen(seen: dict[int, datetime]) -> None:
-    """Move each key's ``last_seen`` forward to the time given (never back)."""
-    for key_id, when in sorted(seen.items()):
+def _last_seen_updates(seen: dict[int, datetime]) -> list[pw.Query]:
+    """Updates that move each key's ``last_seen`` forward to the time given (never back)."""
+    return [
         ApiKey.update(last_seen=when).where(
             (ApiKey.id == key_id) & (ApiKey.last_seen.is_null() | (ApiKey.last_seen < when))
-        ).execute()
+        )
+        for key_id, when in sorted(seen.items())
+    ]
 
 
 def pending_owners() -> set[str]:
@@ -540,23 +554,27 @@ class _Upsert:
             self._by_size: dict[int, str] = {}
 
     def execute(self, rows: list[dict]) -> list[tuple[str, int, datetime | None]]:
-        """Upsert ``rows`` (one per uid) on the current connection; (uid, id, swept_at) of
-        each row written."""
+        """PostgreSQL: upsert ``rows`` (one per uid) on the current connection; (uid, id,
+        swept_at) of each row written."""
+        lot = json.dumps([self._json(row) for row in rows], default=_isoformat)
         cursor = database.cursor()
         with pw.__exception_wrapper__:  # driver errors -> peewee's classes
-            if self._lots:
-                lot = json.dumps([self._json(row) for row in rows], default=_isoformat)
-                cursor.execute(self.sql, [lot, *self._constants])
-            else:
-                # One statement, not executemany: sqlite3's drops what RETURNING gives.
-                sql = self._by_size.get(len(rows))
-                if sql is None:
-                    sql = self._by_size[len(rows)] = self.sql.format(
-                        rows=", ".join([self._row] * len(rows))
-                    )
-                values = [value for row in rows for value in self._values(row)]
-                cursor.execute(sql, [*values, *self._constants])
-            written = cursor.fetchall()
+            cursor.execute(self.sql, [lot, *self._constants])
+            return self.read_back(cursor.fetchall())
+
+    def sqlite(self, rows: list[dict]) -> tuple[str, list[Any]]:
+        """SQLite: the statement and parameters that upsert ``rows`` (one per uid). One
+        statement, not executemany: sqlite3's drops what RETURNING gives."""
+        sql = self._by_size.get(len(rows))
+        if sql is None:
+            sql = self._by_size[len(rows)] = self.sql.format(
+                rows=", ".join([self._row] * len(rows))
+            )
+        values = [value for row in rows for value in self._values(row)]
+        return sql, [*values, *self._constants]
+
+    def read_back(self, written: list[tuple]) -> list[tuple[str, int, datetime | None]]:
+        """(uid, id, swept_at) of each row the statement wrote, from what it returned."""
         return [(uid, row_id, self._swept_at.python_value(at)) for uid, row_id, at in written]
 
     def _json(self, row: dict) -> dict[str, Any]:

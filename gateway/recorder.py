@@ -41,7 +41,7 @@ from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import Exchange
 from gateway.journal import Journal
-from gateway.models import touch_last_seen, upsert_records
+from gateway.models import upsert_records
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry
 
@@ -322,9 +322,7 @@ def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> list[dic
             seen[key] = max(seen.get(key, row["created_at"]), row["created_at"])
     if database.is_closed():
         database.connect()  # the writer's own connection, kept between batches
-    with db.write_transaction():  # on SQLite, waits for the lock without freezing the worker
-        written = upsert_records(rows)
-        touch_last_seen(seen)
+    written = upsert_records(rows, seen)  # on SQLite, beside the loop (``db.sqlite_write``)
     # Committed: the spans agree with the rows. Only what the database took: a
     # snapshot it refused (a replay of one already written) makes no second span.
     telemetry.export(written)

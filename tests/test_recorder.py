@@ -343,10 +343,10 @@ def test_a_writer_survives_an_unexpected_error_and_sets_the_row_aside(
     real = recorder_module.upsert_records
     poison: set[str] = set()
 
-    def upsert(rows: list[dict]) -> list[dict]:
+    def upsert(rows: list[dict], touch: dict | None = None) -> list[dict]:
         if poison & {r["uid"] for r in rows}:
             raise TypeError("a bug, not a database error")
-        return real(rows)
+        return real(rows, touch)
 
     monkeypatch.setattr(recorder_module, "upsert_records", upsert)
     try:
@@ -468,6 +468,7 @@ def test_a_sqlite_write_waits_for_another_process_lock_without_freezing_the_work
     started = time.monotonic()
     write_rows([snapshot(ex)])
     waited = time.monotonic() - started
+    gevent.sleep(0.01)  # a tick after the write, or a frozen loop would show no gap
     ticker.kill()
     assert holder.wait(5) == 0
     holder.stdout.close()
@@ -486,3 +487,70 @@ print("locked", flush=True)
 time.sleep(0.5)
 db.execute("COMMIT")
 """
+
+
+def heavy_calls(key_id: int, count: int) -> list[Exchange]:
+    """Ended calls with about 20 KB of prompt each, no two alike: work for an index."""
+    words = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
+    calls = []
+    for i in range(count):
+        text = " ".join(words[(i * 37 + j * 11) % len(words)] for j in range(2500))
+        ex = Exchange(
+            api_key_id=key_id,
+            model="m",
+            api_format="openai-chat",
+            prompt={"messages": [{"role": "user", "content": text}]},
+        )
+        ex.finish("completed")
+        calls.append(ex)
+    return calls
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sqlite_indexing_a_heavy_batch_does_not_freeze_the_worker(
+    rec: Recorder, key_id: int
+) -> None:
+    """SQLite's own work on a batch (rows, indexes, the full-text trigram index, the
+    commit that flushes and merges it) runs beside the loop: the worker's calls go on."""
+    calls = heavy_calls(key_id, 150)
+    ticks: list[float] = []
+
+    def call() -> None:  # a call in this worker, meanwhile
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.002)
+
+    ticker = gevent.spawn(call)
+    gevent.sleep(0.01)
+    started = time.monotonic()
+    write_rows([snapshot(ex) for ex in calls])
+    took = time.monotonic() - started
+    gevent.sleep(0.01)  # a tick after the write, or a frozen loop would show no gap
+    ticker.kill()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert took > 0.2, f"the batch took {took:.3f} s: too light to show anything"
+    assert max(gaps) < 0.1, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
+    assert len(rows()) == 150
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_write_of_this_worker_meanwhile_waits_only_for_the_batch(
+    rec: Recorder, key_id: int
+) -> None:
+    """While the batch is with SQLite, the worker's other greenlets run, and one of them
+    may write: it waits for the lock in SQLite's busy handler, on the loop. The batch
+    must not need the loop to end (it would wait out that handler: 5 s, then fail)."""
+    calls = heavy_calls(key_id, 150)
+
+    def admin_write() -> int:
+        with database.connection_context():
+            return ApiKey.create(key_hash="a" * 64, key_hint="sk-…adm").id
+
+    started = time.monotonic()
+    other = gevent.spawn_later(0.05, admin_write)
+    write_rows([snapshot(ex) for ex in calls])
+    other.join(10)
+    took = time.monotonic() - started
+    assert other.successful(), other.exception
+    assert took < 2.5, f"{took:.1f} s: the two writes waited for each other"
+    assert len(rows()) == 150

@@ -205,9 +205,9 @@ def test_a_prune_during_heavy_recording_loses_no_new_row(
     writes: list[float] = []
     real = recorder_module.upsert_records
 
-    def timed(batch: list[dict]) -> list[dict]:
+    def timed(batch: list[dict], touch: dict | None = None) -> list[dict]:
         start = time.perf_counter()
-        written = real(batch)
+        written = real(batch, touch)
         writes.append(time.perf_counter() - start)
         return written
 
