@@ -161,13 +161,11 @@ class Retention:
                 if not rows:
                     return total
                 # The time range lets PostgreSQL look in the partitions concerned only.
-                total += (
-                    table.delete()
-                    .where(
+                total += _changed(
+                    table.delete().where(
                         table.id.in_([id_ for id_, _ in rows])
                         & table.created_at.between(rows[0][1], rows[-1][1])
                     )
-                    .execute()
                 )
             gevent.sleep(self.pause)
 
@@ -204,15 +202,13 @@ class Retention:
                     if not rows:
                         break
                     ids = [id_ for id_, _ in rows]
-                    total += (
-                        table.update({field: None for field in fields})
-                        .where(
+                    total += _changed(
+                        table.update({field: None for field in fields}).where(
                             table.id.in_(ids) & table.created_at.between(rows[0][1], rows[-1][1])
-                        )
-                        .execute()
+                        ),
+                        # Their full-text entries go with their text (SQLite's FTS5 table).
+                        _forget_text(ids) if table is Completion else None,
                     )
-                    if table is Completion and not is_postgres():
-                        _forget_text(ids)
                 gevent.sleep(self.pause)
             self._stripped_to[table] = since  # every row before ``since`` is done
             if until == cutoff:
@@ -287,10 +283,25 @@ def _beside_database() -> Path:
     return Path(f"{path}-retention.lock")
 
 
-def _forget_text(ids: list[int]) -> None:
-    """Drop rows' full-text entries (SQLite's FTS5 table; 0006_search)."""
+def _changed(query: Any, then_on_sqlite: tuple[str, list[Any]] | None = None) -> int:
+    """Run a write; the number of rows it changed.
+
+    On SQLite, with ``then_on_sqlite`` after it in the same transaction, beside the
+    loop (``db.sqlite_write``): a batch's index work (the full-text trigger) is tens of
+    milliseconds, which the worker's calls would otherwise wait out.
+    """
+    if is_postgres():
+        return query.execute()
+    statements = [query.sql(), ("SELECT changes()", [])]
+    if then_on_sqlite is not None:
+        statements.append(then_on_sqlite)
+    return db.sqlite_write(statements)[1][0][0]
+
+
+def _forget_text(ids: list[int]) -> tuple[str, list[Any]]:
+    """The statement that drops rows' full-text entries (SQLite's FTS5 table; 0006_search)."""
     marks = ", ".join(["?"] * len(ids))
-    database.execute_sql(f"DELETE FROM completions_fts WHERE rowid IN ({marks})", ids)
+    return f"DELETE FROM completions_fts WHERE rowid IN ({marks})", ids
 
 
 retention = Retention()

@@ -6,6 +6,7 @@ moves rows the DEFAULT partition caught into their month's new partition.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -415,3 +416,59 @@ def test_a_busy_table_delays_partition_ddl_and_never_waits_on_it(
         reader.close()
     done = make_retention(tmp_path, clock=clock, RETENTION_DAYS=30).run()
     assert "completions_legacy" in done["partitions_dropped"] and len(done["partitions_made"]) == 3
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("mode", ["rows", "bodies"])
+def test_a_sqlite_prune_does_not_freeze_the_worker(key_id: int, tmp_path: Path, mode: str) -> None:
+    """Each batch's work inside SQLite (the rows, and their full-text entries: FTS5
+    reads a row's text again to unindex it) runs beside the loop: the calls go on."""
+    words = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
+    old = NOW - timedelta(days=60)
+    with database.connection_context():
+        rows = [
+            {
+                "uid": uuid.uuid4().hex,
+                "api_key": key_id,
+                "model": "m",
+                "api_format": "openai-chat",
+                "status": "completed",
+                "prompt": {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": " ".join(words[(i * 37 + j) % 4000] for j in range(600)),
+                        }
+                    ]
+                },
+                "created_at": old + timedelta(seconds=i),
+                "updated_at": old,
+            }
+            for i in range(1500)
+        ]
+        for start in range(0, len(rows), 250):
+            Completion.insert_many(rows[start : start + 250]).execute()
+    days = {"RETENTION_DAYS": 30} if mode == "rows" else {"RETENTION_BODY_DAYS": 30}
+    job = make_retention(tmp_path, RETENTION_BATCH=750, **days)
+    ticks: list[float] = []
+
+    def call() -> None:  # a call in this worker, meanwhile
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.002)
+
+    ticker = gevent.spawn(call)
+    gevent.sleep(0.01)
+    started = time.monotonic()
+    done = job.run()
+    took = time.monotonic() - started
+    gevent.sleep(0.01)  # a tick after the prune, or a frozen loop would show no gap
+    ticker.kill()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert done is not None
+    assert done["completions" if mode == "rows" else "completions_bodies"] == 1500
+    assert took > 0.2, f"the prune took {took:.3f} s: too light to show anything"
+    assert max(gaps) < 0.1, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
+    with database.connection_context():  # nothing of the old text is found any more
+        found = Completion.select().where(fulltext.condition(Completion, [words[37]]))
+        assert not found.exists()
