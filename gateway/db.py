@@ -5,7 +5,8 @@ write is one short transaction with no cooperative I/O inside, because SQLite's 
 handler sleeps in C and would freeze the whole gevent worker (the recorder, which
 writes all the time, waits for the lock in gevent instead, and does its SQLite work
 beside the loop, in the hub's thread pool, where sqlite3 lets go of the GIL:
-``sqlite_write``).
+``sqlite_write``). Reads outside a transaction run beside the loop too, so a dashboard's
+aggregate over a big table does not stop the worker's calls (``_SqliteDatabase``).
 PostgreSQL goes through psycopg 3, which cooperates with gevent, from a small
 per-worker pool. Connections belong to greenlets: peewee must be imported after
 gevent patched ``threading`` (gunicorn's gevent worker does that before it loads the
@@ -72,7 +73,7 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Not tied to the thread that opened it: ``beside_loop`` hands it to a pool
         # thread while the greenlet that owns it waits.
-        return peewee.SqliteDatabase(
+        return _SqliteDatabase(
             path, pragmas=SQLITE_PRAGMAS, autoconnect=False, check_same_thread=False
         )
     if parsed.scheme in ("postgres", "postgresql"):
@@ -91,6 +92,69 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
             connect_timeout=max(2, round(connect_timeout)),
         )
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
+
+
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """SQLite whose reads outside a transaction run beside the event loop.
+
+    A dashboard page's aggregate over a big table is SQLite's work for hundreds of
+    milliseconds; on the loop, every call in the worker would wait that long. A read
+    in autocommit mode holds no write lock (WAL), so it may wait in a thread. Inside a
+    transaction everything stays on the loop: one that holds the write lock must not
+    let the loop go to a greenlet that would then wait for that lock in SQLite's busy
+    handler, in C, on the loop, while the transaction waits for the loop to finish.
+    """
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        conn = self._state.conn
+        if conn is None or conn.in_transaction or not _pooled_here() or not _reads(sql):
+            return super().execute_sql(sql, params)
+        self._log_query(sql, params)
+        with peewee.__exception_wrapper__:
+            return beside_loop(conn, _Fetched, conn, sql, params or ())
+
+
+def _reads(sql: str) -> bool:
+    """A SELECT, or a WITH (one that writes, in autocommit, needs nothing of the loop
+    either: it takes the lock and commits within the statement)."""
+    return sql.lstrip()[:6].upper().startswith(("SELECT", "WITH"))
+
+
+class _Fetched:
+    """A cursor's answer, fetched whole in the pool thread (the steps are SQLite's
+    work too); reads like the cursor it was for peewee."""
+
+    rowcount = -1
+    lastrowid = None
+
+    def __init__(self, conn: sqlite3.Connection, sql: str, params: Any) -> None:
+        cursor = conn.execute(sql, params)
+        self.description = cursor.description
+        self._rows = cursor.fetchall()
+        self._at = 0
+
+    def fetchone(self) -> tuple | None:
+        if self._at >= len(self._rows):
+            return None
+        self._at += 1
+        return self._rows[self._at - 1]
+
+    def fetchmany(self, size: int = 1) -> list[tuple]:
+        rows = self._rows[self._at : self._at + size]
+        self._at += len(rows)
+        return rows
+
+    def fetchall(self) -> list[tuple]:
+        rows = self._rows[self._at :]
+        self._at = len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[tuple]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+    def close(self) -> None:
+        self._rows = []
 
 
 def beside_loop(conn: Any, work: Callable[..., T], *args: Any) -> T:

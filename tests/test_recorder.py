@@ -529,7 +529,8 @@ def test_sqlite_indexing_a_heavy_batch_does_not_freeze_the_worker(
     ticker.kill()
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert took > 0.2, f"the batch took {took:.3f} s: too light to show anything"
-    assert max(gaps) < 0.1, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
+    # On a busy machine the loop's turns come late; frozen, it would miss them all.
+    assert max(gaps) < took / 3, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
     assert len(rows()) == 150
 
 
