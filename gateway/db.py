@@ -124,13 +124,11 @@ class _Fetched:
     """A cursor's answer, fetched whole in the pool thread (the steps are SQLite's
     work too); reads like the cursor it was for peewee."""
 
-    rowcount = -1
-    lastrowid = None
-
     def __init__(self, conn: sqlite3.Connection, sql: str, params: Any) -> None:
         cursor = conn.execute(sql, params)
-        self.description = cursor.description
         self._rows = cursor.fetchall()
+        self.description = cursor.description
+        self.rowcount, self.lastrowid = cursor.rowcount, cursor.lastrowid
         self._at = 0
 
     def fetchone(self) -> tuple | None:
