@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import time
 from pathlib import Path
@@ -11,12 +10,19 @@ import gevent
 import pytest
 
 from gateway.db import beside_loop, open_database
+from tests.loopwatch import Watch, watch_loop
 
 # Counts to a billion: many seconds of SQLite's own work, unless interrupted.
 _LONG = (
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000000)"
     " SELECT count(*) FROM n"
 )
+
+
+def assert_kept_turning(watch: Watch) -> None:
+    assert watch.took > 0.2, f"{watch.took:.3f} s: too short to show anything"
+    # On a busy machine the loop's turns come late; stopped, it would miss them all.
+    assert watch.longest < watch.took / 3, f"stopped {watch.longest:.3f} s of {watch.took:.3f}"
 
 
 def _fetch(conn: sqlite3.Connection, sql: str) -> list[tuple]:
@@ -29,25 +35,10 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
 
 
 def test_a_statement_runs_while_the_loop_goes_on(conn: sqlite3.Connection) -> None:
-    ticks: list[float] = []
-
-    def tick() -> None:
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.002)
-
-    ticker = gevent.spawn(tick)
-    gevent.sleep(0.01)
-    started = time.monotonic()
     sql = _LONG.replace("1000000000", "3000000")
-    assert beside_loop(conn, _fetch, conn, sql) == [(3000000,)]
-    took = time.monotonic() - started
-    gevent.sleep(0.01)  # a tick after the statement, or a frozen loop would show no gap
-    ticker.kill()
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert took > 0.2, f"{took:.3f} s: too short to show anything"
-    # On a busy machine the loop's turns come late; stopped, it would miss them all.
-    assert max(gaps) < took / 3, f"the loop stopped for {max(gaps):.3f} s of {took:.3f} s"
+    with watch_loop() as watch:
+        assert beside_loop(conn, _fetch, conn, sql) == [(3000000,)]
+    assert_kept_turning(watch)
 
 
 def test_a_wait_cut_short_interrupts_the_statement_and_leaves_the_connection_usable(
@@ -69,26 +60,10 @@ def test_an_error_in_the_statement_reaches_the_caller(conn: sqlite3.Connection) 
 def test_a_read_outside_a_transaction_runs_beside_the_loop(tmp_path: Path) -> None:
     """A dashboard's aggregate over a big table must not stop the worker's calls."""
     db = open_database(f"sqlite:///{tmp_path}/gw.db")
-    ticks: list[float] = []
-
-    def tick() -> None:
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.002)
-
-    ticker = gevent.spawn(tick)
-    gevent.sleep(0.01)
-    started = time.monotonic()
-    with db.connection_context():
+    with watch_loop() as watch, db.connection_context():
         assert db.execute_sql(_LONG.replace("1000000000", "3000000")).fetchall() == [(3000000,)]
         assert db.execute_sql("SELECT 1 UNION ALL SELECT 2").fetchone() == (1,)
-    took = time.monotonic() - started
-    gevent.sleep(0.01)  # a tick after the read, or a frozen loop would show no gap
-    ticker.kill()
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert took > 0.2, f"{took:.3f} s: too short to show anything"
-    # On a busy machine the loop's turns come late; stopped, it would miss them all.
-    assert max(gaps) < took / 3, f"the loop stopped for {max(gaps):.3f} s of {took:.3f} s"
+    assert_kept_turning(watch)
 
 
 def test_a_read_inside_a_write_transaction_keeps_the_loop(tmp_path: Path) -> None:

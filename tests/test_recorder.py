@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
 from tests import pools
+from tests.loopwatch import watch_loop
 from tests.servers import wait_until
 
 
@@ -455,26 +455,14 @@ def test_a_sqlite_write_waits_for_another_process_lock_without_freezing_the_work
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-    ticks: list[float] = []
-
-    def call() -> None:  # a call in this worker, meanwhile
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.005)
-
     ex = exchange(key_id)
     ex.finish("completed")
-    ticker = gevent.spawn(call)
-    started = time.monotonic()
-    write_rows([snapshot(ex)])
-    waited = time.monotonic() - started
-    gevent.sleep(0.01)  # a tick after the write, or a frozen loop would show no gap
-    ticker.kill()
+    with watch_loop() as watch:
+        write_rows([snapshot(ex)])
     assert holder.wait(5) == 0
     holder.stdout.close()
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert waited > 0.3, "the lock was not held: the test tests nothing"
-    assert max(gaps) < 0.1, f"the worker froze for {max(gaps):.3f} s"
+    assert watch.took > 0.3, "the lock was not held: the test tests nothing"
+    assert watch.longest < 0.1, f"the worker froze for {watch.longest:.3f} s"
     ((status, uid),) = [(r.status, r.uid) for r in rows()]
     assert (status, uid) == ("completed", ex.uid)
 
@@ -513,24 +501,11 @@ def test_sqlite_indexing_a_heavy_batch_does_not_freeze_the_worker(
     """SQLite's own work on a batch (rows, indexes, the full-text trigram index, the
     commit that flushes and merges it) runs beside the loop: the worker's calls go on."""
     calls = heavy_calls(key_id, 150)
-    ticks: list[float] = []
-
-    def call() -> None:  # a call in this worker, meanwhile
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.002)
-
-    ticker = gevent.spawn(call)
-    gevent.sleep(0.01)
-    started = time.monotonic()
-    write_rows([snapshot(ex) for ex in calls])
-    took = time.monotonic() - started
-    gevent.sleep(0.01)  # a tick after the write, or a frozen loop would show no gap
-    ticker.kill()
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert took > 0.2, f"the batch took {took:.3f} s: too light to show anything"
+    with watch_loop() as watch:
+        write_rows([snapshot(ex) for ex in calls])
+    assert watch.took > 0.2, f"the batch took {watch.took:.3f} s: too light to show anything"
     # On a busy machine the loop's turns come late; frozen, it would miss them all.
-    assert max(gaps) < took / 3, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
+    assert watch.longest < watch.took / 3, f"froze {watch.longest:.3f} s of {watch.took:.3f}"
     assert len(rows()) == 150
 
 

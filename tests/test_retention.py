@@ -6,7 +6,6 @@ moves rows the DEFAULT partition caught into their month's new partition.
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from gateway.models import ApiKey, Completion, Embedding, SrvLog, utcnow
 from gateway.recorder import Recorder
 from gateway.retention import Retention
 from tests import pools
+from tests.loopwatch import watch_loop
 
 NOW = datetime(2027, 3, 10, 12, 0)
 
@@ -450,26 +450,13 @@ def test_a_sqlite_prune_does_not_freeze_the_worker(key_id: int, tmp_path: Path, 
             Completion.insert_many(rows[start : start + 250]).execute()
     days = {"RETENTION_DAYS": 30} if mode == "rows" else {"RETENTION_BODY_DAYS": 30}
     job = make_retention(tmp_path, RETENTION_BATCH=750, **days)
-    ticks: list[float] = []
-
-    def call() -> None:  # a call in this worker, meanwhile
-        while True:
-            ticks.append(time.monotonic())
-            gevent.sleep(0.002)
-
-    ticker = gevent.spawn(call)
-    gevent.sleep(0.01)
-    started = time.monotonic()
-    done = job.run()
-    took = time.monotonic() - started
-    gevent.sleep(0.01)  # a tick after the prune, or a frozen loop would show no gap
-    ticker.kill()
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    with watch_loop() as watch:
+        done = job.run()
     assert done is not None
     assert done["completions" if mode == "rows" else "completions_bodies"] == 1500
-    assert took > 0.2, f"the prune took {took:.3f} s: too light to show anything"
+    assert watch.took > 0.2, f"the prune took {watch.took:.3f} s: too light to show anything"
     # On a busy machine the loop's turns come late; frozen, it would miss them all.
-    assert max(gaps) < took / 3, f"the worker froze for {max(gaps):.3f} s of {took:.3f} s"
+    assert watch.longest < watch.took / 3, f"froze {watch.longest:.3f} s of {watch.took:.3f}"
     with database.connection_context():  # nothing of the old text is found any more
         found = Completion.select().where(fulltext.condition(Completion, [words[37]]))
         assert not found.exists()
