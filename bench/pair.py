@@ -1,0 +1,158 @@
+"""Paired benchmark: two builds of the gateway side by side, with the floor.
+
+``python bench/pair.py BEFORE [AFTER]``: BEFORE and AFTER are checkouts of this
+repository (``git worktree add /tmp/before <commit>``; AFTER defaults to this one). Starts
+the fake upstream, the floor and one gateway from each checkout (real gunicorn, 1 worker
+each, one SQLite file, so both have the same key and models), then alternates blocks of
+calls across the three, so the shared machine's noise falls on all alike:
+
+- default: worker CPU per JSON call and per 20-chunk stream (the median block), 1-client
+  p50 / p99 of a JSON call and of a stream's first byte;
+- ``--beside N``: a JSON call's latency at 1 client while 4 other clients send prompts of
+  N words to the same worker (what a gateway's own work on big calls costs its others).
+
+A difference smaller than the spread between two runs with BEFORE and AFTER swapped is
+noise (about 7% on CPU here): run it both ways before believing a few percent. Uses the
+dependencies of the virtualenv it runs in, for both builds.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import run  # noqa: E402
+from bench.client import Connection, request  # noqa: E402
+from tests import servers  # noqa: E402
+from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", type=Path, help="a checkout of the build to compare with")
+    parser.add_argument("after", type=Path, nargs="?", default=ROOT, help="default: this one")
+    parser.add_argument("--rounds", type=int, default=6, help="CPU blocks per target")
+    parser.add_argument("--calls", type=int, default=600, help="1-client calls per target")
+    parser.add_argument("--beside", type=int, metavar="WORDS", help="big calls beside")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-pair-"))
+    fake = FakeUpstream()
+    floor = Floor(fake.url + "/v1", tmp / "floor.log")
+    gateways: list[Gateway] = []
+    try:
+        url = f"sqlite:///{tmp}/gw.db"
+        route: dict = {}
+        for name, checkout in (("before", args.before), ("after", args.after)):
+            servers.ROOT = checkout.resolve()  # where gunicorn starts: that build's code
+            gateways.append(Gateway(url, tmp / name, workers=1, GATEWAY_LOG_LEVEL="WARNING"))
+            if not route:  # made before the second starts, which reads them as it starts
+                route = setup(gateways[0], fake.url)
+        targets = [run.Target("floor", floor.port, [floor.proc.pid])] + [
+            run.Target(name, gw.port, gw.worker_pids())
+            for name, gw in zip(("before", "after"), gateways, strict=True)
+        ]
+        if args.beside:
+            beside(targets[1:], route["key"], args.beside, args.rounds)
+        else:
+            paired(targets, route["key"], args)
+    except BaseException:
+        print(f"pair: failed; the logs are in {tmp}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        for gw in gateways:
+            gw.stop()
+        floor.stop()
+        fake.stop()
+
+
+def setup(gw: Gateway, upstream: str) -> dict:
+    """A key with limits no run reaches, and the models the runs call."""
+    route = gw.setup_route(upstream, key={"rpmLimit": 10**9, "tpmLimit": 10**9})
+    for script in (run.ANSWER, run.FIRST_BYTE, run.PACED):
+        model = {"providerId": route["provider"]["id"], "systemName": script}
+        gw.api("POST", "/models", json={**model, "remoteId": script})
+    return route
+
+
+def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> None:
+    answer, first = request(run.ANSWER, False, key), request(run.FIRST_BYTE, True, key)
+    paced = request(run.PACED, True, key)
+    cpu: dict[str, dict[str, list[float]]] = {"json": {}, "stream": {}}
+    for _ in range(args.rounds):
+        for kind, req, count in (("json", answer, 300), ("stream", paced, 200)):
+            for name, ms in run.cpu_per_call(targets, req, count, 1).items():
+                cpu[kind].setdefault(name, []).append(ms)
+    for kind, blocks in cpu.items():
+        line = {name: round(statistics.median(ms), 3) for name, ms in blocks.items()}
+        print(f"worker CPU per {kind} call, ms (median block): {json.dumps(line)}")
+    for label, req, part in (("JSON call", answer, 1), ("stream's first byte", first, 0)):
+        times = run.serial(targets, req, args.calls)
+        for p in (50, 99):
+            line = {
+                n: round(run.pct([t[part] for t in ts], p) * 1000, 2) for n, ts in times.items()
+            }
+            print(f"{label} p{p}, ms, 1 client: {json.dumps(line)}")
+
+
+def beside(targets: list[run.Target], key: str, words: int, rounds: int) -> None:
+    """Small calls at 1 client while 4 clients send prompts of ``words`` words."""
+    vocabulary = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
+    bigs = []
+    for i in range(50):
+        text = " ".join(vocabulary[(i * 37 + j * 11) % 4000] for j in range(words))
+        body = {"model": run.ANSWER, "messages": [{"role": "user", "content": text}]}
+        data = json.dumps(body).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        bigs.append(head.encode() + data)
+    small = request(run.ANSWER, False, key)
+    times: dict[str, list[float]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        for target in run.rotated(targets, r):
+            done = gevent.event.Event()
+            senders = [gevent.spawn(_send_until, target.port, bigs, done) for _ in range(4)]
+            gevent.sleep(0.5)
+            conn = Connection(target.port)
+            times[target.name] += [conn.call(small)[1] for _ in range(300)]
+            conn.close()
+            done.set()
+            gevent.joinall(senders, raise_error=True)
+    for name, ts in times.items():
+        p50, p99 = (run.pct(ts, p) * 1000 for p in (50, 99))
+        print(
+            f"{name}: JSON call beside {words}-word prompts, 1 client: p50 {p50:.2f} ms, "
+            f"p99 {p99:.2f} ms, worst {max(ts) * 1000:.2f} ms"
+        )
+
+
+def _send_until(port: int, requests: list[bytes], done: gevent.event.Event) -> None:
+    conn, i = Connection(port), 0
+    while not done.is_set():
+        conn.call(requests[i % len(requests)])
+        i += 1
+        gevent.sleep(0.002)
+    conn.close()
+
+
+if __name__ == "__main__":
+    main()
