@@ -5,8 +5,9 @@ write is one short transaction with no cooperative I/O inside, because SQLite's 
 handler sleeps in C and would freeze the whole gevent worker (the recorder, which
 writes all the time, waits for the lock in gevent instead, and does its SQLite work
 beside the loop, in the hub's thread pool, where sqlite3 lets go of the GIL:
-``sqlite_write``). Reads outside a transaction run beside the loop too, so a dashboard's
-aggregate over a big table does not stop the worker's calls (``_SqliteDatabase``).
+``sqlite_write``). Statements outside a transaction run beside the loop too, so neither a
+dashboard's aggregate over a big table nor a write waiting for another process's lock
+stops the worker's calls (``_SqliteDatabase``).
 PostgreSQL goes through psycopg 3, which cooperates with gevent, from a small
 per-worker pool. Connections belong to greenlets: peewee must be imported after
 gevent patched ``threading`` (gunicorn's gevent worker does that before it loads the
@@ -95,29 +96,34 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
 
 
 class _SqliteDatabase(peewee.SqliteDatabase):
-    """SQLite whose reads outside a transaction run beside the event loop.
+    """SQLite whose statements outside a transaction run beside the event loop.
 
     A dashboard page's aggregate over a big table is SQLite's work for hundreds of
-    milliseconds; on the loop, every call in the worker would wait that long. A read
-    in autocommit mode holds no write lock (WAL), so it may wait in a thread. Inside a
-    transaction everything stays on the loop: one that holds the write lock must not
-    let the loop go to a greenlet that would then wait for that lock in SQLite's busy
-    handler, in C, on the loop, while the transaction waits for the loop to finish.
+    milliseconds, and a write outside a transaction that finds the lock taken (another
+    worker's recorder writing a batch) waits for it in SQLite's busy handler, in C: on
+    the loop, every call in the worker would wait that long. In autocommit mode a
+    statement takes what it needs and lets go of it by itself, so it may run in a
+    thread. Inside a transaction everything stays on the loop: one that holds the write
+    lock must not let the loop go to a greenlet that would then wait for that lock in
+    the busy handler on the loop, while the transaction waits for the loop to finish.
     """
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         conn = self._state.conn
-        if conn is None or conn.in_transaction or not _pooled_here() or not _reads(sql):
+        if conn is None or conn.in_transaction or not _pooled_here() or not _statement(sql):
             return super().execute_sql(sql, params)
         self._log_query(sql, params)
         with peewee.__exception_wrapper__:
             return beside_loop(conn, _Fetched, conn, sql, params or ())
 
 
-def _reads(sql: str) -> bool:
-    """A SELECT, or a WITH (one that writes, in autocommit, needs nothing of the loop
-    either: it takes the lock and commits within the statement)."""
-    return sql.lstrip()[:6].upper().startswith(("SELECT", "WITH"))
+_STATEMENTS = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _statement(sql: str) -> bool:
+    """A query or a change of rows, as opposed to BEGIN, COMMIT, SAVEPOINT, PRAGMA or
+    DDL, which stay on the loop (they change the connection's state, or are rare)."""
+    return sql.lstrip()[:7].upper().startswith(_STATEMENTS)
 
 
 class _Fetched:
