@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from gateway.db import beside_loop, open_database
 from tests.loopwatch import Watch, watch_loop
+from tests.servers import sqlite_lock_held
 
 # Counts to a billion: many seconds of SQLite's own work, unless interrupted.
 _LONG = (
@@ -97,16 +96,6 @@ def test_a_read_inside_a_write_transaction_keeps_the_loop(tmp_path: Path) -> Non
         assert sorted(db.execute_sql("SELECT x FROM t").fetchall()) == [(1,), (2,)]
 
 
-_HOLD_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(0.6)
-db.execute("COMMIT")
-"""
-
-
 def test_a_write_waiting_for_another_process_lock_keeps_the_loop(tmp_path: Path) -> None:
     """A write outside a transaction (a heartbeat, a server log, an admin change) that
     finds another worker's recorder holding the lock waits in SQLite's busy handler,
@@ -115,14 +104,8 @@ def test_a_write_waiting_for_another_process_lock_keeps_the_loop(tmp_path: Path)
     db = open_database(f"sqlite:///{path}")
     with db.connection_context():
         db.execute_sql("CREATE TABLE t (x INTEGER)")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-    with watch_loop() as watch, db.connection_context():
+    with sqlite_lock_held(path, 0.6), watch_loop() as watch, db.connection_context():
         assert db.execute_sql("INSERT INTO t VALUES (1)").rowcount == 1
-    assert holder.wait(5) == 0
-    holder.stdout.close()
     assert_kept_turning(watch)
     with db.connection_context():
         assert db.execute_sql("SELECT x FROM t").fetchall() == [(1,)]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -27,7 +25,7 @@ from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
 from tests import pools
 from tests.loopwatch import watch_loop
-from tests.servers import wait_until
+from tests.servers import sqlite_lock_held, wait_until
 
 
 def make_recorder(tmp_path: Path, **config: object) -> Recorder:
@@ -449,32 +447,15 @@ def test_a_sqlite_write_waits_for_another_process_lock_without_freezing_the_work
     rec: Recorder, key_id: int, database_url: str
 ) -> None:
     """SQLite's own busy handler sleeps in C: the worker's calls would stop meanwhile."""
-    holder = subprocess.Popen(  # another worker's recorder, writing a batch for 0.5 s
-        [sys.executable, "-c", _HOLD_LOCK, database_url.removeprefix("sqlite:///")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
     ex = exchange(key_id)
     ex.finish("completed")
-    with watch_loop() as watch:
+    path = database_url.removeprefix("sqlite:///")
+    with sqlite_lock_held(path, 0.5), watch_loop() as watch:  # another worker's batch
         write_rows([snapshot(ex)])
-    assert holder.wait(5) == 0
-    holder.stdout.close()
     assert watch.took > 0.3, "the lock was not held: the test tests nothing"
     assert watch.longest < 0.1, f"the worker froze for {watch.longest:.3f} s"
     ((status, uid),) = [(r.status, r.uid) for r in rows()]
     assert (status, uid) == ("completed", ex.uid)
-
-
-_HOLD_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(0.5)
-db.execute("COMMIT")
-"""
 
 
 def heavy_calls(key_id: int, count: int) -> list[Exchange]:
