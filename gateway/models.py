@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 import peewee as pw
 
 from gateway import redact
@@ -409,9 +410,11 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
             for query in later:
                 query.execute()
     else:
-        results = sqlite_write(
-            [statement.sqlite(lot) for statement, lot in lots] + [q.sql() for q in later]
-        )
+        statements = []
+        for statement, lot in lots:
+            statements.append(statement.sqlite(lot))
+            gevent.sleep(0)  # a lot's values are encoded here, on the loop: the calls' turn
+        results = sqlite_write(statements + [q.sql() for q in later])
         returned = [s.read_back(r) for (s, _), r in zip(lots, results[: len(lots)], strict=True)]
     return [
         {**latest[uid], "id": row_id, "swept_at": swept_at}
