@@ -16,9 +16,9 @@ PROMPT = [{"role": "user", "content": "Say something short about latency budgets
 LAST_PIECE = b"tok19"  # every model the benchmark asks for answers 20 pieces
 
 
-def request(model: str, stream: bool, key: str) -> bytes:
+def request(model: str, stream: bool, key: str, messages: list[dict] = PROMPT) -> bytes:
     """A chat completion request, complete with its headers."""
-    body = json.dumps({"model": model, "messages": PROMPT, "stream": stream}).encode()
+    body = json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"

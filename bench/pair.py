@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench import run  # noqa: E402
 from bench.client import Connection, request  # noqa: E402
 from tests import servers  # noqa: E402
-from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
+from tests.servers import FakeUpstream, Floor, Gateway, varied_text  # noqa: E402
 
 
 def main() -> None:
@@ -113,18 +113,10 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
 
 def beside(targets: list[run.Target], key: str, words: int, rounds: int) -> None:
     """Small calls at 1 client while 4 clients send prompts of ``words`` words."""
-    vocabulary = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
-    bigs = []
-    for i in range(50):
-        text = " ".join(vocabulary[(i * 37 + j * 11) % 4000] for j in range(words))
-        body = {"model": run.ANSWER, "messages": [{"role": "user", "content": text}]}
-        data = json.dumps(body).encode()
-        head = (
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        )
-        bigs.append(head.encode() + data)
+    bigs = [
+        request(run.ANSWER, False, key, [{"role": "user", "content": varied_text(i, words)}])
+        for i in range(50)
+    ]
     small = request(run.ANSWER, False, key)
     times: dict[str, list[float]] = {t.name: [] for t in targets}
     for r in range(rounds):

@@ -337,6 +337,15 @@ class RedisServer:
             self.proc.wait()
 
 
+_VOCABULARY = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
+
+
+def varied_text(seed: int, words: int) -> str:
+    """``words`` words of a 4,000-word vocabulary in an order of ``seed``'s own: text
+    that no two calls share, work for a full-text index."""
+    return " ".join(_VOCABULARY[(seed * 37 + j * 11) % len(_VOCABULARY)] for j in range(words))
+
+
 _HOLD_LOCK = """
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None)

@@ -25,7 +25,7 @@ from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
 from tests import pools
 from tests.loopwatch import watch_loop
-from tests.servers import sqlite_lock_held, wait_until
+from tests.servers import sqlite_lock_held, varied_text, wait_until
 
 
 def make_recorder(tmp_path: Path, **config: object) -> Recorder:
@@ -460,10 +460,9 @@ def test_a_sqlite_write_waits_for_another_process_lock_without_freezing_the_work
 
 def heavy_calls(key_id: int, count: int) -> list[Exchange]:
     """Ended calls with about 20 KB of prompt each, no two alike: work for an index."""
-    words = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
     calls = []
     for i in range(count):
-        text = " ".join(words[(i * 37 + j * 11) % len(words)] for j in range(2500))
+        text = varied_text(i, 2500)
         ex = Exchange(
             api_key_id=key_id,
             model="m",

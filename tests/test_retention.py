@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from gateway.recorder import Recorder
 from gateway.retention import Retention
 from tests import pools
 from tests.loopwatch import watch_loop
+from tests.servers import varied_text
 
 NOW = datetime(2027, 3, 10, 12, 0)
 
@@ -54,6 +55,26 @@ def dbase(database_url: str) -> Iterator[peewee.Database]:
 def key_id(dbase: peewee.Database) -> int:
     with database.connection_context():
         return ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…test").id
+
+
+def add_old_calls(key_id: int, first: datetime, count: int, text: Callable[[int], str]) -> None:
+    """``count`` completed calls a second apart from ``first``, call i asking ``text(i)``."""
+    with database.connection_context():
+        rows = [
+            {
+                "uid": uuid.uuid4().hex,
+                "api_key": key_id,
+                "model": "m",
+                "api_format": "openai-chat",
+                "status": "completed",
+                "prompt": {"messages": [{"role": "user", "content": text(i)}]},
+                "created_at": first + timedelta(seconds=i),
+                "updated_at": first + timedelta(seconds=i),
+            }
+            for i in range(count)
+        ]
+        for start in range(0, count, 500):
+            Completion.insert_many(rows[start : start + 500]).execute()
 
 
 def add_call(key_id: int, when: datetime, text: str = "hello", **fields: object) -> Completion:
@@ -187,22 +208,7 @@ def test_a_prune_during_heavy_recording_loses_no_new_row(
     key_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = utcnow()
-    with database.connection_context():
-        rows = [
-            {
-                "uid": uuid.uuid4().hex,
-                "api_key": key_id,
-                "model": "m",
-                "api_format": "openai-chat",
-                "status": "completed",
-                "prompt": {"messages": [{"role": "user", "content": "old text"}]},
-                "created_at": now - timedelta(days=60, seconds=i),
-                "updated_at": now - timedelta(days=60),
-            }
-            for i in range(3000)
-        ]
-        for start in range(0, len(rows), 500):
-            Completion.insert_many(rows[start : start + 500]).execute()
+    add_old_calls(key_id, now - timedelta(days=60, seconds=3000), 3000, lambda i: "old text")
     writes: list[float] = []
     real = recorder_module.upsert_records
 
@@ -423,31 +429,7 @@ def test_a_busy_table_delays_partition_ddl_and_never_waits_on_it(
 def test_a_sqlite_prune_does_not_freeze_the_worker(key_id: int, tmp_path: Path, mode: str) -> None:
     """Each batch's work inside SQLite (the rows, and their full-text entries: FTS5
     reads a row's text again to unindex it) runs beside the loop: the calls go on."""
-    words = [f"{w:x}{w * 7919 % 65521:x}" for w in range(4000)]
-    old = NOW - timedelta(days=60)
-    with database.connection_context():
-        rows = [
-            {
-                "uid": uuid.uuid4().hex,
-                "api_key": key_id,
-                "model": "m",
-                "api_format": "openai-chat",
-                "status": "completed",
-                "prompt": {
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": " ".join(words[(i * 37 + j) % 4000] for j in range(600)),
-                        }
-                    ]
-                },
-                "created_at": old + timedelta(seconds=i),
-                "updated_at": old,
-            }
-            for i in range(1500)
-        ]
-        for start in range(0, len(rows), 250):
-            Completion.insert_many(rows[start : start + 250]).execute()
+    add_old_calls(key_id, NOW - timedelta(days=60), 1500, lambda i: varied_text(i, 600))
     days = {"RETENTION_DAYS": 30} if mode == "rows" else {"RETENTION_BODY_DAYS": 30}
     job = make_retention(tmp_path, RETENTION_BATCH=750, **days)
     with watch_loop() as watch:
@@ -458,5 +440,6 @@ def test_a_sqlite_prune_does_not_freeze_the_worker(key_id: int, tmp_path: Path, 
     # On a busy machine the loop's turns come late; frozen, it would miss them all.
     assert watch.longest < watch.took / 3, f"froze {watch.longest:.3f} s of {watch.took:.3f}"
     with database.connection_context():  # nothing of the old text is found any more
-        found = Completion.select().where(fulltext.condition(Completion, [words[37]]))
+        word = varied_text(1, 1)
+        found = Completion.select().where(fulltext.condition(Completion, [word]))
         assert not found.exists()
