@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("after", type=Path, nargs="?", default=ROOT, help="default: this one")
     parser.add_argument("--rounds", type=int, default=6, help="CPU blocks per target")
     parser.add_argument("--calls", type=int, default=600, help="1-client calls per target")
+    parser.add_argument("--block", type=int, default=300, help="JSON calls per CPU block")
     parser.add_argument("--beside", type=int, metavar="WORDS", help="big calls beside")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gw-pair-"))
@@ -96,12 +97,23 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
     paced = request(run.PACED, True, key)
     cpu: dict[str, dict[str, list[float]]] = {"json": {}, "stream": {}}
     for _ in range(args.rounds):
-        for kind, req, count in (("json", answer, 300), ("stream", paced, 200)):
+        for kind, req, count in (
+            ("json", answer, args.block),
+            ("stream", paced, args.block * 2 // 3),
+        ):
             for name, ms in run.cpu_per_call(targets, req, count, 1).items():
                 cpu[kind].setdefault(name, []).append(ms)
     for kind, blocks in cpu.items():
         line = {name: round(statistics.median(ms), 3) for name, ms in blocks.items()}
-        print(f"worker CPU per {kind} call, ms (median block): {json.dumps(line)}")
+        # Blocks of one round ran minutes apart from other rounds' but seconds apart
+        # from each other: their ratio leaves out most of the machine's drift.
+        ratio = statistics.median(
+            a / b for a, b in zip(blocks["after"], blocks["before"], strict=True)
+        )
+        print(
+            f"worker CPU per {kind} call, ms (median block): {json.dumps(line)}; "
+            f"after / before, median of the rounds: {ratio:.3f}"
+        )
     for label, req, part in (("JSON call", answer, 1), ("stream's first byte", first, 0)):
         times = run.serial(targets, req, args.calls)
         for p in (50, 99):
