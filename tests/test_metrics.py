@@ -154,6 +154,48 @@ def test_a_dead_workers_calls_leave_the_in_flight_gauge(workers: list[int]) -> N
     )
 
 
+FORKS = """
+import json, os
+from gateway import metrics
+metrics.call_opened()  # the parent's values, in files named by its pid
+child = os.fork()
+if child == 0:
+    metrics.call_opened()
+    metrics.call_opened()
+    os._exit(0)
+os.waitpid(child, 0)
+print(json.dumps([os.getpid(), child]))
+"""
+
+
+def test_a_forked_child_writes_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pid is remembered (not asked at every change), and asked again after a fork:
+    a child that wrote into its parent's files would corrupt them, and its gauges would
+    outlive it."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS],
+        cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    parent, child = json.loads(done.stdout)
+    assert {p.name for p in directory.glob("gauge_livesum_*.db")} == {
+        f"gauge_livesum_{parent}.db",
+        f"gauge_livesum_{child}.db",
+    }
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    assert _value(_samples(metrics.render().decode()), "gateway_calls_in_flight") == 3
+    runpy.run_path(str(ROOT / "gunicorn.conf.py"))["child_exit"](None, SimpleNamespace(pid=child))
+    assert _value(_samples(metrics.render().decode()), "gateway_calls_in_flight") == 1
+
+
 def test_one_process_alone_renders_its_own_metrics() -> None:
     metrics.rejected(5, "solo", "tpm")
     samples = _samples(metrics.render().decode())
