@@ -36,6 +36,7 @@ from urllib3.util import parse_url
 from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from gateway.sockets import send_all
 
 T = TypeVar("T")
 
@@ -277,11 +278,43 @@ class _Checked:
         return not poll.poll(0)
 
 
-class _HTTPConnection(_Checked, HTTPConnection):
+class _OneWrite:
+    """A connection whose request goes out in one write, head and body together.
+
+    urllib3 writes a request's head (http.client's ``endheaders``), then its body: two
+    system calls and two wake-ups of the upstream, each through gevent's ``sendall``
+    and the ``getsockopt`` it makes first. Here a body of bytes takes the head along,
+    through ``sockets.send_all``.
+    """
+
+    sock: Any
+    _head: bytes | None = None  # b"" while a request with a body is being written
+
+    def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        self._head = b"" if isinstance(body, bytes) and body else None
+        try:
+            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
+        finally:
+            self._head = None
+
+    def send(self, data):  # type: ignore[no-untyped-def]
+        head = self._head
+        if head == b"":  # the head: it waits for the body
+            self._head = data
+            return
+        if head:
+            self._head, data = None, head + data
+        if self.sock is None or not isinstance(data, bytes):  # http.client connects first
+            super().send(data)  # type: ignore[misc]
+        else:
+            send_all(self.sock, data)
+
+
+class _HTTPConnection(_Checked, _OneWrite, HTTPConnection):
     pass
 
 
-class _HTTPSConnection(_Checked, HTTPSConnection):
+class _HTTPSConnection(_Checked, _OneWrite, HTTPSConnection):
     pass
 
 

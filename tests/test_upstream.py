@@ -204,3 +204,54 @@ def test_a_kept_alive_connection_the_upstream_closed_is_not_reused() -> None:
     finally:
         server.stop()
     assert len({port for _, port in served}) == 3  # a new connection each time
+
+
+class _Writes:
+    """A socket that counts the writes made through it."""
+
+    def __init__(self, sock) -> None:  # type: ignore[no-untyped-def]
+        self._sock, self.writes = sock, []
+
+    def send(self, data, *args):  # type: ignore[no-untyped-def]
+        self.writes.append(bytes(data))
+        return self._sock.send(data, *args)
+
+    def sendall(self, data, *args):  # type: ignore[no-untyped-def]
+        self.writes.append(bytes(data))
+        return self._sock.sendall(data, *args)
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("body", [b'{"model": "m"}', None])
+def test_a_request_is_one_write(body: bytes | None) -> None:
+    """Head and body leave in one write (urllib3 alone makes two); a body-less request
+    is its head alone. What arrives is the whole request either way."""
+    from gateway.upstream import _HTTPConnection
+
+    received = gevent.event.AsyncResult()
+
+    def serve(sock, _addr):  # type: ignore[no-untyped-def]
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < len(body or b""):
+            data += sock.recv(65536)
+        received.set(data)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = StreamServer(("127.0.0.1", 0), serve)
+    server.start()
+    try:
+        conn = _HTTPConnection("127.0.0.1", server.server_port)
+        conn.connect()
+        conn.sock = wire = _Writes(conn.sock)
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"X-A": "1"})
+        assert conn.getresponse().status == 200
+        head, _, rest = received.get(timeout=5).partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert b"\r\nX-A: 1" in head
+        assert rest == (body or b"")
+        assert len(wire.writes) == 1
+        conn.close()
+    finally:
+        server.stop()

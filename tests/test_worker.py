@@ -11,13 +11,17 @@ from gateway.worker import OneSend
 
 
 class Wire:
-    """A socket that keeps each sendall apart."""
+    """A socket that keeps each write apart (``sendall``, or ``send`` taking it all)."""
 
     def __init__(self) -> None:
         self.sends: list[bytes] = []
 
     def sendall(self, data: bytes) -> None:
         self.sends.append(bytes(data))
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return len(data)
 
 
 def response(method: str = "POST") -> tuple[OneSend, Wire]:
@@ -63,3 +67,16 @@ def test_a_response_closed_unwritten_sends_its_headers() -> None:
     resp.start_response("204 No Content", [])
     resp.close()
     assert len(wire.sends) == 1 and wire.sends[0].startswith(b"HTTP/1.1 204 No Content\r\n")
+
+
+def test_the_date_header_is_the_current_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One string per second, the very one gunicorn would have made."""
+    import email.utils
+
+    from gateway import worker
+
+    monkeypatch.setattr(worker, "_dated", (0, ""))
+    for now in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.0, 1_700_003_600.5):
+        monkeypatch.setattr(worker.time, "time", lambda now=now: now)
+        assert worker._http_date() == email.utils.formatdate(now, usegmt=True)
+    assert worker._http_date(86400.0) == "Fri, 02 Jan 1970 00:00:00 GMT"
