@@ -21,6 +21,7 @@ gateway is imported at module level here, but ``sockets``, which imports nothing
 
 from __future__ import annotations
 
+import gc
 import ssl
 import time
 import weakref
@@ -149,6 +150,18 @@ class GatewayWorker(GeventWorker):
         # greenlet, and a call spawns two (its handler, its producer).
         gevent.config.track_greenlet_tree = False
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        """Load the app, then take what is alive now out of the garbage collector's walks.
+
+        The app and what it imported (about 95,000 objects) live as long as the worker,
+        yet every full collection walked them all: 34 ms with every call of the worker
+        waiting, every few thousand calls. Frozen (``gc.freeze``) they are not walked
+        again. A collection first, so that no garbage is frozen with them.
+        """
+        super().load_wsgi()
+        gc.collect()
+        gc.freeze()
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         self._served.add(gevent.getcurrent())  # this connection is now a kept-alive one

@@ -80,3 +80,30 @@ def test_the_date_header_is_the_current_seconds(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(worker.time, "time", lambda now=now: now)
         assert worker._http_date() == email.utils.formatdate(now, usegmt=True)
     assert worker._http_date(86400.0) == "Fri, 02 Jan 1970 00:00:00 GMT"
+
+
+def test_what_the_app_holds_at_load_is_frozen_and_its_garbage_collected() -> None:
+    """After loading the app, a worker freezes what is alive (no full collection walks
+    it again), having collected the garbage first: garbage frozen would never be freed."""
+    import gc
+    import weakref
+
+    from gateway.worker import GatewayWorker
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # type: ignore[attr-defined]
+    gone = weakref.ref(garbage)
+    del garbage
+    app = object()
+    worker = GatewayWorker.__new__(GatewayWorker)
+    worker.app = SimpleNamespace(wsgi=lambda: app)  # type: ignore[assignment]
+    try:
+        worker.load_wsgi()
+        assert worker.wsgi is app
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
