@@ -1,21 +1,30 @@
 """Writing a whole buffer to a socket, one system call when it fits.
 
 gevent's ``sendall`` asks the socket for its send buffer's size before every write (a
-``getsockopt``: a system call on each JSON answer and each upstream request, 2-3% of a
-worker's CPU). ``send_all`` loops on ``send`` instead, which under gevent waits for room
-cooperatively, each wait bounded by the socket's timeout. Imports nothing: gunicorn's
-master imports ``gateway.worker``, which uses it.
+``getsockopt``: a system call on each JSON answer and each upstream request). ``send_all``
+calls ``send`` instead, again for what one did not take, waiting for room in gevent;
+like ``sendall`` it gives up once the socket's timeout has passed since the first call,
+not at each one. Imports nothing: gunicorn's master imports ``gateway.worker``, which
+uses it.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of ``data``; raise as ``send`` does (a reset, a write timeout)."""
+    """Write all of ``data``; raise as ``send`` does (a reset), TimeoutError once the
+    socket's timeout has passed with some of it unsent."""
     sent = sock.send(data)
-    if sent < len(data):
-        view = memoryview(data)
-        while sent < len(data):
-            sent += sock.send(view[sent:])
+    if sent == len(data):
+        return
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    view = memoryview(data)
+    while sent < len(data):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("timed out")
+        sent += sock.send(view[sent:], 0, left)  # gevent's send takes its own timeout
