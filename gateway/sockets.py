@@ -4,7 +4,8 @@ gevent's ``sendall`` asks the socket for its send buffer's size before every wri
 ``getsockopt``: a system call on each JSON answer and each upstream request). ``send_all``
 calls ``send`` instead, again for what one did not take, waiting for room in gevent;
 like ``sendall`` it gives up once the socket's timeout has passed since the first call,
-not at each one. Imports nothing: gunicorn's master imports ``gateway.worker``, which
+not at each one. For gevent's sockets (plain or TLS), whose ``send`` takes a timeout.
+Imports nothing of the gateway: gunicorn's master imports ``gateway.worker``, which
 uses it.
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import select
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -304,10 +305,10 @@ class _OneWrite:
             return
         if head:
             self._head, data = None, head + data
-        if self.sock is None or not isinstance(data, bytes):  # http.client connects first
-            super().send(data)  # type: ignore[misc]
-        else:
+        if isinstance(data, bytes) and isinstance(self.sock, socket.socket):
             send_all(self.sock, data)
+        else:  # no socket yet (http.client connects first), or urllib3's TLS-in-TLS one
+            super().send(data)  # type: ignore[misc]
 
 
 class _HTTPConnection(_Checked, _OneWrite, HTTPConnection):

@@ -255,3 +255,24 @@ def test_a_request_is_one_write(body: bytes | None) -> None:
         conn.close()
     finally:
         server.stop()
+
+
+def test_a_connection_over_no_plain_socket_writes_through_http_client() -> None:
+    """urllib3 tunnels TLS through an HTTPS proxy with an SSLTransport, which is no socket
+    and whose send takes no timeout: such a connection writes with its sendall."""
+    from gateway.upstream import _HTTPConnection
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def sendall(self, data: bytes) -> None:
+            self.written.append(bytes(data))
+
+        def send(self, data: bytes) -> int:
+            raise AssertionError("send_all is for sockets")
+
+    conn = _HTTPConnection("127.0.0.1", 9)
+    conn.sock = transport = Transport()  # type: ignore[assignment]
+    conn.send(b"POST / HTTP/1.1\r\n\r\n")
+    assert transport.written == [b"POST / HTTP/1.1\r\n\r\n"]
