@@ -45,8 +45,8 @@ KEY = ("api_key_id", "api_key_comment")
 _registry = CollectorRegistry()
 
 # prometheus_client's multiprocess values ask the system for the pid at every change, to
-# notice a fork (a system call each; a call makes a dozen changes: 4% of a worker's CPU).
-# Here the pid is asked once, and again in a forked child: what that check is for.
+# notice a fork: a system call each, and a call makes about 13 changes. Here the pid is
+# asked once, and again in a forked child: what that check is for.
 _pid = os.getpid()
 
 
