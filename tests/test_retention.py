@@ -57,8 +57,11 @@ def key_id(dbase: peewee.Database) -> int:
         return ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…test").id
 
 
-def add_old_calls(key_id: int, first: datetime, count: int, text: Callable[[int], str]) -> None:
-    """``count`` completed calls a second apart from ``first``, call i asking ``text(i)``."""
+def add_old_calls(
+    key_id: int, first: datetime, count: int, text: Callable[[int], str] | None = None
+) -> None:
+    """``count`` completed calls a second apart from ``first``, call i asking ``text(i)``
+    (no prompt without ``text``)."""
     with database.connection_context():
         rows = [
             {
@@ -67,10 +70,10 @@ def add_old_calls(key_id: int, first: datetime, count: int, text: Callable[[int]
                 "model": "m",
                 "api_format": "openai-chat",
                 "status": "completed",
-                "prompt": {"messages": [{"role": "user", "content": text(i)}]},
                 "created_at": first + timedelta(seconds=i),
                 "updated_at": first + timedelta(seconds=i),
             }
+            | ({"prompt": {"messages": [{"role": "user", "content": text(i)}]}} if text else {})
             for i in range(count)
         ]
         for start in range(0, count, 500):
@@ -347,21 +350,7 @@ def test_the_gateway_prunes_while_it_records_and_loses_no_call(  # type: ignore[
     try:
         with database.connection_context():
             owner = ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…old").id
-            old = utcnow() - timedelta(days=40)
-            rows = [
-                {
-                    "uid": uuid.uuid4().hex,
-                    "api_key": owner,
-                    "model": "m",
-                    "api_format": "openai-chat",
-                    "status": "completed",
-                    "created_at": old + timedelta(seconds=n),
-                    "updated_at": old,
-                }
-                for n in range(2000)
-            ]
-            for start in range(0, len(rows), 500):
-                Completion.insert_many(rows[start : start + 500]).execute()
+        add_old_calls(owner, utcnow() - timedelta(days=40), 2000)
     finally:
         pools.release(database.obj)
     gw = gateway_factory(
