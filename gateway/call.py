@@ -22,7 +22,6 @@ callback it gave, and stops a call through ``stop``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -33,7 +32,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import pricing, sse
+from gateway import jsonio, pricing, sse
 from gateway.adapters import ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
@@ -178,7 +177,7 @@ class Call:
             candidate.remote_id,
             operation.endpoint,
         )
-        body = json.dumps(operation.body(self.plan, candidate)).encode()
+        body = jsonio.encode(operation.body(self.plan, candidate))
         started = time.monotonic()
         resp = None
         try:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 from flask import Request, Response
 from werkzeug.exceptions import HTTPException
 
@@ -99,11 +101,11 @@ def clean(value: Any) -> Any:
 def _storable(value: list | dict) -> bool:
     """True when ``value`` surely holds no lone surrogate and no NUL (keys included)."""
     try:
-        text = _CHECKED(value)
-    except (TypeError, ValueError, RecursionError):
-        return False  # keys JSON cannot have, or too deep: walk it
-    # A surrogate is not ASCII: most text is, and isascii() costs next to nothing.
-    return "\\u0000" not in text and (text.isascii() or _SURROGATE.search(text) is None)
+        # orjson refuses a lone surrogate (and keys that are not strings, and nesting
+        # past its limit): then the walk decides. A NUL comes out escaped.
+        return b"\\u0000" not in orjson.dumps(value, default=str)
+    except orjson.JSONEncodeError:
+        return False
 
 
 def renderable(text: str) -> str:
@@ -112,10 +114,19 @@ def renderable(text: str) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# Unescaped, a lone surrogate stays one code point; a NUL is always escaped. Anything
-# else (a datetime...) is left as it is by the walk, so str() will do. Built once:
-# json.dumps builds an encoder per call when given options.
-_CHECKED = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
+def encode(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    """Compact UTF-8 JSON for a machine (an upstream request, a stored record).
+
+    orjson, about ten times as fast as ``json`` on a call's small objects (it writes a
+    datetime as ``isoformat()`` does); what it refuses (a lone surrogate, a key that is
+    not a string, an integer past 64 bits) goes through ``json``, whose escapes carry it.
+    """
+    try:
+        return orjson.dumps(value, default=default)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"), default=default).encode()
 
 
 def dumps(data: object) -> bytes:

@@ -18,7 +18,6 @@ unique indexes include ``created_at``.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import weakref
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from typing import Any
 import gevent
 import peewee as pw
 
-from gateway import redact
+from gateway import jsonio, redact
 from gateway.db import database, is_postgres, sqlite_write
 from gateway.vault import vault
 
@@ -559,7 +558,7 @@ class _Upsert:
     def execute(self, rows: list[dict]) -> list[tuple[str, int, datetime | None]]:
         """PostgreSQL: upsert ``rows`` (one per uid) on the current connection; (uid, id,
         swept_at) of each row written."""
-        lot = json.dumps([self._json(row) for row in rows], default=_isoformat)
+        lot = jsonio.encode([self._json(row) for row in rows], _isoformat).decode()
         cursor = database.cursor()
         with pw.__exception_wrapper__:  # driver errors -> peewee's classes
             cursor.execute(self.sql, [lot, *self._constants])
@@ -595,7 +594,9 @@ class _Upsert:
         for name, _, given, default, is_json, db_value in self._plan:
             value = row[name] if given else default() if callable(default) else default
             if value is not None:
-                value = json.dumps(value) if is_json else db_value(value)  # SQLite: JSON as text
+                value = (
+                    jsonio.encode(value).decode() if is_json else db_value(value)
+                )  # SQLite: text
             values.append(value)
         return values
 
