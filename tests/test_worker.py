@@ -107,3 +107,19 @@ def test_what_the_app_holds_at_load_is_frozen_and_its_garbage_collected() -> Non
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_a_workers_settings_read_as_gunicorns_and_each_only_once() -> None:
+    from gateway.worker import SettledConfig
+
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    cfg.set("certfile", __file__)
+    settled = SettledConfig(cfg)
+    for name in [*cfg.settings, "is_ssl", "env", "sendfile", "worker_class_str"]:
+        assert getattr(settled, name) == getattr(cfg, name), name
+    assert settled.is_ssl and settled.keepalive == 7
+    cfg.set("keepalive", 9)  # a worker's settings never change: this one was read
+    assert settled.keepalive == 7
+    with pytest.raises(AttributeError):
+        settled.no_such_setting  # noqa: B018
