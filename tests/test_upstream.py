@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.message
+import email.parser
+import http.client
 import io
 
 import gevent
@@ -9,9 +12,12 @@ import pytest
 import urllib3
 from flask import Flask
 from gevent.server import StreamServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import DEFAULTS
 from gateway.upstream import Response, Upstream, UpstreamError, _proxies_for, endpoint
+from tests.fuzz_support import FUZZ
 
 
 @pytest.fixture(autouse=True)
@@ -276,3 +282,72 @@ def test_a_connection_over_no_plain_socket_writes_through_http_client() -> None:
     conn.sock = transport = Transport()  # type: ignore[assignment]
     conn.send(b"POST / HTTP/1.1\r\n\r\n")
     assert transport.written == [b"POST / HTTP/1.1\r\n\r\n"]
+
+
+def _by_email_parser(raw: bytes) -> http.client.HTTPMessage:
+    """What http.client builds alone: its header lines, parsed by the email package."""
+    lines = http.client._read_headers(io.BytesIO(raw))
+    parser = email.parser.Parser(_class=http.client.HTTPMessage)
+    return parser.parsestr(b"".join(lines).decode("iso-8859-1"))
+
+
+# Header lines near the edges of what the email parser reads as one plain header.
+_LINE = st.builds(
+    lambda name, colon, value, end: (name + colon + value).encode("latin-1") + end,
+    st.text(alphabet="aZ-_0 :\t\x85\xe9", max_size=4),
+    st.sampled_from([":", ": ", ":\t ", " :", "", "From "]),
+    st.text(alphabet="a :\t\r\n\x0b\x0c\x1c\x85\xe9\x00/;", max_size=5),
+    st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]),
+)
+_REAL = [
+    b"Content-Type: application/json\r\n",
+    b"content-type: Multipart/mixed; boundary=x\r\n",
+    b"Content-Type: message/rfc822\r\n",
+    b"X-Request-Id:  req_1  \r\n",
+    b"Set-Cookie: a=1\r\n",
+    b"Folded: one\r\n",
+    b"  two\r\n",
+    b"Transfer-Encoding: chunked\n",
+]
+
+
+@settings(FUZZ, max_examples=2000)
+@given(
+    st.lists(st.one_of(st.sampled_from(_REAL), _LINE), max_size=8),
+    st.sampled_from([b"\r\n", b"\n", b""]),
+)
+def test_response_headers_are_the_message_the_email_parser_makes(
+    lines: list[bytes], end: bytes
+) -> None:
+    """Whatever the header block, ``parse_headers`` builds what the email parser builds:
+    same headers in order, payload, defects, envelope line."""
+    from gateway.upstream import parse_headers
+
+    raw = b"".join(lines) + end + b"body after the headers"
+    assert _state(parse_headers(io.BytesIO(raw))) == _state(_by_email_parser(raw))
+
+
+def _state(value: object) -> object:
+    """All a message holds (a nested one's too), comparable with ``==``."""
+    if isinstance(value, email.message.Message):
+        held = {k: _state(v) for k, v in vars(value).items() if k != "defects"}
+        return type(value), held, [repr(d) for d in value.defects]
+    if isinstance(value, list):
+        return [_state(v) for v in value]
+    return value
+
+
+def test_plain_header_blocks_skip_the_email_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.upstream import parse_headers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the email parser was used")
+
+    raw = b"Content-Type: application/json\r\nX-A: b\r\n\r\n{}"
+    monkeypatch.setattr(email.parser.Parser, "parsestr", refuse)
+    assert parse_headers(io.BytesIO(raw)).items() == [
+        ("Content-Type", "application/json"),
+        ("X-A", "b"),
+    ]
+    with pytest.raises(AssertionError):
+        parse_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
