@@ -35,7 +35,7 @@ from flask import Flask
 from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.util import parse_url
+from urllib3.util import SKIP_HEADER, parse_url
 
 from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
@@ -283,13 +283,18 @@ class _Checked:
         return not poll.poll(0)
 
 
+# http.client's own checks of what may be written in a header line.
+_legal_header_name = http.client._is_legal_header_name  # type: ignore[attr-defined]
+_illegal_header_value = http.client._is_illegal_header_value  # type: ignore[attr-defined]
+
+
 class _OneWrite:
     """A connection whose request goes out in one write, head and body together.
 
     urllib3 writes a request's head (http.client's ``endheaders``), then its body: two
     system calls and two wake-ups of the upstream, each through gevent's ``sendall``
     and the ``getsockopt`` it makes first. Here a body of bytes takes the head along,
-    through ``sockets.send_all``.
+    through ``sockets.send_all``; and the head's header lines are written directly.
     """
 
     sock: Any
@@ -301,6 +306,22 @@ class _OneWrite:
             super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
         finally:
             self._head = None
+
+    def putheader(self, header, *values):  # type: ignore[no-untyped-def]
+        """A header line of text, checked and written as http.client does, in a third of
+        the time: urllib3's look for its skip marker and http.client's general case
+        (several values, bytes, numbers) cost about 2.5 µs a header. Anything else, and
+        anything refused, goes through them."""
+        if len(values) == 1:
+            value = values[0]
+            if type(header) is str and type(value) is str and value != SKIP_HEADER:
+                name = header.encode("ascii")
+                if _legal_header_name(name):
+                    data = value.encode("latin-1")
+                    if not _illegal_header_value(data):
+                        self._buffer.append(name + b": " + data)  # type: ignore[attr-defined]
+                        return
+        super().putheader(header, *values)  # type: ignore[misc]  # refuses, or the rest
 
     def send(self, data):  # type: ignore[no-untyped-def]
         head = self._head

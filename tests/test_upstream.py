@@ -14,6 +14,8 @@ from flask import Flask
 from gevent.server import StreamServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from urllib3.connection import HTTPConnection
+from urllib3.util import SKIP_HEADER
 
 from gateway.config import DEFAULTS
 from gateway.upstream import Response, Upstream, UpstreamError, _proxies_for, endpoint
@@ -351,3 +353,33 @@ def test_plain_header_blocks_skip_the_email_parser(monkeypatch: pytest.MonkeyPat
     ]
     with pytest.raises(AssertionError):
         parse_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
+
+
+_HEADER_TEXT = st.text(alphabet="aZ-_0 :\t\r\n\x00\x7f\xe9\u4e2d", max_size=6)
+
+
+@settings(FUZZ, max_examples=1000)
+@given(
+    st.one_of(_HEADER_TEXT, st.sampled_from(["Authorization", "X-Request-Id", "Host"])),
+    st.lists(
+        st.one_of(_HEADER_TEXT, st.sampled_from([SKIP_HEADER, "v", "a\r\n b"]), st.integers()),
+        min_size=1,
+        max_size=2,
+    ),
+)
+def test_header_lines_are_written_and_refused_as_http_client_does(
+    name: str, values: list[str | int]
+) -> None:
+    """The connection's own header writing: the same bytes as urllib3 and http.client,
+    and the same refusals (of a bad name, a line break, text that is not Latin-1)."""
+    from gateway.upstream import _HTTPConnection
+
+    def written(conn: HTTPConnection) -> list[bytes] | str:
+        conn.putrequest("POST", "/v1/x", skip_host=True, skip_accept_encoding=True)
+        try:
+            conn.putheader(name, *values)
+        except Exception as exc:  # compared, not swallowed
+            return type(exc).__name__
+        return conn._buffer  # type: ignore[attr-defined]
+
+    assert written(_HTTPConnection("127.0.0.1", 9)) == written(HTTPConnection("127.0.0.1", 9))
