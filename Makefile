@@ -20,8 +20,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
+$(VENV)/.runtime: requirements.txt requirements-fast.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
+	@$(BIN)/pip install --quiet -r requirements-fast.txt 2>/dev/null \
+		|| echo "make: gunicorn_h1c did not build (no C compiler?): gunicorn parses requests in Python"
 	touch $@
 
 $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime

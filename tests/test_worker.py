@@ -123,3 +123,15 @@ def test_a_workers_settings_read_as_gunicorns_and_each_only_once() -> None:
     assert settled.keepalive == 7
     with pytest.raises(AttributeError):
         settled.no_such_setting  # noqa: B018
+
+
+def test_gunicorns_c_parser_is_used_whenever_it_is_installed() -> None:
+    """requirements-fast.txt: nothing in the worker's settings keeps gunicorn from it."""
+    import importlib.util
+
+    from gunicorn.http.message import _check_fast_parser
+
+    from gateway.worker import SettledConfig
+
+    installed = importlib.util.find_spec("gunicorn_h1c") is not None
+    assert _check_fast_parser(SettledConfig(Config())) is installed
