@@ -32,7 +32,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import jsonio, pricing, sse
+from gateway import jsoncodec, pricing, sse
 from gateway.adapters import ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
@@ -177,7 +177,7 @@ class Call:
             candidate.remote_id,
             operation.endpoint,
         )
-        body = jsonio.encode(operation.body(self.plan, candidate))
+        body = jsoncodec.encode(operation.body(self.plan, candidate))
         started = time.monotonic()
         resp = None
         try:

@@ -27,7 +27,7 @@ from typing import Any
 import gevent
 import peewee as pw
 
-from gateway import jsonio, redact
+from gateway import jsoncodec, redact
 from gateway.db import database, is_postgres, sqlite_write
 from gateway.vault import vault
 
@@ -558,7 +558,7 @@ class _Upsert:
     def execute(self, rows: list[dict]) -> list[tuple[str, int, datetime | None]]:
         """PostgreSQL: upsert ``rows`` (one per uid) on the current connection; (uid, id,
         swept_at) of each row written."""
-        lot = jsonio.encode([self._json(row) for row in rows], _isoformat).decode()
+        lot = jsoncodec.encode([self._json(row) for row in rows], _isoformat).decode()
         cursor = database.cursor()
         with pw.__exception_wrapper__:  # driver errors -> peewee's classes
             cursor.execute(self.sql, [lot, *self._constants])
@@ -595,7 +595,7 @@ class _Upsert:
             value = row[name] if given else default() if callable(default) else default
             if value is not None:
                 value = (
-                    jsonio.encode(value).decode() if is_json else db_value(value)
+                    jsoncodec.encode(value).decode() if is_json else db_value(value)
                 )  # SQLite: text
             values.append(value)
         return values

@@ -5,14 +5,12 @@ Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own p
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any
 
-from gateway import sse
+from gateway import jsoncodec, sse
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 
 
@@ -23,12 +21,7 @@ def new_id(prefix: str) -> str:
 
 def dumps(data: Any) -> str:
     """Compact JSON, UTF-8 left as is, as the providers send it."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    if text.isascii() or not _SURROGATE.search(text):
-        return text
-    # A lone surrogate (an upstream may send one, escaped) has no UTF-8: it stays escaped,
-    # the same JSON text as it came. Outside strings JSON has no such characters.
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    return jsoncodec.text(data)
 
 
 def frame(data: Any, event: str | None = None) -> bytes:
@@ -46,7 +39,7 @@ def event_data(event: sse.Event) -> dict | None:
     if not event.data:
         return None
     try:
-        data = json.loads(event.data)
+        data = jsoncodec.parse(event.data)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None

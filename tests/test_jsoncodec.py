@@ -1,0 +1,121 @@
+"""orjson's speed, json's results: every value reads and writes as with ``json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import jsoncodec
+from tests.fuzz_support import FUZZ
+
+# What upstreams and clients send, and the edges where orjson alone would differ.
+_CHARS = ["a", "é", "中", "\U0001f600", "\x00", "\x1f", "\x7f", "\n", "\u2028", "/", '"', "\\"]
+_TEXT = st.lists(st.sampled_from([*_CHARS, "\ud800", "\udfff", "1234567890"])).map("".join)
+_NUMBER = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), 10**19, 10**18]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_VALUE = st.recursive(
+    st.one_of(st.none(), st.booleans(), _NUMBER, _TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_TEXT, inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, and of the same types all the way down (1 is not 1.0, -0.0 is not 0.0)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.copysign(1, a) == math.copysign(1, b) and (a == b or (a != a and b != b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)  # type: ignore[index]
+    return a == b
+
+
+@settings(FUZZ, max_examples=1500)
+@given(_VALUE, st.sampled_from(["compact", "spaced", "ascii"]))
+def test_parse_reads_every_json_text_as_json_does(value: object, style: str) -> None:
+    raw = {
+        "compact": json.dumps(value, ensure_ascii=False, separators=(",", ":")),
+        "spaced": json.dumps(value, ensure_ascii=False, indent=1),
+        "ascii": json.dumps(value),
+    }[style]
+    assert _same(jsoncodec.parse(raw), json.loads(raw))
+    if raw.isascii() or not re.search("[\ud800-\udfff]", raw):  # a lone one has no UTF-8
+        assert _same(jsoncodec.parse(raw.encode()), json.loads(raw.encode()))
+
+
+@pytest.mark.parametrize(
+    "raw", ["NaN", "[Infinity, -Infinity]", "1e999", '"\\ud800"', "12345678901234567890123", "-0"]
+)
+def test_what_orjson_reads_otherwise_is_read_by_json(raw: str) -> None:
+    assert _same(jsoncodec.parse(raw), json.loads(raw)) or raw == "NaN"
+    assert repr(jsoncodec.parse(raw)) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize("raw", ["", "{", "[1,]", "{'a': 1}", "nul", "1 2"])
+def test_what_is_not_json_is_refused_as_json_refuses_it(raw: str) -> None:
+    with pytest.raises(ValueError):
+        jsoncodec.parse(raw)
+
+
+def _before(value: object) -> str:
+    """What ``wire.dumps`` wrote with json alone: compact, UTF-8, lone surrogates escaped."""
+    out = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m[0]):04x}", out)
+
+
+def _floats(value: object) -> bool:
+    if isinstance(value, list):
+        return any(_floats(v) for v in value)
+    if isinstance(value, dict):
+        return any(_floats(v) for v in value.values())
+    return isinstance(value, float)
+
+
+@settings(FUZZ, max_examples=1500)
+@given(_VALUE)
+def test_text_is_the_json_text_json_wrote_floats_aside(value: object) -> None:
+    """The same text as before, but for how a float is spelled (``1e-05``, ``1e-5``):
+    the same number either way."""
+    written = jsoncodec.text(value)
+    assert written.encode("utf-8")  # a lone surrogate stays escaped: the text encodes
+    assert _same(json.loads(written), json.loads(_before(value)))
+    if not _floats(value):
+        assert written == _before(value)
+
+
+def test_a_number_json_has_no_spelling_for_is_written_null() -> None:
+    """NaN and infinities come only from an upstream's non-standard JSON (a client's are
+    refused): written as null, valid JSON for the client, where json wrote ``NaN``."""
+    assert jsoncodec.text([math.nan, math.inf, -math.inf, 1.5]) == "[null,null,null,1.5]"
+    assert jsoncodec.encode({"x": math.inf}) == b'{"x":null}'
+
+
+def test_encode_writes_what_json_reads_back_even_what_orjson_refuses() -> None:
+    """The upstream body and the stored record: orjson, and ``json`` for the rest."""
+    common = {"model": "m", "messages": [{"content": "é \U0001f600 \x00"}], "t": 1.5, "n": None}
+    assert json.loads(jsoncodec.encode(common)) == common
+    for refused in (
+        {"text": "a\ud800b"},  # a lone surrogate: escaped, as json writes it
+        {1: "int key"},  # json writes the key as a string
+        {"seed": 2**70},  # past 64 bits: exact, not a float
+    ):
+        assert jsoncodec.encode(refused) == json.dumps(refused, separators=(",", ":")).encode()
+        assert jsoncodec.encodable(refused) is None
+    when = datetime(2026, 12, 1, 12, 0, 0, 500)
+    assert jsoncodec.encode({"at": when}) == b'{"at":"%s"}' % when.isoformat().encode()
+    assert jsoncodec.encode({"x": {1}}, sorted) == b'{"x":[1]}'  # default= reaches both
+    assert jsoncodec.encode({"x": {1}, "s": "\ud800"}, sorted) == b'{"x":[1],"s":"\\ud800"}'
+    with pytest.raises(TypeError):
+        jsoncodec.encode({"x": object()})
