@@ -19,6 +19,7 @@ from __future__ import annotations
 import email.parser
 import functools
 import http.client
+import json
 import re
 import select
 import socket
@@ -36,7 +37,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import SKIP_HEADER, parse_url
 
-from gateway import jsoncodec, sse
+from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from gateway.sockets import send_all
@@ -448,7 +449,7 @@ class Response:
         """The whole body and ``parse`` of its JSON; ``protocol`` if either fails."""
         content = self.read()
         try:
-            return content, parse(jsoncodec.parse(content))
+            return content, parse(json.loads(content))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
 

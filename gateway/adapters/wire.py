@@ -5,6 +5,7 @@ Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own p
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Any
@@ -39,7 +40,7 @@ def event_data(event: sse.Event) -> dict | None:
     if not event.data:
         return None
     try:
-        data = jsoncodec.parse(event.data)
+        data = json.loads(event.data)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
