@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -168,6 +169,20 @@ print(json.dumps([os.getpid(), child]))
 """
 
 
+def _run_writing_into(directory: Path, script: str) -> Any:
+    """What ``script`` prints (JSON), run in its own process writing metrics into ``directory``."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 def test_a_forked_child_writes_its_own_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,16 +191,7 @@ def test_a_forked_child_writes_its_own_files(
     outlive it."""
     directory = tmp_path / "metrics"
     directory.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", FORKS],
-        cwd=ROOT,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    parent, child = json.loads(done.stdout)
+    parent, child = _run_writing_into(directory, FORKS)
     assert {p.name for p in directory.glob("gauge_livesum_*.db")} == {
         f"gauge_livesum_{parent}.db",
         f"gauge_livesum_{child}.db",
@@ -226,16 +232,7 @@ def test_changes_take_the_os_lock_and_count_exactly_across_greenlets_and_threads
 ) -> None:
     """In a patched worker, the values' lock is the OS's, not gevent's (a tenth of the
     cost): greenlets and a real thread changing one gauge lose nothing and never hang."""
-    done = subprocess.run(
-        [sys.executable, "-c", LOCKED],
-        cwd=ROOT,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(done.stdout) == [True, 80000]
+    assert _run_writing_into(tmp_path, LOCKED) == [True, 80000]
 
 
 def test_one_process_alone_renders_its_own_metrics() -> None:
