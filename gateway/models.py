@@ -593,10 +593,8 @@ class _Upsert:
         values = []
         for name, _, given, default, is_json, db_value in self._plan:
             value = row[name] if given else default() if callable(default) else default
-            if value is not None:
-                value = (
-                    jsoncodec.encode(value).decode() if is_json else db_value(value)
-                )  # SQLite: text
+            if value is not None:  # SQLite: a JSON column's value as text
+                value = jsoncodec.encode(value).decode() if is_json else db_value(value)
             values.append(value)
         return values
 
