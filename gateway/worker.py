@@ -21,6 +21,7 @@ gateway is imported at module level here, but ``sockets``, which imports nothing
 
 from __future__ import annotations
 
+import atexit
 import gc
 import ssl
 import time
@@ -130,6 +131,12 @@ def _http_date(timestamp: float | None = None) -> str:
     return _dated[1]
 
 
+def _thaw() -> None:
+    """Give what ``load_wsgi`` froze back to the collector, and collect it."""
+    gc.unfreeze()
+    gc.collect()
+
+
 class SettledConfig:
     """A worker's gunicorn settings, each read once.
 
@@ -176,10 +183,16 @@ class GatewayWorker(GeventWorker):
         yet every full collection walked them all: 34 ms with every call of the worker
         waiting, every few thousand calls. Frozen (``gc.freeze``) they are not walked
         again. A collection first, so that no garbage is frozen with them.
+
+        What was frozen and died since (a logging handler replaced at startup) is
+        collected at exit, before the interpreter takes its modules apart: left to
+        then, its finalizers (logging's weakref callbacks) ran without gevent and
+        printed tracebacks at every worker's exit.
         """
         super().load_wsgi()
         gc.collect()
         gc.freeze()
+        atexit.register(_thaw)
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         self._served.add(gevent.getcurrent())  # this connection is now a kept-alive one
