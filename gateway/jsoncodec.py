@@ -24,10 +24,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def encode(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     """Compact UTF-8 JSON (a datetime written as ``isoformat()`` writes it)."""
-    try:
-        return orjson.dumps(value, default=default)
-    except orjson.JSONEncodeError:
+    written = encodable(value, default)
+    if written is None:
         return json.dumps(value, separators=(",", ":"), default=default).encode()
+    return written
 
 
 def encodable(value: Any, default: Callable[[Any], Any] | None = None) -> bytes | None:
