@@ -23,6 +23,7 @@ import json
 import re
 import select
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -39,6 +40,7 @@ from urllib3.util import SKIP_HEADER, parse_url
 
 from gateway import sse
 from gateway.adapters import PROVIDER_PROTOCOLS
+from gateway.chunked import Chunked
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from gateway.sockets import send_all
 
@@ -409,19 +411,19 @@ class Response:
 
     def chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive; raises UpstreamError if the read fails."""
-        raw = self._resp
-        while True:
-            try:
-                data = raw.read1(READ_SIZE, decode_content=True)
-            except urllib3.exceptions.ReadTimeoutError as exc:
+        message = _plain(self._resp)
+        reads = _decoded(self._resp) if message is None else _framed(self._resp, message)
+        try:
+            yield from reads
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) or (
+                # gevent's TLS socket says it timed out with an SSLError, as urllib3 knows
+                isinstance(exc, ssl.SSLError) and "read operation timed out" in str(exc)
+            ):
                 raise UpstreamError(
                     "timeout", "upstream went silent past the read timeout"
                 ) from exc
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise UpstreamError("reset", f"upstream connection broke: {exc}") from exc
-            if not data:
-                return
-            yield data
+            raise UpstreamError("reset", f"upstream connection broke: {exc}") from exc
 
     def events(self, accepts: Callable[[str], bool]) -> Iterator[sse.Event]:
         """The body as SSE events, read up to the first one with data before returning.
@@ -470,6 +472,54 @@ class Response:
         pool already), and give its pool slot back."""
         self._resp.close()
         self._resp.release_conn()
+
+
+def _plain(resp: urllib3.BaseHTTPResponse) -> http.client.HTTPResponse | None:
+    """The http.client response under ``resp`` (not read from yet: a Response reads its
+    body once) if its body is ours to read: not encoded, chunked or of a known length;
+    else None, and urllib3 reads it."""
+    message = getattr(resp, "_fp", None)  # urllib3 2's own name for it
+    if not isinstance(message, http.client.HTTPResponse) or message.fp is None:
+        return None
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None
+    if not message.chunked and message.length is None:
+        return None  # delimited by the connection's close: urllib3 knows that case
+    return message
+
+
+def _framed(resp: urllib3.BaseHTTPResponse, message: http.client.HTTPResponse) -> Iterator[bytes]:
+    """A body read straight from the connection's buffered reader, chunked or of a known
+    length, as http.client would read it, without its and urllib3's layers of calls per
+    read (issue 11); once it is whole, the connection goes back to its pool, as urllib3
+    hands it back. Raises as the socket raises, and ValueError for broken framing."""
+    fp = message.fp
+    if message.chunked:
+        body = Chunked()
+        while not body.done:
+            data = fp.read1(READ_SIZE)
+            if not data:
+                body.ended()
+                break
+            data = body.feed(data)
+            if data:
+                yield data
+    else:
+        left = message.length
+        while left:
+            data = fp.read1(min(READ_SIZE, left))
+            if not data:
+                raise ValueError(f"the connection closed {left} bytes before the body's end")
+            left -= len(data)
+            yield data
+    message.close()
+    resp.release_conn()
+
+
+def _decoded(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """A body urllib3 reads: decompressed, or delimited by the connection's close."""
+    while data := resp.read1(READ_SIZE, decode_content=True):
+        yield data
 
 
 def _events(

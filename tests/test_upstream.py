@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.message
 import email.parser
+import gzip
 import http.client
 import io
 
@@ -383,3 +384,136 @@ def test_header_lines_are_written_and_refused_as_http_client_does(
         return conn._buffer  # type: ignore[attr-defined]
 
     assert written(_HTTPConnection("127.0.0.1", 9)) == written(HTTPConnection("127.0.0.1", 9))
+
+
+class _Scripted:
+    """An upstream that answers each request on a connection with the next script: the
+    pieces it writes, a short pause between them; ``None`` closes the connection."""
+
+    def __init__(self, *scripts: list[bytes | None]) -> None:
+        self.scripts = list(scripts)
+        self.connections = 0
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/chat/completions"
+
+    def _serve(self, sock, address) -> None:  # type: ignore[no-untyped-def]
+        self.connections += 1
+        data = b""
+        while self.scripts:
+            while not data.endswith(b"{}"):  # each request's body is "{}"
+                more = sock.recv(65536)
+                if not more:
+                    return
+                data += more
+            data = b""
+            for piece in self.scripts.pop(0):
+                if piece is None:
+                    sock.close()
+                    return
+                sock.sendall(piece)
+                gevent.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _wire(**config: object) -> Upstream:
+    app = Flask(__name__)
+    app.config.from_mapping({**DEFAULTS, **config})
+    wire = Upstream()
+    wire.init_app(app)
+    return wire
+
+
+def _events_of(wire: Upstream, url: str) -> list[str | None]:
+    resp = wire.post(url, {}, b"{}", stream=True)
+    try:
+        return [event.data for event in resp.events(lambda _: True)]
+    finally:
+        resp.close()
+
+
+def test_a_chunked_stream_is_read_as_it_comes_and_its_connection_kept() -> None:
+    """Chunks split across writes, an extension, trailers: the events, and the connection
+    back in the pool once the last chunk came (the next call uses it again)."""
+    stream = [
+        CHUNKED + b"9\r\ndata: 1\n\n\r",  # the head and most of the first chunk
+        b"\n",
+        b"9;ext=1\r\ndata: 2\n\n\r\n9\r\ndata:",  # a chunk and a half
+        b" 3\n\n\r\n0\r\nX-Trailer: yes\r\n",
+        b"\r\n",
+    ]
+    server = _Scripted(stream, stream)
+    wire = _wire()
+    try:
+        assert _events_of(wire, server.url) == ["1", "2", "3"]
+        assert _events_of(wire, server.url) == ["1", "2", "3"]
+    finally:
+        server.stop()
+    assert server.connections == 1
+
+
+def test_a_json_answer_of_known_length_is_read_whole_and_its_connection_kept() -> None:
+    body = b'{"n": 1}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n"
+    server = _Scripted([head + body[:3], body[3:]], [head, body])
+    wire = _wire()
+    try:
+        for _ in range(2):
+            assert wire.post(server.url, {}, b"{}", stream=False).answer(lambda d: d) == (
+                body,
+                {"n": 1},
+            )
+    finally:
+        server.stop()
+    assert server.connections == 1
+
+
+def test_a_compressed_answer_is_still_decoded() -> None:
+    body = gzip.compress(b'{"n": 2}')
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
+    server = _Scripted([head + body])
+    try:
+        assert _wire().post(server.url, {}, b"{}", stream=False).answer(lambda d: d)[1] == {"n": 2}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("script", "kind", "message"),
+    [
+        ([CHUNKED + b"9\r\ndata: 1\n\n\r\n5\r\nda", None], "reset", "before the last chunk"),
+        ([CHUNKED + b"9\r\ndata: 1\n\n\r\n", b"zz\r\n"], "reset", "invalid literal"),
+        ([CHUNKED + b"9\r\ndata: 1\n\n\r\n"], "timeout", "silent past the read timeout"),
+        (
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\ndata: 1\n\n", None],
+            "reset",
+            "11 bytes before the body's end",
+        ),
+    ],
+)
+def test_a_body_cut_short_broken_or_silent_fails_mid_stream_and_its_connection_goes(
+    script: list[bytes | None], kind: str, message: str
+) -> None:
+    stream = [CHUNKED + b"9\r\ndata: 4\n\n\r\n0\r\n\r\n"]
+    server = _Scripted(script, stream)
+    wire = _wire(READ_TIMEOUT=0.3)
+    try:
+        resp = wire.post(server.url, {}, b"{}", stream=True)
+        events = resp.events(lambda _: True)
+        assert next(events).data == "1"
+        with pytest.raises(UpstreamError) as info:
+            next(events)
+        resp.close()
+        assert (info.value.kind, info.value.retriable) == (kind, True)
+        assert message in info.value.message
+        assert _events_of(wire, server.url) == ["4"]  # on a new connection
+    finally:
+        server.stop()
+    assert server.connections == 2
