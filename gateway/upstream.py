@@ -24,11 +24,13 @@ import re
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import certifi
+import gevent
 import requests.utils
 import urllib3
 import urllib3.exceptions
@@ -495,15 +497,7 @@ def _framed(resp: urllib3.BaseHTTPResponse, message: http.client.HTTPResponse) -
     hands it back. Raises as the socket raises, and ValueError for broken framing."""
     fp = message.fp
     if message.chunked:
-        body = Chunked()
-        while not body.done:
-            data = fp.read1(READ_SIZE)
-            if not data:
-                body.ended()
-                break
-            data = body.feed(data)
-            if data:
-                yield data
+        yield from _chunked(fp, getattr(resp.connection, "sock", None))
     else:
         left = message.length
         while left:
@@ -514,6 +508,75 @@ def _framed(resp: urllib3.BaseHTTPResponse, message: http.client.HTTPResponse) -
             yield data
     message.close()
     resp.release_conn()
+
+
+def _chunked(fp: Any, sock: socket.socket | None) -> Iterator[bytes]:
+    """A chunked body's bytes, its reads timed by one ``_Watchdog`` in place of the
+    socket's own timeout (a stream's reads wait, and each wait would start a timer)."""
+    seconds = sock.gettimeout() if sock is not None else None
+    watchdog = None
+    if seconds:
+        watchdog = _Watchdog(seconds)
+        sock.settimeout(None)
+    try:
+        body = Chunked()
+        while not body.done:
+            if watchdog is not None:
+                watchdog.since = time.monotonic()
+            data = fp.read1(READ_SIZE)
+            if watchdog is not None:
+                watchdog.since = None
+            if not data:
+                body.ended()
+                break
+            data = body.feed(data)
+            if data:
+                yield data
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+            sock.settimeout(seconds)
+
+
+class _Watchdog:
+    """A read timeout for one greenlet's reads, kept by one timer (issue 11).
+
+    gevent's socket starts and closes a ``Timeout`` (a timer) for each read that waits:
+    4% of a stream's worker CPU. Here the socket waits without one; a read marks when
+    it began (``since``), and a single timer checks, when it fires, how long the read in
+    progress has waited. Past ``seconds``, it throws ``TimeoutError`` (the socket's own)
+    into the greenlet, as gevent's ``Timeout`` does: a read waits in the hub, so nothing
+    else can be running that greenlet then. Otherwise the timer is set again, for when
+    that read (or, between reads, a read starting now) would time out.
+    """
+
+    __slots__ = ("_greenlet", "_seconds", "_timer", "since")
+
+    def __init__(self, seconds: float) -> None:
+        self._greenlet = gevent.getcurrent()
+        self._seconds = seconds
+        self._timer: Any = None
+        self.since: float | None = None  # when the read in progress began
+        self._arm(seconds)
+
+    def _arm(self, after: float) -> None:
+        self._timer = gevent.get_hub().loop.timer(after)
+        self._timer.start(self._fire)
+
+    def _fire(self) -> None:
+        self._timer.close()
+        since = self.since
+        left = self._seconds if since is None else since + self._seconds - time.monotonic()
+        if left > 0:
+            self._arm(left)
+        else:
+            self._timer = None
+            self._greenlet.throw(TimeoutError("timed out"))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
 
 def _decoded(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ import email.parser
 import gzip
 import http.client
 import io
+import time
 
 import gevent
 import pytest
@@ -388,9 +389,10 @@ def test_header_lines_are_written_and_refused_as_http_client_does(
 
 class _Scripted:
     """An upstream that answers each request on a connection with the next script: the
-    pieces it writes, a short pause between them; ``None`` closes the connection."""
+    pieces it writes, a short pause between them; a number is a longer pause, ``None``
+    closes the connection."""
 
-    def __init__(self, *scripts: list[bytes | None]) -> None:
+    def __init__(self, *scripts: list[bytes | float | None]) -> None:
         self.scripts = list(scripts)
         self.connections = 0
         self.server = StreamServer(("127.0.0.1", 0), self._serve)
@@ -411,6 +413,9 @@ class _Scripted:
                 if piece is None:
                     sock.close()
                     return
+                if isinstance(piece, float):
+                    gevent.sleep(piece)
+                    continue
                 sock.sendall(piece)
                 gevent.sleep(0.01)
 
@@ -508,7 +513,7 @@ def test_a_body_cut_short_broken_or_silent_fails_mid_stream_and_its_connection_g
         resp = wire.post(server.url, {}, b"{}", stream=True)
         events = resp.events(lambda _: True)
         assert next(events).data == "1"
-        with pytest.raises(UpstreamError) as info:
+        with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
             next(events)
         resp.close()
         assert (info.value.kind, info.value.retriable) == (kind, True)
@@ -517,3 +522,41 @@ def test_a_body_cut_short_broken_or_silent_fails_mid_stream_and_its_connection_g
     finally:
         server.stop()
     assert server.connections == 2
+
+
+def test_the_read_timeout_counts_the_silence_of_one_read_not_the_time_between_reads() -> None:
+    """Chunks 0.2 s apart under a 0.3 s read timeout, a reader that takes 0.5 s over an
+    event: no timeout; then 0.3 s of silence: a timeout, on time."""
+    event = b"9\r\ndata: 1\n\n\r\n"
+    server = _Scripted([CHUNKED + event, *[0.2, event] * 5, 5.0])
+    wire = _wire(READ_TIMEOUT=0.3)
+    try:
+        resp = wire.post(server.url, {}, b"{}", stream=True)
+        events = resp.events(lambda _: True)
+        for n in range(6):
+            assert next(events).data == "1"
+            if n == 2:
+                gevent.sleep(0.5)  # the producer busy elsewhere: no read is waiting
+        silent = time.monotonic()
+        with pytest.raises(UpstreamError) as info, gevent.Timeout(3):
+            next(events)
+        waited = time.monotonic() - silent
+        resp.close()
+    finally:
+        server.stop()
+    assert info.value.kind == "timeout"
+    assert 0.25 <= waited < 0.6
+
+
+def test_a_connection_goes_back_to_its_pool_with_its_read_timeout() -> None:
+    stream = [CHUNKED + b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"]
+    server = _Scripted(stream)
+    wire = _wire(READ_TIMEOUT=7.5)
+    try:
+        resp = wire.post(server.url, {}, b"{}", stream=True)
+        sock = resp._resp.connection.sock
+        assert [event.data for event in resp.events(lambda _: True)] == ["1"]
+        resp.close()
+    finally:
+        server.stop()
+    assert sock.gettimeout() == 7.5
