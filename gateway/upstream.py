@@ -523,6 +523,9 @@ def _chunked(fp: Any, sock: socket.socket | None) -> Iterator[bytes]:
         while not body.done:
             if watchdog is not None:
                 watchdog.since = time.monotonic()
+            # Wait in the reader's own buffer: read1 would make its READ_SIZE bytes object
+            # before it waits, and an open stream waits most of its life.
+            fp.peek(1)
             data = fp.read1(READ_SIZE)
             if watchdog is not None:
                 watchdog.since = None

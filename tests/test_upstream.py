@@ -8,6 +8,7 @@ import gzip
 import http.client
 import io
 import time
+import tracemalloc
 
 import gevent
 import pytest
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 from urllib3.connection import HTTPConnection
 from urllib3.util import SKIP_HEADER
 
+from gateway import upstream
 from gateway.config import DEFAULTS
-from gateway.upstream import Response, Upstream, UpstreamError, _proxies_for, endpoint
+from gateway.upstream import READ_SIZE, Response, Upstream, UpstreamError, _proxies_for, endpoint
 from tests.fuzz_support import FUZZ
 
 
@@ -560,3 +562,27 @@ def test_a_connection_goes_back_to_its_pool_with_its_read_timeout() -> None:
     finally:
         server.stop()
     assert sock.gettimeout() == 7.5
+
+
+def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> None:
+    """An open stream waits most of its life: its read must not hold READ_SIZE bytes
+    (64 KB) meanwhile, only the connection's own buffer."""
+    event = b"9\r\ndata: 1\n\n\r\n"
+    server = _Scripted([CHUNKED + event, 1.0, event + b"0\r\n\r\n"])
+    wire = _wire()
+    tracemalloc.start()
+    try:
+        resp = wire.post(server.url, {}, b"{}", stream=True)
+        events = resp.events(lambda _: True)
+        assert next(events).data == "1"
+        reader = gevent.spawn(lambda: [event.data for event in events])
+        gevent.sleep(0.3)  # the reader waits for the next chunk
+        held = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, upstream.__file__)]
+        )
+        assert reader.get(timeout=5) == ["1"]
+        resp.close()
+    finally:
+        tracemalloc.stop()
+        server.stop()
+    assert max(stat.size for stat in held.statistics("lineno")) < READ_SIZE // 4
