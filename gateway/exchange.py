@@ -24,9 +24,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
-    """Every fact about one call through the gateway."""
+    """Every fact about one call through the gateway.
+
+    Slotted: with its 35 fields, a plain instance's dict was 1.5 KB of every open
+    stream's memory (issue 11).
+    """
 
     api_key_id: int
     model: str  # as the client asked, ``name@provider`` included
