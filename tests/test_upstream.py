@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
 import email.message
 import email.parser
 import gzip
 import http.client
 import io
+import ipaddress
+import ssl
 import time
 import tracemalloc
+from pathlib import Path
 
 import gevent
 import pytest
 import urllib3
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from flask import Flask
 from gevent.server import StreamServer
 from hypothesis import given, settings
@@ -392,14 +400,17 @@ def test_header_lines_are_written_and_refused_as_http_client_does(
 class _Scripted:
     """An upstream that answers each request on a connection with the next script: the
     pieces it writes, a short pause between them; a number is a longer pause, ``None``
-    closes the connection."""
+    closes the connection. Over TLS with ``tls`` (a server context)."""
 
-    def __init__(self, *scripts: list[bytes | float | None]) -> None:
+    def __init__(
+        self, *scripts: list[bytes | float | None], tls: ssl.SSLContext | None = None
+    ) -> None:
         self.scripts = list(scripts)
         self.connections = 0
-        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server = StreamServer(("127.0.0.1", 0), self._serve, ssl_context=tls)
         self.server.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/chat/completions"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}/v1/chat/completions"
 
     def _serve(self, sock, address) -> None:  # type: ignore[no-untyped-def]
         self.connections += 1
@@ -586,3 +597,61 @@ def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> Non
         tracemalloc.stop()
         server.stop()
     assert max(stat.size for stat in held.statistics("lineno")) < READ_SIZE // 4
+
+
+def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
+    """A server context with a certificate for 127.0.0.1, and the file that trusts it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, str(cert_file)
+
+
+def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(tmp_path: Path) -> None:
+    """The same reading over gevent's TLS socket: split chunks, the connection kept, and
+    silence past the read timeout a timeout."""
+    context, trusted = _tls(tmp_path)
+    stream = [CHUNKED + b"9\r\ndata: 1\n\n\r", b"\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"]
+    silent = [CHUNKED + b"9\r\ndata: 3\n\n\r\n", 5.0]
+    server = _Scripted(stream, stream, silent, tls=context)
+    wire = _wire(READ_TIMEOUT=0.3)
+    wire._direct.connection_pool_kw["ca_certs"] = trusted
+    try:
+        assert _events_of(wire, server.url) == ["1", "2"]
+        assert _events_of(wire, server.url) == ["1", "2"]
+        resp = wire.post(server.url, {}, b"{}", stream=True)
+        events = resp.events(lambda _: True)
+        assert next(events).data == "3"
+        with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
+            next(events)
+        resp.close()
+    finally:
+        server.stop()
+    assert info.value.kind == "timeout"
+    assert server.connections == 1
