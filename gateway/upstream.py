@@ -592,6 +592,7 @@ def _events(
     first: list[sse.Event], decoder: sse.Decoder, chunks: Iterator[bytes]
 ) -> Iterator[sse.Event]:
     yield from first
+    first.clear()  # not kept for the rest of the stream (a KB of an open stream's memory)
     for chunk in chunks:
         yield from decoder.feed(chunk)
     yield from decoder.flush()
