@@ -407,7 +407,8 @@ class _Scripted:
     ) -> None:
         self.scripts = list(scripts)
         self.connections = 0
-        self.server = StreamServer(("127.0.0.1", 0), self._serve, ssl_context=tls)
+        secure = {"ssl_context": tls} if tls else {}  # gevent takes any ssl_context for TLS
+        self.server = StreamServer(("127.0.0.1", 0), self._serve, **secure)
         self.server.start()
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_port}/v1/chat/completions"
@@ -455,6 +456,19 @@ def _events_of(wire: Upstream, url: str) -> list[str | None]:
         return [event.data for event in resp.events(lambda _: True)]
     finally:
         resp.close()
+
+
+def _failure_after(wire: Upstream, url: str, first: str) -> UpstreamError:
+    """How a stream whose first event is ``first`` fails after it (within 5 s)."""
+    resp = wire.post(url, {}, b"{}", stream=True)
+    events = resp.events(lambda _: True)
+    assert next(events).data == first
+    try:
+        with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
+            next(events)
+    finally:
+        resp.close()
+    return info.value
 
 
 def test_a_chunked_stream_is_read_as_it_comes_and_its_connection_kept() -> None:
@@ -523,14 +537,9 @@ def test_a_body_cut_short_broken_or_silent_fails_mid_stream_and_its_connection_g
     server = _Scripted(script, stream)
     wire = _wire(READ_TIMEOUT=0.3)
     try:
-        resp = wire.post(server.url, {}, b"{}", stream=True)
-        events = resp.events(lambda _: True)
-        assert next(events).data == "1"
-        with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
-            next(events)
-        resp.close()
-        assert (info.value.kind, info.value.retriable) == (kind, True)
-        assert message in info.value.message
+        failure = _failure_after(wire, server.url, "1")
+        assert (failure.kind, failure.retriable) == (kind, True)
+        assert message in failure.message
         assert _events_of(wire, server.url) == ["4"]  # on a new connection
     finally:
         server.stop()
@@ -645,13 +654,8 @@ def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(tmp_path: Path) 
     try:
         assert _events_of(wire, server.url) == ["1", "2"]
         assert _events_of(wire, server.url) == ["1", "2"]
-        resp = wire.post(server.url, {}, b"{}", stream=True)
-        events = resp.events(lambda _: True)
-        assert next(events).data == "3"
-        with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
-            next(events)
-        resp.close()
+        failure = _failure_after(wire, server.url, "3")
     finally:
         server.stop()
-    assert info.value.kind == "timeout"
+    assert failure.kind == "timeout"
     assert server.connections == 1
