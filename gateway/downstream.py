@@ -7,6 +7,10 @@ headers are out (with the first piece), a piece put while the body waits on an e
 queue is written at once by the producer, without blocking (``worker.framing``: a
 greenlet switch and gunicorn's loop fewer per piece); what the socket does not take
 at once is queued, and the body writes the queue itself, several pieces in one send.
+A direct stream (``call.produce_here``, a plain socket) has no body greenlet: its
+first pieces go out with the headers through gunicorn (``opening``, ``opened``), then
+the producer writes each piece at once; only while the socket holds some back does a
+writer greenlet write the queue (``_writes``), and heartbeats come from a timer.
 A piece is counted as delivered (its SSE events and answer text) once the socket took
 it whole; ``delivery`` waits for the client's copy to end and says how much it got
 (SPEC rule 11). The watcher notices a hang-up while nothing is being written: a reset,
@@ -112,12 +116,17 @@ class Downstream:
         self._frame: Callable[[bytes], bytes] | None = None  # once writes may skip gunicorn
         self._parked = False  # the body waits on an empty queue: the producer may write
         self._wrote_at = 0.0  # the latest write: heartbeats are for an idle connection
+        # A direct stream (``opened``): no body greenlet; a writer only while the socket
+        # holds pieces back, and a timer for heartbeats.
+        self._direct = False
+        self._writer: gevent.Greenlet | None = None
+        self._beat: Any = None
 
     def put(self, piece: Piece) -> None:
         """Write a piece to the client, or queue it; never waits. Dropped once it left."""
         if not piece.data or self.gone.is_set():
             return
-        if self._parked and not self._queue:
+        if not self._queue and (self._parked or (self._direct and self._writer is None)):
             self._write_now(piece)
         else:
             self._enqueue(piece)
@@ -125,6 +134,9 @@ class Downstream:
     def _enqueue(self, item: Any) -> None:
         self._queue.append(item)
         self._queued.set()
+        if self._direct and self._writer is None and not self.gone.is_set():
+            self._writer = self._watchers.spawn(self._writes)
+            self._writer.link_exception(_log_death)
 
     def _write_now(self, piece: Piece) -> None:
         """Write a piece from the producer: the body waits, so the socket is free. What
@@ -136,7 +148,7 @@ class Downstream:
         except BlockingIOError:
             sent = 0
         except OSError:  # a reset
-            self._write_failed()
+            self.write_failed()
             return
         if sent < len(data):
             self._enqueue(_Rest(data[sent:], piece.events, len(piece.text)))
@@ -148,14 +160,18 @@ class Downstream:
 
     def end(self) -> None:
         """Nothing more will come: the body finishes once the queue is sent."""
-        self._enqueue(_END)
+        if self._direct and self._writer is None and not self._queue:
+            self._body_done.set()  # all written already
+        else:
+            self._enqueue(_END)
 
     def left(self, how: str, at: float | None = None) -> None:
         """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
-        self._enqueue(_GONE)
+        if not self._direct:
+            self._enqueue(_GONE)
         self._on_gone(how, time.monotonic() if at is None else at)
         self._settled.set()
 
@@ -314,9 +330,98 @@ class Downstream:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(None)
             if not delivered:
-                self._write_failed()
+                self.write_failed()
 
-    def _write_failed(self) -> None:
+    # -- a direct stream: the producer's greenlet is the handler's -------------------
+
+    def holds_bytes(self) -> bool:
+        """Something waits to be sent: a direct stream's first bytes are ready."""
+        return bool(self._queue)
+
+    def opening(self) -> bytes:
+        """A direct stream's first bytes, for gunicorn to send with the headers: what the
+        producer queued so far (``opened`` counts it once gunicorn took it)."""
+        data = b"".join(self._unframed(item)[0] for item in self._queue if item is not _END)
+        return data or sse.comment("keep-alive")  # gunicorn sends headers only with bytes
+
+    def opened(self) -> None:
+        """gunicorn sent the headers and ``opening``: count it, and from now on write the
+        pieces here (the producer, or a writer while the socket holds some back)."""
+        opening, self._queue = self._queue, []
+        for item in opening:
+            if item is _END:
+                self._queue.append(item)
+            elif item is not None and item is not _PROBE:
+                self.events += item.events
+                self.chars += len(item.text)
+            elif item is _PROBE:
+                self._probing = False
+        self._frame = framing()
+        assert self._frame is not None, "a direct stream is on a socket it can frame"
+        self.sock.settimeout(self.pace.write_timeout)
+        issued = self._wrote_at = time.monotonic()
+        self._direct = True
+        self._tell(issued)
+        self._beat_in(self.pace.heartbeat)
+        if self._queue:  # its end, queued already
+            self.end()
+
+    def _writes(self) -> None:
+        """A direct stream's writer: what the socket held back, until none is left."""
+        try:
+            while self._queue and not self.gone.is_set():
+                item = self._queue[0]
+                if item is _END:
+                    self._queue.pop(0)
+                    self._body_done.set()
+                    return
+                self._queue.pop(0)
+                if item is _PROBE:
+                    self._probing = False
+                issued = time.monotonic()
+                self._write(self._framed(item))
+                self._wrote_at = issued
+                self._tell(issued)
+        except OSError:  # a reset, or a client that read nothing for a write timeout
+            self.write_failed()
+        finally:
+            self._writer = None
+
+    def _beat_in(self, after: float) -> None:
+        self._beat = gevent.get_hub().loop.timer(max(after, 0.001))
+        self._beat.start(self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        # In the hub: a comment is queued for a writer when the connection idled.
+        self._beat.close()
+        if self.gone.is_set():
+            self._beat = None
+            return
+        idle = time.monotonic() - self._wrote_at
+        if idle >= self.pace.heartbeat and self._writer is None:
+            self._enqueue(None)
+            idle = 0.0
+        self._beat_in(self.pace.heartbeat - idle)
+
+    def close(self) -> None:
+        """A direct stream's call is over: no more writes from here (gunicorn ends the body)."""
+        if self._beat is not None:
+            self._beat.close()
+            self._beat = None
+        writer, self._writer = self._writer, None
+        self._direct = False
+        if writer is not None:  # cut off mid-write (shutdown, or a stalled client)
+            writer.kill(block=True)
+        self._body_done.set()
+        self.stop_watching()
+        if self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(None)
+            if writer is not None:  # nothing may follow a partly written chunk
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def write_failed(self) -> None:
         """A write failed: the client is gone (after a FIN, this confirms that departure)."""
         fin = self.fin_at
         self.left("write failed" if fin is None else "connection closed", fin)
@@ -384,4 +489,4 @@ class Downstream:
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:
-    log.error("downstream: watcher died", exc_info=greenlet.exc_info)
+    log.error("downstream: a watcher or writer died", exc_info=greenlet.exc_info)

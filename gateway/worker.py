@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import socket
 import ssl
 import time
 import weakref
@@ -61,6 +62,13 @@ def framing() -> Callable[[bytes], bytes] | None:
     if isinstance(resp.sock, ssl.SSLSocket):  # gevent's, once the worker has patched
         return None
     return resp.frame
+
+
+def can_frame(sock: socket.socket | None) -> bool:
+    """Whether the response this handler greenlet is about to send, on ``sock``, is one
+    its app may write body bytes of itself once its headers are out (``framing``)."""
+    resp = _responses.get(gevent.getcurrent())
+    return resp is not None and resp.sock is sock and not isinstance(sock, ssl.SSLSocket)
 
 
 class OneSend(wsgi.Response):

@@ -232,6 +232,21 @@ def test_a_fin_just_before_the_terminal_event_is_a_hang_up(gateway, fake) -> Non
     assert b"[DONE]" not in received
 
 
+def test_a_stream_idle_upstream_gets_heartbeats_then_the_rest(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    # The upstream goes silent for 1.1 s after tok0: the client hears a keep-alive
+    # comment every 0.2 s meanwhile (nothing else writes to it then), then the rest.
+    gw = gateway_factory(GATEWAY_HEARTBEAT_INTERVAL="0.2")
+    route = own_route(gw, fake.url, remote_id="fake;id=hb;chunks=4;stall_at=2;stall_for=1.1")
+    sock = _raw_stream_request(gw, route)
+    received = _read_until(sock, b"[DONE]")
+    sock.close()
+    stall = received[received.index(b"tok0 ") : received.index(b"tok1 ")]
+    assert 3 <= stall.count(b": keep-alive") <= 7, stall
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
+    assert row["status"] == "completed"
+    assert row["completion"][0]["content"] == words(4)
+
+
 def test_a_reset_connection_is_a_hang_up(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     gw = gateway
     route = own_route(gw, fake.url, remote_id="fake;id=h2;chunks=20;delay=0.05")
