@@ -349,7 +349,7 @@ def test_sigterm_stops_calls_past_graceful_timeout_as_failed(
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or being reaped as we read
         return False
 
 
