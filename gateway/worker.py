@@ -179,7 +179,7 @@ class GatewayWorker(GeventWorker):
         util.http_date = _http_date
         # gevent records every greenlet's spawning stack and parent, for debugging
         # dumps nobody takes here: a walk of the stack and about 20 objects held per
-        # greenlet, and a call spawns two (its handler, its producer).
+        # greenlet: each connection has one (its handler), a stream over TLS a second.
         gevent.config.track_greenlet_tree = False
         self.cfg = SettledConfig(self.cfg)
         super().init_process()
