@@ -260,6 +260,41 @@ def test_a_reset_connection_is_a_hang_up(gateway, fake) -> None:  # type: ignore
     assert fake.log("h2")[0]["outcome"] == "complete"
 
 
+def _reset_before_the_first_byte(gw: Gateway, route: dict) -> None:
+    """A stream asked for, then the connection reset while the upstream is still silent."""
+    sock = _raw_stream_request(gw, route)
+    time.sleep(0.1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_is_drained(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    # The upstream is silent for 0.5 s before its first event; the client resets after
+    # 0.1 s. Nobody takes the stream: it is read to its end and recorded as such.
+    gw = gateway
+    route = own_route(gw, fake.url, remote_id="fake;id=h0;chunks=5;stall_at=0;stall_for=0.5")
+    _reset_before_the_first_byte(gw, route)
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
+    assert row["status"] == "aborted"
+    assert row["error"] == "client disconnected; the upstream was read to its end"
+    assert row["completion"][0]["content"] == words(5)
+    assert row["delivered"] == {"events": 0, "text": ""}
+    assert fake.log("h0")[0]["outcome"] == "complete"
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_is_cancelled(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel")
+    route = own_route(gw, fake.url, remote_id="fake;id=h00;chunks=5;stall_at=0;stall_for=2")
+    started = time.monotonic()
+    _reset_before_the_first_byte(gw, route)
+    (row,) = gw.wait_final(1, timeout=10)
+    assert time.monotonic() - started < 1.5  # not the upstream's 2 s of silence
+    assert row["status"] == "aborted"
+    assert "ON_DISCONNECT=cancel" in row["error"]
+
+
 def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     # The watcher of each call must be gone before the connection's next request.
     gw = gateway
