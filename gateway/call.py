@@ -100,7 +100,7 @@ class Call:
         self._handing_over = False  # gunicorn is sending the first bytes
         self._handed = False
         self._stop_asked: End | None = None  # a stop asked meanwhile
-        self._deadline = 0.0
+        self._deadline = 0.0  # the call's deadline, and its timer (``_arm_deadline``)
         self._timer: gevent.Timeout | None = None
 
     # -- the view's side --------------------------------------------------------
@@ -190,17 +190,21 @@ class Call:
         if not self.ready.ready():
             self.ready.set(True)
         reading = self._reading
-        if reading and self._timer is not None:
+        if reading:
             self._timer.close()
         try:
             yield
         finally:
             self._handing_over = False
         if reading:
-            left = max(self._deadline - time.monotonic(), 0.0)
-            self._timer = gevent.Timeout.start_new(left, _Stopped(End.deadline()))
+            self._arm_deadline()
             if self._stop_asked is not None:
                 raise _Stopped(self._stop_asked)
+
+    def _arm_deadline(self) -> None:
+        """Stop the call (``_Stopped``) once ``_deadline`` passes (CALL_TIMEOUT)."""
+        left = max(self._deadline - time.monotonic(), 0.0)
+        self._timer = gevent.Timeout.start_new(left, _Stopped(End.deadline()))
 
     # -- the producer: the only place a call is finished ------------------------
 
@@ -214,7 +218,7 @@ class Call:
         recorder.record(self.exchange)  # pending: an upstream is about to be contacted
         self._reading = True
         self._deadline = time.monotonic() + self.settings.call_timeout
-        self._timer = gevent.Timeout.start_new(self.settings.call_timeout, _Stopped(End.deadline()))
+        self._arm_deadline()
         try:
             try:
                 candidate, opened = failover(

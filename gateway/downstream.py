@@ -304,10 +304,12 @@ class Downstream:
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
-                issued = time.monotonic()
-                if item is _PROBE:
-                    self._probing = False
-                if self._frame is None:
+                if self._frame is not None:
+                    self._write_item(item)
+                else:
+                    issued = time.monotonic()
+                    if item is _PROBE:
+                        self._probing = False
                     data, events, chars = self._unframed(item)
                     yield data
                     # Back here: gunicorn wrote it (a failed write closes this generator),
@@ -315,12 +317,8 @@ class Downstream:
                     self.events += events
                     self.chars += chars
                     self._frame = framing() if self.sock is not None else None
-                else:
-                    self._write(self._framed(item))
-                self._wrote_at = issued
-                # The write went through: no reset had come back when it was issued.
-                # One may have come since (at once, nearby): then the client is gone.
-                self._tell(issued)
+                    self._wrote_at = issued
+                    self._tell(issued)  # as _write_item does
                 if self.gone.is_set():
                     return
         finally:
@@ -339,23 +337,22 @@ class Downstream:
         return bool(self._queue)
 
     def opening(self) -> bytes:
-        """A direct stream's first bytes, for gunicorn to send with the headers: what the
-        producer queued so far (``opened`` counts it once gunicorn took it)."""
-        data = b"".join(self._unframed(item)[0] for item in self._queue if item is not _END)
+        """A direct stream's first bytes, for gunicorn to send with the headers: the
+        pieces and probe the producer and watcher queued so far (``opened`` counts them
+        once gunicorn took them). Nothing else is queued before: its end comes after."""
+        data = b"".join(self._unframed(item)[0] for item in self._queue if item is not _GONE)
         return data or sse.comment("keep-alive")  # gunicorn sends headers only with bytes
 
     def opened(self) -> None:
         """gunicorn sent the headers and ``opening``: count it, and from now on write the
         pieces here (the producer, or a writer while the socket holds some back)."""
-        opening, self._queue = self._queue, []
-        for item in opening:
-            if item is _END:
-                self._queue.append(item)
-            elif item is not None and item is not _PROBE:
+        for item in self._queue:
+            if item is _PROBE:
+                self._probing = False
+            elif item is not _GONE:
                 self.events += item.events
                 self.chars += len(item.text)
-            elif item is _PROBE:
-                self._probing = False
+        self._queue = []
         self._frame = framing()
         assert self._frame is not None, "a direct stream is on a socket it can frame"
         self.sock.settimeout(self.pace.write_timeout)
@@ -363,25 +360,16 @@ class Downstream:
         self._direct = True
         self._tell(issued)
         self._beat_in(self.pace.heartbeat)
-        if self._queue:  # its end, queued already
-            self.end()
 
     def _writes(self) -> None:
         """A direct stream's writer: what the socket held back, until none is left."""
         try:
             while self._queue and not self.gone.is_set():
-                item = self._queue[0]
+                item = self._queue.pop(0)
                 if item is _END:
-                    self._queue.pop(0)
                     self._body_done.set()
                     return
-                self._queue.pop(0)
-                if item is _PROBE:
-                    self._probing = False
-                issued = time.monotonic()
-                self._write(self._framed(item))
-                self._wrote_at = issued
-                self._tell(issued)
+                self._write_item(item)
         except OSError:  # a reset, or a client that read nothing for a write timeout
             self.write_failed()
         finally:
@@ -420,6 +408,17 @@ class Downstream:
             self.sock.settimeout(None)
             if writer is not None:  # nothing may follow a partly written chunk
                 self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _write_item(self, item: Any) -> None:
+        """Write a queued item, framed, with the pieces queued behind it (``_framed``)."""
+        issued = time.monotonic()
+        if item is _PROBE:
+            self._probing = False
+        self._write(self._framed(item))
+        self._wrote_at = issued
+        # The write went through: no reset had come back when it was issued. One may
+        # have come since (at once, nearby): then the client is gone.
+        self._tell(issued)
 
     def write_failed(self) -> None:
         """A write failed: the client is gone (after a FIN, this confirms that departure)."""
