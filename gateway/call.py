@@ -1,16 +1,9 @@
 """One call in flight: the producer that owns it until it is recorded.
 
-A JSON answer's producer is the view's greenlet (``answer_here``), which sends nothing
+A stream's producer is a greenlet of its own, reading the upstream whatever its client
+does; a JSON answer's is the view's greenlet (``answer_here``), which sends nothing
 until the answer is whole anyway, so a client that leaves meanwhile changes nothing
-but the record, as for a stream. A stream's is the handler's greenlet too where the
-body can be written without gunicorn (a plain socket in a gateway worker:
-``produce_here``): the producer is a generator that yields once, when the first bytes
-are ready; the view returns, gunicorn sends them with the headers and iterates the body
-(``_HandedOver``), which resumes the producer to the end. Its pieces are written as they
-come, never waiting (``Downstream``), so it still reads the upstream whatever its
-client does, and the call's deadline and any stop wait while gunicorn has the greenlet.
-Elsewhere (TLS, outside a worker) a stream's producer is a greenlet of its own and
-gunicorn writes the body.
+but the record, as for a stream.
 
 The producer fails over until an upstream answers (``routing.failover``), reads the
 answer to its end through the plan's operation (a stream through its
@@ -94,45 +87,13 @@ class Call:
         self._reading = False
         self._stopping = False
         self._left_unanswered = False  # a JSON answer's client left while it was produced
-        # A direct stream (``produce_here``): produced in the handler's greenlet, which
-        # hands its first bytes to gunicorn and comes back for the rest (``_rest``).
-        self._rest: Iterator[None] | None = None
-        self._handing_over = False  # gunicorn is sending the first bytes
-        self._handed = False
-        self._stop_asked: End | None = None  # a stop asked meanwhile
-        self._deadline = 0.0  # the call's deadline, and its timer (``_arm_deadline``)
-        self._timer: gevent.Timeout | None = None
 
     # -- the view's side --------------------------------------------------------
 
     @property
     def abandoned(self) -> bool:
         """The client left before there was anything to answer."""
-        if self._left_unanswered:
-            return True
-        return self.down.gone.is_set() and not (self._handed or self.ready.ready())
-
-    def produce_here(self, watchers: gevent.pool.Group, run: Iterator[None]) -> None:
-        """Produce a stream in this greenlet, the handler's, up to its first bytes: the
-        body (``body``) sends them through gunicorn, then produces the rest here too. A
-        call over before that, or whose client left, is produced to its end here; raise
-        its error if it has one and its client waits."""
-        self.down.start_watching(watchers)
-        handed = False
-        for _ in run:
-            handed = True
-            break
-        if handed and not self.down.gone.is_set():
-            self._rest = run
-            return
-        if handed:  # the client left before its first bytes could go: nobody takes them
-            for _ in run:
-                pass
-        self.down.close()
-        if self.down.gone.is_set():
-            self._left_unanswered = True
-        else:
-            self.ready.get()  # its error: it never started
+        return self._left_unanswered or (self.down.gone.is_set() and not self.ready.ready())
 
     def wait(self, watchers: gevent.pool.Group) -> None:
         """Watch the client; return once there is an answer to start or nobody waits; raise."""
@@ -164,63 +125,17 @@ class Call:
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body."""
-        if self._rest is not None:
-            return _HandedOver(self)
         return self.down.body()
-
-    def _produce_rest(self, taken: bool) -> None:
-        """A direct stream's first bytes went out (``taken``) or could not: the rest."""
-        rest, self._rest = self._rest, None
-        if rest is None:
-            return
-        if taken:
-            self.down.opened()
-        else:
-            self.down.write_failed()
-        try:
-            for _ in rest:  # it hands over once only
-                pass
-        finally:
-            self.down.close()
-
-    def _hand_over(self) -> Iterator[None]:
-        """Let the handler's greenlet give gunicorn the first bytes (a direct stream);
-        while it is away, the call's deadline waits, and so does any stop asked."""
-        self._handed = self._handing_over = True
-        if not self.ready.ready():
-            self.ready.set(True)
-        reading = self._reading
-        if reading:
-            self._timer.close()
-        try:
-            yield
-        finally:
-            self._handing_over = False
-        if reading:
-            self._arm_deadline()
-            if self._stop_asked is not None:
-                raise _Stopped(self._stop_asked)
-
-    def _arm_deadline(self) -> None:
-        """Stop the call (``_Stopped``) once ``_deadline`` passes (CALL_TIMEOUT)."""
-        left = max(self._deadline - time.monotonic(), 0.0)
-        self._timer = gevent.Timeout.start_new(left, _Stopped(End.deadline()))
 
     # -- the producer: the only place a call is finished ------------------------
 
-    def produce(self, direct: bool = False) -> Iterator[None]:
-        """Fail over, read the upstream to its end, then record the call.
-
-        A generator: a direct stream's (``direct``) yields once, when its first bytes
-        are ready for gunicorn to send (``_hand_over``); any other call never yields.
-        """
+    def produce(self) -> None:
+        """Fail over, read the upstream to its end, then record the call."""
         self._producer = gevent.getcurrent()
         recorder.record(self.exchange)  # pending: an upstream is about to be contacted
         self._reading = True
-        self._deadline = time.monotonic() + self.settings.call_timeout
-        self._arm_deadline()
         try:
-            try:
+            with gevent.Timeout(self.settings.call_timeout, _Stopped(End.deadline())):
                 candidate, opened = failover(
                     self.plan.candidates,
                     self._open,
@@ -230,28 +145,19 @@ class Call:
                     on_failure=_log_failure,
                 )
                 if self.stream:
-                    yield from self._relay(*opened, direct)
+                    self._relay(*opened)
                 else:
                     self._answer(candidate, *opened)
-            except GatewayError as exc:  # every candidate failed, or one refused
-                self.ending.close(End(UNANSWERED, self.exchange.with_attempts(exc.message)))
-                self._refuse(exc)
-            except _Stopped as stopped:
-                self.ending.close(stopped.end)
-                self._tell_client(ServiceUnavailable(f"The gateway ended the call: {stopped}"))
-            except GeneratorExit:  # dropped at its hand-over, never resumed
-                self.ending.close(End(GATEWAY_ERROR, "gateway error: the stream was never sent"))
-                raise
-            except Exception as exc:  # a bug here must not cost the record
-                log.exception("call: producer failed")
-                self.ending.close(End(GATEWAY_ERROR, f"gateway error: {exc!r}"))
-                self._tell_client(GatewayError("Internal gateway error"))
-            finally:
-                self._timer.close()
-            self._reading = False
-            if direct and self._translator is not None and not self._handed:
-                # Nothing went out yet: the stream's first bytes are also its last.
-                yield from self._hand_over()
+        except GatewayError as exc:  # every candidate failed, or one refused
+            self.ending.close(End(UNANSWERED, self.exchange.with_attempts(exc.message)))
+            self._refuse(exc)
+        except _Stopped as stopped:
+            self.ending.close(stopped.end)
+            self._tell_client(ServiceUnavailable(f"The gateway ended the call: {stopped}"))
+        except Exception as exc:  # a bug here must not cost the record
+            log.exception("call: producer failed")
+            self.ending.close(End(GATEWAY_ERROR, f"gateway error: {exc!r}"))
+            self._tell_client(GatewayError("Internal gateway error"))
         finally:
             self._reading = False
             self._finalise()
@@ -311,22 +217,14 @@ class Call:
         )
 
     def _relay(
-        self,
-        resp: Response,
-        translator: StreamTranslator,
-        events: Iterator[sse.Event],
-        direct: bool,
-    ) -> Iterator[None]:
-        """Stream the upstream to the client, to the upstream's end; a direct stream
-        hands its first bytes over as soon as it has some."""
+        self, resp: Response, translator: StreamTranslator, events: Iterator[sse.Event]
+    ) -> None:
+        """Stream the upstream to the client, to the upstream's end."""
         self._translator = translator
-        if not direct:
-            self.ready.set(True)
+        self.ready.set(True)
         try:
             for event in events:
                 self._send(translator.feed(event))
-                if direct and not self._handed and self.down.holds_bytes():
-                    yield from self._hand_over()
             self._send(translator.finish())
         except (UpstreamError, BrokenStream) as exc:
             what = exc.describe() if isinstance(exc, UpstreamError) else f"protocol: {exc}"
@@ -428,11 +326,9 @@ class Call:
 
         A call already finishing waits no longer for its client's copy to be written.
         """
-        if self._reading and self._handing_over:
-            self._stop_asked = self._stop_asked or end  # once the handler is back
-        elif self._reading and self._producer is not None and not self._stopping:
+        if self._reading and self._producer is not None and not self._stopping:
             self._stopping = True
-            gevent.kill(self._producer, _Stopped(end))  # not waiting: a raw greenlet too
+            self._producer.kill(_Stopped(end), block=False)
         elif not self._reading:
             self.down.hurry()
 
@@ -456,26 +352,3 @@ def _log_failure(candidate: Candidate, exc: UpstreamError) -> None:
         candidate.provider_name,
         exc.describe(),
     )
-
-
-class _HandedOver:
-    """A direct stream's body, as gunicorn iterates it: the first bytes (gunicorn sends
-    the headers with them), then the rest of the call, produced in this greenlet. A body
-    closed before its first bytes went out produces the rest for nobody."""
-
-    def __init__(self, call: Call) -> None:
-        self._call = call
-        self._first = True
-
-    def __iter__(self) -> _HandedOver:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._first:
-            self._first = False
-            return self._call.down.opening()
-        self._call._produce_rest(taken=True)
-        raise StopIteration
-
-    def close(self) -> None:
-        self._call._produce_rest(taken=False)

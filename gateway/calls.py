@@ -1,9 +1,8 @@
 """The calls of one worker: opened here, bounded here when their client leaves, stopped here.
 
-``calls.open`` starts a call (``call.py``), produced in the handler's own greenlet (a
-JSON answer; a stream on a plain socket, up to its first bytes) or, for a stream over
-TLS, in a producer greenlet of the group that shutdown waits for (shutdown waits for
-the others among the calls in flight), its socket watcher and writers in a group that
+``calls.open`` starts a call (``call.py``): a stream's producer greenlet in the group
+that shutdown waits for (a JSON answer is produced in the view's own greenlet, and
+shutdown waits for it among the calls in flight), its socket watcher in a group that
 is killed, never waited for, and returns once the call has something to answer with. When a client leaves, the
 drain policy is applied here (SPEC rule 3): ``ON_DISCONNECT=cancel`` stops the call at
 once; otherwise it drains, bounded by ``DRAIN_TIMEOUT`` and by a semaphore of
@@ -17,7 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -29,7 +28,6 @@ from gateway import metrics
 from gateway.call import Call
 from gateway.ending import ABORTED, End
 from gateway.plan import Plan, Settings
-from gateway.worker import can_frame
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -61,17 +59,13 @@ class Calls:
         assert self.settings is not None, "calls.init_app was not called"
         call = Call(plan, self.settings, sock, self._client_left)
         self._active.add(call)
-        if call.stream and can_frame(sock):
-            # The handler's greenlet produces the stream and writes it itself once its
-            # headers are out: no producer greenlet parked beside it (issue 11).
-            call.produce_here(self._watchers, self._run(call, direct=True))
-        elif call.stream:  # over TLS, or outside a gunicorn worker: gunicorn writes it
-            self._spawn(self._produce, call)
+        if call.stream:
+            self._spawn(self._run, call)
             call.wait(self._watchers)
         else:
             # A JSON answer is read whole before a byte is sent, so the view's own
             # greenlet can produce it: no greenlet to spawn, no switches to it and back.
-            call.answer_here(self._watchers, lambda: self._produce(call))
+            call.answer_here(self._watchers, lambda: self._run(call))
         return call
 
     def stop_all(self) -> int:
@@ -99,15 +93,11 @@ class Calls:
         greenlet.link_exception(_log_death)
         return greenlet
 
-    def _produce(self, call: Call) -> None:
-        for _ in self._run(call):
-            pass  # only a direct stream stops on the way
-
-    def _run(self, call: Call, direct: bool = False) -> Iterator[None]:
+    def _run(self, call: Call) -> None:
         self._idle.clear()
         metrics.call_opened()
         try:
-            yield from call.produce(direct)
+            call.produce()
         finally:
             self._active.discard(call)
             if not self._active:

@@ -7,10 +7,6 @@ headers are out (with the first piece), a piece put while the body waits on an e
 queue is written at once by the producer, without blocking (``worker.framing``: a
 greenlet switch and gunicorn's loop fewer per piece); what the socket does not take
 at once is queued, and the body writes the queue itself, several pieces in one send.
-A direct stream (``call.produce_here``, a plain socket) has no body greenlet: its
-first pieces go out with the headers through gunicorn (``opening``, ``opened``), then
-the producer writes each piece at once; only while the socket holds some back does a
-writer greenlet write the queue (``_writes``), and heartbeats come from a timer.
 A piece is counted as delivered (its SSE events and answer text) once the socket took
 it whole; ``delivery`` waits for the client's copy to end and says how much it got
 (SPEC rule 11). The watcher notices a hang-up while nothing is being written: a reset,
@@ -116,17 +112,12 @@ class Downstream:
         self._frame: Callable[[bytes], bytes] | None = None  # once writes may skip gunicorn
         self._parked = False  # the body waits on an empty queue: the producer may write
         self._wrote_at = 0.0  # the latest write: heartbeats are for an idle connection
-        # A direct stream (``opened``): no body greenlet; a writer only while the socket
-        # holds pieces back, and a timer for heartbeats.
-        self._direct = False
-        self._writer: gevent.Greenlet | None = None
-        self._beat: Any = None
 
     def put(self, piece: Piece) -> None:
         """Write a piece to the client, or queue it; never waits. Dropped once it left."""
         if not piece.data or self.gone.is_set():
             return
-        if not self._queue and (self._parked or (self._direct and self._writer is None)):
+        if self._parked and not self._queue:
             self._write_now(piece)
         else:
             self._enqueue(piece)
@@ -134,9 +125,6 @@ class Downstream:
     def _enqueue(self, item: Any) -> None:
         self._queue.append(item)
         self._queued.set()
-        if self._direct and self._writer is None and not self.gone.is_set():
-            self._writer = self._watchers.spawn(self._writes)
-            self._writer.link_exception(_log_death)
 
     def _write_now(self, piece: Piece) -> None:
         """Write a piece from the producer: the body waits, so the socket is free. What
@@ -148,7 +136,7 @@ class Downstream:
         except BlockingIOError:
             sent = 0
         except OSError:  # a reset
-            self.write_failed()
+            self._write_failed()
             return
         if sent < len(data):
             self._enqueue(_Rest(data[sent:], piece.events, len(piece.text)))
@@ -160,18 +148,14 @@ class Downstream:
 
     def end(self) -> None:
         """Nothing more will come: the body finishes once the queue is sent."""
-        if self._direct and self._writer is None and not self._queue:
-            self._body_done.set()  # all written already
-        else:
-            self._enqueue(_END)
+        self._enqueue(_END)
 
     def left(self, how: str, at: float | None = None) -> None:
         """The client is gone (since ``at``, default now): stop sending, tell the call (once)."""
         if self.gone.is_set():
             return
         self.gone.set()
-        if not self._direct:
-            self._enqueue(_GONE)
+        self._enqueue(_GONE)
         self._on_gone(how, time.monotonic() if at is None else at)
         self._settled.set()
 
@@ -304,12 +288,10 @@ class Downstream:
                 if item is _END or item is _GONE:
                     delivered = item is _END
                     return
-                if self._frame is not None:
-                    self._write_item(item)
-                else:
-                    issued = time.monotonic()
-                    if item is _PROBE:
-                        self._probing = False
+                issued = time.monotonic()
+                if item is _PROBE:
+                    self._probing = False
+                if self._frame is None:
                     data, events, chars = self._unframed(item)
                     yield data
                     # Back here: gunicorn wrote it (a failed write closes this generator),
@@ -317,8 +299,12 @@ class Downstream:
                     self.events += events
                     self.chars += chars
                     self._frame = framing() if self.sock is not None else None
-                    self._wrote_at = issued
-                    self._tell(issued)  # as _write_item does
+                else:
+                    self._write(self._framed(item))
+                self._wrote_at = issued
+                # The write went through: no reset had come back when it was issued.
+                # One may have come since (at once, nearby): then the client is gone.
+                self._tell(issued)
                 if self.gone.is_set():
                     return
         finally:
@@ -328,99 +314,9 @@ class Downstream:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(None)
             if not delivered:
-                self.write_failed()
+                self._write_failed()
 
-    # -- a direct stream: the producer's greenlet is the handler's -------------------
-
-    def holds_bytes(self) -> bool:
-        """Something waits to be sent: a direct stream's first bytes are ready."""
-        return bool(self._queue)
-
-    def opening(self) -> bytes:
-        """A direct stream's first bytes, for gunicorn to send with the headers: the
-        pieces and probe the producer and watcher queued so far (``opened`` counts them
-        once gunicorn took them). Nothing else is queued before: its end comes after."""
-        data = b"".join(self._unframed(item)[0] for item in self._queue if item is not _GONE)
-        return data or sse.comment("keep-alive")  # gunicorn sends headers only with bytes
-
-    def opened(self) -> None:
-        """gunicorn sent the headers and ``opening``: count it, and from now on write the
-        pieces here (the producer, or a writer while the socket holds some back)."""
-        for item in self._queue:
-            if item is _PROBE:
-                self._probing = False
-            elif item is not _GONE:
-                self.events += item.events
-                self.chars += len(item.text)
-        self._queue = []
-        self._frame = framing()
-        assert self._frame is not None, "a direct stream is on a socket it can frame"
-        self.sock.settimeout(self.pace.write_timeout)
-        issued = self._wrote_at = time.monotonic()
-        self._direct = True
-        self._tell(issued)
-        self._beat_in(self.pace.heartbeat)
-
-    def _writes(self) -> None:
-        """A direct stream's writer: what the socket held back, until none is left."""
-        try:
-            while self._queue and not self.gone.is_set():
-                item = self._queue.pop(0)
-                if item is _END:
-                    self._body_done.set()
-                    return
-                self._write_item(item)
-        except OSError:  # a reset, or a client that read nothing for a write timeout
-            self.write_failed()
-        finally:
-            self._writer = None
-
-    def _beat_in(self, after: float) -> None:
-        self._beat = gevent.get_hub().loop.timer(max(after, 0.001))
-        self._beat.start(self._heartbeat)
-
-    def _heartbeat(self) -> None:
-        # In the hub: a comment is queued for a writer when the connection idled.
-        self._beat.close()
-        if self.gone.is_set():
-            self._beat = None
-            return
-        idle = time.monotonic() - self._wrote_at
-        if idle >= self.pace.heartbeat and self._writer is None:
-            self._enqueue(None)
-            idle = 0.0
-        self._beat_in(self.pace.heartbeat - idle)
-
-    def close(self) -> None:
-        """A direct stream's call is over: no more writes from here (gunicorn ends the body)."""
-        if self._beat is not None:
-            self._beat.close()
-            self._beat = None
-        writer, self._writer = self._writer, None
-        self._direct = False
-        if writer is not None:  # cut off mid-write (shutdown, or a stalled client)
-            writer.kill(block=True)
-        self._body_done.set()
-        self.stop_watching()
-        if self.sock is None:
-            return
-        with contextlib.suppress(OSError):
-            self.sock.settimeout(None)
-            if writer is not None:  # nothing may follow a partly written chunk
-                self.sock.shutdown(socket.SHUT_RDWR)
-
-    def _write_item(self, item: Any) -> None:
-        """Write a queued item, framed, with the pieces queued behind it (``_framed``)."""
-        issued = time.monotonic()
-        if item is _PROBE:
-            self._probing = False
-        self._write(self._framed(item))
-        self._wrote_at = issued
-        # The write went through: no reset had come back when it was issued. One may
-        # have come since (at once, nearby): then the client is gone.
-        self._tell(issued)
-
-    def write_failed(self) -> None:
+    def _write_failed(self) -> None:
         """A write failed: the client is gone (after a FIN, this confirms that departure)."""
         fin = self.fin_at
         self.left("write failed" if fin is None else "connection closed", fin)
@@ -488,4 +384,4 @@ class Downstream:
 
 
 def _log_death(greenlet: gevent.Greenlet) -> None:
-    log.error("downstream: a watcher or writer died", exc_info=greenlet.exc_info)
+    log.error("downstream: watcher died", exc_info=greenlet.exc_info)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import socket
 import ssl
 import time
 import weakref
@@ -62,13 +61,6 @@ def framing() -> Callable[[bytes], bytes] | None:
     if isinstance(resp.sock, ssl.SSLSocket):  # gevent's, once the worker has patched
         return None
     return resp.frame
-
-
-def can_frame(sock: socket.socket | None) -> bool:
-    """Whether the response this handler greenlet is about to send, on ``sock``, is one
-    its app may write body bytes of itself once its headers are out (``framing``)."""
-    resp = _responses.get(gevent.getcurrent())
-    return resp is not None and resp.sock is sock and not isinstance(sock, ssl.SSLSocket)
 
 
 class OneSend(wsgi.Response):
@@ -179,7 +171,7 @@ class GatewayWorker(GeventWorker):
         util.http_date = _http_date
         # gevent records every greenlet's spawning stack and parent, for debugging
         # dumps nobody takes here: a walk of the stack and about 20 objects held per
-        # greenlet: each connection has one (its handler), a stream over TLS a second.
+        # greenlet: each connection has one (its handler), a stream a second (its producer).
         gevent.config.track_greenlet_tree = False
         self.cfg = SettledConfig(self.cfg)
         super().init_process()

@@ -9,7 +9,6 @@ through gunicorn are in tests/test_disconnects.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import gevent
@@ -29,9 +28,8 @@ class StandIn:
         self.exchange = SimpleNamespace(status="aborted")  # what calls counts in /metrics
         self.ending = Ending(time.monotonic)
 
-    def produce(self, direct: bool = False) -> Iterator[None]:
+    def produce(self) -> None:
         self._stopped.wait()
-        yield from ()
 
     def stop(self, end: End) -> None:
         if self.ended is None:
@@ -48,7 +46,7 @@ def calls_with(**settings: object) -> Calls:
 def start(calls: Calls) -> StandIn:
     call = StandIn()
     calls._active.add(call)  # as open() does, without a real upstream
-    calls._spawn(calls._produce, call)
+    calls._spawn(calls._run, call)
     gevent.sleep(0)
     return call
 

@@ -178,12 +178,21 @@ def test_an_upstream_error_event_fails_the_call(gateway, fake) -> None:  # type:
 
 
 def _raw_stream_request(gw: Gateway, route: dict) -> socket.socket:
-    body = json.dumps({"model": route["name"], "messages": PROMPT, "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", gw.port))
+    body = {"model": route["name"], "messages": PROMPT, "stream": True}
+    return _raw_request(gw, route, "/v1/chat/completions", body)
+
+
+def _raw_request(gw: Gateway, route: dict, path: str, body: dict, rcvbuf: int = 0) -> socket.socket:
+    """``body`` posted to ``path`` on a socket of its own (``rcvbuf``: its receive buffer)."""
+    payload = json.dumps(body).encode()
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", gw.port))
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {route['key']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n".encode()
+        + f"Authorization: Bearer {route['key']}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
     )
     return sock
 
@@ -293,6 +302,28 @@ def test_a_stream_whose_client_left_before_its_first_byte_is_cancelled(
     assert time.monotonic() - started < 1.5  # not the upstream's 2 s of silence
     assert row["status"] == "aborted"
     assert "ON_DISCONNECT=cancel" in row["error"]
+
+
+def test_a_client_that_never_reads_its_first_event_is_dropped_after_the_write_timeout(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # A Responses stream's first events echo its instructions: 2 x 3 MB here, more than
+    # the socket buffers hold, so the write of the headers with them cannot end while
+    # the client reads nothing. After CLIENT_WRITE_TIMEOUT the client counts as gone:
+    # the call goes on without it (drained, here) and is recorded, nothing delivered.
+    gw = gateway_factory(GATEWAY_CLIENT_WRITE_TIMEOUT="1")
+    route = own_route(gw, fake.url, remote_id="fake;id=big0;chunks=5;delay=0.5")
+    body = {"model": route["name"], "input": "hi", "instructions": "x" * 3_000_000, "stream": True}
+    started = time.monotonic()
+    sock = _raw_request(gw, route, "/v1/responses", body, rcvbuf=4096)
+    (row,) = gw.wait_final(1, timeout=10, apiKeyId=route["key_id"])
+    assert time.monotonic() - started < 5
+    sock.close()
+    assert row["status"] == "aborted"
+    assert row["error"] == "client disconnected; the upstream was read to its end"
+    assert row["completion"][0]["content"] == words(5)
+    assert row["delivered"] == {"events": 0, "text": ""}
+    assert fake.log("big0")[0]["outcome"] == "complete"
 
 
 def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(gateway, fake) -> None:  # type: ignore[no-untyped-def]
