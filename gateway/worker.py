@@ -41,6 +41,10 @@ from gateway.sockets import send_all
 # Seconds kept back at the end of graceful_timeout to record stopped calls.
 FINALISE_MARGIN = 3.0
 
+# Seconds a response write may wait for a client that reads nothing (CLIENT_WRITE_TIMEOUT,
+# set when the app is loaded): then the client is dropped (``GatewayWorker.handle_request``).
+_write_timeout: float | None = None
+
 # Each handler greenlet's current response, for ``framing`` (keyed by the greenlet: a
 # response holds its socket, and a value that holds its key would keep it forever).
 _responses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -98,14 +102,32 @@ class OneSend(wsgi.Response):
             util.write(self.sock, head)
 
     def write(self, arg):  # type: ignore[no-untyped-def]
-        self._holding = True
+        with self._bounded():
+            self._holding = True
+            try:
+                super().write(arg)
+            finally:
+                self._holding = False
+                if self._head:  # nothing took them along
+                    head, self._head = self._head, b""
+                    util.write(self.sock, head)
+
+    def close(self):  # type: ignore[no-untyped-def]
+        with self._bounded():  # a chunked body's last chunk is a write too
+            super().close()
+
+    @contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """This response's writes wait at most CLIENT_WRITE_TIMEOUT for a client that
+        reads nothing, unless the socket has a timeout already (a stream's body sets it)."""
+        if _write_timeout is None or self.sock.gettimeout() is not None:
+            yield
+            return
+        self.sock.settimeout(_write_timeout)
         try:
-            super().write(arg)
+            yield
         finally:
-            self._holding = False
-            if self._head:  # nothing took them along
-                head, self._head = self._head, b""
-                util.write(self.sock, head)
+            self.sock.settimeout(None)
 
     def _emit_body(self, data):  # type: ignore[no-untyped-def]
         head, self._head = self._head, b""
@@ -189,14 +211,25 @@ class GatewayWorker(GeventWorker):
         then, its finalizers (logging's weakref callbacks) ran without gevent and
         printed tracebacks at every worker's exit.
         """
+        global _write_timeout
         super().load_wsgi()
+        config = getattr(self.wsgi, "config", None)  # not gunicorn's app for a failed load
+        if config is not None:
+            _write_timeout = float(config["CLIENT_WRITE_TIMEOUT"])
         gc.collect()
         gc.freeze()
         atexit.register(_thaw)
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         self._served.add(gevent.getcurrent())  # this connection is now a kept-alive one
-        return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:
+            # Only writes to the client have a timeout (CLIENT_WRITE_TIMEOUT): it read
+            # nothing for that long. A call still running counts it as gone and goes on;
+            # the connection is closed, with a line, not gunicorn's error traceback.
+            self.log.warning("gateway: closed a connection whose client stopped reading")
+            raise StopIteration from None  # gunicorn closes the connection quietly
 
     @contextmanager
     def timeout_ctx(self) -> Iterator[None]:

@@ -324,6 +324,28 @@ def test_a_client_that_never_reads_its_first_event_is_dropped_after_the_write_ti
     assert row["completion"][0]["content"] == words(5)
     assert row["delivered"] == {"events": 0, "text": ""}
     assert fake.log("big0")[0]["outcome"] == "complete"
+    assert "closed a connection whose client stopped reading" in gw.log()
+    assert "Traceback" not in gw.log()
+
+
+def test_a_client_that_never_reads_its_json_answer_is_dropped_after_the_write_timeout(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # A 6 MB JSON answer to a client that reads none of it: the call is recorded before
+    # the write, and the write gives up after CLIENT_WRITE_TIMEOUT. Without that, the
+    # connection's greenlet would wait forever, and every shutdown for graceful_timeout.
+    gw = gateway_factory(GATEWAY_CLIENT_WRITE_TIMEOUT="1", GATEWAY_GRACEFUL_TIMEOUT="20")
+    route = own_route(gw, fake.url, remote_id="fake;id=bigjson;chunks=1000;pad=6000")
+    body = {"model": route["name"], "messages": PROMPT}
+    sock = _raw_request(gw, route, "/v1/chat/completions", body, rcvbuf=4096)
+    (row,) = gw.wait_final(1, timeout=10, apiKeyId=route["key_id"])
+    assert row["status"] == "completed"
+    wait_until(lambda: "closed a connection whose client stopped reading" in gw.log(), timeout=5)
+    assert "Traceback" not in gw.log()
+    sock.close()
+    stopping = time.monotonic()
+    gw.stop()
+    assert time.monotonic() - stopping < 8  # not graceful_timeout (20 s)
 
 
 def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(gateway, fake) -> None:  # type: ignore[no-untyped-def]
