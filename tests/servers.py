@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import random
 import shutil
@@ -266,6 +267,31 @@ class Gateway:
 
 # Gateways told to stop by stop_behind() and not waited for yet.
 _stopping: list[Gateway] = []
+
+
+def post_on_socket(
+    gw: Gateway,
+    path: str,
+    body: dict,
+    key: str,
+    headers: dict[str, str] | None = None,
+    rcvbuf: int = 0,
+) -> socket.socket:
+    """``body`` posted to ``path`` on a raw socket of its own, left for the caller to read
+    (or not): ``rcvbuf`` sets its receive buffer first (a client whose reads the gateway's
+    writes outrun)."""
+    payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
 
 
 def reap(timeout: float = 60.0) -> None:

@@ -7,7 +7,6 @@ what the fake upstream saw of its own response.
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import time
@@ -15,7 +14,7 @@ import time
 import openai
 import pytest
 
-from tests.servers import Gateway, own_route, wait_until
+from tests.servers import Gateway, own_route, post_on_socket, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -179,22 +178,7 @@ def test_an_upstream_error_event_fails_the_call(gateway, fake) -> None:  # type:
 
 def _raw_stream_request(gw: Gateway, route: dict) -> socket.socket:
     body = {"model": route["name"], "messages": PROMPT, "stream": True}
-    return _raw_request(gw, route, "/v1/chat/completions", body)
-
-
-def _raw_request(gw: Gateway, route: dict, path: str, body: dict, rcvbuf: int = 0) -> socket.socket:
-    """``body`` posted to ``path`` on a socket of its own (``rcvbuf``: its receive buffer)."""
-    payload = json.dumps(body).encode()
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.connect(("127.0.0.1", gw.port))
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n".encode()
-        + f"Authorization: Bearer {route['key']}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
+    return post_on_socket(gw, "/v1/chat/completions", body, route["key"])
 
 
 def test_a_half_closing_client_still_gets_the_whole_stream(gateway, fake) -> None:  # type: ignore[no-untyped-def]
@@ -315,7 +299,7 @@ def test_a_client_that_never_reads_its_first_event_is_dropped_after_the_write_ti
     route = own_route(gw, fake.url, remote_id="fake;id=big0;chunks=5;delay=0.5")
     body = {"model": route["name"], "input": "hi", "instructions": "x" * 3_000_000, "stream": True}
     started = time.monotonic()
-    sock = _raw_request(gw, route, "/v1/responses", body, rcvbuf=4096)
+    sock = post_on_socket(gw, "/v1/responses", body, route["key"], rcvbuf=4096)
     (row,) = gw.wait_final(1, timeout=10, apiKeyId=route["key_id"])
     assert time.monotonic() - started < 5
     sock.close()
@@ -337,7 +321,7 @@ def test_a_client_that_never_reads_its_json_answer_is_dropped_after_the_write_ti
     gw = gateway_factory(GATEWAY_CLIENT_WRITE_TIMEOUT="1", GATEWAY_GRACEFUL_TIMEOUT="20")
     route = own_route(gw, fake.url, remote_id="fake;id=bigjson;chunks=1000;pad=6000")
     body = {"model": route["name"], "messages": PROMPT}
-    sock = _raw_request(gw, route, "/v1/chat/completions", body, rcvbuf=4096)
+    sock = post_on_socket(gw, "/v1/chat/completions", body, route["key"], rcvbuf=4096)
     (row,) = gw.wait_final(1, timeout=10, apiKeyId=route["key_id"])
     assert row["status"] == "completed"
     wait_until(lambda: "closed a connection whose client stopped reading" in gw.log(), timeout=5)

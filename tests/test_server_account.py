@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pairs_support as p
 from tests.pairs_support import ANTHROPIC, CHAT, CLIENTS, RESPONSES
-from tests.servers import Gateway, wait_until
+from tests.servers import Gateway, post_on_socket, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -352,17 +352,8 @@ def stalled_read(
     Waiting for the record to be final, not for a fixed time, is what makes sure the
     gateway gave up on this client before it reads anything, however loaded the machine.
     """
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n"
-        f"X-Fake-Script: {script}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", gw.port))
-        sock.sendall(head + payload)
+    headers = {"X-Fake-Script": script, "Connection": "close"}
+    with post_on_socket(gw, path, body, key, headers, rcvbuf=4096) as sock:
         settled()
         sock.settimeout(10)
         data = b""
@@ -491,16 +482,9 @@ def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
     body = {"model": "stalled", "stream": True, "messages": [{"role": "user", "content": "go"}]}
     call = uuid.uuid4().hex
     script = f"id={call};chunks=4000;pad=4000"
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", gw.port))
-        payload = json.dumps(body).encode()
-        sock.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Fake-Script: {script}\r\n"
-            f"Authorization: Bearer {route['key']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
+    headers = {"X-Fake-Script": script}
+    path = "/v1/chat/completions"
+    with post_on_socket(gw, path, body, route["key"], headers, rcvbuf=4096):
         wait_until(lambda: fake.log(call) and fake.log(call)[0]["outcome"] == "complete")
         time.sleep(0.5)  # the producer is in its last step now
         assert reader.records()[0]["status"] == "pending"
