@@ -19,12 +19,14 @@ metrics are this process's alone.
 
 from __future__ import annotations
 
+import atexit
 import hmac
+import logging
 import os
 import tomllib
 from typing import Any
 
-from gevent import monkey
+from gevent import get_hub, monkey
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,6 +40,8 @@ from prometheus_client import (
 
 from gateway.config import ROOT
 from gateway.exchange import EMBEDDING, Exchange
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)  # NexusGate's, in seconds
@@ -141,6 +145,60 @@ def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
 # dict, without ``labels()``'s checks, conversions and lock on every call (issue 11).
 _children: dict[tuple, Any] = {}
 
+# A call's own changes (``call_finished``, ``key_usage``: a dozen per call, each a write
+# into a shared mmap, about 50 µs of a call's latency at one client) wait until the
+# greenlet making them yields: ``flush`` is the event loop's next callback, so it runs
+# once a JSON answer has been written, and it writes what the calls of that turn
+# changed, added up (a counter once, a gauge's latest value). ``render`` and the
+# process's exit flush first. Changed from the worker's greenlets only; the rest (rarer,
+# or read from a dead worker's files) is written at once.
+_added: dict[Any, float] = {}
+_levels: dict[Any, float] = {}
+_observed: list[tuple[Any, float]] = []
+_flushing = False
+
+
+def _add(child: Any, amount: float = 1.0) -> None:
+    _added[child] = _added.get(child, 0.0) + amount
+    _later()
+
+
+def _level(child: Any, value: float) -> None:
+    _levels[child] = value
+    _later()
+
+
+def _observe(child: Any, value: float) -> None:
+    _observed.append((child, value))
+    _later()
+
+
+def _later() -> None:
+    global _flushing
+    if not _flushing:
+        _flushing = True
+        get_hub().loop.run_callback(flush)
+
+
+def flush() -> None:
+    """Write the changes waiting for the loop's turn to end (each once, whatever fails)."""
+    global _flushing
+    _flushing = False
+    writes = [(child.inc, amount) for child, amount in _added.items()]
+    writes += [(child.set, value) for child, value in _levels.items()]
+    writes += [(child.observe, value) for child, value in _observed]
+    _added.clear()
+    _levels.clear()
+    _observed.clear()
+    for write, value in writes:
+        try:
+            write(value)
+        except Exception:  # a metric must never cost a call, nor the others their changes
+            log.exception("metrics: could not write a call's change")
+
+
+atexit.register(flush)
+
 
 def _child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, remembered."""
@@ -161,29 +219,29 @@ def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
     key = _key_labels(exchange.api_key_id, key_comment)
     answered = exchange.status in ("completed", "aborted")  # the upstream answered in full
     if exchange.kind == EMBEDDING:
-        _child(EMBEDDINGS, model, exchange.status, *key).inc()
+        _add(_child(EMBEDDINGS, model, exchange.status, *key))
         if exchange.input_tokens:
-            _child(TOKENS["embedding"], model).inc(exchange.input_tokens)
+            _add(_child(TOKENS["embedding"], model), exchange.input_tokens)
         if answered and exchange.duration_ms is not None:
-            _child(EMBEDDING_SECONDS, model).observe(exchange.duration_ms / 1000)
+            _observe(_child(EMBEDDING_SECONDS, model), exchange.duration_ms / 1000)
         return
-    _child(COMPLETIONS, model, exchange.status, exchange.api_format, *key).inc()
+    _add(_child(COMPLETIONS, model, exchange.status, exchange.api_format, *key))
     if exchange.input_tokens:
-        _child(TOKENS["prompt"], model).inc(exchange.input_tokens)
+        _add(_child(TOKENS["prompt"], model), exchange.input_tokens)
     if exchange.output_tokens:
-        _child(TOKENS["completion"], model).inc(exchange.output_tokens)
+        _add(_child(TOKENS["completion"], model), exchange.output_tokens)
     cost = exchange.cost
     if cost:
         prompt = cost["input"] + cost["cacheRead"] + cost["cacheWrite"]
         for kind, usd in (("prompt", prompt), ("completion", cost["output"])):
             if usd:
-                _child(COST[kind], model).inc(usd)
+                _add(_child(COST[kind], model), usd)
         if cost["total"]:
-            _child(COST["total"], model).inc(cost["total"])
+            _add(_child(COST["total"], model), cost["total"])
     if answered and exchange.duration_ms is not None:
-        _child(COMPLETION_SECONDS, model).observe(exchange.duration_ms / 1000)
+        _observe(_child(COMPLETION_SECONDS, model), exchange.duration_ms / 1000)
     if answered and exchange.ttft_ms is not None:
-        _child(TTFT_SECONDS, model).observe(exchange.ttft_ms / 1000)
+        _observe(_child(TTFT_SECONDS, model), exchange.ttft_ms / 1000)
 
 
 def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
@@ -195,8 +253,8 @@ def key_usage(key_id: int, key_comment: str | None, usage: dict[str, dict[str, i
     """Set a key's RPM/TPM use and limits (``Limiter.usage``'s answer)."""
     key = _key_labels(key_id, key_comment)
     for kind in ("rpm", "tpm"):
-        _child(KEY_LIMITS[kind, "usage"], *key).set(usage[kind]["current"])
-        _child(KEY_LIMITS[kind, "limit"], *key).set(usage[kind]["limit"])
+        _level(_child(KEY_LIMITS[kind, "usage"], *key), usage[kind]["current"])
+        _level(_child(KEY_LIMITS[kind, "limit"], *key), usage[kind]["limit"])
 
 
 def catalog(api_keys: int, providers: int, models: dict[str, int]) -> None:
@@ -259,6 +317,7 @@ def authorized(authorization: str | None, token: str | None) -> bool:
 
 def render() -> bytes:
     """The Prometheus text exposition of every worker of this instance (or this process)."""
+    flush()
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         return generate_latest(_registry)

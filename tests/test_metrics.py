@@ -18,10 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
+from gateway.exchange import Exchange
 from tests.servers import ROOT
 
 WORKER = """
@@ -257,3 +259,55 @@ def test_a_token_can_be_required() -> None:
     assert not metrics.authorized(None, "t0k")
     assert not metrics.authorized("Bearer nope", "t0k")
     assert not metrics.authorized("Basic t0k", "t0k")
+
+
+def _completed(model: str, tokens: int) -> Any:
+    ex = Exchange(api_key_id=7, model=model, api_format="openai-chat", stream=False)
+    ex.finish("completed", usage={"input_tokens": tokens, "output_tokens": 1})
+    ex.duration_ms = 200
+    return ex
+
+
+def test_a_calls_changes_are_written_once_its_greenlet_yields_added_up() -> None:
+    """call_finished and key_usage write nothing on the call's path: the loop's next
+    callback writes the turn's changes, a counter once with their sum."""
+    model = f"m-{os.getpid()}-loop"
+    completions = metrics.COMPLETIONS.labels(model, "completed", "openai-chat", "7", "k")
+    prompt = metrics.TOKENS["prompt"].labels(model)
+    seconds = metrics.COMPLETION_SECONDS.labels(model)
+    usage = metrics.KEY_LIMITS["rpm", "usage"].labels("7", "k")
+    metrics.call_finished(_completed(model, 10), "k")
+    metrics.call_finished(_completed(model, 5), "k")
+    metrics.key_usage(
+        7, "k", {"rpm": {"current": 3, "limit": 9}, "tpm": {"current": 0, "limit": 1}}
+    )
+    metrics.key_usage(
+        7, "k", {"rpm": {"current": 4, "limit": 9}, "tpm": {"current": 0, "limit": 1}}
+    )
+    assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (0, 0, 0)
+    gevent.sleep(0)  # the turn ends
+    assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (2, 15, 4)
+    assert seconds._sum.get() == pytest.approx(0.4)
+
+
+def test_a_scrape_writes_what_waits_first() -> None:
+    model = f"m-{os.getpid()}-scrape"
+    metrics.call_finished(_completed(model, 3), None)
+    samples = _samples(metrics.render().decode())
+    assert _value(samples, "nexusgate_tokens_prompt_total", model=model) == 3
+
+
+def test_a_change_that_cannot_be_written_costs_only_itself(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing write is logged; the others waiting with it are written, once."""
+    model = f"m-{os.getpid()}-broken"
+    broken = metrics.TOKENS["prompt"].labels(model)  # written before the others
+    completion = metrics.TOKENS["completion"].labels(model)
+    monkeypatch.setattr(broken, "inc", lambda amount: 1 / 0)
+    metrics.call_finished(_completed(model, 2), None)
+    gevent.sleep(0)
+    assert "could not write" in caplog.text
+    metrics.call_finished(_completed(model, 2), None)
+    gevent.sleep(0)
+    assert completion._value.get() == 2
