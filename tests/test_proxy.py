@@ -224,6 +224,40 @@ def test_embeddings_answer_is_the_upstreams_json_and_the_trailing_slash_works(
     assert answer["usage"]["prompt_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    ("stream", "trailing"), [(False, ""), (False, "/"), (True, "")]
+)  # "/": through Flask (only embeddings take it)
+def test_an_answer_has_the_headers_of_its_kind_and_its_limits(
+    client, fake, route, stream, trailing
+) -> None:  # type: ignore[no-untyped-def]
+    """A call's answer is written by ``proxy.Answer``, not werkzeug's Response: the same
+    headers, whichever way it was served."""
+    if stream:
+        resp = post(client, CHAT + trailing, {**VALID[CHAT], "stream": True}, route["key"])
+    else:
+        resp = post(client, EMBEDDINGS + trailing, {"model": "emb", "input": "a"}, route["key"])
+    body = resp.get_data()
+    assert resp.status_code == 200
+    headers = dict(resp.headers)
+    limits = {
+        "X-RateLimit-Limit-RPM": str(10**9),
+        "X-RateLimit-Remaining-RPM": headers.get("X-RateLimit-Remaining-RPM"),
+        "X-RateLimit-Limit-TPM": str(10**9),
+        "X-RateLimit-Remaining-TPM": str(10**9),
+    }
+    assert int(limits["X-RateLimit-Remaining-RPM"]) == 10**9 - 1
+    if stream:
+        kind = {
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "Content-Type": "text/event-stream; charset=utf-8",
+        }
+        assert body.endswith(b"data: [DONE]\n\n")
+    else:
+        kind = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    assert headers == {**kind, **limits}
+
+
 @pytest.mark.parametrize("path", VALID)
 def test_call_paths_take_post_only_and_exactly(client, fake, route, path) -> None:  # type: ignore[no-untyped-def]
     bearer = {"Authorization": f"Bearer {route['key']}"}
