@@ -39,8 +39,23 @@ class Unreadable(ValueError):
 
 
 def read(request: Request) -> bytes:
-    """The raw body; a broken one (bad chunked framing, cut short) is Unreadable."""
+    """The raw body; a broken one (bad chunked framing, cut short) is Unreadable.
+
+    A body of a known length within the limit, from a server that ends its input stream
+    itself (gunicorn), is read from that stream straight: what werkzeug's stream would
+    read, without its wrapping (about 15 µs of a call at one client). Anything else
+    (chunked, no length, too large) goes through werkzeug's checks.
+    """
+    environ = request.environ
+    length = environ.get("CONTENT_LENGTH", "")
+    limit = request.max_content_length
     try:
+        if (
+            environ.get("wsgi.input_terminated")
+            and length.isdecimal()
+            and (limit is None or int(length) <= limit)
+        ):
+            return environ["wsgi.input"].read()
         return request.get_data(cache=False)
     except HTTPException:
         raise  # too large, or Werkzeug's own 400: rendered by the app's handlers

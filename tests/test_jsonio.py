@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from datetime import datetime
 
 import pytest
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wrappers import Request
 
 from gateway import jsonio
 from tests import pairs_support
@@ -117,3 +120,59 @@ def test_responses_always_encode() -> None:
     }
     assert jsonio.renderable("fine") == "fine"
     assert jsonio.renderable("\udc80\U0001f600") == f"{REPLACEMENT}\U0001f600"
+
+
+class _Input(io.BytesIO):
+    """A server's input stream that ends the body itself; counts how it was read."""
+
+    def __init__(self, data: bytes, broken: bool = False) -> None:
+        super().__init__(data)
+        self.broken = broken
+        self.reads: list[int | str | None] = []
+
+    def read(self, size: int | None = None) -> bytes:
+        self.reads.append(size)
+        if self.broken:
+            raise OSError("connection reset")
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def,override]
+        self.reads.append("into")
+        return super().readinto(buffer)
+
+
+def _request(body: _Input, length: str | None, limit: int | None = 100) -> Request:
+    environ = {"REQUEST_METHOD": "POST", "wsgi.input": body, "wsgi.input_terminated": True}
+    if length is not None:
+        environ["CONTENT_LENGTH"] = length
+    request = Request(environ)
+    request.max_content_length = limit
+    return request
+
+
+def test_a_body_of_known_length_is_read_straight_from_the_servers_stream() -> None:
+    body = _Input(b'{"a": 1}')
+    assert jsonio.read(_request(body, "8")) == b'{"a": 1}'
+    assert body.reads == [None]  # one read, unwrapped: the server ends it at its length
+    unlimited = _Input(b"{}")
+    assert jsonio.read(_request(unlimited, "2", limit=None)) == b"{}"
+    assert unlimited.reads == [None]
+
+
+@pytest.mark.parametrize("length", [None, "", "1e3", "-1"])
+def test_a_body_without_a_plain_length_goes_through_werkzeug(length: str | None) -> None:
+    body = _Input(b"[1]")
+    assert jsonio.read(_request(body, length)) == b"[1]"
+    assert body.reads and body.reads != [None]  # werkzeug's stream read it, in steps
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
+    body = _Input(b"x" * 101)
+    with pytest.raises(RequestEntityTooLarge):
+        jsonio.read(_request(body, "101"))
+    assert body.reads == []
+
+
+def test_a_body_that_breaks_while_read_is_unreadable() -> None:
+    with pytest.raises(jsonio.Unreadable, match="could not be read: connection reset"):
+        jsonio.read(_request(_Input(b"{}", broken=True), "2"))
