@@ -10,6 +10,7 @@ import http.client
 import io
 import ipaddress
 import ssl
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -606,6 +607,41 @@ def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> Non
         tracemalloc.stop()
         server.stop()
     assert max(stat.size for stat in held.statistics("lineno")) < READ_SIZE // 4
+
+
+def _buffer_of(resp: Response) -> int:
+    """The size of the buffer a response reads its body through (with the reader's own)."""
+    message = upstream._plain(resp._resp)
+    assert message is not None
+    return sys.getsizeof(message.fp)
+
+
+def test_a_stream_reads_through_a_small_buffer_and_a_json_answer_through_io_s_own() -> None:
+    """An open stream holds its reader's buffer while it waits: 1 KB, not io's 8 KB. A
+    JSON answer keeps 8 KB. One kept-alive connection serves both, each read whole."""
+    events = b"".join(b"11\r\ndata: %09d\n\n\r\n" % i for i in range(200))  # 4.4 KB
+    body = b'{"n": "' + b"x" * 20_000 + b'"}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    stream = [CHUNKED + events + b"0\r\n\r\n"]
+    server = _Scripted(stream, [head % len(body) + body], stream)
+    wire = _wire()
+    try:
+        sizes = []
+        for stream_it in (True, False, True):
+            resp = wire.post(server.url, {}, b"{}", stream=stream_it)
+            sizes.append(_buffer_of(resp))
+            if stream_it:
+                got = [event.data for event in resp.events(lambda _: True)]
+                assert got == [f"{i:09d}" for i in range(200)]
+            else:
+                assert resp.answer(lambda d: d)[1] == {"n": "x" * 20_000}
+            resp.close()
+    finally:
+        server.stop()
+    assert server.connections == 1
+    small, default = sizes[0], sizes[1]
+    assert sizes == [small, default, small]
+    assert default - small == io.DEFAULT_BUFFER_SIZE - upstream.STREAM_READ_BUFFER
 
 
 def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
