@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import certifi
 import gevent
+import gevent.pool
 import requests.utils
 import urllib3
 import urllib3.exceptions
@@ -411,11 +412,43 @@ class _Sized:
         return self.sock.makefile(mode, buffering=self.buffering)
 
 
-class _HTTPConnection(_Checked, _OneWrite, _SizedReads, HTTPConnection):
+class _ShallowConnect:
+    """A connection that connects (resolves, connects, TLS) in a greenlet of its own.
+
+    The way to a new connection (the resolver's thread pool, the TLS handshake) is the
+    deepest a call's producer ever goes, and a greenlet keeps every page of Python
+    frames it ever touched: a stream's producer held a second 4 KB page for its whole
+    life for it (issue 11). The helper's pages go when it ends. Its outcome comes back
+    as a value and is raised here: a failed connect is the caller's to report, not the
+    hub's; and a caller stopped meanwhile stops the connect.
+    """
+
+    def connect(self) -> None:
+        helper = _connecting.spawn(_outcome, super().connect)  # type: ignore[misc]
+        try:
+            _, error = helper.get()
+        finally:
+            if not helper.dead:
+                helper.kill(block=False)
+        if error is not None:
+            raise error
+
+
+_connecting = gevent.pool.Group()
+
+
+def _outcome(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    try:
+        return fn(), None
+    except BaseException as exc:  # given back to the caller, which raises it
+        return None, exc
+
+
+class _HTTPConnection(_Checked, _OneWrite, _SizedReads, _ShallowConnect, HTTPConnection):
     pass
 
 
-class _HTTPSConnection(_Checked, _OneWrite, _SizedReads, HTTPSConnection):
+class _HTTPSConnection(_Checked, _OneWrite, _SizedReads, _ShallowConnect, HTTPSConnection):
     pass
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import gevent
 import pytest
 import urllib3
+import urllib3.util.connection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -642,6 +643,51 @@ def test_a_stream_reads_through_a_small_buffer_and_a_json_answer_through_io_s_ow
     small, default = sizes[0], sizes[1]
     assert sizes == [small, default, small]
     assert default - small == io.DEFAULT_BUFFER_SIZE - upstream.STREAM_READ_BUFFER
+
+
+def test_a_connection_is_made_beside_its_caller_and_ends_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connect (resolver, socket, TLS) runs in a helper greenlet, whose frames go when
+    it ends; its failure is the caller's, and a caller stopped meanwhile stops it."""
+    real = urllib3.util.connection.create_connection
+    connecting: list[gevent.Greenlet] = []
+
+    def watched(*args, **kwargs):  # type: ignore[no-untyped-def]
+        connecting.append(gevent.getcurrent())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", watched)
+    event = b"9\r\ndata: 1\n\n\r\n"
+    server = _Scripted([CHUNKED + event + b"0\r\n\r\n"])
+    wire = _wire()
+    try:
+        assert _events_of(wire, server.url) == ["1"]
+    finally:
+        server.stop()
+    assert len(connecting) == 1 and connecting[0] is not gevent.getcurrent()
+    assert len(upstream._connecting) == 0  # the helper is gone
+
+    with pytest.raises(UpstreamError) as refused:  # nobody listens on port 9 here
+        wire.post("http://127.0.0.1:9/v1/x", {}, b"{}", stream=True)
+    assert refused.value.kind == "connect" and "refused" in str(refused.value)
+
+    interrupted = []
+
+    def stalled(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            gevent.sleep(30)
+        except BaseException:
+            interrupted.append(True)
+            raise
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", stalled)
+    caller = gevent.spawn(wire.post, "http://127.0.0.1:9/v1/x", {}, b"{}", stream=True)
+    gevent.sleep(0.1)
+    assert len(upstream._connecting) == 1
+    caller.kill()  # a call's deadline or a shutdown stops its producer
+    gevent.sleep(0.1)
+    assert interrupted == [True] and len(upstream._connecting) == 0
 
 
 def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
