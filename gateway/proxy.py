@@ -98,16 +98,15 @@ class Answer:
     __slots__ = ("body", "headers")
 
     def __init__(self, body: bytes | Iterator[bytes], headers: list[tuple[str, str]]) -> None:
-        self.body = body
-        self.headers = (
-            [*headers, ("Content-Length", str(len(body)))]
-            if isinstance(body, bytes)
-            else [*headers]
-        )
+        self.headers = [*headers]
+        if isinstance(body, bytes):
+            self.headers.append(("Content-Length", str(len(body))))
+            body = [body]
+        self.body: Iterable[bytes] = body
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         start_response("200 OK", self.headers)
-        return [self.body] if isinstance(self.body, bytes) else self.body
+        return self.body
 
 
 def chat_completions(req: CallRequest) -> Response | Answer:
