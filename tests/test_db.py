@@ -8,7 +8,9 @@ from pathlib import Path
 
 import gevent
 import pytest
+from gevent.threadpool import ThreadResult
 
+from gateway import db
 from gateway.db import beside_loop, open_database
 from tests.loopwatch import Watch, watch_loop
 from tests.servers import sqlite_lock_held
@@ -53,9 +55,36 @@ def test_a_wait_cut_short_interrupts_the_statement_and_leaves_the_connection_usa
     assert beside_loop(conn, _fetch, conn, "SELECT 1") == [(1,)]
 
 
-def test_an_error_in_the_statement_reaches_the_caller(conn: sqlite3.Connection) -> None:
+def test_an_error_in_the_statement_reaches_the_caller_and_only_the_caller(
+    conn: sqlite3.Connection, capfd: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         beside_loop(conn, _fetch, conn, "SELECT * FROM nowhere")
+    gevent.sleep(0.05)  # the pool's own wake-up has come and gone
+    # Not also printed by the hub as a failed task: the caller decides what it means.
+    assert "OperationalError" not in capfd.readouterr().err
+
+
+def test_a_lost_wake_up_from_the_pool_costs_a_look_not_the_worker(
+    conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub never hears that the thread finished; the wait looks, and goes on."""
+    held: list[ThreadResult] = []
+
+    def set_without_waking(result: ThreadResult, value: object) -> None:
+        result.value = value
+        held.append(result)
+
+    monkeypatch.setattr(db, "LOST_WAKEUP_CHECK", 0.05)
+    monkeypatch.setattr(ThreadResult, "set", set_without_waking)
+    with gevent.Timeout(5, AssertionError("waited for a wake-up that never comes")):
+        assert beside_loop(conn, _fetch, conn, "SELECT 2") == [(2,)]
+    assert held, "the pool's wake-up was not held back: this test shows nothing"
+    assert "without waking the loop" in caplog.text
+    monkeypatch.undo()
+    held[0].async_watcher.send()  # the wake-up, late: harmless, and it frees the pool's slot
+    gevent.sleep(0.05)
+    assert beside_loop(conn, _fetch, conn, "SELECT 3") == [(3,)]
 
 
 def test_a_read_outside_a_transaction_runs_beside_the_loop(tmp_path: Path) -> None:
