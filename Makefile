@@ -58,10 +58,12 @@ migrate: $(VENV)/.runtime
 
 # Two pytest-xdist workers, each given whole files (a module's gateway starts once);
 # in file order, so that no long module is left to run alone at the end. TEST_WORKERS=0
-# runs everything in one process.
+# runs everything in one process. A worker that a hung test took down (pyproject's
+# faulthandler_timeout) is replaced once; xdist retries the test on the replacement.
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev $(MO) browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--max-worker-restart 1 $(PYTEST_ARGS)
 
 screenshots: $(VENV)/.dev $(MO) browser
 	GATEWAY_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_browser.py \
