@@ -32,7 +32,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import jsoncodec, pricing, sse
+from gateway import jsoncodec, pricing
 from gateway.adapters import ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
@@ -42,12 +42,12 @@ from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.routing import Candidate, failover
 from gateway.telemetry import telemetry
-from gateway.upstream import Response, UpstreamError, endpoint, upstream
+from gateway.upstream import Events, Response, UpstreamError, endpoint, upstream
 
 log = logging.getLogger(__name__)
 
 # What one try opens: a stream (response, translator, events) or a JSON answer (bytes, parsed).
-Opened = tuple[Response, StreamTranslator, Iterator[sse.Event]] | tuple[bytes, Any]
+Opened = tuple[Response, StreamTranslator, Events] | tuple[bytes, Any]
 
 
 class _Stopped(BaseException):
@@ -216,15 +216,14 @@ class Call:
             candidate.provider_name, candidate.remote_id, outcome, ms, _id(request_id), **detail
         )
 
-    def _relay(
-        self, resp: Response, translator: StreamTranslator, events: Iterator[sse.Event]
-    ) -> None:
+    def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> None:
         """Stream the upstream to the client, to the upstream's end."""
         self._translator = translator
         self.ready.set(True)
         try:
-            for event in events:
-                self._send(translator.feed(event))
+            while events := stream.take():
+                for event in events:
+                    self._send(translator.feed(event))
             self._send(translator.finish())
         except (UpstreamError, BrokenStream) as exc:
             what = exc.describe() if isinstance(exc, UpstreamError) else f"protocol: {exc}"

@@ -26,7 +26,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -478,6 +478,7 @@ class Response:
         self._resp = resp
         self.status = resp.status
         self.headers = resp.headers
+        self._reads: _Reads | None = None
 
     @property
     def content_type(self) -> str:
@@ -488,23 +489,13 @@ class Response:
         """The provider's id of this request (``REQUEST_ID_HEADERS``), if it sent one."""
         return next(filter(None, map(self.headers.get, REQUEST_ID_HEADERS)), None)
 
-    def chunks(self) -> Iterator[bytes]:
-        """Body bytes as they arrive; raises UpstreamError if the read fails."""
-        message = _plain(self._resp)
-        reads = _decoded(self._resp) if message is None else _framed(self._resp, message)
-        try:
-            yield from reads
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) or (
-                # gevent's TLS socket says it timed out with an SSLError, as urllib3 knows
-                isinstance(exc, ssl.SSLError) and "read operation timed out" in str(exc)
-            ):
-                raise UpstreamError(
-                    "timeout", "upstream went silent past the read timeout"
-                ) from exc
-            raise UpstreamError("reset", f"upstream connection broke: {exc}") from exc
+    def body(self) -> _Reads:
+        """The body's reads (one reader: a body is read once)."""
+        if self._reads is None:
+            self._reads = _Reads(self._resp)
+        return self._reads
 
-    def events(self, accepts: Callable[[str], bool]) -> Iterator[sse.Event]:
+    def events(self, accepts: Callable[[str], bool]) -> Events:
         """The body as SSE events, read up to the first one with data before returning.
 
         Before that event nothing is answered yet, so a body of the wrong type (``accepts``
@@ -519,11 +510,11 @@ class Response:
             )
         decoder = sse.Decoder()
         first: list[sse.Event] = []
-        chunks = self.chunks()
-        for chunk in chunks:
-            first.extend(decoder.feed(chunk))
+        reads = self.body()
+        while data := reads.next():
+            first.extend(decoder.feed(data))
             if any(event.data is not None for event in first):
-                return _events(first, decoder, chunks)
+                return Events(first, decoder, reads)
         raise UpstreamError("protocol", "upstream ended the stream before its first event")
 
     def answer(self, parse: Callable[[Any], T]) -> tuple[bytes, T]:
@@ -537,9 +528,10 @@ class Response:
     def read(self, limit: int = MAX_BODY, *, truncate: bool = False) -> bytes:
         """The whole body; past ``limit`` bytes, cut it short or refuse it."""
         parts, size = [], 0
-        for chunk in self.chunks():
-            parts.append(chunk)
-            size += len(chunk)
+        reads = self.body()
+        while data := reads.next():
+            parts.append(data)
+            size += len(data)
             if size > limit:
                 if truncate:
                     return b"".join(parts)[:limit]
@@ -549,8 +541,163 @@ class Response:
     def close(self) -> None:
         """Drop the connection if it is mid-body (a body read to its end went back to the
         pool already), and give its pool slot back."""
+        if self._reads is not None:
+            self._reads.stop()
         self._resp.close()
         self._resp.release_conn()
+
+
+class Events:
+    """A stream's SSE events as they arrive: ``take`` waits for the next read's.
+
+    Plain method calls, not generators: see ``_Reads``.
+    """
+
+    __slots__ = ("_decoder", "_first", "_reads")
+
+    def __init__(self, first: list[sse.Event], decoder: sse.Decoder, reads: _Reads) -> None:
+        self._first = first  # the events read before the answer began
+        self._decoder: sse.Decoder | None = decoder
+        self._reads = reads
+
+    def take(self) -> list[sse.Event]:
+        """The events of the next read that completes any; [] once the stream has ended.
+
+        Raises ``UpstreamError`` if the read fails.
+        """
+        if self._first:
+            # Not kept for the rest of the stream (a KB of an open stream's memory).
+            first, self._first = self._first, []
+            return first
+        decoder = self._decoder
+        while decoder is not None:
+            data = self._reads.next()
+            if not data:
+                self._decoder = None
+                return decoder.flush()
+            if events := decoder.feed(data):
+                return events
+        return []
+
+
+class _Reads:
+    """A body's bytes as they arrive, one ``next()`` a read (b"" once the body is whole).
+
+    Raises ``UpstreamError`` if a read fails. Chunked or of a known length, the body is
+    read straight from the connection's buffered reader, as http.client would read it,
+    without its and urllib3's layers of calls per read (issue 11); once it is whole, the
+    connection goes back to its pool, as urllib3 hands it back. Else (encoded, or
+    delimited by the connection's close) urllib3 reads it.
+
+    An object and plain method calls, not a stack of generators: a stream's producer
+    waits in ``next`` for most of its life, and gevent keeps a copy of a waiting
+    greenlet's C stack, where each generator resumed on the way down is a frame of the
+    interpreter's (about 600 bytes each; four were, for an open stream).
+    """
+
+    __slots__ = (
+        "_body",
+        "_fp",
+        "_left",
+        "_message",
+        "_read",
+        "_resp",
+        "_seconds",
+        "_sock",
+        "_watchdog",
+    )
+
+    def __init__(self, resp: urllib3.BaseHTTPResponse) -> None:
+        self._resp = resp
+        self._watchdog: _Watchdog | None = None
+        message = self._message = _plain(resp)
+        if message is None:
+            self._read: Callable[[], bytes] = self._decoded
+            return
+        self._fp = message.fp
+        if not message.chunked:
+            self._left = message.length
+            self._read = self._sized
+            return
+        # A chunked body's reads are timed by one ``_Watchdog`` in place of the socket's
+        # own timeout (a stream's reads wait, and each wait would start a timer).
+        self._body = Chunked()
+        self._sock = sock = getattr(resp.connection, "sock", None)
+        self._seconds = sock.gettimeout() if sock is not None else None
+        if self._seconds:
+            self._watchdog = _Watchdog(self._seconds)
+            sock.settimeout(None)
+        self._read = self._chunk
+
+    def next(self) -> bytes:
+        """The next bytes of the body, waiting for them; b"" once it is whole."""
+        try:
+            return self._read()
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ValueError)):
+                raise _read_failed(exc) from exc
+            raise
+
+    def stop(self) -> None:
+        """No more reads: the watchdog's timer goes, the socket's own timeout is back."""
+        self._read = _ended
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
+            self._sock.settimeout(self._seconds)
+
+    def _chunk(self) -> bytes:
+        body, fp, watchdog = self._body, self._fp, self._watchdog
+        while not body.done:
+            if watchdog is not None:
+                watchdog.since = time.monotonic()
+            # Wait in the reader's own buffer: read1 would make its READ_SIZE bytes object
+            # before it waits, and an open stream waits most of its life.
+            fp.peek(1)
+            data = fp.read1(READ_SIZE)
+            if watchdog is not None:
+                watchdog.since = None
+            if not data:
+                body.ended()
+                break
+            if data := body.feed(data):
+                return data
+        self._whole()
+        return b""
+
+    def _sized(self) -> bytes:
+        if not self._left:
+            self._whole()
+            return b""
+        data = self._fp.read1(min(READ_SIZE, self._left))
+        if not data:
+            raise ValueError(f"the connection closed {self._left} bytes before the body's end")
+        self._left -= len(data)
+        return data
+
+    def _whole(self) -> None:
+        """The body is read: the connection goes back to its pool."""
+        self.stop()
+        self._message.close()
+        self._resp.release_conn()
+
+    def _decoded(self) -> bytes:
+        return self._resp.read1(READ_SIZE, decode_content=True)
+
+
+def _ended() -> bytes:
+    return b""
+
+
+def _read_failed(exc: BaseException) -> UpstreamError:
+    """What a failed read of the body means: a read timeout, or a broken connection."""
+    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) or (
+        # gevent's TLS socket says it timed out with an SSLError, as urllib3 knows
+        isinstance(exc, ssl.SSLError) and "read operation timed out" in str(exc)
+    ):
+        return UpstreamError("timeout", "upstream went silent past the read timeout")
+    return UpstreamError("reset", f"upstream connection broke: {exc}")
 
 
 def _plain(resp: urllib3.BaseHTTPResponse) -> http.client.HTTPResponse | None:
@@ -565,57 +712,6 @@ def _plain(resp: urllib3.BaseHTTPResponse) -> http.client.HTTPResponse | None:
     if not message.chunked and message.length is None:
         return None  # delimited by the connection's close: urllib3 knows that case
     return message
-
-
-def _framed(resp: urllib3.BaseHTTPResponse, message: http.client.HTTPResponse) -> Iterator[bytes]:
-    """A body read straight from the connection's buffered reader, chunked or of a known
-    length, as http.client would read it, without its and urllib3's layers of calls per
-    read (issue 11); once it is whole, the connection goes back to its pool, as urllib3
-    hands it back. Raises as the socket raises, and ValueError for broken framing."""
-    fp = message.fp
-    if message.chunked:
-        yield from _chunked(fp, getattr(resp.connection, "sock", None))
-    else:
-        left = message.length
-        while left:
-            data = fp.read1(min(READ_SIZE, left))
-            if not data:
-                raise ValueError(f"the connection closed {left} bytes before the body's end")
-            left -= len(data)
-            yield data
-    message.close()
-    resp.release_conn()
-
-
-def _chunked(fp: Any, sock: socket.socket | None) -> Iterator[bytes]:
-    """A chunked body's bytes, its reads timed by one ``_Watchdog`` in place of the
-    socket's own timeout (a stream's reads wait, and each wait would start a timer)."""
-    seconds = sock.gettimeout() if sock is not None else None
-    watchdog = None
-    if seconds:
-        watchdog = _Watchdog(seconds)
-        sock.settimeout(None)
-    try:
-        body = Chunked()
-        while not body.done:
-            if watchdog is not None:
-                watchdog.since = time.monotonic()
-            # Wait in the reader's own buffer: read1 would make its READ_SIZE bytes object
-            # before it waits, and an open stream waits most of its life.
-            fp.peek(1)
-            data = fp.read1(READ_SIZE)
-            if watchdog is not None:
-                watchdog.since = None
-            if not data:
-                body.ended()
-                break
-            data = body.feed(data)
-            if data:
-                yield data
-    finally:
-        if watchdog is not None:
-            watchdog.close()
-            sock.settimeout(seconds)
 
 
 class _Watchdog:
@@ -657,22 +753,6 @@ class _Watchdog:
         if self._timer is not None:
             self._timer.close()
             self._timer = None
-
-
-def _decoded(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """A body urllib3 reads: decompressed, or delimited by the connection's close."""
-    while data := resp.read1(READ_SIZE, decode_content=True):
-        yield data
-
-
-def _events(
-    first: list[sse.Event], decoder: sse.Decoder, chunks: Iterator[bytes]
-) -> Iterator[sse.Event]:
-    yield from first
-    first.clear()  # not kept for the rest of the stream (a KB of an open stream's memory)
-    for chunk in chunks:
-        yield from decoder.feed(chunk)
-    yield from decoder.flush()
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import ssl
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
@@ -30,9 +31,17 @@ from hypothesis import strategies as st
 from urllib3.connection import HTTPConnection
 from urllib3.util import SKIP_HEADER
 
-from gateway import upstream
+from gateway import sse, upstream
 from gateway.config import DEFAULTS
-from gateway.upstream import READ_SIZE, Response, Upstream, UpstreamError, _proxies_for, endpoint
+from gateway.upstream import (
+    READ_SIZE,
+    Events,
+    Response,
+    Upstream,
+    UpstreamError,
+    _proxies_for,
+    endpoint,
+)
 from tests.fuzz_support import FUZZ
 
 
@@ -135,8 +144,14 @@ def answer(body: bytes, content_type: str = "text/event-stream") -> Response:
     return Response(resp)
 
 
+def each(events: Events) -> Iterator[sse.Event]:
+    """A stream's events one at a time, as the relay takes them."""
+    while batch := events.take():
+        yield from batch
+
+
 def test_events_are_read_up_to_the_first_one_with_data_then_to_the_end() -> None:
-    events = answer(b": hi\n\ndata: 1\n\nevent: x\ndata: 2\n\ndata: 3").events(lambda _: True)
+    events = each(answer(b": hi\n\ndata: 1\n\nevent: x\ndata: 2\n\ndata: 3").events(lambda _: True))
     assert [(e.comments, e.data) for e in events] == [
         (["hi"], None),
         ([], "1"),
@@ -455,7 +470,7 @@ def _wire(**config: object) -> Upstream:
 def _events_of(wire: Upstream, url: str) -> list[str | None]:
     resp = wire.post(url, {}, b"{}", stream=True)
     try:
-        return [event.data for event in resp.events(lambda _: True)]
+        return [event.data for event in each(resp.events(lambda _: True))]
     finally:
         resp.close()
 
@@ -463,7 +478,7 @@ def _events_of(wire: Upstream, url: str) -> list[str | None]:
 def _failure_after(wire: Upstream, url: str, first: str) -> UpstreamError:
     """How a stream whose first event is ``first`` fails after it (within 5 s)."""
     resp = wire.post(url, {}, b"{}", stream=True)
-    events = resp.events(lambda _: True)
+    events = each(resp.events(lambda _: True))
     assert next(events).data == first
     try:
         with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
@@ -556,7 +571,7 @@ def test_the_read_timeout_counts_the_silence_of_one_read_not_the_time_between_re
     wire = _wire(READ_TIMEOUT=0.3)
     try:
         resp = wire.post(server.url, {}, b"{}", stream=True)
-        events = resp.events(lambda _: True)
+        events = each(resp.events(lambda _: True))
         for n in range(6):
             assert next(events).data == "1"
             if n == 2:
@@ -579,7 +594,7 @@ def test_a_connection_goes_back_to_its_pool_with_its_read_timeout() -> None:
     try:
         resp = wire.post(server.url, {}, b"{}", stream=True)
         sock = resp._resp.connection.sock
-        assert [event.data for event in resp.events(lambda _: True)] == ["1"]
+        assert [event.data for event in each(resp.events(lambda _: True))] == ["1"]
         resp.close()
     finally:
         server.stop()
@@ -595,7 +610,7 @@ def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> Non
     tracemalloc.start()
     try:
         resp = wire.post(server.url, {}, b"{}", stream=True)
-        events = resp.events(lambda _: True)
+        events = each(resp.events(lambda _: True))
         assert next(events).data == "1"
         reader = gevent.spawn(lambda: [event.data for event in events])
         gevent.sleep(0.3)  # the reader waits for the next chunk
@@ -632,7 +647,7 @@ def test_a_stream_reads_through_a_small_buffer_and_a_json_answer_through_io_s_ow
             resp = wire.post(server.url, {}, b"{}", stream=stream_it)
             sizes.append(_buffer_of(resp))
             if stream_it:
-                got = [event.data for event in resp.events(lambda _: True)]
+                got = [event.data for event in each(resp.events(lambda _: True))]
                 assert got == [f"{i:09d}" for i in range(200)]
             else:
                 assert resp.answer(lambda d: d)[1] == {"n": "x" * 20_000}
