@@ -279,9 +279,15 @@ def connection() -> Iterator[None]:
             database.close()
 
 
-def sqlite_write(statements: list[tuple[str, list[Any]]]) -> list[list[tuple]]:
+# A statement and its parameters, or a function of the rows the statements before it
+# gave back that returns statements to run there and then (in the write's thread: pure
+# and quick), whose own rows are not kept.
+Statement = tuple[str, list[Any]] | Callable[[list[list[tuple]]], list[tuple[str, list[Any]]]]
+
+
+def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
     """Run ``statements`` as one SQLite write transaction without stalling the worker;
-    returns each statement's rows (``RETURNING``).
+    returns each statement's rows (``RETURNING``; none for a function).
 
     SQLite's busy handler sleeps in C: a worker whose writer finds the write lock taken
     (the other worker's recorder, writing a batch) would freeze with every call in it
@@ -303,9 +309,7 @@ def sqlite_write(statements: list[tuple[str, list[Any]]]) -> list[list[tuple]]:
     return results
 
 
-def _transaction(
-    conn: sqlite3.Connection, statements: list[tuple[str, list[Any]]]
-) -> list[list[tuple]] | None:
+def _transaction(conn: sqlite3.Connection, statements: list[Statement]) -> list[list[tuple]] | None:
     """BEGIN IMMEDIATE if the lock is free now (else None), the statements, COMMIT."""
     conn.execute("PRAGMA busy_timeout = 0")
     try:
@@ -317,7 +321,15 @@ def _transaction(
     finally:
         conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
     try:
-        results = [conn.execute(sql, params).fetchall() for sql, params in statements]
+        results: list[list[tuple]] = []
+        for statement in statements:
+            if callable(statement):  # statements made of what the ones before gave back
+                for sql, params in statement(results):
+                    conn.execute(sql, params)
+                results.append([])
+            else:
+                sql, params = statement
+                results.append(conn.execute(sql, params).fetchall())
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:  # an interrupted write has rolled back already

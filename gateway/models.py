@@ -9,14 +9,16 @@ sweeper's); old ones are deleted, or their bodies emptied, only by ``retention.p
 (which otherwise only moves rows the DEFAULT partition caught into their month's
 partition, ``partitions.py``). Schema changes go through numbered files in ``migrations/``; these
 classes describe the current schema and must match the latest migration, except for
-the full-text index (``0006_search``), which the database keeps and the upsert never
-names: ``completions.search`` (PostgreSQL) and ``completions_fts`` (SQLite), and the
-monthly partitions of ``completions`` on PostgreSQL (``0007_partitions``), whose
-unique indexes include ``created_at``.
+the full-text index (``0006_search``), which the database keeps: ``completions.search``
+(PostgreSQL), and ``completions_fts`` (SQLite), which triggers fill except for the rows
+the upsert indexes itself (``0010``, ``_sqlite_upsert``); and the monthly partitions of
+``completions`` on PostgreSQL (``0007_partitions``), whose unique indexes include
+``created_at``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import weakref
@@ -27,7 +29,7 @@ from typing import Any
 import gevent
 import peewee as pw
 
-from gateway import jsoncodec, redact
+from gateway import fulltext, jsoncodec, redact
 from gateway.db import database, is_postgres, sqlite_write
 from gateway.vault import vault
 
@@ -392,34 +394,78 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
         held = latest.get(row["uid"])
         if held is None or row["status"] != "pending" or held["status"] == "pending":
             latest[row["uid"]] = row
+    # On SQLite a completion's final text goes to the index from here, where its
+    # messages are in hand (``_indexed``); rows whose text it cannot say, the triggers
+    # index (``migrations/0010``).
+    bodies: dict[str, str] = {}
     groups: dict[tuple, list[dict]] = {}
     for row in latest.values():
         columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
-        groups.setdefault((RECORD_TABLES[row["kind"]], columns), []).append(row)
+        table = RECORD_TABLES[row["kind"]]
+        here = table is Completion and row["status"] != "pending" and not is_postgres()
+        if here and (text := fulltext.body(row.get("prompt"), row.get("completion"))) is not None:
+            bodies[row["uid"]] = text
+        groups.setdefault((table, columns, row["uid"] in bodies), []).append(row)
     # In lots: on PostgreSQL, while one is with the database, the worker's calls run.
     lots = [
-        (_upsert(table, columns), group[start : start + ROWS_PER_STATEMENT])
-        for (table, columns), group in groups.items()
+        (_upsert(table, columns), group[start : start + ROWS_PER_STATEMENT], here)
+        for (table, columns, here), group in groups.items()
         for start in range(0, len(group), ROWS_PER_STATEMENT)
     ]
     later = [*_replay_links(latest.values()), *_last_seen_updates(touch or {})]
     if is_postgres():
         with database.atomic():
-            returned = [statement.execute(lot) for statement, lot in lots]
+            returned = [statement.execute(lot) for statement, lot, _ in lots]
             for query in later:
                 query.execute()
     else:
-        statements = []
-        for statement, lot in lots:
-            statements.append(statement.sqlite(lot))
-            gevent.sleep(0)  # a lot's values are encoded here, on the loop: the calls' turn
-        results = sqlite_write(statements + [q.sql() for q in later])
-        returned = [s.read_back(r) for (s, _), r in zip(lots, results[: len(lots)], strict=True)]
+        returned = _sqlite_upsert(lots, bodies, [q.sql() for q in later])
     return [
         {**latest[uid], "id": row_id, "swept_at": swept_at}
         for lot in returned
         for uid, row_id, swept_at in lot
     ]
+
+
+# The recorder's flag for the full-text triggers (``migrations/0010``): up, they leave
+# the rows to it.
+_INDEXING = "UPDATE completions_fts_writer SET indexing = ?"
+
+
+def _sqlite_upsert(
+    lots: list[tuple[_Upsert, list[dict], bool]], bodies: dict[str, str], later: list[tuple]
+) -> list[list[tuple[str, int, datetime | None]]]:
+    """The lots in one ``sqlite_write`` transaction, then ``later``: first those whose
+    text ``bodies`` holds, with the triggers' flag up and their text indexed after them,
+    then the flag down and the rest. Returns what each lot's statement gave back."""
+    ordered = sorted(lots, key=lambda lot: not lot[2])
+    items: list[Any] = []
+    at: list[int] = []  # where each lot's statement is among the items
+    for i, (statement, lot, here) in enumerate(ordered):
+        if here and i == 0:
+            items.append((_INDEXING, [1]))
+        at.append(len(items))
+        items.append(statement.sqlite(lot))
+        gevent.sleep(0)  # a lot's values are encoded here, on the loop: the calls' turn
+        if here and (i + 1 == len(ordered) or not ordered[i + 1][2]):
+            items.append(functools.partial(_indexed, bodies, list(at)))
+            items.append((_INDEXING, [0]))
+    results = sqlite_write(items + later)
+    return [s.read_back(results[j]) for (s, _, _), j in zip(ordered, at, strict=True)]
+
+
+def _indexed(
+    bodies: dict[str, str], at: list[int], results: list[list[tuple]]
+) -> list[tuple[str, list]]:
+    """The index's rows for the final rows the statements at ``at`` wrote (their ids
+    came back from the write: a snapshot the upsert refused changes nothing), in place
+    of any it had (a row the sweeper finalised was indexed then). Run in the write."""
+    rows = [(row_id, bodies[uid]) for j in at for uid, row_id, _ in results[j] if uid in bodies]
+    if not rows:
+        return []
+    values = ", ".join(["(?, ?)"] * len(rows))
+    sql = f"INSERT OR REPLACE INTO completions_fts (rowid, body) VALUES {values}"
+    return [(sql, [value for row in rows for value in row])]
 
 
 def _replay_links(rows: Iterable[dict]) -> list[pw.Query]:

@@ -147,6 +147,32 @@ def test_a_call_swept_from_pending_is_found_by_its_text(client, db) -> None:  # 
     assert found(client, "q=orphaned") == {ex.uid}
 
 
+def test_the_recorder_and_the_triggers_index_one_batch_each_their_own(client, db) -> None:  # type: ignore[no-untyped-def]
+    """The recorder indexes the calls whose text it can say, the triggers the others
+    (a tool call's arguments sent as an object), in one write; and another writer's
+    row is indexed by the triggers as ever."""
+    key = ApiKey.create(key_hash="8" * 64, key_hint="sk-8…8888").id
+    usual, odd = (Exchange(api_key_id=key, model="m", api_format="openai-chat") for _ in "ab")
+    usual.prompt = {"messages": [{"role": "user", "content": "usual lighthouse"}]}
+    odd.prompt = {"messages": [{"role": "user", "content": "odd lighthouse"}]}
+    usual.finish("completed", output=[{"role": "assistant", "content": "plain"}])
+    call = {"function": {"name": "seek", "arguments": {"city": "Hangzhou"}}}
+    odd.finish("completed", output=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+    write_rows([snapshot(usual), snapshot(odd)])
+    Completion.create(
+        uid="by-another-writer", api_key=key, model="m", api_format="openai-chat", stream=False,
+        status="completed", prompt={"messages": [{"role": "user", "content": "third lighthouse"}]},
+    )  # fmt: skip
+    assert found(client, "q=lighthouse") == {usual.uid, odd.uid, "by-another-writer"}
+    assert found(client, "q=usual") == {usual.uid}
+    assert found(client, "q=seek") == {odd.uid}  # the triggers' own text of that call
+    if not is_postgres():
+        flag = database.execute_sql("SELECT indexing FROM completions_fts_writer").fetchone()
+        assert flag == (0,)  # down again once the recorder's write is over
+        twice = "SELECT rowid, count(*) FROM completions_fts GROUP BY rowid HAVING count(*) > 1"
+        assert database.execute_sql(twice).fetchall() == []
+
+
 def test_the_index_is_in_place_after_every_migration(db) -> None:  # type: ignore[no-untyped-def]
     # A later migration that rebuilds completions on SQLite (playhouse copies the table
     # to change a column) drops its triggers: the index would go stale without a word.
@@ -154,12 +180,16 @@ def test_the_index_is_in_place_after_every_migration(db) -> None:  # type: ignor
         sql = "SELECT indexname FROM pg_indexes WHERE tablename = 'completions'"
         assert "completions_search" in {name for (name,) in database.execute_sql(sql)}
     else:
-        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'completions'"
-        assert {name for (name,) in database.execute_sql(sql)} >= {
+        sql = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'completions'"
+        triggers = dict(database.execute_sql(sql).fetchall())
+        assert set(triggers) >= {
             "completions_fts_insert",
             "completions_fts_update",
             "completions_fts_delete",
         }
+        # ... leaving the recorder's own rows to it (0010), and only those.
+        for name in ("completions_fts_insert", "completions_fts_update"):
+            assert "completions_fts_writer" in triggers[name], name
 
 
 def test_every_filter_of_the_query(client, calls) -> None:  # type: ignore[no-untyped-def]
