@@ -402,8 +402,10 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
     for row in latest.values():
         columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
         table = RECORD_TABLES[row["kind"]]
+        # A snapshot without its text (an older journal's) leaves the stored text as is.
         here = table is Completion and row["status"] != "pending" and not is_postgres()
-        if here and (text := fulltext.body(row.get("prompt"), row.get("completion"))) is not None:
+        here = here and "prompt" in row and "completion" in row
+        if here and (text := fulltext.body(row["prompt"], row["completion"])) is not None:
             bodies[row["uid"]] = text
         groups.setdefault((table, columns, row["uid"] in bodies), []).append(row)
     # In lots: on PostgreSQL, while one is with the database, the worker's calls run.

@@ -173,6 +173,21 @@ def test_the_recorder_and_the_triggers_index_one_batch_each_their_own(client, db
         assert database.execute_sql(twice).fetchall() == []
 
 
+def test_a_final_snapshot_without_its_text_is_indexed_with_the_stored_text(client, db) -> None:  # type: ignore[no-untyped-def]
+    """A journal of an older version may hold a final snapshot that lacks a column:
+    the row keeps what it had, and the index its text (the triggers take it)."""
+    key = ApiKey.create(key_hash="9" * 64, key_hint="sk-9…9999").id
+    ex = Exchange(api_key_id=key, model="m", api_format="openai-chat")
+    ex.prompt = {"messages": [{"role": "user", "content": "journaled lighthouse"}]}
+    write_rows([snapshot(ex)])  # pending, with its prompt
+    ex.finish("completed", output=[{"role": "assistant", "content": "kept"}])
+    final = snapshot(ex)
+    del final["prompt"]
+    write_rows([final])
+    assert found(client, "q=journaled") == {ex.uid}
+    assert found(client, "q=kept") == {ex.uid}
+
+
 def test_the_index_is_in_place_after_every_migration(db) -> None:  # type: ignore[no-untyped-def]
     # A later migration that rebuilds completions on SQLite (playhouse copies the table
     # to change a column) drops its triggers: the index would go stale without a word.
