@@ -45,6 +45,55 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _KEEP_LOOP = gevent.get_hub().loop.timer(3600, 3600)
     _KEEP_LOOP.start(lambda: None)
 
+# A test hung past pyproject's faulthandler_timeout is ended by faulthandler, which prints
+# only threads' stacks: in a gevent process, the hub's. ``HANG_REPORT`` seconds before
+# that, a native thread signals the process, and the handler (run by the hub, whose
+# loop runs Python's signal handlers) prints every greenlet's stack and what each waits
+# for, gevent's own report, so that a hang says where.
+HANG_REPORT = 20.0
+_native_thread = monkey.get_original("_thread", "start_new_thread")
+_native_lock = monkey.get_original("_thread", "allocate_lock")
+_hung: list[str] = []  # the test the report is for
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    limit = float(item.config.getini("faulthandler_timeout") or 0)
+    if limit <= HANG_REPORT:
+        return (yield)
+    over = _native_lock()
+    over.acquire()
+    _native_thread(_signal_if_hung, (over, limit - HANG_REPORT, item.nodeid))
+    try:
+        return (yield)
+    finally:
+        over.release()
+
+
+def _signal_if_hung(over: Any, after: float, nodeid: str) -> None:
+    """In a native thread: if the test is not over ``after`` seconds on, have the
+    process report its greenlets (greenlet 3 shows a thread's frames only to itself)."""
+    if not over.acquire(timeout=after):
+        _hung[:] = [f"{nodeid} still running after {after:.0f} s"]
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def _report_greenlets(signum: int, frame: Any) -> None:
+    import gevent.util
+
+    lines = [f"\n=== {''.join(_hung)}: its greenlets ===", *gevent.util.format_run_info()]
+    os.write(_real_stderr, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
+
+
+_real_stderr = 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _real_stderr
+    _real_stderr = os.dup(2)  # as faulthandler's own: no test's capture holds it
+    signal.signal(signal.SIGUSR2, _report_greenlets)
+
+
 PG_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
 # How the fixtures stop a gateway once its test is over: gunicorn's quick shutdown, in
 # well under a second, and not waited for (``stop_behind``). A graceful stop (SIGTERM)
