@@ -570,14 +570,13 @@ class Events:
             first, self._first = self._first, []
             return first
         decoder = self._decoder
-        while decoder is not None:
-            data = self._reads.next()
-            if not data:
-                self._decoder = None
-                return decoder.flush()
+        if decoder is None:
+            return []
+        while data := self._reads.next():
             if events := decoder.feed(data):
                 return events
-        return []
+        self._decoder = None
+        return decoder.flush()
 
 
 class _Reads:

@@ -53,7 +53,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 HANG_REPORT = 20.0
 _native_thread = monkey.get_original("_thread", "start_new_thread")
 _native_lock = monkey.get_original("_thread", "allocate_lock")
-_hung: list[str] = []  # the test the report is for
+_hung = ""  # what the report is about
 
 
 @pytest.hookimpl(wrapper=True)
@@ -74,14 +74,15 @@ def _signal_if_hung(over: Any, after: float, nodeid: str) -> None:
     """In a native thread: if the test is not over ``after`` seconds on, have the
     process report its greenlets (greenlet 3 shows a thread's frames only to itself)."""
     if not over.acquire(timeout=after):
-        _hung[:] = [f"{nodeid} still running after {after:.0f} s"]
+        global _hung
+        _hung = f"{nodeid} still running after {after:.0f} s"
         os.kill(os.getpid(), signal.SIGUSR2)
 
 
 def _report_greenlets(signum: int, frame: Any) -> None:
     import gevent.util
 
-    lines = [f"\n=== {''.join(_hung)}: its greenlets ===", *gevent.util.format_run_info()]
+    lines = [f"\n=== {_hung}: its greenlets ===", *gevent.util.format_run_info()]
     os.write(_real_stderr, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
 
 

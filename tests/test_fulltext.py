@@ -8,7 +8,7 @@ character, or it says None and leaves the row to them.
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 import sqlite3
 from typing import Any
 
@@ -19,11 +19,8 @@ from gateway import fulltext, jsoncodec, jsonio
 from gateway.config import ROOT
 from tests.fuzz_support import FUZZ
 
-_spec = importlib.util.spec_from_file_location("m0006", ROOT / "migrations" / "0006_search.py")
-assert _spec is not None and _spec.loader is not None
-_m0006 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_m0006)
-_SQL = f"SELECT {_m0006._sqlite_body('x')} FROM (SELECT ? AS prompt, ? AS completion) AS x"
+_sqlite_body = runpy.run_path(str(ROOT / "migrations" / "0006_search.py"))["_sqlite_body"]
+_SQL = f"SELECT {_sqlite_body('x')} FROM (SELECT ? AS prompt, ? AS completion) AS x"
 _conn = sqlite3.connect(":memory:")
 
 
