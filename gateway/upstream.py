@@ -33,6 +33,8 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 import certifi
 import gevent
 import gevent.pool
+import gevent.socket
+import gevent.ssl
 import requests.utils
 import urllib3
 import urllib3.exceptions
@@ -578,6 +580,38 @@ class Events:
         self._decoder = None
         return decoder.flush()
 
+    def ready(self) -> list[sse.Event] | None:
+        """``take`` without waiting: the events of what has come, None if nothing has
+        (``expect`` says when something may have), [] once the stream has ended.
+
+        Only once ``watch`` said yes. Raises ``UpstreamError`` if a read fails.
+        """
+        if self._first:
+            first, self._first = self._first, []
+            return first
+        decoder = self._decoder
+        if decoder is None:
+            return []
+        while data := self._reads.ready():
+            if events := decoder.feed(data):
+                return events
+        if data is None:
+            return None
+        self._decoder = None
+        return decoder.flush()
+
+    def watch(self, woken: Callable[[], None]) -> bool:
+        """Read without waiting from now on, if this body can be (``_Reads.watch``)."""
+        return self._reads.watch(woken)
+
+    def expect(self) -> None:
+        """Call ``woken`` once more bytes may have come (or none came in time)."""
+        self._reads.expect()
+
+    def unexpect(self) -> None:
+        """``woken`` is not to be called for the latest ``expect`` after all."""
+        self._reads.unexpect()
+
 
 class _Reads:
     """A body's bytes as they arrive, one ``next()`` a read (b"" once the body is whole).
@@ -597,36 +631,49 @@ class _Reads:
     __slots__ = (
         "_body",
         "_fp",
+        "_fresh",
         "_left",
         "_message",
         "_read",
+        "_readable",
+        "_ready",
         "_resp",
         "_seconds",
         "_sock",
+        "_tls",
         "_watchdog",
+        "_woken",
     )
 
     def __init__(self, resp: urllib3.BaseHTTPResponse) -> None:
         self._resp = resp
         self._watchdog: _Watchdog | None = None
+        self._readable: Any = None  # the hub's watch on the socket, once ``watch``ed
+        self._ready: Callable[[], bytes | None] | None = None  # a read that never waits
+        self._fresh = False  # bytes may have come that no read took yet (``_take``)
         message = self._message = _plain(resp)
         if message is None:
             self._read: Callable[[], bytes] = self._decoded
             return
         self._fp = message.fp
+        self._sock = sock = getattr(resp.connection, "sock", None)
+        self._seconds = sock.gettimeout() if sock is not None else None
         if not message.chunked:
             self._left = message.length
             self._read = self._sized
+            self._ready = self._sized_ready
             return
         # A chunked body's reads are timed by one ``_Watchdog`` in place of the socket's
         # own timeout (a stream's reads wait, and each wait would start a timer).
         self._body = Chunked()
-        self._sock = sock = getattr(resp.connection, "sock", None)
-        self._seconds = sock.gettimeout() if sock is not None else None
         if self._seconds:
-            self._watchdog = _Watchdog(self._seconds)
+            current = gevent.getcurrent()
+            self._watchdog = _Watchdog(
+                self._seconds, lambda: current.throw(TimeoutError("timed out"))
+            )
             sock.settimeout(None)
         self._read = self._chunk
+        self._ready = self._chunk_ready
 
     def next(self) -> bytes:
         """The next bytes of the body, waiting for them; b"" once it is whole."""
@@ -638,13 +685,88 @@ class _Reads:
                 raise _read_failed(exc) from exc
             raise
 
+    def watch(self, woken: Callable[[], None]) -> bool:
+        """Read without waiting from now on (``ready``), if this body can be: chunked or
+        of a known length, over a socket of gevent's (plain or TLS) that the hub can
+        watch. ``woken`` is called, in the hub, when bytes may have come after ``expect``,
+        or when none came for the read timeout (``ready`` then raises it).
+        """
+        sock = getattr(self, "_sock", None)
+        if (
+            self._ready is None
+            or self._read is _ended
+            or not isinstance(sock, gevent.socket.socket)
+        ):
+            return False
+        self._woken = woken
+        self._fresh = True  # the reader's buffer may hold bytes already
+        self._tls = isinstance(sock, gevent.ssl.SSLSocket)
+        if self._watchdog is not None:
+            self._watchdog.close()
+        self._watchdog = None
+        if self._seconds:
+            self._watchdog = _Watchdog(self._seconds, self._expired)
+        sock.settimeout(0.0)  # a read that would wait raises now
+        self._readable = gevent.get_hub().loop.io(sock.fileno(), 1)
+        self._read = self._watched
+        return True
+
+    def expect(self) -> None:
+        """Have ``woken`` called once the socket is readable (or the read timeout passed)."""
+        if self._watchdog is not None:
+            self._watchdog.since = time.monotonic()
+        self._readable.start(self._readable_now)
+
+    def unexpect(self) -> None:
+        """No call of ``woken`` for the latest ``expect``."""
+        if self._readable is not None:
+            self._readable.stop()
+        if self._watchdog is not None:
+            self._watchdog.since = None
+
+    def ready(self) -> bytes | None:
+        """The next bytes of the body if some have come, without waiting: None if none
+        have, b"" once it is whole. Only once ``watch`` said yes; raises as ``next``."""
+        try:
+            return self._ready()
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None  # TLS: a record not whole yet
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ValueError)):
+                raise _read_failed(exc) from exc
+            raise
+
     def stop(self) -> None:
         """No more reads: the watchdog's timer goes, the socket's own timeout is back."""
-        self._read = _ended
+        if self._read is _ended:
+            return  # once: the connection may be another request's by now
+        self._read = self._ready = _ended
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
+        if self._message is not None and self._sock is not None:
             self._sock.settimeout(self._seconds)
+
+    def _readable_now(self) -> None:
+        # In the hub: one wake-up per expect.
+        self._readable.stop()
+        self._fresh = True
+        if self._watchdog is not None:
+            self._watchdog.since = None
+        self._woken()
+
+    def _expired(self) -> None:
+        # In the hub: no byte for the read timeout. The next ``ready`` raises it.
+        self._readable.stop()
+        self._ready = _timed_out
+        self._woken()
+
+    def _watched(self) -> bytes:
+        raise RuntimeError("a watched body is read with ready(), never waiting")
 
     def _chunk(self) -> bytes:
         body, fp, watchdog = self._body, self._fp, self._watchdog
@@ -664,6 +786,54 @@ class _Reads:
                 return data
         self._whole()
         return b""
+
+    def _chunk_ready(self) -> bytes | None:
+        body = self._body
+        while not body.done:
+            data = self._take(READ_SIZE)
+            if data is None:
+                return None
+            if not data:
+                body.ended()  # raises: closed before the last chunk
+            elif data := body.feed(data):
+                return data
+        self._whole()
+        return b""
+
+    def _sized_ready(self) -> bytes | None:
+        if not self._left:
+            self._whole()
+            return b""
+        data = self._take(min(READ_SIZE, self._left))
+        if not data:
+            if data is None:
+                return None
+            raise ValueError(f"the connection closed {self._left} bytes before the body's end")
+        self._left -= len(data)
+        return data
+
+    def _take(self, size: int) -> bytes | None:
+        """What has come, without waiting: None if nothing has, b"" if the upstream closed.
+
+        A read that took something leaves nothing behind (the reader's buffer is
+        emptied, and TLS is asked for decrypted bytes it holds), so the next read waits
+        for the hub to say the socket is readable rather than ask it (a system call a
+        piece). A read that finds nothing then asks whether the upstream closed: a
+        plain socket's reader says b"" for both (TLS raises for nothing yet).
+        """
+        if not self._fresh:
+            return None
+        data = self._fp.read1(size)
+        if data:
+            self._fresh = self._tls and self._sock.pending() > 0
+            return data
+        self._fresh = False
+        if self._tls:
+            return b""
+        try:
+            return b"" if not self._sock.recv(1, socket.MSG_PEEK) else None
+        except BlockingIOError:
+            return None
 
     def _sized(self) -> bytes:
         if not self._left:
@@ -687,6 +857,10 @@ class _Reads:
 
 def _ended() -> bytes:
     return b""
+
+
+def _timed_out() -> bytes:
+    raise TimeoutError("timed out")
 
 
 def _read_failed(exc: BaseException) -> UpstreamError:
@@ -714,21 +888,23 @@ def _plain(resp: urllib3.BaseHTTPResponse) -> http.client.HTTPResponse | None:
 
 
 class _Watchdog:
-    """A read timeout for one greenlet's reads, kept by one timer (issue 11).
+    """A read timeout for one body's reads, kept by one timer (issue 11).
 
     gevent's socket starts and closes a ``Timeout`` (a timer) for each read that waits:
     4% of a stream's worker CPU. Here the socket waits without one; a read marks when
     it began (``since``), and a single timer checks, when it fires, how long the read in
-    progress has waited. Past ``seconds``, it throws ``TimeoutError`` (the socket's own)
-    into the greenlet, as gevent's ``Timeout`` does: a read waits in the hub, so nothing
-    else can be running that greenlet then. Otherwise the timer is set again, for when
-    that read (or, between reads, a read starting now) would time out.
+    progress has waited. Past ``seconds``, it calls ``expire``, in the hub: for a
+    greenlet's reads, a throw of ``TimeoutError`` (the socket's own) into the greenlet,
+    as gevent's ``Timeout`` does (a read waits in the hub, so nothing else can be
+    running that greenlet then); for a watched body, a wake-up whose read raises it.
+    Otherwise the timer is set again, for when that read (or, between reads, a read
+    starting now) would time out.
     """
 
-    __slots__ = ("_greenlet", "_seconds", "_timer", "since")
+    __slots__ = ("_expire", "_seconds", "_timer", "since")
 
-    def __init__(self, seconds: float) -> None:
-        self._greenlet = gevent.getcurrent()
+    def __init__(self, seconds: float, expire: Callable[[], None]) -> None:
+        self._expire = expire  # called in the hub
         self._seconds = seconds
         self._timer: Any = None
         self.since: float | None = None  # when the read in progress began
@@ -746,7 +922,7 @@ class _Watchdog:
             self._arm(left)
         else:
             self._timer = None
-            self._greenlet.throw(TimeoutError("timed out"))
+            self._expire()
 
     def close(self) -> None:
         if self._timer is not None:

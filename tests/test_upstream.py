@@ -13,10 +13,11 @@ import ssl
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 import urllib3
 import urllib3.util.connection
@@ -145,9 +146,26 @@ def answer(body: bytes, content_type: str = "text/event-stream") -> Response:
 
 
 def each(events: Events) -> Iterator[sse.Event]:
-    """A stream's events one at a time, as the relay takes them."""
+    """A stream's events one at a time, taken by a greenlet that waits for each read."""
     while batch := events.take():
         yield from batch
+
+
+def watched(events: Events) -> Iterator[sse.Event]:
+    """A stream's events one at a time, as the relay takes them: watched by the hub, and
+    read only once woken, never waiting (a read that would wait raises)."""
+    woken = gevent.event.Event()
+    assert events.watch(woken.set)
+    while (batch := events.ready()) != []:
+        if batch is None:
+            woken.clear()
+            events.expect()
+            woken.wait()
+        else:
+            yield from batch
+
+
+READERS = [pytest.param(each, id="waiting"), pytest.param(watched, id="watched")]
 
 
 def test_events_are_read_up_to_the_first_one_with_data_then_to_the_end() -> None:
@@ -467,18 +485,18 @@ def _wire(**config: object) -> Upstream:
     return wire
 
 
-def _events_of(wire: Upstream, url: str) -> list[str | None]:
+def _events_of(wire: Upstream, url: str, read: Callable = each) -> list[str | None]:
     resp = wire.post(url, {}, b"{}", stream=True)
     try:
-        return [event.data for event in each(resp.events(lambda _: True))]
+        return [event.data for event in read(resp.events(lambda _: True))]
     finally:
         resp.close()
 
 
-def _failure_after(wire: Upstream, url: str, first: str) -> UpstreamError:
+def _failure_after(wire: Upstream, url: str, first: str, read: Callable = each) -> UpstreamError:
     """How a stream whose first event is ``first`` fails after it (within 5 s)."""
     resp = wire.post(url, {}, b"{}", stream=True)
-    events = each(resp.events(lambda _: True))
+    events = read(resp.events(lambda _: True))
     assert next(events).data == first
     try:
         with pytest.raises(UpstreamError) as info, gevent.Timeout(5):
@@ -488,7 +506,8 @@ def _failure_after(wire: Upstream, url: str, first: str) -> UpstreamError:
     return info.value
 
 
-def test_a_chunked_stream_is_read_as_it_comes_and_its_connection_kept() -> None:
+@pytest.mark.parametrize("read", READERS)
+def test_a_chunked_stream_is_read_as_it_comes_and_its_connection_kept(read: Callable) -> None:
     """Chunks split across writes, an extension, trailers: the events, and the connection
     back in the pool once the last chunk came (the next call uses it again)."""
     stream = [
@@ -501,8 +520,8 @@ def test_a_chunked_stream_is_read_as_it_comes_and_its_connection_kept() -> None:
     server = _Scripted(stream, stream)
     wire = _wire()
     try:
-        assert _events_of(wire, server.url) == ["1", "2", "3"]
-        assert _events_of(wire, server.url) == ["1", "2", "3"]
+        assert _events_of(wire, server.url, read) == ["1", "2", "3"]
+        assert _events_of(wire, server.url, read) == ["1", "2", "3"]
     finally:
         server.stop()
     assert server.connections == 1
@@ -524,6 +543,39 @@ def test_a_json_answer_of_known_length_is_read_whole_and_its_connection_kept() -
     assert server.connections == 1
 
 
+@pytest.mark.parametrize(
+    ("head", "watchable"),
+    [
+        (CHUNKED, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 9\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n", False),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: 29\r\n\r\n",
+            False,
+        ),
+    ],
+)
+def test_only_a_body_read_as_it_comes_off_the_socket_is_watched(
+    head: bytes, watchable: bool
+) -> None:
+    """Chunked or of a known length, the relay reads it; encoded or ended by the close
+    (urllib3 reads those, and may wait), a greenlet that waits for each read does."""
+    body = gzip.compress(b"data: 1\n\n") if b"gzip" in head else b"data: 1\n\n"
+    if head == CHUNKED:
+        body = b"9\r\n%s\r\n0\r\n\r\n" % body
+    server = _Scripted([head + body, None])
+    try:
+        resp = _wire().post(server.url, {}, b"{}", stream=True)
+        events = resp.events(lambda _: True)
+        assert events.watch(lambda: None) is watchable
+        read = watched if watchable else each
+        assert [event.data for event in read(events)] == ["1"]
+        resp.close()
+    finally:
+        server.stop()
+
+
 def test_a_compressed_answer_is_still_decoded() -> None:
     body = gzip.compress(b'{"n": 2}')
     head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -534,6 +586,7 @@ def test_a_compressed_answer_is_still_decoded() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("read", READERS)
 @pytest.mark.parametrize(
     ("script", "kind", "message"),
     [
@@ -545,16 +598,21 @@ def test_a_compressed_answer_is_still_decoded() -> None:
             "reset",
             "11 bytes before the body's end",
         ),
+        (
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\ndata: 1\n\n"],
+            "timeout",
+            "silent past the read timeout",
+        ),
     ],
 )
 def test_a_body_cut_short_broken_or_silent_fails_mid_stream_and_its_connection_goes(
-    script: list[bytes | None], kind: str, message: str
+    script: list[bytes | None], kind: str, message: str, read: Callable
 ) -> None:
     stream = [CHUNKED + b"9\r\ndata: 4\n\n\r\n0\r\n\r\n"]
     server = _Scripted(script, stream)
     wire = _wire(READ_TIMEOUT=0.3)
     try:
-        failure = _failure_after(wire, server.url, "1")
+        failure = _failure_after(wire, server.url, "1", read)
         assert (failure.kind, failure.retriable) == (kind, True)
         assert message in failure.message
         assert _events_of(wire, server.url) == ["4"]  # on a new connection
@@ -739,7 +797,10 @@ def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
     return context, str(cert_file)
 
 
-def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", READERS)
+def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(
+    tmp_path: Path, read: Callable
+) -> None:
     """The same reading over gevent's TLS socket: split chunks, the connection kept, and
     silence past the read timeout a timeout."""
     context, trusted = _tls(tmp_path)
@@ -749,9 +810,9 @@ def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(tmp_path: Path) 
     wire = _wire(READ_TIMEOUT=0.3)
     wire._direct.connection_pool_kw["ca_certs"] = trusted
     try:
-        assert _events_of(wire, server.url) == ["1", "2"]
-        assert _events_of(wire, server.url) == ["1", "2"]
-        failure = _failure_after(wire, server.url, "3")
+        assert _events_of(wire, server.url, read) == ["1", "2"]
+        assert _events_of(wire, server.url, read) == ["1", "2"]
+        failure = _failure_after(wire, server.url, "3", read)
     finally:
         server.stop()
     assert failure.kind == "timeout"
