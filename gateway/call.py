@@ -1,9 +1,14 @@
 """One call in flight: the producer that owns it until it is recorded.
 
-A stream's producer is a greenlet of its own, reading the upstream whatever its client
-does; a JSON answer's is the view's greenlet (``answer_here``), which sends nothing
-until the answer is whole anyway, so a client that leaves meanwhile changes nothing
-but the record, as for a stream.
+A stream's producer is a greenlet of its own, which opens the stream (fails over up to
+its first event) whatever its client does, then hands it to the worker's relay
+(``relay.py``): the stream waits as a watch in the hub, its ``_pump`` moves what comes
+in the relay's greenlet, and at its end a greenlet of ``calls`` is asked for to
+``finish`` it; a body only a read that waits can take (encoded, or ended by the close)
+is read to its end by the producer itself, as before. A JSON answer's producer is the
+view's greenlet (``answer_here``), which sends nothing until the answer is whole
+anyway, so a client that leaves meanwhile changes nothing but the record, as for a
+stream.
 
 The producer fails over until an upstream answers (``routing.failover``), reads the
 answer to its end through the plan's operation (a stream through its
@@ -11,7 +16,7 @@ answer to its end through the plan's operation (a stream through its
 ``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
 what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's end or
 failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
-producer alone turns that into the final status (``ending.verdict``), finishes the
+producer (or the relay's pump, then ``finish``) alone turns that into the final status (``ending.verdict``), finishes the
 Exchange and hands it to the recorder, exactly once (SPEC rules 1-7).
 
 Nothing here reads Flask's request (the view passes everything in) and nothing here
@@ -40,6 +45,7 @@ from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, 
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
+from gateway.relay import TURN, relay
 from gateway.routing import Candidate, failover
 from gateway.telemetry import telemetry
 from gateway.upstream import Events, Response, UpstreamError, endpoint, upstream
@@ -71,6 +77,7 @@ class Call:
         settings: Settings,
         sock: socket.socket | None,
         on_client_left: Callable[[Call, str], None],
+        finish_later: Callable[[Call], None],
     ) -> None:
         self.plan, self.settings = plan, settings
         self.exchange = plan.exchange
@@ -80,12 +87,19 @@ class Call:
         self.content = b""  # the non-streaming answer, in the client's format
         self.ending = Ending(time.monotonic)
         self._on_client_left = on_client_left
+        self._finish_later = finish_later  # a greenlet to run ``finish`` in, for the relay
         self._translator: StreamTranslator | None = None  # once streaming to the client
         self._response: dict | None = None  # the non-streaming answer, parsed
         self._candidate: Candidate | None = None  # the latest tried: its prices cost the call
-        self._producer: gevent.Greenlet | None = None
+        self._producer: gevent.Greenlet | None = None  # while a greenlet reads for it
         self._reading = False
         self._stopping = False
+        self._stop_end: End | None = None  # the first stop's
+        self._deadline_at = 0.0
+        # Once the relay reads the stream: the upstream, and its watches.
+        self._relayed: tuple[Response, Events] | None = None
+        self._waiting = False  # the stream waits for its upstream (``Events.expect``)
+        self._deadline: Any = None  # the hub's timer for call_timeout
         self._left_unanswered = False  # a JSON answer's client left while it was produced
 
     # -- the view's side --------------------------------------------------------
@@ -129,11 +143,17 @@ class Call:
 
     # -- the producer: the only place a call is finished ------------------------
 
-    def produce(self) -> None:
-        """Fail over, read the upstream to its end, then record the call."""
+    def produce(self) -> bool:
+        """Fail over, read the upstream to its end, then record the call.
+
+        Returns False if a stream was handed to the relay: it is read there, and
+        ``finish_later`` is asked for a greenlet to ``finish`` it in.
+        """
         self._producer = gevent.getcurrent()
         recorder.record(self.exchange)  # pending: an upstream is about to be contacted
         self._reading = True
+        self._deadline_at = time.monotonic() + self.settings.call_timeout
+        handed = False
         try:
             with gevent.Timeout(self.settings.call_timeout, _Stopped(End.deadline())):
                 candidate, opened = failover(
@@ -145,22 +165,25 @@ class Call:
                     on_failure=_log_failure,
                 )
                 if self.stream:
-                    self._relay(*opened)
+                    handed = self._relay(*opened)
                 else:
                     self._answer(candidate, *opened)
         except GatewayError as exc:  # every candidate failed, or one refused
             self.ending.close(End(UNANSWERED, self.exchange.with_attempts(exc.message)))
             self._refuse(exc)
         except _Stopped as stopped:
-            self.ending.close(stopped.end)
-            self._tell_client(ServiceUnavailable(f"The gateway ended the call: {stopped}"))
+            self._stopped(stopped)
         except Exception as exc:  # a bug here must not cost the record
-            log.exception("call: producer failed")
-            self.ending.close(End(GATEWAY_ERROR, f"gateway error: {exc!r}"))
-            self._tell_client(GatewayError("Internal gateway error"))
+            self._failed(exc)
         finally:
-            self._reading = False
-            self._finalise()
+            if not handed:
+                self.finish()
+        return not handed
+
+    def finish(self) -> None:
+        """The upstream work is over: record the call (``_finalise``)."""
+        self._reading = False
+        self._finalise()
 
     def _open(self, candidate: Candidate) -> Opened:
         """One try: send, then read to the first event (stream) or the whole answer."""
@@ -216,26 +239,108 @@ class Call:
             candidate.provider_name, candidate.remote_id, outcome, ms, _id(request_id), **detail
         )
 
-    def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> None:
-        """Stream the upstream to the client, to the upstream's end."""
+    def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> bool:
+        """Stream the upstream to the client: through the relay (True: the call is the
+        relay's now), or here, to the upstream's end, for a body only a read that waits
+        can take (False)."""
         self._translator = translator
         self.ready.set(True)
+        handed = False
         try:
+            if self._stopping:
+                gevent.sleep(0)  # a stop is on its way to this greenlet: it arrives here
+            if stream.watch(self._woken):
+                self._producer = None
+                self._relayed = resp, stream
+                self._deadline = gevent.get_hub().loop.timer(
+                    max(0.0, self._deadline_at - time.monotonic())
+                )
+                self._deadline.start(self._past_deadline)
+                handed = True
+                relay.ready(self._pump)  # what came with the first event, first
+                return True
             while events := stream.take():
                 for event in events:
                     self._send(translator.feed(event))
             self._send(translator.finish())
         except (UpstreamError, BrokenStream) as exc:
-            what = exc.describe() if isinstance(exc, UpstreamError) else f"protocol: {exc}"
-            self._send(translator.fail(f"Upstream failed mid-stream: {what}"))
-            self.ending.close(End(BROKE, f"upstream failed mid-stream: {what}"))
-            return
+            self._broke(exc)
+            return False
         finally:
+            if not handed:
+                resp.close()
+        self._upstream_ended()
+        return False
+
+    def _pump(self) -> None:
+        """Move what the upstream sent since the stream's last turn (in the relay's
+        greenlet: nothing here waits), then watch for more; or end the relay's part."""
+        resp, stream = self._relayed
+        translator = self._translator
+        try:
+            try:
+                for _ in range(TURN):
+                    if self._stop_end is not None:
+                        raise _Stopped(self._stop_end)
+                    events = stream.ready()
+                    if events is None:
+                        if self._stop_end is not None:
+                            raise _Stopped(self._stop_end)
+                        self._waiting = True
+                        stream.expect()
+                        return
+                    if not events:
+                        self._send(translator.finish())
+                        break
+                    for event in events:
+                        self._send(translator.feed(event))
+                else:
+                    relay.ready(self._pump)  # more may be here: after the others' turns
+                    return
+            except (UpstreamError, BrokenStream) as exc:
+                self._broke(exc)
+            else:
+                self._upstream_ended()
+        except _Stopped as stopped:
+            self._stopped(stopped)
+        except Exception as exc:  # a bug here must not cost the record
+            self._failed(exc)
+        try:
             resp.close()
-        if translator.error:
-            message = translator.error.get("message")
-            self.ending.close(End(BROKE, f"upstream sent an error event: {message}"))
+            self._deadline.close()
+        finally:
+            self._relayed = None
+            self._reading = False  # a stop from now on hurries the finish
+            self._finish_later(self)
+
+    def _woken(self) -> None:
+        # In the hub: the upstream's socket is readable, or its read timeout passed.
+        self._waiting = False
+        relay.ready(self._pump)
+
+    def _past_deadline(self) -> None:
+        # In the hub: call_timeout passed.
+        self.stop(End.deadline())
+
+    def _broke(self, exc: UpstreamError | BrokenStream) -> None:
+        what = exc.describe() if isinstance(exc, UpstreamError) else f"protocol: {exc}"
+        self._send(self._translator.fail(f"Upstream failed mid-stream: {what}"))
+        self.ending.close(End(BROKE, f"upstream failed mid-stream: {what}"))
+
+    def _upstream_ended(self) -> None:
+        error = self._translator.error
+        if error:
+            self.ending.close(End(BROKE, f"upstream sent an error event: {error.get('message')}"))
         self.ending.close(End(UPSTREAM_END))
+
+    def _stopped(self, stopped: _Stopped) -> None:
+        self.ending.close(stopped.end)
+        self._tell_client(ServiceUnavailable(f"The gateway ended the call: {stopped}"))
+
+    def _failed(self, exc: Exception) -> None:
+        log.exception("call: producer failed", exc_info=exc)
+        self.ending.close(End(GATEWAY_ERROR, f"gateway error: {exc!r}"))
+        self._tell_client(GatewayError("Internal gateway error"))
 
     def _send(self, piece: Piece) -> None:
         if piece.first_token:
@@ -325,9 +430,15 @@ class Call:
 
         A call already finishing waits no longer for its client's copy to be written.
         """
-        if self._reading and self._producer is not None and not self._stopping:
+        if self._reading and not self._stopping:
             self._stopping = True
-            self._producer.kill(_Stopped(end), block=False)
+            self._stop_end = end
+            if self._producer is not None:
+                self._producer.kill(_Stopped(end), block=False)
+            elif self._waiting:  # the relay's: its pump ends it (a running one will see)
+                self._waiting = False
+                self._relayed[1].unexpect()
+                relay.ready(self._pump)
         elif not self._reading:
             self.down.hurry()
 

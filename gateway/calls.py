@@ -1,8 +1,9 @@
 """The calls of one worker: opened here, bounded here when their client leaves, stopped here.
 
 ``calls.open`` starts a call (``call.py``): a stream's producer greenlet in the group
-that shutdown waits for (a JSON answer is produced in the view's own greenlet, and
-shutdown waits for it among the calls in flight), its socket watcher in a group that
+that shutdown waits for, and, once the relay has read the stream, the greenlet that
+finishes it (a JSON answer is produced in the view's own greenlet; shutdown waits for
+every call in flight, a stream in the relay too), its socket watcher in a group that
 is killed, never waited for, and returns once the call has something to answer with. When a client leaves, the
 drain policy is applied here (SPEC rule 3): ``ON_DISCONNECT=cancel`` stops the call at
 once; otherwise it drains, bounded by ``DRAIN_TIMEOUT`` and by a semaphore of
@@ -57,7 +58,7 @@ class Calls:
     def open(self, plan: Plan, sock: socket.socket | None) -> Call:
         """Start a call; wait for its first byte (or whole answer); raise its error."""
         assert self.settings is not None, "calls.init_app was not called"
-        call = Call(plan, self.settings, sock, self._client_left)
+        call = Call(plan, self.settings, sock, self._client_left, self._finish_later)
         self._active.add(call)
         if call.stream:
             self._spawn(self._run, call)
@@ -97,20 +98,37 @@ class Calls:
         self._idle.clear()
         metrics.call_opened()
         try:
-            call.produce()
+            over = call.produce()
+        except BaseException:
+            self._closed(call)
+            raise
+        if over:
+            self._closed(call)
+
+    def _finish_later(self, call: Call) -> None:
+        """A stream the relay read is to be finished (and shutdown waits for that)."""
+        self._spawn(self._finish, call)
+
+    def _finish(self, call: Call) -> None:
+        try:
+            call.finish()
         finally:
-            self._active.discard(call)
-            if not self._active:
-                self._idle.set()
-            metrics.call_closed()
-            drain = self._draining.pop(call, None)
-            if drain is not None:
-                timer, slots = drain
-                timer.kill(block=False)
-                slots.release()
-                metrics.drain_ended()
-            if call.exchange.status == ABORTED:
-                metrics.aborted(_how_it_ended(call))
+            self._closed(call)
+
+    def _closed(self, call: Call) -> None:
+        """A call is over and recorded."""
+        self._active.discard(call)
+        if not self._active:
+            self._idle.set()
+        metrics.call_closed()
+        drain = self._draining.pop(call, None)
+        if drain is not None:
+            timer, slots = drain
+            timer.kill(block=False)
+            slots.release()
+            metrics.drain_ended()
+        if call.exchange.status == ABORTED:
+            metrics.aborted(_how_it_ended(call))
 
     def _client_left(self, call: Call, how: str) -> None:
         """A call's client left while its upstream is read: cancel, or drain within bounds."""

@@ -41,6 +41,9 @@ apart; the gateway forwards client headers). Keys:
                 ``application/json`` the JSON answer (even to a stream request),
                 ``text/event-stream`` the event stream (even to a JSON request), any
                 other type the usual body
+  gzip=1        a stream gzip-encoded all the same (Content-Encoding: gzip, each event
+                flushed as it is written), as a server may answer despite the gateway's
+                ``Accept-Encoding: identity``
   heal_after=N  the first N calls with this id get the knobs of a fault (status,
                 fail_times, delays, stalls, drops, resets, garbage, truncation, content
                 type...); later ones answer normally, as a failover's next try expects
@@ -88,6 +91,7 @@ import socket  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from urllib.parse import parse_qs  # noqa: E402
 
@@ -780,10 +784,24 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
     if "bad_json_at" in script:
         index = int(script["bad_json_at"])
         events[index] = events[index][: len(events[index]) // 2].rstrip(b"\n") + b"\n\n"
-    start_response(
-        "200 OK", [("Content-Type", ctype or "text/event-stream"), ("Cache-Control", "no-cache")]
-    )
-    return stream_body(plan, events, entry)
+    headers = [("Content-Type", ctype or "text/event-stream"), ("Cache-Control", "no-cache")]
+    body = stream_body(plan, events, entry)
+    if script.get("gzip"):
+        headers.append(("Content-Encoding", "gzip"))
+        body = gzipped(body)
+    start_response("200 OK", headers)
+    return body
+
+
+def gzipped(pieces):  # type: ignore[no-untyped-def]
+    """Each piece gzip-compressed and flushed as it comes."""
+    packer = zlib.compressobj(wbits=31)
+    try:
+        for piece in pieces:
+            yield packer.compress(piece) + packer.flush(zlib.Z_SYNC_FLUSH)
+        yield packer.flush()
+    finally:
+        pieces.close()
 
 
 def healed(script: dict[str, str], name: str) -> dict[str, str]:

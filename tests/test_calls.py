@@ -28,8 +28,9 @@ class StandIn:
         self.exchange = SimpleNamespace(status="aborted")  # what calls counts in /metrics
         self.ending = Ending(time.monotonic)
 
-    def produce(self) -> None:
+    def produce(self) -> bool:
         self._stopped.wait()
+        return True  # over here (not handed to the relay)
 
     def stop(self, end: End) -> None:
         if self.ended is None:

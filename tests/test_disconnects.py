@@ -147,6 +147,32 @@ def test_upstream_stalling_mid_stream_fails_with_the_partial_answer(gateway_fact
     assert row["completion"][0]["content"] == words(3)
 
 
+@pytest.mark.parametrize("framing", ["", ";gzip=1"], ids=["relayed", "gzip-read-apart"])
+def test_a_stream_still_flowing_at_call_timeout_is_ended_with_its_partial_answer(
+    gateway_factory, fake, framing: str
+) -> None:  # type: ignore[no-untyped-def]
+    """CALL_TIMEOUT bounds a stream whose upstream never goes silent for a read timeout:
+    the relay's timer ends it as the waiting greenlet's Timeout does."""
+    gw = gateway_factory(GATEWAY_CALL_TIMEOUT="1.5")
+    route = gw.setup_route(fake.url, remote_id=f"fake;id=x8;chunks=20;delay=0.3{framing}")
+    stream = client_for(gw, route["key"]).chat.completions.create(
+        model="fake", messages=PROMPT, stream=True
+    )
+    seen = ""
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            seen += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert time.monotonic() - started < 3
+    assert "ended the call" in str(info.value)
+    (row,) = gw.wait_final(1)
+    assert row["status"] == "failed" and "CALL_TIMEOUT" in row["error"]
+    assert 2 <= seen.count("tok") <= 6
+    assert row["completion"][0]["content"] == seen
+    (sent,) = fake.log("x8")
+    assert sent["outcome"] == "client_gone"  # the upstream was closed, not read on
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_an_upstream_answering_garbage_is_failed_over_then_502(gateway, fake, stream: bool) -> None:  # type: ignore[no-untyped-def]
     gw = gateway

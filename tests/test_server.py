@@ -40,6 +40,12 @@ def chat_client(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, **kwargs)
 
 
+# How the upstream frames a stream: chunked, as servers do, which the worker's relay
+# reads as it comes; or gzip-encoded, which only a greenlet waiting for each read can
+# take (``upstream._Reads.watch``).
+FRAMINGS = [pytest.param("", id="relayed"), pytest.param(";gzip=1", id="gzip-read-apart")]
+
+
 @pytest.fixture
 def gateway(module_gateway: Gateway) -> Gateway:
     """The module's gateway, for the tests that need no settings of their own.
@@ -51,8 +57,10 @@ def gateway(module_gateway: Gateway) -> Gateway:
     return module_gateway
 
 
-def test_streaming_call_completes_with_exact_tokens(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = own_route(gateway, fake.url, remote_id="fake;id=s1;chunks=8;delay=0.01;reasoning=2")
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_streaming_call_completes_with_exact_tokens(gateway: Gateway, fake, framing: str) -> None:  # type: ignore[no-untyped-def]
+    script = f"fake;id=s1;chunks=8;delay=0.01;reasoning=2{framing}"
+    route = own_route(gateway, fake.url, remote_id=script)
     stream = chat_client(gateway, route["key"]).chat.completions.create(
         model=route["name"], messages=PROMPT, stream=True
     )
@@ -87,10 +95,12 @@ def test_client_that_asked_for_usage_gets_it(gateway: Gateway, fake) -> None:  #
     ]
 
 
+@pytest.mark.parametrize("framing", FRAMINGS)
 def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
-    gateway: Gateway, fake
+    gateway: Gateway, fake, framing: str
 ) -> None:  # type: ignore[no-untyped-def]
-    route = own_route(gateway, fake.url, remote_id="fake;id=a1;chunks=20;delay=0.05")
+    script = f"fake;id=a1;chunks=20;delay=0.05{framing}"
+    route = own_route(gateway, fake.url, remote_id=script)
     stream = chat_client(gateway, route["key"]).chat.completions.create(
         model=route["name"], messages=PROMPT, stream=True
     )
@@ -183,8 +193,10 @@ def test_failover_to_the_next_provider_before_the_first_byte(gateway: Gateway, f
     assert row["providerId"] == good_provider["id"]
 
 
-def test_upstream_drops_mid_stream(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
-    route = own_route(gateway, fake.url, remote_id="fake;id=d1;chunks=10;delay=0.01;drop_at=5")
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_upstream_drops_mid_stream(gateway: Gateway, fake, framing: str) -> None:  # type: ignore[no-untyped-def]
+    script = f"fake;id=d1;chunks=10;delay=0.01;drop_at=5{framing}"
+    route = own_route(gateway, fake.url, remote_id=script)
     stream = chat_client(gateway, route["key"]).chat.completions.create(
         model=route["name"], messages=PROMPT, stream=True
     )

@@ -1,0 +1,88 @@
+"""The relay: pumps run in order in the worker's one relay greenlet, never in their caller's.
+
+What a pump does for a call (reading without waiting, translating, ending it) is in
+tests/test_upstream.py (the watched reads) and, through gunicorn, tests/test_server.py
+and tests/test_disconnects.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import gevent.event
+import pytest
+
+from gateway.relay import Relay
+
+
+def test_pumps_run_in_order_in_one_greenlet_that_is_not_their_callers() -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: ran.append(("a", gevent.getcurrent())))
+    relay.ready(lambda: ran.append(("b", gevent.getcurrent())))
+    assert ran == []  # the caller goes on: ready never runs a pump in place
+    gevent.sleep(0)
+    assert [name for name, _ in ran] == ["a", "b"]
+    assert ran[0][1] is ran[1][1] is not gevent.getcurrent()
+
+
+def test_a_pump_readied_by_the_hub_runs_within_that_callback() -> None:
+    """A watch's callback switches to the parked relay at once, as a watch wakes the
+    greenlet waiting on it: no round through the loop's callbacks."""
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)  # the relay's greenlet now waits for pumps
+    hub = gevent.get_hub()
+
+    def from_the_hub() -> None:
+        assert gevent.getcurrent() is hub
+        relay.ready(lambda: ran.append("pumped"))
+        ran.append("callback ends")
+
+    timer = hub.loop.timer(0)
+    timer.start(from_the_hub)
+    gevent.sleep(0.05)
+    timer.close()
+    assert ran == ["pumped", "callback ends"]
+
+
+def test_a_pump_that_raises_is_logged_and_the_next_still_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: 1 / 0)
+    relay.ready(lambda: ran.append("next"))
+    with caplog.at_level(logging.ERROR, logger="gateway.relay"):
+        gevent.sleep(0)
+    assert ran == ["next"]
+    assert "a pump raised" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_a_pump_readied_while_another_waits_runs_after_it() -> None:
+    """A pump that has to wait (a lock held elsewhere) keeps the relay's greenlet: what
+    is readied meanwhile is queued, not started beside it, and runs once it returns."""
+    relay, ran, free = Relay(), [], gevent.event.Event()
+
+    def slow() -> None:
+        free.wait()
+        ran.append("slow")
+
+    relay.ready(slow)
+    gevent.sleep(0)
+    relay.ready(lambda: ran.append("next"))
+    gevent.sleep(0.01)
+    assert ran == []
+    free.set()
+    gevent.sleep(0.01)
+    assert ran == ["slow", "next"]
+
+
+def test_a_relay_whose_greenlet_ended_starts_another() -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)
+    first = relay._greenlet
+    first.kill()
+    relay.ready(lambda: ran.append(gevent.getcurrent()))
+    gevent.sleep(0)
+    assert ran and ran[0] is not first and not ran[0].dead
