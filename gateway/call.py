@@ -276,35 +276,43 @@ class Call:
         """Move what the upstream sent since the stream's last turn (in the relay's
         greenlet: nothing here waits), then watch for more; or end the relay's part."""
         resp, stream = self._relayed
-        translator = self._translator
+        over = True
         try:
-            try:
-                for _ in range(TURN):
-                    if self._stop_end is not None:
-                        raise _Stopped(self._stop_end)
-                    events = stream.ready()
-                    if events is None:
-                        if self._stop_end is not None:
-                            raise _Stopped(self._stop_end)
-                        self._waiting = True
-                        stream.expect()
-                        return
-                    if not events:
-                        self._send(translator.finish())
-                        break
-                    for event in events:
-                        self._send(translator.feed(event))
-                else:
-                    relay.ready(self._pump)  # more may be here: after the others' turns
-                    return
-            except (UpstreamError, BrokenStream) as exc:
-                self._broke(exc)
-            else:
-                self._upstream_ended()
+            over = self._move(stream)
+        except (UpstreamError, BrokenStream) as exc:
+            self._broke(exc)
         except _Stopped as stopped:
             self._stopped(stopped)
         except Exception as exc:  # a bug here must not cost the record
             self._failed(exc)
+        finally:
+            if over:
+                self._relay_over(resp)
+
+    def _move(self, stream: Events) -> bool:
+        """Relay what has come, up to ``TURN`` reads; True once the upstream ended."""
+        translator = self._translator
+        for _ in range(TURN):
+            if self._stop_end is not None:
+                raise _Stopped(self._stop_end)
+            events = stream.ready()
+            if events is None:
+                if self._stop_end is not None:
+                    raise _Stopped(self._stop_end)
+                self._waiting = True
+                stream.expect()
+                return False
+            if not events:
+                self._send(translator.finish())
+                self._upstream_ended()
+                return True
+            for event in events:
+                self._send(translator.feed(event))
+        relay.ready(self._pump)  # more may be here: after the others' turns
+        return False
+
+    def _relay_over(self, resp: Response) -> None:
+        """The relay's part is over: the upstream goes, and a greenlet finishes the call."""
         try:
             resp.close()
             self._deadline.close()
