@@ -160,7 +160,7 @@ def watched(events: Events) -> Iterator[sse.Event]:
         if batch is None:
             woken.clear()
             events.expect()
-            woken.wait()
+            assert woken.wait(5), "neither bytes nor the read timeout woke the watch"
         else:
             yield from batch
 
@@ -538,6 +538,38 @@ def test_a_json_answer_of_known_length_is_read_whole_and_its_connection_kept() -
                 body,
                 {"n": 1},
             )
+    finally:
+        server.stop()
+    assert server.connections == 1
+
+
+_DATA = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=40
+)
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    st.lists(_DATA, min_size=1, max_size=5),
+    st.lists(st.integers(min_value=1, max_value=400), max_size=6),
+    st.sampled_from([each, watched]),
+)
+def test_a_chunked_stream_cut_anywhere_gives_the_same_events_read_either_way(
+    datas: list[str], cuts: list[int], read: Callable
+) -> None:
+    """The response written in pieces cut at any bytes (the head, a size line, an event,
+    the last chunk with the last event or apart): the same events, and the connection
+    kept for the next request, which finds the stream's end even when it came in the
+    same read as its last event (nothing more will come to wake a watch)."""
+    chunks = [b"data: %s\n\n" % data.encode() for data in datas]
+    raw = CHUNKED + b"".join(b"%X\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    marks = sorted({cut % len(raw) for cut in cuts} - {0})
+    pieces = [raw[a:b] for a, b in zip([0, *marks], [*marks, len(raw)], strict=True)]
+    server = _Scripted(pieces, pieces)
+    wire = _wire(READ_TIMEOUT=2)
+    try:
+        assert _events_of(wire, server.url, read) == datas
+        assert _events_of(wire, server.url, read) == datas
     finally:
         server.stop()
     assert server.connections == 1
