@@ -257,7 +257,13 @@ class Call:
                 )
                 self._deadline.start(self._past_deadline)
                 handed = True
-                relay.ready(self._pump)  # what came with the first event, first
+                # What came with the first event goes now, before the view runs: its
+                # body then finds the first piece queued (a pump never waits). What a
+                # pump raises is the relay's to log: the call is finished either way.
+                try:
+                    self._pump()
+                except Exception:
+                    log.exception("call: relaying the first events failed")
                 return True
             while events := stream.take():
                 for event in events:
