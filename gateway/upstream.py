@@ -567,18 +567,7 @@ class Events:
 
         Raises ``UpstreamError`` if the read fails.
         """
-        if self._first:
-            # Not kept for the rest of the stream (a KB of an open stream's memory).
-            first, self._first = self._first, []
-            return first
-        decoder = self._decoder
-        if decoder is None:
-            return []
-        while data := self._reads.next():
-            if events := decoder.feed(data):
-                return events
-        self._decoder = None
-        return decoder.flush()
+        return self._events(self._reads.next)  # type: ignore[return-value]
 
     def ready(self) -> list[sse.Event] | None:
         """``take`` without waiting: the events of what has come, None if nothing has
@@ -586,13 +575,19 @@ class Events:
 
         Only once ``watch`` said yes. Raises ``UpstreamError`` if a read fails.
         """
+        return self._events(self._reads.ready)
+
+    def _events(self, read: Callable[[], bytes | None]) -> list[sse.Event] | None:
+        """The events of the reads up to one that completes any; None if a read found
+        nothing yet (``ready``'s reads only), [] once the stream has ended."""
         if self._first:
+            # Not kept for the rest of the stream (a KB of an open stream's memory).
             first, self._first = self._first, []
             return first
         decoder = self._decoder
         if decoder is None:
             return []
-        while data := self._reads.ready():
+        while data := read():
             if events := decoder.feed(data):
                 return events
         if data is None:
