@@ -257,11 +257,13 @@ class Call:
                 )
                 self._deadline.start(self._past_deadline)
                 handed = True
-                # What came with the first event goes now, before the view runs: its
-                # body then finds the first piece queued (a pump never waits). What a
-                # pump raises is the relay's to log: the call is finished either way.
+                # The events read with the first go now (in hand: no read), so the view's
+                # body finds the first piece queued when it runs, which is before the
+                # relay's turn (its wake-up was scheduled first); the relay reads the
+                # rest. What a pump raises is the relay's to log: the call is finished
+                # either way.
                 try:
-                    self._pump()
+                    self._pump(1)
                 except Exception:
                     log.exception("call: relaying the first events failed")
                 return True
@@ -278,13 +280,13 @@ class Call:
         self._upstream_ended()
         return False
 
-    def _pump(self) -> None:
+    def _pump(self, turn: int = TURN) -> None:
         """Move what the upstream sent since the stream's last turn (in the relay's
         greenlet: nothing here waits), then watch for more; or end the relay's part."""
         resp, stream = self._relayed
         over = True
         try:
-            over = self._move(stream)
+            over = self._move(stream, turn)
         except (UpstreamError, BrokenStream) as exc:
             self._broke(exc)
         except _Stopped as stopped:
@@ -295,10 +297,10 @@ class Call:
             if over:
                 self._relay_over(resp)
 
-    def _move(self, stream: Events) -> bool:
-        """Relay what has come, up to ``TURN`` reads; True once the upstream ended."""
+    def _move(self, stream: Events, turn: int) -> bool:
+        """Relay what has come, up to ``turn`` reads; True once the upstream ended."""
         translator = self._translator
-        for _ in range(TURN):
+        for _ in range(turn):
             if self._stop_end is not None:
                 raise _Stopped(self._stop_end)
             events = stream.ready()
