@@ -10,9 +10,9 @@ either), then watches again. A pump that reads ``TURN`` times and still finds mo
 goes to the back of the queue, so one busy stream does not hold up the others.
 
 The greenlet is the worker's, not a request's (SPEC rule 3); it lives as long as the
-worker and is started again if anything ever ends it. A pump must not raise: what it
-raises is logged, and the call it served would never end; ``Call`` catches
-everything.
+worker and is started again if anything ever ends it. A pump must never wait (it would
+hold up every stream of the worker) and should not raise: what it raises is logged,
+and ``Call``'s pump hands its call on to be finished whatever happens in it.
 """
 
 from __future__ import annotations
