@@ -93,8 +93,7 @@ class Call:
         self._candidate: Candidate | None = None  # the latest tried: its prices cost the call
         self._producer: gevent.Greenlet | None = None  # while a greenlet reads for it
         self._reading = False
-        self._stopping = False
-        self._stop_end: End | None = None  # the first stop's
+        self._stop_end: End | None = None  # the first stop's: the call is stopping
         self._deadline_at = 0.0
         # Once the relay reads the stream: the upstream, and its watches.
         self._relayed: tuple[Response, Events] | None = None
@@ -247,7 +246,7 @@ class Call:
         self.ready.set(True)
         handed = False
         try:
-            if self._stopping:
+            if self._stop_end is not None:
                 gevent.sleep(0)  # a stop is on its way to this greenlet: it arrives here
             if stream.watch(self._woken):
                 self._producer = None
@@ -446,8 +445,7 @@ class Call:
 
         A call already finishing waits no longer for its client's copy to be written.
         """
-        if self._reading and not self._stopping:
-            self._stopping = True
+        if self._reading and self._stop_end is None:
             self._stop_end = end
             if self._producer is not None:
                 self._producer.kill(_Stopped(end), block=False)

@@ -97,13 +97,12 @@ class Calls:
     def _run(self, call: Call) -> None:
         self._idle.clear()
         metrics.call_opened()
+        over = True  # unless produce says the relay has it
         try:
             over = call.produce()
-        except BaseException:
-            self._closed(call)
-            raise
-        if over:
-            self._closed(call)
+        finally:
+            if over:
+                self._closed(call)
 
     def _finish_later(self, call: Call) -> None:
         """A stream the relay read is to be finished (and shutdown waits for that)."""

@@ -696,10 +696,9 @@ class _Reads:
         self._woken = woken
         self._fresh = True  # the reader's buffer may hold bytes already
         self._tls = isinstance(sock, gevent.ssl.SSLSocket)
-        if self._watchdog is not None:
-            self._watchdog.close()
-        self._watchdog = None
-        if self._seconds:
+        if self._watchdog is not None:  # a chunked body's: its timer goes on
+            self._watchdog.expire = self._expired
+        elif self._seconds:  # a sized body's reads waited with the socket's own timeout
             self._watchdog = _Watchdog(self._seconds, self._expired)
         sock.settimeout(0.0)  # a read that would wait raises now
         self._readable = gevent.get_hub().loop.io(sock.fileno(), 1)
@@ -896,10 +895,10 @@ class _Watchdog:
     starting now) would time out.
     """
 
-    __slots__ = ("_expire", "_seconds", "_timer", "since")
+    __slots__ = ("_seconds", "_timer", "expire", "since")
 
     def __init__(self, seconds: float, expire: Callable[[], None]) -> None:
-        self._expire = expire  # called in the hub
+        self.expire = expire  # called in the hub
         self._seconds = seconds
         self._timer: Any = None
         self.since: float | None = None  # when the read in progress began
@@ -917,7 +916,7 @@ class _Watchdog:
             self._arm(left)
         else:
             self._timer = None
-            self._expire()
+            self.expire()
 
     def close(self) -> None:
         if self._timer is not None:
