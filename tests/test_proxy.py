@@ -7,6 +7,7 @@ setup does reach the upstream and the tables, so "nothing happened" can fail.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import uuid
@@ -85,6 +86,27 @@ def test_the_same_setup_reaches_the_upstream_and_is_recorded(client, fake, route
     assert resp.status_code == 200 and resp.mimetype == "application/json"
     assert len(fake.log(route["id"])) == 1
     assert recorded() == 1
+
+
+def test_a_finished_call_leaves_no_cycle_for_the_garbage_collector(client, route) -> None:  # type: ignore[no-untyped-def]
+    """A call's objects go as soon as nobody holds them; left in reference cycles they
+    wait for the collector, whose passes then cost every call of the worker (issue 11).
+    Both shapes a call takes are checked: a JSON answer and a stream, read whole."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection frees is kept in gc.garbage
+    try:
+        for body in (VALID[CHAT], {**VALID[CHAT], "stream": True}):
+            resp = post(client, CHAT, body, route["key"])
+            assert resp.status_code == 200 and resp.get_data()
+            resp.close()
+        assert recorded() == 2
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    ours = {"CallRequest", "Call", "Downstream", "Exchange", "Plan", "Ending", "Admission"}
+    assert not ours & set(left), f"in reference cycles: {left}"
 
 
 def _cases() -> list:
