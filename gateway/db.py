@@ -395,8 +395,13 @@ def discard_connection() -> None:
 
 
 def migrate(db: peewee.Database | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied."""
-    db = db or database
+    """Apply pending migrations; return the names applied.
+
+    On the database itself, not the app's proxy of it: the migrations choose their
+    statements by the database's class, and the proxy is neither SQLite's nor
+    PostgreSQL's (a PostgreSQL database was given SQLite's statements).
+    """
+    db = db or database.obj
     with db.connection_context():
         if isinstance(db, peewee.PostgresqlDatabase):
             db.execute_sql("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))

@@ -18,7 +18,7 @@ from playhouse.migrations import Runner
 
 from gateway.db import MIGRATIONS, open_database
 from tests import pools
-from tests.conftest import BACKENDS, PG_URL, _pg_admin, _with_database
+from tests.conftest import BACKENDS, PG_URL, _pg_admin, _test_app, _with_database
 
 BEFORE = "0003_sealed_keys_and_sessions"  # the latest migration before the account's
 
@@ -214,3 +214,28 @@ def test_swept_at_marks_the_rows_swept_before_it_and_survives_the_calls_own_fina
             ("orphan", orphan.id, when)
         ]
         assert (orphan.status, orphan.swept, orphan.swept_at) == ("completed", False, when)
+
+
+def test_the_migrate_command_migrates_an_empty_database_as_its_backend_needs(
+    empty_database: peewee.Database, tmp_path: Path
+) -> None:
+    """What ``make run`` and a deployment do first (``flask migrate``, ``prepare``): the
+    migrations must see the real database, not the app's proxy of it, or a PostgreSQL
+    database gets SQLite's statements (0006 failed, 0007 was skipped)."""
+    db = empty_database
+    postgres = isinstance(db, peewee.PostgresqlDatabase)
+    url = _with_database(PG_URL, db.database) if postgres else f"sqlite:///{db.database}"
+    with _test_app(url, tmp_path) as app:
+        result = app.test_cli_runner().invoke(args=["migrate"])
+        assert result.exit_code == 0, result.output
+        assert "applied: 0001_initial" in result.output
+    with db.connection_context():
+        if postgres:
+            (kind,) = db.execute_sql(
+                "SELECT relkind FROM pg_class WHERE relname = 'completions'"
+            ).fetchone()
+            assert kind == "p"  # partitioned by month (0007)
+            assert "search" in {c.name for c in db.get_columns("completions")}  # 0006
+        else:
+            assert "completions_fts" in db.get_tables()
+            assert "completions_fts_writer" in db.get_tables()  # 0010
