@@ -239,3 +239,29 @@ def test_the_migrate_command_migrates_an_empty_database_as_its_backend_needs(
         else:
             assert "completions_fts" in db.get_tables()
             assert "completions_fts_writer" in db.get_tables()  # 0010
+
+
+@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's text has no length")
+def test_a_provider_key_column_left_short_by_the_proxy_bug_becomes_text() -> None:
+    """0011 repairs what 0003 did when it took SQLite's branch on PostgreSQL."""
+    name = f"gw_m_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connection_context():
+        admin.execute_sql(f'CREATE DATABASE "{name}"')
+    db = open_database(_with_database(PG_URL, name))
+    try:
+        with db.connection_context():
+            runner = Runner(db, directory=str(MIGRATIONS))
+            runner.up(target="0010_fts_from_the_recorder")
+            db.execute_sql("ALTER TABLE providers ALTER COLUMN api_key TYPE varchar(255)")
+            assert runner.up() == ["0011_provider_key_text"]
+            (kind,) = db.execute_sql(
+                "SELECT data_type FROM information_schema.columns"
+                " WHERE table_name = 'providers' AND column_name = 'api_key'"
+            ).fetchone()
+            assert kind == "text"
+    finally:
+        db.close_all()
+        with admin.connection_context():
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close_all()
