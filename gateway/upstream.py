@@ -20,7 +20,6 @@ import email.parser
 import functools
 import http.client
 import io
-import json
 import re
 import select
 import socket
@@ -44,7 +43,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import SKIP_HEADER, parse_url
 
-from gateway import sse
+from gateway import jsoncodec, sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.chunked import Chunked
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
@@ -523,7 +522,7 @@ class Response:
         """The whole body and ``parse`` of its JSON; ``protocol`` if either fails."""
         content = self.read()
         try:
-            return content, parse(json.loads(content))
+            return content, parse(jsoncodec.read(content))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -92,3 +93,43 @@ def test_encode_writes_what_json_reads_back_even_what_orjson_refuses() -> None:
     assert jsoncodec.encode({"x": {1}, "s": "\ud800"}, sorted) == b'{"x":[1],"s":"\\ud800"}'
     with pytest.raises(TypeError):
         jsoncodec.encode({"x": object()})
+
+
+def _outcome(read: object, data: str | bytes) -> tuple[str, object]:
+    try:
+        return "value", read(data)  # type: ignore[operator]
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        return type(exc).__name__, str(exc)
+
+
+# JSON texts, and texts that are nearly JSON: cut, padded, prefixed, in other encodings.
+_JSONISH = st.one_of(
+    _VALUE.map(json.dumps),
+    _VALUE.map(lambda v: json.dumps(v, ensure_ascii=False)),
+    st.text(alphabet=' \t\r\n{}[]":,-+.0123456789eEtrufalsn\\\x00\ufeffa中'),
+)
+_DAMAGE = st.sampled_from(
+    [lambda t: t, lambda t: " " + t, lambda t: t + "\n", lambda t: t[:-1], lambda t: t + "x",
+     lambda t: "\ufeff" + t, lambda t: t + t]
+)  # fmt: skip
+_ENCODE = st.sampled_from(
+    [lambda t: t, lambda t: t.encode("utf-8", "surrogatepass"), lambda t: t.encode("utf-16", "surrogatepass"),
+     lambda t: t.encode("utf-16-le", "surrogatepass"), lambda t: t.encode("utf-32-be", "surrogatepass"),
+     lambda t: t.encode("utf-8-sig", "surrogatepass"), lambda t: t.encode("latin-1", "replace")]
+)  # fmt: skip
+
+
+@settings(FUZZ, max_examples=2000)
+@given(_JSONISH, _DAMAGE, _ENCODE)
+def test_read_gives_what_json_loads_gives_the_same_value_or_the_same_error(
+    text: str, damage: Callable[[str], str], encode: Callable[[str], str | bytes]
+) -> None:
+    data = encode(damage(text))
+    got, wanted = _outcome(jsoncodec.read, data), _outcome(json.loads, data)
+    assert got[0] == wanted[0]
+    assert _same(got[1], wanted[1]) if got[0] == "value" else got[1] == wanted[1]
+
+
+def test_read_refuses_deep_nesting_as_json_loads_does() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    assert _outcome(jsoncodec.read, deep)[0] == _outcome(json.loads, deep)[0] == "RecursionError"

@@ -5,7 +5,6 @@ Pure code. Nothing here knows a protocol; protocol vocabulary lives in its own p
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any
@@ -40,7 +39,7 @@ def event_data(event: sse.Event) -> dict | None:
     if not event.data:
         return None
     try:
-        data = json.loads(event.data)
+        data = jsoncodec.read(event.data)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
