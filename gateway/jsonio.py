@@ -70,7 +70,7 @@ def loads(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Unreadable(f"Request body is not valid JSON: not UTF-8 text ({exc.reason})") from exc
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = _strict(text)
     except RecursionError as exc:
         raise _too_deep() from exc
     except ValueError as exc:
@@ -154,3 +154,6 @@ def _finite_float(text: str) -> float:
 
 def _too_deep() -> Unreadable:
     return Unreadable(f"Request body is not valid JSON: nested more than {MAX_DEPTH} levels deep")
+
+
+_strict = jsoncodec.reader(parse_constant=_refuse_constant, parse_float=_finite_float)

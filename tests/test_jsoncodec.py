@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import jsoncodec
+from gateway import jsoncodec, jsonio
 from tests.fuzz_support import FUZZ
 
 # What upstreams and clients send, and the edges where orjson alone would differ.
@@ -107,6 +107,7 @@ _JSONISH = st.one_of(
     _VALUE.map(json.dumps),
     _VALUE.map(lambda v: json.dumps(v, ensure_ascii=False)),
     st.text(alphabet=' \t\r\n{}[]":,-+.0123456789eEtrufalsn\\\x00\ufeffa中'),
+    st.sampled_from(["NaN", "[Infinity]", '{"a": -Infinity}', "1e999", "[-1e400, 2]", "0.5"]),
 )
 _DAMAGE = st.sampled_from(
     [lambda t: t, lambda t: " " + t, lambda t: t + "\n", lambda t: t[:-1], lambda t: t + "x",
@@ -119,13 +120,21 @@ _ENCODE = st.sampled_from(
 )  # fmt: skip
 
 
+# No hooks (``read``), and the hooks the request body's strict reading uses.
+_HOOKS = st.sampled_from(
+    [{}, {"parse_constant": jsonio._refuse_constant, "parse_float": jsonio._finite_float}]
+)
+
+
 @settings(FUZZ, max_examples=2000)
-@given(_JSONISH, _DAMAGE, _ENCODE)
-def test_read_gives_what_json_loads_gives_the_same_value_or_the_same_error(
-    text: str, damage: Callable[[str], str], encode: Callable[[str], str | bytes]
+@given(_JSONISH, _DAMAGE, _ENCODE, _HOOKS)
+def test_a_reader_gives_what_json_loads_gives_the_same_value_or_the_same_error(
+    text: str, damage: Callable[[str], str], encode: Callable[[str], str | bytes], hooks: dict
 ) -> None:
     data = encode(damage(text))
-    got, wanted = _outcome(jsoncodec.read, data), _outcome(json.loads, data)
+    read = jsoncodec.reader(**hooks) if hooks else jsoncodec.read
+    got = _outcome(read, data)
+    wanted = _outcome(lambda d: json.loads(d, **hooks), data)
     assert got[0] == wanted[0]
     assert _same(got[1], wanted[1]) if got[0] == "value" else got[1] == wanted[1]
 
