@@ -371,6 +371,10 @@ def test_unmapped_fields_are_forwarded_unchanged():
         (body(metadata={"k": 1}), "metadata.k", "metadata.k must be a string"),
         (body(store=1), "store", "must be a boolean"),
         (body(modalities="text"), "modalities", "must be an array"),
+        (body(service_tier=1), "service_tier", "must be a string"),
+        (body(prompt_cache_key=[]), "prompt_cache_key", "must be a string"),
+        (body(safety_identifier=2), "safety_identifier", "must be a string"),
+        (body(verbosity={}), "verbosity", "must be a string"),
         # A falsy value of the wrong type is no absent one.
         (
             body(messages=[USER, {"role": "tool", "tool_call_id": "c", "content": 0}]),
