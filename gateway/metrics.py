@@ -249,12 +249,22 @@ def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:
     REJECTIONS.labels(*_key_labels(key_id, key_comment), limit_type).inc()
 
 
+# The limit each key's limit gauge was last set to by this process. A limit is the same
+# in every process ("mostrecent" then shows any of them), and changes only when an
+# admin changes it: each call wrote it again, two of a call's writes into the mmap.
+_limits_set: dict[Any, float] = {}
+
+
 def key_usage(key_id: int, key_comment: str | None, usage: dict[str, dict[str, int]]) -> None:
-    """Set a key's RPM/TPM use and limits (``Limiter.usage``'s answer)."""
+    """Set a key's RPM/TPM use and limits (``Limiter.usage``'s answer); a limit only when
+    it is not what this process set it to last."""
     key = _key_labels(key_id, key_comment)
     for kind in ("rpm", "tpm"):
         _level(_child(KEY_LIMITS[kind, "usage"], *key), usage[kind]["current"])
-        _level(_child(KEY_LIMITS[kind, "limit"], *key), usage[kind]["limit"])
+        limit = _child(KEY_LIMITS[kind, "limit"], *key)
+        if _limits_set.get(limit) != usage[kind]["limit"]:
+            _limits_set[limit] = usage[kind]["limit"]
+            _level(limit, usage[kind]["limit"])
 
 
 def catalog(api_keys: int, providers: int, models: dict[str, int]) -> None:

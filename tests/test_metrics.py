@@ -311,3 +311,21 @@ def test_a_change_that_cannot_be_written_costs_only_itself(
     metrics.call_finished(_completed(model, 2), None)
     gevent.sleep(0)
     assert completion._value.get() == 2
+
+
+def test_a_keys_limit_is_written_when_it_changes_its_use_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = str(os.getpid())
+    written: list[tuple[str, float]] = []
+    for what in ("usage", "limit"):
+        child = metrics.KEY_LIMITS["rpm", what].labels(key, "k")
+        monkeypatch.setattr(child, "set", lambda v, what=what: written.append((what, v)))
+    for current, limit in ((1, 9), (2, 9), (3, 9), (4, 20), (5, 20)):
+        usage = {"rpm": {"current": current, "limit": limit}, "tpm": {"current": 0, "limit": 1}}
+        metrics.key_usage(int(key), "k", usage)
+        gevent.sleep(0)  # each call's turn ends
+    assert written == [
+        ("usage", 1), ("limit", 9), ("usage", 2), ("usage", 3), ("usage", 4), ("limit", 20),
+        ("usage", 5),
+    ]  # fmt: skip
