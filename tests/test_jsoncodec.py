@@ -126,7 +126,7 @@ _HOOKS = st.sampled_from(
 )
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=1000)
 @given(_JSONISH, _DAMAGE, _ENCODE, _HOOKS)
 def test_a_reader_gives_what_json_loads_gives_the_same_value_or_the_same_error(
     text: str, damage: Callable[[str], str], encode: Callable[[str], str | bytes], hooks: dict
