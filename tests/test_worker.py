@@ -1,15 +1,145 @@
-"""The gevent worker's stand-ins for gunicorn's per-request work (issue 11): they must
-answer as gunicorn's own would, request after request."""
+"""The worker's responses (headers go out with the first body bytes, in one send), and its
+stand-ins for gunicorn's per-request work, which must answer as gunicorn's own would."""
 
 from __future__ import annotations
 
 import io
 import logging
+from types import SimpleNamespace
 
+import pytest
 from gunicorn.config import Config
 from gunicorn.http import message, wsgi
 
 from gateway import worker
+from gateway.worker import OneSend
+
+
+class Wire:
+    """A socket that keeps each write apart (``sendall``, or ``send`` taking it all)."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return len(data)
+
+
+def response(method: str = "POST") -> tuple[OneSend, Wire]:
+    req = SimpleNamespace(version=(1, 1), method=method, should_close=lambda: False)
+    wire = Wire()
+    return OneSend(req, wire, Config()), wire
+
+
+def test_a_json_answer_is_one_send() -> None:
+    resp, wire = response()
+    resp.start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    resp.write(b"{}")
+    resp.close()
+    assert len(wire.sends) == 1
+    head, body = wire.sends[0].split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
+    assert body == b"{}"
+
+
+def test_a_stream_sends_its_headers_with_the_first_chunk_then_each_chunk() -> None:
+    resp, wire = response()
+    resp.start_response("200 OK", [("Content-Type", "text/event-stream")])
+    resp.write(b"data: 1\n\n")
+    resp.write(b"data: 2\n\n")
+    resp.close()
+    assert len(wire.sends) == 3
+    assert wire.sends[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    assert b"Transfer-Encoding: chunked" in wire.sends[0]
+    assert wire.sends[1:] == [b"9\r\ndata: 2\n\n\r\n", b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD"])
+def test_headers_with_no_body_to_carry_them_still_go(method: str) -> None:
+    resp, wire = response(method)
+    resp.start_response("200 OK", [("Content-Type", "text/event-stream")])
+    resp.write(b"" if method == "POST" else b"dropped")  # an empty chunk; a HEAD's body
+    assert len(wire.sends) == 1 and wire.sends[0].endswith(b"\r\n\r\n")
+    assert b"dropped" not in wire.sends[0]
+
+
+def test_a_response_closed_unwritten_sends_its_headers() -> None:
+    resp, wire = response()
+    resp.start_response("204 No Content", [])
+    resp.close()
+    assert len(wire.sends) == 1 and wire.sends[0].startswith(b"HTTP/1.1 204 No Content\r\n")
+
+
+def test_the_date_header_is_the_current_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One string per second, the very one gunicorn would have made."""
+    import email.utils
+
+    from gateway import worker
+
+    monkeypatch.setattr(worker, "_dated", (0, ""))
+    for now in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.0, 1_700_003_600.5):
+        monkeypatch.setattr(worker.time, "time", lambda now=now: now)
+        assert worker._http_date() == email.utils.formatdate(now, usegmt=True)
+    assert worker._http_date(86400.0) == "Fri, 02 Jan 1970 00:00:00 GMT"
+
+
+def test_what_the_app_holds_at_load_is_frozen_and_its_garbage_collected() -> None:
+    """After loading the app, a worker freezes what is alive (no full collection walks
+    it again), having collected the garbage first: garbage frozen would never be freed."""
+    import gc
+    import weakref
+
+    from gateway.worker import GatewayWorker
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # type: ignore[attr-defined]
+    gone = weakref.ref(garbage)
+    del garbage
+    app = object()
+    worker = GatewayWorker.__new__(GatewayWorker)
+    worker.app = SimpleNamespace(wsgi=lambda: app)  # type: ignore[assignment]
+    try:
+        worker.load_wsgi()
+        assert worker.wsgi is app
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+
+
+def test_a_workers_settings_read_as_gunicorns_and_each_only_once() -> None:
+    from gateway.worker import SettledConfig
+
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    cfg.set("certfile", __file__)
+    settled = SettledConfig(cfg)
+    for name in [*cfg.settings, "is_ssl", "env", "sendfile", "worker_class_str"]:
+        assert getattr(settled, name) == getattr(cfg, name), name
+    assert settled.is_ssl and settled.keepalive == 7
+    cfg.set("keepalive", 9)  # a worker's settings never change: this one was read
+    assert settled.keepalive == 7
+    with pytest.raises(AttributeError):
+        settled.no_such_setting  # noqa: B018
+
+
+def test_gunicorns_c_parser_is_used_whenever_it_is_installed() -> None:
+    """requirements-fast.txt: nothing in the worker's settings keeps gunicorn from it."""
+    import importlib.util
+
+    from gunicorn.http.message import _check_fast_parser
+
+    from gateway.worker import SettledConfig
+
+    installed = importlib.util.find_spec("gunicorn_h1c") is not None
+    assert _check_fast_parser(SettledConfig(Config())) is installed
 
 
 class Peer(message.HeaderPolicy):
