@@ -16,8 +16,9 @@ answer to its end through the plan's operation (a stream through its
 ``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
 what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's end or
 failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
-producer (or the relay's pump, then ``finish``) alone turns that into the final status (``ending.verdict``), finishes the
-Exchange and hands it to the recorder, exactly once (SPEC rules 1-7).
+producer (or the relay's pump, then ``finish``) alone turns that into the final status
+(``ending.verdict``), finishes the Exchange and hands it to the recorder, exactly once
+(SPEC rules 1-7).
 
 Nothing here reads Flask's request (the view passes everything in) and nothing here
 knows the other calls: the worker's ``calls`` hears of a client leaving through the

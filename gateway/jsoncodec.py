@@ -41,7 +41,7 @@ def reader(**hooks: Any) -> Callable[[str | bytes], Any]:
         try:
             text = data.decode() if isinstance(data, bytes) else data
             value, end = scan(text, 0)
-        except (StopIteration, UnicodeDecodeError, ValueError):
+        except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
             return json.loads(data, **hooks)
         if end != len(text):
             return json.loads(data, **hooks)

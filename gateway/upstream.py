@@ -735,13 +735,15 @@ class _Reads:
         if self._read is _ended:
             return  # once: the connection may be another request's by now
         self._read = self._ready = _ended
+        # The socket's timeout was changed only for a watchdog's reads or a watched body.
+        retimed = self._watchdog is not None or self._readable is not None
         if self._readable is not None:
             self._readable.close()
             self._readable = None
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
-        if self._message is not None and self._sock is not None:
+        if retimed:
             self._sock.settimeout(self._seconds)
 
     def _readable_now(self) -> None:
