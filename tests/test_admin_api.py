@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 
 from gateway import redact
@@ -480,11 +483,24 @@ def test_key_usage_is_read_from_the_shared_buckets(admin) -> None:  # type: igno
     from gateway.limiter import limiter
 
     created = admin("POST", "/apiKey", json={"rpmLimit": 6, "tpmLimit": 600})[1]
+    started = time.monotonic()
     limiter.admit(created["id"], 6, 600)
     limiter.admit(created["id"], 6, 600)
     limiter.charge(created["id"], 600, 250)
-    status, usage = admin("GET", f"/apiKey/{created['key']}/usage")
-    assert status == 200
+
+    def read(key: str) -> dict:
+        status, usage = admin("GET", f"/apiKey/{key}/usage")
+        assert status == 200
+        # The buckets refill as time passes (600 a minute: 10 tokens a second), on the
+        # store's clock: what was used reads back less by at most what refilled since.
+        refilled = math.ceil(10 * (time.monotonic() - started))
+        tpm = usage["usage"]["tpm"]
+        assert 250 - refilled <= tpm["current"] <= 250 and tpm["remaining"] == 600 - tpm["current"]
+        assert time.monotonic() - started < 10  # else an rpm token would have come back too
+        tpm["current"], tpm["remaining"] = 250, 350
+        return usage
+
+    usage = read(created["key"])
     assert usage == {
         "key": created["key"][:7] + "…" + created["key"][-4:],
         "limits": {"rpm": 6, "tpm": 600},
@@ -493,7 +509,7 @@ def test_key_usage_is_read_from_the_shared_buckets(admin) -> None:  # type: igno
             "tpm": {"current": 250, "limit": 600, "remaining": 350},
         },
     }
-    assert admin("GET", f"/apiKey/{created['id']}/usage")[1] == usage  # by id too
+    assert read(str(created["id"])) == usage  # by id too
     assert admin("GET", "/apiKey/sk-" + "0" * 32 + "/usage")[0] == 404
 
 
