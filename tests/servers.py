@@ -142,6 +142,10 @@ class Gateway:
             "GATEWAY_ACCESS_LOG": "",
             "GATEWAY_BACKOFF_MIN": "0.01",
             "GATEWAY_BACKOFF_MAX": "0.05",
+            # Tests make keys and use them at once: on a loaded machine the worker's read
+            # of the new key (MIN_GAP, then keys and catalog) can take more than the 1 s
+            # default, and the key would be refused as unknown.
+            "GATEWAY_KEY_LOOKUP_WAIT": "5",
             **env,
         }
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
