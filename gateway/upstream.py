@@ -1,53 +1,41 @@
 """The wire to providers: where to send, how to authenticate, how to read; the only owner
 of upstream HTTP.
 
-``endpoint`` gives the URL and auth headers of an operation per provider type. One
-urllib3 ``PoolManager`` per worker (and one ``ProxyManager`` per proxy the environment
-names) with a pool big enough for many concurrent streams, no automatic retries
-(failover is ``routing``'s job), no redirects, TLS verified against certifi's CA bundle
-as requests would, and no cookies. urllib3 directly, not a ``requests.Session``: the
-Session's per-call preparing, settings merging and response building cost more CPU
-than the rest of the wire (issue 11); requests is kept for what it does once per
-upstream host, reading the proxy settings. Bodies are read with ``read1`` so bytes
-arrive as the upstream sends them, chunked or close-delimited; a ``Response`` reads
-them as SSE events (up to the first one before it answers) or as one JSON answer.
-Every failure becomes an ``UpstreamError`` that says whether another try could help.
+``endpoint`` gives the URL and auth headers of an operation per provider type. The
+connections are ``connections``' (our own HTTP/1.1 client: pools of kept-alive
+connections per origin, big enough for many concurrent streams), with no automatic
+retries (failover is ``routing``'s job), no redirects, TLS verified against certifi's
+CA bundle, and no cookies; requests is kept for what it does once per upstream host,
+reading the proxy settings of the environment. Bodies are read with ``read1`` so bytes
+arrive as the upstream sends them, chunked, sized or close-delimited; a ``Response``
+reads them as SSE events (up to the first one before it answers) or as one JSON
+answer. Every failure becomes an ``UpstreamError`` that says whether another try
+could help.
 """
 
 from __future__ import annotations
 
-import email.parser
 import functools
-import http.client
 import io
-import re
-import select
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
-import certifi
 import gevent
-import gevent.pool
 import gevent.socket
 import gevent.ssl
 import requests.utils
-import urllib3
-import urllib3.exceptions
 from flask import Flask
-from gevent import monkey
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.util import SKIP_HEADER, parse_url
 
-from gateway import jsoncodec, sse
+from gateway import connections, jsoncodec, sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.chunked import Chunked
+from gateway.connections import Connection, Head, Pools, Route
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
-from gateway.sockets import send_all
 
 T = TypeVar("T")
 
@@ -156,28 +144,19 @@ class Upstream:
     """The worker's HTTP client for providers."""
 
     def __init__(self) -> None:
-        self._direct: urllib3.PoolManager | None = None
-        self._proxied: dict[str, urllib3.ProxyManager] = {}
-        self._options: dict[str, Any] = {}
-        self._routes: dict[str, tuple[HTTPConnectionPool, str]] = {}  # URL -> pool, path
+        self._pools: Pools | None = None
+        self._routes: dict[str, Route] = {}  # URL -> its route, at most NUM_POOLS
 
     def init_app(self, app: Flask) -> None:
         """Build the connection pools from the app's settings."""
-        http.client.parse_headers = parse_headers  # every message it builds is the same
-        self._options = {
-            "num_pools": NUM_POOLS,
-            "maxsize": int(app.config["UPSTREAM_POOL_SIZE"]),
-            "block": False,  # past maxsize, open more and close them after
-            "retries": False,  # failover is routing's, and sees every error as it is
-            "timeout": urllib3.Timeout(
-                connect=float(app.config["CONNECT_TIMEOUT"]), read=float(app.config["READ_TIMEOUT"])
-            ),
-            "cert_reqs": "CERT_REQUIRED",
-            "ca_certs": certifi.where(),
-        }
-        self._direct = urllib3.PoolManager(**self._options)
-        self._direct.pool_classes_by_scheme = _POOLS
-        self._proxied = {}
+        if self._pools is not None:
+            self._pools.close()
+        self._pools = Pools(
+            maxsize=int(app.config["UPSTREAM_POOL_SIZE"]),  # past it, open more and close them
+            origins=NUM_POOLS,
+            connect_timeout=float(app.config["CONNECT_TIMEOUT"]),
+            read_timeout=float(app.config["READ_TIMEOUT"]),
+        )
         self._routes = {}
 
     def post(self, url: str, headers: dict[str, str], body: bytes, *, stream: bool) -> Response:
@@ -200,285 +179,74 @@ class Upstream:
         body: bytes | None,
         read_buffer: int = io.DEFAULT_BUFFER_SIZE,
     ) -> Response:
-        headers = {"Accept": "*/*", **headers}
+        assert self._pools is not None, "upstream.init_app was not called"
         try:
-            sender, target = self._route(url)
-            resp = sender.urlopen(
-                method,
-                target,
-                body=body,
-                headers=headers,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=False,
-                decode_content=True,
-                read_buffer=read_buffer,  # for our pools' _make_request
-            )
-        except urllib3.exceptions.NewConnectionError as exc:  # refused, unknown host
-            raise UpstreamError("connect", str(exc)) from exc
-        except urllib3.exceptions.ConnectTimeoutError as exc:
-            raise UpstreamError("timeout", f"connect timed out: {exc}") from exc
-        except urllib3.exceptions.ReadTimeoutError as exc:
-            raise UpstreamError("timeout", "no response headers before the read timeout") from exc
-        except urllib3.exceptions.ProtocolError as exc:  # dropped before or in its headers
-            raise UpstreamError("reset", str(exc)) from exc
-        except ValueError as exc:  # a URL or header that cannot be sent (LocationValueError)
+            way = self._route(url)
+            head = connections.request_head(method, way, {"Accept": "*/*", **headers}, body)
+        except connections.InvalidRequest as exc:
             raise UpstreamError("invalid", str(exc)) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # TLS, the proxy, the pool
+        try:
+            conn = self._pools.take(way)
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", f"connect timed out: {exc}") from exc
+        except OSError as exc:  # refused, unknown host, TLS, the proxy
             raise UpstreamError("connect", str(exc)) from exc
-        response = Response(resp)
-        if resp.status >= 400:
+        try:
+            conn.send(head + body if body else head)
+            # The answer's own reader: what it reads ahead stays with this answer.
+            fp = conn.sock.makefile("rb", buffering=read_buffer)
+            try:
+                answer = connections.read_head(fp, method)
+            except BaseException:
+                fp.close()
+                raise
+        except BaseException as exc:
+            conn.close()
+            if _timed_out_error(exc):
+                raise UpstreamError(
+                    "timeout", "no response headers before the read timeout"
+                ) from exc
+            if isinstance(exc, OSError):  # dropped before or in its head, or not HTTP
+                raise UpstreamError("reset", str(exc) or type(exc).__name__) from exc
+            raise
+        response = Response(conn, answer, fp, self._pools)
+        if answer.status >= 400:
             content = response.read(MAX_ERROR_BODY, truncate=True)
             response.close()
             raise UpstreamError(
                 "http",
-                f"upstream answered {resp.status}",
-                status=resp.status,
+                f"upstream answered {answer.status}",
+                status=answer.status,
                 content=content,
-                content_type=resp.headers.get("Content-Type"),
+                content_type=answer.headers.get("Content-Type"),
                 request_id=response.request_id,
             )
         return response
 
-    def _route(self, url: str) -> tuple[urllib3.PoolManager | HTTPConnectionPool, str]:
-        """Who sends to ``url``, and what it is given: the origin's pool and the path, or a
-        proxy's manager and the whole URL.
-
-        A direct URL's pool is remembered, so a call does not parse its URL and build
-        the manager's pool key again, as ``PoolManager.urlopen`` does each time (a few
-        percent of a call's CPU, issue 11). At most ``NUM_POOLS`` URLs are: past that
-        they are forgotten, and a pool neither remembers is dropped, as the manager's own.
-        """
-        route = self._routes.get(url)
-        if route is not None:
-            return route
-        manager = self._manager(url)
-        if manager is not self._direct:
-            return manager, url
-        parsed = parse_url(url)
-        pool = manager.connection_from_host(parsed.host, parsed.port, parsed.scheme)
-        if len(self._routes) >= NUM_POOLS:
-            self._routes.clear()
-        self._routes[url] = route = (pool, parsed.request_uri)
-        return route
-
-    def _manager(self, url: str) -> urllib3.PoolManager:
-        """The pools for ``url``: direct, or through the proxy the environment names."""
-        assert self._direct is not None, "upstream.init_app was not called"
+    def _route(self, url: str) -> Route:
+        """Where ``url`` goes: its origin, directly or through the proxy the environment
+        names for it. Worked out once per URL (at most ``NUM_POOLS`` are remembered)."""
+        way = self._routes.get(url)
+        if way is not None:
+            return way
         scheme, netloc = _origin(url)
         proxies = _proxies_for(scheme, netloc)
-        proxy = proxies.get(scheme) or proxies.get("all")
-        if not proxy:
-            return self._direct
-        manager = self._proxied.get(proxy)
-        if manager is None:
-            auth = urlsplit(proxy)
-            headers = {}
-            if auth.username:  # requests' way: credentials in the proxy's URL
-                basic = f"{unquote(auth.username)}:{unquote(auth.password or '')}"
-                headers = urllib3.make_headers(proxy_basic_auth=basic)
-            manager = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._options)
-            manager.pool_classes_by_scheme = _POOLS
-            self._proxied[proxy] = manager
-        return manager
-
-
-# The OS's own poll, not gevent's: asked with no timeout it never blocks, and gevent's
-# goes through the hub to say the same (about 3% of a call's CPU, issue 11).
-_poll = monkey.get_original("select", "poll")
-
-
-class _Checked:
-    """A kept-alive connection checked before reuse as urllib3 checks it, more cheaply."""
-
-    sock: Any
-
-    @property
-    def is_connected(self) -> bool:
-        """False once the server closed it (or sent bytes nobody asked for): not reused."""
-        if self.sock is None:
-            return False
-        poll = _poll()
-        poll.register(self.sock, select.POLLIN)
-        return not poll.poll(0)
-
-
-# http.client's own checks of what may be written in a header line.
-_legal_header_name = http.client._is_legal_header_name  # type: ignore[attr-defined]
-_illegal_header_value = http.client._is_illegal_header_value  # type: ignore[attr-defined]
-
-
-class _OneWrite:
-    """A connection whose request goes out in one write, head and body together.
-
-    urllib3 writes a request's head (http.client's ``endheaders``), then its body: two
-    system calls and two wake-ups of the upstream, each through gevent's ``sendall``
-    and the ``getsockopt`` it makes first. Here a body of bytes takes the head along,
-    through ``sockets.send_all``; and the head's header lines are written directly.
-    """
-
-    sock: Any
-    _head: bytes | None = None  # b"" while a request with a body is being written
-
-    def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[no-untyped-def]
-        self._head = b"" if isinstance(body, bytes) and body else None
-        try:
-            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
-        finally:
-            self._head = None
-
-    def putheader(self, header, *values):  # type: ignore[no-untyped-def]
-        """A header line of text, checked and written as http.client does, in a third of
-        the time: urllib3's look for its skip marker and http.client's general case
-        (several values, bytes, numbers) cost about 2.5 µs a header. Anything else, and
-        anything refused, goes through them."""
-        if len(values) == 1:
-            value = values[0]
-            if type(header) is str and type(value) is str and value != SKIP_HEADER:
-                name = header.encode("ascii")
-                if _legal_header_name(name):
-                    data = value.encode("latin-1")
-                    if not _illegal_header_value(data):
-                        self._buffer.append(name + b": " + data)  # type: ignore[attr-defined]
-                        return
-        super().putheader(header, *values)  # type: ignore[misc]  # refuses, or the rest
-
-    def send(self, data):  # type: ignore[no-untyped-def]
-        head = self._head
-        if head == b"":  # the head: it waits for the body
-            self._head = data
-            return
-        if head:
-            self._head, data = None, head + data
-        if isinstance(data, bytes) and isinstance(self.sock, socket.socket):
-            send_all(self.sock, data)
-        else:  # no socket yet (http.client connects first), or urllib3's TLS-in-TLS one
-            super().send(data)  # type: ignore[misc]
-
-
-# A header line as the email parser would read it into exactly (name, value) and nothing
-# else: a name of visible characters but ":", a value of visible ASCII, spaces and tabs
-# (its leading ones dropped, trailing ones kept, as compat32 does), and no line break
-# the parser would split on (a lone CR, NEL, VT, FF...).
-_HEADER_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):[ \t]*([\t\x20-\x7e]*)\r?\n")
-
-
-def parse_headers(fp: Any, _class: type = http.client.HTTPMessage) -> Any:
-    """``http.client.parse_headers``, without the email parser where it is not needed.
-
-    http.client reads a response's header lines, then has the email package parse
-    them: a feed parser, a policy and a buffered line splitter, about 4% of a JSON
-    call's CPU (issue 11). A block of plain ``Name: value`` lines (what providers send)
-    is built into the same message here, each header stored as the parser would store
-    it; anything else (a folded line, a byte the parser would split a line on, a
-    multipart or message type whose body it would parse) goes to the email parser.
-    """
-    lines = http.client._read_headers(fp)
-    fields = []
-    for line in lines[:-1]:  # the last is the blank line (or nothing: the end)
-        found = _HEADER_LINE.fullmatch(line)
-        if found is None:
-            break
-        fields.append(found.groups())
-    else:
-        msg = _class()
-        for name, value in fields:
-            msg.set_raw(name.decode("ascii"), value.decode("ascii"))
-        if msg.get_content_maintype() not in ("multipart", "message"):
-            msg.set_payload("")
-            return msg
-    text = b"".join(lines).decode("iso-8859-1")
-    return email.parser.Parser(_class=_class).parsestr(text)
-
-
-class _SizedReads:
-    """A connection whose next response reads through a buffer of ``read_buffer`` bytes
-    (http.client's takes io's default); the pool sets it for each request."""
-
-    read_buffer = io.DEFAULT_BUFFER_SIZE
-
-    def response_class(self, sock, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return http.client.HTTPResponse(_Sized(sock, self.read_buffer), *args, **kwargs)
-
-
-class _Sized:
-    """A socket as http.client's response opens it: its file, buffered as asked."""
-
-    __slots__ = ("buffering", "sock")
-
-    def __init__(self, sock: socket.socket, buffering: int) -> None:
-        self.sock, self.buffering = sock, buffering
-
-    def makefile(self, mode: str) -> Any:
-        return self.sock.makefile(mode, buffering=self.buffering)
-
-
-class _ShallowConnect:
-    """A connection that connects (resolves, connects, TLS) in a greenlet of its own.
-
-    The way to a new connection (the resolver's thread pool, the TLS handshake) is the
-    deepest a call's producer ever goes, and a greenlet keeps every page of Python
-    frames it ever touched: a stream's producer held a second 4 KB page for its whole
-    life for it (issue 11). The helper's pages go when it ends. Its outcome comes back
-    as a value and is raised here: a failed connect is the caller's to report, not the
-    hub's; and a caller stopped meanwhile stops the connect.
-    """
-
-    def connect(self) -> None:
-        helper = _connecting.spawn(_outcome, super().connect)  # type: ignore[misc]
-        try:
-            _, error = helper.get()
-        finally:
-            if not helper.dead:
-                helper.kill(block=False)
-        if error is not None:
-            raise error
-
-
-_connecting = gevent.pool.Group()
-
-
-def _outcome(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
-    try:
-        return fn(), None
-    except BaseException as exc:  # given back to the caller, which raises it
-        return None, exc
-
-
-class _HTTPConnection(_Checked, _OneWrite, _SizedReads, _ShallowConnect, HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Checked, _OneWrite, _SizedReads, _ShallowConnect, HTTPSConnection):
-    pass
-
-
-class _Sizing:
-    """A pool that hands each request's ``read_buffer`` to the connection it uses."""
-
-    def _make_request(self, conn, *args, read_buffer=io.DEFAULT_BUFFER_SIZE, **kwargs):  # type: ignore[no-untyped-def]
-        conn.read_buffer = read_buffer
-        return super()._make_request(conn, *args, **kwargs)  # type: ignore[misc]
-
-
-class _HTTPPool(_Sizing, HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(_Sizing, HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+        way = connections.route(url, proxies.get(scheme) or proxies.get("all"))
+        if len(self._routes) >= NUM_POOLS:
+            self._routes.clear()
+        self._routes[url] = way
+        return way
 
 
 class Response:
     """An upstream answer whose body has not been read yet."""
 
-    def __init__(self, resp: urllib3.BaseHTTPResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers = resp.headers
+    __slots__ = ("_held", "_reads", "headers", "status")
+
+    def __init__(self, conn: Connection, head: Head, fp: Any, pools: Pools) -> None:
+        self.status = head.status
+        self.headers = head.headers
+        self._held: tuple | None = (conn, head, fp, pools)  # until the body is read
         self._reads: _Reads | None = None
 
     @property
@@ -491,9 +259,12 @@ class Response:
         return next(filter(None, map(self.headers.get, REQUEST_ID_HEADERS)), None)
 
     def body(self) -> _Reads:
-        """The body's reads (one reader: a body is read once)."""
+        """The body's reads (one reader: a body is read once). Made by the greenlet
+        that reads it: a chunked body's read timeout is thrown into that greenlet."""
         if self._reads is None:
-            self._reads = _Reads(self._resp)
+            assert self._held is not None, "the answer was closed"
+            self._reads = _Reads(*self._held)
+            self._held = None
         return self._reads
 
     def events(self, accepts: Callable[[str], bool]) -> Events:
@@ -541,11 +312,14 @@ class Response:
 
     def close(self) -> None:
         """Drop the connection if it is mid-body (a body read to its end went back to the
-        pool already), and give its pool slot back."""
+        pool already)."""
         if self._reads is not None:
-            self._reads.stop()
-        self._resp.close()
-        self._resp.release_conn()
+            self._reads.close()
+        elif self._held is not None:
+            conn, _, fp, _ = self._held
+            self._held = None
+            fp.close()
+            conn.close()
 
 
 class Events:
@@ -610,11 +384,11 @@ class Events:
 class _Reads:
     """A body's bytes as they arrive, one ``next()`` a read (b"" once the body is whole).
 
-    Raises ``UpstreamError`` if a read fails. Chunked or of a known length, the body is
-    read straight from the connection's buffered reader, as http.client would read it,
-    without its and urllib3's layers of calls per read (issue 11); once it is whole, the
-    connection goes back to its pool, as urllib3 hands it back. Else (encoded, or
-    delimited by the connection's close) urllib3 reads it.
+    Raises ``UpstreamError`` if a read fails. Read straight from the answer's buffered
+    reader: chunked (``Chunked``), of a known length, or up to the connection's close;
+    gzip or deflate decoded (``_Decoding``) where the upstream encoded it. Once the body
+    is whole, its connection goes back to the pool (unless the answer said it closes);
+    a body not read to its end takes its connection with it (``close``).
 
     An object and plain method calls, not a stack of generators: a stream's producer
     waits in ``next`` for most of its life, and gevent keeps a copy of a waiting
@@ -624,14 +398,17 @@ class _Reads:
 
     __slots__ = (
         "_body",
+        "_conn",
+        "_decoding",
         "_fp",
         "_fresh",
         "_left",
-        "_message",
+        "_pools",
+        "_raw",
         "_read",
         "_readable",
         "_ready",
-        "_resp",
+        "_reuse",
         "_seconds",
         "_sock",
         "_tls",
@@ -639,35 +416,39 @@ class _Reads:
         "_woken",
     )
 
-    def __init__(self, resp: urllib3.BaseHTTPResponse) -> None:
-        self._resp = resp
+    def __init__(self, conn: Connection | None, head: Head, fp: Any, pools: Pools | None) -> None:
+        self._conn, self._fp, self._pools = conn, fp, pools
+        self._reuse = not head.closes
         self._watchdog: _Watchdog | None = None
         self._readable: Any = None  # the hub's watch on the socket, once ``watch``ed
         self._ready: Callable[[], bytes | None] | None = None  # a read that never waits
         self._fresh = False  # bytes may have come that no read took yet (``_take``)
-        message = self._message = _plain(resp)
-        if message is None:
-            self._read: Callable[[], bytes] = self._decoded
-            return
-        self._fp = message.fp
-        self._sock = sock = getattr(resp.connection, "sock", None)
+        self._sock = sock = conn.sock if conn is not None else None
         self._seconds = sock.gettimeout() if sock is not None else None
-        if not message.chunked:
-            self._left = message.length
-            self._read = self._sized
+        coding = head.headers.get("Content-Encoding", "identity").strip().lower()
+        self._decoding = _Decoding(coding) if coding in _DECODERS else None
+        if head.chunked:
+            # A chunked body's reads are timed by one ``_Watchdog`` in place of the
+            # socket's own timeout (a stream's reads wait, and each wait would start a
+            # timer).
+            self._body = Chunked()
+            if self._seconds:
+                current = gevent.getcurrent()
+                self._watchdog = _Watchdog(
+                    self._seconds, lambda: current.throw(TimeoutError("timed out"))
+                )
+                sock.settimeout(None)
+            self._raw: Callable[[], bytes] = self._chunk
+            self._ready = self._chunk_ready
+        elif head.length is not None:
+            self._left = head.length
+            self._raw = self._sized
             self._ready = self._sized_ready
-            return
-        # A chunked body's reads are timed by one ``_Watchdog`` in place of the socket's
-        # own timeout (a stream's reads wait, and each wait would start a timer).
-        self._body = Chunked()
-        if self._seconds:
-            current = gevent.getcurrent()
-            self._watchdog = _Watchdog(
-                self._seconds, lambda: current.throw(TimeoutError("timed out"))
-            )
-            sock.settimeout(None)
-        self._read = self._chunk
-        self._ready = self._chunk_ready
+        else:
+            self._raw = self._until_close
+        self._read = self._raw
+        if self._decoding is not None:  # read through the decoder, always waiting
+            self._read, self._ready = self._decoded, None
 
     def next(self) -> bytes:
         """The next bytes of the body, waiting for them; b"" once it is whole."""
@@ -675,9 +456,17 @@ class _Reads:
             return self._read()
         except BaseException as exc:
             self.stop()
-            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ValueError)):
+            if isinstance(exc, (OSError, ValueError)):
                 raise _read_failed(exc) from exc
             raise
+
+    def close(self) -> None:
+        """No more reads; a connection not back in its pool (mid-body) is dropped."""
+        self.stop()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._fp.close()
+            conn.close()
 
     def watch(self, woken: Callable[[], None]) -> bool:
         """Read without waiting from now on (``ready``), if this body can be: chunked or
@@ -726,7 +515,7 @@ class _Reads:
             return None  # TLS: a record not whole yet
         except BaseException as exc:
             self.stop()
-            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ValueError)):
+            if isinstance(exc, (OSError, ValueError)):
                 raise _read_failed(exc) from exc
             raise
 
@@ -840,14 +629,30 @@ class _Reads:
         self._left -= len(data)
         return data
 
+    def _until_close(self) -> bytes:
+        data = self._fp.read1(READ_SIZE)
+        if not data:
+            self._whole()  # the answer said it closes: the connection goes with it
+        return data
+
     def _whole(self) -> None:
-        """The body is read: the connection goes back to its pool."""
+        """The body is read: the connection goes back to its pool, unless it closes."""
         self.stop()
-        self._message.close()
-        self._resp.release_conn()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        self._fp.close()
+        if self._reuse:
+            self._pools.give_back(conn)  # type: ignore[union-attr]
+        else:
+            conn.close()
 
     def _decoded(self) -> bytes:
-        return self._resp.read1(READ_SIZE, decode_content=True)
+        decoding = self._decoding
+        while data := self._raw():
+            if data := decoding.feed(data):  # type: ignore[union-attr]
+                return data
+        return decoding.flush()  # type: ignore[union-attr]
 
 
 def _ended() -> bytes:
@@ -860,26 +665,66 @@ def _timed_out() -> bytes:
 
 def _read_failed(exc: BaseException) -> UpstreamError:
     """What a failed read of the body means: a read timeout, or a broken connection."""
-    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) or (
-        # gevent's TLS socket says it timed out with an SSLError, as urllib3 knows
-        isinstance(exc, ssl.SSLError) and "read operation timed out" in str(exc)
-    ):
+    if _timed_out_error(exc):
         return UpstreamError("timeout", "upstream went silent past the read timeout")
     return UpstreamError("reset", f"upstream connection broke: {exc}")
 
 
-def _plain(resp: urllib3.BaseHTTPResponse) -> http.client.HTTPResponse | None:
-    """The http.client response under ``resp`` (not read from yet: a Response reads its
-    body once) if its body is ours to read: not encoded, chunked or of a known length;
-    else None, and urllib3 reads it."""
-    message = getattr(resp, "_fp", None)  # urllib3 2's own name for it
-    if not isinstance(message, http.client.HTTPResponse) or message.fp is None:
-        return None
-    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-        return None
-    if not message.chunked and message.length is None:
-        return None  # delimited by the connection's close: urllib3 knows that case
-    return message
+def _timed_out_error(exc: BaseException) -> bool:
+    # gevent's TLS socket says it timed out with an SSLError
+    return isinstance(exc, TimeoutError) or (
+        isinstance(exc, ssl.SSLError) and "operation timed out" in str(exc)
+    )
+
+
+# The codings a body is decoded from, and zlib's window bits for each.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _Decoding:
+    """A gzip or deflate body decoded as it arrives, as urllib3 decodes one: gzip's
+    members one after another, and deflate in zlib's wrapping or, failing that, raw
+    (servers send both). Bytes it cannot decode raise ``ValueError``."""
+
+    __slots__ = ("_first", "_kept", "_spent", "_wbits", "_zlib")
+
+    def __init__(self, coding: str) -> None:
+        self._wbits = _DECODERS[coding]
+        self._zlib = zlib.decompressobj(self._wbits)
+        self._first = self._wbits == zlib.MAX_WBITS  # deflate, and nothing decoded yet
+        self._kept = b""  # deflate's bytes until one decodes, for a second try as raw
+        self._spent = False  # what follows the last whole gzip member is not read
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            if self._first:
+                self._kept += data
+                out = self._zlib.decompress(data)
+                if out:
+                    self._first, self._kept = False, b""
+                return out
+            if self._spent:
+                return b""
+            out = self._zlib.decompress(data)
+            while self._wbits > zlib.MAX_WBITS and self._zlib.eof and self._zlib.unused_data:
+                rest = self._zlib.unused_data  # another gzip member
+                self._zlib = zlib.decompressobj(self._wbits)
+                try:
+                    out += self._zlib.decompress(rest)
+                except zlib.error:  # garbage after a whole member: ignored, as gzip does
+                    self._spent = True
+                    break
+            return out
+        except zlib.error as exc:
+            if self._first:  # deflate without zlib's wrapping
+                self._first, self._wbits = False, -zlib.MAX_WBITS
+                self._zlib = zlib.decompressobj(self._wbits)
+                kept, self._kept = self._kept, b""
+                return self.feed(kept)
+            raise ValueError(f"the body could not be decoded: {exc}") from exc
+
+    def flush(self) -> bytes:
+        return b"" if self._spent else self._zlib.flush()
 
 
 class _Watchdog:

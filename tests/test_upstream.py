@@ -13,14 +13,14 @@ import ssl
 import sys
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
 import gevent.event
+import gevent.socket
 import pytest
-import urllib3
-import urllib3.util.connection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,10 +29,8 @@ from flask import Flask
 from gevent.server import StreamServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from urllib3.connection import HTTPConnection
-from urllib3.util import SKIP_HEADER
 
-from gateway import sse, upstream
+from gateway import connections, sse, upstream
 from gateway.config import DEFAULTS
 from gateway.upstream import (
     READ_SIZE,
@@ -134,15 +132,21 @@ def test_an_api_version_on_the_provider_wins_and_no_key_sends_no_auth() -> None:
     )
 
 
-def answer(body: bytes, content_type: str = "text/event-stream") -> Response:
-    """An upstream answer whose body is ``body``, read as the wire reads one."""
-    resp = urllib3.HTTPResponse(
-        body=io.BytesIO(body),
-        status=200,
-        headers={"Content-Type": content_type},
-        preload_content=False,
-    )
-    return Response(resp)
+class _Unplugged:
+    """A connection with no socket: an answer's bytes come from its reader alone."""
+
+    sock = None
+
+    def close(self) -> None:
+        pass
+
+
+def answer(body: bytes, content_type: str = "text/event-stream", *more: tuple) -> Response:
+    """An upstream answer whose body is ``body`` (up to the connection's close), read as
+    the wire reads one."""
+    headers = connections.Headers([("Content-Type", content_type), *more])
+    head = connections.Head(200, headers, chunked=False, length=None, closes=True)
+    return Response(_Unplugged(), head, io.BytesIO(body), None)  # type: ignore[arg-type]
 
 
 def each(events: Events) -> Iterator[sse.Event]:
@@ -224,9 +228,8 @@ def test_an_unusable_json_answer_fails_as_protocol(body: bytes) -> None:
     ],
 )
 def test_the_providers_request_id_is_read_from_its_own_header(header: str, provider: str) -> None:
-    resp = answer(b"{}", "application/json")
-    assert resp.request_id is None
-    resp.headers[header] = f"req_{provider}"
+    assert answer(b"{}", "application/json").request_id is None
+    resp = answer(b"{}", "application/json", (header, f"req_{provider}"))
     assert resp.request_id == f"req_{provider}"
 
 
@@ -280,11 +283,9 @@ class _Writes:
 
 
 @pytest.mark.parametrize("body", [b'{"model": "m"}', None])
-def test_a_request_is_one_write(body: bytes | None) -> None:
-    """Head and body leave in one write (urllib3 alone makes two); a body-less request
-    is its head alone. What arrives is the whole request either way."""
-    from gateway.upstream import _HTTPConnection
-
+def test_a_request_is_one_write(body: bytes | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Head and body leave in one write (urllib3 made two); a body-less request is its
+    head alone. What arrives is the whole request either way."""
     received = gevent.event.AsyncResult()
 
     def serve(sock, _addr):  # type: ignore[no-untyped-def]
@@ -294,28 +295,37 @@ def test_a_request_is_one_write(body: bytes | None) -> None:
         received.set(data)
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
+    writes: list[bytes] = []
+
+    def counted(sock, data):  # type: ignore[no-untyped-def]
+        writes.append(bytes(data))
+        return real(sock, data)
+
+    real = connections.send_all
+    monkeypatch.setattr(connections, "send_all", counted)
     server = StreamServer(("127.0.0.1", 0), serve)
     server.start()
     try:
-        conn = _HTTPConnection("127.0.0.1", server.server_port)
-        conn.connect()
-        conn.sock = wire = _Writes(conn.sock)
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"X-A": "1"})
-        assert conn.getresponse().status == 200
+        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+        if body is None:
+            resp = _wire().get(url, {"X-A": "1"})
+        else:
+            resp = _wire().post(url, {"X-A": "1"}, body, stream=False)
+        assert resp.status == 200 and resp.read() == b"ok"
         head, _, rest = received.get(timeout=5).partition(b"\r\n\r\n")
-        assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
-        assert b"\r\nX-A: 1" in head
+        method = b"GET" if body is None else b"POST"
+        assert head.startswith(method + b" /v1/chat/completions HTTP/1.1\r\n")
+        assert b"\r\nX-A: 1" in head and b"\r\nHost: 127.0.0.1:%d" % server.server_port in head
+        assert (b"Content-Length" in head) is (body is not None)
         assert rest == (body or b"")
-        assert len(wire.writes) == 1
-        conn.close()
+        assert writes == [received.get()]
     finally:
         server.stop()
 
 
-def test_a_connection_over_no_plain_socket_writes_through_http_client() -> None:
-    """urllib3 tunnels TLS through an HTTPS proxy with an SSLTransport, which is no socket
+def test_a_connection_over_no_plain_socket_writes_with_its_sendall() -> None:
+    """TLS through an https:// proxy goes over urllib3's SSLTransport, which is no socket
     and whose send takes no timeout: such a connection writes with its sendall."""
-    from gateway.upstream import _HTTPConnection
 
     class Transport:
         def __init__(self) -> None:
@@ -327,9 +337,8 @@ def test_a_connection_over_no_plain_socket_writes_through_http_client() -> None:
         def send(self, data: bytes) -> int:
             raise AssertionError("send_all is for sockets")
 
-    conn = _HTTPConnection("127.0.0.1", 9)
-    conn.sock = transport = Transport()  # type: ignore[assignment]
-    conn.send(b"POST / HTTP/1.1\r\n\r\n")
+    transport = Transport()
+    connections.Connection(("http", "h", 80, None), transport).send(b"POST / HTTP/1.1\r\n\r\n")
     assert transport.written == [b"POST / HTTP/1.1\r\n\r\n"]
 
 
@@ -368,38 +377,32 @@ _REAL = [
 def test_response_headers_are_the_message_the_email_parser_makes(
     lines: list[bytes], end: bytes
 ) -> None:
-    """Whatever the header block, ``parse_headers`` builds what the email parser builds:
-    same headers in order, payload, defects, envelope line."""
-    from gateway.upstream import parse_headers
-
+    """Whatever the header block, ``read_headers`` reads the headers http.client and
+    urllib3 read from it (with the email parser): the same names and values, in order;
+    and it stops where they stop, leaving the body unread."""
     raw = b"".join(lines) + end + b"body after the headers"
-    assert _state(parse_headers(io.BytesIO(raw))) == _state(_by_email_parser(raw))
-
-
-def _state(value: object) -> object:
-    """All a message holds (a nested one's too), comparable with ``==``."""
-    if isinstance(value, email.message.Message):
-        held = {k: _state(v) for k, v in vars(value).items() if k != "defects"}
-        return type(value), held, [repr(d) for d in value.defects]
-    if isinstance(value, list):
-        return [_state(v) for v in value]
-    return value
+    fp, theirs = io.BytesIO(raw), io.BytesIO(raw)
+    assert connections.read_headers(fp).items() == _by_email_parser(raw).items()
+    http.client._read_headers(theirs)  # type: ignore[attr-defined]
+    assert fp.read() == theirs.read()
 
 
 def test_plain_header_blocks_skip_the_email_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.upstream import parse_headers
-
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the email parser was used")
 
     raw = b"Content-Type: application/json\r\nX-A: b\r\n\r\n{}"
     monkeypatch.setattr(email.parser.Parser, "parsestr", refuse)
-    assert parse_headers(io.BytesIO(raw)).items() == [
-        ("Content-Type", "application/json"),
-        ("X-A", "b"),
-    ]
+    headers = connections.read_headers(io.BytesIO(raw))
+    assert headers.items() == [("Content-Type", "application/json"), ("X-A", "b")]
+    assert headers.get("content-type") == "application/json" and "x-a" in headers
     with pytest.raises(AssertionError):
-        parse_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
+        connections.read_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
+
+
+def test_a_repeated_header_reads_as_its_values_joined() -> None:
+    headers = connections.read_headers(io.BytesIO(b"Vary: a\r\nX: 1\r\nvary: b\r\n\r\n"))
+    assert headers.get("VARY") == "a, b" and headers.get("nope", "-") == "-"
 
 
 _HEADER_TEXT = st.text(alphabet="aZ-_0 :\t\r\n\x00\x7f\xe9\u4e2d", max_size=6)
@@ -407,29 +410,34 @@ _HEADER_TEXT = st.text(alphabet="aZ-_0 :\t\r\n\x00\x7f\xe9\u4e2d", max_size=6)
 
 @settings(FUZZ, max_examples=1000)
 @given(
-    st.one_of(_HEADER_TEXT, st.sampled_from(["Authorization", "X-Request-Id", "Host"])),
-    st.lists(
-        st.one_of(_HEADER_TEXT, st.sampled_from([SKIP_HEADER, "v", "a\r\n b"]), st.integers()),
-        min_size=1,
-        max_size=2,
-    ),
+    st.one_of(_HEADER_TEXT, st.sampled_from(["Authorization", "X-Request-Id", "Accept"])),
+    st.one_of(_HEADER_TEXT, st.sampled_from(["v", "a\r\n b", "Bearer sk-1"])),
 )
-def test_header_lines_are_written_and_refused_as_http_client_does(
-    name: str, values: list[str | int]
-) -> None:
-    """The connection's own header writing: the same bytes as urllib3 and http.client,
-    and the same refusals (of a bad name, a line break, text that is not Latin-1)."""
-    from gateway.upstream import _HTTPConnection
-
-    def written(conn: HTTPConnection) -> list[bytes] | str:
-        conn.putrequest("POST", "/v1/x", skip_host=True, skip_accept_encoding=True)
-        try:
-            conn.putheader(name, *values)
-        except Exception as exc:  # compared, not swallowed
-            return type(exc).__name__
-        return conn._buffer  # type: ignore[attr-defined]
-
-    assert written(_HTTPConnection("127.0.0.1", 9)) == written(HTTPConnection("127.0.0.1", 9))
+def test_header_lines_are_written_and_refused_as_http_client_does(name: str, value: str) -> None:
+    """The head's header lines: the bytes http.client writes for a header, and a refusal
+    (of a bad name, a line break, text that is not Latin-1) wherever it refuses one."""
+    conn = http.client.HTTPConnection("127.0.0.1", 9)
+    conn.putrequest("POST", "/v1/x", skip_host=True, skip_accept_encoding=True)
+    try:
+        conn.putheader(name, value)
+    except (ValueError, UnicodeError):
+        expected = None
+    else:
+        expected = conn._buffer[-1]  # type: ignore[attr-defined]
+    way = connections.route("http://h/v1/x", None)
+    try:
+        head = connections.request_head("POST", way, {name: value}, b"{}")
+    except connections.InvalidRequest:
+        assert expected is None
+        return
+    start = b"POST /v1/x HTTP/1.1\r\nHost: h\r\n"
+    end = b"Content-Length: 2\r\n\r\n"
+    if name.lower() != "user-agent":
+        end = b"User-Agent: llm-gateway\r\n" + end
+    if name.lower() in ("host", "content-length", "transfer-encoding"):
+        assert head == start + end  # the head's own: the caller's is dropped
+    else:
+        assert expected is not None and head == start + expected + b"\r\n" + end
 
 
 class _Scripted:
@@ -683,7 +691,7 @@ def test_a_connection_goes_back_to_its_pool_with_its_read_timeout() -> None:
     wire = _wire(READ_TIMEOUT=7.5)
     try:
         resp = wire.post(server.url, {}, b"{}", stream=True)
-        sock = resp._resp.connection.sock
+        sock = resp.body()._sock
         assert [event.data for event in each(resp.events(lambda _: True))] == ["1"]
         resp.close()
     finally:
@@ -717,9 +725,7 @@ def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> Non
 
 def _buffer_of(resp: Response) -> int:
     """The size of the buffer a response reads its body through (with the reader's own)."""
-    message = upstream._plain(resp._resp)
-    assert message is not None
-    return sys.getsizeof(message.fp)
+    return sys.getsizeof(resp.body()._fp)
 
 
 def test_a_stream_reads_through_a_small_buffer_and_a_json_answer_through_io_s_own() -> None:
@@ -755,14 +761,14 @@ def test_a_connection_is_made_beside_its_caller_and_ends_with_it(
 ) -> None:
     """The connect (resolver, socket, TLS) runs in a helper greenlet, whose frames go when
     it ends; its failure is the caller's, and a caller stopped meanwhile stops it."""
-    real = urllib3.util.connection.create_connection
+    real = gevent.socket.create_connection
     connecting: list[gevent.Greenlet] = []
 
     def watched(*args, **kwargs):  # type: ignore[no-untyped-def]
         connecting.append(gevent.getcurrent())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", watched)
+    monkeypatch.setattr(gevent.socket, "create_connection", watched)
     event = b"9\r\ndata: 1\n\n\r\n"
     server = _Scripted([CHUNKED + event + b"0\r\n\r\n"])
     wire = _wire()
@@ -771,7 +777,7 @@ def test_a_connection_is_made_beside_its_caller_and_ends_with_it(
     finally:
         server.stop()
     assert len(connecting) == 1 and connecting[0] is not gevent.getcurrent()
-    assert len(upstream._connecting) == 0  # the helper is gone
+    assert len(connections._connecting) == 0  # the helper is gone
 
     with pytest.raises(UpstreamError) as refused:  # nobody listens on port 9 here
         wire.post("http://127.0.0.1:9/v1/x", {}, b"{}", stream=True)
@@ -786,13 +792,13 @@ def test_a_connection_is_made_beside_its_caller_and_ends_with_it(
             interrupted.append(True)
             raise
 
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", stalled)
+    monkeypatch.setattr(gevent.socket, "create_connection", stalled)
     caller = gevent.spawn(wire.post, "http://127.0.0.1:9/v1/x", {}, b"{}", stream=True)
     gevent.sleep(0.1)
-    assert len(upstream._connecting) == 1
+    assert len(connections._connecting) == 1
     caller.kill()  # a call's deadline or a shutdown stops its producer
     gevent.sleep(0.1)
-    assert interrupted == [True] and len(upstream._connecting) == 0
+    assert interrupted == [True] and len(connections._connecting) == 0
 
 
 def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
@@ -840,7 +846,7 @@ def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(
     silent = [CHUNKED + b"9\r\ndata: 3\n\n\r\n", 5.0]
     server = _Scripted(stream, stream, silent, tls=context)
     wire = _wire(READ_TIMEOUT=0.3)
-    wire._direct.connection_pool_kw["ca_certs"] = trusted
+    wire._pools.context.load_verify_locations(trusted)  # type: ignore[union-attr]
     try:
         assert _events_of(wire, server.url, read) == ["1", "2"]
         assert _events_of(wire, server.url, read) == ["1", "2"]
@@ -849,3 +855,247 @@ def test_a_chunked_stream_over_tls_is_read_kept_alive_and_timed(
         server.stop()
     assert failure.kind == "timeout"
     assert server.connections == 1
+
+
+# -- the connections' own HTTP/1.1 ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "reused"),
+    [
+        # An interim 100 Continue and a 103 Early Hints come before the answer.
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: </a>\r\n\r\n"
+         b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n", False),  # 1.0 closes unless asked
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\nConnection: keep-alive\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 8, 8\r\n", True),  # the same length twice
+    ],
+)  # fmt: skip
+def test_an_answer_s_head_says_whether_its_connection_is_kept(head: bytes, reused: bool) -> None:
+    whole = [head + b'\r\n{"n": 1}']
+    server = _Scripted(whole, whole)
+    wire = _wire()
+    try:
+        for _ in range(2):
+            resp = wire.post(server.url, {}, b"{}", stream=False)
+            assert resp.status == 200 and resp.answer(lambda d: d)[1] == {"n": 1}
+    finally:
+        server.stop()
+    assert server.connections == (1 if reused else 2)
+
+
+def test_a_body_ended_by_the_close_is_read_whole_and_its_connection_goes() -> None:
+    server = _Scripted(
+        [b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"n":', b" 3}", None],
+        [b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"n": 4}'],
+    )
+    wire = _wire()
+    try:
+        assert wire.post(server.url, {}, b"{}", stream=False).answer(lambda d: d)[1] == {"n": 3}
+        assert wire.post(server.url, {}, b"{}", stream=False).answer(lambda d: d)[1] == {"n": 4}
+    finally:
+        server.stop()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "reset"),  # not HTTP at all
+        (b"HTTP/2 200\r\n\r\n", "reset"),
+        (b"HTTP/1.1 2x0 OK\r\n\r\n", "reset"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "reset"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n", "reset"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "reset"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "reset"),
+        (b"", "reset"),  # closed without a byte
+    ],
+)
+def test_an_answer_that_is_not_http_1_fails_as_a_broken_connection(head: bytes, kind: str) -> None:
+    server = _Scripted([head, None] if head else [None])
+    try:
+        with pytest.raises(UpstreamError) as info:
+            _wire().post(server.url, {}, b"{}", stream=False)
+    finally:
+        server.stop()
+    assert info.value.kind == kind and info.value.retriable
+
+
+_STATUS = st.sampled_from(
+    [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 204 No\r\n", b"HTTP/1.1 100 C\r\n", b"HTTP/1.1 200"]
+)
+
+
+@settings(FUZZ, max_examples=1000)
+@given(
+    st.lists(
+        st.one_of(
+            _STATUS,
+            st.sampled_from(
+                [
+                    b"Content-Length: 3\r\n",
+                    b"Content-Length: x\r\n",
+                    b"Transfer-Encoding: gzip, chunked\r\n",
+                    b"Transfer-Encoding: chunked, gzip\r\n",
+                    b"Connection: close\r\n",
+                    b"\r\n",
+                    b" folded\r\n",
+                ]
+            ),
+            st.binary(max_size=12),
+        ),
+        max_size=8,
+    )
+)
+def test_any_bytes_read_as_an_answer_s_head_give_a_head_or_a_clear_failure(
+    pieces: list[bytes],
+) -> None:
+    """Hostile bytes where an answer's head should be: a head whose framing is one of
+    the three, or ``BadAnswer`` / a reset, never another exception."""
+    try:
+        head = connections.read_head(io.BytesIO(b"".join(pieces)), "POST")
+    except (connections.BadAnswer, ConnectionResetError):
+        return
+    assert 100 <= head.status <= 999
+    assert head.length is None or head.length >= 0
+    assert not (head.chunked and head.length is not None)
+    if head.length is None and not head.chunked:
+        assert head.closes  # a body ended by the close: the connection cannot be reused
+
+
+def _deflate(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"),
+    [
+        ("gzip", gzip.compress(b'{"n": 5}')),
+        ("x-gzip", gzip.compress(b'{"n": 5}')),
+        ("gzip", gzip.compress(b'{"n"') + gzip.compress(b": 5}")),  # two members
+        ("gzip", gzip.compress(b'{"n": 5}') + b"\x00garbage"),  # ignored after a member
+        ("deflate", _deflate(b'{"n": 5}', zlib.MAX_WBITS)),  # zlib's wrapping
+        ("deflate", _deflate(b'{"n": 5}', -zlib.MAX_WBITS)),  # raw, as some servers send
+    ],
+)
+def test_an_encoded_answer_is_decoded_as_it_arrives(coding: str, body: bytes) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+    pieces = [head % (coding.encode(), len(body)) + body[:5], body[5:]]
+    server = _Scripted(pieces, pieces)
+    wire = _wire()
+    try:
+        for _ in range(2):
+            assert wire.post(server.url, {}, b"{}", stream=False).answer(lambda d: d)[1] == {"n": 5}
+    finally:
+        server.stop()
+    assert server.connections == 1
+
+
+def test_an_encoded_answer_that_does_not_decode_fails_as_a_broken_connection() -> None:
+    body = b"\x1f\x8b not gzip at all"
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+    server = _Scripted([head % len(body) + body])
+    try:
+        with pytest.raises(UpstreamError) as info:
+            _wire().post(server.url, {}, b"{}", stream=False).answer(lambda d: d)
+    finally:
+        server.stop()
+    assert info.value.kind == "reset" and "could not be decoded" in info.value.message
+
+
+class _Proxy:
+    """A proxy that forwards ``CONNECT`` tunnels to where they ask, and answers requests
+    sent to it whole (a forward proxy's) itself, keeping what they were."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server.start()
+        self.url = f"http://user:p%40ss@127.0.0.1:{self.server.server_port}"
+
+    def _serve(self, sock, _addr):  # type: ignore[no-untyped-def]
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                return
+            data += more
+        head = data.partition(b"\r\n\r\n")[0]
+        self.seen.append(head)
+        if not head.startswith(b"CONNECT "):
+            sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"via": 1}\n')
+            return
+        host, port = head.split(b" ")[1].rsplit(b":", 1)
+        origin = gevent.socket.create_connection((host.decode(), int(port)))
+        sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(src, dst):  # type: ignore[no-untyped-def]
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+        pumps = [gevent.spawn(pipe, sock, origin), gevent.spawn(pipe, origin, sock)]
+        gevent.joinall(pumps, count=1)
+        gevent.killall(pumps)
+        origin.close()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_a_request_goes_through_the_environment_s_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http://: sent whole to the proxy, with the proxy's credentials from its URL.
+    https://: through a CONNECT tunnel, TLS with the origin inside it, kept alive."""
+    proxy = _Proxy()
+    context, trusted = _tls(tmp_path)
+    stream = [CHUNKED + b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"]
+    origin = _Scripted(stream, stream, tls=context)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    wire = _wire()
+    wire._pools.context.load_verify_locations(trusted)  # type: ignore[union-attr]
+    try:
+        url = "http://upstream.example:8000/v1/chat/completions?x=1"
+        assert wire.post(url, {}, b"{}", stream=False).answer(lambda d: d)[1] == {"via": 1}
+        assert _events_of(wire, origin.url) == ["1"]
+        assert _events_of(wire, origin.url) == ["1"]
+    finally:
+        proxy.stop()
+        origin.stop()
+    forwarded, tunnel = proxy.seen
+    assert forwarded.startswith(b"POST http://upstream.example:8000/v1/chat/completions?x=1 ")
+    assert b"\r\nHost: upstream.example:8000\r\n" in forwarded
+    assert b"\r\nProxy-Authorization: Basic dXNlcjpwQHNz" in forwarded  # user:p@ss
+    port = origin.server.server_port
+    assert tunnel.startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % port)
+    assert b"Proxy-Authorization: Basic dXNlcjpwQHNz" in tunnel
+    assert origin.connections == 1  # one tunnel, kept for the second stream
+
+
+def test_a_proxy_that_refuses_the_tunnel_fails_as_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    refusing = StreamServer(
+        ("127.0.0.1", 0),
+        lambda sock, _: (sock.recv(65536), sock.sendall(b"HTTP/1.1 407 Auth\r\n\r\n")),
+    )
+    refusing.start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{refusing.server_port}")
+    try:
+        with pytest.raises(UpstreamError) as info:
+            _wire().post("https://api.example/v1/messages", {}, b"{}", stream=False)
+    finally:
+        refusing.stop()
+    assert info.value.kind == "connect" and "407" in info.value.message
+
+
+def test_an_untrusted_certificate_fails_as_connect(tmp_path: Path) -> None:
+    context, _ = _tls(tmp_path)  # not trusted by the wire
+    server = _Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"], tls=context)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            _wire().post(server.url, {}, b"{}", stream=False)
+    finally:
+        server.stop()
+    assert info.value.kind == "connect" and "certificate" in info.value.message.lower()
