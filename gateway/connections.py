@@ -55,6 +55,7 @@ T = TypeVar("T")
 
 MAX_LINE = 65536  # http.client's: a longer status or header line is refused
 MAX_HEADERS = 100  # http.client's: more header lines are refused
+MAX_INTERIM = 10  # 1xx answers before the answer; more are refused
 USER_AGENT = "llm-gateway"  # sent when the caller's client named none
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -226,32 +227,28 @@ def read_head(fp: Any, method: str) -> Head:
     """The status line and headers of the answer (past any 1xx), and its framing
     (RFC 9112, 6.3). Raises ``BadAnswer`` for what is not HTTP/1.x, ``OSError`` if the
     connection closed before the status line."""
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         line = fp.readline(MAX_LINE + 1)
         if not line:
             raise ConnectionResetError("the upstream closed the connection without answering")
         if len(line) > MAX_LINE:
             raise BadAnswer("a status line longer than 65536 bytes")
-        version, _, rest = line.partition(b" ")
-        code = rest[:3]
-        if (
-            version not in (b"HTTP/1.1", b"HTTP/1.0")
-            or not code.isdigit()
-            or rest[3:4]
-            not in (
-                b" ",
-                b"\r",
-                b"\n",
-            )
-        ):
+        # Read as http.client reads it: "HTTP/1.x", a status of three digits, a reason.
+        version, code, *_ = [*line.split(None, 2), b"", b""]
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
             raise BadAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
         status = int(code)
         headers = read_headers(fp)
         if not 100 <= status < 200 or status == 101:
             break  # 1xx (100 Continue, 103 Early Hints): the answer is still to come
+    else:
+        raise BadAnswer(f"more than {MAX_INTERIM} interim (1xx) answers")
     closes = "close" in (headers.get("Connection") or "").lower()
-    if version == b"HTTP/1.0":
-        closes = closes or "keep-alive" not in (headers.get("Connection") or "").lower()
+    if version == b"HTTP/1.0":  # closes unless it says it keeps the connection
+        closes = closes or (
+            "keep-alive" not in (headers.get("Connection") or "").lower()
+            and "Keep-Alive" not in headers
+        )
     if method == "HEAD" or status in (204, 304) or status < 200:
         return Head(status, headers, False, 0, closes)
     coding = headers.get("Transfer-Encoding")
@@ -262,7 +259,7 @@ def read_head(fp: Any, method: str) -> Head:
     if length is None:
         return Head(status, headers, False, None, True)
     sizes = {size.strip() for size in length.split(",")}
-    if len(sizes) != 1 or not (size := sizes.pop()).isdigit():
+    if len(sizes) != 1 or not ((size := sizes.pop()).isascii() and size.isdigit()):
         raise BadAnswer(f"an invalid Content-Length: {length!r}")
     return Head(status, headers, False, int(size), closes)
 

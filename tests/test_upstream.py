@@ -907,6 +907,11 @@ def test_a_body_ended_by_the_close_is_read_whole_and_its_connection_goes() -> No
         (b"HTTP/1.1 2x0 OK\r\n\r\n", "reset"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "reset"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n", "reset"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "reset"),  # a digit, not ASCII
+        (
+            b"HTTP/1.1 100 Go on\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            "reset",
+        ),
         (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "reset"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "reset"),
         (b"", "reset"),  # closed without a byte
@@ -936,6 +941,9 @@ _STATUS = st.sampled_from(
                 [
                     b"Content-Length: 3\r\n",
                     b"Content-Length: x\r\n",
+                    b"Content-Length: \xb2\r\n",
+                    b"Content-Length: 1, 1\r\n",
+                    b"HTTP/1.1  200  OK\r\n",
                     b"Transfer-Encoding: gzip, chunked\r\n",
                     b"Transfer-Encoding: chunked, gzip\r\n",
                     b"Connection: close\r\n",
