@@ -1017,11 +1017,13 @@ class _Proxy:
     """A proxy that forwards ``CONNECT`` tunnels to where they ask, and answers requests
     sent to it whole (a forward proxy's) itself, keeping what they were."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[bytes] = []
-        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        secure = {"ssl_context": tls} if tls else {}
+        self.server = StreamServer(("127.0.0.1", 0), self._serve, **secure)
         self.server.start()
-        self.url = f"http://user:p%40ss@127.0.0.1:{self.server.server_port}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://user:p%40ss@127.0.0.1:{self.server.server_port}"
 
     def _serve(self, sock, _addr):  # type: ignore[no-untyped-def]
         data = b""
@@ -1107,3 +1109,27 @@ def test_an_untrusted_certificate_fails_as_connect(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert info.value.kind == "connect" and "certificate" in info.value.message.lower()
+
+
+def test_an_https_upstream_through_an_https_proxy_is_tls_inside_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS to the proxy, then the origin's TLS inside the tunnel (urllib3's SSLTransport):
+    the stream read whole, the connection kept for the next, a silence timed out."""
+    context, trusted = _tls(tmp_path)
+    proxy = _Proxy(tls=context)
+    stream = [CHUNKED + b"9\r\ndata: 1\n\n\r", b"\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"]
+    origin = _Scripted(stream, stream, [CHUNKED + b"9\r\ndata: 3\n\n\r\n", 5.0], tls=context)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    wire = _wire(READ_TIMEOUT=0.3)
+    wire._pools.context.load_verify_locations(trusted)  # type: ignore[union-attr]
+    try:
+        assert _events_of(wire, origin.url) == ["1", "2"]
+        assert _events_of(wire, origin.url) == ["1", "2"]
+        failure = _failure_after(wire, origin.url, "3")
+    finally:
+        proxy.stop()
+        origin.stop()
+    assert failure.kind == "timeout"
+    assert [seen.split(b" ")[0] for seen in proxy.seen] == [b"CONNECT"]
+    assert origin.connections == 1
