@@ -2,7 +2,8 @@
 
 A ``Spec`` says what a column can hold, as PostgreSQL holds it: integers within 32
 bits (or a row id's 63), text within its varchar length and without NUL (nor any
-control character in a one-line field), finite numbers within bounds, ISO 8601 dates
+control character in a one-line field), finite numbers within bounds (and none so
+close to 0 that PostgreSQL refuses it as an underflow), ISO 8601 dates
 in years 1970 to 9999, ``null`` only where the column may be cleared. A value outside
 the rule raises ``Invalid`` naming the field, so bad input is a 400, never a database
 error. Fields a spec does not name are ignored, as NexusGate ignores them.
@@ -16,6 +17,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 INT32 = 2**31 - 1  # PostgreSQL's integer
+# The smallest positive number taken. The number columns are PostgreSQL's ``real``
+# there (4 bytes), which refuses anything below about 1.2e-38 but 0 as an underflow;
+# far below any price, weight or budget.
+TINY = 1e-30
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -82,6 +87,8 @@ def _checked(name: str, value: Any, rule: Spec) -> Any:
         raise Invalid(f"{name} must be at least {_number(rule.low)}")
     if value > rule.high:
         raise Invalid(f"{name} must be at most {_number(rule.high)}")
+    if 0 < abs(value) < TINY:
+        raise Invalid(f"{name} must be 0 or at least {TINY}")
     return float(value) if rule.kind is float else value
 
 

@@ -358,6 +358,11 @@ def test_paging_within_bounds_is_served(admin) -> None:  # type: ignore[no-untyp
         ("POST", "/models", {"providerId": 1, "systemName": "m", "cacheWritePrice": 1e7}, "cacheWritePrice must be at most 1000000"),
         ("POST", "/apiKey", {"budgetUsd": -1}, "budgetUsd must be at least 0"),
         ("POST", "/apiKey", {"budgetUsd": 1e10}, "budgetUsd must be at most 1000000000"),
+        # Too small for PostgreSQL's real ("value out of range: underflow"): a 500 once.
+        ("POST", "/apiKey", {"budgetUsd": 5e-324}, "budgetUsd must be 0 or at least 1e-30"),
+        ("POST", "/models", {"providerId": 1, "systemName": "m", "inputPrice": 1e-39}, "inputPrice must be 0 or at least"),
+        ("POST", "/apiKey", {"budgetUsd": 1e-30}, None),
+        ("POST", "/apiKey", {"budgetUsd": 0}, None),
         ("PUT", "/apiKey/1/budget", {}, "budgetUsd is required"),
         ("PUT", "/apiKey/1/budget", {"budgetUsd": True}, "budgetUsd must be a number"),
     ],
