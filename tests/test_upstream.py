@@ -1133,3 +1133,30 @@ def test_an_https_upstream_through_an_https_proxy_is_tls_inside_tls(
     assert failure.kind == "timeout"
     assert [seen.split(b" ")[0] for seen in proxy.seen] == [b"CONNECT"]
     assert origin.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "host"),
+    [
+        ("http://h/v1/chat/completions", b"/v1/chat/completions", b"h"),
+        ("http://h:8080", b"/", b"h:8080"),
+        ("https://h:443/a?b=1&c=%2F", b"/a?b=1&c=%2F", b"h"),  # escapes kept as they are
+        ("http://h/deployments/my model/x?q=a b", b"/deployments/my%20model/x?q=a%20b", b"h"),
+        ("http://h/模型", b"/%E6%A8%A1%E5%9E%8B", b"h"),  # UTF-8, percent-encoded
+        ("http://[::1]:9/v1", b"/v1", b"[::1]:9"),
+        ("http://bücher.example/v1", b"/v1", b"xn--bcher-kva.example"),
+    ],
+)
+def test_a_url_becomes_a_request_line_and_host_as_urllib3_sent_them(
+    url: str, target: bytes, host: bytes
+) -> None:
+    way = connections.route(url, None)
+    head = connections.request_head("POST", way, {}, b"{}")
+    assert head.startswith(b"POST " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n")
+
+
+@pytest.mark.parametrize("url", ["ftp://h/x", "http:///x", "http://h:99999/x", "http://h:x/y"])
+def test_a_url_that_cannot_be_sent_fails_as_invalid(url: str) -> None:
+    with pytest.raises(UpstreamError) as info:
+        _wire().post(url, {}, b"{}", stream=False)
+    assert info.value.kind == "invalid" and not info.value.retriable
