@@ -2,11 +2,11 @@
 of upstream HTTP.
 
 ``endpoint`` gives the URL and auth headers of an operation per provider type. The
-connections are ``connections``' (our own HTTP/1.1 client: pools of kept-alive
-connections per origin, big enough for many concurrent streams), with no automatic
-retries (failover is ``routing``'s job), no redirects, TLS verified against certifi's
-CA bundle, and no cookies; requests is kept for what it does once per upstream host,
-reading the proxy settings of the environment. Bodies are read with ``read1`` so bytes
+connections are ``connections``' and their heads ``http11``'s (our own HTTP/1.1
+client: pools of kept-alive connections per origin, big enough for many concurrent
+streams), with no automatic retries (failover is ``routing``'s job), no redirects, TLS
+verified against certifi's CA bundle, and no cookies; requests is kept for what it does
+once per upstream host, reading the proxy settings of the environment. Bodies are read with ``read1`` so bytes
 arrive as the upstream sends them, chunked, sized or close-delimited; a ``Response``
 reads them as SSE events (up to the first one before it answers) or as one JSON
 answer. Every failure becomes an ``UpstreamError`` that says whether another try
@@ -31,11 +31,12 @@ import gevent.ssl
 import requests.utils
 from flask import Flask
 
-from gateway import connections, jsoncodec, sse
+from gateway import http11, jsoncodec, sse
 from gateway.adapters import PROVIDER_PROTOCOLS
 from gateway.chunked import Chunked
-from gateway.connections import Connection, Head, Pools, Route
+from gateway.connections import Connection, Pools
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from gateway.http11 import Head, Route
 
 T = TypeVar("T")
 
@@ -182,8 +183,8 @@ class Upstream:
         assert self._pools is not None, "upstream.init_app was not called"
         try:
             way = self._route(url)
-            head = connections.request_head(method, way, {"Accept": "*/*", **headers}, body)
-        except connections.InvalidRequest as exc:
+            head = http11.request_head(method, way, {"Accept": "*/*", **headers}, body)
+        except http11.InvalidRequest as exc:
             raise UpstreamError("invalid", str(exc)) from exc
         try:
             conn = self._pools.take(way)
@@ -196,7 +197,7 @@ class Upstream:
             # The answer's own reader: what it reads ahead stays with this answer.
             fp = conn.sock.makefile("rb", buffering=read_buffer)
             try:
-                answer = connections.read_head(fp, method)
+                answer = http11.read_head(fp, method)
             except BaseException:
                 fp.close()
                 raise
@@ -231,7 +232,7 @@ class Upstream:
             return way
         scheme, netloc = _origin(url)
         proxies = _proxies_for(scheme, netloc)
-        way = connections.route(url, proxies.get(scheme) or proxies.get("all"))
+        way = http11.route(url, proxies.get(scheme) or proxies.get("all"))
         if len(self._routes) >= NUM_POOLS:
             self._routes.clear()
         self._routes[url] = way

@@ -4,8 +4,8 @@ Each ``gateway`` module is imported by itself in a fresh ``python -c`` process, 
 depends on another having been imported first. The import graph is read from the
 source (module-level imports, ``if TYPE_CHECKING:`` ones included, since a type-only
 cycle is still two modules that cannot be read apart) and must have no cycle. The pure
-core (``adapters/``, ``sse.py``, ``exchange.py``, ``ending.py``, ``pricing.py``) loads
-none of the I/O libraries, and no protocol package imports another.
+core (``adapters/``, ``sse.py``, ``exchange.py``, ``ending.py``, ``pricing.py``,
+``http11.py``) loads none of the I/O libraries, and no protocol package imports another.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import gevent.pool
 from tests.servers import ROOT
 
 PACKAGE = ROOT / "gateway"
-PURE = ("gateway.adapters", "gateway.sse", "gateway.exchange", "gateway.ending", "gateway.pricing")
+PURE = (
+    "gateway.adapters",
+    "gateway.sse",
+    "gateway.exchange",
+    "gateway.ending",
+    "gateway.pricing",
+    "gateway.http11",
+)
 IO_LIBRARIES = ("requests", "urllib3", "peewee", "redis", "gevent", "psycopg", "psycopg2")
 PROTOCOLS = ("openai_chat", "anthropic", "openai_responses")
 

@@ -30,7 +30,7 @@ from gevent.server import StreamServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import connections, sse, upstream
+from gateway import connections, http11, sse, upstream
 from gateway.config import DEFAULTS
 from gateway.upstream import (
     READ_SIZE,
@@ -144,8 +144,8 @@ class _Unplugged:
 def answer(body: bytes, content_type: str = "text/event-stream", *more: tuple) -> Response:
     """An upstream answer whose body is ``body`` (up to the connection's close), read as
     the wire reads one."""
-    headers = connections.Headers([("Content-Type", content_type), *more])
-    head = connections.Head(200, headers, chunked=False, length=None, closes=True)
+    headers = http11.Headers([("Content-Type", content_type), *more])
+    head = http11.Head(200, headers, chunked=False, length=None, closes=True)
     return Response(_Unplugged(), head, io.BytesIO(body), None)  # type: ignore[arg-type]
 
 
@@ -382,7 +382,7 @@ def test_response_headers_are_the_message_the_email_parser_makes(
     and it stops where they stop, leaving the body unread."""
     raw = b"".join(lines) + end + b"body after the headers"
     fp, theirs = io.BytesIO(raw), io.BytesIO(raw)
-    assert connections.read_headers(fp).items() == _by_email_parser(raw).items()
+    assert http11.read_headers(fp).items() == _by_email_parser(raw).items()
     http.client._read_headers(theirs)  # type: ignore[attr-defined]
     assert fp.read() == theirs.read()
 
@@ -393,15 +393,15 @@ def test_plain_header_blocks_skip_the_email_parser(monkeypatch: pytest.MonkeyPat
 
     raw = b"Content-Type: application/json\r\nX-A: b\r\n\r\n{}"
     monkeypatch.setattr(email.parser.Parser, "parsestr", refuse)
-    headers = connections.read_headers(io.BytesIO(raw))
+    headers = http11.read_headers(io.BytesIO(raw))
     assert headers.items() == [("Content-Type", "application/json"), ("X-A", "b")]
     assert headers.get("content-type") == "application/json" and "x-a" in headers
     with pytest.raises(AssertionError):
-        connections.read_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
+        http11.read_headers(io.BytesIO(b"Folded: a\r\n b\r\n\r\n"))
 
 
 def test_a_repeated_header_reads_as_its_values_joined() -> None:
-    headers = connections.read_headers(io.BytesIO(b"Vary: a\r\nX: 1\r\nvary: b\r\n\r\n"))
+    headers = http11.read_headers(io.BytesIO(b"Vary: a\r\nX: 1\r\nvary: b\r\n\r\n"))
     assert headers.get("VARY") == "a, b" and headers.get("nope", "-") == "-"
 
 
@@ -424,10 +424,10 @@ def test_header_lines_are_written_and_refused_as_http_client_does(name: str, val
         expected = None
     else:
         expected = conn._buffer[-1]  # type: ignore[attr-defined]
-    way = connections.route("http://h/v1/x", None)
+    way = http11.route("http://h/v1/x", None)
     try:
-        head = connections.request_head("POST", way, {name: value}, b"{}")
-    except connections.InvalidRequest:
+        head = http11.request_head("POST", way, {name: value}, b"{}")
+    except http11.InvalidRequest:
         assert expected is None
         return
     start = b"POST /v1/x HTTP/1.1\r\nHost: h\r\n"
@@ -962,8 +962,8 @@ def test_any_bytes_read_as_an_answer_s_head_give_a_head_or_a_clear_failure(
     """Hostile bytes where an answer's head should be: a head whose framing is one of
     the three, or ``BadAnswer`` / a reset, never another exception."""
     try:
-        head = connections.read_head(io.BytesIO(b"".join(pieces)), "POST")
-    except (connections.BadAnswer, ConnectionResetError):
+        head = http11.read_head(io.BytesIO(b"".join(pieces)), "POST")
+    except (http11.BadAnswer, ConnectionResetError):
         return
     assert 100 <= head.status <= 999
     assert head.length is None or head.length >= 0
@@ -1150,8 +1150,8 @@ def test_an_https_upstream_through_an_https_proxy_is_tls_inside_tls(
 def test_a_url_becomes_a_request_line_and_host_as_urllib3_sent_them(
     url: str, target: bytes, host: bytes
 ) -> None:
-    way = connections.route(url, None)
-    head = connections.request_head("POST", way, {}, b"{}")
+    way = http11.route(url, None)
+    head = http11.request_head("POST", way, {}, b"{}")
     assert head.startswith(b"POST " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n")
 
 
