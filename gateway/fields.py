@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 INT32 = 2**31 - 1  # PostgreSQL's integer
-# The smallest positive number taken. The number columns are PostgreSQL's ``real``
-# there (4 bytes), which refuses anything below about 1.2e-38 but 0 as an underflow;
-# far below any price, weight or budget.
+# The smallest positive number taken: PostgreSQL refuses a number its column's type
+# cannot hold but as 0 (double precision below about 2.2e-308; real, which the number
+# columns were before migration 0012, below about 1.2e-38) as an underflow. Far below
+# any price, weight or budget.
 TINY = 1e-30
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -72,7 +72,7 @@ class ApiKey(BaseModel):
     max_concurrent = pw.IntegerField(null=True)  # calls in flight at once; None: unlimited
     external_id = pw.CharField(max_length=127, null=True, unique=True)
     source = pw.CharField(max_length=15, default="manual")
-    budget_usd = pw.FloatField(null=True)  # spend allowed per calendar month (UTC)
+    budget_usd = pw.DoubleField(null=True)  # spend allowed per calendar month (UTC)
 
     class Meta:
         table_name = "api_keys"
@@ -147,11 +147,11 @@ class Model(BaseModel):
     remote_id = pw.CharField(max_length=127, null=True)
     model_type = pw.CharField(max_length=15, default="chat")
     context_length = pw.IntegerField(null=True)
-    input_price = pw.FloatField(null=True)  # USD per million tokens
-    output_price = pw.FloatField(null=True)
-    cache_read_price = pw.FloatField(null=True)  # None: the input price (pricing.py)
-    cache_write_price = pw.FloatField(null=True)
-    weight = pw.FloatField(default=1.0)
+    input_price = pw.DoubleField(null=True)  # USD per million tokens
+    output_price = pw.DoubleField(null=True)
+    cache_read_price = pw.DoubleField(null=True)  # None: the input price (pricing.py)
+    cache_write_price = pw.DoubleField(null=True)
+    weight = pw.DoubleField(default=1.0)
     comment = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
@@ -347,7 +347,7 @@ class RateLimit(BaseModel):
 
     identifier = pw.CharField(max_length=255, unique=True)
     limit = pw.IntegerField()
-    refill = pw.FloatField()
+    refill = pw.DoubleField()
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
 
