@@ -31,16 +31,30 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[p
         yield db
         db.close()
         return
+    yield from _empty_postgres()
+
+
+@pytest.fixture
+def empty_postgres() -> Iterator[peewee.Database]:
+    """An empty PostgreSQL database, for what only PostgreSQL needs."""
+    if not PG_URL:
+        pytest.skip("PostgreSQL only (GATEWAY_TEST_DATABASE_URL)")
+    yield from _empty_postgres()
+
+
+def _empty_postgres() -> Iterator[peewee.Database]:
     name = f"gw_m_{uuid.uuid4().hex[:12]}"
     admin = _pg_admin()
     with admin.connection_context():
         admin.execute_sql(f'CREATE DATABASE "{name}"')
     db = open_database(_with_database(PG_URL, name))
-    yield db
-    pools.release(db)  # the tests below lend it to the proxy that background writers use
-    with admin.connection_context():
-        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close_all()
+    try:
+        yield db
+    finally:
+        pools.release(db)  # the tests below lend it to the proxy that background writers use
+        with admin.connection_context():
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close_all()
 
 
 def test_the_account_migration_keeps_every_row_and_adds_nullable_columns(
@@ -241,104 +255,86 @@ def test_the_migrate_command_migrates_an_empty_database_as_its_backend_needs(
             assert "completions_fts_writer" in db.get_tables()  # 0010
 
 
-@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's text has no length")
-def test_a_provider_key_column_left_short_by_the_proxy_bug_becomes_text() -> None:
+def test_a_provider_key_column_left_short_by_the_proxy_bug_becomes_text(
+    empty_postgres: peewee.Database,
+) -> None:
     """0011 repairs what 0003 did when it took SQLite's branch on PostgreSQL."""
-    name = f"gw_m_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    with admin.connection_context():
-        admin.execute_sql(f'CREATE DATABASE "{name}"')
-    db = open_database(_with_database(PG_URL, name))
-    try:
-        with db.connection_context():
-            runner = Runner(db, directory=str(MIGRATIONS))
-            runner.up(target="0010_fts_from_the_recorder")
-            db.execute_sql("ALTER TABLE providers ALTER COLUMN api_key TYPE varchar(255)")
-            assert runner.up(target="0011_provider_key_text") == ["0011_provider_key_text"]
-            (kind,) = db.execute_sql(
-                "SELECT data_type FROM information_schema.columns"
-                " WHERE table_name = 'providers' AND column_name = 'api_key'"
-            ).fetchone()
-            assert kind == "text"
-    finally:
-        db.close_all()
-        with admin.connection_context():
-            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close_all()
+    db = empty_postgres
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0010_fts_from_the_recorder")
+        db.execute_sql("ALTER TABLE providers ALTER COLUMN api_key TYPE varchar(255)")
+        assert runner.up(target="0011_provider_key_text") == ["0011_provider_key_text"]
+        (kind,) = db.execute_sql(
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_name = 'providers' AND column_name = 'api_key'"
+        ).fetchone()
+        assert kind == "text"
 
 
-@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's numbers are 8 bytes")
-def test_numbers_become_double_precision_keeping_the_values_read_before() -> None:
+def test_numbers_become_double_precision_keeping_the_values_read_before(
+    empty_postgres: peewee.Database,
+) -> None:
     """0012: prices, weights, budgets and refills from real to double precision; each
     value reads back as before (0.1, not 0.10000000149...), and now holds 15 digits."""
-    name = f"gw_m_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    with admin.connection_context():
-        admin.execute_sql(f'CREATE DATABASE "{name}"')
-    db = open_database(_with_database(PG_URL, name))
+    db = empty_postgres
     real = (0.1, 2.5, 1234567.9, 3e-7)  # what psycopg read from real columns
-    try:
-        with db.connection_context():
-            runner = Runner(db, directory=str(MIGRATIONS))
-            runner.up(target="0011_provider_key_text")
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0011_provider_key_text")
+        db.execute_sql(
+            "INSERT INTO providers (name, type, base_url, stream_usage, created_at,"
+            " updated_at, deleted) VALUES ('p', 'openai', 'http://x', true, now(), now(),"
+            " false)"
+        )
+        for n, value in enumerate(real):
             db.execute_sql(
-                "INSERT INTO providers (name, type, base_url, stream_usage, created_at,"
-                " updated_at, deleted) VALUES ('p', 'openai', 'http://x', true, now(), now(),"
-                " false)"
+                "INSERT INTO models (provider_id, system_name, remote_id, input_price,"
+                " output_price, weight, model_type, created_at, updated_at, deleted)"
+                " VALUES (1, %s, 'r', %s, %s, %s, 'chat', now(), now(), false)",
+                (f"m{n}", value, value, value),
             )
-            for n, value in enumerate(real):
-                db.execute_sql(
-                    "INSERT INTO models (provider_id, system_name, remote_id, input_price,"
-                    " output_price, weight, model_type, created_at, updated_at, deleted)"
-                    " VALUES (1, %s, 'r', %s, %s, %s, 'chat', now(), now(), false)",
-                    (f"m{n}", value, value, value),
-                )
-                db.execute_sql(
-                    "INSERT INTO api_keys (key_hash, key_hint, created_at, updated_at, revoked,"
-                    " rpm_limit, tpm_limit, source, budget_usd) VALUES (%s, 'sk-…1', now(),"
-                    " now(), false, 1, 1, 'manual', %s)",
-                    (f"h{n}", value),
-                )
-            before = db.execute_sql(
-                "SELECT input_price, output_price, weight FROM models ORDER BY id"
+            db.execute_sql(
+                "INSERT INTO api_keys (key_hash, key_hint, created_at, updated_at, revoked,"
+                " rpm_limit, tpm_limit, source, budget_usd) VALUES (%s, 'sk-…1', now(),"
+                " now(), false, 1, 1, 'manual', %s)",
+                (f"h{n}", value),
+            )
+        before = db.execute_sql(
+            "SELECT input_price, output_price, weight FROM models ORDER BY id"
+        ).fetchall()
+        assert [row[0] for row in before] == list(real)  # real, read as psycopg reads it
+        assert runner.up() == ["0012_numbers_double_precision"]
+        kinds = dict(
+            db.execute_sql(
+                "SELECT table_name || '.' || column_name, data_type"
+                " FROM information_schema.columns WHERE table_schema = current_schema()"
+                " AND table_name IN ('models', 'api_keys', 'rate_limits', 'completions')"
+                " AND data_type IN ('real', 'double precision')"
             ).fetchall()
-            assert [row[0] for row in before] == list(real)  # real, read as psycopg reads it
-            assert runner.up() == ["0012_numbers_double_precision"]
-            kinds = dict(
-                db.execute_sql(
-                    "SELECT table_name || '.' || column_name, data_type"
-                    " FROM information_schema.columns WHERE table_schema = current_schema()"
-                    " AND table_name IN ('models', 'api_keys', 'rate_limits', 'completions')"
-                    " AND data_type IN ('real', 'double precision')"
-                ).fetchall()
-            )
-            assert kinds == {
-                **dict.fromkeys(
-                    [
-                        "models.input_price",
-                        "models.output_price",
-                        "models.cache_read_price",
-                        "models.cache_write_price",
-                        "models.weight",
-                        "api_keys.budget_usd",
-                        "rate_limits.refill",
-                    ],
-                    "double precision",
-                ),
-                "completions.rating": "real",  # the records table is left as it was
-            }
-            after = db.execute_sql(
-                "SELECT input_price, output_price, weight FROM models ORDER BY id"
-            ).fetchall()
-            assert after == before
-            budgets = db.execute_sql("SELECT budget_usd FROM api_keys ORDER BY id").fetchall()
-            assert [row[0] for row in budgets] == list(real)
-            db.execute_sql("UPDATE api_keys SET budget_usd = %s WHERE id = 1", (1234567.89,))
-            assert db.execute_sql("SELECT budget_usd FROM api_keys WHERE id = 1").fetchone() == (
-                1234567.89,
-            )
-    finally:
-        db.close_all()
-        with admin.connection_context():
-            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close_all()
+        )
+        assert kinds == {
+            **dict.fromkeys(
+                [
+                    "models.input_price",
+                    "models.output_price",
+                    "models.cache_read_price",
+                    "models.cache_write_price",
+                    "models.weight",
+                    "api_keys.budget_usd",
+                    "rate_limits.refill",
+                ],
+                "double precision",
+            ),
+            "completions.rating": "real",  # the records table is left as it was
+        }
+        after = db.execute_sql(
+            "SELECT input_price, output_price, weight FROM models ORDER BY id"
+        ).fetchall()
+        assert after == before
+        budgets = db.execute_sql("SELECT budget_usd FROM api_keys ORDER BY id").fetchall()
+        assert [row[0] for row in budgets] == list(real)
+        db.execute_sql("UPDATE api_keys SET budget_usd = %s WHERE id = 1", (1234567.89,))
+        assert db.execute_sql("SELECT budget_usd FROM api_keys WHERE id = 1").fetchone() == (
+            1234567.89,
+        )
