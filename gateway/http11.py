@@ -68,7 +68,7 @@ def route(url: str, proxy: str | None) -> Route:
             host = host.encode("idna").decode("ascii")  # an internationalised name
     except (ValueError, UnicodeError) as exc:
         raise InvalidRequest(f"cannot send to {url!r}: {exc}") from exc
-    named = f"[{host}]" if ":" in host else host
+    named = bracketed(host)
     host_header = named if port == DEFAULT_PORTS[scheme] else f"{named}:{port}"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     target = quote(target, safe=_TARGET_SAFE)
@@ -83,6 +83,11 @@ def route(url: str, proxy: str | None) -> Route:
             target = f"http://{host_header}{target}"
             forwarded = proxy_auth(proxy)
     return Route((scheme, host, port, proxy), target, host_header, forwarded)
+
+
+def bracketed(host: str) -> str:
+    """A host as a URL or a Host header names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def proxy_auth(proxy: str) -> tuple[tuple[str, str], ...]:
