@@ -22,7 +22,6 @@ mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
 import gevent
@@ -31,7 +30,7 @@ from gateway import dedup, metrics, pricing
 from gateway.auth import Caller
 from gateway.dedup import Stored
 from gateway.errors import BudgetExceeded, RateLimited
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, new_uid
 from gateway.limiter import Admission, limiter
 from gateway.model_limits import model_limits
 
@@ -57,7 +56,7 @@ def admit(caller: Caller, model: str, stream: bool) -> Permit:
     except BudgetExceeded:
         metrics.rejected(caller.id, caller.comment, "budget")  # counted as the 429s are
         raise
-    uid = uuid.uuid4().hex
+    uid = new_uid()
     slot = bool(caller.max_concurrent and caller.max_concurrent > 0)
     admission = limiter.admit(
         caller.id,

@@ -9,8 +9,8 @@ gevent.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,24 @@ from typing import Any
 from gateway import pricing
 
 COMPLETION, EMBEDDING = "completion", "embedding"
+
+
+def new_uid() -> str:
+    """A call's uid: a UUID version 7 (RFC 9562) in 32 hex digits, time first.
+
+    The milliseconds since the epoch lead, then 74 random bits. Records are inserted
+    in uid order, as they are in id order: each goes at the end of the uid index,
+    on pages the database has at hand. A random uid (version 4) put every insert on
+    a page of its own anywhere in that index, and a batch's commit wrote them all
+    (issue 11: with 100,000 records in SQLite, a record's write cost 20-30% more).
+    """
+    value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
+    return f"{value & _UUID7_CLEAR | _UUID7_SET:032x}"
+
+
+# The version (7) in bits 76-79 and the variant (binary 10) in bits 62-63.
+_UUID7_CLEAR = ~(0xF << 76 | 0x3 << 62)
+_UUID7_SET = 0x7 << 76 | 0x2 << 62
 
 
 def _utcnow() -> datetime:
@@ -40,7 +58,7 @@ class Exchange:
     kind: str = COMPLETION
     req_id: str | None = None  # X-NexusGate-ReqId: repeats replay this call's answer
     source_uid: str | None = None  # a cache_hit: the call whose answer it replayed
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    uid: str = field(default_factory=new_uid)
     created_at: datetime = field(default_factory=_utcnow)
     started: float = field(default_factory=time.monotonic)
     model_id: int | None = None

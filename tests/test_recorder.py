@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from gateway import metrics
 from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, new_uid
 from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
@@ -110,6 +111,26 @@ def test_finish_is_refused_twice() -> None:
     assert ex.finish("completed")
     assert not ex.finish("failed", error="late")
     assert (ex.status, ex.error) == ("completed", None)
+
+
+def test_uids_are_uuid7_in_the_order_of_their_time() -> None:
+    # Inserted in uid order, records go at the end of the uid index (issue 11).
+    before = time.time_ns() // 1_000_000
+    uids = []
+    for _ in range(200):
+        uids.append(new_uid())
+        if len(uids) % 50 == 0:
+            time.sleep(0.002)  # a later millisecond
+    after = time.time_ns() // 1_000_000
+    assert len(set(uids)) == len(uids)
+    for uid in uids:
+        parsed = uuid.UUID(uid)
+        assert (uid, parsed.version, parsed.variant) == (parsed.hex, 7, uuid.RFC_4122)
+        assert before <= int(uid[:12], 16) <= after
+    # Whole milliseconds in order; within one, the random bits decide.
+    assert [u[:12] for u in uids] == sorted(u[:12] for u in uids)
+    assert uids[0] < uids[50] < uids[100] < uids[150]
+    assert len({u[13:] for u in uids}) == len(uids)  # the random part differs
 
 
 def test_many_calls_many_writes_exactly_one_row_each(rec: Recorder, key_id: int) -> None:
