@@ -14,6 +14,7 @@ Pure code: the clock is passed in; no I/O, no gevent.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,8 +43,13 @@ class Bucket:
             raise ValueError(f"bucket {self.name!r}: capacity and rate must be > 0, cost >= 0")
 
 
+@functools.lru_cache(maxsize=4096)
 def per_minute(name: str, limit: float, cost: float = 1.0) -> Bucket:
-    """A bucket for ``limit`` per minute: capacity ``limit``, refilled at limit/60 per second."""
+    """A bucket for ``limit`` per minute: capacity ``limit``, refilled at limit/60 per second.
+
+    Kept (a bucket is frozen): each call asks for its key's RPM and TPM buckets, and a
+    frozen dataclass with its check costs about 2 µs to make.
+    """
     return Bucket(name, float(limit), float(limit) / 60.0, cost)
 
 

@@ -106,6 +106,7 @@ class Limiter:
         self._down_until = 0.0
         self._warned_at = -math.inf
         self._unwarned = 0
+        self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         self._claims: set[tuple[str, str]] = set()
 
@@ -138,6 +139,17 @@ class Limiter:
     def key(self, owner: str, name: str) -> str:
         """The store key of ``name`` under ``owner``'s hash tag (one Cluster slot per owner)."""
         return f"{self.prefix}:{{{owner.replace('{', '(').replace('}', ')')}}}:{name}"
+
+    def _of_key(self, key_id: int, name: str) -> str:
+        """The store key of an API key's bucket or slot set ``name``, kept: every call
+        names its key's two or three of them twice."""
+        known = self._keys.get((key_id, name))
+        if known is None:
+            known = self.key(f"key:{key_id}", name)
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            self._keys[key_id, name] = known
+        return known
 
     # -- failing open ----------------------------------------------------------
 
@@ -195,10 +207,10 @@ class Limiter:
         rpm, tpm = (rpm if rpm and rpm > 0 else None), (tpm if tpm and tpm > 0 else None)
         held = None
         if slot is not None and slot[1] and slot[1] > 0:
-            held = (self.key(f"key:{key_id}", "inflight"), slot[0], slot[1], self.inflight_ttl)
+            held = (self._of_key(key_id, "inflight"), slot[0], slot[1], self.inflight_ttl)
         if not named and held is None:
             return Admission(True, None, None, None, None)
-        keys = [self.key(f"key:{key_id}", name) for name, _ in named]
+        keys = [self._of_key(key_id, name) for name, _ in named]
         buckets = [b for _, b in named]
         verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held)
         if verdict is None:
@@ -364,12 +376,14 @@ class Limiter:
                     operations.append(("unclaim", (key, uid)))
                 else:
                     operations.append(("settle", (key, uid, answer, self.dedup_ttl)))
-        key = self.key(owner, "inflight")
+        key = self._of_key(key_id, "inflight")
         if (key, uid) in self._slots:
             self._slots.discard((key, uid))
             operations.append(("release", (key, uid)))
         if tpm and tpm > 0 and tokens and tokens > 0:
-            operations.append(("charge", (self.key(owner, "tpm"), per_minute("tpm", tpm), tokens)))
+            operations.append(
+                ("charge", (self._of_key(key_id, "tpm"), per_minute("tpm", tpm), tokens))
+            )
         if nanos and nanos > 0:
             key = self._spend_key(key_id, now or datetime.now(UTC))
             operations.append(("add", (key, nanos, SPEND_TTL)))
