@@ -1,0 +1,109 @@
+"""What writing a call's record costs, as the completions table grows.
+
+Writes synthetic finished calls (``bench/recorder.py``'s: a two-message prompt, an
+answer, usage, one attempt) the way the recorder does (``recorder.write_rows``, in
+batches of ``--batch``) into a fresh database: a SQLite file in a temporary folder, or
+a new database on the PostgreSQL server given (dropped afterwards). Every ``--step``
+records it measures ``--sample`` batches: the CPU time of this process per record (all
+its threads: on SQLite the statements run in the hub's pool thread; on PostgreSQL the
+server's own CPU is not counted) and the wall time per record. Prints one line per
+table size. ``--random-uids`` gives the calls random (version 4) uids, as the gateway
+did before 2026-12-03, to compare with its time-ordered ones (version 7).
+
+Run: ``python bench/record_write.py [--rows 100000] [--postgres URL] [--random-uids]``.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import load_average, machine  # noqa: E402
+from bench.run import database  # noqa: E402
+
+
+def calls(key_id: int, count: int, random_uids: bool) -> list[dict]:
+    """Snapshots of ``count`` finished calls, as the recorder takes them."""
+    from bench.recorder import _call
+    from gateway.recorder import snapshot
+
+    rows = []
+    for _ in range(count):
+        exchange = _call(key_id)
+        if random_uids:
+            exchange.uid = uuid.uuid4().hex
+        rows.append(snapshot(exchange))
+    return rows
+
+
+def measure(key_id: int, batches: int, size: int, random_uids: bool) -> tuple[float, float]:
+    """CPU and wall microseconds per record over ``batches`` batches of ``size``."""
+    from gateway.recorder import write_rows
+
+    cpu = wall = 0.0
+    for _ in range(batches):
+        rows = calls(key_id, size, random_uids)  # not counted: the snapshots are the calls'
+        started, used = time.perf_counter(), time.process_time()
+        write_rows(rows, touch_keys=set())
+        cpu += time.process_time() - used
+        wall += time.perf_counter() - started
+    return cpu / (batches * size) * 1e6, wall / (batches * size) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="records written in all")
+    parser.add_argument("--step", type=int, default=25_000, help="records between measurements")
+    parser.add_argument("--sample", type=int, default=200, help="batches per measurement")
+    parser.add_argument("--batch", type=int, default=25, help="records per write")
+    parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
+    parser.add_argument("--random-uids", action="store_true", help="version 4 uids, as before")
+    args = parser.parse_args()
+
+    from gateway.db import database as db
+    from gateway.db import migrate, open_database
+    from gateway.models import ApiKey
+    from gateway.recorder import write_rows
+
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}; load average {load_average()}")
+    uids = "random (v4)" if args.random_uids else "time-ordered (v7)"
+    print(f"{'postgresql' if args.postgres else 'sqlite'}, {uids} uids, batches of {args.batch}")
+    print("| records in the table | CPU per record | wall per record |\n|---|---|---|")
+    try:
+        with database(args.postgres, tmp) as url:
+            db.initialize(open_database(url))
+            migrate(db.obj)
+            db.connect()
+            key_id = ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…bench").id
+            gc.collect()
+            gc.freeze()  # as a worker does after loading the app
+            written = 0
+            for target in range(0, args.rows + 1, args.step):
+                while written < target:  # fill the table up to the next measurement
+                    chunk = min(target - written, 1000)
+                    write_rows(calls(key_id, chunk, args.random_uids), touch_keys=set())
+                    written += chunk
+                cpu, wall = measure(key_id, args.sample, args.batch, args.random_uids)
+                print(f"| {written:,} | {cpu:.0f} µs | {wall:.0f} µs |", flush=True)
+                written += args.sample * args.batch
+            db.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
