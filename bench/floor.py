@@ -3,7 +3,8 @@
 Forwards the client's body to the upstream with one urllib3 pool and returns its answer;
 a stream is relayed chunk by chunk. No framework, no features (no auth, no parsing, no
 record). Run: ``python bench/floor.py --upstream http://127.0.0.1:8000 [--port N]``;
-it prints ``PORT <n>`` once it listens.
+it prints ``PORT <n> PIDS <pid>...`` once it listens. ``--processes N`` forks N - 1
+more processes serving the same socket, as gunicorn's workers share theirs.
 """
 
 from gevent import monkey
@@ -11,8 +12,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import socket  # noqa: E402
 
+import gevent  # noqa: E402
 import urllib3  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
@@ -67,6 +70,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args()
     server = WSGIServer(
         ("127.0.0.1", args.port),
@@ -76,5 +80,13 @@ if __name__ == "__main__":
         backlog=2048,
     )
     server.init_socket()
-    print(f"PORT {server.server_port}", flush=True)
+    pids = [os.getpid()]
+    for _ in range(args.processes - 1):
+        child = gevent.fork()  # the listening socket is shared; gevent's hub is renewed
+        if child == 0:
+            pids = []
+            break
+        pids.append(child)
+    if pids:
+        print(f"PORT {server.server_port} PIDS {' '.join(map(str, pids))}", flush=True)
     server.serve_forever()

@@ -63,7 +63,7 @@ def main() -> None:
             gateways.append(Gateway(url, tmp / name, workers=1, GATEWAY_LOG_LEVEL="WARNING"))
             if not route:  # made before the second starts, which reads them as it starts
                 route = setup(gateways[0], fake.url)
-        targets = [run.Target("floor", floor.port, [floor.proc.pid])] + [
+        targets = [run.Target("floor", floor.port, floor.pids)] + [
             run.Target(name, gw.port, gw.worker_pids())
             for name, gw in zip(("before", "after"), gateways, strict=True)
         ]

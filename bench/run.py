@@ -236,12 +236,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gateway workers")
     parser.add_argument("--streams", type=int, default=0, help="open streams figure (0: skip)")
     parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
+    parser.add_argument(
+        "--floor-processes", type=int, default=1, help="floor processes sharing its socket"
+    )
     args = parser.parse_args()
     _enough_files(2 * args.streams + 1000)  # a proxy holds a client and an upstream socket
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     fake = FakeUpstream()
-    floor = Floor(fake.url + "/v1", tmp / "floor.log")
+    floor = Floor(fake.url + "/v1", tmp / "floor.log", args.floor_processes)
     try:
         with database(args.postgres, tmp) as url:
             results = run(url, tmp, fake, floor, args)
@@ -257,6 +260,7 @@ def main() -> None:
         machine=machine(),
         database="postgresql" if args.postgres else "sqlite",
         workers=args.workers,
+        floor_processes=args.floor_processes,
         load_after=load_average(),
     )
     print(table(results))
@@ -281,7 +285,7 @@ def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Na
             gw.api("POST", "/models", json=model)
         targets = [
             Target("direct", fake.port, [fake.proc.pid]),
-            Target("floor", floor.port, [floor.proc.pid]),
+            Target("floor", floor.port, floor.pids),
             Target("gateway", gw.port, gw.worker_pids()),
         ]
         results = measure(targets, route["key"], args)
@@ -350,7 +354,7 @@ def streams_figure(database_url: str, tmp: Path, floor: Floor, key: str, count: 
         result = {"gateway": open_streams(Target("gateway", gw.port, gw.worker_pids()), key, count)}
     finally:
         gw.stop()
-    result["floor"] = open_streams(Target("floor", floor.port, [floor.proc.pid]), key, count)
+    result["floor"] = open_streams(Target("floor", floor.port, floor.pids), key, count)
     return result
 
 

@@ -97,24 +97,37 @@ class FakeUpstream:
 
 
 class Floor:
-    """bench/floor.py in its own process: the bare gevent proxy the gateway is weighed against."""
+    """bench/floor.py in its own process (or ``processes`` of them sharing one socket): the
+    bare gevent proxy the gateway is weighed against."""
 
-    def __init__(self, upstream_url: str, log_path: Path) -> None:
+    def __init__(self, upstream_url: str, log_path: Path, processes: int = 1) -> None:
         self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "floor.py"), "--upstream", upstream_url],
+            [
+                sys.executable,
+                str(ROOT / "bench" / "floor.py"),
+                "--upstream",
+                upstream_url,
+                "--processes",
+                str(processes),
+            ],
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             text=True,
         )
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
+        line = self.proc.stdout.readline().split()
+        if line[:1] != ["PORT"]:
+            self.pids = [self.proc.pid]
             self.stop()
             raise RuntimeError(f"floor did not start: {line!r}")
-        self.port = int(line.split()[1])
+        self.port = int(line[1])
+        self.pids = [int(pid) for pid in line[3:]]  # the first is self.proc's
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        for pid in self.pids[1:]:  # the forked ones are not self.proc's to reap
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.kill()
         self.proc.wait()
         self.log_file.close()
