@@ -57,7 +57,8 @@ def table(r: dict) -> str:
         ]
     lines = [
         f"{r['when']}; {r['machine']}; gateway: {r['workers']} workers, {r['database']}; "
-        f"floor: {r.get('floor_processes', 1)} process(es); load average {r['load_start']} at the start, {r['load_after']} at the end",
+        f"floor: {r.get('floor_processes', 1)} process(es); "
+        f"load average {r['load_start']} at the start, {r['load_after']} at the end",
         "",
         "| figure | gateway | floor | ratio |",
         "|---|---|---|---|",

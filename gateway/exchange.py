@@ -24,10 +24,12 @@ def new_uid() -> str:
     """A call's uid: a UUID version 7 (RFC 9562) in 32 hex digits, time first.
 
     The milliseconds since the epoch lead, then 74 random bits. Records are inserted
-    in uid order, as they are in id order: each goes at the end of the uid index,
-    on pages the database has at hand. A random uid (version 4) put every insert on
-    a page of its own anywhere in that index, and a batch's commit wrote them all
-    (issue 11: with 100,000 records in SQLite, a record's write cost 20-30% more).
+    in uid order, as they are in id order: each goes to one place in the uid index
+    (its end, once older random uids are gone), on pages the database has at hand. A
+    random uid (version 4) put every insert on a page of its own anywhere in that
+    index, and a batch's commit wrote them all out (issue 11, ``bench/record_write.py``:
+    on SQLite at 25,000-100,000 records, 8-10% more CPU a record with about 1 KB of
+    text; more for shorter calls, and more as the table grows).
     """
     value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
     return f"{value & _UUID7_CLEAR | _UUID7_SET:032x}"
