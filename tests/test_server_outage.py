@@ -39,6 +39,8 @@ pytestmark = [
 
 OUTAGE = float(os.environ.get("GATEWAY_TEST_OUTAGE", "12"))
 SCRIPT = "fake;chunks=12;delay=0.1;first_delay=0.6"  # a stream takes 1.7 s, an answer 0.6 s
+ANSWER_DUE = 0.55  # seconds after which a JSON answer may have reached its client
+HUNG_UP = ("hung up", "hung up late")
 TEXT = "".join(f"tok{i} " for i in range(12))
 # (client SDK, system name, stream, hang up): same format and converted, both ways.
 KINDS = [
@@ -67,6 +69,7 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
     sdk, model, stream, hang_up = kind
     prompt = f"{marker} tell me a story"
     timeout = 0.3 if hang_up and not stream else 30.0  # a client that gives up waiting
+    sent = time.monotonic()
     try:
         if sdk == "openai":
             client = openai.OpenAI(
@@ -98,7 +101,11 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
                 return "hung up"
         return "full" if text == TEXT else "short"
     except (openai.APITimeoutError, anthropic.APITimeoutError):
-        return "hung up" if hang_up else "timeout"
+        if not hang_up:
+            return "timeout"
+        # The answer takes 0.6 s. A client held off the CPU past then (a loaded machine)
+        # may give up on an answer the gateway had already written to it in full.
+        return "hung up" if time.monotonic() - sent < ANSWER_DUE else "hung up late"
     except (openai.APIStatusError, anthropic.APIStatusError) as exc:
         return f"HTTP {exc.status_code}"
     except (openai.APIError, anthropic.APIError) as exc:
@@ -192,7 +199,7 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
 
     # Clients: nothing failed because of the outage.
     outcomes = {m: got for m, (_, got) in results.items()}
-    errors = {m: got for m, got in outcomes.items() if got not in ("full", "hung up")}
+    errors = {m: got for m, got in outcomes.items() if got not in ("full", *HUNG_UP)}
     assert len(results) == len(schedule) and not errors, errors
     assert refused == ["HTTP 401"] * 4
     # Two usable keys (the revoked one is not), two providers, two chat models.
@@ -221,7 +228,10 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
         sent[f"call-{marker}"] = entry
     for marker, ((_sdk, _model, _stream, _hang_up), got) in results.items():
         (row,) = by_marker[marker]
-        assert row["status"] == ("aborted" if got == "hung up" else "completed"), (marker, row)
+        if got == "hung up late":  # it may have been answered in full: both are true
+            assert row["status"] in ("aborted", "completed"), (marker, row)
+        else:
+            assert row["status"] == ("aborted" if got == "hung up" else "completed"), (marker, row)
         usage = sent[marker]["usage"]
         assert (row["promptTokens"], row["completionTokens"]) == (
             usage["input_tokens"],
