@@ -6,11 +6,11 @@ connections are ``connections``' and their heads ``http11``'s (our own HTTP/1.1
 client: pools of kept-alive connections per origin, big enough for many concurrent
 streams), with no automatic retries (failover is ``routing``'s job), no redirects, TLS
 verified against certifi's CA bundle, and no cookies; requests is kept for what it does
-once per upstream host, reading the proxy settings of the environment. Bodies are read with ``read1`` so bytes
-arrive as the upstream sends them, chunked, sized or close-delimited; a ``Response``
-reads them as SSE events (up to the first one before it answers) or as one JSON
-answer. Every failure becomes an ``UpstreamError`` that says whether another try
-could help.
+once per upstream host, reading the proxy settings of the environment. Bodies are read
+with ``read1`` so bytes arrive as the upstream sends them, chunked, sized or
+close-delimited; a ``Response`` reads them as SSE events (up to the first one before it
+answers) or as one JSON answer. Every failure becomes an ``UpstreamError`` that says
+whether another try could help.
 """
 
 from __future__ import annotations
