@@ -111,6 +111,17 @@ def _second_int(answer: Sequence[Any]) -> int:
     return int(answer[1])
 
 
+_forks = 0  # forks into this process since import: kept sockets are then the parent's
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class _Connections:
     """Scripts sent and read on connections of the client's pool, kept here between calls.
 
@@ -134,13 +145,13 @@ class _Connections:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         self._idle: list[Any] = []
-        self._pid = os.getpid()
+        self._forks = _forks  # not os.getpid() per command: a system call each
 
     def exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, in order: each reply is
         the value, or the ``ResponseError`` that Redis answered in its place."""
-        if self._pid != os.getpid():  # forked: the sockets are the parent's
-            self._idle, self._pid = [], os.getpid()
+        if self._forks != _forks:  # forked: the sockets are the parent's
+            self._idle, self._forks = [], _forks
         kept = bool(self._idle)
         conn = self._idle.pop() if kept else self._pool.get_connection()
         try:

@@ -9,6 +9,7 @@ password, and errors surfacing as ``StoreDown``.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -206,6 +207,32 @@ def test_a_late_reply_is_never_taken_for_the_next_ones(redis_server: RedisServer
     # Redis 7 drops a paused command whose client has gone; had it run, it added 5.
     assert total() in (1, 6)
     assert [store.add("l:{k}:second", 1, 60.0) for _ in range(3)] == [1, 2, 3]
+
+
+def test_a_forked_process_makes_connections_of_its_own(redis_server: RedisServer) -> None:
+    """A child never sends on its parent's kept socket (their replies would cross)."""
+    store = RedisStore(connect(redis_server.url, TIMEOUT, TIMEOUT))
+    assert store.add("f:{k}:parent", 1, 60.0) == 1  # a connection kept
+
+    def clients() -> int:  # redis-cli's own included
+        return len(redis_server.command("CLIENT", "LIST").decode().strip().splitlines())
+
+    before = clients()
+    ready, done = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one operation, then it waits until the parent has looked
+        try:
+            os.write(ready[1], b"%d" % store.add("f:{k}:child", 5, 60.0))
+            os.read(done[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready[0], 16) == b"5"
+        assert clients() == before + 1  # the child's own
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(pid, 0)
+    assert store.add("f:{k}:parent", 1, 60.0) == 2
 
 
 def test_a_password_in_the_url(tmp_path: Path) -> None:
