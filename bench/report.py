@@ -56,7 +56,8 @@ def table(r: dict) -> str:
             (f"time to first byte with {n} streams open (p50)", *both(s, "ttfb_busy_ms"), "ms"),
         ]
     lines = [
-        f"{r['when']}; {r['machine']}; gateway: {r['workers']} workers, {r['database']}; "
+        f"{r['when']}; {r['machine']}; gateway: {r['workers']} workers, {r['database']}"
+        f"{', limits in Redis' if r.get('redis') else ''}; "
         f"floor: {r.get('floor_processes', 1)} process(es); "
         f"load average {r['load_start']} at the start, {r['load_after']} at the end",
         "",

@@ -2,7 +2,8 @@
 
 Starts the fake upstream (``tests/fake_upstream.py``), the floor (``bench/floor.py``) and
 the gateway (real gunicorn with ``gunicorn.conf.py``: 2 workers, SQLite; ``--postgres
-URL`` for a fresh PostgreSQL database on that server), then measures the three targets
+URL`` for a fresh PostgreSQL database on that server; ``--redis URL`` for limits in that
+Redis, as several instances have them), then measures the three targets
 in one run, alternating target by target so that the machine's noise falls on all alike:
 
 - added latency (p50, p99), non-streaming, 1 client: a target's minus direct's;
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gateway workers")
     parser.add_argument("--streams", type=int, default=0, help="open streams figure (0: skip)")
     parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
+    parser.add_argument("--redis", metavar="URL", help="REDIS_URL: limits and dedup in Redis")
     parser.add_argument(
         "--floor-processes", type=int, default=1, help="floor processes sharing its socket"
     )
@@ -259,6 +261,7 @@ def main() -> None:
         when=time.strftime("%Y-%m-%d %H:%M %Z"),
         machine=machine(),
         database="postgresql" if args.postgres else "sqlite",
+        redis=bool(args.redis),
         workers=args.workers,
         floor_processes=args.floor_processes,
         load_after=load_average(),
@@ -271,7 +274,9 @@ def main() -> None:
 
 def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Namespace) -> dict:
     """Start the gateway, measure, stop it; then the open streams figure if asked."""
-    gw = Gateway(url, tmp / "instance", workers=args.workers, GATEWAY_LOG_LEVEL="WARNING")
+    # A prefix of the run's own: a shared Redis may hold another run's keys.
+    shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
+    gw = Gateway(url, tmp / "instance", workers=args.workers, GATEWAY_LOG_LEVEL="WARNING", **shared)
     try:
         # Limits no bench call reaches: the figures are about the path, not about a 429.
         unlimited = {"rpmLimit": 10**9, "tpmLimit": 10**9}
