@@ -9,12 +9,14 @@ once.
 
 With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
 ``RedisStore`` on the Redis server's clock, every key of a script under one hash tag
-(``gw:{key:42}:rpm``) so the scripts run unchanged on Redis Cluster. Without it, the same
-operations run in this process (``buckets.LocalStore``, same arithmetic) and a warning
-says at start that limits hold per process. Redis down, slower than ``REDIS_TIMEOUT`` or
-restarting: every operation fails open (allows), is counted (``metrics``), and logs a
-warning at most once a minute; Redis is tried again ``REDIS_RETRY_AFTER`` seconds later,
-so limits hold again as soon as it answers.
+(``gw:{key:42}:rpm``) so the scripts run unchanged on Redis Cluster. Scripts go out on
+connections the store keeps (``_Connections``), and in a gevent worker those asked for
+while a round trip is in flight share the next one (``pipelining``). Without
+``REDIS_URL``, the same operations run in this process (``buckets.LocalStore``, same
+arithmetic) and a warning says at start that limits hold per process. Redis down, slower
+than ``REDIS_TIMEOUT`` or restarting: every operation fails open (allows), is counted
+(``metrics``), and logs a warning at most once a minute; Redis is tried again
+``REDIS_RETRY_AFTER`` seconds later, so limits hold again as soon as it answers.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from gevent import monkey
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from gateway import pipelining
 from gateway.buckets import Bucket, Claim, Slot, Verdict
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
 # What a command may raise when Redis is away, slow, restarting or misconfigured.
-_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+_FAILURES = (
+    redis.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    pipelining.Stopped,
+)
 
 
 class StoreDown(Exception):
@@ -208,9 +217,13 @@ class RedisStore:
         )
         self._totals = client.register_script((SCRIPTS / "totals.lua").read_text())
         # Redis Cluster routes each command to its key's node: redis-py's own path there.
-        self._direct = (
-            None if isinstance(client, RedisCluster) else _Connections(client.connection_pool)
-        )
+        # In a gevent worker, greenlets asking while a round trip is in flight share the
+        # next one (``pipelining``).
+        self._direct: Any = None
+        if not isinstance(client, RedisCluster):
+            self._direct = _Connections(client.connection_pool)
+            if monkey.is_module_patched("socket"):
+                self._direct = pipelining.Pipeline(self._direct.exchange)
 
     def _now(self) -> str | float:
         return "" if self.clock is None else self.clock()

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import gevent
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -233,6 +234,51 @@ def test_a_forked_process_makes_connections_of_its_own(redis_server: RedisServer
         os.write(done[1], b"x")
         os.waitpid(pid, 0)
     assert store.add("f:{k}:parent", 1, 60.0) == 2
+
+
+def test_greenlets_that_ask_at_once_share_round_trips_and_get_their_own_answers(
+    shared_redis: RedisServer,
+) -> None:
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    prefix, bucket = uuid.uuid4().hex, Bucket("b", 1000, 1.0)
+
+    def call(i: int) -> tuple:
+        key = f"{prefix}:{{k{i}}}"
+        added = store.run_all([("add", (f"{key}:s", i, 60.0))] * (i % 3 + 1))
+        return added, store.admit([f"{key}:b"], [bucket]).levels, store.total(f"{key}:s")
+
+    calls = [gevent.spawn(call, i) for i in range(60)]
+    gevent.joinall(calls, raise_error=True)
+    for i, greenlet in enumerate(calls):
+        n = i % 3 + 1
+        assert greenlet.value == (
+            [i * k for k in range(1, n + 1)],
+            (pytest.approx(999, abs=0.01),),
+            i * n,
+        )
+    assert store._direct.batches > 0  # some answers did share a round trip
+
+
+def test_a_slow_redis_fails_every_caller_of_a_shared_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(connect(redis_server.url, 0.1, TIMEOUT))
+    assert store.add("p:{k}:s", 1, 60.0) == 1
+    redis_server.command("CLIENT", "PAUSE", "1500")
+
+    def add(i: int) -> int | str:
+        try:
+            return store.add(f"p:{{k}}:{i}", 1, 60.0)
+        except StoreDown:
+            return "down"
+
+    started = time.monotonic()
+    calls = [gevent.spawn(add, i) for i in range(20)]
+    gevent.joinall(calls, raise_error=True, timeout=5)
+    assert [g.value for g in calls] == ["down"] * 20  # none hangs, none answers wrong
+    assert time.monotonic() - started < 1.2  # the first's timeout, then the batch's
+    wait_until(lambda: add(99) == 1, timeout=5)  # answers again once the pause is over
+    assert [store.add("p:{k}:s", 1, 60.0) for _ in range(2)] == [2, 3]
 
 
 def test_a_password_in_the_url(tmp_path: Path) -> None:
