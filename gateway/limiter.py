@@ -240,7 +240,7 @@ class Limiter:
             return
         bucket = per_minute("tpm", tpm)
         self._guarded(
-            "charge", None, self.store.charge, self.key(f"key:{key_id}", "tpm"), bucket, tokens
+            "charge", None, self.store.charge, self._of_key(key_id, "tpm"), bucket, tokens
         )
 
     def standing(self, key_id: int, rpm: int | None, tpm: int | None) -> Admission:
@@ -254,7 +254,7 @@ class Limiter:
     def usage(self, key_id: int, rpm: int, tpm: int) -> dict[str, dict[str, int]]:
         """``{rpm: {current, limit, remaining}, tpm: {...}}`` from the shared buckets."""
         buckets = [per_minute("rpm", rpm), per_minute("tpm", tpm)]
-        keys = [self.key(f"key:{key_id}", b.name) for b in buckets]
+        keys = [self._of_key(key_id, b.name) for b in buckets]
         levels = self._guarded("usage", (float(rpm), float(tpm)), self.store.peek, keys, buckets)
         return {
             b.name: {
@@ -308,7 +308,7 @@ class Limiter:
         """Take one of the key's in-flight slots for call ``uid``; False if all are taken."""
         if not max_concurrent or max_concurrent <= 0:
             return True
-        key = self.key(f"key:{key_id}", "inflight")
+        key = self._of_key(key_id, "inflight")
         held, _ = self._guarded(
             "enter", (True, 0), self.store.acquire, key, uid, max_concurrent, self.inflight_ttl
         )
@@ -318,7 +318,7 @@ class Limiter:
 
     def leave(self, key_id: int, uid: str) -> None:
         """Give back call ``uid``'s slot (when its upstream is done, drains included)."""
-        key = self.key(f"key:{key_id}", "inflight")
+        key = self._of_key(key_id, "inflight")
         if (key, uid) in self._slots:
             self._slots.discard((key, uid))
             self._guarded("leave", 0, self.store.release, key, uid)
@@ -366,10 +366,9 @@ class Limiter:
         given back (``leave``), its real tokens charged to TPM (``charge``), its cost in
         nano-USD added to this month's spend (``spend``): each only if it applies.
         """
-        owner = f"key:{key_id}"
         operations: list[tuple[str, tuple]] = []
         if req_id is not None:
-            key = self.key(owner, f"req:{req_id}")
+            key = self.key(f"key:{key_id}", f"req:{req_id}")
             if (key, uid) in self._claims:
                 self._claims.discard((key, uid))
                 if answer is None:
