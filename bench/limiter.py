@@ -5,9 +5,9 @@ maxConcurrent slot if the key has one, RPM, TPM and a per-model bucket, in one s
 and settled once when its record is final (``Permit.finished``: the slot given back,
 its tokens charged, its cost added to the month's spend, in one round trip; the call
 counted in the metrics). Those are timed per call, for a key without and with
-``maxConcurrent`` ("wired" rows): ``admit`` is what a call's client waits for (the
-target: under 0.2 ms), ``finished`` runs after the answer has gone, and their sum is
-the worker's time per call. Then each limiter operation alone. Measured in a
+``maxConcurrent``, and with a monthly budget ("wired" rows): ``admit`` is what a call's
+client waits for (the target: under 0.2 ms), ``finished`` runs after the answer has
+gone, and their sum is the worker's time per call. Then each limiter operation alone. Measured in a
 gevent-patched process like a gunicorn worker, one caller at a time and 50 concurrent
 greenlets, against this benchmark's own redis-server (or ``--redis-url``) and the
 in-process store. Prints a table (microseconds) and writes bench/results/limiter.json.
@@ -47,7 +47,12 @@ from tests.servers import RedisServer  # noqa: E402
 PER_MODEL = [model_bucket("gpt-4o", 10**9, 10**6)]
 BIG = 10**9  # limits no call reaches: every decision is an allow, as in steady traffic
 OPERATIONS = ("admit", "admit+model", "enter", "leave", "charge")
-WIRED = ("wired", "wired, maxConcurrent")
+# (row, maxConcurrent, budgetUsd): a budget no call reaches, as a key's steady traffic
+WIRED = (
+    ("wired", None, None),
+    ("wired, maxConcurrent", BIG, None),
+    ("wired, budgetUsd", None, 1e9),
+)
 PARTS = ("admit", "finished", "admit + finished")
 
 
@@ -71,9 +76,11 @@ USAGE = {"input_tokens": 1000, "output_tokens": 234}
 COST = pricing.cost(USAGE, pricing.Prices(2.5, 10.0))  # a priced call: the month's spend
 
 
-def wired_call(key_id: int, slots: int | None, into: dict[str, list[float]]) -> None:
+def wired_call(
+    key_id: int, slots: int | None, budget: float | None, into: dict[str, list[float]]
+) -> None:
     """What the call path does, as it does it: admit before routing, settle at the end."""
-    caller = Caller(key_id, BIG, BIG, False, None, max_concurrent=slots, comment="bench")
+    caller = Caller(key_id, BIG, BIG, False, None, budget, slots, comment="bench")
     exchange = Exchange(api_key_id=key_id, model="gpt-4o", api_format="openai-chat")
     exchange.finish("completed", usage=USAGE, cost=COST)
     started = time.perf_counter()
@@ -116,9 +123,13 @@ def figures(values: list[float]) -> dict[str, float]:
 def scenario(calls: int, concurrency: int) -> dict[str, dict[str, float]]:
     """Every row of one store at one concurrency."""
     out: dict[str, dict[str, float]] = {}
-    for name, slots in zip(WIRED, (None, BIG), strict=True):
+    for name, slots, budget in WIRED:
         timed: dict[str, list[float]] = {}
-        wall = measure(calls, concurrency, lambda i, t, s=slots: wired_call(i % 50, s, t), timed)
+
+        def wired(i: int, into: dict[str, list[float]], s=slots, b=budget) -> None:  # type: ignore[no-untyped-def]
+            wired_call(i % 50, s, b, into)
+
+        wall = measure(calls, concurrency, wired, timed)
         for part in PARTS:
             out[f"{name}: {part}"] = figures(timed[part])
         out[f"{name}: admit + finished"].update(wall)

@@ -1,7 +1,7 @@
 """A call's admission: the limits it must pass before it is routed, and what it owes after.
 
 ``admit`` is asked once per /v1 call, after authentication and validation and before
-routing. It refuses a key over its monthly budget (402), then takes one of the key's
+routing. It refuses a key over its monthly budget (402), else takes one of the key's
 ``maxConcurrent`` slots (if it has such a limit) and one request from its RPM bucket and
 from any per-model buckets (``model_limits``) while its TPM bucket is above zero, all or
 nothing in one atomic step, one round trip to Redis (``Limiter.admit``).
@@ -51,20 +51,20 @@ def admit(caller: Caller, model: str, stream: bool) -> Permit:
     A key that spent its monthly budget is refused first (BudgetExceeded, 402), taking
     nothing from its other limits.
     """
+    uid = new_uid()
+    slot = bool(caller.max_concurrent and caller.max_concurrent > 0)
     try:
-        limiter.check_budget(caller.id, caller.budget_usd)
+        admission = limiter.admit(
+            caller.id,
+            caller.rpm_limit,
+            caller.tpm_limit,
+            model_limits.buckets(model),
+            slot=(uid, caller.max_concurrent) if slot else None,
+            budget=caller.budget_usd,
+        )
     except BudgetExceeded:
         metrics.rejected(caller.id, caller.comment, "budget")  # counted as the 429s are
         raise
-    uid = new_uid()
-    slot = bool(caller.max_concurrent and caller.max_concurrent > 0)
-    admission = limiter.admit(
-        caller.id,
-        caller.rpm_limit,
-        caller.tpm_limit,
-        model_limits.buckets(model),
-        slot=(uid, caller.max_concurrent) if slot else None,
-    )
     if not admission.allowed:
         kind = admission.limit_type or "rpm"
         if kind == "concurrency":

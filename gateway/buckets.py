@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # Seconds a bucket's state outlives the moment it would be full again (it is full from
@@ -55,6 +55,9 @@ def per_minute(name: str, limit: float, cost: float = 1.0) -> Bucket:
 
 # An in-flight slot to take with an admission: slot set key, member, limit, ttl seconds.
 Slot = tuple[str, str, int, float]
+# A budget an admission must be under: the key of a running total, and the limit the
+# total must stay below (an integer, as totals are).
+Budget = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,9 @@ class Verdict:
     allowed: bool
     levels: tuple[float, ...]  # each bucket's level after the decision
     wait: float = 0.0  # seconds until the refusing bucket would allow (0 when allowed)
-    refused: int | None = None  # index of that bucket (the longest wait); len(buckets): the slot
+    # Index of that bucket (the longest wait); len(buckets): the slot; + 1: the budget.
+    refused: int | None = None
+    spent: int | None = None  # the budget's total when it was asked (None: no budget)
 
     @property
     def retry_after(self) -> int:
@@ -171,24 +176,36 @@ class LocalStore:
             self._purge(stamp)
 
     def admit(
-        self, keys: Sequence[str], buckets: Sequence[Bucket], slot: Slot | None = None
+        self,
+        keys: Sequence[str],
+        buckets: Sequence[Bucket],
+        slot: Slot | None = None,
+        budget: Budget | None = None,
     ) -> Verdict:
         """Take each bucket's cost and the slot, all or none.
 
         ``slot`` (key, member, limit, ttl): also hold one of ``limit`` in-flight slots
         (``acquire``). A full slot set refuses first, as ``refused == len(buckets)``,
-        taking nothing.
+        taking nothing. ``budget`` (total key, limit): refuse, before anything else and
+        taking nothing, unless the total is below the limit (``refused ==
+        len(buckets) + 1``); the verdict says the total it read.
         """
         now = self.clock()
         states = [
             refill(self._state(k, now), now, b.capacity, b.rate)
             for k, b in zip(keys, buckets, strict=True)
         ]
+        spent = None
+        if budget is not None:
+            spent = self.total(budget[0])
+            if not spent < budget[1]:
+                levels = tuple(s[0] for s in states)
+                return Verdict(False, levels, 0.0, len(buckets) + 1, spent)
         slots = None
         if slot is not None:
             slots = self._live_slots(slot[0], now)
             if slot[1] not in slots and len(slots) >= slot[2]:
-                return Verdict(False, tuple(s[0] for s in states), 0.0, len(buckets))
+                return Verdict(False, tuple(s[0] for s in states), 0.0, len(buckets), spent)
         verdict = admit([s[0] for s in states], buckets)
         if verdict.allowed:
             for key, (_, stamp), level, bucket in zip(
@@ -198,6 +215,8 @@ class LocalStore:
             if slot is not None and slots is not None:
                 slots[slot[1]] = now + slot[3]
                 self._slots[slot[0]] = slots
+        if spent is not None:
+            verdict = replace(verdict, spent=spent)
         return verdict
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:

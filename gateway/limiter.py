@@ -49,6 +49,20 @@ def remaining(level: float) -> int:
     return max(0, math.floor(_whole(level)))
 
 
+def over_budget(spent: int, budget_usd: float, now: datetime) -> BudgetExceeded:
+    """The refusal of a key that spent ``spent`` nano-USD of its monthly budget (402),
+    until the month after ``now`` (UTC)."""
+    month_end = (now.replace(day=1) + timedelta(days=32)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    return BudgetExceeded(
+        f"Budget exceeded: this key has spent ${pricing.usd(spent):.6f} of its"
+        f" ${budget_usd:g} budget for {now:%B %Y} (UTC); calls are refused until"
+        f" {month_end:%Y-%m-%d} 00:00 UTC or a larger budget",
+        retry_after=math.ceil((month_end - now).total_seconds()),
+    )
+
+
 def model_bucket(identifier: str, limit: float, refill: float) -> Bucket:
     """A per-model limit as ``/ratelimits`` configures it: ``limit`` burst, ``refill``/s."""
     return Bucket(f"model:{identifier}", float(limit), float(refill))
@@ -192,11 +206,15 @@ class Limiter:
         tpm: int | None,
         extra: Sequence[Bucket] = (),
         slot: tuple[str, int] | None = None,
+        budget: float | None = None,
+        now: datetime | None = None,
     ) -> Admission:
         """Take one request from the key's RPM bucket if its TPM bucket is above 0 (atomic).
 
         ``slot`` (call uid, the key's maxConcurrent): take one of the key's in-flight slots
         in the same step (one round trip); a full set refuses as ``"concurrency"``.
+        ``budget`` (USD a month): a key that spent it this month (``now``'s, UTC) is
+        refused first, taking nothing, by raising BudgetExceeded; in the same step.
         """
         named: list[tuple[str, Bucket]] = []
         if rpm and rpm > 0:
@@ -208,11 +226,16 @@ class Limiter:
         held = None
         if slot is not None and slot[1] and slot[1] > 0:
             held = (self._of_key(key_id, "inflight"), slot[0], slot[1], self.inflight_ttl)
-        if not named and held is None:
+        spend = None
+        if budget is not None:
+            now = now or datetime.now(UTC)
+            # A total below budget_usd * 1e9 is below its ceiling (totals are whole).
+            spend = (self._spend_key(key_id, now), max(0, math.ceil(budget * 1e9)))
+        if not named and held is None and spend is None:
             return Admission(True, None, None, None, None)
         keys = [self._of_key(key_id, name) for name, _ in named]
         buckets = [b for _, b in named]
-        verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held)
+        verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held, spend)
         if verdict is None:
             return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
         if held is not None and verdict.allowed:
@@ -220,6 +243,9 @@ class Limiter:
         refused_by = None
         if verdict.refused is not None:
             at = verdict.refused
+            if at > len(named):
+                assert budget is not None and now is not None and verdict.spent is not None
+                raise over_budget(verdict.spent, budget, now)
             refused_by = "concurrency" if at == len(named) else named[at][0]
         left = {
             name: remaining(level) for (name, _), level in zip(named, verdict.levels, strict=True)
@@ -266,26 +292,6 @@ class Limiter:
         }
 
     # -- monthly budgets: spend per key and calendar month (UTC) -----------------
-
-    def check_budget(
-        self, key_id: int, budget_usd: float | None, now: datetime | None = None
-    ) -> None:
-        """Refuse a call (BudgetExceeded) once the key spent its budget this month."""
-        if budget_usd is None:
-            return
-        now = now or datetime.now(UTC)
-        spent = self._guarded("budget", 0, self.store.total, self._spend_key(key_id, now))
-        if spent < budget_usd * 1e9:
-            return
-        month_end = (now.replace(day=1) + timedelta(days=32)).replace(
-            day=1, hour=0, minute=0, second=0, microsecond=0
-        )
-        raise BudgetExceeded(
-            f"Budget exceeded: this key has spent ${pricing.usd(spent):.6f} of its"
-            f" ${budget_usd:g} budget for {now:%B %Y} (UTC); calls are refused until"
-            f" {month_end:%Y-%m-%d} 00:00 UTC or a larger budget",
-            retry_after=math.ceil((month_end - now).total_seconds()),
-        )
 
     def spend(self, key_id: int, nanos: int | None, now: datetime | None = None) -> None:
         """Add a finished call's cost (nano-USD) to its key's spend this month."""

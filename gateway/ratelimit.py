@@ -35,7 +35,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from gateway import pipelining
-from gateway.buckets import Bucket, Claim, Slot, Verdict
+from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
 # What a command may raise when Redis is away, slow, restarting or misconfigured.
@@ -305,18 +305,30 @@ class RedisStore:
         return args
 
     def admit(
-        self, keys: Sequence[str], buckets: Sequence[Bucket], slot: Slot | None = None
+        self,
+        keys: Sequence[str],
+        buckets: Sequence[Bucket],
+        slot: Slot | None = None,
+        budget: Budget | None = None,
     ) -> Verdict:
-        """Take each bucket's cost and the slot, all or none (see ``LocalStore.admit``)."""
-        if slot is None:
-            out = self._run(self._buckets, keys, self._bucket_args("admit", buckets, None))
-        else:
+        """Take each bucket's cost and the slot, all or none, under the budget (see
+        ``LocalStore.admit``)."""
+        mode, keys, extra = "admit", list(keys), []
+        if slot is not None:
             key, member, limit, ttl = slot
-            args = [*self._bucket_args("admit+slot", buckets, None), member, limit, ttl]
-            out = self._run(self._buckets, [*keys, key], args)
+            mode, extra = mode + "+slot", [member, limit, ttl]
+            keys.append(key)
+        if budget is not None:
+            mode = mode + "+budget"
+            keys.append(budget[0])
+            extra.append(str(budget[1]))
+        out = self._run(self._buckets, keys, [*self._bucket_args(mode, buckets, None), *extra])
         refused = int(out[1])
+        spent = None
+        if budget is not None:
+            spent, out = int(out[-1]), out[:-1]
         return Verdict(
-            out[0] == b"1", _floats(out[3:]), float(out[2]), refused - 1 if refused else None
+            out[0] == b"1", _floats(out[3:]), float(out[2]), refused - 1 if refused else None, spent
         )
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:

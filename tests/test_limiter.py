@@ -252,19 +252,61 @@ def _fail_opens(operation: str) -> float:
 JUNE_END = datetime(2026, 6, 30, 23, 59, tzinfo=UTC)
 
 
+def _admit(limiter: Limiter, key_id: int, budget: float | None, now: datetime, **limits):  # type: ignore[no-untyped-def]
+    """Admit a call of a key with a budget (and RPM 5, TPM 1000 unless told)."""
+    limits = {"rpm": 5, "tpm": 1000, **limits}
+    return limiter.admit(key_id, limits["rpm"], limits["tpm"], budget=budget, now=now)
+
+
 def _budget_holds_then_resets(a: Limiter, b: Limiter) -> None:
-    b.check_budget(9, 1.0, JUNE_END)  # nothing spent yet
+    assert _admit(b, 9, 1.0, JUNE_END).allowed  # nothing spent yet
     a.spend(9, 600_000_000, JUNE_END)
     b.spend(9, 400_000_000, JUNE_END)  # $1.00 in all, from two workers
     with pytest.raises(BudgetExceeded) as info:
-        a.check_budget(9, 1.0, JUNE_END)
+        _admit(a, 9, 1.0, JUNE_END)
     assert (info.value.status, info.value.retry_after) == (402, 60)  # until July
     assert "spent $1.000000 of its $1 budget for June 2026 (UTC)" in info.value.message
-    b.check_budget(9, 1.5, JUNE_END)  # a larger budget lets it through
-    b.check_budget(9, None, JUNE_END)  # and so does none
-    a.check_budget(9, 1.0, JUNE_END + timedelta(minutes=1))  # July: nothing spent
+    assert _admit(b, 9, 1.000000001, JUNE_END).allowed  # a nano-dollar more lets it through
+    assert _admit(b, 9, None, JUNE_END).allowed  # and so does none
+    with pytest.raises(BudgetExceeded):  # a key with a budget and no other limit
+        _admit(b, 9, 0.5, JUNE_END, rpm=None, tpm=None)
+    assert _admit(a, 9, 1.0, JUNE_END + timedelta(minutes=1)).allowed  # July: nothing spent
     a.spend(9, None, JUNE_END)  # an unpriced call changes nothing
     assert a.spent(9, JUNE_END) == b.spent(9, JUNE_END) == 1_000_000_000
+
+
+def _a_budget_refusal_takes_nothing(limiter: Limiter) -> None:
+    limiter.spend(12, 2_000_000_000, JUNE_END)
+    for i in range(4):  # RPM 2, one slot: refused for the budget each time, never for them
+        with pytest.raises(BudgetExceeded):
+            limiter.admit(12, 2, 1000, slot=(f"call-{i}", 1), budget=2.0, now=JUNE_END)
+    assert limiter.usage(12, 2, 1000)["rpm"]["remaining"] == 2
+    july = JUNE_END + timedelta(minutes=1)
+    assert limiter.admit(12, 2, 1000, slot=("first", 1), budget=2.0, now=july).allowed
+    refused = limiter.admit(12, 2, 1000, slot=("second", 1), budget=2.0, now=july)
+    assert refused.limit_type == "concurrency"  # the slot was free until "first" took it
+
+
+def test_a_budget_refusal_takes_no_request_and_no_slot(pair) -> None:  # type: ignore[no-untyped-def]
+    _a_budget_refusal_takes_nothing(pair[0])
+
+
+def test_a_budget_refusal_takes_nothing_in_process_memory() -> None:
+    _a_budget_refusal_takes_nothing(Limiter())
+
+
+def test_the_budget_is_asked_in_the_admission_s_round_trip(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+    a.spend(13, 1, JUNE_END)
+    a.admit(13, 5, 1000)  # the script is loaded (a Redis that lost it loads it on first use)
+    before = _evalsha_calls(a)
+    assert a.admit(13, 5, 1000, slot=("call", 2), budget=1.0, now=JUNE_END).allowed
+    assert _evalsha_calls(a) - before == 1
+
+
+def _evalsha_calls(limiter: Limiter) -> int:
+    stats = limiter.store.client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 def test_a_budget_spent_through_one_worker_refuses_in_the_other(pair) -> None:  # type: ignore[no-untyped-def]
@@ -287,8 +329,9 @@ def test_a_budget_fails_open_when_redis_is_away(redis_server: RedisServer) -> No
     limiter = _on(redis_server.url, "fob", REDIS_RETRY_AFTER=0.3)
     limiter.spend(11, 5_000_000_000, JUNE_END)
     with pytest.raises(BudgetExceeded):
-        limiter.check_budget(11, 1.0, JUNE_END)
+        _admit(limiter, 11, 1.0, JUNE_END)
+    before = _fail_opens("admit")
     redis_server.stop()
-    limiter.check_budget(11, 1.0, JUNE_END)  # allowed, counted, warned
+    assert _admit(limiter, 11, 1.0, JUNE_END).failed_open  # allowed, counted, warned
     limiter.spend(11, 1, JUNE_END)  # lost, not raised
-    assert _fail_opens("budget") >= 1
+    assert _fail_opens("admit") > before

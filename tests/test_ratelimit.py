@@ -59,6 +59,15 @@ step = st.one_of(
         st.sampled_from("abcd"),
         st.integers(1, 3),
     ),
+    # admit under a budget: any buckets, a slot or none, the limit the spend must be below
+    st.tuples(
+        st.just("admit+budget"),
+        st.sets(st.integers(0, 3)),
+        st.sampled_from(["a", "b", None]),
+        st.one_of(st.integers(-5, 4000), st.sampled_from([2**60, 2**60 + 1, -(2**60)])),
+    ),
+    # a month's spend grows (or, here, shrinks: the scripts need not care)
+    st.tuples(st.just("add"), st.one_of(st.integers(-3, 2000), st.sampled_from([2**60, -(2**61)]))),
     # a finished call's operations in one round trip: its claim, slot, tokens and spend
     st.tuples(
         st.just("run_all"),
@@ -85,6 +94,14 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
         if kind == "admit+slot":
             return store.admit(keys, [BUCKETS[i] for i in chosen], (slots, op[2], op[3], 9.0))
         return getattr(store, kind)(keys, [BUCKETS[i] for i in chosen])
+    if kind == "admit+budget":
+        chosen = sorted(op[1])
+        keys = [f"{prefix}:{{k}}:{BUCKETS[i].name}" for i in chosen]
+        slot = None if op[2] is None else (slots, op[2], 2, 9.0)
+        budget = (f"{prefix}:{{k}}:spend", op[3])
+        return store.admit(keys, [BUCKETS[i] for i in chosen], slot, budget)
+    if kind == "add":
+        return store.add(f"{prefix}:{{k}}:spend", op[1], 1e6)
     if kind == "charge":
         bucket = BUCKETS[op[1]]
         return store.charge(f"{prefix}:{{k}}:{bucket.name}", bucket, op[2])
@@ -120,6 +137,11 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
 @given(steps=scenario)
 @example(steps=[(0, ("admit", {3})), (0, ("admit", {3})), (1, ("admit", {3}))])  # exactly 1 left
 @example(steps=[(0, ("charge", 1, 900)), (0, ("peek", {1})), (0, ("admit", {1}))])  # TPM at 0
+@example(  # past what a double holds, the budget still compares exactly
+    steps=[(0, ("add", 2**60)), (0, ("add", 1)), (0, ("admit+budget", {0}, "a", 2**60 + 1)),
+           (0, ("admit+budget", {0}, None, 2**60 + 2)), (0, ("add", -(2**61))),
+           (0, ("admit+budget", set(), "b", -(2**60)))]
+)  # fmt: skip
 @example(  # a settled claim answers repeats until its own expiry, then is claimed afresh
     steps=[(0, ("claim", "u")), (1, ("settle", "u", "答")), (20, ("claim", "v")),
            (0, ("keep", "u")), (0, ("unclaim", "u")), (11, ("claim", "w"))]

@@ -4,21 +4,30 @@
 -- (After prelude.lua: clock, num, MARGIN.)
 -- KEYS: one hash per bucket (l = level, t = time of that level, in seconds), all sharing
 --       one hash tag so that the script runs unchanged on Redis Cluster.
--- ARGV: mode ("admit" | "admit+slot" | "charge" | "peek"), now ("" = the server's TIME;
+-- ARGV: mode ("admit", "admit+slot", "admit+budget", "admit+slot+budget", "charge",
+--       "peek"), now ("" = the server's TIME;
 --       tests pass a clock), then per bucket: capacity, rate (tokens per second), amount
 --       (admit: the cost, 0 meaning "only require the level above 0"; charge: tokens to
 --       take).
 -- "admit+slot" also takes one in-flight slot (slots.lua's "acquire", in the same step):
 --       its KEYS end with the slot set, its ARGV with member, limit, ttl seconds. The
 --       call is admitted only if both have room; a full slot set refuses first.
+-- "+budget" also requires a running total (totals.lua's) below a limit, before all else:
+--       its KEYS end with the total, its ARGV with the limit (an integer in decimal).
 -- Returns strings (doubles survive as "%.17g"):
---   admit: {allowed (1|0), refused (1-based bucket, #buckets + 1 for the slots, 0 if
---           none), wait seconds, levels...}
+--   admit: {allowed (1|0), refused (1-based bucket, #buckets + 1 for the slots,
+--           #buckets + 2 for the budget, 0 if none), wait seconds, levels...,
+--           and with a budget the total read}
 --   charge: {level}   peek: {levels...}
 local mode = ARGV[1]
 local now = clock(ARGV[2])
+local with_slot = mode == 'admit+slot' or mode == 'admit+slot+budget'
+local with_budget = mode == 'admit+budget' or mode == 'admit+slot+budget'
 local n = #KEYS
-if mode == 'admit+slot' then
+if with_slot then
+  n = n - 1
+end
+if with_budget then
   n = n - 1
 end
 
@@ -67,10 +76,47 @@ if mode == 'charge' then
   return {num(levels[1])}
 end
 
--- LocalStore.admit: a full slot set refuses before any bucket is looked at.
+local function verdict(allowed, refused, wait, spent)
+  local out = {tostring(allowed), tostring(refused), num(wait)}
+  for i = 1, n do
+    out[3 + i] = num(levels[i])
+  end
+  if spent then
+    out[4 + n] = spent
+  end
+  return out
+end
+
+-- a < b for integers in decimal, exactly (a total may pass 2^53, where doubles round).
+local function below(a, b)
+  local a_negative, b_negative = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
+  if a_negative ~= b_negative then
+    return a_negative
+  end
+  if a_negative then
+    a, b = b:sub(2), a:sub(2)
+  end
+  if #a ~= #b then
+    return #a < #b
+  end
+  return a < b
+end
+
+-- LocalStore.admit: a budget spent refuses first, then a full slot set, taking nothing.
+local spent
+if with_budget then
+  local last = 3 * n + 3
+  if with_slot then
+    last = last + 3
+  end
+  spent = redis.call('GET', KEYS[#KEYS]) or '0'
+  if not below(spent, ARGV[last]) then
+    return verdict(0, n + 2, 0, spent)
+  end
+end
 local allowed, wait, refused = 1, 0, 0
 local slots, member, limit, ttl
-if mode == 'admit+slot' then
+if with_slot then
   slots, member = KEYS[n + 1], ARGV[3 * n + 3]
   limit, ttl = tonumber(ARGV[3 * n + 4]), tonumber(ARGV[3 * n + 5])
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', num(now))
@@ -108,8 +154,4 @@ if allowed == 1 then
     redis.call('PEXPIRE', slots, math.ceil((ttl + MARGIN) * 1000))
   end
 end
-local out = {tostring(allowed), tostring(refused), num(wait)}
-for i = 1, n do
-  out[3 + i] = num(levels[i])
-end
-return out
+return verdict(allowed, refused, wait, spent)
