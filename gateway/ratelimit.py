@@ -112,6 +112,10 @@ def _is_one(answer: Any) -> bool:
     return answer == 1
 
 
+def _first_is_one(answer: Sequence[Any]) -> bool:
+    return answer[0] == 1
+
+
 def _first(answer: Sequence[bytes]) -> float:
     return float(answer[0])
 
@@ -290,6 +294,12 @@ class RedisStore:
         if name == "release":
             key, member = args
             return self._slots, [key], ["release", member, 0, 0, self._now()], _second_int
+        if name == "refresh":
+            key, member, ttl = args
+            return self._slots, [key], ["refresh", member, 0, ttl, self._now()], _first_is_one
+        if name == "keep_claim":
+            key, uid, ttl = args
+            return self._claims, [key], ["keep", uid, ttl, self._now()], _is_one
         if name == "charge":
             key, bucket, amount = args
             return self._buckets, [key], self._bucket_args("charge", [bucket], amount), _first
@@ -346,7 +356,7 @@ class RedisStore:
 
     def refresh(self, key: str, member: str, ttl: float) -> bool:
         """Extend a held slot by ``ttl`` from now; False if it had expired."""
-        return self._run(self._slots, [key], ["refresh", member, 0, ttl, self._now()])[0] == 1
+        return self._one("refresh", key, member, ttl)
 
     def release(self, key: str, member: str) -> int:
         """Give a slot back; return the slots still in use."""
@@ -361,7 +371,7 @@ class RedisStore:
 
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
         """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
-        return self._run(self._claims, [key], ["keep", uid, ttl, self._now()]) == 1
+        return self._one("keep_claim", key, uid, ttl)
 
     def settle(self, key: str, uid: str, answer: str, ttl: float) -> bool:
         """Keep ``answer`` under ``uid``'s claim for ``ttl`` from now; False if not the holder."""

@@ -9,6 +9,7 @@ minute, and that limits hold again as soon as Redis answers.
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import time
 import uuid
@@ -20,7 +21,7 @@ import pytest
 
 from gateway import metrics
 from gateway.errors import BudgetExceeded
-from gateway.limiter import Limiter, model_bucket
+from gateway.limiter import KEEP_BATCH, Limiter, model_bucket
 from tests.servers import RedisServer, wait_until
 
 
@@ -137,6 +138,28 @@ def test_request_claims_are_exclusive_and_lapse_with_their_worker(
         wait_until(lambda: b.claim(4, "req-2", "uid-d") is None, timeout=2)
     finally:
         a.stop()
+
+
+def test_the_keeper_refreshes_a_worker_s_slots_and_claims_in_batches(
+    shared_redis: RedisServer,
+) -> None:
+    """1,500 calls in flight: a round trip keeps KEEP_BATCH of them (100: 15 round trips)."""
+    prefix = uuid.uuid4().hex[:8]
+    a, b = (_on(shared_redis.url, prefix, INFLIGHT_TTL=2.0, REDIS_TIMEOUT=2.0) for _ in "ab")
+    for i in range(1200):
+        assert a.enter(20 + i % 3, f"call-{i}", max_concurrent=400)
+    for i in range(300):
+        assert a.claim(30, f"req-{i}", f"uid-{i}") is None
+    a.leave(21, "call-1")  # given back: the keeper must not take it again
+    gevent.sleep(1.2)  # the first slot is about 1.6 s old
+    sent = _round_trips(a)
+    a.keep_in_flight()
+    assert sum(sent) == 1499 and len(sent) == math.ceil(1499 / KEEP_BATCH)
+    gevent.sleep(1.0)  # every slot and claim is past its first TTL: kept by the refresh
+    assert not b.enter(20, "late", max_concurrent=400)
+    assert b.enter(21, "late", max_concurrent=400)  # call-1's place, and only that
+    assert not b.enter(21, "later", max_concurrent=400)
+    assert all(b.claim(30, f"req-{i}", "other").uid == f"uid-{i}" for i in (0, 150, 299))
 
 
 def test_wrong_secrets_are_throttled_per_address_and_right_ones_are_not(pair) -> None:  # type: ignore[no-untyped-def]
@@ -302,6 +325,19 @@ def test_the_budget_is_asked_in_the_admission_s_round_trip(pair) -> None:  # typ
     before = _evalsha_calls(a)
     assert a.admit(13, 5, 1000, slot=("call", 2), budget=1.0, now=JUNE_END).allowed
     assert _evalsha_calls(a) - before == 1
+
+
+def _round_trips(limiter: Limiter) -> list[int]:
+    """How many scripts each of the limiter's round trips to Redis carries, from now on."""
+    sent: list[int] = []
+    scripts = limiter.store._scripts
+
+    def counted(calls):  # type: ignore[no-untyped-def]
+        sent.append(len(calls))
+        return scripts(calls)
+
+    limiter.store._scripts = counted
+    return sent
 
 
 def _evalsha_calls(limiter: Limiter) -> int:

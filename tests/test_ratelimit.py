@@ -68,7 +68,7 @@ step = st.one_of(
     ),
     # a month's spend grows (or, here, shrinks: the scripts need not care)
     st.tuples(st.just("add"), st.one_of(st.integers(-3, 2000), st.sampled_from([2**60, -(2**61)]))),
-    # a finished call's operations in one round trip: its claim, slot, tokens and spend
+    # the keeper's refreshes, then a finished call's operations, in one round trip
     st.tuples(
         st.just("run_all"),
         st.sampled_from("uvw"),
@@ -109,6 +109,8 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
         bucket = BUCKETS[op[3]]
         return store.run_all(
             [
+                ("refresh", (slots, op[2], 9.0)),
+                ("keep_claim", (claims, op[1], 12.0)),
                 ("settle", (claims, op[1], '{"a": 2}', 30.0)),
                 ("unclaim", (claims, op[1])),
                 ("release", (slots, op[2])),
