@@ -211,7 +211,8 @@ class LocalStore:
             for key, (_, stamp), level, bucket in zip(
                 keys, states, verdict.levels, buckets, strict=True
             ):
-                self._store(key, level, stamp, bucket)
+                if bucket.cost:  # one that pays nothing (the TPM check) is left as it was
+                    self._store(key, level, stamp, bucket)
             if slot is not None and slots is not None:
                 slots[slot[1]] = now + slot[3]
                 self._slots[slot[0]] = slots

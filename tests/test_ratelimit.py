@@ -158,6 +158,22 @@ def test_lua_and_in_process_stores_answer_alike(shared_redis: RedisServer, steps
         assert _apply(redis_store, prefix, op) == _apply(local, prefix, op), op
 
 
+def test_an_admission_writes_only_the_buckets_it_takes_from(shared_redis: RedisServer) -> None:
+    """The TPM check (cost 0) reads its bucket and leaves it as it was: two writes fewer."""
+    clock = Clock()
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT), clock)
+    rpm, tpm = BUCKETS[0], BUCKETS[1]
+    keys = [f"{uuid.uuid4().hex}:{{k}}:{b.name}" for b in (rpm, tpm)]
+    store.charge(keys[1], tpm, 600)  # a finished call's tokens: stored at this time
+    expiry = store.client.pttl(keys[1])
+    clock.now += 30
+    verdict = store.admit(keys, [rpm, tpm])
+    assert verdict.allowed and verdict.levels[1] == 300 + 30 * tpm.rate  # refilled as read
+    assert store.client.hmget(keys[1], "t") == [b"1700000000"]  # still the charge's
+    assert store.client.pttl(keys[1]) <= expiry
+    assert store.client.hget(keys[0], "t") == b"1700000030"  # RPM paid: stored
+
+
 def test_without_a_clock_the_server_time_refills(shared_redis: RedisServer) -> None:
     store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
     bucket, key = Bucket("b", 5, 20.0), f"{uuid.uuid4().hex}:{{k}}:b"  # 20 tokens a second

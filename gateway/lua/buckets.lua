@@ -146,8 +146,10 @@ for i = 1, n do
 end
 if allowed == 1 then
   for i = 1, n do
-    levels[i] = levels[i] - amounts[i]
-    store(i)
+    if amounts[i] ~= 0 then  -- a bucket that pays nothing (the TPM check) is left as it was
+      levels[i] = levels[i] - amounts[i]
+      store(i)
+    end
   end
   if slots then
     redis.call('ZADD', slots, num(now + ttl), member)
