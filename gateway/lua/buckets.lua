@@ -5,10 +5,9 @@
 -- KEYS: one hash per bucket (l = level, t = time of that level, in seconds), all sharing
 --       one hash tag so that the script runs unchanged on Redis Cluster.
 -- ARGV: mode ("admit", "admit+slot", "admit+budget", "admit+slot+budget", "charge",
---       "peek"), now ("" = the server's TIME;
---       tests pass a clock), then per bucket: capacity, rate (tokens per second), amount
---       (admit: the cost, 0 meaning "only require the level above 0"; charge: tokens to
---       take).
+--       "peek"), now ("" = the server's TIME; tests pass a clock), then per bucket:
+--       capacity, rate (tokens per second), amount (admit: the cost, 0 meaning "only
+--       require the level above 0"; charge: tokens to take).
 -- "admit+slot" also takes one in-flight slot (slots.lua's "acquire", in the same step):
 --       its KEYS end with the slot set, its ARGV with member, limit, ttl seconds. The
 --       call is admitted only if both have room; a full slot set refuses first.
