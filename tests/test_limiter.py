@@ -145,18 +145,21 @@ def test_the_keeper_refreshes_a_worker_s_slots_and_claims_in_batches(
 ) -> None:
     """1,500 calls in flight: a round trip keeps KEEP_BATCH of them (100: 15 round trips)."""
     prefix = uuid.uuid4().hex[:8]
-    a, b = (_on(shared_redis.url, prefix, INFLIGHT_TTL=2.0, REDIS_TIMEOUT=2.0) for _ in "ab")
+    a, b = (_on(shared_redis.url, prefix, INFLIGHT_TTL=4.0, REDIS_TIMEOUT=2.0) for _ in "ab")
+    started = time.monotonic()
     for i in range(1200):
         assert a.enter(20 + i % 3, f"call-{i}", max_concurrent=400)
     for i in range(300):
         assert a.claim(30, f"req-{i}", f"uid-{i}") is None
     a.leave(21, "call-1")  # given back: the keeper must not take it again
-    gevent.sleep(1.2)  # the first slot is about 1.6 s old
+    entered = time.monotonic()
+    gevent.sleep(1.0)
     sent = _round_trips(a)
     a.keep_in_flight()
+    assert time.monotonic() - started < 4.0, "too slow to refresh before the first TTL"
     assert sum(sent) == 1499 and len(sent) == math.ceil(1499 / KEEP_BATCH)
-    gevent.sleep(1.0)  # every slot and claim is past its first TTL: kept by the refresh
-    assert not b.enter(20, "late", max_concurrent=400)
+    gevent.sleep(max(0.0, entered + 4.3 - time.monotonic()))  # every first TTL is over
+    assert not b.enter(20, "late", max_concurrent=400)  # kept by the refresh
     assert b.enter(21, "late", max_concurrent=400)  # call-1's place, and only that
     assert not b.enter(21, "later", max_concurrent=400)
     assert all(b.claim(30, f"req-{i}", "other").uid == f"uid-{i}" for i in (0, 150, 299))
