@@ -226,25 +226,28 @@ def test_redis_away_fails_open_counted_warned_once_and_limits_come_back(
     heard: list[str | None] = []
     limiter.on_key_change(heard.append)
     limiter.start()
-    assert sum(limiter.admit(1, rpm=3, tpm=100).allowed for _ in range(5)) == 3
-    counted = _fail_opens("admit")
-    redis_server.stop()
-    with caplog.at_level(logging.WARNING, logger="gateway.limiter"):
-        answers = [limiter.admit(1, rpm=3, tpm=100) for _ in range(20)]
-    assert all(a.allowed and a.failed_open for a in answers)
-    assert answers[0].headers()["X-RateLimit-Remaining-RPM"] == "3"
-    assert limiter.fail_opens == 20 and _fail_opens("admit") == counted + 20
-    assert len([r for r in caplog.records if "Redis unavailable" in r.message]) == 1
-    limiter.charge(1, 100, 50)  # lost, not raised
-    assert limiter.enter(1, "c", 1) and limiter.claim(1, "r", "u") is None
-    assert limiter.admit(1, rpm=3, tpm=100, slot=("d", 1)).failed_open
-    finished = _fail_opens("finish")
-    limiter.finish(1, "c", req_id="r", answer="{}", tpm=100, tokens=50, nanos=10)  # lost too
-    assert _fail_opens("finish") == finished + 1
-    redis_server.start()  # restarted empty
-    wait_until(lambda: not limiter.admit(2, rpm=1, tpm=100).failed_open, timeout=5)
-    assert not limiter.admit(2, rpm=1, tpm=100).allowed  # the limit holds again
-    wait_until(lambda: None in heard, timeout=5)  # the listener reconnected: forget all
+    try:
+        assert sum(limiter.admit(1, rpm=3, tpm=100).allowed for _ in range(5)) == 3
+        counted = _fail_opens("admit")
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, logger="gateway.limiter"):
+            answers = [limiter.admit(1, rpm=3, tpm=100) for _ in range(20)]
+        assert all(a.allowed and a.failed_open for a in answers)
+        assert answers[0].headers()["X-RateLimit-Remaining-RPM"] == "3"
+        assert limiter.fail_opens == 20 and _fail_opens("admit") == counted + 20
+        assert len([r for r in caplog.records if "Redis unavailable" in r.message]) == 1
+        limiter.charge(1, 100, 50)  # lost, not raised
+        assert limiter.enter(1, "c", 1) and limiter.claim(1, "r", "u") is None
+        assert limiter.admit(1, rpm=3, tpm=100, slot=("d", 1)).failed_open
+        finished = _fail_opens("finish")
+        limiter.finish(1, "c", req_id="r", answer="{}", tpm=100, tokens=50, nanos=10)  # lost too
+        assert _fail_opens("finish") == finished + 1
+        redis_server.start()  # restarted empty
+        wait_until(lambda: not limiter.admit(2, rpm=1, tpm=100).failed_open, timeout=5)
+        assert not limiter.admit(2, rpm=1, tpm=100).allowed  # the limit holds again
+        wait_until(lambda: None in heard, timeout=5)  # the listener reconnected: forget all
+    finally:
+        limiter.stop()  # its listener would reconnect to a stopped Redis for good
 
 
 def test_a_slow_redis_fails_open_within_the_timeout(redis_server: RedisServer) -> None:
