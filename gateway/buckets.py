@@ -195,18 +195,18 @@ class LocalStore:
             refill(self._state(k, now), now, b.capacity, b.rate)
             for k, b in zip(keys, buckets, strict=True)
         ]
+        levels = tuple(s[0] for s in states)
         spent = None
         if budget is not None:
             spent = self.total(budget[0])
             if not spent < budget[1]:
-                levels = tuple(s[0] for s in states)
                 return Verdict(False, levels, 0.0, len(buckets) + 1, spent)
         slots = None
         if slot is not None:
             slots = self._live_slots(slot[0], now)
             if slot[1] not in slots and len(slots) >= slot[2]:
-                return Verdict(False, tuple(s[0] for s in states), 0.0, len(buckets), spent)
-        verdict = admit([s[0] for s in states], buckets)
+                return Verdict(False, levels, 0.0, len(buckets), spent)
+        verdict = admit(levels, buckets)
         if verdict.allowed:
             for key, (_, stamp), level, bucket in zip(
                 keys, states, verdict.levels, buckets, strict=True
