@@ -38,12 +38,11 @@ from gevent import monkey
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
+from gateway import offloop
 from gateway.config import DEFAULTS, ROOT, default_database_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_native_ident = monkey.get_original("_thread", "get_ident")
-_MAIN_IDENT = _native_ident()  # the thread that imported this: a worker's, the tests'
 
 database = peewee.DatabaseProxy()
 MIGRATIONS = ROOT / "migrations"
@@ -52,9 +51,6 @@ _MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
 # How often a writer looks again for SQLite's write lock another process holds
 # (``sqlite_write``), in seconds: from the first retry to at most.
 LOCK_POLL_MIN, LOCK_POLL_MAX = 0.001, 0.02
-# How often a wait for SQLite's pool thread looks whether the thread has finished
-# without waking the loop (``_Outcome``), in seconds.
-LOST_WAKEUP_CHECK = 5.0
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",
@@ -113,7 +109,7 @@ class _SqliteDatabase(peewee.SqliteDatabase):
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         conn = self._state.conn
-        if conn is None or conn.in_transaction or not _pooled_here() or not _statement(sql):
+        if conn is None or conn.in_transaction or not offloop.available() or not _statement(sql):
             return super().execute_sql(sql, params)
         self._log_query(sql, params)
         with peewee.__exception_wrapper__:
@@ -171,70 +167,12 @@ def beside_loop(conn: Any, work: Callable[..., T], *args: Any) -> T:
     meanwhile; this greenlet waits for the answer. If it is interrupted while it waits
     (a ``Timeout``, a kill), the statement is interrupted too, and waited for, before
     the exception goes on: nothing else may use ``conn`` while the thread does.
-    The outcome comes back as a value (``_Outcome``): an error is raised here, in the
-    caller, and never printed by the hub as a failed pool task.
     Outside a gevent worker's main thread (a script, a test without patching), it
-    simply calls ``work``.
+    simply calls ``work``. The wait survives a lost wake-up from the pool (``offloop``).
     """
-    if not isinstance(conn, sqlite3.Connection) or not _pooled_here():
+    if not isinstance(conn, sqlite3.Connection) or not offloop.available():
         return work(*args)
-    outcome = _Outcome()
-    result = gevent.get_hub().threadpool.spawn(outcome.run, work, args)
-    try:
-        outcome.wait(result)
-    except BaseException:
-        if not outcome.done:
-            conn.interrupt()
-            outcome.wait(result)
-        raise
-    return outcome.value()
-
-
-class _Outcome:
-    """What ``work`` did in its pool thread, kept where the loop can look at it.
-
-    The hub learns that a pool task ended from the thread's wake-up (an async
-    watcher). That wake-up was once seen lost in a test process: every greenlet
-    waiting on the pool waited for ever, though the pool had finished its tasks. So a
-    wait here also looks, every ``LOST_WAKEUP_CHECK`` seconds, whether the thread has
-    finished, and goes on if so: a worker's recorder must not stop for good on a lost
-    wake-up.
-    """
-
-    __slots__ = ("_error", "_value", "done")
-
-    def __init__(self) -> None:
-        self.done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def run(self, work: Callable[..., Any], args: tuple) -> None:
-        """In the pool thread: ``work(*args)``, its result or its error kept here."""
-        try:
-            self._value = work(*args)
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self.done = True
-
-    def wait(self, result: Any) -> None:
-        """Until the thread has finished ``run``: woken by the hub, or by a look."""
-        while not result.ready():
-            result.wait(LOST_WAKEUP_CHECK)
-            if self.done and not result.ready():
-                log.warning("a SQLite task ended without waking the loop; going on without it")
-                return
-
-    def value(self) -> Any:
-        """``work``'s result, or its error raised."""
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _pooled_here() -> bool:
-    """True on the patched process's own thread, where a pool thread can take work."""
-    return monkey.is_module_patched("threading") and _native_ident() == _MAIN_IDENT
+    return offloop.run(work, args, "a SQLite task", cancel=conn.interrupt)
 
 
 def is_postgres() -> bool:

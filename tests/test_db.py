@@ -10,7 +10,7 @@ import gevent
 import pytest
 from gevent.threadpool import ThreadResult
 
-from gateway import db
+from gateway import offloop
 from gateway.db import beside_loop, open_database
 from tests.loopwatch import Watch, watch_loop
 from tests.servers import sqlite_lock_held
@@ -75,7 +75,7 @@ def test_a_lost_wake_up_from_the_pool_costs_a_look_not_the_worker(
         result.value = value
         held.append(result)
 
-    monkeypatch.setattr(db, "LOST_WAKEUP_CHECK", 0.05)
+    monkeypatch.setattr(offloop, "LOST_WAKEUP_CHECK", 0.05)
     monkeypatch.setattr(ThreadResult, "set", set_without_waking)
     with gevent.Timeout(5, AssertionError("waited for a wake-up that never comes")):
         assert beside_loop(conn, _fetch, conn, "SELECT 2") == [(2,)]
