@@ -16,7 +16,8 @@ with the first body bytes, in one send where stock gunicorn makes two (``OneSend
 a stream's later bytes may skip its loop (``framing``: see gateway/downstream.py).
 
 Imported by gunicorn's master, before gevent patches anything: so nothing from the
-gateway is imported at module level here, but ``sockets``, which imports nothing.
+gateway is imported at module level here, but ``sockets``, which imports nothing, and
+``resolver``, which imports only gevent.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gunicorn import util
 from gunicorn.http import message, wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
+from gateway import resolver
 from gateway.sockets import send_all
 
 # Seconds kept back at the end of graceful_timeout to record stopped calls.
@@ -249,6 +251,7 @@ class GatewayWorker(GeventWorker):
         # dumps nobody takes here: a walk of the stack and about 20 objects held per
         # greenlet: each connection has one (its handler), a stream a second (its producer).
         gevent.config.track_greenlet_tree = False
+        resolver.install()  # before the worker's hub first resolves a name
         self.cfg = SettledConfig(self.cfg)
         super().init_process()
 

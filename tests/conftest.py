@@ -22,7 +22,7 @@ import gevent  # noqa: E402
 import peewee  # noqa: E402
 import pytest  # noqa: E402
 
-from gateway import create_app, srvlog  # noqa: E402
+from gateway import create_app, resolver, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import recorder  # noqa: E402
@@ -36,6 +36,10 @@ from tests.servers import (  # noqa: E402
     RedisServer,
     reap,
 )
+
+# Name lookups as a worker makes them: an address without the pool, a name with a
+# wait that a lost wake-up cannot make endless (one once hung a test process).
+resolver.install()
 
 # A pytest-xdist worker (``make test`` runs two) waits for its next test on a
 # threading.Event, gevent's once patched, that execnet's receiver thread sets. With
