@@ -304,7 +304,9 @@ def test_numbers_become_double_precision_keeping_the_values_read_before(
             "SELECT input_price, output_price, weight FROM models ORDER BY id"
         ).fetchall()
         assert [row[0] for row in before] == list(real)  # real, read as psycopg reads it
-        assert runner.up() == ["0012_numbers_double_precision"]
+        assert runner.up(target="0012_numbers_double_precision") == [
+            "0012_numbers_double_precision"
+        ]
         kinds = dict(
             db.execute_sql(
                 "SELECT table_name || '.' || column_name, data_type"
@@ -338,3 +340,19 @@ def test_numbers_become_double_precision_keeping_the_values_read_before(
         assert db.execute_sql("SELECT budget_usd FROM api_keys WHERE id = 1").fetchone() == (
             1234567.89,
         )
+
+
+def test_the_full_text_index_merges_eight_segments_at_a_time(
+    empty_database: peewee.Database,
+) -> None:
+    """0013: SQLite's FTS5 index keeps its automerge setting (PostgreSQL: nothing to do)."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0012_numbers_double_precision")
+        assert runner.up(target="0013_fts_automerge") == ["0013_fts_automerge"]
+        if isinstance(db, peewee.PostgresqlDatabase):
+            assert "completions_fts" not in db.get_tables()
+            return
+        config = dict(db.execute_sql("SELECT k, v FROM completions_fts_config").fetchall())
+        assert config.get("automerge") == 8
