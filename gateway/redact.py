@@ -41,5 +41,14 @@ def mask(secret: str | None) -> str | None:
 
 def credential_header(name: str, value: str = "") -> bool:
     """True for a header that carries a credential, by its name or an auth scheme in it."""
-    lower = name.lower()
-    return any(word in lower for word in _CREDENTIAL_WORDS) or bool(_CREDENTIAL_VALUE.match(value))
+    return credential_name(name.lower()) or credential_value(value)
+
+
+def credential_name(lower: str) -> bool:
+    """True for a header name (lower-cased) that says it carries a credential."""
+    return any(word in lower for word in _CREDENTIAL_WORDS)
+
+
+def credential_value(value: str) -> bool:
+    """True for a header value that starts with an auth scheme (``Bearer ...``)."""
+    return bool(_CREDENTIAL_VALUE.match(value))

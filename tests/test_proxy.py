@@ -14,8 +14,11 @@ import uuid
 
 import peewee
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from werkzeug.datastructures import EnvironHeaders
 
-from gateway import auth, proxy
+from gateway import auth, proxy, redact
 from gateway.db import database
 from gateway.models import Completion, Embedding
 from gateway.recorder import recorder
@@ -564,3 +567,36 @@ def test_metrics_count_the_catalog_from_memory_and_need_no_database(
     assert "\nnexusgate_active_providers 1.0\n" in text
     assert '\nnexusgate_active_models{type="chat"} 1.0\n' in text
     assert '\nnexusgate_active_models{type="embedding"} 1.0\n' in text
+
+
+_HEADER_NAMES = st.sampled_from(
+    [
+        "HTTP_USER_AGENT", "HTTP_X_STAINLESS_OS", "HTTP_HOST", "HTTP_CONTENT_TYPE",
+        "HTTP_CONTENT_LENGTH", "CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_AUTHORIZATION",
+        "HTTP_X_API_KEY", "HTTP_X_NEXUSGATE_REQID", "HTTP_SEC_FETCH_MODE", "HTTP_PROXY_X",
+        "HTTP_COOKIE", "HTTP_ANTHROPIC_BETA", "HTTP_X_MY_SECRET", "REMOTE_ADDR", "PATH_INFO",
+        "wsgi.url_scheme", "HTTP_", "HTTP_X_Mixed_Case",
+    ]
+) | st.from_regex(r"HTTP_[A-Za-z0-9_]{1,12}", fullmatch=True)  # fmt: skip
+_HEADER_VALUES = st.sampled_from(["Bearer sk-1", " basic x", "digest  y", "Linux", ""]) | st.text(
+    st.characters(min_codepoint=32, max_codepoint=255), max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_HEADER_NAMES, _HEADER_VALUES, max_size=12))
+def test_the_headers_passed_on_are_werkzeug_s_by_the_rules(environ: dict[str, str]) -> None:
+    """Read off the environ (a name's verdict kept from call to call), the same headers
+    as Werkzeug's, filtered by the rules the way they were filtered through it."""
+    expected = {}
+    for name, value in EnvironHeaders(environ):
+        lower = name.lower()
+        if (
+            lower in proxy._NOT_FORWARDED
+            or lower.startswith(proxy._NOT_FORWARDED_PREFIXES)
+            or redact.credential_header(lower, value)
+        ):
+            continue
+        expected[lower] = value
+    assert proxy.forwarded_headers(environ) == expected
+    assert proxy.forwarded_headers(environ) == expected  # the names' verdicts now kept
