@@ -600,3 +600,25 @@ def test_the_headers_passed_on_are_werkzeug_s_by_the_rules(environ: dict[str, st
         expected[lower] = value
     assert proxy.forwarded_headers(environ) == expected
     assert proxy.forwarded_headers(environ) == expected  # the names' verdicts now kept
+
+
+@pytest.mark.parametrize(
+    ("accept", "streamed"),
+    [
+        (None, False),
+        ("application/json", False),
+        ("*/*", False),
+        ("text/event-stream", True),
+        ("application/json, text/event-stream;q=0.5", True),
+        ("Text/Event-Stream", False),  # the exact media type, as before
+        ("text/event-stream;q=0", False),
+        ("text/event-streams", False),
+    ],
+)
+def test_a_call_without_stream_streams_if_it_accepts_only_an_event_stream_by_name(
+    client, route, accept: str | None, streamed: bool
+) -> None:  # type: ignore[no-untyped-def]
+    headers = {} if accept is None else {"Accept": accept}
+    resp = post(client, CHAT, VALID[CHAT], route["key"], **headers)
+    assert resp.status_code == 200
+    assert (resp.mimetype == "text/event-stream") is streamed
