@@ -1,4 +1,5 @@
-"""Watching a worker's event loop: how long it went without a turn while a block ran."""
+"""Watching a worker's event loop: how long it went without a turn while a block ran;
+and a loop that the pool's wake-ups do not reach."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import gevent
+import pytest
+from gevent.threadpool import ThreadResult
+
+from gateway import offloop
 
 
 @dataclass
@@ -41,3 +46,25 @@ def watch_loop() -> Iterator[Watch]:
         watch.took = time.monotonic() - started
         gevent.sleep(0.01)  # a turn after the block, or a frozen loop would show no gap
         ticker.kill()
+
+
+@contextmanager
+def lost_wakeups() -> Iterator[list]:
+    """The hub's thread pool finishes its tasks without waking the loop (as was once seen
+    in a test process), and waits for it look every 0.05 s (``offloop``). Yields the
+    tasks' results held back; afterwards each gets its wake-up, late: harmless, and it
+    frees the pool's slot. A wait that never looks fails the block after 5 s."""
+    held: list[ThreadResult] = []
+
+    def set_without_waking(result: ThreadResult, value: object) -> None:
+        result.value = value
+        held.append(result)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(offloop, "LOST_WAKEUP_CHECK", 0.05)
+        patch.setattr(ThreadResult, "set", set_without_waking)
+        with gevent.Timeout(5, AssertionError("waited for a wake-up that never comes")):
+            yield held
+    for result in held:
+        result.async_watcher.send()
+    gevent.sleep(0.05)

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gevent.threadpool import ThreadResult
 
-from gateway import offloop
 from gateway.db import beside_loop, open_database
-from tests.loopwatch import Watch, watch_loop
+from tests.loopwatch import Watch, lost_wakeups, watch_loop
 from tests.servers import sqlite_lock_held
 
 # Counts to a billion: many seconds of SQLite's own work, unless interrupted.
@@ -66,24 +64,13 @@ def test_an_error_in_the_statement_reaches_the_caller_and_only_the_caller(
 
 
 def test_a_lost_wake_up_from_the_pool_costs_a_look_not_the_worker(
-    conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    conn: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The hub never hears that the thread finished; the wait looks, and goes on."""
-    held: list[ThreadResult] = []
-
-    def set_without_waking(result: ThreadResult, value: object) -> None:
-        result.value = value
-        held.append(result)
-
-    monkeypatch.setattr(offloop, "LOST_WAKEUP_CHECK", 0.05)
-    monkeypatch.setattr(ThreadResult, "set", set_without_waking)
-    with gevent.Timeout(5, AssertionError("waited for a wake-up that never comes")):
+    with lost_wakeups() as held:
         assert beside_loop(conn, _fetch, conn, "SELECT 2") == [(2,)]
     assert held, "the pool's wake-up was not held back: this test shows nothing"
-    assert "without waking the loop" in caplog.text
-    monkeypatch.undo()
-    held[0].async_watcher.send()  # the wake-up, late: harmless, and it frees the pool's slot
-    gevent.sleep(0.05)
+    assert "a SQLite task ended without waking the loop" in caplog.text
     assert beside_loop(conn, _fetch, conn, "SELECT 3") == [(3,)]
 
 

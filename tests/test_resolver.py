@@ -9,10 +9,10 @@ import gevent
 import gevent.socket
 import pytest
 from gevent import monkey
-from gevent.threadpool import ThreadResult
 
 from gateway import offloop
 from gateway.resolver import Resolver
+from tests.loopwatch import lost_wakeups
 
 _native_ident = monkey.get_original("_thread", "get_ident")
 
@@ -65,27 +65,16 @@ def test_a_name_is_looked_up_in_the_pool(pool_tasks: list[str]) -> None:
 
 
 def test_a_lookup_whose_wake_up_is_lost_costs_a_look_not_the_caller(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The hub never hears that the lookup's thread finished; the wait looks, and goes on
     (gevent's own thread resolver waits for ever: seen, with this test, by resolving
     through it)."""
-    held: list[ThreadResult] = []
-
-    def set_without_waking(result: ThreadResult, value: object) -> None:
-        result.value = value
-        held.append(result)
-
-    monkeypatch.setattr(offloop, "LOST_WAKEUP_CHECK", 0.05)
-    monkeypatch.setattr(ThreadResult, "set", set_without_waking)
-    with gevent.Timeout(5, AssertionError("waited for a wake-up that never comes")):
+    with lost_wakeups() as held:
         found = gevent.socket.getaddrinfo("localhost", 80, 0, socket.SOCK_STREAM)
     assert found == socket.getaddrinfo("localhost", 80, 0, socket.SOCK_STREAM)
     assert held, "the pool's wake-up was not held back: this test shows nothing"
     assert "a name lookup ended without waking the loop" in caplog.text
-    monkeypatch.undo()
-    held[0].async_watcher.send()  # the wake-up, late: harmless, and it frees the pool's slot
-    gevent.sleep(0.05)
 
 
 def test_the_other_lookups_go_through_the_pool_too(pool_tasks: list[str]) -> None:
