@@ -9,11 +9,15 @@ calls across the three, so the shared machine's noise falls on all alike:
 - default: worker CPU per JSON call and per 20-chunk stream (the median block), 1-client
   p50 / p99 of a JSON call and of a stream's first byte;
 - ``--beside N``: a JSON call's latency at 1 client while 4 other clients send prompts of
-  N words to the same worker (what a gateway's own work on big calls costs its others).
+  N words to the same worker (what a gateway's own work on big calls costs its others);
+- ``--redis URL``: both builds keep their limits in that Redis (as several instances do),
+  so each call's admission and settling are round trips.
 
 A difference smaller than the spread between two runs with BEFORE and AFTER swapped is
 noise (about 7% on CPU here): run it both ways before believing a few percent. Uses the
-dependencies of the virtualenv it runs in, for both builds.
+dependencies of the virtualenv it runs in, for both builds (a package a checkout holds
+at its top, where gunicorn starts, is imported before the virtualenv's: one way to
+compare a dependency).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=600, help="1-client calls per target")
     parser.add_argument("--block", type=int, default=300, help="JSON calls per CPU block")
     parser.add_argument("--beside", type=int, metavar="WORDS", help="big calls beside")
+    parser.add_argument("--redis", metavar="URL", help="REDIS_URL for both: limits in Redis")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gw-pair-"))
     fake = FakeUpstream()
@@ -57,10 +62,14 @@ def main() -> None:
     gateways: list[Gateway] = []
     try:
         url = f"sqlite:///{tmp}/gw.db"
+        # Both builds' limits in the same Redis, under a prefix of the run's own.
+        shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
         route: dict = {}
         for name, checkout in (("before", args.before), ("after", args.after)):
             servers.ROOT = checkout.resolve()  # where gunicorn starts: that build's code
-            gateways.append(Gateway(url, tmp / name, workers=1, GATEWAY_LOG_LEVEL="WARNING"))
+            gateways.append(
+                Gateway(url, tmp / name, workers=1, GATEWAY_LOG_LEVEL="WARNING", **shared)
+            )
             if not route:  # made before the second starts, which reads them as it starts
                 route = setup(gateways[0], fake.url)
         targets = [run.Target("floor", floor.port, floor.pids)] + [
