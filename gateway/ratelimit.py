@@ -144,7 +144,8 @@ class _Connections:
     and metrics layers. That was half of what a limit added to a call. Here a command is
     packed, sent and read by the connection's own methods, and the connection waits in
     ``_idle`` for the next command; redis-py still connects (password, TLS, Sentinel's
-    master), encodes and parses.
+    master), encodes and parses (with hiredis, its parser in C, where installed:
+    requirements.txt has it).
 
     A kept connection that Redis closed meanwhile (a restart, the server's idle
     ``timeout``) fails at once when used; the command is then sent once more on a
