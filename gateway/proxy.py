@@ -382,7 +382,8 @@ def forwarded_headers(environ: dict[str, Any]) -> dict[str, str]:
     type and length, which Werkzeug also reads elsewhere, are never passed on). Whether
     a name is passed on is decided once per name (``_forwarded_name``); a credential in
     a value is looked for in every value. Through Werkzeug's headers, a title-cased name
-    made and lower-cased again for each header, it was about 8 µs a call (issue 11).
+    made and lower-cased again for each header, it was about 15 µs a call with an SDK's
+    eleven headers, 4 µs now (issue 11).
     """
     out = {}
     names = _FORWARDED_NAMES
@@ -399,7 +400,7 @@ def forwarded_headers(environ: dict[str, Any]) -> dict[str, str]:
 
 _UNSEEN = object()
 # environ key -> the header's lower-cased name, or None if it is never passed on. A
-# client picks the names: a few hundred distinct ones at most are kept.
+# client picks the names: the first 512 are kept, the rest judged every time.
 _FORWARDED_NAMES: dict[str, str | None] = {}
 _FORWARDED_NAMES_KEPT = 512
 

@@ -24,7 +24,7 @@ from gateway import offloop
 
 
 def install() -> None:
-    """Make ``Resolver`` the resolver of the hubs created from now on."""
+    """Make ``Resolver`` the resolver of every hub that has not made its own yet."""
     if "GEVENT_RESOLVER" not in os.environ:
         gevent.config.resolver = Resolver
 

@@ -17,7 +17,7 @@ a stream's later bytes may skip its loop (``framing``: see gateway/downstream.py
 
 Imported by gunicorn's master, before gevent patches anything: so nothing from the
 gateway is imported at module level here, but ``sockets``, which imports nothing, and
-``resolver``, which imports only gevent.
+``resolver`` (with ``offloop``), which import only gevent.
 """
 
 from __future__ import annotations
