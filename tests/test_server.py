@@ -95,6 +95,19 @@ def test_client_that_asked_for_usage_gets_it(gateway: Gateway, fake) -> None:  #
     ]
 
 
+def test_an_upstream_named_by_host_name_is_reached(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    """The worker resolves names with ``gateway.resolver`` (the hub's pool, a wait that
+    survives a lost wake-up); every other test names its upstream by address."""
+    named = fake.url.replace("127.0.0.1", "localhost")
+    assert named != fake.url
+    route = own_route(gateway, named, remote_id="fake;id=n-host;chunks=3")
+    answer = chat_client(gateway, route["key"]).chat.completions.create(
+        model=route["name"], messages=PROMPT
+    )
+    assert answer.choices[0].message.content == words(3)
+    assert len(fake.log("n-host")) == 1
+
+
 @pytest.mark.parametrize("framing", FRAMINGS)
 def test_client_hangs_up_mid_stream_and_the_whole_answer_is_recorded(
     gateway: Gateway, fake, framing: str
