@@ -11,7 +11,8 @@ partition, ``partitions.py``). Schema changes go through numbered files in ``mig
 classes describe the current schema and must match the latest migration, except for
 the full-text index (``0006_search``), which the database keeps: ``completions.search``
 (PostgreSQL), and ``completions_fts`` (SQLite), which triggers fill except for the rows
-the upsert indexes itself (``0010``, ``_sqlite_upsert``); and the monthly partitions of
+the upsert gives it itself, in lots (``0010``, ``0014``: ``_sqlite_upsert``, ``index_due``);
+and the monthly partitions of
 ``completions`` on PostgreSQL (``0007_partitions``), whose unique indexes include
 ``created_at``.
 """
@@ -432,14 +433,17 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
 # The recorder's flag for the full-text triggers (``migrations/0010``): up, they leave
 # the rows to it.
 _INDEXING = "UPDATE completions_fts_writer SET indexing = ?"
+# Rows ``index_due`` moves into the index in one transaction at most.
+INDEX_LOT = 2000
 
 
 def _sqlite_upsert(
     lots: list[tuple[_Upsert, list[dict], bool]], bodies: dict[str, str], later: list[tuple]
 ) -> list[list[tuple[str, int, datetime | None]]]:
     """The lots in one ``sqlite_write`` transaction, then ``later``: first those whose
-    text ``bodies`` holds, with the triggers' flag up and their text indexed after them,
-    then the flag down and the rest. Returns what each lot's statement gave back."""
+    text ``bodies`` holds, with the triggers' flag up and their text put in
+    ``completions_fts_due`` after them (``index_due`` indexes it), then the flag down
+    and the rest. Returns what each lot's statement gave back."""
     ordered = sorted(lots, key=lambda lot: not lot[2])
     items: list[Any] = []
     at: list[int] = []  # where each lot's statement is among the items
@@ -450,24 +454,60 @@ def _sqlite_upsert(
         items.append(statement.sqlite(lot))
         gevent.sleep(0)  # a lot's values are encoded here, on the loop: the calls' turn
         if here and (i + 1 == len(ordered) or not ordered[i + 1][2]):
-            items.append(functools.partial(_indexed, bodies, list(at)))
+            items.append(functools.partial(_due, bodies, list(at)))
             items.append((_INDEXING, [0]))
     results = sqlite_write(items + later)
     return [s.read_back(results[j]) for (s, _, _), j in zip(ordered, at, strict=True)]
 
 
-def _indexed(
+def _due(
     bodies: dict[str, str], at: list[int], results: list[list[tuple]]
 ) -> list[tuple[str, list]]:
-    """The index's rows for the final rows the statements at ``at`` wrote (their ids
-    came back from the write: a snapshot the upsert refused changes nothing), in place
-    of any it had (a row the sweeper finalised was indexed then). Run in the write."""
+    """The text due to the index of the final rows the statements at ``at`` wrote
+    (their ids came back from the write: a snapshot the upsert refused changes
+    nothing), in place of any due before. Run in the write."""
     rows = [(row_id, bodies[uid]) for j in at for uid, row_id, _ in results[j] if uid in bodies]
     if not rows:
         return []
     values = ", ".join(["(?, ?)"] * len(rows))
-    sql = f"INSERT OR REPLACE INTO completions_fts (rowid, body) VALUES {values}"
+    sql = f"INSERT OR REPLACE INTO completions_fts_due (id, body) VALUES {values}"
     return [(sql, [value for row in rows for value in row])]
+
+
+def index_due(limit: int = INDEX_LOT) -> int:
+    """SQLite: move up to ``limit`` rows' text from ``completions_fts_due`` into the
+    full-text index (each in place of what it held for that row), in one transaction
+    beside the loop; the number moved. Any process's rows: one that died left its
+    own here. PostgreSQL: nothing is ever due (0).
+
+    FTS5 makes a segment of each transaction's terms, so a lot costs far less a row
+    than the recorder's few rows a write did (``migrations/0014``)."""
+    if is_postgres():
+        return 0
+    lot = "SELECT max(id), count(*) FROM (SELECT id FROM completions_fts_due ORDER BY id LIMIT ?)"
+    (((last, count),), _) = sqlite_write([(lot, [limit]), _move_due])
+    return count if last is not None else 0
+
+
+def index_all_due() -> None:
+    """SQLite: everything due reaches the index, so that a search finds every call
+    recorded so far (``index_due`` until a lot comes back short)."""
+    while index_due() >= INDEX_LOT:
+        pass
+
+
+def _move_due(results: list[list[tuple]]) -> list[tuple[str, list]]:
+    ((last, _),) = results[0]
+    if last is None:
+        return []
+    return [
+        (
+            "INSERT OR REPLACE INTO completions_fts (rowid, body)"
+            " SELECT id, body FROM completions_fts_due WHERE id <= ?",
+            [last],
+        ),
+        ("DELETE FROM completions_fts_due WHERE id <= ?", [last]),
+    ]
 
 
 def _replay_links(rows: Iterable[dict]) -> list[pw.Query]:

@@ -20,6 +20,11 @@ anything: a batch the database cannot take goes to the journal (``journal.py``) 
 replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
 it refuses is set aside. ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
+
+On SQLite a final call's text goes to the full-text index in lots: a write leaves it
+due (``migrations/0014``), and a writer indexes what is due, any process's, once
+``INDEX_AT`` rows are or the first has waited ``INDEX_AFTER`` seconds
+(``models.index_due``); a search indexes what is due before it looks.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from gevent import monkey
 from gateway import db, jsonio, metrics
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
-from gateway.exchange import Exchange
+from gateway.exchange import COMPLETION, Exchange
 from gateway.journal import Journal
-from gateway.models import upsert_records
+from gateway.models import index_all_due, upsert_records
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry
 
@@ -49,6 +54,9 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
+# SQLite: final calls written whose text makes a writer index what is due, and the
+# seconds the first of them waits at most (a search never waits: it indexes first).
+INDEX_AT, INDEX_AFTER = 500, 1.0
 
 
 class Recorder:
@@ -70,6 +78,9 @@ class Recorder:
         self.replayed = 0
         self._configure(DEFAULTS)  # until init_app reads the app's settings
         self._key_touched: dict[int, float] = {}
+        self._due = 0  # SQLite: final calls written since the index last took what was due
+        self._due_since = 0.0  # when the first of them was written
+        self._indexing = False
 
     def init_app(self, app: Flask) -> None:
         """Read settings; start the writers and the replayer."""
@@ -136,6 +147,8 @@ class Recorder:
         while True:
             if len(self._dirty) < self.batch_size:
                 gevent.sleep(self.interval)  # let the calls ending meanwhile join the batch
+            if self._index_due_at() is not None and self._index_due_at() <= time.monotonic():
+                self._index()
             batch, due = self._take_batch()
             if not batch:
                 # Nothing to write now: what is dirty is lingering or being written by
@@ -143,6 +156,9 @@ class Recorder:
                 # between the scan and the clear, so no wake-up is lost.
                 self._wake.clear()
                 self._settle()
+                indexing = self._index_due_at()
+                if indexing is not None:
+                    due = indexing if due is None else min(due, indexing)
                 self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
                 continue
             rows = self._inflight[me] = []
@@ -230,6 +246,7 @@ class Recorder:
             with gevent.Timeout(self.timeout, db.DatabaseTimeout("record write timed out")):
                 write_rows(rows, touch)
             db.mark_reachable(True)
+            self._written_due(rows)
         except UNREACHABLE:
             db.discard_connection()
             db.mark_reachable(False)
@@ -275,6 +292,39 @@ class Recorder:
         if not self._journaling and self._waiting:
             self._waiting = 0
             metrics.journal_depth(0)
+
+    # -- the full-text index (SQLite) -------------------------------------------
+
+    def _written_due(self, rows: list[dict]) -> None:
+        """Count the final calls just written: their text is due to the index."""
+        if is_postgres():
+            return
+        due = sum(1 for r in rows if r.get("kind") == COMPLETION and r["status"] != "pending")
+        if due and not self._due:
+            self._due_since = time.monotonic()
+        self._due += due
+
+    def _index_due_at(self) -> float | None:
+        """When a writer should index what is due (None: nothing this process wrote is)."""
+        if not self._due or self._indexing or self._journaling:
+            return None
+        return self._due_since + (0.0 if self._due >= INDEX_AT else INDEX_AFTER)
+
+    def _index(self) -> None:
+        """Index what is due, any process's, within ``DB_TIMEOUT``. A failure leaves it
+        due: the next time, or a search, indexes it."""
+        self._indexing = True
+        self._due = 0  # calls written from now on wait for the next time
+        try:
+            with gevent.Timeout(self.timeout, db.DatabaseTimeout("indexing timed out")):
+                if database.is_closed():
+                    database.connect()
+                index_all_due()
+        except Exception:
+            db.discard_connection()
+            log.warning("recorder: the text due to the full-text index stays due", exc_info=True)
+        finally:
+            self._indexing = False
 
     def _write_replayed(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):

@@ -356,3 +356,25 @@ def test_the_full_text_index_merges_eight_segments_at_a_time(
             return
         config = dict(db.execute_sql("SELECT k, v FROM completions_fts_config").fetchall())
         assert config.get("automerge") == 8
+
+
+def test_the_recorder_text_waits_for_the_index_in_a_table_of_its_own(
+    empty_database: peewee.Database,
+) -> None:
+    """0014: SQLite's rows due to the full-text index, and the triggers that drop a due
+    text when they index the row themselves or it is deleted (PostgreSQL: nothing)."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0013_fts_automerge")
+        assert runner.up(target="0014_fts_due") == ["0014_fts_due"]
+        if isinstance(db, peewee.PostgresqlDatabase):
+            assert "completions_fts_due" not in db.get_tables()
+            return
+        assert "completions_fts_due" in db.get_tables()
+        sql = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+        triggers = dict(db.execute_sql(sql).fetchall())
+        for name in ("completions_fts_update", "completions_fts_delete"):
+            assert "DELETE FROM completions_fts_due WHERE id = old.id" in triggers[name], name
+        assert "completions_fts_due" not in triggers["completions_fts_insert"]
+        assert "completions_fts_writer" in triggers["completions_fts_update"]  # 0010 kept

@@ -21,7 +21,7 @@ from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
 from gateway.exchange import Exchange, new_uid
-from gateway.models import ApiKey, Completion, utcnow
+from gateway.models import ApiKey, Completion, index_due, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
 from tests import pools
@@ -499,11 +499,13 @@ def heavy_calls(key_id: int, count: int) -> list[Exchange]:
 def test_sqlite_indexing_a_heavy_batch_does_not_freeze_the_worker(
     rec: Recorder, key_id: int
 ) -> None:
-    """SQLite's own work on a batch (rows, indexes, the full-text trigram index, the
-    commit that flushes and merges it) runs beside the loop: the worker's calls go on."""
+    """SQLite's own work on a batch (rows, indexes, then the lot's text into the
+    full-text trigram index and the commit that flushes and merges it) runs beside the
+    loop: the worker's calls go on."""
     calls = heavy_calls(key_id, 150)
     with watch_loop() as watch:
         write_rows([snapshot(ex) for ex in calls])
+        assert index_due() == 150  # the text the batch left due, in one lot
     assert watch.took > 0.2, f"the batch took {watch.took:.3f} s: too light to show anything"
     # On a busy machine the loop's turns come late; frozen, it would miss them all.
     assert watch.longest < watch.took / 3, f"froze {watch.longest:.3f} s of {watch.took:.3f}"
@@ -514,18 +516,20 @@ def test_sqlite_indexing_a_heavy_batch_does_not_freeze_the_worker(
 def test_a_write_of_this_worker_meanwhile_waits_only_for_the_batch(
     rec: Recorder, key_id: int
 ) -> None:
-    """While the batch is with SQLite, the worker's other greenlets run, and one of them
-    may write: it waits for the lock in SQLite's busy handler, on the loop. The batch
-    must not need the loop to end (it would wait out that handler: 5 s, then fail)."""
+    """While a heavy lot (150 calls' text into the index) is with SQLite, the worker's
+    other greenlets run, and one of them may write: it waits for the lock in SQLite's
+    busy handler, on the loop. The lot must not need the loop to end (it would wait out
+    that handler: 5 s, then fail)."""
     calls = heavy_calls(key_id, 150)
 
     def admin_write() -> int:
         with database.connection_context():
             return ApiKey.create(key_hash="a" * 64, key_hint="sk-…adm").id
 
+    write_rows([snapshot(ex) for ex in calls])  # their text is due: the heavy part is next
     started = time.monotonic()
     other = gevent.spawn_later(0.05, admin_write)
-    write_rows([snapshot(ex) for ex in calls])
+    assert index_due() == 150
     other.join(10)
     took = time.monotonic() - started
     assert other.successful(), other.exception

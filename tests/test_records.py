@@ -205,6 +205,9 @@ def test_the_index_is_in_place_after_every_migration(db) -> None:  # type: ignor
         # ... leaving the recorder's own rows to it (0010), and only those.
         for name in ("completions_fts_insert", "completions_fts_update"):
             assert "completions_fts_writer" in triggers[name], name
+        # ... and dropping the text due to the index (0014) where they take it.
+        for name in ("completions_fts_update", "completions_fts_delete"):
+            assert "completions_fts_due" in triggers[name], name
 
 
 def test_every_filter_of_the_query(client, calls) -> None:  # type: ignore[no-untyped-def]
