@@ -435,6 +435,7 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
 _INDEXING = "UPDATE completions_fts_writer SET indexing = ?"
 # Rows ``index_due`` moves into the index in one transaction at most.
 INDEX_LOT = 2000
+_ANY_DUE = "SELECT 1 FROM completions_fts_due LIMIT 1"
 
 
 def _sqlite_upsert(
@@ -491,7 +492,10 @@ def index_due(limit: int = INDEX_LOT) -> int:
 
 def index_all_due() -> None:
     """SQLite: everything due reaches the index, so that a search finds every call
-    recorded so far (``index_due`` until a lot comes back short)."""
+    recorded so far (``index_due`` until a lot comes back short). With nothing due it
+    only reads: no write lock taken for a search that finds the index up to date."""
+    if is_postgres() or not database.execute_sql(_ANY_DUE).fetchone():
+        return
     while index_due() >= INDEX_LOT:
         pass
 
