@@ -11,10 +11,9 @@ partition, ``partitions.py``). Schema changes go through numbered files in ``mig
 classes describe the current schema and must match the latest migration, except for
 the full-text index (``0006_search``), which the database keeps: ``completions.search``
 (PostgreSQL), and ``completions_fts`` (SQLite), which triggers fill except for the rows
-the upsert gives it itself, in lots (``0010``, ``0014``: ``_sqlite_upsert``, ``index_due``);
-and the monthly partitions of
-``completions`` on PostgreSQL (``0007_partitions``), whose unique indexes include
-``created_at``.
+the upsert gives it itself, in lots (``0010``, ``0014``: ``_sqlite_upsert``,
+``index_due``); and the monthly partitions of ``completions`` on PostgreSQL
+(``0007_partitions``), whose unique indexes include ``created_at``.
 """
 
 from __future__ import annotations
@@ -433,9 +432,10 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
 # The recorder's flag for the full-text triggers (``migrations/0010``): up, they leave
 # the rows to it.
 _INDEXING = "UPDATE completions_fts_writer SET indexing = ?"
-# Rows ``index_due`` moves into the index in one transaction at most.
-INDEX_LOT = 2000
-_ANY_DUE = "SELECT 1 FROM completions_fts_due LIMIT 1"
+# What ``index_due`` moves into the index in one transaction at most: rows, and
+# characters of text past the first row (about half a second of SQLite's work).
+INDEX_LOT, INDEX_CHARS = 2000, 2_000_000
+_LAST_DUE = "SELECT max(id) FROM completions_fts_due"
 
 
 def _sqlite_upsert(
@@ -475,43 +475,53 @@ def _due(
     return [(sql, [value for row in rows for value in row])]
 
 
-def index_due(limit: int = INDEX_LOT) -> int:
-    """SQLite: move up to ``limit`` rows' text from ``completions_fts_due`` into the
-    full-text index (each in place of what it held for that row), in one transaction
-    beside the loop; the number moved. Any process's rows: one that died left its
-    own here. PostgreSQL: nothing is ever due (0).
+def index_due(limit: int = INDEX_LOT, up_to: int | None = None) -> int:
+    """SQLite: move the text of the rows due first (ids up to ``up_to``, if given) from
+    ``completions_fts_due`` into the full-text index, each in place of what it held for
+    that row, in one transaction beside the loop: at most ``limit`` rows and, past the
+    first, ``INDEX_CHARS`` characters. Returns the number moved. Any process's rows:
+    one that died left its own here. PostgreSQL: nothing is ever due (0).
 
     FTS5 makes a segment of each transaction's terms, so a lot costs far less a row
     than the recorder's few rows a write did (``migrations/0014``)."""
     if is_postgres():
         return 0
-    lot = "SELECT max(id), count(*) FROM (SELECT id FROM completions_fts_due ORDER BY id LIMIT ?)"
-    (((last, count),), _) = sqlite_write([(lot, [limit]), _move_due])
-    return count if last is not None else 0
+    moved = 0
+
+    def move(results: list[list[tuple]]) -> list[tuple[str, list]]:
+        nonlocal moved
+        last, size = None, 0
+        for row_id, length in results[0]:
+            size += length
+            if last is not None and size > INDEX_CHARS:
+                break
+            last, moved = row_id, moved + 1
+        if last is None:
+            return []
+        return [
+            (
+                "INSERT OR REPLACE INTO completions_fts (rowid, body)"
+                " SELECT id, body FROM completions_fts_due WHERE id <= ?",
+                [last],
+            ),
+            ("DELETE FROM completions_fts_due WHERE id <= ?", [last]),
+        ]
+
+    lot = "SELECT id, length(body) FROM completions_fts_due WHERE id <= ? ORDER BY id LIMIT ?"
+    sqlite_write([(lot, [2**63 - 1 if up_to is None else up_to, limit]), move])
+    return moved
 
 
 def index_all_due() -> None:
-    """SQLite: everything due reaches the index, so that a search finds every call
-    recorded so far (``index_due`` until a lot comes back short). With nothing due it
-    only reads: no write lock taken for a search that finds the index up to date."""
-    if is_postgres() or not database.execute_sql(_ANY_DUE).fetchone():
+    """SQLite: everything due now reaches the index, so that a search finds every call
+    recorded so far (``index_due``, lot after lot, up to the last row due now: rows
+    that fall due meanwhile wait for the next time). With nothing due it only reads:
+    no write lock taken for a search that finds the index up to date."""
+    if is_postgres():
         return
-    while index_due() >= INDEX_LOT:
+    (last,) = database.execute_sql(_LAST_DUE).fetchone()
+    while last is not None and index_due(up_to=last):
         pass
-
-
-def _move_due(results: list[list[tuple]]) -> list[tuple[str, list]]:
-    ((last, _),) = results[0]
-    if last is None:
-        return []
-    return [
-        (
-            "INSERT OR REPLACE INTO completions_fts (rowid, body)"
-            " SELECT id, body FROM completions_fts_due WHERE id <= ?",
-            [last],
-        ),
-        ("DELETE FROM completions_fts_due WHERE id <= ?", [last]),
-    ]
 
 
 def _replay_links(rows: Iterable[dict]) -> list[pw.Query]:

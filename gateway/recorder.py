@@ -147,7 +147,8 @@ class Recorder:
         while True:
             if len(self._dirty) < self.batch_size:
                 gevent.sleep(self.interval)  # let the calls ending meanwhile join the batch
-            if self._index_due_at() is not None and self._index_due_at() <= time.monotonic():
+            indexing = self._index_due_at()
+            if indexing is not None and indexing <= time.monotonic():
                 self._index()
             batch, due = self._take_batch()
             if not batch:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import models
 from gateway import recorder as recorder_module
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
@@ -77,6 +78,26 @@ def test_a_lot_moves_the_oldest_rows_due_and_says_how_many(key) -> None:  # type
     assert sorted(due()) == ids[2:]
     assert index_due(limit=10) == 3
     assert index_due(limit=10) == 0
+    assert sorted(indexed()) == ids
+
+
+def test_a_lot_is_bounded_by_its_text_too_and_everything_due_gets_there(
+    key,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls with long prompts: a lot stops at ``INDEX_CHARS`` (a lot must fit in the
+    recorder's timeout, or it would be cut short and tried again for ever), but always
+    takes one row; ``index_all_due`` goes lot after lot until nothing is left."""
+    monkeypatch.setattr(models, "INDEX_CHARS", 60)
+    calls = [ended(key, f"{'long prompt ' * 4}{i}") for i in range(5)]  # about 55 each
+    write_rows([snapshot(ex) for ex in calls])
+    ids = sorted(row_id(ex) for ex in calls)
+    assert index_due() == 1
+    monkeypatch.setattr(models, "INDEX_CHARS", 120)
+    assert index_due() == 2
+    assert sorted(indexed()) == ids[:3]
+    index_all_due()
+    assert due() == {}
     assert sorted(indexed()) == ids
 
 
