@@ -25,9 +25,10 @@ import pytest  # noqa: E402
 from gateway import create_app, resolver, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
-from gateway.recorder import recorder  # noqa: E402
+from gateway.recorder import Recorder, recorder  # noqa: E402
 from tests import pools  # noqa: E402
 from tests.pg_spares import Spares  # noqa: E402
+from tests.recorders import make_recorder  # noqa: E402
 from tests.servers import (  # noqa: E402
     ADMIN_SECRET,
     ENCRYPTION_KEY,
@@ -198,6 +199,17 @@ def _test_app(database_url: str, directory: Path) -> Iterator:
 def app(database_url: str, tmp_path: Path) -> Iterator:
     with _test_app(database_url, tmp_path) as app:
         yield app
+
+
+@pytest.fixture
+def rec(database_url: str, tmp_path: Path) -> Iterator[Recorder]:
+    """A recorder of this process's own on this test's database (``tests.recorders``)."""
+    database.initialize(open_database(database_url))
+    started = make_recorder(tmp_path)
+    yield started
+    started.flush(5)
+    started._group.kill()
+    pools.release(database.obj)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ lost with a process, and the recorder empties the table by itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from gateway.models import ApiKey, Completion, index_all_due, index_due
 from gateway.recorder import Recorder, snapshot, write_rows
 from tests import pools
 from tests.servers import ADMIN_SECRET, wait_until
-from tests.test_recorder import make_recorder
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -156,16 +154,6 @@ def test_text_due_is_not_lost_with_the_process_that_wrote_it(
         assert len(due()) == 3
         assert index_all_due() is None and due() == {}
         assert {row_id(ex) for ex in calls} <= set(indexed())
-    pools.release(database.obj)
-
-
-@pytest.fixture
-def rec(database_url: str, tmp_path: Path) -> Iterator[Recorder]:
-    database.initialize(open_database(database_url))
-    recorder = make_recorder(tmp_path)
-    yield recorder
-    recorder.flush(5)
-    recorder._group.kill()
     pools.release(database.obj)
 
 
