@@ -27,7 +27,10 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,6 +77,65 @@ def measure(key_id: int, batches: int, size: int, random_uids: bool) -> tuple[fl
     return cpu / (batches * size) * 1e6, wall / (batches * size) * 1e6
 
 
+class _Timed:
+    """A SQLite connection whose statements are timed (thread CPU, by their first words)
+    into ``spent``: what ``db._transaction`` is handed under ``--statements``."""
+
+    def __init__(self, conn: Any, spent: dict[str, list[float]]) -> None:
+        self._conn, self._spent = conn, spent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, params: Any = ()) -> _Fetched:
+        used = time.thread_time()
+        rows = self._conn.execute(sql, params).fetchall()  # RETURNING rows come as it steps
+        name = " ".join(sql.split("(")[0].split()[:5])
+        self._spent.setdefault(name, []).append(time.thread_time() - used)
+        return _Fetched(rows)
+
+
+class _Fetched:
+    def __init__(self, rows: list) -> None:
+        self._rows = rows
+
+    def fetchall(self) -> list:
+        return self._rows
+
+
+@contextmanager
+def timed_statements() -> Iterator[dict[str, list[float]]]:
+    """Within the block, every SQLite write's statements are timed one by one (the
+    write's COMMIT is where FTS5 flushes and merges; an ``UPDATE`` after an FTS insert
+    is where it flushes its terms). Yields the times by statement; ``""`` counts writes."""
+    from gateway import db
+
+    spent: dict[str, list[float]] = {}
+    transaction = db._transaction
+
+    def timed(conn: Any, statements: list) -> Any:
+        spent.setdefault("", []).append(0.0)
+        return transaction(_Timed(conn, spent), statements)
+
+    db._transaction = timed
+    try:
+        yield spent
+    finally:
+        db._transaction = transaction
+
+
+def statements_table(spent: dict[str, list[float]]) -> str:
+    """Each statement's CPU per write (and per statement), the most costly first."""
+    writes = len(spent.get("", [])) or 1
+    lines = ["| statement | µs per write | times per write |", "|---|---|---|"]
+    for name, times in sorted(spent.items(), key=lambda item: -sum(item[1])):
+        if name:
+            lines.append(
+                f"| {name} | {sum(times) / writes * 1e6:.1f} | {len(times) / writes:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000, help="records written in all")
@@ -82,6 +144,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=25, help="records per write")
     parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
     parser.add_argument("--random-uids", action="store_true", help="version 4 uids, as before")
+    parser.add_argument(
+        "--statements", action="store_true", help="SQLite: time each statement of the writes"
+    )
     args = parser.parse_args()
 
     from gateway import recorder
@@ -110,8 +175,12 @@ def main() -> None:
                     write_rows(calls(key_id, chunk, args.random_uids), touch_keys=set())
                     written += chunk
                 getattr(recorder, "index_all_due", lambda: None)()  # the filling's text too
-                cpu, wall = measure(key_id, args.sample, args.batch, args.random_uids)
+                timing = args.statements and not args.postgres
+                with timed_statements() if timing else nullcontext(None) as spent:
+                    cpu, wall = measure(key_id, args.sample, args.batch, args.random_uids)
                 print(f"| {written:,} | {cpu:.0f} µs | {wall:.0f} µs |", flush=True)
+                if spent is not None:
+                    print(statements_table(spent), flush=True)
                 written += args.sample * args.batch
             db.close()
     finally:
