@@ -125,7 +125,7 @@ def timed_statements() -> Iterator[dict[str, list[float]]]:
 
 
 def statements_table(spent: dict[str, list[float]]) -> str:
-    """Each statement's CPU per write (and per statement), the most costly first."""
+    """Each statement's CPU per write and how often a write runs it, the most costly first."""
     writes = len(spent.get("", [])) or 1
     lines = ["| statement | µs per write | times per write |", "|---|---|---|"]
     for name, times in sorted(spent.items(), key=lambda item: -sum(item[1])):
