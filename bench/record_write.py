@@ -8,10 +8,13 @@ records it measures ``--sample`` batches: the CPU time of this process per recor
 its threads: on SQLite the statements run in the hub's pool thread; on PostgreSQL the
 server's own CPU is not counted; on SQLite the full-text index's share is, indexed in
 lots as the recorder does) and the wall time per record. Prints one line per
-table size. ``--random-uids`` gives the calls random (version 4) uids, as the gateway
-did before 2026-12-03, to compare with its time-ordered ones (version 7).
+table size. ``--keys N`` spreads the calls over N gateway keys at random (an index on
+the key then takes each row in a different place, as with a team's many keys).
+``--random-uids`` gives the calls random (version 4) uids, as the gateway did before
+2026-12-03, to compare with its time-ordered ones (version 7).
 
-Run: ``python bench/record_write.py [--rows 100000] [--postgres URL] [--random-uids]``.
+Run: ``python bench/record_write.py [--rows 100000] [--postgres URL] [--keys N]
+[--random-uids]``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -39,21 +43,22 @@ from bench.report import load_average, machine  # noqa: E402
 from bench.run import database  # noqa: E402
 
 
-def calls(key_id: int, count: int, random_uids: bool) -> list[dict]:
-    """Snapshots of ``count`` finished calls, as the recorder takes them."""
+def calls(key_ids: list[int], count: int, random_uids: bool) -> list[dict]:
+    """Snapshots of ``count`` finished calls, each of one of ``key_ids`` at random, as
+    the recorder takes them."""
     from bench.recorder import _call
     from gateway.recorder import snapshot
 
     rows = []
     for _ in range(count):
-        exchange = _call(key_id)
+        exchange = _call(random.choice(key_ids))
         if random_uids:
             exchange.uid = uuid.uuid4().hex
         rows.append(snapshot(exchange))
     return rows
 
 
-def measure(key_id: int, batches: int, size: int, random_uids: bool) -> tuple[float, float]:
+def measure(key_ids: list[int], batches: int, size: int, random_uids: bool) -> tuple[float, float]:
     """CPU and wall microseconds per record over ``batches`` batches of ``size``, the
     full-text index's share included: on SQLite the text due is indexed as the recorder
     does, every ``INDEX_AT`` records, and what is left at the end (builds from before
@@ -65,7 +70,7 @@ def measure(key_id: int, batches: int, size: int, random_uids: bool) -> tuple[fl
     cpu = wall = 0.0
     due = 0
     for i in range(batches):
-        rows = calls(key_id, size, random_uids)  # not counted: the snapshots are the calls'
+        rows = calls(key_ids, size, random_uids)  # not counted: the snapshots are the calls'
         started, used = time.perf_counter(), time.process_time()
         write_rows(rows, touch_keys=set())
         due += size
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=25, help="records per write")
     parser.add_argument("--postgres", metavar="URL", help="use a fresh database on this server")
     parser.add_argument("--random-uids", action="store_true", help="version 4 uids, as before")
+    parser.add_argument("--keys", type=int, default=1, help="gateway keys the calls spread over")
     parser.add_argument(
         "--statements", action="store_true", help="SQLite: time each statement of the writes"
     )
@@ -158,26 +164,32 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}; load average {load_average()}")
     uids = "random (v4)" if args.random_uids else "time-ordered (v7)"
-    print(f"{'postgresql' if args.postgres else 'sqlite'}, {uids} uids, batches of {args.batch}")
+    print(
+        f"{'postgresql' if args.postgres else 'sqlite'}, {uids} uids, batches of {args.batch},"
+        f" {args.keys} key(s)"
+    )
     print("| records in the table | CPU per record | wall per record |\n|---|---|---|")
     try:
         with database(args.postgres, tmp) as url:
             db.initialize(open_database(url))
             migrate(db.obj)
             db.connect()
-            key_id = ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…bench").id
+            key_ids = [
+                ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…bench").id
+                for _ in range(args.keys)
+            ]
             gc.collect()
             gc.freeze()  # as a worker does after loading the app
             written = 0
             for target in range(0, args.rows + 1, args.step):
                 while written < target:  # fill the table up to the next measurement
                     chunk = min(target - written, 1000)
-                    write_rows(calls(key_id, chunk, args.random_uids), touch_keys=set())
+                    write_rows(calls(key_ids, chunk, args.random_uids), touch_keys=set())
                     written += chunk
                 getattr(recorder, "index_all_due", lambda: None)()  # the filling's text too
                 timing = args.statements and not args.postgres
                 with timed_statements() if timing else nullcontext(None) as spent:
-                    cpu, wall = measure(key_id, args.sample, args.batch, args.random_uids)
+                    cpu, wall = measure(key_ids, args.sample, args.batch, args.random_uids)
                 print(f"| {written:,} | {cpu:.0f} µs | {wall:.0f} µs |", flush=True)
                 if spent is not None:
                     print(statements_table(spent), flush=True)
