@@ -173,7 +173,8 @@ class Model(BaseModel):
 
 class Completion(BaseModel):
     uid = pw.CharField(max_length=32, unique=True)
-    api_key = pw.ForeignKeyField(ApiKey, column_name="api_key_id", lazy_load=False)
+    # (api_key, created_at) below serves lookups by key alone (migrations/0015)
+    api_key = pw.ForeignKeyField(ApiKey, column_name="api_key_id", lazy_load=False, index=False)
     model_id = pw.IntegerField(null=True)
     provider_id = pw.IntegerField(null=True)
     model = pw.CharField(max_length=255)
@@ -218,7 +219,8 @@ class Completion(BaseModel):
 
 class Embedding(BaseModel):
     uid = pw.CharField(max_length=32, unique=True)
-    api_key = pw.ForeignKeyField(ApiKey, column_name="api_key_id", lazy_load=False)
+    # (api_key, created_at) below serves lookups by key alone (migrations/0015)
+    api_key = pw.ForeignKeyField(ApiKey, column_name="api_key_id", lazy_load=False, index=False)
     model_id = pw.IntegerField(null=True)
     provider_id = pw.IntegerField(null=True)
     model = pw.CharField(max_length=255)

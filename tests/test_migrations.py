@@ -378,3 +378,44 @@ def test_the_recorder_text_waits_for_the_index_in_a_table_of_its_own(
             assert "DELETE FROM completions_fts_due WHERE id = old.id" in triggers[name], name
         assert "completions_fts_due" not in triggers["completions_fts_insert"]
         assert "completions_fts_writer" in triggers["completions_fts_update"]  # 0010 kept
+
+
+def _indexes(db: peewee.Database) -> dict[str, str]:
+    """Every index of calls and embeddings (on PostgreSQL, of each partition too): its
+    name and definition."""
+    if isinstance(db, peewee.PostgresqlDatabase):
+        sql = (
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND (tablename LIKE 'completions%%' OR tablename = 'embeddings')"
+        )
+    else:
+        sql = (
+            "SELECT name, coalesce(sql, '') FROM sqlite_master WHERE type = 'index'"
+            " AND tbl_name IN ('completions', 'embeddings')"
+        )
+    return dict(db.execute_sql(sql).fetchall())
+
+
+def test_calls_and_embeddings_lose_the_index_on_the_key_alone(
+    empty_database: peewee.Database,
+) -> None:
+    """0015: no index on ``api_key_id`` alone is left (each partition's neither); the one on
+    ``(api_key_id, created_at)`` stays, and a lookup by key alone uses it."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0014_fts_due")
+        before = _indexes(db)
+        key_only = {n for n, d in before.items() if d.replace('"', "").endswith("(api_key_id)")}
+        assert {"completions_api_key_id", "embeddings_api_key_id"} <= key_only
+        assert runner.up(target="0015_no_key_only_index") == ["0015_no_key_only_index"]
+        after = _indexes(db)
+        assert not {n for n, d in after.items() if d.replace('"', "").endswith("(api_key_id)")}
+        assert set(before) - set(after) == key_only
+        for table in ("completions", "embeddings"):
+            assert f"{table}_api_key_id_created_at" in after
+        if isinstance(db, peewee.SqliteDatabase):
+            plan = db.execute_sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM completions WHERE api_key_id = 1"
+            ).fetchall()
+            assert "completions_api_key_id_created_at" in str(plan)
