@@ -92,6 +92,12 @@ class _Timed:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:  # the connection's own state (``db._Connection.handler_off``)
+            setattr(self._conn, name, value)
+
     def execute(self, sql: str, params: Any = ()) -> _Fetched:
         used = time.thread_time()
         rows = self._conn.execute(sql, params).fetchall()  # RETURNING rows come as it steps

@@ -74,7 +74,11 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
         # Not tied to the thread that opened it: ``beside_loop`` hands it to a pool
         # thread while the greenlet that owns it waits.
         return _SqliteDatabase(
-            path, pragmas=SQLITE_PRAGMAS, autoconnect=False, check_same_thread=False
+            path,
+            pragmas=SQLITE_PRAGMAS,
+            autoconnect=False,
+            check_same_thread=False,
+            factory=_Connection,
         )
     if parsed.scheme in ("postgres", "postgresql"):
         return PooledPostgresqlDatabase(
@@ -94,6 +98,14 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
 
 
+class _Connection(sqlite3.Connection):
+    """sqlite3's connection, knowing whether ``sqlite_write`` left its busy handler off
+    (its writes wait for the lock in gevent; everything else in the handler, beside the
+    loop)."""
+
+    handler_off = False
+
+
 class _SqliteDatabase(peewee.SqliteDatabase):
     """SQLite whose statements outside a transaction run beside the event loop.
 
@@ -109,6 +121,9 @@ class _SqliteDatabase(peewee.SqliteDatabase):
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         conn = self._state.conn
+        if conn is not None and conn.handler_off:  # sqlite_write's: on again, as it was
+            conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
+            conn.handler_off = False
         if conn is None or conn.in_transaction or not offloop.available() or not _statement(sql):
             return super().execute_sql(sql, params)
         self._log_query(sql, params)
@@ -230,7 +245,9 @@ def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
     SQLite's busy handler sleeps in C: a worker whose writer finds the write lock taken
     (the other worker's recorder, writing a batch) would freeze with every call in it
     for as long. So the lock is asked for with no busy handler, and a refusal waits in
-    gevent. Once it is held, the statements and the COMMIT (where FTS5 flushes and
+    gevent; the handler stays off for the connection's next write (a pair of pragmas a
+    write was about 20 µs of its CPU), and any other statement on the connection turns
+    it on again first (``_SqliteDatabase.execute_sql``). Once it is held, the statements and the COMMIT (where FTS5 flushes and
     merges its index) run in one call beside the loop (``beside_loop``): a batch of
     calls with long prompts is a few hundred milliseconds of SQLite's own work, and
     the worker's calls go on meanwhile. Nothing between BEGIN and COMMIT needs the
@@ -247,17 +264,17 @@ def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
     return results
 
 
-def _transaction(conn: sqlite3.Connection, statements: list[Statement]) -> list[list[tuple]] | None:
+def _transaction(conn: _Connection, statements: list[Statement]) -> list[list[tuple]] | None:
     """BEGIN IMMEDIATE if the lock is free now (else None), the statements, COMMIT."""
-    conn.execute("PRAGMA busy_timeout = 0")
+    if not conn.handler_off:
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.handler_off = True
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             return None
         raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
     try:
         results: list[list[tuple]] = []
         for statement in statements:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
 import pytest
 
-from gateway.db import beside_loop, open_database
+from gateway.db import beside_loop, database, open_database, sqlite_write
 from tests.loopwatch import Watch, lost_wakeups, watch_loop
 from tests.servers import sqlite_lock_held
 
@@ -125,3 +126,49 @@ def test_a_write_waiting_for_another_process_lock_keeps_the_loop(tmp_path: Path)
     assert_kept_turning(watch)
     with db.connection_context():
         assert db.execute_sql("SELECT x FROM t").fetchall() == [(1,)]
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[Path]:
+    """The app's database proxy on a SQLite file of the test's own (with a table ``t``),
+    as a worker has it; the proxy's previous database afterwards."""
+    path = tmp_path / "gw.db"
+    before = database.obj
+    database.initialize(open_database(f"sqlite:///{path}"))
+    try:
+        with database.connection_context():
+            database.execute_sql("CREATE TABLE t (x INTEGER)")
+        yield path
+    finally:
+        database.initialize(before)
+
+
+def test_sqlite_write_turns_the_busy_handler_off_once_and_anything_else_on_again(
+    proxied: Path,
+) -> None:
+    """``sqlite_write`` turns SQLite's busy handler off for its ``BEGIN IMMEDIATE`` (it
+    waits for the lock in gevent) and leaves it off for its next write, which then sets
+    no pragma; any other statement on that connection turns it on first, so a write of
+    the dashboard's, or a transaction of peewee's, waits for another process's lock
+    instead of failing at once."""
+    with database.connection_context():
+        sqlite_write([("INSERT INTO t VALUES (1)", [])])
+        statements: list[str] = []
+        database.connection().set_trace_callback(statements.append)
+        sqlite_write([("INSERT INTO t VALUES (2)", [])])
+        assert not [s for s in statements if "busy_timeout" in s], statements
+        database.connection().set_trace_callback(None)
+
+        with sqlite_lock_held(proxied, 0.5):  # another worker's recorder, writing
+            started = time.monotonic()
+            assert database.execute_sql("INSERT INTO t VALUES (3)").rowcount == 1
+        assert time.monotonic() - started > 0.3, "the lock was not held: nothing was tested"
+
+        sqlite_write([("INSERT INTO t VALUES (4)", [])])
+        with sqlite_lock_held(proxied, 0.5), database.atomic():
+            database.execute_sql("INSERT INTO t VALUES (5)")
+
+        sqlite_write([("INSERT INTO t VALUES (6)", [])])
+        assert database.execute_sql("PRAGMA busy_timeout").fetchone() == (5000,)
+        rows = database.execute_sql("SELECT x FROM t ORDER BY x").fetchall()
+    assert [x for (x,) in rows] == [1, 2, 3, 4, 5, 6]
