@@ -247,10 +247,11 @@ def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
     for as long. So the lock is asked for with no busy handler, and a refusal waits in
     gevent; the handler stays off for the connection's next write (a pair of pragmas a
     write was about 20 µs of its CPU), and any other statement on the connection turns
-    it on again first (``_SqliteDatabase.execute_sql``). Once it is held, the statements and the COMMIT (where FTS5 flushes and
-    merges its index) run in one call beside the loop (``beside_loop``): a batch of
-    calls with long prompts is a few hundred milliseconds of SQLite's own work, and
-    the worker's calls go on meanwhile. Nothing between BEGIN and COMMIT needs the
+    it on again first (``_SqliteDatabase.execute_sql``). Once the lock is held, the
+    statements and the COMMIT (where FTS5 flushes and merges its index) run in one
+    call beside the loop (``beside_loop``): a batch of calls with long prompts is a few
+    hundred milliseconds of SQLite's own work, and the worker's calls go on
+    meanwhile. Nothing between BEGIN and COMMIT needs the
     loop, so a greenlet of this worker that waits for the lock meanwhile (in C, on the
     loop) cannot keep the transaction from ending. The caller bounds the whole
     (the recorder's timeout): cut short, the statement is interrupted and rolled back.
