@@ -5,10 +5,10 @@ answer, usage, one attempt) the way the recorder does (``recorder.write_rows``, 
 batches of ``--batch``) into a fresh database: a SQLite file in a temporary folder, or
 a new database on the PostgreSQL server given (dropped afterwards). Every ``--step``
 records it measures ``--sample`` batches: the CPU time of this process per record (all
-its threads: on SQLite the statements run in the hub's pool thread; on PostgreSQL the
-server's own CPU is not counted; on SQLite the full-text index's share is, indexed in
-lots as the recorder does) and the wall time per record. Prints one line per
-table size. ``--keys N`` spreads the calls over N gateway keys at random (an index on
+its threads: on SQLite the statements run in the hub's pool thread, and the full-text
+index's share is counted, indexed in lots as the recorder does), the wall time per
+record and, on a PostgreSQL server on this machine, the server's own CPU per record
+(the connection's backend process, from ``/proc``). Prints one line per table size. ``--keys N`` spreads the calls over N gateway keys at random (an index on
 the key then takes each row in a different place, as with a team's many keys).
 ``--random-uids`` gives the calls random (version 4) uids, as the gateway did before
 2026-12-03, to compare with its time-ordered ones (version 7).
@@ -31,7 +31,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -58,17 +58,23 @@ def calls(key_ids: list[int], count: int, random_uids: bool) -> list[dict]:
     return rows
 
 
-def measure(key_ids: list[int], batches: int, size: int, random_uids: bool) -> tuple[float, float]:
+def measure(
+    key_ids: list[int], batches: int, size: int, random_uids: bool
+) -> tuple[float, float, float | None]:
     """CPU and wall microseconds per record over ``batches`` batches of ``size``, the
     full-text index's share included: on SQLite the text due is indexed as the recorder
     does, every ``INDEX_AT`` records, and what is left at the end (builds from before
-    2026-12-04 indexed in each write, and have no ``index_all_due``)."""
+    2026-12-04 indexed in each write, and have no ``index_all_due``). Third: on a
+    PostgreSQL server on this machine, its own CPU per record (the connection's backend
+    process), else None."""
     from gateway import recorder
     from gateway.recorder import write_rows
 
     index = getattr(recorder, "index_all_due", lambda: None)
+    server = _server_cpu()
     cpu = wall = 0.0
     due = 0
+    server_before = server()
     for i in range(batches):
         rows = calls(key_ids, size, random_uids)  # not counted: the snapshots are the calls'
         started, used = time.perf_counter(), time.process_time()
@@ -79,7 +85,33 @@ def measure(key_ids: list[int], batches: int, size: int, random_uids: bool) -> t
             due = 0
         cpu += time.process_time() - used
         wall += time.perf_counter() - started
-    return cpu / (batches * size) * 1e6, wall / (batches * size) * 1e6
+    server_after = server()
+    records = batches * size
+    used_by_server = (
+        None
+        if server_before is None or server_after is None
+        else (server_after - server_before) / records * 1e6
+    )
+    return cpu / records * 1e6, wall / records * 1e6, used_by_server
+
+
+def _server_cpu() -> Callable[[], float | None]:
+    """A reading of the CPU seconds of this connection's PostgreSQL backend, when the
+    server runs on this machine (its ``/proc``); readings of None otherwise."""
+    from gateway.db import database, is_postgres
+
+    if not is_postgres():
+        return lambda: None
+    (pid,) = database.execute_sql("SELECT pg_backend_pid()").fetchone()
+    stat = Path(f"/proc/{pid}/schedstat")
+
+    def reading() -> float | None:
+        try:
+            return int(stat.read_text().split()[0]) / 1e9
+        except (OSError, ValueError):  # another machine's, or gone
+            return None
+
+    return reading
 
 
 class _Timed:
@@ -174,7 +206,10 @@ def main() -> None:
         f"{'postgresql' if args.postgres else 'sqlite'}, {uids} uids, batches of {args.batch},"
         f" {args.keys} key(s)"
     )
-    print("| records in the table | CPU per record | wall per record |\n|---|---|---|")
+    print(
+        "| records in the table | CPU per record | wall per record | PostgreSQL's CPU per record |"
+        "\n|---|---|---|---|"
+    )
     try:
         with database(args.postgres, tmp) as url:
             db.initialize(open_database(url))
@@ -195,8 +230,9 @@ def main() -> None:
                 getattr(recorder, "index_all_due", lambda: None)()  # the filling's text too
                 timing = args.statements and not args.postgres
                 with timed_statements() if timing else nullcontext(None) as spent:
-                    cpu, wall = measure(key_ids, args.sample, args.batch, args.random_uids)
-                print(f"| {written:,} | {cpu:.0f} µs | {wall:.0f} µs |", flush=True)
+                    cpu, wall, server = measure(key_ids, args.sample, args.batch, args.random_uids)
+                theirs = "" if server is None else f"{server:.0f} µs"
+                print(f"| {written:,} | {cpu:.0f} µs | {wall:.0f} µs | {theirs} |", flush=True)
                 if spent is not None:
                     print(statements_table(spent), flush=True)
                 written += args.sample * args.batch
