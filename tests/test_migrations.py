@@ -7,18 +7,24 @@ records have no cost (which is what they had), and the new columns take values.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import peewee
 import pytest
+from hypothesis import given, settings
 from playhouse.migrations import Runner
 
+from gateway import jsoncodec, jsonio
 from gateway.db import MIGRATIONS, open_database
 from tests import pools
 from tests.conftest import BACKENDS, PG_URL, _pg_admin, _test_app, _with_database
+from tests.fuzz_support import FUZZ
+from tests.test_fulltext import message_lists, odd, words
 
 BEFORE = "0003_sealed_keys_and_sessions"  # the latest migration before the account's
 
@@ -419,3 +425,63 @@ def test_calls_and_embeddings_lose_the_index_on_the_key_alone(
                 "EXPLAIN QUERY PLAN SELECT id FROM completions WHERE api_key_id = 1"
             ).fetchall()
             assert "completions_api_key_id_created_at" in str(plan)
+
+
+def test_the_messages_text_is_read_by_plpgsql_and_says_what_sql_said(
+    empty_postgres: peewee.Database,
+) -> None:
+    """0016 (PostgreSQL): ``gateway_messages_text`` is PL/pgSQL (never planned for
+    inlining at each write), and whatever the messages hold it gives the text 0006's SQL
+    function gave; a row written before keeps its ``search``, equal to the same row's
+    written after."""
+    db = empty_postgres
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0015_no_key_only_index")
+        (source,) = db.execute_sql(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'gateway_messages_text'"
+        ).fetchone()
+        db.execute_sql(
+            "CREATE FUNCTION sql_messages_text(messages jsonb) RETURNS text"
+            f" LANGUAGE sql IMMUTABLE AS $fn${source}$fn$"
+        )
+        db.execute_sql(
+            "INSERT INTO api_keys (key_hash, key_hint, created_at, updated_at, revoked,"
+            " rpm_limit, tpm_limit, source) VALUES ('h', 'h', now(), now(), false, 0, 0, 'x')"
+        )
+        prompt = {"messages": [{"role": "user", "content": "ship's log 数据库 tool_calls"}]}
+        completion = [{"role": "assistant", "content": [{"type": "text", "text": "aye"}]}]
+
+        def search_of_a_new_row() -> str:
+            (search,) = db.execute_sql(
+                "INSERT INTO completions (uid, api_key_id, model, api_format, stream, prompt,"
+                " completion, status, created_at, updated_at, deleted, swept) SELECT %s, id,"
+                " 'm', 'openai-chat', false, %s, %s, 'completed', now(), now(), false, false"
+                " FROM api_keys RETURNING search::text",
+                (uuid.uuid4().hex, json.dumps(prompt), json.dumps(completion)),
+            ).fetchone()
+            return search
+
+        before = search_of_a_new_row()
+        assert "'数'" in before and "'aye'" in before
+        assert runner.up(target="0016_search_text_plpgsql") == ["0016_search_text_plpgsql"]
+        (language,) = db.execute_sql(
+            "SELECT lanname FROM pg_proc JOIN pg_language l ON l.oid = prolang"
+            " WHERE proname = 'gateway_messages_text'"
+        ).fetchone()
+        assert language == "plpgsql"
+        assert search_of_a_new_row() == before
+        kept = db.execute_sql("SELECT DISTINCT search::text FROM completions").fetchall()
+        assert kept == [(before,)]
+
+        @settings(FUZZ, max_examples=300)
+        @given(message_lists | odd | words)
+        def same_text(messages: Any) -> None:
+            doc = jsoncodec.encode(jsonio.clean(messages)).decode()
+            sql, plpgsql = db.execute_sql(
+                "SELECT sql_messages_text(%s::jsonb), gateway_messages_text(%s::jsonb)",
+                (doc, doc),
+            ).fetchone()
+            assert plpgsql == sql
+
+        same_text()
