@@ -8,10 +8,11 @@ records it measures ``--sample`` batches: the CPU time of this process per recor
 its threads: on SQLite the statements run in the hub's pool thread, and the full-text
 index's share is counted, indexed in lots as the recorder does), the wall time per
 record and, on a PostgreSQL server on this machine, the server's own CPU per record
-(the connection's backend process, from ``/proc``). Prints one line per table size. ``--keys N`` spreads the calls over N gateway keys at random (an index on
-the key then takes each row in a different place, as with a team's many keys).
-``--random-uids`` gives the calls random (version 4) uids, as the gateway did before
-2026-12-03, to compare with its time-ordered ones (version 7).
+(the connection's backend process, from ``/proc``). Prints one line per table size.
+``--keys N`` spreads the calls over N gateway keys at random (an index on the key then
+takes each row in a different place, as with a team's many keys). ``--random-uids``
+gives the calls random (version 4) uids, as the gateway did before 2026-12-03, to
+compare with its time-ordered ones (version 7).
 
 Run: ``python bench/record_write.py [--rows 100000] [--postgres URL] [--keys N]
 [--random-uids]``.
