@@ -1,4 +1,5 @@
-"""Hostile input for the fuzz tests: JSON values, raw bodies, headers, path segments.
+"""Hostile input for the fuzz tests: JSON values, raw bodies, headers, path segments,
+chat messages.
 
 Everything a careless or hostile client can send: wrong types, huge and tiny numbers,
 text with lone surrogates, NUL and other controls, deep nesting, bytes that are not
@@ -158,3 +159,31 @@ def json_text(raw: bytes) -> bool:
         return depth(value) <= 100
     except (ValueError, RecursionError):
         return False
+
+
+# Chat messages of every shape, for the full-text text: well-formed ones and odd ones
+# (a part without a type, a tool call that is a number, content that is a dict...).
+words = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["", " ", "数据库", "ship's log", 'say "hi"', "a\\b", "\u2028", "🚢"]
+)
+odd = st.none() | st.integers() | st.booleans() | st.floats(allow_nan=False) | st.just({})
+parts = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["text", "input_text", "output_text", "image_url", "x", 1]),
+        "text": words | odd,
+    },
+)
+functions = st.fixed_dictionaries({}, optional={"name": words | odd, "arguments": words | odd})
+tool_calls = st.fixed_dictionaries(
+    {"function": functions}, optional={"id": words}
+) | st.fixed_dictionaries({}, optional={"function": words | odd})
+messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool"])},
+    optional={
+        "content": words | odd | st.lists(parts | words | odd, max_size=3),
+        "reasoning_content": words | odd,
+        "tool_calls": st.lists(tool_calls, max_size=2) | st.lists(words | odd, max_size=1) | odd,
+    },
+)
+message_lists = st.lists(messages | words | odd, max_size=4)

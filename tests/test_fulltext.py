@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gateway import fulltext, jsoncodec, jsonio
 from gateway.config import ROOT
-from tests.fuzz_support import FUZZ
+from tests.fuzz_support import FUZZ, message_lists, messages, odd, words
 
 _sqlite_body = runpy.run_path(str(ROOT / "migrations" / "0006_search.py"))["_sqlite_body"]
 _SQL = f"SELECT {_sqlite_body('x')} FROM (SELECT ? AS prompt, ? AS completion) AS x"
@@ -40,32 +40,6 @@ def same_as_the_triggers(prompt: Any, completion: Any) -> str | None:
     if ours is not None:
         assert ours == triggers_body(prompt, completion)
     return ours
-
-
-words = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
-    ["", " ", "数据库", "ship's log", 'say "hi"', "a\\b", "\u2028", "🚢"]
-)
-odd = st.none() | st.integers() | st.booleans() | st.floats(allow_nan=False) | st.just({})
-parts = st.fixed_dictionaries(
-    {},
-    optional={
-        "type": st.sampled_from(["text", "input_text", "output_text", "image_url", "x", 1]),
-        "text": words | odd,
-    },
-)
-functions = st.fixed_dictionaries({}, optional={"name": words | odd, "arguments": words | odd})
-tool_calls = st.fixed_dictionaries(
-    {"function": functions}, optional={"id": words}
-) | st.fixed_dictionaries({}, optional={"function": words | odd})
-messages = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system", "tool"])},
-    optional={
-        "content": words | odd | st.lists(parts | words | odd, max_size=3),
-        "reasoning_content": words | odd,
-        "tool_calls": st.lists(tool_calls, max_size=2) | st.lists(words | odd, max_size=1) | odd,
-    },
-)
-message_lists = st.lists(messages | words | odd, max_size=4)
 
 
 @settings(FUZZ, max_examples=1500)

@@ -23,8 +23,7 @@ from gateway import jsoncodec, jsonio
 from gateway.db import MIGRATIONS, open_database
 from tests import pools
 from tests.conftest import BACKENDS, PG_URL, _pg_admin, _test_app, _with_database
-from tests.fuzz_support import FUZZ
-from tests.test_fulltext import message_lists, odd, words
+from tests.fuzz_support import FUZZ, message_lists, odd, words
 
 BEFORE = "0003_sealed_keys_and_sessions"  # the latest migration before the account's
 
