@@ -250,11 +250,11 @@ def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
     it on again first (``_SqliteDatabase.execute_sql``). Once the lock is held, the
     statements and the COMMIT (where FTS5 flushes and merges its index) run in one
     call beside the loop (``beside_loop``): a batch of calls with long prompts is a few
-    hundred milliseconds of SQLite's own work, and the worker's calls go on
-    meanwhile. Nothing between BEGIN and COMMIT needs the
-    loop, so a greenlet of this worker that waits for the lock meanwhile (in C, on the
-    loop) cannot keep the transaction from ending. The caller bounds the whole
-    (the recorder's timeout): cut short, the statement is interrupted and rolled back.
+    hundred milliseconds of SQLite's own work, and the worker's calls go on meanwhile.
+    Nothing between BEGIN and COMMIT needs the loop, so a greenlet of this worker that
+    waits for the lock meanwhile (in C, on the loop) cannot keep the transaction from
+    ending. The caller bounds the whole (the recorder's timeout): cut short, the
+    statement is interrupted and rolled back.
     """
     conn = database.connection()
     delay = LOCK_POLL_MIN
