@@ -3,12 +3,12 @@
 Wired in, a call is admitted once before it is routed (``admission.admit``: a
 maxConcurrent slot if the key has one, RPM, TPM and a per-model bucket, in one script)
 and settled once when its record is final (``Permit.finished``: the slot given back,
-its tokens charged, its cost added to the month's spend, in one round trip; the call
-counted in the metrics). Those are timed per call, for a key without and with
-``maxConcurrent``, and with a monthly budget ("wired" rows): every client waits for
-``admit`` (the target: under 0.2 ms), a JSON call's for ``finished`` too (its answer
-goes once the call is settled; a stream's last event has gone by then), and their sum
-is the worker's time per call. Then each limiter operation alone. Measured in a
+its tokens charged, its cost added to the month's spend, in one write whose replies
+are read with the next round trip; the call counted in the metrics). Those are timed
+per call, for a key without and with ``maxConcurrent``, and with a monthly budget
+("wired" rows): every client waits for ``admit`` (the target: under 0.2 ms), a JSON
+call's for ``finished`` too (its answer goes once the settling is sent; a stream's last
+event has gone by then), and their sum is the worker's time per call. Then each limiter operation alone. Measured in a
 gevent-patched process like a gunicorn worker, one caller at a time and 50 concurrent
 greenlets, against this benchmark's own redis-server (or ``--redis-url``) and the
 in-process store. Prints a table (microseconds) and writes bench/results/limiter.json.

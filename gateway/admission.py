@@ -13,9 +13,9 @@ What was admitted is a ``Permit``. It carries the headers, claims the call's req
 (``X-NexusGate-ReqId``: a repeat gets the stored answer, or 409 while the first runs),
 and is settled exactly once: ``finished`` when the call's record is final (its answer
 kept for repeats or its request id released, the slot given back, its real tokens
-charged to TPM, its cost added to the month's spend, all in one round trip; the call
-counted), or ``cancel`` when it never opened. Nothing is
-reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker killed
+charged to TPM, its cost added to the month's spend, all in one write to Redis, sent
+before the answer goes and not waited for; the call counted), or ``cancel`` when it
+never opened. Nothing is reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker killed
 mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
 """
 
@@ -168,7 +168,8 @@ class Permit:
                     exchange.answer = answer
                 source = exchange.source_uid or exchange.uid
                 kept = Stored(source, answer, exchange.model_id, exchange.provider_id).dumps()
-            # One round trip, the request id first: a repeat sent right after must find it.
+            # One write, the request id first, sent before the answer goes: a repeat or a
+            # next call sent on receiving it, to any worker, finds all of it done.
             limiter.finish(
                 self.caller.id,
                 self.uid,

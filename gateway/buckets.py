@@ -312,6 +312,10 @@ class LocalStore:
         """Several operations (``(method name, args)``) in turn; their results."""
         return [getattr(self, name)(*args) for name, args in operations]
 
+    def post_all(self, operations: Sequence[tuple[str, tuple]]) -> None:
+        """``run_all``, results unread (``RedisStore.post_all``: here nothing is waited for)."""
+        self.run_all(operations)
+
     # -- running totals (spend per month) ----------------------------------------
 
     def add(self, key: str, amount: int, ttl: float) -> int:

@@ -110,6 +110,8 @@ class Limiter:
         cfg = {**DEFAULTS, **config}
         self.store: Any = open_store(cfg) or LocalStore(clock)
         self.shared = not isinstance(self.store, LocalStore)
+        if self.shared:
+            self.store.on_lost = self._posts_lost
         self.prefix = str(cfg["REDIS_PREFIX"])
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
@@ -184,6 +186,10 @@ class Limiter:
             self._down_until = 0.0
             log.warning("limiter: Redis answers again; limits hold again")
         return result
+
+    def _posts_lost(self, count: int, exc: Exception) -> None:
+        """Finished calls' operations, sent without waiting, failed or went unanswered."""
+        self._failed_open("finish", exc)
 
     def _failed_open(self, operation: str, exc: Exception | None) -> None:
         self.fail_opens += 1
@@ -369,11 +375,14 @@ class Limiter:
         nanos: int | None = None,
         now: datetime | None = None,
     ) -> None:
-        """What call ``uid`` owes once it is over, in one round trip, in this order.
+        """What call ``uid`` owes once it is over, in one write, in this order.
 
         Its request id settled with ``answer`` (``settle``; None releases it), its slot
         given back (``leave``), its real tokens charged to TPM (``charge``), its cost in
-        nano-USD added to this month's spend (``spend``): each only if it applies.
+        nano-USD added to this month's spend (``spend``): each only if it applies. Sent,
+        not waited for (``post_all``): Redis runs it before anything asked after it, so
+        the call's answer may go as soon as this returns; a failure found later counts
+        as failed open.
         """
         operations: list[tuple[str, tuple]] = []
         if req_id is not None:
@@ -396,7 +405,7 @@ class Limiter:
             key = self._spend_key(key_id, now or datetime.now(UTC))
             operations.append(("add", (key, nanos, SPEND_TTL)))
         if operations:
-            self._guarded("finish", None, self.store.run_all, operations)
+            self._guarded("finish", None, self.store.post_all, operations)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""

@@ -11,7 +11,8 @@ With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
 ``RedisStore`` on the Redis server's clock, every key of a script under one hash tag
 (``gw:{key:42}:rpm``) so the scripts run unchanged on Redis Cluster. Scripts go out on
 connections the store keeps (``_Connections``), and in a gevent worker those asked for
-while a round trip is in flight share the next one (``pipelining``). Without
+while a round trip is in flight share the next one (``pipelining``); what a finished
+call owes is sent without waiting for its replies (``post_all``). Without
 ``REDIS_URL``, the same operations run in this process (``buckets.LocalStore``, same
 arithmetic) and a warning says at start that limits hold per process. Redis down, slower
 than ``REDIS_TIMEOUT`` or restarting: every operation fails open (allows), is counted
@@ -21,6 +22,7 @@ than ``REDIS_TIMEOUT`` or restarting: every operation fails open (allows), is co
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +38,8 @@ from redis.sentinel import Sentinel
 
 from gateway import pipelining
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
+
+log = logging.getLogger(__name__)
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
 # What a command may raise when Redis is away, slow, restarting or misconfigured.
@@ -147,41 +151,84 @@ class _Connections:
     master), encodes and parses (with hiredis, its parser in C, where installed:
     requirements.txt has it).
 
+    ``post`` sends commands whose replies nobody waits for (what a finished call owes):
+    they go out at once, and their replies are read by the next exchange on the same
+    connection, which goes back to the head of ``_idle`` for it. A round trip's cost to
+    the worker is mostly waiting for the reply (the hub's poll, a wake-up, a read): a
+    posted command shares its wake-up with the next exchange. Each new connection first
+    runs the ``opening`` commands (the store's ``SCRIPT LOAD``s), so a posted script is
+    known to the Redis it reaches. A posted reply that is an error is passed to ``lost``,
+    except ``NoScriptError`` (``SCRIPT FLUSH`` meanwhile: the command never ran): it is
+    kept in ``rerun`` for the store to load its script and run it again.
+
     A kept connection that Redis closed meanwhile (a restart, the server's idle
     ``timeout``) fails at once when used; the command is then sent once more on a
     connection just made, where redis-py's pool would have noticed at checkout. A failed
     exchange never comes back to ``_idle``: its next reply could be the one that was
-    late (redis-py disconnects it too).
+    late (redis-py disconnects it too). Commands posted on it whose replies were not read
+    may or may not have run: they are passed to ``lost``, never sent again.
     """
 
     IDLE = 64  # connections kept; more at once are made, and given back to the pool
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        lost: Callable[[int, Exception], None],
+        opening: Sequence[Sequence[Any]] = (),
+    ) -> None:
         self._pool = pool
+        self._lost = lost
+        self._opening = opening  # sent on each new connection first (SCRIPT LOAD)
         self._idle: list[Any] = []
+        self._owed: dict[Any, list[Sequence[Any]]] = {}  # posted, replies not read yet
+        self.rerun: list[Sequence[Any]] = []  # posted commands Redis had no script for
         self._forks = _forks  # not os.getpid() per command: a system call each
+
+    def _take(self) -> tuple[Any, bool]:
+        """A connection for the next write, and whether it was kept (the last one given
+        back first: a posted command's replies are read by the next exchange)."""
+        if self._forks != _forks:  # forked: the sockets are the parent's
+            self._idle, self._owed, self._forks = [], {}, _forks
+        if self._idle:
+            return self._idle.pop(), True
+        return self._new(), False
+
+    def _new(self) -> Any:
+        """A connection of the pool's, once it has answered the opening commands."""
+        conn = self._pool.get_connection()
+        if self._opening:
+            try:
+                self._send(conn, self._opening)
+                failed = [
+                    r for r in self._read(conn, len(self._opening)) if isinstance(r, Exception)
+                ]
+            except BaseException as exc:
+                self._drop(conn, exc)
+                raise
+            if failed:
+                self._drop(conn, failed[0])
+                raise failed[0]
+        return conn
 
     def exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, in order: each reply is
         the value, or the ``ResponseError`` that Redis answered in its place."""
-        if self._forks != _forks:  # forked: the sockets are the parent's
-            self._idle, self._forks = [], _forks
-        kept = bool(self._idle)
-        conn = self._idle.pop() if kept else self._pool.get_connection()
+        conn, kept = self._take()
         try:
             replies = self._send_and_read(conn, commands)
-        except redis.ConnectionError:
-            self._drop(conn)
+        except redis.ConnectionError as exc:
+            self._drop(conn, exc)
             if not kept:
                 raise
-            conn = self._pool.get_connection()  # Redis had closed the kept one: it never ran
+            conn = self._new()  # Redis had closed the kept one: it never ran
             try:
                 replies = self._send_and_read(conn, commands)
-            except BaseException:
-                self._drop(conn)
+            except BaseException as exc:
+                self._drop(conn, exc)
                 raise
-        except BaseException:
-            self._drop(conn)
+        except BaseException as exc:
+            self._drop(conn, exc)
             raise
         if len(self._idle) < self.IDLE:
             self._idle.append(conn)
@@ -189,20 +236,67 @@ class _Connections:
             self._pool.release(conn)
         return replies
 
+    def post(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Send ``commands`` in one write and go on; the next exchange reads their replies."""
+        conn, kept = self._take()
+        try:
+            self._send(conn, commands)
+        except redis.ConnectionError as exc:
+            self._drop(conn, exc)
+            if not kept:
+                raise
+            conn = self._new()  # Redis had closed the kept one: never sent
+            try:
+                self._send(conn, commands)
+            except BaseException as exc:
+                self._drop(conn, exc)
+                raise
+        except BaseException as exc:
+            self._drop(conn, exc)
+            raise
+        self._owed.setdefault(conn, []).extend(commands)
+        self._idle.append(conn)  # kept even past IDLE: its replies are to be read
+
     @staticmethod
-    def _send_and_read(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    def _send(conn: Any, commands: Sequence[Sequence[Any]]) -> None:
         conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+    @staticmethod
+    def _read(conn: Any, count: int) -> list[Any]:
         replies: list[Any] = []
-        for _ in commands:
+        for _ in range(count):
             try:
                 replies.append(conn.read_response())
             except redis.ResponseError as exc:  # the whole reply was read: still in step
                 replies.append(exc)
         return replies
 
-    def _drop(self, conn: Any) -> None:
+    def _send_and_read(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands``; read the replies of those posted on ``conn`` before, then
+        theirs."""
+        self._send(conn, commands)
+        owed = self._owed.get(conn)
+        if owed:
+            replies = self._read(conn, len(owed))
+            del self._owed[conn]
+            for command, reply in zip(owed, replies, strict=True):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    self.rerun.append(command)
+                elif isinstance(reply, Exception):
+                    self._lost(1, reply)
+        return self._read(conn, len(commands))
+
+    def _drop(self, conn: Any, exc: BaseException) -> None:
+        """Close a failed connection; what was posted on it and not answered is lost."""
         conn.disconnect()
         self._pool.release(conn)
+        owed = self._owed.pop(conn, None)
+        if owed:
+            self._lost(len(owed), exc if isinstance(exc, Exception) else Exception(repr(exc)))
+
+
+def _log_lost(count: int, exc: Exception) -> None:
+    log.warning("ratelimit: %d posted command(s) failed or went unanswered: %s", count, exc)
 
 
 class RedisStore:
@@ -221,14 +315,25 @@ class RedisStore:
             for name in ("buckets", "slots", "claims")
         )
         self._totals = client.register_script((SCRIPTS / "totals.lua").read_text())
+        self._by_sha = {s.sha: s for s in (self._buckets, self._slots, self._claims, self._totals)}
+        # What becomes of posted commands whose replies say they failed, or were never
+        # read (``post_all``): the limiter counts them as failed open.
+        self.on_lost: Callable[[int, Exception], None] = _log_lost
         # Redis Cluster routes each command to its key's node: redis-py's own path there.
         # In a gevent worker, greenlets asking while a round trip is in flight share the
         # next one (``pipelining``).
         self._direct: Any = None
+        self._conns: _Connections | None = None
         if not isinstance(client, RedisCluster):
-            self._direct = _Connections(client.connection_pool)
+            # Scripts are loaded on every new connection, so that a posted command finds
+            # its script (a restarted Redis has none, and it closed every connection).
+            loads = [("SCRIPT", "LOAD", script.script) for script in self._by_sha.values()]
+            self._conns = _Connections(
+                client.connection_pool, lambda n, e: self.on_lost(n, e), loads
+            )
+            self._direct = self._conns
             if monkey.is_module_patched("socket"):
-                self._direct = pipelining.Pipeline(self._direct.exchange)
+                self._direct = pipelining.Pipeline(self._conns.exchange)
 
     def _now(self) -> str | float:
         return "" if self.clock is None else self.clock()
@@ -245,9 +350,10 @@ class RedisStore:
     def _scripts(self, calls: Sequence[tuple[Any, Sequence[str], list[Any]]]) -> list[Any]:
         """Run scripts in one round trip (``_direct``); their answers.
 
-        EVALSHA only: a script Redis lost (a restart) is loaded, and the calls it refused
-        are run again, one by one. Whatever else Redis answers with an error, or a
-        connection that fails, raises ``StoreDown``.
+        EVALSHA only: a script Redis lost (``SCRIPT FLUSH``; a restart closes the
+        connections, and new ones load every script) is loaded, and the calls it refused
+        are run again, one by one, after the posted ones it refused. Whatever else Redis
+        answers with an error, or a connection that fails, raises ``StoreDown``.
         """
         assert self._direct is not None
         commands = [
@@ -255,6 +361,8 @@ class RedisStore:
         ]
         try:
             out = self._direct.exchange(commands)
+            if self._conns is not None and self._conns.rerun:
+                self._rerun_posted()  # sent before these: run before these run again
             for i, answer in enumerate(out):
                 if isinstance(answer, redis.exceptions.NoScriptError):
                     script = calls[i][0]
@@ -267,6 +375,21 @@ class RedisStore:
                 raise StoreDown(f"{type(answer).__name__}: {answer}")
         return out
 
+    def _rerun_posted(self) -> None:
+        """Posted commands Redis refused for want of their script: load it, run them."""
+        assert self._conns is not None
+        commands, self._conns.rerun = self._conns.rerun, []
+        try:
+            for sha in {command[1] for command in commands}:
+                self.client.script_load(self._by_sha[sha].script)
+            answers = self._direct.exchange(commands)
+        except _FAILURES as exc:
+            self.on_lost(len(commands), exc)
+            return
+        failed = [answer for answer in answers if isinstance(answer, Exception)]
+        if failed:
+            self.on_lost(len(failed), failed[0])
+
     def run_all(self, operations: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Several operations (``(method name, args)``) in one round trip; their results.
 
@@ -277,6 +400,24 @@ class RedisStore:
         calls = [self._operation(name, *args) for name, args in operations]
         answers = self._scripts([(script, keys, args) for script, keys, args, _ in calls])
         return [convert(answer) for (_, _, _, convert), answer in zip(calls, answers, strict=True)]
+
+    def post_all(self, operations: Sequence[tuple[str, tuple]]) -> None:
+        """``run_all`` without waiting for the results: the operations are sent at once
+        (Redis runs them before anything this process sends later), their replies read
+        with a later round trip; a failure then reaches ``on_lost``. What a finished call
+        owes goes this way: its answer needs none of it. Redis Cluster: ``run_all``.
+        """
+        if self._conns is None:
+            self.run_all(operations)
+            return
+        commands = []
+        for name, args in operations:
+            script, keys, argv, _ = self._operation(name, *args)
+            commands.append(("EVALSHA", script.sha, len(keys), *keys, *argv))
+        try:
+            self._conns.post(commands)
+        except _FAILURES as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
     def _one(self, name: str, *args: Any) -> Any:
         """One of ``run_all``'s operations on its own."""

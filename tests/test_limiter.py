@@ -87,6 +87,33 @@ def test_tpm_charged_by_one_worker_refuses_in_the_other(pair) -> None:  # type: 
     assert usage["tpm"]["remaining"] == 0 and 4999 <= usage["tpm"]["current"] <= 5000
 
 
+def test_a_finished_call_s_dues_are_sent_not_waited_for(shared_redis: RedisServer) -> None:
+    """``finish`` returns once its operations are written (a JSON call's answer goes
+    then), not when Redis has answered; Redis runs them before what either worker asks
+    after, and this worker's next round trip reads their replies."""
+    prefix = uuid.uuid4().hex[:8]
+    a, b = (_on(shared_redis.url, prefix, REDIS_TIMEOUT=2.0) for _ in "ab")
+    assert a.admit(5, rpm=50, tpm=1000, slot=("call-1", 1)).allowed
+    shared_redis.command("CLIENT", "PAUSE", "400")
+    started = time.monotonic()
+    a.finish(5, "call-1", tpm=1000, tokens=5000, nanos=7)
+    assert time.monotonic() - started < 0.2
+    assert b.admit(5, rpm=50, tpm=None, slot=("call-2", 1)).allowed  # the slot came back
+    refused = b.admit(5, rpm=50, tpm=1000)
+    assert (refused.allowed, refused.limit_type) == (False, "tpm")  # the tokens were charged
+    assert a.spent(5) == 7
+    assert not a.store._conns._owed  # the replies were read
+    counted = _fail_opens("finish")
+    shared_redis.command("CLIENT", "PAUSE", "300")
+    a.configure({"REDIS_URL": shared_redis.url, "REDIS_PREFIX": prefix, "REDIS_TIMEOUT": 0.05})
+    a.finish(5, "call-2", tpm=1000, tokens=1, nanos=1)
+    try:
+        assert a.usage(5, rpm=50, tpm=1000)["rpm"]["remaining"] == 50  # failed open: timed out
+        assert _fail_opens("finish") == counted + 1  # so did the finish it came after
+    finally:
+        shared_redis.command("CLIENT", "UNPAUSE")  # the session's Redis: for the next tests
+
+
 def test_a_per_model_limit_applies_beside_the_key_limits(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     per_model = [model_bucket("gpt-4o@openai", 2, 0.5)]

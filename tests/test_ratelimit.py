@@ -200,6 +200,50 @@ def test_finishing_operations_survive_a_redis_that_lost_its_scripts(
     assert store.run_all(operations)[1:] == [pytest.approx(40, abs=1), 10]
 
 
+def test_posted_operations_run_once_on_a_redis_that_lost_its_scripts(
+    shared_redis: RedisServer,
+) -> None:
+    """Posted operations Redis refused for want of a script are run again, once, before
+    the round trip that read their refusal is run again."""
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    prefix, bucket = uuid.uuid4().hex, Bucket("tpm", 100, 0.001)
+    assert store.total(f"{prefix}:{{k}}:spend") == 0  # a connection kept
+    shared_redis.command("SCRIPT", "FLUSH")
+    store.post_all(
+        [("charge", (f"{prefix}:{{k}}:tpm", bucket, 30)), ("add", (f"{prefix}:{{k}}:spend", 5, 60))]
+    )
+    assert store.total(f"{prefix}:{{k}}:spend") == 5
+    assert store.peek([f"{prefix}:{{k}}:tpm"], [bucket]) == (pytest.approx(70, abs=0.01),)
+
+
+def test_posted_operations_that_fail_or_go_unanswered_are_reported(
+    redis_server: RedisServer,
+) -> None:
+    """A posted operation's error reply, or a connection that fails before its reply is
+    read, reaches ``on_lost`` (the limiter counts it as failed open); replies already
+    read are not lost when the connection fails after them."""
+    store = RedisStore(connect(redis_server.url, 0.1, TIMEOUT))
+    lost: list[tuple[int, str]] = []
+    store.on_lost = lambda count, exc: lost.append((count, type(exc).__name__))
+    assert store.add("o:{k}:s", 1, 60.0) == 1
+    redis_server.command("RPUSH", "o:{k}:list", "x")
+    store.post_all([("add", ("o:{k}:list", 1, 60.0)), ("add", ("o:{k}:s", 2, 60.0))])
+    assert store.total("o:{k}:s") == 3
+    assert lost == [(1, "ResponseError")]  # WRONGTYPE; the other ran
+
+    store.post_all([("add", ("o:{k}:s", 4, 60.0))])
+    gevent.sleep(0.2)  # answered; then Redis closes the connection, as an idle timeout would
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")
+    assert store.total("o:{k}:s") == 7  # its reply was read, its own sent again
+    assert lost == [(1, "ResponseError")]
+
+    redis_server.command("CLIENT", "PAUSE", "500")
+    store.post_all([("add", ("o:{k}:s", 8, 60.0))] * 2)
+    with pytest.raises(StoreDown, match="Timeout"):
+        store.total("o:{k}:s")  # times out reading the posted replies
+    assert lost == [(1, "ResponseError"), (2, "TimeoutError")]
+
+
 def shared_redis_pttl(server: RedisServer, key: str) -> int:
     return int(server.command("PTTL", key))
 

@@ -166,6 +166,25 @@ def test_max_concurrent_holds_across_instances_and_a_drain_counts(pair, fake) ->
     assert call(b, key).status_code == 200  # the drain is over: its slot came back
 
 
+def test_what_a_call_owes_is_in_redis_before_its_answer_leaves(pair, fake) -> None:  # type: ignore[no-untyped-def]
+    """A finished call's slot, request id and tokens are sent to Redis before its answer
+    goes (not waited for): the client's next call, on the other instance at once, finds
+    the slot free, the stored answer, and then the tokens charged."""
+    a, b = pair
+    key, _ = new_key(a, maxConcurrent=1)
+    answers = [call((a, b)[i % 2], key).status_code for i in range(40)]
+    assert answers == [200] * 40  # never "1 at once": each slot came back in time
+    req_id = {"X-NexusGate-ReqId": uuid.uuid4().hex}
+    first = call(a, key, **req_id)
+    repeat = call(b, key, **req_id)
+    assert (first.status_code, repeat.status_code) == (200, 200)
+    assert repeat.json()["id"] == first.json()["id"]  # the stored answer, not a 409
+    key, _ = new_key(a, tpmLimit=5)
+    assert call(a, key).status_code == 200  # more than 5 tokens: a debt
+    refused = call(b, key)
+    assert refused.status_code == 429 and "token quota" in refused.json()["error"]["message"]
+
+
 def test_a_per_model_limit_made_on_one_instance_applies_on_the_other(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     key, _ = new_key(a)
