@@ -45,6 +45,11 @@ class Pipeline:
         self._senders = gevent.pool.Group()
         self.batches = 0  # exchanges the sender made, for tests and benchmarks
 
+    @property
+    def busy(self) -> bool:
+        """An exchange is in flight: commands asked for now would share the next one."""
+        return self._busy
+
     def exchange(self, commands: Commands) -> list[Any]:
         """The replies to ``commands``, in order: at once if nothing is in flight."""
         if self._busy:

@@ -216,6 +216,25 @@ def test_posted_operations_run_once_on_a_redis_that_lost_its_scripts(
     assert store.peek([f"{prefix}:{{k}}:tpm"], [bucket]) == (pytest.approx(70, abs=0.01),)
 
 
+def test_posted_operations_join_a_round_trip_in_flight(shared_redis: RedisServer) -> None:
+    """While a round trip is in flight, posted operations go out with the next one, as
+    any script asked for then (one write for Redis to read), and are waited for; with
+    none in flight they are written at once and not waited for."""
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    key = f"{uuid.uuid4().hex}:{{k}}:s"
+    assert store.total(key) == 0  # a connection kept, the scripts loaded
+    store.post_all([("add", (key, 1, 60.0))])
+    assert len(store._conns._owed) == 1  # written; its reply is read with the next one
+    shared_redis.command("CLIENT", "PAUSE", "200")
+    in_flight = gevent.spawn(store.total, key)
+    gevent.sleep(0.05)  # sent; waiting for its reply
+    assert store._direct.busy
+    batches = store._direct.batches
+    store.post_all([("add", (key, 2, 60.0))])
+    assert store._direct.batches == batches + 1 and not store._conns._owed
+    assert in_flight.get() == 1 and store.total(key) == 3
+
+
 def test_posted_operations_that_fail_or_go_unanswered_are_reported(
     redis_server: RedisServer,
 ) -> None:
