@@ -170,6 +170,7 @@ class _Connections:
     """
 
     IDLE = 64  # connections kept; more at once are made, and given back to the pool
+    OWED = 64  # posted commands a connection holds unread at most; then they are read
 
     def __init__(
         self,
@@ -254,7 +255,14 @@ class _Connections:
         except BaseException as exc:
             self._drop(conn, exc)
             raise
-        self._owed.setdefault(conn, []).extend(commands)
+        owed = self._owed.setdefault(conn, [])
+        owed.extend(commands)
+        if len(owed) >= self.OWED:  # no round trip read them (a key with no limits)
+            try:
+                self._read_owed(conn)
+            except BaseException as exc:  # reported lost; this caller's were sent
+                self._drop(conn, exc)
+                return
         self._idle.append(conn)  # kept even past IDLE: its replies are to be read
 
     @staticmethod
@@ -275,16 +283,21 @@ class _Connections:
         """Send ``commands``; read the replies of those posted on ``conn`` before, then
         theirs."""
         self._send(conn, commands)
-        owed = self._owed.get(conn)
-        if owed:
-            replies = self._read(conn, len(owed))
-            del self._owed[conn]
-            for command, reply in zip(owed, replies, strict=True):
-                if isinstance(reply, redis.exceptions.NoScriptError):
-                    self.rerun.append(command)
-                elif isinstance(reply, Exception):
-                    self._lost(1, reply)
+        self._read_owed(conn)
         return self._read(conn, len(commands))
+
+    def _read_owed(self, conn: Any) -> None:
+        """Read the replies of the commands posted on ``conn``; pass on what failed."""
+        owed = self._owed.get(conn)
+        if not owed:
+            return
+        replies = self._read(conn, len(owed))
+        del self._owed[conn]
+        for command, reply in zip(owed, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                self.rerun.append(command)
+            elif isinstance(reply, Exception):
+                self._lost(1, reply)
 
     def _drop(self, conn: Any, exc: BaseException) -> None:
         """Close a failed connection; what was posted on it and not answered is lost."""

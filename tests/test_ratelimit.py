@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.buckets import Bucket, LocalStore, per_minute
-from gateway.ratelimit import RedisStore, StoreDown, connect
+from gateway.ratelimit import RedisStore, StoreDown, _Connections, connect
 from tests.servers import RedisServer, free_port, wait_until
 
 TIMEOUT = 0.5  # generous: the machine is shared; timeouts are tested in test_limiter
@@ -233,6 +233,19 @@ def test_posted_operations_join_a_round_trip_in_flight(shared_redis: RedisServer
     store.post_all([("add", (key, 2, 60.0))])
     assert store._direct.batches == batches + 1 and not store._conns._owed
     assert in_flight.get() == 1 and store.total(key) == 3
+
+
+def test_posted_operations_with_no_round_trip_after_them_are_read_in_bounds(
+    shared_redis: RedisServer,
+) -> None:
+    """A key with no limits makes no round trip, only posts (its spend): their replies
+    are read once a connection holds OWED of them, not left to pile up in Redis."""
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
+    key = f"{uuid.uuid4().hex}:{{k}}:s"
+    for _ in range(3 * _Connections.OWED + 5):
+        store.post_all([("add", (key, 1, 60.0))])
+        assert all(len(owed) < _Connections.OWED for owed in store._conns._owed.values())
+    assert store.total(key) == 3 * _Connections.OWED + 5
 
 
 def test_posted_operations_that_fail_or_go_unanswered_are_reported(
