@@ -15,8 +15,9 @@ and is settled exactly once: ``finished`` when the call's record is final (its a
 kept for repeats or its request id released, the slot given back, its real tokens
 charged to TPM, its cost added to the month's spend, all in one write to Redis, sent
 before the answer goes and not waited for; the call counted), or ``cancel`` when it
-never opened. Nothing is reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker killed
-mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
+never opened. Nothing is reserved up front, so a cancelled call or a stopped worker
+leaks nothing; a worker killed mid-call leaves a slot and a claim that lapse within
+``INFLIGHT_TTL``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -40,6 +40,7 @@ from gateway import pipelining
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
 # What a command may raise when Redis is away, slow, restarting or misconfigured.
@@ -215,22 +216,7 @@ class _Connections:
     def exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, in order: each reply is
         the value, or the ``ResponseError`` that Redis answered in its place."""
-        conn, kept = self._take()
-        try:
-            replies = self._send_and_read(conn, commands)
-        except redis.ConnectionError as exc:
-            self._drop(conn, exc)
-            if not kept:
-                raise
-            conn = self._new()  # Redis had closed the kept one: it never ran
-            try:
-                replies = self._send_and_read(conn, commands)
-            except BaseException as exc:
-                self._drop(conn, exc)
-                raise
-        except BaseException as exc:
-            self._drop(conn, exc)
-            raise
+        conn, replies = self._on_a_connection(self._send_and_read, commands)
         if len(self._idle) < self.IDLE:
             self._idle.append(conn)
         else:
@@ -239,22 +225,7 @@ class _Connections:
 
     def post(self, commands: Sequence[Sequence[Any]]) -> None:
         """Send ``commands`` in one write and go on; the next exchange reads their replies."""
-        conn, kept = self._take()
-        try:
-            self._send(conn, commands)
-        except redis.ConnectionError as exc:
-            self._drop(conn, exc)
-            if not kept:
-                raise
-            conn = self._new()  # Redis had closed the kept one: never sent
-            try:
-                self._send(conn, commands)
-            except BaseException as exc:
-                self._drop(conn, exc)
-                raise
-        except BaseException as exc:
-            self._drop(conn, exc)
-            raise
+        conn, _ = self._on_a_connection(self._send, commands)
         owed = self._owed.setdefault(conn, [])
         owed.extend(commands)
         if len(owed) >= self.OWED:  # no round trip read them (a key with no limits)
@@ -264,6 +235,29 @@ class _Connections:
                 self._drop(conn, exc)
                 return
         self._idle.append(conn)  # kept even past IDLE: its replies are to be read
+
+    def _on_a_connection(
+        self, work: Callable[[Any, Sequence[Sequence[Any]]], T], commands: Sequence[Sequence[Any]]
+    ) -> tuple[Any, T]:
+        """``work(connection, commands)`` on a kept connection, and once more on a new one
+        if Redis had closed the kept one (it fails at once: nothing sent on it ran). A
+        connection that failed is dropped."""
+        conn, kept = self._take()
+        try:
+            return conn, work(conn, commands)
+        except redis.ConnectionError as exc:
+            self._drop(conn, exc)
+            if not kept:
+                raise
+        except BaseException as exc:
+            self._drop(conn, exc)
+            raise
+        conn = self._new()
+        try:
+            return conn, work(conn, commands)
+        except BaseException as exc:
+            self._drop(conn, exc)
+            raise
 
     @staticmethod
     def _send(conn: Any, commands: Sequence[Sequence[Any]]) -> None:
