@@ -256,6 +256,50 @@ def test_redis_away_leaves_calls_working_and_counted_and_limits_come_back(
     assert call(b, key).status_code == 429, "the limit holds again on every instance"
 
 
+def test_redis_killed_under_load_costs_no_call_and_no_record(
+    gateway_factory, fake, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    """Redis killed (-9) while 16 clients call two instances, then started again: calls
+    admitted before, settled while Redis was dying (their settling written and never
+    answered) or in between all get their answer and their record, and whatever Redis
+    did not answer is counted as a fail-open."""
+    redis = redis_server
+    env = {**ENV, "REDIS_URL": redis.url, "GATEWAY_REDIS_RETRY_AFTER": "0.3"}
+    env["GATEWAY_SEARCH_COUNT_CAP"] = "100000"  # PostgreSQL counts exactly up to here
+    a, b = gateway_factory(workers=2, **env), gateway_factory(workers=2, **env)
+    a.setup_route(fake.url, remote_id="fake")
+    key, key_id = new_key(a, maxConcurrent=50, tpmLimit=10**9, rpmLimit=10**6)
+    statuses: list[int] = []
+    stop = time.monotonic() + 3.0
+
+    def client(i: int) -> None:
+        session = requests.Session()
+        gw = (a, b)[i % 2]
+        headers = {"Authorization": f"Bearer {key}", "X-Fake-Script": "delay=0.01"}
+        while time.monotonic() < stop:
+            answer = session.post(gw.url + CHAT, json=BODY, headers=headers, timeout=30)
+            statuses.append(answer.status_code)
+
+    clients = [gevent.spawn(client, i) for i in range(16)]
+    gevent.sleep(1.0)
+    os.kill(redis.proc.pid, signal.SIGKILL)
+    redis.proc.wait()
+    gevent.sleep(1.0)
+    redis.start()
+    gevent.joinall(clients, raise_error=True)
+    assert statuses and set(statuses) == {200}, Counter(statuses)
+
+    def recorded(status: str) -> int:
+        params = {"apiKeyId": key_id, "status": status, "limit": 1}
+        return a.api("GET", "/completions", params=params)["total"]
+
+    wait_until(lambda: recorded("completed") == len(statuses), timeout=60, interval=0.2)
+    assert recorded("pending") == recorded("failed") == 0
+    failed_open = sum(_metric(gw, "gateway_limiter_fail_open_total", "") for gw in (a, b))
+    assert failed_open >= 1
+    wait_until(lambda: call(a, key).status_code == 200, timeout=10)
+
+
 def _metric(gw: Gateway, name: str, labels: str) -> float:
     """The sum of a metric's samples whose labels include ``labels``, from gw's /metrics."""
     total = 0.0
