@@ -8,10 +8,11 @@ are read with the next round trip; the call counted in the metrics). Those are t
 per call, for a key without and with ``maxConcurrent``, and with a monthly budget
 ("wired" rows): every client waits for ``admit`` (the target: under 0.2 ms), a JSON
 call's for ``finished`` too (its answer goes once the settling is sent; a stream's last
-event has gone by then), and their sum is the worker's time per call. Then each limiter operation alone. Measured in a
-gevent-patched process like a gunicorn worker, one caller at a time and 50 concurrent
-greenlets, against this benchmark's own redis-server (or ``--redis-url``) and the
-in-process store. Prints a table (microseconds) and writes bench/results/limiter.json.
+event has gone by then), and their sum is the worker's time per call. Then each limiter
+operation alone. Measured in a gevent-patched process like a gunicorn worker, one
+caller at a time and 50 concurrent greenlets, against this benchmark's own
+redis-server (or ``--redis-url``) and the in-process store. Prints a table
+(microseconds) and writes bench/results/limiter.json.
 Run: ``python bench/limiter.py [--calls 5000]``.
 """
 

@@ -302,6 +302,11 @@ class _Connections:
             self._lost(len(owed), exc if isinstance(exc, Exception) else Exception(repr(exc)))
 
 
+def _evalsha(script: Any, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    """The command that runs ``script`` (a registered script) on ``keys`` with ``args``."""
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
 def _log_lost(count: int, exc: Exception) -> None:
     log.warning("ratelimit: %d posted command(s) failed or went unanswered: %s", count, exc)
 
@@ -363,9 +368,7 @@ class RedisStore:
         answers with an error, or a connection that fails, raises ``StoreDown``.
         """
         assert self._direct is not None
-        commands = [
-            ("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls
-        ]
+        commands = [_evalsha(script, keys, args) for script, keys, args in calls]
         try:
             out = self._direct.exchange(commands)
             if self._conns is not None and self._conns.rerun:
@@ -420,12 +423,9 @@ class RedisStore:
         if self._conns is None or getattr(self._direct, "busy", False):
             self.run_all(operations)
             return
-        commands = []
-        for name, args in operations:
-            script, keys, argv, _ = self._operation(name, *args)
-            commands.append(("EVALSHA", script.sha, len(keys), *keys, *argv))
+        calls = [self._operation(name, *args) for name, args in operations]
         try:
-            self._conns.post(commands)
+            self._conns.post([_evalsha(script, keys, argv) for script, keys, argv, _ in calls])
         except _FAILURES as exc:
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
