@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 from pathlib import Path
+
+# How many resamples make a percentile ratio's interval, and which share of them it holds.
+RESAMPLES, HELD = 400, 0.9
 
 
 def load_average() -> str:
@@ -39,21 +43,72 @@ def table(r: dict) -> str:
         pick = (lambda f: f[key]) if key else (lambda f: f)
         return pick(figures["gateway"]), pick(figures["floor"])
 
+    def spread(key: str, p: int) -> tuple[float, float] | None:
+        calls = r.get(key)
+        return percentile_interval(calls, p) if calls else None
+
+    def rounds(per_round: dict | None) -> tuple[float, float] | None:
+        if not per_round:
+            return None
+        ratios = [g / f for g, f in zip(per_round["gateway"], per_round["floor"], strict=True)]
+        return min(ratios), max(ratios)
+
+    cpu_rounds = r.get("cpu_ms_per_round", {})
     rows = [
-        ("added p50, non-streaming, 1 client", *added(lat, 50), "ms"),
-        ("added p99, non-streaming, 1 client", *added(lat, 99), "ms"),
-        ("added time to first byte (p50), streaming, 1 client", *added(fb, 50), "ms"),
-        ("added time to first byte (p99), streaming, 1 client", *added(fb, 99), "ms"),
-        (f"throughput at {clients} clients, share of direct", *both(r["share_of_direct"]), ""),
-        (f"worker CPU per non-streaming call ({cpu_clients} clients)", *both(cpu["json"]), "ms"),
-        (f"worker CPU per 20-chunk stream ({cpu_clients} clients)", *both(cpu["stream"]), "ms"),
+        (
+            "added p50, non-streaming, 1 client",
+            *added(lat, 50),
+            "ms",
+            spread("latency_calls_ms", 50),
+        ),
+        (
+            "added p99, non-streaming, 1 client",
+            *added(lat, 99),
+            "ms",
+            spread("latency_calls_ms", 99),
+        ),
+        (
+            "added time to first byte (p50), streaming, 1 client",
+            *added(fb, 50),
+            "ms",
+            spread("first_byte_calls_ms", 50),
+        ),
+        (
+            "added time to first byte (p99), streaming, 1 client",
+            *added(fb, 99),
+            "ms",
+            spread("first_byte_calls_ms", 99),
+        ),
+        (
+            f"throughput at {clients} clients, share of direct",
+            *both(r["share_of_direct"]),
+            "",
+            rounds(r.get("rps")),
+        ),
+        (
+            f"worker CPU per non-streaming call ({cpu_clients} clients)",
+            *both(cpu["json"]),
+            "ms",
+            rounds(cpu_rounds.get("json")),
+        ),
+        (
+            f"worker CPU per 20-chunk stream ({cpu_clients} clients)",
+            *both(cpu["stream"]),
+            "ms",
+            rounds(cpu_rounds.get("stream")),
+        ),
     ]
     if "open_streams" in r:
         s = r["open_streams"]
         n = s["gateway"]["streams"]
         rows += [
-            (f"RSS per open stream ({n} open, one process)", *both(s, "kb_per_stream"), "KB"),
-            (f"time to first byte with {n} streams open (p50)", *both(s, "ttfb_busy_ms"), "ms"),
+            (f"RSS per open stream ({n} open, one process)", *both(s, "kb_per_stream"), "KB", None),
+            (
+                f"time to first byte with {n} streams open (p50)",
+                *both(s, "ttfb_busy_ms"),
+                "ms",
+                None,
+            ),
         ]
     lines = [
         f"{r['when']}; {r['machine']}; gateway: {r['workers']} workers, {r['database']}"
@@ -61,11 +116,13 @@ def table(r: dict) -> str:
         f"floor: {r.get('floor_processes', 1)} process(es); "
         f"load average {r['load_start']} at the start, {r['load_after']} at the end",
         "",
-        "| figure | gateway | floor | ratio |",
+        "| figure | gateway | floor | ratio (spread) |",
         "|---|---|---|---|",
     ]
-    for name, gateway, floor, unit in rows:
+    for name, gateway, floor, unit, between in rows:
         ratio = f"{gateway / floor:.2f}\N{MULTIPLICATION SIGN}" if floor > 0 else "n/a"
+        if between is not None:
+            ratio += f" ({between[0]:.2f}\N{EN DASH}{between[1]:.2f})"
         lines.append(f"| {name} | {_cell(gateway, unit)} | {_cell(floor, unit)} | {ratio} |")
     rates = ", ".join(f"{name} {statistics.median(v):.0f}" for name, v in r["rps"].items())
     direct = (
@@ -79,6 +136,39 @@ def table(r: dict) -> str:
             f"floor {s['floor']['ttfb_idle_ms']:.2f} ms"
         )
     return "\n".join([*lines, "", direct])
+
+
+def percentile_interval(calls: dict[str, list[float]], p: int) -> tuple[float, float] | None:
+    """Where the ratio of the gateway's added ``p``th percentile to the floor's lies in
+    ``HELD`` of ``RESAMPLES`` resamples of the calls (a bootstrap).
+
+    ``calls`` holds each target's milliseconds, call i of every target made side by side
+    (``run.serial``): a resample draws call indices, the same for every target, so the
+    machine's moments stay paired. A p99 of 2,000 calls rests on its 20 slowest: this
+    says how far another run of the same builds may read. None if the floor's added
+    percentile is not above 0 in most resamples.
+    """
+    gateway, floor, direct = calls["gateway"], calls["floor"], calls["direct"]
+    draw = random.Random(p)  # the same calls give the same interval
+    n = len(gateway)
+    ratios = []
+    for _ in range(RESAMPLES):
+        picks = [draw.randrange(n) for _ in range(n)]
+        base = pct([direct[i] for i in picks], p)
+        ours, theirs = pct([gateway[i] for i in picks], p), pct([floor[i] for i in picks], p)
+        if theirs - base > 0:
+            ratios.append((ours - base) / (theirs - base))
+    if len(ratios) < RESAMPLES / 2:
+        return None
+    ratios.sort()
+    cut = (1 - HELD) / 2
+    return ratios[int(cut * len(ratios))], ratios[int((1 - cut) * len(ratios)) - 1]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``th percentile of ``values`` (the nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _cell(value: float, unit: str) -> str:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.client import Connection, request  # noqa: E402
-from bench.report import load_average, machine, table  # noqa: E402
+from bench.report import load_average, machine, pct, table  # noqa: E402
 from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
 
 ANSWER = "fake;chunks=20"  # a JSON answer of 20 pieces
@@ -62,11 +62,6 @@ class Target:
     name: str
     port: int
     pids: list[int] = field(default_factory=list)  # processes whose CPU and RSS count
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def rotated(targets: list[Target], i: int) -> list[Target]:
@@ -176,14 +171,23 @@ def rss_kb(pids: list[int]) -> int:
 
 def cpu_per_call(targets: list[Target], req: bytes, count: int, rounds: int) -> dict[str, float]:
     """Milliseconds of the targets' own CPU per call, in alternating blocks of ``count``."""
-    used = {t.name: 0.0 for t in targets}
+    per_round = cpu_rounds(targets, req, count, rounds)
+    return {name: statistics.fmean(ms) for name, ms in per_round.items()}
+
+
+def cpu_rounds(
+    targets: list[Target], req: bytes, count: int, rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds of each target's own CPU per call in each round's block of ``count``
+    calls (the blocks of one round run one after the other, the targets in turn)."""
+    used: dict[str, list[float]] = {t.name: [] for t in targets}
     for r in range(rounds):
         for t in rotated(targets, r):
             before = cpu_seconds(t.pids)
             calls(t, req, count, CLIENTS_CPU)
             gevent.sleep(1.0)  # the recorder's last writes (RECORDER_LINGER is 0.25 s)
-            used[t.name] += cpu_seconds(t.pids) - before
-    return {name: seconds * 1000 / (count * rounds) for name, seconds in used.items()}
+            used[t.name].append((cpu_seconds(t.pids) - before) * 1000 / count)
+    return used
 
 
 def open_streams(target: Target, key: str, count: int) -> dict:
@@ -230,7 +234,7 @@ def open_streams(target: Target, key: str, count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=500, help="1-client calls per target")
+    parser.add_argument("--calls", type=int, default=2000, help="1-client calls per target")
     parser.add_argument("--seconds", type=float, default=3.0, help="per target per load round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the load and CPU figures")
     parser.add_argument("--cpu-calls", type=int, default=300, help="calls per CPU block")
@@ -309,14 +313,16 @@ def measure(targets: list[Target], key: str, args: argparse.Namespace) -> dict:
         "clients": {"load": CLIENTS_LOAD, "cpu": CLIENTS_CPU},
     }
     times = serial(targets, answer, args.calls)
+    # Every call's milliseconds, call i of each target side by side: the ratios' spread
+    # is worked out from them (``report.interval``).
+    out["latency_calls_ms"] = {name: [t * 1000 for _, t in ts] for name, ts in times.items()}
     out["latency_ms"] = {
-        name: {p: pct([total for _, total in ts], p) * 1000 for p in (50, 99)}
-        for name, ts in times.items()
+        name: {p: pct(ms, p) for p in (50, 99)} for name, ms in out["latency_calls_ms"].items()
     }
     times = serial(targets, first_byte, args.calls)
+    out["first_byte_calls_ms"] = {name: [f * 1000 for f, _ in ts] for name, ts in times.items()}
     out["first_byte_ms"] = {
-        name: {p: pct([first for first, _ in ts], p) * 1000 for p in (50, 99)}
-        for name, ts in times.items()
+        name: {p: pct(ms, p) for p in (50, 99)} for name, ms in out["first_byte_calls_ms"].items()
     }
     out["stream_ms"] = {
         name: {p: pct([total for _, total in ts], p) * 1000 for p in (50, 99)}
@@ -338,9 +344,13 @@ def measure(targets: list[Target], key: str, args: argparse.Namespace) -> dict:
         for name, values in rps.items()
     }
     proxies = [t for t in targets if t.name != "direct"]
+    out["cpu_ms_per_round"] = {
+        "json": cpu_rounds(proxies, answer, args.cpu_calls, args.rounds),
+        "stream": cpu_rounds(proxies, request(PACED, True, key), args.cpu_calls, args.rounds),
+    }
     out["cpu_ms_per_call"] = {
-        "json": cpu_per_call(proxies, answer, args.cpu_calls, args.rounds),
-        "stream": cpu_per_call(proxies, request(PACED, True, key), args.cpu_calls, args.rounds),
+        kind: {name: statistics.fmean(ms) for name, ms in per_round.items()}
+        for kind, per_round in out["cpu_ms_per_round"].items()
     }
     return out
 
