@@ -146,12 +146,16 @@ def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
 _children: dict[tuple, Any] = {}
 
 # A call's own changes (``call_finished``, ``key_usage``: a dozen per call, each a write
-# into a shared mmap, about 50 µs of a call's latency at one client) wait until the
-# greenlet making them yields: ``flush`` is the event loop's next callback, so it runs
-# once a JSON answer has been written, and it writes what the calls of that turn
-# changed, added up (a counter once, a gauge's latest value). ``render`` and the
-# process's exit flush first. Changed from the worker's greenlets only; the rest (rarer,
-# or read from a dead worker's files) is written at once.
+# into a shared mmap, about 50 µs of a call's latency at one client when written on its
+# path) are kept here and written by ``flush``, a timer of the event loop's that the
+# first change after a flush starts: at most ``FLUSH_EVERY`` later, it writes what every
+# call of that time changed, added up (a counter once, a gauge's latest value). Written
+# at the end of each loop turn instead, they cost a busy worker about 5% of a JSON
+# call's CPU (issue 11: its turns hold one or two calls each). ``render`` and the
+# process's exit flush first, so a scrape of this worker sees every change; another
+# worker's, at most ``FLUSH_EVERY`` late. Changed from the worker's greenlets only; the
+# rest (rarer, or read from a dead worker's files) is written at once.
+FLUSH_EVERY = 0.02  # seconds
 _added: dict[Any, float] = {}
 _levels: dict[Any, float] = {}
 _observed: list[tuple[Any, float]] = []
@@ -177,7 +181,8 @@ def _later() -> None:
     global _flushing
     if not _flushing:
         _flushing = True
-        get_hub().loop.run_callback(flush)
+        # Not keeping the loop alive: a process's exit flushes (atexit) what is left.
+        get_hub().loop.timer(FLUSH_EVERY, ref=False).start(flush)
 
 
 def flush() -> None:

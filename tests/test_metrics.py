@@ -14,6 +14,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -268,26 +269,37 @@ def _completed(model: str, tokens: int) -> Any:
     return ex
 
 
-def test_a_calls_changes_are_written_once_its_greenlet_yields_added_up() -> None:
-    """call_finished and key_usage write nothing on the call's path: the loop's next
-    callback writes the turn's changes, a counter once with their sum."""
+def test_a_calls_changes_are_written_together_within_flush_every_added_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """call_finished and key_usage write nothing on the call's path, nor when its turn of
+    the loop ends: a timer writes, at most FLUSH_EVERY later, what every call of that
+    time changed, a counter once with their sum."""
     model = f"m-{os.getpid()}-loop"
     completions = metrics.COMPLETIONS.labels(model, "completed", "openai-chat", "7", "k")
     prompt = metrics.TOKENS["prompt"].labels(model)
     seconds = metrics.COMPLETION_SECONDS.labels(model)
     usage = metrics.KEY_LIMITS["rpm", "usage"].labels("7", "k")
+    writes: list[float] = []
+    inc = completions.inc
+    monkeypatch.setattr(completions, "inc", lambda amount: (writes.append(amount), inc(amount)))
+    started = time.monotonic()
     metrics.call_finished(_completed(model, 10), "k")
-    metrics.call_finished(_completed(model, 5), "k")
     metrics.key_usage(
         7, "k", {"rpm": {"current": 3, "limit": 9}, "tpm": {"current": 0, "limit": 1}}
     )
+    gevent.sleep(0)  # the first call's turn ends: nothing written yet
+    assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (0, 0, 0)
+    metrics.call_finished(_completed(model, 5), "k")
     metrics.key_usage(
         7, "k", {"rpm": {"current": 4, "limit": 9}, "tpm": {"current": 0, "limit": 1}}
     )
-    assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (0, 0, 0)
-    gevent.sleep(0)  # the turn ends
+    while not writes and time.monotonic() - started < 1:
+        gevent.sleep(0.005)
+    assert time.monotonic() - started < metrics.FLUSH_EVERY + 0.015
     assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (2, 15, 4)
     assert seconds._sum.get() == pytest.approx(0.4)
+    assert writes == [2]  # one write for both calls
 
 
 def test_a_scrape_writes_what_waits_first() -> None:
@@ -306,10 +318,10 @@ def test_a_change_that_cannot_be_written_costs_only_itself(
     completion = metrics.TOKENS["completion"].labels(model)
     monkeypatch.setattr(broken, "inc", lambda amount: 1 / 0)
     metrics.call_finished(_completed(model, 2), None)
-    gevent.sleep(0)
+    gevent.sleep(metrics.FLUSH_EVERY * 3)
     assert "could not write" in caplog.text
     metrics.call_finished(_completed(model, 2), None)
-    gevent.sleep(0)
+    gevent.sleep(metrics.FLUSH_EVERY * 3)
     assert completion._value.get() == 2
 
 
@@ -324,7 +336,7 @@ def test_a_keys_limit_is_written_when_it_changes_its_use_every_time(
     for current, limit in ((1, 9), (2, 9), (3, 9), (4, 20), (5, 20)):
         usage = {"rpm": {"current": current, "limit": limit}, "tpm": {"current": 0, "limit": 1}}
         metrics.key_usage(int(key), "k", usage)
-        gevent.sleep(0)  # each call's turn ends
+        gevent.sleep(metrics.FLUSH_EVERY * 3)  # each call's changes are written
     assert written == [
         ("usage", 1), ("limit", 9), ("usage", 2), ("usage", 3), ("usage", 4), ("limit", 20),
         ("usage", 5),

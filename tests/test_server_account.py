@@ -176,16 +176,24 @@ def test_a_price_change_leaves_old_records_as_they_were(
     assert rows[0]["cost"]["prices"]["input"] == 1.0
     assert rows[1]["cost"]["prices"]["input"] == 100.0
     assert rows[1]["cost"]["total"] == pytest.approx(rows[0]["cost"]["total"] * 100)
-    # /metrics counts what the records say each call cost (worker processes' counters merged).
-    spent = {
-        (s.name, s.labels.get("model")): s.value
-        for family in text_string_to_metric_families(requests.get(f"{gw.url}/metrics").text)
-        for s in family.samples
-    }
+    # /metrics counts what the records say each call cost (worker processes' counters
+    # merged; another worker's within metrics.FLUSH_EVERY of its call, hence the wait).
+    def spent() -> dict[tuple[str, str | None], float]:
+        text = requests.get(f"{gw.url}/metrics").text
+        return {
+            (s.name, s.labels.get("model")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
     total = sum(row["cost"]["total"] for row in rows)
-    assert spent["nexusgate_cost_total_usd_total", "acct-reprice"] == pytest.approx(total)
     output = sum(row["cost"]["output"] for row in rows)
-    assert spent["nexusgate_cost_completion_usd_total", "acct-reprice"] == pytest.approx(output)
+    wait_until(
+        lambda: spent().get(("nexusgate_cost_total_usd_total", "acct-reprice"))
+        == pytest.approx(total),
+        timeout=5,
+    )
+    assert spent()["nexusgate_cost_completion_usd_total", "acct-reprice"] == pytest.approx(output)
 
 
 @pytest.mark.parametrize("client", CLIENTS)
