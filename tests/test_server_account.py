@@ -176,6 +176,7 @@ def test_a_price_change_leaves_old_records_as_they_were(
     assert rows[0]["cost"]["prices"]["input"] == 1.0
     assert rows[1]["cost"]["prices"]["input"] == 100.0
     assert rows[1]["cost"]["total"] == pytest.approx(rows[0]["cost"]["total"] * 100)
+
     # /metrics counts what the records say each call cost (worker processes' counters
     # merged; another worker's within metrics.FLUSH_EVERY of its call, hence the wait).
     def spent() -> dict[tuple[str, str | None], float]:
@@ -189,8 +190,9 @@ def test_a_price_change_leaves_old_records_as_they_were(
     total = sum(row["cost"]["total"] for row in rows)
     output = sum(row["cost"]["output"] for row in rows)
     wait_until(
-        lambda: spent().get(("nexusgate_cost_total_usd_total", "acct-reprice"))
-        == pytest.approx(total),
+        lambda: (
+            spent().get(("nexusgate_cost_total_usd_total", "acct-reprice")) == pytest.approx(total)
+        ),
         timeout=5,
     )
     assert spent()["nexusgate_cost_completion_usd_total", "acct-reprice"] == pytest.approx(output)
