@@ -314,7 +314,7 @@ def measure(targets: list[Target], key: str, args: argparse.Namespace) -> dict:
     }
     times = serial(targets, answer, args.calls)
     # Every call's milliseconds, call i of each target side by side: the ratios' spread
-    # is worked out from them (``report.interval``).
+    # is worked out from them (``report.percentile_interval``).
     out["latency_calls_ms"] = {name: [t * 1000 for _, t in ts] for name, ts in times.items()}
     out["latency_ms"] = {
         name: {p: pct(ms, p) for p in (50, 99)} for name, ms in out["latency_calls_ms"].items()

@@ -283,6 +283,10 @@ def test_a_calls_changes_are_written_together_within_flush_every_added_up(
     writes: list[float] = []
     inc = completions.inc
     monkeypatch.setattr(completions, "inc", lambda amount: (writes.append(amount), inc(amount)))
+    # Longer than a loaded machine may take between two lines; an earlier test's timer
+    # (at the usual 20 ms) is let go off first.
+    monkeypatch.setattr(metrics, "FLUSH_EVERY", 0.2)
+    gevent.sleep(0.05)
     started = time.monotonic()
     metrics.call_finished(_completed(model, 10), "k")
     metrics.key_usage(
@@ -294,9 +298,9 @@ def test_a_calls_changes_are_written_together_within_flush_every_added_up(
     metrics.key_usage(
         7, "k", {"rpm": {"current": 4, "limit": 9}, "tpm": {"current": 0, "limit": 1}}
     )
-    while not writes and time.monotonic() - started < 1:
+    while not writes and time.monotonic() - started < 2:
         gevent.sleep(0.005)
-    assert time.monotonic() - started < metrics.FLUSH_EVERY + 0.015
+    assert metrics.FLUSH_EVERY / 2 <= time.monotonic() - started < 1  # the loop's clock is cached
     assert (completions._value.get(), prompt._value.get(), usage._value.get()) == (2, 15, 4)
     assert seconds._sum.get() == pytest.approx(0.4)
     assert writes == [2]  # one write for both calls
