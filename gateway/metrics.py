@@ -186,7 +186,7 @@ def _later() -> None:
 
 
 def flush() -> None:
-    """Write the changes waiting for the loop's turn to end (each once, whatever fails)."""
+    """Write the changes waiting for the timer (each once, whatever fails)."""
     global _flushing
     _flushing = False
     writes = [(child.inc, amount) for child, amount in _added.items()]
