@@ -110,7 +110,7 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
             ("json", answer, args.block),
             ("stream", paced, args.block * 2 // 3),
         ):
-            for name, ms in run.cpu_per_call(targets, req, count, 1).items():
+            for name, (ms,) in run.cpu_rounds(targets, req, count, 1).items():
                 cpu[kind].setdefault(name, []).append(ms)
     for kind, blocks in cpu.items():
         line = {name: round(statistics.median(ms), 3) for name, ms in blocks.items()}

@@ -169,12 +169,6 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
-def cpu_per_call(targets: list[Target], req: bytes, count: int, rounds: int) -> dict[str, float]:
-    """Milliseconds of the targets' own CPU per call, in alternating blocks of ``count``."""
-    per_round = cpu_rounds(targets, req, count, rounds)
-    return {name: statistics.fmean(ms) for name, ms in per_round.items()}
-
-
 def cpu_rounds(
     targets: list[Target], req: bytes, count: int, rounds: int
 ) -> dict[str, list[float]]:
