@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -172,3 +173,17 @@ def test_sqlite_write_turns_the_busy_handler_off_once_and_anything_else_on_again
         assert database.execute_sql("PRAGMA busy_timeout").fetchone() == (5000,)
         rows = database.execute_sql("SELECT x FROM t ORDER BY x").fetchall()
     assert [x for (x,) in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_write_offers_its_cpu_after_each_statement(
+    proxied: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a write's statements (and before its COMMIT) the thread running them
+    yields its CPU, so that what woke on it meanwhile (a call's next step) runs first."""
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    with database.connection_context():
+        sqlite_write([("INSERT INTO t VALUES (1)", []), ("INSERT INTO t VALUES (2)", [])])
+        assert len(yields) == 2
+        sqlite_write([("INSERT INTO t VALUES (3)", []), lambda results: [], ("SELECT 1", [])])
+        assert len(yields) == 5
