@@ -371,6 +371,24 @@ def test_sigterm_stops_calls_past_graceful_timeout_as_failed(
     )
 
 
+def test_an_idle_worker_is_not_woken_ten_times_a_second(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    """The shutdown guard waits to be told the worker is stopping; it used to look every
+    0.1 s, and those wake-ups were half of an idle worker's CPU. What is left (gunicorn's
+    beat every second, the heartbeat, the refreshes) wakes it 2 to 5 times a second."""
+    gw = gateway_factory()
+    (worker,) = gw.worker_pids()
+    schedstat = Path(f"/proc/{worker}/task/{worker}/schedstat")  # its main thread: the loop
+
+    def runs() -> int:
+        return int(schedstat.read_text().split()[2])  # times it was put on a CPU
+
+    gevent.sleep(2.0)  # past the start's own work
+    before = runs()
+    gevent.sleep(4.0)
+    per_second = (runs() - before) / 4.0
+    assert per_second < 9, per_second
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
