@@ -270,11 +270,12 @@ def _transaction(conn: _Connection, statements: list[Statement]) -> list[list[tu
     """BEGIN IMMEDIATE if the lock is free now (else None), the statements, COMMIT.
 
     After each statement (a function's statements count as one) the thread offers its
-    CPU (``sched_yield``) to whatever is waiting to run on it. Without that, a batch's statements ran back to back for a
-    millisecond or more, and what woke on that CPU meanwhile (the worker's loop with a
-    call's next step, the client, the upstream) could wait for all of them: with it,
-    a JSON call's p99 at one client came down to about the floor's (issue 11). With
-    nothing else to run, the yield is a system call of about a microsecond.
+    CPU (``sched_yield``) to whatever is waiting to run on it. Without that, a batch's
+    statements ran back to back for a millisecond or more, and what woke on that CPU
+    meanwhile (the worker's loop with a call's next step, the client, the upstream)
+    could wait for all of them: with it, a JSON call's p99 at one client came down to
+    about the floor's (issue 11). With nothing else to run, the yield is a system call
+    of about a microsecond.
     """
     if not conn.handler_off:
         conn.execute("PRAGMA busy_timeout = 0")
