@@ -11,7 +11,13 @@ calls across the three, so the shared machine's noise falls on all alike:
 - ``--beside N``: a JSON call's latency at 1 client while 4 other clients send prompts of
   N words to the same worker (what a gateway's own work on big calls costs its others);
 - ``--redis URL``: both builds keep their limits in that Redis (as several instances do),
-  so each call's admission and settling are round trips.
+  so each call's admission and settling are round trips;
+- ``--together SECONDS``: the CPU figures from both builds loaded at the same time,
+  ``--clients`` each, SECONDS a round, each with a database of its own. This VM's own
+  speed moves by 15-20% within minutes, which blocks a few seconds apart still see in
+  part; loaded together, both builds meet the same moments. The median of the rounds'
+  ratios is what to read (the same build against itself: 0.992 to 1.004 over two runs);
+  single rounds stray. No latency figures (those need calls alternated one by one).
 
 A difference smaller than the spread between two runs with BEFORE and AFTER swapped is
 noise (about 7% on CPU here): run it both ways before believing a few percent. Uses the
@@ -55,6 +61,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=300, help="JSON calls per CPU block")
     parser.add_argument("--beside", type=int, metavar="WORDS", help="big calls beside")
     parser.add_argument("--redis", metavar="URL", help="REDIS_URL for both: limits in Redis")
+    parser.add_argument("--workers", type=int, default=1, help="workers of each gateway")
+    parser.add_argument(
+        "--together", type=float, metavar="SECONDS", help="both loaded at once, for CPU"
+    )
+    parser.add_argument("--clients", type=int, default=10, help="each build's (--together)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gw-pair-"))
     fake = FakeUpstream()
@@ -62,21 +73,33 @@ def main() -> None:
     gateways: list[Gateway] = []
     try:
         url = f"sqlite:///{tmp}/gw.db"
-        # Both builds' limits in the same Redis, under a prefix of the run's own.
+        # Both builds' limits in the same Redis, under a prefix of the run's own (and of
+        # each build's own with --together: their keys are not the same ones).
         shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
         route: dict = {}
+        keys: dict[str, str] = {}
         for name, checkout in (("before", args.before), ("after", args.after)):
             servers.ROOT = checkout.resolve()  # where gunicorn starts: that build's code
+            if args.together:  # a file each: one's writes must not slow the other's SQLite
+                url = f"sqlite:///{tmp}/{name}.db"
+                if args.redis:
+                    shared["GATEWAY_REDIS_PREFIX"] = f"{tmp.name}-{name}"
             gateways.append(
-                Gateway(url, tmp / name, workers=1, GATEWAY_LOG_LEVEL="WARNING", **shared)
+                Gateway(
+                    url, tmp / name, workers=args.workers, GATEWAY_LOG_LEVEL="WARNING", **shared
+                )
             )
-            if not route:  # made before the second starts, which reads them as it starts
+            if args.together:
+                keys[name] = setup(gateways[-1], fake.url)["key"]
+            elif not route:  # made before the second starts, which reads them as it starts
                 route = setup(gateways[0], fake.url)
         targets = [run.Target("floor", floor.port, floor.pids)] + [
             run.Target(name, gw.port, gw.worker_pids())
             for name, gw in zip(("before", "after"), gateways, strict=True)
         ]
-        if args.beside:
+        if args.together:
+            together(targets[1:], keys, args)
+        elif args.beside:
             beside(targets[1:], route["key"], args.beside, args.rounds)
         else:
             paired(targets, route["key"], args)
@@ -113,16 +136,9 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
             for name, (ms,) in run.cpu_rounds(targets, req, count, 1).items():
                 cpu[kind].setdefault(name, []).append(ms)
     for kind, blocks in cpu.items():
-        line = {name: round(statistics.median(ms), 3) for name, ms in blocks.items()}
         # Blocks of one round ran minutes apart from other rounds' but seconds apart
         # from each other: their ratio leaves out most of the machine's drift.
-        ratio = statistics.median(
-            a / b for a, b in zip(blocks["after"], blocks["before"], strict=True)
-        )
-        print(
-            f"worker CPU per {kind} call, ms (median block): {json.dumps(line)}; "
-            f"after / before, median of the rounds: {ratio:.3f}"
-        )
+        _print_cpu(kind, blocks, "median block", each=False)
     for label, req, part in (("JSON call", answer, 1), ("stream's first byte", first, 0)):
         times = run.serial(targets, req, args.calls)
         for p in (50, 99):
@@ -130,6 +146,41 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
                 n: round(run.pct([t[part] for t in ts], p) * 1000, 2) for n, ts in times.items()
             }
             print(f"{label} p{p}, ms, 1 client: {json.dumps(line)}")
+
+
+def together(targets: list[run.Target], keys: dict[str, str], args: argparse.Namespace) -> None:
+    """Worker CPU per call of both builds, loaded at the same time round after round."""
+    for kind, model, stream in (("json", run.ANSWER, False), ("stream", run.PACED, True)):
+        reqs = {t.name: request(model, stream, keys[t.name]) for t in targets}
+        for t in targets:
+            run.calls(t, reqs[t.name], 300, args.clients)
+        per_round: dict[str, list[float]] = {t.name: [] for t in targets}
+        for _ in range(args.rounds):
+            before = {t.name: run.cpu_seconds(t.pids) for t in targets}
+            loads = [
+                gevent.spawn(run.load, t, reqs[t.name], args.clients, args.together)
+                for t in targets
+            ]
+            gevent.joinall(loads, raise_error=True)
+            gevent.sleep(1.0)  # the recorder's last writes (RECORDER_LINGER is 0.25 s)
+            for t, done in zip(targets, loads, strict=True):
+                used = run.cpu_seconds(t.pids) - before[t.name]
+                per_round[t.name].append(used * 1000 / len(done.value[1]))
+        _print_cpu(kind, per_round, "loaded together, median round", each=True)
+
+
+def _print_cpu(kind: str, rounds: dict[str, list[float]], how: str, each: bool) -> None:
+    """One CPU line: each target's median, ms, and the median of the rounds' after /
+    before ratios; with ``each``, every round's difference too."""
+    pairs = list(zip(rounds["after"], rounds["before"], strict=True))
+    line = {name: round(statistics.median(ms), 3) for name, ms in rounds.items()}
+    diffs = " ".join(f"{(a - b) * 1000:+.0f}" for a, b in pairs)
+    ratio = statistics.median(a / b for a, b in pairs)
+    print(
+        f"worker CPU per {kind} call, ms ({how}): {json.dumps(line)}; "
+        + (f"after - before, µs, each round: {diffs}; " if each else "")
+        + f"after / before, median of the rounds: {ratio:.3f}"
+    )
 
 
 def beside(targets: list[run.Target], key: str, words: int, rounds: int) -> None:
