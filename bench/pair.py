@@ -163,9 +163,10 @@ def together(targets: list[run.Target], keys: dict[str, str], args: argparse.Nam
             ]
             gevent.joinall(loads, raise_error=True)
             gevent.sleep(1.0)  # the recorder's last writes (RECORDER_LINGER is 0.25 s)
-            for t, done in zip(targets, loads, strict=True):
+            for t, load in zip(targets, loads, strict=True):
+                _, durations = load.value  # one per call the round made
                 used = run.cpu_seconds(t.pids) - before[t.name]
-                per_round[t.name].append(used * 1000 / len(done.value[1]))
+                per_round[t.name].append(used * 1000 / len(durations))
         _print_cpu(kind, per_round, "loaded together, median round", each=True)
 
 
