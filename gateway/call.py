@@ -1,14 +1,14 @@
 """One call in flight: the producer that owns it until it is recorded.
 
-A stream's producer is a greenlet of its own, which opens the stream (fails over up to
-its first event) whatever its client does, then hands it to the worker's relay
+Until the first byte a call's producer is the view's greenlet, which sends nothing
+before then anyway, so a client that leaves meanwhile changes nothing but the record.
+A JSON answer is read whole there (``answer_here``). A stream is opened there (fails
+over up to its first event, ``open_here``), then handed to the worker's relay
 (``relay.py``): the stream waits as a watch in the hub, its ``_pump`` moves what comes
 in the relay's greenlet, and at its end a greenlet of ``calls`` is asked for to
-``finish`` it; a body only a read that waits can take (encoded, or ended by the close)
-is read to its end by the producer itself, as before. A JSON answer's producer is the
-view's greenlet (``answer_here``), which sends nothing until the answer is whole
-anyway, so a client that leaves meanwhile changes nothing but the record, as for a
-stream.
+``finish`` it. A body only a read that waits can take (encoded, or ended by the close)
+is handed straight to that greenlet, which reads it to its end first. Either way the
+rest of a stream is never read by its request's greenlet (SPEC rule 3).
 
 The producer fails over until an upstream answers (``routing.failover``), reads the
 answer to its end through the plan's operation (a stream through its
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -99,6 +100,7 @@ class Call:
         self._deadline_at = 0.0
         # Once the relay reads the stream: the upstream, and its watches.
         self._relayed: tuple[Response, Events] | None = None
+        self._unwatched: tuple[Response, Events] | None = None  # handed on unread (``_relay``)
         self._waiting = False  # the stream waits for its upstream (``Events.expect``)
         self._deadline: Any = None  # the hub's timer for call_timeout
         self._left_unanswered = False  # a JSON answer's client left while it was produced
@@ -110,20 +112,24 @@ class Call:
         """The client left before there was anything to answer."""
         return self._left_unanswered or (self.down.gone.is_set() and not self.ready.ready())
 
-    def wait(self, watchers: gevent.pool.Group) -> None:
-        """Watch the client; return once there is an answer to start or nobody waits; raise."""
+    def open_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
+        """Open a stream in this greenlet, watching the client: fail over up to its first
+        event, which is queued for the body; the rest is read by the relay (or by a
+        greenlet of ``calls``, for a body only a waiting read can take). Raise its error
+        (nothing is raised for a client that left: the call is ``abandoned``); the
+        client stays watched while its stream goes on."""
         self.down.start_watching(watchers)
-        gevent.wait([self.ready, self.down.gone], count=1)
-        if self.abandoned:
-            self.down.stop_watching()
-            return
         try:
-            self.ready.get()
+            produce()
+            if self.down.gone.is_set():
+                self._left_unanswered = True  # recorded as it ends; nobody takes the stream
+            else:
+                self.ready.get()
+                return
         except BaseException:
             self.down.stop_watching()
             raise
-        if not self.stream:
-            self.down.stop_watching()
+        self.down.stop_watching()
 
     def answer_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
         """Produce a JSON answer in this greenlet, watching the client meanwhile; raise
@@ -147,8 +153,9 @@ class Call:
     def produce(self) -> bool:
         """Fail over, read the upstream to its end, then record the call.
 
-        Returns False if a stream was handed to the relay: it is read there, and
-        ``finish_later`` is asked for a greenlet to ``finish`` it in.
+        Returns False if a stream was handed on after its first event: to the relay,
+        which reads it and then asks ``finish_later`` for a greenlet to ``finish`` it in,
+        or straight to that greenlet, which reads it to its end first (``_read_rest``).
         """
         self._producer = gevent.getcurrent()
         recorder.record(self.exchange)  # pending: an upstream is about to be contacted
@@ -166,7 +173,8 @@ class Call:
                     on_failure=_log_failure,
                 )
                 if self.stream:
-                    handed = self._relay(*opened)
+                    self._relay(*opened)
+                    handed = True
                 else:
                     self._answer(candidate, *opened)
         except GatewayError as exc:  # every candidate failed, or one refused
@@ -182,7 +190,10 @@ class Call:
         return not handed
 
     def finish(self) -> None:
-        """The upstream work is over: record the call (``_finalise``)."""
+        """The upstream work is over: record the call (``_finalise``). A stream handed
+        on unread (``_relay``) is read to its end here first."""
+        if self._unwatched is not None:
+            self._read_rest(*self._unwatched)
         self._reading = False
         self._finalise()
 
@@ -240,10 +251,9 @@ class Call:
             candidate.provider_name, candidate.remote_id, outcome, ms, _id(request_id), **detail
         )
 
-    def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> bool:
-        """Stream the upstream to the client: through the relay (True: the call is the
-        relay's now), or here, to the upstream's end, for a body only a read that waits
-        can take (False)."""
+    def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> None:
+        """Hand the stream on once its first event is here: to the relay, or, for a body
+        only a read that waits can take, to a greenlet of ``calls`` (``finish_later``)."""
         self._translator = translator
         self.ready.set(True)
         handed = False
@@ -267,19 +277,42 @@ class Call:
                     self._pump(1)
                 except Exception:
                     log.exception("call: relaying the first events failed")
-                return True
-            while events := stream.take():
-                for event in events:
-                    self._send(translator.feed(event))
-            self._send(translator.finish())
-        except (UpstreamError, BrokenStream) as exc:
-            self._broke(exc)
-            return False
+                return
+            # Read to its end by a greenlet of ``calls``, not by this one: the request's,
+            # whose client waits for the first piece.
+            self._producer = None
+            self._unwatched = resp, stream
+            handed = True
+            self._finish_later(self)
         finally:
             if not handed:
                 resp.close()
-        self._upstream_ended()
-        return False
+
+    def _read_rest(self, resp: Response, stream: Events) -> None:
+        """Read a stream the relay cannot watch to its end, waiting, within what is left
+        of the call's deadline (``finish``'s greenlet, which ``stop`` throws into)."""
+        self._unwatched = None
+        self._producer = gevent.getcurrent()
+        translator = self._translator
+        left = max(0.0, self._deadline_at - time.monotonic())
+        try:
+            with gevent.Timeout(left, _Stopped(End.deadline())):
+                if self._stop_end is not None:  # asked for before this greenlet ran
+                    raise _Stopped(self._stop_end)
+                while events := stream.take():
+                    for event in events:
+                        self._send(translator.feed(event))
+                self._send(translator.finish())
+            self._upstream_ended()
+        except (UpstreamError, BrokenStream) as exc:
+            self._broke(exc)
+        except _Stopped as stopped:
+            self._stopped(stopped)
+        except Exception as exc:  # a bug here must not cost the record
+            self._failed(exc)
+        finally:
+            self._producer = None
+            resp.close()
 
     def _pump(self, turn: int = TURN) -> None:
         """Move what the upstream sent since the stream's last turn (in the relay's
@@ -450,13 +483,27 @@ class Call:
         if self._reading and self._stop_end is None:
             self._stop_end = end
             if self._producer is not None:
-                self._producer.kill(_Stopped(end), block=False)
+                gevent.get_hub().loop.run_callback(self._throw_stop, self._producer, end)
             elif self._waiting:  # the relay's: its pump ends it (a running one will see)
                 self._waiting = False
                 self._relayed[1].unexpect()
                 relay.ready(self._pump)
         elif not self._reading:
             self.down.hurry()
+
+    def _throw_stop(self, producer: gevent.Greenlet, end: End) -> None:
+        # In the hub, once ``producer`` waits: the stop is thrown into it only if it
+        # still reads for this call. Meanwhile it may have begun to finish the call,
+        # which a stop must not cut short (it hurries it, as ``stop`` does then), or
+        # handed the stream on (whoever reads it now sees ``_stop_end``): a request's
+        # greenlet then has other work.
+        if not self._reading:
+            self.down.hurry()
+        elif self._producer is producer and not producer.dead:
+            try:
+                producer.throw(_Stopped(end))
+            except BaseException:  # what it did not catch: the hub reports it, as for a kill
+                gevent.get_hub().handle_error(producer, *sys.exc_info())
 
     def _client_left(self, how: str, at: float) -> None:
         """The client is gone since ``at`` (``Downstream`` says so once); the worker decides

@@ -1,10 +1,11 @@
 """The calls of one worker: opened here, bounded here when their client leaves, stopped here.
 
-``calls.open`` starts a call (``call.py``): a stream's producer greenlet in the group
-that shutdown waits for, and, once the relay has read the stream, the greenlet that
-finishes it (a JSON answer is produced in the view's own greenlet; shutdown waits for
-every call in flight, a stream in the relay too), its socket watcher in a group that
-is killed, never waited for, and returns once the call has something to answer with. When a client leaves, the
+``calls.open`` starts a call (``call.py``) in the view's own greenlet, up to its
+whole JSON answer or a stream's first event, and returns once the call has something
+to answer with. Once a stream's upstream is read (by the relay, or by this greenlet
+itself for a body the relay cannot watch), a greenlet in the group that shutdown waits
+for finishes it; shutdown waits for every call in flight. A call's socket watcher is
+in a group that is killed, never waited for. When a client leaves, the
 drain policy is applied here (SPEC rule 3): ``ON_DISCONNECT=cancel`` stops the call at
 once; otherwise it drains, bounded by ``DRAIN_TIMEOUT`` and by a semaphore of
 ``MAX_DRAINS`` slots this module owns. ``stop_all`` ends whatever still runs at
@@ -41,7 +42,7 @@ class Calls:
 
     def __init__(self) -> None:
         self.settings: Settings | None = None  # from init_app
-        self._group = gevent.pool.Group()  # producers and drain timers
+        self._group = gevent.pool.Group()  # streams' finishers and drain timers
         self._watchers = gevent.pool.Group()  # killed, never waited for
         self._active: set[Call] = set()
         self._idle = gevent.event.Event()  # no call in flight
@@ -60,12 +61,12 @@ class Calls:
         assert self.settings is not None, "calls.init_app was not called"
         call = Call(plan, self.settings, sock, self._client_left, self._finish_later)
         self._active.add(call)
+        # Until the first byte the view's own greenlet produces the call: its client
+        # waits for that anyway, and no greenlet is spawned, switched to and back. A
+        # JSON answer is read whole there; a stream is handed on after its first event.
         if call.stream:
-            self._spawn(self._run, call)
-            call.wait(self._watchers)
+            call.open_here(self._watchers, lambda: self._run(call))
         else:
-            # A JSON answer is read whole before a byte is sent, so the view's own
-            # greenlet can produce it: no greenlet to spawn, no switches to it and back.
             call.answer_here(self._watchers, lambda: self._run(call))
         return call
 

@@ -187,8 +187,12 @@ class Downstream:
 
         Ends when the body has written everything, the client left, ``hurry`` was
         called, or a whole write timeout passed with nothing written (a body nobody
-        iterates): whichever comes first.
+        iterates): whichever comes first. At once when the body waits on a queue that
+        holds no piece: every piece put was written whole (by the producer, or by the
+        body before it went back to wait), and only the end is left to send.
         """
+        if self._parked and all(item is _END or item is _GONE for item in self._queue):
+            return self.events, self.chars
         patience = self.pace.write_timeout + self.pace.heartbeat
         while not (self._body_done.is_set() or self.gone.is_set()):
             before = (self.events, self.chars)

@@ -1,6 +1,6 @@
 """gunicorn's gevent worker, taught to finish calls and records before it exits.
 
-gunicorn waits only for its own handler greenlets; a producer that is draining an
+gunicorn waits only for its own handler greenlets; a stream that is draining an
 upstream after its client left has no handler, and the recorder writes in the
 background. This worker, once told to stop (SIGTERM, SIGHUP reload, ``max_requests``)
 keeps heart-beating while calls finish, and at ``graceful_timeout`` minus a margin
@@ -267,7 +267,7 @@ class GatewayWorker(GeventWorker):
         message.HeaderPolicy._peer_is_trusted_proxy = _peer_is_trusted_proxy  # type: ignore[method-assign]
         # gevent records every greenlet's spawning stack and parent, for debugging
         # dumps nobody takes here: a walk of the stack and about 20 objects held per
-        # greenlet: each connection has one (its handler), a stream a second (its producer).
+        # greenlet: each connection has one (its handler), a stream a second (its finisher).
         gevent.config.track_greenlet_tree = False
         resolver.install()  # before the worker's hub first resolves a name
         self.cfg = SettledConfig(self.cfg)

@@ -3,7 +3,8 @@
 Stand-in calls (a producer that runs until stopped) take the place of real ones, so
 what is checked is the policy itself: cancel at once, or drain bounded by
 DRAIN_TIMEOUT and by MAX_DRAINS slots that come back when a call ends. The same rules
-through gunicorn are in tests/test_disconnects.py.
+through gunicorn are in tests/test_disconnects.py. Last, how a real call's ``stop``
+reaches the greenlet producing it: only while that greenlet still reads.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from types import SimpleNamespace
 import gevent
 import gevent.event
 
+from gateway.call import Call, _Stopped
 from gateway.calls import Calls
 from gateway.config import DEFAULTS
+from gateway.downstream import Pace
 from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End, Ending
 
 
@@ -98,3 +101,54 @@ def test_stop_all_stops_every_call_for_shutdown() -> None:
     assert calls.stop_all() == 3
     assert calls.wait(timeout=1) and calls.active == 0
     assert {call.ended.kind for call in started} == {SHUTDOWN}
+
+
+# -- a stop and the greenlet that produces the call -------------------------------------
+
+
+def real_call() -> Call:
+    """A Call with no upstream: what ``stop`` does to its producer is all that is used."""
+    plan = SimpleNamespace(exchange=SimpleNamespace(stream=True))
+    settings = SimpleNamespace(pace=Pace(heartbeat=5.0, probe_interval=0.05, write_timeout=5.0))
+    return Call(plan, settings, None, lambda call, how: None, lambda call: None)
+
+
+def producing(call: Call, ready_to_finish: gevent.event.Event, seen: list[str]) -> gevent.Greenlet:
+    """A producer that reads until ``ready_to_finish``, then finishes, which waits a little
+    (as a stream's finish waits for its client's copy)."""
+
+    def produce() -> None:
+        call._producer, call._reading = gevent.getcurrent(), True
+        try:
+            ready_to_finish.wait()
+            seen.append("read")
+            call._reading = False  # Call.finish begins
+            gevent.sleep(0.05)
+            seen.append("finished")
+        except _Stopped as stopped:
+            seen.append(f"stopped: {stopped.end.kind}")
+
+    greenlet = gevent.spawn(produce)
+    gevent.sleep(0)
+    return greenlet
+
+
+def test_a_stop_is_thrown_into_a_producer_that_is_reading() -> None:
+    call, seen = real_call(), []
+    producer = producing(call, gevent.event.Event(), seen)
+    call.stop(End.cancel("connection reset"))
+    producer.join(timeout=1)
+    assert seen == [f"stopped: {CANCEL}"]
+
+
+def test_a_stop_asked_while_reading_spares_a_finish_begun_before_it_arrived() -> None:
+    """The producer's read returned before the stop reached it (its wake-up was due first,
+    in the same turn of the loop): the stop, thrown later, must not cut its finish short,
+    which would lose the record. It hurries the finish instead."""
+    call, seen, ready = real_call(), [], gevent.event.Event()
+    producer = producing(call, ready, seen)
+    ready.set()  # the producer's wake-up is due ...
+    call.stop(End.shutdown())  # ... before the stop's
+    producer.join(timeout=1)
+    assert seen == ["read", "finished"]
+    assert call.down._body_done.is_set()  # hurried: its finish waits for no client's copy

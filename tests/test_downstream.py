@@ -195,3 +195,71 @@ def test_hurry_at_shutdown_ends_a_settle_and_takes_the_fin_as_the_departure(pair
     settling.join(timeout=1)
     assert settling.dead  # it returned long before SETTLE_WAIT
     assert down.gone.is_set() and told.how == "connection closed" and told.at == down.fin_at
+
+
+@pytest.fixture
+def unframed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the first piece is out, the producer writes pieces itself, as in a gunicorn
+    worker (``worker.framing``; here with no chunked framing, as ``serve`` writes)."""
+    monkeypatch.setattr(downstream, "framing", lambda: lambda data: data)
+
+
+def test_delivery_is_told_at_once_once_every_piece_went_out_whole(pair, unframed) -> None:  # type: ignore[no-untyped-def]
+    """The body waits on an empty queue and the producer wrote the last piece itself:
+    what the client got is known, and the call's finish need not wait for the body to
+    take the end from the queue (a greenlet switch there and back)."""
+    server, _client = pair
+    down = Downstream(server, True, PACE, Told())
+    serve(down, server)
+    down.put(Piece(b"data: a\n\n", 1, "a"))  # the body writes this one, with the headers
+    gevent.sleep(0.05)  # the body waits on an empty queue now
+    down.put(Piece(b"data: bc\n\n", 1, "bc"))  # written by the producer, whole
+    down.end()
+    assert down.delivery() == (2, 3)
+    assert not down._body_done.is_set()  # the body has not run since: nothing was waited for
+
+
+BIG = "x" * 8_000_000  # more than the socket's buffers take while the client reads none
+
+
+def read_all(sock: socket.socket) -> gevent.Greenlet:
+    def read() -> None:
+        while sock.recv(1 << 20):
+            pass
+
+    return gevent.spawn(read)
+
+
+@pytest.mark.parametrize("asked", ["at once", "while the body writes"])
+def test_delivery_waits_for_a_piece_the_socket_took_only_part_of(pair, unframed, asked) -> None:  # type: ignore[no-untyped-def]
+    """The producer's write of a big piece leaves the rest queued; the body takes it
+    and writes it, waiting for the client. Asked for before the body took it, or while
+    the body writes it, delivery waits for the whole piece to be out."""
+    server, client = pair
+    down = Downstream(server, True, PACE, Told())
+    serve(down, server)
+    down.put(Piece(b"data: a\n\n", 1, "a"))
+    gevent.sleep(0.05)
+    down.put(Piece(b"data: " + BIG.encode() + b"\n\n", 1, BIG))
+    down.end()
+    if asked == "at once":
+        read_all(client)  # it runs once delivery waits
+        assert down.delivery() == (2, 1 + len(BIG))
+        return
+    delivery = gevent.spawn(down.delivery)
+    gevent.sleep(0.2)
+    assert not delivery.ready()  # the body is still writing the rest of the big piece
+    read_all(client)
+    assert delivery.get(timeout=5) == (2, 1 + len(BIG))
+
+
+def test_delivery_waits_for_a_body_that_has_not_written_its_first_piece(pair, unframed) -> None:  # type: ignore[no-untyped-def]
+    server, _client = pair
+    down = Downstream(server, True, PACE, Told())
+    down.put(Piece(b"data: a\n\n", 1, "a"))
+    down.end()
+    delivery = gevent.spawn(down.delivery)
+    gevent.sleep(0.1)
+    assert not delivery.ready()  # nobody iterates the body yet: nothing is written
+    serve(down, server)
+    assert delivery.get(timeout=5) == (1, 1)
