@@ -103,7 +103,7 @@ class Call:
         self._unwatched: tuple[Response, Events] | None = None  # handed on unread (``_relay``)
         self._waiting = False  # the stream waits for its upstream (``Events.expect``)
         self._deadline: Any = None  # the hub's timer for call_timeout
-        self._left_unanswered = False  # a JSON answer's client left while it was produced
+        self._left_unanswered = False  # the client left while its first byte was produced
 
     # -- the view's side --------------------------------------------------------
 
@@ -304,12 +304,8 @@ class Call:
                         self._send(translator.feed(event))
                 self._send(translator.finish())
             self._upstream_ended()
-        except (UpstreamError, BrokenStream) as exc:
-            self._broke(exc)
-        except _Stopped as stopped:
-            self._stopped(stopped)
-        except Exception as exc:  # a bug here must not cost the record
-            self._failed(exc)
+        except (Exception, _Stopped) as exc:
+            self._read_ended(exc)
         finally:
             self._producer = None
             resp.close()
@@ -321,15 +317,21 @@ class Call:
         over = True
         try:
             over = self._move(stream, turn)
-        except (UpstreamError, BrokenStream) as exc:
-            self._broke(exc)
-        except _Stopped as stopped:
-            self._stopped(stopped)
-        except Exception as exc:  # a bug here must not cost the record
-            self._failed(exc)
+        except (Exception, _Stopped) as exc:
+            self._read_ended(exc)
         finally:
             if over:
                 self._relay_over(resp)
+
+    def _read_ended(self, exc: Exception | _Stopped) -> None:
+        """End the call as what reading its stream raised says: the upstream failed, a
+        stop came, or a bug here (which must not cost the record)."""
+        if isinstance(exc, (UpstreamError, BrokenStream)):
+            self._broke(exc)
+        elif isinstance(exc, _Stopped):
+            self._stopped(exc)
+        else:
+            self._failed(exc)
 
     def _move(self, stream: Events, turn: int) -> bool:
         """Relay what has come, up to ``turn`` reads; True once the upstream ended."""
