@@ -2,8 +2,8 @@
 
 Until the first byte a call's producer is the view's greenlet, which sends nothing
 before then anyway, so a client that leaves meanwhile changes nothing but the record.
-A JSON answer is read whole there (``answer_here``). A stream is opened there (fails
-over up to its first event, ``open_here``), then handed to the worker's relay
+There (``produce_here``) a JSON answer is read whole, and a stream is opened (fails
+over up to its first event), then handed to the worker's relay
 (``relay.py``): the stream waits as a watch in the hub, its ``_pump`` moves what comes
 in the relay's greenlet, and at its end a greenlet of ``calls`` is asked for to
 ``finish`` it. A body only a read that waits can take (encoded, or ended by the close)
@@ -103,46 +103,29 @@ class Call:
         self._unwatched: tuple[Response, Events] | None = None  # handed on unread (``_relay``)
         self._waiting = False  # the stream waits for its upstream (``Events.expect``)
         self._deadline: Any = None  # the hub's timer for call_timeout
-        self._left_unanswered = False  # the client left while its first byte was produced
+        self.abandoned = False  # the client left before there was anything to answer
 
     # -- the view's side --------------------------------------------------------
 
-    @property
-    def abandoned(self) -> bool:
-        """The client left before there was anything to answer."""
-        return self._left_unanswered or (self.down.gone.is_set() and not self.ready.ready())
-
-    def open_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
-        """Open a stream in this greenlet, watching the client: fail over up to its first
-        event, which is queued for the body; the rest is read by the relay (or by a
-        greenlet of ``calls``, for a body only a waiting read can take). Raise its error
-        (nothing is raised for a client that left: the call is ``abandoned``); the
-        client stays watched while its stream goes on."""
+    def produce_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
+        """Produce the call in this greenlet up to its first byte, watching the client
+        meanwhile: a JSON answer whole; a stream up to its first event, queued for the
+        body, the rest read by the relay (or by a greenlet of ``calls``, for a body only
+        a waiting read can take). Raise its error; nothing is raised for a client that
+        left (the call is ``abandoned``, and recorded as it ends). A stream's client
+        stays watched while its stream goes on."""
         self.down.start_watching(watchers)
+        watched = False
         try:
             produce()
             if self.down.gone.is_set():
-                self._left_unanswered = True  # recorded as it ends; nobody takes the stream
-            else:
-                self.ready.get()
+                self.abandoned = True
                 return
-        except BaseException:
-            self.down.stop_watching()
-            raise
-        self.down.stop_watching()
-
-    def answer_here(self, watchers: gevent.pool.Group, produce: Callable[[], None]) -> None:
-        """Produce a JSON answer in this greenlet, watching the client meanwhile; raise
-        its error (nothing is raised for a client that left: the call is ``abandoned``)."""
-        self.down.start_watching(watchers)
-        try:
-            produce()
+            self.ready.get()
+            watched = self.stream
         finally:
-            self.down.stop_watching()
-        if self.down.gone.is_set():
-            self._left_unanswered = True  # the call is recorded; nobody takes the answer
-            return
-        self.ready.get()
+            if not watched:
+                self.down.stop_watching()
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body."""

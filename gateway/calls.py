@@ -64,10 +64,7 @@ class Calls:
         # Until the first byte the view's own greenlet produces the call: its client
         # waits for that anyway, and no greenlet is spawned, switched to and back. A
         # JSON answer is read whole there; a stream is handed on after its first event.
-        if call.stream:
-            call.open_here(self._watchers, lambda: self._run(call))
-        else:
-            call.answer_here(self._watchers, lambda: self._run(call))
+        call.produce_here(self._watchers, lambda: self._run(call))
         return call
 
     def stop_all(self) -> int:
