@@ -18,6 +18,10 @@ calls across the three, so the shared machine's noise falls on all alike:
   part; loaded together, both builds meet the same moments. The median of the rounds'
   ratios is what to read (the same build against itself: 0.992 to 1.004 over two runs);
   single rounds stray. No latency figures (those need calls alternated one by one).
+  With ``--both-ways`` it runs again with the builds started and loaded the other way
+  round, and prints the geometric mean of the two runs' ratios: the position alone
+  favours one build by about 1% (on 2026-12-05, four runs of one change read 0.973 and
+  0.991 with it second, 1.008 and 1.001 with it first).
 
 A difference smaller than the spread between two runs with BEFORE and AFTER swapped is
 noise (about 7% on CPU here): run it both ways before believing a few percent. Uses the
@@ -34,6 +38,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -66,7 +71,29 @@ def main() -> None:
         "--together", type=float, metavar="SECONDS", help="both loaded at once, for CPU"
     )
     parser.add_argument("--clients", type=int, default=10, help="each build's (--together)")
+    parser.add_argument(
+        "--both-ways", action="store_true", help="--together: again the other way round"
+    )
     args = parser.parse_args()
+    orders = [("before", "after")]
+    if args.together and args.both_ways:
+        orders.append(("after", "before"))
+    ratios = [measure(args, order) for order in orders]
+    if len(ratios) == 2:
+        for kind, first in ratios[0].items():
+            second = ratios[1][kind]
+            print(
+                f"worker CPU per {kind} call, after / before both ways round: "
+                f"{math.sqrt(first * second):.3f} (the geometric mean of {first:.3f},"
+                f" the after build started second, and {second:.3f}, started first)"
+            )
+
+
+def measure(args: argparse.Namespace, order: tuple[str, str]) -> dict[str, float]:
+    """One run: the floor and the two builds, started in ``order``; with ``--together``,
+    each kind of call's median ratio after / before."""
+    checkouts = {"before": args.before, "after": args.after}
+    ratios: dict[str, float] = {}
     tmp = Path(tempfile.mkdtemp(prefix="gw-pair-"))
     fake = FakeUpstream()
     floor = Floor(fake.url + "/v1", tmp / "floor.log")
@@ -78,8 +105,8 @@ def main() -> None:
         shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
         route: dict = {}
         keys: dict[str, str] = {}
-        for name, checkout in (("before", args.before), ("after", args.after)):
-            servers.ROOT = checkout.resolve()  # where gunicorn starts: that build's code
+        for name in order:
+            servers.ROOT = checkouts[name].resolve()  # where gunicorn starts: that build's code
             if args.together:  # a file each: one's writes must not slow the other's SQLite
                 url = f"sqlite:///{tmp}/{name}.db"
                 if args.redis:
@@ -95,10 +122,10 @@ def main() -> None:
                 route = setup(gateways[0], fake.url)
         targets = [run.Target("floor", floor.port, floor.pids)] + [
             run.Target(name, gw.port, gw.worker_pids())
-            for name, gw in zip(("before", "after"), gateways, strict=True)
+            for name, gw in zip(order, gateways, strict=True)
         ]
         if args.together:
-            together(targets[1:], keys, args)
+            ratios = together(targets[1:], keys, args)
         elif args.beside:
             beside(targets[1:], route["key"], args.beside, args.rounds)
         else:
@@ -113,6 +140,7 @@ def main() -> None:
             gw.stop()
         floor.stop()
         fake.stop()
+    return ratios
 
 
 def setup(gw: Gateway, upstream: str) -> dict:
@@ -148,8 +176,12 @@ def paired(targets: list[run.Target], key: str, args: argparse.Namespace) -> Non
             print(f"{label} p{p}, ms, 1 client: {json.dumps(line)}")
 
 
-def together(targets: list[run.Target], keys: dict[str, str], args: argparse.Namespace) -> None:
-    """Worker CPU per call of both builds, loaded at the same time round after round."""
+def together(
+    targets: list[run.Target], keys: dict[str, str], args: argparse.Namespace
+) -> dict[str, float]:
+    """Worker CPU per call of both builds, loaded at the same time round after round
+    (started, in each round, in the order of ``targets``); each kind's median ratio."""
+    ratios = {}
     for kind, model, stream in (("json", run.ANSWER, False), ("stream", run.PACED, True)):
         reqs = {t.name: request(model, stream, keys[t.name]) for t in targets}
         for t in targets:
@@ -167,12 +199,13 @@ def together(targets: list[run.Target], keys: dict[str, str], args: argparse.Nam
                 _, durations = load.value  # one per call the round made
                 used = run.cpu_seconds(t.pids) - before[t.name]
                 per_round[t.name].append(used * 1000 / len(durations))
-        _print_cpu(kind, per_round, "loaded together, median round", each=True)
+        ratios[kind] = _print_cpu(kind, per_round, "loaded together, median round", each=True)
+    return ratios
 
 
-def _print_cpu(kind: str, rounds: dict[str, list[float]], how: str, each: bool) -> None:
+def _print_cpu(kind: str, rounds: dict[str, list[float]], how: str, each: bool) -> float:
     """One CPU line: each target's median, ms, and the median of the rounds' after /
-    before ratios; with ``each``, every round's difference too."""
+    before ratios (returned); with ``each``, every round's difference too."""
     pairs = list(zip(rounds["after"], rounds["before"], strict=True))
     line = {name: round(statistics.median(ms), 3) for name, ms in rounds.items()}
     diffs = " ".join(f"{(a - b) * 1000:+.0f}" for a, b in pairs)
@@ -182,6 +215,7 @@ def _print_cpu(kind: str, rounds: dict[str, list[float]], how: str, each: bool) 
         + (f"after - before, µs, each round: {diffs}; " if each else "")
         + f"after / before, median of the rounds: {ratio:.3f}"
     )
+    return ratio
 
 
 def beside(targets: list[run.Target], key: str, words: int, rounds: int) -> None:
