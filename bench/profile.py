@@ -3,7 +3,8 @@
 ``python bench/profile.py [--kind stream|json] [--workers 2] [--seconds 10] [--calls 2000]``
 
 Starts the fake upstream, the floor (as many processes as the gateway has workers) and
-the gateway (SQLite), as ``pair.py`` does, and looks at each of the two in turn:
+the gateway (SQLite; ``--redis URL`` puts its limits in that Redis, as ``run.py``
+does), as ``pair.py`` does, and looks at each of the two in turn:
 
 - **perf** (``--seconds``): ``perf record -e cpu-clock`` on the target's processes while
   10 clients call it, then µs of CPU a call by library (DSO) and by symbol. perf sees
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="perf's load, per target")
     parser.add_argument("--calls", type=int, default=2000, help="calls counted by cProfile")
     parser.add_argument("--top", type=int, default=25, help="rows of each listing")
+    parser.add_argument("--redis", metavar="URL", help="REDIS_URL: the gateway's limits in Redis")
     parser.add_argument("--no-perf", action="store_true", help="skip perf")
     args = parser.parse_args()
     if not args.no_perf and not shutil.which("perf"):
@@ -90,11 +92,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gw-profile-"))
     try:
         if not args.no_perf:
-            with targets(tmp / "perf", args.workers) as (found, key):
+            with targets(tmp / "perf", args) as (found, key):
                 for target in found:
                     perf(target, key, args, tmp)
         if args.calls:
-            with targets(tmp / "calls", args.workers, profiled=True) as (found, key):
+            with targets(tmp / "calls", args, profiled=True) as (found, key):
                 for target in found:
                     calls(target, key, args, tmp / "calls" / "profiles")
     except BaseException:
@@ -104,8 +106,17 @@ def main() -> None:
 
 
 @contextmanager
-def targets(folder: Path, workers: int, profiled: bool = False) -> Iterator[tuple[list, str]]:
+def targets(
+    folder: Path, args: argparse.Namespace, profiled: bool = False
+) -> Iterator[tuple[list, str]]:
     """The gateway and the floor on one fake upstream, and the key to call them with."""
+    workers = args.workers
+    # A prefix of the run's own: a shared Redis may hold another run's keys.
+    shared = (
+        {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": f"{folder.parent.name}-{folder.name}"}
+        if args.redis
+        else {}
+    )
     folder.mkdir(parents=True)
     saved = dict(os.environ)
     servers: list = []
@@ -118,7 +129,7 @@ def targets(folder: Path, workers: int, profiled: bool = False) -> Iterator[tupl
         servers.append(floor := Floor(fake.url + "/v1", folder / "floor.log", workers))
         url = f"sqlite:///{folder}/gw.db"
         servers.append(
-            gw := Gateway(url, folder / "instance", workers, GATEWAY_LOG_LEVEL="WARNING")
+            gw := Gateway(url, folder / "instance", workers, GATEWAY_LOG_LEVEL="WARNING", **shared)
         )
         os.environ.clear()
         os.environ.update(saved)
