@@ -14,11 +14,12 @@ does), as ``pair.py`` does, and looks at each of the two in turn:
   stream's 2.8 ms in the gateway on 2026-12-05 (and 950 of the floor's 2.1): it
   drops more of the gateway's samples than of the floor's, so its totals do not
   compare across the two.
-- **calls** (``--calls``): the targets' processes run under cProfile (a ``sitecustomize`` put on
-  ``PYTHONPATH``); a real-time signal takes a snapshot before and after ``--calls``
-  calls from 10 clients, and the difference is Python function calls a call (built-in
-  ones included) and the functions called most, with what they cost under cProfile
-  (which slows small functions most: read the counts, not the times).
+- **calls** (``--calls``): the targets' processes run under cProfile (a
+  ``sitecustomize`` put on ``PYTHONPATH``); a real-time signal takes a snapshot before
+  and after ``--calls`` calls from 10 clients, and the difference is Python function
+  calls a call (built-in ones included) and the functions called most, with what they
+  cost under cProfile (which slows small functions most: read the counts, not the
+  times).
 
 Needs ``perf`` (Debian's ``linux-perf``) and the right to read other processes' counters
 (root, or ``kernel.perf_event_paranoid`` at most 1); ``--no-perf`` skips it.
@@ -37,6 +38,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import sysconfig  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -67,8 +69,10 @@ def _start():
 def _snapshot(*_):
     _profile.disable()
     _profile.create_stats()
-    with open(os.path.join(os.environ["GW_PROFILE_DIR"], f"{{os.getpid()}}-{{time_ns()}}"), "wb") as f:
+    path = os.path.join(os.environ["GW_PROFILE_DIR"], f"{{os.getpid()}}-{{time_ns()}}")
+    with open(path + ".part", "wb") as f:
         marshal.dump(_profile.stats, f)
+    os.replace(path + ".part", path)  # whole, or not there
     _profile.enable()
 from time import time_ns
 os.register_at_fork(after_in_child=_start)
@@ -223,19 +227,16 @@ def _snapshots(pids: list[int], folder: Path) -> dict[int, dict]:
     for pid in pids:
         os.kill(pid, SNAPSHOT)
     deadline = time.monotonic() + 30
-    while len(list(folder.iterdir())) < len(pids):
+    while len(written := list(folder.glob("*[0-9]"))) < len(pids):  # not the .part files
         if time.monotonic() > deadline:
             sys.exit("profile: a process wrote no snapshot (is it idle in a C call?)")
         time.sleep(0.05)
-    time.sleep(0.2)  # the last file's write is finished
-    return {
-        int(path.name.split("-")[0]): marshal.loads(path.read_bytes()) for path in folder.iterdir()
-    }
+    return {int(path.name.split("-")[0]): marshal.loads(path.read_bytes()) for path in written}
 
 
 def _name(func: tuple) -> str:
     file, line, name = func
-    for prefix in (str(ROOT) + "/", sys.prefix + "/lib/python3.11/site-packages/"):
+    for prefix in (str(ROOT) + "/", sysconfig.get_paths()["purelib"] + "/"):
         file = file.removeprefix(prefix)
     return f"{name} ({file}:{line})" if line else name
 
