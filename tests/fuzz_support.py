@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -123,6 +124,17 @@ segments = st.one_of(
         max_size=12,
     ),
 )
+
+
+def url_text(value: str) -> str:
+    """``value`` as a client can put it in a URL: a lone surrogate has no UTF-8, so it
+    goes as the three bytes ``surrogatepass`` makes of it, percent-encoded (what a
+    client that sends raw bytes sends); the rest as it is."""
+    return "".join(
+        quote(c.encode("utf-8", "surrogatepass")) if "\ud800" <= c <= "\udfff" else c for c in value
+    )
+
+
 query_values = st.one_of(
     segments,
     st.sampled_from(

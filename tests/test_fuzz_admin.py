@@ -134,7 +134,7 @@ ids = st.one_of(st.integers(min_value=1, max_value=4).map(str), f.segments)
 keys = st.one_of(
     st.integers(min_value=1, max_value=4).map(str),
     f.segments,
-    f.text.filter(lambda t: "/" not in t),
+    f.text.filter(lambda t: "/" not in t).map(f.url_text),
 )
 
 
