@@ -24,6 +24,8 @@ apart; the gateway forwards client headers). Keys:
   finish=stop_sequence  it stopped at the stop sequence "###" (Anthropic's stop_reason,
                 vLLM's ``stop_reason`` beside finish_reason "stop"; Responses cannot say)
   usage=0       embeddings: answer without usage
+  dims=N        embeddings: vectors of N numbers (default 4; the request's
+                ``dimensions`` wins; past 3,072 a 400, as OpenAI answers)
   unstorable=1  every text and reasoning piece carries a lone surrogate and a NUL
                 (escaped, as JSON allows: ``"tok0\\ud800\\u0000 "``)
   garbage=1     a 200 with a body that is not JSON (or not SSE)
@@ -866,10 +868,18 @@ def _json_pieces(payload: bytes, cut: int, stall: float | None, entry: dict):  #
         entry["finished"] = time.time()
 
 
+MAX_DIMENSIONS = 3072  # text-embedding-3-large's
+
+
 def embeddings(start_response, body: dict, script: dict, entry: dict) -> list[bytes]:  # type: ignore[no-untyped-def]
     inputs = body.get("input")
     items = inputs if isinstance(inputs, list) else [inputs]
     dims = int(body.get("dimensions") or script.get("dims", 4))
+    if dims > MAX_DIMENSIONS:  # as OpenAI refuses it; a fuzzed 10**30 would never be built
+        entry["outcome"] = "complete"
+        message = f"Invalid value for 'dimensions' = {dims}. Must be at most {MAX_DIMENSIONS}."
+        error = {"message": message, "type": "invalid_request_error", "param": "dimensions"}
+        return _json(start_response, 400, {"error": {**error, "code": None}})
     data = []
     for i in range(len(items)):
         vector = [round((i + 1) * 0.1 + d * 0.01, 4) for d in range(dims)]
