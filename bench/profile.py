@@ -126,17 +126,21 @@ def targets(
     servers: list = []
     try:
         servers.append(fake := FakeUpstream())
-        if profiled:  # the two targets' Python processes run SITECUSTOMIZE
-            (folder / "profiles").mkdir()
-            (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-            os.environ.update(PYTHONPATH=str(folder), GW_PROFILE_DIR=str(folder / "profiles"))
-        servers.append(floor := Floor(fake.url + "/v1", folder / "floor.log", workers))
-        url = f"sqlite:///{folder}/gw.db"
-        servers.append(
-            gw := Gateway(url, folder / "instance", workers, GATEWAY_LOG_LEVEL="WARNING", **shared)
-        )
-        os.environ.clear()
-        os.environ.update(saved)
+        try:
+            if profiled:  # the two targets' Python processes run SITECUSTOMIZE
+                (folder / "profiles").mkdir()
+                (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+                os.environ.update(PYTHONPATH=str(folder), GW_PROFILE_DIR=str(folder / "profiles"))
+            servers.append(floor := Floor(fake.url + "/v1", folder / "floor.log", workers))
+            url = f"sqlite:///{folder}/gw.db"
+            servers.append(
+                gw := Gateway(
+                    url, folder / "instance", workers, GATEWAY_LOG_LEVEL="WARNING", **shared
+                )
+            )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         key = pair.setup(gw, fake.url)["key"]
         yield (
             [
@@ -146,8 +150,6 @@ def targets(
             key,
         )
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         for server in reversed(servers):
             server.stop()
 
