@@ -6,6 +6,8 @@ LF (a CR at the end of one chunk may be half of a CRLF finished by the next), as
 WHATWG EventSource grammar says. Every event keeps its ``raw`` bytes, terminating
 blank line included, so a relay can forward the stream byte for byte while parsing
 it on the side; comment-only blocks (``: keep-alive``) are returned as events too.
+An event still unfinished past the decoder's bound raises ``TooLarge``: a peer that
+never sends the blank line cannot make the decoder hold its bytes without end.
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ class Event:
         return self.event or "message"
 
 
+class TooLarge(ValueError):
+    """The event being read has grown past the decoder's bound without ending."""
+
+
 class Decoder:
     """Feed bytes, get complete events; ``flush()`` at end of stream.
 
     Joining the ``raw`` of every event returned by ``feed`` and ``flush`` gives back
-    the input exactly, so a relay that forwards ``raw`` is byte for byte.
+    the input exactly, so a relay that forwards ``raw`` is byte for byte. ``max_event``
+    bounds an event not yet ended: once it holds more bytes than that, the next
+    ``feed`` raises ``TooLarge`` (None: no bound).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int | None = None) -> None:
+        self._max_event = max_event
         self._buf = bytearray()  # unconsumed bytes: the event being read
         self._line_start = 0  # offset in _buf where the current line begins
         self._pending_cr = False  # a line ended in CR: an LF next belongs to it
@@ -76,6 +85,9 @@ class Decoder:
             return events
         buf = self._buf
         scan_from = len(buf)
+        if self._max_event is not None and scan_from > self._max_event:
+            # Checked before more comes, so the events the last chunk ended went out.
+            raise TooLarge(f"an event still unfinished after {scan_from} bytes")
         buf += chunk
         event_start = 0
         for match in _EOL.finditer(buf, scan_from):

@@ -42,6 +42,9 @@ T = TypeVar("T")
 
 MAX_ERROR_BODY = 256 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a non-streaming answer bigger than this is a lie
+# Nor can one event of a stream be bigger than a whole answer. Unbounded, an upstream
+# that never ends its event (a 200 event-stream of something else) fills the worker.
+MAX_EVENT = MAX_BODY
 READ_SIZE = 64 * 1024
 # A stream's reader buffer: an open stream waits most of its life, holding it, and an
 # event is a few hundred bytes. 8 KB (io's default, which a JSON answer keeps) cost an
@@ -281,13 +284,16 @@ class Response:
                 "protocol",
                 f"upstream answered {self.content_type} to a streaming request: {text}",
             )
-        decoder = sse.Decoder()
+        decoder = sse.Decoder(MAX_EVENT)
         first: list[sse.Event] = []
         reads = self.body()
-        while data := reads.next():
-            first.extend(decoder.feed(data))
-            if any(event.data is not None for event in first):
-                return Events(first, decoder, reads)
+        try:
+            while data := reads.next():
+                first.extend(decoder.feed(data))
+                if any(event.data is not None for event in first):
+                    return Events(first, decoder, reads)
+        except sse.TooLarge as exc:
+            raise _too_large(exc) from exc
         raise UpstreamError("protocol", "upstream ended the stream before its first event")
 
     def answer(self, parse: Callable[[Any], T]) -> tuple[bytes, T]:
@@ -361,9 +367,12 @@ class Events:
         decoder = self._decoder
         if decoder is None:
             return []
-        while data := read():
-            if events := decoder.feed(data):
-                return events
+        try:
+            while data := read():
+                if events := decoder.feed(data):
+                    return events
+        except sse.TooLarge as exc:
+            raise _too_large(exc) from exc
         if data is None:
             return None
         self._decoder = None
@@ -380,6 +389,10 @@ class Events:
     def unexpect(self) -> None:
         """``woken`` is not to be called for the latest ``expect`` after all."""
         self._reads.unexpect()
+
+
+def _too_large(exc: sse.TooLarge) -> UpstreamError:
+    return UpstreamError("protocol", f"upstream sent {exc} (the bound is {MAX_EVENT})")
 
 
 class _Reads:

@@ -39,6 +39,8 @@ apart; the gateway forwards client headers). Keys:
   body_stall=F  a JSON answer: its headers and the first half of its body, then F
                 seconds of silence before the rest
   bad_json_at=K stream event K carries data that is not JSON (the event cut in half)
+  endless_at=K  stream event K never ends: ``data: `` and then 64 KB pieces of ``x``
+                with no newline, until the reader hangs up
   content_type=T  a 200 with Content-Type T: ``text/html`` an HTML page,
                 ``application/json`` the JSON answer (even to a stream request),
                 ``text/event-stream`` the event stream (even to a JSON request), any
@@ -109,9 +111,10 @@ FAULTS = frozenset(
     {
         "status", "fail_times", "header_delay", "first_delay", "stall_at", "stall_for",
         "drop_at", "garbage", "error_event", "reset_before_headers", "reset_at",
-        "truncate_at", "body_stall", "bad_json_at", "content_type",
+        "truncate_at", "body_stall", "bad_json_at", "endless_at", "content_type",
     }
 )  # fmt: skip
+ENDLESS = b"x" * 65536
 HTML_PAGE = b"<!doctype html><html><head><title>Sign in</title></head><body>Sign in</body></html>"
 
 
@@ -166,6 +169,7 @@ class Plan:
         self.end_delay = float(script.get("end_delay", 0))
         self.drop_at = int(script.get("drop_at", -1))
         self.reset_at = int(script.get("reset_at", -1))
+        self.endless_at = int(script.get("endless_at", -1))
         self.cache = int(script.get("cache", 0))
         self.cache_write = int(script.get("cache_write", 0))
         self.cache_1h = int(script.get("cache_1h", 0))
@@ -825,6 +829,10 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
         for index, event in enumerate(events):
             if index == plan.reset_at:
                 raise Reset
+            if index == plan.endless_at:
+                yield b"data: "
+                while True:
+                    yield ENDLESS
             plan.pace(index)
             if index == len(events) - 1:
                 gevent.sleep(plan.end_delay)

@@ -93,6 +93,7 @@ class MidFault:
     script: str  # {cut}: the index of the third text piece's event
     reason: str | None  # in the record's error
     partial: str  # the text that arrived before the fault
+    pairs: tuple[tuple[str, str], ...] = tuple(ALL_PAIRS)
 
     def __str__(self) -> str:
         return self.name
@@ -110,6 +111,15 @@ MID = [
     MidFault("truncated stream", "truncate_at=-1", "without its terminal event", TEXT),
     # The words of its reason are the fix's to choose.
     MidFault("invalid JSON mid-stream", "bad_json_at={cut}", None, "tok0 tok1 "),
+    # Refused once past ``upstream.MAX_EVENT``, 256 MB: about 2.5 s a try, so each client
+    # and each provider protocol once.
+    MidFault(
+        "an event that never ends",
+        "endless_at={cut}",
+        "still unfinished",
+        "tok0 tok1 ",
+        tuple(ROTATED),
+    ),
 ]
 
 
@@ -285,6 +295,22 @@ def test_a_fault_before_the_first_byte_fails_over_to_the_next_provider(
     assert names[0] == names[1] != names[2], names
 
 
+def test_a_first_event_that_never_ends_is_failed_over(caller: Caller, systems: dict) -> None:
+    """A 200 event-stream whose first event never ends (a base URL serving something
+    else, a broken proxy) is refused past ``upstream.MAX_EVENT`` as ``protocol``, and
+    the next try answers. One case: each try moves 256 MB."""
+    model, _ = systems["anthropic"]
+    seen = ask(caller, CHAT, model, True, "heal_after=1;endless_at=0")
+
+    assert seen.raised is None and seen.text == TEXT
+    row = caller.record()
+    assert row["status"] == "completed" and row["completion"][0]["content"] == TEXT
+    failed, ok = row["attempts"]
+    assert (failed["outcome"], ok["outcome"]) == ("protocol", "ok")
+    assert "an event still unfinished after" in failed["error"]
+    assert caller.tries()[0]["outcome"] == "client_gone"  # the gateway hung up on it
+
+
 # -- mid-stream ------------------------------------------------------------------------
 
 
@@ -292,7 +318,7 @@ def _mid_cases(faults: list[MidFault]) -> list:
     return [
         pytest.param(fault, client, provider, id=f"{fault}-{client}-{provider}")
         for fault in faults
-        for client, provider in ALL_PAIRS
+        for client, provider in fault.pairs
     ]
 
 

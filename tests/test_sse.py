@@ -49,8 +49,8 @@ ODD = (
 )
 
 
-def decode(chunks: list[bytes]) -> list[sse.Event]:
-    decoder = sse.Decoder()
+def decode(chunks: list[bytes], max_event: int | None = None) -> list[sse.Event]:
+    decoder = sse.Decoder(max_event)
     events: list[sse.Event] = []
     for chunk in chunks:
         events.extend(decoder.feed(chunk))
@@ -150,3 +150,47 @@ def test_random_streams_and_random_splits() -> None:
         events = decode(chunks)
         assert fields(events) == fields(whole), stream
         assert b"".join(e.raw for e in events) == stream
+        bounded = decode(chunks, max_event=max(len(e.raw) for e in whole))
+        assert fields(bounded) == fields(whole), stream
+
+
+# -- the bound on an event not yet ended
+
+
+def test_an_event_that_never_ends_is_refused_once_past_the_bound() -> None:
+    decoder = sse.Decoder(max_event=100)
+    assert decoder.feed(b"data: " + b"x" * 94) == []  # 100 bytes held: at the bound
+    assert decoder.feed(b"x") == []  # 101, refused when more comes
+    with pytest.raises(sse.TooLarge, match="unfinished after 101 bytes"):
+        decoder.feed(b"x")
+
+
+def test_lines_without_the_blank_line_count_towards_the_bound() -> None:
+    decoder = sse.Decoder(max_event=100)
+    assert decoder.feed(b"data: x\n" * 13) == []  # 104 bytes of one event's lines
+    with pytest.raises(sse.TooLarge):
+        decoder.feed(b"data: x\n")
+
+
+def test_the_events_a_chunk_ended_come_out_before_the_refusal() -> None:
+    decoder = sse.Decoder(max_event=100)
+    (event,) = decoder.feed(b"data: a\n\n" + b"data: " + b"x" * 200)
+    assert event.data == "a" and event.raw == b"data: a\n\n"
+    with pytest.raises(sse.TooLarge):
+        decoder.feed(b"\n\n")
+
+
+@pytest.mark.parametrize("stream", [OPENAI_CHAT, ANTHROPIC, ODD], ids=["chat", "anthropic", "odd"])
+def test_events_as_large_as_the_bound_pass_at_every_split(stream: bytes) -> None:
+    whole = decode([stream])
+    bound = max(len(e.raw) for e in whole)
+    for cut in range(len(stream) + 1):
+        events = decode([stream[:cut], stream[cut:]], max_event=bound)
+        assert fields(events) == fields(whole), f"split at byte {cut}"
+    one_by_one = decode([stream[i : i + 1] for i in range(len(stream))], max_event=bound)
+    assert fields(one_by_one) == fields(whole)
+
+
+def test_without_a_bound_an_event_may_be_any_size() -> None:
+    (event,) = decode([b"data: "] + [b"x" * 1_000_000] * 8)
+    assert event.data == "x" * 8_000_000

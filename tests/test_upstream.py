@@ -203,6 +203,24 @@ def test_a_stream_with_no_first_event_fails_as_protocol_before_answering(
     assert message in info.value.message
 
 
+def test_an_event_that_outgrows_the_bound_fails_as_protocol_first_or_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the first event (the try can be failed over) and after it (mid-stream)."""
+    monkeypatch.setattr(upstream, "MAX_EVENT", 4096)
+    endless = b"data: " + b"x" * 100_000  # read in several pieces, never ended
+    with pytest.raises(UpstreamError) as before:
+        answer(endless).events(lambda _: True)
+    events = each(answer(b"data: 1\n\n" + endless).events(lambda _: True))
+    assert next(events).data == "1"
+    with pytest.raises(UpstreamError) as after:
+        next(events)
+    for info in (before, after):
+        assert info.value.kind == "protocol" and info.value.retriable
+        assert "an event still unfinished after" in info.value.message
+        assert "the bound is 4096" in info.value.message
+
+
 def test_a_json_answer_is_read_whole_and_parsed() -> None:
     assert answer(b'{"a": 1}', "application/json").answer(lambda data: data["a"]) == (
         b'{"a": 1}',
