@@ -8,8 +8,9 @@ back if the write fails. A claim left by a replayer that died is given back too.
 Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``
 for an operator to look at; they are never replayed. A line that is not a whole row
 (the process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the
-rest of its file is replayed. Journals hold prompts: every file is its owner's alone
-(0600), in a directory of its owner's (0700).
+rest of its file is replayed; an append that fails (a full disk) is cut off again, and
+raises. Journals hold prompts: every file is its owner's alone (0600), in a directory
+of its owner's (0700).
 """
 
 from __future__ import annotations
@@ -77,16 +78,28 @@ class Journal:
         return written
 
     def _append(self, path: Path, data: bytes) -> None:
-        """Append ``data`` to ``path`` durably, both readable by this user only."""
+        """Append ``data`` to ``path`` durably, both readable by this user only; or
+        raise OSError and leave the file as it was."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "ab") as fh:
+        try:
             with contextlib.suppress(OSError):  # someone else's file, made by hand: as it is
                 os.fchmod(fd, 0o600)  # one an older version made as the umask had it
                 os.chmod(self.directory, 0o700)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fd)
+            end = os.fstat(fd).st_size
+            try:
+                left = memoryview(data)
+                while left:
+                    left = left[os.write(fd, left) :]
+                os.fsync(fd)
+            except OSError:
+                # A full or failing disk took part of it: cut that off, or the next
+                # append would join it and both lines be torn (the rows are still ours).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
     def _claimable(self) -> list[Path]:
         if not self.directory.is_dir():

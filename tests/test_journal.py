@@ -53,6 +53,44 @@ def test_a_failed_write_gives_the_file_back(tmp_path: Path) -> None:
     assert [r["uid"] for r in got] == ["u0", "u1"]
 
 
+# A child process whose file size limit stops an append halfway, as a full disk does: the
+# kernel writes what fits and refuses the rest (EFBIG here, ENOSPC on a full disk).
+HALF_WRITTEN = """
+import resource, signal, sys
+from pathlib import Path
+from gateway.journal import Journal
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # refuse the write, do not kill the process
+journal = Journal(Path(sys.argv[1]))
+journal.append([{"uid": "before"}])
+size = journal.own_path().stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 20, resource.RLIM_INFINITY))
+try:
+    journal.append([{"uid": "refused", "pad": "x" * 100}])
+except OSError as exc:
+    print("refused", exc.errno, journal.own_path().stat().st_size - size)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+journal.append([{"uid": "after"}])
+"""
+
+
+def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_whole(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_WRITTEN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.stdout.split() == ["refused", "27", "0"]  # EFBIG; nothing of it left
+    got: list[dict] = []
+    assert Journal(tmp_path).replay(got.extend) == 2
+    assert [r["uid"] for r in got] == ["before", "after"]
+    assert not list(tmp_path.glob("torn-*"))
+
+
 def test_a_dead_process_journal_is_replayed_and_a_live_one_is_left_alone(tmp_path: Path) -> None:
     dead, alive = dead_pid(), os.getppid()
     for pid, uid in ((dead, "from-dead"), (alive, "from-live")):
