@@ -126,6 +126,14 @@ ABORTED = _counter(
 JOURNAL_DEPTH = _gauge(
     "gateway_journal_depth", "Records in the journal waiting for the database", "livesum"
 )
+RECORDS_HELD = _gauge(
+    "gateway_records_held",
+    "Records kept in memory because neither the database nor the journal took them",
+    "livesum",
+)
+RECORDS_LOST = _counter(
+    "gateway_records_lost", "Records no database, journal or memory could keep (logged)"
+)
 FAIL_OPENS = _counter(
     "gateway_limiter_fail_open", "Limiter decisions allowed because Redis was away", ("operation",)
 )
@@ -308,6 +316,16 @@ def aborted(ending: str) -> None:
 def journal_depth(records: int) -> None:
     """Set how many of this worker's records wait in the journal."""
     JOURNAL_DEPTH.set(records)
+
+
+def records_held(records: int) -> None:
+    """Set how many of this worker's calls wait in memory for a database or a disk."""
+    RECORDS_HELD.set(records)
+
+
+def records_lost(records: int) -> None:
+    """Count records that could not be kept anywhere."""
+    RECORDS_LOST.inc(records)
 
 
 def recorder_wrote(seconds: float) -> None:

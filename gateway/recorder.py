@@ -57,6 +57,10 @@ SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 
 # SQLite: final calls written whose text makes a writer index what is due, and the
 # seconds the first of them waits at most (a search never waits: it indexes first).
 INDEX_AT, INDEX_AFTER = 500, 1.0
+# Neither the database nor the journal takes records (it is down, the disk is full):
+# calls stay queued in memory, tried again every HOLD_RETRY seconds, at most HOLD_MAX
+# of them (beyond, a batch is lost, logged and counted, rather than the worker).
+HOLD_RETRY, HOLD_MAX = 1.0, 20_000
 
 
 class Recorder:
@@ -71,6 +75,7 @@ class Recorder:
         self._idle.set()
         self._group = gevent.pool.Group()
         self._journaling = False
+        self._held_since: float | None = None  # when records were first kept in memory
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
@@ -172,13 +177,19 @@ class Recorder:
                 else:
                     self._write_or_journal(rows)
             except Exception:
-                log.exception("recorder: could not write %d records; journaling them", len(rows))
-                self._journal_or_log(rows)
+                if self._held_since is None:  # while holding, said once
+                    log.exception("recorder: could not write %d records; journaling", len(rows))
+                held = self._journal_or_hold(rows, batch)
+            else:
+                held = False
+                self._released()
             finally:
                 self._inflight.pop(me, None)
                 for ex in batch:
                     self._writing.pop(ex.uid, None)
                 self._settle()
+            if held:
+                gevent.sleep(HOLD_RETRY)
 
     def _settle(self) -> None:
         if not self._dirty and not self._writing:
@@ -267,8 +278,41 @@ class Recorder:
     def _journal_or_log(self, rows: list[dict]) -> None:
         try:
             self._journal(rows)
-        except Exception:  # a full or broken disk: nothing left to keep them in
-            log.exception("recorder: LOST %d records: %s", len(rows), [r["uid"] for r in rows])
+        except Exception:  # a full or broken disk at exit: nothing left to keep them in
+            _lost(rows, "the journal failed at exit")
+
+    def _journal_or_hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
+        """Journal a batch no write took; if the disk will not take it either (full,
+        failing), keep its calls queued to try again (True), up to ``HOLD_MAX``."""
+        try:
+            self._journal(rows)
+            return False
+        except Exception:
+            if len(self._dirty) + len(batch) > HOLD_MAX:
+                _lost(rows, f"the journal failed and {HOLD_MAX} records are held already")
+                return False
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+            log.error(
+                "recorder: neither the database nor the journal takes records; holding "
+                "them in memory and trying again every %.0f s",
+                HOLD_RETRY,
+                exc_info=True,
+            )
+        for ex in batch:
+            self._dirty.setdefault(ex.uid, ex)  # a newer snapshot queued meanwhile is the same call
+        metrics.records_held(len(self._dirty))
+        return True
+
+    def _released(self) -> None:
+        """A batch went to the database or the journal: the held calls follow it."""
+        if self._held_since is not None:
+            log.warning(
+                "recorder: records are taken again after %.0f s held in memory",
+                time.monotonic() - self._held_since,
+            )
+            self._held_since = None
+            metrics.records_held(0)
 
     def _replay_loop(self) -> None:
         away = False
@@ -340,6 +384,11 @@ class Recorder:
                 self.replayed += len(batch)
 
 
+def _lost(rows: list[dict], why: str) -> None:
+    log.exception("recorder: LOST %d records (%s): %s", len(rows), why, [r["uid"] for r in rows])
+    metrics.records_lost(len(rows))
+
+
 def _snapshots(batch: list[Exchange]) -> list[dict]:
     rows = []
     for ex in batch:
@@ -347,6 +396,7 @@ def _snapshots(batch: list[Exchange]) -> list[dict]:
             rows.append(snapshot(ex))
         except Exception:  # a bug in one call's facts must not cost the others theirs
             log.exception("recorder: LOST record %s: cannot take its snapshot", ex.uid)
+            metrics.records_lost(1)
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -167,6 +168,80 @@ def test_database_down_journals_then_replays_everything(
     rec.record(third)
     assert rec.flush(5)
     assert rec.writes == 1 and len(rows()) == 3
+
+
+def _disk_full(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every journal append refused as a full disk refuses it; returns the tries made.
+    (``test_journal`` makes a real partial write: here the recorder's answer to it.)"""
+    tries: list[int] = []
+
+    def append(path: Path, data: bytes) -> None:
+        tries.append(len(data))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rec.journal, "_append", append)
+    monkeypatch.setattr(recorder_module, "HOLD_RETRY", 0.05)
+    return tries
+
+
+@pytest.mark.parametrize("back_first", ["database", "disk"])
+def test_with_the_database_down_and_the_disk_full_calls_wait_in_memory(
+    rec: Recorder,
+    key_id: int,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    back_first: str,
+) -> None:
+    real = database.obj
+    lost = metrics.RECORDS_LOST._value.get()
+    calls = [exchange(key_id) for _ in range(3)]
+    tries = _disk_full(rec, monkeypatch)
+    database.initialize(_unreachable(database_url))
+    try:
+        for ex in calls:
+            ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 2})
+            rec.record(ex)
+        assert not rec.flush(0.5), "nothing can have taken them"
+        assert rec.backlog() == 3 and rec.writes == rec.journaled == 0
+        assert len(tries) >= 4, "tried again, not given up"
+        assert metrics.RECORDS_HELD._value.get() == 3
+        if back_first == "disk":
+            monkeypatch.undo()  # room on the disk again: the journal takes them
+            assert rec.flush(5) and rec.journaled == 3
+    finally:
+        database.initialize(real)
+    rec._replay_once()  # as the replay loop does every 5 s
+    if back_first == "database":  # and the disk is still full: written straight to it
+        assert rec.flush(5) and rec.journaled == 0
+    got = {r.uid: r for r in rows()}
+    assert sorted(got) == sorted(ex.uid for ex in calls)
+    assert {(r.status, r.completion_tokens) for r in got.values()} == {("completed", 2)}
+    assert metrics.RECORDS_HELD._value.get() == 0
+    assert metrics.RECORDS_LOST._value.get() == lost
+
+
+def test_past_the_hold_limit_a_batch_is_lost_counted_and_the_worker_goes_on(
+    rec: Recorder, key_id: int, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = database.obj
+    lost = metrics.RECORDS_LOST._value.get()
+    _disk_full(rec, monkeypatch)
+    monkeypatch.setattr(recorder_module, "HOLD_MAX", 2)
+    database.initialize(_unreachable(database_url))
+    try:
+        for _ in range(3):
+            ex = exchange(key_id)
+            ex.finish("completed")
+            rec.record(ex)
+        assert rec.flush(5), "the batch past the limit is let go"
+    finally:
+        database.initialize(real)
+    assert metrics.RECORDS_LOST._value.get() == lost + 3
+    later = exchange(key_id)
+    later.finish("completed")
+    rec._replay_once()
+    rec.record(later)
+    assert rec.flush(5) and [r.uid for r in rows()] == [later.uid]
 
 
 def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(

@@ -10,14 +10,20 @@ with the right status and the fake upstream's own token counts, within a minute 
 the database's return, and keys are refreshed again (a new key works at once, a
 revocation applies within CACHE_TTL). PostgreSQL only (SQLite cannot go away); it
 runs when GATEWAY_TEST_DATABASE_URL is set, as in CI.
+
+And the same outage while the journal's disk is full (a tmpfs of the test's own, so
+root): records wait in memory until the database or the disk comes back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
@@ -112,15 +118,20 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
         return f"error {type(exc).__name__}: {exc}"
 
 
-def catalog_gauges(gw: Gateway) -> tuple[float, ...]:
-    """/metrics' usable keys, providers and chat models (a 200 answer, within 5 s)."""
+def scrape(gw: Gateway) -> dict[tuple[str, str | None], float]:
+    """/metrics' samples by name and ``type`` label (a 200 answer, within 5 s)."""
     answer = requests.get(f"{gw.url}/metrics", timeout=5)
     assert answer.status_code == 200
-    found = {
+    return {
         (s.name, s.labels.get("type")): s.value
         for family in text_string_to_metric_families(answer.text)
         for s in family.samples
     }
+
+
+def catalog_gauges(gw: Gateway) -> tuple[float, ...]:
+    """/metrics' usable keys, providers and chat models."""
+    found = scrape(gw)
     names = ("nexusgate_active_api_keys", None), ("nexusgate_active_providers", None)
     return tuple(found.get(n) for n in (*names, ("nexusgate_active_models", "chat")))
 
@@ -248,3 +259,121 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     gw.api("DELETE", f"/apiKey/{late}")
     time.sleep(1.5)
     assert [call(gw, late, "late", KINDS[2]) for _ in range(4)] == ["HTTP 401"] * 4
+
+
+# -- the database down and the journal's disk full ------------------------------------
+
+
+@dataclass
+class Disk:
+    """A 1 MB tmpfs of the test's own, filled and freed at will."""
+
+    path: Path
+
+    def fill(self) -> None:
+        """Write a file until the disk refuses a single byte more."""
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for size in (65536, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        (self.path / "filler").unlink()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Disk]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill takes root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        yield Disk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory(
+    cluster: PostgresCluster, disk: Disk, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Both places a record can go are gone: calls still answer, their records wait in
+    the workers' memory, and reach the database whichever comes back first: the
+    database (written straight to it), or the disk (journaled, then replayed)."""
+    admin = open_database(cluster.url())
+    with admin.connection_context():
+        admin.execute_sql("CREATE DATABASE gateway")
+    admin.close_all()
+    url = cluster.url("gateway")
+    migrate(handle := open_database(url))
+    handle.close_all()
+    gw = Gateway(
+        url,
+        tmp_path / "instance",
+        workers=2,
+        GATEWAY_JOURNAL_DIR=str(disk.path / "journal"),
+        GATEWAY_CACHE_TTL="1",
+        GATEWAY_DB_CONNECT_TIMEOUT="2",
+        GATEWAY_DB_TIMEOUT="5",
+    )
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        gw.setup_route(
+            fake.url, provider_type="anthropic", system_name="claude", remote_id="fake;chunks=12"
+        )
+        time.sleep(1.5)  # CACHE_TTL: every worker has read the key
+        kinds = [kind for kind in KINDS if not kind[3]]  # no hang-ups: 4 kinds
+        markers: list[str] = []
+
+        def calls(first: int) -> None:
+            got = {}
+            for i in range(first, first + 8):
+                markers.append(marker := f"call-{i:03d}")
+                got[marker] = call(gw, key, marker, kinds[i % len(kinds)])
+            assert set(got.values()) == {"full"}, got
+
+        def held() -> float:
+            return scrape(gw).get(("gateway_records_held", None), 0.0)
+
+        def journaled() -> float:
+            return scrape(gw).get(("gateway_journal_depth", None), 0.0)
+
+        # The database comes back first, the disk still full: written straight to it.
+        disk.fill()
+        cluster.stop()
+        calls(0)
+        wait_until(lambda: held() == 8, timeout=30, interval=0.5)
+        time.sleep(3)
+        assert (held(), journaled()) == (8, 0), "still held, still nowhere to go"
+        cluster.start()
+        wait_until(lambda: len(gw.records(limit=100)) == 8, timeout=60, interval=0.5)
+        assert (held(), journaled()) == (0, 0)
+
+        # The disk comes back first: journaled, then replayed once the database answers.
+        cluster.stop()
+        calls(8)
+        wait_until(lambda: held() == 8, timeout=30, interval=0.5)
+        disk.free()
+        wait_until(lambda: (held(), journaled()) == (0, 8), timeout=30, interval=0.5)
+        cluster.start()
+        wait_until(lambda: len(gw.records(limit=100)) == 16, timeout=60, interval=0.5)
+
+        rows = gw.records(limit=100)
+        found = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
+        assert found == [m[5:] for m in markers], "each call exactly once"
+        assert {r["status"] for r in rows} == {"completed"}
+        sent = {json.dumps(e["body"]).split("call-", 1)[1][:3]: e["usage"] for e in fake.log()}
+        for row in rows:
+            usage = sent[json.dumps(row["prompt"]).split("call-", 1)[1][:3]]
+            assert (row["promptTokens"], row["completionTokens"]) == (
+                usage["input_tokens"],
+                usage["output_tokens"],
+            )
+        assert scrape(gw).get(("gateway_records_lost_total", None), 0.0) == 0
+        assert not list((disk.path / "journal").glob("torn-*")), "no half-written line"
+    finally:
+        gw.stop()
