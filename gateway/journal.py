@@ -95,8 +95,11 @@ class Journal:
             except OSError:
                 # A full or failing disk took part of it: cut that off, or the next
                 # append would join it and both lines be torn (the rows are still ours).
+                # A file this append made goes: an empty one would read as rows waiting.
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, end)
+                    if not end:
+                        path.unlink()
                 raise
         finally:
             os.close(fd)

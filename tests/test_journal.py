@@ -74,6 +74,21 @@ journal.append([{"uid": "after"}])
 """
 
 
+NOTHING_WRITTEN = """
+import resource, signal, sys
+from pathlib import Path
+from gateway.journal import Journal
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+journal = Journal(Path(sys.argv[1]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+try:
+    journal.append([{"uid": "refused"}])
+except OSError as exc:
+    print("refused", exc.errno, journal.has_own())
+"""
+
+
 def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_whole(
     tmp_path: Path,
 ) -> None:
@@ -89,6 +104,19 @@ def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_wh
     assert Journal(tmp_path).replay(got.extend) == 2
     assert [r["uid"] for r in got] == ["before", "after"]
     assert not list(tmp_path.glob("torn-*"))
+
+
+def test_an_append_the_disk_refuses_whole_leaves_no_file(tmp_path: Path) -> None:
+    """Nothing of the rows written: no empty file says rows are waiting."""
+    done = subprocess.run(
+        [sys.executable, "-c", NOTHING_WRITTEN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.stdout.split() == ["refused", "27", "False"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_dead_process_journal_is_replayed_and_a_live_one_is_left_alone(tmp_path: Path) -> None:
