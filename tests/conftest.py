@@ -11,6 +11,7 @@ monkey.patch_all()
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -32,6 +33,7 @@ from tests.recorders import make_recorder  # noqa: E402
 from tests.servers import (  # noqa: E402
     ADMIN_SECRET,
     ENCRYPTION_KEY,
+    Disk,
     FakeUpstream,
     Gateway,
     RedisServer,
@@ -234,6 +236,20 @@ def fake() -> Iterator[FakeUpstream]:
     upstream = FakeUpstream()
     yield upstream
     upstream.stop()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Disk]:
+    """An 8 MB tmpfs to fill: mounting one takes root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill takes root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], check=True)
+    try:
+        yield Disk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture

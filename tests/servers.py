@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +421,27 @@ def children(pid: int) -> list[int]:
     """The child processes of ``pid`` (gunicorn's master: its workers)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@dataclass
+class Disk:
+    """A small tmpfs of a test's own (``disk`` in conftest), filled and freed at will."""
+
+    path: Path
+
+    def fill(self) -> None:
+        """Write a file until the disk refuses a single byte more."""
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for size in (65536, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        (self.path / "filler").unlink()
 
 
 class PostgresCluster:

@@ -438,8 +438,11 @@ CHECK_FRAMES = {
 }
 
 
+# Not the stall (it takes its seconds) nor the endless event (256 MB a case): their error
+# frames are the ones every other fault here ends in.
 @pytest.mark.parametrize(
-    ("fault", "client", "provider"), _mid_cases([f for f in MID if "stall" not in f.name])
+    ("fault", "client", "provider"),
+    _mid_cases([f for f in MID if "stall" not in f.name and "never" not in f.name]),
 )
 def test_a_fault_mid_stream_ends_in_one_error_frame(
     caller: Caller, systems: dict, fault: MidFault, client: str, provider: str

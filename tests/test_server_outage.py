@@ -17,13 +17,10 @@ root): records wait in memory until the database or the disk comes back.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
@@ -36,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import migrate, open_database
 from tests.conftest import PG_URL
-from tests.servers import Gateway, PostgresCluster, wait_until
+from tests.servers import Disk, Gateway, PostgresCluster, wait_until
 
 pytestmark = [
     pytest.mark.server,
@@ -262,40 +259,6 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
 
 
 # -- the database down and the journal's disk full ------------------------------------
-
-
-@dataclass
-class Disk:
-    """A 1 MB tmpfs of the test's own, filled and freed at will."""
-
-    path: Path
-
-    def fill(self) -> None:
-        """Write a file until the disk refuses a single byte more."""
-        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            for size in (65536, 4096, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, b"\0" * size)
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        (self.path / "filler").unlink()
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Iterator[Disk]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill takes root")
-    path = tmp_path / "disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
-    try:
-        yield Disk(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory(
