@@ -23,6 +23,7 @@ import atexit
 import hmac
 import logging
 import os
+import time
 import tomllib
 from typing import Any
 
@@ -40,6 +41,7 @@ from prometheus_client import (
 
 from gateway.config import ROOT
 from gateway.exchange import EMBEDDING, Exchange
+from gateway.metric_files import AllocatedMmapedDict
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,40 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+FAILURE_LOG_EVERY = 60.0  # seconds: a full disk fails every change, logged once a minute
+_failure_logged = -FAILURE_LOG_EVERY
+
+
+def _failed() -> None:
+    """Log (now and then) the failure being handled: a value its file could not take."""
+    global _failure_logged
+    now = time.monotonic()
+    if now - _failure_logged >= FAILURE_LOG_EVERY:
+        _failure_logged = now
+        log.exception("metrics: could not write a value (repeats are not logged for a minute)")
+
+
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before any metric below takes its value class
     # Every change takes the values' one lock; gevent's (what threading.Lock is in a
     # patched worker) costs about 1 µs in Python each time, the OS's 0.1 µs. Nothing
     # between taking and releasing it can switch greenlets (arithmetic and a write into
     # an mmap), so no greenlet ever waits on it, and threads are kept apart as before.
     values.Lock = monkey.get_original("_thread", "allocate_lock")
-    values.ValueClass = values.MultiProcessValue(lambda: _pid)
+    # Files allocated as they grow: a full disk under them fails a change, not the process.
+    values.MmapedDict = AllocatedMmapedDict
+    _shared = values.MultiProcessValue(lambda: _pid)
+
+    def _value(*args: Any, **kwargs: Any) -> Any:
+        """A value in this process's file; where the file cannot be made or grown (a
+        full disk), this process's alone: it is missing from scrapes, and nothing else."""
+        try:
+            return _shared(*args, **kwargs)
+        except OSError:
+            _failed()
+            return values.MutexValue(*args, **kwargs)
+
+    values.ValueClass = _value
 
 
 def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -207,7 +236,7 @@ def flush() -> None:
         try:
             write(value)
         except Exception:  # a metric must never cost a call, nor the others their changes
-            log.exception("metrics: could not write a call's change")
+            _failed()
 
 
 atexit.register(flush)

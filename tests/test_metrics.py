@@ -210,9 +210,8 @@ from gevent import monkey
 monkey.patch_all()
 import json
 import gevent
-from prometheus_client import values
 from gateway import metrics
-cells = [c.cell_contents for c in values.ValueClass.inc.__closure__]
+cells = [c.cell_contents for c in type(metrics.CALLS_IN_FLIGHT._value).inc.__closure__]
 lock = next(c for c in cells if hasattr(c, "acquire"))
 native = type(lock) is type(monkey.get_original("_thread", "allocate_lock")())
 

@@ -1,10 +1,11 @@
 """The disk fills up under the embedded database: calls go on, and nothing is lost.
 
-SQLite and the journal share one disk (a tmpfs of the test's own, so root), as they do
-on a single machine run with ``make run``. Full, it refuses the database's writes and
-the journal's appends alike: the records wait in the workers' memory, and are written
-once there is room again. The same with PostgreSQL down instead is in
-``test_server_outage.py``.
+SQLite, the journal, the instance directory and the metrics' files share one disk (a
+tmpfs of the test's own, so root), as on a single machine. Full, it refuses the
+database's writes and the journal's appends alike: the records wait in the workers'
+memory, and are written once there is room again; no worker dies of it (the metrics'
+mapped files once killed one with SIGBUS: ``gateway/metric_files.py``). The same with
+PostgreSQL down instead is in ``test_server_outage.py``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def test_a_full_disk_under_sqlite_keeps_every_record_until_there_is_room(
         tmp_path / "instance",
         workers=2,
         GATEWAY_JOURNAL_DIR=str(disk.path / "journal"),
+        GATEWAY_INSTANCE_PATH=str(disk.path / "instance"),
+        PROMETHEUS_MULTIPROC_DIR=str(disk.path / "metrics"),
         GATEWAY_CACHE_TTL="1",
     )
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=8")["key"]
         time.sleep(1.5)  # CACHE_TTL: every worker has read the key
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+        workers = sorted(gw.worker_pids())
         disk.fill()
 
         texts = []
@@ -78,6 +82,7 @@ def test_a_full_disk_under_sqlite_keeps_every_record_until_there_is_room(
         assert markers == [f"{i:03d}" for i in range(10)], "each call exactly once"
         assert {(r["status"], r["completionTokens"]) for r in rows} == {("completed", 8)}
         assert gauge(gw, "gateway_records_lost_total") == 0
+        assert sorted(gw.worker_pids()) == workers, "a worker died (SIGBUS?)"
         assert not list((disk.path / "journal").glob("torn-*")), "no half-written line"
     finally:
         gw.stop()
