@@ -44,9 +44,14 @@ loglevel = _env("LOG_LEVEL").lower()
 
 # Every worker writes its Prometheus values to files in one directory per instance,
 # which must be named before a worker imports prometheus_client (gateway/metrics.py).
+# In memory where the system has it (/dev/shm): a full disk then leaves them whole.
 METRICS_DIR_PREFIX = "gateway-metrics-"
+SHARED_MEMORY = "/dev/shm"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    in_memory = os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK | os.X_OK)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix=METRICS_DIR_PREFIX, dir=SHARED_MEMORY if in_memory else None
+    )
 
 
 def on_starting(server):
