@@ -18,6 +18,7 @@ turns all this off: each call reads through (tests).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -159,6 +160,11 @@ class Refresher:
             os.replace(tmp, self.path)  # readers see the old file or the new, never half
         except OSError:
             log.exception("snapshot: cannot write %s", self.path)
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # half a copy of provider keys, taking room on a full disk
+            # Written again at the next read, changed or not: else the file would stay
+            # stale (a key revoked since, still in it) until something else changed.
+            self._written = None
             return
         self._written = digest
 

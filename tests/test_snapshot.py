@@ -30,7 +30,7 @@ from gateway.routing import catalog
 from gateway.snapshot import refresher
 from gateway.vault import vault
 from tests import pools
-from tests.servers import ENCRYPTION_KEY
+from tests.servers import ENCRYPTION_KEY, Disk
 
 
 def configure(tmp_path: Path, **config: object) -> None:
@@ -141,6 +141,25 @@ def test_a_worker_started_during_an_outage_serves_the_snapshot_file(
         ApiKey.update(revoked=True, updated_at=utcnow() - timedelta(days=1)).execute()
     assert refresher.refresh()
     assert keys.get(world["key"]) is None
+
+
+def test_a_snapshot_the_disk_cannot_take_leaves_the_last_one_and_nothing_else(
+    world: dict, disk: Disk, tmp_path: Path
+) -> None:
+    """And the next read writes it, even with nothing changed since: else a key revoked
+    while the disk was full would stay in the file a worker starting in an outage reads."""
+    path = disk.path / "snapshot.json"
+    configure(tmp_path, SNAPSHOT_FILE=str(path))
+    live = ApiKey.hash(world["key"])
+    assert refresher.refresh() and live in path.read_text()
+    with database.connection_context():
+        ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+    disk.fill()
+    assert refresher.refresh()  # the read worked; the write did not, and says so
+    assert live in path.read_text() and json.loads(path.read_text())["keys"], "the last, whole"
+    assert sorted(p.name for p in disk.path.iterdir()) == ["filler", "snapshot.json"]
+    disk.free()
+    assert refresher.refresh() and live not in path.read_text()
 
 
 def test_changes_made_elsewhere_apply_at_the_next_read(world: dict, tmp_path: Path) -> None:
