@@ -286,21 +286,24 @@ class Recorder:
         failing), keep its calls queued to try again (True), up to ``HOLD_MAX``."""
         try:
             self._journal(rows)
-            return False
         except Exception:
-            if len(self._dirty) + len(batch) > HOLD_MAX:
-                _lost(rows, f"the journal failed and {HOLD_MAX} records are held already")
-                return False
+            return self._hold(rows, batch)
+        return False
+
+    def _hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
+        """Queue a batch's calls again, while the journal's failure is being handled."""
+        if len(self._dirty) + len(batch) > HOLD_MAX:
+            _lost(rows, f"the journal failed and {HOLD_MAX} records are held already")
+            return False
         if self._held_since is None:
             self._held_since = time.monotonic()
-            log.error(
+            log.exception(
                 "recorder: neither the database nor the journal takes records; holding "
                 "them in memory and trying again every %.0f s",
                 HOLD_RETRY,
-                exc_info=True,
             )
         for ex in batch:
-            self._dirty.setdefault(ex.uid, ex)  # a newer snapshot queued meanwhile is the same call
+            self._dirty.setdefault(ex.uid, ex)  # a newer snapshot queued meanwhile: same call
         metrics.records_held(len(self._dirty))
         return True
 
