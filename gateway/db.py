@@ -311,6 +311,23 @@ class DatabaseTimeout(peewee.OperationalError):
 
 # Errors that mean "the database is not there", as opposed to "it refused this".
 UNREACHABLE = (peewee.OperationalError, peewee.InterfaceError, OSError)
+READ_ONLY = "25006"  # PostgreSQL's read_only_sql_transaction
+
+
+class ReadOnly(peewee.OperationalError):
+    """The database answers but takes no writes (a standby after a failover, or
+    ``default_transaction_read_only``): for whoever writes, it is away."""
+
+
+def takes_no_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server refusing every write, whatever was written: peewee
+    raises it as an ``InternalError`` while handling the driver's, which has the SQLSTATE."""
+    if not isinstance(exc, peewee.InternalError):
+        return False
+    driver = exc.__cause__ or exc.__context__
+    return getattr(driver, "sqlstate", None) == READ_ONLY
+
+
 _reachable = True
 
 
@@ -341,6 +358,11 @@ def background(timeout: float) -> Iterator[None]:
     except UNREACHABLE:
         discard_connection()
         mark_reachable(False)
+        raise
+    except peewee.InternalError as exc:
+        discard_connection()
+        if takes_no_writes(exc):  # readable, so still reachable for the keys' reads
+            raise ReadOnly(str(exc)) from exc
         raise
     else:
         mark_reachable(True)

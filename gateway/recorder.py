@@ -263,8 +263,10 @@ class Recorder:
             db.discard_connection()
             db.mark_reachable(False)
             raise
-        except Exception:
+        except Exception as exc:
             db.discard_connection()  # a failed statement may leave the connection unusable
+            if db.takes_no_writes(exc):  # the server's state, not the rows' fault: journal
+                raise db.ReadOnly(str(exc)) from exc
             raise
 
     # -- the journal ----------------------------------------------------------

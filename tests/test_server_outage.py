@@ -340,3 +340,56 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         assert not list((disk.path / "journal").glob("torn-*")), "no half-written line"
     finally:
         gw.stop()
+
+
+# -- the database answers but takes no writes ------------------------------------------
+
+
+def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A standby after a failover, or a primary an operator (or a managed service short
+    of disk) set read-only: reads work, every write is refused as a read-only
+    transaction. That is the server's state, not the rows' fault: the records are
+    journaled and written once it takes writes again, none set aside as refused."""
+    admin = open_database(cluster.url())
+    with admin.connection_context():
+        admin.execute_sql("CREATE DATABASE gateway")
+    url = cluster.url("gateway")
+    migrate(handle := open_database(url))
+    handle.close_all()
+    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_CACHE_TTL="1")
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        gw.setup_route(
+            fake.url, provider_type="anthropic", system_name="claude", remote_id="fake;chunks=12"
+        )
+        time.sleep(1.5)  # CACHE_TTL: every worker has read the key
+
+        def read_only(on: bool) -> None:
+            with admin.connection_context():
+                admin.execute_sql("SET default_transaction_read_only = off")
+                value = "on" if on else "DEFAULT"
+                admin.execute_sql(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+                admin.execute_sql("SELECT pg_reload_conf()")
+
+        read_only(True)
+        kinds = [kind for kind in KINDS if not kind[3]]
+        got = {f"call-{i:03d}": call(gw, key, f"call-{i:03d}", kinds[i % 4]) for i in range(8)}
+        assert set(got.values()) == {"full"}, got
+        journal = tmp_path / "instance" / "journal"
+        wait_until(lambda: len(list(journal.glob("journal-*.jsonl"))), timeout=30)
+        read_only(False)
+
+        def all_eight() -> list[dict] | None:
+            rows = gw.records(limit=100)
+            return rows if len(rows) >= 8 else None
+
+        rows = wait_until(all_eight, timeout=60, interval=0.5)
+        found = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
+        assert found == [f"{i:03d}" for i in range(8)], "each call exactly once"
+        assert {r["status"] for r in rows} == {"completed"}
+        assert not list(journal.glob("refused-*")), "set aside as if the rows were at fault"
+    finally:
+        gw.stop()
+        admin.close_all()
