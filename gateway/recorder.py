@@ -29,6 +29,7 @@ due (``migrations/0014``), and a writer indexes what is due, any process's, once
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime
@@ -58,9 +59,10 @@ SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 
 # seconds the first of them waits at most (a search never waits: it indexes first).
 INDEX_AT, INDEX_AFTER = 500, 1.0
 # Neither the database nor the journal takes records (it is down, the disk is full):
-# calls stay queued in memory, tried again every HOLD_RETRY seconds, at most HOLD_MAX
-# of them (beyond, a batch is lost, logged and counted, rather than the worker).
-HOLD_RETRY, HOLD_MAX = 1.0, 20_000
+# calls stay queued in memory, tried again every HOLD_RETRY seconds, up to HOLD_BYTES of
+# their records as JSON (beyond, a batch is lost, logged and counted, not the worker:
+# a record's objects take a few times its JSON in memory).
+HOLD_RETRY, HOLD_BYTES = 1.0, 128 * 1024 * 1024
 
 
 class Recorder:
@@ -76,6 +78,7 @@ class Recorder:
         self._group = gevent.pool.Group()
         self._journaling = False
         self._held_since: float | None = None  # when records were first kept in memory
+        self._held_sizes: dict[str, int] = {}  # uid -> its record's JSON, while held
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
@@ -285,7 +288,7 @@ class Recorder:
 
     def _journal_or_hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
         """Journal a batch no write took; if the disk will not take it either (full,
-        failing), keep its calls queued to try again (True), up to ``HOLD_MAX``."""
+        failing), keep its calls queued to try again (True), up to ``HOLD_BYTES``."""
         try:
             self._journal(rows)
         except Exception:
@@ -294,8 +297,12 @@ class Recorder:
 
     def _hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
         """Queue a batch's calls again, while the journal's failure is being handled."""
-        if len(self._dirty) + len(batch) > HOLD_MAX:
-            _lost(rows, f"the journal failed and {HOLD_MAX} records are held already")
+        sizes = {row["uid"]: len(json.dumps(row, default=str)) for row in rows}
+        self._held_sizes.update(sizes)
+        if sum(self._held_sizes.values()) > HOLD_BYTES:
+            for uid in sizes:
+                del self._held_sizes[uid]
+            _lost(rows, f"the journal failed and {HOLD_BYTES} bytes of records are held")
             return False
         if self._held_since is None:
             self._held_since = time.monotonic()
@@ -317,6 +324,7 @@ class Recorder:
                 time.monotonic() - self._held_since,
             )
             self._held_since = None
+            self._held_sizes.clear()
             metrics.records_held(0)
 
     def _replay_loop(self) -> None:

@@ -220,13 +220,13 @@ def test_with_the_database_down_and_the_disk_full_calls_wait_in_memory(
     assert metrics.RECORDS_LOST._value.get() == lost
 
 
-def test_past_the_hold_limit_a_batch_is_lost_counted_and_the_worker_goes_on(
+def test_past_the_hold_bound_a_batch_is_lost_counted_and_the_worker_goes_on(
     rec: Recorder, key_id: int, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = database.obj
     lost = metrics.RECORDS_LOST._value.get()
     _disk_full(rec, monkeypatch)
-    monkeypatch.setattr(recorder_module, "HOLD_MAX", 2)
+    monkeypatch.setattr(recorder_module, "HOLD_BYTES", 2000)  # a record is about 800
     database.initialize(_unreachable(database_url))
     try:
         for _ in range(3):
