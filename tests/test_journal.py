@@ -53,6 +53,16 @@ def test_a_failed_write_gives_the_file_back(tmp_path: Path) -> None:
     assert [r["uid"] for r in got] == ["u0", "u1"]
 
 
+def in_a_child(script: str, directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script, str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
 # A child process whose file size limit stops an append halfway, as a full disk does: the
 # kernel writes what fits and refuses the rest (EFBIG here, ENOSPC on a full disk).
 HALF_WRITTEN = """
@@ -92,13 +102,7 @@ except OSError as exc:
 def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_whole(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", HALF_WRITTEN, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parent.parent,
-    )
+    done = in_a_child(HALF_WRITTEN, tmp_path)
     assert done.stdout.split() == ["refused", "27", "0"]  # EFBIG; nothing of it left
     got: list[dict] = []
     assert Journal(tmp_path).replay(got.extend) == 2
@@ -108,13 +112,7 @@ def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_wh
 
 def test_an_append_the_disk_refuses_whole_leaves_no_file(tmp_path: Path) -> None:
     """Nothing of the rows written: no empty file says rows are waiting."""
-    done = subprocess.run(
-        [sys.executable, "-c", NOTHING_WRITTEN, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parent.parent,
-    )
+    done = in_a_child(NOTHING_WRITTEN, tmp_path)
     assert done.stdout.split() == ["refused", "27", "False"]
     assert list(tmp_path.iterdir()) == []
 

@@ -62,6 +62,18 @@ def cluster() -> Iterator[PostgresCluster]:
     pg.destroy()
 
 
+def gateway_database(cluster: PostgresCluster) -> str:
+    """A migrated database of the gateway's on the cluster: its URL."""
+    admin = open_database(cluster.url())
+    with admin.connection_context():
+        admin.execute_sql("CREATE DATABASE gateway")
+    admin.close_all()
+    url = cluster.url("gateway")
+    migrate(handle := open_database(url))
+    handle.close_all()
+    return url
+
+
 @pytest.fixture(autouse=True)
 def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
     fake.reset()
@@ -136,13 +148,7 @@ def catalog_gauges(gw: Gateway) -> tuple[float, ...]:
 def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
     cluster: PostgresCluster, fake, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    admin = open_database(cluster.url())
-    with admin.connection_context():
-        admin.execute_sql("CREATE DATABASE gateway")
-    admin.close_all()
-    url = cluster.url("gateway")
-    migrate(handle := open_database(url))
-    handle.close_all()
+    url = gateway_database(cluster)
     gw = Gateway(
         url,
         tmp_path / "instance",
@@ -267,13 +273,7 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
     """Both places a record can go are gone: calls still answer, their records wait in
     the workers' memory, and reach the database whichever comes back first: the
     database (written straight to it), or the disk (journaled, then replayed)."""
-    admin = open_database(cluster.url())
-    with admin.connection_context():
-        admin.execute_sql("CREATE DATABASE gateway")
-    admin.close_all()
-    url = cluster.url("gateway")
-    migrate(handle := open_database(url))
-    handle.close_all()
+    url = gateway_database(cluster)
     gw = Gateway(
         url,
         tmp_path / "instance",
@@ -352,12 +352,8 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
     of disk) set read-only: reads work, every write is refused as a read-only
     transaction. That is the server's state, not the rows' fault: the records are
     journaled and written once it takes writes again, none set aside as refused."""
+    url = gateway_database(cluster)
     admin = open_database(cluster.url())
-    with admin.connection_context():
-        admin.execute_sql("CREATE DATABASE gateway")
-    url = cluster.url("gateway")
-    migrate(handle := open_database(url))
-    handle.close_all()
     gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_CACHE_TTL="1")
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
