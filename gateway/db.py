@@ -309,8 +309,10 @@ class DatabaseTimeout(peewee.OperationalError):
     """The database did not answer within a background job's bound."""
 
 
-# Errors that mean "the database is not there", as opposed to "it refused this".
-UNREACHABLE = (peewee.OperationalError, peewee.InterfaceError, OSError)
+# Errors that mean "the database is not there", as opposed to "it refused this": AWAY as
+# a view meets them (peewee wraps the driver's), UNREACHABLE as a background job may.
+AWAY = (peewee.OperationalError, peewee.InterfaceError)
+UNREACHABLE = (*AWAY, OSError)
 READ_ONLY = "25006"  # PostgreSQL's read_only_sql_transaction
 
 

@@ -12,6 +12,7 @@ them at most every ``CACHE_TTL`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import current_app
 
-from gateway import auth, stats
+from gateway import auth, db, stats
 from gateway.models import Setting
 from gateway.registry import Refused
 
@@ -90,12 +91,15 @@ def _zone(name: str) -> bool:
 
 
 def read(key: str, default: Any = None) -> Any:
-    """A setting's value for this worker, re-read at most every ``CACHE_TTL`` seconds."""
+    """A setting's value for this worker, re-read at most every ``CACHE_TTL`` seconds;
+    while the database does not answer, the last one read (or ``default``)."""
     now = time.monotonic()
     held = _cache.get(key)
     if held is None or now - held[0] > float(current_app.config["CACHE_TTL"]):
-        held = _cache[key] = (now, Setting.read(key))
-    return default if held[1] is None else held[1]
+        # Away: the last value; the pages that say it is away must still render.
+        with contextlib.suppress(*db.AWAY):
+            held = _cache[key] = (now, Setting.read(key))
+    return default if held is None or held[1] is None else held[1]
 
 
 def timezone() -> str | None:

@@ -423,6 +423,26 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
+@contextlib.contextmanager
+def away(database_url: str) -> Iterator[None]:
+    """Inside the block the gateway's database handle points where nothing answers:
+    every query fails as it does while the database is down."""
+    import peewee
+
+    from gateway.db import database, open_database
+
+    if database_url.startswith("sqlite"):
+        nowhere = peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
+    else:
+        nowhere = open_database("postgresql://postgres@127.0.0.1:1/nowhere")
+    real = database.obj
+    database.initialize(nowhere)
+    try:
+        yield
+    finally:
+        database.initialize(real)
+
+
 @dataclass
 class Disk:
     """A small tmpfs of a test's own (``disk`` in conftest), filled and freed at will."""

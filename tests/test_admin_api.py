@@ -11,7 +11,7 @@ from gateway import redact
 from gateway.exchange import Exchange
 from gateway.models import ApiKey
 from gateway.recorder import snapshot, write_rows
-from tests.servers import ADMIN_SECRET
+from tests.servers import ADMIN_SECRET, away
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 
@@ -45,6 +45,19 @@ def test_the_admin_secret_is_required(client) -> None:  # type: ignore[no-untype
     assert client.get("/api/admin/", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/admin/", headers={"x-api-key": ADMIN_SECRET}).get_json() is True
     assert client.get("/api/admin/", headers=ADMIN).get_json() is True
+
+
+def test_a_database_that_does_not_answer_is_a_503_in_the_api_s_shape(  # type: ignore[no-untyped-def]
+    admin, database_url: str
+) -> None:
+    with away(database_url):
+        for method, path in [("GET", "/"), ("GET", "/apiKey"), ("POST", "/apiKey")]:
+            status, body = admin(method, path, json={"comment": "x"} if method == "POST" else None)
+            assert (status, body) == (
+                503,
+                {"error": "The database does not answer; try again later"},
+            )
+    assert admin("GET", "/")[0] == 200
 
 
 def test_key_lifecycle_and_the_key_is_shown_once(admin, client) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from gateway import create_app
 from gateway.db import database, is_postgres
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
 from tests.dashboard_seed import Seeded, seed
-from tests.servers import ADMIN_SECRET
+from tests.servers import ADMIN_SECRET, away
 
 
 @pytest.fixture
@@ -93,6 +93,20 @@ def test_login_with_the_admin_secret_and_logout(client) -> None:  # type: ignore
     assert client.get("/").status_code == 200
     assert post(client, "/logout").headers["Location"] == "/login"
     assert client.get("/").status_code == 302
+
+
+def test_a_page_while_the_database_does_not_answer_says_so_in_both_languages(  # type: ignore[no-untyped-def]
+    client, seeded: Seeded, database_url: str
+) -> None:
+    login(client)
+    with away(database_url):
+        page = client.get("/requests")
+        assert page.status_code == 503 and page.headers["Retry-After"] == "5"
+        assert "The database does not answer. Try again in a moment." in text(page)
+        client.set_cookie("lang", "zh_CN")
+        assert "数据库没有响应，请稍后再试。" in text(client.get("/keys"))  # noqa: RUF001
+    client.set_cookie("lang", "en")
+    assert client.get("/requests").status_code == 200  # back: the session held
 
 
 def test_wrong_secrets_are_throttled_per_address_with_a_clear_message(client) -> None:  # type: ignore[no-untyped-def]

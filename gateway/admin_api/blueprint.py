@@ -4,12 +4,13 @@
 view runs; wrong secrets are throttled per client address (``LOGIN_ATTEMPTS`` per
 ``LOGIN_WINDOW``, shared by every instance through the limiter): past that, 429 with
 Retry-After, right secret or not. A ``registry.Refused`` raised by any view is its
-JSON error. Bodies are strict JSON objects (``jsonio``), query integers ASCII digits
+JSON error; a database that does not answer, a 503. Bodies are strict JSON objects (``jsonio``), query integers ASCII digits
 within bounds, and NUL in a path or an argument is refused before any query.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -17,15 +18,30 @@ from flask import Blueprint, Response, current_app, request
 from gateway import auth, db, forwarded, jsonio, registry, urlargs
 from gateway.limiter import limiter
 
+log = logging.getLogger(__name__)
+
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
 bp.record_once(urlargs.register)
 
 MAX_PAGE = 1000
+RETRY_AFTER = 5  # seconds: a database restart or failover takes about that
 
 
 @bp.errorhandler(registry.Refused)
 def _admin_error(exc: registry.Refused) -> Response:
     return jsonio.response({"error": exc.message}, exc.status)
+
+
+def _database_away(exc: Exception) -> Response:
+    """The database does not answer: the admin API has nothing to serve without it."""
+    log.warning("admin API: the database does not answer (%s)", exc)
+    answer = jsonio.response({"error": "The database does not answer; try again later"}, 503)
+    answer.headers["Retry-After"] = str(RETRY_AFTER)
+    return answer
+
+
+for _away in db.AWAY:
+    bp.register_error_handler(_away, _database_away)
 
 
 @bp.before_request

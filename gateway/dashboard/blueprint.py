@@ -4,7 +4,8 @@ Login with the admin secret starts a signed cookie session (``sessions.py``); ev
 POST must carry the session's CSRF token; every page but the login form needs the
 session. Every answer carries the security headers (scripts only from our own static
 folder). A refusal of the registry's is flashed and sends the form back where it came
-from; an HTTP error renders the error page.
+from; an HTTP error renders the error page, and so does a database that does not answer
+(503).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flask import (
 )
 from flask_babel import get_timezone, ngettext
 from flask_babel import gettext as _
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from gateway import auth, db, forwarded, i18n, registry, sessions, urlargs
 from gateway.limiter import limiter
@@ -68,6 +69,17 @@ def _secure(response: Response) -> Response:
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> tuple[str, int]:
     return render_template("dashboard/error.html", error=exc), exc.code or 500
+
+
+def _database_away(exc: Exception) -> tuple[str, int, dict[str, str]]:
+    """Every page reads the database: without it, the error page says so."""
+    current_app.logger.warning("dashboard: the database does not answer (%s)", exc)
+    page = render_template("dashboard/error.html", error=ServiceUnavailable())
+    return page, 503, {"Retry-After": "5"}
+
+
+for _away in db.AWAY:
+    bp.register_error_handler(_away, _database_away)
 
 
 @bp.errorhandler(registry.Refused)
