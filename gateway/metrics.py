@@ -8,7 +8,9 @@ process start, as Prometheus counters do (``rate``/``increase`` read them alike)
 The catalog gauges (usable keys, providers, models) are counted at each scrape from the
 keys and catalog the worker holds in memory for calls, so a scrape works while the
 database is down. Ours are ``gateway_*``: calls and drains in flight, how aborted calls
-ended, journal depth, limiter fail-opens, recorder write latency.
+ended, journal depth, records held in memory and lost, limiter fail-opens, recorder
+write latency. The values' files are allocated as they grow (``metric_files``), so a
+full disk costs a value, never the process.
 
 Across workers: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 before any worker imports prometheus_client; each worker writes its values there,

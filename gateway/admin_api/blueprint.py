@@ -4,8 +4,9 @@
 view runs; wrong secrets are throttled per client address (``LOGIN_ATTEMPTS`` per
 ``LOGIN_WINDOW``, shared by every instance through the limiter): past that, 429 with
 Retry-After, right secret or not. A ``registry.Refused`` raised by any view is its
-JSON error; a database that does not answer, a 503. Bodies are strict JSON objects (``jsonio``), query integers ASCII digits
-within bounds, and NUL in a path or an argument is refused before any query.
+JSON error; a database that does not answer, a 503. Bodies are strict JSON objects
+(``jsonio``), query integers ASCII digits within bounds, and NUL in a path or an
+argument is refused before any query.
 """
 
 from __future__ import annotations
