@@ -313,7 +313,6 @@ class DatabaseTimeout(peewee.OperationalError):
 # a view meets them (peewee wraps the driver's), UNREACHABLE as a background job may.
 AWAY = (peewee.OperationalError, peewee.InterfaceError)
 UNREACHABLE = (*AWAY, OSError)
-READ_ONLY = "25006"  # PostgreSQL's read_only_sql_transaction
 
 
 class ReadOnly(peewee.OperationalError):
@@ -321,13 +320,11 @@ class ReadOnly(peewee.OperationalError):
     ``default_transaction_read_only``): for whoever writes, it is away."""
 
 
-def takes_no_writes(exc: BaseException) -> bool:
-    """Whether ``exc`` is the server refusing every write, whatever was written: peewee
-    raises it as an ``InternalError`` while handling the driver's, which has the SQLSTATE."""
-    if not isinstance(exc, peewee.InternalError):
-        return False
-    driver = exc.__cause__ or exc.__context__
-    return getattr(driver, "sqlstate", None) == READ_ONLY
+# peewee turns a driver's error into its own class by the error's class name. psycopg's
+# ReadOnlySqlTransaction (SQLSTATE 25006) is an InternalError, which reads as "the
+# database refused this", where it is the server refusing every write: mapped here, every
+# query meets it as ReadOnly, an outage (records journaled, views a 503).
+peewee.EXCEPTIONS["ReadOnlySqlTransaction"] = ReadOnly
 
 
 _reachable = True
@@ -360,11 +357,6 @@ def background(timeout: float) -> Iterator[None]:
     except UNREACHABLE:
         discard_connection()
         mark_reachable(False)
-        raise
-    except peewee.InternalError as exc:
-        discard_connection()
-        if takes_no_writes(exc):  # readable, so still reachable for the keys' reads
-            raise ReadOnly(str(exc)) from exc
         raise
     else:
         mark_reachable(True)

@@ -266,10 +266,8 @@ class Recorder:
             db.discard_connection()
             db.mark_reachable(False)
             raise
-        except Exception as exc:
+        except Exception:
             db.discard_connection()  # a failed statement may leave the connection unusable
-            if db.takes_no_writes(exc):  # the server's state, not the rows' fault: journal
-                raise db.ReadOnly(str(exc)) from exc
             raise
 
     # -- the journal ----------------------------------------------------------

@@ -351,7 +351,8 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
     """A standby after a failover, or a primary an operator (or a managed service short
     of disk) set read-only: reads work, every write is refused as a read-only
     transaction. That is the server's state, not the rows' fault: the records are
-    journaled and written once it takes writes again, none set aside as refused."""
+    journaled and written once it takes writes again, none set aside as refused; the
+    admin API's writes get its 503."""
     url = gateway_database(cluster)
     admin = open_database(cluster.url())
     gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_CACHE_TTL="1")
@@ -375,6 +376,8 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
         assert set(got.values()) == {"full"}, got
         journal = tmp_path / "instance" / "journal"
         wait_until(lambda: len(list(journal.glob("journal-*.jsonl"))), timeout=30)
+        made = gw.admin.post(f"{gw.url}/api/admin/apiKey", json={"comment": "x"}, timeout=10)
+        assert made.status_code == 503, made.text  # a write the admin API cannot make
         read_only(False)
 
         def all_eight() -> list[dict] | None:
