@@ -423,20 +423,25 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
-@contextlib.contextmanager
-def away(database_url: str) -> Iterator[None]:
-    """Inside the block the gateway's database handle points where nothing answers:
-    every query fails as it does while the database is down."""
+def unreachable(database_url: str) -> Any:
+    """A database handle on the test's backend where nothing answers."""
     import peewee
 
-    from gateway.db import database, open_database
+    from gateway.db import open_database
 
     if database_url.startswith("sqlite"):
-        nowhere = peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
-    else:
-        nowhere = open_database("postgresql://postgres@127.0.0.1:1/nowhere")
+        return peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
+    return open_database("postgresql://postgres@127.0.0.1:1/nowhere")
+
+
+@contextlib.contextmanager
+def away(replacement: Any) -> Iterator[None]:
+    """Inside the block the gateway's database handle is ``replacement`` (``unreachable``
+    or a database that never answers): every query fails as it does in an outage."""
+    from gateway.db import database
+
     real = database.obj
-    database.initialize(nowhere)
+    database.initialize(replacement)
     try:
         yield
     finally:

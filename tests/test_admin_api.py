@@ -11,7 +11,7 @@ from gateway import redact
 from gateway.exchange import Exchange
 from gateway.models import ApiKey
 from gateway.recorder import snapshot, write_rows
-from tests.servers import ADMIN_SECRET, away
+from tests.servers import ADMIN_SECRET, away, unreachable
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 
@@ -50,7 +50,7 @@ def test_the_admin_secret_is_required(client) -> None:  # type: ignore[no-untype
 def test_a_database_that_does_not_answer_is_a_503_in_the_api_s_shape(  # type: ignore[no-untyped-def]
     admin, database_url: str
 ) -> None:
-    with away(database_url):
+    with away(unreachable(database_url)):
         for method, path in [("GET", "/"), ("GET", "/apiKey"), ("POST", "/apiKey")]:
             status, body = admin(method, path, json={"comment": "x"} if method == "POST" else None)
             assert (status, body) == (

@@ -17,7 +17,7 @@ from gateway import create_app
 from gateway.db import database, is_postgres
 from gateway.models import ApiKey, Completion, Embedding, Model, Provider
 from tests.dashboard_seed import Seeded, seed
-from tests.servers import ADMIN_SECRET, away
+from tests.servers import ADMIN_SECRET, away, unreachable
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_a_page_while_the_database_does_not_answer_says_so_in_both_languages(  #
     client, seeded: Seeded, database_url: str
 ) -> None:
     login(client)
-    with away(database_url):
+    with away(unreachable(database_url)):
         page = client.get("/requests")
         assert page.status_code == 503 and page.headers["Retry-After"] == "5"
         assert "The database does not answer. Try again in a moment." in text(page)

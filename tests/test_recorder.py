@@ -12,7 +12,6 @@ from pathlib import Path
 
 import gevent
 import gevent.event
-import peewee
 import pytest
 
 from gateway import metrics
@@ -25,7 +24,7 @@ from gateway.sweeper import identity
 from tests import pools
 from tests.loopwatch import watch_loop
 from tests.recorders import make_recorder
-from tests.servers import sqlite_lock_held, varied_text, wait_until
+from tests.servers import sqlite_lock_held, unreachable, varied_text, wait_until
 
 
 @pytest.fixture
@@ -130,18 +129,12 @@ def test_many_calls_many_writes_exactly_one_row_each(rec: Recorder, key_id: int)
         assert got[ex.uid].prompt_tokens == i
 
 
-def _unreachable(database_url: str) -> peewee.Database:
-    if database_url.startswith("sqlite"):
-        return peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
-    return open_database("postgresql://postgres@127.0.0.1:1/nowhere")
-
-
 def test_database_down_journals_then_replays_everything(
     rec: Recorder, key_id: int, database_url: str
 ) -> None:
     real = database.obj
     first, second = exchange(key_id), exchange(key_id)
-    database.initialize(_unreachable(database_url))
+    database.initialize(unreachable(database_url))
     try:
         rec.record(first)
         assert rec.flush(5)
@@ -196,7 +189,7 @@ def test_with_the_database_down_and_the_disk_full_calls_wait_in_memory(
     lost = metrics.RECORDS_LOST._value.get()
     calls = [exchange(key_id) for _ in range(3)]
     tries = _disk_full(rec, monkeypatch)
-    database.initialize(_unreachable(database_url))
+    database.initialize(unreachable(database_url))
     try:
         for ex in calls:
             ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 2})
@@ -227,7 +220,7 @@ def test_past_the_hold_bound_a_batch_is_lost_counted_and_the_worker_goes_on(
     lost = metrics.RECORDS_LOST._value.get()
     _disk_full(rec, monkeypatch)
     monkeypatch.setattr(recorder_module, "HOLD_BYTES", 2000)  # a record is about 800
-    database.initialize(_unreachable(database_url))
+    database.initialize(unreachable(database_url))
     try:
         for _ in range(3):
             ex = exchange(key_id)

@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import gevent
-import peewee
 import pytest
 from flask import Flask
 
@@ -30,7 +29,7 @@ from gateway.routing import catalog
 from gateway.snapshot import refresher
 from gateway.vault import vault
 from tests import pools
-from tests.servers import ENCRYPTION_KEY, Disk
+from tests.servers import ENCRYPTION_KEY, Disk, away, unreachable
 
 
 def configure(tmp_path: Path, **config: object) -> None:
@@ -70,26 +69,6 @@ def world(database_url: str, tmp_path: Path) -> Iterator[dict]:
     pools.release(database.obj)
 
 
-def unreachable(database_url: str) -> peewee.Database:
-    if database_url.startswith("sqlite"):
-        return peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
-    return open_database("postgresql://postgres@127.0.0.1:1/nowhere")
-
-
-class Away:
-    """The database is unreachable inside the block."""
-
-    def __init__(self, replacement: peewee.Database) -> None:
-        self.replacement = replacement
-
-    def __enter__(self) -> None:
-        self.real = database.obj
-        database.initialize(self.replacement)
-
-    def __exit__(self, *exc: object) -> None:
-        database.initialize(self.real)
-
-
 def timed(fn, *args):  # type: ignore[no-untyped-def]
     started = time.monotonic()
     try:
@@ -101,7 +80,7 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
 def test_keys_and_the_catalog_are_served_while_the_database_is_away(
     world: dict, database_url: str
 ) -> None:
-    with Away(unreachable(database_url)):
+    with away(unreachable(database_url)):
         assert not refresher.refresh() and not db.reachable()
         caller, took = timed(keys.get, world["key"])
         assert caller.id == world["id"] and caller.rpm_limit == 7 and took < 0.05
@@ -130,7 +109,7 @@ def test_a_worker_started_during_an_outage_serves_the_snapshot_file(
     assert "provider-secret" not in text  # sealed as the database keeps it
     assert vault.open(json.loads(text)["catalog"][0]["api_key"]) == "provider-secret"
     keys.load([]), catalog.load([])  # a new process knows nothing
-    with Away(unreachable(database_url)):
+    with away(unreachable(database_url)):
         configure(tmp_path)
         assert keys.get(world["key"]).rpm_limit == 7
         assert [c.remote_id for c in catalog.lookup("m")] == ["m-remote"]
@@ -243,7 +222,7 @@ def test_a_black_holed_database_stalls_no_request(world: dict) -> None:
     hole.listen(16)  # the kernel completes connections; nobody ever answers
     try:
         black = open_database(f"postgresql://u@127.0.0.1:{hole.getsockname()[1]}/db", 2.0)
-        with Away(black):
+        with away(black):
             known, took = timed(keys.get, world["key"])
             assert known is not None and took < 0.05
             unknown, took = timed(keys.get, "sk-" + "1" * 32)

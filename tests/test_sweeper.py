@@ -12,7 +12,6 @@ import socket
 from collections.abc import Iterator
 from datetime import timedelta
 
-import peewee
 import pytest
 
 from gateway.db import database, open_database
@@ -21,6 +20,7 @@ from gateway.models import ApiKey, Completion, Heartbeat, utcnow
 from gateway.recorder import snapshot, write_rows
 from gateway.sweeper import SWEPT_ERROR, Sweeper, identity
 from tests import pools
+from tests.servers import unreachable
 
 DEAD_AFTER = 5.0
 
@@ -75,12 +75,6 @@ def second(clock: Clock, *beating: Sweeper, watcher: Sweeper | None = None) -> i
         return 0
     watcher.beat()
     return watcher.sweep()
-
-
-def unreachable(database_url: str) -> peewee.Database:
-    if database_url.startswith("sqlite"):
-        return peewee.SqliteDatabase("/proc/no-such-dir/gateway.db", autoconnect=False)
-    return open_database("postgresql://postgres@127.0.0.1:1/nowhere")
 
 
 def test_identity_is_random_host_and_pid() -> None:
