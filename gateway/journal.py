@@ -5,17 +5,21 @@ File I/O only, no database: ``append`` writes rows to this process's
 process's own, and those left by processes that have died. A file is claimed by an
 atomic rename, so exactly one replayer owns it; it is deleted once written and given
 back if the write fails. A claim left by a replayer that died is given back too.
-Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``
-for an operator to look at; they are never replayed. A line that is not a whole row
-(the process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the
-rest of its file is replayed; an append that fails (a full disk) is cut off again, and
-raises. Journals hold prompts: every file is its owner's alone (0600), in a directory
-of its owner's (0700).
+Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``;
+they are replayed only when an operator asks (``replay(write, "refused")``, by the
+``replay-refused`` command, once the cause is fixed), whoever's they are: an append
+holds an ``flock`` and checks its file is still the one its path names, so a claim
+taken meanwhile loses nothing. A line that is not a whole row (the process was killed
+mid-append) is kept aside in ``torn-<pid>.jsonl`` and the rest of its file is
+replayed; an append that fails (a full disk) is cut off again, and raises. Journals
+hold prompts: every file is its owner's alone (0600), in a directory of its owner's
+(0700).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -49,15 +53,19 @@ class Journal:
 
     def waiting(self) -> bool:
         """True when this process would find something to replay."""
-        return bool(self._claimable()) or any(self.directory.glob("replaying-*"))
+        return bool(self._claimable()) or any(self.directory.glob("replaying-*-journal-*"))
 
-    def replay(self, write: Callable[[list[dict]], None]) -> int:
-        """Give each claimable file's rows to ``write``; return how many were written."""
+    def replay(self, write: Callable[[list[dict]], None], prefix: str = "journal") -> int:
+        """Give each claimable file's rows to ``write``; return how many were written.
+
+        ``journal``: this process's file and dead processes'. ``refused``: every
+        process's, for an operator who fixed what the database refused them for.
+        """
         if not self.directory.is_dir():
             return 0
-        self._reclaim_orphans()
+        self._reclaim_orphans(prefix)
         written = 0
-        for path in self._claimable():
+        for path in self._claimable(prefix):
             claimed = path.with_name(f"replaying-{os.getpid()}-{path.name}")
             try:
                 path.rename(claimed)
@@ -81,7 +89,7 @@ class Journal:
         """Append ``data`` to ``path`` durably, both readable by this user only; or
         raise OSError and leave the file as it was."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = _open_locked(path)
         try:
             with contextlib.suppress(OSError):  # someone else's file, made by hand: as it is
                 os.fchmod(fd, 0o600)  # one an older version made as the umask had it
@@ -104,19 +112,21 @@ class Journal:
         finally:
             os.close(fd)
 
-    def _claimable(self) -> list[Path]:
+    def _claimable(self, prefix: str = "journal") -> list[Path]:
         if not self.directory.is_dir():
             return []
         return [
             path
-            for path in sorted(self.directory.glob("journal-*.jsonl"))
-            # a live process replays its own journal
-            if _pid_in(path.stem) == os.getpid() or not _alive(_pid_in(path.stem))
+            for path in sorted(self.directory.glob(f"{prefix}-*.jsonl"))
+            # a live process replays its own journal; set-aside rows are anyone's
+            if prefix != "journal"
+            or _pid_in(path.stem) == os.getpid()
+            or not _alive(_pid_in(path.stem))
         ]
 
-    def _reclaim_orphans(self) -> None:
+    def _reclaim_orphans(self, prefix: str) -> None:
         """Give back files claimed by a replayer that died before finishing."""
-        for claimed in self.directory.glob("replaying-*-journal-*.jsonl"):
+        for claimed in self.directory.glob(f"replaying-*-{prefix}-*.jsonl"):
             replayer = int(claimed.name.split("-", 2)[1])
             if replayer != os.getpid() and not _alive(replayer):
                 original = claimed.with_name(claimed.name.split("-", 2)[2])
@@ -124,10 +134,35 @@ class Journal:
                     claimed.rename(original)
 
 
+def _open_locked(path: Path) -> int:
+    """``path`` opened to append, under this process's ``flock``, and still named so.
+
+    Another process may claim the file (rename it) between the open and the lock; an
+    append to the claimed file after its replayer read it would be lost with it. So
+    the lock is taken, then the path checked to name the same file, else opened again.
+    """
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one append: a replayer's read waits
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _read(path: Path) -> tuple[list[dict], list[bytes]]:
-    """The rows of a journal file, and the lines that are not whole rows."""
+    """The rows of a journal file, and the lines that are not whole rows.
+
+    Read under the file's ``flock``: an append that opened the file before it was
+    claimed is either in what is read or goes to a new file (``_open_locked``).
+    """
+    with open(path, "rb") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        data = fh.read()
     rows, torn = [], []
-    for line in path.read_bytes().split(b"\n"):
+    for line in data.split(b"\n"):
         if not line:
             continue
         try:

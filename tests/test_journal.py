@@ -146,6 +146,68 @@ def test_refused_rows_are_kept_apart_and_never_replayed(tmp_path: Path) -> None:
     assert journal.own_path("refused").exists() and not journal.has_own()
 
 
+def test_refused_rows_are_replayed_when_asked_whoever_set_them_aside(tmp_path: Path) -> None:
+    """An operator's replay takes every process's set-aside rows, live or dead; the
+    journal's own replay keeps taking only its own and the dead's journals."""
+    journal = Journal(tmp_path)
+    journal.append(rows(1), prefix="refused")  # this process's: live
+    dead, live = dead_pid(), os.getppid()
+    for pid, uid in ((dead, "dead"), (live, "live")):
+        (tmp_path / f"refused-{pid}.jsonl").write_text(json.dumps({"uid": uid}) + "\n")
+    (tmp_path / f"journal-{live}.jsonl").write_text(json.dumps({"uid": "its own"}) + "\n")
+    got: list[dict] = []
+    assert journal.replay(got.extend, prefix="refused") == 3
+    assert sorted(r["uid"] for r in got) == ["dead", "live", "u0"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"journal-{live}.jsonl"]
+    assert not journal.waiting(), "a live process's journal is its own to replay"
+
+
+def test_a_refused_claim_left_by_a_dead_replayer_is_given_back(tmp_path: Path) -> None:
+    dead, owner = dead_pid(), dead_pid()
+    stranded = tmp_path / f"replaying-{dead}-refused-{owner}.jsonl"
+    stranded.write_text(json.dumps({"uid": "stranded"}) + "\n")
+    journal = Journal(tmp_path)
+    assert not journal.waiting(), "a refused file is not the journal's to replay"
+    assert journal.replay(lambda _: None) == 0 and stranded.exists()
+    got: list[dict] = []
+    assert journal.replay(got.extend, prefix="refused") == 1
+    assert got == [{"uid": "stranded"}] and list(tmp_path.iterdir()) == []
+
+
+APPENDER = """
+import sys
+from pathlib import Path
+from gateway.journal import Journal
+journal = Journal(Path(sys.argv[1]))
+for i in range(int(sys.argv[2])):
+    journal.append([{"uid": f"u{i}"}], prefix="refused")
+"""
+
+
+def test_an_append_racing_a_replay_of_its_file_is_never_lost(tmp_path: Path) -> None:
+    """A live worker appends to its refused file while an operator's replay claims it
+    over and over: an append to a file claimed and read meanwhile would be lost.
+    Each row must be replayed exactly once."""
+    appends = 3000
+    appender = subprocess.Popen(
+        [sys.executable, "-c", APPENDER, str(tmp_path), str(appends)],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    got: list[dict] = []
+    claims = 0
+    journal = Journal(tmp_path)
+    while appender.poll() is None:
+        claims += bool(journal.replay(got.extend, prefix="refused"))
+    assert appender.returncode == 0
+    journal.replay(got.extend, prefix="refused")
+    uids = [r["uid"] for r in got]
+    assert claims > 20, "the replays did not race the appends"
+    assert len(uids) == len(set(uids)), "a row replayed twice"
+    assert sorted(uids) == sorted(f"u{i}" for i in range(appends)), (
+        f"{appends - len(set(uids))} rows lost"
+    )
+
+
 def test_a_torn_line_is_kept_aside_and_the_rest_of_the_file_replayed(tmp_path: Path) -> None:
     """A worker killed mid-append leaves half a line (even half a UTF-8 character)."""
     dead = dead_pid()
