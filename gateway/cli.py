@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from flask import Flask, current_app
 
-from gateway import auth, db, initfile, registry
+from gateway import auth, db, initfile, recorder, registry
 from gateway.vault import vault
 
 
@@ -112,6 +112,24 @@ def create_key_command(comment: str | None) -> None:
     click.echo(key)
 
 
+@click.command("replay-refused")
+def replay_refused_command() -> None:
+    """Write the records the database refused (journal refused-*.jsonl files) again."""
+    done = recorder.replay_refused(recorder.recorder.journal)
+    click.echo(f"records set aside as refused, now written: {done.written}")
+    if done.refused:
+        click.echo(
+            f"refused again: {done.refused}, set aside in "
+            f"{recorder.recorder.journal.own_path('refused')} (the log says why)"
+        )
+    if done.stopped is not None:
+        raise click.ClickException(
+            f"the database stopped answering ({done.stopped}); the rest stay set aside"
+        )
+    if done.refused:
+        raise SystemExit(1)
+
+
 def init_app(app: Flask) -> None:
     """Register the commands."""
     for command in (
@@ -120,5 +138,6 @@ def init_app(app: Flask) -> None:
         create_key_command,
         rotate_keys_command,
         init_file_command,
+        replay_refused_command,
     ):
         app.cli.add_command(command)

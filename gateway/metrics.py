@@ -165,6 +165,10 @@ RECORDS_HELD = _gauge(
 RECORDS_LOST = _counter(
     "gateway_records_lost", "Records no database, journal or memory could keep (logged)"
 )
+RECORDS_REFUSED = _counter(
+    "gateway_records_refused",
+    "Records the database refused for what they hold, set aside for replay-refused",
+)
 FAIL_OPENS = _counter(
     "gateway_limiter_fail_open", "Limiter decisions allowed because Redis was away", ("operation",)
 )
@@ -357,6 +361,11 @@ def records_held(records: int) -> None:
 def records_lost(records: int) -> None:
     """Count records that could not be kept anywhere."""
     RECORDS_LOST.inc(records)
+
+
+def records_refused(records: int) -> None:
+    """Count records the database refused, set aside for an operator (``replay-refused``)."""
+    RECORDS_REFUSED.inc(records)
 
 
 def recorder_wrote(seconds: float) -> None:

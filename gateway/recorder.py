@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,7 @@ class Recorder:
             except Exception:
                 log.exception("recorder: record %s refused; set aside", row.get("uid"))
                 self.journal.append([row], prefix="refused")
+                metrics.records_refused(1)
 
     def _bounded_write(self, rows: list[dict], touch: set[int] | None = None) -> None:
         """``write_rows`` on this greenlet's kept connection, within ``DB_TIMEOUT``."""
@@ -393,6 +395,53 @@ class Recorder:
                 self._write_each(batch)  # a refused row must not block the rest
             else:
                 self.replayed += len(batch)
+
+
+@dataclass
+class Replayed:
+    """What ``replay_refused`` did: rows written, rows refused again, and the error that
+    stopped it (the database went away) if one did."""
+
+    written: int = 0
+    refused: int = 0
+    stopped: Exception | None = None
+
+
+def replay_refused(journal: Journal) -> Replayed:
+    """Offer every row set aside as refused, any process's, to the database again, one
+    by one: an operator's command, once what they were refused for is fixed (a
+    constraint, a schema an old instance did not know, a bug). A row refused again is
+    set aside again, in this process's file; if the database stops answering, so are
+    the rows not tried yet. Rows already written, or overtaken by a newer snapshot,
+    change nothing (``upsert_records``).
+    """
+    done = Replayed()
+
+    def write(rows: list[dict]) -> None:
+        if done.stopped is not None:  # the database is away: untried, kept as they were
+            journal.append(rows, prefix="refused")
+            return
+        for i, row in enumerate(rows):
+            try:
+                write_rows([row])
+            except UNREACHABLE as exc:
+                db.discard_connection()
+                done.stopped = exc
+                journal.append(rows[i:], prefix="refused")
+                return
+            except Exception:
+                db.discard_connection()  # a failed statement may leave it unusable
+                log.exception("recorder: record %s refused again", row.get("uid"))
+                journal.append([row], prefix="refused")
+                done.refused += 1
+            else:
+                done.written += 1
+
+    try:
+        journal.replay(write, prefix="refused")
+    finally:
+        db.discard_connection()  # not in a connection_context: a failure closes it
+    return done
 
 
 def _lost(rows: list[dict], why: str) -> None:

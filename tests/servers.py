@@ -162,6 +162,7 @@ class Gateway:
             "GATEWAY_KEY_LOOKUP_WAIT": "5",
             **env,
         }
+        self.environ = environ
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -189,6 +190,17 @@ class Gateway:
     def log(self) -> str:
         self.log_file.flush()
         return self.log_path.read_text()
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        """``flask --app wsgi <args>`` as an operator runs it beside this gateway."""
+        return subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+            cwd=ROOT,
+            env=self.environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def worker_pids(self) -> list[int]:
         """The gunicorn worker processes (children of the master)."""

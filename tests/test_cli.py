@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.models import ApiKey
+from gateway.db import database
+from gateway.exchange import Exchange
+from gateway.models import ApiKey, Completion
+from gateway.recorder import recorder, snapshot
 
 
 def test_create_key_prints_a_key_that_authenticates(db, client, runner) -> None:  # type: ignore[no-untyped-def]
@@ -21,3 +24,31 @@ def test_create_key_checks_the_comment_as_the_admin_api_does(db, runner) -> None
         done = runner.invoke(args=["create-key", "--comment", comment])
         assert done.exit_code != 0 and "comment" in done.output, done.output
     assert ApiKey.select().count() == 0
+
+
+def completions() -> list[str]:
+    with database.connection_context():
+        return sorted(c.uid for c in Completion.select())
+
+
+def test_replay_refused_writes_what_can_be_written_and_says_what_cannot(app, runner) -> None:  # type: ignore[no-untyped-def]
+    """Rows the database refused (their key was missing) wait in the journal's refused
+    files; once the key is there, the command writes them. Exit 1 while some are still
+    refused, naming where they are."""
+    calls = {key: Exchange(api_key_id=key, model="m", api_format="openai-chat") for key in (7, 8)}
+    for ex in calls.values():
+        ex.finish("completed")
+        recorder.journal.append([snapshot(ex)], prefix="refused")
+    with database.connection_context():
+        ApiKey.create(id=7, key_hash="7" * 64, key_hint="sk-…7")
+    done = runner.invoke(args=["replay-refused"])
+    assert done.exit_code == 1, done.output
+    assert "now written: 1" in done.output and "refused again: 1" in done.output
+    assert str(recorder.journal.own_path("refused")) in done.output
+    assert completions() == [calls[7].uid]
+    with database.connection_context():
+        ApiKey.create(id=8, key_hash="8" * 64, key_hint="sk-…8")
+    done = runner.invoke(args=["replay-refused"])
+    assert done.exit_code == 0 and "now written: 1" in done.output, done.output
+    assert completions() == sorted(ex.uid for ex in calls.values())
+    assert not list(recorder.journal.directory.glob("refused-*"))

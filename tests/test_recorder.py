@@ -24,7 +24,7 @@ from gateway.sweeper import identity
 from tests import pools
 from tests.loopwatch import watch_loop
 from tests.recorders import make_recorder
-from tests.servers import sqlite_lock_held, unreachable, varied_text, wait_until
+from tests.servers import away, sqlite_lock_held, unreachable, varied_text, wait_until
 
 
 @pytest.fixture
@@ -258,6 +258,62 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
     rec.record(later)
     assert rec.flush(5)
     assert later.uid in {r.uid for r in rows()}
+
+
+def set_aside(journal_dir: Path) -> list[str]:
+    """The uids of the rows set aside as refused, as many times as each is there."""
+    return [
+        json.loads(line)["uid"]
+        for path in journal_dir.glob("refused-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_refused_rows_are_written_once_their_cause_is_fixed(rec: Recorder, key_id: int) -> None:
+    """The database refuses two calls' rows (their key is not there yet): set aside
+    and counted. One key comes, and the operator's replay writes its call's row; the
+    other's is refused again and set aside again, once."""
+    refused = metrics.RECORDS_REFUSED._value.get()
+    fixed, still = exchange(key_id + 999), exchange(key_id + 1999)
+    for ex in (fixed, still):
+        ex.finish("completed", usage={"input_tokens": 3, "output_tokens": 1})
+        rec.record(ex)
+    assert rec.flush(5) and rows() == []
+    assert sorted(set_aside(rec.journal.directory)) == sorted([fixed.uid, still.uid])
+    assert metrics.RECORDS_REFUSED._value.get() == refused + 2
+    with database.connection_context():
+        ApiKey.create(id=key_id + 999, key_hash="f" * 64, key_hint="sk-…fix")
+    done = recorder_module.replay_refused(rec.journal)
+    assert (done.written, done.refused, done.stopped) == (1, 1, None)
+    (row,) = rows()
+    assert (row.uid, row.status, row.prompt_tokens) == (fixed.uid, "completed", 3)
+    assert set_aside(rec.journal.directory) == [still.uid]
+    assert recorder_module.replay_refused(rec.journal).written == 0, "nothing twice"
+    assert [r.uid for r in rows()] == [fixed.uid]
+
+
+def test_a_replay_of_refused_rows_the_database_leaves_loses_none(
+    rec: Recorder, key_id: int, database_url: str
+) -> None:
+    """The database goes away under the replay: the rows not written, in the file it
+    was at and the files after it, stay set aside, each once; a later replay writes them."""
+    calls = [exchange(key_id + 999) for _ in range(3)]
+    for i, ex in enumerate(calls):
+        ex.finish("completed")
+        rec.record(ex)
+        assert rec.flush(5)
+        if i == 1:  # two files: the first as if another process's
+            rec.journal.own_path("refused").rename(rec.journal.directory / "refused-1.jsonl")
+    with database.connection_context():
+        ApiKey.create(id=key_id + 999, key_hash="f" * 64, key_hint="sk-…fix")
+    with away(unreachable(database_url)):
+        done = recorder_module.replay_refused(rec.journal)
+    assert done.written == 0 and done.stopped is not None
+    assert sorted(set_aside(rec.journal.directory)) == sorted(ex.uid for ex in calls)
+    done = recorder_module.replay_refused(rec.journal)
+    assert (done.written, done.refused, done.stopped) == (3, 0, None)
+    assert sorted(r.uid for r in rows()) == sorted(ex.uid for ex in calls)
+    assert set_aside(rec.journal.directory) == []
 
 
 def test_drain_journals_what_it_could_not_write_in_time(

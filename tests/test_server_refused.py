@@ -1,0 +1,100 @@
+"""Rows the database refuses are set aside, and written once the cause is fixed.
+
+A real gunicorn with 2 workers on the test's database; the database then refuses every
+record (a trigger, as a constraint the rows break or a schema an old instance does not
+know would): the calls go on, their records are set aside in the journal's refused
+files and counted. The trigger goes, and an operator runs ``flask --app wsgi
+replay-refused`` beside the live gateway: every call is recorded once, in full.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.db import open_database
+from tests.servers import Gateway, wait_until
+
+pytestmark = pytest.mark.server
+
+TEXT = "".join(f"tok{i} " for i in range(6))
+REFUSE = {
+    "sqlite": [
+        f"CREATE TRIGGER refuse_{event} BEFORE {event} ON completions "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        for event in ("INSERT", "UPDATE")
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON completions "
+        "FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+ALLOW = {
+    "sqlite": ["DROP TRIGGER refuse_INSERT", "DROP TRIGGER refuse_UPDATE"],
+    "postgresql": ["DROP TRIGGER refuse ON completions", "DROP FUNCTION refuse()"],
+}
+
+
+def counter(gw: Gateway, name: str) -> float:
+    answer = requests.get(f"{gw.url}/metrics", timeout=5)
+    assert answer.status_code == 200
+    samples = (s for f in text_string_to_metric_families(answer.text) for s in f.samples)
+    return sum(s.value for s in samples if s.name == name)
+
+
+def test_refused_records_are_written_by_the_operators_replay(
+    gateway_factory, database_url: str, fake
+) -> None:  # type: ignore[no-untyped-def]
+    backend = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    gw = gateway_factory(workers=2, GATEWAY_CACHE_TTL="1")
+    key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=6")["key"]
+    time.sleep(1.5)  # CACHE_TTL: every worker has read the key
+    handle = open_database(database_url)
+
+    def run(statements: list[str]) -> None:
+        with handle.connection_context():
+            for sql in statements:
+                handle.execute_sql(sql)
+
+    run(REFUSE[backend])
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    texts = []
+    for i in range(6):
+        messages = [{"role": "user", "content": f"call-{i:03d} tell me a story"}]
+        if i % 2:
+            pieces = client.chat.completions.create(model="gpt", messages=messages, stream=True)
+            texts.append("".join(c.choices[0].delta.content or "" for c in pieces if c.choices))
+        else:
+            texts.append(
+                client.chat.completions.create(model="gpt", messages=messages)
+                .choices[0]
+                .message.content
+            )
+    assert texts == [TEXT] * 6, "the calls do not notice"
+    wait_until(lambda: counter(gw, "gateway_records_refused_total") >= 6, timeout=30)
+    assert gw.records() == []
+
+    early = gw.command("replay-refused")  # the cause is still there: nothing changes
+    assert early.returncode == 1 and "now written: 0" in early.stdout, early
+    assert "refused again: 6" in early.stdout, early.stdout
+
+    run(ALLOW[backend])
+    done = gw.command("replay-refused")
+    assert done.returncode == 0 and "now written: 6" in done.stdout, done
+    rows = gw.records()
+    markers = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
+    assert markers == [f"{i:03d}" for i in range(6)], "each call exactly once"
+    assert {(r["status"], r["completionTokens"]) for r in rows} == {("completed", 6)}
+    journal = gw.log_path.parent / "journal"
+    assert not list(journal.glob("refused-*")) and not list(journal.glob("replaying-*"))
+    assert counter(gw, "gateway_records_refused_total") == 6, (
+        "the replay's rows are not counted twice"
+    )
+    handle.close()
