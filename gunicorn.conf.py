@@ -54,12 +54,54 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     )
 
 
+# In a directory this file made: the master's pid and pid namespace, so that a later
+# start can tell the directory of a master killed before on_exit (kill -9, the OOM
+# killer) from a live one's, and remove it: /dev/shm is memory, freed only by reboot.
+METRICS_DIR_OWNER = "master"
+
+
+def _pid_namespace():
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None  # not Linux: no way to tell, so nothing is removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_dead_masters_metrics(parent, namespace):
+    """Remove the metrics directories of this namespace's masters that are gone."""
+    for path in glob.glob(os.path.join(parent, METRICS_DIR_PREFIX + "*")):
+        try:
+            with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
+                pid, owner_namespace = fh.read().split(" ", 1)
+        except (OSError, ValueError):
+            continue  # someone else's, or its master not started yet
+        # A pid of another namespace (a container sharing /dev/shm) says nothing here.
+        if owner_namespace == namespace and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def on_starting(server):
     """Migrate and make sure there is an admin secret, in a separate process."""
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(metrics_dir, "*.db")):
         os.remove(stale)  # a previous run's metrics
+    namespace = _pid_namespace()
+    if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX) and namespace:
+        # The master's pid now, after gunicorn's --daemon fork, not at this file's load.
+        with open(os.path.join(metrics_dir, METRICS_DIR_OWNER), "w") as fh:
+            fh.write(f"{os.getpid()} {namespace}")
+        _remove_dead_masters_metrics(os.path.dirname(metrics_dir), namespace)
     host, _, port = bind.rpartition(":")
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "[::]") else host
     subprocess.run(
@@ -90,7 +132,15 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Remove the metrics directory this instance made."""
+    """Remove the metrics directory this instance made (not one a new master, started
+    by USR2, has taken over)."""
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    if os.path.basename(path).startswith(METRICS_DIR_PREFIX):
+    if not os.path.basename(path).startswith(METRICS_DIR_PREFIX):
+        return
+    try:
+        with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
+            owner = int(fh.read().split(" ", 1)[0])
+    except (OSError, ValueError):
+        owner = os.getpid()
+    if owner == os.getpid():
         shutil.rmtree(path, ignore_errors=True)

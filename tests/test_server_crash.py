@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import openai
 import peewee
 import pytest
 
-from gateway.db import open_database
+from gateway.db import migrate, open_database
 from gateway.sweeper import SWEPT_ERROR
 from tests.servers import Gateway, children, wait_until
 
@@ -157,3 +159,47 @@ def test_a_killed_instance_is_swept_by_another_sharing_the_database(
     assert took < 15
     assert_swept(rows.of("doomed"))
     assert_completed(reader, rows, "live")
+
+
+def metrics_dir_of(master: int) -> Path | None:
+    """The metrics directory gunicorn.conf.py made for the instance of ``master``."""
+    for parent in ("/dev/shm", tempfile.gettempdir()):
+        for owner in Path(parent).glob("gateway-metrics-*/master"):
+            if owner.read_text().split(" ")[0] == str(master):
+                return owner.parent
+    return None
+
+
+def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """By default an instance's metrics files live in /dev/shm, memory until reboot;
+    its master removes them at exit. A master killed with -9 cannot: the next instance
+    to start on the host removes its directory, and never a live instance's."""
+    url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    migrate(handle := open_database(url))
+    handle.close()
+    default = {"PROMETHEUS_MULTIPROC_DIR": ""}  # as `make run`: gunicorn.conf.py chooses
+    live = Gateway(url, tmp_path / "live", **default)
+    doomed = Gateway(url, tmp_path / "doomed", **default)
+    later = None
+    try:
+        key = live.setup_route(fake.url, system_name="gpt")["key"]
+        live_dir, doomed_dir = metrics_dir_of(live.proc.pid), metrics_dir_of(doomed.proc.pid)
+        assert live_dir and doomed_dir and live_dir != doomed_dir
+        for pid in children(doomed.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        doomed.proc.kill()
+        doomed.proc.wait()
+        assert doomed_dir.exists(), "nothing ran at its exit"
+        later = Gateway(url, tmp_path / "later", **default)
+        assert not doomed_dir.exists(), "the dead master's directory is still there"
+        later_dir = metrics_dir_of(later.proc.pid)
+        assert later_dir and later_dir.exists() and live_dir.exists()
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0)
+        client.chat.completions.create(model="gpt", messages=PROMPT)
+        scraped = live.admin.get(f"{live.url}/metrics", timeout=5).text
+        assert 'nexusgate_completions_total{api_format="openai-chat"' in scraped
+        assert later.stop() == 0 and not later_dir.exists(), "on_exit removes its own"
+    finally:
+        for gw in (live, doomed, later):
+            if gw is not None:
+                gw.stop()
