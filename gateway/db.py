@@ -313,6 +313,9 @@ class DatabaseTimeout(peewee.OperationalError):
 # a view meets them (peewee wraps the driver's), UNREACHABLE as a background job may.
 AWAY = (peewee.OperationalError, peewee.InterfaceError)
 UNREACHABLE = (*AWAY, OSError)
+# What the admin API and the dashboard answer AWAY with: a 503 and this Retry-After
+# (seconds: a database restart or failover takes about that).
+AWAY_RETRY_AFTER = 5
 
 
 class ReadOnly(peewee.OperationalError):

@@ -25,7 +25,6 @@ bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
 bp.record_once(urlargs.register)
 
 MAX_PAGE = 1000
-RETRY_AFTER = 5  # seconds: a database restart or failover takes about that
 
 
 @bp.errorhandler(registry.Refused)
@@ -37,7 +36,7 @@ def _database_away(exc: Exception) -> Response:
     """The database does not answer: the admin API has nothing to serve without it."""
     log.warning("admin API: the database does not answer (%s)", exc)
     answer = jsonio.response({"error": "The database does not answer; try again later"}, 503)
-    answer.headers["Retry-After"] = str(RETRY_AFTER)
+    answer.headers["Retry-After"] = str(db.AWAY_RETRY_AFTER)
     return answer
 
 

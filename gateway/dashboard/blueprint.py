@@ -75,7 +75,7 @@ def _database_away(exc: Exception) -> tuple[str, int, dict[str, str]]:
     """Every page reads the database: without it, the error page says so."""
     current_app.logger.warning("dashboard: the database does not answer (%s)", exc)
     page = render_template("dashboard/error.html", error=ServiceUnavailable())
-    return page, 503, {"Retry-After": "5"}
+    return page, 503, {"Retry-After": str(db.AWAY_RETRY_AFTER)}
 
 
 for _away in db.AWAY:
