@@ -143,13 +143,20 @@ def _open_locked(path: Path) -> int:
     """
     while True:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one append: a replayer's read waits
+        _lock(fd)  # held for one append: a replayer's read waits
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    """This process's exclusive ``flock`` on ``fd``, where the file system has them (a
+    journal on one without them still takes appends, as before the lock)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _read(path: Path) -> tuple[list[dict], list[bytes]]:
@@ -159,7 +166,7 @@ def _read(path: Path) -> tuple[list[dict], list[bytes]]:
     claimed is either in what is read or goes to a new file (``_open_locked``).
     """
     with open(path, "rb") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        _lock(fh.fileno())
         data = fh.read()
     rows, torn = [], []
     for line in data.split(b"\n"):
