@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -206,6 +208,21 @@ def test_an_append_racing_a_replay_of_its_file_is_never_lost(tmp_path: Path) -> 
     assert sorted(uids) == sorted(f"u{i}" for i in range(appends)), (
         f"{appends - len(set(uids))} rows lost"
     )
+
+
+def test_a_file_system_without_locks_still_takes_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    journal = Journal(tmp_path)
+    journal.append(rows(2))
+    journal.append(rows(1), prefix="refused")
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 2 and journal.replay(got.extend, prefix="refused") == 1
+    assert got == rows(2) + rows(1)
 
 
 def test_a_torn_line_is_kept_aside_and_the_rest_of_the_file_replayed(tmp_path: Path) -> None:
