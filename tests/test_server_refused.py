@@ -5,12 +5,16 @@ record (a trigger, as a constraint the rows break or a schema an old instance do
 know would): the calls go on, their records are set aside in the journal's refused
 files and counted. The trigger goes, and an operator runs ``flask --app wsgi
 replay-refused`` beside the live gateway: every call is recorded once, in full.
+On one backend (``ONE_BACKEND``), PostgreSQL when there is one: what the recorder does
+with a refusal is proven on both by ``test_recorder.py`` and ``test_cli.py``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -18,9 +22,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import open_database
+from tests.conftest import QUICK
 from tests.servers import Gateway, wait_until
 
 pytestmark = pytest.mark.server
+ONE_BACKEND = True  # see tests/conftest.py
 
 TEXT = "".join(f"tok{i} " for i in range(6))
 REFUSE = {
@@ -49,11 +55,19 @@ def counter(gw: Gateway, name: str) -> float:
     return sum(s.value for s in samples if s.name == name)
 
 
+@pytest.fixture
+def gw(module_database: tuple[str, Path]) -> Iterator[Gateway]:
+    url, directory = module_database
+    gateway = Gateway(url, directory / "instance", workers=2, GATEWAY_CACHE_TTL="1")
+    yield gateway
+    gateway.stop_behind(QUICK)
+
+
 def test_refused_records_are_written_by_the_operators_replay(
-    gateway_factory, database_url: str, fake
+    gw: Gateway, module_database: tuple[str, Path], fake
 ) -> None:  # type: ignore[no-untyped-def]
+    database_url = module_database[0]
     backend = "sqlite" if database_url.startswith("sqlite") else "postgresql"
-    gw = gateway_factory(workers=2, GATEWAY_CACHE_TTL="1")
     key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=6")["key"]
     time.sleep(1.5)  # CACHE_TTL: every worker has read the key
     handle = open_database(database_url)
