@@ -83,10 +83,11 @@ def _remove_dead_masters_metrics(parent, namespace):
         try:
             with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
                 pid, owner_namespace = fh.read().split(" ", 1)
+            pid = int(pid)
         except (OSError, ValueError):
             continue  # someone else's, or its master not started yet
         # A pid of another namespace (a container sharing /dev/shm) says nothing here.
-        if owner_namespace == namespace and not _alive(int(pid)):
+        if owner_namespace == namespace and not _alive(pid):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -175,7 +175,8 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
     """By default an instance's metrics files live in /dev/shm, memory until reboot;
     its master removes them at exit. A master killed with -9 cannot: the next instance
     to start on the host removes its directory. Never a live master's (here the test
-    process stands for one), nor one whose pid is of another pid namespace."""
+    process stands for one), nor one whose pid is of another pid namespace, nor one
+    whose owner cannot be read."""
     url = f"sqlite:///{tmp_path / 'gateway.db'}"
     migrate(handle := open_database(url))
     handle.close()
@@ -186,7 +187,7 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
     assert doomed_dir is not None
     namespace = os.readlink("/proc/self/ns/pid")
     kept = []
-    for owner in (f"{os.getpid()} {namespace}", f"{doomed.proc.pid} pid:[1]"):
+    for owner in (f"{os.getpid()} {namespace}", f"{doomed.proc.pid} pid:[1]", "garbage"):
         kept.append(Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=doomed_dir.parent)))
         (kept[-1] / "master").write_text(owner)
     try:
