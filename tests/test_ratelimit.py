@@ -421,6 +421,20 @@ def test_a_password_in_the_url(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_unix_socket_url(tmp_path: Path) -> None:
+    """Redis on the gateway's host, reached without TCP (README, Performance)."""
+    socket = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path / "redis", "--unixsocket", str(socket), "--unixsocketperm", "700")
+    try:
+        store = RedisStore(connect(f"unix://{socket}?db=2", TIMEOUT, TIMEOUT))
+        assert store.admit(["p:{k}:b"], [Bucket("b", 1, 1)]).allowed
+        assert not store.admit(["p:{k}:b"], [Bucket("b", 1, 1)]).allowed  # the same bucket
+        assert server.command("-n", "2", "EXISTS", "p:{k}:b").strip() == b"1"  # that server's
+        assert store.add("p:{k}:n", 5, 60.0) == 5 and store.total("p:{k}:n") == 5
+    finally:
+        server.stop()
+
+
 def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) -> None:
     """A one-node Redis Cluster refuses a script whose keys span slots (CROSSSLOT)."""
     server = RedisServer(
