@@ -254,6 +254,32 @@ class Gateway:
         """Records of ``table`` (``completions`` or ``embeddings``), newest first."""
         return self.api("GET", f"/{table}", params={"limit": 1000, **params})["data"]
 
+    def metric(self, name: str) -> float:
+        """The sum of /metrics' samples named ``name`` (a 200 answer, within 5 s)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        answer = requests.get(f"{self.url}/metrics", timeout=5)
+        assert answer.status_code == 200
+        families = text_string_to_metric_families(answer.text)
+        return sum(s.value for f in families for s in f.samples if s.name == name)
+
+    def marked_calls(self, key: str, count: int, model: str = "gpt") -> list[str]:
+        """``count`` chat calls through the openai SDK, JSON and streamed in turn, the
+        i-th prompt marked ``call-<i>`` (``marker``); the texts they answered."""
+        import openai
+
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+        texts = []
+        for i in range(count):
+            messages = [{"role": "user", "content": f"call-{i:03d} tell me a story"}]
+            if i % 2:
+                pieces = client.chat.completions.create(model=model, messages=messages, stream=True)
+                texts.append("".join(c.choices[0].delta.content or "" for c in pieces if c.choices))
+            else:
+                answer = client.chat.completions.create(model=model, messages=messages)
+                texts.append(answer.choices[0].message.content)
+        return texts
+
     def wait_final(
         self, count: int, timeout: float = 20.0, table: str = "completions", **params: Any
     ) -> list[dict]:
@@ -297,6 +323,11 @@ class Gateway:
 
 # Gateways told to stop by stop_behind() and not waited for yet.
 _stopping: list[Gateway] = []
+
+
+def marker(value: Any) -> str:
+    """The ``call-<i>`` mark of a prompt (``Gateway.marked_calls``), in a record or a body."""
+    return json.dumps(value).split("call-", 1)[1][:3]
 
 
 def post_on_socket(

@@ -10,28 +10,17 @@ PostgreSQL down instead is in ``test_server_outage.py``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import openai
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import migrate, open_database
-from tests.servers import Disk, Gateway, wait_until
+from tests.servers import Disk, Gateway, marker, wait_until
 
 pytestmark = pytest.mark.server
 
 TEXT = "".join(f"tok{i} " for i in range(8))
-
-
-def gauge(gw: Gateway, name: str) -> float:
-    answer = requests.get(f"{gw.url}/metrics", timeout=5)
-    assert answer.status_code == 200
-    samples = (s for f in text_string_to_metric_families(answer.text) for s in f.samples)
-    return sum(s.value for s in samples if s.name == name)
 
 
 def test_a_full_disk_under_sqlite_keeps_every_record_until_there_is_room(
@@ -52,36 +41,28 @@ def test_a_full_disk_under_sqlite_keeps_every_record_until_there_is_room(
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=8")["key"]
         time.sleep(1.5)  # CACHE_TTL: every worker has read the key
-        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
         workers = sorted(gw.worker_pids())
         disk.fill()
 
-        texts = []
-        for i in range(10):
-            messages = [{"role": "user", "content": f"call-{i:03d} tell me a story"}]
-            if i % 2:
-                pieces = client.chat.completions.create(model="gpt", messages=messages, stream=True)
-                texts.append("".join(c.choices[0].delta.content or "" for c in pieces if c.choices))
-            else:
-                answer = client.chat.completions.create(model="gpt", messages=messages)
-                texts.append(answer.choices[0].message.content)
+        texts = gw.marked_calls(key, 10)
         assert texts == [TEXT] * 10, "the calls do not notice"
 
-        wait_until(lambda: gauge(gw, "gateway_records_held") == 10, timeout=30, interval=0.5)
+        wait_until(lambda: gw.metric("gateway_records_held") == 10, timeout=30, interval=0.5)
         time.sleep(3)
-        assert gauge(gw, "gateway_records_held") == 10, "still nowhere to go"
+        assert gw.metric("gateway_records_held") == 10, "still nowhere to go"
         disk.free()
-        wait_until(lambda: gauge(gw, "gateway_records_held") == 0, timeout=30, interval=0.5)
+        wait_until(lambda: gw.metric("gateway_records_held") == 0, timeout=30, interval=0.5)
 
         def all_ten() -> list[dict] | None:
             rows = gw.records(limit=100)
             return rows if len(rows) >= 10 else None
 
         rows = wait_until(all_ten, timeout=60, interval=0.5)
-        markers = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
-        assert markers == [f"{i:03d}" for i in range(10)], "each call exactly once"
+        assert sorted(marker(r["prompt"]) for r in rows) == [f"{i:03d}" for i in range(10)], (
+            "each call exactly once"
+        )
         assert {(r["status"], r["completionTokens"]) for r in rows} == {("completed", 8)}
-        assert gauge(gw, "gateway_records_lost_total") == 0
+        assert gw.metric("gateway_records_lost_total") == 0
         assert sorted(gw.worker_pids()) == workers, "a worker died (SIGBUS?)"
         assert not list((disk.path / "journal").glob("torn-*")), "no half-written line"
     finally:

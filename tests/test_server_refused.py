@@ -11,19 +11,15 @@ with a refusal is proven on both by ``test_recorder.py`` and ``test_cli.py``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import open_database
 from tests.conftest import QUICK
-from tests.servers import Gateway, wait_until
+from tests.servers import Gateway, marker, wait_until
 
 pytestmark = pytest.mark.server
 ONE_BACKEND = True  # see tests/conftest.py
@@ -46,13 +42,6 @@ ALLOW = {
     "sqlite": ["DROP TRIGGER refuse_INSERT", "DROP TRIGGER refuse_UPDATE"],
     "postgresql": ["DROP TRIGGER refuse ON completions", "DROP FUNCTION refuse()"],
 }
-
-
-def counter(gw: Gateway, name: str) -> float:
-    answer = requests.get(f"{gw.url}/metrics", timeout=5)
-    assert answer.status_code == 200
-    samples = (s for f in text_string_to_metric_families(answer.text) for s in f.samples)
-    return sum(s.value for s in samples if s.name == name)
 
 
 @pytest.fixture
@@ -78,21 +67,9 @@ def test_refused_records_are_written_by_the_operators_replay(
                 handle.execute_sql(sql)
 
     run(REFUSE[backend])
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
-    texts = []
-    for i in range(6):
-        messages = [{"role": "user", "content": f"call-{i:03d} tell me a story"}]
-        if i % 2:
-            pieces = client.chat.completions.create(model="gpt", messages=messages, stream=True)
-            texts.append("".join(c.choices[0].delta.content or "" for c in pieces if c.choices))
-        else:
-            texts.append(
-                client.chat.completions.create(model="gpt", messages=messages)
-                .choices[0]
-                .message.content
-            )
+    texts = gw.marked_calls(key, 6)
     assert texts == [TEXT] * 6, "the calls do not notice"
-    wait_until(lambda: counter(gw, "gateway_records_refused_total") >= 6, timeout=30)
+    wait_until(lambda: gw.metric("gateway_records_refused_total") >= 6, timeout=30)
     assert gw.records() == []
 
     early = gw.command("replay-refused")  # the cause is still there: nothing changes
@@ -103,12 +80,13 @@ def test_refused_records_are_written_by_the_operators_replay(
     done = gw.command("replay-refused")
     assert done.returncode == 0 and "now written: 6" in done.stdout, done
     rows = gw.records()
-    markers = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
-    assert markers == [f"{i:03d}" for i in range(6)], "each call exactly once"
+    assert sorted(marker(r["prompt"]) for r in rows) == [f"{i:03d}" for i in range(6)], (
+        "each call exactly once"
+    )
     assert {(r["status"], r["completionTokens"]) for r in rows} == {("completed", 6)}
     journal = gw.log_path.parent / "journal"
     assert not list(journal.glob("refused-*")) and not list(journal.glob("replaying-*"))
-    assert counter(gw, "gateway_records_refused_total") == 6, (
+    assert gw.metric("gateway_records_refused_total") == 6, (
         "the replay's rows are not counted twice"
     )
     handle.close()
