@@ -115,12 +115,14 @@ def create_key_command(comment: str | None) -> None:
 @click.command("replay-refused")
 def replay_refused_command() -> None:
     """Write the records the database refused (journal refused-*.jsonl files) again."""
-    done = recorder.replay_refused(recorder.recorder.journal)
-    click.echo(f"records set aside as refused, now written: {done.written}")
+    journal = recorder.recorder.journal
+    done = recorder.replay_refused(journal)
+    # Where it looked: run on another host, or with other settings, it finds nothing.
+    click.echo(f"records set aside as refused in {journal.directory}, now written: {done.written}")
     if done.refused:
         click.echo(
             f"refused again: {done.refused}, set aside in "
-            f"{recorder.recorder.journal.own_path('refused')} (the log says why)"
+            f"{journal.own_path('refused')} (the log says why)"
         )
     if done.stopped is not None:
         raise click.ClickException(

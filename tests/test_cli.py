@@ -43,7 +43,8 @@ def test_replay_refused_writes_what_can_be_written_and_says_what_cannot(app, run
         ApiKey.create(id=7, key_hash="7" * 64, key_hint="sk-…7")
     done = runner.invoke(args=["replay-refused"])
     assert done.exit_code == 1, done.output
-    assert "now written: 1" in done.output and "refused again: 1" in done.output
+    assert f"in {recorder.journal.directory}, now written: 1" in done.output
+    assert "refused again: 1" in done.output
     assert str(recorder.journal.own_path("refused")) in done.output
     assert completions() == [calls[7].uid]
     with database.connection_context():
