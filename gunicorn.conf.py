@@ -77,17 +77,23 @@ def _alive(pid):
     return True
 
 
+def _owner(path):
+    """The (pid, pid namespace) of the master that made metrics directory ``path``, or
+    None: someone else's, its master not started yet, or from before the owner file."""
+    try:
+        with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
+            pid, namespace = fh.read().split(" ", 1)
+        return int(pid), namespace
+    except (OSError, ValueError):
+        return None
+
+
 def _remove_dead_masters_metrics(parent, namespace):
     """Remove the metrics directories of this namespace's masters that are gone."""
     for path in glob.glob(os.path.join(parent, METRICS_DIR_PREFIX + "*")):
-        try:
-            with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
-                pid, owner_namespace = fh.read().split(" ", 1)
-            pid = int(pid)
-        except (OSError, ValueError):
-            continue  # someone else's, or its master not started yet
+        owner = _owner(path)
         # A pid of another namespace (a container sharing /dev/shm) says nothing here.
-        if owner_namespace == namespace and not _alive(pid):
+        if owner is not None and owner[1] == namespace and not _alive(owner[0]):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -138,10 +144,6 @@ def on_exit(server):
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not os.path.basename(path).startswith(METRICS_DIR_PREFIX):
         return
-    try:
-        with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
-            owner = int(fh.read().split(" ", 1)[0])
-    except (OSError, ValueError):
-        owner = os.getpid()
-    if owner == os.getpid():
+    owner = _owner(path)
+    if owner is None or owner[0] == os.getpid():
         shutil.rmtree(path, ignore_errors=True)
