@@ -18,7 +18,7 @@ per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
 (snapshots, statements), so no call waits long behind a batch. A writer survives
 anything: a batch the database cannot take goes to the journal (``journal.py``) and is
 replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
-it refuses is set aside. ``drain()`` journals whatever is still queued or in flight at
+it refuses is set aside (with the disk full, held in memory alone, the rest written). ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 On SQLite a final call's text goes to the full-text index in lots: a write leaves it
@@ -64,6 +64,15 @@ INDEX_AT, INDEX_AFTER = 500, 1.0
 # their records as JSON (beyond, a batch is lost, logged and counted, not the worker:
 # a record's objects take a few times its JSON in memory).
 HOLD_RETRY, HOLD_BYTES = 1.0, 128 * 1024 * 1024
+
+
+class _Unkept(Exception):
+    """Rows the database refused that could not be set aside either (a full disk): the
+    rest of their batch was written, these alone are to be held."""
+
+    def __init__(self, rows: list[dict], cause: Exception) -> None:
+        super().__init__(f"{len(rows)} refused record(s) could not be set aside: {cause}")
+        self.rows = rows
 
 
 class Recorder:
@@ -180,6 +189,9 @@ class Recorder:
                     self._journal(rows)
                 else:
                     self._write_or_journal(rows)
+            except _Unkept as exc:
+                unkept = {row["uid"] for row in exc.rows}
+                held = self._journal_or_hold(exc.rows, [ex for ex in batch if ex.uid in unkept])
             except Exception:
                 if self._held_since is None:  # while holding, said once
                     log.exception("recorder: could not write %d records; journaling", len(rows))
@@ -243,19 +255,32 @@ class Recorder:
         self._key_touched.update(dict.fromkeys(due, now))
 
     def _write_each(self, rows: list[dict]) -> None:
-        """Write rows one by one; journal them if the database goes away, set aside refusals."""
+        """Write rows one by one; journal them if the database goes away, set aside refusals.
+
+        A refusal the disk will not take either (full) does not stop the rows after it:
+        they are written, then ``_Unkept`` names the refused rows that are left.
+        """
+        unkept: list[dict] = []
+        cause: Exception | None = None
         for i, row in enumerate(rows):
             try:
                 self._bounded_write([row])
                 self.writes += 1
             except UNREACHABLE:
                 self._journaling = True
-                self._journal(rows[i:])  # the rest would only wait for the same timeout
+                self._journal(unkept + rows[i:])  # the rest would only wait for the timeout
                 return
             except Exception:
                 log.exception("recorder: record %s refused; set aside", row.get("uid"))
-                self.journal.append([row], prefix="refused")
-                metrics.records_refused(1)
+                try:
+                    self.journal.append([row], prefix="refused")
+                except Exception as exc:
+                    unkept.append(row)
+                    cause = exc
+                else:
+                    metrics.records_refused(1)
+        if cause is not None:
+            raise _Unkept(unkept, cause)
 
     def _bounded_write(self, rows: list[dict], touch: set[int] | None = None) -> None:
         """``write_rows`` on this greenlet's kept connection, within ``DB_TIMEOUT``."""
