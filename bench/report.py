@@ -10,6 +10,7 @@ from pathlib import Path
 
 # How many resamples make a percentile ratio's interval, and which share of them it holds.
 RESAMPLES, HELD = 400, 0.9
+TWIN = "in process"  # run.py's twin of the gateway with --redis: its limits in process
 
 
 def load_average() -> str:
@@ -135,7 +136,80 @@ def table(r: dict) -> str:
             f"; first byte before the streams opened: gateway {s['gateway']['ttfb_idle_ms']:.2f} ms, "
             f"floor {s['floor']['ttfb_idle_ms']:.2f} ms"
         )
+    if TWIN in lat:
+        return "\n".join([*lines, "", direct, "", *redis_table(r)])
     return "\n".join([*lines, "", direct])
+
+
+def redis_table(r: dict) -> list[str]:
+    """What limits in Redis add to a call (``run.py --redis``): the gateway against its
+    twin with limits in process, both in the same run, with their difference."""
+    lat, fb, cpu = r["latency_ms"], r["first_byte_ms"], r["cpu_ms_per_call"]
+    cpu_rounds, rps = r["cpu_ms_per_round"], r["rps"]
+
+    def percentiles(figures: dict, key: str, p: int) -> tuple:
+        twin, redis = figures[TWIN][p], figures["gateway"][p]
+        return twin, redis, f"{redis - twin:+.2f} ms", difference_interval(r[key], p)
+
+    def per_call(kind: str) -> tuple:
+        rounds = cpu_rounds[kind]
+        added = [g - t for g, t in zip(rounds["gateway"], rounds[TWIN], strict=True)]
+        twin, redis = cpu[kind][TWIN], cpu[kind]["gateway"]
+        return twin, redis, f"{redis - twin:+.2f} ms", (min(added), max(added))
+
+    shares = [g / t for g, t in zip(rps["gateway"], rps[TWIN], strict=True)]
+    share = r["share_of_direct"]
+    rows = [
+        ("p50, non-streaming, 1 client", "ms", *percentiles(lat, "latency_calls_ms", 50)),
+        ("p99, non-streaming, 1 client", "ms", *percentiles(lat, "latency_calls_ms", 99)),
+        ("time to first byte (p50), streaming", "ms", *percentiles(fb, "first_byte_calls_ms", 50)),
+        ("time to first byte (p99), streaming", "ms", *percentiles(fb, "first_byte_calls_ms", 99)),
+        (
+            f"throughput at {r['clients']['load']} clients, share of direct",
+            "",
+            share[TWIN],
+            share["gateway"],
+            f"{share['gateway'] / share[TWIN]:.2f}\N{MULTIPLICATION SIGN}",
+            (min(shares), max(shares)),
+        ),
+        (f"worker CPU per non-streaming call ({r['clients']['cpu']} clients)", "ms",
+         *per_call("json")),
+        (f"worker CPU per 20-chunk stream ({r['clients']['cpu']} clients)", "ms",
+         *per_call("stream")),
+    ]  # fmt: skip
+    lines = [
+        "What limits in Redis add: the gateway against its twin with limits in process",
+        "(same database, same run, calls alternated); issue 11's target is at most 0.2 ms",
+        "a call.",
+        "",
+        "| figure | limits in process | limits in Redis | Redis adds (spread) |",
+        "|---|---|---|---|",
+    ]
+    for name, unit, twin, redis, adds, between in rows:
+        if between is not None:
+            low, high = between
+            adds += (
+                f" ({low:+.2f}\N{EN DASH}{high:+.2f})"
+                if unit
+                else (f" ({low:.2f}\N{EN DASH}{high:.2f})")
+            )
+        lines.append(f"| {name} | {_cell(twin, unit)} | {_cell(redis, unit)} | {adds} |")
+    return lines
+
+
+def difference_interval(calls: dict[str, list[float]], p: int) -> tuple[float, float]:
+    """Where the gateway's ``p``th percentile minus its twin's lies in ``HELD`` of
+    ``RESAMPLES`` resamples of the calls, drawn in pairs as ``percentile_interval``'s."""
+    gateway, twin = calls["gateway"], calls[TWIN]
+    draw = random.Random(p)
+    n = len(gateway)
+    differences = []
+    for _ in range(RESAMPLES):
+        picks = [draw.randrange(n) for _ in range(n)]
+        differences.append(pct([gateway[i] for i in picks], p) - pct([twin[i] for i in picks], p))
+    differences.sort()
+    cut = (1 - HELD) / 2
+    return differences[int(cut * RESAMPLES)], differences[int((1 - cut) * RESAMPLES) - 1]
 
 
 def percentile_interval(calls: dict[str, list[float]], p: int) -> tuple[float, float] | None:

@@ -3,7 +3,8 @@
 Starts the fake upstream (``tests/fake_upstream.py``), the floor (``bench/floor.py``) and
 the gateway (real gunicorn with ``gunicorn.conf.py``: 2 workers, SQLite; ``--postgres
 URL`` for a fresh PostgreSQL database on that server; ``--redis URL`` for limits in that
-Redis, as several instances have them), then measures the three targets
+Redis, as several instances have them, and beside it its twin with limits in process,
+so that what Redis adds is measured in the same run), then measures the targets
 in one run, alternating target by target so that the machine's noise falls on all alike:
 
 - added latency (p50, p99), non-streaming, 1 client: a target's minus direct's;
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.client import Connection, request  # noqa: E402
-from bench.report import load_average, machine, pct, table  # noqa: E402
+from bench.report import TWIN, load_average, machine, pct, table  # noqa: E402
 from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
 
 ANSWER = "fake;chunks=20"  # a JSON answer of 20 pieces
@@ -271,32 +272,44 @@ def main() -> None:
 
 
 def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Namespace) -> dict:
-    """Start the gateway, measure, stop it; then the open streams figure if asked."""
+    """Start the gateway (and with ``--redis`` its twin, limits in process, on the same
+    database: the key made on one is the other's too), measure, stop them; then the open
+    streams figure if asked."""
     # A prefix of the run's own: a shared Redis may hold another run's keys.
     shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
-    gw = Gateway(url, tmp / "instance", workers=args.workers, GATEWAY_LOG_LEVEL="WARNING", **shared)
+    twins = [(TWIN, "instance-twin", {})] if args.redis else []
+    started: list[Gateway] = []
+    targets = [
+        Target("direct", fake.port, [fake.proc.pid]),
+        Target("floor", floor.port, floor.pids),
+    ]
     try:
-        # Limits no bench call reaches: the figures are about the path, not about a 429.
-        unlimited = {"rpmLimit": 10**9, "tpmLimit": 10**9}
-        route = gw.setup_route(fake.url, remote_id="fake", key=unlimited)
-        for script in (ANSWER, FIRST_BYTE, PACED, OPEN):  # the model names the fake's script
-            model = {
-                "providerId": route["provider"]["id"],
-                "systemName": script,
-                "remoteId": script,
-            }
-            gw.api("POST", "/models", json=model)
-        targets = [
-            Target("direct", fake.port, [fake.proc.pid]),
-            Target("floor", floor.port, floor.pids),
-            Target("gateway", gw.port, gw.worker_pids()),
-        ]
-        results = measure(targets, route["key"], args)
+        for name, instance, env in [("gateway", "instance", shared), *twins]:
+            gw = Gateway(
+                url, tmp / instance, workers=args.workers, GATEWAY_LOG_LEVEL="WARNING", **env
+            )
+            if not started:  # the twin starts with the models and the key in the database
+                key = setup(gw, fake.url)
+            started.append(gw)
+            targets.append(Target(name, gw.port, gw.worker_pids()))
+        results = measure(targets, key, args)
     finally:
-        gw.stop()
+        for gw in started:
+            gw.stop()
     if args.streams:
-        results["open_streams"] = streams_figure(url, tmp, floor, route["key"], args.streams)
+        results["open_streams"] = streams_figure(url, tmp, floor, key, args.streams)
     return results
+
+
+def setup(gw: Gateway, upstream_url: str) -> str:
+    """The bench's models on ``gw``, and a key for them (returned)."""
+    # Limits no bench call reaches: the figures are about the path, not about a 429.
+    unlimited = {"rpmLimit": 10**9, "tpmLimit": 10**9}
+    route = gw.setup_route(upstream_url, remote_id="fake", key=unlimited)
+    for script in (ANSWER, FIRST_BYTE, PACED, OPEN):  # the model names the fake's script
+        model = {"providerId": route["provider"]["id"], "systemName": script, "remoteId": script}
+        gw.api("POST", "/models", json=model)
+    return route["key"]
 
 
 def measure(targets: list[Target], key: str, args: argparse.Namespace) -> dict:
