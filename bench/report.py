@@ -185,14 +185,9 @@ def redis_table(r: dict) -> list[str]:
         "| figure | limits in process | limits in Redis | Redis adds (spread) |",
         "|---|---|---|---|",
     ]
-    for name, unit, twin, redis, adds, between in rows:
-        if between is not None:
-            low, high = between
-            adds += (
-                f" ({low:+.2f}\N{EN DASH}{high:+.2f})"
-                if unit
-                else (f" ({low:.2f}\N{EN DASH}{high:.2f})")
-            )
+    for name, unit, twin, redis, adds, (low, high) in rows:
+        sign = "+" if unit else ""  # milliseconds added, or a ratio
+        adds += f" ({low:{sign}.2f}\N{EN DASH}{high:{sign}.2f})"
         lines.append(f"| {name} | {_cell(twin, unit)} | {_cell(redis, unit)} | {adds} |")
     return lines
 

@@ -18,7 +18,8 @@ per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
 (snapshots, statements), so no call waits long behind a batch. A writer survives
 anything: a batch the database cannot take goes to the journal (``journal.py``) and is
 replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
-it refuses is set aside (with the disk full, held in memory alone, the rest written). ``drain()`` journals whatever is still queued or in flight at
+it refuses is set aside (with the disk full, held in memory alone while the rest of its
+batch is written). ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 On SQLite a final call's text goes to the full-text index in lots: a write leaves it
