@@ -182,6 +182,7 @@ class Recorder:
                 self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
                 continue
             rows = self._inflight[me] = []
+            held, taken = False, batch  # the calls the database or the journal took
             try:
                 for start in range(0, len(batch), SLICE):
                     rows += _snapshots(batch[start : start + SLICE])
@@ -193,18 +194,20 @@ class Recorder:
             except _Unkept as exc:
                 unkept = {row["uid"] for row in exc.rows}
                 held = self._journal_or_hold(exc.rows, [ex for ex in batch if ex.uid in unkept])
+                if held:
+                    taken = [ex for ex in batch if ex.uid not in unkept]
             except Exception:
                 if self._held_since is None:  # while holding, said once
                     log.exception("recorder: could not write %d records; journaling", len(rows))
                 held = self._journal_or_hold(rows, batch)
-            else:
-                held = False
-                self._released()
+                if held:
+                    taken = []
             finally:
                 self._inflight.pop(me, None)
                 for ex in batch:
                     self._writing.pop(ex.uid, None)
                 self._settle()
+            self._released(taken)
             if held:
                 gevent.sleep(HOLD_RETRY)
 
@@ -272,7 +275,8 @@ class Recorder:
                 self._journal(unkept + rows[i:])  # the rest would only wait for the timeout
                 return
             except Exception:
-                log.exception("recorder: record %s refused; set aside", row.get("uid"))
+                if row.get("uid") not in self._held_sizes:  # held: said when it was first
+                    log.exception("recorder: record %s refused; set aside", row.get("uid"))
                 try:
                     self.journal.append([row], prefix="refused")
                 except Exception as exc:
@@ -339,19 +343,27 @@ class Recorder:
             )
         for ex in batch:
             self._dirty.setdefault(ex.uid, ex)  # a newer snapshot queued meanwhile: same call
-        metrics.records_held(len(self._dirty))
+        metrics.records_held(len(self._held_sizes))
         return True
 
-    def _released(self) -> None:
-        """A batch went to the database or the journal: the held calls follow it."""
-        if self._held_since is not None:
+    def _released(self, taken: list[Exchange]) -> None:
+        """These calls went to the database or the journal (or were let go): those that
+        were held are no longer. Once none is, say how long calls were held.
+
+        Per call, not per batch: a row the database refuses, held while the disk is full,
+        stays held while other batches (another writer's) are written.
+        """
+        if self._held_since is None:
+            return
+        for ex in taken:
+            self._held_sizes.pop(ex.uid, None)
+        metrics.records_held(len(self._held_sizes))
+        if not self._held_sizes:
             log.warning(
                 "recorder: records are taken again after %.0f s held in memory",
                 time.monotonic() - self._held_since,
             )
             self._held_since = None
-            self._held_sizes.clear()
-            metrics.records_held(0)
 
     def _replay_loop(self) -> None:
         away = False

@@ -261,24 +261,35 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
 
 
 def test_with_the_disk_full_a_refused_row_waits_alone_and_the_rest_are_written(
-    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A refused row cannot be set aside while the disk is full: it waits in memory,
-    alone. The rows after it in its batch are written meanwhile, not held with it."""
+    alone. The rows after it in its batch are written meanwhile, not held with it. Its
+    refusal is logged once, not at every try."""
     refused, lost = metrics.RECORDS_REFUSED._value.get(), metrics.RECORDS_LOST._value.get()
     good, poison, also_good = exchange(key_id), exchange(key_id + 999), exchange(key_id)
     tries = _disk_full(rec, monkeypatch)
     for ex in (good, poison, also_good):  # no switch in between: one batch
         ex.finish("completed")
         rec.record(ex)
-    wait_until(lambda: len(tries) >= 3, timeout=5)  # set aside, tried again and again
+    wait_until(lambda: len(tries) >= 3, timeout=5)  # set aside, tried again
     assert sorted(r.uid for r in rows()) == sorted([good.uid, also_good.uid])
+    later = exchange(key_id)  # written meanwhile, by whichever writer takes it
+    later.finish("completed")
+    rec.record(later)
+    wait_until(lambda: later.uid in {r.uid for r in rows()}, timeout=5)
+    tried = len(tries)
+    wait_until(lambda: len(tries) >= tried + 3, timeout=5)
+    said = [r.getMessage() for r in caplog.records]
+    refusals = [m for m in said if "refused; set aside" in m]
+    assert len(refusals) == 1 and poison.uid in refusals[0]
+    assert not [m for m in said if "taken again" in m], "a batch written is no release"
     assert not rec.flush(0.2), "the refused row has nowhere to go yet"
     assert rec.backlog() == 1 and metrics.RECORDS_HELD._value.get() == 1
     monkeypatch.undo()  # room on the disk again
     assert rec.flush(5)
     assert set_aside(rec.journal.directory) == [poison.uid]
-    assert len(rows()) == 2 and not rec._journaling
+    assert len(rows()) == 3 and not rec._journaling
     assert metrics.RECORDS_REFUSED._value.get() == refused + 1
     assert metrics.RECORDS_HELD._value.get() == 0
     assert metrics.RECORDS_LOST._value.get() == lost
