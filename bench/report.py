@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 # How many resamples make a percentile ratio's interval, and which share of them it holds.
@@ -196,15 +197,12 @@ def difference_interval(calls: dict[str, list[float]], p: int) -> tuple[float, f
     """Where the gateway's ``p``th percentile minus its twin's lies in ``HELD`` of
     ``RESAMPLES`` resamples of the calls, drawn in pairs as ``percentile_interval``'s."""
     gateway, twin = calls["gateway"], calls[TWIN]
-    draw = random.Random(p)
-    n = len(gateway)
-    differences = []
-    for _ in range(RESAMPLES):
-        picks = [draw.randrange(n) for _ in range(n)]
-        differences.append(pct([gateway[i] for i in picks], p) - pct([twin[i] for i in picks], p))
-    differences.sort()
-    cut = (1 - HELD) / 2
-    return differences[int(cut * RESAMPLES)], differences[int((1 - cut) * RESAMPLES) - 1]
+    return _held(
+        [
+            pct([gateway[i] for i in picks], p) - pct([twin[i] for i in picks], p)
+            for picks in _resamples(len(gateway), p)
+        ]
+    )
 
 
 def percentile_interval(calls: dict[str, list[float]], p: int) -> tuple[float, float] | None:
@@ -218,20 +216,30 @@ def percentile_interval(calls: dict[str, list[float]], p: int) -> tuple[float, f
     percentile is not above 0 in most resamples.
     """
     gateway, floor, direct = calls["gateway"], calls["floor"], calls["direct"]
-    draw = random.Random(p)  # the same calls give the same interval
-    n = len(gateway)
     ratios = []
-    for _ in range(RESAMPLES):
-        picks = [draw.randrange(n) for _ in range(n)]
+    for picks in _resamples(len(gateway), p):
         base = pct([direct[i] for i in picks], p)
         ours, theirs = pct([gateway[i] for i in picks], p), pct([floor[i] for i in picks], p)
         if theirs - base > 0:
             ratios.append((ours - base) / (theirs - base))
     if len(ratios) < RESAMPLES / 2:
         return None
-    ratios.sort()
+    return _held(ratios)
+
+
+def _resamples(n: int, p: int) -> Iterator[list[int]]:
+    """``RESAMPLES`` draws of ``n`` call indices with replacement; the same for the same
+    ``p``, so the same calls give the same interval."""
+    draw = random.Random(p)
+    for _ in range(RESAMPLES):
+        yield [draw.randrange(n) for _ in range(n)]
+
+
+def _held(values: list[float]) -> tuple[float, float]:
+    """The lowest and highest of the middle ``HELD`` of ``values``."""
+    values.sort()
     cut = (1 - HELD) / 2
-    return ratios[int(cut * len(ratios))], ratios[int((1 - cut) * len(ratios)) - 1]
+    return values[int(cut * len(values))], values[int((1 - cut) * len(values)) - 1]
 
 
 def pct(values: list[float], p: float) -> float:
