@@ -320,6 +320,16 @@ def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> It
     gw.stop_behind(QUICK)
 
 
+@pytest.fixture(autouse=True)
+def _no_stray_server_logs() -> Iterator[None]:
+    """After each test, what the server-log handler still queues is dropped: it was
+    logged by a test that never wrote it (no ``app`` fixture, whose teardown does), and
+    would land in whichever test's database is current at the writer's next turn (a
+    resolver test's warning once did, in a retention test's ``srv_logs``)."""
+    yield
+    srvlog.handler.queue.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _reap_gateways() -> Iterator[None]:
     """At the end, wait for the gateways that fixtures left stopping."""
