@@ -12,19 +12,23 @@ revocation applies within CACHE_TTL). PostgreSQL only (SQLite cannot go away); i
 runs when GATEWAY_TEST_DATABASE_URL is set, as in CI.
 
 And the same outage while the journal's disk is full (a tmpfs of the test's own, so
-root): records wait in memory until the database or the disk comes back.
+root): records wait in memory until the database or the disk comes back. And every
+worker killed with -9 during an outage, mid-stream: the workers that replace them
+replay the dead ones' journals, and the sweeper finalises the streams they served.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import gevent
+import gevent.event
 import gevent.pool
 import openai
 import pytest
@@ -32,8 +36,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.db import migrate, open_database
+from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
-from tests.servers import Disk, Gateway, PostgresCluster, wait_until
+from tests.servers import Disk, Gateway, PostgresCluster, children, wait_until
 
 pytestmark = [
     pytest.mark.server,
@@ -392,3 +397,121 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
     finally:
         gw.stop()
         admin.close_all()
+
+
+# -- workers killed while the database is down -----------------------------------------
+
+
+def test_workers_killed_during_an_outage_lose_nothing_they_journaled(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """SPEC rules 7 and 8 at once. With the database down, every worker is killed with
+    -9 while two long streams run on them: what the dead workers journaled (finished
+    calls, and the streams' pending rows) reaches the database once it is back, replayed
+    by the workers that replaced them; each call is recorded exactly once, and the two
+    streams, whose final rows died with their workers, are finalised by the sweeper,
+    never left pending."""
+    url = gateway_database(cluster)
+    gw = Gateway(
+        url,
+        tmp_path / "instance",
+        workers=2,
+        GATEWAY_CACHE_TTL="1",
+        GATEWAY_PROCESS_HEARTBEAT="0.5",
+        GATEWAY_PROCESS_DEAD_AFTER="4",
+        GATEWAY_SWEEP_INTERVAL="0.5",
+        GATEWAY_DB_CONNECT_TIMEOUT="2",
+        GATEWAY_DB_TIMEOUT="5",
+    )
+    journal = tmp_path / "instance" / "journal"
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        doomed = "fake;chunks=400;delay=0.05"  # 20 s: mid-way when its worker dies
+        doomed_key = gw.setup_route(fake.url, system_name="doomed", remote_id=doomed)["key"]
+        time.sleep(1.5)  # CACHE_TTL: every worker has read both keys
+        first_workers = set(children(gw.proc.pid))
+
+        cluster.stop()
+        kinds = [kind for kind in KINDS if not kind[3] and kind[1] == "gpt"]  # both SDKs
+        markers = [f"call-{i:03d}" for i in range(12)]
+        got = {m: call(gw, key, m, kinds[i % len(kinds)]) for i, m in enumerate(markers)}
+        assert set(got.values()) == {"full"}, got
+        streams = [doomed_stream(gw, doomed_key, f"call-{i:03d}") for i in (100, 101)]
+        for reader in streams:
+            assert reader.first.wait(timeout=10), "the doomed stream never began"
+
+        def journaled() -> str:
+            return "".join(p.read_text() for p in journal.glob("journal-*.jsonl"))
+
+        everything = [*markers, "call-100", "call-101"]
+        wait_until(lambda: all(m in journaled() for m in everything), timeout=30, interval=0.5)
+        for pid in first_workers:
+            os.kill(pid, signal.SIGKILL)
+        for reader in streams:
+            assert isinstance(reader.get(timeout=10), openai.APIError), "its worker died"
+        # The master replaces them, during the outage (they serve from the snapshot).
+        wait_until(lambda: len(set(children(gw.proc.pid)) - first_workers) == 2, timeout=30)
+        cluster.start()
+
+        def all_final() -> list[dict] | None:
+            rows = gw.records(limit=100)
+            if len(rows) >= len(everything) and all(r["status"] != "pending" for r in rows):
+                return rows
+            return None
+
+        rows = wait_until(all_final, timeout=60, interval=0.5)
+        by_marker: dict[str, list[dict]] = {}
+        for row in rows:
+            marker = "call-" + json.dumps(row["prompt"]).split("call-", 1)[1][:3]
+            by_marker.setdefault(marker, []).append(row)
+        assert sorted(by_marker) == everything
+        assert all(len(found) == 1 for found in by_marker.values()), "a call recorded twice"
+        sent = {}
+        for entry in fake.log():
+            marker = "call-" + json.dumps(entry["body"]).split("call-", 1)[1][:3]
+            assert marker not in sent, "a call reached the upstream twice"
+            sent[marker] = entry
+        for marker in markers:
+            (row,) = by_marker[marker]
+            usage = sent[marker]["usage"]
+            assert (row["status"], row["promptTokens"], row["completionTokens"]) == (
+                "completed",
+                usage["input_tokens"],
+                usage["output_tokens"],
+            ), (marker, row)
+        for marker in ("call-100", "call-101"):
+            (row,) = by_marker[marker]
+            assert (row["status"], row["error"], row["swept"]) == ("failed", SWEPT_ERROR, True)
+        wait_until(lambda: not list(journal.glob("journal-*.jsonl")), timeout=30)
+        assert not list(journal.glob("replaying-*")), "a claim left behind"
+        assert not list(journal.glob("torn-*")) and not list(journal.glob("refused-*"))
+    finally:
+        gw.stop()
+
+
+class DoomedStream(gevent.Greenlet):
+    """A streamed call read in the background; ``first`` is set at its first piece."""
+
+    def __init__(self, gw: Gateway, key: str, marker: str) -> None:
+        super().__init__()
+        self.gw, self.key, self.marker = gw, key, marker
+        self.first = gevent.event.Event()
+
+    def _run(self) -> str | openai.APIError:
+        client = openai.OpenAI(base_url=f"{self.gw.url}/v1", api_key=self.key, max_retries=0)
+        messages = [{"role": "user", "content": f"{self.marker} tell me a story"}]
+        try:
+            text = ""
+            chunks = client.chat.completions.create(model="doomed", messages=messages, stream=True)
+            for chunk in chunks:
+                self.first.set()
+                text += "".join(c.delta.content or "" for c in chunk.choices)
+            return text
+        except openai.APIError as exc:
+            return exc
+
+
+def doomed_stream(gw: Gateway, key: str, marker: str) -> DoomedStream:
+    reader = DoomedStream(gw, key, marker)
+    reader.start()
+    return reader
