@@ -11,7 +11,9 @@ from pathlib import Path
 
 # How many resamples make a percentile ratio's interval, and which share of them it holds.
 RESAMPLES, HELD = 400, 0.9
-TWIN = "in process"  # run.py's twin of the gateway with --redis: its limits in process
+# run.py's twin of the gateway: with --redis, the same gateway with its limits in process;
+# with --twin NAME=VALUE, the same gateway with those settings.
+TWIN, SETTINGS_TWIN = "in process", "twin"
 
 
 def load_average() -> str:
@@ -137,28 +139,52 @@ def table(r: dict) -> str:
             f"; first byte before the streams opened: gateway {s['gateway']['ttfb_idle_ms']:.2f} ms, "
             f"floor {s['floor']['ttfb_idle_ms']:.2f} ms"
         )
-    if TWIN in lat:
-        return "\n".join([*lines, "", direct, "", *redis_table(r)])
+    if TWIN in lat or SETTINGS_TWIN in lat:
+        return "\n".join([*lines, "", direct, "", *twin_table(r)])
     return "\n".join([*lines, "", direct])
 
 
-def redis_table(r: dict) -> list[str]:
-    """What limits in Redis add to a call (``run.py --redis``): the gateway against its
-    twin with limits in process, both in the same run, with their difference."""
+def twin_table(r: dict) -> list[str]:
+    """The gateway against its twin (``run.py --redis`` or ``--twin``), both in the same
+    run, with what the difference between them changes.
+
+    With ``--redis`` the twin keeps its limits in process, and the difference is what
+    Redis adds (the gateway's figure minus the twin's); with ``--twin NAME=VALUE`` the
+    twin has those settings, and the difference is what they change (the twin's figure
+    minus the gateway's).
+    """
+    settings = r.get("twin_settings")
+    if settings:
+        base, subject = "gateway", SETTINGS_TWIN
+        named = " ".join(f"{name}={value}" for name, value in settings.items())
+        heading = [
+            f"What the twin's settings change: {named}.",
+            "The gateway against its twin (same database, same run, calls alternated);",
+            "the difference is the twin's figure minus the gateway's.",
+        ]
+        columns = f"| figure | gateway | twin ({named}) | the twin's difference (spread) |"
+    else:
+        base, subject = TWIN, "gateway"
+        heading = [
+            "What limits in Redis add: the gateway against its twin with limits in process",
+            "(same database, same run, calls alternated); issue 11's target is at most 0.2 ms",
+            "a call.",
+        ]
+        columns = "| figure | limits in process | limits in Redis | Redis adds (spread) |"
     lat, fb, cpu = r["latency_ms"], r["first_byte_ms"], r["cpu_ms_per_call"]
     cpu_rounds, rps = r["cpu_ms_per_round"], r["rps"]
 
     def percentiles(figures: dict, key: str, p: int) -> tuple:
-        twin, redis = figures[TWIN][p], figures["gateway"][p]
-        return twin, redis, f"{redis - twin:+.2f} ms", difference_interval(r[key], p)
+        was, now = figures[base][p], figures[subject][p]
+        return was, now, f"{now - was:+.2f} ms", difference_interval(r[key], p, base, subject)
 
     def per_call(kind: str) -> tuple:
         rounds = cpu_rounds[kind]
-        added = [g - t for g, t in zip(rounds["gateway"], rounds[TWIN], strict=True)]
-        twin, redis = cpu[kind][TWIN], cpu[kind]["gateway"]
-        return twin, redis, f"{redis - twin:+.2f} ms", (min(added), max(added))
+        added = [s - b for s, b in zip(rounds[subject], rounds[base], strict=True)]
+        was, now = cpu[kind][base], cpu[kind][subject]
+        return was, now, f"{now - was:+.2f} ms", (min(added), max(added))
 
-    shares = [g / t for g, t in zip(rps["gateway"], rps[TWIN], strict=True)]
+    shares = [s / b for s, b in zip(rps[subject], rps[base], strict=True)]
     share = r["share_of_direct"]
     rows = [
         ("p50, non-streaming, 1 client", "ms", *percentiles(lat, "latency_calls_ms", 50)),
@@ -168,9 +194,9 @@ def redis_table(r: dict) -> list[str]:
         (
             f"throughput at {r['clients']['load']} clients, share of direct",
             "",
-            share[TWIN],
-            share["gateway"],
-            f"{share['gateway'] / share[TWIN]:.2f}\N{MULTIPLICATION SIGN}",
+            share[base],
+            share[subject],
+            f"{share[subject] / share[base]:.2f}\N{MULTIPLICATION SIGN}",
             (min(shares), max(shares)),
         ),
         (f"worker CPU per non-streaming call ({r['clients']['cpu']} clients)", "ms",
@@ -178,29 +204,24 @@ def redis_table(r: dict) -> list[str]:
         (f"worker CPU per 20-chunk stream ({r['clients']['cpu']} clients)", "ms",
          *per_call("stream")),
     ]  # fmt: skip
-    lines = [
-        "What limits in Redis add: the gateway against its twin with limits in process",
-        "(same database, same run, calls alternated); issue 11's target is at most 0.2 ms",
-        "a call.",
-        "",
-        "| figure | limits in process | limits in Redis | Redis adds (spread) |",
-        "|---|---|---|---|",
-    ]
-    for name, unit, twin, redis, adds, (low, high) in rows:
+    lines = [*heading, "", columns, "|---|---|---|---|"]
+    for name, unit, was, now, change, (low, high) in rows:
         sign = "+" if unit else ""  # milliseconds added, or a ratio
-        adds += f" ({low:{sign}.2f}\N{EN DASH}{high:{sign}.2f})"
-        lines.append(f"| {name} | {_cell(twin, unit)} | {_cell(redis, unit)} | {adds} |")
+        change += f" ({low:{sign}.2f}\N{EN DASH}{high:{sign}.2f})"
+        lines.append(f"| {name} | {_cell(was, unit)} | {_cell(now, unit)} | {change} |")
     return lines
 
 
-def difference_interval(calls: dict[str, list[float]], p: int) -> tuple[float, float]:
-    """Where the gateway's ``p``th percentile minus its twin's lies in ``HELD`` of
+def difference_interval(
+    calls: dict[str, list[float]], p: int, base: str = TWIN, subject: str = "gateway"
+) -> tuple[float, float]:
+    """Where ``subject``'s ``p``th percentile minus ``base``'s lies in ``HELD`` of
     ``RESAMPLES`` resamples of the calls, drawn in pairs as ``percentile_interval``'s."""
-    gateway, twin = calls["gateway"], calls[TWIN]
+    was, now = calls[base], calls[subject]
     return _held(
         [
-            pct([gateway[i] for i in picks], p) - pct([twin[i] for i in picks], p)
-            for picks in _resamples(len(gateway), p)
+            pct([now[i] for i in picks], p) - pct([was[i] for i in picks], p)
+            for picks in _resamples(len(now), p)
         ]
     )
 

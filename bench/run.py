@@ -4,7 +4,8 @@ Starts the fake upstream (``tests/fake_upstream.py``), the floor (``bench/floor.
 the gateway (real gunicorn with ``gunicorn.conf.py``: 2 workers, SQLite; ``--postgres
 URL`` for a fresh PostgreSQL database on that server; ``--redis URL`` for limits in that
 Redis, as several instances have them, and beside it its twin with limits in process,
-so that what Redis adds is measured in the same run), then measures the targets
+so that what Redis adds is measured in the same run; ``--twin NAME=VALUE`` for a twin
+with those settings instead, so that what they change is), then measures the targets
 in one run, alternating target by target so that the machine's noise falls on all alike:
 
 - added latency (p50, p99), non-streaming, 1 client: a target's minus direct's;
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.client import Connection, request  # noqa: E402
-from bench.report import TWIN, load_average, machine, pct, table  # noqa: E402
+from bench.report import SETTINGS_TWIN, TWIN, load_average, machine, pct, table  # noqa: E402
 from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
 
 ANSWER = "fake;chunks=20"  # a JSON answer of 20 pieces
@@ -240,6 +241,13 @@ def main() -> None:
     parser.add_argument(
         "--floor-processes", type=int, default=1, help="floor processes sharing its socket"
     )
+    parser.add_argument(
+        "--twin",
+        metavar="NAME=VALUE",
+        action="append",
+        type=setting,
+        help="start a twin of the gateway with this setting (repeatable), compared in one run",
+    )
     args = parser.parse_args()
     _enough_files(2 * args.streams + 1000)  # a proxy holds a client and an upstream socket
 
@@ -263,6 +271,7 @@ def main() -> None:
         redis=bool(args.redis),
         workers=args.workers,
         floor_processes=args.floor_processes,
+        twin_settings=dict(args.twin or ()),
         load_after=load_average(),
     )
     print(table(results))
@@ -271,13 +280,25 @@ def main() -> None:
     (out / "latest.json").write_text(json.dumps(results, indent=2))
 
 
+def setting(text: str) -> tuple[str, str]:
+    """``--twin``'s NAME=VALUE: an environment variable of the twin's."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Namespace) -> dict:
-    """Start the gateway (and with ``--redis`` its twin, limits in process, on the same
-    database: the key made on one is the other's too), measure, stop them; then the open
-    streams figure if asked."""
+    """Start the gateway and its twin if asked, on the same database (the key made on one
+    is the other's too): with ``--twin``, the gateway with those settings; else with
+    ``--redis``, the gateway with its limits in process. Measure, stop them; then the
+    open streams figure if asked."""
     # A prefix of the run's own: a shared Redis may hold another run's keys.
     shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
-    twins = [(TWIN, "instance-twin", {})] if args.redis else []
+    if args.twin:
+        twins = [(SETTINGS_TWIN, "instance-twin", {**shared, **dict(args.twin)})]
+    else:
+        twins = [(TWIN, "instance-twin", {})] if args.redis else []
     started: list[Gateway] = []
     targets = [
         Target("direct", fake.port, [fake.proc.pid]),
