@@ -208,6 +208,23 @@ def _peer_is_trusted_proxy(self: message.HeaderPolicy) -> bool:
     return trusted
 
 
+def _refuse_a_loop_without_shared_watches() -> None:
+    """Stop a worker whose gevent loop is libuv's (``GEVENT_LOOP``), before it serves.
+
+    A call watches its client's socket for a hang-up while the connection's greenlet may
+    read it, and a stream's upstream socket is watched by the hub between reads; libev
+    lets two watchers share a socket, libuv refuses the second (``ConcurrentObjectUseError``),
+    and every call would end in a 500.
+    """
+    loop = gevent.config.loop
+    if not loop.__module__.startswith("gevent.libev."):
+        raise RuntimeError(
+            f"GEVENT_LOOP chose {loop.__module__}.{loop.__name__}: the gateway needs"
+            " gevent's libev loop (libev-cext, the default, or libev-cffi), which lets"
+            " two watchers share a socket; unset GEVENT_LOOP"
+        )
+
+
 def _thaw() -> None:
     """Give what ``load_wsgi`` froze back to the collector, and collect it."""
     gc.unfreeze()
@@ -255,6 +272,7 @@ class GatewayWorker(GeventWorker):
             self._told.send()
 
     def init_process(self) -> None:
+        _refuse_a_loop_without_shared_watches()
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
         self._served: weakref.WeakSet[gevent.Greenlet] = weakref.WeakSet()
         # gunicorn builds each response from this name (wsgi.create); set after the

@@ -389,6 +389,16 @@ def test_an_idle_worker_is_not_woken_ten_times_a_second(gateway_factory) -> None
     assert per_second < 9, per_second
 
 
+def test_a_gevent_loop_whose_watchers_cannot_share_a_socket_stops_the_start(
+    gateway_factory,
+) -> None:  # type: ignore[no-untyped-def]
+    """With libuv's loop every call ended in a 500 (a second watcher on the client's
+    socket is refused); the start stops instead, and says why."""
+    with pytest.raises(RuntimeError) as failed:
+        gateway_factory(GEVENT_LOOP="libuv-cffi")
+    assert "the gateway needs gevent's libev loop" in str(failed.value), str(failed.value)
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
