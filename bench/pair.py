@@ -12,6 +12,8 @@ calls across the three, so the shared machine's noise falls on all alike:
   N words to the same worker (what a gateway's own work on big calls costs its others);
 - ``--redis URL``: both builds keep their limits in that Redis (as several instances do),
   so each call's admission and settling are round trips;
+- ``--setting NAME=VALUE``: a setting of both builds (``GATEWAY_ACCESS_LOG=-`` to weigh
+  a change to the access log, which the benchmark's gateways otherwise leave off);
 - ``--together SECONDS``: the CPU figures from both builds loaded at the same time,
   ``--clients`` each, SECONDS a round, each with a database of its own. This VM's own
   speed moves by 15-20% within minutes, which blocks a few seconds apart still see in
@@ -66,6 +68,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=300, help="JSON calls per CPU block")
     parser.add_argument("--beside", type=int, metavar="WORDS", help="big calls beside")
     parser.add_argument("--redis", metavar="URL", help="REDIS_URL for both: limits in Redis")
+    parser.add_argument(
+        "--setting",
+        metavar="NAME=VALUE",
+        action="append",
+        type=run.setting,
+        help="a setting of both builds (repeatable), e.g. GATEWAY_ACCESS_LOG=-",
+    )
     parser.add_argument("--workers", type=int, default=1, help="workers of each gateway")
     parser.add_argument(
         "--together", type=float, metavar="SECONDS", help="both loaded at once, for CPU"
@@ -103,6 +112,7 @@ def measure(args: argparse.Namespace, order: tuple[str, str]) -> dict[str, float
         # Both builds' limits in the same Redis, under a prefix of the run's own (and of
         # each build's own with --together: their keys are not the same ones).
         shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
+        shared.update(args.setting or ())
         route: dict = {}
         keys: dict[str, str] = {}
         for name in order:
