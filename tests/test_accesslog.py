@@ -9,8 +9,12 @@ from types import SimpleNamespace
 import pytest
 import requests
 from gunicorn.config import Config
+from gunicorn.glogging import SafeAtoms
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.accesslog import RedactingLogger
+from gateway.accesslog import CleanAtoms, RedactingLogger, _clean
+from tests.fuzz_support import FUZZ
 from tests.servers import ADMIN_SECRET
 
 KEY = "sk-" + "0123456789abcdef" * 2
@@ -48,6 +52,39 @@ def test_every_atom_is_redacted() -> None:
         f"GET /api/admin/apiKey/{HINT}?apiKey={HINT} HTTP/1.1 /api/admin/apiKey/{HINT} "
         f"apiKey={HINT} http://gw/?k={HINT} - - {HINT}"
     )
+
+
+# gunicorn's atom names as its atoms() makes them (headers and environ lowercased), and
+# as a format may ask for them (in any case, or ones that are not there).
+_MADE = st.one_of(
+    st.sampled_from(list("hlutrsmUqHbBfaTDMLp")),
+    st.builds(
+        lambda name, kind: f"{{{name}}}{kind}",
+        st.sampled_from(["authorization", "x-api-key", "x-note", "cookie", "http_host", "raw"]),
+        st.sampled_from("ioe"),
+    ),
+)
+_ASKED = st.one_of(_MADE, _MADE.map(str.upper), st.text(max_size=6))
+_VALUES = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=12),
+    st.builds(lambda a, b: f"{a}{KEY}{b}", st.text(max_size=4), st.text(max_size=4)),
+    st.just(f'Bearer {KEY} "quoted"'),
+)
+
+
+@settings(FUZZ, max_examples=500)
+@given(st.dictionaries(_MADE, _VALUES), st.lists(_ASKED, max_size=8))
+def test_atoms_cleaned_when_read_read_as_atoms_all_cleaned_first(raw: dict, asked: list) -> None:
+    """``CleanAtoms`` cleans an atom when the format reads it; what it reads is what
+    gunicorn's ``SafeAtoms`` read over atoms all cleaned first (the way before)."""
+    eager = SafeAtoms({name: _clean(name, value) for name, value in raw.items()})
+    lazy = CleanAtoms(raw)
+    for name in [*asked, *raw]:
+        assert lazy[name] == eager[name], name
+        assert (name in lazy) == ((name.lower() if name[:1] == "{" else name) in raw), name
+    assert dict(lazy.items()) == {name: eager[name] for name in raw}
 
 
 @pytest.mark.server
