@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import requests
 from gunicorn.config import Config
-from gunicorn.glogging import SafeAtoms
+from gunicorn.glogging import Logger, SafeAtoms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.accesslog import CleanAtoms, RedactingLogger, _clean
+from gateway.accesslog import RedactingLogger, _clean
 from tests.fuzz_support import FUZZ
 from tests.servers import ADMIN_SECRET
 
@@ -54,37 +54,60 @@ def test_every_atom_is_redacted() -> None:
     )
 
 
-# gunicorn's atom names as its atoms() makes them (headers and environ lowercased), and
-# as a format may ask for them (in any case, or ones that are not there).
-_MADE = st.one_of(
-    st.sampled_from(list("hlutrsmUqHbBfaTDMLp")),
-    st.builds(
-        lambda name, kind: f"{{{name}}}{kind}",
-        st.sampled_from(["authorization", "x-api-key", "x-note", "cookie", "http_host", "raw"]),
-        st.sampled_from("ioe"),
-    ),
-)
-_ASKED = st.one_of(_MADE, _MADE.map(str.upper), st.text(max_size=6))
-_VALUES = st.one_of(
-    st.none(),
-    st.integers(),
+_HEADER = st.sampled_from(["Authorization", "X-Api-Key", "X-Note", "Cookie", "Host", "Referer"])
+_ENVIRON = st.sampled_from(["HTTP_AUTHORIZATION", "HTTP_HOST", "REMOTE_ADDR", "HTTP_REFERER",
+                            "HTTP_USER_AGENT", "PATH_INFO", "QUERY_STRING", "http_host"])  # fmt: skip
+_TEXT = st.one_of(
     st.text(max_size=12),
     st.builds(lambda a, b: f"{a}{KEY}{b}", st.text(max_size=4), st.text(max_size=4)),
     st.just(f'Bearer {KEY} "quoted"'),
+    st.just("Basic dXNlcjpwYXNz"),  # user:pass, the "u" atom
+)
+_CASED = st.one_of(st.just(str), st.just(str.lower), st.just(str.upper))
+# What a format may ask for: gunicorn's atoms, headers and environ entries in any case,
+# names that are not there.
+_ASKED = st.one_of(
+    st.sampled_from(list("hlutrsmUqHbBfaTDMLp")),
+    st.builds(
+        lambda name, kind, case: case(f"{{{name}}}{kind}"),
+        st.one_of(_HEADER, _ENVIRON),
+        st.sampled_from("ioe"),
+        _CASED,
+    ),
+    st.text(max_size=6),
 )
 
 
 @settings(FUZZ, max_examples=500)
-@given(st.dictionaries(_MADE, _VALUES), st.lists(_ASKED, max_size=8))
-def test_atoms_cleaned_when_read_read_as_atoms_all_cleaned_first(raw: dict, asked: list) -> None:
-    """``CleanAtoms`` cleans an atom when the format reads it; what it reads is what
-    gunicorn's ``SafeAtoms`` read over atoms all cleaned first (the way before)."""
-    eager = SafeAtoms({name: _clean(name, value) for name, value in raw.items()})
-    lazy = CleanAtoms(raw)
-    for name in [*asked, *raw]:
+@given(
+    st.dictionaries(_ENVIRON, _TEXT),
+    st.lists(st.tuples(st.builds(lambda n, c: c(n), _HEADER, _CASED), _TEXT), max_size=5),
+    st.lists(st.tuples(_HEADER, _TEXT), max_size=3),
+    st.one_of(st.none(), st.integers(min_value=0)),
+    st.lists(_ASKED, max_size=8),
+)
+def test_atoms_made_when_read_read_as_gunicorns_all_cleaned_first(
+    environ: dict, request_headers: list, response_headers: list, sent: int | None, asked: list
+) -> None:
+    """``CleanAtoms`` makes and cleans an atom when the format reads it; what it reads is
+    what gunicorn's ``SafeAtoms`` read over gunicorn's atoms, all cleaned first (the way
+    before)."""
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    logger = RedactingLogger(cfg)
+    logger.now = lambda: "[05/Dec/2026:19:30:00 +0000]"  # type: ignore[method-assign]
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": f"/x?k={KEY}", "SERVER_PROTOCOL": "HTTP/1.1",
+               **environ}  # fmt: skip
+    request = SimpleNamespace(headers=request_headers)
+    response = SimpleNamespace(status="200 OK", headers=response_headers, sent=sent)
+    took = datetime.timedelta(seconds=1, microseconds=5)
+    made = Logger.atoms(logger, response, request, environ, took)
+    eager = SafeAtoms({name: _clean(name, value) for name, value in made.items()})
+    lazy = logger.atoms_wrapper_class(logger.atoms(response, request, environ, took))
+    for name in [*asked, *made]:
         assert lazy[name] == eager[name], name
-        assert (name in lazy) == ((name.lower() if name[:1] == "{" else name) in raw), name
-    assert dict(lazy.items()) == {name: eager[name] for name in raw}
+        assert (name in lazy) == ((name.lower() if name[:1] == "{" else name) in made), name
+    assert dict(lazy.items()) == {name: eager[name] for name in made}
 
 
 @pytest.mark.server
