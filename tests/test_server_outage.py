@@ -60,6 +60,18 @@ KINDS = [
 ]
 
 
+# Keys read again within 1 s, a dead process's rows swept within about 5 s, and the
+# database given 2 s to connect and 5 to answer before it counts as down.
+QUICK = {
+    "GATEWAY_CACHE_TTL": "1",
+    "GATEWAY_PROCESS_HEARTBEAT": "0.5",
+    "GATEWAY_PROCESS_DEAD_AFTER": "4",
+    "GATEWAY_SWEEP_INTERVAL": "0.5",
+    "GATEWAY_DB_CONNECT_TIMEOUT": "2",
+    "GATEWAY_DB_TIMEOUT": "5",
+}
+
+
 @pytest.fixture
 def cluster() -> Iterator[PostgresCluster]:
     pg = PostgresCluster()
@@ -132,6 +144,30 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
         return f"error {type(exc).__name__}: {exc}"
 
 
+def marker_in(value: object) -> str:
+    """The ``call-NNN`` a test's prompt named."""
+    return "call-" + json.dumps(value).split("call-", 1)[1][:3]
+
+
+def by_call(rows: list[dict]) -> dict[str, list[dict]]:
+    """Records by the call their prompt names; each call's must be one record."""
+    found: dict[str, list[dict]] = {}
+    for row in rows:
+        found.setdefault(marker_in(row["prompt"]), []).append(row)
+    assert all(len(each) == 1 for each in found.values()), "a call recorded twice"
+    return found
+
+
+def sent_once(fake) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """The fake upstream's log by the call each request's prompt names, each call once."""
+    sent: dict[str, dict] = {}
+    for entry in fake.log():
+        marker = marker_in(entry["body"])
+        assert marker not in sent, "a call reached the upstream twice"
+        sent[marker] = entry
+    return sent
+
+
 def scrape(gw: Gateway) -> dict[tuple[str, str | None], float]:
     """/metrics' samples by name and ``type`` label (a 200 answer, within 5 s)."""
     answer = requests.get(f"{gw.url}/metrics", timeout=5)
@@ -154,18 +190,7 @@ def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
     cluster: PostgresCluster, fake, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     url = gateway_database(cluster)
-    gw = Gateway(
-        url,
-        tmp_path / "instance",
-        workers=2,
-        GATEWAY_MAX_REQUESTS="14",
-        GATEWAY_CACHE_TTL="1",
-        GATEWAY_PROCESS_HEARTBEAT="0.5",
-        GATEWAY_PROCESS_DEAD_AFTER="4",
-        GATEWAY_SWEEP_INTERVAL="0.5",
-        GATEWAY_DB_CONNECT_TIMEOUT="2",
-        GATEWAY_DB_TIMEOUT="5",
-    )
+    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_MAX_REQUESTS="14", **QUICK)
     try:
         run_the_outage(gw, cluster, fake)
     finally:
@@ -234,17 +259,9 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     rows = wait_until(all_final, timeout=60, interval=0.5)
     recovered = time.monotonic() - back_at
     print(f"all {len(rows)} records final {recovered:.1f} s after the database returned")
-    by_marker: dict[str, list[dict]] = {}
-    for row in rows:
-        marker = json.dumps(row["prompt"]["messages"]).split("call-", 1)[1][:3]
-        by_marker.setdefault(f"call-{marker}", []).append(row)
+    by_marker = by_call(rows)
     assert sorted(by_marker) == sorted(results)
-    assert all(len(found) == 1 for found in by_marker.values()), "a call recorded twice"
-    sent = {}
-    for entry in fake.log():
-        marker = json.dumps(entry["body"]).split("call-", 1)[1][:3]
-        assert f"call-{marker}" not in sent, "a call reached the upstream twice"
-        sent[f"call-{marker}"] = entry
+    sent = sent_once(fake)
     for marker, ((_sdk, _model, _stream, _hang_up), got) in results.items():
         (row,) = by_marker[marker]
         if got == "hung up late":  # it may have been answered in full: both are true
@@ -412,17 +429,7 @@ def test_workers_killed_during_an_outage_lose_nothing_they_journaled(
     streams, whose final rows died with their workers, are finalised by the sweeper,
     never left pending."""
     url = gateway_database(cluster)
-    gw = Gateway(
-        url,
-        tmp_path / "instance",
-        workers=2,
-        GATEWAY_CACHE_TTL="1",
-        GATEWAY_PROCESS_HEARTBEAT="0.5",
-        GATEWAY_PROCESS_DEAD_AFTER="4",
-        GATEWAY_SWEEP_INTERVAL="0.5",
-        GATEWAY_DB_CONNECT_TIMEOUT="2",
-        GATEWAY_DB_TIMEOUT="5",
-    )
+    gw = Gateway(url, tmp_path / "instance", workers=2, **QUICK)
     journal = tmp_path / "instance" / "journal"
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
@@ -460,17 +467,9 @@ def test_workers_killed_during_an_outage_lose_nothing_they_journaled(
             return None
 
         rows = wait_until(all_final, timeout=60, interval=0.5)
-        by_marker: dict[str, list[dict]] = {}
-        for row in rows:
-            marker = "call-" + json.dumps(row["prompt"]).split("call-", 1)[1][:3]
-            by_marker.setdefault(marker, []).append(row)
+        by_marker = by_call(rows)
         assert sorted(by_marker) == everything
-        assert all(len(found) == 1 for found in by_marker.values()), "a call recorded twice"
-        sent = {}
-        for entry in fake.log():
-            marker = "call-" + json.dumps(entry["body"]).split("call-", 1)[1][:3]
-            assert marker not in sent, "a call reached the upstream twice"
-            sent[marker] = entry
+        sent = sent_once(fake)
         for marker in markers:
             (row,) = by_marker[marker]
             usage = sent[marker]["usage"]
