@@ -77,6 +77,13 @@ class Handler(logging.Handler):
         self.interval = float(cfg["SRV_LOG_INTERVAL"])
         self.timeout = float(cfg["DB_TIMEOUT"])
 
+    def forget(self) -> None:
+        """Drop what waits to be written: queued rows, the counts of open windows (each
+        would queue its "repeated N more times" row when it closes) and of drops."""
+        self.queue.clear()
+        self._floods.clear()
+        self.dropped = 0
+
     # -- the logging side: cheap, never blocks, never touches the database ---------
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -322,12 +322,13 @@ def module_gateway(request: pytest.FixtureRequest, module_database: tuple) -> It
 
 @pytest.fixture(autouse=True)
 def _no_stray_server_logs() -> Iterator[None]:
-    """After each test, what the server-log handler still queues is dropped: it was
+    """After each test, what the server-log handler still holds is dropped: it was
     logged by a test that never wrote it (no ``app`` fixture, whose teardown does), and
     would land in whichever test's database is current at the writer's next turn (a
-    resolver test's warning once did, in a retention test's ``srv_logs``)."""
+    resolver test's warning once did, in a retention test's ``srv_logs``; later a
+    recorder test's "repeated 11 more times", queued when its window closed)."""
     yield
-    srvlog.handler.queue.clear()
+    srvlog.handler.forget()
 
 
 @pytest.fixture(scope="session", autouse=True)
