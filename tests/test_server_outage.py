@@ -144,6 +144,19 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
         return f"error {type(exc).__name__}: {exc}"
 
 
+def final_records(gw: Gateway, count: int) -> list[dict]:
+    """The gateway's records, once there are at least ``count`` and none is pending
+    (within a minute)."""
+
+    def all_final() -> list[dict] | None:
+        rows = gw.records(limit=1000)
+        if len(rows) >= count and all(r["status"] != "pending" for r in rows):
+            return rows
+        return None
+
+    return wait_until(all_final, timeout=60, interval=0.5)
+
+
 def marker_in(value: object) -> str:
     """The ``call-NNN`` a test's prompt named."""
     return "call-" + json.dumps(value).split("call-", 1)[1][:3]
@@ -250,13 +263,7 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     assert catalogs == [(2, 2, 2)] * 4, catalogs
 
     # Records: each call exactly once, final, within a minute of the database's return.
-    def all_final() -> list[dict] | None:
-        rows = gw.records(limit=1000)
-        if len(rows) >= len(results) and all(r["status"] != "pending" for r in rows):
-            return rows
-        return None
-
-    rows = wait_until(all_final, timeout=60, interval=0.5)
+    rows = final_records(gw, len(results))
     recovered = time.monotonic() - back_at
     print(f"all {len(rows)} records final {recovered:.1f} s after the database returned")
     by_marker = by_call(rows)
@@ -459,14 +466,7 @@ def test_workers_killed_during_an_outage_lose_nothing_they_journaled(
         # The master replaces them, during the outage (they serve from the snapshot).
         wait_until(lambda: len(set(children(gw.proc.pid)) - first_workers) == 2, timeout=30)
         cluster.start()
-
-        def all_final() -> list[dict] | None:
-            rows = gw.records(limit=100)
-            if len(rows) >= len(everything) and all(r["status"] != "pending" for r in rows):
-                return rows
-            return None
-
-        rows = wait_until(all_final, timeout=60, interval=0.5)
+        rows = final_records(gw, len(everything))
         by_marker = by_call(rows)
         assert sorted(by_marker) == everything
         sent = sent_once(fake)
