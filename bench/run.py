@@ -281,7 +281,8 @@ def main() -> None:
 
 
 def setting(text: str) -> tuple[str, str]:
-    """``--twin``'s NAME=VALUE: an environment variable of the twin's."""
+    """A NAME=VALUE argument (``--twin`` here, ``pair.py --setting``): an environment
+    variable of the gateways it is given to."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
