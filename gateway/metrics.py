@@ -9,8 +9,8 @@ The catalog gauges (usable keys, providers, models) are counted at each scrape f
 keys and catalog the worker holds in memory for calls, so a scrape works while the
 database is down. Ours are ``gateway_*``: calls and drains in flight, how aborted calls
 ended, journal depth, records held in memory and lost, limiter fail-opens, recorder
-write latency. The values' files are allocated as they grow (``metric_files``), so a
-full disk costs a value, never the process.
+write latency, log lines dropped. The values' files are allocated as they grow
+(``metric_files``), so a full disk costs a value, never the process.
 
 Across workers: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 before any worker imports prometheus_client; each worker writes its values there,
@@ -171,6 +171,11 @@ RECORDS_REFUSED = _counter(
 )
 FAIL_OPENS = _counter(
     "gateway_limiter_fail_open", "Limiter decisions allowed because Redis was away", ("operation",)
+)
+LOG_LINES_DROPPED = _counter(
+    "gateway_log_lines_dropped",
+    "Log lines to stdout or stderr dropped because their reader fell behind (logstreams)",
+    ("stream",),
 )
 RECORDER_WRITE_SECONDS = Histogram(
     "gateway_recorder_write_seconds",
@@ -376,6 +381,11 @@ def recorder_wrote(seconds: float) -> None:
 def limiter_failed_open(operation: str) -> None:
     """Count a limiter decision allowed because Redis was away."""
     FAIL_OPENS.labels(operation).inc()
+
+
+def log_lines_dropped(stream: str, lines: int) -> None:
+    """Count log lines to ``stream`` dropped because its reader fell behind."""
+    _add(_child(LOG_LINES_DROPPED, stream), lines)
 
 
 def authorized(authorization: str | None, token: str | None) -> bool:

@@ -309,6 +309,10 @@ class GatewayWorker(GeventWorker):
         config = getattr(self.wsgi, "config", None)  # not gunicorn's app for a failed load
         if config is not None:
             _write_timeout = float(config["CLIENT_WRITE_TIMEOUT"])
+            # From here on no log line waits for a slow reader of stdout or stderr.
+            from gateway import logstreams, metrics
+
+            logstreams.install(int(config["LOG_BACKLOG"]), metrics.log_lines_dropped)
         gc.collect()
         gc.freeze()
         atexit.register(_thaw)

@@ -137,7 +137,15 @@ class Floor:
 class Gateway:
     """``gunicorn -c gunicorn.conf.py wsgi:app`` with gevent workers, in its own process."""
 
-    def __init__(self, database_url: str, instance: Path, workers: int = 1, **env: str) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        instance: Path,
+        workers: int = 1,
+        output: int | None = None,
+        **env: str,
+    ) -> None:
+        """``output``: a descriptor for its stdout and stderr (else ``log_path``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = instance / "gunicorn.log"
@@ -168,7 +176,7 @@ class Gateway:
             [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT,
             env=environ,
-            stdout=self.log_file,
+            stdout=self.log_file if output is None else output,
             stderr=subprocess.STDOUT,
         )
         try:
