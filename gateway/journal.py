@@ -9,7 +9,11 @@ Rows the database refused (a data error, not an outage) go to ``refused-<pid>.js
 they are replayed only when an operator asks (``replay(write, "refused")``, by the
 ``replay-refused`` command, once the cause is fixed), whoever's they are: an append
 holds an ``flock`` and checks its file is still the one its path names, so a claim
-taken meanwhile loses nothing. A line that is not a whole row (the process was killed
+taken meanwhile loses nothing. A process counts as alive only if its pid is
+and that process was already running when the file last changed: a pid taken again by
+another process (a container restarted on the same volume numbers its processes from 1
+again: its master or a CLI can get a dead worker's pid) does not hold a dead worker's
+rows back for as long as it runs. A line that is not a whole row (the process was killed
 mid-append) is kept aside in ``torn-<pid>.jsonl`` and the rest of its file is
 replayed; an append that fails (a full disk) is cut off again, and raises. Journals
 hold prompts: every file is its owner's alone (0600), in a directory of its owner's
@@ -23,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -121,14 +126,15 @@ class Journal:
             # a live process replays its own journal; set-aside rows are anyone's
             if prefix != "journal"
             or _pid_in(path.stem) == os.getpid()
-            or not _alive(_pid_in(path.stem))
+            or not _ran_at(_pid_in(path.stem), _changed(path, "st_mtime"))
         ]
 
     def _reclaim_orphans(self, prefix: str) -> None:
         """Give back files claimed by a replayer that died before finishing."""
         for claimed in self.directory.glob(f"replaying-*-{prefix}-*.jsonl"):
             replayer = int(claimed.name.split("-", 2)[1])
-            if replayer != os.getpid() and not _alive(replayer):
+            # The claim's rename set its ctime: the replayer was alive then.
+            if replayer != os.getpid() and not _ran_at(replayer, _changed(claimed, "st_ctime")):
                 original = claimed.with_name(claimed.name.split("-", 2)[2])
                 with contextlib.suppress(FileNotFoundError):
                     claimed.rename(original)
@@ -197,6 +203,42 @@ def _from_json(row: dict) -> dict:
         if isinstance(row.get(column), str):
             row[column] = datetime.fromisoformat(row[column])
     return row
+
+
+def _changed(path: Path, stamp: str) -> float | None:
+    """``path``'s ``st_mtime`` (its content's last change) or ``st_ctime`` (its name's
+    too); None if it is gone."""
+    try:
+        return getattr(path.stat(), stamp)
+    except FileNotFoundError:
+        return None
+
+
+def _ran_at(pid: int, moment: float | None) -> bool:
+    """True if process ``pid`` is alive and was already running at ``moment`` (a file's
+    time), so it may be the process that changed the file then; not one that took the
+    pid later. Where a start cannot be told (no /proc), alive is enough, as before."""
+    if not _alive(pid):
+        return False
+    started = _started(pid)
+    return started is None or moment is None or started <= moment + _START_SLACK
+
+
+# A process's start is known to a clock tick (10 ms); later than the file's change by
+# more than this, it cannot have made the change.
+_START_SLACK = 0.05
+
+
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started, on ``time.time()``'s clock; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            after_name = fh.read().rsplit(b")", 1)[1].split()
+        ticks = int(after_name[19])  # field 22, starttime: clock ticks after boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
 
 
 def _alive(pid: int) -> bool:

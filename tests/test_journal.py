@@ -8,12 +8,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from gateway import journal as journal_module
 from gateway.journal import Journal
+from tests.servers import wait_until
 
 
 def dead_pid() -> int:
@@ -138,6 +141,48 @@ def test_a_claim_left_by_a_dead_replayer_is_given_back(tmp_path: Path) -> None:
     Journal(tmp_path).replay(got.extend)
     assert got == [{"uid": "stranded"}]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_journal_whose_pid_a_later_process_took_is_replayed(tmp_path: Path) -> None:
+    """A container restarted on the same volume numbers its processes from 1 again: its
+    master or a CLI can get a dead worker's pid. That process started after the file's
+    last append, so it is not the file's owner: the rows are replayed at once, not once
+    it exits. A process that was running at the append is still the owner."""
+    later = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_until(lambda: journal_module._started(later.pid) is not None)
+        path = tmp_path / f"journal-{later.pid}.jsonl"
+        path.write_text(json.dumps({"uid": "a dead worker's"}) + "\n")
+        appended = journal_module._started(later.pid) - 1.0  # before the pid's taker began
+        os.utime(path, (appended, appended))
+        owner = tmp_path / f"journal-{os.getppid()}.jsonl"  # running since before the append
+        owner.write_text(json.dumps({"uid": "a live owner's"}) + "\n")
+        got: list[dict] = []
+        assert Journal(tmp_path).replay(got.extend) == 1
+        assert got == [{"uid": "a dead worker's"}]
+        assert [p.name for p in tmp_path.iterdir()] == [owner.name]
+    finally:
+        later.kill()
+        later.wait()
+
+
+def test_a_claim_whose_replayer_pid_a_later_process_took_is_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's rename is its ctime, which no test can set back: the later process's
+    start is moved forward instead."""
+    live = os.getppid()
+    claimed = tmp_path / f"replaying-{live}-journal-{dead_pid()}.jsonl"
+    claimed.write_text(json.dumps({"uid": "stranded"}) + "\n")
+    got: list[dict] = []
+    Journal(tmp_path).replay(got.extend)
+    assert got == [] and claimed.exists()  # its replayer was running at the claim
+    started = journal_module._started
+    monkeypatch.setattr(
+        journal_module, "_started", lambda pid: time.time() + 10 if pid == live else started(pid)
+    )
+    Journal(tmp_path).replay(got.extend)
+    assert got == [{"uid": "stranded"}] and list(tmp_path.iterdir()) == []
 
 
 def test_refused_rows_are_kept_apart_and_never_replayed(tmp_path: Path) -> None:
