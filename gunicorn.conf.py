@@ -3,7 +3,7 @@
 Environment: PORT, HOST, GATEWAY_WORKERS, GATEWAY_WORKER_CONNECTIONS,
 GATEWAY_GRACEFUL_TIMEOUT (in-flight calls and drains get this long after SIGTERM),
 GATEWAY_WORKER_TIMEOUT (heartbeat watchdog), GATEWAY_MAX_REQUESTS (0: never recycle),
-GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL; their defaults are in gateway/config.py, read
+GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL, GATEWAY_LOG_BACKLOG; their defaults are in gateway/config.py, read
 here as a file. Nothing from the gateway is imported here, at module level or in a hook:
 this file runs in the master, before gevent patches threading (see gateway/db.py), and
 the master's imports are inherited by every worker it forks. Finishing calls and records
@@ -99,6 +99,7 @@ def _remove_dead_masters_metrics(parent, namespace):
 
 def on_starting(server):
     """Migrate and make sure there is an admin secret, in a separate process."""
+    server.log.never_wait_for_readers()  # a stalled log reader must not stop the master
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(metrics_dir, "*.db")):

@@ -11,11 +11,12 @@ where its default format prints 9), and making and cleaning them all took 137 µ
 request in a tight loop (gunicorn's own logger 44, this one 24); with the access log on
 (the default) a JSON call cost 0.18 ms more CPU than with it off. Imported by
 gunicorn's master before gevent patches anything: only ``redact`` (pure) from the
-gateway.
+gateway, and ``logstreams`` and ``config`` once the master starts.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -135,7 +136,18 @@ _SIMPLE = {
 
 
 class RedactingLogger(Logger):
-    """gunicorn's logger, whose access-log atoms never hold a gateway key or credential."""
+    """gunicorn's logger, whose access-log atoms never hold a gateway key or credential,
+    and whose lines in the master never wait for a slow reader (``logstreams``)."""
+
+    def never_wait_for_readers(self) -> None:
+        """From now on this process's log lines never wait for a slow reader of stdout
+        or stderr (``logstreams``): gunicorn.conf.py's ``on_starting``, in the master.
+        A reload's new handlers write to ``sys.stdout`` and ``sys.stderr``, outlets by
+        then."""
+        from gateway import logstreams
+        from gateway.config import DEFAULTS
+
+        logstreams.install(int(os.environ.get("GATEWAY_LOG_BACKLOG", DEFAULTS["LOG_BACKLOG"])))
 
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> Mapping:
         return CleanAtoms(self, resp, req, environ, request_time)

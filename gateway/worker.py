@@ -312,7 +312,9 @@ class GatewayWorker(GeventWorker):
             # From here on no log line waits for a slow reader of stdout or stderr.
             from gateway import logstreams, metrics
 
-            logstreams.install(int(config["LOG_BACKLOG"]), metrics.log_lines_dropped)
+            logstreams.install(
+                int(config["LOG_BACKLOG"]), metrics.log_lines_dropped, gevent.get_hub().loop
+            )
         gc.collect()
         gc.freeze()
         atexit.register(_thaw)

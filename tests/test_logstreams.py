@@ -7,10 +7,12 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -60,6 +62,11 @@ def within(seconds: float) -> Iterator[None]:
         _native_signal(signal.SIGALRM, before)
 
 
+def in_a_worker(*args: object) -> logstreams.Outlet | None:
+    """An outlet as a worker has it: its loop writes what waits."""
+    return logstreams.outlet(*args, loop=gevent.get_hub().loop)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def pipe() -> Iterator[tuple[int, int]]:
     read, write = os.pipe()
@@ -102,7 +109,7 @@ def numbers(out: bytes) -> list[int]:
 
 def test_a_line_goes_out_at_once_while_the_reader_keeps_up(pipe) -> None:  # type: ignore[no-untyped-def]
     read, write = pipe
-    outlet = logstreams.outlet(write, "stdout", 4096)
+    outlet = in_a_worker(write, "stdout", 4096)
     assert outlet is not None
     outlet.write(line(1))
     assert os.read(read, 1 << 16) == line(1).encode()  # no switch to the loop: written
@@ -114,7 +121,7 @@ def test_a_full_pipe_costs_the_writer_nothing_and_what_it_kept_arrives_in_order(
 ) -> None:  # type: ignore[no-untyped-def]
     read, write = pipe
     counted: list[tuple[str, int]] = []
-    outlet = logstreams.outlet(write, "stderr", 1 << 20, lambda name, n: counted.append((name, n)))
+    outlet = in_a_worker(write, "stderr", 1 << 20, lambda name, n: counted.append((name, n)))
     assert outlet is not None
     with within(2.0):  # 200 KB, three times what the pipe holds, nobody reading
         for i in range(3000):
@@ -127,7 +134,7 @@ def test_a_full_pipe_costs_the_writer_nothing_and_what_it_kept_arrives_in_order(
 def test_past_the_backlog_lines_are_dropped_whole_counted_and_reported(pipe, caplog) -> None:  # type: ignore[no-untyped-def]
     read, write = pipe
     counted: list[tuple[str, int]] = []
-    outlet = logstreams.outlet(write, "stdout", 8192, lambda name, n: counted.append((name, n)))
+    outlet = in_a_worker(write, "stdout", 8192, lambda name, n: counted.append((name, n)))
     assert outlet is not None
     with within(2.0):
         for i in range(3000):
@@ -152,7 +159,7 @@ def test_past_the_backlog_lines_are_dropped_whole_counted_and_reported(pipe, cap
 
 def test_a_line_longer_than_the_room_goes_out_whole_in_pieces(pipe) -> None:  # type: ignore[no-untyped-def]
     read, write = pipe
-    outlet = logstreams.outlet(write, "stdout", 1 << 20)
+    outlet = in_a_worker(write, "stdout", 1 << 20)
     assert outlet is not None
     with within(2.0):
         outlet.write(line(0, 40_000))
@@ -164,7 +171,7 @@ def test_a_line_longer_than_the_room_goes_out_whole_in_pieces(pipe) -> None:  # 
 def test_other_threads_write_without_waiting_too(pipe) -> None:  # type: ignore[no-untyped-def]
     """The database's pool threads log too: their lines wait in the same backlog."""
     read, write = pipe
-    outlet = logstreams.outlet(write, "stderr", 1 << 20)
+    outlet = in_a_worker(write, "stderr", 1 << 20)
     assert outlet is not None
     done = _native_lock()
     done.acquire()
@@ -184,7 +191,7 @@ def test_the_shared_description_stays_as_it_was(pipe) -> None:  # type: ignore[n
     """The master and the other workers write to the same pipe, waiting as before: only
     the outlet's own way into it is non-blocking."""
     _read, write = pipe
-    outlet = logstreams.outlet(write, "stdout", 4096)
+    outlet = in_a_worker(write, "stdout", 4096)
     assert outlet is not None
     assert os.get_blocking(write) and not os.get_blocking(outlet._fd)
 
@@ -192,7 +199,7 @@ def test_the_shared_description_stays_as_it_was(pipe) -> None:  # type: ignore[n
 def test_a_socket_is_written_without_waiting_and_left_blocking_for_the_others() -> None:
     mine, reader = socket.socketpair()  # as systemd's journal gives a service's stdout
     with mine, reader:
-        outlet = logstreams.outlet(mine.fileno(), "stdout", 1 << 22)
+        outlet = in_a_worker(mine.fileno(), "stdout", 1 << 22)
         assert outlet is not None
         with within(2.0):
             for i in range(20_000):  # 1.4 MB: more than the socket's buffers hold
@@ -211,12 +218,12 @@ def test_a_socket_is_written_without_waiting_and_left_blocking_for_the_others() 
 
 def test_a_regular_file_is_left_as_it_is(tmp_path: Path) -> None:
     with open(tmp_path / "log", "w") as file:
-        assert logstreams.outlet(file.fileno(), "stdout", 4096) is None
+        assert in_a_worker(file.fileno(), "stdout", 4096) is None
 
 
 def test_at_exit_what_waits_gets_its_time_and_no_more(pipe) -> None:  # type: ignore[no-untyped-def]
     read, write = pipe
-    outlet = logstreams.outlet(write, "stdout", 1 << 20)
+    outlet = in_a_worker(write, "stdout", 1 << 20)
     assert outlet is not None
     with within(2.0):
         for i in range(2000):
@@ -245,6 +252,93 @@ def test_at_exit_what_waits_gets_its_time_and_no_more(pipe) -> None:  # type: ig
     assert numbers(got) == list(range(2000))
 
 
+def test_without_a_loop_what_waits_goes_out_first_with_the_next_line(pipe) -> None:  # type: ignore[no-untyped-def]
+    """gunicorn's master has no loop: what waits goes out, in order, when it next writes,
+    and then a line says how many were dropped."""
+    read, write = pipe
+    outlet = logstreams.outlet(write, "stderr", 8192)
+    assert outlet is not None
+    with within(2.0):
+        for i in range(1500):
+            outlet.write(line(i))
+    assert outlet.waiting > 0 and outlet.dropped > 0
+    got = b""
+    while True:  # the reader takes what the pipe holds; nothing more comes by itself
+        try:
+            got += os.read(read, 1 << 16)
+        except BlockingIOError:
+            break
+    assert outlet.waiting > 0
+    outlet.write(line(5000))
+    got += os.read(read, 1 << 16)
+    note = f"gateway: {outlet.dropped} log lines to stderr were dropped: its reader fell 8192 bytes behind\n"
+    assert got.endswith(note.encode() + line(5000).encode())
+    kept = numbers(got[: -len(note) - len(line(5000))])
+    assert kept == list(range(len(kept))) and len(kept) + outlet.dropped == 1500
+
+
+def test_a_line_logged_by_a_signal_handler_mid_write_comes_after_it_whole(pipe) -> None:  # type: ignore[no-untyped-def]
+    """gunicorn's master logs from its SIGCHLD handler, which may run between the
+    system's taking part of a line and the outlet's keeping the rest."""
+    read, write = pipe
+    own = os.open(f"/proc/self/fd/{write}", os.O_WRONLY | os.O_NONBLOCK)
+    interrupted = False
+
+    def send(data: bytes) -> int:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            taken = os.write(own, data[:10])  # the system took part of the line ...
+            outlet.write(line(2))  # ... and a signal's handler logged
+            return taken
+        return os.write(own, data)
+
+    outlet = logstreams.Outlet("stderr", send, own, write, 1 << 20)
+    outlet.write(line(1, 200))
+    outlet.write(line(3))
+    try:
+        assert numbers(os.read(read, 1 << 16)) == [1, 2, 3]
+    finally:
+        os.close(own)
+
+
+def test_a_forked_child_writes_its_own_lines_not_its_parents(pipe) -> None:  # type: ignore[no-untyped-def]
+    """The master forks its workers with lines waiting: a child writing them too would
+    double them. ``install`` has each child forget them (the hook registered here)."""
+    read, write = pipe
+    outlet = logstreams.outlet(write, "stdout", 1 << 20)
+    assert outlet is not None
+    os.register_at_fork(after_in_child=outlet.forget)
+    with within(2.0):
+        for i in range(1500):
+            outlet.write(line(i))
+    assert outlet.waiting > 0
+    got = bytearray()
+    stop = _native_lock()
+    stop.acquire()
+
+    def reader() -> None:
+        while not stop.acquire(timeout=0.002):
+            with suppress(BlockingIOError):
+                got.extend(os.read(read, 1 << 16))
+        stop.release()
+
+    child = os.fork()
+    if child == 0:  # the child: its own line, then its exit's wait for the reader
+        try:
+            outlet.write(line(9000))
+            logstreams.finish([outlet], 5.0)
+        finally:
+            os._exit(0)
+    _native_thread(reader, ())
+    assert os.waitpid(child, 0)[1] == 0
+    assert logstreams.finish([outlet], 5.0)
+    _native_sleep(0.1)
+    stop.release()
+    _native_sleep(0.05)
+    assert sorted(numbers(bytes(got))) == [*range(1500), 9000]
+
+
 _OPS = st.lists(
     st.one_of(
         st.tuples(st.just("write"), st.integers(0, 100_000), st.booleans()),
@@ -264,7 +358,7 @@ def test_whatever_the_reader_does_it_gets_whole_lines_in_order_and_the_rest_coun
     read, write = os.pipe()
     os.set_blocking(read, False)
     try:
-        outlet = logstreams.outlet(write, "stdout", backlog)
+        outlet = in_a_worker(write, "stdout", backlog)
         assert outlet is not None
         got = b""
         sent: list[str] = []
@@ -300,6 +394,66 @@ DROPPED = re.compile(
 )
 
 
+class OnAPipe:
+    """A real gunicorn (2 workers, SQLite, the access log on) whose stdout and stderr go
+    to a pipe the test reads only once it says so: a stalled log driver until then."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        self.read = read
+        self.database = tmp_path / "gateway.db"
+        self.gw = Gateway(
+            f"sqlite:///{self.database}",
+            tmp_path / "instance",
+            workers=2,
+            output=write,
+            GATEWAY_ACCESS_LOG="-",
+            GATEWAY_LOG_BACKLOG="16384",
+        )
+        os.close(write)
+        self.got = bytearray()
+        self.reading = False
+        self._drain = gevent.spawn(self._reader)
+
+    def _reader(self) -> None:
+        while True:
+            if self.reading:
+                try:
+                    piece = os.read(self.read, 1 << 16)
+                except BlockingIOError:
+                    piece = None
+                if piece == b"":
+                    return  # every writer closed it: the gateway stopped
+                if piece:
+                    self.got.extend(piece)
+                    continue
+            gevent.sleep(0.005)
+
+    def calls(self, fake: Any, count: int) -> None:
+        """``count`` JSON calls, one at a time, each answered 200 within 5 s."""
+        route = self.gw.setup_route(fake.url, key={"rpmLimit": 10**6, "tpmLimit": 10**9})
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {route['key']}"
+        body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(count):
+            answer = session.post(f"{self.gw.url}/v1/chat/completions", json=body, timeout=5)
+            assert answer.status_code == 200, answer.text
+
+    def close(self) -> list[str]:
+        """Stop the gateway (if running), read the rest; the lines read, each whole."""
+        self.reading = True
+        self.gw.stop()
+        self._drain.join(timeout=10)
+        self._drain.kill()
+        os.close(self.read)
+        lines = self.got.decode().splitlines(keepends=True)
+        forms = (ACCESS_LINE, GATEWAY_LINE, GUNICORN_LINE, PREPARE_LINE)
+        torn = [each for each in lines if not any(form.fullmatch(each) for form in forms)]
+        assert not torn, torn[:5]
+        return lines
+
+
 @pytest.mark.server
 def test_a_log_reader_that_stopped_reading_stops_no_call(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """stdout and stderr to a pipe nobody reads, as a stalled log driver leaves them, with
@@ -307,50 +461,17 @@ def test_a_log_reader_that_stopped_reading_stops_no_call(fake, tmp_path: Path) -
     pipe's 64 KB, and every call of it with it. Now every call is answered and recorded;
     once the reader reads again, each line it gets is whole, and the lines dropped are
     reported as many as the metric counted."""
-    read, write = os.pipe()
-    os.set_blocking(read, False)
-    gw = Gateway(
-        f"sqlite:///{tmp_path / 'gateway.db'}",
-        tmp_path / "instance",
-        workers=2,
-        output=write,
-        GATEWAY_ACCESS_LOG="-",
-        GATEWAY_LOG_BACKLOG="16384",
-    )
-    os.close(write)
-    got = bytearray()
-    reading = False
-
-    def reader() -> None:
-        while True:
-            if reading:
-                try:
-                    piece = os.read(read, 1 << 16)
-                except BlockingIOError:
-                    piece = None
-                if piece == b"":
-                    return  # every writer closed it: the gateway stopped
-                if piece:
-                    got.extend(piece)
-                    continue
-            gevent.sleep(0.005)
-
-    drain = gevent.spawn(reader)
+    piped = OnAPipe(tmp_path)
+    gw = piped.gw
     try:
-        route = gw.setup_route(fake.url, key={"rpmLimit": 10**6, "tpmLimit": 10**9})
-        calls = requests.Session()
-        calls.headers["Authorization"] = f"Bearer {route['key']}"
-        body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
-        for _ in range(CALLS):  # about 190 KB of access log: three pipes' worth
-            answer = calls.post(f"{gw.url}/v1/chat/completions", json=body, timeout=5)
-            assert answer.status_code == 200, answer.text
+        piped.calls(fake, CALLS)  # about 190 KB of access log: three pipes' worth
         assert wait_until(lambda: gw.metric("nexusgate_completions_total") == CALLS)
         dropped = gw.metric("gateway_log_lines_dropped_total")
         assert dropped > 0
-        reading = True
+        piped.reading = True
         reported = wait_until(
             lambda: (
-                (found := [int(n) for n in DROPPED.findall(got.decode())])
+                (found := [int(n) for n in DROPPED.findall(piped.got.decode())])
                 and sum(found) == gw.metric("gateway_log_lines_dropped_total")
                 and found
             ),
@@ -358,23 +479,26 @@ def test_a_log_reader_that_stopped_reading_stops_no_call(fake, tmp_path: Path) -
         )
         assert sum(reported) >= dropped
     finally:
-        reading = True
-        gw.stop()
-        drain.join(timeout=10)
-        drain.kill()
-        os.close(read)
-    text = got.decode()
-    lines = text.splitlines(keepends=True)
-    torn = [
-        each
-        for each in lines
-        if not any(
-            form.fullmatch(each)
-            for form in (ACCESS_LINE, GATEWAY_LINE, GUNICORN_LINE, PREPARE_LINE)
-        )
-    ]
-    assert not torn, torn[:5]
+        lines = piped.close()
     assert sum('"POST /v1/chat/completions HTTP/1.1" 200' in each for each in lines) < CALLS
+
+
+@pytest.mark.server
+def test_a_log_reader_that_stopped_reading_stops_no_shutdown(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The master says "Handling signal: term" before it passes a SIGTERM on: with the
+    pipe full it used to wait there, and a container's stop ended in its SIGKILL. Now
+    the whole instance stops in seconds, every call recorded, with nobody reading."""
+    piped = OnAPipe(tmp_path)
+    try:
+        piped.calls(fake, 800)  # about 100 KB: the pipe is full
+        started = time.monotonic()
+        assert piped.gw.stop(timeout=30) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        piped.close()
+    with sqlite3.connect(piped.database) as database:
+        statuses = database.execute("SELECT status, count(*) FROM completions GROUP BY 1")
+        assert dict(statuses.fetchall()) == {"completed": 800}
 
 
 CALLS = 1500
