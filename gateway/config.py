@@ -127,8 +127,9 @@ DEFAULTS: dict[str, object] = {
     "WORKER_TIMEOUT": 30,  # gunicorn's heartbeat watchdog
     "MAX_REQUESTS": 0,  # recycle a worker after this many requests; 0: never
     "ACCESS_LOG": "-",  # "-": stdout; empty: none
-    # Bytes of log lines a worker keeps for a stdout or stderr whose reader fell behind
-    # (a pipe or socket: logstreams.py); past them, lines are dropped and counted.
+    # Bytes of log lines each process (workers, gunicorn's master) keeps for a stdout or
+    # stderr whose reader fell behind (a pipe or socket: logstreams.py); past them,
+    # lines are dropped and counted.
     "LOG_BACKLOG": 1048576,
     # OpenTelemetry: every finished call as an OTLP span (README "OpenTelemetry"); the
     # standard OTEL_* variables configure the exporter. None: on when an OTLP endpoint is

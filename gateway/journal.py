@@ -9,11 +9,11 @@ Rows the database refused (a data error, not an outage) go to ``refused-<pid>.js
 they are replayed only when an operator asks (``replay(write, "refused")``, by the
 ``replay-refused`` command, once the cause is fixed), whoever's they are: an append
 holds an ``flock`` and checks its file is still the one its path names, so a claim
-taken meanwhile loses nothing. A process counts as alive only if its pid is
-and that process was already running when the file last changed: a pid taken again by
-another process (a container restarted on the same volume numbers its processes from 1
-again: its master or a CLI can get a dead worker's pid) does not hold a dead worker's
-rows back for as long as it runs. A line that is not a whole row (the process was killed
+taken meanwhile loses nothing. A file's owner counts as alive only if its pid is
+alive and the process holding it was already running when the file last changed: a
+process that took the pid later (a container restarted on the same volume numbers its
+processes from 1 again: its master or a CLI can get a dead worker's pid) does not hold
+a dead worker's rows back for as long as it runs. A line that is not a whole row (the process was killed
 mid-append) is kept aside in ``torn-<pid>.jsonl`` and the rest of its file is
 replayed; an append that fails (a full disk) is cut off again, and raises. Journals
 hold prompts: every file is its owner's alone (0600), in a directory of its owner's

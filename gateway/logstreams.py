@@ -20,10 +20,11 @@ it writes as before. A regular file is left as it is: its writes wait for the di
 for a reader.
 
 ``install`` runs in gunicorn's master as it starts (gunicorn.conf.py's ``on_starting``,
-through ``accesslog.RedactingLogger.never_wait_for_readers``), and in each worker once its app is built
-(``GatewayWorker.load_wsgi``), with the worker's loop: every handler writing to stdout or
-stderr, ``sys.stdout`` and ``sys.stderr`` (gevent's tracebacks, ``print``) write through
-an outlet from then on. At exit, what still waits gets ``EXIT_WAIT`` seconds.
+through ``accesslog.RedactingLogger.never_wait_for_readers``), and in each worker once
+its app is built (``GatewayWorker.load_wsgi``), with the worker's loop: every handler
+writing to stdout or stderr, ``sys.stdout`` and ``sys.stderr`` (gevent's tracebacks,
+``print``) write through an outlet from then on. At exit, what still waits gets
+``EXIT_WAIT`` seconds.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def outlet(
     loop: Any = None,
 ) -> Outlet | None:
     """An outlet for the process's descriptor ``fileno``; None where its writes do not
-    wait for a reader (a regular file) or no way of the worker's own into it is found."""
+    wait for a reader (a regular file) or no way of the process's own into it is found."""
     try:
         mode = os.fstat(fileno).st_mode
     except OSError:
