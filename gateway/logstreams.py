@@ -35,6 +35,7 @@ import functools
 import io
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -49,6 +50,10 @@ from gevent import monkey
 log = logging.getLogger(__name__)
 
 EXIT_WAIT = 1.0  # seconds the lines still waiting at exit get
+# Waiting lines are written several at a time, in at most PIPE_BUF bytes: a pipe takes
+# such a write whole or not at all, so no other process's line lands inside it (the
+# master and every worker write to the same pipe).
+_GATHER = select.PIPE_BUF
 _WRITABLE = 2  # libev's EV_WRITE
 
 # Taken by any thread that logs (the database's pool threads too), never held across a
@@ -186,10 +191,10 @@ class Outlet(io.TextIOBase):
             self._watching = True
             self._loop.run_callback_threadsafe(self._watch_for_room)
 
-    def _drop(self) -> None:
-        self.dropped += 1
-        self._unreported += 1
-        self._uncounted += 1
+    def _drop(self, lines: int = 1) -> None:
+        self.dropped += lines
+        self._unreported += lines
+        self._uncounted += lines
         if not self._counting and self._on_dropped is not None:
             self._counting = True
             self._loop.run_callback_threadsafe(self._count)
@@ -226,21 +231,29 @@ class Outlet(io.TextIOBase):
             self._write_waiting()
 
     def _write_waiting(self) -> None:
-        while self._waiting:
-            head = self._waiting[0]
+        """Write what waits, several lines a system call (``_GATHER``), until the reader
+        has no more room."""
+        waiting = self._waiting
+        while waiting:
+            if len(waiting) > 1 and len(waiting[0]) + len(waiting[1]) <= _GATHER:
+                parts, size = [], 0
+                while waiting and size + len(waiting[0]) <= _GATHER:
+                    parts.append(waiting.popleft())
+                    size += len(parts[-1])
+                waiting.appendleft(b"".join(parts))
+            head = waiting[0]
             sent = self._try(head)
             if sent is None:  # the stream is gone: what waits is dropped
-                for _ in self._waiting:
-                    self._drop()
+                self._drop(max(1, sum(part.count(b"\n") for part in waiting)))
                 self._size = 0
-                self._waiting.clear()
+                waiting.clear()
                 return
             self._size -= sent
             if sent < len(head):
                 if sent:
-                    self._waiting[0] = head[sent:]
+                    waiting[0] = head[sent:]
                 return
-            self._waiting.popleft()
+            waiting.popleft()
 
     def _count(self) -> None:
         with self._lock:
