@@ -54,9 +54,11 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     )
 
 
-# In a directory this file made: the master's pid and pid namespace, so that a later
-# start can tell the directory of a master killed before on_exit (kill -9, the OOM
-# killer) from a live one's, and remove it: /dev/shm is memory, freed only by reboot.
+# In a directory this file made: the master's pid, pid namespace and start (clock ticks
+# after boot), so that a later start can tell the directory of a master killed before
+# on_exit (kill -9, the OOM killer) from a live one's, and remove it: /dev/shm is
+# memory, freed only by reboot. The start tells a live master from a process that took
+# a dead one's pid.
 METRICS_DIR_OWNER = "master"
 
 
@@ -77,15 +79,31 @@ def _alive(pid):
     return True
 
 
+def _started(pid):
+    """Process ``pid``'s start in clock ticks after boot (/proc/<pid>/stat), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _owner(path):
-    """The (pid, pid namespace) of the master that made metrics directory ``path``, or
-    None: someone else's, its master not started yet, or from before the owner file."""
+    """The (pid, pid namespace, start or None) of the master that made metrics directory
+    ``path``, or None: someone else's, its master not started yet, or from before the
+    owner file. A file without the start (an older version's) gives None for it."""
     try:
         with open(os.path.join(path, METRICS_DIR_OWNER)) as fh:
-            pid, namespace = fh.read().split(" ", 1)
-        return int(pid), namespace
+            pid, namespace, *started = fh.read().split(" ")
+        return int(pid), namespace, int(started[0]) if started else None
     except (OSError, ValueError):
         return None
+
+
+def _running(owner):
+    """True while the master ``owner`` names runs: its pid, started when it started."""
+    pid, _, started = owner
+    return _alive(pid) and (started is None or _started(pid) in (started, None))
 
 
 def _remove_dead_masters_metrics(parent, namespace):
@@ -93,7 +111,7 @@ def _remove_dead_masters_metrics(parent, namespace):
     for path in glob.glob(os.path.join(parent, METRICS_DIR_PREFIX + "*")):
         owner = _owner(path)
         # A pid of another namespace (a container sharing /dev/shm) says nothing here.
-        if owner is not None and owner[1] == namespace and not _alive(owner[0]):
+        if owner is not None and owner[1] == namespace and not _running(owner):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -108,7 +126,7 @@ def on_starting(server):
     if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX) and namespace:
         # The master's pid now, after gunicorn's --daemon fork, not at this file's load.
         with open(os.path.join(metrics_dir, METRICS_DIR_OWNER), "w") as fh:
-            fh.write(f"{os.getpid()} {namespace}")
+            fh.write(f"{os.getpid()} {namespace} {_started(os.getpid())}")
         _remove_dead_masters_metrics(os.path.dirname(metrics_dir), namespace)
     host, _, port = bind.rpartition(":")
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "[::]") else host

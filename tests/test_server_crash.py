@@ -174,9 +174,10 @@ def metrics_dir_of(master: int) -> Path | None:
 def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """By default an instance's metrics files live in /dev/shm, memory until reboot;
     its master removes them at exit. A master killed with -9 cannot: the next instance
-    to start on the host removes its directory. Never a live master's (here the test
-    process stands for one), nor one whose pid is of another pid namespace, nor one
-    whose owner cannot be read."""
+    to start on the host removes its directory, and that of a master whose pid another
+    process took since (it started later). Never a live master's (here the test process
+    stands for one, in the owner file's older form too), nor one whose pid is of another
+    pid namespace, nor one whose owner cannot be read."""
     url = f"sqlite:///{tmp_path / 'gateway.db'}"
     migrate(handle := open_database(url))
     handle.close()
@@ -186,8 +187,15 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
     doomed_dir = metrics_dir_of(doomed.proc.pid)
     assert doomed_dir is not None
     namespace = os.readlink("/proc/self/ns/pid")
-    kept = []
-    for owner in (f"{os.getpid()} {namespace}", f"{doomed.proc.pid} pid:[1]", "garbage"):
+    started = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+    kept, taken = [], Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=doomed_dir.parent))
+    (taken / "master").write_text(f"{os.getpid()} {namespace} {int(started) - 1}")
+    for owner in (
+        f"{os.getpid()} {namespace} {started}",
+        f"{os.getpid()} {namespace}",
+        f"{doomed.proc.pid} pid:[1] 1",
+        "garbage",
+    ):
         kept.append(Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=doomed_dir.parent)))
         (kept[-1] / "master").write_text(owner)
     try:
@@ -198,6 +206,7 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
         assert doomed_dir.exists(), "nothing ran at its exit"
         later = Gateway(url, tmp_path / "later", **default)
         assert not doomed_dir.exists(), "the dead master's directory is still there"
+        assert not taken.exists(), "a master whose pid was taken since is taken for alive"
         assert all(path.exists() for path in kept), "a live or unknown master's went"
         later_dir = metrics_dir_of(later.proc.pid)
         assert later_dir is not None and later_dir.exists()
@@ -206,5 +215,5 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
         for gw in (doomed, later):
             if gw is not None:
                 gw.stop()
-        for path in kept:
+        for path in [*kept, taken]:
             shutil.rmtree(path, ignore_errors=True)
