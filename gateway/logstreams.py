@@ -153,7 +153,7 @@ class Outlet(io.TextIOBase):
     def _write(self, data: bytes) -> None:
         if self._waiting and self._loop is None:  # no loop to write them: now
             self._write_waiting()
-            self._reported()
+            self._report_here()
         if self._waiting:  # behind what waits
             self._queue(data)
             return
@@ -222,7 +222,7 @@ class Outlet(io.TextIOBase):
         if dropped:
             gevent.spawn(self._report, dropped)
 
-    def _reported(self) -> None:
+    def _report_here(self) -> None:
         """Without a loop: once what waits is out, say here how many lines were dropped."""
         if not self._waiting and self._unreported:
             note = f"gateway: {_dropped(self._unreported, self.name, self._backlog)}\n"
@@ -284,7 +284,7 @@ class Outlet(io.TextIOBase):
                 self._sending = True
                 try:
                     self._write_waiting()
-                    self._reported()
+                    self._report_here()
                 finally:
                     self._sending = False
                 if not self._waiting:
@@ -315,11 +315,9 @@ def outlet(
         return None
     if stat.S_ISSOCK(mode):
         # The C socket type: gevent's would make the shared description non-blocking.
-        sock = _socket.socket(fileno=os.dup(fileno))
+        sock = _socket.socket(fileno=os.dup(fileno))  # open as long as ``send`` holds it
         send = functools.partial(_send_now, sock)
-        made = Outlet(name, send, sock.fileno(), fileno, backlog, on_dropped, loop)
-        made._socket = sock  # type: ignore[attr-defined]  # kept open as long as the outlet
-        return made
+        return Outlet(name, send, sock.fileno(), fileno, backlog, on_dropped, loop)
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
         try:
             own = os.open(
