@@ -3,14 +3,14 @@
 Environment: PORT, HOST, GATEWAY_WORKERS, GATEWAY_WORKER_CONNECTIONS,
 GATEWAY_GRACEFUL_TIMEOUT (in-flight calls and drains get this long after SIGTERM),
 GATEWAY_WORKER_TIMEOUT (heartbeat watchdog), GATEWAY_MAX_REQUESTS (0: never recycle),
-GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL, GATEWAY_LOG_BACKLOG; their defaults are in
-gateway/config.py, read here as a file. Nothing from the gateway is imported here, at
-module level or in a hook: this file runs in the master, before gevent patches threading
-(see gateway/db.py), and the master's imports are inherited by every worker it forks.
-What the master needs of the gateway comes through the classes gunicorn imports: the
-logger (gateway/accesslog.py, which imports no peewee; ``on_starting`` asks it to stop
-waiting for slow log readers) and the worker. Finishing calls and records at exit is the
-worker class's job (gateway/worker.py).
+GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL, GATEWAY_LOG_BACKLOG; their defaults, and what
+every setting may be (checked here first), are in gateway/config.py, read here as a file.
+Nothing from the gateway is imported here, at module level or in a hook: this file runs
+in the master, before gevent patches threading (see gateway/db.py), and the master's
+imports are inherited by every worker it forks. What the master needs of the gateway
+comes through the classes gunicorn imports: the logger (gateway/accesslog.py, which
+imports no peewee; ``on_starting`` asks it to stop waiting for slow log readers) and the
+worker. Finishing calls and records at exit is the worker class's job (gateway/worker.py).
 """
 
 import glob
@@ -22,7 +22,12 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULTS = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))["DEFAULTS"]
+CONFIG = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))
+DEFAULTS = CONFIG["DEFAULTS"]
+
+# A wrong value stops the start here, before anything is forked, with a line naming it.
+if wrong := CONFIG["problems"](CONFIG["from_environment"](os.environ)):
+    sys.exit("The gateway cannot start:\n" + "\n".join(wrong))
 
 
 def _env(name: str, prefix: str = "GATEWAY_") -> str:

@@ -14,11 +14,16 @@ from typing import Any
 
 from flask import Flask
 
-from gateway.config import DEFAULTS, INSTANCE, ROOT
+from gateway.config import DEFAULTS, INSTANCE, ROOT, UNPREFIXED, problems
+
+
+class SettingsError(ValueError):
+    """A knob's value is not what it may be; the message names each, one a line."""
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: defaults, then GATEWAY_* and the unprefixed names, then ``config``."""
+    """Build the app: defaults, then GATEWAY_* and the unprefixed names, then ``config``;
+    a value a setting cannot take raises ``SettingsError``, naming each."""
     app = Flask(
         __name__,
         instance_path=str(INSTANCE),
@@ -32,10 +37,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             app.config[name] = os.environ[name]
     if config:
         app.config.update(config)
+    # PORT and HOST are gunicorn.conf.py's, from variables without the prefix.
+    if wrong := problems({k: v for k, v in app.config.items() if k not in UNPREFIXED}):
+        raise SettingsError("\n".join(wrong))
     app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", str(ROOT / "translations"))
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
     logging.basicConfig(
-        level=app.config["LOG_LEVEL"],
+        level=app.config["LOG_LEVEL"].upper(),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
 

@@ -1,14 +1,19 @@
-"""Defaults for every knob, and where the project lives.
+"""Defaults for every knob, what each may be, and where the project lives.
 
 ``create_app`` loads these, then ``GATEWAY_*`` environment variables (with the prefix
 removed: ``GATEWAY_DRAIN_TIMEOUT=60`` sets ``DRAIN_TIMEOUT``; values are parsed as
 JSON where they can be), then ``DATABASE_URL``, ``REDIS_URL`` and
-``ADMIN_SUPER_SECRET``, then the mapping a test passes.
+``ADMIN_SUPER_SECRET``, then the mapping a test passes; ``problems`` then says what is
+wrong with any of them, before anything starts. gunicorn.conf.py reads this file as a
+file (it imports nothing of the gateway), so it imports only the standard library.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +143,166 @@ DEFAULTS: dict[str, object] = {
     "OTEL_DEFAULT_SERVICE_NAME": "llm-gateway",  # unless OTEL_SERVICE_NAME names one
     "OTEL_CONTENT_MAX_CHARS": 8192,  # per message part, when content is captured; 0: no cut
 }
+
+
+# -- What each knob may be ------------------------------------------------------------
+#
+# A wrong value stops the start with one line naming the variable (``problems``), where
+# it used to stop it with a traceback from deep inside a worker's boot, or not at all:
+# some knobs are read only when a call or a page needs them, which then failed.
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a finite number, or None (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _seconds(least: float, above: bool = False) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        n = _number(value)
+        if n is None or n < least or (above and n == least):
+            return f"a number of seconds {'above' if above else 'at least'} {least:g}"
+        return None
+
+    return check
+
+
+def _count(least: int, most: int | None = None) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        n = _number(value)
+        if n is None or not n.is_integer() or n < least or (most is not None and n > most):
+            return f"a whole number from {least}" + (f" to {most}" if most is not None else "")
+        return None
+
+    return check
+
+
+def _optional(check: Callable[[object], str | None]) -> Callable[[object], str | None]:
+    def optional(value: object) -> str | None:
+        if value is None or value == "":
+            return None
+        reason = check(value)
+        return reason and f"{reason}, or empty"
+
+    return optional
+
+
+def _one_of(*choices: str) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        if isinstance(value, str) and value.upper() in choices:
+            return None
+        return "one of " + ", ".join(c.lower() for c in choices)
+
+    return check
+
+
+def _switch(value: object) -> str | None:
+    if value is None or (value in (0, 1) and not isinstance(value, float)):
+        return None
+    if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
+        return None
+    return "true or false, or empty (on when an OTLP endpoint is configured)"
+
+
+_SWITCH_WORDS = ("", "true", "false", "1", "0", "yes", "no", "on", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The knobs with a rule; the others are text (URLs, paths, names, secrets), checked
+# where they are used.
+RULES: dict[str, Callable[[object], str | None]] = {
+    "REDIS_TIMEOUT": _seconds(0, above=True),
+    "REDIS_CONNECT_TIMEOUT": _seconds(0, above=True),
+    "REDIS_RETRY_AFTER": _seconds(0),
+    "INFLIGHT_TTL": _seconds(0, above=True),
+    "DEDUP_TTL": _seconds(0),
+    "LOGIN_ATTEMPTS": _count(1),
+    "LOGIN_WINDOW": _seconds(0, above=True),
+    "ON_DISCONNECT": _one_of("DRAIN", "CANCEL"),
+    "DRAIN_TIMEOUT": _seconds(0),
+    "MAX_DRAINS": _count(0),
+    "CALL_TIMEOUT": _seconds(0, above=True),
+    "CONNECT_TIMEOUT": _seconds(0, above=True),
+    "READ_TIMEOUT": _seconds(0, above=True),
+    "CLIENT_WRITE_TIMEOUT": _seconds(0, above=True),
+    "HEARTBEAT_INTERVAL": _seconds(0, above=True),
+    "UPSTREAM_POOL_SIZE": _count(1),
+    "COUNT_TOKENS_TIMEOUT": _seconds(0, above=True),
+    "TRIES_PER_PROVIDER": _count(1),
+    "BACKOFF_MIN": _seconds(0),
+    "BACKOFF_MAX": _seconds(0),
+    "MAX_BODY_BYTES": _count(1),
+    "EMBEDDING_RECORD_VALUES": _count(0),
+    "CACHE_TTL": _seconds(0),
+    "KEY_LOOKUP_WAIT": _seconds(0),
+    "DB_CONNECT_TIMEOUT": _seconds(0, above=True),
+    "DB_TIMEOUT": _seconds(0, above=True),
+    "RECORDER_WRITERS": _optional(_count(0)),
+    "RECORDER_BATCH": _count(1),
+    "RECORDER_INTERVAL": _seconds(0),
+    "RECORDER_LINGER": _seconds(0),
+    "PROCESS_HEARTBEAT": _seconds(0),  # 0: no heartbeat (a test app)
+    "PROCESS_DEAD_AFTER": _seconds(0, above=True),
+    "SWEEP_INTERVAL": _seconds(0),
+    "SWEEP_AFTER": _optional(_seconds(0, above=True)),
+    "PROBE_INTERVAL": _seconds(0, above=True),
+    "SEARCH_COUNT_CAP": _count(0),
+    "SRV_LOG_LEVEL": _one_of(*LOG_LEVELS, "OFF", ""),
+    "SRV_LOG_INTERVAL": _seconds(0, above=True),
+    "SRV_LOG_QUEUE": _count(1),
+    "SRV_LOG_BURST": _count(1),
+    "SRV_LOG_WINDOW": _seconds(0, above=True),
+    "RETENTION_DAYS": _optional(_seconds(0)),
+    "RETENTION_BODY_DAYS": _optional(_seconds(0)),
+    "RETENTION_INTERVAL": _seconds(0),
+    "RETENTION_BATCH": _count(1),
+    "RETENTION_PAUSE": _seconds(0),
+    "LOG_LEVEL": _one_of(*LOG_LEVELS),
+    "PORT": _count(0, 65535),
+    "WORKERS": _count(1),
+    "WORKER_CONNECTIONS": _count(1),
+    "GRACEFUL_TIMEOUT": _count(0),
+    "WORKER_TIMEOUT": _count(0),
+    "MAX_REQUESTS": _count(0),
+    "LOG_BACKLOG": _count(0),
+    "OTEL_EXPORT": _switch,
+    "OTEL_CONTENT_MAX_CHARS": _count(0),
+}
+# Read by gunicorn.conf.py without the GATEWAY_ prefix.
+UNPREFIXED = ("PORT", "HOST")
+
+
+def problems(values: Mapping[str, object]) -> list[str]:
+    """One line for each knob in ``values`` that is not what it may be, naming its
+    environment variable and saying what it may be; [] when all are fine."""
+    found = []
+    for name, check in RULES.items():
+        if name not in values or (reason := check(values[name])) is None:
+            continue
+        variable = name if name in UNPREFIXED else f"GATEWAY_{name}"
+        found.append(f"{variable}={_shown(values[name])} is wrong: it must be {reason}")
+    return found
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, object]:
+    """The knobs ``environ`` sets, parsed as ``create_app`` parses them (JSON where they
+    can be), for a process that builds no app (gunicorn's master)."""
+    values: dict[str, object] = {}
+    for name in DEFAULTS:
+        variable = name if name in UNPREFIXED else f"GATEWAY_{name}"
+        if variable in environ:
+            try:
+                values[name] = json.loads(environ[variable])
+            except ValueError:
+                values[name] = environ[variable]
+    return values
+
+
+def _shown(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return repr(text[:60] + ("..." if len(text) > 60 else ""))
