@@ -459,6 +459,9 @@ def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) 
         assert store.run_all([("release", ("gw:{key:7}:inflight", "next"))]) == [1]
         with pytest.raises(StoreDown, match="same key slot"):  # without one tag: refused
             store.admit([f"gw:key:7:{b.name}" for b in BUCKETS], BUCKETS)
+        heard = store.subscribe("gw:keys")
+        store.publish("gw:keys", "a-key-hash")  # its PING goes to the cluster's nodes
+        assert wait_until(lambda: heard(0.1), timeout=5) == "a-key-hash"
     finally:
         server.stop()
 

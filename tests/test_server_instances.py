@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import gevent
 import gevent.pool
@@ -212,6 +214,35 @@ def test_a_revoked_key_is_refused_by_every_worker_of_every_instance_at_once(pair
     started = time.monotonic()
     assert [call(b, key).status_code for _ in range(8)] == [401] * 8
     assert time.monotonic() - started < 5
+
+
+def test_a_key_revoked_while_redis_has_thousands_of_subscribers_to_tell_is_refused_at_once(
+    pair,
+) -> None:  # type: ignore[no-untyped-def]
+    """Redis answers a PUBLISH before it writes the message to the subscribers. With
+    4,000 others listening (pattern subscribers are written after the publisher and
+    before the channel's own), b's workers heard of the revocation milliseconds after
+    a's DELETE answered: 7 calls in 10 made right after it were let through."""
+    a, b = pair
+    redis = urlparse(b.environ["REDIS_URL"])
+    pattern = b.environ["GATEWAY_REDIS_PREFIX"] + ":key*"
+    psubscribe = f"*2\r\n$10\r\nPSUBSCRIBE\r\n${len(pattern)}\r\n{pattern}\r\n".encode()
+    listeners = []
+    try:
+        for _ in range(4000):
+            listeners.append(socket.create_connection((redis.hostname, redis.port)))
+            listeners[-1].sendall(psubscribe)
+        for each in listeners:
+            assert each.recv(100).startswith(b"*3\r\n$10\r\npsubscribe")
+        for _ in range(6):
+            key, key_id = new_key(a)
+            for _ in range(4):  # cached by b's workers
+                assert call(b, key, **{"X-NexusGate-Provider": "nowhere"}).status_code == 404
+            a.api("DELETE", f"/apiKey/{key_id}")
+            assert call(b, key).status_code == 401
+    finally:
+        for each in listeners:
+            each.close()
 
 
 def test_wrong_secrets_are_throttled_across_instances(pair) -> None:  # type: ignore[no-untyped-def]
