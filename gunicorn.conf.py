@@ -24,24 +24,27 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))
 DEFAULTS = CONFIG["DEFAULTS"]
+# The settings the environment gives, read as the app reads them (JSON where they can be).
+SETTINGS = {**DEFAULTS, **CONFIG["from_environment"](os.environ)}
 
 # A wrong value stops the start here, before anything is forked, with a line naming it.
-if wrong := CONFIG["problems"](CONFIG["from_environment"](os.environ)):
+if wrong := CONFIG["problems"](SETTINGS):
     sys.exit("The gateway cannot start:\n" + "\n".join(wrong))
 
 
 def _env(name: str, prefix: str = "GATEWAY_") -> str:
+    """A text setting as the environment wrote it."""
     return str(os.environ.get(prefix + name, DEFAULTS[name]))
 
 
-bind = f"{_env('HOST', '')}:{_env('PORT', '')}"
-workers = int(_env("WORKERS"))
+bind = f"{_env('HOST', '')}:{int(SETTINGS['PORT'])}"
+workers = int(SETTINGS["WORKERS"])
 worker_class = "gateway.worker.GatewayWorker"
-worker_connections = int(_env("WORKER_CONNECTIONS"))
-graceful_timeout = int(_env("GRACEFUL_TIMEOUT"))
-timeout = int(_env("WORKER_TIMEOUT"))  # heartbeat watchdog; kept beating while draining
+worker_connections = int(SETTINGS["WORKER_CONNECTIONS"])
+graceful_timeout = int(SETTINGS["GRACEFUL_TIMEOUT"])
+timeout = int(SETTINGS["WORKER_TIMEOUT"])  # heartbeat watchdog; kept beating while draining
 keepalive = 75  # longer than typical load balancer idle timeouts
-max_requests = int(_env("MAX_REQUESTS"))
+max_requests = int(SETTINGS["MAX_REQUESTS"])
 max_requests_jitter = max_requests // 10
 preload_app = False  # peewee must be imported after the worker patches threading
 control_socket_disable = True  # several instances per user must not share one

@@ -145,9 +145,10 @@ class RedactingLogger(Logger):
         A reload's new handlers write to ``sys.stdout`` and ``sys.stderr``, outlets by
         then."""
         from gateway import logstreams
-        from gateway.config import DEFAULTS
+        from gateway.config import DEFAULTS, from_environment
 
-        logstreams.install(int(os.environ.get("GATEWAY_LOG_BACKLOG", DEFAULTS["LOG_BACKLOG"])))
+        backlog = from_environment(os.environ).get("LOG_BACKLOG", DEFAULTS["LOG_BACKLOG"])
+        logstreams.install(int(backlog))
 
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> Mapping:
         return CleanAtoms(self, resp, req, environ, request_time)

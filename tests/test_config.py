@@ -5,7 +5,7 @@ every rule's bound, and (hypothesis) against any text an environment variable ca
 it names the variable exactly when the value is not a number, word or switch the knob
 takes. What it lets through at a bound, the app takes (a fresh process builds one with
 all of them). And a real gunicorn given a wrong value exits at once with the line,
-before it forks or prepares anything.
+before it forks or prepares anything, and takes what the rules let through.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import SettingsError, create_app
 from gateway.config import DEFAULTS, RULES, UNPREFIXED, from_environment, problems
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, Gateway, children, free_port
 
 SECONDS_ABOVE_0 = [n for n, r in RULES.items() if r(0) and r(0.001) is None]
 SECONDS_FROM_0 = [n for n, r in RULES.items() if r(0) is None and r(0.5) is None and r(-1)]
@@ -252,3 +253,22 @@ def test_gunicorn_given_a_wrong_value_exits_at_once_naming_it(tmp_path: Path) ->
         "GATEWAY_LOG_BACKLOG='1MB' is wrong: it must be a whole number from 0",
     ]
     assert list(tmp_path.iterdir()) == []  # nothing prepared: no database, no secret
+
+
+def test_gunicorn_reads_its_numbers_as_the_app_does(tmp_path: Path) -> None:
+    """Whole numbers written as JSON writes them (``1.0``, ``1e6``) and levels in any
+    case are what the rules let through, so gunicorn.conf.py takes them too."""
+    gw = Gateway(
+        f"sqlite:///{tmp_path / 'gateway.db'}",
+        tmp_path / "instance",
+        GATEWAY_WORKERS="1.0",
+        GATEWAY_MAX_REQUESTS="1e3",
+        GATEWAY_LOG_BACKLOG="1e6",
+        GATEWAY_LOG_LEVEL="info",
+        GATEWAY_ON_DISCONNECT="Cancel",
+    )
+    try:
+        assert requests.get(f"{gw.url}/healthz", timeout=10).status_code == 200
+        assert len(children(gw.proc.pid)) == 1
+    finally:
+        gw.stop()
