@@ -545,14 +545,14 @@ class RedisStore:
         """Send ``message`` to every subscriber of ``channel``; return once Redis has
         written it to each of them.
 
-        Redis answers a PUBLISH before it writes the message to the subscribers (its
-        replies go out newest client first), so a caller told "done" could reach another
-        instance before the message did: with 4,000 other subscribers on the channel, a
-        revoked key's next call was let through 7 times in 10. A command sent after the
-        answer is read in a later turn of Redis's loop, which starts once every write of
-        the turn before is done: its answer means the message is on its way to every
-        subscriber. (On a Cluster, subscribers of other nodes get it through the cluster
-        bus, a moment later.)
+        Redis writes a PUBLISH's answer and the subscribers' messages in the same turn of
+        its loop, client by client, and the answer may go first: a caller told "done"
+        could reach another instance before the message did (with 4,000 other
+        subscribers on the channel, a revoked key's next call was let through 7 times in
+        10). A command sent after the answer is read in a later turn, which starts once
+        every write of the turn before is done: its answer means the message is on its
+        way to every subscriber. (On a Cluster, subscribers of other nodes get it through
+        the cluster bus, a moment later.)
         """
         try:
             self.client.publish(channel, message)

@@ -219,10 +219,10 @@ def test_a_revoked_key_is_refused_by_every_worker_of_every_instance_at_once(pair
 def test_a_key_revoked_while_redis_has_thousands_of_subscribers_to_tell_is_refused_at_once(
     pair,
 ) -> None:  # type: ignore[no-untyped-def]
-    """Redis answers a PUBLISH before it writes the message to the subscribers. With
-    4,000 others listening (pattern subscribers are written after the publisher and
-    before the channel's own), b's workers heard of the revocation milliseconds after
-    a's DELETE answered: 7 calls in 10 made right after it were let through."""
+    """Redis writes a PUBLISH's answer and its message to the subscribers in one turn,
+    client by client, the answer possibly first. With 4,000 others listening (pattern
+    subscribers), b's workers heard of a revocation after a's DELETE had answered: 7
+    calls in 10 made right after it were let through (before ``publish`` waited)."""
     a, b = pair
     redis = urlparse(b.environ["REDIS_URL"])
     pattern = b.environ["GATEWAY_REDIS_PREFIX"] + ":key*"
