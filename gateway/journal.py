@@ -13,11 +13,11 @@ taken meanwhile loses nothing. A file's owner counts as alive only if its pid is
 alive and the process holding it was already running when the file last changed: a
 process that took the pid later (a container restarted on the same volume numbers its
 processes from 1 again: its master or a CLI can get a dead worker's pid) does not hold
-a dead worker's rows back for as long as it runs. A line that is not a whole row (the process was killed
-mid-append) is kept aside in ``torn-<pid>.jsonl`` and the rest of its file is
-replayed; an append that fails (a full disk) is cut off again, and raises. Journals
-hold prompts: every file is its owner's alone (0600), in a directory of its owner's
-(0700).
+a dead worker's rows back for as long as it runs. A line that is not a whole row (the
+process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the rest of
+its file is replayed; an append that fails (a full disk) is cut off again, and raises.
+Journals hold prompts: every file is its owner's alone (0600), in a directory of its
+owner's (0700).
 """
 
 from __future__ import annotations
