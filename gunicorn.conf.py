@@ -128,7 +128,8 @@ def _remove_dead_masters_metrics(parent, namespace):
 
 def on_starting(server):
     """Migrate and make sure there is an admin secret, in a separate process."""
-    server.log.never_wait_for_readers()  # a stalled log reader must not stop the master
+    # A stalled log reader must not stop the master.
+    server.log.never_wait_for_readers(int(SETTINGS["LOG_BACKLOG"]))
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(metrics_dir, "*.db")):

@@ -11,12 +11,11 @@ where its default format prints 9), and making and cleaning them all took 137 µ
 request in a tight loop (gunicorn's own logger 44, this one 24); with the access log on
 (the default) a JSON call cost 0.18 ms more CPU than with it off. Imported by
 gunicorn's master before gevent patches anything: only ``redact`` (pure) from the
-gateway, and ``logstreams`` and ``config`` once the master starts.
+gateway, and ``logstreams`` once the master starts.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -139,16 +138,14 @@ class RedactingLogger(Logger):
     """gunicorn's logger, whose access-log atoms never hold a gateway key or credential,
     and whose lines in the master never wait for a slow reader (``logstreams``)."""
 
-    def never_wait_for_readers(self) -> None:
+    def never_wait_for_readers(self, backlog: int) -> None:
         """From now on this process's log lines never wait for a slow reader of stdout
-        or stderr (``logstreams``): gunicorn.conf.py's ``on_starting``, in the master.
-        A reload's new handlers write to ``sys.stdout`` and ``sys.stderr``, outlets by
-        then."""
+        or stderr, up to ``backlog`` bytes each (``logstreams``): gunicorn.conf.py's
+        ``on_starting``, in the master. A reload's new handlers write to ``sys.stdout``
+        and ``sys.stderr``, outlets by then."""
         from gateway import logstreams
-        from gateway.config import DEFAULTS, from_environment
 
-        backlog = from_environment(os.environ).get("LOG_BACKLOG", DEFAULTS["LOG_BACKLOG"])
-        logstreams.install(int(backlog))
+        logstreams.install(backlog)
 
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> Mapping:
         return CleanAtoms(self, resp, req, environ, request_time)
