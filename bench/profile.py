@@ -19,7 +19,8 @@ does), as ``pair.py`` does, and looks at each of the two in turn:
   and after ``--calls`` calls from 10 clients, and the difference is Python function
   calls a call (built-in ones included) and the functions called most, with what they
   cost under cProfile (which slows small functions most: read the counts, not the
-  times).
+  times); then the same by source file, a built-in's calls counted in the files that
+  called it (so a part of the work, the stream's parsing say, shows as its files' sum).
 
 Needs ``perf`` (Debian's ``linux-perf``) and the right to read other processes' counters
 (root, or ``kernel.perf_event_paranoid`` at most 1); ``--no-perf`` skips it.
@@ -220,6 +221,28 @@ def calls(target: run.Target, key: str, args: argparse.Namespace, profiles: Path
     print(f"{'calls':>9} {'µs':>7}  function (µs: its own time under cProfile)")
     for func, count in counts.most_common(args.top):
         print(f"{count / n:9.1f} {seconds[func] / n * 1e6:7.1f}  {_name(func)}")
+    files = _by_file(before, after)
+    print(f"\n{'calls':>9} {'µs':>7}  file (a built-in's calls go to its callers' files)")
+    for file, (count, spent) in sorted(files.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(f"{count / n:9.1f} {spent / n * 1e6:7.1f}  {file}")
+
+
+def _by_file(before: dict[int, dict], after: dict[int, dict]) -> dict[str, tuple[int, float]]:
+    """Calls and own time by source file, between two snapshots."""
+    files: Counter[str] = Counter()
+    spent: Counter[str] = Counter()
+    for pid, stats in after.items():
+        old = before[pid]
+        for func, (_, _, _, _, callers) in stats.items():
+            was_callers = old.get(func, (0, 0, 0.0, 0.0, {}))[4]
+            for caller, (_, ncalls, tottime, _) in callers.items():
+                was = was_callers.get(caller, (0, 0, 0.0, 0.0))
+                # A built-in's work is its caller's; a Python function's, its own file's.
+                file = _name(caller if func[0] == "~" else func).rpartition("(")[2]
+                file = file.rpartition(":")[0] or file.rstrip(")")
+                files[file] += ncalls - was[1]
+                spent[file] += tottime - was[2]
+    return {file: (files[file], spent[file]) for file in files}
 
 
 def _snapshots(pids: list[int], folder: Path) -> dict[int, dict]:
