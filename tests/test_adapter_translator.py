@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import sse
 from gateway.adapters import ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.adapter_support import frames, json_frames, stream_bytes
+from tests.fuzz_support import FUZZ
 
 REQUEST = {"model": "m", "stream": True, "stream_usage": False}
 
@@ -245,3 +248,63 @@ def test_a_json_answer_to_a_streaming_request_is_not_a_stream(
     content_type: str, accepted: bool
 ) -> None:
     assert StreamTranslator.accepts(content_type) is accepted
+
+
+# --- Hostile upstreams ---------------------------------------------------------------
+
+_WORDS = [
+    *("text", "text_delta", "thinking_delta", "input_json_delta", "tool_use", "assistant"),
+    *("message_start", "content_block_start", "content_block_delta", "end_turn", "stop"),
+    "response.output_text.delta",
+]
+_KEYS = [
+    *("type", "index", "delta", "text", "choices", "content", "content_block", "message"),
+    *("usage", "finish_reason", "tool_calls", "function", "arguments", "id", "name", "role"),
+    *("partial_json", "thinking", "item", "output_index", "response", "output", "error"),
+    *("stop_reason", "input_tokens", "output_tokens", "prompt_tokens", "sequence_number"),
+    *("item_id", "content_index", "code", "message"),
+]
+_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 3), st.text(max_size=3), st.sampled_from(_WORDS)
+)
+_hostile_values = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=2), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_hostile_events = st.lists(
+    st.tuples(
+        st.one_of(
+            st.none(),
+            st.sampled_from(
+                [
+                    *("message_start", "content_block_start", "content_block_delta"),
+                    *("message_delta", "response.output_text.delta", "response.completed"),
+                    "error",
+                ]
+            ),
+        ),
+        st.dictionaries(st.sampled_from(_KEYS), _hostile_values, max_size=5),
+    ),
+    max_size=6,
+)
+_FORMATS = [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES]
+
+
+@settings(FUZZ, max_examples=1500)
+@given(events=_hostile_events, client=st.sampled_from(_FORMATS), upstream=st.sampled_from(_FORMATS))
+def test_any_json_an_upstream_streams_is_relayed_or_a_broken_stream(events, client, upstream):
+    # JSON in shapes no protocol has (a list where an index goes, a number for a delta)
+    # is the upstream's fault, as non-JSON is: BrokenStream, never an error of the
+    # gateway's own (which records the call as the gateway's failure). The client's
+    # stream can always be ended, and the answer so far read for the record.
+    translator = StreamTranslator(client, upstream, {"stream": True, "stream_usage": True})
+    try:
+        for name, data in events:
+            translator.feed(sse.Event(event=name, data=json.dumps(data)))
+        translator.finish()
+    except BrokenStream:
+        translator.fail("Upstream failed mid-stream")  # nothing if an error event ended it
+    translator.response()

@@ -33,7 +33,8 @@ class StreamRendererBase:
         kind = event["type"]
         if kind == "error":
             message = event.get("message") or "upstream error"
-            return self._fail(message, event.get("error_type") or "api_error")
+            kind = event.get("error_type")  # an upstream's word: any JSON value it sent
+            return self._fail(str(message), kind if isinstance(kind, str) and kind else "api_error")
         self.usage = ir.merge_usage(self.usage, event.get("usage"))
         frames = [] if self.started else self._begin(event)
         if kind == "block_start":

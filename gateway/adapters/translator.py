@@ -8,10 +8,11 @@ rendered in the client's format through the IR. Either way every event is parsed
 record: ``response()`` is the answer so far, as an IR response (its ``id`` is the
 upstream's). ``finish`` ends the client's stream when the upstream's bytes end;
 ``fail`` ends it with the client protocol's error frames (numbered on from the relayed
-events where the protocol numbers them). An event whose data is not JSON raises
-``BrokenStream`` before any of it reaches the client: relaying it would hand the client
-bytes its SDK cannot parse, and skipping it would record a completed call that lost part
-of its answer.
+events where the protocol numbers them). An event whose data is not JSON, or is JSON in
+a shape its protocol has not (a list where an index goes), raises ``BrokenStream``
+before any of it reaches the client: relaying it would hand the client bytes its SDK
+cannot parse, and skipping it would record a completed call that lost part of its
+answer.
 
 A piece says what its caller keeps time on (the first token, the terminal event) and
 what counting deliveries to the client needs (SSE events, answer text). ``replay`` is
@@ -89,9 +90,16 @@ class StreamTranslator:
         return self._acc.error
 
     def feed(self, event: sse.Event) -> Piece:
-        """One upstream event: what the client gets of it (BrokenStream if it is not JSON)."""
+        """One upstream event: what the client gets of it (BrokenStream if it cannot be read)."""
         skipped = self._parser.skipped
-        events = self._parser.feed(event)
+        try:
+            events = self._parser.feed(event)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # JSON in a shape its protocol has not (a number where a list goes), which
+            # the parser met with an error: the upstream's, as for a whole answer of it.
+            raise BrokenStream(
+                f"upstream sent an event its protocol cannot carry: {event.data[:200]!r}"
+            ) from exc
         if self._parser.skipped > skipped:
             raise BrokenStream(f"upstream sent an event that is not JSON: {event.data[:200]!r}")
         return self._translate(events, event)
