@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from gateway import sse
 from gateway.adapters import ir
 from gateway.adapters import openai_chat as chat
 from gateway.errors import InvalidRequest
@@ -17,6 +20,7 @@ from tests.adapter_support import (
     parse_stream,
     stream_bytes,
 )
+from tests.fuzz_support import FUZZ
 
 USER = {"role": "user", "content": "hi"}
 PNG = "data:image/png;base64,iVBORw0KGgo="
@@ -717,6 +721,93 @@ def test_parser_on_a_recorded_tool_stream(chunk):
     assert result["usage"] == ir.usage(
         input_tokens=1200, output_tokens=180, cache_read_tokens=1024, reasoning_tokens=64
     )
+
+
+# Values near the shortcut's edges: each field present or not, of the right type or not.
+_odd = st.sampled_from([None, "", 0, 0.0, False, 1, [], {}, "x"])
+_deltas = st.dictionaries(
+    st.sampled_from(["content", "role", "reasoning_content", "reasoning", "tool_calls"]),
+    st.one_of(
+        _odd,
+        st.text(max_size=3),
+        st.just([{"index": 0, "id": "call_1", "function": {"name": "f"}}]),
+    ),
+    max_size=3,
+)
+_choices = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.sampled_from([0, 0.0, False, 1]),
+        "delta": st.one_of(_deltas, _odd),
+        "finish_reason": st.sampled_from([None, "", "stop", "length"]),
+    },
+)
+_chunks = st.fixed_dictionaries(
+    {},
+    optional={
+        "choices": st.one_of(st.lists(st.one_of(_choices, _odd), max_size=2), _odd),
+        "usage": st.one_of(_odd, st.just({"prompt_tokens": 3, "completion_tokens": 2})),
+        "error": st.sampled_from([None, "", "boom"]),
+        "object": st.sampled_from(["chat.completion.chunk", "error"]),
+    },
+)
+
+
+@st.composite
+def _near_common(draw: st.DrawFn) -> dict:
+    """The common text chunk, or one thing away from it (each a reason not to shortcut)."""
+    choice: dict = {"index": 0, "delta": {"content": draw(st.sampled_from(["go", "", 1, None]))}}
+    if draw(st.booleans()):
+        choice[draw(st.sampled_from(["index", "finish_reason"]))] = draw(
+            st.sampled_from([1, 0.0, False, None, "", "stop"])
+        )
+    if draw(st.booleans()):
+        choice["delta"][draw(st.sampled_from(["role", "reasoning_content", "tool_calls"]))] = "x"
+    chunk = {"choices": [choice, dict(choice)] if draw(st.booleans()) else [choice]}
+    if draw(st.booleans()):
+        chunk["usage"] = draw(st.sampled_from([None, {}, {"prompt_tokens": 3}]))
+    return chunk
+
+
+@settings(FUZZ, max_examples=600)
+@given(chunks=st.lists(st.one_of(_chunks, _near_common()), max_size=8))
+@example(chunks=[{"choices": [{"index": 0, "delta": {"content": "go"}, "finish_reason": "stop"}]}])
+@example(chunks=[{"choices": [{"delta": {"content": "go"}}, {"delta": {"content": "no"}}]}])
+@example(chunks=[{"choices": [{"index": 1, "delta": {"content": "go"}}]}])
+@example(chunks=[{"choices": [{"delta": {"content": "go", "reasoning_content": "x"}}]}])
+@example(chunks=[{"choices": [{"delta": {"content": "go"}}], "usage": {"prompt_tokens": 3}}])
+def test_the_parser_s_shortcut_for_text_chunks_makes_what_its_full_path_makes(chunks):
+    # Every stream opens a text block first, so that the shortcut is taken where it can be.
+    opening = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]}
+    events = [sse.Event(data=json.dumps(c)) for c in [opening, *chunks]]
+
+    def parsed() -> list:
+        parser = chat.StreamParser()
+        outcomes: list = []
+        for event in events:
+            try:
+                outcomes.append(parser.feed(event))
+            except (TypeError, AttributeError) as exc:  # a shape no server sends (the
+                outcomes.append(type(exc))  # translator's BrokenStream): the same error
+        return [*outcomes, parser.finish()]
+
+    shortcut = parsed()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chat.stream, "_more_text", lambda chunk: None)  # the full path only
+        assert shortcut == parsed()
+
+
+def test_the_common_text_chunk_takes_the_shortcut():
+    # Else the test above would compare the full path with itself.
+    text = {"choices": [{"index": 0, "delta": {"content": "go"}}]}
+    parser = chat.StreamParser()
+    parser.feed(sse.Event(data=json.dumps(text)))  # opens the block: the full path
+    assert chat.stream._more_text(text) == "go"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chat.stream, "first_choice", None)  # the full path would fail
+        assert parser.feed(sse.Event(data=json.dumps(text))) == [
+            {"type": "block_delta", "index": 0, "delta": {"text": "go"}}
+        ]
 
 
 def test_a_usage_only_chunk_yields_only_a_usage_event():

@@ -146,8 +146,11 @@ class StreamTranslator:
         if self._renderer is not None:
             data = b"".join(frame for event in events for frame in self._renderer.feed(event))
             count = data.count(b"\n\n")  # our frames end in one blank line, with none inside
-        elif source is None or (
-            self._hide_usage and events and all(e["type"] == "usage" for e in events)
+        elif source is None or (  # the first event's type first: a generator costs
+            self._hide_usage
+            and events
+            and events[0]["type"] == "usage"
+            and all(e["type"] == "usage" for e in events)
         ):
             data, count = b"", 0
         else:

@@ -65,6 +65,10 @@ class StreamParser:
             return []
         if chunk.get("error") or chunk.get("object") == "error":
             return [_error_event(chunk)]
+        if self._open_kind == "text" and chunk.get("usage") is None:
+            text = _more_text(chunk)
+            if text:  # most chunks: the open text block goes on, and nothing else happens
+                return [{"type": "block_delta", "index": self._open, "delta": {"text": text}}]
         events: list[dict] = []
         choice = first_choice(chunk)
         usage = usage_from_chat(chunk.get("usage"))
@@ -176,6 +180,24 @@ class StreamParser:
             return []
         index, self._open, self._open_kind = self._open, None, None
         return [{"type": "block_stop", "index": index}]
+
+
+def _more_text(chunk: dict) -> str | None:
+    """The text of a chunk that carries only text for choice 0 (no finish, no role, no
+    tool call, no other choice), or None. Most of a stream's chunks are such: with the
+    text block open, ``feed`` makes of them what its full path would, at half the work
+    beyond reading their JSON (0.6 µs against 1.2 a chunk, 2026-12-06)."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("index", 0) != 0 or choice.get("finish_reason"):
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    text = delta.get("content")
+    return text if type(text) is str else None
 
 
 def _error_event(chunk: dict) -> dict:
