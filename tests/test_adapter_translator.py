@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import sse
-from gateway.adapters import ir
+from gateway.adapters import PROTOCOLS, ir
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.adapter_support import frames, json_frames, stream_bytes
@@ -290,7 +290,7 @@ _hostile_events = st.lists(
     ),
     max_size=6,
 )
-_FORMATS = [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES]
+_FORMATS = list(PROTOCOLS)  # every client and upstream format, in every pair
 
 
 @settings(FUZZ, max_examples=1500)

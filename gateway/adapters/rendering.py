@@ -33,8 +33,10 @@ class StreamRendererBase:
         kind = event["type"]
         if kind == "error":
             message = event.get("message") or "upstream error"
-            kind = event.get("error_type")  # an upstream's word: any JSON value it sent
-            return self._fail(str(message), kind if isinstance(kind, str) and kind else "api_error")
+            error_type = event.get("error_type")  # an upstream's word: any JSON value
+            if not isinstance(error_type, str) or not error_type:
+                error_type = "api_error"
+            return self._fail(str(message), error_type)
         self.usage = ir.merge_usage(self.usage, event.get("usage"))
         frames = [] if self.started else self._begin(event)
         if kind == "block_start":
