@@ -85,6 +85,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # A key or per-model limit changed in another worker or instance: forget it here.
     limiter.limiter.on_key_change(auth.keys.changed)
     limiter.limiter.on_key_change(model_limits.model_limits.changed)
+    auth.keys.catch_up = limiter.limiter.catch_up
     srvlog.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)

@@ -74,6 +74,9 @@ class KeyCache:
         # Make the cache reflect the database as of a time (monotonic); False if it
         # cannot. The refresher replaces it; alone, the cache reads inline.
         self.confirm: Callable[[float], bool] = self.read_through
+        # Before a key is looked up: apply the changes other workers have already sent
+        # (``limiter.catch_up``, with Redis).
+        self.catch_up: Callable[[], None] = lambda: None
         self._callers: dict[str, Caller] = {}
         self._since: datetime | None = None  # the newest updated_at read
         self._read_at = float("-inf")
@@ -82,6 +85,7 @@ class KeyCache:
 
     def get(self, key: str) -> Caller | None:
         """The key's Caller as last known; None if it is unknown or revoked."""
+        self.catch_up()
         digest = ApiKey.hash(key)
         now = time.monotonic()
         caller = self._callers.get(digest)

@@ -31,12 +31,13 @@ from gateway import metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
-from gateway.ratelimit import StoreDown, open_store
+from gateway.ratelimit import StoreDown, Subscription, open_store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WARN_EVERY = 60.0  # seconds between two warnings that the store is away
+CATCH_UP_WAIT = 0.1  # seconds a call waits at most for the listener to apply changes
 SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it started
 # Slots and claims of calls in flight refreshed in one round trip: about 2 ms of Redis's
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
@@ -128,6 +129,7 @@ class Limiter:
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         self._claims: set[tuple[str, str]] = set()
+        self._subscription: Subscription | None = None  # the key-change listener's, if any
 
     def init_app(self, app: Any) -> None:
         """Configure from the app; start the keeper and listener in a gevent worker."""
@@ -469,18 +471,44 @@ class Limiter:
             except Exception:
                 log.exception("limiter: key-change callback failed")
 
+    def catch_up(self) -> None:
+        """Return once this worker has applied the key changes already sent to it.
+
+        ``publish`` returns once Redis has written a change to every subscriber, so a
+        call that comes after an admin's change was answered finds it at this worker's
+        door, but not always applied: the loop may run the call's greenlet before the
+        listener's (seen on a loaded machine: a revoked key let through). A call looks
+        at its key after this (``KeyCache.get``): one system call when nothing waits;
+        when something does, the listener runs first, for at most ``CATCH_UP_WAIT``.
+        """
+        subscription = self._subscription
+        if subscription is None or not subscription.arrived():
+            return
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        while subscription is self._subscription and subscription.arrived():
+            if time.monotonic() > deadline:
+                return
+            gevent.idle()  # once the loop has run what is ready: the listener among them
+
     def _listen(self) -> None:
+        try:
+            self._listen_on()
+        finally:  # stopped, or died: no listener for a call's ``catch_up`` to wait for
+            self._subscription = None
+
+    def _listen_on(self) -> None:
         missed, warned_at = False, -math.inf
         while True:
             try:
-                next_message = self.store.subscribe(self.channel)
+                subscription = self._subscription = self.store.subscribe(self.channel)
                 if missed:
                     self._notify(None)
                 while True:
-                    message = next_message(1.0)
+                    message = subscription.next(1.0)
                     if message is not None:
                         self._notify(message)
             except StoreDown as exc:
+                self._subscription = None
                 missed = True
                 now = time.monotonic()
                 if now - warned_at >= WARN_EVERY:

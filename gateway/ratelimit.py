@@ -40,6 +40,10 @@ from gateway import pipelining
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 
 log = logging.getLogger(__name__)
+
+# Not gevent's: a look at a socket without waiting must not switch greenlets.
+_select = monkey.get_original("select", "select")
+
 T = TypeVar("T")
 
 SCRIPTS = Path(__file__).resolve().parent / "lua"
@@ -560,25 +564,45 @@ class RedisStore:
         except _FAILURES as exc:
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
-    def subscribe(self, channel: str) -> Callable[[float], str | None]:
-        """Subscribe; return a function waiting up to N seconds for the next message."""
+    def subscribe(self, channel: str) -> Subscription:
+        """Subscribe to ``channel``."""
         try:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(channel)
         except _FAILURES as exc:
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+        return Subscription(pubsub)
 
-        def next_message(timeout: float) -> str | None:
-            try:
-                message = pubsub.get_message(timeout=timeout)
-            except _FAILURES as exc:
-                pubsub.close()
-                raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
-            if message is None or message.get("type") != "message":
-                return None
-            return message["data"].decode()
 
-        return next_message
+class Subscription:
+    """One channel's messages: ``next`` waits for the next one, ``arrived`` says without
+    waiting whether one has come that ``next`` has not returned yet."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    def next(self, timeout: float) -> str | None:
+        """The next message, waiting up to ``timeout`` seconds; None if none came."""
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except _FAILURES as exc:
+            self._pubsub.close()
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+        if message is None or message.get("type") != "message":
+            return None
+        return message["data"].decode()
+
+    def arrived(self) -> bool:
+        """Whether bytes wait on the subscription's socket (a system call, no switch)."""
+        # redis-py's connection keeps its socket in ``_sock`` (None once closed); a
+        # Cluster's pubsub has its node's connection once subscribed.
+        sock = getattr(getattr(self._pubsub, "connection", None), "_sock", None)
+        if sock is None:
+            return False
+        try:
+            return bool(_select([sock], [], [], 0)[0])
+        except (OSError, ValueError):  # closed meanwhile: ``next`` says so
+            return False
 
 
 def open_store(config: Mapping[str, Any]) -> RedisStore | None:

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import gevent
 import pytest
+from gevent import monkey
 
 from gateway import metrics
 from gateway.errors import BudgetExceeded
@@ -216,6 +217,39 @@ def test_a_key_change_reaches_every_worker_at_once(pair) -> None:  # type: ignor
     a.announce("hash-of-a-revoked-key")
     wait_until(lambda: "hash-of-a-revoked-key" in heard, timeout=2, interval=0.005)
     assert time.monotonic() - started < 0.5
+
+
+def test_a_call_applies_the_key_changes_already_at_its_worker_s_door(
+    pair, shared_redis: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    """A change Redis has written to this worker, but whose listener has not run yet (the
+    loop ran a call's greenlet first), is applied by ``catch_up`` before the call looks
+    at its key: on a loaded machine a revoked key was let through otherwise."""
+    a, b = pair
+    heard: list[str | None] = []
+    b.on_key_change(heard.append)
+    b.start()
+    wait_until(lambda: (a.announce("warm-up"), heard)[1], timeout=5)  # subscribed
+    gevent.sleep(0.2)  # every warm-up heard
+    heard.clear()
+    b.catch_up()  # nothing waits: it returns at once
+    # Published through a socket of the OS's, not gevent's: no switch, so b's listener
+    # cannot run until this greenlet lets it.
+    raw = monkey.get_original("socket", "socket")()
+    try:
+        raw.connect(("127.0.0.1", shared_redis.port))
+        channel = a.channel.encode()
+        raw.sendall(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$4\r\nhash\r\n" % (len(channel), channel))
+        assert raw.recv(100) == b":1\r\n"  # b's listener is the one subscriber
+        raw.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert raw.recv(100) == b"+PONG\r\n"  # so the message is written to b's socket
+    finally:
+        raw.close()
+    assert heard == []  # at b's door, not applied
+    b.catch_up()
+    assert heard == ["hash"]
+    b.stop()  # a call never waits for a listener that is gone
+    assert b._subscription is None
 
 
 def test_without_redis_only_this_worker_hears_its_announcements() -> None:

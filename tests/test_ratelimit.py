@@ -461,7 +461,10 @@ def test_scripts_run_on_a_cluster_because_keys_share_a_hash_tag(tmp_path: Path) 
             store.admit([f"gw:key:7:{b.name}" for b in BUCKETS], BUCKETS)
         heard = store.subscribe("gw:keys")
         store.publish("gw:keys", "a-key-hash")  # its PING goes to the cluster's nodes
-        assert wait_until(lambda: heard(0.1), timeout=5) == "a-key-hash"
+        assert wait_until(lambda: heard.next(0.1), timeout=5) == "a-key-hash"
+        store.publish("gw:keys", "another")  # at the socket, not yet read: a look sees it
+        assert wait_until(heard.arrived, timeout=5) and heard.next(0.1) == "another"
+        assert not heard.arrived()
     finally:
         server.stop()
 
