@@ -76,7 +76,8 @@ tokens = reasoning pieces; the usage shape is each protocol's own. Knobs for the
 body, headers, usage it reported, and ``outcome``: ``complete`` when its whole response
 was written, ``client_gone`` when the gateway hung up first, ``dropped`` for drop_at,
 ``reset`` for the reset knobs; a stream's ``terminal_at``: ``time.monotonic()`` (one
-clock for every process of the machine) just before its last event was written.
+clock for every process of the machine) just before its last event was written, and
+``text_at``: that clock just before each event carrying one of its text pieces was.
 ``POST /_reset`` clears the log. Run: ``python tests/fake_upstream.py [--port N]``;
 it prints ``PORT <n>`` once it listens.
 """
@@ -825,6 +826,10 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
     """Write events with the plan's pacing; log how far the reader got."""
     entry["outcome"] = "client_gone"
     sent = 0
+    # Each text piece as its event carries it (JSON-quoted: a whole answer's text, in a
+    # closing event, holds the pieces without their own quotes).
+    quoted = [json.dumps(piece).encode() for piece in plan.text_pieces]
+    entry["text_at"] = []
     try:
         for index, event in enumerate(events):
             if index == plan.reset_at:
@@ -837,6 +842,8 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
             if index == len(events) - 1:
                 gevent.sleep(plan.end_delay)
                 entry["terminal_at"] = time.monotonic()
+            if len(entry["text_at"]) < len(quoted) and quoted[len(entry["text_at"])] in event:
+                entry["text_at"].append(time.monotonic())
             yield event
             sent += 1
             entry["sent"] = sent
