@@ -5,7 +5,8 @@ before then anyway, so a client that leaves meanwhile changes nothing but the re
 There (``produce_here``) a JSON answer is read whole, and a stream is opened (fails
 over up to its first event), then handed to the worker's relay
 (``relay.py``): the stream waits as a watch in the hub, its ``_pump`` moves what comes
-in the relay's greenlet, and at its end a greenlet of ``calls`` is asked for to
+(in the hub's callback, or in the relay's greenlet), and at its end a greenlet of
+``calls`` is asked for to
 ``finish`` it. A body only a read that waits can take (encoded, or ended by the close)
 is handed straight to that greenlet, which reads it to its end first. Either way the
 rest of a stream is never read by its request's greenlet (SPEC rule 3).
@@ -294,8 +295,10 @@ class Call:
             resp.close()
 
     def _pump(self, turn: int = TURN) -> None:
-        """Move what the upstream sent since the stream's last turn (in the relay's
-        greenlet: nothing here waits), then watch for more; or end the relay's part."""
+        """Move what the upstream sent since the stream's last turn (in the hub or the
+        relay's greenlet: nothing here waits), then watch for more; or end the relay's
+        part. What raises here (a wait in the hub included) is the gateway's error,
+        recorded."""
         resp, stream = self._relayed
         over = True
         try:

@@ -12,6 +12,7 @@ import json
 import socket
 import uuid
 
+import gevent
 import peewee
 import pytest
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import EnvironHeaders
 
 from gateway import auth, proxy, redact
+from gateway.adapters.translator import StreamTranslator
 from gateway.db import database
 from gateway.models import Completion, Embedding
 from gateway.recorder import recorder
@@ -320,6 +322,39 @@ def test_a_bug_in_a_call_view_is_a_500_in_the_callers_shape_and_logged(
     assert logged.getMessage() == f"Exception on {path} [POST]"
     assert "a bug in the view" in str(logged.exc_info[1])
     assert fake.log(route["id"]) == [] and recorded() == 0
+
+
+def test_a_wait_where_a_stream_s_pump_must_not_wait_costs_the_call_never_its_record(
+    client, fake, route, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """A stream's later events are moved by pumps the hub runs itself (relay.py), where a
+    wait raises at once. A wait put into the translation (a bug of that kind) must end
+    the call as the gateway's error, with the client's stream ended and the call
+    recorded once: not lost, not left pending."""
+    feed, fed_in = StreamTranslator.feed, []
+
+    def waits(self, event):  # type: ignore[no-untyped-def]
+        fed_in.append(gevent.getcurrent() is gevent.get_hub())
+        gevent.sleep(0)  # harmless in a greenlet; in the hub, BlockingSwitchOutError
+        return feed(self, event)
+
+    monkeypatch.setattr(StreamTranslator, "feed", waits)
+    resp = post(
+        client,
+        CHAT,
+        {**VALID[CHAT], "stream": True},
+        route["key"],
+        **{"X-Fake-Script": "chunks=5;delay=0.05"},  # each event a read of its own
+    )
+    body = resp.get_data()
+    assert resp.status_code == 200
+    assert fed_in[0] is False and True in fed_in  # the first in the view, then the hub's
+    assert b"Internal gateway error" in body  # the client's stream ended, in its shape
+    assert recorded() == 1
+    with database.connection_context():
+        row = Completion.get()
+    assert row.status == "failed" and "BlockingSwitchOutError" in row.error
+    assert "call: producer failed" in caplog.text
 
 
 # -- hostile input: not JSON text, too deep, text the database cannot store ------------

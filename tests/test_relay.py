@@ -1,4 +1,5 @@
-"""The relay: pumps run in order in the worker's one relay greenlet, never in their caller's.
+"""The relay: pumps run in order, in the worker's one relay greenlet or in the hub's
+callback that readied them, never in a request's greenlet that readied them.
 
 What a pump does for a call (reading without waiting, translating, ending it) is in
 tests/test_upstream.py (the watched reads) and, through gunicorn, tests/test_server.py
@@ -86,3 +87,77 @@ def test_a_relay_whose_greenlet_ended_starts_another() -> None:
     relay.ready(lambda: ran.append(gevent.getcurrent()))
     gevent.sleep(0)
     assert ran and ran[0] is not first and not ran[0].dead
+
+
+def _from_the_hub(fn) -> None:  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a callback of the hub (as a watch's is), and let the loop turn."""
+    timer = gevent.get_hub().loop.timer(0)
+    timer.start(fn)
+    gevent.sleep(0.05)
+    timer.close()
+
+
+def test_a_pump_the_hub_readies_while_the_relay_waits_runs_in_the_hub_itself() -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)  # the relay's greenlet now waits for pumps
+    waiting = relay._greenlet
+    _from_the_hub(lambda: relay.ready(lambda: ran.append(gevent.getcurrent())))
+    assert ran == [gevent.get_hub()]
+    assert relay._greenlet is waiting and not waiting.dead  # and it still waits
+
+
+def test_a_pump_the_hub_readies_behind_queued_ones_runs_after_them_in_the_relay() -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)
+
+    def first() -> None:  # in the hub; what it readies is queued for the relay's greenlet
+        ran.append(("first", gevent.getcurrent()))
+        relay.ready(lambda: ran.append(("queued", gevent.getcurrent())))
+
+    def from_the_hub() -> None:
+        relay.ready(first)
+        relay.ready(lambda: ran.append(("hub's", gevent.getcurrent())))  # must not overtake
+
+    _from_the_hub(from_the_hub)
+    assert ran == [
+        ("first", gevent.get_hub()),
+        ("queued", relay._greenlet),
+        ("hub's", relay._greenlet),
+    ]
+
+
+def test_a_pump_readied_by_a_pump_in_the_hub_runs_after_it_not_inside_it() -> None:
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)
+
+    def outer() -> None:
+        relay.ready(lambda: ran.append(("inner", gevent.getcurrent())))  # a turn used up
+        ran.append(("outer ends", gevent.getcurrent()))
+
+    _from_the_hub(lambda: relay.ready(outer))
+    assert ran == [("outer ends", gevent.get_hub()), ("inner", relay._greenlet)]
+
+
+def test_a_pump_that_waits_in_the_hub_raises_is_logged_and_the_relay_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pump must never wait; in the hub a wait raises at once (gevent's
+    BlockingSwitchOutError) where in a greenlet it would hold up every stream."""
+    relay, ran = Relay(), []
+    relay.ready(lambda: None)
+    gevent.sleep(0)
+
+    def waits() -> None:
+        ran.append("before")
+        gevent.sleep(0.001)
+        ran.append("after")
+
+    with caplog.at_level(logging.ERROR, logger="gateway.relay"):
+        _from_the_hub(lambda: relay.ready(waits))
+    assert ran == ["before"]
+    assert "a pump raised" in caplog.text and "BlockingSwitchOutError" in caplog.text
+    _from_the_hub(lambda: relay.ready(lambda: ran.append("next")))
+    assert ran == ["before", "next"]
