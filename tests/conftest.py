@@ -37,6 +37,7 @@ from tests.servers import (  # noqa: E402
     FakeUpstream,
     Gateway,
     RedisServer,
+    hub_waits,
     reap,
 )
 
@@ -329,6 +330,13 @@ def _no_stray_server_logs() -> Iterator[None]:
     recorder test's "repeated 11 more times", queued when its window closed)."""
     yield
     srvlog.handler.forget()
+
+
+@pytest.fixture(autouse=True)
+def _no_wait_in_the_hub() -> Iterator[None]:
+    """After each test, no gateway it ran logged a wait in the hub (``hub_waits``)."""
+    yield
+    assert not (found := hub_waits()), f"a gateway waited in its hub: {found}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -172,6 +172,8 @@ class Gateway:
         }
         self.environ = environ
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log_read = 0  # how far ``hub_waits`` has read the log
+        _started.append(self)
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT,
@@ -361,6 +363,35 @@ def post_on_socket(
         + payload
     )
     return sock
+
+
+# Every gateway started by this process whose log ``hub_waits`` may not have read whole.
+_started: list[Gateway] = []
+# What a worker logs when something waited where only the hub runs (a relay's pump).
+HUB_WAIT = "BlockingSwitchOutError"
+
+
+def hub_waits() -> list[str]:
+    """The log lines, since the last look, in which a gateway's code waited in the hub.
+
+    Pumps run in the hub's callbacks (``gateway/relay.py``), where a wait raises: the
+    call ends as the gateway's error. Every test that streams through a gateway runs
+    them there, so after each test (``conftest``) no gateway's log may say so.
+    """
+    found = []
+    for gw in list(_started):
+        done = gw.proc.poll() is not None
+        try:
+            with open(gw.log_path, "rb") as f:
+                f.seek(gw._log_read)
+                text = f.read()
+        except FileNotFoundError:  # its folder went with its test
+            text = b""
+        gw._log_read += len(text)
+        found += [line for line in text.decode(errors="replace").splitlines() if HUB_WAIT in line]
+        if done:
+            _started.remove(gw)
+    return found
 
 
 def reap(timeout: float = 60.0) -> None:
