@@ -1,4 +1,5 @@
-"""A worker's calls: the drain policy when a client leaves, and stopping them all.
+"""A worker's calls: the drain policy when a client leaves, stopping them all, and the
+greenlets kept to finish streams.
 
 Stand-in calls (a producer that runs until stopped) take the place of real ones, so
 what is checked is the policy itself: cancel at once, or drain bounded by
@@ -9,6 +10,7 @@ reaches the greenlet producing it: only while that greenlet still reads.
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ import gevent
 import gevent.event
 
 from gateway.call import Call, _Stopped
-from gateway.calls import Calls
+from gateway.calls import Calls, Finishers
 from gateway.config import DEFAULTS
 from gateway.downstream import Pace
 from gateway.ending import CANCEL, DRAIN_TIMEOUT, MAX_DRAINS, SHUTDOWN, End, Ending
@@ -152,3 +154,100 @@ def test_a_stop_asked_while_reading_spares_a_finish_begun_before_it_arrived() ->
     producer.join(timeout=1)
     assert seen == ["read", "finished"]
     assert call.down._body_done.is_set()  # hurried: its finish waits for no client's copy
+
+
+# -- the finishers: greenlets kept for the next stream's finish ------------------------
+
+
+def test_a_finisher_is_kept_and_finishes_the_next_call_too() -> None:
+    ran: list = []
+    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
+    pool.run("a")
+    gevent.sleep(0)
+    assert pool.free == 1
+    pool.run("b")
+    assert pool.free == 0  # handed on: not free until it is done
+    gevent.sleep(0)
+    assert [call for call, _ in ran] == ["a", "b"]
+    assert ran[0][1] is ran[1][1] is not gevent.getcurrent()
+    assert pool.free == 1
+
+
+def test_a_finish_that_waits_does_not_hold_up_the_next() -> None:
+    free, ran = gevent.event.Event(), []
+
+    def finish(call: str) -> None:
+        if call == "slow":
+            free.wait()
+        ran.append(call)
+
+    pool = Finishers(finish)
+    pool.run("slow")
+    gevent.sleep(0)
+    pool.run("next")
+    gevent.sleep(0.01)
+    assert ran == ["next"]
+    free.set()
+    gevent.sleep(0.01)
+    assert ran == ["next", "slow"] and pool.free == 2
+
+
+def test_no_more_finishers_are_kept_than_keep() -> None:
+    free = gevent.event.Event()
+    pool = Finishers(lambda call: free.wait())
+    for i in range(Finishers.KEEP + 3):
+        pool.run(i)
+    gevent.sleep(0)
+    assert pool.free == 0
+    free.set()
+    gevent.sleep(0.01)
+    assert pool.free == Finishers.KEEP
+
+
+def test_a_finish_that_raises_is_logged_and_its_finisher_is_kept(caplog) -> None:  # type: ignore[no-untyped-def]
+    ran: list = []
+
+    def finish(call: str) -> None:
+        ran.append(gevent.getcurrent())
+        if call == "bug":
+            raise ZeroDivisionError
+
+    pool = Finishers(finish)
+    with caplog.at_level(logging.ERROR, logger="gateway.calls"):
+        pool.run("bug")
+        gevent.sleep(0)
+    assert "finishing a call failed" in caplog.text and "ZeroDivisionError" in caplog.text
+    pool.run("next")
+    gevent.sleep(0)
+    assert len(ran) == 2 and ran[0] is ran[1]
+
+
+def test_a_finish_asked_for_by_the_hub_runs_after_its_callback() -> None:
+    ran: list = []
+    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
+    pool.run("first")
+    gevent.sleep(0)  # one finisher kept
+
+    def from_the_hub() -> None:
+        pool.run("from the hub")  # a relay's pump, ending its stream, asks from the hub
+        ran.append(("callback ends", None))
+
+    timer = gevent.get_hub().loop.timer(0)
+    timer.start(from_the_hub)
+    gevent.sleep(0.05)
+    timer.close()
+    assert [call for call, _ in ran] == ["first", "callback ends", "from the hub"]
+    assert ran[2][1] is ran[0][1]
+
+
+def test_a_kept_finisher_that_is_killed_is_handed_no_call() -> None:
+    ran: list = []
+    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
+    pool.run("first")
+    gevent.sleep(0)
+    kept = ran[0][1]
+    kept.kill()
+    assert pool.free == 0
+    pool.run("next")
+    gevent.sleep(0)
+    assert [call for call, _ in ran] == ["first", "next"] and ran[1][1] is not kept
