@@ -11,7 +11,7 @@ does not hold up the others.
 
 Where a pump runs: readied by the hub (a watch's callback) with nothing queued before
 it, in that callback itself, as gevent's own waits are woken (no switch to a greenlet
-and back, two a chunk: about 3% of a stream's CPU in a loaded worker); otherwise in the
+and back, two a chunk: about 2% of a stream's CPU in a loaded worker); otherwise in the
 relay's greenlet, after those queued. The greenlet is the worker's, not a request's
 (SPEC rule 3); it lives as long as the worker and is started again if anything ever
 ends it. A pump must never wait: in the relay's greenlet a wait would hold up every
