@@ -158,7 +158,7 @@ class Finishers:
     Finishes may wait (a client's copy, a FIN told apart, Redis), so one finish never
     waits behind another: with none kept free, another starts. What a finish raises is
     logged and the greenlet goes on. Nothing else holds a finisher, so none is killed
-    while the worker serves.
+    while the worker serves; one that is anyway is handed no call.
     """
 
     KEEP = 8
@@ -171,9 +171,17 @@ class Finishers:
         """Finish ``call`` in a finisher, once this greenlet (or the hub's callback) is done."""
         if self._free:
             waiter = self._free.pop()
-            waiter.hub.loop.run_callback(waiter.switch, call)
+            waiter.hub.loop.run_callback(self._hand, waiter, call)
         else:
             gevent.spawn(self._serve, call)
+
+    def _hand(self, waiter: gevent.hub.Waiter, call: Call) -> None:
+        # In the hub. A finisher killed since it was picked would take the call with it
+        # (a kill asked for before ``run`` lands first): another finishes it then.
+        if waiter.greenlet is None:
+            gevent.spawn(self._serve, call)
+        else:
+            waiter.switch(call)
 
     @property
     def free(self) -> int:
@@ -193,7 +201,8 @@ class Finishers:
             try:
                 call = waiter.get()
             except BaseException:  # killed while kept: no call may be handed to it now
-                self._free.remove(waiter)
+                if waiter in self._free:  # (not picked already: ``_hand`` sees to that)
+                    self._free.remove(waiter)
                 raise
 
 

@@ -251,3 +251,16 @@ def test_a_kept_finisher_that_is_killed_is_handed_no_call() -> None:
     pool.run("next")
     gevent.sleep(0)
     assert [call for call, _ in ran] == ["first", "next"] and ran[1][1] is not kept
+
+
+def test_a_call_handed_to_a_finisher_killed_meanwhile_is_finished_by_another() -> None:
+    ran: list = []
+    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
+    pool.run("first")
+    gevent.sleep(0)
+    kept = ran[0][1]
+    kept.kill(block=False)  # lands before the hand-over asked for next
+    pool.run("next")
+    gevent.sleep(0.01)
+    assert [call for call, _ in ran] == ["first", "next"] and ran[1][1] is not kept
+    assert kept.dead and kept.successful()  # it ended as killed (GreenletExit), nothing else
