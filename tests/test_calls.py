@@ -222,11 +222,18 @@ def test_a_finish_that_raises_is_logged_and_its_finisher_is_kept(caplog) -> None
     assert len(ran) == 2 and ran[0] is ran[1]
 
 
-def test_a_finish_asked_for_by_the_hub_runs_after_its_callback() -> None:
+def one_kept() -> tuple[Finishers, list, gevent.Greenlet]:
+    """Finishers that note (call, greenlet) of each finish, one finish done: its finisher
+    kept."""
     ran: list = []
     pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
     pool.run("first")
-    gevent.sleep(0)  # one finisher kept
+    gevent.sleep(0)
+    return pool, ran, ran[0][1]
+
+
+def test_a_finish_asked_for_by_the_hub_runs_after_its_callback() -> None:
+    pool, ran, _ = one_kept()
 
     def from_the_hub() -> None:
         pool.run("from the hub")  # a relay's pump, ending its stream, asks from the hub
@@ -241,11 +248,7 @@ def test_a_finish_asked_for_by_the_hub_runs_after_its_callback() -> None:
 
 
 def test_a_kept_finisher_that_is_killed_is_handed_no_call() -> None:
-    ran: list = []
-    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
-    pool.run("first")
-    gevent.sleep(0)
-    kept = ran[0][1]
+    pool, ran, kept = one_kept()
     kept.kill()
     assert pool.free == 0
     pool.run("next")
@@ -254,11 +257,7 @@ def test_a_kept_finisher_that_is_killed_is_handed_no_call() -> None:
 
 
 def test_a_call_handed_to_a_finisher_killed_meanwhile_is_finished_by_another() -> None:
-    ran: list = []
-    pool = Finishers(lambda call: ran.append((call, gevent.getcurrent())))
-    pool.run("first")
-    gevent.sleep(0)
-    kept = ran[0][1]
+    pool, ran, kept = one_kept()
     kept.kill(block=False)  # lands before the hand-over asked for next
     pool.run("next")
     gevent.sleep(0.01)
