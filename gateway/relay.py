@@ -57,9 +57,7 @@ class Relay:
         if parked is not None and not self._in_hub and gevent.getcurrent() is parked.hub:
             self._in_hub = True
             try:
-                pump()
-            except Exception:
-                log.exception("relay: a pump raised")
+                _run(pump)
             finally:
                 self._in_hub = False
             return
@@ -75,13 +73,17 @@ class Relay:
         queue = self._queue
         while True:
             while queue:
-                pump = queue.popleft()
-                try:
-                    pump()
-                except Exception:
-                    log.exception("relay: a pump raised")
+                _run(queue.popleft())
             waiter = self._parked = gevent.hub.Waiter()
             waiter.get()
+
+
+def _run(pump: Callable[[], None]) -> None:
+    """Run a pump; what it raises is logged, and the relay goes on."""
+    try:
+        pump()
+    except Exception:
+        log.exception("relay: a pump raised")
 
 
 relay = Relay()

@@ -17,6 +17,14 @@ import pytest
 from gateway.relay import Relay
 
 
+def _from_the_hub(fn) -> None:  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a callback of the hub (as a watch's is), and let the loop turn."""
+    timer = gevent.get_hub().loop.timer(0)
+    timer.start(fn)
+    gevent.sleep(0.05)
+    timer.close()
+
+
 def test_pumps_run_in_order_in_one_greenlet_that_is_not_their_callers() -> None:
     relay, ran = Relay(), []
     relay.ready(lambda: ran.append(("a", gevent.getcurrent())))
@@ -25,26 +33,6 @@ def test_pumps_run_in_order_in_one_greenlet_that_is_not_their_callers() -> None:
     gevent.sleep(0)
     assert [name for name, _ in ran] == ["a", "b"]
     assert ran[0][1] is ran[1][1] is not gevent.getcurrent()
-
-
-def test_a_pump_readied_by_the_hub_runs_within_that_callback() -> None:
-    """A watch's callback switches to the parked relay at once, as a watch wakes the
-    greenlet waiting on it: no round through the loop's callbacks."""
-    relay, ran = Relay(), []
-    relay.ready(lambda: None)
-    gevent.sleep(0)  # the relay's greenlet now waits for pumps
-    hub = gevent.get_hub()
-
-    def from_the_hub() -> None:
-        assert gevent.getcurrent() is hub
-        relay.ready(lambda: ran.append("pumped"))
-        ran.append("callback ends")
-
-    timer = hub.loop.timer(0)
-    timer.start(from_the_hub)
-    gevent.sleep(0.05)
-    timer.close()
-    assert ran == ["pumped", "callback ends"]
 
 
 def test_a_pump_that_raises_is_logged_and_the_next_still_runs(
@@ -89,21 +77,21 @@ def test_a_relay_whose_greenlet_ended_starts_another() -> None:
     assert ran and ran[0] is not first and not ran[0].dead
 
 
-def _from_the_hub(fn) -> None:  # type: ignore[no-untyped-def]
-    """Run ``fn`` in a callback of the hub (as a watch's is), and let the loop turn."""
-    timer = gevent.get_hub().loop.timer(0)
-    timer.start(fn)
-    gevent.sleep(0.05)
-    timer.close()
-
-
 def test_a_pump_the_hub_readies_while_the_relay_waits_runs_in_the_hub_itself() -> None:
+    """As a watch wakes the greenlet waiting on it: within that callback, with no round
+    through the loop's callbacks and no switch to the relay's greenlet."""
     relay, ran = Relay(), []
     relay.ready(lambda: None)
     gevent.sleep(0)  # the relay's greenlet now waits for pumps
     waiting = relay._greenlet
-    _from_the_hub(lambda: relay.ready(lambda: ran.append(gevent.getcurrent())))
-    assert ran == [gevent.get_hub()]
+
+    def from_the_hub() -> None:
+        relay.ready(lambda: ran.append(("pumped", gevent.getcurrent())))
+        ran.append(("callback ends", gevent.getcurrent()))
+
+    _from_the_hub(from_the_hub)
+    hub = gevent.get_hub()
+    assert ran == [("pumped", hub), ("callback ends", hub)]
     assert relay._greenlet is waiting and not waiting.dead  # and it still waits
 
 
