@@ -148,7 +148,9 @@ def test_past_the_backlog_lines_are_dropped_whole_counted_and_reported(pipe, cap
         gevent.sleep(0.01)  # the report is a greenlet's
     assert got == sorted(got) and len(got) + dropped == 3000
     assert got[: len(got) // 2] == list(range(len(got) // 2))  # the first lines were kept
-    assert [r.getMessage() for r in caplog.records] == [
+    # Its own logger's only: the server-log handler also takes this warning, and its
+    # writer's turn may fail on a database an earlier test dropped, and say so.
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.logstreams"] == [
         f"gateway: {dropped} log lines to stdout were dropped: its reader fell 8192 bytes behind"
     ]
     # Room again: lines go out at once, nothing more is dropped.
