@@ -122,14 +122,32 @@ class _SqliteDatabase(peewee.SqliteDatabase):
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         conn = self._state.conn
-        if conn is not None and conn.handler_off:  # sqlite_write's: on again, as it was
-            conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
-            conn.handler_off = False
+        self._handler_on(conn)
         if conn is None or conn.in_transaction or not offloop.available() or not _statement(sql):
             return super().execute_sql(sql, params)
         self._log_query(sql, params)
         with peewee.__exception_wrapper__:
             return beside_loop(conn, _Fetched, conn, sql, params or ())
+
+    def begin(self, lock_type: str | None = None) -> None:
+        """A transaction (``atomic()``) takes the write lock at its BEGIN.
+
+        SQLite's default, a deferred BEGIN, reads from a snapshot and asks for the lock
+        at the first write; if another connection committed in between (a worker's
+        recorder, the server-log writer), SQLite refuses at once with "database is
+        locked", without its busy handler: a read-then-write (an admin change, the
+        init file) failed whenever it overlapped a commit. With the lock taken first,
+        it waits for the other writer in the busy handler instead.
+        """
+        self._handler_on(self._state.conn)  # peewee's BEGIN bypasses ``execute_sql``
+        super().begin(lock_type or "IMMEDIATE")
+
+    @staticmethod
+    def _handler_on(conn: _Connection | None) -> None:
+        """The busy handler on again where ``sqlite_write`` left it off."""
+        if conn is not None and conn.handler_off:
+            conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
+            conn.handler_off = False
 
 
 _STATEMENTS = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "REPLACE")

@@ -181,6 +181,30 @@ def test_sqlite_write_turns_the_busy_handler_off_once_and_anything_else_on_again
     assert [x for (x,) in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_transaction_that_reads_then_writes_holds_against_a_commit_in_between(
+    proxied: Path,
+) -> None:
+    """An admin change reads, then writes, in one transaction. Begun deferred, it read
+    from a snapshot; another process's commit in between (a worker's recorder, the
+    server-log writer) and its first write failed at once, "database is locked", busy
+    handler or not. Begun IMMEDIATE, the other writer waits for it instead."""
+    other = sqlite3.connect(proxied, timeout=0, isolation_level=None)  # another worker
+    refused = False
+    with database.connection_context():
+        sqlite_write([("INSERT INTO t VALUES (1)", [])])  # leaves the busy handler off
+        with database.atomic():
+            (seen,) = database.execute_sql("SELECT max(x) FROM t").fetchone()
+            try:
+                other.execute("INSERT INTO t VALUES (100)")
+            except sqlite3.OperationalError as exc:
+                refused = "locked" in str(exc)
+            database.execute_sql("INSERT INTO t VALUES (?)", (seen + 1,))
+        other.execute("INSERT INTO t VALUES (100)")  # once committed, it goes in
+        rows = database.execute_sql("SELECT x FROM t ORDER BY x").fetchall()
+    assert refused, "the other writer got in between the read and the write"
+    assert [x for (x,) in rows] == [1, 2, 100]
+
+
 def test_a_write_offers_its_cpu_after_each_statement(
     proxied: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
