@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
 import pytest
 
 from gateway import initfile
+from gateway.config import ROOT
 from gateway.models import ApiKey, Model, Provider
 from tests.servers import Gateway
 
@@ -86,6 +89,47 @@ def test_applying_twice_changes_nothing_and_a_change_is_an_update(db, tmp_path) 
     third = apply(tmp_path, changed)
     assert sorted(third.updated) == ["key sk-0123…cdef", "model openai/gpt-4o"]
     assert Model.get_by_id(gpt.id).weight == 5 and ApiKey.by_key(FORCED).rpm_limit == 7
+
+
+# Another process writing all the time (another instance's workers, their records):
+# one short autocommitted insert after another, for the seconds given.
+_OTHER_WRITER = """
+import sys, time
+from gateway.db import open_database
+db = open_database(sys.argv[1])
+db.connect()
+db.execute_sql("CREATE TABLE IF NOT EXISTS other_writes (x INTEGER)")
+print("writing", flush=True)
+end, n = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    db.execute_sql("INSERT INTO other_writes VALUES (1)")
+    n += 1
+print(n, flush=True)
+"""
+
+
+def test_the_file_applies_while_another_process_commits(db, database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The file reads what exists, then writes, in one transaction. On SQLite, begun
+    deferred, its first write was refused at once ("database is locked", the busy
+    handler never asked) whenever another process committed in between: an instance
+    that starts while another serves on the same file failed its start."""
+    apply(tmp_path, YAML)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_WRITER, database_url, "4"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        for weight in range(4, 24):
+            changed = apply(tmp_path, YAML.replace("weight: 3", f"weight: {weight}"))
+            assert changed.updated == ["model openai/gpt-4o"]
+        assert Model.get(Model.system_name == "gpt-4o").weight == 23
+        assert writer.poll() is None, "the other process stopped writing: nothing was tested"
+    finally:
+        out, _ = writer.communicate(timeout=30)
+    assert writer.returncode == 0 and int(out) > 100, out
 
 
 def test_what_the_file_does_not_name_is_left_alone(db, tmp_path, client) -> None:  # type: ignore[no-untyped-def]
