@@ -48,6 +48,7 @@ T = TypeVar("T")
 database = peewee.DatabaseProxy()
 MIGRATIONS = ROOT / "migrations"
 _MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
+INIT_FILE_LOCK = 7_351_912  # pg_advisory_xact_lock key: one init file applied at a time
 
 # How often a writer looks again for SQLite's write lock another process holds
 # (``sqlite_write``), in seconds: from the first retry to at most.
@@ -212,6 +213,22 @@ def beside_loop(conn: Any, work: Callable[..., T], *args: Any) -> T:
 def is_postgres() -> bool:
     """True when the proxy points at PostgreSQL."""
     return isinstance(database.obj, peewee.PostgresqlDatabase)
+
+
+@contextmanager
+def alone(lock: int) -> Iterator[None]:
+    """A transaction that runs alone among those given the same ``lock``, in every
+    process of every instance: one that reads before it writes (the init file) then
+    reads what the one before it committed, never the state before it.
+
+    PostgreSQL: a transaction-level advisory lock, taken first (each later statement
+    reads what was committed before it began). SQLite: every transaction takes the
+    write lock at its BEGIN already (``_SqliteDatabase.begin``).
+    """
+    with database.atomic():
+        if is_postgres():
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        yield
 
 
 def init_app(app: Flask) -> None:

@@ -13,7 +13,9 @@ value, by its comment among keys the file made) and only fields that differ are
 written; applying a file twice changes nothing. The file seeds, it does not own:
 entries it does not name are left alone, fields it does not give keep their values,
 and a key an operator revoked stays revoked unless the file says ``revoked: false``.
-All of it is one transaction: an error leaves the database as it was.
+All of it is one transaction: an error leaves the database as it was. Instances
+that start together apply it one at a time (``db.alone``): the first creates, the
+others find it made.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import redact, registry
-from gateway.models import ApiKey, Model, Provider, database
+from gateway import db, redact, registry
+from gateway.models import ApiKey, Model, Provider
 
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SECTIONS = ("providers", "keys")
@@ -96,9 +98,10 @@ def _substitute(value: Any, environ: dict[str, str], where: str) -> Any:
 
 
 def apply(data: dict) -> Outcome:
-    """Create or update what ``data`` declares, in one transaction."""
+    """Create or update what ``data`` declares, in one transaction, one instance at a
+    time: instances that start together each find what the one before them made."""
     outcome = Outcome()
-    with database.atomic():
+    with db.alone(db.INIT_FILE_LOCK):
         for i, entry in enumerate(_entries(data, "providers")):
             _provider(entry, f"providers[{i}]", outcome)
         for i, entry in enumerate(_entries(data, "keys")):

@@ -9,6 +9,7 @@ applies ``GATEWAY_INIT_FILE`` before its workers serve, and a forced key calls.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from gateway import initfile
 from gateway.config import ROOT
 from gateway.models import ApiKey, Model, Provider
-from tests.servers import Gateway
+from tests.servers import ADMIN_SECRET, ENCRYPTION_KEY, Gateway
 
 FORCED = "sk-" + "0123456789abcdef" * 2
 YAML = """
@@ -130,6 +131,83 @@ def test_the_file_applies_while_another_process_commits(db, database_url, tmp_pa
     finally:
         out, _ = writer.communicate(timeout=30)
     assert writer.returncode == 0 and int(out) > 100, out
+
+
+# An instance's start, up to its init file: the app as ``wsgi`` builds it, then
+# ``flask init-file`` (what ``flask prepare`` runs) once the file ``go`` exists.
+_STARTING = """
+import sys, time
+from pathlib import Path
+from wsgi import app
+path, go = sys.argv[1], Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.001)
+result = app.test_cli_runner().invoke(args=["init-file", path])
+print(result.output, flush=True)
+sys.exit(result.exit_code)
+"""
+
+
+def _many(count: int) -> str:
+    """An init file of ``count`` providers of three models each and ``count`` keys made
+    here, found again by their comment: long enough to apply that two overlap."""
+    providers = "".join(
+        f"""
+  - name: p{i}
+    baseUrl: https://p{i}.example/v1
+    models: [{{systemName: a{i}}}, {{systemName: b{i}}}, {{systemName: c{i}}}]"""
+        for i in range(count)
+    )
+    keys = "".join(f"\n  - comment: bot-{i}" for i in range(count))
+    return f"providers:{providers}\nkeys:{keys}\n"
+
+
+def test_instances_that_start_at_once_apply_the_file_once(db, database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Several instances on one database start together (a deployment scaled out), each
+    applying the same file: one creates, the others find it made. Unserialized, each
+    read "not there" before another's commit: on PostgreSQL the later ones failed their
+    start on a name taken, or made a second key of the same comment; on SQLite, begun
+    deferred, their first write was refused ("database is locked")."""
+    path = tmp_path / "seed.yaml"
+    path.write_text(_many(40))
+    go = tmp_path / "go"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ADMIN_SUPER_SECRET": ADMIN_SECRET,
+        "GATEWAY_ENCRYPTION_KEYS": ENCRYPTION_KEY,
+        "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
+    }
+    logs = [tmp_path / f"start-{i}.log" for i in range(3)]
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STARTING, str(path), str(go)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+        )
+        for log in logs
+    ]
+    for start in starts:
+        assert start.stdout is not None and start.stdout.readline() == "ready\n"
+    go.touch()
+    outputs = [start.communicate(timeout=60)[0] for start in starts]
+    assert [start.returncode for start in starts] == [0, 0, 0], (
+        outputs,
+        [log.read_text()[-2000:] for log in logs],
+    )
+    summaries = sorted(re.search(r"seed.yaml: (.*)", out).group(1) for out in outputs)  # type: ignore[union-attr]
+    assert summaries == [
+        "0 created, 0 updated, 200 unchanged",
+        "0 created, 0 updated, 200 unchanged",
+        "200 created, 0 updated, 0 unchanged",
+    ], outputs
+    assert Provider.select().count() == 40 and Model.select().count() == 120
+    comments = [k.comment for k in ApiKey.select().where(ApiKey.source == "init")]
+    assert sorted(comments) == sorted(f"bot-{i}" for i in range(40))
 
 
 def test_what_the_file_does_not_name_is_left_alone(db, tmp_path, client) -> None:  # type: ignore[no-untyped-def]
