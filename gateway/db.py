@@ -47,8 +47,11 @@ T = TypeVar("T")
 
 database = peewee.DatabaseProxy()
 MIGRATIONS = ROOT / "migrations"
-_MIGRATION_LOCK = 7_351_911  # pg_advisory_lock key: one migrator at a time
-INIT_FILE_LOCK = 7_351_912  # pg_advisory_xact_lock key: one init file applied at a time
+# PostgreSQL advisory lock keys, one a job that runs in one instance at a time: each its
+# own, or one job would wait for another's (a retention round lasts minutes).
+MIGRATION_LOCK = 7_351_911  # one migrator at a time
+RETENTION_LOCK = 7_351_912  # one retention round at a time (``retention``)
+INIT_FILE_LOCK = 7_351_913  # one init file applied at a time (``initfile``)
 
 # How often a writer looks again for SQLite's write lock another process holds
 # (``sqlite_write``), in seconds: from the first retry to at most.
@@ -425,12 +428,12 @@ def migrate(db: peewee.Database | None = None) -> list[str]:
     db = db or database.obj
     with db.connection_context():
         if isinstance(db, peewee.PostgresqlDatabase):
-            db.execute_sql("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+            db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
             return Runner(db, directory=str(MIGRATIONS)).up()
         finally:
             if isinstance(db, peewee.PostgresqlDatabase):
-                db.execute_sql("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
 def _check_greenlet_connections() -> None:

@@ -49,7 +49,6 @@ from gateway.models import Completion, Embedding, SrvLog, utcnow
 
 log = logging.getLogger(__name__)
 
-_ADVISORY_LOCK = 7_351_912  # pg_try_advisory_lock key (db.py's migration lock is 7_351_911)
 STRIP_WINDOW = timedelta(hours=6)  # of creation times, per body-stripping query
 # What a body is: the text of a call; everything else on the row is kept.
 BODIES: dict[Any, tuple[str, ...]] = {
@@ -232,7 +231,7 @@ class Retention:
     @contextmanager
     def _advisory_lock(self) -> Iterator[bool]:
         with db.background(self.timeout):
-            cursor = database.execute_sql("SELECT pg_try_advisory_lock(%s)", (_ADVISORY_LOCK,))
+            cursor = database.execute_sql("SELECT pg_try_advisory_lock(%s)", (db.RETENTION_LOCK,))
             held = bool(cursor.fetchone()[0])
         try:
             yield held
@@ -240,7 +239,7 @@ class Retention:
             if held:
                 try:
                     with db.background(self.timeout):
-                        database.execute_sql("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK,))
+                        database.execute_sql("SELECT pg_advisory_unlock(%s)", (db.RETENTION_LOCK,))
                 except Exception:
                     # A pooled connection must not go back still holding the lock.
                     db.discard_connection()

@@ -15,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gevent
 import openai
 import pytest
 
+from gateway import db as gateway_db
 from gateway import initfile
 from gateway.config import ROOT
+from gateway.db import is_postgres, open_database
 from gateway.models import ApiKey, Model, Provider
 from tests.servers import ADMIN_SECRET, ENCRYPTION_KEY, Gateway
 
@@ -208,6 +211,23 @@ def test_instances_that_start_at_once_apply_the_file_once(db, database_url, tmp_
     assert Provider.select().count() == 40 and Model.select().count() == 120
     comments = [k.comment for k in ApiKey.select().where(ApiKey.source == "init")]
     assert sorted(comments) == sorted(f"bot-{i}" for i in range(40))
+
+
+@pytest.mark.parametrize("lock", ["MIGRATION_LOCK", "RETENTION_LOCK"])
+def test_the_file_waits_for_no_other_job_that_runs_alone(db, database_url, tmp_path, lock) -> None:  # type: ignore[no-untyped-def]
+    """Each job that runs in one instance at a time has a lock of its own: the file
+    applies while another instance holds another job's (a retention round lasts
+    minutes). PostgreSQL's advisory locks; SQLite's jobs take no lock of this kind."""
+    if not is_postgres():
+        pytest.skip("PostgreSQL's advisory locks")
+    other = open_database(database_url)
+    other.connect()
+    try:
+        other.execute_sql("SELECT pg_advisory_lock(%s)", (getattr(gateway_db, lock),))
+        with gevent.Timeout(5):
+            assert len(apply(tmp_path, YAML).created) == 7
+    finally:
+        other.close()
 
 
 def test_what_the_file_does_not_name_is_left_alone(db, tmp_path, client) -> None:  # type: ignore[no-untyped-def]

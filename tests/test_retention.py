@@ -307,14 +307,14 @@ def test_a_pruner_in_another_process_makes_this_one_skip(
     import subprocess
     import sys
 
-    from gateway.retention import _ADVISORY_LOCK
+    from gateway.db import RETENTION_LOCK
 
     old = add_call(key_id, NOW - timedelta(days=90))
     if is_postgres():
         hold = (
             "import psycopg, sys, time\n"
             f"c = psycopg.connect({database_url!r})\n"
-            f"c.execute('SELECT pg_advisory_lock({_ADVISORY_LOCK})')\n"
+            f"c.execute('SELECT pg_advisory_lock({RETENTION_LOCK})')\n"
             "print('held', flush=True); time.sleep(30)\n"
         )
     else:
