@@ -3,6 +3,11 @@
 ``prepare`` is what gunicorn's master runs (in a subprocess, so that peewee is never
 imported in the master) before it forks workers: apply migrations, apply the init
 file (``GATEWAY_INIT_FILE``), make sure an admin secret exists, and say where things are.
+If the PostgreSQL server does not answer at all (an outage: the gateway restarted while
+the database is down), the gateway starts anyway when its snapshot of keys and models
+was written by a build with the same migrations (SPEC rule 8: calls go on, records go
+to the journal); the rest waits for a start with the database. A server that answers
+and refuses (a wrong password, no such database) stops the start, as any other error.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 import click
 from flask import Flask, current_app
 
-from gateway import auth, db, initfile, recorder, registry
+from gateway import auth, db, initfile, recorder, registry, snapshot
 from gateway.vault import vault
 
 
@@ -27,7 +32,13 @@ def migrate_command() -> None:
 @click.option("--url", default=None, help="Where the gateway will listen, for the banner.")
 def prepare_command(url: str | None) -> None:
     """Migrate, ensure an admin secret, and print where the gateway is."""
-    applied = db.migrate()
+    try:
+        applied = db.migrate()
+    except db.UNREACHABLE as exc:
+        if not db.is_postgres() or db.server_answers():
+            raise
+        _start_without_database(exc)
+        return
     if applied:
         click.echo(f"gateway: applied migrations {', '.join(applied)}")
     configured = bool(current_app.config.get("ADMIN_SUPER_SECRET"))
@@ -46,6 +57,24 @@ def prepare_command(url: str | None) -> None:
         click.echo(f"gateway: admin secret (generated, kept in the settings table): {secret}")
         click.echo("gateway: set ADMIN_SUPER_SECRET to choose your own")
     _encryption_banner(unreadable)
+
+
+def _start_without_database(exc: Exception) -> None:
+    """The database is away: start from the snapshot, or stop the start saying why."""
+    usable, what = snapshot.refresher.usable()
+    if not usable:
+        raise click.ClickException(
+            f"the database does not answer ({exc}), and {what}: the gateway cannot start without it"
+        )
+    click.echo(f"gateway: WARNING: the database does not answer ({exc})")
+    click.echo(
+        f"gateway: WARNING: serving the last known keys and models, from {what}; "
+        "records go to the journal until the database answers"
+    )
+    click.echo(
+        "gateway: WARNING: migrations, the init file and a generated admin secret wait "
+        "for a start with the database"
+    )
 
 
 @click.command("init-file")

@@ -22,8 +22,10 @@ database that is down or black-holed stalls no one; each outcome updates
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -36,7 +38,7 @@ import gevent
 import peewee
 from flask import Flask, g
 from gevent import monkey
-from playhouse.migrations import Runner
+from playhouse.migrations import Migration, Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
 from gateway import offloop
@@ -434,6 +436,35 @@ def migrate(db: peewee.Database | None = None) -> list[str]:
         finally:
             if isinstance(db, peewee.PostgresqlDatabase):
                 db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+@functools.cache
+def known_migrations() -> tuple[str, ...]:
+    """This build's migrations by name, in order: the schema ``migrate`` brings a
+    database to."""
+    return tuple(m.name for m in Migration.load_directory(str(MIGRATIONS)))
+
+
+def server_answers(timeout: float = 2.0) -> bool:
+    """Whether the PostgreSQL server takes a connection at all (TCP, or its Unix socket).
+
+    Tells an outage (nothing there, or nothing reachable) from a server that is there and
+    refuses what it was asked (a wrong password, a database that does not exist), which
+    psycopg's connection errors do not: both come without a SQLSTATE, and the server's
+    words are in its own language.
+    """
+    params = database.obj.connect_params
+    host, port = params.get("host") or "/var/run/postgresql", params.get("port") or 5432
+    try:
+        if host.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as unix:
+                unix.settimeout(timeout)
+                unix.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_greenlet_connections() -> None:

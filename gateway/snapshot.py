@@ -10,7 +10,9 @@ known down.
 
 After each read that changed something, the state is written to ``SNAPSHOT_FILE``
 (instance/snapshot.json, mode 0600, replaced atomically). A worker that starts while
-the database is away (a recycled one, say) serves from that file. It holds secrets:
+the database is away (a recycled one, say) serves from that file, and so does a whole
+gateway started then, if the file was written by a build with the same migrations
+(``usable``, which ``flask prepare`` asks). It holds secrets:
 every live gateway key's SHA-256 hash and limits, and every provider's base URL and
 API key, the keys sealed by the vault as the database holds them. ``CACHE_TTL`` 0
 turns all this off: each call reads through (tests).
@@ -147,7 +149,10 @@ class Refresher:
         if digest == self._written:
             return
         state["catalog"] = [_sealed(row) for row in state["catalog"]]  # sealing is random
-        body = json.dumps({"written_at": utcnow().isoformat(), **state})
+        # The schema it was read from: a start without the database serves it only if
+        # this build's migrations are the same (``usable``).
+        written = {"written_at": utcnow().isoformat(), "schema": db.known_migrations()}
+        body = json.dumps({**written, **state})
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +172,20 @@ class Refresher:
             self._written = None
             return
         self._written = digest
+
+    def usable(self) -> tuple[bool, str]:
+        """Whether the file can serve a start without the database, and what it is (its
+        time) or why not: a start while the database is away (``flask prepare``)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            schema, written_at = data["schema"], data["written_at"]
+        except FileNotFoundError:
+            return False, f"there is no {self.path} (workers write it once they read the keys)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return False, f"{self.path} is unreadable ({type(exc).__name__}: {exc})"
+        if tuple(schema) != db.known_migrations():
+            return False, f"{self.path} was written by a build with other migrations"
+        return True, f"{self.path}, written {written_at}"
 
     def load_file(self) -> bool:
         """Serve the keys and catalog of the snapshot file; False if there is none."""

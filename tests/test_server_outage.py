@@ -371,6 +371,57 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         gw.stop()
 
 
+# -- a gateway started while the database is down -------------------------------------
+
+
+def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A restart during an outage (a deploy, a container moved, a host rebooted): the
+    master's ``prepare`` cannot migrate. With a snapshot this build wrote, the gateway
+    starts, serves the keys and models it knew, journals its records and writes them
+    once the database is back. Without one (a new instance) the start stops and says
+    why; so does a server that answers and refuses (no such database), as before."""
+    url = gateway_database(cluster)
+    instance = tmp_path / "instance"
+    gw = Gateway(url, instance, GATEWAY_CACHE_TTL="1")
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        gw.setup_route(
+            fake.url, provider_type="anthropic", system_name="claude", remote_id="fake;chunks=12"
+        )
+        snapshot = instance / "snapshot.json"
+        wait_until(lambda: snapshot.exists() and '"claude"' in snapshot.read_text(), timeout=10)
+    finally:
+        gw.stop()
+
+    cluster.stop()
+    with pytest.raises(RuntimeError, match="the gateway cannot start without it") as refused:
+        Gateway(url, tmp_path / "new-instance", GATEWAY_DB_CONNECT_TIMEOUT="2")
+    assert "there is no" in str(refused.value) and "snapshot.json" in str(refused.value)
+
+    gw = Gateway(url, instance, **QUICK)
+    try:
+        assert "serving the last known keys and models" in gw.log()
+        kinds = [kind for kind in KINDS if not kind[3]]
+        got = {f"call-{i:03d}": call(gw, key, f"call-{i:03d}", kinds[i % 4]) for i in range(8)}
+        assert set(got.values()) == {"full"}, got
+        journal = instance / "journal"
+        wait_until(lambda: list(journal.glob("journal-*.jsonl")), timeout=30)
+        cluster.start()
+        rows = final_records(gw, 8)
+        assert sorted(by_call(rows)) == sorted(got), "each call exactly once"
+        assert {r["status"] for r in rows} == {"completed"}
+        assert all(r["tokens"]["output"] for r in rows), "the upstream's own counts"
+    finally:
+        gw.stop()
+
+    cluster.stop()  # a server that is there but refuses: a wrong database name
+    cluster.start()
+    with pytest.raises(RuntimeError, match="does not exist"):
+        Gateway(cluster.url("no_such_database"), instance)
+
+
 # -- the database answers but takes no writes ------------------------------------------
 
 

@@ -122,6 +122,31 @@ def test_a_worker_started_during_an_outage_serves_the_snapshot_file(
     assert keys.get(world["key"]) is None
 
 
+def test_a_gateway_starts_without_the_database_only_from_a_snapshot_of_its_own_schema(
+    world: dict, tmp_path: Path
+) -> None:
+    """What ``flask prepare`` asks when the database does not answer (the whole start is
+    ``test_server_outage.py``'s): a file written by this build serves; one written by a
+    build with other migrations (its rows may not fit this one's tables), an unreadable
+    one or none stops the start, saying why."""
+    path = tmp_path / "snapshot.json"
+    usable, what = refresher.usable()
+    assert usable and str(path) in what and "written 20" in what, what
+    data = json.loads(path.read_text())
+    assert data["schema"] == list(db.known_migrations()) and data["schema"][0] == "0001_initial"
+    path.write_text(json.dumps({**data, "schema": data["schema"][:-1]}))
+    assert refresher.usable() == (False, f"{path} was written by a build with other migrations")
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "schema"}))  # older build
+    assert refresher.usable() == (False, f"{path} is unreadable (KeyError: 'schema')")
+    path.write_text(path.read_text()[:-10])
+    assert not refresher.usable()[0] and "JSONDecodeError" in refresher.usable()[1]
+    path.unlink()
+    assert refresher.usable() == (
+        False,
+        f"there is no {path} (workers write it once they read the keys)",
+    )
+
+
 def test_a_snapshot_the_disk_cannot_take_leaves_the_last_one_and_nothing_else(
     world: dict, disk: Disk, tmp_path: Path
 ) -> None:
