@@ -175,13 +175,14 @@ class Refresher:
 
     def usable(self) -> tuple[bool, str]:
         """Whether the file can serve a start without the database, and what it is (its
-        time) or why not: a start while the database is away (``flask prepare``)."""
+        time) or why not: a start while the database is away (``flask prepare``). It is
+        loaded as a worker would load it (into this process's caches)."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = self._load()
             schema, written_at = data["schema"], data["written_at"]
         except FileNotFoundError:
             return False, f"there is no {self.path} (workers write it once they read the keys)"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except _UNREADABLE as exc:
             return False, f"{self.path} is unreadable ({type(exc).__name__}: {exc})"
         if tuple(schema) != db.known_migrations():
             return False, f"{self.path} was written by a build with other migrations"
@@ -190,13 +191,11 @@ class Refresher:
     def load_file(self) -> bool:
         """Serve the keys and catalog of the snapshot file; False if there is none."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            keys.load(data["keys"])
-            catalog.load([_opened(row) for row in data["catalog"]])
+            data = self._load()
         except FileNotFoundError:
             log.error("snapshot: database unreachable and no %s: no keys known yet", self.path)
             return False
-        except (OSError, ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             log.exception("snapshot: database unreachable and %s unreadable", self.path)
             return False
         log.warning(
@@ -207,6 +206,16 @@ class Refresher:
             data.get("written_at"),
         )
         return True
+
+    def _load(self) -> dict:
+        """The file's keys and catalog into the caches; what it holds."""
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        keys.load(data["keys"])
+        catalog.load([_opened(row) for row in data["catalog"]])
+        return data
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError)
 
 
 def _sealed(row: dict) -> dict:

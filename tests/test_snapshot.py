@@ -127,8 +127,8 @@ def test_a_gateway_starts_without_the_database_only_from_a_snapshot_of_its_own_s
 ) -> None:
     """What ``flask prepare`` asks when the database does not answer (the whole start is
     ``test_server_outage.py``'s): a file written by this build serves; one written by a
-    build with other migrations (its rows may not fit this one's tables), an unreadable
-    one or none stops the start, saying why."""
+    build with other migrations (its rows may not fit this one's tables), one this build
+    cannot load, an unreadable one or none stops the start, saying why."""
     path = tmp_path / "snapshot.json"
     usable, what = refresher.usable()
     assert usable and str(path) in what and "written 20" in what, what
@@ -136,6 +136,8 @@ def test_a_gateway_starts_without_the_database_only_from_a_snapshot_of_its_own_s
     assert data["schema"] == list(db.known_migrations()) and data["schema"][0] == "0001_initial"
     path.write_text(json.dumps({**data, "schema": data["schema"][:-1]}))
     assert refresher.usable() == (False, f"{path} was written by a build with other migrations")
+    path.write_text(json.dumps({**data, "keys": [["not", "a", "key"]]}))  # not this build's
+    assert not refresher.usable()[0] and "ValueError" in refresher.usable()[1]
     path.write_text(json.dumps({k: v for k, v in data.items() if k != "schema"}))  # older build
     assert refresher.usable() == (False, f"{path} is unreadable (KeyError: 'schema')")
     path.write_text(path.read_text()[:-10])
