@@ -183,17 +183,19 @@ def test_instances_that_start_at_once_apply_the_file_once(db, database_url, tmp_
         "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
     }
     logs = [tmp_path / f"start-{i}.log" for i in range(3)]
-    starts = [
-        subprocess.Popen(
-            [sys.executable, "-c", _STARTING, str(path), str(go)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-        )
-        for log in logs
-    ]
+    starts = []
+    for log in logs:
+        with log.open("w") as stderr:
+            starts.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _STARTING, str(path), str(go)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                )
+            )
     for start in starts:
         assert start.stdout is not None and start.stdout.readline() == "ready\n"
     go.touch()
@@ -228,6 +230,7 @@ def test_the_file_waits_for_no_other_job_that_runs_alone(db, database_url, tmp_p
             assert len(apply(tmp_path, YAML).created) == 7
     finally:
         other.close()
+        other.close_all()  # the pool's connection, and the lock with it
 
 
 def test_what_the_file_does_not_name_is_left_alone(db, tmp_path, client) -> None:  # type: ignore[no-untyped-def]
