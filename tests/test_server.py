@@ -7,7 +7,6 @@ the gateway has exited).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from gateway.db import database, open_database
 from gateway.models import Completion
-from tests.servers import Gateway, own_route, wait_until
+from tests.servers import Gateway, marker, own_route, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -228,19 +227,14 @@ def test_upstream_drops_mid_stream(gateway: Gateway, fake, framing: str) -> None
     assert row["completionTokens"] == -1  # the usage never came: unknown, not 0
 
 
-def _client(value: object) -> str:
-    """The ``client-NN`` a prompt (or a request's body) names."""
-    return "client-" + json.dumps(value).split("client-", 1)[1][:2]
-
-
 def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None:  # type: ignore[no-untyped-def]
     route = own_route(gateway, fake.url, remote_id="fake;id=c50;chunks=10;delay=0.05")
     client = chat_client(gateway, route["key"])
     closed: dict[str, float] = {}  # client -> when its close returned (one clock for all)
 
     def one(i: int) -> str:
-        name = f"client-{i:02d}"
-        messages = [{"role": "user", "content": f"{name} tell me a story"}]
+        name = f"{i:03d}"
+        messages = [{"role": "user", "content": f"call-{name} tell me a story"}]
         stream = client.chat.completions.create(model=route["name"], messages=messages, stream=True)
         seen = ""
         for chunk in stream:
@@ -259,16 +253,16 @@ def test_fifty_concurrent_streams_half_aborted(gateway: Gateway, fake) -> None: 
     # A client that hung up is recorded aborted; completed only if the upstream had sent
     # its end before the client closed (a client starved of CPU on a loaded machine
     # reads its second piece late), since the gateway may then have had it first.
-    ended = {_client(e["body"]): e["terminal_at"] for e in fake.log("c50")}
+    ended = {marker(e["body"]): e["terminal_at"] for e in fake.log("c50")}
     for row in rows:
-        name = _client(row["prompt"])
+        name = marker(row["prompt"])
         if name not in closed:
             assert row["status"] == "completed", name
         elif ended[name] < closed[name]:
             assert row["status"] in ("aborted", "completed"), name
         else:
             assert row["status"] == "aborted", (name, ended[name] - closed[name])
-    assert sorted(_client(r["prompt"]) for r in rows) == [f"client-{i:02d}" for i in range(50)]
+    assert sorted(marker(r["prompt"]) for r in rows) == [f"{i:03d}" for i in range(50)]
     assert all(
         r["completion"][0]["content"] == words(10) and r["completionTokens"] == 10 for r in rows
     )

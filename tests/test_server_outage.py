@@ -19,7 +19,6 @@ replay the dead ones' journals, and the sweeper finalises the streams they serve
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -38,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.db import migrate, open_database
 from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
-from tests.servers import Disk, Gateway, PostgresCluster, children, wait_until
+from tests.servers import Disk, Gateway, PostgresCluster, children, marker, wait_until
 
 pytestmark = [
     pytest.mark.server,
@@ -159,7 +158,7 @@ def final_records(gw: Gateway, count: int) -> list[dict]:
 
 def marker_in(value: object) -> str:
     """The ``call-NNN`` a test's prompt named."""
-    return "call-" + json.dumps(value).split("call-", 1)[1][:3]
+    return "call-" + marker(value)
 
 
 def by_call(rows: list[dict]) -> dict[str, list[dict]]:
@@ -269,17 +268,17 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     by_marker = by_call(rows)
     assert sorted(by_marker) == sorted(results)
     sent = sent_once(fake)
-    for marker, ((_sdk, _model, _stream, _hang_up), got) in results.items():
-        (row,) = by_marker[marker]
+    for mark, ((_sdk, _model, _stream, _hang_up), got) in results.items():
+        (row,) = by_marker[mark]
         if got == "hung up late":  # it may have been answered in full: both are true
-            assert row["status"] in ("aborted", "completed"), (marker, row)
+            assert row["status"] in ("aborted", "completed"), (mark, row)
         else:
-            assert row["status"] == ("aborted" if got == "hung up" else "completed"), (marker, row)
-        usage = sent[marker]["usage"]
+            assert row["status"] == ("aborted" if got == "hung up" else "completed"), (mark, row)
+        usage = sent[mark]["usage"]
         assert (row["promptTokens"], row["completionTokens"]) == (
             usage["input_tokens"],
             usage["output_tokens"],
-        ), (marker, row)
+        ), (mark, row)
     from_snapshot = gw.log().count("snapshot: database unreachable: serving")
     print(f"{len(results)} calls, {from_snapshot} workers started from the snapshot file")
     assert from_snapshot, "no worker was recycled during the outage"
@@ -355,12 +354,12 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         wait_until(lambda: len(gw.records(limit=100)) == 16, timeout=60, interval=0.5)
 
         rows = gw.records(limit=100)
-        found = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
+        found = sorted(marker(r["prompt"]) for r in rows)
         assert found == [m[5:] for m in markers], "each call exactly once"
         assert {r["status"] for r in rows} == {"completed"}
-        sent = {json.dumps(e["body"]).split("call-", 1)[1][:3]: e["usage"] for e in fake.log()}
+        sent = {marker(e["body"]): e["usage"] for e in fake.log()}
         for row in rows:
-            usage = sent[json.dumps(row["prompt"]).split("call-", 1)[1][:3]]
+            usage = sent[marker(row["prompt"])]
             assert (row["promptTokens"], row["completionTokens"]) == (
                 usage["input_tokens"],
                 usage["output_tokens"],
@@ -465,7 +464,7 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
             return rows if len(rows) >= 8 else None
 
         rows = wait_until(all_eight, timeout=60, interval=0.5)
-        found = sorted(json.dumps(r["prompt"]).split("call-", 1)[1][:3] for r in rows)
+        found = sorted(marker(r["prompt"]) for r in rows)
         assert found == [f"{i:03d}" for i in range(8)], "each call exactly once"
         assert {r["status"] for r in rows} == {"completed"}
         assert not list(journal.glob("refused-*")), "set aside as if the rows were at fault"
