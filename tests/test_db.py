@@ -200,6 +200,7 @@ def test_a_transaction_that_reads_then_writes_holds_against_a_commit_in_between(
                 refused = "locked" in str(exc)
             database.execute_sql("INSERT INTO t VALUES (?)", (seen + 1,))
         other.execute("INSERT INTO t VALUES (100)")  # once committed, it goes in
+        other.close()
         rows = database.execute_sql("SELECT x FROM t ORDER BY x").fetchall()
     assert refused, "the other writer got in between the read and the write"
     assert [x for (x,) in rows] == [1, 2, 100]
