@@ -4,7 +4,8 @@ File I/O only, no database: ``append`` writes rows to this process's
 ``journal-<pid>.jsonl`` and fsyncs; ``replay`` hands whole files to a writer: this
 process's own, and those left by processes that have died. A file is claimed by an
 atomic rename, so exactly one replayer owns it; it is deleted once written and given
-back if the write fails. A claim left by a replayer that died is given back too.
+back if the write fails (joined to a file its owner started meanwhile, never replacing
+it). A claim left by a replayer that died is given back too.
 Rows the database refused (a data error, not an outage) go to ``refused-<pid>.jsonl``;
 they are replayed only when an operator asks (``replay(write, "refused")``, by the
 ``replay-refused`` command, once the cause is fixed), whoever's they are: an append
@@ -80,7 +81,7 @@ class Journal:
             try:
                 write(rows)
             except BaseException:
-                claimed.rename(path)  # give it back; try again later
+                self._give_back(claimed, path)  # try again later
                 raise
             if torn:
                 log.error("journal: %d torn lines in %s kept aside", len(torn), path.name)
@@ -89,6 +90,25 @@ class Journal:
             written += len(rows)
             log.info("journal: replayed %d records from %s", len(rows), path.name)
         return written
+
+    def _give_back(self, claimed: Path, path: Path) -> None:
+        """Return a claimed file whose rows were not written to the name it had.
+
+        Its owner may have started a new file under that name meanwhile (a live
+        process's appends go on while its journal is replayed): the claimed rows then
+        join that file, since a rename would replace it and lose its rows. The order
+        of rows does not matter (``models.upsert_records`` takes snapshots in any
+        order). Should the join fail (a full disk), the claim stays, and is given back
+        once this process has exited (``_reclaim_orphans``).
+        """
+        try:
+            os.link(claimed, path)  # never replaces a file
+        except FileExistsError:
+            data = claimed.read_bytes()
+            if data and not data.endswith(b"\n"):
+                data += b"\n"  # a torn last line stays torn, not joined to the next
+            self._append(path, data)
+        claimed.unlink()
 
     def _append(self, path: Path, data: bytes) -> None:
         """Append ``data`` to ``path`` durably, both readable by this user only; or

@@ -104,6 +104,48 @@ except OSError as exc:
 """
 
 
+def test_rows_journaled_while_a_replay_fails_are_kept_with_the_given_back_ones(
+    tmp_path: Path,
+) -> None:
+    # The replayer waits on a database that does not answer; meanwhile this process's
+    # writers journal more calls, to a new file under the claimed one's name. Giving the
+    # claim back must not replace that file (a rename did: its rows were lost).
+    journal = Journal(tmp_path)
+    journal.append(rows(2))
+
+    def away_while_others_journal(_: list[dict]) -> None:
+        journal.append(rows(4)[2:])
+        raise ConnectionError("database does not answer")
+
+    with pytest.raises(ConnectionError):
+        journal.replay(away_while_others_journal)
+    assert [p.name for p in tmp_path.iterdir()] == [journal.own_path().name]
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 4
+    assert sorted(r["uid"] for r in got) == ["u0", "u1", "u2", "u3"]
+
+
+def test_a_refused_file_given_back_keeps_rows_its_owner_set_aside_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # replay-refused takes any live process's refused rows; the owner may set more aside.
+    journal = Journal(tmp_path)
+    journal.append(rows(1), prefix="refused")
+    with open(journal.own_path("refused"), "a") as fh:
+        fh.write('{"uid": "to')  # a torn last line stays a line of its own
+
+    def refused_again(_: list[dict]) -> None:
+        journal.append(rows(2)[1:], prefix="refused")
+        raise ConnectionError("database does not answer")
+
+    with pytest.raises(ConnectionError):
+        journal.replay(refused_again, prefix="refused")
+    got: list[dict] = []
+    assert journal.replay(got.extend, prefix="refused") == 2
+    assert sorted(r["uid"] for r in got) == ["u0", "u1"]
+    assert journal.own_path("torn").read_text() == '{"uid": "to\n'
+
+
 def test_an_append_the_disk_takes_only_part_of_is_cut_off_and_the_next_one_is_whole(
     tmp_path: Path,
 ) -> None:
