@@ -42,7 +42,7 @@ import gevent.event
 import gevent.pool
 
 from gateway import jsoncodec, pricing
-from gateway.adapters import ir
+from gateway.adapters import ir, wire
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
@@ -232,7 +232,12 @@ class Call:
     ) -> None:
         ms = int((time.monotonic() - started) * 1000)
         self.exchange.attempt(
-            candidate.provider_name, candidate.remote_id, outcome, ms, _id(request_id), **detail
+            candidate.provider_name,
+            candidate.remote_id,
+            outcome,
+            ms,
+            wire.provider_text(request_id),
+            **detail,
         )
 
     def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> None:
@@ -452,7 +457,7 @@ class Call:
             )
         account: dict[str, Any] = {
             "cost": pricing.cost(usage, prices),
-            "upstream_id": _id((response or {}).get("id")),
+            "upstream_id": wire.provider_text((response or {}).get("id")),
         }
         if self.stream:
             # No stream started (refused, or nobody waited): the client got none of it.
@@ -516,11 +521,6 @@ def _told(call: Call) -> Callable[[str, float], None]:
             alive._client_left(how, at)
 
     return told
-
-
-def _id(value: Any) -> str | None:
-    """A provider's id as the record can keep it: printable text, at most 255 characters."""
-    return value[:255] if isinstance(value, str) and value.isprintable() and value else None
 
 
 def _log_failure(candidate: Candidate, exc: UpstreamError) -> None:

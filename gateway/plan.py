@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.adapters import PROTOCOLS, PROVIDER_PROTOCOLS, embeddings, record, upstream_body
+from gateway.adapters import (
+    PROTOCOLS,
+    PROVIDER_PROTOCOLS,
+    embeddings,
+    record,
+    upstream_body,
+    wire,
+)
 from gateway.adapters.translator import StreamTranslator
 from gateway.downstream import Pace
 from gateway.exchange import Exchange
@@ -101,7 +108,7 @@ class Chat:
         return {
             "output": record.completion(response),
             "usage": response["usage"],
-            "response_model": response.get("model"),
+            "response_model": wire.provider_text(response.get("model")),
             "stop_reason": response.get("stop_reason"),
         }
 

@@ -68,6 +68,9 @@ tokens = reasoning pieces; the usage shape is each protocol's own. Knobs for the
   usage_style=deepseek  OpenAI usage as DeepSeek sends it: ``prompt_cache_hit_tokens``
                 and ``prompt_cache_miss_tokens``, no ``prompt_tokens_details``
   response_id=S the answer's id (default ``chatcmpl-fake``, ``msg_fake``, ``resp_fake``)
+  response_model=S  the model the answer names (default: the request's)
+  input_tokens=N, output_tokens=N  the counts reported instead (any integer: a faulty
+                upstream's too)
   request_id=S  the request-id header's value (default ``req_fake_<n>``); the header is
                 ``x-request-id`` (OpenAI, Responses), ``request-id`` (Anthropic),
                 ``apim-request-id`` (Azure deployment paths)
@@ -178,7 +181,7 @@ class Plan:
         self.response_id = script.get("response_id")
         self.cut = script.get("finish") == "length"
         self.stop_sequence = "###" if script.get("finish") == "stop_sequence" else None
-        self.input_tokens = prompt_words(body) + 3
+        self.input_tokens = int(script.get("input_tokens", prompt_words(body) + 3))
         pad = "." * int(script.get("pad", 0))
         odd = "\ud800\x00" if script.get("unstorable") else ""
         self.text_pieces = [f"tok{i}{odd}{pad} " for i in range(self.chunks)]
@@ -188,7 +191,9 @@ class Plan:
             {"id": f"call_{i}", "name": f"tool_{i}", "pieces": ['{"n": ', f"{i}}}"]}
             for i in range(self.tools)
         ]
-        self.output_tokens = self.chunks + self.reasoning + 2 * self.tools
+        self.output_tokens = int(
+            script.get("output_tokens", self.chunks + self.reasoning + 2 * self.tools)
+        )
 
     @property
     def text(self) -> str:
@@ -241,6 +246,9 @@ class Plan:
     def id(self, default: str) -> str:
         return self.response_id or default
 
+    def model(self, body: dict) -> str:
+        return self.script.get("response_model", body["model"])
+
 
 # -- OpenAI Chat Completions ---------------------------------------------------
 
@@ -250,7 +258,7 @@ def chat_stream(plan: Plan, body: dict) -> list:
         "id": plan.id("chatcmpl-fake"),
         "object": "chat.completion.chunk",
         "created": 1,
-        "model": body["model"],
+        "model": plan.model(body),
     }
     with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -307,7 +315,7 @@ def chat_answer(plan: Plan, body: dict) -> dict:
         "id": plan.id("chatcmpl-fake"),
         "object": "chat.completion",
         "created": 1,
-        "model": body["model"],
+        "model": plan.model(body),
         "choices": [plan.chat_choice(index=0, message=message)],
         "usage": plan.usage_openai(),
     }
@@ -342,7 +350,7 @@ def anthropic_stream(plan: Plan, body: dict) -> list:
         "type": "message",
         "role": "assistant",
         "content": [],
-        "model": body["model"],
+        "model": plan.model(body),
         "stop_reason": None,
         "stop_sequence": None,
         "usage": start_usage,
@@ -436,7 +444,7 @@ def anthropic_answer(plan: Plan, body: dict) -> dict:
         "type": "message",
         "role": "assistant",
         "content": content,
-        "model": body["model"],
+        "model": plan.model(body),
         "stop_reason": plan.anthropic_stop,
         "stop_sequence": plan.stop_sequence,
         "usage": anthropic_usage(plan),
@@ -498,7 +506,7 @@ def responses_answer(plan: Plan, body: dict, done: bool = True) -> dict:
         "created_at": 1,
         "status": status,
         "incomplete_details": {"reason": "max_output_tokens"} if plan.cut and done else None,
-        "model": body["model"],
+        "model": plan.model(body),
         "output": responses_output(plan) if done else [],
         "usage": responses_usage(plan) if done else None,
     }

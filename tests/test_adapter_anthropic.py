@@ -451,6 +451,23 @@ def test_parse_response_adds_cache_tokens_to_input():
     )
 
 
+def test_counts_that_cannot_be_counts_are_unknown_also_when_summed():
+    # Each count alone fits a record's integer column; the input total (cache included)
+    # would not. Negative counts and booleans are not counts either.
+    usage = {
+        "input_tokens": ir.MAX_COUNT,
+        "cache_read_input_tokens": 1,
+        "output_tokens": -3,
+        "cache_creation_input_tokens": True,
+    }
+    resp = anthropic.parse_response({**MESSAGE, "usage": usage})
+    assert resp["usage"] == ir.usage(cache_read_tokens=1)
+    fits = {"input_tokens": ir.MAX_COUNT - 1, "cache_read_input_tokens": 1, "output_tokens": 0}
+    assert anthropic.parse_response({**MESSAGE, "usage": fits})["usage"] == ir.usage(
+        input_tokens=ir.MAX_COUNT, output_tokens=0, cache_read_tokens=1
+    )
+
+
 @pytest.mark.parametrize(
     ("wire", "stop"),
     [("end_turn", "end_turn"), ("max_tokens", "max_tokens"), ("stop_sequence", "stop_sequence"), ("tool_use", "tool_use"),

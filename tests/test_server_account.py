@@ -36,6 +36,7 @@ pytestmark = pytest.mark.server
 
 GATEWAY_ENV = {"GATEWAY_CLIENT_WRITE_TIMEOUT": "1"}  # a client that stops reading: dropped
 EXACT = Fraction(1, 10**12)
+PATHS = {CHAT: "/v1/chat/completions", ANTHROPIC: "/v1/messages", RESPONSES: "/v1/responses"}
 CACHE = "cache=3;cache_write=2;cache_1h=1;reasoning=2;chunks=4"
 # Usage shapes: (provider type, fake script, its prices).
 SHAPES = {
@@ -151,6 +152,41 @@ def test_tokens_cost_and_ids_are_exactly_what_the_provider_reported(
         assert row["delivered"]["events"] > 0
     else:
         assert row["delivered"] is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("shape", ["openai", "anthropic", "responses"])
+@pytest.mark.parametrize("client", CLIENTS)
+def test_counts_and_a_model_name_no_record_can_hold_are_stored_unknown(
+    module_gateway: Gateway, fake, routes, client: str, shape: str, stream: bool
+) -> None:  # type: ignore[no-untyped-def]
+    # A faulty upstream: an input count past any column's integer (PostgreSQL's ends at
+    # 2**31 - 1, SQLite's at 2**63 - 1), a negative output count, a 300-character model
+    # name (the column holds 255). The database refused such a final row, and the call
+    # stayed pending while its process lived; a negative count was priced as a credit.
+    gw = module_gateway
+    key = gw.api("POST", "/apiKey", json={"comment": "faulty counts"})
+    call = uuid.uuid4().hex
+    named = "m" * 300
+    script = f"id={call};input_tokens={2**63};output_tokens=-1000000;response_model={named}"
+    body = {**p.request(client, f"acct-{shape}", tools=False), "stream": stream}
+    answer = requests.post(
+        gw.url + PATHS[client],
+        json=body,
+        headers={"Authorization": f"Bearer {key['key']}", "X-Fake-Script": script},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text  # the client gets what was answered
+    assert "tok4" in answer.text
+    (sent,) = fake.log(call)
+    assert sent["outcome"] == "complete"
+    row = record(gw, key["id"])
+
+    assert row["status"] == "completed"
+    assert row["tokens"]["input"] is None and row["tokens"]["output"] is None
+    assert row["cost"] is None  # never a credit, never 0
+    assert row["responseModel"] == named[:255]
+    assert row["completion"][0]["content"] == "".join(f"tok{i} " for i in range(5))
 
 
 def test_a_price_change_leaves_old_records_as_they_were(

@@ -85,6 +85,9 @@ USAGE_FIELDS = (
     "cache_write_1h_tokens",
     "reasoning_tokens",
 )
+# The largest count a record keeps (PostgreSQL's integer column). No call comes near it:
+# a count past it, or below 0, is not a count but a fault of the upstream's.
+MAX_COUNT = 2**31 - 1
 STOP_REASONS = frozenset(
     {
         "end_turn",
@@ -105,11 +108,16 @@ _EFFORT_FOR_BUDGET = ((2048, "low"), (8192, "medium"))  # by upper bound; above:
 
 
 def usage(**counts: int | None) -> dict[str, int | None]:
-    """A usage dict with every field present; unknown fields are None."""
+    """A usage dict with every field present; unknown fields are None, and so are counts
+    that cannot be counts (below 0, or past ``MAX_COUNT``: a sum of counts may be)."""
     unknown = set(counts) - set(USAGE_FIELDS)
     if unknown:
         raise ValueError(f"unknown usage fields: {sorted(unknown)}")
-    return {name: counts.get(name) for name in USAGE_FIELDS}
+    return {name: _count(counts.get(name)) for name in USAGE_FIELDS}
+
+
+def _count(value: int | None) -> int | None:
+    return value if value is not None and 0 <= value <= MAX_COUNT else None
 
 
 def merge_usage(old: dict | None, new: dict | None) -> dict | None:

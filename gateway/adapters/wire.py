@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from gateway import jsoncodec, sse
+from gateway.adapters import ir
 
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*;base64,(?P<data>.*)", re.S)
 
@@ -30,8 +31,17 @@ def frame(data: Any, event: str | None = None) -> bytes:
 
 
 def count(value: Any) -> int | None:
-    """A token count, or None when the value is not an integer."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A count (tokens, an index), or None when the value cannot be one: not an integer,
+    below 0, or past ``ir.MAX_COUNT`` (an upstream's fault; a record keeps it unknown)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ir.MAX_COUNT:
+        return value
+    return None
+
+
+def provider_text(value: Any) -> str | None:
+    """A provider's id or model name as a record keeps it: printable text, at most 255
+    characters (its column's), else None."""
+    return value[:255] if isinstance(value, str) and value.isprintable() and value else None
 
 
 def event_data(event: sse.Event) -> dict | None:
