@@ -15,6 +15,7 @@ import uuid
 import gevent
 import peewee
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import EnvironHeaders
@@ -542,6 +543,44 @@ def test_a_malformed_chunked_body_gets_400_in_the_callers_shape(gateway, fake) -
     assert gateway.records() == []
     assert "Error handling request" not in gateway.log()
     assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.server
+def test_a_chunked_body_past_the_limit_gets_413_and_goes_nowhere(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    # A length tells the limit at once; a chunked body only as it is read. It was cut at
+    # the limit and parsed: JSON cut short got a 400, JSON followed by spaces past the
+    # limit was forwarded and recorded.
+    limit = 4096
+    gw = gateway_factory(GATEWAY_MAX_BODY_BYTES=str(limit))
+    mark = uuid.uuid4().hex
+    route = gw.setup_route(fake.url, system_name="chunked", remote_id=f"fake;id={mark}")
+    bearer = {"Authorization": f"Bearer {route['key']}"}
+
+    def chunked(body: bytes) -> bytes:
+        pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+    def body(path: str, padding: str, after: bytes = b"") -> bytes:
+        sent = {**VALID[path], "model": "chunked", "padding": padding}
+        return json.dumps(sent).encode() + after
+
+    for path in (CHAT, MESSAGES):
+        for over in (body(path, "x" * limit), body(path, "", b" " * limit)):
+            status, answer = raw_post(gw, path, bearer, chunked(over))
+            assert status == 413, answer
+            error = json.loads(answer)["error"]  # in the caller's shape
+            assert error["type"] == (
+                "request_too_large" if path == MESSAGES else "invalid_request_error"
+            )
+            assert f"{limit} bytes" in error["message"]
+        exact = body(path, "")
+        exact += b" " * (limit - len(exact))
+        pieces = iter([exact[: limit // 2], exact[limit // 2 :]])  # requests sends it chunked
+        answer = requests.post(gw.url + path, data=pieces, headers=bearer, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.request.headers["Transfer-Encoding"] == "chunked"
+    assert len(fake.log(mark)) == 2
+    assert len(gw.wait_final(2)) == 2
 
 
 def test_api_usage_sums_the_calling_keys_tokens(client, fake, route, monkeypatch) -> None:  # type: ignore[no-untyped-def]
