@@ -156,8 +156,8 @@ class Journal:
             # The claim's rename set its ctime: the replayer was alive then.
             if replayer != os.getpid() and not _ran_at(replayer, _changed(claimed, "st_ctime")):
                 original = claimed.with_name(claimed.name.split("-", 2)[2])
-                with contextlib.suppress(FileNotFoundError):
-                    claimed.rename(original)
+                with contextlib.suppress(FileNotFoundError):  # another process took it
+                    self._give_back(claimed, original)
 
 
 def _open_locked(path: Path) -> int:

@@ -185,6 +185,21 @@ def test_a_claim_left_by_a_dead_replayer_is_given_back(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dead_replayers_claim_joins_the_file_its_writers_started_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # A worker killed while it replayed its journal: its writers had started a new file.
+    dead = dead_pid()
+    (tmp_path / f"replaying-{dead}-journal-{dead}.jsonl").write_text(
+        json.dumps({"uid": "claimed"}) + "\n"
+    )
+    (tmp_path / f"journal-{dead}.jsonl").write_text(json.dumps({"uid": "journaled later"}) + "\n")
+    got: list[dict] = []
+    Journal(tmp_path).replay(got.extend)
+    assert sorted(r["uid"] for r in got) == ["claimed", "journaled later"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_journal_whose_pid_a_later_process_took_is_replayed(tmp_path: Path) -> None:
     """A container restarted on the same volume numbers its processes from 1 again: its
     master or a CLI can get a dead worker's pid. That process started after the file's
