@@ -447,7 +447,6 @@ def test_parse_response_reads_items_status_and_usage():
         ("completed", None, [], "end_turn"),
         ("incomplete", {"reason": "max_output_tokens"}, [], "max_tokens"),
         ("incomplete", {"reason": "content_filter"}, [], "content_filter"),
-        ("failed", None, [], None),
         ("completed", None, RESPONSE["output"][2:3], "tool_use"),
     ],
 )

@@ -8,13 +8,14 @@ upstream that keeps talking after its end, and what each piece carries.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import sse
-from gateway.adapters import PROTOCOLS, ir
+from gateway.adapters import PROTOCOLS, ir, wire
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.adapter_support import frames, json_frames, stream_bytes
@@ -308,3 +309,28 @@ def test_any_json_an_upstream_streams_is_relayed_or_a_broken_stream(events, clie
     except BrokenStream:
         translator.fail("Upstream failed mid-stream")  # nothing if an error event ended it
     translator.response()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "body", "said"),
+    [
+        (OPENAI_CHAT, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}}, "insufficient_quota: You exceeded your current quota"),
+        (OPENAI_CHAT, {"object": "error", "message": "model overloaded", "type": "server_error"}, "model overloaded"),
+        (OPENAI_CHAT, {"error": "bad gateway"}, "bad gateway"),
+        (ANTHROPIC, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "overloaded_error: Overloaded"),
+        (OPENAI_RESPONSES, {"id": "resp_1", "status": "failed", "output": [], "error": {"code": "server_error", "message": "The model failed"}}, "server_error: The model failed"),
+        (OPENAI_RESPONSES, {"error": {"message": "Invalid key"}}, "Invalid key"),
+    ],
+)  # fmt: skip
+def test_an_error_answered_with_a_2xx_status_is_no_answer(protocol, body, said):
+    # Some servers and proxies answer an error with 200: it was recorded completed, with
+    # an empty answer, and a client of another format got a made-up success.
+    with pytest.raises(wire.ErrorAnswer, match=re.escape(said)):
+        PROTOCOLS[protocol].parse_response(body)
+
+
+def test_an_answer_that_carries_an_empty_error_field_is_an_answer():
+    chat = {"choices": [{"message": {"role": "assistant", "content": "hi"}}], "error": None}
+    assert PROTOCOLS[OPENAI_CHAT].parse_response(chat)["content"][0]["text"] == "hi"
+    done = {"status": "completed", "error": None, "output": []}
+    assert PROTOCOLS[OPENAI_RESPONSES].parse_response(done)["stop_reason"] == "end_turn"

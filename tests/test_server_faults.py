@@ -64,6 +64,7 @@ class Fault:
     modes: tuple[str, ...] = MODES
     http_status: int | None = None  # the upstream's, in each attempt
     retriable: bool = True
+    said: str | None = None  # in each try's error, where the upstream said why
 
     def __str__(self) -> str:
         return self.name
@@ -77,6 +78,7 @@ BEFORE = [
     Fault("reset before headers", "reset_before_headers=1", "reset"),
     Fault("stall before headers", f"header_delay={STALL}", "timeout", 504),
     Fault("invalid JSON with 200", "garbage=1", "protocol"),
+    Fault("an error body with 200", "status=200", "protocol", said="fake error 200"),
     Fault("text/html with 200", "content_type=text/html", "protocol"),
     Fault("JSON to a stream", "content_type=application/json", "protocol", modes=("stream",)),
     Fault("SSE to a JSON call", "content_type=text/event-stream", "protocol", modes=("json",)),
@@ -267,6 +269,8 @@ def test_a_fault_before_the_first_byte(
     attempts = row["attempts"]
     assert [a["outcome"] for a in attempts] == [fault.outcome] * len(attempts)
     assert [a.get("status") for a in attempts] == [fault.http_status] * len(attempts)
+    if fault.said:
+        assert all(fault.said in a["error"] for a in attempts), attempts
     assert len(caller.tries()) == len(attempts)
     if not fault.retriable:  # passed on as the upstream said it, no failover
         assert len(attempts) == 1 and message == f"fake error {fault.http_status}"

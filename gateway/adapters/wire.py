@@ -44,6 +44,22 @@ def provider_text(value: Any) -> str | None:
     return value[:255] if isinstance(value, str) and value.isprintable() and value else None
 
 
+class ErrorAnswer(ValueError):
+    """A 2xx answer whose body is an error (some servers and proxies send them so): the
+    try failed as one with an unusable answer does, and fails over likewise."""
+
+
+def error_answer(error: Any, fallback: Any = None) -> ErrorAnswer:
+    """``ErrorAnswer`` saying what an error object (or string) of an answer says."""
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        message = error.get("message") or fallback
+    else:
+        kind, message = None, error if isinstance(error, str) else fallback
+    said = ": ".join(str(part) for part in (kind, message) if part)
+    return ErrorAnswer(f"the upstream answered an error with a 2xx status ({said or 'no detail'})")
+
+
 def event_data(event: sse.Event) -> dict | None:
     """The JSON object an SSE event carries, or None (no data, not JSON, not an object)."""
     if not event.data:

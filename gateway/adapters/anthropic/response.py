@@ -28,7 +28,10 @@ WIRE_USAGE = (
 
 
 def parse_response(body: dict) -> dict:
-    """Convert a Messages ``message`` body to an IR response."""
+    """Convert a Messages ``message`` body to an IR response; an error body
+    (``{"type": "error", "error": ...}``) raises ``wire.ErrorAnswer``."""
+    if body.get("type") == "error":
+        raise wire.error_answer(body.get("error"))
     resp = ir.empty_response()
     resp["id"], resp["model"] = body.get("id"), body.get("model")
     for block in body.get("content") or []:

@@ -34,7 +34,13 @@ IR_TO_FINISH = {
 
 
 def parse_response(body: dict) -> dict:
-    """Convert a ``chat.completion`` body to an IR response (first choice only)."""
+    """Convert a ``chat.completion`` body to an IR response (first choice only).
+
+    An error body (``{"error": ...}`` or ``{"object": "error"}``, as in a stream) raises
+    ``wire.ErrorAnswer``.
+    """
+    if (body.get("error") or body.get("object") == "error") and not body.get("choices"):
+        raise wire.error_answer(body.get("error") or body, body.get("message"))
     resp = ir.empty_response()
     resp["id"], resp["model"] = body.get("id"), body.get("model")
     choice = first_choice(body) or {}

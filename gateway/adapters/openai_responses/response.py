@@ -21,7 +21,10 @@ _INCOMPLETE = {"max_tokens": "max_output_tokens", "content_filter": "content_fil
 
 
 def parse_response(body: dict) -> dict:
-    """Convert a Responses ``response`` body to an IR response."""
+    """Convert a Responses ``response`` body to an IR response; a failed response
+    (``status: "failed"``) or an error body raises ``wire.ErrorAnswer``."""
+    if body.get("status") == "failed" or (body.get("error") and not body.get("output")):
+        raise wire.error_answer(body.get("error"), "the response failed")
     resp = ir.empty_response()
     resp["id"], resp["model"] = body.get("id"), body.get("model")
     for item in body.get("output") or []:
