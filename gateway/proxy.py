@@ -270,7 +270,7 @@ def _complete(req: CallRequest, api_format: str) -> Response | Answer:
             trace_state=req.headers.get("tracestate"),
         )
         if stored is not None:
-            return _replayed(replay.answer(permit, exchange, stored, api_format, ir), ir["stream"])
+            return _replayed(replay.answer(permit, exchange, stored, api_format, ir))
         candidates = _candidates(req, ir["model"], "chat")
         plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT, permit)
     return _answer(calls.open(plan, _client_socket(req)))
@@ -324,11 +324,12 @@ def _candidates(req: CallRequest, model: str, model_type: str) -> list[Candidate
     )
 
 
-def _replayed(data: bytes, stream: bool) -> Response:
+def _replayed(answer: bytes | replay.Written) -> Response:
     """A stored answer for a repeat: a whole stream, or JSON."""
-    if stream:
-        return Response(data, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return Response(data, mimetype="application/json")
+    if isinstance(answer, replay.Written):
+        headers = {"Cache-Control": "no-cache", "Content-Length": str(len(answer.piece.data))}
+        return Response(answer, mimetype="text/event-stream", headers=headers)
+    return Response(answer, mimetype="application/json")
 
 
 def _answer(call: Call) -> Response | Answer:

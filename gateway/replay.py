@@ -18,7 +18,7 @@ import logging
 
 from gateway import db
 from gateway.adapters import PROTOCOLS, ir, record
-from gateway.adapters.translator import StreamTranslator
+from gateway.adapters.translator import Piece, StreamTranslator
 from gateway.admission import Permit
 from gateway.dedup import Stored
 from gateway.exchange import Exchange
@@ -77,13 +77,10 @@ def _from_record(key_id: int, req_id: str) -> Stored | None:
 
 def answer(
     permit: Permit, exchange: Exchange, stored: Stored, client_format: str, request: dict
-) -> bytes:
-    """The repeat's answer in its format (JSON, or a whole stream), recorded as a cache hit."""
+) -> bytes | Written:
+    """The repeat's answer in its format, recorded as a cache hit: JSON, recorded now, or
+    a whole stream, recorded once written (``Written``: what the client was sent)."""
     response = stored.response
-    if exchange.stream:
-        data = StreamTranslator.replay(client_format, request, response).data
-    else:
-        data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
     exchange.source_uid, exchange.req_id = stored.uid, None  # the id is its source's
     exchange.model_id, exchange.provider_id = stored.model_id, stored.provider_id
     exchange.first_token()
@@ -93,5 +90,45 @@ def answer(
         usage=ir.usage(input_tokens=0, output_tokens=0),
     )
     permit.finished(exchange, response)
+    if exchange.stream:
+        return Written(StreamTranslator.replay(client_format, request, response), exchange)
     recorder.record(exchange)
-    return data
+    return json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
+
+
+class Written:
+    """A repeat's whole stream as a WSGI body: its record says what was delivered.
+
+    The server takes the one piece and asks for the next only once it wrote it: the
+    call is recorded then, with all of the stream delivered. A body closed before that
+    (the client gone before or during the write; the server closes every body) records
+    it with none delivered. Once either way.
+    """
+
+    def __init__(self, piece: Piece, exchange: Exchange) -> None:
+        self.piece = piece
+        self._exchange: Exchange | None = exchange
+        self._given = False
+
+    def __iter__(self) -> Written:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._given:
+            self._record(whole=True)  # asked again: the server wrote it
+            raise StopIteration
+        self._given = True
+        return self.piece.data
+
+    def close(self) -> None:
+        self._record(whole=False)
+
+    def _record(self, whole: bool) -> None:
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            return
+        exchange.delivered = {
+            "events": self.piece.events if whole else 0,
+            "text": self.piece.text if whole else "",
+        }
+        recorder.record(exchange)

@@ -10,6 +10,7 @@ new call. Across instances (atomic claims): tests/test_server_instances.py.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,7 +92,27 @@ def test_a_repeat_streams_the_answer_in_its_own_format(client, fake, setup, path
     assert text_of_stream(path, again.get_data()) == (expected, True)
     assert sent(fake, setup) == 1
     assert [r.status for r in rows()] == ["completed", "cache_hit"]
-    assert rows()[1].stream is True and rows()[1].api_format == FORMAT[path]
+    hit = rows()[1]
+    assert hit.stream is True and hit.api_format == FORMAT[path]
+    events = len(sse.Decoder().feed(again.get_data()))
+    assert hit.delivered == {"events": events, "text": expected}  # all of it was written
+
+
+def test_a_repeat_whose_client_left_before_its_stream_was_written_delivered_none(
+    client, fake, setup
+) -> None:  # type: ignore[no-untyped-def]
+    key, _ = new_key(client)
+    post(client, CHAT, VALID[CHAT], key, **{REQ: "gone-1"})
+    body = json.dumps({**VALID[CHAT], "stream": True})
+    headers = {"Authorization": f"Bearer {key}", REQ: "gone-1"}
+    again = client.post(
+        CHAT, data=body, headers=headers, content_type="application/json", buffered=False
+    )
+    assert again.status_code == 200
+    again.close()  # the server closes the body unwritten: the client was gone
+    hit = rows()[1]
+    assert hit.status == "cache_hit" and hit.delivered == {"events": 0, "text": ""}
+    assert [r.status for r in rows()] == ["completed", "cache_hit"]  # recorded once
 
 
 def test_a_streamed_first_call_is_replayed_as_json(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
