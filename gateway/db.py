@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -445,26 +446,39 @@ def known_migrations() -> tuple[str, ...]:
     return tuple(m.name for m in Migration.load_directory(str(MIGRATIONS)))
 
 
-def server_answers(timeout: float = 2.0) -> bool:
-    """Whether the PostgreSQL server takes a connection at all (TCP, or its Unix socket).
+# The first message of PostgreSQL's protocol a client may send (SSLRequest): the server
+# answers it with one byte ('S' or 'N') before it asks for anything.
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
-    Tells an outage (nothing there, or nothing reachable) from a server that is there and
-    refuses what it was asked (a wrong password, a database that does not exist), which
-    psycopg's connection errors do not: both come without a SQLSTATE, and the server's
-    words are in its own language.
+
+def server_answers(timeout: float = 2.0) -> bool:
+    """Whether the PostgreSQL server answers at all (TCP, or its Unix socket).
+
+    Tells an outage (nothing there, nothing reachable, or a server that hangs) from a
+    server that is there and refuses what it was asked (a wrong password, a database that
+    does not exist), which psycopg's connection errors do not: both come without a
+    SQLSTATE, and the server's words are in its own language. A connection alone is not
+    an answer: the system of a hung server (a stopped process, a paused VM) still takes
+    it. So the probe asks for the protocol's first reply, which comes before any sign-in.
     """
     params = database.obj.connect_params
     host, port = params.get("host") or "/var/run/postgresql", params.get("port") or 5432
     try:
         if host.startswith("/"):
-            with socket.socket(socket.AF_UNIX) as unix:
-                unix.settimeout(timeout)
-                unix.connect(f"{host}/.s.PGSQL.{port}")
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(f"{host}/.s.PGSQL.{port}")
+            except OSError:
+                sock.close()
+                raise
         else:
-            socket.create_connection((host, port), timeout=timeout).close()
-    except OSError:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        with sock:
+            sock.sendall(_SSL_REQUEST)
+            return bool(sock.recv(1))
+    except OSError:  # socket.timeout too
         return False
-    return True
 
 
 def _check_greenlet_connections() -> None:

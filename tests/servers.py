@@ -597,6 +597,17 @@ class PostgresCluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server's main process stopped (SIGSTOP), as a hung server or a paused VM
+        is: the system still takes connections on its port, and nothing answers them."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
         """Stop the server if it runs and delete its files."""
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped

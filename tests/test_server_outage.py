@@ -420,6 +420,17 @@ def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
     with pytest.raises(RuntimeError, match="does not exist"):
         Gateway(cluster.url("no_such_database"), instance)
 
+    # A server that hangs (its system takes the connection; nothing answers it) is down
+    # too: a bare TCP connect took it for one that answers and refuses, and the start
+    # stopped.
+    with cluster.frozen():
+        gw = Gateway(url, instance, **QUICK)
+        try:
+            assert "serving the last known keys and models" in gw.log()
+            assert call(gw, key, "call-100", kinds[0]) == "full"
+        finally:
+            gw.stop()
+
 
 # -- the database answers but takes no writes ------------------------------------------
 
