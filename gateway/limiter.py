@@ -42,6 +42,7 @@ SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it 
 # Slots and claims of calls in flight refreshed in one round trip: about 2 ms of Redis's
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
 KEEP_BATCH = 100
+UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
 
 
 def _whole(x: float) -> float:
@@ -418,12 +419,35 @@ class Limiter:
     def keep_in_flight(self) -> None:
         """Extend each slot and claim this worker holds by the TTL from now, KEEP_BATCH
         of them a round trip. One given back meanwhile is not taken again (the scripts
-        extend only what is still held)."""
+        extend only what is still held). One the store lost while its call still runs (a
+        Redis restarted empty, a replica promoted before it had them) is taken again
+        (``_take_again``): else the key's calls in flight went uncounted, and a repeat
+        of a running request id was made anew, for as long as the call ran."""
         ttl = self.inflight_ttl
         operations = [("refresh", (key, uid, ttl)) for key, uid in self._slots]
         operations += [("keep_claim", (key, uid, ttl)) for key, uid in self._claims]
+        lost = []
         for at in range(0, len(operations), KEEP_BATCH):
-            self._guarded("keep", None, self.store.run_all, operations[at : at + KEEP_BATCH])
+            batch = operations[at : at + KEEP_BATCH]
+            kept = self._guarded("keep", None, self.store.run_all, batch)
+            if kept is not None:
+                lost += [op for op, held in zip(batch, kept, strict=True) if not held]
+        self._take_again(lost)
+
+    def _take_again(self, lost: list[tuple[str, tuple]]) -> None:
+        """Hold again what the store lost of calls still in flight here: each slot
+        whatever the key's limit (the call runs: it counts), each claim unless another
+        call claimed the request id meanwhile. One given back since is left alone: its
+        call removed it from this worker's sets before it said so to the store, and what
+        this worker sends after that reaches the store after it."""
+        ttl = self.inflight_ttl
+        for name, (key, uid, _) in lost:
+            if name == "refresh" and (key, uid) in self._slots:
+                self._guarded("keep", None, self.store.acquire, key, uid, UNLIMITED, ttl)
+            elif name == "keep_claim" and (key, uid) in self._claims:
+                holder = self._guarded("keep", None, self.store.claim, key, uid, ttl)
+                if holder is not None and holder.uid != uid:
+                    self._claims.discard((key, uid))  # another call holds it now
 
     # -- sign-in and admin-bearer throttling ------------------------------------
 

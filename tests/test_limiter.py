@@ -311,6 +311,34 @@ def test_redis_away_fails_open_counted_warned_once_and_limits_come_back(
         limiter.stop()  # its listener would reconnect to a stopped Redis for good
 
 
+def test_calls_in_flight_hold_their_slots_and_claims_again_after_redis_restarts_empty(
+    redis_server: RedisServer,
+) -> None:
+    # The keeper only extended what Redis still had: after a restart the key's calls in
+    # flight went uncounted (another call took the slot) and a repeat of a running
+    # request id was made anew, for as long as those calls ran.
+    a, b = (_on(redis_server.url, "rs", INFLIGHT_TTL=30.0, REDIS_TIMEOUT=2.0) for _ in "ab")
+    try:
+        assert a.enter(7, "running", max_concurrent=1)
+        assert a.claim(7, "req-1", "running") is None
+        assert a.enter(7, "done", max_concurrent=2) and a.claim(7, "req-2", "done") is None
+        a.leave(7, "done")
+        a.settle(7, "req-2", "done", None)  # over before the restart: given back
+        redis_server.stop()
+        redis_server.start()  # empty
+        a.keep_in_flight()
+        assert not b.enter(7, "next", max_concurrent=1), "the running call counts again"
+        held = b.claim(7, "req-1", "repeat")
+        assert held is not None and held.uid == "running" and held.answer is None
+        assert b.enter(7, "next", max_concurrent=2), "one slot only: done's is not back"
+        assert b.claim(7, "req-2", "repeat") is None, "done's claim is not back"
+        a.leave(7, "running")
+        assert b.enter(7, "after", max_concurrent=2)
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_slow_redis_fails_open_within_the_timeout(redis_server: RedisServer) -> None:
     limiter = _on(redis_server.url, "slow")
     assert limiter.admit(1, rpm=5, tpm=100).allowed
