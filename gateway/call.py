@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 # What one try opens: a stream (response, translator, events) or a JSON answer (bytes, parsed).
 Opened = tuple[Response, StreamTranslator, Events] | tuple[bytes, Any]
+# An HTTP/1.1 client takes interim responses before the final one (RFC 9110, 15.2). With
+# ON_DISCONNECT=cancel, a stream whose client sent a FIN before the first event writes
+# one: a client that closed answers it with a reset, and its upstream is closed at once;
+# one that only half-closed reads on. Else the FIN waited for the upstream's first event.
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Stopped(BaseException):
@@ -82,11 +87,13 @@ class Call:
         sock: socket.socket | None,
         on_client_left: Callable[[Call, str], None],
         finish_later: Callable[[Call], None],
+        interim: bool = False,
     ) -> None:
         self.plan, self.settings = plan, settings
         self.exchange = plan.exchange
         self.stream = plan.exchange.stream
-        self.down = Downstream(sock, self.stream, settings.pace, _told(self))
+        early = INTERIM if interim and self.stream and settings.on_disconnect == "cancel" else None
+        self.down = Downstream(sock, self.stream, settings.pace, _told(self), early)
         self.ready = gevent.event.AsyncResult()  # first byte (stream) or whole answer
         self.content = b""  # the non-streaming answer, in the client's format
         self.ending = Ending(time.monotonic)

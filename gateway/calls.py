@@ -59,10 +59,13 @@ class Calls:
         self.settings = Settings.from_config(app.config)
         self._drains = gevent.lock.BoundedSemaphore(self.settings.max_drains)
 
-    def open(self, plan: Plan, sock: socket.socket | None) -> Call:
-        """Start a call; wait for its first byte (or whole answer); raise its error."""
+    def open(self, plan: Plan, sock: socket.socket | None, interim: bool = False) -> Call:
+        """Start a call; wait for its first byte (or whole answer); raise its error.
+
+        ``interim``: its client speaks HTTP/1.1, and may be sent an interim response.
+        """
         assert self.settings is not None, "calls.init_app was not called"
-        call = Call(plan, self.settings, sock, self._client_left, self._finish_later)
+        call = Call(plan, self.settings, sock, self._client_left, self._finish_later, interim)
         self._active.add(call)
         # Until the first byte the view's own greenlet produces the call: its client
         # waits for that anyway, and no greenlet is spawned, switched to and back. A

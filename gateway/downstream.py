@@ -91,8 +91,14 @@ class Downstream:
         stream: bool,
         pace: Pace,
         on_gone: Callable[[str, float], None],
+        early: bytes | None = None,
     ) -> None:
         self.sock, self.stream, self.pace = sock, stream, pace
+        # What may be written before the response starts, to tell a FIN seen then (an
+        # interim ``100 Continue``: ON_DISCONNECT=cancel must not wait for the first
+        # event to learn that its client left). None: wait for the response.
+        self._early = early
+        self._started = False  # the body began: the response is the server's to write
         # What the body is to write, in order (a list and an Event: a Queue costs an open
         # stream 2 KB more, and the producer writes most pieces itself).
         self._queue: list[Any] = []
@@ -249,11 +255,27 @@ class Downstream:
         # Timers wake this greenlet on time however busy the worker is; the body's
         # writes may come late, and after the first the connection's state tells.
         while self.fin_at is not None and not self._settled.is_set():
-            if not self._probing and (self._wrote is None or self._state() is None):
+            if self._early is not None and not self._started:
+                self._probe_early()
+            elif not self._probing and (self._wrote is None or self._state() is None):
                 self._probing = True
                 self._enqueue(_PROBE)
             gevent.sleep(self.pace.probe_interval)
             self._tell()
+
+    def _probe_early(self) -> None:
+        """Write the early probe, once, before the response has started: a peer that
+        closed answers it with a reset, as it would a probe comment."""
+        data, self._early = self._early, None
+        issued = time.monotonic()
+        try:
+            self.sock.send(data, 0, 0.0)  # a few bytes on an idle socket: never waits
+        except BlockingIOError:
+            return
+        except OSError:
+            self.left("connection closed", self.fin_at)
+            return
+        self._tell(issued)
 
     def _tell(self, wrote: float | None = None) -> None:
         """Settle a FIN seen if the writes since tell: one drew a reset (gone), or none
@@ -282,6 +304,7 @@ class Downstream:
 
     def body(self) -> Iterator[bytes]:
         """The streaming response body; a failed write means the client left."""
+        self._started = True
         if self.sock is not None:
             self.sock.settimeout(self.pace.write_timeout)
         delivered = False

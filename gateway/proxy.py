@@ -273,7 +273,8 @@ def _complete(req: CallRequest, api_format: str) -> Response | Answer:
             return _replayed(replay.answer(permit, exchange, stored, api_format, ir))
         candidates = _candidates(req, ir["model"], "chat")
         plan = Plan(exchange, candidates, api_format, ir, body, headers, CHAT, permit)
-    return _answer(calls.open(plan, _client_socket(req)))
+    interim = req.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+    return _answer(calls.open(plan, _client_socket(req), interim))
 
 
 def _authenticate(req: CallRequest) -> auth.Caller:

@@ -314,6 +314,42 @@ def test_a_stream_whose_client_left_before_its_first_byte_is_cancelled(
     assert "ON_DISCONNECT=cancel" in row["error"]
 
 
+def test_a_stream_whose_client_closed_before_its_first_byte_is_cancelled_at_once(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # A normal close (FIN), as an SDK's is: it may also be a half-close from a client that
+    # still reads, which only a write tells apart. Nothing was written before the first
+    # event, so the upstream ran on until then (seconds of a model's thinking).
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel")
+    route = own_route(gw, fake.url, remote_id="fake;id=fin0;chunks=5;first_delay=4")
+    started = time.monotonic()
+    sock = _raw_stream_request(gw, route)
+    time.sleep(0.2)
+    sock.close()  # FIN
+    (row,) = gw.wait_final(1, timeout=10)
+    assert time.monotonic() - started < 2.0  # not the upstream's 4 s of silence
+    assert row["status"] == "aborted"
+    assert "ON_DISCONNECT=cancel" in row["error"]
+    assert fake.log("fin0")[0]["outcome"] == "client_gone"
+
+
+def test_a_half_closing_client_in_cancel_mode_gets_an_interim_answer_then_its_stream(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # The probe that tells it from a client that left is an interim 100 Continue (HTTP/1.1
+    # clients take them before any answer); it reads on, and is not cancelled.
+    gw = gateway_factory(GATEWAY_ON_DISCONNECT="cancel")
+    route = own_route(gw, fake.url, remote_id="fake;id=fin1;chunks=5;first_delay=1.5")
+    sock = _raw_stream_request(gw, route)
+    sock.shutdown(socket.SHUT_WR)
+    received = _read_until(sock, b"[DONE]")
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert all(f"tok{i} ".encode() in received for i in range(5))
+    (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
+    assert row["status"] == "completed"
+
+
 def test_a_client_that_never_reads_its_first_event_is_dropped_after_the_write_timeout(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]
