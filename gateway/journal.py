@@ -98,12 +98,14 @@ class Journal:
         process's appends go on while its journal is replayed): the claimed rows then
         join that file, since a rename would replace it and lose its rows. The order
         of rows does not matter (``models.upsert_records`` takes snapshots in any
-        order). Should the join fail (a full disk), the claim stays, and is given back
-        once this process has exited (``_reclaim_orphans``).
+        order). A file system without hard links gets the rows appended likewise,
+        which never replaces a file either. Should that fail too (a full disk), the
+        claim stays, and is given back once this process has exited
+        (``_reclaim_orphans``).
         """
         try:
             os.link(claimed, path)  # never replaces a file
-        except FileExistsError:
+        except OSError:  # the name is taken (FileExistsError), or no hard links here
             data = claimed.read_bytes()
             if data and not data.endswith(b"\n"):
                 data += b"\n"  # a torn last line stays torn, not joined to the next

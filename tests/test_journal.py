@@ -125,6 +125,26 @@ def test_rows_journaled_while_a_replay_fails_are_kept_with_the_given_back_ones(
     assert sorted(r["uid"] for r in got) == ["u0", "u1", "u2", "u3"]
 
 
+def test_a_file_system_without_hard_links_gets_a_failed_claim_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*_: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(journal_module.os, "link", no_links)
+    journal = Journal(tmp_path)
+    journal.append(rows(2))
+
+    def away(_: list[dict]) -> None:
+        raise ConnectionError("database does not answer")
+
+    with pytest.raises(ConnectionError):
+        journal.replay(away)
+    assert [p.name for p in tmp_path.iterdir()] == [journal.own_path().name]
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 2
+
+
 def test_a_refused_file_given_back_keeps_rows_its_owner_set_aside_meanwhile(
     tmp_path: Path,
 ) -> None:
