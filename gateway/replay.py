@@ -81,6 +81,10 @@ def answer(
     """The repeat's answer in its format, recorded as a cache hit: JSON, recorded now, or
     a whole stream, recorded once written (``Written``: what the client was sent)."""
     response = stored.response
+    if exchange.stream:
+        piece = StreamTranslator.replay(client_format, request, response)
+    else:
+        data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
     exchange.source_uid, exchange.req_id = stored.uid, None  # the id is its source's
     exchange.model_id, exchange.provider_id = stored.model_id, stored.provider_id
     exchange.first_token()
@@ -91,9 +95,9 @@ def answer(
     )
     permit.finished(exchange, response)
     if exchange.stream:
-        return Written(StreamTranslator.replay(client_format, request, response), exchange)
+        return Written(piece, exchange)
     recorder.record(exchange)
-    return json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
+    return data
 
 
 class Written:
