@@ -378,10 +378,16 @@ class Call:
         self.ending.close(End(BROKE, f"upstream failed mid-stream: {what}"))
 
     def _upstream_ended(self) -> None:
+        self._erred()
+        self.ending.close(End(UPSTREAM_END))
+
+    def _erred(self) -> None:
+        """The upstream's error event, if it sent one, ends the call: when it came, not
+        when the upstream's body ended, so a client that hangs up on reading it (as an
+        SDK raising on it does) left after the upstream failed, not before."""
         error = self._translator.error
         if error:
             self.ending.close(End(BROKE, f"upstream sent an error event: {error.get('message')}"))
-        self.ending.close(End(UPSTREAM_END))
 
     def _stopped(self, stopped: _Stopped) -> None:
         self.ending.close(stopped.end)
@@ -398,6 +404,8 @@ class Call:
         if piece.terminal:
             self.down.look()  # a client that left first, seen before the answer is noted
             self.ending.answer()
+        elif self._translator is not None and self._translator.error:
+            self._erred()  # before the client can read it
         self.down.put(piece)
 
     def _answer(self, candidate: Candidate, content: bytes, response: dict) -> None:

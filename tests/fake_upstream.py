@@ -16,6 +16,7 @@ apart; the gateway forwards client headers). Keys:
   header_delay=F  seconds before the status line (a stall before any byte)
   stall_at=K;stall_for=F  go silent for F seconds before stream event K
   end_delay=F   seconds of silence before the last stream event (the terminal one)
+  linger=F      seconds of silence after the last stream event, before the body ends
   drop_at=K     break the connection after K stream events (no terminal event)
   status=N      answer with HTTP status N and an error body
   fail_times=N  answer status (default 500) to the first N calls with this id
@@ -171,6 +172,7 @@ class Plan:
         self.stall_at = int(script.get("stall_at", -1))
         self.stall_for = float(script.get("stall_for", 0))
         self.end_delay = float(script.get("end_delay", 0))
+        self.linger = float(script.get("linger", 0))
         self.drop_at = int(script.get("drop_at", -1))
         self.reset_at = int(script.get("reset_at", -1))
         self.endless_at = int(script.get("endless_at", -1))
@@ -855,6 +857,9 @@ def stream_body(plan: Plan, events: list[bytes], entry: dict):  # type: ignore[n
             yield event
             sent += 1
             entry["sent"] = sent
+        if plan.linger:
+            yield b""  # the last event goes out before the silence
+            gevent.sleep(plan.linger)
         entry["outcome"] = "complete"
     except Dropped as exc:
         entry["outcome"] = "reset" if isinstance(exc, Reset) else "dropped"

@@ -188,9 +188,13 @@ def test_an_upstream_answering_garbage_is_failed_over_then_502(gateway, fake, st
     assert all(a["outcome"] == "protocol" for a in row["attempts"])
 
 
-def test_an_upstream_error_event_fails_the_call(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("linger", [0, 1])
+def test_an_upstream_error_event_fails_the_call(gateway, fake, linger: int) -> None:  # type: ignore[no-untyped-def]
+    # The SDK raises on the error event and hangs up; the upstream may end its body only
+    # later (linger): the client left after the upstream failed, not before.
     gw = gateway
-    route = own_route(gw, fake.url, remote_id="fake;id=x9;chunks=3;error_event=1")
+    script = f"fake;id=x9-{linger};chunks=3;error_event=1;linger={linger}"
+    route = own_route(gw, fake.url, remote_id=script)
     stream = client_for(gw, route["key"]).chat.completions.create(
         model=route["name"], messages=PROMPT, stream=True
     )
