@@ -404,8 +404,8 @@ class Call:
         if piece.terminal:
             self.down.look()  # a client that left first, seen before the answer is noted
             self.ending.answer()
-        elif self._translator is not None and self._translator.error:
-            self._erred()  # before the client can read it
+        else:
+            self._erred()  # an error event ends the call before the client can read it
         self.down.put(piece)
 
     def _answer(self, candidate: Candidate, content: bytes, response: dict) -> None:

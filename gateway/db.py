@@ -463,18 +463,16 @@ def server_answers(timeout: float = 2.0) -> bool:
     """
     params = database.obj.connect_params
     host, port = params.get("host") or "/var/run/postgresql", params.get("port") or 5432
+    unix = host.startswith("/")
     try:
-        if host.startswith("/"):
+        if unix:
             sock = socket.socket(socket.AF_UNIX)
             sock.settimeout(timeout)
-            try:
-                sock.connect(f"{host}/.s.PGSQL.{port}")
-            except OSError:
-                sock.close()
-                raise
         else:
             sock = socket.create_connection((host, port), timeout=timeout)
         with sock:
+            if unix:
+                sock.connect(f"{host}/.s.PGSQL.{port}")
             sock.sendall(_SSL_REQUEST)
             return bool(sock.recv(1))
     except OSError:  # socket.timeout too

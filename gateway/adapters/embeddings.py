@@ -104,7 +104,7 @@ def _input(value: Any) -> Any:
 
 
 def _is_token(value: Any) -> bool:
-    return wire.count(value) is not None and value >= 0
+    return wire.count(value) is not None
 
 
 def _length(vector: list | str) -> int:

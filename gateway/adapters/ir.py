@@ -113,10 +113,11 @@ def usage(**counts: int | None) -> dict[str, int | None]:
     unknown = set(counts) - set(USAGE_FIELDS)
     if unknown:
         raise ValueError(f"unknown usage fields: {sorted(unknown)}")
-    return {name: _count(counts.get(name)) for name in USAGE_FIELDS}
+    return {name: bounded(counts.get(name)) for name in USAGE_FIELDS}
 
 
-def _count(value: int | None) -> int | None:
+def bounded(value: int | None) -> int | None:
+    """``value`` if a record can keep it as a count (0 to ``MAX_COUNT``), else None."""
     return value if value is not None and 0 <= value <= MAX_COUNT else None
 
 

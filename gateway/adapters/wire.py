@@ -33,9 +33,7 @@ def frame(data: Any, event: str | None = None) -> bytes:
 def count(value: Any) -> int | None:
     """A count (tokens, an index), or None when the value cannot be one: not an integer,
     below 0, or past ``ir.MAX_COUNT`` (an upstream's fault; a record keeps it unknown)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ir.MAX_COUNT:
-        return value
-    return None
+    return ir.bounded(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def provider_text(value: Any) -> str | None:
