@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from flask import Blueprint, Flask, Response, current_app, has_request_context, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request
+from werkzeug.wsgi import ClosingIterator
 
 from gateway import admission, auth, dedup, jsonio, redact, replay, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
@@ -100,7 +101,7 @@ class Answer:
     a JSON call at one client, issue 11). A body of bytes gets its Content-Length; an
     iterator goes to the server as it is (it closes it)."""
 
-    __slots__ = ("body", "headers")
+    __slots__ = ("after", "body", "headers")
 
     def __init__(self, body: bytes | Iterator[bytes], headers: list[tuple[str, str]]) -> None:
         self.headers = [*headers]
@@ -108,10 +109,13 @@ class Answer:
             self.headers.append(("Content-Length", str(len(body))))
             body = [body]
         self.body: Iterable[bytes] = body
+        self.after: Callable[[], None] | None = None  # run once the body is written
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         start_response("200 OK", self.headers)
-        return self.body
+        if self.after is None:
+            return self.body
+        return ClosingIterator(self.body, self.after)
 
 
 def chat_completions(req: CallRequest) -> Response | Answer:
@@ -235,6 +239,12 @@ def _serve(view: View, req: CallRequest) -> Response | Answer:
     except Exception as exc:
         response = _crashed(req, exc)
     _limit_headers(req, response)
+    permit = req.permit
+    if permit is not None and permit.owes:  # paid once the answer is written
+        if isinstance(response, Answer):
+            response.after = permit.pay
+        else:
+            response.call_on_close(permit.pay)
     return response
 
 

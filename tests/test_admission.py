@@ -106,6 +106,40 @@ def test_tpm_is_checked_before_and_charged_with_the_real_tokens_after(client, fa
     assert rejections(key_id, "tpm") == counted + 1
 
 
+@pytest.mark.parametrize(
+    "shape",
+    ["json", "json with a slot", "json with a request id", "stream"],
+)
+def test_a_json_call_owing_only_tokens_is_charged_once_its_answer_is_written(
+    client, fake, setup, shape
+) -> None:  # type: ignore[no-untyped-def]
+    """A plain JSON call's tokens go to TPM when the server closes its answer (it has
+    been written); a call that holds a slot or a request id settles them all before its
+    answer goes, and a stream before its last event."""
+    limits: dict = {"tpmLimit": 1000}
+    body, headers = VALID[CHAT], {}
+    if shape == "json with a slot":
+        limits["maxConcurrent"] = 5
+    elif shape == "json with a request id":
+        headers["X-NexusGate-ReqId"] = uuid.uuid4().hex
+    elif shape == "stream":
+        body = {**body, "stream": True}
+    key, _ = new_key(client, **limits)
+    data = json.dumps(body).encode()
+    headers["Authorization"] = f"Bearer {key}"
+    answer = client.post(CHAT, data=data, headers=headers, content_type="application/json")
+    assert answer.status_code == 200
+    answer.get_data()  # written whole, not closed yet
+
+    def charged() -> int:
+        usage = client.get(f"/api/admin/apiKey/{key}/usage", headers=ADMIN).get_json()
+        return usage["usage"]["tpm"]["current"]
+
+    assert charged() == (0 if shape == "json" else 9)
+    answer.close()
+    assert charged() == 9
+
+
 def test_a_failed_call_is_charged_only_what_the_upstream_reported(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
     key, _ = new_key(client, tpmLimit=10)
     failed = post(client, CHAT, VALID[CHAT], key, **{"X-Fake-Script": "status=500"})

@@ -66,7 +66,11 @@ def post(client, path: str, body: object, key: str | None, **headers: str):  # t
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    return client.post(path, data=data, headers=headers, content_type="application/json")
+    # Buffered: the body is read and closed, as a server does (a JSON call's tokens are
+    # charged once its answer is written, when the server closes it).
+    return client.post(
+        path, data=data, headers=headers, content_type="application/json", buffered=True
+    )
 
 
 def recorded() -> int:
