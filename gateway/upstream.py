@@ -32,7 +32,7 @@ import requests.utils
 from flask import Flask
 
 from gateway import http11, jsoncodec, sse
-from gateway.adapters import PROVIDER_PROTOCOLS
+from gateway.adapters import PROVIDER_PROTOCOLS, wire
 from gateway.chunked import Chunked
 from gateway.connections import Connection, Pools
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
@@ -301,6 +301,8 @@ class Response:
         content = self.read()
         try:
             return content, parse(jsoncodec.read(content))
+        except wire.ErrorAnswer as exc:  # says what the upstream said, in its own words
+            raise UpstreamError("protocol", str(exc)) from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
 

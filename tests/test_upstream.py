@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import connections, http11, sse, upstream
+from gateway.adapters import openai_chat
 from gateway.config import DEFAULTS
 from gateway.upstream import (
     READ_SIZE,
@@ -234,6 +235,16 @@ def test_an_unusable_json_answer_fails_as_protocol(body: bytes) -> None:
         answer(body, "application/json").answer(lambda data: data["a"] + 1)
     assert info.value.kind == "protocol"
     assert info.value.message.startswith("upstream sent an unusable answer: ")
+
+
+def test_an_error_answered_with_2xx_fails_as_protocol_in_the_upstreams_words() -> None:
+    body = b'{"error": {"type": "server_error", "message": "overloaded"}}'
+    with pytest.raises(UpstreamError) as info:
+        answer(body, "application/json").answer(openai_chat.parse_response)
+    assert info.value.kind == "protocol"
+    assert info.value.message == (
+        "the upstream answered an error with a 2xx status (server_error: overloaded)"
+    )
 
 
 @pytest.mark.parametrize(
