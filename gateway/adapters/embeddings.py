@@ -90,12 +90,12 @@ def _input(value: Any) -> Any:
         return value
     if not isinstance(value, list) or not value:
         raise InvalidRequest(f"input must be {_INPUT_FORMS}", param="input")
-    if all(_is_token(t) for t in value):
-        return value  # one input, already tokenized
+    if all(_is_integer(t) for t in value):
+        return _tokens(value, "input")  # one input, already tokenized
     for i, item in enumerate(value):
-        if not (isinstance(item, str) and item) and not (
-            isinstance(item, list) and item and all(_is_token(t) for t in item)
-        ):
+        if isinstance(item, list) and item and all(_is_integer(t) for t in item):
+            _tokens(item, f"input[{i}]")
+        elif not (isinstance(item, str) and item):
             raise InvalidRequest(
                 f"input[{i}] must be a non-empty string or an array of token ids",
                 param=f"input[{i}]",
@@ -103,8 +103,19 @@ def _input(value: Any) -> Any:
     return value
 
 
-def _is_token(value: Any) -> bool:
-    return wire.count(value) is not None
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tokens(ids: list[int], where: str) -> list[int]:
+    """``ids`` if each is a token id a record can count, else the first that is not."""
+    for j, token in enumerate(ids):
+        if wire.count(token) is None:
+            raise InvalidRequest(
+                f"{where}[{j}] must be a token id from 0 to {ir.MAX_COUNT}, not {token}",
+                param=f"{where}[{j}]",
+            )
+    return ids
 
 
 def _length(vector: list | str) -> int:
