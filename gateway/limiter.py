@@ -43,6 +43,11 @@ SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it 
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
 KEEP_BATCH = 100
 UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
+# Operations that give back what only their own call holds (a slot, a request id): sent
+# again, whether or not they ran, until the store has them (``_owe``).
+AGAIN = frozenset({"release", "unclaim", "settle"})
+OWED_MAX = 100_000  # such operations kept for the store at most; past it the oldest go
+_UNSENT = object()  # ``_guarded``'s fallback where the caller must know the store failed
 
 
 def _whole(x: float) -> float:
@@ -130,6 +135,9 @@ class Limiter:
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         self._claims: set[tuple[str, str]] = set()
+        self._owed: list[tuple[str, tuple]] = []  # AGAIN operations the store did not take
+        self._paying = False  # ``_pay`` is sending them
+        self._payer: gevent.Greenlet | None = None  # sends them while none are sent
         self._subscription: Subscription | None = None  # the key-change listener's, if any
 
     def init_app(self, app: Any) -> None:
@@ -180,6 +188,8 @@ class Limiter:
             self._failed_open(operation, None)
             return fallback
         try:
+            if self._owed and not self._paying:
+                self._pay(1)  # first: a slot given back may be what this call needs
             result = fn(*args)
         except StoreDown as exc:
             self._down_until = time.monotonic() + self.retry_after
@@ -188,11 +198,78 @@ class Limiter:
         if self._down_until:
             self._down_until = 0.0
             log.warning("limiter: Redis answers again; limits hold again")
+        if self._owed and not self._paying:  # lost in this round trip (a closed connection)
+            try:
+                self._pay(1)
+            except StoreDown as exc:
+                self._down_until = time.monotonic() + self.retry_after
+                self._failed_open("finish", exc)
         return result
 
-    def _posts_lost(self, count: int, exc: Exception) -> None:
-        """Finished calls' operations, sent without waiting, failed or went unanswered."""
+    def _posts_lost(self, count: int, again: list[tuple[str, tuple]], exc: Exception) -> None:
+        """Finished calls' operations, sent without waiting, failed or went unanswered;
+        ``again``: those of them that are harmless to send again."""
         self._failed_open("finish", exc)
+        self._owe(again)
+
+    def _send_or_owe(
+        self, operation: str, fn: Callable[..., Any], args: tuple, owed: list[tuple[str, tuple]]
+    ) -> None:
+        """``fn(*args)``; if the store did not take it, keep what of it must reach the
+        store (``owed``, AGAIN operations) for when it answers."""
+        if self._guarded(operation, _UNSENT, fn, *args) is _UNSENT:
+            self._owe([op for op in owed if op[0] in AGAIN])
+
+    def _owe(self, operations: list[tuple[str, tuple]]) -> None:
+        """Keep slots and request ids to give back before the store's next operation.
+
+        The store may not have taken the give-back (it was away, or the connection it
+        was posted on failed), and it may yet run the call's admission or claim: one
+        written to a Redis that stalled or froze waits in its socket and runs when it
+        resumes, after the worker gave up on it. Either way nobody else would give them
+        back, and the key's calls or the request id's repeats were refused (429, 409)
+        until their ``INFLIGHT_TTL`` ran out, with nothing in flight. They are sent
+        again until a reply says the store has them: first thing in this worker's next
+        operation, and every ``REDIS_RETRY_AFTER`` seconds meanwhile (``_pay_later``: a
+        slot this worker's late admission holds refuses the calls other workers admit).
+        """
+        self._owed += operations
+        if len(self._owed) > OWED_MAX:
+            dropped = len(self._owed) - OWED_MAX
+            del self._owed[:dropped]
+            log.warning("limiter: %d give-back(s) for Redis dropped (%d kept)", dropped, OWED_MAX)
+        idle = self._payer is None or self._payer.dead
+        if operations and idle and monkey.is_module_patched("socket"):
+            self._payer = self._group.spawn(self._pay_later)
+            self._payer.link_exception(
+                lambda g: log.error("limiter: giving back died", exc_info=g.exc_info)
+            )
+
+    def _pay_later(self) -> None:
+        """Send what is owed as soon as the store answers, whatever calls come."""
+        while self._owed:
+            gevent.sleep(max(0.0, self._down_until - time.monotonic()))
+            if not self._paying:
+                try:
+                    self._pay()
+                except StoreDown:
+                    self._down_until = time.monotonic() + self.retry_after
+            if self._owed:
+                gevent.sleep(self.retry_after)
+
+    def _pay(self, rounds: float = math.inf) -> None:
+        """Send the owed give-backs, KEEP_BATCH a round trip, in at most ``rounds`` round
+        trips (a call pays one, the background the rest); StoreDown (they stay owed) if
+        the store fails."""
+        self._paying = True
+        try:
+            while self._owed and rounds > 0:
+                rounds -= 1
+                batch = self._owed[:KEEP_BATCH]
+                self.store.run_all(batch)
+                del self._owed[: len(batch)]  # what others owe meanwhile is appended
+        finally:
+            self._paying = False
 
     def _failed_open(self, operation: str, exc: Exception | None) -> None:
         self.fail_opens += 1
@@ -249,6 +326,8 @@ class Limiter:
         buckets = [b for _, b in named]
         verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held, spend)
         if verdict is None:
+            if held is not None:  # the store may yet run it: given back as if held
+                self._slots.add((held[0], held[1]))
             return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
         if held is not None and verdict.allowed:
             self._slots.add((held[0], held[1]))
@@ -339,7 +418,7 @@ class Limiter:
         key = self._of_key(key_id, "inflight")
         if (key, uid) in self._slots:
             self._slots.discard((key, uid))
-            self._guarded("leave", 0, self.store.release, key, uid)
+            self._send_or_owe("leave", self.store.release, (key, uid), [("release", (key, uid))])
 
     def claim(self, key_id: int, req_id: str, uid: str) -> Claim | None:
         """Claim a request id for call ``uid``: None if claimed, else who holds it."""
@@ -360,9 +439,10 @@ class Limiter:
             return
         self._claims.discard((key, uid))
         if answer is None:
-            self._guarded("unclaim", False, self.store.unclaim, key, uid)
+            self._send_or_owe("unclaim", self.store.unclaim, (key, uid), [("unclaim", (key, uid))])
         else:
-            self._guarded("settle", False, self.store.settle, key, uid, answer, self.dedup_ttl)
+            args = (key, uid, answer, self.dedup_ttl)
+            self._send_or_owe("settle", self.store.settle, args, [("settle", args)])
 
     # -- a finished call ----------------------------------------------------------
 
@@ -408,13 +488,13 @@ class Limiter:
             key = self._spend_key(key_id, now or datetime.now(UTC))
             operations.append(("add", (key, nanos, SPEND_TTL)))
         if operations:
-            self._guarded("finish", None, self.store.post_all, operations)
+            self._send_or_owe("finish", self.store.post_all, (operations,), operations)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
         while True:
             gevent.sleep(self.inflight_ttl / 3)
-            self.keep_in_flight()
+            self.keep_in_flight()  # and what is still owed: the store may answer by now
 
     def keep_in_flight(self) -> None:
         """Extend each slot and claim this worker holds by the TTL from now, KEEP_BATCH

@@ -171,7 +171,8 @@ class _Connections:
     connection just made, where redis-py's pool would have noticed at checkout. A failed
     exchange never comes back to ``_idle``: its next reply could be the one that was
     late (redis-py disconnects it too). Commands posted on it whose replies were not read
-    may or may not have run: they are passed to ``lost``, never sent again.
+    may or may not have run: they are passed to ``lost``, never sent again from here
+    (the store's owner sends again those that are harmless to run twice).
     """
 
     IDLE = 64  # connections kept; more at once are made, and given back to the pool
@@ -180,12 +181,14 @@ class _Connections:
     def __init__(
         self,
         pool: Any,
-        lost: Callable[[int, Exception], None],
+        lost: Callable[[Sequence[Sequence[Any]], Exception], None],
         opening: Sequence[Sequence[Any]] = (),
+        harmless: Callable[[Sequence[Any]], bool] = lambda command: False,
     ) -> None:
         self._pool = pool
         self._lost = lost
         self._opening = opening  # sent on each new connection first (SCRIPT LOAD)
+        self._harmless = harmless  # a posted command that may be sent again if lost
         self._idle: list[Any] = []
         self._owed: dict[Any, list[Sequence[Any]]] = {}  # posted, replies not read yet
         self.rerun: list[Sequence[Any]] = []  # posted commands Redis had no script for
@@ -245,11 +248,17 @@ class _Connections:
     ) -> tuple[Any, T]:
         """``work(connection, commands)`` on a kept connection, and once more on a new one
         if Redis had closed the kept one (it fails at once: nothing sent on it ran). A
-        connection that failed is dropped."""
+        connection that failed is dropped. Commands posted on the closed one that are
+        ``harmless`` to run twice (a slot or a request id given back) go first on the new
+        one: the commands after them may need what they give back."""
         conn, kept = self._take()
         try:
             return conn, work(conn, commands)
         except redis.ConnectionError as exc:
+            owed = self._owed.get(conn, [])
+            again = [command for command in owed if self._harmless(command)]
+            if again and kept:
+                self._owed[conn] = [command for command in owed if not self._harmless(command)]
             self._drop(conn, exc)
             if not kept:
                 raise
@@ -258,6 +267,9 @@ class _Connections:
             raise
         conn = self._new()
         try:
+            if again:
+                self._send(conn, again)  # posted: read before the replies of ``commands``
+                self._owed[conn] = again
             return conn, work(conn, commands)
         except BaseException as exc:
             self._drop(conn, exc)
@@ -295,7 +307,7 @@ class _Connections:
             if isinstance(reply, redis.exceptions.NoScriptError):
                 self.rerun.append(command)
             elif isinstance(reply, Exception):
-                self._lost(1, reply)
+                self._lost([command], reply)
 
     def _drop(self, conn: Any, exc: BaseException) -> None:
         """Close a failed connection; what was posted on it and not answered is lost."""
@@ -303,7 +315,7 @@ class _Connections:
         self._pool.release(conn)
         owed = self._owed.pop(conn, None)
         if owed:
-            self._lost(len(owed), exc if isinstance(exc, Exception) else Exception(repr(exc)))
+            self._lost(owed, exc if isinstance(exc, Exception) else Exception(repr(exc)))
 
 
 def _evalsha(script: Any, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
@@ -311,7 +323,7 @@ def _evalsha(script: Any, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-def _log_lost(count: int, exc: Exception) -> None:
+def _log_lost(count: int, again: list[tuple[str, tuple]], exc: Exception) -> None:
     log.warning("ratelimit: %d posted command(s) failed or went unanswered: %s", count, exc)
 
 
@@ -333,8 +345,10 @@ class RedisStore:
         self._totals = client.register_script((SCRIPTS / "totals.lua").read_text())
         self._by_sha = {s.sha: s for s in (self._buckets, self._slots, self._claims, self._totals)}
         # What becomes of posted commands whose replies say they failed, or were never
-        # read (``post_all``): the limiter counts them as failed open.
-        self.on_lost: Callable[[int, Exception], None] = _log_lost
+        # read (``post_all``): how many, those of them that are harmless to send again
+        # (``_again``), and why. The limiter counts them as failed open, and sends those
+        # again once Redis answers.
+        self.on_lost: Callable[[int, list[tuple[str, tuple]], Exception], None] = _log_lost
         # Redis Cluster routes each command to its key's node: redis-py's own path there.
         # In a gevent worker, greenlets asking while a round trip is in flight share the
         # next one (``pipelining``).
@@ -345,7 +359,10 @@ class RedisStore:
             # its script (a restarted Redis has none, and it closed every connection).
             loads = [("SCRIPT", "LOAD", script.script) for script in self._by_sha.values()]
             self._conns = _Connections(
-                client.connection_pool, lambda n, e: self.on_lost(n, e), loads
+                client.connection_pool,
+                self._commands_lost,
+                loads,
+                lambda command: self._again(command) is not None,
             )
             self._direct = self._conns
             if monkey.is_module_patched("socket"):
@@ -398,11 +415,32 @@ class RedisStore:
                 self.client.script_load(self._by_sha[sha].script)
             answers = self._direct.exchange(commands)
         except _FAILURES as exc:
-            self.on_lost(len(commands), exc)
+            self._commands_lost(commands, exc)
             return
-        failed = [answer for answer in answers if isinstance(answer, Exception)]
+        failed = [
+            c for c, answer in zip(commands, answers, strict=True) if isinstance(answer, Exception)
+        ]
         if failed:
-            self.on_lost(len(failed), failed[0])
+            self._commands_lost(failed, next(a for a in answers if isinstance(a, Exception)))
+
+    def _commands_lost(self, commands: Sequence[Sequence[Any]], exc: Exception) -> None:
+        again = [op for op in map(self._again, commands) if op is not None]
+        self.on_lost(len(commands), again, exc)
+
+    def _again(self, command: Sequence[Any]) -> tuple[str, tuple] | None:
+        """The operation a lost command was (``_operation``'s name and arguments) if it
+        is harmless to send again, whether or not it ran: a slot's release, a request
+        id's release or settle (each acts only for its own call's uid). None for the
+        rest (a charge run twice would charge twice)."""
+        _, sha, count, *rest = command
+        keys, argv = rest[:count], rest[count:]
+        if sha == self._slots.sha and argv[0] == "release":
+            return "release", (keys[0], argv[1])
+        if sha == self._claims.sha and argv[0] == "release":
+            return "unclaim", (keys[0], argv[1])
+        if sha == self._claims.sha and argv[0] == "settle":
+            return "settle", (keys[0], argv[1], argv[4], argv[2])
+        return None
 
     def run_all(self, operations: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Several operations (``(method name, args)``) in one round trip; their results.

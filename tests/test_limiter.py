@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -337,6 +339,53 @@ def test_calls_in_flight_hold_their_slots_and_claims_again_after_redis_restarts_
     finally:
         a.stop()
         b.stop()
+
+
+def test_what_a_frozen_redis_runs_late_is_given_back_once_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    # An admission and a claim written to a frozen Redis (SIGSTOP: it takes connections
+    # and data, and answers nothing) time out, and their calls go on; their ends could
+    # not be told to Redis either. Resumed, Redis ran them: a slot and a claim nobody
+    # held refused the key's calls (429) and the id's repeats (409) for INFLIGHT_TTL.
+    a, c, b = (_on(redis_server.url, "fz", REDIS_RETRY_AFTER=0.2) for _ in "acb")
+    assert a.admit(1, rpm=5, tpm=100).allowed and c.admit(1, rpm=5, tpm=100).allowed
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:  # written on connections the workers keep: they reach Redis's sockets
+        assert a.admit(9, rpm=100, tpm=1000, slot=("late-a", 1)).failed_open
+        assert c.claim(9, "req-9", "late-c") is None  # failed open: the call is made
+        a.finish(9, "late-a", tpm=1000, tokens=5)
+        c.finish(9, "late-c", req_id="req-9", answer="kept", tpm=1000, tokens=5)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    # Redis ran what waited in its sockets: the late calls hold a slot and the id.
+    wait_until(lambda: not b.enter(9, "other", max_concurrent=1), timeout=5)
+    held = b.claim(9, "req-9", "repeat")
+    assert held is not None and held.uid == "late-c" and held.answer is None
+    # With no call of their own, a and c give them back once Redis answers: within
+    # REDIS_RETRY_AFTER (calls admitted by other workers must not wait for theirs).
+    wait_until(lambda: b.enter(9, "next", max_concurrent=1), timeout=2)
+    # A repeat gets the stored answer.
+    wait_until(lambda: getattr(b.claim(9, "req-9", "repeat"), "answer", None) == "kept", 2)
+    assert not a._owed and not c._owed
+    a.stop()
+    c.stop()
+
+
+def test_give_backs_posted_on_a_connection_redis_closed_are_sent_again(
+    redis_server: RedisServer,
+) -> None:
+    # CLIENT KILL (a failover, a proxy restarted): the finished call's give-backs were
+    # written on the closed connection, found lost by the next round trip, and dropped.
+    a, b = (_on(redis_server.url, "ck") for _ in "ab")
+    assert a.admit(9, rpm=100, tpm=1000, slot=("done", 1)).allowed
+    assert a.claim(9, "req-9", "done") is None
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")
+    a.finish(9, "done", req_id="req-9", answer="kept", tpm=1000, tokens=5)
+    # The round trip that finds them lost sends them again first, on a new connection.
+    assert a.admit(9, rpm=100, tpm=1000, slot=("next", 1)).allowed
+    held = b.claim(9, "req-9", "repeat")
+    assert held is not None and held.answer == "kept"
 
 
 def test_a_slow_redis_fails_open_within_the_timeout(redis_server: RedisServer) -> None:
