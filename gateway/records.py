@@ -42,7 +42,7 @@ from gateway.models import (
     utcnow,
 )
 from gateway.search import Search
-from gateway.urlargs import Pages, integer
+from gateway.urlargs import MAX_ID, Pages, integer
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +148,20 @@ def select(table: Any, *columns: Any, found: Search | None = None) -> Any:
         value = sum_of(table, search.BOUNDS[name])
         scale = search.SCALES.get(name, 1)
         if low is not None:
-            query = query.where(value >= low * scale)
+            query = query.where(value >= _bindable(low * scale))
         if high is not None:
-            query = query.where(value <= high * scale)
+            query = query.where(value <= _bindable(high * scale))
     terms = found.terms() if table is Completion else []
     if terms:
         _caught_up()
         query = query.where(fulltext.condition(table, terms))
     return query
+
+
+def _bindable(bound: float) -> float:
+    """A bound past any stored value (SQLite cannot bind an integer past 2^63-1) as
+    that value: the rows it selects are the same."""
+    return max(-MAX_ID, min(MAX_ID, bound))
 
 
 def _caught_up() -> None:

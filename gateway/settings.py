@@ -78,7 +78,7 @@ def _check(key: str, value: Any) -> None:
     if key == TIMEZONE:
         if not (isinstance(value, str) and _zone(value)):
             raise Refused(400, "timezone must be an IANA time zone name, e.g. Asia/Shanghai")
-    elif key == OVERVIEW_RANGE and value not in stats.RANGES:
+    elif key == OVERVIEW_RANGE and not (isinstance(value, str) and value in stats.RANGES):
         raise Refused(400, f"overviewRange must be one of {', '.join(stats.RANGES)}")
 
 

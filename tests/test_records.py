@@ -233,6 +233,11 @@ def test_every_filter_of_the_query(client, calls) -> None:  # type: ignore[no-un
     assert found(client, "minCost=0.0003") == uids(calls, "lighthouse")  # USD, nano-USD kept
     assert found(client, "maxCost=0.000299") == uids(calls, "chinese")
     assert found(client, "minCost=0.0002&maxCost=0.0003") == uids(calls, "lighthouse", "chinese")
+    # Bounds past any value a column can hold select what the column's extreme would
+    # (SQLite refused to bind them: a 500).
+    huge = "99999999999999999999"
+    assert found(client, f"minCost=10000000000&maxTokens={huge}") == set()
+    assert found(client, f"maxDuration={huge}&minTtft=-{huge}") == everything
     assert client.get("/api/admin/embeddings?q=x", headers=ADMIN).status_code == 400
 
 

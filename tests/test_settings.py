@@ -43,6 +43,8 @@ def test_bad_settings_are_400(client) -> None:  # type: ignore[no-untyped-def]
     assert call(client, "PUT", "/timezone", json={"value": "Mars/Olympus"})[0] == 400
     assert call(client, "PUT", "/timezone", json={"value": 8})[0] == 400
     assert call(client, "PUT", "/overviewRange", json={"value": "3h"})[0] == 400
+    for value in ({"range": "1h"}, ["1h"]):  # unhashable: a 500 before
+        assert call(client, "PUT", "/overviewRange", json={"value": value})[0] == 400
     assert call(client, "GET", "")[1] == []
 
 
