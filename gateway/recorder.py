@@ -188,7 +188,7 @@ class Recorder:
                     rows += _snapshots(batch[start : start + SLICE])
                     gevent.sleep(0)  # the calls go first; drain() sees the batch in _writing
                 if self._journaling:
-                    self._journal(rows)
+                    self._journal_else_write(rows)
                 else:
                     self._write_or_journal(rows)
             except _Unkept as exc:
@@ -304,6 +304,18 @@ class Recorder:
 
     # -- the journal ----------------------------------------------------------
 
+    def _journal_else_write(self, rows: list[dict]) -> None:
+        """Journal rows while the journal is being written back; if the disk will not
+        take them (full, or remounted read-only), try the database: it may be back,
+        and the journal's old file waits for the disk (``_replay_loop``). Before, such
+        rows stayed held in memory for as long as the disk refused."""
+        try:
+            self._journal(rows)
+        except OSError as exc:
+            if self._held_since is None:
+                log.warning("recorder: the journal failed (%s); trying the database", exc)
+            self._write_or_journal(rows)
+
     def _journal(self, rows: list[dict]) -> None:
         self.journal.append(rows)
         self.journaled += len(rows)
@@ -374,7 +386,7 @@ class Recorder:
                 away = False
             except UNREACHABLE as exc:
                 if not away:  # once per outage, not every 5 s
-                    log.warning("recorder: the journal waits for the database (%s)", exc)
+                    log.warning("recorder: the journal cannot be written back (%s)", exc)
                 away = True
             except Exception:
                 log.exception("recorder: journal replay failed")

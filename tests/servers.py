@@ -550,6 +550,11 @@ class Disk:
     def free(self) -> None:
         (self.path / "filler").unlink()
 
+    def read_only(self, yes: bool = True) -> None:
+        """Remount it read-only (as the kernel does a failing disk), or writable again."""
+        mode = "remount,ro" if yes else "remount,rw"
+        subprocess.run(["mount", "-o", mode, str(self.path)], check=True)
+
 
 class PostgresCluster:
     """A PostgreSQL cluster of the test's own (initdb, pg_ctl) on a free port.

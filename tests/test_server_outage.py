@@ -300,7 +300,8 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
 ) -> None:  # type: ignore[no-untyped-def]
     """Both places a record can go are gone: calls still answer, their records wait in
     the workers' memory, and reach the database whichever comes back first: the
-    database (written straight to it), or the disk (journaled, then replayed)."""
+    database (written straight to it), or the disk (journaled, then replayed). A disk
+    turned read-only with a journal on it keeps nothing from the database."""
     url = gateway_database(cluster)
     gw = Gateway(
         url,
@@ -352,6 +353,23 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         wait_until(lambda: (held(), journaled()) == (0, 8), timeout=30, interval=0.5)
         cluster.start()
         wait_until(lambda: len(gw.records(limit=100)) == 16, timeout=60, interval=0.5)
+
+        # The disk turns read-only with a journal left on it, and the database comes
+        # back: the calls the disk refused are written straight to it (they stayed held
+        # for as long as the disk refused), the journal's once the disk is writable.
+        cluster.stop()
+        calls(16)
+        wait_until(lambda: journaled() == 8, timeout=30, interval=0.5)
+        disk.read_only()
+        try:
+            calls(24)
+            wait_until(lambda: held() == 8, timeout=30, interval=0.5)
+            cluster.start()
+            wait_until(lambda: len(gw.records(limit=100)) == 24, timeout=60, interval=0.5)
+            assert held() == 0
+        finally:
+            disk.read_only(False)
+        wait_until(lambda: len(gw.records(limit=100)) == 32, timeout=60, interval=0.5)
 
         rows = gw.records(limit=100)
         found = sorted(marker(r["prompt"]) for r in rows)
