@@ -68,8 +68,19 @@ SQLITE_PRAGMAS = {
 }
 
 
-def open_database(url: str | None, connect_timeout: float | None = None) -> peewee.Database:
-    """A peewee database for ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+def open_database(
+    url: str | None, connect_timeout: float | None = None, lock_timeout: float | None = None
+) -> peewee.Database:
+    """A peewee database for ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    ``lock_timeout`` (seconds, PostgreSQL): the server aborts a statement that waits
+    longer for a lock. A background job gives up after ``DB_TIMEOUT`` and drops its
+    connection, but the server does not notice a client gone while its statement waits
+    for a lock: with a table locked (VACUUM FULL, ALTER TABLE, a LOCK TABLE), each
+    retry left one more connection waiting, until PostgreSQL refused everyone (a
+    helper's probe: 47 waiting after 60 s). Waits that are meant to be long (another
+    instance's migration, ``alone``) lift it for themselves.
+    """
     url = url or default_database_url()
     if connect_timeout is None:
         connect_timeout = float(DEFAULTS["DB_CONNECT_TIMEOUT"])  # type: ignore[arg-type]
@@ -102,6 +113,9 @@ def open_database(url: str | None, connect_timeout: float | None = None) -> peew
             autoconnect=False,
             # libpq counts whole seconds and treats less than 2 as 2.
             connect_timeout=max(2, round(connect_timeout)),
+            **(
+                {"options": f"-c lock_timeout={round(lock_timeout * 1000)}"} if lock_timeout else {}
+            ),
         )
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
 
@@ -233,6 +247,7 @@ def alone(lock: int) -> Iterator[None]:
     """
     with database.atomic():
         if is_postgres():
+            database.execute_sql("SET LOCAL lock_timeout = 0")  # waits for the one before
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock,))
         yield
 
@@ -245,7 +260,11 @@ def init_app(app: Flask) -> None:
     """
     _check_greenlet_connections()
     database.initialize(
-        open_database(app.config["DATABASE_URL"], float(app.config["DB_CONNECT_TIMEOUT"]))
+        open_database(
+            app.config["DATABASE_URL"],
+            float(app.config["DB_CONNECT_TIMEOUT"]),
+            lock_timeout=float(app.config["DB_TIMEOUT"]),
+        )
     )
 
     @app.teardown_request
@@ -431,12 +450,16 @@ def migrate(db: peewee.Database | None = None) -> list[str]:
     db = db or database.obj
     with db.connection_context():
         if isinstance(db, peewee.PostgresqlDatabase):
+            # Another instance's migration, and a table's readers and writers, are
+            # waited for, however long (``open_database``'s lock_timeout is not for this).
+            db.execute_sql("SET lock_timeout = 0")
             db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
             return Runner(db, directory=str(MIGRATIONS)).up()
         finally:
             if isinstance(db, peewee.PostgresqlDatabase):
                 db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+                db.execute_sql("RESET lock_timeout")
 
 
 @functools.cache

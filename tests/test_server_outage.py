@@ -30,6 +30,7 @@ import gevent
 import gevent.event
 import gevent.pool
 import openai
+import psycopg
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -593,3 +594,43 @@ def doomed_stream(gw: Gateway, key: str, marker: str) -> DoomedStream:
     reader = DoomedStream(gw, key, marker)
     reader.start()
     return reader
+
+
+# -- a table locked for longer than the jobs wait -------------------------------------
+
+
+def test_a_locked_table_does_not_pile_up_the_gateway_s_connections(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A job gives up after DB_TIMEOUT and drops its connection; the server did not
+    notice while the statement waited for a lock (VACUUM FULL, ALTER TABLE), so each
+    retry left one more waiting, until PostgreSQL refused every client. Its statements
+    are now aborted by the server after DB_TIMEOUT too."""
+    url = gateway_database(cluster)
+    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_DB_TIMEOUT="2")
+    watch = psycopg.connect(url, autocommit=True)
+    locker = psycopg.connect(url)
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+        locker.execute("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE")
+        waiting = []
+        for i in range(40):  # 20 s
+            client.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": f"call {i}"}]
+            )
+            time.sleep(0.5)
+            (count,) = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            waiting.append(count)
+        locker.rollback()
+        # Bounded by the jobs that can wait at once: before, one more every 2 s (10 by
+        # the end of these 20 s, 47 after 60 s at the default DB_TIMEOUT).
+        assert max(waiting[-10:]) <= 6, waiting
+        wait_until(lambda: len(gw.records(limit=100)) == 40, timeout=60, interval=0.5)
+    finally:
+        locker.close()
+        watch.close()
+        gw.stop()
