@@ -8,8 +8,10 @@ seconds of its own clock, and deletes the dead heartbeat row. No clock of anothe
 enters into it; and a process watches only while its own heartbeats succeed: when one
 fails (the database is away, so nobody could beat), it forgets what it saw and starts
 watching afresh, so an outage never makes a live process look dead. A live owner's
-row is never swept, however long its call runs. If one is (its own link to the
-database broke), its final write still wins over the swept row. Rows without an owner
+row is never swept, however long its call runs. An owner of this host whose process
+still runs is not swept either, however long its heartbeat is silent: only its own link
+to the database broke (``runs_here``). If one of another host is, its final write still
+wins over the swept row. Rows without an owner
 (written before heartbeats existed) keep the age rule: pending for ``SWEEP_AFTER``.
 """
 
@@ -21,7 +23,8 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -37,6 +40,9 @@ from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
 
+# Seconds a process may have begun after its first heartbeat's time and still own it
+# (its workers beat soon after they start; boot time is read in whole seconds).
+PID_SLACK = 5.0
 SWEPT_ERROR = "orphaned: the gateway process handling this call stopped before it finished"
 _identity: tuple[int, str] | None = None
 
@@ -63,6 +69,7 @@ class Sweeper:
         self._seen: dict[str, tuple[datetime | None, float]] = {}  # owner -> (beat, since)
         self._beat_ok: float | None = None  # when our last heartbeat landed; None: failing
         self._looked: float | None = None  # when we last looked at everyone's
+        self._spared: set[str] = set()  # silent owners seen running here (said once)
         self._group = gevent.pool.Group()
         self._started = False
         self._configure(DEFAULTS)  # until init_app reads the app's settings
@@ -136,7 +143,10 @@ class Sweeper:
             raise
 
     def _sweep(self, now: float) -> int:
-        beats = dict(Heartbeat.select(Heartbeat.owner, Heartbeat.beat_at).tuples())
+        rows = Heartbeat.select(Heartbeat.owner, Heartbeat.beat_at, Heartbeat.started_at)
+        beats, began = {}, {}
+        for owner, beat_at, started_at in rows.tuples():
+            beats[owner], began[owner] = beat_at, started_at
         watched = (beats.keys() | pending_owners()) - {self.name}
         for owner in watched:
             held = self._seen.get(owner)
@@ -144,7 +154,17 @@ class Sweeper:
                 self._seen[owner] = (beats.get(owner), now)
         for owner in self._seen.keys() - watched:
             del self._seen[owner]
-        dead = [owner for owner, (_, since) in self._seen.items() if now - since >= self.dead_after]
+        silent = [o for o, (_, since) in self._seen.items() if now - since >= self.dead_after]
+        dead = [owner for owner in silent if not runs_here(owner, began.get(owner))]
+        for owner in set(silent) - set(dead):
+            if owner not in self._spared:
+                self._spared.add(owner)
+                log.warning(
+                    "sweeper: %s has not beaten for %.0f s but still runs on this host:"
+                    " its rows are left to it (its own link to the database is down)",
+                    owner,
+                    self.dead_after,
+                )
         before = utcnow() - self.orphan_after
         swept = finalise_orphan_rows(dead, before, SWEPT_ERROR)
         count = len(swept)
@@ -156,6 +176,34 @@ class Sweeper:
         if count:
             log.warning("sweeper: finalised %d pending records of dead processes %s", count, dead)
         return count
+
+
+def runs_here(owner: str, started_at: datetime | None) -> bool:
+    """Whether ``owner`` (``<random>@<host>:<pid>``) is a process of this host that still
+    runs: its pid is there and began no later than its first heartbeat (else a later
+    process took the pid; with no heartbeat row, nothing tells). A silent heartbeat is then a broken link to the database (its
+    connections refused or cut while this process kept its own), not a death: its calls
+    are still running, and sweeping them recorded answered calls as ``failed``. On
+    another host (or without /proc) nothing can be told: the heartbeat decides."""
+    _, _, place = owner.partition("@")
+    host, _, pid = place.rpartition(":")
+    if host != socket.gethostname()[:64] or not pid.isdigit():
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError):
+        return False
+    if started_at is None:  # no heartbeat row: nothing tells a later process from it
+        return False
+    # Field 22, the start in clock ticks since boot; fields count from 3 after the name.
+    ticks = int(stat.rpartition(")")[2].split()[19])
+    began = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return began <= started_at.replace(tzinfo=UTC).timestamp() + PID_SLACK
 
 
 sweeper = Sweeper()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -193,3 +194,31 @@ def test_a_process_whose_heartbeat_fails_does_not_sweep(
         database.initialize(real)
     assert watcher.sweep() == 0  # the database answers again, but our beat did not land
     assert status(uid)[0] == "pending"
+
+
+def test_a_silent_owner_still_running_on_this_host_is_not_swept(clock: Clock, key_id: int) -> None:
+    # Its heartbeat stopped because its own connections to the database failed (refused
+    # or cut while the watcher kept its own); its calls still run. They were swept as
+    # "orphaned" and answered calls recorded failed. A pid now held by a process that
+    # began after the owner's first heartbeat is another process: swept.
+    here = socket.gethostname()[:64]
+    live = process(clock, f"live@{here}:{os.getpid()}")
+    gone = process(clock, f"gone@{here}:{_exited_pid()}")
+    reused = process(clock, f"reused@{here}:{os.getpid()}")
+    watcher = process(clock, "watcher@h:2")
+    for proc in (live, gone, reused):
+        assert proc.beat()
+    Heartbeat.update(started_at=utcnow() - timedelta(days=400)).where(
+        Heartbeat.owner == reused.name
+    ).execute()
+    uids = {proc.name: pending_call(key_id, proc.name) for proc in (live, gone, reused)}
+    swept = sum(second(clock, watcher=watcher) for _ in range(int(DEAD_AFTER) + 1))
+    assert swept == 2
+    assert status(uids[live.name])[0] == "pending"
+    assert status(uids[gone.name])[0] == status(uids[reused.name])[0] == "failed"
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
