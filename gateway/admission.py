@@ -16,9 +16,9 @@ kept for repeats or its request id released, the slot given back, its real token
 charged to TPM, its cost added to the month's spend, all in one write to Redis, sent
 before the answer goes and not waited for; the call counted), or ``cancel`` when it
 never opened. A JSON call with no slot and no request id owes only its tokens and cost:
-they are sent once its answer is written (``pay``, by the view's answer). Nothing is reserved up front, so a cancelled call or a stopped worker
-leaks nothing; a worker killed mid-call leaves a slot and a claim that lapse within
-``INFLIGHT_TTL``.
+they are sent once its answer is written (``pay``, by the view's answer). Nothing is
+reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker
+killed mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Permit:
     slot: bool = False  # holds one of the key's maxConcurrent slots
     req_id: str | None = None  # a claimed request id: repeats get this call's answer
     settled: bool = False
-    _owed: dict | None = None  # what ``pay`` charges once the answer is written
+    _unpaid: dict | None = None  # what ``pay`` charges once the answer is written
 
     def headers(self) -> dict[str, str]:
         """The X-RateLimit-* headers of this call's answer."""
@@ -177,7 +177,7 @@ class Permit:
                 "nanos": pricing.nanos(exchange.cost),
             }
             if self.req_id is None and not self.slot and not self.stream:
-                self._owed = owed  # paid once its answer is written (``pay``)
+                self._unpaid = owed  # paid once its answer is written (``pay``)
             else:
                 # One write, the request id first, sent before the answer goes: a repeat
                 # or a next call sent on receiving it, to any worker, finds it all done.
@@ -189,7 +189,7 @@ class Permit:
     @property
     def owes(self) -> bool:
         """``finished`` left a charge for ``pay``."""
-        return self._owed is not None
+        return self._unpaid is not None
 
     def pay(self) -> None:
         """Charge what ``finished`` left owing: the tokens and cost of a JSON call that
@@ -199,7 +199,7 @@ class Permit:
         and the budget one that the month's spend is below it, and a charge lands on
         the shared store before this connection's next request is read (microseconds
         after the answer, for a next call on another connection)."""
-        owed, self._owed = self._owed, None
+        owed, self._unpaid = self._unpaid, None
         if owed is None:
             return
         try:

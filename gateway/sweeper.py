@@ -181,10 +181,11 @@ class Sweeper:
 def runs_here(owner: str, started_at: datetime | None) -> bool:
     """Whether ``owner`` (``<random>@<host>:<pid>``) is a process of this host that still
     runs: its pid is there and began no later than its first heartbeat (else a later
-    process took the pid; with no heartbeat row, nothing tells). A silent heartbeat is then a broken link to the database (its
-    connections refused or cut while this process kept its own), not a death: its calls
-    are still running, and sweeping them recorded answered calls as ``failed``. On
-    another host (or without /proc) nothing can be told: the heartbeat decides."""
+    process took the pid; with no heartbeat row, nothing tells). A silent heartbeat is
+    then a broken link to the database (its connections refused or cut while this
+    process kept its own), not a death: its calls are still running, and sweeping them
+    recorded answered calls as ``failed``. On another host (or without /proc) nothing
+    can be told: the heartbeat decides."""
     _, _, place = owner.partition("@")
     host, _, pid = place.rpartition(":")
     if host != socket.gethostname()[:64] or not pid.isdigit():
