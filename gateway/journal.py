@@ -242,7 +242,7 @@ def _ran_at(pid: int, moment: float | None) -> bool:
     pid later. Where a start cannot be told (no /proc), alive is enough, as before."""
     if not _alive(pid):
         return False
-    started = _started(pid)
+    started = process_started(pid)
     return started is None or moment is None or started <= moment + _START_SLACK
 
 
@@ -251,7 +251,7 @@ def _ran_at(pid: int, moment: float | None) -> bool:
 _START_SLACK = 0.05
 
 
-def _started(pid: int) -> float | None:
+def process_started(pid: int) -> float | None:
     """When process ``pid`` started, on ``time.time()``'s clock; None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:

@@ -24,7 +24,6 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import gevent
@@ -35,14 +34,15 @@ from gevent import monkey
 from gateway import db
 from gateway.config import DEFAULTS
 from gateway.db import UNREACHABLE
+from gateway.journal import process_started
 from gateway.models import Heartbeat, finalise_orphan_rows, pending_owners, utcnow
 from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
 
 # Seconds a process may have begun after its first heartbeat's time and still own it
-# (its workers beat soon after they start; boot time is read in whole seconds).
-PID_SLACK = 5.0
+# (it begins before it beats; a start is known to a clock tick).
+PID_SLACK = 1.0
 SWEPT_ERROR = "orphaned: the gateway process handling this call stopped before it finished"
 _identity: tuple[int, str] | None = None
 
@@ -188,23 +188,10 @@ def runs_here(owner: str, started_at: datetime | None) -> bool:
     can be told: the heartbeat decides."""
     _, _, place = owner.partition("@")
     host, _, pid = place.rpartition(":")
-    if host != socket.gethostname()[:64] or not pid.isdigit():
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError):
-        return False
-    if started_at is None:  # no heartbeat row: nothing tells a later process from it
-        return False
-    # Field 22, the start in clock ticks since boot; fields count from 3 after the name.
-    ticks = int(stat.rpartition(")")[2].split()[19])
-    began = boot + ticks / os.sysconf("SC_CLK_TCK")
-    return began <= started_at.replace(tzinfo=UTC).timestamp() + PID_SLACK
+    if host != socket.gethostname()[:64] or not pid.isdigit() or started_at is None:
+        return False  # no heartbeat row: nothing tells a later process from it
+    began = process_started(int(pid))  # None: no such process (or no /proc)
+    return began is not None and began <= started_at.replace(tzinfo=UTC).timestamp() + PID_SLACK
 
 
 sweeper = Sweeper()

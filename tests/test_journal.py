@@ -216,10 +216,10 @@ def test_a_journal_whose_pid_a_later_process_took_is_replayed(tmp_path: Path) ->
     it exits. A process that was running at the append is still the owner."""
     later = subprocess.Popen(["sleep", "30"])
     try:
-        wait_until(lambda: journal_module._started(later.pid) is not None)
+        wait_until(lambda: journal_module.process_started(later.pid) is not None)
         path = tmp_path / f"journal-{later.pid}.jsonl"
         path.write_text(json.dumps({"uid": "a dead worker's"}) + "\n")
-        appended = journal_module._started(later.pid) - 1.0  # before the pid's taker began
+        appended = journal_module.process_started(later.pid) - 1.0  # before the pid's taker began
         os.utime(path, (appended, appended))
         owner = tmp_path / f"journal-{os.getppid()}.jsonl"  # running since before the append
         owner.write_text(json.dumps({"uid": "a live owner's"}) + "\n")
@@ -243,9 +243,11 @@ def test_a_claim_whose_replayer_pid_a_later_process_took_is_given_back(
     got: list[dict] = []
     Journal(tmp_path).replay(got.extend)
     assert got == [] and claimed.exists()  # its replayer was running at the claim
-    started = journal_module._started
+    started = journal_module.process_started
     monkeypatch.setattr(
-        journal_module, "_started", lambda pid: time.time() + 10 if pid == live else started(pid)
+        journal_module,
+        "process_started",
+        lambda pid: time.time() + 10 if pid == live else started(pid),
     )
     Journal(tmp_path).replay(got.extend)
     assert got == [{"uid": "stranded"}] and list(tmp_path.iterdir()) == []
