@@ -86,6 +86,7 @@ DEFAULTS: dict[str, object] = {
     "RECORDER_BATCH": 100,
     "RECORDER_INTERVAL": 0.05,  # seconds a final snapshot waits to share its write with others
     "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
+    "RECORDER_AHEAD": True,  # each snapshot to a local file first: a kill -9 loses no record
     "JOURNAL_DIR": None,  # None: instance/journal
     # Crash recovery: every process writes a heartbeat row this often; a process finalises
     # another's pending rows once it has watched that heartbeat stand still this long.
@@ -246,6 +247,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "RECORDER_BATCH": _count(1),
     "RECORDER_INTERVAL": _seconds(0),
     "RECORDER_LINGER": _seconds(0),
+    "RECORDER_AHEAD": lambda v: None if isinstance(v, bool) else "true or false",
     "PROCESS_HEARTBEAT": _seconds(0),  # 0: no heartbeat (a test app)
     "PROCESS_DEAD_AFTER": _seconds(0, above=True),
     "SWEEP_INTERVAL": _seconds(0),

@@ -19,6 +19,14 @@ process was killed mid-append) is kept aside in ``torn-<pid>.jsonl`` and the res
 its file is replayed; an append that fails (a full disk) is cut off again, and raises.
 Journals hold prompts: every file is its owner's alone (0600), in a directory of its
 owner's (0700).
+
+``Ahead`` is a process's write-ahead file in the same directory
+(``ahead-<n>-<pid>.jsonl``): each record snapshot goes there as it is recorded, before
+the call's answer goes, so a process killed with its records still in memory
+(``kill -9``, the OOM killer) leaves them on disk (the page cache outlives the process;
+no fsync, which would cost milliseconds a call). Its owner deletes what the database
+has taken; a dead owner's files are replayed like its journal (``replay(write,
+"ahead")``), never a live one's.
 """
 
 from __future__ import annotations
@@ -57,9 +65,9 @@ class Journal:
         """True while this process has rows waiting in its journal."""
         return self.own_path().exists()
 
-    def waiting(self) -> bool:
+    def waiting(self, prefix: str = "journal") -> bool:
         """True when this process would find something to replay."""
-        return bool(self._claimable()) or any(self.directory.glob("replaying-*-journal-*"))
+        return bool(self._claimable(prefix)) or any(self.directory.glob(f"replaying-*-{prefix}-*"))
 
     def replay(self, write: Callable[[list[dict]], None], prefix: str = "journal") -> int:
         """Give each claimable file's rows to ``write``; return how many were written.
@@ -145,10 +153,14 @@ class Journal:
         return [
             path
             for path in sorted(self.directory.glob(f"{prefix}-*.jsonl"))
-            # a live process replays its own journal; set-aside rows are anyone's
-            if prefix != "journal"
-            or _pid_in(path.stem) == os.getpid()
-            or not _ran_at(_pid_in(path.stem), _changed(path, "st_mtime"))
+            # set-aside rows are anyone's; a live process replays its own journal, and
+            # its write-ahead files are its own to delete
+            if prefix == "refused"
+            or (prefix == "journal" and _pid_in(path.stem) == os.getpid())
+            or (
+                _pid_in(path.stem) != os.getpid()
+                and not _ran_at(_pid_in(path.stem), _changed(path, "st_mtime"))
+            )
         ]
 
     def _reclaim_orphans(self, prefix: str) -> None:
@@ -160,6 +172,118 @@ class Journal:
                 original = claimed.with_name(claimed.name.split("-", 2)[2])
                 with contextlib.suppress(FileNotFoundError):  # another process took it
                     self._give_back(claimed, original)
+
+
+class Ahead:
+    """This process's write-ahead files: a record snapshot on disk before its answer goes.
+
+    ``append`` writes one line to the current file; past ``SEGMENT`` bytes (``full``)
+    ``rotate`` starts the next one, keeping the old until ``taken`` says the database (or
+    the journal) has every call that was still unwritten when it rotated. With nothing
+    unwritten (``clear``), every file is emptied. A line the disk refuses (full,
+    read-only) makes the file ``full``: the next record tries a new one (a warning until
+    one takes a line again); meanwhile the records are in memory only, as before.
+    """
+
+    SEGMENT = 4 * 1024 * 1024
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+        self._number = 0
+        self._size = 0
+        self._path: Path | None = None
+        self._kept: list[tuple[Path, set[str]]] = []  # rotated files, calls still unwritten
+        self._failed = False  # the current file refused a line (or could not be made)
+        self._said = False  # that warning was logged since a line was last taken
+
+    def append(self, row: dict) -> None:
+        """Write ``row`` at the end of the current file (no fsync)."""
+        if self._fd is None:
+            if self._failed:
+                return
+            self._open()
+            if self._fd is None:
+                return
+        line = (json.dumps(_jsonable(row), default=str) + "\n").encode()
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):  # a full disk took part of it: a torn line, set aside
+                raise OSError(f"wrote {written} of {len(line)} bytes")
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._size += written
+        self._said = False
+
+    @property
+    def full(self) -> bool:
+        """Time for the next file: this one is big, or refused a line."""
+        return self._failed or self._size >= self.SEGMENT
+
+    def rotate(self, unwritten: set[str]) -> None:
+        """Start the next file; keep this one until ``unwritten`` calls are taken."""
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._path is not None:
+            self._kept.append((self._path, unwritten))
+        self._fd, self._path, self._size, self._failed = None, None, 0, False
+
+    def taken(self, uids: set[str]) -> None:
+        """These calls' latest snapshots are in the database or the journal."""
+        for path, waiting in list(self._kept):
+            waiting -= uids
+            if not waiting:
+                self._kept.remove((path, waiting))
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def clear(self) -> None:
+        """Nothing is unwritten: no line is needed any more."""
+        for path, _ in self._kept:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._kept = []
+        if self._fd is not None and self._size:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._size = 0
+
+    def close(self, remove: bool) -> None:
+        """At exit: delete every file (``remove``: all is written or journaled), or leave
+        them for a survivor to replay."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if remove:
+            for path in [*(p for p, _ in self._kept), self._path]:
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            self._kept = []
+
+    def _open(self) -> None:
+        self._number += 1
+        path = self.directory / f"ahead-{self._number}-{os.getpid()}.jsonl"
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._path, self._size = path, 0
+
+    def _fail(self, exc: OSError) -> None:
+        if not self._said:
+            log.warning("journal: the write-ahead file failed (%s); records in memory only", exc)
+            self._said = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._failed = None, True  # its path stays: ``rotate`` keeps it
 
 
 def _open_locked(path: Path) -> int:

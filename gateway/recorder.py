@@ -48,7 +48,7 @@ from gateway import db, jsonio, metrics
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import COMPLETION, Exchange
-from gateway.journal import Journal
+from gateway.journal import Ahead, Journal
 from gateway.models import index_all_due, upsert_records
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry
@@ -100,6 +100,7 @@ class Recorder:
         self._due = 0  # SQLite: final calls written since the index last took what was due
         self._due_since = 0.0  # when the first of them was written
         self._indexing = False
+        self.ahead: Ahead | None = None  # the write-ahead file (RECORDER_AHEAD)
 
     def init_app(self, app: Flask) -> None:
         """Read settings; start the writers and the replayer."""
@@ -107,6 +108,9 @@ class Recorder:
         self._configure(cfg)
         writers = cfg["RECORDER_WRITERS"] or (4 if is_postgres() else 1)
         self.journal = Journal(Path(cfg["JOURNAL_DIR"] or INSTANCE / "journal"))
+        if self.ahead is not None:
+            self.ahead.close(remove=not self.backlog())
+        self.ahead = Ahead(self.journal.directory) if cfg["RECORDER_AHEAD"] else None
         # Only a gevent server (a worker, or the test process) writes in the
         # background; a CLI command builds the app without needing the greenlets.
         if self._started or not monkey.is_module_patched("socket"):
@@ -125,7 +129,15 @@ class Recorder:
     # -- the public face ------------------------------------------------------
 
     def record(self, exchange: Exchange) -> None:
-        """Queue the exchange's current state to be written."""
+        """Queue the exchange's current state to be written (and, first, write it ahead)."""
+        ahead = self.ahead
+        if ahead is not None:
+            if ahead.full:
+                ahead.rotate({*self._dirty, *self._writing})
+            try:
+                ahead.append(_ahead_row(exchange))
+            except Exception:  # a bug here must not cost the call, nor its record
+                log.exception("recorder: the write-ahead line of %s failed", exchange.uid)
         self._dirty[exchange.uid] = exchange
         self._idle.clear()
         self._wake.set()  # while the writers are busy or gathering: nobody to switch to
@@ -141,6 +153,8 @@ class Recorder:
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued is written; journal the rest. True if written."""
         if self._idle.wait(timeout):
+            if self.ahead is not None:
+                self.ahead.close(remove=True)
             return True
         # Rows being written may never land (the process is about to exit), and a
         # call's newer snapshot may be queued behind them: journal both, older first.
@@ -149,9 +163,12 @@ class Recorder:
         rows = [row for batch in self._inflight.values() for row in batch]
         rows += _snapshots([*self._writing.values(), *self._dirty.values()])
         self._dirty.clear()
+        kept = True
         if rows:
-            self._journal_or_log(rows)
+            kept = self._journal_or_log(rows)
         log.warning("recorder: journaled %d records not written in time", len(rows))
+        if self.ahead is not None and kept:
+            self.ahead.close(remove=True)  # else a survivor replays it
         self._settle()
         return False
 
@@ -208,12 +225,16 @@ class Recorder:
                     self._writing.pop(ex.uid, None)
                 self._settle()
             self._released(taken)
+            if self.ahead is not None:  # their latest state is in, unless queued anew
+                self.ahead.taken({ex.uid for ex in taken} - self._dirty.keys())
             if held:
                 gevent.sleep(HOLD_RETRY)
 
     def _settle(self) -> None:
         if not self._dirty and not self._writing:
             self._idle.set()
+            if self.ahead is not None:
+                self.ahead.clear()
 
     def _take_batch(self) -> tuple[list[Exchange], float | None]:
         """Calls ready to write, and when the next lingering one falls due."""
@@ -322,11 +343,13 @@ class Recorder:
         self._waiting += len(rows)
         metrics.journal_depth(self._waiting)
 
-    def _journal_or_log(self, rows: list[dict]) -> None:
+    def _journal_or_log(self, rows: list[dict]) -> bool:
         try:
             self._journal(rows)
         except Exception:  # a full or broken disk at exit: nothing left to keep them in
             _lost(rows, "the journal failed at exit")
+            return False
+        return True
 
     def _journal_or_hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
         """Journal a batch no write took; if the disk will not take it either (full,
@@ -383,6 +406,8 @@ class Recorder:
             try:
                 if self._journaling or self.journal.waiting():
                     self._replay_once()
+                if self.journal.waiting("ahead"):  # a dead process's write-ahead lines
+                    self.journal.replay(self._write_ahead, prefix="ahead")
                 away = False
             except UNREACHABLE as exc:
                 if not away:  # once per outage, not every 5 s
@@ -433,6 +458,10 @@ class Recorder:
             log.warning("recorder: the text due to the full-text index stays due", exc_info=True)
         finally:
             self._indexing = False
+
+    def _write_ahead(self, rows: list[dict]) -> None:
+        """A dead process's write-ahead lines: as written, uncleaned (``_ahead_row``)."""
+        self._write_replayed([jsonio.clean(row) for row in rows])
 
     def _write_replayed(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
@@ -508,6 +537,18 @@ def _snapshots(batch: list[Exchange]) -> list[dict]:
             log.exception("recorder: LOST record %s: cannot take its snapshot", ex.uid)
             metrics.records_lost(1)
     return rows
+
+
+def _ahead_row(exchange: Exchange) -> dict[str, Any]:
+    """The exchange's write-ahead line: its row as it stands, tagged as ``snapshot`` tags
+    it; while pending, without its prompt (which the final line has), so the line that
+    goes before the upstream is contacted costs little. Not cleaned here (``clean``
+    walks the whole row): a replay cleans it."""
+    row = {"kind": exchange.kind, "owner": identity(), **exchange.row()}
+    if row["status"] == "pending":
+        row.pop("prompt", None)
+        row.pop("input", None)
+    return row
 
 
 def snapshot(exchange: Exchange) -> dict[str, Any]:

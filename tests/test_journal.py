@@ -395,3 +395,67 @@ def test_journal_files_are_their_owners_alone(tmp_path: Path) -> None:
     fresh.append(rows(1))
     assert fresh.directory.stat().st_mode & 0o777 == 0o700
     assert fresh.own_path().stat().st_mode & 0o777 == 0o600
+
+
+# -- the write-ahead files ---------------------------------------------------------------
+
+
+def _ahead_files(directory: Path) -> dict[str, int]:
+    return {p.name: len(p.read_bytes().splitlines()) for p in directory.glob("ahead-*")}
+
+
+def test_write_ahead_lines_stay_until_every_call_unwritten_at_rotation_is_taken(
+    tmp_path: Path,
+) -> None:
+    ahead = journal_module.Ahead(tmp_path)
+    ahead.append({"uid": "a", "status": "pending", "created_at": datetime(2026, 1, 1)})
+    ahead.append({"uid": "b", "status": "pending"})
+    first = f"ahead-1-{os.getpid()}.jsonl"
+    assert _ahead_files(tmp_path) == {first: 2}
+    ahead.rotate({"a", "b"})  # both still unwritten
+    ahead.append({"uid": "a", "status": "completed"})
+    second = f"ahead-2-{os.getpid()}.jsonl"
+    assert _ahead_files(tmp_path) == {first: 2, second: 1}
+    ahead.taken({"a"})
+    assert first in _ahead_files(tmp_path)  # b's line is still needed
+    ahead.taken({"b"})
+    assert _ahead_files(tmp_path) == {second: 1}
+    ahead.clear()  # nothing unwritten: the lines go
+    assert _ahead_files(tmp_path) == {second: 0}
+    ahead.append({"uid": "c", "status": "pending"})
+    ahead.close(remove=True)
+    assert _ahead_files(tmp_path) == {}
+
+
+def test_write_ahead_files_are_replayed_only_once_their_process_is_dead(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    mine = journal_module.Ahead(tmp_path)
+    mine.append({"uid": "mine", "status": "pending"})
+    dead = tmp_path / f"ahead-3-{dead_pid()}.jsonl"
+    dead.write_text(json.dumps({"uid": "theirs", "status": "completed"}) + "\n")
+    assert journal.waiting("ahead") and not journal.waiting()
+    got: list[dict] = []
+    assert journal.replay(got.extend, prefix="ahead") == 1
+    assert got == [{"uid": "theirs", "status": "completed"}] and not dead.exists()
+    assert not journal.waiting("ahead")  # a live process's own are its own to delete
+
+
+def test_a_write_ahead_file_the_disk_refuses_is_kept_until_taken_and_the_next_one_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ahead = journal_module.Ahead(tmp_path)
+    ahead.append({"uid": "a", "status": "pending"})
+    real_write = os.write
+    monkeypatch.setattr(
+        journal_module.os,
+        "write",
+        lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")),
+    )
+    ahead.append({"uid": "b", "status": "pending"})  # refused: no raise, a warning
+    assert ahead.full
+    monkeypatch.setattr(journal_module.os, "write", real_write)
+    ahead.rotate({"a", "b"})
+    ahead.append({"uid": "c", "status": "pending"})
+    assert sorted(_ahead_files(tmp_path).values()) == [1, 1]
+    ahead.taken({"a", "b"})
+    assert list(_ahead_files(tmp_path).values()) == [1]

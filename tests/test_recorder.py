@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -14,6 +15,7 @@ import gevent
 import gevent.event
 import pytest
 
+from gateway import journal as journal_module
 from gateway import metrics
 from gateway import recorder as recorder_module
 from gateway.db import database, open_database
@@ -153,8 +155,9 @@ def test_database_down_journals_then_replays_everything(
     got = {r.uid: r for r in rows()}
     assert got[first.uid].status == "completed" and got[first.uid].completion_tokens == 4
     assert got[second.uid].status == "failed" and got[second.uid].error == "upstream 500"
-    assert not list(rec.journal.directory.glob("*.jsonl"))
+    assert not list(rec.journal.directory.glob("journal-*.jsonl"))
     assert not rec._journaling and metrics.JOURNAL_DEPTH._value.get() == 0
+    wait_until(lambda: all(not p.stat().st_size for p in rec.journal.directory.glob("ahead-*")))
     # Back to direct writes.
     third = exchange(key_id)
     third.finish("completed")
@@ -680,3 +683,50 @@ def test_a_write_of_this_worker_meanwhile_waits_only_for_the_batch(
     assert other.successful(), other.exception
     assert took < 2.5, f"{took:.1f} s: the two writes waited for each other"
     assert len(rows()) == 150
+
+
+def test_each_snapshot_is_written_ahead_and_the_lines_go_once_the_database_has_it(
+    rec: Recorder, key_id: int, tmp_path: Path
+) -> None:
+    gate = gevent.event.Event()  # the database "hangs": the calls' records wait in memory
+    real = recorder_module.upsert_records
+    recorder_module.upsert_records = lambda *a, **k: (gate.wait(), real(*a, **k))[1]
+    try:
+        ex = exchange(key_id, stream=True)
+        rec.record(ex)  # pending: its line says so, without the prompt
+        ex.finish("completed", output=[{"role": "assistant", "content": "hi"}], usage={})
+        rec.record(ex)
+        (path,) = (tmp_path / "journal").glob("ahead-*")
+        pending, final = (json.loads(line) for line in path.read_text().splitlines())
+        assert (pending["uid"], pending["status"], "prompt" in pending) == (
+            ex.uid,
+            "pending",
+            False,
+        )
+        assert (final["status"], final["prompt"], final["owner"]) == (
+            "completed",
+            {"messages": []},
+            identity(),
+        )
+    finally:
+        gate.set()
+        recorder_module.upsert_records = real
+    assert rec.flush(5)
+    assert path.read_text() == ""  # all written: no line is needed
+
+
+def test_a_dead_process_s_write_ahead_lines_are_written_by_a_live_one(
+    rec: Recorder, key_id: int, tmp_path: Path
+) -> None:
+    answered, cut = exchange(key_id), exchange(key_id)
+    answered.finish("completed", output=[{"role": "assistant", "content": "hi"}], usage={})
+    lines = [recorder_module._ahead_row(cut), recorder_module._ahead_row(answered)]
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / "journal" / f"ahead-1-{proc.pid}.jsonl"
+    dead.parent.mkdir(exist_ok=True)
+    dead.write_text("".join(json.dumps(journal_module._jsonable(r)) + "\n" for r in lines))
+    assert rec.journal.replay(rec._write_ahead, prefix="ahead") == 2
+    found = {row.uid: row.status for row in rows()}
+    assert found == {answered.uid: "completed", cut.uid: "pending"}  # the sweeper's next
+    assert not dead.exists()
