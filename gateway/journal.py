@@ -41,6 +41,8 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from gateway import jsoncodec
+
 log = logging.getLogger(__name__)
 
 _DATETIME_COLUMNS = ("created_at", "updated_at")
@@ -205,7 +207,7 @@ class Ahead:
             self._open()
             if self._fd is None:
                 return
-        line = (json.dumps(_jsonable(row), default=str) + "\n").encode()
+        line = jsoncodec.encode(row, default=str) + b"\n"
         try:
             written = os.write(self._fd, line)
             if written != len(line):  # a full disk took part of it: a torn line, set aside

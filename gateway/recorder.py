@@ -22,6 +22,12 @@ it refuses is set aside (with the disk full, held in memory alone while the rest
 batch is written). ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
+What waits in memory would die with the process (``kill -9``, the OOM killer): so
+``record`` first writes the snapshot to the worker's write-ahead file
+(``journal.Ahead``, ``RECORDER_AHEAD``), before the upstream is contacted or the answer
+goes; the file forgets what the database or the journal took, and a dead worker's is
+replayed by a live one.
+
 On SQLite a final call's text goes to the full-text index in lots: a write leaves it
 due (``migrations/0014``), and a writer indexes what is due, any process's, once
 ``INDEX_AT`` rows are or the first has waited ``INDEX_AFTER`` seconds
@@ -101,6 +107,7 @@ class Recorder:
         self._due_since = 0.0  # when the first of them was written
         self._indexing = False
         self.ahead: Ahead | None = None  # the write-ahead file (RECORDER_AHEAD)
+        self._ahead_rows: dict[str, dict] = {}  # final rows written ahead, for the writer
 
     def init_app(self, app: Flask) -> None:
         """Read settings; start the writers and the replayer."""
@@ -135,7 +142,10 @@ class Recorder:
             if ahead.full:
                 ahead.rotate({*self._dirty, *self._writing})
             try:
-                ahead.append(_ahead_row(exchange))
+                row = _ahead_row(exchange)
+                ahead.append(row)
+                if exchange.finished:  # final: the writer takes this row, not a new one
+                    self._ahead_rows[exchange.uid] = row
             except Exception:  # a bug here must not cost the call, nor its record
                 log.exception("recorder: the write-ahead line of %s failed", exchange.uid)
         self._dirty[exchange.uid] = exchange
@@ -161,7 +171,7 @@ class Recorder:
         # Replaying a row that did land changes nothing.
         # A writer may still be taking its batch's snapshots: take them all again, now.
         rows = [row for batch in self._inflight.values() for row in batch]
-        rows += _snapshots([*self._writing.values(), *self._dirty.values()])
+        rows += _snapshots([*self._writing.values(), *self._dirty.values()], self._ahead_rows)
         self._dirty.clear()
         kept = True
         if rows:
@@ -202,7 +212,7 @@ class Recorder:
             held, taken = False, batch  # the calls the database or the journal took
             try:
                 for start in range(0, len(batch), SLICE):
-                    rows += _snapshots(batch[start : start + SLICE])
+                    rows += _snapshots(batch[start : start + SLICE], self._ahead_rows)
                     gevent.sleep(0)  # the calls go first; drain() sees the batch in _writing
                 if self._journaling:
                     self._journal_else_write(rows)
@@ -528,11 +538,14 @@ def _lost(rows: list[dict], why: str) -> None:
     metrics.records_lost(len(rows))
 
 
-def _snapshots(batch: list[Exchange]) -> list[dict]:
+def _snapshots(batch: list[Exchange], ahead: dict[str, dict]) -> list[dict]:
+    """Each call's snapshot: a final one's row as its write-ahead line took it (``ahead``,
+    popped), cleaned; else taken now."""
     rows = []
     for ex in batch:
         try:
-            rows.append(snapshot(ex))
+            row = ahead.pop(ex.uid, None)
+            rows.append(jsonio.clean(row) if row is not None else snapshot(ex))
         except Exception:  # a bug in one call's facts must not cost the others theirs
             log.exception("recorder: LOST record %s: cannot take its snapshot", ex.uid)
             metrics.records_lost(1)
@@ -540,14 +553,24 @@ def _snapshots(batch: list[Exchange]) -> list[dict]:
 
 
 def _ahead_row(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's write-ahead line: its row as it stands, tagged as ``snapshot`` tags
-    it; while pending, without its prompt (which the final line has), so the line that
-    goes before the upstream is contacted costs little. Not cleaned here (``clean``
-    walks the whole row): a replay cleans it."""
-    row = {"kind": exchange.kind, "owner": identity(), **exchange.row()}
-    if row["status"] == "pending":
-        row.pop("prompt", None)
-        row.pop("input", None)
+    """The exchange's write-ahead line: a final one's row, tagged as ``snapshot`` tags it
+    (and taken by the writer in its place); a pending one's, only what makes its row
+    (a call cut by the kill is recorded without its prompt, which the final line has),
+    so the line that goes before the upstream is contacted costs little. Not cleaned
+    here (``clean`` walks the whole row): the writer or a replay cleans it."""
+    if exchange.finished:
+        return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
+    row = {
+        "kind": exchange.kind,
+        "owner": identity(),
+        "uid": exchange.uid,
+        "api_key": exchange.api_key_id,
+        "model": exchange.model,
+        "status": exchange.status,
+        "created_at": exchange.created_at,
+    }
+    if exchange.kind == COMPLETION:
+        row["api_format"], row["stream"] = exchange.api_format, exchange.stream
     return row
 
 

@@ -399,11 +399,11 @@ def test_drain_journals_a_batch_whose_snapshots_are_being_taken(
     taken, go_on = [], gevent.event.Event()
     real = recorder_module._snapshots
 
-    def snapshots(batch: list[Exchange]) -> list[dict]:
+    def snapshots(batch: list[Exchange], ahead: dict[str, dict]) -> list[dict]:
         taken.append(len(batch))
         if len(taken) == 2:
             go_on.wait(10)  # the second slice: the writer is held between two slices
-        return real(batch)
+        return real(batch, ahead)
 
     monkeypatch.setattr(recorder_module, "_snapshots", snapshots)
     calls = [exchange(key_id) for _ in range(3 * recorder_module.SLICE)]
