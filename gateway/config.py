@@ -212,6 +212,14 @@ def _switch(value: object) -> str | None:
 
 
 _SWITCH_WORDS = ("", "true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def _on_off(value: object) -> str | None:
+    if value in (0, 1) and not isinstance(value, float):  # true and false among them
+        return None
+    return "true or false"
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # The knobs with a rule; the others are text (URLs, paths, names, secrets), checked
@@ -247,7 +255,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "RECORDER_BATCH": _count(1),
     "RECORDER_INTERVAL": _seconds(0),
     "RECORDER_LINGER": _seconds(0),
-    "RECORDER_AHEAD": lambda v: None if isinstance(v, bool) else "true or false",
+    "RECORDER_AHEAD": _on_off,
     "PROCESS_HEARTBEAT": _seconds(0),  # 0: no heartbeat (a test app)
     "PROCESS_DEAD_AFTER": _seconds(0, above=True),
     "SWEEP_INTERVAL": _seconds(0),

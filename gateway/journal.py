@@ -188,6 +188,7 @@ class Ahead:
     """
 
     SEGMENT = 4 * 1024 * 1024
+    TRIM = 256 * 1024
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -241,12 +242,14 @@ class Ahead:
                     path.unlink()
 
     def clear(self) -> None:
-        """Nothing is unwritten: no line is needed any more."""
+        """Nothing is unwritten: no line is needed any more. The current file is cut
+        back only past ``TRIM`` bytes: a cut and the next append's new block cost more
+        than the lines kept (a replay of lines already written changes nothing)."""
         for path, _ in self._kept:
             with contextlib.suppress(OSError):
                 path.unlink()
         self._kept = []
-        if self._fd is not None and self._size:
+        if self._fd is not None and self._size >= self.TRIM:
             try:
                 os.ftruncate(self._fd, 0)
             except OSError as exc:

@@ -31,6 +31,7 @@ SECONDS_ABOVE_0 = [n for n, r in RULES.items() if r(0) and r(0.001) is None]
 SECONDS_FROM_0 = [n for n, r in RULES.items() if r(0) is None and r(0.5) is None and r(-1)]
 COUNTS = [n for n, r in RULES.items() if r(0.5) and r(-0.5) and r(7) is None]
 WORDS = ["ON_DISCONNECT", "LOG_LEVEL", "SRV_LOG_LEVEL", "OTEL_EXPORT"]
+FLAGS = ["RECORDER_AHEAD"]  # true or false (JSON), 1 or 0
 
 
 def variable(name: str) -> str:
@@ -49,7 +50,7 @@ def test_every_knob_with_a_number_has_a_rule_and_every_default_keeps_it() -> Non
     for name, value in DEFAULTS.items():
         if isinstance(value, (int, float)):
             assert name in RULES, f"{name} has no rule"
-    assert sorted(SECONDS_ABOVE_0 + SECONDS_FROM_0 + COUNTS + WORDS) == sorted(RULES)
+    assert sorted(SECONDS_ABOVE_0 + SECONDS_FROM_0 + COUNTS + WORDS + FLAGS) == sorted(RULES)
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,8 @@ def _takes(name: str, value: object) -> bool:
         return isinstance(value, str) and value.strip().lower() in TAKEN[name]
     if name in TAKEN:
         return isinstance(value, str) and value.lower() in TAKEN[name]
+    if name in FLAGS:
+        return value in (0, 1) and not isinstance(value, float)
     if value is None or value == "":
         return DEFAULTS[name] is None  # the optional ones
     if isinstance(value, bool) or not isinstance(value, (int, float)):

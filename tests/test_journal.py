@@ -420,7 +420,10 @@ def test_write_ahead_lines_stay_until_every_call_unwritten_at_rotation_is_taken(
     assert first in _ahead_files(tmp_path)  # b's line is still needed
     ahead.taken({"b"})
     assert _ahead_files(tmp_path) == {second: 1}
-    ahead.clear()  # nothing unwritten: the lines go
+    ahead.clear()  # nothing unwritten, but a small file is not cut back
+    assert _ahead_files(tmp_path) == {second: 1}
+    ahead.TRIM = 1
+    ahead.clear()  # past TRIM: the lines go
     assert _ahead_files(tmp_path) == {second: 0}
     ahead.append({"uid": "c", "status": "pending"})
     ahead.close(remove=True)
