@@ -156,13 +156,11 @@ class Journal:
             path
             for path in sorted(self.directory.glob(f"{prefix}-*.jsonl"))
             # set-aside rows are anyone's; a live process replays its own journal, and
-            # its write-ahead files are its own to delete
+            # its write-ahead files are its own to delete (one a process before it left
+            # under the same pid, before it began, is not)
             if prefix == "refused"
             or (prefix == "journal" and _pid_in(path.stem) == os.getpid())
-            or (
-                _pid_in(path.stem) != os.getpid()
-                and not _ran_at(_pid_in(path.stem), _changed(path, "st_mtime"))
-            )
+            or not _ran_at(_pid_in(path.stem), _changed(path, "st_mtime"))
         ]
 
     def _reclaim_orphans(self, prefix: str) -> None:
@@ -182,7 +180,9 @@ class Ahead:
     ``append`` writes one line to the current file; past ``SEGMENT`` bytes (``full``)
     ``rotate`` starts the next one, keeping the old until ``taken`` says the database (or
     the journal) has every call that was still unwritten when it rotated. With nothing
-    unwritten (``clear``), every file is emptied. A line the disk refuses (full,
+    unwritten (``clear``), the old files go and the current one is cut back once past
+    ``TRIM`` bytes. A new file never replaces one that is there (a process before this
+    one, under the same pid, may have left it for a replay). A line the disk refuses (full,
     read-only) makes the file ``full``: the next record tries a new one (a warning until
     one takes a line again); meanwhile the records are in memory only, as before.
     """
@@ -271,11 +271,17 @@ class Ahead:
             self._kept = []
 
     def _open(self) -> None:
-        self._number += 1
-        path = self.directory / f"ahead-{self._number}-{os.getpid()}.jsonl"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+            while True:
+                self._number += 1
+                path = self.directory / f"ahead-{self._number}-{os.getpid()}.jsonl"
+                try:
+                    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                    self._fd = os.open(path, flags, 0o600)
+                    break
+                except FileExistsError:
+                    continue
         except OSError as exc:
             self._fail(exc)
             return

@@ -462,3 +462,21 @@ def test_a_write_ahead_file_the_disk_refuses_is_kept_until_taken_and_the_next_on
     assert sorted(_ahead_files(tmp_path).values()) == [1, 1]
     ahead.taken({"a", "b"})
     assert list(_ahead_files(tmp_path).values()) == [1]
+
+
+def test_a_write_ahead_file_left_under_this_pid_before_this_process_began_is_replayed(
+    tmp_path: Path,
+) -> None:
+    # A container restarted on the same volume numbers its processes from 1 again: a
+    # worker can get the pid of one that died before the restart, with its lines unread.
+    left = tmp_path / f"ahead-1-{os.getpid()}.jsonl"
+    left.write_text(json.dumps({"uid": "before", "status": "completed"}) + "\n")
+    long_ago = time.time() - 86400
+    os.utime(left, (long_ago, long_ago))
+    mine = journal_module.Ahead(tmp_path)
+    mine.append({"uid": "mine", "status": "pending"})  # a name of its own, not over it
+    assert _ahead_files(tmp_path) == {left.name: 1, f"ahead-2-{os.getpid()}.jsonl": 1}
+    got: list[dict] = []
+    assert Journal(tmp_path).replay(got.extend, prefix="ahead") == 1
+    assert got == [{"uid": "before", "status": "completed"}]
+    assert list(_ahead_files(tmp_path)) == [f"ahead-2-{os.getpid()}.jsonl"]
