@@ -31,7 +31,7 @@ from gateway import metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
-from gateway.ratelimit import StoreDown, Subscription, open_store
+from gateway.ratelimit import HARMLESS, StoreDown, Subscription, open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,6 @@ SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it 
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
 KEEP_BATCH = 100
 UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
-# Operations that give back what only their own call holds (a slot, a request id): sent
-# again, whether or not they ran, until the store has them (``_owe``).
-AGAIN = frozenset({"release", "unclaim", "settle"})
 OWED_MAX = 100_000  # such operations kept for the store at most; past it the oldest go
 _UNSENT = object()  # ``_guarded``'s fallback where the caller must know the store failed
 
@@ -135,7 +132,7 @@ class Limiter:
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         self._claims: set[tuple[str, str]] = set()
-        self._owed: list[tuple[str, tuple]] = []  # AGAIN operations the store did not take
+        self._owed: list[tuple[str, tuple]] = []  # HARMLESS ones the store did not take
         self._paying = False  # ``_pay`` is sending them
         self._payer: gevent.Greenlet | None = None  # sends them while none are sent
         self._subscription: Subscription | None = None  # the key-change listener's, if any
@@ -188,7 +185,7 @@ class Limiter:
             self._failed_open(operation, None)
             return fallback
         try:
-            if self._owed and not self._paying:
+            if self._owed:
                 self._pay(1)  # first: a slot given back may be what this call needs
             result = fn(*args)
         except StoreDown as exc:
@@ -198,7 +195,7 @@ class Limiter:
         if self._down_until:
             self._down_until = 0.0
             log.warning("limiter: Redis answers again; limits hold again")
-        if self._owed and not self._paying:  # lost in this round trip (a closed connection)
+        if self._owed:  # lost in this round trip (a closed connection)
             try:
                 self._pay(1)
             except StoreDown as exc:
@@ -216,9 +213,9 @@ class Limiter:
         self, operation: str, fn: Callable[..., Any], args: tuple, owed: list[tuple[str, tuple]]
     ) -> None:
         """``fn(*args)``; if the store did not take it, keep what of it must reach the
-        store (``owed``, AGAIN operations) for when it answers."""
+        store (``owed``, HARMLESS operations) for when it answers."""
         if self._guarded(operation, _UNSENT, fn, *args) is _UNSENT:
-            self._owe([op for op in owed if op[0] in AGAIN])
+            self._owe([op for op in owed if op[0] in HARMLESS])
 
     def _owe(self, operations: list[tuple[str, tuple]]) -> None:
         """Keep slots and request ids to give back before the store's next operation.
@@ -249,18 +246,19 @@ class Limiter:
         """Send what is owed as soon as the store answers, whatever calls come."""
         while self._owed:
             gevent.sleep(max(0.0, self._down_until - time.monotonic()))
-            if not self._paying:
-                try:
-                    self._pay()
-                except StoreDown:
-                    self._down_until = time.monotonic() + self.retry_after
+            try:
+                self._pay()
+            except StoreDown:
+                self._down_until = time.monotonic() + self.retry_after
             if self._owed:
                 gevent.sleep(self.retry_after)
 
     def _pay(self, rounds: float = math.inf) -> None:
         """Send the owed give-backs, KEEP_BATCH a round trip, in at most ``rounds`` round
         trips (a call pays one, the background the rest); StoreDown (they stay owed) if
-        the store fails."""
+        the store fails. Nothing while another greenlet is paying."""
+        if self._paying:
+            return
         self._paying = True
         try:
             while self._owed and rounds > 0:

@@ -255,10 +255,11 @@ class _Connections:
         try:
             return conn, work(conn, commands)
         except redis.ConnectionError as exc:
-            owed = self._owed.get(conn, [])
-            again = [command for command in owed if self._harmless(command)]
+            again, rest = [], []
+            for command in self._owed.get(conn, []):
+                (again if self._harmless(command) else rest).append(command)
             if again and kept:
-                self._owed[conn] = [command for command in owed if not self._harmless(command)]
+                self._owed[conn] = rest
             self._drop(conn, exc)
             if not kept:
                 raise
@@ -316,6 +317,11 @@ class _Connections:
         owed = self._owed.pop(conn, None)
         if owed:
             self._lost(owed, exc if isinstance(exc, Exception) else Exception(repr(exc)))
+
+
+# Operations that give back what only their own call holds (a slot, a request id), each
+# acting only for that call's uid: harmless to run twice, so sent again when lost.
+HARMLESS = frozenset({"release", "unclaim", "settle"})
 
 
 def _evalsha(script: Any, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:

@@ -559,7 +559,7 @@ def _ahead_row(exchange: Exchange) -> dict[str, Any]:
     so the line that goes before the upstream is contacted costs little. Not cleaned
     here (``clean`` walks the whole row): the writer or a replay cleans it."""
     if exchange.finished:
-        return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
+        return _tagged(exchange)
     row = {
         "kind": exchange.kind,
         "owner": identity(),
@@ -581,7 +581,12 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
     become U+FFFD here, the one place rows are taken, as PostgreSQL refuses both (the
     row would be lost) and a page cannot show a surrogate. The client got them as sent.
     """
-    return jsonio.clean({"kind": exchange.kind, "owner": identity(), **exchange.row()})
+    return jsonio.clean(_tagged(exchange))
+
+
+def _tagged(exchange: Exchange) -> dict[str, Any]:
+    """The exchange's row, tagged with its table and this process (uncleaned)."""
+    return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
 
 
 def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> list[dict]:
