@@ -18,7 +18,7 @@ from gateway import sse
 from gateway.adapters import PROTOCOLS, ir, wire
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
-from tests.adapter_support import frames, json_frames, stream_bytes
+from tests.adapter_support import frames, json_frames, render_stream, stream_bytes
 from tests.fuzz_support import FUZZ
 
 REQUEST = {"model": "m", "stream": True, "stream_usage": False}
@@ -334,3 +334,168 @@ def test_an_answer_that_carries_an_empty_error_field_is_an_answer():
     assert PROTOCOLS[OPENAI_CHAT].parse_response(chat)["content"][0]["text"] == "hi"
     done = {"status": "completed", "error": None, "output": []}
     assert PROTOCOLS[OPENAI_RESPONSES].parse_response(done)["stop_reason"] == "end_turn"
+
+
+# -- what hostile upstreams sent (a probe, 2026-12-06), each red before its fix ---------
+
+
+@pytest.mark.parametrize("upstream", [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES])
+@pytest.mark.parametrize("client", [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES])
+def test_a_keep_alive_of_blank_data_is_neither_relayed_nor_a_broken_stream(upstream, client):
+    # `data: ` alone: relayed to a client of the same format, its SDK failed reading it
+    # as JSON while the record said completed; an Anthropic or Responses upstream's
+    # stream failed as "not JSON" halfway.
+    answer = {**ir.empty_response(), "id": "up_1", "model": "m", "stop_reason": "end_turn"}
+    answer["content"] = [{"type": "text", "text": "one two"}]
+    whole = render_stream(upstream, ir.stream_events(answer), {"model": "m", "stream_usage": True})
+    first_end = whole.index(b"\n\n") + 2
+    raw = whole[:first_end] + b"data: \n\n" + b"event: ping\ndata:  \n\n" + whole[first_end:]
+    translator = StreamTranslator(client, upstream, {"stream": True, "stream_usage": True})
+    sent = b"".join(piece.data for piece in run(translator, raw))
+    assert b"data: \n\n" not in sent and b"data:  \n" not in sent
+    assert translator.terminal
+    assert ir.text_of(translator.response()["content"]) == "one two"
+    if client == upstream:
+        assert sent == whole  # the rest, byte for byte
+
+
+def test_a_streamed_refusal_is_the_answers_text() -> None:
+    # It reached a Chat client (relayed), but the record had no text, and an Anthropic
+    # client got none.
+    raw = (
+        chunk({"role": "assistant", "refusal": ""})
+        + chunk({"refusal": "I can't "})
+        + chunk({"refusal": "help with that."})
+        + chunk({}, "stop")
+        + sse.encode("[DONE]")
+    )
+    for client in (OPENAI_CHAT, ANTHROPIC):
+        translator = StreamTranslator(client, OPENAI_CHAT, REQUEST)
+        pieces = run(translator, raw)
+        assert "".join(p.text for p in pieces) == "I can't help with that."
+        assert ir.text_of(translator.response()["content"]) == "I can't help with that."
+
+
+def _call(index: int, arguments: str, name: str | None = None) -> dict:
+    call: dict = {"index": index, "function": {"arguments": arguments}}
+    if name is not None:
+        call.update(id=f"call_{name}", type="function")
+        call["function"]["name"] = name
+    return {"tool_calls": [call]}
+
+
+INTERLEAVED = [
+    chunk({"role": "assistant", "content": None, **_call(0, "", "fa")}),
+    chunk(_call(1, "", "fb")),
+    chunk(_call(0, '{"x"')),
+    chunk(_call(1, '{"y"')),
+    chunk(_call(0, ":1}")),
+    chunk(_call(1, ":2}")),
+    chunk({}, "tool_calls"),
+    sse.encode("[DONE]"),
+]
+
+
+@pytest.mark.parametrize("client", [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES])
+def test_parallel_tool_calls_whose_pieces_interleave_stay_two_whole_calls(client: str) -> None:
+    # A Responses client got three calls (one nameless), an Anthropic client a delta
+    # after its block had stopped.
+    translator = StreamTranslator(client, OPENAI_CHAT, REQUEST)
+    sent = b"".join(p.data for p in run(translator, b"".join(INTERLEAVED)))
+    calls = [
+        (b["name"], b["arguments"])
+        for b in translator.response()["content"]
+        if b["type"] == "tool_call"
+    ]
+    assert calls == [("fa", '{"x":1}'), ("fb", '{"y":2}')]
+    if client == ANTHROPIC:
+        stopped: set[int] = set()
+        for frame in json_frames(sent):
+            if frame["type"] == "content_block_stop":
+                stopped.add(frame["index"])
+            if frame["type"] == "content_block_delta":
+                assert frame["index"] not in stopped, "a delta after its block stopped"
+        inputs = [
+            f["content_block"]["name"]
+            for f in json_frames(sent)
+            if f["type"] == "content_block_start"
+        ]
+        assert inputs == ["fa", "fb"]
+    if client == OPENAI_RESPONSES:
+        done = next(f for f in json_frames(sent) if f["type"] == "response.completed")
+        items = [(i["name"], i["arguments"]) for i in done["response"]["output"]]
+        assert items == [("fa", '{"x":1}'), ("fb", '{"y":2}')]
+
+
+def test_parallel_tool_calls_one_after_another_are_two_calls_without_indexes() -> None:
+    # Servers that omit the index send one call at a time: the second one, held while
+    # the first streams, must not take a number another call has.
+    raw = b"".join(
+        [
+            chunk(
+                {"tool_calls": [{"id": "call_a", "function": {"name": "fa", "arguments": "{}"}}]}
+            ),
+            chunk({"tool_calls": [{"id": "call_b", "function": {"name": "fb", "arguments": "{"}}]}),
+            chunk({"tool_calls": [{"function": {"arguments": "}"}}]}),
+            chunk(
+                {"tool_calls": [{"id": "call_c", "function": {"name": "fc", "arguments": "[]"}}]}
+            ),
+            chunk({}, "tool_calls"),
+            sse.encode("[DONE]"),
+        ]
+    )
+    translator = StreamTranslator(ANTHROPIC, OPENAI_CHAT, REQUEST)
+    run(translator, raw)
+    calls = [(b["id"], b["arguments"]) for b in translator.response()["content"]]
+    assert calls == [("call_a", "{}"), ("call_b", "{}"), ("call_c", "[]")]
+
+
+@pytest.mark.parametrize("client", [OPENAI_CHAT, OPENAI_RESPONSES])
+def test_an_anthropic_tool_call_whose_input_came_whole_at_its_start_keeps_it(client: str) -> None:
+    # `input: {}` at content_block_start, then an empty partial_json: Chat and Responses
+    # clients got "" (not JSON), and so did the record; the JSON path said "{}".
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+    raw = b"".join(sse.encode(json.dumps(data), event=name) for name, data in events)
+    translator = StreamTranslator(client, ANTHROPIC, REQUEST)
+    sent = b"".join(p.data for p in run(translator, raw))
+    (call,) = [b for b in translator.response()["content"] if b["type"] == "tool_call"]
+    assert call["arguments"] == "{}"
+    if client == OPENAI_CHAT:
+        pieces = [
+            c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+            for c in json_frames(sent)
+            if c.get("choices") and c["choices"][0]["delta"].get("tool_calls")
+        ]
+        assert "".join(pieces) == "{}"
+
+
+def test_tool_arguments_sent_as_an_object_are_taken_as_their_json_text() -> None:
+    # Some OpenAI-compatible servers send the object itself: an Anthropic client got a
+    # 500 (json.loads of a dict), a Responses client an object where a string goes.
+    body = {
+        "id": "chatcmpl-1",
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }  # fmt: skip
+    resp = PROTOCOLS[OPENAI_CHAT].parse_response(body)
+    assert resp["content"][0]["arguments"] == '{"a":1}'
+    assert PROTOCOLS[ANTHROPIC].render_response(resp, {"model": "m"})["content"][0]["input"] == {
+        "a": 1
+    }
+    raw = chunk(
+        {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": {"a": 1}}}]}
+    )
+    translator = StreamTranslator(ANTHROPIC, OPENAI_CHAT, REQUEST)
+    run(translator, raw + chunk({}, "tool_calls") + sse.encode("[DONE]"))
+    assert translator.response()["content"][0]["arguments"] == '{"a":1}'

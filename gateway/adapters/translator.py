@@ -3,7 +3,8 @@
 ``feed`` takes each SSE event the upstream sent and returns a ``Piece``: bytes for the
 client and what they carry. When the client's format is the upstream's, the upstream's
 own bytes go on unchanged, except a usage-only chunk the client did not ask for (the
-gateway asks OpenAI-format upstreams for usage, SPEC rule 9); otherwise the events are
+gateway asks OpenAI-format upstreams for usage, SPEC rule 9) and a keep-alive of blank
+data (an SDK would read it as JSON, and fail); otherwise the events are
 rendered in the client's format through the IR. Either way every event is parsed for the
 record: ``response()`` is the answer so far, as an IR response (its ``id`` is the
 upstream's). ``finish`` ends the client's stream when the upstream's bytes end;
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from gateway import sse
 
-from . import PROTOCOLS, ir
+from . import PROTOCOLS, ir, wire
 
 
 class BrokenStream(ValueError):
@@ -146,11 +147,15 @@ class StreamTranslator:
         if self._renderer is not None:
             data = b"".join(frame for event in events for frame in self._renderer.feed(event))
             count = data.count(b"\n\n")  # our frames end in one blank line, with none inside
-        elif source is None or (  # the first event's type first: a generator costs
-            self._hide_usage
-            and events
-            and events[0]["type"] == "usage"
-            and all(e["type"] == "usage" for e in events)
+        elif (
+            source is None
+            or (source.data is not None and wire.blank(source))
+            or (
+                self._hide_usage  # the first event's type first: a generator costs
+                and events
+                and events[0]["type"] == "usage"
+                and all(e["type"] == "usage" for e in events)
+            )
         ):
             data, count = b"", 0
         else:

@@ -25,6 +25,14 @@ def dumps(data: Any) -> str:
     return jsoncodec.text(data)
 
 
+def arguments(value: Any) -> str:
+    """A tool call's arguments as JSON text: some OpenAI-compatible servers send the
+    object itself where the API has its text."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else dumps(value)
+
+
 def frame(data: Any, event: str | None = None) -> bytes:
     """One SSE frame holding ``data`` as compact JSON."""
     return sse.encode(dumps(data), event=event)
@@ -56,6 +64,12 @@ def error_answer(error: Any, fallback: Any = None) -> ErrorAnswer:
         kind, message = None, error if isinstance(error, str) else fallback
     said = ": ".join(str(part) for part in (kind, message) if part)
     return ErrorAnswer(f"the upstream answered an error with a 2xx status ({said or 'no detail'})")
+
+
+def blank(event: sse.Event) -> bool:
+    """An event with no data, or only blanks (a keep-alive): nothing to read, nor to
+    relay (an SDK reading its data as JSON would fail on it)."""
+    return not event.data or event.data.isspace()
 
 
 def event_data(event: sse.Event) -> dict | None:

@@ -3,8 +3,8 @@
 Reading: ``message_start`` carries the input counts and a placeholder ``output_tokens``;
 ``message_delta`` carries cumulative counts (and, from some Anthropic-compatible servers,
 the real input count), so the parser keeps the latest value of each field. Events with no
-data or data that is not JSON are skipped (counted in ``skipped``); ``ping`` and block
-types the IR has no place for (server tool results) are ignored.
+data or blank data are keep-alives; data that is not JSON is counted in ``skipped``;
+``ping`` and block types the IR has no place for (server tool results) are ignored.
 
 Writing: the stream's ``message_delta`` repeats the input counts: the ``anthropic`` SDK
 overwrites its snapshot's counts with any non-null ones there
@@ -48,12 +48,13 @@ class StreamParser:
         self.skipped = 0
         self._counts: dict[str, Any] = {}  # the latest Anthropic usage fields
         self._index: dict[int, int] = {}  # Anthropic block index -> IR block index
+        self._no_input: set[int] = set()  # IR indexes of tool calls with no input yet
 
     def feed(self, event: sse.Event) -> list[dict]:
         """Convert one SSE event."""
         data = wire.event_data(event)
         if data is None:
-            self.skipped += event.data is not None
+            self.skipped += not wire.blank(event)
             return []
         kind = data.get("type") or event.event
         if kind == "message_start":
@@ -74,7 +75,13 @@ class StreamParser:
             return self._block_delta(data)
         if kind == "content_block_stop":
             index = self._index.get(data.get("index"))
-            return [] if index is None else [{"type": "block_stop", "index": index}]
+            if index is None:
+                return []
+            stop = {"type": "block_stop", "index": index}
+            if index in self._no_input:  # its ``{}`` came with the start alone
+                self._no_input.discard(index)
+                return [{"type": "block_delta", "index": index, "delta": {"arguments": "{}"}}, stop]
+            return [stop]
         if kind == "message_delta":
             delta = data.get("delta") or {}
             return [
@@ -119,6 +126,8 @@ class StreamParser:
         events = [{"type": "block_start", "index": index, "block": {**block, key: ""}}]
         if held:
             events.append({"type": "block_delta", "index": index, "delta": {delta_key: held}})
+        elif block["type"] == "tool_call":  # its input follows in pieces, or was ``{}``
+            self._no_input.add(index)
         return events
 
     def _block_delta(self, data: dict) -> list[dict]:
@@ -132,6 +141,7 @@ class StreamParser:
         }.get(delta.get("type"), (None, None))
         if index is None or field is None or not value:
             return []
+        self._no_input.discard(index)
         return [{"type": "block_delta", "index": index, "delta": {field: value}}]
 
 

@@ -61,7 +61,7 @@ def parse_response(body: dict) -> dict:
                 "type": "tool_call",
                 "id": call.get("id") or wire.new_id("call_"),
                 "name": function.get("name") or "",
-                "arguments": function.get("arguments") or "",
+                "arguments": wire.arguments(function.get("arguments")),
             }
         )
     resp["stop_reason"], resp["stop_sequence"] = stop_of(choice)

@@ -40,6 +40,11 @@ class StreamParser:
 
     A stream that ends after a ``finish_reason`` but without ``[DONE]`` (some servers
     omit it) still gets its ``stop`` from ``finish()``: the answer is whole.
+
+    The IR has one block open at a time, and parallel tool calls may come with their
+    pieces interleaved by ``index``: a call that starts while another streams is held
+    whole (``_held``) until that one's block closes, then follows it as a block of its
+    own. The first call streams as it comes; the others come by the finish.
     """
 
     def __init__(self) -> None:
@@ -50,12 +55,13 @@ class StreamParser:
         self._open: int | None = None  # IR index of the open block
         self._open_kind: str | None = None
         self._tools: dict[int, int] = {}  # chat tool-call index -> IR block index
+        self._held: dict[int, dict] = {}  # chat index -> a call waiting for the open one
         self._last_call: tuple[int, str | None] = (0, None)  # chat index and id of the latest
         self._next = 0
 
     def feed(self, event: sse.Event) -> list[dict]:
         """Convert one SSE event."""
-        if self._stopped or not (event.data or "").strip():
+        if self._stopped or wire.blank(event):
             return []
         if event.data.strip() == "[DONE]":
             return self._done()
@@ -128,10 +134,11 @@ class StreamParser:
             events.append(
                 {"type": "block_delta", "index": self._open, "delta": {"reasoning": reasoning}}
             )
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            events.extend(self._ensure("text"))
-            events.append({"type": "block_delta", "index": self._open, "delta": {"text": content}})
+        for key in ("content", "refusal"):  # a refusal is the answer's text, as in JSON
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                events.extend(self._ensure("text"))
+                events.append({"type": "block_delta", "index": self._open, "delta": {"text": text}})
         for call in calls_of(delta):
             events.extend(self._tool_delta(call))
         return events
@@ -141,13 +148,14 @@ class StreamParser:
         index = call.get("index")
         if not isinstance(index, int):  # servers that omit it send one call at a time
             same = self._tools and call.get("id") in (None, self._last_call[1])
-            index = self._last_call[0] if same else len(self._tools)
+            index = self._last_call[0] if same else len(self._tools) + len(self._held)
         function = call.get("function") or {}
+        arguments = wire.arguments(function.get("arguments"))
+        held = self._held.get(index)
+        if held is not None:
+            held["arguments"] += arguments
+            return events
         if index not in self._tools:
-            events.extend(self._close())
-            self._tools[index] = self._open = self._next
-            self._open_kind = "tool"
-            self._next += 1
             block = {
                 "type": "tool_call",
                 "id": call.get("id") or wire.new_id("call_"),
@@ -155,9 +163,15 @@ class StreamParser:
                 "arguments": "",
             }
             self._last_call = (index, block["id"])
+            if self._open_kind == "tool":  # another call streams: this one waits for it
+                self._held[index] = {**block, "arguments": arguments}
+                return events
+            events.extend(self._close())
+            self._tools[index] = self._open = self._next
+            self._open_kind = "tool"
+            self._next += 1
             events.append({"type": "block_start", "index": self._open, "block": block})
-        arguments = function.get("arguments")
-        if isinstance(arguments, str) and arguments:
+        if arguments:
             delta = {"arguments": arguments}
             events.append({"type": "block_delta", "index": self._tools[index], "delta": delta})
         return events
@@ -176,10 +190,25 @@ class StreamParser:
         return events
 
     def _close(self) -> list[dict]:
+        """Close the open block; then the calls held for it, each a whole block."""
         if self._open is None:
             return []
         index, self._open, self._open_kind = self._open, None, None
-        return [{"type": "block_stop", "index": index}]
+        events = [{"type": "block_stop", "index": index}]
+        for chat_index, block in self._held.items():
+            self._tools[chat_index] = index = self._next
+            self._next += 1
+            arguments = block["arguments"]
+            events.append(
+                {"type": "block_start", "index": index, "block": {**block, "arguments": ""}}
+            )
+            if arguments:
+                events.append(
+                    {"type": "block_delta", "index": index, "delta": {"arguments": arguments}}
+                )
+            events.append({"type": "block_stop", "index": index})
+        self._held.clear()
+        return events
 
 
 def _more_text(chunk: dict) -> str | None:

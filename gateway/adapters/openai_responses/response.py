@@ -162,7 +162,7 @@ def blocks_of(item: dict) -> list[dict]:
                 "type": "tool_call",
                 "id": call_id,
                 "name": item.get("name") or "",
-                "arguments": item.get("arguments") or "",
+                "arguments": wire.arguments(item.get("arguments")),
             }
         ]
     return []

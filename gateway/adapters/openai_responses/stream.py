@@ -1,7 +1,7 @@
 """OpenAI Responses streams, both ways: upstream events to IR events, IR events to events.
 
-Reading copes with servers that send text or arguments only in the ``.done`` events; data
-that is not JSON is skipped (counted in ``skipped``). ``sequence`` is the last event number
+Reading copes with servers that send text or arguments only in the ``.done`` events; blank
+data is a keep-alive, data that is not JSON is counted in ``skipped``. ``sequence`` is the last event number
 the upstream sent, so an error the gateway appends to a relayed stream numbers on from it.
 
 Writing follows the sequence OpenAI sends and the ``openai`` SDK's ``ResponseStream``
@@ -52,7 +52,7 @@ class StreamParser:
         """Convert one SSE event."""
         data = wire.event_data(event)
         if data is None:
-            self.skipped += event.data is not None
+            self.skipped += not wire.blank(event)
             return []
         if wire.count(data.get("sequence_number")) is not None:
             self.sequence = data["sequence_number"]
