@@ -211,7 +211,11 @@ class Call:
             resp = upstream.post(url, headers, body, stream=self.stream)
             if self.stream:
                 translator = operation.translator(self.plan, candidate)
-                opened: Opened = (resp, translator, resp.events(translator.accepts))
+                opened: Opened = (
+                    resp,
+                    translator,
+                    resp.events(translator.accepts, translator.refusal),
+                )
             else:
                 opened = resp.answer(lambda data: operation.read(self.plan, candidate, data))
         except UpstreamError as exc:

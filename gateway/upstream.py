@@ -271,12 +271,18 @@ class Response:
             self._held = None
         return self._reads
 
-    def events(self, accepts: Callable[[str], bool]) -> Events:
+    def events(
+        self,
+        accepts: Callable[[str], bool],
+        refusal: Callable[[sse.Event], str | None] = lambda event: None,
+    ) -> Events:
         """The body as SSE events, read up to the first one with data before returning.
 
         Before that event nothing is answered yet, so a body of the wrong type (``accepts``
-        says no: an upstream answering JSON to a streaming request), or one that carries
-        garbage or only comments, fails here as ``protocol`` and can be failed over.
+        says no: an upstream answering JSON to a streaming request), one that carries
+        garbage or only comments, or one whose first event is an error (``refusal`` says
+        what it said, as for a JSON answer that is one), fails here as ``protocol`` and
+        can be failed over.
         """
         if not accepts(self.content_type):
             text = self.read(4096, truncate=True).decode("utf-8", "replace")
@@ -290,7 +296,10 @@ class Response:
         try:
             while data := reads.next():
                 first.extend(decoder.feed(data))
-                if any(event.data is not None for event in first):
+                opening = next((event for event in first if event.data is not None), None)
+                if opening is not None:
+                    if said := refusal(opening):
+                        raise UpstreamError("protocol", said)
                     return Events(first, decoder, reads)
         except sse.TooLarge as exc:
             raise _too_large(exc) from exc

@@ -31,6 +31,7 @@ apart; the gateway forwards client headers). Keys:
                 (escaped, as JSON allows: ``"tok0\\ud800\\u0000 "``)
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
+  error_first=1 a stream whose first and only event is that error event
   reset_before_headers=1  read the request, then reset the connection (RST): no answer
   reset_at=K    reset the connection (RST) before stream event K; a JSON answer: after
                 its headers and its first K bytes
@@ -115,7 +116,7 @@ _CALLS: dict[str, int] = defaultdict(int)  # calls per id, for heal_after
 FAULTS = frozenset(
     {
         "status", "fail_times", "header_delay", "first_delay", "stall_at", "stall_for",
-        "drop_at", "garbage", "error_event", "reset_before_headers", "reset_at",
+        "drop_at", "garbage", "error_event", "error_first", "reset_before_headers", "reset_at",
         "truncate_at", "body_stall", "bad_json_at", "endless_at", "content_type",
     }
 )  # fmt: skip
@@ -795,7 +796,11 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
         plan.pace(0)
         payload = json.dumps(ANSWERS[protocol](plan, body)).encode()
         return json_body(start_response, script, payload, ctype or "application/json", entry)
+    if script.get("error_first"):
+        script["error_event"] = "1"
     events = STREAMS[protocol](plan, body)
+    if script.get("error_first"):
+        events = events[-1:]  # the error event alone
     if "truncate_at" in script:
         events = events[: int(script["truncate_at"])]
     if "bad_json_at" in script:

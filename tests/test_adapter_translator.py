@@ -499,3 +499,31 @@ def test_tool_arguments_sent_as_an_object_are_taken_as_their_json_text() -> None
     translator = StreamTranslator(ANTHROPIC, OPENAI_CHAT, REQUEST)
     run(translator, raw + chunk({}, "tool_calls") + sse.encode("[DONE]"))
     assert translator.response()["content"][0]["arguments"] == '{"a":1}'
+
+
+@pytest.mark.parametrize(
+    ("upstream", "first", "said"),
+    [
+        (OPENAI_CHAT, sse.Event(data='{"error": {"type": "server_error", "message": "overloaded"}}'), "server_error: overloaded"),
+        (ANTHROPIC, sse.Event(event="error", data='{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'), "overloaded_error: Overloaded"),
+        (OPENAI_RESPONSES, sse.Event(event="response.failed", data='{"type": "response.failed", "response": {"error": {"code": "server_error", "message": "The model failed"}}}'), "The model failed"),
+    ],
+)  # fmt: skip
+def test_a_stream_whose_first_event_is_an_error_is_refused_in_the_upstreams_words(
+    upstream, first, said
+):
+    translator = StreamTranslator(OPENAI_CHAT, upstream, REQUEST)
+    refusal = translator.refusal(first)
+    assert refusal is not None and refusal.startswith(
+        "the upstream answered an error with a 2xx status ("
+    )
+    assert said in refusal
+    # ...and the translator's own parser has not read it: the stream is untouched.
+    assert translator.response() is None
+
+
+def test_a_first_event_that_is_no_error_is_not_refused() -> None:
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, REQUEST)
+    (first,) = frames(chunk({"role": "assistant", "content": "the error was mine"}))
+    assert translator.refusal(first) is None
+    assert translator.refusal(sse.Event(data="not json, an error")) is None

@@ -83,6 +83,13 @@ BEFORE = [
     Fault("JSON to a stream", "content_type=application/json", "protocol", modes=("stream",)),
     Fault("SSE to a JSON call", "content_type=text/event-stream", "protocol", modes=("json",)),
     Fault("no event before the end", "truncate_at=0", "protocol", modes=("stream",)),
+    Fault(
+        "an error event first with 200",
+        "error_first=1",
+        "protocol",
+        modes=("stream",),
+        said="fake upstream failure",
+    ),
     Fault("reset mid-body", "reset_at=20", "reset", modes=("json",)),
     Fault("stall mid-body", f"body_stall={STALL}", "timeout", 504, modes=("json",)),
     Fault("truncated body", "truncate_at=20", "protocol", modes=("json",)),

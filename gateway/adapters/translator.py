@@ -23,6 +23,7 @@ rendered as a whole stream in the client's format whatever format it first came 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from gateway import sse
@@ -79,6 +80,21 @@ class StreamTranslator:
     def accepts(content_type: str) -> bool:
         """Whether an upstream answer of this type is a stream: JSON is a verdict instead."""
         return "json" not in content_type
+
+    def refusal(self, event: sse.Event) -> str | None:
+        """What the upstream's first event says if it is an error event, else None: the
+        try failed before anything was answered, as a 2xx JSON answer that is an error
+        does (``wire.ErrorAnswer``), and fails over likewise."""
+        data = event.data or ""
+        if "error" not in data and "failed" not in data:  # most first events: no parse
+            return None
+        parser = type(self._parser)()  # its own: the stream's parser reads it again
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            for said in parser.feed(event):
+                if said["type"] == "error":
+                    error = {"type": said.get("error_type"), "message": said.get("message")}
+                    return str(wire.error_answer(error))
+        return None
 
     @property
     def terminal(self) -> bool:
