@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import sse
-from gateway.adapters import PROTOCOLS, ir, wire
+from gateway.adapters import PROTOCOLS, ir, record, wire
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.errors import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.adapter_support import frames, json_frames, render_stream, stream_bytes
@@ -527,3 +527,51 @@ def test_a_first_event_that_is_no_error_is_not_refused() -> None:
     (first,) = frames(chunk({"role": "assistant", "content": "the error was mine"}))
     assert translator.refusal(first) is None
     assert translator.refusal(sse.Event(data="not json, an error")) is None
+
+
+def test_every_choice_a_client_asked_for_is_recorded() -> None:
+    # With n=2 the client got both choices (relayed), the record only the first.
+    def piece(index: int, delta: dict, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        return sse.encode(json.dumps({"id": "chatcmpl-n", "model": "m", "choices": [choice]}))
+
+    raw = b"".join(
+        [
+            piece(0, {"role": "assistant", "content": ""}),
+            piece(1, {"role": "assistant", "content": ""}),
+            piece(0, {"content": "AA"}),
+            piece(1, {"content": "BB"}),
+            piece(1, {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}),
+            piece(0, {"content": "A"}, "stop"),
+            piece(1, {}, "tool_calls"),
+            chunk(None, usage=USAGE),
+            sse.encode("[DONE]"),
+        ]
+    )  # fmt: skip
+    translator = StreamTranslator(OPENAI_CHAT, OPENAI_CHAT, {**REQUEST, "n": 2})
+    pieces = run(translator, raw)
+    assert b"".join(p.data for p in pieces) == raw.replace(
+        b"".join([chunk(None, usage=USAGE)]), b""
+    )
+    response = translator.response()
+    assert record.completion(response) == [
+        {"role": "assistant", "content": "AAA"},
+        {
+            "role": "assistant",
+            "content": "BB",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+    ]  # fmt: skip
+    assert response["usage"] == ir.usage(input_tokens=7, output_tokens=2)
+    body = {
+        "id": "chatcmpl-j",
+        "choices": [
+            {"index": 1, "message": {"role": "assistant", "content": "BBB"}, "finish_reason": "stop"},
+            {"index": 0, "message": {"role": "assistant", "content": "AAA"}, "finish_reason": "stop"},
+        ],
+    }  # fmt: skip
+    answer = PROTOCOLS[OPENAI_CHAT].parse_response(body)
+    assert ir.text_of(answer["content"]) == "AAA"
+    assert [m["content"] for m in record.completion(answer)] == ["AAA", "BBB"]
+    one = PROTOCOLS[OPENAI_CHAT].parse_response({"choices": [body["choices"][1] | {"index": 0}]})
+    assert "more" not in one and len(record.completion(one)) == 1

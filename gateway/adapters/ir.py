@@ -188,6 +188,8 @@ class Accumulator:
             self.terminal = True
         elif kind == "error":
             self.error = {"message": event.get("message"), "type": event.get("error_type")}
+        elif kind == "more":  # the content of choices past the first (``n``)
+            head["more"] = event["more"]
 
     def result(self) -> dict[str, Any]:
         """The response as accumulated so far (complete once ``terminal``)."""

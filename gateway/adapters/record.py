@@ -2,7 +2,8 @@
 
 NexusGate stores both in Chat Completions form, so the dashboard and its API consumers
 read one shape: ``prompt`` is ``{messages, tools?, tool_choice?, params, extraBody?,
-extraHeaders?}`` and ``completion`` is a one-element list holding the assistant message.
+extraHeaders?}`` and ``completion`` is a list holding the assistant message (one for each
+choice, for a client that asked for several with ``n``).
 Reasoning is kept as ``reasoning_content`` beside the text, not folded into it as
 ``<think>`` (NexusGate's early shape). The message conversion is the chat adapter's own.
 """
@@ -33,5 +34,7 @@ def prompt(request: dict, extra_headers: dict | None = None) -> dict:
 
 
 def completion(resp: dict) -> list[dict]:
-    """The completion record of an IR response."""
-    return [assistant_message(resp.get("content") or [])]
+    """The completion record of an IR response: its message, then one for each more
+    choice a client asked for (``n``)."""
+    more = [assistant_message(blocks) for blocks in resp.get("more") or []]
+    return [assistant_message(resp.get("content") or []), *more]

@@ -34,7 +34,9 @@ IR_TO_FINISH = {
 
 
 def parse_response(body: dict) -> dict:
-    """Convert a ``chat.completion`` body to an IR response (first choice only).
+    """Convert a ``chat.completion`` body to an IR response: the first choice, and the
+    others' content for the record (``more``: only a client of this format asks for
+    more than one, with ``n``, and gets them as the upstream sent them).
 
     An error body (``{"error": ...}`` or ``{"object": "error"}``, as in a stream) raises
     ``wire.ErrorAnswer``.
@@ -44,19 +46,33 @@ def parse_response(body: dict) -> dict:
     resp = ir.empty_response()
     resp["id"], resp["model"] = body.get("id"), body.get("model")
     choice = first_choice(body) or {}
-    message = choice.get("message") or {}
+    resp["content"] = _blocks(choice.get("message") or {})
+    resp["stop_reason"], resp["stop_sequence"] = stop_of(choice)
+    resp["usage"] = usage_from_chat(body.get("usage")) or ir.usage()
+    more = sorted(
+        (c for c in body.get("choices") or [] if isinstance(c, dict) and c is not choice),
+        key=lambda c: wire.count(c.get("index")) or 0,
+    )
+    if more:
+        resp["more"] = [_blocks(c.get("message") or {}) for c in more]
+    return resp
+
+
+def _blocks(message: dict) -> list[dict]:
+    """An assistant message's IR blocks: reasoning, text (or a refusal), tool calls."""
+    blocks = []
     reasoning = reasoning_of(message)
     if reasoning:
-        resp["content"].append(_reasoning_block(reasoning))
+        blocks.append(_reasoning_block(reasoning))
     text = message.get("content")
     if isinstance(text, list):  # some servers answer with content parts
         text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
     text = text or message.get("refusal")
     if isinstance(text, str) and text:
-        resp["content"].append({"type": "text", "text": text})
+        blocks.append({"type": "text", "text": text})
     for call in calls_of(message):
         function = call.get("function") or {}
-        resp["content"].append(
+        blocks.append(
             {
                 "type": "tool_call",
                 "id": call.get("id") or wire.new_id("call_"),
@@ -64,9 +80,7 @@ def parse_response(body: dict) -> dict:
                 "arguments": wire.arguments(function.get("arguments")),
             }
         )
-    resp["stop_reason"], resp["stop_sequence"] = stop_of(choice)
-    resp["usage"] = usage_from_chat(body.get("usage")) or ir.usage()
-    return resp
+    return blocks
 
 
 def render_response(resp: dict, request: dict) -> dict:

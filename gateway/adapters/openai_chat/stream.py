@@ -22,7 +22,7 @@ from typing import Any
 from gateway import sse
 from gateway.errors import OPENAI_CHAT, error_body
 
-from .. import wire
+from .. import ir, wire
 from ..rendering import StreamRendererBase
 from .response import (
     IR_TO_FINISH,
@@ -41,6 +41,10 @@ class StreamParser:
     A stream that ends after a ``finish_reason`` but without ``[DONE]`` (some servers
     omit it) still gets its ``stop`` from ``finish()``: the answer is whole.
 
+    A client that asked for several choices (``n``) is relayed them; the parser follows
+    the first, and the others each in a parser of its own, for the record: they come as
+    one ``more`` event before the ``stop`` (``Accumulator`` keeps them).
+
     The IR has one block open at a time, and parallel tool calls may come with their
     pieces interleaved by ``index``: a call that starts while another streams is held
     whole (``_held``) until that one's block closes, then follows it as a block of its
@@ -56,6 +60,7 @@ class StreamParser:
         self._open_kind: str | None = None
         self._tools: dict[int, int] = {}  # chat tool-call index -> IR block index
         self._held: dict[int, dict] = {}  # chat index -> a call waiting for the open one
+        self._others: dict[int, tuple[StreamParser, ir.Accumulator]] = {}  # choices past 0
         self._last_call: tuple[int, str | None] = (0, None)  # chat index and id of the latest
         self._next = 0
 
@@ -69,6 +74,9 @@ class StreamParser:
         if chunk is None:
             self.skipped += 1
             return []
+        return self._chunk(chunk)
+
+    def _chunk(self, chunk: dict) -> list[dict]:
         if chunk.get("error") or chunk.get("object") == "error":
             return [_error_event(chunk)]
         if self._open_kind == "text" and chunk.get("usage") is None:
@@ -78,6 +86,9 @@ class StreamParser:
         events: list[dict] = []
         choice = first_choice(chunk)
         usage = usage_from_chat(chunk.get("usage"))
+        for other in chunk.get("choices") or ():
+            if other is not choice and isinstance(other, dict):
+                self._other(other)
         if choice is not None:
             if not self._started:
                 self._started = True
@@ -109,14 +120,14 @@ class StreamParser:
 
     def finish(self) -> list[dict]:
         """End of the upstream bytes: close an open block; ``stop`` if the answer was whole."""
-        events = self._close()
+        events = self._close() + self._more()
         if self._finished and not self._stopped:
             self._stopped = True
             events.append({"type": "stop"})
         return events
 
     def _done(self) -> list[dict]:
-        events = self._close()
+        events = self._close() + self._more()
         if not self._finished:
             self._finished = True
             events.append(
@@ -142,6 +153,30 @@ class StreamParser:
         for call in calls_of(delta):
             events.extend(self._tool_delta(call))
         return events
+
+    def _other(self, choice: dict) -> None:
+        """A piece of a choice past the first, read by that choice's own parser."""
+        index = wire.count(choice.get("index"))
+        if index is None:
+            return
+        other = self._others.get(index)
+        if other is None:
+            other = self._others[index] = (StreamParser(), ir.Accumulator())
+        parser, answer = other
+        for event in parser._chunk({"choices": [{**choice, "index": 0}]}):
+            answer.feed(event)
+
+    def _more(self) -> list[dict]:
+        """The other choices' content, once, as a ``more`` event (none without any)."""
+        if not self._others:
+            return []
+        more = []
+        for _, (parser, answer) in sorted(self._others.items()):
+            for event in parser._close():
+                answer.feed(event)
+            more.append(answer.result()["content"])
+        self._others = {}
+        return [{"type": "more", "more": more}]
 
     def _tool_delta(self, call: dict) -> list[dict]:
         events: list[dict] = []
