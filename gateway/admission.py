@@ -155,15 +155,25 @@ class Permit:
             limiter.leave(self.caller.id, self.uid)
 
     def finished(self, exchange: Exchange, answer: dict | None) -> None:
-        """The call's record is final: settle its request id, slot, tokens, spend, metrics.
+        """The call's record is final: ``settle`` what it owes, and ``count`` it."""
+        self.settle(exchange, answer, exchange.usage, exchange.cost)
+        self.count(exchange)
+
+    def settle(
+        self, exchange: Exchange, answer: dict | None, usage: dict | None, cost: dict | None
+    ) -> None:
+        """Settle the call's request id, slot, tokens and spend, once.
 
         ``answer`` is the whole answer (an IR response), or None when there is none (the
         upstream failed or was cut off): then a repeat makes the call anew, because a
         client retrying after a failure wants an answer, not the failure again.
+        ``usage`` and ``cost`` are the call's: a stream settles before its record is
+        final (its terminal event waits for this, and its record for its client's copy).
         """
         if self.settled:
             return
         self.settled = True
+        usage = usage or {}
         try:
             kept = None
             if self.req_id is not None and answer is not None:
@@ -173,18 +183,24 @@ class Permit:
                 kept = Stored(source, answer, exchange.model_id, exchange.provider_id).dumps()
             owed = {
                 "tpm": self.caller.tpm_limit,
-                "tokens": (exchange.input_tokens or 0) + (exchange.output_tokens or 0),
-                "nanos": pricing.nanos(exchange.cost),
+                "tokens": (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0),
+                "nanos": pricing.nanos(cost),
             }
-            if self.req_id is None and not self.slot and not self.stream:
+            if not (self.req_id or self.slot or self.stream):
                 self._unpaid = owed  # paid once its answer is written (``pay``)
             else:
                 # One write, the request id first, sent before the answer goes: a repeat
                 # or a next call sent on receiving it, to any worker, finds it all done.
                 limiter.finish(self.caller.id, self.uid, req_id=self.req_id, answer=kept, **owed)
-            metrics.call_finished(exchange, self.caller.comment)
         except Exception:  # the record must still be written
             log.exception("admission: settling a finished call failed")
+
+    def count(self, exchange: Exchange) -> None:
+        """The call in /metrics, once its record is final."""
+        try:
+            metrics.call_finished(exchange, self.caller.comment)
+        except Exception:  # the record must still be written
+            log.exception("admission: counting a finished call failed")
 
     @property
     def owes(self) -> bool:
@@ -193,12 +209,14 @@ class Permit:
 
     def pay(self) -> None:
         """Charge what ``finished`` left owing: the tokens and cost of a JSON call that
-        holds no slot and no request id, sent once its answer is written (issue 11: a
-        write to Redis before the answer cost it 0.05 to 0.15 ms). Nothing a next call
-        must find done is left for here: TPM is a check that the bucket is above zero
-        and the budget one that the month's spend is below it, and a charge lands on
-        the shared store before this connection's next request is read (microseconds
-        after the answer, for a next call on another connection)."""
+        holds no slot and no request id and whose key has no budget, sent once its
+        answer is written (issue 11: a write to Redis before the answer cost it 0.05 to
+        0.15 ms). Nothing a next call must find done is left for here: TPM is a check
+        that the bucket is above zero, and a charge lands on the shared store before
+        this connection's next request is read (for a next call on another connection,
+        microseconds after the answer; milliseconds on a busy worker). A budget must
+        see the spend of the call that crossed it before the next is admitted: a key
+        with one pays before its answer."""
         owed, self._unpaid = self._unpaid, None
         if owed is None:
             return

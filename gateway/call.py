@@ -100,6 +100,7 @@ class Call:
         self._on_client_left = on_client_left
         self._finish_later = finish_later  # a greenlet to run ``finish`` in, for the relay
         self._translator: StreamTranslator | None = None  # once streaming to the client
+        self._last: Piece | None = None  # the terminal event's, held for ``_finalise``
         self._response: dict | None = None  # the non-streaming answer, parsed
         self._candidate: Candidate | None = None  # the latest tried: its prices cost the call
         self._producer: gevent.Greenlet | None = None  # while a greenlet reads for it
@@ -299,7 +300,7 @@ class Call:
             with gevent.Timeout(left, _Stopped(End.deadline())):
                 if self._stop_end is not None:  # asked for before this greenlet ran
                     raise _Stopped(self._stop_end)
-                while events := stream.take():
+                while not translator.terminal and (events := stream.take()):
                     for event in events:
                         self._send(translator.feed(event))
                 self._send(translator.finish())
@@ -354,8 +355,23 @@ class Call:
                 return True
             for event in events:
                 self._send(translator.feed(event))
+            if translator.terminal:
+                self._past_the_end(stream)
+                return True
         relay.ready(self._pump)  # more may be here: after the others' turns
         return False
+
+    def _past_the_end(self, stream: Events) -> None:
+        """The terminal event came: the answer is whole, and nothing after it is the
+        client's. The body's end is read if it has come (its connection goes back to the
+        pool); an upstream that lingers is not waited for (its connection is dropped)."""
+        translator = self._translator
+        with contextlib.suppress(UpstreamError, BrokenStream):  # the answer was whole
+            while events := stream.ready():
+                for event in events:
+                    self._send(translator.feed(event))
+        self._send(translator.finish())
+        self._upstream_ended()
 
     def _relay_over(self, resp: Response) -> None:
         """The relay's part is over: the upstream goes, and a greenlet finishes the call."""
@@ -408,9 +424,12 @@ class Call:
         if piece.terminal:
             self.down.look()  # a client that left first, seen before the answer is noted
             self.ending.answer()
-        else:
-            self._erred()  # an error event ends the call before the client can read it
-        self.down.put(piece)
+            # Held for ``_finalise``: what the call owes Redis goes before its end does.
+            self._last = piece
+            return
+        self._erred()  # an error event ends the call before the client can read it
+        if self._last is None:  # nothing after the end is the client's
+            self.down.put(piece)
 
     def _answer(self, candidate: Candidate, content: bytes, response: dict) -> None:
         """A whole JSON answer: the client's, ready to send."""
@@ -452,18 +471,25 @@ class Call:
         if response is None and self._translator is not None:
             response = self._translator.response()
         outcome = self.plan.operation.outcome(response, self.settings) if response else {}
-        self.down.end()
         account = self._account(response, outcome.get("usage"))
+        # Settled before the client's copy ends (a stream's terminal event was held for
+        # it): a next call, on any instance, finds the slot free and the dues charged.
+        # The Exchange is finished only after: a snapshot of it is its record.
+        answer = response if self.ending.answered else None
+        self.plan.settle(answer, outcome.get("usage"), account["cost"])
+        if self._last is not None:
+            self.down.put(self._last)
+        self.down.end()
+        if self.stream:
+            account["delivered"] = self._delivered(response)
         self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
-        self.plan.settle(response if self.ending.answered else None)
+        self.plan.count()
         recorder.record(self.exchange)
 
     def _account(self, response: dict | None, usage: dict | None) -> dict[str, Any]:
-        """The record's account: its cost, the provider's id, what its client was sent.
-
-        The cost is priced once, here, at the prices the catalog gave this worker for
-        the candidate that answered. A stream waits here until its client's copy has
-        ended (its last write, or its client gone) to say what the client got.
+        """The record's account: its cost and the provider's id (``_delivered``: what
+        its client was sent). The cost is priced once, here, at the prices the catalog
+        gave this worker for the candidate that answered.
         """
         candidate = self._candidate
         prices = None
@@ -474,16 +500,18 @@ class Call:
                 candidate.cache_read_price,
                 candidate.cache_write_price,
             )
-        account: dict[str, Any] = {
+        return {
             "cost": pricing.cost(usage, prices),
             "upstream_id": wire.provider_text((response or {}).get("id")),
         }
-        if self.stream:
-            # No stream started (refused, or nobody waited): the client got none of it.
-            events, chars = self.down.delivery() if self._translator else (0, 0)
-            text = ir.text_of(response["content"]) if response else ""
-            account["delivered"] = {"events": events, "text": text[:chars]}
-        return account
+
+    def _delivered(self, response: dict | None) -> dict[str, Any]:
+        """What a stream's client got, once its copy has ended (its last write, or its
+        client gone): this waits for that."""
+        # No stream started (refused, or nobody waited): the client got none of it.
+        events, chars = self.down.delivery() if self._translator else (0, 0)
+        text = ir.text_of(response["content"]) if response else ""
+        return {"events": events, "text": text[:chars]}
 
     # -- stopping ---------------------------------------------------------------
 

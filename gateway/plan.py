@@ -154,7 +154,13 @@ class Plan:
     operation: Chat | Embeddings
     permit: Permit | None = None  # what admission granted (None: a call without limits)
 
-    def settle(self, answer: dict | None) -> None:
-        """The call's Exchange is final: settle its permit (``admission``), once."""
+    def settle(self, answer: dict | None, usage: dict | None, cost: dict | None) -> None:
+        """Settle what the call owes its permit (``admission``), once: before its record
+        is final, with its ``usage`` and ``cost``."""
         if self.permit is not None:
-            self.permit.finished(self.exchange, answer)
+            self.permit.settle(self.exchange, answer, usage, cost)
+
+    def count(self) -> None:
+        """The call's Exchange is final: count it (``admission``)."""
+        if self.permit is not None:
+            self.permit.count(self.exchange)

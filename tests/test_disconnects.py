@@ -410,3 +410,32 @@ def test_one_kept_alive_connection_serves_streams_and_answers_in_turn(gateway, f
         assert text == words(3)
     rows = gw.wait_final(6, apiKeyId=route["key_id"])
     assert [r["status"] for r in rows] == ["completed"] * 6
+
+
+def test_a_streams_dues_are_settled_before_its_last_event_reaches_the_client(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    """The client's next call, sent on reading the terminal event, finds the slot free
+    and the tokens charged (README, Several instances). The upstream here ends its body
+    3 s after its last event: the call's end waited for that, and the client, which
+    has its whole answer at the terminal event, met a slot still held (429). A probe
+    saw the same on a busy worker, where the finishing greenlet ran late."""
+    gw = gateway
+    limits = {"maxConcurrent": 1, "tpmLimit": 100_000}
+    route = own_route(gw, fake.url, remote_id="fake;id=dues;chunks=3;linger=3", key=limits)
+    started = time.monotonic()
+    sock = _raw_stream_request(gw, route)
+    received = b""
+    sock.settimeout(10)
+    while b"[DONE]" not in received:
+        data = sock.recv(65536)
+        assert data, f"connection closed early after {received[-200:]!r}"
+        received += data
+    assert time.monotonic() - started < 2  # the lingering body was not waited for
+    usage = gw.api("GET", f"/apiKey/{route['key']}/usage")["usage"]
+    assert usage["tpm"]["current"] > 0  # charged already
+    nxt = client_for(gw, route["key"]).chat.completions.with_raw_response.create(
+        model=route["name"], messages=PROMPT
+    )
+    assert nxt.status_code == 200  # the slot was free
+    sock.close()
+    rows = gw.wait_final(2, apiKeyId=route["key_id"])
+    assert sorted(r["status"] for r in rows) == ["completed", "completed"]
