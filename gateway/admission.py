@@ -15,8 +15,9 @@ and is settled exactly once: ``finished`` when the call's record is final (its a
 kept for repeats or its request id released, the slot given back, its real tokens
 charged to TPM, its cost added to the month's spend, all in one write to Redis, sent
 before the answer goes and not waited for; the call counted), or ``cancel`` when it
-never opened. A JSON call with no slot and no request id owes only its tokens and cost:
-they are sent once its answer is written (``pay``, by the view's answer). Nothing is
+never opened. A JSON call with no slot, no request id and no budget owes only its
+tokens and cost: they are sent once its answer is written (``pay``, by the view's
+answer). Nothing is
 reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker
 killed mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
 """
@@ -186,7 +187,7 @@ class Permit:
                 "tokens": (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0),
                 "nanos": pricing.nanos(cost),
             }
-            if not (self.req_id or self.slot or self.stream):
+            if not (self.req_id or self.slot or self.stream or self.caller.budget_usd):
                 self._unpaid = owed  # paid once its answer is written (``pay``)
             else:
                 # One write, the request id first, sent before the answer goes: a repeat

@@ -108,20 +108,22 @@ def test_tpm_is_checked_before_and_charged_with_the_real_tokens_after(client, fa
 
 @pytest.mark.parametrize(
     "shape",
-    ["json", "json with a slot", "json with a request id", "stream"],
+    ["json", "json with a slot", "json with a request id", "json with a budget", "stream"],
 )
 def test_a_json_call_owing_only_tokens_is_charged_once_its_answer_is_written(
     client, fake, setup, shape
 ) -> None:  # type: ignore[no-untyped-def]
     """A plain JSON call's tokens go to TPM when the server closes its answer (it has
-    been written); a call that holds a slot or a request id settles them all before its
-    answer goes, and a stream before its last event."""
+    been written); a call that holds a slot or a request id, or whose key has a budget,
+    settles them all before its answer goes, and a stream before its last event."""
     limits: dict = {"tpmLimit": 1000}
     body, headers = VALID[CHAT], {}
     if shape == "json with a slot":
         limits["maxConcurrent"] = 5
     elif shape == "json with a request id":
         headers["X-NexusGate-ReqId"] = uuid.uuid4().hex
+    elif shape == "json with a budget":  # its next call, anywhere, must find the spend
+        limits["budgetUsd"] = 100
     elif shape == "stream":
         body = {**body, "stream": True}
     key, _ = new_key(client, **limits)
