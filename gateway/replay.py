@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 
+import gevent.event
+
 from gateway import db
 from gateway.adapters import PROTOCOLS, ir, record
 from gateway.adapters.translator import Piece, StreamTranslator
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CACHE_HIT = "cache_hit"
 READ_TIMEOUT = 1.0  # seconds a repeat may wait for the database's answer
+ZERO = ir.usage(input_tokens=0, output_tokens=0)  # a cache hit's: the provider did no work
 REPLAYED = ("completed", "aborted")  # records whose whole answer is kept (cached_response)
 
 
@@ -79,40 +82,73 @@ def answer(
     permit: Permit, exchange: Exchange, stored: Stored, client_format: str, request: dict
 ) -> bytes | Written:
     """The repeat's answer in its format, recorded as a cache hit: JSON, recorded now, or
-    a whole stream, recorded once written (``Written``: what the client was sent)."""
+    a whole stream, recorded pending now (a worker killed or stopped while it is written
+    leaves its row, as a call's) and final once written (``Written``: what the client
+    was sent). Its request id is settled before either goes."""
     response = stored.response
-    if exchange.stream:
-        piece = StreamTranslator.replay(client_format, request, response)
-    else:
-        data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
     exchange.source_uid, exchange.req_id = stored.uid, None  # the id is its source's
     exchange.model_id, exchange.provider_id = stored.model_id, stored.provider_id
     exchange.first_token()
+    if exchange.stream:
+        permit.settle(exchange, response, ZERO, None)
+        recorder.record(exchange)  # pending
+        piece = StreamTranslator.replay(client_format, request, response)
+        return Written(piece, exchange, response, permit)
+    data = json.dumps(PROTOCOLS[client_format].render_response(response, request)).encode()
+    _finish(exchange, response)
+    permit.finished(exchange, response)
+    recorder.record(exchange)
+    return data
+
+
+def _finish(
+    exchange: Exchange, response: dict, delivered: dict | None = None, error: str | None = None
+) -> None:
     exchange.finish(
         CACHE_HIT,
         output=record.completion(response),
-        usage=ir.usage(input_tokens=0, output_tokens=0),
+        usage=dict(ZERO),
+        delivered=delivered,
+        error=error,
     )
-    permit.finished(exchange, response)
-    if exchange.stream:
-        return Written(piece, exchange)
-    recorder.record(exchange)
-    return data
+
+
+_writing: set[Written] = set()  # this worker's stream replays being written
+_none_writing = gevent.event.Event()
+_none_writing.set()
+
+
+def wait(timeout: float | None) -> bool:
+    """Wait for the stream replays being written to end; True if they all did."""
+    return _none_writing.wait(timeout)
+
+
+def stop_all() -> int:
+    """Record every stream replay still being written (shutdown: its worker may not
+    outlive the write), with none of it said delivered; how many."""
+    cut = list(_writing)
+    for written in cut:
+        written._record(whole=False, error="gateway shutdown: the answer was being written")
+    return len(cut)
 
 
 class Written:
     """A repeat's whole stream as a WSGI body: its record says what was delivered.
 
     The server takes the one piece and asks for the next only once it wrote it: the
-    call is recorded then, with all of the stream delivered. A body closed before that
-    (the client gone before or during the write; the server closes every body) records
-    it with none delivered. Once either way.
+    call is recorded final then, with all of the stream delivered. A body closed before
+    that (the client gone before or during the write; the server closes every body)
+    records it with none delivered; so does a worker stopping meanwhile (``stop_all``).
+    Once either way.
     """
 
-    def __init__(self, piece: Piece, exchange: Exchange) -> None:
+    def __init__(self, piece: Piece, exchange: Exchange, response: dict, permit: Permit) -> None:
         self.piece = piece
         self._exchange: Exchange | None = exchange
+        self._response, self._permit = response, permit
         self._given = False
+        _writing.add(self)
+        _none_writing.clear()
 
     def __iter__(self) -> Written:
         return self
@@ -127,12 +163,17 @@ class Written:
     def close(self) -> None:
         self._record(whole=False)
 
-    def _record(self, whole: bool) -> None:
+    def _record(self, whole: bool, error: str | None = None) -> None:
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             return
-        exchange.delivered = {
+        _writing.discard(self)
+        if not _writing:
+            _none_writing.set()
+        delivered = {
             "events": self.piece.events if whole else 0,
             "text": self.piece.text if whole else "",
         }
+        _finish(exchange, self._response, delivered, error)
+        self._permit.count(exchange)
         recorder.record(exchange)

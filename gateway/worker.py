@@ -405,7 +405,9 @@ class GatewayWorker(GeventWorker):
         return start + self.cfg.graceful_timeout - margin
 
     def _stop_calls_in_time(self, stopping: gevent.event.Event) -> None:
-        """Once stopping, give calls until the deadline, then stop the rest."""
+        """Once stopping, give calls (and repeats' replayed streams) until the deadline,
+        then stop the rest."""
+        from gateway import replay
         from gateway.calls import calls
 
         stopping.wait()
@@ -414,6 +416,9 @@ class GatewayWorker(GeventWorker):
         if not calls.wait(timeout=max(0.0, deadline - time.monotonic())):
             stopped = calls.stop_all()
             self.log.warning("gateway: stopped %d calls still running at graceful_timeout", stopped)
+        if not replay.wait(timeout=max(0.0, deadline - time.monotonic())):
+            cut = replay.stop_all()
+            self.log.warning("gateway: %d repeats' answers still being written, recorded", cut)
 
     def _finish_background(self) -> None:
         """After the handlers: wait for drains, then flush the recorder, heart-beating."""
@@ -441,6 +446,7 @@ class GatewayWorker(GeventWorker):
 
     def _finish_now(self) -> None:
         """Stop every call now, and write (or journal) the records within seconds."""
+        from gateway import replay
         from gateway.calls import calls
         from gateway.recorder import recorder
         from gateway.telemetry import telemetry
@@ -448,5 +454,6 @@ class GatewayWorker(GeventWorker):
         if calls.active:
             calls.stop_all()
             calls.wait(timeout=2.0)
+        replay.stop_all()
         recorder.drain(timeout=2.0)
         telemetry.shutdown(timeout=0.4)

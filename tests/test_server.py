@@ -21,7 +21,7 @@ import requests
 
 from gateway.db import database, open_database
 from gateway.models import Completion
-from tests.servers import Gateway, marker, own_route, wait_until
+from tests.servers import Gateway, marker, own_route, post_on_socket, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -533,3 +533,34 @@ def test_reload_lets_an_inflight_stream_finish(gateway_factory, fake) -> None:  
     assert row["status"] == "completed" and row["completionTokens"] == 40
     answer = chat_client(gw, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
     assert answer.choices[0].message.content == words(40)
+
+
+def test_a_repeats_stream_still_being_written_at_shutdown_is_recorded(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # A repeat answered from its stored answer, as a stream, to a client that does not
+    # read: the worker stops (SIGTERM) while the write waits. The replay recorded itself
+    # only once written or closed, and the arbiter's kill at graceful_timeout came first:
+    # the answered repeat had no record at all. It is pending while written, and the
+    # worker records it at its deadline, as it stops its calls.
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="4")
+    route = gw.setup_route(fake.url, remote_id="fake;chunks=40000;pad=200")  # an 8 MB answer
+    headers = {"Authorization": f"Bearer {route['key']}", "X-NexusGate-ReqId": "at-shutdown"}
+    body = {"model": "fake", "messages": PROMPT}
+    first = requests.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert first.status_code == 200
+    wait_until(lambda: gw.records(status="completed"))
+    repeat = {**body, "stream": True}
+    with post_on_socket(
+        gw, "/v1/chat/completions", repeat, route["key"], {"X-NexusGate-ReqId": "at-shutdown"},
+        rcvbuf=4096,
+    ) as sock:  # fmt: skip
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        (pending,) = wait_until(lambda: gw.records(status="pending"))  # being written
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.proc.wait(30)
+    rows = _rows_in(gw.environ["DATABASE_URL"])
+    (hit,) = [r for r in rows if r.status == "cache_hit"]
+    assert hit.id == pending["id"] and "gateway shutdown" in hit.error
+    assert hit.delivered == {"events": 0, "text": ""}  # not said delivered
+    assert [r.status for r in rows] == ["completed", "cache_hit"]  # the upstream's once
