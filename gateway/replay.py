@@ -23,6 +23,7 @@ from gateway.adapters import PROTOCOLS, ir, record
 from gateway.adapters.translator import Piece, StreamTranslator
 from gateway.admission import Permit
 from gateway.dedup import Stored
+from gateway.errors import RequestInFlight
 from gateway.exchange import Exchange
 from gateway.models import Completion
 from gateway.recorder import recorder
@@ -38,9 +39,18 @@ REPLAYED = ("completed", "aborted")  # records whose whole answer is kept (cache
 def lookup(permit: Permit, req_id: str) -> Stored | None:
     """The stored answer a repeat gets, or None: make the call (its id now claimed).
 
-    Raises RequestInFlight (409) while the first call with this id is running.
+    Raises RequestInFlight (409) while the first call with this id is running. The id's
+    holder may instead be a repeat like this one, whose answer had gone from the claim,
+    reading it from the record meanwhile: so a repeat told "in flight" looks there too
+    before it answers 409 (a running call's record has no answer yet).
     """
-    stored = permit.claim(req_id)
+    try:
+        stored = permit.claim(req_id)
+    except RequestInFlight:
+        stored = _from_record(permit.caller.id, req_id)
+        if stored is None:
+            raise
+        return stored
     if stored is None and permit.req_id is not None:
         stored = _from_record(permit.caller.id, req_id)
     return stored

@@ -154,6 +154,25 @@ def test_a_repeat_while_the_first_runs_is_409_in_its_shape(client, fake, setup, 
     assert sent(fake, setup) == 1
 
 
+def test_a_repeat_finding_another_repeat_holding_the_id_gets_the_recorded_answer(
+    app, client, fake, setup
+) -> None:  # type: ignore[no-untyped-def]
+    # Once the answer has gone from the claim (DEDUP_TTL), a repeat claims the id while
+    # it reads the record; a repeat meanwhile found the id "in flight" and got 409,
+    # though the call had finished long before (a probe: 3 of 4 concurrent repeats,
+    # with the record read slow). It looks in the record before it says 409.
+    key, key_id = new_key(client)
+    first = post(client, CHAT, VALID[CHAT], key, **{REQ: "done-1"})
+    assert [r.status for r in rows()] == ["completed"]
+    limiter.configure(app.config)  # the answer gone from the claim
+    assert limiter.claim(key_id, "done-1", "another-repeat") is None  # it reads the record
+    again = post(client, CHAT, VALID[CHAT], key, **{REQ: "done-1"})
+    assert again.status_code == 200
+    assert text_of_json(CHAT, again.get_json()) == text_of_json(CHAT, first.get_json())
+    assert sent(fake, setup) == 1
+    assert [r.status for r in rows()] == ["completed", "cache_hit"]
+
+
 def test_a_failed_first_call_is_retried_not_replayed(client, fake, setup) -> None:  # type: ignore[no-untyped-def]
     key, _ = new_key(client)
     failed = post(
