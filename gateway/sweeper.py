@@ -48,12 +48,25 @@ _identity: tuple[int, str] | None = None
 
 
 def identity() -> str:
-    """This process's name in ``owner`` columns: ``<random>@<host>:<pid>``."""
+    """This process's name in ``owner`` columns: ``<random>@<place>:<pid>``."""
     global _identity
     if _identity is None or _identity[0] != os.getpid():  # a fork is a new process
-        name = f"{secrets.token_hex(4)}@{socket.gethostname()[:64]}:{os.getpid()}"
+        name = f"{secrets.token_hex(4)}@{_place()}:{os.getpid()}"
         _identity = (os.getpid(), name)
     return _identity[1]
+
+
+def _place() -> str:
+    """Where this process's pid means this process: its host's name and, where /proc
+    says, its PID namespace (``vm~4026531836``). Containers that share a host's name
+    (host networking) number their processes apart: a pid of another's is not ours."""
+    host = socket.gethostname()[:64]
+    try:
+        space = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    number = space.rpartition("[")[2].rstrip("]")
+    return f"{host}~{number}" if number.isdigit() else host
 
 
 class Sweeper:
@@ -179,16 +192,17 @@ class Sweeper:
 
 
 def runs_here(owner: str, started_at: datetime | None) -> bool:
-    """Whether ``owner`` (``<random>@<host>:<pid>``) is a process of this host that still
-    runs: its pid is there and began no later than its first heartbeat (else a later
-    process took the pid; with no heartbeat row, nothing tells). A silent heartbeat is
-    then a broken link to the database (its connections refused or cut while this
-    process kept its own), not a death: its calls are still running, and sweeping them
-    recorded answered calls as ``failed``. On another host (or without /proc) nothing
-    can be told: the heartbeat decides."""
+    """Whether ``owner`` (``<random>@<place>:<pid>``) is a process of this place (host
+    and PID namespace) that still runs: its pid is there and began no later than its
+    first heartbeat (else a later process took the pid; with no heartbeat row, nothing
+    tells). A silent heartbeat is then a broken link to the database (its connections
+    refused or cut while this process kept its own), not a death: its calls are still
+    running, and sweeping them recorded answered calls as ``failed``. Elsewhere (another
+    host, another container on this one, an owner named before places were, or no
+    /proc) nothing can be told: the heartbeat decides."""
     _, _, place = owner.partition("@")
-    host, _, pid = place.rpartition(":")
-    if host != socket.gethostname()[:64] or not pid.isdigit() or started_at is None:
+    where, _, pid = place.rpartition(":")
+    if where != _place() or not pid.isdigit() or started_at is None:
         return False  # no heartbeat row: nothing tells a later process from it
     began = process_started(int(pid))  # None: no such process (or no /proc)
     return began is not None and began <= started_at.replace(tzinfo=UTC).timestamp() + PID_SLACK

@@ -19,7 +19,7 @@ from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Heartbeat, utcnow
 from gateway.recorder import snapshot, write_rows
-from gateway.sweeper import SWEPT_ERROR, Sweeper, identity
+from gateway.sweeper import SWEPT_ERROR, Sweeper, _place, identity
 from tests import pools
 from tests.servers import unreachable
 
@@ -78,11 +78,12 @@ def second(clock: Clock, *beating: Sweeper, watcher: Sweeper | None = None) -> i
     return watcher.sweep()
 
 
-def test_identity_is_random_host_and_pid() -> None:
+def test_identity_is_random_host_pid_namespace_and_pid() -> None:
     name = identity()
     assert name == identity()
     random_part, _, rest = name.partition("@")
-    assert len(random_part) == 8 and rest == f"{socket.gethostname()}:{os.getpid()}"
+    space = os.readlink("/proc/self/ns/pid").rpartition("[")[2].rstrip("]")
+    assert len(random_part) == 8 and rest == f"{socket.gethostname()}~{space}:{os.getpid()}"
 
 
 def test_a_dead_process_is_swept_once_watched_for_dead_after(clock: Clock, key_id: int) -> None:
@@ -201,21 +202,27 @@ def test_a_silent_owner_still_running_on_this_host_is_not_swept(clock: Clock, ke
     # or cut while the watcher kept its own); its calls still run. They were swept as
     # "orphaned" and answered calls recorded failed. A pid now held by a process that
     # began after the owner's first heartbeat is another process: swept.
-    here = socket.gethostname()[:64]
+    # A pid of another PID namespace on a host of the same name (a container with host
+    # networking) is not ours, whatever runs under it here: swept. So is an owner named
+    # without its namespace (before it was named), as nothing tells.
+    host, here = socket.gethostname()[:64], _place()
     live = process(clock, f"live@{here}:{os.getpid()}")
     gone = process(clock, f"gone@{here}:{_exited_pid()}")
     reused = process(clock, f"reused@{here}:{os.getpid()}")
+    contained = process(clock, f"contained@{host}~1:{os.getpid()}")
+    unplaced = process(clock, f"unplaced@{host}:{os.getpid()}")
     watcher = process(clock, "watcher@h:2")
-    for proc in (live, gone, reused):
+    owners = (live, gone, reused, contained, unplaced)
+    for proc in owners:
         assert proc.beat()
     Heartbeat.update(started_at=utcnow() - timedelta(days=400)).where(
         Heartbeat.owner == reused.name
     ).execute()
-    uids = {proc.name: pending_call(key_id, proc.name) for proc in (live, gone, reused)}
+    uids = {proc.name: pending_call(key_id, proc.name) for proc in owners}
     swept = sum(second(clock, watcher=watcher) for _ in range(int(DEAD_AFTER) + 1))
-    assert swept == 2
+    assert swept == 4
     assert status(uids[live.name])[0] == "pending"
-    assert status(uids[gone.name])[0] == status(uids[reused.name])[0] == "failed"
+    assert {status(uids[p.name])[0] for p in owners if p is not live} == {"failed"}
 
 
 def _exited_pid() -> int:
