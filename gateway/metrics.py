@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import tomllib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gevent import get_hub, monkey
@@ -295,6 +296,17 @@ def call_finished(exchange: Exchange, key_comment: str | None = None) -> None:
         _observe(_child(COMPLETION_SECONDS, model), exchange.duration_ms / 1000)
     if answered and exchange.ttft_ms is not None:
         _observe(_child(TTFT_SECONDS, model), exchange.ttft_ms / 1000)
+
+
+def calls_swept(rows: Iterable[dict], key_comments: Mapping[int, str | None]) -> None:
+    """Count the calls the sweeper finalised (``failed``: their process died before
+    their end, which is what counts the others): rows as ``finalise_orphan_rows`` says."""
+    for row in rows:
+        key = _key_labels(row["api_key"], key_comments.get(row["api_key"]))
+        if row["kind"] == EMBEDDING:
+            _add(_child(EMBEDDINGS, row["model"], row["status"], *key))
+        else:
+            _add(_child(COMPLETIONS, row["model"], row["status"], row["api_format"], *key))
 
 
 def rejected(key_id: int, key_comment: str | None, limit_type: str) -> None:

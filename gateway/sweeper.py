@@ -31,11 +31,11 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db
+from gateway import db, metrics
 from gateway.config import DEFAULTS
 from gateway.db import UNREACHABLE
 from gateway.journal import process_started
-from gateway.models import Heartbeat, finalise_orphan_rows, pending_owners, utcnow
+from gateway.models import ApiKey, Heartbeat, finalise_orphan_rows, pending_owners, utcnow
 from gateway.telemetry import telemetry
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ class Sweeper:
         swept = finalise_orphan_rows(dead, before, SWEPT_ERROR)
         count = len(swept)
         telemetry.export(swept)  # committed: these calls' spans, as their rows now say
+        if swept:  # in /metrics too: no process of theirs will count them
+            keys = {row["api_key"] for row in swept}
+            comments = ApiKey.select(ApiKey.id, ApiKey.comment).where(ApiKey.id.in_(keys))
+            metrics.calls_swept(swept, dict(comments.tuples()))
         if dead:
             Heartbeat.delete().where(Heartbeat.owner.in_(dead)).execute()
             for owner in dead:

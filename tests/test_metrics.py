@@ -44,6 +44,9 @@ for status in ("completed", "completed", "aborted", "failed"):
 emb = Exchange(api_key_id=2, model="e1", api_format="openai-embeddings", kind=EMBEDDING)
 emb.finish("completed", usage={"input_tokens": 7})
 metrics.call_finished(emb, None)
+# A call of a dead process, which the sweeper finalised: counted by the sweeper's.
+swept = {"kind": "completion", "api_key": 1, "model": "m1", "status": "failed", "api_format": "openai-chat"}
+metrics.calls_swept([swept, {**swept, "kind": "embedding", "api_key": 2, "model": "e1"}], {1: "team-a"})
 metrics.rejected(1, "team-a", "rpm")
 metrics.call_opened()  # still in flight when the worker dies
 metrics.key_usage(1, "team-a", {"rpm": {"current": n, "limit": 20}, "tpm": {"current": 0, "limit": 9}})
@@ -93,7 +96,9 @@ def test_counts_of_every_worker_are_merged_under_nexusgate_names(workers: list[i
     key = {"api_key_id": "1", "api_key_comment": "team-a"}
     completed = {"model": "m1", "status": "completed", "api_format": "openai-chat", **key}
     assert _value(samples, "nexusgate_completions_total", **completed) == 6
-    assert _value(samples, "nexusgate_completions_total", **{**completed, "status": "failed"}) == 3
+    assert _value(samples, "nexusgate_completions_total", **{**completed, "status": "failed"}) == 6
+    swept = {"model": "e1", "status": "failed", "api_key_id": "2", "api_key_comment": "unknown"}
+    assert _value(samples, "nexusgate_embeddings_total", **swept) == 3
     assert (
         _value(
             samples,

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import pytest
 
+from gateway import metrics
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Heartbeat, utcnow
@@ -86,16 +87,25 @@ def test_identity_is_random_host_pid_namespace_and_pid() -> None:
     assert len(random_part) == 8 and rest == f"{socket.gethostname()}~{space}:{os.getpid()}"
 
 
-def test_a_dead_process_is_swept_once_watched_for_dead_after(clock: Clock, key_id: int) -> None:
+def test_a_dead_process_is_swept_once_watched_for_dead_after(
+    clock: Clock, key_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list = []  # /metrics: no process of its own will count it
+    monkeypatch.setattr(metrics, "calls_swept", lambda rows, keys: counted.append((rows, keys)))
     dead, watcher = process(clock, "dead@h:1"), process(clock, "watcher@h:2")
     assert dead.beat()
     uid = pending_call(key_id, dead.name)
     mine = pending_call(key_id, watcher.name)
     for _ in range(int(DEAD_AFTER)):  # the first look starts the watch
         assert second(clock, watcher=watcher) == 0
-    assert status(uid)[0] == "pending"
+    assert status(uid)[0] == "pending" and counted == []
     assert second(clock, watcher=watcher) == 1
     assert status(uid) == ("failed", SWEPT_ERROR, True)
+    ((rows, keys),) = counted
+    assert [(r["uid"], r["status"], r["model"], r["api_key"]) for r in rows] == [
+        (uid, "failed", "m", key_id)
+    ]
+    assert keys == {key_id: ApiKey.get_by_id(key_id).comment}
     assert status(mine)[0] == "pending"  # its own rows are never swept
     assert [h.owner for h in Heartbeat.select()] == [watcher.name]  # the dead row is gone
 
