@@ -211,6 +211,17 @@ def _raw_stream_request(gw: Gateway, route: dict) -> socket.socket:
     return post_on_socket(gw, "/v1/chat/completions", body, route["key"])
 
 
+def _read_to_done(sock: socket.socket) -> bytes:
+    """What the stream sent up to its ``[DONE]``, read as it comes (10 s at most a read)."""
+    received = b""
+    sock.settimeout(10)
+    while b"[DONE]" not in received:
+        data = sock.recv(65536)
+        assert data, f"connection closed early after {received[-200:]!r}"
+        received += data
+    return received
+
+
 def test_a_half_closing_client_still_gets_the_whole_stream(gateway, fake) -> None:  # type: ignore[no-untyped-def]
     # It sends its request, then shuts its side (FIN), and keeps reading: that is
     # not a hang-up. The gateway probes instead of cutting it off.
@@ -218,12 +229,7 @@ def test_a_half_closing_client_still_gets_the_whole_stream(gateway, fake) -> Non
     route = own_route(gw, fake.url, remote_id="fake;id=h1;chunks=10;delay=0.1")
     sock = _raw_stream_request(gw, route)
     sock.shutdown(socket.SHUT_WR)
-    received = b""
-    sock.settimeout(10)
-    while b"[DONE]" not in received:
-        data = sock.recv(65536)
-        assert data, f"connection closed early after {received[-200:]!r}"
-        received += data
+    received = _read_to_done(sock)
     sock.close()
     assert all(f"tok{i} ".encode() in received for i in range(10))
     (row,) = gw.wait_final(1, apiKeyId=route["key_id"])
@@ -423,12 +429,7 @@ def test_a_streams_dues_are_settled_before_its_last_event_reaches_the_client(gat
     route = own_route(gw, fake.url, remote_id="fake;id=dues;chunks=3;linger=3", key=limits)
     started = time.monotonic()
     sock = _raw_stream_request(gw, route)
-    received = b""
-    sock.settimeout(10)
-    while b"[DONE]" not in received:
-        data = sock.recv(65536)
-        assert data, f"connection closed early after {received[-200:]!r}"
-        received += data
+    _read_to_done(sock)
     assert time.monotonic() - started < 2  # the lingering body was not waited for
     usage = gw.api("GET", f"/apiKey/{route['key']}/usage")["usage"]
     assert usage["tpm"]["current"] > 0  # charged already
