@@ -425,7 +425,7 @@ def test_a_streams_dues_are_settled_before_its_last_event_reaches_the_client(gat
     has its whole answer at the terminal event, met a slot still held (429). A probe
     saw the same on a busy worker, where the finishing greenlet ran late."""
     gw = gateway
-    limits = {"maxConcurrent": 1, "tpmLimit": 100_000}
+    limits = {"maxConcurrent": 1, "tpmLimit": 60}  # refilled at 1 token a second
     route = own_route(gw, fake.url, remote_id="fake;id=dues;chunks=3;linger=3", key=limits)
     started = time.monotonic()
     sock = _raw_stream_request(gw, route)
