@@ -63,6 +63,9 @@ Opened = tuple[Response, StreamTranslator, Events] | tuple[bytes, Any]
 # one: a client that closed answers it with a reset, and its upstream is closed at once;
 # one that only half-closed reads on. Else the FIN waited for the upstream's first event.
 INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Seconds a stream's body may take to end after its terminal event, for its connection to
+# go back to the pool; an upstream lingering longer has its connection dropped.
+TAIL = 1.0
 
 
 class _Stopped(BaseException):
@@ -362,15 +365,19 @@ class Call:
         return False
 
     def _past_the_end(self, stream: Events) -> None:
-        """The terminal event came: the answer is whole, and nothing after it is the
-        client's. The body's end is read if it has come (its connection goes back to the
-        pool); an upstream that lingers is not waited for (its connection is dropped)."""
-        translator = self._translator
-        with contextlib.suppress(UpstreamError, BrokenStream):  # the answer was whole
+        """The terminal event came: the answer is whole, and nothing after it is anyone's
+        (``StreamTranslator.feed``). The call ends now; the body is given ``TAIL`` to end,
+        without waiting, for its connection to go back to the pool (``Response.release``)."""
+        resp, _ = self._relayed
+        try:
             while events := stream.ready():
-                for event in events:
-                    self._send(translator.feed(event))
-        self._send(translator.finish())
+                pass
+        except (UpstreamError, BrokenStream):  # the answer was whole: the connection goes
+            pass
+        else:
+            if events is None:  # not ended yet (its last chunk may be a moment behind)
+                resp.release(TAIL)
+        self._send(self._translator.finish())
         self._upstream_ended()
 
     def _relay_over(self, resp: Response) -> None:

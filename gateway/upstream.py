@@ -276,7 +276,8 @@ class Response:
         accepts: Callable[[str], bool],
         refusal: Callable[[sse.Event], str | None] = lambda event: None,
     ) -> Events:
-        """The body as SSE events, read up to the first one with data before returning.
+        """The body as SSE events, read up to the first one whose data is not blank (a
+        keep-alive) before returning.
 
         Before that event nothing is answered yet, so a body of the wrong type (``accepts``
         says no: an upstream answering JSON to a streaming request), one that carries
@@ -296,7 +297,8 @@ class Response:
         try:
             while data := reads.next():
                 first.extend(decoder.feed(data))
-                opening = next((event for event in first if event.data is not None), None)
+                # Blank data is a keep-alive (``wire.blank``): not the answer's opening.
+                opening = next((e for e in first if e.data and not e.data.isspace()), None)
                 if opening is not None:
                     if said := refusal(opening):
                         raise UpstreamError("protocol", said)
@@ -327,6 +329,35 @@ class Response:
                     return b"".join(parts)[:limit]
                 raise UpstreamError("protocol", f"upstream body larger than {limit} bytes")
         return b"".join(parts)
+
+    def release(self, within: float) -> None:
+        """The answer is whole (a stream's terminal event came), its body not yet ended:
+        give it ``within`` seconds to end, read without waiting (the hub watches), and the
+        connection goes back to the pool; past that, or if a read fails, it is dropped.
+        What comes meanwhile is nobody's. Only a watched body (``Events.watch``); the
+        response is no longer this one's to close."""
+        reads, self._reads = self._reads, None
+        assert reads is not None and reads._readable is not None, "release a watched body"
+        timer = gevent.get_hub().loop.timer(within)
+
+        def done() -> None:
+            timer.close()
+            reads.close()  # nothing if the body ended: its connection is back in the pool
+
+        def woken() -> None:  # in the hub
+            try:
+                while data := reads.ready():
+                    pass
+            except UpstreamError:
+                data = b""
+            if data is None:
+                reads.expect()
+            else:
+                done()
+
+        reads._woken = woken
+        timer.start(done)
+        woken()
 
     def close(self) -> None:
         """Drop the connection if it is mid-body (a body read to its end went back to the

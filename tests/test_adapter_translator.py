@@ -575,3 +575,91 @@ def test_every_choice_a_client_asked_for_is_recorded() -> None:
     assert [m["content"] for m in record.completion(answer)] == ["AAA", "BBB"]
     one = PROTOCOLS[OPENAI_CHAT].parse_response({"choices": [body["choices"][1] | {"index": 0}]})
     assert "more" not in one and len(record.completion(one)) == 1
+
+
+@pytest.mark.parametrize("client", [OPENAI_CHAT, ANTHROPIC])
+def test_nothing_an_upstream_sends_after_its_terminal_event_reaches_the_record(client):
+    # In the same read as message_stop: more text, and a message_delta saying 999
+    # output tokens. The client got neither; the record kept both, and TPM was charged
+    # 999 (a probe). Arriving a moment later, they were dropped.
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "A B "}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}),
+        ("message_stop", {"type": "message_stop"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "LATE "}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 999}}),
+    ]  # fmt: skip
+    raw = b"".join(sse.encode(json.dumps(data), event=name) for name, data in events)
+    translator = StreamTranslator(client, ANTHROPIC, REQUEST)
+    pieces = run(translator, raw)
+    assert all(p == Piece() for p in pieces[-3:-1])  # the two after the end
+    response = translator.response()
+    assert ir.text_of(response["content"]) == "A B " and response["usage"]["output_tokens"] == 3
+
+
+INTERLEAVED_WITH_TEXT = [
+    chunk({"role": "assistant", "content": None, **_call(0, '{"a":', "f0")}),
+    chunk(_call(1, '{"b":', "f1")),
+    chunk({"content": "between"}),
+    chunk(_call(0, "1}")),
+    chunk(_call(1, "2}")),
+    chunk({}, "tool_calls"),
+    sse.encode("[DONE]"),
+]
+
+
+@pytest.mark.parametrize("client", [ANTHROPIC, OPENAI_RESPONSES])
+def test_text_between_interleaved_tool_calls_waits_with_them(client: str) -> None:
+    # The text closed the first call and let the held one go as a whole block; the
+    # calls' later pieces went to blocks that had stopped: four broken calls for a
+    # Responses client, deltas after their stop for an Anthropic one (a probe).
+    translator = StreamTranslator(client, OPENAI_CHAT, REQUEST)
+    sent = b"".join(p.data for p in run(translator, b"".join(INTERLEAVED_WITH_TEXT)))
+    content = translator.response()["content"]
+    assert [(b["type"], b.get("name"), b.get("arguments") or b.get("text")) for b in content] == [
+        ("tool_call", "f0", '{"a":1}'),
+        ("tool_call", "f1", '{"b":2}'),
+        ("text", None, "between"),
+    ]
+    frames = json_frames(sent)
+    if client == ANTHROPIC:
+        stopped: set[int] = set()
+        for frame in frames:
+            if frame["type"] == "content_block_stop":
+                stopped.add(frame["index"])
+            elif frame["type"] == "content_block_delta":
+                assert frame["index"] not in stopped, "a delta after its block stopped"
+    else:
+        done = next(f for f in frames if f["type"] == "response.completed")
+        calls = [
+            (i["name"], i["arguments"])
+            for i in done["response"]["output"]
+            if i["type"] == "function_call"
+        ]
+        assert calls == [("f0", '{"a":1}'), ("f1", '{"b":2}')]
+
+
+def test_a_repeat_of_a_call_with_several_choices_gets_them_all() -> None:
+    # The record held both choices, a repeat (JSON or streamed) only the first.
+    answer = {**ir.empty_response(), "id": "chatcmpl-n", "model": "m", "stop_reason": "end_turn"}
+    answer["content"] = [{"type": "text", "text": "AAA"}]
+    answer["more"] = [[{"type": "text", "text": "BBB"}]]
+    body = PROTOCOLS[OPENAI_CHAT].render_response(answer, {"model": "m"})
+    assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [
+        (0, "AAA"),
+        (1, "BBB"),
+    ]
+    piece = StreamTranslator.replay(OPENAI_CHAT, {"model": "m", "stream": True}, answer)
+    texts: dict[int, str] = {}
+    for frame in json_frames(piece.data):
+        for choice in frame["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (
+                choice["delta"].get("content") or ""
+            )
+    assert texts == {0: "AAA", 1: "BBB"}
+    # ...and a client of a format with no place for them gets the first.
+    other = StreamTranslator.replay(ANTHROPIC, {"model": "m", "stream": True}, answer)
+    assert b"BBB" not in other.data and b"AAA" in other.data

@@ -251,6 +251,8 @@ def stream_events(response: dict) -> list[dict]:
             "usage": response.get("usage"),
         }
     )
+    if response.get("more"):
+        events.append({"type": "more", "more": response["more"]})
     events.append({"type": "stop"})
     return events
 

@@ -48,6 +48,8 @@ class StreamRendererBase:
         elif kind == "finish" and self.finish_event is None:
             self.finish_event = event
             frames.extend(self._finish(event))
+        elif kind == "more":
+            frames.extend(self._more(event["more"]))
         elif kind == "stop":
             self.done = True
             frames.extend(self._end())
@@ -84,6 +86,10 @@ class StreamRendererBase:
         return []
 
     def _finish(self, event: dict) -> list[bytes]:
+        return []
+
+    def _more(self, more: list[list[dict]]) -> list[bytes]:
+        """Choices past the first (``n``): only Chat Completions has a place for them."""
         return []
 
     def _end(self) -> list[bytes]:

@@ -107,7 +107,10 @@ class StreamTranslator:
         return self._acc.error
 
     def feed(self, event: sse.Event) -> Piece:
-        """One upstream event: what the client gets of it (BrokenStream if it cannot be read)."""
+        """One upstream event: what the client gets of it (BrokenStream if it cannot be read).
+        Nothing after the upstream's terminal event: neither the client's nor the record's."""
+        if self._acc.terminal:
+            return Piece()
         skipped = self._parser.skipped
         try:
             events = self._parser.feed(event)

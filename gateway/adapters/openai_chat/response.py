@@ -100,6 +100,11 @@ def render_response(resp: dict, request: dict) -> dict:
             }
         ],
     }
+    for number, blocks in enumerate(resp.get("more") or [], 1):  # a repeat's, of an ``n`` call
+        more = assistant_message(blocks)
+        finish = "tool_calls" if more.get("tool_calls") else "stop"
+        choice = {"index": number, "message": more, "logprobs": None, "finish_reason": finish}
+        body["choices"].append(choice)
     usage = usage_to_chat(resp.get("usage"))
     if usage:
         body["usage"] = usage

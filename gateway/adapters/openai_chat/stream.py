@@ -26,6 +26,7 @@ from .. import ir, wire
 from ..rendering import StreamRendererBase
 from .response import (
     IR_TO_FINISH,
+    assistant_message,
     calls_of,
     first_choice,
     reasoning_of,
@@ -45,10 +46,12 @@ class StreamParser:
     the first, and the others each in a parser of its own, for the record: they come as
     one ``more`` event before the ``stop`` (``Accumulator`` keeps them).
 
-    The IR has one block open at a time, and parallel tool calls may come with their
-    pieces interleaved by ``index``: a call that starts while another streams is held
-    whole (``_held``) until that one's block closes, then follows it as a block of its
-    own. The first call streams as it comes; the others come by the finish.
+    The IR has one block open at a time (a client's protocol may have no way to add to a
+    block it closed), and parallel tool calls may come with their pieces interleaved by
+    ``index``, or with text between them: while a tool call streams, whatever else comes
+    (another call, text, reasoning) is held whole (``_held``), in the order it came,
+    until the call's block closes at the finish; then each follows as a block of its
+    own. The first call streams as it comes; what came beside it, by the finish.
     """
 
     def __init__(self) -> None:
@@ -59,7 +62,10 @@ class StreamParser:
         self._open: int | None = None  # IR index of the open block
         self._open_kind: str | None = None
         self._tools: dict[int, int] = {}  # chat tool-call index -> IR block index
-        self._held: dict[int, dict] = {}  # chat index -> a call waiting for the open one
+        # Blocks held while a tool call streams, in the order they came, whole: each
+        # with its call's chat index (None for text and reasoning).
+        self._held: list[tuple[int | None, dict]] = []
+        self._held_calls: dict[int, dict] = {}  # chat index -> its block in ``_held``
         self._others: dict[int, tuple[StreamParser, ir.Accumulator]] = {}  # choices past 0
         self._last_call: tuple[int, str | None] = (0, None)  # chat index and id of the latest
         self._next = 0
@@ -141,17 +147,26 @@ class StreamParser:
         events: list[dict] = []
         reasoning = reasoning_of(delta)
         if reasoning:
-            events.extend(self._ensure("reasoning"))
-            events.append(
-                {"type": "block_delta", "index": self._open, "delta": {"reasoning": reasoning}}
-            )
+            events.extend(self._text("reasoning", reasoning))
         for key in ("content", "refusal"):  # a refusal is the answer's text, as in JSON
             text = delta.get(key)
             if isinstance(text, str) and text:
-                events.extend(self._ensure("text"))
-                events.append({"type": "block_delta", "index": self._open, "delta": {"text": text}})
+                events.extend(self._text("text", text))
         for call in calls_of(delta):
             events.extend(self._tool_delta(call))
+        return events
+
+    def _text(self, kind: str, text: str) -> list[dict]:
+        """Text or reasoning: to its open block, or held while a tool call streams."""
+        if self._open_kind == "tool":
+            last = self._held[-1][1] if self._held else None
+            if last is not None and last["type"] == kind:
+                last["text"] += text
+            else:
+                self._held.append((None, {**_empty(kind), "text": text}))
+            return []
+        events = self._ensure(kind)
+        events.append({"type": "block_delta", "index": self._open, "delta": {_FIELD[kind]: text}})
         return events
 
     def _other(self, choice: dict) -> None:
@@ -183,10 +198,10 @@ class StreamParser:
         index = call.get("index")
         if not isinstance(index, int):  # servers that omit it send one call at a time
             same = self._tools and call.get("id") in (None, self._last_call[1])
-            index = self._last_call[0] if same else len(self._tools) + len(self._held)
+            index = self._last_call[0] if same else len(self._tools) + len(self._held_calls)
         function = call.get("function") or {}
         arguments = wire.arguments(function.get("arguments"))
-        held = self._held.get(index)
+        held = self._held_calls.get(index)
         if held is not None:
             held["arguments"] += arguments
             return events
@@ -199,7 +214,8 @@ class StreamParser:
             }
             self._last_call = (index, block["id"])
             if self._open_kind == "tool":  # another call streams: this one waits for it
-                self._held[index] = {**block, "arguments": arguments}
+                self._held_calls[index] = held = {**block, "arguments": arguments}
+                self._held.append((index, held))
                 return events
             events.extend(self._close())
             self._tools[index] = self._open = self._next
@@ -217,33 +233,39 @@ class StreamParser:
         events = self._close()
         self._open, self._open_kind = self._next, kind
         self._next += 1
-        if kind == "text":
-            block = {"type": "text", "text": ""}
-        else:
-            block = {"type": "reasoning", "text": "", "signature": None, "redacted": None}
-        events.append({"type": "block_start", "index": self._open, "block": block})
+        events.append({"type": "block_start", "index": self._open, "block": _empty(kind)})
         return events
 
     def _close(self) -> list[dict]:
-        """Close the open block; then the calls held for it, each a whole block."""
+        """Close the open block; then what was held beside it, each a whole block."""
         if self._open is None:
             return []
         index, self._open, self._open_kind = self._open, None, None
         events = [{"type": "block_stop", "index": index}]
-        for chat_index, block in self._held.items():
-            self._tools[chat_index] = index = self._next
+        for chat_index, block in self._held:
+            index = self._next
             self._next += 1
-            arguments = block["arguments"]
-            events.append(
-                {"type": "block_start", "index": index, "block": {**block, "arguments": ""}}
-            )
-            if arguments:
-                events.append(
-                    {"type": "block_delta", "index": index, "delta": {"arguments": arguments}}
-                )
+            kind = block["type"]
+            field = "arguments" if kind == "tool_call" else "text"
+            if chat_index is not None:
+                self._tools[chat_index] = index
+            events.append({"type": "block_start", "index": index, "block": {**block, field: ""}})
+            if block[field]:
+                delta = {_FIELD[kind]: block[field]}
+                events.append({"type": "block_delta", "index": index, "delta": delta})
             events.append({"type": "block_stop", "index": index})
-        self._held.clear()
+        self._held, self._held_calls = [], {}
         return events
+
+
+_FIELD = {"text": "text", "reasoning": "reasoning", "tool_call": "arguments"}  # IR deltas'
+
+
+def _empty(kind: str) -> dict:
+    """An IR text or reasoning block with nothing in it yet."""
+    if kind == "text":
+        return {"type": "text", "text": ""}
+    return {"type": "reasoning", "text": "", "signature": None, "redacted": None}
 
 
 def _more_text(chunk: dict) -> str | None:
@@ -314,6 +336,22 @@ class StreamRenderer(StreamRendererBase):
 
     def _finish(self, event: dict) -> list[bytes]:
         return [self._chunk({}, IR_TO_FINISH.get(event.get("stop_reason"), "stop"))]
+
+    def _more(self, more: list[list[dict]]) -> list[bytes]:
+        """The other choices of an answer kept whole (a repeat's, of a call with ``n``):
+        each in one chunk of its own index, then its finish."""
+        frames = []
+        for number, blocks in enumerate(more, 1):
+            message = assistant_message(blocks)
+            delta = {name: value for name, value in message.items() if value is not None}
+            calls = delta.get("tool_calls")
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            finish = "tool_calls" if calls else "stop"
+            for part, reason in ((delta, None), ({}, finish)):
+                choice = {"index": number, "delta": part, "logprobs": None, "finish_reason": reason}
+                frames.append(self._frame([choice]))
+        return frames
 
     def _end(self) -> list[bytes]:
         frames = [] if self.finish_event else [self._chunk({}, "stop")]
