@@ -17,9 +17,9 @@ charged to TPM, its cost added to the month's spend, all in one write to Redis, 
 before the answer goes and not waited for; the call counted), or ``cancel`` when it
 never opened. A JSON call with no slot, no request id and no budget owes only its
 tokens and cost: they are sent once its answer is written (``pay``, by the view's
-answer). Nothing is
-reserved up front, so a cancelled call or a stopped worker leaks nothing; a worker
-killed mid-call leaves a slot and a claim that lapse within ``INFLIGHT_TTL``.
+answer). Nothing is reserved up front, so a cancelled call or a stopped worker leaks
+nothing; a worker killed mid-call leaves a slot and a claim that lapse within
+``INFLIGHT_TTL``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 client and what they carry. When the client's format is the upstream's, the upstream's
 own bytes go on unchanged, except a usage-only chunk the client did not ask for (the
 gateway asks OpenAI-format upstreams for usage, SPEC rule 9) and a keep-alive of blank
-data (an SDK would read it as JSON, and fail); otherwise the events are
-rendered in the client's format through the IR. Either way every event is parsed for the
+data (an SDK would read it as JSON, and fail); otherwise the events are rendered in the
+client's format through the IR. Either way every event is parsed for the
 record: ``response()`` is the answer so far, as an IR response (its ``id`` is the
 upstream's). ``finish`` ends the client's stream when the upstream's bytes end;
 ``fail`` ends it with the client protocol's error frames (numbered on from the relayed
