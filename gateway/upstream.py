@@ -297,8 +297,8 @@ class Response:
         try:
             while data := reads.next():
                 first.extend(decoder.feed(data))
-                # Blank data is a keep-alive (``wire.blank``): not the answer's opening.
-                opening = next((e for e in first if e.data and not e.data.isspace()), None)
+                # Blank data is a keep-alive: not the answer's opening.
+                opening = next((e for e in first if not wire.blank(e)), None)
                 if opening is not None:
                     if said := refusal(opening):
                         raise UpstreamError("protocol", said)
@@ -337,27 +337,8 @@ class Response:
         What comes meanwhile is nobody's. Only a watched body (``Events.watch``); the
         response is no longer this one's to close."""
         reads, self._reads = self._reads, None
-        assert reads is not None and reads._readable is not None, "release a watched body"
-        timer = gevent.get_hub().loop.timer(within)
-
-        def done() -> None:
-            timer.close()
-            reads.close()  # nothing if the body ended: its connection is back in the pool
-
-        def woken() -> None:  # in the hub
-            try:
-                while data := reads.ready():
-                    pass
-            except UpstreamError:
-                data = b""
-            if data is None:
-                reads.expect()
-            else:
-                done()
-
-        reads._woken = woken
-        timer.start(done)
-        woken()
+        assert reads is not None, "the body was never read"
+        reads.release(within)
 
     def close(self) -> None:
         """Drop the connection if it is mid-body (a body read to its end went back to the
@@ -548,6 +529,31 @@ class _Reads:
         self._readable = gevent.get_hub().loop.io(sock.fileno(), 1)
         self._read = self._watched
         return True
+
+    def release(self, within: float) -> None:
+        """Read to the body's end without waiting, for ``within`` seconds at most, then
+        close (``Response.release``); only once ``watch`` said yes."""
+        assert self._readable is not None, "release a watched body"
+        timer = gevent.get_hub().loop.timer(within)
+
+        def done() -> None:
+            timer.close()
+            self.close()  # nothing if the body ended: its connection is back in the pool
+
+        def woken() -> None:  # in the hub, in place of the watcher's
+            try:
+                while data := self.ready():
+                    pass
+            except UpstreamError:
+                data = b""
+            if data is None:
+                self.expect()
+            else:
+                done()
+
+        self._woken = woken
+        timer.start(done)
+        woken()
 
     def expect(self) -> None:
         """Have ``woken`` called once the socket is readable (or the read timeout passed)."""
