@@ -278,6 +278,14 @@ _DELTA_FIELD = {
 }
 
 
+# An answer's block type -> the field that holds its content, and the delta that adds to it.
+BLOCK_FIELDS = {
+    "text": ("text", "text"),
+    "reasoning": ("text", "reasoning"),
+    "tool_call": ("arguments", "arguments"),
+}
+
+
 def block_for_delta(delta: dict) -> dict:
     """An empty block of the kind a delta adds to (for a delta whose block never started)."""
     if "arguments" in delta:

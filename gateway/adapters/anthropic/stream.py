@@ -33,13 +33,6 @@ from .response import (
     usage_to_anthropic,
 )
 
-# IR block type -> the field its content_block_start may hold, and the delta that adds to it.
-_START_FIELDS = {
-    "text": ("text", "text"),
-    "reasoning": ("text", "reasoning"),
-    "tool_call": ("arguments", "arguments"),
-}
-
 
 class StreamParser:
     """Messages stream events -> IR stream events."""
@@ -121,7 +114,7 @@ class StreamParser:
             return []
         index = self._index[data["index"]] = len(self._index)
         # The IR starts blocks empty; anything the start already holds follows as a delta.
-        key, delta_key = _START_FIELDS[block["type"]]
+        key, delta_key = ir.BLOCK_FIELDS[block["type"]]
         held = "" if block[key] == "{}" else block[key]
         events = [{"type": "block_start", "index": index, "block": {**block, key: ""}}]
         if held:

@@ -166,7 +166,8 @@ class StreamParser:
                 self._held.append((None, {**_empty(kind), "text": text}))
             return []
         events = self._ensure(kind)
-        events.append({"type": "block_delta", "index": self._open, "delta": {_FIELD[kind]: text}})
+        delta = {ir.BLOCK_FIELDS[kind][1]: text}
+        events.append({"type": "block_delta", "index": self._open, "delta": delta})
         return events
 
     def _other(self, choice: dict) -> None:
@@ -245,27 +246,21 @@ class StreamParser:
         for chat_index, block in self._held:
             index = self._next
             self._next += 1
-            kind = block["type"]
-            field = "arguments" if kind == "tool_call" else "text"
+            field, name = ir.BLOCK_FIELDS[block["type"]]
             if chat_index is not None:
                 self._tools[chat_index] = index
             events.append({"type": "block_start", "index": index, "block": {**block, field: ""}})
             if block[field]:
-                delta = {_FIELD[kind]: block[field]}
+                delta = {name: block[field]}
                 events.append({"type": "block_delta", "index": index, "delta": delta})
             events.append({"type": "block_stop", "index": index})
         self._held, self._held_calls = [], {}
         return events
 
 
-_FIELD = {"text": "text", "reasoning": "reasoning", "tool_call": "arguments"}  # IR deltas'
-
-
 def _empty(kind: str) -> dict:
     """An IR text or reasoning block with nothing in it yet."""
-    if kind == "text":
-        return {"type": "text", "text": ""}
-    return {"type": "reasoning", "text": "", "signature": None, "redacted": None}
+    return ir.block_for_delta({ir.BLOCK_FIELDS[kind][1]: ""})
 
 
 def _more_text(chunk: dict) -> str | None:
