@@ -4,7 +4,8 @@
 routing. It refuses a key over its monthly budget (402), else takes one of the key's
 ``maxConcurrent`` slots (if it has such a limit) and one request from its RPM bucket and
 from any per-model buckets (``model_limits``) while its TPM bucket is above zero, all or
-nothing in one atomic step, one round trip to Redis (``Limiter.admit``).
+nothing in one atomic step, one round trip to Redis (``Limiter.admit``; none for most
+calls of a key with a large RPM limit, taken from the worker's lease: ``leases``).
 A refusal is a 429 (402 for the budget) in the caller's shape with Retry-After and the
 X-RateLimit-* headers, counted in /metrics by what refused it; the call goes nowhere and is
 not recorded.

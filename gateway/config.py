@@ -37,6 +37,9 @@ DEFAULTS: dict[str, object] = {
     "REDIS_CONNECT_TIMEOUT": 0.2,
     "REDIS_RETRY_AFTER": 1.0,
     "REDIS_PREFIX": "gw",  # of every Redis key and channel: several gateways, one Redis
+    # With Redis, a worker takes this share of a key's RPM limit ahead, in leases, so
+    # that most calls admit with no round trip (leases.py); 0: every call asks Redis.
+    "LIMIT_LEASE_SHARE": 0.01,
     # A call's concurrency slot and request-id claim live this long unless refreshed
     # (every third of it), so a killed worker's are freed within it.
     "INFLIGHT_TTL": 30.0,
@@ -184,6 +187,16 @@ def _count(least: int, most: int | None = None) -> Callable[[object], str | None
     return check
 
 
+def _share(most: float) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        n = _number(value)
+        if n is None or not 0 <= n <= most:
+            return f"a share from 0 to {most:g}"
+        return None
+
+    return check
+
+
 def _optional(check: Callable[[object], str | None]) -> Callable[[object], str | None]:
     def optional(value: object) -> str | None:
         if value is None or value == "":
@@ -228,6 +241,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "REDIS_TIMEOUT": _seconds(0, above=True),
     "REDIS_CONNECT_TIMEOUT": _seconds(0, above=True),
     "REDIS_RETRY_AFTER": _seconds(0),
+    "LIMIT_LEASE_SHARE": _share(0.1),  # a worker holds two leases: 20% of a limit at most
     "INFLIGHT_TTL": _seconds(0, above=True),
     "DEDUP_TTL": _seconds(0),
     "LOGIN_ATTEMPTS": _count(1),

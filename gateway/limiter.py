@@ -5,12 +5,14 @@ with ``REDIS_URL``) or on this process's memory (``buckets.LocalStore``, and a w
 start that limits then hold per process). It names the state (``gw:{key:42}:rpm``: all of a
 key's state under one hash tag), turns a key's limits into buckets, keeps the slots and
 request claims of calls in flight alive (a killed worker's expire within
-``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget, and
-fails open: when the store is away an operation allows, is counted in /metrics, and a
-warning is logged at most once a minute.
+``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget,
+takes a large RPM limit's requests ahead in leases so that most calls admit with no round
+trip (``leases``, which says what that changes), and fails open: when the store is away
+an operation allows, is counted in /metrics, and a warning is logged at most once a
+minute.
 
-Greenlets (slot keeper, key-change listener) run only in a gevent process, in one group,
-each linked to a logger.
+Greenlets (slot keeper, key-change listener, leases) run only in a gevent process, in one
+group, each linked to a logger.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -27,7 +29,7 @@ import gevent
 import gevent.pool
 from gevent import monkey
 
-from gateway import metrics, pricing
+from gateway import leases, metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
@@ -45,6 +47,8 @@ KEEP_BATCH = 100
 UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
 OWED_MAX = 100_000  # such operations kept for the store at most; past it the oldest go
 _UNSENT = object()  # ``_guarded``'s fallback where the caller must know the store failed
+# Announced by a charge that leaves a key's TPM bucket near empty: "tpm-low:<key id>".
+TPM_LOW = "tpm-low:"
 
 
 def _whole(x: float) -> float:
@@ -120,6 +124,11 @@ class Limiter:
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
         self.dedup_ttl = float(cfg["DEDUP_TTL"])
+        # Leases only where a round trip is what they save, and something runs them.
+        self.lease_share = float(cfg["LIMIT_LEASE_SHARE"]) if self.shared else 0.0
+        if not monkey.is_module_patched("socket"):
+            self.lease_share = 0.0
+        self._holdings: dict[int, leases.Holding] = {}  # key id -> its leases here
         self.login = Bucket(
             "auth",
             float(cfg["LOGIN_ATTEMPTS"]),
@@ -156,8 +165,9 @@ class Limiter:
             self._spawn(self._listen)
 
     def stop(self) -> None:
-        """Stop the background greenlets."""
+        """Stop the background greenlets; leases give back what they left unused."""
         self._group.kill(block=True)
+        self._holdings = {}
 
     def _spawn(self, fn: Callable[[], None]) -> None:
         greenlet = self._group.spawn(fn)
@@ -320,9 +330,21 @@ class Limiter:
             spend = (self._spend_key(key_id, now), max(0, math.ceil(budget * 1e9)))
         if not named and held is None and spend is None:
             return Admission(True, None, None, None, None)
+        holding = None
+        if rpm is not None and not extra and held is None and spend is None:
+            holding = self._holding(key_id, rpm, tpm)
+        if holding is not None:
+            taken = holding.take(time.monotonic())
+            self._renew(key_id, holding)
+            if taken is not None:
+                return Admission(True, rpm, taken[0], tpm, taken[1])
         keys = [self._of_key(key_id, name) for name, _ in named]
         buckets = [b for _, b in named]
+        asked = time.monotonic()
         verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held, spend)
+        if holding is not None and verdict is not None:
+            holding.seen(verdict.levels, asked, time.monotonic())
+            self._renew(key_id, holding)
         if verdict is None:
             if held is not None:  # the store may yet run it: given back as if held
                 self._slots.add((held[0], held[1]))
@@ -348,6 +370,61 @@ class Limiter:
             refused_by,
             0 if verdict.allowed else verdict.retry_after,
         )
+
+    # -- leases: a share of a key's RPM taken ahead (leases.py) -------------------
+
+    def _holding(self, key_id: int, rpm: int, tpm: int | None) -> leases.Holding | None:
+        """This worker's leases of the key's limits, or None where every call asks Redis."""
+        size = leases.size(rpm, self.lease_share)
+        if not size:
+            return None
+        holding = self._holdings.get(key_id)
+        if (
+            holding is None
+            or holding.rpm.capacity != rpm
+            or holding.size != size
+            or ((holding.tpm.capacity if holding.tpm else None) != tpm)
+        ):  # new limits: the old leases run out and are given back as they end
+            if len(self._holdings) >= 10_000:
+                self._holdings = {k: h for k, h in self._holdings.items() if h.leases}
+            holding = leases.Holding(
+                per_minute("rpm", rpm), per_minute("tpm", tpm, cost=0) if tpm else None, size
+            )
+            self._holdings[key_id] = holding
+        return holding
+
+    def _renew(self, key_id: int, holding: leases.Holding) -> None:
+        """Ask for the key's next lease in the background, if it is time."""
+        if holding.wants(time.monotonic()):
+            holding.asking = True
+            self._spawn(lambda: self._lease(key_id, holding))
+
+    def _lease(self, key_id: int, holding: leases.Holding) -> None:
+        """Take a lease, in one round trip, hold it LEASE_TTL, then give back what it
+        left unused (also when the worker stops: ``stop`` kills this greenlet)."""
+        buckets = [replace(holding.rpm, cost=holding.size)]
+        if holding.tpm is not None:
+            buckets.append(holding.tpm)
+        keys = [self._of_key(key_id, b.name) for b in buckets]
+        try:
+            asked = time.monotonic()
+            verdict = self._guarded("lease", None, self.store.admit, keys, buckets)
+            if verdict is None:
+                return
+            now = time.monotonic()
+            holding.seen(verdict.levels, asked, now)
+            if not verdict.allowed:
+                return
+            lease = holding.add(now)
+        finally:
+            holding.asking = False
+        try:
+            gevent.sleep(leases.LEASE_TTL)
+        finally:
+            left = holding.end(lease)
+            if left:
+                operation = ("charge", (keys[0], holding.rpm, -float(left)))
+                self._guarded("lease", None, self.store.post_all, [operation])
 
     def charge(self, key_id: int, tpm: int | None, tokens: int | None) -> None:
         """Charge a finished call's real tokens to the key's TPM bucket (a debt if over)."""
@@ -479,9 +556,13 @@ class Limiter:
             self._slots.discard((key, uid))
             operations.append(("release", (key, uid)))
         if tpm and tpm > 0 and tokens and tokens > 0:
-            operations.append(
-                ("charge", (self._of_key(key_id, "tpm"), per_minute("tpm", tpm), tokens))
-            )
+            charge: tuple = (self._of_key(key_id, "tpm"), per_minute("tpm", tpm), tokens)
+            if self.lease_share:  # other workers' leases trust their view of TPM
+                charge += (tpm * leases.TPM_RESERVE, self.channel, f"{TPM_LOW}{key_id}")
+            operations.append(("charge", charge))
+            holding = self._holdings.get(key_id)
+            if holding is not None:
+                holding.charged(tokens)
         if nanos and nanos > 0:
             key = self._spend_key(key_id, now or datetime.now(UTC))
             operations.append(("add", (key, nanos, SPEND_TTL)))
@@ -566,6 +647,22 @@ class Limiter:
         if self.shared:
             self._guarded("announce", None, self.store.publish, self.channel, key_hash)
 
+    def _heard(self, message: str | None) -> None:
+        """An announcement on the channel (None: some may have been missed)."""
+        if message is None or message.startswith(TPM_LOW):
+            now = time.monotonic()
+            if message is None:
+                doubted = list(self._holdings.values())
+            else:
+                key = message.removeprefix(TPM_LOW)
+                doubted = [self._holdings.get(int(key))] if key.isdigit() else []
+            for holding in doubted:
+                if holding is not None:
+                    holding.doubt(now)
+            if message is not None:
+                return
+        self._notify(message)
+
     def _notify(self, key_hash: str | None) -> None:
         for callback in self._listeners:
             try:
@@ -604,11 +701,11 @@ class Limiter:
             try:
                 subscription = self._subscription = self.store.subscribe(self.channel)
                 if missed:
-                    self._notify(None)
+                    self._heard(None)
                 while True:
                     message = subscription.next(1.0)
                     if message is not None:
-                        self._notify(message)
+                        self._heard(message)
             except StoreDown as exc:
                 self._subscription = None
                 missed = True

@@ -500,9 +500,10 @@ class RedisStore:
         if name == "keep_claim":
             key, uid, ttl = args
             return self._claims, [key], ["keep", uid, ttl, self._now()], _is_one
-        if name == "charge":
-            key, bucket, amount = args
-            return self._buckets, [key], self._bucket_args("charge", [bucket], amount), _first
+        if name == "charge":  # and (floor, channel, message) to publish at or below it
+            key, bucket, amount, *low = args
+            argv = self._bucket_args("charge", [bucket], amount) + low
+            return self._buckets, [key], argv, _first
         if name == "add":
             key, amount, ttl = args
             return self._totals, [key], ["add", amount, ttl], int

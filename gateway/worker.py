@@ -424,6 +424,7 @@ class GatewayWorker(GeventWorker):
         """After the handlers: wait for drains, then flush the recorder, heart-beating."""
         from gateway import db, srvlog
         from gateway.calls import calls
+        from gateway.limiter import limiter
         from gateway.recorder import recorder
         from gateway.telemetry import telemetry
 
@@ -434,6 +435,7 @@ class GatewayWorker(GeventWorker):
         if calls.active:
             calls.stop_all()
             calls.wait(timeout=1.0)
+        limiter.stop()  # what its leases left unused goes back to the shared buckets
         hard_deadline = deadline + FINALISE_MARGIN - 0.5
         while not recorder.flush(timeout=min(1.0, max(0.0, hard_deadline - time.monotonic()))):
             self.notify()

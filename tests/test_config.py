@@ -32,6 +32,7 @@ SECONDS_FROM_0 = [n for n, r in RULES.items() if r(0) is None and r(0.5) is None
 COUNTS = [n for n, r in RULES.items() if r(0.5) and r(-0.5) and r(7) is None]
 WORDS = ["ON_DISCONNECT", "LOG_LEVEL", "SRV_LOG_LEVEL", "OTEL_EXPORT"]
 FLAGS = ["RECORDER_AHEAD"]  # true or false (JSON), 1 or 0
+SHARES = {"LIMIT_LEASE_SHARE": 0.1}  # a number from 0 to the most
 
 
 def variable(name: str) -> str:
@@ -50,7 +51,8 @@ def test_every_knob_with_a_number_has_a_rule_and_every_default_keeps_it() -> Non
     for name, value in DEFAULTS.items():
         if isinstance(value, (int, float)):
             assert name in RULES, f"{name} has no rule"
-    assert sorted(SECONDS_ABOVE_0 + SECONDS_FROM_0 + COUNTS + WORDS + FLAGS) == sorted(RULES)
+    kinds = SECONDS_ABOVE_0 + SECONDS_FROM_0 + COUNTS + WORDS + FLAGS + list(SHARES)
+    assert sorted(kinds) == sorted(RULES)
 
 
 @pytest.mark.parametrize(
@@ -147,6 +149,8 @@ def _takes(name: str, value: object) -> bool:
             return False
     except OverflowError:  # past what a float holds: no setting's number
         return False
+    if name in SHARES:
+        return 0 <= value <= SHARES[name]
     if name in COUNTS:
         least = 1 if RULES[name](0) else 0
         return float(value).is_integer() and least <= value <= (65535 if name == "PORT" else value)

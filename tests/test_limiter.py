@@ -24,6 +24,7 @@ from gevent import monkey
 
 from gateway import metrics
 from gateway.errors import BudgetExceeded
+from gateway.leases import LEASE_TTL
 from gateway.limiter import KEEP_BATCH, Limiter, model_bucket
 from tests.servers import RedisServer, wait_until
 
@@ -515,3 +516,98 @@ def test_a_budget_fails_open_when_redis_is_away(redis_server: RedisServer) -> No
     assert _admit(limiter, 11, 1.0, JUNE_END).failed_open  # allowed, counted, warned
     limiter.spend(11, 1, JUNE_END)  # lost, not raised
     assert _fail_opens("admit") > before
+
+
+# -- leases (leases.py): a large limit's requests taken ahead ------------------------
+
+
+def test_leases_admit_a_large_limit_s_calls_with_few_round_trips(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    trips = _round_trips(a), _round_trips(b)
+    answers = []
+    for i in range(3000):
+        answers.append((a if i % 2 else b).admit(31, rpm=100_000, tpm=10**6))
+        gevent.sleep(0)  # what a worker's calls do: the background asks for the leases
+    assert all(x.allowed for x in answers)
+    assert len(trips[0]) + len(trips[1]) <= 20  # leases of 1,000, not 3,000 round trips
+    # Each worker reports the shared level plus what it holds unused; the other
+    # worker's unused leases (two at most) count as used.
+    assert all(100_000 - 3000 - 2 * 1000 <= x.rpm_remaining <= 100_000 for x in answers)
+    a.stop()
+    b.stop()  # both give back what they left unused
+    assert a.usage(31, 100_000, 10**6)["rpm"]["current"] <= 3000
+
+
+def test_leases_never_let_more_calls_through_than_the_limit(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    trips = _round_trips(a), _round_trips(b)
+    started, allowed, before_a_refusal = time.monotonic(), 0, None
+    for i in range(1500):
+        if (a if i % 2 else b).admit(32, rpm=600, tpm=10**6).allowed:
+            allowed += 1
+        elif before_a_refusal is None:
+            before_a_refusal = len(trips[0]) + len(trips[1])
+        gevent.sleep(0)
+    refilled = (time.monotonic() - started) * 600 / 60
+    assert before_a_refusal is not None and before_a_refusal < 300  # leases of 6 were taken
+    # Requests one worker held unused refuse the other's calls: two leases each at most.
+    assert 600 - 2 * 2 * 6 <= allowed <= 600 + refilled + 1
+
+
+def test_tpm_another_worker_nearly_empties_is_seen_by_the_next_call(pair) -> None:  # type: ignore[no-untyped-def]
+    """A charge that leaves the TPM bucket near empty is announced, and heard before the
+    other worker's next call (``catch_up``), which then asks Redis: without the
+    announcement that worker's lease would trust its view of TPM for 0.25 s more."""
+    a, b = pair
+    b.start()  # its key-change listener
+    assert a.admit(33, rpm=100_000, tpm=1000).allowed and b.admit(33, 100_000, 1000).allowed
+    wait_until(lambda: a._holdings[33].leases and b._holdings[33].leases and b._subscription)
+    a.finish(33, "call-1", tpm=1000, tokens=850)  # 150 left: more than a tenth
+    a.usage(33, 100_000, 1000)  # a round trip after it: Redis ran it
+    assert b.admit(33, rpm=100_000, tpm=1000).allowed  # from b's lease
+    a.finish(33, "call-2", tpm=1000, tokens=5000)
+    refused = a.admit(33, rpm=100_000, tpm=1000)  # a's own charge: seen at once
+    assert (refused.allowed, refused.limit_type) == (False, "tpm")
+    started = time.monotonic()
+    while True:
+        b.catch_up()  # what a call does before it looks at its key
+        if not b.admit(33, rpm=100_000, tpm=1000).allowed:
+            break
+        assert time.monotonic() - started < 0.1, "worker b never heard of a's charge"
+        gevent.sleep(0.005)  # the announcement on its way to b's socket
+
+
+def test_a_lease_left_unused_is_given_back_when_it_ends(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+    assert a.admit(34, rpm=12_000, tpm=None).allowed  # leases of 120, refilled 200 a second
+    gevent.sleep(0.05)
+    assert a._holdings[34].leases
+    assert a.usage(34, 12_000, 10**6)["rpm"]["current"] >= 100  # the call and a lease
+    gevent.sleep(LEASE_TTL)
+    assert a.usage(34, 12_000, 10**6)["rpm"]["current"] == 0  # given back, the call refilled
+
+
+def test_small_limits_and_keys_with_more_than_rpm_and_tpm_ask_redis_every_call(
+    shared_redis: RedisServer,
+) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    a, off = _on(shared_redis.url, prefix), _on(shared_redis.url, prefix, LIMIT_LEASE_SHARE=0)
+    model = [model_bucket("gpt-4o@openai", 10**6, 10**4)]
+    asks = [
+        (a, {"rpm": 199, "tpm": 10**6}),  # leases of 1 would save nothing
+        (a, {"rpm": 10**6, "tpm": 10**6, "extra": model}),
+        (a, {"rpm": 10**6, "tpm": 10**6, "slot": ("call", 5)}),
+        (a, {"rpm": 10**6, "tpm": 10**6, "budget": 100.0}),
+        (off, {"rpm": 10**6, "tpm": 10**6}),  # LIMIT_LEASE_SHARE=0
+    ]
+    try:
+        for key_id, (limiter, limits) in enumerate(asks, start=40):
+            trips = _round_trips(limiter)
+            for _ in range(5):
+                assert limiter.admit(key_id, **limits).allowed
+                gevent.sleep(0.01)
+            assert len(trips) == 5, limits
+        assert not a._holdings and not off._holdings
+    finally:
+        a.stop()
+        off.stop()

@@ -185,6 +185,16 @@ def test_what_a_call_owes_is_in_redis_before_its_answer_leaves(pair, fake) -> No
     assert call(a, key).status_code == 200  # more than 5 tokens: a debt
     refused = call(b, key)
     assert refused.status_code == 429 and "token quota" in refused.json()["error"]["message"]
+    # A limit large enough for leases: b's workers admit from theirs, trusting their view
+    # of TPM, until a's charge announces the bucket near empty (Redis tells them in about
+    # a millisecond; the view alone would hold for 0.2 s more, until the next lease).
+    key, _ = new_key(a, rpmLimit=10_000, tpmLimit=1000)
+    assert {call(b, key).status_code for _ in range(8)} == {200}
+    assert call(a, key, "input_tokens=5000").status_code == 200  # a debt
+    started = time.monotonic()
+    while (refused := call(b, key)).status_code == 200:
+        assert time.monotonic() - started < 0.1, "b's workers never heard of a's charge"
+    assert refused.status_code == 429 and "token quota" in refused.json()["error"]["message"]
 
 
 def test_a_per_model_limit_made_on_one_instance_applies_on_the_other(pair) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,9 @@
 --       call is admitted only if both have room; a full slot set refuses first.
 -- "+budget" also requires a running total (totals.lua's) below a limit, before all else:
 --       its KEYS end with the total, its ARGV with the limit (an integer in decimal).
+-- "charge" may end its ARGV with a floor, a channel and a message: the message is
+--       published when the level after the charge is at or below the floor (workers
+--       holding leases of the key, leases.py, then stop trusting their view of it).
 -- Returns strings (doubles survive as "%.17g"):
 --   admit: {allowed (1|0), refused (1-based bucket, #buckets + 1 for the slots,
 --           #buckets + 2 for the budget, 0 if none), wait seconds, levels...,
@@ -72,6 +75,9 @@ if mode == 'charge' then
     levels[1] = caps[1]
   end
   store(1)
+  if ARGV[6] and levels[1] <= tonumber(ARGV[6]) then
+    redis.call('PUBLISH', ARGV[7], ARGV[8])
+  end
   return {num(levels[1])}
 end
 
