@@ -129,8 +129,11 @@ def select(table: Any, *columns: Any, found: Search | None = None) -> Any:
     if found.status:
         query = query.where(table.status.in_(found.status))
     if found.model:
-        model = found.model
-        query = query.where((table.model == model) | table.model.startswith(model + "@"))
+        # A pinned call's name up to its "@", compared as it is: peewee's startswith is
+        # an ILIKE, which took another system name's pinned calls (Qwen@p for qwen).
+        pinned = found.model + "@"
+        prefix = pw.fn.SUBSTR(table.model, 1, len(pinned))
+        query = query.where((table.model == found.model) | (prefix == pinned))
     if found.api_key is not None:
         query = query.where(table.api_key == found.api_key)
     if found.model_id is not None:

@@ -474,7 +474,7 @@ def test_many_concurrent_creates_of_one_name(app, admin) -> None:  # type: ignor
 
 def test_the_model_filter_is_one_rule_for_the_api_and_the_dashboard(admin, db) -> None:  # type: ignore[no-untyped-def]
     key = ApiKey.create(key_hash="d" * 64, key_hint="sk-d…dddd")
-    for model in ("gpt-4o", "gpt-4o@azure", "gpt-4o-mini", "GPT-4O"):
+    for model in ("gpt-4o", "gpt-4o@azure", "gpt-4o-mini", "GPT-4O", "GPT-4O@azure"):
         ex = Exchange(api_key_id=key.id, model=model, api_format="openai-chat")
         ex.finish("completed")
         write_rows([snapshot(ex)])
@@ -482,6 +482,8 @@ def test_the_model_filter_is_one_rule_for_the_api_and_the_dashboard(admin, db) -
     assert sorted(r["model"] for r in listed["data"]) == ["gpt-4o", "gpt-4o@azure"]
     assert listed["total"] == 2
     assert admin("GET", "/completions?model=gpt")[1]["total"] == 0  # not a prefix match
+    # System names differ by case, pinned or not (a case-blind LIKE listed GPT-4O@azure).
+    assert admin("GET", "/completions?model=GPT-4O")[1]["total"] == 2
 
 
 def test_nul_anywhere_in_a_url_is_400(admin) -> None:  # type: ignore[no-untyped-def]
