@@ -91,6 +91,14 @@ MODEL = {
     "comment": Spec(str, high=TEXT, line=False),
 }
 
+# What a new model row holds where its request says nothing (a deleted one brought back
+# takes them too, not its old remote id, prices or weight).
+_MODEL_DEFAULTS = {
+    field.name: field.default
+    for field in Model._meta.sorted_fields
+    if field.name not in ("id", "provider", "system_name", "created_at", "updated_at", "deleted")
+}
+
 
 # -- keys ------------------------------------------------------------------------
 
@@ -294,7 +302,8 @@ def add_model(data: dict[str, Any]) -> Model:
     try:
         with database.atomic():
             if existing is not None:  # bring a deleted model back: the unique index holds it
-                Model.update(**data, deleted=False, updated_at=utcnow()).where(
+                fresh = {**_MODEL_DEFAULTS, **data}  # none of the deleted model's settings
+                Model.update(**fresh, deleted=False, updated_at=utcnow()).where(
                     Model.id == existing.id
                 ).execute()
                 row = Model.get_by_id(existing.id)

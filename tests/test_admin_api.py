@@ -222,11 +222,14 @@ def test_models_weights_and_routing_cache(admin, client) -> None:  # type: ignor
     # /v1/models reflects admin writes at once.
     names = {m["id"] for m in client.get("/v1/models").get_json()["data"]}
     assert names == {"gpt", "other"}
+    admin("PUT", f"/models/{other['id']}", json={"remoteId": "old", "inputPrice": 5, "weight": 3})
     admin("DELETE", f"/models/{other['id']}")
     assert {m["id"] for m in client.get("/v1/models").get_json()["data"]} == {"gpt"}
-    # Re-creating a deleted model brings the row back rather than failing.
+    # Re-creating a deleted model brings the row back rather than failing, as new: none
+    # of the deleted model's settings (its calls would go to the old remote id).
     again = admin("POST", "/models", json={"providerId": p1["id"], "systemName": "other"})[1]
     assert again["id"] == other["id"] and again["deleted"] is False
+    assert (again["remoteId"], again["inputPrice"], again["weight"]) == (None, None, 1.0)
 
 
 def _records(db, key_id: int, statuses: list[str]) -> list[Exchange]:  # type: ignore[no-untyped-def]
