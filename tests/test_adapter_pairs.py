@@ -170,6 +170,42 @@ def test_request_specifics_of_each_upstream(client, upstream):
         assert reasoning == (expected if client == OPENAI_RESPONSES else [])
 
 
+# Structured output as each OpenAI format spells it: the same schema, named and strict.
+PLACE = {"type": "object", "properties": {"city": {"type": "string"}}}
+STRUCTURED = {
+    OPENAI_CHAT: {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "place", "schema": PLACE, "strict": True},
+        },
+        "verbosity": "low",
+    },
+    OPENAI_RESPONSES: {
+        "text": {
+            "format": {"type": "json_schema", "name": "place", "schema": PLACE, "strict": True},
+            "verbosity": "low",
+        }
+    },
+}
+JSON_OBJECT = {
+    OPENAI_CHAT: {"response_format": {"type": "json_object"}},
+    OPENAI_RESPONSES: {"text": {"format": {"type": "json_object"}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("client", "upstream"), [(OPENAI_CHAT, OPENAI_RESPONSES), (OPENAI_RESPONSES, OPENAI_CHAT)]
+)
+@pytest.mark.parametrize("spelled", [STRUCTURED, JSON_OBJECT])
+def test_structured_output_goes_as_the_upstream_spells_it(client, upstream, spelled):
+    """``response_format`` is Responses' ``text.format``: under its own name, one OpenAI
+    format's field is refused by the other's API (or ignored: the answer is free text)."""
+    body = {**CONVERSATIONS[client], **spelled[client]}
+    built = PROTOCOLS[upstream].build_request(PROTOCOLS[client].parse_request(body), "up")
+    assert {k: built.get(k) for k in spelled[upstream]} == spelled[upstream]
+    assert not (set(spelled[client]) - set(spelled[upstream])) & set(built)
+
+
 # --- streams -------------------------------------------------------------------------
 
 

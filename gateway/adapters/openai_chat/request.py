@@ -6,8 +6,9 @@ NexusGate stores prompts in chat form.
 Mapping notes: ``system``/``developer`` messages go to the IR system; ``tool`` and legacy
 ``function`` messages become ``tool_result`` blocks in a user message; ``reasoning_content``
 (or vLLM's ``reasoning``) on assistant messages becomes reasoning blocks and is sent back
-upstream (DeepSeek's thinking mode requires it with tool calls). Content part types the IR
-cannot carry (audio, files) are rejected rather than silently dropped.
+upstream (DeepSeek's thinking mode requires it with tool calls); a Responses client's
+``text.format`` and ``text.verbosity`` go as ``response_format`` and ``verbosity``. Content
+part types the IR cannot carry (audio, files) are rejected rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     """Build a Chat Completions upstream body from an IR request."""
     body: dict[str, Any] = dict(ir.get("extra") or {})
     body["model"] = model
+    text = body.pop("text", None)  # a Responses client's: response_format and verbosity here
+    if isinstance(text, dict):
+        if isinstance(text.get("format"), dict):
+            body["response_format"] = _response_format(text["format"])
+        if text.get("verbosity") is not None:
+            body["verbosity"] = text["verbosity"]
     body["messages"] = messages_to_chat(ir)
     if ir.get("stream"):
         body["stream"] = True
@@ -171,6 +178,15 @@ def tool_choice_to_chat(choice: dict) -> str | dict:
     if choice["type"] == "tool":
         return {"type": "function", "function": {"name": choice["name"]}}
     return choice["type"]
+
+
+def _response_format(text_format: dict) -> dict:
+    """Responses' ``text.format`` as ``response_format``: a ``json_schema``'s name,
+    schema and strict go inside its ``json_schema``."""
+    if text_format.get("type") != "json_schema":
+        return dict(text_format)
+    schema = {k: v for k, v in text_format.items() if k != "type"}
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _parse_message(ir: dict, message: Any, path: str) -> None:

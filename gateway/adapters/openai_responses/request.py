@@ -7,7 +7,8 @@ their ``id`` on the IR block (and ``encrypted_content`` as its signature) so the
 replayed to a Responses upstream; only such blocks are sent back as reasoning items.
 Item kinds the IR cannot carry (``item_reference``, hosted tool calls) are rejected.
 Function tools are sent with an explicit ``strict`` (False unless the client said), as
-Responses would otherwise apply its own default.
+Responses would otherwise apply its own default. A Chat Completions client's
+``response_format`` and ``verbosity`` go as ``text.format`` and ``text.verbosity``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
     """Build a Responses upstream body from an IR request (no stop or top_k in Responses)."""
     body: dict[str, Any] = dict(ir.get("extra") or {})
     body["model"] = model
+    # A Chat Completions client's output settings are Responses' text.format and verbosity.
+    text: dict[str, Any] = {}
+    response_format = body.pop("response_format", None)
+    if isinstance(response_format, dict):
+        text["format"] = _text_format(response_format)
+    if body.get("verbosity") is not None:
+        text["verbosity"] = body.pop("verbosity")
+    if text:
+        body["text"] = {**(body.get("text") or {}), **text}
     instructions = "\n".join(b["text"] for b in ir.get("system") or [] if b.get("type") == "text")
     if instructions:
         body["instructions"] = instructions
@@ -118,6 +128,14 @@ def build_request(ir: dict, model: str, stream_usage: bool = True) -> dict:
         if wire:
             body["reasoning"] = wire
     return body
+
+
+def _text_format(response_format: dict) -> dict:
+    """Chat Completions' ``response_format`` as ``text.format``: a ``json_schema``'s
+    name, schema and strict sit beside its type."""
+    schema = response_format.get("json_schema")
+    rest = {k: v for k, v in response_format.items() if k != "json_schema"}
+    return {**schema, **rest} if isinstance(schema, dict) else rest
 
 
 def _parse_item(ir: dict, item: Any, path: str) -> None:
