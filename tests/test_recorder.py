@@ -18,7 +18,7 @@ import pytest
 from gateway import journal as journal_module
 from gateway import metrics
 from gateway import recorder as recorder_module
-from gateway.db import database, open_database
+from gateway.db import UNREACHABLE, database, open_database
 from gateway.exchange import Exchange, new_uid
 from gateway.models import ApiKey, Completion, index_all_due, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
@@ -163,6 +163,28 @@ def test_database_down_journals_then_replays_everything(
     rec.record(third)
     assert rec.flush(5)
     assert rec.writes == 1 and len(rows()) == 3
+
+
+def test_no_journal_is_read_while_the_database_does_not_answer(
+    rec: Recorder, key_id: int, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay reads a file whole, on the loop: during an outage it read every journal
+    again every 5 s (a 100 MB one stalled the worker's calls 0.6-1.4 s each time)."""
+    call = exchange(key_id)
+    call.finish("completed")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = rec.journal.directory / f"journal-{proc.pid}.jsonl"
+    dead.parent.mkdir(exist_ok=True)
+    dead.write_text(json.dumps(journal_module._jsonable(snapshot(call))) + "\n")
+    read = journal_module._read
+    reads: list[Path] = []
+    monkeypatch.setattr(journal_module, "_read", lambda path: reads.append(path) or read(path))
+    with away(unreachable(database_url)), pytest.raises(UNREACHABLE):
+        rec._replay_round()  # as the replay loop does every 5 s
+    assert not reads and dead.exists()
+    rec._replay_round()  # the database answers again
+    assert [row.uid for row in rows()] == [call.uid] and not dead.exists()
 
 
 def _disk_full(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
