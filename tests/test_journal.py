@@ -43,6 +43,31 @@ def test_append_then_replay_round_trips_rows_and_datetimes(tmp_path: Path) -> No
     assert not journal.has_own() and list(tmp_path.iterdir()) == []
 
 
+def test_a_file_is_handed_to_the_writer_in_lots_and_given_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal left by a long outage is hundreds of MB: parsed whole, it kept the
+    worker's loop (every call) for a second per 100 MB. A lot the database does not
+    take gives the whole file back, the lots before it too (written again, harmlessly)."""
+    monkeypatch.setattr(journal_module, "LOT", 2)
+    journal = Journal(tmp_path)
+    journal.append(rows(5))
+    lots: list[list[dict]] = []
+
+    def second_refused(lot: list[dict]) -> None:
+        if len(lots) == 1:
+            lots.append([])
+            raise ConnectionError("database away again")
+        lots.append(lot)
+
+    with pytest.raises(ConnectionError):
+        journal.replay(second_refused)
+    lots = []
+    assert journal.replay(lots.append) == 5
+    assert lots == [rows(5)[:2], rows(5)[2:4], rows(5)[4:]]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_a_failed_write_gives_the_file_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
