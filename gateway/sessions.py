@@ -22,7 +22,7 @@ import secrets
 from typing import Any
 
 from flask import Flask, current_app, session
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import NullSession, SecureCookieSessionInterface
 
 from gateway import auth
 from gateway.db import database
@@ -86,7 +86,13 @@ def logged_in() -> bool:
 
 
 def csrf_token() -> str:
-    """This session's CSRF token, created on first use (the login form needs one too)."""
+    """This session's CSRF token, created on first use (the login form needs one too).
+
+    Empty without a session (its key could not be read: the database is away): the
+    error page saying so has the language form too, and no form is taken meanwhile.
+    """
+    if isinstance(session, NullSession):
+        return ""
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
     return session["csrf"]

@@ -109,6 +109,20 @@ def test_a_page_while_the_database_does_not_answer_says_so_in_both_languages(  #
     assert client.get("/requests").status_code == 200  # back: the session held
 
 
+def test_a_worker_that_never_opened_a_session_says_the_database_is_away_too(  # type: ignore[no-untyped-def]
+    app, client, database_url: str
+) -> None:
+    """The session's key comes from the admin secret, read once per worker: a worker
+    started during an outage has none, and its error page's language form asked the
+    null session for a CSRF token: a 500 where the page says the database is away."""
+    app.secret_key = None
+    with away(unreachable(database_url)):
+        page = client.get("/login")
+        assert page.status_code == 503 and page.headers["Retry-After"] == "5"
+        assert "The database does not answer. Try again in a moment." in text(page)
+    assert client.get("/login").status_code == 200  # back: the key is read now
+
+
 def test_wrong_secrets_are_throttled_per_address_with_a_clear_message(client) -> None:  # type: ignore[no-untyped-def]
     for _ in range(15):  # right secrets do not count against an address
         login(client)
