@@ -85,6 +85,9 @@ DEFAULTS: dict[str, object] = {
     "SNAPSHOT_FILE": None,  # None: instance/snapshot.json (last known keys and catalog)
     "DB_CONNECT_TIMEOUT": 3.0,  # seconds to open a PostgreSQL connection
     "DB_TIMEOUT": 10.0,  # longest a background database job may take before it counts as down
+    # Longest one statement of a request (admin API, dashboard, /api/usage) may wait for
+    # PostgreSQL before the request answers 503: a server that stopped answering.
+    "DB_REQUEST_TIMEOUT": 30.0,
     "RECORDER_WRITERS": None,  # None: 1 on SQLite, 4 on PostgreSQL
     "RECORDER_BATCH": 100,
     "RECORDER_INTERVAL": 0.05,  # seconds a final snapshot waits to share its write with others
@@ -265,6 +268,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "KEY_LOOKUP_WAIT": _seconds(0),
     "DB_CONNECT_TIMEOUT": _seconds(0, above=True),
     "DB_TIMEOUT": _seconds(0, above=True),
+    "DB_REQUEST_TIMEOUT": _seconds(0, above=True),
     "RECORDER_WRITERS": _optional(_count(0)),
     "RECORDER_BATCH": _count(1),
     "RECORDER_INTERVAL": _seconds(0),

@@ -18,6 +18,9 @@ Background jobs (cache refresh, heartbeats, record writes) run in ``background()
 their own connection, a short connect timeout and a bound on the whole job, so a
 database that is down or black-holed stalls no one; each outcome updates
 ``reachable()``, which lets the request path skip waiting on a database known down.
+A request's use of PostgreSQL (the admin API, the dashboard, ``/api/usage``) is bounded
+by ``DB_REQUEST_TIMEOUT`` a step (``bounded``): a server that stops answering on
+connections it holds open (a paused VM, a partition that drops packets) makes a 503.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import socket
 import sqlite3
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,7 +104,7 @@ def open_database(
             factory=_Connection,
         )
     if parsed.scheme in ("postgres", "postgresql"):
-        return PooledPostgresqlDatabase(
+        return _PostgresqlDatabase(
             unquote(parsed.path.lstrip("/")) or "postgres",
             user=unquote(parsed.username) if parsed.username else None,
             password=unquote(parsed.password) if parsed.password else None,
@@ -118,6 +122,75 @@ def open_database(
             ),
         )
     raise ValueError(f"unsupported DATABASE_URL scheme {parsed.scheme!r}")
+
+
+# Greenlets whose use of PostgreSQL is bounded, and the bound in seconds: requests
+# (``bounded``). Background jobs have a bound of their own on the whole job
+# (``background``); SQLite is a local file.
+_bounds: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+_request_timeout = float(DEFAULTS["DB_REQUEST_TIMEOUT"])  # type: ignore[arg-type]
+
+
+class _PostgresqlDatabase(PooledPostgresqlDatabase):
+    """PostgreSQL whose statements in a request are bounded (``_bounds``).
+
+    A pooled connection opened before the server stopped answering (every process
+    stopped, a paused VM, a partition that drops packets) took a request's query and
+    waited for ever: the kernel still acknowledges, so neither TCP keepalive nor
+    ``connect_timeout`` ends it, and ``statement_timeout`` is the stopped server's to
+    enforce. The admin API, the dashboard and ``/api/usage`` hung, each request holding
+    its greenlet and a pool slot. Past the bound the statement raises
+    ``DatabaseTimeout`` (a 503 with Retry-After), and the connection, mid-query, is
+    closed rather than given back to the pool. So are taking a connection from the pool
+    (its lock, and peewee's ``SELECT 1`` that checks the connection it hands out) and
+    making a new one.
+    """
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        try:
+            return _within(super().execute_sql, sql, params)
+        except DatabaseTimeout:
+            discard_connection()
+            raise
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        # peewee's and the pool's locks may be held by a job checking a connection on
+        # the hung server (for up to DB_TIMEOUT), or making one (DB_CONNECT_TIMEOUT):
+        # the wait is bounded too.
+        return _within(super().connect, reuse_if_open)
+
+    def _is_closed(self, conn: Any) -> bool:
+        try:
+            return _within(super()._is_closed, conn)
+        except DatabaseTimeout:
+            self._close_raw(conn)  # taken off the pool's heap: nobody else would close it
+            raise
+
+
+def _within(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, bounded as this greenlet's statements are (``_bounds``); once one
+    went unanswered, the request's others fail at once (an error page that reads the
+    database too took the bound again, per statement)."""
+    current = gevent.getcurrent()
+    bound = _bounds.get(current)
+    if bound is None:
+        return fn(*args)
+    if bound <= 0:
+        raise DatabaseTimeout("the database did not answer this request")
+    # The timer's own exception, not DatabaseTimeout, until it is out of ``fn``: peewee
+    # takes any Exception in its check of a pooled connection for "closed", and went on
+    # to the next connection, and the next.
+    timer = gevent.Timeout(bound)
+    timer.start()
+    try:
+        return fn(*args)
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        _bounds[current] = 0.0
+        raise DatabaseTimeout(f"no answer within {bound:g} s") from None
+    finally:
+        timer.close()
 
 
 class _Connection(sqlite3.Connection):
@@ -258,7 +331,9 @@ def init_app(app: Flask) -> None:
     Requests connect only when they need to: the public API normally answers from
     per-worker caches without touching the database at all (see ``connection``).
     """
+    global _request_timeout
     _check_greenlet_connections()
+    _request_timeout = float(app.config["DB_REQUEST_TIMEOUT"])
     database.initialize(
         open_database(
             app.config["DATABASE_URL"],
@@ -278,6 +353,20 @@ def connect() -> None:
     if database.is_closed():
         database.connect()
         g.gateway_db_opened = True
+
+
+@contextmanager
+def bounded() -> Iterator[None]:
+    """The block's use of PostgreSQL bounded by ``DB_REQUEST_TIMEOUT`` a step (taking a
+    connection, each statement), and none once a step went unanswered: a request's,
+    from before its session opens (the dashboard's session key may be read) to its
+    answer."""
+    current = gevent.getcurrent()
+    _bounds[current] = _request_timeout
+    try:
+        yield
+    finally:
+        _bounds.pop(current, None)
 
 
 @contextmanager

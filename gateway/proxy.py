@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 from werkzeug.wsgi import ClosingIterator
 
-from gateway import admission, auth, dedup, jsonio, redact, replay, token_count
+from gateway import admission, auth, db, dedup, jsonio, redact, replay, token_count
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -224,7 +224,8 @@ class CallRoutes:
             CALLS.get(environ.get("PATH_INFO", "")) if environ["REQUEST_METHOD"] == "POST" else None
         )
         if view is None:
-            return self.flask(environ, start_response)
+            with db.bounded():  # the admin API and the dashboard read the database
+                return self.flask(environ, start_response)
         return _serve(view, CallRequest(environ, self.app))(environ, start_response)
 
 

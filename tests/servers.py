@@ -613,6 +613,22 @@ class PostgresCluster:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def hung(self) -> Iterator[None]:
+        """Every process of the server stopped, its connections' backends too: the
+        system still acknowledges what is sent on open connections, and nothing answers
+        (a paused VM; a partition that drops packets looks alike to a client)."""
+        main = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+        pids = [main, *map(int, children)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
         """Stop the server if it runs and delete its files."""
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped

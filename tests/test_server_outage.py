@@ -454,6 +454,39 @@ def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
             gw.stop()
 
 
+def test_a_database_that_stops_answering_gets_503_from_the_admin_side_not_a_hang(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Every PostgreSQL process stopped: the connections the worker's pool holds stay
+    open and nothing answers on them. A request's statement waited there for ever (the
+    admin API, the dashboard, /api/usage), holding its greenlet and a pooled
+    connection; each now gives up after DB_REQUEST_TIMEOUT and answers 503. Calls go on,
+    and once the server answers again so does the admin API."""
+    url = gateway_database(cluster)
+    gw = Gateway(url, tmp_path / "instance", workers=1, GATEWAY_DB_REQUEST_TIMEOUT="1", **QUICK)
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        asks = {
+            "admin": lambda: gw.admin.get(f"{gw.url}/api/admin/completions", timeout=15),
+            "usage": lambda: requests.get(f"{gw.url}/api/usage", headers=auth, timeout=15),
+            "dashboard": lambda: requests.get(f"{gw.url}/login", timeout=15),
+        }
+        assert {name: ask().status_code for name, ask in asks.items()} == dict.fromkeys(asks, 200)
+        with cluster.hung():
+            for name, ask in asks.items():
+                sent = time.monotonic()
+                answer = ask()
+                assert answer.status_code == 503, name
+                assert time.monotonic() - sent < 5, name  # the bound, not DB_TIMEOUT or more
+            assert answer.headers["Retry-After"] == "5"
+            assert call(gw, key, "call-hung", KINDS[0]) == "full"
+        wait_until(lambda: asks["admin"]().status_code == 200, timeout=20)
+        assert len(final_records(gw, 1)) == 1  # the call's record, once the server answers
+    finally:
+        gw.stop()
+
+
 # -- the database answers but takes no writes ------------------------------------------
 
 
