@@ -394,8 +394,10 @@ class Limiter:
         return holding
 
     def _renew(self, key_id: int, holding: leases.Holding) -> None:
-        """Ask for the key's next lease in the background, if it is time."""
-        if holding.wants(time.monotonic()):
+        """Ask for the key's next lease in the background, if it is time (and Redis is
+        not known to be away: the call itself fails open then)."""
+        now = time.monotonic()
+        if self._down_until <= now and holding.wants(now):
             holding.asking = True
             self._spawn(lambda: self._lease(key_id, holding))
 

@@ -611,3 +611,26 @@ def test_small_limits_and_keys_with_more_than_rpm_and_tpm_ask_redis_every_call(
     finally:
         a.stop()
         off.stop()
+
+
+def test_with_redis_away_a_lease_s_calls_hold_and_none_asks_for_another(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is away a live lease still limits its calls; past it, calls fail open
+    as any do, and no call asks for a lease (a greenlet and a fail-open each)."""
+    limiter = _on(redis_server.url, "lease-away", REDIS_RETRY_AFTER=5.0)
+    try:
+        assert limiter.admit(50, rpm=200, tpm=None).allowed  # leases of 2
+        wait_until(lambda: limiter._holdings[50].leases, timeout=5)
+        redis_server.stop()
+        held = [limiter.admit(50, rpm=200, tpm=None) for _ in range(2)]
+        assert all(a.allowed and not a.failed_open for a in held)  # from the lease
+        asked = _fail_opens("lease")
+        answers = []
+        for _ in range(20):
+            answers.append(limiter.admit(50, rpm=200, tpm=None))
+            gevent.sleep(0.01)  # calls come over time: what one spawned has run
+        assert all(a.allowed and a.failed_open for a in answers)
+        assert _fail_opens("lease") - asked <= 1  # the one that found Redis away
+    finally:
+        limiter.stop()
