@@ -32,7 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("GATEWAY")
-    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET"):
+    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET", "ALLOWED_ORIGINS"):
         if os.environ.get(name):
             app.config[name] = os.environ[name]
     if config:
@@ -54,6 +54,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         auth,
         calls,
         cli,
+        cors,
         dashboard,
         db,
         limiter,
@@ -100,6 +101,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
     app.register_error_handler(HTTPException, proxy.render_http_error)
-    # The /v1 call routes are served in front of Flask's per-request machinery (issue 11).
-    app.wsgi_app = proxy.CallRoutes(app)  # type: ignore[method-assign]
+    # The /v1 call routes are served in front of Flask's per-request machinery (issue 11);
+    # cross-origin calls to the APIs are allowed in front of both.
+    routes = proxy.CallRoutes(app)
+    app.wsgi_app = cors.Cors(routes, app.config["ALLOWED_ORIGINS"])  # type: ignore[method-assign]
     return app

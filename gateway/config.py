@@ -30,6 +30,9 @@ DEFAULTS: dict[str, object] = {
     "REDIS_URL": None,  # None: limits live in process memory
     "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
     "INIT_FILE": None,  # a YAML or JSON file of providers, models and keys applied at start
+    # Origins whose browser apps may call /v1 and /api (cors.py): "*" (NexusGate's
+    # default), a comma-separated list, or empty for none. ALLOWED_ORIGINS, as NexusGate.
+    "ALLOWED_ORIGINS": "*",
     # -- Traffic control and metrics (limiter.py, ratelimit.py, metrics.py) --
     # Redis (REDIS_URL) is away when a command takes longer than REDIS_TIMEOUT:
     # limits then fail open, and Redis is tried again REDIS_RETRY_AFTER seconds later.

@@ -13,10 +13,12 @@ not used (they cannot be fetched here).
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,3 +307,54 @@ def test_the_logs_page_in_both_languages(
     ours.locator("button[type=submit]").click()
     expect(page.locator(".flash.ok")).to_have_text(acknowledged)
     expect(ours).to_have_count(0)
+
+
+def test_a_browser_app_on_another_origin_calls_the_api_and_reads_its_limits(
+    browser: Browser, dashboard: tuple[Gateway, Seeded], fake
+) -> None:  # type: ignore[no-untyped-def]
+    """A page on another origin calls /v1 with a key, as a web app on the OpenAI SDK does
+    (``dangerouslyAllowBrowser``): Chromium asks first (the Authorization header needs
+    a preflight), then reads the answer and the limits the gateway exposes to it."""
+    gw, _ = dashboard
+    model = f"cors-{uuid.uuid4().hex[:6]}"
+    key = gw.setup_route(fake.url, system_name=model, remote_id="fake;chunks=3")["key"]
+    page = open_page(browser)
+    # The app's page from a server of its own: another origin than the gateway's
+    # 127.0.0.1:<port>, in the same (local) address space, as Chromium requires of a
+    # page that calls a local server.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AppPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    page.goto(f"http://localhost:{server.server_address[1]}/")
+    got = page.evaluate(
+        """async ([url, key, model]) => {
+            const answer = await fetch(url + "/v1/chat/completions", {
+                method: "POST",
+                headers: {"Authorization": "Bearer " + key, "Content-Type": "application/json"},
+                body: JSON.stringify({model, messages: [{role: "user", content: "hi"}]}),
+            });
+            const body = await answer.json();
+            return {
+                status: answer.status,
+                remaining: answer.headers.get("X-RateLimit-Remaining-RPM"),
+                text: body.choices[0].message.content,
+            };
+        }""",
+        [gw.url, key, model],
+    )
+    assert got["status"] == 200 and got["text"].split() == ["tok0", "tok1", "tok2"]
+    assert got["remaining"] == "49"  # the key's default 50 a minute, one taken
+    page.context.close()
+    server.shutdown()
+
+
+class _AppPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>an app</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass

@@ -1,0 +1,74 @@
+"""Cross-origin calls to the APIs (CORS), as NexusGate allows them (``ALLOWED_ORIGINS``).
+
+A browser app on another origin may call ``/v1`` and ``/api``: they authenticate by a key
+or a bearer in a header, never by a cookie, so no credentials are allowed across
+origins, and the dashboard (a cookie session) stays same-origin. ``ALLOWED_ORIGINS`` is
+``*`` (NexusGate's default: any origin), a comma-separated list of origins
+(``https://app.example.com``), or empty (no cross-origin calls). A preflight (``OPTIONS``
+with ``Access-Control-Request-Method``) is answered here, 204, reaching no view, no limit
+and no record; an answer to an allowed origin carries ``Access-Control-Allow-Origin`` and
+exposes the headers a client reads (the rate limits, ``Retry-After``). A request without
+an ``Origin`` header (every SDK outside a browser) passes untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+APIS = ("/v1/", "/api/")
+METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+EXPOSED = ", ".join(
+    [
+        *(f"X-RateLimit-{w}-{k}" for k in ("RPM", "TPM") for w in ("Limit", "Remaining")),
+        "Retry-After",
+    ]
+)
+MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+_HEADER_NAMES = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 tokens
+
+
+class Cors:
+    """WSGI middleware: CORS headers for allowed origins on the API paths."""
+
+    def __init__(self, app: Callable, allowed: str | None) -> None:
+        self.app = app
+        origins = [o.strip().rstrip("/") for o in (allowed or "").split(",")]
+        self.any = "*" in origins
+        self.origins = frozenset(o for o in origins if o and o != "*")
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None or not environ.get("PATH_INFO", "").startswith(APIS):
+            return self.app(environ, start_response)
+        allow = self.allow(origin)
+        if allow is None:  # not allowed: no headers, and the browser keeps the answer
+            return self.app(environ, start_response)
+        headers = [("Access-Control-Allow-Origin", allow)]
+        if allow != "*":
+            headers.append(("Vary", "Origin"))
+        if environ["REQUEST_METHOD"] == "OPTIONS" and environ.get(
+            "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
+        ):
+            asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
+            headers += [
+                ("Access-Control-Allow-Methods", METHODS),
+                ("Access-Control-Allow-Headers", ", ".join(_HEADER_NAMES.findall(asked))),
+                ("Access-Control-Max-Age", MAX_AGE),
+                ("Content-Length", "0"),
+            ]
+            start_response("204 No Content", headers)
+            return []
+        headers.append(("Access-Control-Expose-Headers", EXPOSED))
+
+        def starting(status: str, sent: list, exc_info: Any = None) -> Any:
+            return start_response(status, [*sent, *headers], exc_info)
+
+        return self.app(environ, starting)
+
+    def allow(self, origin: str) -> str | None:
+        """What ``Access-Control-Allow-Origin`` says to ``origin``; None if not allowed."""
+        if self.any:
+            return "*"
+        return origin if origin.rstrip("/") in self.origins else None
