@@ -333,6 +333,9 @@ class Limiter:
         holding = None
         if rpm is not None and not extra and held is None and spend is None:
             holding = self._holding(key_id, rpm, tpm)
+        stale = self._holdings.get(key_id) if holding is None else None
+        if stale is not None and stale.rpm.capacity != rpm:  # a limit now asked per call
+            del self._holdings[key_id]  # what its leases left is not given back
         if holding is not None:
             taken = holding.take(time.monotonic())
             self._renew(key_id, holding)
@@ -424,7 +427,12 @@ class Limiter:
             gevent.sleep(leases.LEASE_TTL)
         finally:
             left = holding.end(lease)
-            if left:
+            # Taken under a limit since changed (or one now asked per call): given back
+            # with the old limit's bucket, they refilled the new one to full, and a
+            # lowered limit let its whole size through again each time a lease ended.
+            # The new bucket refills on its own.
+            current = self._holdings.get(key_id)
+            if left and current is not None and current.rpm == holding.rpm:
                 operation = ("charge", (keys[0], holding.rpm, -float(left)))
                 self._guarded("lease", None, self.store.post_all, [operation])
 

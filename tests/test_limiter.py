@@ -587,6 +587,24 @@ def test_a_lease_left_unused_is_given_back_when_it_ends(pair) -> None:  # type: 
     assert a.usage(34, 12_000, 10**6)["rpm"]["current"] == 0  # given back, the call refilled
 
 
+@pytest.mark.parametrize("lowered", [300, 60])  # leased, and asked per call
+def test_a_lease_of_a_limit_since_lowered_is_not_given_back_to_the_new_bucket(
+    pair,  # type: ignore[no-untyped-def]
+    lowered: int,
+) -> None:
+    """Given back with the old limit's bucket, a lease's unused requests refilled the
+    lowered limit's bucket to full: its whole size through again when the lease ended."""
+    a, _ = pair
+    assert a.admit(35, rpm=100_000, tpm=None).allowed
+    wait_until(lambda: a._holdings[35].leases)  # 1,000 requests, 999 of them unused
+    started, allowed = time.monotonic(), 0
+    while time.monotonic() - started < 2 * LEASE_TTL:  # the old lease ends meanwhile
+        allowed += a.admit(35, rpm=lowered, tpm=None).allowed
+        gevent.sleep(0.001)
+    refilled = (time.monotonic() - started) * lowered / 60
+    assert allowed <= lowered + refilled + 1
+
+
 def test_small_limits_and_keys_with_more_than_rpm_and_tpm_ask_redis_every_call(
     shared_redis: RedisServer,
 ) -> None:
