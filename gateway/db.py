@@ -147,8 +147,23 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
     """
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
+        return self._bounded(super().execute_sql, sql, params)
+
+    # peewee sends BEGIN, COMMIT and ROLLBACK on a cursor of its own, not through
+    # ``execute_sql``: a transaction open when the server stopped answering (a listing's,
+    # an admin write's) waited at its COMMIT for ever.
+    def begin(self, isolation_level: Any = None) -> None:
+        self._bounded(super().begin, isolation_level)
+
+    def commit(self) -> None:
+        self._bounded(super().commit)
+
+    def rollback(self) -> None:
+        self._bounded(super().rollback)
+
+    def _bounded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return _within(super().execute_sql, sql, params)
+            return _within(fn, *args)
         except DatabaseTimeout:
             discard_connection()
             raise

@@ -19,6 +19,7 @@ replay the dead ones' journals, and the sweeper finalises the streams they serve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -35,7 +36,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.db import migrate, open_database
+from gateway import db
+from gateway.db import DatabaseTimeout, database, migrate, open_database
 from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
 from tests.servers import Disk, Gateway, PostgresCluster, children, marker, wait_until
@@ -485,6 +487,38 @@ def test_a_database_that_stops_answering_gets_503_from_the_admin_side_not_a_hang
         assert len(final_records(gw, 1)) == 1  # the call's record, once the server answers
     finally:
         gw.stop()
+
+
+def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_commit(
+    cluster: PostgresCluster,
+) -> None:
+    """peewee sends BEGIN, COMMIT and ROLLBACK on a cursor of its own, not through
+    ``execute_sql``: a request whose transaction was open when every process stopped (a
+    listing's, an admin write's) waited at its COMMIT until the server answered again,
+    holding its greenlet and a pooled connection. The next request finds a usable one."""
+    previous, bound = database.obj, db._request_timeout
+    database.initialize(handle := open_database(cluster.url()))
+    db._request_timeout = 1.0
+    try:
+        with contextlib.ExitStack() as resume:
+
+            def transaction() -> None:
+                with db.bounded(), db.connection(), database.atomic():
+                    database.execute_sql("SELECT 1")
+                    resume.enter_context(cluster.hung())
+
+            sent = time.monotonic()
+            request = gevent.spawn(transaction)
+            request.join(timeout=10)
+            assert request.ready(), "the COMMIT waited for the hung server"
+            assert isinstance(request.exception, DatabaseTimeout)
+            assert time.monotonic() - sent < 5
+        with db.bounded(), db.connection():
+            assert database.execute_sql("SELECT 2").fetchone() == (2,)
+    finally:
+        handle.close_all()
+        database.initialize(previous)
+        db._request_timeout = bound
 
 
 # -- the database answers but takes no writes ------------------------------------------
