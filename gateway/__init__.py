@@ -32,9 +32,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("GATEWAY")
-    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET", "ALLOWED_ORIGINS"):
+    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET"):
         if os.environ.get(name):
             app.config[name] = os.environ[name]
+    if "ALLOWED_ORIGINS" in os.environ:  # empty: no origin, not the default "*"
+        app.config["ALLOWED_ORIGINS"] = os.environ["ALLOWED_ORIGINS"]
     if config:
         app.config.update(config)
     # PORT and HOST are gunicorn.conf.py's, from variables without the prefix.

@@ -8,12 +8,14 @@ middleware alone around a stand-in app for a list of origins and hostile preflig
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.cors import Cors
-from tests.conftest import ADMIN_SECRET
+from tests.conftest import ADMIN_SECRET, _test_app
 
 APP = "https://app.example.com"
 CHAT = "/v1/chat/completions"
@@ -57,6 +59,18 @@ def test_the_dashboard_and_origin_less_requests_get_no_cors_headers(client) -> N
         "Access-Control-Allow-Origin" not in client.get("/login", headers={"Origin": APP}).headers
     )
     assert "Access-Control-Allow-Origin" not in client.post(CHAT, json=BODY).headers
+
+
+def test_allowed_origins_set_empty_allows_no_origin(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path
+) -> None:
+    """``ALLOWED_ORIGINS=`` is "none", as the README says: an empty value was taken for
+    an unset one, and every origin was allowed (``*``)."""
+    monkeypatch.setenv("ALLOWED_ORIGINS", "")
+    with _test_app(database_url, tmp_path) as app:
+        answer = app.test_client().post(CHAT, json=BODY, headers={"Origin": APP})
+    assert answer.status_code == 401
+    assert "Access-Control-Allow-Origin" not in answer.headers
 
 
 def _app(environ, start_response):  # type: ignore[no-untyped-def]
