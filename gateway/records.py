@@ -31,7 +31,7 @@ import peewee as pw
 from flask import Response, abort, current_app, url_for
 
 from gateway import export, fulltext, registry, search
-from gateway.db import connection, database, is_postgres
+from gateway.db import bounded, connection, database, is_postgres
 from gateway.models import (
     ApiKey,
     Completion,
@@ -274,9 +274,11 @@ def batches(table: Any, found: Search, exact: bool, size: int = 200) -> Iterator
 def download(table: Any, found: Search, serialize: Any, exact: bool) -> Iterator[list[dict]]:
     """Every matching record as the admin API's JSON, a batch at a time, on its own connection.
 
-    For a streamed response: it runs after the request's connection is gone.
+    For a streamed response: it runs after the request's connection is gone, and after
+    its bound (``bounded``), which is taken again here: a server that stopped answering
+    mid-download held the request and its connection until it answered again.
     """
-    with connection():
+    with bounded(), connection():
         for rows in batches(table, found, exact):
             names = registry.provider_names({r.provider_id for r in rows})
             yield [serialize(r, names.get(r.provider_id)) for r in rows]

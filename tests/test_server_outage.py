@@ -36,8 +36,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import db
+from gateway import db, records, serializers
 from gateway.db import DatabaseTimeout, database, migrate, open_database
+from gateway.models import Completion
+from gateway.search import Search
 from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
 from tests.servers import Disk, Gateway, PostgresCluster, children, marker, wait_until
@@ -515,6 +517,32 @@ def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_
             assert time.monotonic() - sent < 5
         with db.bounded(), db.connection():
             assert database.execute_sql("SELECT 2").fetchone() == (2,)
+    finally:
+        handle.close_all()
+        database.initialize(previous)
+        db._request_timeout = bound
+
+
+def test_a_download_whose_database_stops_answering_is_bounded_too(
+    cluster: PostgresCluster,
+) -> None:
+    """A download's batches are read while its answer streams, after the view (and its
+    bound) returned: a server that stopped answering held it until it answered again."""
+    previous, bound = database.obj, db._request_timeout
+    database.initialize(handle := open_database(gateway_database(cluster)))
+    db._request_timeout = 1.0
+    try:
+        batches = records.download(Completion, Search(), serializers.completion, True)
+        with db.connection():  # pooled, as a worker's are (the migration's backends gone)
+            assert database.execute_sql("SELECT 1").fetchone() == (1,)
+        with cluster.hung():
+            sent = time.monotonic()
+            reading = gevent.spawn(next, batches, None)
+            reading.join(timeout=10)
+            waited = time.monotonic() - sent
+        reading.join()  # once the server answers, at the latest
+        assert waited < 5, "the download waited for the hung server"
+        assert isinstance(reading.exception, DatabaseTimeout)
     finally:
         handle.close_all()
         database.initialize(previous)
