@@ -622,12 +622,14 @@ class PostgresCluster:
         children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
         pids = [main, *map(int, children)]
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # a backend or autovacuum worker
+                os.kill(pid, signal.SIGSTOP)  # that ended meanwhile: nothing to stop
         try:
             yield
         finally:
             for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def destroy(self) -> None:
         """Stop the server if it runs and delete its files."""
