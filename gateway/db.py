@@ -177,8 +177,10 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
     def _is_closed(self, conn: Any) -> bool:
         try:
             return _within(super()._is_closed, conn)
-        except DatabaseTimeout:
-            self._close_raw(conn)  # taken off the pool's heap: nobody else would close it
+        except BaseException:  # taken off the pool's heap: nobody else would close it
+            # Not only this check's own bound: ``connect``'s timer, started first with the
+            # same bound, fires first, and the connection was left open to the server.
+            self._close_raw(conn)
             raise
 
 

@@ -523,6 +523,34 @@ def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_
         db._request_timeout = bound
 
 
+def test_a_pooled_connection_whose_check_goes_unanswered_is_closed(
+    cluster: PostgresCluster,
+) -> None:
+    """Taking a connection checks a pooled one (``SELECT 1``) after taking it off the
+    pool: unanswered within the bound, it is closed, not left open to the server."""
+    previous, bound = database.obj, db._request_timeout
+    database.initialize(handle := open_database(cluster.url()))
+    db._request_timeout = 1.0
+    try:
+        with db.connection():
+            database.execute_sql("SELECT 1")
+        [(_, _, pooled)] = handle._connections
+
+        def request() -> None:
+            with db.bounded(), db.connection():
+                database.execute_sql("SELECT 1")
+
+        with cluster.hung():
+            asked = gevent.spawn(request)
+            asked.join(timeout=10)
+            assert isinstance(asked.exception, DatabaseTimeout)
+            assert pooled.closed
+    finally:
+        handle.close_all()
+        database.initialize(previous)
+        db._request_timeout = bound
+
+
 def test_a_download_whose_database_stops_answering_is_bounded_too(
     cluster: PostgresCluster,
 ) -> None:
