@@ -379,11 +379,14 @@ def bounded() -> Iterator[None]:
     from before its session opens (the dashboard's session key may be read) to its
     answer."""
     current = gevent.getcurrent()
-    _bounds[current] = _request_timeout
+    outer = _bounds.get(current)  # a download's own, inside its request's: kept as it is
+    if outer is None:
+        _bounds[current] = _request_timeout
     try:
         yield
     finally:
-        _bounds.pop(current, None)
+        if outer is None:
+            _bounds.pop(current, None)
 
 
 @contextmanager
