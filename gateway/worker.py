@@ -450,6 +450,7 @@ class GatewayWorker(GeventWorker):
         """Stop every call now, and write (or journal) the records within seconds."""
         from gateway import replay
         from gateway.calls import calls
+        from gateway.limiter import limiter
         from gateway.recorder import recorder
         from gateway.telemetry import telemetry
 
@@ -457,5 +458,6 @@ class GatewayWorker(GeventWorker):
             calls.stop_all()
             calls.wait(timeout=2.0)
         replay.stop_all()
+        limiter.stop()  # what its leases left unused goes back to the shared buckets
         recorder.drain(timeout=2.0)
         telemetry.shutdown(timeout=0.4)
