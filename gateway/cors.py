@@ -34,7 +34,7 @@ class Cors:
 
     def __init__(self, app: Callable, allowed: str | None) -> None:
         self.app = app
-        origins = [o.strip().rstrip("/") for o in (allowed or "").split(",")]
+        origins = [_normal(o) for o in (allowed or "").split(",")]
         self.any = "*" in origins
         self.origins = frozenset(o for o in origins if o and o != "*")
 
@@ -43,8 +43,8 @@ class Cors:
         if origin is None or not environ.get("PATH_INFO", "").startswith(APIS):
             return self.app(environ, start_response)
         allow = self.allow(origin)
-        if allow is None:  # not allowed: no headers, and the browser keeps the answer
-            return self.app(environ, start_response)
+        if allow is None:  # not allowed: the browser keeps the answer from the page
+            return self.app(environ, self._varying(start_response))
         headers = [("Access-Control-Allow-Origin", allow)]
         if allow != "*":
             headers.append(("Vary", "Origin"))
@@ -71,4 +71,25 @@ class Cors:
         """What ``Access-Control-Allow-Origin`` says to ``origin``; None if not allowed."""
         if self.any:
             return "*"
-        return origin if origin.rstrip("/") in self.origins else None
+        return origin if _normal(origin) in self.origins else None
+
+    def _varying(self, start_response: Callable) -> Callable:
+        """A list of origins answers each alike but for its header: a cache in between
+        must not give a refused origin's answer to an allowed one (``Vary: Origin``)."""
+        if self.any:
+            return start_response
+
+        def starting(status: str, sent: list, exc_info: Any = None) -> Any:
+            return start_response(status, [*sent, ("Vary", "Origin")], exc_info)
+
+        return starting
+
+
+def _normal(origin: str) -> str:
+    """An origin as browsers send it: scheme and host in lower case, no default port, no
+    trailing slash (``HTTPS://App.example.com:443/`` is ``https://app.example.com``)."""
+    origin = origin.strip().rstrip("/").lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin

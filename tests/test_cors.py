@@ -99,6 +99,12 @@ def test_a_list_of_origins_allows_those_only_and_says_it_varies() -> None:
         cors, "https://evil.example", "OPTIONS", access_control_request_method="POST"
     )
     assert status.startswith("405") and "Access-Control-Allow-Origin" not in headers
+    assert headers["Vary"] == "Origin"  # a cache must not give this answer to an allowed one
+    # Configured as a person types it, matched as a browser sends it, echoed as sent.
+    typed = Cors(_app, "HTTPS://App.Example.com:443/, http://localhost:80")
+    assert _ask(typed, APP)[1]["Access-Control-Allow-Origin"] == APP
+    assert _ask(typed, "http://localhost")[1]["Access-Control-Allow-Origin"] == "http://localhost"
+    assert "Access-Control-Allow-Origin" not in _ask(typed, "http://localhost:8080")[1]
     for off in ("", None):
         status, headers = _ask(Cors(_app, off), APP)
         assert "Access-Control-Allow-Origin" not in headers
