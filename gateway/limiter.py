@@ -330,12 +330,7 @@ class Limiter:
             spend = (self._spend_key(key_id, now), max(0, math.ceil(budget * 1e9)))
         if not named and held is None and spend is None:
             return Admission(True, None, None, None, None)
-        holding = None
-        if rpm is not None and not extra and held is None and spend is None:
-            holding = self._holding(key_id, rpm, tpm)
-        stale = self._holdings.get(key_id) if holding is None else None
-        if stale is not None and stale.rpm.capacity != rpm:  # a limit now asked per call
-            del self._holdings[key_id]  # what its leases left is not given back
+        holding = self._holding(key_id, rpm, tpm, not extra and held is None and spend is None)
         if holding is not None:
             taken = holding.take(time.monotonic())
             self._renew(key_id, holding)
@@ -376,12 +371,18 @@ class Limiter:
 
     # -- leases: a share of a key's RPM taken ahead (leases.py) -------------------
 
-    def _holding(self, key_id: int, rpm: int, tpm: int | None) -> leases.Holding | None:
-        """This worker's leases of the key's limits, or None where every call asks Redis."""
-        size = leases.size(rpm, self.lease_share)
-        if not size:
-            return None
+    def _holding(
+        self, key_id: int, rpm: int | None, tpm: int | None, leasable: bool
+    ) -> leases.Holding | None:
+        """This worker's leases of the key's limits, or None where every call asks Redis
+        (no RPM limit, a small one, or a key with more than RPM and TPM: not ``leasable``).
+        """
+        size = leases.size(rpm, self.lease_share) if rpm is not None and leasable else 0
         holding = self._holdings.get(key_id)
+        if not size:
+            if holding is not None and holding.rpm.capacity != rpm:  # now asked per call
+                del self._holdings[key_id]  # what its leases left is not given back
+            return None
         if (
             holding is None
             or holding.rpm.capacity != rpm
