@@ -25,6 +25,7 @@ EXPOSED = ", ".join(
         "Retry-After",
     ]
 )
+VARY = ("Vary", "Origin")
 MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
 _HEADER_NAMES = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 tokens
 
@@ -43,11 +44,13 @@ class Cors:
         if origin is None or not environ.get("PATH_INFO", "").startswith(APIS):
             return self.app(environ, start_response)
         allow = self.allow(origin)
-        if allow is None:  # not allowed: the browser keeps the answer from the page
-            return self.app(environ, self._varying(start_response))
+        if allow is None:  # not allowed (a list of origins): the browser keeps the answer
+            # Answered alike but for the header: a cache in between must not give a refused
+            # origin's answer to an allowed one.
+            return self.app(environ, _adding(start_response, [VARY]))
         headers = [("Access-Control-Allow-Origin", allow)]
         if allow != "*":
-            headers.append(("Vary", "Origin"))
+            headers.append(VARY)
         if environ["REQUEST_METHOD"] == "OPTIONS" and environ.get(
             "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
         ):
@@ -61,11 +64,7 @@ class Cors:
             start_response("204 No Content", headers)
             return []
         headers.append(("Access-Control-Expose-Headers", EXPOSED))
-
-        def starting(status: str, sent: list, exc_info: Any = None) -> Any:
-            return start_response(status, [*sent, *headers], exc_info)
-
-        return self.app(environ, starting)
+        return self.app(environ, _adding(start_response, headers))
 
     def allow(self, origin: str) -> str | None:
         """What ``Access-Control-Allow-Origin`` says to ``origin``; None if not allowed."""
@@ -73,16 +72,14 @@ class Cors:
             return "*"
         return origin if _normal(origin) in self.origins else None
 
-    def _varying(self, start_response: Callable) -> Callable:
-        """A list of origins answers each alike but for its header: a cache in between
-        must not give a refused origin's answer to an allowed one (``Vary: Origin``)."""
-        if self.any:
-            return start_response
 
-        def starting(status: str, sent: list, exc_info: Any = None) -> Any:
-            return start_response(status, [*sent, ("Vary", "Origin")], exc_info)
+def _adding(start_response: Callable, headers: list[tuple[str, str]]) -> Callable:
+    """``start_response`` with ``headers`` after the app's own."""
 
-        return starting
+    def starting(status: str, sent: list, exc_info: Any = None) -> Any:
+        return start_response(status, [*sent, *headers], exc_info)
+
+    return starting
 
 
 def _normal(origin: str) -> str:
