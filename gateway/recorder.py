@@ -433,13 +433,15 @@ class Recorder:
         for every call of the worker. So the database is asked first, and nothing is
         read while it does not answer.
         """
-        if not (self._journaling or self.journal.waiting() or self.journal.waiting("ahead")):
+        own = self._journaling or self.journal.waiting()
+        ahead = self.journal.waiting("ahead")  # a dead process's write-ahead lines
+        if not (own or ahead):
             return
         with db.background(self.timeout):
             database.execute_sql("SELECT 1")
-        if self._journaling or self.journal.waiting():
+        if own:
             self._replay_once()
-        if self.journal.waiting("ahead"):  # a dead process's write-ahead lines
+        if ahead:
             self.journal.replay(self._write_ahead, prefix="ahead")
 
     def _replay_once(self) -> None:
