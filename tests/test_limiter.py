@@ -533,6 +533,9 @@ def test_leases_admit_a_large_limit_s_calls_with_few_round_trips(pair) -> None: 
     # Each worker reports the shared level plus what it holds unused; the other
     # worker's unused leases (two at most) count as used.
     assert all(100_000 - 3000 - 2 * 1000 <= x.rpm_remaining <= 100_000 for x in answers)
+    # A lease still being asked for when its worker stops is lost, as a killed worker's
+    # is (a loaded run once found 460 requests more): the ones held are what stop gives back.
+    wait_until(lambda: not (a._holdings[31].asking or b._holdings[31].asking))
     a.stop()
     b.stop()  # both give back what they left unused
     assert a.usage(31, 100_000, 10**6)["rpm"]["current"] <= 3000
