@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import tomllib
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -61,8 +62,13 @@ _pid = os.getpid()
 
 
 def _forked() -> None:
-    global _pid
+    """In a forked child: its own pid, and none of its parent's changes or calls."""
+    global _pid, _in_flight, _drains
     _pid = os.getpid()
+    _added.clear()
+    _levels.clear()
+    _observed.clear()
+    _in_flight = _drains = 0
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -194,11 +200,12 @@ def _key_labels(key_id: int, comment: str | None) -> tuple[str, str]:
 # dict, without ``labels()``'s checks, conversions and lock on every call (issue 11).
 _children: dict[tuple, Any] = {}
 
-# A call's own changes (``call_finished``, ``key_usage``: a dozen per call, each a write
-# into a shared mmap, about 50 µs of a call's latency at one client when written on its
-# path) are kept here and written by ``flush``, a timer of the event loop's that the
-# first change after a flush starts: at most ``FLUSH_EVERY`` later, it writes what every
-# call of that time changed, added up (a counter once, a gauge's latest value). Written
+# A call's own changes (``call_finished``, ``key_usage``, the in-flight gauges: a dozen
+# per call, each a write into a shared mmap, about 50 µs of a call's latency at one
+# client when written on its path) are kept here and written by ``flush``, a timer of
+# the event loop's that the first change after a flush starts: at most ``FLUSH_EVERY``
+# later, it writes what every call of that time changed, added up (a counter once, a
+# gauge's latest value, a histogram's sum once and each bucket it gained once). Written
 # at the end of each loop turn instead, they cost a busy worker about 5% of a JSON
 # call's CPU (issue 11: its turns hold one or two calls each). ``render`` and the
 # process's exit flush first, so a scrape of this worker sees every change; another
@@ -207,8 +214,10 @@ _children: dict[tuple, Any] = {}
 FLUSH_EVERY = 0.02  # seconds
 _added: dict[Any, float] = {}
 _levels: dict[Any, float] = {}
-_observed: list[tuple[Any, float]] = []
+_observed: dict[Any, list[float]] = {}  # a histogram's child -> its observations
 _flushing = False
+_in_flight = 0  # this process's calls in flight (CALLS_IN_FLIGHT, written as a level)
+_drains = 0  # and drains (DRAINS_IN_FLIGHT)
 
 
 def _add(child: Any, amount: float = 1.0) -> None:
@@ -222,7 +231,11 @@ def _level(child: Any, value: float) -> None:
 
 
 def _observe(child: Any, value: float) -> None:
-    _observed.append((child, value))
+    held = _observed.get(child)
+    if held is None:
+        _observed[child] = [value]
+    else:
+        held.append(value)
     _later()
 
 
@@ -240,7 +253,8 @@ def flush() -> None:
     _flushing = False
     writes = [(child.inc, amount) for child, amount in _added.items()]
     writes += [(child.set, value) for child, value in _levels.items()]
-    writes += [(child.observe, value) for child, value in _observed]
+    for child, observations in _observed.items():
+        writes += _histogram_writes(child, observations)
     _added.clear()
     _levels.clear()
     _observed.clear()
@@ -252,6 +266,21 @@ def flush() -> None:
 
 
 atexit.register(flush)
+
+
+def _histogram_writes(child: Any, observations: list[float]) -> list[tuple[Any, float]]:
+    """What ``child.observe`` of each observation writes, added up: the sum once, and
+    each bucket once with its count (prometheus_client keeps a histogram's buckets apart,
+    not cumulative: an observation counts in the first bucket whose bound holds it)."""
+    bounds = child._upper_bounds
+    counts: dict[int, int] = {}
+    for value in observations:
+        i = bisect_left(bounds, value)
+        if i < len(bounds) and value <= bounds[i]:  # what observe asks (a NaN: no bucket)
+            counts[i] = counts.get(i, 0) + 1
+    writes = [(child._sum.inc, sum(observations))]
+    writes += [(child._buckets[i].inc, count) for i, count in counts.items()]
+    return writes
 
 
 def _child(metric: Any, *labels: str) -> Any:
@@ -342,22 +371,30 @@ def catalog(api_keys: int, providers: int, models: dict[str, int]) -> None:
 
 def call_opened() -> None:
     """A call started (its upstream is being contacted)."""
-    CALLS_IN_FLIGHT.inc()
+    global _in_flight
+    _in_flight += 1
+    _level(CALLS_IN_FLIGHT, _in_flight)
 
 
 def call_closed() -> None:
     """A call's record is final."""
-    CALLS_IN_FLIGHT.dec()
+    global _in_flight
+    _in_flight -= 1
+    _level(CALLS_IN_FLIGHT, _in_flight)
 
 
 def drain_started() -> None:
     """A client left and its upstream is read on."""
-    DRAINS_IN_FLIGHT.inc()
+    global _drains
+    _drains += 1
+    _level(DRAINS_IN_FLIGHT, _drains)
 
 
 def drain_ended() -> None:
     """A drain is over (read to its end, cut at its bound, or stopped)."""
-    DRAINS_IN_FLIGHT.dec()
+    global _drains
+    _drains -= 1
+    _level(DRAINS_IN_FLIGHT, _drains)
 
 
 def aborted(ending: str) -> None:

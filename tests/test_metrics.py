@@ -21,6 +21,9 @@ from typing import Any
 
 import gevent
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
@@ -171,6 +174,7 @@ child = os.fork()
 if child == 0:
     metrics.call_opened()
     metrics.call_opened()
+    metrics.flush()  # os._exit runs no atexit
     os._exit(0)
 os.waitpid(child, 0)
 print(json.dumps([os.getpid(), child]))
@@ -222,7 +226,7 @@ native = type(lock) is type(monkey.get_original("_thread", "allocate_lock")())
 
 def bump():
     for _ in range(20000):
-        metrics.call_opened()
+        metrics.records_lost(1)  # written at once (a call's own changes wait for the flush)
 
 done = []
 start = monkey.get_original("_thread", "start_new_thread")
@@ -230,7 +234,7 @@ start(lambda: done.append(bump()), ())  # a real thread beside the greenlets
 gevent.joinall([gevent.spawn(bump) for _ in range(3)])
 while not done:
     gevent.sleep(0.01)
-print(json.dumps([native, metrics.CALLS_IN_FLIGHT._value.get()]))
+print(json.dumps([native, metrics.RECORDS_LOST._value.get()]))
 """
 
 
@@ -238,7 +242,7 @@ def test_changes_take_the_os_lock_and_count_exactly_across_greenlets_and_threads
     tmp_path: Path,
 ) -> None:
     """In a patched worker, the values' lock is the OS's, not gevent's (a tenth of the
-    cost): greenlets and a real thread changing one gauge lose nothing and never hang."""
+    cost): greenlets and a real thread changing one counter lose nothing and never hang."""
     assert _run_writing_into(tmp_path, LOCKED) == [True, 80000]
 
 
@@ -349,3 +353,68 @@ def test_a_keys_limit_is_written_when_it_changes_its_use_every_time(
         ("usage", 1), ("limit", 9), ("usage", 2), ("usage", 3), ("usage", 4), ("limit", 20),
         ("usage", 5),
     ]  # fmt: skip
+
+
+def _histogram_samples(histogram: Histogram) -> dict[tuple[str, frozenset], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in histogram.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=-1, max_value=500, allow_nan=False),
+            st.sampled_from([*metrics.LATENCY_BUCKETS, float("inf"), float("nan")]),
+        ),
+        max_size=40,
+    )
+)
+def test_a_histograms_observations_written_together_read_as_each_observed(
+    observations: list[float],
+) -> None:
+    """The flush writes a histogram's observations added up (its sum once, each bucket
+    once with its count): what it shows is what ``observe`` of each one would show,
+    bounds, infinity and NaN included (prometheus_client counts a NaN in no bucket)."""
+    registry = CollectorRegistry()
+    kept = Histogram("kept", "", ("model",), registry=registry, buckets=metrics.LATENCY_BUCKETS)
+    each = Histogram("each", "", ("model",), registry=registry, buckets=metrics.LATENCY_BUCKETS)
+    for value in observations:
+        metrics._observe(kept.labels("m"), value)
+        each.labels("m").observe(value)
+    metrics.flush()
+    got = {
+        (n.replace("kept", "", 1), labels): v for (n, labels), v in _histogram_samples(kept).items()
+    }
+    want = {
+        (n.replace("each", "", 1), labels): v for (n, labels), v in _histogram_samples(each).items()
+    }
+    assert got.keys() == want.keys()
+    for sample, value in want.items():
+        assert got[sample] == pytest.approx(value, nan_ok=True), sample
+
+
+def test_the_in_flight_gauges_are_this_processs_calls_written_at_the_flush() -> None:
+    """Calls and drains in flight are counted in the process and written with its other
+    changes, as levels: a scrape (which flushes first) reads them exact."""
+
+    def in_flight() -> tuple[float, float]:
+        samples = _samples(metrics.render().decode())
+        return _value(samples, "gateway_calls_in_flight"), _value(
+            samples, "gateway_drains_in_flight"
+        )
+
+    calls, drains = in_flight()
+    metrics.call_opened()
+    metrics.call_opened()
+    metrics.drain_started()
+    assert in_flight() == (calls + 2, drains + 1)
+    metrics.call_closed()
+    metrics.drain_ended()
+    assert in_flight() == (calls + 1, drains)
+    metrics.call_closed()
+    assert in_flight() == (calls, drains)
