@@ -402,7 +402,12 @@ def upsert_records(rows: list[dict], touch: dict[int, datetime] | None = None) -
     bodies: dict[str, str] = {}
     groups: dict[tuple, list[dict]] = {}
     for row in latest.values():
-        columns = tuple(c for c in row if c != "kind")  # journals of older versions differ
+        # Every column but ``kind``, which the recorder puts first; a journal of an
+        # older version may hold other columns, or put it elsewhere.
+        columns = tuple(row)
+        columns = (
+            columns[1:] if columns[:1] == ("kind",) else tuple(c for c in columns if c != "kind")
+        )
         table = RECORD_TABLES[row["kind"]]
         # A snapshot without its text (an older journal's) leaves the stored text as is.
         here = table is Completion and row["status"] != "pending" and not is_postgres()
