@@ -6,7 +6,9 @@ view runs; wrong secrets are throttled per client address (``LOGIN_ATTEMPTS`` pe
 Retry-After, right secret or not. A ``registry.Refused`` raised by any view is its
 JSON error; a database that does not answer, a 503. Bodies are strict JSON objects
 (``jsonio``), query integers ASCII digits within bounds, and NUL in a path or an
-argument is refused before any query.
+argument is refused before any query. Names in a path (system names, external ids,
+limit identifiers) arrive decoded once, by Flask, and are used as they are: a name may
+hold '%' sequences of its own.
 """
 
 from __future__ import annotations

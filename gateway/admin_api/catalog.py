@@ -7,8 +7,6 @@ back), weights by system name, and the per-model limits. The checked changes are
 
 from __future__ import annotations
 
-from urllib.parse import unquote
-
 from flask import Response, request
 
 from gateway import jsonio, registry, serializers
@@ -104,7 +102,7 @@ def system_names() -> Response:
 
 @bp.get("/models/by-system-name/<path:system_name>")
 def models_by_system_name(system_name: str) -> Response:
-    query = Model.active().where(Model.system_name == unquote(system_name)).order_by(Model.id)
+    query = Model.active().where(Model.system_name == system_name).order_by(Model.id)
     if request.args.get("modelType"):
         query = query.where(Model.model_type == request.args["modelType"])
     return jsonio.response(
@@ -117,7 +115,7 @@ def models_by_system_name(system_name: str) -> Response:
 
 @bp.put("/models/by-system-name/<path:system_name>/weights")
 def set_weights(system_name: str) -> Response:
-    registry.apply_weights(unquote(system_name), body().get("weights"))
+    registry.apply_weights(system_name, body().get("weights"))
     return models_by_system_name(system_name)
 
 
@@ -154,10 +152,10 @@ def create_rate_limit() -> Response:
 
 @bp.get("/ratelimits/<path:identifier>")
 def get_rate_limit(identifier: str) -> Response:
-    return jsonio.response(registry.rate_limit(unquote(identifier)))
+    return jsonio.response(registry.rate_limit(identifier))
 
 
 @bp.delete("/ratelimits/<path:identifier>")
 def delete_rate_limit(identifier: str) -> Response:
-    registry.remove_rate_limit(unquote(identifier))
+    registry.remove_rate_limit(identifier)
     return Response(status=204, mimetype="application/json")

@@ -6,8 +6,6 @@ The changes themselves (checks, announcements to every worker) are ``registry``'
 
 from __future__ import annotations
 
-from urllib.parse import unquote
-
 from flask import Response
 
 from gateway import jsonio, registry, serializers
@@ -112,8 +110,7 @@ def ensure_key_by_external_id(external_id: str) -> Response:
     )
 
 
-def _external_id(raw: str) -> str:
-    external_id = unquote(raw)
+def _external_id(external_id: str) -> str:
     if not 1 <= len(external_id) <= 127 or "\x00" in external_id:
         raise registry.Refused(400, "externalId must be 1 to 127 characters")
     return external_id
