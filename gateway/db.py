@@ -168,6 +168,22 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
             discard_connection()
             raise
 
+    def manual_close(self) -> bool | None:
+        """Close this greenlet's connection for good, never back to the pool."""
+        if self.is_closed() or not self.in_transaction():
+            return super().manual_close()
+        # peewee will not close a connection inside a transaction: the pool's version took
+        # it off the pool, failed, and left it open to the server until the transaction's
+        # end (or the garbage collector). Closed here at once; peewee lets go of it when
+        # the transaction ends (its ROLLBACK, past the bound, fails at once and lands in
+        # ``manual_close`` again, outside the transaction).
+        conn = self.connection()
+        with self._pool_lock:
+            self._in_use.pop(self.conn_key(conn), None)
+            self._pool_available.notify()  # a slot is free for a request waiting for one
+        self._close_raw(conn)
+        return True
+
     def connect(self, reuse_if_open: bool = False) -> bool:
         # peewee's and the pool's locks may be held by a job checking a connection on
         # the hung server (for up to DB_TIMEOUT), or making one (DB_CONNECT_TIMEOUT):

@@ -523,6 +523,49 @@ def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_
         db._request_timeout = bound
 
 
+def test_a_statement_unanswered_inside_a_transaction_closes_its_connection_at_once(
+    cluster: PostgresCluster,
+) -> None:
+    """A statement cut short inside ``atomic()``: its connection, mid-query, leaves the
+    pool and is closed there and then. peewee refuses to close a connection inside a
+    transaction, so it stayed open to the server until the transaction's end, or, were
+    that never reached, until the garbage collector found it."""
+    previous, bound = database.obj, db._request_timeout
+    database.initialize(handle := open_database(cluster.url()))
+    db._request_timeout = 1.0
+    closed = []
+    try:
+        with contextlib.ExitStack() as resume:
+
+            def transaction() -> None:
+                with db.bounded(), db.connection(), database.atomic():
+                    database.execute_sql("SELECT 1")
+                    conn = database.connection()
+                    resume.enter_context(cluster.hung())
+                    try:
+                        database.execute_sql("SELECT 2")
+                    finally:
+                        closed.append(conn.closed)
+                        assert not handle._in_use and not handle._connections
+
+            def request() -> None:
+                try:
+                    transaction()
+                finally:  # and peewee let go of it once the transaction ended
+                    closed.append(database.is_closed())
+
+            asked = gevent.spawn(request)
+            asked.join(timeout=10)
+            assert isinstance(asked.exception, DatabaseTimeout), asked.exception
+            assert closed == [True, True], "left open to the server"
+        with db.bounded(), db.connection():
+            assert database.execute_sql("SELECT 3").fetchone() == (3,)
+    finally:
+        handle.close_all()
+        database.initialize(previous)
+        db._request_timeout = bound
+
+
 def test_a_pooled_connection_whose_check_goes_unanswered_is_closed(
     cluster: PostgresCluster,
 ) -> None:
