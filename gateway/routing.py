@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC
 from typing import TypeVar
 
 from gateway.errors import NotFound, UpstreamFailed, UpstreamRejected, UpstreamTimeout
@@ -48,6 +49,7 @@ class Candidate:
     output_price: float | None = None
     cache_read_price: float | None = None
     cache_write_price: float | None = None
+    created: int = 0  # when the model row was made, Unix seconds (``/v1/models``)
 
 
 class Catalog:
@@ -96,12 +98,12 @@ class Catalog:
             raise NotFound(f"Model '{model}' not found")
         return candidates
 
-    def system_names(self) -> list[tuple[str, str, str]]:
-        """(model_type, system_name, first provider name) of every live model."""
+    def system_names(self) -> list[Candidate]:
+        """The first model row (by id) of every live system name, by type and name."""
         asked = time.monotonic()
         if self._out_of_date(asked):
             self.confirm(asked)
-        return sorted((t, n, cs[0].provider_name) for (t, n), cs in self._entries.items())
+        return [cs[0] for _, cs in sorted(self._entries.items())]
 
     def counts(self) -> tuple[int, dict[str, int]]:
         """Providers serving a live model, and live models by type, for /metrics."""
@@ -237,6 +239,7 @@ def load_candidates() -> list[Candidate]:
             output_price=m.output_price,
             cache_read_price=m.cache_read_price,
             cache_write_price=m.cache_write_price,
+            created=int(m.created_at.replace(tzinfo=UTC).timestamp()),
         )
         for m in rows
     ]

@@ -21,13 +21,21 @@ bp = Blueprint("service", __name__)
 
 @bp.get("/v1/models")
 def list_models() -> Response:
-    """Every live system name, in OpenAI's list format (no key needed, as NexusGate)."""
+    """Every live system name, in OpenAI's list format (no key needed, as NexusGate):
+    ``created`` is when its first model row was made, in Unix seconds."""
     seen: set[str] = set()
     data = []
-    for _type, name, provider in catalog.system_names():
-        if name not in seen:
-            seen.add(name)
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": provider})
+    for model in catalog.system_names():  # a chat and an embedding model may share a name
+        if model.system_name not in seen:
+            seen.add(model.system_name)
+            data.append(
+                {
+                    "id": model.system_name,
+                    "object": "model",
+                    "created": model.created,
+                    "owned_by": model.provider_name,
+                }
+            )
     return jsonio.response({"object": "list", "data": data})
 
 
