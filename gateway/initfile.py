@@ -153,10 +153,12 @@ def _model(provider: Provider, entry: dict, where: str, outcome: Outcome) -> Non
         where, registry.model_fields, {**entry, "providerId": provider.id}, required=True
     )
     row = Model.get_or_none(
-        (Model.provider == provider) & (Model.system_name == data["system_name"])
+        (Model.provider == provider)
+        & (Model.system_name == data["system_name"])
+        & (Model.deleted == False)  # noqa: E712  (deleted ones may share the name)
     )
     label = f"model {provider.name}/{data['system_name']}"
-    if row is None or row.deleted:
+    if row is None:
         _checked(where, registry.add_model, data)  # brings a deleted one back
         outcome.created.append(label)
         return

@@ -159,7 +159,7 @@ class Model(BaseModel):
 
     class Meta:
         table_name = "models"
-        indexes = ((("provider", "system_name"), True),)
+        # (provider, system_name) is unique among live models only (migrations/0017).
 
     @classmethod
     def active(cls) -> pw.ModelSelect:

@@ -292,20 +292,27 @@ def model_fields(body: dict, *, required: bool) -> dict[str, Any]:
 
 
 def add_model(data: dict[str, Any]) -> Model:
-    """Create a model from checked fields (or bring back a deleted one of that name)."""
+    """Create a model from checked fields (or bring back a deleted one of that name).
+
+    A name is unique among the provider's live models (the index leaves deleted ones
+    out): a deleted model of that name, the latest if several, comes back as new, with
+    its id, as NexusGate brings one back."""
     provider = provider_row(data.pop("provider_id"))
-    existing = Model.get_or_none(
+    named = Model.select().where(
         (Model.provider == provider) & (Model.system_name == data["system_name"])
     )
-    if existing is not None and not existing.deleted:
+    if named.where(Model.deleted == False).exists():  # noqa: E712
         raise _model_taken(data["system_name"])
+    existing = named.order_by(Model.id.desc()).first()
     try:
         with database.atomic():
-            if existing is not None:  # bring a deleted model back: the unique index holds it
+            if existing is not None:  # bring the deleted model back
                 fresh = {**_MODEL_DEFAULTS, **data}  # none of the deleted model's settings
-                Model.update(**fresh, deleted=False, updated_at=utcnow()).where(
-                    Model.id == existing.id
-                ).execute()
+                brought = Model.update(**fresh, deleted=False, updated_at=utcnow()).where(
+                    (Model.id == existing.id) & (Model.deleted == True)  # noqa: E712
+                )
+                if not brought.execute():  # brought back meanwhile by another request
+                    raise _model_taken(data["system_name"])
                 row = Model.get_by_id(existing.id)
             else:
                 row = Model.create(provider=provider, **data)

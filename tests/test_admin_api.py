@@ -257,6 +257,33 @@ def test_models_weights_and_routing_cache(admin, client) -> None:  # type: ignor
     assert (again["remoteId"], again["inputPrice"], again["weight"]) == (None, None, 1.0)
 
 
+def test_a_deleted_model_s_name_can_be_taken_again(admin, client) -> None:  # type: ignore[no-untyped-def]
+    """Only live models hold their name: a deleted one's may be given to another model
+    (renamed to it), and created again once that one is deleted too."""
+    p = provider(admin)
+    body = {"providerId": p["id"], "systemName": "gpt", "remoteId": "old", "inputPrice": 5}
+    old = admin("POST", "/models", json=body)[1]
+    admin("DELETE", f"/models/{old['id']}")
+    other = admin("POST", "/models", json={"providerId": p["id"], "systemName": "other"})[1]
+    status, renamed = admin("PUT", f"/models/{other['id']}", json={"systemName": "gpt"})
+    assert status == 200 and renamed["systemName"] == "gpt", renamed
+    # While it lives, the name is its own.
+    assert admin("POST", "/models", json={"providerId": p["id"], "systemName": "gpt"})[0] == 409
+    spare = admin("POST", "/models", json={"providerId": p["id"], "systemName": "spare"})[1]
+    assert admin("PUT", f"/models/{spare['id']}", json={"systemName": "gpt"})[0] == 409
+    pairs = admin("GET", "/models/by-system-name/gpt")[1]
+    assert [pair["model"]["id"] for pair in pairs] == [other["id"]]
+
+    # Two deleted rows hold the name now: created again, it is a model as new, once.
+    admin("DELETE", f"/models/{other['id']}")
+    status, again = admin("POST", "/models", json={"providerId": p["id"], "systemName": "gpt"})
+    assert status == 200 and again["deleted"] is False
+    assert (again["remoteId"], again["inputPrice"], again["weight"]) == (None, None, 1.0)
+    pairs = admin("GET", "/models/by-system-name/gpt")[1]
+    assert [pair["model"]["id"] for pair in pairs] == [again["id"]]
+    assert [m["id"] for m in client.get("/v1/models").get_json()["data"]] == ["gpt", "spare"]
+
+
 def _records(db, key_id: int, statuses: list[str]) -> list[Exchange]:  # type: ignore[no-untyped-def]
     calls = []
     for i, status in enumerate(statuses):

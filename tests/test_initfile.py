@@ -95,6 +95,21 @@ def test_applying_twice_changes_nothing_and_a_change_is_an_update(db, tmp_path) 
     assert Model.get_by_id(gpt.id).weight == 5 and ApiKey.by_key(FORCED).rpm_limit == 7
 
 
+def test_a_model_the_file_names_is_its_live_one_beside_deleted_ones(db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Deleted models may share a live one's name (only live ones hold their name): the
+    file's entry is the live model, found and left as it is, not a 409."""
+    apply(tmp_path, YAML)
+    gpt = Model.get(Model.system_name == "gpt-4o")
+    Model.update(deleted=True).where(Model.id == gpt.id).execute()
+    fields = Model.select().where(Model.id == gpt.id).dicts().get()
+    del fields["id"]
+    Model.create(**{**fields, "deleted": False})  # the live one, made later
+    before = state()
+    again = apply(tmp_path, YAML)
+    assert (again.created, again.updated, again.unchanged) == ([], [], 7)
+    assert state() == before
+
+
 # Another process writing all the time (another instance's workers, their records):
 # one short autocommitted insert after another, for the seconds given.
 _OTHER_WRITER = """

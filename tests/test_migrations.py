@@ -484,3 +484,37 @@ def test_the_messages_text_is_read_by_plpgsql_and_says_what_sql_said(
             assert plpgsql == sql
 
         same_text()
+
+
+def test_a_deleted_model_keeps_its_row_and_no_longer_its_name(
+    empty_database: peewee.Database,
+) -> None:
+    """0017: the models of a database in use are all there after it; a deleted model's
+    name may be taken by another model of its provider, a live one's still may not."""
+    db = empty_database
+    with db.connection_context():
+        runner = Runner(db, directory=str(MIGRATIONS))
+        runner.up(target="0016_search_text_plpgsql")
+        db.execute_sql(
+            "INSERT INTO providers (name, type, base_url, stream_usage, created_at, updated_at,"
+            " deleted) VALUES ('p', 'openai', 'http://x', true, '2026-01-01', '2026-01-01', false)"
+        )
+        insert = (
+            "INSERT INTO models (provider_id, system_name, model_type, weight, created_at,"
+            " updated_at, deleted) VALUES (1, %s, 'chat', 1, '2026-01-01', '2026-01-01', %s)"
+        )
+        if isinstance(db, peewee.SqliteDatabase):
+            insert = insert.replace("%s", "?")
+        db.execute_sql(insert, ("old", True))
+        db.execute_sql(insert, ("live", False))
+        with pytest.raises(peewee.IntegrityError), db.atomic():
+            db.execute_sql(insert, ("old", False))
+        assert runner.up(target="0017_live_model_names") == ["0017_live_model_names"]
+        rows = "SELECT system_name, deleted FROM models ORDER BY id"
+        assert [(n, bool(d)) for n, d in db.execute_sql(rows)] == [("old", True), ("live", False)]
+        db.execute_sql(insert, ("old", False))  # the deleted model's name, taken again
+        db.execute_sql(insert, ("live", True))  # a deleted one may share a live one's
+        with pytest.raises(peewee.IntegrityError), db.atomic():
+            db.execute_sql(insert, ("live", False))
+        with pytest.raises(peewee.IntegrityError), db.atomic():
+            db.execute_sql(insert, ("old", False))
