@@ -37,9 +37,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway import jsoncodec
 
@@ -93,11 +94,14 @@ class Journal:
             torn: list[bytes] = []
             count = 0
             try:
-                # In lots: a file left by a long outage is hundreds of MB, and parsing it
-                # whole kept the worker's loop (every call) for a second per 100 MB.
-                for rows in _lots(_read(claimed), torn):
-                    write(rows)
-                    count += len(rows)
+                # In lots, read as they are handed on: a file left by a long outage is
+                # hundreds of MB; parsed whole, it kept the worker's loop (every call) for
+                # a second per 100 MB, and read whole, twice its size in memory.
+                with _settled(claimed) as lines:
+                    for rows in _lots(lines, torn):
+                        write(rows)
+                        count += len(rows)
+                        del rows  # not held while the next lot is read
             except BaseException:
                 self._give_back(claimed, path)  # try again later, the lots written too
                 raise
@@ -117,22 +121,19 @@ class Journal:
         join that file, since a rename would replace it and lose its rows. The order
         of rows does not matter (``models.upsert_records`` takes snapshots in any
         order). A file system without hard links gets the rows appended likewise,
-        which never replaces a file either. Should that fail too (a full disk), the
-        claim stays, and is given back once this process has exited
-        (``_reclaim_orphans``).
+        which never replaces a file either (a block at a time: the file may be hundreds
+        of MB). Should that fail too (a full disk), the claim stays, and is given back
+        once this process has exited (``_reclaim_orphans``).
         """
         try:
             os.link(claimed, path)  # never replaces a file
         except OSError:  # the name is taken (FileExistsError), or no hard links here
-            data = claimed.read_bytes()
-            if data and not data.endswith(b"\n"):
-                data += b"\n"  # a torn last line stays torn, not joined to the next
-            self._append(path, data)
+            self._append(path, _blocks(claimed))
         claimed.unlink()
 
-    def _append(self, path: Path, data: bytes) -> None:
-        """Append ``data`` to ``path`` durably, both readable by this user only; or
-        raise OSError and leave the file as it was."""
+    def _append(self, path: Path, data: bytes | Iterable[bytes]) -> None:
+        """Append ``data`` (bytes, or blocks of them) to ``path`` durably, both readable
+        by this user only; or raise OSError and leave the file as it was."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = _open_locked(path)
         try:
@@ -141,9 +142,10 @@ class Journal:
                 os.chmod(self.directory, 0o700)
             end = os.fstat(fd).st_size
             try:
-                left = memoryview(data)
-                while left:
-                    left = left[os.write(fd, left) :]
+                for block in [data] if isinstance(data, bytes) else data:
+                    left = memoryview(block)
+                    while left:
+                        left = left[os.write(fd, left) :]
                 os.fsync(fd)
             except OSError:
                 # A full or failing disk took part of it: cut that off, or the next
@@ -330,22 +332,42 @@ def _lock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
 
 
-def _read(path: Path) -> bytes:
-    """A journal file's content.
+@contextlib.contextmanager
+def _settled(claimed: Path) -> Iterator[BinaryIO]:
+    """A claimed journal file, open to be read line by line, once no append can change
+    it any more.
 
-    Read under the file's ``flock``: an append that opened the file before it was
-    claimed is either in what is read or goes to a new file (``_open_locked``).
+    Its ``flock`` is taken once, then let go: an append that opened the file before it
+    was claimed has either ended by then (and is in what is read) or, once it holds the
+    lock, finds the path naming another file and appends there (``_open_locked``). Not
+    held while the file is read and its rows written: another process's append that
+    waited for it would hold up that process's loop (``flock`` blocks) for as long.
     """
-    with open(path, "rb") as fh:
+    with open(claimed, "rb") as fh:
         _lock(fh.fileno())
-        return fh.read()
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield fh
 
 
-def _lots(data: bytes, torn: list[bytes]) -> Iterator[list[dict]]:
-    """The rows of a journal file's ``data``, ``LOT`` at a time; the lines that are not
+def _blocks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
+    """A file's content a block at a time, ending in a newline if it has any content (a
+    torn last line stays torn, not joined to the next line appended after it)."""
+    last = b"\n"
+    with open(path, "rb") as fh:
+        while block := fh.read(size):
+            last = block
+            yield block
+    if not last.endswith(b"\n"):
+        yield b"\n"
+
+
+def _lots(lines: Iterable[bytes], torn: list[bytes]) -> Iterator[list[dict]]:
+    """The rows of a journal file's ``lines``, ``LOT`` at a time; the lines that are not
     whole rows go to ``torn``."""
     rows: list[dict] = []
-    for line in data.split(b"\n"):
+    for line in lines:
+        line = line.removesuffix(b"\n")
         if not line:
             continue
         try:

@@ -428,10 +428,11 @@ class Recorder:
         """Write back what waits in files: this process's journal, dead ones' journals
         and write-ahead lines; raise ``UNREACHABLE`` if the database does not answer.
 
-        A replay reads a file whole, on the loop, and gives it back when the write
-        fails: after a long outage, most of a second per 100 MB of journal, every 5 s,
-        for every call of the worker. So the database is asked first, and nothing is
-        read while it does not answer.
+        A replay reads a file on the loop, a lot at a time, and gives it back when the
+        write fails (copied, when its owner has started another meanwhile): after a
+        long outage, most of a second per 100 MB of journal, every 5 s, for every call
+        of the worker. So the database is asked first, and nothing is read while it
+        does not answer.
         """
         own = self._journaling or self.journal.waiting()
         ahead = self.journal.waiting("ahead")  # a dead process's write-ahead lines

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 from datetime import datetime
 from pathlib import Path
 
@@ -65,6 +66,47 @@ def test_a_file_is_handed_to_the_writer_in_lots_and_given_back_whole(
     lots = []
     assert journal.replay(lots.append) == 5
     assert lots == [rows(5)[:2], rows(5)[2:4], rows(5)[4:]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_big_file_is_replayed_and_given_back_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long outage leaves a journal of hundreds of MB: read whole (and split), it took
+    twice its size in memory at each replay, and giving it back read it whole again. Read
+    as it is handed on, a replay holds about a lot of rows at a time, whatever the size."""
+    monkeypatch.setattr(journal_module, "LOT", 100)  # some 800 kB of these rows
+    journal = Journal(tmp_path)
+    pad = "x" * 8000
+    count = 6000
+    with open(journal.own_path(), "w") as fh:
+        for i in range(count):
+            fh.write(json.dumps({"uid": f"u{i}", "status": "completed", "prompt": pad}) + "\n")
+    size = journal.own_path().stat().st_size
+    assert size > 48_000_000
+
+    def away_while_others_journal(_: list[dict]) -> None:
+        journal.append([{"uid": "meanwhile"}])  # the name is taken: given back by a copy
+        raise ConnectionError("database does not answer")
+
+    uids: list[str] = []
+
+    def written(lot: list[dict]) -> None:
+        uids.extend(row["uid"] for row in lot)  # the rows themselves are not kept
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConnectionError):
+            journal.replay(away_while_others_journal)
+        _, given_back = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert journal.replay(written) == count + 1
+        _, replayed = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert given_back < size / 10, f"{given_back / 1e6:.0f} MB to give back {size / 1e6:.0f} MB"
+    assert replayed < size / 10, f"{replayed / 1e6:.0f} MB to replay {size / 1e6:.0f} MB"
+    assert sorted(uids) == sorted([*(f"u{i}" for i in range(count)), "meanwhile"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -168,8 +168,8 @@ def test_database_down_journals_then_replays_everything(
 def test_no_journal_is_read_while_the_database_does_not_answer(
     rec: Recorder, key_id: int, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A replay reads a file whole, on the loop: during an outage it read every journal
-    again every 5 s (a 100 MB one stalled the worker's calls 0.6-1.4 s each time)."""
+    """A replay reads a file on the loop: during an outage it read every journal again
+    every 5 s (a 100 MB one, read whole, stalled the worker's calls 0.6-1.4 s each time)."""
     call = exchange(key_id)
     call.finish("completed")
     proc = subprocess.Popen(["true"])
@@ -177,9 +177,11 @@ def test_no_journal_is_read_while_the_database_does_not_answer(
     dead = rec.journal.directory / f"journal-{proc.pid}.jsonl"
     dead.parent.mkdir(exist_ok=True)
     dead.write_text(json.dumps(journal_module._jsonable(snapshot(call))) + "\n")
-    read = journal_module._read
+    settled = journal_module._settled
     reads: list[Path] = []
-    monkeypatch.setattr(journal_module, "_read", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(
+        journal_module, "_settled", lambda path: reads.append(path) or settled(path)
+    )
     with away(unreachable(database_url)), pytest.raises(UNREACHABLE):
         rec._replay_round()  # as the replay loop does every 5 s
     assert not reads and dead.exists()
