@@ -8,7 +8,9 @@ and keeps working while the database is away. A key the worker does not know yet
 (made a moment ago elsewhere) waits, briefly and never during an outage, for one
 fresh read. Changes made in another worker apply within ``CACHE_TTL``, or at once when
 they are announced (``changed``, through the limiter's Redis channel); ``forget`` applies
-one at once in this worker.
+one at once in this worker. A key forgotten because it changed is served as it was
+until a read succeeds (the database may have gone away just after the change); a key
+forgotten because it was revoked is refused at once, database or not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 # Re-read keys changed this long before the newest change seen: a change committed
 # late, or stamped by a host whose clock is a little behind, is still picked up.
 OVERLAP = timedelta(seconds=60)
+# Announced before a revoked key's hash (``changed``): refuse it at once. A previous
+# version forgets this as if it were a hash (it is none), then the hash that follows.
+REVOKED = "revoked:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,8 @@ class KeyCache:
         self._read_at = float("-inf")
         self._misses: dict[str, float] = {}  # hash -> when it was last found unknown
         self._forgotten: dict[str, float] = {}  # hash -> when forget() was called
+        # hash -> a changed key as it was, until a read after the change succeeds
+        self._stale: dict[str, Caller] = {}
 
     def get(self, key: str) -> Caller | None:
         """The key's Caller as last known; None if it is unknown or revoked."""
@@ -94,8 +101,11 @@ class KeyCache:
         missed = self._misses.get(digest)
         if caller is None and missed is not None and now - missed < self.ttl:
             return None  # looked for a moment ago: bad keys cost one read per CACHE_TTL
-        self.confirm(now)
+        confirmed = self.confirm(now)
         caller = self._callers.get(digest)
+        if caller is None and not confirmed and digest in self._stale:
+            # Changed a moment ago and the database is away: as it was, not refused.
+            return self._stale[digest]
         if caller is None:
             if len(self._misses) > 10_000:  # bad keys must not grow this without bound
                 self._misses.clear()
@@ -110,11 +120,19 @@ class KeyCache:
         now = utcnow()
         return sum(caller.usable(now) for caller in self._callers.values())
 
-    def forget(self, key_hash: str) -> None:
-        """Drop one key (by hash): its next use re-reads it, so a change applies at once."""
-        self._callers.pop(key_hash, None)
+    def forget(self, key_hash: str, revoked: bool = False) -> None:
+        """Drop one key (by hash): its next use re-reads it, so a change applies at once.
+
+        Until a read succeeds the key is served as it was, unless it was ``revoked``
+        (or deleted): then it is refused from now on, whether the database answers or not.
+        """
+        caller = self._callers.pop(key_hash, None)
         self._misses.pop(key_hash, None)
         self._forgotten[key_hash] = time.monotonic()
+        if revoked:
+            self._stale.pop(key_hash, None)
+        elif caller is not None:
+            self._stale[key_hash] = caller
 
     def refresh(self, full: bool = False) -> bool:
         """Read the keys changed since the last read (all if ``full``); True if any did."""
@@ -144,6 +162,7 @@ class KeyCache:
             self._callers = callers
         self._read_at = started
         self._forgotten = {h: t for h, t in self._forgotten.items() if t > started}
+        self._stale = {h: c for h, c in self._stale.items() if h in self._forgotten}
         return changed
 
     def dump(self) -> list[list]:
@@ -189,12 +208,15 @@ class KeyCache:
         self._since = None
         self._read_at = float("-inf")
 
-    def changed(self, key_hash: str | None) -> None:
-        """A key changed somewhere (``limiter.on_key_change``); None: any may have."""
-        if key_hash is None:
+    def changed(self, message: str | None) -> None:
+        """A key changed somewhere (``limiter.on_key_change``): its hash, or ``REVOKED``
+        and its hash; None: any may have."""
+        if message is None:
             self.forget_all()
+        elif message.startswith(REVOKED):
+            self.forget(message.removeprefix(REVOKED), revoked=True)
         else:
-            self.forget(key_hash)
+            self.forget(message)
 
 
 keys = KeyCache()

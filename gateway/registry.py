@@ -23,6 +23,7 @@ import peewee as pw
 
 from gateway import redact
 from gateway.adapters import PROVIDER_TYPES
+from gateway.auth import REVOKED
 from gateway.fields import Invalid, Spec, check, in_range
 from gateway.limiter import limiter
 from gateway.model_limits import CHANGED, DEFAULT, model_limits
@@ -136,8 +137,11 @@ def adopt_key(key: str, data: dict[str, Any], **extra: Any) -> ApiKey:
 
 def edit_key(row: ApiKey, data: dict[str, Any]) -> None:
     """Change a key's checked fields (column names); every worker applies them at once."""
-    ApiKey.update(**data, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    limiter.announce(row.key_hash)
+    now = utcnow()
+    ApiKey.update(**data, updated_at=now).where(ApiKey.id == row.id).execute()
+    expires_at = data.get("expires_at")
+    ended = data.get("revoked") is True or (expires_at is not None and expires_at <= now)
+    _announce(row, revoked=ended)
 
 
 def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey, str | None]:
@@ -150,13 +154,26 @@ def ensure_operator_key(external_id: str, data: dict[str, Any]) -> tuple[ApiKey,
         except pw.IntegrityError:  # another instance created it first
             row = ApiKey.get(ApiKey.external_id == external_id)
     ApiKey.update(**data, revoked=False, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
-    limiter.announce(row.key_hash)
+    _announce(row)
     return ApiKey.get_by_id(row.id), None
 
 
 def revoke(row: ApiKey) -> None:
     """Revoke a key; every worker of every instance stops accepting it (``announce``)."""
     ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == row.id).execute()
+    _announce(row, revoked=True)
+
+
+def _announce(row: ApiKey, revoked: bool = False) -> None:
+    """Tell every worker of every instance that a key changed, or was revoked.
+
+    A changed key is served as it was until its new state can be read (the database
+    may be away); a revoked one is refused at once (``auth.KeyCache.forget``). The
+    plain hash goes too, after: a worker of the previous version forgets the key on
+    it, and takes ``REVOKED`` + hash for a hash it does not know (nothing happens).
+    """
+    if revoked:
+        limiter.announce(REVOKED + row.key_hash)
     limiter.announce(row.key_hash)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime
 
 import pytest
 
@@ -613,6 +614,35 @@ def test_new_limits_apply_at_once_even_to_a_cached_key(admin, client, monkeypatc
     assert admin("GET", f"/apiKey/{created['id']}")[1]["maxConcurrent"] is None
     admin("DELETE", f"/apiKey/{created['id']}")
     assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 401
+
+
+def test_a_revocation_is_announced_as_one_and_still_as_the_key_s_hash(admin) -> None:  # type: ignore[no-untyped-def]
+    """New limits announce the key's hash (its last state serves while the database is
+    away); a revocation, or an expiry set in the past, announces ``REVOKED`` + hash
+    first (refused at once), then the hash alone, on which a previous version forgets
+    the key (it takes the first for a hash it does not know)."""
+    from gateway import registry
+    from gateway.auth import REVOKED
+    from gateway.db import database
+    from gateway.limiter import limiter
+
+    heard: list[str | None] = []
+    limiter.on_key_change(heard.append)
+    try:
+        created = admin("POST", "/apiKey", json={"comment": "announced"})[1]
+        digest = ApiKey.hash(created["key"])
+        admin("PUT", f"/apiKey/{created['id']}/ratelimit", json={"rpmLimit": 5, "tpmLimit": 9})
+        assert heard == [digest]
+        with database.connection_context():
+            row = ApiKey.get_by_id(created["id"])
+            registry.edit_key(row, {"expires_at": datetime(2099, 1, 1)})
+            assert heard[1:] == [digest]  # an expiry still ahead: the key still works
+            registry.edit_key(row, {"expires_at": datetime(2000, 1, 1)})
+        assert heard[2:] == [REVOKED + digest, digest]
+        admin("DELETE", f"/apiKey/{created['id']}")
+        assert heard[4:] == [REVOKED + digest, digest]
+    finally:
+        limiter._listeners.remove(heard.append)
 
 
 def test_per_model_limits_crud_as_nexusgate(admin) -> None:  # type: ignore[no-untyped-def]

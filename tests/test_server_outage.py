@@ -42,7 +42,15 @@ from gateway.models import Completion
 from gateway.search import Search
 from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
-from tests.servers import Disk, Gateway, PostgresCluster, children, marker, wait_until
+from tests.servers import (
+    Disk,
+    Gateway,
+    PostgresCluster,
+    children,
+    free_port,
+    marker,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.server,
@@ -397,6 +405,65 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
 
 
 # -- a gateway started while the database is down -------------------------------------
+
+
+@pytest.fixture(params=["in-process", "redis"])
+def announced(request: pytest.FixtureRequest) -> dict[str, str]:
+    """How a key change reaches the worker that serves the key: in the worker that made
+    it (one worker, no Redis), or over Redis (two workers: one makes it, both hear it)."""
+    if request.param == "in-process":
+        return {"workers": "1"}
+    redis = request.getfixturevalue("shared_redis")
+    return {"workers": "2", "REDIS_URL": redis.url, "GATEWAY_REDIS_PREFIX": f"out{free_port()}"}
+
+
+def key_changed_then_database_gone(
+    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict, change: str
+) -> list[int]:  # type: ignore[no-untyped-def]
+    """A key every worker knows is changed (``limits``) or revoked (``revoke``), and the
+    database stops just after, before any worker read the key again: the statuses of
+    calls made with it then."""
+    url = gateway_database(cluster)
+    env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # only the announcement makes one re-read
+    gw = Gateway(url, tmp_path / "instance", workers=int(announced["workers"]), **env,
+                 **{k: v for k, v in announced.items() if k != "workers"})  # fmt: skip
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
+        chat = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+
+        def status() -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            return requests.post(
+                f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
+            ).status_code
+
+        assert [status() for _ in range(6)] == [200] * 6  # known to every worker
+        if change == "limits":
+            gw.api("PUT", f"/apiKey/{key}/ratelimit", json={"rpmLimit": 500, "tpmLimit": 90000})
+        else:
+            gw.api("DELETE", f"/apiKey/{key}")
+        cluster.stop()
+        return [status() for _ in range(6)]
+    finally:
+        gw.stop()
+
+
+def test_a_key_changed_just_before_the_database_goes_away_keeps_working(
+    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict
+) -> None:  # type: ignore[no-untyped-def]
+    """Every worker forgets a changed key (its new limits apply at once); while its new
+    state cannot be read, it is served as it was, not refused as unknown (SPEC rule 8:
+    it was refused with 401 until CACHE_TTL after the database came back)."""
+    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "limits")
+    assert got == [200] * 6
+
+
+def test_a_key_revoked_just_before_the_database_goes_away_is_refused_at_once(
+    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict
+) -> None:  # type: ignore[no-untyped-def]
+    """A revoked key is never served from its last known state, database or not."""
+    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "revoke")
+    assert got == [401] * 6
 
 
 def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(

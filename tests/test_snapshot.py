@@ -20,7 +20,7 @@ import pytest
 from flask import Flask
 
 from gateway import db
-from gateway.auth import keys
+from gateway.auth import REVOKED, keys
 from gateway.config import DEFAULTS
 from gateway.db import database, open_database
 from gateway.errors import NotFound
@@ -225,7 +225,7 @@ def test_forget_wins_over_a_read_in_flight(world: dict) -> None:
     def revoke_midway(since):  # type: ignore[no-untyped-def]
         rows = list(real(since))  # read before the revocation committed
         ApiKey.update(revoked=True, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
-        keys.forget(ApiKey.hash(world["key"]))
+        keys.forget(ApiKey.hash(world["key"]), revoked=True)
         return rows
 
     ApiKey.changed_since = revoke_midway  # type: ignore[method-assign]
@@ -238,6 +238,27 @@ def test_forget_wins_over_a_read_in_flight(world: dict) -> None:
     finally:
         ApiKey.changed_since = real  # type: ignore[method-assign]
     assert keys.get(world["key"]) is None
+
+
+def test_a_changed_key_serves_as_it_was_until_read_and_a_revoked_one_not_at_all(
+    world: dict, database_url: str
+) -> None:
+    """A change announced just before the database went away: the key is not refused as
+    unknown (its last state serves until a read succeeds); a revocation is, at once."""
+    digest = ApiKey.hash(world["key"])
+    with away(unreachable(database_url)):
+        keys.changed(digest)
+        assert keys.get(world["key"]).rpm_limit == 7  # as it was: the read failed
+        assert keys.get(world["key"]).rpm_limit == 7
+        keys.changed(REVOKED + digest)
+        assert keys.get(world["key"]) is None
+        keys.changed(digest)  # and the hash after it, for a previous version's workers
+        assert keys.get(world["key"]) is None
+    db.mark_reachable(True)
+    with database.connection_context():
+        ApiKey.update(rpm_limit=8, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+    keys.changed(digest)
+    assert keys.get(world["key"]).rpm_limit == 8  # read again once the database answers
 
 
 def test_a_black_holed_database_stalls_no_request(world: dict) -> None:
