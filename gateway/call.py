@@ -3,7 +3,8 @@
 Until the first byte a call's producer is the view's greenlet, which sends nothing
 before then anyway, so a client that leaves meanwhile changes nothing but the record.
 There (``produce_here``) a JSON answer is read whole, and a stream is opened (fails
-over up to its first event), then handed to the worker's relay
+over up to its first event past those that open it with nothing a client could use:
+``StreamTranslator.preface``), then handed to the worker's relay
 (``relay.py``): the stream waits as a watch in the hub, its ``_pump`` moves what comes
 (in the hub's callback, or in the relay's greenlet), and at its end a greenlet of
 ``calls`` is asked for to
@@ -218,7 +219,7 @@ class Call:
                 opened: Opened = (
                     resp,
                     translator,
-                    resp.events(translator.accepts, translator.refusal),
+                    resp.events(translator.accepts, translator.refusal, translator.preface),
                 )
             else:
                 opened = resp.answer(lambda data: operation.read(self.plan, candidate, data))

@@ -275,15 +275,17 @@ class Response:
         self,
         accepts: Callable[[str], bool],
         refusal: Callable[[sse.Event], str | None] = lambda event: None,
+        preface: Callable[[sse.Event], bool] = wire.blank,
     ) -> Events:
-        """The body as SSE events, read up to the first one whose data is not blank (a
-        keep-alive) before returning.
+        """The body as SSE events, read up to the first one that opens the answer before
+        returning: past keep-alives of blank data, and past what ``preface`` says opens
+        the stream with nothing a client could use (Anthropic's ``message_start``, ``ping``).
 
         Before that event nothing is answered yet, so a body of the wrong type (``accepts``
         says no: an upstream answering JSON to a streaming request), one that carries
-        garbage or only comments, or one whose first event is an error (``refusal`` says
-        what it said, as for a JSON answer that is one), fails here as ``protocol`` and
-        can be failed over.
+        garbage or only comments, or one whose first such event is an error (``refusal``
+        says what it said, as for a JSON answer that is one), fails here as ``protocol``
+        and can be failed over.
         """
         if not accepts(self.content_type):
             text = self.read(4096, truncate=True).decode("utf-8", "replace")
@@ -293,13 +295,15 @@ class Response:
             )
         decoder = sse.Decoder(MAX_EVENT)
         first: list[sse.Event] = []
+        seen = 0  # of ``first``: the events found to be no opening
         reads = self.body()
         try:
             while data := reads.next():
                 first.extend(decoder.feed(data))
-                # Blank data is a keep-alive: not the answer's opening.
-                opening = next((e for e in first if not wire.blank(e)), None)
-                if opening is not None:
+                for opening in first[seen:]:
+                    if preface(opening):
+                        seen += 1
+                        continue
                     if said := refusal(opening):
                         raise UpstreamError("protocol", said)
                     return Events(first, decoder, reads)

@@ -32,6 +32,9 @@ apart; the gateway forwards client headers). Keys:
   garbage=1     a 200 with a body that is not JSON (or not SSE)
   error_event=1 a stream that ends in an error event instead of its terminal event
   error_first=1 a stream whose first and only event is that error event
+  error_after=K a stream of its first K events, then that error event (Anthropic's
+                ``message_start``, ``ping``, error: an overloaded model after its start)
+  ping_first=1  an Anthropic stream opens with a ``ping`` before ``message_start``
   reset_before_headers=1  read the request, then reset the connection (RST): no answer
   reset_at=K    reset the connection (RST) before stream event K; a JSON answer: after
                 its headers and its first K bytes
@@ -116,8 +119,9 @@ _CALLS: dict[str, int] = defaultdict(int)  # calls per id, for heal_after
 FAULTS = frozenset(
     {
         "status", "fail_times", "header_delay", "first_delay", "stall_at", "stall_for",
-        "drop_at", "garbage", "error_event", "error_first", "reset_before_headers", "reset_at",
-        "truncate_at", "body_stall", "bad_json_at", "endless_at", "content_type",
+        "drop_at", "garbage", "error_event", "error_first", "error_after", "ping_first",
+        "reset_before_headers", "reset_at", "truncate_at", "body_stall", "bad_json_at",
+        "endless_at", "content_type",
     }
 )  # fmt: skip
 ENDLESS = b"x" * 65536
@@ -796,11 +800,15 @@ def app(environ: dict, start_response) -> list[bytes]:  # type: ignore[no-untype
         plan.pace(0)
         payload = json.dumps(ANSWERS[protocol](plan, body)).encode()
         return json_body(start_response, script, payload, ctype or "application/json", entry)
-    if script.get("error_first"):
+    if script.get("error_first") or "error_after" in script:
         script["error_event"] = "1"
     events = STREAMS[protocol](plan, body)
+    if script.get("ping_first") and protocol == "anthropic":
+        events.insert(0, _sse("ping", {"type": "ping"}))
     if script.get("error_first"):
         events = events[-1:]  # the error event alone
+    elif "error_after" in script:
+        events = events[: int(script["error_after"])] + events[-1:]
     if "truncate_at" in script:
         events = events[: int(script["truncate_at"])]
     if "bad_json_at" in script:

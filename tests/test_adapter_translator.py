@@ -663,3 +663,27 @@ def test_a_repeat_of_a_call_with_several_choices_gets_them_all() -> None:
     # ...and a client of a format with no place for them gets the first.
     other = StreamTranslator.replay(ANTHROPIC, {"model": "m", "stream": True}, answer)
     assert b"BBB" not in other.data and b"AAA" in other.data
+
+
+@pytest.mark.parametrize(
+    ("upstream", "event", "data", "opening"),
+    [
+        (ANTHROPIC, "message_start", '{"type":"message_start","message":{}}', False),
+        (ANTHROPIC, "ping", '{"type": "ping"}', False),
+        (ANTHROPIC, None, '{"type": "ping"}', False),  # no event line: its data says
+        (ANTHROPIC, "content_block_start", '{"type":"content_block_start","index":0}', True),
+        (ANTHROPIC, "error", '{"type":"error","error":{"type":"overloaded_error"}}', True),
+        (OPENAI_RESPONSES, "response.created", '{"type":"response.created"}', False),
+        (OPENAI_RESPONSES, "response.in_progress", '{"type":"response.in_progress"}', False),
+        (OPENAI_RESPONSES, "response.output_item.added", '{"type":"x"}', True),
+        (OPENAI_RESPONSES, "response.failed", '{"type":"response.failed"}', True),
+        # A chat stream's first chunk opens it: holding it would delay every first byte.
+        (OPENAI_CHAT, None, '{"choices":[{"delta":{"role":"assistant"}}]}', True),
+        (OPENAI_CHAT, None, " ", False),  # a keep-alive, in every protocol
+    ],
+)
+def test_what_opens_a_stream_commits_the_call_to_its_upstream(
+    upstream: str, event: str | None, data: str, opening: bool
+) -> None:
+    translator = StreamTranslator(OPENAI_CHAT, upstream, REQUEST)
+    assert translator.preface(sse.Event(data=data, event=event)) is not opening

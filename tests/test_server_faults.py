@@ -322,6 +322,53 @@ def test_a_first_event_that_never_ends_is_failed_over(caller: Caller, systems: d
     assert caller.tries()[0]["outcome"] == "client_gone"  # the gateway hung up on it
 
 
+# An error after only the events that open a stream and carry nothing a client could use
+# (Anthropic's ``message_start`` and ``ping``, Responses' ``response.created`` and
+# ``response.in_progress``): an overloaded model after its start. Nothing has gone to
+# the client yet, so it fails over as an error before the first byte does.
+OPENING_ONLY = [
+    pytest.param(ANTHROPIC, "anthropic", "error_after=2", id="start-ping-error"),
+    pytest.param(ANTHROPIC, "anthropic", "error_after=1", id="start-error"),
+    pytest.param(ANTHROPIC, "anthropic", "ping_first=1;error_after=1", id="ping-error"),
+    pytest.param(CHAT, "anthropic", "error_after=2", id="start-ping-error-converted"),
+    pytest.param(RESPONSES, "openai-responses", "error_after=2", id="created-progress-error"),
+    pytest.param(ANTHROPIC, "openai-responses", "error_after=1", id="created-error-converted"),
+]
+
+
+@pytest.mark.parametrize(("client", "provider", "script"), OPENING_ONLY)
+def test_an_error_after_only_the_opening_events_is_failed_over(
+    caller: Caller, systems: dict, client: str, provider: str, script: str
+) -> None:
+    model, providers = systems[provider]
+    seen = ask(caller, client, model, True, f"heal_after=2;{script}")
+
+    assert seen.raised is None and seen.text == TEXT
+    row = caller.record()
+    assert row["status"] == "completed" and row["completion"][0]["content"] == TEXT
+    attempts = row["attempts"]
+    assert [a["outcome"] for a in attempts] == ["protocol", "protocol", "ok"]
+    assert all("fake upstream failure" in a["error"] for a in attempts[:2]), attempts
+    names = [a["provider"] for a in attempts]
+    assert names[0] == names[1] != names[2] and set(names) == providers
+    assert len(caller.tries()) == 3
+
+
+def test_an_error_after_a_content_block_opened_is_not_failed_over(
+    caller: Caller, systems: dict
+) -> None:
+    """``content_block_start`` goes to the client: past it, an error is mid-stream."""
+    model, _ = systems["anthropic"]
+    seen = ask(caller, ANTHROPIC, model, True, "error_after=3")
+
+    assert isinstance(seen.raised, anthropic.APIError), seen
+    assert [e.type for e in seen.events] == ["message_start", "content_block_start"]
+    row = caller.record()
+    assert row["status"] == "failed" and "fake upstream failure" in row["error"]
+    assert [a["outcome"] for a in row["attempts"]] == ["ok"]  # no failover after a byte
+    assert len(caller.tries()) == 1
+
+
 # -- mid-stream ------------------------------------------------------------------------
 
 

@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 
 from gateway import connections, http11, sse, upstream
 from gateway.adapters import openai_chat
+from gateway.adapters.translator import StreamTranslator
 from gateway.config import DEFAULTS
+from gateway.errors import ANTHROPIC
 from gateway.upstream import (
     READ_SIZE,
     Events,
@@ -1237,3 +1239,24 @@ def test_a_keep_alive_before_an_error_first_event_is_no_opening() -> None:
     with pytest.raises(UpstreamError) as info:
         answer(body).events(lambda _: True, lambda e: said if "error" in e.data else None)
     assert (info.value.kind, info.value.message) == ("protocol", said)
+
+
+def test_an_error_after_the_events_that_open_a_stream_is_refused_before_any_answer() -> None:
+    """``message_start`` and ``ping`` (``preface``: they carry nothing a client could
+    use), then an error: nothing is answered yet, so the call fails over; an answer
+    that goes on opens at its first other event, with everything read before it."""
+    translator = StreamTranslator(ANTHROPIC, ANTHROPIC, {})
+    opening = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1"}}\n\n'
+        b'event: ping\ndata: {"type": "ping"}\n\n'
+    )
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
+    with pytest.raises(UpstreamError) as info:
+        answer(opening + error).events(lambda _: True, translator.refusal, translator.preface)
+    assert info.value.kind == "protocol" and "overloaded_error" in info.value.message
+    block = b'event: content_block_start\ndata: {"type":"content_block_start","index":0}\n\n'
+    events = answer(opening + block + error).events(
+        lambda _: True, translator.refusal, translator.preface
+    )
+    kinds = [event.event for event in events.take()]
+    assert kinds[:3] == ["message_start", "ping", "content_block_start"]

@@ -81,6 +81,19 @@ class StreamTranslator:
         """Whether an upstream answer of this type is a stream: JSON is a verdict instead."""
         return "json" not in content_type
 
+    def preface(self, event: sse.Event) -> bool:
+        """Whether the upstream's event opens its stream with nothing a client could use
+        yet: a keep-alive, or one of its protocol's ``PREFACE`` (Anthropic's
+        ``message_start`` and ``ping``). Until an event that is not, the call has not
+        committed to this upstream: an error then fails over (``Response.events``)."""
+        if wire.blank(event):
+            return True
+        kinds = self._parser.PREFACE
+        if not kinds:
+            return False
+        data = wire.event_data(event)
+        return ((data and data.get("type")) or event.event) in kinds
+
     def refusal(self, event: sse.Event) -> str | None:
         """What the upstream's first event says if it is an error event, else None: the
         try failed before anything was answered, as a 2xx JSON answer that is an error

@@ -37,6 +37,10 @@ from .response import (
 class StreamParser:
     """Messages stream events -> IR stream events."""
 
+    # Events that open a stream and carry nothing a client could use: an error after
+    # only these (an overloaded model, after its start) fails over (``Response.events``).
+    PREFACE = frozenset({"message_start", "ping"})
+
     def __init__(self) -> None:
         self.skipped = 0
         self._counts: dict[str, Any] = {}  # the latest Anthropic usage fields

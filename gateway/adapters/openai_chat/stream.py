@@ -54,6 +54,11 @@ class StreamParser:
     own. The first call streams as it comes; what came beside it, by the finish.
     """
 
+    # No opening events apart: the first chunk (often with the first text already)
+    # commits the call to its upstream. Holding it back would delay every chat stream's
+    # first byte by the wait for the second chunk.
+    PREFACE: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self.skipped = 0
         self._started = False

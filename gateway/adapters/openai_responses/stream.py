@@ -39,6 +39,10 @@ from .response import (
 class StreamParser:
     """Responses stream events -> IR stream events."""
 
+    # Events that open a stream and carry nothing a client could use: an error after
+    # only these (``error``, ``response.failed``) fails over (``Response.events``).
+    PREFACE = frozenset({"response.created", "response.in_progress"})
+
     def __init__(self) -> None:
         self.skipped = 0
         self.sequence: int | None = None
