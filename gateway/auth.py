@@ -89,6 +89,9 @@ class KeyCache:
         self._forgotten: dict[str, float] = {}  # hash -> when forget() was called
         # hash -> a changed key as it was, until a read after the change succeeds
         self._stale: dict[str, Caller] = {}
+        # A key was revoked: what this worker knows must replace the snapshot file at
+        # once, or a worker started during an outage would serve the key from it.
+        self.on_revoked: Callable[[], None] = lambda: None
 
     def get(self, key: str) -> Caller | None:
         """The key's Caller as last known; None if it is unknown or revoked."""
@@ -131,6 +134,7 @@ class KeyCache:
         self._forgotten[key_hash] = time.monotonic()
         if revoked:
             self._stale.pop(key_hash, None)
+            self.on_revoked()
         elif caller is not None:
             self._stale[key_hash] = caller
 
@@ -166,7 +170,9 @@ class KeyCache:
         return changed
 
     def dump(self) -> list[list]:
-        """The cache as JSON-able rows, for the snapshot file."""
+        """The cache as JSON-able rows, for the snapshot file (a key changed and not read
+        since as it was: a worker started from the file serves it, as this one does)."""
+        known = {**self._stale, **self._callers}
         return [
             [
                 h,
@@ -178,7 +184,7 @@ class KeyCache:
                 c.max_concurrent,
                 c.comment,
             ]
-            for h, c in sorted(self._callers.items())
+            for h, c in sorted(known.items())
         ]
 
     def load(self, rows: list[list]) -> None:

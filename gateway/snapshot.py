@@ -77,6 +77,7 @@ class Refresher:
             cache.ttl = self.ttl
             cache.background = background
             cache.confirm = self.fresh if background else cache.read_through
+        keys.on_revoked = self._revoked if background else lambda: None
         if not background:
             return  # CLI commands and read-through tests: each lookup reads inline
         self._written, self._full_due = None, True
@@ -139,6 +140,13 @@ class Refresher:
                 self.refresh()
             except Exception:
                 log.exception("snapshot: refresh failed")
+
+    def _revoked(self) -> None:
+        """A key was revoked (announced): the file must not hold it a moment longer,
+        database or not. A worker that starts while the database is away serves the file,
+        and the revocation was announced before it was there to hear it."""
+        self._written = None
+        self._group.spawn(self._write)
 
     # -- the file -------------------------------------------------------------
 
