@@ -50,6 +50,14 @@ READ_SIZE = 64 * 1024
 # event is a few hundred bytes. 8 KB (io's default, which a JSON answer keeps) cost an
 # open stream about 2.7 KB more of touched memory (issue 11).
 STREAM_READ_BUFFER = 1024
+# A stream's opening events held back before its answer opens (``Response.events``):
+# past this many, or this many seconds since the first, the next one opens it. An
+# upstream slow to its first content, or one that sends keep-alives and pings without
+# end, has the client's status and headers (and the events held) go out then, as they
+# did before anything was held: a client or proxy timing out an idle connection sees
+# bytes, and what is held stays small.
+HELD_EVENTS = 64
+HELD_SECONDS = 5.0
 NUM_POOLS = 32  # upstream hosts kept open at once; and URLs whose pool is remembered
 # API versions sent when a provider row names none: the versions the adapters speak.
 ANTHROPIC_VERSION = "2023-06-01"
@@ -279,7 +287,8 @@ class Response:
     ) -> Events:
         """The body as SSE events, read up to the first one that opens the answer before
         returning: past keep-alives of blank data, and past what ``preface`` says opens
-        the stream with nothing a client could use (Anthropic's ``message_start``, ``ping``).
+        the stream with nothing a client could use (Anthropic's ``message_start``, ``ping``),
+        at most ``HELD_EVENTS`` of them and for at most ``HELD_SECONDS``.
 
         Before that event nothing is answered yet, so a body of the wrong type (``accepts``
         says no: an upstream answering JSON to a streaming request), one that carries
@@ -296,12 +305,15 @@ class Response:
         decoder = sse.Decoder(MAX_EVENT)
         first: list[sse.Event] = []
         seen = 0  # of ``first``: the events found to be no opening
+        held_until = None  # past it (HELD_SECONDS after the first held event), none is held
         reads = self.body()
         try:
             while data := reads.next():
                 first.extend(decoder.feed(data))
                 for opening in first[seen:]:
-                    if preface(opening):
+                    if held_until is None:
+                        held_until = time.monotonic() + HELD_SECONDS
+                    if seen < HELD_EVENTS and preface(opening) and time.monotonic() < held_until:
                         seen += 1
                         continue
                     if said := refusal(opening):

@@ -1260,3 +1260,25 @@ def test_an_error_after_the_events_that_open_a_stream_is_refused_before_any_answ
     )
     kinds = [event.event for event in events.take()]
     assert kinds[:3] == ["message_start", "ping", "content_block_start"]
+
+
+@pytest.mark.parametrize("bound", ["events", "seconds"])
+def test_the_events_held_before_a_stream_opens_are_bounded(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep-alives and pings without end (or for long) do not hold the answer back for
+    ever: past HELD_EVENTS, or HELD_SECONDS after the first held event, the next one
+    opens it, with everything held before it; an error after that is mid-stream."""
+    translator = StreamTranslator(ANTHROPIC, ANTHROPIC, {})
+    ping = b'event: ping\ndata: {"type": "ping"}\n\n'
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
+    if bound == "events":
+        body = ping * (upstream.HELD_EVENTS + 5) + error
+    else:
+        monkeypatch.setattr(upstream, "HELD_SECONDS", 0.0)  # any second event is past it
+        body = ping + ping + error
+    events = answer(body).events(lambda _: True, translator.refusal, translator.preface)
+    taken = list(each(events))
+    opened = upstream.HELD_EVENTS + 1 if bound == "events" else 1
+    assert [e.event for e in taken[:opened]] == ["ping"] * opened
+    assert taken[-1].event == "error"
