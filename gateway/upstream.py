@@ -51,11 +51,11 @@ READ_SIZE = 64 * 1024
 # open stream about 2.7 KB more of touched memory (issue 11).
 STREAM_READ_BUFFER = 1024
 # A stream's opening events held back before its answer opens (``Response.events``):
-# past this many, or this many seconds since the first, the next one opens it. An
-# upstream slow to its first content, or one that sends keep-alives and pings without
-# end, has the client's status and headers (and the events held) go out then, as they
-# did before anything was held: a client or proxy timing out an idle connection sees
-# bytes, and what is held stays small.
+# past this many, or an event arriving this many seconds after the first held one,
+# opens it. An upstream slow to its first content (Anthropic pings meanwhile), or one
+# that sends keep-alives and pings without end, has the client's status and headers
+# (and the events held) go out then, as they did before anything was held: a client or
+# proxy timing out an idle connection sees bytes, and what is held stays small.
 HELD_EVENTS = 64
 HELD_SECONDS = 5.0
 NUM_POOLS = 32  # upstream hosts kept open at once; and URLs whose pool is remembered
