@@ -418,11 +418,17 @@ def announced(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 def key_changed_then_database_gone(
-    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict, change: str
-) -> list[int]:  # type: ignore[no-untyped-def]
+    cluster: PostgresCluster,
+    fake,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    announced: dict,
+    change: str,
+    respawned: bool = False,
+) -> list[int]:
     """A key every worker knows is changed (``limits``) or revoked (``revoke``), and the
     database stops just after, before any worker read the key again: the statuses of
-    calls made with it then."""
+    calls made with it then (by new workers, once every worker was killed and
+    respawned, if ``respawned``)."""
     url = gateway_database(cluster)
     env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # only the announcement makes one re-read
     gw = Gateway(url, tmp_path / "instance", workers=int(announced["workers"]), **env,
@@ -443,6 +449,12 @@ def key_changed_then_database_gone(
         else:
             gw.api("DELETE", f"/apiKey/{key}")
         cluster.stop()
+        if respawned:
+            old = gw.worker_pids()
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: len(set(gw.worker_pids()) - set(old)) == len(old), timeout=30)
+            wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
         return [status() for _ in range(6)]
     finally:
         gw.stop()
@@ -472,31 +484,8 @@ def test_a_key_revoked_just_before_the_database_goes_away_is_refused_by_a_new_wo
     """A worker that starts during the outage (a killed or recycled one respawned) serves
     the snapshot file: a revocation announced before must not be in it. It was: the file
     was only rewritten after a read, and the key was served for the whole outage."""
-    url = gateway_database(cluster)
-    env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # no read after the revocation
-    extra = {k: v for k, v in announced.items() if k != "workers"}
-    gw = Gateway(url, tmp_path / "instance", workers=int(announced["workers"]), **env, **extra)
-    try:
-        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
-        chat = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-
-        def status() -> int:
-            headers = {"Authorization": f"Bearer {key}"}
-            return requests.post(
-                f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
-            ).status_code
-
-        assert [status() for _ in range(4)] == [200] * 4  # every worker has it, and its file
-        gw.api("DELETE", f"/apiKey/{key}")
-        cluster.stop()
-        old = gw.worker_pids()
-        for pid in old:
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: len(set(gw.worker_pids()) - set(old)) == len(old), timeout=30)
-        wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
-        assert [status() for _ in range(4)] == [401] * 4
-    finally:
-        gw.stop()
+    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "revoke", True)
+    assert got == [401] * 6
 
 
 def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
