@@ -273,13 +273,16 @@ class LocalStore:
 
     # -- request claims --------------------------------------------------------
 
-    def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
-        """Claim a request id for call ``uid``; None if claimed, else the current holder."""
+    def claim(self, key: str, uid: str, ttl: float, age: float = 0.0) -> Claim | None:
+        """Claim a request id for call ``uid``; None if claimed, else the current holder.
+
+        ``age``: seconds ``uid`` has held the id already (a claim taken again after the
+        store lost it): the claim says it started then, not now."""
         now = self.clock()
         held = self._claims.get(key)
         if held is not None and held[2] > now:
             return Claim(held[0], held[1], now, held[3])
-        self._claims[key] = (uid, now, now + ttl, None)
+        self._claims[key] = (uid, now - max(0.0, age), now + ttl, None)
         return None
 
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:

@@ -140,7 +140,8 @@ class Limiter:
         self._unwarned = 0
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
-        self._claims: set[tuple[str, str]] = set()
+        # (claim key, call uid): when (time.monotonic) the call claimed the request id
+        self._claims: dict[tuple[str, str], float] = {}
         self._owed: list[tuple[str, tuple]] = []  # HARMLESS ones the store did not take
         self._paying = False  # ``_pay`` is sending them
         self._payer: gevent.Greenlet | None = None  # sends them while none are sent
@@ -511,7 +512,7 @@ class Limiter:
         key = self.key(f"key:{key_id}", f"req:{req_id}")
         holder = self._guarded("claim", None, self.store.claim, key, uid, self.inflight_ttl)
         if holder is None:
-            self._claims.add((key, uid))
+            self._claims[(key, uid)] = time.monotonic()
         return holder
 
     def unclaim(self, key_id: int, req_id: str, uid: str) -> None:
@@ -523,7 +524,7 @@ class Limiter:
         key = self.key(f"key:{key_id}", f"req:{req_id}")
         if (key, uid) not in self._claims:
             return
-        self._claims.discard((key, uid))
+        del self._claims[(key, uid)]
         if answer is None:
             self._send_or_owe("unclaim", self.store.unclaim, (key, uid), [("unclaim", (key, uid))])
         else:
@@ -557,7 +558,7 @@ class Limiter:
         if req_id is not None:
             key = self.key(f"key:{key_id}", f"req:{req_id}")
             if (key, uid) in self._claims:
-                self._claims.discard((key, uid))
+                del self._claims[(key, uid)]
                 if answer is None:
                     operations.append(("unclaim", (key, uid)))
                 else:
@@ -615,9 +616,10 @@ class Limiter:
             if name == "refresh" and (key, uid) in self._slots:
                 self._guarded("keep", None, self.store.acquire, key, uid, UNLIMITED, ttl)
             elif name == "keep_claim" and (key, uid) in self._claims:
-                holder = self._guarded("keep", None, self.store.claim, key, uid, ttl)
+                age = time.monotonic() - self._claims[(key, uid)]  # started_at stays
+                holder = self._guarded("keep", None, self.store.claim, key, uid, ttl, age)
                 if holder is not None and holder.uid != uid:
-                    self._claims.discard((key, uid))  # another call holds it now
+                    self._claims.pop((key, uid), None)  # another call holds it now
 
     # -- sign-in and admin-bearer throttling ------------------------------------
 

@@ -563,9 +563,15 @@ class RedisStore:
         """Give a slot back; return the slots still in use."""
         return self._one("release", key, member)
 
-    def claim(self, key: str, uid: str, ttl: float) -> Claim | None:
-        """Claim a request id for call ``uid``; None if claimed, else the current holder."""
-        out = self._run(self._claims, [key], ["claim", uid, ttl, self._now()])
+    def claim(self, key: str, uid: str, ttl: float, age: float = 0.0) -> Claim | None:
+        """Claim a request id for call ``uid``; None if claimed, else the current holder.
+
+        ``age``: seconds ``uid`` has held the id already (a claim taken again after the
+        store lost it): the claim says it started then, not now."""
+        argv = ["claim", uid, ttl, self._now()]
+        if age > 0:
+            argv.append(age)
+        out = self._run(self._claims, [key], argv)
         if not out:
             return None
         return Claim(out[0].decode(), float(out[1]), float(out[2]), out[3].decode() or None)

@@ -342,6 +342,31 @@ def test_calls_in_flight_hold_their_slots_and_claims_again_after_redis_restarts_
         b.stop()
 
 
+def test_a_claim_taken_again_after_redis_restarts_empty_keeps_its_start(
+    redis_server: RedisServer,
+) -> None:
+    # A repeat's 409 says when the first call claimed the id (started_at) and how long
+    # it may still run (Retry-After: NexusGate's estimate less its age). The claim taken
+    # again after a restart started then: the running call's age was lost (a call
+    # running for minutes said it had just started).
+    a, b = (_on(redis_server.url, "ra", INFLIGHT_TTL=30.0, REDIS_TIMEOUT=2.0) for _ in "ab")
+    try:
+        assert a.claim(7, "req-1", "running") is None
+        first = b.claim(7, "req-1", "repeat")
+        assert first is not None and first.uid == "running"
+        gevent.sleep(1.0)
+        redis_server.stop()
+        redis_server.start()  # empty
+        a.keep_in_flight()
+        held = b.claim(7, "req-1", "repeat")
+        assert held is not None and held.uid == "running" and held.answer is None
+        assert abs(held.started - first.started) < 0.2, "the first call's start, kept"
+        assert held.age >= 0.9
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_what_a_frozen_redis_runs_late_is_given_back_once_it_answers(
     redis_server: RedisServer,
 ) -> None:

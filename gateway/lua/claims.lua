@@ -8,7 +8,9 @@
 --          the answer to replay (``answer``), kept ``ttl`` more seconds. The key itself
 --          expires a margin later (garbage collection).
 -- ARGV: mode ("claim" | "keep" | "settle" | "release"), uid, ttl seconds, now ("" = the
---       server's TIME), answer (settle only).
+--       server's TIME), answer (settle only) or age (claim only, optional: seconds the
+--       call has held the id already, for a claim taken again after Redis lost it; its
+--       ``started`` stays when the call began).
 -- Returns: claim: {} when claimed, else {holder uid, started, now, answer or ""};
 --          keep / settle / release: 1 if uid was the (live, unsettled) holder, else 0.
 local key, mode, uid, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -21,8 +23,12 @@ if mode == 'claim' then
   if live then
     return {holder[1], holder[2], num(now), holder[4] or ''}
   end
+  local age = tonumber(ARGV[5]) or 0
+  if age < 0 then
+    age = 0
+  end
   redis.call('DEL', key)
-  redis.call('HSET', key, 'uid', uid, 'started', num(now), 'expires', num(now + ttl))
+  redis.call('HSET', key, 'uid', uid, 'started', num(now - age), 'expires', num(now + ttl))
   redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
   return {}
 end
