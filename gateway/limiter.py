@@ -145,6 +145,8 @@ class Limiter:
         self._owed: list[tuple[str, tuple]] = []  # HARMLESS ones the store did not take
         self._paying = False  # ``_pay`` is sending them
         self._payer: gevent.Greenlet | None = None  # sends them while none are sent
+        self._unannounced: list[str] = []  # key changes Redis did not take, oldest first
+        self._announcer: gevent.Greenlet | None = None  # sends them once Redis answers
         self._subscription: Subscription | None = None  # the key-change listener's, if any
 
     def init_app(self, app: Any) -> None:
@@ -657,8 +659,47 @@ class Limiter:
         (``model_limits.CHANGED``); each listener picks out its own.
         """
         self._notify(key_hash)
-        if self.shared:
-            self._guarded("announce", None, self.store.publish, self.channel, key_hash)
+        if not self.shared:
+            return
+        self._unannounced.append(key_hash)  # after any not sent yet: in order
+        self._announce_owed()
+        if self._unannounced:
+            self._announce_later_on()
+
+    def _announce_owed(self) -> None:
+        """Publish the announcements not sent yet, in order, until Redis fails one.
+
+        One Redis did not take is kept: the other workers' subscriptions may never have
+        broken (a Redis that froze or stalled past REDIS_TIMEOUT), so nothing told them
+        they missed a change, and they served the key as it was (a revoked key, old
+        limits) until CACHE_TTL. Each is harmless to hear twice (one written before
+        Redis froze runs when it resumes).
+        """
+        while self._unannounced:
+            message = self._unannounced[0]
+            sent = self._guarded("announce", _UNSENT, self.store.publish, self.channel, message)
+            if sent is _UNSENT:
+                break
+            if self._unannounced and self._unannounced[0] == message:
+                del self._unannounced[0]
+        if len(self._unannounced) > OWED_MAX:
+            dropped = len(self._unannounced) - OWED_MAX
+            del self._unannounced[:dropped]
+            log.warning("limiter: %d key-change announcement(s) dropped", dropped)
+
+    def _announce_later_on(self) -> None:
+        """Send what ``_announce_owed`` kept once Redis answers, whatever calls come."""
+        idle = self._announcer is None or self._announcer.dead
+        if idle and monkey.is_module_patched("socket"):
+            self._announcer = self._group.spawn(self._announce_later)
+            self._announcer.link_exception(
+                lambda g: log.error("limiter: announcing died", exc_info=g.exc_info)
+            )
+
+    def _announce_later(self) -> None:
+        while self._unannounced:
+            gevent.sleep(max(self.retry_after, self._down_until - time.monotonic()))
+            self._announce_owed()
 
     def _heard(self, message: str | None) -> None:
         """An announcement on the channel (None: some may have been missed)."""

@@ -222,6 +222,36 @@ def test_a_key_change_reaches_every_worker_at_once(pair) -> None:  # type: ignor
     assert time.monotonic() - started < 0.5
 
 
+def test_a_key_change_redis_did_not_take_is_announced_once_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    # A change announced while Redis stalled (frozen, slow past REDIS_TIMEOUT) failed
+    # open and was never sent again: the other workers, whose subscriptions never
+    # broke (so nothing told them they had missed one), served the key as it was (a
+    # revoked key, old limits) until GATEWAY_CACHE_TTL.
+    url = redis_server.url
+    w, c, b = (_on(url, "an", REDIS_RETRY_AFTER=0.2) for _ in "wcb")
+    heard: list[str | None] = []
+    b.on_key_change(heard.append)
+    b.start()
+    try:
+        wait_until(lambda: (w.announce("warm-up"), heard)[1], timeout=5)  # subscribed
+        gevent.sleep(0.2)
+        heard.clear()
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            c.announce("hash-of-a-changed-key")  # fails open: Redis does not answer
+            gevent.sleep(0.3)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        wait_until(lambda: "hash-of-a-changed-key" in heard, timeout=3, interval=0.01)
+        assert heard.count(None) == 0, "b's subscription never broke"
+        wait_until(lambda: not c._unannounced, timeout=2)
+    finally:
+        for limiter in (w, c, b):
+            limiter.stop()
+
+
 def test_a_call_applies_the_key_changes_already_at_its_worker_s_door(
     pair, shared_redis: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
