@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -627,21 +628,44 @@ class RedisStore:
 
 class Subscription:
     """One channel's messages: ``next`` waits for the next one, ``arrived`` says without
-    waiting whether one has come that ``next`` has not returned yet."""
+    waiting whether one has come that ``next`` has not returned yet.
+
+    A subscriber only reads: a connection that died without a word (a partition, a
+    NAT or load balancer that dropped it while idle, a host gone) never fails, and the
+    worker heard no change again, with nothing to tell it that it missed them. So
+    ``next`` sends a PING every ``PING_EVERY`` seconds, and one still unanswered at the
+    next is ``StoreDown`` (the listener subscribes again, and forgets every cached key).
+    """
+
+    PING_EVERY = 5.0
 
     def __init__(self, pubsub: Any) -> None:
         self._pubsub = pubsub
+        self._pinged: float | None = None  # when the PING not answered yet was sent
+        self._ping_at = time.monotonic() + self.PING_EVERY
 
     def next(self, timeout: float) -> str | None:
         """The next message, waiting up to ``timeout`` seconds; None if none came."""
         try:
+            self._ping()
             message = self._pubsub.get_message(timeout=timeout)
         except _FAILURES as exc:
             self._pubsub.close()
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+        if message is not None and message.get("type") == "pong":
+            self._pinged = None
         if message is None or message.get("type") != "message":
             return None
         return message["data"].decode()
+
+    def _ping(self) -> None:
+        now = time.monotonic()
+        if now < self._ping_at:
+            return
+        if self._pinged is not None:
+            raise redis.TimeoutError(f"no answer to a PING in {now - self._pinged:.1f} s")
+        self._pubsub.ping()
+        self._pinged, self._ping_at = now, now + self.PING_EVERY
 
     def arrived(self) -> bool:
         """Whether bytes wait on the subscription's socket (a system call, no switch)."""

@@ -252,6 +252,38 @@ def test_a_key_change_redis_did_not_take_is_announced_once_it_answers(
             limiter.stop()
 
 
+def test_a_subscription_that_stops_answering_is_made_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A subscriber only reads: its connection gone silent (a partition, a NAT or load
+    # balancer dropping it while idle; here a frozen Redis) never failed, so the worker
+    # never subscribed again and heard no key change from then on, with nothing to tell
+    # it that it missed them (revoked keys and new limits waited for CACHE_TTL).
+    from gateway.ratelimit import Subscription
+
+    monkeypatch.setattr(Subscription, "PING_EVERY", 0.2, raising=False)
+    w, b = (_on(redis_server.url, "sl", REDIS_RETRY_AFTER=0.2) for _ in "wb")
+    heard: list[str | None] = []
+    b.on_key_change(heard.append)
+    b.start()
+    try:
+        wait_until(lambda: (w.announce("warm-up"), heard)[1], timeout=5)  # subscribed
+        gevent.sleep(0.5)  # pings answered meanwhile: nothing is missed
+        assert None not in heard
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: b._subscription is None, timeout=3, interval=0.01)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        wait_until(lambda: None in heard, timeout=3, interval=0.01)  # missed: forget all
+        heard.clear()
+        w.announce("hash-of-a-changed-key")
+        wait_until(lambda: "hash-of-a-changed-key" in heard, timeout=2, interval=0.01)
+    finally:
+        w.stop()
+        b.stop()
+
+
 def test_a_call_applies_the_key_changes_already_at_its_worker_s_door(
     pair, shared_redis: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
