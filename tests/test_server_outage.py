@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import gevent
@@ -580,6 +581,21 @@ def test_a_database_that_stops_answering_gets_503_from_the_admin_side_not_a_hang
         gw.stop()
 
 
+@contextlib.contextmanager
+def _bounded_pool(url: str) -> Iterator[Any]:
+    """``database`` on a pool of its own for ``url``, each step of a request's use of it
+    bounded by 1 s (``db.bounded``); as it was before, after."""
+    previous, bound = database.obj, db._request_timeout
+    database.initialize(handle := open_database(url))
+    db._request_timeout = 1.0
+    try:
+        yield handle
+    finally:
+        handle.close_all()
+        database.initialize(previous)
+        db._request_timeout = bound
+
+
 def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_commit(
     cluster: PostgresCluster,
 ) -> None:
@@ -587,10 +603,7 @@ def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_
     ``execute_sql``: a request whose transaction was open when every process stopped (a
     listing's, an admin write's) waited at its COMMIT until the server answered again,
     holding its greenlet and a pooled connection. The next request finds a usable one."""
-    previous, bound = database.obj, db._request_timeout
-    database.initialize(handle := open_database(cluster.url()))
-    db._request_timeout = 1.0
-    try:
+    with _bounded_pool(cluster.url()):
         with contextlib.ExitStack() as resume:
 
             def transaction() -> None:
@@ -606,10 +619,6 @@ def test_a_transaction_open_when_the_database_stops_answering_is_bounded_at_its_
             assert time.monotonic() - sent < 5
         with db.bounded(), db.connection():
             assert database.execute_sql("SELECT 2").fetchone() == (2,)
-    finally:
-        handle.close_all()
-        database.initialize(previous)
-        db._request_timeout = bound
 
 
 def test_a_statement_unanswered_inside_a_transaction_closes_its_connection_at_once(
@@ -619,11 +628,8 @@ def test_a_statement_unanswered_inside_a_transaction_closes_its_connection_at_on
     pool and is closed there and then. peewee refuses to close a connection inside a
     transaction, so it stayed open to the server until the transaction's end, or, were
     that never reached, until the garbage collector found it."""
-    previous, bound = database.obj, db._request_timeout
-    database.initialize(handle := open_database(cluster.url()))
-    db._request_timeout = 1.0
     closed = []
-    try:
+    with _bounded_pool(cluster.url()) as handle:
         with contextlib.ExitStack() as resume:
 
             def transaction() -> None:
@@ -649,10 +655,6 @@ def test_a_statement_unanswered_inside_a_transaction_closes_its_connection_at_on
             assert closed == [True, True], "left open to the server"
         with db.bounded(), db.connection():
             assert database.execute_sql("SELECT 3").fetchone() == (3,)
-    finally:
-        handle.close_all()
-        database.initialize(previous)
-        db._request_timeout = bound
 
 
 def test_a_pooled_connection_whose_check_goes_unanswered_is_closed(
@@ -660,10 +662,7 @@ def test_a_pooled_connection_whose_check_goes_unanswered_is_closed(
 ) -> None:
     """Taking a connection checks a pooled one (``SELECT 1``) after taking it off the
     pool: unanswered within the bound, it is closed, not left open to the server."""
-    previous, bound = database.obj, db._request_timeout
-    database.initialize(handle := open_database(cluster.url()))
-    db._request_timeout = 1.0
-    try:
+    with _bounded_pool(cluster.url()) as handle:
         with db.connection():
             database.execute_sql("SELECT 1")
         [(_, _, pooled)] = handle._connections
@@ -677,10 +676,6 @@ def test_a_pooled_connection_whose_check_goes_unanswered_is_closed(
             asked.join(timeout=10)
             assert isinstance(asked.exception, DatabaseTimeout)
             assert pooled.closed
-    finally:
-        handle.close_all()
-        database.initialize(previous)
-        db._request_timeout = bound
 
 
 def test_a_download_whose_database_stops_answering_is_bounded_too(
@@ -688,10 +683,7 @@ def test_a_download_whose_database_stops_answering_is_bounded_too(
 ) -> None:
     """A download's batches are read while its answer streams, after the view (and its
     bound) returned: a server that stopped answering held it until it answered again."""
-    previous, bound = database.obj, db._request_timeout
-    database.initialize(handle := open_database(gateway_database(cluster)))
-    db._request_timeout = 1.0
-    try:
+    with _bounded_pool(gateway_database(cluster)):
         batches = records.download(Completion, Search(), serializers.completion, True)
         with db.connection():  # pooled, as a worker's are (the migration's backends gone)
             assert database.execute_sql("SELECT 1").fetchone() == (1,)
@@ -703,10 +695,6 @@ def test_a_download_whose_database_stops_answering_is_bounded_too(
         reading.join()  # once the server answers, at the latest
         assert waited < 5, "the download waited for the hung server"
         assert isinstance(reading.exception, DatabaseTimeout)
-    finally:
-        handle.close_all()
-        database.initialize(previous)
-        db._request_timeout = bound
 
 
 # -- the database answers but takes no writes ------------------------------------------
