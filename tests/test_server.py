@@ -455,11 +455,12 @@ def test_a_quick_exit_or_a_dead_master_leaves_no_call_pending(
 def test_worker_recycling_keeps_beating_while_a_drain_outlives_the_worker_timeout(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]
-    # Every request recycles the worker; the drain (4 s) is longer than the 2 s watchdog.
+    # Every request recycles the worker; the drain (6 s) is longer than the 4 s watchdog.
+    # (A 2 s watchdog also timed out a worker booting on a loaded machine: CI, load 8.)
     gw = gateway_factory(
-        GATEWAY_MAX_REQUESTS="1", GATEWAY_WORKER_TIMEOUT="2", GATEWAY_GRACEFUL_TIMEOUT="20"
+        GATEWAY_MAX_REQUESTS="1", GATEWAY_WORKER_TIMEOUT="4", GATEWAY_GRACEFUL_TIMEOUT="20"
     )
-    route = gw.setup_route(fake.url, remote_id="fake;id=mr;chunks=80;delay=0.05")
+    route = gw.setup_route(fake.url, remote_id="fake;id=mr;chunks=120;delay=0.05")
     stream = chat_client(gw, route["key"]).chat.completions.create(
         model="fake", messages=PROMPT, stream=True
     )
@@ -469,12 +470,12 @@ def test_worker_recycling_keeps_beating_while_a_drain_outlives_the_worker_timeou
     stream.close()
     (row,) = gw.wait_final(1, timeout=30)
     assert row["status"] == "aborted"
-    assert row["completion"][0]["content"] == words(80) and row["completionTokens"] == 80
+    assert row["completion"][0]["content"] == words(120) and row["completionTokens"] == 120
     assert fake.log("mr")[0]["outcome"] == "complete"
     assert "WORKER TIMEOUT" not in gw.log()
     # The replacement worker serves.
     answer = chat_client(gw, route["key"]).chat.completions.create(model="fake", messages=PROMPT)
-    assert answer.choices[0].message.content == words(80)
+    assert answer.choices[0].message.content == words(120)
 
 
 def test_worker_recycling_answers_every_call_of_kept_alive_clients(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]

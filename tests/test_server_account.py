@@ -34,7 +34,9 @@ from tests.servers import Gateway, post_on_socket, wait_until
 
 pytestmark = pytest.mark.server
 
-GATEWAY_ENV = {"GATEWAY_CLIENT_WRITE_TIMEOUT": "1"}  # a client that stops reading: dropped
+# A client that stops reading is dropped. 3 s, not 1: the 16 MB answer below must have
+# arrived whole first, which took more than a second on a loaded machine (CI, load 6-8).
+GATEWAY_ENV = {"GATEWAY_CLIENT_WRITE_TIMEOUT": "3"}
 EXACT = Fraction(1, 10**12)
 PATHS = {CHAT: "/v1/chat/completions", ANTHROPIC: "/v1/messages", RESPONSES: "/v1/responses"}
 CACHE = "cache=3;cache_write=2;cache_1h=1;reasoning=2;chunks=4"
@@ -448,7 +450,7 @@ def test_delivered_counts_what_was_written_not_what_was_queued(
 ) -> None:  # type: ignore[no-untyped-def]
     # The upstream answers 16 MB at once: all of it is queued for the client within a
     # second, while the client reads none. Only what the gateway managed to write before
-    # its write timeout (GATEWAY_CLIENT_WRITE_TIMEOUT=1) reached the client: the kernels'
+    # its write timeout (GATEWAY_CLIENT_WRITE_TIMEOUT=3) reached the client: the kernels'
     # buffers' worth, a few MB on loopback.
     gw = module_gateway
     key = gw.api("POST", "/apiKey", json={"comment": "stalled"})

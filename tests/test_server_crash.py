@@ -161,15 +161,16 @@ def test_calls_a_killed_worker_answered_keep_their_records(
                 answered.append(1)
 
     clients = [gevent.spawn(client) for _ in range(6)]
-    for _ in range(3):
-        gevent.sleep(1.5)
+    # Each kill lands among calls answered and recording: 35 answered since the last
+    # (not a fixed time, which a loaded machine answered too few calls in), and 10 after.
+    for goal in (35, 70, 105):
+        wait_until(lambda goal=goal: len(answered) >= goal, timeout=60, interval=0.02)
         (pid,) = children(gw.proc.pid)
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda pid=pid: children(gw.proc.pid) not in ([], [pid]), timeout=30)
-    gevent.sleep(1.0)
+    wait_until(lambda: len(answered) >= 115, timeout=60, interval=0.02)
     stop.set()
     gevent.joinall(clients, raise_error=True)
-    assert len(answered) > 100
 
     def settled() -> list[dict] | None:
         # The last kill's lines are written once its replacement's replay has run (at
