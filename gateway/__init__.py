@@ -32,7 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("GATEWAY")
-    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET"):
+    for name in ("DATABASE_URL", "REDIS_URL", "ADMIN_SUPER_SECRET", "COMMIT_SHA"):
         if os.environ.get(name):
             app.config[name] = os.environ[name]
     if "ALLOWED_ORIGINS" in os.environ:  # empty: no origin, not the default "*"

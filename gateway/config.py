@@ -2,9 +2,9 @@
 
 ``create_app`` loads these, then ``GATEWAY_*`` environment variables (with the prefix
 removed: ``GATEWAY_DRAIN_TIMEOUT=60`` sets ``DRAIN_TIMEOUT``; values are parsed as
-JSON where they can be), then ``DATABASE_URL``, ``REDIS_URL`` and
-``ADMIN_SUPER_SECRET``, then the mapping a test passes; ``problems`` then says what is
-wrong with any of them, before anything starts. gunicorn.conf.py reads this file as a
+JSON where they can be), then ``DATABASE_URL``, ``REDIS_URL``, ``ADMIN_SUPER_SECRET``
+and ``COMMIT_SHA`` (as text), then the mapping a test passes; ``problems`` then says
+what is wrong with any of them, before anything starts. gunicorn.conf.py reads this file as a
 file (it imports nothing of the gateway), so it imports only the standard library.
 """
 
@@ -30,6 +30,8 @@ DEFAULTS: dict[str, object] = {
     "REDIS_URL": None,  # None: limits live in process memory
     "ADMIN_SUPER_SECRET": None,  # None: generated once and kept in the settings table
     "INIT_FILE": None,  # a YAML or JSON file of providers, models and keys applied at start
+    # The commit this gateway runs, for GET /api/admin/rev (COMMIT_SHA, as NexusGate).
+    "COMMIT_SHA": "unknown",
     # Origins whose browser apps may call /v1 and /api (cors.py): "*" (NexusGate's
     # default), a comma-separated list, or empty for none. ALLOWED_ORIGINS, as NexusGate.
     "ALLOWED_ORIGINS": "*",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from gateway import redact
 from gateway.exchange import Exchange
 from gateway.models import ApiKey
 from gateway.recorder import snapshot, write_rows
+from tests.conftest import _test_app
 from tests.servers import ADMIN_SECRET, away, unreachable
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -46,6 +48,21 @@ def test_the_admin_secret_is_required(client) -> None:  # type: ignore[no-untype
     assert client.get("/api/admin/", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/admin/", headers={"x-api-key": ADMIN_SECRET}).get_json() is True
     assert client.get("/api/admin/", headers=ADMIN).get_json() is True
+
+
+def test_rev_answers_the_commit_it_runs_unknown_by_default(admin, client) -> None:  # type: ignore[no-untyped-def]
+    # NexusGate's dashboard shows the backend's commit from here, in its version footer.
+    assert admin("GET", "/rev") == (200, {"version": "unknown"})
+    assert client.get("/api/admin/rev").status_code == 401
+
+
+def test_rev_reads_commit_sha_as_text(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("COMMIT_SHA", "0123456")  # digits only: still the text, not a number
+    with _test_app(database_url, tmp_path) as app:
+        answer = app.test_client().get("/api/admin/rev", headers=ADMIN)
+    assert (answer.status_code, answer.get_json()) == (200, {"version": "0123456"})
 
 
 def test_a_database_that_does_not_answer_is_a_503_in_the_api_s_shape(  # type: ignore[no-untyped-def]

@@ -93,6 +93,7 @@ LIST_ARGS = ("offset", "limit", "apiKeyId", "modelId", "model", "status")
 # (method, path, body fields, query arguments)
 ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/", {}, ()),
+    ("GET", "/rev", {}, ()),
     ("GET", "/apiKey", {}, ("includeRevoked",)),
     ("GET", "/apiKey/managed", {}, ("includeRevoked",)),
     ("POST", "/apiKey", KEY, ()),

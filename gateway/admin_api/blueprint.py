@@ -75,6 +75,12 @@ def index() -> Response:
     return jsonio.response(True)
 
 
+@bp.get("/rev")
+def revision() -> Response:
+    """The commit this gateway runs (NexusGate's dashboard shows it beside its own)."""
+    return jsonio.response({"version": str(current_app.config["COMMIT_SHA"])})
+
+
 def body() -> dict[str, Any]:
     """The body as a JSON object (an empty body is ``{}``), strictly parsed."""
     try:
