@@ -300,6 +300,16 @@ def total(usages: Iterable[KeyUsage]) -> KeyUsage:
     return out
 
 
+def embedding_tokens(key: int | None = None) -> int:
+    """Input tokens of live embedding records, of one key if given; unknown counts left out."""
+    query = Embedding.select(pw.fn.COALESCE(pw.fn.SUM(Embedding.input_tokens), 0)).where(
+        Embedding.deleted == False  # noqa: E712
+    )
+    if key is not None:
+        query = query.where(Embedding.api_key == key)
+    return int(query.scalar())
+
+
 def key_totals(key: int) -> KeyUsage:
     """One key's lifetime usage (``GET /api/usage``), on a connection of its own."""
     with connection():

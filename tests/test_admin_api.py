@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from gateway import redact
 from gateway.exchange import Exchange
-from gateway.models import ApiKey
+from gateway.models import ApiKey, Embedding
 from gateway.recorder import snapshot, write_rows
 from tests.conftest import _test_app
 from tests.servers import ADMIN_SECRET, away, unreachable
@@ -353,6 +354,27 @@ def test_usage_sums_known_tokens_of_completed_and_aborted_calls(admin, db) -> No
     _records(db, key.id, ["completed", "aborted", "failed", "pending"])
     usage = admin("GET", "/usage")[1]  # NexusGate's two fields, and the costs beside them
     assert (usage["total_prompt_tokens"], usage["total_completion_tokens"]) == (20, 1)
+
+
+def test_embeddings_usage_sums_known_input_tokens_of_live_records(admin, db) -> None:  # type: ignore[no-untyped-def]
+    key = ApiKey.create(key_hash="e" * 64, key_hint="sk-e…eeee")
+    other = ApiKey.create(key_hash="f" * 64, key_hint="sk-f…ffff")
+    for owner, tokens, status, deleted in [
+        (key, 7, "completed", False),
+        (key, None, "failed", False),  # unknown: not counted as -1 (NexusGate's did)
+        (key, 100, "completed", True),  # deleted: not counted
+        (other, 5, "completed", False),
+    ]:
+        Embedding.create(
+            uid=uuid.uuid4().hex, api_key=owner.id, model="emb", status=status,
+            input_tokens=tokens, deleted=deleted,
+        )  # fmt: skip
+    assert admin("GET", "/embeddings/usage") == (200, {"total_input_tokens": 12})
+    assert admin("GET", f"/embeddings/usage?apiKeyId={key.id}")[1] == {"total_input_tokens": 7}
+    assert admin("GET", "/embeddings/usage?apiKeyId=999")[1] == {"total_input_tokens": 0}
+    for bad in ("x", "0", str(BIG), "\u0661"):
+        status, body = admin("GET", f"/embeddings/usage?apiKeyId={bad}")
+        assert status == 400 and "apiKeyId" in body["error"], bad
 
 
 # -- hostile input: never a 5xx, always a message ----------------------------------------

@@ -126,6 +126,7 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/completions/{id}", {}, ()),
     ("DELETE", "/completions/{id}", {}, ()),
     ("GET", "/embeddings", {}, LIST_ARGS),
+    ("GET", "/embeddings/usage", {}, ("apiKeyId",)),
     ("GET", "/embeddings/{id}", {}, ()),
     ("DELETE", "/embeddings/{id}", {}, ()),
     ("GET", "/usage", {}, ("apiKey", "range")),

@@ -1,4 +1,5 @@
-"""``/api/admin/usage`` and ``/stats/overview``: token sums, costs and the overview's numbers."""
+"""``/api/admin/usage``, ``/embeddings/usage`` and ``/stats/overview``: token sums, costs
+and the overview's numbers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 from flask import Response, request
 
-from gateway import jsonio, ledger, registry, serializers, stats
-from gateway.admin_api.blueprint import bp
+from gateway import jsonio, ledger, registry, serializers, stats, urlargs
+from gateway.admin_api.blueprint import bp, int_arg
 from gateway.models import ApiKey, utcnow
 
 
@@ -33,6 +34,13 @@ def usage() -> Response:
             **_ledger(since, key),
         }
     )
+
+
+@bp.get("/embeddings/usage")
+def embeddings_usage() -> Response:
+    """Embedding input tokens, of one key (``apiKeyId``) or all, as NexusGate's answer."""
+    key = int_arg("apiKeyId", None, 1, urlargs.MAX_ID)
+    return jsonio.response({"total_input_tokens": stats.embedding_tokens(key)})
 
 
 @bp.get("/stats/overview")
