@@ -420,6 +420,38 @@ def test_paging_and_filters_are_checked(admin, query: str, message: str) -> None
         assert status == 400 and message in body["error"], (table, body)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/models?modelType=chats",
+        "/models/system-names?modelType=Embedding",
+        "/models/by-system-name/gpt?modelType=x",
+        "/apiKey?includeRevoked=maybe",
+        "/apiKey/managed?includeRevoked=2",
+    ],
+)
+def test_a_query_value_nexusgate_checks_is_refused_not_ignored(admin, path: str) -> None:  # type: ignore[no-untyped-def]
+    # NexusGate's schemas refuse these (422); ignoring them answered as if unasked.
+    status, body = admin("GET", path)
+    name = path.split("?")[1].split("=")[0]
+    assert status == 400 and body["error"].startswith(f"{name} must be"), body
+
+
+def test_query_flags_and_model_types_as_nexusgate_sends_them(admin) -> None:  # type: ignore[no-untyped-def]
+    p = provider(admin)
+    admin(
+        "POST", "/models", json={"providerId": p["id"], "systemName": "e", "modelType": "embedding"}
+    )
+    admin("POST", "/models", json={"providerId": p["id"], "systemName": "c"})
+    assert [m["systemName"] for m in admin("GET", "/models?modelType=embedding")[1]] == ["e"]
+    assert admin("GET", "/models/system-names?modelType=chat")[1] == ["c"]
+    assert admin("GET", "/models/system-names?modelType=")[1] == ["c", "e"]
+    key = admin("POST", "/apiKey", json={})[1]
+    admin("DELETE", f"/apiKey/{key['id']}")
+    for value, shown in [("true", 1), ("TRUE", 1), ("1", 1), ("false", 0), ("0", 0), ("", 0)]:
+        assert len(admin("GET", f"/apiKey?includeRevoked={value}")[1]) == shown, value
+
+
 def test_paging_within_bounds_is_served(admin) -> None:  # type: ignore[no-untyped-def]
     assert admin("GET", f"/completions?limit=1000&offset={BIG - 1}")[1]["data"] == []
     assert admin("GET", "/embeddings?limit=1&offset=0")[1] == {"data": [], "total": 0, "from": 0}

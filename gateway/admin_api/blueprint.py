@@ -92,9 +92,16 @@ def body() -> dict[str, Any]:
     return found
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
 def flag(name: str) -> bool:
-    """A query argument read as a yes/no flag (``1``, ``true``, ``yes``)."""
-    return request.args.get(name, "").lower() in ("1", "true", "yes")
+    """A query argument read as a yes/no flag (``true``, ``1``, ``yes`` or their noes;
+    absent is no); anything else is a 400, not a quiet no."""
+    value = _FLAGS.get(request.args.get(name, "").lower())
+    if value is None:
+        raise registry.Refused(400, f"{name} must be true or false")
+    return value
 
 
 def int_arg(name: str, default: int | None, low: int, high: int) -> Any:

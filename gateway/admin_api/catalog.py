@@ -7,11 +7,13 @@ back), weights by system name, and the per-model limits. The checked changes are
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response, request
 
 from gateway import jsonio, registry, serializers
 from gateway.admin_api.blueprint import body, bp
-from gateway.models import Model, Provider
+from gateway.models import MODEL_TYPES, Model, Provider
 from gateway.upstream import UpstreamError
 
 
@@ -80,9 +82,7 @@ def test_provider(provider_id: int) -> Response:
 
 @bp.get("/models")
 def list_models() -> Response:
-    query = Model.active().order_by(Model.id)
-    if request.args.get("modelType"):
-        query = query.where(Model.model_type == request.args["modelType"])
+    query = _of_type(Model.active().order_by(Model.id))
     return jsonio.response([serializers.model(m) for m in query])
 
 
@@ -95,16 +95,13 @@ def create_model() -> Response:
 @bp.get("/models/system-names")
 def system_names() -> Response:
     query = Model.active().select(Model.system_name).distinct().order_by(Model.system_name)
-    if request.args.get("modelType"):
-        query = query.where(Model.model_type == request.args["modelType"])
+    query = _of_type(query)
     return jsonio.response([m.system_name for m in query])
 
 
 @bp.get("/models/by-system-name/<path:system_name>")
 def models_by_system_name(system_name: str) -> Response:
-    query = Model.active().where(Model.system_name == system_name).order_by(Model.id)
-    if request.args.get("modelType"):
-        query = query.where(Model.model_type == request.args["modelType"])
+    query = _of_type(Model.active().where(Model.system_name == system_name).order_by(Model.id))
     return jsonio.response(
         [
             {"model": serializers.model(m), "provider": serializers.provider(m.provider)}
@@ -117,6 +114,16 @@ def models_by_system_name(system_name: str) -> Response:
 def set_weights(system_name: str) -> Response:
     registry.apply_weights(system_name, body().get("weights"))
     return models_by_system_name(system_name)
+
+
+def _of_type(query: Any) -> Any:
+    """``query`` narrowed to the ``modelType`` asked for, if any (not a type: a 400)."""
+    kind = request.args.get("modelType")
+    if not kind:
+        return query
+    if kind not in MODEL_TYPES:
+        raise registry.Refused(400, f"modelType must be one of {', '.join(MODEL_TYPES)}")
+    return query.where(Model.model_type == kind)
 
 
 @bp.get("/models/<id:model_id>")
