@@ -377,6 +377,17 @@ def test_embeddings_usage_sums_known_input_tokens_of_live_records(admin, db) -> 
         assert status == 400 and "apiKeyId" in body["error"], bad
 
 
+def test_deleting_an_embedding_answers_success_as_nexusgate(admin, db) -> None:  # type: ignore[no-untyped-def]
+    # NexusGate answers {success: true} here (the row only for /completions/<id>).
+    key = ApiKey.create(key_hash="g" * 64, key_hint="sk-g…gggg")
+    row = Embedding.create(uid=uuid.uuid4().hex, api_key=key.id, model="emb", status="completed")
+    assert admin("GET", f"/embeddings/{row.id}")[1]["deleted"] is False
+    assert admin("DELETE", f"/embeddings/{row.id}") == (200, {"success": True})
+    assert admin("GET", f"/embeddings/{row.id}") == (404, {"error": "Embedding not found"})
+    assert admin("DELETE", f"/embeddings/{row.id}") == (404, {"error": "Embedding not found"})
+    assert Embedding.get_by_id(row.id).deleted is True  # soft: the row stays
+
+
 # -- hostile input: never a 5xx, always a message ----------------------------------------
 
 BIG = 2**63

@@ -1,7 +1,8 @@
 """``/api/admin/completions`` and ``/embeddings``: call records, paged, exported, deleted.
 
 Lists are ``{data, total, from}``, newest first, filtered as ``records.select`` filters
-them (the total honours the filters; NexusGate's did not). Deleting is soft.
+them (the total honours the filters; NexusGate's did not). Deleting is soft and answers
+as NexusGate's does: the row for a completion, ``{success: true}`` for an embedding.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def get_completion(record_id: int) -> Response:
 
 @bp.delete("/completions/<id:record_id>")
 def delete_completion(record_id: int) -> Response:
-    return _delete_record(Completion, serializers.completion, record_id)
+    row = _delete_record(Completion, record_id)
+    return jsonio.response(serializers.completion(row))
 
 
 @bp.get("/embeddings")
@@ -53,7 +55,8 @@ def get_embedding(record_id: int) -> Response:
 
 @bp.delete("/embeddings/<id:record_id>")
 def delete_embedding(record_id: int) -> Response:
-    return _delete_record(Embedding, serializers.embedding, record_id)
+    _delete_record(Embedding, record_id)
+    return jsonio.response({"success": True})
 
 
 def _list_records(table: type[pw.Model], serialize: Any, default_limit: int) -> Response:
@@ -93,11 +96,11 @@ def _one_record(table: type[pw.Model], serialize: Any, record_id: int) -> Respon
     return jsonio.response(serialize(row, name))
 
 
-def _delete_record(table: type[pw.Model], serialize: Any, record_id: int) -> Response:
-    """Soft delete; answer with the row as it now is."""
+def _delete_record(table: type[pw.Model], record_id: int) -> Any:
+    """Soft delete; the row as it now is."""
     row = _record_row(table, record_id)
     table.update(deleted=True, updated_at=utcnow()).where(table.id == row.id).execute()
-    return jsonio.response(serialize(table.get_by_id(row.id)))
+    return table.get_by_id(row.id)
 
 
 def _record_row(table: type[pw.Model], row_id: int) -> Any:
