@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from datetime import datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway import redact
+from gateway.config import ROOT
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Embedding
 from gateway.recorder import snapshot, write_rows
@@ -64,6 +66,20 @@ def test_rev_reads_commit_sha_as_text(
     with _test_app(database_url, tmp_path) as app:
         answer = app.test_client().get("/api/admin/rev", headers=ADMIN)
     assert (answer.status_code, answer.get_json()) == (200, {"version": "0123456"})
+
+
+def test_the_readme_s_admin_api_table_names_every_route(app) -> None:  # type: ignore[no-untyped-def]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Admin API\n", 1)[1].split("\n## ", 1)[0]
+    names = {"external_id": "id", "system_name": "name"}  # as the README writes them
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("admin_api.") and rule.rule != "/api/admin/":
+            path = re.sub(
+                r"<(?:\w+:)?(\w+)>",
+                lambda m: "<" + names.get(m[1], "id" if m[1].endswith("_id") else m[1]) + ">",
+                rule.rule.removeprefix("/api/admin"),
+            )
+            assert re.search(re.escape(path) + "[`?]", section), f"README: no {path}"
 
 
 def test_a_database_that_does_not_answer_is_a_503_in_the_api_s_shape(  # type: ignore[no-untyped-def]
