@@ -135,6 +135,26 @@ def test_revoking_an_unknown_key_is_404_and_inserts_nothing(admin, db) -> None: 
     assert ApiKey.select().count() == 0
 
 
+def test_a_final_slash_reaches_the_same_route_as_nexusgate_s_server(client) -> None:  # type: ignore[no-untyped-def]
+    # NexusGate's server (Elysia, strictPath off) answers /x and /x/ alike; here /x/ was
+    # a 404 and /api/admin an HTML 308.
+    def answer(method: str, path: str, **kwargs: object) -> tuple[int, object]:
+        resp = client.open(path, method=method, headers=ADMIN, **kwargs)
+        return resp.status_code, resp.get_json()
+
+    assert answer("GET", "/api/admin") == (200, True)
+    assert client.get("/api/admin").status_code == 401  # the guard still runs
+    created = answer("POST", "/api/admin/apiKey/", json={"comment": "slash"})[1]
+    assert answer("GET", "/api/admin/apiKey/")[1][0]["id"] == created["id"]
+    assert answer("GET", f"/api/admin/apiKey/{created['key']}/usage/")[0] == 200
+    assert answer("GET", "/api/admin/rev/") == (200, {"version": "unknown"})
+    p = answer("POST", "/api/admin/providers/", json={"name": "s", "baseUrl": "https://x"})[1]
+    assert answer("GET", f"/api/admin/providers/{p['id']}/") == answer(
+        "GET", f"/api/admin/providers/{p['id']}"
+    )
+    assert answer("GET", "/api/admin/completions/")[1]["total"] == 0
+
+
 @pytest.mark.parametrize("path", ["/apiKey//usage", "/apiKey/%2F/usage", "//providers"])
 def test_a_path_with_an_empty_segment_is_a_json_404_not_a_redirect(admin, path: str) -> None:  # type: ignore[no-untyped-def]
     # werkzeug's merge_slashes answered these with an HTML 308 to another route (found

@@ -23,7 +23,18 @@ from gateway.limiter import limiter
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
+
+class _AnySlash(Blueprint):
+    """Routes that answer with or without a final slash, as NexusGate's server (Elysia,
+    whose strictPath is off) does: ``/providers/`` is ``/providers``, ``/api/admin`` is
+    ``/api/admin/`` (werkzeug would answer a 404, or an HTML redirect)."""
+
+    def add_url_rule(self, rule: str, *args: Any, **options: Any) -> None:
+        options.setdefault("strict_slashes", False)
+        super().add_url_rule(rule, *args, **options)
+
+
+bp = _AnySlash("admin_api", __name__, url_prefix="/api/admin")
 bp.record_once(urlargs.register)
 
 MAX_PAGE = 1000
