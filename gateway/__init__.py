@@ -66,6 +66,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         retention,
         service,
         snapshot,
+        spend,
         srvlog,
         sweeper,
         telemetry,
@@ -83,6 +84,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     retention.retention.init_app(app)
     calls.calls.init_app(app)
     limiter.limiter.init_app(app)
+    spend.seeder.init_app(app)
     snapshot.refresher.init_app(app)
     model_limits.model_limits.init_app(app)
     # A key or per-model limit changed in another worker or instance: forget it here.

@@ -55,9 +55,11 @@ def per_minute(name: str, limit: float, cost: float = 1.0) -> Bucket:
 
 # An in-flight slot to take with an admission: slot set key, member, limit, ttl seconds.
 Slot = tuple[str, str, int, float]
-# A budget an admission must be under: the key of a running total, and the limit the
-# total must stay below (an integer, as totals are).
-Budget = tuple[str, int]
+# A budget an admission must be under: the key of a running total, the limit the total
+# must stay below (an integer, as totals are), and the key of the total's mark: set when
+# an admission finds it unset, for the seconds given, its caller then raises the total to
+# the records' figure (``Verdict.seed``).
+Budget = tuple[str, int, str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,9 @@ class Verdict:
     # Index of that bucket (the longest wait); len(buckets): the slot; + 1: the budget.
     refused: int | None = None
     spent: int | None = None  # the budget's total when it was asked (None: no budget)
+    # The budget's mark was unset (set now): the caller is to raise the total to what
+    # the records say (``Limiter.admit``); no other admission is told until it lapses.
+    seed: bool = False
 
     @property
     def retry_after(self) -> int:
@@ -158,6 +163,7 @@ class LocalStore:
         # key -> uid, started, expiry, answer (None while the call is in flight)
         self._claims: dict[str, tuple[str, float, float, str | None]] = {}
         self._totals: dict[str, tuple[int, float]] = {}  # key -> total, expiry
+        self._marks: dict[str, float] = {}  # key -> expiry
         self._writes = 0
 
     # -- buckets ---------------------------------------------------------------
@@ -188,7 +194,8 @@ class LocalStore:
         (``acquire``). A full slot set refuses first, as ``refused == len(buckets)``,
         taking nothing. ``budget`` (total key, limit): refuse, before anything else and
         taking nothing, unless the total is below the limit (``refused ==
-        len(buckets) + 1``); the verdict says the total it read.
+        len(buckets) + 1``); the verdict says the total it read, and sets the budget's
+        mark if it was unset (``seed``).
         """
         now = self.clock()
         states = [
@@ -196,16 +203,19 @@ class LocalStore:
             for k, b in zip(keys, buckets, strict=True)
         ]
         levels = tuple(s[0] for s in states)
-        spent = None
+        spent, seed = None, False
         if budget is not None:
             spent = self.total(budget[0])
+            seed = self._marks.get(budget[2], -math.inf) <= now
+            if seed:
+                self._marks[budget[2]] = now + budget[3]
             if not spent < budget[1]:
-                return Verdict(False, levels, 0.0, len(buckets) + 1, spent)
+                return Verdict(False, levels, 0.0, len(buckets) + 1, spent, seed)
         slots = None
         if slot is not None:
             slots = self._live_slots(slot[0], now)
             if slot[1] not in slots and len(slots) >= slot[2]:
-                return Verdict(False, levels, 0.0, len(buckets), spent)
+                return Verdict(False, levels, 0.0, len(buckets), spent, seed)
         verdict = admit(levels, buckets)
         if verdict.allowed:
             for key, (_, stamp), level, bucket in zip(
@@ -217,7 +227,7 @@ class LocalStore:
                 slots[slot[1]] = now + slot[3]
                 self._slots[slot[0]] = slots
         if spent is not None:
-            verdict = replace(verdict, spent=spent)
+            verdict = replace(verdict, spent=spent, seed=seed)
         return verdict
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:
@@ -327,6 +337,13 @@ class LocalStore:
         self._totals[key] = (total, self.clock() + ttl)
         return total
 
+    def raise_to(self, key: str, amount: int, ttl: float) -> int:
+        """Raise a total to ``amount`` if it is below (never lower it), kept ``ttl``
+        seconds from now; return the total."""
+        total = max(self.total(key), amount)
+        self._totals[key] = (total, self.clock() + ttl)
+        return total
+
     def total(self, key: str) -> int:
         """A total (0 when there is none)."""
         held = self._totals.get(key)
@@ -336,6 +353,7 @@ class LocalStore:
         self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
         self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
         self._totals = {k: v for k, v in self._totals.items() if v[1] > now}
+        self._marks = {k: v for k, v in self._marks.items() if v > now}
         for key in list(self._slots):
             if not self._live_slots(key, now):
                 del self._slots[key]

@@ -5,7 +5,8 @@ with ``REDIS_URL``) or on this process's memory (``buckets.LocalStore``, and a w
 start that limits then hold per process). It names the state (``gw:{key:42}:rpm``: all of a
 key's state under one hash tag), turns a key's limits into buckets, keeps the slots and
 request claims of calls in flight alive (a killed worker's expire within
-``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget,
+``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget
+(raised to the records' figure when the store may not have it: ``spend``),
 takes a large RPM limit's requests ahead in leases so that most calls admit with no round
 trip (``leases``, which says what that changes), and fails open: when the store is away
 an operation allows, is counted in /metrics, and a warning is logged at most once a
@@ -41,6 +42,7 @@ T = TypeVar("T")
 WARN_EVERY = 60.0  # seconds between two warnings that the store is away
 CATCH_UP_WAIT = 0.1  # seconds a call waits at most for the listener to apply changes
 SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it started
+SEED_EVERY_MIN = 1.0  # seconds between two raises of a key's spend to the records' figure
 # Slots and claims of calls in flight refreshed in one round trip: about 2 ms of Redis's
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
 KEEP_BATCH = 100
@@ -111,6 +113,8 @@ class Limiter:
     def __init__(self) -> None:
         self._group = gevent.pool.Group()
         self._listeners: list[Callable[[str | None], None]] = []
+        # Asked to read a key's spend in a month from the records (``seed_spend``).
+        self.on_unseeded: Callable[[int, datetime], None] = lambda key_id, now: None
         self.configure({})
 
     def configure(self, config: Mapping[str, Any], clock: Callable[[], float] = time.time) -> None:
@@ -124,6 +128,7 @@ class Limiter:
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
         self.dedup_ttl = float(cfg["DEDUP_TTL"])
+        self.seed_every = max(SEED_EVERY_MIN, float(cfg["CACHE_TTL"]))
         # Leases only where a round trip is what they save, and something runs them.
         self.lease_share = float(cfg["LIMIT_LEASE_SHARE"]) if self.shared else 0.0
         if not monkey.is_module_patched("socket"):
@@ -314,7 +319,10 @@ class Limiter:
         ``slot`` (call uid, the key's maxConcurrent): take one of the key's in-flight slots
         in the same step (one round trip); a full set refuses as ``"concurrency"``.
         ``budget`` (USD a month): a key that spent it this month (``now``'s, UTC) is
-        refused first, taking nothing, by raising BudgetExceeded; in the same step.
+        refused first, taking nothing, by raising BudgetExceeded; in the same step. The
+        step also says when the store's spend has not been raised to the records' figure
+        for ``seed_every`` seconds (a restarted Redis has none): ``on_unseeded`` is told,
+        and reads it in the background (``seed_spend``); this call goes on meanwhile.
         """
         named: list[tuple[str, Bucket]] = []
         if rpm and rpm > 0:
@@ -329,8 +337,10 @@ class Limiter:
         spend = None
         if budget is not None:
             now = now or datetime.now(UTC)
+            total = self._spend_key(key_id, now)
             # A total below budget_usd * 1e9 is below its ceiling (totals are whole).
-            spend = (self._spend_key(key_id, now), max(0, math.ceil(budget * 1e9)))
+            limit = max(0, math.ceil(budget * 1e9))
+            spend = (total, limit, f"{total}:seeded", self.seed_every)
         if not named and held is None and spend is None:
             return Admission(True, None, None, None, None)
         holding = self._holding(key_id, rpm, tpm, not extra and held is None and spend is None)
@@ -350,6 +360,9 @@ class Limiter:
             if held is not None:  # the store may yet run it: given back as if held
                 self._slots.add((held[0], held[1]))
             return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
+        if spend is not None and verdict.seed and self.shared:
+            assert now is not None
+            self.on_unseeded(key_id, now)
         if held is not None and verdict.allowed:
             self._slots.add((held[0], held[1]))
         refused_by = None
@@ -484,6 +497,13 @@ class Limiter:
         """Nano-USD the key spent this month as the store has it (0 when it is away)."""
         key = self._spend_key(key_id, now or datetime.now(UTC))
         return self._guarded("spent", 0, self.store.total, key)
+
+    def seed_spend(self, key_id: int, nanos: int, now: datetime) -> None:
+        """Raise the key's spend in ``now``'s month to ``nanos``, what its records say,
+        if the store has less. Never added: the store's total may count the same calls
+        already (and calls the records do not have yet)."""
+        key = self._spend_key(key_id, now)
+        self._guarded("seed", None, self.store.raise_to, key, nanos, SPEND_TTL)
 
     def _spend_key(self, key_id: int, now: datetime) -> str:
         return self.key(f"key:{key_id}", f"spend:{now:%Y-%m}")

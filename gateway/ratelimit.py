@@ -345,11 +345,10 @@ class RedisStore:
         self.client = client
         self.clock = clock
         prelude = (SCRIPTS / "prelude.lua").read_text()
-        self._buckets, self._slots, self._claims = (
+        self._buckets, self._slots, self._claims, self._totals = (
             client.register_script(prelude + (SCRIPTS / f"{name}.lua").read_text())
-            for name in ("buckets", "slots", "claims")
+            for name in ("buckets", "slots", "claims", "totals")
         )
-        self._totals = client.register_script((SCRIPTS / "totals.lua").read_text())
         self._by_sha = {s.sha: s for s in (self._buckets, self._slots, self._claims, self._totals)}
         # What becomes of posted commands whose replies say they failed, or were never
         # read (``post_all``): how many, those of them that are harmless to send again
@@ -505,9 +504,9 @@ class RedisStore:
             key, bucket, amount, *low = args
             argv = self._bucket_args("charge", [bucket], amount) + low
             return self._buckets, [key], argv, _first
-        if name == "add":
+        if name in ("add", "raise_to"):
             key, amount, ttl = args
-            return self._totals, [key], ["add", amount, ttl], int
+            return self._totals, [key], [name.removesuffix("_to"), amount, ttl], int
         raise ValueError(f"run_all: no operation {name!r}")
 
     def _bucket_args(self, mode: str, buckets: Sequence[Bucket], amount: float | None) -> list:
@@ -531,16 +530,22 @@ class RedisStore:
             mode, extra = mode + "+slot", [member, limit, ttl]
             keys.append(key)
         if budget is not None:
+            total, limit, mark, ttl = budget
             mode = mode + "+budget"
-            keys.append(budget[0])
-            extra.append(str(budget[1]))
+            keys += [total, mark]
+            extra += [str(limit), ttl]
         out = self._run(self._buckets, keys, [*self._bucket_args(mode, buckets, None), *extra])
         refused = int(out[1])
-        spent = None
+        spent, seed = None, False
         if budget is not None:
-            spent, out = int(out[-1]), out[:-1]
+            spent, seed, out = int(out[-2]), out[-1] == b"1", out[:-2]
         return Verdict(
-            out[0] == b"1", _floats(out[3:]), float(out[2]), refused - 1 if refused else None, spent
+            out[0] == b"1",
+            _floats(out[3:]),
+            float(out[2]),
+            refused - 1 if refused else None,
+            spent,
+            seed,
         )
 
     def charge(self, key: str, bucket: Bucket, amount: float) -> float:
@@ -592,6 +597,11 @@ class RedisStore:
     def add(self, key: str, amount: int, ttl: float) -> int:
         """Add ``amount`` to a total kept ``ttl`` seconds from now; return the total."""
         return self._one("add", key, amount, ttl)
+
+    def raise_to(self, key: str, amount: int, ttl: float) -> int:
+        """Raise a total to ``amount`` if it is below (never lower it), kept ``ttl``
+        seconds from now; return the total."""
+        return self._one("raise_to", key, amount, ttl)
 
     def total(self, key: str) -> int:
         """A total (0 when there is none)."""

@@ -68,6 +68,8 @@ step = st.one_of(
     ),
     # a month's spend grows (or, here, shrinks: the scripts need not care)
     st.tuples(st.just("add"), st.one_of(st.integers(-3, 2000), st.sampled_from([2**60, -(2**61)]))),
+    # ... or is raised to the records' figure
+    st.tuples(st.just("raise_to"), st.one_of(st.integers(0, 4000), st.sampled_from([2**60 + 3]))),
     # the keeper's refreshes, then a finished call's operations, in one round trip
     st.tuples(
         st.just("run_all"),
@@ -98,10 +100,11 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
         chosen = sorted(op[1])
         keys = [f"{prefix}:{{k}}:{BUCKETS[i].name}" for i in chosen]
         slot = None if op[2] is None else (slots, op[2], 2, 9.0)
-        budget = (f"{prefix}:{{k}}:spend", op[3])
+        # The mark outlives the scenario: its expiry is on Redis's clock, not the test's.
+        budget = (f"{prefix}:{{k}}:spend", op[3], f"{prefix}:{{k}}:spend:seeded", 1e6)
         return store.admit(keys, [BUCKETS[i] for i in chosen], slot, budget)
-    if kind == "add":
-        return store.add(f"{prefix}:{{k}}:spend", op[1], 1e6)
+    if kind in ("add", "raise_to"):
+        return getattr(store, kind)(f"{prefix}:{{k}}:spend", op[1], 1e6)
     if kind == "charge":
         bucket = BUCKETS[op[1]]
         return store.charge(f"{prefix}:{{k}}:{bucket.name}", bucket, op[2])

@@ -518,6 +518,57 @@ def _try(gw: Gateway, key: str, messages: list) -> bool:
     return True
 
 
+# A budget of 4.5 calls at $0.01 each (5 + 5 tokens at $1,000 per million).
+BUDGET_CALLS = 4.5
+
+
+def _budgeted_key(gw: Gateway, fake) -> dict:  # type: ignore[no-untyped-def]
+    """A key with a budget of BUDGET_CALLS calls of model ``budgeted``."""
+    route = gw.setup_route(fake.url, system_name="budgeted")
+    gw.api("PUT", f"/models/{route['model']['id']}", json={"inputPrice": 1000, "outputPrice": 1000})
+    return gw.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": BUDGET_CALLS / 100})
+
+
+def _admitted_until_refused(gw: Gateway, key: str) -> int:
+    """Calls until one is refused for the budget (402); how many were admitted."""
+    admitted = 0
+
+    def refused() -> bool:
+        nonlocal admitted
+        try:
+            sdk(gw, CHAT, key).chat.completions.create(model="budgeted", messages=CALL)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402, exc.response.text
+            return True
+        admitted += 1
+        return False
+
+    wait_until(refused, timeout=20, interval=0.05)
+    return admitted
+
+
+CALL = [{"role": "user", "content": "one two"}]
+
+
+def _spend_the_budget(gw: Gateway, key: dict) -> None:
+    """Calls until the key's budget refuses; their records final."""
+    assert _admitted_until_refused(gw, key["key"]) == 5  # the fifth crosses it
+    gw.wait_final(5, apiKeyId=key["id"])
+
+
+def test_a_restarted_redis_takes_the_month_s_spend_from_the_records(
+    gateway_factory, redis_server, fake
+) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(REDIS_URL=redis_server.url)
+    key = _budgeted_key(gw, fake)
+    _spend_the_budget(gw, key)
+    redis_server.stop()
+    redis_server.start()  # empty: this machine's Redis keeps nothing on disk
+    # The first call finds the spend unknown to the store and is admitted while the
+    # records' figure is read in the background; one more may pass on a busy machine.
+    assert _admitted_until_refused(gw, key["key"]) <= 2
+
+
 def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]

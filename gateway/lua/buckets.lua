@@ -12,14 +12,16 @@
 --       its KEYS end with the slot set, its ARGV with member, limit, ttl seconds. The
 --       call is admitted only if both have room; a full slot set refuses first.
 -- "+budget" also requires a running total (totals.lua's) below a limit, before all else:
---       its KEYS end with the total, its ARGV with the limit (an integer in decimal).
+--       its KEYS end with the total and its mark, its ARGV with the limit (an integer in
+--       decimal) and the mark's ttl seconds. An unset mark is set, and the answer says so:
+--       its caller is to raise the total to the records' figure (LocalStore.admit).
 -- "charge" may end its ARGV with a floor, a channel and a message: the message is
 --       published when the level after the charge is at or below the floor (workers
 --       holding leases of the key, leases.py, then stop trusting their view of it).
 -- Returns strings (doubles survive as "%.17g"):
 --   admit: {allowed (1|0), refused (1-based bucket, #buckets + 1 for the slots,
 --           #buckets + 2 for the budget, 0 if none), wait seconds, levels...,
---           and with a budget the total read}
+--           and with a budget the total read and 1 if the mark was set now, else 0}
 --   charge: {level}   peek: {levels...}
 local mode = ARGV[1]
 local now = clock(ARGV[2])
@@ -30,7 +32,7 @@ if with_slot then
   n = n - 1
 end
 if with_budget then
-  n = n - 1
+  n = n - 2
 end
 
 -- buckets.refill: a missing bucket is full; time never runs back.
@@ -81,42 +83,32 @@ if mode == 'charge' then
   return {num(levels[1])}
 end
 
-local function verdict(allowed, refused, wait, spent)
+local function verdict(allowed, refused, wait, spent, seed)
   local out = {tostring(allowed), tostring(refused), num(wait)}
   for i = 1, n do
     out[3 + i] = num(levels[i])
   end
   if spent then
     out[4 + n] = spent
+    out[5 + n] = seed
   end
   return out
 end
 
--- a < b for integers in decimal, exactly (a total may pass 2^53, where doubles round).
-local function below(a, b)
-  local a_negative, b_negative = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
-  if a_negative ~= b_negative then
-    return a_negative
-  end
-  if a_negative then
-    a, b = b:sub(2), a:sub(2)
-  end
-  if #a ~= #b then
-    return #a < #b
-  end
-  return a < b
-end
-
 -- LocalStore.admit: a budget spent refuses first, then a full slot set, taking nothing.
-local spent
+local spent, seed
 if with_budget then
   local last = 3 * n + 3
   if with_slot then
     last = last + 3
   end
-  spent = redis.call('GET', KEYS[#KEYS]) or '0'
+  spent, seed = redis.call('GET', KEYS[#KEYS - 1]) or '0', '0'
+  local ms = math.ceil(tonumber(ARGV[last + 1]) * 1000)
+  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ms) then
+    seed = '1'
+  end
   if not below(spent, ARGV[last]) then
-    return verdict(0, n + 2, 0, spent)
+    return verdict(0, n + 2, 0, spent, seed)
   end
 end
 local allowed, wait, refused = 1, 0, 0
@@ -161,4 +153,4 @@ if allowed == 1 then
     redis.call('PEXPIRE', slots, math.ceil((ttl + MARGIN) * 1000))
   end
 end
-return verdict(allowed, refused, wait, spent)
+return verdict(allowed, refused, wait, spent, seed)

@@ -1,4 +1,5 @@
--- Put before every script by ratelimit.RedisStore: the clock, numbers, the expiry margin.
+-- Put before every script by ratelimit.RedisStore: the clock, numbers, the expiry margin,
+-- integers compared exactly.
 
 -- The server's clock (TIME), unless the caller passed one (tests replaying a scenario).
 local function clock(passed)
@@ -16,3 +17,18 @@ local function num(x)
 end
 
 local MARGIN = 60  -- buckets.EXPIRY_MARGIN: seconds state outlives its use
+
+-- a < b for integers in decimal, exactly (a total may pass 2^53, where doubles round).
+local function below(a, b)
+  local a_negative, b_negative = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
+  if a_negative ~= b_negative then
+    return a_negative
+  end
+  if a_negative then
+    a, b = b:sub(2), a:sub(2)
+  end
+  if #a ~= #b then
+    return #a < #b
+  end
+  return a < b
+end

@@ -1,0 +1,69 @@
+"""Each budgeted key's spend this month, in the limits' store, raised to what the records say.
+
+The store (Redis, or each worker's memory) totals a key's spend as its calls end
+(``Limiter.finish``), but it forgets: a restarted Redis has none, a worker process
+starts empty. The records keep every call's cost (``ledger``). An admission of a
+budgeted key says when the store's total has not been raised to the records' figure
+for ``seed_every`` seconds (``CACHE_TTL``, at least 1): one admission of all the workers
+sharing the store is told, per key and interval. Its worker reads the month's figure
+here, in the background within ``DB_TIMEOUT``, and raises the store's total to it
+(``Limiter.seed_spend``). The call is not held: the database stays off the call path
+(SPEC rule 8), so a call admitted before the figure lands is admitted on the store's
+view, and while the database is away the store's view is all there is.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import gevent.pool
+from flask import Flask
+
+from gateway import db, ledger
+from gateway.limiter import limiter
+
+log = logging.getLogger(__name__)
+
+
+class Seeder:
+    """Reads the month's spend of the keys the limiter asks about; one greenlet at a time."""
+
+    def __init__(self) -> None:
+        self.timeout = 10.0
+        self._due: dict[int, datetime] = {}  # key id -> when its admission asked
+        self._group = gevent.pool.Group()
+        self._failing = False
+
+    def init_app(self, app: Flask) -> None:
+        """Take DB_TIMEOUT; answer the limiter's questions about unseeded spend."""
+        self.timeout = float(app.config["DB_TIMEOUT"])
+        limiter.on_unseeded = self.ask
+
+    def ask(self, key_id: int, now: datetime) -> None:
+        """Raise the key's spend in ``now``'s month to the records' figure, soon."""
+        self._due[key_id] = now
+        if len(self._group) == 0:
+            greenlet = self._group.spawn(self._seed_while_due)
+            greenlet.link_exception(lambda g: log.error("spend: seeder died", exc_info=g.exc_info))
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the seeding in the background to end; True if none is left running."""
+        return self._group.join(timeout=timeout)
+
+    def _seed_while_due(self) -> None:
+        while self._due:
+            key_id, now = self._due.popitem()
+            try:
+                with db.background(self.timeout):
+                    nanos = ledger.ledger(ledger.month_start(now), key_id).total.nanos
+            except Exception as exc:  # asked again once the key's interval is over
+                if not self._failing:
+                    log.warning("spend: cannot read a key's spend from the records (%s)", exc)
+                self._failing = True
+                continue
+            self._failing = False
+            limiter.seed_spend(key_id, nanos, now)
+
+
+seeder = Seeder()
