@@ -360,7 +360,7 @@ class Limiter:
             if held is not None:  # the store may yet run it: given back as if held
                 self._slots.add((held[0], held[1]))
             return Admission(True, rpm, rpm, tpm, tpm, failed_open=True)
-        if spend is not None and verdict.seed and self.shared:
+        if spend is not None and verdict.seed:
             assert now is not None
             self.on_unseeded(key_id, now)
         if held is not None and verdict.allowed:

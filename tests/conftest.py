@@ -23,7 +23,7 @@ import gevent  # noqa: E402
 import peewee  # noqa: E402
 import pytest  # noqa: E402
 
-from gateway import create_app, resolver, srvlog  # noqa: E402
+from gateway import create_app, resolver, spend, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import Recorder, recorder  # noqa: E402
@@ -193,6 +193,7 @@ def _test_app(database_url: str, directory: Path) -> Iterator:
     assert recorder.flush(10), "recorder did not finish writing"
     # What this test logged and loaded belongs to its database, not the next test's.
     assert model_limits.wait(10), "per-model limits did not finish reloading"
+    assert spend.seeder.wait(10), "budgeted keys' spend did not finish seeding"
     srvlog.handler.write(timeout=5)  # now, not at the writer's next turn (up to 1 s on)
     srvlog.handler.written_within(5)
     pools.release(database.obj)

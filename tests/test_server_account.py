@@ -569,6 +569,19 @@ def test_a_restarted_redis_takes_the_month_s_spend_from_the_records(
     assert _admitted_until_refused(gw, key["key"]) <= 2
 
 
+def test_without_redis_a_budget_holds_in_every_worker_process(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    a = gateway_factory()
+    key = _budgeted_key(a, fake)
+    _spend_the_budget(a, key)
+    # Another worker process (another instance, a recycled or restarted worker) starts
+    # with nothing spent in its memory: it takes the records' figure.
+    b = gateway_factory()
+    assert _admitted_until_refused(b, key["key"]) <= 2
+    a.stop()
+    c = gateway_factory()
+    assert _admitted_until_refused(c, key["key"]) <= 2
+
+
 def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]
