@@ -153,6 +153,9 @@ class Limiter:
         self._unannounced: list[str] = []  # key changes Redis did not take, oldest first
         self._announcer: gevent.Greenlet | None = None  # sends them once Redis answers
         self._subscription: Subscription | None = None  # the key-change listener's, if any
+        # key id -> a time in the month whose spend was not sent (Redis was known away)
+        self._unsent_spend: dict[int, datetime] = {}
+        self._reseeder: gevent.Greenlet | None = None  # has it seeded once Redis answers
 
     def init_app(self, app: Any) -> None:
         """Configure from the app; start the keeper and listener in a gevent worker."""
@@ -228,12 +231,23 @@ class Limiter:
         self._owe(again)
 
     def _send_or_owe(
-        self, operation: str, fn: Callable[..., Any], args: tuple, owed: list[tuple[str, tuple]]
+        self,
+        operation: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        owed: list[tuple[str, tuple]],
+        spent: tuple[int, datetime] | None = None,
     ) -> None:
         """``fn(*args)``; if the store did not take it, keep what of it must reach the
-        store (``owed``, HARMLESS operations) for when it answers."""
+        store (``owed``, HARMLESS operations) for when it answers. ``spent`` (key id, a
+        time in the month): ``fn`` adds to that spend; not sent at all because the
+        store was known away, it is brought back from the records (``_reseed_later``).
+        One whose send failed may have run, and is left to the key's next seeding."""
+        unsent = self._down_until > time.monotonic()  # then ``_guarded`` does not try
         if self._guarded(operation, _UNSENT, fn, *args) is _UNSENT:
             self._owe([op for op in owed if op[0] in HARMLESS])
+            if unsent and spent is not None:
+                self._reseed_later(*spent)
 
     def _owe(self, operations: list[tuple[str, tuple]]) -> None:
         """Keep slots and request ids to give back before the store's next operation.
@@ -254,11 +268,16 @@ class Limiter:
             del self._owed[:dropped]
             log.warning("limiter: %d give-back(s) for Redis dropped (%d kept)", dropped, OWED_MAX)
         idle = self._payer is None or self._payer.dead
-        if operations and idle and monkey.is_module_patched("socket"):
-            self._payer = self._group.spawn(self._pay_later)
-            self._payer.link_exception(
-                lambda g: log.error("limiter: giving back died", exc_info=g.exc_info)
-            )
+        if operations and idle:
+            self._payer = self._background(self._pay_later, "giving back")
+
+    def _background(self, fn: Callable[[], None], what: str) -> gevent.Greenlet | None:
+        """``fn`` running in the background (in a gevent process; else None)."""
+        if not monkey.is_module_patched("socket"):
+            return None
+        greenlet = self._group.spawn(fn)
+        greenlet.link_exception(lambda g: log.error("limiter: %s died", what, exc_info=g.exc_info))
+        return greenlet
 
     def _pay_later(self) -> None:
         """Send what is owed as soon as the store answers, whatever calls come."""
@@ -490,8 +509,9 @@ class Limiter:
         """Add a finished call's cost (nano-USD) to its key's spend this month."""
         if not nanos or nanos <= 0:
             return
-        key = self._spend_key(key_id, now or datetime.now(UTC))
-        self._guarded("spend", 0, self.store.add, key, nanos, SPEND_TTL)
+        now = now or datetime.now(UTC)
+        args = (self._spend_key(key_id, now), nanos, SPEND_TTL)
+        self._send_or_owe("spend", self.store.add, args, [], (key_id, now))
 
     def spent(self, key_id: int, now: datetime | None = None) -> int:
         """Nano-USD the key spent this month as the store has it (0 when it is away)."""
@@ -503,7 +523,27 @@ class Limiter:
         if the store has less. Never added: the store's total may count the same calls
         already (and calls the records do not have yet)."""
         key = self._spend_key(key_id, now)
-        self._guarded("seed", None, self.store.raise_to, key, nanos, SPEND_TTL)
+        if self._guarded("seed", _UNSENT, self.store.raise_to, key, nanos, SPEND_TTL) is _UNSENT:
+            self._reseed_later(key_id, now)
+
+    def _reseed_later(self, key_id: int, now: datetime) -> None:
+        """Have the key's spend in ``now``'s month raised to the records' figure once the
+        store answers: what it was not sent is in the calls' records.
+
+        Not the costs themselves, sent late: by then a seeding (this worker's or
+        another's) may have taken the figure of records that hold them, and they would
+        count twice. While the database is away too, it waits for the key's next seeding.
+        """
+        self._unsent_spend[key_id] = now
+        if self._reseeder is None or self._reseeder.dead:
+            self._reseeder = self._background(self._reseed_when_back, "reseeding")
+
+    def _reseed_when_back(self) -> None:
+        while self._unsent_spend:
+            gevent.sleep(max(self.retry_after, self._down_until - time.monotonic()))
+            due, self._unsent_spend = self._unsent_spend, {}
+            for key_id, now in due.items():
+                self.on_unseeded(key_id, now)  # a seeding the store refuses comes back
 
     def _spend_key(self, key_id: int, now: datetime) -> str:
         return self.key(f"key:{key_id}", f"spend:{now:%Y-%m}")
@@ -597,11 +637,12 @@ class Limiter:
             holding = self._holdings.get(key_id)
             if holding is not None:
                 holding.charged(tokens)
+        spent = None
         if nanos and nanos > 0:
-            key = self._spend_key(key_id, now or datetime.now(UTC))
-            operations.append(("add", (key, nanos, SPEND_TTL)))
+            spent = (key_id, now or datetime.now(UTC))
+            operations.append(("add", (self._spend_key(*spent), nanos, SPEND_TTL)))
         if operations:
-            self._send_or_owe("finish", self.store.post_all, (operations,), operations)
+            self._send_or_owe("finish", self.store.post_all, (operations,), operations, spent)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
@@ -709,12 +750,8 @@ class Limiter:
 
     def _announce_later_on(self) -> None:
         """Send what ``_announce_owed`` kept once Redis answers, whatever calls come."""
-        idle = self._announcer is None or self._announcer.dead
-        if idle and monkey.is_module_patched("socket"):
-            self._announcer = self._group.spawn(self._announce_later)
-            self._announcer.link_exception(
-                lambda g: log.error("limiter: announcing died", exc_info=g.exc_info)
-            )
+        if self._announcer is None or self._announcer.dead:
+            self._announcer = self._background(self._announce_later, "announcing")
 
     def _announce_later(self) -> None:
         while self._unannounced:

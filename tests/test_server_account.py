@@ -582,6 +582,33 @@ def test_without_redis_a_budget_holds_in_every_worker_process(gateway_factory, f
     assert _admitted_until_refused(c, key["key"]) <= 2
 
 
+def test_spend_of_calls_made_while_redis_was_known_away_is_counted_once_it_answers(
+    gateway_factory, redis_server, fake
+) -> None:  # type: ignore[no-untyped-def]
+    # CACHE_TTL 60: the spend is not raised to the records' figure merely because an
+    # interval ended; only because calls finished while Redis was known away.
+    gw = gateway_factory(
+        REDIS_URL=redis_server.url,
+        GATEWAY_REDIS_TIMEOUT="0.2",
+        GATEWAY_REDIS_RETRY_AFTER="1",
+        GATEWAY_CACHE_TTL="60",
+    )
+    key = _budgeted_key(gw, fake)
+    client = sdk(gw, CHAT, key["key"])
+    for _ in range(3):
+        client.chat.completions.create(model="budgeted", messages=CALL)
+    redis_server.command("CLIENT", "PAUSE", "1000")
+    # The first times out (Redis is then known away for a second), the second does not
+    # try: both are admitted, answered and recorded; what they cost is not sent.
+    for _ in range(2):
+        client.chat.completions.create(model="budgeted", messages=CALL)
+    gw.wait_final(5, apiKeyId=key["id"])
+    assert gw.metric("gateway_limiter_fail_open_total") >= 2
+    time.sleep(3)  # Redis answers again; its worker tries a second after its last failure
+    # $0.05 recorded against a $0.045 budget: the next call is refused.
+    assert _admitted_until_refused(gw, key["key"]) == 0
+
+
 def test_a_client_that_stops_reading_does_not_hold_its_record_past_shutdown(
     gateway_factory, fake
 ) -> None:  # type: ignore[no-untyped-def]
