@@ -42,7 +42,13 @@ T = TypeVar("T")
 WARN_EVERY = 60.0  # seconds between two warnings that the store is away
 CATCH_UP_WAIT = 0.1  # seconds a call waits at most for the listener to apply changes
 SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it started
-SEED_EVERY_MIN = 1.0  # seconds between two raises of a key's spend to the records' figure
+# Seconds between two raises of a key's spend to the records' figure. In Redis the
+# spend is every instance's and outlives workers: it needs the records only for what
+# Redis lost (a restart, which takes the marks too: the next admission raises it; a
+# send that failed on its way), and a raise is a query over the key's month of records.
+# In a worker's memory it is the worker's own: the records bring the others' spend.
+SEED_SHARED_EVERY = 600.0
+SEED_EVERY_MIN = 1.0  # in memory: CACHE_TTL, at least this
 # Slots and claims of calls in flight refreshed in one round trip: about 2 ms of Redis's
 # time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
 KEEP_BATCH = 100
@@ -128,7 +134,9 @@ class Limiter:
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
         self.dedup_ttl = float(cfg["DEDUP_TTL"])
-        self.seed_every = max(SEED_EVERY_MIN, float(cfg["CACHE_TTL"]))
+        self.seed_every = (
+            SEED_SHARED_EVERY if self.shared else max(SEED_EVERY_MIN, float(cfg["CACHE_TTL"]))
+        )
         # Leases only where a round trip is what they save, and something runs them.
         self.lease_share = float(cfg["LIMIT_LEASE_SHARE"]) if self.shared else 0.0
         if not monkey.is_module_patched("socket"):

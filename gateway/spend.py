@@ -4,8 +4,8 @@ The store (Redis, or each worker's memory) totals a key's spend as its calls end
 (``Limiter.finish``), but it forgets: a restarted Redis has none, a worker process
 starts empty. The records keep every call's cost (``ledger``). An admission of a
 budgeted key says when the store's total has not been raised to the records' figure
-for ``seed_every`` seconds (``CACHE_TTL``, at least 1): one admission of all the workers
-sharing the store is told, per key and interval. Its worker reads the month's figure
+for ``seed_every`` seconds (10 minutes in Redis; in a worker's memory ``CACHE_TTL``, at
+least 1): one admission of all the workers sharing the store is told, per key and interval. Its worker reads the month's figure
 here, in the background within ``DB_TIMEOUT``, and raises the store's total to it
 (``Limiter.seed_spend``). The call is not held: the database stays off the call path
 (SPEC rule 8), so a call admitted before the figure lands is admitted on the store's
