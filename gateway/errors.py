@@ -246,4 +246,8 @@ def error_body(
         }
     for name, value in (details or {}).items():
         error.setdefault(name, value)
-    return {"type": "error", "error": error} if protocol == ANTHROPIC else {"error": error}
+    if protocol == ANTHROPIC:
+        return {"type": "error", "error": error}
+    # NexusGate's Responses errors say what they are beside the error object, as OpenAI's
+    # Responses objects do (``object: "response"``); OpenAI's SDK reads ``error`` alone.
+    return {"object": "error", "error": error} if protocol == OPENAI_RESPONSES else {"error": error}

@@ -62,18 +62,19 @@ def test_a_repeat_in_flight_is_a_409_with_nexusgates_fields_in_the_openai_shape(
     message = (
         "A request with X-NexusGate-ReqId 'job-1' is still in flight; retry when it has finished"
     )
-    for protocol in (OPENAI_CHAT, OPENAI_RESPONSES):
-        assert json.loads(error.body(protocol)) == {
-            "error": {
-                "message": message,
-                "type": "conflict",
-                "param": None,
-                "code": "request_in_flight",
-                "req_id": "job-1",
-                "retry_after": 20,  # the Retry-After header's, as a number
-                "started_at": "2026-03-14T09:26:53.589Z",  # as JavaScript's toISOString()
-            }
+    shaped = {
+        "error": {
+            "message": message,
+            "type": "conflict",
+            "param": None,
+            "code": "request_in_flight",
+            "req_id": "job-1",
+            "retry_after": 20,  # the Retry-After header's, as a number
+            "started_at": "2026-03-14T09:26:53.589Z",  # as JavaScript's toISOString()
         }
+    }
+    assert json.loads(error.body(OPENAI_CHAT)) == shaped
+    assert json.loads(error.body(OPENAI_RESPONSES)) == {"object": "error", **shaped}
 
 
 def test_a_repeat_in_flight_is_a_409_with_nexusgates_fields_in_the_anthropic_shape() -> None:

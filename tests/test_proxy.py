@@ -86,7 +86,9 @@ def error_of(resp, path: str) -> tuple[str, str, str | None]:  # type: ignore[no
     if path == MESSAGES:
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
         return body["error"]["type"], body["error"]["message"], None
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code", "param"}
+    # Responses errors say ``object: "error"`` beside it, as NexusGate's do.
+    assert set(body) == ({"object", "error"} if path == RESPONSES else {"error"})
+    assert set(body["error"]) == {"message", "type", "code", "param"}
     return body["error"]["type"], body["error"]["message"], body["error"]["param"]
 
 
