@@ -216,7 +216,9 @@ def add_provider(data: dict[str, Any]) -> Provider:
 def edit_provider(row: Provider, data: dict[str, Any]) -> None:
     """Change a provider's checked fields."""
     if "name" in data and data["name"] != row.name:
-        _unique_provider_name(data["name"])
+        # Not this provider's own: it may carry the name already, from a request that
+        # renamed it since ``row`` was read (identical renames at once all succeed).
+        _unique_provider_name(data["name"], other_than=row.id)
     try:
         with database.atomic():
             Provider.update(**data, updated_at=utcnow()).where(Provider.id == row.id).execute()
@@ -231,8 +233,11 @@ def remove_provider(row: Provider) -> None:
     catalog.invalidate()
 
 
-def _unique_provider_name(name: str) -> None:
-    if Provider.active().where(Provider.name == name).exists():
+def _unique_provider_name(name: str, other_than: int | None = None) -> None:
+    taken = Provider.active().where(Provider.name == name)
+    if other_than is not None:
+        taken = taken.where(Provider.id != other_than)
+    if taken.exists():
         raise _name_taken(name)
 
 

@@ -619,7 +619,7 @@ def test_concurrent_creates_of_one_name_one_wins_the_other_gets_409(admin, monke
     # partial unique index decides, and the loser is told so, not given a 500.
     from gateway import registry
 
-    monkeypatch.setattr(registry, "_unique_provider_name", lambda name: None)
+    monkeypatch.setattr(registry, "_unique_provider_name", lambda name, other_than=None: None)
     assert admin("POST", "/providers", json={"name": "p", "baseUrl": "https://x.example"})[0] == 200
     status, body = admin("POST", "/providers", json={"name": "p", "baseUrl": "https://y.example"})
     assert (status, body) == (409, {"error": "Provider 'p' already exists"})
@@ -643,6 +643,23 @@ def test_many_concurrent_creates_of_one_name(app, admin) -> None:  # type: ignor
 
     statuses = sorted(g.value for g in gevent.joinall([gevent.spawn(create, i) for i in range(12)]))
     assert statuses == [200] + [409] * 11
+
+
+def test_many_concurrent_identical_renames_all_succeed(app, admin) -> None:  # type: ignore[no-untyped-def]
+    # Each read the provider under its old name, then found the new one taken: by the
+    # provider itself, renamed by another meanwhile (a probe: 2 of 48 got 409).
+    import gevent
+
+    renamed = provider(admin, name="before")
+
+    def rename(_: int) -> int:
+        with app.test_client() as client:
+            path = f"/api/admin/providers/{renamed['id']}"
+            return client.put(path, json={"name": "after"}, headers=ADMIN).status_code
+
+    statuses = [g.value for g in gevent.joinall([gevent.spawn(rename, i) for i in range(24)])]
+    assert statuses == [200] * 24
+    assert admin("GET", f"/providers/{renamed['id']}")[1]["name"] == "after"
 
 
 def test_the_model_filter_is_one_rule_for_the_api_and_the_dashboard(admin, db) -> None:  # type: ignore[no-untyped-def]
