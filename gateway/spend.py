@@ -5,11 +5,14 @@ The store (Redis, or each worker's memory) totals a key's spend as its calls end
 starts empty. The records keep every call's cost (``ledger``). An admission of a
 budgeted key says when the store's total has not been raised to the records' figure
 for ``seed_every`` seconds (10 minutes in Redis; in a worker's memory ``CACHE_TTL``, at
-least 1): one admission of all the workers sharing the store is told, per key and interval. Its worker reads the month's figure
-here, in the background within ``DB_TIMEOUT``, and raises the store's total to it
-(``Limiter.seed_spend``). The call is not held: the database stays off the call path
-(SPEC rule 8), so a call admitted before the figure lands is admitted on the store's
-view, and while the database is away the store's view is all there is.
+least 1): one admission of all the workers sharing the store is told, per key and
+interval. Its worker reads the month's figure here, in the background within
+``DB_TIMEOUT``, and raises the store's total to it (``Limiter.seed_spend``). The call is
+not held: the database stays off the call path (SPEC rule 8), so a call admitted before
+the figure lands is admitted on the store's view, and while the database is away the
+store's view is all there is. A read the database did not answer is tried again every
+``CACHE_TTL`` (at least 1 s, as often as the keys are re-read), one read at a time: the
+figure lands within that of the database's return, not when the key's mark lapses.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+import gevent
 import gevent.pool
 from flask import Flask
 
 from gateway import db, ledger
-from gateway.limiter import limiter
+from gateway.limiter import SEED_EVERY_MIN, limiter
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +35,15 @@ class Seeder:
 
     def __init__(self) -> None:
         self.timeout = 10.0
+        self.retry_after = SEED_EVERY_MIN
         self._due: dict[int, datetime] = {}  # key id -> when its admission asked
         self._group = gevent.pool.Group()
         self._failing = False
 
     def init_app(self, app: Flask) -> None:
-        """Take DB_TIMEOUT; answer the limiter's questions about unseeded spend."""
+        """Take DB_TIMEOUT and CACHE_TTL; answer the limiter's questions about unseeded spend."""
         self.timeout = float(app.config["DB_TIMEOUT"])
+        self.retry_after = max(SEED_EVERY_MIN, float(app.config["CACHE_TTL"]))
         limiter.on_unseeded = self.ask
 
     def ask(self, key_id: int, now: datetime) -> None:
@@ -57,10 +63,14 @@ class Seeder:
             try:
                 with db.background(self.timeout):
                     nanos = ledger.ledger(ledger.month_start(now), key_id).total.nanos
-            except Exception as exc:  # asked again once the key's interval is over
+            except Exception as exc:
                 if not self._failing:
                     log.warning("spend: cannot read a key's spend from the records (%s)", exc)
                 self._failing = True
+                # Kept and tried again soon, not when its mark lapses (10 minutes in
+                # Redis): meanwhile its budget holds on the store's figure alone.
+                self._due.setdefault(key_id, now)  # unless asked again meanwhile
+                gevent.sleep(self.retry_after)
                 continue
             self._failing = False
             limiter.seed_spend(key_id, nanos, now)

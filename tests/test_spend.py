@@ -1,0 +1,71 @@
+"""The seeder (spend.py): a budgeted key's spend in the store raised to the records' figure.
+
+In process, on SQLite and PostgreSQL, with the worker's limiter on the shared Redis
+under a prefix of the test's own. The database is away as a stopped server is: its
+handle points at a port nothing listens on, so every connection is refused.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway import db
+from gateway.db import database, open_database
+from gateway.errors import BudgetExceeded
+from gateway.limiter import Limiter, limiter
+from gateway.models import ApiKey, Completion
+from tests.servers import RedisServer, free_port, wait_until
+
+NANO = 1_000_000_000
+
+
+@pytest.fixture
+def shared(app, shared_redis: RedisServer) -> Iterator[Limiter]:  # type: ignore[no-untyped-def]
+    """The worker's limiter on Redis (a Redis just restarted: nothing under its prefix)."""
+    prefix = uuid.uuid4().hex[:8]
+    limiter.configure({**app.config, "REDIS_URL": shared_redis.url, "REDIS_PREFIX": prefix})
+    yield limiter
+    limiter.configure(app.config)
+
+
+@contextmanager
+def database_away() -> Iterator[None]:
+    previous = database.obj
+    database.initialize(gone := open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
+    db.mark_reachable(True)
+    try:
+        yield
+    finally:
+        gone.close_all()
+        database.initialize(previous)
+
+
+def _spent_usd(key_id: int, usd: int) -> None:
+    """A final record of the key's, this month, costing ``usd``."""
+    with database.connection_context():
+        Completion.create(
+            uid=uuid.uuid4().hex, api_key=key_id, model="gpt", api_format="openai-chat",
+            status="completed", cost_nanos=usd * NANO,
+        )  # fmt: skip
+
+
+def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(shared: Limiter) -> None:
+    with database.connection_context():
+        key_id = ApiKey.issue(comment="budget")[0].id
+    _spent_usd(key_id, 5)
+    now = datetime.now(UTC)
+    with database_away():
+        # The first admission since Redis restarted is told to seed; the read is refused.
+        assert shared.admit(key_id, None, None, budget=1.0, now=now).allowed
+        wait_until(lambda: not db.reachable(), timeout=5)
+        # The key's mark stands 10 minutes: no admission is told again meanwhile.
+        assert shared.admit(key_id, None, None, budget=1.0, now=now).allowed
+    # Back: the read is tried again within CACHE_TTL (at least 1 s), not in 10 minutes.
+    wait_until(lambda: shared.spent(key_id, now) == 5 * NANO, timeout=4)
+    with pytest.raises(BudgetExceeded):
+        shared.admit(key_id, None, None, budget=1.0, now=now)
