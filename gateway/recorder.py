@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -101,6 +102,9 @@ class Recorder:
         self.journaled = 0
         self._waiting = 0  # this worker's records in the journal, for /metrics
         self.replayed = 0
+        # Told of rows written back from a journal: records the database lacked until
+        # now, which a reader of the records may have to read again (``spend``).
+        self.on_written_late: Callable[[list[dict]], None] = lambda rows: None
         self._configure(DEFAULTS)  # until init_app reads the app's settings
         self._key_touched: dict[int, float] = {}
         self._due = 0  # SQLite: final calls written since the index last took what was due
@@ -502,6 +506,7 @@ class Recorder:
                 self._write_each(batch)  # a refused row must not block the rest
             else:
                 self.replayed += len(batch)
+            self.on_written_late(batch)
 
 
 @dataclass

@@ -13,6 +13,8 @@ the figure lands is admitted on the store's view, and while the database is away
 store's view is all there is. A read the database did not answer is tried again every
 ``CACHE_TTL`` (at least 1 s, as often as the keys are re-read), one read at a time: the
 figure lands within that of the database's return, not when the key's mark lapses.
+Records written back from a journal (the recorder's, after an outage) have their keys'
+spend raised to them again as they land.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flask import Flask
 
 from gateway import db, ledger
 from gateway.limiter import SEED_EVERY_MIN, limiter
+from gateway.recorder import recorder
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Seeder:
         self.timeout = float(app.config["DB_TIMEOUT"])
         self.retry_after = max(SEED_EVERY_MIN, float(app.config["CACHE_TTL"]))
         limiter.on_unseeded = self.ask
+        recorder.on_written_late = self.written_late
 
     def ask(self, key_id: int, now: datetime) -> None:
         """Raise the key's spend in ``now``'s month to the records' figure, soon."""
@@ -52,6 +56,18 @@ class Seeder:
         if len(self._group) == 0:
             greenlet = self._group.spawn(self._seed_while_due)
             greenlet.link_exception(lambda g: log.error("spend: seeder died", exc_info=g.exc_info))
+
+    def written_late(self, rows: list[dict]) -> None:
+        """Records written back from a journal: raise their keys' spend to them, now.
+
+        A raise since the database came back may have read the records without them.
+        With Redis restarted during the outage, the store counted the outage's calls and
+        the records those before it: the greater stood, and the other was missing until
+        the key's mark lapsed.
+        """
+        for row in rows:
+            if row.get("cost_nanos"):
+                self.ask(row["api_key"], row["created_at"])
 
     def wait(self, timeout: float) -> bool:
         """Wait for the seeding in the background to end; True if none is left running."""

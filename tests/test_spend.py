@@ -17,8 +17,10 @@ import pytest
 from gateway import db
 from gateway.db import database, open_database
 from gateway.errors import BudgetExceeded
+from gateway.exchange import Exchange
 from gateway.limiter import Limiter, limiter
 from gateway.models import ApiKey, Completion
+from gateway.recorder import recorder, snapshot
 from tests.servers import RedisServer, free_port, wait_until
 
 NANO = 1_000_000_000
@@ -69,3 +71,24 @@ def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(shared: Limit
     wait_until(lambda: shared.spent(key_id, now) == 5 * NANO, timeout=4)
     with pytest.raises(BudgetExceeded):
         shared.admit(key_id, None, None, budget=1.0, now=now)
+
+
+def test_records_written_back_from_the_journal_raise_their_key_s_spend(shared: Limiter) -> None:
+    # Redis restarted during a database outage: it counts the outage's calls ($2), the
+    # records the calls before it ($5); the key's spend was raised to them before the
+    # journal, which holds the outage's, was written back.
+    with database.connection_context():
+        key_id = ApiKey.issue(comment="budget")[0].id
+    _spent_usd(key_id, 5)
+    now = datetime.now(UTC)
+    shared.spend(key_id, 2 * NANO, now)
+    assert shared.admit(key_id, None, None, budget=6.0, now=now).allowed
+    wait_until(lambda: shared.spent(key_id, now) == 5 * NANO)
+    outage = Exchange(api_key_id=key_id, model="gpt", api_format="openai-chat", prompt={})
+    outage.finish("completed", cost={"total": 2})
+    recorder.journal.append([snapshot(outage)])
+    recorder._replay_once()
+    # $7 spent: at once, not when the key's mark lapses (10 minutes on).
+    wait_until(lambda: shared.spent(key_id, now) == 7 * NANO, timeout=2)
+    with pytest.raises(BudgetExceeded):
+        shared.admit(key_id, None, None, budget=6.0, now=now)
