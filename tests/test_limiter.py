@@ -593,15 +593,24 @@ def test_spend_totals_stay_exact_past_what_a_lua_number_holds(pair) -> None:  # 
     assert a.spent(10, JUNE_END) == 2**60 + 1  # a double would say 2**60
 
 
-def test_a_budget_fails_open_when_redis_is_away(redis_server: RedisServer) -> None:
+def test_a_budget_fails_open_when_redis_is_away_unless_known_spent(
+    redis_server: RedisServer,
+) -> None:
     limiter = _on(redis_server.url, "fob", REDIS_RETRY_AFTER=0.3)
     limiter.spend(11, 5_000_000_000, JUNE_END)
     with pytest.raises(BudgetExceeded):
         _admit(limiter, 11, 1.0, JUNE_END)
+    assert _admit(limiter, 12, 1.0, JUNE_END).allowed  # under its budget
     before = _fail_opens("admit")
     redis_server.stop()
-    assert _admit(limiter, 11, 1.0, JUNE_END).failed_open  # allowed, counted, warned
-    limiter.spend(11, 1, JUNE_END)  # lost, not raised
+    # The store said key 11 had spent $5 this month: a month's spend only grows, so it
+    # stays refused (it was let through: a probe's key over its budget spent $7.60 in
+    # the second Redis was away).
+    with pytest.raises(BudgetExceeded, match=r"\$5\.000000 of its \$1 budget"):
+        _admit(limiter, 11, 1.0, JUNE_END)
+    assert _admit(limiter, 11, 10.0, JUNE_END).failed_open  # its budget raised since
+    assert _admit(limiter, 12, 1.0, JUNE_END).failed_open  # allowed, counted, warned
+    limiter.spend(12, 1, JUNE_END)  # lost, not raised
     assert _fail_opens("admit") > before
 
 
