@@ -254,7 +254,9 @@ class Limiter:
         time in the month): ``fn`` adds to that spend; not sent at all because the
         store was known away, it is brought back from the records (``_reseed_later``).
         One whose send failed may have run, and is left to the key's next seeding."""
-        unsent = self._down_until > time.monotonic()  # then ``_guarded`` does not try
+        # Redis known away: then ``_guarded`` does not try (asked only with a spend: a
+        # finished call's charge comes here on every call's path)
+        unsent = spent is not None and self._down_until > time.monotonic()
         if self._guarded(operation, _UNSENT, fn, *args) is _UNSENT:
             self._owe([op for op in owed if op[0] in HARMLESS])
             if unsent and spent is not None:
