@@ -191,9 +191,11 @@ class Limiter:
         self._group.kill(block=True)
         self._holdings = {}
 
-    def _spawn(self, fn: Callable[[], None]) -> None:
+    def _spawn(self, fn: Callable[[], None], what: str = "a greenlet") -> gevent.Greenlet:
+        """``fn`` in this limiter's group, its death logged as ``what``'s."""
         greenlet = self._group.spawn(fn)
-        greenlet.link_exception(lambda g: log.error("limiter greenlet died", exc_info=g.exc_info))
+        greenlet.link_exception(lambda g: log.error("limiter: %s died", what, exc_info=g.exc_info))
+        return greenlet
 
     def key(self, owner: str, name: str) -> str:
         """The store key of ``name`` under ``owner``'s hash tag (one Cluster slot per owner)."""
@@ -286,11 +288,7 @@ class Limiter:
 
     def _background(self, fn: Callable[[], None], what: str) -> gevent.Greenlet | None:
         """``fn`` running in the background (in a gevent process; else None)."""
-        if not monkey.is_module_patched("socket"):
-            return None
-        greenlet = self._group.spawn(fn)
-        greenlet.link_exception(lambda g: log.error("limiter: %s died", what, exc_info=g.exc_info))
-        return greenlet
+        return self._spawn(fn, what) if monkey.is_module_patched("socket") else None
 
     def _pay_later(self) -> None:
         """Send what is owed as soon as the store answers, whatever calls come."""
