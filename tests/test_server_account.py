@@ -470,23 +470,24 @@ def test_delivered_counts_what_was_written_not_what_was_queued(
 
 # -- the monthly budget, across instances ----------------------------------------------
 
+# A budget of 4.5 calls at $0.01 each (5 + 5 tokens at $1,000 per million).
+BUDGET_CALLS = 4.5
+CALL = [{"role": "user", "content": "one two"}]
+
 
 def test_a_budget_spent_through_one_instance_refuses_in_the_other(
     gateway_factory, redis_server, fake
 ) -> None:  # type: ignore[no-untyped-def]
     a = gateway_factory(REDIS_URL=redis_server.url)
     b = gateway_factory(REDIS_URL=redis_server.url)
-    route = a.setup_route(fake.url, system_name="budgeted")
-    a.api("PUT", f"/models/{route['model']['id']}", json={"inputPrice": 1000, "outputPrice": 1000})
-    key = a.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": 0.005})
+    key = _budgeted_key(a, fake, usd=0.005)
     assert key["budgetUsd"] == 0.005
-    chat = [{"role": "user", "content": "one two"}]
-    sdk(a, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+    sdk(a, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=CALL)
     (first,) = a.wait_final(1, apiKeyId=key["id"])
     assert first["cost"]["total"] == 0.01  # (5 + 5 tokens) x $0.001: over the budget
 
     with pytest.raises(openai.APIStatusError) as refused:
-        sdk(b, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=chat)
+        sdk(b, CHAT, key["key"]).chat.completions.create(model="budgeted", messages=CALL)
     error = refused.value.response.json()["error"]
     assert refused.value.status_code == 402
     assert (error["type"], error["code"]) == ("insufficient_quota", "budget_exceeded")
@@ -494,7 +495,7 @@ def test_a_budget_spent_through_one_instance_refuses_in_the_other(
     assert int(refused.value.response.headers["Retry-After"]) > 0  # the next month
     with pytest.raises(anthropic.APIStatusError) as refused:
         sdk(b, ANTHROPIC, key["key"]).messages.create(
-            model="budgeted", max_tokens=10, messages=chat
+            model="budgeted", max_tokens=10, messages=CALL
         )
     assert refused.value.status_code == 402
     assert refused.value.body["error"]["type"] == "billing_error"
@@ -505,7 +506,7 @@ def test_a_budget_spent_through_one_instance_refuses_in_the_other(
 
     # A larger budget lets the key through again, at once.
     a.api("PUT", f"/apiKey/{key['id']}/budget", json={"budgetUsd": 1})
-    wait_until(lambda: _try(b, key["key"], chat), timeout=10)
+    wait_until(lambda: _try(b, key["key"], CALL), timeout=10)
     assert len(b.wait_final(2, apiKeyId=key["id"])) == 2
 
 
@@ -518,15 +519,12 @@ def _try(gw: Gateway, key: str, messages: list) -> bool:
     return True
 
 
-# A budget of 4.5 calls at $0.01 each (5 + 5 tokens at $1,000 per million).
-BUDGET_CALLS = 4.5
-
-
-def _budgeted_key(gw: Gateway, fake) -> dict:  # type: ignore[no-untyped-def]
-    """A key with a budget of BUDGET_CALLS calls of model ``budgeted``."""
+def _budgeted_key(gw: Gateway, fake, usd: float = BUDGET_CALLS / 100) -> dict:  # type: ignore[no-untyped-def]
+    """A key with a budget of ``usd`` (BUDGET_CALLS calls) for model ``budgeted``, whose
+    CALL costs $0.01."""
     route = gw.setup_route(fake.url, system_name="budgeted")
     gw.api("PUT", f"/models/{route['model']['id']}", json={"inputPrice": 1000, "outputPrice": 1000})
-    return gw.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": BUDGET_CALLS / 100})
+    return gw.api("POST", "/apiKey", json={"comment": "budget", "budgetUsd": usd})
 
 
 def _admitted_until_refused(gw: Gateway, key: str) -> int:
@@ -545,9 +543,6 @@ def _admitted_until_refused(gw: Gateway, key: str) -> int:
 
     wait_until(refused, timeout=20, interval=0.05)
     return admitted
-
-
-CALL = [{"role": "user", "content": "one two"}]
 
 
 def _spend_the_budget(gw: Gateway, key: dict) -> None:

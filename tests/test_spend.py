@@ -1,27 +1,26 @@
 """The seeder (spend.py): a budgeted key's spend in the store raised to the records' figure.
 
 In process, on SQLite and PostgreSQL, with the worker's limiter on the shared Redis
-under a prefix of the test's own. The database is away as a stopped server is: its
-handle points at a port nothing listens on, so every connection is refused.
+under a prefix of the test's own. The database is away as in the other in-process
+outage tests (``tests.servers.away``): its handle is one where nothing answers.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
 
 from gateway import db
-from gateway.db import database, open_database
+from gateway.db import database
 from gateway.errors import BudgetExceeded
 from gateway.exchange import Exchange
 from gateway.limiter import Limiter, limiter
 from gateway.models import ApiKey, Completion
 from gateway.recorder import recorder, snapshot
-from tests.servers import RedisServer, free_port, wait_until
+from tests.servers import RedisServer, away, unreachable, wait_until
 
 NANO = 1_000_000_000
 
@@ -35,18 +34,6 @@ def shared(app, shared_redis: RedisServer) -> Iterator[Limiter]:  # type: ignore
     limiter.configure(app.config)
 
 
-@contextmanager
-def database_away() -> Iterator[None]:
-    previous = database.obj
-    database.initialize(gone := open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
-    db.mark_reachable(True)
-    try:
-        yield
-    finally:
-        gone.close_all()
-        database.initialize(previous)
-
-
 def _spent_usd(key_id: int, usd: int) -> None:
     """A final record of the key's, this month, costing ``usd``."""
     with database.connection_context():
@@ -56,12 +43,14 @@ def _spent_usd(key_id: int, usd: int) -> None:
         )  # fmt: skip
 
 
-def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(shared: Limiter) -> None:
+def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(
+    shared: Limiter, database_url: str
+) -> None:
     with database.connection_context():
         key_id = ApiKey.issue(comment="budget")[0].id
     _spent_usd(key_id, 5)
     now = datetime.now(UTC)
-    with database_away():
+    with away(unreachable(database_url)):
         # The first admission since Redis restarted is told to seed; the read is refused.
         assert shared.admit(key_id, None, None, budget=1.0, now=now).allowed
         wait_until(lambda: not db.reachable(), timeout=5)
