@@ -10,7 +10,8 @@ Chat calls and embeddings count alike. What is counted:
   price, or the provider reported no token count. A call that failed with no token
   count reported (nothing was answered) is not among them.
 
-``month_start`` is where a key's budget month (UTC) begins.
+``month_start`` is where a key's budget month (UTC) begins; ``month_spend`` is what a
+budget counts, which deleting records does not lower.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import datetime
 import peewee as pw
 
 from gateway import pricing
-from gateway.models import Completion, Embedding
+from gateway.models import Completion, Embedding, RetiredSpend
 
 
 @dataclass
@@ -83,6 +84,34 @@ def ledger(since: datetime | None = None, key: int | None = None) -> Ledger:
 def month_start(now: datetime) -> datetime:
     """The first moment of ``now``'s calendar month (naive UTC, as the tables keep time)."""
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+
+
+def month_spend(now: datetime, key: int | None = None) -> dict[int, int]:
+    """Nano-USD each key (or ``key`` alone) spent in ``now``'s month: what its budget
+    counts. Every final record's cost, soft-deleted ones too (deleting a record refunds
+    nothing), and what the records retention deleted had cost (``RetiredSpend``)."""
+    since = month_start(now)
+    parts = []
+    for table in (Completion, Embedding):
+        query = (
+            table.select(table.api_key, pw.fn.SUM(table.cost_nanos))
+            .where(
+                (table.created_at >= since)
+                & (table.status != "pending")
+                & table.cost_nanos.is_null(False)
+            )
+            .group_by(table.api_key)
+        )
+        parts.append(query if key is None else query.where(table.api_key == key))
+    retired = RetiredSpend.select(RetiredSpend.api_key_id, RetiredSpend.nanos).where(
+        RetiredSpend.month == f"{since:%Y-%m}"
+    )
+    parts.append(retired if key is None else retired.where(RetiredSpend.api_key_id == key))
+    spent: dict[int, int] = {}
+    for query in parts:
+        for key_id, nanos in query.tuples():
+            spent[key_id] = spent.get(key_id, 0) + int(nanos)
+    return spent
 
 
 def spend_by_key(since: datetime) -> dict[int, Total]:

@@ -262,6 +262,31 @@ class SrvLog(BaseModel):
         indexes = ((("related_completion_id",), False), (("created_at",), False))
 
 
+class RetiredSpend(BaseModel):
+    """What a key's records that retention deleted had cost in one budget month (UTC,
+    ``YYYY-MM``), in nano-USD: a budget still counts it (``ledger.month_spend``)."""
+
+    api_key_id = pw.IntegerField()
+    month = pw.CharField(max_length=7)
+    nanos = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "retired_spend"
+        primary_key = pw.CompositeKey("api_key_id", "month")
+
+    @classmethod
+    def added(cls, nanos_by_key: dict[int, int], month: str) -> list[pw.Query]:
+        """The statements adding ``nanos_by_key`` to the keys' spend retired in ``month``."""
+        return [
+            cls.insert(api_key_id=key_id, month=month, nanos=nanos).on_conflict(
+                conflict_target=[cls.api_key_id, cls.month],
+                update={cls.nanos: cls.nanos + pw.EXCLUDED.nanos},
+            )
+            for key_id, nanos in sorted(nanos_by_key.items())
+            if nanos
+        ]
+
+
 class Setting(BaseModel):
     key = pw.CharField(max_length=63, unique=True)
     value = pw.JSONField(null=True)

@@ -13,7 +13,9 @@ The work, in this order:
   wholly older than the retention dropped (``partitions.py``); this runs even with
   retention off, so that rows keep landing in their month's partition.
 - Rows of ``completions``, ``embeddings`` and ``srv_logs`` older than
-  ``RETENTION_DAYS`` are deleted, oldest first.
+  ``RETENTION_DAYS`` are deleted, oldest first. What deleted calls of the month in
+  progress cost goes to their keys' ``retired_spend``, in the same transaction: a
+  retention under a month must not lower what a budget counts (``ledger.month_spend``).
 - Rows older than ``RETENTION_BODY_DAYS`` keep their numbers (tokens, cost, times,
   status, error) and lose their bodies: prompt, answer, stored replay and what was
   delivered (embeddings: input and vectors), and with them their full-text entries.
@@ -42,10 +44,10 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, partitions
+from gateway import db, ledger, partitions
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
-from gateway.models import Completion, Embedding, SrvLog, utcnow
+from gateway.models import Completion, Embedding, RetiredSpend, SrvLog, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,9 @@ class Retention:
                 with db.background(self.timeout):
                     done["partitions_dropped"] = partitions.drop_before(cutoff)
             for table in (Completion, Embedding, SrvLog):
-                done[table._meta.table_name] = self._delete_older(table, cutoff)
+                done[table._meta.table_name] = self._delete_older(table, cutoff, now)
+            with db.background(self.timeout):  # no budget reads a month before this one
+                _changed(RetiredSpend.delete().where(RetiredSpend.month < f"{now:%Y-%m}"))
         if self.body_days is not None:
             cutoff = now - timedelta(days=self.body_days)
             for table in BODIES:
@@ -145,8 +149,9 @@ class Retention:
             log.info("retention: %s", done)
         return done
 
-    def _delete_older(self, table: Any, cutoff: datetime) -> int:
-        """Delete ``table``'s rows created before ``cutoff``, a batch at a time."""
+    def _delete_older(self, table: Any, cutoff: datetime, now: datetime) -> int:
+        """Delete ``table``'s rows created before ``cutoff``, a batch at a time; what
+        deleted calls of ``now``'s month cost is kept for their keys' budgets."""
         total = 0
         while True:
             with db.background(self.timeout):
@@ -160,12 +165,12 @@ class Retention:
                 if not rows:
                     return total
                 # The time range lets PostgreSQL look in the partitions concerned only.
-                total += _changed(
-                    table.delete().where(
-                        table.id.in_([id_ for id_, _ in rows])
-                        & table.created_at.between(rows[0][1], rows[-1][1])
-                    )
+                query = table.delete().where(
+                    table.id.in_([id_ for id_, _ in rows])
+                    & table.created_at.between(rows[0][1], rows[-1][1])
                 )
+                priced = table in (Completion, Embedding)
+                total += _retired(table, query, now) if priced else _changed(query)
             gevent.sleep(self.pause)
 
     def _strip_older(self, table: Any, cutoff: datetime) -> int:
@@ -295,6 +300,33 @@ def _changed(query: Any, then_on_sqlite: tuple[str, list[Any]] | None = None) ->
     if then_on_sqlite is not None:
         statements.append(then_on_sqlite)
     return db.sqlite_write(statements)[1][0][0]
+
+
+def _retired(table: Any, query: Any, now: datetime) -> int:
+    """Delete a batch of calls (``query``); the number deleted. In the same transaction,
+    what those of ``now``'s month cost is added to their keys' spend retired in that month
+    (``RetiredSpend``): taken from the rows the delete itself returns, so a row changed
+    between the batch's choice and its delete (made final) counts as it was deleted."""
+    month = ledger.month_start(now)
+    query = query.returning(table.api_key, table.status, table.created_at, table.cost_nanos)
+
+    def spend(deleted: list[tuple]) -> list[Any]:
+        nanos: dict[int, int] = {}
+        for key_id, status, created_at, cost in deleted:
+            if cost and status != "pending" and table.created_at.python_value(created_at) >= month:
+                nanos[key_id] = nanos.get(key_id, 0) + int(cost)
+        return RetiredSpend.added(nanos, f"{month:%Y-%m}")
+
+    if is_postgres():
+        with database.atomic():
+            deleted = list(query.tuples().execute())
+            for statement in spend(deleted):
+                statement.execute()
+        return len(deleted)
+    written = db.sqlite_write(
+        [query.sql(), lambda results: [statement.sql() for statement in spend(results[0])]]
+    )
+    return len(written[0])
 
 
 def _forget_text(ids: list[int]) -> tuple[str, list[Any]]:

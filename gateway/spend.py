@@ -78,7 +78,7 @@ class Seeder:
             key_id, now = self._due.popitem()
             try:
                 with db.background(self.timeout):
-                    nanos = ledger.ledger(ledger.month_start(now), key_id).total.nanos
+                    nanos = ledger.month_spend(now, key_id).get(key_id, 0)
             except Exception as exc:
                 if not self._failing:
                     log.warning("spend: cannot read a key's spend from the records (%s)", exc)

@@ -861,6 +861,13 @@ def test_the_overview_and_the_keys_page_show_spend(client, seeded: Seeded) -> No
     assert f"${spent / 1e9:.9f}".rstrip("0") in unescape(cell) and "of $50.00" in unescape(cell)
     assert "<progress" in cell
     assert "Budget $50.00 a month" in text(keys)
+    # What the budget counts: a record deleted from the dashboard refunds nothing.
+    with database.connection_context():
+        priced = Completion.cost_nanos.is_null(False) & (Completion.api_key == support.id)
+        Completion.update(deleted=True).where(priced).execute()
+    keys = client.get("/keys")
+    cell = re.search(rf'data-key="{support.id}">(.*?)</td>', keys.text, re.S).group(1)
+    assert f"${spent / 1e9:.9f}".rstrip("0") in unescape(cell)
 
 
 def test_a_budget_set_and_cleared_on_the_keys_page_and_cache_prices_on_a_model(

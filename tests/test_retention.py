@@ -17,12 +17,12 @@ import peewee
 import pytest
 from flask import Flask
 
-from gateway import fulltext, partitions
+from gateway import fulltext, ledger, partitions
 from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, is_postgres, open_database
 from gateway.exchange import Exchange
-from gateway.models import ApiKey, Completion, Embedding, SrvLog, utcnow
+from gateway.models import ApiKey, Completion, Embedding, RetiredSpend, SrvLog, utcnow
 from gateway.recorder import Recorder
 from gateway.retention import Retention
 from tests import pools
@@ -139,6 +139,45 @@ def test_records_and_server_logs_past_the_retention_are_gone(key_id: int, tmp_pa
             .where(Completion.uid == old.uid)
             .exists()
         )
+
+
+def test_a_month_s_spend_outlives_its_records(key_id: int, tmp_path: Path) -> None:
+    """Retention shorter than a month deletes records of the month in progress: what
+    they cost stays in the budget's figure, whether the delete took them in one batch
+    or several; last month's, pending and unpriced calls are not kept."""
+    with database.connection_context():
+        other = ApiKey.create(key_hash=uuid.uuid4().hex * 2, key_hint="sk-…othr").id
+    add_call(key_id, NOW - timedelta(days=9, seconds=3))  # March, $0.25 each
+    add_call(key_id, NOW - timedelta(days=8, seconds=2))
+    add_call(other, NOW - timedelta(days=7, seconds=1), cost_nanos=1)
+    add_call(key_id, NOW - timedelta(days=6), status="pending", cost_nanos=None, cost=None)
+    add_call(key_id, NOW - timedelta(days=6), cost_nanos=None, cost=None)
+    add_call(key_id, NOW - timedelta(days=12))  # February: no budget reads it any more
+    kept = add_call(key_id, NOW - timedelta(days=1))
+    with database.connection_context():
+        Embedding.create(
+            uid=uuid.uuid4().hex, api_key=key_id, model="e", input=["x"], status="completed",
+            cost_nanos=40, created_at=NOW - timedelta(days=8),
+        )  # fmt: skip
+        before = ledger.month_spend(NOW)
+        # A past month's retired spend is never read again: the round drops it.
+        RetiredSpend.insert(api_key_id=key_id, month="2027-01", nanos=5).execute()
+    assert before == {key_id: 3 * 250_000_000 + 40, other: 1}
+    job = make_retention(tmp_path, RETENTION_DAYS=5, RETENTION_BATCH=2)
+    done = job.run()
+    assert done is not None and done["embeddings"] == 1
+    assert uids() == {kept.uid}  # on PostgreSQL February's went with its partition
+    with database.connection_context():
+        assert ledger.month_spend(NOW) == before
+        assert ledger.month_spend(NOW, other) == {other: 1}
+        assert {(r.api_key_id, r.month, r.nanos) for r in RetiredSpend.select()} == {
+            (key_id, "2027-03", 2 * 250_000_000 + 40),
+            (other, "2027-03", 1),
+        }
+    # A second round deletes nothing more and adds nothing twice.
+    assert make_retention(tmp_path, RETENTION_DAYS=5).run() is not None
+    with database.connection_context():
+        assert ledger.month_spend(NOW) == before
 
 
 def test_body_retention_keeps_the_numbers_and_the_cost(key_id: int, tmp_path: Path) -> None:

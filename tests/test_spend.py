@@ -18,7 +18,7 @@ from gateway.db import database
 from gateway.errors import BudgetExceeded
 from gateway.exchange import Exchange
 from gateway.limiter import Limiter, limiter
-from gateway.models import ApiKey, Completion
+from gateway.models import ApiKey, Completion, RetiredSpend
 from gateway.recorder import recorder, snapshot
 from tests.servers import RedisServer, away, unreachable, wait_until
 
@@ -81,3 +81,19 @@ def test_records_written_back_from_the_journal_raise_their_key_s_spend(shared: L
     wait_until(lambda: shared.spent(key_id, now) == 7 * NANO, timeout=2)
     with pytest.raises(BudgetExceeded):
         shared.admit(key_id, None, None, budget=6.0, now=now)
+
+
+def test_deleted_records_still_count_against_the_budget(shared: Limiter) -> None:
+    # The key spent $5 this month: $2 in a record since deleted from the dashboard, $3
+    # in records retention deleted. A restarted Redis takes all of it from the records.
+    with database.connection_context():
+        key_id = ApiKey.issue(comment="budget")[0].id
+    _spent_usd(key_id, 2)
+    now = datetime.now(UTC)
+    with database.connection_context():
+        Completion.update(deleted=True).where(Completion.api_key == key_id).execute()
+        RetiredSpend.insert(api_key_id=key_id, month=f"{now:%Y-%m}", nanos=3 * NANO).execute()
+    assert shared.admit(key_id, None, None, budget=4.0, now=now).allowed
+    wait_until(lambda: shared.spent(key_id, now) == 5 * NANO, timeout=2)
+    with pytest.raises(BudgetExceeded):
+        shared.admit(key_id, None, None, budget=4.0, now=now)

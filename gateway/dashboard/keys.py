@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from gateway import auth, ledger, registry, stats
+from gateway import auth, ledger, pricing, registry, stats
 from gateway.dashboard.blueprint import bp
 from gateway.dashboard.forms import form_body
 from gateway.limiter import limiter
@@ -81,6 +81,8 @@ def _keys_page(new_key: str | None = None, new_row: ApiKey | None = None) -> str
         },
         usage=stats.usage_by_key(now - timedelta(days=1)),
         spend=ledger.spend_by_key(ledger.month_start(now)),
+        # What each key's budget counts (deleted records too), shown against it.
+        spent={k: pricing.usd(n) or 0.0 for k, n in ledger.month_spend(now).items()},
         now=now,
         show_revoked=show_revoked,
         new_key=new_key,
