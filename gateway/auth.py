@@ -92,6 +92,7 @@ class KeyCache:
         # A key was revoked: what this worker knows must replace the snapshot file at
         # once, or a worker started during an outage would serve the key from it.
         self.on_revoked: Callable[[], None] = lambda: None
+        self._unbudgeted: set[int] | None = None  # ids of the known keys without a budget
 
     def get(self, key: str) -> Caller | None:
         """The key's Caller as last known; None if it is unknown or revoked."""
@@ -115,6 +116,13 @@ class KeyCache:
             self._misses[digest] = now
         return caller
 
+    def without_budget(self, key_id: int) -> bool:
+        """Whether the key is known to have no monthly budget: its spend is read by
+        nobody (one not known, or changed and not read since, may have one)."""
+        if self._unbudgeted is None:  # made again after every read and change
+            self._unbudgeted = {c.id for c in self._callers.values() if c.budget_usd is None}
+        return key_id in self._unbudgeted
+
     def count_usable(self) -> int:
         """How many known keys are usable now, for /metrics (kept fresh: no database read)."""
         asked = time.monotonic()
@@ -130,6 +138,7 @@ class KeyCache:
         (or deleted): then it is refused from now on, whether the database answers or not.
         """
         caller = self._callers.pop(key_hash, None)
+        self._unbudgeted = None
         self._misses.pop(key_hash, None)
         self._forgotten[key_hash] = time.monotonic()
         if revoked:
@@ -165,6 +174,7 @@ class KeyCache:
             changed = callers != self._callers
             self._callers = callers
         self._read_at = started
+        self._unbudgeted = None
         self._forgotten = {h: t for h, t in self._forgotten.items() if t > started}
         self._stale = {h: c for h, c in self._stale.items() if h in self._forgotten}
         return changed
@@ -193,6 +203,7 @@ class KeyCache:
             h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *rest)
             for h, i, rpm, tpm, exp, *rest in rows  # older files lack the later fields
         }
+        self._unbudgeted = None
         self._since = None
 
     def read_through(self, _asked: float = 0.0) -> bool:

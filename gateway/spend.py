@@ -27,6 +27,7 @@ import gevent.pool
 from flask import Flask
 
 from gateway import db, ledger
+from gateway.auth import keys
 from gateway.limiter import SEED_EVERY_MIN, limiter
 from gateway.recorder import recorder
 
@@ -51,7 +52,12 @@ class Seeder:
         recorder.on_written_late = self.written_late
 
     def ask(self, key_id: int, now: datetime) -> None:
-        """Raise the key's spend in ``now``'s month to the records' figure, soon."""
+        """Raise the key's spend in ``now``'s month to the records' figure, soon; not for
+        a key known to have no budget. The store totals every key's spend, and a call
+        that ended while Redis was away, or a record written back from a journal, asks
+        for its key whatever it is: a read over the key's month of records each."""
+        if keys.without_budget(key_id):
+            return
         self._due[key_id] = now
         if len(self._group) == 0:
             greenlet = self._group.spawn(self._seed_while_due)

@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway import db
+from gateway.auth import keys
 from gateway.db import database
 from gateway.errors import BudgetExceeded
 from gateway.exchange import Exchange
 from gateway.limiter import Limiter, limiter
 from gateway.models import ApiKey, Completion, RetiredSpend
 from gateway.recorder import recorder, snapshot
+from gateway.spend import seeder
 from tests.servers import RedisServer, away, unreachable, wait_until
 
 NANO = 1_000_000_000
@@ -47,7 +49,7 @@ def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(
     shared: Limiter, database_url: str
 ) -> None:
     with database.connection_context():
-        key_id = ApiKey.issue(comment="budget")[0].id
+        key_id = ApiKey.issue(comment="budget", budget_usd=1.0)[0].id
     _spent_usd(key_id, 5)
     now = datetime.now(UTC)
     with away(unreachable(database_url)):
@@ -67,7 +69,7 @@ def test_records_written_back_from_the_journal_raise_their_key_s_spend(shared: L
     # records the calls before it ($5); the key's spend was raised to them before the
     # journal, which holds the outage's, was written back.
     with database.connection_context():
-        key_id = ApiKey.issue(comment="budget")[0].id
+        key_id = ApiKey.issue(comment="budget", budget_usd=6.0)[0].id
     _spent_usd(key_id, 5)
     now = datetime.now(UTC)
     shared.spend(key_id, 2 * NANO, now)
@@ -87,7 +89,7 @@ def test_deleted_records_still_count_against_the_budget(shared: Limiter) -> None
     # The key spent $5 this month: $2 in a record since deleted from the dashboard, $3
     # in records retention deleted. A restarted Redis takes all of it from the records.
     with database.connection_context():
-        key_id = ApiKey.issue(comment="budget")[0].id
+        key_id = ApiKey.issue(comment="budget", budget_usd=4.0)[0].id
     _spent_usd(key_id, 2)
     now = datetime.now(UTC)
     with database.connection_context():
@@ -97,3 +99,25 @@ def test_deleted_records_still_count_against_the_budget(shared: Limiter) -> None
     wait_until(lambda: shared.spent(key_id, now) == 5 * NANO, timeout=2)
     with pytest.raises(BudgetExceeded):
         shared.admit(key_id, None, None, budget=4.0, now=now)
+
+
+def test_a_key_known_to_have_no_budget_is_not_read_for_one(shared: Limiter) -> None:
+    # Journals written back after an outage ask for every priced record's key: only a
+    # key with a budget (or one this worker does not know) has its month of records read.
+    with database.connection_context():
+        free = ApiKey.issue(comment="no budget")[0].id
+        budgeted = ApiKey.issue(comment="budget", budget_usd=9.0)[0].id
+    assert keys.read_through()
+    for key_id in (free, budgeted):
+        _spent_usd(key_id, 5)
+    late = []
+    for key_id in (free, budgeted):
+        outage = Exchange(api_key_id=key_id, model="gpt", api_format="openai-chat", prompt={})
+        outage.finish("completed", cost={"total": 2})
+        late.append(snapshot(outage))
+    recorder.journal.append(late)
+    recorder._replay_once()
+    now = datetime.now(UTC)
+    wait_until(lambda: shared.spent(budgeted, now) == 7 * NANO, timeout=2)
+    assert seeder.wait(2)
+    assert shared.spent(free, now) == 0
