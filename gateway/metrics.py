@@ -33,7 +33,7 @@ from typing import Any
 
 from gevent import get_hub, monkey
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -49,7 +49,10 @@ from gateway.metric_files import AllocatedMmapedDict
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# NexusGate's: the text format 0.0.4. prometheus_client's latest says 1.0.0, whose one
+# change (names beyond the legacy characters) no name here uses: the same text either
+# way, and a Prometheus before 3.0 knows only 0.0.4.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)  # NexusGate's, in seconds
 KEY = ("api_key_id", "api_key_comment")
 

@@ -617,7 +617,9 @@ def test_api_usage_sums_the_calling_keys_tokens(client, fake, route, monkeypatch
 
 def test_metrics_are_open_unless_a_token_is_set(app, client) -> None:  # type: ignore[no-untyped-def]
     open_ = client.get("/metrics")
-    assert open_.status_code == 200 and open_.content_type.startswith("text/plain; version=")
+    # NexusGate's own type: the text format 0.0.4, which every Prometheus reads.
+    assert open_.status_code == 200
+    assert open_.content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert "nexusgate_active_providers" in open_.get_data(as_text=True)
     app.config["METRICS_TOKEN"] = "s3cret"
     assert client.get("/metrics").status_code == 401
