@@ -11,7 +11,7 @@ The call views (``CALLS``) take their ``CallRequest`` as an argument and touch n
 context. ``CallRoutes``, in front of the Flask app, serves a POST to one of their exact
 paths itself, without Flask's per-request machinery (contexts, URL matching, hooks:
 about a tenth of a call's CPU, issue 11). Everything else goes to Flask, where the
-same views are registered: other methods (405, OPTIONS), ``/v1/embeddings/``, a ``//``.
+same views are registered: other methods (405, OPTIONS), a ``//``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
-from flask import Blueprint, Flask, Response, current_app, has_request_context, request
+from flask import Flask, Response, current_app, has_request_context, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 
-from gateway import admission, auth, db, dedup, jsonio, redact, replay, token_count
+from gateway import admission, auth, db, dedup, jsonio, redact, replay, token_count, urlargs
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
@@ -47,7 +47,7 @@ from gateway.routing import Candidate, catalog, weighted_order
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("proxy", __name__)
+bp = urlargs.AnySlash("proxy", __name__)
 
 FORMAT_BY_PATH = {
     "/v1/chat/completions": OPENAI_CHAT,
@@ -224,7 +224,7 @@ def create_embeddings(req: CallRequest) -> Response | Answer:
 
 
 View = Callable[[CallRequest], Response | Answer]
-# The call routes: each takes POST only; /v1/embeddings/ is one too (strict_slashes).
+# The call routes: each takes POST only, with a final slash or without (as NexusGate's).
 CALLS: dict[str, View] = {
     "/v1/chat/completions": chat_completions,
     "/v1/messages": messages,
@@ -232,7 +232,7 @@ CALLS: dict[str, View] = {
     "/v1/messages/count_tokens": count_tokens,
     "/v1/embeddings": create_embeddings,
 }
-_LOOSE_SLASH = "/v1/embeddings"
+_SERVED = {**CALLS, **{path + "/": view for path, view in CALLS.items()}}
 
 
 def _through_flask(view: View) -> Callable[[], Response | Answer]:
@@ -245,16 +245,11 @@ def _through_flask(view: View) -> Callable[[], Response | Answer]:
 
 
 for _path, _view in CALLS.items():
-    bp.add_url_rule(
-        _path,
-        view_func=_through_flask(_view),
-        methods=["POST"],
-        strict_slashes=_path != _LOOSE_SLASH,
-    )
+    bp.add_url_rule(_path, view_func=_through_flask(_view), methods=["POST"])
 
 
 class CallRoutes:
-    """WSGI middleware serving a POST to an exact call path itself; the rest goes to Flask.
+    """WSGI middleware serving a POST to a call path itself; the rest goes to Flask.
 
     Only what Flask would do for such a request is left out (no session, hook or URL
     converter concerns it); errors render alike (``_serve``), and an unhandled one is
@@ -267,7 +262,9 @@ class CallRoutes:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         view = (
-            CALLS.get(environ.get("PATH_INFO", "")) if environ["REQUEST_METHOD"] == "POST" else None
+            _SERVED.get(environ.get("PATH_INFO", ""))
+            if environ["REQUEST_METHOD"] == "POST"
+            else None
         )
         if view is None:
             with db.bounded():  # the admin API and the dashboard read the database

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, current_app, request
+from flask import Response, current_app, request
 
-from gateway import auth, jsonio, metrics, stats
+from gateway import auth, jsonio, metrics, stats, urlargs
 from gateway.calls import calls
 from gateway.errors import AuthenticationFailed, ServiceUnavailable
 from gateway.routing import catalog
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("service", __name__)
+bp = urlargs.AnySlash("service", __name__)  # NexusGate answers /v1/models/ too
 
 
 @bp.get("/v1/models")

@@ -1,4 +1,5 @@
-"""Values that arrive in URLs and forms: row ids, integers, pages, places to go back to.
+"""Values that arrive in URLs and forms: row ids, integers, pages, places to go back to,
+and paths with a final slash or without.
 
 Nothing here trusts its input. A row id is 1 to 2^63-1 in ASCII digits (Werkzeug's
 ``int`` converter takes any Unicode digit and any size, and SQLite cannot even bind
@@ -10,7 +11,9 @@ A redirect target must stay on this site, judged as a browser will read it.
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from flask import Blueprint
 from werkzeug.routing import BaseConverter, ValidationError
 
 MAX_ID = 2**63 - 1
@@ -19,6 +22,17 @@ DECIMAL = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?")  # what a form's number f
 # What a browser strips from or reads into a URL: C0 controls, space and DEL (it drops
 # tabs and newlines anywhere), and the backslash (it reads "\" as "/").
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+class AnySlash(Blueprint):
+    """Routes that answer with or without a final slash, as NexusGate's server (Elysia,
+    whose strictPath is off) does: ``/providers/`` is ``/providers``, ``/api/admin`` is
+    ``/api/admin/``, ``/v1/chat/completions/`` is ``/v1/chat/completions`` (werkzeug
+    would answer a 404, or an HTML redirect)."""
+
+    def add_url_rule(self, rule: str, *args: Any, **options: Any) -> None:
+        options.setdefault("strict_slashes", False)
+        super().add_url_rule(rule, *args, **options)
 
 
 class IdConverter(BaseConverter):

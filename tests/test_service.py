@@ -25,3 +25,4 @@ def test_models_are_listed_once_a_name_with_their_creation_time(client, db) -> N
             {"id": "embed", "object": "model", "created": 1714564800, "owned_by": "a"},
         ],
     }
+    assert client.get("/v1/models/").get_json() == listed  # NexusGate's server takes it too

@@ -16,25 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Response, current_app, request
 
 from gateway import auth, db, forwarded, jsonio, registry, urlargs
 from gateway.limiter import limiter
 
 log = logging.getLogger(__name__)
 
-
-class _AnySlash(Blueprint):
-    """Routes that answer with or without a final slash, as NexusGate's server (Elysia,
-    whose strictPath is off) does: ``/providers/`` is ``/providers``, ``/api/admin`` is
-    ``/api/admin/`` (werkzeug would answer a 404, or an HTML redirect)."""
-
-    def add_url_rule(self, rule: str, *args: Any, **options: Any) -> None:
-        options.setdefault("strict_slashes", False)
-        super().add_url_rule(rule, *args, **options)
-
-
-bp = _AnySlash("admin_api", __name__, url_prefix="/api/admin")
+bp = urlargs.AnySlash("admin_api", __name__, url_prefix="/api/admin")
 bp.record_once(urlargs.register)
 
 MAX_PAGE = 1000
