@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,12 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, jsonio, metrics
+from gateway import db, jsonio, metrics, retention
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import COMPLETION, Exchange
 from gateway.journal import Ahead, Journal
-from gateway.models import index_all_due, upsert_records
+from gateway.models import index_all_due, upsert_records, utcnow
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry
 
@@ -136,6 +136,8 @@ class Recorder:
         self.linger = float(cfg["RECORDER_LINGER"])
         self.interval = float(cfg["RECORDER_INTERVAL"])
         self.timeout = float(cfg["DB_TIMEOUT"])
+        days = retention.days(cfg["RETENTION_DAYS"])
+        self.kept = None if days is None else timedelta(days=days)  # records' lifetime
 
     # -- the public face ------------------------------------------------------
 
@@ -492,7 +494,16 @@ class Recorder:
             self._indexing = False
 
     def _write_ahead(self, rows: list[dict]) -> None:
-        """A dead process's write-ahead lines: as written, uncleaned (``_ahead_row``)."""
+        """A dead process's write-ahead lines: as written, uncleaned (``_ahead_row``).
+
+        Not those of calls older than RETENTION_DAYS. A file keeps lines the database
+        has (up to ``Ahead.TRIM``: days of a quiet worker's calls), and one of a record
+        retention deleted would bring it back: its cost, in ``retired_spend`` already,
+        would count twice in its key's budget (and again once retention deleted it anew).
+        """
+        if self.kept is not None:
+            cutoff = utcnow() - self.kept
+            rows = [row for row in rows if not _older(row, cutoff)]
         self._write_replayed([jsonio.clean(row) for row in rows])
 
     def _write_replayed(self, rows: list[dict]) -> None:
@@ -554,6 +565,12 @@ def replay_refused(journal: Journal) -> Replayed:
     finally:
         db.discard_connection()  # not in a connection_context: a failure closes it
     return done
+
+
+def _older(row: dict, cutoff: datetime) -> bool:
+    """Whether the row's call began before ``cutoff`` (a row without a time is not)."""
+    created_at = row.get("created_at")
+    return isinstance(created_at, datetime) and created_at < cutoff
 
 
 def _lost(rows: list[dict], why: str) -> None:

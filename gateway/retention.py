@@ -83,8 +83,8 @@ class Retention:
         greenlet.link_exception(lambda g: log.error("retention greenlet died", exc_info=g.exc_info))
 
     def _configure(self, cfg: Any) -> None:
-        self.days = _days(cfg["RETENTION_DAYS"])
-        self.body_days = _days(cfg["RETENTION_BODY_DAYS"])
+        self.days = days(cfg["RETENTION_DAYS"])
+        self.body_days = days(cfg["RETENTION_BODY_DAYS"])
         self.interval = float(cfg["RETENTION_INTERVAL"])
         self.batch = int(cfg["RETENTION_BATCH"])
         self.pause = float(cfg["RETENTION_PAUSE"])
@@ -269,7 +269,7 @@ class Retention:
             os.close(fd)
 
 
-def _days(value: object) -> float | None:
+def days(value: object) -> float | None:
     """A retention in days; None (or 0, or empty) is off."""
     if value in (None, "", 0, "0"):
         return None

@@ -6,6 +6,8 @@ moves rows the DEFAULT partition caught into their month's new partition.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ import pytest
 from flask import Flask
 
 from gateway import fulltext, ledger, partitions
+from gateway import journal as journal_module
 from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
 from gateway.db import database, is_postgres, open_database
@@ -471,3 +474,50 @@ def test_a_sqlite_prune_does_not_freeze_the_worker(key_id: int, tmp_path: Path, 
         word = varied_text(1, 1)
         found = Completion.select().where(fulltext.condition(Completion, [word]))
         assert not found.exists()
+
+
+def test_a_dead_process_s_write_ahead_line_does_not_bring_a_deleted_record_back(
+    key_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's write-ahead file keeps lines the database has (up to 256 KB: days of
+    a quiet worker's calls); killed, its file is written back by a survivor. A line of a
+    record retention deleted since must not bring it back: its cost is in retired_spend,
+    and the budget would count it twice (and again at the next round)."""
+    monkeypatch.setattr(recorder_module, "utcnow", lambda: NOW)
+    app = Flask("recorder-test")
+    app.config.update(DEFAULTS, JOURNAL_DIR=str(tmp_path / "journal"), RETENTION_DAYS=1)
+    rec = Recorder()
+    rec.init_app(app)
+    try:
+        old, new = (
+            Exchange(api_key_id=key_id, model="m", api_format="openai-chat", prompt={})
+            for _ in range(2)
+        )
+        for ex, age in ((old, timedelta(days=3)), (new, timedelta(hours=1))):
+            ex.created_at = NOW - age
+            ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 1})
+            ex.cost = {"total": 0.25, "currency": "USD"}
+        lines = [recorder_module._ahead_row(old), recorder_module._ahead_row(new)]
+        with database.connection_context():
+            recorder_module.write_rows([recorder_module.snapshot(ex) for ex in (old, new)])
+        assert make_retention(tmp_path, RETENTION_DAYS=1).run() is not None
+        assert uids() == {new.uid}
+        with database.connection_context():
+            before = ledger.month_spend(NOW, key_id)
+        assert before == {key_id: 500_000_000}
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        dead = tmp_path / "journal" / f"ahead-1-{proc.pid}.jsonl"
+        dead.parent.mkdir(exist_ok=True)
+        dead.write_text("".join(json.dumps(journal_module._jsonable(r)) + "\n" for r in lines))
+        rec.journal.replay(rec._write_ahead, prefix="ahead")
+        assert not dead.exists()
+        with database.connection_context():
+            assert ledger.month_spend(NOW, key_id) == before
+        assert uids() == {new.uid}
+        # The next round finds nothing more to retire.
+        assert make_retention(tmp_path, RETENTION_DAYS=1).run() is not None
+        with database.connection_context():
+            assert ledger.month_spend(NOW, key_id) == before
+    finally:
+        rec._group.kill()
