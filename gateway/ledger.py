@@ -16,9 +16,11 @@ budget counts, which deleting records does not lower.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import reduce
 
 import peewee as pw
 
@@ -107,9 +109,12 @@ def month_spend(now: datetime, key: int | None = None) -> dict[int, int]:
         RetiredSpend.month == f"{since:%Y-%m}"
     )
     parts.append(retired if key is None else retired.where(RetiredSpend.api_key_id == key))
+    # One statement (UNION ALL), so one snapshot: a retention batch that committed
+    # between a read of the records and one of retired_spend would count the calls it
+    # deleted in both (or, read the other way round, in neither).
     spent: dict[int, int] = {}
-    for query in parts:
-        for key_id, nanos in query.tuples():
+    for key_id, nanos in reduce(operator.add, parts).tuples():
+        if nanos is not None:
             spent[key_id] = spent.get(key_id, 0) + int(nanos)
     return spent
 

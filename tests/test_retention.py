@@ -521,3 +521,29 @@ def test_a_dead_process_s_write_ahead_line_does_not_bring_a_deleted_record_back(
             assert ledger.month_spend(NOW, key_id) == before
     finally:
         rec._group.kill()
+
+
+def test_a_budget_s_figure_read_during_a_delete_counts_each_call_once(
+    key_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget's figure is the month's records plus their retired spend: read from one
+    snapshot of both. A retention batch that commits between a read of the records and
+    one of retired_spend must not make a call deleted meanwhile count in each."""
+    add_call(key_id, NOW - timedelta(days=3))
+    add_call(key_id, NOW - timedelta(hours=1))
+    job = make_retention(tmp_path, RETENTION_DAYS=1)
+    real = database.obj.execute_sql
+    ran: list[object] = []
+
+    def execute_sql(sql: str, params: object = None, *args: object, **kwargs: object) -> object:
+        if not ran and sql.lstrip("( ").upper().startswith("SELECT") and "retired_spend" in sql:
+            ran.append(job.run())  # a retention batch commits just before this read
+        return real(sql, params, *args, **kwargs)
+
+    with database.connection_context():
+        monkeypatch.setattr(database.obj, "execute_sql", execute_sql)
+        spent = ledger.month_spend(NOW, key_id)
+        monkeypatch.undo()
+        assert ran and ran[0] is not None
+        assert ledger.month_spend(NOW, key_id) == {key_id: 500_000_000}
+    assert spent == {key_id: 500_000_000}
