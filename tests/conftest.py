@@ -23,7 +23,7 @@ import gevent  # noqa: E402
 import peewee  # noqa: E402
 import pytest  # noqa: E402
 
-from gateway import create_app, resolver, spend, srvlog  # noqa: E402
+from gateway import auth, create_app, resolver, spend, srvlog  # noqa: E402
 from gateway.db import database, migrate, open_database  # noqa: E402
 from gateway.model_limits import model_limits  # noqa: E402
 from gateway.recorder import Recorder, recorder  # noqa: E402
@@ -174,6 +174,9 @@ def database_url(request: pytest.FixtureRequest, templates: dict, tmp_path: Path
 @contextmanager
 def _test_app(database_url: str, directory: Path) -> Iterator:
     """The app on this database; at the end, everything it wrote is written."""
+    # The process's key cache knows what another test's database had, under the same
+    # ids as this one's: a new process knows nothing (CACHE_TTL 0 reads through).
+    auth.keys.load([])
     app = create_app(
         {
             "TESTING": True,
