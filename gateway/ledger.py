@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import reduce
 
 import peewee as pw
@@ -93,12 +93,14 @@ def month_spend(now: datetime, key: int | None = None) -> dict[int, int]:
     counts. Every final record's cost, soft-deleted ones too (deleting a record refunds
     nothing), and what the records retention deleted had cost (``RetiredSpend``)."""
     since = month_start(now)
+    until = month_start(since + timedelta(days=32))  # a record written late may be older
     parts = []
     for table in (Completion, Embedding):
         query = (
             table.select(table.api_key, pw.fn.SUM(table.cost_nanos))
             .where(
                 (table.created_at >= since)
+                & (table.created_at < until)
                 & (table.status != "pending")
                 & table.cost_nanos.is_null(False)
             )

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import ledger, pricing
 from gateway.db import database
-from gateway.models import ApiKey, Completion, Embedding, Provider, utcnow
+from gateway.models import ApiKey, Completion, Embedding, Provider, RetiredSpend, utcnow
 from tests.servers import ADMIN_SECRET
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -88,6 +88,21 @@ def test_a_range_and_a_key(keys) -> None:  # type: ignore[no-untyped-def]
         assert ledger.ledger(now - timedelta(hours=1), key=one.id).total.usd == 2
         assert ledger.spend_by_key(now - timedelta(hours=1))[two.id].usd == 4
     assert ledger.month_start(datetime(2026, 2, 28, 23, 59, 59)) == datetime(2026, 2, 1)
+
+
+def test_a_month_s_spend_is_that_month_s_alone(keys) -> None:  # type: ignore[no-untyped-def]
+    # A record written back late (a journal) asks for its own month's figure: the
+    # months after it are not in it, deleted records and retired spend are.
+    one, two = keys
+    with database.connection_context():
+        completion(one, usd=1, created_at=datetime(2026, 1, 31, 23, 59, 59))
+        completion(one, usd=2, created_at=datetime(2026, 2, 1))
+        completion(one, usd=4, created_at=datetime(2026, 2, 28, 23, 59, 59), deleted=True)
+        completion(one, usd=8, created_at=datetime(2026, 3, 1))
+        completion(two, "pending", usd=16, created_at=datetime(2026, 2, 14))
+        RetiredSpend.insert(api_key_id=two.id, month="2026-02", nanos=32 * NANO).execute()
+        assert ledger.month_spend(datetime(2026, 2, 14)) == {one.id: 6 * NANO, two.id: 32 * NANO}
+        assert ledger.month_spend(datetime(2026, 3, 31), one.id) == {one.id: 8 * NANO}
 
 
 def test_admin_usage_keeps_nexusgates_fields_and_adds_the_costs(client, keys) -> None:  # type: ignore[no-untyped-def]
