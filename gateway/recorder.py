@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,7 @@ class Recorder:
         self.linger = float(cfg["RECORDER_LINGER"])
         self.interval = float(cfg["RECORDER_INTERVAL"])
         self.timeout = float(cfg["DB_TIMEOUT"])
-        days = retention.days(cfg["RETENTION_DAYS"])
-        self.kept = None if days is None else timedelta(days=days)  # records' lifetime
+        self.kept_days = retention.days(cfg["RETENTION_DAYS"])  # records' lifetime
 
     # -- the public face ------------------------------------------------------
 
@@ -501,8 +500,8 @@ class Recorder:
         retention deleted would bring it back: its cost, in ``retired_spend`` already,
         would count twice in its key's budget (and again once retention deleted it anew).
         """
-        if self.kept is not None:
-            cutoff = utcnow() - self.kept
+        cutoff = retention.older_than(utcnow(), self.kept_days)
+        if cutoff is not None:
             rows = [row for row in rows if not _older(row, cutoff)]
         self._write_replayed([jsonio.clean(row) for row in rows])
 

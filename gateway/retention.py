@@ -132,8 +132,7 @@ class Retention:
             is_partitioned = partitions.partitioned()
             if is_partitioned:
                 done["partitions_made"] = partitions.create_ahead(now)
-        if self.days is not None:
-            cutoff = now - timedelta(days=self.days)
+        if (cutoff := older_than(now, self.days)) is not None:
             if is_partitioned:
                 with db.background(self.timeout):
                     done["partitions_dropped"] = partitions.drop_before(cutoff)
@@ -141,8 +140,7 @@ class Retention:
                 done[table._meta.table_name] = self._delete_older(table, cutoff, now)
             with db.background(self.timeout):  # no budget reads a month before this one
                 _changed(RetiredSpend.delete().where(RetiredSpend.month < f"{now:%Y-%m}"))
-        if self.body_days is not None:
-            cutoff = now - timedelta(days=self.body_days)
+        if (cutoff := older_than(now, self.body_days)) is not None:
             for table in BODIES:
                 done[f"{table._meta.table_name}_bodies"] = self._strip_older(table, cutoff)
         if any(done.values()):
@@ -267,6 +265,18 @@ class Retention:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def older_than(now: datetime, days: float | None) -> datetime | None:
+    """When a record ``days`` old at ``now`` began; None if retention is off, or if that
+    is before the first time a datetime holds (the largest retention the settings take,
+    about 2.7 million years): nothing is that old."""
+    if days is None:
+        return None
+    try:
+        return now - timedelta(days=days)
+    except OverflowError:
+        return None
 
 
 def days(value: object) -> float | None:

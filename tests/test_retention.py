@@ -183,6 +183,18 @@ def test_a_month_s_spend_outlives_its_records(key_id: int, tmp_path: Path) -> No
         assert ledger.month_spend(NOW) == before
 
 
+def test_the_longest_retention_the_settings_take_deletes_nothing(
+    key_id: int, tmp_path: Path
+) -> None:
+    """A billion days (what the settings allow) reaches before year 1: the round runs,
+    and nothing is that old. It raised OverflowError every round before."""
+    first = add_call(key_id, datetime(1, 1, 2))
+    job = make_retention(tmp_path, RETENTION_DAYS=10**9, RETENTION_BODY_DAYS=10**9)
+    done = job.run()
+    assert done is not None and "completions" not in done
+    assert uids() == {first.uid}
+
+
 def test_body_retention_keeps_the_numbers_and_the_cost(key_id: int, tmp_path: Path) -> None:
     old = add_call(key_id, NOW - timedelta(days=10), text="zebrafish")
     new = add_call(key_id, NOW - timedelta(days=1), text="zebrafish")
