@@ -36,6 +36,24 @@ def shared(app, shared_redis: RedisServer) -> Iterator[Limiter]:  # type: ignore
     limiter.configure(app.config)
 
 
+def _key(budget_usd: float | None) -> int:
+    """A new key's id, with this monthly budget (None: none)."""
+    with database.connection_context():
+        return ApiKey.issue(comment="budget", budget_usd=budget_usd)[0].id
+
+
+def _written_back(key_ids: list[int], usd: int) -> None:
+    """A call of each key's that ended during a database outage, costing ``usd``, written
+    back from the journal now."""
+    late = []
+    for key_id in key_ids:
+        outage = Exchange(api_key_id=key_id, model="gpt", api_format="openai-chat", prompt={})
+        outage.finish("completed", cost={"total": usd})
+        late.append(snapshot(outage))
+    recorder.journal.append(late)
+    recorder._replay_once()
+
+
 def _spent_usd(key_id: int, usd: int) -> None:
     """A final record of the key's, this month, costing ``usd``."""
     with database.connection_context():
@@ -48,8 +66,7 @@ def _spent_usd(key_id: int, usd: int) -> None:
 def test_a_seeding_the_database_did_not_answer_is_tried_again_soon(
     shared: Limiter, database_url: str
 ) -> None:
-    with database.connection_context():
-        key_id = ApiKey.issue(comment="budget", budget_usd=1.0)[0].id
+    key_id = _key(1.0)
     _spent_usd(key_id, 5)
     now = datetime.now(UTC)
     with away(unreachable(database_url)):
@@ -68,17 +85,13 @@ def test_records_written_back_from_the_journal_raise_their_key_s_spend(shared: L
     # Redis restarted during a database outage: it counts the outage's calls ($2), the
     # records the calls before it ($5); the key's spend was raised to them before the
     # journal, which holds the outage's, was written back.
-    with database.connection_context():
-        key_id = ApiKey.issue(comment="budget", budget_usd=6.0)[0].id
+    key_id = _key(6.0)
     _spent_usd(key_id, 5)
     now = datetime.now(UTC)
     shared.spend(key_id, 2 * NANO, now)
     assert shared.admit(key_id, None, None, budget=6.0, now=now).allowed
     wait_until(lambda: shared.spent(key_id, now) == 5 * NANO)
-    outage = Exchange(api_key_id=key_id, model="gpt", api_format="openai-chat", prompt={})
-    outage.finish("completed", cost={"total": 2})
-    recorder.journal.append([snapshot(outage)])
-    recorder._replay_once()
+    _written_back([key_id], 2)
     # $7 spent: at once, not when the key's mark lapses (10 minutes on).
     wait_until(lambda: shared.spent(key_id, now) == 7 * NANO, timeout=2)
     with pytest.raises(BudgetExceeded):
@@ -88,8 +101,7 @@ def test_records_written_back_from_the_journal_raise_their_key_s_spend(shared: L
 def test_deleted_records_still_count_against_the_budget(shared: Limiter) -> None:
     # The key spent $5 this month: $2 in a record since deleted from the dashboard, $3
     # in records retention deleted. A restarted Redis takes all of it from the records.
-    with database.connection_context():
-        key_id = ApiKey.issue(comment="budget", budget_usd=4.0)[0].id
+    key_id = _key(4.0)
     _spent_usd(key_id, 2)
     now = datetime.now(UTC)
     with database.connection_context():
@@ -104,19 +116,11 @@ def test_deleted_records_still_count_against_the_budget(shared: Limiter) -> None
 def test_a_key_known_to_have_no_budget_is_not_read_for_one(shared: Limiter) -> None:
     # Journals written back after an outage ask for every priced record's key: only a
     # key with a budget (or one this worker does not know) has its month of records read.
-    with database.connection_context():
-        free = ApiKey.issue(comment="no budget")[0].id
-        budgeted = ApiKey.issue(comment="budget", budget_usd=9.0)[0].id
+    free, budgeted = _key(None), _key(9.0)
     assert keys.read_through()
     for key_id in (free, budgeted):
         _spent_usd(key_id, 5)
-    late = []
-    for key_id in (free, budgeted):
-        outage = Exchange(api_key_id=key_id, model="gpt", api_format="openai-chat", prompt={})
-        outage.finish("completed", cost={"total": 2})
-        late.append(snapshot(outage))
-    recorder.journal.append(late)
-    recorder._replay_once()
+    _written_back([free, budgeted], 2)
     now = datetime.now(UTC)
     wait_until(lambda: shared.spent(budgeted, now) == 7 * NANO, timeout=2)
     assert seeder.wait(2)
