@@ -10,7 +10,9 @@ fresh read. Changes made in another worker apply within ``CACHE_TTL``, or at onc
 they are announced (``changed``, through the limiter's Redis channel); ``forget`` applies
 one at once in this worker. A key forgotten because it changed is served as it was
 until a read succeeds (the database may have gone away just after the change); a key
-forgotten because it was revoked is refused at once, database or not.
+forgotten because it was revoked is refused at once, database or not. While the
+database is away, a key this worker never read but another did (the snapshot file) is
+served as that one read it (``recall``).
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class KeyCache:
         self._read_at = float("-inf")
         self._misses: dict[str, float] = {}  # hash -> when it was last found unknown
         self._forgotten: dict[str, float] = {}  # hash -> when forget() was called
-        # hash -> a changed key as it was, until a read after the change succeeds
+        # hash -> a changed key as it was (or a recalled one), until a read succeeds
         self._stale: dict[str, Caller] = {}
+        self._revoked: dict[str, float] = {}  # hash -> when it was forgotten as revoked
         # A key was revoked: what this worker knows must replace the snapshot file at
         # once, or a worker started during an outage would serve the key from it.
         self.on_revoked: Callable[[], None] = lambda: None
@@ -143,6 +146,7 @@ class KeyCache:
         self._forgotten[key_hash] = time.monotonic()
         if revoked:
             self._stale.pop(key_hash, None)
+            self._revoked[key_hash] = self._forgotten[key_hash]
             self.on_revoked()
         elif caller is not None:
             self._stale[key_hash] = caller
@@ -176,6 +180,7 @@ class KeyCache:
         self._read_at = started
         self._unbudgeted = None
         self._forgotten = {h: t for h, t in self._forgotten.items() if t > started}
+        self._revoked = {h: t for h, t in self._revoked.items() if t > started}
         self._stale = {h: c for h, c in self._stale.items() if h in self._forgotten}
         return changed
 
@@ -199,12 +204,24 @@ class KeyCache:
 
     def load(self, rows: list[list]) -> None:
         """Replace the cache with rows from ``dump``; the next refresh reads every key."""
-        self._callers = {
-            h: Caller(i, rpm, tpm, False, datetime.fromisoformat(exp) if exp else None, *rest)
-            for h, i, rpm, tpm, exp, *rest in rows  # older files lack the later fields
-        }
+        self._callers = dict(_loaded(row) for row in rows)
         self._unbudgeted = None
         self._since = None
+
+    def recall(self, rows: list[list]) -> int:
+        """Serve the keys of rows from ``dump`` this worker does not know, read by another
+        worker after this one's last read, until a read succeeds (the database is away:
+        a key made a moment before, which only the other worker was asked for). Not one
+        revoked since that read: it was announced here. How many."""
+        recalled = 0
+        for row in rows:
+            digest, caller = _loaded(row)
+            if digest in self._callers or digest in self._stale or digest in self._revoked:
+                continue
+            self._stale[digest] = caller
+            self._misses.pop(digest, None)
+            recalled += 1
+        return recalled
 
     def read_through(self, _asked: float = 0.0) -> bool:
         """Reload now, in this greenlet; False (keeping the last state) if that fails."""
@@ -234,6 +251,14 @@ class KeyCache:
             self.forget(message.removeprefix(REVOKED), revoked=True)
         else:
             self.forget(message)
+
+
+def _loaded(row: list) -> tuple[str, Caller]:
+    """A row of ``KeyCache.dump``: the key's hash and Caller (older files lack the later
+    fields)."""
+    digest, key_id, rpm, tpm, expires_at, *rest = row
+    expires = datetime.fromisoformat(expires_at) if expires_at else None
+    return digest, Caller(key_id, rpm, tpm, False, expires, *rest)
 
 
 keys = KeyCache()

@@ -80,8 +80,11 @@ class Catalog:
         try:
             return self._find(model, model_type, provider)
         except NotFound:
-            if confirmed or not self.confirm(asked):  # added a moment ago elsewhere?
+            if confirmed:
                 raise
+            # Added a moment ago elsewhere? Read, or (the database away) take what another
+            # worker read later.
+            self.confirm(asked)
             return self._find(model, model_type, provider)
 
     def _find(self, model: str, model_type: str, provider: str | None) -> list[Candidate]:

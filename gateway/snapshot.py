@@ -9,10 +9,13 @@ shared by every call asking meanwhile and never waited for while the database is
 known down.
 
 After each read that changed something, the state is written to ``SNAPSHOT_FILE``
-(instance/snapshot.json, mode 0600, replaced atomically). A worker that starts while
-the database is away (a recycled one, say) serves from that file, and so does a whole
-gateway started then, if the file was written by a build with the same migrations
-(``usable``, which ``flask prepare`` asks). It holds secrets:
+(instance/snapshot.json, mode 0600, replaced atomically), with when that read started.
+A worker that starts while the database is away (a recycled one, say) serves from that
+file, and so does a whole gateway started then, if the file was written by a build
+with the same migrations (``usable``, which ``flask prepare`` asks). A worker that
+cannot read takes from the file what another worker read after it last did
+(``recall``): a key or model made a moment before the database went away, which only
+that worker was asked for, is served by every worker of the instance. It holds secrets:
 every live gateway key's SHA-256 hash and limits, and every provider's base URL and
 API key, the keys sealed by the vault as the database holds them. ``CACHE_TTL`` 0
 turns all this off: each call reads through (tests).
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import gevent
@@ -60,6 +64,10 @@ class Refresher:
         self._full_at = float("-inf")
         self._full_due = True
         self._written: str | None = None  # digest of what this process last wrote
+        # When the read this worker's state comes from started (wall clock, as the file
+        # says it): from its last successful read, or the file it started from.
+        self._read_at: datetime | None = None
+        self._looked: tuple[int, int, int] | None = None  # the file ``recall`` last read
         self._kick = gevent.event.Event()
         self._done = gevent.event.Event()  # replaced after every read
         self._group = gevent.pool.Group()
@@ -92,7 +100,14 @@ class Refresher:
         self._kick.set()
 
     def fresh(self, asked: float) -> bool:
-        """Make the caches reflect the database as of ``asked``; False if they cannot."""
+        """Make the caches reflect the database as of ``asked``; False if they cannot
+        (they then hold what another worker read later, if one did: ``recall``)."""
+        if self._read_since(asked):
+            return True
+        self.recall()
+        return False
+
+    def _read_since(self, asked: float) -> bool:
         deadline = asked + self.wait
         while self._fresh_as_of < asked:
             if not db.reachable():
@@ -106,6 +121,7 @@ class Refresher:
     def refresh(self) -> bool:
         """Read what changed (everything after an outage); True if the read succeeded."""
         started = self._started_at = time.monotonic()
+        read_at = utcnow()
         full = self._full_due or started - self._full_at > FULL_EVERY
         try:
             with db.background(self.timeout):
@@ -119,7 +135,7 @@ class Refresher:
             return False
         if full:
             self._full_at, self._full_due = started, False
-        self._fresh_as_of = started
+        self._fresh_as_of, self._read_at = started, read_at
         self._finished()
         if changed or self._written is None:
             self._write()
@@ -159,7 +175,11 @@ class Refresher:
         state["catalog"] = [_sealed(row) for row in state["catalog"]]  # sealing is random
         # The schema it was read from: a start without the database serves it only if
         # this build's migrations are the same (``usable``).
-        written = {"written_at": utcnow().isoformat(), "schema": db.known_migrations()}
+        written = {
+            "written_at": utcnow().isoformat(),
+            "read_at": self._read_at and self._read_at.isoformat(),
+            "schema": db.known_migrations(),
+        }
         body = json.dumps({**written, **state})
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
@@ -215,11 +235,45 @@ class Refresher:
         )
         return True
 
+    def recall(self) -> None:
+        """The database cannot be read: serve what the file holds of a read another
+        worker made after this one's last (``KeyCache.recall``: the keys this worker does
+        not know; the catalog, whole). Each version of the file is read once."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if version == self._looked:
+            return
+        self._looked = version
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            stamp = data.get("read_at")  # None: an older build's file, or from one
+            read_at = stamp and datetime.fromisoformat(stamp)
+            rows = [_opened(row) for row in data["catalog"]]
+        except _UNREADABLE:
+            log.exception("snapshot: database unreachable and %s unreadable", self.path)
+            return
+        if not read_at or (self._read_at is not None and read_at <= self._read_at):
+            return  # this worker's own read, an older one, or one of unknown age
+        recalled = keys.recall(data["keys"])
+        catalog.load(rows)
+        log.warning(
+            "snapshot: database unreachable: serving %d keys and %d models another "
+            "worker read at %s (from %s)",
+            recalled,
+            len(rows),
+            data["read_at"],
+            self.path,
+        )
+
     def _load(self) -> dict:
         """The file's keys and catalog into the caches; what it holds."""
         data = json.loads(self.path.read_text(encoding="utf-8"))
         keys.load(data["keys"])
         catalog.load([_opened(row) for row in data["catalog"]])
+        self._read_at = datetime.fromisoformat(data["read_at"]) if data.get("read_at") else None
         return data
 
 

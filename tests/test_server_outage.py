@@ -489,6 +489,62 @@ def test_a_key_revoked_just_before_the_database_goes_away_is_refused_by_a_new_wo
     assert got == [401] * 6
 
 
+@pytest.mark.parametrize("made", ["key and model", "model"])
+def test_what_one_worker_read_before_an_outage_every_worker_serves(
+    cluster: PostgresCluster, fake, tmp_path: Path, made: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A key and a model (or a model alone) made a moment before the database goes away,
+    used once: the worker that served the call read them, the other did not (CACHE_TTL
+    is long). The instance knew them, so the other worker serves them too while the
+    database is away (SPEC rule 8); it refused the key (401), or the model (404), for
+    the whole outage."""
+    url = gateway_database(cluster)
+    env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # no worker reads again on its own
+    gw = Gateway(url, tmp_path / "instance", workers=2, **env)
+    stopped: list[int] = []
+
+    def only(pid: int) -> None:
+        """Only ``pid`` of the workers takes calls (the other is stopped), once it answers:
+        it has started (its first read of keys and catalog is done)."""
+        for other in stopped:
+            os.kill(other, signal.SIGCONT)
+        stopped[:] = [each for each in gw.worker_pids() if each != pid]
+        for other in stopped:
+            os.kill(other, signal.SIGSTOP)
+        gw.admin.close()  # no kept-alive connection to a stopped worker
+        wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
+
+    def status(key: str, model: str) -> int:
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {key}"}
+        return requests.post(
+            f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
+        ).status_code
+
+    try:
+        reader, other = gw.worker_pids()
+        only(other)  # started: nothing made after this is read by it
+        if made == "model":
+            route = gw.setup_route(fake.url, system_name="old", remote_id="fake;chunks=3")
+            assert status(route["key"], "old") == 200  # the key: known to both
+        only(reader)
+        if made == "model":
+            key = route["key"]
+            gw.api("POST", "/models", json={"providerId": route["provider"]["id"],
+                                             "systemName": "gpt", "remoteId": "fake;chunks=3"})  # fmt: skip
+        else:
+            key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
+        assert status(key, "gpt") == 200  # the reader read them; it wrote the snapshot file
+        wait_until(lambda: "gpt" in (tmp_path / "instance" / "snapshot.json").read_text())
+        cluster.stop()
+        only(other)
+        assert [status(key, "gpt") for _ in range(6)] == [200] * 6
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        gw.stop()
+
+
 def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
     cluster: PostgresCluster, fake, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

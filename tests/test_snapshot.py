@@ -261,6 +261,73 @@ def test_a_changed_key_serves_as_it_was_until_read_and_a_revoked_one_not_at_all(
     assert keys.get(world["key"]).rpm_limit == 8  # read again once the database answers
 
 
+def another_worker_read_later(world: dict, tmp_path: Path) -> tuple[str, str]:
+    """A key (rpm 9) and a model ("later") made after this worker's last read, read by
+    another worker, which wrote the snapshot file: the key, and the file's text."""
+    path = tmp_path / "snapshot.json"
+    ours = path.read_text()
+    with database.connection_context():
+        _, later_key = ApiKey.issue(rpm_limit=9)
+        Model.create(provider=world["provider"], system_name="later", remote_id="l")
+    assert refresher.refresh()  # as the other worker does
+    theirs = path.read_text()
+    path.write_text(ours)
+    assert refresher.load_file()  # this worker, as of its own read
+    path.write_text(theirs)
+    return later_key, theirs
+
+
+def test_what_another_worker_read_later_is_served_while_the_database_is_away(
+    world: dict, database_url: str, tmp_path: Path
+) -> None:
+    """A key or model made a moment before the database went away, which only another
+    worker was asked for: that worker's read is in the snapshot file, and this one serves
+    it while it cannot read (it refused them for the whole outage)."""
+    later_key, _ = another_worker_read_later(world, tmp_path)
+    with away(unreachable(database_url)):
+        assert keys.get(later_key).rpm_limit == 9
+        assert [c.remote_id for c in catalog.lookup("later")] == ["l"]
+        assert keys.get(world["key"]).rpm_limit == 7  # what it knew stays
+        assert keys.get(world["revoked"]) is None
+    # Back: the database decides again. The key revoked meanwhile is refused.
+    with database.connection_context():
+        ApiKey.update(revoked=True, updated_at=utcnow()).where(
+            ApiKey.key_hash == ApiKey.hash(later_key)
+        ).execute()
+    db.mark_reachable(True)
+    assert refresher.refresh()
+    assert keys.get(later_key) is None and keys.get(world["key"]).rpm_limit == 7
+
+
+def test_a_key_revoked_since_or_a_file_no_later_than_this_worker_s_read_is_not_recalled(
+    world: dict, database_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "snapshot.json"
+    later_key, theirs = another_worker_read_later(world, tmp_path)
+    keys.changed(REVOKED + ApiKey.hash(later_key))  # announced to this worker too
+    gevent.sleep(0.05)  # it rewrites the file from what it knows: as an announcement
+    path.write_text(theirs)  # heard after the other worker wrote
+    with away(unreachable(database_url)):
+        assert keys.get(later_key) is None
+        assert catalog.lookup("later")  # the rest of that read serves
+    # This worker reads (the key revoked, the model deleted): a file of an earlier read
+    # holding them is older than what it knows; so, for all it can tell, is a file that
+    # does not say when its read was (an earlier build's).
+    with database.connection_context():
+        ApiKey.update(revoked=True, updated_at=utcnow()).where(
+            ApiKey.key_hash == ApiKey.hash(later_key)
+        ).execute()
+        Model.update(deleted=True).where(Model.system_name == "later").execute()
+    db.mark_reachable(True)
+    assert refresher.refresh()
+    for text in (theirs, json.dumps({**json.loads(theirs), "read_at": None})):
+        path.write_text(text)
+        with away(unreachable(database_url)):
+            with pytest.raises(NotFound):
+                catalog.lookup("later")
+            assert keys.get(later_key) is None  # (the second time: refused a moment ago)
+
+
 def test_a_black_holed_database_stalls_no_request(world: dict) -> None:
     """A database that accepts connections and never answers (a dropped route, a hung
     server): the refresh gives up in DB_CONNECT_TIMEOUT, and no call waits longer
