@@ -41,8 +41,11 @@ from gunicorn.workers.ggevent import GeventWorker
 from gateway import resolver
 from gateway.sockets import send_all
 
-# Seconds kept back at the end of graceful_timeout to record stopped calls.
+# Seconds kept back at the end of graceful_timeout to record stopped calls (a third
+# of it at most), and of those, the last ones kept back to journal what the database
+# has not taken by then (half of them at most).
 FINALISE_MARGIN = 3.0
+JOURNAL_MARGIN = 0.5
 # Once stopping, a kept-alive connection's next request is still taken this long (and
 # answered with Connection: close). Closed at once, a client that had just sent its
 # next call on it lost it, unanswered (a POST is not retried): with max_requests
@@ -254,6 +257,15 @@ class SettledConfig:
         return value
 
 
+def deadlines(stopped_at: float, graceful_timeout: float) -> tuple[float, float]:
+    """When a worker told to stop at ``stopped_at`` stops its calls still running, and
+    when it stops waiting for the database and journals the records left: both before
+    the arbiter's SIGKILL at ``stopped_at + graceful_timeout``."""
+    margin = min(FINALISE_MARGIN, graceful_timeout / 3)
+    killed_at = stopped_at + graceful_timeout
+    return killed_at - margin, killed_at - min(JOURNAL_MARGIN, margin / 2)
+
+
 class GatewayWorker(GeventWorker):
     """A gevent worker that drains calls and the recorder within graceful_timeout."""
 
@@ -399,10 +411,9 @@ class GatewayWorker(GeventWorker):
             self._told = None
             told.close()
 
-    def _deadline(self) -> float:
+    def _deadlines(self) -> tuple[float, float]:
         start = self._stop_at if self._stop_at is not None else time.monotonic()
-        margin = min(FINALISE_MARGIN, self.cfg.graceful_timeout / 3)
-        return start + self.cfg.graceful_timeout - margin
+        return deadlines(start, self.cfg.graceful_timeout)
 
     def _stop_calls_in_time(self, stopping: gevent.event.Event) -> None:
         """Once stopping, give calls (and repeats' replayed streams) until the deadline,
@@ -412,7 +423,7 @@ class GatewayWorker(GeventWorker):
 
         stopping.wait()
         self._close_idle_connections()
-        deadline = self._deadline()
+        deadline, _ = self._deadlines()
         if not calls.wait(timeout=max(0.0, deadline - time.monotonic())):
             stopped = calls.stop_all()
             self.log.warning("gateway: stopped %d calls still running at graceful_timeout", stopped)
@@ -428,15 +439,14 @@ class GatewayWorker(GeventWorker):
         from gateway.recorder import recorder
         from gateway.telemetry import telemetry
 
-        deadline = self._deadline()
+        deadline, hard_deadline = self._deadlines()
         while calls.active and time.monotonic() < deadline:
             self.notify()  # keep the arbiter's timeout watchdog quiet
             calls.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
         if calls.active:
             calls.stop_all()
-            calls.wait(timeout=1.0)
+            calls.wait(timeout=min(1.0, max(0.0, hard_deadline - time.monotonic())))
         limiter.stop()  # what its leases left unused goes back to the shared buckets
-        hard_deadline = deadline + FINALISE_MARGIN - 0.5
         while not recorder.flush(timeout=min(1.0, max(0.0, hard_deadline - time.monotonic()))):
             self.notify()
             if time.monotonic() >= hard_deadline:
