@@ -545,8 +545,13 @@ def test_a_repeats_stream_still_being_written_at_shutdown_is_recorded(
     # read: the worker stops (SIGTERM) while the write waits. The replay recorded itself
     # only once written or closed, and the arbiter's kill at graceful_timeout came first:
     # the answered repeat had no record at all. It is pending while written, and the
-    # worker records it at its deadline, as it stops its calls.
-    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="4")
+    # worker records it at its deadline, as it stops its calls. gunicorn still waits for
+    # the handler then (its write waits up to CLIENT_WRITE_TIMEOUT), so the worker had
+    # to write or journal the record without it: once, it was killed first.
+    # GRACEFUL_TIMEOUT 6: the 8 MB record has 1 s to be written, then 1 s to be
+    # journaled; at 4, the 0.67 s left to journal it was seen too short on a loaded
+    # 2-core machine.
+    gw = gateway_factory(GATEWAY_GRACEFUL_TIMEOUT="6")
     route = gw.setup_route(fake.url, remote_id="fake;chunks=40000;pad=200")  # an 8 MB answer
     headers = {"Authorization": f"Bearer {route['key']}", "X-NexusGate-ReqId": "at-shutdown"}
     body = {"model": "fake", "messages": PROMPT}
@@ -562,6 +567,14 @@ def test_a_repeats_stream_still_being_written_at_shutdown_is_recorded(
         (pending,) = wait_until(lambda: gw.records(status="pending"))  # being written
         gw.proc.send_signal(signal.SIGTERM)
         gw.proc.wait(30)
+    # The worker wrote the record, or journaled it where the database was slower than
+    # that: either way itself, before the kill, which would have left its write-ahead
+    # file for the next start.
+    journal = Path(gw.environ["GATEWAY_INSTANCE_PATH"]) / "journal"
+    assert not list(journal.glob("ahead-*")), "killed before it wrote or journaled its records"
+    if list(journal.glob("journal-*")):  # journaled: the next start writes it
+        again = gateway_factory(GATEWAY_JOURNAL_DIR=str(journal))
+        wait_until(lambda: again.records(status="cache_hit"), timeout=30)
     rows = _rows_in(gw.environ["DATABASE_URL"])
     (hit,) = [r for r in rows if r.status == "cache_hit"]
     assert hit.id == pending["id"] and "gateway shutdown" in hit.error
