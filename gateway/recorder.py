@@ -174,9 +174,13 @@ class Recorder:
         # Rows being written may never land (the process is about to exit), and a
         # call's newer snapshot may be queued behind them: journal both, older first.
         # Replaying a row that did land changes nothing.
-        # A writer may still be taking its batch's snapshots: take them all again, now.
         rows = [row for batch in self._inflight.values() for row in batch]
-        rows += _snapshots([*self._writing.values(), *self._dirty.values()], self._ahead_rows)
+        # A writer may still be taking its batch's snapshots: take the rest now. Not
+        # those taken: a call recorded since is queued as well, and a record's JSON
+        # is most of the time the exit has (8 MB: 0.3 s on a loaded 2-core machine).
+        taken = {row["uid"] for row in rows}
+        rest = [ex for uid, ex in self._writing.items() if uid not in taken]
+        rows += _snapshots([*rest, *self._dirty.values()], self._ahead_rows)
         self._dirty.clear()
         kept = True
         if rows:

@@ -502,6 +502,26 @@ def test_drain_journals_a_final_snapshot_queued_behind_a_write_in_flight(
     assert [(r.status, r.completion_tokens) for r in rows()] == [("completed", 2)]
 
 
+def test_drain_journals_a_call_being_written_once(
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its row is in the write's hands already: a second snapshot of it doubled what the
+    exit had to encode and fsync, the whole answer twice."""
+    ex = exchange(key_id)
+    ex.finish("completed")
+    gate = Gate(monkeypatch, ex.uid)
+    rec.record(ex)
+    assert gate.entered.wait(5)
+    assert not rec.drain(0)
+    (path,) = rec.journal.directory.glob("journal-*.jsonl")
+    journaled = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["uid"], r["status"]) for r in journaled] == [(ex.uid, "completed")]
+    gate.release.set()
+    gevent.sleep(0.2)
+    rec._replay_once()
+    assert [r.status for r in rows()] == ["completed"]
+
+
 def test_a_stale_pending_snapshot_never_overwrites_a_swept_row(rec: Recorder, key_id: int) -> None:
     """Defect 3: a swept row is final too; only the call's own final state replaces it."""
     ex = exchange(key_id)
