@@ -191,9 +191,12 @@ def test_what_a_call_owes_is_in_redis_before_its_answer_leaves(pair, fake) -> No
     key, _ = new_key(a, rpmLimit=10_000, tpmLimit=1000)
     assert {call(b, key).status_code for _ in range(8)} == {200}
     assert call(a, key, "input_tokens=5000").status_code == 200  # a debt
-    started = time.monotonic()
+    # Counted, not timed: a call takes a few milliseconds (dozens fit in those 0.2 s),
+    # and on a loaded machine one alone may take 0.1 s.
+    admitted = 0
     while (refused := call(b, key)).status_code == 200:
-        assert time.monotonic() - started < 0.1, "b's workers never heard of a's charge"
+        admitted += 1
+        assert admitted <= 3, "b's workers never heard of a's charge"
     assert refused.status_code == 429 and "token quota" in refused.json()["error"]["message"]
 
 
