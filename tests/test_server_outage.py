@@ -436,15 +436,7 @@ def key_changed_then_database_gone(
                  **{k: v for k, v in announced.items() if k != "workers"})  # fmt: skip
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
-        chat = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-
-        def status() -> int:
-            headers = {"Authorization": f"Bearer {key}"}
-            return requests.post(
-                f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
-            ).status_code
-
-        assert [status() for _ in range(6)] == [200] * 6  # known to every worker
+        assert [chat_status(gw, key) for _ in range(6)] == [200] * 6  # known to every worker
         if change == "limits":
             gw.api("PUT", f"/apiKey/{key}/ratelimit", json={"rpmLimit": 500, "tpmLimit": 90000})
         else:
@@ -456,9 +448,18 @@ def key_changed_then_database_gone(
                 os.kill(pid, signal.SIGKILL)
             wait_until(lambda: len(set(gw.worker_pids()) - set(old)) == len(old), timeout=30)
             wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
-        return [status() for _ in range(6)]
+        return [chat_status(gw, key) for _ in range(6)]
     finally:
         gw.stop()
+
+
+def chat_status(gw: Gateway, key: str, model: str = "gpt") -> int:
+    """The status of a chat call to ``model`` with ``key``, on a connection of its own."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    return requests.post(
+        f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
+    ).status_code
 
 
 def test_a_key_changed_just_before_the_database_goes_away_keeps_working(
@@ -514,19 +515,12 @@ def test_what_one_worker_read_before_an_outage_every_worker_serves(
         gw.admin.close()  # no kept-alive connection to a stopped worker
         wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
 
-    def status(key: str, model: str) -> int:
-        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-        headers = {"Authorization": f"Bearer {key}"}
-        return requests.post(
-            f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
-        ).status_code
-
     try:
         reader, other = gw.worker_pids()
         only(other)  # started: nothing made after this is read by it
         if made == "model":
             route = gw.setup_route(fake.url, system_name="old", remote_id="fake;chunks=3")
-            assert status(route["key"], "old") == 200  # the key: known to both
+            assert chat_status(gw, route["key"], "old") == 200  # the key: known to both
         only(reader)
         if made == "model":
             key = route["key"]
@@ -534,11 +528,11 @@ def test_what_one_worker_read_before_an_outage_every_worker_serves(
                                              "systemName": "gpt", "remoteId": "fake;chunks=3"})  # fmt: skip
         else:
             key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
-        assert status(key, "gpt") == 200  # the reader read them; it wrote the snapshot file
+        assert chat_status(gw, key) == 200  # the reader read them; it wrote the snapshot file
         wait_until(lambda: "gpt" in (tmp_path / "instance" / "snapshot.json").read_text())
         cluster.stop()
         only(other)
-        assert [status(key, "gpt") for _ in range(6)] == [200] * 6
+        assert [chat_status(gw, key) for _ in range(6)] == [200] * 6
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
