@@ -249,8 +249,7 @@ class Refresher:
         self._looked = version
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            stamp = data.get("read_at")  # None: an older build's file, or from one
-            read_at = stamp and datetime.fromisoformat(stamp)
+            read_at = _read_at(data)
             rows = [_opened(row) for row in data["catalog"]]
         except _UNREADABLE:
             log.exception("snapshot: database unreachable and %s unreadable", self.path)
@@ -273,11 +272,18 @@ class Refresher:
         data = json.loads(self.path.read_text(encoding="utf-8"))
         keys.load(data["keys"])
         catalog.load([_opened(row) for row in data["catalog"]])
-        self._read_at = datetime.fromisoformat(data["read_at"]) if data.get("read_at") else None
+        self._read_at = _read_at(data)
         return data
 
 
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError)
+
+
+def _read_at(data: dict) -> datetime | None:
+    """When the read a file holds started; None if it does not say (an earlier build
+    wrote it, or a worker started from such a file)."""
+    stamp = data.get("read_at")
+    return datetime.fromisoformat(stamp) if stamp else None
 
 
 def _sealed(row: dict) -> dict:
