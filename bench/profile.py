@@ -14,6 +14,11 @@ does), as ``pair.py`` does, and looks at each of the two in turn:
   stream's 2.8 ms in the gateway on 2026-12-05 (and 950 of the floor's 2.1): it
   drops more of the gateway's samples than of the floor's, so its totals do not
   compare across the two.
+- **threads** (``--calls``): each thread's CPU and its switches a call, read from
+  ``/proc`` before and after ``--calls`` calls from 10 clients: a worker's loop is its
+  main thread, the others are the hub's pool (SQLite's work beside the loop). A
+  voluntary switch is the thread waiting (for the GIL, for work, for the disk), each
+  one a trip through the kernel for it and for whoever wakes it.
 - **calls** (``--calls``): the targets' processes run under cProfile (a
   ``sitecustomize`` put on ``PYTHONPATH``); a real-time signal takes a snapshot before
   and after ``--calls`` calls from 10 clients, and the difference is Python function
@@ -101,6 +106,9 @@ def main() -> None:
                 for target in found:
                     perf(target, key, args, tmp)
         if args.calls:
+            with targets(tmp / "threads", args) as (found, key):
+                for target in found:
+                    threads(target, key, args)
             with targets(tmp / "calls", args, profiled=True) as (found, key):
                 for target in found:
                     calls(target, key, args, tmp / "calls" / "profiles")
@@ -199,6 +207,46 @@ def _perf_rows(data: Path, sort: str) -> Counter[str]:
         if count.isdigit():
             rows[name.strip()] += int(count)
     return rows
+
+
+def threads(target: run.Target, key: str, args: argparse.Namespace) -> None:
+    """Each thread's CPU, voluntary and involuntary switches a call, over ``--calls``."""
+    req = _request(args.kind, key)
+    run.calls(target, req, 500, CLIENTS)  # warm
+    before = _tasks(target.pids)
+    run.calls(target, req, args.calls, CLIENTS)
+    after = _tasks(target.pids)
+    n = args.calls
+    print(f"\n## {target.name}: threads, {n} {args.kind} calls, a call's share")
+    print(f"\n{'µs CPU':>9} {'waits':>6} {'preempted':>9}  thread")
+    for (pid, tid), (cpu, waits, preempted) in sorted(after.items()):
+        was = before.get((pid, tid), (0, 0, 0))
+        if cpu - was[0] < 1e3 * n:  # under a µs a call: an idle thread
+            continue
+        name = f"{pid} {'main' if pid == tid else f'thread {tid}'}"
+        print(
+            f"{(cpu - was[0]) / 1e3 / n:9.1f} {(waits - was[1]) / n:6.2f}"
+            f" {(preempted - was[2]) / n:9.2f}  {name}"
+        )
+
+
+def _tasks(pids: list[int]) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """Per thread: CPU in ns, voluntary and involuntary context switches, now."""
+    found = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                cpu = int(task.joinpath("schedstat").read_text().split()[0])
+                status = dict(
+                    line.split(":", 1) for line in task.joinpath("status").read_text().splitlines()
+                )
+            except (FileNotFoundError, ValueError):  # the thread just ended
+                continue
+            switches = (
+                int(status[f"{kind}_ctxt_switches"]) for kind in ("voluntary", "nonvoluntary")
+            )
+            found[(pid, int(task.name))] = (cpu, *switches)
+    return found
 
 
 def calls(target: run.Target, key: str, args: argparse.Namespace, profiles: Path) -> None:
