@@ -1,26 +1,36 @@
 """Fuzzing the admin API: every route's path, query and body, on SQLite and PostgreSQL.
 
 Hypothesis (fixed seed) picks a route, fills its path with real ids and hostile
-segments (ids past 2^63, other digits, NUL), its query with hostile values, and its
-body with plausible and hostile field values (``tests/fuzz_support.py``). The
-property: never a 5xx, and every answer is JSON (a refusal says why); through real
-gunicorn, no worker restarts either. The two routes
-that call the provider (``/test``, ``/remote-models``) are left out: the fuzzer
-could point a provider anywhere, and only loopback may be dialled here.
+segments (ids past 2^63, other digits, NUL), its query with plausible and hostile
+values, and its body with plausible and hostile field values (``tests/fuzz_support.py``),
+on a seeded database (records and server logs to read, export and acknowledge). The
+property: never a 5xx, and every answer is JSON (a refusal says why), or for an export
+the format asked for, and readable; through real gunicorn, no worker restarts either,
+and no traceback in its log. The two routes that call the provider (``/test``,
+``/remote-models``) are left out: the fuzzer could point a provider anywhere, and only
+loopback may be dialled here.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import uuid
 from collections import Counter
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway import auth, export
+from gateway.db import database
+from gateway.models import Completion, SrvLog
 from tests import fuzz_support as f
+from tests.dashboard_seed import seed
 from tests.servers import ADMIN_SECRET, Gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -89,7 +99,42 @@ WEIGHTS = {
         )
     )
 }
-LIST_ARGS = ("offset", "limit", "apiKeyId", "modelId", "model", "status")
+SETTING = {
+    "value": plausible(
+        st.one_of(st.sampled_from(["Asia/Shanghai", "UTC", "Mars/Olympus", "1h", "5m"]), f.text)
+    )
+}
+# A search of call records (``gateway/search.py``): what lists and exports both read.
+SEARCH_ARGS = (
+    "status", "model", "apiKeyId", "modelId", "providerId", "apiFormat", "from", "to",
+    "range", "minDuration", "maxTtft", "minTokens", "maxCost", "q",
+)  # fmt: skip
+LIST_ARGS = ("offset", "limit", *SEARCH_ARGS)
+EXPORT_ARGS = ("format", "format", *SEARCH_ARGS)  # twice: most exports name a format
+# Plausible values of query arguments (half the time; else ``f.query_values``).
+ARG_VALUES = {
+    "format": st.sampled_from(["csv", "jsonl"]),
+    "level": st.sampled_from(["error", "warn", "info", "unspecific"]),
+    "acknowledged": st.sampled_from(["true", "false"]),
+    "includeRevoked": st.sampled_from(["true", "false", "1", "no"]),
+    "status": st.sampled_from(["completed", "failed,aborted", "pending,cache_hit"]),
+    "from": st.sampled_from(["2020-01-01", "2020-01-01T00:00:00Z", "2030-01-01T08:00+08:00"]),
+    "to": st.sampled_from(["2030-01-01", "2030-01-01T00:00:00"]),
+    "range": st.sampled_from(["15m", "1h", "24h", "7d", "30d", "month"]),
+    "q": st.sampled_from(["weather", '"ship\'s log"', "数据库", "-", "a b c"]),
+    "model": st.sampled_from(["gpt-4o", "claude-sonnet-4", "text-embedding-3-small"]),
+    "modelType": st.sampled_from(["chat", "embedding"]),
+    "apiFormat": st.sampled_from(["openai-chat", "anthropic", "openai-responses"]),
+    "limit": st.sampled_from(["1", "10", "1000"]),
+    **dict.fromkeys(
+        ["minDuration", "maxTtft", "minTokens", "maxCost"], st.sampled_from(["0", "100", "0.5"])
+    ),
+    **dict.fromkeys(
+        ["apiKeyId", "modelId", "providerId", "completionId", "upstreamId", "offset"],
+        st.integers(min_value=0, max_value=4).map(str),
+    ),
+}
+LOG_ARGS = ("level", "acknowledged", "apiKeyId", "completionId", "upstreamId", "offset", "limit")
 # (method, path, body fields, query arguments)
 ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("GET", "/", {}, ()),
@@ -118,19 +163,29 @@ ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
     ("POST", "/models", MODEL, ()),
     ("GET", "/models/system-names", {}, ("modelType",)),
     ("GET", "/models/by-system-name/{name}", {}, ("modelType",)),
-    ("PUT", "/models/by-system-name/{name}/weights", WEIGHTS, ()),
+    ("PUT", "/models/by-system-name/{name}/weights", WEIGHTS, ("modelType",)),
     ("GET", "/models/{id}", {}, ()),
     ("PUT", "/models/{id}", MODEL, ()),
     ("DELETE", "/models/{id}", {}, ()),
     ("GET", "/completions", {}, LIST_ARGS),
+    ("GET", "/completions/export", {}, EXPORT_ARGS),
     ("GET", "/completions/{id}", {}, ()),
     ("DELETE", "/completions/{id}", {}, ()),
     ("GET", "/embeddings", {}, LIST_ARGS),
+    ("GET", "/embeddings/export", {}, EXPORT_ARGS),
     ("GET", "/embeddings/usage", {}, ("apiKeyId",)),
     ("GET", "/embeddings/{id}", {}, ()),
     ("DELETE", "/embeddings/{id}", {}, ()),
     ("GET", "/usage", {}, ("apiKey", "range")),
     ("GET", "/stats/overview", {}, ("range",)),
+    ("GET", "/logs", {}, LOG_ARGS),
+    ("GET", "/logs/{id}", {}, ()),
+    ("POST", "/logs/{id}/ack", {}, ()),
+    ("GET", "/settings", {}, ()),
+    ("GET", "/settings/{setting}", {}, ()),
+    ("PUT", "/settings/{setting}", SETTING, ()),
+    ("PUT", "/settings/{setting}", SETTING, ()),  # twice: most puts are refused
+    ("DELETE", "/settings/{setting}", {}, ()),
 ]  # fmt: skip
 ids = st.one_of(st.integers(min_value=1, max_value=4).map(str), f.segments)
 keys = st.one_of(
@@ -138,22 +193,82 @@ keys = st.one_of(
     f.segments,
     f.text.filter(lambda t: "/" not in t).map(f.url_text),
 )
+# The settings the dashboard reads and checks, the one reserved to the gateway, any other.
+setting_keys = st.one_of(
+    st.sampled_from(["timezone", "overviewRange", auth.GENERATED_SECRET, "theme"]), keys
+)
 
 
 @st.composite
 def admin_requests(draw: Any) -> tuple[str, str, bytes | None]:
     method, template, fields, args = draw(st.sampled_from(ROUTES))
-    path = template.format(id=draw(ids), key=draw(keys), name=draw(f.segments))
+    path = template.format(
+        id=draw(ids), key=draw(keys), name=draw(f.segments), setting=draw(setting_keys)
+    )
     path += draw(st.sampled_from(["", "", "/"]))  # a final slash reaches the same route
     chosen = draw(st.lists(st.sampled_from(args), unique=True)) if args else []
-    query = {name: draw(f.query_values) for name in chosen}
+    query = {n: draw(st.one_of(ARG_VALUES.get(n, f.query_values), f.query_values)) for n in chosen}
     if query:
         path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-    body = draw(f.body_bytes({}, fields)) if method in ("POST", "PUT") else None
+    # A setting's body without a value is refused before its key or value is looked at.
+    base = {"value": None} if fields is SETTING else {}
+    body = draw(f.body_bytes(base, fields)) if fields else None  # /ack reads no body
     return method, path, body
 
 
-def test_fuzz_every_admin_route(client) -> None:  # type: ignore[no-untyped-def]
+# Text a CSV cell or a JSON line must escape: a formula, quotes, line breaks (U+2028 too).
+ODD_RECORD_TEXT = '=HYPERLINK("x"), "quoted",\r\nnext line\u2028 数据库 \\ 🚢'
+
+
+@pytest.fixture
+def seeded(app) -> None:  # type: ignore[no-untyped-def]
+    """Records and server logs to read, export, delete and acknowledge: the dashboard's
+    seed, a call in odd text, and logs that name them."""
+    with database.connection_context():
+        call = seed().calls["aborted"]
+        odd = Completion.create(
+            uid=uuid.uuid4().hex,
+            api_key=call.api_key_id,
+            model=ODD_RECORD_TEXT[:40],
+            api_format="openai-chat",
+            status="failed",
+            error=ODD_RECORD_TEXT,
+            prompt={"messages": [{"role": "user", "content": ODD_RECORD_TEXT}]},
+        )
+        for level, related in (("error", call), ("warn", odd), ("info", None)):
+            SrvLog.create(
+                level=level,
+                message=ODD_RECORD_TEXT,
+                related_api_key_id=related and related.api_key_id,
+                related_completion_id=related and related.id,
+                details={"type": "x", "nested": [ODD_RECORD_TEXT, {"n": 2**63 - 1}]},
+            )
+
+
+def readable(path: str, status: int, content_type: str, data: bytes) -> None:
+    """The answer is JSON (a refusal says why); a download, the format it was asked for."""
+    if status == 204:  # deleted: nothing to say
+        assert data == b""
+        return
+    route, _, query = path.partition("?")
+    if status == 200 and route.rstrip("/").endswith("/export"):
+        fmt = parse_qs(query, keep_blank_values=True).get("format", ["jsonl"])[0]
+        assert content_type == export.FORMATS[fmt], (fmt, content_type)
+        text = data.decode("utf-8-sig")  # strict: a download is UTF-8
+        if fmt == "csv":
+            rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+            assert rows and all(len(row) == len(rows[0]) for row in rows), rows[:3]
+        else:
+            assert all(isinstance(json.loads(line), dict) for line in text.split("\n")[:-1])
+            assert text == "" or text.endswith("\n")
+        return
+    assert content_type == "application/json", (content_type, data[:300])
+    answer = json.loads(data)  # never an HTML error page
+    if status >= 400:
+        assert isinstance(answer.get("error"), str) and answer["error"], answer
+
+
+def test_fuzz_every_admin_route(seeded, client) -> None:  # type: ignore[no-untyped-def]
     statuses: Counter = Counter()
 
     @given(admin_requests())
@@ -163,12 +278,7 @@ def test_fuzz_every_admin_route(client) -> None:  # type: ignore[no-untyped-def]
         resp = client.open(f"/api/admin{path}", method=method, data=body, headers=headers)
         assert resp.status_code < 500, (resp.status_code, resp.get_data()[:300])
         statuses[resp.status_code] += 1
-        if resp.status_code == 204:  # deleted: nothing to say
-            assert resp.get_data() == b""
-            return
-        answer = json.loads(resp.get_data())  # always JSON, never an HTML error page
-        if resp.status_code >= 400:
-            assert isinstance(answer.get("error"), str) and answer["error"], answer
+        readable(path, resp.status_code, resp.content_type, resp.get_data())
 
     f.run(one, f.EXAMPLES_FAST)
     # Both the happy paths and the refusals were reached.
@@ -177,7 +287,7 @@ def test_fuzz_every_admin_route(client) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.server
-def test_fuzz_every_admin_route_through_gunicorn(gateway: Gateway) -> None:
+def test_fuzz_every_admin_route_through_gunicorn(seeded, gateway: Gateway) -> None:  # type: ignore[no-untyped-def]
     session = requests.Session()
     session.headers.update({**ADMIN, "Content-Type": "application/json"})
     statuses: Counter = Counter()
@@ -187,8 +297,8 @@ def test_fuzz_every_admin_route_through_gunicorn(gateway: Gateway) -> None:
         method, path, body = case
         resp = session.request(method, f"{gateway.url}/api/admin{path}", data=body, timeout=30)
         assert resp.status_code < 500, (resp.status_code, resp.text[:300])
-        assert resp.headers["Content-Type"] == "application/json", resp.text[:300]
         statuses[resp.status_code] += 1
+        readable(path, resp.status_code, resp.headers.get("Content-Type", ""), resp.content)
 
     f.run(one, f.EXAMPLES_SERVER)
     assert statuses[400] > 0 and statuses[200] + statuses[201] > 0, statuses
