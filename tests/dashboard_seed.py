@@ -149,6 +149,8 @@ def _account(served: Model, uid: str, fields: dict) -> None:
         served.input_price, served.output_price, served.cache_read_price, served.cache_write_price
     )
     fields["cost"] = pricing.cost(usage, prices)
+    if fields["cost"] is not None:  # the gateway keeps the usage it priced (Exchange.finish)
+        fields.setdefault("usage", usage)
     fields["cost_nanos"] = pricing.nanos(fields["cost"])
     if fields.get("completion"):
         fields.setdefault("upstream_id", f"chatcmpl-{uid[:20]}")
