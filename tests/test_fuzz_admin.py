@@ -1,4 +1,5 @@
-"""Fuzzing the admin API: every route's path, query and body, on SQLite and PostgreSQL.
+"""Fuzzing the admin API and the dashboard: every route's path, query and body (or form),
+on SQLite and PostgreSQL.
 
 Hypothesis (fixed seed) picks a route, fills its path with real ids and hostile
 segments (ids past 2^63, other digits, NUL), its query with plausible and hostile
@@ -6,9 +7,10 @@ values, and its body with plausible and hostile field values (``tests/fuzz_suppo
 on a seeded database (records and server logs to read, export and acknowledge). The
 property: never a 5xx, and every answer is JSON (a refusal says why), or for an export
 the format asked for, and readable; through real gunicorn, no worker restarts either,
-and no traceback in its log. The two routes that call the provider (``/test``,
-``/remote-models``) are left out: the fuzzer could point a provider anywhere, and only
-loopback may be dialled here.
+and no traceback in its log. The dashboard's forms and pages are fuzzed the same way,
+signed in (its property is at ``page_answer``). The routes that call the provider
+(``/test``, ``/remote-models``, the dashboard's test button) are left out: the fuzzer
+could point a provider anywhere, and only loopback may be dialled here.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import uuid
 from collections import Counter
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import auth, export
+from gateway import auth, export, urlargs
 from gateway.db import database
 from gateway.models import Completion, SrvLog
 from tests import fuzz_support as f
@@ -252,20 +255,25 @@ def readable(path: str, status: int, content_type: str, data: bytes) -> None:
         return
     route, _, query = path.partition("?")
     if status == 200 and route.rstrip("/").endswith("/export"):
-        fmt = parse_qs(query, keep_blank_values=True).get("format", ["jsonl"])[0]
-        assert content_type == export.FORMATS[fmt], (fmt, content_type)
-        text = data.decode("utf-8-sig")  # strict: a download is UTF-8
-        if fmt == "csv":
-            rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
-            assert rows and all(len(row) == len(rows[0]) for row in rows), rows[:3]
-        else:
-            assert all(isinstance(json.loads(line), dict) for line in text.split("\n")[:-1])
-            assert text == "" or text.endswith("\n")
+        download(query, "jsonl", content_type, data)
         return
     assert content_type == "application/json", (content_type, data[:300])
     answer = json.loads(data)  # never an HTML error page
     if status >= 400:
         assert isinstance(answer.get("error"), str) and answer["error"], answer
+
+
+def download(query: str, default: str, content_type: str, data: bytes) -> None:
+    """A download is in the format ``query`` asks for (else ``default``), and reads as it."""
+    fmt = parse_qs(query, keep_blank_values=True).get("format", [default])[0]
+    assert content_type == export.FORMATS[fmt], (fmt, content_type)
+    text = data.decode("utf-8-sig")  # strict: a download is UTF-8
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        assert rows and all(len(row) == len(rows[0]) for row in rows), rows[:3]
+    else:
+        assert all(isinstance(json.loads(line), dict) for line in text.split("\n")[:-1])
+        assert text == "" or text.endswith("\n")
 
 
 def test_fuzz_every_admin_route(seeded, client) -> None:  # type: ignore[no-untyped-def]
@@ -302,5 +310,187 @@ def test_fuzz_every_admin_route_through_gunicorn(seeded, gateway: Gateway) -> No
 
     f.run(one, f.EXAMPLES_SERVER)
     assert statuses[400] > 0 and statuses[200] + statuses[201] > 0, statuses
+    assert gateway.log().count("Booting worker") == 1, "a worker restarted"
+    assert "Traceback" not in gateway.log()
+
+
+# -- the dashboard's forms and pages ------------------------------------------
+#
+# The same property in the dashboard's terms: never a 5xx; a page or an error page in
+# HTML, a redirect to this site, or a download in the format asked for. Form values are
+# text; a lone surrogate goes as the bytes ``surrogatepass`` makes (``f.url_text``).
+# Signing in is fuzzed with the right secret only: wrong ones count against the address.
+
+numbers_text = st.one_of(st.sampled_from(["0", "1", "-1", "0.5", "1e3", "٣", ""]), f.segments)
+pages = st.one_of(st.sampled_from(["/", "/requests?page=2", "//evil.example", "/\\x"]), f.text)
+KEY_FORM = {
+    "comment": f.text,
+    "expires": st.sampled_from(["7", "30", "365", "8", "x"]),
+    **dict.fromkeys(["rpmLimit", "tpmLimit", "maxConcurrent", "budgetUsd"], numbers_text),
+}
+PROVIDER_FORM = {
+    "name": names,
+    "type": st.sampled_from(["openai", "anthropic", "azure", "x"]),
+    "baseUrl": urls,
+    "apiKey": f.text,
+    "apiVersion": f.text,
+    "comment": f.text,
+    "streamUsage": st.just("on"),
+}
+MODEL_FORM = {
+    "systemName": names,
+    "remoteId": f.text,
+    "modelType": st.sampled_from(["chat", "embedding", "x"]),
+    "comment": f.text,
+    **dict.fromkeys(
+        ["contextLength", "inputPrice", "outputPrice", "cacheReadPrice", "cacheWritePrice"],
+        numbers_text,
+    ),
+    "weight": numbers_text,
+}
+WEIGHTS_FORM = {f"weight-{n}": numbers_text for n in ("1", "2", "3", "4", "x", "0", "99")}
+ACK_FORM = {"id": ids, "level": st.sampled_from(["error", "warn", "x"]), "next": pages}
+LANGUAGE_FORM = {"lang": st.sampled_from(["en", "zh_CN", "de", ""]), "next": pages}
+LOGIN_FORM = {"next": pages}  # and always the right secret (see above)
+PAGE_ARGS = ("page", "size", *SEARCH_ARGS)
+DOWNLOAD_ARGS = ("format", "format", *SEARCH_ARGS)
+# (method, path, form fields, query arguments); /providers/{id}/test dials the provider.
+FORM = "application/x-www-form-urlencoded"
+DASHBOARD_ROUTES: list[tuple[str, str, dict, tuple[str, ...]]] = [
+    ("GET", "/", {}, ("range",)),
+    ("GET", "/login", {}, ("next",)),
+    ("POST", "/login", LOGIN_FORM, ()),
+    ("POST", "/language", LANGUAGE_FORM, ()),
+    ("GET", "/keys", {}, ("revoked",)),
+    ("POST", "/keys", KEY_FORM, ()),
+    ("POST", "/keys/{id}/revoke", {}, ()),
+    ("POST", "/keys/{id}/limits", KEY_FORM, ()),
+    ("GET", "/logs", {}, ("level", "state", "page")),
+    ("POST", "/logs/ack", ACK_FORM, ()),
+    ("GET", "/providers", {}, ()),
+    ("POST", "/providers", PROVIDER_FORM, ()),
+    ("GET", "/providers/{id}", {}, ()),
+    ("POST", "/providers/{id}", PROVIDER_FORM, ()),
+    ("POST", "/providers/{id}/delete", {}, ()),
+    ("POST", "/providers/{id}/models", MODEL_FORM, ()),
+    ("GET", "/models/{id}", {}, ()),
+    ("POST", "/models/{id}", MODEL_FORM, ()),
+    ("POST", "/models/{id}/delete", {}, ()),
+    ("POST", "/weights/{name}", WEIGHTS_FORM, ()),
+    ("GET", "/requests", {}, PAGE_ARGS),
+    ("GET", "/requests/{id}", {}, ()),
+    ("GET", "/requests/export", {}, DOWNLOAD_ARGS),
+    ("GET", "/embeddings", {}, PAGE_ARGS),
+    ("GET", "/embeddings/{id}", {}, ()),
+    ("GET", "/embeddings/export", {}, DOWNLOAD_ARGS),
+]  # fmt: skip
+
+
+def form_bytes(values: dict[str, str]) -> bytes:
+    """``values`` as an urlencoded form, lone surrogates as the bytes a client sends."""
+    return "&".join(
+        f"{quote(f.url_text(k), safe='')}={quote(f.url_text(v), safe='%')}"
+        for k, v in values.items()
+    ).encode()
+
+
+@st.composite
+def dashboard_requests(draw: Any) -> tuple[str, str, dict[str, str], bytes | None]:
+    """A method, path and form; the form's CSRF token is added when it is sent."""
+    method, template, fields, args = draw(st.sampled_from(DASHBOARD_ROUTES))
+    path = template.format(id=draw(ids), name=draw(f.segments))
+    chosen = draw(st.lists(st.sampled_from(args), unique=True)) if args else []
+    query = {n: draw(st.one_of(ARG_VALUES.get(n, f.query_values), f.query_values)) for n in chosen}
+    if query:
+        path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    form = (
+        {n: draw(fields[n]) for n in draw(st.lists(st.sampled_from(sorted(fields)), unique=True))}
+        if fields
+        else {}
+    )
+    if fields is LOGIN_FORM:
+        form["secret"] = ADMIN_SECRET
+    if fields and draw(st.booleans()):
+        form[draw(f.text)] = draw(f.text)  # a field nobody asked for
+    raw = (
+        draw(st.binary(max_size=64)) if method == "POST" and draw(st.integers(0, 19)) == 0 else None
+    )
+    return method, path, form, raw
+
+
+def page_answer(path: str, status: int, headers: Any, data: bytes) -> None:
+    """An HTML page (an error page names its status), a redirect to this site, or a
+    download in the format asked for."""
+    if status in (301, 302, 303, 307, 308):
+        assert urlargs.local_path(headers["Location"]), headers["Location"]
+        return
+    route, _, query = path.partition("?")
+    if status == 200 and route.endswith("/export"):
+        download(query, "csv", headers["Content-Type"], data)
+        return
+    assert headers["Content-Type"] == "text/html; charset=utf-8", (status, headers["Content-Type"])
+    page = data.decode()  # strict: a page is UTF-8
+    if status >= 400:  # the dashboard's error page, or werkzeug's where no route matched
+        assert re.search(rf"<(h1|title)>{status}\b", page), page[:300]
+
+
+def csrf_token(page: str) -> str:
+    """The CSRF token a dashboard page's forms post back."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found, page[:300]
+    return found.group(1)
+
+
+def test_fuzz_every_dashboard_form(seeded, client) -> None:  # type: ignore[no-untyped-def]
+    token = csrf_token(client.get("/login").text)
+    assert (
+        client.post("/login", data={"csrf_token": token, "secret": ADMIN_SECRET}).status_code == 302
+    )
+    statuses: Counter = Counter()
+
+    @given(dashboard_requests())
+    def one(case: tuple[str, str, dict[str, str], bytes | None]) -> None:
+        method, path, form, raw = case
+        with client.session_transaction() as session:  # signing in again makes a new one
+            token = session["csrf"]
+        body = raw if raw is not None else form_bytes({"csrf_token": token, **form})
+        resp = client.open(path, method=method, data=body, content_type=FORM)
+        assert resp.status_code < 500, (resp.status_code, resp.get_data()[:300])
+        statuses[resp.status_code] += 1
+        page_answer(path, resp.status_code, resp.headers, resp.get_data())
+
+    f.run(one, f.EXAMPLES_FAST // 3)
+    assert statuses[200] > 0 and statuses[302] > 0 and statuses[404] > 0, statuses
+
+
+@pytest.mark.server
+def test_fuzz_every_dashboard_form_through_gunicorn(seeded, gateway: Gateway) -> None:  # type: ignore[no-untyped-def]
+    session = requests.Session()
+    token = csrf_token(session.get(f"{gateway.url}/login", timeout=30).text)
+    form = {"csrf_token": token, "secret": ADMIN_SECRET}
+    session.post(f"{gateway.url}/login", data=form, timeout=30).raise_for_status()
+    tokens = [csrf_token(session.get(f"{gateway.url}/keys", timeout=30).text)]
+    statuses: Counter = Counter()
+
+    @given(dashboard_requests())
+    def one(case: tuple[str, str, dict[str, str], bytes | None]) -> None:
+        method, path, form, raw = case
+        body = raw if raw is not None else form_bytes({"csrf_token": tokens[-1], **form})
+        resp = session.request(
+            method,
+            f"{gateway.url}{path}",
+            data=body,
+            headers={"Content-Type": FORM},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert resp.status_code < 500, (resp.status_code, resp.text[:300])
+        statuses[resp.status_code] += 1
+        page_answer(path, resp.status_code, resp.headers, resp.content)
+        if method == "POST" and path == "/login" and resp.status_code == 302:
+            tokens.append(csrf_token(session.get(f"{gateway.url}/keys", timeout=30).text))
+
+    f.run(one, f.EXAMPLES_SERVER // 2)
+    assert statuses[200] > 0 and statuses[302] > 0, statuses
     assert gateway.log().count("Booting worker") == 1, "a worker restarted"
     assert "Traceback" not in gateway.log()
