@@ -104,7 +104,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_error_handler(GatewayError, proxy.render_error)
-    app.register_error_handler(HTTPException, proxy.render_http_error)
+
+    def _http_error(exc: HTTPException) -> Any:
+        """The APIs' errors in their shape (``proxy``); any other path's, a page."""
+        answer = proxy.render_http_error(exc)
+        return dashboard.unrouted(exc) if answer is exc else answer
+
+    app.register_error_handler(HTTPException, _http_error)
     # The /v1 call routes are served in front of Flask's per-request machinery (issue 11);
     # cross-origin calls to the APIs are allowed in front of both.
     routes = proxy.CallRoutes(app)

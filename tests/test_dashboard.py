@@ -232,6 +232,29 @@ def test_language_from_cookie_else_accept_language(
     assert ("管理员密钥" in page) == (expected == "zh-CN")
 
 
+@pytest.mark.parametrize(
+    ("lang", "words"),
+    [("en", "There is nothing at this address."), ("zh-CN", "此地址下没有任何内容。")],
+)
+def test_a_path_no_route_takes_is_a_page_in_the_visitor_s_language(
+    client, lang: str, words: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Werkzeug's own 404 is English only; signed in or not, the page is the visitor's,
+    and a scanner's guess starts no session."""
+    for path in ("/no/such/page", "/keys/0/revoke", "/static/nothing.css"):
+        resp = client.get(path, headers={"Accept-Language": lang})
+        assert resp.status_code == 404, path
+        assert resp.content_type == "text/html; charset=utf-8"
+        assert words in text(resp) and f'<html lang="{lang}">' in resp.text
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Set-Cookie" not in resp.headers
+    wrong = client.post("/healthz", headers={"Accept-Language": lang})
+    assert wrong.status_code == 405 and "<h1>405</h1>" in wrong.text
+    # The APIs still answer in their own shapes.
+    assert client.get("/api/admin/nothing").json["error"]
+    assert client.get("/v1/nothing").json["error"]["message"]
+
+
 def test_the_switcher_remembers_the_language(client) -> None:  # type: ignore[no-untyped-def]
     resp = post(client, "/language", lang="zh_CN", next="/login")
     assert resp.headers["Location"] == "/login"

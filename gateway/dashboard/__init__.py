@@ -17,9 +17,9 @@ from flask import Flask
 
 from gateway import i18n, pricing, sessions, settings, transcript
 from gateway.dashboard import keys, logs, overview, providers, records  # noqa: F401 - routes
-from gateway.dashboard.blueprint import bp, locale
+from gateway.dashboard.blueprint import bp, locale, unrouted
 
-__all__ = ["bp", "init_app"]
+__all__ = ["bp", "init_app", "unrouted"]
 
 
 def init_app(app: Flask) -> None:

@@ -71,6 +71,15 @@ def _http_error(exc: HTTPException) -> tuple[str, int]:
     return render_template("dashboard/error.html", error=exc), exc.code or 500
 
 
+def unrouted(exc: HTTPException) -> tuple[str, int, dict[str, str]]:
+    """The page for a path outside the APIs that no route takes (a 404, or a 405 on
+    /healthz), in the visitor's language: Werkzeug's own is English only. Without the
+    menu, which reads the settings, and without a form, which would start a session: a
+    scanner's guesses cost no database read and leave no cookie."""
+    page = render_template("dashboard/unrouted.html", error=exc)
+    return page, exc.code or 500, SECURITY_HEADERS
+
+
 def _database_away(exc: Exception) -> tuple[str, int, dict[str, str]]:
     """Every page reads the database: without it, the error page says so."""
     current_app.logger.warning("dashboard: the database does not answer (%s)", exc)
