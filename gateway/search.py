@@ -174,7 +174,10 @@ def parse(
 def _time(
     args: Mapping[str, str], name: str, zone: tzinfo, refuse: object, end: bool = False
 ) -> datetime | None:
-    """An ISO 8601 date or date-time -> naive UTC; a bare date ``to`` means its day's end."""
+    """An ISO 8601 date or date-time -> naive UTC; a bare date ``to`` means its day's end.
+
+    A time that a datetime cannot hold once moved (the end of 9999-12-31, the first day
+    moved back into UTC) lies past every record: no bound, as if not given."""
     raw = args.get(name, "").strip()
     if not raw:
         return None
@@ -182,15 +185,17 @@ def _time(
         if not raw.isascii():
             raise ValueError
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        refuse(f"{name} must be an ISO 8601 date or date-time")  # type: ignore[operator]
+        return None
+    try:
         if end and len(raw) == 10:  # a date: the whole of that day
             value += timedelta(days=1)
         if value.tzinfo is None:
             value = value.replace(tzinfo=zone)
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    except (ValueError, OverflowError):
-        refuse(f"{name} must be an ISO 8601 date or date-time")  # type: ignore[operator]
+        return value.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
         return None
-    return value
 
 
 def _number(args: Mapping[str, str], name: str, refuse: object) -> float | None:

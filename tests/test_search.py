@@ -57,6 +57,19 @@ def test_a_bare_date_to_means_the_whole_day() -> None:
     assert parse({"to": "2026-11-01T10:00:00+02:00"}, strict=True).until == datetime(2026, 11, 1, 8)
 
 
+def test_a_time_past_what_a_datetime_holds_once_moved_is_no_bound() -> None:
+    """The last day there is, or the first moved into UTC, is a date like any other: not
+    refused as unreadable (as it was, 'must be an ISO 8601 date'), but past every record,
+    so no bound."""
+    everything = parse({"to": "9999-12-31", "from": "0001-01-01T00:00:00+08:00"}, strict=True)
+    assert everything == Search()
+    assert parse({"to": "9999-12-31T23:00:00-05:00"}, strict=True).until is None
+    assert parse({"from": "0001-01-01"}, strict=True, zone=SHANGHAI).since is None
+    assert parse({"to": "9999-12-30"}, strict=True).until == datetime(9999, 12, 31)
+    with pytest.raises(search.Invalid, match="ISO 8601"):
+        parse({"to": "9999-13-01"}, strict=True)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
