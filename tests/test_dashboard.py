@@ -836,6 +836,18 @@ def test_request_detail_shows_tokens_by_class_the_cost_and_the_ids(
     assert ("input price" if lang == "en" else "输入价格") in text(tools)
 
 
+def test_a_record_priced_without_its_token_counts_still_shows(client, seeded: Seeded) -> None:  # type: ignore[no-untyped-def]
+    """The gateway keeps the usage it priced; a row from elsewhere (imported, edited by
+    hand) may not, and its page must not be a 500."""
+    login(client)
+    image = seeded.calls["image"]
+    with database.connection_context():
+        Completion.update(usage=None).where(Completion.id == image.id).execute()
+    resp = client.get(f"/requests/{image.id}")
+    assert resp.status_code == 200
+    assert "0.00573" in text(resp)  # the cost is shown as stored
+
+
 @pytest.mark.parametrize(
     ("lang", "said", "mark"),
     [
