@@ -44,6 +44,21 @@ def test_append_then_replay_round_trips_rows_and_datetimes(tmp_path: Path) -> No
     assert not journal.has_own() and list(tmp_path.iterdir()) == []
 
 
+def test_any_text_a_row_holds_comes_back_as_it_went(tmp_path: Path) -> None:
+    """Lines are cut at newlines: text that orjson writes as it is (U+2028, CJK) or that
+    only stdlib json can write (a lone surrogate) must neither split a line nor change."""
+    text = "数据 \u2028 \u2029 \r\n \x00 \ud800 🚢 \\"
+    row = {
+        "uid": "u", "created_at": datetime(2026, 1, 1, 0, 0, 0, 5),
+        "completion": [{"content": text, "n": 2**63 - 1, "x": 0.1}], "error": text,
+    }  # fmt: skip
+    journal = Journal(tmp_path)
+    journal.append([row, *rows(1)])
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 2
+    assert got == [row, *rows(1)]
+
+
 def test_a_file_is_handed_to_the_writer_in_lots_and_given_back_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
