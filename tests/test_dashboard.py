@@ -250,6 +250,7 @@ def test_a_path_no_route_takes_is_a_page_in_the_visitor_s_language(
         assert "Set-Cookie" not in resp.headers
     wrong = client.post("/healthz", headers={"Accept-Language": lang})
     assert wrong.status_code == 405 and "<h1>405</h1>" in wrong.text
+    assert "GET" in wrong.headers["Allow"]
     # The APIs still answer in their own shapes.
     assert client.get("/api/admin/nothing").json["error"]
     assert client.get("/v1/nothing").json["error"]["message"]

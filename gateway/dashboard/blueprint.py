@@ -77,7 +77,8 @@ def unrouted(exc: HTTPException) -> tuple[str, int, dict[str, str]]:
     menu, which reads the settings, and without a form, which would start a session: a
     scanner's guesses cost no database read and leave no cookie."""
     page = render_template("dashboard/unrouted.html", error=exc)
-    return page, exc.code or 500, SECURITY_HEADERS
+    headers = {**dict(exc.get_headers()), **SECURITY_HEADERS}  # a 405's Allow among them
+    return page, exc.code or 500, headers
 
 
 def _database_away(exc: Exception) -> tuple[str, int, dict[str, str]]:
