@@ -430,7 +430,7 @@ def page_answer(path: str, status: int, headers: Any, data: bytes) -> None:
         return
     assert headers["Content-Type"] == "text/html; charset=utf-8", (status, headers["Content-Type"])
     page = data.decode()  # strict: a page is UTF-8
-    if status >= 400:  # the dashboard's error page, or werkzeug's where no route matched
+    if status >= 400:  # the dashboard's error page, or its bare one where no route matched
         assert re.search(rf"<(h1|title)>{status}\b", page), page[:300]
 
 
