@@ -22,6 +22,12 @@ _LONG = (
 )
 
 
+# Rows a statement beside the loop counts: about 1.6 s of SQLite's work here. Long enough
+# that a pause of the whole machine (0.3 and 0.5 s were seen in CI, in blocks of 0.8 and
+# 1.1 s) stays under a third of it, where the statement on the loop stops it throughout.
+_ROWS = 6_000_000
+
+
 def assert_kept_turning(watch: Watch) -> None:
     assert watch.took > 0.2, f"{watch.took:.3f} s: too short to show anything"
     # On a busy machine the loop's turns come late; stopped, it would miss them all.
@@ -38,9 +44,9 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
 
 
 def test_a_statement_runs_while_the_loop_goes_on(conn: sqlite3.Connection) -> None:
-    sql = _LONG.replace("1000000000", "3000000")
+    sql = _LONG.replace("1000000000", str(_ROWS))
     with watch_loop() as watch:
-        assert beside_loop(conn, _fetch, conn, sql) == [(3000000,)]
+        assert beside_loop(conn, _fetch, conn, sql) == [(_ROWS,)]
     assert_kept_turning(watch)
 
 
@@ -85,7 +91,7 @@ def test_a_read_outside_a_transaction_runs_beside_the_loop(tmp_path: Path) -> No
     with db.connection_context():
         pass
     with watch_loop() as watch, db.connection_context():
-        assert db.execute_sql(_LONG.replace("1000000000", "3000000")).fetchall() == [(3000000,)]
+        assert db.execute_sql(_LONG.replace("1000000000", str(_ROWS))).fetchall() == [(_ROWS,)]
         assert db.execute_sql("SELECT 1 UNION ALL SELECT 2").fetchone() == (1,)
     assert_kept_turning(watch)
 
