@@ -1,7 +1,9 @@
 """Records the database could not take yet, kept durably on local disk (SPEC rule 8).
 
 File I/O only, no database: ``append`` writes rows to this process's
-``journal-<pid>.jsonl`` and fsyncs; ``replay`` hands whole files to a writer, in lots: this
+``journal-<pid>.jsonl`` and fsyncs, beside the loop but at exit (``offloop``: a busy
+disk's sync takes up to hundreds of ms, which every call of the worker waited for on
+the loop); ``replay`` hands whole files to a writer, in lots: this
 process's own, and those left by processes that have died. A file is claimed by an
 atomic rename, so exactly one replayer owns it; it is deleted once written and given
 back if the write fails (joined to a file its owner started meanwhile, never replacing
@@ -10,7 +12,8 @@ Rows the database refused (a data error, not an outage) go to ``refused-<pid>.js
 they are replayed only when an operator asks (``replay(write, "refused")``, by the
 ``replay-refused`` command, once the cause is fixed), whoever's they are: an append
 holds an ``flock`` and checks its file is still the one its path names, so a claim
-taken meanwhile loses nothing. A file's owner counts as alive only if its pid is
+taken meanwhile loses nothing. A process's greenlets take turns at a file in gevent
+before its ``flock`` (``_turn``). A file's owner counts as alive only if its pid is
 alive and the process holding it was already running when the file last changed: a
 process that took the pid later (a container restarted on the same volume numbers its
 processes from 1 again: its master or a CLI can get a dead worker's pid) does not hold
@@ -37,12 +40,15 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway import jsoncodec
+import gevent.lock
+
+from gateway import jsoncodec, offloop
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +66,20 @@ class Journal:
     def own_path(self, prefix: str = "journal") -> Path:
         return self.directory / f"{prefix}-{os.getpid()}.jsonl"
 
-    def append(self, rows: list[dict], prefix: str = "journal") -> None:
-        """Append rows to this process's file and make them durable."""
+    def append(self, rows: list[dict], prefix: str = "journal", *, exiting: bool = False) -> None:
+        """Append rows to this process's file and make them durable.
+
+        ``exiting``: the process is about to exit (``Recorder.drain``), its calls stopped.
+        The write and sync then keep the loop: a greenlet waiting for them beside it may
+        be left behind by the exit (the worker does not wait for its shutdown guard),
+        its rows taken from the queue and not on disk.
+        """
         # default=str: a value JSON cannot hold must not cost the whole batch its record.
         # Encoded as the write-ahead file is: at shutdown the journal is what the last
         # second before the kill writes (an 8 MB answer: half the time of stdlib json,
         # two thirds of its size where the text is not ASCII).
         lines = b"".join(jsoncodec.encode(_jsonable(row), default=str) + b"\n" for row in rows)
-        self._append(self.own_path(prefix), lines)
+        self._append(self.own_path(prefix), lines, exiting)
 
     def has_own(self) -> bool:
         """True while this process has rows waiting in its journal."""
@@ -100,7 +112,7 @@ class Journal:
                 # In lots, read as they are handed on: a file left by a long outage is
                 # hundreds of MB; parsed whole, it kept the worker's loop (every call) for
                 # a second per 100 MB, and read whole, twice its size in memory.
-                with _settled(claimed) as lines:
+                with _settled(claimed, path) as lines:
                     for rows in _lots(lines, torn):
                         write(rows)
                         count += len(rows)
@@ -134,33 +146,35 @@ class Journal:
             self._append(path, _blocks(claimed))
         claimed.unlink()
 
-    def _append(self, path: Path, data: bytes | Iterable[bytes]) -> None:
+    def _append(self, path: Path, data: bytes | Iterable[bytes], exiting: bool = False) -> None:
         """Append ``data`` (bytes, or blocks of them) to ``path`` durably, both readable
-        by this user only; or raise OSError and leave the file as it was."""
+        by this user only; or raise OSError and leave the file as it was. Written and
+        synced beside the loop, unless ``exiting`` (``append``)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = _open_locked(path)
-        try:
-            with contextlib.suppress(OSError):  # someone else's file, made by hand: as it is
-                os.fchmod(fd, 0o600)  # one an older version made as the umask had it
-                os.chmod(self.directory, 0o700)
-            end = os.fstat(fd).st_size
+        with _turn(path):
+            fd = _open_locked(path)
             try:
-                for block in [data] if isinstance(data, bytes) else data:
-                    left = memoryview(block)
-                    while left:
-                        left = left[os.write(fd, left) :]
-                os.fsync(fd)
-            except OSError:
-                # A full or failing disk took part of it: cut that off, or the next
-                # append would join it and both lines be torn (the rows are still ours).
-                # A file this append made goes: an empty one would read as rows waiting.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, end)
-                    if not end:
-                        path.unlink()
-                raise
-        finally:
-            os.close(fd)
+                with contextlib.suppress(OSError):  # someone else's file, made by hand
+                    os.fchmod(fd, 0o600)  # one an older version made as the umask had it
+                    os.chmod(self.directory, 0o700)
+                end = os.fstat(fd).st_size
+                try:
+                    if exiting:
+                        _write_durably(fd, data)
+                    else:
+                        offloop.run_to_end(_write_durably, (fd, data), "a journal append")
+                except OSError:
+                    # A full or failing disk took part of it: cut that off, or the next
+                    # append would join it and both lines be torn (the rows are still
+                    # ours). A file this append made goes: an empty one would read as
+                    # rows waiting.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, end)
+                        if not end:
+                            path.unlink()
+                    raise
+            finally:
+                os.close(fd)
 
     def _claimable(self, prefix: str = "journal") -> list[Path]:
         if not self.directory.is_dir():
@@ -310,6 +324,22 @@ class Ahead:
         self._fd, self._failed = None, True  # its path stays: ``rotate`` keeps it
 
 
+# Each file's turn, among this process's greenlets: an append holds the file's ``flock``
+# while its write and sync wait beside the loop; another ``flock`` of this process on
+# it would wait in the kernel, on the loop, which then never heard the first end.
+_TURNS: weakref.WeakValueDictionary[str, gevent.lock.Semaphore] = weakref.WeakValueDictionary()
+
+
+@contextlib.contextmanager
+def _turn(path: Path) -> Iterator[None]:
+    """This process's turn at ``path``'s ``flock``, waited for in gevent: take it first."""
+    turn = _TURNS.get(str(path))
+    if turn is None:
+        turn = _TURNS[str(path)] = gevent.lock.Semaphore()
+    with turn:
+        yield
+
+
 def _open_locked(path: Path) -> int:
     """``path`` opened to append, under this process's ``flock``, and still named so.
 
@@ -328,6 +358,15 @@ def _open_locked(path: Path) -> int:
         os.close(fd)
 
 
+def _write_durably(fd: int, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or blocks of them) at the end of ``fd``, and sync it."""
+    for block in [data] if isinstance(data, bytes) else data:
+        left = memoryview(block)
+        while left:
+            left = left[os.write(fd, left) :]
+    os.fsync(fd)
+
+
 def _lock(fd: int) -> None:
     """This process's exclusive ``flock`` on ``fd``, where the file system has them (a
     journal on one without them still takes appends, as before the lock)."""
@@ -336,9 +375,10 @@ def _lock(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _settled(claimed: Path) -> Iterator[BinaryIO]:
+def _settled(claimed: Path, name: Path) -> Iterator[BinaryIO]:
     """A claimed journal file, open to be read line by line, once no append can change
-    it any more.
+    it any more. ``name``: what it was called, whose turn an append of this process
+    holds (``_turn``).
 
     Its ``flock`` is taken once, then let go: an append that opened the file before it
     was claimed has either ended by then (and is in what is read) or, once it holds the
@@ -347,9 +387,10 @@ def _settled(claimed: Path) -> Iterator[BinaryIO]:
     waited for it would hold up that process's loop (``flock`` blocks) for as long.
     """
     with open(claimed, "rb") as fh:
-        _lock(fh.fileno())
-        with contextlib.suppress(OSError):
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with _turn(name):
+            _lock(fh.fileno())
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         yield fh
 
 

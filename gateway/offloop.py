@@ -61,6 +61,19 @@ def run(
     return outcome.value()
 
 
+def run_to_end(work: Callable[..., T], args: tuple, what: str) -> T:
+    """``work(*args)`` in a pool thread where one can take it (else here); waited for to
+    its end even if the wait is interrupted, as a file's write and sync must be: the
+    caller closes the file, or lets another greenlet at it, once this returns or raises."""
+    if not available():
+        return work(*args)
+    return run(work, args, what, cancel=_let_it_end)
+
+
+def _let_it_end() -> None:
+    """Nothing stops a write or a sync midway: ``run`` waits for the thread."""
+
+
 class _Outcome:
     """What ``work`` did in its pool thread, kept where the loop can look at it."""
 

@@ -356,15 +356,17 @@ class Recorder:
                 log.warning("recorder: the journal failed (%s); trying the database", exc)
             self._write_or_journal(rows)
 
-    def _journal(self, rows: list[dict]) -> None:
-        self.journal.append(rows)
+    def _journal(self, rows: list[dict], exiting: bool = False) -> None:
+        self.journal.append(rows, exiting=exiting)
         self.journaled += len(rows)
         self._waiting += len(rows)
         metrics.journal_depth(self._waiting)
 
     def _journal_or_log(self, rows: list[dict]) -> bool:
+        """At exit: journal rows taken from the queue, written and synced on the loop
+        (``Journal.append``); else log them lost."""
         try:
-            self._journal(rows)
+            self._journal(rows, exiting=True)
         except Exception:  # a full or broken disk at exit: nothing left to keep them in
             _lost(rows, "the journal failed at exit")
             return False

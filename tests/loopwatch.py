@@ -1,9 +1,10 @@
 """Watching a worker's event loop: how long it went without a turn while a block ran;
-and a loop that the pool's wake-ups do not reach."""
+a loop that the pool's wake-ups do not reach; a disk whose syncs take long."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import gevent
 import pytest
+from gevent import monkey
 from gevent.threadpool import ThreadResult
 
 from gateway import offloop
@@ -48,6 +50,12 @@ def watch_loop() -> Iterator[Watch]:
         ticker.kill()
 
 
+def assert_kept_turning(watch: Watch) -> None:
+    assert watch.took > 0.2, f"{watch.took:.3f} s: too short to show anything"
+    # On a busy machine the loop's turns come late; stopped, it would miss them all.
+    assert watch.longest < watch.took / 3, f"stopped {watch.longest:.3f} s of {watch.took:.3f}"
+
+
 @contextmanager
 def lost_wakeups() -> Iterator[list]:
     """The hub's thread pool finishes its tasks without waking the loop (as was once seen
@@ -68,3 +76,22 @@ def lost_wakeups() -> Iterator[list]:
     for result in held:
         result.async_watcher.send()
     gevent.sleep(0.05)
+
+
+SYNC_TAKES = 0.3  # seconds an fsync takes on a busy disk (tens to hundreds of ms)
+
+
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each ``os.fsync`` holds its OS thread ``SYNC_TAKES`` seconds, as a busy disk's
+    does (a real sleep: on the loop's thread it stops the loop). Returns the descriptors
+    whose sync has ended, as they end."""
+    sleep, real = monkey.get_original("time", "sleep"), os.fsync
+    synced: list[int] = []
+
+    def fsync(fd: int) -> None:
+        sleep(SYNC_TAKES)
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced

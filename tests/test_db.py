@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from gateway.db import beside_loop, database, open_database, sqlite_write
-from tests.loopwatch import Watch, lost_wakeups, watch_loop
+from tests.loopwatch import assert_kept_turning, lost_wakeups, watch_loop
 from tests.servers import sqlite_lock_held
 
 # Counts to a billion: many seconds of SQLite's own work, unless interrupted.
@@ -26,12 +26,6 @@ _LONG = (
 # that a pause of the whole machine (0.3 and 0.5 s were seen in CI, in blocks of 0.8 and
 # 1.1 s) stays under a third of it, where the statement on the loop stops it throughout.
 _ROWS = 6_000_000
-
-
-def assert_kept_turning(watch: Watch) -> None:
-    assert watch.took > 0.2, f"{watch.took:.3f} s: too short to show anything"
-    # On a busy machine the loop's turns come late; stopped, it would miss them all.
-    assert watch.longest < watch.took / 3, f"stopped {watch.longest:.3f} s of {watch.took:.3f}"
 
 
 def _fetch(conn: sqlite3.Connection, sql: str) -> list[tuple]:

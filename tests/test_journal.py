@@ -13,10 +13,12 @@ import tracemalloc
 from datetime import datetime
 from pathlib import Path
 
+import gevent
 import pytest
 
 from gateway import journal as journal_module
 from gateway.journal import Journal
+from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
 from tests.servers import wait_until
 
 
@@ -477,6 +479,56 @@ def test_journal_files_are_their_owners_alone(tmp_path: Path) -> None:
     fresh.append(rows(1))
     assert fresh.directory.stat().st_mode & 0o777 == 0o700
     assert fresh.own_path().stat().st_mode & 0o777 == 0o600
+
+
+# -- a busy disk -------------------------------------------------------------------------
+
+
+def no_wait_in_flock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail an ``flock`` that would wait: in one process, the lock is held by another
+    greenlet, waiting beside the loop for a sync whose end the loop, stopped in the
+    kernel's wait, could never hear (a deadlock, where the test would hang)."""
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        try:
+            real(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AssertionError("waited in flock, on the loop, for this process") from None
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_an_append_syncs_beside_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of a database outage is journaled: its sync, on the loop, stopped
+    every call of the worker for as long as the disk took (SPEC rule 8)."""
+    slow_disk(monkeypatch)
+    journal = Journal(tmp_path)
+    with watch_loop() as watch:
+        journal.append(rows(2))
+    assert_kept_turning(watch)
+    got: list[dict] = []
+    assert journal.replay(got.extend) == 2 and got == rows(2)
+
+
+def test_appends_and_a_replay_in_one_process_wait_for_each_other_in_gevent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL runs four writers a worker: one append holds the file's ``flock`` while
+    its sync waits beside the loop. Another append, or the replay claiming the file,
+    must queue behind it in gevent, not in the kernel on the loop."""
+    slow_disk(monkeypatch)
+    no_wait_in_flock(monkeypatch)
+    journal = Journal(tmp_path)
+    got: list[dict] = []
+    batches = [rows(3)[:2], rows(3)[2:]]
+    with gevent.Timeout(10, AssertionError("the appends never ended")):
+        greenlets = [gevent.spawn(journal.append, batch) for batch in batches]
+        greenlets.append(gevent.spawn(journal.replay, got.extend))  # claims the first's file
+        gevent.joinall(greenlets, raise_error=True)
+    journal.replay(got.extend)
+    assert sorted(got, key=lambda row: row["uid"]) == rows(3)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the write-ahead files ---------------------------------------------------------------

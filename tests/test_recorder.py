@@ -24,7 +24,7 @@ from gateway.models import ApiKey, Completion, index_all_due, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
 from tests import pools
-from tests.loopwatch import watch_loop
+from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
 from tests.recorders import make_recorder
 from tests.servers import away, sqlite_lock_held, unreachable, varied_text, wait_until
 
@@ -180,7 +180,7 @@ def test_no_journal_is_read_while_the_database_does_not_answer(
     settled = journal_module._settled
     reads: list[Path] = []
     monkeypatch.setattr(
-        journal_module, "_settled", lambda path: reads.append(path) or settled(path)
+        journal_module, "_settled", lambda *args: reads.append(args[0]) or settled(*args)
     )
     with away(unreachable(database_url)), pytest.raises(UNREACHABLE):
         rec._replay_round()  # as the replay loop does every 5 s
@@ -194,7 +194,7 @@ def _disk_full(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     (``test_journal`` makes a real partial write: here the recorder's answer to it.)"""
     tries: list[int] = []
 
-    def append(path: Path, data: bytes) -> None:
+    def append(path: Path, data: bytes, exiting: bool = False) -> None:
         tries.append(len(data))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
@@ -520,6 +520,44 @@ def test_drain_journals_a_call_being_written_once(
     gevent.sleep(0.2)
     rec._replay_once()
     assert [r.status for r in rows()] == ["completed"]
+
+
+def test_records_journaled_in_an_outage_are_synced_beside_the_loop(
+    rec: Recorder, key_id: int, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage leaves the calls unaffected (SPEC rule 8): every batch then goes to the
+    journal, whose sync, on the loop, stopped every call of the worker for as long as
+    the disk took."""
+    slow_disk(monkeypatch)
+    with away(unreachable(database_url)), watch_loop() as watch:
+        for _ in range(3):
+            ex = exchange(key_id)
+            ex.finish("completed")
+            rec.record(ex)
+        assert rec.flush(5)
+    assert rec.journaled == 3
+    assert_kept_turning(watch)
+
+
+def test_drain_has_its_journal_synced_before_anything_else_runs(
+    rec: Recorder, key_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At exit a drain may run in the worker's shutdown guard, which the worker leaves
+    behind as it exits: the rows it took from the queue are on disk before it lets
+    anything else run, not waiting for a sync beside a loop about to end."""
+    rec._group.kill()  # no writers: the drain journals the call
+    synced = slow_disk(monkeypatch)
+    ex = exchange(key_id)
+    ex.finish("completed")
+    rec.record(ex)
+    guard = gevent.spawn(rec.drain, 0)
+    with gevent.Timeout(5, AssertionError("the drain never ended")):
+        while not guard.dead:  # the exit, between two turns of the guard
+            assert rec.backlog() or synced, "the drain let the exit go, its rows not synced"
+            gevent.sleep(0)
+    assert guard.value is False
+    (path,) = rec.journal.directory.glob("journal-*.jsonl")
+    assert ex.uid in path.read_text()
 
 
 def test_a_stale_pending_snapshot_never_overwrites_a_swept_row(rec: Recorder, key_id: int) -> None:
