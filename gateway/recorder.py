@@ -24,7 +24,7 @@ shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 What waits in memory would die with the process (``kill -9``, the OOM killer): so
 ``record`` first writes the snapshot to the worker's write-ahead file
-(``journal.Ahead``, ``RECORDER_AHEAD``), before the upstream is contacted or the answer
+(``ahead.Ahead``, ``RECORDER_AHEAD``), before the upstream is contacted or the answer
 goes; the file forgets what the database or the journal took, and a dead worker's is
 replayed by a live one.
 
@@ -52,10 +52,11 @@ from flask import Flask
 from gevent import monkey
 
 from gateway import db, jsonio, metrics, retention
+from gateway.ahead import Ahead
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import COMPLETION, Exchange
-from gateway.journal import Ahead, Journal
+from gateway.journal import Journal
 from gateway.models import index_all_due, upsert_records, utcnow
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry

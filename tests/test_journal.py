@@ -17,6 +17,7 @@ import gevent
 import pytest
 
 from gateway import journal as journal_module
+from gateway.ahead import Ahead
 from gateway.journal import Journal
 from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
 from tests.servers import wait_until
@@ -541,7 +542,7 @@ def _ahead_files(directory: Path) -> dict[str, int]:
 def test_write_ahead_lines_stay_until_every_call_unwritten_at_rotation_is_taken(
     tmp_path: Path,
 ) -> None:
-    ahead = journal_module.Ahead(tmp_path)
+    ahead = Ahead(tmp_path)
     ahead.append({"uid": "a", "status": "pending", "created_at": datetime(2026, 1, 1)})
     ahead.append({"uid": "b", "status": "pending"})
     first = f"ahead-1-{os.getpid()}.jsonl"
@@ -566,7 +567,7 @@ def test_write_ahead_lines_stay_until_every_call_unwritten_at_rotation_is_taken(
 
 def test_write_ahead_files_are_replayed_only_once_their_process_is_dead(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
-    mine = journal_module.Ahead(tmp_path)
+    mine = Ahead(tmp_path)
     mine.append({"uid": "mine", "status": "pending"})
     dead = tmp_path / f"ahead-3-{dead_pid()}.jsonl"
     dead.write_text(json.dumps({"uid": "theirs", "status": "completed"}) + "\n")
@@ -580,7 +581,7 @@ def test_write_ahead_files_are_replayed_only_once_their_process_is_dead(tmp_path
 def test_a_write_ahead_file_the_disk_refuses_is_kept_until_taken_and_the_next_one_tried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ahead = journal_module.Ahead(tmp_path)
+    ahead = Ahead(tmp_path)
     ahead.append({"uid": "a", "status": "pending"})
     real_write = os.write
     monkeypatch.setattr(
@@ -607,7 +608,7 @@ def test_a_write_ahead_file_left_under_this_pid_before_this_process_began_is_rep
     left.write_text(json.dumps({"uid": "before", "status": "completed"}) + "\n")
     long_ago = time.time() - 86400
     os.utime(left, (long_ago, long_ago))
-    mine = journal_module.Ahead(tmp_path)
+    mine = Ahead(tmp_path)
     mine.append({"uid": "mine", "status": "pending"})  # a name of its own, not over it
     assert _ahead_files(tmp_path) == {left.name: 1, f"ahead-2-{os.getpid()}.jsonl": 1}
     got: list[dict] = []
