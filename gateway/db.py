@@ -26,10 +26,12 @@ connections it holds open (a paused VM, a partition that drops packets) makes a 
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import os
 import socket
 import sqlite3
+import ssl
 import struct
 import threading
 import weakref
@@ -608,6 +610,9 @@ def server_answers(timeout: float = 2.0) -> bool:
     SQLSTATE, and the server's words are in its own language. A connection alone is not
     an answer: the system of a hung server (a stopped process, a paused VM) still takes
     it. So the probe asks for the protocol's first reply, which comes before any sign-in.
+    A server that answers only to say it takes no connections now (shutting down,
+    starting up, in crash recovery: SQLSTATE class 57P, in its reply to the sign-in's
+    first message) is away as well: it is not refusing this gateway, it is not serving.
     """
     params = database.obj.connect_params
     host, port = params.get("host") or "/var/run/postgresql", params.get("port") or 5432
@@ -622,9 +627,55 @@ def server_answers(timeout: float = 2.0) -> bool:
             if unix:
                 sock.connect(f"{host}/.s.PGSQL.{port}")
             sock.sendall(_SSL_REQUEST)
-            return bool(sock.recv(1))
+            reply = sock.recv(1)
+            if reply not in (b"N", b"S"):
+                return bool(reply)
+            return not _not_serving(sock, reply == b"S", params)
     except OSError:  # socket.timeout too
         return False
+
+
+def _not_serving(sock: socket.socket, tls: bool, params: dict) -> bool:
+    """Whether the server, asked to sign in, says it takes no connections now (57P...).
+
+    ``sock`` has had the SSLRequest's answer (``tls``: it wants TLS, spoken here without
+    checking its certificate: nothing but the error's code is read). Anything but an
+    error of class 57P (a request for a password, another error, no answer) is a server
+    that serves."""
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            sock = context.wrap_socket(sock)
+        except ssl.SSLError:  # it answered, in a TLS this probe cannot speak
+            return False
+    user = params.get("user") or getpass.getuser()
+    name = database.obj.database or user
+    body = struct.pack("!i", 196608) + b"".join(  # protocol 3.0
+        key.encode() + b"\0" + value.encode() + b"\0"
+        for key, value in (("user", user), ("database", name))
+    )
+    sock.sendall(struct.pack("!i", len(body) + 5) + body + b"\0")
+    head = _read(sock, 5)
+    if len(head) < 5 or head[:1] != b"E":
+        return False
+    fields = _read(sock, struct.unpack("!i", head[1:])[0] - 4)
+    for field in fields.split(b"\0"):
+        if field[:1] == b"C":  # the SQLSTATE
+            return field[1:].startswith(b"57P")
+    return False
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes (fewer only if the server closes first)."""
+    data, size = b"", min(size, 65536)  # an error's fields are a few hundred bytes
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def _check_greenlet_connections() -> None:

@@ -598,6 +598,45 @@ def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
             gw.stop()
 
 
+def test_a_gateway_started_while_the_database_shuts_down_serves_from_its_snapshot(
+    cluster: PostgresCluster, fake, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A server that answers only to say it takes no connections now (shutting down,
+    starting up, recovering: SQLSTATE 57P03) is down, not a server that refuses: a
+    gateway restarted then starts from its snapshot. It took the probe's answer for a
+    refusal, and the start stopped (a restart beside a database restart, seen under
+    chaos; a crash recovery keeps a server in that state for minutes)."""
+    url = gateway_database(cluster)
+    instance = tmp_path / "instance"
+    gw = Gateway(url, instance)
+    try:
+        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
+        snapshot = instance / "snapshot.json"
+        wait_until(lambda: snapshot.exists() and '"gpt"' in snapshot.read_text(), timeout=10)
+    finally:
+        gw.stop()
+
+    # A smart shutdown waits for its last client: meanwhile it refuses every new one.
+    holder = psycopg.connect(url)
+    cluster._run("pg_ctl", "-D", cluster.data, "-m", "smart", "-W", "stop")
+    with pytest.raises(psycopg.OperationalError, match="shutting down"):
+        wait_until(lambda: psycopg.connect(url, connect_timeout=2).close(), timeout=5)
+    gw = Gateway(url, instance, **QUICK)
+    try:
+        assert "serving the last known keys and models" in gw.log()
+        kinds = [kind for kind in KINDS if not kind[3] and kind[1] == "gpt"]
+        got = {f"call-{i:03d}": call(gw, key, f"call-{i:03d}", kinds[i % 2]) for i in range(4)}
+        assert set(got.values()) == {"full"}, got
+        holder.close()  # the shutdown ends; the server comes back
+        wait_until(lambda: not (cluster.data / "postmaster.pid").exists(), timeout=10)
+        cluster.start()
+        rows = final_records(gw, 4)
+        assert sorted(by_call(rows)) == sorted(got) and {r["status"] for r in rows} == {"completed"}
+    finally:
+        holder.close()
+        gw.stop()
+
+
 def test_a_database_that_stops_answering_gets_503_from_the_admin_side_not_a_hang(
     cluster: PostgresCluster, fake, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
