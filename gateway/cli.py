@@ -7,7 +7,8 @@ If the PostgreSQL server does not answer at all (an outage: the gateway restarte
 the database is down), the gateway starts anyway when its snapshot of keys and models
 was written by a build with the same migrations (SPEC rule 8: calls go on, records go
 to the journal); the rest waits for a start with the database. A server that answers
-and refuses (a wrong password, no such database) stops the start, as any other error.
+is asked once more (it may have come back meanwhile): if it refuses again (a wrong
+password, no such database), that stops the start, as any other error.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def prepare_command(url: str | None) -> None:
     try:
         applied = db.migrate()
     except db.UNREACHABLE as exc:
-        if not db.is_postgres() or db.server_answers():
+        if not db.is_postgres():
             raise
-        _start_without_database(exc)
-        return
+        if not db.server_answers():
+            _start_without_database(exc)
+            return
+        # It answers now: either it refuses (the same error again stops the start), or
+        # it came back while this was looking (resumed, done starting up): go on.
+        applied = db.migrate()
     if applied:
         click.echo(f"gateway: applied migrations {', '.join(applied)}")
     configured = bool(current_app.config.get("ADMIN_SUPER_SECRET"))

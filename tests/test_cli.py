@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.db import database
+import peewee
+
+from gateway.db import database, migrate
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion
 from gateway.recorder import recorder, snapshot
@@ -53,3 +55,36 @@ def test_replay_refused_writes_what_can_be_written_and_says_what_cannot(app, run
     assert done.exit_code == 0 and "now written: 1" in done.output, done.output
     assert completions() == sorted(ex.uid for ex in calls.values())
     assert not list(recorder.journal.directory.glob("refused-*"))
+
+
+def test_prepare_migrates_again_when_the_database_answers_after_failing(
+    app, runner, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A migration that could not reach PostgreSQL (a connect timeout: it was hung, or
+    still starting) and a server that answers the probe a moment later: it came back
+    meanwhile, and the start goes on. The first error was re-raised as a refusal and the
+    start stopped (seen under chaos: a server resumed during the probe)."""
+    tries = []
+
+    def back_after_one_try():  # type: ignore[no-untyped-def]
+        tries.append(1)
+        if len(tries) == 1:
+            raise peewee.OperationalError("connection timeout expired")
+        return migrate()
+
+    monkeypatch.setattr("gateway.db.migrate", back_after_one_try)
+    monkeypatch.setattr("gateway.db.is_postgres", lambda: True)
+    monkeypatch.setattr("gateway.db.server_answers", lambda: True)
+    with app.app_context():  # as `flask --app wsgi prepare` runs it
+        done = runner.invoke(args=["prepare"])
+    assert done.exit_code == 0, done.output
+    assert len(tries) == 2 and "serving the last known" not in done.output
+
+    # A server that answers and refuses still stops the start, with its own error.
+    def refused():  # type: ignore[no-untyped-def]
+        raise peewee.OperationalError('database "nope" does not exist')
+
+    monkeypatch.setattr("gateway.db.migrate", refused)
+    with app.app_context():
+        done = runner.invoke(args=["prepare"])
+    assert done.exit_code != 0 and "does not exist" in str(done.exception)
