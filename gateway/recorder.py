@@ -493,6 +493,9 @@ class Recorder:
                 if database.is_closed():
                     database.connect()
                 index_all_due()
+        except UNREACHABLE as exc:  # an outage, or another process's lock held past the bound
+            db.discard_connection()
+            log.warning("recorder: the text due to the full-text index stays due (%s)", exc)
         except Exception:
             db.discard_connection()
             log.warning("recorder: the text due to the full-text index stays due", exc_info=True)

@@ -706,6 +706,27 @@ def due_count() -> int:
         return database.execute_sql("SELECT count(*) FROM completions_fts_due").fetchone()[0]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_indexing_cut_short_by_another_process_lock_is_one_line_not_a_traceback(
+    rec: Recorder, key_id: int, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holding SQLite's write lock past DB_TIMEOUT is an outage, as the
+    record writes' own timeout is: the text stays due and the log says why, without a
+    traceback (the chaos run with a 14 s lock found one in the worker's log)."""
+    ex = exchange(key_id)
+    ex.finish("completed")
+    write_rows([snapshot(ex)])
+    assert due_count() == 1
+    rec.timeout = 0.3
+    path = database_url.removeprefix("sqlite:///")
+    with sqlite_lock_held(path, 1.0), caplog.at_level("WARNING", logger="gateway.recorder"):
+        rec._index()
+    assert due_count() == 1, "the text stays due"
+    (said,) = [r for r in caplog.records if "full-text index" in r.getMessage()]
+    assert said.exc_info is None, "a traceback for an outage"
+    assert "timed out" in said.getMessage()
+
+
 def heavy_calls(key_id: int, count: int) -> list[Exchange]:
     """Ended calls with about 20 KB of prompt each, no two alike: work for an index."""
     calls = []
