@@ -131,6 +131,7 @@ def open_database(
 # (``background``); SQLite is a local file.
 _bounds: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 _request_timeout = float(DEFAULTS["DB_REQUEST_TIMEOUT"])  # type: ignore[arg-type]
+_lock_timeout = float(DEFAULTS["DB_TIMEOUT"])  # type: ignore[arg-type]
 
 
 class _PostgresqlDatabase(PooledPostgresqlDatabase):
@@ -366,14 +367,15 @@ def init_app(app: Flask) -> None:
     Requests connect only when they need to: the public API normally answers from
     per-worker caches without touching the database at all (see ``connection``).
     """
-    global _request_timeout
+    global _request_timeout, _lock_timeout
     _check_greenlet_connections()
     _request_timeout = float(app.config["DB_REQUEST_TIMEOUT"])
+    _lock_timeout = float(app.config["DB_TIMEOUT"])
     database.initialize(
         open_database(
             app.config["DATABASE_URL"],
             float(app.config["DB_CONNECT_TIMEOUT"]),
-            lock_timeout=float(app.config["DB_TIMEOUT"]),
+            lock_timeout=_lock_timeout,
         )
     )
 
@@ -381,6 +383,12 @@ def init_app(app: Flask) -> None:
     def _close(exc: BaseException | None) -> None:
         if g.pop("gateway_db_opened", False) and not database.is_closed():
             database.close()
+
+
+def lock_timeout() -> float:
+    """``DB_TIMEOUT``: the longest a wait for a lock may last (PostgreSQL's statements are
+    aborted by the server past it; on SQLite, a search's wait for the write lock)."""
+    return _lock_timeout
 
 
 def connect() -> None:

@@ -27,11 +27,19 @@ from datetime import UTC, tzinfo
 from typing import Any
 from urllib.parse import urlencode
 
+import gevent
 import peewee as pw
 from flask import Response, abort, current_app, url_for
 
 from gateway import export, fulltext, registry, search
-from gateway.db import bounded, connection, database, is_postgres
+from gateway.db import (
+    DatabaseTimeout,
+    bounded,
+    connection,
+    database,
+    is_postgres,
+    lock_timeout,
+)
 from gateway.models import (
     ApiKey,
     Completion,
@@ -170,13 +178,20 @@ def _bindable(bound: float) -> float:
 def _caught_up() -> None:
     """The calls' text due to the index gets there before it is searched (SQLite: the
     recorder hands it over in lots, ``models.index_due``). A failure is logged and the
-    search goes on: it may then miss the last few seconds' calls. PostgreSQL indexes
-    as it writes: no connection is opened for nothing."""
+    search goes on: it may then miss the last few seconds' calls. So does a catch-up
+    past ``DB_TIMEOUT``: SQLite's write lock held that long by another process (a
+    worker's long write, a stuck holder: an outage for the recorder too), which the
+    search waited for without bound, or a long outage's backlog, which the recorder
+    indexes meanwhile. PostgreSQL indexes as it writes: no connection is opened for
+    nothing."""
     if is_postgres():
         return
+    expired = DatabaseTimeout("index catch-up timed out")
     try:
-        with connection():
+        with connection(), gevent.Timeout(lock_timeout(), expired):
             index_all_due()
+    except DatabaseTimeout as exc:
+        log.warning("records: searched without the text due to the full-text index (%s)", exc)
     except pw.PeeweeException:
         log.warning(
             "records: the text due to the full-text index could not be indexed", exc_info=True

@@ -9,18 +9,19 @@ lost with a process, and the recorder empties the table by itself.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from gateway import models
+from gateway import db, models
 from gateway import recorder as recorder_module
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, index_all_due, index_due
 from gateway.recorder import Recorder, snapshot, write_rows
 from tests import pools
-from tests.servers import ADMIN_SECRET, wait_until
+from tests.servers import ADMIN_SECRET, sqlite_lock_held, wait_until
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -65,6 +66,26 @@ def test_a_write_leaves_the_text_due_and_a_search_finds_it_at_once(client, key) 
     assert due() == {}
     assert set(indexed()) == ids
     assert "harbour pilot" in indexed()[row_id(first)]
+
+
+def test_a_search_while_another_process_holds_the_write_lock_waits_db_timeout_at_most(
+    client, key, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A search first moves what is due into the index, which takes SQLite's write lock:
+    held by another process (a worker's recorder in a long write, a stuck holder), the
+    search waited as long as it was held, without bound. Past ``DB_TIMEOUT`` (an outage
+    for the recorder too) it searches the index as it is, and finds the rest later."""
+    first = ended(key, "harbour pilot")
+    write_rows([snapshot(first)])
+    monkeypatch.setattr(db, "_lock_timeout", 0.5)  # DB_TIMEOUT
+    with sqlite_lock_held(database_url.removeprefix("sqlite:///"), 4.0):
+        started = time.monotonic()
+        page = client.get("/api/admin/completions?q=harbour", headers=ADMIN)
+        took = time.monotonic() - started
+    assert page.status_code == 200, page.get_data(as_text=True)
+    assert took < 2.5, f"the search waited {took:.1f} s for another process's lock"
+    assert set(due()) == {row_id(first)}  # still due: the next search takes it
+    assert found(client, "harbour") == {first.uid}
 
 
 def test_a_lot_moves_the_oldest_rows_due_and_says_how_many(key) -> None:  # type: ignore[no-untyped-def]
