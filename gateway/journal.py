@@ -1,7 +1,7 @@
 """Records the database could not take yet, kept durably on local disk (SPEC rule 8).
 
 File I/O only, no database: ``append`` writes rows to this process's
-``journal-<pid>.jsonl`` and fsyncs, beside the loop but at exit (``offloop``: a busy
+``journal-<pid>.jsonl`` and fsyncs, beside the loop except at exit (``offloop``: a busy
 disk's sync takes up to hundreds of ms, which every call of the worker waited for on
 the loop); ``replay`` hands whole files to a writer, in lots: this
 process's own, and those left by processes that have died. A file is claimed by an
