@@ -9,9 +9,7 @@ shared by every call asking meanwhile and never waited for while the database is
 known down.
 
 After each read that changed something, the state is written to ``SNAPSHOT_FILE``
-(instance/snapshot.json, mode 0600, replaced atomically), with when that read started;
-written and synced beside the loop (``offloop``: a busy disk's sync held every call of
-the worker), one write at a time.
+(instance/snapshot.json, mode 0600, replaced atomically), with when that read started.
 A worker that starts while the database is away (a recycled one, say) serves from that
 file, and so does a whole gateway started then, if the file was written by a build
 with the same migrations (``usable``, which ``flask prepare`` asks). A worker that
@@ -36,12 +34,11 @@ from pathlib import Path
 
 import gevent
 import gevent.event
-import gevent.lock
 import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, offloop
+from gateway import db
 from gateway.auth import keys
 from gateway.config import INSTANCE
 from gateway.models import utcnow
@@ -75,9 +72,6 @@ class Refresher:
         self._done = gevent.event.Event()  # replaced after every read
         self._group = gevent.pool.Group()
         self._running = False
-        # One write at a time (a read's, a revocation's): each waits for the disk beside
-        # the loop, and they share the file aside.
-        self._writing = gevent.lock.Semaphore()
 
     def init_app(self, app: Flask) -> None:
         """Load keys and catalog (from the file if the database is away); refresh them."""
@@ -173,12 +167,6 @@ class Refresher:
     # -- the file -------------------------------------------------------------
 
     def _write(self) -> None:
-        """Write what the caches hold to the file, unless this process wrote just that;
-        after the write in progress, if there is one (its state may be older)."""
-        with self._writing:
-            self._write_now()
-
-    def _write_now(self) -> None:
         state = {"keys": keys.dump(), "catalog": catalog.dump()}
         text = json.dumps(state, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
@@ -195,7 +183,14 @@ class Refresher:
         body = json.dumps({**written, **state})
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            offloop.run_to_end(_replace, (self.path, tmp, body), "a snapshot write")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
+                fh.write(body)
+                fh.flush()
+                os.fsync(fd)
+            os.replace(tmp, self.path)  # readers see the old file or the new, never half
         except OSError:
             log.exception("snapshot: cannot write %s", self.path)
             with contextlib.suppress(OSError):
@@ -289,19 +284,6 @@ def _read_at(data: dict) -> datetime | None:
     wrote it, or a worker started from such a file)."""
     stamp = data.get("read_at")
     return datetime.fromisoformat(stamp) if stamp else None
-
-
-def _replace(path: Path, tmp: Path, body: str) -> None:
-    """Make ``body`` the content of ``path``, readable by this user only: written to
-    ``tmp`` and synced, then renamed, so readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
-        fh.write(body)
-        fh.flush()
-        os.fsync(fd)
-    os.replace(tmp, path)
 
 
 def _sealed(row: dict) -> dict:
