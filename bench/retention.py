@@ -70,7 +70,8 @@ def writer(url: str, key: int, seconds: float, rate: float, until: Path | None) 
     """Write calls at ``rate`` per second; print each write's seconds as JSON lines."""
     import gevent
 
-    from gateway.models import upsert_records, utcnow
+    from gateway.models import utcnow
+    from gateway.writes import upsert_records
 
     db = _connect(url)
     start = time.monotonic()

@@ -15,7 +15,7 @@ generated ``completions.search`` tsvector with its GIN index, on SQLite the
 On SQLite the recorder gives the index a call's text itself (``body``, the text the
 triggers would take out of the stored JSON, from the messages it has in hand), which
 spares SQLite parsing the JSON again per message (``migrations/0010``), and in lots:
-its writes leave the text due and ``models.index_due`` indexes many calls' at once,
+its writes leave the text due and ``writes.index_due`` indexes many calls' at once,
 a search first (``migrations/0014``).
 """
 

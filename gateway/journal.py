@@ -129,7 +129,7 @@ class Journal:
         Its owner may have started a new file under that name meanwhile (a live
         process's appends go on while its journal is replayed): the claimed rows then
         join that file, since a rename would replace it and lose its rows. The order
-        of rows does not matter (``models.upsert_records`` takes snapshots in any
+        of rows does not matter (``writes.upsert_records`` takes snapshots in any
         order). A file system without hard links gets the rows appended likewise,
         which never replaces a file either (a block at a time: the file may be hundreds
         of MB). Should that fail too (a full disk), the claim stays, and is given back

@@ -5,7 +5,7 @@ dirty and wakes the writers. Unless a whole batch is waiting, a writer lets
 ``RECORDER_INTERVAL`` pass before it takes one, so the calls of that interval share one
 write and a worker is not switched to its writers on every call. A writer takes a batch
 of dirty calls, snapshots each (``Exchange.row()``, stamped with this process's
-``owner``) and hands the batch to ``models.upsert_records`` in one short transaction, so
+``owner``) and hands the batch to ``writes.upsert_records`` in one short transaction, so
 a call that ended before its pending row was written is inserted once, final. A call is
 never in two batches at once, so its writes land in order; a snapshot queued while the
 previous one is being written waits for it. A pending row never overwrites a final one,
@@ -31,7 +31,7 @@ replayed by a live one.
 On SQLite a final call's text goes to the full-text index in lots: a write leaves it
 due (``migrations/0014``), and a writer indexes what is due, any process's, once
 ``INDEX_AT`` rows are or the first has waited ``INDEX_AFTER`` seconds
-(``models.index_due``); a search indexes what is due before it looks.
+(``writes.index_due``); a search indexes what is due before it looks.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import COMPLETION, Exchange
 from gateway.journal import Journal
-from gateway.models import index_all_due, upsert_records, utcnow
+from gateway.models import utcnow
 from gateway.sweeper import identity
 from gateway.telemetry import telemetry
+from gateway.writes import index_all_due, upsert_records
 
 log = logging.getLogger(__name__)
 

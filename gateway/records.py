@@ -46,11 +46,11 @@ from gateway.models import (
     Embedding,
     Model,
     Provider,
-    index_all_due,
     utcnow,
 )
 from gateway.search import Search
 from gateway.urlargs import MAX_ID, Pages, integer
+from gateway.writes import index_all_due
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _bindable(bound: float) -> float:
 
 def _caught_up() -> None:
     """The calls' text due to the index gets there before it is searched (SQLite: the
-    recorder hands it over in lots, ``models.index_due``). A failure is logged and the
+    recorder hands it over in lots, ``writes.index_due``). A failure is logged and the
     search goes on: it may then miss the last few seconds' calls. So does a catch-up
     past ``DB_TIMEOUT``: SQLite's write lock held that long by another process (a
     worker's long write, a stuck holder: an outage for the recorder too), which the

@@ -35,8 +35,9 @@ from gateway import db, metrics
 from gateway.config import DEFAULTS
 from gateway.db import UNREACHABLE
 from gateway.journal import process_started
-from gateway.models import ApiKey, Heartbeat, finalise_orphan_rows, pending_owners, utcnow
+from gateway.models import ApiKey, Heartbeat, utcnow
 from gateway.telemetry import telemetry
+from gateway.writes import finalise_orphan_rows, pending_owners
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ was paid by every recorder write, which holds a handful of calls. Measured on SQ
 with 1,000-character texts: 760 µs a row written one at a time, 456-574 µs in writes of
 5 to 10 rows (what a busy worker's recorder writes), about 260 µs when the same rows
 reach the index 100 or more at a time; with 150-character texts 116-204 against 41-99
-µs. So the recorder now writes a call's text here, in its write (``models._due``),
-and ``models.index_due`` moves what is due into the index in one transaction: the
+µs. So the recorder now writes a call's text here, in its write (``writes._due``),
+and ``writes.index_due`` moves what is due into the index in one transaction: the
 recorder once enough is due or it has waited long enough, a search before it looks.
 
 Rows keep their ``id``: a later text for the same row replaces the one due. The

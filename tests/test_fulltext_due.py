@@ -1,6 +1,6 @@
 """SQLite: the recorder's text reaches the full-text index in lots (``migrations/0014``).
 
-A final call's text waits in ``completions_fts_due`` until ``models.index_due`` moves it
+A final call's text waits in ``completions_fts_due`` until ``writes.index_due`` moves it
 (the recorder, in lots; a search, first). What is asserted: nothing searched is ever
 missing or stale (a search indexes what is due first), the text a row's own later
 write gave it wins (a retention strip, another writer, a deletion), nothing due is
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, models
+from gateway import db, writes
 from gateway import recorder as recorder_module
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
-from gateway.models import ApiKey, Completion, index_all_due, index_due
+from gateway.models import ApiKey, Completion
 from gateway.recorder import Recorder, snapshot, write_rows
+from gateway.writes import index_all_due, index_due
 from tests import pools
 from tests.servers import ADMIN_SECRET, sqlite_lock_held, wait_until
 
@@ -107,12 +108,12 @@ def test_a_lot_is_bounded_by_its_text_too_and_everything_due_gets_there(
     """Calls with long prompts: a lot stops at ``INDEX_CHARS`` (a lot must fit in the
     recorder's timeout, or it would be cut short and tried again for ever), but always
     takes one row; ``index_all_due`` goes lot after lot until nothing is left."""
-    monkeypatch.setattr(models, "INDEX_CHARS", 60)
+    monkeypatch.setattr(writes, "INDEX_CHARS", 60)
     calls = [ended(key, f"{'long prompt ' * 4}{i}") for i in range(5)]  # about 55 each
     write_rows([snapshot(ex) for ex in calls])
     ids = sorted(row_id(ex) for ex in calls)
     assert index_due() == 1
-    monkeypatch.setattr(models, "INDEX_CHARS", 120)
+    monkeypatch.setattr(writes, "INDEX_CHARS", 120)
     assert index_due() == 2
     assert sorted(indexed()) == ids[:3]
     index_all_due()

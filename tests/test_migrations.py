@@ -144,7 +144,8 @@ def test_the_partitioning_migration_keeps_every_row_and_the_upsert_by_uid(
 
     from gateway import fulltext
     from gateway.db import database
-    from gateway.models import Completion, upsert_records
+    from gateway.models import Completion
+    from gateway.writes import upsert_records
 
     database.initialize(db)
     with db.connection_context():
@@ -211,7 +212,8 @@ def test_swept_at_marks_the_rows_swept_before_it_and_survives_the_calls_own_fina
         )
         assert "0009_swept_at" in runner.up()
         from gateway.db import database
-        from gateway.models import Completion, Embedding, upsert_records
+        from gateway.models import Completion, Embedding
+        from gateway.writes import upsert_records
 
         database.initialize(db)
         swept_at = dict(Completion.select(Completion.uid, Completion.swept_at).tuples())

@@ -20,9 +20,10 @@ from gateway import metrics
 from gateway import recorder as recorder_module
 from gateway.db import UNREACHABLE, database, open_database
 from gateway.exchange import Exchange, new_uid
-from gateway.models import ApiKey, Completion, index_all_due, utcnow
+from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import Recorder, snapshot, write_rows
 from gateway.sweeper import identity
+from gateway.writes import index_all_due
 from tests import pools
 from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
 from tests.recorders import make_recorder

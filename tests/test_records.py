@@ -17,9 +17,10 @@ import pytest
 from gateway import records
 from gateway.db import database, is_postgres
 from gateway.exchange import Exchange
-from gateway.models import ApiKey, Completion, finalise_orphans, utcnow
+from gateway.models import ApiKey, Completion, utcnow
 from gateway.recorder import snapshot, write_rows
 from gateway.search import Search
+from gateway.writes import finalise_orphans
 from tests.servers import ADMIN_SECRET
 from tests.test_dashboard import login
 
