@@ -117,7 +117,7 @@ def _server_cpu() -> Callable[[], float | None]:
 
 class _Timed:
     """A SQLite connection whose statements are timed (thread CPU, by their first words)
-    into ``spent``: what ``db._transaction`` is handed under ``--statements``."""
+    into ``spent``: what ``sqlitedb._transaction`` is handed under ``--statements``."""
 
     def __init__(self, conn: Any, spent: dict[str, list[float]]) -> None:
         self._conn, self._spent = conn, spent
@@ -128,7 +128,7 @@ class _Timed:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             object.__setattr__(self, name, value)
-        else:  # the connection's own state (``db._Connection.handler_off``)
+        else:  # the connection's own state (``sqlitedb.Connection.handler_off``)
             setattr(self._conn, name, value)
 
     def execute(self, sql: str, params: Any = ()) -> _Fetched:
@@ -152,20 +152,20 @@ def timed_statements() -> Iterator[dict[str, list[float]]]:
     """Within the block, every SQLite write's statements are timed one by one (the
     write's COMMIT is where FTS5 flushes and merges; an ``UPDATE`` after an FTS insert
     is where it flushes its terms). Yields the times by statement; ``""`` counts writes."""
-    from gateway import db
+    from gateway import sqlitedb
 
     spent: dict[str, list[float]] = {}
-    transaction = db._transaction
+    transaction = sqlitedb._transaction
 
     def timed(conn: Any, statements: list) -> Any:
         spent.setdefault("", []).append(0.0)
         return transaction(_Timed(conn, spent), statements)
 
-    db._transaction = timed
+    sqlitedb._transaction = timed
     try:
         yield spent
     finally:
-        db._transaction = transaction
+        sqlitedb._transaction = transaction
 
 
 def statements_table(spent: dict[str, list[float]]) -> str:

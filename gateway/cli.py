@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from flask import Flask, current_app
 
-from gateway import auth, db, initfile, recorder, registry, snapshot
+from gateway import auth, db, initfile, pgprobe, recorder, registry, snapshot
 from gateway.vault import vault
 
 
@@ -38,7 +38,7 @@ def prepare_command(url: str | None) -> None:
     except db.UNREACHABLE as exc:
         if not db.is_postgres():
             raise
-        if not db.server_answers():
+        if not pgprobe.server_answers():
             _start_without_database(exc)
             return
         # It answers now: either it refuses (the same error again stops the start), or

@@ -2,12 +2,9 @@
 
 SQLite (the embedded default) runs in WAL mode with a modest busy timeout; every
 write is one short transaction with no cooperative I/O inside, because SQLite's busy
-handler sleeps in C and would freeze the whole gevent worker (the recorder, which
-writes all the time, waits for the lock in gevent instead, and does its SQLite work
-beside the loop, in the hub's thread pool, where sqlite3 lets go of the GIL:
-``sqlite_write``). Statements outside a transaction run beside the loop too, so neither a
-dashboard's aggregate over a big table nor a write waiting for another process's lock
-stops the worker's calls (``_SqliteDatabase``).
+handler sleeps in C and would freeze the whole gevent worker: ``sqlitedb`` runs
+SQLite's work beside the loop, statements outside a transaction and the recorder's
+writes (``sqlite_write``, which waits for another process's lock in gevent).
 PostgreSQL goes through psycopg 3, which cooperates with gevent, from a small
 per-worker pool. Connections belong to greenlets: peewee must be imported after
 gevent patched ``threading`` (gunicorn's gevent worker does that before it loads the
@@ -26,13 +23,7 @@ connections it holds open (a paused VM, a partition that drops packets) makes a 
 from __future__ import annotations
 
 import functools
-import getpass
 import logging
-import os
-import socket
-import sqlite3
-import ssl
-import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -48,7 +39,7 @@ from gevent import monkey
 from playhouse.migrations import Migration, Runner
 from playhouse.pool import PooledPostgresqlDatabase
 
-from gateway import offloop
+from gateway import sqlitedb
 from gateway.config import DEFAULTS, ROOT, default_database_url
 
 log = logging.getLogger(__name__)
@@ -61,17 +52,6 @@ MIGRATIONS = ROOT / "migrations"
 MIGRATION_LOCK = 7_351_911  # one migrator at a time
 RETENTION_LOCK = 7_351_912  # one retention round at a time (``retention``)
 INIT_FILE_LOCK = 7_351_913  # one init file applied at a time (``initfile``)
-
-# How often a writer looks again for SQLite's write lock another process holds
-# (``sqlite_write``), in seconds: from the first retry to at most.
-LOCK_POLL_MIN, LOCK_POLL_MAX = 0.001, 0.02
-SQLITE_PRAGMAS = {
-    "journal_mode": "wal",
-    "synchronous": "normal",
-    "busy_timeout": 5000,
-    "foreign_keys": 1,
-    "cache_size": -16_000,
-}
 
 
 def open_database(
@@ -96,14 +76,14 @@ def open_database(
         path = unquote(parsed.path)[1:] or ":memory:"
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Not tied to the thread that opened it: ``beside_loop`` hands it to a pool
+        # Not tied to the thread that opened it: ``sqlitedb.beside_loop`` hands it to a pool
         # thread while the greenlet that owns it waits.
-        return _SqliteDatabase(
+        return sqlitedb.SqliteDatabase(
             path,
-            pragmas=SQLITE_PRAGMAS,
+            pragmas=sqlitedb.PRAGMAS,
             autoconnect=False,
             check_same_thread=False,
-            factory=_Connection,
+            factory=sqlitedb.Connection,
         )
     if parsed.scheme in ("postgres", "postgresql"):
         return _PostgresqlDatabase(
@@ -229,116 +209,6 @@ def _within(fn: Callable[..., T], *args: Any) -> T:
         timer.close()
 
 
-class _Connection(sqlite3.Connection):
-    """sqlite3's connection, knowing whether ``sqlite_write`` left its busy handler off
-    (its writes wait for the lock in gevent; everything else in the handler, beside the
-    loop)."""
-
-    handler_off = False
-
-
-class _SqliteDatabase(peewee.SqliteDatabase):
-    """SQLite whose statements outside a transaction run beside the event loop.
-
-    A dashboard page's aggregate over a big table is SQLite's work for hundreds of
-    milliseconds, and a write outside a transaction that finds the lock taken (another
-    worker's recorder writing a batch) waits for it in SQLite's busy handler, in C: on
-    the loop, every call in the worker would wait that long. In autocommit mode a
-    statement takes what it needs and lets go of it by itself, so it may run in a
-    thread. Inside a transaction everything stays on the loop: one that holds the write
-    lock must not let the loop go to a greenlet that would then wait for that lock in
-    the busy handler on the loop, while the transaction waits for the loop to finish.
-    """
-
-    def execute_sql(self, sql: str, params: Any = None) -> Any:
-        conn = self._state.conn
-        self._handler_on(conn)
-        if conn is None or conn.in_transaction or not offloop.available() or not _statement(sql):
-            return super().execute_sql(sql, params)
-        self._log_query(sql, params)
-        with peewee.__exception_wrapper__:
-            return beside_loop(conn, _Fetched, conn, sql, params or ())
-
-    def begin(self, lock_type: str | None = None) -> None:
-        """A transaction (``atomic()``) takes the write lock at its BEGIN.
-
-        SQLite's default, a deferred BEGIN, reads from a snapshot and asks for the lock
-        at the first write; if another connection committed in between (a worker's
-        recorder, the server-log writer), SQLite refuses at once with "database is
-        locked", without its busy handler: a read-then-write (an admin change, the
-        init file) failed whenever it overlapped a commit. With the lock taken first,
-        it waits for the other writer in the busy handler instead.
-        """
-        self._handler_on(self._state.conn)  # peewee's BEGIN bypasses ``execute_sql``
-        super().begin(lock_type or "IMMEDIATE")
-
-    @staticmethod
-    def _handler_on(conn: _Connection | None) -> None:
-        """The busy handler on again where ``sqlite_write`` left it off."""
-        if conn is not None and conn.handler_off:
-            conn.execute(f"PRAGMA busy_timeout = {SQLITE_PRAGMAS['busy_timeout']}")
-            conn.handler_off = False
-
-
-_STATEMENTS = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "REPLACE")
-
-
-def _statement(sql: str) -> bool:
-    """A query or a change of rows, as opposed to BEGIN, COMMIT, SAVEPOINT, PRAGMA or
-    DDL, which stay on the loop (they change the connection's state, or are rare)."""
-    return sql.lstrip()[:7].upper().startswith(_STATEMENTS)
-
-
-class _Fetched:
-    """A cursor's answer, fetched whole in the pool thread (the steps are SQLite's
-    work too); reads like the cursor it was for peewee."""
-
-    def __init__(self, conn: sqlite3.Connection, sql: str, params: Any) -> None:
-        cursor = conn.execute(sql, params)
-        self._rows = cursor.fetchall()
-        self.description = cursor.description
-        self.rowcount, self.lastrowid = cursor.rowcount, cursor.lastrowid
-        self._at = 0
-
-    def fetchone(self) -> tuple | None:
-        if self._at >= len(self._rows):
-            return None
-        self._at += 1
-        return self._rows[self._at - 1]
-
-    def fetchmany(self, size: int = 1) -> list[tuple]:
-        rows = self._rows[self._at : self._at + size]
-        self._at += len(rows)
-        return rows
-
-    def fetchall(self) -> list[tuple]:
-        rows = self._rows[self._at :]
-        self._at = len(self._rows)
-        return rows
-
-    def __iter__(self) -> Iterator[tuple]:
-        while (row := self.fetchone()) is not None:
-            yield row
-
-    def close(self) -> None:
-        self._rows = []
-
-
-def beside_loop(conn: Any, work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)``, a call into SQLite on ``conn``, run in the hub's thread pool.
-
-    sqlite3 lets go of the GIL while SQLite works, so the worker's other greenlets run
-    meanwhile; this greenlet waits for the answer. If it is interrupted while it waits
-    (a ``Timeout``, a kill), the statement is interrupted too, and waited for, before
-    the exception goes on: nothing else may use ``conn`` while the thread does.
-    Outside a gevent worker's main thread (a script, a test without patching), it
-    simply calls ``work``. The wait survives a lost wake-up from the pool (``offloop``).
-    """
-    if not isinstance(conn, sqlite3.Connection) or not offloop.available():
-        return work(*args)
-    return offloop.run(work, args, "a SQLite task", cancel=conn.interrupt)
-
-
 def is_postgres() -> bool:
     """True when the proxy points at PostgreSQL."""
     return isinstance(database.obj, peewee.PostgresqlDatabase)
@@ -352,7 +222,7 @@ def alone(lock: int) -> Iterator[None]:
 
     PostgreSQL: a transaction-level advisory lock, taken first (each later statement
     reads what was committed before it began). SQLite: every transaction takes the
-    write lock at its BEGIN already (``_SqliteDatabase.begin``).
+    write lock at its BEGIN already (``sqlitedb.SqliteDatabase.begin``).
     """
     with database.atomic():
         if is_postgres():
@@ -428,76 +298,10 @@ def connection() -> Iterator[None]:
             database.close()
 
 
-# A statement and its parameters, or a function of the rows the statements before it
-# gave back that returns statements to run there and then (in the write's thread: pure
-# and quick), whose own rows are not kept.
-Statement = tuple[str, list[Any]] | Callable[[list[list[tuple]]], list[tuple[str, list[Any]]]]
-
-
-def sqlite_write(statements: list[Statement]) -> list[list[tuple]]:
-    """Run ``statements`` as one SQLite write transaction without stalling the worker;
-    returns each statement's rows (``RETURNING``; none for a function).
-
-    SQLite's busy handler sleeps in C: a worker whose writer finds the write lock taken
-    (the other worker's recorder, writing a batch) would freeze with every call in it
-    for as long. So the lock is asked for with no busy handler, and a refusal waits in
-    gevent; the handler stays off for the connection's next write (a pair of pragmas a
-    write was about 20 µs of its CPU), and any other statement on the connection turns
-    it on again first (``_SqliteDatabase.execute_sql``). Once the lock is held, the
-    statements and the COMMIT (where FTS5 flushes and merges its index) run in one
-    call beside the loop (``beside_loop``): a batch of calls with long prompts is a few
-    hundred milliseconds of SQLite's own work, and the worker's calls go on meanwhile.
-    Nothing between BEGIN and COMMIT needs the loop, so a greenlet of this worker that
-    waits for the lock meanwhile (in C, on the loop) cannot keep the transaction from
-    ending. The caller bounds the whole (the recorder's timeout): cut short, the
-    statement is interrupted and rolled back.
-    """
-    conn = database.connection()
-    delay = LOCK_POLL_MIN
-    with peewee.__exception_wrapper__:  # driver errors -> peewee's classes
-        while (results := beside_loop(conn, _transaction, conn, statements)) is None:
-            gevent.sleep(delay)
-            delay = min(delay * 2, LOCK_POLL_MAX)
-    return results
-
-
-def _transaction(conn: _Connection, statements: list[Statement]) -> list[list[tuple]] | None:
-    """BEGIN IMMEDIATE if the lock is free now (else None), the statements, COMMIT.
-
-    After each statement (a function's statements count as one) the thread offers its
-    CPU (``sched_yield``) to whatever is waiting to run on it. Without that, a batch's
-    statements ran back to back for a millisecond or more, and what woke on that CPU
-    meanwhile (the worker's loop with a call's next step, the client, the upstream)
-    could wait for all of them: with it, a JSON call's p99 at one client came down to
-    about the floor's (issue 11). With nothing else to run, the yield is a system call
-    of about a microsecond.
-    """
-    if not conn.handler_off:
-        conn.execute("PRAGMA busy_timeout = 0")
-        conn.handler_off = True
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            return None
-        raise
-    try:
-        results: list[list[tuple]] = []
-        for statement in statements:
-            if callable(statement):  # statements made of what the ones before gave back
-                for sql, params in statement(results):
-                    conn.execute(sql, params)
-                results.append([])
-            else:
-                sql, params = statement
-                results.append(conn.execute(sql, params).fetchall())
-            os.sched_yield()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # an interrupted write has rolled back already
-            conn.execute("ROLLBACK")
-        raise
-    return results
+def sqlite_write(statements: list[sqlitedb.Statement]) -> list[list[tuple]]:
+    """Run ``statements`` as one SQLite write transaction on this greenlet's connection,
+    without stalling the worker (``sqlitedb.write``); each statement's rows."""
+    return sqlitedb.write(database.connection(), statements)
 
 
 class DatabaseTimeout(peewee.OperationalError):
@@ -602,88 +406,6 @@ def known_migrations() -> tuple[str, ...]:
     """This build's migrations by name, in order: the schema ``migrate`` brings a
     database to."""
     return tuple(m.name for m in Migration.load_directory(str(MIGRATIONS)))
-
-
-# The first message of PostgreSQL's protocol a client may send (SSLRequest): the server
-# answers it with one byte ('S' or 'N') before it asks for anything.
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
-
-
-def server_answers(timeout: float = 2.0) -> bool:
-    """Whether the PostgreSQL server answers at all (TCP, or its Unix socket).
-
-    Tells an outage (nothing there, nothing reachable, or a server that hangs) from a
-    server that is there and refuses what it was asked (a wrong password, a database that
-    does not exist), which psycopg's connection errors do not: both come without a
-    SQLSTATE, and the server's words are in its own language. A connection alone is not
-    an answer: the system of a hung server (a stopped process, a paused VM) still takes
-    it. So the probe asks for the protocol's first reply, which comes before any sign-in.
-    A server that answers only to say it takes no connections now (shutting down,
-    starting up, in crash recovery: SQLSTATE class 57P, in its reply to the sign-in's
-    first message) is away as well: it is not refusing this gateway, it is not serving.
-    """
-    params = database.obj.connect_params
-    host, port = params.get("host") or "/var/run/postgresql", params.get("port") or 5432
-    unix = host.startswith("/")
-    try:
-        if unix:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(timeout)
-        else:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        with sock:
-            if unix:
-                sock.connect(f"{host}/.s.PGSQL.{port}")
-            sock.sendall(_SSL_REQUEST)
-            reply = sock.recv(1)
-            if reply not in (b"N", b"S"):
-                return bool(reply)
-            return not _not_serving(sock, reply == b"S", params)
-    except OSError:  # socket.timeout too
-        return False
-
-
-def _not_serving(sock: socket.socket, tls: bool, params: dict) -> bool:
-    """Whether the server, asked to sign in, says it takes no connections now (57P...).
-
-    ``sock`` has had the SSLRequest's answer (``tls``: it wants TLS, spoken here without
-    checking its certificate: nothing but the error's code is read). Anything but an
-    error of class 57P (a request for a password, another error, no answer) is a server
-    that serves."""
-    if tls:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        try:
-            sock = context.wrap_socket(sock)
-        except ssl.SSLError:  # it answered, in a TLS this probe cannot speak
-            return False
-    user = params.get("user") or getpass.getuser()
-    name = database.obj.database or user
-    body = struct.pack("!i", 196608) + b"".join(  # protocol 3.0
-        key.encode() + b"\0" + value.encode() + b"\0"
-        for key, value in (("user", user), ("database", name))
-    )
-    sock.sendall(struct.pack("!i", len(body) + 5) + body + b"\0")
-    head = _read(sock, 5)
-    if len(head) < 5 or head[:1] != b"E":
-        return False
-    fields = _read(sock, struct.unpack("!i", head[1:])[0] - 4)
-    for field in fields.split(b"\0"):
-        if field[:1] == b"C":  # the SQLSTATE
-            return field[1:].startswith(b"57P")
-    return False
-
-
-def _read(sock: socket.socket, size: int) -> bytes:
-    """Up to ``size`` bytes (fewer only if the server closes first)."""
-    data, size = b"", min(size, 65536)  # an error's fields are a few hundred bytes
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            break
-        data += piece
-    return data
 
 
 def _check_greenlet_connections() -> None:

@@ -74,7 +74,7 @@ def test_prepare_migrates_again_when_the_database_answers_after_failing(
 
     monkeypatch.setattr("gateway.db.migrate", back_after_one_try)
     monkeypatch.setattr("gateway.db.is_postgres", lambda: True)
-    monkeypatch.setattr("gateway.db.server_answers", lambda: True)
+    monkeypatch.setattr("gateway.pgprobe.server_answers", lambda: True)
     with app.app_context():  # as `flask --app wsgi prepare` runs it
         done = runner.invoke(args=["prepare"])
     assert done.exit_code == 0, done.output

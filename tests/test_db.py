@@ -11,7 +11,8 @@ from pathlib import Path
 import gevent
 import pytest
 
-from gateway.db import beside_loop, database, open_database, sqlite_write
+from gateway.db import database, open_database, sqlite_write
+from gateway.sqlitedb import beside_loop
 from tests.loopwatch import assert_kept_turning, lost_wakeups, watch_loop
 from tests.servers import sqlite_lock_held
 
