@@ -4,7 +4,7 @@ The producer (``call.py``) puts the client's pieces here, and never waits for th
 client. The response body is a generator gunicorn iterates: it relays the queue, with
 a heartbeat comment when the connection is idle, and a failed write ends it. Once the
 headers are out (with the first piece), a piece put while the body waits on an empty
-queue is written at once by the producer, without blocking (``worker.framing``: a
+queue is written at once by the producer, without blocking (``gunicornhttp.framing``: a
 greenlet switch and gunicorn's loop fewer per piece); what the socket does not take
 at once is queued, and the body writes the queue itself, several pieces in one send.
 A piece is counted as delivered (its SSE events and answer text) once the socket took
@@ -38,7 +38,7 @@ import gevent.event
 import gevent.pool
 
 from gateway import sse
-from gateway.worker import framing
+from gateway.gunicornhttp import framing
 
 if TYPE_CHECKING:
     from gateway.adapters.translator import Piece

@@ -200,7 +200,7 @@ def test_hurry_at_shutdown_ends_a_settle_and_takes_the_fin_as_the_departure(pair
 @pytest.fixture
 def unframed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the first piece is out, the producer writes pieces itself, as in a gunicorn
-    worker (``worker.framing``; here with no chunked framing, as ``serve`` writes)."""
+    worker (``gunicornhttp.framing``; here with no chunked framing, as ``serve`` writes)."""
     monkeypatch.setattr(downstream, "framing", lambda: lambda data: data)
 
 
