@@ -9,7 +9,9 @@ shared by every call asking meanwhile and never waited for while the database is
 known down.
 
 After each read that changed something, the state is written to ``SNAPSHOT_FILE``
-(instance/snapshot.json, mode 0600, replaced atomically), with when that read started.
+(instance/snapshot.json, mode 0600, replaced atomically), with when that read started;
+written and synced beside the loop (``offloop``: a busy disk's sync held every call of
+the worker), one write of this process at a time, each of the state as of its turn.
 A worker that starts while the database is away (a recycled one, say) serves from that
 file, and so does a whole gateway started then, if the file was written by a build
 with the same migrations (``usable``, which ``flask prepare`` asks). A worker that
@@ -34,11 +36,12 @@ from pathlib import Path
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db
+from gateway import db, offloop
 from gateway.auth import keys
 from gateway.config import INSTANCE
 from gateway.models import utcnow
@@ -72,6 +75,9 @@ class Refresher:
         self._done = gevent.event.Event()  # replaced after every read
         self._group = gevent.pool.Group()
         self._running = False
+        # One write at a time (a read's, a revocation's): each waits for the disk beside
+        # the loop, they share the file aside, and a later turn must write a later state.
+        self._writing = gevent.lock.Semaphore()
 
     def init_app(self, app: Flask) -> None:
         """Load keys and catalog (from the file if the database is away); refresh them."""
@@ -167,6 +173,12 @@ class Refresher:
     # -- the file -------------------------------------------------------------
 
     def _write(self) -> None:
+        """Write what the caches hold to the file, unless this process wrote just that;
+        after the write in progress, if there is one (the state is taken at its turn)."""
+        with self._writing:
+            self._write_now()
+
+    def _write_now(self) -> None:
         state = {"keys": keys.dump(), "catalog": catalog.dump()}
         text = json.dumps(state, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
@@ -181,20 +193,10 @@ class Refresher:
             "schema": db.known_migrations(),
         }
         body = json.dumps({**written, **state})
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
-                fh.write(body)
-                fh.flush()
-                os.fsync(fd)
-            os.replace(tmp, self.path)  # readers see the old file or the new, never half
+            offloop.run_to_end(_replace, (self.path, body), "a snapshot write")
         except OSError:
             log.exception("snapshot: cannot write %s", self.path)
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # half a copy of provider keys, taking room on a full disk
             # Written again at the next read, changed or not: else the file would stay
             # stale (a key revoked since, still in it) until something else changed.
             self._written = None
@@ -284,6 +286,26 @@ def _read_at(data: dict) -> datetime | None:
     wrote it, or a worker started from such a file)."""
     stamp = data.get("read_at")
     return datetime.fromisoformat(stamp) if stamp else None
+
+
+def _replace(path: Path, body: str) -> None:
+    """Make ``body`` the content of ``path``, readable by this user only: written aside
+    and synced, then renamed, so readers see the old file or the new, never half. In a
+    pool thread (``offloop.run_to_end``); a failed write leaves nothing aside."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
+            fh.write(body)
+            fh.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # half a copy of provider keys, taking room on a full disk
+        raise
 
 
 def _sealed(row: dict) -> dict:

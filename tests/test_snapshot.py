@@ -8,6 +8,8 @@ when a read happens), then put them back in read-through mode for the other test
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import stat
 import time
@@ -29,7 +31,8 @@ from gateway.routing import catalog
 from gateway.snapshot import refresher
 from gateway.vault import vault
 from tests import pools
-from tests.servers import ENCRYPTION_KEY, Disk, away, unreachable
+from tests.loopwatch import SYNC_TAKES, assert_kept_turning, slow_disk, watch_loop
+from tests.servers import ENCRYPTION_KEY, Disk, away, unreachable, wait_until
 
 
 def configure(tmp_path: Path, **config: object) -> None:
@@ -166,6 +169,41 @@ def test_a_snapshot_the_disk_cannot_take_leaves_the_last_one_and_nothing_else(
     assert sorted(p.name for p in disk.path.iterdir()) == ["filler", "snapshot.json"]
     disk.free()
     assert refresher.refresh() and live not in path.read_text()
+
+
+def test_a_snapshot_is_synced_beside_the_loop(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written after each read that changed something and at every revocation: its sync,
+    on the loop, stopped every call of the worker for as long as a busy disk took."""
+    slow_disk(monkeypatch)
+    with database.connection_context():
+        ApiKey.update(rpm_limit=8, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+    with watch_loop() as watch:
+        assert refresher.refresh()
+    assert_kept_turning(watch)
+    saved = json.loads((tmp_path / "snapshot.json").read_text())
+    assert [row[2] for row in saved["keys"] if row[0] == ApiKey.hash(world["key"])] == [8]
+
+
+def test_a_revocation_announced_while_the_snapshot_is_written_is_written_after_it(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two writes of one worker at once (a read's, a revocation's) shared one file aside:
+    the second cut the first's short, and the first renamed it away from under it."""
+    slow_disk(monkeypatch)
+    path, live = tmp_path / "snapshot.json", ApiKey.hash(world["key"])
+    aside = path.with_name(f".snapshot.json.{os.getpid()}")
+    with database.connection_context():
+        ApiKey.update(rpm_limit=8, updated_at=utcnow()).where(ApiKey.id == world["id"]).execute()
+    reading = gevent.spawn(refresher.refresh)
+    wait_until(lambda: aside.exists() or reading.dead, interval=0.01)
+    keys.changed(REVOKED + live)  # announced while the read's write waits for the disk
+    assert reading.get(timeout=5)
+    wait_until(lambda: live not in path.read_text())
+    gevent.sleep(3 * SYNC_TAKES)  # every write has ended
+    assert live not in path.read_text() and not aside.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_changes_made_elsewhere_apply_at_the_next_read(world: dict, tmp_path: Path) -> None:
@@ -305,7 +343,8 @@ def test_a_key_revoked_since_or_a_file_no_later_than_this_worker_s_read_is_not_r
     path = tmp_path / "snapshot.json"
     later_key, theirs = another_worker_read_later(world, tmp_path)
     keys.changed(REVOKED + ApiKey.hash(later_key))  # announced to this worker too
-    gevent.sleep(0.05)  # it rewrites the file from what it knows: as an announcement
+    # It rewrites the file from what it knows, beside the loop: as an announcement.
+    wait_until(lambda: ApiKey.hash(later_key) not in path.read_text(), interval=0.01)
     path.write_text(theirs)  # heard after the other worker wrote
     with away(unreachable(database_url)):
         assert keys.get(later_key) is None
