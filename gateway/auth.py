@@ -202,6 +202,11 @@ class KeyCache:
             for h, c in sorted(known.items())
         ]
 
+    def revoked(self) -> frozenset[str]:
+        """The hashes of the keys announced revoked since the last read started (a read
+        that started later has them revoked)."""
+        return frozenset(self._revoked)
+
     def load(self, rows: list[list]) -> None:
         """Replace the cache with rows from ``dump``; the next refresh reads every key."""
         self._callers = dict(_loaded(row) for row in rows)

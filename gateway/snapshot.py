@@ -12,6 +12,11 @@ After each read that changed something, the state is written to ``SNAPSHOT_FILE`
 (instance/snapshot.json, mode 0600, replaced atomically), with when that read started;
 written and synced beside the loop (``offloop``: a busy disk's sync held every call of
 the worker), one write of this process at a time, each of the state as of its turn.
+The newest read wins across processes: a write renames its file into place under an
+``flock`` (``.snapshot.json.lock``) and only over one of an older read (a worker held
+up mid-write, by a busy disk or a stop, took every other back to its older read);
+over a later one, it takes out only the keys this worker knows were revoked since
+(a revocation's write: the key must not be in the file a moment longer).
 A worker that starts while the database is away (a recycled one, say) serves from that
 file, and so does a whole gateway started then, if the file was written by a build
 with the same migrations (``usable``, which ``flask prepare`` asks). A worker that
@@ -25,11 +30,9 @@ turns all this off: each call reads through (tests).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +44,7 @@ import gevent.pool
 from flask import Flask
 from gevent import monkey
 
-from gateway import db, offloop
+from gateway import db, offloop, snapshot_file
 from gateway.auth import keys
 from gateway.config import INSTANCE
 from gateway.models import utcnow
@@ -194,7 +197,8 @@ class Refresher:
         }
         body = json.dumps({**written, **state})
         try:
-            offloop.run_to_end(_replace, (self.path, body), "a snapshot write")
+            args = (self.path, body, self._read_at, keys.revoked())
+            offloop.run_to_end(snapshot_file.replace, args, "a snapshot write")
         except OSError:
             log.exception("snapshot: cannot write %s", self.path)
             # Written again at the next read, changed or not: else the file would stay
@@ -286,26 +290,6 @@ def _read_at(data: dict) -> datetime | None:
     wrote it, or a worker started from such a file)."""
     stamp = data.get("read_at")
     return datetime.fromisoformat(stamp) if stamp else None
-
-
-def _replace(path: Path, body: str) -> None:
-    """Make ``body`` the content of ``path``, readable by this user only: written aside
-    and synced, then renamed, so readers see the old file or the new, never half. In a
-    pool thread (``offloop.run_to_end``); a failed write leaves nothing aside."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fd, 0o600)  # it holds provider keys, whatever the umask or old file
-            fh.write(body)
-            fh.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # half a copy of provider keys, taking room on a full disk
-        raise
 
 
 def _sealed(row: dict) -> dict:

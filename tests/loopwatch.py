@@ -1,8 +1,10 @@
 """Watching a worker's event loop: how long it went without a turn while a block ran;
-a loop that the pool's wake-ups do not reach; a disk whose syncs take long."""
+a loop that the pool's wake-ups do not reach; a disk whose syncs take long; an ``flock``
+that would wait on the loop for this process."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import time
@@ -95,3 +97,18 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(os, "fsync", fsync)
     return synced
+
+
+def no_wait_in_flock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail an ``flock`` that would wait: in one process, the lock is held by another
+    greenlet, waiting beside the loop for a sync whose end the loop, stopped in the
+    kernel's wait, could never hear (a deadlock, where the test would hang)."""
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        try:
+            real(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AssertionError("waited in flock, on the loop, for this process") from None
+
+    monkeypatch.setattr(fcntl, "flock", flock)

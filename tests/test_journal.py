@@ -19,7 +19,7 @@ import pytest
 from gateway import journal as journal_module
 from gateway.ahead import Ahead
 from gateway.journal import Journal
-from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
+from tests.loopwatch import assert_kept_turning, no_wait_in_flock, slow_disk, watch_loop
 from tests.servers import wait_until
 
 
@@ -483,21 +483,6 @@ def test_journal_files_are_their_owners_alone(tmp_path: Path) -> None:
 
 
 # -- a busy disk -------------------------------------------------------------------------
-
-
-def no_wait_in_flock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail an ``flock`` that would wait: in one process, the lock is held by another
-    greenlet, waiting beside the loop for a sync whose end the loop, stopped in the
-    kernel's wait, could never hear (a deadlock, where the test would hang)."""
-    real = fcntl.flock
-
-    def flock(fd: int, operation: int) -> None:
-        try:
-            real(fd, operation | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AssertionError("waited in flock, on the loop, for this process") from None
-
-    monkeypatch.setattr(fcntl, "flock", flock)
 
 
 def test_an_append_syncs_beside_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

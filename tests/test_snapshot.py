@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -20,6 +22,7 @@ from pathlib import Path
 import gevent
 import pytest
 from flask import Flask
+from gevent import monkey
 
 from gateway import db
 from gateway.auth import REVOKED, keys
@@ -31,8 +34,14 @@ from gateway.routing import catalog
 from gateway.snapshot import refresher
 from gateway.vault import vault
 from tests import pools
-from tests.loopwatch import SYNC_TAKES, assert_kept_turning, slow_disk, watch_loop
-from tests.servers import ENCRYPTION_KEY, Disk, away, unreachable, wait_until
+from tests.loopwatch import (
+    SYNC_TAKES,
+    assert_kept_turning,
+    no_wait_in_flock,
+    slow_disk,
+    watch_loop,
+)
+from tests.servers import ENCRYPTION_KEY, ROOT, Disk, away, unreachable, wait_until
 
 
 def configure(tmp_path: Path, **config: object) -> None:
@@ -166,7 +175,11 @@ def test_a_snapshot_the_disk_cannot_take_leaves_the_last_one_and_nothing_else(
     disk.fill()
     assert refresher.refresh()  # the read worked; the write did not, and says so
     assert live in path.read_text() and json.loads(path.read_text())["keys"], "the last, whole"
-    assert sorted(p.name for p in disk.path.iterdir()) == ["filler", "snapshot.json"]
+    assert sorted(p.name for p in disk.path.iterdir()) == [
+        ".snapshot.json.lock",  # the writers' flock, empty
+        "filler",
+        "snapshot.json",
+    ]
     disk.free()
     assert refresher.refresh() and live not in path.read_text()
 
@@ -190,8 +203,10 @@ def test_a_revocation_announced_while_the_snapshot_is_written_is_written_after_i
     world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two writes of one worker at once (a read's, a revocation's) shared one file aside:
-    the second cut the first's short, and the first renamed it away from under it."""
+    the second cut the first's short, and the first renamed it away from under it. The
+    second waits its turn in gevent, never for this process's ``flock`` in the kernel."""
     slow_disk(monkeypatch)
+    no_wait_in_flock(monkeypatch)
     path, live = tmp_path / "snapshot.json", ApiKey.hash(world["key"])
     aside = path.with_name(f".snapshot.json.{os.getpid()}")
     with database.connection_context():
@@ -204,6 +219,94 @@ def test_a_revocation_announced_while_the_snapshot_is_written_is_written_after_i
     gevent.sleep(3 * SYNC_TAKES)  # every write has ended
     assert live not in path.read_text() and not aside.exists()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class HeldSync:
+    """The first ``os.fsync`` waits in its thread until ``release``d (a disk busy for as
+    long, or a worker stopped mid-write); the others go through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.holding = self.released = False
+        real, sleep = os.fsync, monkey.get_original("time", "sleep")
+
+        def fsync(fd: int) -> None:
+            if not self.holding:
+                self.holding = True
+                while not self.released:
+                    sleep(0.005)  # the thread's own: the loop goes on
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def release(self) -> None:
+        self.released = True
+
+
+# Another worker (a process of its own), which read a moment ago: it writes the keys
+# it is given, as of then, and no model.
+ANOTHER_WORKER = """
+import json, sys
+from pathlib import Path
+from gateway.auth import keys
+from gateway.models import utcnow
+from gateway.snapshot import refresher
+keys.load(json.loads(sys.stdin.read()))
+refresher.path, refresher._read_at = Path(sys.argv[1]), utcnow()
+refresher._write()
+print(refresher._read_at.isoformat())
+"""
+
+
+def another_worker_writes(path: Path, rows: list[list]) -> str:
+    """Another worker, which read a moment ago (``rows``: its keys), writes the file;
+    when it read."""
+    done = subprocess.run(
+        [sys.executable, "-c", ANOTHER_WORKER, str(path)],
+        input=json.dumps(rows),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    read_at = done.stdout.strip()
+    assert json.loads(path.read_text())["read_at"] == read_at, done.stderr
+    return read_at
+
+
+def test_an_older_read_s_write_never_lands_over_a_newer_one(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker's write of a read waits for the disk (busy, or the worker stopped)
+    while another's of a later read lands. The last rename won: the file went back to
+    the older read, and the other workers recalled it during an outage, not what only
+    the later one knew (a model made just before: 404)."""
+    path = tmp_path / "snapshot.json"
+    held = HeldSync(monkeypatch)
+    refresher._written = None  # as after a read that changed something
+    writing = gevent.spawn(refresher._write)
+    wait_until(lambda: held.holding, interval=0.01)
+    theirs = another_worker_writes(path, keys.dump())
+    held.release()
+    writing.get(timeout=5)
+    assert json.loads(path.read_text())["read_at"] == theirs
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.glob(".snapshot.json.*[0-9]")] == [], "nothing left aside"
+
+
+def test_a_revocation_takes_the_key_out_of_a_file_of_a_later_read(
+    world: dict, tmp_path: Path
+) -> None:
+    """A worker hears a revocation after another worker, which read later but before the
+    revocation, wrote the file: the key is taken out of that file (a worker started in
+    an outage would serve it), and the rest of the later read stays."""
+    path, live = tmp_path / "snapshot.json", ApiKey.hash(world["key"])
+    theirs = another_worker_writes(path, [*keys.dump(), ["f" * 64, 999, 5, 5, None]])
+    keys.changed(REVOKED + live)  # this worker's read is older than the file
+    wait_until(lambda: live not in path.read_text(), timeout=3, interval=0.01)
+    saved = json.loads(path.read_text())
+    assert saved["read_at"] == theirs and [row[0] for row in saved["keys"]] == ["f" * 64]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.glob(".snapshot.json.*[0-9]")] == [], "nothing left aside"
 
 
 def test_changes_made_elsewhere_apply_at_the_next_read(world: dict, tmp_path: Path) -> None:
