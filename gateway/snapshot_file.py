@@ -45,6 +45,8 @@ def replace(path: Path, body: str, read_at: datetime | None, revoked: frozenset[
                     later = body  # unreadable whole: ours serves, and holds no such key
                 if later is None:
                     tmp.unlink()
+                    with contextlib.suppress(OSError):  # as if ours: one put there by hand
+                        os.chmod(path, 0o600)
                     return
                 if later is not body:  # (ours is aside already)
                     _write_synced(tmp, later)
