@@ -123,6 +123,9 @@ class Permit:
     stream: bool
     slot: bool = False  # holds one of the key's maxConcurrent slots
     req_id: str | None = None  # a claimed request id: repeats get this call's answer
+    # Claimed on a store that may have lost the claim of a call still running with it
+    # (``Limiter.claim_unsure``): ``replay.lookup`` asks the records.
+    unsure: bool = False
     settled: bool = False
     _unpaid: dict | None = None  # what ``pay`` charges once the answer is written
 
@@ -132,12 +135,12 @@ class Permit:
 
     def claim(self, req_id: str) -> Stored | None:
         """Claim ``req_id``: None to make the call, a stored answer to replay; 409 in flight."""
-        holder = limiter.claim(self.caller.id, req_id, self.uid)
+        holder, unsure = limiter.claim_unsure(self.caller.id, req_id, self.uid)
         if holder is not None and holder.answer is None:
             gevent.sleep(RECHECK)
-            holder = limiter.claim(self.caller.id, req_id, self.uid)
+            holder, unsure = limiter.claim_unsure(self.caller.id, req_id, self.uid)
         if holder is None:
-            self.req_id = req_id
+            self.req_id, self.unsure = req_id, unsure  # unsure: the records say if it runs
             return None
         if holder.answer is None:
             raise dedup.in_flight(req_id, self.stream, holder.age, holder.started)

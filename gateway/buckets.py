@@ -135,7 +135,9 @@ class Claim:
     """Who holds a request id: the holding call's uid and when (store clock) it started.
 
     ``answer`` is what the holder settled the claim with once its call was over (the
-    stored answer a repeat replays); None while the call is still in flight.
+    stored answer a repeat replays); None while the call is still in flight. A claimer
+    told that it holds the id itself did claim it, on a store that may have lost the
+    claim of a call still in flight (``RedisStore.claim``'s ``mark``).
     """
 
     uid: str
@@ -283,11 +285,21 @@ class LocalStore:
 
     # -- request claims --------------------------------------------------------
 
-    def claim(self, key: str, uid: str, ttl: float, age: float = 0.0) -> Claim | None:
+    def claim(
+        self,
+        key: str,
+        uid: str,
+        ttl: float,
+        age: float = 0.0,
+        mark: str | None = None,
+        grace: float = 0.0,
+    ) -> Claim | None:
         """Claim a request id for call ``uid``; None if claimed, else the current holder.
 
         ``age``: seconds ``uid`` has held the id already (a claim taken again after the
-        store lost it): the claim says it started then, not now."""
+        store lost it): the claim says it started then, not now. ``mark`` and ``grace``
+        are Redis's (``RedisStore.claim``: a store restarted empty lost the claims of
+        calls in flight); this process's memory never loses a claim while it lives."""
         now = self.clock()
         held = self._claims.get(key)
         if held is not None and held[2] > now:

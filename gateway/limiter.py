@@ -592,11 +592,21 @@ class Limiter:
 
     def claim(self, key_id: int, req_id: str, uid: str) -> Claim | None:
         """Claim a request id for call ``uid``: None if claimed, else who holds it."""
+        return self.claim_unsure(key_id, req_id, uid)[0]
+
+    def claim_unsure(self, key_id: int, req_id: str, uid: str) -> tuple[Claim | None, bool]:
+        """``claim``, and whether a claim taken is unsure: the store began to keep the
+        key's claims less than INFLIGHT_TTL ago (a Redis restarted empty), and the
+        worker of a call still in flight with this id may not have taken its claim
+        again yet (it does at its next keep)."""
         key = self.key(f"key:{key_id}", f"req:{req_id}")
-        holder = self._guarded("claim", None, self.store.claim, key, uid, self.inflight_ttl)
-        if holder is None:
+        mark, ttl = self._of_key(key_id, "claims-since"), self.inflight_ttl
+        holder = self._guarded("claim", None, self.store.claim, key, uid, ttl, 0.0, mark, ttl)
+        unsure = holder is not None and holder.uid == uid
+        if holder is None or unsure:
             self._claims[(key, uid)] = time.monotonic()
-        return holder
+            return None, unsure
+        return holder, False
 
     def unclaim(self, key_id: int, req_id: str, uid: str) -> None:
         """Release call ``uid``'s claim on a request id: a repeat will run anew."""

@@ -569,15 +569,30 @@ class RedisStore:
         """Give a slot back; return the slots still in use."""
         return self._one("release", key, member)
 
-    def claim(self, key: str, uid: str, ttl: float, age: float = 0.0) -> Claim | None:
+    def claim(
+        self,
+        key: str,
+        uid: str,
+        ttl: float,
+        age: float = 0.0,
+        mark: str | None = None,
+        grace: float = 0.0,
+    ) -> Claim | None:
         """Claim a request id for call ``uid``; None if claimed, else the current holder.
 
         ``age``: seconds ``uid`` has held the id already (a claim taken again after the
-        store lost it): the claim says it started then, not now."""
-        argv = ["claim", uid, ttl, self._now()]
-        if age > 0:
+        store lost it): the claim says it started then, not now. ``mark`` (the key's,
+        see claims.lua): a claim taken within ``grace`` seconds of the store's first
+        claim of the key's ids answers ``uid`` itself as the holder: claimed, but the
+        store may have lost the claim of a call still in flight (``LocalStore.claim``)."""
+        argv: list[Any] = ["claim", uid, ttl, self._now()]
+        keys = [key]
+        if mark is not None:
+            keys.append(mark)
+            argv += [age, grace]
+        elif age > 0:
             argv.append(age)
-        out = self._run(self._claims, [key], argv)
+        out = self._run(self._claims, keys, argv)
         if not out:
             return None
         return Claim(out[0].decode(), float(out[1]), float(out[2]), out[3].decode() or None)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from datetime import UTC
 
 import gevent.event
 
-from gateway import db
+from gateway import db, dedup
 from gateway.adapters import PROTOCOLS, ir, record
 from gateway.adapters.translator import Piece, StreamTranslator
 from gateway.admission import Permit
@@ -42,7 +44,9 @@ def lookup(permit: Permit, req_id: str) -> Stored | None:
     Raises RequestInFlight (409) while the first call with this id is running. The id's
     holder may instead be a repeat like this one, whose answer had gone from the claim,
     reading it from the record meanwhile: so a repeat told "in flight" looks there too
-    before it answers 409 (a running call's record has no answer yet).
+    before it answers 409 (a running call's record has no answer yet). A claim taken on
+    a Redis that may have lost the first call's (restarted empty, until that call's
+    worker takes it again) looks there for a call with this id still pending, too.
     """
     try:
         stored = permit.claim(req_id)
@@ -53,7 +57,39 @@ def lookup(permit: Permit, req_id: str) -> Stored | None:
         return stored
     if stored is None and permit.req_id is not None:
         stored = _from_record(permit.caller.id, req_id)
+        if stored is None and permit.unsure:
+            started = _running(permit.caller.id, req_id, permit.uid)
+            if started is not None:  # its claim was lost (Redis restarted empty)
+                age = max(0.0, time.time() - started)
+                raise dedup.in_flight(req_id, permit.stream, age, started)
     return stored
+
+
+def _running(key_id: int, req_id: str, uid: str) -> float | None:
+    """When (epoch seconds) another call of this key's request id that is still pending
+    in the records began, if the database says (its process lives: a dead one's are
+    swept within about a minute)."""
+    if not db.reachable():
+        return None
+    try:
+        with db.background(READ_TIMEOUT):
+            row = (
+                Completion.select(Completion.created_at)
+                .where(
+                    (Completion.api_key == key_id)
+                    & (Completion.req_id == req_id)
+                    & (Completion.status == "pending")
+                    & (Completion.uid != uid)
+                    & (Completion.deleted == False)  # noqa: E712
+                )
+                .order_by(Completion.id.desc())
+                .first()
+            )
+    except Exception as exc:  # away or slow: make the call instead
+        db.mark_reachable(False)
+        log.warning("replay: cannot read calls in flight (%s); repeats run anew for now", exc)
+        return None
+    return None if row is None else row.created_at.replace(tzinfo=UTC).timestamp()
 
 
 def _from_record(key_id: int, req_id: str) -> Stored | None:

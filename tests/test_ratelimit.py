@@ -177,6 +177,25 @@ def test_an_admission_writes_only_the_buckets_it_takes_from(shared_redis: RedisS
     assert store.client.hget(keys[0], "t") == b"1700000030"  # RPM paid: stored
 
 
+def test_a_claim_within_the_grace_of_the_keys_mark_is_unsure(shared_redis: RedisServer) -> None:
+    """A store that began to keep a key's claims lately (a Redis restarted empty) may
+    have lost the claim of a call still in flight: a claim taken then says so (the
+    claimer itself as the holder), one taken after the grace does not."""
+    now = [1000.0]
+    store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT), lambda: now[0])
+    tag = f"gw:{{key:{uuid.uuid4().hex[:8]}}}"
+    mark = f"{tag}:claims-since"
+    unsure = store.claim(f"{tag}:req:a", "first", 5.0, 0.0, mark, 30.0)
+    assert unsure is not None and (unsure.uid, unsure.answer) == ("first", None)
+    holder = store.claim(f"{tag}:req:a", "repeat", 5.0, 0.0, mark, 30.0)
+    assert holder is not None and holder.uid == "first"  # held: as ever
+    now[0] += 29.0
+    assert store.claim(f"{tag}:req:b", "second", 5.0, 0.0, mark, 30.0).uid == "second"
+    now[0] += 1.0
+    assert store.claim(f"{tag}:req:c", "third", 5.0, 0.0, mark, 30.0) is None
+    assert store.claim(f"{tag}:req:d", "plain", 5.0) is None  # no mark: as before
+
+
 def test_without_a_clock_the_server_time_refills(shared_redis: RedisServer) -> None:
     store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
     bucket, key = Bucket("b", 5, 20.0), f"{uuid.uuid4().hex}:{{k}}:b"  # 20 tokens a second

@@ -367,3 +367,34 @@ def test_a_killed_workers_slots_lapse_within_inflight_ttl(
     killed = time.monotonic()
     wait_until(lambda: call(gw, key).status_code == 200, timeout=10, interval=0.2)
     assert time.monotonic() - killed < 5  # INFLIGHT_TTL (2 s), then the next try
+
+
+def test_a_repeat_right_after_redis_restarted_empty_does_not_call_the_upstream_again(
+    gateway_factory, fake, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    """Redis restarted empty loses the claim of a request id whose call still runs on
+    another instance (its worker takes it again only at its next keep, up to a third of
+    INFLIGHT_TTL later): a repeat meanwhile must still get 409, not a second upstream
+    call, and the stored answer once the first is over."""
+    redis = redis_server
+    env = {**ENV, "REDIS_URL": redis.url}
+    a, b = gateway_factory(**env), gateway_factory(**env)
+    a.setup_route(fake.url, remote_id="fake")
+    key, key_id = new_key(a)
+    call_id, req_id = uuid.uuid4().hex, f"job-{uuid.uuid4().hex[:8]}"
+    script, same = f"id={call_id};first_delay=3", {"X-NexusGate-ReqId": req_id}
+    first = gevent.spawn(call, a, key, script, **same)
+    wait_until(lambda: a.records(apiKeyId=key_id), timeout=5)  # in flight, its row pending
+    assert call(b, key, script, **same).status_code == 409
+
+    redis.stop()
+    redis.start()  # empty: the claim is gone, the first call still runs
+    again = call(b, key, script, **same)
+    assert again.status_code == 409, again.text
+    assert int(again.headers["Retry-After"]) >= 1
+    assert first.get().status_code == 200
+    a.wait_final(1, apiKeyId=key_id)
+    assert call(b, key, script, **same).status_code == 200  # the stored answer
+    assert len(fake.log(call_id)) == 1
+    rows = a.wait_final(2, apiKeyId=key_id)
+    assert sorted(r["status"] for r in rows) == ["cache_hit", "completed"]

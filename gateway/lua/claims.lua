@@ -7,12 +7,20 @@
 --          and its claim lapses. Once the call is over its holder settles the claim with
 --          the answer to replay (``answer``), kept ``ttl`` more seconds. The key itself
 --          expires a margin later (garbage collection).
+-- KEYS[2] (claim only, optional): the key's mark, when this store first took a claim of
+--          its ids (set then, kept a week from the last claim). A store that lost its
+--          data (a Redis restarted empty) lost the claims of calls still in flight with
+--          it; their workers take them again within a third of INFLIGHT_TTL.
 -- ARGV: mode ("claim" | "keep" | "settle" | "release"), uid, ttl seconds, now ("" = the
 --       server's TIME), answer (settle only) or age (claim only, optional: seconds the
 --       call has held the id already, for a claim taken again after Redis lost it; its
---       ``started`` stays when the call began).
--- Returns: claim: {} when claimed, else {holder uid, started, now, answer or ""};
+--       ``started`` stays when the call began), then with KEYS[2] the grace: seconds
+--       after the mark during which a claim may have been lost.
+-- Returns: claim: {} when claimed, else {holder uid, started, now, answer or ""}: the
+--          claimer's own uid when claimed within the grace (the caller is to ask the
+--          records whether a call with this id still runs);
 --          keep / settle / release: 1 if uid was the (live, unsettled) holder, else 0.
+local MARK_KEPT = 7 * 86400  -- seconds a key's mark outlives its last claim
 local key, mode, uid, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = clock(ARGV[4])
 local holder = redis.call('HMGET', key, 'uid', 'started', 'expires', 'answer')
@@ -30,6 +38,17 @@ if mode == 'claim' then
   redis.call('DEL', key)
   redis.call('HSET', key, 'uid', uid, 'started', num(now - age), 'expires', num(now + ttl))
   redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
+  if KEYS[2] then
+    local since = tonumber(redis.call('GET', KEYS[2]))
+    if since == nil then
+      since = now
+      redis.call('SET', KEYS[2], num(now))
+    end
+    redis.call('PEXPIRE', KEYS[2], MARK_KEPT * 1000)
+    if now - since < tonumber(ARGV[6]) then
+      return {uid, num(now - age), num(now), ''}
+    end
+  end
   return {}
 end
 if mode == 'keep' or mode == 'settle' then
