@@ -57,6 +57,11 @@ OWED_MAX = 100_000  # such operations kept for the store at most; past it the ol
 _UNSENT = object()  # ``_guarded``'s fallback where the caller must know the store failed
 # Announced by a charge that leaves a key's TPM bucket near empty: "tpm-low:<key id>".
 TPM_LOW = "tpm-low:"
+# What a fail-open is counted as in /metrics (gateway_limiter_fail_open_total's label).
+OPERATIONS = (
+    "admit", "lease", "charge", "finish", "usage", "enter", "leave", "claim", "unclaim",
+    "settle", "keep", "spend", "spent", "seed", "attempt", "announce",
+)  # fmt: skip
 
 
 def _whole(x: float) -> float:
@@ -171,6 +176,7 @@ class Limiter:
     def init_app(self, app: Any) -> None:
         """Configure from the app; start the keeper and listener in a gevent worker."""
         self.configure(app.config)
+        metrics.limiter_operations(OPERATIONS)
         if not self.shared:
             log.warning(
                 "REDIS_URL is not set: rate limits, concurrency limits, request dedup and "

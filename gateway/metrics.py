@@ -435,6 +435,15 @@ def limiter_failed_open(operation: str) -> None:
     FAIL_OPENS.labels(operation).inc()
 
 
+def limiter_operations(operations: Iterable[str]) -> None:
+    """Export the fail-open count of each of the limiter's ``operations`` from the
+    start, at 0: a series that first appears with its value has no sample before it,
+    and Prometheus's increase() and rate() count none of what it first shows (an
+    instance's first Redis outage went unseen by an alert on them)."""
+    for operation in operations:
+        FAIL_OPENS.labels(operation)
+
+
 def log_lines_dropped(stream: str, lines: int) -> None:
     """Count log lines to ``stream`` dropped because its reader fell behind."""
     _add(_child(LOG_LINES_DROPPED, stream), lines)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import gevent
 import pytest
 from gevent import monkey
 
+from gateway import limiter as limiter_module
 from gateway import metrics
 from gateway.errors import BudgetExceeded
 from gateway.leases import LEASE_TTL
@@ -756,3 +759,10 @@ def test_with_redis_away_a_lease_s_calls_hold_and_none_asks_for_another(
         assert _fail_opens("lease") - asked <= 1  # the one that found Redis away
     finally:
         limiter.stop()
+
+
+def test_every_operation_that_can_fail_open_is_exported_from_the_start() -> None:
+    """Each name the limiter counts a fail-open under is in OPERATIONS (exported at 0)."""
+    source = Path(limiter_module.__file__).read_text()
+    counted = set(re.findall(r'(?:_guarded|_send_or_owe|_failed_open)\(\s*"(\w+)"', source))
+    assert counted and counted <= set(limiter_module.OPERATIONS)

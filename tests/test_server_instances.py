@@ -398,3 +398,15 @@ def test_a_repeat_right_after_redis_restarted_empty_does_not_call_the_upstream_a
     assert len(fake.log(call_id)) == 1
     rows = a.wait_final(2, apiKeyId=key_id)
     assert sorted(r["status"] for r in rows) == ["cache_hit", "completed"]
+
+
+def test_fail_opens_are_exported_at_zero_before_redis_ever_fails(pair) -> None:  # type: ignore[no-untyped-def]
+    """The counter of calls let through while Redis is away is there from the start: a
+    series that first appears at its value after an outage has no sample before it, so
+    Prometheus's increase() and rate() count none of that outage (an instance's first
+    one was invisible to an alert on them)."""
+    for gw in pair:
+        text = requests.get(f"{gw.url}/metrics", timeout=10).text
+        for operation in ("admit", "claim", "finish"):
+            series = f'gateway_limiter_fail_open_total{{operation="{operation}"}} '
+            assert series in text, f"{gw.url}: no {series.strip()}"
