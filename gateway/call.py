@@ -475,11 +475,12 @@ class Call:
                 self.down.settle()
         status, error = verdict(self.ending)
         upstream_ended = self.exchange.elapsed_ms
-        response = self._response
-        if response is None and self._translator is not None:
-            response = self._translator.response()
-        outcome = self.plan.operation.outcome(response, self.settings) if response else {}
-        account = self._account(response, outcome.get("usage"))
+        try:
+            response, outcome, account = self._read_for_record()
+        except Exception as exc:  # a bug, or an answer no parser foresaw: not the call's
+            log.exception("call: %s is recorded without what its answer says", self.exchange.uid)
+            response, outcome, account = None, {}, {"cost": None, "upstream_id": None}
+            error = error or f"gateway error: the answer could not be recorded: {exc!r}"
         # Settled before the client's copy ends (a stream's terminal event was held for
         # it): a next call, on any instance, finds the slot free and the dues charged.
         # The Exchange is finished only after: a snapshot of it is its record.
@@ -493,6 +494,15 @@ class Call:
         self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
         self.plan.count()
         recorder.record(self.exchange)
+
+    def _read_for_record(self) -> tuple[dict | None, dict[str, Any], dict[str, Any]]:
+        """The answer as the record keeps it: the IR response, what the record takes of
+        it (text, usage, ...) and its account (cost, the provider's id)."""
+        response = self._response
+        if response is None and self._translator is not None:
+            response = self._translator.response()
+        outcome = self.plan.operation.outcome(response, self.settings) if response else {}
+        return response, outcome, self._account(response, outcome.get("usage"))
 
     def _account(self, response: dict | None, usage: dict | None) -> dict[str, Any]:
         """The record's account: its cost and the provider's id (``_delivered``: what

@@ -364,6 +364,49 @@ def test_a_wait_where_a_stream_s_pump_must_not_wait_costs_the_call_never_its_rec
     assert "call: producer failed" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("stream", "broken_part"),
+    [(False, "completion"), (True, "completion"), (True, "response")],
+    ids=["json", "stream", "stream-assembly"],
+)
+def test_an_answer_the_record_cannot_be_made_of_still_ends_the_call_recorded_once(
+    client, fake, route, stream, broken_part, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """Reading the answer for the record (its text, usage, cost) runs after the client's
+    answer is in hand. A bug there, or an answer no parser foresaw, must cost the record
+    its details, never the call: the client still gets its answer, and the call is
+    recorded once, final, saying why its details are missing (SPEC rules 1 and 2)."""
+    from gateway.adapters import record
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("a bug in the record")
+
+    if broken_part == "completion":  # what the record keeps of the answer
+        monkeypatch.setattr(record, "completion", broken)
+    else:  # the stream's answer, assembled from its events
+        monkeypatch.setattr(StreamTranslator, "response", broken)
+    body = {**VALID[CHAT], "stream": True} if stream else VALID[CHAT]
+    resp = client.post(
+        CHAT,
+        json=body,
+        headers={"Authorization": f"Bearer {route['key']}"},
+        buffered=True,
+    )
+    assert resp.status_code == 200
+    text = resp.get_data(as_text=True)
+    assert text.rstrip().endswith("data: [DONE]") if stream else "choices" in json.loads(text)
+    assert recorded() == 1
+    with database.connection_context():
+        row = Completion.get()
+    assert row.status == "completed"  # what the call was: only its record lacks details
+    assert (
+        row.error == "gateway error: the answer could not be recorded: "
+        "RuntimeError('a bug in the record')"
+    )
+    assert row.completion is None and row.prompt_tokens is None
+    assert "is recorded without what its answer says" in caplog.text
+
+
 # -- hostile input: not JSON text, too deep, text the database cannot store ------------
 
 
