@@ -685,3 +685,73 @@ def test_message_delta_leaves_out_an_input_count_nobody_knows():
     ]
     delta = json_frames(render(events))[-2]
     assert delta["usage"] == {"output_tokens": 3}  # the SDK then keeps message_start's 0
+
+
+# -- what a hostile upstream sent (a probe, 2026-12-07), each red before its fix ---------
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "text", "text": 5},
+        {"type": "thinking", "thinking": ["a"], "signature": "s"},
+        {"type": "thinking", "thinking": "a", "signature": 7},
+        {"type": "redacted_thinking", "data": {"x": 1}},
+        {"type": "tool_use", "id": 12, "name": "f", "input": {}},
+        {"type": "tool_use", "id": "toolu_1", "name": False, "input": {}},
+    ],
+)
+def test_an_answer_block_whose_text_is_not_a_string_is_an_unusable_answer(block):
+    # A text of 5 went into the IR as is: rendering the answer for a client of another
+    # format raised (a 500), and so did recording it (the record stayed pending).
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+              "content": [block], "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
+    with pytest.raises(ValueError, match="not a string"):
+        anthropic.parse_response(answer)
+
+
+def test_an_answer_block_whose_text_is_null_is_empty():
+    answer = {"content": [{"type": "text", "text": None}, {"type": "thinking", "thinking": None}]}
+    content = anthropic.parse_response(answer)["content"]
+    assert content == [text(""), reasoning("")]
+
+
+@pytest.mark.parametrize(
+    ("start", "delta"),
+    [
+        ({"type": "text", "text": ""}, {"type": "text_delta", "text": 5}),
+        ({"type": "thinking", "thinking": ""}, {"type": "thinking_delta", "thinking": True}),
+        ({"type": "thinking", "thinking": ""}, {"type": "signature_delta", "signature": 1.5}),
+        ({"type": "tool_use", "id": "t", "name": "f", "input": {}}, {"type": "input_json_delta", "partial_json": {"a": 1}}),
+        ({"type": "text", "text": 5}, {"type": "text_delta", "text": "ok"}),
+    ],
+)  # fmt: skip
+def test_a_stream_event_whose_text_is_not_a_string_cannot_be_read(start, delta):
+    # The parser handed a delta text of 5 on: the translator raised on it with part of
+    # the client's stream sent, so the client's stream never ended and the record stayed
+    # pending (the Accumulator raised too, when the call was being finished).
+    parser = anthropic.StreamParser()
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {"input_tokens": 3}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
+    ]  # fmt: skip
+    raw = b"".join(sse_frame(name, data) for name, data in events)
+    with pytest.raises(ValueError, match="not a string"):
+        for event in frames(raw):
+            parser.feed(event)
+
+
+def test_a_stream_delta_whose_text_is_null_is_nothing():
+    parser = anthropic.StreamParser()
+    parser.feed(frames(sse_frame("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))[0])  # fmt: skip
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": None},
+    }
+    assert parser.feed(frames(sse_frame("content_block_delta", delta))[0]) == []
+
+
+def sse_frame(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()

@@ -59,23 +59,37 @@ def render_response(resp: dict, request: dict) -> dict:
 
 
 def block_from_anthropic(block: dict) -> dict | None:
-    """An Anthropic answer content block as an IR block (None for kinds the IR lacks)."""
+    """An Anthropic answer content block as an IR block (None for kinds the IR lacks).
+
+    Its strings must be strings (null is empty): ValueError, an unusable answer, if not.
+    """
     kind = block.get("type")
     if kind == "text":
-        return {"type": "text", "text": block.get("text") or ""}
+        return {"type": "text", "text": string(block, "text")}
     if kind == "thinking":
-        return _reasoning(block.get("thinking") or "", block.get("signature") or None)
+        return _reasoning(string(block, "thinking"), string(block, "signature") or None)
     if kind == "redacted_thinking":
-        return _reasoning("", None, block.get("data"))
+        return _reasoning("", None, string(block, "data") or None)
     if kind == "tool_use":
         arguments = arguments_json(block.get("input"))
         return {
             "type": "tool_call",
-            "id": block.get("id") or "",
-            "name": block.get("name") or "",
+            "id": string(block, "id"),
+            "name": string(block, "name"),
             "arguments": arguments,
         }
     return None
+
+
+def string(obj: dict, key: str) -> str:
+    """``obj[key]``, a string of an answer's text ("" when absent or null); ValueError if it
+    is anything else: the IR, its renderers and the record take text as strings only."""
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"the upstream's {key} is not a string: {wire.dumps(value)[:100]}")
+    return value
 
 
 def block_to_anthropic(block: dict) -> dict:

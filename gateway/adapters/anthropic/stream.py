@@ -29,6 +29,7 @@ from .response import (
     block_to_anthropic,
     stop_from_anthropic,
     stop_to_anthropic,
+    string,
     usage_from_anthropic,
     usage_to_anthropic,
 )
@@ -130,16 +131,23 @@ class StreamParser:
     def _block_delta(self, data: dict) -> list[dict]:
         index = self._index.get(data.get("index"))
         delta = data.get("delta") or {}
-        field, value = {
-            "text_delta": ("text", delta.get("text")),
-            "thinking_delta": ("reasoning", delta.get("thinking")),
-            "signature_delta": ("signature", delta.get("signature")),
-            "input_json_delta": ("arguments", delta.get("partial_json")),
-        }.get(delta.get("type"), (None, None))
-        if index is None or field is None or not value:
+        field, key = _DELTAS.get(delta.get("type"), (None, None))
+        if index is None or field is None:
+            return []
+        value = string(delta, key)  # ValueError (a stream it cannot read) if not a string
+        if not value:
             return []
         self._no_input.discard(index)
         return [{"type": "block_delta", "index": index, "delta": {field: value}}]
+
+
+# A content_block_delta's type -> the IR delta it is, and the field that holds its text.
+_DELTAS = {
+    "text_delta": ("text", "text"),
+    "thinking_delta": ("reasoning", "thinking"),
+    "signature_delta": ("signature", "signature"),
+    "input_json_delta": ("arguments", "partial_json"),
+}
 
 
 def stream_error(message: str, kind: str = "api_error") -> bytes:
