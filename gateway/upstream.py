@@ -330,7 +330,8 @@ class Response:
             return content, parse(jsoncodec.read(content))
         except wire.ErrorAnswer as exc:  # says what the upstream said, in its own words
             raise UpstreamError("protocol", str(exc)) from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than ``json`` reads, not the gateway's fault.
             raise UpstreamError("protocol", f"upstream sent an unusable answer: {exc!r}") from exc
 
     def read(self, limit: int = MAX_BODY, *, truncate: bool = False) -> bytes:

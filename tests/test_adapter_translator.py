@@ -687,3 +687,17 @@ def test_what_opens_a_stream_commits_the_call_to_its_upstream(
 ) -> None:
     translator = StreamTranslator(OPENAI_CHAT, upstream, REQUEST)
     assert translator.preface(sse.Event(data=data, event=event)) is not opening
+
+
+@pytest.mark.parametrize("upstream", [OPENAI_CHAT, ANTHROPIC, OPENAI_RESPONSES])
+def test_an_event_nested_past_what_json_reads_is_a_broken_stream(upstream: str) -> None:
+    # json.loads's RecursionError went past the translator: the client's stream never
+    # ended and its record stayed pending (a probe, 2026-12-07).
+    deep = sse.Event(
+        event="message_start", data='{"type": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
+    translator = StreamTranslator(OPENAI_CHAT, upstream, REQUEST)
+    translator.preface(deep)  # no RecursionError from either, before the first byte
+    assert translator.refusal(deep) is None
+    with pytest.raises(BrokenStream):
+        translator.feed(deep)

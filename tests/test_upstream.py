@@ -231,7 +231,11 @@ def test_a_json_answer_is_read_whole_and_parsed() -> None:
     )
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"b": 1}', b"[1]"])
+DEEP = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+# DEEP: a probe (2026-12-07) found it a 500 for the client, json.loads's RecursionError.
+@pytest.mark.parametrize("body", [b"not json", b'{"b": 1}', b"[1]", DEEP])
 def test_an_unusable_json_answer_fails_as_protocol(body: bytes) -> None:
     with pytest.raises(UpstreamError) as info:
         answer(body, "application/json").answer(lambda data: data["a"] + 1)

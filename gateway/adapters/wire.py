@@ -73,12 +73,13 @@ def blank(event: sse.Event) -> bool:
 
 
 def event_data(event: sse.Event) -> dict | None:
-    """The JSON object an SSE event carries, or None (no data, not JSON, not an object)."""
+    """The JSON object an SSE event carries, or None (no data, not JSON, not an object, or
+    nested deeper than ``json`` reads: its RecursionError is an upstream's fault too)."""
     if not event.data:
         return None
     try:
         data = jsoncodec.read(event.data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
