@@ -1008,3 +1008,18 @@ def test_an_empty_user_message_survives():
         chat.parse_request(body(messages=[{"role": "user", "content": ""}])), "up"
     )
     assert built["messages"] == [{"role": "user", "content": ""}]
+
+
+@pytest.mark.parametrize("details", ["x", [], [1], 5, True])
+def test_usage_details_of_another_type_leave_their_counts_unknown(details):
+    # A probe (2026-12-07): prompt_tokens_details "x" raised AttributeError, so a whole
+    # answer was refused (502) and a whole stream failed at its usage chunk, its record
+    # "failed" though the client had every word.
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": details,
+             "completion_tokens_details": details}  # fmt: skip
+    answer = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": usage}
+    assert chat.parse_response(answer)["usage"] == ir.usage(input_tokens=9, output_tokens=4)
+    parser = chat.StreamParser()
+    chunk = {"id": "c", "choices": [], "usage": usage}
+    events = parser.feed(sse.Event(data=json.dumps(chunk)))
+    assert events == [{"type": "usage", "usage": ir.usage(input_tokens=9, output_tokens=4)}]

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.adapters import ir
 from gateway.adapters import openai_responses as responses
+from gateway.adapters.openai_responses.response import usage_from_responses
 from gateway.errors import InvalidRequest
 from tests.adapter_support import (
     IR_EVENTS,
@@ -702,3 +703,14 @@ def test_tool_settings_go_upstream_only_with_tools():
         responses.parse_request(body(tools=[WEATHER], parallel_tool_calls=False)), "up"
     )
     assert built["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("details", ["x", [], [1], 5, True])
+def test_usage_details_of_another_type_leave_their_counts_unknown(details):
+    # A probe (2026-12-07): input_tokens_details "x" raised AttributeError: a whole
+    # answer refused (502), a whole stream failed at response.completed.
+    usage = {"input_tokens": 9, "output_tokens": 4, "input_tokens_details": details,
+             "output_tokens_details": details}  # fmt: skip
+    assert usage_from_responses(usage) == ir.usage(input_tokens=9, output_tokens=4)
+    answer = {"status": "completed", "output": [], "usage": usage}
+    assert responses.parse_response(answer)["usage"] == ir.usage(input_tokens=9, output_tokens=4)

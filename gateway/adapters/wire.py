@@ -44,6 +44,13 @@ def count(value: Any) -> int | None:
     return ir.bounded(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def details(usage: dict, key: str) -> dict:
+    """A usage object's breakdown (``prompt_tokens_details``...), ``{}`` when it is not an
+    object: its counts are then unknown, and the answer, whole, is no less usable."""
+    value = usage.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def provider_text(value: Any) -> str | None:
     """A provider's id or model name as a record keeps it: printable text, at most 255
     characters (its column's), else None."""

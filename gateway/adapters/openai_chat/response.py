@@ -135,8 +135,8 @@ def usage_from_chat(usage: Any) -> dict | None:
     """An OpenAI ``usage`` object as IR usage (None when there is none)."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens_details") or {}
-    completion = usage.get("completion_tokens_details") or {}
+    prompt = wire.details(usage, "prompt_tokens_details")
+    completion = wire.details(usage, "completion_tokens_details")
     cache_read = prompt.get("cached_tokens")
     if cache_read is None:
         cache_read = usage.get("prompt_cache_hit_tokens")  # DeepSeek

@@ -108,8 +108,8 @@ def usage_from_responses(usage: Any) -> dict:
     """Responses usage as IR usage."""
     if not isinstance(usage, dict):
         return ir.usage()
-    details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
+    details = wire.details(usage, "input_tokens_details")
+    output_details = wire.details(usage, "output_tokens_details")
     return ir.usage(
         input_tokens=wire.count(usage.get("input_tokens")),
         output_tokens=wire.count(usage.get("output_tokens")),
