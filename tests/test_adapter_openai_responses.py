@@ -714,3 +714,26 @@ def test_usage_details_of_another_type_leave_their_counts_unknown(details):
     assert usage_from_responses(usage) == ir.usage(input_tokens=9, output_tokens=4)
     answer = {"status": "completed", "output": [], "usage": usage}
     assert responses.parse_response(answer)["usage"] == ir.usage(input_tokens=9, output_tokens=4)
+
+
+def _events(*events: dict) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+ADDED = {"type": "response.content_part.added", "item_id": "msg_1", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": ""}}  # fmt: skip
+DELTA = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hello"}  # fmt: skip
+DONE = {"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "text": "Hello"}  # fmt: skip
+PART_DONE = {**ADDED, "type": "response.content_part.done", "part": {"type": "output_text", "text": "Hello"}}  # fmt: skip
+COMPLETED = {"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "output": [], "usage": {"input_tokens": 5, "output_tokens": 3}}}  # fmt: skip
+
+
+def test_a_text_delta_before_its_content_part_is_announced_is_not_said_twice():
+    # A probe (2026-12-07): the part announced after its first delta opened a second
+    # block, which output_text.done then filled again: "HelloHello" for the record and
+    # for a client of another format, where the upstream had said "Hello" once.
+    created = {"type": "response.created", "response": {"id": "resp_1", "model": "m"}}
+    raw = _events(created, DELTA, ADDED, DONE, PART_DONE, COMPLETED)
+    events = parse_stream("openai-responses", raw)
+    answer = accumulate(events).result()
+    assert [b["text"] for b in answer["content"]] == ["Hello"]
+    assert [e["type"] for e in events].count("block_start") == 1

@@ -113,8 +113,12 @@ class StreamParser:
         part = data.get("part") or {}
         if part.get("type") not in ("output_text", "refusal"):
             return []
+        key = (data.get("output_index"), data.get("content_index"))
+        state = self._parts.get(key)
+        if state is not None:  # its deltas came first and started it (``_text``)
+            return [] if state["got"] else self._add(state, "text", part.get("text"))
         state, events = self._start({"type": "text", "text": ""})
-        self._parts[(data.get("output_index"), data.get("content_index"))] = state
+        self._parts[key] = state
         return events + self._add(state, "text", part.get("text") or part.get("refusal") or "")
 
     def _on_text_delta(self, data: dict) -> list[dict]:
