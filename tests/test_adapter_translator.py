@@ -701,3 +701,21 @@ def test_an_event_nested_past_what_json_reads_is_a_broken_stream(upstream: str) 
     assert translator.refusal(deep) is None
     with pytest.raises(BrokenStream):
         translator.feed(deep)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "answer"),
+    [
+        (OPENAI_CHAT, {"choices": [], "usage": {"prompt_tokens": 12.0, "completion_tokens": 3.0, "prompt_tokens_details": {"cached_tokens": 2.5}}}),
+        (ANTHROPIC, {"content": [], "usage": {"input_tokens": 12.0, "output_tokens": 3.0, "cache_read_input_tokens": 2.5}}),
+        (OPENAI_RESPONSES, {"status": "completed", "output": [], "usage": {"input_tokens": 12.0, "output_tokens": 3.0, "input_tokens_details": {"cached_tokens": 2.5}}}),
+    ],
+)  # fmt: skip
+def test_a_count_written_as_a_whole_float_is_that_count(upstream: str, answer: dict) -> None:
+    # JSON has one kind of number: 12.0 is 12 (a server in JavaScript cannot tell them
+    # apart). A probe (2026-12-07) found both counts unknown, and so the cost, and TPM
+    # charged nothing. A count with a fraction is no count.
+    usage = PROTOCOLS[upstream].parse_response(answer)["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (12, 3)
+    assert type(usage["input_tokens"]) is int and usage["cache_read_tokens"] is None
+    assert wire.count(2.0**31) is None and wire.count(-1.0) is None and wire.count(1e300) is None

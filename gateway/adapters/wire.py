@@ -40,7 +40,10 @@ def frame(data: Any, event: str | None = None) -> bytes:
 
 def count(value: Any) -> int | None:
     """A count (tokens, an index), or None when the value cannot be one: not an integer,
-    below 0, or past ``ir.MAX_COUNT`` (an upstream's fault; a record keeps it unknown)."""
+    below 0, or past ``ir.MAX_COUNT`` (an upstream's fault; a record keeps it unknown).
+    A whole float is its integer: JSON has one kind of number, and ``12.0`` is 12."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return ir.bounded(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 

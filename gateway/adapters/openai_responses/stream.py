@@ -58,8 +58,9 @@ class StreamParser:
         if data is None:
             self.skipped += not wire.blank(event)
             return []
-        if wire.count(data.get("sequence_number")) is not None:
-            self.sequence = data["sequence_number"]
+        sequence = wire.count(data.get("sequence_number"))
+        if sequence is not None:
+            self.sequence = sequence
         handler = self._HANDLERS.get(data.get("type") or event.event)
         return handler(self, data) if handler else []
 
