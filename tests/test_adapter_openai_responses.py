@@ -737,3 +737,44 @@ def test_a_text_delta_before_its_content_part_is_announced_is_not_said_twice():
     answer = accumulate(events).result()
     assert [b["text"] for b in answer["content"]] == ["Hello"]
     assert [e["type"] for e in events].count("block_start") == 1
+
+
+def test_an_answer_sent_only_with_response_completed_is_the_answer():
+    # A probe (2026-12-07): a server that streams nothing but response.created and
+    # response.completed (its output whole) was recorded completed with no text; a
+    # client of the same format had the text (relayed), one of another format nothing.
+    created = {"type": "response.created", "response": {"id": "resp_1", "model": "m"}}
+    output = [
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": "Hm"}],
+            "encrypted_content": "sig",
+        },
+        {"type": "message", "id": "msg_1", "content": [{"type": "output_text", "text": "Hello"}]},
+        {
+            "type": "function_call",
+            "id": "fc_1",
+            "call_id": "call_1",
+            "name": "f",
+            "arguments": "{}",
+        },
+    ]
+    completed = {**COMPLETED, "response": {**COMPLETED["response"], "output": output}}
+    events = parse_stream("openai-responses", _events(created, completed))
+    answer = accumulate(events).result()
+    assert [(b["type"], b.get("text") or b.get("arguments")) for b in answer["content"]] == [
+        ("reasoning", "Hm"),
+        ("text", "Hello"),
+        ("tool_call", "{}"),
+    ]
+    assert answer["stop_reason"] == "tool_use" and answer["usage"]["input_tokens"] == 5
+    starts = [e["index"] for e in events if e["type"] == "block_start"]
+    stops = [e["index"] for e in events if e["type"] == "block_stop"]
+    assert answer["content"][0]["signature"] == "sig"
+    assert starts == stops == [0, 1, 2] and events[-1] == {"type": "stop"}
+    # A stream that did say its answer is not said twice by its terminal event.
+    raw = _events(created, ADDED, DELTA, DONE, PART_DONE, completed)
+    assert (
+        ir.text_of(accumulate(parse_stream("openai-responses", raw)).result()["content"]) == "Hello"
+    )

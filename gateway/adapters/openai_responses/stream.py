@@ -209,13 +209,27 @@ class StreamParser:
         ]
 
     def _end(self, stop_reason: str | None, response: dict) -> list[dict]:
-        events = [{"type": "block_stop", "index": i} for i in self._open]
+        events = self._untold(response) if self._next == 0 else []
+        events += [{"type": "block_stop", "index": i} for i in self._open]
         self._open.clear()
         usage = usage_from_responses(response.get("usage"))
         events.append(
             {"type": "finish", "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
         )
         events.append({"type": "stop"})
+        return events
+
+    def _untold(self, response: dict) -> list[dict]:
+        """The blocks of a terminal response's output, for a stream that said none of them
+        before it (a server that sends its whole answer only with ``response.completed``)."""
+        events: list[dict] = []
+        for item in response.get("output") or []:
+            for block in blocks_of(item) if isinstance(item, dict) else []:
+                field, delta = ir.BLOCK_FIELDS[block["type"]]
+                signature = block.get("signature")  # a reasoning block's: a delta, as here
+                state, started = self._start({**block, field: "", "signature": None})
+                events += started + self._add(state, delta, block[field])
+                events += self._add(state, "signature", signature)
         return events
 
     def _text(self, data: dict, text: Any, done: bool = False) -> list[dict]:
