@@ -1023,3 +1023,17 @@ def test_usage_details_of_another_type_leave_their_counts_unknown(details):
     chunk = {"id": "c", "choices": [], "usage": usage}
     events = parser.feed(sse.Event(data=json.dumps(chunk)))
     assert events == [{"type": "usage", "usage": ir.usage(input_tokens=9, output_tokens=4)}]
+
+
+def test_streamed_content_given_as_parts_is_the_answers_text():
+    # Some servers (Mistral's reasoning models) stream content as a list of parts, as
+    # a JSON answer's may be. A probe (2026-12-07): relayed to a Chat client, but lost
+    # for the record (completed without it) and for clients of another format.
+    parser = chat.StreamParser()
+    events = []
+    for delta in ({"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+                  {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hm"}]}, {"type": "text", "text": "B"}, "x"]},
+                  {"content": "C"}):  # fmt: skip
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        events += parser.feed(sse.Event(data=json.dumps(chunk)))
+    assert ir.text_of(accumulate(events).result()["content"]) == "ABC"

@@ -64,10 +64,7 @@ def _blocks(message: dict) -> list[dict]:
     reasoning = reasoning_of(message)
     if reasoning:
         blocks.append(_reasoning_block(reasoning))
-    text = message.get("content")
-    if isinstance(text, list):  # some servers answer with content parts
-        text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
-    text = text or message.get("refusal")
+    text = content_text(message.get("content")) or message.get("refusal")
     if isinstance(text, str) and text:
         blocks.append({"type": "text", "text": text})
     for call in calls_of(message):
@@ -81,6 +78,16 @@ def _blocks(message: dict) -> list[dict]:
             }
         )
     return blocks
+
+
+def content_text(content: Any) -> Any:
+    """A message's or delta's content; the text of its parts when it is a list of them, as
+    some servers send (Mistral: text parts beside ``thinking`` parts, which are not text)."""
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return content
 
 
 def render_response(resp: dict, request: dict) -> dict:

@@ -28,6 +28,7 @@ from .response import (
     IR_TO_FINISH,
     assistant_message,
     calls_of,
+    content_text,
     first_choice,
     reasoning_of,
     stop_of,
@@ -154,7 +155,7 @@ class StreamParser:
         if reasoning:
             events.extend(self._text("reasoning", reasoning))
         for key in ("content", "refusal"):  # a refusal is the answer's text, as in JSON
-            text = delta.get(key)
+            text = content_text(delta.get(key))
             if isinstance(text, str) and text:
                 events.extend(self._text("text", text))
         for call in calls_of(delta):
