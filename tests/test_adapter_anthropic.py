@@ -755,3 +755,28 @@ def test_a_stream_delta_whose_text_is_null_is_nothing():
 
 def sse_frame(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def test_a_delta_for_a_block_that_never_started_starts_one():
+    # A probe (2026-12-07): an upstream that sent text deltas without their
+    # content_block_start had them relayed to an Anthropic client, but the record kept
+    # none of the text (completed, empty) and a client of another format got none.
+    parser = anthropic.StreamParser()
+    raw = b"".join(
+        [
+            sse_frame("message_start", {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 3}}}),
+            sse_frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}),
+            sse_frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}}),
+            sse_frame("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+            sse_frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            sse_frame("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ]
+    )  # fmt: skip
+    events = [e for event in frames(raw) for e in parser.feed(event)]
+    assert [e["type"] for e in events if e["type"].startswith("block")] == [
+        "block_start", "block_delta", "block_delta", "block_start", "block_delta", "block_stop", "block_stop",
+    ]  # fmt: skip
+    content = accumulate(events).result()["content"]
+    assert [b["type"] for b in content] == ["text", "tool_call"]
+    assert content[0]["text"] == "Hello" and content[1]["arguments"] == "{}"
+    assert content[1]["id"]  # a tool call needs an id to be answered

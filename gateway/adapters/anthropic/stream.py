@@ -47,6 +47,7 @@ class StreamParser:
         self._counts: dict[str, Any] = {}  # the latest Anthropic usage fields
         self._index: dict[int, int] = {}  # Anthropic block index -> IR block index
         self._no_input: set[int] = set()  # IR indexes of tool calls with no input yet
+        self._elsewhere: set[int] = set()  # Anthropic indexes of blocks the IR has no place for
 
     def feed(self, event: sse.Event) -> list[dict]:
         """Convert one SSE event."""
@@ -115,7 +116,10 @@ class StreamParser:
 
     def _block_start(self, data: dict) -> list[dict]:
         block = block_from_anthropic(data.get("content_block") or {})
-        if block is None or not isinstance(data.get("index"), int):
+        if not isinstance(data.get("index"), int):
+            return []
+        if block is None:
+            self._elsewhere.add(data["index"])  # its deltas are not the answer's either
             return []
         index = self._index[data["index"]] = len(self._index)
         # The IR starts blocks empty; anything the start already holds follows as a delta.
@@ -129,16 +133,25 @@ class StreamParser:
         return events
 
     def _block_delta(self, data: dict) -> list[dict]:
-        index = self._index.get(data.get("index"))
         delta = data.get("delta") or {}
         field, key = _DELTAS.get(delta.get("type"), (None, None))
-        if index is None or field is None:
+        if field is None or not isinstance(data.get("index"), int):
             return []
         value = string(delta, key)  # ValueError (a stream it cannot read) if not a string
         if not value:
             return []
+        index = self._index.get(data["index"])
+        events = []
+        if index is None and data["index"] in self._elsewhere:
+            return []
+        if index is None:  # its block never started (a sloppy upstream): it starts here
+            index = self._index[data["index"]] = len(self._index)
+            block = ir.block_for_delta({field: value})
+            if block["type"] == "tool_call":
+                block["id"] = wire.new_id("toolu_")
+            events.append({"type": "block_start", "index": index, "block": block})
         self._no_input.discard(index)
-        return [{"type": "block_delta", "index": index, "delta": {field: value}}]
+        return [*events, {"type": "block_delta", "index": index, "delta": {field: value}}]
 
 
 # A content_block_delta's type -> the IR delta it is, and the field that holds its text.
