@@ -53,9 +53,13 @@ def put(key: str, body: dict) -> Setting:
     if len(json.dumps(value)) > MAX_VALUE:
         raise Refused(400, f"value must be at most {MAX_VALUE} bytes of JSON")
     _check(key, value)
-    Setting.write(key, value)
+    # One transaction: the row read back for the answer is the one written, not gone
+    # to a DELETE in another worker between the two (a 500 for a write that was made).
+    with db.database.atomic():
+        Setting.write(key, value)
+        row = Setting.get(Setting.key == key)
     _cache.pop(key, None)
-    return Setting.get(Setting.key == key)
+    return row
 
 
 def delete(key: str) -> Setting:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import time
+from collections import Counter
+
+import gevent
+import requests
 
 from gateway import auth
 from gateway.db import database
 from gateway.models import Setting
 from tests.dashboard_seed import seed
-from tests.servers import ADMIN_SECRET
+from tests.servers import ADMIN_SECRET, Gateway
 from tests.test_dashboard import login, text
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
@@ -78,3 +83,36 @@ def test_the_dashboard_uses_the_time_zone_and_overview_range_settings(client) ->
     assert call(client, "PUT", "/overviewRange", json={"value": "24h"})[0] == 200
     assert re.search(r'<option value="24h"\s+selected', client.get("/").text)
     assert re.search(r'<option value="5m"\s+selected', client.get("/?range=5m").text)
+
+
+def _race_puts_and_deletes(gw: Gateway, seconds: float = 4.0) -> tuple[Counter, list[str]]:
+    """One client putting a setting and two deleting it, at once, for ``seconds`` or
+    until one is answered wrongly: the answers by method and status, and what was wrong."""
+    url = f"{gw.url}/api/admin/settings/raced"
+    answers: Counter = Counter()
+    wrong: list[str] = []
+    end = time.monotonic() + seconds
+
+    def client(method: str) -> None:
+        with requests.Session() as session:
+            session.headers.update(ADMIN)
+            while time.monotonic() < end and not wrong:
+                resp = session.request(method, url, json={"value": 7})
+                answers[method, resp.status_code] += 1
+                if resp.status_code == 200:
+                    body = resp.json()
+                    if (body["key"], body["value"]) != ("raced", 7):
+                        wrong.append(f"{method}: {body}")
+                elif (method, resp.status_code) != ("DELETE", 404):
+                    wrong.append(f"{method}: {resp.status_code} {resp.text}")
+
+    gevent.joinall([gevent.spawn(client, m) for m in ("PUT", "DELETE", "DELETE")], raise_error=True)
+    return answers, wrong
+
+
+def test_a_put_racing_a_delete_of_its_setting_answers_what_it_wrote(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    # The PUT wrote, a DELETE in another worker took the row, then the PUT read it back
+    # for its answer: a 500 for a write that was made (44 of 235 PUTs in a probe).
+    answers, wrong = _race_puts_and_deletes(gateway_factory(workers=2))
+    assert not wrong, (wrong, answers)
+    assert answers["PUT", 200] > 10 and answers["DELETE", 200] > 10, answers
