@@ -65,10 +65,13 @@ def put(key: str, body: dict) -> Setting:
 def delete(key: str) -> Setting:
     """Delete a setting; return it as it was."""
     _writable(key)
-    row = get(key)
-    Setting.delete().where(Setting.id == row.id).execute()
+    # The row as the delete itself took it: of two deletes at once, one found it, and
+    # the other is told it found nothing (not a row read before the first took it).
+    taken = list(Setting.delete().where(Setting.key == key).returning(Setting).execute())
+    if not taken:
+        raise Refused(404, "Setting not found")
     _cache.pop(key, None)
-    return row
+    return taken[0]
 
 
 def _writable(key: str) -> None:

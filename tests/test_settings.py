@@ -116,3 +116,12 @@ def test_a_put_racing_a_delete_of_its_setting_answers_what_it_wrote(gateway_fact
     answers, wrong = _race_puts_and_deletes(gateway_factory(workers=2))
     assert not wrong, (wrong, answers)
     assert answers["PUT", 200] > 10 and answers["DELETE", 200] > 10, answers
+
+
+def test_of_deletes_racing_for_one_setting_one_deleted_it(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    # Both read the row, then both deleted it by id: two 200s for one row deleted (75
+    # for 50 rows put in a probe). The loser must be told it found nothing, as a
+    # DELETE after a DELETE is.
+    answers, wrong = _race_puts_and_deletes(gateway_factory(workers=2))
+    assert not wrong, (wrong, answers)
+    assert answers["PUT", 200] >= answers["DELETE", 200] > 10, answers
