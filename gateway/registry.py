@@ -379,8 +379,11 @@ def apply_weights(system_name: str, weights: Any) -> None:
     foreign = [w["modelId"] for w in weights if w["modelId"] not in ids]
     if foreign:
         raise Refused(400, f"models {foreign} do not serve '{system_name}'")
+    # Rows locked in one order, by id, whatever order the request lists them in: two
+    # requests at once in opposite orders deadlocked (PostgreSQL), and one was a 503.
+    # The sort is stable: a model listed twice still takes the weight listed last.
     with database.atomic():
-        for w in weights:
+        for w in sorted(weights, key=lambda w: w["modelId"]):
             Model.update(weight=float(w["weight"]), updated_at=utcnow()).where(
                 Model.id == w["modelId"]
             ).execute()
