@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from datetime import UTC
+from typing import Any
 
 import gevent.event
 
@@ -69,47 +70,44 @@ def _running(key_id: int, req_id: str, uid: str) -> float | None:
     """When (epoch seconds) another call of this key's request id that is still pending
     in the records began, if the database says (its process lives: a dead one's are
     swept within about a minute)."""
-    if not db.reachable():
-        return None
-    try:
-        with db.background(READ_TIMEOUT):
-            row = (
-                Completion.select(Completion.created_at)
-                .where(
-                    (Completion.api_key == key_id)
-                    & (Completion.req_id == req_id)
-                    & (Completion.status == "pending")
-                    & (Completion.uid != uid)
-                    & (Completion.deleted == False)  # noqa: E712
-                )
-                .order_by(Completion.id.desc())
-                .first()
-            )
-    except Exception as exc:  # away or slow: make the call instead
-        db.mark_reachable(False)
-        log.warning("replay: cannot read calls in flight (%s); repeats run anew for now", exc)
-        return None
+    row = _newest(
+        key_id,
+        req_id,
+        "calls in flight",
+        [Completion.created_at],
+        (Completion.status == "pending") & (Completion.uid != uid),
+    )
     return None if row is None else row.created_at.replace(tzinfo=UTC).timestamp()
 
 
 def _from_record(key_id: int, req_id: str) -> Stored | None:
     """The newest whole answer recorded for this key's request id, if the database says."""
-    if not db.reachable():  # known down: make the call rather than wait
+    row = _newest(
+        key_id,
+        req_id,
+        "stored answers",
+        [Completion.uid, Completion.cached_response, Completion.model_id, Completion.provider_id],
+        Completion.status.in_(REPLAYED) & Completion.cached_response.is_null(False),
+    )
+    if row is None or not isinstance(row.cached_response, dict):
+        return None
+    return Stored(row.uid, row.cached_response, row.model_id, row.provider_id)
+
+
+def _newest(key_id: int, req_id: str, what: str, fields: list, condition: Any) -> Completion | None:
+    """This key's newest live record of the request id that meets ``condition``, read
+    within READ_TIMEOUT; None if there is none, or the database is away or slow (known
+    down: not asked), so that the repeat makes the call rather than wait."""
+    if not db.reachable():
         return None
     try:
         with db.background(READ_TIMEOUT):
-            row = (
-                Completion.select(
-                    Completion.uid,
-                    Completion.cached_response,
-                    Completion.model_id,
-                    Completion.provider_id,
-                )
+            return (
+                Completion.select(*fields)
                 .where(
                     (Completion.api_key == key_id)
                     & (Completion.req_id == req_id)
-                    & Completion.status.in_(REPLAYED)
-                    & Completion.cached_response.is_null(False)
+                    & condition
                     & (Completion.deleted == False)  # noqa: E712
                 )
                 .order_by(Completion.id.desc())
@@ -117,11 +115,8 @@ def _from_record(key_id: int, req_id: str) -> Stored | None:
             )
     except Exception as exc:  # away or slow: make the call instead
         db.mark_reachable(False)  # until a background job finds it again
-        log.warning("replay: cannot read stored answers (%s); repeats run anew for now", exc)
+        log.warning("replay: cannot read %s (%s); repeats run anew for now", what, exc)
         return None
-    if row is None or not isinstance(row.cached_response, dict):
-        return None
-    return Stored(row.uid, row.cached_response, row.model_id, row.provider_id)
 
 
 def answer(
