@@ -23,6 +23,8 @@ from typing import Any
 # Seconds a bucket's state outlives the moment it would be full again (it is full from
 # then on whether stored or not), and a slot set outlives its newest slot.
 EXPIRY_MARGIN = 60.0
+# Seconds a key's claims mark outlives its last claim (claims.lua's MARK_KEPT).
+MARK_KEPT = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,16 +158,22 @@ class LocalStore:
 
     Same operations and results as ``ratelimit.RedisStore``; state lives in dicts that
     forget expired entries as they are touched (and all of them every 10,000 writes).
+    ``marks``: keep claims.lua's mark of when the store first took a claim of a key's
+    ids (``claim``), as a store that may start empty while calls are in flight must
+    (``instancestore``: one for the workers of one instance). A worker's own memory
+    starts empty only with the worker, and with it its calls.
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], marks: bool = False) -> None:
         self.clock = clock
+        self.marks = marks
         self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> level, stamp, expiry
         self._slots: dict[str, dict[str, float]] = {}  # key -> member -> expiry
         # key -> uid, started, expiry, answer (None while the call is in flight)
         self._claims: dict[str, tuple[str, float, float, str | None]] = {}
         self._totals: dict[str, tuple[int, float]] = {}  # key -> total, expiry
         self._marks: dict[str, float] = {}  # key -> expiry
+        self._claims_since: dict[str, tuple[float, float]] = {}  # mark -> since, expiry
         self._writes = 0
 
     # -- buckets ---------------------------------------------------------------
@@ -298,13 +306,22 @@ class LocalStore:
 
         ``age``: seconds ``uid`` has held the id already (a claim taken again after the
         store lost it): the claim says it started then, not now. ``mark`` and ``grace``
-        are Redis's (``RedisStore.claim``: a store restarted empty lost the claims of
-        calls in flight); this process's memory never loses a claim while it lives."""
+        (with ``marks``, else ignored): a claim taken within ``grace`` seconds of the
+        store's first claim of the key's ids answers ``uid`` itself as the holder, as
+        claims.lua does (``RedisStore.claim``: a store started empty may have lost the
+        claim of a call still in flight)."""
         now = self.clock()
         held = self._claims.get(key)
         if held is not None and held[2] > now:
             return Claim(held[0], held[1], now, held[3])
-        self._claims[key] = (uid, now - max(0.0, age), now + ttl, None)
+        started = now - max(0.0, age)
+        self._claims[key] = (uid, started, now + ttl, None)
+        if mark is not None and self.marks:
+            since = self._claims_since.get(mark)
+            since = now if since is None or since[1] <= now else since[0]
+            self._claims_since[mark] = (since, now + MARK_KEPT)
+            if now - since < grace:
+                return Claim(uid, started, now)
         return None
 
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
@@ -366,6 +383,7 @@ class LocalStore:
         self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
         self._totals = {k: v for k, v in self._totals.items() if v[1] > now}
         self._marks = {k: v for k, v in self._marks.items() if v > now}
+        self._claims_since = {k: v for k, v in self._claims_since.items() if v[1] > now}
         for key in list(self._slots):
             if not self._live_slots(key, now):
                 del self._slots[key]

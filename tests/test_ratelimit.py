@@ -49,6 +49,8 @@ step = st.one_of(
     st.tuples(st.just("refresh"), st.sampled_from("abcd")),
     st.tuples(st.just("release"), st.sampled_from("abcd")),
     st.tuples(st.just("claim"), st.sampled_from("uvw")),
+    # a claim under the key's mark (a store that may have started empty): its grace
+    st.tuples(st.just("claim+mark"), st.sampled_from("uvw"), st.sampled_from([0.0, 5.0, 30.0])),
     st.tuples(st.just("keep"), st.sampled_from("uvw")),
     st.tuples(st.just("unclaim"), st.sampled_from("uvw")),
     st.tuples(st.just("settle"), st.sampled_from("uvw"), st.sampled_from(['{"a": 1}', "答"])),
@@ -129,6 +131,8 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
         return store.release(slots, op[1])
     if kind == "claim":
         return store.claim(claims, op[1], 12.0)
+    if kind == "claim+mark":
+        return store.claim(claims, op[1], 12.0, 0.0, f"{prefix}:{{k}}:claims-since", op[2])
     if kind == "keep":
         return store.keep_claim(claims, op[1], 12.0)
     if kind == "settle":
@@ -147,6 +151,10 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
            (0, ("admit+budget", {0}, None, 2**60 + 2)), (0, ("add", -(2**61))),
            (0, ("admit+budget", set(), "b", -(2**60)))]
 )  # fmt: skip
+@example(  # claims under the key's mark: unsure within its grace, sure after it
+    steps=[(0, ("claim+mark", "u", 30.0)), (0, ("claim+mark", "v", 30.0)), (13, ("claim+mark", "v", 30.0)),
+           (20, ("claim+mark", "w", 30.0)), (0, ("claim+mark", "u", 5.0))]
+)  # fmt: skip
 @example(  # a settled claim answers repeats until its own expiry, then is claimed afresh
     steps=[(0, ("claim", "u")), (1, ("settle", "u", "答")), (20, ("claim", "v")),
            (0, ("keep", "u")), (0, ("unclaim", "u")), (11, ("claim", "w"))]
@@ -154,7 +162,7 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
 def test_lua_and_in_process_stores_answer_alike(shared_redis: RedisServer, steps: list) -> None:
     clock = Clock()
     redis_store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT), clock)
-    local = LocalStore(clock)
+    local = LocalStore(clock, marks=True)
     prefix = uuid.uuid4().hex
     for dt, op in steps:
         clock.now += dt
