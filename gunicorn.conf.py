@@ -17,9 +17,12 @@ import glob
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))
@@ -156,6 +159,88 @@ def on_starting(server):
         check=True,
         cwd=HERE,
     )
+    _start_instance_store(server)
+
+
+# Without REDIS_URL and with more than one worker, the workers share their limits,
+# in-flight slots and request-id claims through one store process of this instance
+# (gateway/storeprocess.py), whose socket they find in GATEWAY_INSTANCE_STORE. The
+# master starts it, starts it again within INSTANCE_STORE_CHECK_EVERY if it dies (the
+# workers fail open meanwhile, as without Redis), and stops it at exit; killed, the
+# master leaves it behind for at most a second: it leaves when its master does.
+INSTANCE_STORE_DIR_PREFIX = "gateway-store-"
+INSTANCE_STORE_CHECK_EVERY = 0.5
+INSTANCE_STORE_PID = "store.pid"  # the store removes it (storeprocess.PID_FILE)
+
+
+def _spawn_instance_store(path):
+    """The store process on socket ``path``, answering once this returns (or 10 s on)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.storeprocess", path, str(os.getpid())],
+        cwd=HERE,
+        start_new_session=True,  # a terminal's Ctrl-C is the master's to handle
+    )
+    with open(os.path.join(os.path.dirname(path), INSTANCE_STORE_PID), "w") as fh:
+        fh.write(f"{process.pid} {_started(process.pid)}")
+    deadline = time.monotonic() + 10.0
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process.pid, _started(process.pid)
+
+
+def _instance_store_runs(pid, started):
+    """True while the store process ``pid`` (started then) runs, and is no zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return fields[0] != b"Z" and int(fields[19]) == started
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _keep_instance_store(server, path, pid, started):
+    """Start the store again whenever it is gone, until its directory is removed."""
+    while True:
+        time.sleep(INSTANCE_STORE_CHECK_EVERY)
+        if not os.path.isdir(os.path.dirname(path)):
+            return  # on_exit
+        if not _instance_store_runs(pid, started):
+            server.log.warning("instance store (pid %s) is gone: starting it again", pid)
+            pid, started = _spawn_instance_store(path)
+
+
+def _start_instance_store(server):
+    if SETTINGS.get("REDIS_URL") or workers < 2:
+        return
+    directory = tempfile.mkdtemp(prefix=INSTANCE_STORE_DIR_PREFIX)  # this user's only
+    path = os.path.join(directory, "store.sock")
+    os.environ["GATEWAY_INSTANCE_STORE"] = path  # the workers forked from now on
+    pid, started = _spawn_instance_store(path)
+    threading.Thread(
+        target=_keep_instance_store,
+        args=(server, path, pid, started),
+        name="instance-store",
+        daemon=True,
+    ).start()
+
+
+def _stop_instance_store():
+    path = os.environ.get("GATEWAY_INSTANCE_STORE")
+    if not path or not os.path.basename(os.path.dirname(path)).startswith(
+        INSTANCE_STORE_DIR_PREFIX
+    ):
+        return
+    directory = os.path.dirname(path)
+    try:
+        with open(os.path.join(directory, INSTANCE_STORE_PID)) as fh:
+            pid, started = (int(field) for field in fh.read().split())
+    except (OSError, ValueError):
+        pid = started = None
+    shutil.rmtree(directory, ignore_errors=True)  # first: nothing starts it again
+    if pid is not None and _instance_store_runs(pid, started):
+        os.kill(pid, signal.SIGTERM)
 
 
 def child_exit(server, worker):
@@ -170,8 +255,9 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Remove the metrics directory this instance made (not one a new master, started
-    by USR2, has taken over)."""
+    """Stop the instance store; remove the metrics directory this instance made (not
+    one a new master, started by USR2, has taken over)."""
+    _stop_instance_store()
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not os.path.basename(path).startswith(METRICS_DIR_PREFIX):
         return

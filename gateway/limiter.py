@@ -1,11 +1,12 @@
 """A worker's limiter: what the call path, sign-in and key changes ask of shared state.
 
 One ``Limiter`` per worker process (``limiter``), on the shared store (``ratelimit``,
-with ``REDIS_URL``) or on this process's memory (``buckets.LocalStore``, and a warning at
-start that limits then hold per process). It names the state (``gw:{key:42}:rpm``: all of a
-key's state under one hash tag), turns a key's limits into buckets, keeps the slots and
-request claims of calls in flight alive (a killed worker's expire within
-``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget
+with ``REDIS_URL``), else on the store process of this instance's workers
+(``instancestore``, with more than one worker) or on this process's memory
+(``buckets.LocalStore``); a warning at start says how far limits then hold. It names
+the state (``gw:{key:42}:rpm``: all of a key's state under one hash tag), turns a key's
+limits into buckets, keeps the slots and request claims of calls in flight alive (a
+killed worker's expire within ``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget
 (raised to the records' figure when the store may not have it: ``spend``),
 takes a large RPM limit's requests ahead in leases so that most calls admit with no round
 trip (``leases``, which says what that changes), and fails open: when the store is away
@@ -30,7 +31,7 @@ import gevent
 import gevent.pool
 from gevent import monkey
 
-from gateway import leases, metrics, pricing
+from gateway import instancestore, leases, metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
@@ -131,8 +132,12 @@ class Limiter:
     def configure(self, config: Mapping[str, Any], clock: Callable[[], float] = time.time) -> None:
         """Take settings (REDIS_URL and the limiter's keys); connect lazily to the store."""
         cfg = {**DEFAULTS, **config}
-        self.store: Any = open_store(cfg) or LocalStore(clock)
+        self.store: Any = open_store(cfg) or instancestore.open_store(cfg) or LocalStore(clock)
+        # Shared by every worker (and with Redis every instance): announcements, leases.
         self.shared = not isinstance(self.store, LocalStore)
+        self.store_name = (
+            "the instance store" if isinstance(self.store, instancestore.InstanceStore) else "Redis"
+        )
         if self.shared:
             self.store.on_lost = self._posts_lost
         self.prefix = str(cfg["REDIS_PREFIX"])
@@ -177,10 +182,16 @@ class Limiter:
         """Configure from the app; start the keeper and listener in a gevent worker."""
         self.configure(app.config)
         metrics.limiter_operations(OPERATIONS)
-        if not self.shared:
+        if isinstance(self.store, LocalStore):
             log.warning(
                 "REDIS_URL is not set: rate limits, concurrency limits, request dedup and "
                 "sign-in throttling hold per worker process, not across workers or instances"
+            )
+        elif isinstance(self.store, instancestore.InstanceStore):
+            log.warning(
+                "REDIS_URL is not set: rate limits, concurrency limits, request dedup and "
+                "sign-in throttling hold across this instance's workers (its store "
+                "process), not across instances"
             )
         if monkey.is_module_patched("socket"):
             self.start()
@@ -234,7 +245,7 @@ class Limiter:
             return fallback
         if self._down_until:
             self._down_until = 0.0
-            log.warning("limiter: Redis answers again; limits hold again")
+            log.warning("limiter: %s answers again; limits hold again", self.store_name)
         if self._owed:  # lost in this round trip (a closed connection)
             try:
                 self._pay(1)
@@ -330,8 +341,9 @@ class Limiter:
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY:
             log.warning(
-                "limiter: Redis unavailable (%s): %d operation(s) allowed without limits "
+                "limiter: %s unavailable (%s): %d operation(s) allowed without limits "
                 "since the last warning; trying again every %.1f s",
+                self.store_name,
                 exc or "still failing",
                 self._unwarned,
                 self.retry_after,
@@ -859,7 +871,9 @@ class Limiter:
                 missed = True
                 now = time.monotonic()
                 if now - warned_at >= WARN_EVERY:
-                    log.warning("limiter: key-change listener lost Redis (%s); retrying", exc)
+                    log.warning(
+                        "limiter: key-change listener lost %s (%s); retrying", self.store_name, exc
+                    )
                     warned_at = now
                 gevent.sleep(self.retry_after)
 

@@ -13,8 +13,8 @@ With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
 connections the store keeps (``_Connections``), and in a gevent worker those asked for
 while a round trip is in flight share the next one (``pipelining``); what a finished
 call owes is sent without waiting for its replies (``post_all``). Without
-``REDIS_URL``, the same operations run in this process (``buckets.LocalStore``, same
-arithmetic) and a warning says at start that limits hold per process. Redis down, slower
+``REDIS_URL``, the same operations (``buckets.LocalStore``, same arithmetic) run in
+the instance's store process (``instancestore``) or in this process. Redis down, slower
 than ``REDIS_TIMEOUT`` or restarting: every operation fails open (allows), is counted
 (``metrics``), and logs a warning at most once a minute; Redis is tried again
 ``REDIS_RETRY_AFTER`` seconds later, so limits hold again as soon as it answers.

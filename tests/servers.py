@@ -214,8 +214,11 @@ class Gateway:
 
     def worker_pids(self) -> list[int]:
         """The gunicorn worker processes (children of the master)."""
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return [int(pid) for pid in path.read_text().split()]
+        return children(self.proc.pid)
+
+    def instance_store(self) -> tuple[int, str] | None:
+        """The pid and socket of the master's instance store (two workers, no Redis)."""
+        return instance_store(self.proc.pid)
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         """An admin API call that must succeed; returns the JSON."""
@@ -499,10 +502,35 @@ def sqlite_lock_held(path: Path | str, seconds: float) -> Iterator[None]:
         holder.stdout.close()
 
 
+def _all_children(pid: int) -> list[int]:
+    """Of every thread of ``pid``: the master's instance store is its keeper thread's."""
+    found = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in path.read_text().split()]
+    return found
+
+
+def _command(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
 def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (gunicorn's master: its workers)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
+    """The child processes of ``pid`` (gunicorn's master: its workers, not its
+    instance store)."""
+    return [child for child in _all_children(pid) if "gateway.storeprocess" not in _command(child)]
+
+
+def instance_store(pid: int) -> tuple[int, str] | None:
+    """The pid and socket of the instance store process ``pid`` started, if one runs."""
+    for child in _all_children(pid):
+        command = _command(child)
+        if "gateway.storeprocess" in command:
+            return child, command[command.index("gateway.storeprocess") + 1]
+    return None
 
 
 def unreachable(database_url: str) -> Any:

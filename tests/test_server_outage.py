@@ -224,7 +224,9 @@ def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
 
 
 def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type: ignore[no-untyped-def]
-    key = gw.setup_route(fake.url, system_name="gpt", remote_id=SCRIPT)["key"]
+    # 64 calls in 16 s: past the default RPM limit (50), which the workers share.
+    roomy = {"rpmLimit": 1000}
+    key = gw.setup_route(fake.url, system_name="gpt", remote_id=SCRIPT, key=roomy)["key"]
     gw.setup_route(fake.url, provider_type="anthropic", system_name="claude", remote_id=SCRIPT)
     revoked = gw.api("POST", "/apiKey", json={"comment": "revoked before the outage"})["key"]
     gw.api("DELETE", f"/apiKey/{revoked}")

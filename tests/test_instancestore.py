@@ -1,0 +1,471 @@
+"""The instance store: one process whose limits every worker of an instance shares.
+
+What goes over its socket must come back as ``LocalStore`` answers it (the scenarios of
+test_ratelimit, run through the wire format); the process must keep answering whatever
+a connection sends it, fail as Redis fails when it is gone (``StoreDown``), keep the
+mark that makes a claim after its restart unsure, and leave with its master. Through
+real gunicorn (2 workers, no Redis): one key's RPM, one request id and maxConcurrent
+hold across the workers, a killed store costs no call and comes back, and neither a
+stop nor a killed master leaves it behind.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import storeprocess, storewire
+from gateway.buckets import LocalStore, per_minute
+from gateway.instancestore import InstanceStore
+from gateway.ratelimit import StoreDown
+from tests.servers import ROOT, Gateway, instance_store, wait_until
+from tests.test_ratelimit import Clock, _apply, scenario
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class _Wired(InstanceStore):
+    """An instance store whose store runs here, on a test's clock: every operation and
+    result goes through the wire format (marshal) both ways."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__("unused", 1.0, 1.0)
+        self._store = storeprocess.Store(clock)
+        self._exchange = self._through_the_wire
+
+    def _through_the_wire(self, operations: list) -> list:
+        frame = marshal.loads(marshal.dumps(list(operations)))
+        return marshal.loads(marshal.dumps(self._store.answer(frame)))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=scenario)
+def test_the_wire_answers_as_the_store_does(steps: list) -> None:
+    clock = Clock()
+    wired, local = _Wired(clock), LocalStore(clock, marks=True)
+    for dt, op in steps:
+        clock.now += dt
+        assert _apply(wired, "p", op) == _apply(local, "p", op), op
+
+
+# -- the store process -----------------------------------------------------------------
+
+
+class StoreProcess:
+    """``python -m gateway.storeprocess`` as gunicorn's master starts it: this test
+    process is its master."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="gateway-store-")
+        self.path = os.path.join(self.directory, "store.sock")
+        self.start()
+
+    def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a killed store's, as the master does
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.storeprocess", self.path, str(os.getpid())],
+            cwd=ROOT,
+        )
+        wait_until(lambda: os.path.exists(self.path), timeout=10)
+
+    def client(self, timeout: float = 1.0) -> InstanceStore:
+        return InstanceStore(self.path, timeout, timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+            os.unlink(os.path.join(self.directory, name))
+        if os.path.isdir(self.directory):
+            os.rmdir(self.directory)
+
+
+@pytest.fixture
+def store_process() -> Iterator[StoreProcess]:
+    process = StoreProcess()
+    yield process
+    process.stop()
+
+
+def test_two_clients_share_one_bucket_and_one_claim(store_process: StoreProcess) -> None:
+    a, b = store_process.client(), store_process.client()
+    rpm = per_minute("rpm", 3)
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:rpm"
+    allowed = [(a, b)[i % 2].admit([key], [rpm]).allowed for i in range(6)]
+    assert allowed == [True, True, True, False, False, False]
+    claim = f"gw:{{key:1}}:req:{uuid.uuid4().hex}"
+    assert a.claim(claim, "first", 30.0) is None
+    holder = b.claim(claim, "second", 30.0)
+    assert holder is not None and holder.uid == "first" and holder.answer is None
+    assert a.settle(claim, "first", '{"answer": "答"}', 60.0)
+    assert b.claim(claim, "third", 30.0).answer == '{"answer": "答"}'
+
+
+def test_a_killed_store_fails_as_redis_does_and_its_restart_makes_claims_unsure(
+    store_process: StoreProcess,
+) -> None:
+    """Gone, every operation raises StoreDown (the limiter then fails open); started
+    again, empty, a claim of a key's id within the grace of its first is unsure: the
+    call that held it may still run, its claim lost with the store."""
+    client = store_process.client()
+    tag = f"gw:{{key:{uuid.uuid4().hex[:8]}}}"
+    assert client.claim(f"{tag}:req:a", "running", 30.0, 0.0, f"{tag}:claims-since", 0.0) is None
+    store_process.kill()
+    with pytest.raises(StoreDown):
+        client.claim(f"{tag}:req:a", "repeat", 30.0, 0.0, f"{tag}:claims-since", 30.0)
+    store_process.start()
+    unsure = client.claim(f"{tag}:req:a", "repeat", 30.0, 0.0, f"{tag}:claims-since", 30.0)
+    assert unsure is not None and unsure.uid == "repeat"  # the claimer itself: ask the records
+    again = client.claim(f"{tag}:req:a", "another", 30.0, 0.0, f"{tag}:claims-since", 30.0)
+    assert again is not None and again.uid == "repeat"  # held now, as ever
+
+
+def test_a_slow_store_is_store_down_and_the_connection_is_not_reused_out_of_step(
+    store_process: StoreProcess,
+) -> None:
+    """A reply that comes after the timeout must never be read as the next operation's."""
+    client = store_process.client(timeout=0.2)
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:spend"
+    client.add(key, 5, 60.0)
+    os.kill(store_process.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreDown):
+            client.add(key, 7, 60.0)
+    finally:
+        os.kill(store_process.proc.pid, signal.SIGCONT)
+    assert client.total(key) == 12  # the late add ran; its reply was not taken for this one
+    assert client.raise_to(key, 20, 60.0) == 20
+
+
+def test_a_message_is_at_every_subscriber_when_publish_returns(
+    store_process: StoreProcess,
+) -> None:
+    client = store_process.client()
+    first, second = client.subscribe("gw:keys"), client.subscribe("gw:keys")
+    other = client.subscribe("elsewhere")
+    client.publish("gw:keys", "revoked:abc")
+    assert first.arrived() and second.arrived()  # no wait: already at their sockets
+    assert first.next(0) == "revoked:abc" and second.next(0) == "revoked:abc"
+    assert other.next(0.05) is None and first.next(0.05) is None
+
+
+def test_a_charge_that_leaves_its_bucket_at_or_below_the_floor_is_announced(
+    store_process: StoreProcess,
+) -> None:
+    """As buckets.lua: the leases of other workers trust their view of TPM until told."""
+    client = store_process.client()
+    heard = client.subscribe("gw:keys")
+    tpm = per_minute("tpm", 1000, cost=0)
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:tpm"
+    client.post_all([("charge", (key, tpm, 850, 100.0, "gw:keys", "tpm-low:7"))])
+    assert client.total("nothing") == 0  # posted before: run before this is answered
+    assert heard.next(0.05) is None  # 150 left: above the floor
+    client.post_all([("charge", (key, tpm, 60, 100.0, "gw:keys", "tpm-low:7"))])
+    assert client.total("nothing") == 0
+    assert heard.next(1.0) == "tpm-low:7"
+
+
+def test_posted_operations_run_in_order_before_what_is_asked_after_them(
+    store_process: StoreProcess,
+) -> None:
+    client = store_process.client()
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:spend"
+    for amount in range(1, 101):
+        client.post_all([("add", (key, amount, 60.0))])
+    assert client.total(key) == 5050
+
+
+def test_a_subscriber_that_reads_nothing_is_dropped_and_the_others_still_hear(
+    store_process: StoreProcess,
+) -> None:
+    """A stopped worker's subscription must not hold every revocation up for long."""
+    client = store_process.client(timeout=5.0)
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.connect(store_process.path)
+        stuck.sendall(storewire.frame(("subscribe", "gw:keys")))
+        heard = client.subscribe("gw:keys")
+        started = time.monotonic()
+        for _ in range(200):  # about 13 MB: more than any socket buffer holds
+            client.publish("gw:keys", "x" * 65536)
+            assert heard.next(1.0) == "x" * 65536
+        assert time.monotonic() - started < 4  # held up once, for about a second
+        client.publish("gw:keys", "after")
+        assert heard.next(1.0) == "after"
+
+
+HOSTILE = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda v: struct.pack(">I", len(v)) + v, st.binary(max_size=64)),
+    st.builds(
+        lambda v: (lambda b: struct.pack(">I", len(b)) + b)(marshal.dumps(v)),
+        st.recursive(
+            st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+            lambda inner: st.one_of(st.lists(inner, max_size=4), st.tuples(inner, inner)),
+            max_leaves=12,
+        ),
+    ),
+    st.builds(
+        lambda name, args: (lambda b: struct.pack(">I", len(b)) + b)(
+            marshal.dumps([(name, tuple(args))])
+        ),
+        st.sampled_from([*storewire.OPERATIONS, "_purge", "__init__", "clock"]),
+        st.lists(
+            st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=4), st.just(())),
+            max_size=7,
+        ),
+    ),
+    st.just(struct.pack(">I", storewire.FRAME_MAX + 1)),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(frames=st.lists(HOSTILE, min_size=1, max_size=4))
+def test_whatever_a_connection_sends_the_store_answers_the_others(
+    store_process: StoreProcess, frames: list[bytes]
+) -> None:
+    """Bytes that are no frame, frames that are no operations, operations with wrong
+    names or arguments: that connection gets an error or is closed, and the store goes
+    on answering everyone else."""
+    with socket.socket(socket.AF_UNIX) as hostile:
+        hostile.settimeout(0.5)
+        hostile.connect(store_process.path)
+        for frame in frames:
+            try:
+                hostile.sendall(frame)
+            except OSError:
+                break
+    client = store_process.client()
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:n"
+    assert client.add(key, 1, 60.0) == 1
+    assert store_process.proc.poll() is None
+
+
+def test_an_operation_the_store_refuses_is_store_down_not_a_wrong_answer(
+    store_process: StoreProcess,
+) -> None:
+    client = store_process.client()
+    with pytest.raises(StoreDown, match="refused add"):
+        client.add("k", "not a number", 60.0)  # type: ignore[arg-type]
+    assert client.add("k", 2, 60.0) == 2  # the connection is still in step
+
+
+def test_the_store_leaves_with_its_master_and_removes_its_socket(tmp_path: Path) -> None:
+    """Its master killed (kill -9: no on_exit), the store goes within about a second."""
+    directory = tempfile.mkdtemp(prefix="gateway-store-")
+    path = os.path.join(directory, "store.sock")
+    master = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, '-m', 'gateway.storeprocess', {path!r},"
+            " str(os.getpid())])\n"
+            "time.sleep(60)",
+        ],
+        cwd=ROOT,
+    )
+    wait_until(lambda: os.path.exists(path), timeout=10)
+    store, _ = instance_store(master.pid)
+    master.kill()
+    master.wait()
+    wait_until(lambda: not _running(store), timeout=5)
+    assert not os.path.exists(directory)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+# -- through real gunicorn: two workers, no Redis ---------------------------------------
+
+
+@pytest.fixture
+def two_workers(gateway_factory, fake) -> Any:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(workers=2, GATEWAY_CACHE_TTL="60")
+    gw.setup_route(fake.url, remote_id="fake")
+    return gw
+
+
+def _store_of(gw: Gateway) -> tuple[int, str]:
+    found = gw.instance_store()
+    assert found is not None, "no instance store runs"
+    return found
+
+
+def _call(
+    gw: Gateway, key: str, script: str = "", session: Any = requests, **headers: str
+) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}", "X-Fake-Script": script, **headers}
+    return session.post(gw.url + CHAT, json=BODY, headers=headers, timeout=30)
+
+
+def _sessions_on_each_worker(gw: Gateway, each: int) -> list[requests.Session]:
+    """Kept-alive connections, ``each`` served by each worker, one worker's and the
+    other's in turn: a worker stopped (SIGSTOP) takes no new connection, so those made
+    meanwhile are the other's. (Calls made at once on fresh connections mostly land on
+    whichever worker wakes first: on one worker's own memory, 60 calls at once let
+    through 20 of a limit of 20.)"""
+    on: list[list[requests.Session]] = []
+    workers = gw.worker_pids()
+    assert len(workers) == 2
+    for stopped in workers:
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            sessions = [requests.Session() for _ in range(each)]
+            for session in sessions:
+                assert session.get(gw.url + "/healthz", timeout=10).status_code == 200
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        on.append(sessions)
+    return [session for pair in zip(*on, strict=True) for session in pair]
+
+
+def _new_key(gw: Gateway, **fields: Any) -> tuple[str, int]:
+    made = gw.api("POST", "/apiKey", json={"comment": "instance store", **fields})
+    return made["key"], made["id"]
+
+
+def test_one_keys_rpm_holds_across_the_workers_of_an_instance(two_workers, fake) -> None:  # type: ignore[no-untyped-def]
+    """Each worker on its own memory let 40 of 60 calls through a limit of 20."""
+    gw = two_workers
+    key, key_id = _new_key(gw, rpmLimit=20, tpmLimit=10**6)
+    call_id = uuid.uuid4().hex
+    sessions = _sessions_on_each_worker(gw, 30)
+    pool = gevent.pool.Pool(60)
+    answers = pool.map(lambda s: _call(gw, key, f"id={call_id}", s).status_code, sessions)
+    allowed = answers.count(200)
+    assert 20 <= allowed <= 21 and answers.count(429) == 60 - allowed, Counter(answers)
+    assert len(fake.log(call_id)) == allowed
+    assert len(gw.wait_final(allowed, apiKeyId=key_id)) == allowed
+
+
+def test_one_request_id_sent_to_both_workers_at_once_reaches_the_upstream_once(
+    two_workers, fake
+) -> None:  # type: ignore[no-untyped-def]
+    gw = two_workers
+    key, _ = _new_key(gw, rpmLimit=10_000, tpmLimit=10**9)
+    sessions = _sessions_on_each_worker(gw, 4)
+    for _ in range(3):
+        req_id, call_id = uuid.uuid4().hex, uuid.uuid4().hex
+        headers = {"X-NexusGate-ReqId": req_id}
+        script = f"id={call_id};header_delay=0.3"
+        pool = gevent.pool.Pool(8)
+        answers = pool.map(
+            lambda s, script=script, headers=headers: _call(gw, key, script, s, **headers),
+            sessions,
+        )
+        codes = Counter(a.status_code for a in answers)
+        assert codes[200] >= 1 and codes[200] + codes[409] == 8, codes
+        assert len(fake.log(call_id)) == 1, "one upstream call for one request id"
+
+
+def test_max_concurrent_holds_across_the_workers(two_workers, fake) -> None:  # type: ignore[no-untyped-def]
+    gw = two_workers
+    key, _ = _new_key(gw, rpmLimit=10_000, tpmLimit=10**9, maxConcurrent=3)
+    call_id = uuid.uuid4().hex
+    sessions = _sessions_on_each_worker(gw, 6)
+    pool = gevent.pool.Pool(12)
+    answers = pool.map(
+        lambda s: _call(gw, key, f"id={call_id};header_delay=1.0", s).status_code, sessions
+    )
+    assert answers.count(200) == 3 and answers.count(429) == 9, Counter(answers)
+
+
+def test_a_killed_store_costs_no_call_and_the_master_starts_it_again(two_workers, fake) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the store under load: every call is answered 200 and recorded, the
+    fail-opens are counted, the master starts a new store, and the limit holds again."""
+    gw = two_workers
+    key, key_id = _new_key(gw, rpmLimit=10**6, tpmLimit=10**9, maxConcurrent=500)
+    pid, path = _store_of(gw)
+    stop = gevent.event.Event()
+    codes: list[int] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            codes.append(_call(gw, key).status_code)
+
+    workers = [gevent.spawn(load) for _ in range(6)]
+    gevent.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    gevent.sleep(1.5)
+    stop.set()
+    gevent.joinall(workers, raise_error=True)
+    assert codes and set(codes) == {200}, Counter(codes)
+    assert len(gw.wait_final(len(codes), apiKeyId=key_id)) == len(codes)
+    restarted = wait_until(lambda: (gw.instance_store() or (pid,))[0] != pid and _store_of(gw))
+    assert restarted[1] == path
+    assert gw.metric("gateway_limiter_fail_open_total") > 0
+    assert "instance store (pid" in gw.log()
+    limited, _ = _new_key(gw, rpmLimit=5, tpmLimit=10**6)
+
+    def limit_holds() -> bool:
+        pool = gevent.pool.Pool(10)
+        return pool.map(lambda _: _call(gw, limited).status_code, range(10)).count(200) <= 6
+
+    assert wait_until(limit_holds, timeout=10, interval=1.2)
+
+
+def test_no_store_is_left_behind_by_a_stop_or_a_killed_master(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    stopped, killed = gateway_factory(workers=2), gateway_factory(workers=2)
+    for gw, how in ((stopped, signal.SIGTERM), (killed, signal.SIGKILL)):
+        pid, path = _store_of(gw)
+        gw.stop(how)
+        wait_until(lambda pid=pid: not _running(pid), timeout=5)
+        assert not os.path.exists(os.path.dirname(path)), how
+    one = gateway_factory(workers=1)
+    assert one.instance_store() is None
+    assert (
+        "not across workers" in one.log()
+        and "across this instance's workers" in stopped.log_path.read_text()
+    )
+
+
+def test_a_revoked_key_is_refused_by_the_other_worker_at_once(two_workers) -> None:  # type: ignore[no-untyped-def]
+    """CACHE_TTL is a minute here: only the store's announcement can make it forget."""
+    gw = two_workers
+    key, key_id = _new_key(gw)
+    sessions = _sessions_on_each_worker(gw, 2)
+    for session in sessions:  # the key cached by both workers
+        assert _call(gw, key, session=session).status_code == 200
+    gw.api("DELETE", f"/apiKey/{key_id}")
+    assert [_call(gw, key, session=s).status_code for s in sessions] == [401] * 4
+
+
+def test_the_store_socket_is_for_this_user_only(two_workers) -> None:  # type: ignore[no-untyped-def]
+    _, path = _store_of(two_workers)
+    assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
+    assert os.stat(path).st_mode & 0o077 == 0
