@@ -22,7 +22,7 @@ from datetime import UTC
 from typing import TypeVar
 
 from gateway.errors import NotFound, UpstreamFailed, UpstreamRejected, UpstreamTimeout
-from gateway.upstream import UpstreamError
+from gateway.failures import UpstreamError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from gateway.errors import NotFound, UpstreamFailed, UpstreamRejected, UpstreamTimeout
+from gateway.failures import UpstreamError
 from gateway.routing import Candidate, Catalog, backoff, failover, weighted_order
-from gateway.upstream import UpstreamError
 
 
 def candidate(

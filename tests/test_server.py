@@ -43,7 +43,7 @@ def chat_client(gw: Gateway, key: str, **kwargs: object) -> openai.OpenAI:
 
 # How the upstream frames a stream: chunked, as servers do, which the worker's relay
 # reads as it comes; or gzip-encoded, which only a greenlet waiting for each read can
-# take (``upstream._Reads.watch``).
+# take (``bodies.Reads.watch``).
 FRAMINGS = [pytest.param("", id="relayed"), pytest.param(";gzip=1", id="gzip-read-apart")]
 
 

@@ -30,13 +30,13 @@ from gevent.server import StreamServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import connections, http11, sse, upstream
+from gateway import bodies, connections, http11, sse, upstream
 from gateway.adapters import openai_chat
 from gateway.adapters.translator import StreamTranslator
+from gateway.bodies import READ_SIZE
 from gateway.config import DEFAULTS
 from gateway.errors import ANTHROPIC
 from gateway.upstream import (
-    READ_SIZE,
     Events,
     Response,
     Upstream,
@@ -749,7 +749,7 @@ def test_a_stream_waiting_for_its_next_chunk_holds_no_read_sized_buffer() -> Non
         reader = gevent.spawn(lambda: [event.data for event in events])
         gevent.sleep(0.3)  # the reader waits for the next chunk
         held = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(True, upstream.__file__)]
+            [tracemalloc.Filter(True, upstream.__file__), tracemalloc.Filter(True, bodies.__file__)]
         )
         assert reader.get(timeout=5) == ["1"]
         resp.close()

@@ -13,8 +13,8 @@ from flask import Response, request
 
 from gateway import jsonio, registry, serializers
 from gateway.admin_api.blueprint import body, bp
+from gateway.failures import UpstreamError
 from gateway.models import MODEL_TYPES, Model, Provider
-from gateway.upstream import UpstreamError
 
 
 @bp.get("/providers")

@@ -9,8 +9,8 @@ from flask_babel import ngettext
 from gateway import redact, registry, urlargs
 from gateway.dashboard.blueprint import bp
 from gateway.dashboard.forms import form_body, live, number
+from gateway.failures import UpstreamError
 from gateway.models import Model, Provider
-from gateway.upstream import UpstreamError
 
 PROVIDER_FORM = {
     "name": str,
