@@ -15,12 +15,12 @@ state arrives later is a second span of the same record, marked
 ``gateway.record.supersedes_swept``: an ended span cannot be changed, so the truth can
 only follow it, recognisably. Keys that later records may carry are used when present:
 ``tokens``, ``cost``, ``upstream_id``, ``response_model``, ``stop_reason``,
-``provider_type``, ``base_url``, ``delivered``. Pure code: no I/O.
+``provider_type``, ``base_url``, ``delivered``. The opt-in message content is
+``span_content``'s. Pure code: no I/O.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Mapping
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
+
+from gateway.span_content import content
 
 CHAT, EMBEDDINGS = "chat", "embeddings"
 # error.type values besides an upstream's HTTP status ("503") and the way its connection
@@ -84,7 +86,6 @@ _TRACEPARENT = re.compile(
     r"^\s*(?P<version>[0-9a-f]{2})-(?P<trace>[0-9a-f]{32})-(?P<span>[0-9a-f]{16})"
     r"-(?P<flags>[0-9a-f]{2})(?P<rest>-.*)?\s*$"
 )
-_DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?:;[^,]*)?,(?P<data>.*)", re.DOTALL)
 _EPOCH = datetime(1970, 1, 1)
 _STATUS_TEXT_LIMIT = 1024
 
@@ -297,119 +298,6 @@ def _gateway(row: Mapping[str, Any], attempts: list[dict], last: Mapping) -> dic
         "gateway.cost.currency": cost.get("currency") if cost.get("total") is not None else None,
         "gateway.delivered.events": delivered.get("events"),
     }
-
-
-# -- content (opt-in) ---------------------------------------------------------
-
-
-def content(row: Mapping[str, Any], finish: str | None, limit: int = 0) -> dict[str, str]:
-    """The convention's opt-in content attributes, as JSON strings (structured values are
-    not yet supported on spans)."""
-    prompt = row.get("prompt") if isinstance(row.get("prompt"), Mapping) else {}
-    attrs = {}
-    messages = prompt.get("messages")
-    if isinstance(messages, list):
-        attrs["gen_ai.input.messages"] = _json([_message(m, limit) for m in messages])
-    tools = prompt.get("tools")
-    if isinstance(tools, list) and tools:
-        definitions = [
-            {"type": t.get("type", "function"), "name": (t.get("function") or {}).get("name")}
-            for t in tools
-            if isinstance(t, Mapping)
-        ]
-        attrs["gen_ai.tool.definitions"] = _json(definitions)
-    answer = row.get("completion")
-    if isinstance(answer, list) and answer:
-        if finish is None:  # required in an output message; the record did not say
-            finish = "error" if row.get("status") == "failed" else "unknown"
-        attrs["gen_ai.output.messages"] = _json(
-            [{**_message(m, limit), "finish_reason": finish} for m in answer]
-        )
-    return attrs
-
-
-def _message(message: Any, limit: int) -> dict[str, Any]:
-    """A stored Chat Completions message in the convention's message schema."""
-    if not isinstance(message, Mapping):
-        return {"role": "user", "parts": []}
-    role = message.get("role") or "user"
-    if role == "tool":
-        part = {
-            "type": "tool_call_response",
-            "id": message.get("tool_call_id"),
-            "response": _cut(_text(message.get("content")), limit),
-        }
-        return {"role": role, "parts": [part]}
-    parts: list[dict[str, Any]] = []
-    if message.get("reasoning_content"):
-        parts.append({"type": "reasoning", "content": _cut(message["reasoning_content"], limit)})
-    parts.extend(_parts(message.get("content"), limit))
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        parts.append(
-            {
-                "type": "tool_call",
-                "id": call.get("id"),
-                "name": function.get("name"),
-                "arguments": _arguments(function.get("arguments"), limit),
-            }
-        )
-    return {"role": role, "parts": parts}
-
-
-def _parts(value: Any, limit: int) -> list[dict[str, Any]]:
-    if isinstance(value, str):
-        return [{"type": "text", "content": _cut(value, limit)}] if value else []
-    parts = []
-    for part in value if isinstance(value, list) else []:
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text":
-            parts.append({"type": "text", "content": _cut(part.get("text") or "", limit)})
-        elif kind == "image_url":
-            parts.append(_image((part.get("image_url") or {}).get("url") or "", limit))
-        elif kind:
-            parts.append({"type": kind})  # known by its type only: nothing unbounded leaks
-    return parts
-
-
-def _image(url: str, limit: int) -> dict[str, Any]:
-    match = _DATA_URL.fullmatch(url)
-    if match:
-        return {
-            "type": "blob",
-            "modality": "image",
-            "mime_type": match["mime"] or None,
-            "content": _cut(match["data"], limit),
-        }
-    return {"type": "uri", "modality": "image", "uri": url}
-
-
-def _arguments(arguments: Any, limit: int) -> Any:
-    """Tool call arguments as an object where they parse (the convention asks for one)."""
-    if not isinstance(arguments, str):
-        return arguments
-    if limit and len(arguments) > limit:
-        return _cut(arguments, limit)
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, list):
-        return "".join(p.get("text") or "" for p in value if isinstance(p, Mapping))
-    return value if isinstance(value, str) else ""
-
-
-def _cut(text: str, limit: int) -> str:
-    if not limit or len(text) <= limit:
-        return text
-    return f"{text[:limit]}…[{len(text) - limit} more characters]"
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _nanoseconds(value: datetime | str) -> int:
