@@ -8,10 +8,11 @@ return. The work is in ``adapters`` (formats), ``admission`` (limits, request id
 answer to a known key carries its X-RateLimit-* headers.
 
 The call views (``CALLS``) take their ``CallRequest`` as an argument and touch no Flask
-context. ``CallRoutes``, in front of the Flask app, serves a POST to one of their exact
-paths itself, without Flask's per-request machinery (contexts, URL matching, hooks:
-about a tenth of a call's CPU, issue 11). Everything else goes to Flask, where the
-same views are registered: other methods (405, OPTIONS), a ``//``.
+context; it and their ``Answer`` are ``callwsgi``'s, the client headers passed on
+``client_headers``'. ``CallRoutes``, in front of the Flask app, serves a POST to one of
+their exact paths itself, without Flask's per-request machinery (contexts, URL
+matching, hooks: about a tenth of a call's CPU, issue 11). Everything else goes to
+Flask, where the same views are registered: other methods (405, OPTIONS), a ``//``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from urllib.parse import unquote
 
 from flask import Flask, Response, current_app, has_request_context, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.wrappers import Request
 
-from gateway import admission, auth, db, dedup, jsonio, redact, replay, token_count, urlargs
+from gateway import admission, auth, db, dedup, jsonio, replay, token_count, urlargs
 from gateway.adapters import PROTOCOLS, embeddings, record
 from gateway.call import Call
 from gateway.calls import calls
+from gateway.callwsgi import Answer, CallRequest
+from gateway.client_headers import forwarded_headers
 from gateway.errors import (
     ANTHROPIC,
     OPENAI_CHAT,
@@ -55,113 +57,12 @@ FORMAT_BY_PATH = {
     "/v1/messages/count_tokens": ANTHROPIC,
     "/v1/responses": OPENAI_RESPONSES,
 }
-# Client headers never forwarded upstream, besides credentials (``redact``): ours,
-# hop-by-hop, and ones the upstream request sets itself. The rest is forwarded, as
-# NexusGate does: providers add headers (``anthropic-beta``) faster than an
-# allow-list could follow them.
-_NOT_FORWARDED = frozenset(
-    {
-        "host", "connection", "content-length", "content-type", "cookie", "anthropic-version",
-        "accept", "accept-encoding", "accept-language", "origin", "referer", "keep-alive",
-        "te", "trailer", "transfer-encoding", "upgrade", "x-forwarded-for",
-        "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "priority", "expect",
-    }
-)  # fmt: skip
-_NOT_FORWARDED_PREFIXES = ("x-nexusgate-", "sec-fetch-", "sec-ch-ua", "proxy-")
-
-
-class CallRequest(Request):
-    """A /v1 call's request: Werkzeug's, limited to the app's MAX_CONTENT_LENGTH, and what
-    its answer's headers need (the caller once known, its permit once admitted).
-
-    It does not put itself in its environ (``werkzeug.request``): the environ would hold
-    the request and the request the environ, a cycle only the garbage collector frees,
-    about 30 objects a call kept until its next pass (issue 11). Nothing reads it there.
-    """
-
-    def __init__(self, environ: dict[str, Any], app: Flask) -> None:
-        super().__init__(environ, populate_request=False)
-        self.app = app
-        self.max_content_length = app.config["MAX_CONTENT_LENGTH"]
-        self.caller: auth.Caller | None = None
-        self.permit: admission.Permit | None = None
-        self.heads = Heads(environ)
-
-
-class Heads:
-    """A request's headers by name, read straight from its WSGI environ: what
-    Werkzeug's ``EnvironHeaders.get`` answers for a header other than the body's type
-    and length, without its four calls and the name's conversion each time (the call
-    views read six headers a call, issue 11). Only the views' own names are asked, so
-    the names converted are kept."""
-
-    __slots__ = ("_environ",)
-
-    def __init__(self, environ: dict[str, Any]) -> None:
-        self._environ = environ
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        key = _ENVIRON_KEYS.get(name)
-        if key is None:
-            key = _ENVIRON_KEYS[name] = "HTTP_" + name.upper().replace("-", "_")
-        return self._environ.get(key, default)
-
-
-_ENVIRON_KEYS: dict[str, str] = {}
-
 
 _EVENT_STREAM = [
     ("Cache-Control", "no-cache"),
     ("X-Accel-Buffering", "no"),
     ("Content-Type", "text/event-stream; charset=utf-8"),
 ]
-
-
-class Answer:
-    """A call's answer (200) as a WSGI app: the headers werkzeug's Response would send,
-    without the work it does on the way for headers an answer never has (about 50 µs of
-    a JSON call at one client, issue 11). A body of bytes gets its Content-Length; an
-    iterator goes to the server as it is (it closes it)."""
-
-    __slots__ = ("after", "body", "headers")
-
-    def __init__(self, body: bytes | Iterator[bytes], headers: list[tuple[str, str]]) -> None:
-        self.headers = [*headers]
-        if isinstance(body, bytes):
-            self.headers.append(("Content-Length", str(len(body))))
-            body = [body]
-        self.body: Iterable[bytes] = body
-        self.after: Callable[[], None] | None = None  # run once the body is written
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        start_response("200 OK", self.headers)
-        if self.after is None:
-            return self.body
-        return _Then(self.body, self.after)
-
-
-class _Then:
-    """A body, and what to run once the server has written it and closes it (after the
-    body's own ``close``, even if that fails): Werkzeug's ``ClosingIterator`` for one
-    callback, without a Python call for each piece (the server iterates the body's own
-    iterator)."""
-
-    __slots__ = ("_after", "_body")
-
-    def __init__(self, body: Iterable[bytes], after: Callable[[], None]) -> None:
-        self._body = body
-        self._after = after
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._after()
 
 
 def chat_completions(req: CallRequest) -> Response | Answer:
@@ -429,49 +330,6 @@ def _accepts_event_stream(req: CallRequest) -> bool:
 def _client_socket(req: CallRequest) -> Any:
     # gunicorn's gevent worker calls it gunicorn.socket; gevent_pywsgi gunicorn.sock.
     return req.environ.get("gunicorn.socket") or req.environ.get("gunicorn.sock")
-
-
-def forwarded_headers(environ: dict[str, Any]) -> dict[str, str]:
-    """The client headers passed on to the upstream and kept in the record, lower-cased.
-
-    Read off the WSGI environ's ``HTTP_*`` keys, as Werkzeug's headers are (the body's
-    type and length, which Werkzeug also reads elsewhere, are never passed on). Whether
-    a name is passed on is decided once per name (``_forwarded_name``); a credential in
-    a value is looked for in every value. Through Werkzeug's headers, a title-cased name
-    made and lower-cased again for each header, it was about 15 µs a call with an SDK's
-    eleven headers, 4 µs now (issue 11).
-    """
-    out = {}
-    names = _FORWARDED_NAMES
-    for key, value in environ.items():
-        if key[:5] != "HTTP_":
-            continue
-        name = names.get(key, _UNSEEN)
-        if name is _UNSEEN:
-            name = _forwarded_name(key)
-        if name is not None and not redact.credential_value(value):
-            out[name] = value
-    return out
-
-
-_UNSEEN = object()
-# environ key -> the header's lower-cased name, or None if it is never passed on. A
-# client picks the names: the first 512 are kept, the rest judged every time.
-_FORWARDED_NAMES: dict[str, str | None] = {}
-_FORWARDED_NAMES_KEPT = 512
-
-
-def _forwarded_name(key: str) -> str | None:
-    lower = key[5:].replace("_", "-").lower()
-    never = (
-        lower in _NOT_FORWARDED
-        or lower.startswith(_NOT_FORWARDED_PREFIXES)
-        or redact.credential_name(lower)
-    )
-    name = None if never else lower
-    if len(_FORWARDED_NAMES) < _FORWARDED_NAMES_KEPT:
-        _FORWARDED_NAMES[key] = name
-    return name
 
 
 def render_error(exc: GatewayError) -> Response:

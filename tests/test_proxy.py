@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import EnvironHeaders
 
-from gateway import auth, proxy, redact
+from gateway import auth, client_headers, proxy, redact
 from gateway.adapters.translator import StreamTranslator
 from gateway.db import database
 from gateway.models import Completion, Embedding
@@ -262,7 +262,7 @@ def test_embeddings_answer_is_the_upstreams_json_and_the_trailing_slash_works(
 def test_an_answer_has_the_headers_of_its_kind_and_its_limits(
     client, fake, route, stream, trailing
 ) -> None:  # type: ignore[no-untyped-def]
-    """A call's answer is written by ``proxy.Answer``, not werkzeug's Response: the same
+    """A call's answer is written by ``callwsgi.Answer``, not werkzeug's Response: the same
     headers, whichever way it was served."""
     if stream:
         resp = post(client, CHAT + trailing, {**VALID[CHAT], "stream": True}, route["key"])
@@ -717,14 +717,14 @@ def test_the_headers_passed_on_are_werkzeug_s_by_the_rules(environ: dict[str, st
     for name, value in EnvironHeaders(environ):
         lower = name.lower()
         if (
-            lower in proxy._NOT_FORWARDED
-            or lower.startswith(proxy._NOT_FORWARDED_PREFIXES)
+            lower in client_headers._NOT_FORWARDED
+            or lower.startswith(client_headers._NOT_FORWARDED_PREFIXES)
             or redact.credential_header(lower, value)
         ):
             continue
         expected[lower] = value
-    assert proxy.forwarded_headers(environ) == expected
-    assert proxy.forwarded_headers(environ) == expected  # the names' verdicts now kept
+    assert client_headers.forwarded_headers(environ) == expected
+    assert client_headers.forwarded_headers(environ) == expected  # the names' verdicts now kept
 
 
 @pytest.mark.parametrize(
