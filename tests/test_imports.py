@@ -31,6 +31,10 @@ PURE = (
     "gateway.ending",
     "gateway.pricing",
     "gateway.http11",
+    "gateway.decoding",
+    "gateway.failures",
+    "gateway.span_content",
+    "gateway.storewire",
 )
 IO_LIBRARIES = ("requests", "urllib3", "peewee", "redis", "gevent", "psycopg", "psycopg2")
 PROTOCOLS = ("openai_chat", "anthropic", "openai_responses")
