@@ -1,4 +1,5 @@
-"""Benchmark: what traffic control adds to one call, with Redis and in process.
+"""Benchmark: what traffic control adds to one call: with Redis, with an instance store,
+in process.
 
 Wired in, a call is admitted once before it is routed (``admission.admit``: a
 maxConcurrent slot if the key has one, RPM, TPM and a per-model bucket, in one script)
@@ -11,7 +12,8 @@ call's for ``finished`` too (its answer goes once the settling is sent; a stream
 event has gone by then), and their sum is the worker's time per call. Then each limiter
 operation alone. Measured in a gevent-patched process like a gunicorn worker, one
 caller at a time and 50 concurrent greenlets, against this benchmark's own
-redis-server (or ``--redis-url``) and the in-process store. Prints a table
+redis-server (or ``--redis-url``), its own instance store process (``storeprocess``,
+as gunicorn's master starts one without Redis) and the in-process store. Prints a table
 (microseconds) and writes bench/results/limiter.json.
 Run: ``python bench/limiter.py [--calls 5000]``.
 """
@@ -24,7 +26,9 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -153,20 +157,33 @@ def main() -> None:
     args = parser.parse_args()
     server = None if args.redis_url else RedisServer(Path(tempfile.mkdtemp()) / "redis")
     url = args.redis_url or server.url  # type: ignore[union-attr]
+    store_dir = tempfile.mkdtemp(prefix="gateway-store-")
+    socket_path = os.path.join(store_dir, "store.sock")
+    store = subprocess.Popen(
+        [sys.executable, "-m", "gateway.storeprocess", socket_path, str(os.getpid())], cwd=ROOT
+    )
+    while not os.path.exists(socket_path):
+        time.sleep(0.01)
     model_limits._limits = {"gpt-4o": (BIG, 1e6)}  # one per-model limit, held in memory
     model_limits._loaded_at = float("inf")
     try:
         results = {}
-        for store, config in (("redis", {"REDIS_URL": url}), ("in process", {})):
+        stores = (
+            ("redis", {"REDIS_URL": url}),
+            ("instance store", {"INSTANCE_STORE": socket_path}),
+            ("in process", {}),
+        )
+        for kind, config in stores:
             # A generous timeout: a busy shared machine must not turn a slow answer into
             # a fail-open, which would time nothing.
             prefix = f"bench{uuid.uuid4().hex[:6]}"
             limiter.configure({**config, "REDIS_PREFIX": prefix, "REDIS_TIMEOUT": 1.0})
             for concurrency in (1, 50):
-                name = f"{store}, {concurrency} at once"
+                name = f"{kind}, {concurrency} at once"
                 results[name] = scenario(args.calls, concurrency)
-                assert limiter.fail_opens == 0, "Redis did not answer in time"
+                assert limiter.fail_opens == 0, f"{kind} did not answer in time"
     finally:
+        store.kill()
         if server is not None:
             server.stop()
     head = f"{'microseconds':40} {'mean':>8} {'p50':>8} {'p99':>8} {'wall/calls':>11}"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 # How many resamples make a percentile ratio's interval, and which share of them it holds.
 RESAMPLES, HELD = 400, 0.9
-# run.py's twin of the gateway: with --redis, the same gateway with its limits in process;
+# run.py's twin of the gateway: with --redis, the same gateway without Redis (its limits
+# in its instance store, or with one worker in process);
 # with --twin NAME=VALUE, the same gateway with those settings.
-TWIN, SETTINGS_TWIN = "in process", "twin"
+TWIN, SETTINGS_TWIN = "without Redis", "twin"
 
 
 def load_average() -> str:
@@ -148,7 +149,7 @@ def twin_table(r: dict) -> list[str]:
     """The gateway against its twin (``run.py --redis`` or ``--twin``), both in the same
     run, with what the difference between them changes.
 
-    With ``--redis`` the twin keeps its limits in process, and the difference is what
+    With ``--redis`` the twin keeps its limits without Redis, and the difference is what
     Redis adds (the gateway's figure minus the twin's); with ``--twin NAME=VALUE`` the
     twin has those settings, and the difference is what they change (the twin's figure
     minus the gateway's).
@@ -166,11 +167,11 @@ def twin_table(r: dict) -> list[str]:
     else:
         base, subject = TWIN, "gateway"
         heading = [
-            "What limits in Redis add: the gateway against its twin with limits in process",
+            "What limits in Redis add: the gateway against its twin without Redis",
             "(same database, same run, calls alternated); issue 11's target is at most 0.2 ms",
             "a call.",
         ]
-        columns = "| figure | limits in process | limits in Redis | Redis adds (spread) |"
+        columns = "| figure | limits without Redis | limits in Redis | Redis adds (spread) |"
     lat, fb, cpu = r["latency_ms"], r["first_byte_ms"], r["cpu_ms_per_call"]
     cpu_rounds, rps = r["cpu_ms_per_round"], r["rps"]
 

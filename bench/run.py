@@ -3,8 +3,8 @@
 Starts the fake upstream (``tests/fake_upstream.py``), the floor (``bench/floor.py``) and
 the gateway (real gunicorn with ``gunicorn.conf.py``: 2 workers, SQLite; ``--postgres
 URL`` for a fresh PostgreSQL database on that server; ``--redis URL`` for limits in that
-Redis, as several instances have them, and beside it its twin with limits in process,
-so that what Redis adds is measured in the same run; ``--twin NAME=VALUE`` for a twin
+Redis, as several instances have them, and beside it its twin without Redis (its
+instance store), so that what Redis adds is measured in the same run; ``--twin NAME=VALUE`` for a twin
 with those settings instead, so that what they change is), then measures the targets
 in one run, alternating target by target so that the machine's noise falls on all alike:
 
@@ -12,7 +12,8 @@ in one run, alternating target by target so that the machine's noise falls on al
 - added time to first byte, streaming, 1 client;
 - throughput at 50 clients, as a share of calling the upstream directly;
 - worker CPU per call, non-streaming and a 20-chunk stream, 10 clients: utime + stime
-  from ``/proc/<pid>/stat`` of the gunicorn workers and of the floor's process;
+  from ``/proc/<pid>/stat`` of the gunicorn workers (and the instance store's, which
+  does the gateway's work: Redis's is not counted) and of the floor's process;
 - with ``--streams N``: N open streams on one worker (a 1-worker gateway, and the
   floor): RSS per open stream, and the time to first byte of a new call meanwhile.
 
@@ -292,7 +293,7 @@ def setting(text: str) -> tuple[str, str]:
 def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Namespace) -> dict:
     """Start the gateway and its twin if asked, on the same database (the key made on one
     is the other's too): with ``--twin``, the gateway with those settings; else with
-    ``--redis``, the gateway with its limits in process. Measure, stop them; then the
+    ``--redis``, the gateway without Redis. Measure, stop them; then the
     open streams figure if asked."""
     # A prefix of the run's own: a shared Redis may hold another run's keys.
     shared = {"REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": tmp.name} if args.redis else {}
@@ -313,7 +314,8 @@ def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Na
             if not started:  # the twin starts with the models and the key in the database
                 key = setup(gw, fake.url)
             started.append(gw)
-            targets.append(Target(name, gw.port, gw.worker_pids()))
+            store = gw.instance_store()  # the limits' process, without Redis
+            targets.append(Target(name, gw.port, gw.worker_pids() + ([store[0]] if store else [])))
         results = measure(targets, key, args)
     finally:
         for gw in started:
