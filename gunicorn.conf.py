@@ -208,10 +208,14 @@ def _keep_instance_store(server, path, pid, started):
             return  # on_exit
         if not _instance_store_runs(pid, started):
             server.log.warning("instance store (pid %s) is gone: starting it again", pid)
-            pid, started = _spawn_instance_store(path)
+            try:
+                pid, started = _spawn_instance_store(path)
+            except OSError as exc:  # no memory or processes to spare: the next turn tries
+                server.log.error("instance store: cannot start it: %s", exc)
 
 
 def _start_instance_store(server):
+    """Without Redis and with more than one worker: the instance store, and its keeper."""
     if SETTINGS.get("REDIS_URL") or workers < 2:
         return
     directory = tempfile.mkdtemp(prefix=INSTANCE_STORE_DIR_PREFIX)  # this user's only
@@ -227,6 +231,7 @@ def _start_instance_store(server):
 
 
 def _stop_instance_store():
+    """Stop this master's instance store (its directory first: the keeper then stops)."""
     path = os.environ.get("GATEWAY_INSTANCE_STORE")
     if not path or not os.path.basename(os.path.dirname(path)).startswith(
         INSTANCE_STORE_DIR_PREFIX
