@@ -228,8 +228,14 @@ def edit_provider(row: Provider, data: dict[str, Any]) -> None:
 
 
 def remove_provider(row: Provider) -> None:
-    """Soft-delete a provider; its models stop serving."""
-    Provider.update(deleted=True, updated_at=utcnow()).where(Provider.id == row.id).execute()
+    """Soft-delete a provider; its models stop serving. 404 if it is deleted already."""
+    # Only a live row is taken: of two deletes at once, both read it live, and the one
+    # that did not take it is told so (as a delete after a delete is), not a 200.
+    taken = Provider.update(deleted=True, updated_at=utcnow()).where(
+        (Provider.id == row.id) & (Provider.deleted == False)  # noqa: E712
+    )
+    if not taken.execute():
+        raise Refused(404, "Provider not found")
     catalog.invalidate()
 
 
@@ -357,8 +363,12 @@ def edit_model(row: Model, data: dict[str, Any]) -> None:
 
 
 def remove_model(row: Model) -> None:
-    """Soft-delete a model; it stops serving."""
-    Model.update(deleted=True, updated_at=utcnow()).where(Model.id == row.id).execute()
+    """Soft-delete a model; it stops serving. 404 if it is deleted already."""
+    taken = Model.update(deleted=True, updated_at=utcnow()).where(
+        (Model.id == row.id) & (Model.deleted == False)  # noqa: E712
+    )
+    if not taken.execute():  # another delete took it since ``row`` was read
+        raise Refused(404, "Model not found")
     catalog.invalidate()
 
 

@@ -858,3 +858,29 @@ def test_wrong_admin_secrets_are_throttled_per_client_address(app, client) -> No
     # ... and is from a proxy named in TRUSTED_PROXIES.
     app.config["TRUSTED_PROXIES"] = "198.51.100.0/24"
     assert ask(ADMIN_SECRET, **{"X-Forwarded-For": "203.0.113.50"}).status_code == 200
+
+
+def _deleted_at_once(app, paths: list[str]) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Each path DELETEd by two requests at once: the statuses, per path."""
+    import gevent
+
+    def delete(path: str) -> int:
+        with app.test_client() as client:
+            return client.delete(f"/api/admin{path}", headers=ADMIN).status_code
+
+    pairs = [[gevent.spawn(delete, p), gevent.spawn(delete, p)] for p in paths]
+    gevent.joinall([g for pair in pairs for g in pair], raise_error=True)
+    return [sorted(g.value for g in pair) for pair in pairs]
+
+
+def test_of_two_deletes_of_one_provider_or_model_at_once_one_deleted_it(app, admin) -> None:  # type: ignore[no-untyped-def]
+    # Both read the row, then both soft-deleted it by id: two 200s for one deletion. The
+    # loser must be told it found nothing, as a DELETE after a DELETE is.
+    kept = provider(admin, name="kept")
+    paths = []
+    for i in range(20):
+        made = provider(admin, name=f"twice{i}")
+        model = admin("POST", "/models", json={"providerId": kept["id"], "systemName": f"m{i}"})
+        paths += [f"/providers/{made['id']}", f"/models/{model[1]['id']}"]
+    statuses = _deleted_at_once(app, paths)
+    assert [s for s in statuses if s != [200, 404]] == [], statuses
