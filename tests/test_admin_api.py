@@ -6,7 +6,7 @@ import math
 import re
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from gateway import redact
 from gateway.config import ROOT
 from gateway.exchange import Exchange
-from gateway.models import ApiKey, Embedding
+from gateway.models import ApiKey, Completion, Embedding, utcnow
 from gateway.recorder import snapshot, write_rows
 from tests.conftest import _test_app
 from tests.servers import ADMIN_SECRET, away, unreachable
@@ -884,3 +884,51 @@ def test_of_two_deletes_of_one_provider_or_model_at_once_one_deleted_it(app, adm
         paths += [f"/providers/{made['id']}", f"/models/{model[1]['id']}"]
     statuses = _deleted_at_once(app, paths)
     assert [s for s in statuses if s != [200, 404]] == [], statuses
+
+
+def _old_records(key_id: int, count: int) -> list[str]:
+    """``count`` completions and as many embeddings, made 400 days ago: their paths."""
+    then = utcnow() - timedelta(days=400)
+    paths = []
+    made = {"api_key": key_id, "model": "m", "status": "completed", "created_at": then}
+    for table, name, extra in (
+        (Completion, "completions", {"api_format": "openai-chat"}),
+        (Embedding, "embeddings", {}),
+    ):
+        for _ in range(count):
+            row = table.create(uid=uuid.uuid4().hex, updated_at=then, **made, **extra)
+            paths.append(f"/{name}/{row.id}")
+    return paths
+
+
+def test_of_two_deletes_of_one_record_at_once_one_deleted_it(app, db) -> None:  # type: ignore[no-untyped-def]
+    # As for providers: both read the live record, both soft-deleted it, two 200s.
+    key = ApiKey.create(key_hash="h" * 64, key_hint="sk-h…hhhh")
+    statuses = _deleted_at_once(app, _old_records(key.id, 20))
+    assert [s for s in statuses if s != [200, 404]] == [], statuses
+
+
+def test_a_record_retention_takes_first_is_404(admin, db, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The DELETE read the live record, retention deleted it (whole) before the soft
+    # delete's UPDATE, which changed nothing, and the read back of the row found none:
+    # a 500 (CompletionDoesNotExist), for completions and embeddings, on both backends.
+    from gateway.db import database
+    from tests.test_retention import make_retention
+
+    key = ApiKey.create(key_hash="i" * 64, key_hint="sk-i…iiii")
+    paths = _old_records(key.id, 1)
+    job = make_retention(tmp_path, clock=utcnow(), RETENTION_DAYS=30)
+    execute_sql = database.obj.execute_sql
+    ran = []
+
+    def retention_first(sql: str, params: object = None) -> object:
+        if sql.startswith("UPDATE") and not ran:
+            ran.append(sql)
+            job.run()
+        return execute_sql(sql, params)
+
+    monkeypatch.setattr(database.obj, "execute_sql", retention_first)
+    assert admin("DELETE", paths[0]) == (404, {"error": "Completion not found"})
+    ran.clear()
+    assert admin("DELETE", paths[1]) == (404, {"error": "Embedding not found"})
+    assert len(ran) == 1 and Completion.select().count() == Embedding.select().count() == 0

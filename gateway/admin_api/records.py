@@ -97,10 +97,17 @@ def _one_record(table: type[pw.Model], serialize: Any, record_id: int) -> Respon
 
 
 def _delete_record(table: type[pw.Model], record_id: int) -> Any:
-    """Soft delete; the row as it now is."""
-    row = _record_row(table, record_id)
-    table.update(deleted=True, updated_at=utcnow()).where(table.id == row.id).execute()
-    return table.get_by_id(row.id)
+    """Soft delete; the row as the delete left it, or a 404 if it took none."""
+    # One statement, reading back what it changed: a read before it let two deletes at
+    # once both answer 200, and one after it found nothing when retention had deleted
+    # the row meanwhile (a 500).
+    query = table.update(deleted=True, updated_at=utcnow()).where(
+        (table.id == record_id) & (table.deleted == False)  # noqa: E712
+    )
+    taken = list(query.returning(table).execute())
+    if not taken:
+        raise registry.Refused(404, f"{table.__name__} not found")
+    return taken[0]
 
 
 def _record_row(table: type[pw.Model], row_id: int) -> Any:
