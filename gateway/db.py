@@ -329,6 +329,32 @@ class ReadOnly(peewee.OperationalError):
 peewee.EXCEPTIONS["ReadOnlySqlTransaction"] = ReadOnly
 
 
+class Conflict(peewee.OperationalError):
+    """PostgreSQL gave this transaction up for another's sake: a deadlock's victim
+    (40P01), a serialization failure (40001), or a row waited for past ``lock_timeout``
+    (55P03). The database answers: this is no outage.
+    Rolled back whole, a transaction given up for a deadlock or a serialization failure
+    may be run again (``retryable``); a lock timeout would only wait as long again."""
+
+    REASONS = {"40P01": "deadlock", "40001": "serialization failure", "55P03": "lock timeout"}
+
+    @property
+    def reason(self) -> str:
+        """What PostgreSQL gave the transaction up for, in a word or two."""
+        driver_error = getattr(self, "orig", None)  # psycopg's, which peewee wrapped
+        return self.REASONS.get(getattr(driver_error, "sqlstate", None), "conflict")
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason in ("deadlock", "serialization failure")
+
+
+# An OperationalError still, so that whoever takes any for "away" stays safe (the
+# recorder journals); those that declare an outage tell it apart.
+for _name in ("DeadlockDetected", "SerializationFailure", "LockNotAvailable"):
+    peewee.EXCEPTIONS[_name] = Conflict
+
+
 _reachable = True
 
 

@@ -664,3 +664,16 @@ class PostgresCluster:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pg_lock_awaited(conn: Any) -> bool:
+    """Whether another backend of ``conn``'s database waits for a lock now (a psycopg
+    connection): a test's cue to close a deadlock's cycle. Not pg_locks, which is the
+    whole cluster's (other suites' waits show there too); and pg_stat_activity read
+    afresh, where a transaction would see the snapshot it read first."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    found = conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )
+    return found.fetchone() is not None

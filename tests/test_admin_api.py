@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -17,7 +18,7 @@ from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Embedding, utcnow
 from gateway.recorder import snapshot, write_rows
 from tests.conftest import _test_app
-from tests.servers import ADMIN_SECRET, away, unreachable
+from tests.servers import ADMIN_SECRET, away, pg_lock_awaited, unreachable, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 
@@ -932,3 +933,125 @@ def test_a_record_retention_takes_first_is_404(admin, db, monkeypatch, tmp_path)
     ran.clear()
     assert admin("DELETE", paths[1]) == (404, {"error": "Embedding not found"})
     assert len(ran) == 1 and Completion.select().count() == Embedding.select().count() == 0
+
+
+class _Deadlocker:
+    """A connection of the test's own that makes an admin request's transaction the
+    victim of real deadlocks: it holds model ``b``, waits until the request (which locks
+    ``a`` then ``b``) waits for it, then asks for ``a``. PostgreSQL's check runs first
+    in the backend that waited first, the request's, and gives its transaction up."""
+
+    def __init__(self, database_url: str, a: int, b: int) -> None:
+        import psycopg
+
+        self.a = a
+        self.conn = psycopg.connect(database_url, autocommit=True)
+        self.conn.execute("BEGIN")
+        self.conn.execute("UPDATE models SET weight = 9 WHERE id = %s", (b,))
+        self.conn.execute("SAVEPOINT held")  # ``a`` is let go back to here, ``b`` kept
+
+    def once(self) -> None:
+        """Wait for the request to wait for ``b``; take ``a``: a deadlock it loses (had
+        this side lost it, DeadlockDetected would be raised here)."""
+        wait_until(lambda: pg_lock_awaited(self.conn))
+        self.conn.execute("UPDATE models SET weight = 9 WHERE id = %s", (self.a,))
+        self.conn.execute("ROLLBACK TO SAVEPOINT held")
+
+    def end(self) -> None:
+        """Let every lock go."""
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def _weights_in_a_deadlock(app, admin, database_url: str, deadlocks: int):  # type: ignore[no-untyped-def]
+    """The answer to a PUT of two models' weights made the victim of ``deadlocks``
+    deadlocks in a row."""
+    import gevent
+
+    a, b = (
+        admin(
+            "POST",
+            "/models",
+            json={"providerId": provider(admin, name=f"dl{i}")["id"], "systemName": "dl"},
+        )[1]["id"]
+        for i in range(2)
+    )
+    other = _Deadlocker(database_url, a, b)
+
+    def put():  # type: ignore[no-untyped-def]
+        with app.test_client() as client:
+            body = {"weights": [{"modelId": a, "weight": 2}, {"modelId": b, "weight": 3}]}
+            return client.put(
+                "/api/admin/models/by-system-name/dl/weights", json=body, headers=ADMIN
+            )
+
+    request = gevent.spawn(put)
+    try:
+        for _ in range(deadlocks):
+            other.once()
+    finally:
+        other.end()
+    return request.get(timeout=30)
+
+
+def test_a_deadlocked_admin_change_is_run_again_not_an_outage(
+    app, admin, database_url, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # PostgreSQL gave the request's transaction up (40P01) and the admin API answered 503
+    # "The database does not answer", logging an outage: it answered, and the change,
+    # run again, goes through.
+    from gateway import db
+
+    if not db.is_postgres():
+        pytest.skip("PostgreSQL's deadlocks")
+    caplog.set_level(logging.INFO, logger="gateway.admin_api.blueprint")
+    resp = _weights_in_a_deadlock(app, admin, database_url, 1)
+    assert resp.status_code == 200, resp.get_json()
+    assert caplog.text.count("dl/weights: deadlock; run again") == 1
+    assert sorted(m["model"]["weight"] for m in resp.get_json()) == [2.0, 3.0]
+    assert "does not answer" not in caplog.text and db.reachable()
+
+
+def test_an_admin_change_deadlocked_every_time_is_a_503_that_says_so(
+    app, admin, database_url, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    from gateway import db
+
+    if not db.is_postgres():
+        pytest.skip("PostgreSQL's deadlocks")
+    from gateway.admin_api.blueprint import CONFLICT_RETRIES
+
+    caplog.set_level(logging.INFO, logger="gateway.admin_api.blueprint")
+    resp = _weights_in_a_deadlock(app, admin, database_url, 1 + CONFLICT_RETRIES)
+    assert caplog.text.count("dl/weights: deadlock; run again") == CONFLICT_RETRIES
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert "deadlock" in resp.get_json()["error"]
+    assert "does not answer" not in resp.get_json()["error"] + caplog.text
+    assert db.reachable()
+
+
+def test_an_admin_change_past_the_lock_timeout_is_a_503_that_says_so(
+    app, admin, database_url, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # A row held by another transaction past DB_TIMEOUT (PostgreSQL's lock_timeout,
+    # 55P03): not run again, it would only wait as long again; not an outage either.
+    import psycopg
+
+    from gateway import db
+
+    if not db.is_postgres():
+        pytest.skip("PostgreSQL's lock_timeout")
+    made = provider(admin)
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute("UPDATE providers SET comment = 'held' WHERE id = %s", (made["id"],))
+        started = time.monotonic()
+        status, body = admin("PUT", f"/providers/{made['id']}", json={"comment": "mine"})
+        waited = time.monotonic() - started
+        other.execute("ROLLBACK")
+    assert (status, body) == (
+        503,
+        {"error": "The change collided with another made at once (lock timeout); try again"},
+    )
+    assert waited < 2 * app.config["DB_TIMEOUT"]  # once, not again
+    assert "does not answer" not in caplog.text and db.reachable()

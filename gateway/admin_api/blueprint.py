@@ -4,7 +4,9 @@
 view runs; wrong secrets are throttled per client address (``LOGIN_ATTEMPTS`` per
 ``LOGIN_WINDOW``, shared by every instance through the limiter): past that, 429 with
 Retry-After, right secret or not. A ``registry.Refused`` raised by any view is its
-JSON error; a database that does not answer, a 503. Bodies are strict JSON objects
+JSON error; a database that does not answer, a 503. A change PostgreSQL gave up for
+another made at once (a deadlock, a serialization failure) is run again, twice at most,
+then a 503 that says so, with Retry-After: 1; never an outage. Bodies are strict JSON objects
 (``jsonio``), query integers ASCII digits within bounds, and NUL in a path or an
 argument is refused before any query. Names in a path (system names, external ids,
 limit identifiers) arrive decoded once, by Flask, and are used as they are: a name may
@@ -13,20 +15,59 @@ hold '%' sequences of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
+from collections.abc import Callable
 from typing import Any
 
-from flask import Response, current_app, request
+import gevent
+from flask import Response, current_app, g, request
 
 from gateway import auth, db, forwarded, jsonio, registry, urlargs
 from gateway.limiter import limiter
 
 log = logging.getLogger(__name__)
 
-bp = urlargs.AnySlash("admin_api", __name__, url_prefix="/api/admin")
-bp.record_once(urlargs.register)
-
 MAX_PAGE = 1000
+CONFLICT_RETRIES = 2  # runs again of a view whose transaction PostgreSQL gave up
+
+
+class _Blueprint(urlargs.AnySlash):
+    """Every view run again when PostgreSQL gave its transaction up (``_run_again``)."""
+
+    def add_url_rule(
+        self, rule: str, endpoint: str | None = None, view_func: Any = None, **opts: Any
+    ) -> None:
+        if view_func is not None:
+            view_func = _run_again(view_func)
+        super().add_url_rule(rule, endpoint, view_func, **opts)
+
+
+def _run_again(view: Callable[..., Response]) -> Callable[..., Response]:
+    """``view``, run again when its transaction was a deadlock's victim (or failed to
+    serialize): PostgreSQL rolled it back whole, and the other one has likely finished.
+    The views write in one transaction, or in steps each safe to make twice."""
+
+    @functools.wraps(view)
+    def run(**kwargs: Any) -> Response:
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return view(**kwargs)
+            except db.Conflict as exc:
+                if not exc.retryable:
+                    raise
+                log.info(
+                    "admin API: %s %s: %s; run again", request.method, request.path, exc.reason
+                )
+                gevent.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # apart from the other
+        return view(**kwargs)
+
+    return run
+
+
+bp = _Blueprint("admin_api", __name__, url_prefix="/api/admin")
+bp.record_once(urlargs.register)
 
 
 @bp.errorhandler(registry.Refused)
@@ -44,6 +85,20 @@ def _database_away(exc: Exception) -> Response:
 
 for _away in db.AWAY:
     bp.register_error_handler(_away, _database_away)
+
+
+@bp.errorhandler(db.Conflict)
+def _conflicted(exc: db.Conflict) -> Response:
+    """Given up for another change made at once: the database answers, no outage."""
+    log.warning(
+        "admin API: %s %s given up by the database (%s)", request.method, request.path, exc.reason
+    )
+    answer = jsonio.response(
+        {"error": f"The change collided with another made at once ({exc.reason}); try again"},
+        503,
+    )
+    answer.headers["Retry-After"] = "1" if exc.retryable else str(db.AWAY_RETRY_AFTER)
+    return answer
 
 
 @bp.before_request
@@ -84,7 +139,9 @@ def revision() -> Response:
 def body() -> dict[str, Any]:
     """The body as a JSON object (an empty body is ``{}``), strictly parsed."""
     try:
-        found = jsonio.loads(jsonio.read(request) or b"{}")
+        if "admin_body" not in g:  # read once: a view run again (``_run_again``) reads it again
+            g.admin_body = jsonio.read(request)
+        found = jsonio.loads(g.admin_body or b"{}")
     except jsonio.Unreadable as exc:
         raise registry.Refused(400, str(exc)) from exc
     if not isinstance(found, dict):
