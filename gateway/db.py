@@ -332,7 +332,7 @@ peewee.EXCEPTIONS["ReadOnlySqlTransaction"] = ReadOnly
 class Conflict(peewee.OperationalError):
     """PostgreSQL gave this transaction up for another's sake: a deadlock's victim
     (40P01), a serialization failure (40001), or a row waited for past ``lock_timeout``
-    (55P03). The database answers: this is no outage.
+    (55P03). The database answers: this is no outage, and marks it unreachable nowhere.
     Rolled back whole, a transaction given up for a deadlock or a serialization failure
     may be run again (``retryable``); a lock timeout would only wait as long again."""
 
@@ -350,7 +350,7 @@ class Conflict(peewee.OperationalError):
 
 
 # An OperationalError still, so that whoever takes any for "away" stays safe (the
-# recorder journals); those that declare an outage tell it apart.
+# recorder journals what it could not write); those that declare an outage tell it apart.
 for _name in ("DeadlockDetected", "SerializationFailure", "LockNotAvailable"):
     peewee.EXCEPTIONS[_name] = Conflict
 
@@ -382,9 +382,10 @@ def background(timeout: float) -> Iterator[None]:
         if opened:
             database.connect()
         yield
-    except UNREACHABLE:
+    except UNREACHABLE as exc:
         discard_connection()
-        mark_reachable(False)
+        if not isinstance(exc, Conflict):  # it answered, to give a transaction up
+            mark_reachable(False)
         raise
     else:
         mark_reachable(True)

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
+CONFLICT_RETRIES = 2  # writes again of a batch PostgreSQL gave up for another transaction
 # SQLite: final calls written whose text makes a writer index what is due, and the
 # seconds the first of them waits at most (a search never waits: it indexes first).
 INDEX_AT, INDEX_AFTER = 500, 1.0
@@ -285,9 +286,8 @@ class Recorder:
         try:
             self._bounded_write(rows, touch=due)
         except UNREACHABLE as exc:
-            log.warning(
-                "recorder: database unreachable (%s); journaling %d records", exc, len(rows)
-            )
+            away = "gave the write up" if isinstance(exc, db.Conflict) else "unreachable"
+            log.warning("recorder: database %s (%s); journaling %d records", away, exc, len(rows))
             self._journaling = True
             self._journal(rows)
             return
@@ -330,15 +330,25 @@ class Recorder:
             raise _Unkept(unkept, cause)
 
     def _bounded_write(self, rows: list[dict], touch: set[int] | None = None) -> None:
-        """``write_rows`` on this greenlet's kept connection, within ``DB_TIMEOUT``."""
+        """``write_rows`` on this greenlet's kept connection, within ``DB_TIMEOUT``; again
+        at once if PostgreSQL gave it up for another transaction (rolled back whole, and
+        an upsert written twice changes nothing)."""
         try:
             with gevent.Timeout(self.timeout, db.DatabaseTimeout("record write timed out")):
-                write_rows(rows, touch)
+                for again in range(CONFLICT_RETRIES, -1, -1):
+                    try:
+                        write_rows(rows, touch)
+                        break
+                    except db.Conflict as exc:
+                        if not (again and exc.retryable):
+                            raise
+                        log.info("recorder: a write was given up (%s); written again", exc.reason)
             db.mark_reachable(True)
             self._written_due(rows)
-        except UNREACHABLE:
+        except UNREACHABLE as exc:
             db.discard_connection()
-            db.mark_reachable(False)
+            if not isinstance(exc, db.Conflict):  # the database answered
+                db.mark_reachable(False)
             raise
         except Exception:
             db.discard_connection()  # a failed statement may leave the connection unusable

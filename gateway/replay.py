@@ -114,7 +114,8 @@ def _newest(key_id: int, req_id: str, what: str, fields: list, condition: Any) -
                 .first()
             )
     except Exception as exc:  # away or slow: make the call instead
-        db.mark_reachable(False)  # until a background job finds it again
+        if not isinstance(exc, db.Conflict):  # (a lock timeout: it answered)
+            db.mark_reachable(False)  # until a background job finds it again
         log.warning("replay: cannot read %s (%s); repeats run anew for now", what, exc)
         return None
 

@@ -224,3 +224,37 @@ def test_a_write_offers_its_cpu_after_each_statement(
         assert len(yields) == 2
         sqlite_write([("INSERT INTO t VALUES (3)", []), lambda results: [], ("SELECT 1", [])])
         assert len(yields) == 5
+
+
+def test_a_background_job_a_deadlock_gave_up_leaves_the_database_reachable(
+    db, database_url
+) -> None:  # type: ignore[no-untyped-def]
+    # A real deadlock (PostgreSQL's 40P01) in a background job marked the database
+    # unreachable, as an outage does: it answered, to give one transaction up.
+    import psycopg
+
+    from gateway import db as gateway_db
+    from tests.servers import pg_lock_awaited, wait_until
+
+    if not gateway_db.is_postgres():
+        pytest.skip("PostgreSQL's deadlocks")
+    database.execute_sql("CREATE TABLE locked (id INTEGER PRIMARY KEY, x INTEGER)")
+    database.execute_sql("INSERT INTO locked VALUES (1, 0), (2, 0)")
+    gateway_db.mark_reachable(True)
+
+    def job() -> None:
+        with gateway_db.background(30), database.atomic():
+            database.execute_sql("UPDATE locked SET x = 1 WHERE id = 1")
+            database.execute_sql("UPDATE locked SET x = 1 WHERE id = 2")
+
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute("UPDATE locked SET x = 2 WHERE id = 2")
+        ran = gevent.spawn(job)
+        wait_until(lambda: pg_lock_awaited(other))
+        other.execute("UPDATE locked SET x = 2 WHERE id = 1")
+        other.execute("COMMIT")
+        ran.join(30)
+    assert isinstance(ran.exception, gateway_db.Conflict), ran.exception
+    assert ran.exception.reason == "deadlock"
+    assert gateway_db.reachable()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import time
@@ -27,7 +28,14 @@ from gateway.writes import index_all_due
 from tests import pools
 from tests.loopwatch import assert_kept_turning, slow_disk, watch_loop
 from tests.recorders import make_recorder
-from tests.servers import away, sqlite_lock_held, unreachable, varied_text, wait_until
+from tests.servers import (
+    away,
+    pg_lock_awaited,
+    sqlite_lock_held,
+    unreachable,
+    varied_text,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -835,3 +843,38 @@ def test_a_dead_process_s_write_ahead_lines_are_written_by_a_live_one(
     found = {row.uid: row.status for row in rows()}
     assert found == {answered.uid: "completed", cut.uid: "pending"}  # the sweeper's next
     assert not dead.exists()
+
+
+def test_a_batch_a_deadlock_gave_up_is_written_not_journaled(
+    rec: Recorder, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The batch's transaction moves its keys' last_seen in key order; another holding the
+    # second key and asking for the first makes it a deadlock's victim (real, PostgreSQL).
+    # It was taken for an outage: 'database unreachable', the batch journaled, the
+    # database marked unreachable; it answered, and the batch, written again, goes in.
+    import psycopg
+
+    from gateway import db
+
+    if not db.is_postgres():
+        pytest.skip("PostgreSQL's deadlocks")
+    with database.connection_context():
+        first, second = (ApiKey.create(key_hash=c * 64, key_hint="sk-…test").id for c in "kl")
+    calls = [exchange(first), exchange(second)]
+    for ex in calls:
+        ex.finish("completed")
+        rec.record(ex)
+    caplog.set_level(logging.INFO, logger="gateway.recorder")
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute("UPDATE api_keys SET comment = 'held' WHERE id = %s", (second,))
+        flushed = gevent.spawn(rec.flush, 30)
+        wait_until(lambda: pg_lock_awaited(other))
+        # Had this side lost the deadlock, DeadlockDetected would be raised here.
+        other.execute("UPDATE api_keys SET comment = 'held' WHERE id = %s", (first,))
+        other.execute("COMMIT")
+        assert flushed.get(timeout=30)
+    assert "a write was given up (deadlock); written again" in caplog.text
+    assert sorted(r.uid for r in rows()) == sorted(ex.uid for ex in calls)
+    assert rec.journaled == 0 and not rec._journaling
+    assert db.reachable()
