@@ -937,3 +937,40 @@ def test_a_budget_set_and_cleared_on_the_keys_page_and_cache_prices_on_a_model(
     post(client, f"/models/{model.id}", **form, cacheReadPrice="")
     with database.connection_context():
         assert Model.get_by_id(model.id).cache_read_price is None  # blank: the input price again
+
+
+def test_a_change_a_deadlock_gave_up_is_not_saved_and_no_outage(
+    client, database_url, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # The dashboard took PostgreSQL's 40P01 for an outage: the 503 page, and the log's
+    # "the database does not answer". The change was not saved, and the form says so.
+    import gevent
+
+    from gateway import db
+    from tests.test_admin_api import _Deadlocker
+
+    if not is_postgres():
+        pytest.skip("PostgreSQL's deadlocks")
+    with database.connection_context():
+        a, b = (
+            Model.create(
+                provider=Provider.create(name=f"dl{i}", base_url="https://x.example"),
+                system_name="dl",
+            ).id
+            for i in range(2)
+        )
+    login(client)
+    other = _Deadlocker(database_url, a, b)
+    form = {f"weight-{a}": "2", f"weight-{b}": "3", "next": "/providers"}
+    sent = gevent.spawn(post, client, "/weights/dl", **form)
+    try:
+        other.once()
+    finally:
+        other.end()
+    resp = sent.get(timeout=30)
+    assert resp.status_code == 302, text(resp)
+    page = text(client.get(resp.headers["Location"]))
+    assert "Not saved: the change collided with another made at once (deadlock)" in page
+    assert "does not answer" not in caplog.text and db.reachable()
+    with database.connection_context():
+        assert {m.weight for m in Model.select()} == {1.0}

@@ -4,8 +4,9 @@ Login with the admin secret starts a signed cookie session (``sessions.py``); ev
 POST must carry the session's CSRF token; every page but the login form needs the
 session. Every answer carries the security headers (scripts only from our own static
 folder). A refusal of the registry's is flashed and sends the form back where it came
-from; an HTTP error renders the error page, and so does a database that does not answer
-(503).
+from, and so does a change PostgreSQL gave up for another made at once (a deadlock: not
+an outage); an HTTP error renders the error page, and so does a database that does not
+answer (503).
 """
 
 from __future__ import annotations
@@ -96,6 +97,20 @@ for _away in db.AWAY:
 def _rejected(exc: registry.Refused) -> Response:
     # The admin API's checks speak English (they are the API's error messages).
     flash(_("Not saved: %(reason)s", reason=exc.message), "error")
+    return redirect(next_page(request.form.get("next")))
+
+
+@bp.errorhandler(db.Conflict)
+def _conflicted(exc: db.Conflict) -> Response | tuple[str, int, dict[str, str]]:
+    """A change PostgreSQL gave up for another made at once: not saved, and no outage."""
+    current_app.logger.warning(
+        "dashboard: %s %s given up by the database (%s)", request.method, request.path, exc.reason
+    )
+    if request.method != "POST":  # a read waiting past lock_timeout (a table locked)
+        page = render_template("dashboard/error.html", error=ServiceUnavailable())
+        return page, 503, {"Retry-After": str(db.AWAY_RETRY_AFTER)}
+    reason = f"the change collided with another made at once ({exc.reason}); try again"
+    flash(_("Not saved: %(reason)s", reason=reason), "error")
     return redirect(next_page(request.form.get("next")))
 
 
