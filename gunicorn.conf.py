@@ -216,7 +216,7 @@ def _keep_instance_store(server, path, pid, started):
 
 def _start_instance_store(server):
     """Without Redis and with more than one worker: the instance store, and its keeper."""
-    if SETTINGS.get("REDIS_URL") or workers < 2:
+    if SETTINGS.get("REDIS_URL") or workers < 2 or _env("INSTANCE_STORE") == "off":
         return
     directory = tempfile.mkdtemp(prefix=INSTANCE_STORE_DIR_PREFIX)  # this user's only
     path = os.path.join(directory, "store.sock")

@@ -44,7 +44,8 @@ DEFAULTS: dict[str, object] = {
     "REDIS_PREFIX": "gw",  # of every Redis key and channel: several gateways, one Redis
     # Without REDIS_URL, the socket of the store process the workers of this instance
     # share their limits through (instancestore.py): gunicorn.conf.py starts one and
-    # sets this when it runs more than one worker. None: each process its own.
+    # sets this when it runs more than one worker. "off": none, each worker keeps its
+    # own limits (a process and a round trip less, limits per worker).
     "INSTANCE_STORE": None,
     # With Redis, a worker takes this share of a key's RPM limit ahead, in leases, so
     # that most calls admit with no round trip (leases.py); 0: every call asks Redis.

@@ -263,7 +263,7 @@ def open_store(config: Mapping[str, Any]) -> InstanceStore | None:
     """The instance's store (``INSTANCE_STORE``, set by gunicorn's master), unless Redis
     is the store or there is none."""
     path = config.get("INSTANCE_STORE")
-    if not path or config.get("REDIS_URL"):
+    if not path or path == "off" or config.get("REDIS_URL"):
         return None
     timeout = float(config["REDIS_TIMEOUT"])
     return InstanceStore(str(path), timeout, float(config["REDIS_CONNECT_TIMEOUT"]))

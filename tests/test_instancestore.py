@@ -465,6 +465,12 @@ def test_a_revoked_key_is_refused_by_the_other_worker_at_once(two_workers) -> No
     assert [_call(gw, key, session=s).status_code for s in sessions] == [401] * 4
 
 
+def test_off_starts_no_store_and_each_worker_keeps_its_own(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(workers=2, GATEWAY_INSTANCE_STORE="off")
+    assert gw.instance_store() is None
+    assert "hold per worker process" in gw.log()
+
+
 def test_the_store_socket_is_for_this_user_only(two_workers) -> None:  # type: ignore[no-untyped-def]
     _, path = _store_of(two_workers)
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
