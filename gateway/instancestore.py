@@ -78,6 +78,11 @@ class InstanceStore:
         return sock
 
     def _connection(self) -> socket.socket:
+        if self._sock is not None and _select([self._sock], [], [], 0)[0]:
+            # Between frames the store sends nothing: the end (or bytes) here is a
+            # store gone, one started again, and nothing sent on it ran. A new
+            # connection, as a Redis client's pool notices at checkout.
+            self._drop()
         if self._sock is None:
             self._sock = self._connect(self.timeout)
         return self._sock

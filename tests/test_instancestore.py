@@ -148,6 +148,25 @@ def test_a_killed_store_fails_as_redis_does_and_its_restart_makes_claims_unsure(
     assert again is not None and again.uid == "repeat"  # held now, as ever
 
 
+def test_a_store_started_again_is_asked_at_once_not_through_the_dead_ones_connection(
+    store_process: StoreProcess,
+) -> None:
+    """The connection kept from the killed store is closed: used as it is, the first
+    operation after the restart failed, and its worker failed open for
+    REDIS_RETRY_AFTER with the store back (as ``ratelimit``'s kept Redis connections)."""
+    client = store_process.client()
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:spend"
+    assert client.add(key, 5, 60.0) == 5
+    store_process.kill()
+    store_process.start()
+    assert client.add(key, 7, 60.0) == 7  # the new store: empty
+    client.post_all([("add", (key, 1, 60.0))])
+    store_process.kill()
+    store_process.start()
+    client.post_all([("add", (key, 2, 60.0))])  # a post, too, goes to the new store
+    assert client.total(key) == 2
+
+
 def test_a_slow_store_is_store_down_and_the_connection_is_not_reused_out_of_step(
     store_process: StoreProcess,
 ) -> None:
