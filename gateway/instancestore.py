@@ -12,7 +12,7 @@ channel (a revoked key is refused by every worker of the instance at once), and 
 same failure: away, slow or restarting, every operation raises ``StoreDown`` and the
 limiter fails open, trying again ``REDIS_RETRY_AFTER`` seconds later. Started again
 empty, the store keeps claims.lua's marks, so a repeat of a call still in flight asks
-the records, and the workers take their slots and claims again at their next keep.
+the records, and the workers take their slots and claims again once they hear it is back.
 
 One connection a worker, through ``pipelining`` in a gevent worker (greenlets that ask
 while a round trip is in flight share the next). What a finished call owes is posted

@@ -616,7 +616,7 @@ class Limiter:
         """``claim``, and whether a claim taken is unsure: the store began to keep the
         key's claims less than INFLIGHT_TTL ago (a Redis restarted empty), and the
         worker of a call still in flight with this id may not have taken its claim
-        again yet (it does at its next keep)."""
+        again yet (it does once it hears the store is back, or at its next keep)."""
         key = self.key(f"key:{key_id}", f"req:{req_id}")
         mark, ttl = self._of_key(key_id, "claims-since"), self.inflight_ttl
         holder = self._guarded("claim", None, self.store.claim, key, uid, ttl, 0.0, mark, ttl)
@@ -862,6 +862,10 @@ class Limiter:
                 subscription = self._subscription = self.store.subscribe(self.channel)
                 if missed:
                     self._heard(None)
+                    # The store may be one started again, empty: this worker's calls in
+                    # flight hold their slots and claims again now, not at the keeper's
+                    # next round (meanwhile other workers admitted past maxConcurrent).
+                    self.keep_in_flight()
                 while True:
                     message = subscription.next(1.0)
                     if message is not None:

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from gateway import storeprocess, storewire
 from gateway.buckets import LocalStore, per_minute
 from gateway.instancestore import InstanceStore
+from gateway.limiter import Limiter
 from gateway.ratelimit import StoreDown
 from tests.servers import ROOT, Gateway, instance_store, wait_until
 from tests.test_ratelimit import Clock, _apply, scenario
@@ -165,6 +166,31 @@ def test_a_store_started_again_is_asked_at_once_not_through_the_dead_ones_connec
     store_process.start()
     client.post_all([("add", (key, 2, 60.0))])  # a post, too, goes to the new store
     assert client.total(key) == 2
+
+
+def test_calls_in_flight_hold_their_slots_again_as_soon_as_the_store_is_back(
+    store_process: StoreProcess,
+) -> None:
+    """Started again empty, the store had none of a worker's slots until its keeper's
+    next round (INFLIGHT_TTL / 3: 10 s by default), and meanwhile the key's calls in
+    flight went uncounted: another worker admitted past maxConcurrent, with no
+    fail-open counted. The listener, which hears the store go, has them taken again
+    when it is back."""
+    config = {"INSTANCE_STORE": store_process.path, "REDIS_RETRY_AFTER": 0.1}
+    a, b = Limiter(), Limiter()
+    a.configure(config)
+    b.configure(config)
+    a.start()
+    try:
+        assert a.enter(7, "running", max_concurrent=1)
+        assert not b.enter(7, "next", max_concurrent=1)
+        store_process.kill()
+        store_process.start()  # empty
+        gevent.sleep(1.0)  # the listener's retry, and then some: not the keeper's round
+        assert not b.enter(7, "next", max_concurrent=1), "the running call counts again"
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_a_slow_store_is_store_down_and_the_connection_is_not_reused_out_of_step(
