@@ -173,7 +173,7 @@ INSTANCE_STORE_CHECK_EVERY = 0.5
 INSTANCE_STORE_PID = "store.pid"  # the store removes it (storeprocess.PID_FILE)
 
 
-def _spawn_instance_store(path):
+def _spawn_instance_store(path, log):
     """The store process on socket ``path``, answering once this returns (or 10 s on)."""
     if os.path.exists(path):
         os.unlink(path)
@@ -182,8 +182,11 @@ def _spawn_instance_store(path):
         cwd=HERE,
         start_new_session=True,  # a terminal's Ctrl-C is the master's to handle
     )
-    with open(os.path.join(os.path.dirname(path), INSTANCE_STORE_PID), "w") as fh:
-        fh.write(f"{process.pid} {_started(process.pid)}")
+    try:  # for on_exit's stop; without it the store still leaves with this master
+        with open(os.path.join(os.path.dirname(path), INSTANCE_STORE_PID), "w") as fh:
+            fh.write(f"{process.pid} {_started(process.pid)}")
+    except OSError as exc:  # a full /tmp: the keeper must know this store, not start more
+        log.error("instance store: its pid file was not written (%s)", exc)
     deadline = time.monotonic() + 10.0
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -209,9 +212,9 @@ def _keep_instance_store(server, path, pid, started):
         if not _instance_store_runs(pid, started):
             server.log.warning("instance store (pid %s) is gone: starting it again", pid)
             try:
-                pid, started = _spawn_instance_store(path)
-            except OSError as exc:  # no memory or processes to spare: the next turn tries
-                server.log.error("instance store: cannot start it: %s", exc)
+                pid, started = _spawn_instance_store(path, server.log)
+            except OSError as exc:  # no descriptor or process to be had now: next round
+                server.log.error("instance store: cannot start it (%s); trying again", exc)
 
 
 def _start_instance_store(server):
@@ -221,7 +224,7 @@ def _start_instance_store(server):
     directory = tempfile.mkdtemp(prefix=INSTANCE_STORE_DIR_PREFIX)  # this user's only
     path = os.path.join(directory, "store.sock")
     os.environ["GATEWAY_INSTANCE_STORE"] = path  # the workers forked from now on
-    pid, started = _spawn_instance_store(path)
+    pid, started = _spawn_instance_store(path, server.log)
     threading.Thread(
         target=_keep_instance_store,
         args=(server, path, pid, started),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import resource
 import signal
 import socket
 import struct
@@ -482,6 +483,29 @@ def test_a_killed_store_costs_no_call_and_the_master_starts_it_again(two_workers
         return pool.map(lambda _: _call(gw, limited).status_code, range(10)).count(200) <= 6
 
     assert wait_until(limit_holds, timeout=10, interval=1.2)
+
+
+def test_a_store_the_master_could_not_start_again_is_started_at_its_next_try(
+    gateway_factory, fake
+) -> None:  # type: ignore[no-untyped-def]
+    """A start that fails (no descriptor, no process to be had: what memory pressure
+    that killed the store may bring) killed the master's keeper thread: the store was
+    never started again, and the instance's limits failed open until it stopped."""
+    gw = gateway_factory(workers=2)
+    pid, path = _store_of(gw)
+    master = gw.proc.pid
+    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE)
+    # As many descriptors as it has open: the start's pipe cannot be made.
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{master}/fd")), hard))
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "instance store (pid" in gw.log(), timeout=5)
+        time.sleep(1.0)  # its tries fail meanwhile
+        assert gw.instance_store() is None
+    finally:
+        resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
+    restarted = wait_until(lambda: gw.instance_store(), timeout=5)
+    assert restarted[0] != pid and restarted[1] == path
 
 
 def test_no_store_is_left_behind_by_a_stop_or_a_killed_master(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
