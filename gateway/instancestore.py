@@ -22,6 +22,7 @@ while a round trip is in flight share the next). What a finished call owes is po
 from __future__ import annotations
 
 import logging
+import select
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -36,8 +37,9 @@ from gateway.ratelimit import StoreDown
 
 log = logging.getLogger(__name__)
 
-# Not gevent's: a look at a socket without waiting must not switch greenlets.
-_select = monkey.get_original("select", "select")
+# Not gevent's: a look at a socket without waiting must not switch greenlets. poll, not
+# select: a worker's store connections may be made past descriptor 1023.
+_poll = monkey.get_original("select", "poll")
 _FAILURES = (OSError, EOFError, ValueError, TypeError, pipelining.Stopped)
 SUBSCRIBE_TIMEOUT = 1.0  # seconds a subscription's answer, or a message's rest, may take
 
@@ -78,7 +80,7 @@ class InstanceStore:
         return sock
 
     def _connection(self) -> socket.socket:
-        if self._sock is not None and _select([self._sock], [], [], 0)[0]:
+        if self._sock is not None and _readable_now(self._sock):
             # Between frames the store sends nothing: the end (or bytes) here is a
             # store gone, one started again, and nothing sent on it ran. A new
             # connection, as a Redis client's pool notices at checkout.
@@ -249,19 +251,30 @@ class InstanceSubscription:
     def arrived(self) -> bool:
         """Whether bytes wait on the subscription's socket (a system call, no switch)."""
         try:
-            return bool(_select([self._sock], [], [], 0)[0])
+            return _readable_now(self._sock)
         except (OSError, ValueError):  # closed meanwhile: ``next`` says so
             return False
 
 
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether bytes (or the end) wait on ``sock``: one system call, no switch."""
+    return _ready(sock, _poll(), 0)
+
+
 def _wait_readable(sock: socket.socket, timeout: float) -> bool:
     """Wait up to ``timeout`` for bytes (or the end) on ``sock``: gevent's wait in a
-    gevent process, the system's elsewhere."""
-    if monkey.is_module_patched("select"):
-        import gevent.select
+    gevent process (after a look: what is there already is not waited for), the
+    system's elsewhere. poll, not select: no limit on the descriptor's number."""
+    if not monkey.is_module_patched("select"):
+        return _ready(sock, _poll(), timeout)
+    import gevent.select
 
-        return bool(gevent.select.select([sock], [], [], timeout)[0])
-    return bool(_select([sock], [], [], timeout)[0])
+    return _readable_now(sock) or _ready(sock, gevent.select.poll(), timeout)
+
+
+def _ready(sock: socket.socket, poller: Any, timeout: float) -> bool:
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def open_store(config: Mapping[str, Any]) -> InstanceStore | None:

@@ -223,6 +223,27 @@ def test_a_message_is_at_every_subscriber_when_publish_returns(
     assert other.next(0.05) is None and first.next(0.05) is None
 
 
+def test_a_worker_with_more_than_1024_descriptors_asks_and_hears_the_store(
+    store_process: StoreProcess,
+) -> None:
+    """A gevent worker holds a descriptor per client and upstream connection: its
+    store connections may be made past FD_SETSIZE, where ``select`` refuses them."""
+    held = [socket.socket() for _ in range(1100)]
+    try:
+        client = store_process.client()
+        heard = client.subscribe("gw:keys")
+        key = f"gw:{{key:{uuid.uuid4().hex}}}:spend"
+        assert client.add(key, 5, 60.0) == 5
+        assert client.add(key, 1, 60.0) == 6  # and on the kept connection
+        assert not heard.arrived()
+        client.publish("gw:keys", "revoked:abc")
+        assert heard.arrived(), "a call's catch_up must see the change at its door"
+        assert heard.next(0) == "revoked:abc"
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_charge_that_leaves_its_bucket_at_or_below_the_floor_is_announced(
     store_process: StoreProcess,
 ) -> None:
