@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,8 +43,9 @@ from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 
 log = logging.getLogger(__name__)
 
-# Not gevent's: a look at a socket without waiting must not switch greenlets.
-_select = monkey.get_original("select", "select")
+# Not gevent's: a look at a socket without waiting must not switch greenlets. poll, not
+# select: a worker's subscription may be made past descriptor 1023.
+_poll = monkey.get_original("select", "poll")
 
 T = TypeVar("T")
 
@@ -700,7 +702,9 @@ class Subscription:
         if sock is None:
             return False
         try:
-            return bool(_select([sock], [], [], 0)[0])
+            poller = _poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):  # closed meanwhile: ``next`` says so
             return False
 

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -287,15 +288,20 @@ def test_a_subscription_that_stops_answering_is_made_again(
         b.stop()
 
 
+@pytest.mark.parametrize("held", [0, 1100])
 def test_a_call_applies_the_key_changes_already_at_its_worker_s_door(
-    pair, shared_redis: RedisServer
+    pair, shared_redis: RedisServer, held: int, request: pytest.FixtureRequest
 ) -> None:  # type: ignore[no-untyped-def]
     """A change Redis has written to this worker, but whose listener has not run yet (the
     loop ran a call's greenlet first), is applied by ``catch_up`` before the call looks
-    at its key: on a loaded machine a revoked key was let through otherwise."""
+    at its key: on a loaded machine a revoked key was let through otherwise. Also in a
+    worker whose subscription's descriptor is past 1023 (``held`` sockets open before
+    it), where ``select`` refuses to look."""
     a, b = pair
     heard: list[str | None] = []
     b.on_key_change(heard.append)
+    sockets = [socket.socket() for _ in range(held)]
+    request.addfinalizer(lambda: [sock.close() for sock in sockets])
     b.start()
     wait_until(lambda: (a.announce("warm-up"), heard)[1], timeout=5)  # subscribed
     gevent.sleep(0.2)  # every warm-up heard
