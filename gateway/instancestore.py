@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import gevent.lock
+import gevent.pool
 from gevent import monkey
 
 from gateway import pipelining, storewire
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 _poll = monkey.get_original("select", "poll")
 _FAILURES = (OSError, EOFError, ValueError, TypeError, pipelining.Stopped)
 SUBSCRIBE_TIMEOUT = 1.0  # seconds a subscription's answer, or a message's rest, may take
+# Charges posted wait up to POST_WAIT seconds to share a frame, POST_BATCH at most: at
+# 10 clients the store's CPU a call was 100 µs when each had a frame, 55 at 2 ms, 30
+# at 10 ms (a TPM charge reaches other workers that much later; leases see it later).
+POST_WAIT, POST_BATCH = 0.01, 200
+
+
+def _flusher_died(greenlet: gevent.Greenlet) -> None:
+    log.error("instance store: the charges' sender died", exc_info=greenlet.exc_info)
 
 
 def _down(exc: BaseException) -> StoreDown:
@@ -63,10 +72,13 @@ class InstanceStore:
         self._exchange: Callable[[Sequence[tuple]], list[Any]] = self._round_trip
         self._pipeline: pipelining.Pipeline | None = None
         self._writing: Any = nullcontext()
+        self._posted: list[tuple] = []  # charges waiting to share a frame (``post_all``)
+        self._flushers: gevent.pool.Group | None = None
         if monkey.is_module_patched("socket"):
             self._pipeline = pipelining.Pipeline(self._round_trip)
             self._exchange = self._pipeline.exchange
             self._writing = gevent.lock.Semaphore()  # a frame is never cut by another
+            self._flushers = gevent.pool.Group()
 
     def _connect(self, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,8 +110,12 @@ class InstanceStore:
         """One frame of operations out, one of results back, on the one connection."""
         try:
             sock = self._connection()
+            posted, self._posted = self._posted, []  # sent before: run before these
             with self._writing:
-                storewire.send(sock, list(operations))
+                sock.sendall(
+                    (storewire.frame(("post", posted)) if posted else b"")
+                    + storewire.frame(list(operations))
+                )
             results = storewire.receive(sock)
         except BaseException as exc:  # a greenlet killed mid-frame too: the rest is unread
             self._drop()
@@ -126,14 +142,48 @@ class InstanceStore:
 
     def post_all(self, operations: Sequence[tuple[str, tuple]]) -> None:
         """``run_all`` without an answer: written now, run before anything this worker
-        sends later. With a round trip in flight they join the next one, as with Redis."""
+        sends later. With a round trip in flight they join the next one, as with Redis.
+
+        Charges alone (a call's tokens, a lease's unused requests) wait up to
+        ``POST_WAIT`` for others to share their frame, sent before anything sent later:
+        one write and one wake-up of the store for many calls, where each cost the store
+        about 100 µs of CPU (other workers see a call's tokens that much later). What else a call owes (its slot, its request id's answer,
+        its spend) is in the store before its answer leaves, as with Redis."""
+        encoded = [storewire.encode(name, args) for name, args in operations]
+        if self._flushers is not None and all(name == "charge" for name, _ in operations):
+            self._posted += encoded
+            if len(self._posted) >= POST_BATCH:
+                self.flush()
+            elif not self._flushers:
+                self._flushers.spawn(self._flush_soon).link_exception(_flusher_died)
+            return
         if self._pipeline is not None and self._pipeline.busy:
             self.run_all(operations)
             return
+        self._post(encoded)
+
+    def _flush_soon(self) -> None:
+        gevent.sleep(POST_WAIT)
         try:
-            sock = self._connection()
+            self.flush()
+        except StoreDown as exc:
+            self.on_lost(1, [], exc)  # charges: not sent again (one may have run)
+
+    def flush(self) -> None:
+        """Send the charges waiting to share a frame (StoreDown if the store is away)."""
+        if self._posted:
+            self._post([])
+
+    def _post(self, encoded: list[tuple]) -> None:
+        posted, self._posted = self._posted + encoded, []
+        try:
+            # A round trip in flight has the connection: its reply may be what waits on
+            # it, which ``_connection`` would take for a store gone.
+            busy = self._pipeline is not None and self._pipeline.busy and self._sock is not None
+            sock = self._sock if busy else self._connection()
+            assert sock is not None
             with self._writing:
-                storewire.send(sock, ("post", [storewire.encode(n, a) for n, a in operations]))
+                storewire.send(sock, ("post", posted))
         except BaseException as exc:
             self._drop()
             if isinstance(exc, _FAILURES):

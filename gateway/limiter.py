@@ -204,9 +204,13 @@ class Limiter:
             self._spawn(self._listen)
 
     def stop(self) -> None:
-        """Stop the background greenlets; leases give back what they left unused."""
+        """Stop the background greenlets; leases give back what they left unused, and
+        charges waiting to share a frame (``instancestore``) are sent."""
         self._group.kill(block=True)
         self._holdings = {}
+        flush = getattr(self.store, "flush", None)
+        if flush is not None:
+            self._guarded("finish", None, flush)
 
     def _spawn(self, fn: Callable[[], None], what: str = "a greenlet") -> gevent.Greenlet:
         """``fn`` in this limiter's group, its death logged as ``what``'s."""

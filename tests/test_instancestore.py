@@ -35,8 +35,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import storeprocess, storewire
-from gateway.buckets import LocalStore, per_minute
+from gateway import instancestore, storeprocess, storewire
+from gateway.buckets import Bucket, LocalStore, per_minute
 from gateway.instancestore import InstanceStore
 from gateway.limiter import Limiter
 from gateway.ratelimit import StoreDown
@@ -565,3 +565,24 @@ def test_the_store_socket_is_for_this_user_only(two_workers) -> None:  # type: i
     _, path = _store_of(two_workers)
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
     assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_charges_share_a_frame_and_go_before_what_is_asked_after_them(
+    store_process: StoreProcess,
+) -> None:
+    """In a gevent worker a call's charge waits up to POST_WAIT for others; whatever
+    is asked after it still finds it (the round trip sends the waiting ones first),
+    and so does a read once the wait is over, without any other ask."""
+    client = store_process.client()
+    tpm = Bucket("tpm", 10**6, 1e-6, 0)  # refills nothing a test would see
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:tpm"
+    for _ in range(10):
+        client.post_all([("charge", (key, tpm, 100))])
+    assert client._posted, "in a gevent process, charges wait to share a frame"
+    assert client.peek([key], [tpm])[0] == pytest.approx(10**6 - 1000, abs=0.01)
+    for _ in range(5):
+        client.post_all([("charge", (key, tpm, 100))])
+    gevent.sleep(instancestore.POST_WAIT * 5)
+    assert not client._posted
+    other = store_process.client()
+    assert other.peek([key], [tpm])[0] == pytest.approx(10**6 - 1500, abs=0.01)
