@@ -293,7 +293,7 @@ class InstanceSubscription:
         except _FAILURES as exc:
             self._sock.close()
             raise _down(exc) from exc
-        if not (isinstance(message, tuple) and len(message) == 2 and message[0] == "message"):
+        if not (isinstance(message, list) and len(message) == 2 and message[0] == "message"):
             self._sock.close()
             raise StoreDown("the instance store sent a subscriber something else")
         return str(message[1])

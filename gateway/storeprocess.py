@@ -57,7 +57,7 @@ class Store:
     def run(self, name: Any, args: Any) -> tuple[bool, Any]:
         """One operation a worker sent, checked: (True, its result) or (False, why not)."""
         known = storewire.OPERATIONS.get(name) if isinstance(name, str) else None
-        if known is None or not isinstance(args, tuple):
+        if known is None or not isinstance(args, list):
             return False, f"no operation {name!r}"
         if not known[0] <= len(args) <= known[1]:
             return False, f"{name}: {len(args)} arguments"
@@ -66,7 +66,7 @@ class Store:
         except _ERRORS as exc:
             return False, f"{name}: {type(exc).__name__}: {exc}"
 
-    def _run(self, name: str, args: tuple) -> Any:
+    def _run(self, name: str, args: list) -> Any:
         if name in ("admit", "peek"):
             keys, buckets, *rest = args
             return getattr(self.buckets, name)(
@@ -90,7 +90,7 @@ class Store:
             raise ValueError("a frame that is not a list of operations")
         return [
             self.run(*operation)
-            if isinstance(operation, tuple) and len(operation) == 2
+            if isinstance(operation, list) and len(operation) == 2
             else (False, "an operation that is not (name, arguments)")
             for operation in operations
         ]
@@ -126,14 +126,14 @@ class Store:
                     frame = storewire.receive(conn)
                 except EOFError:
                     return
-                if isinstance(frame, tuple) and len(frame) == 2 and frame[0] == "post":
+                if isinstance(frame, list) and len(frame) == 2 and frame[0] == "post":
                     self.answer(frame[1])
-                elif isinstance(frame, tuple) and len(frame) == 2 and frame[0] == "subscribe":
+                elif isinstance(frame, list) and len(frame) == 2 and frame[0] == "subscribe":
                     self._subscribed(conn, frame[1])
                     return
                 else:
                     storewire.send(conn, self.answer(frame))
-        except (OSError, ValueError, EOFError, TypeError) as exc:
+        except (OSError, ValueError, EOFError, TypeError, RecursionError) as exc:
             log.warning("instance store: a connection ended: %s: %s", type(exc).__name__, exc)
         finally:
             conn.close()
