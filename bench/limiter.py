@@ -27,6 +27,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -184,6 +185,7 @@ def main() -> None:
                 assert limiter.fail_opens == 0, f"{kind} did not answer in time"
     finally:
         store.kill()
+        shutil.rmtree(store_dir, ignore_errors=True)  # killed, it removes nothing itself
         if server is not None:
             server.stop()
     head = f"{'microseconds':40} {'mean':>8} {'p50':>8} {'p99':>8} {'wall/calls':>11}"
