@@ -32,15 +32,12 @@ import gevent.lock
 import gevent.pool
 from gevent import monkey
 
-from gateway import pipelining, storewire
+from gateway import pipelining, sockets, storewire
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 from gateway.ratelimit import StoreDown
 
 log = logging.getLogger(__name__)
 
-# Not gevent's: a look at a socket without waiting must not switch greenlets. poll, not
-# select: a worker's store connections may be made past descriptor 1023.
-_poll = monkey.get_original("select", "poll")
 _FAILURES = (OSError, EOFError, ValueError, TypeError, pipelining.Stopped)
 SUBSCRIBE_TIMEOUT = 1.0  # seconds a subscription's answer, or a message's rest, may take
 # Charges posted wait up to POST_WAIT seconds to share a frame, POST_BATCH at most: at
@@ -92,7 +89,7 @@ class InstanceStore:
         return sock
 
     def _connection(self) -> socket.socket:
-        if self._sock is not None and _readable_now(self._sock):
+        if self._sock is not None and sockets.readable(self._sock):
             # Between frames the store sends nothing: the end (or bytes) here is a
             # store gone, one started again, and nothing sent on it ran. A new
             # connection, as a Redis client's pool notices at checkout.
@@ -301,14 +298,9 @@ class InstanceSubscription:
     def arrived(self) -> bool:
         """Whether bytes wait on the subscription's socket (a system call, no switch)."""
         try:
-            return _readable_now(self._sock)
+            return sockets.readable(self._sock)
         except (OSError, ValueError):  # closed meanwhile: ``next`` says so
             return False
-
-
-def _readable_now(sock: socket.socket) -> bool:
-    """Whether bytes (or the end) wait on ``sock``: one system call, no switch."""
-    return _ready(sock, _poll(), 0)
 
 
 def _wait_readable(sock: socket.socket, timeout: float) -> bool:
@@ -316,13 +308,12 @@ def _wait_readable(sock: socket.socket, timeout: float) -> bool:
     gevent process (after a look: what is there already is not waited for), the
     system's elsewhere. poll, not select: no limit on the descriptor's number."""
     if not monkey.is_module_patched("select"):
-        return _ready(sock, _poll(), timeout)
+        return sockets.readable(sock, timeout)
+    if sockets.readable(sock):
+        return True
     import gevent.select
 
-    return _readable_now(sock) or _ready(sock, gevent.select.poll(), timeout)
-
-
-def _ready(sock: socket.socket, poller: Any, timeout: float) -> bool:
+    poller = gevent.select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
 

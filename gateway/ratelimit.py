@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,14 +37,11 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from gateway import pipelining
+from gateway import pipelining, sockets
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
 
 log = logging.getLogger(__name__)
 
-# Not gevent's: a look at a socket without waiting must not switch greenlets. poll, not
-# select: a worker's subscription may be made past descriptor 1023.
-_poll = monkey.get_original("select", "poll")
 
 T = TypeVar("T")
 
@@ -702,9 +698,7 @@ class Subscription:
         if sock is None:
             return False
         try:
-            poller = _poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
+            return sockets.readable(sock)
         except (OSError, ValueError):  # closed meanwhile: ``next`` says so
             return False
 
