@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import select
 import socket
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import gevent.lock
@@ -103,9 +103,21 @@ class InstanceStore:
             self._sock.close()
             self._sock = None
 
+    @contextmanager
+    def _dropped_on_failure(self) -> Iterator[None]:
+        """Whatever fails on the connection drops it, a greenlet killed mid-frame too
+        (the rest of the frame is unread); a failure of the store is ``StoreDown``."""
+        try:
+            yield
+        except BaseException as exc:
+            self._drop()
+            if isinstance(exc, _FAILURES):
+                raise _down(exc) from exc
+            raise
+
     def _round_trip(self, operations: Sequence[tuple]) -> list[Any]:
         """One frame of operations out, one of results back, on the one connection."""
-        try:
+        with self._dropped_on_failure():
             sock = self._connection()
             posted, self._posted = self._posted, []  # sent before: run before these
             with self._writing:
@@ -114,11 +126,6 @@ class InstanceStore:
                     + storewire.frame(list(operations))
                 )
             results = storewire.receive(sock)
-        except BaseException as exc:  # a greenlet killed mid-frame too: the rest is unread
-            self._drop()
-            if isinstance(exc, _FAILURES):
-                raise _down(exc) from exc
-            raise
         if not isinstance(results, list) or len(results) != len(operations):
             self._drop()
             raise StoreDown("the instance store answered out of step")
@@ -144,8 +151,9 @@ class InstanceStore:
         Charges alone (a call's tokens, a lease's unused requests) wait up to
         ``POST_WAIT`` for others to share their frame, sent before anything sent later:
         one write and one wake-up of the store for many calls, where each cost the store
-        about 100 µs of CPU (other workers see a call's tokens that much later). What else a call owes (its slot, its request id's answer,
-        its spend) is in the store before its answer leaves, as with Redis."""
+        about 100 µs of CPU (other workers see a call's tokens that much later). What
+        else a call owes (its slot, its request id's answer, its spend) is in the store
+        before its answer leaves, as with Redis."""
         encoded = [storewire.encode(name, args) for name, args in operations]
         if self._flushers is not None and all(name == "charge" for name, _ in operations):
             self._posted += encoded
@@ -173,7 +181,7 @@ class InstanceStore:
 
     def _post(self, encoded: list[tuple]) -> None:
         posted, self._posted = self._posted + encoded, []
-        try:
+        with self._dropped_on_failure():
             # A round trip in flight has the connection: its reply may be what waits on
             # it, which ``_connection`` would take for a store gone.
             busy = self._pipeline is not None and self._pipeline.busy and self._sock is not None
@@ -181,11 +189,6 @@ class InstanceStore:
             assert sock is not None
             with self._writing:
                 storewire.send(sock, ("post", posted))
-        except BaseException as exc:
-            self._drop()
-            if isinstance(exc, _FAILURES):
-                raise _down(exc) from exc
-            raise
 
     def _one(self, name: str, *args: Any) -> Any:
         return self.run_all([(name, args)])[0]
