@@ -93,13 +93,21 @@ def _alive(pid):
     return True
 
 
-def _started(pid):
-    """Process ``pid``'s start in clock ticks after boot (/proc/<pid>/stat), or None."""
+def _stat(pid):
+    """Process ``pid``'s state (b"R", b"S", b"Z"...) and start in clock ticks after boot
+    (/proc/<pid>/stat), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _started(pid):
+    """Process ``pid``'s start in clock ticks after boot, or None."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _owner(path):
@@ -195,12 +203,8 @@ def _spawn_instance_store(path, log):
 
 def _instance_store_runs(pid, started):
     """True while the store process ``pid`` (started then) runs, and is no zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return fields[0] != b"Z" and int(fields[19]) == started
-    except (OSError, IndexError, ValueError):
-        return False
+    stat = _stat(pid)
+    return stat is not None and stat[0] != b"Z" and stat[1] == started
 
 
 def _keep_instance_store(server, path, pid, started):
