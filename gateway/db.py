@@ -329,6 +329,11 @@ class ReadOnly(peewee.OperationalError):
 peewee.EXCEPTIONS["ReadOnlySqlTransaction"] = ReadOnly
 
 
+# Runs again of a transaction PostgreSQL gave up for another (``Conflict.retryable``):
+# an admin view's, a batch of records'.
+CONFLICT_RETRIES = 2
+
+
 class Conflict(peewee.OperationalError):
     """PostgreSQL gave this transaction up for another's sake: a deadlock's victim
     (40P01), a serialization failure (40001), or a row waited for past ``lock_timeout``

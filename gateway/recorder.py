@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
-CONFLICT_RETRIES = 2  # writes again of a batch PostgreSQL gave up for another transaction
 # SQLite: final calls written whose text makes a writer index what is due, and the
 # seconds the first of them waits at most (a search never waits: it indexes first).
 INDEX_AT, INDEX_AFTER = 500, 1.0
@@ -335,7 +334,7 @@ class Recorder:
         an upsert written twice changes nothing)."""
         try:
             with gevent.Timeout(self.timeout, db.DatabaseTimeout("record write timed out")):
-                for again in range(CONFLICT_RETRIES, -1, -1):
+                for again in range(db.CONFLICT_RETRIES, -1, -1):
                     try:
                         write_rows(rows, touch)
                         break

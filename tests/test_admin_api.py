@@ -1019,7 +1019,7 @@ def test_an_admin_change_deadlocked_every_time_is_a_503_that_says_so(
 
     if not db.is_postgres():
         pytest.skip("PostgreSQL's deadlocks")
-    from gateway.admin_api.blueprint import CONFLICT_RETRIES
+    from gateway.db import CONFLICT_RETRIES
 
     caplog.set_level(logging.INFO, logger="gateway.admin_api.blueprint")
     resp = _weights_in_a_deadlock(app, admin, database_url, 1 + CONFLICT_RETRIES)

@@ -30,7 +30,6 @@ from gateway.limiter import limiter
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 1000
-CONFLICT_RETRIES = 2  # runs again of a view whose transaction PostgreSQL gave up
 
 
 class _Blueprint(urlargs.AnySlash):
@@ -51,7 +50,7 @@ def _run_again(view: Callable[..., Response]) -> Callable[..., Response]:
 
     @functools.wraps(view)
     def run(**kwargs: Any) -> Response:
-        for attempt in range(CONFLICT_RETRIES):
+        for attempt in range(db.CONFLICT_RETRIES):
             try:
                 return view(**kwargs)
             except db.Conflict as exc:
