@@ -154,9 +154,8 @@ class InstanceStore:
         about 100 µs of CPU (other workers see a call's tokens that much later). What
         else a call owes (its slot, its request id's answer, its spend) is in the store
         before its answer leaves, as with Redis."""
-        encoded = [storewire.encode(name, args) for name, args in operations]
         if self._flushers is not None and all(name == "charge" for name, _ in operations):
-            self._posted += encoded
+            self._posted += [storewire.encode(name, args) for name, args in operations]
             if len(self._posted) >= POST_BATCH:
                 self.flush()
             elif not self._flushers:
@@ -165,7 +164,7 @@ class InstanceStore:
         if self._pipeline is not None and self._pipeline.busy:
             self.run_all(operations)
             return
-        self._post(encoded)
+        self._post([storewire.encode(name, args) for name, args in operations])
 
     def _flush_soon(self) -> None:
         gevent.sleep(POST_WAIT)
