@@ -109,8 +109,13 @@ def _conflicted(exc: db.Conflict) -> Response | tuple[str, int, dict[str, str]]:
     if request.method != "POST":  # a read waiting past lock_timeout (a table locked)
         page = render_template("dashboard/error.html", error=ServiceUnavailable())
         return page, 503, {"Retry-After": str(db.AWAY_RETRY_AFTER)}
-    reason = f"the change collided with another made at once ({exc.reason}); try again"
-    flash(_("Not saved: %(reason)s", reason=reason), "error")
+    flash(
+        _(
+            "Not saved: the change collided with another made at once (%(reason)s); try again",
+            reason=exc.reason,
+        ),
+        "error",
+    )
     return redirect(next_page(request.form.get("next")))
 
 
