@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +25,13 @@ from typing import Any
 EXPIRY_MARGIN = 60.0
 # Seconds a key's claims mark outlives its last claim (claims.lua's MARK_KEPT).
 MARK_KEPT = 7 * 86400.0
+# ``LocalStore`` forgets every expired entry after this many writes, or on the first
+# write this many seconds after it last began to, whichever comes first; a slice of
+# entries per write, so that no write waits for all of them (200,000 entries took
+# 40-70 ms at once: every worker's limits waited as long in the instance store).
+PURGE_WRITES = 10_000
+PURGE_EVERY = 60.0
+PURGE_SLICE = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +164,10 @@ class LocalStore:
     """The store operations in this process's memory, on the clock it is given.
 
     Same operations and results as ``ratelimit.RedisStore``; state lives in dicts that
-    forget expired entries as they are touched (and all of them every 10,000 writes).
+    forget expired entries as they are touched, and all of them every ``PURGE_WRITES``
+    writes of any kind or ``PURGE_EVERY`` seconds (a gateway with no RPM limit writes
+    no bucket, and its request ids' answers are whole answers), ``PURGE_SLICE`` of them
+    per write.
     ``marks``: keep claims.lua's mark of when the store first took a claim of a key's
     ids (``claim``), as a store that may start empty while calls are in flight must
     (``instancestore``: one for the workers of one instance). A worker's own memory
@@ -175,6 +185,8 @@ class LocalStore:
         self._marks: dict[str, float] = {}  # key -> expiry
         self._claims_since: dict[str, tuple[float, float]] = {}  # mark -> since, expiry
         self._writes = 0
+        self._purge_at = clock() + PURGE_EVERY
+        self._purging: Iterator[None] | None = None
 
     # -- buckets ---------------------------------------------------------------
 
@@ -187,9 +199,17 @@ class LocalStore:
     def _store(self, key: str, level: float, stamp: float, bucket: Bucket) -> None:
         expiry = stamp + lifetime(level, bucket.capacity, bucket.rate)
         self._buckets[key] = (level, stamp, expiry)
+        self._wrote(stamp)
+
+    def _wrote(self, now: float) -> None:
         self._writes += 1
-        if self._writes % 10_000 == 0:
-            self._purge(stamp)
+        if self._purging is None:
+            if self._writes < PURGE_WRITES and now < self._purge_at:
+                return
+            self._writes, self._purge_at = 0, now + PURGE_EVERY
+            self._purging = self._purge()
+        if next(self._purging, StopIteration) is StopIteration:
+            self._purging = None
 
     def admit(
         self,
@@ -236,6 +256,7 @@ class LocalStore:
             if slot is not None and slots is not None:
                 slots[slot[1]] = now + slot[3]
                 self._slots[slot[0]] = slots
+                self._wrote(now)
         if spent is not None:
             verdict = replace(verdict, spent=spent, seed=seed)
         return verdict
@@ -272,6 +293,7 @@ class LocalStore:
             return False, len(slots)
         slots[member] = now + ttl
         self._slots[key] = slots
+        self._wrote(now)
         return True, len(slots)
 
     def refresh(self, key: str, member: str, ttl: float) -> bool:
@@ -316,6 +338,7 @@ class LocalStore:
             return Claim(held[0], held[1], now, held[3])
         started = now - max(0.0, age)
         self._claims[key] = (uid, started, now + ttl, None)
+        self._wrote(now)
         if mark is not None and self.marks:
             since = self._claims_since.get(mark)
             since = now if since is None or since[1] <= now else since[0]
@@ -362,15 +385,17 @@ class LocalStore:
 
     def add(self, key: str, amount: int, ttl: float) -> int:
         """Add ``amount`` to a total kept ``ttl`` seconds from now; return the total."""
-        total = self.total(key) + amount
-        self._totals[key] = (total, self.clock() + ttl)
+        total, now = self.total(key) + amount, self.clock()
+        self._totals[key] = (total, now + ttl)
+        self._wrote(now)
         return total
 
     def raise_to(self, key: str, amount: int, ttl: float) -> int:
         """Raise a total to ``amount`` if it is below (never lower it), kept ``ttl``
         seconds from now; return the total."""
-        total = max(self.total(key), amount)
-        self._totals[key] = (total, self.clock() + ttl)
+        total, now = max(self.total(key), amount), self.clock()
+        self._totals[key] = (total, now + ttl)
+        self._wrote(now)
         return total
 
     def total(self, key: str) -> int:
@@ -378,12 +403,22 @@ class LocalStore:
         held = self._totals.get(key)
         return 0 if held is None or held[1] <= self.clock() else held[0]
 
-    def _purge(self, now: float) -> None:
-        self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
-        self._claims = {k: v for k, v in self._claims.items() if v[2] + EXPIRY_MARGIN > now}
-        self._totals = {k: v for k, v in self._totals.items() if v[1] > now}
-        self._marks = {k: v for k, v in self._marks.items() if v > now}
-        self._claims_since = {k: v for k, v in self._claims_since.items() if v[1] > now}
-        for key in list(self._slots):
-            if not self._live_slots(key, now):
-                del self._slots[key]
+    def _purge(self) -> Iterator[None]:
+        """Forget every expired entry, ``PURGE_SLICE`` at a time: one slice per step."""
+        tables: list[tuple[dict[str, Any], Callable[[str, Any, float], bool]]] = [
+            (self._buckets, lambda _, v, now: v[2] <= now),
+            (self._claims, lambda _, v, now: v[2] + EXPIRY_MARGIN <= now),
+            (self._totals, lambda _, v, now: v[1] <= now),
+            (self._marks, lambda _, v, now: v <= now),
+            (self._claims_since, lambda _, v, now: v[1] <= now),
+            (self._slots, lambda k, _, now: not self._live_slots(k, now)),
+        ]
+        for table, expired in tables:
+            names = list(table)  # entries written meanwhile wait for the next purge
+            for start in range(0, len(names), PURGE_SLICE):
+                now = self.clock()
+                for name in names[start : start + PURGE_SLICE]:
+                    held = table.get(name)
+                    if held is not None and expired(name, held, now):
+                        del table[name]
+                yield

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.buckets import Bucket, LocalStore, admit, charge, per_minute, refill
+from gateway.buckets import PURGE_SLICE, Bucket, LocalStore, admit, charge, per_minute, refill
 
 TIE = 1e-9
 
@@ -211,8 +211,52 @@ def test_full_buckets_are_forgotten() -> None:
     for i in range(9_999):
         store.admit([f"k{i}"], [bucket])
     clock.now += 62
-    store.admit(["last"], [bucket])  # every 10,000th write purges
+    for _ in range(10_000 // PURGE_SLICE + 10):  # the 10,000th write begins a purge,
+        store.charge("last", bucket, 0)  # a slice of entries each write from then on
     assert list(store._buckets) == ["last"]
+
+
+def _held(store: LocalStore) -> dict[str, int]:
+    return {
+        "buckets": len(store._buckets),
+        "slots": len(store._slots),
+        "claims": len(store._claims),
+        "totals": len(store._totals),
+    }
+
+
+def test_expired_entries_of_every_kind_are_forgotten_without_bucket_writes() -> None:
+    """A gateway whose keys have no RPM or TPM limit writes no bucket: its request ids'
+    answers (whole answers, up to megabytes each), its dead workers' slots and its
+    totals must still be forgotten once expired. The purge waited for the 10,000th
+    bucket write, so the long-lived instance store kept every answer it ever held."""
+    clock = Clock()
+    store = LocalStore(clock, marks=True)
+    for i in range(500):
+        assert store.claim(f"r{i}", f"u{i}", ttl=10, mark="m", grace=0) is None
+        assert store.settle(f"r{i}", f"u{i}", "x" * 1000, ttl=600)
+        assert store.acquire(f"s{i}", "w", 5, ttl=10)[0]  # never released: a killed worker
+        store.add(f"t{i}", 1, ttl=30)
+    clock.now += 600 + 2 * 60  # past every expiry and its margin: a purge is due
+    for i in range(3 * 500 // PURGE_SLICE + 10):  # a slice of entries each write
+        assert store.claim(f"now{i}", "u", ttl=10) is None
+    held = _held(store)
+    assert held == {"buckets": 0, "slots": 0, "claims": held["claims"], "totals": 0}
+    assert held["claims"] <= 3 * 500 // PURGE_SLICE + 10  # only the new ones
+
+
+def test_a_purge_takes_a_slice_of_the_entries_per_write() -> None:
+    """No write waits for every entry: each checks at most ``PURGE_SLICE`` of them."""
+    clock = Clock()
+    store = LocalStore(clock)
+    for i in range(2_000):
+        store.add(f"t{i}", 1, ttl=10)
+    clock.now += 61  # every total expired; a purge is due at the next write
+    remaining = []
+    for i in range(2_000 // PURGE_SLICE + 2):
+        store.add(f"new{i}", 1, ttl=100)
+        remaining.append(len(store._totals) - (i + 1))
+    assert remaining == [2_000 - PURGE_SLICE * n for n in range(1, 11)] + [0, 0]
 
 
 def test_slots_are_held_refreshed_released_and_expire() -> None:
