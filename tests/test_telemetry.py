@@ -536,7 +536,20 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def exporter_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """OTEL_* variables of a quick pipeline, none inherited from the environment."""
+    """OTEL_* variables of a quick pipeline, none inherited from the environment; the
+    batch processors started meanwhile inert in a forked child.
+
+    The SDK registers, for good, an at-fork hook that starts a processor's thread again
+    in every child, shut down or not (``atexit`` keeps every Telemetry started alive).
+    This test process forks only to exec, but gevent's subprocess runs Python between
+    the two, at-fork hooks included: starting that thread waits on the hub, which then
+    ran this process's other greenlets in the child. Seen as a second copy of a
+    ``test_imports`` subprocess writing into the first's pipe, in a module run after
+    this one in the same process (``TEST_WORKERS=0``). A gateway's worker never forks,
+    so the product keeps the SDK's hook."""
+    from opentelemetry.sdk._shared_internal import BatchProcessor
+
+    monkeypatch.setattr(BatchProcessor, "_at_fork_reinit", lambda self: None)
     for name in list(os.environ):
         if name.startswith("OTEL_"):
             monkeypatch.delenv(name)
