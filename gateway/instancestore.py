@@ -71,6 +71,8 @@ class InstanceStore:
         self._writing: Any = nullcontext()
         self._posted: list[tuple] = []  # charges waiting to share a frame (``post_all``)
         self._flushers: gevent.pool.Group | None = None
+        # The flusher the waiting charges have: none once it has begun to send them.
+        self._flusher: gevent.Greenlet | None = None
         if monkey.is_module_patched("socket"):
             self._pipeline = pipelining.Pipeline(self._round_trip)
             self._exchange = self._pipeline.exchange
@@ -158,8 +160,9 @@ class InstanceStore:
             self._posted += [storewire.encode(name, args) for name, args in operations]
             if len(self._posted) >= POST_BATCH:
                 self.flush()
-            elif not self._flushers:
-                self._flushers.spawn(self._flush_soon).link_exception(_flusher_died)
+            elif self._flusher is None or self._flusher.dead:  # (dead: killed asleep)
+                self._flusher = self._flushers.spawn(self._flush_soon)
+                self._flusher.link_exception(_flusher_died)
             return
         if self._pipeline is not None and self._pipeline.busy:
             self.run_all(operations)
@@ -168,6 +171,9 @@ class InstanceStore:
 
     def _flush_soon(self) -> None:
         gevent.sleep(POST_WAIT)
+        # From here on a charge posted waits for a flusher of its own: this one's send
+        # may yield, and it stays in its group until the hub has run its links.
+        self._flusher = None
         try:
             self.flush()
         except StoreDown as exc:

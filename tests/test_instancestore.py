@@ -574,6 +574,33 @@ def test_the_store_socket_is_for_this_user_only(two_workers) -> None:  # type: i
     assert os.stat(path).st_mode & 0o077 == 0
 
 
+def test_a_charge_posted_while_the_last_flusher_finishes_gets_a_flusher_of_its_own(
+    store_process: StoreProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flusher that has taken the waiting charges is not done at once: its send may
+    yield, and a finished greenlet leaves its group only when the hub runs its links
+    (CI, under load: a peek's round trip outlasted POST_WAIT, the flusher found nothing,
+    and the next 5 charges saw it still in the group). Charges posted meanwhile waited
+    with no flusher for whatever the worker sent next: other workers did not see the
+    tokens, for minutes on a quiet key."""
+    client = store_process.client()
+    tpm = Bucket("tpm", 10**6, 1e-6, 0)
+    key = f"gw:{{key:{uuid.uuid4().hex}}}:tpm"
+    sent = client._post
+
+    def slow_post(encoded: list[tuple]) -> None:
+        sent(encoded)
+        gevent.sleep(instancestore.POST_WAIT * 3)  # still alive after taking the charges
+
+    monkeypatch.setattr(client, "_post", slow_post)
+    client.post_all([("charge", (key, tpm, 100))])
+    gevent.sleep(instancestore.POST_WAIT * 2)  # the flusher sent it and lingers
+    client.post_all([("charge", (key, tpm, 100))])
+    wait_until(lambda: not client._posted, timeout=instancestore.POST_WAIT * 20)
+    other = store_process.client()
+    assert other.peek([key], [tpm])[0] == pytest.approx(10**6 - 200, abs=0.01)
+
+
 def test_charges_share_a_frame_and_go_before_what_is_asked_after_them(
     store_process: StoreProcess,
 ) -> None:
