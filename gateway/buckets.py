@@ -25,13 +25,14 @@ from typing import Any
 EXPIRY_MARGIN = 60.0
 # Seconds a key's claims mark outlives its last claim (claims.lua's MARK_KEPT).
 MARK_KEPT = 7 * 86400.0
-# ``LocalStore`` forgets every expired entry after this many writes, or on the first
-# write this many seconds after it last began to, whichever comes first; a slice of
-# entries per write, so that no write waits for all of them (200,000 entries took
-# 40-70 ms at once: every worker's limits waited as long in the instance store).
+# ``LocalStore`` forgets every expired entry after as many writes as it held entries
+# when it last began to (``PURGE_WRITES`` at least), or on the first write
+# ``PURGE_EVERY`` seconds after, whichever comes first; ``PURGE_SLICE`` entries per
+# write, so that no write waits for all of them (120,000 entries held a write 65 ms:
+# in the instance store, every worker's limits waited as long).
 PURGE_WRITES = 10_000
 PURGE_EVERY = 60.0
-PURGE_SLICE = 200
+PURGE_SLICE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +165,11 @@ class LocalStore:
     """The store operations in this process's memory, on the clock it is given.
 
     Same operations and results as ``ratelimit.RedisStore``; state lives in dicts that
-    forget expired entries as they are touched, and all of them every ``PURGE_WRITES``
-    writes of any kind or ``PURGE_EVERY`` seconds (a gateway with no RPM limit writes
-    no bucket, and its request ids' answers are whole answers), ``PURGE_SLICE`` of them
-    per write.
+    forget expired entries as they are touched, and all of them once the writes of any
+    kind since the last purge began outnumber the entries it found (``PURGE_WRITES`` at
+    least), or ``PURGE_EVERY`` seconds later (a gateway with no RPM limit writes no
+    bucket, and its request ids' answers are whole answers): ``PURGE_SLICE`` of them per
+    write, so a write pays about one check over time while writes come often.
     ``marks``: keep claims.lua's mark of when the store first took a claim of a key's
     ids (``claim``), as a store that may start empty while calls are in flight must
     (``instancestore``: one for the workers of one instance). A worker's own memory
@@ -184,7 +186,7 @@ class LocalStore:
         self._totals: dict[str, tuple[int, float]] = {}  # key -> total, expiry
         self._marks: dict[str, float] = {}  # key -> expiry
         self._claims_since: dict[str, tuple[float, float]] = {}  # mark -> since, expiry
-        self._writes = 0
+        self._writes, self._purge_after = 0, PURGE_WRITES
         self._purge_at = clock() + PURGE_EVERY
         self._purging: Iterator[None] | None = None
 
@@ -204,7 +206,7 @@ class LocalStore:
     def _wrote(self, now: float) -> None:
         self._writes += 1
         if self._purging is None:
-            if self._writes < PURGE_WRITES and now < self._purge_at:
+            if self._writes < self._purge_after and now < self._purge_at:
                 return
             self._writes, self._purge_at = 0, now + PURGE_EVERY
             self._purging = self._purge()
@@ -413,6 +415,7 @@ class LocalStore:
             (self._claims_since, lambda _, v, now: v[1] <= now),
             (self._slots, lambda k, _, now: not self._live_slots(k, now)),
         ]
+        self._purge_after = max(PURGE_WRITES, sum(len(table) for table, _ in tables))
         for table, expired in tables:
             names = list(table)  # entries written meanwhile wait for the next purge
             for start in range(0, len(names), PURGE_SLICE):
