@@ -18,6 +18,7 @@ import os
 import runpy
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -173,12 +174,20 @@ def on_starting(server):
 # Without REDIS_URL and with more than one worker, the workers share their limits,
 # in-flight slots and request-id claims through one store process of this instance
 # (gateway/storeprocess.py), whose socket they find in GATEWAY_INSTANCE_STORE. The
-# master starts it, starts it again within INSTANCE_STORE_CHECK_EVERY if it dies (the
+# master starts it, starts it again within INSTANCE_STORE_CHECK_EVERY if it dies or its
+# socket or directory is removed (a /tmp cleaner: systemd-tmpfiles, tmpreaper; the
 # workers fail open meanwhile, as without Redis), and stops it at exit; killed, the
 # master leaves it behind for at most a second: it leaves when its master does.
 INSTANCE_STORE_DIR_PREFIX = "gateway-store-"
 INSTANCE_STORE_CHECK_EVERY = 0.5
 INSTANCE_STORE_PID = "store.pid"  # the store removes it (storeprocess.PID_FILE)
+INSTANCE_STORE_COMPLAIN_EVERY = 60.0  # seconds between errors about a path not to be had
+# on_exit's word to the keeper. Not the directory's absence: a /tmp cleaner removes it
+# too, and a keeper that stopped then left the instance's limits open until a restart.
+# The lock makes a keeper's round and the stop one after the other: no store is started
+# once the stop has begun.
+_instance_store_stopping = threading.Event()
+_instance_store_lock = threading.Lock()
 
 
 def _spawn_instance_store(path, log):
@@ -207,14 +216,67 @@ def _instance_store_runs(pid, started):
     return stat is not None and stat[0] != b"Z" and stat[1] == started
 
 
+def _unsafe_directory(found, uid):
+    """Why a directory found at the store's path must not be used (None: it may).
+
+    /tmp is every user's: a name freed by a cleaner may be taken by anyone, and a link
+    or a directory others may enter could hand the workers someone else's socket."""
+    if not stat.S_ISDIR(found.st_mode):
+        return "is not a directory (a link?)"
+    if found.st_uid != uid:
+        return f"belongs to uid {found.st_uid}"
+    if found.st_mode & 0o077:
+        return f"has mode {found.st_mode & 0o777:o}: others may enter it"
+    return None
+
+
+def _claim_directory(directory):
+    """Make the store's directory again if it is gone; None once it is this user's
+    alone, else why not. In sticky /tmp, a directory this user owns can be neither
+    removed nor replaced by another (the link itself is checked, never followed)."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass  # the store's own, or someone else's: the check tells
+    except OSError as exc:
+        return f"cannot be made ({exc})"
+    try:
+        return _unsafe_directory(os.lstat(directory), os.geteuid())
+    except OSError as exc:  # removed again meanwhile: next round
+        return f"cannot be looked at ({exc})"
+
+
 def _keep_instance_store(server, path, pid, started):
-    """Start the store again whenever it is gone, until its directory is removed."""
-    while True:
-        time.sleep(INSTANCE_STORE_CHECK_EVERY)
-        if not os.path.isdir(os.path.dirname(path)):
-            return  # on_exit
-        if not _instance_store_runs(pid, started):
-            server.log.warning("instance store (pid %s) is gone: starting it again", pid)
+    """Start the store again whenever it, its socket or its directory is gone, at the
+    same path (the workers were forked with it), until on_exit stops it."""
+    complained_at = -INSTANCE_STORE_COMPLAIN_EVERY
+    while not _instance_store_stopping.wait(INSTANCE_STORE_CHECK_EVERY):
+        with _instance_store_lock:
+            if _instance_store_stopping.is_set():
+                return
+            runs = _instance_store_runs(pid, started)
+            if runs and os.path.exists(path):
+                continue
+            unsafe = _claim_directory(os.path.dirname(path))
+            if unsafe is not None:
+                if time.monotonic() - complained_at >= INSTANCE_STORE_COMPLAIN_EVERY:
+                    server.log.error(
+                        "instance store: its directory %s %s; not using it, trying again "
+                        "every %s s (limits fail open in workers that cannot reach the store)",
+                        os.path.dirname(path),
+                        unsafe,
+                        INSTANCE_STORE_CHECK_EVERY,
+                    )
+                    complained_at = time.monotonic()
+                continue
+            if runs:  # listening on a name nobody can reach any more
+                server.log.warning(
+                    "instance store: its socket %s is gone (a /tmp cleaner?): starting it again",
+                    path,
+                )
+                os.kill(pid, signal.SIGTERM)
+            else:
+                server.log.warning("instance store (pid %s) is gone: starting it again", pid)
             try:
                 pid, started = _spawn_instance_store(path, server.log)
             except OSError as exc:  # no descriptor or process to be had now: next round
@@ -238,7 +300,9 @@ def _start_instance_store(server):
 
 
 def _stop_instance_store():
-    """Stop this master's instance store (its directory first: the keeper then stops)."""
+    """Stop this master's instance store: its keeper first, so that none starts again."""
+    with _instance_store_lock:  # after a round the keeper is in, before its next
+        _instance_store_stopping.set()
     path = os.environ.get("GATEWAY_INSTANCE_STORE")
     if not path or not os.path.basename(os.path.dirname(path)).startswith(
         INSTANCE_STORE_DIR_PREFIX
@@ -250,7 +314,7 @@ def _stop_instance_store():
             pid, started = (int(field) for field in fh.read().split())
     except (OSError, ValueError):
         pid = started = None
-    shutil.rmtree(directory, ignore_errors=True)  # first: nothing starts it again
+    shutil.rmtree(directory, ignore_errors=True)
     if pid is not None and _instance_store_runs(pid, started):
         os.kill(pid, signal.SIGTERM)
 

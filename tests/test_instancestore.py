@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -549,6 +550,85 @@ def test_no_store_is_left_behind_by_a_stop_or_a_killed_master(gateway_factory, f
         "not across workers" in one.log()
         and "across this instance's workers" in stopped.log_path.read_text()
     )
+
+
+def _rpm_holds_across_the_workers(gw: Gateway, limit: int = 20) -> bool:
+    """A new key of RPM ``limit``: of 3 * limit calls, each worker's in turn, about
+    ``limit`` pass (each worker on its own memory lets twice as many through)."""
+    key, _ = _new_key(gw, rpmLimit=limit, tpmLimit=10**6)
+    sessions = _sessions_on_each_worker(gw, 3 * limit // 2)
+    pool = gevent.pool.Pool(len(sessions))
+    answers = pool.map(lambda s: _call(gw, key, session=s).status_code, sessions)
+    return limit <= answers.count(200) <= limit + 1
+
+
+def test_a_store_whose_directory_a_tmp_cleaner_removed_is_started_again(two_workers) -> None:  # type: ignore[no-untyped-def]
+    """systemd-tmpfiles or tmpreaper removing the store's directory stopped the
+    master's keeper for good (it took the directory's absence for on_exit): the old
+    store went on answering the connections made before, but a worker started after
+    (a crash, max_requests) could not reach it, and failed its limits open for the rest
+    of the master's life. Now the keeper makes the directory again, at the same path
+    (the workers were forked with it), and starts a store there."""
+    gw = two_workers
+    pid, path = _store_of(gw)
+    key, _ = _new_key(gw, rpmLimit=10**6, tpmLimit=10**9)
+    stop = gevent.event.Event()
+    codes: list[int | str] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                codes.append(_call(gw, key).status_code)
+            except requests.RequestException as exc:  # the worker killed below
+                codes.append(type(exc).__name__)
+
+    flowing = [gevent.spawn(load) for _ in range(4)]
+    gevent.sleep(0.3)
+    shutil.rmtree(os.path.dirname(path))
+    before = gw.worker_pids()
+    os.kill(before[0], signal.SIGKILL)  # its successor connects after the removal
+    wait_until(lambda: len(set(gw.worker_pids()) - set(before)) == 1, timeout=10)
+    gevent.sleep(0.5)
+    stop.set()
+    gevent.joinall(flowing, raise_error=True)
+    assert codes.count(200) > 0, Counter(codes)
+    back = wait_until(
+        lambda: (
+            (found := gw.instance_store()) and found[0] != pid and os.path.exists(path) and found
+        ),
+        timeout=3,
+    )
+    assert back[1] == path
+    assert os.stat(path).st_mode & 0o077 == 0
+    directory = os.lstat(os.path.dirname(path))
+    assert directory.st_uid == os.geteuid() and directory.st_mode & 0o777 == 0o700
+    assert wait_until(lambda: _rpm_holds_across_the_workers(gw), timeout=10, interval=0.5)
+    gw.stop()
+    wait_until(lambda: not _running(back[0]) and not _running(pid), timeout=5)
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_a_store_path_someone_else_took_is_never_used(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """/tmp is everyone's: a name taken after the cleaner (here a link to a directory
+    another user could enter) is refused, loudly, and tried again; the store comes back
+    once the name is free."""
+    gw = gateway_factory(workers=2)
+    pid, path = _store_of(gw)
+    directory = os.path.dirname(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    elsewhere.chmod(0o777)
+    shutil.rmtree(directory)
+    os.symlink(elsewhere, directory)
+    try:
+        wait_until(lambda: "instance store: its directory" in gw.log(), timeout=5)
+        time.sleep(1.0)
+        assert list(elsewhere.iterdir()) == []
+        assert gw.instance_store() is None or gw.instance_store()[0] == pid
+    finally:
+        os.unlink(directory)
+    back = wait_until(lambda: (found := gw.instance_store()) and found[0] != pid and found, 5)
+    assert back[1] == path and os.lstat(directory).st_mode & 0o777 == 0o700
 
 
 def test_a_revoked_key_is_refused_by_the_other_worker_at_once(two_workers) -> None:  # type: ignore[no-untyped-def]
