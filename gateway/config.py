@@ -47,6 +47,14 @@ DEFAULTS: dict[str, object] = {
     # sets this when it runs more than one worker. "off": none, each worker keeps its
     # own limits (a process and a round trip less, limits per worker).
     "INSTANCE_STORE": None,
+    # Seconds an operation of the instance store may take before it counts as away (its
+    # REDIS_TIMEOUT). Longer than Redis's: the store shares the instance's cores with its
+    # workers, and on a loaded 2-core machine it was not run for 50 ms at times (26
+    # fail-opens in 30 s with no fault at 0.05 s, its round trips' tail near 56 ms). A
+    # dead store is seen at once (the connection's end, a refused connect): only a hung
+    # one (SIGSTOP) makes a call wait this long, once; then limits fail open for
+    # REDIS_RETRY_AFTER.
+    "INSTANCE_STORE_TIMEOUT": 0.25,
     # With Redis, a worker takes this share of a key's RPM limit ahead, in leases, so
     # that most calls admit with no round trip (leases.py); 0: every call asks Redis.
     "LIMIT_LEASE_SHARE": 0.01,
@@ -254,6 +262,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "REDIS_TIMEOUT": _seconds(0, above=True),
     "REDIS_CONNECT_TIMEOUT": _seconds(0, above=True),
     "REDIS_RETRY_AFTER": _seconds(0),
+    "INSTANCE_STORE_TIMEOUT": _seconds(0, above=True),
     "LIMIT_LEASE_SHARE": _share(0.1),  # a worker holds two leases: 20% of a limit at most
     "INFLIGHT_TTL": _seconds(0, above=True),
     "DEDUP_TTL": _seconds(0),

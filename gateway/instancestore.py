@@ -9,8 +9,9 @@ at exit; ``INSTANCE_STORE`` names its Unix socket, in a directory only this user
 enter. Each worker's ``Limiter`` uses it as it uses Redis (``InstanceStore`` offers
 ``RedisStore``'s operations): the same decisions on one clock, leases, the key-change
 channel (a revoked key is refused by every worker of the instance at once), and the
-same failure: away, slow or restarting, every operation raises ``StoreDown`` and the
-limiter fails open, trying again ``REDIS_RETRY_AFTER`` seconds later. Started again
+same failure: away, slower than ``INSTANCE_STORE_TIMEOUT`` or restarting, every
+operation raises ``StoreDown`` and the limiter fails open, trying again
+``REDIS_RETRY_AFTER`` seconds later. Started again
 empty, the store keeps claims.lua's marks, so a repeat of a call still in flight asks
 the records, and the workers take their slots and claims again once they hear it is back.
 
@@ -332,5 +333,5 @@ def open_store(config: Mapping[str, Any]) -> InstanceStore | None:
     path = config.get("INSTANCE_STORE")
     if not path or path == "off" or config.get("REDIS_URL"):
         return None
-    timeout = float(config["REDIS_TIMEOUT"])
+    timeout = float(config["INSTANCE_STORE_TIMEOUT"])
     return InstanceStore(str(path), timeout, float(config["REDIS_CONNECT_TIMEOUT"]))
