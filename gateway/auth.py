@@ -95,6 +95,9 @@ class KeyCache:
         # A key was revoked: what this worker knows must replace the snapshot file at
         # once, or a worker started during an outage would serve the key from it.
         self.on_revoked: Callable[[], None] = lambda: None
+        # Changes may have been missed: the keys must be read again now (the refresher
+        # is kicked), not at its next round, CACHE_TTL away.
+        self.on_forgot_all: Callable[[], None] = lambda: None
         self._unbudgeted: set[int] | None = None  # ids of the known keys without a budget
 
     def get(self, key: str) -> Caller | None:
@@ -241,11 +244,14 @@ class KeyCache:
     def forget_all(self) -> None:
         """Changes may have been missed (the limiter lost Redis): read every key again.
 
-        The keys stay usable meanwhile; the next read (within CACHE_TTL, or the next
-        unknown key's) is a full one, which drops every key revoked since.
+        The keys stay usable meanwhile; the next read, asked for now (``on_forgot_all``),
+        is a full one, which drops every key revoked since. Left to the refresher's next
+        round (CACHE_TTL), a key revoked while the store restarted was served that long
+        by every worker that missed its announcement.
         """
         self._since = None
         self._read_at = float("-inf")
+        self.on_forgot_all()
 
     def changed(self, message: str | None) -> None:
         """A key changed somewhere (``limiter.on_key_change``): its hash, or ``REVOKED``

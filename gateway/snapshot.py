@@ -95,6 +95,7 @@ class Refresher:
             cache.background = background
             cache.confirm = self.fresh if background else cache.read_through
         keys.on_revoked = self._revoked if background else lambda: None
+        keys.on_forgot_all = self._kick.set if background else lambda: None
         if not background:
             return  # CLI commands and read-through tests: each lookup reads inline
         self._written, self._full_due = None, True

@@ -29,7 +29,7 @@ from gateway import limiter as limiter_module
 from gateway import metrics
 from gateway.errors import BudgetExceeded
 from gateway.leases import LEASE_TTL
-from gateway.limiter import KEEP_BATCH, Limiter, model_bucket
+from gateway.limiter import KEEP_BATCH, Limiter, model_bucket, resubscribe_wait
 from tests.servers import RedisServer, wait_until
 
 
@@ -286,6 +286,14 @@ def test_a_subscription_that_stops_answering_is_made_again(
     finally:
         w.stop()
         b.stop()
+
+
+def test_the_listener_tries_again_soon_then_backs_off_to_retry_after() -> None:
+    # A store back within a blip is heard within 50 ms; a dead Redis is tried 4 more
+    # times in its first 1.5 s, then once per REDIS_RETRY_AFTER as before; the local
+    # instance store (a connect refused at once) every 0.1 s.
+    assert [resubscribe_wait(n, 1.0) for n in range(1, 8)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1, 1]
+    assert [resubscribe_wait(n, 0.1) for n in (1, 2, 3, 20)] == [0.05, 0.1, 0.1, 0.1]
 
 
 @pytest.mark.parametrize("held", [0, 1100])
