@@ -112,6 +112,7 @@ DEFAULTS: dict[str, object] = {
     "RECORDER_LINGER": 0.25,  # seconds a pending snapshot waits: a call over by then is written once
     "RECORDER_AHEAD": True,  # each snapshot to a local file first: a kill -9 loses no record
     "JOURNAL_DIR": None,  # None: instance/journal
+    "JOURNAL_REPLAY_INTERVAL": 5.0,  # seconds between looks for journaled records to write back
     # Crash recovery: every process writes a heartbeat row this often; a process finalises
     # another's pending rows once it has watched that heartbeat stand still this long.
     "PROCESS_HEARTBEAT": 10.0,
@@ -293,6 +294,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "RECORDER_INTERVAL": _seconds(0),
     "RECORDER_LINGER": _seconds(0),
     "RECORDER_AHEAD": _on_off,
+    "JOURNAL_REPLAY_INTERVAL": _seconds(0, above=True),
     "PROCESS_HEARTBEAT": _seconds(0),  # 0: no heartbeat (a test app)
     "PROCESS_DEAD_AFTER": _seconds(0, above=True),
     "SWEEP_INTERVAL": _seconds(0),

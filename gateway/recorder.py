@@ -138,6 +138,7 @@ class Recorder:
         self.linger = float(cfg["RECORDER_LINGER"])
         self.interval = float(cfg["RECORDER_INTERVAL"])
         self.timeout = float(cfg["DB_TIMEOUT"])
+        self.replay_interval = float(cfg["JOURNAL_REPLAY_INTERVAL"])
         self.kept_days = retention.days(cfg["RETENTION_DAYS"])  # records' lifetime
 
     # -- the public face ------------------------------------------------------
@@ -439,12 +440,12 @@ class Recorder:
                 self._replay_round()
                 away = False
             except UNREACHABLE as exc:
-                if not away:  # once per outage, not every 5 s
+                if not away:  # once per outage, not every round
                     log.warning("recorder: the journal cannot be written back (%s)", exc)
                 away = True
             except Exception:
                 log.exception("recorder: journal replay failed")
-            gevent.sleep(5.0)
+            gevent.sleep(self.replay_interval)
 
     def _replay_round(self) -> None:
         """Write back what waits in files: this process's journal, dead ones' journals
@@ -452,9 +453,9 @@ class Recorder:
 
         A replay reads a file on the loop, a lot at a time, and gives it back when the
         write fails (copied, when its owner has started another meanwhile): after a
-        long outage, most of a second per 100 MB of journal, every 5 s, for every call
-        of the worker. So the database is asked first, and nothing is read while it
-        does not answer.
+        long outage, most of a second per 100 MB of journal, every JOURNAL_REPLAY_INTERVAL
+        (5 s), for every call of the worker. So the database is asked first, and nothing
+        is read while it does not answer.
         """
         own = self._journaling or self.journal.waiting()
         ahead = self.journal.waiting("ahead")  # a dead process's write-ahead lines

@@ -74,9 +74,13 @@ KINDS = [
 ]
 
 
+# Journaled records looked for every 0.5 s (5 s by default): the tests wait for them
+# once the database is back, and a replay that never comes still fails them.
+REPLAY = {"GATEWAY_JOURNAL_REPLAY_INTERVAL": "0.5"}
 # Keys read again within 1 s, a dead process's rows swept within about 5 s, and the
 # database given 2 s to connect and 5 to answer before it counts as down.
 QUICK = {
+    **REPLAY,
     "GATEWAY_CACHE_TTL": "1",
     "GATEWAY_PROCESS_HEARTBEAT": "0.5",
     "GATEWAY_PROCESS_DEAD_AFTER": "4",
@@ -342,6 +346,7 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         # This test's remount to read-only is refused while a file on the disk is open
         # for writing (the write-ahead file is); the kernel's errors=remount-ro is not.
         GATEWAY_RECORDER_AHEAD="false",
+        **REPLAY,
     )
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
@@ -811,7 +816,7 @@ def test_a_database_that_takes_no_writes_is_an_outage_for_the_records(
     admin API's writes get its 503."""
     url = gateway_database(cluster)
     admin = open_database(cluster.url())
-    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_CACHE_TTL="1")
+    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_CACHE_TTL="1", **REPLAY)
     try:
         key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
         gw.setup_route(
@@ -954,7 +959,7 @@ def test_a_locked_table_does_not_pile_up_the_gateway_s_connections(
     retry left one more waiting, until PostgreSQL refused every client. Its statements
     are now aborted by the server after DB_TIMEOUT too."""
     url = gateway_database(cluster)
-    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_DB_TIMEOUT="2")
+    gw = Gateway(url, tmp_path / "instance", workers=2, GATEWAY_DB_TIMEOUT="2", **REPLAY)
     watch = psycopg.connect(url, autocommit=True)
     locker = psycopg.connect(url)
     try:
