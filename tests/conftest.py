@@ -36,6 +36,7 @@ from tests.servers import (  # noqa: E402
     Disk,
     FakeUpstream,
     Gateway,
+    PostgresCluster,
     RedisServer,
     hub_waits,
     reap,
@@ -256,6 +257,14 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
         yield Disk(path)
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of the test's own, to stop and start (tests/servers.py)."""
+    pg = PostgresCluster()
+    yield pg
+    pg.destroy()
 
 
 @pytest.fixture

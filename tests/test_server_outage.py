@@ -15,12 +15,13 @@ And the same outage while the journal's disk is full (a tmpfs of the test's own,
 root): records wait in memory until the database or the disk comes back. And every
 worker killed with -9 during an outage, mid-stream: the workers that replace them
 replay the dead ones' journals, and the sweeper finalises the streams they served.
+And a server that stops answering, or locks a table: nothing waits on it for ever.
+Keys and models served while the database is away: ``test_server_outage_keys.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import time
@@ -28,7 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import gevent
 import gevent.event
 import gevent.pool
@@ -39,20 +39,22 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import db, records, serializers
-from gateway.db import DatabaseTimeout, database, migrate, open_database
+from gateway.db import DatabaseTimeout, database, open_database
 from gateway.models import Completion
 from gateway.search import Search
 from gateway.sweeper import SWEPT_ERROR
 from tests.conftest import PG_URL
-from tests.servers import (
-    Disk,
-    Gateway,
-    PostgresCluster,
-    children,
-    free_port,
-    marker,
-    wait_until,
+from tests.outage_support import (
+    KINDS,
+    QUICK,
+    REPLAY,
+    by_call,
+    call,
+    final_records,
+    gateway_database,
+    marker_in,
 )
+from tests.servers import Disk, Gateway, PostgresCluster, children, marker, wait_until
 
 pytestmark = [
     pytest.mark.server,
@@ -61,143 +63,12 @@ pytestmark = [
 
 OUTAGE = float(os.environ.get("GATEWAY_TEST_OUTAGE", "12"))
 SCRIPT = "fake;chunks=12;delay=0.1;first_delay=0.6"  # a stream takes 1.7 s, an answer 0.6 s
-ANSWER_DUE = 0.55  # seconds after which a JSON answer may have reached its client
 HUNG_UP = ("hung up", "hung up late")
-TEXT = "".join(f"tok{i} " for i in range(12))
-# (client SDK, system name, stream, hang up): same format and converted, both ways.
-KINDS = [
-    (sdk, model, stream, hang_up)
-    for sdk in ("openai", "anthropic")
-    for model in ("gpt", "claude")
-    for stream in (True, False)
-    for hang_up in (False, True)
-]
-
-
-# Journaled records looked for every 0.5 s (5 s by default): the tests wait for them
-# once the database is back, and a replay that never comes still fails them.
-REPLAY = {"GATEWAY_JOURNAL_REPLAY_INTERVAL": "0.5"}
-# Keys read again within 1 s, a dead process's rows swept within about 5 s, and the
-# database given 2 s to connect and 5 to answer before it counts as down.
-QUICK = {
-    **REPLAY,
-    "GATEWAY_CACHE_TTL": "1",
-    "GATEWAY_PROCESS_HEARTBEAT": "0.5",
-    "GATEWAY_PROCESS_DEAD_AFTER": "4",
-    "GATEWAY_SWEEP_INTERVAL": "0.5",
-    "GATEWAY_DB_CONNECT_TIMEOUT": "2",
-    "GATEWAY_DB_TIMEOUT": "5",
-}
-
-
-@pytest.fixture
-def cluster() -> Iterator[PostgresCluster]:
-    pg = PostgresCluster()
-    yield pg
-    pg.destroy()
-
-
-def gateway_database(cluster: PostgresCluster) -> str:
-    """A migrated database of the gateway's on the cluster: its URL."""
-    admin = open_database(cluster.url())
-    with admin.connection_context():
-        admin.execute_sql("CREATE DATABASE gateway")
-    admin.close_all()
-    url = cluster.url("gateway")
-    migrate(handle := open_database(url))
-    handle.close_all()
-    return url
 
 
 @pytest.fixture(autouse=True)
 def _fresh_fake_log(fake) -> None:  # type: ignore[no-untyped-def]
     fake.reset()
-
-
-def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
-    """One call as a client makes it; what it got: ``full``, ``hung up`` or an error."""
-    sdk, model, stream, hang_up = kind
-    prompt = f"{marker} tell me a story"
-    timeout = 0.3 if hang_up and not stream else 30.0  # a client that gives up waiting
-    sent = time.monotonic()
-    try:
-        if sdk == "openai":
-            client = openai.OpenAI(
-                base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=timeout
-            )
-            messages = [{"role": "user", "content": prompt}]
-            if not stream:
-                answer = client.chat.completions.create(model=model, messages=messages)
-                return "full" if answer.choices[0].message.content == TEXT else "short"
-            pieces = client.chat.completions.create(model=model, messages=messages, stream=True)
-            texts = (c.choices[0].delta.content or "" for c in pieces if c.choices)
-        else:
-            client = anthropic.Anthropic(
-                base_url=gw.url, api_key=key, max_retries=0, timeout=timeout
-            )
-            messages = [{"role": "user", "content": prompt}]
-            if not stream:
-                answer = client.messages.create(model=model, max_tokens=100, messages=messages)
-                return "full" if answer.content[0].text == TEXT else "short"
-            pieces = client.messages.create(
-                model=model, max_tokens=100, messages=messages, stream=True
-            )
-            texts = (e.delta.text for e in pieces if e.type == "content_block_delta")
-        text = ""
-        for piece in texts:
-            text += piece
-            if hang_up and text.count("tok") == 3:
-                pieces.close()
-                return "hung up"
-        return "full" if text == TEXT else "short"
-    except (openai.APITimeoutError, anthropic.APITimeoutError):
-        if not hang_up:
-            return "timeout"
-        # The answer takes 0.6 s. A client held off the CPU past then (a loaded machine)
-        # may give up on an answer the gateway had already written to it in full.
-        return "hung up" if time.monotonic() - sent < ANSWER_DUE else "hung up late"
-    except (openai.APIStatusError, anthropic.APIStatusError) as exc:
-        return f"HTTP {exc.status_code}"
-    except (openai.APIError, anthropic.APIError) as exc:
-        return f"error {type(exc).__name__}: {exc}"
-
-
-def final_records(gw: Gateway, count: int) -> list[dict]:
-    """The gateway's records, once there are at least ``count`` and none is pending
-    (within a minute)."""
-
-    def all_final() -> list[dict] | None:
-        rows = gw.records(limit=1000)
-        if len(rows) >= count and all(r["status"] != "pending" for r in rows):
-            return rows
-        return None
-
-    return wait_until(all_final, timeout=60, interval=0.5)
-
-
-def in_snapshot(instance: Path, *texts: str) -> bool:
-    """The instance's snapshot file holds every text; a gateway key by its hash (the
-    file holds no key itself). A model's read can write the file before its key's."""
-    path = instance / "snapshot.json"
-    if not path.exists():
-        return False
-    held = path.read_text()
-    hashed = [hashlib.sha256(t.encode()).hexdigest() if t.startswith("sk-") else t for t in texts]
-    return all(text in held for text in hashed)
-
-
-def marker_in(value: object) -> str:
-    """The ``call-NNN`` a test's prompt named."""
-    return "call-" + marker(value)
-
-
-def by_call(rows: list[dict]) -> dict[str, list[dict]]:
-    """Records by the call their prompt names; each call's must be one record."""
-    found: dict[str, list[dict]] = {}
-    for row in rows:
-        found.setdefault(marker_in(row["prompt"]), []).append(row)
-    assert all(len(each) == 1 for each in found.values()), "a call recorded twice"
-    return found
 
 
 def sent_once(fake) -> dict[str, dict]:  # type: ignore[no-untyped-def]
@@ -424,234 +295,7 @@ def test_with_the_database_down_and_the_journal_s_disk_full_calls_wait_in_memory
         gw.stop()
 
 
-# -- a gateway started while the database is down -------------------------------------
-
-
-@pytest.fixture(params=["in-process", "redis"])
-def announced(request: pytest.FixtureRequest) -> dict[str, str]:
-    """How a key change reaches the worker that serves the key: in the worker that made
-    it (one worker, no Redis), or over Redis (two workers: one makes it, both hear it)."""
-    if request.param == "in-process":
-        return {"workers": "1"}
-    redis = request.getfixturevalue("shared_redis")
-    return {"workers": "2", "REDIS_URL": redis.url, "GATEWAY_REDIS_PREFIX": f"out{free_port()}"}
-
-
-def key_changed_then_database_gone(
-    cluster: PostgresCluster,
-    fake,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
-    announced: dict,
-    change: str,
-    respawned: bool = False,
-) -> list[int]:
-    """A key every worker knows is changed (``limits``) or revoked (``revoke``), and the
-    database stops just after, before any worker read the key again: the statuses of
-    calls made with it then (by new workers, once every worker was killed and
-    respawned, if ``respawned``)."""
-    url = gateway_database(cluster)
-    env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # only the announcement makes one re-read
-    gw = Gateway(url, tmp_path / "instance", workers=int(announced["workers"]), **env,
-                 **{k: v for k, v in announced.items() if k != "workers"})  # fmt: skip
-    try:
-        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
-        assert [chat_status(gw, key) for _ in range(6)] == [200] * 6  # known to every worker
-        if change == "limits":
-            gw.api("PUT", f"/apiKey/{key}/ratelimit", json={"rpmLimit": 500, "tpmLimit": 90000})
-        else:
-            gw.api("DELETE", f"/apiKey/{key}")
-        cluster.stop()
-        if respawned:
-            old = gw.worker_pids()
-            for pid in old:
-                os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: len(set(gw.worker_pids()) - set(old)) == len(old), timeout=30)
-            wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
-        return [chat_status(gw, key) for _ in range(6)]
-    finally:
-        gw.stop()
-
-
-def chat_status(gw: Gateway, key: str, model: str = "gpt") -> int:
-    """The status of a chat call to ``model`` with ``key``, on a connection of its own."""
-    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    headers = {"Authorization": f"Bearer {key}"}
-    return requests.post(
-        f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30
-    ).status_code
-
-
-def test_a_key_changed_just_before_the_database_goes_away_keeps_working(
-    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict
-) -> None:  # type: ignore[no-untyped-def]
-    """Every worker forgets a changed key (its new limits apply at once); while its new
-    state cannot be read, it is served as it was, not refused as unknown (SPEC rule 8:
-    it was refused with 401 until CACHE_TTL after the database came back)."""
-    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "limits")
-    assert got == [200] * 6
-
-
-def test_a_key_revoked_just_before_the_database_goes_away_is_refused_at_once(
-    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict
-) -> None:  # type: ignore[no-untyped-def]
-    """A revoked key is never served from its last known state, database or not."""
-    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "revoke")
-    assert got == [401] * 6
-
-
-def test_a_key_revoked_just_before_the_database_goes_away_is_refused_by_a_new_worker(
-    cluster: PostgresCluster, fake, tmp_path: Path, announced: dict
-) -> None:  # type: ignore[no-untyped-def]
-    """A worker that starts during the outage (a killed or recycled one respawned) serves
-    the snapshot file: a revocation announced before must not be in it. It was: the file
-    was only rewritten after a read, and the key was served for the whole outage."""
-    got = key_changed_then_database_gone(cluster, fake, tmp_path, announced, "revoke", True)
-    assert got == [401] * 6
-
-
-@pytest.mark.parametrize("made", ["key and model", "model"])
-def test_what_one_worker_read_before_an_outage_every_worker_serves(
-    cluster: PostgresCluster, fake, tmp_path: Path, made: str
-) -> None:  # type: ignore[no-untyped-def]
-    """A key and a model (or a model alone) made a moment before the database goes away,
-    used once: the worker that served the call read them, the other did not (CACHE_TTL
-    is long). The instance knew them, so the other worker serves them too while the
-    database is away (SPEC rule 8); it refused the key (401), or the model (404), for
-    the whole outage."""
-    url = gateway_database(cluster)
-    env = {**QUICK, "GATEWAY_CACHE_TTL": "3600"}  # no worker reads again on its own
-    gw = Gateway(url, tmp_path / "instance", workers=2, **env)
-    stopped: list[int] = []
-
-    def only(pid: int) -> None:
-        """Only ``pid`` of the workers takes calls (the other is stopped), once it answers:
-        it has started (its first read of keys and catalog is done)."""
-        for other in stopped:
-            os.kill(other, signal.SIGCONT)
-        stopped[:] = [each for each in gw.worker_pids() if each != pid]
-        for other in stopped:
-            os.kill(other, signal.SIGSTOP)
-        gw.admin.close()  # no kept-alive connection to a stopped worker
-        wait_until(lambda: requests.get(f"{gw.url}/healthz", timeout=5).ok, timeout=30)
-
-    try:
-        reader, other = gw.worker_pids()
-        only(other)  # started: nothing made after this is read by it
-        if made == "model":
-            route = gw.setup_route(fake.url, system_name="old", remote_id="fake;chunks=3")
-            assert chat_status(gw, route["key"], "old") == 200  # the key: known to both
-        only(reader)
-        if made == "model":
-            key = route["key"]
-            gw.api("POST", "/models", json={"providerId": route["provider"]["id"],
-                                             "systemName": "gpt", "remoteId": "fake;chunks=3"})  # fmt: skip
-        else:
-            key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=3")["key"]
-        assert chat_status(gw, key) == 200  # the reader read them; it wrote the snapshot file
-        wait_until(lambda: in_snapshot(tmp_path / "instance", "gpt", key))
-        cluster.stop()
-        only(other)
-        assert [chat_status(gw, key) for _ in range(6)] == [200] * 6
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-        gw.stop()
-
-
-def test_a_gateway_started_while_the_database_is_down_serves_from_its_snapshot(
-    cluster: PostgresCluster, fake, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    """A restart during an outage (a deploy, a container moved, a host rebooted): the
-    master's ``prepare`` cannot migrate. With a snapshot this build wrote, the gateway
-    starts, serves the keys and models it knew, journals its records and writes them
-    once the database is back. Without one (a new instance) the start stops and says
-    why; so does a server that answers and refuses (no such database), as before."""
-    url = gateway_database(cluster)
-    instance = tmp_path / "instance"
-    gw = Gateway(url, instance, GATEWAY_CACHE_TTL="1")
-    try:
-        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
-        gw.setup_route(
-            fake.url, provider_type="anthropic", system_name="claude", remote_id="fake;chunks=12"
-        )
-        wait_until(lambda: in_snapshot(instance, '"gpt"', '"claude"', key), timeout=10)
-    finally:
-        gw.stop()
-
-    cluster.stop()
-    with pytest.raises(RuntimeError, match="the gateway cannot start without it") as refused:
-        Gateway(url, tmp_path / "new-instance", GATEWAY_DB_CONNECT_TIMEOUT="2")
-    assert "there is no" in str(refused.value) and "snapshot.json" in str(refused.value)
-
-    gw = Gateway(url, instance, **QUICK)
-    try:
-        assert "serving the last known keys and models" in gw.log()
-        kinds = [kind for kind in KINDS if not kind[3]]
-        got = {f"call-{i:03d}": call(gw, key, f"call-{i:03d}", kinds[i % 4]) for i in range(8)}
-        assert set(got.values()) == {"full"}, got
-        journal = instance / "journal"
-        wait_until(lambda: list(journal.glob("journal-*.jsonl")), timeout=30)
-        cluster.start()
-        rows = final_records(gw, 8)
-        assert sorted(by_call(rows)) == sorted(got), "each call exactly once"
-        assert {r["status"] for r in rows} == {"completed"}
-        assert all(r["tokens"]["output"] for r in rows), "the upstream's own counts"
-    finally:
-        gw.stop()
-
-    # A server that is there and refuses (a wrong database name): the start stops, even
-    # with a snapshot of this build's beside it.
-    with pytest.raises(RuntimeError, match="does not exist"):
-        Gateway(cluster.url("no_such_database"), instance)
-
-    # A server that hangs (its system takes the connection; nothing answers it) is down
-    # too: a bare TCP connect took it for one that answers and refuses, and the start
-    # stopped.
-    with cluster.frozen():
-        gw = Gateway(url, instance, **QUICK)
-        try:
-            assert "serving the last known keys and models" in gw.log()
-            assert call(gw, key, "call-100", kinds[0]) == "full"
-        finally:
-            gw.stop()
-
-
-def test_a_gateway_started_while_the_database_shuts_down_serves_from_its_snapshot(
-    cluster: PostgresCluster, fake, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    """A server that answers only to say it takes no connections now (shutting down,
-    starting up, recovering: SQLSTATE 57P03) is down, not a server that refuses: a
-    gateway restarted then starts from its snapshot. It took the probe's answer for a
-    refusal, and the start stopped (a restart beside a database restart, seen under
-    chaos; a crash recovery keeps a server in that state for minutes)."""
-    url = gateway_database(cluster)
-    instance = tmp_path / "instance"
-    gw = Gateway(url, instance)
-    try:
-        key = gw.setup_route(fake.url, system_name="gpt", remote_id="fake;chunks=12")["key"]
-        wait_until(lambda: in_snapshot(instance, '"gpt"', key), timeout=10)
-    finally:
-        gw.stop()
-
-    # A smart shutdown waits for its last client: meanwhile it refuses every new one.
-    holder = psycopg.connect(url)
-    cluster._run("pg_ctl", "-D", cluster.data, "-m", "smart", "-W", "stop")
-    with pytest.raises(psycopg.OperationalError, match="shutting down"):
-        wait_until(lambda: psycopg.connect(url, connect_timeout=2).close(), timeout=5)
-    gw = Gateway(url, instance, **QUICK)
-    try:
-        assert "serving the last known keys and models" in gw.log()
-        kinds = [kind for kind in KINDS if not kind[3] and kind[1] == "gpt"]
-        got = {f"call-{i:03d}": call(gw, key, f"call-{i:03d}", kinds[i % 2]) for i in range(4)}
-        assert set(got.values()) == {"full"}, got
-        holder.close()  # the shutdown ends; the server comes back
-        wait_until(lambda: not (cluster.data / "postmaster.pid").exists(), timeout=10)
-        cluster.start()
-        rows = final_records(gw, 4)
-        assert sorted(by_call(rows)) == sorted(got) and {r["status"] for r in rows} == {"completed"}
-    finally:
-        holder.close()
-        gw.stop()
+# -- a database that stops answering ---------------------------------------------------
 
 
 def test_a_database_that_stops_answering_gets_503_from_the_admin_side_not_a_hang(
