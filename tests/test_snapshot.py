@@ -138,7 +138,7 @@ def test_a_gateway_starts_without_the_database_only_from_a_snapshot_of_its_own_s
     world: dict, tmp_path: Path
 ) -> None:
     """What ``flask prepare`` asks when the database does not answer (the whole start is
-    ``test_server_outage.py``'s): a file written by this build serves; one written by a
+    ``test_server_outage_keys.py``'s): a file written by this build serves; one written by a
     build with other migrations (its rows may not fit this one's tables), one this build
     cannot load, an unreadable one or none stops the start, saying why."""
     path = tmp_path / "snapshot.json"
