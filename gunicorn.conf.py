@@ -182,12 +182,22 @@ INSTANCE_STORE_DIR_PREFIX = "gateway-store-"
 INSTANCE_STORE_CHECK_EVERY = 0.5
 INSTANCE_STORE_PID = "store.pid"  # the store removes it (storeprocess.PID_FILE)
 INSTANCE_STORE_COMPLAIN_EVERY = 60.0  # seconds between errors about a path not to be had
-# on_exit's word to the keeper. Not the directory's absence: a /tmp cleaner removes it
-# too, and a keeper that stopped then left the instance's limits open until a restart.
-# The lock makes a keeper's round and the stop one after the other: no store is started
-# once the stop has begun.
-_instance_store_stopping = threading.Event()
-_instance_store_lock = threading.Lock()
+
+
+def _keeping(server):
+    """on_exit's word to the keeper, and the lock that makes a keeper's round and the
+    stop one after the other (no store is started once the stop has begun).
+
+    Not the directory's absence: a /tmp cleaner removes it too, and a keeper that
+    stopped then left the instance's limits open until a restart. Kept on the arbiter:
+    gunicorn runs this file again as a new module at every SIGHUP, on_exit is then the
+    new module's, and the keeper started before still runs the first one's code; a
+    module's own event was one the stop never set, and the keeper made the store again.
+    """
+    kept = getattr(server, "gateway_instance_store_keeping", None)
+    if kept is None:
+        kept = server.gateway_instance_store_keeping = (threading.Event(), threading.Lock())
+    return kept
 
 
 def _spawn_instance_store(path, log):
@@ -250,9 +260,10 @@ def _keep_instance_store(server, path, pid, started):
     """Start the store again whenever it, its socket or its directory is gone, at the
     same path (the workers were forked with it), until on_exit stops it."""
     complained_at = -INSTANCE_STORE_COMPLAIN_EVERY
-    while not _instance_store_stopping.wait(INSTANCE_STORE_CHECK_EVERY):
-        with _instance_store_lock:
-            if _instance_store_stopping.is_set():
+    stopping, lock = _keeping(server)
+    while not stopping.wait(INSTANCE_STORE_CHECK_EVERY):
+        with lock:
+            if stopping.is_set():
                 return
             runs = _instance_store_runs(pid, started)
             if runs and os.path.exists(path):
@@ -291,6 +302,7 @@ def _start_instance_store(server):
     path = os.path.join(directory, "store.sock")
     os.environ["GATEWAY_INSTANCE_STORE"] = path  # the workers forked from now on
     pid, started = _spawn_instance_store(path, server.log)
+    _keeping(server)  # made here, before the keeper or a stop can look for it
     threading.Thread(
         target=_keep_instance_store,
         args=(server, path, pid, started),
@@ -299,10 +311,11 @@ def _start_instance_store(server):
     ).start()
 
 
-def _stop_instance_store():
+def _stop_instance_store(server):
     """Stop this master's instance store: its keeper first, so that none starts again."""
-    with _instance_store_lock:  # after a round the keeper is in, before its next
-        _instance_store_stopping.set()
+    stopping, lock = _keeping(server)
+    with lock:  # after a round the keeper is in, before its next
+        stopping.set()
     path = os.environ.get("GATEWAY_INSTANCE_STORE")
     if not path or not os.path.basename(os.path.dirname(path)).startswith(
         INSTANCE_STORE_DIR_PREFIX
@@ -333,7 +346,7 @@ def child_exit(server, worker):
 def on_exit(server):
     """Stop the instance store; remove the metrics directory this instance made (not
     one a new master, started by USR2, has taken over)."""
-    _stop_instance_store()
+    _stop_instance_store(server)
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not os.path.basename(path).startswith(METRICS_DIR_PREFIX):
         return

@@ -11,7 +11,9 @@ stop nor a killed master leaves it behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import resource
 import shutil
@@ -21,11 +23,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gevent
@@ -830,3 +834,38 @@ def test_charges_share_a_frame_and_go_before_what_is_asked_after_them(
     assert not client._posted
     other = store_process.client()
     assert other.peek([key], [tpm])[0] == pytest.approx(10**6 - 1500, abs=0.01)
+
+
+def _config_module(name: str) -> Any:
+    """gunicorn.conf.py run as a new module, as gunicorn does at start and every SIGHUP."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "gunicorn.conf.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stop_after_a_reload_stops_the_keeper_the_first_config_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gunicorn runs its config file again, as a new module, at every SIGHUP; on_exit is
+    then the new module's, and the keeper thread the first one started must still hear
+    the stop. It waited on an event of the first module's that nothing set: once the
+    stop had killed the store and removed its directory, the keeper made both again."""
+    monkeypatch.setenv("GATEWAY_WORKERS", "2")
+    monkeypatch.setenv("GATEWAY_INSTANCE_STORE", "")  # what the start sets, undone after
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))  # (else made)
+    server = SimpleNamespace(log=logging.getLogger("test-master"))
+    first = _config_module("gateway_conf_first")
+    first._start_instance_store(server)
+    path = os.environ["GATEWAY_INSTANCE_STORE"]
+    wait_until(lambda: os.path.exists(path), timeout=10)
+    keeper = [t for t in threading.enumerate() if t.name == "instance-store"]
+    reloaded = _config_module("gateway_conf_reloaded")
+    reloaded.on_exit(server)
+    time.sleep(first.INSTANCE_STORE_CHECK_EVERY * 4)
+    try:
+        assert not os.path.exists(os.path.dirname(path)), "the keeper made the store again"
+        assert keeper and not any(t.is_alive() for t in keeper), "the keeper still runs"
+    finally:
+        first.on_exit(server)
