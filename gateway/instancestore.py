@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import gevent
 import gevent.lock
-import gevent.pool
 from gevent import monkey
 
 from gateway import pipelining, sockets, storewire
@@ -71,14 +71,13 @@ class InstanceStore:
         self._pipeline: pipelining.Pipeline | None = None
         self._writing: Any = nullcontext()
         self._posted: list[tuple] = []  # charges waiting to share a frame (``post_all``)
-        self._flushers: gevent.pool.Group | None = None
-        # The flusher the waiting charges have: none once it has begun to send them.
+        # The flusher the waiting charges have (a gevent worker's): none once it has
+        # begun to send them.
         self._flusher: gevent.Greenlet | None = None
         if monkey.is_module_patched("socket"):
             self._pipeline = pipelining.Pipeline(self._round_trip)
             self._exchange = self._pipeline.exchange
             self._writing = gevent.lock.Semaphore()  # a frame is never cut by another
-            self._flushers = gevent.pool.Group()
 
     def _connect(self, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,12 +156,12 @@ class InstanceStore:
         about 100 µs of CPU (other workers see a call's tokens that much later). What
         else a call owes (its slot, its request id's answer, its spend) is in the store
         before its answer leaves, as with Redis."""
-        if self._flushers is not None and all(name == "charge" for name, _ in operations):
+        if self._pipeline is not None and all(name == "charge" for name, _ in operations):
             self._posted += [storewire.encode(name, args) for name, args in operations]
             if len(self._posted) >= POST_BATCH:
                 self.flush()
             elif self._flusher is None or self._flusher.dead:  # (dead: killed asleep)
-                self._flusher = self._flushers.spawn(self._flush_soon)
+                self._flusher = gevent.spawn(self._flush_soon)
                 self._flusher.link_exception(_flusher_died)
             return
         if self._pipeline is not None and self._pipeline.busy:
@@ -173,7 +172,7 @@ class InstanceStore:
     def _flush_soon(self) -> None:
         gevent.sleep(POST_WAIT)
         # From here on a charge posted waits for a flusher of its own: this one's send
-        # may yield, and it stays in its group until the hub has run its links.
+        # may yield, and it is not dead until the hub has run its links.
         self._flusher = None
         try:
             self.flush()
