@@ -889,7 +889,7 @@ class Limiter:
                     # The store answers: calls ask it again now, not when the
                     # REDIS_RETRY_AFTER a call's failure set runs out (and the slots
                     # below are taken again, not failed open).
-                    self._down_until = min(self._down_until, time.monotonic())
+                    self._down_until = min(self._down_until, since)
                     self._heard(None)
                     # The store may be one started again, empty: this worker's calls in
                     # flight hold their slots and claims again now, not at the keeper's
