@@ -7,26 +7,26 @@ GATEWAY_ACCESS_LOG, GATEWAY_LOG_LEVEL, GATEWAY_LOG_BACKLOG; their defaults, and 
 every setting may be (checked here first), are in gateway/config.py, read here as a file.
 Nothing from the gateway is imported here, at module level or in a hook: this file runs
 in the master, before gevent patches threading (see gateway/db.py), and the master's
-imports are inherited by every worker it forks. What the master needs of the gateway
-comes through the classes gunicorn imports: the logger (gateway/accesslog.py, which
-imports no peewee; ``on_starting`` asks it to stop waiting for slow log readers) and the
-worker. Finishing calls and records at exit is the worker class's job (gateway/worker.py).
+imports are inherited by every worker it forks. The instance store's keeper
+(gateway/storekeeper.py, the standard library only) is read as a file as well. What
+else the master needs of the gateway comes through the classes gunicorn imports: the
+logger (gateway/accesslog.py, which imports no peewee; ``on_starting`` asks it to stop
+waiting for slow log readers) and the worker. Finishing calls and records at exit is
+the worker class's job (gateway/worker.py).
 """
 
 import glob
 import os
 import runpy
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = runpy.run_path(os.path.join(HERE, "gateway", "config.py"))
+STORE_KEEPER = runpy.run_path(os.path.join(HERE, "gateway", "storekeeper.py"))
+_started = STORE_KEEPER["process_started"]  # a process's start, from /proc
 DEFAULTS = CONFIG["DEFAULTS"]
 # The settings the environment gives, read as the app reads them (JSON where they can be).
 SETTINGS = {**DEFAULTS, **CONFIG["from_environment"](os.environ)}
@@ -94,23 +94,6 @@ def _alive(pid):
     return True
 
 
-def _stat(pid):
-    """Process ``pid``'s state (b"R", b"S", b"Z"...) and start in clock ticks after boot
-    (/proc/<pid>/stat), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _started(pid):
-    """Process ``pid``'s start in clock ticks after boot, or None."""
-    stat = _stat(pid)
-    return None if stat is None else stat[1]
-
-
 def _owner(path):
     """The (pid, pid namespace, start or None) of the master that made metrics directory
     ``path``, or None: someone else's, its master not started yet, or from before the
@@ -172,164 +155,13 @@ def on_starting(server):
 
 
 # Without REDIS_URL and with more than one worker, the workers share their limits,
-# in-flight slots and request-id claims through one store process of this instance
-# (gateway/storeprocess.py), whose socket they find in GATEWAY_INSTANCE_STORE. The
-# master starts it, starts it again within INSTANCE_STORE_CHECK_EVERY if it dies or its
-# socket or directory is removed (a /tmp cleaner: systemd-tmpfiles, tmpreaper; the
-# workers fail open meanwhile, as without Redis), and stops it at exit; killed, the
-# master leaves it behind for at most a second: it leaves when its master does.
-INSTANCE_STORE_DIR_PREFIX = "gateway-store-"
-INSTANCE_STORE_CHECK_EVERY = 0.5
-INSTANCE_STORE_PID = "store.pid"  # the store removes it (storeprocess.PID_FILE)
-INSTANCE_STORE_COMPLAIN_EVERY = 60.0  # seconds between errors about a path not to be had
-
-
-def _keeping(server):
-    """on_exit's word to the keeper, and the lock that makes a keeper's round and the
-    stop one after the other (no store is started once the stop has begun).
-
-    Not the directory's absence: a /tmp cleaner removes it too, and a keeper that
-    stopped then left the instance's limits open until a restart. Kept on the arbiter:
-    gunicorn runs this file again as a new module at every SIGHUP, on_exit is then the
-    new module's, and the keeper started before still runs the first one's code; a
-    module's own event was one the stop never set, and the keeper made the store again.
-    """
-    kept = getattr(server, "gateway_instance_store_keeping", None)
-    if kept is None:
-        kept = server.gateway_instance_store_keeping = (threading.Event(), threading.Lock())
-    return kept
-
-
-def _spawn_instance_store(path, log):
-    """The store process on socket ``path``, answering once this returns (or 10 s on)."""
-    if os.path.exists(path):
-        os.unlink(path)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.storeprocess", path, str(os.getpid())],
-        cwd=HERE,
-        start_new_session=True,  # a terminal's Ctrl-C is the master's to handle
-    )
-    try:  # for on_exit's stop; without it the store still leaves with this master
-        with open(os.path.join(os.path.dirname(path), INSTANCE_STORE_PID), "w") as fh:
-            fh.write(f"{process.pid} {_started(process.pid)}")
-    except OSError as exc:  # a full /tmp: the keeper must know this store, not start more
-        log.error("instance store: its pid file was not written (%s)", exc)
-    deadline = time.monotonic() + 10.0
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return process.pid, _started(process.pid)
-
-
-def _instance_store_runs(pid, started):
-    """True while the store process ``pid`` (started then) runs, and is no zombie."""
-    stat = _stat(pid)
-    return stat is not None and stat[0] != b"Z" and stat[1] == started
-
-
-def _unsafe_directory(found, uid):
-    """Why a directory found at the store's path must not be used (None: it may).
-
-    /tmp is every user's: a name freed by a cleaner may be taken by anyone, and a link
-    or a directory others may enter could hand the workers someone else's socket."""
-    if not stat.S_ISDIR(found.st_mode):
-        return "is not a directory (a link?)"
-    if found.st_uid != uid:
-        return f"belongs to uid {found.st_uid}"
-    if found.st_mode & 0o077:
-        return f"has mode {found.st_mode & 0o777:o}: others may enter it"
-    return None
-
-
-def _claim_directory(directory):
-    """Make the store's directory again if it is gone; None once it is this user's
-    alone, else why not. In sticky /tmp, a directory this user owns can be neither
-    removed nor replaced by another (the link itself is checked, never followed)."""
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass  # the store's own, or someone else's: the check tells
-    except OSError as exc:
-        return f"cannot be made ({exc})"
-    try:
-        return _unsafe_directory(os.lstat(directory), os.geteuid())
-    except OSError as exc:  # removed again meanwhile: next round
-        return f"cannot be looked at ({exc})"
-
-
-def _keep_instance_store(server, path, pid, started):
-    """Start the store again whenever it, its socket or its directory is gone, at the
-    same path (the workers were forked with it), until on_exit stops it."""
-    complained_at = -INSTANCE_STORE_COMPLAIN_EVERY
-    stopping, lock = _keeping(server)
-    while not stopping.wait(INSTANCE_STORE_CHECK_EVERY):
-        with lock:
-            if stopping.is_set():
-                return
-            runs = _instance_store_runs(pid, started)
-            if runs and os.path.exists(path):
-                continue
-            unsafe = _claim_directory(os.path.dirname(path))
-            if unsafe is not None:
-                if time.monotonic() - complained_at >= INSTANCE_STORE_COMPLAIN_EVERY:
-                    server.log.error(
-                        "instance store: its directory %s %s; not using it, trying again "
-                        "every %s s (limits fail open in workers that cannot reach the store)",
-                        os.path.dirname(path),
-                        unsafe,
-                        INSTANCE_STORE_CHECK_EVERY,
-                    )
-                    complained_at = time.monotonic()
-                continue
-            if runs:  # listening on a name nobody can reach any more
-                server.log.warning(
-                    "instance store: its socket %s is gone (a /tmp cleaner?): starting it again",
-                    path,
-                )
-                os.kill(pid, signal.SIGTERM)
-            else:
-                server.log.warning("instance store (pid %s) is gone: starting it again", pid)
-            try:
-                pid, started = _spawn_instance_store(path, server.log)
-            except OSError as exc:  # no descriptor or process to be had now: next round
-                server.log.error("instance store: cannot start it (%s); trying again", exc)
-
-
+# in-flight slots and request-id claims through one store process of this instance,
+# which the master starts, keeps and stops (gateway/storekeeper.py, read as a file).
 def _start_instance_store(server):
     """Without Redis and with more than one worker: the instance store, and its keeper."""
     if SETTINGS.get("REDIS_URL") or workers < 2 or _env("INSTANCE_STORE") == "off":
         return
-    directory = tempfile.mkdtemp(prefix=INSTANCE_STORE_DIR_PREFIX)  # this user's only
-    path = os.path.join(directory, "store.sock")
-    os.environ["GATEWAY_INSTANCE_STORE"] = path  # the workers forked from now on
-    pid, started = _spawn_instance_store(path, server.log)
-    _keeping(server)  # made here, before the keeper or a stop can look for it
-    threading.Thread(
-        target=_keep_instance_store,
-        args=(server, path, pid, started),
-        name="instance-store",
-        daemon=True,
-    ).start()
-
-
-def _stop_instance_store(server):
-    """Stop this master's instance store: its keeper first, so that none starts again."""
-    stopping, lock = _keeping(server)
-    with lock:  # after a round the keeper is in, before its next
-        stopping.set()
-    path = os.environ.get("GATEWAY_INSTANCE_STORE")
-    if not path or not os.path.basename(os.path.dirname(path)).startswith(
-        INSTANCE_STORE_DIR_PREFIX
-    ):
-        return
-    directory = os.path.dirname(path)
-    try:
-        with open(os.path.join(directory, INSTANCE_STORE_PID)) as fh:
-            pid, started = (int(field) for field in fh.read().split())
-    except (OSError, ValueError):
-        pid = started = None
-    shutil.rmtree(directory, ignore_errors=True)
-    if pid is not None and _instance_store_runs(pid, started):
-        os.kill(pid, signal.SIGTERM)
+    STORE_KEEPER["start"](server)
 
 
 def child_exit(server, worker):
@@ -346,7 +178,7 @@ def child_exit(server, worker):
 def on_exit(server):
     """Stop the instance store; remove the metrics directory this instance made (not
     one a new master, started by USR2, has taken over)."""
-    _stop_instance_store(server)
+    STORE_KEEPER["stop"](server)
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not os.path.basename(path).startswith(METRICS_DIR_PREFIX):
         return

@@ -3,10 +3,10 @@
 Without ``REDIS_URL`` each worker used to keep its limits in its own memory, so an
 instance of two workers let a key make up to twice its RPM and its ``maxConcurrent``,
 and ran a request id's repeat that reached the other worker anew. Now, with more than
-one worker and no Redis, gunicorn's master (``gunicorn.conf.py``) starts a store
-process for the instance (``storeprocess``), starts it again if it dies, and stops it
-at exit; ``INSTANCE_STORE`` names its Unix socket, in a directory only this user can
-enter. Each worker's ``Limiter`` uses it as it uses Redis (``InstanceStore`` offers
+one worker and no Redis, gunicorn's master (``storekeeper``) starts a store process
+for the instance (``storeprocess``), starts it again if it dies, and stops it at exit;
+``INSTANCE_STORE`` names its Unix socket, in a directory only this user can enter.
+Each worker's ``Limiter`` uses it as it uses Redis (``InstanceStore`` offers
 ``RedisStore``'s operations): the same decisions on one clock, leases, the key-change
 channel (a revoked key is refused by every worker of the instance at once), and the
 same failure: away, slower than ``INSTANCE_STORE_TIMEOUT`` or restarting, every

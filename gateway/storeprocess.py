@@ -1,6 +1,6 @@
 """The instance store's process: ``python -m gateway.storeprocess SOCKET MASTER_PID``.
 
-gunicorn's master starts it (``gunicorn.conf.py``) when the instance runs more than one
+gunicorn's master starts it (``storekeeper``) when the instance runs more than one
 worker and no Redis; the workers ask it (``instancestore``) what they would ask Redis.
 It runs ``buckets.LocalStore`` (the arithmetic the Lua scripts mirror) on its own clock,
 with claims.lua's marks (it may be started again, empty, while calls are in flight), and
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 PARENT_CHECK_EVERY = 1.0  # seconds between looks at whether the master still runs
 SUBSCRIBER_WRITE_TIMEOUT = 1.0  # seconds a subscriber may leave a message unread
 # Beside the socket: the store's pid, written by the master that started it
-# (gunicorn.conf.py's INSTANCE_STORE_PID).
+# (storekeeper.PID_FILE).
 PID_FILE = "store.pid"
 
 _ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)

@@ -863,7 +863,7 @@ def test_a_stop_after_a_reload_stops_the_keeper_the_first_config_started(
     keeper = [t for t in threading.enumerate() if t.name == "instance-store"]
     reloaded = _config_module("gateway_conf_reloaded")
     reloaded.on_exit(server)
-    time.sleep(first.INSTANCE_STORE_CHECK_EVERY * 4)
+    time.sleep(first.STORE_KEEPER["CHECK_EVERY"] * 4)
     try:
         assert not os.path.exists(os.path.dirname(path)), "the keeper made the store again"
         assert keeper and not any(t.is_alive() for t in keeper), "the keeper still runs"
