@@ -9,6 +9,13 @@ directory is removed (a /tmp cleaner: systemd-tmpfiles, tmpreaper; the workers f
 meanwhile, as without Redis); ``stop`` ends both at exit. Killed, the master leaves the
 store behind for at most a second: it leaves when its master does.
 
+The directory is ``gateway-store-XXXXXXXX``, this user's alone (several instances per
+user do not meet), in $XDG_RUNTIME_DIR when that is a directory only this user may enter
+(systemd's /run/user/UID): in /tmp anyone may take the name after a cleaner removed it,
+and the workers know no other. Else, or when the socket's path would not fit a Unix
+socket there, it is in the temporary directory. The keeper's checks hold in both: a
+runtime directory is removed too (systemd does, at the user's last logout).
+
 gunicorn.conf.py loads this file by its path (``runpy.run_path``), as it reads config.py,
 and never imports it: the master's imports are inherited by every worker it forks, before
 gevent patches threading. So only the standard library is imported here. gunicorn runs
@@ -152,7 +159,7 @@ def _keep(server, path, pid, started):
                 continue
             if runs:  # listening on a name nobody can reach any more
                 server.log.warning(
-                    "instance store: its socket %s is gone (a /tmp cleaner?): starting it again",
+                    "instance store: its socket %s is gone (a cleaner?): starting it again",
                     path,
                 )
                 os.kill(pid, signal.SIGTERM)
@@ -164,10 +171,40 @@ def _keep(server, path, pid, started):
                 server.log.error("instance store: cannot start it (%s); trying again", exc)
 
 
+def _parent(environ, uid):
+    """Where the store's directory is made: ($XDG_RUNTIME_DIR, None) when it is a directory
+    only ``uid`` may enter (the link itself is checked, never followed) and the socket's
+    path fits there; else (None: the temporary directory, why not the runtime one, or
+    None when there is none)."""
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        return None, None
+    if not os.path.isabs(runtime):
+        return None, "is not an absolute path"
+    try:
+        unsafe = _unsafe_directory(os.lstat(runtime), uid)
+    except OSError as exc:
+        return None, f"cannot be looked at ({exc})"
+    if unsafe is not None:
+        return None, unsafe
+    longest = os.fsencode(os.path.join(runtime, DIR_PREFIX + "X" * 8, SOCKET))  # mkdtemp's 8
+    if len(longest) > SOCKET_PATH_MAX:  # the store's bind would refuse it
+        return None, f"is too long: the socket's path would have {len(longest)} bytes"
+    return runtime, None
+
+
 def start(server):
     """Start the instance store and its keeper; the workers forked from now on find its
     socket in GATEWAY_INSTANCE_STORE."""
-    directory = tempfile.mkdtemp(prefix=DIR_PREFIX)  # this user's only
+    parent, refused = _parent(os.environ, os.geteuid())
+    if refused is not None:
+        server.log.warning(
+            "instance store: XDG_RUNTIME_DIR %s %s; its socket goes in %s instead",
+            os.environ["XDG_RUNTIME_DIR"],
+            refused,
+            tempfile.gettempdir(),
+        )
+    directory = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent)  # this user's only
     path = os.path.join(directory, SOCKET)
     os.environ["GATEWAY_INSTANCE_STORE"] = path
     pid, started = _spawn(path, server.log)
