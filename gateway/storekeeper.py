@@ -10,11 +10,13 @@ meanwhile, as without Redis); ``stop`` ends both at exit. Killed, the master lea
 store behind for at most a second: it leaves when its master does.
 
 The directory is ``gateway-store-XXXXXXXX``, this user's alone (several instances per
-user do not meet), in $XDG_RUNTIME_DIR when that is a directory only this user may enter
-(systemd's /run/user/UID): in /tmp anyone may take the name after a cleaner removed it,
-and the workers know no other. Else, or when the socket's path would not fit a Unix
-socket there, it is in the temporary directory. The keeper's checks hold in both: a
-runtime directory is removed too (systemd does, at the user's last logout).
+user do not meet), in $RUNTIME_DIRECTORY when that is this user's and no one else may
+make a name in it (systemd makes it for a service with ``RuntimeDirectory=``, and
+removes it when the service stops): in /tmp anyone may take the name after a cleaner
+removed it, and the workers know no other. Not $XDG_RUNTIME_DIR: a login session's,
+which systemd removes at the user's last logout, under a gateway started from that
+session and still running. Else, or when the socket's path would not fit a Unix socket
+there, it is in the temporary directory. The keeper's checks hold in both.
 
 gunicorn.conf.py loads this file by its path (``runpy.run_path``), as it reads config.py,
 and never imports it: the master's imports are inherited by every worker it forks, before
@@ -41,6 +43,7 @@ CHECK_EVERY = 0.5
 COMPLAIN_EVERY = 60.0  # seconds between errors about a path not to be had
 # A Unix socket's path fits sun_path: 108 bytes on Linux, its NUL one of them.
 SOCKET_PATH_MAX = 107
+RUNTIME_DIRECTORY = "RUNTIME_DIRECTORY"  # systemd's, for a service with RuntimeDirectory=
 
 
 def process_stat(pid):
@@ -172,21 +175,29 @@ def _keep(server, path, pid, started):
 
 
 def _parent(environ, uid):
-    """Where the store's directory is made: ($XDG_RUNTIME_DIR, None) when it is a directory
-    only ``uid`` may enter (the link itself is checked, never followed) and the socket's
-    path fits there; else (None: the temporary directory, why not the runtime one, or
-    None when there is none)."""
-    runtime = environ.get("XDG_RUNTIME_DIR")
+    """Where the store's directory is made: ($RUNTIME_DIRECTORY, None) when it is a
+    directory of ``uid``'s where no one else may make a name (the link itself is
+    checked, never followed) and the socket's path fits there; else (None: the
+    temporary directory, why not the runtime one, or None when there is none). systemd
+    gives a service with several runtime directories all of them, separated by colons:
+    the first is taken."""
+    runtime = environ.get(RUNTIME_DIRECTORY, "").split(":")[0]
     if not runtime:
         return None, None
     if not os.path.isabs(runtime):
         return None, "is not an absolute path"
     try:
-        unsafe = _unsafe_directory(os.lstat(runtime), uid)
+        found = os.lstat(runtime)
     except OSError as exc:
         return None, f"cannot be looked at ({exc})"
-    if unsafe is not None:
-        return None, unsafe
+    if not stat.S_ISDIR(found.st_mode):
+        return None, "is not a directory (a link?)"
+    if found.st_uid != uid:
+        return None, f"belongs to uid {found.st_uid}"
+    # Others may look in (systemd's default mode is 755), never make or replace a name:
+    # the store's own directory in it is this user's alone.
+    if found.st_mode & 0o022:
+        return None, f"has mode {found.st_mode & 0o777:o}: others may make names in it"
     longest = os.fsencode(os.path.join(runtime, DIR_PREFIX + "X" * 8, SOCKET))  # mkdtemp's 8
     if len(longest) > SOCKET_PATH_MAX:  # the store's bind would refuse it
         return None, f"is too long: the socket's path would have {len(longest)} bytes"
@@ -199,8 +210,9 @@ def start(server):
     parent, refused = _parent(os.environ, os.geteuid())
     if refused is not None:
         server.log.warning(
-            "instance store: XDG_RUNTIME_DIR %s %s; its socket goes in %s instead",
-            os.environ["XDG_RUNTIME_DIR"],
+            "instance store: %s %s %s; its socket goes in %s instead",
+            RUNTIME_DIRECTORY,
+            os.environ[RUNTIME_DIRECTORY],
             refused,
             tempfile.gettempdir(),
         )

@@ -730,8 +730,9 @@ def test_a_store_path_someone_else_took_is_never_used(gateway_factory, tmp_path:
 
 @pytest.fixture
 def runtime_dir() -> Iterator[Path]:
-    """A private runtime directory as systemd makes one (/run/user/UID: this user's, mode
-    700), short enough for a socket path (a test's tmp_path may not be)."""
+    """A private runtime directory as systemd makes one for a service
+    (``RuntimeDirectory=``: this user's, mode 700), short enough for a socket path (a
+    test's tmp_path may not be)."""
     made = Path(tempfile.mkdtemp(prefix="run-"))
     yield made
     shutil.rmtree(made, ignore_errors=True)
@@ -741,7 +742,7 @@ def test_the_store_sits_in_a_private_runtime_directory(gateway_factory, runtime_
     """In /tmp anyone may take the store's path once a cleaner removed it, and the
     workers know no other: where the user has a runtime directory of their own, the
     store's directory is made there, and goes with the instance."""
-    gw = gateway_factory(workers=2, XDG_RUNTIME_DIR=str(runtime_dir))
+    gw = gateway_factory(workers=2, RUNTIME_DIRECTORY=str(runtime_dir))
     pid, path = _store_of(gw)
     directory = Path(path).parent
     assert directory.parent == runtime_dir
@@ -752,43 +753,53 @@ def test_the_store_sits_in_a_private_runtime_directory(gateway_factory, runtime_
     assert list(runtime_dir.iterdir()) == []
 
 
-def test_a_runtime_directory_others_may_enter_is_not_used(gateway_factory, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+def test_a_runtime_directory_others_may_write_in_is_not_used(gateway_factory, runtime_dir) -> None:  # type: ignore[no-untyped-def]
     runtime_dir.chmod(0o770)
-    gw = gateway_factory(workers=2, XDG_RUNTIME_DIR=str(runtime_dir))
+    gw = gateway_factory(workers=2, RUNTIME_DIRECTORY=str(runtime_dir))
     _, path = _store_of(gw)
     assert Path(path).parent.parent == Path(tempfile.gettempdir())
     assert list(runtime_dir.iterdir()) == []
-    assert "XDG_RUNTIME_DIR" in gw.log() and "has mode 770" in gw.log()
+    assert "RUNTIME_DIRECTORY" in gw.log() and "has mode 770" in gw.log()
 
 
 def test_only_a_runtime_directory_of_this_users_alone_is_chosen(runtime_dir) -> None:
     """A link, someone else's directory or one others may enter could hand the workers
     another's socket; too long a path, and the store could not bind its socket."""
     uid = os.geteuid()
-    assert storekeeper._parent({"XDG_RUNTIME_DIR": str(runtime_dir)}, uid) == (
+    assert storekeeper._parent({"RUNTIME_DIRECTORY": str(runtime_dir)}, uid) == (
+        str(runtime_dir),
+        None,
+    )
+    assert storekeeper._parent({"RUNTIME_DIRECTORY": f"{runtime_dir}:/run/other"}, uid) == (
         str(runtime_dir),
         None,
     )
     assert storekeeper._parent({}, uid) == (None, None)
+    # A login session's: systemd removes it at the last logout, under a gateway still running.
+    assert storekeeper._parent({"XDG_RUNTIME_DIR": str(runtime_dir)}, uid) == (None, None)
     link = Path(tempfile.mkdtemp(prefix="run-")) / "link"
     long = runtime_dir / ("d" * (storekeeper.SOCKET_PATH_MAX - len(str(runtime_dir))))
     long.mkdir(mode=0o700)
     try:
         link.symlink_to(runtime_dir)
         refused = {
-            "a link": ({"XDG_RUNTIME_DIR": str(link)}, uid),
-            "another's": ({"XDG_RUNTIME_DIR": str(runtime_dir)}, uid + 1),
-            "missing": ({"XDG_RUNTIME_DIR": str(runtime_dir / "gone")}, uid),
-            "relative": ({"XDG_RUNTIME_DIR": "run"}, uid),
-            "too long": ({"XDG_RUNTIME_DIR": str(long)}, uid),
+            "a link": ({"RUNTIME_DIRECTORY": str(link)}, uid),
+            "another's": ({"RUNTIME_DIRECTORY": str(runtime_dir)}, uid + 1),
+            "missing": ({"RUNTIME_DIRECTORY": str(runtime_dir / "gone")}, uid),
+            "relative": ({"RUNTIME_DIRECTORY": "run"}, uid),
+            "too long": ({"RUNTIME_DIRECTORY": str(long)}, uid),
         }
         for what, (environ, user) in refused.items():
             parent, why = storekeeper._parent(environ, user)
             assert parent is None and why, what
         assert "belongs to uid" in storekeeper._parent(*refused["another's"])[1]
         assert "too long" in storekeeper._parent(*refused["too long"])[1]
-        runtime_dir.chmod(0o750)
-        assert "has mode 750" in storekeeper._parent({"XDG_RUNTIME_DIR": str(runtime_dir)}, uid)[1]
+        runtime_dir.chmod(0o755)  # systemd's default: others may look, not make names
+        assert storekeeper._parent({"RUNTIME_DIRECTORY": str(runtime_dir)}, uid)[0]
+        runtime_dir.chmod(0o775)
+        assert (
+            "has mode 775" in storekeeper._parent({"RUNTIME_DIRECTORY": str(runtime_dir)}, uid)[1]
+        )
     finally:
         shutil.rmtree(link.parent)
 
