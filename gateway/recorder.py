@@ -4,12 +4,12 @@
 dirty and wakes the writers. Unless a whole batch is waiting, a writer lets
 ``RECORDER_INTERVAL`` pass before it takes one, so the calls of that interval share one
 write and a worker is not switched to its writers on every call. A writer takes a batch
-of dirty calls, snapshots each (``Exchange.row()``, stamped with this process's
-``owner``) and hands the batch to ``writes.upsert_records`` in one short transaction, so
-a call that ended before its pending row was written is inserted once, final. A call is
-never in two batches at once, so its writes land in order; a snapshot queued while the
-previous one is being written waits for it. A pending row never overwrites a final one,
-so stale snapshots are harmless, whatever order they arrive in.
+of dirty calls, snapshots each (``callrows.snapshot``: ``Exchange.row()``, stamped with
+this process's ``owner``) and hands the batch to ``writes.upsert_records`` in one short
+transaction, so a call that ended before its pending row was written is inserted once,
+final. A call is never in two batches at once, so its writes land in order; a snapshot
+queued while the previous one is being written waits for it. A pending row never
+overwrites a final one, so stale snapshots are harmless, whatever order they arrive in.
 
 Writing shares the worker with the calls, so it is kept cheap and short: writers keep
 their connection, a pending snapshot lingers ``RECORDER_LINGER`` seconds (a call that
@@ -24,9 +24,9 @@ shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 What waits in memory would die with the process (``kill -9``, the OOM killer): so
 ``record`` first writes the snapshot to the worker's write-ahead file
-(``ahead.Ahead``, ``RECORDER_AHEAD``), before the upstream is contacted or the answer
-goes; the file forgets what the database or the journal took, and a dead worker's is
-replayed by a live one.
+(``ahead.Ahead``, ``RECORDER_AHEAD``; the line is ``callrows.ahead_row``), before the
+upstream is contacted or the answer goes; the file forgets what the database or the
+journal took, and a dead worker's is replayed by a live one.
 
 On SQLite a final call's text goes to the full-text index in lots: a write leaves it
 due (``migrations/0014``), and a writer indexes what is due, any process's, once
@@ -53,12 +53,12 @@ from gevent import monkey
 
 from gateway import db, jsonio, metrics, retention
 from gateway.ahead import Ahead
+from gateway.callrows import ahead_row, snapshot
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import COMPLETION, Exchange
 from gateway.journal import Journal
 from gateway.models import utcnow
-from gateway.sweeper import identity
 from gateway.telemetry import telemetry
 from gateway.writes import index_all_due, upsert_records
 
@@ -150,7 +150,7 @@ class Recorder:
             if ahead.full:
                 ahead.rotate({*self._dirty, *self._writing})
             try:
-                row = _ahead_row(exchange)
+                row = ahead_row(exchange)
                 ahead.append(row)
                 if exchange.finished:  # final: the writer takes this row, not a new one
                     self._ahead_rows[exchange.uid] = row
@@ -514,7 +514,7 @@ class Recorder:
             self._indexing = False
 
     def _write_ahead(self, rows: list[dict]) -> None:
-        """A dead process's write-ahead lines: as written, uncleaned (``_ahead_row``).
+        """A dead process's write-ahead lines: as written, uncleaned (``callrows.ahead_row``).
 
         Not those of calls older than RETENTION_DAYS. A file keeps lines the database
         has (up to ``Ahead.TRIM``: days of a quiet worker's calls), and one of a record
@@ -610,43 +610,6 @@ def _snapshots(batch: list[Exchange], ahead: dict[str, dict]) -> list[dict]:
             log.exception("recorder: LOST record %s: cannot take its snapshot", ex.uid)
             metrics.records_lost(1)
     return rows
-
-
-def _ahead_row(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's write-ahead line: a final one's row, tagged as ``snapshot`` tags it
-    (and taken by the writer in its place); a pending one's, only what makes its row
-    (a call cut by the kill is recorded without its prompt, which the final line has),
-    so the line that goes before the upstream is contacted costs little. Not cleaned
-    here (``clean`` walks the whole row): the writer or a replay cleans it."""
-    if exchange.finished:
-        return _tagged(exchange)
-    row = {
-        "kind": exchange.kind,
-        "owner": identity(),
-        "uid": exchange.uid,
-        "api_key": exchange.api_key_id,
-        "model": exchange.model,
-        "status": exchange.status,
-        "created_at": exchange.created_at,
-    }
-    if exchange.kind == COMPLETION:
-        row["api_format"], row["stream"] = exchange.api_format, exchange.stream
-    return row
-
-
-def snapshot(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's row as it stands now, tagged with its table and this process.
-
-    An upstream may answer with a lone surrogate or a NUL (valid JSON escapes): they
-    become U+FFFD here, the one place rows are taken, as PostgreSQL refuses both (the
-    row would be lost) and a page cannot show a surrogate. The client got them as sent.
-    """
-    return jsonio.clean(_tagged(exchange))
-
-
-def _tagged(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's row, tagged with its table and this process (uncleaned)."""
-    return {"kind": exchange.kind, "owner": identity(), **exchange.row()}
 
 
 def write_rows(rows: list[dict], touch_keys: set[int] | None = None) -> list[dict]:

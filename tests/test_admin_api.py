@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from gateway import redact
+from gateway.callrows import snapshot
 from gateway.config import ROOT
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Embedding, utcnow
-from gateway.recorder import snapshot, write_rows
+from gateway.recorder import write_rows
 from tests.conftest import _test_app
 from tests.servers import ADMIN_SECRET, away, pg_lock_awaited, unreachable, wait_until
 

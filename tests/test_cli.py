@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import peewee
 
+from gateway.callrows import snapshot
 from gateway.db import database, migrate
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion
-from gateway.recorder import recorder, snapshot
+from gateway.recorder import recorder
 
 
 def test_create_key_prints_a_key_that_authenticates(db, client, runner) -> None:  # type: ignore[no-untyped-def]

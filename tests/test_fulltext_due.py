@@ -16,10 +16,11 @@ import pytest
 
 from gateway import db, writes
 from gateway import recorder as recorder_module
+from gateway.callrows import snapshot
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion
-from gateway.recorder import Recorder, snapshot, write_rows
+from gateway.recorder import Recorder, write_rows
 from gateway.writes import index_all_due, index_due
 from tests import pools
 from tests.servers import ADMIN_SECRET, sqlite_lock_held, wait_until

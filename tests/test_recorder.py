@@ -19,10 +19,11 @@ import pytest
 from gateway import journal as journal_module
 from gateway import metrics
 from gateway import recorder as recorder_module
+from gateway.callrows import ahead_row, snapshot
 from gateway.db import UNREACHABLE, database, open_database
 from gateway.exchange import Exchange, new_uid
 from gateway.models import ApiKey, Completion, utcnow
-from gateway.recorder import Recorder, snapshot, write_rows
+from gateway.recorder import Recorder, write_rows
 from gateway.sweeper import identity
 from gateway.writes import index_all_due
 from tests import pools
@@ -833,7 +834,7 @@ def test_a_dead_process_s_write_ahead_lines_are_written_by_a_live_one(
 ) -> None:
     answered, cut = exchange(key_id), exchange(key_id)
     answered.finish("completed", output=[{"role": "assistant", "content": "hi"}], usage={})
-    lines = [recorder_module._ahead_row(cut), recorder_module._ahead_row(answered)]
+    lines = [ahead_row(cut), ahead_row(answered)]
     proc = subprocess.Popen(["true"])
     proc.wait()
     dead = tmp_path / "journal" / f"ahead-1-{proc.pid}.jsonl"

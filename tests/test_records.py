@@ -15,10 +15,11 @@ from datetime import timedelta
 import pytest
 
 from gateway import records
+from gateway.callrows import snapshot
 from gateway.db import database, is_postgres
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, utcnow
-from gateway.recorder import snapshot, write_rows
+from gateway.recorder import write_rows
 from gateway.search import Search
 from gateway.writes import finalise_orphans
 from tests.servers import ADMIN_SECRET

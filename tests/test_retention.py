@@ -19,7 +19,7 @@ import peewee
 import pytest
 from flask import Flask
 
-from gateway import fulltext, ledger, partitions
+from gateway import callrows, fulltext, ledger, partitions
 from gateway import journal as journal_module
 from gateway import recorder as recorder_module
 from gateway.config import DEFAULTS
@@ -509,9 +509,9 @@ def test_a_dead_process_s_write_ahead_line_does_not_bring_a_deleted_record_back(
             ex.created_at = NOW - age
             ex.finish("completed", usage={"input_tokens": 1, "output_tokens": 1})
             ex.cost = {"total": 0.25, "currency": "USD"}
-        lines = [recorder_module._ahead_row(old), recorder_module._ahead_row(new)]
+        lines = [callrows.ahead_row(old), callrows.ahead_row(new)]
         with database.connection_context():
-            recorder_module.write_rows([recorder_module.snapshot(ex) for ex in (old, new)])
+            recorder_module.write_rows([callrows.snapshot(ex) for ex in (old, new)])
         assert make_retention(tmp_path, RETENTION_DAYS=1).run() is not None
         assert uids() == {new.uid}
         with database.connection_context():

@@ -15,12 +15,13 @@ import pytest
 
 from gateway import db
 from gateway.auth import keys
+from gateway.callrows import snapshot
 from gateway.db import database
 from gateway.errors import BudgetExceeded
 from gateway.exchange import Exchange
 from gateway.limiter import Limiter, limiter
 from gateway.models import ApiKey, Completion, RetiredSpend
-from gateway.recorder import recorder, snapshot
+from gateway.recorder import recorder
 from gateway.spend import seeder
 from tests.servers import RedisServer, away, unreachable, wait_until
 

@@ -16,10 +16,11 @@ from datetime import timedelta
 import pytest
 
 from gateway import metrics
+from gateway.callrows import snapshot
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
 from gateway.models import ApiKey, Completion, Heartbeat, utcnow
-from gateway.recorder import snapshot, write_rows
+from gateway.recorder import write_rows
 from gateway.sweeper import SWEPT_ERROR, Sweeper, _place, identity
 from tests import pools
 from tests.servers import unreachable

@@ -31,9 +31,10 @@ from opentelemetry.semconv._incubating.attributes import (
 
 from gateway import spans, telemetry
 from gateway.adapters import ir, record
+from gateway.callrows import snapshot
 from gateway.config import DEFAULTS
 from gateway.exchange import EMBEDDING, Exchange
-from gateway.recorder import snapshot, write_rows
+from gateway.recorder import write_rows
 from tests import pools
 from tests.otlp_receiver import Receiver
 from tests.servers import ROOT, free_port, wait_until
