@@ -9,17 +9,26 @@ was written by a build with the same migrations (SPEC rule 8: calls go on, recor
 to the journal); the rest waits for a start with the database. A server that answers
 is asked once more (it may have come back meanwhile): if it refuses again (a wrong
 password, no such database), that stops the start, as any other error.
+
+``replay-refused`` offers the rows the database refused, set aside by the recorder, to
+it again (``replay_refused``), each through the recorder's own ``write_rows``.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 from flask import Flask, current_app
 
 from gateway import auth, db, initfile, pgprobe, recorder, registry, snapshot
+from gateway.db import UNREACHABLE
+from gateway.journal import Journal
 from gateway.vault import vault
+
+log = logging.getLogger(__name__)
 
 
 @click.command("migrate")
@@ -146,11 +155,58 @@ def create_key_command(comment: str | None) -> None:
     click.echo(key)
 
 
+@dataclass
+class Replayed:
+    """What ``replay_refused`` did: rows written, rows refused again, and the error that
+    stopped it (the database went away) if one did."""
+
+    written: int = 0
+    refused: int = 0
+    stopped: Exception | None = None
+
+
+def replay_refused(journal: Journal) -> Replayed:
+    """Offer every row set aside as refused, any process's, to the database again, one
+    by one: an operator's command, once what they were refused for is fixed (a
+    constraint, a schema an old instance did not know, a bug). A row refused again is
+    set aside again, in this process's file; if the database stops answering, so are
+    the rows not tried yet. Rows already written, or overtaken by a newer snapshot,
+    change nothing (``upsert_records``).
+    """
+    done = Replayed()
+
+    def write(rows: list[dict]) -> None:
+        if done.stopped is not None:  # the database is away: untried, kept as they were
+            journal.append(rows, prefix="refused")
+            return
+        for i, row in enumerate(rows):
+            try:
+                recorder.write_rows([row])
+            except UNREACHABLE as exc:
+                db.discard_connection()
+                done.stopped = exc
+                journal.append(rows[i:], prefix="refused")
+                return
+            except Exception:
+                db.discard_connection()  # a failed statement may leave it unusable
+                log.exception("recorder: record %s refused again", row.get("uid"))
+                journal.append([row], prefix="refused")
+                done.refused += 1
+            else:
+                done.written += 1
+
+    try:
+        journal.replay(write, prefix="refused")
+    finally:
+        db.discard_connection()  # not in a connection_context: a failure closes it
+    return done
+
+
 @click.command("replay-refused")
 def replay_refused_command() -> None:
     """Write the records the database refused (journal refused-*.jsonl files) again."""
     journal = recorder.recorder.journal
-    done = recorder.replay_refused(journal)
+    done = replay_refused(journal)
     # Where it looked: run on another host, or with other settings, it finds nothing.
     click.echo(f"records set aside as refused in {journal.directory}, now written: {done.written}")
     if done.refused:

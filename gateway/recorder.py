@@ -19,7 +19,7 @@ per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
 anything: a batch the database cannot take goes to the journal (``journal.py``) and is
 replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
 it refuses is set aside (with the disk full, held in memory alone while the rest of its
-batch is written). ``drain()`` journals whatever is still queued or in flight at
+batch is written), for an operator's ``replay-refused`` (``cli.replay_refused``). ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 What waits in memory would die with the process (``kill -9``, the OOM killer): so
@@ -40,7 +40,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -538,53 +537,6 @@ class Recorder:
             else:
                 self.replayed += len(batch)
             self.on_written_late(batch)
-
-
-@dataclass
-class Replayed:
-    """What ``replay_refused`` did: rows written, rows refused again, and the error that
-    stopped it (the database went away) if one did."""
-
-    written: int = 0
-    refused: int = 0
-    stopped: Exception | None = None
-
-
-def replay_refused(journal: Journal) -> Replayed:
-    """Offer every row set aside as refused, any process's, to the database again, one
-    by one: an operator's command, once what they were refused for is fixed (a
-    constraint, a schema an old instance did not know, a bug). A row refused again is
-    set aside again, in this process's file; if the database stops answering, so are
-    the rows not tried yet. Rows already written, or overtaken by a newer snapshot,
-    change nothing (``upsert_records``).
-    """
-    done = Replayed()
-
-    def write(rows: list[dict]) -> None:
-        if done.stopped is not None:  # the database is away: untried, kept as they were
-            journal.append(rows, prefix="refused")
-            return
-        for i, row in enumerate(rows):
-            try:
-                write_rows([row])
-            except UNREACHABLE as exc:
-                db.discard_connection()
-                done.stopped = exc
-                journal.append(rows[i:], prefix="refused")
-                return
-            except Exception:
-                db.discard_connection()  # a failed statement may leave it unusable
-                log.exception("recorder: record %s refused again", row.get("uid"))
-                journal.append([row], prefix="refused")
-                done.refused += 1
-            else:
-                done.written += 1
-
-    try:
-        journal.replay(write, prefix="refused")
-    finally:
-        db.discard_connection()  # not in a connection_context: a failure closes it
-    return done
 
 
 def _older(row: dict, cutoff: datetime) -> bool:

@@ -16,8 +16,8 @@ import gevent
 import gevent.event
 import pytest
 
+from gateway import cli, metrics
 from gateway import journal as journal_module
-from gateway import metrics
 from gateway import recorder as recorder_module
 from gateway.callrows import ahead_row, snapshot
 from gateway.db import UNREACHABLE, database, open_database
@@ -354,12 +354,12 @@ def test_refused_rows_are_written_once_their_cause_is_fixed(rec: Recorder, key_i
     assert metrics.RECORDS_REFUSED._value.get() == refused + 2
     with database.connection_context():
         ApiKey.create(id=key_id + 999, key_hash="f" * 64, key_hint="sk-…fix")
-    done = recorder_module.replay_refused(rec.journal)
+    done = cli.replay_refused(rec.journal)
     assert (done.written, done.refused, done.stopped) == (1, 1, None)
     (row,) = rows()
     assert (row.uid, row.status, row.prompt_tokens) == (fixed.uid, "completed", 3)
     assert set_aside(rec.journal.directory) == [still.uid]
-    assert recorder_module.replay_refused(rec.journal).written == 0, "nothing twice"
+    assert cli.replay_refused(rec.journal).written == 0, "nothing twice"
     assert [r.uid for r in rows()] == [fixed.uid]
 
 
@@ -378,10 +378,10 @@ def test_a_replay_of_refused_rows_the_database_leaves_loses_none(
     with database.connection_context():
         ApiKey.create(id=key_id + 999, key_hash="f" * 64, key_hint="sk-…fix")
     with away(unreachable(database_url)):
-        done = recorder_module.replay_refused(rec.journal)
+        done = cli.replay_refused(rec.journal)
     assert done.written == 0 and done.stopped is not None
     assert sorted(set_aside(rec.journal.directory)) == sorted(ex.uid for ex in calls)
-    done = recorder_module.replay_refused(rec.journal)
+    done = cli.replay_refused(rec.journal)
     assert (done.written, done.refused, done.stopped) == (3, 0, None)
     assert sorted(r.uid for r in rows()) == sorted(ex.uid for ex in calls)
     assert set_aside(rec.journal.directory) == []
