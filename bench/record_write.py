@@ -63,6 +63,18 @@ def calls(key_ids: list[int], count: int, random_uids: bool) -> list[dict]:
     return rows
 
 
+def indexing() -> tuple[int, Callable[[], object]]:
+    """How the recorder indexes the text due: every so many records, with what. Builds
+    before indexdue.py had both in the recorder; before 2026-12-04, neither (0, nothing)."""
+    try:
+        from gateway.indexdue import INDEX_AT, index_all_due
+    except ImportError:
+        from gateway import recorder
+
+        return getattr(recorder, "INDEX_AT", 0), getattr(recorder, "index_all_due", lambda: None)
+    return INDEX_AT, index_all_due
+
+
 def measure(
     key_ids: list[int], batches: int, size: int, random_uids: bool
 ) -> tuple[float, float, float | None]:
@@ -72,10 +84,9 @@ def measure(
     2026-12-04 indexed in each write, and have no ``index_all_due``). Third: on a
     PostgreSQL server on this machine, its own CPU per record (the connection's backend
     process), else None."""
-    from gateway import recorder
     from gateway.recorder import write_rows
 
-    index = getattr(recorder, "index_all_due", lambda: None)
+    index_at, index = indexing()
     server = _server_cpu()
     cpu = wall = 0.0
     due = 0
@@ -85,7 +96,7 @@ def measure(
         started, used = time.perf_counter(), time.process_time()
         write_rows(rows, touch_keys=set())
         due += size
-        if due >= getattr(recorder, "INDEX_AT", 0) or i == batches - 1:
+        if due >= index_at or i == batches - 1:
             index()
             due = 0
         cpu += time.process_time() - used
@@ -198,7 +209,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from gateway import recorder
     from gateway.db import database as db
     from gateway.db import migrate, open_database
     from gateway.models import ApiKey
@@ -232,7 +242,7 @@ def main() -> None:
                     chunk = min(target - written, 1000)
                     write_rows(calls(key_ids, chunk, args.random_uids), touch_keys=set())
                     written += chunk
-                getattr(recorder, "index_all_due", lambda: None)()  # the filling's text too
+                indexing()[1]()  # the filling's text too
                 timing = args.statements and not args.postgres
                 with timed_statements() if timing else nullcontext(None) as spent:
                     cpu, wall, server = measure(key_ids, args.sample, args.batch, args.random_uids)

@@ -28,10 +28,8 @@ What waits in memory would die with the process (``kill -9``, the OOM killer): s
 upstream is contacted or the answer goes; the file forgets what the database or the
 journal took, and a dead worker's is replayed by a live one.
 
-On SQLite a final call's text goes to the full-text index in lots: a write leaves it
-due (``migrations/0014``), and a writer indexes what is due, any process's, once
-``INDEX_AT`` rows are or the first has waited ``INDEX_AFTER`` seconds
-(``writes.index_due``); a search indexes what is due before it looks.
+On SQLite a final call's text goes to the full-text index in lots: a writer indexes
+what is due when ``indexdue.IndexDue`` says.
 """
 
 from __future__ import annotations
@@ -55,19 +53,17 @@ from gateway.ahead import Ahead
 from gateway.callrows import ahead_row, snapshot
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
-from gateway.exchange import COMPLETION, Exchange
+from gateway.exchange import Exchange
+from gateway.indexdue import IndexDue
 from gateway.journal import Journal
 from gateway.models import utcnow
 from gateway.telemetry import telemetry
-from gateway.writes import index_all_due, upsert_records
+from gateway.writes import upsert_records
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
-# SQLite: final calls written whose text makes a writer index what is due, and the
-# seconds the first of them waits at most (a search never waits: it indexes first).
-INDEX_AT, INDEX_AFTER = 500, 1.0
 # Neither the database nor the journal takes records (it is down, the disk is full):
 # calls stay queued in memory, tried again every HOLD_RETRY seconds, up to HOLD_BYTES of
 # their records as JSON (beyond, a batch is lost, logged and counted, not the worker:
@@ -108,9 +104,7 @@ class Recorder:
         self.on_written_late: Callable[[list[dict]], None] = lambda rows: None
         self._configure(DEFAULTS)  # until init_app reads the app's settings
         self._key_touched: dict[int, float] = {}
-        self._due = 0  # SQLite: final calls written since the index last took what was due
-        self._due_since = 0.0  # when the first of them was written
-        self._indexing = False
+        self._index_due = IndexDue()  # SQLite: the text due to the full-text index
         self.ahead: Ahead | None = None  # the write-ahead file (RECORDER_AHEAD)
         self._ahead_rows: dict[str, dict] = {}  # final rows written ahead, for the writer
 
@@ -204,9 +198,9 @@ class Recorder:
         while True:
             if len(self._dirty) < self.batch_size:
                 gevent.sleep(self.interval)  # let the calls ending meanwhile join the batch
-            indexing = self._index_due_at()
+            indexing = self._index_due.at(self._journaling)
             if indexing is not None and indexing <= time.monotonic():
-                self._index()
+                self._index_due.index(self.timeout)
             batch, due = self._take_batch()
             if not batch:
                 # Nothing to write now: what is dirty is lingering or being written by
@@ -214,7 +208,7 @@ class Recorder:
                 # between the scan and the clear, so no wake-up is lost.
                 self._wake.clear()
                 self._settle()
-                indexing = self._index_due_at()
+                indexing = self._index_due.at(self._journaling)
                 if indexing is not None:
                     due = indexing if due is None else min(due, indexing)
                 self._wake.wait(None if due is None else max(0.0, due - time.monotonic()))
@@ -343,7 +337,7 @@ class Recorder:
                             raise
                         log.info("recorder: a write was given up (%s); written again", exc.reason)
             db.mark_reachable(True)
-            self._written_due(rows)
+            self._index_due.written(rows)
         except UNREACHABLE as exc:
             db.discard_connection()
             if not isinstance(exc, db.Conflict):  # the database answered
@@ -475,42 +469,6 @@ class Recorder:
         if not self._journaling and self._waiting:
             self._waiting = 0
             metrics.journal_depth(0)
-
-    # -- the full-text index (SQLite) -------------------------------------------
-
-    def _written_due(self, rows: list[dict]) -> None:
-        """Count the final calls just written: their text is due to the index."""
-        if is_postgres():
-            return
-        due = sum(1 for r in rows if r.get("kind") == COMPLETION and r["status"] != "pending")
-        if due and not self._due:
-            self._due_since = time.monotonic()
-        self._due += due
-
-    def _index_due_at(self) -> float | None:
-        """When a writer should index what is due (None: nothing this process wrote is)."""
-        if not self._due or self._indexing or self._journaling:
-            return None
-        return self._due_since + (0.0 if self._due >= INDEX_AT else INDEX_AFTER)
-
-    def _index(self) -> None:
-        """Index what is due, any process's, within ``DB_TIMEOUT``. A failure leaves it
-        due: the next time, or a search, indexes it."""
-        self._indexing = True
-        self._due = 0  # calls written from now on wait for the next time
-        try:
-            with gevent.Timeout(self.timeout, db.DatabaseTimeout("indexing timed out")):
-                if database.is_closed():
-                    database.connect()
-                index_all_due()
-        except UNREACHABLE as exc:  # an outage, or another process's lock held past the bound
-            db.discard_connection()
-            log.warning("recorder: the text due to the full-text index stays due (%s)", exc)
-        except Exception:
-            db.discard_connection()
-            log.warning("recorder: the text due to the full-text index stays due", exc_info=True)
-        finally:
-            self._indexing = False
 
     def _write_ahead(self, rows: list[dict]) -> None:
         """A dead process's write-ahead lines: as written, uncleaned (``callrows.ahead_row``).

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, writes
-from gateway import recorder as recorder_module
+from gateway import db, indexdue, writes
 from gateway.callrows import snapshot
 from gateway.db import database, open_database
 from gateway.exchange import Exchange
@@ -183,7 +182,7 @@ def test_text_due_is_not_lost_with_the_process_that_wrote_it(
 def test_the_recorder_indexes_what_is_due_soon_after_it_writes(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(recorder_module, "INDEX_AFTER", 0.2)
+    monkeypatch.setattr(indexdue, "INDEX_AFTER", 0.2)
     with database.connection_context():
         key = ApiKey.create(key_hash="c" * 64, key_hint="sk-c…cccc").id
     calls = [ended(key, f"recorded beacon {i}") for i in range(3)]
@@ -202,8 +201,8 @@ def test_the_recorder_indexes_what_is_due_soon_after_it_writes(
 def test_the_recorder_indexes_at_once_when_a_lot_is_due(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(recorder_module, "INDEX_AT", 4)
-    monkeypatch.setattr(recorder_module, "INDEX_AFTER", 60.0)  # the count, not the time
+    monkeypatch.setattr(indexdue, "INDEX_AT", 4)
+    monkeypatch.setattr(indexdue, "INDEX_AFTER", 60.0)  # the count, not the time
     with database.connection_context():
         key = ApiKey.create(key_hash="b" * 64, key_hint="sk-b…bbbb").id
     for i in range(2):
