@@ -19,7 +19,8 @@ per key, and a writer hands the worker back every ``SLICE`` rows of its CPU work
 anything: a batch the database cannot take goes to the journal (``journal.py``) and is
 replayed through the same ``write_rows`` once the database answers (SPEC rule 8); a row
 it refuses is set aside (with the disk full, held in memory alone while the rest of its
-batch is written), for an operator's ``replay-refused`` (``cli.replay_refused``). ``drain()`` journals whatever is still queued or in flight at
+batch is written: ``held.py``), for an operator's ``replay-refused``
+(``cli.replay_refused``). ``drain()`` journals whatever is still queued or in flight at
 shutdown. Dead processes' pending rows are the sweeper's (``sweeper.py``).
 
 What waits in memory would die with the process (``kill -9``, the OOM killer): so
@@ -34,7 +35,6 @@ what is due when ``indexdue.IndexDue`` says.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +54,7 @@ from gateway.callrows import ahead_row, snapshot
 from gateway.config import DEFAULTS, INSTANCE
 from gateway.db import UNREACHABLE, database, is_postgres
 from gateway.exchange import Exchange
+from gateway.held import HOLD_RETRY, Held, lost
 from gateway.indexdue import IndexDue
 from gateway.journal import Journal
 from gateway.models import utcnow
@@ -64,11 +65,6 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 30.0  # seconds between last_seen updates of one key
 SLICE = 20  # rows snapshotted or sent between two yields to the calls (about 1 ms)
-# Neither the database nor the journal takes records (it is down, the disk is full):
-# calls stay queued in memory, tried again every HOLD_RETRY seconds, up to HOLD_BYTES of
-# their records as JSON (beyond, a batch is lost, logged and counted, not the worker:
-# a record's objects take a few times its JSON in memory).
-HOLD_RETRY, HOLD_BYTES = 1.0, 128 * 1024 * 1024
 
 
 class _Unkept(Exception):
@@ -92,8 +88,7 @@ class Recorder:
         self._idle.set()
         self._group = gevent.pool.Group()
         self._journaling = False
-        self._held_since: float | None = None  # when records were first kept in memory
-        self._held_sizes: dict[str, int] = {}  # uid -> its record's JSON, while held
+        self._held = Held()  # neither the database nor the journal takes records
         self._started = False
         self.writes = 0  # rows written, for tests and metrics
         self.journaled = 0
@@ -229,7 +224,7 @@ class Recorder:
                 if held:
                     taken = [ex for ex in batch if ex.uid not in unkept]
             except Exception:
-                if self._held_since is None:  # while holding, said once
+                if self._held.since is None:  # while holding, said once
                     log.exception("recorder: could not write %d records; journaling", len(rows))
                 held = self._journal_or_hold(rows, batch)
                 if held:
@@ -239,7 +234,7 @@ class Recorder:
                 for ex in batch:
                     self._writing.pop(ex.uid, None)
                 self._settle()
-            self._released(taken)
+            self._held.released(ex.uid for ex in taken)
             if self.ahead is not None:  # their latest state is in, unless queued anew
                 self.ahead.taken({ex.uid for ex in taken} - self._dirty.keys())
             if held:
@@ -310,7 +305,7 @@ class Recorder:
                 self._journal(unkept + rows[i:])  # the rest would only wait for the timeout
                 return
             except Exception:
-                if row.get("uid") not in self._held_sizes:  # held: said when it was first
+                if row.get("uid") not in self._held:  # held: said when it was first
                     log.exception("recorder: record %s refused; set aside", row.get("uid"))
                 try:
                     self.journal.append([row], prefix="refused")
@@ -357,7 +352,7 @@ class Recorder:
         try:
             self._journal(rows)
         except OSError as exc:
-            if self._held_since is None:
+            if self._held.since is None:
                 log.warning("recorder: the journal failed (%s); trying the database", exc)
             self._write_or_journal(rows)
 
@@ -373,13 +368,13 @@ class Recorder:
         try:
             self._journal(rows, exiting=True)
         except Exception:  # a full or broken disk at exit: nothing left to keep them in
-            _lost(rows, "the journal failed at exit")
+            lost(rows, "the journal failed at exit")
             return False
         return True
 
     def _journal_or_hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
         """Journal a batch no write took; if the disk will not take it either (full,
-        failing), keep its calls queued to try again (True), up to ``HOLD_BYTES``."""
+        failing), keep its calls queued to try again (True), up to ``held.HOLD_BYTES``."""
         try:
             self._journal(rows)
         except Exception:
@@ -388,43 +383,11 @@ class Recorder:
 
     def _hold(self, rows: list[dict], batch: list[Exchange]) -> bool:
         """Queue a batch's calls again, while the journal's failure is being handled."""
-        sizes = {row["uid"]: len(json.dumps(row, default=str)) for row in rows}
-        self._held_sizes.update(sizes)
-        if sum(self._held_sizes.values()) > HOLD_BYTES:
-            for uid in sizes:
-                del self._held_sizes[uid]
-            _lost(rows, f"the journal failed and {HOLD_BYTES} bytes of records are held")
+        if not self._held.hold(rows):
             return False
-        if self._held_since is None:
-            self._held_since = time.monotonic()
-            log.exception(
-                "recorder: neither the database nor the journal takes records; holding "
-                "them in memory and trying again every %.0f s",
-                HOLD_RETRY,
-            )
         for ex in batch:
             self._dirty.setdefault(ex.uid, ex)  # a newer snapshot queued meanwhile: same call
-        metrics.records_held(len(self._held_sizes))
         return True
-
-    def _released(self, taken: list[Exchange]) -> None:
-        """These calls went to the database or the journal (or were let go): those that
-        were held are no longer. Once none is, say how long calls were held.
-
-        Per call, not per batch: a row the database refuses, held while the disk is full,
-        stays held while other batches (another writer's) are written.
-        """
-        if self._held_since is None:
-            return
-        for ex in taken:
-            self._held_sizes.pop(ex.uid, None)
-        metrics.records_held(len(self._held_sizes))
-        if not self._held_sizes:
-            log.warning(
-                "recorder: records are taken again after %.0f s held in memory",
-                time.monotonic() - self._held_since,
-            )
-            self._held_since = None
 
     def _replay_loop(self) -> None:
         away = False
@@ -501,11 +464,6 @@ def _older(row: dict, cutoff: datetime) -> bool:
     """Whether the row's call began before ``cutoff`` (a row without a time is not)."""
     created_at = row.get("created_at")
     return isinstance(created_at, datetime) and created_at < cutoff
-
-
-def _lost(rows: list[dict], why: str) -> None:
-    log.exception("recorder: LOST %d records (%s): %s", len(rows), why, [r["uid"] for r in rows])
-    metrics.records_lost(len(rows))
 
 
 def _snapshots(batch: list[Exchange], ahead: dict[str, dict]) -> list[dict]:

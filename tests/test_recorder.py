@@ -16,7 +16,7 @@ import gevent
 import gevent.event
 import pytest
 
-from gateway import cli, metrics
+from gateway import cli, held, metrics
 from gateway import journal as journal_module
 from gateway import recorder as recorder_module
 from gateway.callrows import ahead_row, snapshot
@@ -255,7 +255,7 @@ def test_past_the_hold_bound_a_batch_is_lost_counted_and_the_worker_goes_on(
     real = database.obj
     lost = metrics.RECORDS_LOST._value.get()
     _disk_full(rec, monkeypatch)
-    monkeypatch.setattr(recorder_module, "HOLD_BYTES", 2000)  # a record is about 800
+    monkeypatch.setattr(held, "HOLD_BYTES", 2000)  # a record is about 800
     database.initialize(unreachable(database_url))
     try:
         for _ in range(3):
