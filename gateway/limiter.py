@@ -9,9 +9,9 @@ limits into buckets, keeps the slots and request claims of calls in flight alive
 killed worker's expire within ``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget
 (raised to the records' figure when the store may not have it: ``spend``),
 takes a large RPM limit's requests ahead in leases so that most calls admit with no round
-trip (``leases``, which says what that changes), and fails open: when the store is away
-an operation allows, is counted in /metrics, and a warning is logged at most once a
-minute.
+trip (``leases``, which says what that changes), and fails open (``failopen``): when the
+store is away an operation allows, is counted in /metrics, and a warning is logged at
+most once a minute; what a call gives back and the store did not take is sent later.
 
 Greenlets (slot keeper, key-change listener, leases) run only in a gevent process, in one
 group, each linked to a logger.
@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 import gevent
 import gevent.pool
@@ -35,12 +36,11 @@ from gateway import instancestore, leases, metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
-from gateway.ratelimit import HARMLESS, StoreDown, Subscription, open_store
+from gateway.failopen import KEEP_BATCH, OWED_MAX, UNSENT, WARN_EVERY, Guard
+from gateway.ratelimit import StoreDown, Subscription, open_store
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-WARN_EVERY = 60.0  # seconds between two warnings that the store is away
 # The key-change listener that lost its store tries to subscribe again after
 # RESUBSCRIBE_FIRST seconds, then twice as long each time, up to REDIS_RETRY_AFTER
 # (``resubscribe_wait``): a key changed while the store was away is announced to no
@@ -61,12 +61,7 @@ SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it 
 # In a worker's memory it is the worker's own: the records bring the others' spend.
 SEED_SHARED_EVERY = 600.0
 SEED_EVERY_MIN = 1.0  # in memory: CACHE_TTL, at least this
-# Slots and claims of calls in flight refreshed in one round trip: about 2 ms of Redis's
-# time, which nothing else gets meanwhile (this worker's other scripts wait for it too).
-KEEP_BATCH = 100
 UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
-OWED_MAX = 100_000  # such operations kept for the store at most; past it the oldest go
-_UNSENT = object()  # ``_guarded``'s fallback where the caller must know the store failed
 # Announced by a charge that leaves a key's TPM bucket near empty: "tpm-low:<key id>".
 TPM_LOW = "tpm-low:"
 # What a fail-open is counted as in /metrics (gateway_limiter_fail_open_total's label).
@@ -151,13 +146,15 @@ class Limiter:
         self.store: Any = open_store(cfg) or instancestore.open_store(cfg) or LocalStore(clock)
         # Shared by every worker (and with Redis every instance): announcements, leases.
         self.shared = not isinstance(self.store, LocalStore)
-        self.store_name = (
+        store_name = (
             "the instance store" if isinstance(self.store, instancestore.InstanceStore) else "Redis"
         )
-        if self.shared:
-            self.store.on_lost = self._posts_lost
-        self.prefix = str(cfg["REDIS_PREFIX"])
         self.retry_after = float(cfg["REDIS_RETRY_AFTER"])
+        # Every operation on the store, failing open; give-backs it did not take.
+        self._guard = Guard(self.store, store_name, self.retry_after, self._background)
+        if self.shared:
+            self.store.on_lost = self._guard.posts_lost
+        self.prefix = str(cfg["REDIS_PREFIX"])
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
         self.dedup_ttl = float(cfg["DEDUP_TTL"])
         self.seed_every = (
@@ -173,17 +170,10 @@ class Limiter:
             float(cfg["LOGIN_ATTEMPTS"]),
             float(cfg["LOGIN_ATTEMPTS"]) / float(cfg["LOGIN_WINDOW"]),
         )
-        self.fail_opens = 0
-        self._down_until = 0.0
-        self._warned_at = -math.inf
-        self._unwarned = 0
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         # (claim key, call uid): when (time.monotonic) the call claimed the request id
         self._claims: dict[tuple[str, str], float] = {}
-        self._owed: list[tuple[str, tuple]] = []  # HARMLESS ones the store did not take
-        self._paying = False  # ``_pay`` is sending them
-        self._payer: gevent.Greenlet | None = None  # sends them while none are sent
         self._unannounced: list[str] = []  # key changes Redis did not take, oldest first
         self._announcer: gevent.Greenlet | None = None  # sends them once Redis answers
         self._subscription: Subscription | None = None  # the key-change listener's, if any
@@ -226,13 +216,22 @@ class Limiter:
         self._holdings = {}
         flush = getattr(self.store, "flush", None)
         if flush is not None:
-            self._guarded("finish", None, flush)
+            self._guard.guarded("finish", None, flush)
 
     def _spawn(self, fn: Callable[[], None], what: str = "a greenlet") -> gevent.Greenlet:
         """``fn`` in this limiter's group, its death logged as ``what``'s."""
         greenlet = self._group.spawn(fn)
         greenlet.link_exception(lambda g: log.error("limiter: %s died", what, exc_info=g.exc_info))
         return greenlet
+
+    def _background(self, fn: Callable[[], None], what: str) -> gevent.Greenlet | None:
+        """``fn`` running in the background (in a gevent process; else None)."""
+        return self._spawn(fn, what) if monkey.is_module_patched("socket") else None
+
+    @property
+    def fail_opens(self) -> int:
+        """Operations allowed without limits (the store away) since ``configure``."""
+        return self._guard.fail_opens
 
     def key(self, owner: str, name: str) -> str:
         """The store key of ``name`` under ``owner``'s hash tag (one Cluster slot per owner)."""
@@ -248,127 +247,6 @@ class Limiter:
                 self._keys.clear()
             self._keys[key_id, name] = known
         return known
-
-    # -- failing open ----------------------------------------------------------
-
-    def _guarded(self, operation: str, fallback: T, fn: Callable[..., T], *args: Any) -> T:
-        if self._down_until > time.monotonic():
-            self._failed_open(operation, None)
-            return fallback
-        try:
-            if self._owed:
-                self._pay(1)  # first: a slot given back may be what this call needs
-            result = fn(*args)
-        except StoreDown as exc:
-            self._down_until = time.monotonic() + self.retry_after
-            self._failed_open(operation, exc)
-            return fallback
-        if self._down_until:
-            self._down_until = 0.0
-            log.warning("limiter: %s answers again; limits hold again", self.store_name)
-        if self._owed:  # lost in this round trip (a closed connection)
-            try:
-                self._pay(1)
-            except StoreDown as exc:
-                self._down_until = time.monotonic() + self.retry_after
-                self._failed_open("finish", exc)
-        return result
-
-    def _posts_lost(self, count: int, again: list[tuple[str, tuple]], exc: Exception) -> None:
-        """Finished calls' operations, sent without waiting, failed or went unanswered;
-        ``again``: those of them that are harmless to send again."""
-        self._failed_open("finish", exc)
-        self._owe(again)
-
-    def _send_or_owe(
-        self,
-        operation: str,
-        fn: Callable[..., Any],
-        args: tuple,
-        owed: list[tuple[str, tuple]],
-        spent: tuple[int, datetime] | None = None,
-    ) -> None:
-        """``fn(*args)``; if the store did not take it, keep what of it must reach the
-        store (``owed``, HARMLESS operations) for when it answers. ``spent`` (key id, a
-        time in the month): ``fn`` adds to that spend; not sent at all because the
-        store was known away, it is brought back from the records (``_reseed_later``).
-        One whose send failed may have run, and is left to the key's next seeding."""
-        # Redis known away: then ``_guarded`` does not try (asked only with a spend: a
-        # finished call's charge comes here on every call's path)
-        unsent = spent is not None and self._down_until > time.monotonic()
-        if self._guarded(operation, _UNSENT, fn, *args) is _UNSENT:
-            self._owe([op for op in owed if op[0] in HARMLESS])
-            if unsent and spent is not None:
-                self._reseed_later(*spent)
-
-    def _owe(self, operations: list[tuple[str, tuple]]) -> None:
-        """Keep slots and request ids to give back before the store's next operation.
-
-        The store may not have taken the give-back (it was away, or the connection it
-        was posted on failed), and it may yet run the call's admission or claim: one
-        written to a Redis that stalled or froze waits in its socket and runs when it
-        resumes, after the worker gave up on it. Either way nobody else would give them
-        back, and the key's calls or the request id's repeats were refused (429, 409)
-        until their ``INFLIGHT_TTL`` ran out, with nothing in flight. They are sent
-        again until a reply says the store has them: first thing in this worker's next
-        operation, and every ``REDIS_RETRY_AFTER`` seconds meanwhile (``_pay_later``: a
-        slot this worker's late admission holds refuses the calls other workers admit).
-        """
-        self._owed += operations
-        if len(self._owed) > OWED_MAX:
-            dropped = len(self._owed) - OWED_MAX
-            del self._owed[:dropped]
-            log.warning("limiter: %d give-back(s) for Redis dropped (%d kept)", dropped, OWED_MAX)
-        idle = self._payer is None or self._payer.dead
-        if operations and idle:
-            self._payer = self._background(self._pay_later, "giving back")
-
-    def _background(self, fn: Callable[[], None], what: str) -> gevent.Greenlet | None:
-        """``fn`` running in the background (in a gevent process; else None)."""
-        return self._spawn(fn, what) if monkey.is_module_patched("socket") else None
-
-    def _pay_later(self) -> None:
-        """Send what is owed as soon as the store answers, whatever calls come."""
-        while self._owed:
-            gevent.sleep(max(0.0, self._down_until - time.monotonic()))
-            try:
-                self._pay()
-            except StoreDown:
-                self._down_until = time.monotonic() + self.retry_after
-            if self._owed:
-                gevent.sleep(self.retry_after)
-
-    def _pay(self, rounds: float = math.inf) -> None:
-        """Send the owed give-backs, KEEP_BATCH a round trip, in at most ``rounds`` round
-        trips (a call pays one, the background the rest); StoreDown (they stay owed) if
-        the store fails. Nothing while another greenlet is paying."""
-        if self._paying:
-            return
-        self._paying = True
-        try:
-            while self._owed and rounds > 0:
-                rounds -= 1
-                batch = self._owed[:KEEP_BATCH]
-                self.store.run_all(batch)
-                del self._owed[: len(batch)]  # what others owe meanwhile is appended
-        finally:
-            self._paying = False
-
-    def _failed_open(self, operation: str, exc: Exception | None) -> None:
-        self.fail_opens += 1
-        self._unwarned += 1
-        metrics.limiter_failed_open(operation)
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY:
-            log.warning(
-                "limiter: %s unavailable (%s): %d operation(s) allowed without limits "
-                "since the last warning; trying again every %.1f s",
-                self.store_name,
-                exc or "still failing",
-                self._unwarned,
-                self.retry_after,
-            )
-            self._warned_at, self._unwarned = now, 0
 
     # -- per-key limits --------------------------------------------------------
 
@@ -420,7 +298,7 @@ class Limiter:
         keys = [self._of_key(key_id, name) for name, _ in named]
         buckets = [b for _, b in named]
         asked = time.monotonic()
-        verdict = self._guarded("admit", None, self.store.admit, keys, buckets, held, spend)
+        verdict = self._guard.guarded("admit", None, self.store.admit, keys, buckets, held, spend)
         if holding is not None and verdict is not None:
             holding.seen(verdict.levels, asked, time.monotonic())
             self._renew(key_id, holding)
@@ -495,7 +373,7 @@ class Limiter:
         """Ask for the key's next lease in the background, if it is time (and Redis is
         not known to be away: the call itself fails open then)."""
         now = time.monotonic()
-        if self._down_until <= now and holding.wants(now):
+        if self._guard.down_until <= now and holding.wants(now):
             holding.asking = True
             self._spawn(lambda: self._lease(key_id, holding))
 
@@ -508,7 +386,7 @@ class Limiter:
         keys = [self._of_key(key_id, b.name) for b in buckets]
         try:
             asked = time.monotonic()
-            verdict = self._guarded("lease", None, self.store.admit, keys, buckets)
+            verdict = self._guard.guarded("lease", None, self.store.admit, keys, buckets)
             if verdict is None:
                 return
             now = time.monotonic()
@@ -529,14 +407,14 @@ class Limiter:
             current = self._holdings.get(key_id)
             if left and current is not None and current.rpm == holding.rpm:
                 operation = ("charge", (keys[0], holding.rpm, -float(left)))
-                self._guarded("lease", None, self.store.post_all, [operation])
+                self._guard.guarded("lease", None, self.store.post_all, [operation])
 
     def charge(self, key_id: int, tpm: int | None, tokens: int | None) -> None:
         """Charge a finished call's real tokens to the key's TPM bucket (a debt if over)."""
         if not tpm or tpm <= 0 or not tokens or tokens <= 0:
             return
         bucket = per_minute("tpm", tpm)
-        self._guarded(
+        self._guard.guarded(
             "charge", None, self.store.charge, self._of_key(key_id, "tpm"), bucket, tokens
         )
 
@@ -552,7 +430,9 @@ class Limiter:
         """``{rpm: {current, limit, remaining}, tpm: {...}}`` from the shared buckets."""
         buckets = [per_minute("rpm", rpm), per_minute("tpm", tpm)]
         keys = [self._of_key(key_id, b.name) for b in buckets]
-        levels = self._guarded("usage", (float(rpm), float(tpm)), self.store.peek, keys, buckets)
+        levels = self._guard.guarded(
+            "usage", (float(rpm), float(tpm)), self.store.peek, keys, buckets
+        )
         return {
             b.name: {
                 "current": math.ceil(_whole(b.capacity - level)),
@@ -570,19 +450,23 @@ class Limiter:
             return
         now = now or datetime.now(UTC)
         args = (self._spend_key(key_id, now), nanos, SPEND_TTL)
-        self._send_or_owe("spend", self.store.add, args, [], (key_id, now))
+        unsent = partial(self._reseed_later, key_id, now)  # in the records: raised from them
+        self._guard.send_or_owe("spend", self.store.add, args, [], unsent)
 
     def spent(self, key_id: int, now: datetime | None = None) -> int:
         """Nano-USD the key spent this month as the store has it (0 when it is away)."""
         key = self._spend_key(key_id, now or datetime.now(UTC))
-        return self._guarded("spent", 0, self.store.total, key)
+        return self._guard.guarded("spent", 0, self.store.total, key)
 
     def seed_spend(self, key_id: int, nanos: int, now: datetime) -> None:
         """Raise the key's spend in ``now``'s month to ``nanos``, what its records say,
         if the store has less. Never added: the store's total may count the same calls
         already (and calls the records do not have yet)."""
         key = self._spend_key(key_id, now)
-        if self._guarded("seed", _UNSENT, self.store.raise_to, key, nanos, SPEND_TTL) is _UNSENT:
+        if (
+            self._guard.guarded("seed", UNSENT, self.store.raise_to, key, nanos, SPEND_TTL)
+            is UNSENT
+        ):
             self._reseed_later(key_id, now)
 
     def _reseed_later(self, key_id: int, now: datetime) -> None:
@@ -599,7 +483,7 @@ class Limiter:
 
     def _reseed_when_back(self) -> None:
         while self._unsent_spend:
-            gevent.sleep(max(self.retry_after, self._down_until - time.monotonic()))
+            gevent.sleep(max(self.retry_after, self._guard.down_until - time.monotonic()))
             due, self._unsent_spend = self._unsent_spend, {}
             for key_id, now in due.items():
                 self.on_unseeded(key_id, now)  # a seeding the store refuses comes back
@@ -614,7 +498,7 @@ class Limiter:
         if not max_concurrent or max_concurrent <= 0:
             return True
         key = self._of_key(key_id, "inflight")
-        held, _ = self._guarded(
+        held, _ = self._guard.guarded(
             "enter", (True, 0), self.store.acquire, key, uid, max_concurrent, self.inflight_ttl
         )
         if held:
@@ -626,7 +510,9 @@ class Limiter:
         key = self._of_key(key_id, "inflight")
         if (key, uid) in self._slots:
             self._slots.discard((key, uid))
-            self._send_or_owe("leave", self.store.release, (key, uid), [("release", (key, uid))])
+            self._guard.send_or_owe(
+                "leave", self.store.release, (key, uid), [("release", (key, uid))]
+            )
 
     def claim(self, key_id: int, req_id: str, uid: str) -> Claim | None:
         """Claim a request id for call ``uid``: None if claimed, else who holds it."""
@@ -639,7 +525,7 @@ class Limiter:
         again yet (it does once it hears the store is back, or at its next keep)."""
         key = self.key(f"key:{key_id}", f"req:{req_id}")
         mark, ttl = self._of_key(key_id, "claims-since"), self.inflight_ttl
-        holder = self._guarded("claim", None, self.store.claim, key, uid, ttl, 0.0, mark, ttl)
+        holder = self._guard.guarded("claim", None, self.store.claim, key, uid, ttl, 0.0, mark, ttl)
         unsure = holder is not None and holder.uid == uid
         if holder is None or unsure:
             self._claims[(key, uid)] = time.monotonic()
@@ -657,10 +543,12 @@ class Limiter:
             return
         del self._claims[(key, uid)]
         if answer is None:
-            self._send_or_owe("unclaim", self.store.unclaim, (key, uid), [("unclaim", (key, uid))])
+            self._guard.send_or_owe(
+                "unclaim", self.store.unclaim, (key, uid), [("unclaim", (key, uid))]
+            )
         else:
             args = (key, uid, answer, self.dedup_ttl)
-            self._send_or_owe("settle", self.store.settle, args, [("settle", args)])
+            self._guard.send_or_owe("settle", self.store.settle, args, [("settle", args)])
 
     # -- a finished call ----------------------------------------------------------
 
@@ -706,12 +594,14 @@ class Limiter:
             holding = self._holdings.get(key_id)
             if holding is not None:
                 holding.charged(tokens)
-        spent = None
+        unsent = None  # a spend not sent at all is raised from the records (``spend``)
         if nanos and nanos > 0:
-            spent = (key_id, now or datetime.now(UTC))
-            operations.append(("add", (self._spend_key(*spent), nanos, SPEND_TTL)))
+            now = now or datetime.now(UTC)
+            operations.append(("add", (self._spend_key(key_id, now), nanos, SPEND_TTL)))
+            unsent = partial(self._reseed_later, key_id, now)
         if operations:
-            self._send_or_owe("finish", self.store.post_all, (operations,), operations, spent)
+            post = self.store.post_all
+            self._guard.send_or_owe("finish", post, (operations,), operations, unsent)
 
     def _keep_in_flight(self) -> None:
         """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
@@ -732,7 +622,7 @@ class Limiter:
         lost = []
         for at in range(0, len(operations), KEEP_BATCH):
             batch = operations[at : at + KEEP_BATCH]
-            kept = self._guarded("keep", None, self.store.run_all, batch)
+            kept = self._guard.guarded("keep", None, self.store.run_all, batch)
             if kept is not None:
                 lost += [op for op, held in zip(batch, kept, strict=True) if not held]
         self._take_again(lost)
@@ -746,10 +636,10 @@ class Limiter:
         ttl = self.inflight_ttl
         for name, (key, uid, _) in lost:
             if name == "refresh" and (key, uid) in self._slots:
-                self._guarded("keep", None, self.store.acquire, key, uid, UNLIMITED, ttl)
+                self._guard.guarded("keep", None, self.store.acquire, key, uid, UNLIMITED, ttl)
             elif name == "keep_claim" and (key, uid) in self._claims:
                 age = time.monotonic() - self._claims[(key, uid)]  # started_at stays
-                holder = self._guarded("keep", None, self.store.claim, key, uid, ttl, age)
+                holder = self._guard.guarded("keep", None, self.store.claim, key, uid, ttl, age)
                 if holder is not None and holder.uid != uid:
                     self._claims.pop((key, uid), None)  # another call holds it now
 
@@ -758,13 +648,13 @@ class Limiter:
     def attempt(self, address: str) -> int:
         """Take one try at a secret for ``address``: 0 to go ahead, else seconds to wait."""
         key = self.key(f"addr:{address}", self.login.name)
-        verdict = self._guarded("attempt", None, self.store.admit, [key], [self.login])
+        verdict = self._guard.guarded("attempt", None, self.store.admit, [key], [self.login])
         return 0 if verdict is None or verdict.allowed else verdict.retry_after
 
     def succeeded(self, address: str) -> None:
         """Give back the try of a right secret: only failures count against an address."""
         key = self.key(f"addr:{address}", self.login.name)
-        self._guarded("attempt", None, self.store.charge, key, self.login, -1.0)
+        self._guard.guarded("attempt", None, self.store.charge, key, self.login, -1.0)
 
     # -- key changes ------------------------------------------------------------
 
@@ -807,8 +697,10 @@ class Limiter:
         """
         while self._unannounced:
             message = self._unannounced[0]
-            sent = self._guarded("announce", _UNSENT, self.store.publish, self.channel, message)
-            if sent is _UNSENT:
+            sent = self._guard.guarded(
+                "announce", UNSENT, self.store.publish, self.channel, message
+            )
+            if sent is UNSENT:
                 break
             if self._unannounced and self._unannounced[0] == message:
                 del self._unannounced[0]
@@ -824,7 +716,7 @@ class Limiter:
 
     def _announce_later(self) -> None:
         while self._unannounced:
-            gevent.sleep(max(self.retry_after, self._down_until - time.monotonic()))
+            gevent.sleep(max(self.retry_after, self._guard.down_until - time.monotonic()))
             self._announce_owed()
 
     def _heard(self, message: str | None) -> None:
@@ -889,7 +781,7 @@ class Limiter:
                     # The store answers: calls ask it again now, not when the
                     # REDIS_RETRY_AFTER a call's failure set runs out (and the slots
                     # below are taken again, not failed open).
-                    self._down_until = min(self._down_until, since)
+                    self._guard.down_until = min(self._guard.down_until, since)
                     self._heard(None)
                     # The store may be one started again, empty: this worker's calls in
                     # flight hold their slots and claims again now, not at the keeper's
@@ -908,7 +800,9 @@ class Limiter:
                 failures = 1 if now - since >= self.retry_after else failures + 1
                 if now - warned_at >= WARN_EVERY:
                     log.warning(
-                        "limiter: key-change listener lost %s (%s); retrying", self.store_name, exc
+                        "limiter: key-change listener lost %s (%s); retrying",
+                        self._guard.store_name,
+                        exc,
                     )
                     warned_at = now
                 gevent.sleep(resubscribe_wait(failures, most))

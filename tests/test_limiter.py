@@ -25,8 +25,8 @@ import gevent
 import pytest
 from gevent import monkey
 
+from gateway import failopen, metrics
 from gateway import limiter as limiter_module
-from gateway import metrics
 from gateway.errors import BudgetExceeded
 from gateway.leases import LEASE_TTL
 from gateway.limiter import KEEP_BATCH, Limiter, model_bucket, resubscribe_wait
@@ -472,7 +472,7 @@ def test_what_a_frozen_redis_runs_late_is_given_back_once_it_answers(
     wait_until(lambda: b.enter(9, "next", max_concurrent=1), timeout=2)
     # A repeat gets the stored answer.
     wait_until(lambda: getattr(b.claim(9, "req-9", "repeat"), "answer", None) == "kept", 2)
-    assert not a._owed and not c._owed
+    assert not a._guard.owed and not c._guard.owed
     a.stop()
     c.stop()
 
@@ -777,6 +777,6 @@ def test_with_redis_away_a_lease_s_calls_hold_and_none_asks_for_another(
 
 def test_every_operation_that_can_fail_open_is_exported_from_the_start() -> None:
     """Each name the limiter counts a fail-open under is in OPERATIONS (exported at 0)."""
-    source = Path(limiter_module.__file__).read_text()
-    counted = set(re.findall(r'(?:_guarded|_send_or_owe|_failed_open)\(\s*"(\w+)"', source))
+    source = "".join(Path(m.__file__).read_text() for m in (limiter_module, failopen))
+    counted = set(re.findall(r'(?:guarded|send_or_owe|_failed_open)\(\s*"(\w+)"', source))
     assert counted and counted <= set(limiter_module.OPERATIONS)
