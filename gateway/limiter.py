@@ -12,6 +12,8 @@ takes a large RPM limit's requests ahead in leases so that most calls admit with
 trip (``leases``, which says what that changes), and fails open (``failopen``): when the
 store is away an operation allows, is counted in /metrics, and a warning is logged at
 most once a minute; what a call gives back and the store did not take is sent later.
+Key changes go to every worker on the store's channel (``keychanges``: announcing,
+listening, re-subscribing, a call's catch-up).
 
 Greenlets (slot keeper, key-change listener, leases) run only in a gevent process, in one
 group, each linked to a logger.
@@ -36,23 +38,12 @@ from gateway import instancestore, leases, metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
-from gateway.failopen import KEEP_BATCH, OWED_MAX, UNSENT, WARN_EVERY, Guard
-from gateway.ratelimit import StoreDown, Subscription, open_store
+from gateway.failopen import KEEP_BATCH, UNSENT, Guard
+from gateway.keychanges import KeyChanges
+from gateway.ratelimit import open_store
 
 log = logging.getLogger(__name__)
 
-# The key-change listener that lost its store tries to subscribe again after
-# RESUBSCRIBE_FIRST seconds, then twice as long each time, up to REDIS_RETRY_AFTER
-# (``resubscribe_wait``): a key changed while the store was away is announced to no
-# one, and every worker serves it as it was until it subscribes again (and reads every
-# key again). After a fixed REDIS_RETRY_AFTER (1 s), a key revoked while the instance
-# store restarted (within about 0.5 s) still answered 200 about 0.8 s after the kill.
-# A dead Redis is tried at 0.05, 0.15, 0.35, 0.75 and 1.55 s, then once a second as
-# before; the instance store (a local connect, refused at once: no network, no server
-# to load) every RESUBSCRIBE_LOCAL_EVERY, so a worker hears it within that of its start.
-RESUBSCRIBE_FIRST = 0.05
-RESUBSCRIBE_LOCAL_EVERY = 0.1
-CATCH_UP_WAIT = 0.1  # seconds a call waits at most for the listener to apply changes
 SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it started
 # Seconds between two raises of a key's spend to the records' figure. In Redis the
 # spend is every instance's and outlives workers: it needs the records only for what
@@ -94,11 +85,6 @@ def over_budget(spent: int, budget_usd: float, now: datetime) -> BudgetExceeded:
     )
 
 
-def resubscribe_wait(failures: int, most: float) -> float:
-    """Seconds before the listener's next try to subscribe, after ``failures`` in a row."""
-    return min(most, RESUBSCRIBE_FIRST * 2 ** max(0, failures - 1))
-
-
 def model_bucket(identifier: str, limit: float, refill: float) -> Bucket:
     """A per-model limit as ``/ratelimits`` configures it: ``limit`` burst, ``refill``/s."""
     return Bucket(f"model:{identifier}", float(limit), float(refill))
@@ -135,7 +121,8 @@ class Limiter:
 
     def __init__(self) -> None:
         self._group = gevent.pool.Group()
-        self._listeners: list[Callable[[str | None], None]] = []
+        # Announces key changes and hears others'; its callbacks outlive ``configure``.
+        self._changes = KeyChanges(self._background, self._heard_for_leases, self.keep_in_flight)
         # Asked to read a key's spend in a month from the records (``seed_spend``).
         self.on_unseeded: Callable[[int, datetime], None] = lambda key_id, now: None
         self.configure({})
@@ -155,6 +142,7 @@ class Limiter:
         if self.shared:
             self.store.on_lost = self._guard.posts_lost
         self.prefix = str(cfg["REDIS_PREFIX"])
+        self._changes.configure(self._guard, self.prefix, self.shared)
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
         self.dedup_ttl = float(cfg["DEDUP_TTL"])
         self.seed_every = (
@@ -174,9 +162,6 @@ class Limiter:
         self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
         # (claim key, call uid): when (time.monotonic) the call claimed the request id
         self._claims: dict[tuple[str, str], float] = {}
-        self._unannounced: list[str] = []  # key changes Redis did not take, oldest first
-        self._announcer: gevent.Greenlet | None = None  # sends them once Redis answers
-        self._subscription: Subscription | None = None  # the key-change listener's, if any
         # spend key -> the highest total the store answered for it: the key's spend is
         # at least that, whatever becomes of the store (``admit`` while it is away)
         self._spent_seen: dict[str, int] = {}
@@ -207,7 +192,7 @@ class Limiter:
         self.stop()
         self._spawn(self._keep_in_flight)
         if self.shared:
-            self._spawn(self._listen)
+            self._spawn(self._changes.listen)
 
     def stop(self) -> None:
         """Stop the background greenlets; leases give back what they left unused, and
@@ -656,71 +641,30 @@ class Limiter:
         key = self.key(f"addr:{address}", self.login.name)
         self._guard.guarded("attempt", None, self.store.charge, key, self.login, -1.0)
 
-    # -- key changes ------------------------------------------------------------
+    # -- key changes (keychanges.py) --------------------------------------------
 
     @property
     def channel(self) -> str:
-        return f"{self.prefix}:keys"
+        """The store's channel of key changes (and of leases' TPM warnings)."""
+        return self._changes.channel
 
     def on_key_change(self, callback: Callable[[str | None], None]) -> None:
-        """Call ``callback(key_hash)`` when any worker announces a change to that key.
-
-        ``callback(None)`` means announcements may have been missed (the store was away):
-        forget every cached key. Without Redis only this worker hears its own announcements;
-        the others' caches expire after CACHE_TTL. A listener added twice is called once.
-        """
-        if callback not in self._listeners:
-            self._listeners.append(callback)
+        """Call ``callback(key_hash)`` when any worker announces a change to that key
+        (``callback(None)``: some may have been missed; ``KeyChanges.on_key_change``)."""
+        self._changes.on_key_change(callback)
 
     def announce(self, key_hash: str) -> None:
-        """Tell every worker of every instance that this key changed (revoked, new limits).
+        """Tell every worker of every instance that this key changed (revoked, new limits)."""
+        self._changes.announce(key_hash)
 
-        Other announcements share the channel under names that are no key hash
-        (``model_limits.CHANGED``); each listener picks out its own.
-        """
-        self._notify(key_hash)
-        if not self.shared:
-            return
-        self._unannounced.append(key_hash)  # after any not sent yet: in order
-        self._announce_owed()
-        if self._unannounced:
-            self._announce_later_on()
+    def catch_up(self) -> None:
+        """Return once this worker has applied the key changes already sent to it."""
+        self._changes.catch_up()
 
-    def _announce_owed(self) -> None:
-        """Publish the announcements not sent yet, in order, until Redis fails one.
-
-        One Redis did not take is kept: the other workers' subscriptions may never have
-        broken (a Redis that froze or stalled past REDIS_TIMEOUT), so nothing told them
-        they missed a change, and they served the key as it was (a revoked key, old
-        limits) until CACHE_TTL. Each is harmless to hear twice (one written before
-        Redis froze runs when it resumes).
-        """
-        while self._unannounced:
-            message = self._unannounced[0]
-            sent = self._guard.guarded(
-                "announce", UNSENT, self.store.publish, self.channel, message
-            )
-            if sent is UNSENT:
-                break
-            if self._unannounced and self._unannounced[0] == message:
-                del self._unannounced[0]
-        if len(self._unannounced) > OWED_MAX:
-            dropped = len(self._unannounced) - OWED_MAX
-            del self._unannounced[:dropped]
-            log.warning("limiter: %d key-change announcement(s) dropped", dropped)
-
-    def _announce_later_on(self) -> None:
-        """Send what ``_announce_owed`` kept once Redis answers, whatever calls come."""
-        if self._announcer is None or self._announcer.dead:
-            self._announcer = self._background(self._announce_later, "announcing")
-
-    def _announce_later(self) -> None:
-        while self._unannounced:
-            gevent.sleep(max(self.retry_after, self._guard.down_until - time.monotonic()))
-            self._announce_owed()
-
-    def _heard(self, message: str | None) -> None:
-        """An announcement on the channel (None: some may have been missed)."""
+    def _heard_for_leases(self, message: str | None) -> bool:
+        """Doubt the leases an announcement says may be off (None: some may have been
+        missed, so all of them); True if it was only that (a key's TPM bucket near
+        empty), no key change for the channel's callbacks."""
         if message is None or message.startswith(TPM_LOW):
             now = time.monotonic()
             if message is None:
@@ -731,81 +675,8 @@ class Limiter:
             for holding in doubted:
                 if holding is not None:
                     holding.doubt(now)
-            if message is not None:
-                return
-        self._notify(message)
-
-    def _notify(self, key_hash: str | None) -> None:
-        for callback in self._listeners:
-            try:
-                callback(key_hash)
-            except Exception:
-                log.exception("limiter: key-change callback failed")
-
-    def catch_up(self) -> None:
-        """Return once this worker has applied the key changes already sent to it.
-
-        ``publish`` returns once Redis has written a change to every subscriber, so a
-        call that comes after an admin's change was answered finds it at this worker's
-        door, but not always applied: the loop may run the call's greenlet before the
-        listener's (seen on a loaded machine: a revoked key let through). A call looks
-        at its key after this (``KeyCache.get``): one system call when nothing waits;
-        when something does, the listener runs first, for at most ``CATCH_UP_WAIT``.
-        """
-        subscription = self._subscription
-        if subscription is None or not subscription.arrived():
-            return
-        deadline = time.monotonic() + CATCH_UP_WAIT
-        while subscription is self._subscription and subscription.arrived():
-            if time.monotonic() > deadline:
-                return
-            gevent.idle()  # once the loop has run what is ready: the listener among them
-
-    def _listen(self) -> None:
-        try:
-            self._listen_on()
-        finally:  # stopped, or died: no listener for a call's ``catch_up`` to wait for
-            self._subscription = None
-
-    def _listen_on(self) -> None:
-        missed, warned_at, failures = False, -math.inf, 0
-        most = self.retry_after
-        if isinstance(self.store, instancestore.InstanceStore):
-            most = min(most, RESUBSCRIBE_LOCAL_EVERY)
-        while True:
-            since = math.inf  # when this round's subscription was made
-            try:
-                subscription = self._subscription = self.store.subscribe(self.channel)
-                since = time.monotonic()
-                if missed:
-                    # The store answers: calls ask it again now, not when the
-                    # REDIS_RETRY_AFTER a call's failure set runs out (and the slots
-                    # below are taken again, not failed open).
-                    self._guard.down_until = min(self._guard.down_until, since)
-                    self._heard(None)
-                    # The store may be one started again, empty: this worker's calls in
-                    # flight hold their slots and claims again now, not at the keeper's
-                    # next round (meanwhile other workers admitted past maxConcurrent).
-                    self.keep_in_flight()
-                while True:
-                    message = subscription.next(1.0)
-                    if message is not None:
-                        self._heard(message)
-            except StoreDown as exc:
-                self._subscription = None
-                missed = True
-                now = time.monotonic()
-                # A subscription that lasted starts the waits over; a try that failed,
-                # or one dropped at once (a store that takes it and closes), doubles them.
-                failures = 1 if now - since >= self.retry_after else failures + 1
-                if now - warned_at >= WARN_EVERY:
-                    log.warning(
-                        "limiter: key-change listener lost %s (%s); retrying",
-                        self._guard.store_name,
-                        exc,
-                    )
-                    warned_at = now
-                gevent.sleep(resubscribe_wait(failures, most))
+            return message is not None
+        return False
 
 
 limiter = Limiter()

@@ -807,7 +807,7 @@ def test_a_revocation_is_announced_as_one_and_still_as_the_key_s_hash(admin) -> 
         admin("DELETE", f"/apiKey/{created['id']}")
         assert heard[4:] == [REVOKED + digest, digest]
     finally:
-        limiter._listeners.remove(heard.append)
+        limiter._changes._listeners.remove(heard.append)
 
 
 def test_per_model_limits_crud_as_nexusgate(admin) -> None:  # type: ignore[no-untyped-def]

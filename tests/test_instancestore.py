@@ -213,7 +213,7 @@ def test_the_key_change_listener_hears_a_restarted_store_within_a_tenth_of_a_sec
     limiter.on_key_change(lambda key_hash: heard.append((key_hash, time.monotonic())))
     limiter.start()
     try:
-        wait_until(lambda: limiter._subscription is not None, timeout=5)
+        wait_until(lambda: limiter._changes._subscription is not None, timeout=5)
         store_process.kill()
         gevent.sleep(0.3)
         store_process.start()

@@ -25,11 +25,12 @@ import gevent
 import pytest
 from gevent import monkey
 
-from gateway import failopen, metrics
+from gateway import failopen, keychanges, metrics
 from gateway import limiter as limiter_module
 from gateway.errors import BudgetExceeded
+from gateway.keychanges import resubscribe_wait
 from gateway.leases import LEASE_TTL
-from gateway.limiter import KEEP_BATCH, Limiter, model_bucket, resubscribe_wait
+from gateway.limiter import KEEP_BATCH, Limiter, model_bucket
 from tests.servers import RedisServer, wait_until
 
 
@@ -250,7 +251,7 @@ def test_a_key_change_redis_did_not_take_is_announced_once_it_answers(
             os.kill(redis_server.proc.pid, signal.SIGCONT)
         wait_until(lambda: "hash-of-a-changed-key" in heard, timeout=3, interval=0.01)
         assert heard.count(None) == 0, "b's subscription never broke"
-        wait_until(lambda: not c._unannounced, timeout=2)
+        wait_until(lambda: not c._changes._unannounced, timeout=2)
     finally:
         for limiter in (w, c, b):
             limiter.stop()
@@ -276,7 +277,7 @@ def test_a_subscription_that_stops_answering_is_made_again(
         assert None not in heard
         os.kill(redis_server.proc.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: b._subscription is None, timeout=3, interval=0.01)
+            wait_until(lambda: b._changes._subscription is None, timeout=3, interval=0.01)
         finally:
             os.kill(redis_server.proc.pid, signal.SIGCONT)
         wait_until(lambda: None in heard, timeout=3, interval=0.01)  # missed: forget all
@@ -331,7 +332,7 @@ def test_a_call_applies_the_key_changes_already_at_its_worker_s_door(
     b.catch_up()
     assert heard == ["hash"]
     b.stop()  # a call never waits for a listener that is gone
-    assert b._subscription is None
+    assert b._changes._subscription is None
 
 
 def test_without_redis_only_this_worker_hears_its_announcements() -> None:
@@ -680,7 +681,9 @@ def test_tpm_another_worker_nearly_empties_is_seen_by_the_next_call(pair) -> Non
     a, b = pair
     b.start()  # its key-change listener
     assert a.admit(33, rpm=100_000, tpm=1000).allowed and b.admit(33, 100_000, 1000).allowed
-    wait_until(lambda: a._holdings[33].leases and b._holdings[33].leases and b._subscription)
+    wait_until(
+        lambda: a._holdings[33].leases and b._holdings[33].leases and b._changes._subscription
+    )
     a.finish(33, "call-1", tpm=1000, tokens=850)  # 150 left: more than a tenth
     a.usage(33, 100_000, 1000)  # a round trip after it: Redis ran it
     assert b.admit(33, rpm=100_000, tpm=1000).allowed  # from b's lease
@@ -777,6 +780,6 @@ def test_with_redis_away_a_lease_s_calls_hold_and_none_asks_for_another(
 
 def test_every_operation_that_can_fail_open_is_exported_from_the_start() -> None:
     """Each name the limiter counts a fail-open under is in OPERATIONS (exported at 0)."""
-    source = "".join(Path(m.__file__).read_text() for m in (limiter_module, failopen))
+    source = "".join(Path(m.__file__).read_text() for m in (limiter_module, failopen, keychanges))
     counted = set(re.findall(r'(?:guarded|send_or_owe|_failed_open)\(\s*"(\w+)"', source))
     assert counted and counted <= set(limiter_module.OPERATIONS)

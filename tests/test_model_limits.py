@@ -65,7 +65,7 @@ def test_a_change_announced_elsewhere_is_reloaded_in_the_background(db, app) -> 
         limits.changed(None)  # announcements may have been missed: reload
         wait_until(lambda: not limits.buckets("m"), timeout=5)
     finally:
-        limiter._listeners.remove(limits.changed)
+        limiter._changes._listeners.remove(limits.changed)
         assert limits.wait(5)
 
 
