@@ -519,10 +519,23 @@ def _command(pid: int) -> list[str]:
         return []
 
 
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits for its parent to reap it (or is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (gunicorn's master: its workers, not its
-    instance store)."""
-    return [child for child in _all_children(pid) if "gateway.storeprocess" not in _command(child)]
+    """The live child processes of ``pid`` (gunicorn's master: its workers, not its
+    instance store). Not one that has exited and is not reaped yet: a store the keeper
+    replaced, whose command line is then empty, was counted as a third worker."""
+    return [
+        child
+        for child in _all_children(pid)
+        if not _zombie(child) and "gateway.storeprocess" not in _command(child)
+    ]
 
 
 def instance_store(pid: int) -> tuple[int, str] | None:
