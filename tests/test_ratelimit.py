@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.buckets import Bucket, LocalStore, per_minute
-from gateway.ratelimit import RedisStore, StoreDown, _Connections, connect
+from gateway.ratelimit import RedisStore, StoreDown, connect
+from gateway.redisconns import Connections
 from tests.servers import RedisServer, free_port, wait_until
 
 TIMEOUT = 0.5  # generous: the machine is shared; timeouts are tested in test_limiter
@@ -272,10 +273,10 @@ def test_posted_operations_with_no_round_trip_after_them_are_read_in_bounds(
     are read once a connection holds OWED of them, not left to pile up in Redis."""
     store = RedisStore(connect(shared_redis.url, TIMEOUT, TIMEOUT))
     key = f"{uuid.uuid4().hex}:{{k}}:s"
-    for _ in range(3 * _Connections.OWED + 5):
+    for _ in range(3 * Connections.OWED + 5):
         store.post_all([("add", (key, 1, 60.0))])
-        assert all(len(owed) < _Connections.OWED for owed in store._conns._owed.values())
-    assert store.total(key) == 3 * _Connections.OWED + 5
+        assert all(len(owed) < Connections.OWED for owed in store._conns._owed.values())
+    assert store.total(key) == 3 * Connections.OWED + 5
 
 
 def test_posted_operations_that_fail_or_go_unanswered_are_reported(
