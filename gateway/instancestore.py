@@ -283,7 +283,7 @@ class InstanceStore:
 
 
 class InstanceSubscription:
-    """One channel's messages (``ratelimit.Subscription``'s interface). A store that
+    """One channel's messages (``subscription.Subscription``'s interface). A store that
     dies closes the connection: the next ``next`` says so (``StoreDown``)."""
 
     def __init__(self, sock: socket.socket) -> None:

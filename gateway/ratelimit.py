@@ -12,18 +12,18 @@ With ``REDIS_URL`` each operation is one Lua script (``gateway/lua/``) run by
 (``gw:{key:42}:rpm``) so the scripts run unchanged on Redis Cluster. Scripts go out on
 connections the store keeps (``redisconns``), and in a gevent worker those asked for
 while a round trip is in flight share the next one (``pipelining``); what a finished
-call owes is sent without waiting for its replies (``post_all``). Without
-``REDIS_URL``, the same operations (``buckets.LocalStore``, same arithmetic) run in
-the instance's store process (``instancestore``) or in this process. Redis down, slower
-than ``REDIS_TIMEOUT`` or restarting: every operation fails open (allows), is counted
-(``metrics``), and logs a warning at most once a minute; Redis is tried again
-``REDIS_RETRY_AFTER`` seconds later, so limits hold again as soon as it answers.
+call owes is sent without waiting for its replies (``post_all``). Key changes are
+heard on a channel (``subscription``). Without ``REDIS_URL``, the same operations
+(``buckets.LocalStore``, same arithmetic) run in the instance's store process
+(``instancestore``) or in this process. Redis down, slower than ``REDIS_TIMEOUT`` or
+restarting: every operation fails open (allows), is counted (``metrics``), and logs a
+warning at most once a minute; Redis is tried again ``REDIS_RETRY_AFTER`` seconds
+later, so limits hold again as soon as it answers.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,9 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from gateway import pipelining, redisconns, sockets
+from gateway import pipelining, redisconns, subscription
 from gateway.buckets import Bucket, Budget, Claim, Slot, Verdict
+from gateway.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ _ERRORS = redisconns.Errors(
 
 class StoreDown(Exception):
     """Redis did not answer in time, or answered with an error."""
+
+
+# What a subscriber catches, what it raises for it, and what for a PING left unanswered.
+_SUBSCRIBER_ERRORS = subscription.Errors(_FAILURES, StoreDown, redis.TimeoutError)
 
 
 def connect(url: str, timeout: float, connect_timeout: float) -> Any:
@@ -463,61 +468,7 @@ class RedisStore:
             pubsub.subscribe(channel)
         except _FAILURES as exc:
             raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
-        return Subscription(pubsub)
-
-
-class Subscription:
-    """One channel's messages: ``next`` waits for the next one, ``arrived`` says without
-    waiting whether one has come that ``next`` has not returned yet.
-
-    A subscriber only reads: a connection that died without a word (a partition, a
-    NAT or load balancer that dropped it while idle, a host gone) never fails, and the
-    worker heard no change again, with nothing to tell it that it missed them. So
-    ``next`` sends a PING every ``PING_EVERY`` seconds, and one still unanswered at the
-    next is ``StoreDown`` (the listener subscribes again, and forgets every cached key).
-    """
-
-    PING_EVERY = 5.0
-
-    def __init__(self, pubsub: Any) -> None:
-        self._pubsub = pubsub
-        self._pinged: float | None = None  # when the PING not answered yet was sent
-        self._ping_at = time.monotonic() + self.PING_EVERY
-
-    def next(self, timeout: float) -> str | None:
-        """The next message, waiting up to ``timeout`` seconds; None if none came."""
-        try:
-            self._ping()
-            message = self._pubsub.get_message(timeout=timeout)
-        except _FAILURES as exc:
-            self._pubsub.close()
-            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
-        if message is not None and message.get("type") == "pong":
-            self._pinged = None
-        if message is None or message.get("type") != "message":
-            return None
-        return message["data"].decode()
-
-    def _ping(self) -> None:
-        now = time.monotonic()
-        if now < self._ping_at:
-            return
-        if self._pinged is not None:
-            raise redis.TimeoutError(f"no answer to a PING in {now - self._pinged:.1f} s")
-        self._pubsub.ping()
-        self._pinged, self._ping_at = now, now + self.PING_EVERY
-
-    def arrived(self) -> bool:
-        """Whether bytes wait on the subscription's socket (a system call, no switch)."""
-        # redis-py's connection keeps its socket in ``_sock`` (None once closed); a
-        # Cluster's pubsub has its node's connection once subscribed.
-        sock = getattr(getattr(self._pubsub, "connection", None), "_sock", None)
-        if sock is None:
-            return False
-        try:
-            return sockets.readable(sock)
-        except (OSError, ValueError):  # closed meanwhile: ``next`` says so
-            return False
+        return Subscription(pubsub, _SUBSCRIBER_ERRORS)
 
 
 def open_store(config: Mapping[str, Any]) -> RedisStore | None:
