@@ -368,9 +368,10 @@ class LocalStore:
         return True
 
     def unclaim(self, key: str, uid: str) -> bool:
-        """Release ``uid``'s claim (not a settled one); False if it was not the holder."""
+        """Release ``uid``'s claim (not a settled one); False if it was not the live
+        holder (a lapsed claim is nobody's, whether or not a purge forgot it yet)."""
         held = self._claims.get(key)
-        if held is None or held[0] != uid or held[3] is not None:
+        if held is None or held[2] <= self.clock() or held[0] != uid or held[3] is not None:
             return False
         del self._claims[key]
         return True

@@ -156,6 +156,11 @@ def _apply(store, prefix: str, op: tuple):  # type: ignore[no-untyped-def]
     steps=[(0, ("claim+mark", "u", 30.0)), (0, ("claim+mark", "v", 30.0)), (13, ("claim+mark", "v", 30.0)),
            (20, ("claim+mark", "w", 30.0)), (0, ("claim+mark", "u", 5.0))]
 )  # fmt: skip
+@example(  # a claim that lapsed is nobody's to give back, forgotten by the store or not
+    steps=[(0, ("claim", "u")), (8, ("refresh", "a")), (5, ("release", "a")), (18, ("admit", {0})),
+           (14, ("refresh", "a")), (10, ("charge", 0, 0)), (17, ("admit", {0})), (0, ("admit", {0})),
+           (0, ("run_all", "u", "a", 0, 0))]
+)  # fmt: skip
 @example(  # a settled claim answers repeats until its own expiry, then is claimed afresh
     steps=[(0, ("claim", "u")), (1, ("settle", "u", "答")), (20, ("claim", "v")),
            (0, ("keep", "u")), (0, ("unclaim", "u")), (11, ("claim", "w"))]

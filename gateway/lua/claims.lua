@@ -62,7 +62,9 @@ if mode == 'keep' or mode == 'settle' then
   redis.call('PEXPIRE', key, math.ceil((ttl + MARGIN) * 1000))
   return 1
 end
-if holder[1] ~= uid or settled then
+-- release: a claim that lapsed is nobody's (a new claim replaces it), given back or not;
+-- its key expires with it. Answered as LocalStore answers whether or not it purged it.
+if not live or holder[1] ~= uid or settled then
   return 0
 end
 redis.call('DEL', key)
