@@ -20,7 +20,8 @@ what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's e
 failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
 producer (or the relay's pump, then ``finish``) alone turns that into the final status
 (``ending.verdict``), finishes the Exchange and hands it to the recorder, exactly once
-(SPEC rules 1-7).
+(SPEC rules 1-7), with its account (what the answer says, what it cost, what the client
+got: ``account.py``).
 
 Nothing here reads Flask's request (the view passes everything in) and nothing here
 knows the other calls: the worker's ``calls`` hears of a client leaving through the
@@ -42,8 +43,8 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import jsoncodec, pricing
-from gateway.adapters import ir, wire
+from gateway import account, jsoncodec
+from gateway.adapters import wire
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
@@ -497,39 +498,20 @@ class Call:
 
     def _read_for_record(self) -> tuple[dict | None, dict[str, Any], dict[str, Any]]:
         """The answer as the record keeps it: the IR response, what the record takes of
-        it (text, usage, ...) and its account (cost, the provider's id)."""
+        it (text, usage, ...) and its account (cost, the provider's id): ``account``."""
         response = self._response
         if response is None and self._translator is not None:
             response = self._translator.response()
-        outcome = self.plan.operation.outcome(response, self.settings) if response else {}
-        return response, outcome, self._account(response, outcome.get("usage"))
-
-    def _account(self, response: dict | None, usage: dict | None) -> dict[str, Any]:
-        """The record's account: its cost and the provider's id (``_delivered``: what
-        its client was sent). The cost is priced once, here, at the prices the catalog
-        gave this worker for the candidate that answered.
-        """
-        candidate = self._candidate
-        prices = None
-        if candidate is not None:
-            prices = pricing.Prices(
-                candidate.input_price,
-                candidate.output_price,
-                candidate.cache_read_price,
-                candidate.cache_write_price,
-            )
-        return {
-            "cost": pricing.cost(usage, prices),
-            "upstream_id": wire.provider_text((response or {}).get("id")),
-        }
+        return response, *account.read(
+            response, self.plan.operation, self.settings, self._candidate
+        )
 
     def _delivered(self, response: dict | None) -> dict[str, Any]:
         """What a stream's client got, once its copy has ended (its last write, or its
         client gone): this waits for that."""
         # No stream started (refused, or nobody waited): the client got none of it.
         events, chars = self.down.delivery() if self._translator else (0, 0)
-        text = ir.text_of(response["content"]) if response else ""
-        return {"events": events, "text": text[:chars]}
+        return account.delivered(response, events, chars)
 
     # -- stopping ---------------------------------------------------------------
 
