@@ -12,10 +12,10 @@ over up to its first event past those that open it with nothing a client could u
 is handed straight to that greenlet, which reads it to its end first. Either way the
 rest of a stream is never read by its request's greenlet (SPEC rule 3).
 
-The producer fails over until an upstream answers (``routing.failover``), reads the
-answer to its end through the plan's operation (a stream through its
-``StreamTranslator``, or a JSON answer whole), puts the client's pieces on its
-``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
+The producer fails over until an upstream answers (``routing.failover``; each try is
+``attempt.send``: its request, noted on the Exchange), reads the answer to its end
+through the plan's operation (a stream through its ``StreamTranslator``, or a JSON
+answer whole), puts the client's pieces on its ``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
 what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's end or
 failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
 producer (or the relay's pump, then ``finish``) alone turns that into the final status
@@ -43,8 +43,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from gateway import account, jsoncodec
-from gateway.adapters import wire
+from gateway import account, attempt
 from gateway.adapters.translator import BrokenStream, Piece, StreamTranslator
 from gateway.downstream import Downstream
 from gateway.ending import BROKE, GATEWAY_ERROR, UNANSWERED, UPSTREAM_END, End, Ending, verdict
@@ -53,13 +52,10 @@ from gateway.plan import Plan, Settings
 from gateway.recorder import recorder
 from gateway.relay import TURN, relay
 from gateway.routing import Candidate, failover
-from gateway.telemetry import telemetry
-from gateway.upstream import Events, Response, UpstreamError, endpoint, upstream
+from gateway.upstream import Events, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
-# What one try opens: a stream (response, translator, events) or a JSON answer (bytes, parsed).
-Opened = tuple[Response, StreamTranslator, Events] | tuple[bytes, Any]
 # An HTTP/1.1 client takes interim responses before the final one (RFC 9110, 15.2). With
 # ON_DISCONNECT=cancel, a stream whose client sent a FIN before the first event writes
 # one: a client that closed answers it with a reset, and its upstream is closed at once;
@@ -194,68 +190,10 @@ class Call:
         self._reading = False
         self._finalise()
 
-    def _open(self, candidate: Candidate) -> Opened:
-        """One try: send, then read to the first event (stream) or the whole answer."""
-        self.exchange.serving(
-            candidate.model_id, candidate.provider_id, candidate.provider_type, candidate.base_url
-        )
+    def _open(self, candidate: Candidate) -> attempt.Opened:
+        """One try (``attempt.send``); the latest tried is the one whose prices cost the call."""
         self._candidate = candidate
-        operation = self.plan.operation
-        url, auth = endpoint(
-            candidate.provider_type,
-            candidate.base_url,
-            candidate.api_key,
-            candidate.api_version,
-            candidate.remote_id,
-            operation.endpoint,
-        )
-        body = jsoncodec.encode(operation.body(self.plan, candidate))
-        started = time.monotonic()
-        resp = None
-        try:
-            headers = {**self.plan.headers, **telemetry.upstream_headers(self.exchange), **auth}
-            resp = upstream.post(url, headers, body, stream=self.stream)
-            if self.stream:
-                translator = operation.translator(self.plan, candidate)
-                opened: Opened = (
-                    resp,
-                    translator,
-                    resp.events(translator.accepts, translator.refusal, translator.preface),
-                )
-            else:
-                opened = resp.answer(lambda data: operation.read(self.plan, candidate, data))
-        except UpstreamError as exc:
-            if resp is not None:
-                resp.close()
-            request_id = exc.request_id or (resp.request_id if resp is not None else None)
-            self._attempt(
-                candidate, started, exc.kind, request_id, status=exc.status, error=exc.describe()
-            )
-            raise
-        except BaseException:
-            if resp is not None:
-                resp.close()
-            raise
-        self._attempt(candidate, started, "ok", resp.request_id, status=resp.status)
-        return opened
-
-    def _attempt(
-        self,
-        candidate: Candidate,
-        started: float,
-        outcome: str,
-        request_id: str | None,
-        **detail: Any,
-    ) -> None:
-        ms = int((time.monotonic() - started) * 1000)
-        self.exchange.attempt(
-            candidate.provider_name,
-            candidate.remote_id,
-            outcome,
-            ms,
-            wire.provider_text(request_id),
-            **detail,
-        )
+        return attempt.send(self.plan, candidate)
 
     def _relay(self, resp: Response, translator: StreamTranslator, stream: Events) -> None:
         """Hand the stream on once its first event is here: to the relay, or, for a body
