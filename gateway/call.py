@@ -15,11 +15,12 @@ rest of a stream is never read by its request's greenlet (SPEC rule 3).
 The producer fails over until an upstream answers (``routing.failover``; each try is
 ``attempt.send``: its request, noted on the Exchange), reads the answer to its end
 through the plan's operation (a stream through its ``StreamTranslator``, or a JSON
-answer whole), puts the client's pieces on its ``Downstream`` and keeps time: the first token, the answer whole, the client gone, and
-what ended the call, in an ``ending.Ending``. Whatever ends it (the upstream's end or
-failure, a stop from ``calls``: cancel, drain bound, shutdown; or its deadline) the
-producer (or the relay's pump, then ``finish``) alone turns that into the final status
-(``ending.verdict``), finishes the Exchange and hands it to the recorder, exactly once
+answer whole), puts the client's pieces on its ``Downstream`` and keeps time: the first
+token, the answer whole, the client gone, and what ended the call, in an
+``ending.Ending``. Whatever ends it (the upstream's end or failure, a stop from
+``calls``: cancel, drain bound, shutdown; or its deadline) the producer (or the relay's
+pump, then ``finish``) alone turns that into the final status (``ending.verdict``),
+finishes the Exchange and hands it to the recorder, exactly once
 (SPEC rules 1-7), with its account (what the answer says, what it cost, what the client
 got: ``account.py``).
 
@@ -415,22 +416,24 @@ class Call:
         status, error = verdict(self.ending)
         upstream_ended = self.exchange.elapsed_ms
         try:
-            response, outcome, account = self._read_for_record()
+            response, outcome, accounted = self._read_for_record()
         except Exception as exc:  # a bug, or an answer no parser foresaw: not the call's
             log.exception("call: %s is recorded without what its answer says", self.exchange.uid)
-            response, outcome, account = None, {}, {"cost": None, "upstream_id": None}
+            response, outcome, accounted = None, {}, {"cost": None, "upstream_id": None}
             error = error or f"gateway error: the answer could not be recorded: {exc!r}"
         # Settled before the client's copy ends (a stream's terminal event was held for
         # it): a next call, on any instance, finds the slot free and the dues charged.
         # The Exchange is finished only after: a snapshot of it is its record.
         answer = response if self.ending.answered else None
-        self.plan.settle(answer, outcome.get("usage"), account["cost"])
+        self.plan.settle(answer, outcome.get("usage"), accounted["cost"])
         if self._last is not None:
             self.down.put(self._last)
         self.down.end()
         if self.stream:
-            account["delivered"] = self._delivered(response)
-        self.exchange.finish(status, error=error, duration_ms=upstream_ended, **outcome, **account)
+            accounted["delivered"] = self._delivered(response)
+        self.exchange.finish(
+            status, error=error, duration_ms=upstream_ended, **outcome, **accounted
+        )
         self.plan.count()
         recorder.record(self.exchange)
 
