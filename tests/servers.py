@@ -58,15 +58,25 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {first}..{first + size - 1}")
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+def wait_until(
+    check: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str | Callable[[], str] = "condition",
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``.
+
+    ``what`` names what was waited for in the failure (a callable: read at the timeout,
+    to say how far it got).
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            said = what() if callable(what) else what
+            raise AssertionError(f"{said}: not met within {timeout} s")
         time.sleep(interval)
 
 

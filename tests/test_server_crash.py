@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,10 +182,12 @@ def test_calls_a_killed_worker_answered_keep_their_records(
         done = sum(r["status"] == "completed" for r in now) >= len(answered)
         return now if done else None
 
-    try:  # replayed, and the rest swept
-        final = wait_until(settled, timeout=60, interval=0.5)
-    except AssertionError:
-        final = rows.all()
+    def how_far() -> str:
+        statuses = Counter(r["status"] for r in rows.all())
+        return f"every row final, one completed per call answered ({len(answered)}): {statuses}"
+
+    # Replayed, and the rest swept: a replay that never comes, or a slow one, fails here.
+    final = wait_until(settled, timeout=60, interval=0.5, what=how_far)
     completed = [r for r in final if r["status"] == "completed"]
     assert len(completed) >= len(answered), (len(completed), len(answered))
     assert all(r["status"] in ("completed", "failed") for r in final)
