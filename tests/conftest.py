@@ -40,6 +40,7 @@ from tests.servers import (  # noqa: E402
     RedisServer,
     hub_waits,
     reap,
+    stopped_wrong,
 )
 
 # Name lookups as a worker makes them: an address without the pool, a name with a
@@ -353,11 +354,24 @@ def _no_wait_in_the_hub() -> Iterator[None]:
     assert not (found := hub_waits()), f"a gateway waited in its hub: {found}"
 
 
+@pytest.fixture(autouse=True)
+def _gateways_stopped_well() -> Iterator[None]:
+    """After each test, the gateways that fixtures left stopping (``stop_behind``) and
+    that have exited since exited as meant: 0, or -9 after a test's ``kill()``. Their
+    quick stops are not waited for, so one is looked at after the next test, or at the
+    end: the failure names the test that stopped it."""
+    yield
+    if wrong := stopped_wrong():
+        pytest.fail("\n\n".join(wrong), pytrace=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _reap_gateways() -> Iterator[None]:
-    """At the end, wait for the gateways that fixtures left stopping."""
+    """At the end, wait for the gateways that fixtures left stopping: each exited as
+    meant, within a minute."""
     yield
-    reap()
+    if wrong := reap():
+        pytest.fail("\n\n".join(wrong), pytrace=False)
 
 
 def _need_redis_server() -> None:

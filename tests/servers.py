@@ -184,6 +184,8 @@ class Gateway:
         self.environ = environ
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self._log_read = 0  # how far ``hub_waits`` has read the log
+        self.expected_exit = 0  # gunicorn's master, on SIGTERM, SIGQUIT or SIGINT
+        self.stopped_in = ""  # the test that left it stopping (``stop_behind``)
         _started.append(self)
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -195,7 +197,8 @@ class Gateway:
         try:
             wait_until(self._healthy, timeout=30)
         except AssertionError:
-            self.stop()
+            self.proc.kill()  # hung at start: the error says so, not the stop
+            self.proc.wait()
             raise RuntimeError(f"gateway did not start:\n{self.log()}") from None
         self.admin = requests.Session()
         self.admin.headers["Authorization"] = f"Bearer {ADMIN_SECRET}"
@@ -318,31 +321,77 @@ class Gateway:
         return wait_until(done, timeout=timeout, interval=0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send ``sig`` and wait for the exit; its code (0).
+
+        Fails if it had to be killed after ``timeout`` (hung at shutdown), or exited
+        with another code than 0 (crashed at shutdown, or before it): unless the test
+        crashed it on purpose with ``kill()``.
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self._wait(timeout)
+        in_time = self._wait(timeout)
         self.log_file.close()
+        if wrong := self.exited_wrong(in_time, timeout):
+            raise AssertionError(wrong)
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """``kill -9`` of the master, as a crash (its workers, orphaned, exit on their
+        own): the one way a test ends a gateway that its stop then takes as meant."""
+        self.expected_exit = -signal.SIGKILL
+        self.proc.kill()
+        self.proc.wait()
+
     def stop_behind(self, sig: int = signal.SIGQUIT) -> None:
-        """Tell it to stop and go on: ``reap()`` waits for it later.
+        """Tell it to stop and go on: ``stopped_wrong()`` after each test, and ``reap()``
+        at the end, look at its exit later (as ``stop`` does).
 
         For fixtures done with a gateway: its quick shutdown (about half a second,
         mostly gunicorn's polls) runs while the next test starts.
         """
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        for gone in [gw for gw in _stopping if gw.proc.poll() is not None]:
-            _stopping.remove(gone)  # stopped meanwhile: only its log is left to close
-            gone.log_file.close()
-        _stopping.append(self)
+        if self not in _stopping:  # a test's own stop_behind, then its fixture's
+            self.stopped_in = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+            _stopping.append(self)
 
-    def _wait(self, timeout: float) -> None:
+    def _wait(self, timeout: float) -> bool:
+        """Wait for the exit; False if it had to be killed after ``timeout``."""
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            return False
+        return True
+
+    def exited_wrong(self, in_time: bool = True, timeout: float = 0.0) -> str | None:
+        """What was wrong with its exit (its log's end), if anything was."""
+        code = self.proc.returncode
+        if in_time and code == self.expected_exit:
+            return None
+        of = f" (stopped behind by {self.stopped_in})" if self.stopped_in else ""
+        if not in_time:
+            wrong = f"gateway {self.proc.pid}{of} still running {timeout} s after its stop: killed"
+        else:
+            wrong = f"gateway {self.proc.pid}{of} exited with {code}, not {self.expected_exit}"
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
+        except FileNotFoundError:  # its folder went with its test
+            tail = ["(its log is gone)"]
+        return wrong + "; its log ends:\n" + "\n".join(tail)
+
+
+def stop_all(gateways: list[Gateway]) -> None:
+    """``stop()`` each (a ``finally``'s cleanup): all are stopped before one's failure
+    is raised."""
+    wrong = []
+    for gw in gateways:
+        try:
+            gw.stop()
+        except AssertionError as exc:
+            wrong.append(str(exc))
+    assert not wrong, "\n\n".join(wrong)
 
 
 # Gateways told to stop by stop_behind() and not waited for yet.
@@ -408,12 +457,28 @@ def hub_waits() -> list[str]:
     return found
 
 
-def reap(timeout: float = 60.0) -> None:
-    """Wait for every gateway that stop_behind() left stopping."""
+def stopped_wrong() -> list[str]:
+    """Of the gateways ``stop_behind()`` left stopping that have exited since: what was
+    wrong with each exit (``Gateway.exited_wrong``). Those still stopping stay for the
+    next look, or ``reap()``."""
+    wrong = []
+    for gw in [gw for gw in _stopping if gw.proc.poll() is not None]:
+        _stopping.remove(gw)
+        gw.log_file.close()
+        wrong += filter(None, [gw.exited_wrong()])
+    return wrong
+
+
+def reap(timeout: float = 60.0) -> list[str]:
+    """Wait for every gateway that stop_behind() left stopping; what was wrong with
+    their exits (one still running after ``timeout`` is killed)."""
+    wrong = []
     while _stopping:
         gw = _stopping.pop()
-        gw._wait(timeout)
+        in_time = gw._wait(timeout)
         gw.log_file.close()
+        wrong += filter(None, [gw.exited_wrong(in_time, timeout)])
+    return wrong
 
 
 def own_route(gw: Gateway, upstream_url: str, remote_id: str, **kwargs: Any) -> dict:

@@ -636,9 +636,9 @@ def test_a_store_the_master_could_not_start_again_is_started_at_its_next_try(
 
 def test_no_store_is_left_behind_by_a_stop_or_a_killed_master(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
     stopped, killed = gateway_factory(workers=2), gateway_factory(workers=2)
-    for gw, how in ((stopped, signal.SIGTERM), (killed, signal.SIGKILL)):
+    for gw, how in ((stopped, Gateway.stop), (killed, Gateway.kill)):  # SIGTERM, -9
         pid, path = _store_of(gw)
-        gw.stop(how)
+        how(gw)
         wait_until(lambda pid=pid: not _running(pid), timeout=5)
         assert not os.path.exists(os.path.dirname(path)), how
     one = gateway_factory(workers=1)

@@ -26,7 +26,7 @@ import pytest
 
 from gateway.db import migrate, open_database
 from gateway.sweeper import SWEPT_ERROR
-from tests.servers import Gateway, children, wait_until
+from tests.servers import Gateway, children, stop_all, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -208,8 +208,7 @@ def test_a_killed_instance_is_swept_by_another_sharing_the_database(
     # survivable: the orphaned worker notices and records the call itself.)
     for pid in children(first.proc.pid):
         os.kill(pid, signal.SIGKILL)
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait()
+    first.kill()
     took = watch(rows, "doomed", "live", reader)
     print(f"\nkill -9 of an instance: its row finalised {took:.1f} s later by the other")
     assert took < 15
@@ -256,8 +255,7 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
     try:
         for pid in children(doomed.proc.pid):
             os.kill(pid, signal.SIGKILL)
-        doomed.proc.kill()
-        doomed.proc.wait()
+        doomed.kill()
         assert doomed_dir.exists(), "nothing ran at its exit"
         later = Gateway(url, tmp_path / "later", **default)
         assert not doomed_dir.exists(), "the dead master's directory is still there"
@@ -267,8 +265,6 @@ def test_a_killed_instances_metrics_directory_goes_at_the_next_start(fake, tmp_p
         assert later_dir is not None and later_dir.exists()
         assert later.stop() == 0 and not later_dir.exists(), "on_exit removes its own"
     finally:
-        for gw in (doomed, later):
-            if gw is not None:
-                gw.stop()
+        stop_all([gw for gw in (doomed, later) if gw is not None])
         for path in [*kept, taken]:
             shutil.rmtree(path, ignore_errors=True)

@@ -30,7 +30,7 @@ import openai
 import pytest
 import requests
 
-from tests.servers import ADMIN_SECRET, Gateway, RedisServer, wait_until
+from tests.servers import ADMIN_SECRET, Gateway, RedisServer, stop_all, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -59,8 +59,7 @@ def pair(module_database: tuple, fake, shared_redis: RedisServer) -> Any:  # typ
         a.api("POST", "/models", json={**model, "remoteId": "fake"})
         yield a, b
     finally:
-        for gw in started:
-            gw.stop()
+        stop_all(started)
 
 
 def new_key(gw: Gateway, **fields: Any) -> tuple[str, int]:
