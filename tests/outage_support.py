@@ -88,8 +88,8 @@ def call(gw: Gateway, key: str, marker: str, kind: tuple) -> str:
                 return "hung up"
         return "full" if text == TEXT else "short"
     except (openai.APITimeoutError, anthropic.APITimeoutError):
-        if not hang_up:
-            return "timeout"
+        if not hang_up or stream:  # a stream's client hangs up after its third token:
+            return "timeout"  # its timeout is 30 s without an answer, not a hang-up
         # The answer takes 0.6 s. A client held off the CPU past then (a loaded machine)
         # may give up on an answer the gateway had already written to it in full.
         return "hung up" if time.monotonic() - sent < ANSWER_DUE else "hung up late"

@@ -63,6 +63,10 @@ pytestmark = [
 
 OUTAGE = float(os.environ.get("GATEWAY_TEST_OUTAGE", "12"))
 SCRIPT = "fake;chunks=12;delay=0.1;first_delay=0.6"  # a stream takes 1.7 s, an answer 0.6 s
+# The longest a call of the outage may take: a few seconds when both workers recycle
+# at once (none takes calls until one has exited). Not the clients' own timeout (30 s):
+# a call held that long still answered, and the test took 30 s longer unnoticed.
+SLOW_CALL = 20.0
 HUNG_UP = ("hung up", "hung up late")
 
 
@@ -107,7 +111,7 @@ def test_a_database_outage_under_load_loses_nothing_and_fails_no_call(
     try:
         run_the_outage(gw, cluster, fake)
     finally:
-        gw.stop()
+        gw.stop(timeout=20)  # 1.5-2.5 s: not a worker held until graceful_timeout (30 s)
 
 
 def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type: ignore[no-untyped-def]
@@ -120,6 +124,7 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     time.sleep(1.5)  # CACHE_TTL: every worker has read the revocation
 
     results: dict[str, tuple[tuple, str]] = {}
+    took: dict[str, float] = {}
     refused: list[str] = []
     pool = gevent.pool.Pool()
 
@@ -127,7 +132,9 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
         gevent.sleep(delay)
         kind = KINDS[i % len(KINDS)]
         marker = f"call-{i:03d}"
+        began = time.monotonic()
         results[marker] = (kind, call(gw, key, marker, kind))
+        took[marker] = time.monotonic() - began
 
     # 8 calls in the 2 s before the outage (some in flight when it starts), 4 a second
     # during it, 8 after it.
@@ -160,6 +167,9 @@ def run_the_outage(gw: Gateway, cluster: PostgresCluster, fake) -> None:  # type
     outcomes = {m: got for m, (_, got) in results.items()}
     errors = {m: got for m, got in outcomes.items() if got not in ("full", *HUNG_UP)}
     assert len(results) == len(schedule) and not errors, errors
+    slowest = max(took, key=took.__getitem__)
+    print(f"the slowest call: {slowest}, {took[slowest]:.1f} s")
+    assert took[slowest] < SLOW_CALL, (slowest, results[slowest], took[slowest])
     assert refused == ["HTTP 401"] * 4
     # Two usable keys (the revoked one is not), two providers, two chat models.
     assert catalogs == [(2, 2, 2)] * 4, catalogs
