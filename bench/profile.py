@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import pair, run  # noqa: E402
 from bench.client import request  # noqa: E402
-from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
+from tests.servers import FakeUpstream, Floor, Gateway, stop_all  # noqa: E402
 
 FREQUENCY = 4999  # perf samples a second of CPU
 CLIENTS = 10
@@ -159,8 +159,7 @@ def targets(
             key,
         )
     finally:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(reversed(servers))  # a gateway's bad exit leaves none running
 
 
 def _request(kind: str, key: str) -> bytes:

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.client import Connection, request  # noqa: E402
 from bench.report import SETTINGS_TWIN, TWIN, load_average, machine, pct, table  # noqa: E402
-from tests.servers import FakeUpstream, Floor, Gateway  # noqa: E402
+from tests.servers import FakeUpstream, Floor, Gateway, stop_all  # noqa: E402
 
 ANSWER = "fake;chunks=20"  # a JSON answer of 20 pieces
 FIRST_BYTE = "fake;chunks=20;stall_at=1;stall_for=0.005"  # first event, a pause, the rest
@@ -318,8 +318,7 @@ def run(url: str, tmp: Path, fake: FakeUpstream, floor: Floor, args: argparse.Na
             targets.append(Target(name, gw.port, gw.worker_pids() + ([store[0]] if store else [])))
         results = measure(targets, key, args)
     finally:
-        for gw in started:
-            gw.stop()
+        stop_all(started)  # a gateway's bad exit leaves none running
     if args.streams:
         results["open_streams"] = streams_figure(url, tmp, floor, key, args.streams)
     return results

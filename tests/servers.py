@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,13 +382,13 @@ class Gateway:
         return wrong + "; its log ends:\n" + "\n".join(tail)
 
 
-def stop_all(gateways: list[Gateway]) -> None:
-    """``stop()`` each (a ``finally``'s cleanup): all are stopped before one's failure
-    is raised."""
+def stop_all(servers: Iterable[Any]) -> None:
+    """``stop()`` each (a ``finally``'s cleanup: gateways, and the floor or fake upstream
+    beside them): all are stopped before one's failure is raised."""
     wrong = []
-    for gw in gateways:
+    for server in servers:
         try:
-            gw.stop()
+            server.stop()
         except AssertionError as exc:
             wrong.append(str(exc))
     assert not wrong, "\n\n".join(wrong)
