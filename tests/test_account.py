@@ -5,25 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from gateway import account, pricing
-from gateway.routing import Candidate
+from tests.test_plan import candidate
 
-PRICED = Candidate(
-    model_id=1,
-    system_name="gpt",
-    remote_id="gpt-4o",
-    model_type="chat",
-    weight=1.0,
-    provider_id=1,
-    provider_name="openai",
-    provider_type="openai",
-    base_url="https://api.example",
-    api_key=None,
-    api_version=None,
-    stream_usage=True,
-    input_price=2.5,
-    output_price=10.0,
-    cache_read_price=1.25,
-)
+PRICED = dataclasses.replace(candidate(), input_price=2.5, output_price=10.0, cache_read_price=1.25)
 USAGE = {"input_tokens": 1000, "output_tokens": 200, "cache_read_tokens": 400}
 
 
