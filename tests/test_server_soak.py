@@ -233,28 +233,16 @@ def test_soak(gateway_factory, fake) -> None:  # type: ignore[no-untyped-def]
 
 
 def _final(gw: Gateway, fake: FakeUpstream) -> tuple[list[dict], dict[str, dict]] | None:
-    """Every record and the fake's log of every call, once no call runs and none is pending.
-
-    The admin API pages by 1,000, newest first, by offset: a row written between two
-    pages (the recorder may still be writing once no call runs) pushes the rest down
-    by one, and the next page repeats a row already read and hides another. A read
-    with a repeated row is not a picture of the table: it is read again later.
-    """
+    """Every record and the fake's log of every call, once no call runs and none is
+    pending (the recorder may still be writing once no call runs: ``Gateway.records``
+    reads the pages again when a row moved between two)."""
     if requests.get(f"{gw.url}/healthz", timeout=10).json()["calls"]:
         return None
     log = {entry["id"]: entry for entry in fake.log() if (entry["id"] or "").startswith("soak")}
-    rows: list[dict] = []
-    while page := _page(gw, len(rows)):
-        rows += page
-    if len({row["id"] for row in rows}) < len(rows):
-        return None
+    rows = gw.records()  # every page, read again whole if a row moved between two
     if len(rows) >= len(log) and all(r["status"] != "pending" for r in rows):
         return rows, log
     return None
-
-
-def _page(gw: Gateway, offset: int) -> list[dict]:
-    return gw.api("GET", "/completions", params={"limit": 1000, "offset": offset})["data"]
 
 
 def _sid(row: dict) -> str:
