@@ -5,8 +5,9 @@ with ``REDIS_URL``), else on the store process of this instance's workers
 (``instancestore``, with more than one worker) or on this process's memory
 (``buckets.LocalStore``); a warning at start says how far limits then hold. It names
 the state (``gw:{key:42}:rpm``: all of a key's state under one hash tag), turns a key's
-limits into buckets, keeps the slots and request claims of calls in flight alive (a
-killed worker's expire within ``INFLIGHT_TTL``), totals each key's spend per calendar month (UTC) for its budget
+limits into buckets, has the slots and request-id claims of calls in flight held and
+kept alive (``inflight``: a killed worker's lapse within ``INFLIGHT_TTL``), totals each
+key's spend per calendar month (UTC) for its budget
 (raised to the records' figure when the store may not have it: ``spend``),
 takes a large RPM limit's requests ahead in leases so that most calls admit with no round
 trip (``leases``, which says what that changes), and fails open (``failopen``): when the
@@ -38,7 +39,8 @@ from gateway import instancestore, leases, metrics, pricing
 from gateway.buckets import Bucket, Claim, LocalStore, per_minute
 from gateway.config import DEFAULTS
 from gateway.errors import BudgetExceeded
-from gateway.failopen import KEEP_BATCH, UNSENT, Guard
+from gateway.failopen import UNSENT, Guard
+from gateway.inflight import InFlight
 from gateway.keychanges import KeyChanges
 from gateway.ratelimit import open_store
 
@@ -52,7 +54,6 @@ SPEND_TTL = 40 * 86400.0  # a month's spend outlives the month, whatever day it 
 # In a worker's memory it is the worker's own: the records bring the others' spend.
 SEED_SHARED_EVERY = 600.0
 SEED_EVERY_MIN = 1.0  # in memory: CACHE_TTL, at least this
-UNLIMITED = 2**31 - 1  # a slot taken again for a call already running: no limit refuses it
 # Announced by a charge that leaves a key's TPM bucket near empty: "tpm-low:<key id>".
 TPM_LOW = "tpm-low:"
 # What a fail-open is counted as in /metrics (gateway_limiter_fail_open_total's label).
@@ -121,8 +122,10 @@ class Limiter:
 
     def __init__(self) -> None:
         self._group = gevent.pool.Group()
+        # Slots and request-id claims of calls in flight; its keeper outlives ``configure``.
+        self._inflight = InFlight()
         # Announces key changes and hears others'; its callbacks outlive ``configure``.
-        self._changes = KeyChanges(self._background, self._heard_for_leases, self.keep_in_flight)
+        self._changes = KeyChanges(self._background, self._heard_for_leases, self._inflight.keep)
         # Asked to read a key's spend in a month from the records (``seed_spend``).
         self.on_unseeded: Callable[[int, datetime], None] = lambda key_id, now: None
         self.configure({})
@@ -144,7 +147,7 @@ class Limiter:
         self.prefix = str(cfg["REDIS_PREFIX"])
         self._changes.configure(self._guard, self.prefix, self.shared)
         self.inflight_ttl = float(cfg["INFLIGHT_TTL"])
-        self.dedup_ttl = float(cfg["DEDUP_TTL"])
+        self._inflight.configure(self._guard, self.inflight_ttl, float(cfg["DEDUP_TTL"]))
         self.seed_every = (
             SEED_SHARED_EVERY if self.shared else max(SEED_EVERY_MIN, float(cfg["CACHE_TTL"]))
         )
@@ -159,9 +162,6 @@ class Limiter:
             float(cfg["LOGIN_ATTEMPTS"]) / float(cfg["LOGIN_WINDOW"]),
         )
         self._keys: dict[tuple[int, str], str] = {}  # (key id, bucket or set name) -> store key
-        self._slots: set[tuple[str, str]] = set()  # (key, call uid) held by this worker
-        # (claim key, call uid): when (time.monotonic) the call claimed the request id
-        self._claims: dict[tuple[str, str], float] = {}
         # spend key -> the highest total the store answered for it: the key's spend is
         # at least that, whatever becomes of the store (``admit`` while it is away)
         self._spent_seen: dict[str, int] = {}
@@ -190,7 +190,7 @@ class Limiter:
     def start(self) -> None:
         """Run the slot keeper (and the key-change listener, with Redis) in the background."""
         self.stop()
-        self._spawn(self._keep_in_flight)
+        self._spawn(self._inflight.keep_on)
         if self.shared:
             self._spawn(self._changes.listen)
 
@@ -289,7 +289,7 @@ class Limiter:
             self._renew(key_id, holding)
         if verdict is None:
             if held is not None:  # the store may yet run it: given back as if held
-                self._slots.add((held[0], held[1]))
+                self._inflight.hold(held[0], held[1])
             if spend is not None and self._spent_seen.get(spend[0], 0) >= spend[1]:
                 # Known spent: a month's spend only grows, so this is no guess (a key
                 # over its budget spent $7.60 in the second Redis was away, at 16 clients).
@@ -305,7 +305,7 @@ class Limiter:
             if verdict.seed:
                 self.on_unseeded(key_id, now)
         if held is not None and verdict.allowed:
-            self._slots.add((held[0], held[1]))
+            self._inflight.hold(held[0], held[1])
         refused_by = None
         if verdict.refused is not None:
             at = verdict.refused
@@ -476,28 +476,17 @@ class Limiter:
     def _spend_key(self, key_id: int, now: datetime) -> str:
         return self.key(f"key:{key_id}", f"spend:{now:%Y-%m}")
 
-    # -- calls in flight: maxConcurrent slots, request-id claims ----------------
+    # -- calls in flight: maxConcurrent slots, request-id claims (inflight.py) -----
 
     def enter(self, key_id: int, uid: str, max_concurrent: int | None) -> bool:
         """Take one of the key's in-flight slots for call ``uid``; False if all are taken."""
         if not max_concurrent or max_concurrent <= 0:
             return True
-        key = self._of_key(key_id, "inflight")
-        held, _ = self._guard.guarded(
-            "enter", (True, 0), self.store.acquire, key, uid, max_concurrent, self.inflight_ttl
-        )
-        if held:
-            self._slots.add((key, uid))
-        return held
+        return self._inflight.enter(self._of_key(key_id, "inflight"), uid, max_concurrent)
 
     def leave(self, key_id: int, uid: str) -> None:
         """Give back call ``uid``'s slot (when its upstream is done, drains included)."""
-        key = self._of_key(key_id, "inflight")
-        if (key, uid) in self._slots:
-            self._slots.discard((key, uid))
-            self._guard.send_or_owe(
-                "leave", self.store.release, (key, uid), [("release", (key, uid))]
-            )
+        self._inflight.leave(self._of_key(key_id, "inflight"), uid)
 
     def claim(self, key_id: int, req_id: str, uid: str) -> Claim | None:
         """Claim a request id for call ``uid``: None if claimed, else who holds it."""
@@ -508,14 +497,8 @@ class Limiter:
         key's claims less than INFLIGHT_TTL ago (a Redis restarted empty), and the
         worker of a call still in flight with this id may not have taken its claim
         again yet (it does once it hears the store is back, or at its next keep)."""
-        key = self.key(f"key:{key_id}", f"req:{req_id}")
-        mark, ttl = self._of_key(key_id, "claims-since"), self.inflight_ttl
-        holder = self._guard.guarded("claim", None, self.store.claim, key, uid, ttl, 0.0, mark, ttl)
-        unsure = holder is not None and holder.uid == uid
-        if holder is None or unsure:
-            self._claims[(key, uid)] = time.monotonic()
-            return None, unsure
-        return holder, False
+        mark = self._of_key(key_id, "claims-since")
+        return self._inflight.claim(self._claim_key(key_id, req_id), mark, uid)
 
     def unclaim(self, key_id: int, req_id: str, uid: str) -> None:
         """Release call ``uid``'s claim on a request id: a repeat will run anew."""
@@ -523,17 +506,15 @@ class Limiter:
 
     def settle(self, key_id: int, req_id: str, uid: str, answer: str | None) -> None:
         """Call ``uid`` is over: keep ``answer`` for repeats DEDUP_TTL seconds (None: release)."""
-        key = self.key(f"key:{key_id}", f"req:{req_id}")
-        if (key, uid) not in self._claims:
-            return
-        del self._claims[(key, uid)]
-        if answer is None:
-            self._guard.send_or_owe(
-                "unclaim", self.store.unclaim, (key, uid), [("unclaim", (key, uid))]
-            )
-        else:
-            args = (key, uid, answer, self.dedup_ttl)
-            self._guard.send_or_owe("settle", self.store.settle, args, [("settle", args)])
+        self._inflight.settle(self._claim_key(key_id, req_id), uid, answer)
+
+    def keep_in_flight(self) -> None:
+        """Extend the slots and claims this worker holds; take again those the store lost
+        while their calls still run (``InFlight.keep``)."""
+        self._inflight.keep()
+
+    def _claim_key(self, key_id: int, req_id: str) -> str:
+        return self.key(f"key:{key_id}", f"req:{req_id}")
 
     # -- a finished call ----------------------------------------------------------
 
@@ -560,17 +541,8 @@ class Limiter:
         """
         operations: list[tuple[str, tuple]] = []
         if req_id is not None:
-            key = self.key(f"key:{key_id}", f"req:{req_id}")
-            if (key, uid) in self._claims:
-                del self._claims[(key, uid)]
-                if answer is None:
-                    operations.append(("unclaim", (key, uid)))
-                else:
-                    operations.append(("settle", (key, uid, answer, self.dedup_ttl)))
-        key = self._of_key(key_id, "inflight")
-        if (key, uid) in self._slots:
-            self._slots.discard((key, uid))
-            operations.append(("release", (key, uid)))
+            operations += self._inflight.settled(self._claim_key(key_id, req_id), uid, answer)
+        operations += self._inflight.released(self._of_key(key_id, "inflight"), uid)
         if tpm and tpm > 0 and tokens and tokens > 0:
             charge: tuple = (self._of_key(key_id, "tpm"), per_minute("tpm", tpm), tokens)
             if self.lease_share:  # other workers' leases trust their view of TPM
@@ -587,46 +559,6 @@ class Limiter:
         if operations:
             post = self.store.post_all
             self._guard.send_or_owe("finish", post, (operations,), operations, unsent)
-
-    def _keep_in_flight(self) -> None:
-        """Refresh this worker's slots and claims; a killed worker's lapse after the TTL."""
-        while True:
-            gevent.sleep(self.inflight_ttl / 3)
-            self.keep_in_flight()  # and what is still owed: the store may answer by now
-
-    def keep_in_flight(self) -> None:
-        """Extend each slot and claim this worker holds by the TTL from now, KEEP_BATCH
-        of them a round trip. One given back meanwhile is not taken again (the scripts
-        extend only what is still held). One the store lost while its call still runs (a
-        Redis restarted empty, a replica promoted before it had them) is taken again
-        (``_take_again``): else the key's calls in flight went uncounted, and a repeat
-        of a running request id was made anew, for as long as the call ran."""
-        ttl = self.inflight_ttl
-        operations = [("refresh", (key, uid, ttl)) for key, uid in self._slots]
-        operations += [("keep_claim", (key, uid, ttl)) for key, uid in self._claims]
-        lost = []
-        for at in range(0, len(operations), KEEP_BATCH):
-            batch = operations[at : at + KEEP_BATCH]
-            kept = self._guard.guarded("keep", None, self.store.run_all, batch)
-            if kept is not None:
-                lost += [op for op, held in zip(batch, kept, strict=True) if not held]
-        self._take_again(lost)
-
-    def _take_again(self, lost: list[tuple[str, tuple]]) -> None:
-        """Hold again what the store lost of calls still in flight here: each slot
-        whatever the key's limit (the call runs: it counts), each claim unless another
-        call claimed the request id meanwhile. One given back since is left alone: its
-        call removed it from this worker's sets before it said so to the store, and what
-        this worker sends after that reaches the store after it."""
-        ttl = self.inflight_ttl
-        for name, (key, uid, _) in lost:
-            if name == "refresh" and (key, uid) in self._slots:
-                self._guard.guarded("keep", None, self.store.acquire, key, uid, UNLIMITED, ttl)
-            elif name == "keep_claim" and (key, uid) in self._claims:
-                age = time.monotonic() - self._claims[(key, uid)]  # started_at stays
-                holder = self._guard.guarded("keep", None, self.store.claim, key, uid, ttl, age)
-                if holder is not None and holder.uid != uid:
-                    self._claims.pop((key, uid), None)  # another call holds it now
 
     # -- sign-in and admin-bearer throttling ------------------------------------
 

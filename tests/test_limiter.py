@@ -28,9 +28,10 @@ from gevent import monkey
 from gateway import failopen, keychanges, metrics
 from gateway import limiter as limiter_module
 from gateway.errors import BudgetExceeded
+from gateway.failopen import KEEP_BATCH
 from gateway.keychanges import resubscribe_wait
 from gateway.leases import LEASE_TTL
-from gateway.limiter import KEEP_BATCH, Limiter, model_bucket
+from gateway.limiter import Limiter, model_bucket
 from tests.servers import RedisServer, wait_until
 
 
