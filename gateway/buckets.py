@@ -349,11 +349,20 @@ class LocalStore:
                 return Claim(uid, started, now)
         return None
 
+    def _held_by(self, key: str, uid: str, now: float) -> tuple | None:
+        """``uid``'s claim on ``key`` if ``uid`` is its live, unsettled holder at ``now``
+        (claims.lua's ``live`` and holder test: a lapsed claim is nobody's, whether or
+        not a purge forgot it yet), else None."""
+        held = self._claims.get(key)
+        if held is None or held[2] <= now or held[0] != uid or held[3] is not None:
+            return None
+        return held
+
     def keep_claim(self, key: str, uid: str, ttl: float) -> bool:
         """Extend ``uid``'s claim by ``ttl`` from now; False if it is not the holder."""
         now = self.clock()
-        held = self._claims.get(key)
-        if held is None or held[2] <= now or held[0] != uid or held[3] is not None:
+        held = self._held_by(key, uid, now)
+        if held is None:
             return False
         self._claims[key] = (uid, held[1], now + ttl, None)
         return True
@@ -361,17 +370,15 @@ class LocalStore:
     def settle(self, key: str, uid: str, answer: str, ttl: float) -> bool:
         """Keep ``answer`` under ``uid``'s claim for ``ttl`` from now; False if not the holder."""
         now = self.clock()
-        held = self._claims.get(key)
-        if held is None or held[2] <= now or held[0] != uid or held[3] is not None:
+        held = self._held_by(key, uid, now)
+        if held is None:
             return False
         self._claims[key] = (uid, held[1], now + ttl, answer)
         return True
 
     def unclaim(self, key: str, uid: str) -> bool:
-        """Release ``uid``'s claim (not a settled one); False if it was not the live
-        holder (a lapsed claim is nobody's, whether or not a purge forgot it yet)."""
-        held = self._claims.get(key)
-        if held is None or held[2] <= self.clock() or held[0] != uid or held[3] is not None:
+        """Release ``uid``'s claim (not a settled one); False if it was not the live holder."""
+        if self._held_by(key, uid, self.clock()) is None:
             return False
         del self._claims[key]
         return True
