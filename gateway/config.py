@@ -44,8 +44,9 @@ DEFAULTS: dict[str, object] = {
     "REDIS_PREFIX": "gw",  # of every Redis key and channel: several gateways, one Redis
     # Without REDIS_URL, the socket of the store process the workers of this instance
     # share their limits through (instancestore.py): gunicorn's master starts one
-    # (storekeeper.py) and sets this when it runs more than one worker. "off": none, each worker keeps its
-    # own limits (a process and a round trip less, limits per worker).
+    # (storekeeper.py) and sets this when it runs more than one worker. "off": none,
+    # each worker keeps its own limits (a process and a round trip less, limits per
+    # worker).
     "INSTANCE_STORE": None,
     # Seconds an operation of the instance store may take before it counts as away (its
     # REDIS_TIMEOUT). Longer than Redis's: the store shares the instance's cores with its

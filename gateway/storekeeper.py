@@ -106,8 +106,10 @@ def _runs(pid, started):
     return found is not None and found[0] != b"Z" and found[1] == started
 
 
-def _unsafe_directory(found, uid):
-    """Why a directory found at the store's path must not be used (None: it may).
+def _unsafe_directory(found, uid, others=0o077, what="others may enter it"):
+    """Why a directory found at the store's path must not be used (None: it may): not a
+    directory, not ``uid``'s, or with any of the mode bits ``others`` (``what`` they let
+    others do).
 
     /tmp is every user's: a name freed by a cleaner may be taken by anyone, and a link
     or a directory others may enter could hand the workers someone else's socket."""
@@ -115,8 +117,8 @@ def _unsafe_directory(found, uid):
         return "is not a directory (a link?)"
     if found.st_uid != uid:
         return f"belongs to uid {found.st_uid}"
-    if found.st_mode & 0o077:
-        return f"has mode {found.st_mode & 0o777:o}: others may enter it"
+    if found.st_mode & others:
+        return f"has mode {found.st_mode & 0o777:o}: {what}"
     return None
 
 
@@ -187,17 +189,13 @@ def _parent(environ, uid):
     if not os.path.isabs(runtime):
         return None, "is not an absolute path"
     try:
-        found = os.lstat(runtime)
+        # Others may look in (systemd's default mode is 755), never make or replace a
+        # name: the store's own directory in it is this user's alone.
+        unsafe = _unsafe_directory(os.lstat(runtime), uid, 0o022, "others may make names in it")
     except OSError as exc:
         return None, f"cannot be looked at ({exc})"
-    if not stat.S_ISDIR(found.st_mode):
-        return None, "is not a directory (a link?)"
-    if found.st_uid != uid:
-        return None, f"belongs to uid {found.st_uid}"
-    # Others may look in (systemd's default mode is 755), never make or replace a name:
-    # the store's own directory in it is this user's alone.
-    if found.st_mode & 0o022:
-        return None, f"has mode {found.st_mode & 0o777:o}: others may make names in it"
+    if unsafe is not None:
+        return None, unsafe
     longest = os.fsencode(os.path.join(runtime, DIR_PREFIX + "X" * 8, SOCKET))  # mkdtemp's 8
     if len(longest) > SOCKET_PATH_MAX:  # the store's bind would refuse it
         return None, f"is too long: the socket's path would have {len(longest)} bytes"
