@@ -612,12 +612,13 @@ def _command(pid: int) -> list[str]:
         return []
 
 
-def _zombie(pid: int) -> bool:
-    """Whether ``pid`` has exited and waits for its parent to reap it (or is gone)."""
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs: False once it is gone, or has exited and waits for
+    its parent to reap it (a zombie, state Z in /proc/PID/stat)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return True
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # gone, or being reaped as it is read
+        return False
 
 
 def children(pid: int) -> list[int]:
@@ -627,7 +628,7 @@ def children(pid: int) -> list[int]:
     return [
         child
         for child in _all_children(pid)
-        if not _zombie(child) and "gateway.storeprocess" not in _command(child)
+        if running(child) and "gateway.storeprocess" not in _command(child)
     ]
 
 

@@ -47,7 +47,7 @@ from gateway.config import DEFAULTS
 from gateway.instancestore import InstanceStore
 from gateway.limiter import Limiter
 from gateway.ratelimit import StoreDown
-from tests.servers import ROOT, Gateway, instance_store, wait_until
+from tests.servers import ROOT, Gateway, instance_store, running, wait_until
 from tests.test_ratelimit import Clock, _apply, scenario
 
 CHAT = "/v1/chat/completions"
@@ -470,16 +470,8 @@ def test_the_store_leaves_with_its_master_and_removes_its_socket(tmp_path: Path)
     store, _ = instance_store(master.pid)
     master.kill()
     master.wait()
-    wait_until(lambda: not _running(store), timeout=5)
+    wait_until(lambda: not running(store), timeout=5)
     assert not os.path.exists(directory)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 # -- through real gunicorn: two workers, no Redis ---------------------------------------
@@ -639,7 +631,7 @@ def test_no_store_is_left_behind_by_a_stop_or_a_killed_master(gateway_factory, f
     for gw, how in ((stopped, Gateway.stop), (killed, Gateway.kill)):  # SIGTERM, -9
         pid, path = _store_of(gw)
         how(gw)
-        wait_until(lambda pid=pid: not _running(pid), timeout=5)
+        wait_until(lambda pid=pid: not running(pid), timeout=5)
         assert not os.path.exists(os.path.dirname(path)), how
     one = gateway_factory(workers=1)
     assert one.instance_store() is None
@@ -701,7 +693,7 @@ def test_a_store_whose_directory_a_tmp_cleaner_removed_is_started_again(two_work
     assert directory.st_uid == os.geteuid() and directory.st_mode & 0o777 == 0o700
     assert wait_until(lambda: _rpm_holds_across_the_workers(gw), timeout=10, interval=0.5)
     gw.stop()
-    wait_until(lambda: not _running(back[0]) and not _running(pid), timeout=5)
+    wait_until(lambda: not running(back[0]) and not running(pid), timeout=5)
     assert not os.path.exists(os.path.dirname(path))
 
 
@@ -749,7 +741,7 @@ def test_the_store_sits_in_a_private_runtime_directory(gateway_factory, runtime_
     assert directory.name.startswith(storekeeper.DIR_PREFIX)
     assert directory.lstat().st_mode & 0o777 == 0o700
     gw.stop()
-    wait_until(lambda: not _running(pid), timeout=5)
+    wait_until(lambda: not running(pid), timeout=5)
     assert list(runtime_dir.iterdir()) == []
 
 

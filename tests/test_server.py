@@ -21,7 +21,7 @@ import requests
 
 from gateway.db import database, open_database
 from gateway.models import Completion
-from tests.servers import Gateway, marker, own_route, post_on_socket, wait_until
+from tests.servers import Gateway, marker, own_route, post_on_socket, running, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -416,13 +416,6 @@ def test_a_gevent_loop_whose_watchers_cannot_share_a_socket_stops_the_start(
     assert "the gateway needs gevent's libev loop" in str(failed.value), str(failed.value)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone, or being reaped as we read
-        return False
-
-
 @pytest.mark.parametrize("how", ["sigquit", "orphaned"])
 def test_a_quick_exit_or_a_dead_master_leaves_no_call_pending(
     gateway_factory, fake, database_url: str, how: str
@@ -445,9 +438,9 @@ def test_a_quick_exit_or_a_dead_master_leaves_no_call_pending(
     else:
         gw.kill()  # the master alone: its worker is orphaned
     try:
-        wait_until(lambda: not _running(worker), timeout=15)
+        wait_until(lambda: not running(worker), timeout=15)
     finally:
-        if _running(worker):
+        if running(worker):
             os.kill(worker, signal.SIGKILL)
     assert time.monotonic() - started < 10
     (row,) = _rows_in(database_url)
